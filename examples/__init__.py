@@ -1,0 +1,1 @@
+"""Runnable examples for weft (``weft serve examples.echo:handle``)."""

@@ -1,0 +1,112 @@
+"""ThreadManager: Weft's threaded-task-manager, a daemon thread per task.
+
+A thread cannot be killed, so interrupting a task (phase 3 of a stop) runs the
+task's interrupt callbacks: for a connection the server registers one that shuts
+the socket down, which wakes the thread from ``recv``/``send`` at once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from weft_core import TaskState, TaskTable, run_task
+from weft_core._blocking import BLOCKING_RUNTIME, BlockingRuntime
+
+__all__ = ["ThreadManager"]
+
+log = logging.getLogger("weft.threads")
+
+#: After interrupting a thread (its socket shut down), how long stop_task waits for
+#: it to finish before giving up on it: a thread stuck in pure computation cannot
+#: be stopped by anyone, and stop() must not hang on it forever.
+INTERRUPT_GRACE = 2.0
+
+
+class ThreadManager:
+    """A thread per task, with an optional ``limit`` on how many run at once.
+
+    ``stack_size`` (bytes), when given, is the stack of each new thread; Python
+    sets it process-wide through ``threading.stack_size`` for the moment the thread
+    starts.
+    """
+
+    runtime: BlockingRuntime = BLOCKING_RUNTIME
+
+    def __init__(self, *, limit: int | None = None, stack_size: int | None = None) -> None:
+        self._table: TaskTable[TaskState] = TaskTable(limit, "threads manager")
+        self._stack_size = stack_size
+        self._stack_lock = threading.Lock()
+
+    @property
+    def limit(self) -> int | None:
+        """The most tasks held at once (None: no limit)."""
+        return self._table.limit
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        self._table.limit = value
+
+    def __repr__(self) -> str:
+        return f"<ThreadManager limit={self.limit} tasks={len(self._table)}>"
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        """Start ``thunk`` in a new daemon thread named after it."""
+        task_id = self._table.reserve()
+        name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
+        state = TaskState(task_id, name)
+        self._table.put(task_id, state)
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=self._run, args=(state, thunk, context), name=name, daemon=True
+        )
+        try:
+            if self._stack_size is None:
+                thread.start()
+            else:
+                with self._stack_lock:
+                    previous = threading.stack_size(self._stack_size)
+                    try:
+                        thread.start()
+                    finally:
+                        threading.stack_size(previous)
+        except BaseException:
+            self._table.pop(task_id)
+            raise
+        return task_id
+
+    def _run(self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context) -> None:
+        try:
+            run_task(state, thunk, context)
+        finally:
+            self._table.pop(state.id)
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        """Forget the task (it goes on running); True if it was there."""
+        return self._table.pop(task_id)
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        """Flag the task, wait up to ``timeout``, then interrupt it; return once it ended."""
+        state = self._table.get(task_id)
+        if state is None:
+            return True
+        state.request_shutdown()
+        if state.done.wait(timeout):
+            return True
+        state.interrupt()
+        if not state.done.wait(INTERRUPT_GRACE):
+            log.warning(
+                "task %s (%s) is still running %.1fs after it was interrupted; "
+                "a thread cannot be killed, so it is left to finish on its own",
+                task_id,
+                state.name,
+                INTERRUPT_GRACE,
+            )
+        return False
+
+    def all_tasks(self) -> list[Hashable]:
+        """Ids of the tasks running (or starting) now."""
+        return self._table.ids()

@@ -1,0 +1,59 @@
+"""weft: a TCP server framework with pluggable concurrency.
+
+The server owns listening, accepting, limits, socket options and the lifecycle;
+a task manager, chosen by name from the installed plugins, owns concurrency.
+This module re-exports the public names and nothing else.
+"""
+
+from __future__ import annotations
+
+from ._connection import ConnectionInfo, current_connection, detach
+from ._errors import (
+    BindError,
+    ConfigError,
+    HandlerKindError,
+    ManagerFullError,
+    PluginError,
+    ServerError,
+    TaskShutdown,
+    UnknownManagerError,
+    WeftError,
+)
+from ._protocol import AsyncRuntime, Runtime, SyncRuntime, TaskManager
+from ._registry import available_managers, create_manager
+from ._server import Server
+from ._spec import ManagerSpec
+from ._tasks import TaskState, TaskTable, current_task, run_async_task, run_task, shutdown_requested
+from .hookspecs import hookimpl
+
+__all__ = [
+    "AsyncRuntime",
+    "BindError",
+    "ConfigError",
+    "ConnectionInfo",
+    "HandlerKindError",
+    "ManagerFullError",
+    "ManagerSpec",
+    "PluginError",
+    "Runtime",
+    "Server",
+    "ServerError",
+    "SyncRuntime",
+    "TaskManager",
+    "TaskShutdown",
+    "TaskState",
+    "TaskTable",
+    "UnknownManagerError",
+    "WeftError",
+    "available_managers",
+    "create_manager",
+    "current_connection",
+    "current_task",
+    "detach",
+    "hookimpl",
+    "run_async_task",
+    "run_task",
+    "shutdown_requested",
+]
+
+__version__ = "0.1.0"

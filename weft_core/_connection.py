@@ -1,0 +1,82 @@
+"""Per-connection metadata: ``current_connection()`` and ``detach()``.
+
+The connection object a handler receives is native to its manager (a socket, a
+gevent socket, a ``trio.SocketStream``); what that object cannot carry lives in a
+:class:`ConnectionInfo` published through a context variable for the duration of
+the handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ConnectionInfo", "current_connection", "detach", "format_address"]
+
+
+def format_address(address: Any) -> str:
+    """``HOST:PORT`` for an address tuple, IPv6 hosts in brackets; paths as they are."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):
+        address = address.decode(errors="replace")
+    return f"unix:{address}" if address else "unix:(unnamed)"
+
+
+@dataclass
+class ConnectionInfo:
+    """What weft knows about the connection a handler is serving.
+
+    ``peer`` is the client's address (the one a trusted PROXY header announced,
+    when there is one) and ``proxy_peer`` the balancer's own; ``local`` is the
+    address the client connected to. TLS fields are None on plain connections.
+    """
+
+    peer: Any
+    local: Any
+    task_id: Hashable | None = None
+    proxy_peer: Any = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    tls_peer_certificate: dict[str, Any] | None = None
+    detached: bool = field(default=False, repr=False)
+    #: The object handed to the handler; ``detach()`` compares against it.
+    conn: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def peer_str(self) -> str:
+        """The peer as ``HOST:PORT``."""
+        return format_address(self.peer)
+
+
+_current: contextvars.ContextVar[ConnectionInfo | None] = contextvars.ContextVar(
+    "weft_current_connection", default=None
+)
+
+
+def current_connection() -> ConnectionInfo:
+    """The metadata of the connection the calling handler serves.
+
+    Raises LookupError outside a handler.
+    """
+    info = _current.get()
+    if info is None:
+        raise LookupError("current_connection() was called outside a weft connection handler")
+    return info
+
+
+def detach(conn: Any) -> None:
+    """Take ``conn`` away from the server: it is not closed when the handler returns.
+
+    The caller then owns it and must close it (Sagittarius' socket detaching). Only
+    the handler serving ``conn`` may detach it.
+    """
+    info = _current.get()
+    if info is None or info.conn is not conn:
+        raise ValueError(
+            "detach() takes the connection the calling handler was given, from inside that handler"
+        )
+    info.detached = True

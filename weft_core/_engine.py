@@ -1,0 +1,514 @@
+"""The running machinery of one ``Server.run()``: accept loops and connection tasks.
+
+An :class:`Engine` lives from ``run()`` to the end of ``stop()``. Its accept loop
+runs as a task of the server's manager, in the manager's runtime; each accepted
+connection becomes another task. Both exist in two flavours, plain functions for
+sync runtimes (threads, gevent, thread pools) and coroutines for async ones (trio),
+which differ only where one calls and the other awaits: policy (limits, errno
+handling, back-off, shedding, logging, bookkeeping) is shared below.
+
+Resource handling: a connection's socket is closed by its own task when the handler
+returns or raises (unless detached); a connection whose task never started (the
+manager was full, or dropped a queued task at stop) is closed by the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+from . import _acceptpolicy as policy
+from ._connection import ConnectionInfo, _current, format_address
+from ._errors import ManagerFullError, ServerError, TaskShutdown
+from ._listeners import Listener, close_listener
+from ._tasks import TaskState, current_task
+
+if TYPE_CHECKING:
+    from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
+    from ._server import Server
+
+log = logging.getLogger("weft.server")
+
+#: While at the limit with on_full="backlog", the acceptor re-checks for a stop this
+#: often; it is woken sooner by a slot coming free.
+FULL_POLL = 0.1
+
+
+class Conn:
+    """One accepted connection, as the engine tracks it."""
+
+    __slots__ = ("addr", "sock", "started", "state", "task_id")
+
+    def __init__(self, sock: Any, addr: Any) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.task_id: Hashable | None = None
+        self.state: TaskState | None = None
+        self.started = False
+
+    def end_input(self) -> None:
+        """Phase 2 of a stop: the handler's next read sees end-of-input; writing still works."""
+        self.sock.shutdown(socket.SHUT_RD)
+
+    def abort(self) -> None:
+        """Phase 3 of a stop: wake the task from any read or write."""
+        self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class ListenerTask:
+    """A listening socket and the acceptor task serving it."""
+
+    __slots__ = ("address", "listener", "native", "task_id")
+
+    def __init__(self, listener: Listener, native: Any) -> None:
+        self.listener = listener
+        self.native = native
+        self.address = listener.address
+        self.task_id: Hashable | None = None
+
+    def wake(self) -> None:
+        """Make a pending accept() fail at once (Linux: EINVAL), so the acceptor sees the stop."""
+        self.native.shutdown(socket.SHUT_RD)
+
+    def close(self) -> None:
+        """Close the native socket and remove a Unix socket file."""
+        self.native.close()
+        close_listener(self.listener)
+
+
+class Engine:
+    """Everything one run of a server holds; see the module docstring."""
+
+    def __init__(self, server: Server, manager: TaskManager, listeners: list[Listener]) -> None:
+        self.server = server
+        self.manager = manager
+        self.runtime = manager.runtime
+        cfg = server._cfg
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.conns: dict[int, Conn] = {}
+        self.counts = {"accepted": 0, "refused": 0, "handler_errors": 0, "tls_errors": 0,
+                       "peer_errors": 0, "proxy_errors": 0}
+        self.slots: Any = (
+            self.runtime.slots(cfg.max_connections) if cfg.max_connections is not None else None
+        )
+        self.spare = policy.SpareDescriptor()
+        self.closing = False
+        self.error: ServerError | None = None
+        self.refuse_log = policy.RateLimitedLog(log)
+        self.capacity_log = policy.RateLimitedLog(log)
+        self.listeners = [ListenerTask(lst, self.runtime.adopt_listener(lst.sock)) for lst in listeners]
+        self.on_fatal: Callable[[], None] = lambda: None
+        self.listeners_closed = False
+
+    # -- starting ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Add one acceptor task per listener to the manager."""
+        for lt in self.listeners:
+            thunk = self._acceptor_thunk(lt)
+            lt.task_id = self.manager.add_task(thunk)
+
+    def _acceptor_thunk(self, lt: ListenerTask) -> Callable[[], Any]:
+        if self.runtime.kind == "async":
+
+            async def run_async() -> None:
+                await self._accept_async(lt)
+
+            thunk: Callable[[], Any] = run_async
+        else:
+
+            def run_sync() -> None:
+                self._accept_sync(lt)
+
+            thunk = run_sync
+        thunk.__name__ = f"weft acceptor {lt.address}"
+        return thunk
+
+    # -- accepting: the shared policy ------------------------------------------------
+
+    def _accept_failed(self, lt: ListenerTask, exc: OSError, state: TaskState | None) -> float | None:
+        """Decide what a failed accept means. Returns a pause, 0 to go on, None to stop."""
+        if self.closing or (state is not None and state.requested):
+            return None
+        action = policy.classify_accept_error(exc)
+        if action is policy.AcceptAction.SKIP:
+            log.debug("accept on %s: %s (skipped)", lt.address, exc)
+            return 0.0
+        if action is policy.AcceptAction.BACKOFF:
+            return -1.0  # caller sheds, then backs off
+        self.error = ServerError(
+            f"accepting on {lt.address} failed with {exc.__class__.__name__}: {exc}; "
+            "the listening socket is unusable, so the server stops"
+        )
+        log.error("%s", self.error)
+        self.on_fatal()
+        return None
+
+    def _capacity_pause(self, lt: ListenerTask, exc: OSError, backoff: policy.Backoff, shed: int) -> float:
+        delay = backoff.next()
+        self.capacity_log(
+            logging.WARNING,
+            "accepting on %s: %s; shed %d waiting client(s), retrying in %.2fs",
+            lt.address, exc.strerror or exc, shed, delay,
+        )
+        return delay
+
+    def _take_slot_now(self) -> bool:
+        return self.slots is None or bool(self.slots.acquire(blocking=False))
+
+    def _refuse(self, sock: Any, addr: Any, reason: str) -> None:
+        with self.lock:
+            self.counts["refused"] += 1
+        try:
+            sock.close()
+        except OSError:
+            pass
+        peer = format_address(addr)
+        self.refuse_log(
+            logging.WARNING, "refused connection from %s: %s", peer,
+            f"max_connections={self.cfg.max_connections} reached" if reason == "full"
+            else "the task manager is full",
+        )
+        self.server._hooks().connection_refused(self.server, peer, reason)
+
+    def _hand_off(self, sock: Any, addr: Any) -> None:
+        """Give an accepted connection (holding a slot) to the manager as a task."""
+        conn = Conn(sock, addr)
+        key = id(conn)
+        with self.lock:
+            self.conns[key] = conn
+            self.counts["accepted"] += 1
+        thunk = self._connection_thunk(conn)
+        try:
+            conn.task_id = self.manager.add_task(thunk)
+        except ManagerFullError:
+            self._finish(conn)
+            with self.lock:
+                self.counts["accepted"] -= 1
+            self._refuse(sock, addr, "manager-full")
+        except Exception:
+            log.exception("the task manager could not take the connection from %s", format_address(addr))
+            self._finish(conn)
+            _close_quietly(sock)
+
+    def _connection_thunk(self, conn: Conn) -> Callable[[], Any]:
+        if self.runtime.kind == "async":
+
+            async def serve_async() -> None:
+                await self._serve_async(conn)
+
+            thunk: Callable[[], Any] = serve_async
+        else:
+
+            def serve_sync() -> None:
+                self._serve_sync(conn)
+
+            thunk = serve_sync
+        thunk.__name__ = f"weft conn {format_address(conn.addr)}"
+        return thunk
+
+    # -- accepting: sync flavour -------------------------------------------------------
+
+    def _accept_sync(self, lt: ListenerTask) -> None:
+        rt: SyncRuntime = self.runtime  # type: ignore[assignment]
+        state = current_task()
+        if state is not None:
+            state.on_shutdown(lt.wake)
+        backoff = policy.Backoff()
+        listener = lt.native
+        backlog_mode = self.cfg.on_full == "backlog"
+        try:
+            while not self.closing:
+                if backlog_mode and self.slots is not None:
+                    while not self.slots.acquire(timeout=FULL_POLL):
+                        if self.closing or (state is not None and state.requested):
+                            return
+                try:
+                    sock, addr = listener.accept()
+                except OSError as exc:
+                    if backlog_mode and self.slots is not None:
+                        self.slots.release()
+                    pause = self._accept_failed(lt, exc, state)
+                    if pause is None:
+                        return
+                    if pause < 0:
+                        shed = self._shed_sync(lt)
+                        rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
+                    continue
+                backoff.reset()
+                if not backlog_mode and not self._take_slot_sync(rt):
+                    self._refuse(sock, addr, "full")
+                    continue
+                self._hand_off(sock, addr)
+        finally:
+            lt.close()
+
+    def _take_slot_sync(self, rt: SyncRuntime) -> bool:
+        if self._take_slot_now():
+            return True
+        return self.cfg.full_wait > 0 and bool(self.slots.acquire(timeout=self.cfg.full_wait))
+
+    def _shed_sync(self, lt: ListenerTask) -> int:
+        shed = 0
+        while shed < policy.SHED_BATCH and policy.pending(lt.native.fileno()):
+            if not self.spare.release():
+                break
+            try:
+                sock, _ = lt.native.accept()
+                sock.close()
+                shed += 1
+            except OSError:
+                break
+            finally:
+                self.spare.take()
+        return shed
+
+    # -- accepting: async flavour ------------------------------------------------------
+
+    async def _accept_async(self, lt: ListenerTask) -> None:
+        rt: AsyncRuntime = self.runtime  # type: ignore[assignment]
+        state = current_task()
+        if state is not None:
+            state.on_shutdown(lt.wake)
+        backoff = policy.Backoff()
+        listener = lt.native
+        backlog_mode = self.cfg.on_full == "backlog"
+        try:
+            while not self.closing:
+                if backlog_mode and self.slots is not None and not self.slots.acquire_nowait():
+                    while not await self.slots.acquire_within(FULL_POLL):
+                        if self.closing or (state is not None and state.requested):
+                            return
+                try:
+                    sock, addr = await listener.accept()
+                except OSError as exc:
+                    if backlog_mode and self.slots is not None:
+                        self.slots.release()
+                    pause = self._accept_failed(lt, exc, state)
+                    if pause is None:
+                        return
+                    if pause < 0:
+                        shed = await self._shed_async(lt)
+                        await rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
+                    continue
+                backoff.reset()
+                if not backlog_mode and not await self._take_slot_async():
+                    self._refuse(sock, addr, "full")
+                    continue
+                self._hand_off(sock, addr)
+        finally:
+            lt.close()
+
+    async def _take_slot_async(self) -> bool:
+        if self.slots is None or self.slots.acquire_nowait():
+            return True
+        return self.cfg.full_wait > 0 and bool(await self.slots.acquire_within(self.cfg.full_wait))
+
+    async def _shed_async(self, lt: ListenerTask) -> int:
+        shed = 0
+        while shed < policy.SHED_BATCH and policy.pending(lt.native.fileno()):
+            if not self.spare.release():
+                break
+            try:
+                sock, _ = await lt.native.accept()
+                sock.close()
+                shed += 1
+            except OSError:
+                break
+            finally:
+                self.spare.take()
+        return shed
+
+    # -- serving a connection: shared parts -----------------------------------------
+
+    def _begin(self, conn: Conn) -> ConnectionInfo | None:
+        """Register the task's shutdown hooks; None if the server is already stopping."""
+        state = current_task()
+        conn.started = True
+        conn.state = state
+        if state is not None:
+            state.on_shutdown(conn.end_input)
+            state.on_interrupt(conn.abort)
+        if self.closing:
+            return None
+        sock = conn.sock
+        cfg = self.cfg
+        if sock.family != socket.AF_UNIX:
+            if cfg.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if cfg.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if cfg.idle_timeout is not None and self.runtime.kind == "sync":
+            sock.settimeout(cfg.idle_timeout)
+        try:
+            local = sock.getsockname()
+        except OSError:
+            local = None
+        return ConnectionInfo(
+            peer=conn.addr, local=local, task_id=state.id if state is not None else conn.task_id
+        )
+
+    def _handler_failed(self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception) -> None:
+        state = conn.state
+        if state is not None and state.interrupted and isinstance(exc, OSError):
+            return  # we shut its socket down ourselves: not the handler's fault
+        if isinstance(exc, ConnectionError):
+            with self.lock:
+                self.counts["peer_errors"] += 1
+        else:
+            with self.lock:
+                self.counts["handler_errors"] += 1
+            self.server._hooks().handler_error(self.server, info, exc)
+        handler = self.cfg.exception_handler
+        try:
+            if handler is None:
+                default_exception_handler(self.server, handed, exc, info)
+            else:
+                handler(self.server, handed, exc)
+        except Exception:
+            log.exception("exception_handler %r raised", handler)
+
+    def _finish(self, conn: Conn) -> None:
+        """Forget the connection and free its slot, once."""
+        with self.lock:
+            present = self.conns.pop(id(conn), None) is not None
+            self.changed.notify_all()
+        if present and self.slots is not None:
+            self.slots.release()
+
+    # -- serving a connection: sync flavour -------------------------------------------
+
+    def _serve_sync(self, conn: Conn) -> None:
+        rt: SyncRuntime = self.runtime  # type: ignore[assignment]
+        handed: Any = None
+        info: ConnectionInfo | None = None
+        try:
+            info = self._begin(conn)
+            if info is None:
+                return
+            handed = rt.wrap_connection(conn.sock)
+            if self.cfg.stream:
+                handed = handed.makefile("rwb")
+            info.conn = handed
+            token = _current.set(info)
+            try:
+                self.cfg.handler(handed, *self.cfg.args)
+            except TaskShutdown:
+                raise
+            except Exception as exc:
+                self._handler_failed(conn, handed, info, exc)
+            finally:
+                _current.reset(token)
+        finally:
+            try:
+                if info is None or not info.detached:
+                    if handed is not None and handed is not conn.sock:
+                        _close_quietly(handed)
+                    _close_quietly(conn.sock)
+            finally:
+                self._finish(conn)
+
+    # -- serving a connection: async flavour ------------------------------------------
+
+    async def _serve_async(self, conn: Conn) -> None:
+        rt: AsyncRuntime = self.runtime  # type: ignore[assignment]
+        handed: Any = None
+        info: ConnectionInfo | None = None
+        try:
+            info = self._begin(conn)
+            if info is None:
+                return
+            handed = rt.wrap_connection(conn.sock)
+            info.conn = handed
+            token = _current.set(info)
+            try:
+                await self.cfg.handler(handed, *self.cfg.args)
+            except TaskShutdown:
+                raise
+            except Exception as exc:
+                self._handler_failed(conn, handed, info, exc)
+            finally:
+                _current.reset(token)
+        finally:
+            try:
+                if info is None or not info.detached:
+                    if handed is not None:
+                        await rt.aclose(handed)
+                    else:
+                        _close_quietly(conn.sock)
+            finally:
+                self._finish(conn)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def stop_acceptors(self) -> None:
+        """Phase 1: close every listener by stopping its acceptor task."""
+        for lt in self.listeners:
+            if lt.task_id is not None:
+                self.manager.stop_task(lt.task_id, timeout=ACCEPTOR_STOP_TIMEOUT)
+
+    def snapshot(self) -> list[Conn]:
+        """The connections open now."""
+        with self.lock:
+            return list(self.conns.values())
+
+    def request_shutdown(self, conns: list[Conn]) -> None:
+        """Phase 2: flag every connection's task and end its input."""
+        for conn in conns:
+            if conn.state is not None:
+                conn.state.request_shutdown()
+            else:
+                _shutdown_quietly(conn.end_input)
+
+    def wait_idle(self, timeout: float | None, exclude: Conn | None = None) -> bool:
+        """Wait until no connection (but ``exclude``) is open; False on timeout."""
+        def idle() -> bool:
+            return all(c is exclude for c in self.conns.values())
+
+        with self.changed:
+            return self.changed.wait_for(idle, timeout)
+
+    def interrupt(self, conns: list[Conn]) -> None:
+        """Phase 3: interrupt every remaining task; close sockets of tasks that never ran."""
+        for conn in conns:
+            if conn.state is not None:
+                conn.state.interrupt()
+        for conn in conns:
+            if conn.task_id is not None:
+                self.manager.stop_task(conn.task_id, timeout=0)
+            if not conn.started:
+                _close_quietly(conn.sock)
+                self._finish(conn)
+
+
+#: How long phase 1 waits for an acceptor to notice its listener was shut down before
+#: it is interrupted; it is woken at once, so this only bounds a misbehaving manager.
+ACCEPTOR_STOP_TIMEOUT = 5.0
+
+
+def _close_quietly(obj: Any) -> None:
+    try:
+        obj.close()
+    except OSError:
+        pass
+
+
+def _shutdown_quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except OSError:
+        pass
+
+
+def default_exception_handler(server: Server, conn: Any, exc: BaseException, info: ConnectionInfo | None = None) -> None:
+    """Log a handler's exception: peer resets in one line, anything else with its traceback."""
+    peer = info.peer_str if info is not None else "?"
+    if isinstance(exc, ConnectionError):
+        log.info("connection from %s ended by the peer: %s", peer, exc.__class__.__name__)
+    else:
+        log.error("handler for %s raised %s", peer, exc.__class__.__name__, exc_info=exc)

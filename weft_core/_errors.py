@@ -1,0 +1,62 @@
+"""weft's exception types, in one place so every module raises the same ones."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BindError",
+    "ConfigError",
+    "HandlerKindError",
+    "ManagerFullError",
+    "PluginError",
+    "ServerError",
+    "TaskShutdown",
+    "UnknownManagerError",
+    "WeftError",
+]
+
+
+class WeftError(Exception):
+    """Base class of every error weft raises on purpose."""
+
+
+class ManagerFullError(WeftError):
+    """A task manager is at its limit and cannot take another task (Weft's manager-full-error)."""
+
+
+class TaskShutdown(BaseException):  # noqa: N818 - the name is Weft's `thread-shutdown`
+    """Raised inside a task to end it at once; the task manager swallows it.
+
+    It derives from BaseException, as GreenletExit and trio.Cancelled do, so that a
+    handler's ``except Exception`` does not swallow a shutdown by accident.
+    """
+
+
+class ConfigError(WeftError, ValueError):
+    """Configuration that cannot be used: names the source, the key and what was expected."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        self.source = source
+        self.key = key
+        self.message = message
+        where = ", ".join(p for p in (source, f"key {key!r}" if key else None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UnknownManagerError(WeftError, LookupError):
+    """No installed plugin provides the task manager that was asked for."""
+
+
+class PluginError(WeftError):
+    """A plugin is broken, or two plugins claim the same manager name."""
+
+
+class HandlerKindError(WeftError, TypeError):
+    """The handler's kind (plain or ``async def``) does not match the task manager's."""
+
+
+class ServerError(WeftError):
+    """The server stopped because of an error it could not survive (for example EBADF on accept)."""
+
+
+class BindError(WeftError, OSError):
+    """The server could not listen on the address and port it was given."""

@@ -1,0 +1,218 @@
+"""Opening listening sockets: addresses, families, Unix paths, inherited fds, options.
+
+Everything about *how* a server listens is decided here, before any manager is
+involved, so that a bind error surfaces in ``Server.run()`` in the caller's thread
+with the address and port it was about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ._errors import BindError, ConfigError
+
+__all__ = ["Family", "ListenTarget", "Listener", "open_listeners"]
+
+Family = Literal["auto", "ipv4", "ipv6", "dual"]
+FAMILIES: tuple[Family, ...] = ("auto", "ipv4", "ipv6", "dual")
+
+
+class ListenTarget(Protocol):
+    """Where to listen: what ``weft_core._endpoints.Endpoint`` carries."""
+
+    @property
+    def kind(self) -> str: ...  # "tcp" | "unix" | "fd"
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def port(self) -> int | str | None: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def fd(self) -> int | None: ...
+
+
+@dataclass
+class Listener:
+    """A bound, listening stdlib socket and what the server needs to know about it."""
+
+    sock: socket.socket
+    unix_path: str | None = None
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` (IPv6 in brackets) or ``unix:/path``."""
+        from ._connection import format_address
+
+        return format_address(self.sock.getsockname())
+
+
+def open_listeners(
+    targets: list[ListenTarget],
+    *,
+    family: Family = "auto",
+    backlog: int = 1024,
+    reuse_port: bool = False,
+    unix_mode: int | None = None,
+) -> list[Listener]:
+    """Bind and listen on every target; on any failure close what was opened and raise.
+
+    Raises :class:`BindError` naming the address and port.
+    """
+    if family not in FAMILIES:
+        raise ConfigError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    opened: list[Listener] = []
+    try:
+        for target in targets:
+            if target.kind == "unix":
+                assert target.path is not None
+                opened.append(_open_unix(target.path, backlog, unix_mode))
+            elif target.kind == "fd":
+                assert target.fd is not None
+                opened.append(_adopt_fd(target.fd, backlog))
+            else:
+                opened.extend(_open_tcp(target.host, target.port, family, backlog, reuse_port))
+    except BaseException:
+        for listener in opened:
+            close_listener(listener)
+        raise
+    return opened
+
+
+def _resolve(host: str | None, port: int | str | None, family: Family) -> list[tuple[int, tuple]]:  # type: ignore[type-arg]
+    af = {"auto": socket.AF_UNSPEC, "ipv4": socket.AF_INET}.get(family, socket.AF_INET6)
+    if family == "dual" and host in (None, "", "0.0.0.0"):
+        host = "::"
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port if port is not None else 0, af, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(
+            exc.errno, f"cannot listen on {_where(host, port)}: {exc.strerror} ({family=})"
+        ) from exc
+    seen: list[tuple[int, tuple]] = []  # type: ignore[type-arg]
+    for af_, _type, _proto, _canon, sockaddr in infos:
+        if (af_, sockaddr) not in seen:
+            seen.append((af_, sockaddr))
+    return seen
+
+
+def _where(host: str | None, port: int | str | None) -> str:
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _open_tcp(
+    host: str | None, port: int | str | None, family: Family, backlog: int, reuse_port: bool
+) -> list[Listener]:
+    """Bind every address ``host`` resolves to, all on one port.
+
+    A name that resolves to several addresses (``localhost`` to 127.0.0.1 and ::1)
+    gets a socket for each, as trio's ``open_tcp_listeners`` does; with port 0 the
+    first socket's port is reused for the rest so the server has one port.
+    """
+    addresses = _resolve(host, port, family)
+    chosen_port: int | None = None
+    result: list[Listener] = []
+    try:
+        for af, sockaddr in addresses:
+            if chosen_port is not None and sockaddr[1] == 0:
+                sockaddr = (sockaddr[0], chosen_port, *sockaddr[2:])
+            sock = socket.socket(af, socket.SOCK_STREAM)
+            try:
+                # Rebinding right after a restart must not fail on connections in TIME_WAIT.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if af == socket.AF_INET6:
+                    # Only "dual" accepts IPv4 clients on an IPv6 socket; otherwise a
+                    # v6 socket must not take the v4 port from a v4 socket beside it.
+                    sock.setsockopt(
+                        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if family == "dual" else 1
+                    )
+                sock.bind(sockaddr)
+                sock.listen(backlog)
+            except OSError as exc:
+                sock.close()
+                hint = (
+                    "; another process is listening there: stop it or pick another port"
+                    if exc.errno == errno.EADDRINUSE
+                    else ""
+                )
+                raise BindError(
+                    exc.errno,
+                    f"cannot listen on {_where(str(sockaddr[0]), sockaddr[1])}: "
+                    f"{exc.strerror}{hint}",
+                ) from exc
+            chosen_port = sock.getsockname()[1]
+            result.append(Listener(sock))
+    except BaseException:
+        for listener in result:
+            listener.sock.close()
+        raise
+    return result
+
+
+def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
+    """Bind a Unix socket at ``path``, replacing a stale socket file left by a dead server."""
+    if not path.startswith("\0"):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise BindError(
+                    errno.EEXIST, f"cannot listen on unix:{path}: a file that is not a socket is there"
+                )
+            if _unix_in_use(path):
+                raise BindError(
+                    errno.EADDRINUSE, f"cannot listen on unix:{path}: another server is listening there"
+                )
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if mode is not None and not path.startswith("\0"):
+            os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from exc
+    return Listener(sock, unix_path=None if path.startswith("\0") else path)
+
+
+def _unix_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _adopt_fd(fd: int, backlog: int) -> Listener:
+    """Take over an inherited listening socket (``fd:N``, systemd's LISTEN_FDS)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(exc.errno, f"cannot listen on fd:{fd}: {exc.strerror}") from exc
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise BindError(errno.ENOTSOCK, f"cannot listen on fd:{fd}: not a stream socket")
+    sock.listen(backlog)
+    return Listener(sock)
+
+
+def close_listener(listener: Listener) -> None:
+    """Close the socket and remove its Unix socket file."""
+    listener.sock.close()
+    if listener.unix_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listener.unix_path)

@@ -1,0 +1,146 @@
+"""The TaskManager protocol (Weft's, made Pythonic) and the Runtime a manager serves with.
+
+A task manager owns concurrency: it runs thunks as tasks and can stop them. The
+server owns networking: it binds, accepts and hands each connection to the manager
+as a thunk. The two meet in :class:`Runtime`, the handful of runtime-native
+operations (adopt a listening socket, wait on a semaphore, close a connection) that
+let one accept loop and one connection wrapper, written once in ``weft_core``, run
+inside any manager's runtime.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Protocol, runtime_checkable
+
+from ._spec import HandlerKind
+
+__all__ = ["AsyncRuntime", "Runtime", "Slots", "SyncRuntime", "TaskManager"]
+
+
+@runtime_checkable
+class TaskManager(Protocol):
+    """What the server needs of a task manager.
+
+    Ids are unique for the manager's life. ``add_task`` need not start the thunk at
+    once but must at least queue it; at ``limit`` it raises
+    :class:`~weft_core.ManagerFullError`. Inside a task,
+    :func:`~weft_core.shutdown_requested` becomes true when the task should stop, and
+    a task may raise :class:`~weft_core.TaskShutdown` to end at once. A task that
+    raises anything else is reported and removed; the manager goes on.
+
+    ``runtime`` is the one addition to Weft's protocol: it tells the server what kind
+    of handler the manager runs and how to do I/O there (see :class:`Runtime`).
+    """
+
+    limit: int | None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime this manager's tasks run in."""
+        ...
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        """Run (or queue) ``thunk`` as a task and return its id."""
+        ...
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        """Forget the task; True if it was there. Does not stop it."""
+        ...
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        """Ask the task to stop, interrupt it after ``timeout``; return once it stopped.
+
+        Returns True if it ended before it had to be interrupted.
+        """
+        ...
+
+    def all_tasks(self) -> list[Hashable]:
+        """Ids of the tasks the manager holds now."""
+        ...
+
+
+class Slots(Protocol):
+    """A counting semaphore native to a runtime (connection slots)."""
+
+    def release(self) -> None:
+        """Free one slot; callable from any task of the runtime."""
+        ...
+
+
+class SyncSlots(Slots, Protocol):
+    """Slots whose ``acquire`` blocks the calling task."""
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take a slot, waiting up to ``timeout`` if ``blocking``; True if taken."""
+        ...
+
+
+class AsyncSlots(Slots, Protocol):
+    """Slots whose ``acquire`` is awaited."""
+
+    def acquire_nowait(self) -> bool:
+        """Take a slot if one is free; True if taken."""
+        ...
+
+    def acquire_within(self, timeout: float | None) -> Awaitable[bool]:
+        """Wait up to ``timeout`` seconds (None: forever) for a slot; True if taken."""
+        ...
+
+
+class _RuntimeBase(Protocol):
+    kind: HandlerKind
+    #: True if the connection handed to handlers is already a stream, so that
+    #: ``Server(stream=True)`` makes no sense and is refused.
+    conn_is_stream: bool
+
+    def adopt_listener(self, sock: socket.socket) -> Any:
+        """Return the runtime's own listening socket for a bound, listening ``sock``.
+
+        Takes ownership: afterwards the server only uses the returned object.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime holds (a loop thread, a hub); idle runtimes may reopen."""
+        ...
+
+
+class SyncRuntime(_RuntimeBase, Protocol):
+    """A runtime whose handlers are plain functions (threads, gevent, thread pools)."""
+
+    def slots(self, n: int) -> SyncSlots:
+        """A semaphore of ``n`` slots."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling task for ``seconds``."""
+        ...
+
+    def wrap_connection(self, sock: Any) -> Any:
+        """The object the handler receives for an accepted native socket."""
+        ...
+
+
+class AsyncRuntime(_RuntimeBase, Protocol):
+    """A runtime whose handlers are ``async def`` (trio)."""
+
+    def slots(self, n: int) -> AsyncSlots:
+        """A semaphore of ``n`` slots."""
+        ...
+
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Suspend the calling task for ``seconds``."""
+        ...
+
+    def wrap_connection(self, sock: Any) -> Any:
+        """The object the handler receives for an accepted native socket."""
+        ...
+
+    def aclose(self, conn: Any) -> Awaitable[None]:
+        """Close what :meth:`wrap_connection` returned."""
+        ...
+
+
+Runtime = SyncRuntime | AsyncRuntime

@@ -1,0 +1,241 @@
+"""Task state shared by managers, the server and the running task.
+
+Weft's ``*shutdown*`` flag becomes :func:`shutdown_requested`, read from a context
+variable that the manager sets inside each task. :class:`TaskState` holds that flag
+and the callbacks that make a shutdown reach a task blocked in I/O: the server
+registers "end this connection's input" for phase 2 of a stop and "abort this
+connection" for phase 3. :class:`TaskTable` is the bookkeeping every manager needs
+(unique ids, the limit, the table of live tasks), written once.
+
+Managers call :func:`run_task` / :func:`run_async_task` around each thunk so that
+``TaskShutdown`` is swallowed, other errors are reported, and contextvars of the
+``add_task`` caller are visible inside the task.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from ._errors import ManagerFullError, TaskShutdown
+
+__all__ = [
+    "TaskState",
+    "TaskTable",
+    "current_task",
+    "run_async_task",
+    "run_task",
+    "shutdown_requested",
+]
+
+log = logging.getLogger("weft.tasks")
+
+_current_task: contextvars.ContextVar[TaskState | None] = contextvars.ContextVar(
+    "weft_current_task", default=None
+)
+
+T = TypeVar("T")
+
+
+class TaskState:
+    """One task's shutdown state: the flag, and what ending or interrupting it means."""
+
+    __slots__ = (
+        "_interrupt_callbacks",
+        "_lock",
+        "_shutdown_callbacks",
+        "done",
+        "id",
+        "interrupted",
+        "name",
+        "requested",
+    )
+
+    def __init__(self, task_id: Hashable, name: str = "") -> None:
+        self.id = task_id
+        self.name = name
+        self.requested = False
+        self.interrupted = False
+        #: Set by the manager once the task has ended, whatever way it ended.
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._shutdown_callbacks: list[Callable[[], object]] = []
+        self._interrupt_callbacks: list[Callable[[], object]] = []
+
+    def __repr__(self) -> str:
+        return f"<TaskState {self.id!r} {self.name!r} requested={self.requested}>"
+
+    def on_shutdown(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` when shutdown is requested (at once if it already was)."""
+        with self._lock:
+            if not self.requested:
+                self._shutdown_callbacks.append(callback)
+                return
+        _call_quietly(callback)
+
+    def on_interrupt(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` if the task has to be interrupted (at once if it already was)."""
+        with self._lock:
+            if not self.interrupted:
+                self._interrupt_callbacks.append(callback)
+                return
+        _call_quietly(callback)
+
+    def request_shutdown(self) -> None:
+        """Set the flag and run the shutdown callbacks, once. Safe from any thread."""
+        with self._lock:
+            if self.requested:
+                return
+            self.requested = True
+            callbacks, self._shutdown_callbacks = self._shutdown_callbacks, []
+        for callback in callbacks:
+            _call_quietly(callback)
+
+    def interrupt(self) -> None:
+        """Request shutdown, then run the interrupt callbacks, once."""
+        self.request_shutdown()
+        with self._lock:
+            if self.interrupted:
+                return
+            self.interrupted = True
+            callbacks, self._interrupt_callbacks = self._interrupt_callbacks, []
+        for callback in callbacks:
+            _call_quietly(callback)
+
+
+def _call_quietly(callback: Callable[[], object]) -> None:
+    # Callbacks shut sockets down; the socket may already be closed by its task,
+    # which is the outcome the callback wanted anyway.
+    try:
+        callback()
+    except OSError:
+        pass
+    except Exception:
+        log.exception("shutdown callback %r failed", callback)
+
+
+def shutdown_requested() -> bool:
+    """True when the current task has been asked to stop (Weft's ``*shutdown*``).
+
+    Outside any task it is False.
+    """
+    state = _current_task.get()
+    return state is not None and state.requested
+
+
+def current_task() -> TaskState | None:
+    """The :class:`TaskState` of the task running this code, or None outside tasks."""
+    return _current_task.get()
+
+
+def _report(state: TaskState, exc: BaseException) -> None:
+    log.error("task %s (%s) raised", state.id, state.name or "unnamed", exc_info=exc)
+
+
+def run_task(state: TaskState, thunk: Callable[[], object], context: contextvars.Context) -> None:
+    """Run a sync thunk as the task ``state`` inside ``context``; never raises.
+
+    ``TaskShutdown`` ends the task quietly; any other exception is logged with its
+    traceback. ``state.done`` is set at the end either way.
+    """
+
+    def body() -> None:
+        _current_task.set(state)
+        try:
+            thunk()
+        except TaskShutdown:
+            pass
+        except Exception as exc:
+            _report(state, exc)
+        finally:
+            state.done.set()
+
+    context.run(body)
+
+
+async def run_async_task(
+    state: TaskState, thunk: Callable[[], Awaitable[object]], context: contextvars.Context
+) -> None:
+    """Await an async thunk as the task ``state``, with ``context``'s variables set.
+
+    The runtime's own cancellation (``trio.Cancelled``) and other BaseExceptions
+    propagate so that the runtime can handle them; ``TaskShutdown`` and ordinary
+    exceptions are handled as in :func:`run_task`.
+    """
+    for var, value in context.items():
+        var.set(value)
+    _current_task.set(state)
+    try:
+        await thunk()
+    except TaskShutdown:
+        pass
+    except Exception as exc:
+        _report(state, exc)
+    finally:
+        state.done.set()
+
+
+class TaskTable(Generic[T]):
+    """Ids, limit and the live tasks of one manager; thread-safe.
+
+    ``reserve`` hands out the next id or raises :class:`ManagerFullError` at the
+    limit; the manager stores its own record for the id with ``put`` and drops it
+    with ``pop`` when the task ends or is removed.
+    """
+
+    def __init__(self, limit: int | None, owner: str) -> None:
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{owner}: limit must be a positive integer or None, not {limit!r}")
+        self.limit = limit
+        self._owner = owner
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._tasks: dict[int, T | None] = {}
+
+    def reserve(self) -> int:
+        """A fresh id, counted against the limit until popped."""
+        with self._lock:
+            if self.limit is not None and len(self._tasks) >= self.limit:
+                raise ManagerFullError(
+                    f"{self._owner} is full: it already holds {self.limit} tasks (limit={self.limit})"
+                )
+            task_id = next(self._ids)
+            self._tasks[task_id] = None
+            return task_id
+
+    def put(self, task_id: int, record: T) -> None:
+        """Store the manager's record for a reserved id."""
+        with self._lock:
+            if task_id in self._tasks:
+                self._tasks[task_id] = record
+
+    def get(self, task_id: Hashable) -> T | None:
+        """The record for ``task_id``, or None."""
+        with self._lock:
+            return self._tasks.get(task_id)  # type: ignore[call-overload,no-any-return]
+
+    def pop(self, task_id: Hashable) -> bool:
+        """Forget ``task_id``; True if it was there."""
+        with self._lock:
+            return self._tasks.pop(task_id, _MISSING) is not _MISSING  # type: ignore[call-overload]
+
+    def ids(self) -> list[Hashable]:
+        """The ids held now."""
+        with self._lock:
+            return list(self._tasks)
+
+    def records(self) -> list[T]:
+        """The records held now."""
+        with self._lock:
+            return [r for r in self._tasks.values() if r is not None]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+
+_MISSING: Any = object()
