@@ -23,7 +23,14 @@ from ._protocol import AsyncRuntime, Runtime, SyncRuntime, TaskManager
 from ._registry import available_managers, create_manager
 from ._server import Server
 from ._spec import ManagerSpec
-from ._tasks import TaskState, TaskTable, current_task, run_async_task, run_task, shutdown_requested
+from ._tasks import (
+    TaskState,
+    TaskTable,
+    current_task,
+    run_async_task,
+    run_task,
+    shutdown_requested,
+)
 from .hookspecs import hookimpl
 
 __all__ = [

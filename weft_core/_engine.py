@@ -91,8 +91,14 @@ class Engine:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.conns: dict[int, Conn] = {}
-        self.counts = {"accepted": 0, "refused": 0, "handler_errors": 0, "tls_errors": 0,
-                       "peer_errors": 0, "proxy_errors": 0}
+        self.counts = {
+            "accepted": 0,
+            "refused": 0,
+            "handler_errors": 0,
+            "tls_errors": 0,
+            "peer_errors": 0,
+            "proxy_errors": 0,
+        }
         self.slots: Any = (
             self.runtime.slots(cfg.max_connections) if cfg.max_connections is not None else None
         )
@@ -101,7 +107,9 @@ class Engine:
         self.error: ServerError | None = None
         self.refuse_log = policy.RateLimitedLog(log)
         self.capacity_log = policy.RateLimitedLog(log)
-        self.listeners = [ListenerTask(lst, self.runtime.adopt_listener(lst.sock)) for lst in listeners]
+        self.listeners = [
+            ListenerTask(lst, self.runtime.adopt_listener(lst.sock)) for lst in listeners
+        ]
         self.on_fatal: Callable[[], None] = lambda: None
         self.listeners_closed = False
 
@@ -131,7 +139,9 @@ class Engine:
 
     # -- accepting: the shared policy ------------------------------------------------
 
-    def _accept_failed(self, lt: ListenerTask, exc: OSError, state: TaskState | None) -> float | None:
+    def _accept_failed(
+        self, lt: ListenerTask, exc: OSError, state: TaskState | None
+    ) -> float | None:
         """Decide what a failed accept means. Returns a pause, 0 to go on, None to stop."""
         if self.closing or (state is not None and state.requested):
             return None
@@ -149,12 +159,17 @@ class Engine:
         self.on_fatal()
         return None
 
-    def _capacity_pause(self, lt: ListenerTask, exc: OSError, backoff: policy.Backoff, shed: int) -> float:
+    def _capacity_pause(
+        self, lt: ListenerTask, exc: OSError, backoff: policy.Backoff, shed: int
+    ) -> float:
         delay = backoff.next()
         self.capacity_log(
             logging.WARNING,
             "accepting on %s: %s; shed %d waiting client(s), retrying in %.2fs",
-            lt.address, exc.strerror or exc, shed, delay,
+            lt.address,
+            exc.strerror or exc,
+            shed,
+            delay,
         )
         return delay
 
@@ -164,14 +179,14 @@ class Engine:
     def _refuse(self, sock: Any, addr: Any, reason: str) -> None:
         with self.lock:
             self.counts["refused"] += 1
-        try:
-            sock.close()
-        except OSError:
-            pass
+        _close_quietly(sock)
         peer = format_address(addr)
         self.refuse_log(
-            logging.WARNING, "refused connection from %s: %s", peer,
-            f"max_connections={self.cfg.max_connections} reached" if reason == "full"
+            logging.WARNING,
+            "refused connection from %s: %s",
+            peer,
+            f"max_connections={self.cfg.max_connections} reached"
+            if reason == "full"
             else "the task manager is full",
         )
         self.server._hooks().connection_refused(self.server, peer, reason)
@@ -192,7 +207,9 @@ class Engine:
                 self.counts["accepted"] -= 1
             self._refuse(sock, addr, "manager-full")
         except Exception:
-            log.exception("the task manager could not take the connection from %s", format_address(addr))
+            log.exception(
+                "the task manager could not take the connection from %s", format_address(addr)
+            )
             self._finish(conn)
             _close_quietly(sock)
 
@@ -353,7 +370,9 @@ class Engine:
             peer=conn.addr, local=local, task_id=state.id if state is not None else conn.task_id
         )
 
-    def _handler_failed(self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception) -> None:
+    def _handler_failed(
+        self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception
+    ) -> None:
         state = conn.state
         if state is not None and state.interrupted and isinstance(exc, OSError):
             return  # we shut its socket down ourselves: not the handler's fault
@@ -467,6 +486,7 @@ class Engine:
 
     def wait_idle(self, timeout: float | None, exclude: Conn | None = None) -> bool:
         """Wait until no connection (but ``exclude``) is open; False on timeout."""
+
         def idle() -> bool:
             return all(c is exclude for c in self.conns.values())
 
@@ -505,7 +525,9 @@ def _shutdown_quietly(fn: Callable[[], None]) -> None:
         pass
 
 
-def default_exception_handler(server: Server, conn: Any, exc: BaseException, info: ConnectionInfo | None = None) -> None:
+def default_exception_handler(
+    server: Server, conn: Any, exc: BaseException, info: ConnectionInfo | None = None
+) -> None:
     """Log a handler's exception: peer resets in one line, anything else with its traceback."""
     peer = info.peer_str if info is not None else "?"
     if isinstance(exc, ConnectionError):

@@ -23,7 +23,7 @@ class ManagerFullError(WeftError):
     """A task manager is at its limit and cannot take another task (Weft's manager-full-error)."""
 
 
-class TaskShutdown(BaseException):  # noqa: N818 - the name is Weft's `thread-shutdown`
+class TaskShutdown(BaseException):
     """Raised inside a task to end it at once; the task manager swallows it.
 
     It derives from BaseException, as GreenletExit and trio.Cancelled do, so that a

@@ -91,7 +91,12 @@ def _resolve(host: str | None, port: int | str | None, family: Family) -> list[t
         host = "::"
     try:
         infos = socket.getaddrinfo(
-            host or None, port if port is not None else 0, af, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            host or None,
+            port if port is not None else 0,
+            af,
+            socket.SOCK_STREAM,
+            0,
+            socket.AI_PASSIVE,
         )
     except socket.gaierror as exc:
         raise BindError(
@@ -167,11 +172,13 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
             st = os.stat(path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise BindError(
-                    errno.EEXIST, f"cannot listen on unix:{path}: a file that is not a socket is there"
+                    errno.EEXIST,
+                    f"cannot listen on unix:{path}: a file that is not a socket is there",
                 )
             if _unix_in_use(path):
                 raise BindError(
-                    errno.EADDRINUSE, f"cannot listen on unix:{path}: another server is listening there"
+                    errno.EADDRINUSE,
+                    f"cannot listen on unix:{path}: another server is listening there",
                 )
             os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -195,9 +195,7 @@ class Server:
                     "(stream): ...`, or choose a manager that runs plain functions (threads, gevent)"
                 )
             else:
-                hint = (
-                    "write it as a plain `def`, or choose a manager that runs async handlers (trio)"
-                )
+                hint = "write it as a plain `def`, or choose a manager that runs async handlers (trio)"
             raise HandlerKindError(
                 f"handler {name} is {'an async def' if have == 'async' else 'a plain function'}, "
                 f"but manager {self._manager_name!r} runs {kind} handlers: {hint}"
@@ -220,7 +218,9 @@ class Server:
     def task_manager(self, manager: str | TaskManager) -> None:
         with self._life:
             if self._engine is not None:
-                raise ServerError("the task manager can only be changed while the server is stopped")
+                raise ServerError(
+                    "the task manager can only be changed while the server is stopped"
+                )
             new, owns, name = _resolve_manager(manager, None)
             old = (self._manager, self._owns_manager, self._manager_name)
             self._manager, self._owns_manager, self._manager_name = new, owns, name
@@ -307,10 +307,19 @@ class Server:
         """Counters since ``run()``: accepted, refused, active, handler_errors, tls_errors, ..."""
         engine = self._engine
         if engine is None:
-            return {"active": 0, **self._last_counts} if self._last_counts else {
-                "accepted": 0, "refused": 0, "active": 0, "handler_errors": 0,
-                "tls_errors": 0, "peer_errors": 0, "proxy_errors": 0,
-            }
+            return (
+                {"active": 0, **self._last_counts}
+                if self._last_counts
+                else {
+                    "accepted": 0,
+                    "refused": 0,
+                    "active": 0,
+                    "handler_errors": 0,
+                    "tls_errors": 0,
+                    "peer_errors": 0,
+                    "proxy_errors": 0,
+                }
+            )
         with engine.lock:
             return {**engine.counts, "active": len(engine.conns)}
 
@@ -339,8 +348,11 @@ class Server:
                 )
             cfg = self._cfg
             listeners = open_listeners(
-                self._targets(), family=cfg.family, backlog=cfg.backlog,
-                reuse_port=cfg.reuse_port, unix_mode=cfg.unix_mode,
+                self._targets(),
+                family=cfg.family,
+                backlog=cfg.backlog,
+                reuse_port=cfg.reuse_port,
+                unix_mode=cfg.unix_mode,
             )
             try:
                 engine = Engine(self, self._manager, listeners)
@@ -353,8 +365,11 @@ class Server:
             self._error = None
             self._stopping = False
             self._stopped_event.clear()
-            tcp = [lt.native.getsockname() for lt in engine.listeners
-                   if lt.native.family in (socket.AF_INET, socket.AF_INET6)]
+            tcp = [
+                lt.native.getsockname()
+                for lt in engine.listeners
+                if lt.native.family in (socket.AF_INET, socket.AF_INET6)
+            ]
             self._bound_port = tcp[0][1] if tcp else None
             try:
                 engine.start()
@@ -444,7 +459,8 @@ class Server:
             rest = [c for c in engine.snapshot() if c is not me]
             log.warning(
                 "%d connection(s) still open after the graceful timeout (%ss); interrupting them",
-                len(rest), timeout,
+                len(rest),
+                timeout,
             )
             engine.interrupt(rest)
             if not engine.wait_idle(INTERRUPT_WAIT, exclude=me):
@@ -513,7 +529,7 @@ class Server:
 
 
 def _resolve_manager(
-    manager: str | TaskManager | None, options: dict[str, Any] | None
+    manager: Any, options: dict[str, Any] | None
 ) -> tuple[TaskManager, bool, str]:
     if manager is None or isinstance(manager, str):
         from ._registry import create_manager
@@ -528,7 +544,8 @@ def _resolve_manager(
         )
     if not isinstance(manager, TaskManager):
         missing = [
-            m for m in ("limit", "runtime", "add_task", "remove_task", "stop_task", "all_tasks")
+            m
+            for m in ("limit", "runtime", "add_task", "remove_task", "stop_task", "all_tasks")
             if not hasattr(manager, m)
         ]
         raise ConfigError(
@@ -552,7 +569,9 @@ def _check_bool(key: str, value: Any) -> bool:
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> Any:
     if value not in choices:
-        raise ConfigError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}", key=key)
+        raise ConfigError(
+            f"expected one of {', '.join(map(repr, choices))}, got {value!r}", key=key
+        )
     return value
 
 
@@ -583,7 +602,9 @@ def _check_port(value: Any) -> int | str:
     except (TypeError, ValueError):
         port = -1
     if isinstance(value, bool) or not 0 <= port <= 65535:
-        raise ConfigError(f"expected a port number 0-65535 or a service name, got {value!r}", key="port")
+        raise ConfigError(
+            f"expected a port number 0-65535 or a service name, got {value!r}", key="port"
+        )
     return port
 
 
@@ -592,7 +613,9 @@ def _check_bind(value: str | Iterable[str] | None) -> list[str] | None:
         return None
     items = [value] if isinstance(value, str) else list(value)
     if not items or not all(isinstance(v, str) for v in items):
-        raise ConfigError(f"expected an endpoint string or a list of them, got {value!r}", key="bind")
+        raise ConfigError(
+            f"expected an endpoint string or a list of them, got {value!r}", key="bind"
+        )
     return items
 
 

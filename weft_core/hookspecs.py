@@ -58,6 +58,7 @@ def weft_managers() -> Iterable[ManagerSpec]:
                 handler_kind="sync",
             )
     """
+    raise NotImplementedError  # a specification: pluggy never calls this body
 
 
 # -- server lifecycle ----------------------------------------------------------
@@ -112,7 +113,9 @@ def weft_connection_refused(server: Server, peer: str, reason: str) -> None:
 
 
 @hookspec
-def weft_handler_error(server: Server, connection: ConnectionInfo, exception: BaseException) -> None:
+def weft_handler_error(
+    server: Server, connection: ConnectionInfo, exception: BaseException
+) -> None:
     """Called when a handler raises, with the connection's metadata and the handler's own exception.
 
     It runs in addition to the server's ``exception_handler``. Example, an error

@@ -1,0 +1,72 @@
+"""weft's test sessions: ``python -m nox`` runs them all (what CI runs).
+
+Plugins are discovered under ``plugins/`` rather than listed (hydra's pattern):
+``nox -s "plugin(weft-gevent)"`` runs one plugin's own tests, and ``tests`` reruns
+the core tests, including the conformance suite, with every plugin installed.
+Nothing is installed when this file is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists())
+TEST_DEPS = ["pytest>=8", "pytest-timeout", "hypothesis", "trustme"]
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["lint", "types", "tests", "plugin", "example_plugin"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def install_weft(session: nox.Session, *plugins: str) -> None:
+    """Core and the given plugins from this checkout, plus test tools."""
+    session.install("-e", ".", *[f"-e./plugins/{p}" for p in plugins], *TEST_DEPS)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict on weft_core and every plugin."""
+    install_weft(session, *PLUGINS)
+    session.install("mypy")
+    session.run("mypy", "weft_core", *[f"plugins/{p}/{p.replace('-', '_')}" for p in PLUGINS])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The core tests and the conformance suite, against every installed manager."""
+    install_weft(session, *PLUGINS)
+    for plugin in PLUGINS:  # smoke-import each plugin after install
+        session.run("python", "-c", f"import {plugin.replace('-', '_')}")
+    session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("plugin", PLUGINS)
+def plugin(session: nox.Session, plugin: str) -> None:
+    """One plugin's own tests, with only that plugin installed."""
+    install_weft(session, plugin)
+    session.run("pytest", f"plugins/{plugin}/tests", *session.posargs)
+
+
+@nox.session
+def example_plugin(session: nox.Session) -> None:
+    """Build examples/weft-pool as a wheel, install it as a stranger would, run the suite."""
+    wheels = session.create_tmp()
+    session.install("build", "pytest>=8", "pytest-timeout")
+    session.install(".")
+    session.run("python", "-m", "build", "--wheel", "--outdir", wheels, "examples/weft-pool")
+    wheel = next(Path(wheels).glob("weft_pool-*.whl"))
+    session.install(str(wheel))
+    session.run("weft", "managers")
+    session.run("weft", "conformance", "pool")

@@ -1,0 +1,531 @@
+"""The plugin registry: loading ``weft`` entry points, finding managers, calling hooks.
+
+Entry points are loaded one by one, each inside its own ``try`` (pluggy's
+``load_setuptools_entrypoints`` lets one broken plugin abort start-up, and
+records nothing about it). A plugin that fails, at import or in its
+``weft_managers`` hook, is kept as a :class:`BrokenPlugin` with its distribution
+and a one-line error, and everything else goes on working. Two plugins claiming one
+manager name is an error naming both; neither wins.
+
+The core calls hooks only through :class:`Hooks` (``hooks().server_started(...)``),
+which calls every plugin separately and logs, never raises, what a plugin raised.
+
+Nothing is loaded at import time: the first call that needs the plugins loads them,
+and :func:`reset` forgets them so that the next call loads them again (tests do this
+after changing ``WEFT_LOAD_PLUGINS``). Building the server is not done here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from ._errors import ConfigError, PluginError, UnknownManagerError
+from ._spec import ManagerSpec
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+    from ._connection import ConnectionInfo
+    from ._protocol import TaskManager
+    from ._server import Server
+
+__all__ = [
+    "BrokenPlugin",
+    "Hooks",
+    "available_managers",
+    "broken_plugins",
+    "create_manager",
+    "get_manager_spec",
+    "hooks",
+    "plugin_manager",
+    "register",
+    "reset",
+    "unregister",
+]
+
+log = logging.getLogger("weft.plugins")
+
+#: The entry-point group plugins register under (DESIGN section 1).
+ENTRY_POINT_GROUP = "weft"
+
+#: Comma list of entry-point or distribution names to load; unset: all; empty: none.
+#: The switch LLM_LOAD_PLUGINS and DATASETTE_LOAD_PLUGINS provide, for the same reasons:
+#: bisecting a broken environment, and running with exactly the plugins a test wants.
+LOAD_PLUGINS_ENV = "WEFT_LOAD_PLUGINS"
+
+#: Managers we publish ourselves, so "not installed" can say exactly what to install.
+KNOWN_MANAGERS = {"threads": "weft-threads", "gevent": "weft-gevent", "trio": "weft-trio"}
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin that failed: at import, in its ``weft_managers`` hook, or in a name clash.
+
+    ``name`` is the entry-point name (the name given to :func:`register` for an
+    in-process plugin, whose ``distribution`` and ``version`` are then None);
+    ``error`` is one line, ``"ExcType: message"``.
+    """
+
+    name: str
+    distribution: str | None
+    version: str | None
+    error: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a registered plugin came from."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+
+    def describe(self) -> str:
+        if self.distribution is None:
+            return f"plugin {self.name!r} (registered in-process)"
+        return f"plugin {self.name!r} (distribution {self.distribution} {self.version})"
+
+
+@dataclass
+class _State:
+    """What loading the entry points produced; dropped by :func:`reset`."""
+
+    pm: pluggy.PluginManager
+    #: pluggy plugin name -> where it came from.
+    sources: dict[str, _Source] = field(default_factory=dict)
+    #: Entry points that failed to load.
+    broken: list[BrokenPlugin] = field(default_factory=list)
+    #: Entry points WEFT_LOAD_PLUGINS left out.
+    skipped: list[_Source] = field(default_factory=list)
+    #: The managers, computed on first use and dropped when a plugin (un)registers.
+    catalog: _Catalog | None = None
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """The result of calling every plugin's ``weft_managers``."""
+
+    managers: dict[str, ManagerSpec]
+    #: Manager name -> why nobody gets it (both claimants named).
+    conflicts: dict[str, str]
+    #: Plugins whose ``weft_managers`` raised or returned something else than specs.
+    failed: list[BrokenPlugin]
+    #: One entry per plugin claiming a name another plugin claims too.
+    clashes: list[BrokenPlugin]
+
+
+_lock = threading.RLock()
+_state: _State | None = None
+_hooks: Hooks | None = None
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The pluggy manager with weft's hook specs and every plugin loaded (built on first use)."""
+    return _loaded().pm
+
+
+def reset() -> None:
+    """Forget the loaded plugins (and in-process registrations); the next use loads again."""
+    global _state
+    with _lock:
+        _state = None
+
+
+def _loaded() -> _State:
+    global _state
+    with _lock:
+        if _state is None:
+            pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm.add_hookspecs(hookspecs)
+            state = _State(pm)
+            _load_entry_points(state)
+            _state = state
+        return _state
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 name normalisation, so ``weft_threads`` matches ``weft-threads``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _selection() -> set[str] | None:
+    """The names WEFT_LOAD_PLUGINS selects (normalised), or None to load every plugin."""
+    value = os.environ.get(LOAD_PLUGINS_ENV)
+    if value is None:
+        return None
+    return {_normalize(part.strip()) for part in value.split(",") if part.strip()}
+
+
+def _load_entry_points(state: _State) -> None:
+    from importlib.metadata import entry_points
+
+    selected = _selection()
+    matched: set[str] = set()
+    seen: set[tuple[str, str, str]] = set()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else None
+        version = ep.dist.version if ep.dist is not None else None
+        # The same distribution found twice on sys.path yields the same entry point
+        # twice; load it once (the first one, the one imports would find).
+        key = (_normalize(dist or ""), ep.name, ep.value)
+        if key in seen:
+            continue
+        seen.add(key)
+        source = _Source(ep.name, dist, version)
+        if selected is not None:
+            names = {_normalize(ep.name), _normalize(dist or "")} & selected
+            if not names:
+                state.skipped.append(source)
+                continue
+            matched |= names
+        _load_one(state, ep, source)
+    for name in sorted((selected or set()) - matched):
+        log.warning("%s names %r, which matches no installed plugin", LOAD_PLUGINS_ENV, name)
+
+
+def _load_one(state: _State, ep: EntryPoint, source: _Source) -> None:
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # anything a plugin raises at import: record it, go on
+        log.debug("plugin %r failed to load", ep.name, exc_info=True)
+        state.broken.append(
+            BrokenPlugin(ep.name, source.distribution, source.version, _one_line(exc))
+        )
+        return
+    if state.pm.is_registered(plugin):
+        # Two entry points naming one module (aliases): it is loaded already.
+        log.debug("plugin %r is %r again; not registered twice", ep.name, ep.value)
+        return
+    name = ep.name
+    if state.pm.get_plugin(name) is not None:
+        # Another distribution uses the same entry-point name. Keep both: if they
+        # claim the same manager, the catalog reports the clash with both named.
+        name = f"{ep.name}@{source.distribution}"
+    try:
+        _register_checked(state, plugin, name, source)
+    except PluginError as exc:
+        state.broken.append(
+            BrokenPlugin(ep.name, source.distribution, source.version, _one_line(exc))
+        )
+
+
+def _register_checked(state: _State, plugin: object, name: str, source: _Source) -> str:
+    """Register ``plugin`` with pluggy, refusing hooks weft does not have and wrappers."""
+    pm = state.pm
+    try:
+        registered = pm.register(plugin, name=name)
+    except (ValueError, pluggy.PluginValidationError) as exc:
+        raise PluginError(f"{source.describe()} cannot be registered: {exc}") from exc
+    if registered is None:
+        raise PluginError(f"{source.describe()} is blocked")
+    problems: list[str] = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            if caller.spec is None and not impl.optionalhook:
+                problems.append(_unknown_hook(caller.name))
+            elif impl.wrapper or impl.hookwrapper:
+                # Hooks are called plugin by plugin so that one failure stays isolated
+                # (see Hooks); a wrapper around the others has no meaning there.
+                problems.append(f"hook {caller.name!r} is a wrapper, which weft does not support")
+    if problems:
+        pm.unregister(plugin)
+        raise PluginError(f"{source.describe()}: {'; '.join(problems)}")
+    state.sources[registered] = source
+    state.catalog = None
+    return registered
+
+
+def _unknown_hook(name: str) -> str:
+    import difflib
+
+    known = [n for n in hookspecs.__all__ if n.startswith("weft_")]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"weft has no hook {name!r} (its hooks: {', '.join(known)}){hint}"
+
+
+def register(plugin: object, name: str | None = None) -> str:
+    """Register an in-process plugin (a module, class or object of hook implementations).
+
+    Returns the name it was registered under. Raises :class:`~weft_core.PluginError`
+    if the name is taken or the plugin implements a hook weft does not have.
+    """
+    with _lock:
+        state = _loaded()
+        label = name or getattr(plugin, "__name__", None) or repr(plugin)
+        return _register_checked(state, plugin, label, _Source(label))
+
+
+def unregister(plugin: object | None = None, name: str | None = None) -> object | None:
+    """Unregister a plugin given by object or by name; returns it (None if it was not there)."""
+    with _lock:
+        state = _loaded()
+        if name is None:
+            if plugin is None:
+                raise TypeError("unregister() needs a plugin or a name")
+            name = state.pm.get_name(plugin)
+        if name is None or state.pm.get_plugin(name) is None:
+            return None
+        removed: object | None = state.pm.unregister(plugin, name=name)
+        state.sources.pop(name, None)
+        state.catalog = None
+        return removed
+
+
+# -- managers ------------------------------------------------------------------
+
+
+def _catalog() -> tuple[_State, _Catalog]:
+    with _lock:
+        state = _loaded()
+        if state.catalog is None:
+            state.catalog = _build_catalog(state)
+        return state, state.catalog
+
+
+def _build_catalog(state: _State) -> _Catalog:
+    claims: dict[str, list[tuple[_Source, ManagerSpec]]] = {}
+    failed: list[BrokenPlugin] = []
+    # Each plugin's hook is called on its own (not pm.hook.weft_managers()), so that
+    # one plugin raising loses only its own managers. Order: pluggy's call order.
+    for impl in reversed(state.pm.hook.weft_managers.get_hookimpls()):
+        source = state.sources.get(impl.plugin_name, _Source(impl.plugin_name))
+        try:
+            specs = _specs_from(impl.function())
+        except Exception as exc:  # a plugin's bug: record it, go on
+            log.debug("weft_managers of %s raised", source.describe(), exc_info=True)
+            failed.append(
+                BrokenPlugin(source.name, source.distribution, source.version, _one_line(exc))
+            )
+            continue
+        for spec in specs:
+            spec = replace(spec, distribution=source.distribution, version=source.version)
+            claims.setdefault(spec.name, []).append((source, spec))
+
+    managers: dict[str, ManagerSpec] = {}
+    conflicts: dict[str, str] = {}
+    clashes: list[BrokenPlugin] = []
+    for name in sorted(claims):
+        claimants = sorted(claims[name], key=lambda c: (c[0].distribution or "", c[0].name))
+        if len(claimants) == 1:
+            managers[name] = claimants[0][1]
+            continue
+        # Never let the first registration win: nobody gets the name.
+        conflicts[name] = _conflict_message(name, [s for s, _ in claimants])
+        error = f"PluginError: {conflicts[name]}"
+        clashes.extend(
+            BrokenPlugin(s.name, s.distribution, s.version, error) for s, _ in claimants
+        )
+    return _Catalog(managers, conflicts, failed, clashes)
+
+
+def _specs_from(result: object) -> list[ManagerSpec]:
+    """Check what a ``weft_managers`` hook returned: an iterable of ManagerSpec."""
+    if isinstance(result, ManagerSpec):
+        raise TypeError(
+            f"weft_managers returned a single ManagerSpec ({result.name!r}); "
+            "return a list of them or yield each one"
+        )
+    if result is None or isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+        raise TypeError(f"weft_managers returned {result!r}; expected an iterable of ManagerSpec")
+    specs = list(result)
+    for item in specs:
+        if not isinstance(item, ManagerSpec):
+            raise TypeError(
+                f"weft_managers returned {item!r} among its managers; expected ManagerSpec"
+            )
+    return specs
+
+
+def _conflict_message(name: str, claimants: list[_Source]) -> str:
+    who = ", ".join(
+        f"{s.distribution} {s.version}" if s.distribution else s.describe() for s in claimants
+    )
+    return (
+        f"task manager {name!r} is claimed by more than one distribution: {who}; "
+        "uninstall all but one of them"
+    )
+
+
+def available_managers() -> dict[str, ManagerSpec]:
+    """Installed managers by name, sorted, each with its distribution and version filled in.
+
+    A name two plugins claim is left out (see :func:`broken_plugins`).
+    """
+    return dict(_catalog()[1].managers)
+
+
+def broken_plugins() -> list[BrokenPlugin]:
+    """Plugins that failed to load, whose ``weft_managers`` failed, or that claim a taken name."""
+    state, catalog = _catalog()
+    return [*state.broken, *catalog.failed, *catalog.clashes]
+
+
+def get_manager_spec(name: str) -> ManagerSpec:
+    """The spec of the manager called ``name``.
+
+    Error handling: an unknown name raises :class:`~weft_core.UnknownManagerError`
+    naming the installed managers and what to install; a name two distributions
+    claim, or one whose plugin is broken, raises :class:`~weft_core.PluginError`.
+    """
+    key = name.strip().lower()
+    state, catalog = _catalog()
+    if key in catalog.managers:
+        return catalog.managers[key]
+    if key in catalog.conflicts:
+        raise PluginError(catalog.conflicts[key])
+    dist_name = _normalize(f"weft-{key}")
+    for broken in [*state.broken, *catalog.failed]:
+        if broken.name == key or _normalize(broken.distribution or "") == dist_name:
+            where = _Source(broken.name, broken.distribution, broken.version).describe()
+            raise PluginError(f"{where} failed to load: {broken.error}; fix or uninstall it")
+    raise UnknownManagerError(_unknown_message(key, state, catalog))
+
+
+def _unknown_message(name: str, state: _State, catalog: _Catalog) -> str:
+    installed = ", ".join(catalog.managers) or "none"
+    message = f"no task manager named {name!r} is installed (installed: {installed})"
+    dist_name = _normalize(f"weft-{name}")
+    for skipped in state.skipped:
+        if skipped.name == name or _normalize(skipped.distribution or "") == dist_name:
+            value = os.environ.get(LOAD_PLUGINS_ENV, "")
+            return (
+                f"task manager {name!r} is not loaded: {skipped.describe()} is installed, "
+                f"but {LOAD_PLUGINS_ENV}={value!r} leaves it out; add {skipped.name!r} "
+                f"to {LOAD_PLUGINS_ENV} or unset it (loaded: {installed})"
+            )
+    if name in KNOWN_MANAGERS:
+        return f"{message}; install it with: pip install {KNOWN_MANAGERS[name]}"
+    import difflib
+
+    close = difflib.get_close_matches(name, [*catalog.managers, *KNOWN_MANAGERS], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    # Only a convention for third-party plugins, so said as one: never tell a user to
+    # pip install a name we made up without saying so.
+    return (
+        f"{message}{hint}; if {name!r} is a third-party manager, install its plugin "
+        f"(conventionally: pip install weft-{name})"
+    )
+
+
+def create_manager(name: str, **options: Any) -> TaskManager:
+    """Make the manager called ``name`` with ``options`` (``create_manager("threads", limit=2)``).
+
+    Error handling: besides :func:`get_manager_spec`'s errors, options the factory
+    does not take, or values it rejects (TypeError, ValueError), raise
+    :class:`~weft_core.ConfigError`; anything else the factory raises is re-raised as
+    :class:`~weft_core.PluginError` with the original chained.
+    """
+    spec = get_manager_spec(name)
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
+    unexpected = _check_options(spec.factory, options)
+    if unexpected:
+        raise ConfigError(f"task manager {spec.name!r}: {unexpected} (options given: {given})")
+    try:
+        return spec.create(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"task manager {spec.name!r} rejected its options ({given}): {_one_line(exc)}"
+        ) from exc
+    except Exception as exc:
+        where = (
+            f"distribution {spec.distribution} {spec.version}"
+            if spec.distribution
+            else ("registered in-process")
+        )
+        raise PluginError(
+            f"task manager {spec.name!r} ({where}) failed to start: {_one_line(exc)}"
+        ) from exc
+
+
+def _check_options(factory: Callable[..., object], options: dict[str, Any]) -> str | None:
+    """Why ``options`` do not fit ``factory``'s signature, or None if they do (or it's unknown)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None  # no signature to check against: the call will tell
+    try:
+        signature.bind(**options)
+    except TypeError as exc:
+        import difflib
+
+        takes = [
+            p.name
+            for p in signature.parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        hints = [
+            f"did you mean {close[0]!r} for {key!r}?"
+            for key in options
+            if key not in takes and (close := difflib.get_close_matches(key, takes, n=1))
+        ]
+        return "; ".join([f"{exc}; it takes: {', '.join(takes) or 'no options'}", *hints])
+    return None
+
+
+# -- lifecycle hooks -----------------------------------------------------------
+
+
+class Hooks:
+    """Typed calls of weft's lifecycle hooks; the core calls hooks only through these.
+
+    Error handling: each plugin's implementation is called on its own; an exception
+    it raises is logged (logger ``weft.plugins``, with traceback) and swallowed, so a
+    plugin never stops a server or keeps other plugins from being called.
+    """
+
+    def server_started(self, server: Server, addresses: list[str]) -> None:
+        """Call ``weft_server_started`` once ``server`` listens on ``addresses``."""
+        _call_each("weft_server_started", server=server, addresses=addresses)
+
+    def server_stopped(self, server: Server, stats: dict[str, Any]) -> None:
+        """Call ``weft_server_stopped`` once ``server`` has stopped, with its final stats."""
+        _call_each("weft_server_stopped", server=server, stats=stats)
+
+    def connection_refused(self, server: Server, peer: str, reason: str) -> None:
+        """Call ``weft_connection_refused`` for a connection closed unserved."""
+        _call_each("weft_connection_refused", server=server, peer=peer, reason=reason)
+
+    def handler_error(
+        self, server: Server, connection: ConnectionInfo, exception: BaseException
+    ) -> None:
+        """Call ``weft_handler_error`` with the handler's own exception."""
+        _call_each("weft_handler_error", server=server, connection=connection, exception=exception)
+
+
+def _call_each(hook: str, **kwargs: Any) -> None:
+    caller: pluggy.HookCaller = getattr(plugin_manager().hook, hook)
+    for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
+        try:
+            impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except Exception:
+            log.exception("plugin %r raised in %s; ignored", impl.plugin_name, hook)
+
+
+def hooks() -> Hooks:
+    """The :class:`Hooks` the core calls."""
+    global _hooks
+    if _hooks is None:
+        _hooks = Hooks()
+    return _hooks

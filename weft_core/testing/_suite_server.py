@@ -1,0 +1,383 @@
+"""Conformance tests of the Server on a manager (DESIGN section 2)."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from .._connection import ConnectionInfo, current_connection, detach
+from .._errors import BindError, HandlerKindError, ServerError
+from .._server import Server
+from .._tasks import shutdown_requested
+from ._adapters import Body, Recv, Send, Sleep
+from ._base import ManagerTestBase
+from ._support import WAIT, connect, fd_count, recv_exactly, recv_until_closed, wait_until
+
+__all__ = ["ServerTests"]
+
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "weft_conformance_caller", default="unset"
+)
+
+MakeServer = Callable[..., Server]
+
+
+def echo(greeting: bytes = b"") -> Body:
+    """Send ``greeting``, then echo until end of input."""
+    if greeting:
+        yield Send(greeting)
+    while True:
+        data = yield Recv()
+        if not data:
+            return
+        yield Send(data)
+
+
+def stubborn() -> Body:
+    """Ignore the shutdown flag and end of input: write a byte every 20 ms forever."""
+    yield Send(b"<")
+    while True:
+        yield Sleep(0.02)
+        yield Send(b".")
+
+
+class ServerTests(ManagerTestBase):
+    """The Server's behaviour, the same on every manager."""
+
+    # -- starting ----------------------------------------------------------------------
+
+    def test_echo_round_trip_on_a_free_port(self, make_server: MakeServer) -> None:
+        """port=0 binds a free port, server.port tells which, run() returns once listening."""
+        server = make_server(echo, args=(b"hi\n",))
+        assert isinstance(server.port, int) and server.port > 0
+        with connect(server.port) as client:  # no retry: run() returned, so it listens
+            assert recv_exactly(client, 3) == b"hi\n", "handler args reach the handler"
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+
+    def test_accessors(self, make_server: MakeServer) -> None:
+        """task_manager, socket, address, port, connection_handler and handler_args, as in Weft."""
+        server = make_server(echo, args=(b"x",), start=False)
+        before = (server.socket, server.running, server.stopped)
+        assert before == (None, False, True)
+        server.run()
+        state = (server.running, server.stopped)
+        assert state == (True, False)
+        assert server.socket is not None and server.address == "127.0.0.1"
+        assert server.handler_args == (b"x",)
+        assert callable(server.connection_handler)
+        assert server.task_manager.runtime.kind in ("sync", "async")
+        server.stop()
+        after = (server.socket, server.running, server.stopped)
+        assert after == (None, False, True)
+
+    def test_run_twice_is_an_error(self, make_server: MakeServer) -> None:
+        """run() on a running server raises a clear error."""
+        server = make_server(echo)
+        with pytest.raises(ServerError, match="already running"):
+            server.run()
+
+    def test_bind_error_names_address_and_port(self, make_server: MakeServer) -> None:
+        """A port in use: run() raises BindError naming the address and port."""
+        first = make_server(echo)
+        second = make_server(echo, port=first.port, start=False)
+        with pytest.raises(BindError, match=f"127.0.0.1:{first.port}"):
+            second.run()
+        assert second.stopped and second.socket is None
+
+    def test_wrong_handler_kind_is_refused(self, handler_kind: str) -> None:
+        """A handler of the wrong kind is refused when the Server is made, naming the manager."""
+        if handler_kind == "async":
+
+            def wrong(conn: Any) -> None: ...
+        else:
+
+            async def wrong(conn: Any) -> None: ...  # type: ignore[misc]
+
+        with pytest.raises(HandlerKindError, match=self._name()):
+            Server(wrong, manager=self._name())
+
+    def test_run_returns_and_caller_keeps_working(self, make_server: MakeServer) -> None:
+        """run() returns while serving; plain blocking code in the caller keeps working."""
+        server = make_server(echo)
+        clients = [connect(server.port) for _ in range(5)]
+        for i, client in enumerate(clients):
+            client.sendall(b"%d" % i)
+        for i, client in enumerate(clients):
+            assert recv_exactly(client, 1) == b"%d" % i
+            client.close()
+
+    def test_context_manager(self, make_server: MakeServer) -> None:
+        """`with Server(...) as s` runs on enter and stops on exit."""
+        server = make_server(echo, start=False)
+        with server as running:
+            assert running is server and server.running
+            with connect(server.port) as client:
+                client.sendall(b"ok")
+                assert recv_exactly(client, 2) == b"ok"
+        assert server.stopped
+
+    def test_on_start_and_on_stop(self, make_server: MakeServer) -> None:
+        """on_start and on_stop are called once each, in order, with the server."""
+        calls: list[tuple[str, bool]] = []
+        server = make_server(
+            echo,
+            start=False,
+            on_start=lambda s: calls.append(("start", s.running)),
+            on_stop=lambda s: calls.append(("stop", s.stopped)),
+        )
+        server.run()
+        server.stop()
+        server.stop()
+        assert calls == [("start", True), ("stop", True)]
+
+    # -- connections ----------------------------------------------------------------------
+
+    def test_current_connection_metadata(self, make_server: MakeServer) -> None:
+        """current_connection() gives peer and local address and the task id."""
+        infos: list[ConnectionInfo] = []
+
+        def record() -> Body:
+            infos.append(current_connection())
+            yield Send(b"!")
+
+        server = make_server(record)
+        with connect(server.port) as client:
+            assert recv_exactly(client, 1) == b"!"
+            assert infos[0].peer[:2] == client.getsockname()[:2]
+            assert infos[0].local[:2] == client.getpeername()[:2]
+            assert infos[0].task_id is not None
+
+    def test_caller_contextvars_reach_handlers(self, make_server: MakeServer) -> None:
+        """A handler sees the contextvars of whoever called run()."""
+        seen: list[str] = []
+
+        def look() -> Body:
+            seen.append(_caller.get())
+            yield Send(b"!")
+
+        server = make_server(look, start=False)
+        token = _caller.set("run-caller")
+        try:
+            server.run()
+        finally:
+            _caller.reset(token)
+        with connect(server.port) as client:
+            assert recv_exactly(client, 1) == b"!"
+        assert seen == ["run-caller"]
+
+    def test_connection_closed_when_handler_returns(self, make_server: MakeServer) -> None:
+        """The core closes the connection when the handler returns."""
+
+        def once() -> Body:
+            yield Send(b"bye")
+
+        server = make_server(once)
+        with connect(server.port) as client:
+            assert recv_until_closed(client) == b"bye"
+
+    def test_detach_keeps_connection_open(self, make_server: MakeServer) -> None:
+        """A detached connection is not closed when the handler returns."""
+        kept: list[Any] = []
+        returned = threading.Event()
+
+        def keep() -> Body:
+            conn = current_connection().conn
+            detach(conn)
+            kept.append(conn)
+            returned.set()
+            yield from ()
+
+        server = make_server(keep)
+        with connect(server.port) as client:
+            assert returned.wait(WAIT)
+            wait_until(lambda: server.stats()["active"] == 0, what="the handler to finish")
+            client.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                client.recv(1)  # still open: no EOF
+        conn = kept[0]
+        sock = getattr(conn, "socket", conn)  # a trio stream's socket, or the socket itself
+        os.close(sock.detach())
+
+    def test_handler_error_is_contained(self, make_server: MakeServer) -> None:
+        """A handler's exception reaches exception_handler, never the acceptor or other connections."""
+        errors: list[BaseException] = []
+
+        def maybe_fail() -> Body:
+            data = yield Recv()
+            if data == b"fail":
+                raise ValueError("conformance: handler failure")
+            yield Send(data)
+            yield from echo()
+
+        server = make_server(maybe_fail, exception_handler=lambda s, c, e: errors.append(e))
+        with connect(server.port) as good:
+            good.sendall(b"a")
+            assert recv_exactly(good, 1) == b"a"
+            with connect(server.port) as bad:
+                bad.sendall(b"fail")
+                assert recv_until_closed(bad) == b""
+            wait_until(lambda: errors, what="exception_handler to be called")
+            assert type(errors[0]) is ValueError, (
+                "exception_handler gets the handler's own exception"
+            )
+            good.sendall(b"b")
+            assert recv_exactly(good, 1) == b"b", "other connections keep being served"
+            with connect(server.port) as later:
+                later.sendall(b"c")
+                assert recv_exactly(later, 1) == b"c", "the acceptor keeps accepting"
+        assert server.stats()["handler_errors"] == 1
+
+    def test_stats_keys(self, make_server: MakeServer) -> None:
+        """stats() counts accepted, refused, active, handler_errors and tls_errors since run()."""
+        server = make_server(echo)
+        with connect(server.port) as client:
+            client.sendall(b"x")
+            recv_exactly(client, 1)
+            stats = server.stats()
+        assert {"accepted", "refused", "active", "handler_errors", "tls_errors"} <= set(stats)
+        assert stats["accepted"] == 1 and stats["active"] == 1
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def test_max_connections_refuses_then_serves_again(self, make_server: MakeServer) -> None:
+        """max_connections=3 serves three at once, refuses the fourth, serves again once one leaves."""
+        server = make_server(echo, args=(b"+",), max_connections=3)
+        held = [connect(server.port) for _ in range(3)]
+        for client in held:
+            assert recv_exactly(client, 1) == b"+", (
+                "the acceptor must not take a connection's slot"
+            )
+        with connect(server.port) as fourth:
+            assert recv_until_closed(fourth) == b"", "the fourth is closed at once"
+        assert server.stats()["refused"] == 1
+        held.pop().close()
+        wait_until(lambda: server.stats()["active"] == 2, what="the slot to free")
+        with connect(server.port) as fifth:
+            assert recv_exactly(fifth, 1) == b"+"
+        for client in held:
+            client.close()
+
+    def test_on_full_backlog_waits_for_a_slot(self, make_server: MakeServer) -> None:
+        """on_full="backlog" stops accepting at the limit and serves the next client once a slot frees."""
+        active, peak = [0], [0]
+
+        def counted() -> Body:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            try:
+                yield from echo(b"+")
+            finally:
+                active[0] -= 1
+
+        server = make_server(counted, max_connections=2, on_full="backlog")
+        held = [connect(server.port) for _ in range(2)]
+        for client in held:
+            assert recv_exactly(client, 1) == b"+"
+        with connect(server.port) as third:
+            held.pop().close()
+            assert recv_exactly(third, 1) == b"+", "the waiting client is served once a slot frees"
+        assert peak[0] <= 2 and server.stats()["refused"] == 0
+        for client in held:
+            client.close()
+
+    def test_full_wait_serves_if_a_slot_frees_in_time(self, make_server: MakeServer) -> None:
+        """full_wait: at the limit, wait that long for a free slot before refusing."""
+        server = make_server(echo, args=(b"+",), max_connections=1, full_wait=WAIT)
+        first = connect(server.port)
+        assert recv_exactly(first, 1) == b"+"
+        with connect(server.port) as second:
+            first.close()
+            assert recv_exactly(second, 1) == b"+"
+        assert server.stats()["refused"] == 0
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def test_stop_with_idle_clients_is_prompt(self, make_server: MakeServer) -> None:
+        """stop() with 100 idle clients returns True at once; every client sees EOF; no fd is left."""
+        before = fd_count()
+        server = make_server(echo, args=(b"+",))
+        clients = [connect(server.port) for _ in range(100)]
+        for client in clients:
+            assert recv_exactly(client, 1) == b"+"
+        assert server.stop(timeout=WAIT) is True
+        for client in clients:
+            assert recv_until_closed(client) == b""
+            client.close()
+        assert server.stats()["active"] == 0
+        wait_until(lambda: fd_count() <= before, what=f"fd count back to {before}")
+
+    def test_stop_lets_a_reply_finish(self, make_server: MakeServer) -> None:
+        """Phase 2 only ends input: a handler in the middle of a reply finishes writing it."""
+        started = threading.Event()
+        release = threading.Event()
+
+        def slow_reply() -> Body:
+            request = yield Recv()
+            started.set()
+            for _ in range(20):
+                while not release.is_set():
+                    yield Sleep(0.005)
+                yield Send(request)
+            assert shutdown_requested()
+
+        server = make_server(slow_reply)
+        with connect(server.port) as client:
+            client.sendall(b"0123456789")
+            assert started.wait(WAIT)
+            result: list[bool] = []
+            stopper = threading.Thread(target=lambda: result.append(server.stop(timeout=WAIT)))
+            stopper.start()
+            wait_until(lambda: not server.running, what="stop() to begin")
+            release.set()
+            assert recv_until_closed(client) == b"0123456789" * 20
+            stopper.join(WAIT)
+        assert result == [True]
+
+    def test_stop_interrupts_after_timeout(self, make_server: MakeServer) -> None:
+        """stop(timeout) interrupts a handler that ignores shutdown, returns False, closes it."""
+        server = make_server(stubborn)
+        with connect(server.port) as client:
+            assert recv_exactly(client, 1) == b"<"
+            started = time.monotonic()
+            assert server.stop(timeout=0.2) is False
+            assert time.monotonic() - started < WAIT
+            recv_until_closed(client)
+        assert server.stats()["active"] == 0
+
+    def test_stop_accepting_keeps_connections(self, make_server: MakeServer) -> None:
+        """stop_accepting closes only the listener; open connections go on."""
+        server = make_server(echo)
+        with connect(server.port) as client:
+            client.sendall(b"1")
+            assert recv_exactly(client, 1) == b"1"
+            port = server.port
+            server.stop_accepting()
+            assert server.socket is None
+            with pytest.raises(OSError):
+                connect(port).close()
+            client.sendall(b"2")
+            assert recv_exactly(client, 1) == b"2"
+        assert server.wait(WAIT), "the server stops once its last connection ends"
+
+    def test_wait_times_out_while_running(self, make_server: MakeServer) -> None:
+        """wait(timeout) returns False while running, True once stopped."""
+        server = make_server(echo)
+        assert server.wait(0.01) is False
+        server.stop()
+        assert server.wait(0) is True
+
+    def test_rerun_after_stop(self, make_server: MakeServer) -> None:
+        """A stopped server can run again; address and port changes apply then."""
+        server = make_server(echo, args=(b"+",))
+        server.stop()
+        server.port = 0
+        server.run()
+        with connect(int(server.port)) as client:
+            assert recv_exactly(client, 1) == b"+"

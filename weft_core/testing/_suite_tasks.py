@@ -1,0 +1,225 @@
+"""Conformance tests of the TaskManager protocol (DESIGN section 3)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import pytest
+
+from .._errors import ManagerFullError, TaskShutdown
+from .._protocol import TaskManager
+from .._tasks import shutdown_requested
+from ._adapters import Body, Sleep, SyncAdapter
+from ._base import ManagerTestBase
+from ._support import WAIT, wait_until
+
+__all__ = ["TaskManagerTests"]
+
+_probe: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "weft_conformance_probe", default="unset"
+)
+
+#: Task bodies poll their gate this often (in the runtime, so they stay interruptible).
+POLL = 0.005
+
+
+def _gated(
+    gate: threading.Event,
+    started: threading.Event | None = None,
+    honour_shutdown: bool = True,
+    seen: list[Any] | None = None,
+) -> Callable[[], Body]:
+    """A task body that runs until ``gate`` is set (or, if it honours it, shutdown)."""
+
+    def gated() -> Body:
+        if started is not None:
+            started.set()
+        while not gate.is_set():
+            if honour_shutdown and shutdown_requested():
+                if seen is not None:
+                    seen.append("shutdown")
+                return
+            yield Sleep(POLL)
+
+    return gated
+
+
+class TaskManagerTests(ManagerTestBase):
+    """The TaskManager protocol, in the words of DESIGN section 3."""
+
+    def _wait_gone(self, manager: TaskManager, task_id: Hashable) -> None:
+        wait_until(lambda: task_id not in manager.all_tasks(), what=f"task {task_id} to end")
+
+    def test_add_task_runs_the_thunk(self, manager: TaskManager, adapter: SyncAdapter) -> None:
+        """add_task runs (or at least queues and later runs) the thunk."""
+        ran = threading.Event()
+
+        def body() -> Body:
+            ran.set()
+            yield from ()
+
+        manager.add_task(adapter.task(body))
+        assert ran.wait(WAIT), "add_task must run the thunk it was given"
+
+    def test_ids_are_unique(self, manager: TaskManager, adapter: SyncAdapter) -> None:
+        """Ids returned by add_task are hashable and unique for the manager's life."""
+        done = threading.Event()
+        ids = [manager.add_task(adapter.task(_gated(done))) for _ in range(20)]
+        done.set()
+        for task_id in ids:
+            self._wait_gone(manager, task_id)
+        ids += [manager.add_task(adapter.task(_gated(done))) for _ in range(20)]
+        assert len(set(ids)) == len(ids), f"add_task must return unique ids, got {ids}"
+
+    def test_all_tasks_lists_held_tasks(self, manager: TaskManager, adapter: SyncAdapter) -> None:
+        """all_tasks lists the ids of tasks the manager holds now, and drops ended ones."""
+        gate = threading.Event()
+        ids = {manager.add_task(adapter.task(_gated(gate))) for _ in range(3)}
+        assert ids <= set(manager.all_tasks()), "all_tasks must list every running task"
+        gate.set()
+        for task_id in ids:
+            self._wait_gone(manager, task_id)
+
+    def test_limit_raises_manager_full_error(self, limited_manager: TaskManager) -> None:
+        """At its limit add_task raises ManagerFullError; a freed slot can be used again."""
+        from ._adapters import default_adapter
+
+        adapter = default_adapter(limited_manager.runtime)
+        gate = threading.Event()
+        first = [limited_manager.add_task(adapter.task(_gated(gate))) for _ in range(2)]
+        with pytest.raises(ManagerFullError):
+            limited_manager.add_task(adapter.task(_gated(gate)))
+        gate.set()
+        for task_id in first:
+            self._wait_gone(limited_manager, task_id)
+        again = threading.Event()
+        limited_manager.add_task(adapter.task(_gated(again)))
+        again.set()
+
+    def test_remove_task_forgets(self, manager: TaskManager, adapter: SyncAdapter) -> None:
+        """remove_task returns True if the task was there, False if it was not."""
+        gate = threading.Event()
+        task_id = manager.add_task(adapter.task(_gated(gate)))
+        assert manager.remove_task(task_id) is True
+        assert task_id not in manager.all_tasks()
+        assert manager.remove_task(task_id) is False
+        gate.set()
+
+    def test_stop_task_sets_shutdown_flag(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """stop_task makes shutdown_requested() true inside the task and returns once it ended."""
+        started, gate = threading.Event(), threading.Event()
+        seen: list[Any] = []
+        task_id = manager.add_task(adapter.task(_gated(gate, started, seen=seen)))
+        assert started.wait(WAIT)
+        assert manager.stop_task(task_id, timeout=WAIT) is True, (
+            "a task that honours shutdown_requested() ends before the timeout: stop_task returns True"
+        )
+        assert seen == ["shutdown"], "stop_task must return only once the task has stopped"
+        assert task_id not in manager.all_tasks()
+        gate.set()
+
+    def test_stop_task_interrupts_after_timeout(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """A task ignoring its shutdown flag is interrupted once the timeout runs out."""
+        if not self.preemptive_stop:
+            pytest.skip(f"{self._name()} declares preemptive_stop = False")
+        started, gate, cleaned = threading.Event(), threading.Event(), threading.Event()
+        stubborn = _gated(gate, started, honour_shutdown=False)
+
+        def body() -> Body:
+            try:
+                yield from stubborn()
+            finally:
+                cleaned.set()
+
+        task_id = manager.add_task(adapter.task(body))
+        assert started.wait(WAIT)
+        try:
+            assert manager.stop_task(task_id, timeout=0.1) is False, (
+                "stop_task returns False when the task had to be interrupted"
+            )
+            assert cleaned.is_set(), (
+                "stop_task must return only once the task (and its cleanup) ended"
+            )
+        finally:
+            gate.set()
+
+    def test_task_shutdown_is_swallowed(
+        self,
+        manager: TaskManager,
+        adapter: SyncAdapter,
+        errors_logged: Callable[[], list[logging.LogRecord]],
+    ) -> None:
+        """A task raising TaskShutdown ends quietly; the manager goes on."""
+
+        def body() -> Body:
+            yield Sleep(0)
+            raise TaskShutdown
+
+        task_id = manager.add_task(adapter.task(body))
+        self._wait_gone(manager, task_id)
+        assert errors_logged() == [], "TaskShutdown must end a task without an error report"
+        ran = threading.Event()
+
+        def after() -> Body:
+            ran.set()
+            yield from ()
+
+        manager.add_task(adapter.task(after))
+        assert ran.wait(WAIT)
+
+    def test_failing_task_is_reported_and_removed(
+        self,
+        manager: TaskManager,
+        adapter: SyncAdapter,
+        errors_logged: Callable[[], list[logging.LogRecord]],
+    ) -> None:
+        """A task that raises is reported, removed, and the manager goes on."""
+
+        def body() -> Body:
+            yield Sleep(0)
+            raise ValueError("conformance: deliberate failure")
+
+        task_id = manager.add_task(adapter.task(body))
+        self._wait_gone(manager, task_id)
+        wait_until(lambda: errors_logged(), what="the failing task to be reported")
+        assert any(
+            "deliberate failure" in (r.exc_text or "")
+            or (r.exc_info and "deliberate failure" in str(r.exc_info[1]))
+            for r in errors_logged()
+        ), "the task's own exception must be reported"
+        ran = threading.Event()
+
+        def after() -> Body:
+            ran.set()
+            yield from ()
+
+        manager.add_task(adapter.task(after))
+        assert ran.wait(WAIT), "the manager must go on after a task fails"
+
+    def test_contextvars_are_carried_into_tasks(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """The contextvars of the code that called add_task are visible inside the task."""
+        seen: list[str] = []
+        done = threading.Event()
+
+        def body() -> Body:
+            seen.append(_probe.get())
+            done.set()
+            yield from ()
+
+        token = _probe.set("from-the-caller")
+        try:
+            manager.add_task(adapter.task(body))
+        finally:
+            _probe.reset(token)
+        assert done.wait(WAIT)
+        assert seen == ["from-the-caller"], "the task must see the add_task caller's contextvars"

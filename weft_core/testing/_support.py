@@ -1,0 +1,60 @@
+"""Helpers the conformance suite shares: clients, waiting, fd counting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+__all__ = ["WAIT", "connect", "fd_count", "recv_exactly", "recv_until_closed", "wait_until"]
+
+#: The longest any single wait in the suite lasts before it fails the test; generous
+#: so that a loaded CI machine does not fail a correct manager.
+WAIT = 10.0
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def connect(port: int | str, host: str = "127.0.0.1") -> socket.socket:
+    """A client socket connected to the server, with a timeout so a test cannot hang."""
+    sock = socket.create_connection((host, int(port)), timeout=WAIT)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read exactly ``n`` bytes, or fail if the server closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise AssertionError(f"connection closed after {len(data)} of {n} bytes: {data!r}")
+        data += chunk
+    return data
+
+
+def recv_until_closed(sock: socket.socket) -> bytes:
+    """Read until the server closes the connection (EOF or reset)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def fd_count() -> int:
+    """Open file descriptors of this process."""
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
