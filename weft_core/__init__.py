@@ -7,6 +7,7 @@ This module re-exports the public names and nothing else.
 
 from __future__ import annotations
 
+from ._blocking import BLOCKING_RUNTIME
 from ._connection import ConnectionInfo, current_connection, detach
 from ._errors import (
     BindError,
@@ -34,6 +35,7 @@ from ._tasks import (
 from .hookspecs import hookimpl
 
 __all__ = [
+    "BLOCKING_RUNTIME",
     "AsyncRuntime",
     "BindError",
     "ConfigError",

@@ -63,10 +63,10 @@ class ListenerTask:
 
     __slots__ = ("address", "listener", "native", "task_id")
 
-    def __init__(self, listener: Listener, native: Any) -> None:
+    def __init__(self, listener: Listener, runtime: SyncRuntime | AsyncRuntime) -> None:
         self.listener = listener
-        self.native = native
-        self.address = listener.address
+        self.address = listener.address  # before adopting: a runtime may take the socket over
+        self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
 
     def wake(self) -> None:
@@ -107,9 +107,7 @@ class Engine:
         self.error: ServerError | None = None
         self.refuse_log = policy.RateLimitedLog(log)
         self.capacity_log = policy.RateLimitedLog(log)
-        self.listeners = [
-            ListenerTask(lst, self.runtime.adopt_listener(lst.sock)) for lst in listeners
-        ]
+        self.listeners = [ListenerTask(lst, self.runtime) for lst in listeners]
         self.on_fatal: Callable[[], None] = lambda: None
         self.listeners_closed = False
 

@@ -1,0 +1,95 @@
+"""The public surface DESIGN.md fixes, and what importing weft_core must not do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import weft_core
+
+#: Names DESIGN.md sections 2-4 promise, plus the manager-author API.
+DESIGN_NAMES = {
+    "Server",
+    "TaskManager",
+    "ManagerFullError",
+    "TaskShutdown",
+    "shutdown_requested",
+    "detach",
+    "current_connection",
+    "available_managers",
+    "create_manager",
+}
+MANAGER_AUTHOR_NAMES = {
+    "ManagerSpec",
+    "hookimpl",
+    "Runtime",
+    "SyncRuntime",
+    "AsyncRuntime",
+    "BLOCKING_RUNTIME",
+    "TaskState",
+    "TaskTable",
+    "current_task",
+    "run_task",
+    "run_async_task",
+}
+ERRORS = {
+    "WeftError",
+    "ConfigError",
+    "BindError",
+    "HandlerKindError",
+    "PluginError",
+    "ServerError",
+    "UnknownManagerError",
+}
+
+
+def test_public_names_are_exported() -> None:
+    assert set(weft_core.__all__) >= DESIGN_NAMES
+    assert set(weft_core.__all__) == DESIGN_NAMES | MANAGER_AUTHOR_NAMES | ERRORS | {
+        "ConnectionInfo"
+    }
+    for name in weft_core.__all__:
+        assert getattr(weft_core, name) is not None
+
+
+def test_errors_share_a_base() -> None:
+    for name in ERRORS - {"WeftError"}:
+        assert issubclass(getattr(weft_core, name), weft_core.WeftError)
+    assert weft_core.ManagerFullError.__mro__[1] is weft_core.WeftError
+    # TaskShutdown must not be swallowed by a handler's `except Exception`.
+    assert not issubclass(weft_core.TaskShutdown, Exception)
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_import_is_light() -> None:
+    """import weft_core pulls in no runtime, no ssl, no concurrent.futures, loads no plugin."""
+    result = _python(
+        "import sys, weft_core\n"
+        "heavy = [m for m in ('gevent', 'trio', 'ssl', 'concurrent.futures', 'weft_threads')"
+        " if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_gevent_monkey_patch_after_import_is_silent() -> None:
+    """Monkey-patching after `import weft_core` gives no warning (nothing was imported too early)."""
+    pytest.importorskip("gevent")
+    result = _python(
+        "import weft_core\n"
+        "import gevent.monkey\n"
+        "gevent.monkey.patch_all()\n"
+        "import weft_core.testing\n"
+        "print('ok')"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "MonkeyPatchWarning" not in result.stderr
