@@ -25,13 +25,18 @@ class ManagerSpec:
     normalised to lower case and must be a simple identifier. ``factory`` takes the
     manager's options as keyword arguments (``limit=`` and its own) and returns a
     :class:`~weft_core.TaskManager`. ``handler_kind`` says whether handlers run on
-    it are plain functions (``"sync"``) or ``async def`` (``"async"``).
+    it are plain functions (``"sync"``) or ``async def`` (``"async"``); with
+    ``preemptive_stop`` it declares a capability the conformance suite reads.
     """
 
     name: str
     factory: Callable[..., TaskManager]
     description: str
     handler_kind: HandlerKind = "sync"
+    #: False if ``stop_task`` cannot interrupt a task that ignores its shutdown flag
+    #: while it waits (threads: a thread cannot be killed). The conformance suite
+    #: skips the tests of interruption for such managers, saying why.
+    preemptive_stop: bool = True
     #: Filled in by the registry: the distribution that registered the manager.
     distribution: str | None = field(default=None, compare=False)
     version: str | None = field(default=None, compare=False)

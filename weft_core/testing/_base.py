@@ -30,8 +30,9 @@ class ManagerTestBase:
     #: Options passed to the manager's factory.
     manager_options: ClassVar[dict[str, Any]] = {}
     #: The manager can interrupt a task that ignores its shutdown flag while it
-    #: waits in the runtime (gevent kills, trio cancels). Threads cannot.
-    preemptive_stop: ClassVar[bool] = True
+    #: waits in the runtime (gevent kills, trio cancels; threads cannot). None: as
+    #: the plugin declares in its ManagerSpec.
+    preemptive_stop: ClassVar[bool | None] = None
     #: The manager honours ``limit=`` by raising ManagerFullError.
     supports_limit: ClassVar[bool] = True
     #: An adapter class for connection objects that are neither socket-like nor
@@ -47,6 +48,12 @@ class ManagerTestBase:
                 pytrace=False,
             )
         return name
+
+    def can_preempt(self) -> bool:
+        """The preemptive_stop capability, from the class or else the plugin's spec."""
+        if self.preemptive_stop is not None:
+            return self.preemptive_stop
+        return get_manager_spec(self._name()).preemptive_stop
 
     def new_manager(self, **options: Any) -> TaskManager:
         """A fresh manager of the kind under test."""

@@ -78,7 +78,9 @@ class ThreadManager:
             raise
         return task_id
 
-    def _run(self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context) -> None:
+    def _run(
+        self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context
+    ) -> None:
         try:
             run_task(state, thunk, context)
         finally:

@@ -17,4 +17,5 @@ def weft_managers() -> Iterator[ManagerSpec]:
         factory=ThreadManager,
         description="a thread per connection (the default manager)",
         handler_kind="sync",
+        preemptive_stop=False,  # a thread cannot be killed
     )
