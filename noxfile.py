@@ -38,7 +38,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict on weft_core and every plugin."""
     install_weft(session, *PLUGINS)
-    session.install("mypy")
+    session.install("mypy", "types-gevent")
     session.run("mypy", "weft_core", *[f"plugins/{p}/{p.replace('-', '_')}" for p in PLUGINS])
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Literal
 
 from ._protocol import SyncSlots
+from ._spec import HandlerKind
 
 __all__ = ["BLOCKING_RUNTIME", "BlockingRuntime"]
 
@@ -19,7 +19,7 @@ __all__ = ["BLOCKING_RUNTIME", "BlockingRuntime"]
 class BlockingRuntime:
     """Stdlib sockets in blocking mode; slots are a ``threading.Semaphore``."""
 
-    kind: Literal["sync"] = "sync"
+    kind: HandlerKind = "sync"
     conn_is_stream = False
 
     def adopt_listener(self, sock: socket.socket) -> socket.socket:

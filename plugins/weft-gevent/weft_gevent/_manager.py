@@ -1,0 +1,224 @@
+"""GeventManager: a greenlet per task, in one gevent hub.
+
+Which hub, and how calls from other OS threads reach it, is explained in
+:mod:`weft_gevent._hub`: the caller's hub when the application has monkey-patched,
+otherwise a hub in a daemon thread the manager starts on first use.
+
+Stopping a task follows DESIGN's phases. Flag it (which runs the shutdown callbacks
+the server registered: the connection's read side is shut down, so a handler
+waiting for input sees end-of-input), wait up to ``timeout``, then interrupt it:
+run its interrupt callbacks and kill its greenlet with
+:class:`~weft_core.TaskShutdown`, which a greenlet blocked in I/O receives at
+once, so that its ``finally`` clauses run. Both phases run in the hub's thread,
+whoever asks, because gevent's objects may only be touched there.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import gevent
+from gevent import Greenlet, GreenletExit
+
+from weft_core import TaskShutdown, TaskState, TaskTable, run_task
+
+from ._hub import HubLink, HubOwner
+from ._runtime import GeventRuntime
+
+__all__ = ["GeventManager"]
+
+log = logging.getLogger("weft.gevent")
+
+#: After killing a task's greenlet with TaskShutdown, how long stop_task waits for
+#: it to end. Killing lands at once unless the task catches TaskShutdown (a
+#: BaseException) and carries on; stop() must not hang on such a task forever.
+#: The same grace as the threads manager's.
+INTERRUPT_GRACE = 2.0
+
+
+class _Task:
+    """One task: its shared state, what it runs, and (once spawned) its greenlet."""
+
+    __slots__ = ("context", "entered", "finished", "greenlet", "link", "state", "thunk")
+
+    def __init__(
+        self,
+        state: TaskState,
+        thunk: Callable[[], Any],
+        context: contextvars.Context,
+        link: HubLink,
+    ) -> None:
+        self.state = state
+        self.thunk = thunk
+        self.context = context
+        self.link = link
+        self.greenlet: Greenlet[[_Task], None] | None = None
+        #: Set by the greenlet as it starts; a greenlet killed before that never runs.
+        self.entered = False
+        self.finished = False
+
+
+class GeventManager:
+    """A greenlet per task, with an optional ``limit`` on how many run at once.
+
+    Handlers are plain functions and receive a gevent socket
+    (:class:`~weft_gevent.GeventSocket`); blocking gevent calls in them yield to
+    the other connections. Without monkey-patching, the tasks run in a hub thread
+    of the manager's own, so stdlib blocking calls in a handler stall every
+    connection: use gevent's modules there, or monkey-patch the application.
+    """
+
+    def __init__(self, *, limit: int | None = None) -> None:
+        self._table: TaskTable[_Task] = TaskTable(limit, "gevent manager")
+        self._hubs = HubOwner()
+        self._runtime = GeventRuntime(self._hubs)
+
+    @property
+    def limit(self) -> int | None:
+        """The most tasks held at once (None: no limit)."""
+        return self._table.limit
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        self._table.limit = value
+
+    @property
+    def runtime(self) -> GeventRuntime:
+        """Gevent's sockets, semaphore and sleep, in this manager's hub."""
+        return self._runtime
+
+    def __repr__(self) -> str:
+        return f"<GeventManager limit={self.limit} tasks={len(self._table)} {self._hubs!r}>"
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        """Spawn ``thunk`` in a greenlet named after it; returns its id.
+
+        In the hub's own thread (the acceptor adding a connection) the greenlet is
+        spawned at once; from another thread it is queued to the hub.
+        """
+        task_id = self._table.reserve()
+        name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
+        try:
+            link = self._hubs.acquire()  # counts the task until its greenlet ends
+        except BaseException:
+            self._table.pop(task_id)
+            raise
+        task = _Task(TaskState(task_id, name), thunk, contextvars.copy_context(), link)
+        self._table.put(task_id, task)
+        if link.is_current():
+            self._spawn(task)
+        else:
+            link.call_soon(self._spawn, task)
+        return task_id
+
+    def _spawn(self, task: _Task) -> Greenlet[[_Task], None] | None:
+        # In the hub's thread. Idempotent: stop_task may get here before the queued
+        # call from add_task does.
+        if task.greenlet is None and not task.finished:
+            try:
+                glet = Greenlet(self._body, task)
+                glet.name = task.state.name
+                task.greenlet = glet
+                glet.start()
+            except Exception:
+                log.exception("could not spawn task %s (%s)", task.state.id, task.state.name)
+                self._finish(task)
+        return task.greenlet
+
+    def _body(self, task: _Task) -> None:
+        task.entered = True
+        try:
+            run_task(task.state, task.thunk, task.context)
+        except (GreenletExit, TaskShutdown):
+            # Killed with gevent's default by someone else, or a kill that landed
+            # while run_task was reporting an error (logging may yield): both end
+            # the task as asked.
+            pass
+        except BaseException:
+            # SystemExit and the like would be thrown at the hub's owner and could
+            # end the hub; a task's error must end only the task.
+            log.exception("task %s (%s) raised", task.state.id, task.state.name)
+        finally:
+            self._finish(task)
+
+    def _finish(self, task: _Task) -> None:
+        if task.finished:
+            return
+        task.finished = True
+        self._table.pop(task.state.id)
+        task.state.done.set()
+        self._hubs.release()
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        """Forget the task (it goes on running); True if it was there."""
+        return self._table.pop(task_id)
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        """Flag the task, wait up to ``timeout``, then kill it; return once it ended.
+
+        Returns True if it ended before it had to be interrupted. Callable from the
+        hub's thread (waits cooperatively) or any other (waits on a real lock).
+        """
+        task = self._table.get(task_id)
+        if task is None or task.finished:
+            return True
+        link = task.link
+        if link.is_current():
+            return self._stop_here(task, timeout)
+        if not self._hubs.hold(link):
+            return True  # the hub has gone, so every task in it has ended
+        try:
+            # Cap the wait in case the hub never gets to it (a greenlet that never
+            # yields stalls the whole hub, and nothing can interrupt it).
+            cap = None if timeout is None else timeout + 2 * INTERRUPT_GRACE
+            finished, ended_in_time = link.run(self._stop_here, task, timeout, timeout=cap)
+        finally:
+            self._hubs.release()
+        if not finished:
+            log.warning(
+                "task %s (%s): the gevent hub did not stop it within %.1fs; "
+                "is a greenlet running without ever yielding?",
+                task_id,
+                task.state.name,
+                cap,
+            )
+            return False
+        return ended_in_time
+
+    def _stop_here(self, task: _Task, timeout: float | None) -> bool:
+        # In the hub's thread, in a greenlet that may wait.
+        glet = self._spawn(task)
+        state = task.state
+        state.request_shutdown()
+        if glet is None or glet.dead:
+            return True
+        if glet is gevent.getcurrent():
+            return False  # a task stopping itself: it is flagged, it cannot wait for itself
+        glet.join(timeout)
+        if task.finished:
+            return True
+        state.interrupt()
+        if not task.entered:
+            # Never switched to: cancelling its start is enough, and quiet (with
+            # TaskShutdown, gevent would print it as an error of a greenlet that
+            # died before starting). run_task never ran, so clean up here.
+            glet.kill(block=False)
+            self._finish(task)
+            return False
+        glet.kill(TaskShutdown, block=True, timeout=INTERRUPT_GRACE)
+        if not glet.dead:
+            log.warning(
+                "task %s (%s) is still running %.1fs after it was killed with TaskShutdown; "
+                "it caught the exception and carried on, so it is left to finish on its own",
+                state.id,
+                state.name,
+                INTERRUPT_GRACE,
+            )
+        return False
+
+    def all_tasks(self) -> list[Hashable]:
+        """Ids of the tasks running (or about to start) now."""
+        return self._table.ids()

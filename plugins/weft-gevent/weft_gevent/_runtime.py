@@ -1,0 +1,135 @@
+"""GeventRuntime, the I/O the server does inside gevent tasks, and GeventSocket.
+
+The server's accept loop and connection wrapper are written once in ``weft_core``;
+this runtime gives them gevent's socket, semaphore and sleep. Sockets are made in
+the manager's hub thread (a gevent socket belongs to the hub of the thread that made
+it), so :meth:`GeventRuntime.adopt_listener` hands the listening socket's descriptor
+over to that thread.
+
+:class:`GeventSocket` is a gevent socket with two stdlib behaviours that a server
+stopping from another thread depends on; everything else is gevent's.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, cast
+
+import gevent
+import gevent.lock
+import gevent.socket
+
+from weft_core._protocol import SyncSlots
+from weft_core._spec import HandlerKind
+
+from ._hub import HubLink, HubOwner, real_get_ident
+
+__all__ = ["GeventRuntime", "GeventSocket"]
+
+
+class GeventSocket(gevent.socket.socket):
+    """A gevent socket that any OS thread may shut down or close.
+
+    - ``shutdown(SHUT_RD)`` behaves as the stdlib's: a greenlet waiting in ``recv``
+      gets ``b""`` (end of input) and one waiting in ``accept`` gets ``EINVAL``.
+      gevent's own ``shutdown`` instead throws "File descriptor was closed in
+      another greenlet" (``EBADF``) into the waiter, and does so through a loop
+      callback that is not thread-safe. The plain system call needs no help: the
+      descriptor becomes readable and the hub's poller wakes the waiter.
+    - ``close()`` from a thread other than the socket's hub runs in the hub's thread
+      and returns once the descriptor is closed. gevent's ``close`` touches the
+      loop's watchers, which is unsafe from another thread, and a greenlet waiting
+      on the socket would neither wake nor let the descriptor close.
+
+    ``accept()`` returns GeventSockets as well.
+    """
+
+    __slots__ = ()
+
+    def accept(self) -> tuple[GeventSocket, Any]:
+        """Accept a connection; waits cooperatively only when none is pending.
+
+        As gevent's own: the non-blocking ``accept`` is tried first, so a busy
+        listener hands over its whole backlog without a trip through the loop.
+        """
+        this = cast(Any, self)
+        while True:
+            try:
+                fd, address = this._accept()
+                break
+            except BlockingIOError:
+                if this.timeout == 0.0:
+                    raise
+            this._wait(this._read_event)
+        return GeventSocket(self.family, self.type, self.proto, fileno=fd), address
+
+    def shutdown(self, how: int) -> None:
+        """Shut down one or both halves, as the stdlib does; safe from any thread."""
+        cast(Any, self)._sock.shutdown(how)
+
+    def close(self) -> None:
+        """Close the socket; from another OS thread, the close runs in the hub's."""
+        hub = cast(Any, self).hub
+        if hub is None or hub.loop is None or real_get_ident() == hub.thread_ident:
+            # In the hub's thread, or after the hub is gone (nothing to wake then).
+            super().close()
+        else:
+            HubLink(hub).run(_close_in_hub, self)
+
+
+def _close_in_hub(sock: GeventSocket) -> None:
+    gevent.socket.socket.close(sock)
+    # A greenlet waiting on the socket is woken, and the descriptor closed, by a
+    # loop callback gevent has just queued; one turn of the loop lets it run, so
+    # the descriptor is gone when the caller's close() returns.
+    gevent.sleep(0)
+
+
+def _make_socket(family: int, type_: int, proto: int, fd: int) -> GeventSocket:
+    return GeventSocket(family, type_, proto, fileno=fd)
+
+
+class GeventRuntime:
+    """gevent's sockets, semaphore and sleep, in one :class:`GeventManager`'s hub.
+
+    Handlers receive a :class:`GeventSocket`. :meth:`close` stops the hub thread
+    the manager started, once no task is left.
+    """
+
+    kind: HandlerKind = "sync"
+    conn_is_stream = False
+
+    def __init__(self, hubs: HubOwner) -> None:
+        self._hubs = hubs
+
+    def __repr__(self) -> str:
+        return f"<GeventRuntime {self._hubs!r}>"
+
+    def adopt_listener(self, sock: socket.socket) -> GeventSocket:
+        """A :class:`GeventSocket` owning ``sock``'s descriptor, made in the hub's thread.
+
+        ``sock`` is detached and must not be used afterwards. ``accept()`` on the
+        result, called in a task, waits cooperatively and returns GeventSockets.
+        """
+        family, type_, proto = sock.family, sock.type, sock.proto
+        link = self._hubs.acquire()  # start the hub before the descriptor changes hands
+        try:
+            return link.run(_make_socket, int(family), int(type_), proto, sock.detach())[1]
+        finally:
+            self._hubs.release()
+
+    def slots(self, n: int) -> SyncSlots:
+        """A ``gevent.lock.Semaphore`` of ``n``, for use inside the hub's tasks."""
+        return cast(SyncSlots, gevent.lock.Semaphore(n))
+
+    def sleep(self, seconds: float) -> None:
+        """``gevent.sleep``: suspend the calling greenlet."""
+        gevent.sleep(seconds)
+
+    def wrap_connection(self, sock: GeventSocket) -> GeventSocket:
+        """The accepted GeventSocket itself."""
+        return sock
+
+    def close(self) -> None:
+        """Stop the manager's own hub thread if no task is left; a later use restarts it."""
+        self._hubs.close()
