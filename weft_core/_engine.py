@@ -441,6 +441,9 @@ class Engine:
             if info is None:
                 return
             handed = rt.wrap_connection(conn.sock)
+            if not self.cfg.nodelay and conn.sock.family != socket.AF_UNIX:
+                # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
             info.conn = handed
             token = _current.set(info)
             try:

@@ -1,0 +1,8 @@
+"""weft's ``trio`` task manager: a task per connection in a trio nursery."""
+
+from __future__ import annotations
+
+from ._manager import TrioManager
+from ._runtime import TrioRuntime, TrioSlots
+
+__all__ = ["TrioManager", "TrioRuntime", "TrioSlots"]

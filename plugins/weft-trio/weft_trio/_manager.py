@@ -1,0 +1,409 @@
+"""TrioManager: a trio task per thunk, in one nursery, in the manager's own trio thread.
+
+Where the loop lives
+--------------------
+``Server.run()`` must return once the socket listens, and the code that called it
+is plain blocking Python that keeps working afterwards (it may call
+``server.stop()`` later, or serve a second server). trio's loop, ``trio.run``,
+blocks the thread that runs it until every task is done, so it cannot run in the
+caller's thread. The manager therefore runs ``trio.run`` in a daemon thread of its
+own, started lazily by the first ``add_task`` and ended by ``runtime.close()``
+(restartable: the next ``add_task`` starts a new one). That thread holds one
+nursery, where every task runs, and the run's ``trio.lowlevel.TrioToken``, through
+which other threads reach it.
+
+Two kinds of caller reach ``add_task``:
+
+- A foreign thread (``Server.run()`` adding the acceptor, a test): it hops into the
+  trio thread with ``trio.from_thread.run_sync`` and waits for the task to be
+  spawned, so errors (a closed loop) reach it.
+- A task of this manager (the acceptor, adding one task per connection: the hot
+  path): it calls ``nursery.start_soon`` directly, with no thread hop.
+
+``stop_task`` blocks, so it waits on ``TaskState.done`` (a ``threading.Event``) from
+a foreign thread. Called from inside the trio thread it would block the very loop
+the task needs in order to end, a deadlock, so it raises ``RuntimeError`` there;
+trio code awaits :meth:`TrioManager.astop_task` instead.
+
+Error handling:
+    ``weft_core.run_async_task`` reports a task's ordinary exceptions and swallows
+    ``TaskShutdown``. Nothing a task raises reaches the nursery, since that would
+    cancel every other task (trio's own ``serve_listeners`` lets one handler crash
+    the server; weft must not): the task's own cancellation is caught by its own
+    ``CancelScope``, and anything else that escapes (``SystemExit``, a
+    ``BaseExceptionGroup``) is logged and dropped.
+
+Interruption:
+    Each task runs inside its own ``trio.CancelScope``. Phase 2 of ``stop_task``
+    cancels exactly that scope, so only that task sees ``trio.Cancelled``; its
+    ``finally`` blocks and shielded cleanup still run, and ``stop_task`` returns
+    once they have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Hashable
+
+import trio
+
+from weft_core import TaskState, TaskTable, run_async_task
+
+from ._runtime import TrioRuntime
+
+__all__ = ["TrioManager"]
+
+log = logging.getLogger("weft.trio")
+
+#: Name of the daemon thread that runs ``trio.run`` (seen in thread dumps, py-spy).
+LOOP_THREAD_NAME = "weft-trio"
+
+_IN_LOOP_MESSAGE = (
+    "TrioManager.stop_task() blocks until the task has ended, and was called from inside "
+    "the manager's own trio thread, where blocking would keep the task from ever ending "
+    "(a deadlock); from trio code, use 'await manager.astop_task(task_id, timeout)'"
+)
+
+
+#: Which manager's loop the current thread runs, if any. A thread-local rather than
+#: a comparison with ``manager._loop``: close() forgets the loop before its tasks
+#: have ended, and those tasks must still be recognised as running inside it.
+_thread = threading.local()
+
+
+class _Loop:
+    """One ``trio.run`` in a daemon thread, holding the nursery tasks are spawned into."""
+
+    __slots__ = ("closing", "error", "nursery", "owner", "ready", "thread", "token")
+
+    def __init__(self, owner: TrioManager) -> None:
+        self.owner = owner
+        self.ready = threading.Event()
+        self.closing = False
+        self.error: BaseException | None = None
+        self.nursery: trio.Nursery | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
+
+    def start(self) -> None:
+        """Start the thread and return once its nursery is open."""
+        self.thread.start()
+        self.ready.wait()
+        if self.error is not None:
+            self.thread.join()
+            raise RuntimeError("weft-trio: the trio loop thread failed to start") from self.error
+
+    def _main(self) -> None:
+        _thread.loop = self
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:  # a daemon thread has nobody to raise to
+            self.error = exc
+            if self.ready.is_set():
+                log.critical("the trio loop thread crashed", exc_info=exc)
+        finally:
+            self.ready.set()
+
+    async def _serve(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self.ready.set()
+            await trio.sleep_forever()
+
+    def in_thread(self) -> bool:
+        """True if the caller is this loop's trio thread."""
+        return getattr(_thread, "loop", None) is self
+
+    def cancel(self) -> None:
+        """Cancel the nursery, ending every task and then ``trio.run``; in the trio thread."""
+        self.closing = True
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        """Cancel the nursery and, unless called from the trio thread itself, join it."""
+        assert self.token is not None
+        if self.in_thread():
+            self.cancel()  # the thread ends once the calling task returns
+            return
+        with contextlib.suppress(trio.RunFinishedError):  # it has ended already
+            self.token.run_sync_soon(self.cancel)
+        self.thread.join()
+
+
+class _Task:
+    """The manager's record of one task."""
+
+    __slots__ = ("ended", "loop", "scope", "state")
+
+    def __init__(self, state: TaskState, loop: _Loop) -> None:
+        self.state = state
+        self.loop = loop
+        #: This task's own scope: cancelling it interrupts this task and no other.
+        self.scope = trio.CancelScope()
+        #: Made only by ``astop_task``, which waits for the task in the trio thread.
+        self.ended: trio.Event | None = None
+
+
+def _only_cancellation(exc: BaseException) -> bool:
+    """True for ``trio.Cancelled`` and for exception groups made only of it."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    # BaseExceptionGroup is a builtin only from Python 3.11; duck-type it for 3.10.
+    inner = getattr(exc, "exceptions", None)
+    return isinstance(inner, tuple) and all(_only_cancellation(e) for e in inner)
+
+
+class TrioManager:
+    """A trio task per thunk, in one nursery in the manager's own trio thread.
+
+    Thunks are zero-argument callables returning an awaitable (``async def``
+    handlers, bound with their arguments). ``limit`` caps how many tasks are held
+    at once (``ManagerFullError`` beyond it). Each trio task is named after the
+    thunk's ``__name__``.
+
+    Resource handling: the trio thread starts at the first :meth:`add_task` and
+    ends at ``runtime.close()``, which cancels whatever still runs there.
+    """
+
+    def __init__(self, *, limit: int | None = None) -> None:
+        self._table: TaskTable[_Task] = TaskTable(limit, "trio manager")
+        self._loop: _Loop | None = None
+        self._loop_lock = threading.Lock()
+        self._runtime = TrioRuntime(self._close_loop)
+
+    @property
+    def limit(self) -> int | None:
+        """The most tasks held at once (None: no limit)."""
+        return self._table.limit
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        self._table.limit = value
+
+    @property
+    def runtime(self) -> TrioRuntime:
+        """The trio runtime the server uses inside this manager's tasks."""
+        return self._runtime
+
+    def __repr__(self) -> str:
+        running = self._loop is not None
+        return f"<TrioManager limit={self.limit} tasks={len(self._table)} running={running}>"
+
+    # -- adding ------------------------------------------------------------------------
+
+    def add_task(self, thunk: Callable[[], Awaitable[object]]) -> Hashable:
+        """Spawn ``thunk()`` as a trio task in the manager's nursery; return its id.
+
+        From a task of this manager the task is spawned at once, with no thread hop;
+        from any other thread, this waits for the trio thread (started if needed) to
+        spawn it.
+        """
+        task_id = self._table.reserve()
+        try:
+            name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
+            state = TaskState(task_id, name)
+            context = contextvars.copy_context()
+            loop: _Loop | None = getattr(_thread, "loop", None)
+            if loop is not None and loop.owner is self:
+                self._spawn(loop, task_id, state, thunk, context)
+            else:
+                self._add_from_thread(task_id, state, thunk, context)
+        except BaseException:
+            self._table.pop(task_id)
+            raise
+        return task_id
+
+    def _add_from_thread(
+        self,
+        task_id: int,
+        state: TaskState,
+        thunk: Callable[[], Awaitable[object]],
+        context: contextvars.Context,
+    ) -> None:
+        while True:
+            loop = self._running_loop()
+            try:
+                spawned = trio.from_thread.run_sync(
+                    self._spawn_unless_closing,
+                    loop,
+                    task_id,
+                    state,
+                    thunk,
+                    context,
+                    trio_token=loop.token,
+                )
+            except trio.RunFinishedError:
+                spawned = False
+            if spawned:
+                return
+            # close() ended this loop between our choosing it and the hop, or it
+            # died; the next _running_loop() call starts a fresh one.
+            with self._loop_lock:
+                if self._loop is loop:
+                    self._loop = None
+
+    def _running_loop(self) -> _Loop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = _Loop(self)
+                loop.start()
+                self._loop = loop
+            return self._loop
+
+    def _spawn_unless_closing(
+        self,
+        loop: _Loop,
+        task_id: int,
+        state: TaskState,
+        thunk: Callable[[], Awaitable[object]],
+        context: contextvars.Context,
+    ) -> bool:
+        """:meth:`_spawn` for a foreign thread, which retries on a new loop if False."""
+        if loop.closing:
+            return False
+        self._spawn(loop, task_id, state, thunk, context)
+        return True
+
+    def _spawn(
+        self,
+        loop: _Loop,
+        task_id: int,
+        state: TaskState,
+        thunk: Callable[[], Awaitable[object]],
+        context: contextvars.Context,
+    ) -> None:
+        """Start the task in ``loop``'s nursery; in the trio thread.
+
+        A task of a closing loop may still add tasks: they start cancelled and end
+        at once, as their siblings do.
+        """
+        assert loop.nursery is not None
+        record = _Task(state, loop)
+        self._table.put(task_id, record)
+        loop.nursery.start_soon(self._run, record, thunk, context, name=state.name)
+
+    async def _run(
+        self,
+        record: _Task,
+        thunk: Callable[[], Awaitable[object]],
+        context: contextvars.Context,
+    ) -> None:
+        state = record.state
+        table = self._table
+
+        async def body() -> object:
+            # Forget the task before run_async_task sets state.done, so that once
+            # stop_task returns the id is no longer in all_tasks().
+            try:
+                return await thunk()
+            finally:
+                table.pop(state.id)
+
+        try:
+            with record.scope:
+                await run_async_task(state, body, context)
+        except BaseException as exc:
+            # Nothing may reach the nursery: it would cancel every other task.
+            # Cancellation from outside our scope means close() is cancelling the
+            # whole nursery; the task just ends.
+            if not _only_cancellation(exc):
+                log.error(
+                    "task %s (%s) raised %s; other tasks go on",
+                    state.id,
+                    state.name,
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+        finally:
+            table.pop(state.id)
+            state.done.set()
+            if record.ended is not None:
+                record.ended.set()
+
+    # -- removing and stopping ---------------------------------------------------------
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        """Forget the task (it goes on running); True if it was there."""
+        return self._table.pop(task_id)
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        """Ask the task to stop, cancel it after ``timeout``; return once it has ended.
+
+        Phase 1 sets the task's shutdown flag and runs its shutdown callbacks (for a
+        connection, the server's ``shutdown(SHUT_RD)``), then waits up to ``timeout``
+        seconds (None: forever). Phase 2 runs the interrupt callbacks and cancels the
+        task's own scope, then waits for its cleanup to finish. Returns True if the
+        task ended before phase 2, or was not held. Must not be called from inside the
+        manager's trio thread (``RuntimeError``); use :meth:`astop_task` there.
+        """
+        loop: _Loop | None = getattr(_thread, "loop", None)
+        if loop is not None and loop.owner is self:
+            raise RuntimeError(_IN_LOOP_MESSAGE)
+        record = self._table.get(task_id)
+        if record is None:
+            return True
+        state = record.state
+        state.request_shutdown()
+        if state.done.wait(timeout):
+            return True
+        try:
+            assert record.loop.token is not None
+            record.loop.token.run_sync_soon(_interrupt, record)
+        except trio.RunFinishedError:
+            state.interrupt()  # the loop is gone, so the task has ended too
+        state.done.wait()
+        return False
+
+    async def astop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        """:meth:`stop_task` for trio code running in this manager's trio thread."""
+        record = self._table.get(task_id)
+        if record is None:
+            return True
+        if not record.loop.in_thread():
+            raise RuntimeError(
+                "TrioManager.astop_task() must be awaited in the manager's own trio thread; "
+                "from other threads call stop_task()"
+            )
+        state = record.state
+        state.request_shutdown()
+        if state.done.is_set():
+            return True
+        if record.ended is None:
+            record.ended = trio.Event()
+        if timeout is None:
+            await record.ended.wait()
+            return True
+        with trio.move_on_after(max(timeout, 0.0)):
+            await record.ended.wait()
+            return True
+        _interrupt(record)
+        await record.ended.wait()
+        return False
+
+    def all_tasks(self) -> list[Hashable]:
+        """Ids of the tasks held now (spawned or being spawned, not yet ended)."""
+        return self._table.ids()
+
+    # -- the loop thread ---------------------------------------------------------------
+
+    def _close_loop(self) -> None:
+        """End the trio thread, if one runs: cancel every task, then join it."""
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.close()
+
+
+def _interrupt(record: _Task) -> None:
+    """Phase 2 for one task, in the trio thread: interrupt callbacks, then cancel its scope."""
+    # Called through run_sync_soon, where an exception would crash trio itself.
+    try:
+        record.state.interrupt()
+    except Exception:
+        log.exception("interrupting task %s failed", record.state.id)
+    record.scope.cancel()
