@@ -140,7 +140,29 @@ class Server:
         on_stop: Callback | None = None,
         bind: str | Iterable[str] | None = None,
         unix_mode: int | None = None,
+        tls: Any = None,
+        tls_handshake_timeout: float = 10.0,
+        proxy_protocol: bool = False,
+        trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+        proxy_header_timeout: float = 5.0,
+        shutdown_port: int | None = None,
+        shutdown_secret: str | None = None,
     ) -> None:
+        for key, value in (
+            ("tls", tls),
+            ("proxy_protocol", proxy_protocol or None),
+            ("shutdown_port", shutdown_port),
+            ("shutdown_secret", shutdown_secret),
+        ):
+            if value is not None:
+                raise ConfigError(
+                    "is part of weft's design but not implemented in this release; "
+                    "terminate TLS or the PROXY protocol in front of weft for now",
+                    key=key,
+                )
+        _check_seconds("tls_handshake_timeout", tls_handshake_timeout, allow_none=False)
+        _check_seconds("proxy_header_timeout", proxy_header_timeout, allow_none=False)
+        _ = trusted_proxies
         if not callable(handler):
             raise ConfigError(f"handler must be callable, not {handler!r}", key="handler")
         self._cfg = _Settings(

@@ -1,0 +1,604 @@
+"""The ``weft`` command: serve, managers, conformance, and one-line errors for user mistakes.
+
+Most tests call ``main()`` in-process with a fake Server, so that signals, fatal
+errors and exit statuses are checked without sockets. The end-to-end tests at the
+bottom (``test_e2e_*``) run ``python -m weft_core serve`` against the real Server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import weft_core
+from weft_core import BindError, PluginError, ServerError, UnknownManagerError, _registry
+from weft_core._cli import HandlerImportError, import_handler, main
+from weft_core._spec import ManagerSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Run in an empty directory with no WEFT_* variables, and undo logging/sys.path changes."""
+    for name in list(os.environ):
+        if name.startswith("WEFT_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    weft_log = logging.getLogger("weft")
+    level = weft_log.level
+    yield
+    weft_log.setLevel(level)
+
+
+def write_module(tmp_path: Path, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def one_error_line(err: str) -> str:
+    """The whole of stderr, which must be a single 'weft: ...' line with no traceback."""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("weft: "), err
+    return lines[0]
+
+
+# -- top level ------------------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"weft {weft_core.__version__}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().err
+
+
+def test_serve_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--manager", "--bind", "--fd", "--max-connections",
+                 "--graceful-timeout", "--workers", "--proxy-protocol", "--log-level",
+                 "--idle-timeout", "--on-full", "--full-wait", "--manager-option"):  # fmt: skip
+        assert flag in out
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "weft_core", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"weft {weft_core.__version__}"
+
+
+# -- serve: mistakes before anything runs --------------------------------------------------------
+
+
+def test_bad_flag_value_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "x:y", "--max-connections", "0"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (
+        "weft: command line --max-connections, key 'max_connections': "
+        "expected a positive integer, or false for no limit, got '0'"
+    )
+
+
+def test_bad_bind_names_the_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "x:y", "--bind", "::1:80"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "command line --bind" in line
+    assert "as in [::1]:80" in line
+
+
+def test_config_file_error_names_file_and_closest_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "weft.toml").write_text("max_conections = 5\n")
+    assert main(["serve", "x:y"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(tmp_path / "weft.toml") in line
+    assert "did you mean 'max_connections'?" in line
+
+
+def test_unknown_env_var_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WEFT_MANAGR", "threads")
+    assert main(["serve", "x:y"]) == 2
+    assert "did you mean WEFT_MANAGER?" in one_error_line(capsys.readouterr().err)
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "x:y", "--config", "nope.toml"]) == 2
+    assert "config file not found" in one_error_line(capsys.readouterr().err)
+
+
+def test_no_handler(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve"]) == 2
+    assert "no handler" in one_error_line(capsys.readouterr().err)
+
+
+def test_handler_in_wrong_form(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "examples.echo"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("weft: command line HANDLER, key 'handler': expected a handler as")
+
+
+def test_workers_not_supported_yet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "x:y", "--workers", "2"]) == 2
+    assert one_error_line(capsys.readouterr().err) == "weft: --workers is not supported yet"
+
+
+def test_bad_manager_option_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "x:y", "-o", "no-equals"])
+    assert info.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+# -- handler import ---------------------------------------------------------------------------
+
+
+def test_import_handler_finds_modules_in_the_cwd(tmp_path: Path) -> None:
+    write_module(tmp_path, "cli_app_ok", "class Box:\n    def handle(self, conn): pass\n"
+                 "box = Box()\n")  # fmt: skip
+    assert sys.path.count(str(tmp_path)) == 0
+    handler = import_handler("cli_app_ok:box.handle")
+    assert handler.__name__ == "handle"
+    assert sys.path[0] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("module", "spec", "expected"),
+    [
+        (None, "cli_no_such_module:handle",
+         "weft: cannot import handler 'cli_no_such_module:handle': ModuleNotFoundError: "
+         "No module named 'cli_no_such_module'"),
+        ("def handle(conn): pass\n", "cli_app_attr:hndle",
+         "weft: cannot import handler 'cli_app_attr:hndle': AttributeError: module "
+         "'cli_app_attr' has no attribute 'hndle'; did you mean 'handle'?"),
+        ("handle = 5\n", "cli_app_value:handle",
+         "weft: handler 'cli_app_value:handle' is a int, not a function or other callable"),
+        ("raise RuntimeError('boom at import')\n", "cli_app_raises:handle",
+         "weft: cannot import handler 'cli_app_raises:handle': RuntimeError: boom at import"),
+        ("import cli_missing_dependency\n", "cli_app_dep:handle",
+         "weft: cannot import handler 'cli_app_dep:handle': ModuleNotFoundError: "
+         "No module named 'cli_missing_dependency'"),
+    ],
+)  # fmt: skip
+def test_handler_import_errors_are_one_line_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    module: str | None,
+    spec: str,
+    expected: str,
+) -> None:
+    if module is not None:
+        write_module(tmp_path, spec.partition(":")[0], module)
+    assert main(["serve", spec]) == 2
+    assert one_error_line(capsys.readouterr().err) == expected
+
+
+def test_handler_syntax_error_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_module(tmp_path, "cli_app_syntax", "def handle(conn):\n    return (\n")
+    with pytest.raises(HandlerImportError, match=r"SyntaxError: .*cli_app_syntax\.py"):
+        import_handler("cli_app_syntax:handle")
+
+
+# -- serve: running, with a fake Server -------------------------------------------------------
+
+
+@dataclass
+class FakeServer:
+    """Stands in for weft_core.Server: records calls; behaviour set per test."""
+
+    handler: Any
+    kwargs: dict[str, Any]
+    signal_on_run: int | None = None
+    run_error: BaseException | None = None
+    fatal: ServerError | None = None
+    clean_stop: bool = True
+    stopped_with: float | None = None
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    addresses = ["127.0.0.1:5000", "[::1]:5000"]
+    manager_name = "fake"
+
+    @property
+    def error(self) -> ServerError | None:
+        return self.fatal
+
+    def run(self) -> None:
+        if self.run_error is not None:
+            raise self.run_error
+        if self.signal_on_run is not None:
+            # The CLI installs its handlers before run(), so this is caught, not fatal.
+            os.kill(os.getpid(), self.signal_on_run)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # Without a fatal error, serving ends only when stop() is called (on a signal).
+        return self.fatal is not None or self.ended.wait(timeout)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        self.stopped_with = timeout
+        self.ended.set()
+        return self.clean_stop
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """Replace Server with FakeServer; the dict sets its behaviour and collects instances."""
+    behaviour: dict[str, Any] = {"made": []}
+    write_module(tmp_path, "cli_fake_app", "def handle(conn): pass\n")
+
+    def make(handler: Any, **kwargs: Any) -> FakeServer:
+        if "error" in behaviour:
+            raise behaviour["error"]
+        server = FakeServer(handler, kwargs, **{k: v for k, v in behaviour.items()
+                                                if k not in ("made", "error")})  # fmt: skip
+        behaviour["made"].append(server)
+        return server
+
+    monkeypatch.setattr("weft_core._server.Server", make)
+    return behaviour
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_exits_0(
+    fake_server: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    signum: int,
+) -> None:
+    fake_server["signal_on_run"] = signum
+    caplog.set_level(logging.INFO, logger="weft")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["serve", "cli_fake_app:handle", "--graceful-timeout", "7"]) == 0
+    (server,) = fake_server["made"]
+    assert server.stopped_with == 7.0
+    messages = [r.getMessage() for r in caplog.records if r.name == "weft"]
+    assert messages[:2] == [
+        "listening on 127.0.0.1:5000 (manager fake)",
+        "listening on [::1]:5000 (manager fake)",
+    ]
+    assert messages[2].startswith(f"received {signal.Signals(signum).name}: stopping")
+    assert messages[3] == "stopped"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.timeout(20)
+def test_cut_off_connections_are_reported(
+    fake_server: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_server.update(signal_on_run=signal.SIGTERM, clean_stop=False)
+    caplog.set_level(logging.INFO, logger="weft")
+    assert main(["serve", "cli_fake_app:handle"]) == 0
+    assert fake_server["made"][0].stopped_with == 30.0
+    assert "connections still open after 30s had to be cut off" in caplog.text
+
+
+@pytest.mark.timeout(20)
+def test_fatal_server_error_exits_1(
+    fake_server: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_server["fatal"] = ServerError("accepting on 127.0.0.1:5000 failed: Bad file descriptor")
+    assert main(["serve", "cli_fake_app:handle"]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        "weft: server stopped: accepting on 127.0.0.1:5000 failed: Bad file descriptor"
+    )
+
+
+def test_bind_error_from_run_exits_1(
+    fake_server: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_server["run_error"] = BindError(98, "cannot listen on 127.0.0.1:80: Address in use")
+    assert main(["serve", "cli_fake_app:handle"]) == 1
+    assert "cannot listen on 127.0.0.1:80" in one_error_line(capsys.readouterr().err)
+
+
+def test_server_refusing_its_settings_exits_2(
+    fake_server: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_server["error"] = UnknownManagerError("no task manager named 'nope' is installed")
+    assert main(["serve", "cli_fake_app:handle", "--manager", "nope"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "weft: no task manager named 'nope' is installed"
+    )
+
+
+@pytest.mark.timeout(20)
+def test_flags_reach_the_server(fake_server: dict[str, Any], tmp_path: Path) -> None:
+    fake_server["signal_on_run"] = signal.SIGTERM
+    (tmp_path / "weft.toml").write_text('manager = "threads"\nbacklog = 64\n')
+    argv = ["serve", "cli_fake_app:handle", "--manager", "gevent", "--bind", "[::1]:0",
+            "--fd", "3", "--max-connections", "none", "--proxy-protocol", "-o", "limit=5",
+            "-o", "mode=fast", "--idle-timeout", "9", "--on-full", "backlog"]  # fmt: skip
+    assert main(argv) == 0
+    (server,) = fake_server["made"]
+    assert server.handler.__name__ == "handle"
+    assert server.kwargs == {
+        "manager": "gevent",
+        "backlog": 64,
+        "bind": ["[::1]:0", "fd:3"],
+        "max_connections": None,
+        "proxy_protocol": True,
+        "manager_options": {"limit": 5, "mode": "fast"},
+        "idle_timeout": 9.0,
+        "on_full": "backlog",
+    }
+
+
+# -- managers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeBroken:
+    name: str
+    distribution: str | None
+    version: str | None
+    error: str
+
+
+def _never_made(**options: Any) -> Any:
+    raise AssertionError("the CLI must not make managers to list them")
+
+
+def _spec(name: str, kind: Any, dist: str | None) -> ManagerSpec:
+    spec = ManagerSpec(name, _never_made, f"the {name} manager", kind)
+    object.__setattr__(spec, "distribution", dist)
+    object.__setattr__(spec, "version", "1.2" if dist else None)
+    return spec
+
+
+def test_managers_prints_a_table_then_broken_plugins(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    specs = {"zeta": _spec("zeta", "async", "weft-zeta"), "alpha": _spec("alpha", "sync", None)}
+    broken = [FakeBroken("bad", "weft-bad", "0.1", "ImportError: no module named bad_impl")]
+    monkeypatch.setattr(_registry, "available_managers", lambda: specs)
+    monkeypatch.setattr(_registry, "broken_plugins", lambda: broken)
+    assert main(["managers"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "NAME   DISTRIBUTION  VERSION  KIND   DESCRIPTION",
+        "alpha  -             -        sync   the alpha manager",
+        "zeta   weft-zeta     1.2      async  the zeta manager",
+        "",
+        "broken plugins (not loaded):",
+        "  bad (weft-bad 0.1): ImportError: no module named bad_impl",
+    ]
+
+
+def test_managers_with_nothing_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_registry, "available_managers", dict)
+    monkeypatch.setattr(_registry, "broken_plugins", list)
+    assert main(["managers"]) == 0
+    assert "pip install weft-threads" in capsys.readouterr().out
+
+
+def test_managers_registry_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def clash() -> dict[str, ManagerSpec]:
+        raise PluginError("manager 'x' is claimed by weft-a and weft-b")
+
+    monkeypatch.setattr(_registry, "available_managers", clash)
+    assert main(["managers"]) == 1
+    assert "claimed by weft-a and weft-b" in one_error_line(capsys.readouterr().err)
+
+
+def test_managers_lists_the_installed_threads_manager(capsys: pytest.CaptureFixture[str]) -> None:
+    if "threads" not in _registry.available_managers():
+        pytest.skip("weft-threads is not installed")
+    assert main(["managers"]) == 0
+    assert re.search(r"^threads\s+weft-threads\s", capsys.readouterr().out, re.MULTILINE)
+
+
+# -- conformance ---------------------------------------------------------------------------------
+
+
+def test_conformance_runs_the_suite_with_extra_pytest_args(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        _registry, "available_managers", lambda: {"mine": _spec("mine", "sync", None)}
+    )
+
+    def fake_pytest_main(args: list[str]) -> int:
+        calls.append(args)
+        return 3
+
+    monkeypatch.setattr(pytest, "main", fake_pytest_main)
+    assert main(["conformance", "mine", "-x", "-k", "stop"]) == 3
+    assert calls == [["-p", "weft_core.testing.plugin", "--pyargs", "weft_core.testing.suite",
+                      "--weft-manager", "mine", "-x", "-k", "stop"]]  # fmt: skip
+
+
+def test_conformance_unknown_manager(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        _registry, "available_managers", lambda: {"mine": _spec("mine", "sync", None)}
+    )
+    assert main(["conformance", "nope"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "weft: no task manager named 'nope' is installed (installed: mine); see `weft managers`"
+    )
+
+
+def test_conformance_without_pytest(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name == "pytest" else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main(["conformance", "threads"]) == 2
+    assert "pip install pytest" in one_error_line(capsys.readouterr().err)
+
+
+# -- end to end: `python -m weft_core serve` against the real Server ------------------------------
+# These need the lead's weft_core.Server, examples/echo.py and the threads manager; each
+# waits for the "listening on" line on stderr, never on a sleep.
+
+LISTENING = re.compile(r"listening on (\S+) \(manager (\S+)\)")
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@pytest.fixture
+def e2e() -> None:
+    if not callable(getattr(weft_core.Server, "run", None)):
+        pytest.skip("weft_core.Server is not written yet")
+    if not (REPO / "examples" / "echo.py").exists():
+        pytest.skip("examples/echo.py is not written yet")
+    if "threads" not in _registry.available_managers():
+        pytest.skip("weft-threads is not installed")
+
+
+def serve(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "weft_core", "serve", *args],
+        cwd=cwd,
+        env=_subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_listening(proc: subprocess.Popen[str], count: int = 1) -> list[tuple[str, str]]:
+    """Read stderr up to the `count`-th listening line; (address, manager) of each."""
+    assert proc.stderr is not None
+    found: list[tuple[str, str]] = []
+    seen: list[str] = []
+    while len(found) < count:
+        line = proc.stderr.readline()
+        if not line:
+            proc.wait()
+            pytest.fail(
+                f"weft serve exited ({proc.returncode}) before listening:\n{''.join(seen)}"
+            )
+        seen.append(line)
+        if match := LISTENING.search(line):
+            found.append((match.group(1), match.group(2)))
+    return found
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_e2e_serve_echo_then_stop_on_signal(e2e: None, tmp_path: Path, signum: int) -> None:
+    proc = serve("examples.echo:handle", "--bind", "127.0.0.1:0", cwd=tmp_path)
+    try:
+        ((address, manager),) = wait_listening(proc)
+        assert manager == "threads"
+        with socket.create_connection(host_port(address), timeout=10) as client:
+            client.sendall(b"hello weft\n")
+            received = b""
+            while len(received) < 11:
+                chunk = client.recv(100)
+                assert chunk, "the server closed the connection before echoing"
+                received += chunk
+            assert received == b"hello weft\n"
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"received {signal.Signals(signum).name}: stopping" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(60)
+def test_e2e_ipv6_address_is_logged_in_brackets(e2e: None, tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not available")
+    proc = serve("examples.echo:handle", "--bind", "[::1]:0", "--bind", "127.0.0.1:0",
+                 cwd=tmp_path)  # fmt: skip
+    try:
+        addresses = sorted(a for a, _ in wait_listening(proc, 2))
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", addresses[0])
+        assert re.fullmatch(r"\[::1\]:\d+", addresses[1])
+        with socket.create_connection(host_port(addresses[1]), timeout=10) as client:
+            client.sendall(b"v6")
+            assert client.recv(10) == b"v6"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_e2e_bind_error_is_one_line_exit_1(e2e: None, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "weft_core", "serve", "examples.echo:handle",
+             "--bind", f"127.0.0.1:{port}"],
+            cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    line = one_error_line(result.stderr)
+    assert f"127.0.0.1:{port}" in line
+
+
+@pytest.mark.timeout(60)
+def test_e2e_handler_import_error_exit_2(e2e: None, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "weft_core", "serve", "examples.echo:nope"],
+        cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        "weft: cannot import handler 'examples.echo:nope': AttributeError: "
+        "module 'examples.echo' has no attribute 'nope'"
+    )

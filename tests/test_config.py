@@ -1,0 +1,547 @@
+"""Config loading: sources and their order, every key's checks, and the errors' wording."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import socket
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weft_core import ConfigError
+from weft_core._config import CLI_ONLY_KEYS, KEYS, Config, load_config, parse_option_value
+
+
+def load(
+    tmp_path: Path,
+    toml: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    name: str = "weft.toml",
+) -> Config:
+    if toml is not None:
+        (tmp_path / name).write_text(toml)
+    return load_config(flags, environ=env or {}, cwd=tmp_path)
+
+
+def error(tmp_path: Path, toml: str | None = None, **kw: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, toml, **kw)
+    return info.value
+
+
+# -- sources ------------------------------------------------------------------------------
+
+
+def test_no_source_gives_an_empty_config_with_cli_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path)
+    assert config.values == {}
+    assert config.file is None
+    assert config.server_kwargs() == {}
+    assert (config.graceful_timeout, config.workers, config.log_level) == (30.0, 1, "INFO")
+    assert config.handler is None
+
+
+def test_weft_toml_in_the_cwd(tmp_path: Path) -> None:
+    config = load(tmp_path, 'manager = "threads"\nmax_connections = 10\n')
+    assert config.server_kwargs() == {"manager": "threads", "max_connections": 10}
+    assert config.file == tmp_path / "weft.toml"
+    assert config.origins["manager"] == str(tmp_path / "weft.toml")
+
+
+def test_tool_weft_in_pyproject(tmp_path: Path) -> None:
+    text = '[project]\nname = "x"\n\n[tool.weft]\nmanager = "trio"\n'
+    config = load(tmp_path, text, name="pyproject.toml")
+    assert config.get("manager") == "trio"
+    assert config.origins["manager"] == f"{tmp_path / 'pyproject.toml'} [tool.weft]"
+
+
+def test_pyproject_without_tool_weft_is_no_config(tmp_path: Path) -> None:
+    assert load(tmp_path, '[project]\nname = "x"\n', name="pyproject.toml").values == {}
+
+
+def test_weft_toml_wins_over_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.weft]\nmanager = "trio"\n')
+    assert load(tmp_path, 'manager = "gevent"\n').get("manager") == "gevent"
+
+
+def test_explicit_config_file_and_weft_config(tmp_path: Path) -> None:
+    (tmp_path / "weft.toml").write_text("backlog = 1\n")
+    (tmp_path / "other.toml").write_text("backlog = 2\n")
+    (tmp_path / "third.toml").write_text("backlog = 3\n")
+    assert load_config(config_file="other.toml", environ={}, cwd=tmp_path).get("backlog") == 2
+    env = {"WEFT_CONFIG": "third.toml"}
+    assert load_config(environ=env, cwd=tmp_path).get("backlog") == 3
+    # --config beats WEFT_CONFIG
+    cfg = load_config(config_file=tmp_path / "other.toml", environ=env, cwd=tmp_path)
+    assert cfg.get("backlog") == 2
+
+
+def test_a_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.toml: config file not found \(given by --"):
+        load_config(config_file="missing.toml", environ={}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="given by WEFT_CONFIG"):
+        load_config(environ={"WEFT_CONFIG": "missing.toml"}, cwd=tmp_path)
+
+
+def test_an_explicit_pyproject_needs_a_tool_weft_table(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    with pytest.raises(ConfigError, match=r"no \[tool\.weft\] table"):
+        load_config(config_file="pyproject.toml", environ={}, cwd=tmp_path)
+
+
+def test_env_overrides_file_and_flags_override_env(tmp_path: Path) -> None:
+    toml = 'manager = "threads"\nmax_connections = 10\nbacklog = 5\n'
+    env = {"WEFT_MAX_CONNECTIONS": "20", "WEFT_BACKLOG": "6"}
+    config = load(tmp_path, toml, env=env, flags={"backlog": "7", "manager": None})
+    assert config.server_kwargs() == {"manager": "threads", "max_connections": 20, "backlog": 7}
+    assert config.origins["max_connections"] == "environment variable WEFT_MAX_CONNECTIONS"
+    assert config.origins["backlog"] == "command line --backlog"
+
+
+def test_bind_from_a_later_source_replaces_address_and_port(tmp_path: Path) -> None:
+    config = load(tmp_path, 'address = "0.0.0.0"\nport = 80\n', flags={"bind": ["[::1]:0"]})
+    assert config.server_kwargs() == {"bind": ["[::1]:0"]}
+    config = load(tmp_path, 'bind = "127.0.0.1:1"\n', env={"WEFT_PORT": "8000"})
+    assert config.server_kwargs() == {"port": 8000}
+
+
+def test_bind_and_address_in_one_source_is_an_error(tmp_path: Path) -> None:
+    exc = error(tmp_path, 'bind = ":80"\naddress = "0.0.0.0"\n')
+    assert exc.key == "bind"
+    assert "give either bind or address, not both" in str(exc)
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def test_every_kind_of_value(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("")
+    toml = """
+handler = "examples.echo:handle"
+args = ["hi", 2]
+bind = ["127.0.0.1:0", "unix:/tmp/x.sock", "fd:3"]
+manager = "Threads"
+max_connections = false
+full_wait = 1
+on_full = "BACKLOG"
+backlog = 128
+nodelay = false
+keepalive = true
+reuse_port = true
+stream = true
+family = "dual"
+tls_handshake_timeout = 2.5
+idle_timeout = 60
+proxy_protocol = true
+trusted_proxies = ["10.0.0.1/8", "::1"]
+proxy_header_timeout = 1
+graceful_timeout = 0
+workers = 1
+log_level = "debug"
+shutdown_port = 9999
+shutdown_secret = "s3cret"
+
+[tls]
+certfile = "cert.pem"
+
+[manager_options]
+limit = 5
+name = "x"
+nested = { a = [1, 2] }
+"""
+    config = load(tmp_path, toml)
+    assert config.handler == "examples.echo:handle"
+    assert config.graceful_timeout == 0.0
+    assert config.log_level == "DEBUG"
+    assert config.server_kwargs() == {
+        "args": ("hi", 2),
+        "bind": ["127.0.0.1:0", "unix:/tmp/x.sock", "fd:3"],
+        "manager": "threads",
+        "max_connections": None,
+        "full_wait": 1.0,
+        "on_full": "backlog",
+        "backlog": 128,
+        "nodelay": False,
+        "keepalive": True,
+        "reuse_port": True,
+        "stream": True,
+        "family": "dual",
+        "tls_handshake_timeout": 2.5,
+        "idle_timeout": 60.0,
+        "proxy_protocol": True,
+        "trusted_proxies": ["10.0.0.0/8", "::1/128"],
+        "proxy_header_timeout": 1.0,
+        "shutdown_port": 9999,
+        "shutdown_secret": "s3cret",
+        "tls": {"certfile": str(tmp_path / "cert.pem")},
+        "manager_options": {"limit": 5, "name": "x", "nested": {"a": [1, 2]}},
+    }
+
+
+def test_port_takes_a_service_name(tmp_path: Path) -> None:
+    http = socket.getservbyname("http", "tcp")
+    assert load(tmp_path, 'port = "http"\n').get("port") == http
+    assert load(tmp_path, env={"WEFT_PORT": "http"}).get("port") == http
+    exc = error(tmp_path, 'port = "no-such-service-x"\n')
+    assert "unknown service name 'no-such-service-x'" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "expected"),
+    [
+        ("max_connections = 0", "max_connections", "a positive integer, or false for no limit"),
+        ("max_connections = true", "max_connections", "a positive integer, or false"),
+        ("max_connections = 1.5", "max_connections", "a positive integer"),
+        ("backlog = 0", "backlog", "a positive integer, got 0"),
+        ("backlog = 3000000000", "backlog", "a positive integer"),
+        ("workers = '2'", "workers", "a positive integer, got '2'"),
+        ("nodelay = 1", "nodelay", "true or false, got 1"),
+        ("on_full = 'drop'", "on_full", "'refuse' or 'backlog', got 'drop'"),
+        ("family = 'ipv5'", "family", "'auto', 'ipv4', 'ipv6' or 'dual'"),
+        ("full_wait = -1", "full_wait", "a number of seconds >= 0, got -1"),
+        ("full_wait = nan", "full_wait", "a number of seconds >= 0, got nan"),
+        ("full_wait = inf", "full_wait", "got inf"),
+        ("graceful_timeout = 1e12", "graceful_timeout", "a number of seconds >= 0"),
+        ("tls_handshake_timeout = 0", "tls_handshake_timeout", "a number of seconds > 0"),
+        ("idle_timeout = true", "idle_timeout", "> 0, or false for none"),
+        ("port = 65536", "port", "a port number (0-65535) or a service name, got 65536"),
+        ("bind = []", "bind", "an endpoint string or a list of them, got []"),
+        ("bind = [5000]", "bind", "an endpoint string or a list of them"),
+        ("bind = '::1:80'", "bind", "put an IPv6 address in brackets, as in [::1]:80"),
+        ("manager = 'No Such'", "manager", "a task manager name such as 'threads'"),
+        ("handler = 'examples.echo'", "handler", "'module:attribute', e.g. 'examples.echo:h"),
+        ("handler = 'a-b:c'", "handler", "'module:attribute'"),
+        ("args = 'x'", "args", "a list of handler arguments, got 'x'"),
+        ("address = ''", "address", "a host name or IP address, got ''"),
+        ("trusted_proxies = '10.0.0.0/8'", "trusted_proxies", "a list of networks"),
+        ("trusted_proxies = ['10.0.0.0/33']", "trusted_proxies", "'10.0.0.0/33' does not"),
+        ("log_level = 'loud'", "log_level", "one of debug, info, warning, error, critical"),
+        ("shutdown_secret = 1", "shutdown_secret", "a non-empty string, got 1"),
+        ("tls = 'cert.pem'", "tls", "a table with certfile and keyfile, got 'cert.pem'"),
+        ("manager_options = 3", "manager_options", "a table of manager options, got 3"),
+    ],
+)
+def test_bad_values_name_file_key_expectation_and_value(
+    tmp_path: Path, line: str, key: str, expected: str
+) -> None:
+    exc = error(tmp_path, line + "\n")
+    assert exc.key == key
+    assert exc.source == str(tmp_path / "weft.toml")
+    assert str(exc).startswith(f"{tmp_path / 'weft.toml'}, key {key!r}: ")
+    assert expected in str(exc)
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path: Path) -> None:
+    exc = error(tmp_path, "max_conections = 5\n")
+    assert exc.key == "max_conections"
+    assert str(exc) == (
+        f"{tmp_path / 'weft.toml'}, key 'max_conections': unknown key; "
+        "did you mean 'max_connections'?"
+    )
+    exc = error(tmp_path, "[tls]\ncertfle = 'x'\n")
+    assert exc.key == "tls.certfle"
+    assert "did you mean 'certfile'?" in str(exc)
+    assert "valid keys: " in str(error(tmp_path, "zzzzzz = 1\n"))
+
+
+def test_tool_table_in_weft_toml_gets_a_hint(tmp_path: Path) -> None:
+    exc = error(tmp_path, "[tool.weft]\nmanager = 'x'\n")
+    assert "[tool.weft] is for pyproject.toml" in str(exc)
+
+
+def test_pyproject_tool_weft_must_be_a_table(tmp_path: Path) -> None:
+    exc = error(tmp_path, "[tool]\nweft = 3\n", name="pyproject.toml")
+    assert exc.key == "tool.weft"
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    exc = error(tmp_path, 'manager = "threads"\nmax_connections = = 3\n')
+    assert exc.source == str(tmp_path / "weft.toml")
+    assert "invalid TOML" in str(exc)
+    assert "line 2" in str(exc)
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "weft.toml").write_bytes(b'manager = "\xff"\n')
+    assert "not UTF-8" in str(error(tmp_path))
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / "conf" / name).write_text("")
+    (tmp_path / "conf" / "weft.toml").write_text(
+        '[tls]\ncertfile = "cert.pem"\nkeyfile = "key.pem"\n'
+        'cafile = "ca.pem"\nrequire_client_cert = true\n'
+    )
+    config = load_config(config_file="conf/weft.toml", environ={}, cwd=tmp_path)
+    assert config.get("tls") == {
+        "certfile": str(tmp_path / "conf" / "cert.pem"),
+        "keyfile": str(tmp_path / "conf" / "key.pem"),
+        "cafile": str(tmp_path / "conf" / "ca.pem"),
+        "require_client_cert": True,
+    }
+
+
+def test_tls_parts_merge_across_sources(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("")
+    (tmp_path / "key.pem").write_text("")
+    env = {"WEFT_TLS_KEYFILE": "key.pem"}
+    config = load(tmp_path, '[tls]\ncertfile = "cert.pem"\n', env=env)
+    assert config.get("tls") == {
+        "certfile": str(tmp_path / "cert.pem"),
+        "keyfile": str(tmp_path / "key.pem"),
+    }
+
+
+def test_tls_errors(tmp_path: Path) -> None:
+    exc = error(tmp_path, '[tls]\ncertfile = "nope.pem"\n')
+    assert exc.key == "tls.certfile"
+    assert "no such file" in str(exc)
+    assert "nope.pem" in str(exc)
+    (tmp_path / "key.pem").write_text("")
+    exc = error(tmp_path, '[tls]\nkeyfile = "key.pem"\n')
+    assert exc.key == "tls.certfile"
+    assert "TLS needs certfile" in str(exc)
+    exc = error(tmp_path, '[tls]\ncertfile = "key.pem"\nrequire_client_cert = true\n')
+    assert exc.key == "tls.cafile"
+    exc = error(tmp_path, '[tls]\ncertfile = "key.pem"\nrequire_client_cert = "yes"\n')
+    assert exc.key == "tls.require_client_cert"
+
+
+# -- environment --------------------------------------------------------------------------
+
+
+def test_env_values_are_parsed_by_the_key_type(tmp_path: Path) -> None:
+    env = {
+        "WEFT_MANAGER": "gevent",
+        "WEFT_MAX_CONNECTIONS": "none",
+        "WEFT_BIND": "127.0.0.1:5000, [::1]:5000",
+        "WEFT_NODELAY": "off",
+        "WEFT_KEEPALIVE": "YES",
+        "WEFT_FULL_WAIT": "0.5",
+        "WEFT_IDLE_TIMEOUT": "false",
+        "WEFT_TRUSTED_PROXIES": "10.0.0.0/8,192.168.0.0/16",
+        "WEFT_ARGS": "a,b",
+        "WEFT_MANAGER_OPTIONS_LIMIT": "7",
+        "WEFT_MANAGER_OPTIONS_MODE": "fast",
+        "WEFT_LOAD_PLUGINS": "threads",  # reserved: not a config key, not an error
+        "WEFT_CONFIG": "",
+        "WEFT_PORT": "",  # empty counts as unset
+        "OTHER": "ignored",
+    }
+    assert load(tmp_path, env=env).server_kwargs() == {
+        "manager": "gevent",
+        "max_connections": None,
+        "bind": ["127.0.0.1:5000", "[::1]:5000"],
+        "nodelay": False,
+        "keepalive": True,
+        "full_wait": 0.5,
+        "idle_timeout": None,
+        "trusted_proxies": ["10.0.0.0/8", "192.168.0.0/16"],
+        "args": ("a", "b"),
+        "manager_options": {"limit": 7, "mode": "fast"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("WEFT_MAX_CONNECTIONS", "lots", "a positive integer, or false for no limit, got 'lots'"),
+        ("WEFT_NODELAY", "maybe", "true or false, got 'maybe'"),
+        ("WEFT_BACKLOG", "1.5", "a positive integer, got '1.5'"),
+        ("WEFT_FULL_WAIT", "soon", "a number of seconds >= 0, got 'soon'"),
+        ("WEFT_FULL_WAIT", "none", "a number of seconds >= 0, got 'none'"),
+        ("WEFT_WORKERS", "9" * 50, "a positive integer"),
+    ],
+)
+def test_env_errors_name_the_variable(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    exc = error(tmp_path, env={name: value})
+    assert exc.source == f"environment variable {name}"
+    assert exc.key == name[5:].lower()
+    assert expected in str(exc)
+
+
+def test_unknown_env_var_suggests_the_closest(tmp_path: Path) -> None:
+    exc = error(tmp_path, env={"WEFT_MAX_CONECTIONS": "3"})
+    assert exc.source == "environment variable WEFT_MAX_CONECTIONS"
+    assert "did you mean WEFT_MAX_CONNECTIONS?" in str(exc)
+    exc = error(tmp_path, env={"WEFT_TLS": "1"})
+    assert "tls is a table: set its parts one by one, as WEFT_TLS_CERTFILE" in str(exc)
+
+
+# -- command-line flags -----------------------------------------------------------------
+
+
+def test_flag_errors_name_the_flag(tmp_path: Path) -> None:
+    exc = error(tmp_path, flags={"max_connections": "0"})
+    assert str(exc).startswith("command line --max-connections, key 'max_connections': ")
+    with pytest.raises(ConfigError, match=r"^command line HANDLER, key 'handler'"):
+        load_config({"handler": "nocolon"}, flag_names={"handler": "HANDLER"}, environ={},
+                    cwd=tmp_path)  # fmt: skip
+
+
+def test_flags_take_strings_or_typed_values(tmp_path: Path) -> None:
+    flags = {"max_connections": "none", "proxy_protocol": True, "graceful_timeout": "2.5"}
+    config = load(tmp_path, flags=flags)
+    assert config.get("max_connections") is None
+    assert config.get("proxy_protocol") is True
+    assert config.graceful_timeout == 2.5
+    config = load(tmp_path, flags={"manager_options": {"limit": 3}})
+    assert config.server_kwargs() == {"manager_options": {"limit": 3}}
+
+
+def test_manager_option_names_must_be_identifiers(tmp_path: Path) -> None:
+    exc = error(tmp_path, '[manager_options]\n"not-ok" = 1\n')
+    assert exc.key == "manager_options.not-ok"
+
+
+def test_parse_option_value() -> None:
+    assert parse_option_value("5") == 5
+    assert parse_option_value("true") is True
+    assert parse_option_value("[1, 'a']") == [1, "a"]
+    assert parse_option_value("gevent") == "gevent"
+    assert parse_option_value("") == ""
+    assert parse_option_value("1\nx = 2") == "1\nx = 2"
+
+
+# -- against the Server -------------------------------------------------------------------
+
+
+def test_server_kwargs_are_server_keywords() -> None:
+    """Every key server_kwargs() can return is a keyword the Server accepts.
+
+    Fails while the Server lacks tls/proxy/shutdown keywords that config already takes.
+    """
+    from weft_core import Server
+
+    accepted = set(inspect.signature(Server).parameters)
+    produced = (set(KEYS) - CLI_ONLY_KEYS) | {"tls", "manager_options"}
+    assert sorted(produced - accepted) == []
+
+
+# -- properties: any document or environment loads, or fails as a ConfigError on a key ---
+
+_bare_key = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_string(text: str) -> str:
+    def escape(ch: str) -> str:
+        if ch in '"\\':
+            return "\\" + ch
+        return f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+
+    return '"' + "".join(escape(ch) for ch in text) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _bare_key.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def dump_toml(document: Mapping[str, Any]) -> str:
+    return "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in document.items())
+
+
+_scalars = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["127.0.0.1:0", "[::1]:0", "unix:/tmp/s", "fd:3", "refuse", "dual", "threads",
+         "http", "examples.echo:handle", "10.0.0.0/8", "info", "none"]
+    ),
+)  # fmt: skip
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_keys = st.one_of(
+    st.sampled_from([*KEYS, "tls", "manager_options"]),
+    st.text(min_size=1, max_size=12),
+)
+_tls_tables = st.dictionaries(
+    st.sampled_from(["certfile", "keyfile", "cafile", "require_client_cert", "other"]),
+    st.one_of(st.booleans(), st.sampled_from(["weft.toml", "missing.pem", ""])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=6), st.none() | _tls_tables)
+def test_any_toml_document_loads_or_raises_config_error_naming_a_key(
+    document: dict[str, Any], tls: dict[str, Any] | None
+) -> None:
+    if tls is not None:
+        document["tls"] = tls
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weft.toml"
+        path.write_text(dump_toml(document), encoding="utf-8")
+        try:
+            config = load_config(environ={}, cwd=tmp)
+        except ConfigError as exc:
+            assert exc.key, exc
+            assert exc.source == str(path)
+        else:
+            kwargs = config.server_kwargs()
+            assert set(kwargs) <= set(KEYS) | {"tls", "manager_options"}
+            assert not set(kwargs) & CLI_ONLY_KEYS
+
+
+_env_names = st.one_of(
+    st.sampled_from([f"WEFT_{k.upper()}" for k in KEYS]
+                    + ["WEFT_TLS_CERTFILE", "WEFT_TLS_REQUIRE_CLIENT_CERT",
+                       "WEFT_MANAGER_OPTIONS_LIMIT", "WEFT_MANAGER_OPTIONS_", "WEFT_LOAD_PLUGINS"]),
+    st.text(min_size=1, max_size=10).map(lambda s: "WEFT_" + s.upper()),
+)  # fmt: skip
+_env_values = st.one_of(
+    st.text(st.characters(blacklist_characters="\0"), max_size=12),
+    st.sampled_from(["1", "0", "true", "none", "5", "-1", "0.5", "127.0.0.1:0,[::1]:1", "http"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_env_names, _env_values, max_size=5))
+def test_any_environment_loads_or_raises_config_error_naming_a_key(env: dict[str, str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            load_config(environ=env, cwd=tmp)
+        except ConfigError as exc:
+            assert exc.key, exc
+            assert exc.source is not None
+            assert exc.source.startswith("environment variable WEFT_")

@@ -1,0 +1,382 @@
+"""The ``weft`` command: ``weft serve``, ``weft managers``, ``weft conformance``.
+
+This module turns command lines into calls on the public API and turns the errors a
+user can fix into one line on stderr (``weft: ...``) and an exit status: 2 for a
+mistake in the command, the config or the handler, 1 for a failure at run time
+(the address is in use, the server died). It holds no server logic of its own:
+settings come from :mod:`weft_core._config`, managers from the registry, and the
+serving from :class:`weft_core.Server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from . import __version__, _registry
+from ._config import load_config, parse_option_value
+from ._errors import ConfigError, WeftError
+
+__all__ = ["build_parser", "import_handler", "main"]
+
+log = logging.getLogger("weft")
+
+#: Exit statuses: a mistake the user can fix in the command, config or handler, and a
+#: failure while running (as argparse itself exits 2 for a bad command line).
+EXIT_USAGE = 2
+EXIT_RUNTIME = 1
+
+#: How often the main thread wakes while serving. Signals interrupt the wait on POSIX
+#: at once; the timeout is only there so Ctrl-C is seen on Windows, where it is not.
+_WAKE_INTERVAL = 1.0
+
+_LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+class HandlerImportError(WeftError):
+    """The handler named on the command line or in config cannot be imported."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``weft`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] | None = getattr(ns, "command", None)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return command(ns)
+    except KeyboardInterrupt:  # Ctrl-C before the server (and its handler) was up
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``weft`` command."""
+    parser = argparse.ArgumentParser(
+        prog="weft",
+        description="A TCP server framework with pluggable concurrency.",
+    )
+    parser.add_argument("--version", action="version", version=f"weft {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a handler",
+        description="Serve HANDLER (module:attribute) until SIGINT or SIGTERM. Settings come "
+        "from weft.toml (or [tool.weft] in pyproject.toml), then WEFT_* environment "
+        "variables, then these flags.",
+    )
+    serve.set_defaults(command=_serve)
+    serve.add_argument(
+        "handler",
+        nargs="?",
+        metavar="HANDLER",
+        help="the handler, e.g. examples.echo:handle (or 'handler' in config)",
+    )
+    serve.add_argument("--config", metavar="FILE", help="config file (default: ./weft.toml)")
+    serve.add_argument("--manager", metavar="NAME", help="task manager (see `weft managers`)")
+    serve.add_argument(
+        "--bind",
+        action="append",
+        metavar="ENDPOINT",
+        help="where to listen: HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N; repeat for several",
+    )
+    serve.add_argument(
+        "--fd",
+        action="append",
+        type=_fd_number,
+        metavar="N",
+        help="listen on inherited, already bound socket N (same as --bind fd:N)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        metavar="N",
+        help="connections served at once, or 'none' (default 1024)",
+    )
+    serve.add_argument(
+        "--on-full",
+        metavar="refuse|backlog",
+        help="at the limit: refuse new clients, or leave them in the backlog",
+    )
+    serve.add_argument(
+        "--full-wait", metavar="SECONDS", help="wait this long for a free slot before refusing"
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        help="close connections idle this long (default: never)",
+    )
+    serve.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        default=None,
+        help="expect a PROXY header (v1 or v2) from trusted proxies",
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, give connections this long to finish (30)",
+    )
+    serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
+    serve.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default info)",
+    )
+    serve.add_argument(
+        "-o",
+        "--manager-option",
+        action="append",
+        type=_manager_option,
+        metavar="KEY=VALUE",
+        help="an option for the task manager (VALUE read as TOML, else text)",
+    )
+
+    managers = commands.add_parser("managers", help="list the installed task managers")
+    managers.set_defaults(command=_managers)
+
+    conformance = commands.add_parser(
+        "conformance",
+        help="run the conformance suite against an installed manager",
+        description="Run weft's conformance suite (pytest) against manager NAME; "
+        "any further arguments go to pytest.",
+    )
+    conformance.set_defaults(command=_conformance)
+    conformance.add_argument("name", metavar="NAME")
+    conformance.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="PYTEST_ARGS")
+    return parser
+
+
+def _fd_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a file descriptor number, got {text!r}")
+    return int(text)
+
+
+def _manager_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, such as limit=100, got {text!r}")
+    return key.strip(), parse_option_value(value)
+
+
+def _fail(message: object, status: int) -> int:
+    print(f"weft: {message}", file=sys.stderr)
+    return status
+
+
+# -- weft serve -----------------------------------------------------------------------
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    flags: dict[str, Any] = {
+        "handler": ns.handler,
+        "manager": ns.manager,
+        "max_connections": ns.max_connections,
+        "on_full": ns.on_full,
+        "full_wait": ns.full_wait,
+        "idle_timeout": ns.idle_timeout,
+        "proxy_protocol": ns.proxy_protocol,
+        "graceful_timeout": ns.graceful_timeout,
+        "workers": ns.workers,
+        "log_level": ns.log_level,
+    }
+    names = {"handler": "HANDLER", "manager_options": "--manager-option"}
+    binds = [*(ns.bind or ()), *(f"fd:{n}" for n in ns.fd or ())]
+    if binds:
+        flags["bind"] = binds
+        names["bind"] = "--bind/--fd" if ns.fd else "--bind"
+    if ns.manager_option:
+        flags["manager_options"] = dict(ns.manager_option)
+    try:
+        config = load_config(flags, config_file=ns.config, flag_names=names)
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE)
+    if config.workers > 1:
+        # TODO(lead): section 7's supervised workers; wired by the lead.
+        return _fail("--workers is not supported yet", EXIT_USAGE)
+    _setup_logging(config.log_level)
+    if config.handler is None:
+        return _fail(
+            "no handler: give one as `weft serve module:attribute`, or set handler in weft.toml",
+            EXIT_USAGE,
+        )
+    try:
+        handler = import_handler(config.handler)
+    except HandlerImportError as exc:
+        return _fail(exc, EXIT_USAGE)
+
+    from ._server import Server  # here, so `weft managers` and `--help` stay light
+
+    try:
+        server = Server(handler, **config.server_kwargs())
+    except WeftError as exc:  # unknown manager, wrong handler kind, bad value
+        return _fail(exc, EXIT_USAGE)
+    return _run(server, config.graceful_timeout)
+
+
+def _setup_logging(level: str) -> None:
+    # basicConfig leaves an already configured root logger alone (embedding, pytest).
+    logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
+    log.setLevel(level)
+
+
+def _run(server: Any, graceful_timeout: float) -> int:
+    """Run ``server`` until a signal or a fatal error; return the exit status."""
+    wake = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        # A second SIGINT/SIGTERM while stopping gracefully quits at once.
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        wake.set()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    # Install before run(), so a signal arriving as the server starts still stops it.
+    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS} if in_main else {}
+    try:
+        try:
+            server.run()
+        except (WeftError, OSError) as exc:
+            return _fail(exc, EXIT_RUNTIME)
+        for address in server.addresses:
+            log.info("listening on %s (manager %s)", address, server.manager_name)
+
+        def watch() -> None:
+            server.wait()
+            wake.set()
+
+        threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
+        while not wake.wait(_WAKE_INTERVAL):
+            pass
+        if received:
+            name = signal.Signals(received[0]).name
+            log.info(
+                "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
+                name,
+                f"{graceful_timeout:g}",
+            )
+            if server.stop(timeout=graceful_timeout):
+                log.info("stopped")
+            else:
+                log.warning(
+                    "stopped: connections still open after %ss had to be cut off",
+                    f"{graceful_timeout:g}",
+                )
+        if server.error is not None:
+            return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def import_handler(spec: str) -> Callable[..., Any]:
+    """Import ``module:attribute`` (attribute may be dotted), as gunicorn does.
+
+    The current directory is put on ``sys.path`` first, so ``weft serve app:handle``
+    finds ``./app.py``. Raises HandlerImportError with a one-line reason.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise HandlerImportError(f"handler {spec!r} must be written 'module:attribute'")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # the module's own errors too: one line, no traceback
+        raise HandlerImportError(
+            f"cannot import handler {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if n[:1] != "_"], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise HandlerImportError(
+                f"cannot import handler {spec!r}: AttributeError: {exc}{hint}"
+            ) from exc
+    if not callable(obj):
+        raise HandlerImportError(
+            f"handler {spec!r} is a {type(obj).__name__}, not a function or other callable"
+        )
+    result: Callable[..., Any] = obj
+    return result
+
+
+# -- weft managers ----------------------------------------------------------------------
+
+
+def _managers(ns: argparse.Namespace) -> int:
+    try:
+        specs = _registry.available_managers()
+        broken = _registry.broken_plugins()
+    except WeftError as exc:  # e.g. two distributions claim one name
+        return _fail(exc, EXIT_RUNTIME)
+    if specs:
+        rows = [("NAME", "DISTRIBUTION", "VERSION", "KIND", "DESCRIPTION")]
+        rows += [
+            (s.name, s.distribution or "-", s.version or "-", s.handler_kind, s.description)
+            for s in sorted(specs.values(), key=lambda s: s.name)
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+            print("  ".join([*cells, row[4]]).rstrip())
+    else:
+        print("no task managers installed: pip install weft-threads (or weft-gevent, weft-trio)")
+    if broken:
+        print("\nbroken plugins (not loaded):")
+        for b in broken:
+            dist = " ".join(p for p in (b.distribution, b.version) if p)
+            print(f"  {b.name}" + (f" ({dist})" if dist else "") + f": {b.error}")
+    return 0
+
+
+# -- weft conformance ---------------------------------------------------------------------
+
+
+def _conformance(ns: argparse.Namespace) -> int:
+    if importlib.util.find_spec("pytest") is None:
+        return _fail("the conformance suite runs on pytest: pip install pytest", EXIT_USAGE)
+    try:
+        installed = _registry.available_managers()
+    except WeftError as exc:
+        return _fail(exc, EXIT_RUNTIME)
+    if ns.name not in installed:
+        names = ", ".join(sorted(installed)) or "none"
+        return _fail(
+            f"no task manager named {ns.name!r} is installed (installed: {names});"
+            " see `weft managers`",
+            EXIT_USAGE,
+        )
+    import pytest
+
+    args = [
+        "-p",
+        "weft_core.testing.plugin",
+        "--pyargs",
+        "weft_core.testing.suite",
+        "--weft-manager",
+        ns.name,
+        *ns.pytest_args,
+    ]
+    return int(pytest.main(args))

@@ -1,0 +1,175 @@
+"""Endpoint strings: the one way a listening place is written in config and on the CLI.
+
+Modelled on Twisted's endpoint strings, cut down to what weft listens on::
+
+    127.0.0.1:5000       host and port (IPv4 address or host name)
+    [::1]:5000           an IPv6 host goes in brackets
+    localhost:http       a service name instead of a port number (resolved here)
+    :5000   or  5000     the default host (127.0.0.1: never all interfaces unless asked)
+    tcp:0.0.0.0:5000     an explicit ``tcp:`` prefix is allowed and dropped
+    unix:/run/app.sock   a Unix socket path (``unix:@name``: Linux abstract namespace)
+    fd:3                 an inherited, already listening socket (systemd, ``--fd``)
+
+This module only parses and formats; it opens nothing. ``str(endpoint)`` gives back a
+string that parses to an equal endpoint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Endpoint", "EndpointKind", "format_endpoint_host_port", "parse_endpoint"]
+
+EndpointKind = Literal["tcp", "unix", "fd"]
+
+#: What every "bad endpoint" error ends with, so the user sees the forms that work.
+ACCEPTED_FORMS = (
+    "expected HOST:PORT, [IPV6]:PORT, :PORT, PORT, unix:PATH or fd:N"
+    " (for example 127.0.0.1:5000, [::1]:5000, unix:/run/app.sock, fd:3)"
+)
+
+# A host name as DNS allows it (letters, digits, '-', '_' for SRV-style names, dots).
+# Anything else (spaces, '/', unbracketed ':') is almost always a typo, and the
+# resolver's own error for it ("Name or service not known") would come much later.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+# File descriptors are C ints.
+_MAX_FD = 2**31 - 1
+# Service names in /etc/services: a letter, then letters, digits, '-' (RFC 6335 5.1).
+_SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A parsed endpoint string.
+
+    ``kind`` is ``"tcp"`` (``host`` and ``port`` set), ``"unix"`` (``path`` set; a
+    leading ``@`` means the Linux abstract namespace) or ``"fd"`` (``fd`` set).
+    ``port`` is always a number: service names are resolved when parsing, so a
+    wrong one fails before anything binds.
+    """
+
+    kind: EndpointKind
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    fd: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd:{self.fd}"
+        assert self.host is not None and self.port is not None
+        return format_endpoint_host_port(self.host, self.port)
+
+    @property
+    def unix_address(self) -> str:
+        """The address for ``socket.bind`` on a Unix endpoint (``@x`` becomes NUL + ``x``)."""
+        if self.kind != "unix" or self.path is None:
+            raise ValueError(f"{self} is not a Unix socket endpoint")
+        return "\0" + self.path[1:] if self.path.startswith("@") else self.path
+
+
+def format_endpoint_host_port(host: str, port: int | str) -> str:
+    """``HOST:PORT``, with an IPv6 host in brackets (``[::1]:5000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_endpoint(text: str, *, default_host: str = "127.0.0.1") -> Endpoint:
+    """Parse an endpoint string (see the module docstring for the forms).
+
+    Raises ValueError saying what was wrong and which forms are accepted.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"endpoint must be a string, not {type(text).__name__}; {ACCEPTED_FORMS}")
+    spec = text.strip()
+    if not spec:
+        raise ValueError(f"empty endpoint; {ACCEPTED_FORMS}")
+    if spec.startswith("unix:"):
+        return _parse_unix(text, spec[len("unix:") :])
+    if spec.startswith("fd:"):
+        return _parse_fd(text, spec[len("fd:") :])
+    if spec.startswith("tcp:"):
+        spec = spec[len("tcp:") :]
+    return _parse_tcp(text, spec, default_host)
+
+
+def _bad(text: str, why: str) -> ValueError:
+    return ValueError(f"bad endpoint {text!r}: {why}; {ACCEPTED_FORMS}")
+
+
+def _parse_unix(text: str, path: str) -> Endpoint:
+    if not path or path == "@":
+        raise _bad(text, "a unix: endpoint needs a path")
+    if "\0" in path:
+        raise _bad(text, "a Unix socket path cannot contain NUL (write unix:@name for abstract)")
+    return Endpoint("unix", path=path)
+
+
+def _parse_fd(text: str, number: str) -> Endpoint:
+    if not (number.isascii() and number.isdigit()):
+        raise _bad(text, "fd: takes a file descriptor number, such as fd:3")
+    if len(number) > 10 or int(number) > _MAX_FD:
+        raise _bad(text, f"file descriptor {number} is out of range")
+    return Endpoint("fd", fd=int(number))
+
+
+def _parse_tcp(text: str, spec: str, default_host: str) -> Endpoint:
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close == -1:
+            raise _bad(text, "'[' without a closing ']'")
+        host, rest = spec[1:close], spec[close + 1 :]
+        if not rest.startswith(":"):
+            raise _bad(text, "an IPv6 address in brackets must be followed by :PORT")
+        port_text = rest[1:]
+        _check_ipv6(text, host)
+    elif ":" in spec:
+        host, _, port_text = spec.rpartition(":")
+        if ":" in host:
+            raise _bad(text, f"put an IPv6 address in brackets, as in [{host}]:{port_text}")
+        host = host or default_host
+        if not _HOSTNAME.fullmatch(host):
+            raise _bad(text, f"{host!r} is not an IP address or host name")
+    else:
+        try:
+            return Endpoint("tcp", host=default_host, port=_parse_port(text, spec))
+        except ValueError:
+            if spec.isdigit():
+                raise
+            # A bare word is read as a port or service; most likely a host was meant.
+            raise _bad(
+                text,
+                f"{spec!r} is neither a port number nor a service name (for a host, "
+                f"write {spec}:PORT)",
+            ) from None
+    return Endpoint("tcp", host=host, port=_parse_port(text, port_text))
+
+
+def _check_ipv6(text: str, host: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise _bad(text, f"{host!r} in brackets is not an IPv6 address") from None
+
+
+def _parse_port(text: str, port_text: str) -> int:
+    if not port_text:
+        raise _bad(text, "the port is missing")
+    if port_text.isascii() and port_text.isdigit():
+        port = int(port_text) if len(port_text) <= 10 else 65536
+        if port > 65535:
+            raise _bad(text, f"port {port} is out of range (0-65535; 0 picks a free port)")
+        return port
+    if not _SERVICE.fullmatch(port_text):
+        raise _bad(text, f"{port_text!r} is neither a port number nor a service name")
+    try:
+        return socket.getservbyname(port_text, "tcp")
+    except OSError:
+        raise _bad(
+            text, f"unknown service name {port_text!r} (not in the services database)"
+        ) from None
