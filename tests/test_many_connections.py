@@ -49,6 +49,8 @@ def test_ten_thousand_idle_connections(manager: str) -> None:
         # before the next batch, so the kernel queue never overflows.
         for start in range(0, N, 500):
             batch = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(500)]
+            for client in batch:
+                assert client.recv(1) == b"+"
             for i, client in enumerate(batch):
                 client.sendall(b"%05d" % (start + i))
             for i, client in enumerate(batch):

@@ -1,0 +1,165 @@
+"""Task managers that each break one rule of DESIGN section 3, for testing the suite.
+
+``sound`` is a plain thread-per-task manager that keeps every rule; each other
+manager changes the one thing its docstring names, the way a real manager gets it
+wrong. ``tests/test_broken_managers.py`` registers this module in a pytest run of
+its own (``weft_core._registry.register``) and checks that the conformance suite
+fails each broken manager, saying which rule it broke.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+from weft_core import ManagerSpec, TaskState, TaskTable, hookimpl, run_task
+from weft_core._blocking import BLOCKING_RUNTIME
+
+
+class SoundManager:
+    """A thread per task, keeping every rule (the control case)."""
+
+    runtime = BLOCKING_RUNTIME
+
+    def __init__(self, *, limit: int | None = None) -> None:
+        self._table: TaskTable[TaskState] = TaskTable(limit, type(self).__name__)
+        self.limit = limit
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        task_id = self._table.reserve()
+        state = TaskState(task_id, getattr(thunk, "__name__", ""))
+        self._table.put(task_id, state)
+        self._start(state, thunk)
+        return task_id
+
+    def _start(self, state: TaskState, thunk: Callable[[], Any]) -> None:
+        context = self._context()
+        threading.Thread(target=self._run, args=(state, thunk, context), daemon=True).start()
+
+    def _context(self) -> contextvars.Context:
+        return contextvars.copy_context()
+
+    def _run(
+        self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context
+    ) -> None:
+        try:
+            run_task(state, thunk, context)
+        finally:
+            self._table.pop(state.id)
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        return self._table.pop(task_id)
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        state = self._table.get(task_id)
+        if state is None:
+            return True
+        state.request_shutdown()
+        if state.done.wait(timeout):
+            return True
+        state.interrupt()
+        state.done.wait(2.0)
+        return False
+
+    def all_tasks(self) -> list[Hashable]:
+        return self._table.ids()
+
+
+class NeverFullManager(SoundManager):
+    """Takes ``limit=`` but never enforces it: add_task never raises ManagerFullError."""
+
+    def __init__(self, *, limit: int | None = None) -> None:
+        super().__init__(limit=None)
+        self.limit = limit  # reported, not enforced
+
+
+class ReusedIdsManager(SoundManager):
+    """Gives each task the lowest free number, as file descriptors are: ids come back."""
+
+    def __init__(self, *, limit: int | None = None) -> None:
+        super().__init__(limit=limit)
+        self._lock = threading.Lock()
+        self._states: dict[Hashable, TaskState] = {}
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        with self._lock:
+            task_id = next(i for i in range(len(self._states) + 1) if i not in self._states)
+            state = self._states[task_id] = TaskState(task_id, getattr(thunk, "__name__", ""))
+        self._start(state, thunk)
+        return task_id
+
+    def _run(
+        self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context
+    ) -> None:
+        try:
+            run_task(state, thunk, context)
+        finally:
+            with self._lock:
+                self._states.pop(state.id, None)
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        with self._lock:
+            return self._states.pop(task_id, None) is not None
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        with self._lock:
+            state = self._states.get(task_id)
+        if state is None:
+            return True
+        state.request_shutdown()
+        return bool(state.done.wait(timeout))
+
+    def all_tasks(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._states)
+
+
+class IgnoresStopManager(SoundManager):
+    """stop_task returns True at once, without flagging the task or waiting for it."""
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        return True
+
+
+class DropsContextManager(SoundManager):
+    """Runs every task in a fresh, empty context, as a pool of pre-started workers does."""
+
+    def _context(self) -> contextvars.Context:
+        return contextvars.Context()
+
+
+class LeaksFdManager(SoundManager):
+    """Opens a wake-up pipe for each task (the self-pipe trick) and never closes it.
+
+    The server closes every connection itself, whatever the manager does, so what
+    a manager leaks in practice is its own per-task descriptors; the suite's fd
+    check after a stop is what catches them.
+    """
+
+    def __init__(self, *, limit: int | None = None) -> None:
+        super().__init__(limit=limit)
+        self.wakeups: dict[Hashable, tuple[int, int]] = {}
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        task_id = super().add_task(thunk)
+        self.wakeups[task_id] = os.pipe()  # never closed: the bug
+        return task_id
+
+
+MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
+    "sound": (SoundManager, "a thread per task, keeping every rule"),
+    "never-full": (NeverFullManager, "never raises ManagerFullError"),
+    "reused-ids": (ReusedIdsManager, "reuses the ids of ended tasks"),
+    "ignores-stop": (IgnoresStopManager, "stop_task returns at once without stopping"),
+    "drops-context": (DropsContextManager, "runs tasks without the caller's contextvars"),
+    "leaks-fd": (LeaksFdManager, "leaks a descriptor per task"),
+}
+
+
+@hookimpl
+def weft_managers() -> Iterator[ManagerSpec]:
+    for name, (factory, description) in MANAGERS.items():
+        yield ManagerSpec(name=f"test-{name}", factory=factory, description=description)

@@ -1,0 +1,106 @@
+"""Out of file descriptors: the acceptor backs off, sheds, never spins, and recovers.
+
+The server runs in a subprocess whose RLIMIT_NOFILE is lowered for real, so accept()
+fails with a real EMFILE (no mocking).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from weft_core import available_managers
+
+HERE = Path(__file__).parent
+NOFILE = 64
+#: Server CPU seconds allowed while it sits at EMFILE for EPISODE seconds. A spinning
+#: acceptor burns the whole episode; a backing-off one a few milliseconds.
+EPISODE = 2.0
+CPU_BOUND = 0.5
+
+
+class ServerProcess:
+    def __init__(self, manager: str, nofile: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_capacity_server.py"), manager, str(nofile)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        self.port = int(line.split()[1])
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def served_or_shed(sock: socket.socket) -> str:
+    """'served' if the greeting arrives, 'shed' on EOF or reset; a hang fails the test."""
+    try:
+        data = sock.recv(1)
+    except ConnectionResetError:
+        return "shed"
+    return "served" if data == b"+" else "shed"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("manager", ["threads", "gevent", "trio"])
+def test_out_of_descriptors(manager: str) -> None:
+    if manager not in available_managers():
+        pytest.skip(f"{manager} is not installed")
+    server = ServerProcess(manager, NOFILE)
+    clients: list[socket.socket] = []
+    try:
+        # More clients than the server has descriptors for.
+        for _ in range(NOFILE + 40):
+            client = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+            clients.append(client)
+        outcome = [served_or_shed(c) for c in clients]  # each gets an answer: none hangs
+        served = [c for c, o in zip(clients, outcome, strict=True) if o == "served"]
+        assert served and "shed" in outcome, outcome
+        # Sit at the limit: the acceptor must back off, not spin.
+        before = server.ask("stats")
+        deadline = time.monotonic() + EPISODE
+        probe = served[0]
+        while time.monotonic() < deadline:  # the open connections keep being served
+            probe.sendall(b"x")
+            assert probe.recv(1) == b"x"
+            time.sleep(0.1)
+        after = server.ask("stats")
+        assert after["cpu"] - before["cpu"] < CPU_BOUND, (before, after)
+        assert after["capacity_logs"] <= 3, "capacity warnings are rate-limited"
+        assert after["tracebacks"] == 0
+        # Free the descriptors: new clients are served again, promptly.
+        for client in clients:
+            client.close()
+        clients.clear()
+        recovered = time.monotonic()
+        while True:
+            client = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+            clients.append(client)
+            if served_or_shed(client) == "served":
+                break
+            assert time.monotonic() - recovered < 10, "not serving again after descriptors freed"
+        report = server.ask("stop")
+        assert report["fds_after"] <= report["fds_before"], report
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
