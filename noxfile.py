@@ -14,7 +14,16 @@ import nox
 
 ROOT = Path(__file__).parent
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists())
-TEST_DEPS = ["pytest>=8", "pytest-timeout", "hypothesis", "trustme"]
+# pip and setuptools: tests install tiny plugin distributions with pip --target.
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-timeout",
+    "hypothesis",
+    "trustme",
+    "pip",
+    "setuptools>=64",
+    "wheel",
+]
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "types", "tests", "plugin", "example_plugin"]

@@ -129,7 +129,9 @@ class TaskManagerTests(ManagerTestBase):
     ) -> None:
         """A task ignoring its shutdown flag is interrupted once the timeout runs out."""
         if not self.can_preempt():
-            pytest.skip(f"{self._name()} declares preemptive_stop=False: it cannot interrupt a task")
+            pytest.skip(
+                f"{self._name()} declares preemptive_stop=False: it cannot interrupt a task"
+            )
         started, gate, cleaned = threading.Event(), threading.Event(), threading.Event()
         stubborn = _gated(gate, started, honour_shutdown=False)
 

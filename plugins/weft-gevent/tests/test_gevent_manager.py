@@ -22,9 +22,6 @@ from typing import Any
 import gevent
 import pytest
 from gevent import monkey
-from weft_gevent import GeventManager, GeventSocket
-from weft_gevent import _manager as manager_module
-from weft_gevent._hub import real_get_ident
 
 from weft_core import (
     ManagerFullError,
@@ -33,6 +30,9 @@ from weft_core import (
     current_task,
     shutdown_requested,
 )
+from weft_gevent import GeventManager, GeventSocket
+from weft_gevent import _manager as manager_module
+from weft_gevent._hub import real_get_ident
 
 WAIT = 5.0  # generous bound for anything that should happen "at once"
 

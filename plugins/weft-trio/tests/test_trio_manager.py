@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from weft_trio import TrioManager, TrioRuntime
 
 import weft_core
 from weft_core import ManagerFullError, TaskManager, TaskShutdown, shutdown_requested
+from weft_trio import TrioManager, TrioRuntime
 
 pytestmark = pytest.mark.timeout(20)
 
