@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,9 @@ from . import _acceptpolicy as policy
 from ._connection import ConnectionInfo, _current, format_address
 from ._errors import ManagerFullError, ServerError, TaskShutdown
 from ._listeners import Listener, close_listener
+from ._proxy import ProxyHeader, ProxyHeaderError, aread_proxy_header, read_proxy_header
 from ._tasks import TaskState, current_task
+from ._tls import tls_details
 
 if TYPE_CHECKING:
     from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
@@ -32,18 +35,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weft.server")
 
+#: What ``Server.stats()`` counts, besides ``active``: connections handed to a handler,
+#: closed unserved, and the ways a connection can end badly.
+COUNTERS = (
+    "accepted",
+    "refused",
+    "handler_errors",
+    "tls_errors",
+    "peer_errors",
+    "proxy_errors",
+    "idle_timeouts",
+)
+
 #: While at the limit with on_full="backlog", the acceptor re-checks for a stop this
 #: often; it is woken sooner by a slot coming free.
 FULL_POLL = 0.1
 
 
 class Conn:
-    """One accepted connection, as the engine tracks it."""
+    """One accepted connection, as the engine tracks it.
 
-    __slots__ = ("addr", "sock", "started", "state", "task_id")
+    ``sock`` is what the engine closes; ``shut`` is what it shuts down from other
+    threads: the same socket, except under TLS, where shutting the TLS object down
+    would discard its state, so the runtime hands out the plain descriptor's socket.
+    """
+
+    __slots__ = ("addr", "shut", "sock", "started", "state", "task_id")
 
     def __init__(self, sock: Any, addr: Any) -> None:
         self.sock = sock
+        self.shut = sock
         self.addr = addr
         self.task_id: Hashable | None = None
         self.state: TaskState | None = None
@@ -51,11 +72,11 @@ class Conn:
 
     def end_input(self) -> None:
         """Phase 2 of a stop: the handler's next read sees end-of-input; writing still works."""
-        self.sock.shutdown(socket.SHUT_RD)
+        self.shut.shutdown(socket.SHUT_RD)
 
     def abort(self) -> None:
         """Phase 3 of a stop: wake the task from any read or write."""
-        self.sock.shutdown(socket.SHUT_RDWR)
+        self.shut.shutdown(socket.SHUT_RDWR)
 
 
 class ListenerTask:
@@ -91,14 +112,7 @@ class Engine:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.conns: dict[int, Conn] = {}
-        self.counts = {
-            "accepted": 0,
-            "refused": 0,
-            "handler_errors": 0,
-            "tls_errors": 0,
-            "peer_errors": 0,
-            "proxy_errors": 0,
-        }
+        self.counts = dict.fromkeys(COUNTERS, 0)
         self.slots: Any = (
             self.runtime.slots(cfg.max_connections) if cfg.max_connections is not None else None
         )
@@ -107,6 +121,8 @@ class Engine:
         self.error: ServerError | None = None
         self.refuse_log = policy.RateLimitedLog(log)
         self.capacity_log = policy.RateLimitedLog(log)
+        self.proxy_log = policy.RateLimitedLog(log)
+        self.tls_log = policy.RateLimitedLog(log)
         self.listeners = [ListenerTask(lst, self.runtime) for lst in listeners]
         self.on_fatal: Callable[[], None] = lambda: None
         self.listeners_closed = False
@@ -359,7 +375,7 @@ class Engine:
             if cfg.keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if cfg.idle_timeout is not None and self.runtime.kind == "sync":
-            sock.settimeout(cfg.idle_timeout)
+            sock.settimeout(cfg.idle_timeout)  # async runtimes apply it in wrap_connection
         try:
             local = sock.getsockname()
         except OSError:
@@ -374,6 +390,15 @@ class Engine:
         state = conn.state
         if state is not None and state.interrupted and isinstance(exc, OSError):
             return  # we shut its socket down ourselves: not the handler's fault
+        if isinstance(exc, TimeoutError) and self.cfg.idle_timeout is not None:
+            with self.lock:
+                self.counts["idle_timeouts"] += 1
+            log.info(
+                "closed %s: nothing received for %ss (idle_timeout)",
+                info.peer_str,
+                self.cfg.idle_timeout,
+            )
+            return
         if isinstance(exc, ConnectionError):
             with self.lock:
                 self.counts["peer_errors"] += 1
@@ -406,7 +431,7 @@ class Engine:
         info: ConnectionInfo | None = None
         try:
             info = self._begin(conn)
-            if info is None:
+            if info is None or not self._preamble_sync(rt, conn, info):
                 return
             handed = rt.wrap_connection(conn.sock)
             if self.cfg.stream:
@@ -430,6 +455,36 @@ class Engine:
             finally:
                 self._finish(conn)
 
+    def _preamble_sync(self, rt: SyncRuntime, conn: Conn, info: ConnectionInfo) -> bool:
+        """PROXY header, then TLS handshake; False if the connection is to be closed unserved."""
+        cfg = self.cfg
+        sock = conn.sock
+        if cfg.proxy is not None:
+            if not self._proxy_trusted(conn, info):
+                return False
+            deadline = time.monotonic() + cfg.proxy.header_timeout
+            sock.settimeout(cfg.proxy.header_timeout)
+            try:
+                header, leftover = read_proxy_header(
+                    sock.recv, deadline_exceeded=lambda: time.monotonic() > deadline
+                )
+            except (ProxyHeaderError, OSError) as exc:
+                return self._proxy_failed(info, exc)
+            if not self._proxy_accepted(info, header, leftover):
+                return False
+            sock.settimeout(cfg.idle_timeout)
+        if cfg.tls is not None:
+            tls, conn.shut = rt.wrap_tls(sock, cfg.tls)
+            conn.sock = tls
+            try:
+                tls.settimeout(cfg.tls_handshake_timeout)
+                tls.do_handshake()
+                tls.settimeout(cfg.idle_timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                return self._tls_failed(info, exc)
+            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(tls)
+        return True
+
     # -- serving a connection: async flavour ------------------------------------------
 
     async def _serve_async(self, conn: Conn) -> None:
@@ -440,10 +495,9 @@ class Engine:
             info = self._begin(conn)
             if info is None:
                 return
-            handed = rt.wrap_connection(conn.sock)
-            if not self.cfg.nodelay and conn.sock.family != socket.AF_UNIX:
-                # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            handed = await self._preamble_async(rt, conn, info)
+            if handed is None:
+                return
             info.conn = handed
             token = _current.set(info)
             try:
@@ -463,6 +517,83 @@ class Engine:
                         _close_quietly(conn.sock)
             finally:
                 self._finish(conn)
+
+    async def _preamble_async(self, rt: AsyncRuntime, conn: Conn, info: ConnectionInfo) -> Any:
+        """PROXY header, stream, TLS handshake; the stream to hand over, or None to close."""
+        cfg = self.cfg
+        sock = conn.sock
+        if cfg.proxy is not None:
+            if not self._proxy_trusted(conn, info):
+                return None
+            try:
+                header, leftover = await rt.within(
+                    cfg.proxy.header_timeout, lambda: aread_proxy_header(sock.recv)
+                )
+            except (ProxyHeaderError, OSError) as exc:
+                return self._proxy_failed(info, exc) or None
+            if not self._proxy_accepted(info, header, leftover):
+                return None
+        stream = rt.wrap_connection(sock, cfg.idle_timeout)
+        if not cfg.nodelay and sock.family != socket.AF_UNIX:
+            # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        if cfg.tls is not None:
+            stream = rt.wrap_tls(stream, cfg.tls)
+            failures: tuple[type[BaseException], ...] = (OSError, ValueError, *rt.tls_errors)
+            try:
+                await rt.within(cfg.tls_handshake_timeout, stream.do_handshake)
+            except failures as exc:
+                self._tls_failed(info, exc)
+                await rt.aclose(stream)
+                return None
+            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(stream)
+        return stream
+
+    # -- PROXY protocol and TLS: shared parts ------------------------------------------
+
+    def _proxy_trusted(self, conn: Conn, info: ConnectionInfo) -> bool:
+        proxy = self.cfg.proxy
+        assert proxy is not None
+        if proxy.trusts(conn.addr):
+            return True
+        return self._proxy_failed(
+            info, ProxyHeaderError("not a trusted proxy"), reason="untrusted"
+        )
+
+    def _proxy_accepted(self, info: ConnectionInfo, header: ProxyHeader, leftover: bytes) -> bool:
+        if leftover:  # read_proxy_header never reads past the header; be sure of it
+            return self._proxy_failed(info, ProxyHeaderError("bytes past the header were read"))
+        info.proxy_peer = info.peer
+        if header.command == "PROXY" and isinstance(header.source, tuple):
+            info.peer = header.source
+            info.local = header.destination
+        return True
+
+    def _proxy_failed(
+        self, info: ConnectionInfo, exc: BaseException, reason: str = "proxy"
+    ) -> bool:
+        with self.lock:
+            self.counts["proxy_errors"] += 1
+        self.proxy_log(
+            logging.WARNING,
+            "closed connection from %s unserved: PROXY header: %s",
+            info.peer_str,
+            getattr(exc, "reason", None) or exc or exc.__class__.__name__,
+        )
+        self.server._hooks().connection_refused(self.server, info.peer_str, reason)
+        return False
+
+    def _tls_failed(self, info: ConnectionInfo, exc: BaseException) -> bool:
+        with self.lock:
+            self.counts["tls_errors"] += 1
+        self.tls_log(
+            logging.WARNING,
+            "TLS handshake with %s failed: %s",
+            info.peer_str,
+            str(exc) or exc.__class__.__name__,
+        )
+        self.server._hooks().connection_refused(self.server, info.peer_str, "tls")
+        return False
 
     # -- stopping ------------------------------------------------------------------------
 

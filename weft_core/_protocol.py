@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ._spec import HandlerKind
+
+if TYPE_CHECKING:
+    import ssl
+
+T = TypeVar("T")
 
 __all__ = ["AsyncRuntime", "Runtime", "Slots", "SyncRuntime", "TaskManager"]
 
@@ -122,6 +127,15 @@ class SyncRuntime(_RuntimeBase, Protocol):
         """The object the handler receives for an accepted native socket."""
         ...
 
+    def wrap_tls(self, sock: Any, context: ssl.SSLContext) -> tuple[Any, Any]:
+        """A server-side TLS socket over ``sock``, not yet handshaken, and its raw socket.
+
+        The TLS socket must support ``settimeout`` and ``do_handshake``; the second
+        item shuts the descriptor down (``shutdown(how)``) from any thread without
+        disturbing TLS state, and raises OSError once the descriptor is closed.
+        """
+        ...
+
 
 class AsyncRuntime(_RuntimeBase, Protocol):
     """A runtime whose handlers are ``async def`` (trio)."""
@@ -134,8 +148,23 @@ class AsyncRuntime(_RuntimeBase, Protocol):
         """Suspend the calling task for ``seconds``."""
         ...
 
-    def wrap_connection(self, sock: Any) -> Any:
-        """The object the handler receives for an accepted native socket."""
+    #: Exception types a failed TLS handshake raises besides OSError and ValueError.
+    tls_errors: tuple[type[BaseException], ...]
+
+    def wrap_connection(self, sock: Any, idle_timeout: float | None = None) -> Any:
+        """The stream the handler receives for an accepted native socket.
+
+        With ``idle_timeout``, receiving raises ``TimeoutError`` after that many
+        seconds without data.
+        """
+        ...
+
+    def wrap_tls(self, stream: Any, context: ssl.SSLContext) -> Any:
+        """A server-side TLS stream over ``stream``, with an awaitable ``do_handshake``."""
+        ...
+
+    def within(self, seconds: float, fn: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """``await fn()``, raising ``TimeoutError`` after ``seconds``."""
         ...
 
     def aclose(self, conn: Any) -> Awaitable[None]:

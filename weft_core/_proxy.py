@@ -13,7 +13,7 @@ valid header, and nothing is guessed or repaired.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -485,3 +485,37 @@ async def aread_proxy_header(
         result = reader.feed(await receive(reader.wanted()))
         if result is not None:
             return result
+
+
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class ProxyPolicy:
+    """Who may send a PROXY header, and how long they have to send it."""
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    header_timeout: float
+
+    @classmethod
+    def from_settings(cls, trusted: Iterable[str], header_timeout: float) -> ProxyPolicy:
+        """Parse network strings; a bad one is a ValueError naming it."""
+        networks = []
+        for text in trusted:
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError as exc:
+                raise ValueError(f"not a network: {text!r} ({exc})") from None
+        return cls(tuple(networks), header_timeout)
+
+    def trusts(self, peer: object) -> bool:
+        """True if ``peer`` (an address tuple; Unix peers are local) is a trusted proxy."""
+        if not isinstance(peer, tuple):
+            return True
+        try:
+            ip = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted)

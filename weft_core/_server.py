@@ -21,16 +21,21 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._connection import ConnectionInfo
-from ._engine import Engine
+from ._engine import COUNTERS, Engine
 from ._errors import ConfigError, HandlerKindError, ServerError
 from ._listeners import FAMILIES, Family, ListenTarget, open_listeners
 from ._protocol import TaskManager
+from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
 from ._spec import HandlerKind
 from ._tasks import current_task
+from ._tls import make_server_context
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
@@ -83,7 +88,9 @@ class _Settings:
     on_start: Callback | None
     on_stop: Callback | None
     unix_mode: int | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    tls: ssl.SSLContext | None
+    tls_handshake_timeout: float
+    proxy: ProxyPolicy | None
 
 
 def handler_kind(handler: Callable[..., Any]) -> HandlerKind:
@@ -143,26 +150,16 @@ class Server:
         tls: Any = None,
         tls_handshake_timeout: float = 10.0,
         proxy_protocol: bool = False,
-        trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+        trusted_proxies: Sequence[str] = DEFAULT_TRUSTED_PROXIES,
         proxy_header_timeout: float = 5.0,
         shutdown_port: int | None = None,
         shutdown_secret: str | None = None,
     ) -> None:
-        for key, value in (
-            ("tls", tls),
-            ("proxy_protocol", proxy_protocol or None),
-            ("shutdown_port", shutdown_port),
-            ("shutdown_secret", shutdown_secret),
-        ):
-            if value is not None:
-                raise ConfigError(
-                    "is part of weft's design but not implemented in this release; "
-                    "terminate TLS or the PROXY protocol in front of weft for now",
-                    key=key,
-                )
-        _check_seconds("tls_handshake_timeout", tls_handshake_timeout, allow_none=False)
-        _check_seconds("proxy_header_timeout", proxy_header_timeout, allow_none=False)
-        _ = trusted_proxies
+        if shutdown_port is not None or shutdown_secret is not None:
+            raise ConfigError(
+                "is part of weft's design but not implemented in this release",
+                key="shutdown_port" if shutdown_port is not None else "shutdown_secret",
+            )
         if not callable(handler):
             raise ConfigError(f"handler must be callable, not {handler!r}", key="handler")
         self._cfg = _Settings(
@@ -185,6 +182,12 @@ class Server:
             on_start=on_start,
             on_stop=on_stop,
             unix_mode=unix_mode,
+            tls=None if tls is None else make_server_context(tls),
+            tls_handshake_timeout=_check_seconds(
+                "tls_handshake_timeout", tls_handshake_timeout, allow_none=False
+            )
+            or 0.0,
+            proxy=_proxy_policy(proxy_protocol, trusted_proxies, proxy_header_timeout),
         )
         self._manager, self._owns_manager, self._manager_name = _resolve_manager(
             manager, manager_options
@@ -329,19 +332,7 @@ class Server:
         """Counters since ``run()``: accepted, refused, active, handler_errors, tls_errors, ..."""
         engine = self._engine
         if engine is None:
-            return (
-                {"active": 0, **self._last_counts}
-                if self._last_counts
-                else {
-                    "accepted": 0,
-                    "refused": 0,
-                    "active": 0,
-                    "handler_errors": 0,
-                    "tls_errors": 0,
-                    "peer_errors": 0,
-                    "proxy_errors": 0,
-                }
-            )
+            return {**dict.fromkeys(COUNTERS, 0), **self._last_counts, "active": 0}
         with engine.lock:
             return {**engine.counts, "active": len(engine.conns)}
 
@@ -575,6 +566,19 @@ def _resolve_manager(
             key="manager",
         )
     return manager, False, type(manager).__name__
+
+
+def _proxy_policy(enabled: Any, trusted: Any, timeout: Any) -> ProxyPolicy | None:
+    _check_bool("proxy_protocol", enabled)
+    seconds = _check_seconds("proxy_header_timeout", timeout, allow_none=False)
+    if not enabled:
+        return None
+    if isinstance(trusted, str) or not all(isinstance(t, str) for t in trusted):
+        raise ConfigError(f"expected a list of networks, got {trusted!r}", key="trusted_proxies")
+    try:
+        return ProxyPolicy.from_settings(trusted, seconds or 0.0)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="trusted_proxies") from None
 
 
 def _check_str(key: str, value: Any) -> str:

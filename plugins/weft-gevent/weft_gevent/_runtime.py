@@ -13,6 +13,7 @@ stopping from another thread depends on; everything else is gevent's.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any, cast
 
 import gevent
@@ -129,6 +130,20 @@ class GeventRuntime:
     def wrap_connection(self, sock: GeventSocket) -> GeventSocket:
         """The accepted GeventSocket itself."""
         return sock
+
+    def wrap_tls(self, sock: GeventSocket, context: ssl.SSLContext) -> tuple[Any, Any]:
+        """A cooperative server-side gevent SSLSocket (not yet handshaken), and its raw socket.
+
+        Works with a stdlib ``SSLContext``: gevent's SSLSocket takes it as
+        ``_context``. The second item is the plain ``_socket.socket`` under it, for
+        shutting the descriptor down from any thread without touching TLS state.
+        """
+        import gevent.ssl
+
+        tls = gevent.ssl.SSLSocket(
+            sock=sock, server_side=True, do_handshake_on_connect=False, _context=context
+        )
+        return tls, cast(Any, tls)._sock
 
     def close(self) -> None:
         """Stop the manager's own hub thread if no task is left; a later use restarts it."""

@@ -15,12 +15,60 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Callable
-from typing import Literal
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import trio
 
-__all__ = ["TrioRuntime", "TrioSlots"]
+__all__ = ["IdleTimeoutStream", "TrioRuntime", "TrioSlots"]
+
+T = TypeVar("T")
+
+
+class IdleTimeoutStream(trio.abc.HalfCloseableStream):
+    """A ``trio.SocketStream`` whose ``receive_some`` gives up after ``idle_timeout`` seconds.
+
+    trio's SocketStream cannot be subclassed, so this wraps one and offers the same
+    interface (``socket``, ``setsockopt``, ``getsockopt``, ``send_eof`` ...). The
+    handler sees ``TimeoutError`` (as a socket with a timeout raises on threads and
+    gevent) and may catch it; otherwise the connection is closed.
+    """
+
+    def __init__(self, socket: trio.socket.SocketType, idle_timeout: float) -> None:
+        self.stream = trio.SocketStream(socket)
+        self.socket = socket
+        self.idle_timeout = idle_timeout
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive as SocketStream does, within ``idle_timeout``."""
+        with trio.move_on_after(self.idle_timeout):
+            return await self.stream.receive_some(max_bytes)
+        raise TimeoutError(f"no data from the peer for {self.idle_timeout}s (idle_timeout)")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """As SocketStream."""
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As SocketStream."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """As SocketStream."""
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        """As SocketStream."""
+        await self.stream.aclose()
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        """As SocketStream."""
+        self.stream.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        """As SocketStream."""
+        return self.stream.getsockopt(level, option, buffersize)
 
 
 class TrioSlots:
@@ -99,12 +147,37 @@ class TrioRuntime:
         """``trio.sleep``."""
         await trio.sleep(seconds)
 
-    def wrap_connection(self, sock: trio.socket.SocketType) -> trio.SocketStream:
+    def wrap_connection(
+        self, sock: trio.socket.SocketType, idle_timeout: float | None = None
+    ) -> trio.SocketStream | IdleTimeoutStream:
         """``trio.SocketStream(sock)``, what the handler receives.
 
+        With ``idle_timeout``, a :class:`IdleTimeoutStream` 
+        (a SocketStream look-alike) whose ``receive_some`` raises ``TimeoutError``
+        after that long without data.
         trio turns ``TCP_NODELAY`` on for every TCP ``SocketStream``.
         """
-        return trio.SocketStream(sock)
+        if idle_timeout is None:
+            return trio.SocketStream(sock)
+        return IdleTimeoutStream(sock, idle_timeout)
+
+    def wrap_tls(self, stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.SSLStream[Any]:
+        """A server-side ``trio.SSLStream`` over ``stream``; the caller does the handshake."""
+        return trio.SSLStream(stream, context, server_side=True)
+
+    #: What a failed TLS handshake raises besides OSError (trio wraps ssl errors).
+    tls_errors: tuple[type[BaseException], ...] = (
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+    )
+
+    async def within(self, seconds: float, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()``, raising ``TimeoutError`` if it takes longer than ``seconds``."""
+        try:
+            with trio.fail_after(seconds):
+                return await fn()
+        except trio.TooSlowError:
+            raise TimeoutError(f"timed out after {seconds}s") from None
 
     async def aclose(self, conn: trio.SocketStream) -> None:
         """``await conn.aclose()``: the fd is closed even if the task is cancelled."""

@@ -1,0 +1,200 @@
+"""Conformance tests of how a server talks: TLS, idle timeout, PROXY headers (DESIGN 2, 7)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from .._connection import ConnectionInfo, current_connection
+from .._proxy import build_v1, build_v2
+from .._server import Server
+from ._adapters import Body, Recv, Send
+from ._base import ManagerTestBase
+from ._support import WAIT, connect, recv_exactly, recv_until_closed, wait_until
+
+__all__ = ["NetworkTests"]
+
+MakeServer = Callable[..., Server]
+
+
+def reply_once() -> Body:
+    """Read one chunk, send it back with the TLS version, return (the server closes)."""
+    data = yield Recv()
+    version = current_connection().tls_version or "plain"
+    yield Send(data + b" " + version.encode())
+
+
+def echo() -> Body:
+    """Echo until end of input (or the idle timeout's TimeoutError)."""
+    while True:
+        data = yield Recv()
+        if not data:
+            return
+        yield Send(data)
+
+
+class NetworkTests(ManagerTestBase):
+    """TLS, idle timeouts and PROXY headers, the same on every manager."""
+
+    @pytest.fixture(scope="class")
+    def certs(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+        """A CA and a server certificate for 127.0.0.1 and localhost, made by trustme."""
+        trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme")
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        folder = tmp_path_factory.mktemp("certs")
+        paths = {
+            "ca": str(folder / "ca.pem"),
+            "cert": str(folder / "cert.pem"),
+            "key": str(folder / "key.pem"),
+        }
+        ca.cert_pem.write_to_path(paths["ca"])
+        cert.cert_chain_pems[0].write_to_path(paths["cert"])
+        for blob in cert.cert_chain_pems[1:]:
+            blob.write_to_path(paths["cert"], append=True)
+        cert.private_key_pem.write_to_path(paths["key"])
+        yield paths
+
+    def tls_client(
+        self, port: int | str, certs: dict[str, str], version: ssl.TLSVersion | None = None
+    ) -> ssl.SSLSocket:
+        """A verifying TLS client connected to the server."""
+        context = ssl.create_default_context(cafile=certs["ca"])
+        if version is not None:
+            context.minimum_version = context.maximum_version = version
+        return context.wrap_socket(connect(port), server_hostname="127.0.0.1")
+
+    @pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+    def test_tls_round_trip(
+        self, make_server: MakeServer, certs: dict[str, str], version: str
+    ) -> None:
+        """tls={certfile, keyfile}: the handshake happens in the connection's task; TLS 1.2 and 1.3."""
+        server = make_server(reply_once, tls={"certfile": certs["cert"], "keyfile": certs["key"]})
+        with self.tls_client(server.port, certs, ssl.TLSVersion[version]) as client:
+            client.sendall(b"hello")
+            assert recv_until_closed(client) == b"hello " + version.replace("_", ".").encode()
+
+    def test_tls_accepts_an_ssl_context(
+        self, make_server: MakeServer, certs: dict[str, str]
+    ) -> None:
+        """Tls may be an ssl.SSLContext."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs["cert"], certs["key"])
+        server = make_server(reply_once, tls=context)
+        with self.tls_client(server.port, certs) as client:
+            client.sendall(b"ctx")
+            assert recv_until_closed(client).startswith(b"ctx TLSv1.")
+
+    def test_tls_garbage_and_silence_are_counted(
+        self, make_server: MakeServer, certs: dict[str, str]
+    ) -> None:
+        """Plain text to a TLS port, and a silent client, are closed and counted; others are served."""
+        server = make_server(
+            reply_once,
+            tls={"certfile": certs["cert"], "keyfile": certs["key"]},
+            tls_handshake_timeout=0.5,
+        )
+        with connect(server.port) as plain:
+            plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            recv_until_closed(plain)
+        with connect(server.port) as silent:
+            started = time.monotonic()
+            recv_until_closed(silent)
+            assert time.monotonic() - started < WAIT
+        wait_until(lambda: server.stats()["tls_errors"] == 2, what="both failures to be counted")
+        with self.tls_client(server.port, certs) as client:
+            client.sendall(b"still")
+            assert recv_until_closed(client).startswith(b"still ")
+        assert server.stats()["handler_errors"] == 0
+
+    def test_idle_timeout_closes_a_silent_client(self, make_server: MakeServer) -> None:
+        """idle_timeout closes a connection that sent nothing for that long, freeing its slot."""
+        server = make_server(echo, idle_timeout=0.3, max_connections=1)
+        with connect(server.port) as client:
+            client.sendall(b"a")
+            assert recv_exactly(client, 1) == b"a"
+            started = time.monotonic()
+            assert recv_until_closed(client) == b""
+            elapsed = time.monotonic() - started
+        assert 0.25 < elapsed < WAIT
+        wait_until(lambda: server.stats()["active"] == 0, what="the slot to be freed")
+        assert server.stats()["idle_timeouts"] == 1 and server.stats()["handler_errors"] == 0
+        with connect(server.port) as again:
+            again.sendall(b"b")
+            assert recv_exactly(again, 1) == b"b", "the slot is free again"
+
+    def test_proxy_header_sets_peer(self, make_server: MakeServer) -> None:
+        """proxy_protocol: the PROXY header's client address becomes current_connection().peer."""
+        infos: list[ConnectionInfo] = []
+
+        def record() -> Body:
+            infos.append(current_connection())
+            data = yield Recv()
+            yield Send(data)
+
+        server = make_server(record, proxy_protocol=True)
+        for header in (
+            build_v1(("203.0.113.7", 4242), ("127.0.0.1", 80)),
+            build_v2(("2001:db8::1", 5353), ("::1", 80)),
+        ):
+            with connect(server.port) as client:
+                client.sendall(header + b"payload")
+                assert recv_exactly(client, 7) == b"payload", (
+                    "bytes after the header reach the handler"
+                )
+        assert [i.peer[:2] for i in infos] == [("203.0.113.7", 4242), ("2001:db8::1", 5353)]
+        assert all(i.proxy_peer[0] == "127.0.0.1" for i in infos)
+
+    def test_proxy_header_rejections(self, make_server: MakeServer) -> None:
+        """A malformed, missing or late PROXY header, or an untrusted sender: closed unserved, counted."""
+        seen: list[Any] = []
+
+        def record() -> Body:
+            seen.append(1)
+            yield Send(b"served")
+
+        server = make_server(record, proxy_protocol=True, proxy_header_timeout=0.3)
+        with connect(server.port) as bad:
+            bad.sendall(b"PROXY TCP4 1.2.3.4\r\n")
+            assert recv_until_closed(bad) == b""
+        with connect(server.port) as missing:
+            missing.sendall(b"hello there, no header here\r\n")
+            assert recv_until_closed(missing) == b""
+        with connect(server.port) as late:
+            assert recv_until_closed(late) == b""
+        untrusting = make_server(record, proxy_protocol=True, trusted_proxies=["192.0.2.0/24"])
+        with connect(untrusting.port) as stranger:
+            stranger.sendall(build_v1(("203.0.113.7", 1), ("127.0.0.1", 2)))
+            assert recv_until_closed(stranger) == b""
+        assert seen == [], "the handler never sees a byte of a rejected connection"
+        assert server.stats()["proxy_errors"] == 3 and untrusting.stats()["proxy_errors"] == 1
+
+    def test_socket_options_are_set(self, make_server: MakeServer) -> None:
+        """Nodelay (on by default) and keepalive are set on accepted sockets; SO_REUSEADDR on listeners."""
+        options: list[tuple[int, int]] = []
+
+        def look() -> Body:
+            sock = current_connection().conn
+            raw: Any = getattr(sock, "socket", sock)
+            options.append(
+                (
+                    raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    raw.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                )
+            )
+            yield Send(b"!")
+
+        server = make_server(look, keepalive=True)
+        listener: Any = server.socket
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
+        with connect(server.port) as client:
+            assert recv_exactly(client, 1) == b"!"
+        quiet = make_server(look, nodelay=False)
+        with connect(quiet.port) as client:
+            assert recv_exactly(client, 1) == b"!"
+        assert [(bool(a), bool(b)) for a, b in options] == [(True, True), (False, False)]
