@@ -14,6 +14,7 @@ manager was full, or dropped a queued task at stop) is closed by the engine.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -228,19 +229,10 @@ class Engine:
             _close_quietly(sock)
 
     def _connection_thunk(self, conn: Conn) -> Callable[[], Any]:
-        if self.runtime.kind == "async":
-
-            async def serve_async() -> None:
-                await self._serve_async(conn)
-
-            thunk: Callable[[], Any] = serve_async
-        else:
-
-            def serve_sync() -> None:
-                self._serve_sync(conn)
-
-            thunk = serve_sync
-        thunk.__name__ = f"weft conn {format_address(conn.addr)}"
+        # A partial, not a closure: one frame less on every resume of an async task.
+        serve = self._serve_async if self.runtime.kind == "async" else self._serve_sync
+        thunk = functools.partial(serve, conn)
+        thunk.__name__ = f"weft conn {format_address(conn.addr)}"  # type: ignore[union-attr]
         return thunk
 
     # -- accepting: sync flavour -------------------------------------------------------

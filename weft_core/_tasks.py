@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from ._errors import ManagerFullError, TaskShutdown
 
 __all__ = [
+    "Done",
     "TaskState",
     "TaskTable",
     "current_task",
@@ -39,6 +40,49 @@ _current_task: contextvars.ContextVar[TaskState | None] = contextvars.ContextVar
 )
 
 T = TypeVar("T")
+
+
+class Done:
+    """A one-shot flag with ``threading.Event``'s ``set``/``is_set``/``wait``.
+
+    The real Event (a Condition and a lock, about 1 KiB) is made only when somebody
+    waits, which for most connections is never: an idle connection costs a few bytes
+    here instead of a kilobyte, and a short one saves the allocation.
+    """
+
+    __slots__ = ("_event", "_flag")
+    _create_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+
+    def set(self) -> None:
+        """Mark done and wake every waiter."""
+        self._flag = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def is_set(self) -> bool:
+        """True once done."""
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done or ``timeout``; True if done."""
+        if self._flag:
+            return True
+        event = self._event
+        if event is None:
+            with Done._create_lock:
+                if self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+        # set() writes the flag before it reads _event, and we wrote _event before
+        # reading the flag, so one of us always sees the other.
+        if self.is_set():
+            return True
+        return event.wait(timeout)
 
 
 class TaskState:
@@ -61,7 +105,7 @@ class TaskState:
         self.requested = False
         self.interrupted = False
         #: Set by the manager once the task has ended, whatever way it ended.
-        self.done = threading.Event()
+        self.done = Done()
         self._lock = threading.Lock()
         self._shutdown_callbacks: list[Callable[[], object]] = []
         self._interrupt_callbacks: list[Callable[[], object]] = []
