@@ -1,0 +1,554 @@
+"""Results: the machine description, medians, the Markdown table, JSON and the plot."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .server import RAW_BACKENDS
+
+DISTRIBUTIONS = (
+    "weft-core",
+    "weft-threads",
+    "weft-gevent",
+    "weft-trio",
+    "gevent",
+    "greenlet",
+    "trio",
+    "matplotlib",
+)
+#: What a full run extrapolates idle memory to (one server process cannot hold it).
+PROJECT_TO = 100_000
+#: ratio targets: (suite, metric, setting) -> (comparison, bound)
+RATIO_TARGETS = {
+    ("throughput", "rps", "c=10"): (">=", 0.95),
+    ("throughput", "rps", "c=100"): (">=", 0.95),
+    ("throughput", "p99_ms", "c=100"): ("<=", 1.2),
+    ("churn", "rps", None): (">=", 0.90),
+}
+TIMES = "\u00d7"  # the multiplication sign
+IDLE_TARGET_KIB = 8.0
+STOP_TARGET_S = {"threads": 2.0}
+STOP_TARGET_DEFAULT_S = 0.5
+RATIO_LIMITS = (0.25, 4.0)
+#: Share of CPU time used by others, with the benchmark idle, above which the report
+#: says the machine was busy; and how long that is sampled.
+BUSY_FRACTION = 0.10
+BUSY_SAMPLE = 1.0
+RATIO_TICKS = (0.25, 0.5, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4)
+
+
+# -- machine -------------------------------------------------------------------------------
+
+
+def machine(wrk_version: str | None) -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in DISTRIBUTIONS:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "versions": versions,
+        "wrk": wrk_version,
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "loadavg_start": loadavg(),
+        "busy_start": cpu_busy(),
+    }
+
+
+def cpu_busy(seconds: float = BUSY_SAMPLE) -> float | None:
+    """Share of all cores' time spent busy over ``seconds`` (from ``/proc/stat``)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def describe(info: dict[str, Any]) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+    load = info.get("loadavg_start"), info.get("loadavg_end")
+    busy = [info.get("busy_start"), info.get("busy_end")]
+    shown = " / ".join("?" if b is None else f"{b:.0%}" for b in busy)
+    return (
+        f"{info['cpu']}, {info['cores']} cores; {info['python']}; {info['kernel']}; "
+        f"{info['wrk'] or 'wrk not found'}; {versions}; fd limit {info['nofile'][0]}; "
+        f"load average at start/end {load[0]} / {load[1]}; CPU busy with others before/after "
+        f"{shown}"
+    )
+
+
+# -- medians -------------------------------------------------------------------------------
+
+
+def median(records: Iterable[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def select(records: list[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    return [r for r in records if all(r.get(k) == v for k, v in where.items())]
+
+
+@dataclass
+class Row:
+    manager: str
+    metric: str
+    setting: str
+    weft: float | str | None
+    raw: float | str | None
+    unit: str
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+
+
+def _compare(value: float | None, op: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= bound if op == ">=" else value <= bound
+
+
+def summarise(records: list[dict[str, Any]], managers: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    for manager in managers:
+        rows += _wrk_rows(records, manager, "throughput", "keep-alive req/s", "rps", "req/s")
+        rows += _wrk_rows(records, manager, "throughput", "p50 latency", "p50_ms", "ms")
+        rows += _wrk_rows(records, manager, "throughput", "p99 latency", "p99_ms", "ms")
+        rows += _wrk_rows(records, manager, "churn", "churn conn/s", "rps", "conn/s")
+        rows += _idle_rows(records, manager)
+        rows += _stop_rows(records, manager)
+    return rows
+
+
+def _settings(records: list[dict[str, Any]], **where: Any) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in select(records, **where):
+        seen.setdefault(r["setting"], None)
+    return sorted(seen, key=_order)
+
+
+def _order(setting: str) -> float:
+    value = setting.split("=")[1]
+    return float("inf") if value == "max" else int(value)
+
+
+def _wrk_rows(
+    records: list[dict[str, Any]], manager: str, suite: str, metric: str, key: str, unit: str
+) -> list[Row]:
+    rows = []
+    for setting in _settings(records, suite=suite, manager=manager):
+        weft, raw, ref = (
+            _wrk_value(
+                select(records, suite=suite, manager=manager, impl=impl, setting=setting), key
+            )
+            for impl in ("weft", "raw", "asyncio")
+        )
+        if ref is not None:
+            weft, raw = ref, None
+        numbers = isinstance(weft, float | int) and isinstance(raw, float | int)
+        ratio = weft / raw if numbers and raw else None
+        target = RATIO_TARGETS.get((suite, key, setting)) or RATIO_TARGETS.get((suite, key, None))
+        label = f"{setting[2:]} conns" + (", 1 req/conn" if suite == "churn" else "")
+        row = Row(manager, metric, label, weft, raw, unit, ratio)
+        if target and ref is None:
+            row.target = f"{target[0].replace('>=', '≥').replace('<=', '≤')}{target[1]}{TIMES} raw"
+            row.ok = False if weft == "failed" else _compare(ratio, *target)
+        rows.append(row)
+    return rows
+
+
+def _wrk_value(runs: list[dict[str, Any]], key: str) -> float | str | None:
+    """The median, or "failed" if any run got no answer at all (see :func:`error_notes`)."""
+    if any(r.get("requests", 0) == 0 for r in runs):
+        return "failed"
+    return median(runs, key)
+
+
+def error_notes(records: list[dict[str, Any]]) -> list[str]:
+    """wrk runs where more than 1 % of requests met an error or a non-2xx answer."""
+    notes = []
+    for r in records:
+        errors = {k: v for k, v in (r.get("errors") or {}).items() if v}
+        if errors and sum(errors.values()) > 0.01 * r.get("requests", 0):
+            shown = ", ".join(f"{v:,} {k}" for k, v in errors.items())
+            notes.append(
+                f"{r['impl']} {r['manager']} {r['suite']} {r['setting']} run "
+                f"{r['run'] + 1}: {r.get('requests', 0):,} requests, errors: {shown}"
+            )
+    return notes
+
+
+def _idle_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
+    rows = []
+    settings = _settings(records, suite="idle", manager=manager)
+    for setting in settings:
+        runs = {
+            impl: select(records, suite="idle", manager=manager, impl=impl, setting=setting)
+            for impl in ("weft", "raw", "asyncio")
+        }
+        per = {impl: median(r, "kib_per_conn") for impl, r in runs.items()}
+        ref = per["asyncio"] is not None
+        weft, raw = (per["asyncio"], None) if ref else (per["weft"], per["raw"])
+        label = f"{int(setting[2:]):,} conns" if setting != "n=max" else "most held"
+        row = Row(
+            manager,
+            "idle RSS/conn",
+            label,
+            weft,
+            raw,
+            "KiB",
+            weft / raw if weft is not None and raw else None,
+        )
+        if not ref:
+            row.target = f"≤{IDLE_TARGET_KIB:g} KiB"
+            row.ok = _compare(weft, "<=", IDLE_TARGET_KIB)
+        rows.append(row)
+        if setting == "n=max":
+            held = {impl: median(r, "held") for impl, r in runs.items()}
+            nofile = max(r["nofile"] for rs in runs.values() for r in rs)
+            weft_held, raw_held = (held["asyncio"], None) if ref else (held["weft"], held["raw"])
+            rows.append(
+                Row(
+                    manager,
+                    "most idle conns held",
+                    f"fd limit {nofile:,}",
+                    _count(weft_held),
+                    _count(raw_held),
+                    "",
+                )
+            )
+    for impl in ("weft", "asyncio"):
+        projection = _projection(records, manager, impl)
+        if projection is not None:
+            rows.append(
+                Row(
+                    manager,
+                    f"RSS at {PROJECT_TO:,} (projected)",
+                    f"from {projection[1]:,} conns",
+                    projection[0],
+                    None,
+                    "MiB",
+                )
+            )
+    for impl in ("weft", "asyncio"):
+        echo = select(records, suite="idle-echo", manager=manager, impl=impl)
+        if echo:
+            worst = min(echo, key=lambda r: r["ok"] - r["failed"])
+            rows.append(
+                Row(
+                    manager,
+                    "echo after idle",
+                    f"{worst['setting'][2:]} conns",
+                    f"{worst['ok']:,} ok, {worst['failed']} failed",
+                    None,
+                    "",
+                    ok=worst["failed"] == 0,
+                )
+            )
+    return rows
+
+
+def _projection(
+    records: list[dict[str, Any]], manager: str, impl: str
+) -> tuple[float, int] | None:
+    """Baseline + slope between the two largest steps, extrapolated; (MiB, largest N)."""
+    runs = select(records, suite="idle", manager=manager, impl=impl)
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["held"] == r["n"]:
+            by_n.setdefault(r["n"], []).append(r)
+    if len(by_n) < 2:
+        return None
+    n1, n2 = sorted(by_n)[-2:]
+    rss1, rss2 = median(by_n[n1], "rss_kib"), median(by_n[n2], "rss_kib")
+    assert rss1 is not None and rss2 is not None
+    slope = (rss2 - rss1) / (n2 - n1)
+    return (rss2 + slope * (PROJECT_TO - n2)) / 1024, n2
+
+
+def _stop_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
+    rows = []
+    for setting in _settings(records, suite="stop", manager=manager):
+        runs = select(records, suite="stop", manager=manager, setting=setting)
+        seconds = median(runs, "seconds")
+        bound = STOP_TARGET_S.get(manager, STOP_TARGET_DEFAULT_S)
+        label = f"{int(setting[2:]):,} idle conns"
+        rows.append(
+            Row(
+                manager,
+                "stop() time",
+                label,
+                seconds,
+                None,
+                "s",
+                None,
+                f"≤{bound:g} s",
+                _compare(seconds, "<=", bound),
+            )
+        )
+        eof = min(r["eof"] for r in runs)
+        held = min(r["held"] for r in runs)
+        rows.append(
+            Row(
+                manager, "clients saw EOF", label, f"{eof:,} of {held:,}", None, "", ok=eof == held
+            )
+        )
+    return rows
+
+
+def _count(value: float | None) -> str | None:
+    return None if value is None else f"{value:,.0f}"
+
+
+# -- Markdown ------------------------------------------------------------------------------
+
+
+def _fmt(value: float | str | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if unit in ("req/s", "conn/s"):
+        return f"{value:,.0f}"
+    if unit == "MiB":
+        return f"{value:,.0f} MiB"
+    if unit == "KiB":
+        return f"{value:.1f} KiB"
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+
+
+def table(rows: list[Row], raw_names: dict[str, str]) -> str:
+    """weft beside its raw backend, one block of rows per manager."""
+    lines = [
+        "| manager (raw backend) | measure | setting | weft | raw | weft/raw | target | met |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    previous = None
+    for row in rows:
+        name = "" if row.manager == previous else f"**{row.manager}** ({raw_names[row.manager]})"
+        previous = row.manager
+        ratio = "—" if row.ratio is None else f"{row.ratio:.3f}{TIMES}"
+        met = {True: "yes", False: "**no**", None: ""}[row.ok]
+        lines.append(
+            f"| {name} | {row.metric} | {row.setting} | {_fmt(row.weft, row.unit)} | "
+            f"{_fmt(row.raw, row.unit)} | {ratio} | {row.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def reference_table(rows: list[Row]) -> str:
+    """The asyncio reference: absolute figures (kept in the ``weft`` field of its rows)."""
+    lines = ["| measure | setting | asyncio.start_server |", "|---|---|---:|"]
+    lines += [f"| {r.metric} | {r.setting} | {_fmt(r.weft, r.unit)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any], plot_name: str | None) -> str:
+    opts = result["options"]
+    info = result["machine"]
+    raw_names = {m: RAW_BACKENDS[f] for m, f in result["raw_flavours"].items()}
+    rows = [Row(**r) for r in result["summary"]]
+    kind = "quick smoke run (short, 1 run each: indicative only)" if opts["quick"] else "full run"
+    parts = [
+        f"# weft benchmarks: {kind}",
+        "",
+        f"{result['started']}, {result['elapsed_s']:.0f} s. Medians of {opts['runs']} run(s) per "
+        f"figure, weft and raw alternated; wrk {opts['seconds']:g} s per run, 1 thread. "
+        f"Server on core 0, wrk and clients on core 1.",
+        "",
+        f"Machine: {describe(result['machine'])}.",
+        "",
+        table([r for r in rows if r.manager != "asyncio"], raw_names),
+    ]
+    reference = [r for r in rows if r.manager == "asyncio"]
+    if reference:
+        parts += [
+            "",
+            "Reference, no weft: asyncio (`asyncio.start_server`, same handler logic, same load).",
+            "",
+            reference_table(reference),
+        ]
+    busy = max(info.get("busy_start") or 0.0, info.get("busy_end") or 0.0)
+    if busy >= BUSY_FRACTION:
+        parts += [
+            "",
+            f"**The machine was busy:** with no benchmark process running, "
+            f"{busy:.0%} of its CPU time went to other processes (sampled for "
+            f"{BUSY_SAMPLE:g} s before and after the run). They share the server's core, so "
+            "these figures are noisy; rerun on an idle machine before drawing conclusions.",
+        ]
+    notes = error_notes(result["records"])
+    if notes:
+        parts += ["", "wrk errors (more than 1 % of requests; see the servers' log):", ""]
+        parts += [f"- {note}" for note in notes]
+    if result.get("skipped"):
+        parts += ["", "Not measured: " + "; ".join(result["skipped"]) + "."]
+    if plot_name:
+        parts += ["", f"![weft/raw ratios, idle memory and stop time]({plot_name})"]
+    return "\n".join(parts) + "\n"
+
+
+# -- plot ----------------------------------------------------------------------------------
+
+
+def _ratio_panels(rows: list[Row]) -> list[tuple[str, Row]]:
+    """The ratios worth a bar: throughput, p99 at 100, churn, idle RSS at the largest full step."""
+    picked = []
+    idle = [r for r in rows if r.metric == "idle RSS/conn" and r.ratio is not None]
+    largest = {}
+    for r in idle:
+        if r.setting != "most held":
+            largest[r.manager] = r
+    for r in rows:
+        if r.ratio is None:
+            continue
+        if r.metric == "keep-alive req/s":
+            picked.append((f"req/s\n{r.setting}", r))
+        elif r.metric == "p99 latency" and r.setting == "100 conns":
+            picked.append(("p99\n100 conns", r))
+        elif r.metric == "churn conn/s":
+            picked.append(("churn\nconn/s", r))
+        elif largest.get(r.manager) is r:
+            picked.append(("idle RSS\nper conn", r))
+    return picked
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """The same figures as the table, as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [Row(**r) for r in result["summary"]]
+    managers = list(result["options"]["managers"])
+    colours = {m: f"C{i}" for i, m in enumerate([*managers, "asyncio"])}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5), gridspec_kw={"width_ratios": [2, 1.5, 1]})
+
+    ax = axes[0]
+    picked = _ratio_panels(rows)
+    labels = list(dict.fromkeys(label for label, _ in picked))
+    width = 0.8 / max(1, len(managers))
+    for i, manager in enumerate(managers):
+        values = {label: r.ratio for label, r in picked if r.manager == manager}
+        xs = [j + i * width for j, label in enumerate(labels) if label in values]
+        ys = [values[label] for label in labels if label in values]
+        heights = [min(max(y, RATIO_LIMITS[0]), RATIO_LIMITS[1]) - 1 for y in ys]
+        ax.bar(xs, heights, width, bottom=1, label=manager, color=colours[manager])
+    for j, label in enumerate(labels):
+        target = next((r.target for lab, r in picked if lab == label and r.target), "")
+        if TIMES in target:
+            bound = float(target[1:].split(TIMES)[0])
+            ax.hlines(bound, j - 0.1, j + 0.9 - 0.1, color="red", linestyle=":", linewidth=1.2)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(*RATIO_LIMITS)
+    ax.set_yticks(RATIO_TICKS, [f"{t:g}" for t in RATIO_TICKS])
+    ax.minorticks_off()
+    ax.set_xticks([j + width * (len(managers) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(f"weft / raw (log scale, clipped to {RATIO_LIMITS[0]:g}-{RATIO_LIMITS[1]:g})")
+    ax.set_title("weft / raw: req/s higher is better; p99, RSS lower (red: target)", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    for manager in [*managers, "asyncio"]:
+        for impl, style in (("weft", "-o"), ("raw", "--x"), ("asyncio", ":s")):
+            points = [
+                (r["held"], r["kib_per_conn"])
+                for r in result["records"]
+                if r["suite"] == "idle"
+                and r["manager"] == manager
+                and r["impl"] == impl
+                and r.get("kib_per_conn") is not None
+            ]
+            if points:
+                ns = sorted({n for n, _ in points})
+                meds = [statistics.median(v for n2, v in points if n2 == n) for n in ns]
+                name = "asyncio" if impl == "asyncio" else f"{manager} {impl}"
+                ax.plot(ns, meds, style, label=name, color=colours[manager])
+    ax.axhline(IDLE_TARGET_KIB, color="red", linewidth=0.8, linestyle=":")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("idle connections held by one server")
+    ax.set_ylabel("server RSS over baseline, KiB per connection")
+    ax.set_title("idle memory (solid: weft, dashed: raw)", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+
+    ax = axes[2]
+    stops = [r for r in rows if r.metric == "stop() time" and isinstance(r.weft, float)]
+    for i, r in enumerate(stops):
+        ax.bar(i, r.weft, color=colours.get(r.manager, "C0"))
+        bound = STOP_TARGET_S.get(r.manager, STOP_TARGET_DEFAULT_S)
+        ax.hlines(bound, i - 0.4, i + 0.4, color="red", linestyle=":")
+    ax.set_xticks(range(len(stops)))
+    ax.set_xticklabels([f"{r.manager}\n{r.setting}" for r in stops], fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("server.stop() with idle connections", fontsize=10)
+
+    info = result["machine"]
+    fig.suptitle(
+        f"weft benchmarks, {'quick' if result['options']['quick'] else 'full'} run: "
+        f"{info['cpu']}, {info['cores']} cores, {info['python']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write(result: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
+    """``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png", "md": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    has_plot = plot(result, paths["png"])
+    if not has_plot:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        del paths["png"]
+    paths["md"].write_text(markdown(result, paths["png"].name if has_plot else None))
+    return paths

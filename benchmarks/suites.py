@@ -1,0 +1,326 @@
+"""The measurements: keep-alive throughput, churn, idle capacity, stop latency.
+
+weft and the raw backend are measured alternately, A/B/A/B, ``runs`` times each;
+every single measurement becomes one record (a dict), and medians are taken later
+(:mod:`benchmarks.report`). Each server is its own process on the server core.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import wrk
+from .procs import Child, ServerProcess
+from .server import RAW_BACKENDS
+
+SUITES = ("throughput", "churn", "idle", "stop")
+#: Pause before reading RSS, so the server has finished reacting to the last batch.
+SETTLE = 0.5
+#: An idle step of MAX asks for as many connections as the server's fd limit, which
+#: it cannot quite reach (it has a listener, stdio, its loop's fds): what it holds
+#: is the most it allows.
+MAX = 0
+
+
+@dataclass
+class Options:
+    managers: list[str]
+    only: set[str]
+    runs: int
+    seconds: float
+    warmup: float
+    connections: list[int]
+    churn_connections: int
+    idle_steps: list[int]
+    idle_threads_max: int
+    stop_connections: int
+    per_client: int
+    reference: bool
+    quick: bool
+    logdir: Path
+    wrk: str | None = None
+
+
+@dataclass
+class Recorder:
+    """Every measurement, in the order taken."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(
+        self, suite: str, manager: str, impl: str, setting: str, run: int, **metrics: Any
+    ) -> None:
+        record = {
+            "suite": suite,
+            "manager": manager,
+            "impl": impl,
+            "setting": setting,
+            "run": run,
+            **metrics,
+        }
+        self.records.append(record)
+        shown = ", ".join(
+            f"{k}={_short(v)}"
+            for k, v in metrics.items()
+            if k not in ("argv", "errors") and v is not None
+        )
+        errors = {k: v for k, v in (metrics.get("errors") or {}).items() if v}
+        note = f"  errors {errors}" if errors else ""
+        progress(
+            f"  {suite:<10} {manager:<8} {impl:<7} {setting:<10} run {run + 1}: {shown}{note}"
+        )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def raw_flavour(manager: str, handler_kind: str) -> str:
+    """The raw backend compared with ``manager``: its own, or the closest for its handler kind."""
+    if manager in RAW_BACKENDS:
+        return manager
+    return "trio" if handler_kind == "async" else "threads"
+
+
+# -- keep-alive throughput and churn (wrk, HTTP) ------------------------------------------
+
+
+def http_suites(manager: str, flavour: str, opts: Options, rec: Recorder) -> None:
+    assert opts.wrk is not None
+    log = opts.logdir / "servers.log"
+    with (
+        ServerProcess("weft", manager, "http", log) as weft,
+        ServerProcess("raw", flavour, "http", log) as raw,
+    ):
+        pairs = [("weft", weft), ("raw", raw)]
+        settings: list[tuple[str, int, bool]] = []
+        if "throughput" in opts.only:
+            settings += [("throughput", c, False) for c in opts.connections]
+        if "churn" in opts.only:
+            settings.append(("churn", opts.churn_connections, True))
+        for suite, conns, close in settings:
+            _wrk_rounds(suite, manager, pairs, conns, close, opts, rec)
+
+
+def reference_suites(opts: Options, rec: Recorder) -> None:
+    """The asyncio reference row: absolute figures, no ratio."""
+    log = opts.logdir / "servers.log"
+    if opts.wrk and opts.only & {"throughput", "churn"}:
+        with ServerProcess("asyncio", "asyncio", "http", log) as server:
+            pairs = [("asyncio", server)]
+            if "throughput" in opts.only:
+                for conns in opts.connections:
+                    _wrk_rounds("throughput", "asyncio", pairs, conns, False, opts, rec)
+            if "churn" in opts.only:
+                _wrk_rounds("churn", "asyncio", pairs, opts.churn_connections, True, opts, rec)
+    if "idle" in opts.only:
+        for run in range(opts.runs):
+            _idle_once("asyncio", "asyncio", "asyncio", "asyncio", opts.idle_steps, run, opts, rec)
+
+
+def _wrk_rounds(
+    suite: str,
+    manager: str,
+    pairs: list[tuple[str, ServerProcess]],
+    conns: int,
+    close: bool,
+    opts: Options,
+    rec: Recorder,
+) -> None:
+    assert opts.wrk is not None
+    for _, server in pairs:  # warm-up, not recorded
+        wrk.run(opts.wrk, server.port, conns, opts.warmup, close=close)
+    for run in range(opts.runs):
+        for impl, server in pairs:
+            result = wrk.run(opts.wrk, server.port, conns, opts.seconds, close=close)
+            server.check_alive()
+            rec.add(suite, manager, impl, f"c={conns}", run, **result)
+
+
+# -- idle capacity and stop latency (Python clients, echo) ----------------------------------
+
+
+class Clients:
+    """Idle-client processes, each holding at most ``per_client`` connections from its own
+    127.0.0.x source address (one process per 127.0.0.x, in order)."""
+
+    def __init__(self, port: int, per_client: int, log: Path) -> None:
+        self.port = port
+        self.per_client = per_client
+        self.log = log
+        self.procs: list[Child] = []
+
+    def _ensure(self, count: int) -> None:
+        while len(self.procs) < count:
+            i = len(self.procs)
+            self.procs.append(
+                Child(
+                    "benchmarks.idleclient",
+                    ["--port", str(self.port), "--source", f"127.0.0.{i + 1}"],
+                    self.log,
+                    f"idle client {i} (127.0.0.{i + 1})",
+                )
+            )
+
+    def open(self, total: int, timeout: float = 600) -> tuple[int, list[str]]:
+        """Hold ``total`` connections across the clients; (held, errors)."""
+        self._ensure(math.ceil(total / self.per_client))
+        shares = [
+            max(0, min(self.per_client, total - i * self.per_client))
+            for i in range(len(self.procs))
+        ]
+        for proc, share in zip(self.procs, shares, strict=True):
+            proc.send(f"open {share}")
+        held, errors = 0, []
+        for proc in self.procs:
+            count, error = proc.expect("OPEN", timeout)
+            held += int(count)
+            if error != "-":
+                errors.append(error)
+        return held, errors
+
+    def tell(self, command: str) -> None:
+        for proc in self.procs:
+            proc.send(command)
+
+    def collect(self, word: str, timeout: float) -> list[int]:
+        totals: list[int] = []
+        for proc in self.procs:
+            fields = [int(x) for x in proc.expect(word, timeout)]
+            totals = [a + b for a, b in zip(totals, fields, strict=True)] if totals else fields
+        return totals
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.close()
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _warm(port: int) -> None:
+    """One echo round trip, so the baseline includes what the first connection loads."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"w")
+        sock.recv(1)
+    time.sleep(SETTLE)
+
+
+def idle_suite(manager: str, flavour: str, opts: Options, rec: Recorder) -> None:
+    steps = opts.idle_steps
+    if "threads" in (manager, flavour):  # a thread per connection: no MAX step either
+        steps = [n for n in steps if MAX < n <= opts.idle_threads_max] or [opts.idle_threads_max]
+    for run in range(opts.runs):
+        _idle_once(manager, "weft", "weft", manager, steps, run, opts, rec)
+        _idle_once(manager, "raw", "raw", flavour, steps, run, opts, rec)
+
+
+def _idle_once(
+    manager: str,
+    impl: str,
+    backend: str,
+    flavour: str,
+    steps: list[int],
+    run: int,
+    opts: Options,
+    rec: Recorder,
+) -> None:
+    log = opts.logdir / "servers.log"
+    with (
+        ServerProcess(backend, flavour, "echo", log) as server,
+        Clients(server.port, opts.per_client, opts.logdir / "clients.log") as clients,
+    ):
+        _warm(server.port)
+        base = server.rss_kib()
+        held = 0
+        for step in steps:
+            n = step if step != MAX else server.nofile
+            if n <= held:
+                continue
+            started = time.perf_counter()
+            held, errors = clients.open(n)
+            opened = time.perf_counter() - started
+            time.sleep(SETTLE)
+            rss = server.rss_kib()
+            rec.add(
+                "idle",
+                manager,
+                impl,
+                "n=max" if step == MAX else f"n={n}",
+                run,
+                n=n,
+                held=held,
+                base_kib=base,
+                rss_kib=rss,
+                kib_per_conn=(rss - base) / held if held else None,
+                open_s=opened,
+                clients=len(clients.procs),
+                nofile=server.nofile,
+                error=";".join(errors) or None,
+            )
+            if held < n:
+                break
+        clients.tell("echo")
+        ok, failed = clients.collect("ECHO", 300)
+        rec.add("idle-echo", manager, impl, f"n={held}", run, ok=ok, failed=failed)
+
+
+def stop_suite(manager: str, opts: Options, rec: Recorder) -> None:
+    n = opts.stop_connections
+    for run in range(opts.runs):
+        with (
+            ServerProcess("weft", manager, "echo", opts.logdir / "servers.log") as server,
+            Clients(server.port, opts.per_client, opts.logdir / "clients.log") as clients,
+        ):
+            held, errors = clients.open(n)
+            time.sleep(SETTLE)
+            clients.tell("eof 60")
+            seconds, clean = server.stop()
+            eof, reset, timeout = clients.collect("EOF", 120)
+            rec.add(
+                "stop",
+                manager,
+                "weft",
+                f"n={n}",
+                run,
+                seconds=seconds,
+                clean=clean,
+                held=held,
+                eof=eof,
+                reset=reset,
+                timeout=timeout,
+                error=";".join(errors) or None,
+            )
+
+
+def run_all(opts: Options, specs: dict[str, Any]) -> Recorder:
+    """Every requested suite for every requested manager, then the asyncio reference."""
+    rec = Recorder()
+    for manager in opts.managers:
+        flavour = raw_flavour(manager, specs[manager].handler_kind)
+        progress(f"== {manager}: weft vs {RAW_BACKENDS[flavour]}")
+        if opts.wrk and opts.only & {"throughput", "churn"}:
+            http_suites(manager, flavour, opts, rec)
+        if "idle" in opts.only:
+            idle_suite(manager, flavour, opts, rec)
+        if "stop" in opts.only:
+            stop_suite(manager, opts, rec)
+    if opts.reference:
+        progress("== asyncio reference (asyncio.start_server)")
+        reference_suites(opts, rec)
+    return rec
