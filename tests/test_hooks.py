@@ -15,6 +15,7 @@ import inspect
 import logging
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -276,6 +277,40 @@ def test_weft_connection_refused_fires_at_the_limit(
             assert call["peer"] == f"{host}:{port}"
             assert call["reason"] == reason
     assert server.stats()["refused"] == 1
+
+
+def _tls_context() -> ssl.SSLContext:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"proxy_protocol": True}, "proxy"),
+        ({"proxy_protocol": True, "trusted_proxies": ["192.0.2.0/24"]}, "untrusted"),
+        ({"tls": "context"}, "tls"),
+    ],
+)
+def test_weft_connection_refused_fires_for_a_bad_header_or_handshake(
+    recorder: Recorder, servers: list[Server], options: dict[str, Any], reason: str
+) -> None:
+    if options.get("tls") == "context":
+        options = {"tls": _tls_context(), "tls_handshake_timeout": WAIT}
+    server = Server(greet_then_echo, manager="threads", **options)
+    servers.append(server)
+    server.run()
+    with connect(server) as client:
+        client.sendall(b"NOT A PROXY HEADER OR A TLS HELLO\r\n\r\n")
+        assert recv_until_closed(client) == b"", "closed unserved: the handler never ran"
+        [call] = recorder.wait("weft_connection_refused")
+        host, port = client.getsockname()[:2]
+    assert call["server"] is server
+    assert call["peer"] == f"{host}:{port}"
+    assert call["reason"] == reason
 
 
 def test_weft_connection_refused_not_fired_when_serving(

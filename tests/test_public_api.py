@@ -28,6 +28,7 @@ MANAGER_AUTHOR_NAMES = {
     "SyncRuntime",
     "AsyncRuntime",
     "BLOCKING_RUNTIME",
+    "BlockingRuntime",
     "TaskState",
     "TaskTable",
     "current_task",

@@ -7,7 +7,7 @@ This module re-exports the public names and nothing else.
 
 from __future__ import annotations
 
-from ._blocking import BLOCKING_RUNTIME
+from ._blocking import BLOCKING_RUNTIME, BlockingRuntime
 from ._connection import ConnectionInfo, current_connection, detach
 from ._errors import (
     BindError,
@@ -38,6 +38,7 @@ __all__ = [
     "BLOCKING_RUNTIME",
     "AsyncRuntime",
     "BindError",
+    "BlockingRuntime",
     "ConfigError",
     "ConnectionInfo",
     "HandlerKindError",

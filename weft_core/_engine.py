@@ -594,6 +594,9 @@ class Engine:
         for lt in self.listeners:
             if lt.task_id is not None:
                 self.manager.stop_task(lt.task_id, timeout=ACCEPTOR_STOP_TIMEOUT)
+            # The acceptor closes its listener on the way out; one that never ran
+            # (a manager may drop a queued task) must not leave it open.
+            lt.close()
 
     def snapshot(self) -> list[Conn]:
         """The connections open now."""

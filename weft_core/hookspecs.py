@@ -98,7 +98,7 @@ def weft_connection_refused(server: Server, peer: str, reason: str) -> None:
     """Called when a connection is closed unserved: the limit, the manager full, a bad PROXY header.
 
     ``peer`` is ``HOST:PORT`` of the client, ``reason`` a short word
-    (``"full"``, ``"manager-full"``, ``"proxy"``, ``"tls"``). Called in the
+    (``"full"``, ``"manager-full"``, ``"proxy"``, ``"untrusted"``, ``"tls"``). Called in the
     acceptor's or the connection's task: keep it quick. Example, a refusal counter::
 
         import collections

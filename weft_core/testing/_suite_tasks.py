@@ -91,8 +91,15 @@ class TaskManagerTests(ManagerTestBase):
         adapter = default_adapter(limited_manager.runtime)
         gate = threading.Event()
         first = [limited_manager.add_task(adapter.task(_gated(gate))) for _ in range(2)]
-        with pytest.raises(ManagerFullError):
+        try:
             limited_manager.add_task(adapter.task(_gated(gate)))
+        except ManagerFullError:
+            pass
+        else:
+            gate.set()
+            pytest.fail(
+                "at its limit add_task must raise ManagerFullError: limit=2, and a third task was accepted"
+            )
         gate.set()
         for task_id in first:
             self._wait_gone(limited_manager, task_id)

@@ -152,7 +152,7 @@ class TrioRuntime:
     ) -> trio.SocketStream | IdleTimeoutStream:
         """``trio.SocketStream(sock)``, what the handler receives.
 
-        With ``idle_timeout``, a :class:`IdleTimeoutStream` 
+        With ``idle_timeout``, a :class:`IdleTimeoutStream`
         (a SocketStream look-alike) whose ``receive_some`` raises ``TimeoutError``
         after that long without data.
         trio turns ``TCP_NODELAY`` on for every TCP ``SocketStream``.

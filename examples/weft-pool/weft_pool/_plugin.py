@@ -1,0 +1,26 @@
+"""Registers the ``pool`` manager with weft (entry point ``weft: pool``).
+
+weft loads this module through the ``weft`` entry-point group and calls its
+``weft_managers`` hook; keep it light, since it is imported whenever weft looks
+for managers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from weft_core import ManagerSpec, hookimpl
+
+from ._manager import PoolManager
+
+
+@hookimpl
+def weft_managers() -> Iterator[ManagerSpec]:
+    """Provide the ``pool`` manager."""
+    yield ManagerSpec(
+        name="pool",
+        factory=PoolManager,  # PoolManager(*, workers=16, limit=None)
+        description="a fixed pool of worker threads fed by a queue",
+        handler_kind="sync",
+        preemptive_stop=False,  # a thread cannot be killed, only its socket shut down
+    )
