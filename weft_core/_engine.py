@@ -593,7 +593,12 @@ class Engine:
         """Phase 1: close every listener by stopping its acceptor task."""
         for lt in self.listeners:
             if lt.task_id is not None:
-                self.manager.stop_task(lt.task_id, timeout=ACCEPTOR_STOP_TIMEOUT)
+                # shutdown(SHUT_RD) wakes accept() on a TCP listener with EINVAL. On a
+                # Unix listener it only makes it poll readable while accept() says
+                # EAGAIN, which an event loop would retry: interrupt that acceptor at once.
+                unix = lt.address.startswith("unix:")
+                timeout = 0 if unix else ACCEPTOR_STOP_TIMEOUT
+                self.manager.stop_task(lt.task_id, timeout=timeout)
             # The acceptor closes its listener on the way out; one that never ran
             # (a manager may drop a queued task) must not leave it open.
             lt.close()

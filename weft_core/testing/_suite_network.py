@@ -41,7 +41,7 @@ def echo() -> Body:
 class NetworkTests(ManagerTestBase):
     """TLS, idle timeouts and PROXY headers, the same on every manager."""
 
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def certs(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         """A CA and a server certificate for 127.0.0.1 and localhost, made by trustme."""
         trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme")
