@@ -23,6 +23,8 @@ def format_address(address: Any) -> str:
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     if isinstance(address, bytes):
         address = address.decode(errors="replace")
+    if isinstance(address, str) and address.startswith("\0"):
+        return f"unix:@{address[1:]}"  # Linux's abstract namespace
     return f"unix:{address}" if address else "unix:(unnamed)"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -89,6 +90,12 @@ def _resolve(host: str | None, port: int | str | None, family: Family) -> list[t
     af = {"auto": socket.AF_UNSPEC, "ipv4": socket.AF_INET}.get(family, socket.AF_INET6)
     if family == "dual" and host in (None, "", "0.0.0.0"):
         host = "::"
+    elif family == "dual" and host and _is_ipv4_literal(host):
+        raise ConfigError(
+            f"family='dual' listens on an IPv6 socket that also accepts IPv4 clients, so it "
+            f"needs an IPv6 address such as '::' or '::1', not {host!r}",
+            key="family",
+        )
     try:
         infos = socket.getaddrinfo(
             host or None,
@@ -107,6 +114,14 @@ def _resolve(host: str | None, port: int | str | None, family: Family) -> list[t
         if (af_, sockaddr) not in seen:
             seen.append((af_, sockaddr))
     return seen
+
+
+def _is_ipv4_literal(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _where(host: str | None, port: int | str | None) -> str:
@@ -166,7 +181,12 @@ def _open_tcp(
 
 
 def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
-    """Bind a Unix socket at ``path``, replacing a stale socket file left by a dead server."""
+    """Bind a Unix socket at ``path``, replacing a stale socket file left by a dead server.
+
+    ``@name`` is Linux's abstract namespace (no file), as in ``unix:@name`` endpoints.
+    """
+    if path.startswith("@"):
+        path = "\0" + path[1:]
     if not path.startswith("\0"):
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(path)

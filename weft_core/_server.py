@@ -30,6 +30,7 @@ from ._errors import ConfigError, HandlerKindError, ServerError
 from ._listeners import FAMILIES, Family, ListenTarget, open_listeners
 from ._protocol import TaskManager
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
+from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
 from ._tasks import current_task
 from ._tls import make_server_context
@@ -91,6 +92,9 @@ class _Settings:
     tls: ssl.SSLContext | None
     tls_handshake_timeout: float
     proxy: ProxyPolicy | None
+    shutdown_port: int | None
+    shutdown_secret: str | None
+    shutdown_handler: ShutdownHandler | None
 
 
 def handler_kind(handler: Callable[..., Any]) -> HandlerKind:
@@ -154,12 +158,8 @@ class Server:
         proxy_header_timeout: float = 5.0,
         shutdown_port: int | None = None,
         shutdown_secret: str | None = None,
+        shutdown_handler: ShutdownHandler | None = None,
     ) -> None:
-        if shutdown_port is not None or shutdown_secret is not None:
-            raise ConfigError(
-                "is part of weft's design but not implemented in this release",
-                key="shutdown_port" if shutdown_port is not None else "shutdown_secret",
-            )
         if not callable(handler):
             raise ConfigError(f"handler must be callable, not {handler!r}", key="handler")
         self._cfg = _Settings(
@@ -188,6 +188,9 @@ class Server:
             )
             or 0.0,
             proxy=_proxy_policy(proxy_protocol, trusted_proxies, proxy_header_timeout),
+            shutdown_port=_check_shutdown_port(shutdown_port, shutdown_secret, shutdown_handler),
+            shutdown_secret=shutdown_secret,
+            shutdown_handler=shutdown_handler,
         )
         self._manager, self._owns_manager, self._manager_name = _resolve_manager(
             manager, manager_options
@@ -202,6 +205,7 @@ class Server:
         self._last_counts: dict[str, int] = {}
         self._error: ServerError | None = None
         self._bound_port: int | None = None
+        self._shutdown_port: ShutdownPort | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -304,6 +308,12 @@ class Server:
         return [] if engine is None else [lt.address for lt in engine.listeners]
 
     @property
+    def shutdown_address(self) -> str | None:
+        """``127.0.0.1:PORT`` of the shutdown port while it listens, else None."""
+        shutdown = self._shutdown_port
+        return None if shutdown is None else shutdown.address
+
+    @property
     def connection_handler(self) -> Callable[..., Any]:
         """The handler called for each connection."""
         return self._cfg.handler
@@ -367,11 +377,19 @@ class Server:
                 reuse_port=cfg.reuse_port,
                 unix_mode=cfg.unix_mode,
             )
+            shutdown = None
             try:
+                if cfg.shutdown_port is not None:
+                    shutdown = ShutdownPort(
+                        self, cfg.shutdown_port, cfg.shutdown_secret, cfg.shutdown_handler
+                    )
+                    shutdown.open()
                 engine = Engine(self, self._manager, listeners)
             except BaseException:
                 for listener in listeners:
                     listener.sock.close()
+                if shutdown is not None:
+                    shutdown.close()
                 raise
             engine.on_fatal = self._on_fatal
             self._engine = engine
@@ -384,11 +402,14 @@ class Server:
                 if lt.native.family in (socket.AF_INET, socket.AF_INET6)
             ]
             self._bound_port = tcp[0][1] if tcp else None
+            self._shutdown_port = shutdown
             try:
                 engine.start()
             except BaseException:
                 self._abandon(engine)
                 raise
+            if shutdown is not None:
+                shutdown.start()
         if cfg.on_start is not None:
             try:
                 cfg.on_start(self)
@@ -465,6 +486,7 @@ class Server:
         engine.closing = True
         engine.listeners_closed = True
         engine.stop_acceptors()
+        self._close_shutdown_port()
         me = self._own_connection(engine)
         engine.request_shutdown([c for c in engine.snapshot() if c is not me])
         clean = engine.wait_idle(timeout, exclude=me)
@@ -492,7 +514,14 @@ class Server:
             return None
         return next((c for c in engine.snapshot() if c.state is state), None)
 
+    def _close_shutdown_port(self) -> None:
+        with self._life:
+            shutdown, self._shutdown_port = self._shutdown_port, None
+        if shutdown is not None:
+            shutdown.close()
+
     def _finish(self, engine: Engine, keep_runtime: bool = False) -> None:
+        self._close_shutdown_port()
         engine.spare.close()
         with engine.lock:
             self._last_counts = {**engine.counts, "active": 0}
@@ -630,6 +659,33 @@ def _check_port(value: Any) -> int | str:
     if isinstance(value, bool) or not 0 <= port <= 65535:
         raise ConfigError(
             f"expected a port number 0-65535 or a service name, got {value!r}", key="port"
+        )
+    return port
+
+
+def _check_shutdown_port(port: Any, secret: Any, handler: Any) -> int | None:
+    if port is None:
+        if secret is not None or handler is not None:
+            raise ConfigError(
+                "only applies with shutdown_port; set shutdown_port (0 picks a free port)",
+                key="shutdown_secret" if secret is not None else "shutdown_handler",
+            )
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(
+            f"expected a port number 0-65535 (0 picks a free port), got {port!r}",
+            key="shutdown_port",
+        )
+    if secret is not None and (not isinstance(secret, str) or not secret or "\n" in secret):
+        raise ConfigError(
+            "expected a non-empty string without a newline, got "
+            + (type(secret).__name__ if not isinstance(secret, str) else "another string"),
+            key="shutdown_secret",
+        )
+    if handler is not None and not callable(handler):
+        raise ConfigError(
+            f"expected a function f(server, conn) -> bool, got {handler!r}",
+            key="shutdown_handler",
         )
     return port
 

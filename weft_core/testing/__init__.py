@@ -16,6 +16,7 @@ fixtures to anybody's pytest run; only subclasses of ManagerTests use them.
 from __future__ import annotations
 
 from ._adapters import AsyncAdapter, Body, Recv, Send, Sleep, SyncAdapter, default_adapter
+from ._suite_addresses import AddressTests
 from ._suite_network import NetworkTests
 from ._suite_server import ServerTests
 from ._suite_tasks import TaskManagerTests
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class ManagerTests(TaskManagerTests, ServerTests, NetworkTests):
+class ManagerTests(TaskManagerTests, ServerTests, NetworkTests, AddressTests):
     """Every conformance test; subclass it and set ``manager_name``.
 
     Capabilities (class attributes): ``preemptive_stop``, ``supports_limit``,
