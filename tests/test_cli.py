@@ -146,11 +146,6 @@ def test_handler_in_wrong_form(capsys: pytest.CaptureFixture[str]) -> None:
     assert line.startswith("weft: command line HANDLER, key 'handler': expected a handler as")
 
 
-def test_workers_not_supported_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "x:y", "--workers", "2"]) == 2
-    assert one_error_line(capsys.readouterr().err) == "weft: --workers is not supported yet"
-
-
 def test_bad_manager_option_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["serve", "x:y", "-o", "no-equals"])

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._protocol import SyncSlots
 from ._spec import HandlerKind
@@ -17,7 +20,7 @@ from ._spec import HandlerKind
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["BLOCKING_RUNTIME", "BlockingRuntime", "RawShutdown"]
+__all__ = ["BLOCKING_RUNTIME", "BlockingRuntime", "RawShutdown", "WakeableListener"]
 
 
 class RawShutdown:
@@ -37,16 +40,73 @@ class RawShutdown:
         socket.socket.shutdown(self._sock, how)
 
 
+class WakeableListener(socket.socket):
+    """A listening socket whose blocked ``accept()`` another thread can wake.
+
+    A thread blocked in accept() cannot be interrupted, and ``shutdown()`` on the
+    listener, which would wake it, also stops the socket for every other process
+    sharing it (workers, systemd's copy). So the socket is non-blocking and a
+    waiting accept() polls it together with a wake-up pipe: ``wake()`` makes it
+    raise ``OSError(EINVAL)``. While connections keep arriving, accept() takes them
+    without polling, so a busy listener costs one system call per connection.
+    """
+
+    __slots__ = ("_poll", "_wake_r", "_wake_w")
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.fileno(), select.POLLIN)
+        self._poll.register(self._wake_r, select.POLLIN)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """Accept a connection (a blocking socket), waiting until one comes or ``wake()``."""
+        while True:
+            try:
+                conn, address = super().accept()
+            except BlockingIOError:
+                pass
+            else:
+                conn.setblocking(True)
+                return conn, address
+            for fd, _events in self._poll.poll():
+                if fd == self._wake_r:
+                    raise OSError(errno.EINVAL, "the listener was woken to stop accepting")
+
+    def wake(self) -> None:
+        """Wake a thread waiting in ``accept()``; safe from any thread, any number of times."""
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe wakes the poller just as well; a closed one has no waiter
+
+    def close(self) -> None:
+        """Close the socket and the wake-up pipe."""
+        super().close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+
+
 class BlockingRuntime:
     """Stdlib sockets in blocking mode; slots are a ``threading.Semaphore``."""
 
     kind: HandlerKind = "sync"
     conn_is_stream = False
 
-    def adopt_listener(self, sock: socket.socket) -> socket.socket:
-        """The listening socket itself, in blocking mode (one accept() per connection)."""
-        sock.setblocking(True)
-        return sock
+    def adopt_listener(self, sock: socket.socket) -> WakeableListener:
+        """A :class:`WakeableListener` owning ``sock``'s descriptor (``sock`` is detached)."""
+        return WakeableListener(sock)
+
+    def wake_listener(self, listener: WakeableListener) -> None:
+        """Make a thread blocked in ``listener.accept()`` return at once."""
+        listener.wake()
 
     def slots(self, n: int) -> SyncSlots:
         """A ``threading.Semaphore`` of ``n``."""

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, give connections this long to finish (30)",
     )
     serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
+    # Set by `weft serve --workers N` for each worker it starts (see _workers).
+    serve.add_argument("--supervisor-fd", type=_fd_number, help=argparse.SUPPRESS)
     serve.add_argument(
         "--log-level",
         metavar="LEVEL",
@@ -199,19 +201,32 @@ def _serve(ns: argparse.Namespace) -> int:
         names["bind"] = "--bind/--fd" if ns.fd else "--bind"
     if ns.manager_option:
         flags["manager_options"] = dict(ns.manager_option)
+    from . import _activation, _workers
+
     try:
+        if ns.supervisor_fd is not None:
+            _workers.become_worker(ns.supervisor_fd)
+        # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
+        inherited = _activation.listen_fds()
+        if inherited and not binds:
+            flags["bind"] = [s.endpoint for s in inherited]
+            names["bind"] = "LISTEN_FDS"
         config = load_config(flags, config_file=ns.config, flag_names=names)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
-    if config.workers > 1:
-        # TODO(lead): section 7's supervised workers; wired by the lead.
-        return _fail("--workers is not supported yet", EXIT_USAGE)
     _setup_logging(config.log_level)
+    if inherited:
+        _activation.log_inherited(inherited, used=not binds)
     if config.handler is None:
         return _fail(
             "no handler: give one as `weft serve module:attribute`, or set handler in weft.toml",
             EXIT_USAGE,
         )
+    if config.workers > 1:
+        try:
+            return _workers.supervise(config, flags, ns.config)
+        except (WeftError, OSError) as exc:
+            return _fail(exc, EXIT_RUNTIME)
     try:
         handler = import_handler(config.handler)
     except HandlerImportError as exc:

@@ -91,9 +91,9 @@ class ListenerTask:
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
 
-    def wake(self) -> None:
-        """Make a pending accept() fail at once (Linux: EINVAL), so the acceptor sees the stop."""
-        self.native.shutdown(socket.SHUT_RD)
+    def wake_with(self, runtime: SyncRuntime | AsyncRuntime) -> Callable[[], None]:
+        """The acceptor's shutdown callback: the runtime wakes a pending accept()."""
+        return lambda: runtime.wake_listener(self.native)
 
     def close(self) -> None:
         """Close the native socket and remove a Unix socket file."""
@@ -241,7 +241,7 @@ class Engine:
         rt: SyncRuntime = self.runtime  # type: ignore[assignment]
         state = current_task()
         if state is not None:
-            state.on_shutdown(lt.wake)
+            state.on_shutdown(lt.wake_with(rt))
         backoff = policy.Backoff()
         listener = lt.native
         backlog_mode = self.cfg.on_full == "backlog"
@@ -297,7 +297,7 @@ class Engine:
         rt: AsyncRuntime = self.runtime  # type: ignore[assignment]
         state = current_task()
         if state is not None:
-            state.on_shutdown(lt.wake)
+            state.on_shutdown(lt.wake_with(rt))
         backoff = policy.Backoff()
         listener = lt.native
         backlog_mode = self.cfg.on_full == "backlog"
@@ -391,7 +391,7 @@ class Engine:
                 self.cfg.idle_timeout,
             )
             return
-        if isinstance(exc, ConnectionError):
+        if _peer_error(exc):
             with self.lock:
                 self.counts["peer_errors"] += 1
         else:
@@ -593,12 +593,10 @@ class Engine:
         """Phase 1: close every listener by stopping its acceptor task."""
         for lt in self.listeners:
             if lt.task_id is not None:
-                # shutdown(SHUT_RD) wakes accept() on a TCP listener with EINVAL. On a
-                # Unix listener it only makes it poll readable while accept() says
-                # EAGAIN, which an event loop would retry: interrupt that acceptor at once.
-                unix = lt.address.startswith("unix:")
-                timeout = 0 if unix else ACCEPTOR_STOP_TIMEOUT
-                self.manager.stop_task(lt.task_id, timeout=timeout)
+                # Never shutdown() a listener: it may be shared with other processes
+                # (workers, systemd). Thread runtimes wake accept() with a pipe;
+                # event-loop managers interrupt the acceptor (kill, cancel) at once.
+                self.manager.stop_task(lt.task_id, timeout=0)
             # The acceptor closes its listener on the way out; one that never ran
             # (a manager may drop a queued task) must not leave it open.
             lt.close()
@@ -638,9 +636,13 @@ class Engine:
                 self._finish(conn)
 
 
-#: How long phase 1 waits for an acceptor to notice its listener was shut down before
-#: it is interrupted; it is woken at once, so this only bounds a misbehaving manager.
-ACCEPTOR_STOP_TIMEOUT = 5.0
+def _peer_error(exc: BaseException) -> bool:
+    """The peer reset or vanished: a ConnectionError, or a runtime's wrapper of one.
+
+    trio reports a reset as ``trio.BrokenResourceError`` caused by the
+    ConnectionResetError; that is the peer's doing too, not the handler's.
+    """
+    return isinstance(exc, ConnectionError) or isinstance(exc.__cause__, ConnectionError)
 
 
 def _close_quietly(obj: Any) -> None:
@@ -662,7 +664,7 @@ def default_exception_handler(
 ) -> None:
     """Log a handler's exception: peer resets in one line, anything else with its traceback."""
     peer = info.peer_str if info is not None else "?"
-    if isinstance(exc, ConnectionError):
+    if _peer_error(exc):
         log.info("connection from %s ended by the peer: %s", peer, exc.__class__.__name__)
     else:
         log.error("handler for %s raised %s", peer, exc.__class__.__name__, exc_info=exc)

@@ -107,6 +107,16 @@ class _RuntimeBase(Protocol):
         """
         ...
 
+    def wake_listener(self, listener: Any) -> None:
+        """Make a task waiting in ``listener.accept()`` return soon; called from any thread.
+
+        A runtime whose manager interrupts tasks itself (gevent kills, trio cancels)
+        may do nothing: the server stops acceptors with ``stop_task(id, 0)``. A
+        thread-based runtime must wake the thread (see ``WakeableListener``). Never
+        ``shutdown()`` the listener: other processes may share it.
+        """
+        ...
+
     def close(self) -> None:
         """Release what the runtime holds (a loop thread, a hub); idle runtimes may reopen."""
         ...

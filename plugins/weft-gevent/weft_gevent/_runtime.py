@@ -119,6 +119,9 @@ class GeventRuntime:
         finally:
             self._hubs.release()
 
+    def wake_listener(self, listener: Any) -> None:
+        """Nothing to do: the manager interrupts the acceptor (kills it with TaskShutdown) when it stops."""
+
     def slots(self, n: int) -> SyncSlots:
         """A ``gevent.lock.Semaphore`` of ``n``, for use inside the hub's tasks."""
         return cast(SyncSlots, gevent.lock.Semaphore(n))

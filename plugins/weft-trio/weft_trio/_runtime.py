@@ -139,6 +139,9 @@ class TrioRuntime:
         """
         return trio.socket.from_stdlib_socket(sock)
 
+    def wake_listener(self, listener: Any) -> None:
+        """Nothing to do: the manager interrupts the acceptor (cancels its scope) when it stops."""
+
     def slots(self, n: int) -> TrioSlots:
         """A ``trio.Semaphore`` of ``n`` slots."""
         return TrioSlots(n)

@@ -1,0 +1,249 @@
+"""``weft serve`` in a real process, for test_workers.py and test_activation.py.
+
+Two halves: handlers that the served process imports (``_serving:handle`` and
+friends, found through PYTHONPATH), and :class:`Served`, which the tests use to run
+a command and wait for lines on its stderr.
+
+Every connection first gets the serving process's pid on a line of its own, so a
+test can tell which worker served it. Then ``hold`` is answered ``holding``; the
+handler waits for end of input (the client closing, or a graceful stop's
+half-close) and answers ``done``: a reply written while the server stops. With
+``handle``, ``stall`` is answered ``stalling`` and then nothing, for a minute, stop
+or no stop: a handler that outlives any graceful timeout a test sets (threads only,
+as it blocks its thread). Anything else is echoed back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HOLD = b"hold\n"
+STALL = b"stall\n"
+STALL_SECONDS = 60
+
+# -- run by weft serve ------------------------------------------------------------------
+
+
+def handle(conn: Any) -> None:
+    """The sync flavour: threads and gevent (``conn`` is a socket)."""
+    conn.sendall(b"%d\n" % os.getpid())
+    while data := conn.recv(65536):
+        if data == HOLD:
+            conn.sendall(b"holding\n")
+            while conn.recv(65536):
+                pass
+            conn.sendall(b"done\n")
+            return
+        if data == STALL:
+            conn.sendall(b"stalling\n")
+            time.sleep(STALL_SECONDS)
+            return
+        conn.sendall(data)
+
+
+async def handle_async(stream: Any) -> None:
+    """The trio flavour (``stream`` is a trio.SocketStream)."""
+    await stream.send_all(b"%d\n" % os.getpid())
+    while data := await stream.receive_some(65536):
+        if data == HOLD:
+            await stream.send_all(b"holding\n")
+            while await stream.receive_some(65536):
+                pass
+            await stream.send_all(b"done\n")
+            return
+        await stream.send_all(data)
+
+
+def report_env(conn: Any) -> None:
+    """Send the pid line, then the LISTEN_* variables this process sees, as JSON."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")}
+    conn.sendall(b"%d\n%s\n" % (os.getpid(), json.dumps(env).encode()))
+
+
+# -- used by the tests --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+HANDLERS = {
+    "threads": "_serving:handle",
+    "gevent": "_serving:handle",
+    "trio": "_serving:handle_async",
+}
+LISTENING = r"\] weft: listening on (\S+) \(manager (\S+)\)"
+READY = r"\[(\d+)\] \[INFO\] weft: worker ready on (\S+)"
+STARTED = r"weft\.workers: worker (\d+) started"
+
+
+def environment() -> dict[str, str]:
+    """This environment without WEFT_*/LISTEN_*, with the repo and tests/ importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEFT_", "LISTEN_"))}
+    paths = [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
+def weft_serve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "weft_core", "serve", *args]
+
+
+def free_port() -> int:
+    """A port nobody listens on now (for tools that cannot take port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def need(tool: str) -> str:
+    import pytest
+
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(
+            f"{tool} is not installed (Debian package: systemd for systemd-socket-activate)"
+        )
+    return path
+
+
+class Served:
+    """A process whose stderr is read line by line in the background."""
+
+    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str] | None = None,
+                 **popen: Any) -> None:  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=environment() if env is None else env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        self.lines: list[str] = []
+        self.closed = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 30) -> list[re.Match[str]]:
+        """Wait until ``count`` stderr lines match ``pattern``; return the matches."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [m for line in self.lines if (m := regex.search(line))]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0:
+                    why = "stderr closed" if self.closed else f"{timeout}s passed"
+                    raise AssertionError(
+                        f"{why} before {count} line(s) matched {pattern!r}:\n{''.join(self.lines)}"
+                    )
+                self._changed.wait(left)
+
+    def wait_closed(self, timeout: float = 30) -> None:
+        """Wait until every writer of stderr has gone (the process and its children)."""
+        self._reader.join(timeout)
+        assert not self._reader.is_alive(), f"stderr still open after {timeout}s:\n{self.text}"
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def finish(self, timeout: float = 30) -> int:
+        """Wait for the process to exit; return its status."""
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)
+        if not self._reader.is_alive() and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Client:
+    """A line-reading client of the test handlers."""
+
+    def __init__(self, address: tuple[str, int] | str, timeout: float = 20) -> None:
+        if isinstance(address, str):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
+        else:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        self.buffer = b""
+        self.pid = int(self.line())
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed; unread: {self.buffer!r}")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def echo(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        received = b""
+        while len(received) < len(data):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+    def rest(self) -> bytes:
+        """Everything until the server closes."""
+        data = self.buffer
+        while chunk := self.sock.recv(65536):
+            data += chunk
+        self.buffer = b""
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,355 @@
+"""``weft serve --workers N``: one address, N supervised worker processes.
+
+Real processes on loopback. Every wait is on a line of the supervisor's stderr or a
+reply, bounded by a timeout; nothing sleeps and then asserts. The handlers are in
+``tests/_serving.py``: each connection first gets the serving worker's pid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+from datetime import date, datetime, timezone
+from datetime import time as dtime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _serving import (
+    HANDLERS,
+    LISTENING,
+    READY,
+    STARTED,
+    Client,
+    Served,
+    environment,
+    host_port,
+    weft_serve,
+)
+
+from weft_core import _registry
+from weft_core._config import parse_option_value
+from weft_core._workers import (
+    RESTART_DELAY_MAX,
+    RESTART_DELAY_MIN,
+    RESTART_RESET_AFTER,
+    describe_exit,
+    option_text,
+    restart_delay,
+    worker_args,
+)
+
+
+@pytest.fixture(params=sorted(HANDLERS))
+def manager(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name not in _registry.available_managers():
+        pytest.skip(f"weft-{name} is not installed")
+    return name
+
+
+def start(tmp_path: Path, manager: str, *extra: str, workers: int = 2) -> tuple[Served, str]:
+    """Start a supervisor; return it and its address once every worker is ready."""
+    served = Served(
+        weft_serve(HANDLERS[manager], "--manager", manager, "--workers", str(workers),
+                   "--bind", "127.0.0.1:0", "--graceful-timeout", "20", *extra),
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        ((address, named),) = (m.groups() for m in served.wait_for(LISTENING))
+        assert named == manager
+        served.wait_for(READY, count=workers)
+    except BaseException:
+        served.kill()
+        raise
+    return served, address
+
+
+def pids_serving(address: str, want: set[int], timeout: float = 30) -> set[int]:
+    """Connect (and echo) until every pid in ``want`` has served a connection."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while not want <= seen:
+        assert time.monotonic() < deadline, f"only {seen} served within {timeout}s; want {want}"
+        with Client(host_port(address)) as client:
+            assert client.echo(b"ping") == b"ping"
+            seen.add(client.pid)
+    return seen
+
+
+def ready_pids(served: Served, count: int) -> set[int]:
+    return {int(m.group(1)) for m in served.wait_for(READY, count=count)}
+
+
+# -- serving --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_every_worker_serves_one_address(tmp_path: Path, manager: str) -> None:
+    served, address = start(tmp_path, manager)
+    with served:
+        workers = ready_pids(served, 2)
+        started = {int(m.group(1)) for m in served.wait_for(STARTED, count=2)}
+        assert workers == started
+        assert pids_serving(address, workers) == workers
+        # The supervisor's line is the only "listening on": workers say "worker ready on".
+        assert len(re.findall(LISTENING, served.text)) == 1
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    for pid in workers:
+        assert f"worker {pid} exited with " in served.text
+    assert "Traceback" not in served.text
+
+
+@pytest.mark.timeout(90)
+def test_one_worker_stopping_leaves_the_socket_to_the_others(tmp_path: Path) -> None:
+    served, address = start(tmp_path, "threads")
+    with served:
+        first = ready_pids(served, 2)
+        leaving, staying = sorted(first)
+        os.kill(leaving, signal.SIGTERM)
+        served.wait_for(rf"worker {leaving} exited with 0 after")
+        assert pids_serving(address, {staying}) >= {staying}
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert f"worker {staying} exited with 0" in served.text
+    assert "ERROR" not in served.text
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_worker_is_replaced(tmp_path: Path, manager: str) -> None:
+    served, address = start(tmp_path, manager)
+    with served:
+        first = ready_pids(served, 2)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        served.wait_for(rf"worker {victim} exited with SIGKILL after [\d.]+s; starting another in")
+        (newcomer,) = ready_pids(served, 3) - first
+        assert pids_serving(address, {newcomer}) >= {newcomer}
+        assert pids_serving(address, first - {victim} | {newcomer})
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert served.text.count("worker ready on") == 3
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_workers_and_exits_0(tmp_path: Path, manager: str, signum: int) -> None:
+    served, address = start(tmp_path, manager)
+    with served, Client(host_port(address)) as client:
+        assert client.echo(b"before\n") == b"before\n"
+        client.sock.sendall(b"hold\n")
+        assert client.line() == b"holding"
+        began = time.monotonic()
+        served.signal(signum)
+        # The worker's stop half-closes the connection; the handler still answers.
+        assert client.rest() == b"done\n"
+        assert served.finish(timeout=30) == 0, served.text
+        assert time.monotonic() - began < 20  # within --graceful-timeout
+    name = signal.Signals(signum).name
+    assert f"received {name}: stopping 2 worker(s)" in served.text
+    assert "killing" not in served.text
+
+
+@pytest.mark.timeout(60)
+def test_second_signal_kills_workers_at_once(tmp_path: Path) -> None:
+    served, address = start(tmp_path, "threads")
+    with served, Client(host_port(address)) as client:
+        client.sock.sendall(b"stall\n")  # the handler outlives the graceful timeout
+        assert client.line() == b"stalling"
+        served.signal(signal.SIGTERM)
+        served.wait_for("received SIGTERM: stopping")
+        served.signal(signal.SIGTERM)
+        assert served.finish(timeout=15) == 1, served.text  # well before --graceful-timeout 20
+    assert "received SIGTERM again: killing the workers" in served.text
+
+
+@pytest.mark.timeout(60)
+def test_worker_that_will_not_stop_is_killed(tmp_path: Path) -> None:
+    # A worker that ignores SIGTERM, and keeps weft serve from handling it.
+    (tmp_path / "stubborn.py").write_text(textwrap.dedent("""
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal = lambda signum, handler: signal.SIG_IGN
+        from _serving import handle
+    """))  # fmt: skip
+    served = Served(
+        weft_serve("stubborn:handle", "--workers", "2", "--bind", "127.0.0.1:0",
+                   "--graceful-timeout", "0.5"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        served.wait_for(READY, count=2)
+        began = time.monotonic()
+        served.signal(signal.SIGTERM)
+        assert served.finish(timeout=30) == 1, served.text
+        took = time.monotonic() - began
+    assert served.text.count("after SIGTERM: killing it") == 2
+    assert served.text.count("exited with SIGKILL") == 2
+    assert 5.5 <= took < 20  # graceful timeout + EXIT_MARGIN, not much more
+
+
+@pytest.mark.timeout(60)
+def test_workers_stop_when_the_supervisor_dies(tmp_path: Path) -> None:
+    served, _ = start(tmp_path, "threads")
+    with served:
+        workers = ready_pids(served, 2)
+        served.proc.kill()
+        served.proc.wait()
+        served.wait_for(r"the supervisor is gone: stopping", count=2)
+        served.wait_closed()  # every worker has exited: no writer of stderr is left
+    for pid in workers:
+        assert f"[{pid}] [INFO] weft: stopped" in served.text
+
+
+@pytest.mark.timeout(60)
+def test_a_socket_shut_down_under_the_workers_stops_the_supervisor(tmp_path: Path) -> None:
+    with socket.socket() as shared:
+        shared.bind(("127.0.0.1", 0))
+        shared.listen()
+        port = shared.getsockname()[1]
+        fd = shared.fileno()
+        argv = weft_serve("_serving:handle", "--fd", str(fd), "--workers", "2")
+        with Served(argv, cwd=tmp_path, pass_fds=[fd]) as served:
+            ready_pids(served, 2)
+            shared.shutdown(socket.SHUT_RD)  # in every process that shares it
+            assert served.finish() == 1, served.text
+    assert f"the listening socket on 127.0.0.1:{port} no longer listens" in served.text
+    assert "starting another" not in served.text
+
+
+# -- restarts -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_loop_backs_off(tmp_path: Path) -> None:
+    # os._exit at import: not a handler import error (exit 2) but a crash (exit 3).
+    (tmp_path / "crasher.py").write_text("import os\nos._exit(3)\n")
+    served = Served(weft_serve("crasher:handle", "--workers", "2"), cwd=tmp_path)
+    with served:
+        exits = served.wait_for(r"exited with 3 after [\d.]+s; starting another in (\S+)s", 8)
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    # Each of the two workers' places backs off on its own: 0.1, 0.2, 0.4, ... seconds.
+    delays = sorted(float(m.group(1)) for m in exits)
+    assert delays[:6] == [0.1, 0.1, 0.2, 0.2, 0.4, 0.4]
+    assert set(delays) <= {0.1, 0.2, 0.4, 0.8, 1.6}
+
+
+def test_restart_delay_doubles_to_a_cap_and_resets_after_a_healthy_run() -> None:
+    delays = [restart_delay(None, 0.0)]
+    for _ in range(12):
+        delays.append(restart_delay(delays[-1], 1.0))
+    assert delays[:4] == [RESTART_DELAY_MIN, 0.2, 0.4, 0.8]
+    assert delays[-1] == RESTART_DELAY_MAX
+    assert max(delays) == RESTART_DELAY_MAX
+    assert restart_delay(RESTART_DELAY_MAX, RESTART_RESET_AFTER) == RESTART_DELAY_MIN
+
+
+@pytest.mark.timeout(60)
+def test_handler_mistake_in_workers_stops_with_2(tmp_path: Path) -> None:
+    served = Served(weft_serve("no_such_module:handle", "--workers", "2"), cwd=tmp_path)
+    with served:
+        assert served.finish() == 2, served.text
+    assert "cannot import handler 'no_such_module:handle'" in served.text
+    assert "which a restart cannot fix; stopping" in served.text
+
+
+@pytest.mark.timeout(60)
+def test_bind_error_in_supervisor_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            weft_serve("_serving:handle", "--workers", "2", "--bind", f"127.0.0.1:{port}"),
+            cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "worker" not in result.stderr  # none was started
+
+
+# -- Unix sockets -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_workers_on_a_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "w.sock"
+    served = Served(weft_serve("_serving:handle", "--workers", "2", "--bind", f"unix:{path}"),
+                    cwd=tmp_path)  # fmt: skip
+    with served:
+        served.wait_for(rf"listening on unix:{re.escape(str(path))} ")
+        served.wait_for(READY, count=2)
+        with Client(str(path)) as client:
+            assert client.echo(b"over unix") == b"over unix"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert not path.exists()
+
+
+# -- what a worker is given -----------------------------------------------------------------
+
+
+def test_worker_args_repeat_the_settings_without_bind_or_workers() -> None:
+    flags: dict[str, Any] = {
+        "handler": "app:handle",
+        "manager": "gevent",
+        "max_connections": "none",
+        "full_wait": "-1",
+        "proxy_protocol": True,
+        "idle_timeout": None,
+        "workers": "4",
+        "bind": ["127.0.0.1:5000"],
+        "manager_options": {"limit": 5, "mode": "fast"},
+    }
+    assert worker_args(flags, "conf/weft.toml") == [
+        "app:handle",
+        "--config=conf/weft.toml",
+        "--manager=gevent",
+        "--max-connections=none",
+        "--full-wait=-1",
+        "--proxy-protocol",
+        "--manager-option=limit=5",
+        "--manager-option=mode=fast",
+        "--workers=1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        5, -3, 0.25, 1e100, math.inf, -math.inf, True, False, "plain", "5", "true", "[1]",
+        "with \"quotes\" and \\ and \n\t\x7f\x01 and é", "", [1, "a", [True]],
+        {"a": 1, "b c": ["x"]}, date(2024, 1, 2), datetime(2024, 1, 2, 3, 4, 5, 6, timezone.utc),
+        dtime(1, 2, 3),
+    ],
+)  # fmt: skip
+def test_manager_options_reach_workers_unchanged(value: Any) -> None:
+    assert parse_option_value(option_text(value)) == value
+
+
+def test_nan_reaches_workers_as_nan() -> None:
+    assert math.isnan(parse_option_value(option_text(math.nan)))
+
+
+def test_exits_are_described_by_status_or_signal() -> None:
+    assert describe_exit(0) == "0"
+    assert describe_exit(3) == "3"
+    assert describe_exit(-signal.SIGKILL) == "SIGKILL"
+
+
+def test_supervisor_fd_must_be_open(tmp_path: Path) -> None:
+    result = subprocess.run(
+        weft_serve("_serving:handle", "--supervisor-fd", "987"),
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--supervisor-fd 987" in result.stderr
+    assert "set by `weft serve --workers N`" in result.stderr

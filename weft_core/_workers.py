@@ -1,0 +1,533 @@
+"""Supervised worker processes: ``weft serve --workers N`` (DESIGN section 7).
+
+The supervisor binds every listening socket **once**, logs ``listening on ...`` for
+each, then starts N workers. A worker is a fresh interpreter running an ordinary
+``weft serve`` with the same command line, except ``--workers=1`` and one
+``--bind=fd:N`` per inherited socket, and it re-reads the same config file and
+``WEFT_*`` variables. So:
+
+- every manager works: gevent's hub and trio's loop start in a process that never
+  forked from one (a forked hub or loop is not usable);
+- no ``SO_REUSEPORT`` is needed, and no connection attempt is lost while a worker
+  restarts: the kernel's queue belongs to the supervisor's socket, which outlives
+  every worker;
+- a restarted worker imports the handler afresh, so it runs the code on disk now.
+
+The supervisor replaces a worker that exits, after a back-off that grows while
+workers keep dying young (see the ``RESTART_*`` constants). SIGTERM or SIGINT stops
+it: it closes its own copies of the sockets, sends SIGTERM to every worker (each
+stops gracefully within ``graceful_timeout``), waits, and exits 0; a worker still
+running ``graceful_timeout + EXIT_MARGIN`` later is killed and the exit status is 1.
+A second signal kills the workers at once. A worker exiting with status 2 (a
+mistake in the command, the config or the handler, which no restart can fix)
+stops everything, and the supervisor exits 2.
+
+Each worker holds the read end of a pipe whose write end only the supervisor has:
+when the supervisor dies, even by SIGKILL, the worker reads end-of-file and stops
+gracefully instead of serving on as an orphan.
+
+What does not live here: serving (each worker is a plain ``weft serve``), config
+(``_config``), opening sockets (``_listeners``), socket activation (``_activation``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from ._cli import EXIT_RUNTIME, EXIT_USAGE
+from ._config import Config, parse_option_value
+from ._connection import format_address
+from ._endpoints import Endpoint, parse_endpoint
+from ._errors import ConfigError
+from ._listeners import ListenTarget, close_listener, open_listeners
+from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
+
+__all__ = [
+    "EXIT_MARGIN",
+    "RESTART_DELAY_MAX",
+    "RESTART_DELAY_MIN",
+    "RESTART_RESET_AFTER",
+    "Supervisor",
+    "become_worker",
+    "restart_delay",
+    "supervise",
+    "worker_args",
+]
+
+log = logging.getLogger("weft.workers")
+# The "listening on" line is weft serve's own (logger "weft"), whatever the process.
+serve_log = logging.getLogger("weft")
+
+#: Back-off before replacing a worker that exited: the first replacement waits
+#: RESTART_DELAY_MIN, each further one in a row twice as long, up to RESTART_DELAY_MAX,
+#: so a worker that crashes at start costs one start every 10 s rather than a
+#: spinning CPU and a flooded log (gunicorn and systemd's RestartSec= back off too).
+RESTART_DELAY_MIN = 0.1
+RESTART_DELAY_MAX = 10.0
+#: A worker that ran this long was healthy: the next replacement is quick again.
+#: 30 s is longer than any start-up (imports, a gevent hub, a trio loop) we measured.
+RESTART_RESET_AFTER = 30.0
+#: Beyond graceful_timeout, how long a stopping worker gets to finish: its stop()
+#: interrupts what is left, waits up to INTERRUPT_WAIT (5 s) for it, then the
+#: interpreter exits. Only a worker still running after that is killed.
+EXIT_MARGIN = 5.0
+#: The longest the supervisor sleeps without a signal. SIGCHLD and SIGTERM wake it at
+#: once through the wakeup pipe; this is only a backstop, so it costs nothing.
+_IDLE_WAKE = 5.0
+
+#: The message weft serve logs once listening. In a worker it would repeat the
+#: supervisor's line (which tools and tests wait for) N times, so a worker logs it
+#: as ``worker ready on ...`` instead: the sign that this worker serves.
+LISTENING_MESSAGE = "listening on %s (manager %s)"
+WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
+
+# Config keys given on weft serve's command line that a worker gets in another form.
+_NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
+
+
+# -- the supervisor's side -----------------------------------------------------------
+
+
+def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None) -> int:
+    """Serve with ``config.workers`` supervised workers; return the exit status.
+
+    ``flags`` are the config keys weft serve's command line set (as given there, None
+    for unset) and ``config_file`` its ``--config``: the workers get them again.
+
+    Error handling: raises BindError (naming the address) if a socket cannot be
+    bound, and ConfigError off POSIX or outside the main thread, before any worker
+    starts. Resource handling: the sockets are closed (and a Unix socket file
+    removed) when the supervisor starts stopping, so new clients are refused at once.
+    """
+    if os.name != "posix":
+        raise ConfigError("worker processes need a POSIX system", key="workers")
+    if threading.current_thread() is not threading.main_thread():
+        raise ConfigError("worker processes are supervised from the main thread", key="workers")
+    listeners = open_listeners(
+        _targets(config),
+        family=config.get("family", "auto"),
+        backlog=config.get("backlog", DEFAULT_BACKLOG),
+        reuse_port=config.get("reuse_port", False),
+    )
+
+    def close_listeners() -> None:
+        while listeners:
+            close_listener(listeners.pop())
+
+    try:
+        manager = config.get("manager") or DEFAULT_MANAGER
+        for listener in listeners:
+            serve_log.info(LISTENING_MESSAGE, listener.address, manager)
+        sockets = [listener.sock for listener in listeners]
+        args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
+
+        def command(link: int) -> list[str]:
+            return [sys.executable, "-m", "weft_core", "serve", *args, f"--supervisor-fd={link}"]
+
+        supervisor = Supervisor(
+            command,
+            sockets,
+            config.workers,
+            config.graceful_timeout,
+            on_stop=close_listeners,
+        )
+        return supervisor.run()
+    finally:
+        close_listeners()
+
+
+def _targets(config: Config) -> list[ListenTarget]:
+    """Where to listen, as Server does: ``bind``, else ``address`` and ``port``."""
+    bind: list[str] | None = config.values.get("bind")
+    if bind:
+        return [parse_endpoint(text) for text in bind]
+    address: str = config.values.get("address", "127.0.0.1")  # Server's defaults
+    if address.startswith("unix:"):
+        return [Endpoint("unix", path=address[len("unix:") :])]
+    return [Endpoint("tcp", host=address, port=config.values.get("port", 0))]
+
+
+def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
+    """The ``weft serve`` arguments for a worker: the same settings, ``--workers=1``, no bind.
+
+    Each flag key ``k`` is given back as ``--k-with-dashes=VALUE`` (so a value starting
+    with ``-`` stays a value); ``True`` as the bare flag; manager options as
+    ``--manager-option=NAME=VALUE`` with the value written so it parses back equal.
+    """
+    args: list[str] = []
+    if flags.get("handler"):
+        args.append(str(flags["handler"]))
+    if config_file is not None:
+        args.append(f"--config={config_file}")
+    for key, value in flags.items():
+        if value is None or key in _NOT_PASSED:
+            continue
+        flag = "--" + key.replace("_", "-")
+        args.append(flag if value is True else f"{flag}={value}")
+    for name, value in (flags.get("manager_options") or {}).items():
+        args.append(f"--manager-option={name}={option_text(value)}")
+    args.append("--workers=1")
+    return args
+
+
+def option_text(value: Any) -> str:
+    """Text that ``parse_option_value`` reads back as ``value`` (a TOML value, or text)."""
+    if isinstance(value, str) and parse_option_value(value) == value:
+        return value
+    return _toml(value)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise ConfigError(f"cannot pass {value!r} to a worker", key="manager_options")
+
+
+def restart_delay(previous: float | None, ran: float) -> float:
+    """The pause before replacing a worker that ran ``ran`` seconds.
+
+    ``previous`` is the pause before the one that just exited (None for the first).
+    """
+    if previous is None or ran >= RESTART_RESET_AFTER:
+        return RESTART_DELAY_MIN
+    return min(previous * 2, RESTART_DELAY_MAX)
+
+
+def describe_exit(code: int) -> str:
+    """``"1"`` for an exit status, ``"SIGKILL"`` for a death by signal."""
+    if code >= 0:
+        return str(code)
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+@dataclass
+class _Worker:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    link: int  # the write end of the worker's pipe; closing it tells the worker to stop
+    started: float
+    delay: float | None  # the back-off that preceded this worker
+
+
+class Supervisor:
+    """Start ``count`` workers, replace those that exit, stop them all on a signal.
+
+    ``command(link_fd)`` gives a worker's argv; each worker inherits ``sockets``;
+    ``on_stop`` runs as stopping starts. :meth:`run` returns the exit status.
+    """
+
+    def __init__(
+        self,
+        command: Callable[[int], list[str]],
+        sockets: Sequence[socket.socket],
+        count: int,
+        graceful_timeout: float,
+        *,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self._command = command
+        self._sockets = tuple(sockets)
+        self._count = count
+        self._graceful_timeout = graceful_timeout
+        self._on_stop = on_stop
+        self._workers: dict[int, _Worker] = {}  # by pid
+        self._due: dict[int, tuple[float, float | None]] = {}  # slot: (when, its back-off)
+        self._signals: list[int] = []
+        self._stopping = False
+        self._deadline: float | None = None
+        self._status = 0
+
+    def run(self) -> int:
+        """Supervise until stopped and every worker has exited; return the exit status."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        try:
+            now = time.monotonic()
+            self._due = dict.fromkeys(range(self._count), (now, None))
+            while True:
+                now = time.monotonic()
+                self._handle_signals(now)
+                self._reap(now)
+                if self._stopping and not self._workers:
+                    break
+                if self._stopping:
+                    self._kill_stragglers(now)
+                else:
+                    self._start_due(now)
+                select.select([wake_r], [], [], self._timeout(now))
+                while True:
+                    try:
+                        if not os.read(wake_r, 512):
+                            break
+                    except BlockingIOError:
+                        break
+            log.info("all workers stopped")
+            return self._status
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+            self._abandon()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum != signal.SIGCHLD:  # SIGCHLD only wakes the loop, which then reaps
+            self._signals.append(signum)
+
+    def _handle_signals(self, now: float) -> None:
+        while self._signals:
+            name = signal.Signals(self._signals.pop(0)).name
+            if not self._stopping:
+                log.info(
+                    "received %s: stopping %d worker(s) (graceful timeout %ss;"
+                    " send it again to quit at once)",
+                    name,
+                    len(self._workers),
+                    f"{self._graceful_timeout:g}",
+                )
+                self._begin_stop(now)
+            elif self._workers:
+                log.warning("received %s again: killing the workers", name)
+                self._kill_all()
+
+    def _begin_stop(self, now: float) -> None:
+        self._stopping = True
+        self._due.clear()
+        if self._on_stop is not None:
+            self._on_stop()
+        self._deadline = now + self._graceful_timeout + EXIT_MARGIN
+        for pid in self._workers:
+            _send(pid, signal.SIGTERM)
+
+    def _kill_stragglers(self, now: float) -> None:
+        if self._deadline is None or now < self._deadline:
+            return
+        self._deadline = None
+        for pid in self._workers:
+            log.error(
+                "worker %d still running %ss after SIGTERM: killing it",
+                pid,
+                f"{self._graceful_timeout + EXIT_MARGIN:g}",
+            )
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        self._deadline = None
+        self._status = self._status or EXIT_RUNTIME
+        for pid in self._workers:
+            _send(pid, signal.SIGKILL)
+
+    def _reap(self, now: float) -> None:
+        # waitpid(-1) rather than each Popen's poll(): as PID 1 in a container the
+        # supervisor also inherits orphans (a handler's children), which it must reap.
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            worker = self._workers.pop(pid, None)
+            if worker is None:
+                log.debug("reaped process %d (not a worker), which exited with %s", pid, code)
+                continue
+            worker.proc.returncode = code  # reaped here, so Popen must not wait for it
+            os.close(worker.link)
+            self._exited(pid, worker, code, now)
+
+    def _exited(self, pid: int, worker: _Worker, code: int, now: float) -> None:
+        what = describe_exit(code)
+        if self._stopping:
+            log.info("worker %d exited with %s", pid, what)
+        elif code == EXIT_USAGE:
+            log.error(
+                "worker %d exited with %s: a mistake in the command, config or handler"
+                " (see its message above), which a restart cannot fix; stopping",
+                pid,
+                what,
+            )
+            self._status = EXIT_USAGE
+            self._begin_stop(now)
+        elif (dead := self._dead_socket()) is not None:
+            log.warning("worker %d exited with %s", pid, what)
+            log.error(
+                "the listening socket on %s no longer listens: something shut it down"
+                " (a worker's stop can, as all share it); stopping",
+                dead,
+            )
+            self._status = EXIT_RUNTIME
+            self._begin_stop(now)
+        else:
+            ran = now - worker.started
+            delay = restart_delay(worker.delay, ran)
+            self._due[worker.slot] = (now + delay, delay)
+            log.warning(
+                "worker %d exited with %s after %.1fs; starting another in %ss",
+                pid,
+                what,
+                ran,
+                f"{delay:g}",
+            )
+
+    def _dead_socket(self) -> str | None:
+        """The address of a shared socket that no longer listens, if there is one.
+
+        ``shutdown()`` on a listening socket stops it listening in *every* process
+        that shares it, and a worker's stop may call it. Listening again is no cure:
+        with port 0 the kernel picks another port, and a socket shut down twice
+        passes its shut read side on to every connection it accepts afterwards. So
+        the supervisor stops (exit 1), for the service manager to start it afresh.
+        """
+        for sock in self._sockets:
+            if sock.fileno() != -1 and not sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+            ):
+                return format_address(sock.getsockname())
+        return None
+
+    def _start_due(self, now: float) -> None:
+        for slot, (when, delay) in sorted(self._due.items()):
+            if when <= now:
+                del self._due[slot]
+                self._spawn(slot, delay, now)
+
+    def _spawn(self, slot: int, delay: float | None, now: float) -> None:
+        # The worker holds the read end; only we hold the write end (os.pipe() gives
+        # non-inheritable descriptors, and pass_fds names just this worker's).
+        link_r, link_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                self._command(link_r),
+                pass_fds=(*(s.fileno() for s in self._sockets), link_r),
+                stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C on the terminal reaches the supervisor
+                # alone, which forwards one SIGTERM. Two signals would make a worker
+                # quit at once rather than drain.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(link_w)
+            retry = restart_delay(delay, 0.0)
+            self._due[slot] = (now + retry, retry)
+            log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
+            return
+        finally:
+            os.close(link_r)
+        self._workers[proc.pid] = _Worker(slot, proc, link_w, now, delay)
+        log.info("worker %d started", proc.pid)
+
+    def _timeout(self, now: float) -> float:
+        times = [when for when, _ in self._due.values()]
+        if self._deadline is not None:
+            times.append(self._deadline)
+        return max(0.0, min([now + _IDLE_WAKE, *times]) - now)
+
+    def _abandon(self) -> None:
+        """On an unexpected error: kill and reap whatever workers are left."""
+        for pid, worker in list(self._workers.items()):
+            _send(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            worker.proc.returncode = -signal.SIGKILL
+            os.close(worker.link)
+        self._workers.clear()
+
+
+def _send(pid: int, sig: int) -> None:
+    # os.kill, not Popen.send_signal: that polls first, and could reap the worker
+    # behind _reap's back. An unreaped worker keeps its pid, so this cannot hit
+    # another process.
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# -- the worker's side --------------------------------------------------------------
+
+
+def become_worker(supervisor_fd: int) -> None:
+    """Make this ``weft serve`` a worker of the supervisor that started it.
+
+    Stops gracefully (as on SIGTERM) when ``supervisor_fd``, the read end of a pipe
+    only the supervisor writes to, reaches end-of-file: the supervisor is gone. Logs
+    ``worker ready on ...`` where weft serve logs ``listening on ...``.
+
+    Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
+    not by hand).
+    """
+    try:
+        flags = fcntl.fcntl(supervisor_fd, fcntl.F_GETFD)
+        fcntl.fcntl(supervisor_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            f"--supervisor-fd {supervisor_fd}: {exc.strerror}; this flag is set by"
+            " `weft serve --workers N` for its workers, not by hand",
+            source="command line",
+        ) from None
+    serve_log.addFilter(_worker_ready)
+    threading.Thread(
+        target=_watch_supervisor,
+        args=(supervisor_fd,),
+        name="weft worker: supervisor watch",
+        daemon=True,
+    ).start()
+
+
+def _worker_ready(record: logging.LogRecord) -> bool:
+    if record.msg == LISTENING_MESSAGE:
+        record.msg = WORKER_READY_MESSAGE
+    return True
+
+
+def _watch_supervisor(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:
+        pass
+    log.warning("the supervisor is gone: stopping")
+    os.kill(os.getpid(), signal.SIGTERM)
