@@ -72,7 +72,7 @@ def plugin(session: nox.Session, plugin: str) -> None:
 def example_plugin(session: nox.Session) -> None:
     """Build examples/weft-pool as a wheel, install it as a stranger would, run the suite."""
     wheels = session.create_tmp()
-    session.install("build", "pytest>=8", "pytest-timeout")
+    session.install("build", "pytest>=8", "pytest-timeout", "trustme")
     session.install(".")
     session.run("python", "-m", "build", "--wheel", "--outdir", wheels, "examples/weft-pool")
     wheel = next(Path(wheels).glob("weft_pool-*.whl"))
