@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from .._connection import ConnectionInfo, current_connection, detach
-from .._errors import BindError, HandlerKindError, ServerError
+from .._errors import BindError, ConfigError, HandlerKindError, ServerError
 from .._server import Server
 from .._tasks import shutdown_requested
 from ._adapters import Body, Recv, Send, Sleep
@@ -172,6 +172,32 @@ class ServerTests(ManagerTestBase):
         with connect(server.port) as client:
             assert recv_exactly(client, 1) == b"!"
         assert seen == ["run-caller"]
+
+    def test_stream_hands_a_buffered_file(
+        self, make_server: MakeServer, handler_kind: str
+    ) -> None:
+        """stream=True hands the handler a buffered binary file; stream managers refuse it."""
+        if self.new_manager().runtime.conn_is_stream:
+            with pytest.raises(ConfigError, match="stream"):
+                make_server(echo, stream=True, start=False)
+            return
+        if handler_kind != "sync":
+            pytest.skip("stream=True is for sync handlers of socket-like connections")
+        closed: list[bool] = []
+
+        def lines(conn: Any) -> None:
+            for line in conn:  # a file: line by line
+                conn.write(line.upper())
+                conn.flush()
+            closed.append(conn.closed)
+
+        server = make_server(handler=lines, stream=True)
+        with connect(server.port) as client:
+            client.sendall(b"one\ntwo\n")
+            assert recv_exactly(client, 8) == b"ONE\nTWO\n"
+            client.shutdown(socket.SHUT_WR)
+            assert recv_until_closed(client) == b""
+        assert closed == [False], "the file stays open in the handler; weft closes it afterwards"
 
     def test_connection_closed_when_handler_returns(self, make_server: MakeServer) -> None:
         """The core closes the connection when the handler returns."""
