@@ -35,6 +35,10 @@ __all__ = [
 
 log = logging.getLogger("weft.tasks")
 
+#: How long a manager that cannot kill tasks waits for an interrupted one to end
+#: before giving up on it (see TaskState.interrupt_and_wait).
+INTERRUPT_GRACE = 2.0
+
 _current_task: contextvars.ContextVar[TaskState | None] = contextvars.ContextVar(
     "weft_current_task", default=None
 )
@@ -138,6 +142,26 @@ class TaskState:
             callbacks, self._shutdown_callbacks = self._shutdown_callbacks, []
         for callback in callbacks:
             _call_quietly(callback)
+
+    def interrupt_and_wait(self, grace: float = INTERRUPT_GRACE) -> bool:
+        """Interrupt, then wait up to ``grace`` for the task to end; True if it did.
+
+        For managers that cannot kill a task (threads): interrupting shuts its
+        connection down, which ends any blocking I/O at once, but a task stuck in
+        pure computation goes on; it is logged and left to finish on its own, since
+        a stop must not hang on it forever.
+        """
+        self.interrupt()
+        if self.done.wait(grace):
+            return True
+        log.warning(
+            "task %s (%s) is still running %.1fs after it was interrupted; a thread "
+            "cannot be killed, so it is left to finish on its own",
+            self.id,
+            self.name,
+            grace,
+        )
+        return False
 
     def interrupt(self) -> None:
         """Request shutdown, then run the interrupt callbacks, once."""

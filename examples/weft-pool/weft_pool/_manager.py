@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextvars
-import logging
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -29,17 +28,12 @@ from weft_core import BlockingRuntime, TaskState, TaskTable, run_task
 
 __all__ = ["DEFAULT_WORKERS", "MIN_WORKERS", "PoolManager", "PoolRuntime"]
 
-log = logging.getLogger("weft.pool")
 
 #: Workers when none are asked for: a small pool, as in Sagittarius; one of them
 #: goes to the server's acceptor.
 DEFAULT_WORKERS = 16
 #: One worker for the acceptor of a single listener, at least one for connections.
 MIN_WORKERS = 2
-#: After interrupting a task (its socket shut down), how long stop_task waits for it
-#: before giving up: a thread stuck in pure computation cannot be stopped by anyone,
-#: and a server's stop() must not hang on it forever. The same grace as ``threads``.
-INTERRUPT_GRACE = 2.0
 
 
 class PoolRuntime(BlockingRuntime):
@@ -188,15 +182,7 @@ class PoolManager:
                 state.interrupt()
                 state.done.set()
                 return False
-        state.interrupt()
-        if not state.done.wait(INTERRUPT_GRACE):
-            log.warning(
-                "task %s (%s) is still running %.1fs after it was interrupted; a thread "
-                "cannot be killed, so it keeps its worker until it finishes on its own",
-                task_id,
-                state.name,
-                INTERRUPT_GRACE,
-            )
+        state.interrupt_and_wait()  # a thread cannot be killed: it keeps its worker till done
         return False
 
     def all_tasks(self) -> list[Hashable]:

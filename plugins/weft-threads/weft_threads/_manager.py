@@ -8,7 +8,6 @@ the socket down, which wakes the thread from ``recv``/``send`` at once.
 from __future__ import annotations
 
 import contextvars
-import logging
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -17,13 +16,6 @@ from weft_core import TaskState, TaskTable, run_task
 from weft_core._blocking import BLOCKING_RUNTIME, BlockingRuntime
 
 __all__ = ["ThreadManager"]
-
-log = logging.getLogger("weft.threads")
-
-#: After interrupting a thread (its socket shut down), how long stop_task waits for
-#: it to finish before giving up on it: a thread stuck in pure computation cannot
-#: be stopped by anyone, and stop() must not hang on it forever.
-INTERRUPT_GRACE = 2.0
 
 
 class ThreadManager:
@@ -98,15 +90,7 @@ class ThreadManager:
         state.request_shutdown()
         if state.done.wait(timeout):
             return True
-        state.interrupt()
-        if not state.done.wait(INTERRUPT_GRACE):
-            log.warning(
-                "task %s (%s) is still running %.1fs after it was interrupted; "
-                "a thread cannot be killed, so it is left to finish on its own",
-                task_id,
-                state.name,
-                INTERRUPT_GRACE,
-            )
+        state.interrupt_and_wait()
         return False
 
     def all_tasks(self) -> list[Hashable]:
