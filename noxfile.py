@@ -45,10 +45,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy --strict on weft_core and every plugin."""
+    """mypy --strict on weft_core, every plugin and the example plugin."""
     install_weft(session, *PLUGINS)
     session.install("mypy", "types-gevent")
-    session.run("mypy", "weft_core", *[f"plugins/{p}/{p.replace('-', '_')}" for p in PLUGINS])
+    packages = [f"plugins/{p}/{p.replace('-', '_')}" for p in PLUGINS]
+    session.run("mypy", "weft_core", *packages, "examples/weft-pool/weft_pool")
 
 
 @nox.session
