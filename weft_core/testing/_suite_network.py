@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
@@ -36,6 +37,16 @@ def echo() -> Body:
         if not data:
             return
         yield Send(data)
+
+
+def _client_hello(certs: dict[str, str]) -> bytes:
+    """The bytes a real TLS client opens with (its ClientHello), made in memory."""
+    context = ssl.create_default_context(cafile=certs["ca"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 class NetworkTests(ManagerTestBase):
@@ -111,6 +122,29 @@ class NetworkTests(ManagerTestBase):
             client.sendall(b"still")
             assert recv_until_closed(client).startswith(b"still ")
         assert server.stats()["handler_errors"] == 0
+
+    def test_tls_abuse_never_blocks_the_acceptor(
+        self, make_server: MakeServer, certs: dict[str, str]
+    ) -> None:
+        """Clients that stall or vanish mid-handshake are closed and counted; others are served meanwhile."""
+        server = make_server(
+            reply_once,
+            tls={"certfile": certs["cert"], "keyfile": certs["key"]},
+            tls_handshake_timeout=1.0,
+        )
+        hello = _client_hello(certs)
+        stalled = connect(server.port)
+        stalled.sendall(hello[: len(hello) // 2])  # then silence, mid-handshake
+        with connect(server.port) as vanishing:
+            vanishing.sendall(hello[: len(hello) // 2])
+        with self.tls_client(server.port, certs) as client:  # served while one stalls
+            client.sendall(b"meanwhile")
+            assert recv_until_closed(client).startswith(b"meanwhile ")
+        with stalled:
+            assert recv_until_closed(stalled) == b"", (
+                "tls_handshake_timeout closes the stalled one"
+            )
+        wait_until(lambda: server.stats()["tls_errors"] == 2, what="both to be counted")
 
     def test_idle_timeout_closes_a_silent_client(self, make_server: MakeServer) -> None:
         """idle_timeout closes a connection that sent nothing for that long, freeing its slot."""
