@@ -13,7 +13,8 @@ Layout:
 - :mod:`benchmarks.idleclient`: a process holding many idle connections;
 - :mod:`benchmarks.procs`: starting and talking to those processes, CPU pinning;
 - :mod:`benchmarks.wrk`: running ``wrk`` and parsing its output;
-- :mod:`benchmarks.suites`: the measurements (throughput, churn, idle, stop);
+- :mod:`benchmarks.suites`: the measurements (throughput, churn, idle, stop, workers);
+- :mod:`benchmarks.workers`: ``weft serve --workers N`` processes, pinned per worker;
 - :mod:`benchmarks.report`: machine description, Markdown table, JSON, plot;
 - :mod:`benchmarks.profile`: ``python -m benchmarks profile``, py-spy on a weft server.
 """

@@ -162,7 +162,7 @@ def command_run(args: argparse.Namespace) -> int:
             skipped.append(f"{manager} (its raw backend needs {module})")
             managers.remove(manager)
     wrk_path = wrk.find()
-    if only & {"throughput", "churn"} and wrk_path is None:
+    if only & {"throughput", "churn", "workers"} and wrk_path is None:
         print(wrk.MISSING, file=sys.stderr)
         return 2
 
@@ -210,6 +210,7 @@ def command_run(args: argparse.Namespace) -> int:
         "skipped": skipped,
         "records": records,
         "summary": [vars(r) for r in report.summarise(records, summary_managers)],
+        "workers": report.workers_summary(records, managers),
     }
     stem = "quick" if args.quick else "latest"
     paths = report.write(result, out, stem)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .server import RAW_BACKENDS
+from .workers import CONNECTIONS as WORKERS_CONNECTIONS
+from .workers import LAYOUTS
 
 DISTRIBUTIONS = (
     "weft-core",
@@ -74,6 +76,10 @@ def machine(wrk_version: str | None) -> dict[str, Any]:
         "versions": versions,
         "wrk": wrk_version,
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        # Every thread-per-connection server here (weft threads, socketserver) uses the
+        # default thread stack: glibc makes it RLIMIT_STACK (virtual; RSS counts the
+        # pages a thread touches).
+        "thread_stack": resource.getrlimit(resource.RLIMIT_STACK)[0],
         "loadavg_start": loadavg(),
         "busy_start": cpu_busy(),
     }
@@ -97,6 +103,14 @@ def cpu_busy(seconds: float = BUSY_SAMPLE) -> float | None:
     return (busy1 - busy0) / max(1, total1 - total0)
 
 
+def _stack(size: int | None) -> str:
+    if size is None:
+        return "?"
+    if size == resource.RLIM_INFINITY:
+        return "unlimited (glibc default 2 MiB)"
+    return f"{size / 2**20:g} MiB virtual (RLIMIT_STACK, the default)"
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -112,6 +126,7 @@ def describe(info: dict[str, Any]) -> str:
     return (
         f"{info['cpu']}, {info['cores']} cores; {info['python']}; {info['kernel']}; "
         f"{info['wrk'] or 'wrk not found'}; {versions}; fd limit {info['nofile'][0]}; "
+        f"thread stack {_stack(info.get('thread_stack'))}; "
         f"load average at start/end {load[0]} / {load[1]}; CPU busy with others before/after "
         f"{shown}"
     )
@@ -340,6 +355,58 @@ def _count(value: float | None) -> str | None:
     return None if value is None else f"{value:,.0f}"
 
 
+def workers_summary(records: list[dict[str, Any]], managers: list[str]) -> list[dict[str, Any]]:
+    """Per manager: the medians of each worker layout, and their ratios to ``--workers 1``.
+
+    ``ratio`` is ``w2 / w1`` (two workers on cores 0 and 1, wrk sharing core 1) and
+    ``ratio_same_core`` is ``w2same / w1``, in requests per second. ``per_core_ratio``
+    compares requests per second per core the workers used (``w2`` over ``w1``):
+    whether two workers turn CPU into requests as well as one does, which the
+    contention for core 1 does not change.
+    """
+    out = []
+    for manager in managers:
+        runs = select(records, suite="workers", manager=manager)
+        if not runs:
+            continue
+        entry: dict[str, Any] = {"manager": manager, "connections": WORKERS_CONNECTIONS}
+        for name, count, cores, what in LAYOUTS:
+            rs = select(runs, impl=name)
+            per_worker = [
+                statistics.median(r["worker_cpu"][i] for r in rs) for i in range(count) if rs
+            ]
+            conns = [r["worker_conns"] for r in rs if r.get("worker_conns")]
+            rps = median(rs, "rps")
+            server_cpu = median(
+                [{"cpu": sum(r["worker_cpu"])} for r in rs if r.get("worker_cpu")], "cpu"
+            )
+            rates = [
+                {"v": r["rps"] / sum(r["worker_cpu"])} for r in rs if sum(r["worker_cpu"] or [0])
+            ]
+            entry[name] = {
+                "layout": what,
+                "workers": count,
+                "cores": list(cores),
+                "rps": rps,
+                "p50_ms": median(rs, "p50_ms"),
+                "p99_ms": median(rs, "p99_ms"),
+                "worker_cpu": per_worker,
+                "server_cpu": server_cpu,
+                "rps_per_core": median(rates, "v"),
+                "wrk_cpu": median(rs, "wrk_cpu"),
+                "worker_conns": [statistics.median(c[i] for c in conns) for i in range(count)]
+                if conns
+                else None,
+                "rps_runs": [r["rps"] for r in rs],
+            }
+        entry["ratio"] = _to_w1(entry, "w2", "rps")
+        entry["ratio_same_core"] = _to_w1(entry, "w2same", "rps")
+        entry["per_core_ratio"] = _to_w1(entry, "w2", "rps_per_core")
+        entry["per_core_ratio_same_core"] = _to_w1(entry, "w2same", "rps_per_core")
+        out.append(entry)
+    return out
+
+
 # -- Markdown ------------------------------------------------------------------------------
 
 
@@ -385,6 +452,53 @@ def reference_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _to_w1(entry: dict[str, Any], layout: str, key: str) -> float | None:
+    a, b = entry[layout][key], entry["w1"][key]
+    return float(a / b) if a and b else None
+
+
+def workers_table(entries: list[dict[str, Any]], seconds: float) -> str:
+    """``weft serve --workers 2`` beside ``--workers 1``: one row per layout."""
+    lines = [
+        f"Workers: `weft serve HANDLER --manager M --workers N`, wrk keep-alive with "
+        f"{WORKERS_CONNECTIONS} connections, {seconds:g} s per run, the layouts alternated. "
+        "Cores used are CPU seconds per second of the run. This machine has 2 cores, so "
+        "with 2 workers on cores 0 and 1 wrk shares core 1 with the second worker: the "
+        "req/s ratio is bounded by what wrk leaves of core 1, while req/s per core used "
+        "is not.",
+        "",
+        f"| manager | layout | req/s | {TIMES} 1 worker | p99 | cores used by each worker "
+        f"| req/s per core used ({TIMES} 1 worker) | wrk's cores | conns per worker |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for entry in entries:
+        name = f"**{entry['manager']}**"
+        for layout, *_ in LAYOUTS:
+            m = entry[layout]
+            if layout == "w1":
+                ratio, per_core = "1", ""
+            elif layout == "w2":
+                ratio = f"**{_times(entry['ratio'])}**"
+                per_core = f" ({_times(entry['per_core_ratio'])})"
+            else:
+                ratio = _times(entry["ratio_same_core"])
+                per_core = f" ({_times(entry['per_core_ratio_same_core'])})"
+            cpu = " + ".join(f"{c:.2f}" for c in m["worker_cpu"]) or "—"
+            wrk_cpu = "—" if m["wrk_cpu"] is None else f"{m['wrk_cpu']:.2f}"
+            conns = " + ".join(f"{c:.0f}" for c in m["worker_conns"] or []) or "—"
+            lines.append(
+                f"| {name} | {m['layout']} | {_fmt(m['rps'], 'req/s')} | {ratio} | "
+                f"{_fmt(m['p99_ms'], 'ms')} | {cpu} | {_fmt(m['rps_per_core'], 'req/s')}"
+                f"{per_core} | {wrk_cpu} | {conns} |"
+            )
+            name = ""
+    return "\n".join(lines)
+
+
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}{TIMES}"
+
+
 def markdown(result: dict[str, Any], plot_name: str | None) -> str:
     opts = result["options"]
     info = result["machine"]
@@ -402,6 +516,8 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
         "",
         table([r for r in rows if r.manager != "asyncio"], raw_names),
     ]
+    if result.get("workers"):
+        parts += ["", workers_table(result["workers"], opts["seconds"])]
     reference = [r for r in rows if r.manager == "asyncio"]
     if reference:
         parts += [
@@ -467,7 +583,12 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     rows = [Row(**r) for r in result["summary"]]
     managers = list(result["options"]["managers"])
     colours = {m: f"C{i}" for i, m in enumerate([*managers, "asyncio"])}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5), gridspec_kw={"width_ratios": [2, 1.5, 1]})
+    workers = result.get("workers") or []
+    # The ratios across the top; idle memory, stop time and workers below.
+    fig = plt.figure(figsize=(16, 10.5))
+    below = 3 if workers else 2
+    grid = fig.add_gridspec(2, below, width_ratios=[1.5, 1, 1.1][:below])
+    axes = [fig.add_subplot(grid[0, :])] + [fig.add_subplot(grid[1, i]) for i in range(below)]
 
     ax = axes[0]
     picked = _ratio_panels(rows)
@@ -530,6 +651,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("seconds")
     ax.set_title("server.stop() with idle connections", fontsize=10)
 
+    if workers:
+        _workers_panel(axes[3], workers, colours)
+
     info = result["machine"]
     fig.suptitle(
         f"weft benchmarks, {'quick' if result['options']['quick'] else 'full'} run: "
@@ -539,6 +663,30 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _workers_panel(ax: Any, workers: list[dict[str, Any]], colours: dict[str, str]) -> None:
+    """``--workers 2`` / ``--workers 1`` per manager: req/s, and req/s per core used."""
+    groups = [
+        ("ratio", "req/s\ncores 0+1\n(wrk shares 1)"),
+        ("per_core_ratio", "req/s per core\ncores 0+1"),
+        ("ratio_same_core", "req/s\nboth on core 0"),
+    ]
+    width = 0.8 / max(1, len(workers))
+    for i, entry in enumerate(workers):
+        xs = [j + i * width for j in range(len(groups))]
+        ys = [entry[key] or 0 for key, _ in groups]
+        ax.bar(xs, ys, width, label=entry["manager"], color=colours.get(entry["manager"], "C0"))
+        for x, y in zip(xs, ys, strict=True):
+            ax.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(2.0, color="grey", linewidth=0.6, linestyle="--")
+    ax.set_ylim(0, 2.2)
+    ax.set_xticks([j + width * (len(workers) - 1) / 2 for j in range(len(groups))])
+    ax.set_xticklabels([label for _, label in groups], fontsize=8)
+    ax.set_ylabel(f"2 workers / 1 worker ({WORKERS_CONNECTIONS} conns, keep-alive)")
+    ax.set_title("weft serve --workers 2 / --workers 1", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
 
 
 def write(result: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:

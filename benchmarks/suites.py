@@ -7,6 +7,7 @@ every single measurement becomes one record (a dict), and medians are taken late
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import sys
@@ -15,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import wrk
+from . import workers, wrk
 from .procs import Child, ServerProcess
 from .server import RAW_BACKENDS
 
-SUITES = ("throughput", "churn", "idle", "stop")
+SUITES = ("throughput", "churn", "idle", "stop", "workers")
 #: Pause before reading RSS, so the server has finished reacting to the last batch.
 SETTLE = 0.5
 #: An idle step of MAX asks for as many connections as the server's fd limit, which
@@ -80,6 +81,8 @@ class Recorder:
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_short(v) for v in value) + "]"
     return str(value)
 
 
@@ -308,6 +311,28 @@ def stop_suite(manager: str, opts: Options, rec: Recorder) -> None:
             )
 
 
+# -- workers: weft serve --workers 2 against --workers 1 ------------------------------------
+
+
+def workers_suite(manager: str, kind: str, opts: Options, rec: Recorder) -> None:
+    """Every layout of :data:`workers.LAYOUTS` up at once, measured in turn, ``runs`` times."""
+    assert opts.wrk is not None
+    log = opts.logdir / "workers.log"
+    with contextlib.ExitStack() as stack:
+        servers = [
+            (name, stack.enter_context(workers.Serve(manager, kind, count, cores, log)))
+            for name, count, cores, _ in workers.LAYOUTS
+        ]
+        for _, server in servers:  # warm-up, not recorded; then pin the threads it made
+            assert server.port is not None
+            wrk.run(opts.wrk, server.port, workers.CONNECTIONS, opts.warmup)
+            server.pin()
+        for run in range(opts.runs):
+            for name, server in servers:
+                result = workers.measure(server, opts.wrk, opts.seconds)
+                rec.add("workers", manager, name, f"c={workers.CONNECTIONS}", run, **result)
+
+
 def run_all(opts: Options, specs: dict[str, Any]) -> Recorder:
     """Every requested suite for every requested manager, then the asyncio reference."""
     rec = Recorder()
@@ -320,7 +345,9 @@ def run_all(opts: Options, specs: dict[str, Any]) -> Recorder:
             idle_suite(manager, flavour, opts, rec)
         if "stop" in opts.only:
             stop_suite(manager, opts, rec)
-    if opts.reference:
+        if opts.wrk and "workers" in opts.only:
+            workers_suite(manager, specs[manager].handler_kind, opts, rec)
+    if opts.reference and opts.only - {"workers"}:
         progress("== asyncio reference (asyncio.start_server)")
         reference_suites(opts, rec)
     return rec
