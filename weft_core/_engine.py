@@ -409,6 +409,7 @@ class Engine:
 
     def _finish(self, conn: Conn) -> None:
         """Forget the connection and free its slot, once."""
+        conn.state = None  # conn -> state -> callbacks -> conn: leave no cycle for the GC
         with self.lock:
             present = self.conns.pop(id(conn), None) is not None
             self.changed.notify_all()
@@ -609,8 +610,9 @@ class Engine:
     def request_shutdown(self, conns: list[Conn]) -> None:
         """Phase 2: flag every connection's task and end its input."""
         for conn in conns:
-            if conn.state is not None:
-                conn.state.request_shutdown()
+            state = conn.state  # read once: the task may finish and clear it meanwhile
+            if state is not None:
+                state.request_shutdown()
             else:
                 _shutdown_quietly(conn.end_input)
 
@@ -626,8 +628,9 @@ class Engine:
     def interrupt(self, conns: list[Conn]) -> None:
         """Phase 3: interrupt every remaining task; close sockets of tasks that never ran."""
         for conn in conns:
-            if conn.state is not None:
-                conn.state.interrupt()
+            state = conn.state
+            if state is not None:
+                state.interrupt()
         for conn in conns:
             if conn.task_id is not None:
                 self.manager.stop_task(conn.task_id, timeout=0)
