@@ -298,8 +298,11 @@ def test_sigterm_drains_every_exchange(manager: str, tmp_path: Path) -> None:
                 late = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
             except ConnectionRefusedError:
                 break
-            with late:
-                assert closed_without_data(late), "a client arriving after SIGTERM is served"
+            except ConnectionResetError:
+                pass  # caught in the listen queue as the listener closed: reset, not served
+            else:
+                with late:
+                    assert closed_without_data(late), "a client arriving after SIGTERM is served"
             assert time.monotonic() - signalled < SLACK * 2, "still accepting after SIGTERM"
         refused_after = time.monotonic() - signalled
         readers.until_closed()
