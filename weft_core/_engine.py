@@ -380,8 +380,12 @@ class Engine:
         self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception
     ) -> None:
         state = conn.state
-        if state is not None and state.interrupted and isinstance(exc, OSError):
-            return  # we shut its socket down ourselves: not the handler's fault
+        if state is not None and state.interrupted:
+            # We cut it off (its socket shut down, its task cancelled): whatever it
+            # raised on the way out - OSError, or a runtime's wrapper such as trio's
+            # ClosedResourceError - is our doing, not the handler's fault.
+            log.debug("handler for %s cut off by the stop: %r", info.peer_str, exc)
+            return
         if isinstance(exc, TimeoutError) and self.cfg.idle_timeout is not None:
             with self.lock:
                 self.counts["idle_timeouts"] += 1
