@@ -7,106 +7,56 @@ sleep). :class:`Readers` reads many client sockets at once until each is closed.
 
 from __future__ import annotations
 
-import os
 import re
 import selectors
 import signal
 import socket
 import struct
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from _serving import Served, environment, weft_serve
+
 from weft_core.testing._support import WAIT
 
-HERE = Path(__file__).parent
-REPO = HERE.parent
 LISTENING = re.compile(r"listening on (\S+):(\d+) \(manager (\S+)\)")
 
 
-def _env() -> dict[str, str]:
-    # WEFT_* variables are config: one left in the environment would change the server.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
 class WeftServe:
-    """``weft serve ARGS`` in a subprocess; stderr is collected line by line."""
+    """``weft serve ARGS`` in a subprocess; stderr is collected line by line.
+
+    A thin face over ``_serving.Served`` (the same stderr reader the worker tests
+    use) with the calls the fault tests make.
+    """
 
     def __init__(self, *args: str, cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "weft_core", "serve", *args],
-            cwd=cwd,
-            env=_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._done = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._done = True
-            self._changed.notify_all()
+        self.served = Served(weft_serve(*args), cwd=cwd, env=environment())
+        self.proc = self.served.proc
 
     @property
     def stderr(self) -> str:
-        with self._changed:
-            return "".join(self.lines)
+        return self.served.text
 
     def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
         """The first stderr line matching ``pattern``; fails on timeout or exit."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                left = deadline - time.monotonic()
-                if self._done or left <= 0:
-                    raise AssertionError(
-                        f"weft serve never logged {pattern!r} "
-                        f"({'it exited' if self._done else 'timed out'}):\n{''.join(self.lines)}"
-                    )
-                self._changed.wait(left)
+        return self.served.wait_for(pattern, 1, timeout)[0]
 
     def port(self) -> int:
         """The port it listens on, once it says so."""
         return int(self.wait_for(LISTENING.pattern).group(2))
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(signum)
+        self.served.signal(signum)
 
     def exit_code(self, timeout: float = WAIT) -> int:
         """Wait for the process to exit (and its stderr to be read); its status."""
-        code = self.proc.wait(timeout)
-        self._reader.join(timeout)
+        code = self.served.finish(timeout)
+        self.served.wait_closed(timeout)
         return code
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(WAIT)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        self.served.kill()
 
 
 def reset(sock: socket.socket) -> None:
