@@ -219,10 +219,16 @@ def command_run(args: argparse.Namespace) -> int:
     if args.docs:
         update_docs(paths["md"], DOCS)
     print(paths["md"].read_text())
-    print(
-        "written: " + ", ".join(str(p.relative_to(ROOT)) for p in paths.values()), file=sys.stderr
-    )
+    print("written: " + ", ".join(_shown(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (``--out`` may be anywhere)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def update_docs(table_md: Path, docs: Path) -> None:

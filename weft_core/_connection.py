@@ -13,6 +13,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._tasks import TaskState, current_task
+
 __all__ = ["ConnectionInfo", "current_connection", "detach", "format_address"]
 
 
@@ -28,7 +30,7 @@ def format_address(address: Any) -> str:
     return f"unix:{address}" if address else "unix:(unnamed)"
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionInfo:
     """What weft knows about the connection a handler is serving.
 
@@ -59,12 +61,40 @@ _current: contextvars.ContextVar[ConnectionInfo | None] = contextvars.ContextVar
 )
 
 
+def publish(info: ConnectionInfo, state: TaskState | None) -> contextvars.Token[Any] | None:
+    """Make ``info`` what ``current_connection()`` returns in the calling task.
+
+    On the task's state when it has one (an attribute costs nothing; a context
+    variable set per connection costs a node and a token), else in a context
+    variable. Undo with :func:`unpublish`.
+    """
+    if state is not None:
+        state.connection = info
+        return None
+    return _current.set(info)
+
+
+def unpublish(state: TaskState | None, token: contextvars.Token[Any] | None) -> None:
+    """Undo :func:`publish`."""
+    if token is not None:
+        _current.reset(token)
+    elif state is not None:
+        state.connection = None
+
+
+def _lookup() -> ConnectionInfo | None:
+    state = current_task()
+    if state is not None and state.connection is not None:
+        return state.connection  # type: ignore[no-any-return]
+    return _current.get()
+
+
 def current_connection() -> ConnectionInfo:
     """The metadata of the connection the calling handler serves.
 
     Raises LookupError outside a handler.
     """
-    info = _current.get()
+    info = _lookup()
     if info is None:
         raise LookupError("current_connection() was called outside a weft connection handler")
     return info
@@ -76,7 +106,7 @@ def detach(conn: Any) -> None:
     The caller then owns it and must close it (Sagittarius' socket detaching). Only
     the handler serving ``conn`` may detach it.
     """
-    info = _current.get()
+    info = _lookup()
     if info is None or info.conn is not conn:
         raise ValueError(
             "detach() takes the connection the calling handler was given, from inside that handler"

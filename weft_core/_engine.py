@@ -14,7 +14,7 @@ manager was full, or dropped a queued task at stop) is closed by the engine.
 
 from __future__ import annotations
 
-import functools
+import ipaddress
 import logging
 import socket
 import threading
@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from . import _acceptpolicy as policy
-from ._connection import ConnectionInfo, _current, format_address
+from ._connection import ConnectionInfo, format_address, publish, unpublish
 from ._errors import ManagerFullError, ServerError, TaskShutdown
 from ._listeners import Listener, close_listener
 from ._proxy import ProxyHeader, ProxyHeaderError, aread_proxy_header, read_proxy_header
@@ -48,28 +48,49 @@ COUNTERS = (
     "idle_timeouts",
 )
 
+#: Linux's IP_TRANSPARENT and IPV6_TRANSPARENT, per family (the socket module
+#: names the first only from Python 3.11, the second not at all).
+TRANSPARENT = {
+    socket.AF_INET: (socket.SOL_IP, getattr(socket, "IP_TRANSPARENT", 19)),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, 75),
+}
+
 #: While at the limit with on_full="backlog", the acceptor re-checks for a stop this
 #: often; it is woken sooner by a slot coming free.
 FULL_POLL = 0.1
 
 
 class Conn:
-    """One accepted connection, as the engine tracks it.
+    """One accepted connection, as the engine tracks it, and its task's thunk.
 
     ``sock`` is what the engine closes; ``shut`` is what it shuts down from other
     threads: the same socket, except under TLS, where shutting the TLS object down
     would discard its state, so the runtime hands out the plain descriptor's socket.
+
+    Calling a Conn serves it (``serve(conn)``), so the Conn itself is the thunk
+    handed to the manager, named by ``__name__``: no partial or closure is kept per
+    connection. An idle connection's memory is what limits how many a server holds.
     """
 
-    __slots__ = ("addr", "shut", "sock", "started", "state", "task_id")
+    __slots__ = ("addr", "local", "serve", "shut", "sock", "started", "state", "task_id")
 
-    def __init__(self, sock: Any, addr: Any) -> None:
+    def __init__(self, sock: Any, addr: Any, serve: Callable[[Conn], Any], local: Any) -> None:
+        self.serve = serve
         self.sock = sock
         self.shut = sock
         self.addr = addr
+        #: The local address when every connection of the listener shares it, else None.
+        self.local = local
         self.task_id: Hashable | None = None
         self.state: TaskState | None = None
         self.started = False
+
+    def __call__(self) -> Any:
+        return self.serve(self)
+
+    @property
+    def __name__(self) -> str:
+        return f"weft conn {format_address(self.addr)}"
 
     def end_input(self) -> None:
         """Phase 2 of a stop: the handler's next read sees end-of-input; writing still works."""
@@ -83,11 +104,12 @@ class Conn:
 class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
-    __slots__ = ("address", "listener", "native", "task_id")
+    __slots__ = ("address", "listener", "local", "native", "task_id")
 
     def __init__(self, listener: Listener, runtime: SyncRuntime | AsyncRuntime) -> None:
         self.listener = listener
         self.address = listener.address  # before adopting: a runtime may take the socket over
+        self.local = shared_local_address(listener.sock)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
 
@@ -101,6 +123,28 @@ class ListenerTask:
         close_listener(self.listener)
 
 
+def shared_local_address(sock: socket.socket) -> Any:
+    """The local address every connection accepted on ``sock`` has, or None if they differ.
+
+    A listener bound to one address (or a Unix path) gives each connection that
+    address, so it is read once instead of with a ``getsockname()`` per connection.
+    A wildcard listener (``0.0.0.0``, ``::``) or a transparent proxy's (where the local
+    address is whatever the client dialled) has no such address.
+    """
+    try:
+        local = sock.getsockname()
+        if sock.family == socket.AF_UNIX:
+            return local
+        level, option = TRANSPARENT.get(sock.family, (socket.SOL_IP, 0))
+        if not option or sock.getsockopt(level, option):
+            return None
+    except OSError:
+        return None
+    if not isinstance(local, tuple) or ipaddress.ip_address(local[0]).is_unspecified:
+        return None
+    return local
+
+
 class Engine:
     """Everything one run of a server holds; see the module docstring."""
 
@@ -112,7 +156,7 @@ class Engine:
         self.cfg = cfg
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.conns: dict[int, Conn] = {}
+        self.conns: set[Conn] = set()
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.slots: Any = (
             self.runtime.slots(cfg.max_connections) if cfg.max_connections is not None else None
@@ -127,6 +171,7 @@ class Engine:
         self.listeners = [ListenerTask(lst, self.runtime) for lst in listeners]
         self.on_fatal: Callable[[], None] = lambda: None
         self.listeners_closed = False
+        self._serve = self._serve_async if self.runtime.kind == "async" else self._serve_sync
 
     # -- starting ------------------------------------------------------------------
 
@@ -206,16 +251,14 @@ class Engine:
         )
         self.server._hooks().connection_refused(self.server, peer, reason)
 
-    def _hand_off(self, sock: Any, addr: Any) -> None:
+    def _hand_off(self, lt: ListenerTask, sock: Any, addr: Any) -> None:
         """Give an accepted connection (holding a slot) to the manager as a task."""
-        conn = Conn(sock, addr)
-        key = id(conn)
+        conn = Conn(sock, addr, self._serve, lt.local)
         with self.lock:
-            self.conns[key] = conn
+            self.conns.add(conn)
             self.counts["accepted"] += 1
-        thunk = self._connection_thunk(conn)
         try:
-            conn.task_id = self.manager.add_task(thunk)
+            conn.task_id = self.manager.add_task(self._thunk(conn))
         except ManagerFullError:
             self._finish(conn)
             with self.lock:
@@ -228,11 +271,14 @@ class Engine:
             self._finish(conn)
             _close_quietly(sock)
 
-    def _connection_thunk(self, conn: Conn) -> Callable[[], Any]:
-        # A partial, not a closure: one frame less on every resume of an async task.
-        serve = self._serve_async if self.runtime.kind == "async" else self._serve_sync
-        thunk = functools.partial(serve, conn)
-        thunk.__name__ = f"weft conn {format_address(conn.addr)}"  # type: ignore[union-attr]
+    def _thunk(self, conn: Conn) -> Callable[[], Any]:
+        if self.runtime.kind == "async":
+            return conn
+
+        def thunk() -> None:
+            conn.serve(conn)
+
+        thunk.__name__ = conn.__name__
         return thunk
 
     # -- accepting: sync flavour -------------------------------------------------------
@@ -267,7 +313,7 @@ class Engine:
                 if not backlog_mode and not self._take_slot_sync(rt):
                     self._refuse(sock, addr, "full")
                     continue
-                self._hand_off(sock, addr)
+                self._hand_off(lt, sock, addr)
         finally:
             lt.close()
 
@@ -323,7 +369,7 @@ class Engine:
                 if not backlog_mode and not await self._take_slot_async():
                     self._refuse(sock, addr, "full")
                     continue
-                self._hand_off(sock, addr)
+                self._hand_off(lt, sock, addr)
         finally:
             lt.close()
 
@@ -350,13 +396,14 @@ class Engine:
     # -- serving a connection: shared parts -----------------------------------------
 
     def _begin(self, conn: Conn) -> ConnectionInfo | None:
-        """Register the task's shutdown hooks; None if the server is already stopping."""
+        """Record the task's state and set the socket up; None if the server is stopping.
+
+        The stop reaches the connection through ``conn`` itself (its state's flag, its
+        socket's shutdown), so nothing is registered with the task per connection.
+        """
         state = current_task()
         conn.started = True
         conn.state = state
-        if state is not None:
-            state.on_shutdown(conn.end_input)
-            state.on_interrupt(conn.abort)
         if self.closing:
             return None
         sock = conn.sock
@@ -368,10 +415,12 @@ class Engine:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if cfg.idle_timeout is not None and self.runtime.kind == "sync":
             sock.settimeout(cfg.idle_timeout)  # async runtimes apply it in wrap_connection
-        try:
-            local = sock.getsockname()
-        except OSError:
-            local = None
+        local = conn.local
+        if local is None:
+            try:
+                local = sock.getsockname()
+            except OSError:
+                pass
         return ConnectionInfo(
             peer=conn.addr, local=local, task_id=state.id if state is not None else conn.task_id
         )
@@ -413,9 +462,10 @@ class Engine:
 
     def _finish(self, conn: Conn) -> None:
         """Forget the connection and free its slot, once."""
-        conn.state = None  # conn -> state -> callbacks -> conn: leave no cycle for the GC
+        conn.state = None  # let go of the task state as the task ends
         with self.lock:
-            present = self.conns.pop(id(conn), None) is not None
+            present = conn in self.conns
+            self.conns.discard(conn)
             self.changed.notify_all()
         if present and self.slots is not None:
             self.slots.release()
@@ -434,7 +484,7 @@ class Engine:
             if self.cfg.stream:
                 handed = handed.makefile("rwb")
             info.conn = handed
-            token = _current.set(info)
+            token = publish(info, conn.state)
             try:
                 self.cfg.handler(handed, *self.cfg.args)
             except TaskShutdown:
@@ -442,7 +492,7 @@ class Engine:
             except Exception as exc:
                 self._handler_failed(conn, handed, info, exc)
             finally:
-                _current.reset(token)
+                unpublish(conn.state, token)
         finally:
             try:
                 if info is None or not info.detached:
@@ -496,7 +546,7 @@ class Engine:
             if handed is None:
                 return
             info.conn = handed
-            token = _current.set(info)
+            token = publish(info, conn.state)
             try:
                 await self.cfg.handler(handed, *self.cfg.args)
             except TaskShutdown:
@@ -504,7 +554,7 @@ class Engine:
             except Exception as exc:
                 self._handler_failed(conn, handed, info, exc)
             finally:
-                _current.reset(token)
+                unpublish(conn.state, token)
         finally:
             try:
                 if info is None or not info.detached:
@@ -609,7 +659,7 @@ class Engine:
     def snapshot(self) -> list[Conn]:
         """The connections open now."""
         with self.lock:
-            return list(self.conns.values())
+            return list(self.conns)
 
     def request_shutdown(self, conns: list[Conn]) -> None:
         """Phase 2: flag every connection's task and end its input."""
@@ -617,14 +667,13 @@ class Engine:
             state = conn.state  # read once: the task may finish and clear it meanwhile
             if state is not None:
                 state.request_shutdown()
-            else:
-                _shutdown_quietly(conn.end_input)
+            _shutdown_quietly(conn.end_input)
 
     def wait_idle(self, timeout: float | None, exclude: Conn | None = None) -> bool:
         """Wait until no connection (but ``exclude``) is open; False on timeout."""
 
         def idle() -> bool:
-            return all(c is exclude for c in self.conns.values())
+            return all(c is exclude for c in self.conns)
 
         with self.changed:
             return self.changed.wait_for(idle, timeout)
@@ -634,7 +683,8 @@ class Engine:
         for conn in conns:
             state = conn.state
             if state is not None:
-                state.interrupt()
+                state.interrupt()  # marks whatever the handler raises next as our doing
+            _shutdown_quietly(conn.abort)
         for conn in conns:
             if conn.task_id is not None:
                 self.manager.stop_task(conn.task_id, timeout=0)

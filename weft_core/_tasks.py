@@ -89,13 +89,18 @@ class Done:
         return event.wait(timeout)
 
 
+#: Guards every TaskState's flags and callbacks: held for a few bytecodes at a time,
+#: and one lock for all states costs nothing per connection.
+_state_lock = threading.Lock()
+
+
 class TaskState:
     """One task's shutdown state: the flag, and what ending or interrupting it means."""
 
     __slots__ = (
         "_interrupt_callbacks",
-        "_lock",
         "_shutdown_callbacks",
+        "connection",
         "done",
         "id",
         "interrupted",
@@ -110,36 +115,48 @@ class TaskState:
         self.interrupted = False
         #: Set by the manager once the task has ended, whatever way it ended.
         self.done = Done()
-        self._lock = threading.Lock()
-        self._shutdown_callbacks: list[Callable[[], object]] = []
-        self._interrupt_callbacks: list[Callable[[], object]] = []
+        # Tuples, not lists: a task has one or two of each, and () is shared.
+        self._shutdown_callbacks: tuple[Callable[[], object], ...] = ()
+        self._interrupt_callbacks: tuple[Callable[[], object], ...] = ()
+        #: The ``ConnectionInfo`` of the connection this task serves, while its
+        #: handler runs (set by the server; ``current_connection()`` reads it).
+        self.connection: Any = None
 
     def __repr__(self) -> str:
         return f"<TaskState {self.id!r} {self.name!r} requested={self.requested}>"
 
+    def make_current(self) -> None:
+        """Make this the task that :func:`current_task` and :func:`shutdown_requested` see.
+
+        Sets a context variable in the running context: call it first thing inside
+        the task. ``run_task`` and ``run_async_task`` do; a manager that runs thunks
+        its own way calls it itself.
+        """
+        _current_task.set(self)
+
     def on_shutdown(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` when shutdown is requested (at once if it already was)."""
-        with self._lock:
+        with _state_lock:
             if not self.requested:
-                self._shutdown_callbacks.append(callback)
+                self._shutdown_callbacks += (callback,)
                 return
         _call_quietly(callback)
 
     def on_interrupt(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` if the task has to be interrupted (at once if it already was)."""
-        with self._lock:
+        with _state_lock:
             if not self.interrupted:
-                self._interrupt_callbacks.append(callback)
+                self._interrupt_callbacks += (callback,)
                 return
         _call_quietly(callback)
 
     def request_shutdown(self) -> None:
         """Set the flag and run the shutdown callbacks, once. Safe from any thread."""
-        with self._lock:
+        with _state_lock:
             if self.requested:
                 return
             self.requested = True
-            callbacks, self._shutdown_callbacks = self._shutdown_callbacks, []
+            callbacks, self._shutdown_callbacks = self._shutdown_callbacks, ()
         for callback in callbacks:
             _call_quietly(callback)
 
@@ -166,11 +183,11 @@ class TaskState:
     def interrupt(self) -> None:
         """Request shutdown, then run the interrupt callbacks, once."""
         self.request_shutdown()
-        with self._lock:
+        with _state_lock:
             if self.interrupted:
                 return
             self.interrupted = True
-            callbacks, self._interrupt_callbacks = self._interrupt_callbacks, []
+            callbacks, self._interrupt_callbacks = self._interrupt_callbacks, ()
         for callback in callbacks:
             _call_quietly(callback)
 
@@ -204,39 +221,50 @@ def _report(state: TaskState, exc: BaseException) -> None:
     log.error("task %s (%s) raised", state.id, state.name or "unnamed", exc_info=exc)
 
 
-def run_task(state: TaskState, thunk: Callable[[], object], context: contextvars.Context) -> None:
-    """Run a sync thunk as the task ``state`` inside ``context``; never raises.
+def run_task(
+    state: TaskState, thunk: Callable[[], object], context: contextvars.Context | None = None
+) -> None:
+    """Run a sync thunk as the task ``state``, inside ``context`` if given; never raises.
 
     ``TaskShutdown`` ends the task quietly; any other exception is logged with its
-    traceback. ``state.done`` is set at the end either way.
+    traceback. ``state.done`` is set at the end either way. A manager whose tasks
+    already run in a context of their own (a greenlet's ``gr_context``) passes no
+    ``context``: the task's variables are then set in the current one.
     """
+    if context is not None:
+        context.run(_run_here, state, thunk)
+    else:
+        _run_here(state, thunk)
 
-    def body() -> None:
-        _current_task.set(state)
-        try:
-            thunk()
-        except TaskShutdown:
-            pass
-        except Exception as exc:
-            _report(state, exc)
-        finally:
-            state.done.set()
 
-    context.run(body)
+def _run_here(state: TaskState, thunk: Callable[[], object]) -> None:
+    state.make_current()
+    try:
+        thunk()
+    except TaskShutdown:
+        pass
+    except Exception as exc:
+        _report(state, exc)
+    finally:
+        state.done.set()
 
 
 async def run_async_task(
-    state: TaskState, thunk: Callable[[], Awaitable[object]], context: contextvars.Context
+    state: TaskState,
+    thunk: Callable[[], Awaitable[object]],
+    context: contextvars.Context | None = None,
 ) -> None:
     """Await an async thunk as the task ``state``, with ``context``'s variables set.
 
     The runtime's own cancellation (``trio.Cancelled``) and other BaseExceptions
     propagate so that the runtime can handle them; ``TaskShutdown`` and ordinary
-    exceptions are handled as in :func:`run_task`.
+    exceptions are handled as in :func:`run_task`. Without ``context`` the task keeps
+    the variables it has (a runtime that copies the spawner's context itself).
     """
-    for var, value in context.items():
-        var.set(value)
-    _current_task.set(state)
+    if context is not None:
+        for var, value in context.items():
+            var.set(value)
+    state.make_current()
     try:
         await thunk()
     except TaskShutdown:

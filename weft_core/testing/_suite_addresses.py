@@ -88,8 +88,9 @@ def native_task_name() -> str:
     gevent: Any = sys.modules.get("gevent")
     if gevent is not None:
         current = gevent.getcurrent()
-        if isinstance(current, gevent.Greenlet):
-            return str(current.name)
+        name = getattr(current, "name", None)  # gevent.Greenlet, or a manager's own greenlet
+        if isinstance(name, str) and current is not gevent.get_hub():
+            return name
     return threading.current_thread().name
 
 
@@ -158,13 +159,18 @@ class AddressTests(ManagerTestBase):
         assert peers[0][0] == "::1"
 
     def test_family_dual(self, make_server: MakeServer) -> None:
-        """family="dual" on :: takes v6 and v4 clients on one socket; v4 peers are ::ffff:a.b.c.d."""
+        """family="dual" on :: takes v6 and v4 clients on one socket; v4 peers are ::ffff:a.b.c.d.
+
+        Each connection's ``local`` is the address that client dialled.
+        """
         if not has_ipv6_loopback():
             pytest.skip("this host has no IPv6 loopback (::1 cannot be bound)")
         peers: list[Any] = []
+        locals_: list[Any] = []
 
         def record() -> Body:
             peers.append(current_connection().peer)
+            locals_.append(current_connection().local)
             yield from echo()
 
         server = make_server(record, address="::", family="dual")
@@ -175,6 +181,11 @@ class AddressTests(ManagerTestBase):
             with connect(server.port, host) as client:
                 echo_once(client)
         assert [p[0] for p in peers] == ["::1", "::ffff:127.0.0.1"]
+        # A wildcard listener: each connection's local address is its own.
+        assert [a[:2] for a in locals_] == [
+            ("::1", server.port),
+            ("::ffff:127.0.0.1", server.port),
+        ]
 
     def test_family_ipv4(self, make_server: MakeServer) -> None:
         """family="ipv4" binds only the IPv4 addresses of a name."""

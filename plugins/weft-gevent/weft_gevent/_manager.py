@@ -21,7 +21,9 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import gevent
-from gevent import Greenlet, GreenletExit
+import gevent.event
+import greenlet
+from gevent import GreenletExit
 
 from weft_core import TaskShutdown, TaskState, TaskTable, run_task
 
@@ -42,7 +44,7 @@ INTERRUPT_GRACE = 2.0
 class _Task:
     """One task: its shared state, what it runs, and (once spawned) its greenlet."""
 
-    __slots__ = ("context", "entered", "finished", "greenlet", "link", "state", "thunk")
+    __slots__ = ("context", "ended", "entered", "finished", "greenlet", "link", "state", "thunk")
 
     def __init__(
         self,
@@ -55,10 +57,40 @@ class _Task:
         self.thunk = thunk
         self.context = context
         self.link = link
-        self.greenlet: Greenlet[[_Task], None] | None = None
-        #: Set by the greenlet as it starts; a greenlet killed before that never runs.
+        self.greenlet: _TaskGreenlet | None = None
+        #: Set by the greenlet as it starts; a greenlet stopped before that never runs.
         self.entered = False
         self.finished = False
+        #: Made only when a stop waits for the task to end, in the hub's thread.
+        self.ended: gevent.event.Event | None = None
+
+
+class _TaskGreenlet(greenlet.greenlet):
+    """A plain greenlet, named after its task.
+
+    Not a ``gevent.Greenlet``: that one records its spawning stack and tree (about
+    1 KiB and a stack walk per spawn) and calls its function through a compiled
+    frame, whose C stack every idle greenlet keeps a copy of. A task needs none of
+    its features: the manager does its own joining and killing.
+    """
+
+    __slots__ = ("task",)
+
+    def __init__(self, run: Callable[[_Task], None], parent: Any, task: _Task) -> None:
+        super().__init__(run, parent)
+        self.task = task
+
+    @property
+    def name(self) -> str:
+        """The task's name (the thunk's ``__name__``), as ``gevent.Greenlet.name``."""
+        return self.task.state.name
+
+
+def _throw_shutdown(glet: _TaskGreenlet) -> None:
+    # A loop callback, in the hub: gevent's own way to kill a greenlet (throwing from
+    # another greenlet would return control to the hub, not to the thrower).
+    if not glet.dead:
+        glet.throw(TaskShutdown)
 
 
 class GeventManager:
@@ -114,32 +146,36 @@ class GeventManager:
             link.call_soon(self._spawn, task)
         return task_id
 
-    def _spawn(self, task: _Task) -> Greenlet[[_Task], None] | None:
+    def _spawn(self, task: _Task) -> _TaskGreenlet | None:
         # In the hub's thread. Idempotent: stop_task may get here before the queued
         # call from add_task does.
         if task.greenlet is None and not task.finished:
             try:
-                glet = Greenlet(self._body, task)
-                glet.name = task.state.name
+                hub = task.link.hub
+                glet = _TaskGreenlet(self._body, hub, task)
+                # The add_task caller's contextvars, without a Context.run frame.
+                glet.gr_context = task.context
                 task.greenlet = glet
-                glet.start()
+                hub.loop.run_callback(glet.switch, task)
             except Exception:
                 log.exception("could not spawn task %s (%s)", task.state.id, task.state.name)
                 self._finish(task)
         return task.greenlet
 
     def _body(self, task: _Task) -> None:
+        if task.finished:
+            return  # stopped before it ever ran
         task.entered = True
         try:
-            run_task(task.state, task.thunk, task.context)
+            run_task(task.state, task.thunk)
         except (GreenletExit, TaskShutdown):
             # Killed with gevent's default by someone else, or a kill that landed
             # while run_task was reporting an error (logging may yield): both end
             # the task as asked.
             pass
         except BaseException:
-            # SystemExit and the like would be thrown at the hub's owner and could
-            # end the hub; a task's error must end only the task.
+            # SystemExit and the like would be thrown at the hub and could end it;
+            # a task's error must end only the task.
             log.exception("task %s (%s) raised", task.state.id, task.state.name)
         finally:
             self._finish(task)
@@ -148,9 +184,22 @@ class GeventManager:
         if task.finished:
             return
         task.finished = True
+        task.greenlet = None  # task -> greenlet -> task: leave no cycle for the GC
         self._table.pop(task.state.id)
         task.state.done.set()
+        if task.ended is not None:
+            task.ended.set()
         self._hubs.release()
+
+    def _wait_ended(self, task: _Task, timeout: float | None) -> bool:
+        """Wait cooperatively, in the hub's thread, for the task to end; True if it did."""
+        if task.finished:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        if task.ended is None:
+            task.ended = gevent.event.Event()
+        return bool(task.ended.wait(timeout))
 
     def remove_task(self, task_id: Hashable) -> bool:
         """Forget the task (it goes on running); True if it was there."""
@@ -193,23 +242,20 @@ class GeventManager:
         glet = self._spawn(task)
         state = task.state
         state.request_shutdown()
-        if glet is None or glet.dead:
+        if glet is None or task.finished:
             return True
-        if glet is gevent.getcurrent():
+        if glet is greenlet.getcurrent():
             return False  # a task stopping itself: it is flagged, it cannot wait for itself
-        glet.join(timeout)
-        if task.finished:
+        if self._wait_ended(task, timeout):
             return True
         state.interrupt()
         if not task.entered:
-            # Never switched to: cancelling its start is enough, and quiet (with
-            # TaskShutdown, gevent would print it as an error of a greenlet that
-            # died before starting). run_task never ran, so clean up here.
-            glet.kill(block=False)
+            # Never switched to: ending it here is enough, and quiet; when its queued
+            # start comes, _body sees it finished and returns at once.
             self._finish(task)
             return False
-        glet.kill(TaskShutdown, block=True, timeout=INTERRUPT_GRACE)
-        if not glet.dead:
+        task.link.hub.loop.run_callback(_throw_shutdown, glet)
+        if not self._wait_ended(task, INTERRUPT_GRACE):
             log.warning(
                 "task %s (%s) is still running %.1fs after it was killed with TaskShutdown; "
                 "it caught the exception and carried on, so it is left to finish on its own",

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Hashable
 
 import trio
 
-from weft_core import TaskState, TaskTable, run_async_task
+from weft_core import TaskShutdown, TaskState, TaskTable
 
 from ._runtime import TrioRuntime
 
@@ -207,12 +207,12 @@ class TrioManager:
         try:
             name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
             state = TaskState(task_id, name)
-            context = contextvars.copy_context()
             loop: _Loop | None = getattr(_thread, "loop", None)
             if loop is not None and loop.owner is self:
-                self._spawn(loop, task_id, state, thunk, context)
+                # trio gives the new task a copy of the caller's context itself.
+                self._spawn(loop, task_id, state, thunk, None)
             else:
-                self._add_from_thread(task_id, state, thunk, context)
+                self._add_from_thread(task_id, state, thunk, contextvars.copy_context())
         except BaseException:
             self._table.pop(task_id)
             raise
@@ -275,7 +275,7 @@ class TrioManager:
         task_id: int,
         state: TaskState,
         thunk: Callable[[], Awaitable[object]],
-        context: contextvars.Context,
+        context: contextvars.Context | None,
     ) -> None:
         """Start the task in ``loop``'s nursery; in the trio thread.
 
@@ -291,22 +291,20 @@ class TrioManager:
         self,
         record: _Task,
         thunk: Callable[[], Awaitable[object]],
-        context: contextvars.Context,
+        context: contextvars.Context | None,
     ) -> None:
+        # What run_async_task does, written out: each coroutine layer here is kept by
+        # every idle connection, and this is the only one between trio and the thunk.
         state = record.state
-        table = self._table
-
-        async def body() -> object:
-            # Forget the task before run_async_task sets state.done, so that once
-            # stop_task returns the id is no longer in all_tasks().
-            try:
-                return await thunk()
-            finally:
-                table.pop(state.id)
-
+        if context is not None:
+            for var, value in context.items():
+                var.set(value)
+        state.make_current()
         try:
             with record.scope:
-                await run_async_task(state, body, context)
+                await thunk()
+        except TaskShutdown:
+            pass
         except BaseException as exc:
             # Nothing may reach the nursery: it would cancel every other task.
             # Cancellation from outside our scope means close() is cancelling the
@@ -320,7 +318,9 @@ class TrioManager:
                     exc_info=exc,
                 )
         finally:
-            table.pop(state.id)
+            # Forgotten before done is set: once stop_task returns, the id is no
+            # longer in all_tasks().
+            self._table.pop(state.id)
             state.done.set()
             if record.ended is not None:
                 record.ended.set()
