@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ._tasks import TaskState, current_task
@@ -30,13 +30,14 @@ def format_address(address: Any) -> str:
     return f"unix:{address}" if address else "unix:(unnamed)"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False, eq=False)
 class ConnectionInfo:
     """What weft knows about the connection a handler is serving.
 
     ``peer`` is the client's address (the one a trusted PROXY header announced,
     when there is one) and ``proxy_peer`` the balancer's own; ``local`` is the
     address the client connected to. TLS fields are None on plain connections.
+    Compared by identity: each connection has one.
     """
 
     peer: Any
@@ -46,9 +47,14 @@ class ConnectionInfo:
     tls_version: str | None = None
     tls_cipher: str | None = None
     tls_peer_certificate: dict[str, Any] | None = None
-    detached: bool = field(default=False, repr=False)
+    detached: bool = False
     #: The object handed to the handler; ``detach()`` compares against it.
-    conn: Any = field(default=None, repr=False, compare=False)
+    conn: Any = None
+
+    def __repr__(self) -> str:
+        shown = ("peer", "local", "task_id", "proxy_peer", "tls_version", "tls_cipher")
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
+        return f"ConnectionInfo({fields})"
 
     @property
     def peer_str(self) -> str:

@@ -60,28 +60,31 @@ TRANSPARENT = {
 FULL_POLL = 0.1
 
 
-class Conn:
-    """One accepted connection, as the engine tracks it, and its task's thunk.
+class Conn(ConnectionInfo):
+    """One accepted connection as the engine tracks it, its ConnectionInfo, and its thunk.
 
     ``sock`` is what the engine closes; ``shut`` is what it shuts down from other
     threads: the same socket, except under TLS, where shutting the TLS object down
     would discard its state, so the runtime hands out the plain descriptor's socket.
+    ``addr`` is the socket's peer, which a PROXY header may replace in ``peer``.
 
-    Calling a Conn serves it (``serve(conn)``), so the Conn itself is the thunk
-    handed to the manager, named by ``__name__``: no partial or closure is kept per
-    connection. An idle connection's memory is what limits how many a server holds.
+    One object per connection, not three: a Conn is the ``ConnectionInfo`` that
+    ``current_connection()`` returns, and calling it serves it (``serve(conn)``),
+    so it is the thunk an async manager runs. What an idle connection holds limits
+    how many a server can hold, and every object tracked by the garbage collector
+    makes its collections run sooner.
     """
 
-    __slots__ = ("addr", "local", "serve", "shut", "sock", "started", "state", "task_id")
+    __slots__ = ("addr", "serve", "shut", "sock", "started", "state")
 
     def __init__(self, sock: Any, addr: Any, serve: Callable[[Conn], Any], local: Any) -> None:
+        #: ``local`` is the listener's when all its connections share it, else None
+        #: until the connection's task reads it.
+        ConnectionInfo.__init__(self, addr, local)
         self.serve = serve
         self.sock = sock
         self.shut = sock
         self.addr = addr
-        #: The local address when every connection of the listener shares it, else None.
-        self.local = local
-        self.task_id: Hashable | None = None
         self.state: TaskState | None = None
         self.started = False
 
@@ -154,8 +157,13 @@ class Engine:
         self.runtime = manager.runtime
         cfg = server._cfg
         self.cfg = cfg
+        self.handler = cfg.handler
+        self.args = cfg.args
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        #: How many wait_idle() calls wait on ``changed``: a connection ending
+        #: notifies only then (notify_all costs a microsecond on every connection).
+        self.idle_waiters = 0
         self.conns: set[Conn] = set()
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.slots: Any = (
@@ -309,8 +317,9 @@ class Engine:
                         shed = self._shed_sync(lt)
                         rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
                     continue
-                backoff.reset()
-                if not backlog_mode and not self._take_slot_sync(rt):
+                if backoff.delay:
+                    backoff.reset()
+                if not backlog_mode and self.slots is not None and not self._take_slot_sync(rt):
                     self._refuse(sock, addr, "full")
                     continue
                 self._hand_off(lt, sock, addr)
@@ -365,8 +374,13 @@ class Engine:
                         shed = await self._shed_async(lt)
                         await rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
                     continue
-                backoff.reset()
-                if not backlog_mode and not await self._take_slot_async():
+                if backoff.delay:
+                    backoff.reset()
+                if (
+                    not backlog_mode
+                    and self.slots is not None
+                    and not await self._take_slot_async()
+                ):
                     self._refuse(sock, addr, "full")
                     continue
                 self._hand_off(lt, sock, addr)
@@ -395,7 +409,7 @@ class Engine:
 
     # -- serving a connection: shared parts -----------------------------------------
 
-    def _begin(self, conn: Conn) -> ConnectionInfo | None:
+    def _begin(self, conn: Conn) -> Conn | None:
         """Record the task's state and set the socket up; None if the server is stopping.
 
         The stop reaches the connection through ``conn`` itself (its state's flag, its
@@ -415,15 +429,14 @@ class Engine:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if cfg.idle_timeout is not None and self.runtime.kind == "sync":
             sock.settimeout(cfg.idle_timeout)  # async runtimes apply it in wrap_connection
-        local = conn.local
-        if local is None:
+        if conn.local is None:
             try:
-                local = sock.getsockname()
+                conn.local = sock.getsockname()
             except OSError:
                 pass
-        return ConnectionInfo(
-            peer=conn.addr, local=local, task_id=state.id if state is not None else conn.task_id
-        )
+        if state is not None:
+            conn.task_id = state.id
+        return conn
 
     def _handler_failed(
         self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception
@@ -466,7 +479,8 @@ class Engine:
         with self.lock:
             present = conn in self.conns
             self.conns.discard(conn)
-            self.changed.notify_all()
+            if self.idle_waiters:
+                self.changed.notify_all()
         if present and self.slots is not None:
             self.slots.release()
 
@@ -486,7 +500,10 @@ class Engine:
             info.conn = handed
             token = publish(info, conn.state)
             try:
-                self.cfg.handler(handed, *self.cfg.args)
+                if self.args:
+                    self.handler(handed, *self.args)
+                else:
+                    self.handler(handed)  # a plain call: f(*args) would add a C-level frame
             except TaskShutdown:
                 raise
             except Exception as exc:
@@ -548,7 +565,10 @@ class Engine:
             info.conn = handed
             token = publish(info, conn.state)
             try:
-                await self.cfg.handler(handed, *self.cfg.args)
+                if self.args:
+                    await self.handler(handed, *self.args)
+                else:
+                    await self.handler(handed)
             except TaskShutdown:
                 raise
             except Exception as exc:
@@ -676,7 +696,11 @@ class Engine:
             return all(c is exclude for c in self.conns)
 
         with self.changed:
-            return self.changed.wait_for(idle, timeout)
+            self.idle_waiters += 1
+            try:
+                return self.changed.wait_for(idle, timeout)
+            finally:
+                self.idle_waiters -= 1
 
     def interrupt(self, conns: list[Conn]) -> None:
         """Phase 3: interrupt every remaining task; close sockets of tasks that never ran."""

@@ -98,10 +98,10 @@ class TaskState:
     """One task's shutdown state: the flag, and what ending or interrupting it means."""
 
     __slots__ = (
+        "_done",
         "_interrupt_callbacks",
         "_shutdown_callbacks",
         "connection",
-        "done",
         "id",
         "interrupted",
         "name",
@@ -113,8 +113,7 @@ class TaskState:
         self.name = name
         self.requested = False
         self.interrupted = False
-        #: Set by the manager once the task has ended, whatever way it ended.
-        self.done = Done()
+        self._done: Done | None = None
         # Tuples, not lists: a task has one or two of each, and () is shared.
         self._shutdown_callbacks: tuple[Callable[[], object], ...] = ()
         self._interrupt_callbacks: tuple[Callable[[], object], ...] = ()
@@ -124,6 +123,21 @@ class TaskState:
 
     def __repr__(self) -> str:
         return f"<TaskState {self.id!r} {self.name!r} requested={self.requested}>"
+
+    @property
+    def done(self) -> Done:
+        """Set by the manager once the task has ended, whatever way it ended.
+
+        Made on first use: most tasks meet it only as they end, so an idle
+        connection holds no object for it.
+        """
+        done = self._done
+        if done is None:
+            with _state_lock:
+                if self._done is None:
+                    self._done = Done()
+                done = self._done
+        return done
 
     def make_current(self) -> None:
         """Make this the task that :func:`current_task` and :func:`shutdown_requested` see.

@@ -41,22 +41,36 @@ log = logging.getLogger("weft.gevent")
 INTERRUPT_GRACE = 2.0
 
 
-class _Task:
-    """One task: its shared state, what it runs, and (once spawned) its greenlet."""
+class _Task(TaskState):
+    """One task: its state, what it runs, and (once spawned) its greenlet.
 
-    __slots__ = ("context", "ended", "entered", "finished", "greenlet", "link", "state", "thunk")
+    A TaskState itself rather than a record holding one: an object less per task.
+    """
+
+    __slots__ = (
+        "context",
+        "ended",
+        "entered",
+        "finished",
+        "greenlet",
+        "link",
+        "manager",
+        "thunk",
+    )
 
     def __init__(
         self,
-        state: TaskState,
+        task_id: Hashable,
+        name: str,
         thunk: Callable[[], Any],
-        context: contextvars.Context,
         link: HubLink,
+        manager: GeventManager,
     ) -> None:
-        self.state = state
+        super().__init__(task_id, name)
         self.thunk = thunk
-        self.context = context
+        self.context = contextvars.copy_context()
         self.link = link
+        self.manager = manager
         self.greenlet: _TaskGreenlet | None = None
         #: Set by the greenlet as it starts; a greenlet stopped before that never runs.
         self.entered = False
@@ -66,7 +80,7 @@ class _Task:
 
 
 class _TaskGreenlet(greenlet.greenlet):
-    """A plain greenlet, named after its task.
+    """A plain greenlet running one task, named after it.
 
     Not a ``gevent.Greenlet``: that one records its spawning stack and tree (about
     1 KiB and a stack walk per spawn) and calls its function through a compiled
@@ -75,15 +89,17 @@ class _TaskGreenlet(greenlet.greenlet):
     """
 
     __slots__ = ("task",)
+    task: _Task
 
-    def __init__(self, run: Callable[[_Task], None], parent: Any, task: _Task) -> None:
-        super().__init__(run, parent)
-        self.task = task
+    def run(self) -> None:
+        """What greenlet runs: the task (a method, so no bound method is kept per task)."""
+        task = self.task
+        task.manager._body(task)
 
     @property
     def name(self) -> str:
         """The task's name (the thunk's ``__name__``), as ``gevent.Greenlet.name``."""
-        return self.task.state.name
+        return self.task.name
 
 
 def _throw_shutdown(glet: _TaskGreenlet) -> None:
@@ -138,7 +154,7 @@ class GeventManager:
         except BaseException:
             self._table.pop(task_id)
             raise
-        task = _Task(TaskState(task_id, name), thunk, contextvars.copy_context(), link)
+        task = _Task(task_id, name, thunk, link, self)
         self._table.put(task_id, task)
         if link.is_current():
             self._spawn(task)
@@ -152,13 +168,14 @@ class GeventManager:
         if task.greenlet is None and not task.finished:
             try:
                 hub = task.link.hub
-                glet = _TaskGreenlet(self._body, hub, task)
+                glet = _TaskGreenlet(parent=hub)
+                glet.task = task
                 # The add_task caller's contextvars, without a Context.run frame.
                 glet.gr_context = task.context
                 task.greenlet = glet
-                hub.loop.run_callback(glet.switch, task)
+                hub.loop.run_callback(glet.switch)
             except Exception:
-                log.exception("could not spawn task %s (%s)", task.state.id, task.state.name)
+                log.exception("could not spawn task %s (%s)", task.id, task.name)
                 self._finish(task)
         return task.greenlet
 
@@ -167,7 +184,7 @@ class GeventManager:
             return  # stopped before it ever ran
         task.entered = True
         try:
-            run_task(task.state, task.thunk)
+            run_task(task, task.thunk)
         except (GreenletExit, TaskShutdown):
             # Killed with gevent's default by someone else, or a kill that landed
             # while run_task was reporting an error (logging may yield): both end
@@ -176,7 +193,7 @@ class GeventManager:
         except BaseException:
             # SystemExit and the like would be thrown at the hub and could end it;
             # a task's error must end only the task.
-            log.exception("task %s (%s) raised", task.state.id, task.state.name)
+            log.exception("task %s (%s) raised", task.id, task.name)
         finally:
             self._finish(task)
 
@@ -185,8 +202,8 @@ class GeventManager:
             return
         task.finished = True
         task.greenlet = None  # task -> greenlet -> task: leave no cycle for the GC
-        self._table.pop(task.state.id)
-        task.state.done.set()
+        self._table.pop(task.id)
+        task.done.set()
         if task.ended is not None:
             task.ended.set()
         self._hubs.release()
@@ -231,7 +248,7 @@ class GeventManager:
                 "task %s (%s): the gevent hub did not stop it within %.1fs; "
                 "is a greenlet running without ever yielding?",
                 task_id,
-                task.state.name,
+                task.name,
                 cap,
             )
             return False
@@ -240,15 +257,14 @@ class GeventManager:
     def _stop_here(self, task: _Task, timeout: float | None) -> bool:
         # In the hub's thread, in a greenlet that may wait.
         glet = self._spawn(task)
-        state = task.state
-        state.request_shutdown()
+        task.request_shutdown()
         if glet is None or task.finished:
             return True
         if glet is greenlet.getcurrent():
             return False  # a task stopping itself: it is flagged, it cannot wait for itself
         if self._wait_ended(task, timeout):
             return True
-        state.interrupt()
+        task.interrupt()
         if not task.entered:
             # Never switched to: ending it here is enough, and quiet; when its queued
             # start comes, _body sees it finished and returns at once.
@@ -259,8 +275,8 @@ class GeventManager:
             log.warning(
                 "task %s (%s) is still running %.1fs after it was killed with TaskShutdown; "
                 "it caught the exception and carried on, so it is left to finish on its own",
-                state.id,
-                state.name,
+                task.id,
+                task.name,
                 INTERRUPT_GRACE,
             )
         return False

@@ -62,7 +62,9 @@ class GeventSocket(gevent.socket.socket):
                 if this.timeout == 0.0:
                     raise
             this._wait(this._read_event)
-        return GeventSocket(self.family, self.type, self.proto, fileno=fd), address
+        # The plain socket's attributes: gevent's own family/type are Python properties.
+        sock = this._sock
+        return GeventSocket(sock.family, sock.type, sock.proto, fileno=fd), address
 
     def shutdown(self, how: int) -> None:
         """Shut down one or both halves, as the stdlib does; safe from any thread."""

@@ -135,14 +135,18 @@ class _Loop:
         self.thread.join()
 
 
-class _Task:
-    """The manager's record of one task."""
+class _Task(TaskState):
+    """One task: its state, its loop and its own cancel scope.
 
-    __slots__ = ("ended", "loop", "scope", "state")
+    A TaskState itself rather than a record holding one: an object less per task.
+    """
 
-    def __init__(self, state: TaskState, loop: _Loop) -> None:
-        self.state = state
-        self.loop = loop
+    __slots__ = ("ended", "loop", "scope")
+
+    def __init__(self, task_id: Hashable, name: str) -> None:
+        super().__init__(task_id, name)
+        #: The loop it was spawned in (set by _spawn, in that loop's thread).
+        self.loop: _Loop | None = None
         #: This task's own scope: cancelling it interrupts this task and no other.
         self.scope = trio.CancelScope()
         #: Made only by ``astop_task``, which waits for the task in the trio thread.
@@ -206,7 +210,7 @@ class TrioManager:
         task_id = self._table.reserve()
         try:
             name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
-            state = TaskState(task_id, name)
+            state = _Task(task_id, name)
             loop: _Loop | None = getattr(_thread, "loop", None)
             if loop is not None and loop.owner is self:
                 # trio gives the new task a copy of the caller's context itself.
@@ -221,7 +225,7 @@ class TrioManager:
     def _add_from_thread(
         self,
         task_id: int,
-        state: TaskState,
+        state: _Task,
         thunk: Callable[[], Awaitable[object]],
         context: contextvars.Context,
     ) -> None:
@@ -259,7 +263,7 @@ class TrioManager:
         self,
         loop: _Loop,
         task_id: int,
-        state: TaskState,
+        state: _Task,
         thunk: Callable[[], Awaitable[object]],
         context: contextvars.Context,
     ) -> bool:
@@ -273,7 +277,7 @@ class TrioManager:
         self,
         loop: _Loop,
         task_id: int,
-        state: TaskState,
+        state: _Task,
         thunk: Callable[[], Awaitable[object]],
         context: contextvars.Context | None,
     ) -> None:
@@ -283,9 +287,9 @@ class TrioManager:
         at once, as their siblings do.
         """
         assert loop.nursery is not None
-        record = _Task(state, loop)
-        self._table.put(task_id, record)
-        loop.nursery.start_soon(self._run, record, thunk, context, name=state.name)
+        state.loop = loop
+        self._table.put(task_id, state)
+        loop.nursery.start_soon(self._run, state, thunk, context, name=state.name)
 
     async def _run(
         self,
@@ -295,7 +299,7 @@ class TrioManager:
     ) -> None:
         # What run_async_task does, written out: each coroutine layer here is kept by
         # every idle connection, and this is the only one between trio and the thunk.
-        state = record.state
+        state = record
         if context is not None:
             for var, value in context.items():
                 var.set(value)
@@ -347,12 +351,12 @@ class TrioManager:
         record = self._table.get(task_id)
         if record is None:
             return True
-        state = record.state
+        state = record
         state.request_shutdown()
         if state.done.wait(timeout):
             return True
         try:
-            assert record.loop.token is not None
+            assert record.loop is not None and record.loop.token is not None
             record.loop.token.run_sync_soon(_interrupt, record)
         except trio.RunFinishedError:
             state.interrupt()  # the loop is gone, so the task has ended too
@@ -364,12 +368,12 @@ class TrioManager:
         record = self._table.get(task_id)
         if record is None:
             return True
-        if not record.loop.in_thread():
+        if record.loop is None or not record.loop.in_thread():
             raise RuntimeError(
                 "TrioManager.astop_task() must be awaited in the manager's own trio thread; "
                 "from other threads call stop_task()"
             )
-        state = record.state
+        state = record
         state.request_shutdown()
         if state.done.is_set():
             return True
@@ -403,7 +407,7 @@ def _interrupt(record: _Task) -> None:
     """Phase 2 for one task, in the trio thread: interrupt callbacks, then cancel its scope."""
     # Called through run_sync_soon, where an exception would crash trio itself.
     try:
-        record.state.interrupt()
+        record.interrupt()
     except Exception:
-        log.exception("interrupting task %s failed", record.state.id)
+        log.exception("interrupting task %s failed", record.id)
     record.scope.cancel()
