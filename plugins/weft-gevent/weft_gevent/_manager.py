@@ -68,7 +68,7 @@ class _Task(TaskState):
     ) -> None:
         super().__init__(task_id, name)
         self.thunk = thunk
-        self.context = contextvars.copy_context()
+        self.context: contextvars.Context | None = contextvars.copy_context()
         self.link = link
         self.manager = manager
         self.greenlet: _TaskGreenlet | None = None
@@ -100,6 +100,10 @@ class _TaskGreenlet(greenlet.greenlet):
     def name(self) -> str:
         """The task's name (the thunk's ``__name__``), as ``gevent.Greenlet.name``."""
         return self.task.name
+
+
+def _ended() -> None:
+    """What a finished task's thunk is replaced with."""
 
 
 def _throw_shutdown(glet: _TaskGreenlet) -> None:
@@ -172,6 +176,9 @@ class GeventManager:
                 glet.task = task
                 # The add_task caller's contextvars, without a Context.run frame.
                 glet.gr_context = task.context
+                # The task sets itself as current in that context: the greenlet holds
+                # it from here on, so the task must not (task -> context -> task).
+                task.context = None
                 task.greenlet = glet
                 hub.loop.run_callback(glet.switch)
             except Exception:
@@ -201,7 +208,10 @@ class GeventManager:
         if task.finished:
             return
         task.finished = True
-        task.greenlet = None  # task -> greenlet -> task: leave no cycle for the GC
+        # task -> greenlet -> task and task -> thunk -> (connection ->) task: leave no
+        # cycle for the garbage collector.
+        task.greenlet = None
+        task.thunk = _ended
         self._table.pop(task.id)
         task.done.set()
         if task.ended is not None:
