@@ -65,12 +65,12 @@ class WakeableListener(socket.socket):
         """Accept a connection (a blocking socket), waiting until one comes or ``wake()``."""
         while True:
             try:
-                conn, address = super().accept()
+                # Blocking, as handlers expect: accept4() gives the connection no
+                # O_NONBLOCK of the listener's, and without a default timeout the
+                # socket object makes no fcntl() calls of its own.
+                return super().accept()
             except BlockingIOError:
                 pass
-            else:
-                conn.setblocking(True)
-                return conn, address
             for fd, _events in self._poll.poll():
                 if fd == self._wake_r:
                     raise OSError(errno.EINVAL, "the listener was woken to stop accepting")
