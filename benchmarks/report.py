@@ -40,6 +40,10 @@ RATIO_TARGETS = {
 }
 TIMES = "\u00d7"  # the multiplication sign
 IDLE_TARGET_KIB = 8.0
+#: Thread-per-connection managers have no memory target: they must hold this many
+#: idle connections, with the thread stack size the report states.
+THREAD_MANAGERS = {"threads"}
+THREADS_IDLE_TARGET = 10_000
 STOP_TARGET_S = {"threads": 2.0}
 STOP_TARGET_DEFAULT_S = 0.5
 RATIO_LIMITS = (0.25, 4.0)
@@ -254,7 +258,13 @@ def _idle_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
             "KiB",
             weft / raw if weft is not None and raw else None,
         )
-        if not ref:
+        if not ref and manager in THREAD_MANAGERS:
+            n = int(setting[2:]) if setting != "n=max" else 0
+            if n == THREADS_IDLE_TARGET:
+                held = median(runs["weft"], "held")
+                row.target = f"{THREADS_IDLE_TARGET:,} held (stack: see machine)"
+                row.ok = held is not None and held >= THREADS_IDLE_TARGET
+        elif not ref:
             row.target = f"≤{IDLE_TARGET_KIB:g} KiB"
             row.ok = _compare(weft, "<=", IDLE_TARGET_KIB)
         rows.append(row)
