@@ -9,8 +9,9 @@ the same on every manager:
 2. flag every connection's task and end its input (``shutdown(SHUT_RD)``), so a
    handler waiting for its client's next bytes returns, while one in the middle of
    a reply can finish writing it;
-3. when ``timeout`` runs out, interrupt what is left through the manager's
-   ``stop_task`` (gevent kills, trio cancels, threads shut the socket down).
+3. when ``timeout`` runs out, interrupt what is left: shut each socket down for
+   reading and writing, then the manager's ``stop_task`` (gevent kills, trio
+   cancels; a thread has been woken by its socket).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """ThreadManager: Weft's threaded-task-manager, a daemon thread per task.
 
 A thread cannot be killed, so interrupting a task (phase 3 of a stop) runs the
-task's interrupt callbacks: for a connection the server registers one that shuts
-the socket down, which wakes the thread from ``recv``/``send`` at once.
+task's interrupt callbacks and waits a grace period; for a connection the server
+has already shut the socket down, which wakes the thread from ``recv``/``send``
+at once.
 """
 
 from __future__ import annotations
