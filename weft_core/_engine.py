@@ -78,8 +78,8 @@ class Conn(ConnectionInfo):
     __slots__ = ("addr", "serve", "shut", "sock", "started", "state")
 
     def __init__(self, sock: Any, addr: Any, serve: Callable[[Conn], Any], local: Any) -> None:
-        #: ``local`` is the listener's when all its connections share it, else None
-        #: until the connection's task reads it.
+        # ``local`` is the listener's when all its connections share it, else None
+        # until the connection's task reads it.
         ConnectionInfo.__init__(self, addr, local)
         self.serve = serve
         self.sock = sock
@@ -281,6 +281,13 @@ class Engine:
             _close_quietly(sock)
 
     def _thunk(self, conn: Conn) -> Callable[[], Any]:
+        """The connection's task: the Conn itself for async runtimes, a closure for sync ones.
+
+        Calling an object (or a partial) from Python goes through C and starts a
+        second interpreter frame on the C stack, which a parked greenlet keeps a
+        copy of; a Python closure is called inline. An async thunk is called once
+        to make its coroutine, so there the Conn does, with no extra object.
+        """
         if self.runtime.kind == "async":
             return conn
 
