@@ -32,7 +32,7 @@ from ._tls import tls_details
 
 if TYPE_CHECKING:
     from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
-    from ._server import Server
+    from ._server import Server, _Settings
 
 log = logging.getLogger("weft.server")
 
@@ -75,12 +75,15 @@ class Conn(ConnectionInfo):
     makes its collections run sooner.
     """
 
-    __slots__ = ("addr", "serve", "shut", "sock", "started", "state")
+    __slots__ = ("addr", "options", "serve", "shut", "sock", "started", "state")
 
-    def __init__(self, sock: Any, addr: Any, serve: Callable[[Conn], Any], local: Any) -> None:
+    def __init__(
+        self, sock: Any, addr: Any, serve: Callable[[Conn], Any], lt: ListenerTask
+    ) -> None:
         # ``local`` is the listener's when all its connections share it, else None
         # until the connection's task reads it.
-        ConnectionInfo.__init__(self, addr, local)
+        ConnectionInfo.__init__(self, addr, lt.local)
+        self.options = lt.options
         self.serve = serve
         self.sock = sock
         self.shut = sock
@@ -107,12 +110,22 @@ class Conn(ConnectionInfo):
 class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
-    __slots__ = ("address", "listener", "local", "native", "task_id")
+    __slots__ = ("address", "listener", "local", "native", "options", "task_id")
 
-    def __init__(self, listener: Listener, runtime: SyncRuntime | AsyncRuntime) -> None:
+    def __init__(
+        self, listener: Listener, runtime: SyncRuntime | AsyncRuntime, cfg: _Settings
+    ) -> None:
         self.listener = listener
         self.address = listener.address  # before adopting: a runtime may take the socket over
         self.local = shared_local_address(listener.sock)
+        #: The socket options each of its connections gets: decided once, not per
+        #: connection (a gevent socket's ``family`` is a Python property).
+        self.options: tuple[tuple[int, int, int], ...] = ()
+        if listener.sock.family != socket.AF_UNIX:
+            if cfg.nodelay:
+                self.options += ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+            if cfg.keepalive:
+                self.options += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
 
@@ -159,6 +172,8 @@ class Engine:
         self.cfg = cfg
         self.handler = cfg.handler
         self.args = cfg.args
+        #: Whether connections have a PROXY header or a TLS handshake before the handler.
+        self.preamble = cfg.proxy is not None or cfg.tls is not None
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         #: How many wait_idle() calls wait on ``changed``: a connection ending
@@ -177,7 +192,7 @@ class Engine:
         self.capacity_log = policy.RateLimitedLog(log)
         self.proxy_log = policy.RateLimitedLog(log)
         self.tls_log = policy.RateLimitedLog(log)
-        self.listeners = [ListenerTask(lst, self.runtime) for lst in listeners]
+        self.listeners = [ListenerTask(lst, self.runtime, cfg) for lst in listeners]
         self.on_fatal: Callable[[], None] = lambda: None
         self.listeners_closed = False
         self._serve = self._serve_async if self.runtime.kind == "async" else self._serve_sync
@@ -262,7 +277,7 @@ class Engine:
 
     def _hand_off(self, lt: ListenerTask, sock: Any, addr: Any) -> None:
         """Give an accepted connection (holding a slot) to the manager as a task."""
-        conn = Conn(sock, addr, self._serve, lt.local)
+        conn = Conn(sock, addr, self._serve, lt)
         with self.lock:
             self.conns.add(conn)
             self.counts["accepted"] += 1
@@ -429,14 +444,10 @@ class Engine:
         if self.closing:
             return None
         sock = conn.sock
-        cfg = self.cfg
-        if sock.family != socket.AF_UNIX:
-            if cfg.nodelay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if cfg.keepalive:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if cfg.idle_timeout is not None and self.runtime.kind == "sync":
-            sock.settimeout(cfg.idle_timeout)  # async runtimes apply it in wrap_connection
+        for level, option, value in conn.options:
+            sock.setsockopt(level, option, value)
+        if self.cfg.idle_timeout is not None and self.runtime.kind == "sync":
+            sock.settimeout(self.cfg.idle_timeout)  # async runtimes apply it in wrap_connection
         if conn.local is None:
             try:
                 conn.local = sock.getsockname()
@@ -502,7 +513,7 @@ class Engine:
         info: ConnectionInfo | None = None
         try:
             info = self._begin(conn)
-            if info is None or not self._preamble_sync(rt, conn, info):
+            if info is None or (self.preamble and not self._preamble_sync(rt, conn, info)):
                 return
             handed = rt.wrap_connection(conn.sock)
             if self.cfg.stream:

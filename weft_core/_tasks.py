@@ -99,6 +99,7 @@ class TaskState:
 
     __slots__ = (
         "_done",
+        "_ended",
         "_interrupt_callbacks",
         "_shutdown_callbacks",
         "connection",
@@ -114,6 +115,7 @@ class TaskState:
         self.requested = False
         self.interrupted = False
         self._done: Done | None = None
+        self._ended = False
         # Tuples, not lists: a task has one or two of each, and () is shared.
         self._shutdown_callbacks: tuple[Callable[[], object], ...] = ()
         self._interrupt_callbacks: tuple[Callable[[], object], ...] = ()
@@ -126,10 +128,10 @@ class TaskState:
 
     @property
     def done(self) -> Done:
-        """Set by the manager once the task has ended, whatever way it ended.
+        """Set once the task has ended, whatever way it ended (see :meth:`set_done`).
 
         Made on first use: most tasks meet it only as they end, so an idle
-        connection holds no object for it.
+        connection holds no object for it, and a task nobody waits for has none.
         """
         done = self._done
         if done is None:
@@ -137,7 +139,22 @@ class TaskState:
                 if self._done is None:
                     self._done = Done()
                 done = self._done
+            # set_done() writes _ended before it reads _done, and we wrote _done
+            # before reading _ended, so one of us always sets it.
+            if self._ended:
+                done.set()
         return done
+
+    def set_done(self) -> None:
+        """Mark the task ended: ``done`` is set, and made only if somebody waits on it.
+
+        What a manager calls as a task ends (``run_task`` does); ``done.set()`` works
+        too, at the price of the object.
+        """
+        self._ended = True
+        done = self._done
+        if done is not None:
+            done.set()
 
     def make_current(self) -> None:
         """Make this the task that :func:`current_task` and :func:`shutdown_requested` see.
@@ -260,7 +277,7 @@ def _run_here(state: TaskState, thunk: Callable[[], object]) -> None:
     except Exception as exc:
         _report(state, exc)
     finally:
-        state.done.set()
+        state.set_done()
 
 
 async def run_async_task(
@@ -286,7 +303,7 @@ async def run_async_task(
     except Exception as exc:
         _report(state, exc)
     finally:
-        state.done.set()
+        state.set_done()
 
 
 class TaskTable(Generic[T]):

@@ -213,7 +213,7 @@ class GeventManager:
         task.greenlet = None
         task.thunk = _ended
         self._table.pop(task.id)
-        task.done.set()
+        task.set_done()
         if task.ended is not None:
             task.ended.set()
         self._hubs.release()

@@ -325,7 +325,7 @@ class TrioManager:
             # Forgotten before done is set: once stop_task returns, the id is no
             # longer in all_tasks().
             self._table.pop(state.id)
-            state.done.set()
+            state.set_done()
             if record.ended is not None:
                 record.ended.set()
 

@@ -1,0 +1,91 @@
+"""TaskState on its own: the done flag made on demand, the shutdown flags, the callbacks.
+
+Managers build on these (tests/test_conformance.py runs them through every manager);
+here the edge cases of each are pinned down with real threads.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from weft_core import TaskState, current_task, run_task, shutdown_requested
+
+WAIT = 10.0
+
+
+def test_done_before_anyone_looked() -> None:
+    state = TaskState(1, "t")
+    state.set_done()
+    assert state.done.is_set()
+    assert state.done.wait(0)
+
+
+def test_set_done_wakes_a_thread_already_waiting() -> None:
+    state = TaskState(1, "t")
+    waiting = threading.Event()
+    woke: list[bool] = []
+
+    def waiter() -> None:
+        done = state.done
+        waiting.set()
+        woke.append(done.wait(WAIT))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert waiting.wait(WAIT)
+    state.set_done()
+    thread.join(WAIT)
+    assert woke == [True]
+
+
+@pytest.mark.timeout(60)
+def test_set_done_racing_the_first_waiter_never_loses_the_wake_up() -> None:
+    """The flag and the lazily made event are written and read in opposite orders."""
+
+    def wait_for(state: TaskState, result: list[bool]) -> None:
+        result.append(state.done.wait(WAIT))
+
+    for _ in range(300):
+        state = TaskState(1, "t")
+        result: list[bool] = []
+        thread = threading.Thread(target=wait_for, args=(state, result))
+        thread.start()
+        state.set_done()
+        thread.join(WAIT)
+        assert result == [True]
+
+
+def test_done_set_directly_still_works() -> None:
+    state = TaskState(1, "t")
+    state.done.set()
+    assert state.done.is_set()
+
+
+def test_run_task_marks_done_and_makes_the_state_current() -> None:
+    state = TaskState(7, "t")
+    seen: list[object] = []
+
+    def thunk() -> None:
+        seen.append(current_task())
+        seen.append(shutdown_requested())
+
+    run_task(state, thunk)
+    assert seen == [state, False]
+    assert state.done.is_set()
+
+
+def test_callbacks_run_once_and_late_ones_at_once() -> None:
+    state = TaskState(1, "t")
+    calls: list[str] = []
+    state.on_shutdown(lambda: calls.append("shutdown"))
+    state.on_interrupt(lambda: calls.append("interrupt"))
+    state.interrupt()
+    state.interrupt()
+    state.request_shutdown()
+    assert calls == ["shutdown", "interrupt"]
+    state.on_shutdown(lambda: calls.append("late shutdown"))
+    state.on_interrupt(lambda: calls.append("late interrupt"))
+    assert calls == ["shutdown", "interrupt", "late shutdown", "late interrupt"]
+    assert state.requested and state.interrupted
