@@ -205,7 +205,11 @@ def _wrk_rows(
         if ref is not None:
             weft, raw = ref, None
         numbers = isinstance(weft, float | int) and isinstance(raw, float | int)
-        ratio = weft / raw if numbers and raw else None
+        ratio = (
+            _paired_ratio(records, suite=suite, manager=manager, setting=setting, key=key)
+            if numbers and raw
+            else None
+        )
         target = RATIO_TARGETS.get((suite, key, setting)) or RATIO_TARGETS.get((suite, key, None))
         label = f"{setting[2:]} conns" + (", 1 req/conn" if suite == "churn" else "")
         row = Row(manager, metric, label, weft, raw, unit, ratio)
@@ -214,6 +218,20 @@ def _wrk_rows(
             row.ok = False if weft == "failed" else _compare(ratio, *target)
         rows.append(row)
     return rows
+
+
+def _paired_ratio(records: list[dict[str, Any]], *, key: str, **where: Any) -> float | None:
+    """The median over runs of weft/raw, each weft run paired with the raw run after it.
+
+    The two sides are measured alternately, so a pair shares the machine's state of
+    the moment; the ratio within a pair cancels what drifts over a long run (other
+    tenants of the host, frequency changes), which a ratio of the two medians does
+    not. None without a complete pair.
+    """
+    weft = {r["run"]: r.get(key) for r in select(records, impl="weft", **where)}
+    raw = {r["run"]: r.get(key) for r in select(records, impl="raw", **where)}
+    ratios = [weft[i] / raw[i] for i in sorted(weft) if weft[i] and raw.get(i)]
+    return statistics.median(ratios) if ratios else None
 
 
 def _wrk_value(runs: list[dict[str, Any]], key: str) -> float | str | None:
@@ -519,8 +537,9 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
         f"# weft benchmarks: {kind}",
         "",
         f"{result['started']}, {result['elapsed_s']:.0f} s. Medians of {opts['runs']} run(s) per "
-        f"figure, weft and raw alternated; wrk {opts['seconds']:g} s per run, 1 thread. "
-        f"Server on core 0, wrk and clients on core 1.",
+        f"figure, weft and raw alternated; for wrk figures weft/raw is the median of "
+        f"the ratios within each weft-then-raw pair. wrk {opts['seconds']:g} s per run, "
+        f"1 thread. Server on core 0, wrk and clients on core 1.",
         "",
         f"Machine: {describe(result['machine'])}.",
         "",
