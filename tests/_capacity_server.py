@@ -40,8 +40,12 @@ class Count(logging.Handler):
         super().__init__(logging.WARNING)
         self.capacity = 0
         self.tracebacks = 0
+        #: The first few warnings, for a failing test's message.
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < 5:
+            self.messages.append(record.getMessage())
         if "shed" in record.getMessage():
             self.capacity += 1
         if record.exc_info:
@@ -78,8 +82,10 @@ def main() -> None:
             break
     active = server.stats()["active"]
     started = time.monotonic()
+    cpu_before = time.process_time()
     clean = server.stop(timeout=5)
     elapsed = time.monotonic() - started
+    cpu_after = time.process_time()
     fds_after = len(os.listdir("/proc/self/fd"))
     print(
         json.dumps(
@@ -89,6 +95,8 @@ def main() -> None:
                 "active": active,
                 "fds_before": fds_before,
                 "fds_after": fds_after,
+                "warnings": counter.messages,
+                "cpu_during_stop": cpu_after - cpu_before,
             }
         ),
         flush=True,
