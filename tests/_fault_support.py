@@ -1,26 +1,66 @@
-"""Helpers for the fault tests: ``weft serve`` in a subprocess, and misbehaving clients.
+"""Helpers for the fault tests: servers in subprocesses, and misbehaving clients.
 
 :class:`WeftServe` runs ``python -m weft_core serve`` with ``tests/`` on the path,
 reads its stderr in a thread, and lets a test wait for a log line (never on a
-sleep). :class:`Readers` reads many client sockets at once until each is closed.
+sleep). :class:`ScriptServer` runs one of the test server scripts that answer
+commands on stdin with a JSON line. :class:`Readers` reads many client sockets at
+once until each is closed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import selectors
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from _serving import Served, environment, weft_serve
 
 from weft_core.testing._support import WAIT
 
 LISTENING = re.compile(r"listening on (\S+):(\d+) \(manager (\S+)\)")
+HERE = Path(__file__).parent
+
+
+class ScriptServer:
+    """A test server script of ``tests/`` in a subprocess, asked questions on stdin.
+
+    The script (``_capacity_server.py``, ``_fault_soak_server.py``) prints ``PORT n``
+    once listening, then answers each command line with one JSON line.
+    """
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / script), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        self.port = int(line.split()[1])
+
+    def ask(self, command: str) -> dict[str, Any]:
+        """Send ``command``; its JSON answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Kill it if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
 
 
 class WeftServe:

@@ -6,49 +6,19 @@ fails with a real EMFILE (no mocking).
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
+from _fault_support import ScriptServer
 
 from weft_core import available_managers
 
-HERE = Path(__file__).parent
 NOFILE = 64
 #: Server CPU seconds allowed while it sits at EMFILE for EPISODE seconds. A spinning
 #: acceptor burns the whole episode; a backing-off one a few milliseconds.
 EPISODE = 2.0
 CPU_BOUND = 0.5
-
-
-class ServerProcess:
-    def __init__(self, manager: str, nofile: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_capacity_server.py"), manager, str(nofile)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        self.port = int(line.split()[1])
-
-    def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
 
 
 def served_or_shed(sock: socket.socket) -> str:
@@ -65,7 +35,7 @@ def served_or_shed(sock: socket.socket) -> str:
 def test_out_of_descriptors(manager: str) -> None:
     if manager not in available_managers():
         pytest.skip(f"{manager} is not installed")
-    server = ServerProcess(manager, NOFILE)
+    server = ScriptServer("_capacity_server.py", manager, str(NOFILE))
     clients: list[socket.socket] = []
     try:
         # More clients than the server has descriptors for.

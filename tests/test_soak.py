@@ -25,22 +25,18 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-from _fault_support import reset
+from _fault_support import ScriptServer, reset
 
 from weft_core import available_managers
 from weft_core.testing._support import recv_exactly, recv_until_closed, wait_until
 
-HERE = Path(__file__).parent
 SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
 WORKERS = int(os.environ.get("SOAK_WORKERS", "16"))
 WARM_UP = 0.15
@@ -77,24 +73,11 @@ class Tally:
         self.failures.extend(other.failures[:5])
 
 
-class SoakServer:
-    def __init__(self, manager: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_fault_soak_server.py"), manager],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        self.port = int(line.split()[1])
+class SoakServer(ScriptServer):
+    """``_fault_soak_server.py``, which also says when it has no connection open."""
 
-    def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+    def __init__(self, manager: str) -> None:
+        super().__init__("_fault_soak_server.py", manager)
 
     def quiet(self) -> dict[str, Any]:
         """Stats once no connection is open."""
@@ -106,11 +89,6 @@ class SoakServer:
 
         wait_until(idle, timeout=30, what="the server to have no connection open")
         return stats
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
 
 
 def exchange(client: socket.socket, rng: random.Random, tally: Tally, rounds: int) -> None:
