@@ -16,6 +16,7 @@ from typing import Any
 
 from weft_core import create_manager
 from weft_core.testing import Body, Recv, Send, Sleep, SyncAdapter, default_adapter
+from weft_core.testing._bodies import echo, stubborn
 
 #: slow_reply answers in this many chunks, this far apart: a 2-second exchange.
 CHUNKS = 20
@@ -49,17 +50,6 @@ def __getattr__(name: str) -> Callable[..., Any]:
 # -- bodies -----------------------------------------------------------------------------
 
 
-def echo(greeting: bytes = b"") -> Body:
-    """Send ``greeting``, then echo until end of input."""
-    if greeting:
-        yield Send(greeting)
-    while True:
-        data = yield Recv()
-        if not data:
-            return
-        yield Send(data)
-
-
 def read_line() -> Body:
     """Receive up to and including a newline; what came, or b"" at end of input."""
     request = b""
@@ -89,14 +79,6 @@ def slow_reply() -> Body:
     for i in range(CHUNKS):
         yield Send(reply_chunk(request, i))
         yield Sleep(PAUSE)
-
-
-def stubborn() -> Body:
-    """Ignore the shutdown flag and end of input: write a byte every 20 ms forever."""
-    yield Send(b"<")
-    while True:
-        yield Sleep(0.02)
-        yield Send(b".")
 
 
 def big_reply(size: int = 4 << 20) -> Body:

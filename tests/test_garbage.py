@@ -17,24 +17,25 @@ from typing import Any
 import pytest
 
 from weft_core import Server, available_managers
-from weft_core.testing._support import connect, recv_exactly, wait_until
+from weft_core.testing._suite_addresses import echo_once
+from weft_core.testing._support import connect, wait_until
 
 SPECS = available_managers()
 CONNECTIONS = 50
 
 
-def echo_once(conn: Any) -> None:
+def reply(conn: Any) -> None:
     conn.sendall(conn.recv(16))
 
 
-async def echo_once_async(stream: Any) -> None:
+async def reply_async(stream: Any) -> None:
     await stream.send_all(await stream.receive_some(16))
 
 
 @pytest.fixture(params=sorted(SPECS))
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     name: str = request.param
-    handler = echo_once_async if SPECS[name].handler_kind == "async" else echo_once
+    handler = reply_async if SPECS[name].handler_kind == "async" else reply
     server = Server(handler, address="127.0.0.1", port=0, manager=name)
     server.run()
     yield server
@@ -43,8 +44,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
 
 def exchange(port: int) -> None:
     with connect(port) as client:
-        client.sendall(b"ping")
-        assert recv_exactly(client, 4) == b"ping"
+        echo_once(client)
 
 
 @pytest.mark.timeout(60)

@@ -26,8 +26,9 @@ from .._errors import BindError
 from .._registry import register, unregister
 from .._server import Server
 from ..hookspecs import hookimpl
-from ._adapters import Body, Recv, Send
+from ._adapters import Body, Send
 from ._base import ManagerTestBase
+from ._bodies import echo
 from ._support import WAIT, connect, recv_exactly, recv_until_closed, wait_until
 
 __all__ = ["AddressTests"]
@@ -36,15 +37,6 @@ MakeServer = Callable[..., Server]
 
 #: What "at once" means for a stop with nothing to wait for, with room for a loaded CI machine.
 PROMPT = 2.0
-
-
-def echo() -> Body:
-    """Echo until end of input."""
-    while True:
-        data = yield Recv()
-        if not data:
-            return
-        yield Send(data)
 
 
 def echo_once(client: socket.socket, data: bytes = b"ping") -> None:

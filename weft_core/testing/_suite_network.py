@@ -16,6 +16,7 @@ from .._proxy import build_v1, build_v2
 from .._server import Server
 from ._adapters import Body, Recv, Send
 from ._base import ManagerTestBase
+from ._bodies import echo
 from ._support import WAIT, connect, recv_exactly, recv_until_closed, wait_until
 
 __all__ = ["NetworkTests"]
@@ -28,15 +29,6 @@ def reply_once() -> Body:
     data = yield Recv()
     version = current_connection().tls_version or "plain"
     yield Send(data + b" " + version.encode())
-
-
-def echo() -> Body:
-    """Echo until end of input (or the idle timeout's TimeoutError)."""
-    while True:
-        data = yield Recv()
-        if not data:
-            return
-        yield Send(data)
 
 
 def _client_hello(certs: dict[str, str]) -> bytes:

@@ -18,6 +18,7 @@ from .._server import Server
 from .._tasks import shutdown_requested
 from ._adapters import Body, Recv, Send, Sleep
 from ._base import ManagerTestBase
+from ._bodies import echo, stubborn
 from ._support import WAIT, connect, fd_count, recv_exactly, recv_until_closed, wait_until
 
 __all__ = ["ServerTests"]
@@ -27,25 +28,6 @@ _caller: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 
 MakeServer = Callable[..., Server]
-
-
-def echo(greeting: bytes = b"") -> Body:
-    """Send ``greeting``, then echo until end of input."""
-    if greeting:
-        yield Send(greeting)
-    while True:
-        data = yield Recv()
-        if not data:
-            return
-        yield Send(data)
-
-
-def stubborn() -> Body:
-    """Ignore the shutdown flag and end of input: write a byte every 20 ms forever."""
-    yield Send(b"<")
-    while True:
-        yield Sleep(0.02)
-        yield Send(b".")
 
 
 class ServerTests(ManagerTestBase):
