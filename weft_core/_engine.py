@@ -703,7 +703,19 @@ class Engine:
             return list(self.conns)
 
     def request_shutdown(self, conns: list[Conn]) -> None:
-        """Phase 2: flag every connection's task and end its input."""
+        """Phase 2: flag every connection's task and end its input.
+
+        In the runtime's loop thread when it has one (``run_in_loop``): one batch
+        there, rather than a GIL hand-off with the loop for every connection.
+        """
+        run_in_loop = getattr(self.runtime, "run_in_loop", None)
+        if conns and run_in_loop is not None:
+            run_in_loop(lambda: self._end_input(conns))
+        else:
+            self._end_input(conns)
+
+    @staticmethod
+    def _end_input(conns: list[Conn]) -> None:
         for conn in conns:
             state = conn.state  # read once: the task may finish and clear it meanwhile
             if state is not None:

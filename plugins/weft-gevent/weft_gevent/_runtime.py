@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 import gevent
@@ -123,6 +124,10 @@ class GeventRuntime:
 
     def wake_listener(self, listener: Any) -> None:
         """Nothing to do: the manager interrupts the acceptor (kills it with TaskShutdown) when it stops."""
+
+    def run_in_loop(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` in the hub's thread and return once it has (a stop's batch of shutdowns)."""
+        self._hubs.run(fn)
 
     def slots(self, n: int) -> SyncSlots:
         """A ``gevent.lock.Semaphore`` of ``n``, for use inside the hub's tasks."""

@@ -178,7 +178,7 @@ class TrioManager:
         self._table: TaskTable[_Task] = TaskTable(limit, "trio manager")
         self._loop: _Loop | None = None
         self._loop_lock = threading.Lock()
-        self._runtime = TrioRuntime(self._close_loop)
+        self._runtime = TrioRuntime(self._close_loop, self._run_in_loop)
 
     @property
     def limit(self) -> int | None:
@@ -394,6 +394,20 @@ class TrioManager:
         return self._table.ids()
 
     # -- the loop thread ---------------------------------------------------------------
+
+    def _run_in_loop(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` in the trio thread, if one runs, and return once it has."""
+        loop: _Loop | None = getattr(_thread, "loop", None)
+        if loop is None or loop.owner is not self:
+            with self._loop_lock:
+                loop = self._loop
+            if loop is not None and loop.token is not None:
+                try:
+                    trio.from_thread.run_sync(fn, trio_token=loop.token)
+                    return
+                except trio.RunFinishedError:
+                    pass  # it has just ended: nothing runs there any more
+        fn()
 
     def _close_loop(self) -> None:
         """End the trio thread, if one runs: cancel every task, then join it."""

@@ -126,8 +126,13 @@ class TrioRuntime:
     #: is refused.
     conn_is_stream = True
 
-    def __init__(self, close: Callable[[], None]) -> None:
+    def __init__(
+        self, close: Callable[[], None], run_in_loop: Callable[[Callable[[], object]], None]
+    ) -> None:
         self._close = close
+        #: Run a function in the manager's trio thread and wait for it (the stop's
+        #: batch of ``shutdown`` calls, one hop instead of a GIL hand-off per socket).
+        self.run_in_loop = run_in_loop
 
     def __repr__(self) -> str:
         return "<TrioRuntime>"
