@@ -6,6 +6,7 @@ here the edge cases of each are pinned down with real threads.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
@@ -89,3 +90,39 @@ def test_callbacks_run_once_and_late_ones_at_once() -> None:
     state.on_interrupt(lambda: calls.append("late interrupt"))
     assert calls == ["shutdown", "interrupt", "late shutdown", "late interrupt"]
     assert state.requested and state.interrupted
+
+
+class _Callable:
+    """A thunk that is an object with a Python ``__call__`` (as the server's connections are)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[TaskState | None] = []
+        self.fail = fail
+
+    def __call__(self) -> None:
+        self.calls.append(current_task())
+        if self.fail:
+            raise ValueError("boom")
+
+
+def test_run_task_calls_an_object_thunk_once_as_the_task() -> None:
+    state = TaskState(1, "t")
+    thunk = _Callable()
+    run_task(state, thunk)
+    assert thunk.calls == [state]
+    assert state.done.is_set()
+
+
+def test_run_task_reports_what_an_object_thunk_raises(caplog: pytest.LogCaptureFixture) -> None:
+    state = TaskState(7, "obj")
+    run_task(state, _Callable(fail=True))
+    assert state.done.is_set()
+    assert "task 7 (obj) raised" in caplog.text and "ValueError: boom" in caplog.text
+
+
+def test_run_task_calls_builtin_and_bound_method_thunks() -> None:
+    got: list[int] = []
+    run_task(TaskState(1), functools.partial(got.append, 1))
+    run_task(TaskState(2), got.clear)
+    run_task(TaskState(3), functools.partial(got.append, 3))
+    assert got == [3]

@@ -70,9 +70,10 @@ class Conn(ConnectionInfo):
 
     One object per connection, not three: a Conn is the ``ConnectionInfo`` that
     ``current_connection()`` returns, and calling it serves it (``serve(conn)``),
-    so it is the thunk an async manager runs. What an idle connection holds limits
-    how many a server can hold, and every object tracked by the garbage collector
-    makes its collections run sooner.
+    so it is the thunk its task runs; its ``__name__`` (``weft conn HOST:PORT``)
+    is made only when a manager asks. What an idle connection holds limits how many
+    a server can hold, and every object tracked by the garbage collector makes its
+    collections run sooner.
     """
 
     __slots__ = ("addr", "options", "serve", "shut", "sock", "started", "state")
@@ -92,6 +93,8 @@ class Conn(ConnectionInfo):
         self.started = False
 
     def __call__(self) -> Any:
+        # run_task calls this as a plain function (no C-level call in between);
+        # an async runtime awaits what it returns.
         return self.serve(self)
 
     @property
@@ -282,7 +285,7 @@ class Engine:
             self.conns.add(conn)
             self.counts["accepted"] += 1
         try:
-            conn.task_id = self.manager.add_task(self._thunk(conn))
+            conn.task_id = self.manager.add_task(conn)
         except ManagerFullError:
             self._finish(conn)
             with self.lock:
@@ -294,23 +297,6 @@ class Engine:
             )
             self._finish(conn)
             _close_quietly(sock)
-
-    def _thunk(self, conn: Conn) -> Callable[[], Any]:
-        """The connection's task: the Conn itself for async runtimes, a closure for sync ones.
-
-        Calling an object (or a partial) from Python goes through C and starts a
-        second interpreter frame on the C stack, which a parked greenlet keeps a
-        copy of; a Python closure is called inline. An async thunk is called once
-        to make its coroutine, so there the Conn does, with no extra object.
-        """
-        if self.runtime.kind == "async":
-            return conn
-
-        def thunk() -> None:
-            conn.serve(conn)
-
-        thunk.__name__ = conn.__name__
-        return thunk
 
     # -- accepting: sync flavour -------------------------------------------------------
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Hashable
+from types import FunctionType
 from typing import Any, Generic, TypeVar
 
 from ._errors import ManagerFullError, TaskShutdown
@@ -271,7 +272,15 @@ def run_task(
 def _run_here(state: TaskState, thunk: Callable[[], object]) -> None:
     state.make_current()
     try:
-        thunk()
+        call = type(thunk).__call__
+        if type(call) is FunctionType:
+            # An object whose __call__ is written in Python (the server's connections)
+            # is called through it as a plain function: thunk() would go through C and
+            # start one more interpreter frame on the C stack, which a parked greenlet
+            # keeps a copy of for as long as it waits.
+            call(thunk)
+        else:
+            thunk()
     except TaskShutdown:
         pass
     except Exception as exc:

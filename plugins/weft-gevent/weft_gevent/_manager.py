@@ -61,12 +61,11 @@ class _Task(TaskState):
     def __init__(
         self,
         task_id: Hashable,
-        name: str,
         thunk: Callable[[], Any],
         link: HubLink,
         manager: GeventManager,
     ) -> None:
-        super().__init__(task_id, name)
+        super().__init__(task_id)
         self.thunk = thunk
         self.context: contextvars.Context | None = contextvars.copy_context()
         self.link = link
@@ -77,6 +76,30 @@ class _Task(TaskState):
         self.finished = False
         #: Made only when a stop waits for the task to end, in the hub's thread.
         self.ended: gevent.event.Event | None = None
+
+    @property
+    def name(self) -> str:
+        """The thunk's ``__name__``, read when first asked for, then kept.
+
+        A connection's name is its peer address formatted: made for every
+        connection, it would be kept by each idle one and hardly ever read.
+        """
+        name: str = _NAME_SLOT.__get__(self, _Task)
+        if not name:
+            thunk = self.thunk
+            name = ("" if thunk is _ended else getattr(thunk, "__name__", "")) or (
+                f"weft task {self.id}"
+            )
+            _NAME_SLOT.__set__(self, name)
+        return name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        _NAME_SLOT.__set__(self, value)
+
+
+#: Where TaskState keeps ``name``, under the lazy property of _Task.
+_NAME_SLOT: Any = TaskState.__dict__["name"]
 
 
 class _TaskGreenlet(greenlet.greenlet):
@@ -152,13 +175,12 @@ class GeventManager:
         spawned at once; from another thread it is queued to the hub.
         """
         task_id = self._table.reserve()
-        name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
         try:
             link = self._hubs.acquire()  # counts the task until its greenlet ends
         except BaseException:
             self._table.pop(task_id)
             raise
-        task = _Task(task_id, name, thunk, link, self)
+        task = _Task(task_id, thunk, link, self)
         self._table.put(task_id, task)
         if link.is_current():
             self._spawn(task)

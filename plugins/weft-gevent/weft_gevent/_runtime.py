@@ -20,6 +20,8 @@ from typing import Any, cast
 import gevent
 import gevent.lock
 import gevent.socket
+from gevent.exceptions import ConcurrentObjectUseError
+from greenlet import getcurrent
 
 from weft_core._protocol import SyncSlots
 from weft_core._spec import HandlerKind
@@ -42,6 +44,13 @@ class GeventSocket(gevent.socket.socket):
       and returns once the descriptor is closed. gevent's ``close`` touches the
       loop's watchers, which is unsafe from another thread, and a greenlet waiting
       on the socket would neither wake nor let the descriptor close.
+
+    - ``recv`` and ``recv_into`` (what a handler parks in while its connection is
+      idle) wait for input as gevent's do, through fewer C calls: an idle
+      connection's greenlet keeps a copy of its C stack, and gevent's wait goes
+      through four compiled functions and a ``Waiter`` between ``recv`` and the hub.
+      Same outcome: data, ``b""``, the error of a socket closed by another
+      greenlet, and with a timeout set, gevent's own wait with its timer.
 
     ``accept()`` returns GeventSockets as well.
     """
@@ -67,6 +76,28 @@ class GeventSocket(gevent.socket.socket):
         sock = this._sock
         return GeventSocket(sock.family, sock.type, sock.proto, fileno=fd), address
 
+    def recv(self, *args: Any) -> bytes:
+        """Receive as gevent does: try at once, else wait for input cooperatively."""
+        this = cast(Any, self)
+        while True:
+            try:
+                return this._sock.recv(*args)  # type: ignore[no-any-return]
+            except BlockingIOError:
+                if this.timeout == 0.0:
+                    raise
+            _wait_readable(this)
+
+    def recv_into(self, *args: Any) -> int:
+        """Receive into a buffer as gevent does (``makefile()`` readers use it)."""
+        this = cast(Any, self)
+        while True:
+            try:
+                return this._sock.recv_into(*args)  # type: ignore[no-any-return]
+            except BlockingIOError:
+                if this.timeout == 0.0:
+                    raise
+            _wait_readable(this)
+
     def shutdown(self, how: int) -> None:
         """Shut down one or both halves, as the stdlib does; safe from any thread."""
         cast(Any, self)._sock.shutdown(how)
@@ -79,6 +110,30 @@ class GeventSocket(gevent.socket.socket):
             super().close()
         else:
             HubLink(hub).run(_close_in_hub, self)
+
+
+def _wait_readable(sock: Any) -> None:
+    """Park the calling greenlet until ``sock`` is readable (or closed by another greenlet).
+
+    gevent's ``_wait`` without its layers: the read watcher calls this greenlet's
+    ``switch`` directly, where gevent's would call a ``Waiter``'s. gevent's
+    ``cancel_wait`` (another greenlet closing the socket) throws into the
+    greenlet it finds as the callback's ``__self__``, as with a Waiter. A stray
+    switch is harmless here: the caller tries the socket again and waits anew.
+    """
+    watcher = sock._read_event
+    if watcher is None or sock.timeout is not None:
+        sock._wait(watcher)  # closed meanwhile, or a timer to run: gevent's own wait
+        return
+    if watcher.callback is not None:
+        raise ConcurrentObjectUseError(
+            f"This socket is already used by another greenlet: {watcher.callback!r}"
+        )
+    watcher.start(getcurrent().switch)
+    try:
+        sock.hub.switch()
+    finally:
+        watcher.stop()
 
 
 def _close_in_hub(sock: GeventSocket) -> None:
