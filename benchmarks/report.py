@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .server import RAW_BACKENDS
+from .suites import IDLE_RUNS
 from .workers import CONNECTIONS as WORKERS_CONNECTIONS
 from .workers import LAYOUTS
 
@@ -537,7 +538,7 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
         f"# weft benchmarks: {kind}",
         "",
         f"{result['started']}, {result['elapsed_s']:.0f} s. Medians of {opts['runs']} run(s) per "
-        f"figure, weft and raw alternated; for wrk figures weft/raw is the median of "
+        f"figure (idle memory: {min(opts['runs'], IDLE_RUNS)}), weft and raw alternated; for wrk figures weft/raw is the median of "
         f"the ratios within each weft-then-raw pair. wrk {opts['seconds']:g} s per run, "
         f"1 thread. Server on core 0, wrk and clients on core 1.",
         "",
