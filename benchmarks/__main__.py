@@ -1,7 +1,9 @@
 """``python -m benchmarks run``: every manager beside its raw backend; see docs/performance.md.
 
 Also ``python -m benchmarks profile --manager NAME``: the weft server under py-spy
-while wrk loads it, with the hottest functions of weft's own code.
+while wrk loads it, with the hottest functions of weft's own code; and
+``python -m benchmarks instructions --manager NAME``: instructions per request of
+weft and of the raw backend under callgrind, a figure the machine's noise leaves alone.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report, wrk
+from . import instructions, report, wrk
 from .procs import CLIENT_CORE, ROOT, pin, raise_nofile
 from .suites import MAX, SUITES, Options, progress, raw_flavour, run_all
 
@@ -133,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--churn", action="store_true", help="one request per connection")
     prof.add_argument("--seconds", type=float, default=10.0)
     prof.add_argument("--top", type=int, default=25)
+    instructions.add_parser(sub)
     return top
 
 
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "run":
         return command_run(args)
+    if args.command == "instructions":
+        return instructions.command_instructions(args)
     return command_profile(args)
 
 

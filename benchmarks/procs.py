@@ -16,7 +16,7 @@ import resource
 import select
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,9 @@ def stdin_lines(wait: object = None) -> Iterator[str]:
 class Child:
     """A child process (``python -m benchmarks.<module> ...``) spoken to in lines."""
 
-    def __init__(self, module: str, args: list[str], log: Path, name: str) -> None:
+    def __init__(
+        self, module: str, args: list[str], log: Path, name: str, prefix: Sequence[str] = ()
+    ) -> None:
         self.name = name
         self.log = log
         env = {
@@ -100,7 +102,7 @@ class Child:
             err.write(f"--- {name}: {module} {' '.join(args)}\n".encode())
             err.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                [*prefix, sys.executable, "-m", module, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -182,7 +184,15 @@ class ServerProcess(Child):
     ``nofile`` is the server's fd limit, which bounds the connections it can hold.
     """
 
-    def __init__(self, backend: str, flavour: str, handler: str, log: Path) -> None:
+    def __init__(
+        self,
+        backend: str,
+        flavour: str,
+        handler: str,
+        log: Path,
+        prefix: Sequence[str] = (),
+        start_timeout: float = 60,
+    ) -> None:
         name = f"{backend}-{flavour} {handler} server"
         super().__init__(
             "benchmarks.server",
@@ -198,9 +208,10 @@ class ServerProcess(Child):
             ],
             log,
             name,
+            prefix,
         )
         try:
-            port, nofile = self.expect("PORT", 60)
+            port, nofile = self.expect("PORT", start_timeout)
             self.port, self.nofile = int(port), int(nofile)
         except BaseException:
             self.close(2)
