@@ -63,7 +63,7 @@ class GeventSocket(gevent.socket.socket):
         As gevent's own: the non-blocking ``accept`` is tried first, so a busy
         listener hands over its whole backlog without a trip through the loop.
         """
-        this = cast(Any, self)
+        this: Any = self  # gevent's private attributes; no cast() call per connection
         while True:
             try:
                 fd, address = this._accept()
@@ -78,7 +78,7 @@ class GeventSocket(gevent.socket.socket):
 
     def recv(self, *args: Any) -> bytes:
         """Receive as gevent does: try at once, else wait for input cooperatively."""
-        this = cast(Any, self)
+        this: Any = self
         while True:
             try:
                 return this._sock.recv(*args)  # type: ignore[no-any-return]
@@ -89,7 +89,7 @@ class GeventSocket(gevent.socket.socket):
 
     def recv_into(self, *args: Any) -> int:
         """Receive into a buffer as gevent does (``makefile()`` readers use it)."""
-        this = cast(Any, self)
+        this: Any = self
         while True:
             try:
                 return this._sock.recv_into(*args)  # type: ignore[no-any-return]
@@ -100,11 +100,13 @@ class GeventSocket(gevent.socket.socket):
 
     def shutdown(self, how: int) -> None:
         """Shut down one or both halves, as the stdlib does; safe from any thread."""
-        cast(Any, self)._sock.shutdown(how)
+        this: Any = self
+        this._sock.shutdown(how)
 
     def close(self) -> None:
         """Close the socket; from another OS thread, the close runs in the hub's."""
-        hub = cast(Any, self).hub
+        this: Any = self
+        hub = this.hub
         if hub is None or hub.loop is None or real_get_ident() == hub.thread_ident:
             # In the hub's thread, or after the hub is gone (nothing to wake then).
             super().close()
