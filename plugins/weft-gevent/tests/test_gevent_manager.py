@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -59,17 +59,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
             return False
         time.sleep(0.005)
     return True
-
-
-@pytest.fixture
-def manager() -> Iterator[GeventManager]:
-    """A fresh manager; afterwards, its tasks stopped and its hub thread gone."""
-    m = GeventManager()
-    yield m
-    for task_id in m.all_tasks():
-        m.stop_task(task_id, timeout=0)
-    m.runtime.close()
-    assert not m._hubs.owns_thread, "the hub thread outlived runtime.close()"
 
 
 def owns_thread(manager: GeventManager) -> bool:

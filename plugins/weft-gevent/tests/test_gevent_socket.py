@@ -12,7 +12,7 @@ import errno
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -30,15 +30,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(30),
 ]
-
-
-@pytest.fixture
-def manager() -> Iterator[GeventManager]:
-    m = GeventManager()
-    yield m
-    for task_id in m.all_tasks():
-        m.stop_task(task_id, timeout=0)
-    m.runtime.close()
 
 
 class Pair:
