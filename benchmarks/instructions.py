@@ -26,7 +26,7 @@ from pathlib import Path
 from . import wrk
 from .procs import ServerProcess
 from .server import RAW_BACKENDS
-from .suites import raw_flavour
+from .suites import installed_flavour
 
 WARMUP_S = 3.0
 
@@ -57,18 +57,15 @@ def measure(
     """(instructions, requests) of one server under callgrind for one measured wrk run."""
     out = work / f"{backend}.%p.out"
     prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    server = ServerProcess(
+    with ServerProcess(
         backend, flavour, "http", work / "servers.log", prefix=prefix, start_timeout=300
-    )
-    try:
+    ) as server:
         wrk.run(wrk_path, server.port, args.connections, WARMUP_S, close=args.churn, timeout_s=30)
         _control("-z", server.pid)  # zero the counters: the warm-up is not measured
         result = wrk.run(
             wrk_path, server.port, args.connections, args.seconds, close=args.churn, timeout_s=30
         )
         _control("-d", server.pid)  # dump what the measured run executed
-    finally:
-        server.close(60)
     dumps = sorted(work.glob(f"{backend}.{server.pid}.out.*"))
     if not dumps:
         raise RuntimeError(f"callgrind wrote no dump for {backend} (see {work})")
@@ -76,18 +73,16 @@ def measure(
 
 
 def command_instructions(args: argparse.Namespace) -> int:
-    import weft_core
-
-    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
-    if missing:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 2
     wrk_path = wrk.find()
     if wrk_path is None:
         print(wrk.MISSING, file=sys.stderr)
         return 2
-    spec = weft_core.available_managers()[args.manager]
-    flavour = raw_flavour(args.manager, spec.handler_kind)
+    flavour = installed_flavour(args.manager)
+    if flavour is None:
+        return 2
     load = "one request per connection" if args.churn else "keep-alive"
     print(
         f"{args.manager} against {RAW_BACKENDS[flavour]}: wrk -c{args.connections}, {load}, "

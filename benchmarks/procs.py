@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE = 0
@@ -82,6 +83,9 @@ def stdin_lines(wait: object = None) -> Iterator[str]:
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             yield line.decode().strip()
+
+
+ChildT = TypeVar("ChildT", bound="Child")
 
 
 class Child:
@@ -171,7 +175,7 @@ class Child:
             return ""
         return "\n  log " + str(self.log) + ":\n    " + "\n    ".join(text) if text else ""
 
-    def __enter__(self) -> Child:
+    def __enter__(self: ChildT) -> ChildT:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import wrk
 from .procs import ServerProcess, client_preexec
 from .server import RAW_BACKENDS
-from .suites import raw_flavour
+from .suites import installed_flavour
 
 FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]+):(?P<line>\d+)\)$")
 #: Event-loop frames: what runs below them belongs to the loop, not to the weft code
@@ -110,18 +110,14 @@ def _record(pyspy: str, server: ServerProcess, wrk_path: str, args: argparse.Nam
 
 
 def profile(args: argparse.Namespace) -> int:
-    import weft_core
-
     pyspy = shutil.which("py-spy")
     wrk_path = wrk.find()
     if pyspy is None or wrk_path is None:
         print("profile needs py-spy (pip install py-spy) and wrk (apt-get install wrk)")
         return 2
-    specs = weft_core.available_managers()
-    if args.manager not in specs:
-        print(f"manager {args.manager!r} is not installed ({', '.join(specs)})")
+    flavour = installed_flavour(args.manager)
+    if flavour is None:
         return 2
-    flavour = raw_flavour(args.manager, specs[args.manager].handler_kind)
     log = Path(tempfile.gettempdir()) / "weft-bench-profile.log"
     load = f"{args.connections} conns" + (", churn" if args.churn else ", keep-alive")
     for backend, name in (("weft", f"weft {args.manager}"), ("raw", RAW_BACKENDS[flavour])):

@@ -97,6 +97,17 @@ def raw_flavour(manager: str, handler_kind: str) -> str:
     return "trio" if handler_kind == "async" else "threads"
 
 
+def installed_flavour(manager: str) -> str | None:
+    """``raw_flavour`` of an installed manager; None, with a message, if it is not installed."""
+    import weft_core
+
+    specs = weft_core.available_managers()
+    if manager not in specs:
+        print(f"manager {manager!r} is not installed ({', '.join(specs)})", file=sys.stderr)
+        return None
+    return raw_flavour(manager, specs[manager].handler_kind)
+
+
 # -- keep-alive throughput and churn (wrk, HTTP) ------------------------------------------
 
 
