@@ -1,17 +1,19 @@
 """``python -m benchmarks instructions``: CPU instructions per request, weft against raw.
 
 Requests per second on a shared machine move by 10 % between runs a minute apart;
-the instructions a server executes per request do not. Each server (weft, then
+the instructions a server executes per request, with one connection, hardly do. Each server (weft, then
 its raw backend, same handler) runs under ``valgrind --tool=callgrind`` (Debian's
 ``valgrind``; nothing is installed here) while ``wrk`` loads it: a warm-up, then
 callgrind's counters are zeroed, a measured run, and a dump. The figure is the
 instructions of the whole server process (interpreter, backend, weft, handler;
 not the kernel's) divided by the requests wrk completed in the measured run.
 
-Under callgrind a server runs some 50 times slower, so the load is the same shape
-(keep-alive, or one request per connection) at a fraction of the rate; how many
-requests one wake-up of the server finds waiting differs a little between runs,
-which moves the figure by about 1 %.
+With one connection (the default), each wake-up of the server serves one request,
+so the figure is the cost of the request path itself: two runs of the same pair
+agree on the ratio to 0.1-0.3 %. With more connections, how many requests one
+wake-up finds waiting changes between runs and moves the per-request figure of
+either server by up to 10 %. Under callgrind a server runs some 50 times slower,
+so a churn load keeps its accept queue full, which the clock's runs do not.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ WARMUP_S = 3.0
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmd = sub.add_parser("instructions", help="instructions per request under callgrind")
     cmd.add_argument("--manager", default="gevent")
-    cmd.add_argument("--connections", type=int, default=10)
+    cmd.add_argument("--connections", type=int, default=1)
     cmd.add_argument("--churn", action="store_true", help="one request per connection")
     cmd.add_argument("--seconds", type=float, default=20.0, help="measured wrk run")
 
