@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 from gevent import monkey
 from gevent.exceptions import ConcurrentObjectUseError
 
+from weft_core.testing._support import wait_until
 from weft_gevent import GeventManager, GeventSocket
 
 WAIT = 5.0
@@ -49,14 +49,6 @@ class Pair:
         self.peer.close()
 
 
-def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll state the code under test offers no event for (a greenlet parked)."""
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.002)
-
-
 def run_reader(
     manager: GeventManager, read: Callable[[Pair], Any]
 ) -> tuple[Pair, dict[str, Any], threading.Event, Any]:
@@ -81,7 +73,7 @@ def run_reader(
     task_id = manager.add_task(task)
     assert made.wait(WAIT)
     pair: Pair = box["pair"]
-    wait_until(pair.parked)
+    wait_until(pair.parked, WAIT, "the reader to park")
     return pair, box, ended, task_id
 
 
@@ -182,7 +174,7 @@ def test_a_stray_switch_does_not_end_the_wait(manager: GeventManager) -> None:
     pair, box, ended, _ = run_reader(manager, lambda p: p.sock.recv(10))
     # A wake-up nobody should send, from the hub as a watcher's would come.
     in_hub(manager, lambda: gevent.get_hub().loop.run_callback(box["greenlet"].switch))
-    wait_until(pair.parked)  # back in its wait, not returned
+    wait_until(pair.parked, WAIT, "the reader back in its wait")  # not returned
     assert not ended.is_set()
     pair.peer.sendall(b"data")
     assert ended.wait(WAIT) and box["result"] == b"data"
