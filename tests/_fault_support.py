@@ -134,21 +134,29 @@ class Readers:
             if left <= 0:
                 got = sorted(len(self.data[s]) for s in self.socks)
                 raise AssertionError(f"timed out reading; bytes per client: {got}")
-            for key, _ in self._sel.select(min(left, 0.5)):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                try:
-                    chunk = sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    self.resets.add(sock)
-                    chunk = b""
-                if chunk:
-                    self.data[sock] += chunk
-                else:
-                    self._sel.unregister(sock)
-                    self.closed.add(sock)
+            self._read(min(left, 0.5))
+
+    def poll(self) -> None:
+        """Read what has arrived, without waiting."""
+        self._read(0)
+
+    def _read(self, timeout: float) -> None:
+        """One pass: read every socket that is ready within ``timeout``."""
+        for key, _ in self._sel.select(timeout):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                self.resets.add(sock)
+                chunk = b""
+            if chunk:
+                self.data[sock] += chunk
+            else:
+                self._sel.unregister(sock)
+                self.closed.add(sock)
 
     def until_closed(self, timeout: float = WAIT) -> None:
         self.pump(lambda: len(self.closed) == len(self.socks), timeout)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import weft_core
 from weft_core import BindError, PluginError, ServerError, UnknownManagerError, _registry
 from weft_core._cli import HandlerImportError, import_handler, main
 from weft_core._spec import ManagerSpec
+from weft_core.testing._support import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,6 +216,7 @@ class FakeServer:
     handler: Any
     kwargs: dict[str, Any]
     signal_on_run: int | None = None
+    signal_in_thread: int | None = None
     run_error: BaseException | None = None
     fatal: ServerError | None = None
     clean_stop: bool = True
@@ -233,6 +236,24 @@ class FakeServer:
         if self.signal_on_run is not None:
             # The CLI installs its handlers before run(), so this is caught, not fatal.
             os.kill(os.getpid(), self.signal_on_run)
+        if self.signal_in_thread is not None:
+            threading.Thread(target=self._signal_in_thread, args=(self.signal_in_thread,)).start()
+
+    @staticmethod
+    def _signal_in_thread(signum: int) -> None:
+        """Once the main thread sleeps in the CLI's wait, catch ``signum`` in this thread."""
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None
+
+        def main_waits() -> bool:
+            frame = sys._current_frames().get(main_thread)
+            return frame is not None and frame.f_code.co_name in ("wait", "select")
+
+        wait_until(main_waits)
+        # This thread's sleep lets the main thread run on, from the Python frame seen
+        # into the blocking call itself, where a signal caught here can no longer reach it.
+        time.sleep(0.1)
+        signal.pthread_kill(threading.get_ident(), signum)
 
     def wait(self, timeout: float | None = None) -> bool:
         # Without a fatal error, serving ends only when stop() is called (on a signal).
@@ -283,6 +304,24 @@ def test_signal_stops_gracefully_and_exits_0(
     assert messages[2].startswith(f"received {signal.Signals(signum).name}: stopping")
     assert messages[3] == "stopped"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.timeout(20)
+def test_signal_caught_by_another_thread_stops_at_once(
+    fake_server: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel may hand SIGTERM to any thread; the sleeping main thread still wakes.
+
+    With the backstop wake-up an hour away, only the wakeup socket can end the wait.
+    """
+    monkeypatch.setattr("weft_core._cli._WAKE_INTERVAL", 3600.0)
+    fake_server["signal_in_thread"] = signal.SIGTERM
+    caplog.set_level(logging.INFO, logger="weft")
+    assert main(["serve", "cli_fake_app:handle"]) == 0
+    assert fake_server["made"][0].stopped_with == 30.0
+    assert "received SIGTERM: stopping" in caplog.text
 
 
 @pytest.mark.timeout(20)

@@ -20,12 +20,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import Any
 
 from . import __version__, _registry
 from ._config import load_config, parse_option_value
 from ._errors import ConfigError, WeftError
+from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
 
@@ -36,8 +36,8 @@ log = logging.getLogger("weft")
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 
-#: How often the main thread wakes while serving. Signals interrupt the wait on POSIX
-#: at once; the timeout is only there so Ctrl-C is seen on Windows, where it is not.
+#: The longest the main thread sleeps while serving. Signals and the server's end wake
+#: it at once through a socket (``_wakeup``); this is only a backstop.
 _WAKE_INTERVAL = 1.0
 
 _LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -249,20 +249,9 @@ def _setup_logging(level: str) -> None:
 
 def _run(server: Any, graceful_timeout: float) -> int:
     """Run ``server`` until a signal or a fatal error; return the exit status."""
-    wake = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        # A second SIGINT/SIGTERM while stopping gracefully quits at once.
-        for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        wake.set()
-
     in_main = threading.current_thread() is threading.main_thread()
-    # Install before run(), so a signal arriving as the server starts still stops it.
-    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS} if in_main else {}
-    try:
+    # Handlers go in before run(), so a signal arriving as the server starts still stops it.
+    with Wakeup(_SIGNALS if in_main else ()) as wakeup:
         try:
             server.run()
         except (WeftError, OSError) as exc:
@@ -270,18 +259,23 @@ def _run(server: Any, graceful_timeout: float) -> int:
         for address in server.addresses:
             log.info("listening on %s (manager %s)", address, server.manager_name)
 
+        ended = threading.Event()
+
         def watch() -> None:
             server.wait()
-            wake.set()
+            ended.set()
+            wakeup.wake()
 
         threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
-        while not wake.wait(_WAKE_INTERVAL):
-            pass
+        received: list[int] = []
+        while not received and not ended.is_set():
+            received = wakeup.wait(_WAKE_INTERVAL)
         if received:
-            name = signal.Signals(received[0]).name
+            # A second SIGINT/SIGTERM while stopping gracefully quits at once.
+            Wakeup.default(_SIGNALS)
             log.info(
                 "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
-                name,
+                signal.Signals(received[0]).name,
                 f"{graceful_timeout:g}",
             )
             if server.stop(timeout=graceful_timeout):
@@ -294,9 +288,6 @@ def _run(server: Any, graceful_timeout: float) -> int:
         if server.error is not None:
             return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
         return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -47,7 +46,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 from ._cli import EXIT_RUNTIME, EXIT_USAGE
@@ -57,6 +55,7 @@ from ._endpoints import Endpoint, parse_endpoint
 from ._errors import ConfigError
 from ._listeners import ListenTarget, close_listener, open_listeners
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
+from ._wakeup import Wakeup
 
 __all__ = [
     "EXIT_MARGIN",
@@ -274,45 +273,27 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until stopped and every worker has exited; return the exit status."""
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
-        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        try:
-            now = time.monotonic()
-            self._due = dict.fromkeys(range(self._count), (now, None))
-            while True:
+        with Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)) as wakeup:
+            try:
                 now = time.monotonic()
-                self._handle_signals(now)
-                self._reap(now)
-                if self._stopping and not self._workers:
-                    break
-                if self._stopping:
-                    self._kill_stragglers(now)
-                else:
-                    self._start_due(now)
-                select.select([wake_r], [], [], self._timeout(now))
+                self._due = dict.fromkeys(range(self._count), (now, None))
                 while True:
-                    try:
-                        if not os.read(wake_r, 512):
-                            break
-                    except BlockingIOError:
+                    now = time.monotonic()
+                    self._handle_signals(now)
+                    self._reap(now)
+                    if self._stopping and not self._workers:
                         break
-            log.info("all workers stopped")
-            return self._status
-        finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            os.close(wake_r)
-            os.close(wake_w)
-            self._abandon()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum != signal.SIGCHLD:  # SIGCHLD only wakes the loop, which then reaps
-            self._signals.append(signum)
+                    if self._stopping:
+                        self._kill_stragglers(now)
+                    else:
+                        self._start_due(now)
+                    # SIGCHLD only wakes the loop, which then reaps.
+                    received = wakeup.wait(self._timeout(now))
+                    self._signals += [sig for sig in received if sig != signal.SIGCHLD]
+                log.info("all workers stopped")
+                return self._status
+            finally:
+                self._abandon()
 
     def _handle_signals(self, now: float) -> None:
         while self._signals:

@@ -1,0 +1,96 @@
+"""Wake a main thread that waits for signals, with no wake-up lost.
+
+Waiting on a ``threading.Event`` with a timeout misses a signal that lands after
+the interpreter last checked for signals and before the thread blocks (or one the
+kernel hands to another thread): the handler runs only once the whole timeout has
+passed. Seen as a SIGTERM answered a full second late.
+
+The cure is the self-pipe that trio and asyncio use: ``signal.set_wakeup_fd`` makes
+the C-level handler write each signal's number into a socket, from whichever
+thread caught it, and a byte in a socket stays readable until it is read, so a
+``select()`` entered late still returns at once. Other threads wake the waiter
+with a zero byte (no signal is numbered 0).
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+from collections.abc import Callable, Iterable
+from types import FrameType, TracebackType
+from typing import Any
+
+__all__ = ["Wakeup"]
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: the signal's number is read from the socket instead."""
+
+
+class Wakeup:
+    """A socket pair that ``signals`` (and :meth:`wake`) make readable.
+
+    A context manager: entering installs a handler for each of ``signals`` (replacing
+    their default action) and the wakeup fd; leaving restores both. With no
+    ``signals`` it touches neither, so it also works outside the main thread.
+    """
+
+    def __init__(self, signals: Iterable[int] = ()) -> None:
+        self._signals = tuple(signals)
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._previous: dict[int, _Handler] = {}
+        self._previous_fd = -1
+
+    def __enter__(self) -> Wakeup:
+        if self._signals:
+            self._previous = {sig: signal.signal(sig, _ignore) for sig in self._signals}
+            self._previous_fd = signal.set_wakeup_fd(
+                self._writer.fileno(), warn_on_full_buffer=False
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._signals:
+            signal.set_wakeup_fd(self._previous_fd)
+            for sig, handler in self._previous.items():
+                # None: a handler not set from Python, which cannot be put back as such.
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._reader.close()
+        self._writer.close()
+
+    def wake(self) -> None:
+        """Make :meth:`wait` return; safe from any thread."""
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # full (a wake-up is already pending) or closed
+            pass
+
+    def wait(self, timeout: float | None) -> list[int]:
+        """Block until a signal, a :meth:`wake` or ``timeout``; the signals received since last time."""
+        select.select([self._reader], [], [], timeout)
+        received: list[int] = []
+        while True:
+            try:
+                data = self._reader.recv(512)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            received.extend(signum for signum in data if signum)
+        return received
+
+    @staticmethod
+    def default(signals: Iterable[int]) -> None:
+        """Give ``signals`` their default action again, so the next one quits at once."""
+        for sig in signals:
+            signal.signal(sig, signal.SIG_DFL)
