@@ -597,8 +597,12 @@ def _find_file(
     if named is not None:
         path = base / os.path.expanduser(named)
         if not path.is_file():
-            how = "--config" if config_file is not None else "WEFT_CONFIG"
-            raise ConfigError(f"config file not found (given by {how})", source=str(path))
+            how = (
+                "command line --config"
+                if config_file is not None
+                else "environment variable WEFT_CONFIG"
+            )
+            raise ConfigError(f"config file not found: {str(path)!r}", source=how, key="config")
         return path, path.name == "pyproject.toml", True
     for name in ("weft.toml", "pyproject.toml"):
         if (base / name).is_file():
