@@ -9,6 +9,7 @@ itself (signals, exit status), which runs in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -302,6 +303,11 @@ def test_sigterm_drains_every_exchange(manager: str, tmp_path: Path) -> None:
                 pass  # caught in the listen queue as the listener closed: reset, not served
             else:
                 with late:
+                    # Sent as any client would: if the kernel lost the handshake's last ACK
+                    # and then dropped the half-open connection with the listener (silently),
+                    # only data sent draws the reset that tells this client.
+                    with contextlib.suppress(ConnectionError):  # reset already
+                        late.sendall(b"late\n")
                     assert closed_without_data(late), "a client arriving after SIGTERM is served"
             readers.poll()
             assert len(readers.closed) < len(clients), "still accepting once the drain is over"
