@@ -136,9 +136,9 @@ class Readers:
                 raise AssertionError(f"timed out reading; bytes per client: {got}")
             self._read(min(left, 0.5))
 
-    def poll(self) -> None:
-        """Read what has arrived, without waiting."""
-        self._read(0)
+    def poll(self, timeout: float = 0) -> None:
+        """Read what arrives within ``timeout``."""
+        self._read(timeout)
 
     def _read(self, timeout: float) -> None:
         """One pass: read every socket that is ready within ``timeout``."""
