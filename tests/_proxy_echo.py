@@ -1,8 +1,9 @@
 """Handlers for the HAProxy tests: report the peer weft saw, then answer slowly or echo.
 
-``handle``: sends ``<server pid> <peer>\\n``; then for each line received, waits
-``DELAY`` seconds (even while the server drains: an exchange in flight completes)
-and sends it back.
+``handle``: sends ``<server pid> <peer>\\n``; then for each line received, says
+``+`` at once (so a test knows the exchange has reached the server), waits ``DELAY``
+seconds (even while the server drains: an exchange in flight completes) and sends
+the line back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def handle(conn: socket.socket) -> None:
     reader = conn.makefile("rb")
     try:
         for line in reader:
+            conn.sendall(b"+")
             time.sleep(DELAY)  # a slow reply that a graceful stop must let finish
             conn.sendall(line)
     finally:

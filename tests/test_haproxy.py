@@ -107,13 +107,18 @@ def hello(front: int) -> tuple[socket.socket, int, str]:
     while True:
         try:
             client = socket.create_connection(("127.0.0.1", front), timeout=WAIT)
-            line = client.makefile("rb").readline().decode()
+        except OSError:
+            pass
+        else:
+            try:
+                with client.makefile("rb") as reader:
+                    line = reader.readline().decode()
+            except OSError:
+                line = ""
             if line:
                 pid, peer = line.split()
                 return client, int(pid), peer
             client.close()
-        except OSError:
-            pass
         assert time.monotonic() < deadline, "HAProxy never passed a connection through"
         time.sleep(0.05)
 
@@ -130,12 +135,14 @@ def test_through_haproxy(cluster: tuple[int, list[Backend]]) -> None:
         seen.add(pid)
         assert time.monotonic() < deadline, f"only {seen} of {set(pids)} ever served"
 
-    # An exchange in flight on one backend survives SIGTERM to that backend.
+    # An exchange in flight on one backend survives SIGTERM to that backend. In flight
+    # means the backend has it ("+"): bytes still inside HAProxy when the stop ends the
+    # backend's input are not the backend's to answer.
     client, pid, _ = hello(front)
-    with client:
+    with client, client.makefile("rb") as reader:
         client.sendall(b"in flight\n")
+        assert reader.read(1) == b"+", "the backend has the request"
         pids[pid].proc.send_signal(signal.SIGTERM)
-        reader = client.makefile("rb")
         assert reader.readline() == b"in flight\n", "the exchange in flight completes"
         assert reader.read() == b"", "then the draining backend closes the connection"
     assert pids[pid].proc.wait(WAIT) == 0
