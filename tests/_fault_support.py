@@ -134,13 +134,9 @@ class Readers:
             if left <= 0:
                 got = sorted(len(self.data[s]) for s in self.socks)
                 raise AssertionError(f"timed out reading; bytes per client: {got}")
-            self._read(min(left, 0.5))
+            self.poll(min(left, 0.5))
 
     def poll(self, timeout: float = 0) -> None:
-        """Read what arrives within ``timeout``."""
-        self._read(timeout)
-
-    def _read(self, timeout: float) -> None:
         """One pass: read every socket that is ready within ``timeout``."""
         for key, _ in self._sel.select(timeout):
             sock = key.fileobj

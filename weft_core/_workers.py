@@ -266,7 +266,6 @@ class Supervisor:
         self._on_stop = on_stop
         self._workers: dict[int, _Worker] = {}  # by pid
         self._due: dict[int, tuple[float, float | None]] = {}  # slot: (when, its back-off)
-        self._signals: list[int] = []
         self._stopping = False
         self._deadline: float | None = None
         self._status = 0
@@ -277,9 +276,10 @@ class Supervisor:
             try:
                 now = time.monotonic()
                 self._due = dict.fromkeys(range(self._count), (now, None))
+                received: list[int] = []
                 while True:
                     now = time.monotonic()
-                    self._handle_signals(now)
+                    self._handle_signals(received, now)
                     self._reap(now)
                     if self._stopping and not self._workers:
                         break
@@ -287,17 +287,17 @@ class Supervisor:
                         self._kill_stragglers(now)
                     else:
                         self._start_due(now)
-                    # SIGCHLD only wakes the loop, which then reaps.
                     received = wakeup.wait(self._timeout(now))
-                    self._signals += [sig for sig in received if sig != signal.SIGCHLD]
                 log.info("all workers stopped")
                 return self._status
             finally:
                 self._abandon()
 
-    def _handle_signals(self, now: float) -> None:
-        while self._signals:
-            name = signal.Signals(self._signals.pop(0)).name
+    def _handle_signals(self, received: list[int], now: float) -> None:
+        for signum in received:
+            if signum == signal.SIGCHLD:
+                continue  # it only wakes the loop, which then reaps
+            name = signal.Signals(signum).name
             if not self._stopping:
                 log.info(
                     "received %s: stopping %d worker(s) (graceful timeout %ss;"
