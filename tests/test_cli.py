@@ -220,6 +220,7 @@ class FakeServer:
     run_error: BaseException | None = None
     fatal: ServerError | None = None
     clean_stop: bool = True
+    left_behind: int = 0
     stopped_with: float | None = None
     ended: threading.Event = field(default_factory=threading.Event)
 
@@ -263,6 +264,9 @@ class FakeServer:
         self.stopped_with = timeout
         self.ended.set()
         return self.clean_stop
+
+    def stats(self) -> dict[str, int]:
+        return {"left_behind": self.left_behind}
 
 
 @pytest.fixture
@@ -333,6 +337,15 @@ def test_cut_off_connections_are_reported(
     assert main(["serve", "cli_fake_app:handle"]) == 0
     assert fake_server["made"][0].stopped_with == 30.0
     assert "connections still open after 30s had to be cut off" in caplog.text
+
+
+def test_tasks_left_behind_exit_4(
+    fake_server: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_server.update(signal_on_run=signal.SIGTERM, clean_stop=False, left_behind=3)
+    caplog.set_level(logging.INFO, logger="weft")
+    assert main(["serve", "cli_fake_app:handle"]) == 4
+    assert "3 task(s) ignored it and are abandoned (exit status 4)" in caplog.text
 
 
 @pytest.mark.timeout(20)

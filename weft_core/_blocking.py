@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._protocol import SyncSlots
@@ -126,6 +127,11 @@ class BlockingRuntime:
         """A server-side SSLSocket (not yet handshaken) and what shuts its descriptor down."""
         tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return tls, RawShutdown(tls)
+
+    def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
+        """No loop thread: ``fn()`` here, at once."""
+        fn()
+        return True
 
     def close(self) -> None:
         """Nothing to release."""

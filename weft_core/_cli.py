@@ -35,6 +35,11 @@ log = logging.getLogger("weft")
 #: failure while running (as argparse itself exits 2 for a bad command line).
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
+#: A graceful stop that had to leave tasks running past --graceful-timeout plus the
+#: stop's grace (handlers that ignored shutdown and interruption alike): the process
+#: exits anyway, and says so to its service manager. 3 is kept for gunicorn's
+#: "worker failed to boot".
+EXIT_TASKS_LEFT = 4
 
 #: The longest the main thread sleeps while serving. Signals and the server's end wake
 #: it at once through a socket (``_wakeup``); this is only a backstop.
@@ -281,10 +286,17 @@ def _run(server: Any, graceful_timeout: float) -> int:
             if server.stop(timeout=graceful_timeout):
                 log.info("stopped")
             else:
+                left = server.stats().get("left_behind", 0)
                 log.warning(
-                    "stopped: connections still open after %ss had to be cut off",
+                    "stopped: connections still open after %ss had to be cut off%s",
                     f"{graceful_timeout:g}",
+                    f"; {left} task(s) ignored it and are abandoned (exit status "
+                    f"{EXIT_TASKS_LEFT})"
+                    if left
+                    else "",
                 )
+                if left:
+                    return EXIT_TASKS_LEFT
         if server.error is not None:
             return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
         return 0

@@ -1,15 +1,24 @@
-"""The running machinery of one ``Server.run()``: accept loops and connection tasks.
+"""The running machinery of one ``Server.run()``: what the flavours share, and the stop.
 
-An :class:`Engine` lives from ``run()`` to the end of ``stop()``. Its accept loop
-runs as a task of the server's manager, in the manager's runtime; each accepted
-connection becomes another task. Both exist in two flavours, plain functions for
-sync runtimes (threads, gevent, thread pools) and coroutines for async ones (trio),
-which differ only where one calls and the other awaits: policy (limits, errno
-handling, back-off, shedding, logging, bookkeeping) is shared below.
+An :class:`Engine` lives from ``run()`` to the end of ``stop()``. It is built from
+the run's settings, the manager, the opened listeners and the hooks, and knows the
+Server only as the object it hands to user callbacks. Its accept loops run as tasks
+of the manager, in the manager's runtime; each accepted connection becomes another
+task. The loops and the connection task exist in two flavours, plain functions for
+sync runtimes (:mod:`weft_core._engine_sync`) and coroutines for async ones
+(:mod:`weft_core._engine_async`), each typed against its own runtime; policy
+(limits, errno handling, back-off, shedding, logging, bookkeeping) and the stop are
+written once, here.
 
 Resource handling: a connection's socket is closed by its own task when the handler
 returns or raises (unless detached); a connection whose task never started (the
 manager was full, or dropped a queued task at stop) is closed by the engine.
+
+The stop (DESIGN section 2) is bounded: phase 1 and phase 2 wait for the runtime's
+loop at most :data:`LOOP_WAIT`; phase 3 interrupts every remaining task at once and
+waits for all of them against one deadline, ``timeout`` plus :data:`STOP_GRACE`
+after the stop began. A task still running then is left behind, counted and logged,
+so that a stuck handler can never hold a process past its service manager's kill.
 """
 
 from __future__ import annotations
@@ -20,19 +29,22 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _acceptpolicy as policy
-from ._connection import ConnectionInfo, format_address, publish, unpublish
-from ._errors import ManagerFullError, ServerError, TaskShutdown
+from ._connection import ConnectionInfo, format_address
+from ._errors import ManagerFullError, ServerError
 from ._listeners import Listener, close_listener
-from ._proxy import ProxyHeader, ProxyHeaderError, aread_proxy_header, read_proxy_header
+from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
+from ._proxy import ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
-from ._tls import tls_details
 
 if TYPE_CHECKING:
-    from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
-    from ._server import Server, _Settings
+    from ._registry import Hooks
+    from ._server import _Settings as Settings
+
+R = TypeVar("R", SyncRuntime, AsyncRuntime)
 
 log = logging.getLogger("weft.server")
 
@@ -46,6 +58,7 @@ COUNTERS = (
     "peer_errors",
     "proxy_errors",
     "idle_timeouts",
+    "left_behind",
 )
 
 #: Linux's IP_TRANSPARENT and IPV6_TRANSPARENT, per family (the socket module
@@ -54,6 +67,21 @@ TRANSPARENT = {
     socket.AF_INET: (socket.SOL_IP, getattr(socket, "IP_TRANSPARENT", 19)),
     socket.AF_INET6: (socket.IPPROTO_IPV6, 75),
 }
+
+#: The one grace of phase 3: how long after its graceful timeout a stop waits for the
+#: tasks it interrupted, all together. A task blocked in I/O ends at once (its socket
+#: is shut down, its greenlet killed, its scope cancelled); only one that ignores all
+#: of that (pure computation, a blocking call that is not the connection's, a caught
+#: TaskShutdown) takes longer, and it is left behind. Two seconds keep
+#: ``--graceful-timeout`` plus this under the 10 s of ``docker stop`` and the 30 s of a
+#: Kubernetes grace period at their usual settings (gunicorn's --graceful-timeout is
+#: 30 s, its kill at once after it).
+STOP_GRACE = 2.0
+
+#: How long phases 1 and 2 wait for the runtime's loop to take their batch. A loop that
+#: does not answer within this is blocked by a task (a handler calling time.sleep on a
+#: gevent hub, say); the stop then goes on without it, from its own thread.
+LOOP_WAIT = 1.0
 
 #: While at the limit with on_full="backlog", the acceptor re-checks for a stop this
 #: often; it is woken sooner by a slot coming free.
@@ -113,10 +141,10 @@ class Conn(ConnectionInfo):
 class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
-    __slots__ = ("address", "listener", "local", "native", "options", "task_id")
+    __slots__ = ("address", "listener", "local", "native", "options", "state", "task_id")
 
     def __init__(
-        self, listener: Listener, runtime: SyncRuntime | AsyncRuntime, cfg: _Settings
+        self, listener: Listener, runtime: SyncRuntime | AsyncRuntime, cfg: Settings
     ) -> None:
         self.listener = listener
         self.address = listener.address  # before adopting: a runtime may take the socket over
@@ -131,6 +159,8 @@ class ListenerTask:
                 self.options += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
+        #: The acceptor task's state, once it runs.
+        self.state: TaskState | None = None
 
     def wake_with(self, runtime: SyncRuntime | AsyncRuntime) -> Callable[[], None]:
         """The acceptor's shutdown callback: the runtime wakes a pending accept()."""
@@ -164,19 +194,42 @@ def shared_local_address(sock: socket.socket) -> Any:
     return local
 
 
-class Engine:
-    """Everything one run of a server holds; see the module docstring."""
+@dataclass(frozen=True)
+class StopReport:
+    """How a stop ended: ``clean`` if no task had to be interrupted; ``left`` still running."""
 
-    def __init__(self, server: Server, manager: TaskManager, listeners: list[Listener]) -> None:
-        self.server = server
+    clean: bool
+    left: int = 0
+
+
+class Engine(Generic[R]):
+    """Everything one run of a server holds; see the module docstring.
+
+    ``owner`` is what user callbacks and hooks receive as ``server``; the engine
+    never reads it. ``on_fatal`` is called (in the acceptor's task) when accepting
+    fails for good; :attr:`error` then says why.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        manager: TaskManager,
+        runtime: R,
+        listeners: list[Listener],
+        hooks: Hooks,
+        owner: Any,
+        on_fatal: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg = settings
         self.manager = manager
-        self.runtime = manager.runtime
-        cfg = server._cfg
-        self.cfg = cfg
-        self.handler = cfg.handler
-        self.args = cfg.args
+        self.runtime: R = runtime
+        self.hooks = hooks
+        self.owner = owner
+        self.on_fatal = on_fatal
+        self.handler = settings.handler
+        self.args = settings.args
         #: Whether connections have a PROXY header or a TLS handshake before the handler.
-        self.preamble = cfg.proxy is not None or cfg.tls is not None
+        self.preamble = settings.proxy is not None or settings.tls is not None
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         #: How many wait_idle() calls wait on ``changed``: a connection ending
@@ -185,8 +238,8 @@ class Engine:
         self.idle_waiters = 0
         self.conns: set[Conn] = set()
         self.counts = dict.fromkeys(COUNTERS, 0)
-        self.slots: Any = (
-            self.runtime.slots(cfg.max_connections) if cfg.max_connections is not None else None
+        self.slots: Slots | None = (
+            None if settings.max_connections is None else self._slots(settings.max_connections)
         )
         self.spare = policy.SpareDescriptor()
         self.closing = False
@@ -195,34 +248,43 @@ class Engine:
         self.capacity_log = policy.RateLimitedLog(log)
         self.proxy_log = policy.RateLimitedLog(log)
         self.tls_log = policy.RateLimitedLog(log)
-        self.listeners = [ListenerTask(lst, self.runtime, cfg) for lst in listeners]
-        self.on_fatal: Callable[[], None] = lambda: None
+        self.listeners = [ListenerTask(lst, runtime, settings) for lst in listeners]
         self.listeners_closed = False
-        self._serve = self._serve_async if self.runtime.kind == "async" else self._serve_sync
 
-    # -- starting ------------------------------------------------------------------
+    # -- what each flavour provides ----------------------------------------------------
+
+    def _slots(self, n: int) -> Slots:
+        raise NotImplementedError
+
+    def _acceptor_thunk(self, lt: ListenerTask) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def _serve(self, conn: Conn) -> Any:
+        raise NotImplementedError
+
+    # -- starting and reading ---------------------------------------------------------------
 
     def start(self) -> None:
         """Add one acceptor task per listener to the manager."""
         for lt in self.listeners:
-            thunk = self._acceptor_thunk(lt)
-            lt.task_id = self.manager.add_task(thunk)
+            lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
 
-    def _acceptor_thunk(self, lt: ListenerTask) -> Callable[[], Any]:
-        if self.runtime.kind == "async":
+    def stats(self) -> dict[str, int]:
+        """The counters now, and ``active``."""
+        with self.lock:
+            return {**self.counts, "active": len(self.conns)}
 
-            async def run_async() -> None:
-                await self._accept_async(lt)
+    def sockets(self) -> list[Any]:
+        """The runtime's listening sockets while they are open."""
+        return [] if self.listeners_closed else [lt.native for lt in self.listeners]
 
-            thunk: Callable[[], Any] = run_async
-        else:
+    def addresses(self) -> list[str]:
+        """``HOST:PORT`` (or ``unix:/path``) of every listener."""
+        return [lt.address for lt in self.listeners]
 
-            def run_sync() -> None:
-                self._accept_sync(lt)
-
-            thunk = run_sync
-        thunk.__name__ = f"weft acceptor {lt.address}"
-        return thunk
+    def close(self) -> None:
+        """Release what the run holds besides its tasks (the spare descriptor)."""
+        self.spare.close()
 
     # -- accepting: the shared policy ------------------------------------------------
 
@@ -260,13 +322,10 @@ class Engine:
         )
         return delay
 
-    def _take_slot_now(self) -> bool:
-        return self.slots is None or bool(self.slots.acquire(blocking=False))
-
     def _refuse(self, sock: Any, addr: Any, reason: str) -> None:
         with self.lock:
             self.counts["refused"] += 1
-        _close_quietly(sock)
+        close_quietly(sock)
         peer = format_address(addr)
         self.refuse_log(
             logging.WARNING,
@@ -276,7 +335,7 @@ class Engine:
             if reason == "full"
             else "the task manager is full",
         )
-        self.server._hooks().connection_refused(self.server, peer, reason)
+        self.hooks.connection_refused(self.owner, peer, reason)
 
     def _hand_off(self, lt: ListenerTask, sock: Any, addr: Any) -> None:
         """Give an accepted connection (holding a slot) to the manager as a task."""
@@ -296,125 +355,7 @@ class Engine:
                 "the task manager could not take the connection from %s", format_address(addr)
             )
             self._finish(conn)
-            _close_quietly(sock)
-
-    # -- accepting: sync flavour -------------------------------------------------------
-
-    def _accept_sync(self, lt: ListenerTask) -> None:
-        rt: SyncRuntime = self.runtime  # type: ignore[assignment]
-        state = current_task()
-        if state is not None:
-            state.on_shutdown(lt.wake_with(rt))
-        backoff = policy.Backoff()
-        listener = lt.native
-        backlog_mode = self.cfg.on_full == "backlog"
-        try:
-            while not self.closing:
-                if backlog_mode and self.slots is not None:
-                    while not self.slots.acquire(timeout=FULL_POLL):
-                        if self.closing or (state is not None and state.requested):
-                            return
-                try:
-                    sock, addr = listener.accept()
-                except OSError as exc:
-                    if backlog_mode and self.slots is not None:
-                        self.slots.release()
-                    pause = self._accept_failed(lt, exc, state)
-                    if pause is None:
-                        return
-                    if pause < 0:
-                        shed = self._shed_sync(lt)
-                        rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
-                    continue
-                if backoff.delay:
-                    backoff.reset()
-                if not backlog_mode and self.slots is not None and not self._take_slot_sync(rt):
-                    self._refuse(sock, addr, "full")
-                    continue
-                self._hand_off(lt, sock, addr)
-        finally:
-            lt.close()
-
-    def _take_slot_sync(self, rt: SyncRuntime) -> bool:
-        if self._take_slot_now():
-            return True
-        return self.cfg.full_wait > 0 and bool(self.slots.acquire(timeout=self.cfg.full_wait))
-
-    def _shed_sync(self, lt: ListenerTask) -> int:
-        shed = 0
-        while shed < policy.SHED_BATCH and policy.pending(lt.native.fileno()):
-            if not self.spare.release():
-                break
-            try:
-                sock, _ = lt.native.accept()
-                sock.close()
-                shed += 1
-            except OSError:
-                break
-            finally:
-                self.spare.take()
-        return shed
-
-    # -- accepting: async flavour ------------------------------------------------------
-
-    async def _accept_async(self, lt: ListenerTask) -> None:
-        rt: AsyncRuntime = self.runtime  # type: ignore[assignment]
-        state = current_task()
-        if state is not None:
-            state.on_shutdown(lt.wake_with(rt))
-        backoff = policy.Backoff()
-        listener = lt.native
-        backlog_mode = self.cfg.on_full == "backlog"
-        try:
-            while not self.closing:
-                if backlog_mode and self.slots is not None and not self.slots.acquire_nowait():
-                    while not await self.slots.acquire_within(FULL_POLL):
-                        if self.closing or (state is not None and state.requested):
-                            return
-                try:
-                    sock, addr = await listener.accept()
-                except OSError as exc:
-                    if backlog_mode and self.slots is not None:
-                        self.slots.release()
-                    pause = self._accept_failed(lt, exc, state)
-                    if pause is None:
-                        return
-                    if pause < 0:
-                        shed = await self._shed_async(lt)
-                        await rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
-                    continue
-                if backoff.delay:
-                    backoff.reset()
-                if (
-                    not backlog_mode
-                    and self.slots is not None
-                    and not await self._take_slot_async()
-                ):
-                    self._refuse(sock, addr, "full")
-                    continue
-                self._hand_off(lt, sock, addr)
-        finally:
-            lt.close()
-
-    async def _take_slot_async(self) -> bool:
-        if self.slots is None or self.slots.acquire_nowait():
-            return True
-        return self.cfg.full_wait > 0 and bool(await self.slots.acquire_within(self.cfg.full_wait))
-
-    async def _shed_async(self, lt: ListenerTask) -> int:
-        shed = 0
-        while shed < policy.SHED_BATCH and policy.pending(lt.native.fileno()):
-            if not self.spare.release():
-                break
-            try:
-                sock, _ = await lt.native.accept()
-                sock.close()
-                shed += 1
-            except OSError:
-                break
-            finally:
-                self.spare.take()
-        return shed
+            close_quietly(sock)
 
     # -- serving a connection: shared parts -----------------------------------------
 
@@ -468,13 +409,13 @@ class Engine:
         else:
             with self.lock:
                 self.counts["handler_errors"] += 1
-            self.server._hooks().handler_error(self.server, info, exc)
+            self.hooks.handler_error(self.owner, info, exc)
         handler = self.cfg.exception_handler
         try:
             if handler is None:
-                default_exception_handler(self.server, handed, exc, info)
+                default_exception_handler(self.owner, handed, exc, info)
             else:
-                handler(self.server, handed, exc)
+                handler(self.owner, handed, exc)
         except Exception:
             log.exception("exception_handler %r raised", handler)
 
@@ -484,144 +425,10 @@ class Engine:
         with self.lock:
             present = conn in self.conns
             self.conns.discard(conn)
-            if self.idle_waiters and len(self.conns) <= 1:
-                # wait_idle() waits for no connection but at most one: waking it
-                # sooner would only make it look again (10,000 times in a big stop).
+            if self.idle_waiters and not self.conns:
                 self.changed.notify_all()
         if present and self.slots is not None:
             self.slots.release()
-
-    # -- serving a connection: sync flavour -------------------------------------------
-
-    def _serve_sync(self, conn: Conn) -> None:
-        rt: SyncRuntime = self.runtime  # type: ignore[assignment]
-        handed: Any = None
-        info: ConnectionInfo | None = None
-        try:
-            info = self._begin(conn)
-            if info is None or (self.preamble and not self._preamble_sync(rt, conn, info)):
-                return
-            handed = rt.wrap_connection(conn.sock)
-            if self.cfg.stream:
-                handed = handed.makefile("rwb")
-            info.conn = handed
-            token = publish(info, conn.state)
-            try:
-                if self.args:
-                    self.handler(handed, *self.args)
-                else:
-                    self.handler(handed)  # a plain call: f(*args) would add a C-level frame
-            except TaskShutdown:
-                raise
-            except Exception as exc:
-                self._handler_failed(conn, handed, info, exc)
-            finally:
-                unpublish(conn.state, token)
-        finally:
-            try:
-                if info is None or not info.detached:
-                    if handed is not None and handed is not conn.sock:
-                        _close_quietly(handed)
-                    _close_quietly(conn.sock)
-            finally:
-                self._finish(conn)
-
-    def _preamble_sync(self, rt: SyncRuntime, conn: Conn, info: ConnectionInfo) -> bool:
-        """PROXY header, then TLS handshake; False if the connection is to be closed unserved."""
-        cfg = self.cfg
-        sock = conn.sock
-        if cfg.proxy is not None:
-            if not self._proxy_trusted(conn, info):
-                return False
-            deadline = time.monotonic() + cfg.proxy.header_timeout
-            sock.settimeout(cfg.proxy.header_timeout)
-            try:
-                header, leftover = read_proxy_header(
-                    sock.recv, deadline_exceeded=lambda: time.monotonic() > deadline
-                )
-            except (ProxyHeaderError, OSError) as exc:
-                return self._proxy_failed(info, exc)
-            if not self._proxy_accepted(info, header, leftover):
-                return False
-            sock.settimeout(cfg.idle_timeout)
-        if cfg.tls is not None:
-            tls, conn.shut = rt.wrap_tls(sock, cfg.tls)
-            conn.sock = tls
-            try:
-                tls.settimeout(cfg.tls_handshake_timeout)
-                tls.do_handshake()
-                tls.settimeout(cfg.idle_timeout)
-            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
-                return self._tls_failed(info, exc)
-            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(tls)
-        return True
-
-    # -- serving a connection: async flavour ------------------------------------------
-
-    async def _serve_async(self, conn: Conn) -> None:
-        rt: AsyncRuntime = self.runtime  # type: ignore[assignment]
-        handed: Any = None
-        info: ConnectionInfo | None = None
-        try:
-            info = self._begin(conn)
-            if info is None:
-                return
-            handed = await self._preamble_async(rt, conn, info)
-            if handed is None:
-                return
-            info.conn = handed
-            token = publish(info, conn.state)
-            try:
-                if self.args:
-                    await self.handler(handed, *self.args)
-                else:
-                    await self.handler(handed)
-            except TaskShutdown:
-                raise
-            except Exception as exc:
-                self._handler_failed(conn, handed, info, exc)
-            finally:
-                unpublish(conn.state, token)
-        finally:
-            try:
-                if info is None or not info.detached:
-                    if handed is not None:
-                        await rt.aclose(handed)
-                    else:
-                        _close_quietly(conn.sock)
-            finally:
-                self._finish(conn)
-
-    async def _preamble_async(self, rt: AsyncRuntime, conn: Conn, info: ConnectionInfo) -> Any:
-        """PROXY header, stream, TLS handshake; the stream to hand over, or None to close."""
-        cfg = self.cfg
-        sock = conn.sock
-        if cfg.proxy is not None:
-            if not self._proxy_trusted(conn, info):
-                return None
-            try:
-                header, leftover = await rt.within(
-                    cfg.proxy.header_timeout, lambda: aread_proxy_header(sock.recv)
-                )
-            except (ProxyHeaderError, OSError) as exc:
-                return self._proxy_failed(info, exc) or None
-            if not self._proxy_accepted(info, header, leftover):
-                return None
-        stream = rt.wrap_connection(sock, cfg.idle_timeout)
-        if not cfg.nodelay and sock.family != socket.AF_UNIX:
-            # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        if cfg.tls is not None:
-            stream = rt.wrap_tls(stream, cfg.tls)
-            failures: tuple[type[BaseException], ...] = (OSError, ValueError, *rt.tls_errors)
-            try:
-                await rt.within(cfg.tls_handshake_timeout, stream.do_handshake)
-            except failures as exc:
-                self._tls_failed(info, exc)
-                await rt.aclose(stream)
-                return None
-            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(stream)
-        return stream
 
     # -- PROXY protocol and TLS: shared parts ------------------------------------------
 
@@ -654,7 +461,7 @@ class Engine:
             info.peer_str,
             getattr(exc, "reason", None) or exc or exc.__class__.__name__,
         )
-        self.server._hooks().connection_refused(self.server, info.peer_str, reason)
+        self.hooks.connection_refused(self.owner, info.peer_str, reason)
         return False
 
     def _tls_failed(self, info: ConnectionInfo, exc: BaseException) -> bool:
@@ -666,22 +473,76 @@ class Engine:
             info.peer_str,
             str(exc) or exc.__class__.__name__,
         )
-        self.server._hooks().connection_refused(self.server, info.peer_str, "tls")
+        self.hooks.connection_refused(self.owner, info.peer_str, "tls")
         return False
 
     # -- stopping ------------------------------------------------------------------------
 
-    def stop_acceptors(self) -> None:
-        """Phase 1: close every listener by stopping its acceptor task."""
-        for lt in self.listeners:
-            if lt.task_id is not None:
-                # Never shutdown() a listener: it may be shared with other processes
-                # (workers, systemd). Thread runtimes wake accept() with a pipe;
-                # event-loop managers interrupt the acceptor (kill, cancel) at once.
-                self.manager.stop_task(lt.task_id, timeout=0)
-            # The acceptor closes its listener on the way out; one that never ran
-            # (a manager may drop a queued task) must not leave it open.
-            lt.close()
+    def stop_acceptors(self, wait: float | None) -> None:
+        """Phase 1: close every listener by stopping its acceptor task.
+
+        Waits up to ``wait`` seconds for the acceptors (None: not at all, for a caller
+        inside the runtime, which must not block it).
+        """
+        self.listeners_closed = True
+
+        def stop_them() -> None:
+            for lt in self.listeners:
+                if lt.task_id is not None:
+                    # Never shutdown() a listener: it may be shared with other processes
+                    # (workers, systemd). Thread runtimes wake accept() with a pipe;
+                    # event-loop managers interrupt the acceptor (kill, cancel) at once.
+                    self.manager.stop_task(lt.task_id, timeout=0)
+                # The acceptor closes its listener on the way out; one that never ran
+                # (a manager may drop a queued task) must not leave it open.
+                lt.close()
+
+        if not call_within(stop_them, wait, "weft stop acceptors") and wait:
+            log.warning(
+                "the acceptor did not stop within %ss: the %s runtime's loop is blocked "
+                "by a task; the listener closes when it unblocks",
+                wait,
+                type(self.manager).__name__,
+            )
+
+    def stop(self, timeout: float | None) -> StopReport:
+        """Phases 1 to 3 of a stop, bounded by ``timeout`` plus :data:`STOP_GRACE`."""
+        began = time.monotonic()
+        self.closing = True
+        self.stop_acceptors(LOOP_WAIT)
+        self.request_shutdown(self.snapshot())
+        until = None if timeout is None else began + timeout
+        if self.wait_idle(until):
+            return StopReport(clean=True)
+        assert until is not None
+        rest = self.snapshot()
+        log.warning(
+            "%d connection(s) still open after the graceful timeout (%ss); interrupting them",
+            len(rest),
+            f"{timeout:g}",
+        )
+        deadline = until + STOP_GRACE
+        self.interrupt(rest, deadline)
+        if self.wait_idle(deadline):
+            return StopReport(clean=False)
+        left = self.snapshot()
+        log.warning(
+            "%d task(s) still running %ss after they were interrupted; they are left "
+            "behind (set the log level to debug to see each)",
+            len(left),
+            f"{STOP_GRACE:g}",
+        )
+        for conn in left:
+            state = conn.state
+            log.debug(
+                "left behind: task %r serving %s (%s)",
+                conn.task_id,
+                conn.peer_str,
+                "never started" if not conn.started else state.name if state else "?",
+            )
+        with self.lock:
+            self.counts["left_behind"] = len(left)
+        return StopReport(clean=False, left=len(left))
 
     def snapshot(self) -> list[Conn]:
         """The connections open now."""
@@ -691,13 +552,12 @@ class Engine:
     def request_shutdown(self, conns: list[Conn]) -> None:
         """Phase 2: flag every connection's task and end its input.
 
-        In the runtime's loop thread when it has one (``run_in_loop``): one batch
-        there, rather than a GIL hand-off with the loop for every connection.
+        In the runtime's loop thread (``run_in_loop``): one batch there, rather than a
+        GIL hand-off with the loop for every connection. A loop that does not take the
+        batch within :data:`LOOP_WAIT` is blocked; the batch then runs here as well
+        (each step is idempotent), so the stop goes on.
         """
-        run_in_loop = getattr(self.runtime, "run_in_loop", None)
-        if conns and run_in_loop is not None:
-            run_in_loop(lambda: self._end_input(conns))
-        else:
+        if conns and not self.runtime.run_in_loop(lambda: self._end_input(conns), LOOP_WAIT):
             self._end_input(conns)
 
     @staticmethod
@@ -708,32 +568,63 @@ class Engine:
                 state.request_shutdown()
             _shutdown_quietly(conn.end_input)
 
-    def wait_idle(self, timeout: float | None, exclude: Conn | None = None) -> bool:
-        """Wait until no connection (but ``exclude``) is open; False on timeout."""
-
-        def idle() -> bool:
-            return all(c is exclude for c in self.conns)
-
+    def wait_idle(self, until: float | None) -> bool:
+        """Wait until no connection is open, or the monotonic time ``until``; True if none is."""
         with self.changed:
             self.idle_waiters += 1
             try:
-                return self.changed.wait_for(idle, timeout)
+                while self.conns:
+                    if until is None:
+                        self.changed.wait()
+                        continue
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self.changed.wait(left)
+                return True
             finally:
                 self.idle_waiters -= 1
 
-    def interrupt(self, conns: list[Conn]) -> None:
-        """Phase 3: interrupt every remaining task; close sockets of tasks that never ran."""
+    def interrupt(self, conns: list[Conn], deadline: float) -> None:
+        """Phase 3: interrupt every remaining task at once; close those that never ran.
+
+        ``TaskState.interrupt()`` runs each task's interrupt callbacks, which is where
+        a manager that can kill or cancel does so without waiting (gevent, trio); the
+        socket is shut down both ways, which wakes any read or write. Then, in a
+        thread of its own, ``stop_task(id, 0)`` is called on each task still running,
+        for managers that interrupt only there, until ``deadline``.
+        """
+        started = []
+        unstarted = []
         for conn in conns:
             state = conn.state
             if state is not None:
                 state.interrupt()  # marks whatever the handler raises next as our doing
             _shutdown_quietly(conn.abort)
-        for conn in conns:
-            if conn.task_id is not None:
-                self.manager.stop_task(conn.task_id, timeout=0)
-            if not conn.started:
-                _close_quietly(conn.sock)
-                self._finish(conn)
+            (started if conn.started else unstarted).append(conn)
+        for conn in unstarted:
+            self._finish(conn)  # if its task ever runs, it closes the socket itself
+
+        def close_unstarted() -> None:
+            # A runtime's socket may close only in its loop (gevent's hands the close
+            # to the hub): bounded, so a blocked loop cannot hold the stop.
+            for conn in unstarted:
+                close_quietly(conn.sock)
+
+        if unstarted:
+            call_within(close_unstarted, max(deadline - time.monotonic(), 0.0), "weft close")
+
+        def sweep() -> None:
+            for conn in started:
+                if time.monotonic() >= deadline:
+                    return
+                with self.lock:
+                    running = conn in self.conns
+                if running and conn.task_id is not None:
+                    self.manager.stop_task(conn.task_id, timeout=0)
+
+        if started:
+            call_within(sweep, None, "weft interrupt")
 
 
 def _peer_error(exc: BaseException) -> bool:
@@ -745,7 +636,8 @@ def _peer_error(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError) or isinstance(exc.__cause__, ConnectionError)
 
 
-def _close_quietly(obj: Any) -> None:
+def close_quietly(obj: Any) -> None:
+    """``obj.close()``, ignoring OSError."""
     try:
         obj.close()
     except OSError:
@@ -759,8 +651,30 @@ def _shutdown_quietly(fn: Callable[[], None]) -> None:
         pass
 
 
+def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool:
+    """Run ``fn()`` in a daemon thread and wait up to ``wait`` seconds; True if it ended.
+
+    For the steps of a stop that need the runtime's loop to answer: a loop blocked
+    by a task must not block the stop, which goes on once ``wait`` runs out (None:
+    does not wait at all).
+    """
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", name)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    if wait is None:
+        return False
+    thread.join(wait)
+    return not thread.is_alive()
+
+
 def default_exception_handler(
-    server: Server, conn: Any, exc: BaseException, info: ConnectionInfo | None = None
+    server: Any, conn: Any, exc: BaseException, info: ConnectionInfo | None = None
 ) -> None:
     """Log a handler's exception: peer resets in one line, anything else with its traceback."""
     peer = info.peer_str if info is not None else "?"

@@ -121,18 +121,18 @@ class _RuntimeBase(Protocol):
         """Release what the runtime holds (a loop thread, a hub); idle runtimes may reopen."""
         ...
 
-    # Optional, looked up with getattr:
-    #
-    # def run_in_loop(self, fn: Callable[[], None]) -> None:
-    #     """Run ``fn()`` in the thread of the runtime's loop, and return once it has.
-    #
-    #     A stop ends every connection's input in one batch (``shutdown(SHUT_RD)`` on
-    #     each socket). Made from the stopping thread, each of those calls would hand
-    #     the GIL back and forth with the loop thread already waking the connections
-    #     the previous calls ended; made in the loop's thread, the batch runs in one
-    #     go, then the loop wakes them. ``fn`` does not block. Without this method
-    #     the batch runs in the calling thread.
-    #     """
+    def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
+        """Run ``fn()`` in the thread of the runtime's loop; True once it has run there.
+
+        False if the loop did not run it within ``timeout`` seconds (None: no limit);
+        it may still run later. A stop ends every connection's input in one batch
+        (``shutdown(SHUT_RD)`` on each socket): made from the stopping thread, each
+        call would hand the GIL back and forth with a loop thread already waking the
+        connections the previous calls ended; in the loop's thread the batch runs in
+        one go. ``fn`` does not block. A runtime without a loop thread of its own
+        (threads) calls ``fn()`` at once and returns True.
+        """
+        ...
 
 
 class SyncRuntime(_RuntimeBase, Protocol):

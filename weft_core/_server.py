@@ -9,9 +9,16 @@ the same on every manager:
 2. flag every connection's task and end its input (``shutdown(SHUT_RD)``), so a
    handler waiting for its client's next bytes returns, while one in the middle of
    a reply can finish writing it;
-3. when ``timeout`` runs out, interrupt what is left: shut each socket down for
-   reading and writing, then the manager's ``stop_task`` (gevent kills, trio
-   cancels; a thread has been woken by its socket).
+3. when ``timeout`` runs out, interrupt what is left, all at once: shut each
+   socket down for reading and writing and interrupt each task (gevent kills, trio
+   cancels; a thread has been woken by its socket), then wait for them all against
+   one deadline, ``timeout`` plus ``STOP_GRACE``; what still runs then is left
+   behind, counted in ``stats()["left_behind"]``.
+
+``stop()`` and ``stop_accepting()`` may be called from anywhere: from inside one of
+weft's tasks (a handler, a hook called by the acceptor) they cannot wait, since the
+caller's own task is part of what stops and an event loop must not be blocked, so
+they start the work in a thread of their own and return at once.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from ._connection import ConnectionInfo
-from ._engine import COUNTERS, Engine
+from ._engine import COUNTERS, LOOP_WAIT, Engine, StopReport
+from ._engine_async import AsyncEngine
+from ._engine_sync import SyncEngine
 from ._errors import ConfigError, HandlerKindError, ServerError
 from ._listeners import FAMILIES, Family, ListenTarget, open_listeners
-from ._protocol import TaskManager
+from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
@@ -38,6 +47,8 @@ from ._tls import make_server_context
 
 if TYPE_CHECKING:
     import ssl
+
+    from ._registry import Hooks
 
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
@@ -49,9 +60,6 @@ DEFAULT_MANAGER = "threads"
 DEFAULT_MAX_CONNECTIONS = 1024
 #: LispWorks' and gunicorn's default listen backlog (the kernel caps it at somaxconn).
 DEFAULT_BACKLOG = 1024
-#: How long a stop waits for tasks to end after interrupting them; only a task that
-#: ignores both its shutdown flag and its closed socket takes this long.
-INTERRUPT_WAIT = 5.0
 #: Grace given to open connections when the server stops itself on a fatal accept error.
 FATAL_STOP_TIMEOUT = 10.0
 
@@ -198,7 +206,7 @@ class Server:
         )
         self._check_kind(self._manager)
         self._life = threading.RLock()
-        self._engine: Engine | None = None
+        self._engine: Engine[Any] | None = None
         self._stopping = False
         self._stopped_event = threading.Event()
         self._stopped_event.set()
@@ -269,17 +277,14 @@ class Server:
     def socket(self) -> Any:
         """The (first) listening socket, or None while not listening."""
         engine = self._engine
-        if engine is None or engine.listeners_closed:
-            return None
-        return engine.listeners[0].native
+        sockets = [] if engine is None else engine.sockets()
+        return sockets[0] if sockets else None
 
     @property
     def sockets(self) -> list[Any]:
         """Every listening socket (several binds, or a name with several addresses)."""
         engine = self._engine
-        if engine is None or engine.listeners_closed:
-            return []
-        return [lt.native for lt in engine.listeners]
+        return [] if engine is None else engine.sockets()
 
     @property
     def address(self) -> str:
@@ -306,7 +311,7 @@ class Server:
     def addresses(self) -> list[str]:
         """``HOST:PORT`` (or ``unix:/path``) of every listener while running."""
         engine = self._engine
-        return [] if engine is None else [lt.address for lt in engine.listeners]
+        return [] if engine is None else engine.addresses()
 
     @property
     def shutdown_address(self) -> str | None:
@@ -340,12 +345,15 @@ class Server:
         return self._error
 
     def stats(self) -> dict[str, int]:
-        """Counters since ``run()``: accepted, refused, active, handler_errors, tls_errors, ..."""
+        """Counters since ``run()``: accepted, refused, active, handler_errors, tls_errors, ...
+
+        After a stop, the last run's, with ``left_behind``: the tasks the stop had
+        to leave running (see :meth:`stop`).
+        """
         engine = self._engine
         if engine is None:
             return {**dict.fromkeys(COUNTERS, 0), **self._last_counts, "active": 0}
-        with engine.lock:
-            return {**engine.counts, "active": len(engine.conns)}
+        return engine.stats()
 
     # -- operations ------------------------------------------------------------------------
 
@@ -385,22 +393,21 @@ class Server:
                         self, cfg.shutdown_port, cfg.shutdown_secret, cfg.shutdown_handler
                     )
                     shutdown.open()
-                engine = Engine(self, self._manager, listeners)
+                engine = self._make_engine(listeners)
             except BaseException:
                 for listener in listeners:
                     listener.sock.close()
                 if shutdown is not None:
                     shutdown.close()
                 raise
-            engine.on_fatal = self._on_fatal
             self._engine = engine
             self._error = None
             self._stopping = False
             self._stopped_event.clear()
             tcp = [
-                lt.native.getsockname()
-                for lt in engine.listeners
-                if lt.native.family in (socket.AF_INET, socket.AF_INET6)
+                sock.getsockname()
+                for sock in engine.sockets()
+                if sock.family in (socket.AF_INET, socket.AF_INET6)
             ]
             self._bound_port = tcp[0][1] if tcp else None
             self._shutdown_port = shutdown
@@ -419,12 +426,23 @@ class Server:
                 raise
         self._hooks().server_started(self, self.addresses)
 
-    def _abandon(self, engine: Engine) -> None:
+    def _make_engine(self, listeners: list[Any]) -> Engine[Any]:
+        """The engine of the flavour the manager's runtime asks for."""
+        manager = self._manager
+        runtime = manager.runtime
+        hooks = self._hooks()
+        if _is_async(runtime):
+            return AsyncEngine(self._cfg, manager, runtime, listeners, hooks, self, self._on_fatal)
+        if _is_sync(runtime):
+            return SyncEngine(self._cfg, manager, runtime, listeners, hooks, self, self._on_fatal)
+        raise ServerError(f"runtime {runtime!r} has kind {runtime.kind!r}: not 'sync' or 'async'")
+
+    def _abandon(self, engine: Engine[Any]) -> None:
         engine.closing = True
-        engine.stop_acceptors()
+        engine.stop_acceptors(None)
         for lt in engine.listeners:
             lt.close()
-        self._finish(engine)
+        self._finish(engine, StopReport(clean=True))
 
     def serve_forever(self, graceful_timeout: float | None = None) -> None:
         """``run()`` if needed, then block until stopped; Ctrl-C stops gracefully.
@@ -448,15 +466,16 @@ class Server:
     def stop_accepting(self) -> None:
         """Close only the listeners; open connections go on until their clients close them.
 
-        Returns as soon as the listeners are closed. The server counts as stopped
-        once its last connection has ended.
+        Returns as soon as the listeners are closed (from inside one of weft's tasks,
+        at once: they close in a moment). The server counts as stopped once its last
+        connection has ended.
         """
         with self._life:
             engine = self._engine
-            if engine is None or engine.listeners_closed:
+            if engine is None or engine.listeners_closed or self._stopping:
                 return
             engine.listeners_closed = True
-        engine.stop_acceptors()
+        engine.stop_acceptors(None if current_task() is not None else LOOP_WAIT)
 
         def drain() -> None:
             engine.wait_idle(None)
@@ -469,51 +488,43 @@ class Server:
         """Stop gracefully in three phases (see the module docstring).
 
         ``timeout`` bounds phase 2 (None: wait for every connection; 0: interrupt
-        at once). Returns True if every task ended before it had to be interrupted;
-        in both cases only once no listener and no connection is left open.
+        at once). Returns True if every task ended before it had to be interrupted,
+        False otherwise, once no listener and no connection is left open; with a
+        ``timeout``, within ``timeout`` plus ``STOP_GRACE`` seconds however many tasks
+        are stuck (those still running then are left behind: ``stats()["left_behind"]``).
+
+        Called from inside one of weft's tasks (a handler, a hook run by the
+        acceptor), it cannot wait, since its own task is part of what stops: it
+        starts the stop in a thread of its own and returns False at once; the
+        caller's task is flagged like any other, and :meth:`wait` (from outside)
+        tells when the stop has ended. Called while another stop is under way, it
+        waits for that one and returns its result.
         """
+        inside = current_task() is not None
         with self._life:
             engine = self._engine
             if engine is None:
                 return True
-            if self._stopping:
-                waiter = True
-            else:
-                waiter = False
-                self._stopping = True
+            waiter = self._stopping
+            self._stopping = True
         if waiter:
+            if inside:
+                return False
             self._stopped_event.wait()
             return self._last_clean
-        engine.closing = True
-        engine.listeners_closed = True
-        engine.stop_acceptors()
-        self._close_shutdown_port()
-        me = self._own_connection(engine)
-        engine.request_shutdown([c for c in engine.snapshot() if c is not me])
-        clean = engine.wait_idle(timeout, exclude=me)
-        if not clean:
-            rest = [c for c in engine.snapshot() if c is not me]
-            log.warning(
-                "%d connection(s) still open after the graceful timeout (%ss); interrupting them",
-                len(rest),
-                timeout,
-            )
-            engine.interrupt(rest)
-            if not engine.wait_idle(INTERRUPT_WAIT, exclude=me):
-                log.error(
-                    "%d task(s) still running after being interrupted; they are left behind",
-                    len(engine.snapshot()) - (me is not None),
-                )
-        self._last_clean = clean
-        self._finish(engine, keep_runtime=me is not None)
-        return clean
+        if inside:
+            threading.Thread(
+                target=self._stop, args=(engine, timeout), name="weft stop", daemon=True
+            ).start()
+            return False
+        return self._stop(engine, timeout)
 
-    def _own_connection(self, engine: Engine) -> Any:
-        """The connection whose handler is calling stop(), so stop() does not wait for itself."""
-        state = current_task()
-        if state is None:
-            return None
-        return next((c for c in engine.snapshot() if c.state is state), None)
+    def _stop(self, engine: Engine[Any], timeout: float | None) -> bool:
+        self._close_shutdown_port()
+        report = engine.stop(timeout)
+        self._last_clean = report.clean
+        self._finish(engine, report)
+        return report.clean
 
     def _close_shutdown_port(self) -> None:
         with self._life:
@@ -521,16 +532,21 @@ class Server:
         if shutdown is not None:
             shutdown.close()
 
-    def _finish(self, engine: Engine, keep_runtime: bool = False) -> None:
+    def _finish(self, engine: Engine[Any], report: StopReport) -> None:
         self._close_shutdown_port()
-        engine.spare.close()
-        with engine.lock:
-            self._last_counts = {**engine.counts, "active": 0}
-        if self._owns_manager and not keep_runtime:
-            try:
-                self._manager.runtime.close()
-            except Exception:
-                log.exception("closing the %s runtime failed", self._manager_name)
+        engine.close()
+        self._last_counts = {**engine.stats(), "active": 0}
+        if self._owns_manager:
+            if report.left:
+                # Closing would wait for the stuck tasks (trio joins its loop thread).
+                log.debug(
+                    "the %s runtime is left running with its stuck tasks", self._manager_name
+                )
+            else:
+                try:
+                    self._manager.runtime.close()
+                except Exception:
+                    log.exception("closing the %s runtime failed", self._manager_name)
         with self._life:
             self._engine = None
             self._stopping = False
@@ -562,10 +578,18 @@ class Server:
         self.stop()
 
     @staticmethod
-    def _hooks() -> Any:
+    def _hooks() -> Hooks:
         from ._registry import hooks
 
         return hooks()
+
+
+def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:
+    return runtime.kind == "async"
+
+
+def _is_sync(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[SyncRuntime]:
+    return runtime.kind == "sync"
 
 
 # -- settings checks -------------------------------------------------------------------

@@ -203,7 +203,7 @@ class TaskState:
         self.interrupt()
         if self.done.wait(grace):
             return True
-        log.warning(
+        log.debug(
             "task %s (%s) is still running %.1fs after it was interrupted; a thread "
             "cannot be killed, so it is left to finish on its own",
             self.id,
@@ -212,16 +212,23 @@ class TaskState:
         )
         return False
 
-    def interrupt(self) -> None:
-        """Request shutdown, then run the interrupt callbacks, once."""
+    def interrupt(self) -> bool:
+        """Request shutdown, then run the interrupt callbacks, once; True the first time.
+
+        Safe from any thread, and never blocks: phase 3 of a stop calls it on every
+        remaining task at once. A manager that can interrupt a task waiting in its
+        runtime (kill a greenlet, cancel a scope) overrides it in its TaskState
+        subclass to schedule that too when this returns True.
+        """
         self.request_shutdown()
         with _state_lock:
             if self.interrupted:
-                return
+                return False
             self.interrupted = True
             callbacks, self._interrupt_callbacks = self._interrupt_callbacks, ()
         for callback in callbacks:
             _call_quietly(callback)
+        return True
 
 
 def _call_quietly(callback: Callable[[], object]) -> None:

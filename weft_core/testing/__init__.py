@@ -19,6 +19,7 @@ from ._adapters import AsyncAdapter, Body, Recv, Send, Sleep, SyncAdapter, defau
 from ._suite_addresses import AddressTests
 from ._suite_network import NetworkTests
 from ._suite_server import ServerTests
+from ._suite_stop import StopTests
 from ._suite_tasks import TaskManagerTests
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-class ManagerTests(TaskManagerTests, ServerTests, NetworkTests, AddressTests):
+class ManagerTests(TaskManagerTests, ServerTests, StopTests, NetworkTests, AddressTests):
     """Every conformance test; subclass it and set ``manager_name``.
 
     Capabilities (class attributes): ``preemptive_stop``, ``supports_limit``,

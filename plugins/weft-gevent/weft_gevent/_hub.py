@@ -34,7 +34,9 @@ another hub. The hub itself is never blocked.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -42,7 +44,7 @@ import gevent
 import gevent.monkey
 from gevent.hub import Hub, Waiter
 
-__all__ = ["HubLink", "HubOwner", "real_get_ident", "real_lock"]
+__all__ = ["HubLink", "HubOwner", "real_get_ident", "real_lock", "report_blocked_hub"]
 
 log = logging.getLogger("weft.gevent")
 
@@ -266,6 +268,26 @@ class HubOwner:
         finally:
             self.release()
 
+    def run_within(
+        self, fn: Callable[..., object], timeout: float | None
+    ) -> tuple[bool, HubLink | None]:
+        """Run ``fn()`` in the hub's thread if a hub is in use; ``(ran, link)``.
+
+        ``ran`` is False if the hub did not run it within ``timeout``. With no hub
+        in use, ``fn()`` runs here (there is nothing in a hub for it to touch).
+        """
+        with self._lock:
+            link = self._link
+            if link is not None:
+                self._users += 1
+        if link is None:
+            fn()
+            return True, None
+        try:
+            return link.run(fn, timeout=timeout)[0], link
+        finally:
+            self.release()
+
     def close(self) -> bool:
         """Stop the hub thread if this owner started one and nothing uses it.
 
@@ -282,3 +304,22 @@ class HubOwner:
         if thread is not None:
             thread.stop()
         return True
+
+
+def report_blocked_hub(link: HubLink, waited: float | None) -> None:
+    """Log, at ERROR, that the hub did not answer, with the stack its thread runs now.
+
+    A hub that does not run a callback for ``waited`` seconds is not switching: one
+    greenlet is running without ever yielding (``time.sleep``, a blocking socket or
+    driver that is not gevent's, a long computation). That greenlet is what the hub's
+    OS thread is executing, so the thread's current stack names the culprit.
+    """
+    frame = sys._current_frames().get(link.hub.thread_ident)
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(not found)\n"
+    log.error(
+        "the gevent hub has not answered for %ss: a greenlet is blocking it without "
+        "yielding (a blocking call that is not gevent's? monkey-patch, or use gevent's "
+        "modules); the hub's thread is at:\n%s",
+        waited,
+        stack.rstrip("\n"),
+    )

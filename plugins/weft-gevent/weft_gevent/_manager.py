@@ -77,6 +77,21 @@ class _Task(TaskState):
         #: Made only when a stop waits for the task to end, in the hub's thread.
         self.ended: gevent.event.Event | None = None
 
+    def interrupt(self) -> bool:
+        """Interrupt as TaskState does, and kill the greenlet with TaskShutdown; any thread.
+
+        The kill is a callback of the hub's loop (thread-safe from other threads):
+        gevent's objects may only be touched in the hub's thread.
+        """
+        if not super().interrupt():
+            return False
+        link = self.link
+        if link.is_current():
+            link.hub.loop.run_callback(_kill, self)
+        else:
+            link.call_soon(_kill, self)
+        return True
+
     @property
     def name(self) -> str:
         """The thunk's ``__name__``, read when first asked for, then kept.
@@ -129,10 +144,18 @@ def _ended() -> None:
     """What a finished task's thunk is replaced with."""
 
 
-def _throw_shutdown(glet: _TaskGreenlet) -> None:
+def _kill(task: _Task) -> None:
     # A loop callback, in the hub: gevent's own way to kill a greenlet (throwing from
     # another greenlet would return control to the hub, not to the thrower).
-    if not glet.dead:
+    if task.finished:
+        return
+    if not task.entered:
+        # Never switched to: ending it here is enough, and quiet; when its queued
+        # start comes, _body sees it finished and returns at once.
+        task.manager._finish(task)
+        return
+    glet = task.greenlet
+    if glet is not None and not glet.dead:
         glet.throw(TaskShutdown)
 
 
@@ -296,15 +319,9 @@ class GeventManager:
             return False  # a task stopping itself: it is flagged, it cannot wait for itself
         if self._wait_ended(task, timeout):
             return True
-        task.interrupt()
-        if not task.entered:
-            # Never switched to: ending it here is enough, and quiet; when its queued
-            # start comes, _body sees it finished and returns at once.
-            self._finish(task)
-            return False
-        task.link.hub.loop.run_callback(_throw_shutdown, glet)
+        task.interrupt()  # kills the greenlet, from the loop, soon
         if not self._wait_ended(task, INTERRUPT_GRACE):
-            log.warning(
+            log.debug(
                 "task %s (%s) is still running %.1fs after it was killed with TaskShutdown; "
                 "it caught the exception and carried on, so it is left to finish on its own",
                 task.id,

@@ -26,7 +26,7 @@ from greenlet import getcurrent
 from weft_core._protocol import SyncSlots
 from weft_core._spec import HandlerKind
 
-from ._hub import HubLink, HubOwner, real_get_ident
+from ._hub import HubLink, HubOwner, real_get_ident, report_blocked_hub
 
 __all__ = ["GeventRuntime", "GeventSocket"]
 
@@ -182,9 +182,17 @@ class GeventRuntime:
     def wake_listener(self, listener: Any) -> None:
         """Nothing to do: the manager interrupts the acceptor (kills it with TaskShutdown) when it stops."""
 
-    def run_in_loop(self, fn: Callable[[], object]) -> None:
-        """Run ``fn()`` in the hub's thread and return once it has (a stop's batch of shutdowns)."""
-        self._hubs.run(fn)
+    def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
+        """Run ``fn()`` in the hub's thread (a stop's batch of shutdowns); True once it has.
+
+        A hub that does not answer within ``timeout`` is blocked by a greenlet that
+        never yields (a blocking call that is not gevent's): that greenlet's stack is
+        logged, since it is what the hub's thread is running now, and False returned.
+        """
+        ran, link = self._hubs.run_within(fn, timeout)
+        if not ran and link is not None:
+            report_blocked_hub(link, timeout)
+        return ran
 
     def slots(self, n: int) -> SyncSlots:
         """A ``gevent.lock.Semaphore`` of ``n``, for use inside the hub's tasks."""

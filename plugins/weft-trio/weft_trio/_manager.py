@@ -58,6 +58,11 @@ __all__ = ["TrioManager"]
 
 log = logging.getLogger("weft.trio")
 
+#: After cancelling a task, how long stop_task waits for it to end: a cancelled task
+#: ends at its next checkpoint unless it shields itself or blocks the whole loop
+#: (a synchronous call), and a stop must not hang on it. As threads' and gevent's.
+INTERRUPT_GRACE = 2.0
+
 #: Name of the daemon thread that runs ``trio.run`` (seen in thread dumps, py-spy).
 LOOP_THREAD_NAME = "weft-trio"
 
@@ -151,6 +156,18 @@ class _Task(TaskState):
         self.scope = trio.CancelScope()
         #: Made only by ``astop_task``, which waits for the task in the trio thread.
         self.ended: trio.Event | None = None
+
+    def interrupt(self) -> bool:
+        """Interrupt as TaskState does, and cancel this task's scope; from any thread."""
+        if not super().interrupt():
+            return False
+        loop = self.loop
+        if loop is None or loop.in_thread():
+            self.scope.cancel()
+        elif loop.token is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # ended: so has the task
+                loop.token.run_sync_soon(self.scope.cancel)
+        return True
 
 
 def _only_cancellation(exc: BaseException) -> bool:
@@ -355,12 +372,15 @@ class TrioManager:
         state.request_shutdown()
         if state.done.wait(timeout):
             return True
-        try:
-            assert record.loop is not None and record.loop.token is not None
-            record.loop.token.run_sync_soon(_interrupt, record)
-        except trio.RunFinishedError:
-            state.interrupt()  # the loop is gone, so the task has ended too
-        state.done.wait()
+        record.interrupt()  # cancels its scope in the trio thread
+        if not state.done.wait(INTERRUPT_GRACE):
+            log.debug(
+                "task %s (%s) is still running %.1fs after it was cancelled: its trio "
+                "loop is blocked, or it shields itself; it is left to finish on its own",
+                task_id,
+                state.name,
+                INTERRUPT_GRACE,
+            )
         return False
 
     async def astop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
@@ -395,19 +415,32 @@ class TrioManager:
 
     # -- the loop thread ---------------------------------------------------------------
 
-    def _run_in_loop(self, fn: Callable[[], object]) -> None:
-        """Run ``fn()`` in the trio thread, if one runs, and return once it has."""
+    def _run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
+        """Run ``fn()`` in the trio thread, if one runs; True once it has, False on timeout."""
         loop: _Loop | None = getattr(_thread, "loop", None)
         if loop is None or loop.owner is not self:
             with self._loop_lock:
                 loop = self._loop
             if loop is not None and loop.token is not None:
+                ran = threading.Event()
+
+                def call() -> None:
+                    # A run_sync_soon callback: an exception here would crash trio.
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("%r failed in the trio thread", fn)
+                    finally:
+                        ran.set()
+
                 try:
-                    trio.from_thread.run_sync(fn, trio_token=loop.token)
-                    return
+                    loop.token.run_sync_soon(call)
                 except trio.RunFinishedError:
                     pass  # it has just ended: nothing runs there any more
+                else:
+                    return ran.wait(timeout)
         fn()
+        return True
 
     def _close_loop(self) -> None:
         """End the trio thread, if one runs: cancel every task, then join it."""

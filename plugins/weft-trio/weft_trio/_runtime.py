@@ -127,12 +127,20 @@ class TrioRuntime:
     conn_is_stream = True
 
     def __init__(
-        self, close: Callable[[], None], run_in_loop: Callable[[Callable[[], object]], None]
+        self,
+        close: Callable[[], None],
+        run_in_loop: Callable[[Callable[[], object], float | None], bool],
     ) -> None:
         self._close = close
-        #: Run a function in the manager's trio thread and wait for it (the stop's
-        #: batch of ``shutdown`` calls, one hop instead of a GIL hand-off per socket).
-        self.run_in_loop = run_in_loop
+        self._run_in_loop = run_in_loop
+
+    def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
+        """Run ``fn()`` in the manager's trio thread; True once it has, False after ``timeout``.
+
+        The stop's batch of ``shutdown`` calls: one hop instead of a GIL hand-off per
+        socket. With no trio thread running, ``fn()`` runs here.
+        """
+        return self._run_in_loop(fn, timeout)
 
     def __repr__(self) -> str:
         return "<TrioRuntime>"

@@ -1,0 +1,164 @@
+"""AsyncEngine: the accept loop and connection task for runtimes of ``async def`` handlers.
+
+trio (and any event-loop runtime whose handlers are coroutines) runs this flavour,
+which awaits where :mod:`weft_core._engine_sync` calls. Policy is the shared
+:class:`~weft_core._engine.Engine`'s.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from . import _acceptpolicy as policy
+from ._connection import ConnectionInfo, publish, unpublish
+from ._engine import FULL_POLL, Conn, Engine, ListenerTask, close_quietly
+from ._errors import TaskShutdown
+from ._protocol import AsyncRuntime, AsyncSlots
+from ._proxy import ProxyHeaderError, aread_proxy_header
+from ._tasks import current_task
+from ._tls import tls_details
+
+__all__ = ["AsyncEngine"]
+
+
+class AsyncEngine(Engine[AsyncRuntime]):
+    """One run of a server on an async runtime."""
+
+    slots: AsyncSlots | None
+
+    def _slots(self, n: int) -> AsyncSlots:
+        return self.runtime.slots(n)
+
+    def _acceptor_thunk(self, lt: ListenerTask) -> Any:
+        async def run_async() -> None:
+            await self._accept(lt)
+
+        run_async.__name__ = f"weft acceptor {lt.address}"
+        return run_async
+
+    # -- accepting ---------------------------------------------------------------------
+
+    async def _accept(self, lt: ListenerTask) -> None:
+        rt = self.runtime
+        state = current_task()
+        if state is not None:
+            lt.state = state
+            state.on_shutdown(lt.wake_with(rt))
+        backoff = policy.Backoff()
+        listener = lt.native
+        slots = self.slots
+        backlog_mode = self.cfg.on_full == "backlog"
+        try:
+            while not self.closing:
+                if backlog_mode and slots is not None and not slots.acquire_nowait():
+                    while not await slots.acquire_within(FULL_POLL):
+                        if self.closing or (state is not None and state.requested):
+                            return
+                try:
+                    sock, addr = await listener.accept()
+                except OSError as exc:
+                    if backlog_mode and slots is not None:
+                        slots.release()
+                    pause = self._accept_failed(lt, exc, state)
+                    if pause is None:
+                        return
+                    if pause < 0:
+                        shed = await self._shed(lt)
+                        await rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
+                    continue
+                if backoff.delay:
+                    backoff.reset()
+                if not backlog_mode and slots is not None and not await self._take_slot(slots):
+                    self._refuse(sock, addr, "full")
+                    continue
+                self._hand_off(lt, sock, addr)
+        finally:
+            lt.close()
+
+    async def _take_slot(self, slots: AsyncSlots) -> bool:
+        if slots.acquire_nowait():
+            return True
+        return self.cfg.full_wait > 0 and bool(await slots.acquire_within(self.cfg.full_wait))
+
+    async def _shed(self, lt: ListenerTask) -> int:
+        shed = 0
+        while shed < policy.SHED_BATCH and policy.pending(lt.native.fileno()):
+            if not self.spare.release():
+                break
+            try:
+                sock, _ = await lt.native.accept()
+                sock.close()
+                shed += 1
+            except OSError:
+                break
+            finally:
+                self.spare.take()
+        return shed
+
+    # -- serving a connection -------------------------------------------------------------
+
+    async def _serve(self, conn: Conn) -> None:
+        rt = self.runtime
+        handed: Any = None
+        info: ConnectionInfo | None = None
+        try:
+            info = self._begin(conn)
+            if info is None:
+                return
+            handed = await self._preamble(rt, conn, info)
+            if handed is None:
+                return
+            info.conn = handed
+            token = publish(info, conn.state)
+            try:
+                if self.args:
+                    await self.handler(handed, *self.args)
+                else:
+                    await self.handler(handed)
+            except TaskShutdown:
+                raise
+            except Exception as exc:
+                self._handler_failed(conn, handed, info, exc)
+            finally:
+                unpublish(conn.state, token)
+        finally:
+            try:
+                if info is None or not info.detached:
+                    if handed is not None:
+                        await rt.aclose(handed)
+                    else:
+                        close_quietly(conn.sock)
+            finally:
+                self._finish(conn)
+
+    async def _preamble(self, rt: AsyncRuntime, conn: Conn, info: ConnectionInfo) -> Any:
+        """PROXY header, stream, TLS handshake; the stream to hand over, or None to close."""
+        cfg = self.cfg
+        sock = conn.sock
+        if cfg.proxy is not None:
+            if not self._proxy_trusted(conn, info):
+                return None
+            try:
+                header, leftover = await rt.within(
+                    cfg.proxy.header_timeout, lambda: aread_proxy_header(sock.recv)
+                )
+            except (ProxyHeaderError, OSError) as exc:
+                return self._proxy_failed(info, exc) or None
+            if not self._proxy_accepted(info, header, leftover):
+                return None
+        stream = rt.wrap_connection(sock, cfg.idle_timeout)
+        if not cfg.nodelay and sock.family != socket.AF_UNIX:
+            # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        if cfg.tls is not None:
+            stream = rt.wrap_tls(stream, cfg.tls)
+            failures: tuple[type[BaseException], ...] = (OSError, ValueError, *rt.tls_errors)
+            try:
+                await rt.within(cfg.tls_handshake_timeout, stream.do_handshake)
+            except failures as exc:
+                self._tls_failed(info, exc)
+                await rt.aclose(stream)
+                return None
+            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(stream)
+        return stream

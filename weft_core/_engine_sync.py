@@ -1,0 +1,163 @@
+"""SyncEngine: the accept loop and connection task for runtimes of plain functions.
+
+Threads, gevent and thread pools run handlers as plain functions; this flavour
+calls where :mod:`weft_core._engine_async` awaits. Policy (limits, errno handling,
+back-off, shedding, logging, bookkeeping, the stop) is the shared
+:class:`~weft_core._engine.Engine`'s; only the calls into the runtime differ.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import _acceptpolicy as policy
+from ._connection import ConnectionInfo, publish, unpublish
+from ._engine import FULL_POLL, Conn, Engine, ListenerTask, close_quietly
+from ._errors import TaskShutdown
+from ._protocol import SyncRuntime, SyncSlots
+from ._proxy import ProxyHeaderError, read_proxy_header
+from ._tasks import current_task
+from ._tls import tls_details
+
+__all__ = ["SyncEngine"]
+
+
+class SyncEngine(Engine[SyncRuntime]):
+    """One run of a server on a sync runtime."""
+
+    slots: SyncSlots | None
+
+    def _slots(self, n: int) -> SyncSlots:
+        return self.runtime.slots(n)
+
+    def _acceptor_thunk(self, lt: ListenerTask) -> Any:
+        def run_sync() -> None:
+            self._accept(lt)
+
+        run_sync.__name__ = f"weft acceptor {lt.address}"
+        return run_sync
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def _accept(self, lt: ListenerTask) -> None:
+        rt = self.runtime
+        state = current_task()
+        if state is not None:
+            lt.state = state
+            state.on_shutdown(lt.wake_with(rt))
+        backoff = policy.Backoff()
+        listener = lt.native
+        slots = self.slots
+        backlog_mode = self.cfg.on_full == "backlog"
+        try:
+            while not self.closing:
+                if backlog_mode and slots is not None:
+                    while not slots.acquire(timeout=FULL_POLL):
+                        if self.closing or (state is not None and state.requested):
+                            return
+                try:
+                    sock, addr = listener.accept()
+                except OSError as exc:
+                    if backlog_mode and slots is not None:
+                        slots.release()
+                    pause = self._accept_failed(lt, exc, state)
+                    if pause is None:
+                        return
+                    if pause < 0:
+                        shed = self._shed(lt)
+                        rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
+                    continue
+                if backoff.delay:
+                    backoff.reset()
+                if not backlog_mode and slots is not None and not self._take_slot(slots):
+                    self._refuse(sock, addr, "full")
+                    continue
+                self._hand_off(lt, sock, addr)
+        finally:
+            lt.close()
+
+    def _take_slot(self, slots: SyncSlots) -> bool:
+        if slots.acquire(blocking=False):
+            return True
+        return self.cfg.full_wait > 0 and bool(slots.acquire(timeout=self.cfg.full_wait))
+
+    def _shed(self, lt: ListenerTask) -> int:
+        shed = 0
+        while shed < policy.SHED_BATCH and policy.pending(lt.native.fileno()):
+            if not self.spare.release():
+                break
+            try:
+                sock, _ = lt.native.accept()
+                sock.close()
+                shed += 1
+            except OSError:
+                break
+            finally:
+                self.spare.take()
+        return shed
+
+    # -- serving a connection -------------------------------------------------------------
+
+    def _serve(self, conn: Conn) -> None:
+        rt = self.runtime
+        handed: Any = None
+        info: ConnectionInfo | None = None
+        try:
+            info = self._begin(conn)
+            if info is None or (self.preamble and not self._preamble(rt, conn, info)):
+                return
+            handed = rt.wrap_connection(conn.sock)
+            if self.cfg.stream:
+                handed = handed.makefile("rwb")
+            info.conn = handed
+            token = publish(info, conn.state)
+            try:
+                if self.args:
+                    self.handler(handed, *self.args)
+                else:
+                    self.handler(handed)  # a plain call: f(*args) would add a C-level frame
+            except TaskShutdown:
+                raise
+            except Exception as exc:
+                self._handler_failed(conn, handed, info, exc)
+            finally:
+                unpublish(conn.state, token)
+        finally:
+            try:
+                if info is None or not info.detached:
+                    if handed is not None and handed is not conn.sock:
+                        close_quietly(handed)
+                    close_quietly(conn.sock)
+            finally:
+                self._finish(conn)
+
+    def _preamble(self, rt: SyncRuntime, conn: Conn, info: ConnectionInfo) -> bool:
+        """PROXY header, then TLS handshake; False if the connection is to be closed unserved."""
+        cfg = self.cfg
+        sock = conn.sock
+        if cfg.proxy is not None:
+            if not self._proxy_trusted(conn, info):
+                return False
+            deadline = time.monotonic() + cfg.proxy.header_timeout
+            sock.settimeout(cfg.proxy.header_timeout)
+            try:
+                header, leftover = read_proxy_header(
+                    sock.recv, deadline_exceeded=lambda: time.monotonic() > deadline
+                )
+            except (ProxyHeaderError, OSError) as exc:
+                return self._proxy_failed(info, exc)
+            if not self._proxy_accepted(info, header, leftover):
+                return False
+            sock.settimeout(cfg.idle_timeout)
+        if cfg.tls is not None:
+            tls, conn.shut = rt.wrap_tls(sock, cfg.tls)
+            conn.sock = tls
+            try:
+                tls.settimeout(cfg.tls_handshake_timeout)
+                tls.do_handshake()
+                tls.settimeout(cfg.idle_timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                return self._tls_failed(info, exc)
+            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(tls)
+        return True
