@@ -209,16 +209,18 @@ def choice(*choices: str, upper: bool = False, expected: str = "") -> Kind:
 
 
 def string(expected: str = "a non-empty string", *, secret: bool = False) -> Kind:
-    """A string with something in it; one line, as it goes into headers and files."""
+    """A string with something in it, on one line; None for none."""
 
-    def check(value: Any) -> str:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
         if not isinstance(value, str) or not value.strip():
             raise Invalid
         if "\n" in value or "\r" in value:
             raise Invalid(f"expected {expected} on one line; remove the line break")
         return value
 
-    return Kind("str", expected, check, _as_text, secret=secret)
+    return Kind("str | None", expected, check, _as_text, secret=secret)
 
 
 def callback(signature: str, *, none: bool = True) -> Kind:
