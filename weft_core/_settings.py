@@ -580,8 +580,8 @@ def check_tls_parts(parts: Mapping[str, Any], source: Callable[[str], str | None
     if "password" in parts and "password_file" in parts:
         raise ConfigError(
             "give either password or password_file, not both",
-            source=source("password_file"),
-            key="tls.password_file",
+            source=source("password"),
+            key="tls.password",
         )
 
 
