@@ -310,7 +310,7 @@ def test_manager_limit_in_config_is_checked_by_the_table(tmp_path: Path) -> None
 def test_tls_table_is_checked_the_same_from_server_and_config(tmp_path: Path) -> None:
     cert = tmp_path / "cert.pem"
     cert.write_text("")
-    cases = [
+    cases: list[dict[str, Any]] = [
         {"certfle": "cert.pem"},
         {"keyfile": "cert.pem"},
         {"certfile": "cert.pem", "require_client_cert": True},

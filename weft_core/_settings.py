@@ -234,9 +234,7 @@ def callback(signature: str, *, none: bool = True) -> Kind:
     return Kind(f"Callable{' | None' if none else ''}", f"a function {signature}", check)
 
 
-def _check_handler(value: Any) -> Any:
-    if callable(value):
-        return value
+def _check_handler(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid
     module, sep, attr = value.partition(":")
@@ -418,6 +416,11 @@ class Setting:
         return self.kind.parse is not None
 
     @property
+    def type(self) -> str:
+        """The Python type of the checked value, for docs."""
+        return self.kind.type
+
+    @property
     def expected(self) -> str:
         """What a valid value is, as error messages say it."""
         return self.kind.expected
@@ -442,9 +445,9 @@ _ROWS = [
     Setting("keepalive", boolean(), False, "SO_KEEPALIVE on each connection"),
     Setting("reuse_port", boolean(), False, "SO_REUSEPORT on the listening socket"),
     # Handler and manager.
-    Setting("handler", Kind("Callable | str", "a handler as 'module:attribute', e.g."
+    Setting("handler", Kind("str", "a handler as 'module:attribute', e.g."
                             " 'examples.echo:handle'", _check_handler, _as_text),
-            None, "handler(conn, *args); weft serve imports a 'module:attribute' string",
+            None, "the handler weft serve imports (Server takes the function itself)",
             "config"),
     Setting("args", Kind("tuple", "a list of handler arguments", _check_args, _text_list),
             (), "extra positional arguments for the handler"),
@@ -492,7 +495,8 @@ _ROWS = [
     Setting("shutdown_port", integer(0, 65535, none="none", expected="a port number"
                                      " (0-65535; 0 picks a free port)"),
             None, "a loopback port whose connection stops the server"),
-    Setting("shutdown_secret", string(secret=True), None, "what a client must send on the shutdown port"),
+    Setting("shutdown_secret", string(secret=True), None,
+            "what a client must send on the shutdown port"),
     # Python only.
     Setting("exception_handler", callback("f(server, conn, exc)"), None,
             "called with errors the handler raises; default: log them", "server"),
@@ -674,18 +678,22 @@ class Settings:
         Keywords left out take the table's defaults. ``manager`` and
         ``manager_options`` are not part of it: the Server resolves the manager.
         """
+        if not callable(handler):
+            hint = (
+                "; a 'module:attribute' string is for weft serve and weft.toml"
+                if isinstance(handler, str)
+                else ""
+            )
+            raise ConfigError(
+                f"expected a function handler(conn, *args), got {show(handler)}{hint}",
+                key="handler",
+            )
         values = {
             name: validate(name, keywords.pop(name, SETTINGS[name].default))
             for name in _SERVER_KEYS
         }
         if keywords:
             raise TypeError(f"unexpected settings: {', '.join(sorted(keywords))}")
-        if not callable(validate("handler", handler)):
-            raise ConfigError(
-                f"expected a callable handler(conn, *args), got {show(handler)}; a"
-                " 'module:attribute' string is for weft serve and weft.toml",
-                key="handler",
-            )
         if values["shutdown_port"] is None:
             for key in ("shutdown_secret", "shutdown_handler"):
                 if values[key] is not None:
