@@ -103,8 +103,8 @@ def test_bad_flag_value_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -
     line = one_error_line(capsys.readouterr().err)
     assert line == (
         "weft: command line --max-connections, key 'max_connections': "
-        "expected a positive integer, or false for no limit, got '0'"
-    )
+        "expected a positive integer, or false for no limit, got 0"
+    )  # the text is read as a number first, so the message is Server(max_connections=0)'s
 
 
 def test_bad_bind_names_the_forms(capsys: pytest.CaptureFixture[str]) -> None:

@@ -250,7 +250,12 @@ def test_create_manager_passes_options_and_normalises_name(registry: Any) -> Non
             r"'mine'.*unexpected keyword argument 'limt'.*did you mean 'limit'.*"
             r"options given: limt=2",
         ),
-        ({"limit": -1}, r"'mine' rejected its options \(limit=-1\): ValueError: limit must be"),
+        # limit is checked by the settings table before the factory sees it
+        (
+            {"limit": -1},
+            r"^task manager 'mine', key 'manager_options.limit': expected a positive integer, "
+            r"or false for no limit, got -1$",
+        ),
     ],
 )
 def test_bad_option_is_a_config_error(

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen on inherited, already bound socket N (same as --bind fd:N)",
     )
     serve.add_argument(
+        "--unix-mode",
+        metavar="MODE",
+        help="permissions of a unix: socket file, in octal (e.g. 0660)",
+    )
+    serve.add_argument(
         "--max-connections",
         metavar="N",
         help="connections served at once, or 'none' (default 1024)",
@@ -191,6 +196,7 @@ def _serve(ns: argparse.Namespace) -> int:
         "handler": ns.handler,
         "manager": ns.manager,
         "max_connections": ns.max_connections,
+        "unix_mode": ns.unix_mode,
         "on_full": ns.on_full,
         "full_wait": ns.full_wait,
         "idle_timeout": ns.idle_timeout,

@@ -10,10 +10,13 @@ Sources, each overriding the one before (DESIGN section 5):
 3. command-line flags, which ``weft_core._cli`` hands to :func:`load_config` as a dict.
 
 Keys mirror the Server keywords, plus ``handler``, ``graceful_timeout``, ``workers`` and
-``log_level`` for the CLI. Every value is checked here, so that an unknown key, a wrong
-type or a bad value fails with a :class:`~weft_core.ConfigError` before anything binds,
-naming the source, the key, what was expected, the value given and, for a misspelt key,
-the closest valid one. Nothing here imports the handler or touches the network.
+``log_level`` for the CLI. Every value is checked, and every text value parsed, by the
+settings table (``weft_core._settings``) that ``Server(...)`` checks its keywords with,
+so that an unknown key, a wrong type or a bad value fails with a
+:class:`~weft_core.ConfigError` before anything binds, naming the source, the key, what
+was expected, the value given and, for a misspelt key, the closest valid one; the
+message is the one ``Server`` gives for the same value. Nothing here imports the
+handler or touches the network.
 
 TOML has no null, so "no limit" is written ``false``: ``max_connections = false``,
 ``idle_timeout = false`` (environment and flags also take ``none``).
@@ -22,20 +25,25 @@ TOML has no null, so "no limit" is written ``false``: ``max_connections = false`
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import math
 import os
-import re
-import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ._endpoints import parse_endpoint
 from ._errors import ConfigError
+from ._settings import (
+    SETTINGS,
+    TLS_PARTS,
+    Setting,
+    check_manager_options,
+    check_tls_parts,
+    suggest,
+    unknown_tls_key,
+    validate,
+)
 
 __all__ = [
     "CLI_ONLY_KEYS",
@@ -50,246 +58,30 @@ __all__ = [
 #: WEFT_* variables that are not config keys: read elsewhere, never "unknown".
 RESERVED_ENV = frozenset({"WEFT_CONFIG", "WEFT_LOAD_PLUGINS"})
 
+_TABLES = ("tls", "manager_options")
+
+#: Every flat config key, from the settings table. ``tls`` and ``manager_options`` are
+#: tables whose parts are checked apart.
+KEYS: Mapping[str, Setting] = MappingProxyType(
+    {
+        name: setting
+        for name, setting in SETTINGS.items()
+        if setting.config and "." not in name and name not in _TABLES
+    }
+)
+
 #: Keys used by ``weft serve`` itself and never passed to the Server.
-CLI_ONLY_KEYS = frozenset({"handler", "graceful_timeout", "workers", "log_level"})
+CLI_ONLY_KEYS = frozenset(name for name, setting in KEYS.items() if not setting.server)
 
 #: Defaults of the CLI-only keys; Server keywords keep the Server's own defaults.
 DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {"graceful_timeout": 30.0, "workers": 1, "log_level": "INFO"}
+    {k: KEYS[k].default for k in CLI_ONLY_KEYS if KEYS[k].default is not None}
 )
 
-# Integers end up in C ints (socket.listen's backlog, semaphore counts), so bound them
-# there rather than let an OverflowError surface from deep inside the server.
-_MAX_INT = 2**31 - 1
-# Timeouts end up in lock and select waits, which reject anything above
-# threading.TIMEOUT_MAX (about 292 years on Linux); a billion seconds is plenty.
-_MAX_SECONDS = 1e9
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_NONE = frozenset({"none", "false", "off", "no", "unlimited"})
-# Bounded digit counts: int() refuses strings over 4300 digits (CVE-2020-10735), and
-# nothing weft configures needs more than a handful.
-_INT_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
-_NUMBER_TEXT = re.compile(
-    r"[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?"
-)
-_SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
-_MANAGER_NAME = re.compile(r"[a-z][a-z0-9_-]*")
-
-
-class _Invalid(Exception):
-    """A value failed its check; the message (if any) replaces 'expected ..., got ...'."""
-
-
-# -- value checks: a TOML (or already typed) value in, the normalised value out --------
-
-
-def _check_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid
-    return value
-
-
-def _int_in(lo: int, hi: int = _MAX_INT) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _Invalid
-        return value
-
-    return check
-
-
-def _seconds(*, positive: bool, none_ok: bool = False) -> Callable[[Any], float | None]:
-    def check(value: Any) -> float | None:
-        if none_ok and (value is False or value is None):
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _Invalid
-        if value > _MAX_SECONDS or value < 0 or (positive and value == 0):
-            raise _Invalid
-        return float(value)
-
-    return check
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or value.lower() not in choices:
-            raise _Invalid
-        return value.lower()
-
-    return check
-
-
-def _check_text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Invalid
-    return value
-
-
-def _check_log_level(value: Any) -> str:
-    return _choice("debug", "info", "warning", "error", "critical")(value).upper()
-
-
-def _check_handler(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid
-    module, sep, attr = value.partition(":")
-    parts = [*module.split("."), *attr.split(".")]
-    if not sep or not all(p.isidentifier() for p in parts):
-        raise _Invalid
-    return value
-
-
-def _check_port(value: Any) -> int:
-    if isinstance(value, str):
-        if not _SERVICE.fullmatch(value):
-            raise _Invalid
-        try:
-            return socket.getservbyname(value, "tcp")
-        except OSError:
-            raise _Invalid(
-                f"unknown service name {value!r} (not in the services database);"
-                " give a port number"
-            ) from None
-    return _int_in(0, 65535)(value)
-
-
-def _check_bind(value: Any) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
-        raise _Invalid
-    try:
-        return [str(parse_endpoint(item)) for item in items]
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-def _check_manager(value: Any) -> str:
-    if not isinstance(value, str) or not _MANAGER_NAME.fullmatch(value.strip().lower()):
-        raise _Invalid
-    return value.strip().lower()
-
-
-def _check_max_connections(value: Any) -> int | None:
-    if value is False or value is None or (isinstance(value, str) and value.lower() == "none"):
-        return None
-    return _int_in(1)(value)
-
-
-def _check_args(value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise _Invalid
-    return value
-
-
-def _check_networks(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
-        raise _Invalid
-    try:
-        return [str(ipaddress.ip_network(i.strip(), strict=False)) for i in value]
-    except ValueError as exc:
-        raise _Invalid(f"expected a list of networks such as '10.0.0.0/8'; {exc}") from None
-
-
-# -- text parsers: an environment variable or flag string in, a value to check out -----
-
-
-def _text_bool(text: str) -> Any:
-    low = text.strip().lower()
-    return True if low in _TRUE else False if low in _FALSE else text
-
-
-def _text_int(text: str) -> Any:
-    return int(text) if _INT_TEXT.fullmatch(text.strip()) else text
-
-
-def _text_number(text: str) -> Any:
-    low = text.strip().lower()
-    if low in _NONE:
-        return False
-    if _INT_TEXT.fullmatch(low):
-        return int(low)
-    return float(low) if _NUMBER_TEXT.fullmatch(low) else text
-
-
-def _text_max_connections(text: str) -> Any:
-    return False if text.strip().lower() in _NONE else _text_int(text)
-
-
-def _text_list(text: str) -> Any:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _text_port(text: str) -> Any:
-    return _text_int(text) if _INT_TEXT.fullmatch(text.strip()) else text.strip()
-
-
-def _text_same(text: str) -> Any:
-    return text
-
-
-@dataclass(frozen=True)
-class _Key:
-    expected: str
-    check: Callable[[Any], Any]
-    from_text: Callable[[str], Any] = _text_same
-
-
-_SECONDS = "a number of seconds"
-_BOOL = _Key("true or false", _check_bool, _text_bool)
-
-#: Every flat config key with what it expects. ``tls`` and ``manager_options`` are
-#: tables, handled apart (see _TLS_KEYS).
-KEYS: Mapping[str, _Key] = MappingProxyType(
-    {
-        "handler": _Key("a handler as 'module:attribute', e.g. 'examples.echo:handle'",
-                        _check_handler),
-        "args": _Key("a list of handler arguments", _check_args, _text_list),
-        "address": _Key("a host name or IP address", _check_text),
-        "port": _Key("a port number (0-65535) or a service name", _check_port, _text_port),
-        "bind": _Key("an endpoint string or a list of them", _check_bind, _text_list),
-        "manager": _Key("a task manager name such as 'threads'", _check_manager),
-        "max_connections": _Key("a positive integer, or false for no limit",
-                                _check_max_connections, _text_max_connections),
-        "full_wait": _Key(f"{_SECONDS} >= 0", _seconds(positive=False), _text_number),
-        "on_full": _Key("'refuse' or 'backlog'", _choice("refuse", "backlog")),
-        "backlog": _Key("a positive integer", _int_in(1), _text_int),
-        "nodelay": _BOOL,
-        "keepalive": _BOOL,
-        "reuse_port": _BOOL,
-        "stream": _BOOL,
-        "family": _Key("'auto', 'ipv4', 'ipv6' or 'dual'",
-                       _choice("auto", "ipv4", "ipv6", "dual")),
-        "tls_handshake_timeout": _Key(f"{_SECONDS} > 0", _seconds(positive=True),
-                                      _text_number),
-        "idle_timeout": _Key(f"{_SECONDS} > 0, or false for none",
-                             _seconds(positive=True, none_ok=True), _text_number),
-        "proxy_protocol": _BOOL,
-        "trusted_proxies": _Key("a list of networks such as ['127.0.0.0/8', '10.0.0.0/8']",
-                                _check_networks, _text_list),
-        "proxy_header_timeout": _Key(f"{_SECONDS} > 0", _seconds(positive=True),
-                                     _text_number),
-        "graceful_timeout": _Key(f"{_SECONDS} >= 0", _seconds(positive=False), _text_number),
-        "workers": _Key("a positive integer", _int_in(1), _text_int),
-        "log_level": _Key("one of debug, info, warning, error, critical", _check_log_level),
-        "shutdown_port": _Key("a port number (0-65535)", _int_in(0, 65535), _text_int),
-        "shutdown_secret": _Key("a non-empty string", _check_text),
-    }
-)  # fmt: skip
-
-#: The keys of the ``[tls]`` table; the file ones must name existing files.
-_TLS_KEYS: Mapping[str, str] = MappingProxyType(
-    {"certfile": "file", "keyfile": "file", "cafile": "file", "require_client_cert": "bool"}
-)
-_TABLES = ("tls", "manager_options")
 _ALL_KEYS = sorted([*KEYS, *_TABLES])
 _ENV_NAMES = sorted(
     [f"WEFT_{k.upper()}" for k in KEYS]
-    + [f"WEFT_TLS_{k.upper()}" for k in _TLS_KEYS]
+    + [f"WEFT_TLS_{k.upper()}" for k in TLS_PARTS]
     + ["WEFT_MANAGER_OPTIONS_<NAME>"]
 )
 
@@ -329,42 +121,12 @@ def _toml_loads(text: str) -> dict[str, Any]:
 _Settings = dict[str, Any]
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return "valid keys: " + ", ".join(choices)
-
-
 def _check_value(key: str, value: Any, source: str, *, text: bool = False) -> Any:
-    spec = KEYS[key]
-    given = value
-    if text and isinstance(value, str):
-        value = spec.from_text(value)
-    try:
-        return spec.check(value)
-    except _Invalid as exc:
-        message = str(exc) or f"expected {spec.expected}, got {given!r}"
-        raise ConfigError(message, source=source, key=key) from None
+    return validate(key, value, source=source, text=text)
 
 
 def _check_tls(sub: str, value: Any, source: str, base: Path, *, text: bool = False) -> Any:
-    key = f"tls.{sub}"
-    if _TLS_KEYS[sub] == "bool":
-        checked = _text_bool(value) if text and isinstance(value, str) else value
-        if not isinstance(checked, bool):
-            raise ConfigError(f"expected true or false, got {value!r}", source=source, key=key)
-        return checked
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"expected a file path, got {value!r}", source=source, key=key)
-    path = base / os.path.expanduser(value)
-    try:
-        found = path.is_file()
-    except (OSError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(f"no such file: {str(path)!r}", source=source, key=key)
-    return str(path)
+    return validate(f"tls.{sub}", value, source=source, text=text, base=base)
 
 
 def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
@@ -373,48 +135,29 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
     for key, value in table.items():
         if key == "tls":
             if not isinstance(value, Mapping):
+                validate("tls", value, source=source)  # not a table: the table's message
                 raise ConfigError(
                     f"expected a table with certfile and keyfile, got {value!r}",
                     source=source,
                     key=key,
                 )
             for sub, subvalue in value.items():
-                if sub not in _TLS_KEYS:
-                    raise ConfigError(
-                        f"unknown TLS key; {_suggest(sub, sorted(_TLS_KEYS))}",
-                        source=source,
-                        key=f"tls.{sub}",
-                    )
+                if sub not in TLS_PARTS:
+                    raise unknown_tls_key(sub, source)
                 out[f"tls.{sub}"] = _check_tls(sub, subvalue, source, base)
         elif key == "manager_options":
-            if not isinstance(value, Mapping):
-                raise ConfigError(
-                    f"expected a table of manager options, got {value!r}",
-                    source=source,
-                    key=key,
-                )
-            for sub, subvalue in value.items():
-                out[f"manager_options.{_option_name(sub, source)}"] = subvalue
+            for sub, subvalue in check_manager_options(value, source).items():
+                out[f"manager_options.{sub}"] = subvalue
         elif key in KEYS:
             out[key] = _check_value(key, value, source)
         else:
             hint = (
                 "the keys go at the top level of weft.toml; [tool.weft] is for pyproject.toml"
                 if key == "tool"
-                else _suggest(key, _ALL_KEYS)
+                else suggest(key, _ALL_KEYS)
             )
             raise ConfigError(f"unknown key; {hint}", source=source, key=key)
     return out
-
-
-def _option_name(name: str, source: str) -> str:
-    if not name.isidentifier():
-        raise ConfigError(
-            f"a manager option name must be a Python identifier, got {name!r}",
-            source=source,
-            key=f"manager_options.{name}",
-        )
-    return name
 
 
 def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Settings, str]:
@@ -463,12 +206,13 @@ def _from_env(environ: Mapping[str, str], base: Path) -> tuple[_Settings, dict[s
         if key in KEYS:
             out[key] = _check_value(key, value, source, text=True)
             labels[key] = source
-        elif key.startswith("tls_") and key[4:] in _TLS_KEYS:
+        elif key.startswith("tls_") and key[4:] in TLS_PARTS:
             out[f"tls.{key[4:]}"] = _check_tls(key[4:], value, source, base, text=True)
             labels[f"tls.{key[4:]}"] = source
         elif key.startswith("manager_options_") and key[16:]:
-            option = _option_name(key[16:], source)
-            out[f"manager_options.{option}"] = parse_option_value(value)
+            option = key[16:]
+            options = check_manager_options({option: parse_option_value(value)}, source)
+            out[f"manager_options.{option}"] = options[option]
             labels[f"manager_options.{option}"] = source
         elif key in ("tls", "manager_options"):
             parts = "TLS_CERTFILE, WEFT_TLS_KEYFILE" if key == "tls" else "MANAGER_OPTIONS_<NAME>"
@@ -618,26 +362,36 @@ def _merge(
     labels: Mapping[str, str],
 ) -> None:
     """Lay ``new`` (from ``source``; ``labels`` names each key's own origin) over ``merged``."""
-    # bind and address/port are two ways to say where to listen: a source that gives one
-    # replaces what earlier sources said with the other, and one source may not give both.
-    if "bind" in new and ("address" in new or "port" in new):
-        other = "address" if "address" in new else "port"
-        raise ConfigError(
-            f"give either bind or {other}, not both (bind takes 'HOST:PORT' strings)",
-            source=labels.get("bind", source),
-            key="bind",
-        )
-    replaced: tuple[str, ...] = ()
-    if "bind" in new:
-        replaced = ("address", "port")
-    elif "address" in new or "port" in new:
-        replaced = ("bind",)
-    for key in replaced:
-        merged.pop(key, None)
-        origins.pop(key, None)
+    # bind and address/port are two ways to say where to listen, and tls.password and
+    # tls.password_file two ways to give a password: a source that gives one replaces
+    # what earlier sources said with the other, and one source may not give both.
+    for one, others in _ALTERNATIVES:
+        given = [key for key in others if key in new]
+        if one in new and given:
+            raise ConfigError(
+                f"give either {_short(one)} or {_short(given[0])}, not both"
+                + (" (bind takes 'HOST:PORT' strings)" if one == "bind" else ""),
+                source=labels.get(one, source),
+                key=one,
+            )
+        replaced = others if one in new else (one,) if given else ()
+        for key in replaced:
+            merged.pop(key, None)
+            origins.pop(key, None)
     for key, value in new.items():
         merged[key] = value
         origins[key] = labels.get(key, source)
+
+
+#: Pairs of ways to say one thing: (key, the keys it replaces and that replace it).
+_ALTERNATIVES = (
+    ("bind", ("address", "port")),
+    ("tls.password", ("tls.password_file",)),
+)
+
+
+def _short(key: str) -> str:
+    return key.rpartition(".")[2]
 
 
 def _assemble(merged: _Settings, origins: dict[str, str], file: Path | None) -> Config:
@@ -652,16 +406,5 @@ def _assemble(merged: _Settings, origins: dict[str, str], file: Path | None) -> 
         top_origins[table] = origins[key]
     tls = values.get("tls")
     if tls is not None:
-        if "certfile" not in tls:
-            raise ConfigError(
-                "TLS needs certfile (and keyfile, unless the key is in the certfile)",
-                source=origins[next(f"tls.{k}" for k in tls)],
-                key="tls.certfile",
-            )
-        if tls.get("require_client_cert") and "cafile" not in tls:
-            raise ConfigError(
-                "require_client_cert needs cafile, the CA that signs client certificates",
-                source=origins["tls.require_client_cert"],
-                key="tls.cafile",
-            )
+        check_tls_parts(tls, lambda part: origins.get(f"tls.{part}"))
     return Config(MappingProxyType(values), MappingProxyType(top_origins), file)

@@ -10,7 +10,9 @@ Modelled on Twisted's endpoint strings, cut down to what weft listens on::
     unix:/run/app.sock   a Unix socket path (``unix:@name``: Linux abstract namespace)
     fd:3                 an inherited, already listening socket (systemd, ``--fd``)
 
-This module only parses and formats; it opens nothing. ``str(endpoint)`` gives back a
+:class:`Endpoint` is weft's one type for "where to listen": config, the Server and
+``_listeners.open_listeners`` all use it. This module only parses and formats; it
+opens nothing. ``str(endpoint)`` gives back a
 string that parses to an equal endpoint.
 """
 
@@ -22,7 +24,13 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Endpoint", "EndpointKind", "format_endpoint_host_port", "parse_endpoint"]
+__all__ = [
+    "Endpoint",
+    "EndpointKind",
+    "address_endpoint",
+    "format_endpoint_host_port",
+    "parse_endpoint",
+]
 
 EndpointKind = Literal["tcp", "unix", "fd"]
 
@@ -72,6 +80,13 @@ class Endpoint:
         if self.kind != "unix" or self.path is None:
             raise ValueError(f"{self} is not a Unix socket endpoint")
         return "\0" + self.path[1:] if self.path.startswith("@") else self.path
+
+
+def address_endpoint(address: str, port: int) -> Endpoint:
+    """The endpoint of the Server's ``address`` and ``port`` (``unix:PATH`` for a Unix socket)."""
+    if address.startswith("unix:"):
+        return Endpoint("unix", path=address[len("unix:") :])
+    return Endpoint("tcp", host=address, port=port)
 
 
 def format_endpoint_host_port(host: str, port: int | str) -> str:

@@ -42,7 +42,7 @@ from ._tasks import TaskState, current_task
 
 if TYPE_CHECKING:
     from ._registry import Hooks
-    from ._server import _Settings as Settings
+    from ._settings import Settings
 
 R = TypeVar("R", SyncRuntime, AsyncRuntime)
 
@@ -594,8 +594,8 @@ class Engine(Generic[R]):
         thread of its own, ``stop_task(id, 0)`` is called on each task still running,
         for managers that interrupt only there, until ``deadline``.
         """
-        started = []
-        unstarted = []
+        started: list[Conn] = []
+        unstarted: list[Conn] = []
         for conn in conns:
             state = conn.state
             if state is not None:

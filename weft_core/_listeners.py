@@ -13,30 +13,17 @@ import ipaddress
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
+from ._endpoints import Endpoint
 from ._errors import BindError, ConfigError
 
-__all__ = ["Family", "ListenTarget", "Listener", "open_listeners"]
+__all__ = ["Family", "Listener", "open_listeners"]
 
 Family = Literal["auto", "ipv4", "ipv6", "dual"]
 FAMILIES: tuple[Family, ...] = ("auto", "ipv4", "ipv6", "dual")
-
-
-class ListenTarget(Protocol):
-    """Where to listen: what ``weft_core._endpoints.Endpoint`` carries."""
-
-    @property
-    def kind(self) -> str: ...  # "tcp" | "unix" | "fd"
-    @property
-    def host(self) -> str | None: ...
-    @property
-    def port(self) -> int | str | None: ...
-    @property
-    def path(self) -> str | None: ...
-    @property
-    def fd(self) -> int | None: ...
 
 
 @dataclass
@@ -55,7 +42,7 @@ class Listener:
 
 
 def open_listeners(
-    targets: list[ListenTarget],
+    targets: Sequence[Endpoint],
     *,
     family: Family = "auto",
     backlog: int = 1024,
@@ -202,14 +189,21 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
                 )
             os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         sock.bind(path)
-        if mode is not None and not path.startswith("\0"):
+        bound = not path.startswith("\0")
+        if mode is not None and bound:
             os.chmod(path, mode)
         sock.listen(backlog)
-    except OSError as exc:
+    except BaseException as exc:
         sock.close()
-        raise BindError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from exc
+        if bound:  # a failed start leaves no socket file behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(exc, OSError):
+            raise BindError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from exc
+        raise
     return Listener(sock, unix_path=None if path.startswith("\0") else path)
 
 

@@ -436,6 +436,9 @@ def create_manager(name: str, **options: Any) -> TaskManager:
     :class:`~weft_core.PluginError` with the original chained.
     """
     spec = get_manager_spec(name)
+    from ._settings import check_manager_options
+
+    options = check_manager_options(options, source=f"task manager {spec.name!r}")
     given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
     unexpected = _check_options(spec.factory, options)
     if unexpected:

@@ -29,25 +29,23 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._connection import ConnectionInfo
+from ._endpoints import Endpoint, address_endpoint, parse_endpoint
 from ._engine import COUNTERS, LOOP_WAIT, Engine, StopReport
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
 from ._errors import ConfigError, HandlerKindError, ServerError
-from ._listeners import FAMILIES, Family, ListenTarget, open_listeners
+from ._listeners import Family, open_listeners
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
-from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
+from ._proxy import DEFAULT_TRUSTED_PROXIES
+from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
 from ._tasks import current_task
-from ._tls import make_server_context
 
 if TYPE_CHECKING:
-    import ssl
-
     from ._registry import Hooks
 
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
@@ -62,48 +60,6 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_BACKLOG = 1024
 #: Grace given to open connections when the server stops itself on a fatal accept error.
 FATAL_STOP_TIMEOUT = 10.0
-
-OnFull = Literal["refuse", "backlog"]
-ExceptionHandler = Callable[["Server", Any, BaseException], object]
-Callback = Callable[["Server"], object]
-
-
-@dataclass(frozen=True)
-class _Target:
-    kind: str
-    host: str | None = None
-    port: int | str | None = None
-    path: str | None = None
-    fd: int | None = None
-
-
-@dataclass
-class _Settings:
-    handler: Callable[..., Any]
-    args: tuple[Any, ...]
-    address: str
-    port: int | str
-    bind: list[str] | None
-    max_connections: int | None
-    full_wait: float
-    on_full: OnFull
-    backlog: int
-    nodelay: bool
-    keepalive: bool
-    reuse_port: bool
-    family: Family
-    idle_timeout: float | None
-    stream: bool
-    exception_handler: ExceptionHandler | None
-    on_start: Callback | None
-    on_stop: Callback | None
-    unix_mode: int | None
-    tls: ssl.SSLContext | None
-    tls_handshake_timeout: float
-    proxy: ProxyPolicy | None
-    shutdown_port: int | None
-    shutdown_secret: str | None
-    shutdown_handler: ShutdownHandler | None
 
 
 def handler_kind(handler: Callable[..., Any]) -> HandlerKind:
@@ -169,38 +125,37 @@ class Server:
         shutdown_secret: str | None = None,
         shutdown_handler: ShutdownHandler | None = None,
     ) -> None:
-        if not callable(handler):
-            raise ConfigError(f"handler must be callable, not {handler!r}", key="handler")
-        self._cfg = _Settings(
-            handler=handler,
-            args=tuple(args),
-            address=_check_str("address", address),
-            port=_check_port(port),
-            bind=_check_bind(bind),
-            max_connections=_check_limit(max_connections),
-            full_wait=_check_seconds("full_wait", full_wait, allow_none=False) or 0.0,
-            on_full=_check_choice("on_full", on_full, ("refuse", "backlog")),
-            backlog=_check_positive_int("backlog", backlog),
-            nodelay=_check_bool("nodelay", nodelay),
-            keepalive=_check_bool("keepalive", keepalive),
-            reuse_port=_check_bool("reuse_port", reuse_port),
-            family=_check_choice("family", family, FAMILIES),
-            idle_timeout=_check_seconds("idle_timeout", idle_timeout, allow_none=True),
-            stream=_check_bool("stream", stream),
+        self._cfg = Settings.from_keywords(
+            handler,
+            address=address,
+            port=port,
+            args=args,
+            max_connections=max_connections,
+            full_wait=full_wait,
+            on_full=on_full,
+            backlog=backlog,
+            nodelay=nodelay,
+            keepalive=keepalive,
+            reuse_port=reuse_port,
+            family=family,
+            idle_timeout=idle_timeout,
+            stream=stream,
             exception_handler=exception_handler,
             on_start=on_start,
             on_stop=on_stop,
+            bind=bind,
             unix_mode=unix_mode,
-            tls=None if tls is None else make_server_context(tls),
-            tls_handshake_timeout=_check_seconds(
-                "tls_handshake_timeout", tls_handshake_timeout, allow_none=False
-            )
-            or 0.0,
-            proxy=_proxy_policy(proxy_protocol, trusted_proxies, proxy_header_timeout),
-            shutdown_port=_check_shutdown_port(shutdown_port, shutdown_secret, shutdown_handler),
+            tls=tls,
+            tls_handshake_timeout=tls_handshake_timeout,
+            proxy_protocol=proxy_protocol,
+            trusted_proxies=trusted_proxies,
+            proxy_header_timeout=proxy_header_timeout,
+            shutdown_port=shutdown_port,
             shutdown_secret=shutdown_secret,
             shutdown_handler=shutdown_handler,
         )
+        manager = validate("manager", manager)
+        manager_options = validate("manager_options", manager_options)
         self._manager, self._owns_manager, self._manager_name = _resolve_manager(
             manager, manager_options
         )
@@ -293,7 +248,7 @@ class Server:
 
     @address.setter
     def address(self, value: str) -> None:
-        self._cfg.address = _check_str("address", value)
+        self._cfg.address = validate("address", value)
 
     @property
     def port(self) -> int | str:
@@ -304,7 +259,7 @@ class Server:
 
     @port.setter
     def port(self, value: int | str) -> None:
-        self._cfg.port = _check_port(value)
+        self._cfg.port = validate("port", value)
         self._bound_port = None
 
     @property
@@ -357,15 +312,11 @@ class Server:
 
     # -- operations ------------------------------------------------------------------------
 
-    def _targets(self) -> list[ListenTarget]:
+    def _targets(self) -> list[Endpoint]:
         cfg = self._cfg
         if cfg.bind:
-            from ._endpoints import parse_endpoint
-
-            return [parse_endpoint(text) for text in cfg.bind]
-        if cfg.address.startswith("unix:"):
-            return [_Target("unix", path=cfg.address[len("unix:") :])]
-        return [_Target("tcp", host=cfg.address, port=cfg.port)]
+            return [parse_endpoint(text) for text in cfg.bind]  # checked when the Server was made
+        return [address_endpoint(cfg.address, cfg.port)]
 
     def run(self) -> None:
         """Start listening and serving in the background; return once listening.
@@ -620,110 +571,6 @@ def _resolve_manager(
             key="manager",
         )
     return manager, False, type(manager).__name__
-
-
-def _proxy_policy(enabled: Any, trusted: Any, timeout: Any) -> ProxyPolicy | None:
-    _check_bool("proxy_protocol", enabled)
-    seconds = _check_seconds("proxy_header_timeout", timeout, allow_none=False)
-    if not enabled:
-        return None
-    if isinstance(trusted, str) or not all(isinstance(t, str) for t in trusted):
-        raise ConfigError(f"expected a list of networks, got {trusted!r}", key="trusted_proxies")
-    try:
-        return ProxyPolicy.from_settings(trusted, seconds or 0.0)
-    except ValueError as exc:
-        raise ConfigError(str(exc), key="trusted_proxies") from None
-
-
-def _check_str(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {value!r}", key=key)
-    return value
-
-
-def _check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, got {value!r}", key=key)
-    return value
-
-
-def _check_choice(key: str, value: Any, choices: Sequence[str]) -> Any:
-    if value not in choices:
-        raise ConfigError(
-            f"expected one of {', '.join(map(repr, choices))}, got {value!r}", key=key
-        )
-    return value
-
-
-def _check_positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"expected a positive integer, got {value!r}", key=key)
-    return value
-
-
-def _check_limit(value: Any) -> int | None:
-    return None if value is None else _check_positive_int("max_connections", value)
-
-
-def _check_seconds(key: str, value: Any, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        expected = "a number of seconds >= 0" + (" or None" if allow_none else "")
-        raise ConfigError(f"expected {expected}, got {value!r}", key=key)
-    return float(value)
-
-
-def _check_port(value: Any) -> int | str:
-    if isinstance(value, str) and value and not value.isdigit():
-        return value  # a service name, resolved when binding
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        port = -1
-    if isinstance(value, bool) or not 0 <= port <= 65535:
-        raise ConfigError(
-            f"expected a port number 0-65535 or a service name, got {value!r}", key="port"
-        )
-    return port
-
-
-def _check_shutdown_port(port: Any, secret: Any, handler: Any) -> int | None:
-    if port is None:
-        if secret is not None or handler is not None:
-            raise ConfigError(
-                "only applies with shutdown_port; set shutdown_port (0 picks a free port)",
-                key="shutdown_secret" if secret is not None else "shutdown_handler",
-            )
-        return None
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(
-            f"expected a port number 0-65535 (0 picks a free port), got {port!r}",
-            key="shutdown_port",
-        )
-    if secret is not None and (not isinstance(secret, str) or not secret or "\n" in secret):
-        raise ConfigError(
-            "expected a non-empty string without a newline, got "
-            + (type(secret).__name__ if not isinstance(secret, str) else "another string"),
-            key="shutdown_secret",
-        )
-    if handler is not None and not callable(handler):
-        raise ConfigError(
-            f"expected a function f(server, conn) -> bool, got {handler!r}",
-            key="shutdown_handler",
-        )
-    return port
-
-
-def _check_bind(value: str | Iterable[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else list(value)
-    if not items or not all(isinstance(v, str) for v in items):
-        raise ConfigError(
-            f"expected an endpoint string or a list of them, got {value!r}", key="bind"
-        )
-    return items
 
 
 _ = ConnectionInfo  # re-exported type used in signatures of hooks

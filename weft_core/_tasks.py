@@ -331,7 +331,9 @@ class TaskTable(Generic[T]):
     """
 
     def __init__(self, limit: int | None, owner: str) -> None:
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
             raise ValueError(f"{owner}: limit must be a positive integer or None, not {limit!r}")
         self.limit = limit
         self._owner = owner

@@ -51,9 +51,9 @@ from typing import Any
 from ._cli import EXIT_RUNTIME, EXIT_USAGE
 from ._config import Config, parse_option_value
 from ._connection import format_address
-from ._endpoints import Endpoint, parse_endpoint
+from ._endpoints import Endpoint, address_endpoint, parse_endpoint
 from ._errors import ConfigError
-from ._listeners import ListenTarget, close_listener, open_listeners
+from ._listeners import close_listener, open_listeners
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._wakeup import Wakeup
 
@@ -123,6 +123,7 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
         family=config.get("family", "auto"),
         backlog=config.get("backlog", DEFAULT_BACKLOG),
         reuse_port=config.get("reuse_port", False),
+        unix_mode=config.get("unix_mode"),
     )
 
     def close_listeners() -> None:
@@ -151,15 +152,13 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
         close_listeners()
 
 
-def _targets(config: Config) -> list[ListenTarget]:
+def _targets(config: Config) -> list[Endpoint]:
     """Where to listen, as Server does: ``bind``, else ``address`` and ``port``."""
     bind: list[str] | None = config.values.get("bind")
     if bind:
         return [parse_endpoint(text) for text in bind]
     address: str = config.values.get("address", "127.0.0.1")  # Server's defaults
-    if address.startswith("unix:"):
-        return [Endpoint("unix", path=address[len("unix:") :])]
-    return [Endpoint("tcp", host=address, port=config.values.get("port", 0))]
+    return [address_endpoint(address, config.values.get("port", 0))]
 
 
 def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:

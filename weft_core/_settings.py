@@ -1,0 +1,726 @@
+"""The one table of settings: every Server keyword and config key, declared once.
+
+Each :class:`Setting` names a key, its kind (the type, the bounds and the text
+parser), its default and a one-line doc. ``Server(...)``, ``weft.toml``,
+``[tool.weft]``, ``WEFT_*`` variables and ``weft serve`` flags all check their values
+with :func:`validate`, so the same mistake gets the same message wherever it is made
+(only the :class:`~weft_core.ConfigError`'s ``source`` differs), and a bad value is
+refused when the Server is made, never in ``run()`` or later on a connection.
+
+Python-only keywords (callbacks, a manager instance, an ``ssl.SSLContext``) are in
+the table too, with no text parser. :class:`Settings` is what one Server resolved:
+typed, checked, ready for the engine.
+
+What does not live here: where config comes from and in what order
+(``_config``), how a TLS context is built (``_tls``), how endpoints are parsed
+(``_endpoints``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from ._endpoints import parse_endpoint
+from ._errors import ConfigError
+from ._listeners import FAMILIES, Family
+from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
+
+if TYPE_CHECKING:
+    import ssl
+
+    from ._server import Server
+    from ._shutdown_port import ShutdownHandler
+
+__all__ = [
+    "SETTINGS",
+    "TLS_PARTS",
+    "Kind",
+    "Setting",
+    "Settings",
+    "check_manager_options",
+    "check_tls_parts",
+    "tls_table",
+    "unknown_tls_key",
+    "validate",
+]
+
+OnFull = Literal["refuse", "backlog"]
+ExceptionHandler = Callable[["Server", Any, BaseException], object]
+Callback = Callable[["Server"], object]
+
+# Integers end up in C ints (socket.listen's backlog, semaphore counts), so bound them
+# there rather than let an OverflowError surface from deep inside the server.
+_MAX_INT = 2**31 - 1
+# Timeouts end up in lock and select waits, which reject anything above
+# threading.TIMEOUT_MAX (about 292 years on Linux); a billion seconds is plenty.
+_MAX_SECONDS = 1e9
+# The longest value an error message quotes; a 10 MB string must not become a 10 MB line.
+_SHOW_MAX = 120
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_NONE = frozenset({"none", "false", "off", "no", "unlimited"})
+# Bounded digit counts: int() refuses strings over 4300 digits (CVE-2020-10735), and
+# nothing weft configures needs more than a handful.
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
+_NUMBER_TEXT = re.compile(
+    r"[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?"
+)
+_OCTAL_TEXT = re.compile(r"(0[oO]?)?([0-7]{1,4})")
+# Service names in /etc/services: a letter, then letters, digits, '-' (RFC 6335 5.1).
+_SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+_MANAGER_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+class Invalid(Exception):
+    """A value failed its check; a message, if any, replaces 'expected ..., got ...'."""
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` for an error message, cut short, and safe for any object."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr (sys.set_int_max_str_digits)
+        text = f"an integer of {value.bit_length()} bits"
+    except Exception:
+        text = f"a {type(value).__name__} object"
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+
+
+# -- kinds: the type, the bounds and the text parser of a setting ----------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What values a setting takes.
+
+    ``check`` takes a Python value (from a keyword, TOML, or ``parse``) and returns it
+    normalised, or raises :class:`Invalid`. ``parse`` turns text (an environment
+    variable, a flag) into a value for ``check``, leaving text it cannot read as it
+    is so that ``check`` reports it; None means the setting is not settable from text.
+    """
+
+    type: str
+    expected: str
+    check: Callable[[Any], Any]
+    parse: Callable[[str], Any] | None = None
+    #: A path, taken relative to the config file that names it.
+    path: bool = False
+    #: Never quote a string value in an error (passwords, secrets).
+    secret: bool = False
+
+
+def _as_text(text: str) -> Any:
+    return text
+
+
+def _is_none(value: Any, none: str | None) -> bool:
+    return none is not None and (value is None or value is False)
+
+
+def _or_none(expected: str, none: str | None) -> str:
+    return expected if none is None else f"{expected}, or false for {none}"
+
+
+def boolean() -> Kind:
+    """True or False (text: 1/0, true/false, yes/no, on/off)."""
+
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise Invalid
+        return value
+
+    def parse(text: str) -> Any:
+        low = text.strip().lower()
+        return True if low in _TRUE else False if low in _FALSE else text
+
+    return Kind("bool", "true or false", check, parse)
+
+
+def integer(lo: int, hi: int = _MAX_INT, *, none: str | None = None, expected: str = "") -> Kind:
+    """An int in ``lo..hi`` (never a bool); with ``none``, also None/false meaning that."""
+    if not expected:
+        expected = "a positive integer" if lo == 1 and hi == _MAX_INT else f"an integer {lo}-{hi}"
+
+    def check(value: Any) -> int | None:
+        if _is_none(value, none):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise Invalid
+        return value
+
+    def parse(text: str) -> Any:
+        low = text.strip().lower()
+        if none is not None and low in _NONE:
+            return False
+        return int(low) if _INT_TEXT.fullmatch(low) else text
+
+    return Kind("int" if none is None else "int | None", _or_none(expected, none), check, parse)
+
+
+def seconds(*, positive: bool, none: str | None = None) -> Kind:
+    """A finite number of seconds, > 0 or >= 0; with ``none``, also None/false."""
+    expected = _or_none("a number of seconds " + ("> 0" if positive else ">= 0"), none)
+
+    def check(value: Any) -> float | None:
+        if _is_none(value, none):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Invalid
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Invalid
+        if value > _MAX_SECONDS or value < 0 or (positive and value == 0):
+            raise Invalid
+        return float(value)
+
+    def parse(text: str) -> Any:
+        low = text.strip().lower()
+        if none is not None and low in _NONE:
+            return False
+        if _INT_TEXT.fullmatch(low):
+            return int(low)
+        return float(low) if _NUMBER_TEXT.fullmatch(low) else text
+
+    return Kind("float" if none is None else "float | None", expected, check, parse)
+
+
+def choice(*choices: str, upper: bool = False, expected: str = "") -> Kind:
+    """One of ``choices``, in any case (normalised to lower case, or upper)."""
+    quoted = [repr(c) for c in choices]
+    expected = expected or f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise Invalid
+        return value.upper() if upper else value.lower()
+
+    return Kind("str", expected, check, _as_text)
+
+
+def string(expected: str = "a non-empty string", *, secret: bool = False) -> Kind:
+    """A string with something in it, on one line; None for none."""
+
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise Invalid
+        if "\n" in value or "\r" in value:
+            raise Invalid(f"expected {expected} on one line; remove the line break")
+        return value
+
+    return Kind("str | None", expected, check, _as_text, secret=secret)
+
+
+def callback(signature: str, *, none: bool = True) -> Kind:
+    """A Python callable (never from text)."""
+
+    def check(value: Any) -> Any:
+        if (none and value is None) or callable(value):
+            return value
+        raise Invalid
+
+    return Kind(f"Callable{' | None' if none else ''}", f"a function {signature}", check)
+
+
+def _check_handler(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid
+    module, sep, attr = value.partition(":")
+    parts = [*module.split("."), *attr.split(".")]
+    if not sep or not all(p.isidentifier() for p in parts):
+        raise Invalid
+    return value
+
+
+def _check_port(value: Any) -> int:
+    if isinstance(value, str):
+        if value.isascii() and value.isdigit():
+            value = int(value) if len(value) <= 5 else 65536
+        elif not _SERVICE.fullmatch(value):
+            raise Invalid
+        else:
+            try:
+                return socket.getservbyname(value, "tcp")
+            except OSError:
+                raise Invalid(
+                    f"unknown service name {value!r} (not in the services database);"
+                    " give a port number"
+                ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise Invalid
+    return value
+
+
+def _check_address(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid
+    return value
+
+
+def _check_args(value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise Invalid
+    return tuple(value)
+
+
+def _text_list(text: str) -> Any:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _check_bind(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise Invalid
+    if not all(isinstance(i, str) for i in items):
+        raise Invalid
+    try:
+        return [str(parse_endpoint(item)) for item in items]
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def _check_manager(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if _MANAGER_NAME.fullmatch(name):
+            return name
+        raise Invalid
+    if hasattr(value, "add_task"):  # an instance; the Server checks the rest of its protocol
+        return value
+    raise Invalid
+
+
+def _check_networks(value: Any) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(i, str) for i in value):
+        raise Invalid
+    try:
+        return [str(ipaddress.ip_network(i.strip(), strict=False)) for i in value]
+    except ValueError as exc:
+        raise Invalid(f"expected a list of networks such as '10.0.0.0/8'; {exc}") from None
+
+
+_UNIX_MODE = (
+    "a file mode as an integer from 0 to 0o777, such as 0o660 (in WEFT_UNIX_MODE"
+    " or --unix-mode: octal text such as 0660)"
+)
+
+
+def _check_unix_mode(value: Any) -> int | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 7777:
+            digits = str(value)
+            if set(digits) <= set("01234567") and int(digits, 8) <= 0o777:
+                raise Invalid(
+                    f"expected {_UNIX_MODE}, got {value} (which is {oct(value)});"
+                    f" did you mean 0o{digits}?"
+                )
+        raise Invalid
+    return value
+
+
+def _text_unix_mode(text: str) -> Any:
+    low = text.strip().lower()
+    if low in _NONE:
+        return False
+    match = _OCTAL_TEXT.fullmatch(low)
+    return int(match.group(2), 8) if match else text
+
+
+def _check_file(value: Any) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise Invalid
+    path = os.path.expanduser(value)
+    try:
+        found = os.path.isfile(path)
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise Invalid(f"no such file: {path!r}")
+    return path
+
+
+def _check_table(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise Invalid
+    return dict(value)
+
+
+def _check_tls(value: Any) -> Any:
+    if value is None or value is False:
+        return None
+    if isinstance(value, Mapping):
+        return value  # its parts are checked by tls_table, naming each part's key
+    ssl = sys.modules.get("ssl")  # an SSLContext exists only once ssl was imported
+    if ssl is not None and isinstance(value, ssl.SSLContext):
+        return value
+    raise Invalid
+
+
+_SECONDS_NONE = "none"
+_FILE = Kind("str", "a file path", _check_file, _as_text, path=True)
+
+# -- the table ---------------------------------------------------------------------------
+
+#: Where a setting can be given.
+Scope = Literal["both", "server", "config"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, kind (type, bounds, text parser), default and doc.
+
+    ``scope`` says where it can be given: ``"both"`` (a Server keyword and a config
+    key), ``"server"`` (a Server keyword only, such as a callback) or ``"config"``
+    (read by ``weft serve`` only, or a part of a config table such as ``tls.certfile``).
+    """
+
+    name: str
+    kind: Kind
+    default: Any
+    doc: str
+    scope: Scope = "both"
+
+    @property
+    def server(self) -> bool:
+        """True if ``Server`` takes it as a keyword argument."""
+        return self.scope in ("both", "server")
+
+    @property
+    def config(self) -> bool:
+        """True if config files can set it."""
+        return self.scope in ("both", "config")
+
+    @property
+    def from_text(self) -> bool:
+        """True if ``WEFT_*`` variables and flags can set it (it has a text parser)."""
+        return self.kind.parse is not None
+
+    @property
+    def type(self) -> str:
+        """The Python type of the checked value, for docs."""
+        return self.kind.type
+
+    @property
+    def expected(self) -> str:
+        """What a valid value is, as error messages say it."""
+        return self.kind.expected
+
+
+_ROWS = [
+    # Where to listen.
+    Setting("address", Kind("str", "a host name or IP address", _check_address, _as_text),
+            "127.0.0.1", "host name or IP to listen on; 'unix:/path' for a Unix socket"),
+    Setting("port", Kind("int", "a port number (0-65535) or a service name", _check_port,
+                         str.strip),
+            0, "port number or service name (resolved when the Server is made); 0 = any free"),
+    Setting("bind", Kind("list[str] | None", "an endpoint string or a list of them",
+                         _check_bind, _text_list),
+            None, "endpoint strings to listen on, instead of address and port"),
+    Setting("unix_mode", Kind("int | None", _UNIX_MODE, _check_unix_mode, _text_unix_mode),
+            None, "permissions of a Unix socket file (text is octal: 0660, 660 or 0o660)"),
+    Setting("family", choice(*FAMILIES), "auto",
+            "'auto', 'ipv4', 'ipv6' (v6 only) or 'dual' (a v6 socket accepting v4)"),
+    Setting("backlog", integer(1), 1024, "listen queue length (the kernel caps it)"),
+    Setting("nodelay", boolean(), True, "TCP_NODELAY on each connection"),
+    Setting("keepalive", boolean(), False, "SO_KEEPALIVE on each connection"),
+    Setting("reuse_port", boolean(), False, "SO_REUSEPORT on the listening socket"),
+    # Handler and manager.
+    Setting("handler", Kind("str", "a handler as 'module:attribute', e.g."
+                            " 'examples.echo:handle'", _check_handler, _as_text),
+            None, "the handler weft serve imports (Server takes the function itself)",
+            "config"),
+    Setting("args", Kind("tuple", "a list of handler arguments", _check_args, _text_list),
+            (), "extra positional arguments for the handler"),
+    Setting("manager", Kind("str | TaskManager | None", "a task manager name such as"
+                            " 'threads'", _check_manager, _as_text),
+            None, "a manager name, or (from Python) a TaskManager instance; default threads"),
+    Setting("manager_options", Kind("dict | None", "a table of manager options",
+                                    _check_table),
+            None, "keyword options for a manager given by name"),
+    Setting("manager_options.limit", integer(1, none="no limit"), None,
+            "the manager's own task limit", "config"),
+    Setting("stream", boolean(), False, "hand the handler conn.makefile('rwb')"),
+    # Limits and timeouts.
+    Setting("max_connections", integer(1, none="no limit"), 1024,
+            "connections served at once"),
+    Setting("full_wait", seconds(positive=False), 0.0,
+            "seconds to wait for a free slot before refusing"),
+    Setting("on_full", choice("refuse", "backlog"), "refuse",
+            "at the limit: refuse new clients, or leave them in the backlog"),
+    Setting("idle_timeout", seconds(positive=True, none=_SECONDS_NONE), None,
+            "close a connection that received nothing for this long"),
+    # TLS.
+    Setting("tls", Kind("SSLContext | dict | None", "an ssl.SSLContext or a table with"
+                        " certfile and keyfile", _check_tls),
+            None, "TLS: an ssl.SSLContext (Python only) or the [tls] table"),
+    Setting("tls.certfile", _FILE, None, "certificate chain (PEM)", "config"),
+    Setting("tls.keyfile", _FILE, None, "private key (PEM), unless in certfile", "config"),
+    Setting("tls.cafile", _FILE, None, "CA that signs client certificates", "config"),
+    Setting("tls.require_client_cert", boolean(), False,
+            "refuse clients without a certificate (needs cafile)", "config"),
+    Setting("tls.password", string(secret=True), None, "the private key's password", "config"),
+    Setting("tls.password_file", _FILE, None,
+            "a file whose first line is the private key's password", "config"),
+    Setting("tls_handshake_timeout", seconds(positive=True), 10.0,
+            "seconds a client gets to finish the TLS handshake"),
+    # PROXY protocol.
+    Setting("proxy_protocol", boolean(), False, "expect a PROXY header (v1 or v2)"),
+    Setting("trusted_proxies", Kind("list[str]", "a list of networks such as"
+                                    " ['127.0.0.0/8', '10.0.0.0/8']", _check_networks,
+                                    _text_list),
+            DEFAULT_TRUSTED_PROXIES, "networks a PROXY header is accepted from"),
+    Setting("proxy_header_timeout", seconds(positive=True), 5.0,
+            "seconds a proxy gets to send its header"),
+    # Shutdown port (Sagittarius).
+    Setting("shutdown_port", integer(0, 65535, none="none", expected="a port number"
+                                     " (0-65535; 0 picks a free port)"),
+            None, "a loopback port whose connection stops the server"),
+    Setting("shutdown_secret", string(secret=True), None,
+            "what a client must send on the shutdown port"),
+    # Python only.
+    Setting("exception_handler", callback("f(server, conn, exc)"), None,
+            "called with errors the handler raises; default: log them", "server"),
+    Setting("on_start", callback("f(server)"), None, "called once listening", "server"),
+    Setting("on_stop", callback("f(server)"), None, "called once stopped", "server"),
+    Setting("shutdown_handler", callback("f(server, conn) -> bool"), None,
+            "decides whether a shutdown-port connection stops the server", "server"),
+    # weft serve only.
+    Setting("graceful_timeout", seconds(positive=False), 30.0,
+            "on SIGTERM/SIGINT, seconds connections get to finish", "config"),
+    Setting("workers", integer(1), 1, "worker processes", "config"),
+    Setting("log_level", choice("debug", "info", "warning", "error", "critical", upper=True,
+                              expected="one of debug, info, warning, error, critical"),
+            "INFO", "logging level", "config"),
+]  # fmt: skip
+
+#: Every setting by name; parts of a table are named ``table.part``.
+SETTINGS: Mapping[str, Setting] = MappingProxyType({s.name: s for s in _ROWS})
+#: The parts of the ``[tls]`` table, and of ``Server(tls={...})``.
+TLS_PARTS = tuple(name[4:] for name in SETTINGS if name.startswith("tls."))
+
+
+def validate(
+    name: str,
+    value: Any,
+    *,
+    source: str | None = None,
+    text: bool = False,
+    base: Path | None = None,
+) -> Any:
+    """``value`` for setting ``name``, checked and normalised; ConfigError if it is wrong.
+
+    ``text``: a string is first read by the setting's text parser (environment, flags).
+    ``base``: where a relative path is taken from (the config file's directory).
+    The message is the same whatever ``source`` says, for the same value.
+    """
+    kind = SETTINGS[name].kind
+    if text and isinstance(value, str) and kind.parse is not None:
+        value = kind.parse(value)
+    if kind.path and base is not None and isinstance(value, str) and value and "\0" not in value:
+        value = str(base / os.path.expanduser(value))
+    try:
+        return kind.check(value)
+    except Invalid as exc:
+        if str(exc):
+            message = str(exc)
+        elif kind.secret and isinstance(value, str | bytes):
+            message = f"expected {kind.expected}, got an empty or unusable {type(value).__name__}"
+        else:
+            message = f"expected {kind.expected}, got {show(value)}"
+        raise ConfigError(message, source=source, key=name) from None
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """'did you mean X?' for the closest of ``choices``, else the list of them."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "valid keys: " + ", ".join(choices)
+
+
+def unknown_tls_key(part: str, source: str | None = None) -> ConfigError:
+    """The error for a ``[tls]`` (or ``tls={...}``) key that does not exist."""
+    return ConfigError(
+        f"unknown TLS key; {suggest(str(part), sorted(TLS_PARTS))}",
+        source=source,
+        key=f"tls.{part}",
+    )
+
+
+def check_tls_parts(parts: Mapping[str, Any], source: Callable[[str], str | None]) -> None:
+    """The rules between ``[tls]`` parts; ``source(part)`` names where a part was set."""
+    if "certfile" not in parts:
+        raise ConfigError(
+            "TLS needs certfile (and keyfile, unless the key is in the certfile)",
+            source=source(next(iter(parts), "certfile")),
+            key="tls.certfile",
+        )
+    if parts.get("require_client_cert") and "cafile" not in parts:
+        raise ConfigError(
+            "require_client_cert needs cafile, the CA that signs client certificates",
+            source=source("require_client_cert"),
+            key="tls.cafile",
+        )
+    if "password" in parts and "password_file" in parts:
+        raise ConfigError(
+            "give either password or password_file, not both",
+            source=source("password"),
+            key="tls.password",
+        )
+
+
+def tls_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """``Server(tls={...})``'s table checked part by part, with password_file read.
+
+    Returns the table ``make_server_context`` takes: certfile, keyfile, cafile,
+    require_client_cert and password.
+    """
+    parts: dict[str, Any] = {}
+    for part, value in table.items():
+        if part not in TLS_PARTS:
+            raise unknown_tls_key(part)
+        parts[part] = validate(f"tls.{part}", value)
+    check_tls_parts(parts, lambda part: None)
+    password_file = parts.pop("password_file", None)
+    if password_file is not None:
+        parts["password"] = read_password(password_file)
+    return parts
+
+
+def read_password(path: str) -> str:
+    """The first line of ``path``: a private key's password kept out of config files."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            line = file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the password: {exc}", key="tls.password_file") from None
+    if not line:
+        raise ConfigError(
+            f"the first line of {path!r} is empty; it should hold the key's password",
+            key="tls.password_file",
+        )
+    return line
+
+
+def check_manager_options(options: Any, source: str | None = None) -> dict[str, Any]:
+    """A manager's options: a table of identifiers, with the table's own options checked."""
+    checked = validate("manager_options", options, source=source) or {}
+    for name, value in checked.items():
+        key = f"manager_options.{name}"
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(
+                f"a manager option name must be a Python identifier, got {show(name)}",
+                source=source,
+                key=key,
+            )
+        if key in SETTINGS:
+            checked[name] = validate(key, value, source=source)
+    return checked
+
+
+# -- what one Server resolved -------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """The checked, typed settings one Server runs with (see the table for each)."""
+
+    handler: Callable[..., Any]
+    args: tuple[Any, ...]
+    address: str
+    port: int
+    bind: list[str] | None
+    max_connections: int | None
+    full_wait: float
+    on_full: OnFull
+    backlog: int
+    nodelay: bool
+    keepalive: bool
+    reuse_port: bool
+    family: Family
+    idle_timeout: float | None
+    stream: bool
+    exception_handler: ExceptionHandler | None
+    on_start: Callback | None
+    on_stop: Callback | None
+    unix_mode: int | None
+    tls: ssl.SSLContext | None
+    tls_handshake_timeout: float
+    proxy: ProxyPolicy | None
+    shutdown_port: int | None
+    shutdown_secret: str | None
+    shutdown_handler: ShutdownHandler | None
+
+    @classmethod
+    def from_keywords(cls, handler: Any, **keywords: Any) -> Settings:
+        """Check ``Server(handler, **keywords)``'s settings; ConfigError for the first bad one.
+
+        Keywords left out take the table's defaults. ``manager`` and
+        ``manager_options`` are not part of it: the Server resolves the manager.
+        """
+        if not callable(handler):
+            hint = (
+                "; a 'module:attribute' string is for weft serve and weft.toml"
+                if isinstance(handler, str)
+                else ""
+            )
+            raise ConfigError(
+                f"expected a function handler(conn, *args), got {show(handler)}{hint}",
+                key="handler",
+            )
+        values = {
+            name: validate(name, keywords.pop(name, SETTINGS[name].default))
+            for name in _SERVER_KEYS
+        }
+        if keywords:
+            raise TypeError(f"unexpected settings: {', '.join(sorted(keywords))}")
+        if values["shutdown_port"] is None:
+            for key in ("shutdown_secret", "shutdown_handler"):
+                if values[key] is not None:
+                    raise ConfigError(
+                        "only applies with shutdown_port; set shutdown_port (0 picks a free port)",
+                        key=key,
+                    )
+        tls = values.pop("tls")
+        if isinstance(tls, Mapping):
+            from ._tls import make_server_context
+
+            tls = make_server_context(tls)
+        enabled = values.pop("proxy_protocol")
+        trusted = values.pop("trusted_proxies")
+        header_timeout = values.pop("proxy_header_timeout")
+        proxy = ProxyPolicy.from_settings(trusted, header_timeout) if enabled else None
+        return cls(
+            handler=handler,
+            tls=tls,
+            proxy=proxy,
+            on_full=cast(OnFull, values.pop("on_full")),
+            family=cast(Family, values.pop("family")),
+            **values,
+        )
+
+
+#: What ``Settings.from_keywords`` takes: every Server keyword but the manager's.
+_SERVER_KEYS = tuple(
+    s.name for s in _ROWS if s.server and s.name not in ("manager", "manager_options")
+)
