@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import SyncSlots
+from ._protocol import SyncRuntime, SyncSlots
 from ._spec import HandlerKind
 
 if TYPE_CHECKING:
@@ -94,8 +94,12 @@ class WakeableListener(socket.socket):
         self._wake_r = self._wake_w = -1
 
 
-class BlockingRuntime:
-    """Stdlib sockets in blocking mode; slots are a ``threading.Semaphore``."""
+class BlockingRuntime(SyncRuntime):
+    """Stdlib sockets in blocking mode; slots are a ``threading.Semaphore``.
+
+    Its ``run_in_loop`` is the protocol's default (the calling thread): threads have
+    no loop thread to hand a stop's batch to.
+    """
 
     kind: HandlerKind = "sync"
     conn_is_stream = False

@@ -70,7 +70,7 @@ def has_ipv6_loopback() -> bool:
 
 
 def native_task_name() -> str:
-    """The name the running task has in its runtime: trio task, gevent greenlet, or thread."""
+    """The running task's name when the ManagerSpec says nothing: trio task, greenlet, or thread."""
     trio: Any = sys.modules.get("trio")
     if trio is not None:
         try:
@@ -106,12 +106,17 @@ class AddressTests(ManagerTestBase):
 
     #: The manager names each connection's thread, greenlet or task ``weft conn
     #: HOST:PORT`` (the connection thunk's ``__name__``), so that debuggers, ``py-spy``
-    #: and trio's task tree show which client a task serves.
-    names_tasks: ClassVar[bool] = True
+    #: and trio's task tree show which client a task serves. None: as the
+    #: ManagerSpec's ``conformance.names_tasks`` says.
+    names_tasks: ClassVar[bool | None] = None
 
     def current_task_name(self) -> str:
-        """The runtime's name for the running task; override for a runtime of your own."""
-        return native_task_name()
+        """The runtime's name for the running task: the spec's ``conformance.task_name``.
+
+        A subclass may override it; without either, trio's, gevent's or the thread's.
+        """
+        read = self.spec().conformance.task_name
+        return read() if read is not None else native_task_name()
 
     @pytest.fixture
     def sock_dir(self) -> Iterator[str]:
@@ -301,8 +306,11 @@ class AddressTests(ManagerTestBase):
 
     def test_tasks_are_named_after_the_peer(self, make_server: MakeServer) -> None:
         """Each connection's thread, greenlet or task is named ``weft conn HOST:PORT``."""
-        if not self.names_tasks:
-            pytest.skip(f"{type(self).__name__} declares names_tasks = False")
+        names_tasks = self.names_tasks
+        if names_tasks is None:
+            names_tasks = self.spec().conformance.names_tasks
+        if not names_tasks:
+            pytest.skip(f"{self._name()} declares names_tasks=False: its runtime has no task names")
         names: list[str] = []
 
         def record() -> Body:
