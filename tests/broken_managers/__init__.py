@@ -15,8 +15,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
-from weft_core import ManagerSpec, TaskState, TaskTable, hookimpl, run_task
-from weft_core._blocking import BLOCKING_RUNTIME
+from weft_core import BLOCKING_RUNTIME, ManagerSpec, TaskState, TaskTable, hookimpl, run_task
 
 
 class SoundManager:
