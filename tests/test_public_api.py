@@ -109,7 +109,11 @@ def test_runtime_protocols_declare_every_member_with_a_docstring() -> None:
     sync = set(protocol_members(weft_core.SyncRuntime))
     assert {"run_in_loop", "adopt_listener", "wake_listener", "close", "slots", "sleep"} <= sync
     assert {"wrap_connection", "wrap_tls", "kind", "conn_is_stream"} <= sync
-    assert set(protocol_members(weft_core.AsyncRuntime)) == sync | {"aclose", "within", "tls_errors"}
+    assert set(protocol_members(weft_core.AsyncRuntime)) == sync | {
+        "aclose",
+        "within",
+        "tls_errors",
+    }
     for protocol in (weft_core.SyncRuntime, weft_core.AsyncRuntime, weft_core.TaskManager):
         for name in protocol_members(protocol):
             member = getattr(protocol, name, None)

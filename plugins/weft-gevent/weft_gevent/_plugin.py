@@ -10,10 +10,10 @@ from ._manager import GeventManager
 
 
 def _task_name() -> str:
-    """The running task's name: its greenlet's."""
+    """The running task's name: its greenlet's (a task greenlet has ``name``, as gevent's own)."""
     import gevent
 
-    return str(gevent.getcurrent().name)
+    return str(getattr(gevent.getcurrent(), "name", ""))
 
 
 @hookimpl

@@ -60,6 +60,10 @@ class AioManager:
         """The most tasks held at once (None: no limit)."""
         return self._table.limit
 
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        self._table.limit = value
+
     # -- the loop thread ---------------------------------------------------------------
 
     def _start_loop(self) -> asyncio.AbstractEventLoop:
