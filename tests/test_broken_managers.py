@@ -42,6 +42,13 @@ CASES = {
     "leaks-fd": ("test_stop_with_idle_clients_is_prompt", ["fd count back to"]),
 }
 
+#: broken manager -> what pytest's rewritten assert adds to the rule: the values compared
+#: (so the suite's asserts are rewritten when it is installed, not bare AssertionErrors).
+EXPLAINED = {
+    "ignores-stop": "assert [] == ['shutdown']",
+    "drops-context": "assert ['unset'] == ['from-the-caller']",
+}
+
 CONFTEST = """
 import pytest
 
@@ -105,3 +112,14 @@ def test_suite_fails_a_broken_manager_naming_the_rule(run_suite: RunSuite, name:
     assert f"FAILED test_suite.py::TestManager::{test}" in output
     for phrase in words:
         assert phrase in output, f"the failure of {test} must say {phrase!r}:\n{output}"
+    if name in EXPLAINED:
+        assert EXPLAINED[name] in output, f"the failure must show the values compared:\n{output}"
+
+
+@pytest.mark.timeout(120)
+def test_a_runtime_missing_a_member_fails_when_the_manager_is_made(run_suite: RunSuite) -> None:
+    """Not deep in the accept loop: the fixture making the manager errors, naming the member."""
+    result = run_suite("partial-runtime", ["test_add_task_runs_the_thunk"])
+    result.assert_outcomes(errors=1)
+    output = result.stdout.str()
+    assert "its runtime lacks run_in_loop (see weft_core.SyncRuntime)" in output, output

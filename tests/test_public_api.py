@@ -27,6 +27,11 @@ MANAGER_AUTHOR_NAMES = {
     "Runtime",
     "SyncRuntime",
     "AsyncRuntime",
+    "SyncSlots",
+    "AsyncSlots",
+    "HandlerKind",
+    "Conformance",
+    "check_runtime",
     "BLOCKING_RUNTIME",
     "BlockingRuntime",
     "TaskState",
@@ -70,10 +75,11 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_import_is_light() -> None:
-    """import weft_core pulls in no runtime, no ssl, no concurrent.futures, loads no plugin."""
+    """import weft_core pulls in no runtime, no ssl, no concurrent.futures, no pytest, no plugin."""
     result = _python(
         "import sys, weft_core\n"
-        "heavy = [m for m in ('gevent', 'trio', 'ssl', 'concurrent.futures', 'weft_threads')"
+        "heavy = [m for m in ('gevent', 'trio', 'ssl', 'concurrent.futures', 'weft_threads',"
+        " 'pytest', 'weft_core.testing')"
         " if m in sys.modules]\n"
         "print(heavy)"
     )
@@ -94,3 +100,22 @@ def test_gevent_monkey_patch_after_import_is_silent() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert "MonkeyPatchWarning" not in result.stderr
+
+
+def test_runtime_protocols_declare_every_member_with_a_docstring() -> None:
+    """Each member a runtime must provide is declared on its protocol, methods documented."""
+    from weft_core._protocol import protocol_members
+
+    sync = set(protocol_members(weft_core.SyncRuntime))
+    assert {"run_in_loop", "adopt_listener", "wake_listener", "close", "slots", "sleep"} <= sync
+    assert {"wrap_connection", "wrap_tls", "kind", "conn_is_stream"} <= sync
+    assert set(protocol_members(weft_core.AsyncRuntime)) == sync | {
+        "aclose",
+        "within",
+        "tls_errors",
+    }
+    for protocol in (weft_core.SyncRuntime, weft_core.AsyncRuntime, weft_core.TaskManager):
+        for name in protocol_members(protocol):
+            member = getattr(protocol, name, None)
+            if callable(member):
+                assert member.__doc__, f"{protocol.__name__}.{name} has no docstring"

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import pytest
 from _plugin_dists import PluginDists
 from _plugin_dists import plugin_dists as plugin_dists  # the session fixture
 
-from weft_core import ConfigError, ManagerSpec, PluginError, _registry, hookimpl
+from weft_core import (
+    BLOCKING_RUNTIME,
+    AsyncRuntime,
+    ConfigError,
+    ManagerSpec,
+    PluginError,
+    Server,
+    _registry,
+    check_runtime,
+    hookimpl,
+)
 
 GOOD, DUP, BROKEN, BADFACTORY, THREADS = (
     "weft-test-good",
@@ -158,10 +168,26 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 class Manager:
+    """Enough of a manager for the registry to make and check one; it runs nothing."""
+
+    runtime: Any = BLOCKING_RUNTIME
+
     def __init__(self, *, limit: int | None = None) -> None:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
         self.limit = limit
+
+    def add_task(self, thunk: Callable[[], Any]) -> Hashable:
+        return 1
+
+    def remove_task(self, task_id: Hashable) -> bool:
+        return False
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        return True
+
+    def all_tasks(self) -> list[Hashable]:
+        return []
 
 
 def managers_plugin(*names: str) -> object:
@@ -375,3 +401,83 @@ def test_lifecycle_hook_error_is_logged_and_swallowed(
 def test_hooks_is_a_singleton(registry: Any) -> None:
     assert registry.hooks() is registry.hooks()
     assert isinstance(registry.hooks(), registry.Hooks)
+
+
+# -- the runtime contract, checked when a manager is made -------------------------------
+
+
+class HalfAsyncRuntime:
+    """An async runtime written without reading the whole contract: it lacks two members."""
+
+    kind = "async"
+    conn_is_stream = True
+    tls_errors = ()
+
+    def adopt_listener(self, sock: Any) -> Any: ...
+    def wake_listener(self, listener: Any) -> None: ...
+    def close(self) -> None: ...
+    def slots(self, n: int) -> Any: ...
+    async def sleep(self, seconds: float) -> None: ...
+    def wrap_connection(self, sock: Any, idle_timeout: float | None = None) -> Any: ...
+    async def within(self, seconds: float, fn: Any) -> Any: ...
+    async def aclose(self, conn: Any) -> None: ...
+
+
+class HalfAsyncManager(Manager):
+    runtime = HalfAsyncRuntime()
+
+
+@pytest.mark.timeout(10)
+def test_check_runtime_names_what_is_missing_and_the_protocol() -> None:
+    with pytest.raises(
+        TypeError, match=r"lacks run_in_loop, wrap_tls \(see weft_core.AsyncRuntime\)"
+    ):
+        check_runtime(HalfAsyncRuntime())
+    check_runtime(BLOCKING_RUNTIME)
+
+
+@pytest.mark.timeout(10)
+def test_subclassing_the_protocol_gives_the_default_run_in_loop() -> None:
+    class Complete(HalfAsyncRuntime, AsyncRuntime):  # type: ignore[misc]
+        def wrap_tls(self, stream: Any, context: Any) -> Any: ...
+
+    check_runtime(Complete())
+    ran: list[str] = []
+    Complete().run_in_loop(lambda: ran.append("here"))
+    assert ran == ["here"]
+
+
+@pytest.mark.timeout(10)
+def test_create_manager_refuses_a_runtime_missing_members(registry: Any) -> None:
+    class Plugin:
+        @hookimpl
+        def weft_managers(self) -> list[ManagerSpec]:
+            return [
+                ManagerSpec("half", HalfAsyncManager, "half a runtime", "async"),
+                ManagerSpec("nothing", lambda **_: object(), "no manager at all"),
+                ManagerSpec("wrongkind", Manager, "sync runtime, async spec", "async"),
+            ]
+
+    registry.register(Plugin(), name="plugin")
+    with pytest.raises(
+        PluginError,
+        match=r"task manager 'half' \(registered in-process\): its runtime lacks "
+        r"run_in_loop, wrap_tls \(see weft_core.AsyncRuntime\)",
+    ):
+        registry.create_manager("half")
+    with pytest.raises(
+        PluginError, match=r"'nothing'.*lacks add_task, all_tasks, limit, remove_task, runtime"
+    ):
+        registry.create_manager("nothing")
+    with pytest.raises(PluginError, match=r"runs sync handlers, but its ManagerSpec declares"):
+        registry.create_manager("wrongkind")
+
+
+@pytest.mark.timeout(10)
+def test_server_refuses_a_manager_instance_whose_runtime_misses_members() -> None:
+    async def handle(stream: Any) -> None: ...
+
+    with pytest.raises(
+        ConfigError, match=r"lacks run_in_loop, wrap_tls \(see weft_core.AsyncRuntime\)"
+    ):
+        Server(handle, manager=HalfAsyncManager())

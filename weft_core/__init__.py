@@ -20,10 +20,18 @@ from ._errors import (
     UnknownManagerError,
     WeftError,
 )
-from ._protocol import AsyncRuntime, Runtime, SyncRuntime, TaskManager
+from ._protocol import (
+    AsyncRuntime,
+    AsyncSlots,
+    Runtime,
+    SyncRuntime,
+    SyncSlots,
+    TaskManager,
+    check_runtime,
+)
 from ._registry import available_managers, create_manager
 from ._server import Server
-from ._spec import ManagerSpec
+from ._spec import Conformance, HandlerKind, ManagerSpec
 from ._tasks import (
     TaskState,
     TaskTable,
@@ -37,10 +45,13 @@ from .hookspecs import hookimpl
 __all__ = [
     "BLOCKING_RUNTIME",
     "AsyncRuntime",
+    "AsyncSlots",
     "BindError",
     "BlockingRuntime",
     "ConfigError",
+    "Conformance",
     "ConnectionInfo",
+    "HandlerKind",
     "HandlerKindError",
     "ManagerFullError",
     "ManagerSpec",
@@ -49,6 +60,7 @@ __all__ = [
     "Server",
     "ServerError",
     "SyncRuntime",
+    "SyncSlots",
     "TaskManager",
     "TaskShutdown",
     "TaskState",
@@ -56,6 +68,7 @@ __all__ = [
     "UnknownManagerError",
     "WeftError",
     "available_managers",
+    "check_runtime",
     "create_manager",
     "current_connection",
     "current_task",

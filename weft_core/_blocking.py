@@ -12,10 +12,9 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import SyncSlots
+from ._protocol import SyncRuntime, SyncSlots
 from ._spec import HandlerKind
 
 if TYPE_CHECKING:
@@ -95,8 +94,12 @@ class WakeableListener(socket.socket):
         self._wake_r = self._wake_w = -1
 
 
-class BlockingRuntime:
-    """Stdlib sockets in blocking mode; slots are a ``threading.Semaphore``."""
+class BlockingRuntime(SyncRuntime):
+    """Stdlib sockets in blocking mode; slots are a ``threading.Semaphore``.
+
+    Its ``run_in_loop`` is the protocol's default (the calling thread): threads have
+    no loop thread to hand a stop's batch to.
+    """
 
     kind: HandlerKind = "sync"
     conn_is_stream = False
@@ -127,11 +130,6 @@ class BlockingRuntime:
         """A server-side SSLSocket (not yet handshaken) and what shuts its descriptor down."""
         tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return tls, RawShutdown(tls)
-
-    def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
-        """No loop thread: ``fn()`` here, at once."""
-        fn()
-        return True
 
     def close(self) -> None:
         """Nothing to release."""

@@ -21,7 +21,18 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["AsyncRuntime", "Runtime", "Slots", "SyncRuntime", "TaskManager"]
+__all__ = [
+    "AsyncRuntime",
+    "AsyncSlots",
+    "Runtime",
+    "Slots",
+    "SyncRuntime",
+    "SyncSlots",
+    "TaskManager",
+    "check_runtime",
+    "manager_problem",
+    "protocol_members",
+]
 
 
 @runtime_checkable
@@ -95,6 +106,15 @@ class AsyncSlots(Slots, Protocol):
 
 
 class _RuntimeBase(Protocol):
+    """What every runtime has, sync or async; see :class:`SyncRuntime` and :class:`AsyncRuntime`.
+
+    Threads: ``adopt_listener``, ``slots`` and ``close`` are called from the thread
+    that calls ``Server.run()`` / ``stop()``; ``wake_listener`` and ``run_in_loop``
+    from the thread that stops the server; everything else from inside the
+    manager's tasks (the acceptor task, or a connection's task).
+    """
+
+    #: ``"sync"``: handlers are plain functions; ``"async"``: ``async def``.
     kind: HandlerKind
     #: True if the connection handed to handlers is already a stream, so that
     #: ``Server(stream=True)`` makes no sense and is refused.
@@ -103,7 +123,11 @@ class _RuntimeBase(Protocol):
     def adopt_listener(self, sock: socket.socket) -> Any:
         """Return the runtime's own listening socket for a bound, listening ``sock``.
 
-        Takes ownership: afterwards the server only uses the returned object.
+        Takes ownership: afterwards the server only uses the returned object. The
+        acceptor task calls ``accept()`` on it (awaited for an async runtime), which
+        returns ``(sock, address)`` and raises OSError on failure; the server also
+        calls ``fileno()``, ``getsockname()``, ``getsockopt()`` and ``family`` on it, and
+        ``close()``, from the acceptor task or the stopping thread, possibly twice.
         """
         ...
 
@@ -117,58 +141,111 @@ class _RuntimeBase(Protocol):
         """
         ...
 
-    def close(self) -> None:
-        """Release what the runtime holds (a loop thread, a hub); idle runtimes may reopen."""
-        ...
-
     def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
         """Run ``fn()`` in the thread of the runtime's loop; True once it has run there.
 
         False if the loop did not run it within ``timeout`` seconds (None: no limit);
-        it may still run later. A stop ends every connection's input in one batch
-        (``shutdown(SHUT_RD)`` on each socket): made from the stopping thread, each
-        call would hand the GIL back and forth with a loop thread already waking the
-        connections the previous calls ended; in the loop's thread the batch runs in
-        one go. ``fn`` does not block. A runtime without a loop thread of its own
-        (threads) calls ``fn()`` at once and returns True.
+        it may still run later, so ``fn`` must be idempotent. A stop ends every
+        connection's input in one batch (``shutdown(SHUT_RD)`` on each socket, and
+        each task's shutdown flag). Made from the stopping thread, each of those
+        calls would hand the GIL back and forth with a loop thread already waking the
+        connections the previous calls ended; made in the loop's thread, the batch
+        runs in one go, then the loop wakes them. ``fn`` does not block and does not
+        raise. A loop that does not take it within ``timeout`` is blocked by a task;
+        the stop then runs ``fn`` in its own thread and goes on.
+
+        The default, which a runtime gets by subclassing this protocol, runs ``fn``
+        in the calling thread and returns True: right for runtimes without a loop
+        thread (threads).
+        """
+        fn()
+        return True
+
+    def close(self) -> None:
+        """Release what the runtime holds (a loop thread, a hub); idle runtimes may reopen.
+
+        The server calls it once it has stopped, for a manager it made from a name:
+        every connection's handler has returned by then, but a task may still be on
+        its way out of the manager (after its thunk returned). After a stop that left
+        tasks behind (``stats()["left_behind"]``) it is not called: closing would wait
+        for them.
         """
         ...
 
 
 class SyncRuntime(_RuntimeBase, Protocol):
-    """A runtime whose handlers are plain functions (threads, gevent, thread pools)."""
+    """A runtime whose handlers are plain functions (threads, gevent, thread pools).
+
+    What the server does with the sockets it gets (each call in a task of the
+    manager unless said otherwise):
+
+    - on the listener from :meth:`adopt_listener`: ``accept()`` in the acceptor
+      task, returning ``(sock, address)``; OSError for a failure (``EMFILE`` makes
+      the acceptor back off with :meth:`sleep`, any error once the acceptor was
+      asked to stop ends it);
+    - on an accepted ``sock``, in its connection's task: ``setsockopt``,
+      ``settimeout``, ``getsockname``, ``recv`` (a PROXY header), then
+      :meth:`wrap_tls` and :meth:`wrap_connection`; ``close()`` at the end;
+    - from the stopping thread: ``shutdown(SHUT_RD)`` then ``shutdown(SHUT_RDWR)``
+      on it (or on the raw socket :meth:`wrap_tls` returned), and ``close()`` for a
+      connection whose task never ran.
+    """
 
     def slots(self, n: int) -> SyncSlots:
-        """A semaphore of ``n`` slots."""
+        """A semaphore of ``n`` slots (``max_connections``).
+
+        The acceptor acquires; a connection's task releases as it ends, or the
+        stopping thread does for a connection whose task never ran.
+        """
         ...
 
     def sleep(self, seconds: float) -> None:
-        """Block the calling task for ``seconds``."""
+        """Block the calling task for ``seconds`` (the acceptor's back-off)."""
         ...
 
     def wrap_connection(self, sock: Any) -> Any:
-        """The object the handler receives for an accepted native socket."""
+        """The object the handler receives for an accepted native socket.
+
+        ``Server(stream=True)`` calls ``makefile("rwb")`` on it; the server calls
+        ``close()`` on it when the handler returns (unless it was detached).
+        """
         ...
 
     def wrap_tls(self, sock: Any, context: ssl.SSLContext) -> tuple[Any, Any]:
         """A server-side TLS socket over ``sock``, not yet handshaken, and its raw socket.
 
-        The TLS socket must support ``settimeout`` and ``do_handshake``; the second
-        item shuts the descriptor down (``shutdown(how)``) from any thread without
-        disturbing TLS state, and raises OSError once the descriptor is closed.
+        The TLS socket must support ``settimeout``, ``do_handshake``, ``version``,
+        ``cipher`` and ``getpeercert``; the second item shuts the descriptor down
+        (``shutdown(how)``) from any thread without disturbing TLS state, and raises
+        OSError once the descriptor is closed.
         """
         ...
 
 
 class AsyncRuntime(_RuntimeBase, Protocol):
-    """A runtime whose handlers are ``async def`` (trio)."""
+    """A runtime whose handlers are ``async def`` (trio, asyncio).
+
+    What the server does with the sockets it gets (each call in a task of the
+    manager unless said otherwise):
+
+    - on the listener from :meth:`adopt_listener`: ``await accept()`` in the
+      acceptor task, returning ``(sock, address)``; OSError for a failure;
+    - on an accepted ``sock``, in its connection's task: ``setsockopt``,
+      ``getsockname``, ``family``, ``await recv(n)`` (a PROXY header, within
+      :meth:`within`), then :meth:`wrap_connection` and :meth:`wrap_tls`; at the
+      end :meth:`aclose` on the stream, or ``close()`` on ``sock`` if no stream was
+      made;
+    - from the stopping thread (through :meth:`run_in_loop` for phase 2):
+      ``shutdown(SHUT_RD)`` then ``shutdown(SHUT_RDWR)`` on ``sock``, and
+      ``close()`` for a connection whose task never ran.
+    """
 
     def slots(self, n: int) -> AsyncSlots:
-        """A semaphore of ``n`` slots."""
+        """A semaphore of ``n`` slots (``max_connections``); see :meth:`SyncRuntime.slots`."""
         ...
 
     def sleep(self, seconds: float) -> Awaitable[None]:
-        """Suspend the calling task for ``seconds``."""
+        """Suspend the calling task for ``seconds`` (the acceptor's back-off)."""
         ...
 
     #: Exception types a failed TLS handshake raises besides OSError and ValueError.
@@ -183,7 +260,11 @@ class AsyncRuntime(_RuntimeBase, Protocol):
         ...
 
     def wrap_tls(self, stream: Any, context: ssl.SSLContext) -> Any:
-        """A server-side TLS stream over ``stream``, with an awaitable ``do_handshake``."""
+        """A server-side TLS stream over ``stream``.
+
+        It has an awaitable ``do_handshake()`` and, once handshaken, ``version()``,
+        ``cipher()`` and ``getpeercert()`` as an ``ssl.SSLObject`` has.
+        """
         ...
 
     def within(self, seconds: float, fn: Callable[[], Awaitable[T]]) -> Awaitable[T]:
@@ -191,8 +272,61 @@ class AsyncRuntime(_RuntimeBase, Protocol):
         ...
 
     def aclose(self, conn: Any) -> Awaitable[None]:
-        """Close what :meth:`wrap_connection` returned."""
+        """Close what :meth:`wrap_connection` or :meth:`wrap_tls` returned."""
         ...
 
 
 Runtime = SyncRuntime | AsyncRuntime
+
+#: The protocol each handler kind's runtime follows.
+_PROTOCOLS: dict[str, type] = {"sync": SyncRuntime, "async": AsyncRuntime}
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The members a protocol class declares (its own and its bases'), sorted."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls in (object, Protocol) or cls.__module__ == "typing":
+            continue
+        names.update(getattr(cls, "__annotations__", {}))
+        names.update(n for n, v in vars(cls).items() if callable(v) or isinstance(v, property))
+    return sorted(n for n in names if not n.startswith("_"))
+
+
+def _runtime_problem(runtime: object) -> str | None:
+    """Why ``runtime`` is not a runtime, as "lacks a, b (see weft_core.X)", or None."""
+    kind = getattr(runtime, "kind", None)
+    if kind not in _PROTOCOLS:
+        return (
+            f"has kind={kind!r}, expected 'sync' or 'async' "
+            "(see weft_core.SyncRuntime and weft_core.AsyncRuntime)"
+        )
+    protocol = _PROTOCOLS[kind]
+    missing = [name for name in protocol_members(protocol) if not hasattr(runtime, name)]
+    if missing:
+        return f"lacks {', '.join(missing)} (see weft_core.{protocol.__name__})"
+    return None
+
+
+def check_runtime(runtime: object) -> None:
+    """Check that ``runtime`` has every member its kind's protocol declares.
+
+    Raises TypeError naming what is missing and the protocol to read, e.g. "runtime
+    <MyRuntime> lacks wrap_tls, run_in_loop (see weft_core.AsyncRuntime)".
+    ``create_manager`` and ``Server`` call it when the manager is made, so that a
+    runtime missing a member fails there and not deep inside the accept loop. A
+    runtime that subclasses :class:`SyncRuntime` or :class:`AsyncRuntime` gets the
+    default :meth:`~SyncRuntime.run_in_loop`.
+    """
+    problem = _runtime_problem(runtime)
+    if problem is not None:
+        raise TypeError(f"runtime {runtime!r} {problem}")
+
+
+def manager_problem(manager: object) -> str | None:
+    """Why ``manager`` cannot serve, in a phrase ("lacks add_task", "its runtime lacks ..."), or None."""
+    missing = [name for name in protocol_members(TaskManager) if not hasattr(manager, name)]
+    if missing:
+        return f"lacks {', '.join(missing)} (see weft_core.TaskManager)"
+    problem = _runtime_problem(manager.runtime)  # type: ignore[attr-defined]
+    return None if problem is None else f"its runtime {problem}"

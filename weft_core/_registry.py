@@ -433,7 +433,9 @@ def create_manager(name: str, **options: Any) -> TaskManager:
     Error handling: besides :func:`get_manager_spec`'s errors, options the factory
     does not take, or values it rejects (TypeError, ValueError), raise
     :class:`~weft_core.ConfigError`; anything else the factory raises is re-raised as
-    :class:`~weft_core.PluginError` with the original chained.
+    :class:`~weft_core.PluginError` with the original chained. A manager that lacks a
+    member of :class:`~weft_core.TaskManager`, or whose runtime lacks one of its
+    protocol's (:func:`~weft_core.check_runtime`), is a PluginError naming them.
     """
     spec = get_manager_spec(name)
     from ._settings import check_manager_options
@@ -443,21 +445,42 @@ def create_manager(name: str, **options: Any) -> TaskManager:
     unexpected = _check_options(spec.factory, options)
     if unexpected:
         raise ConfigError(f"task manager {spec.name!r}: {unexpected} (options given: {given})")
+    where = (
+        f"distribution {spec.distribution} {spec.version}"
+        if spec.distribution
+        else "registered in-process"
+    )
     try:
-        return spec.create(**options)
+        manager = spec.create(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             f"task manager {spec.name!r} rejected its options ({given}): {_one_line(exc)}"
         ) from exc
     except Exception as exc:
-        where = (
-            f"distribution {spec.distribution} {spec.version}"
-            if spec.distribution
-            else ("registered in-process")
-        )
         raise PluginError(
             f"task manager {spec.name!r} ({where}) failed to start: {_one_line(exc)}"
         ) from exc
+    _check_made(spec, manager, where)
+    return manager
+
+
+def _check_made(spec: ManagerSpec, manager: object, where: str) -> None:
+    """Fail now, naming what is missing, if the factory made no whole manager."""
+    from ._protocol import manager_problem
+
+    problem = manager_problem(manager)
+    if problem is None:
+        kind = manager.runtime.kind  # type: ignore[attr-defined]
+        if kind != spec.handler_kind:
+            problem = (
+                f"its runtime runs {kind} handlers, but its ManagerSpec declares "
+                f"handler_kind={spec.handler_kind!r}"
+            )
+    if problem is not None:
+        raise PluginError(
+            f"task manager {spec.name!r} ({where}): {problem}; "
+            "this is a bug in the plugin, report it to its authors"
+        )
 
 
 def _check_options(factory: Callable[..., object], options: dict[str, Any]) -> str | None:

@@ -560,14 +560,12 @@ def _resolve_manager(
             "pass the options to your manager instance instead",
             key="manager_options",
         )
-    if not isinstance(manager, TaskManager):
-        missing = [
-            m
-            for m in ("limit", "runtime", "add_task", "remove_task", "stop_task", "all_tasks")
-            if not hasattr(manager, m)
-        ]
+    from ._protocol import manager_problem
+
+    problem = manager_problem(manager)
+    if problem is not None:
         raise ConfigError(
-            f"manager must be a manager name or a TaskManager; {manager!r} lacks {', '.join(missing)}",
+            f"manager must be a manager name or a TaskManager; {manager!r} {problem}",
             key="manager",
         )
     return manager, False, type(manager).__name__

@@ -15,8 +15,15 @@ import threading
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
-from weft_core import ManagerSpec, TaskState, TaskTable, hookimpl, run_task
-from weft_core._blocking import BLOCKING_RUNTIME
+from weft_core import (
+    BLOCKING_RUNTIME,
+    BlockingRuntime,
+    ManagerSpec,
+    TaskState,
+    TaskTable,
+    hookimpl,
+    run_task,
+)
 
 
 class SoundManager:
@@ -149,6 +156,26 @@ class LeaksFdManager(SoundManager):
         return task_id
 
 
+class NoRunInLoopRuntime:
+    """The blocking runtime without ``run_in_loop``: written from an old, partial contract."""
+
+    kind = "sync"
+    conn_is_stream = False
+    adopt_listener = BlockingRuntime.adopt_listener
+    wake_listener = BlockingRuntime.wake_listener
+    slots = BlockingRuntime.slots
+    sleep = BlockingRuntime.sleep
+    wrap_connection = BlockingRuntime.wrap_connection
+    wrap_tls = BlockingRuntime.wrap_tls
+    close = BlockingRuntime.close
+
+
+class PartialRuntimeManager(SoundManager):
+    """Keeps every task rule, but its runtime lacks a member the server calls."""
+
+    runtime: Any = NoRunInLoopRuntime()
+
+
 MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "sound": (SoundManager, "a thread per task, keeping every rule"),
     "never-full": (NeverFullManager, "never raises ManagerFullError"),
@@ -156,6 +183,7 @@ MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "ignores-stop": (IgnoresStopManager, "stop_task returns at once without stopping"),
     "drops-context": (DropsContextManager, "runs tasks without the caller's contextvars"),
     "leaks-fd": (LeaksFdManager, "leaks a descriptor per task"),
+    "partial-runtime": (PartialRuntimeManager, "its runtime lacks run_in_loop"),
 }
 
 

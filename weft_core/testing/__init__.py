@@ -7,22 +7,51 @@ A manager author runs the whole suite against their manager with one class::
 
     class TestPoolManager(ManagerTests):
         manager_name = "pool"        # the name your plugin registers
-        preemptive_stop = False      # capabilities your manager lacks
 
-or from the shell: ``weft conformance pool``. Importing this package adds no
-fixtures to anybody's pytest run; only subclasses of ManagerTests use them.
+or from the shell: ``weft conformance pool``. What the suite needs to know about
+the manager (capabilities, its adapter, how to read a task's name) comes from the
+plugin's ``ManagerSpec``; a class attribute of the same name overrides it.
+Importing this package adds no fixtures to anybody's pytest run; only subclasses
+of ManagerTests use them. It needs pytest (``pip install weft-core[testing]``).
 """
 
 from __future__ import annotations
 
-from ._adapters import AsyncAdapter, Body, Recv, Send, Sleep, SyncAdapter, default_adapter
-from ._suite_addresses import AddressTests
-from ._suite_network import NetworkTests
-from ._suite_server import ServerTests
-from ._suite_stop import StopTests
-from ._suite_tasks import TaskManagerTests
+import pytest
+
+# Before the suite's modules are imported: pytest rewrites their asserts, so that a
+# failure shows the values compared as well as the rule its message names. (Inside
+# a pytest run only; elsewhere this does nothing.)
+pytest.register_assert_rewrite(
+    "weft_core.testing._adapters",
+    "weft_core.testing._base",
+    "weft_core.testing._bodies",
+    "weft_core.testing._suite_addresses",
+    "weft_core.testing._suite_network",
+    "weft_core.testing._suite_server",
+    "weft_core.testing._suite_stop",
+    "weft_core.testing._suite_tasks",
+    "weft_core.testing._support",
+)
+
+from ._adapters import (  # noqa: E402  (after the rewrite registration, on purpose)
+    AsyncAdapter,
+    Body,
+    Recv,
+    Send,
+    Sleep,
+    SyncAdapter,
+    default_adapter,
+)
+from ._suite_addresses import AddressTests  # noqa: E402
+from ._suite_network import NetworkTests  # noqa: E402
+from ._suite_server import ServerTests  # noqa: E402
+from ._suite_stop import StopTests  # noqa: E402
+from ._suite_tasks import TaskManagerTests  # noqa: E402
+from ._support import WAIT, wait_until  # noqa: E402
 
 __all__ = [
+    "WAIT",
     "AsyncAdapter",
     "Body",
     "ManagerTests",
@@ -31,12 +60,15 @@ __all__ = [
     "Sleep",
     "SyncAdapter",
     "default_adapter",
+    "wait_until",
 ]
 
 
 class ManagerTests(TaskManagerTests, ServerTests, StopTests, NetworkTests, AddressTests):
     """Every conformance test; subclass it and set ``manager_name``.
 
-    Capabilities (class attributes): ``preemptive_stop``, ``supports_limit``,
-    ``adapter_class``, ``manager_options``; see :class:`~weft_core.testing._base.ManagerTestBase`.
+    Capabilities and settings (class attributes, each None by default, meaning "as
+    the ManagerSpec declares"): ``preemptive_stop``, ``supports_limit``,
+    ``names_tasks``, ``adapter_class``, ``manager_options``; and the method
+    ``current_task_name()``. See ``weft_core.Conformance``.
     """

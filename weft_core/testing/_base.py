@@ -2,7 +2,10 @@
 
 A manager author subclasses :class:`~weft_core.testing.ManagerTests` and sets
 ``manager_name``; the capabilities below say which optional behaviour the manager
-has, and tests of behaviour it lacks skip with the reason.
+has, and tests of behaviour it lacks skip with the reason. Each capability, and
+how to drive the manager, is read from the plugin's ``ManagerSpec`` (its
+``preemptive_stop``, ``supports_limit`` and ``conformance``) unless the subclass
+sets the class attribute of the same name.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 from .._protocol import TaskManager
 from .._registry import create_manager, get_manager_spec
 from .._server import Server
+from .._spec import ManagerSpec
 from ._adapters import Body, SyncAdapter, default_adapter
 
 __all__ = ["ManagerTestBase"]
@@ -27,16 +31,19 @@ class ManagerTestBase:
 
     #: The name the manager is registered under (required).
     manager_name: ClassVar[str]
-    #: Options passed to the manager's factory.
-    manager_options: ClassVar[dict[str, Any]] = {}
+    #: Options passed to the manager's factory. None: the spec's
+    #: ``conformance.manager_options``.
+    manager_options: ClassVar[dict[str, Any] | None] = None
     #: The manager can interrupt a task that ignores its shutdown flag while it
     #: waits in the runtime (gevent kills, trio cancels; threads cannot). None: as
     #: the plugin declares in its ManagerSpec.
     preemptive_stop: ClassVar[bool | None] = None
-    #: The manager honours ``limit=`` by raising ManagerFullError.
-    supports_limit: ClassVar[bool] = True
+    #: The manager honours ``limit=`` by raising ManagerFullError. None: as the
+    #: ManagerSpec declares.
+    supports_limit: ClassVar[bool | None] = None
     #: An adapter class for connection objects that are neither socket-like nor
-    #: trio-style streams; None picks the default for the manager's handler kind.
+    #: trio-style streams. None: the spec's ``conformance.adapter_class``, else the
+    #: default for the manager's handler kind.
     adapter_class: ClassVar[type[SyncAdapter] | None] = None
 
     def _name(self) -> str:
@@ -49,15 +56,47 @@ class ManagerTestBase:
             )
         return name
 
+    def spec(self) -> ManagerSpec:
+        """The ManagerSpec the plugin registered for the manager under test."""
+        return get_manager_spec(self._name())
+
     def can_preempt(self) -> bool:
         """The preemptive_stop capability, from the class or else the plugin's spec."""
         if self.preemptive_stop is not None:
             return self.preemptive_stop
-        return get_manager_spec(self._name()).preemptive_stop
+        return self.spec().preemptive_stop
+
+    def can_limit(self) -> bool:
+        """The supports_limit capability, from the class or else the plugin's spec."""
+        if self.supports_limit is not None:
+            return self.supports_limit
+        return self.spec().supports_limit
+
+    def options(self) -> dict[str, Any]:
+        """The options every manager under test is made with."""
+        if self.manager_options is not None:
+            return dict(self.manager_options)
+        return dict(self.spec().conformance.manager_options)
+
+    def make_adapter(self, runtime: Any) -> SyncAdapter:
+        """The adapter for ``runtime``: the class's, the spec's, or the kind's default."""
+        cls = self.adapter_class
+        if cls is None:
+            declared = self.spec().conformance.load_adapter_class()
+            if declared is not None and not issubclass(declared, SyncAdapter):
+                pytest.fail(
+                    f"the ManagerSpec of {self._name()!r} declares adapter_class {declared!r}, "
+                    "which is not a subclass of weft_core.testing.SyncAdapter or AsyncAdapter",
+                    pytrace=False,
+                )
+            cls = declared
+        if cls is None:
+            return default_adapter(runtime)
+        return cls(runtime)
 
     def new_manager(self, **options: Any) -> TaskManager:
         """A fresh manager of the kind under test."""
-        return create_manager(self._name(), **{**self.manager_options, **options})
+        return create_manager(self._name(), **{**self.options(), **options})
 
     @pytest.fixture
     def manager(self) -> Iterator[TaskManager]:
@@ -69,8 +108,8 @@ class ManagerTestBase:
     @pytest.fixture
     def limited_manager(self) -> Iterator[TaskManager]:
         """A manager with ``limit=2``."""
-        if not self.supports_limit:
-            pytest.skip(f"{self._name()} declares supports_limit = False")
+        if not self.can_limit():
+            pytest.skip(f"{self._name()} declares supports_limit=False: it takes no limit=")
         manager = self.new_manager(limit=2)
         yield manager
         manager.runtime.close()
@@ -78,14 +117,12 @@ class ManagerTestBase:
     @pytest.fixture
     def adapter(self, manager: TaskManager) -> SyncAdapter:
         """Runs bodies in the manager's runtime."""
-        if self.adapter_class is not None:
-            return self.adapter_class(manager.runtime)
-        return default_adapter(manager.runtime)
+        return self.make_adapter(manager.runtime)
 
     @pytest.fixture
     def handler_kind(self) -> str:
         """``sync`` or ``async``, as the plugin registered it."""
-        return get_manager_spec(self._name()).handler_kind
+        return self.spec().handler_kind
 
     @pytest.fixture
     def make_server(self) -> Iterator[Callable[..., Server]]:
@@ -105,15 +142,13 @@ class ManagerTestBase:
             if handler is None:
                 assert body is not None
                 probe = self.new_manager()
-                adapter = (self.adapter_class or type(default_adapter(probe.runtime)))(
-                    probe.runtime
-                )
+                adapter = self.make_adapter(probe.runtime)
                 probe.runtime.close()
                 handler = adapter.handler(body)
             server = Server(
                 handler,
                 manager=self._name(),
-                manager_options=dict(self.manager_options) or None,
+                manager_options=self.options() or None,
                 **kw,
             )
             servers.append(server)

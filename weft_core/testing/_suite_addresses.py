@@ -42,7 +42,7 @@ PROMPT = 2.0
 def echo_once(client: socket.socket, data: bytes = b"ping") -> None:
     """Send ``data`` on ``client`` and expect it back."""
     client.sendall(data)
-    assert recv_exactly(client, len(data)) == data
+    assert recv_exactly(client, len(data)) == data, "the handler must echo what the client sent"
 
 
 def connect_unix(path: str) -> socket.socket:
@@ -70,7 +70,7 @@ def has_ipv6_loopback() -> bool:
 
 
 def native_task_name() -> str:
-    """The name the running task has in its runtime: trio task, gevent greenlet, or thread."""
+    """The running task's name when the ManagerSpec says nothing: trio task, greenlet, or thread."""
     trio: Any = sys.modules.get("trio")
     if trio is not None:
         try:
@@ -106,12 +106,17 @@ class AddressTests(ManagerTestBase):
 
     #: The manager names each connection's thread, greenlet or task ``weft conn
     #: HOST:PORT`` (the connection thunk's ``__name__``), so that debuggers, ``py-spy``
-    #: and trio's task tree show which client a task serves.
-    names_tasks: ClassVar[bool] = True
+    #: and trio's task tree show which client a task serves. None: as the
+    #: ManagerSpec's ``conformance.names_tasks`` says.
+    names_tasks: ClassVar[bool | None] = None
 
     def current_task_name(self) -> str:
-        """The runtime's name for the running task; override for a runtime of your own."""
-        return native_task_name()
+        """The runtime's name for the running task: the spec's ``conformance.task_name``.
+
+        A subclass may override it; without either, trio's, gevent's or the thread's.
+        """
+        read = self.spec().conformance.task_name
+        return read() if read is not None else native_task_name()
 
     @pytest.fixture
     def sock_dir(self) -> Iterator[str]:
@@ -142,13 +147,17 @@ class AddressTests(ManagerTestBase):
             yield from echo()
 
         server = make_server(record, address="::1", family="ipv6")
-        assert server.addresses == [f"[::1]:{server.port}"]
+        assert server.addresses == [f"[::1]:{server.port}"], (
+            "family='ipv6' on ::1 lists one address, [::1]:PORT"
+        )
         listener: Any = server.socket
-        assert listener.family == socket.AF_INET6
-        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert listener.family == socket.AF_INET6, "family='ipv6' listens on an AF_INET6 socket"
+        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1, (
+            "family='ipv6' listens on a v6-only socket (IPV6_V6ONLY=1)"
+        )
         with connect(server.port, "::1") as client:
             echo_once(client)
-        assert peers[0][0] == "::1"
+        assert peers[0][0] == "::1", "current_connection().peer of a ::1 client is ::1"
 
     def test_family_dual(self, make_server: MakeServer) -> None:
         """family="dual" on :: takes v6 and v4 clients on one socket; v4 peers are ::ffff:a.b.c.d.
@@ -166,23 +175,31 @@ class AddressTests(ManagerTestBase):
             yield from echo()
 
         server = make_server(record, address="::", family="dual")
-        assert server.addresses == [f"[::]:{server.port}"]
+        assert server.addresses == [f"[::]:{server.port}"], (
+            "family='dual' on :: lists one address, [::]:PORT"
+        )
         listener: Any = server.socket
-        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0, (
+            "family='dual' listens on a socket that takes v4 clients too (IPV6_V6ONLY=0)"
+        )
         for host in ("::1", "127.0.0.1"):
             with connect(server.port, host) as client:
                 echo_once(client)
-        assert [p[0] for p in peers] == ["::1", "::ffff:127.0.0.1"]
+        assert [p[0] for p in peers] == ["::1", "::ffff:127.0.0.1"], (
+            "family='dual': a v6 client is seen as ::1, a v4 client as ::ffff:a.b.c.d"
+        )
         # A wildcard listener: each connection's local address is its own.
         assert [a[:2] for a in locals_] == [
             ("::1", server.port),
             ("::ffff:127.0.0.1", server.port),
-        ]
+        ], "on a wildcard listener each connection's local address is the one its client dialled"
 
     def test_family_ipv4(self, make_server: MakeServer) -> None:
         """family="ipv4" binds only the IPv4 addresses of a name."""
         server = make_server(echo, address="localhost", family="ipv4")
-        assert server.sockets and all(s.family == socket.AF_INET for s in server.sockets)
+        assert server.sockets and all(s.family == socket.AF_INET for s in server.sockets), (
+            "family='ipv4' binds only AF_INET sockets"
+        )
         with connect(server.port, "127.0.0.1") as client:
             echo_once(client)
 
@@ -194,8 +211,10 @@ class AddressTests(ManagerTestBase):
         hosts = sorted({str(info[4][0]) for info in infos})
         server = make_server(echo, address="localhost")
         bound = sorted(s.getsockname()[0] for s in server.sockets)
-        assert bound == hosts
-        assert {s.getsockname()[1] for s in server.sockets} == {server.port}
+        assert bound == hosts, "family='auto' binds every address a name resolves to"
+        assert {s.getsockname()[1] for s in server.sockets} == {server.port}, (
+            "family='auto' binds every address of a name on one port"
+        )
         for host in hosts:
             with connect(server.port, host) as client:
                 echo_once(client)
@@ -208,8 +227,8 @@ class AddressTests(ManagerTestBase):
         """unix:/path serves over AF_UNIX, applies unix_mode, and removes the file on stop."""
         path = os.path.join(sock_dir, "s.sock")
         server = make_server(echo, address=f"unix:{path}", unix_mode=0o660)
-        assert server.addresses == [f"unix:{path}"]
-        assert os.stat(path).st_mode & 0o777 == 0o660
+        assert server.addresses == [f"unix:{path}"], "unix:/path lists its address as unix:/path"
+        assert os.stat(path).st_mode & 0o777 == 0o660, "unix_mode is applied to the socket file"
         with connect_unix(path) as client:
             echo_once(client)
         server.stop()
@@ -222,7 +241,7 @@ class AddressTests(ManagerTestBase):
         path = os.path.join(sock_dir, "s.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
             dead.bind(path)  # closed without unlinking: what a killed server leaves
-        assert os.path.exists(path)
+        assert os.path.exists(path), "(setup) the stale socket file exists"
         live = make_server(echo, address=f"unix:{path}")
         with connect_unix(path) as client:
             echo_once(client)
@@ -231,7 +250,9 @@ class AddressTests(ManagerTestBase):
             second.run()
         with connect_unix(path) as client:
             echo_once(client, b"still served")
-        assert live.running
+        assert live.running, (
+            "a second server on a live Unix socket fails without disturbing the first"
+        )
 
     def test_unix_socket_stop_is_prompt(self, make_server: MakeServer, sock_dir: str) -> None:
         """stop() of a Unix socket server whose acceptor is waiting returns at once."""
@@ -241,18 +262,24 @@ class AddressTests(ManagerTestBase):
             echo_once(client)  # the acceptor is now waiting in accept() again
         started = time.monotonic()
         server.stop()
-        assert time.monotonic() - started < PROMPT
+        assert time.monotonic() - started < PROMPT, (
+            "stop() of a Unix socket server whose acceptor waits in accept() returns at once"
+        )
 
     def test_several_binds(self, make_server: MakeServer, sock_dir: str) -> None:
         """bind=[TCP, unix] listens on both at once; a port-0 bind's port is read from addresses."""
         path = os.path.join(sock_dir, "s.sock")
         server = make_server(echo, bind=["127.0.0.1:0", f"unix:{path}"])
-        assert server.addresses == [f"127.0.0.1:{server.port}", f"unix:{path}"]
+        assert server.addresses == [f"127.0.0.1:{server.port}", f"unix:{path}"], (
+            "bind=[TCP, unix] lists both addresses, the TCP one with its bound port"
+        )
         with connect(server.port) as tcp, connect_unix(path) as unix:
             echo_once(tcp, b"tcp")
             echo_once(unix, b"unix")
         server.stop()
-        assert server.addresses == [] and not os.path.exists(path)
+        assert server.addresses == [] and not os.path.exists(path), (
+            "stop() closes every listener and removes the Unix socket file"
+        )
 
     def test_port_as_a_service_name(self, make_server: MakeServer) -> None:
         """port="http" is resolved to 80: bound (as root) or a BindError naming port 80."""
@@ -264,9 +291,11 @@ class AddressTests(ManagerTestBase):
         try:
             server.run()
         except BindError as exc:
-            assert f"127.0.0.1:{http}" in str(exc)
+            assert f"127.0.0.1:{http}" in str(exc), (
+                "a BindError names the address and port it could not bind"
+            )
             return
-        assert server.port == http
+        assert server.port == http, "port='http' binds port 80"
         with connect(server.port) as client:
             echo_once(client)
 
@@ -291,18 +320,29 @@ class AddressTests(ManagerTestBase):
         if not hasattr(socket, "SO_REUSEPORT"):
             pytest.skip("this platform has no SO_REUSEPORT")
         plain = make_server(echo)
-        assert plain.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        assert plain.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0, (
+            "without reuse_port the listener has no SO_REUSEPORT"
+        )
         first = make_server(echo, reuse_port=True)
-        assert first.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0
+        assert first.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0, (
+            "reuse_port=True sets SO_REUSEPORT on the listener"
+        )
         second = make_server(echo, port=first.port, reuse_port=True)
-        assert second.port == first.port
+        assert second.port == first.port, (
+            "reuse_port=True lets a second server listen on the same port"
+        )
 
     # -- names, lifecycle ---------------------------------------------------------------
 
     def test_tasks_are_named_after_the_peer(self, make_server: MakeServer) -> None:
         """Each connection's thread, greenlet or task is named ``weft conn HOST:PORT``."""
-        if not self.names_tasks:
-            pytest.skip(f"{type(self).__name__} declares names_tasks = False")
+        names_tasks = self.names_tasks
+        if names_tasks is None:
+            names_tasks = self.spec().conformance.names_tasks
+        if not names_tasks:
+            pytest.skip(
+                f"{self._name()} declares names_tasks=False: its runtime has no task names"
+            )
         names: list[str] = []
 
         def record() -> Body:
@@ -311,9 +351,11 @@ class AddressTests(ManagerTestBase):
 
         server = make_server(record)
         with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"!"
+            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
             expected = f"weft conn {format_address(client.getsockname())}"
-        assert names == [expected]
+        assert names == [expected], (
+            "each connection's task is named `weft conn HOST:PORT` (the thunk's __name__); check the ManagerSpec's Conformance(task_name=...) reads your runtime's task name"
+        )
 
     def test_lifecycle_callbacks_and_hooks(
         self, make_server: MakeServer, lifecycle: list[tuple[str, Any]]
@@ -327,7 +369,9 @@ class AddressTests(ManagerTestBase):
         )
         server.run()
         bound = server.addresses
-        assert bound == [f"127.0.0.1:{server.port}"]
+        assert bound == [f"127.0.0.1:{server.port}"], (
+            "addresses lists the bound address with its port"
+        )
         server.stop()
         server.stop()
         assert lifecycle == [
@@ -335,7 +379,9 @@ class AddressTests(ManagerTestBase):
             ("started", bound),
             ("on_stop", None),
             ("stopped", None),
-        ]
+        ], (
+            "on_start, weft_server_started, on_stop, weft_server_stopped are called once each, in that order, with the addresses"
+        )
 
     def test_on_start_that_raises(
         self, make_server: MakeServer, lifecycle: list[tuple[str, Any]]
@@ -354,10 +400,14 @@ class AddressTests(ManagerTestBase):
         server = make_server(echo, start=False, on_start=on_start)
         with pytest.raises(Boom):
             server.run()
-        assert server.stopped and not server.running and server.socket is None
+        assert server.stopped and not server.running and server.socket is None, (
+            "an on_start that raises leaves the server stopped, with no listener"
+        )
         with pytest.raises(ConnectionRefusedError):
             connect(ports[0]).close()
-        assert ("started", [f"127.0.0.1:{ports[0]}"]) not in lifecycle
+        assert ("started", [f"127.0.0.1:{ports[0]}"]) not in lifecycle, (
+            "weft_server_started does not fire when on_start raised"
+        )
 
     # -- TLS details ---------------------------------------------------------------------
 
@@ -404,9 +454,15 @@ class AddressTests(ManagerTestBase):
             echo_once(client)
             version, cipher = client.version(), client.cipher()
         info = infos[0]
-        assert (info.tls_version, info.tls_cipher) == (version, cipher and cipher[0])
-        assert info.tls_peer_certificate is not None
-        assert ("DNS", "client.example.org") in info.tls_peer_certificate["subjectAltName"]
+        assert (info.tls_version, info.tls_cipher) == (version, cipher and cipher[0]), (
+            "current_connection() gives the TLS version and cipher the client negotiated"
+        )
+        assert info.tls_peer_certificate is not None, (
+            "current_connection().tls_peer_certificate is the client's certificate"
+        )
+        assert ("DNS", "client.example.org") in info.tls_peer_certificate["subjectAltName"], (
+            "current_connection().tls_peer_certificate is the client's certificate"
+        )
 
         anonymous = ssl.create_default_context(cafile=paths["ca"])
 
@@ -420,4 +476,4 @@ class AddressTests(ManagerTestBase):
 
         assert without_certificate() == b"", "a client without a certificate is not served"
         wait_until(lambda: server.stats()["tls_errors"] == 1, what="the refusal to be counted")
-        assert len(infos) == 1
+        assert len(infos) == 1, "a client without the required certificate is not served"

@@ -80,7 +80,9 @@ class NetworkTests(ManagerTestBase):
         server = make_server(reply_once, tls={"certfile": certs["cert"], "keyfile": certs["key"]})
         with self.tls_client(server.port, certs, ssl.TLSVersion[version]) as client:
             client.sendall(b"hello")
-            assert recv_until_closed(client) == b"hello " + version.replace("_", ".").encode()
+            assert recv_until_closed(client) == b"hello " + version.replace("_", ".").encode(), (
+                "tls: the handshake happens in the connection's task and the handler sees the TLS version"
+            )
 
     def test_tls_accepts_an_ssl_context(
         self, make_server: MakeServer, certs: dict[str, str]
@@ -91,7 +93,9 @@ class NetworkTests(ManagerTestBase):
         server = make_server(reply_once, tls=context)
         with self.tls_client(server.port, certs) as client:
             client.sendall(b"ctx")
-            assert recv_until_closed(client).startswith(b"ctx TLSv1.")
+            assert recv_until_closed(client).startswith(b"ctx TLSv1."), (
+                "tls may be an ssl.SSLContext: the client is served over TLS"
+            )
 
     def test_tls_garbage_and_silence_are_counted(
         self, make_server: MakeServer, certs: dict[str, str]
@@ -108,12 +112,18 @@ class NetworkTests(ManagerTestBase):
         with connect(server.port) as silent:
             started = time.monotonic()
             recv_until_closed(silent)
-            assert time.monotonic() - started < WAIT
+            assert time.monotonic() - started < WAIT, (
+                "tls_handshake_timeout closes a silent client"
+            )
         wait_until(lambda: server.stats()["tls_errors"] == 2, what="both failures to be counted")
         with self.tls_client(server.port, certs) as client:
             client.sendall(b"still")
-            assert recv_until_closed(client).startswith(b"still ")
-        assert server.stats()["handler_errors"] == 0
+            assert recv_until_closed(client).startswith(b"still "), (
+                "clients after failed handshakes are served"
+            )
+        assert server.stats()["handler_errors"] == 0, (
+            "a failed TLS handshake is not a handler error"
+        )
 
     def test_tls_abuse_never_blocks_the_acceptor(
         self, make_server: MakeServer, certs: dict[str, str]
@@ -131,7 +141,9 @@ class NetworkTests(ManagerTestBase):
             vanishing.sendall(hello[: len(hello) // 2])
         with self.tls_client(server.port, certs) as client:  # served while one stalls
             client.sendall(b"meanwhile")
-            assert recv_until_closed(client).startswith(b"meanwhile ")
+            assert recv_until_closed(client).startswith(b"meanwhile "), (
+                "a client stalled mid-handshake never blocks the acceptor: others are served meanwhile"
+            )
         with stalled:
             assert recv_until_closed(stalled) == b"", (
                 "tls_handshake_timeout closes the stalled one"
@@ -143,13 +155,17 @@ class NetworkTests(ManagerTestBase):
         server = make_server(echo, idle_timeout=0.3, max_connections=1)
         with connect(server.port) as client:
             client.sendall(b"a")
-            assert recv_exactly(client, 1) == b"a"
+            assert recv_exactly(client, 1) == b"a", "the handler must echo what the client sent"
             started = time.monotonic()
-            assert recv_until_closed(client) == b""
+            assert recv_until_closed(client) == b"", "idle_timeout closes a silent connection"
             elapsed = time.monotonic() - started
-        assert 0.25 < elapsed < WAIT
+        assert 0.25 < elapsed < WAIT, (
+            "idle_timeout closes a connection that sent nothing for that long (0.3 s), not sooner"
+        )
         wait_until(lambda: server.stats()["active"] == 0, what="the slot to be freed")
-        assert server.stats()["idle_timeouts"] == 1 and server.stats()["handler_errors"] == 0
+        assert server.stats()["idle_timeouts"] == 1 and server.stats()["handler_errors"] == 0, (
+            "an idle timeout is counted in stats()['idle_timeouts'], not as a handler error"
+        )
         with connect(server.port) as again:
             again.sendall(b"b")
             assert recv_exactly(again, 1) == b"b", "the slot is free again"
@@ -173,8 +189,12 @@ class NetworkTests(ManagerTestBase):
                 assert recv_exactly(client, 7) == b"payload", (
                     "bytes after the header reach the handler"
                 )
-        assert [i.peer[:2] for i in infos] == [("203.0.113.7", 4242), ("2001:db8::1", 5353)]
-        assert all(i.proxy_peer[0] == "127.0.0.1" for i in infos)
+        assert [i.peer[:2] for i in infos] == [("203.0.113.7", 4242), ("2001:db8::1", 5353)], (
+            "the PROXY header's client address becomes current_connection().peer"
+        )
+        assert all(i.proxy_peer[0] == "127.0.0.1" for i in infos), (
+            "current_connection().proxy_peer is the proxy's own address"
+        )
 
     def test_proxy_header_rejections(self, make_server: MakeServer) -> None:
         """A malformed, missing or late PROXY header, or an untrusted sender: closed unserved, counted."""
@@ -187,18 +207,28 @@ class NetworkTests(ManagerTestBase):
         server = make_server(record, proxy_protocol=True, proxy_header_timeout=0.3)
         with connect(server.port) as bad:
             bad.sendall(b"PROXY TCP4 1.2.3.4\r\n")
-            assert recv_until_closed(bad) == b""
+            assert recv_until_closed(bad) == b"", (
+                "a malformed PROXY header: the connection is closed unserved"
+            )
         with connect(server.port) as missing:
             missing.sendall(b"hello there, no header here\r\n")
-            assert recv_until_closed(missing) == b""
+            assert recv_until_closed(missing) == b"", (
+                "a missing PROXY header: the connection is closed unserved"
+            )
         with connect(server.port) as late:
-            assert recv_until_closed(late) == b""
+            assert recv_until_closed(late) == b"", (
+                "no PROXY header within proxy_header_timeout: the connection is closed unserved"
+            )
         untrusting = make_server(record, proxy_protocol=True, trusted_proxies=["192.0.2.0/24"])
         with connect(untrusting.port) as stranger:
             stranger.sendall(build_v1(("203.0.113.7", 1), ("127.0.0.1", 2)))
-            assert recv_until_closed(stranger) == b""
+            assert recv_until_closed(stranger) == b"", (
+                "a PROXY header from an untrusted sender: the connection is closed unserved"
+            )
         assert seen == [], "the handler never sees a byte of a rejected connection"
-        assert server.stats()["proxy_errors"] == 3 and untrusting.stats()["proxy_errors"] == 1
+        assert server.stats()["proxy_errors"] == 3 and untrusting.stats()["proxy_errors"] == 1, (
+            "each rejected PROXY connection is counted in stats()['proxy_errors']"
+        )
 
     def test_socket_options_are_set(self, make_server: MakeServer) -> None:
         """Nodelay (on by default) and keepalive are set on accepted sockets; SO_REUSEADDR on listeners."""
@@ -217,10 +247,14 @@ class NetworkTests(ManagerTestBase):
 
         server = make_server(look, keepalive=True)
         listener: Any = server.socket
-        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0, (
+            "listeners have SO_REUSEADDR"
+        )
         with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"!"
+            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
         quiet = make_server(look, nodelay=False)
         with connect(quiet.port) as client:
-            assert recv_exactly(client, 1) == b"!"
-        assert [(bool(a), bool(b)) for a, b in options] == [(True, True), (False, False)]
+            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
+        assert [(bool(a), bool(b)) for a, b in options] == [(True, True), (False, False)], (
+            "nodelay (on by default) and keepalive are set on accepted sockets, and nodelay=False turns TCP_NODELAY off"
+        )

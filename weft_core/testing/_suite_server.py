@@ -38,27 +38,39 @@ class ServerTests(ManagerTestBase):
     def test_echo_round_trip_on_a_free_port(self, make_server: MakeServer) -> None:
         """port=0 binds a free port, server.port tells which, run() returns once listening."""
         server = make_server(echo, args=(b"hi\n",))
-        assert isinstance(server.port, int) and server.port > 0
+        assert isinstance(server.port, int) and server.port > 0, (
+            "port=0 binds a free port and server.port tells which: expected a positive int"
+        )
         with connect(server.port) as client:  # no retry: run() returned, so it listens
             assert recv_exactly(client, 3) == b"hi\n", "handler args reach the handler"
             client.sendall(b"ping")
-            assert recv_exactly(client, 4) == b"ping"
+            assert recv_exactly(client, 4) == b"ping", "the handler must echo what the client sent"
 
     def test_accessors(self, make_server: MakeServer) -> None:
         """task_manager, socket, address, port, connection_handler and handler_args, as in Weft."""
         server = make_server(echo, args=(b"x",), start=False)
         before = (server.socket, server.running, server.stopped)
-        assert before == (None, False, True)
+        assert before == (None, False, True), (
+            "before run(): socket None, running False, stopped True"
+        )
         server.run()
         state = (server.running, server.stopped)
-        assert state == (True, False)
-        assert server.socket is not None and server.address == "127.0.0.1"
-        assert server.handler_args == (b"x",)
-        assert callable(server.connection_handler)
-        assert server.task_manager.runtime.kind in ("sync", "async")
+        assert state == (True, False), "after run(): running True, stopped False"
+        assert server.socket is not None and server.address == "127.0.0.1", (
+            "after run(): server.socket is the listener, server.address the address given"
+        )
+        assert server.handler_args == (b"x",), "handler_args are the args given to Server"
+        assert callable(server.connection_handler), (
+            "connection_handler is the handler given to Server"
+        )
+        assert server.task_manager.runtime.kind in ("sync", "async"), (
+            "task_manager.runtime.kind is 'sync' or 'async'"
+        )
         server.stop()
         after = (server.socket, server.running, server.stopped)
-        assert after == (None, False, True)
+        assert after == (None, False, True), (
+            "after stop(): socket None, running False, stopped True"
+        )
 
     def test_run_twice_is_an_error(self, make_server: MakeServer) -> None:
         """run() on a running server raises a clear error."""
@@ -72,7 +84,9 @@ class ServerTests(ManagerTestBase):
         second = make_server(echo, port=first.port, start=False)
         with pytest.raises(BindError, match=f"127.0.0.1:{first.port}"):
             second.run()
-        assert second.stopped and second.socket is None
+        assert second.stopped and second.socket is None, (
+            "a run() that fails to bind leaves the server stopped, with no listener"
+        )
 
     def test_wrong_handler_kind_is_refused(self, handler_kind: str) -> None:
         """A handler of the wrong kind is refused when the Server is made, naming the manager."""
@@ -93,18 +107,24 @@ class ServerTests(ManagerTestBase):
         for i, client in enumerate(clients):
             client.sendall(b"%d" % i)
         for i, client in enumerate(clients):
-            assert recv_exactly(client, 1) == b"%d" % i
+            assert recv_exactly(client, 1) == b"%d" % i, (
+                "run() returns while serving: each client must get its own reply"
+            )
             client.close()
 
     def test_context_manager(self, make_server: MakeServer) -> None:
         """`with Server(...) as s` runs on enter and stops on exit."""
         server = make_server(echo, start=False)
         with server as running:
-            assert running is server and server.running
+            assert running is server and server.running, (
+                "`with Server(...)` runs the server on enter and returns it"
+            )
             with connect(server.port) as client:
                 client.sendall(b"ok")
-                assert recv_exactly(client, 2) == b"ok"
-        assert server.stopped
+                assert recv_exactly(client, 2) == b"ok", (
+                    "the server must serve inside the `with` block"
+                )
+        assert server.stopped, "`with Server(...)` stops the server on exit"
 
     def test_on_start_and_on_stop(self, make_server: MakeServer) -> None:
         """on_start and on_stop are called once each, in order, with the server."""
@@ -118,7 +138,9 @@ class ServerTests(ManagerTestBase):
         server.run()
         server.stop()
         server.stop()
-        assert calls == [("start", True), ("stop", True)]
+        assert calls == [("start", True), ("stop", True)], (
+            "on_start is called once with the server running, on_stop once with it stopped, in that order"
+        )
 
     # -- connections ----------------------------------------------------------------------
 
@@ -132,10 +154,16 @@ class ServerTests(ManagerTestBase):
 
         server = make_server(record)
         with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"!"
-            assert infos[0].peer[:2] == client.getsockname()[:2]
-            assert infos[0].local[:2] == client.getpeername()[:2]
-            assert infos[0].task_id is not None
+            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
+            assert infos[0].peer[:2] == client.getsockname()[:2], (
+                "current_connection().peer is the client's address"
+            )
+            assert infos[0].local[:2] == client.getpeername()[:2], (
+                "current_connection().local is the address the client dialled"
+            )
+            assert infos[0].task_id is not None, (
+                "current_connection().task_id is the id of the connection's task"
+            )
 
     def test_caller_contextvars_reach_handlers(self, make_server: MakeServer) -> None:
         """A handler sees the contextvars of whoever called run()."""
@@ -152,8 +180,10 @@ class ServerTests(ManagerTestBase):
         finally:
             _caller.reset(token)
         with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"!"
-        assert seen == ["run-caller"]
+            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
+        assert seen == ["run-caller"], (
+            "a handler sees the contextvars of whoever called run() (the acceptor's task must carry them into each connection's task)"
+        )
 
     def test_stream_hands_a_buffered_file(
         self, make_server: MakeServer, handler_kind: str
@@ -176,9 +206,13 @@ class ServerTests(ManagerTestBase):
         server = make_server(handler=lines, stream=True)
         with connect(server.port) as client:
             client.sendall(b"one\ntwo\n")
-            assert recv_exactly(client, 8) == b"ONE\nTWO\n"
+            assert recv_exactly(client, 8) == b"ONE\nTWO\n", (
+                "stream=True: the handler reads lines from and writes to a buffered file"
+            )
             client.shutdown(socket.SHUT_WR)
-            assert recv_until_closed(client) == b""
+            assert recv_until_closed(client) == b"", (
+                "the server closes the connection once the handler returns"
+            )
         assert closed == [False], "the file stays open in the handler; weft closes it afterwards"
 
     def test_connection_closed_when_handler_returns(self, make_server: MakeServer) -> None:
@@ -189,7 +223,9 @@ class ServerTests(ManagerTestBase):
 
         server = make_server(once)
         with connect(server.port) as client:
-            assert recv_until_closed(client) == b"bye"
+            assert recv_until_closed(client) == b"bye", (
+                "the core closes the connection when the handler returns: the client reads the reply, then EOF"
+            )
 
     def test_detach_keeps_connection_open(self, make_server: MakeServer) -> None:
         """A detached connection is not closed when the handler returns."""
@@ -205,7 +241,7 @@ class ServerTests(ManagerTestBase):
 
         server = make_server(keep)
         with connect(server.port) as client:
-            assert returned.wait(WAIT)
+            assert returned.wait(WAIT), "the handler must run and return"
             wait_until(lambda: server.stats()["active"] == 0, what="the handler to finish")
             client.settimeout(0.2)
             with pytest.raises(TimeoutError):
@@ -228,10 +264,10 @@ class ServerTests(ManagerTestBase):
         server = make_server(maybe_fail, exception_handler=lambda s, c, e: errors.append(e))
         with connect(server.port) as good:
             good.sendall(b"a")
-            assert recv_exactly(good, 1) == b"a"
+            assert recv_exactly(good, 1) == b"a", "the handler must echo what the client sent"
             with connect(server.port) as bad:
                 bad.sendall(b"fail")
-                assert recv_until_closed(bad) == b""
+                assert recv_until_closed(bad) == b"", "a connection whose handler raised is closed"
             wait_until(lambda: errors, what="exception_handler to be called")
             assert type(errors[0]) is ValueError, (
                 "exception_handler gets the handler's own exception"
@@ -241,7 +277,9 @@ class ServerTests(ManagerTestBase):
             with connect(server.port) as later:
                 later.sendall(b"c")
                 assert recv_exactly(later, 1) == b"c", "the acceptor keeps accepting"
-        assert server.stats()["handler_errors"] == 1
+        assert server.stats()["handler_errors"] == 1, (
+            "stats()['handler_errors'] counts the one handler that raised"
+        )
 
     def test_stats_keys(self, make_server: MakeServer) -> None:
         """stats() counts accepted, refused, active, handler_errors and tls_errors since run()."""
@@ -250,8 +288,12 @@ class ServerTests(ManagerTestBase):
             client.sendall(b"x")
             recv_exactly(client, 1)
             stats = server.stats()
-        assert {"accepted", "refused", "active", "handler_errors", "tls_errors"} <= set(stats)
-        assert stats["accepted"] == 1 and stats["active"] == 1
+        assert {"accepted", "refused", "active", "handler_errors", "tls_errors"} <= set(stats), (
+            "stats() has the keys accepted, refused, active, handler_errors, tls_errors"
+        )
+        assert stats["accepted"] == 1 and stats["active"] == 1, (
+            "stats() counts one accepted and one active connection"
+        )
 
     # -- limits ----------------------------------------------------------------------------
 
@@ -265,11 +307,15 @@ class ServerTests(ManagerTestBase):
             )
         with connect(server.port) as fourth:
             assert recv_until_closed(fourth) == b"", "the fourth is closed at once"
-        assert server.stats()["refused"] == 1
+        assert server.stats()["refused"] == 1, (
+            "stats()['refused'] counts the fourth client, refused at max_connections=3"
+        )
         held.pop().close()
         wait_until(lambda: server.stats()["active"] == 2, what="the slot to free")
         with connect(server.port) as fifth:
-            assert recv_exactly(fifth, 1) == b"+"
+            assert recv_exactly(fifth, 1) == b"+", (
+                "a slot freed by a client leaving serves the next client"
+            )
         for client in held:
             client.close()
 
@@ -288,11 +334,13 @@ class ServerTests(ManagerTestBase):
         server = make_server(counted, max_connections=2, on_full="backlog")
         held = [connect(server.port) for _ in range(2)]
         for client in held:
-            assert recv_exactly(client, 1) == b"+"
+            assert recv_exactly(client, 1) == b"+", "max_connections=2 serves two clients at once"
         with connect(server.port) as third:
             held.pop().close()
             assert recv_exactly(third, 1) == b"+", "the waiting client is served once a slot frees"
-        assert peak[0] <= 2 and server.stats()["refused"] == 0
+        assert peak[0] <= 2 and server.stats()["refused"] == 0, (
+            "on_full='backlog' never serves more than max_connections at once and refuses nobody"
+        )
         for client in held:
             client.close()
 
@@ -300,11 +348,15 @@ class ServerTests(ManagerTestBase):
         """full_wait: at the limit, wait that long for a free slot before refusing."""
         server = make_server(echo, args=(b"+",), max_connections=1, full_wait=WAIT)
         first = connect(server.port)
-        assert recv_exactly(first, 1) == b"+"
+        assert recv_exactly(first, 1) == b"+", "the first client is served"
         with connect(server.port) as second:
             first.close()
-            assert recv_exactly(second, 1) == b"+"
-        assert server.stats()["refused"] == 0
+            assert recv_exactly(second, 1) == b"+", (
+                "full_wait: a client arriving at the limit is served once a slot frees within full_wait"
+            )
+        assert server.stats()["refused"] == 0, (
+            "full_wait: a client served in time is not counted as refused"
+        )
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -317,13 +369,15 @@ class ServerTests(ManagerTestBase):
             clients.extend(connect(server.port) for _ in range(100))
             # A manager may queue tasks (a pool): wait until all are accepted, not started.
             wait_until(lambda: server.stats()["accepted"] == 100, what="100 accepted connections")
-            assert server.stop(timeout=WAIT) is True
+            assert server.stop(timeout=WAIT) is True, (
+                "stop() with only idle clients must return True (every connection ended before the timeout)"
+            )
             for client in clients:
                 assert recv_until_closed(client) in (b"", b"+"), "every client sees EOF"
         finally:
             for client in clients:
                 client.close()
-        assert server.stats()["active"] == 0
+        assert server.stats()["active"] == 0, "after stop() no connection is active"
         wait_until(
             lambda: fd_count() <= before,
             what=f"every fd the server and its manager opened to be closed (fd count back to {before})",
@@ -341,53 +395,65 @@ class ServerTests(ManagerTestBase):
                 while not release.is_set():
                     yield Sleep(0.005)
                 yield Send(request)
-            assert shutdown_requested()
+            assert shutdown_requested(), "phase 2 of a stop sets the handler's shutdown flag"
 
         server = make_server(slow_reply)
         with connect(server.port) as client:
             client.sendall(b"0123456789")
-            assert started.wait(WAIT)
+            assert started.wait(WAIT), "the handler must run and receive the request"
             result: list[bool] = []
             stopper = threading.Thread(target=lambda: result.append(server.stop(timeout=WAIT)))
             stopper.start()
             wait_until(lambda: not server.running, what="stop() to begin")
             release.set()
-            assert recv_until_closed(client) == b"0123456789" * 20
+            assert recv_until_closed(client) == b"0123456789" * 20, (
+                "phase 2 only ends input: a handler in the middle of a reply finishes writing it"
+            )
             stopper.join(WAIT)
-        assert result == [True]
+        assert result == [True], "stop() returns True when every handler ended before the timeout"
 
     def test_stop_interrupts_after_timeout(self, make_server: MakeServer) -> None:
         """stop(timeout) interrupts a handler that ignores shutdown, returns False, closes it."""
         server = make_server(stubborn)
         with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"<"
+            assert recv_exactly(client, 1) == b"<", "the stubborn handler must run"
             started = time.monotonic()
-            assert server.stop(timeout=0.2) is False
-            assert time.monotonic() - started < WAIT
+            assert server.stop(timeout=0.2) is False, (
+                "stop(timeout) returns False when a handler ignoring shutdown had to be interrupted"
+            )
+            assert time.monotonic() - started < WAIT, (
+                "stop(timeout) must interrupt a handler that ignores shutdown and return soon after the timeout"
+            )
             recv_until_closed(client)
-        assert server.stats()["active"] == 0
+        assert server.stats()["active"] == 0, (
+            "after stop() no connection is active: the interrupted handler's connection is closed"
+        )
 
     def test_stop_accepting_keeps_connections(self, make_server: MakeServer) -> None:
         """stop_accepting closes only the listener; open connections go on."""
         server = make_server(echo)
         with connect(server.port) as client:
             client.sendall(b"1")
-            assert recv_exactly(client, 1) == b"1"
+            assert recv_exactly(client, 1) == b"1", "the handler must echo what the client sent"
             port = server.port
             server.stop_accepting()
-            assert server.socket is None
+            assert server.socket is None, (
+                "stop_accepting() closes the listener: server.socket is None"
+            )
             with pytest.raises(OSError):
                 connect(port).close()
             client.sendall(b"2")
-            assert recv_exactly(client, 1) == b"2"
+            assert recv_exactly(client, 1) == b"2", (
+                "stop_accepting() keeps open connections: the client is still served"
+            )
         assert server.wait(WAIT), "the server stops once its last connection ends"
 
     def test_wait_times_out_while_running(self, make_server: MakeServer) -> None:
         """wait(timeout) returns False while running, True once stopped."""
         server = make_server(echo)
-        assert server.wait(0.01) is False
+        assert server.wait(0.01) is False, "wait(timeout) returns False while the server runs"
         server.stop()
-        assert server.wait(0) is True
+        assert server.wait(0) is True, "wait() returns True once the server has stopped"
 
     def test_rerun_after_stop(self, make_server: MakeServer) -> None:
         """A stopped server can run again; address and port changes apply then."""
@@ -396,4 +462,4 @@ class ServerTests(ManagerTestBase):
         server.port = 0
         server.run()
         with connect(int(server.port)) as client:
-            assert recv_exactly(client, 1) == b"+"
+            assert recv_exactly(client, 1) == b"+", "a stopped server runs again and serves"

@@ -86,9 +86,7 @@ class TaskManagerTests(ManagerTestBase):
 
     def test_limit_raises_manager_full_error(self, limited_manager: TaskManager) -> None:
         """At its limit add_task raises ManagerFullError; a freed slot can be used again."""
-        from ._adapters import default_adapter
-
-        adapter = default_adapter(limited_manager.runtime)
+        adapter = self.make_adapter(limited_manager.runtime)
         gate = threading.Event()
         first = [limited_manager.add_task(adapter.task(_gated(gate))) for _ in range(2)]
         try:
@@ -111,9 +109,15 @@ class TaskManagerTests(ManagerTestBase):
         """remove_task returns True if the task was there, False if it was not."""
         gate = threading.Event()
         task_id = manager.add_task(adapter.task(_gated(gate)))
-        assert manager.remove_task(task_id) is True
-        assert task_id not in manager.all_tasks()
-        assert manager.remove_task(task_id) is False
+        assert manager.remove_task(task_id) is True, (
+            "remove_task must return True for a task the manager holds"
+        )
+        assert task_id not in manager.all_tasks(), (
+            "remove_task must forget the task: all_tasks must no longer list it"
+        )
+        assert manager.remove_task(task_id) is False, (
+            "remove_task must return False for a task it no longer holds"
+        )
         gate.set()
 
     def test_stop_task_sets_shutdown_flag(
@@ -123,12 +127,16 @@ class TaskManagerTests(ManagerTestBase):
         started, gate = threading.Event(), threading.Event()
         seen: list[Any] = []
         task_id = manager.add_task(adapter.task(_gated(gate, started, seen=seen)))
-        assert started.wait(WAIT)
+        assert started.wait(WAIT), (
+            "add_task must run the thunk it was given (the task did not start)"
+        )
         assert manager.stop_task(task_id, timeout=WAIT) is True, (
             "a task that honours shutdown_requested() ends before the timeout: stop_task returns True"
         )
         assert seen == ["shutdown"], "stop_task must return only once the task has stopped"
-        assert task_id not in manager.all_tasks()
+        assert task_id not in manager.all_tasks(), (
+            "once stop_task has returned, the task has stopped: all_tasks must no longer list it (drop it from all_tasks before setting its done)"
+        )
         gate.set()
 
     def test_stop_task_interrupts_after_timeout(
@@ -149,7 +157,9 @@ class TaskManagerTests(ManagerTestBase):
                 cleaned.set()
 
         task_id = manager.add_task(adapter.task(body))
-        assert started.wait(WAIT)
+        assert started.wait(WAIT), (
+            "add_task must run the thunk it was given (the task did not start)"
+        )
         try:
             assert manager.stop_task(task_id, timeout=0.1) is False, (
                 "stop_task returns False when the task had to be interrupted"
@@ -182,7 +192,9 @@ class TaskManagerTests(ManagerTestBase):
             yield from ()
 
         manager.add_task(adapter.task(after))
-        assert ran.wait(WAIT)
+        assert ran.wait(WAIT), (
+            "the manager must go on after a task raises TaskShutdown (the next task did not run)"
+        )
 
     def test_failing_task_is_reported_and_removed(
         self,
@@ -230,5 +242,5 @@ class TaskManagerTests(ManagerTestBase):
             manager.add_task(adapter.task(body))
         finally:
             _probe.reset(token)
-        assert done.wait(WAIT)
+        assert done.wait(WAIT), "add_task must run the thunk it was given (the task did not start)"
         assert seen == ["from-the-caller"], "the task must see the add_task caller's contextvars"

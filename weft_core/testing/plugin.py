@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+#: Seconds a conformance test may take before pytest-timeout (``weft-core[testing]``)
+#: fails it, unless a timeout was configured: a manager that never returns from
+#: ``stop_task`` would otherwise hang the run instead of failing the test.
+DEFAULT_TIMEOUT = 120
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--weft-manager NAME``."""
@@ -26,3 +31,14 @@ def pytest_configure(config: pytest.Config) -> None:
         from . import suite
 
         suite.TestConformance.manager_name = name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each test :data:`DEFAULT_TIMEOUT` when pytest-timeout runs without a timeout set."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    if config.getoption("timeout", None) is not None or config.getini("timeout"):
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))

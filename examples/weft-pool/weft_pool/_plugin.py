@@ -7,11 +7,17 @@ for managers.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
-from weft_core import ManagerSpec, hookimpl
+from weft_core import Conformance, ManagerSpec, hookimpl
 
 from ._manager import PoolManager
+
+
+def _task_name() -> str:
+    """The running task's name: a worker thread takes the name of the task it runs."""
+    return threading.current_thread().name
 
 
 @hookimpl
@@ -23,4 +29,5 @@ def weft_managers() -> Iterator[ManagerSpec]:
         description="a fixed pool of worker threads fed by a queue",
         handler_kind="sync",
         preemptive_stop=False,  # a thread cannot be killed, only its socket shut down
+        conformance=Conformance(task_name=_task_name),
     )

@@ -19,7 +19,7 @@ import pytest
 from gevent import monkey
 from gevent.exceptions import ConcurrentObjectUseError
 
-from weft_core.testing._support import wait_until
+from weft_core.testing import wait_until
 from weft_gevent import GeventManager, GeventSocket
 
 WAIT = 5.0

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from weft_core import ManagerSpec, hookimpl
+from weft_core import Conformance, ManagerSpec, hookimpl
 
 from ._manager import GeventManager
+
+
+def _task_name() -> str:
+    """The running task's name: its greenlet's (a task greenlet has ``name``, as gevent's own)."""
+    import gevent
+
+    return str(getattr(gevent.getcurrent(), "name", ""))
 
 
 @hookimpl
@@ -17,4 +24,5 @@ def weft_managers() -> Iterator[ManagerSpec]:
         factory=GeventManager,
         description="a greenlet per connection",
         handler_kind="sync",
+        conformance=Conformance(task_name=_task_name),
     )

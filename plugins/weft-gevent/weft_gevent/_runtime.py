@@ -23,8 +23,7 @@ import gevent.socket
 from gevent.exceptions import ConcurrentObjectUseError
 from greenlet import getcurrent
 
-from weft_core._protocol import SyncSlots
-from weft_core._spec import HandlerKind
+from weft_core import HandlerKind, SyncSlots
 
 from ._hub import HubLink, HubOwner, real_get_ident, report_blocked_hub
 

@@ -13,8 +13,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from weft_core import TaskState, TaskTable, run_task
-from weft_core._blocking import BLOCKING_RUNTIME, BlockingRuntime
+from weft_core import BLOCKING_RUNTIME, BlockingRuntime, TaskState, TaskTable, run_task
 
 __all__ = ["ThreadManager"]
 

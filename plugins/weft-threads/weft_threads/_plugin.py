@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
-from weft_core import ManagerSpec, hookimpl
+from weft_core import Conformance, ManagerSpec, hookimpl
 
 from ._manager import ThreadManager
+
+
+def _task_name() -> str:
+    """The running task's name: its thread's."""
+    return threading.current_thread().name
 
 
 @hookimpl
@@ -18,4 +24,5 @@ def weft_managers() -> Iterator[ManagerSpec]:
         description="a thread per connection (the default manager)",
         handler_kind="sync",
         preemptive_stop=False,  # a thread cannot be killed
+        conformance=Conformance(task_name=_task_name),
     )

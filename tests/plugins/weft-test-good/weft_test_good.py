@@ -6,11 +6,13 @@ import itertools
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
-from weft_core import ManagerSpec, hookimpl
+from weft_core import BLOCKING_RUNTIME, ManagerSpec, hookimpl
 
 
 class DummyManager:
     """Holds tasks without running them; enough for the registry to create one."""
+
+    runtime = BLOCKING_RUNTIME
 
     def __init__(self, *, limit: int | None = None) -> None:
         self.limit = limit
