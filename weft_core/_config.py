@@ -187,12 +187,18 @@ def _check_args(value: Any) -> list[Any]:
 
 
 def _check_networks(value: Any) -> list[str]:
+    # "unix" trusts the clients of Unix listeners (weft_core._proxy.UNIX_PROXIES).
     if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
         raise _Invalid
     try:
-        return [str(ipaddress.ip_network(i.strip(), strict=False)) for i in value]
+        return [
+            "unix" if i.strip() == "unix" else str(ipaddress.ip_network(i.strip(), strict=False))
+            for i in value
+        ]
     except ValueError as exc:
-        raise _Invalid(f"expected a list of networks such as '10.0.0.0/8'; {exc}") from None
+        raise _Invalid(
+            f"expected a list of networks such as '10.0.0.0/8', or 'unix' for Unix listeners; {exc}"
+        ) from None
 
 
 # -- text parsers: an environment variable or flag string in, a value to check out -----
