@@ -291,7 +291,7 @@ def test_hostile_unix_names_are_logged_escaped(
     caplog.set_level(logging.INFO, logger="weft")
     path = os.path.join(folder, "s.sock")
     server = serve(address=f"unix:{path}")
-    hostile = [os.path.join(folder, FORGED), abstract_name()]
+    hostile: list[str | bytes] = [os.path.join(folder, FORGED), abstract_name()]
     for name in hostile:
         assert exchange(unix_client(path, bind=name), b"boom\n") == b""
         assert exchange(unix_client(path), HONEST) == b"unix:(unnamed) " + HONEST
@@ -335,7 +335,7 @@ def test_weft_serve_stderr_shows_hostile_names_escaped(manager: str, folder: str
     """A real ``weft serve``: silent hostile clients hit idle_timeout, logged at INFO, escaped."""
     path = os.path.join(folder, "s.sock")
     argv = weft_serve(HANDLERS[manager], "--manager", manager, "--bind", f"unix:{path}",
-                      "--idle-timeout", "0.5")  # fmt: skip
+                      "--idle-timeout", "1.5")  # fmt: skip
     with Served(argv, cwd=REPO) as served:
         served.wait_for(LISTENING)
         hostile = [unix_client(path, bind=os.path.join(folder, FORGED)),
