@@ -13,21 +13,28 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from ._logsafe import escape_for_log
 from ._tasks import TaskState, current_task
 
 __all__ = ["ConnectionInfo", "current_connection", "detach", "format_address"]
 
 
 def format_address(address: Any) -> str:
-    """``HOST:PORT`` for an address tuple, IPv6 hosts in brackets; paths as they are."""
+    """``HOST:PORT`` for an address tuple, IPv6 hosts in brackets; ``unix:PATH`` for a path.
+
+    For logs and display: a Unix client chooses its own path or abstract name, so
+    every part but the frame is passed through :func:`escape_for_log` and the result
+    is always one line of printable ASCII, whatever the peer bound to.
+    """
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(address, bytes):
-        address = address.decode(errors="replace")
+        host, port = escape_for_log(address[0]), escape_for_log(address[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(address, bytes | bytearray):
+        # Linux gives an abstract name as bytes; decoded as Python decodes paths.
+        address = bytes(address).decode(errors="surrogateescape")
     if isinstance(address, str) and address.startswith("\0"):
-        return f"unix:@{address[1:]}"  # Linux's abstract namespace
-    return f"unix:{address}" if address else "unix:(unnamed)"
+        return f"unix:@{escape_for_log(address[1:])}"  # Linux's abstract namespace
+    return f"unix:{escape_for_log(address)}" if address else "unix:(unnamed)"
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -58,7 +65,7 @@ class ConnectionInfo:
 
     @property
     def peer_str(self) -> str:
-        """The peer as ``HOST:PORT``."""
+        """The peer as ``HOST:PORT`` (or ``unix:PATH``), escaped for logs: see ``format_address``."""
         return format_address(self.peer)
 
 

@@ -32,6 +32,9 @@ class Listener:
 
     sock: socket.socket
     unix_path: str | None = None
+    #: ``(st_dev, st_ino)`` of the socket file at ``unix_path`` as bound: on close the
+    #: file is removed only if the path still names it, not another server's since.
+    unix_file: tuple[int, int] | None = None
 
     @property
     def address(self) -> str:
@@ -176,7 +179,9 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
         path = "\0" + path[1:]
     if not path.startswith("\0"):
         with contextlib.suppress(FileNotFoundError):
-            st = os.stat(path)
+            st = os.lstat(path)  # a link is never followed, nor replaced
+            if stat.S_ISLNK(st.st_mode):
+                raise BindError(errno.EEXIST, f"cannot listen on unix:{path}: {_link(path)}")
             if not stat.S_ISSOCK(st.st_mode):
                 raise BindError(
                     errno.EEXIST,
@@ -204,7 +209,24 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
         if isinstance(exc, OSError):
             raise BindError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from exc
         raise
-    return Listener(sock, unix_path=None if path.startswith("\0") else path)
+    if path.startswith("\0"):
+        return Listener(sock)
+    st = os.lstat(path)
+    return Listener(sock, unix_path=path, unix_file=(st.st_dev, st.st_ino))
+
+
+def _link(path: str) -> str:
+    """Why a symbolic link at a socket's path is not used, dangling or not."""
+    target = os.readlink(path)
+    if not os.path.exists(path):
+        return (
+            f"a symbolic link to {target}, which does not exist, is there: "
+            "remove the link, or listen on the path it names"
+        )
+    return (
+        f"a symbolic link to {target} is there, and weft does not replace links: "
+        "remove it, or listen on the path it names"
+    )
 
 
 def _unix_in_use(path: str) -> bool:
@@ -232,8 +254,16 @@ def _adopt_fd(fd: int, backlog: int) -> Listener:
 
 
 def close_listener(listener: Listener) -> None:
-    """Close the socket and remove its Unix socket file."""
+    """Close the socket and remove its Unix socket file, if the path still names that file.
+
+    Another server may have bound the path since (after the file was removed, or
+    on a restart that overlaps this stop); its file is left alone. The check and
+    the unlink are two calls, so a file replaced in between is still removed: a
+    window of microseconds, against one as long as the server ran.
+    """
     listener.sock.close()
     if listener.unix_path:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(listener.unix_path)
+            st = os.lstat(listener.unix_path)
+            if (st.st_dev, st.st_ino) == listener.unix_file:
+                os.unlink(listener.unix_path)

@@ -487,31 +487,56 @@ async def aread_proxy_header(
             return result
 
 
+#: Loopback only: a balancer elsewhere must be listed on purpose. Never ``"unix"``.
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+#: The ``trusted_proxies`` entry that trusts every client of a Unix listener. A Unix
+#: peer has no address worth checking (it binds whatever path or abstract name it
+#: likes, or none), so trust there is all or nothing, and given only when listed:
+#: then the socket file's permissions (``unix_mode``) decide who may announce clients.
+UNIX_PROXIES = "unix"
 
 
 @dataclass(frozen=True)
 class ProxyPolicy:
-    """Who may send a PROXY header, and how long they have to send it."""
+    """Who may send a PROXY header, and how long they have to send it.
+
+    Trust is explicit for every family: a TCP peer must be inside one of
+    ``trusted``, a Unix peer is trusted only when ``unix`` is set (the ``"unix"``
+    entry of ``trusted_proxies``), and any other peer never.
+    """
 
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     header_timeout: float
+    unix: bool = False
 
     @classmethod
     def from_settings(cls, trusted: Iterable[str], header_timeout: float) -> ProxyPolicy:
-        """Parse network strings; a bad one is a ValueError naming it."""
+        """Parse network strings and ``"unix"``; a bad one is a ValueError naming it."""
         networks = []
+        unix = False
         for text in trusted:
+            if text.strip() == UNIX_PROXIES:
+                unix = True
+                continue
             try:
                 networks.append(ipaddress.ip_network(text, strict=False))
             except ValueError as exc:
-                raise ValueError(f"not a network: {text!r} ({exc})") from None
-        return cls(tuple(networks), header_timeout)
+                raise ValueError(
+                    f"not a network: {text!r} ({exc}); expected a network such as "
+                    f"'10.0.0.0/8', or {UNIX_PROXIES!r} to trust the clients of Unix listeners"
+                ) from None
+        return cls(tuple(networks), header_timeout, unix)
 
     def trusts(self, peer: object) -> bool:
-        """True if ``peer`` (an address tuple; Unix peers are local) is a trusted proxy."""
-        if not isinstance(peer, tuple):
-            return True
+        """True if ``peer``, an address as ``accept()`` returns it, is a trusted proxy.
+
+        A tuple is a TCP peer; a ``str`` or ``bytes`` (a path, an abstract name, or
+        ``""`` for an unbound client) is a Unix peer, whatever it says.
+        """
+        if isinstance(peer, str | bytes):
+            return self.unix
+        if not isinstance(peer, tuple) or not peer:
+            return False
         try:
             ip = ipaddress.ip_address(peer[0])
         except ValueError:

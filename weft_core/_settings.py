@@ -307,12 +307,18 @@ def _check_manager(value: Any) -> Any:
 
 
 def _check_networks(value: Any) -> list[str]:
+    # "unix" trusts the clients of Unix listeners (weft_core._proxy.UNIX_PROXIES).
     if not isinstance(value, list | tuple) or not all(isinstance(i, str) for i in value):
         raise Invalid
     try:
-        return [str(ipaddress.ip_network(i.strip(), strict=False)) for i in value]
+        return [
+            "unix" if i.strip() == "unix" else str(ipaddress.ip_network(i.strip(), strict=False))
+            for i in value
+        ]
     except ValueError as exc:
-        raise Invalid(f"expected a list of networks such as '10.0.0.0/8'; {exc}") from None
+        raise Invalid(
+            f"expected a list of networks such as '10.0.0.0/8', or 'unix' for Unix listeners; {exc}"
+        ) from None
 
 
 _UNIX_MODE = (
@@ -486,7 +492,7 @@ _ROWS = [
     # PROXY protocol.
     Setting("proxy_protocol", boolean(), False, "expect a PROXY header (v1 or v2)"),
     Setting("trusted_proxies", Kind("list[str]", "a list of networks such as"
-                                    " ['127.0.0.0/8', '10.0.0.0/8']", _check_networks,
+                                    " ['127.0.0.0/8', '10.0.0.0/8'], or 'unix'", _check_networks,
                                     _text_list),
             DEFAULT_TRUSTED_PROXIES, "networks a PROXY header is accepted from"),
     Setting("proxy_header_timeout", seconds(positive=True), 5.0,

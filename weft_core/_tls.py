@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigError
@@ -48,15 +49,119 @@ def make_server_context(tls: Any) -> ssl.SSLContext:
         context.load_cert_chain(
             parts["certfile"], parts.get("keyfile"), no_password if password is None else password
         )
-        if parts.get("cafile"):
-            context.load_verify_locations(parts["cafile"])
-            context.verify_mode = (
-                ssl.CERT_REQUIRED if parts.get("require_client_cert") else ssl.CERT_OPTIONAL
-            )
     except (ssl.SSLError, OSError) as exc:
-        hint = " (is the password right?)" if password is not None else ""
-        raise ConfigError(f"cannot load the certificate or key{hint}: {exc}", key="tls") from exc
+        raise _chain_error(exc, parts["certfile"], parts.get("keyfile"), password) from None
+    if parts.get("cafile"):
+        try:
+            context.load_verify_locations(parts["cafile"])
+        except (ssl.SSLError, OSError) as exc:
+            raise _file_error(exc, parts["cafile"], "tls.cafile", "a PEM CA certificate") from None
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if parts.get("require_client_cert") else ssl.CERT_OPTIONAL
+        )
     return context
+
+
+# -- one line for what OpenSSL reports as "[SSL] PEM lib (_ssl.c:3926)" -----------------
+
+#: How much of a certificate or key file is read to explain a load error: PEM
+#: certificate chains and keys are a few KiB; a file far larger is not one anyway.
+_DIAGNOSE_BYTES = 1 << 20
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+#: "BEGIN PRIVATE KEY", "BEGIN RSA PRIVATE KEY", "BEGIN EC PRIVATE KEY",
+#: "BEGIN ENCRYPTED PRIVATE KEY" all end so.
+_PEM_KEY_END = b"PRIVATE KEY-----"
+#: A PKCS#8 encrypted key, and the Proc-Type header of an old-style (PKCS#1) one.
+_ENCRYPTED = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+#: The label of each PEM block in a file, to say what a wrong file holds instead.
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
+#: A DER file starts with an ASN.1 SEQUENCE tag; PEM is text.
+_DER_SEQUENCE = 0x30
+
+
+def _chain_error(
+    exc: BaseException, certfile: str, keyfile: str | None, password: object
+) -> ConfigError:
+    """One line for a failed ``load_cert_chain``: which file, and what is wrong with it.
+
+    OpenSSL says "PEM lib" for a file that is not PEM, a key that cannot be
+    decrypted and more, naming no file; the files are read here to tell which.
+    """
+    keyfile_key = "tls.keyfile" if keyfile else "tls.certfile"
+    keyfile = keyfile or certfile
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return ConfigError(
+            f"the private key in {keyfile} does not match the certificate in {certfile}: "
+            "give the key the certificate was issued for",
+            key=keyfile_key,
+        )
+    cert_text = _read(certfile)
+    key_text = _read(keyfile)
+    if isinstance(cert_text, OSError):
+        return ConfigError(f"cannot read {certfile}: {cert_text.strerror}", key="tls.certfile")
+    if isinstance(key_text, OSError):
+        return ConfigError(f"cannot read {keyfile}: {key_text.strerror}", key=keyfile_key)
+    if _PEM_CERTIFICATE not in cert_text:
+        return _not_pem(certfile, cert_text, "tls.certfile", "a PEM certificate")
+    if _PEM_KEY_END not in key_text:
+        if keyfile == certfile:
+            return ConfigError(
+                f"{certfile} holds a certificate but no PEM private key: set tls.keyfile "
+                "to the file holding the key",
+                key="tls.keyfile",
+            )
+        return _not_pem(keyfile, key_text, keyfile_key, "a PEM private key")
+    if any(marker in key_text for marker in _ENCRYPTED):
+        if password is None:
+            return ConfigError(
+                f"the private key in {keyfile} is encrypted and no password was given: "
+                "set tls.password",
+                key="tls.password",
+            )
+        return ConfigError(
+            f"cannot decrypt the private key in {keyfile} with the password given: "
+            "check tls.password",
+            key="tls.password",
+        )
+    return ConfigError(
+        f"cannot load the certificate {certfile} with the key {keyfile}: {exc}", key="tls"
+    )
+
+
+def _file_error(exc: BaseException, path: str, key: str, what: str) -> ConfigError:
+    """One line for a file that ``ssl`` could not load as ``what``."""
+    text = _read(path)
+    if isinstance(text, OSError):
+        return ConfigError(f"cannot read {path}: {text.strerror}", key=key)
+    if _PEM_CERTIFICATE not in text:
+        return _not_pem(path, text, key, what)
+    return ConfigError(f"cannot load {path} as {what}: {exc}", key=key)
+
+
+def _not_pem(path: str, text: bytes, key: str, what: str) -> ConfigError:
+    blocks = _PEM_BEGIN.findall(text)
+    if not text.strip():
+        why = "it is empty"
+    elif blocks:
+        labels = ", ".join(sorted({b.decode("ascii") for b in blocks}))
+        why = f"it holds PEM blocks of other kinds: {labels}"
+    elif text[0] == _DER_SEQUENCE:
+        kind = "x509" if "certificate" in what else "pkey"
+        why = (
+            "it looks like DER: convert it with "
+            f"`openssl {kind} -inform der -in {path} -out {path}.pem`"
+        )
+    else:
+        why = "it has no -----BEGIN ...----- line"
+    return ConfigError(f"{path} is not {what} ({why})", key=key)
+
+
+def _read(path: str) -> bytes | OSError:
+    try:
+        with open(path, "rb") as file:
+            return file.read(_DIAGNOSE_BYTES)
+    except OSError as exc:
+        return exc
 
 
 def tls_details(tls: Any) -> tuple[str | None, str | None, dict[str, Any] | None]:

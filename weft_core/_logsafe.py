@@ -1,0 +1,56 @@
+r"""Rendering text a peer controls so that it can go into a log line as it is.
+
+A client chooses much of what weft logs about it: the path or abstract name its
+Unix socket is bound to, the addresses a PROXY header announces, its TLS server
+name and certificate subject, and bytes that end up in exception messages. Written
+out raw, a newline in any of them forges a whole log line (``\n2026-12-03 ...
+[INFO] weft: stopped``) and an ESC byte drives the terminal of whoever reads the
+log. :func:`escape_for_log` is the one place that makes such text inert; every log
+call that carries peer-controlled text passes it through here (``format_address``
+does so for every address).
+
+What this module does not do: decide what is peer-controlled. Text weft writes
+itself (its own messages, configuration values, tracebacks' file names) is logged
+as it is.
+"""
+
+from __future__ import annotations
+
+__all__ = ["escape_for_log"]
+
+
+def _escapes() -> dict[int, str]:
+    r"""The translation table: ASCII controls, DEL and backslash, and surrogate escapes.
+
+    Backslash is escaped so that an escape in the output can only have come from
+    here. ``\udc80``-``\udcff`` are how Python decodes undecodable bytes in file
+    names (``surrogateescape``, used for Unix socket paths); they are shown as the
+    byte they stand for.
+    """
+    table = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+    table.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"})
+    table.update({0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)})
+    return table
+
+
+_ESCAPES = _escapes()
+
+
+def escape_for_log(value: object) -> str:
+    r"""``value`` as text with nothing in it that can break or forge a log line.
+
+    Printable ASCII is kept as it is; every control character, backslash, DEL and
+    non-ASCII character is escaped as ``repr`` would (``\n``, ``\x1b``,
+    ``\xe9``, ``\u2028``), without quotes. ``bytes`` are shown byte by byte
+    (``b"\xff"`` as ``\xff``); anything else is ``str(value)`` escaped, so an
+    exception may be passed as it is. The result is plain printable ASCII.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value).decode("latin-1")  # one character per byte, escaped below
+    else:
+        text = value if isinstance(value, str) else str(value)
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case (an IP address, a plain path): no copy
+    # Non-ASCII characters the table leaves alone are escaped by backslashreplace,
+    # which runs after the table has already doubled every backslash.
+    return text.translate(_ESCAPES).encode("ascii", "backslashreplace").decode("ascii")
