@@ -278,6 +278,7 @@ KEYS: Mapping[str, _Key] = MappingProxyType(
         "log_level": _Key("one of debug, info, warning, error, critical", _check_log_level),
         "shutdown_port": _Key("a port number (0-65535)", _int_in(0, 65535), _text_int),
         "shutdown_secret": _Key("a non-empty string", _check_text),
+        "shutdown_allow_no_secret": _BOOL,
     }
 )  # fmt: skip
 

@@ -31,7 +31,7 @@ from ._errors import ConfigError, HandlerKindError, ServerError
 from ._listeners import FAMILIES, Family, ListenTarget, open_listeners
 from ._protocol import TaskManager
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
-from ._shutdown_port import ShutdownHandler, ShutdownPort
+from ._shutdown_port import ShutdownHandler, ShutdownPort, check_allow_no_secret
 from ._spec import HandlerKind
 from ._tasks import current_task
 from ._tls import make_server_context
@@ -96,6 +96,7 @@ class _Settings:
     shutdown_port: int | None
     shutdown_secret: str | None
     shutdown_handler: ShutdownHandler | None
+    shutdown_allow_no_secret: bool
 
 
 def handler_kind(handler: Callable[..., Any]) -> HandlerKind:
@@ -160,6 +161,7 @@ class Server:
         shutdown_port: int | None = None,
         shutdown_secret: str | None = None,
         shutdown_handler: ShutdownHandler | None = None,
+        shutdown_allow_no_secret: bool = False,
     ) -> None:
         if not callable(handler):
             raise ConfigError(f"handler must be callable, not {handler!r}", key="handler")
@@ -192,6 +194,9 @@ class Server:
             shutdown_port=_check_shutdown_port(shutdown_port, shutdown_secret, shutdown_handler),
             shutdown_secret=shutdown_secret,
             shutdown_handler=shutdown_handler,
+            shutdown_allow_no_secret=check_allow_no_secret(
+                shutdown_port, shutdown_secret, shutdown_handler, shutdown_allow_no_secret
+            ),
         )
         self._manager, self._owns_manager, self._manager_name = _resolve_manager(
             manager, manager_options
@@ -382,7 +387,11 @@ class Server:
             try:
                 if cfg.shutdown_port is not None:
                     shutdown = ShutdownPort(
-                        self, cfg.shutdown_port, cfg.shutdown_secret, cfg.shutdown_handler
+                        self,
+                        cfg.shutdown_port,
+                        cfg.shutdown_secret,
+                        cfg.shutdown_handler,
+                        allow_no_secret=cfg.shutdown_allow_no_secret,
                     )
                     shutdown.open()
                 engine = Engine(self, self._manager, listeners)
