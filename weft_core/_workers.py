@@ -201,30 +201,35 @@ def check_capacity(workers: int) -> None:
 
     Each worker is counted as WORKER_TASKS threads against RLIMIT_NPROC (less the
     tasks this user runs already) and WORKER_MEMORY against MemAvailable. Raises a
-    one-line ConfigError (key ``workers``) naming the limit and the largest count that fits.
+    one-line ConfigError (key ``workers``) naming the tighter limit and the largest
+    count that fits under both.
     """
+    limits: list[tuple[int, str]] = []  # (room in workers, why)
     soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     if soft != resource.RLIM_INFINITY:
         used = _tasks_of(os.getuid())
-        room = max(0, soft - used) // WORKER_TASKS
-        if workers > room:
-            raise ConfigError(
-                f"{workers} workers need {workers * WORKER_TASKS} processes/threads"
-                f" ({WORKER_TASKS} each), but the process limit (RLIMIT_NPROC {soft},"
-                f" {used} in use) leaves room for {room} workers; use --workers {room}"
-                " or fewer, or raise the limit (ulimit -u)",
-                key="workers",
+        limits.append(
+            (
+                max(0, soft - used) // WORKER_TASKS,
+                f"{workers * WORKER_TASKS:,} processes/threads ({WORKER_TASKS} each), but the"
+                f" process limit is {soft:,} (RLIMIT_NPROC, {used:,} in use; raise it with"
+                " ulimit -u)",
             )
+        )
     available = _mem_available()
     if available is not None:
-        room = available // WORKER_MEMORY
-        if workers > room:
-            raise ConfigError(
-                f"{workers} workers need about {workers * WORKER_MEMORY // 2**20:,} MiB"
-                f" ({WORKER_MEMORY // 2**20} MiB each), but only {available // 2**20:,} MiB is"
-                f" available (MemAvailable in /proc/meminfo); use --workers {room} or fewer",
-                key="workers",
+        limits.append(
+            (
+                available // WORKER_MEMORY,
+                f"about {workers * WORKER_MEMORY // 2**20:,} MiB ({WORKER_MEMORY // 2**20} MiB"
+                f" each), but only {available // 2**20:,} MiB is available (MemAvailable in"
+                " /proc/meminfo)",
             )
+        )
+    if limits and workers > (tightest := min(limits))[0]:
+        room, why = tightest
+        advice = f"use --workers {room} or fewer" if room else "not even one worker fits"
+        raise ConfigError(f"{workers:,} workers need {why}; {advice}", key="workers")
 
 
 def _tasks_of(uid: int) -> int:
