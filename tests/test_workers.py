@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from datetime import date, datetime, timezone
@@ -33,12 +34,14 @@ from _serving import (
     weft_serve,
 )
 
-from weft_core import _registry
+from weft_core import ConfigError, _registry
 from weft_core._config import parse_option_value
 from weft_core._workers import (
     RESTART_DELAY_MAX,
     RESTART_DELAY_MIN,
     RESTART_RESET_AFTER,
+    START_INTERVAL,
+    check_capacity,
     describe_exit,
     option_text,
     restart_delay,
@@ -258,7 +261,112 @@ def test_handler_mistake_in_workers_stops_with_2(tmp_path: Path) -> None:
     with served:
         assert served.finish() == 2, served.text
     assert "cannot import handler 'no_such_module:handle'" in served.text
+    assert "before it was ready" in served.text
     assert "which a restart cannot fix; stopping" in served.text
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_exiting_2_after_boot_is_replaced(tmp_path: Path) -> None:
+    # Status 2 from a worker that served: a handler ending its process (os._exit(2);
+    # a handler's sys.exit(2) ends only its task), not a mistake a restart cannot fix.
+    (tmp_path / "exit2.py").write_text(textwrap.dedent("""
+        import os
+
+        def handle(conn):
+            conn.sendall(b"%d\\n" % os.getpid())
+            while data := conn.recv(65536):
+                if data == b"exit2\\n":
+                    os._exit(2)
+                conn.sendall(data)
+    """))  # fmt: skip
+    served = Served(
+        weft_serve("exit2:handle", "--workers", "2", "--bind", "127.0.0.1:0",
+                   "--graceful-timeout", "20"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        ((address, _),) = (m.groups() for m in served.wait_for(LISTENING))
+        first = ready_pids(served, 2)
+        with Client(host_port(address)) as client:
+            client.sock.sendall(b"exit2\n")
+            assert client.sock.recv(64) == b"", "the worker ended"
+        served.wait_for(rf"worker {client.pid} exited with 2 after [\d.]+s; starting another in")
+        (newcomer,) = ready_pids(served, 3) - first
+        assert pids_serving(address, (first - {client.pid}) | {newcomer})
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "cannot fix" not in served.text
+
+
+# -- what the machine can hold, and signals during starts -----------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_more_workers_than_memory_holds_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        weft_serve("_serving:handle", "--workers", "100000", "--bind", "127.0.0.1:0"),
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("weft: key 'workers': 100,000 workers need")
+    assert "use --workers" in line and ("MemAvailable" in line or "RLIMIT_NPROC" in line)
+    assert "listening" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_more_workers_than_the_process_limit_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # RLIMIT_NPROC lowered in the child (by a tiny launcher, which then execs weft).
+    launcher = (
+        "import os, resource, sys;"
+        " soft, hard = resource.getrlimit(resource.RLIMIT_NPROC);"
+        " resource.setrlimit(resource.RLIMIT_NPROC, (8, hard));"
+        " os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    argv = weft_serve("_serving:handle", "--workers", "4", "--bind", "127.0.0.1:0")
+    result = subprocess.run(
+        [sys.executable, "-c", launcher, *argv],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("weft: key 'workers': 4 workers need 16 processes/threads"), line
+    assert "the process limit is 8 (RLIMIT_NPROC" in line and "ulimit -u" in line, line
+    assert "listening" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_sigint_during_the_start_of_many_workers(tmp_path: Path) -> None:
+    count = 200
+    try:
+        check_capacity(count)
+    except ConfigError as exc:
+        pytest.skip(f"this machine cannot hold {count} workers: {exc}")
+    # Workers that take a minute to import their handler: never ready, mostly asleep.
+    (tmp_path / "slowboot.py").write_text(
+        "import time\ntime.sleep(60)\nfrom _serving import handle\n"
+    )
+    served = Served(
+        weft_serve("slowboot:handle", "--workers", str(count), "--bind", "127.0.0.1:0",
+                   "--graceful-timeout", "5"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        served.wait_for(STARTED, count=10)
+        sent = time.time()
+        served.signal(signal.SIGINT)
+        (stopping,) = served.wait_for(r"^(\S+ \S+) .*received SIGINT: stopping (\d+) worker")
+        acted = datetime.strptime(stopping.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        assert acted - sent < 0.5 + 0.25, f"acted on SIGINT {acted - sent:.3f}s after it"
+        assert served.finish(timeout=60) == 0, served.text
+    started = int(stopping.group(2))
+    assert started < count
+    assert len(re.findall(STARTED, served.text)) == started, "no worker started after SIGINT"
+    assert "killing" not in served.text
+
+
+def test_workers_start_at_a_bounded_rate() -> None:
+    assert 0 < START_INTERVAL <= 0.1, "a start between two reads of the signal pipe"
 
 
 @pytest.mark.timeout(60)

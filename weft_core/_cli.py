@@ -214,9 +214,10 @@ def _serve(ns: argparse.Namespace) -> int:
         flags["manager_options"] = dict(ns.manager_option)
     from . import _activation, _workers
 
+    ready: Callable[[], None] | None = None
     try:
         if ns.supervisor_fd is not None:
-            _workers.become_worker(ns.supervisor_fd)
+            ready = _workers.become_worker(ns.supervisor_fd)
         # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
         inherited = _activation.listen_fds()
         if inherited and not binds:
@@ -236,6 +237,8 @@ def _serve(ns: argparse.Namespace) -> int:
     if config.workers > 1:
         try:
             return _workers.supervise(config, flags, ns.config)
+        except ConfigError as exc:  # too many workers, a shutdown port without a secret
+            return _fail(exc, EXIT_USAGE)
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
     try:
@@ -245,11 +248,14 @@ def _serve(ns: argparse.Namespace) -> int:
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
+    kwargs = config.server_kwargs()
+    if ready is not None:  # a worker: the supervisor owns the shutdown port
+        kwargs = _workers.worker_kwargs(kwargs)
     try:
-        server = Server(handler, **config.server_kwargs())
+        server = Server(handler, **kwargs)
     except WeftError as exc:  # unknown manager, wrong handler kind, bad value
         return _fail(exc, EXIT_USAGE)
-    return _run(server, config.graceful_timeout)
+    return _run(server, config.graceful_timeout, ready)
 
 
 def _setup_logging(level: str) -> None:
@@ -258,8 +264,11 @@ def _setup_logging(level: str) -> None:
     log.setLevel(level)
 
 
-def _run(server: Any, graceful_timeout: float) -> int:
-    """Run ``server`` until a signal or a fatal error; return the exit status."""
+def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None = None) -> int:
+    """Run ``server`` until a signal or a fatal error; return the exit status.
+
+    ``ready()``, if given, is called once the server listens (a worker tells its supervisor).
+    """
     in_main = threading.current_thread() is threading.main_thread()
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
     with Wakeup(_SIGNALS if in_main else ()) as wakeup:
@@ -269,6 +278,8 @@ def _run(server: Any, graceful_timeout: float) -> int:
             return _fail(exc, EXIT_RUNTIME)
         for address in server.addresses:
             log.info("listening on %s (manager %s)", address, server.manager_name)
+        if ready is not None:
+            ready()
 
         ended = threading.Event()
 

@@ -124,6 +124,7 @@ class Server:
         shutdown_port: int | None = None,
         shutdown_secret: str | None = None,
         shutdown_handler: ShutdownHandler | None = None,
+        shutdown_allow_no_secret: bool = False,
     ) -> None:
         self._cfg = Settings.from_keywords(
             handler,
@@ -153,6 +154,7 @@ class Server:
             shutdown_port=shutdown_port,
             shutdown_secret=shutdown_secret,
             shutdown_handler=shutdown_handler,
+            shutdown_allow_no_secret=shutdown_allow_no_secret,
         )
         manager = validate("manager", manager)
         manager_options = validate("manager_options", manager_options)
@@ -341,7 +343,11 @@ class Server:
             try:
                 if cfg.shutdown_port is not None:
                     shutdown = ShutdownPort(
-                        self, cfg.shutdown_port, cfg.shutdown_secret, cfg.shutdown_handler
+                        self,
+                        cfg.shutdown_port,
+                        cfg.shutdown_secret,
+                        cfg.shutdown_handler,
+                        allow_no_secret=cfg.shutdown_allow_no_secret,
                     )
                     shutdown.open()
                 engine = self._make_engine(listeners)

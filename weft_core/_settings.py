@@ -503,6 +503,8 @@ _ROWS = [
             None, "a loopback port whose connection stops the server"),
     Setting("shutdown_secret", string(secret=True), None,
             "what a client must send on the shutdown port"),
+    Setting("shutdown_allow_no_secret", boolean(), False,
+            "allow a shutdown port without a secret, which any local process may use"),
     # Python only.
     Setting("exception_handler", callback("f(server, conn, exc)"), None,
             "called with errors the handler raises; default: log them", "server"),
@@ -676,6 +678,7 @@ class Settings:
     shutdown_port: int | None
     shutdown_secret: str | None
     shutdown_handler: ShutdownHandler | None
+    shutdown_allow_no_secret: bool
 
     @classmethod
     def from_keywords(cls, handler: Any, **keywords: Any) -> Settings:
@@ -707,6 +710,17 @@ class Settings:
                         "only applies with shutdown_port; set shutdown_port (0 picks a free port)",
                         key=key,
                     )
+        if (
+            values["shutdown_port"] is not None
+            and values["shutdown_secret"] is None
+            and values["shutdown_handler"] is None
+            and not values["shutdown_allow_no_secret"]
+        ):
+            raise ConfigError(
+                "shutdown_port without a secret lets any local process stop the server;"
+                " set shutdown_secret, or shutdown_allow_no_secret = true to accept that",
+                key="shutdown_secret",
+            )
         tls = values.pop("tls")
         if isinstance(tls, Mapping):
             from ._tls import make_server_context

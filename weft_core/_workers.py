@@ -18,13 +18,22 @@ workers keep dying young (see the ``RESTART_*`` constants). SIGTERM or SIGINT st
 it: it closes its own copies of the sockets, sends SIGTERM to every worker (each
 stops gracefully within ``graceful_timeout``), waits, and exits 0; a worker still
 running ``graceful_timeout + EXIT_MARGIN`` later is killed and the exit status is 1.
-A second signal kills the workers at once. A worker exiting with status 2 (a
-mistake in the command, the config or the handler, which no restart can fix)
-stops everything, and the supervisor exits 2.
+A second signal kills the workers at once. A worker exiting with status 2 before
+it was ready (a mistake in the command, the config or the handler, which no restart
+can fix) stops everything, and the supervisor exits 2; after it was ready, status 2
+is a crash like any other and the worker is replaced.
 
-Each worker holds the read end of a pipe whose write end only the supervisor has:
+The supervisor acts on every signal within half a second whatever it is doing: it
+starts workers one at a time, at most ``1 / START_INTERVAL`` a second, reading its
+signal pipe between starts. It refuses ``workers`` beyond what the process limit and
+the free memory can hold (:func:`check_capacity`), before anything starts. Under
+``--workers`` the shutdown port is the supervisor's (workers never open it), and an
+approved request stops the whole service as SIGTERM does.
+
+Each worker holds one end of a socket pair whose other end only the supervisor has:
 when the supervisor dies, even by SIGKILL, the worker reads end-of-file and stops
-gracefully instead of serving on as an orphan.
+gracefully instead of serving on as an orphan. Once listening, the worker writes a
+byte into it, which tells the supervisor, when the worker exits, that it was ready.
 
 What does not live here: serving (each worker is a plain ``weft serve``), config
 (``_config``), opening sockets (``_listeners``), socket activation (``_activation``).
@@ -38,6 +47,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -55,6 +65,7 @@ from ._endpoints import Endpoint, address_endpoint, parse_endpoint
 from ._errors import ConfigError
 from ._listeners import close_listener, open_listeners
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
+from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -62,11 +73,17 @@ __all__ = [
     "RESTART_DELAY_MAX",
     "RESTART_DELAY_MIN",
     "RESTART_RESET_AFTER",
+    "START_INTERVAL",
+    "SUPERVISOR_ONLY_KEYS",
+    "WORKER_MEMORY",
+    "WORKER_TASKS",
     "Supervisor",
     "become_worker",
+    "check_capacity",
     "restart_delay",
     "supervise",
     "worker_args",
+    "worker_kwargs",
 ]
 
 log = logging.getLogger("weft.workers")
@@ -89,6 +106,18 @@ EXIT_MARGIN = 5.0
 #: The longest the supervisor sleeps without a signal. SIGCHLD and SIGTERM wake it at
 #: once through the wakeup pipe; this is only a backstop, so it costs nothing.
 _IDLE_WAKE = 5.0
+#: The shortest pause between two worker starts. Between starts the supervisor reads
+#: its signal pipe, so a SIGINT during the start of many workers is acted on at once
+#: (issue 14: with every start in one go, 668 workers started after a SIGINT); and
+#: 50 interpreters a second is already more than two cores boot.
+START_INTERVAL = 0.02
+#: What one idle worker holds, measured (``threads`` manager, Python 3.11, 64-bit
+#: Linux): about 23 MiB of private memory (36 MB RSS) and 4 threads, which count
+#: against RLIMIT_NPROC. A handler's own memory and threads come on top.
+WORKER_MEMORY = 24 * 2**20
+WORKER_TASKS = 4
+#: What a worker writes to the supervisor once it listens.
+_READY = b"R"
 
 #: The message weft serve logs once listening. In a worker it would repeat the
 #: supervisor's line (which tools and tests wait for) N times, so a worker logs it
@@ -98,6 +127,8 @@ WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
 
 # Config keys given on weft serve's command line that a worker gets in another form.
 _NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
+#: Settings the supervisor acts on and its workers ignore (they read the same config).
+SUPERVISOR_ONLY_KEYS = frozenset({"shutdown_port", "shutdown_secret", "shutdown_allow_no_secret"})
 
 
 # -- the supervisor's side -----------------------------------------------------------
@@ -118,6 +149,12 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
         raise ConfigError("worker processes need a POSIX system", key="workers")
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError("worker processes are supervised from the main thread", key="workers")
+    shutdown_port = config.values.get("shutdown_port")
+    secret = config.values.get("shutdown_secret")
+    allow = check_allow_no_secret(
+        shutdown_port, secret, None, config.values.get("shutdown_allow_no_secret", False)
+    )
+    check_capacity(config.workers)
     listeners = open_listeners(
         _targets(config),
         family=config.get("family", "auto"),
@@ -130,10 +167,9 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
         while listeners:
             close_listener(listeners.pop())
 
+    shutdown: ShutdownPort | None = None
     try:
         manager = config.get("manager") or DEFAULT_MANAGER
-        for listener in listeners:
-            serve_log.info(LISTENING_MESSAGE, listener.address, manager)
         sockets = [listener.sock for listener in listeners]
         args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
 
@@ -147,9 +183,84 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
             config.graceful_timeout,
             on_stop=close_listeners,
         )
+        if shutdown_port is not None:
+            shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
+            shutdown.open()  # a BindError here: before anything listens or starts
+        for listener in listeners:
+            serve_log.info(LISTENING_MESSAGE, listener.address, manager)
+        if shutdown is not None:
+            shutdown.start()
         return supervisor.run()
     finally:
+        if shutdown is not None:
+            shutdown.close()
         close_listeners()
+
+
+def check_capacity(workers: int) -> None:
+    """Refuse ``workers`` beyond what the process limit and the free memory can hold.
+
+    Each worker is counted as WORKER_TASKS threads against RLIMIT_NPROC (less the
+    tasks this user runs already) and WORKER_MEMORY against MemAvailable. Raises a
+    one-line ConfigError (key ``workers``) naming the tighter limit and the largest
+    count that fits under both.
+    """
+    limits: list[tuple[int, str]] = []  # (room in workers, why)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft != resource.RLIM_INFINITY:
+        used = _tasks_of(os.getuid())
+        limits.append(
+            (
+                max(0, soft - used) // WORKER_TASKS,
+                f"{workers * WORKER_TASKS:,} processes/threads ({WORKER_TASKS} each), but the"
+                f" process limit is {soft:,} (RLIMIT_NPROC, {used:,} in use; raise it with"
+                " ulimit -u)",
+            )
+        )
+    available = _mem_available()
+    if available is not None:
+        limits.append(
+            (
+                available // WORKER_MEMORY,
+                f"about {workers * WORKER_MEMORY // 2**20:,} MiB ({WORKER_MEMORY // 2**20} MiB"
+                f" each), but only {available // 2**20:,} MiB is available (MemAvailable in"
+                " /proc/meminfo)",
+            )
+        )
+    if limits and workers > (tightest := min(limits))[0]:
+        room, why = tightest
+        advice = f"use --workers {room} or fewer" if room else "not even one worker fits"
+        raise ConfigError(f"{workers:,} workers need {why}; {advice}", key="workers")
+
+
+def _tasks_of(uid: int) -> int:
+    """The threads of ``uid``'s processes (what RLIMIT_NPROC counts on Linux); 0 without /proc."""
+    count = 0
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{name}/task"))
+        except OSError:  # it ended meanwhile
+            pass
+    return count
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _targets(config: Config) -> list[Endpoint]:
@@ -182,6 +293,11 @@ def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
         args.append(f"--manager-option={name}={option_text(value)}")
     args.append("--workers=1")
     return args
+
+
+def worker_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A worker's Server keywords: ``kwargs`` without what the supervisor owns (the shutdown port)."""
+    return {k: v for k, v in kwargs.items() if k not in SUPERVISOR_ONLY_KEYS}
 
 
 def option_text(value: Any) -> str:
@@ -237,7 +353,7 @@ def describe_exit(code: int) -> str:
 class _Worker:
     slot: int
     proc: subprocess.Popen[bytes]
-    link: int  # the write end of the worker's pipe; closing it tells the worker to stop
+    link: socket.socket  # our end of the worker's socket pair; closing it tells the worker to stop
     started: float
     delay: float | None  # the back-off that preceded this worker
 
@@ -246,7 +362,8 @@ class Supervisor:
     """Start ``count`` workers, replace those that exit, stop them all on a signal.
 
     ``command(link_fd)`` gives a worker's argv; each worker inherits ``sockets``;
-    ``on_stop`` runs as stopping starts. :meth:`run` returns the exit status.
+    ``on_stop`` runs as stopping starts. :meth:`run` returns the exit status;
+    :meth:`stop` (from any thread) stops gracefully, as SIGTERM does.
     """
 
     def __init__(
@@ -268,10 +385,21 @@ class Supervisor:
         self._stopping = False
         self._deadline: float | None = None
         self._status = 0
+        self._next_start = 0.0
+        self._stop_asked = threading.Event()
+        self._wakeup: Wakeup | None = None
+
+    def stop(self) -> None:
+        """Stop gracefully, as on SIGTERM (the shutdown port's request); any thread."""
+        self._stop_asked.set()
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.wake()
 
     def run(self) -> int:
         """Supervise until stopped and every worker has exited; return the exit status."""
         with Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)) as wakeup:
+            self._wakeup = wakeup
             try:
                 now = time.monotonic()
                 self._due = dict.fromkeys(range(self._count), (now, None))
@@ -279,6 +407,14 @@ class Supervisor:
                 while True:
                     now = time.monotonic()
                     self._handle_signals(received, now)
+                    if self._stop_asked.is_set() and not self._stopping:
+                        log.info(
+                            "stop requested on the shutdown port: stopping %d worker(s)"
+                            " (graceful timeout %ss)",
+                            len(self._workers),
+                            f"{self._graceful_timeout:g}",
+                        )
+                        self._begin_stop(now)
                     self._reap(now)
                     if self._stopping and not self._workers:
                         break
@@ -290,6 +426,7 @@ class Supervisor:
                 log.info("all workers stopped")
                 return self._status
             finally:
+                self._wakeup = None
                 self._abandon()
 
     def _handle_signals(self, received: list[int], now: float) -> None:
@@ -353,17 +490,19 @@ class Supervisor:
                 log.debug("reaped process %d (not a worker), which exited with %s", pid, code)
                 continue
             worker.proc.returncode = code  # reaped here, so Popen must not wait for it
-            os.close(worker.link)
-            self._exited(pid, worker, code, now)
+            ready = _was_ready(worker.link)
+            worker.link.close()
+            self._exited(pid, worker, code, ready, now)
 
-    def _exited(self, pid: int, worker: _Worker, code: int, now: float) -> None:
+    def _exited(self, pid: int, worker: _Worker, code: int, ready: bool, now: float) -> None:
         what = describe_exit(code)
         if self._stopping:
             log.info("worker %d exited with %s", pid, what)
-        elif code == EXIT_USAGE:
+        elif code == EXIT_USAGE and not ready:
             log.error(
-                "worker %d exited with %s: a mistake in the command, config or handler"
-                " (see its message above), which a restart cannot fix; stopping",
+                "worker %d exited with %s before it was ready: a mistake in the command,"
+                " config or handler (see its message above), which a restart cannot fix;"
+                " stopping",
                 pid,
                 what,
             )
@@ -407,19 +546,27 @@ class Supervisor:
         return None
 
     def _start_due(self, now: float) -> None:
-        for slot, (when, delay) in sorted(self._due.items()):
-            if when <= now:
-                del self._due[slot]
-                self._spawn(slot, delay, now)
+        """Start the first worker that is due, if START_INTERVAL has passed since the last.
+
+        One at a time: the loop reads the signal pipe before the next.
+        """
+        if now < self._next_start or not self._due:
+            return
+        slot, (when, delay) = min(self._due.items(), key=lambda item: item[1][0])
+        if when <= now:
+            del self._due[slot]
+            self._next_start = now + START_INTERVAL
+            self._spawn(slot, delay, now)
 
     def _spawn(self, slot: int, delay: float | None, now: float) -> None:
-        # The worker holds the read end; only we hold the write end (os.pipe() gives
+        # The worker holds one end; only we hold the other (socketpair() gives
         # non-inheritable descriptors, and pass_fds names just this worker's).
-        link_r, link_w = os.pipe()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
         try:
             proc = subprocess.Popen(
-                self._command(link_r),
-                pass_fds=(*(s.fileno() for s in self._sockets), link_r),
+                self._command(theirs.fileno()),
+                pass_fds=(*(s.fileno() for s in self._sockets), theirs.fileno()),
                 stdin=subprocess.DEVNULL,
                 # Its own session: a Ctrl-C on the terminal reaches the supervisor
                 # alone, which forwards one SIGTERM. Two signals would make a worker
@@ -427,18 +574,18 @@ class Supervisor:
                 start_new_session=True,
             )
         except OSError as exc:
-            os.close(link_w)
+            ours.close()
             retry = restart_delay(delay, 0.0)
             self._due[slot] = (now + retry, retry)
             log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
             return
         finally:
-            os.close(link_r)
-        self._workers[proc.pid] = _Worker(slot, proc, link_w, now, delay)
+            theirs.close()
+        self._workers[proc.pid] = _Worker(slot, proc, ours, now, delay)
         log.info("worker %d started", proc.pid)
 
     def _timeout(self, now: float) -> float:
-        times = [when for when, _ in self._due.values()]
+        times = [max(when, self._next_start) for when, _ in self._due.values()]
         if self._deadline is not None:
             times.append(self._deadline)
         return max(0.0, min([now + _IDLE_WAKE, *times]) - now)
@@ -452,8 +599,16 @@ class Supervisor:
             except ChildProcessError:
                 pass
             worker.proc.returncode = -signal.SIGKILL
-            os.close(worker.link)
+            worker.link.close()
         self._workers.clear()
+
+
+def _was_ready(link: socket.socket) -> bool:
+    """Whether the worker wrote its ready byte before it exited (the byte outlives it)."""
+    try:
+        return link.recv(1) == _READY
+    except OSError:  # nothing written: BlockingIOError
+        return False
 
 
 def _send(pid: int, sig: int) -> None:
@@ -469,12 +624,14 @@ def _send(pid: int, sig: int) -> None:
 # -- the worker's side --------------------------------------------------------------
 
 
-def become_worker(supervisor_fd: int) -> None:
+def become_worker(supervisor_fd: int) -> Callable[[], None]:
     """Make this ``weft serve`` a worker of the supervisor that started it.
 
-    Stops gracefully (as on SIGTERM) when ``supervisor_fd``, the read end of a pipe
-    only the supervisor writes to, reaches end-of-file: the supervisor is gone. Logs
-    ``worker ready on ...`` where weft serve logs ``listening on ...``.
+    Stops gracefully (as on SIGTERM) when ``supervisor_fd``, a socket whose other end
+    only the supervisor holds, reaches end-of-file: the supervisor is gone. Logs
+    ``worker ready on ...`` where weft serve logs ``listening on ...``. Returns
+    ``ready()``, to call once listening: the supervisor then knows that an exit
+    status 2 is no mistake in the command, config or handler.
 
     Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
     not by hand).
@@ -495,6 +652,14 @@ def become_worker(supervisor_fd: int) -> None:
         name="weft worker: supervisor watch",
         daemon=True,
     ).start()
+
+    def ready() -> None:
+        try:
+            os.write(supervisor_fd, _READY)
+        except OSError:  # the supervisor is gone; the watch thread stops us
+            pass
+
+    return ready
 
 
 def _worker_ready(record: logging.LogRecord) -> bool:
