@@ -187,7 +187,7 @@ class StopTests(ManagerTestBase):
             server = make_server(echo, args=(b"+",), max_connections=1)
             holder.append(server)
             with connect(server.port) as first:
-                assert recv_exactly(first, 1) == b"+"
+                assert recv_exactly(first, 1) == b"+", "the first client is served"
                 with connect(server.port) as second:
                     assert called.wait(WAIT), "stop() called from a hook returned"
                     recv_until_closed(second)
@@ -199,7 +199,7 @@ class StopTests(ManagerTestBase):
         """Rule: stop() from two threads at once: both return the same result; stopped."""
         server = make_server(stubborn)
         with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"<"
+            assert recv_exactly(client, 1) == b"<", "the stubborn handler is running"
             results: list[bool] = []
             barrier = threading.Barrier(2)
 
