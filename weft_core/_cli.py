@@ -25,21 +25,13 @@ from typing import Any
 from . import __version__, _registry
 from ._config import load_config, parse_option_value
 from ._errors import ConfigError, WeftError
+from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
 
 log = logging.getLogger("weft")
 
-#: Exit statuses: a mistake the user can fix in the command, config or handler, and a
-#: failure while running (as argparse itself exits 2 for a bad command line).
-EXIT_USAGE = 2
-EXIT_RUNTIME = 1
-#: A graceful stop that had to leave tasks running past --graceful-timeout plus the
-#: stop's grace (handlers that ignored shutdown and interruption alike): the process
-#: exits anyway, and says so to its service manager. 3 is kept for gunicorn's
-#: "worker failed to boot".
-EXIT_TASKS_LEFT = 4
 
 #: The longest the main thread sleeps while serving. Signals and the server's end wake
 #: it at once through a socket (``_wakeup``); this is only a backstop.

@@ -29,7 +29,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
 from ._connection import ConnectionInfo
 from ._endpoints import Endpoint, address_endpoint, parse_endpoint
@@ -38,15 +38,13 @@ from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
 from ._errors import ConfigError, HandlerKindError, ServerError
 from ._listeners import Family, open_listeners
-from ._protocol import AsyncRuntime, SyncRuntime, TaskManager
+from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
+from ._registry import Hooks, create_manager, hooks
 from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
 from ._tasks import current_task
-
-if TYPE_CHECKING:
-    from ._registry import Hooks
 
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
@@ -536,8 +534,6 @@ class Server:
 
     @staticmethod
     def _hooks() -> Hooks:
-        from ._registry import hooks
-
         return hooks()
 
 
@@ -556,8 +552,6 @@ def _resolve_manager(
     manager: Any, options: dict[str, Any] | None
 ) -> tuple[TaskManager, bool, str]:
     if manager is None or isinstance(manager, str):
-        from ._registry import create_manager
-
         name = manager or DEFAULT_MANAGER
         return create_manager(name, **(options or {})), True, name
     if options:
@@ -566,8 +560,6 @@ def _resolve_manager(
             "pass the options to your manager instance instead",
             key="manager_options",
         )
-    from ._protocol import manager_problem
-
     problem = manager_problem(manager)
     if problem is not None:
         raise ConfigError(

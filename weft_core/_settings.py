@@ -35,6 +35,7 @@ from ._endpoints import parse_endpoint
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
+from ._tls import make_server_context
 
 if TYPE_CHECKING:
     import ssl
@@ -723,9 +724,7 @@ class Settings:
             )
         tls = values.pop("tls")
         if isinstance(tls, Mapping):
-            from ._tls import make_server_context
-
-            tls = make_server_context(tls)
+            tls = make_server_context(tls_table(tls))
         enabled = values.pop("proxy_protocol")
         trusted = values.pop("trusted_proxies")
         header_timeout = values.pop("proxy_header_timeout")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigError
@@ -16,11 +17,12 @@ __all__ = ["TLS_KEYS", "make_server_context", "tls_details"]
 TLS_KEYS = ("certfile", "keyfile", "cafile", "require_client_cert", "password")
 
 
-def make_server_context(tls: Any) -> ssl.SSLContext:
-    """An ``SSLContext`` for ``Server(tls=...)``: one given as is, or built from files.
+def make_server_context(parts: Mapping[str, Any]) -> ssl.SSLContext:
+    """An ``SSLContext`` for ``Server(tls={...})``, built from files.
 
-    ``tls`` is a context, or a table checked by the settings table (certfile,
-    keyfile, cafile, require_client_cert, password or password_file). Built contexts
+    ``parts`` is a ``tls`` table already checked by the settings table
+    (``_settings.tls_table``: certfile, keyfile, cafile, require_client_cert,
+    password). Built contexts
     use ``Purpose.CLIENT_AUTH`` (server side) and accept TLS 1.2 at the least. With
     ``cafile``, client certificates are asked for and verified (required with
     ``require_client_cert``). An encrypted key without a password is a ConfigError,
@@ -28,12 +30,6 @@ def make_server_context(tls: Any) -> ssl.SSLContext:
     """
     import ssl
 
-    from ._settings import tls_table, validate
-
-    if isinstance(tls, ssl.SSLContext):
-        return tls
-    validate("tls", tls)  # neither a context nor a table: the table's message
-    parts = tls_table(tls)
     password = parts.get("password")
 
     def no_password() -> str:

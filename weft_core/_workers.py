@@ -58,11 +58,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._cli import EXIT_RUNTIME, EXIT_USAGE
 from ._config import Config, parse_option_value
 from ._connection import format_address
 from ._endpoints import Endpoint, address_endpoint, parse_endpoint
 from ._errors import ConfigError
+from ._exits import EXIT_RUNTIME, EXIT_USAGE
 from ._listeners import close_listener, open_listeners
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._shutdown_port import ShutdownPort, check_allow_no_secret

@@ -90,8 +90,12 @@ class ThreadManager:
             return True
         state.request_shutdown()
         if state.done.wait(timeout):
+            # done is set as the thunk returns, a moment before the thread forgets the
+            # task: once stop_task returns, the id is no longer in all_tasks().
+            self._table.pop(task_id)
             return True
-        state.interrupt_and_wait()
+        if state.interrupt_and_wait():
+            self._table.pop(task_id)
         return False
 
     def all_tasks(self) -> list[Hashable]:

@@ -1,0 +1,82 @@
+"""`weft serve` stops within --graceful-timeout plus the stop's grace, however stuck.
+
+Handlers that ignore their shutdown flag, end of input and interruption alike (and
+on gevent and trio block the runtime's loop) make the stop leave them behind: the
+process still exits by the bound, with status 4 (EXIT_TASKS_LEFT), saying how many
+it left; a blocked gevent hub is named with the culprit's stack. The Server-level
+promise, on every manager, is in the conformance suite (``StopTests``).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _fault_support import WeftServe
+
+from weft_core import available_managers
+from weft_core._engine import STOP_GRACE
+from weft_core._exits import EXIT_TASKS_LEFT
+from weft_core._registry import get_manager_spec
+from weft_core.testing import WAIT
+
+MANAGERS = sorted(available_managers())
+
+#: What a loaded 2-core machine may add to the promised bound: starting the stop
+#: after the signal, and the interpreter's exit.
+SLACK = 2.0
+GRACEFUL = 2.0
+
+
+@pytest.fixture(params=MANAGERS)
+def manager(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def clients() -> Iterator[list[socket.socket]]:
+    held: list[socket.socket] = []
+    yield held
+    for sock in held:
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_weft_serve_exits_by_its_bound_with_ten_stuck_handlers(
+    manager: str, tmp_path: Path, clients: list[socket.socket]
+) -> None:
+    """SIGTERM with 10 stuck handlers: exit 4 within --graceful-timeout + STOP_GRACE."""
+    target = "_stuck_handlers:" + (
+        "stuck_async" if get_manager_spec(manager).handler_kind == "async" else "stuck"
+    )
+    proc = WeftServe(
+        target, "--manager", manager, "--bind", "127.0.0.1:0",
+        "--graceful-timeout", f"{GRACEFUL:g}", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        port = proc.port()
+        for _ in range(10):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+        # Every handler runs on threads; on a loop the first blocks it, and the rest wait.
+        assert clients[0].recv(1) == b"+", "a stuck handler is running"
+        began = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
+        took = time.monotonic() - began
+    finally:
+        proc.close()
+    assert code == EXIT_TASKS_LEFT, f"exit status {code}; stderr:\n{proc.stderr}"
+    assert took < GRACEFUL + STOP_GRACE + SLACK, (
+        f"weft serve took {took:.2f}s to exit (bound {GRACEFUL + STOP_GRACE:g}s plus slack)"
+    )
+    assert "are abandoned (exit status 4)" in proc.stderr
+    assert "left behind" in proc.stderr
+    if manager == "gevent":
+        # The hub is blocked: the stop names the greenlet that blocks it.
+        assert "the gevent hub has not answered" in proc.stderr
+        assert "in stuck" in proc.stderr, "the culprit's stack names the handler"
