@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -36,6 +38,7 @@ from . import _acceptpolicy as policy
 from ._connection import ConnectionInfo, format_address
 from ._errors import ManagerFullError, ServerError
 from ._listeners import Listener, close_listener
+from ._logsafe import escape_for_log
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
 from ._proxy import ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
@@ -58,6 +61,7 @@ COUNTERS = (
     "peer_errors",
     "proxy_errors",
     "idle_timeouts",
+    "preambles_dropped",
     "left_behind",
 )
 
@@ -82,6 +86,11 @@ STOP_GRACE = 2.0
 #: does not answer within this is blocked by a task (a handler calling time.sleep on a
 #: gevent hub, say); the stop then goes on without it, from its own thread.
 LOOP_WAIT = 1.0
+
+#: How long the acceptor waits for the slot of a connection it dropped in its preamble
+#: (see Engine._shed_preamble): that connection's task only has to notice its socket
+#: was shut down.
+SHED_WAIT = 1.0
 
 #: While at the limit with on_full="backlog", the acceptor re-checks for a stop this
 #: often; it is woken sooner by a slot coming free.
@@ -237,6 +246,9 @@ class Engine(Generic[R]):
         #: and waking a waiter a thread switch).
         self.idle_waiters = 0
         self.conns: set[Conn] = set()
+        #: Connections still in their preamble (PROXY header, TLS handshake), oldest
+        #: first: at the limit, the oldest is dropped to serve a new client.
+        self.preambles: dict[Conn, None] = {}
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.slots: Slots | None = (
             None if settings.max_connections is None else self._slots(settings.max_connections)
@@ -248,6 +260,7 @@ class Engine(Generic[R]):
         self.capacity_log = policy.RateLimitedLog(log)
         self.proxy_log = policy.RateLimitedLog(log)
         self.tls_log = policy.RateLimitedLog(log)
+        self.shed_log = policy.RateLimitedLog(log)
         self.listeners = [ListenerTask(lst, runtime, settings) for lst in listeners]
         self.listeners_closed = False
 
@@ -343,6 +356,8 @@ class Engine(Generic[R]):
         with self.lock:
             self.conns.add(conn)
             self.counts["accepted"] += 1
+            if self.preamble:
+                self.preambles[conn] = None
         try:
             conn.task_id = self.manager.add_task(conn)
         except ManagerFullError:
@@ -356,6 +371,36 @@ class Engine(Generic[R]):
             )
             self._finish(conn)
             close_quietly(sock)
+
+    def _shed_preamble(self) -> bool:
+        """Drop the oldest connection still in its preamble, to free a slot; True if one was.
+
+        A client that opens a connection and stalls its TLS handshake or PROXY header
+        holds a slot until ``tls_handshake_timeout`` (or ``proxy_header_timeout``); a
+        few of them would keep every real client out. So at the limit, rather than
+        refuse a new client, the acceptor shuts down the oldest connection still in
+        its preamble: a real client's preamble takes milliseconds, a stalled one is
+        the oldest, and the new one goes through the same rule.
+        """
+        with self.lock:
+            if not self.preambles:
+                return False
+            conn = next(iter(self.preambles))
+            del self.preambles[conn]
+            self.counts["preambles_dropped"] += 1
+        self.shed_log(
+            logging.WARNING,
+            "at max_connections=%s: dropped %s, still in its %s, to serve a new client",
+            self.cfg.max_connections,
+            conn.peer_str,
+            "TLS handshake" if self.cfg.tls is not None else "PROXY header",
+        )
+        _shutdown_quietly(conn.abort)
+        return True
+
+    def _preamble_done(self, conn: Conn) -> None:
+        with self.lock:
+            self.preambles.pop(conn, None)
 
     # -- serving a connection: shared parts -----------------------------------------
 
@@ -394,13 +439,20 @@ class Engine(Generic[R]):
             # ClosedResourceError - is our doing, not the handler's fault.
             log.debug("handler for %s cut off by the stop: %r", info.peer_str, exc)
             return
+        tls_error = _tls_error(exc)
+        if tls_error is not None:
+            # The peer broke the TLS session (a renegotiation, a forged record, an
+            # alert): its doing, not the handler's, and it must not flood the log.
+            self._tls_failed(info, tls_error, stage="session")
+            return
         if isinstance(exc, TimeoutError) and self.cfg.idle_timeout is not None:
             with self.lock:
                 self.counts["idle_timeouts"] += 1
             log.info(
-                "closed %s: nothing received for %ss (idle_timeout)",
+                "closed %s: %s for %ss (idle_timeout)",
                 info.peer_str,
-                self.cfg.idle_timeout,
+                _idle_way(conn, exc),
+                f"{self.cfg.idle_timeout:g}",
             )
             return
         if _peer_error(exc):
@@ -425,6 +477,8 @@ class Engine(Generic[R]):
         with self.lock:
             present = conn in self.conns
             self.conns.discard(conn)
+            if self.preamble:
+                self.preambles.pop(conn, None)
             if self.idle_waiters and not self.conns:
                 self.changed.notify_all()
         if present and self.slots is not None:
@@ -459,21 +513,30 @@ class Engine(Generic[R]):
             logging.WARNING,
             "closed connection from %s unserved: PROXY header: %s",
             info.peer_str,
-            getattr(exc, "reason", None) or exc or exc.__class__.__name__,
+            escape_for_log(getattr(exc, "reason", None) or exc or exc.__class__.__name__),
         )
         self.hooks.connection_refused(self.owner, info.peer_str, reason)
         return False
 
-    def _tls_failed(self, info: ConnectionInfo, exc: BaseException) -> bool:
+    def _tls_failed(
+        self, info: ConnectionInfo, exc: BaseException, stage: str = "handshake"
+    ) -> bool:
+        """Count and log (rate-limited, no traceback) a TLS failure the peer caused.
+
+        ``stage`` is ``handshake`` (the connection is closed unserved, a refusal for
+        the hooks) or ``session`` (it failed while the handler ran).
+        """
         with self.lock:
             self.counts["tls_errors"] += 1
         self.tls_log(
             logging.WARNING,
-            "TLS handshake with %s failed: %s",
+            "TLS %s with %s failed: %s",
+            stage,
             info.peer_str,
-            str(exc) or exc.__class__.__name__,
+            _tls_reason(_tls_error(exc) or exc),
         )
-        self.hooks.connection_refused(self.owner, info.peer_str, "tls")
+        if stage == "handshake":
+            self.hooks.connection_refused(self.owner, info.peer_str, "tls")
         return False
 
     # -- stopping ------------------------------------------------------------------------
@@ -634,6 +697,43 @@ def _peer_error(exc: BaseException) -> bool:
     ConnectionResetError; that is the peer's doing too, not the handler's.
     """
     return isinstance(exc, ConnectionError) or isinstance(exc.__cause__, ConnectionError)
+
+
+def _tls_error(exc: BaseException | None) -> BaseException | None:
+    """The ``ssl.SSLError`` behind ``exc``, if any (trio wraps it in BrokenResourceError)."""
+    ssl = sys.modules.get("ssl")  # no TLS error exists unless ssl was imported
+    for _ in range(4):
+        if ssl is None or exc is None:
+            return None
+        if isinstance(exc, ssl.SSLError):
+            found: BaseException = exc
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason (``WRONG_VERSION_NUMBER``, ``NO_RENEGOTIATION`` ...), else the text."""
+    reason = getattr(exc, "reason", None)
+    text = str(exc) or exc.__class__.__name__
+    return escape_for_log(f"{reason} ({text})" if reason and reason not in text else text)
+
+
+def _idle_way(conn: Conn, exc: BaseException) -> str:
+    """Which way a connection that timed out was idle: not sending, or not reading.
+
+    A socket that cannot take more bytes (its send buffer full) timed out writing:
+    the peer stopped reading. The async runtimes say so in the error itself.
+    """
+    if "stopped reading" in str(exc):
+        return "the peer stopped reading"
+    try:
+        poller = select.poll()
+        poller.register(conn.sock.fileno(), select.POLLOUT)
+        writable = bool(poller.poll(0))
+    except (OSError, ValueError):
+        writable = True
+    return "nothing received" if writable else "the peer stopped reading"
 
 
 def close_quietly(obj: Any) -> None:

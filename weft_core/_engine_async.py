@@ -12,7 +12,7 @@ from typing import Any
 
 from . import _acceptpolicy as policy
 from ._connection import ConnectionInfo, publish, unpublish
-from ._engine import FULL_POLL, Conn, Engine, ListenerTask, close_quietly
+from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
 from ._errors import TaskShutdown
 from ._protocol import AsyncRuntime, AsyncSlots
 from ._proxy import ProxyHeaderError, aread_proxy_header
@@ -55,6 +55,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
                     while not await slots.acquire_within(FULL_POLL):
                         if self.closing or (state is not None and state.requested):
                             return
+                        if self.preambles and policy.pending(listener.fileno()):
+                            self._shed_preamble()  # a client waits; a stalled one goes
                 try:
                     sock, addr = await listener.accept()
                 except OSError as exc:
@@ -78,6 +80,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
 
     async def _take_slot(self, slots: AsyncSlots) -> bool:
         if slots.acquire_nowait():
+            return True
+        if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
             return True
         return self.cfg.full_wait > 0 and bool(await slots.acquire_within(self.cfg.full_wait))
 
@@ -107,6 +111,7 @@ class AsyncEngine(Engine[AsyncRuntime]):
             if info is None:
                 return
             handed = await self._preamble(rt, conn, info)
+            self._preamble_done(conn)
             if handed is None:
                 return
             info.conn = handed

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _acceptpolicy as policy
 from ._connection import ConnectionInfo, publish, unpublish
-from ._engine import FULL_POLL, Conn, Engine, ListenerTask, close_quietly
+from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
 from ._errors import TaskShutdown
 from ._protocol import SyncRuntime, SyncSlots
 from ._proxy import ProxyHeaderError, read_proxy_header
@@ -56,6 +56,8 @@ class SyncEngine(Engine[SyncRuntime]):
                     while not slots.acquire(timeout=FULL_POLL):
                         if self.closing or (state is not None and state.requested):
                             return
+                        if self.preambles and policy.pending(listener.fileno()):
+                            self._shed_preamble()  # a client waits; a stalled one goes
                 try:
                     sock, addr = listener.accept()
                 except OSError as exc:
@@ -79,6 +81,8 @@ class SyncEngine(Engine[SyncRuntime]):
 
     def _take_slot(self, slots: SyncSlots) -> bool:
         if slots.acquire(blocking=False):
+            return True
+        if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
             return True
         return self.cfg.full_wait > 0 and bool(slots.acquire(timeout=self.cfg.full_wait))
 
@@ -105,8 +109,13 @@ class SyncEngine(Engine[SyncRuntime]):
         info: ConnectionInfo | None = None
         try:
             info = self._begin(conn)
-            if info is None or (self.preamble and not self._preamble(rt, conn, info)):
+            if info is None:
                 return
+            if self.preamble:
+                ready = self._preamble(rt, conn, info)
+                self._preamble_done(conn)
+                if not ready:
+                    return
             handed = rt.wrap_connection(conn.sock)
             if self.cfg.stream:
                 handed = handed.makefile("rwb")

@@ -47,8 +47,18 @@ class IdleTimeoutStream(trio.abc.HalfCloseableStream):
         raise TimeoutError(f"no data from the peer for {self.idle_timeout}s (idle_timeout)")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """As SocketStream."""
-        await self.stream.send_all(data)
+        """Send as SocketStream does, within ``idle_timeout`` (a peer that stops reading).
+
+        Writes are bounded as reads are: a client that stops reading would otherwise
+        hold its task, its slot and its buffers for ever.
+        """
+        with trio.move_on_after(self.idle_timeout):
+            await self.stream.send_all(data)
+            return
+        raise TimeoutError(
+            f"the peer stopped reading: nothing could be sent for {self.idle_timeout}s"
+            " (idle_timeout)"
+        )
 
     async def wait_send_all_might_not_block(self) -> None:
         """As SocketStream."""

@@ -1,0 +1,246 @@
+"""Hostile peers at the TLS and write edges (issue 14 items 3, 4, 5), on every manager.
+
+- TLS failures a peer causes (a renegotiation, a forged record, an old version) are
+  ``tls_errors``, logged at a bounded rate with OpenSSL's reason and no traceback,
+  never ``handler_errors``.
+- Connections stalled in their TLS handshake cannot lock out real clients: at the
+  limit, the oldest connection still in its preamble is dropped (``_shed_preamble``).
+- Writes are bounded as reads are: a client that stops reading is closed after
+  ``idle_timeout``, and the log says which way it was idle.
+
+An honest client is served alongside each attack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from weft_core import Server, available_managers
+from weft_core._registry import get_manager_spec
+from weft_core.testing import WAIT, wait_until
+
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="needs openssl (apt install openssl)")
+
+
+def echo(conn: Any) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+async def aecho(stream: Any) -> None:
+    async for data in stream:
+        await stream.send_all(data)
+
+
+@pytest.fixture(params=sorted(available_managers()))
+def manager(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    folder = tmp_path_factory.mktemp("hostile-tls")
+    paths = {name: str(folder / f"{name}.pem") for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(paths["cert"], append=i > 0)
+    return paths
+
+
+@pytest.fixture
+def serve(manager: str, caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
+    """``serve(**kw)``: a running echo Server on ``manager``, stopped after the test."""
+    caplog.set_level(logging.INFO, logger="weft")
+    servers: list[Server] = []
+
+    def make(**kw: Any) -> Server:
+        handler = aecho if get_manager_spec(manager).handler_kind == "async" else echo
+        server = Server(handler, manager=manager, **kw)
+        servers.append(server)
+        server.run()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop(timeout=1)
+
+
+def client_context(ca: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False
+    return context
+
+
+def honest_tls_echo(port: int, ca: str, payload: bytes = b"honest") -> bytes:
+    """An honest TLS client's round trip; what it got back."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    with raw, client_context(ca).wrap_socket(raw) as tls:
+        tls.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def weft_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("weft") and r.levelno >= level]
+
+
+# -- item 3: TLS failures a peer causes -------------------------------------------------
+
+
+def test_forged_records_after_the_handshake_are_tls_errors(
+    serve: Any, certs: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """50 forged application-data records: 50 tls_errors, no handler error, no traceback."""
+    server = serve(tls={"certfile": certs["cert"], "keyfile": certs["key"]})
+    forged = b"\x17\x03\x03\x00\x20" + os.urandom(32)  # application data, bad MAC
+    for _ in range(50):
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        with raw, client_context(certs["ca"]).wrap_socket(raw) as tls:
+            socket.socket.sendall(tls, forged)  # under TLS, on the descriptor
+            try:
+                tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+    assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
+    wait_until(lambda: server.stats()["tls_errors"] >= 50, what="50 tls_errors counted")
+    stats = server.stats()
+    assert stats["handler_errors"] == 0, stats
+    assert not weft_records(caplog, logging.ERROR), "no ERROR line for a peer's TLS fault"
+    warnings = [r for r in weft_records(caplog, logging.WARNING) if "TLS" in r.getMessage()]
+    assert 1 <= len(warnings) <= 3, f"rate-limited: {[r.getMessage() for r in warnings]}"
+    assert all(r.exc_info is None for r in warnings), "no traceback"
+    assert "DECRYPTION_FAILED" in warnings[0].getMessage() or "BAD_RECORD_MAC" in (
+        warnings[0].getMessage()
+    ), warnings[0].getMessage()
+
+
+@needs_openssl
+def test_renegotiation_is_a_tls_error(
+    serve: Any, certs: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``R`` in openssl s_client -tls1_2 (renegotiation): refused, counted, no ERROR."""
+    server = serve(tls={"certfile": certs["cert"], "keyfile": certs["key"]})
+    assert OPENSSL is not None
+    for _ in range(5):
+        subprocess.run(
+            [OPENSSL, "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_2"],
+            input=b"R\n",
+            capture_output=True,
+            timeout=WAIT,
+            check=False,
+        )
+    assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
+    stats = server.stats()
+    assert stats["handler_errors"] == 0, stats
+    assert not weft_records(caplog, logging.ERROR), [r.getMessage() for r in caplog.records]
+
+
+@needs_openssl
+def test_an_old_version_is_refused_with_its_reason(
+    serve: Any, certs: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS 1.1 client: refused and counted, the log gives OpenSSL's reason on every manager."""
+    server = serve(tls={"certfile": certs["cert"], "keyfile": certs["key"]})
+    assert OPENSSL is not None
+    subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_1",
+         "-cipher", "DEFAULT@SECLEVEL=0"],
+        input=b"", capture_output=True, timeout=WAIT, check=False,
+    )  # fmt: skip
+    wait_until(lambda: server.stats()["tls_errors"] >= 1, what="the refusal to be counted")
+    lines = [r.getMessage() for r in weft_records(caplog, logging.WARNING)]
+    tls_lines = [line for line in lines if "TLS handshake" in line]
+    assert tls_lines, lines
+    assert "BrokenResourceError" not in tls_lines[0], tls_lines[0]
+    assert "VERSION" in tls_lines[0] or "PROTOCOL" in tls_lines[0], tls_lines[0]
+
+
+# -- item 4: stalled handshakes cannot lock out real clients ---------------------------
+
+
+def test_stalled_handshakes_do_not_lock_out_a_real_client(
+    serve: Any, certs: dict[str, str]
+) -> None:
+    """20 stalled handshakes against max_connections=20: a real client is served within 1 s."""
+    server = serve(tls={"certfile": certs["cert"], "keyfile": certs["key"]}, max_connections=20)
+    stalled = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(20)
+    ]
+    try:
+        for sock in stalled:
+            sock.sendall(b"\x16\x03\x01")  # 3 bytes of a ClientHello, then nothing
+        wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
+        began = time.monotonic()
+        assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
+        took = time.monotonic() - began
+        assert took < 1.0, f"the real client waited {took:.2f}s behind stalled handshakes"
+        assert server.stats()["preambles_dropped"] >= 1
+        assert server.stats()["refused"] == 0
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+# -- item 5: a client that stops reading -------------------------------------------------
+
+
+def test_a_client_that_stops_reading_is_closed_after_idle_timeout(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client sending megabytes and reading none is closed after idle_timeout, said so."""
+    server = serve(idle_timeout=1.0)
+    clients = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(3)
+    ]
+    closed: list[float] = []
+
+    def flood(sock: socket.socket) -> None:
+        chunk = b"x" * 65536
+        sock.settimeout(WAIT)
+        try:
+            for _ in range(80):  # 5 MiB at most; the server's echo backs up long before
+                sock.sendall(chunk)
+        except OSError:
+            pass
+        closed.append(time.monotonic())
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=flood, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join(WAIT)
+        assert len(closed) == 3, "every flooding client's connection ended"
+        assert max(closed) - began < 1.0 + 4.0, "closed within idle_timeout (plus slack)"
+        wait_until(lambda: server.stats()["idle_timeouts"] >= 3, what="3 idle timeouts counted")
+        lines = [r.getMessage() for r in weft_records(caplog, logging.INFO)]
+        assert any("the peer stopped reading" in line for line in lines), lines
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as honest:
+            honest.sendall(b"still served")
+            assert honest.recv(64) == b"still served"
+    finally:
+        for client in clients:
+            client.close()
