@@ -188,8 +188,14 @@ class TrioRuntime:
         return IdleTimeoutStream(sock, idle_timeout)
 
     def wrap_tls(self, stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.SSLStream[Any]:
-        """A server-side ``trio.SSLStream`` over ``stream``; the caller does the handshake."""
-        return trio.SSLStream(stream, context, server_side=True)
+        """A server-side ``trio.SSLStream`` over ``stream``; the caller does the handshake.
+
+        ``https_compatible``: a client that closes its TCP connection without TLS's
+        close_notify (most do) is an end of input, as the stdlib's SSLSocket treats
+        it on the other managers (``suppress_ragged_eofs``), not a TLS error; and
+        closing sends no close_notify of its own, as SSLSocket.close() does not.
+        """
+        return trio.SSLStream(stream, context, server_side=True, https_compatible=True)
 
     #: What a failed TLS handshake raises besides OSError (trio wraps ssl errors).
     tls_errors: tuple[type[BaseException], ...] = (
