@@ -591,9 +591,9 @@ class Engine(Generic[R]):
         ``TaskState.interrupt()`` runs each task's interrupt callbacks; a manager that
         can kill or cancel overrides it in its TaskState subclass to schedule that
         without waiting (gevent, trio). The socket is shut down both ways, which wakes
-        any read or write. Then, in a
-        thread of its own, ``stop_task(id, 0)`` is called on each task still running,
-        for managers that interrupt only there, until ``deadline``.
+        any read or write. Then, in a thread of its own, ``stop_task(id, 0)`` is
+        called on each task still running, for managers that interrupt only there,
+        until ``deadline``.
         """
         started: list[Conn] = []
         unstarted: list[Conn] = []
