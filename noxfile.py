@@ -21,7 +21,7 @@ TEST_DEPS = [
     "hypothesis",
     "trustme",
     "pip",
-    "setuptools>=64",
+    "setuptools>=77",  # the SPDX string form of project.license (PEP 639)
     "wheel",
 ]
 

@@ -1,7 +1,8 @@
 """What the accept loop does about each accept() error, and how it backs off.
 
-One policy for every manager's acceptor (the sync and the async loop in
-``_serving.py`` both consult it), so that the errno sets live in one place.
+One policy for every manager's acceptor (the shared ``Engine`` in ``_engine.py``
+and the sync and async accept loops in ``_engine_sync.py`` and ``_engine_async.py``
+all consult it), so that the errno sets live in one place.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The ``weft`` command: ``weft serve``, ``weft managers``, ``weft conformance``.
 
 This module turns command lines into calls on the public API and turns the errors a
-user can fix into one line on stderr (``weft: ...``) and an exit status: 2 for a
-mistake in the command, the config or the handler, 1 for a failure at run time
-(the address is in use, the server died). It holds no server logic of its own:
+user can fix into one line on stderr (``weft: ...``) and an exit status: 0 for a
+clean end, 2 for a mistake in the command, the config or the handler, 1 for a
+failure at run time (the address is in use, the server died), 4 for a stop that
+had to leave tasks running (``EXIT_TASKS_LEFT``). It holds no server logic of its own:
 settings come from :mod:`weft_core._config`, managers from the registry, and the
 serving from :class:`weft_core.Server`.
 """

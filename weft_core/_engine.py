@@ -651,11 +651,12 @@ class Engine(Generic[R]):
     def interrupt(self, conns: list[Conn], deadline: float) -> None:
         """Phase 3: interrupt every remaining task at once; close those that never ran.
 
-        ``TaskState.interrupt()`` runs each task's interrupt callbacks, which is where
-        a manager that can kill or cancel does so without waiting (gevent, trio); the
-        socket is shut down both ways, which wakes any read or write. Then, in a
-        thread of its own, ``stop_task(id, 0)`` is called on each task still running,
-        for managers that interrupt only there, until ``deadline``.
+        ``TaskState.interrupt()`` runs each task's interrupt callbacks; a manager that
+        can kill or cancel overrides it in its TaskState subclass to schedule that
+        without waiting (gevent, trio). The socket is shut down both ways, which wakes
+        any read or write. Then, in a thread of its own, ``stop_task(id, 0)`` is
+        called on each task still running, for managers that interrupt only there,
+        until ``deadline``.
         """
         started: list[Conn] = []
         unstarted: list[Conn] = []

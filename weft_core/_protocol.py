@@ -108,10 +108,11 @@ class AsyncSlots(Slots, Protocol):
 class _RuntimeBase(Protocol):
     """What every runtime has, sync or async; see :class:`SyncRuntime` and :class:`AsyncRuntime`.
 
-    Threads: ``adopt_listener``, ``slots`` and ``close`` are called from the thread
-    that calls ``Server.run()`` / ``stop()``; ``wake_listener`` and ``run_in_loop``
-    from the thread that stops the server; everything else from inside the
-    manager's tasks (the acceptor task, or a connection's task).
+    Which thread calls what: ``adopt_listener`` and ``slots`` the thread that calls
+    ``Server.run()``; ``run_in_loop`` and ``close`` the thread that stops the server;
+    ``wake_listener`` whichever thread sets the acceptor's shutdown flag (the stop's,
+    or the loop's inside ``stop_task``); everything else the manager's tasks (the
+    acceptor task, or a connection's task).
     """
 
     #: ``"sync"``: handlers are plain functions; ``"async"``: ``async def``.
@@ -186,9 +187,11 @@ class SyncRuntime(_RuntimeBase, Protocol):
     - on an accepted ``sock``, in its connection's task: ``setsockopt``,
       ``settimeout``, ``getsockname``, ``recv`` (a PROXY header), then
       :meth:`wrap_tls` and :meth:`wrap_connection`; ``close()`` at the end;
-    - from the stopping thread: ``shutdown(SHUT_RD)`` then ``shutdown(SHUT_RDWR)``
-      on it (or on the raw socket :meth:`wrap_tls` returned), and ``close()`` for a
-      connection whose task never ran.
+    - from outside its task: ``shutdown(SHUT_RD)`` in phase 2 of a stop (through
+      :meth:`run_in_loop`, or in the stopping thread if the loop does not answer),
+      ``shutdown(SHUT_RDWR)`` in phase 3 from the stopping thread (on the raw socket
+      :meth:`wrap_tls` returned, under TLS), and ``close()`` for a connection whose
+      task never ran.
     """
 
     def slots(self, n: int) -> SyncSlots:
@@ -235,8 +238,9 @@ class AsyncRuntime(_RuntimeBase, Protocol):
       :meth:`within`), then :meth:`wrap_connection` and :meth:`wrap_tls`; at the
       end :meth:`aclose` on the stream, or ``close()`` on ``sock`` if no stream was
       made;
-    - from the stopping thread (through :meth:`run_in_loop` for phase 2):
-      ``shutdown(SHUT_RD)`` then ``shutdown(SHUT_RDWR)`` on ``sock``, and
+    - from outside its task: ``shutdown(SHUT_RD)`` on ``sock`` in phase 2 of a stop
+      (through :meth:`run_in_loop`, or in the stopping thread if the loop does not
+      answer), ``shutdown(SHUT_RDWR)`` in phase 3 from the stopping thread, and
       ``close()`` for a connection whose task never ran.
     """
 

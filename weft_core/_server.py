@@ -31,7 +31,6 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeGuard
 
-from ._connection import ConnectionInfo
 from ._endpoints import Endpoint, address_endpoint, parse_endpoint
 from ._engine import COUNTERS, LOOP_WAIT, Engine, StopReport
 from ._engine_async import AsyncEngine
@@ -567,6 +566,3 @@ def _resolve_manager(
             key="manager",
         )
     return manager, False, type(manager).__name__
-
-
-_ = ConnectionInfo  # re-exported type used in signatures of hooks

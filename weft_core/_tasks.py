@@ -2,9 +2,11 @@
 
 Weft's ``*shutdown*`` flag becomes :func:`shutdown_requested`, read from a context
 variable that the manager sets inside each task. :class:`TaskState` holds that flag
-and the callbacks that make a shutdown reach a task blocked in I/O: the server
-registers "end this connection's input" for phase 2 of a stop and "abort this
-connection" for phase 3. :class:`TaskTable` is the bookkeeping every manager needs
+and the callbacks that make a shutdown reach a task blocked in I/O: ``on_shutdown``
+callbacks run when the flag is set (phase 2 of a stop; the acceptor registers the
+runtime's ``wake_listener`` there), ``on_interrupt`` callbacks when the task is
+interrupted (phase 3). A connection registers none: the server ends its input and
+aborts its socket itself. :class:`TaskTable` is the bookkeeping every manager needs
 (unique ids, the limit, the table of live tasks), written once.
 
 Managers call :func:`run_task` / :func:`run_async_task` around each thunk so that

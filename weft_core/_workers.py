@@ -100,8 +100,9 @@ RESTART_DELAY_MAX = 10.0
 #: 30 s is longer than any start-up (imports, a gevent hub, a trio loop) we measured.
 RESTART_RESET_AFTER = 30.0
 #: Beyond graceful_timeout, how long a stopping worker gets to finish: its stop()
-#: interrupts what is left, waits up to INTERRUPT_WAIT (5 s) for it, then the
-#: interpreter exits. Only a worker still running after that is killed.
+#: interrupts what is left, waits up to STOP_GRACE (2 s, weft_core._engine) for it,
+#: leaves behind what still runs, and the interpreter exits. Only a worker still
+#: running after that is killed.
 EXIT_MARGIN = 5.0
 #: The longest the supervisor sleeps without a signal. SIGCHLD and SIGTERM wake it at
 #: once through the wakeup pipe; this is only a backstop, so it costs nothing.

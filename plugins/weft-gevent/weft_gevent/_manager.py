@@ -4,13 +4,14 @@ Which hub, and how calls from other OS threads reach it, is explained in
 :mod:`weft_gevent._hub`: the caller's hub when the application has monkey-patched,
 otherwise a hub in a daemon thread the manager starts on first use.
 
-Stopping a task follows DESIGN's phases. Flag it (which runs the shutdown callbacks
-the server registered: the connection's read side is shut down, so a handler
-waiting for input sees end-of-input), wait up to ``timeout``, then interrupt it:
-run its interrupt callbacks and kill its greenlet with
-:class:`~weft_core.TaskShutdown`, which a greenlet blocked in I/O receives at
-once, so that its ``finally`` clauses run. Both phases run in the hub's thread,
-whoever asks, because gevent's objects may only be touched there.
+``stop_task`` follows DESIGN's phases for one task: flag (phase 2: the shutdown
+flag is set and the task's shutdown callbacks run), wait up to ``timeout``, then
+interrupt (phase 3: its interrupt callbacks run and its greenlet is killed with
+:class:`~weft_core.TaskShutdown`, which a greenlet blocked in I/O receives at once,
+so that its ``finally`` clauses run), then wait at most ``INTERRUPT_GRACE``. It runs
+in the hub's thread, whoever asks, because gevent's objects may only be touched
+there. ``_Task.interrupt``, which the server's stop calls from its own thread on
+every remaining task at once, only schedules the kill in the hub and returns.
 """
 
 from __future__ import annotations
@@ -278,10 +279,13 @@ class GeventManager:
         return self._table.pop(task_id)
 
     def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
-        """Flag the task, wait up to ``timeout``, then kill it; return once it ended.
+        """Flag the task (phase 2), wait up to ``timeout``, then kill it (phase 3).
 
         Returns True if it ended before it had to be interrupted. Callable from the
         hub's thread (waits cooperatively) or any other (waits on a real lock).
+        Bounded once ``timeout`` is given: after the kill it waits at most
+        ``INTERRUPT_GRACE``, and from another thread at most ``timeout`` plus twice
+        that for a hub that never answers.
         """
         task = self._table.get(task_id)
         if task is None or task.finished:

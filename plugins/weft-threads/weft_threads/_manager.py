@@ -1,9 +1,11 @@
 """ThreadManager: Weft's threaded-task-manager, a daemon thread per task.
 
-A thread cannot be killed, so interrupting a task (phase 3 of a stop) runs the
-task's interrupt callbacks and waits a grace period; for a connection the server
-has already shut the socket down, which wakes the thread from ``recv``/``send``
-at once.
+``stop_task`` follows DESIGN's phases for one task: flag (phase 2), then, once
+``timeout`` runs out, interrupt (phase 3). A thread cannot be killed, so
+interrupting runs the task's interrupt callbacks and waits at most
+``INTERRUPT_GRACE`` (2 s, ``TaskState.interrupt_and_wait``); for a connection the
+server has already shut the socket down, which wakes the thread from
+``recv``/``send`` at once.
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ class ThreadManager:
         return self._table.pop(task_id)
 
     def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
-        """Flag the task, wait up to ``timeout``, then interrupt it; return once it ended."""
+        """Flag the task (phase 2), wait up to ``timeout``, then interrupt it (phase 3).
+
+        Returns True if it ended before it had to be interrupted. Bounded once
+        ``timeout`` is given: after the interrupt it waits at most ``INTERRUPT_GRACE``
+        (2 s), and a thread still running then is left to finish on its own (False).
+        """
         state = self._table.get(task_id)
         if state is None:
             return True

@@ -20,24 +20,27 @@ Two kinds of caller reach ``add_task``:
 - A task of this manager (the acceptor, adding one task per connection: the hot
   path): it calls ``nursery.start_soon`` directly, with no thread hop.
 
-``stop_task`` blocks, so it waits on ``TaskState.done`` (a ``threading.Event``) from
-a foreign thread. Called from inside the trio thread it would block the very loop
+``stop_task`` blocks, so it waits on ``TaskState.done`` (which blocks the calling
+OS thread) from a foreign thread. Called from inside the trio thread it would block the very loop
 the task needs in order to end, a deadlock, so it raises ``RuntimeError`` there;
 trio code awaits :meth:`TrioManager.astop_task` instead.
 
 Error handling:
-    ``weft_core.run_async_task`` reports a task's ordinary exceptions and swallows
-    ``TaskShutdown``. Nothing a task raises reaches the nursery, since that would
+    Each task runs as ``weft_core.run_async_task`` would run it (written out in
+    ``TrioManager._run``): its ordinary exceptions are reported and ``TaskShutdown``
+    is swallowed. Nothing a task raises reaches the nursery, since that would
     cancel every other task (trio's own ``serve_listeners`` lets one handler crash
     the server; weft must not): the task's own cancellation is caught by its own
     ``CancelScope``, and anything else that escapes (``SystemExit``, a
     ``BaseExceptionGroup``) is logged and dropped.
 
 Interruption:
-    Each task runs inside its own ``trio.CancelScope``. Phase 2 of ``stop_task``
-    cancels exactly that scope, so only that task sees ``trio.Cancelled``; its
-    ``finally`` blocks and shielded cleanup still run, and ``stop_task`` returns
-    once they have.
+    Each task runs inside its own ``trio.CancelScope``. Interrupting it (phase 3,
+    ``_Task.interrupt``, from any thread: ``stop_task`` once its ``timeout`` runs
+    out, or the server's stop on every remaining task at once) cancels exactly that
+    scope, so only that task sees ``trio.Cancelled``; its ``finally`` blocks and
+    shielded cleanup still run, and ``stop_task`` returns once they have, or after
+    at most ``INTERRUPT_GRACE``.
 """
 
 from __future__ import annotations
@@ -355,12 +358,13 @@ class TrioManager:
     def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
         """Ask the task to stop, cancel it after ``timeout``; return once it has ended.
 
-        Phase 1 sets the task's shutdown flag and runs its shutdown callbacks (for a
-        connection, the server's ``shutdown(SHUT_RD)``), then waits up to ``timeout``
-        seconds (None: forever). Phase 2 runs the interrupt callbacks and cancels the
-        task's own scope, then waits for its cleanup to finish. Returns True if the
-        task ended before phase 2, or was not held. Must not be called from inside the
-        manager's trio thread (``RuntimeError``); use :meth:`astop_task` there.
+        The flag (phase 2) sets the task's shutdown flag and runs its shutdown
+        callbacks, then waits up to ``timeout`` seconds (None: forever). The interrupt
+        (phase 3) runs the interrupt callbacks and cancels the task's own scope, then
+        waits at most ``INTERRUPT_GRACE`` for its cleanup to finish. Returns True if
+        the task ended before it had to be interrupted, or was not held. Must not be
+        called from inside the manager's trio thread (``RuntimeError``); use
+        :meth:`astop_task` there.
         """
         loop: _Loop | None = getattr(_thread, "loop", None)
         if loop is not None and loop.owner is self:
@@ -451,8 +455,11 @@ class TrioManager:
 
 
 def _interrupt(record: _Task) -> None:
-    """Phase 2 for one task, in the trio thread: interrupt callbacks, then cancel its scope."""
-    # Called through run_sync_soon, where an exception would crash trio itself.
+    """The interrupt (phase 3) for one task, in the trio thread (``astop_task``).
+
+    Runs the interrupt callbacks and cancels its scope, logging what a callback
+    raised rather than raising it into the caller's stop.
+    """
     try:
         record.interrupt()
     except Exception:
