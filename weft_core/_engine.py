@@ -76,10 +76,10 @@ TRANSPARENT = {
 #: tasks it interrupted, all together. A task blocked in I/O ends at once (its socket
 #: is shut down, its greenlet killed, its scope cancelled); only one that ignores all
 #: of that (pure computation, a blocking call that is not the connection's, a caught
-#: TaskShutdown) takes longer, and it is left behind. Two seconds keep
-#: ``--graceful-timeout`` plus this under the 10 s of ``docker stop`` and the 30 s of a
-#: Kubernetes grace period at their usual settings (gunicorn's --graceful-timeout is
-#: 30 s, its kill at once after it).
+#: TaskShutdown) takes longer, and it is left behind. Two seconds is short enough to
+#: budget for: a service manager's kill deadline (docker stop's 10 s, Kubernetes'
+#: terminationGracePeriodSeconds, systemd's TimeoutStopSec) must exceed
+#: --graceful-timeout plus this (docs/deployment.md, "Stopping").
 STOP_GRACE = 2.0
 
 #: How long phases 1 and 2 wait for the runtime's loop to take their batch. A loop that
