@@ -244,3 +244,41 @@ def test_a_client_that_stops_reading_is_closed_after_idle_timeout(
     finally:
         for client in clients:
             client.close()
+
+
+# -- exception text carrying client data --------------------------------------------------
+
+FORGED = "\n2026-12-03 00:00:00,000 [1] [INFO] weft: stopped\n\x1b[2J"
+
+
+def raise_what_was_sent(conn: Any) -> None:
+    raise ValueError(conn.recv(1024).decode("latin-1"))
+
+
+async def araise_what_was_sent(stream: Any) -> None:
+    raise ValueError((await stream.receive_some(1024)).decode("latin-1"))
+
+
+def test_a_handler_exception_carrying_client_bytes_is_escaped(
+    manager: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's exception message holding a forged log line and ESC is logged escaped."""
+    caplog.set_level(logging.INFO, logger="weft")
+    kind = get_manager_spec(manager).handler_kind
+    server = Server(
+        araise_what_was_sent if kind == "async" else raise_what_was_sent, manager=manager
+    )
+    server.run()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+            client.sendall(FORGED.encode("latin-1"))
+            client.recv(1)
+        wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
+    finally:
+        server.stop(timeout=1)
+    errors = [r for r in weft_records(caplog, logging.ERROR) if "raised" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+    text = caplog.handler.format(errors[0])
+    assert "\x1b" not in text, "no raw ESC reaches the log"
+    assert not any(line.startswith("2026-12-03") for line in text.splitlines()), text
+    assert "\\n2026-12-03 00:00:00,000 [1] [INFO] weft: stopped" in text, text

@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -777,9 +778,58 @@ def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool
 def default_exception_handler(
     server: Any, conn: Any, exc: BaseException, info: ConnectionInfo | None = None
 ) -> None:
-    """Log a handler's exception: peer resets in one line, anything else with its traceback."""
+    """Log a handler's exception: peer resets in one line, anything else with its traceback.
+
+    The traceback's exception messages are escaped (:func:`format_untrusted_exception`):
+    a handler's exception often carries bytes the client sent.
+    """
     peer = info.peer_str if info is not None else "?"
     if _peer_error(exc):
         log.info("connection from %s ended by the peer: %s", peer, exc.__class__.__name__)
     else:
-        log.error("handler for %s raised %s", peer, exc.__class__.__name__, exc_info=exc)
+        log_untrusted_exception(
+            logging.ERROR, exc, "handler for %s raised %s", peer, exc.__class__.__name__
+        )
+
+
+def log_untrusted_exception(level: int, exc: BaseException, msg: str, *args: object) -> None:
+    """Log ``msg % args`` with ``exc``'s traceback, its messages escaped.
+
+    The record keeps ``exc_info`` (a handler may inspect the exception); its
+    ``exc_text``, which formatters print instead of formatting the traceback
+    themselves, is :func:`format_untrusted_exception`'s.
+    """
+    if not log.isEnabledFor(level):
+        return
+    record = log.makeRecord(
+        log.name, level, __file__, 0, msg, args, (type(exc), exc, exc.__traceback__)
+    )
+    record.exc_text = format_untrusted_exception(exc)
+    log.handle(record)
+
+
+def format_untrusted_exception(exc: BaseException) -> str:
+    """``exc``'s traceback as logging would print it, with every message escaped.
+
+    The frames (file names, source lines) are the program's own; the messages of the
+    exception and of those it was caused by are not, so each goes through
+    :func:`~weft_core._logsafe.escape_for_log`: a newline in one cannot start a line.
+    """
+    formatted = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    pending = [formatted]
+    while pending:
+        each = pending.pop()
+        if id(each) in seen:
+            continue
+        seen.add(id(each))
+        each._str = escape_for_log(each._str)  # type: ignore[attr-defined]
+        notes = getattr(each, "__notes__", None)
+        if notes:
+            setattr(each, "__notes__", [escape_for_log(note) for note in notes])  # noqa: B010
+        pending.extend(
+            t
+            for t in (each.__cause__, each.__context__, *(getattr(each, "exceptions", None) or ()))
+            if t is not None
+        )
+    return "".join(formatted.format()).rstrip("\n")
