@@ -23,6 +23,7 @@ TEST_DEPS = [
     "pip",
     "setuptools>=77",  # the SPDX string form of project.license (PEP 639)
     "wheel",
+    "ruff",  # tests/test_contract.py checks that ruff bans private imports in plugins
 ]
 
 nox.options.default_venv_backend = "uv|virtualenv"
