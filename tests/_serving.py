@@ -247,3 +247,22 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def server_certs(folder: Path) -> dict[str, str]:
+    """A CA and a server certificate for 127.0.0.1 and localhost, made by trustme.
+
+    Written into ``folder``; returns the paths of ``ca``, ``cert`` (the chain) and
+    ``key``. Skips the test where trustme is missing.
+    """
+    import pytest
+
+    trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {name: str(folder / f"{name}.pem") for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(paths["cert"], append=i > 0)
+    return paths

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _serving import server_certs
 
 from weft_core import Server, available_managers, current_connection
 from weft_core._registry import get_manager_spec
@@ -73,16 +74,7 @@ def manager(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A CA and a server certificate for 127.0.0.1, made by trustme."""
-    trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    folder = tmp_path_factory.mktemp("outside-certs")
-    paths = {name: str(folder / f"{name}.pem") for name in ("ca", "cert", "key")}
-    ca.cert_pem.write_to_path(paths["ca"])
-    cert.private_key_pem.write_to_path(paths["key"])
-    for i, blob in enumerate(cert.cert_chain_pems):
-        blob.write_to_path(paths["cert"], append=i > 0)
-    return paths
+    return server_certs(tmp_path_factory.mktemp("outside-certs"))
 
 
 @pytest.fixture

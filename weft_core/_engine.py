@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -151,7 +152,7 @@ class Conn(ConnectionInfo):
 class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
-    __slots__ = ("address", "listener", "local", "native", "options", "state", "task_id")
+    __slots__ = ("address", "listener", "local", "native", "options", "task_id")
 
     def __init__(
         self, listener: Listener, runtime: SyncRuntime | AsyncRuntime, cfg: Settings
@@ -169,8 +170,6 @@ class ListenerTask:
                 self.options += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
-        #: The acceptor task's state, once it runs.
-        self.state: TaskState | None = None
 
     def wake_with(self, runtime: SyncRuntime | AsyncRuntime) -> Callable[[], None]:
         """The acceptor's shutdown callback: the runtime wakes a pending accept()."""
@@ -212,7 +211,7 @@ class StopReport:
     left: int = 0
 
 
-class Engine(Generic[R]):
+class Engine(ABC, Generic[R]):
     """Everything one run of a server holds; see the module docstring.
 
     ``owner`` is what user callbacks and hooks receive as ``server``; the engine
@@ -267,14 +266,17 @@ class Engine(Generic[R]):
 
     # -- what each flavour provides ----------------------------------------------------
 
+    @abstractmethod
     def _slots(self, n: int) -> Slots:
-        raise NotImplementedError
+        """``n`` connection slots of the flavour's runtime."""
 
+    @abstractmethod
     def _acceptor_thunk(self, lt: ListenerTask) -> Callable[[], Any]:
-        raise NotImplementedError
+        """The thunk of ``lt``'s acceptor task (a plain function, or an async one)."""
 
+    @abstractmethod
     def _serve(self, conn: Conn) -> Any:
-        raise NotImplementedError
+        """Serve one connection: preamble, handler, close (what its task runs)."""
 
     # -- starting and reading ---------------------------------------------------------------
 

@@ -43,7 +43,6 @@ class AsyncEngine(Engine[AsyncRuntime]):
         rt = self.runtime
         state = current_task()
         if state is not None:
-            lt.state = state
             state.on_shutdown(lt.wake_with(rt))
         backoff = policy.Backoff()
         listener = lt.native

@@ -44,7 +44,6 @@ class SyncEngine(Engine[SyncRuntime]):
         rt = self.runtime
         state = current_task()
         if state is not None:
-            lt.state = state
             state.on_shutdown(lt.wake_with(rt))
         backoff = policy.Backoff()
         listener = lt.native

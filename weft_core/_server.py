@@ -39,7 +39,7 @@ from ._errors import ConfigError, HandlerKindError, ServerError
 from ._listeners import Family, open_listeners
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
-from ._registry import Hooks, create_manager, hooks
+from ._registry import create_manager, hooks
 from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
@@ -230,8 +230,7 @@ class Server:
     @property
     def socket(self) -> Any:
         """The (first) listening socket, or None while not listening."""
-        engine = self._engine
-        sockets = [] if engine is None else engine.sockets()
+        sockets = self.sockets
         return sockets[0] if sockets else None
 
     @property
@@ -378,22 +377,26 @@ class Server:
             except BaseException:
                 self.stop(timeout=0)
                 raise
-        self._hooks().server_started(self, self.addresses)
+        hooks().server_started(self, self.addresses)
 
     def _make_engine(self, listeners: list[Any]) -> Engine[Any]:
         """The engine of the flavour the manager's runtime asks for."""
         manager = self._manager
         runtime = manager.runtime
-        hooks = self._hooks()
+        plugins = hooks()
         if _is_async(runtime):
-            return AsyncEngine(self._cfg, manager, runtime, listeners, hooks, self, self._on_fatal)
+            return AsyncEngine(
+                self._cfg, manager, runtime, listeners, plugins, self, self._on_fatal
+            )
         if _is_sync(runtime):
-            return SyncEngine(self._cfg, manager, runtime, listeners, hooks, self, self._on_fatal)
+            return SyncEngine(
+                self._cfg, manager, runtime, listeners, plugins, self, self._on_fatal
+            )
         raise ServerError(f"runtime {runtime!r} has kind {runtime.kind!r}: not 'sync' or 'async'")
 
     def _abandon(self, engine: Engine[Any]) -> None:
         engine.closing = True
-        engine.stop_acceptors(None)
+        engine.stop_acceptors(LOOP_WAIT)
         for lt in engine.listeners:
             lt.close()
         self._finish(engine, StopReport(clean=True))
@@ -510,7 +513,7 @@ class Server:
                 self._cfg.on_stop(self)
             except Exception:
                 log.exception("on_stop callback %r raised", self._cfg.on_stop)
-        self._hooks().server_stopped(self, self.stats())
+        hooks().server_stopped(self, self.stats())
 
     def _on_fatal(self) -> None:
         engine = self._engine
@@ -530,10 +533,6 @@ class Server:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-    @staticmethod
-    def _hooks() -> Hooks:
-        return hooks()
 
 
 def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:

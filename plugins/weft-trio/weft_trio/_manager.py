@@ -409,7 +409,7 @@ class TrioManager:
         with trio.move_on_after(max(timeout, 0.0)):
             await record.ended.wait()
             return True
-        _interrupt(record)
+        record.interrupt()  # runs its interrupt callbacks and cancels its scope
         await record.ended.wait()
         return False
 
@@ -452,16 +452,3 @@ class TrioManager:
             loop, self._loop = self._loop, None
         if loop is not None:
             loop.close()
-
-
-def _interrupt(record: _Task) -> None:
-    """The interrupt (phase 3) for one task, in the trio thread (``astop_task``).
-
-    Runs the interrupt callbacks and cancels its scope, logging what a callback
-    raised rather than raising it into the caller's stop.
-    """
-    try:
-        record.interrupt()
-    except Exception:
-        log.exception("interrupting task %s failed", record.id)
-    record.scope.cancel()
