@@ -29,6 +29,7 @@ __all__ = [
     "EndpointKind",
     "address_endpoint",
     "format_endpoint_host_port",
+    "listen_endpoints",
     "parse_endpoint",
 ]
 
@@ -87,6 +88,17 @@ def address_endpoint(address: str, port: int) -> Endpoint:
     if address.startswith("unix:"):
         return Endpoint("unix", path=address[len("unix:") :])
     return Endpoint("tcp", host=address, port=port)
+
+
+def listen_endpoints(bind: list[str] | None, address: str, port: int) -> list[Endpoint]:
+    """Where a server listens: each of ``bind`` if given, else ``address`` and ``port``.
+
+    The one rule for the Server and for the ``--workers`` supervisor, which binds
+    before its workers start; ``bind`` holds endpoint strings already checked.
+    """
+    if bind:
+        return [parse_endpoint(text) for text in bind]
+    return [address_endpoint(address, port)]
 
 
 def format_endpoint_host_port(host: str, port: int | str) -> str:

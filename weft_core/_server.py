@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeGuard
 
-from ._endpoints import Endpoint, address_endpoint, parse_endpoint
+from ._endpoints import listen_endpoints
 from ._engine import COUNTERS, LOOP_WAIT, Engine, StopReport
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
@@ -310,12 +310,6 @@ class Server:
 
     # -- operations ------------------------------------------------------------------------
 
-    def _targets(self) -> list[Endpoint]:
-        cfg = self._cfg
-        if cfg.bind:
-            return [parse_endpoint(text) for text in cfg.bind]  # checked when the Server was made
-        return [address_endpoint(cfg.address, cfg.port)]
-
     def run(self) -> None:
         """Start listening and serving in the background; return once listening.
 
@@ -329,7 +323,7 @@ class Server:
                 )
             cfg = self._cfg
             listeners = open_listeners(
-                self._targets(),
+                listen_endpoints(cfg.bind, cfg.address, cfg.port),
                 family=cfg.family,
                 backlog=cfg.backlog,
                 reuse_port=cfg.reuse_port,

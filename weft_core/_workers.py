@@ -60,11 +60,12 @@ from typing import Any
 
 from ._config import Config, parse_option_value
 from ._connection import format_address
-from ._endpoints import Endpoint, address_endpoint, parse_endpoint
+from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
 from ._listeners import close_listener, open_listeners
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
+from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._wakeup import Wakeup
 
@@ -157,7 +158,11 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
     )
     check_capacity(config.workers)
     listeners = open_listeners(
-        _targets(config),
+        listen_endpoints(
+            config.values.get("bind"),
+            config.values.get("address", SETTINGS["address"].default),
+            config.values.get("port", SETTINGS["port"].default),
+        ),
         family=config.get("family", "auto"),
         backlog=config.get("backlog", DEFAULT_BACKLOG),
         reuse_port=config.get("reuse_port", False),
@@ -262,15 +267,6 @@ def _mem_available() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _targets(config: Config) -> list[Endpoint]:
-    """Where to listen, as Server does: ``bind``, else ``address`` and ``port``."""
-    bind: list[str] | None = config.values.get("bind")
-    if bind:
-        return [parse_endpoint(text) for text in bind]
-    address: str = config.values.get("address", "127.0.0.1")  # Server's defaults
-    return [address_endpoint(address, config.values.get("port", 0))]
 
 
 def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
