@@ -28,6 +28,7 @@ import pytest
 from _serving import server_certs
 
 from weft_core import Server, available_managers
+from weft_core._proxy import build_v1
 from weft_core._registry import get_manager_spec
 from weft_core.testing import WAIT, wait_until
 
@@ -188,6 +189,29 @@ def test_stalled_handshakes_do_not_lock_out_a_real_client(
         assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
         took = time.monotonic() - began
         assert took < 1.0, f"the real client waited {took:.2f}s behind stalled handshakes"
+        assert server.stats()["preambles_dropped"] >= 1
+        assert server.stats()["refused"] == 0
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_stalled_proxy_headers_do_not_lock_out_a_real_client(serve: Any) -> None:
+    """20 connections that never send their PROXY header, max_connections=20: a real one is served."""
+    server = serve(proxy_protocol=True, max_connections=20)
+    stalled = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(20)
+    ]
+    try:
+        for sock in stalled:
+            sock.sendall(b"PROXY TCP4 ")  # the start of a header, then nothing
+        wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
+        began = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+            client.sendall(build_v1(("192.0.2.7", 4242), ("127.0.0.1", server.port)) + b"real")
+            assert client.recv(64) == b"real", "the real client is served"
+        took = time.monotonic() - began
+        assert took < 1.0, f"the real client waited {took:.2f}s behind stalled PROXY headers"
         assert server.stats()["preambles_dropped"] >= 1
         assert server.stats()["refused"] == 0
     finally:
