@@ -1,0 +1,298 @@
+"""The control socket under attack and in use: who may talk to it, what a bad client
+gets, and the console beside live connections.
+
+The socket is exercised in-process here (a real Unix socket, real clients, a real
+Server); `weft ctl` against `weft serve` is in tests/test_ctl_serve.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from weft_core import Server
+from weft_core._ctl import (
+    MAX_CLIENTS,
+    MAX_REQUEST,
+    ControlError,
+    ControlSocket,
+    request,
+)
+from weft_core._ctl_commands import server_commands
+from weft_core._ctl_console import serve_console
+from weft_core._errors import BindError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Server, ControlSocket, list[float | None]]]:
+    drains: list[float | None] = []
+    server = Server(echo, manager="threads")
+    server.run()
+    path = str(tmp_path / "ctl.sock")
+    ctl = ControlSocket(
+        path,
+        server_commands(server, drains.append),
+        console=lambda conn, reader, peer: serve_console(conn, reader, {"server": server}),
+    )
+    ctl.open()
+    ctl.start()
+    try:
+        yield server, ctl, drains
+    finally:
+        ctl.close()
+        server.stop(timeout=5)
+
+
+def test_socket_is_owner_only(served: tuple[Server, ControlSocket, list[float | None]]) -> None:
+    _, ctl, _ = served
+    mode = os.stat(ctl.path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_status_reports_the_servers_stats(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    server, ctl, _ = served
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        status = request(ctl.path, "status")
+    assert status["pid"] == os.getpid()
+    assert status["manager"] == "threads"
+    assert status["stats"]["accepted"] == 1
+    assert status["stats"]["active"] == 1
+
+
+def test_another_user_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """uid nobody cannot open the 0600 file; with the mode loosened, SO_PEERCRED refuses it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    # A directory nobody can reach (pytest's tmp_path is under a 0700 one).
+    shared = Path(tempfile.mkdtemp(prefix="weft-ctl-"))
+    shared.chmod(0o755)
+    ctl = ControlSocket(str(shared / "ctl.sock"), {"status": lambda args, peer: "answered"})
+    ctl.open()
+    ctl.start()
+    try:
+        _check_refused(ctl, caplog)
+    finally:
+        ctl.close()
+        shared.rmdir()
+
+
+def _check_refused(ctl: ControlSocket, caplog: pytest.LogCaptureFixture) -> None:
+    nobody = 65534
+
+    def as_nobody() -> str:
+        """Connect and ask for status as uid nobody, in a forked child (no exec needed)."""
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop to nobody, try, report, and leave at once
+            outcome = b"?"
+            try:
+                os.setgid(nobody)
+                os.setuid(nobody)
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    try:
+                        s.connect(ctl.path)
+                    except PermissionError:
+                        outcome = b"EACCES"
+                    else:
+                        try:
+                            s.sendall(b'{"command": "status"}\n')
+                            outcome = s.recv(100) or b"CLOSED"
+                        except OSError:  # reset or broken pipe: closed unread
+                            outcome = b"CLOSED"
+            finally:
+                os.write(write, outcome)
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            outcome = pipe.read()
+        os.waitpid(pid, 0)
+        return outcome.decode()
+
+    assert as_nobody() == "EACCES"
+    os.chmod(ctl.path, 0o666)  # the mode is the second lock; the peer check is the first
+    with caplog.at_level("WARNING", logger="weft.ctl"):
+        assert as_nobody() == "CLOSED"
+    assert any(f"uid {nobody}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("sent", "error"),
+    [
+        (b"not json\n", "one JSON object"),
+        (b'["status"]\n', '{"command": NAME'),
+        (b'{"command": "status", "args": 3}\n', "args must be a JSON object"),
+        (b'{"command": "reboot"}\n', "unknown command 'reboot'"),
+        (b'{"command": "set", "args": {"name": "backlog", "value": 1}}\n', "cannot set"),
+        (b'{"command": "\\u001b[2J"}\n', "unknown command"),
+    ],
+)
+def test_a_bad_request_gets_one_line_saying_why(
+    served: tuple[Server, ControlSocket, list[float | None]], sent: bytes, error: str
+) -> None:
+    _, ctl, _ = served
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(ctl.path)
+        s.sendall(sent)
+        answer = json.loads(s.makefile("rb").readline())
+    assert answer["ok"] is False
+    assert error in answer["error"]
+
+
+def test_an_endless_request_is_cut_off_and_the_socket_goes_on(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    _, ctl, _ = served
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(ctl.path)
+        try:
+            s.sendall(b"x" * (MAX_REQUEST + 8192))
+        except OSError:
+            pass  # the server may already have closed it
+        answer = s.makefile("rb").readline()
+    assert b"at most" in answer
+    assert request(ctl.path, "status")["running"] is True
+
+
+def test_stalled_clients_do_not_lock_out_the_owner(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    """Silent clients filling every request slot: the owner is told 'busy', never hung."""
+    _, ctl, _ = served
+    stalled = []
+    try:
+        for _ in range(MAX_CLIENTS):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(ctl.path)
+            stalled.append(s)
+        # The acceptor takes clients in order: once one more is told "busy", the silent
+        # ones hold every request slot.
+        with pytest.raises(ControlError, match="busy"):
+            request(ctl.path, "status", timeout=5)
+        with pytest.raises(ControlError, match="busy"):
+            request(ctl.path, "status", timeout=5)
+    finally:
+        for s in stalled:
+            s.close()
+    assert request(ctl.path, "status")["running"] is True
+
+
+def test_console_evaluates_beside_live_connections(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    server, ctl, _ = served
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        client.sendall(b"a")
+        assert client.recv(1) == b"a"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(ctl.path)
+            s.sendall(b'{"command": "console"}\n')
+            s.sendall(b"server.stats()['active']\nfor i in range(2):\n    print('n', i)\n\n")
+            s.sendall(b"1/0\n")
+            s.shutdown(socket.SHUT_WR)
+            out = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+            client.sendall(b"b")  # still served while and after the console ran
+            assert client.recv(1) == b"b"
+    assert '"result": "console"' in out
+    assert ">>> 1\n" in out
+    assert "n 0\nn 1\n" in out
+    assert "ZeroDivisionError" in out
+
+
+def test_console_is_off_unless_configured(tmp_path: Path) -> None:
+    server = Server(echo, manager="threads")
+    server.run()
+    ctl = ControlSocket(str(tmp_path / "c.sock"), server_commands(server, lambda t: None))
+    ctl.open()
+    ctl.start()
+    try:
+        with pytest.raises(ControlError, match="console is off"):
+            request(ctl.path, "console")
+    finally:
+        ctl.close()
+        server.stop(timeout=5)
+
+
+def test_drain_goes_to_the_owner(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    _, ctl, drains = served
+    assert "draining" in request(ctl.path, "drain")
+    assert "after 2.5s" in request(ctl.path, "drain", {"timeout": 2.5})
+    assert drains == [None, 2.5]
+
+
+def test_stacks_show_every_thread(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    _, ctl, _ = served
+    parked = threading.Event()
+    thread = threading.Thread(target=parked.wait, name="parked-for-stacks", daemon=True)
+    thread.start()
+    try:
+        text = request(ctl.path, "stacks")
+    finally:
+        parked.set()
+    assert "parked-for-stacks" in text
+    assert "in wait" in text
+
+
+def test_a_second_server_on_the_same_path_is_refused(
+    served: tuple[Server, ControlSocket, list[float | None]],
+) -> None:
+    _, ctl, _ = served
+    other = ControlSocket(ctl.path, {})
+    with pytest.raises(BindError, match="another weft serve answers"):
+        other.open()
+    assert request(ctl.path, "status")["running"] is True
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    ctl = ControlSocket(str(path), {"ping": lambda args, peer: "pong"})
+    ctl.open()
+    ctl.start()
+    try:
+        assert request(str(path), "ping") == "pong"
+    finally:
+        ctl.close()
+    assert not path.exists()
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "precious"
+    path.write_text("data")
+    with pytest.raises(BindError, match="not a socket"):
+        ControlSocket(str(path), {}).open()
+    assert path.read_text() == "data"
+
+
+def test_no_server_at_the_path_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ControlError, match="no weft serve is running"):
+        request(str(tmp_path / "nothing.sock"), "status")

@@ -1,0 +1,438 @@
+"""The control socket: how ``weft ctl`` steers a running ``weft serve``.
+
+A Unix stream socket, never TCP, so the network cannot reach it and the kernel tells
+who is asking (``SO_PEERCRED``). Only the server's own user (and root) are served;
+anybody else is logged with their uid and closed unread. The file is made mode 0600
+and, at the default path, inside a 0700 directory, so the mode is a second lock and
+the peer check the first.
+
+The protocol is one JSON object a line: the client sends ``{"command": NAME, "args":
+{...}}`` and reads ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
+TEXT}``, then the connection ends. ``console`` is the one exception: after its
+answer the connection carries a Python REPL (:mod:`._ctl_console`).
+
+What the commands do is the owner's business: the serve loop of one process and the
+supervisor of workers each hand :class:`ControlSocket` their own table of
+:data:`Command` functions. Every command is logged with the uid and pid that asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ._errors import BindError, WeftError
+from ._logsafe import escape_for_log
+
+__all__ = [
+    "Command",
+    "Console",
+    "ControlError",
+    "ControlSocket",
+    "Peer",
+    "default_path",
+    "peer_credentials",
+    "request",
+]
+
+log = logging.getLogger("weft.ctl")
+
+#: ``command(args, peer) -> result``; the result must be JSON-serialisable. Raising
+#: :class:`ControlError` answers with its message; anything else is logged in full
+#: and answered with its one-line summary.
+Command = Callable[[Mapping[str, Any], "Peer"], Any]
+#: ``console(conn, reader, peer)``: serve a REPL on the connection; ``reader`` holds
+#: what the client sent after its request line.
+Console = Callable[[socket.socket, BinaryIO, "Peer"], None]
+
+# A request is one short JSON line; a client sending more is not a weft ctl client.
+MAX_REQUEST = 64 * 1024
+# How long a client gets to send its request (a stalled client must not pin a thread).
+REQUEST_TIMEOUT = 10.0
+# Requests served at once; more are answered "busy" and closed.
+MAX_CLIENTS = 8
+# Connections the kernel holds while the acceptor catches up with a burst.
+BACKLOG = 64
+# How long close() waits for the threads of requests in progress.
+CLOSE_WAIT = 2.0
+# struct ucred (pid_t pid; uid_t uid; gid_t gid), as SO_PEERCRED returns it on Linux.
+_UCRED = struct.Struct("3i")
+
+
+class ControlError(WeftError):
+    """A control request failed: no server at the path, refused, or a bad command."""
+
+
+class Peer:
+    """Who is on the other end of a control connection, from the kernel."""
+
+    __slots__ = ("gid", "pid", "uid")
+
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.pid, self.uid, self.gid = pid, uid, gid
+
+    def __str__(self) -> str:
+        return f"uid {self.uid} (pid {self.pid})"
+
+
+def peer_credentials(conn: socket.socket) -> Peer:
+    """The pid, uid and gid of the process that connected ``conn`` (Linux SO_PEERCRED)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Peer(*_UCRED.unpack(raw))
+
+
+def default_path() -> str:
+    """Where the control socket lives when config does not say.
+
+    ``$XDG_RUNTIME_DIR/weft/ctl.sock`` for a user session, ``/run/weft/ctl.sock``
+    for root, else ``weft-UID/ctl.sock`` in the temporary directory.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "weft" / "ctl.sock")
+    if os.geteuid() == 0:
+        return "/run/weft/ctl.sock"
+    return str(Path(tempfile.gettempdir()) / f"weft-{os.geteuid()}" / "ctl.sock")
+
+
+def _private_directory(directory: Path) -> None:
+    """Make ``directory`` (mode 0700) if missing; refuse one another user owns or can write."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as exc:
+        raise BindError(
+            exc.errno, f"cannot make the control socket's directory {directory}: {exc.strerror}"
+        ) from exc
+    if info.st_uid not in (os.geteuid(), 0) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BindError(
+            errno.EPERM,
+            f"the control socket's directory {directory} belongs to uid {info.st_uid} or is"
+            " writable by others; choose another path with control_socket",
+        )
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse a live one, or anything not a socket."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise BindError(
+            errno.EEXIST,
+            f"{path} exists and is not a socket; remove it or choose another control_socket",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # stale: left by a server that did not remove it
+        return
+    finally:
+        probe.close()
+    raise BindError(
+        errno.EADDRINUSE,
+        f"another weft serve answers on the control socket {path}; stop it, or give this"
+        " one its own control_socket",
+    )
+
+
+class ControlSocket:
+    """Listen on a Unix socket and answer control requests from the owner's user.
+
+    :meth:`open` binds (raising :class:`BindError` with the path and what to do),
+    :meth:`start` serves in a daemon thread, :meth:`close` (idempotent, any thread)
+    stops, removes the file and waits briefly for requests in progress.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        commands: Mapping[str, Command],
+        *,
+        console: Console | None = None,
+    ) -> None:
+        self.path = path
+        self.commands = dict(commands)
+        self._console = console
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._clients: dict[socket.socket, threading.Thread] = {}
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._uid = os.geteuid()
+
+    def open(self) -> None:
+        """Bind and listen at ``path``, mode 0600."""
+        path = Path(self.path)
+        if self.path == default_path():
+            _private_directory(path.parent)
+        _clear_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            sock.listen(BACKLOG)
+            info = os.stat(self.path)
+        except OSError as exc:
+            sock.close()
+            raise BindError(
+                exc.errno, f"cannot listen on the control socket {self.path}: {exc.strerror}"
+            ) from exc
+        self._sock = sock
+        self._inode = (info.st_dev, info.st_ino)
+
+    def start(self) -> None:
+        """Serve requests in a daemon thread."""
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("open() the control socket before starting it")
+        log.info("control socket listening on %s (weft ctl)", self.path)
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock,), name="weft control socket", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving, remove the socket file if it is still ours, and wait briefly."""
+        me = threading.current_thread()
+        with self._lock:
+            sock, self._sock = self._sock, None
+            self._closing.set()
+            if sock is None:
+                return
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            threads = [t for t in (self._thread, *self._clients.values()) if t not in (None, me)]
+        self._remove_file()
+        for thread in threads:
+            thread.join(CLOSE_WAIT)
+        sock.close()
+
+    def _remove_file(self) -> None:
+        # Only the file we bound: after a reload the path may already be another process's.
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return
+        if (info.st_dev, info.st_ino) == self._inode:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    # -- serving ----------------------------------------------------------------------
+
+    def _serve(self, sock: socket.socket) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError as exc:
+                if self._closing.is_set():
+                    return
+                if exc.errno in (errno.EINTR, errno.ECONNABORTED):
+                    continue
+                log.error("control socket %s: accept failed (%s); closed", self.path, exc)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            peer = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        if peer.uid not in (self._uid, 0):
+            log.warning("control socket: refused %s: only uid %d may steer this server",
+                        peer, self._uid)  # fmt: skip
+            conn.close()
+            return
+        with self._lock:
+            if self._closing.is_set() or len(self._clients) >= MAX_CLIENTS:
+                _send(conn, {"ok": False, "error": "busy: too many control requests at once"})
+                conn.close()
+                return
+            thread = threading.Thread(
+                target=self._serve_one, args=(conn, peer), name=f"weft ctl {peer}", daemon=True
+            )
+            self._clients[conn] = thread
+        thread.start()
+
+    def _serve_one(self, conn: socket.socket, peer: Peer) -> None:
+        try:
+            self._answer(conn, peer)
+        except OSError:
+            pass  # the client went away; nothing to tell it
+        finally:
+            with self._lock:
+                self._clients.pop(conn, None)
+            conn.close()
+
+    def _answer(self, conn: socket.socket, peer: Peer) -> None:
+        conn.settimeout(REQUEST_TIMEOUT)
+        # Closed with the connection: while a makefile is open, close() keeps the fd.
+        with conn.makefile("rb") as reader:
+            self._dispatch(conn, reader, peer)
+
+    def _dispatch(self, conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
+        try:
+            name, args = _read_request(reader)
+        except ControlError as exc:
+            log.warning("control socket: bad request from %s: %s", peer, exc)
+            _send(conn, {"ok": False, "error": str(exc)})
+            return
+        conn.settimeout(None)
+        shown = escape_for_log(name)
+        if name == "console":
+            if self._console is None:
+                _send(conn, {"ok": False, "error": "the console is off; set console = true in"
+                             " config to allow `weft ctl console`"})  # fmt: skip
+                return
+            log.warning("control: console opened by %s", peer)
+            _send(conn, {"ok": True, "result": "console"})
+            self._console(conn, reader, peer)
+            log.warning("control: console closed by %s", peer)
+            return
+        command = self.commands.get(name)
+        if command is None:
+            known = ", ".join(sorted([*self.commands, *(["console"] if self._console else [])]))
+            _send(conn, {"ok": False, "error": f"unknown command {name!r}; known: {known}"})
+            return
+        log.info("control: %s %s by %s", shown, escape_for_log(_describe(args)), peer)
+        try:
+            result = command(args, peer)
+        except ControlError as exc:
+            _send(conn, {"ok": False, "error": str(exc)})
+            return
+        except Exception as exc:
+            log.exception("control: %s failed", shown)
+            _send(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        _send(conn, {"ok": True, "result": result})
+
+
+def _describe(args: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={value}" for key, value in args.items())
+
+
+def _read_request(reader: BinaryIO) -> tuple[str, Mapping[str, Any]]:
+    line = _read_line(reader)
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise ControlError("a request is one JSON object on one line") from None
+    if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+        raise ControlError('a request is {"command": NAME, "args": {...}}')
+    args = request.get("args", {})
+    if not isinstance(args, dict):
+        raise ControlError("a request's args must be a JSON object")
+    return request["command"], args
+
+
+def _read_line(reader: BinaryIO) -> bytes:
+    try:
+        line = reader.readline(MAX_REQUEST + 1)
+    except TimeoutError:
+        raise ControlError(f"no request within {REQUEST_TIMEOUT:g}s") from None
+    if len(line) > MAX_REQUEST:
+        raise ControlError(f"a request is at most {MAX_REQUEST} bytes")
+    if not line.endswith(b"\n"):
+        raise ControlError("the connection ended before a whole request")
+    return line
+
+
+def _send(conn: socket.socket, message: Mapping[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps(message, default=str).encode() + b"\n")
+
+
+# -- the client side ---------------------------------------------------------------------
+
+
+def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
+    """A connection to the control socket at ``path``, or ControlError saying why not."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise ControlError(
+            f"no weft serve is running with the control socket {path}; start one, or point"
+            " at its socket with --socket PATH (or control_socket in config)"
+        ) from None
+    except PermissionError:
+        sock.close()
+        owner = _owner(path)
+        raise ControlError(
+            f"permission denied on the control socket {path}{owner}: only the user running"
+            " that server (or root) may steer it"
+        ) from None
+    except BlockingIOError:  # a Unix socket's full backlog
+        sock.close()
+        raise ControlError(f"the control socket {path} is busy; try again") from None
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot reach the control socket {path}: {exc}") from None
+    return sock
+
+
+def _owner(path: str) -> str:
+    try:
+        return f" (it belongs to uid {os.stat(path).st_uid})"
+    except OSError:
+        return ""
+
+
+def request(
+    path: str, command: str, args: Mapping[str, Any] | None = None, *, timeout: float = 30.0
+) -> Any:
+    """Send one command to the server at ``path``; its result, or ControlError."""
+    sock = connect(path, timeout)
+    try:
+        message = {"command": command, "args": dict(args or {})}
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # A server too busy to listen answers at once and closes: read why below.
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        with sock.makefile("rb") as reader:
+            line = reader.readline(16 * 1024 * 1024)
+    except TimeoutError:
+        raise ControlError(f"no answer from {path} within {timeout:g}s") from None
+    except OSError as exc:
+        raise ControlError(f"the control connection to {path} failed: {exc}") from None
+    finally:
+        sock.close()
+    if not line:
+        raise ControlError(
+            f"the server at {path} closed the connection without answering (another user's"
+            " server refuses you; see its log)"
+        )
+    answer = json.loads(line)
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error")))
+    return answer.get("result")
+
+
+def format_stacks() -> str:
+    """Every thread's stack, as ``faulthandler.dump_traceback`` shows them, newest call last."""
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        parts.append(f"Thread {ident:#x} ({names.get(ident, '?')}):\n")
+        parts.extend(traceback.format_stack(frame))
+    return "".join(parts)

@@ -1,0 +1,146 @@
+"""``weft ctl COMMAND``: the client side of the control socket, for people and scripts.
+
+Results print as JSON (``status``, ``connections``) or as text (acknowledgements,
+``stacks``), so ``weft ctl status | jq .stats`` works. Exit status 0 on success, 1
+when the server cannot be reached or refuses, 2 for a command line that makes no
+sense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import sys
+import threading
+from typing import Any
+
+from ._ctl import ControlError, connect, default_path, request
+from ._exits import EXIT_RUNTIME, EXIT_USAGE
+
+__all__ = ["add_parser", "resolve_path"]
+
+USAGE = """\
+commands:
+  status                     stats of the server (per worker, and totals)
+  connections                every open connection: peer, age, bytes in and out
+  pause | resume             stop or start accepting; the listener stays bound
+  set max-connections N      change the limit at once ('none' for no limit)
+  drain [SECONDS]            stop accepting; exit when idle or after SECONDS
+  reload                     graceful reload (as SIGHUP)
+  workers +N | -N            add or remove worker processes
+  stacks                     every thread's stack
+  console                    a Python REPL in the server (if configured)
+"""
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``weft ctl`` to the ``weft`` command's subparsers."""
+    ctl = commands.add_parser(
+        "ctl",
+        help="steer a running `weft serve` through its control socket",
+        description="Talk to a running `weft serve` over its Unix control socket.",
+        epilog=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ctl.set_defaults(command=_ctl)
+    ctl.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"the control socket (default: control_socket from config, else {default_path()})",
+    )
+    ctl.add_argument("-c", "--config", metavar="FILE", help="read control_socket from FILE")
+    ctl.add_argument("name", metavar="COMMAND")
+    ctl.add_argument("args", nargs="*", metavar="ARG")
+
+
+def resolve_path(socket_flag: str | None, config_file: str | None) -> str | None:
+    """The control socket's path: the flag, else config and WEFT_CONTROL_SOCKET, else default.
+
+    None when config turned the control socket off.
+    """
+    if socket_flag:
+        return socket_flag
+    from ._config import load_config
+
+    config = load_config({}, config_file=config_file, flag_names={})
+    return config.control_socket
+
+
+def _parse(name: str, args: list[str]) -> tuple[str, dict[str, Any]]:
+    """The request for ``weft ctl NAME ARGS...``; ValueError with what is wrong."""
+    if name == "set":
+        if len(args) != 2:
+            raise ValueError("usage: weft ctl set max-connections N")
+        return name, {"name": args[0], "value": args[1]}
+    if name == "workers":
+        if len(args) != 1 or not args[0].lstrip("+-").isdigit() or args[0][0] not in "+-":
+            raise ValueError("usage: weft ctl workers +N | -N")
+        return name, {"delta": int(args[0])}
+    if name == "drain":
+        if len(args) > 1:
+            raise ValueError("usage: weft ctl drain [SECONDS]")
+        if args:
+            try:
+                return name, {"timeout": float(args[0])}
+            except ValueError:
+                raise ValueError(f"drain takes a number of seconds, got {args[0]!r}") from None
+        return name, {}
+    if args:
+        raise ValueError(f"{name} takes no arguments")
+    return name, {}
+
+
+def _ctl(ns: argparse.Namespace) -> int:
+    try:
+        name, args = _parse(ns.name, ns.args)
+        path = resolve_path(ns.socket, ns.config)
+    except ValueError as exc:
+        print(f"weft ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ControlError as exc:
+        print(f"weft ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if path is None:
+        print("weft ctl: the control socket is off in config (control_socket)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if name == "console":
+            return _console(path)
+        result = request(path, name, args)
+    except ControlError as exc:
+        print(f"weft ctl: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if isinstance(result, str):
+        print(result.rstrip("\n"))
+    else:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _console(path: str) -> int:
+    """Relay stdin to the server's console and its output to stdout, until either ends."""
+    sock = connect(path, timeout=None)
+    with sock:
+        sock.sendall(b'{"command": "console", "args": {}}\n')
+        reader = sock.makefile("rb")
+        answer = json.loads(reader.readline() or b"{}")
+        if not answer.get("ok"):
+            raise ControlError(str(answer.get("error", "the server closed the connection")))
+
+        def pump() -> None:
+            try:
+                for line in sys.stdin.buffer:
+                    sock.sendall(line)
+            except OSError:
+                return
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)  # the console sees the end of its input
+
+        threading.Thread(target=pump, name="weft ctl console input", daemon=True).start()
+        out = sys.stdout.buffer
+        while chunk := reader.read1(65536):
+            out.write(chunk)
+            out.flush()
+    return 0

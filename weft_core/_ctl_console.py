@@ -1,0 +1,79 @@
+"""``weft ctl console``: a Python REPL inside the running server (LispWorks' listener).
+
+After the control socket answers ``console``, the connection carries plain text both
+ways: source lines in, output and prompts out, until the client ends its input. The
+REPL runs in the control request's own thread, beside the handlers, so a slow
+expression holds that thread only. ``print`` and the values of expressions go to the
+client; what code writes to ``sys.stdout`` itself still goes to the server's stdout.
+
+It is off unless config sets ``console = true``, and it is reachable only through the
+owner-only control socket: it is the server's own power, handed to its own user.
+"""
+
+from __future__ import annotations
+
+import builtins
+import code
+import socket
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, BinaryIO
+
+__all__ = ["serve_console"]
+
+BANNER = "weft console: `server` is the running Server; end with Ctrl-D.\n"
+# A console line longer than this is not typed by a person.
+MAX_LINE = 1024 * 1024
+# sys.displayhook is process-wide: consoles take turns showing a value.
+_display_lock = threading.Lock()
+
+
+class _SocketConsole(code.InteractiveConsole):
+    """An InteractiveConsole whose output (errors, print, shown values) goes to a socket."""
+
+    def __init__(self, conn: socket.socket, namespace: dict[str, Any]) -> None:
+        self.conn = conn
+        namespace.setdefault("print", self._print)
+        super().__init__(namespace, filename="<weft console>")
+
+    def write(self, data: str) -> None:
+        self.conn.sendall(data.encode("utf-8", "backslashreplace"))
+
+    def _print(self, *values: object, sep: str | None = " ", end: str | None = "\n",
+               file: Any = None, flush: bool = False) -> None:  # fmt: skip
+        if file is not None:  # print(..., file=f) keeps its meaning
+            builtins.print(*values, sep=sep, end=end, file=file, flush=flush)
+            return
+        self.write((sep if sep is not None else " ").join(map(str, values)) + (end or ""))
+
+    def _show(self, value: object) -> None:
+        if value is not None:
+            self.namespace["_"] = value
+            self.write(repr(value) + "\n")
+
+    def runcode(self, codeobj: Any) -> None:
+        with _display_lock:
+            saved, sys.displayhook = sys.displayhook, self._show
+            try:
+                super().runcode(codeobj)
+            finally:
+                sys.displayhook = saved
+
+    @property
+    def namespace(self) -> dict[str, Any]:
+        return self.locals  # type: ignore[return-value]  # always the dict we gave
+
+
+def serve_console(conn: socket.socket, reader: BinaryIO, namespace: Mapping[str, Any]) -> None:
+    """Run a REPL over ``conn`` (input from ``reader``) until the client's input ends."""
+    console = _SocketConsole(conn, {"__name__": "__console__", **namespace})
+    console.write(BANNER)
+    more = False
+    while True:
+        console.write("... " if more else ">>> ")
+        line = reader.readline(MAX_LINE)
+        if not line:
+            console.write("\n")
+            return
+        more = console.push(line.decode("utf-8", "replace").rstrip("\r\n"))
