@@ -513,6 +513,9 @@ _ROWS = [
     Setting("on_stop", callback("f(server)"), None, "called once stopped", "server"),
     Setting("shutdown_handler", callback("f(server, conn) -> bool"), None,
             "decides whether a shutdown-port connection stops the server", "server"),
+    # Connection metrics (issue 19): the access log.
+    Setting("access_log", boolean(), False,
+            "log one line per connection on logger weft.access (peer, duration, bytes, how)"),
     # weft serve only.
     Setting("graceful_timeout", seconds(positive=False), 30.0,
             "on SIGTERM/SIGINT, seconds connections get to finish", "config"),
@@ -680,6 +683,7 @@ class Settings:
     shutdown_secret: str | None
     shutdown_handler: ShutdownHandler | None
     shutdown_allow_no_secret: bool
+    access_log: bool
 
     @classmethod
     def from_keywords(cls, handler: Any, **keywords: Any) -> Settings:

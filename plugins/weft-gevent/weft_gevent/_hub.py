@@ -225,6 +225,11 @@ class HubOwner:
         return f"<HubOwner hub={where} users={self._users}>"
 
     @property
+    def link(self) -> HubLink | None:
+        """The hub in use now, if any (none before the first task, or after close)."""
+        return self._link
+
+    @property
     def owns_thread(self) -> bool:
         """True while a hub thread started by this owner is running."""
         return self._thread is not None
