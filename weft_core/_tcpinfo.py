@@ -5,8 +5,10 @@ weft never wraps the connection a handler gets (a plain socket, a gevent socket,
 bytes itself. Linux counts them per socket anyway: ``struct tcp_info`` (see
 ``include/uapi/linux/tcp.h``) carries ``tcpi_bytes_acked`` (bytes sent and
 acknowledged by the peer, RFC 4898's ThruOctetsAcked) and ``tcpi_bytes_received``
-(RFC 4898's ThruOctetsReceived), both since Linux 4.1. One ``getsockopt`` reads
-them, when a connection ends and when ``Server.connections()`` is asked.
+(RFC 4898's ThruOctetsReceived), both since Linux 4.1. They count sequence
+numbers, so a FIN adds one, taken off again here from the connection's state. One
+``getsockopt`` reads them, when a connection ends and when ``Server.connections()``
+is asked.
 
 Where the kernel cannot tell (a Unix socket, another OS, a kernel before 4.1, a
 socket already closed), the counts are None.
@@ -35,6 +37,13 @@ TCP_INFO_SIZE = _BYTES_RECEIVED + 8
 
 _COUNTS = struct.Struct("=QQ")
 
+#: A FIN takes a sequence number, and the kernel's counts follow sequence numbers:
+#: in these states (``tcpi_state``, the struct's first byte; include/net/tcp_states.h)
+#: the peer's FIN is in ``bytes_received``: CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT ...
+_PEER_FIN_STATES = frozenset({8, 9, 11, 6})
+#: ... and our own, acknowledged, in ``bytes_acked``: FIN_WAIT2, TIME_WAIT.
+_OUR_FIN_ACKED_STATES = frozenset({5, 6})
+
 
 def byte_counts(sock: Any) -> tuple[int | None, int | None]:
     """``(bytes_in, bytes_out)`` of a TCP socket by the kernel's count; None where unknown.
@@ -52,4 +61,9 @@ def byte_counts(sock: Any) -> tuple[int | None, int | None]:
     if len(info) < TCP_INFO_SIZE:
         return None, None
     acked, received = _COUNTS.unpack_from(info, _BYTES_ACKED)
+    state = info[0]
+    if received and state in _PEER_FIN_STATES:
+        received -= 1
+    if acked and state in _OUR_FIN_ACKED_STATES:
+        acked -= 1
     return received, acked

@@ -145,7 +145,6 @@ def weft_connection_opened(server: Server, connection: ConnectionInfo) -> None:
     for every connection, so keep it quick; the server only calls it when some
     plugin implements it. Example, a gauge of open connections::
 
-        import itertools
         from weft_core import hookimpl
 
         OPEN = set()
@@ -173,8 +172,7 @@ def weft_connection_closed(
     ``"closed"`` (the handler returned), ``"error"`` (it raised),
     ``"idle_timeout"``, ``"stopped"`` (ended by ``stop()`` or
     ``close_connection()``), ``"detached"``, ``"tls_error"``, ``"proxy_error"``.
-    Called in the connection's task just before its socket is closed (or, for a
-    connection the stop had to abandon, in the stopping thread). Example, bytes
+    Called in the connection's task just before its socket is closed. Example, bytes
     served per peer::
 
         import collections
