@@ -191,6 +191,14 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
     return _from_table(document, source, path.parent), source
 
 
+def _plugin_prefixes() -> tuple[str, ...]:
+    """``WEFT_<NAME>_`` for every installed plugin (entry point of the ``weft`` group)."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name.upper().replace("-", "_") for ep in entry_points(group="weft")}
+    return tuple(f"WEFT_{name}_" for name in sorted(names))
+
+
 def _from_env(environ: Mapping[str, str], base: Path) -> tuple[_Settings, dict[str, str]]:
     """The WEFT_* variables' settings, and the variable each came from."""
     out: _Settings = {}
@@ -221,6 +229,8 @@ def _from_env(environ: Mapping[str, str], base: Path) -> tuple[_Settings, dict[s
                 source=source,
                 key=key,
             )
+        elif name.startswith(_plugin_prefixes()):
+            continue  # WEFT_<PLUGIN>_*: a plugin's own setting, read by the plugin
         else:
             close = difflib.get_close_matches(name, _ENV_NAMES, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(_ENV_NAMES)
