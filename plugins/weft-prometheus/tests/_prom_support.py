@@ -118,12 +118,14 @@ class Served:
         self.stop()
 
 
-def weft_serve(manager: str, metrics: str | None, *extra: str) -> tuple[Served, str]:
+def weft_serve(
+    manager: str, metrics: str | None, *extra: str, env: Mapping[str, str] = {}
+) -> tuple[Served, str]:
     """Start ``weft serve`` with our handler; return it and its address once it listens."""
     served = Served(
         [*WEFT, "serve", HANDLERS[manager], "--manager", manager, "--bind", "127.0.0.1:0",
          "--graceful-timeout", "10", *extra],
-        environment(metrics),
+        {**environment(metrics), **env},
     )  # fmt: skip
     try:
         ((address, named),) = (m.groups() for m in served.wait_for(LISTENING))

@@ -8,12 +8,14 @@ the test's own clients did.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from _prom_serving import BOOM
@@ -105,12 +107,20 @@ def test_refusals_counted_by_reason() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_two_workers_one_scrape_sums_both() -> None:
+def test_two_workers_one_scrape_sums_both(tmp_path: Path) -> None:
     """Under --workers 2, a scrape during load reports the sum over both workers."""
     if "threads" not in available_managers():
         pytest.skip("weft-threads is not installed")
     metrics = f"127.0.0.1:{free_port()}"
-    served, address = weft_serve("threads", metrics, "--workers", "2")
+    # The shared directory goes under XDG_RUNTIME_DIR: here, where the test can see it.
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    # A supervisor that is gone (a pid beyond Linux's largest pid_max): swept.
+    ended = runtime / f"weft-prometheus-{os.getuid()}-{2**22 + 1}-1"
+    ended.mkdir()
+    served, address = weft_serve(
+        "threads", metrics, "--workers", "2", env={"XDG_RUNTIME_DIR": str(runtime)}
+    )
     with served:
         served.wait_for(r"worker ready on", count=2)
         done: list[Client] = []
@@ -149,8 +159,18 @@ def test_two_workers_one_scrape_sums_both() -> None:
             assert total(samples, "weft_received_bytes_total") == sum(c.sent for c in clients)
             assert total(samples, "weft_sent_bytes_total") == sum(c.received for c in clients)
         assert "cannot serve metrics" not in served.text
+        (shared,) = runtime.iterdir()  # the old one swept; one for this supervisor
+        assert shared.name.startswith(f"weft-prometheus-{os.getuid()}-{served.proc.pid}-")
+        assert {p.name for p in shared.glob("gauge_livesum_*.db")} == {
+            f"gauge_livesum_{pid}.db" for pid in by_worker
+        }
         assert served.stop() == 0, served.text
     assert "Traceback" not in served.text, served.text
+    # Workers that ended cleanly took their live gauges out; their counters stay.
+    assert not list(shared.glob("gauge_livesum_*.db"))
+    assert {p.name for p in shared.glob("counter_*.db")} == {
+        f"counter_{pid}.db" for pid in by_worker
+    }
 
 
 def test_bind_failure_is_one_line_and_the_server_serves_on() -> None:

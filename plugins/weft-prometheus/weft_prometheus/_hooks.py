@@ -113,10 +113,16 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
         state.running += 1
         if state.exporter is not None:
             return
-        address = configured_address(os.environ)
+        try:
+            address = configured_address(os.environ)
+        except ValueError as exc:  # changed since the plugin loaded
+            log.error("weft-prometheus: %s; serving no metrics", exc)
+            return
         if address is None:  # unset since the plugin loaded: count, serve nothing
             return
-        exporter = Exporter(state.registry, *address, reuse_port=state.directory is not None)
+        # SO_REUSEPORT in one process too: when it hands its sockets to workers (a
+        # reload), they bind the address while it drains, rather than failing.
+        exporter = Exporter(state.registry, *address, reuse_port=True)
         try:
             exporter.open()
         except OSError as exc:
