@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import weft_core
-from weft_core import ConfigError, Server, TaskManager, current_connection, shutdown_requested
 from weft_asyncio import AsyncioManager, AsyncioRuntime, AsyncioStream
+from weft_core import ConfigError, Server, TaskManager, current_connection, shutdown_requested
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,10 +118,13 @@ def test_uvloop_serves_on_a_uvloop_loop() -> None:
         seen.append(type(asyncio.get_running_loop()).__module__)
         await echo(stream)
 
-    with Server(handler, manager="asyncio", manager_options={"loop": "uvloop"}) as server:
-        with connect(server) as client:
-            client.sendall(b"ping")
-            assert recv_exactly(client, 4) == b"ping"
+    options = {"loop": "uvloop"}
+    with (
+        Server(handler, manager="asyncio", manager_options=options) as server,
+        connect(server) as client,
+    ):
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
     assert seen and seen[0].startswith("uvloop"), seen
 
 
@@ -274,15 +277,14 @@ def test_a_sleeping_handler_does_not_hold_up_others() -> None:
         stream.write(first)
         await echo(stream)
 
-    with Server(handler, manager="asyncio") as server:
-        with connect(server) as sleeper:
-            sleeper.sendall(b"s")
-            assert sleeping.wait(WAIT)
-            for _ in range(3):
-                with connect(server) as other:
-                    other.sendall(b"e-ok")
-                    assert recv_exactly(other, 4) == b"e-ok"
-            server.stop(timeout=0.1)
+    with Server(handler, manager="asyncio") as server, connect(server) as sleeper:
+        sleeper.sendall(b"s")
+        assert sleeping.wait(WAIT)
+        for _ in range(3):
+            with connect(server) as other:
+                other.sendall(b"e-ok")
+                assert recv_exactly(other, 4) == b"e-ok"
+        server.stop(timeout=0.1)
 
 
 # -- the stream ------------------------------------------------------------------------
@@ -307,11 +309,10 @@ def test_stream_reads_as_an_asyncio_stream_reader() -> None:
         finally:
             done.set()
 
-    with Server(handler, manager="asyncio") as server:
-        with connect(server) as client:
-            client.sendall(b"line one\nab;xyzthe rest")
-            client.shutdown(socket.SHUT_WR)
-            assert done.wait(WAIT)
+    with Server(handler, manager="asyncio") as server, connect(server) as client:
+        client.sendall(b"line one\nab;xyzthe rest")
+        client.shutdown(socket.SHUT_WR)
+        assert done.wait(WAIT)
     assert results == {
         "line": b"line one\n",
         "until": b"ab;",
@@ -334,12 +335,11 @@ def test_a_handler_written_for_trio_runs_unchanged() -> None:
         assert await stream.receive_some() == b""
         await stream.aclose()
 
-    with Server(trio_style, manager="asyncio") as server:
-        with connect(server) as client:
-            client.sendall(b"shout")
-            assert recv_exactly(client, 5) == b"SHOUT"
-            assert client.recv(10) == b"", "send_eof must half-close"
-            client.shutdown(socket.SHUT_WR)
+    with Server(trio_style, manager="asyncio") as server, connect(server) as client:
+        client.sendall(b"shout")
+        assert recv_exactly(client, 5) == b"SHOUT"
+        assert client.recv(10) == b"", "send_eof must half-close"
+        client.shutdown(socket.SHUT_WR)
     assert peers and peers[0][0] == "127.0.0.1"
 
 
@@ -352,11 +352,10 @@ def test_writes_before_the_first_read_go_out_first() -> None:
         await stream.drain()
         await echo(stream)
 
-    with Server(greeter, args=(b"hi",), manager="asyncio") as server:
-        with connect(server) as client:
-            assert recv_exactly(client, 3) == b"hi-"
-            client.sendall(b"x")
-            assert recv_exactly(client, 1) == b"x"
+    with Server(greeter, args=(b"hi",), manager="asyncio") as server, connect(server) as client:
+        assert recv_exactly(client, 3) == b"hi-"
+        client.sendall(b"x")
+        assert recv_exactly(client, 1) == b"x"
 
 
 def test_nodelay_false_is_kept() -> None:
@@ -368,10 +367,10 @@ def test_nodelay_false_is_kept() -> None:
         seen.append(int(stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
 
     for nodelay in (False, True):
-        with Server(handler, manager="asyncio", nodelay=nodelay) as server:
-            with connect(server) as client:
-                client.sendall(b"x")
-                client.recv(1)  # b"" once the handler returned
+        server = Server(handler, manager="asyncio", nodelay=nodelay)
+        with server, connect(server) as client:
+            client.sendall(b"x")
+            client.recv(1)  # b"" once the handler returned
     assert seen == [0, 1]
 
 

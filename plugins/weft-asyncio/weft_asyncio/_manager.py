@@ -85,7 +85,7 @@ def _uvloop_missing() -> ValueError:
 class _Loop:
     """The loop tasks run on: the manager's own, in a daemon thread, or the application's."""
 
-    __slots__ = ("cancels", "error", "ident", "loop", "lock", "owner", "ready", "thread")
+    __slots__ = ("cancels", "error", "ident", "lock", "loop", "owner", "ready", "thread")
 
     def __init__(self, owner: AsyncioManager, loop: asyncio.AbstractEventLoop, own: bool) -> None:
         self.owner = owner
@@ -113,7 +113,9 @@ class _Loop:
         self.ready.wait()
         if self.error is not None:
             self.thread.join()
-            raise RuntimeError("weft-asyncio: the event loop thread failed to start") from self.error
+            raise RuntimeError(
+                "weft-asyncio: the event loop thread failed to start"
+            ) from self.error
 
     def _main(self) -> None:
         loop = self.loop
@@ -247,8 +249,7 @@ class AsyncioManager:
     def __init__(self, *, limit: int | None = None, loop: str = "asyncio") -> None:
         if loop not in LOOPS:
             raise ValueError(
-                f"asyncio manager: loop must be one of {', '.join(map(repr, LOOPS))}, "
-                f"not {loop!r}"
+                f"asyncio manager: loop must be one of {', '.join(map(repr, LOOPS))}, not {loop!r}"
             )
         if loop == "uvloop":
             try:
@@ -387,12 +388,13 @@ class AsyncioManager:
             return
         try:
             context.run(state.make_current)
-            coro = context.run(thunk)
+            coro: Any = context.run(thunk)
             loop = state.home.loop
+            task: asyncio.Task[Any]
             if sys.version_info >= (3, 11):
-                task = loop.create_task(coro, name=state.name, context=context)  # type: ignore[arg-type]
+                task = loop.create_task(coro, name=state.name, context=context)
             else:  # pragma: no cover - Python 3.10: create_task copies the current context
-                task = context.run(loop.create_task, coro, name=state.name)
+                task = context.run(lambda: loop.create_task(coro, name=state.name))
         except Exception as exc:
             log.error("task %s (%s) could not start", state.id, state.name, exc_info=exc)
             self._table.pop(state.id)

@@ -140,11 +140,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         # The transport turns TCP_NODELAY on; keep the server's nodelay=False.
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else 1
-        await self._loop.connect_accepted_socket(lambda: self, sock, ssl=self._tls)
+        transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock, ssl=self._tls)
         if not nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        assert self._transport is not None
-        return self._transport
+        return transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The transport exists: send what was written before it did."""
@@ -229,6 +228,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
             if timer is not None:
                 timer.cancel()
 
+    def _failure(self) -> BaseException | None:
+        """What broke the connection, if anything did (a reset)."""
+        return self._error
+
     def _take(self, n: int) -> bytes:
         buffer = self._buffer
         if len(buffer) <= n:
@@ -255,8 +258,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
             return b"".join(chunks)
         if not self._buffer and not self._eof:
             await self._wait_for_data("read")
-            if self._error is not None and not self._buffer:
-                raise self._error
+            error = self._failure()  # a reset while waiting
+            if error is not None and not self._buffer:
+                raise error
         return self._take(n)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -310,7 +314,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         return self._take(found + seplen)
 
     async def readline(self) -> bytes:
-        """One line with its ``\\n`` (the rest at end of input; ``b""`` after it)."""
+        """One line, with its newline (the rest at end of input; ``b""`` after it)."""
         try:
             return await self.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
