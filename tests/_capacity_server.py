@@ -30,8 +30,9 @@ def echo(conn: Any) -> None:
 
 
 async def echo_async(stream: Any) -> None:
+    # receive_some, not `async for`: a trio stream iterates chunks, an asyncio one lines.
     await stream.send_all(b"+")
-    async for data in stream:
+    while data := await stream.receive_some(65536):
         await stream.send_all(data)
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
     counter = Count()
     logging.getLogger("weft").addHandler(counter)
-    handler = echo_async if manager == "trio" else echo
+    handler = echo_async if manager in ("trio", "asyncio") else echo
     fds_before = len(os.listdir("/proc/self/fd"))
     server = Server(handler, manager=manager, max_connections=None, backlog=4096)
     server.run()

@@ -361,10 +361,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         ``ConnectionResetError`` if the connection was lost; ``TimeoutError`` if the
         peer read nothing for ``idle_timeout`` seconds.
         """
-        if self._transport is None:
-            await self._connect()
+        transport = self._transport or await self._connect()
+        if transport.is_closing() and not self._lost:
+            # A write failed (the peer reset): the transport tells the protocol at
+            # the loop's next turn. Yield to it, as StreamWriter.drain does, so that
+            # this drain raises rather than the handler writing on into the void.
+            await asyncio.sleep(0)
         if self._lost:
-            raise self._error or ConnectionResetError("Connection lost")
+            raise self._failure() or ConnectionResetError("Connection lost")
         if not self._paused:
             return
         loop = self._loop
