@@ -14,6 +14,7 @@ What does not live here: the loop and the tasks (``_manager.py``), the stream
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import math
 import socket
@@ -57,6 +58,15 @@ def _ready(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+# socket.socket's ``family`` and ``type`` properties build an enum member on every
+# read (about a microsecond each); the server reads them several times per
+# connection. These tables give the same members for a dictionary lookup.
+_FAMILIES = {int(f): f for f in socket.AddressFamily}
+_KINDS = {int(k): k for k in socket.SocketKind}
+_raw_family = _socket.socket.family
+_raw_type = _socket.socket.type
+
+
 class AsyncioSocket(socket.socket):
     """An accepted connection's socket, non-blocking, with an awaitable ``recv``.
 
@@ -68,6 +78,18 @@ class AsyncioSocket(socket.socket):
 
     __slots__ = ()
 
+    @property
+    def family(self) -> socket.AddressFamily:
+        """The address family, as ``socket.socket.family`` gives it (from a table)."""
+        raw: int = _raw_family.__get__(self)
+        return _FAMILIES.get(raw) or socket.AddressFamily(raw)
+
+    @property
+    def type(self) -> socket.SocketKind:
+        """The socket type, as ``socket.socket.type`` gives it (from a table)."""
+        raw: int = _raw_type.__get__(self)
+        return _KINDS.get(raw) or socket.SocketKind(raw)
+
     async def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
         """Receive up to ``bufsize`` bytes, waiting on the loop for them."""
         while True:
@@ -77,19 +99,21 @@ class AsyncioSocket(socket.socket):
                 await _readable(self.fileno())
 
 
-class AsyncioListener(socket.socket):
+class AsyncioListener(AsyncioSocket):
     """The listening socket, non-blocking, whose ``accept`` is awaited on the loop.
 
     ``server.socket`` is this object: a socket for ``getsockname``, ``getsockopt``
     and ``fileno``.
     """
 
-    __slots__ = ("_burst",)
+    __slots__ = ("_burst", "_kind")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self.setblocking(False)
         self._burst = 0
+        #: What each accepted socket is made with, read once.
+        self._kind = (self.family, self.type, self.proto)
 
     async def accept(self) -> tuple[AsyncioSocket, Any]:  # type: ignore[override]
         """Wait for a connection; return its socket (non-blocking) and the peer's address.
@@ -108,7 +132,7 @@ class AsyncioListener(socket.socket):
                 self._burst = 0
                 await _readable(self.fileno())
         self._burst += 1
-        sock = AsyncioSocket(self.family, self.type, self.proto, fileno=fd)
+        sock = AsyncioSocket(*self._kind, fileno=fd)
         sock.setblocking(False)
         return sock, address
 
