@@ -30,7 +30,6 @@ def echo(conn: Any) -> None:
 
 
 async def echo_async(stream: Any) -> None:
-    # receive_some, not `async for`: a trio stream iterates chunks, an asyncio one lines.
     await stream.send_all(b"+")
     while data := await stream.receive_some(65536):
         await stream.send_all(data)

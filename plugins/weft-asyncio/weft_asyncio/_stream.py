@@ -4,7 +4,7 @@
 ``StreamReaderProtocol``, a ``StreamReader``, its buffer and a ``StreamWriter``). An
 :class:`AsyncioStream` is all of them at once: the transport's protocol, the
 reading side of ``asyncio.StreamReader`` (``read``, ``readline``, ``readexactly``,
-``readuntil``, ``at_eof``, ``async for``) and the writing side of
+``readuntil``, ``at_eof``) and the writing side of
 ``asyncio.StreamWriter`` (``write``, ``writelines``, ``drain``, ``close``,
 ``wait_closed``, ``get_extra_info``), plus trio's ``SocketStream`` methods
 (``receive_some``, ``send_all``, ``send_eof``, ``aclose``, ``socket``), so that a
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -45,6 +46,9 @@ LIMIT = 2**16
 #: it aborts the connection: a peer that stopped reading must not keep the
 #: descriptor open after its task ended.
 CLOSE_WAIT = 2.0
+
+#: See :meth:`AsyncioStream.connection_lost`.
+_CACHED_READ_CALLBACK = sys.version_info < (3, 12)
 
 _scratch = threading.local()
 
@@ -76,7 +80,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
 
     Reading: ``await read(n=-1)``, ``readline()``, ``readexactly(n)``,
     ``readuntil(separator)``, ``receive_some(max_bytes=None)`` (``b""`` at end of
-    input), ``at_eof()``, ``async for line in stream``. Writing: ``write(data)``
+    input), ``at_eof()``, ``async for chunk in stream`` (chunks, as on trio). Writing: ``write(data)``
     then ``await drain()`` (back-pressure), or ``await send_all(data)``;
     ``await send_eof()`` half-closes. ``close()`` / ``await aclose()``.
     ``socket`` is the connection's socket (for ``setsockopt``, ``getpeername``).
@@ -179,6 +183,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The transport closed: wake every waiter; a reset is raised by the next read."""
+        if _CACHED_READ_CALLBACK:
+            # The selector transport keeps a bound method of itself, a reference cycle
+            # per connection that only the garbage collector frees (CPython issue
+            # gh-100348, fixed in 3.12). It reads no more: dropping it lets reference
+            # counting free the transport and its socket the moment they end.
+            attributes = getattr(self._transport, "__dict__", None)  # uvloop's have none
+            if attributes is not None:
+                attributes.pop("_read_ready_cb", None)
         self._eof = True
         self._lost = True
         if exc is not None:
@@ -335,10 +347,16 @@ class AsyncioStream(asyncio.BufferedProtocol):
         return self
 
     async def __anext__(self) -> bytes:
-        line = await self.readline()
-        if not line:
+        """``async for chunk in stream``: chunks as they arrive, as trio's streams give them.
+
+        Not lines, as ``StreamReader``'s iteration gives: weft's async handlers are
+        written against trio's stream methods, iteration included; ``readline()``
+        reads lines.
+        """
+        chunk = await self.read(CHUNK)
+        if not chunk:
             raise StopAsyncIteration
-        return line
+        return chunk
 
     # -- writing -------------------------------------------------------------------------
 
