@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib
 import logging
 import sys
 import threading
@@ -253,7 +254,7 @@ class AsyncioManager:
             )
         if loop == "uvloop":
             try:
-                import uvloop  # noqa: F401
+                importlib.import_module("uvloop")
             except ImportError:
                 raise _uvloop_missing() from None
         self._loop_name = loop
@@ -294,9 +295,8 @@ class AsyncioManager:
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop_name == "uvloop":
-            import uvloop
-
-            new: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            # Through importlib: uvloop is an optional extra, absent where mypy runs.
+            new: asyncio.AbstractEventLoop = importlib.import_module("uvloop").new_event_loop()
             return new
         return asyncio.new_event_loop()
 
