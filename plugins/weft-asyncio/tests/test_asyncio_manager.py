@@ -358,6 +358,18 @@ def test_writes_before_the_first_read_go_out_first() -> None:
         assert recv_exactly(client, 1) == b"x"
 
 
+def test_a_reply_written_without_any_await_is_sent() -> None:
+    """write() then return, with no await at all: the bytes still reach the client."""
+
+    async def bye(stream: AsyncioStream) -> None:
+        stream.write(b"bye")
+        stream.close()
+
+    with Server(bye, manager="asyncio") as server, connect(server) as client:
+        assert recv_exactly(client, 3) == b"bye"
+        assert client.recv(1) == b""
+
+
 def test_nodelay_false_is_kept() -> None:
     """The transport turns TCP_NODELAY on; nodelay=False must still leave it off."""
     seen: list[int] = []

@@ -17,7 +17,7 @@ An idle connection holds an empty ``bytearray`` and no other buffer.
 The transport is made on first use (the first read, ``drain`` or the TLS handshake):
 making it is awaited (``loop.connect_accepted_socket``), while the server hands the
 stream over synchronously. Bytes written before that wait in the stream and go out
-as soon as the transport exists.
+as soon as the transport exists, at the latest when the stream is closed.
 
 What does not live here: the loop, the tasks and the sockets (``_runtime.py``,
 ``_manager.py``).
@@ -483,12 +483,16 @@ class AsyncioStream(asyncio.BufferedProtocol):
         return transport.is_closing()
 
     def close(self) -> None:
-        """Close after the queued bytes are sent (StreamWriter's; ``aclose`` waits)."""
+        """Close after the queued bytes are sent (StreamWriter's; ``aclose`` waits).
+
+        Bytes written before the transport exists are left for ``aclose``, which the
+        server calls as the handler ends: it makes the transport to send them.
+        """
         transport = self._transport
-        if transport is None:
-            self.socket.close()
-        else:
+        if transport is not None:
             transport.close()
+        elif not self._pending:
+            self.socket.close()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed (at most ``CLOSE_WAIT``, then abort it)."""
@@ -503,8 +507,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         transport = self._transport
         if transport is None:
-            self.socket.close()
-            return
+            if not self._pending or self.socket.fileno() < 0:
+                self.socket.close()
+                return
+            try:  # bytes written before any await: send them, then close
+                transport = await self._connect()
+            except BaseException:
+                self.socket.close()
+                raise
         transport.close()
         if self._lost:
             return
