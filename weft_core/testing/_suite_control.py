@@ -115,9 +115,9 @@ class ControlTests(ManagerTestBase):
         clients.append(first)
         assert recv_exactly(first, 1) == b"+", "a client before the pause is served"
         server.pause_accepting()
-        assert server.paused, "rule 'paused is True after pause_accepting()'"
-        assert server.socket is not None, (
-            "rule 'pause_accepting() keeps the listener bound': server.socket must stay set"
+        state = (server.paused, server.socket is not None)
+        assert state == (True, True), (
+            "rule 'pause_accepting() keeps the listener bound': paused True, server.socket set"
         )
         waiting = [connect(server.port) for _ in range(2)]  # the kernel queues them
         clients.extend(waiting)
