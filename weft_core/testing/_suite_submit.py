@@ -24,6 +24,7 @@ from .._errors import HandlerKindError, ServerError
 from .._protocol import Slots
 from .._server import Server
 from .._tasks import current_task
+from ._adapters import SyncAdapter
 from ._base import ManagerTestBase
 from ._support import WAIT, connect, recv_exactly, recv_until_closed
 
@@ -60,8 +61,14 @@ class Mailbox:
         self.put(None)
 
 
-def _parked_handler(kind: str, server: list[Server], boxes: list[Mailbox]) -> Any:
-    """A handler that greets, then parks on its mailbox and sends what arrives, until the end."""
+def _parked_handler(
+    kind: str, adapter: SyncAdapter, server: list[Server], boxes: list[Mailbox]
+) -> Any:
+    """A handler that greets, then parks on its mailbox and sends what arrives, until the end.
+
+    It talks to its client through the manager's adapter (``adapter.send``), as every
+    suite handler does, and waits on its runtime's own semaphore.
+    """
 
     def park() -> Mailbox:
         box = Mailbox(server[0].task_manager.runtime.slots(0))
@@ -75,23 +82,23 @@ def _parked_handler(kind: str, server: list[Server], boxes: list[Mailbox]) -> An
 
         async def parked_async(stream: Any) -> None:
             box = park()
-            await stream.send_all(b"+")
+            await adapter.send(stream, b"+")
             while await box.slots.acquire_within(WAIT):  # type: ignore[attr-defined]
                 message = box.messages.popleft()
                 if message is None:
                     return
-                await stream.send_all(message)
+                await adapter.send(stream, message)
 
         return parked_async
 
     def parked(conn: Any) -> None:
         box = park()
-        conn.sendall(b"+")
+        adapter.send(conn, b"+")
         while box.slots.acquire(timeout=WAIT):  # type: ignore[attr-defined]
             message = box.messages.popleft()
             if message is None:
                 return
-            conn.sendall(message)
+            adapter.send(conn, message)
 
     return parked
 
@@ -140,8 +147,11 @@ class SubmitTests(ManagerTestBase):
     ) -> tuple[Server, list[Mailbox]]:
         holder: list[Server] = []
         boxes: list[Mailbox] = []
+        probe = self.new_manager()
+        adapter = self.make_adapter(probe.runtime)
+        probe.runtime.close()
         server = make_server(
-            handler=_parked_handler(handler_kind, holder, boxes), start=False, **kw
+            handler=_parked_handler(handler_kind, adapter, holder, boxes), start=False, **kw
         )
         holder.append(server)
         server.run()
