@@ -80,14 +80,16 @@ def _parked_handler(
 
     if kind == "async":
 
+        sender: Any = adapter  # an AsyncAdapter: its send is awaited
+
         async def parked_async(stream: Any) -> None:
             box = park()
-            await adapter.send(stream, b"+")
+            await sender.send(stream, b"+")
             while await box.slots.acquire_within(WAIT):  # type: ignore[attr-defined]
                 message = box.messages.popleft()
                 if message is None:
                     return
-                await adapter.send(stream, message)
+                await sender.send(stream, message)
 
         return parked_async
 
