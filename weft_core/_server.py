@@ -439,7 +439,9 @@ class Server:
         submitter = self._submitter
         if submitter is None or self._engine is None:
             raise ServerError("submit() needs a running server: call run() first")
-        kind = handler_kind(fn)
+        kind = submitter.kinds.get(fn) if isinstance(fn, Hashable) else None
+        if kind is None:
+            kind = submitter.remember(fn, handler_kind(fn))
         if kind != submitter.kind:
             need = "an async def" if submitter.kind == "async" else "a plain function"
             raise HandlerKindError(
