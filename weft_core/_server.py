@@ -334,7 +334,9 @@ class Server:
         Raised while running, clients waiting for a slot get in at once. Lowered below
         the number open, no connection is cut: new clients wait or are refused (per
         ``on_full``) until enough have ended. ``None`` (no limit) can only be set or
-        left while stopped: it takes effect at the next ``run()``.
+        left while stopped: it takes effect at the next ``run()``. From any thread;
+        from inside one of weft's tasks the change is applied a moment later, from
+        a thread of its own.
         """
         return self._cfg.max_connections
 
@@ -351,7 +353,8 @@ class Server:
                 )
             self._cfg.max_connections = value
         if engine is not None and value is not None:
-            engine.set_limit(value)
+            limit = value
+            self._control(lambda engine: engine.set_limit(limit))
 
     @property
     def paused(self) -> bool:

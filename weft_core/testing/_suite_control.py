@@ -19,6 +19,7 @@ import pytest
 
 from .._errors import ConfigError, ServerError
 from .._server import Server
+from ._adapters import Body, Recv, Send
 from ._base import ManagerTestBase
 from ._bodies import echo, stubborn
 from ._support import WAIT, connect, recv_exactly, recv_until_closed, wait_until
@@ -42,6 +43,19 @@ def _served(client: socket.socket, within: float) -> bool:
 def _round_trip(client: socket.socket, data: bytes) -> bytes:
     client.sendall(data)
     return recv_exactly(client, len(data))
+
+
+def _controls(holder: list[Server]) -> Body:
+    """Echo, and pause (on b"p") or resume (on b"r") the server from inside the handler."""
+    while True:
+        data = yield Recv()
+        if not data:
+            return
+        if data == b"p":
+            holder[0].pause_accepting()
+        elif data == b"r":
+            holder[0].resume_accepting()
+        yield Send(data)
 
 
 class _Load:
@@ -140,6 +154,22 @@ class ControlTests(ManagerTestBase):
         self, make_server: MakeServer, clients: list[socket.socket]
     ) -> None:
         """Rule: pause/resume may be repeated, and called from any thread, a handler included."""
+        holder: list[Server] = []
+        server = make_server(lambda: _controls(holder), args=(), start=False)
+        holder.append(server)
+        server.run()
+        remote = connect(server.port)
+        clients.append(remote)
+        assert _round_trip(remote, b"p") == b"p", "the handler called pause_accepting()"
+        wait_until(lambda: server.paused, what="a pause called from a handler")
+        late = connect(server.port)
+        clients.append(late)
+        assert not _served(late, QUIET), "rule 'paused from a handler: no client is served'"
+        assert _round_trip(remote, b"r") == b"r", "the handler called resume_accepting()"
+        assert _round_trip(late, b"x") == b"x", (
+            "rule 'resume_accepting() from a handler serves the client that waited'"
+        )
+        server.stop(timeout=WAIT)
         server = make_server(echo, args=(b"+",))
         for _ in range(2):
             server.pause_accepting()

@@ -79,7 +79,6 @@ def _parked_handler(
         return box
 
     if kind == "async":
-
         sender: Any = adapter  # an AsyncAdapter: its send is awaited
 
         async def parked_async(stream: Any) -> None:
