@@ -30,7 +30,7 @@ from ._errors import ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._logging import setup_logging
-from ._process import PidFile, drop_privileges
+from ._process import PidFile, bind_first, drop_privileges
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
@@ -208,14 +208,6 @@ def _serve(ns: argparse.Namespace) -> int:
         finally:
             if pid is not None:
                 PidFile(pid).remove()
-    account = (config.get("user"), config.get("group"))
-    if worker and account != (None, None):
-        # The supervisor bound the sockets: switch before the handler's code runs.
-        try:
-            drop_privileges(*account)
-        except OSError as exc:
-            return _fail(f"cannot switch to user {account[0]}, group {account[1]}: {exc}", 1)
-        account = (None, None)
     try:
         _prepare_process(config)
         handler = import_handler(config.handler)
@@ -225,19 +217,31 @@ def _serve(ns: argparse.Namespace) -> int:
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
     kwargs = config.server_kwargs()
+    account = (config.get("user"), config.get("group"))
+    switch = account != (None, None)
+    bound: list[Any] = []
+    try:
+        if switch and not worker:  # a worker's sockets are bound already, by the supervisor
+            bound, kwargs = bind_first(config)
+    except (WeftError, OSError) as exc:
+        return _fail(exc, EXIT_RUNTIME)
     if ready is not None:  # a worker: the supervisor owns the shutdown port
         kwargs = _workers.worker_kwargs(kwargs)
     try:
         server = Server(handler, **kwargs)
+        if switch:
+            drop_privileges(*account)
     except WeftError as exc:  # unknown manager, wrong handler kind, bad value
         return _fail(exc, EXIT_USAGE)
+    except OSError as exc:
+        return _fail(f"cannot switch to user {account[0]}, group {account[1]}: {exc}", 1)
+    for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
+        listener.sock.detach()
     pid_file = None if pid is None else PidFile(pid)
 
     def listening() -> None:
         if pid_file is not None:
             pid_file.write()
-        if account != (None, None):
-            drop_privileges(*account)
         if ready is not None:
             ready()
 

@@ -119,8 +119,10 @@ def _apply_file(path: Path) -> None:
     except ConfigError:
         raise
     except Exception as exc:  # json, TOML, configparser and dictConfig errors alike
+        # dictConfig says which part failed, and chains the reason.
+        why = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
         raise ConfigError(
-            f"cannot use it: {type(exc).__name__}: {exc}; see the logging.config docs"
+            f"cannot use it: {type(exc).__name__}: {why}; see the logging.config docs"
             " (dictConfig for .toml and .json, fileConfig for INI)",
             source=source,
             key="log_config",

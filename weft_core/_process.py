@@ -6,9 +6,11 @@
 - ``--user``/``--group``: bind as root (ports below 1024, sockets in /run), then
   switch to an unprivileged account: the group first (the supplementary groups set
   to the user's), then the user, as gunicorn and nginx do. Without ``--group`` the
-  user's own group is taken. A single process switches once it listens; under
-  ``--workers`` the supervisor stays root and each worker switches before it imports
-  the handler.
+  user's own group is taken. The handler's module is imported and the TLS key read
+  as root; then the sockets are bound (:func:`bind_first`: the server gets them as
+  ``fd:N``), the process switches, and only then does it accept a connection. Under
+  ``--workers`` the supervisor binds and stays root (as gunicorn's master does) and
+  each worker switches before it serves.
 
 What does not live here: when these run (``_cli``), checking that the account
 exists (the settings table does, before anything binds).
@@ -19,8 +21,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PidFile", "drop_privileges"]
+from ._config import Config
+from ._endpoints import listen_endpoints
+from ._listeners import Listener, open_listeners
+from ._settings import SETTINGS
+
+__all__ = ["PidFile", "bind_first", "drop_privileges"]
 
 log = logging.getLogger("weft")
 
@@ -77,3 +85,26 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         entry.pw_name if entry else os.getuid(),
         gid if gid is not None else os.getgid(),
     )
+
+
+def bind_first(config: Config) -> tuple[list[Listener], dict[str, Any]]:
+    """Bind where ``config`` says, before switching user; the sockets and Server keywords.
+
+    The keywords listen on the sockets bound here (``bind = ["fd:N", ...]``) in place
+    of the configured places. Raises BindError naming the address.
+    """
+    values = config.values
+    listeners = open_listeners(
+        listen_endpoints(
+            values.get("bind"),
+            values.get("address", SETTINGS["address"].default),
+            values.get("port", SETTINGS["port"].default),
+        ),
+        family=values.get("family", SETTINGS["family"].default),
+        backlog=values.get("backlog", SETTINGS["backlog"].default),
+        reuse_port=values.get("reuse_port", False),
+        unix_mode=values.get("unix_mode"),
+    )
+    kwargs = {k: v for k, v in config.server_kwargs().items() if k not in ("address", "port")}
+    kwargs["bind"] = [f"fd:{listener.sock.fileno()}" for listener in listeners]
+    return listeners, kwargs
