@@ -383,3 +383,37 @@ def test_e2e_reload_restarts_on_an_edit_and_stops_on_sigterm(tmp_path: Path) -> 
 def _ask(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
         return b"".join(iter(lambda: client.recv(100), b""))
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        ("unix:///run/app.sock", "unix:/run/app.sock"),
+        ("unix://app.sock", "unix:app.sock"),
+        ("fd://3", "fd:3"),
+        ("tcp://0.0.0.0:80", "0.0.0.0:80"),
+    ],
+)
+def test_gunicorn_endpoint_urls(text: str, endpoint: str) -> None:
+    from weft_core._endpoints import parse_endpoint
+
+    assert str(parse_endpoint(text)) == endpoint
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PORT", "eighty", "environment variable PORT, key 'port': "),
+        ("WEB_CONCURRENCY", "0", "environment variable WEB_CONCURRENCY, key 'workers': "),
+    ],
+)
+def test_a_bad_platform_variable_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert main(["serve", "x:y", "--check-config"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)

@@ -102,8 +102,20 @@ class _Switch(argparse.Action):
         setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
 
 
+#: weft serve's own defaults, where they differ from Server's (see _config.serve_default_settings).
+_SERVE_DEFAULTS = {
+    "address": "127.0.0.1, or 0.0.0.0 when $PORT is set",
+    "port": "8000, or $PORT",
+    "workers": "1, or $WEB_CONCURRENCY",
+}
+
+
 def _help(flag: Flag) -> str:
     setting = flag.setting
+    if setting.kind.secret:  # a command line is visible to every local user (ps, /proc)
+        return f"{setting.doc}; visible to other users in ps: prefer WEFT_* or a file"
+    if setting.name in _SERVE_DEFAULTS:
+        return f"{setting.doc} (default {_SERVE_DEFAULTS[setting.name]})"
     default = setting.default
     if default is None or default == () or (flag.switch and default is False):
         return setting.doc
