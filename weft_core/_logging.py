@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import logging.config
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,8 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
 
 
 def _apply_file(path: Path) -> None:
+    import logging.config  # imports socketserver and more: only when a file is given
+
     source = f"log config {path}"
     try:
         if path.suffix.lower() in _DICT_SUFFIXES:
