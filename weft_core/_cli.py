@@ -29,6 +29,7 @@ from ._config import Config, load_config, parse_option_value
 from ._errors import ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
+from ._listeners import Listener, close_listener
 from ._logging import setup_logging
 from ._process import PidFile, bind_first, drop_privileges
 from ._wakeup import Wakeup
@@ -219,11 +220,11 @@ def _serve(ns: argparse.Namespace) -> int:
     kwargs = config.server_kwargs()
     account = (config.get("user"), config.get("group"))
     switch = account != (None, None)
-    bound: list[Any] = []
+    bound: list[Listener] = []
     try:
         if switch and not worker:  # a worker's sockets are bound already, by the supervisor
             bound, kwargs = bind_first(config)
-    except (WeftError, OSError) as exc:
+    except (WeftError, OSError) as exc:  # BindError: the address is in use, or privileged
         return _fail(exc, EXIT_RUNTIME)
     if ready is not None:  # a worker: the supervisor owns the shutdown port
         kwargs = _workers.worker_kwargs(kwargs)
@@ -231,10 +232,14 @@ def _serve(ns: argparse.Namespace) -> int:
         server = Server(handler, **kwargs)
         if switch:
             drop_privileges(*account)
-    except WeftError as exc:  # unknown manager, wrong handler kind, bad value
-        return _fail(exc, EXIT_USAGE)
-    except OSError as exc:
-        return _fail(f"cannot switch to user {account[0]}, group {account[1]}: {exc}", 1)
+    except (WeftError, OSError) as exc:
+        for listener in bound:
+            close_listener(listener)
+        if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
+            return _fail(exc, EXIT_USAGE)
+        return _fail(
+            f"cannot switch to user {account[0]}, group {account[1]}: {exc}", EXIT_RUNTIME
+        )
     for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
         listener.sock.detach()
     pid_file = None if pid is None else PidFile(pid)
@@ -280,7 +285,9 @@ def _check_config(config: Config) -> int:
     if config.handler is None:
         return _fail("no handler: give one as `weft serve module:attribute`", EXIT_USAGE)
     try:
-        _registry.get_manager_spec(config.get("manager") or "threads")
+        from ._server import DEFAULT_MANAGER
+
+        _registry.get_manager_spec(config.get("manager") or DEFAULT_MANAGER)
         import_handler(config.handler)
     except WeftError as exc:
         return _fail(exc, EXIT_USAGE)
