@@ -63,6 +63,7 @@ from ._connection import format_address
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
+from ._flags import render_flag
 from ._listeners import close_listener, open_listeners
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
@@ -136,11 +137,17 @@ SUPERVISOR_ONLY_KEYS = frozenset({"shutdown_port", "shutdown_secret", "shutdown_
 # -- the supervisor's side -----------------------------------------------------------
 
 
-def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None) -> int:
+def supervise(
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    on_listening: Callable[[], object] | None = None,
+) -> int:
     """Serve with ``config.workers`` supervised workers; return the exit status.
 
     ``flags`` are the config keys weft serve's command line set (as given there, None
     for unset) and ``config_file`` its ``--config``: the workers get them again.
+    ``on_listening()`` is called once the sockets listen (weft serve writes its pid file).
 
     Error handling: raises BindError (naming the address) if a socket cannot be
     bound, and ConfigError off POSIX or outside the main thread, before any worker
@@ -194,6 +201,8 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
             shutdown.open()  # a BindError here: before anything listens or starts
         for listener in listeners:
             serve_log.info(LISTENING_MESSAGE, listener.address, manager)
+        if on_listening is not None:
+            on_listening()
         if shutdown is not None:
             shutdown.start()
         return supervisor.run()
@@ -272,8 +281,8 @@ def _mem_available() -> int | None:
 def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
     """The ``weft serve`` arguments for a worker: the same settings, ``--workers=1``, no bind.
 
-    Each flag key ``k`` is given back as ``--k-with-dashes=VALUE`` (so a value starting
-    with ``-`` stays a value); ``True`` as the bare flag; manager options as
+    Each flag key is given back as its flag (``_flags.render_flag``: ``--backlog=64``,
+    ``--certfile=PATH``, ``--no-nodelay``); manager options as
     ``--manager-option=NAME=VALUE`` with the value written so it parses back equal.
     """
     args: list[str] = []
@@ -284,8 +293,7 @@ def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
     for key, value in flags.items():
         if value is None or key in _NOT_PASSED:
             continue
-        flag = "--" + key.replace("_", "-")
-        args.append(flag if value is True else f"{flag}={value}")
+        args.append(render_flag(key, value))
     for name, value in (flags.get("manager_options") or {}).items():
         args.append(f"--manager-option={name}={option_text(value)}")
     args.append("--workers=1")
