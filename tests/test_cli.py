@@ -36,12 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Run in an empty directory with no WEFT_* variables, and undo logging/sys.path changes."""
+    """Run in an empty directory with no WEFT_* variables, no patching; undo logging/sys.path."""
     for name in list(os.environ):
         if name.startswith("WEFT_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
+    # main() in-process must not monkey-patch the test process (gevent's patch_all).
+    monkeypatch.setattr("weft_core._cli._prepare_process", lambda config: None)
     weft_log = logging.getLogger("weft")
     level = weft_log.level
     yield
