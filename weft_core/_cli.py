@@ -27,6 +27,8 @@ from . import __version__, _registry
 from ._config import load_config, parse_option_value
 from ._errors import ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
+from ._sdnotify import Notifier
+from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, reopen_log_files
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
@@ -207,10 +209,10 @@ def _serve(ns: argparse.Namespace) -> int:
         flags["manager_options"] = dict(ns.manager_option)
     from . import _activation, _workers
 
-    ready: Callable[[], None] | None = None
+    link: _workers.WorkerLink | None = None
     try:
         if ns.supervisor_fd is not None:
-            ready = _workers.become_worker(ns.supervisor_fd)
+            link = _workers.become_worker(ns.supervisor_fd)
         # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
         inherited = _activation.listen_fds()
         if inherited and not binds:
@@ -227,7 +229,14 @@ def _serve(ns: argparse.Namespace) -> int:
             "no handler: give one as `weft serve module:attribute`, or set handler in weft.toml",
             EXIT_USAGE,
         )
-    if config.workers > 1:
+    # The watchdog and recycling replace a process, so even one worker needs a
+    # supervisor; and a supervisor re-executed on USR2 stays one.
+    if link is None and (
+        config.workers > 1
+        or config.get("timeout") is not None
+        or config.get("max_requests") is not None
+        or _workers.ADOPT_ENV in os.environ
+    ):
         try:
             return _workers.supervise(config, flags, ns.config)
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
@@ -242,13 +251,27 @@ def _serve(ns: argparse.Namespace) -> int:
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
     kwargs = config.server_kwargs()
-    if ready is not None:  # a worker: the supervisor owns the shutdown port
+    if link is not None:  # a worker: the supervisor owns the shutdown port
         kwargs = _workers.worker_kwargs(kwargs)
     try:
         server = Server(handler, **kwargs)
     except WeftError as exc:  # unknown manager, wrong handler kind, bad value
         return _fail(exc, EXIT_USAGE)
-    return _run(server, config.graceful_timeout, ready)
+    if link is not None:
+        worker_link = link
+        limit = _workers.max_requests_for(config)
+        return _run(
+            server,
+            config.graceful_timeout,
+            lambda: worker_link.ready(
+                server, config.graceful_timeout, config.get("timeout"), limit
+            ),
+        )
+
+    def hand_over(signum: int, notifier: Notifier) -> int:
+        return _workers.hand_over(server, config, flags, ns.config, signum, notifier)
+
+    return _run(server, config.graceful_timeout, hand_over=hand_over)
 
 
 def _setup_logging(level: str) -> None:
@@ -257,14 +280,23 @@ def _setup_logging(level: str) -> None:
     log.setLevel(level)
 
 
-def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None = None) -> int:
+def _run(
+    server: Any,
+    graceful_timeout: float,
+    ready: Callable[[], None] | None = None,
+    hand_over: Callable[[int, Notifier], int] | None = None,
+) -> int:
     """Run ``server`` until a signal or a fatal error; return the exit status.
 
-    ``ready()``, if given, is called once the server listens (a worker tells its supervisor).
+    ``ready()``, if given, is called once the server listens (a worker tells its
+    supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
+    TTIN do: this process becomes a supervisor (``_workers.hand_over``) and its
+    status is returned. Signals: see ``_signals``.
     """
     in_main = threading.current_thread() is threading.main_thread()
+    notifier = Notifier()
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
-    with Wakeup(_SIGNALS if in_main else ()) as wakeup:
+    with Wakeup((*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()) as wakeup:
         try:
             server.run()
         except (WeftError, OSError) as exc:
@@ -273,6 +305,7 @@ def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None 
             log.info("listening on %s (manager %s)", address, server.manager_name)
         if ready is not None:
             ready()
+        notifier.ready("serving on " + ", ".join(server.addresses))
 
         ended = threading.Event()
 
@@ -282,24 +315,43 @@ def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None 
             wakeup.wake()
 
         threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
-        received: list[int] = []
-        while not received and not ended.is_set():
-            received = wakeup.wait(_WAKE_INTERVAL)
-        if received:
+        if notifier.watchdog is not None:
+            _keep_alive(server, notifier, notifier.watchdog, ended)
+        stop: int | None = None
+        while stop is None and not ended.is_set():
+            for signum in wakeup.wait(_WAKE_INTERVAL):
+                if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+                    stop = signum
+                    break
+                name = signal.Signals(signum).name
+                if signum == signal.SIGUSR1:
+                    log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
+                elif ready is not None:  # a worker: the supervisor's signals
+                    log.warning("received %s: ignored by a worker; signal the supervisor", name)
+                elif signum == signal.SIGTTOU:
+                    log.warning("received SIGTTOU: one process is the fewest; nothing to do")
+                elif hand_over is not None:
+                    return hand_over(signum, notifier)
+        if stop is not None:
+            notifier.stopping("stopping")
+            quick = stop == signal.SIGQUIT
             # A second SIGINT/SIGTERM while stopping gracefully quits at once.
-            Wakeup.default(_SIGNALS)
-            log.info(
-                "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
-                signal.Signals(received[0]).name,
-                f"{graceful_timeout:g}",
-            )
-            if server.stop(timeout=graceful_timeout):
+            Wakeup.default(STOP_SIGNALS)
+            if quick:
+                log.info("received SIGQUIT: stopping at once")
+            else:
+                log.info(
+                    "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
+                    signal.Signals(stop).name,
+                    f"{graceful_timeout:g}",
+                )
+            if server.stop(timeout=0.0 if quick else graceful_timeout):
                 log.info("stopped")
             else:
                 left = server.stats().get("left_behind", 0)
                 log.warning(
                     "stopped: connections still open after %ss had to be cut off%s",
-                    f"{graceful_timeout:g}",
+                    f"{0.0 if quick else graceful_timeout:g}",
                     f"; {left} task(s) ignored it and are abandoned (exit status "
                     f"{EXIT_TASKS_LEFT})"
                     if left
@@ -312,7 +364,24 @@ def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None 
         return 0
 
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def _keep_alive(server: Any, notifier: Notifier, interval: float, ended: threading.Event) -> None:
+    """Send systemd WATCHDOG=1 every ``interval`` while the runtime's loop answers.
+
+    The probe runs in the loop (``run_in_loop``): a blocked gevent hub or trio loop
+    stops the pings, and systemd's WatchdogSec= then restarts the service.
+    """
+    runtime = server.task_manager.runtime
+
+    def ping() -> None:
+        while not ended.wait(interval):
+            if runtime.run_in_loop(_nothing, interval):
+                notifier.alive()
+
+    threading.Thread(target=ping, name="weft serve: watchdog", daemon=True).start()
+
+
+def _nothing() -> None:
+    """Run in the runtime's loop by the watchdog: getting there is the test."""
 
 
 def import_handler(spec: str) -> Callable[..., Any]:

@@ -14,10 +14,11 @@ with a zero byte (no signal is numbered 0).
 
 from __future__ import annotations
 
+import math
 import select
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -52,6 +53,9 @@ class Wakeup:
             self._previous_fd = signal.set_wakeup_fd(
                 self._writer.fileno(), warn_on_full_buffer=False
             )
+            # A supervisor re-executed on USR2 starts with them blocked (see
+            # _workers._reexec); with the handlers in place they may arrive.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
         return self
 
     def __exit__(
@@ -75,9 +79,16 @@ class Wakeup:
         except OSError:  # full (a wake-up is already pending) or closed
             pass
 
-    def wait(self, timeout: float | None) -> list[int]:
-        """Block until a signal, a :meth:`wake` or ``timeout``; the signals received since last time."""
-        select.select([self._reader], [], [], timeout)
+    def wait(self, timeout: float | None, also: Sequence[socket.socket] = ()) -> list[int]:
+        """Block until a signal, a :meth:`wake`, ``timeout`` or one of ``also`` is readable.
+
+        Returns the signals received since last time (reading ``also`` is the caller's).
+        """
+        # poll(), not select(): a supervisor's links may have descriptors past 1024.
+        poller = select.poll()
+        for sock in (self._reader, *also):
+            poller.register(sock, select.POLLIN)
+        poller.poll(None if timeout is None else math.ceil(timeout * 1000))
         received: list[int] = []
         while True:
             try:

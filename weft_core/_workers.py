@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import random
 import resource
 import signal
 import socket
@@ -54,19 +55,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._config import Config, parse_option_value
 from ._connection import format_address
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
-from ._listeners import close_listener, open_listeners
+from ._listeners import Listener, close_listener, open_listeners
+from ._sdnotify import Notifier, child_environment
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
+from ._signals import (
+    CONTROL_SIGNALS,
+    DUMP_SIGNAL,
+    STOP_SIGNALS,
+    enable_stack_dump,
+    reopen_log_files,
+)
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -118,8 +127,23 @@ START_INTERVAL = 0.02
 #: against RLIMIT_NPROC. A handler's own memory and threads come on top.
 WORKER_MEMORY = 24 * 2**20
 WORKER_TASKS = 4
-#: What a worker writes to the supervisor once it listens.
+#: What a worker writes to the supervisor: once it listens; as a heartbeat from its
+#: runtime's loop; once it accepted max_requests connections.
 _READY = b"R"
+_BEAT = b"H"
+_RECYCLE = b"B"
+#: What the supervisor writes to a worker it retires (reload, recycling, TTOU).
+_DRAIN = b"D"
+#: A worker beats HEARTBEAT_SHARE times per ``timeout`` (at most once a second, so
+#: a long timeout costs nothing): a late beat or two never trips the watchdog.
+HEARTBEAT_SHARE = 4
+#: How often a worker with max_requests compares its accepted count with it: a
+#: counter read, cheap, and often enough that few connections come on top.
+RECYCLE_CHECK = 0.02
+#: The watchdog's pause between asking a stuck worker for its stacks (DUMP_SIGNAL,
+#: written at once by faulthandler's C handler) and killing it: time for the
+#: kernel to run it and for its stderr to be read.
+DUMP_GRACE = 1.0
 
 #: The message weft serve logs once listening. In a worker it would repeat the
 #: supervisor's line (which tools and tests wait for) N times, so a worker logs it
@@ -140,7 +164,8 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
     """Serve with ``config.workers`` supervised workers; return the exit status.
 
     ``flags`` are the config keys weft serve's command line set (as given there, None
-    for unset) and ``config_file`` its ``--config``: the workers get them again.
+    for unset) and ``config_file`` its ``--config``: the workers get them again. A
+    supervisor re-executed on USR2 finds its workers in ADOPT_ENV and adopts them.
 
     Error handling: raises BindError (naming the address) if a socket cannot be
     bound, and ConfigError off POSIX or outside the main thread, before any worker
@@ -151,12 +176,15 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
         raise ConfigError("worker processes need a POSIX system", key="workers")
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError("worker processes are supervised from the main thread", key="workers")
+    inherited = take_adopted(os.environ)
+    count, adopted = inherited if inherited is not None else (config.workers, [])
     shutdown_port = config.values.get("shutdown_port")
     secret = config.values.get("shutdown_secret")
     allow = check_allow_no_secret(
         shutdown_port, secret, None, config.values.get("shutdown_allow_no_secret", False)
     )
-    check_capacity(config.workers)
+    if inherited is None:
+        check_capacity(count)
     listeners = open_listeners(
         listen_endpoints(
             config.values.get("bind"),
@@ -176,24 +204,30 @@ def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None)
     shutdown: ShutdownPort | None = None
     try:
         manager = config.get("manager") or DEFAULT_MANAGER
-        sockets = [listener.sock for listener in listeners]
-        args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
-
-        def command(link: int) -> list[str]:
-            return [sys.executable, "-m", "weft_core", "serve", *args, f"--supervisor-fd={link}"]
-
-        supervisor = Supervisor(
-            command,
-            sockets,
-            config.workers,
-            config.graceful_timeout,
+        notifier = Notifier()
+        supervisor = _supervisor(
+            config,
+            flags,
+            config_file,
+            listeners,
+            count=count,
             on_stop=close_listeners,
+            adopted=adopted,
+            notifier=notifier,
         )
         if shutdown_port is not None:
             shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
             shutdown.open()  # a BindError here: before anything listens or starts
-        for listener in listeners:
-            serve_log.info(LISTENING_MESSAGE, listener.address, manager)
+        if inherited is None:
+            for listener in listeners:
+                serve_log.info(LISTENING_MESSAGE, listener.address, manager)
+        else:
+            log.info(
+                "re-executed (pid %d): adopted %d worker(s), replacing them with %d new",
+                os.getpid(),
+                len(adopted),
+                count,
+            )
         if shutdown is not None:
             shutdown.start()
         return supervisor.run()
@@ -348,19 +382,45 @@ def describe_exit(code: int) -> str:
 
 @dataclass
 class _Worker:
-    slot: int
-    proc: subprocess.Popen[bytes]
+    pid: int
     link: socket.socket  # our end of the worker's socket pair; closing it tells the worker to stop
     started: float
     delay: float | None  # the back-off that preceded this worker
+    ready: bool = False
+    #: Replaced (a reload, max_requests, the watchdog): it serves on until a newer
+    #: worker is ready, then it is retired. Not counted against the worker count.
+    old: bool = False
+    #: Sent SIGTERM (or SIGQUIT, or killed) by the supervisor: no replacement on exit.
+    retiring: bool = False
+    beat: float = 0.0  # the last heartbeat (or readiness), monotonic
+    kill_at: float | None = None  # SIGKILL it then if it still runs
+    eof: bool = False  # its end of the link is closed: it is exiting
+    stuck: bool = False  # the watchdog dumped its stacks and kills it at kill_at
+    recycled: bool = False  # it reached max_requests
+
+
+class Local(Protocol):
+    """The in-process server of a single ``weft serve`` that became a supervisor (HUP, USR2)."""
+
+    retired: bool
+
+    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
+        """Start draining (``stop``: stopping, as on SIGTERM) in the background; ``wake()`` once done."""
+
+    def done(self) -> bool:
+        """True once retired and drained."""
+        ...
 
 
 class Supervisor:
-    """Start ``count`` workers, replace those that exit, stop them all on a signal.
+    """Keep ``count`` workers serving; reload, resize, recycle and watch them; stop on a signal.
 
     ``command(link_fd)`` gives a worker's argv; each worker inherits ``sockets``;
-    ``on_stop`` runs as stopping starts. :meth:`run` returns the exit status;
-    :meth:`stop` (from any thread) stops gracefully, as SIGTERM does.
+    ``on_stop`` runs as stopping starts. ``timeout`` is the watchdog (None: off);
+    ``local`` an in-process server to retire once a worker is ready; ``adopted``
+    workers (pid, link, started) of the image this one re-executed, which are
+    replaced at once; ``reexec(state)`` re-executes for USR2 and does not return.
+    :meth:`run` returns the exit status; :meth:`stop` (any thread) stops gracefully.
     """
 
     def __init__(
@@ -371,35 +431,57 @@ class Supervisor:
         graceful_timeout: float,
         *,
         on_stop: Callable[[], None] | None = None,
+        timeout: float | None = None,
+        local: Local | None = None,
+        adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
+        reexec: Callable[[str], None] | None = None,
+        upgrade: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self._command = command
         self._sockets = tuple(sockets)
         self._count = count
         self._graceful_timeout = graceful_timeout
         self._on_stop = on_stop
+        self._timeout = timeout
+        self._local = local
+        self._reexec = reexec
+        self._notifier = notifier or Notifier({})
         self._workers: dict[int, _Worker] = {}  # by pid
-        self._due: dict[int, tuple[float, float | None]] = {}  # slot: (when, its back-off)
+        self._due: list[tuple[float, float | None]] = []  # starts: (when, its back-off)
         self._stopping = False
-        self._deadline: float | None = None
         self._status = 0
         self._next_start = 0.0
         self._stop_asked = threading.Event()
         self._wakeup: Wakeup | None = None
+        self._upgrade = upgrade
+        self._reloading = local is not None or bool(adopted)
+        self._announced = False  # READY=1 sent
+        self._next_alive: float | None = None
+        for pid, link, started, ready in adopted:
+            link.setblocking(False)
+            self._workers[pid] = _Worker(
+                pid, link, started, None, ready=ready, old=True, beat=time.monotonic()
+            )
 
     def stop(self) -> None:
         """Stop gracefully, as on SIGTERM (the shutdown port's request); any thread."""
         self._stop_asked.set()
+        self._wake()
+
+    def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
 
     def run(self) -> int:
         """Supervise until stopped and every worker has exited; return the exit status."""
-        with Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)) as wakeup:
+        with Wakeup((*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD)) as wakeup:
             self._wakeup = wakeup
             try:
                 now = time.monotonic()
-                self._due = dict.fromkeys(range(self._count), (now, None))
+                if self._notifier.watchdog is not None:
+                    self._next_alive = now
                 received: list[int] = []
                 while True:
                     now = time.monotonic()
@@ -412,64 +494,243 @@ class Supervisor:
                             f"{self._graceful_timeout:g}",
                         )
                         self._begin_stop(now)
+                    self._read_links(now)
                     self._reap(now)
-                    if self._stopping and not self._workers:
+                    local_busy = self._local is not None and not self._local.done()
+                    if self._stopping and not self._workers and not local_busy:
                         break
-                    if self._stopping:
-                        self._kill_stragglers(now)
-                    else:
+                    self._kill_overdue(now)
+                    if not self._stopping:
+                        self._watch(now)
+                        self._balance(now)
                         self._start_due(now)
-                    received = wakeup.wait(self._timeout(now))
+                        self._progress()
+                        if self._upgrade and not local_busy and self._reexec is not None:
+                            self._reexec(self._state())
+                    self._alive(now)
+                    links = [w.link for w in self._workers.values() if not w.eof]
+                    received = wakeup.wait(self._wait_time(now), links)
                 log.info("all workers stopped")
                 return self._status
             finally:
                 self._wakeup = None
                 self._abandon()
 
+    # -- signals ------------------------------------------------------------------------
+
     def _handle_signals(self, received: list[int], now: float) -> None:
         for signum in received:
             if signum == signal.SIGCHLD:
                 continue  # it only wakes the loop, which then reaps
             name = signal.Signals(signum).name
-            if not self._stopping:
+            if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+                quick = signum == signal.SIGQUIT
+                if not self._stopping:
+                    log.info(
+                        "received %s: stopping %d worker(s) %s",
+                        name,
+                        len(self._workers),
+                        "at once"
+                        if quick
+                        else f"(graceful timeout {self._graceful_timeout:g}s;"
+                        " send it again to quit at once)",
+                    )
+                    self._begin_stop(now, quick=quick)
+                elif self._workers:
+                    log.warning("received %s again: killing the workers", name)
+                    self._kill_all()
+            elif self._stopping:
+                log.info("received %s while stopping: ignored", name)
+            elif signum == signal.SIGUSR1:
+                reopened = reopen_log_files()
                 log.info(
-                    "received %s: stopping %d worker(s) (graceful timeout %ss;"
-                    " send it again to quit at once)",
-                    name,
-                    len(self._workers),
-                    f"{self._graceful_timeout:g}",
+                    "received SIGUSR1: reopened %d log file(s); telling the workers", reopened
                 )
-                self._begin_stop(now)
-            elif self._workers:
-                log.warning("received %s again: killing the workers", name)
-                self._kill_all()
+                for pid in self._workers:
+                    _send(pid, signal.SIGUSR1)
+            elif signum == signal.SIGHUP:
+                self._reload("received SIGHUP: reloading")
+            elif signum == signal.SIGUSR2:
+                if self._reexec is None:
+                    log.warning("received SIGUSR2: cannot re-execute here; reloading instead")
+                    self._reload("received SIGUSR2: reloading")
+                else:
+                    log.info("received SIGUSR2: upgrading in place (re-executing, same pid)")
+                    self._notifier.reloading("upgrading in place")
+                    self._upgrade = True
+            elif signum == signal.SIGTTIN:
+                self._count += 1
+                log.info("received SIGTTIN: %d worker(s) now", self._count)
+            elif signum == signal.SIGTTOU:
+                if self._count > 1:
+                    self._count -= 1
+                    log.info("received SIGTTOU: %d worker(s) now", self._count)
+                else:
+                    log.warning("received SIGTTOU: one worker is the fewest; nothing to do")
 
-    def _begin_stop(self, now: float) -> None:
+    def _reload(self, why: str) -> None:
+        current = self._current()
+        log.info(
+            "%s: starting %d new worker(s); the %d old one(s) drain once the new are ready",
+            why,
+            self._count,
+            len(current) + (self._local is not None and not self._local.retired),
+        )
+        self._notifier.reloading("reloading")
+        self._count = max(self._count, 1)  # 0 after a failed hand-over (_abandon_reload)
+        self._reloading = True
+        self._due.clear()  # whatever was due is started as part of the new generation
+        for worker in current:
+            worker.old = True
+
+    def _progress(self) -> None:
+        """Log the end of a reload, and tell systemd we are READY (first time or again)."""
+        current = self._current()
+        ready = sum(w.ready for w in current)
+        if not self._announced and ready:
+            self._announced = True
+            self._notifier.ready(f"serving with {ready} worker(s)")
+        if self._reloading and ready >= self._count and not self._old():
+            self._reloading = False
+            log.info("reload done: %d new worker(s) serving", ready)
+            self._notifier.ready(f"serving with {ready} worker(s)")
+
+    # -- the workers' links: ready, heartbeats, max_requests --------------------------------
+
+    def _read_links(self, now: float) -> None:
+        for worker in self._workers.values():
+            if not worker.eof:
+                self._read_link(worker, now)
+
+    def _read_link(self, worker: _Worker, now: float) -> None:
+        while True:
+            try:
+                data = worker.link.recv(512)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                worker.eof = True
+                return
+            if _READY in data and not worker.ready:
+                worker.ready = True
+            if _READY in data or _BEAT in data:
+                worker.beat = now
+            if _RECYCLE in data and not worker.old and not worker.retiring:
+                log.info("worker %d reached max_requests: replacing it", worker.pid)
+                worker.old = worker.recycled = True
+
+    def _watch(self, now: float) -> None:
+        """The watchdog: a ready worker silent for ``timeout`` is dumped and replaced."""
+        if self._timeout is None:
+            return
+        for worker in self._workers.values():
+            if worker.ready and worker.kill_at is None and now - worker.beat > self._timeout:
+                log.error(
+                    "worker %d: no heartbeat from its runtime loop for %ss (blocked?):"
+                    " dumping its stacks to the log and replacing it",
+                    worker.pid,
+                    f"{self._timeout:g}",
+                )
+                _send(worker.pid, DUMP_SIGNAL)
+                worker.old = worker.retiring = worker.stuck = True
+                worker.kill_at = now + DUMP_GRACE
+
+    # -- keeping the count ---------------------------------------------------------------
+
+    def _current(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if not w.old and not w.retiring]
+
+    def _old(self) -> list[_Worker]:
+        return sorted(
+            (w for w in self._workers.values() if w.old and not w.retiring),
+            key=lambda w: w.started,
+        )
+
+    def _balance(self, now: float) -> None:
+        """Start or retire workers until ``count`` are current; retire old ones the new replace."""
+        current = self._current()
+        missing = self._count - len(current) - len(self._due)
+        self._due.extend((now, None) for _ in range(max(0, missing)))
+        while missing < 0 and self._due:
+            self._due.pop()
+            missing += 1
+        for worker in sorted(current, key=lambda w: w.started, reverse=True)[: max(0, -missing)]:
+            log.info("worker %d: retiring it (fewer workers wanted)", worker.pid)
+            self._retire(worker, now)
+        # Old workers go as new ones are ready, so as many serve as before throughout.
+        ready = sum(w.ready for w in current)
+        old: list[_Worker | None] = []
+        for worker in self._old():
+            if not worker.ready:  # it never served: nothing is lost when it goes at once
+                self._retire(worker, now)
+            elif worker.recycled and ready:
+                # Past max_requests, and another worker serves: go now, so the count
+                # holds; a lone worker serves on until its replacement is ready.
+                self._retire(worker, now)
+            else:
+                old.append(worker)
+        local = self._local
+        if local is not None and not local.retired:
+            old.insert(0, None)  # the in-process server: the oldest
+        while old and ready + len(old) > self._count:
+            oldest = old.pop(0)
+            if oldest is not None:
+                self._retire(oldest, now)
+            elif local is not None:
+                log.info("a worker is ready: the in-process server drains now")
+                local.retire(self._wake)
+
+    def _retire(self, worker: _Worker, now: float) -> None:
+        """Ask ``worker`` to drain (:func:`drain`): the byte _DRAIN on its link."""
+        worker.retiring = True
+        if worker.kill_at is None:
+            worker.kill_at = now + self._graceful_timeout + EXIT_MARGIN
+        try:
+            worker.link.send(_DRAIN)
+        except OSError:  # it is exiting already
+            pass
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _begin_stop(self, now: float, quick: bool = False) -> None:
         self._stopping = True
         self._due.clear()
+        self._notifier.stopping("stopping")
         if self._on_stop is not None:
             self._on_stop()
-        self._deadline = now + self._graceful_timeout + EXIT_MARGIN
-        for pid in self._workers:
-            _send(pid, signal.SIGTERM)
+        local = self._local
+        if local is not None and not local.retired:
+            local.retire(self._wake, stop=True)
+        deadline = now + EXIT_MARGIN + (0.0 if quick else self._graceful_timeout)
+        for worker in self._workers.values():
+            worker.retiring = True
+            worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
+            _send(worker.pid, signal.SIGQUIT if quick else signal.SIGTERM)
 
-    def _kill_stragglers(self, now: float) -> None:
-        if self._deadline is None or now < self._deadline:
-            return
-        self._deadline = None
-        for pid in self._workers:
-            log.error(
-                "worker %d still running %ss after SIGTERM: killing it",
-                pid,
-                f"{self._graceful_timeout + EXIT_MARGIN:g}",
-            )
-        self._kill_all()
+    def _kill_overdue(self, now: float) -> None:
+        for worker in self._workers.values():
+            if worker.kill_at is None or now < worker.kill_at:
+                continue
+            worker.kill_at = math.inf  # killed once
+            if self._stopping:
+                self._status = self._status or EXIT_RUNTIME
+            if not worker.stuck:
+                log.error(
+                    "worker %d still running %ss after it was told to stop: killing it",
+                    worker.pid,
+                    f"{self._graceful_timeout + EXIT_MARGIN:g}",
+                )
+            _send(worker.pid, signal.SIGKILL)
 
     def _kill_all(self) -> None:
-        self._deadline = None
         self._status = self._status or EXIT_RUNTIME
-        for pid in self._workers:
+        for pid, worker in self._workers.items():
+            worker.kill_at = math.inf
             _send(pid, signal.SIGKILL)
+
+    # -- exits -------------------------------------------------------------------------------
 
     def _reap(self, now: float) -> None:
         # waitpid(-1) rather than each Popen's poll(): as PID 1 in a container the
@@ -486,16 +747,25 @@ class Supervisor:
             if worker is None:
                 log.debug("reaped process %d (not a worker), which exited with %s", pid, code)
                 continue
-            worker.proc.returncode = code  # reaped here, so Popen must not wait for it
-            ready = _was_ready(worker.link)
+            if not worker.eof:
+                self._read_link(worker, now)  # a ready byte outlives the worker
             worker.link.close()
-            self._exited(pid, worker, code, ready, now)
+            self._exited(worker, code, now)
 
-    def _exited(self, pid: int, worker: _Worker, code: int, ready: bool, now: float) -> None:
-        what = describe_exit(code)
-        if self._stopping:
+    def _exited(self, worker: _Worker, code: int, now: float) -> None:
+        pid, what = worker.pid, describe_exit(code)
+        if self._stopping or worker.retiring:
             log.info("worker %d exited with %s", pid, what)
-        elif code == EXIT_USAGE and not ready:
+        elif code == EXIT_USAGE and not worker.ready and self._reloading:
+            log.error(
+                "worker %d exited with %s before it was ready: the new code or config is"
+                " broken (see its message above); the reload is abandoned and the old"
+                " workers serve on",
+                pid,
+                what,
+            )
+            self._abandon_reload()
+        elif code == EXIT_USAGE and not worker.ready:
             log.error(
                 "worker %d exited with %s before it was ready: a mistake in the command,"
                 " config or handler (see its message above), which a restart cannot fix;"
@@ -514,10 +784,12 @@ class Supervisor:
             )
             self._status = EXIT_RUNTIME
             self._begin_stop(now)
+        elif worker.old:
+            log.warning("worker %d exited with %s before its replacement was ready", pid, what)
         else:
             ran = now - worker.started
             delay = restart_delay(worker.delay, ran)
-            self._due[worker.slot] = (now + delay, delay)
+            self._due.append((now + delay, delay))
             log.warning(
                 "worker %d exited with %s after %.1fs; starting another in %ss",
                 pid,
@@ -525,6 +797,17 @@ class Supervisor:
                 ran,
                 f"{delay:g}",
             )
+
+    def _abandon_reload(self) -> None:
+        """The new generation cannot start: the old one becomes current again."""
+        self._reloading = False
+        self._due.clear()
+        for worker in self._workers.values():
+            if worker.old and not worker.retiring:
+                worker.old = False
+        if self._local is not None and not self._local.retired:
+            self._count = max(0, self._count - 1)  # the in-process server serves alone
+        self._notifier.ready("reload failed; serving on the old code")
 
     def _dead_socket(self) -> str | None:
         """The address of a shared socket that no longer listens, if there is one.
@@ -542,6 +825,8 @@ class Supervisor:
                 return format_address(sock.getsockname())
         return None
 
+    # -- starting ----------------------------------------------------------------------------
+
     def _start_due(self, now: float) -> None:
         """Start the first worker that is due, if START_INTERVAL has passed since the last.
 
@@ -549,13 +834,14 @@ class Supervisor:
         """
         if now < self._next_start or not self._due:
             return
-        slot, (when, delay) = min(self._due.items(), key=lambda item: item[1][0])
+        first = min(range(len(self._due)), key=lambda i: self._due[i][0])
+        when, delay = self._due[first]
         if when <= now:
-            del self._due[slot]
+            del self._due[first]
             self._next_start = now + START_INTERVAL
-            self._spawn(slot, delay, now)
+            self._spawn(delay, now)
 
-    def _spawn(self, slot: int, delay: float | None, now: float) -> None:
+    def _spawn(self, delay: float | None, now: float) -> None:
         # The worker holds one end; only we hold the other (socketpair() gives
         # non-inheritable descriptors, and pass_fds names just this worker's).
         ours, theirs = socket.socketpair()
@@ -565,6 +851,7 @@ class Supervisor:
                 self._command(theirs.fileno()),
                 pass_fds=(*(s.fileno() for s in self._sockets), theirs.fileno()),
                 stdin=subprocess.DEVNULL,
+                env=child_environment(os.environ),
                 # Its own session: a Ctrl-C on the terminal reaches the supervisor
                 # alone, which forwards one SIGTERM. Two signals would make a worker
                 # quit at once rather than drain.
@@ -573,19 +860,47 @@ class Supervisor:
         except OSError as exc:
             ours.close()
             retry = restart_delay(delay, 0.0)
-            self._due[slot] = (now + retry, retry)
+            self._due.append((now + retry, retry))
             log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
             return
         finally:
             theirs.close()
-        self._workers[proc.pid] = _Worker(slot, proc, ours, now, delay)
+        # We reap it ourselves (_reap); Popen must not wait for it in __del__.
+        proc.returncode = 0
+        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay)
         log.info("worker %d started", proc.pid)
 
-    def _timeout(self, now: float) -> float:
-        times = [max(when, self._next_start) for when, _ in self._due.values()]
-        if self._deadline is not None:
-            times.append(self._deadline)
+    def _wait_time(self, now: float) -> float:
+        times = [max(when, self._next_start) for when, _ in self._due]
+        times += [w.kill_at for w in self._workers.values() if w.kill_at is not None]
+        if self._timeout is not None and any(w.ready for w in self._workers.values()):
+            times.append(now + self._timeout / HEARTBEAT_SHARE)
+        if self._next_alive is not None:
+            times.append(self._next_alive)
         return max(0.0, min([now + _IDLE_WAKE, *times]) - now)
+
+    def _alive(self, now: float) -> None:
+        """WATCHDOG=1 to systemd, from this loop (it runs, so the supervisor is healthy)."""
+        interval = self._notifier.watchdog
+        if interval is None or self._next_alive is None or now < self._next_alive:
+            return
+        self._notifier.alive()
+        self._next_alive = now + interval
+
+    # -- re-executing (USR2) -------------------------------------------------------------------
+
+    def _state(self) -> str:
+        """What the re-executed supervisor needs to adopt the workers (ADOPT_ENV's value)."""
+        workers = [
+            [w.pid, w.link.fileno(), w.started, w.ready]
+            for w in self._workers.values()
+            if not w.retiring and not w.eof
+        ]
+        for w in self._workers.values():
+            os.set_inheritable(w.link.fileno(), True)
+        for sock in self._sockets:
+            os.set_inheritable(sock.fileno(), True)
+        return json.dumps({"count": self._count, "workers": workers})
 
     def _abandon(self) -> None:
         """On an unexpected error: kill and reap whatever workers are left."""
@@ -595,17 +910,8 @@ class Supervisor:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            worker.proc.returncode = -signal.SIGKILL
             worker.link.close()
         self._workers.clear()
-
-
-def _was_ready(link: socket.socket) -> bool:
-    """Whether the worker wrote its ready byte before it exited (the byte outlives it)."""
-    try:
-        return link.recv(1) == _READY
-    except OSError:  # nothing written: BlockingIOError
-        return False
 
 
 def _send(pid: int, sig: int) -> None:
@@ -618,17 +924,296 @@ def _send(pid: int, sig: int) -> None:
         pass
 
 
+# -- one process becoming a supervisor (HUP, USR2, TTIN) ------------------------------
+
+
+class _LocalServer:
+    """The in-process Server of a single ``weft serve`` that handed its sockets over."""
+
+    def __init__(self, server: Any, graceful_timeout: float) -> None:
+        self._server = server
+        self._graceful_timeout = graceful_timeout
+        self._drained = threading.Event()
+        self.retired = False
+
+    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
+        self.retired = True
+
+        def run() -> None:
+            try:
+                if stop:
+                    self._server.stop(timeout=self._graceful_timeout)
+                else:
+                    drain(self._server, self._graceful_timeout)
+                log.info("the in-process server has drained")
+            finally:
+                self._drained.set()
+                wake()
+
+        threading.Thread(target=run, name="weft serve: drain", daemon=True).start()
+
+    def done(self) -> bool:
+        return self.retired and self._drained.is_set()
+
+
+def hand_over(
+    server: Any,
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    signum: int,
+    notifier: Notifier,
+) -> int:
+    """Make a single ``weft serve`` the supervisor of its own workers; return the exit status.
+
+    On HUP (or TTIN: two workers) the listening sockets are duplicated for a worker
+    that imports the handler afresh; once it is ready, the in-process ``server``
+    drains (``stop(graceful_timeout)``) while the worker serves, and this process
+    stays on as its supervisor, so its PID never changes. On USR2 the same, then,
+    once drained, it re-executes itself (:func:`_reexec`).
+    """
+    listeners: list[Listener] = []
+    for task in server._engine.listeners:  # the engine's ListenerTasks
+        # The runtime owns the socket now (the stdlib object may be detached): copy
+        # the descriptor of its own.
+        copy = socket.socket(fileno=os.dup(task.native.fileno()))
+        mine = task.listener
+        listeners.append(Listener(copy, mine.unix_path, mine.unix_file))
+        mine.unix_path = None  # the supervisor's copy removes the socket file, at its stop
+
+    def close_listeners() -> None:
+        while listeners:
+            close_listener(listeners.pop())
+
+    try:
+        name = signal.Signals(signum).name
+        log.info(
+            "received %s: becoming the supervisor of %s; the in-process server drains"
+            " once it is ready",
+            name,
+            "two workers" if signum == signal.SIGTTIN else "a worker",
+        )
+        notifier.reloading(f"{name}: starting a worker")
+        return _supervisor(
+            config,
+            flags,
+            config_file,
+            listeners,
+            count=2 if signum == signal.SIGTTIN else 1,
+            on_stop=close_listeners,
+            local=_LocalServer(server, config.graceful_timeout),
+            upgrade=signum == signal.SIGUSR2,
+            notifier=notifier,
+        ).run()
+    finally:
+        close_listeners()
+
+
+def _supervisor(
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    listeners: Sequence[Listener],
+    *,
+    count: int,
+    on_stop: Callable[[], None],
+    notifier: Notifier,
+    local: Local | None = None,
+    upgrade: bool = False,
+    adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
+) -> Supervisor:
+    sockets = [listener.sock for listener in listeners]
+    args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
+
+    def command(link: int) -> list[str]:
+        return [*_SELF, *args, f"--supervisor-fd={link}"]
+
+    return Supervisor(
+        command,
+        sockets,
+        count,
+        config.graceful_timeout,
+        on_stop=on_stop,
+        timeout=config.get("timeout"),
+        local=local,
+        adopted=adopted,
+        reexec=lambda state: _reexec([*_SELF, *args], state),
+        upgrade=upgrade,
+        notifier=notifier,
+    )
+
+
+#: How ``weft serve`` runs itself: a worker, or the supervisor re-executed.
+_SELF = (sys.executable, "-m", "weft_core", "serve")
+#: The environment variable that hands a re-executed supervisor its workers (JSON:
+#: the worker count and each worker's pid, link descriptor and start time). Not a
+#: WEFT_* name: those are settings. Read once and removed.
+ADOPT_ENV = "_WEFT_ADOPT"
+
+
+def _reexec(argv: list[str], state: str) -> None:
+    """USR2: replace this process's image with a fresh ``weft serve`` of the same PID.
+
+    The listening sockets and the workers' links are inherited (made inheritable in
+    ``Supervisor._state``); the new image adopts the workers and replaces them as
+    on HUP. Every signal weft answers is blocked across the exec (the mask is
+    inherited) and unblocked once the new image has its handlers, so a signal in
+    between is acted on rather than killing the process. Returns only if the exec
+    failed (logged).
+    """
+    env = {**os.environ, ADOPT_ENV: state}
+    handled = {*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        log.error("cannot re-execute %s: %s; serving on", argv[0], exc)
+
+
+def take_adopted(
+    environ: MutableMapping[str, str],
+) -> tuple[int, list[tuple[int, socket.socket, float, bool]]] | None:
+    """The worker count and workers a re-executed supervisor inherits (ADOPT_ENV), removing it."""
+    text = environ.pop(ADOPT_ENV, None)
+    if not text:
+        return None
+    state = json.loads(text)
+    workers = []
+    for pid, fd, started, ready in state["workers"]:
+        link = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        workers.append((int(pid), link, float(started), bool(ready)))
+    return int(state["count"]), workers
+
+
 # -- the worker's side --------------------------------------------------------------
 
 
-def become_worker(supervisor_fd: int) -> Callable[[], None]:
+class WorkerLink:
+    """A worker's end of its supervisor's socket pair: ready, heartbeats, recycling.
+
+    The supervisor reads three kinds of bytes: ``R`` once listening (an exit status
+    2 after it is no mistake in the command), ``H`` heartbeats from inside the
+    runtime's loop (``timeout``), and ``B`` once ``max_requests`` connections were
+    accepted (start my replacement, then stop me).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._server: Any = None
+        self._graceful_timeout = 0.0
+        self._drain_asked = threading.Event()
+        threading.Thread(
+            target=self._watch_supervisor, name="weft worker: supervisor watch", daemon=True
+        ).start()
+
+    def _watch_supervisor(self) -> None:
+        """Drain when asked; stop (as on SIGTERM) when the supervisor is gone."""
+        try:
+            while data := os.read(self._fd, 512):
+                if _DRAIN in data:
+                    self._drain_asked.set()
+                    self._maybe_drain()
+        except OSError:
+            pass
+        log.warning("the supervisor is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _maybe_drain(self) -> None:
+        server = self._server
+        if server is None or not self._drain_asked.is_set():
+            return
+        self._drain_asked.clear()
+        log.info(
+            "asked to retire: draining (no new connections; open ones get %ss to end)",
+            f"{self._graceful_timeout:g}",
+        )
+        threading.Thread(
+            target=drain,
+            args=(server, self._graceful_timeout),
+            name="weft worker: drain",
+            daemon=True,
+        ).start()
+
+    def _send(self, byte: bytes) -> None:
+        try:
+            os.write(self._fd, byte)
+        except OSError:  # the supervisor is gone; the watch thread stops us
+            pass
+
+    def ready(
+        self,
+        server: Any,
+        graceful_timeout: float,
+        timeout: float | None,
+        max_requests: int | None,
+    ) -> None:
+        """Tell the supervisor this worker serves; start heartbeats and counting as configured."""
+        self._graceful_timeout = graceful_timeout
+        self._server = server
+        self._maybe_drain()  # asked before it was ready (a reload overtaken by another)
+        self._send(_READY)
+        if timeout is None and max_requests is None:
+            return
+        threading.Thread(
+            target=self._watch_server,
+            args=(server, timeout, max_requests),
+            name="weft worker: heartbeat",
+            daemon=True,
+        ).start()
+
+    def _watch_server(self, server: Any, timeout: float | None, max_requests: int | None) -> None:
+        interval = (
+            RECYCLE_CHECK
+            if timeout is None
+            else min(RECYCLE_CHECK * 10, timeout / HEARTBEAT_SHARE)
+        )
+        runtime = server.task_manager.runtime
+        recycling = False
+        while True:
+            began = time.monotonic()
+            # run_in_loop needs the runtime's loop to take the call: a blocked gevent
+            # hub or trio loop never does, and the heartbeat stops with it.
+            if timeout is not None and runtime.run_in_loop(_nothing, interval):
+                self._send(_BEAT)
+            if (
+                max_requests is not None
+                and not recycling
+                and server.stats().get("accepted", 0) >= max_requests
+            ):
+                recycling = True
+                log.info(
+                    "served %d connection(s) (max_requests): asking for a replacement",
+                    max_requests,
+                )
+                self._send(_RECYCLE)
+            if server.wait(max(0.0, interval - (time.monotonic() - began))):
+                return
+
+
+def _nothing() -> None:
+    """What the heartbeat runs in the runtime's loop: arriving there is the point."""
+
+
+def max_requests_for(config: Config) -> int | None:
+    """This worker's ``max_requests``, with its ``max_requests_jitter`` drawn (gunicorn's)."""
+    limit: int | None = config.get("max_requests")
+    if limit is None:
+        return None
+    return limit + random.randint(0, int(config.get("max_requests_jitter") or 0))
+
+
+def become_worker(supervisor_fd: int) -> WorkerLink:
     """Make this ``weft serve`` a worker of the supervisor that started it.
 
     Stops gracefully (as on SIGTERM) when ``supervisor_fd``, a socket whose other end
     only the supervisor holds, reaches end-of-file: the supervisor is gone. Logs
-    ``worker ready on ...`` where weft serve logs ``listening on ...``. Returns
-    ``ready()``, to call once listening: the supervisor then knows that an exit
-    status 2 is no mistake in the command, config or handler.
+    ``worker ready on ...`` where weft serve logs ``listening on ...``, and dumps
+    its stacks on DUMP_SIGNAL (the watchdog's). Returns the link, whose ``ready()``
+    is called once listening.
 
     Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
     not by hand).
@@ -643,20 +1228,8 @@ def become_worker(supervisor_fd: int) -> Callable[[], None]:
             source="command line",
         ) from None
     serve_log.addFilter(_worker_ready)
-    threading.Thread(
-        target=_watch_supervisor,
-        args=(supervisor_fd,),
-        name="weft worker: supervisor watch",
-        daemon=True,
-    ).start()
-
-    def ready() -> None:
-        try:
-            os.write(supervisor_fd, _READY)
-        except OSError:  # the supervisor is gone; the watch thread stops us
-            pass
-
-    return ready
+    enable_stack_dump()
+    return WorkerLink(supervisor_fd)
 
 
 def _worker_ready(record: logging.LogRecord) -> bool:
@@ -665,11 +1238,14 @@ def _worker_ready(record: logging.LogRecord) -> bool:
     return True
 
 
-def _watch_supervisor(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except OSError:
-        pass
-    log.warning("the supervisor is gone: stopping")
-    os.kill(os.getpid(), signal.SIGTERM)
+def drain(server: Any, graceful_timeout: float) -> None:
+    """Retire ``server`` softly: stop accepting, let connections end by themselves.
+
+    What a reload, recycling and TTOU do to the process they replace: unlike a stop
+    on SIGTERM, no connection's input is ended, so a client between two requests is
+    not cut. Those still open after ``graceful_timeout`` are then stopped at once
+    (``stop(timeout=0)``).
+    """
+    server.stop_accepting()
+    if not server.wait(graceful_timeout):
+        server.stop(timeout=0.0)
