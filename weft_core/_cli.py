@@ -301,10 +301,10 @@ def _run(
             server.run()
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
+        if ready is not None:  # before the log line, which tests and tools wait for
+            ready()
         for address in server.addresses:
             log.info("listening on %s (manager %s)", address, server.manager_name)
-        if ready is not None:
-            ready()
         notifier.ready("serving on " + ", ".join(server.addresses))
 
         ended = threading.Event()

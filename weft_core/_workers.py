@@ -397,6 +397,7 @@ class _Worker:
     eof: bool = False  # its end of the link is closed: it is exiting
     stuck: bool = False  # the watchdog dumped its stacks and kills it at kill_at
     recycled: bool = False  # it reached max_requests
+    told: str = ""  # how it was told to stop ("SIGTERM", "SIGQUIT", "a drain request")
 
 
 class Local(Protocol):
@@ -485,6 +486,9 @@ class Supervisor:
                 received: list[int] = []
                 while True:
                     now = time.monotonic()
+                    # Links first: a worker writes "ready" before it logs so, so a
+                    # signal sent on seeing that line finds it ready here.
+                    self._read_links(now)
                     self._handle_signals(received, now)
                     if self._stop_asked.is_set() and not self._stopping:
                         log.info(
@@ -494,7 +498,6 @@ class Supervisor:
                             f"{self._graceful_timeout:g}",
                         )
                         self._begin_stop(now)
-                    self._read_links(now)
                     self._reap(now)
                     local_busy = self._local is not None and not self._local.done()
                     if self._stopping and not self._workers and not local_busy:
@@ -546,8 +549,11 @@ class Supervisor:
                 log.info(
                     "received SIGUSR1: reopened %d log file(s); telling the workers", reopened
                 )
-                for pid in self._workers:
-                    _send(pid, signal.SIGUSR1)
+                # Only ready ones: one still starting has no handler yet (USR1 would
+                # kill it), and opens its log files afresh anyway.
+                for worker in self._workers.values():
+                    if worker.ready:
+                        _send(worker.pid, signal.SIGUSR1)
             elif signum == signal.SIGHUP:
                 self._reload("received SIGHUP: reloading")
             elif signum == signal.SIGUSR2:
@@ -685,6 +691,7 @@ class Supervisor:
     def _retire(self, worker: _Worker, now: float) -> None:
         """Ask ``worker`` to drain (:func:`drain`): the byte _DRAIN on its link."""
         worker.retiring = True
+        worker.told = "a drain request"
         if worker.kill_at is None:
             worker.kill_at = now + self._graceful_timeout + EXIT_MARGIN
         try:
@@ -706,6 +713,7 @@ class Supervisor:
         deadline = now + EXIT_MARGIN + (0.0 if quick else self._graceful_timeout)
         for worker in self._workers.values():
             worker.retiring = True
+            worker.told = "SIGQUIT" if quick else "SIGTERM"
             worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
             _send(worker.pid, signal.SIGQUIT if quick else signal.SIGTERM)
 
@@ -718,9 +726,10 @@ class Supervisor:
                 self._status = self._status or EXIT_RUNTIME
             if not worker.stuck:
                 log.error(
-                    "worker %d still running %ss after it was told to stop: killing it",
+                    "worker %d still running %ss after %s: killing it",
                     worker.pid,
-                    f"{self._graceful_timeout + EXIT_MARGIN:g}",
+                    f"{EXIT_MARGIN + (0 if worker.told == 'SIGQUIT' else self._graceful_timeout):g}",
+                    worker.told,
                 )
             _send(worker.pid, signal.SIGKILL)
 
@@ -765,6 +774,18 @@ class Supervisor:
                 what,
             )
             self._abandon_reload()
+        elif code == EXIT_USAGE and not worker.ready and self._announced:
+            # Served before, so the command is right: the code or config on disk
+            # changed since. Retry with the back-off, as for a crash.
+            delay = restart_delay(worker.delay, now - worker.started)
+            self._due.append((now + delay, delay))
+            log.error(
+                "worker %d exited with %s before it was ready (see its message above);"
+                " starting another in %ss",
+                pid,
+                what,
+                f"{delay:g}",
+            )
         elif code == EXIT_USAGE and not worker.ready:
             log.error(
                 "worker %d exited with %s before it was ready: a mistake in the command,"
