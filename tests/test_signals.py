@@ -236,7 +236,7 @@ def test_ttin_makes_one_process_a_supervisor_of_two(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_a_worker_ignores_the_supervisors_signals(tmp_path: Path) -> None:
     """HUP sent to a worker by mistake is logged and ignored: it does not die."""
-    served, address = start(tmp_path, "--workers", "2")
+    served, _ = start(tmp_path, "--workers", "2")
     with served:
         (first, *_) = (int(m.group(1)) for m in served.wait_for(READY, count=2))
         os.kill(first, signal.SIGHUP)
