@@ -207,12 +207,12 @@ def _serve(ns: argparse.Namespace) -> int:
         names["bind"] = "--bind/--fd" if ns.fd else "--bind"
     if ns.manager_option:
         flags["manager_options"] = dict(ns.manager_option)
-    from . import _activation, _workers
+    from . import _activation, _supervise, _worker_link, _workers
 
-    link: _workers.WorkerLink | None = None
+    link: _worker_link.WorkerLink | None = None
     try:
         if ns.supervisor_fd is not None:
-            link = _workers.become_worker(ns.supervisor_fd)
+            link = _worker_link.become_worker(ns.supervisor_fd)
         # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
         inherited = _activation.listen_fds()
         if inherited and not binds:
@@ -235,10 +235,10 @@ def _serve(ns: argparse.Namespace) -> int:
         config.workers > 1
         or config.get("timeout") is not None
         or config.get("max_requests") is not None
-        or _workers.ADOPT_ENV in os.environ
+        or _supervise.ADOPT_ENV in os.environ
     ):
         try:
-            return _workers.supervise(config, flags, ns.config)
+            return _supervise.supervise(config, flags, ns.config)
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
             return _fail(exc, EXIT_USAGE)
         except (WeftError, OSError) as exc:
@@ -259,7 +259,7 @@ def _serve(ns: argparse.Namespace) -> int:
         return _fail(exc, EXIT_USAGE)
     if link is not None:
         worker_link = link
-        limit = _workers.max_requests_for(config)
+        limit = _worker_link.max_requests_for(config)
         return _run(
             server,
             config.graceful_timeout,
@@ -269,7 +269,7 @@ def _serve(ns: argparse.Namespace) -> int:
         )
 
     def hand_over(signum: int, notifier: Notifier) -> int:
-        return _workers.hand_over(server, config, flags, ns.config, signum, notifier)
+        return _supervise.hand_over(server, config, flags, ns.config, signum, notifier)
 
     return _run(server, config.graceful_timeout, hand_over=hand_over)
 
@@ -290,7 +290,7 @@ def _run(
 
     ``ready()``, if given, is called once the server listens (a worker tells its
     supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
-    TTIN do: this process becomes a supervisor (``_workers.hand_over``) and its
+    TTIN do: this process becomes a supervisor (``_supervise.hand_over``) and its
     status is returned. Signals: see ``_signals``.
     """
     in_main = threading.current_thread() is threading.main_thread()

@@ -13,15 +13,16 @@ each, then starts N workers. A worker is a fresh interpreter running an ordinary
   every worker;
 - a restarted worker imports the handler afresh, so it runs the code on disk now.
 
-The supervisor replaces a worker that exits, after a back-off that grows while
+The supervisor replaces a worker that exits unasked, after a back-off that grows while
 workers keep dying young (see the ``RESTART_*`` constants). SIGTERM or SIGINT stops
 it: it closes its own copies of the sockets, sends SIGTERM to every worker (each
 stops gracefully within ``graceful_timeout``), waits, and exits 0; a worker still
 running ``graceful_timeout + EXIT_MARGIN`` later is killed and the exit status is 1.
 A second signal kills the workers at once. A worker exiting with status 2 before
-it was ready (a mistake in the command, the config or the handler, which no restart
-can fix) stops everything, and the supervisor exits 2; after it was ready, status 2
-is a crash like any other and the worker is replaced.
+it was ready, when no worker has ever been (a mistake in the command, the config or
+the handler, which no restart can fix), stops everything, and the supervisor exits
+2; during a reload it abandons the reload; otherwise (the code on disk changed since)
+and after it was ready, status 2 is a crash like any other and the worker is replaced.
 
 The supervisor acts on every signal within half a second whatever it is doing: it
 starts workers one at a time, at most ``1 / START_INTERVAL`` a second, reading its
@@ -32,53 +33,56 @@ approved request stops the whole service as SIGTERM does.
 
 Each worker holds one end of a socket pair whose other end only the supervisor has:
 when the supervisor dies, even by SIGKILL, the worker reads end-of-file and stops
-gracefully instead of serving on as an orphan. Once listening, the worker writes a
-byte into it, which tells the supervisor, when the worker exits, that it was ready.
+gracefully instead of serving on as an orphan. Bytes go both ways on it (the
+worker's side and the bytes are in ``_worker_link``): ready, heartbeats and
+"max_requests reached" from the worker, "drain" from the supervisor.
+
+Zero-downtime operations (DESIGN section 9; ``_signals`` has the table): HUP starts
+a new generation and retires each old worker once a new one is ready; USR2
+re-executes the supervisor in place (same PID), which adopts its workers; TTIN/TTOU
+change the count; ``max_requests`` recycles a worker and ``timeout`` replaces one
+whose loop stopped, after dumping its stacks. The supervisor tells systemd what it
+does (``_sdnotify``). How a supervisor is started (``--workers``, a single process's
+hand-over, a re-exec) is ``_supervise``'s.
 
 What does not live here: serving (each worker is a plain ``weft serve``), config
-(``_config``), opening sockets (``_listeners``), socket activation (``_activation``).
+(``_config``), opening sockets (``_listeners``), socket activation (``_activation``),
+starting a supervisor (``_supervise``), a worker's side (``_worker_link``).
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import logging
 import math
 import os
-import random
 import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._config import Config, parse_option_value
+from ._config import parse_option_value
 from ._connection import format_address
-from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
-from ._listeners import Listener, close_listener, open_listeners
 from ._sdnotify import Notifier, child_environment
-from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
-from ._settings import SETTINGS
-from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._signals import (
     CONTROL_SIGNALS,
     DUMP_SIGNAL,
     STOP_SIGNALS,
-    enable_stack_dump,
     reopen_log_files,
 )
 from ._wakeup import Wakeup
+from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE
 
 __all__ = [
+    "DUMP_GRACE",
     "EXIT_MARGIN",
     "RESTART_DELAY_MAX",
     "RESTART_DELAY_MIN",
@@ -87,11 +91,10 @@ __all__ = [
     "SUPERVISOR_ONLY_KEYS",
     "WORKER_MEMORY",
     "WORKER_TASKS",
+    "Local",
     "Supervisor",
-    "become_worker",
     "check_capacity",
     "restart_delay",
-    "supervise",
     "worker_args",
     "worker_kwargs",
 ]
@@ -127,29 +130,10 @@ START_INTERVAL = 0.02
 #: against RLIMIT_NPROC. A handler's own memory and threads come on top.
 WORKER_MEMORY = 24 * 2**20
 WORKER_TASKS = 4
-#: What a worker writes to the supervisor: once it listens; as a heartbeat from its
-#: runtime's loop; once it accepted max_requests connections.
-_READY = b"R"
-_BEAT = b"H"
-_RECYCLE = b"B"
-#: What the supervisor writes to a worker it retires (reload, recycling, TTOU).
-_DRAIN = b"D"
-#: A worker beats HEARTBEAT_SHARE times per ``timeout`` (at most once a second, so
-#: a long timeout costs nothing): a late beat or two never trips the watchdog.
-HEARTBEAT_SHARE = 4
-#: How often a worker with max_requests compares its accepted count with it: a
-#: counter read, cheap, and often enough that few connections come on top.
-RECYCLE_CHECK = 0.02
 #: The watchdog's pause between asking a stuck worker for its stacks (DUMP_SIGNAL,
 #: written at once by faulthandler's C handler) and killing it: time for the
 #: kernel to run it and for its stderr to be read.
 DUMP_GRACE = 1.0
-
-#: The message weft serve logs once listening. In a worker it would repeat the
-#: supervisor's line (which tools and tests wait for) N times, so a worker logs it
-#: as ``worker ready on ...`` instead: the sign that this worker serves.
-LISTENING_MESSAGE = "listening on %s (manager %s)"
-WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
 
 # Config keys given on weft serve's command line that a worker gets in another form.
 _NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
@@ -158,83 +142,6 @@ SUPERVISOR_ONLY_KEYS = frozenset({"shutdown_port", "shutdown_secret", "shutdown_
 
 
 # -- the supervisor's side -----------------------------------------------------------
-
-
-def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None) -> int:
-    """Serve with ``config.workers`` supervised workers; return the exit status.
-
-    ``flags`` are the config keys weft serve's command line set (as given there, None
-    for unset) and ``config_file`` its ``--config``: the workers get them again. A
-    supervisor re-executed on USR2 finds its workers in ADOPT_ENV and adopts them.
-
-    Error handling: raises BindError (naming the address) if a socket cannot be
-    bound, and ConfigError off POSIX or outside the main thread, before any worker
-    starts. Resource handling: the sockets are closed (and a Unix socket file
-    removed) when the supervisor starts stopping, so new clients are refused at once.
-    """
-    if os.name != "posix":
-        raise ConfigError("worker processes need a POSIX system", key="workers")
-    if threading.current_thread() is not threading.main_thread():
-        raise ConfigError("worker processes are supervised from the main thread", key="workers")
-    inherited = take_adopted(os.environ)
-    count, adopted = inherited if inherited is not None else (config.workers, [])
-    shutdown_port = config.values.get("shutdown_port")
-    secret = config.values.get("shutdown_secret")
-    allow = check_allow_no_secret(
-        shutdown_port, secret, None, config.values.get("shutdown_allow_no_secret", False)
-    )
-    if inherited is None:
-        check_capacity(count)
-    listeners = open_listeners(
-        listen_endpoints(
-            config.values.get("bind"),
-            config.values.get("address", SETTINGS["address"].default),
-            config.values.get("port", SETTINGS["port"].default),
-        ),
-        family=config.get("family", "auto"),
-        backlog=config.get("backlog", DEFAULT_BACKLOG),
-        reuse_port=config.get("reuse_port", False),
-        unix_mode=config.get("unix_mode"),
-    )
-
-    def close_listeners() -> None:
-        while listeners:
-            close_listener(listeners.pop())
-
-    shutdown: ShutdownPort | None = None
-    try:
-        manager = config.get("manager") or DEFAULT_MANAGER
-        notifier = Notifier()
-        supervisor = _supervisor(
-            config,
-            flags,
-            config_file,
-            listeners,
-            count=count,
-            on_stop=close_listeners,
-            adopted=adopted,
-            notifier=notifier,
-        )
-        if shutdown_port is not None:
-            shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
-            shutdown.open()  # a BindError here: before anything listens or starts
-        if inherited is None:
-            for listener in listeners:
-                serve_log.info(LISTENING_MESSAGE, listener.address, manager)
-        else:
-            log.info(
-                "re-executed (pid %d): adopted %d worker(s), replacing them with %d new",
-                os.getpid(),
-                len(adopted),
-                count,
-            )
-        if shutdown is not None:
-            shutdown.start()
-        return supervisor.run()
-    finally:
-        if shutdown is not None:
-            shutdown.close()
-        close_listeners()
 
 
 def check_capacity(workers: int) -> None:
@@ -619,11 +526,11 @@ class Supervisor:
             if not data:
                 worker.eof = True
                 return
-            if _READY in data and not worker.ready:
+            if READY in data and not worker.ready:
                 worker.ready = True
-            if _READY in data or _BEAT in data:
+            if READY in data or BEAT in data:
                 worker.beat = now
-            if _RECYCLE in data and not worker.old and not worker.retiring:
+            if RECYCLE in data and not worker.old and not worker.retiring:
                 log.info("worker %d reached max_requests: replacing it", worker.pid)
                 worker.old = worker.recycled = True
 
@@ -689,13 +596,13 @@ class Supervisor:
                 local.retire(self._wake)
 
     def _retire(self, worker: _Worker, now: float) -> None:
-        """Ask ``worker`` to drain (:func:`drain`): the byte _DRAIN on its link."""
+        """Ask ``worker`` to drain (:func:`drain`): the byte DRAIN on its link."""
         worker.retiring = True
         worker.told = "a drain request"
         if worker.kill_at is None:
             worker.kill_at = now + self._graceful_timeout + EXIT_MARGIN
         try:
-            worker.link.send(_DRAIN)
+            worker.link.send(DRAIN)
         except OSError:  # it is exiting already
             pass
 
@@ -943,330 +850,3 @@ def _send(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-# -- one process becoming a supervisor (HUP, USR2, TTIN) ------------------------------
-
-
-class _LocalServer:
-    """The in-process Server of a single ``weft serve`` that handed its sockets over."""
-
-    def __init__(self, server: Any, graceful_timeout: float) -> None:
-        self._server = server
-        self._graceful_timeout = graceful_timeout
-        self._drained = threading.Event()
-        self.retired = False
-
-    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
-        self.retired = True
-
-        def run() -> None:
-            try:
-                if stop:
-                    self._server.stop(timeout=self._graceful_timeout)
-                else:
-                    drain(self._server, self._graceful_timeout)
-                log.info("the in-process server has drained")
-            finally:
-                self._drained.set()
-                wake()
-
-        threading.Thread(target=run, name="weft serve: drain", daemon=True).start()
-
-    def done(self) -> bool:
-        return self.retired and self._drained.is_set()
-
-
-def hand_over(
-    server: Any,
-    config: Config,
-    flags: Mapping[str, Any],
-    config_file: str | None,
-    signum: int,
-    notifier: Notifier,
-) -> int:
-    """Make a single ``weft serve`` the supervisor of its own workers; return the exit status.
-
-    On HUP (or TTIN: two workers) the listening sockets are duplicated for a worker
-    that imports the handler afresh; once it is ready, the in-process ``server``
-    drains (``stop(graceful_timeout)``) while the worker serves, and this process
-    stays on as its supervisor, so its PID never changes. On USR2 the same, then,
-    once drained, it re-executes itself (:func:`_reexec`).
-    """
-    listeners: list[Listener] = []
-    for task in server._engine.listeners:  # the engine's ListenerTasks
-        # The runtime owns the socket now (the stdlib object may be detached): copy
-        # the descriptor of its own.
-        copy = socket.socket(fileno=os.dup(task.native.fileno()))
-        mine = task.listener
-        listeners.append(Listener(copy, mine.unix_path, mine.unix_file))
-        mine.unix_path = None  # the supervisor's copy removes the socket file, at its stop
-
-    def close_listeners() -> None:
-        while listeners:
-            close_listener(listeners.pop())
-
-    try:
-        name = signal.Signals(signum).name
-        log.info(
-            "received %s: becoming the supervisor of %s; the in-process server drains"
-            " once it is ready",
-            name,
-            "two workers" if signum == signal.SIGTTIN else "a worker",
-        )
-        notifier.reloading(f"{name}: starting a worker")
-        return _supervisor(
-            config,
-            flags,
-            config_file,
-            listeners,
-            count=2 if signum == signal.SIGTTIN else 1,
-            on_stop=close_listeners,
-            local=_LocalServer(server, config.graceful_timeout),
-            upgrade=signum == signal.SIGUSR2,
-            notifier=notifier,
-        ).run()
-    finally:
-        close_listeners()
-
-
-def _supervisor(
-    config: Config,
-    flags: Mapping[str, Any],
-    config_file: str | None,
-    listeners: Sequence[Listener],
-    *,
-    count: int,
-    on_stop: Callable[[], None],
-    notifier: Notifier,
-    local: Local | None = None,
-    upgrade: bool = False,
-    adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
-) -> Supervisor:
-    sockets = [listener.sock for listener in listeners]
-    args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
-
-    def command(link: int) -> list[str]:
-        return [*_SELF, *args, f"--supervisor-fd={link}"]
-
-    return Supervisor(
-        command,
-        sockets,
-        count,
-        config.graceful_timeout,
-        on_stop=on_stop,
-        timeout=config.get("timeout"),
-        local=local,
-        adopted=adopted,
-        reexec=lambda state: _reexec([*_SELF, *args], state),
-        upgrade=upgrade,
-        notifier=notifier,
-    )
-
-
-#: How ``weft serve`` runs itself: a worker, or the supervisor re-executed.
-_SELF = (sys.executable, "-m", "weft_core", "serve")
-#: The environment variable that hands a re-executed supervisor its workers (JSON:
-#: the worker count and each worker's pid, link descriptor and start time). Not a
-#: WEFT_* name: those are settings. Read once and removed.
-ADOPT_ENV = "_WEFT_ADOPT"
-
-
-def _reexec(argv: list[str], state: str) -> None:
-    """USR2: replace this process's image with a fresh ``weft serve`` of the same PID.
-
-    The listening sockets and the workers' links are inherited (made inheritable in
-    ``Supervisor._state``); the new image adopts the workers and replaces them as
-    on HUP. Every signal weft answers is blocked across the exec (the mask is
-    inherited) and unblocked once the new image has its handlers, so a signal in
-    between is acted on rather than killing the process. Returns only if the exec
-    failed (logged).
-    """
-    env = {**os.environ, ADOPT_ENV: state}
-    handled = {*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD}
-    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    try:
-        os.execve(argv[0], argv, env)
-    except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-        log.error("cannot re-execute %s: %s; serving on", argv[0], exc)
-
-
-def take_adopted(
-    environ: MutableMapping[str, str],
-) -> tuple[int, list[tuple[int, socket.socket, float, bool]]] | None:
-    """The worker count and workers a re-executed supervisor inherits (ADOPT_ENV), removing it."""
-    text = environ.pop(ADOPT_ENV, None)
-    if not text:
-        return None
-    state = json.loads(text)
-    workers = []
-    for pid, fd, started, ready in state["workers"]:
-        link = socket.socket(fileno=fd)
-        os.set_inheritable(fd, False)
-        workers.append((int(pid), link, float(started), bool(ready)))
-    return int(state["count"]), workers
-
-
-# -- the worker's side --------------------------------------------------------------
-
-
-class WorkerLink:
-    """A worker's end of its supervisor's socket pair: ready, heartbeats, recycling.
-
-    The supervisor reads three kinds of bytes: ``R`` once listening (an exit status
-    2 after it is no mistake in the command), ``H`` heartbeats from inside the
-    runtime's loop (``timeout``), and ``B`` once ``max_requests`` connections were
-    accepted (start my replacement, then stop me).
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._server: Any = None
-        self._graceful_timeout = 0.0
-        self._drain_asked = threading.Event()
-        threading.Thread(
-            target=self._watch_supervisor, name="weft worker: supervisor watch", daemon=True
-        ).start()
-
-    def _watch_supervisor(self) -> None:
-        """Drain when asked; stop (as on SIGTERM) when the supervisor is gone."""
-        try:
-            while data := os.read(self._fd, 512):
-                if _DRAIN in data:
-                    self._drain_asked.set()
-                    self._maybe_drain()
-        except OSError:
-            pass
-        log.warning("the supervisor is gone: stopping")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _maybe_drain(self) -> None:
-        server = self._server
-        if server is None or not self._drain_asked.is_set():
-            return
-        self._drain_asked.clear()
-        log.info(
-            "asked to retire: draining (no new connections; open ones get %ss to end)",
-            f"{self._graceful_timeout:g}",
-        )
-        threading.Thread(
-            target=drain,
-            args=(server, self._graceful_timeout),
-            name="weft worker: drain",
-            daemon=True,
-        ).start()
-
-    def _send(self, byte: bytes) -> None:
-        try:
-            os.write(self._fd, byte)
-        except OSError:  # the supervisor is gone; the watch thread stops us
-            pass
-
-    def ready(
-        self,
-        server: Any,
-        graceful_timeout: float,
-        timeout: float | None,
-        max_requests: int | None,
-    ) -> None:
-        """Tell the supervisor this worker serves; start heartbeats and counting as configured."""
-        self._graceful_timeout = graceful_timeout
-        self._server = server
-        self._maybe_drain()  # asked before it was ready (a reload overtaken by another)
-        self._send(_READY)
-        if timeout is None and max_requests is None:
-            return
-        threading.Thread(
-            target=self._watch_server,
-            args=(server, timeout, max_requests),
-            name="weft worker: heartbeat",
-            daemon=True,
-        ).start()
-
-    def _watch_server(self, server: Any, timeout: float | None, max_requests: int | None) -> None:
-        interval = (
-            RECYCLE_CHECK
-            if timeout is None
-            else min(RECYCLE_CHECK * 10, timeout / HEARTBEAT_SHARE)
-        )
-        runtime = server.task_manager.runtime
-        recycling = False
-        while True:
-            began = time.monotonic()
-            # run_in_loop needs the runtime's loop to take the call: a blocked gevent
-            # hub or trio loop never does, and the heartbeat stops with it.
-            if timeout is not None and runtime.run_in_loop(_nothing, interval):
-                self._send(_BEAT)
-            if (
-                max_requests is not None
-                and not recycling
-                and server.stats().get("accepted", 0) >= max_requests
-            ):
-                recycling = True
-                log.info(
-                    "served %d connection(s) (max_requests): asking for a replacement",
-                    max_requests,
-                )
-                self._send(_RECYCLE)
-            if server.wait(max(0.0, interval - (time.monotonic() - began))):
-                return
-
-
-def _nothing() -> None:
-    """What the heartbeat runs in the runtime's loop: arriving there is the point."""
-
-
-def max_requests_for(config: Config) -> int | None:
-    """This worker's ``max_requests``, with its ``max_requests_jitter`` drawn (gunicorn's)."""
-    limit: int | None = config.get("max_requests")
-    if limit is None:
-        return None
-    return limit + random.randint(0, int(config.get("max_requests_jitter") or 0))
-
-
-def become_worker(supervisor_fd: int) -> WorkerLink:
-    """Make this ``weft serve`` a worker of the supervisor that started it.
-
-    Stops gracefully (as on SIGTERM) when ``supervisor_fd``, a socket whose other end
-    only the supervisor holds, reaches end-of-file: the supervisor is gone. Logs
-    ``worker ready on ...`` where weft serve logs ``listening on ...``, and dumps
-    its stacks on DUMP_SIGNAL (the watchdog's). Returns the link, whose ``ready()``
-    is called once listening.
-
-    Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
-    not by hand).
-    """
-    try:
-        flags = fcntl.fcntl(supervisor_fd, fcntl.F_GETFD)
-        fcntl.fcntl(supervisor_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(
-            f"--supervisor-fd {supervisor_fd}: {exc.strerror}; this flag is set by"
-            " `weft serve --workers N` for its workers, not by hand",
-            source="command line",
-        ) from None
-    serve_log.addFilter(_worker_ready)
-    enable_stack_dump()
-    return WorkerLink(supervisor_fd)
-
-
-def _worker_ready(record: logging.LogRecord) -> bool:
-    if record.msg == LISTENING_MESSAGE:
-        record.msg = WORKER_READY_MESSAGE
-    return True
-
-
-def drain(server: Any, graceful_timeout: float) -> None:
-    """Retire ``server`` softly: stop accepting, let connections end by themselves.
-
-    What a reload, recycling and TTOU do to the process they replace: unlike a stop
-    on SIGTERM, no connection's input is ended, so a client between two requests is
-    not cut. Those still open after ``graceful_timeout`` are then stopped at once
-    (``stop(timeout=0)``).
-    """
-    server.stop_accepting()
-    if not server.wait(graceful_timeout):
-        server.stop(timeout=0.0)
