@@ -261,3 +261,24 @@ def test_a_broken_reload_keeps_the_old_workers(tmp_path: Path) -> None:
         wait_for_version(address, "v2")
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_hup_keeps_a_unix_socket_file(tmp_path: Path) -> None:
+    """One process on a Unix socket: the file outlives the in-process server's drain,
+    new code answers on it, and the supervisor removes it when it stops."""
+    write_app(tmp_path, "v1")
+    path = tmp_path / "s.sock"
+    served = Served(weft_serve(APP, "--bind", f"unix:{path}"), cwd=tmp_path)
+    with served:
+        served.wait_for(LISTENING)
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGHUP)
+        served.wait_for("the in-process server has drained")
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(path))
+            assert client.makefile("rb").readline().startswith(b"v2 ")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert not path.exists()
