@@ -161,12 +161,14 @@ def hand_over(
 
     On HUP (or TTIN: two workers) the listening sockets are duplicated for a worker
     that imports the handler afresh; once it is ready, the in-process ``server``
-    drains (``stop(graceful_timeout)``) while the worker serves, and this process
+    drains (:func:`~weft_core._worker_link.drain`) while the worker serves, and this process
     stays on as its supervisor, so its PID never changes. On USR2 the same, then,
     once drained, it re-executes itself (:func:`_reexec`).
     """
     listeners: list[Listener] = []
-    for task in server._engine.listeners:  # the engine's ListenerTasks
+    # The engine's ListenerTasks: Server has no public way to lend its sockets out,
+    # nor to keep a Unix socket file when its listener closes.
+    for task in server._engine.listeners:
         # The runtime owns the socket now (the stdlib object may be detached): copy
         # the descriptor of its own.
         copy = socket.socket(fileno=os.dup(task.native.fileno()))

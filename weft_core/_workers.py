@@ -416,6 +416,7 @@ class Supervisor:
                         self._start_due(now)
                         self._progress()
                         if self._upgrade and not local_busy and self._reexec is not None:
+                            self._upgrade = False  # reexec returns only if it failed
                             self._reexec(self._state())
                     self._alive(now)
                     links = [w.link for w in self._workers.values() if not w.eof]
