@@ -26,12 +26,15 @@ from typing import Any
 
 from . import __version__, _registry
 from ._config import Config, load_config, parse_option_value
+from ._deadline import Deadline
 from ._errors import ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
 from ._logging import setup_logging
 from ._process import PidFile, bind_first, drop_privileges
+from ._sdnotify import Notifier
+from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, reopen_log_files
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
@@ -42,6 +45,8 @@ log = logging.getLogger("weft")
 #: The longest the main thread sleeps while serving. Signals and the server's end wake
 #: it at once through a socket (``_wakeup``); this is only a backstop.
 _WAKE_INTERVAL = 1.0
+#: What the last-resort exit (_deadline) adds to graceful_timeout + STOP_GRACE.
+DEADLINE_MARGIN = 0.5
 
 
 class HandlerImportError(WeftError):
@@ -163,13 +168,12 @@ def _serve(ns: argparse.Namespace) -> int:
         names["bind"] = "-b/--bind/--fd"
     if ns.manager_option:
         flags["manager_options"] = dict(ns.manager_option)
-    from . import _activation, _workers
+    from . import _activation, _supervise, _worker_link, _workers
 
-    worker = ns.supervisor_fd is not None
-    ready: Callable[[], None] | None = None
+    link: _worker_link.WorkerLink | None = None
     try:
-        if worker:
-            ready = _workers.become_worker(ns.supervisor_fd)
+        if ns.supervisor_fd is not None:
+            link = _worker_link.become_worker(ns.supervisor_fd)
         # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
         inherited = _activation.listen_fds()
         if inherited and not binds:
@@ -184,6 +188,7 @@ def _serve(ns: argparse.Namespace) -> int:
         setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
+    worker = link is not None
     if not worker:  # the supervisor said it once for all
         for warning in config.warnings:
             log.warning("%s", warning)
@@ -197,9 +202,16 @@ def _serve(ns: argparse.Namespace) -> int:
     if config.get("reload") and not worker:
         return _reload(ns.argv, config)
     pid = None if worker else config.get("pid")
-    if config.workers > 1:
+    # The watchdog and recycling replace a process, so even one worker needs a
+    # supervisor; and a supervisor re-executed on USR2 stays one.
+    if not worker and (
+        config.workers > 1
+        or config.get("timeout") is not None
+        or config.get("max_requests") is not None
+        or _supervise.ADOPT_ENV in os.environ
+    ):
         try:
-            return _workers.supervise(
+            return _supervise.supervise(
                 config, flags, ns.config, on_listening=None if pid is None else PidFile(pid).write
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
@@ -226,7 +238,7 @@ def _serve(ns: argparse.Namespace) -> int:
             bound, kwargs = bind_first(config)
     except (WeftError, OSError) as exc:  # BindError: the address is in use, or privileged
         return _fail(exc, EXIT_RUNTIME)
-    if ready is not None:  # a worker: the supervisor owns the shutdown port
+    if worker:  # a worker: the supervisor owns the shutdown port
         kwargs = _workers.worker_kwargs(kwargs)
     try:
         server = Server(handler, **kwargs)
@@ -242,16 +254,28 @@ def _serve(ns: argparse.Namespace) -> int:
         )
     for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
         listener.sock.detach()
+    if link is not None:
+        worker_link = link
+        limit = _worker_link.max_requests_for(config)
+        return _run(
+            server,
+            config.graceful_timeout,
+            lambda: worker_link.ready(
+                server, config.graceful_timeout, config.get("timeout"), limit
+            ),
+        )
+
+    def hand_over(signum: int, notifier: Notifier) -> int:
+        return _supervise.hand_over(server, config, flags, ns.config, signum, notifier)
+
     pid_file = None if pid is None else PidFile(pid)
-
-    def listening() -> None:
-        if pid_file is not None:
-            pid_file.write()
-        if ready is not None:
-            ready()
-
     try:
-        return _run(server, config.graceful_timeout, listening)
+        return _run(
+            server,
+            config.graceful_timeout,
+            None if pid_file is None else pid_file.write,
+            hand_over=hand_over,
+        )
     finally:
         if pid_file is not None:
             pid_file.remove()
@@ -304,62 +328,144 @@ def _reload(argv: Sequence[str], config: Config) -> int:
     return reload_forever(command, roots, config.graceful_timeout)
 
 
-def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None = None) -> int:
+def _run(
+    server: Any,
+    graceful_timeout: float,
+    ready: Callable[[], None] | None = None,
+    hand_over: Callable[[int, Notifier], int] | None = None,
+) -> int:
     """Run ``server`` until a signal or a fatal error; return the exit status.
 
-    ``ready()``, if given, is called once the server listens (a worker tells its supervisor).
+    ``ready()``, if given, is called once the server listens (a worker tells its
+    supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
+    TTIN do: this process becomes a supervisor (``_supervise.hand_over``) and its
+    status is returned. Signals: see ``_signals``.
     """
+    from ._engine import STOP_GRACE  # here, so `weft managers` and `--help` stay light
+
     in_main = threading.current_thread() is threading.main_thread()
+    notifier = Notifier()
+    deadline = Deadline()
+
+    def on_signal(signum: int) -> None:
+        # In the handler itself: the stop's bound holds even if the main thread is stuck.
+        if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+            if deadline.armed and signum in STOP_SIGNALS:  # the second: quit at once
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            wait = 0.0 if signum == signal.SIGQUIT else graceful_timeout
+            deadline.arm(
+                wait + STOP_GRACE + DEADLINE_MARGIN,
+                f"received {signal.Signals(signum).name} and the stop did not end within "
+                f"{wait:g}s plus {STOP_GRACE + DEADLINE_MARGIN:g}s: a handler blocks the main "
+                f"thread (the stacks below name it); tasks left behind are abandoned "
+                f"(exit status {EXIT_TASKS_LEFT})",
+            )
+
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
-    with Wakeup(_SIGNALS if in_main else ()) as wakeup:
+    signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
+    with Wakeup(signals, on_signal=on_signal) as wakeup:
         try:
-            server.run()
-        except (WeftError, OSError) as exc:
-            return _fail(exc, EXIT_RUNTIME)
-        for address in server.addresses:
-            log.info("listening on %s (manager %s)", address, server.manager_name)
-        if ready is not None:
-            ready()
+            return _serve_until_stopped(
+                server, graceful_timeout, wakeup, notifier, ready, hand_over
+            )
+        finally:
+            deadline.disarm()
 
-        ended = threading.Event()
 
-        def watch() -> None:
-            server.wait()
-            ended.set()
-            wakeup.wake()
+def _serve_until_stopped(
+    server: Any,
+    graceful_timeout: float,
+    wakeup: Wakeup,
+    notifier: Notifier,
+    ready: Callable[[], None] | None,
+    hand_over: Callable[[int, Notifier], int] | None,
+) -> int:
+    """The body of :func:`_run`, inside its signal handling."""
+    try:
+        server.run()
+    except (WeftError, OSError) as exc:
+        return _fail(exc, EXIT_RUNTIME)
+    if ready is not None:  # before the log line, which tests and tools wait for
+        ready()
+    for address in server.addresses:
+        log.info("listening on %s (manager %s)", address, server.manager_name)
+    notifier.ready("serving on " + ", ".join(server.addresses))
 
-        threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
-        received: list[int] = []
-        while not received and not ended.is_set():
-            received = wakeup.wait(_WAKE_INTERVAL)
-        if received:
-            # A second SIGINT/SIGTERM while stopping gracefully quits at once.
-            Wakeup.default(_SIGNALS)
+    ended = threading.Event()
+
+    def watch() -> None:
+        server.wait()
+        ended.set()
+        wakeup.wake()
+
+    threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
+    if notifier.watchdog is not None:
+        _keep_alive(server, notifier, notifier.watchdog, ended)
+    stop: int | None = None
+    while stop is None and not ended.is_set():
+        for signum in wakeup.wait(_WAKE_INTERVAL):
+            if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+                stop = signum
+                break
+            name = signal.Signals(signum).name
+            if signum == signal.SIGUSR1:
+                log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
+            elif hand_over is None:  # a worker: the supervisor's signals
+                log.warning("received %s: ignored by a worker; signal the supervisor", name)
+            elif signum == signal.SIGTTOU:
+                log.warning("received SIGTTOU: one process is the fewest; nothing to do")
+            else:
+                return hand_over(signum, notifier)
+    if stop is not None:
+        notifier.stopping("stopping")
+        quick = stop == signal.SIGQUIT
+        # A second SIGINT/SIGTERM while stopping gracefully quits at once.
+        Wakeup.default(STOP_SIGNALS)
+        if quick:
+            log.info("received SIGQUIT: stopping at once")
+        else:
             log.info(
                 "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
-                signal.Signals(received[0]).name,
+                signal.Signals(stop).name,
                 f"{graceful_timeout:g}",
             )
-            if server.stop(timeout=graceful_timeout):
-                log.info("stopped")
-            else:
-                left = server.stats().get("left_behind", 0)
-                log.warning(
-                    "stopped: connections still open after %ss had to be cut off%s",
-                    f"{graceful_timeout:g}",
-                    f"; {left} task(s) ignored it and are abandoned (exit status "
-                    f"{EXIT_TASKS_LEFT})"
-                    if left
-                    else "",
-                )
-                if left:
-                    return EXIT_TASKS_LEFT
-        if server.error is not None:
-            return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
-        return 0
+        if server.stop(timeout=0.0 if quick else graceful_timeout):
+            log.info("stopped")
+        else:
+            left = server.stats().get("left_behind", 0)
+            log.warning(
+                "stopped: connections still open after %ss had to be cut off%s",
+                f"{0.0 if quick else graceful_timeout:g}",
+                f"; {left} task(s) ignored it and are abandoned (exit status {EXIT_TASKS_LEFT})"
+                if left
+                else "",
+            )
+            if left:
+                return EXIT_TASKS_LEFT
+    if server.error is not None:
+        return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
+    return 0
 
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def _keep_alive(server: Any, notifier: Notifier, interval: float, ended: threading.Event) -> None:
+    """Send systemd WATCHDOG=1 every ``interval`` while the runtime's loop answers.
+
+    The probe runs in the loop (``run_in_loop``): a blocked gevent hub or trio loop
+    stops the pings, and systemd's WatchdogSec= then restarts the service.
+    """
+    runtime = server.task_manager.runtime
+
+    def ping() -> None:
+        while not ended.wait(interval):
+            if runtime.run_in_loop(_nothing, interval):
+                notifier.alive()
+
+    threading.Thread(target=ping, name="weft serve: watchdog", daemon=True).start()
+
+
+def _nothing() -> None:
+    """Run in the runtime's loop by the watchdog: getting there is the test."""
 
 
 def import_handler(spec: str) -> Callable[..., Any]:

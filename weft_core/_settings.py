@@ -579,6 +579,13 @@ _ROWS = [
     Setting("reload", boolean(), False,
             "restart when a file under the handler's directory changes (development only)",
             "config"),
+    # Zero-downtime operations (issue 18): the watchdog and worker recycling.
+    Setting("timeout", seconds(positive=True, none="off"), None,
+            "replace a worker whose runtime loop is silent this long (seconds)", "config"),
+    Setting("max_requests", integer(1, none="off"), None,
+            "replace a worker after it accepted this many connections", "config"),
+    Setting("max_requests_jitter", integer(0), 0,
+            "add 0 to N, at random per worker, to max_requests", "config"),
 ]  # fmt: skip
 
 #: Every setting by name; parts of a table are named ``table.part``.
