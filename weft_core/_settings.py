@@ -558,7 +558,7 @@ _ROWS = [
     Setting("on_stop", callback("f(server)"), None, "called once stopped", "server"),
     Setting("shutdown_handler", callback("f(server, conn) -> bool"), None,
             "decides whether a shutdown-port connection stops the server", "server"),
-    # Connection metrics (issue 19): the access log.
+    # Connection metrics (issue 16): the access log.
     Setting("access_log", boolean(), False,
             "log one line per connection on logger weft.access (peer, duration, bytes, how)"),
     # weft serve only.
