@@ -86,7 +86,10 @@ def _uvloop_missing() -> ValueError:
 class _Loop:
     """The loop tasks run on: the manager's own, in a daemon thread, or the application's."""
 
-    __slots__ = ("cancels", "error", "ident", "lock", "loop", "owner", "ready", "thread")
+    __slots__ = (
+        "cancels", "error", "ident", "lock", "loop", "owner", "ready", "soon", "soon_tasks",
+        "thread",
+    )  # fmt: skip
 
     def __init__(self, owner: AsyncioManager, loop: asyncio.AbstractEventLoop, own: bool) -> None:
         self.owner = owner
@@ -95,6 +98,11 @@ class _Loop:
         #: Tasks to cancel at the loop's next turn (from other threads), or None
         #: when no such turn is scheduled.
         self.cancels: list[_Task] | None = None
+        #: Thunks to start at the loop's next turn (``spawn_soon`` from other threads),
+        #: or None when no such turn is scheduled; and the tasks started so (the loop
+        #: keeps only weak references to its tasks).
+        self.soon: list[Callable[[], Awaitable[object]]] | None = None
+        self.soon_tasks: set[asyncio.Task[object]] = set()
         self.error: BaseException | None = None
         self.ready = threading.Event()
         self.thread: threading.Thread | None = None
@@ -170,6 +178,38 @@ class _Loop:
             batch, self.cancels = self.cancels or [], None
         for task in batch:
             task.cancel_now()
+
+    def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Start ``thunk()`` as a task of the loop; from another thread, batched.
+
+        Only the call that finds the queue empty wakes the loop (one
+        ``call_soon_threadsafe``); the rest join that turn's batch.
+        """
+        if self.in_thread():
+            self._start(thunk)
+            return
+        with self.lock:
+            if self.soon is not None:
+                self.soon.append(thunk)
+                return
+            self.soon = [thunk]
+        try:
+            self.loop.call_soon_threadsafe(self._start_batch)
+        except RuntimeError:  # the loop is closed
+            with self.lock:
+                self.soon = None
+            raise RuntimeError("weft-asyncio: the loop has ended (the server is not running)")
+
+    def _start_batch(self) -> None:
+        with self.lock:
+            batch, self.soon = self.soon or [], None
+        for thunk in batch:
+            self._start(thunk)
+
+    def _start(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        task: asyncio.Task[object] = self.loop.create_task(thunk())  # type: ignore[arg-type]
+        self.soon_tasks.add(task)
+        task.add_done_callback(self.soon_tasks.discard)
 
     def close(self) -> None:
         """Stop the own loop (cancelling what is left) and join its thread; or let go."""
@@ -348,6 +388,13 @@ class AsyncioManager:
             fn()
             return True
         return ran.wait(timeout)
+
+    def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Start ``thunk()`` soon as a plain task of the loop (``Server.submit``)."""
+        home = self._home
+        if home is None or not home.usable():
+            raise RuntimeError("weft-asyncio: no loop runs (the server is not running)")
+        home.spawn_soon(thunk)
 
     # -- adding ------------------------------------------------------------------------
 

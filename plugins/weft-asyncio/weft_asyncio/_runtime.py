@@ -243,6 +243,14 @@ class AsyncioRuntime(AsyncRuntime):
         """
         return self._manager.run_in_loop(fn, timeout)
 
+    def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Start ``thunk()`` as a task of the loop, from any thread (``Server.submit``).
+
+        Not one of the manager's tasks: no id, no limit. Calls from other threads are
+        batched, one wake-up of the loop per batch (``weft_core.SpawnsSoon``).
+        """
+        self._manager.spawn_soon(thunk)
+
     def slots(self, n: int) -> AsyncioSlots:
         """``n`` connection slots."""
         return AsyncioSlots(n)
