@@ -27,6 +27,7 @@ TEST_DEPS = [
     "setuptools>=77",  # the SPDX string form of project.license (PEP 639)
     "wheel",
     "ruff",  # tests/test_contract.py checks that ruff bans private imports in plugins
+    "uvloop; sys_platform != 'win32'",  # weft-asyncio's loop="uvloop" (its tests skip without)
 ]
 
 nox.options.default_venv_backend = "uv|virtualenv"

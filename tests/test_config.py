@@ -379,10 +379,15 @@ def test_env_errors_name_the_variable(
     assert expected in str(exc)
 
 
-def test_unknown_env_var_suggests_the_closest(tmp_path: Path) -> None:
-    exc = error(tmp_path, env={"WEFT_MAX_CONECTIONS": "3"})
-    assert exc.source == "environment variable WEFT_MAX_CONECTIONS"
-    assert "did you mean WEFT_MAX_CONNECTIONS?" in str(exc)
+def test_unknown_env_var_is_a_warning_suggesting_the_closest(tmp_path: Path) -> None:
+    config = load(tmp_path, env={"WEFT_MAX_CONECTIONS": "3", "WEFT_BACKLOG": "7"})
+    assert config.get("backlog") == 7
+    assert "max_connections" not in config.values
+    assert config.warnings == (
+        "ignoring WEFT_MAX_CONECTIONS: no weft setting has that name;"
+        " did you mean WEFT_MAX_CONNECTIONS?",
+    )
+    # A table given whole is a known name used wrongly: still an error.
     exc = error(tmp_path, env={"WEFT_TLS": "1"})
     assert "tls is a table: set its parts one by one, as WEFT_TLS_CERTFILE" in str(exc)
 

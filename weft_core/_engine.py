@@ -741,8 +741,11 @@ class Engine(ABC, Generic[R]):
                     # event-loop managers interrupt the acceptor (kill, cancel) at once.
                     self.manager.stop_task(lt.task_id, timeout=0)
                 # The acceptor closes its listener on the way out; one that never ran
-                # (a manager may drop a queued task) must not leave it open.
-                lt.close()
+                # (a manager may drop a queued task) must not leave it open. A paused
+                # acceptor left it open: close it in the loop, where a runtime's socket
+                # may have to close (trio's).
+                if not self.paused or not self.runtime.run_in_loop(lt.close, LOOP_WAIT):
+                    lt.close()
 
         if not call_within(stop_them, wait, "weft stop acceptors") and wait:
             log.warning(

@@ -16,9 +16,11 @@ the same on every manager:
    behind, counted in ``stats()["left_behind"]``.
 
 ``stop()`` and ``stop_accepting()`` may be called from anywhere: from inside one of
-weft's tasks (a handler, a hook called by the acceptor) they cannot wait, since the
-caller's own task is part of what stops and an event loop must not be blocked, so
-they start the work in a thread of their own and return at once.
+weft's tasks (a handler, a hook called by the acceptor), or from a coroutine on a
+running asyncio loop (which may be the very loop serving the connections), they
+cannot wait, since the caller's own task is part of what stops and an event loop
+must not be blocked, so they start the work in a thread of their own and return at
+once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import functools
 import inspect
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -334,7 +337,9 @@ class Server:
         Raised while running, clients waiting for a slot get in at once. Lowered below
         the number open, no connection is cut: new clients wait or are refused (per
         ``on_full``) until enough have ended. ``None`` (no limit) can only be set or
-        left while stopped: it takes effect at the next ``run()``.
+        left while stopped: it takes effect at the next ``run()``. From any thread;
+        from inside one of weft's tasks the change is applied a moment later, from
+        a thread of its own.
         """
         return self._cfg.max_connections
 
@@ -351,7 +356,8 @@ class Server:
                 )
             self._cfg.max_connections = value
         if engine is not None and value is not None:
-            engine.set_limit(value)
+            limit = value
+            self._control(lambda engine: engine.set_limit(limit))
 
     @property
     def paused(self) -> bool:
@@ -439,7 +445,9 @@ class Server:
         submitter = self._submitter
         if submitter is None or self._engine is None:
             raise ServerError("submit() needs a running server: call run() first")
-        kind = handler_kind(fn)
+        kind = submitter.kinds.get(fn) if isinstance(fn, Hashable) else None
+        if kind is None:
+            kind = submitter.remember(fn, handler_kind(fn))
         if kind != submitter.kind:
             need = "an async def" if submitter.kind == "async" else "a plain function"
             raise HandlerKindError(
@@ -559,7 +567,7 @@ class Server:
         """Close only the listeners; open connections go on until their clients close them.
 
         Returns as soon as the listeners are closed (from inside one of weft's tasks,
-        at once: they close in a moment). The server counts as stopped once its last
+        or on a running asyncio loop, at once: they close in a moment). The server counts as stopped once its last
         connection has ended.
         """
         with self._life:
@@ -567,7 +575,7 @@ class Server:
             if engine is None or engine.listeners_closed or self._stopping:
                 return
             engine.listeners_closed = True
-        engine.stop_acceptors(None if current_task() is not None else LOOP_WAIT)
+        engine.stop_acceptors(None if _must_not_block() else LOOP_WAIT)
 
         def drain() -> None:
             engine.wait_idle(None)
@@ -589,10 +597,13 @@ class Server:
         acceptor), it cannot wait, since its own task is part of what stops: it
         starts the stop in a thread of its own and returns False at once; the
         caller's task is flagged like any other, and :meth:`wait` (from outside)
-        tells when the stop has ended. Called while another stop is under way, it
-        waits for that one and returns its result.
+        tells when the stop has ended. The same from a coroutine on a running asyncio
+        loop, which blocking would freeze (and deadlock, when that loop serves the
+        connections): ``await asyncio.to_thread(server.stop, timeout)`` there for the
+        result. Called while another stop is under way, it waits for that one and
+        returns its result.
         """
-        inside = current_task() is not None
+        inside = _must_not_block()
         with self._life:
             engine = self._engine
             if engine is None:
@@ -671,6 +682,23 @@ class Server:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _must_not_block() -> bool:
+    """True where stop() must not wait: inside one of weft's tasks, or on a running asyncio loop.
+
+    asyncio is looked up, never imported: if nothing imported it, no loop runs.
+    """
+    if current_task() is not None:
+        return True
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:

@@ -45,6 +45,9 @@ __all__ = ["Submitter"]
 
 #: What ``current_task()`` is inside a call that ``submit()`` started with
 #: ``spawn_soon`` (one shared state: nothing ever requests its shutdown).
+#: How many functions' kinds a Submitter keeps before it forgets them all.
+KINDS_KEPT = 256
+
 SUBMITTED = TaskState("weft submit", "a call started by Server.submit()")
 
 
@@ -58,10 +61,24 @@ class Submitter:
         self.spawn: Callable[[Callable[[], Any]], None] | None = (
             runtime.spawn_soon if isinstance(runtime, SpawnsSoon) else None
         )
+        #: The kind (sync, async) of functions submitted so far: inspecting one costs
+        #: more than the rest of a submit. Bounded: a program submitting ever new
+        #: closures only re-inspects them.
+        self.kinds: dict[Any, str] = {}
         #: Futures handed out and not yet finished, failed by close().
         self.outstanding: set[Future[Any]] = set()
         self.lock = threading.Lock()
         self.closed = False
+
+    def remember(self, fn: Callable[..., Any], kind: str) -> str:
+        """Note ``fn``'s kind for the next submit of it; returns ``kind``."""
+        if len(self.kinds) >= KINDS_KEPT:
+            self.kinds.clear()
+        try:
+            self.kinds[fn] = kind
+        except TypeError:
+            pass  # unhashable after all (a partial of a list, say)
+        return kind
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
         """Start ``fn(*args)`` in the runtime; its future."""
@@ -74,7 +91,6 @@ class Submitter:
             thunk: Callable[[], Any] = _async_thunk(self, future, context, fn, args)
         else:
             thunk = _sync_thunk(self, future, context, fn, args)
-        thunk.__name__ = f"weft submit {getattr(fn, '__qualname__', fn)!s}"
         with self.lock:
             if self.closed:
                 raise ServerError("submit(): the server has stopped; run() it first")
@@ -83,6 +99,8 @@ class Submitter:
             if spawn is not None:
                 spawn(thunk)
             else:
+                # A task of the manager, named as managers name tasks.
+                thunk.__name__ = f"weft submit {getattr(fn, '__qualname__', fn)!s}"
                 self.manager.add_task(thunk)
         except BaseException as exc:
             self.outstanding.discard(future)
