@@ -36,7 +36,7 @@ from weft_core import available_managers
 from weft_prometheus import ADDRESS_ENV, parse_address
 from weft_prometheus._metrics import DURATION_BUCKETS
 
-MANAGERS = ["threads", "gevent", "trio"]
+MANAGERS = ["threads", "gevent", "trio", "asyncio"]
 
 
 @pytest.fixture(params=MANAGERS)
