@@ -14,6 +14,9 @@ import nox
 
 ROOT = Path(__file__).parent
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists())
+#: Plugins that register no manager but watch servers through the hooks: their tests
+#: run real servers, so their session installs every manager plugin as well.
+WATCHERS = {"weft-prometheus"}
 # pip and setuptools: tests install tiny plugin distributions with pip --target.
 TEST_DEPS = [
     "pytest>=8",
@@ -24,6 +27,7 @@ TEST_DEPS = [
     "setuptools>=77",  # the SPDX string form of project.license (PEP 639)
     "wheel",
     "ruff",  # tests/test_contract.py checks that ruff bans private imports in plugins
+    "uvloop; sys_platform != 'win32'",  # weft-asyncio's loop="uvloop" (its tests skip without)
 ]
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -65,8 +69,9 @@ def tests(session: nox.Session) -> None:
 @nox.session
 @nox.parametrize("plugin", PLUGINS)
 def plugin(session: nox.Session, plugin: str) -> None:
-    """One plugin's own tests, with only that plugin installed."""
-    install_weft(session, plugin)
+    """One plugin's own tests, with only that plugin installed (a watcher: and every manager)."""
+    managers = [p for p in PLUGINS if p not in WATCHERS] if plugin in WATCHERS else []
+    install_weft(session, plugin, *managers)
     session.run("pytest", f"plugins/{plugin}/tests", *session.posargs)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import instructions, report, wrk
 from .procs import CLIENT_CORE, ROOT, pin, raise_nofile
+from .server import VARIANTS
 from .suites import MAX, SUITES, Options, progress, raw_flavour, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -143,8 +144,10 @@ def command_run(args: argparse.Namespace) -> int:
     import weft_core
 
     preset = QUICK if args.quick else FULL
-    specs = weft_core.available_managers()
-    managers = args.managers or list(specs)
+    specs = dict(weft_core.available_managers())
+    # A variant (asyncio-uvloop) is there when its manager is; asked for by name only.
+    specs.update({v: specs[base] for v, (base, _) in VARIANTS.items() if base in specs})
+    managers = args.managers or [m for m in specs if m not in VARIANTS]
     missing = [m for m in managers if m not in specs]
     skipped: list[str] = []
     for m in missing:
@@ -164,7 +167,7 @@ def command_run(args: argparse.Namespace) -> int:
         return 2
     for manager in list(managers):
         flavour = raw_flavour(manager, specs[manager].handler_kind)
-        module = {"gevent": "gevent", "trio": "trio"}.get(flavour)
+        module = {"gevent": "gevent", "trio": "trio", "asyncio-uvloop": "uvloop"}.get(flavour)
         if module and importlib.util.find_spec(module) is None:
             skipped.append(f"{manager} (its raw backend needs {module})")
             managers.remove(manager)
@@ -188,7 +191,8 @@ def command_run(args: argparse.Namespace) -> int:
         idle_threads_max=args.idle_threads_max,
         stop_connections=args.stop_connections or preset["stop_connections"],
         per_client=args.per_client,
-        reference=args.reference,
+        # The asyncio manager's own raw backend is the reference's asyncio.start_server.
+        reference=args.reference and "asyncio" not in managers,
         quick=args.quick,
         logdir=logdir,
         wrk=wrk_path,

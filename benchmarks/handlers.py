@@ -3,8 +3,9 @@
 Each is written once per handler kind: a plain function taking a socket (weft's
 ``threads`` and ``gevent`` managers, ``socketserver``, ``gevent.server``) and an
 ``async def`` taking a ``trio.SocketStream`` (weft's ``trio`` manager,
-``trio.serve_tcp``). The asyncio versions exist only for the reference row. None of
-them imports weft: the weft and raw servers run exactly the same code.
+``trio.serve_tcp``), and one for asyncio taking ``(reader, writer)`` from
+``asyncio.start_server`` or weft's ``AsyncioStream`` alone (it reads and writes).
+None of them imports weft: the weft and raw servers run exactly the same code.
 
 A peer that resets its connection (wrk does, at the end of a run) ends the handler
 quietly on every server alike: ``trio.serve_tcp`` would otherwise crash on it, and
@@ -106,10 +107,14 @@ async def echo_trio(stream: Any) -> None:
         pass
 
 
-# -- the asyncio reference: StreamReader / StreamWriter -------------------------------
+# -- asyncio: StreamReader / StreamWriter, or weft's AsyncioStream (both in one) -------
+#
+# The same code serves asyncio.start_server, which passes (reader, writer), and weft's
+# asyncio manager, which passes one AsyncioStream that reads and writes (writer=None).
 
 
-async def http_asyncio(reader: Any, writer: Any) -> None:
+async def http_asyncio(reader: Any, writer: Any = None) -> None:
+    writer = writer or reader
     buf = b""
     try:
         while True:
@@ -128,7 +133,8 @@ async def http_asyncio(reader: Any, writer: Any) -> None:
         writer.close()
 
 
-async def echo_asyncio(reader: Any, writer: Any) -> None:
+async def echo_asyncio(reader: Any, writer: Any = None) -> None:
+    writer = writer or reader
     try:
         while True:
             data = await reader.read(BUFSIZE)

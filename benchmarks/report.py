@@ -532,6 +532,9 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
     opts = result["options"]
     info = result["machine"]
     raw_names = {m: RAW_BACKENDS[f] for m, f in result["raw_flavours"].items()}
+    # The asyncio reference row's records are filed under "asyncio"; a run that
+    # measures the asyncio manager has no reference (its raw backend is the same).
+    reference_name = "asyncio" if opts.get("reference") else None
     rows = [Row(**r) for r in result["summary"]]
     kind = "quick smoke run (short, 1 run each: indicative only)" if opts["quick"] else "full run"
     parts = [
@@ -544,11 +547,11 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
         "",
         f"Machine: {describe(result['machine'])}.",
         "",
-        table([r for r in rows if r.manager != "asyncio"], raw_names),
+        table([r for r in rows if r.manager != reference_name], raw_names),
     ]
     if result.get("workers"):
         parts += ["", workers_table(result["workers"], opts["seconds"])]
-    reference = [r for r in rows if r.manager == "asyncio"]
+    reference = [r for r in rows if r.manager == reference_name]
     if reference:
         parts += [
             "",
@@ -612,7 +615,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         return False
     rows = [Row(**r) for r in result["summary"]]
     managers = list(result["options"]["managers"])
-    colours = {m: f"C{i}" for i, m in enumerate([*managers, "asyncio"])}
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys([*managers, "asyncio"]))}
     workers = result.get("workers") or []
     # The ratios across the top; idle memory, stop time and workers below.
     fig = plt.figure(figsize=(16, 10.5))
@@ -647,7 +650,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax.legend(fontsize=8)
 
     ax = axes[1]
-    for manager in [*managers, "asyncio"]:
+    for manager in dict.fromkeys([*managers, "asyncio"]):
         for impl, style in (("weft", "-o"), ("raw", "--x"), ("asyncio", ":s")):
             points = [
                 (r["held"], r["kib_per_conn"])

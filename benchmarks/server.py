@@ -3,7 +3,9 @@
 ``--backend weft --flavour NAME`` runs ``weft_core.Server`` with manager ``NAME``;
 ``--backend raw --flavour threads|gevent|trio`` runs the same handler on
 ``socketserver.ThreadingTCPServer``, ``gevent.server.StreamServer`` or
-``trio.serve_tcp``; ``--backend asyncio`` runs the asyncio reference on
+``trio.serve_tcp``, and ``--flavour asyncio|asyncio-uvloop`` on
+``asyncio.start_server`` (on uvloop's loop for the second, against weft's asyncio
+manager with ``loop="uvloop"``); ``--backend asyncio`` runs the asyncio reference on
 ``asyncio.start_server``. The process pins itself to ``--core``, raises its fd limit,
 prints ``PORT port fd-limit`` once listening, then obeys stdin: ``stop`` (weft only) times
 ``server.stop()`` and answers ``STOPPED seconds clean``; end of input exits at once.
@@ -36,7 +38,26 @@ RAW_BACKENDS = {
     "threads": "socketserver.ThreadingTCPServer",
     "gevent": "gevent.server.StreamServer",
     "trio": "trio.serve_tcp",
+    "asyncio": "asyncio.start_server",
+    "asyncio-uvloop": "asyncio.start_server on uvloop",
 }
+#: Benchmark names that run a weft manager with options: ``asyncio-uvloop`` is the
+#: asyncio manager on uvloop, measured against ``asyncio.start_server`` on uvloop.
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "asyncio-uvloop": ("asyncio", {"loop": "uvloop"}),
+}
+
+
+def weft_manager(name: str) -> tuple[str, dict[str, str]]:
+    """The weft manager and its options behind a benchmark name (a manager or a variant)."""
+    return VARIANTS.get(name, (name, {}))
+
+
+def handler_table(manager: str, handler_kind: str) -> dict[str, Any]:
+    """The handlers a weft manager runs: asyncio's own for asyncio, else by kind."""
+    if manager == "asyncio":
+        return handlers.ASYNCIO
+    return handlers.TRIO if handler_kind == "async" else handlers.SYNC
 
 
 def _listening(port: int) -> None:
@@ -55,18 +76,19 @@ def _nodelay(sock: socket.socket) -> None:
 # -- weft --------------------------------------------------------------------------------
 
 
-def serve_weft(manager: str, handler_name: str) -> None:
+def serve_weft(name: str, handler_name: str) -> None:
     import weft_core
 
+    manager, options = weft_manager(name)
     spec = weft_core.available_managers().get(manager)
     if spec is None:
         raise SystemExit(f"weft manager {manager!r} is not installed")
-    table = handlers.TRIO if spec.handler_kind == "async" else handlers.SYNC
     server = weft_core.Server(
-        table[handler_name],
+        handler_table(manager, spec.handler_kind)[handler_name],
         address=HOST,
         port=0,
         manager=manager,
+        manager_options=options or None,
         max_connections=None,
         backlog=BACKLOG,
     )
@@ -151,7 +173,8 @@ def serve_raw_trio(handler_name: str) -> None:
     trio.run(main)
 
 
-def serve_asyncio(handler_name: str) -> None:
+def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
+    """``asyncio.start_server`` with the asyncio handler (on uvloop's loop if asked)."""
     import asyncio
 
     handler = handlers.ASYNCIO[handler_name]
@@ -164,13 +187,20 @@ def serve_asyncio(handler_name: str) -> None:
             pass
         _exit()
 
-    asyncio.run(main())
+    if uvloop:
+        import uvloop as uv
+
+        uv.run(main())
+    else:
+        asyncio.run(main())
 
 
 RAW: dict[str, Callable[[str], None]] = {
     "threads": serve_raw_threads,
     "gevent": serve_raw_gevent,
     "trio": serve_raw_trio,
+    "asyncio": serve_asyncio,
+    "asyncio-uvloop": lambda handler_name: serve_asyncio(handler_name, uvloop=True),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import workers, wrk
 from .procs import Child, ServerProcess
-from .server import RAW_BACKENDS
+from .server import RAW_BACKENDS, weft_manager
 
 SUITES = ("throughput", "churn", "idle", "stop", "workers")
 #: Pause before reading RSS, so the server has finished reacting to the last batch.
@@ -102,10 +102,11 @@ def installed_flavour(manager: str) -> str | None:
     import weft_core
 
     specs = weft_core.available_managers()
-    if manager not in specs:
-        print(f"manager {manager!r} is not installed ({', '.join(specs)})", file=sys.stderr)
+    base = weft_manager(manager)[0]
+    if base not in specs:
+        print(f"manager {base!r} is not installed ({', '.join(specs)})", file=sys.stderr)
         return None
-    return raw_flavour(manager, specs[manager].handler_kind)
+    return raw_flavour(manager, specs[base].handler_kind)
 
 
 # -- keep-alive throughput and churn (wrk, HTTP) ------------------------------------------

@@ -38,6 +38,7 @@ from typing import Any
 
 from . import wrk
 from .procs import CLIENT_CORE, ROOT, SERVER_CORE, ChildError, raise_nofile
+from .server import weft_manager
 
 #: (name, workers, cores of each worker, what it is) for every layout, in the order run.
 LAYOUTS = (
@@ -82,6 +83,7 @@ class Serve:
         self.worker_pids: list[int] = []
         self._ready = 0
         self._seen = threading.Condition()
+        base, options = weft_manager(manager)
         argv = [
             sys.executable,
             "-m",
@@ -89,7 +91,8 @@ class Serve:
             "serve",
             HANDLERS[kind],
             "--manager",
-            manager,
+            base,
+            *(f"-o{key}={value}" for key, value in options.items()),
             "--bind",
             "127.0.0.1:0",
             "--workers",

@@ -31,7 +31,7 @@ def echo(conn: Any) -> None:
 
 async def echo_async(stream: Any) -> None:
     await stream.send_all(b"+")
-    async for data in stream:
+    while data := await stream.receive_some(65536):
         await stream.send_all(data)
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
     counter = Count()
     logging.getLogger("weft").addHandler(counter)
-    handler = echo_async if manager == "trio" else echo
+    handler = echo_async if manager in ("trio", "asyncio") else echo
     fds_before = len(os.listdir("/proc/self/fd"))
     server = Server(handler, manager=manager, max_connections=None, backlog=4096)
     server.run()

@@ -77,6 +77,7 @@ HANDLERS = {
     "threads": "_serving:handle",
     "gevent": "_serving:handle",
     "trio": "_serving:handle_async",
+    "asyncio": "_serving:handle_async",
 }
 LISTENING = r"\] weft: listening on (\S+) \(manager (\S+)\)"
 READY = r"\[(\d+)\] \[INFO\] weft: worker ready on (\S+)"

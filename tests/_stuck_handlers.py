@@ -1,24 +1,25 @@
 """Handlers for ``weft serve`` that ignore every way a stop can reach them.
 
-Each says ``+`` and then waits on something no manager can interrupt: a plain
-``threading.Event`` (not the runtime's). On threads that holds the thread; on an
-event loop (an unpatched gevent hub, trio) it blocks the whole loop, the worst a
-handler can do to a stop.
+Each says ``+`` and then waits on something no manager can interrupt: a blocking
+``os.read`` of a pipe nobody writes to (gevent's monkey-patching, which ``weft serve``
+applies, leaves ``os.read`` alone, where it would turn a ``threading.Event`` into a
+cooperative one). On threads that holds the thread; on an event loop (a gevent hub,
+trio) it blocks the whole loop, the worst a handler can do to a stop.
 """
 
 from __future__ import annotations
 
-import threading
+import os
 from typing import Any
 
-_never = threading.Event()
+_never, _kept_open = os.pipe()  # the write end stays open: the read never returns
 
 
 def stuck(conn: Any) -> None:
     conn.sendall(b"+")
-    _never.wait(3600)
+    os.read(_never, 1)
 
 
 async def stuck_async(stream: Any) -> None:
     await stream.send_all(b"+")
-    _never.wait(3600)
+    os.read(_never, 1)

@@ -3,7 +3,9 @@
 Handlers that ignore their shutdown flag, end of input and interruption alike (and
 on gevent and trio block the runtime's loop) make the stop leave them behind: the
 process still exits by the bound, with status 4 (EXIT_TASKS_LEFT), saying how many
-it left; a blocked gevent hub is named with the culprit's stack. The Server-level
+it left. On gevent, monkey-patched by weft serve, the first handler blocks the main
+thread itself: the signal handler arms a last-resort exit (``_deadline``) that dumps
+every thread's stack, the culprit's among them. The Server-level
 promise, on every manager, is in the conformance suite (``StopTests``).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +80,33 @@ def test_weft_serve_exits_by_its_bound_with_ten_stuck_handlers(
     assert "are abandoned (exit status 4)" in proc.stderr
     assert "left behind" in proc.stderr
     if manager == "gevent":
-        # The hub is blocked: the stop names the greenlet that blocks it.
-        assert "the gevent hub has not answered" in proc.stderr
+        # weft serve monkey-patches: the handlers run in the main thread's hub, which
+        # the first one blocks, so no stop can run; the last resort exits by the bound
+        # and dumps every thread's stack, the culprit's with it.
+        assert "a handler blocks the main thread" in proc.stderr
         assert "in stuck" in proc.stderr, "the culprit's stack names the handler"
+
+
+@pytest.mark.timeout(60)
+def test_a_second_sigterm_quits_at_once_with_the_main_thread_stuck(
+    tmp_path: Path, clients: list[socket.socket]
+) -> None:
+    """gevent, patched: the first SIGTERM cannot start a stop; the next one still quits."""
+    proc = WeftServe(
+        "_stuck_handlers:stuck", "--manager", "gevent", "--bind", "127.0.0.1:0",
+        "--graceful-timeout", "30", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        clients.append(socket.create_connection(("127.0.0.1", proc.port()), timeout=WAIT))
+        assert clients[0].recv(1) == b"+", "a stuck handler is running"
+        began = time.monotonic()
+        code = None
+        while code is None and time.monotonic() - began < 10:
+            proc.signal(signal.SIGTERM)  # two arriving at once count as one: repeat
+            try:
+                code = proc.exit_code(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        proc.close()
+    assert code == -signal.SIGTERM, f"exit status {code}; stderr:\n{proc.stderr}"

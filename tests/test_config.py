@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from weft_core import ConfigError
+from weft_core import ConfigError, available_managers
 from weft_core._config import CLI_ONLY_KEYS, KEYS, Config, load_config, parse_option_value
 
 
@@ -379,12 +379,27 @@ def test_env_errors_name_the_variable(
     assert expected in str(exc)
 
 
-def test_unknown_env_var_suggests_the_closest(tmp_path: Path) -> None:
-    exc = error(tmp_path, env={"WEFT_MAX_CONECTIONS": "3"})
-    assert exc.source == "environment variable WEFT_MAX_CONECTIONS"
-    assert "did you mean WEFT_MAX_CONNECTIONS?" in str(exc)
+def test_unknown_env_var_is_a_warning_suggesting_the_closest(tmp_path: Path) -> None:
+    config = load(tmp_path, env={"WEFT_MAX_CONECTIONS": "3", "WEFT_BACKLOG": "7"})
+    assert config.get("backlog") == 7
+    assert "max_connections" not in config.values
+    assert config.warnings == (
+        "ignoring WEFT_MAX_CONECTIONS: no weft setting has that name;"
+        " did you mean WEFT_MAX_CONNECTIONS?",
+    )
+    # A table given whole is a known name used wrongly: still an error.
     exc = error(tmp_path, env={"WEFT_TLS": "1"})
     assert "tls is a table: set its parts one by one, as WEFT_TLS_CERTFILE" in str(exc)
+
+
+def test_a_plugins_own_env_vars_are_left_to_it(tmp_path: Path) -> None:
+    """WEFT_<PLUGIN>_* belongs to an installed plugin (entry point PLUGIN): never unknown."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    config = load_config(environ={"WEFT_THREADS_ANYTHING": "1"}, cwd=tmp_path)
+    assert "threads_anything" not in config.values
+    exc = error(tmp_path, env={"WEFT_NOPLUGIN_ANYTHING": "1"})
+    assert exc.source == "environment variable WEFT_NOPLUGIN_ANYTHING"
 
 
 # -- command-line flags -----------------------------------------------------------------

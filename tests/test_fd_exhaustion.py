@@ -31,7 +31,7 @@ def served_or_shed(sock: socket.socket) -> str:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("manager", ["threads", "gevent", "trio"])
+@pytest.mark.parametrize("manager", ["threads", "gevent", "trio", "asyncio"])
 def test_out_of_descriptors(manager: str) -> None:
     if manager not in available_managers():
         pytest.skip(f"{manager} is not installed")

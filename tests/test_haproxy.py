@@ -45,7 +45,9 @@ class Backend:
                 "-m",
                 "weft_core",
                 "serve",
-                "tests._proxy_echo:handle",
+                "tests._proxy_echo:handle_asyncio"
+                if manager == "asyncio"
+                else "tests._proxy_echo:handle",
                 "--manager",
                 manager,
                 "--bind",
@@ -72,7 +74,7 @@ class Backend:
         self.proc.communicate()
 
 
-@pytest.fixture(params=["threads", "gevent"])
+@pytest.fixture(params=["threads", "gevent", "asyncio"])
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, list[Backend]]]:
     backends = [Backend(request.param), Backend(request.param)]
     front = free_port()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+import weft_core
 from weft_core import ConnectionInfo, ManagerSpec, Server, _registry, hookimpl, hookspecs
 
 pytestmark = pytest.mark.timeout(30)
@@ -94,6 +95,30 @@ class Recorder:
     ) -> None:
         self._record(
             "weft_handler_error", server=server, connection=connection, exception=exception
+        )
+
+    @hookimpl
+    def weft_connection_opened(self, server: Server, connection: ConnectionInfo) -> None:
+        self._record("weft_connection_opened", server=server, connection=connection)
+
+    @hookimpl
+    def weft_connection_closed(
+        self,
+        server: Server,
+        connection: ConnectionInfo,
+        duration: float,
+        bytes_in: int | None,
+        bytes_out: int | None,
+        how: str,
+    ) -> None:
+        self._record(
+            "weft_connection_closed",
+            server=server,
+            connection=connection,
+            duration=duration,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            how=how,
         )
 
 
@@ -362,6 +387,137 @@ def test_weft_handler_error_gets_the_handlers_own_exception(
     assert connection.task_id is not None
     assert handled == raised, "exception_handler is still called"
     assert server.stats()["handler_errors"] == 1
+
+
+# -- weft_connection_opened and weft_connection_closed ------------------------------------
+
+
+def test_weft_connection_opened_fires_in_the_task_before_the_handler(
+    recorder: Recorder, servers: list[Server]
+) -> None:
+    server = Server(greet_then_echo, manager="threads")
+    servers.append(server)
+    server.run()
+    with connect(server) as client:
+        assert recv_exactly(client, 1) == b"+"
+        [call] = recorder.wait("weft_connection_opened")
+        assert call["server"] is server
+        assert call["connection"].peer == client.getsockname()
+        [live] = server.connections()
+        assert call["connection"].task_id == live.task_id is not None
+        assert recorder.fired("weft_connection_closed") == []
+
+
+def test_weft_connection_closed_reports_duration_bytes_and_how(
+    recorder: Recorder, servers: list[Server]
+) -> None:
+    server = Server(greet_then_echo, manager="threads")
+    servers.append(server)
+    server.run()
+    with connect(server) as client:
+        client.sendall(b"hello")
+        assert recv_exactly(client, 6) == b"+hello"
+    [call] = recorder.wait("weft_connection_closed")
+    assert call["how"] == "closed"
+    assert call["bytes_in"] == 5, "the kernel's count of bytes received"
+    assert call["bytes_out"] == 6, "the kernel's count of bytes sent and acknowledged"
+    assert 0 < call["duration"] < WAIT
+    assert call["connection"] is recorder.fired("weft_connection_opened")[0]["connection"]
+    stats = server.stats()
+    assert (stats["bytes_in"], stats["bytes_out"]) == (5, 6)
+    assert stats["durations"]["+Inf"] == 1 and stats["duration_sum"] > 0
+
+
+def _raises(conn: socket.socket) -> None:
+    conn.recv(1)
+    raise RuntimeError("boom")
+
+
+def _detaches(conn: socket.socket) -> None:
+    weft_core.detach(conn)
+    conn.close()
+
+
+def _waits(conn: socket.socket) -> None:
+    conn.sendall(b"+")
+    while conn.recv(1):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("handler", "options", "how"),
+    [
+        (_raises, {}, "error"),
+        (_detaches, {}, "detached"),
+        (_waits, {"idle_timeout": 0.05}, "idle_timeout"),
+        (_waits, {"proxy_protocol": True}, "proxy_error"),
+    ],
+)
+def test_weft_connection_closed_says_how_it_ended(
+    recorder: Recorder,
+    servers: list[Server],
+    handler: Callable[[socket.socket], None],
+    options: dict[str, Any],
+    how: str,
+) -> None:
+    server = Server(handler, manager="threads", exception_handler=lambda *a: None, **options)
+    servers.append(server)
+    server.run()
+    with connect(server) as client:
+        client.sendall(b"x\r\n")
+        [call] = recorder.wait("weft_connection_closed")
+    assert call["how"] == how
+
+
+def test_weft_connection_closed_says_stopped_and_none_for_unix_sockets(
+    recorder: Recorder, servers: list[Server], tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"
+    server = Server(_waits, manager="threads", address=f"unix:{path}")
+    servers.append(server)
+    server.run()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(WAIT)
+        client.connect(str(path))
+        assert recv_exactly(client, 1) == b"+"
+        server.stop(timeout=WAIT)
+    [call] = recorder.wait("weft_connection_closed")
+    assert call["how"] == "stopped"
+    assert (call["bytes_in"], call["bytes_out"]) == (None, None), "the kernel cannot tell"
+
+
+def test_access_log_writes_one_escaped_line_per_connection(
+    servers: list[Server], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="weft.access")
+    path = tmp_path / "s.sock"
+    server = Server(_waits, manager="threads", address=f"unix:{path}", access_log=True)
+    servers.append(server)
+    server.run()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(WAIT)
+        client.bind(str(tmp_path / "evil\nFORGED"))
+        client.connect(str(path))
+        assert recv_exactly(client, 1) == b"+"
+    server.stop(timeout=WAIT)
+    [record] = [r for r in caplog.records if r.name == "weft.access"]
+    assert "\n" not in record.getMessage() and "evil\\nFORGED" in record.getMessage()
+    assert record.how == "closed" and record.bytes_in is None  # type: ignore[attr-defined]
+    assert record.peer.endswith("evil\\nFORGED")  # type: ignore[attr-defined]
+    assert isinstance(record.duration, float)  # type: ignore[attr-defined]
+
+
+def test_access_log_is_off_by_default(
+    servers: list[Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="weft.access")
+    server = Server(greet_then_echo, manager="threads")
+    servers.append(server)
+    server.run()
+    with connect(server) as client:
+        assert recv_exactly(client, 1) == b"+"
+    server.stop(timeout=WAIT)
+    assert [r for r in caplog.records if r.name == "weft.access"] == []
 
 
 # -- weft_managers -----------------------------------------------------------------------

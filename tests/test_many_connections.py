@@ -1,4 +1,4 @@
-"""10,000 idle connections on gevent and trio: held, each answering, then a prompt stop.
+"""10,000 idle connections on gevent, trio and asyncio: held, each answering, then a prompt stop.
 
 The server runs in a subprocess so that it and this test's clients each have their
 own 20,000-descriptor limit.
@@ -18,14 +18,15 @@ import pytest
 from weft_core import available_managers
 
 N = 10_000
-#: The issue's bound for stop() with 10,000 idle connections on gevent and trio.
+#: The issue's bound for stop() with 10,000 idle connections on gevent and trio
+#: (asyncio's issue asks for 0.5 s, measured by the benchmarks on a quiet machine).
 STOP_BOUND = 2.0
 HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("manager", ["gevent", "trio"])
+@pytest.mark.parametrize("manager", ["gevent", "trio", "asyncio"])
 def test_ten_thousand_idle_connections(manager: str) -> None:
     if manager not in available_managers():
         pytest.skip(f"{manager} is not installed")

@@ -27,6 +27,7 @@ MANAGER_AUTHOR_NAMES = {
     "Runtime",
     "SyncRuntime",
     "AsyncRuntime",
+    "SpawnsSoon",
     "SyncSlots",
     "AsyncSlots",
     "HandlerKind",

@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterator
 
 import pytest
 
 from weft_core import TaskState, current_task, run_task, shutdown_requested
+from weft_core._tasks import _current_task
+
+
+@pytest.fixture(autouse=True)
+def _no_task_left_current() -> Iterator[None]:
+    """run_task() without a context makes its task current here: undo it after each test.
+
+    Otherwise the test thread looks like a weft task to later tests, and a
+    ``Server.stop()`` there would not wait (it cannot, from inside a task).
+    """
+    token = _current_task.set(None)
+    yield
+    _current_task.reset(token)
+
 
 WAIT = 10.0
 

@@ -82,6 +82,19 @@ class WakeableListener(socket.socket):
         except (BlockingIOError, OSError):
             pass  # a full pipe wakes the poller just as well; a closed one has no waiter
 
+    def clear_wake(self) -> None:
+        """Forget wakes sent so far, before a new acceptor takes the listener over.
+
+        ``Server.pause_accepting()`` ends the acceptor thread with a wake and keeps
+        the listener; the acceptor that ``resume_accepting()`` starts must not see
+        that old wake, or it would take it for a broken listener.
+        """
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def close(self) -> None:
         """Close the socket and the wake-up pipe."""
         super().close()

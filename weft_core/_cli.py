@@ -21,12 +21,20 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__, _registry
-from ._config import load_config, parse_option_value
+from ._config import Config, load_config, parse_option_value
+from ._deadline import Deadline
 from ._errors import ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
+from ._flags import add_setting_flags, flag_values
+from ._listeners import Listener, close_listener
+from ._logging import setup_logging
+from ._process import PidFile, bind_first, drop_privileges
+from ._sdnotify import Notifier
+from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, reopen_log_files
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
@@ -37,8 +45,8 @@ log = logging.getLogger("weft")
 #: The longest the main thread sleeps while serving. Signals and the server's end wake
 #: it at once through a socket (``_wakeup``); this is only a backstop.
 _WAKE_INTERVAL = 1.0
-
-_LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+#: What the last-resort exit (_deadline) adds to graceful_timeout + STOP_GRACE.
+DEADLINE_MARGIN = 0.5
 
 
 class HandlerImportError(WeftError):
@@ -49,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``weft`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    ns.argv = list(sys.argv[1:] if argv is None else argv)  # for --reload's child
     command: Callable[[argparse.Namespace], int] | None = getattr(ns, "command", None)
     if command is None:
         parser.print_help(sys.stderr)
@@ -73,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a handler",
         description="Serve HANDLER (module:attribute) until SIGINT or SIGTERM. Settings come "
         "from weft.toml (or [tool.weft] in pyproject.toml), then WEFT_* environment "
-        "variables, then these flags.",
+        "variables, then these flags. With no bind it listens on 127.0.0.1:8000, or on "
+        "0.0.0.0:$PORT when $PORT is set; $WEB_CONCURRENCY sets the default workers. "
+        "Exit status: 0 stopped, 1 failed to boot or died, 2 a mistake in the command, "
+        "config or handler, 4 stopped leaving tasks behind.",
     )
     serve.set_defaults(command=_serve)
     serve.add_argument(
@@ -82,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HANDLER",
         help="the handler, e.g. examples.echo:handle (or 'handler' in config)",
     )
-    serve.add_argument("--config", metavar="FILE", help="config file (default: ./weft.toml)")
-    serve.add_argument("--manager", metavar="NAME", help="task manager (see `weft managers`)")
+    serve.add_argument("-c", "--config", metavar="FILE", help="config file (default: ./weft.toml)")
     serve.add_argument(
-        "--bind",
-        action="append",
-        metavar="ENDPOINT",
-        help="where to listen: HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N; repeat for several",
+        "--check-config",
+        "--print-config",
+        action="store_true",
+        help="print each effective setting and where it came from, check the handler and "
+        "the manager, then exit: 0 if all is well, 2 and the error if not",
     )
     serve.add_argument(
         "--fd",
@@ -98,55 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen on inherited, already bound socket N (same as --bind fd:N)",
     )
     serve.add_argument(
-        "--unix-mode",
-        metavar="MODE",
-        help="permissions of a unix: socket file, in octal (e.g. 0660)",
-    )
-    serve.add_argument(
-        "--max-connections",
-        metavar="N",
-        help="connections served at once, or 'none' (default 1024)",
-    )
-    serve.add_argument(
-        "--on-full",
-        metavar="refuse|backlog",
-        help="at the limit: refuse new clients, or leave them in the backlog",
-    )
-    serve.add_argument(
-        "--full-wait", metavar="SECONDS", help="wait this long for a free slot before refusing"
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        metavar="SECONDS",
-        help="close connections idle this long (default: never)",
-    )
-    serve.add_argument(
-        "--proxy-protocol",
-        action="store_true",
-        default=None,
-        help="expect a PROXY header (v1 or v2) from trusted proxies",
-    )
-    serve.add_argument(
-        "--graceful-timeout",
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, give connections this long to finish (30)",
-    )
-    serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
-    # Set by `weft serve --workers N` for each worker it starts (see _workers).
-    serve.add_argument("--supervisor-fd", type=_fd_number, help=argparse.SUPPRESS)
-    serve.add_argument(
-        "--log-level",
-        metavar="LEVEL",
-        help="debug, info, warning, error or critical (default info)",
-    )
-    serve.add_argument(
         "-o",
         "--manager-option",
         action="append",
         type=_manager_option,
         metavar="KEY=VALUE",
-        help="an option for the task manager (VALUE read as TOML, else text)",
+        help="an option for the task manager (VALUE read as TOML, else text), such as "
+        "limit=100, or patch=false for gevent",
     )
+    # Set by `weft serve --workers N` for each worker it starts (see _workers).
+    serve.add_argument("--supervisor-fd", type=_fd_number, help=argparse.SUPPRESS)
+    add_setting_flags(serve)
 
     managers = commands.add_parser("managers", help="list the installed task managers")
     managers.set_defaults(command=_managers)
@@ -185,41 +159,39 @@ def _fail(message: object, status: int) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    flags: dict[str, Any] = {
-        "handler": ns.handler,
-        "manager": ns.manager,
-        "max_connections": ns.max_connections,
-        "unix_mode": ns.unix_mode,
-        "on_full": ns.on_full,
-        "full_wait": ns.full_wait,
-        "idle_timeout": ns.idle_timeout,
-        "proxy_protocol": ns.proxy_protocol,
-        "graceful_timeout": ns.graceful_timeout,
-        "workers": ns.workers,
-        "log_level": ns.log_level,
-    }
-    names = {"handler": "HANDLER", "manager_options": "--manager-option"}
+    flags, names = flag_values(ns)
+    flags["handler"] = ns.handler
+    names.update(handler="HANDLER", manager_options="-o/--manager-option")
     binds = [*(ns.bind or ()), *(f"fd:{n}" for n in ns.fd or ())]
-    if binds:
-        flags["bind"] = binds
-        names["bind"] = "--bind/--fd" if ns.fd else "--bind"
+    flags["bind"] = binds or None
+    if ns.fd:
+        names["bind"] = "-b/--bind/--fd"
     if ns.manager_option:
         flags["manager_options"] = dict(ns.manager_option)
-    from . import _activation, _workers
+    from . import _activation, _supervise, _worker_link, _workers
 
-    ready: Callable[[], None] | None = None
+    link: _worker_link.WorkerLink | None = None
     try:
         if ns.supervisor_fd is not None:
-            ready = _workers.become_worker(ns.supervisor_fd)
+            link = _worker_link.become_worker(ns.supervisor_fd)
         # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
         inherited = _activation.listen_fds()
         if inherited and not binds:
             flags["bind"] = [s.endpoint for s in inherited]
             names["bind"] = "LISTEN_FDS"
-        config = load_config(flags, config_file=ns.config, flag_names=names)
+        config = load_config(flags, config_file=ns.config, flag_names=names, serve_defaults=True)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
-    _setup_logging(config.log_level)
+    if ns.check_config:
+        return _check_config(config)
+    try:
+        setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE)
+    worker = link is not None
+    if not worker:  # the supervisor said it once for all
+        for warning in config.warnings:
+            log.warning("%s", warning)
     if inherited:
         _activation.log_inherited(inherited, used=not binds)
     if config.handler is None:
@@ -227,92 +199,273 @@ def _serve(ns: argparse.Namespace) -> int:
             "no handler: give one as `weft serve module:attribute`, or set handler in weft.toml",
             EXIT_USAGE,
         )
-    if config.workers > 1:
+    if config.get("reload") and not worker:
+        return _reload(ns.argv, config)
+    pid = None if worker else config.get("pid")
+    # The watchdog and recycling replace a process, so even one worker needs a
+    # supervisor; and a supervisor re-executed on USR2 stays one.
+    if not worker and (
+        config.workers > 1
+        or config.get("timeout") is not None
+        or config.get("max_requests") is not None
+        or _supervise.ADOPT_ENV in os.environ
+    ):
         try:
-            return _workers.supervise(config, flags, ns.config)
+            return _supervise.supervise(
+                config, flags, ns.config, on_listening=None if pid is None else PidFile(pid).write
+            )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
             return _fail(exc, EXIT_USAGE)
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
+        finally:
+            if pid is not None:
+                PidFile(pid).remove()
     try:
+        _prepare_process(config)
         handler = import_handler(config.handler)
-    except HandlerImportError as exc:
+    except WeftError as exc:  # HandlerImportError, a broken plugin
         return _fail(exc, EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
     kwargs = config.server_kwargs()
-    if ready is not None:  # a worker: the supervisor owns the shutdown port
+    account = (config.get("user"), config.get("group"))
+    switch = account != (None, None)
+    bound: list[Listener] = []
+    try:
+        if switch and not worker:  # a worker's sockets are bound already, by the supervisor
+            bound, kwargs = bind_first(config)
+    except (WeftError, OSError) as exc:  # BindError: the address is in use, or privileged
+        return _fail(exc, EXIT_RUNTIME)
+    if worker:  # a worker: the supervisor owns the shutdown port
         kwargs = _workers.worker_kwargs(kwargs)
     try:
         server = Server(handler, **kwargs)
-    except WeftError as exc:  # unknown manager, wrong handler kind, bad value
+        if switch:
+            drop_privileges(*account)
+    except (WeftError, OSError) as exc:
+        for listener in bound:
+            close_listener(listener)
+        if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
+            return _fail(exc, EXIT_USAGE)
+        return _fail(
+            f"cannot switch to user {account[0]}, group {account[1]}: {exc}", EXIT_RUNTIME
+        )
+    for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
+        listener.sock.detach()
+    if link is not None:
+        worker_link = link
+        limit = _worker_link.max_requests_for(config)
+        return _run(
+            server,
+            config.graceful_timeout,
+            lambda: worker_link.ready(
+                server, config.graceful_timeout, config.get("timeout"), limit
+            ),
+        )
+
+    def hand_over(signum: int, notifier: Notifier) -> int:
+        return _supervise.hand_over(server, config, flags, ns.config, signum, notifier)
+
+    pid_file = None if pid is None else PidFile(pid)
+    try:
+        return _run(
+            server,
+            config.graceful_timeout,
+            None if pid_file is None else pid_file.write,
+            hand_over=hand_over,
+        )
+    finally:
+        if pid_file is not None:
+            pid_file.remove()
+
+
+def _prepare_process(config: Config) -> None:
+    """Run the manager's ``prepare_process`` (gevent: monkey-patch) before the handler's import.
+
+    An unknown manager is left for ``Server(...)`` to report, with the names installed.
+    """
+    name = config.get("manager")
+    if not isinstance(name, str):
+        from ._server import DEFAULT_MANAGER
+
+        name = DEFAULT_MANAGER
+    spec = _registry.available_managers().get(name)
+    if spec is not None and spec.prepare_process is not None:
+        spec.prepare_process(**config.values.get("manager_options", {}))
+
+
+def _check_config(config: Config) -> int:
+    """``weft serve --check-config``: print every setting and its origin, check the handler.
+
+    The manager is looked up and the handler imported, as ``weft serve`` would, so
+    status 0 means the same command without --check-config gets as far as binding.
+    """
+    for line in config.describe():
+        print(line)
+    for warning in config.warnings:
+        print(f"weft: warning: {warning}", file=sys.stderr)
+    if config.handler is None:
+        return _fail("no handler: give one as `weft serve module:attribute`", EXIT_USAGE)
+    try:
+        from ._server import DEFAULT_MANAGER
+
+        _registry.get_manager_spec(config.get("manager") or DEFAULT_MANAGER)
+        import_handler(config.handler)
+    except WeftError as exc:
         return _fail(exc, EXIT_USAGE)
-    return _run(server, config.graceful_timeout, ready)
+    return 0
 
 
-def _setup_logging(level: str) -> None:
-    # basicConfig leaves an already configured root logger alone (embedding, pytest).
-    logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
-    log.setLevel(level)
+def _reload(argv: Sequence[str], config: Config) -> int:
+    from ._reload import reload_forever, source_root
+
+    roots = [source_root(str(config.handler), Path.cwd())]
+    if config.file is not None:
+        roots.append(config.file)
+    command = [sys.executable, "-m", "weft_core", *argv, "--no-reload"]
+    return reload_forever(command, roots, config.graceful_timeout)
 
 
-def _run(server: Any, graceful_timeout: float, ready: Callable[[], None] | None = None) -> int:
+def _run(
+    server: Any,
+    graceful_timeout: float,
+    ready: Callable[[], None] | None = None,
+    hand_over: Callable[[int, Notifier], int] | None = None,
+) -> int:
     """Run ``server`` until a signal or a fatal error; return the exit status.
 
-    ``ready()``, if given, is called once the server listens (a worker tells its supervisor).
+    ``ready()``, if given, is called once the server listens (a worker tells its
+    supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
+    TTIN do: this process becomes a supervisor (``_supervise.hand_over``) and its
+    status is returned. Signals: see ``_signals``.
     """
+    from ._engine import STOP_GRACE  # here, so `weft managers` and `--help` stay light
+
     in_main = threading.current_thread() is threading.main_thread()
+    notifier = Notifier()
+    deadline = Deadline()
+
+    def on_signal(signum: int) -> None:
+        # In the handler itself: the stop's bound holds even if the main thread is stuck.
+        if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+            if deadline.armed and signum in STOP_SIGNALS:  # the second: quit at once
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            wait = 0.0 if signum == signal.SIGQUIT else graceful_timeout
+            deadline.arm(
+                wait + STOP_GRACE + DEADLINE_MARGIN,
+                f"received {signal.Signals(signum).name} and the stop did not end within "
+                f"{wait:g}s plus {STOP_GRACE + DEADLINE_MARGIN:g}s: a handler blocks the main "
+                f"thread (the stacks below name it); tasks left behind are abandoned "
+                f"(exit status {EXIT_TASKS_LEFT})",
+            )
+
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
-    with Wakeup(_SIGNALS if in_main else ()) as wakeup:
+    signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
+    with Wakeup(signals, on_signal=on_signal) as wakeup:
         try:
-            server.run()
-        except (WeftError, OSError) as exc:
-            return _fail(exc, EXIT_RUNTIME)
-        for address in server.addresses:
-            log.info("listening on %s (manager %s)", address, server.manager_name)
-        if ready is not None:
-            ready()
+            return _serve_until_stopped(
+                server, graceful_timeout, wakeup, notifier, ready, hand_over
+            )
+        finally:
+            deadline.disarm()
 
-        ended = threading.Event()
 
-        def watch() -> None:
-            server.wait()
-            ended.set()
-            wakeup.wake()
+def _serve_until_stopped(
+    server: Any,
+    graceful_timeout: float,
+    wakeup: Wakeup,
+    notifier: Notifier,
+    ready: Callable[[], None] | None,
+    hand_over: Callable[[int, Notifier], int] | None,
+) -> int:
+    """The body of :func:`_run`, inside its signal handling."""
+    try:
+        server.run()
+    except (WeftError, OSError) as exc:
+        return _fail(exc, EXIT_RUNTIME)
+    if ready is not None:  # before the log line, which tests and tools wait for
+        ready()
+    for address in server.addresses:
+        log.info("listening on %s (manager %s)", address, server.manager_name)
+    notifier.ready("serving on " + ", ".join(server.addresses))
 
-        threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
-        received: list[int] = []
-        while not received and not ended.is_set():
-            received = wakeup.wait(_WAKE_INTERVAL)
-        if received:
-            # A second SIGINT/SIGTERM while stopping gracefully quits at once.
-            Wakeup.default(_SIGNALS)
+    ended = threading.Event()
+
+    def watch() -> None:
+        server.wait()
+        ended.set()
+        wakeup.wake()
+
+    threading.Thread(target=watch, name="weft serve: wait", daemon=True).start()
+    if notifier.watchdog is not None:
+        _keep_alive(server, notifier, notifier.watchdog, ended)
+    stop: int | None = None
+    while stop is None and not ended.is_set():
+        for signum in wakeup.wait(_WAKE_INTERVAL):
+            if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+                stop = signum
+                break
+            name = signal.Signals(signum).name
+            if signum == signal.SIGUSR1:
+                log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
+            elif hand_over is None:  # a worker: the supervisor's signals
+                log.warning("received %s: ignored by a worker; signal the supervisor", name)
+            elif signum == signal.SIGTTOU:
+                log.warning("received SIGTTOU: one process is the fewest; nothing to do")
+            else:
+                return hand_over(signum, notifier)
+    if stop is not None:
+        notifier.stopping("stopping")
+        quick = stop == signal.SIGQUIT
+        # A second SIGINT/SIGTERM while stopping gracefully quits at once.
+        Wakeup.default(STOP_SIGNALS)
+        if quick:
+            log.info("received SIGQUIT: stopping at once")
+        else:
             log.info(
                 "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
-                signal.Signals(received[0]).name,
+                signal.Signals(stop).name,
                 f"{graceful_timeout:g}",
             )
-            if server.stop(timeout=graceful_timeout):
-                log.info("stopped")
-            else:
-                left = server.stats().get("left_behind", 0)
-                log.warning(
-                    "stopped: connections still open after %ss had to be cut off%s",
-                    f"{graceful_timeout:g}",
-                    f"; {left} task(s) ignored it and are abandoned (exit status "
-                    f"{EXIT_TASKS_LEFT})"
-                    if left
-                    else "",
-                )
-                if left:
-                    return EXIT_TASKS_LEFT
-        if server.error is not None:
-            return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
-        return 0
+        if server.stop(timeout=0.0 if quick else graceful_timeout):
+            log.info("stopped")
+        else:
+            left = server.stats().get("left_behind", 0)
+            log.warning(
+                "stopped: connections still open after %ss had to be cut off%s",
+                f"{0.0 if quick else graceful_timeout:g}",
+                f"; {left} task(s) ignored it and are abandoned (exit status {EXIT_TASKS_LEFT})"
+                if left
+                else "",
+            )
+            if left:
+                return EXIT_TASKS_LEFT
+    if server.error is not None:
+        return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
+    return 0
 
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def _keep_alive(server: Any, notifier: Notifier, interval: float, ended: threading.Event) -> None:
+    """Send systemd WATCHDOG=1 every ``interval`` while the runtime's loop answers.
+
+    The probe runs in the loop (``run_in_loop``): a blocked gevent hub or trio loop
+    stops the pings, and systemd's WatchdogSec= then restarts the service.
+    """
+    runtime = server.task_manager.runtime
+
+    def ping() -> None:
+        while not ended.wait(interval):
+            if runtime.run_in_loop(_nothing, interval):
+                notifier.alive()
+
+    threading.Thread(target=ping, name="weft serve: watchdog", daemon=True).start()
+
+
+def _nothing() -> None:
+    """Run in the runtime's loop by the watchdog: getting there is the test."""
 
 
 def import_handler(spec: str) -> Callable[..., Any]:

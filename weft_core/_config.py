@@ -47,12 +47,15 @@ from ._settings import (
 
 __all__ = [
     "CLI_ONLY_KEYS",
+    "DEFAULT",
     "DEFAULTS",
     "KEYS",
     "RESERVED_ENV",
     "Config",
     "load_config",
     "parse_option_value",
+    "serve_default_settings",
+    "toml_loads",
 ]
 
 #: WEFT_* variables that are not config keys: read elsewhere, never "unknown".
@@ -94,12 +97,13 @@ def parse_option_value(text: str) -> Any:
     if "\n" in text or "\r" in text:
         return text
     try:
-        return _toml_loads(f"v = {text}")["v"]
+        return toml_loads(f"v = {text}")["v"]
     except Exception:  # any TOML error (or no TOML reader at all) means "a plain string"
         return text
 
 
-def _toml_loads(text: str) -> dict[str, Any]:
+def toml_loads(text: str) -> dict[str, Any]:
+    """Parse TOML text (tomllib, or tomli on 3.10); ConfigError if no reader is installed."""
     # tomllib is 3.11+; on 3.10 use tomli when installed (weft-core declares
     # "tomli; python_version < '3.11'").
     if sys.version_info >= (3, 11):
@@ -171,7 +175,7 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text: {exc}", source=str(path)) from None
     try:
-        document = _toml_loads(text)
+        document = toml_loads(text)
     except ConfigError:
         raise
     except Exception as exc:  # tomllib.TOMLDecodeError; its message has line and column
@@ -191,8 +195,21 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
     return _from_table(document, source, path.parent), source
 
 
-def _from_env(environ: Mapping[str, str], base: Path) -> tuple[_Settings, dict[str, str]]:
-    """The WEFT_* variables' settings, and the variable each came from."""
+def _plugin_prefixes() -> tuple[str, ...]:
+    """``WEFT_<NAME>_`` for every installed plugin (entry point of the ``weft`` group)."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name.upper().replace("-", "_") for ep in entry_points(group="weft")}
+    return tuple(f"WEFT_{name}_" for name in sorted(names))
+
+
+def _from_env(
+    environ: Mapping[str, str], base: Path, warnings: list[str]
+) -> tuple[_Settings, dict[str, str]]:
+    """The WEFT_* variables' settings, and the variable each came from.
+
+    An unknown ``WEFT_*`` variable adds a line to ``warnings``.
+    """
     out: _Settings = {}
     labels: dict[str, str] = {}
     for name in sorted(environ):
@@ -221,10 +238,14 @@ def _from_env(environ: Mapping[str, str], base: Path) -> tuple[_Settings, dict[s
                 source=source,
                 key=key,
             )
+        elif name.startswith(_plugin_prefixes()):
+            continue  # WEFT_<PLUGIN>_*: a plugin's own setting, read by the plugin
         else:
+            # Environments are shared (CI, containers, other tools' WEFT_ names): an unknown
+            # variable is worth a warning, never a refusal to start. Files stay strict.
             close = difflib.get_close_matches(name, _ENV_NAMES, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(_ENV_NAMES)
-            raise ConfigError(f"unknown weft setting; {hint}", source=source, key=key)
+            hint = f"did you mean {close[0]}?" if close else "see weft serve --check-config"
+            warnings.append(f"ignoring {name}: no weft setting has that name; {hint}")
     return out, labels
 
 
@@ -239,9 +260,43 @@ def _from_cli(
         source = f"command line {names.get(key, '--' + key.replace('_', '-'))}"
         if key in KEYS:
             out.append(({key: _check_value(key, value, source, text=True)}, source))
+        elif key.startswith("tls.") and key[4:] in TLS_PARTS:
+            out.append(({key: _check_tls(key[4:], value, source, base, text=True)}, source))
         else:
             out.append((_from_table({key: value}, source, base), source))
     return out
+
+
+#: The origin of a setting no source set.
+DEFAULT = "default"
+#: Where ``weft serve`` listens when nothing says: gunicorn's default, loopback only.
+SERVE_ADDRESS = "127.0.0.1"
+SERVE_PORT = 8000
+#: Where it listens when the platform sets ``$PORT`` (Heroku, Cloud Run, Render, Fly):
+#: every interface, since the platform's router connects from outside the container.
+PORT_ADDRESS = "0.0.0.0"
+
+
+def serve_default_settings(environ: Mapping[str, str]) -> tuple[_Settings, dict[str, str]]:
+    """``weft serve``'s defaults, under every other source, and where each came from.
+
+    It listens on 127.0.0.1:8000, or on 0.0.0.0:$PORT when ``$PORT`` is set, and runs
+    ``$WEB_CONCURRENCY`` workers when that is set (the platform conventions gunicorn
+    and uvicorn follow). ``Server(...)`` keeps port 0 (any free port).
+    """
+    out: _Settings = {"address": SERVE_ADDRESS, "port": SERVE_PORT}
+    labels = {"address": DEFAULT, "port": DEFAULT}
+    port = environ.get("PORT", "").strip()
+    if port:
+        source = "environment variable PORT"
+        out.update(address=PORT_ADDRESS, port=_check_value("port", port, source, text=True))
+        labels.update(address=source, port=source)
+    workers = environ.get("WEB_CONCURRENCY", "").strip()
+    if workers:
+        source = "environment variable WEB_CONCURRENCY"
+        out["workers"] = _check_value("workers", workers, source, text=True)
+        labels["workers"] = source
+    return out, labels
 
 
 # -- putting the sources together ------------------------------------------------------
@@ -260,6 +315,10 @@ class Config:
     origins: Mapping[str, str] = field(default_factory=dict)
     #: The config file that was read, if any.
     file: Path | None = None
+    #: Where each setting came from, by flat key (``tls.certfile``, ``manager_options.limit``).
+    sources: Mapping[str, str] = field(default_factory=dict)
+    #: What the user should hear about but that does not stop weft (unknown WEFT_* names).
+    warnings: tuple[str, ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, else the CLI default for it, else ``default``."""
@@ -285,6 +344,28 @@ class Config:
         """The logging level name, upper case."""
         return str(self.get("log_level"))
 
+    def describe(self) -> list[str]:
+        """Each effective setting as ``key = VALUE  # where it came from``, for --check-config.
+
+        Every config key is listed, set or not; a secret's value is shown as ``"***"``.
+        Values are JSON (TOML but for ``null``, which means none).
+        """
+        lines = []
+        keys = [k for k in SETTINGS if SETTINGS[k].config and k not in _TABLES]
+        keys += [f"manager_options.{k}" for k in self.values.get("manager_options", {})]
+        for key in dict.fromkeys(keys):
+            table, dot, part = key.partition(".")
+            holder = self.values.get(table, {}) if dot else self.values
+            given = (part if dot else key) in holder
+            # A manager's own options are never in the table, and always given.
+            value = holder[part if dot else key] if given else SETTINGS[key].default
+            setting = SETTINGS.get(key)
+            if setting is not None and setting.kind.secret and value is not None:
+                value = "***"
+            origin = self.sources.get(key, DEFAULT) if given else DEFAULT
+            lines.append(f"{key} = {_json(value)}  # {_origin_kind(origin, self.file)}")
+        return lines
+
     def server_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Server(handler, **kwargs)``: only the keys that were set.
 
@@ -298,6 +379,25 @@ class Config:
         return kwargs
 
 
+def _json(value: Any) -> str:
+    import json
+
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _origin_kind(origin: str, file: Path | None) -> str:
+    """'default', 'file PATH', 'env NAME' or 'flag --NAME': where a value came from."""
+    if origin.startswith("environment variable "):
+        return "env " + origin[len("environment variable ") :]
+    if origin.startswith("command line "):
+        return "flag " + origin[len("command line ") :]
+    if origin == DEFAULT:
+        return DEFAULT
+    return f"file {origin}"
+
+
 def load_config(
     flags: Mapping[str, Any] | None = None,
     *,
@@ -305,6 +405,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     flag_names: Mapping[str, str] | None = None,
+    serve_defaults: bool = False,
 ) -> Config:
     """Read, check and merge the config file, ``WEFT_*`` variables and ``flags``.
 
@@ -314,16 +415,23 @@ def load_config(
     are tried. ``flag_names`` says how a key was spelt on the command line, for
     messages (default ``--max-connections`` for ``max_connections``).
 
+    ``serve_defaults``: start from ``weft serve``'s own defaults (:func:`serve_defaults`:
+    where to listen, ``$PORT`` and ``$WEB_CONCURRENCY``), under every other source.
+
     Raises ConfigError for anything that cannot be used.
     """
     environ = os.environ if environ is None else environ
     base = Path.cwd() if cwd is None else Path(cwd)
     sources: list[tuple[_Settings, str, Mapping[str, str]]] = []
+    if serve_defaults:
+        defaults, default_labels = serve_default_settings(environ)
+        sources.append((defaults, DEFAULT, default_labels))
     file = _find_file(config_file, environ, base)
     if file is not None:
         path, pyproject, explicit = file
         sources.append((*_from_file(path, pyproject=pyproject, explicit=explicit), {}))
-    env_settings, env_labels = _from_env(environ, base)
+    warnings: list[str] = []
+    env_settings, env_labels = _from_env(environ, base, warnings)
     sources.append((env_settings, "environment", env_labels))
     sources.extend((*each, {}) for each in _from_cli(flags or {}, flag_names or {}, base))
 
@@ -331,7 +439,7 @@ def load_config(
     origins: dict[str, str] = {}
     for settings, source, labels in sources:
         _merge(merged, origins, settings, source, labels)
-    return _assemble(merged, origins, None if file is None else file[0])
+    return _assemble(merged, origins, None if file is None else file[0], warnings)
 
 
 def _find_file(
@@ -394,7 +502,9 @@ def _short(key: str) -> str:
     return key.rpartition(".")[2]
 
 
-def _assemble(merged: _Settings, origins: dict[str, str], file: Path | None) -> Config:
+def _assemble(
+    merged: _Settings, origins: dict[str, str], file: Path | None, warnings: list[str]
+) -> Config:
     values: dict[str, Any] = {}
     top_origins: dict[str, str] = {}
     for key, value in merged.items():
@@ -407,4 +517,10 @@ def _assemble(merged: _Settings, origins: dict[str, str], file: Path | None) -> 
     tls = values.get("tls")
     if tls is not None:
         check_tls_parts(tls, lambda part: origins.get(f"tls.{part}"))
-    return Config(MappingProxyType(values), MappingProxyType(top_origins), file)
+    return Config(
+        MappingProxyType(values),
+        MappingProxyType(top_origins),
+        file,
+        MappingProxyType(dict(origins)),
+        tuple(warnings),
+    )

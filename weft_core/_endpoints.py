@@ -10,6 +10,9 @@ Modelled on Twisted's endpoint strings, cut down to what weft listens on::
     unix:/run/app.sock   a Unix socket path (``unix:@name``: Linux abstract namespace)
     fd:3                 an inherited, already listening socket (systemd, ``--fd``)
 
+gunicorn's spellings ``unix://PATH``, ``fd://N`` and ``tcp://HOST:PORT`` are read
+as ``unix:PATH``, ``fd:N`` and ``HOST:PORT``.
+
 :class:`Endpoint` is weft's one type for "where to listen": config, the Server and
 ``_listeners.open_listeners`` all use it. This module only parses and formats; it
 opens nothing. ``str(endpoint)`` gives back a
@@ -116,6 +119,11 @@ def parse_endpoint(text: str, *, default_host: str = "127.0.0.1") -> Endpoint:
     spec = text.strip()
     if not spec:
         raise ValueError(f"empty endpoint; {ACCEPTED_FORMS}")
+    # gunicorn's URL spellings (unix://PATH, fd://N, tcp://HOST:PORT) mean the same as
+    # the short ones; as in gunicorn, unix:///run/a.sock is absolute, unix://a.sock not.
+    for scheme in ("unix", "fd", "tcp"):
+        if spec.startswith(f"{scheme}://"):
+            spec = f"{scheme}:{spec[len(scheme) + 3 :]}"
     if spec.startswith("unix:"):
         return _parse_unix(text, spec[len("unix:") :])
     if spec.startswith("fd:"):

@@ -23,6 +23,7 @@ so that a stuck handler can never hold a process past its service manager's kill
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import select
@@ -37,13 +38,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _acceptpolicy as policy
+from ._accesslog import log_access
+from ._blocking import WakeableListener
 from ._connection import ConnectionInfo, format_address
+from ._control import ConnectionSnapshot
 from ._errors import ManagerFullError, ServerError
 from ._listeners import Listener, close_listener
 from ._logsafe import escape_for_log
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
 from ._proxy import ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
+from ._tcpinfo import byte_counts
 
 if TYPE_CHECKING:
     from ._registry import Hooks
@@ -66,6 +71,16 @@ COUNTERS = (
     "preambles_dropped",
     "left_behind",
 )
+
+#: Upper bounds (seconds) of the connection duration histogram in ``stats()["durations"]``:
+#: Prometheus' default buckets from 5 ms to 10 s, then the minutes and the hour that
+#: long-poll and streaming connections last.
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+)  # fmt: skip
+
+#: Every way a connection can end, as the connection-closed hook and the access log say it.
+HOW = ("closed", "error", "idle_timeout", "stopped", "detached", "tls_error", "proxy_error")
 
 #: Linux's IP_TRANSPARENT and IPV6_TRANSPARENT, per family (the socket module
 #: names the first only from Python 3.11, the second not at all).
@@ -115,7 +130,7 @@ class Conn(ConnectionInfo):
     collections run sooner.
     """
 
-    __slots__ = ("addr", "options", "serve", "shut", "sock", "started", "state")
+    __slots__ = ("addr", "how", "opened", "options", "serve", "shut", "sock", "started", "state")
 
     def __init__(
         self, sock: Any, addr: Any, serve: Callable[[Conn], Any], lt: ListenerTask
@@ -130,6 +145,10 @@ class Conn(ConnectionInfo):
         self.addr = addr
         self.state: TaskState | None = None
         self.started = False
+        #: How it ended so far (see HOW); "" until its task has begun serving it.
+        self.how = ""
+        #: ``time.monotonic()`` when its task began serving it.
+        self.opened = 0.0
 
     def __call__(self) -> Any:
         # run_task calls this as a plain function (no C-level call in between);
@@ -250,9 +269,27 @@ class Engine(ABC, Generic[R]):
         #: first: at the limit, the oldest is dropped to serve a new client.
         self.preambles: dict[Conn, None] = {}
         self.counts = dict.fromkeys(COUNTERS, 0)
-        self.slots: Slots | None = (
-            None if settings.max_connections is None else self._slots(settings.max_connections)
-        )
+        #: The connection slots (None: no limit) and how many they hold now: the
+        #: limit, changed live by set_limit(); ``debt`` is how many slots a lowered
+        #: limit still has to take back as connections end (none is ever cut).
+        self.limit = settings.max_connections
+        self.slots: Slots | None = None if self.limit is None else self._slots(self.limit)
+        self.debt = 0
+        #: Bytes of ended connections (where the kernel counted them), and their durations.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        #: Whether anybody listens for connections opening and closing (asked once a run:
+        #: the hooks cost a call per connection only when a plugin implements them).
+        self.watch_opened = hooks.implemented("weft_connection_opened")
+        self.watch_closed = hooks.implemented("weft_connection_closed")
+        self.access_log = settings.access_log
+        #: close_connection() waits on these: a connection's end sets its event.
+        self.watched: dict[Conn, threading.Event] = {}
+        #: Serialises pause, resume and limit changes (never held by the hot path).
+        self.control = threading.Lock()
+        self.paused = False
         self.spare = policy.SpareDescriptor()
         self.closing = False
         self.error: ServerError | None = None
@@ -278,6 +315,10 @@ class Engine(ABC, Generic[R]):
     def _serve(self, conn: Conn) -> Any:
         """Serve one connection: preamble, handler, close (what its task runs)."""
 
+    @abstractmethod
+    def _try_take(self) -> bool:
+        """Take a free slot without waiting (in the runtime's loop); True if taken."""
+
     # -- starting and reading ---------------------------------------------------------------
 
     def start(self) -> None:
@@ -285,10 +326,16 @@ class Engine(ABC, Generic[R]):
         for lt in self.listeners:
             lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
 
-    def stats(self) -> dict[str, int]:
-        """The counters now, and ``active``."""
+    def stats(self) -> dict[str, Any]:
+        """The counters now, ``active``, bytes, and the duration histogram (cumulative)."""
         with self.lock:
-            return {**self.counts, "active": len(self.conns)}
+            counts: dict[str, Any] = {**self.counts, "active": len(self.conns)}
+            counts["bytes_in"] = self.bytes_in
+            counts["bytes_out"] = self.bytes_out
+            buckets = list(self.durations)
+            counts["duration_sum"] = self.duration_sum
+        counts["durations"] = cumulative(buckets)
+        return counts
 
     def sockets(self) -> list[Any]:
         """The runtime's listening sockets while they are open."""
@@ -347,7 +394,7 @@ class Engine(ABC, Generic[R]):
             logging.WARNING,
             "refused connection from %s: %s",
             peer,
-            f"max_connections={self.cfg.max_connections} reached"
+            f"max_connections={self.limit} reached"
             if reason == "full"
             else "the task manager is full",
         )
@@ -394,7 +441,7 @@ class Engine(ABC, Generic[R]):
         self.shed_log(
             logging.WARNING,
             "at max_connections=%s: dropped %s, still in its %s, to serve a new client",
-            self.cfg.max_connections,
+            self.limit,
             conn.peer_str,
             "TLS handshake" if self.cfg.tls is not None else "PROXY header",
         )
@@ -418,6 +465,8 @@ class Engine(ABC, Generic[R]):
         conn.state = state
         if self.closing:
             return None
+        conn.opened = time.monotonic()
+        conn.how = "closed"
         sock = conn.sock
         for level, option, value in conn.options:
             sock.setsockopt(level, option, value)
@@ -430,13 +479,45 @@ class Engine(ABC, Generic[R]):
                 pass
         if state is not None:
             conn.task_id = state.id
+        if self.watch_opened:
+            self.hooks.connection_opened(self.owner, conn)
         return conn
+
+    def _ended(self, conn: Conn) -> None:
+        """Account for a connection whose handler is done, before its socket closes.
+
+        Reads the kernel's byte counts, adds them and the duration to ``stats()``,
+        then calls the connection-closed hook and writes the access log line, if
+        anybody listens. Never raises: the caller goes on to close the socket.
+        """
+        try:
+            duration = time.monotonic() - conn.opened
+            bytes_in, bytes_out = byte_counts(conn.sock)
+            how = conn.how
+            state = conn.state
+            if conn.detached:
+                how = "detached"
+            elif how == "closed" and state is not None and state.requested:
+                how = "stopped"
+            bucket = bisect.bisect_left(DURATION_BUCKETS, duration)
+            with self.lock:
+                self.bytes_in += bytes_in or 0
+                self.bytes_out += bytes_out or 0
+                self.durations[bucket] += 1
+                self.duration_sum += duration
+            if self.watch_closed:
+                self.hooks.connection_closed(self.owner, conn, duration, bytes_in, bytes_out, how)
+            if self.access_log:
+                log_access(conn.peer_str, duration, bytes_in, bytes_out, how)
+        except Exception:
+            log.exception("accounting for the end of the connection from %s failed", conn.peer_str)
 
     def _handler_failed(
         self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception
     ) -> None:
         state = conn.state
         if state is not None and state.interrupted:
+            conn.how = "stopped"
             # We cut it off (its socket shut down, its task cancelled): whatever it
             # raised on the way out - OSError, or a runtime's wrapper such as trio's
             # ClosedResourceError - is our doing, not the handler's fault.
@@ -449,6 +530,7 @@ class Engine(ABC, Generic[R]):
             self._tls_failed(info, tls_error, stage="session")
             return
         if isinstance(exc, TimeoutError) and self.cfg.idle_timeout is not None:
+            conn.how = "idle_timeout"
             with self.lock:
                 self.counts["idle_timeouts"] += 1
             log.info(
@@ -458,6 +540,7 @@ class Engine(ABC, Generic[R]):
                 f"{self.cfg.idle_timeout:g}",
             )
             return
+        conn.how = "error"
         if _peer_error(exc):
             with self.lock:
                 self.counts["peer_errors"] += 1
@@ -484,8 +567,14 @@ class Engine(ABC, Generic[R]):
                 self.preambles.pop(conn, None)
             if self.idle_waiters and not self.conns:
                 self.changed.notify_all()
+            if present and self.debt:
+                self.debt -= 1  # a lowered limit takes this slot back
+                present = False
+            ended = self.watched.pop(conn, None) if self.watched else None
         if present and self.slots is not None:
             self.slots.release()
+        if ended is not None:
+            ended.set()
 
     # -- PROXY protocol and TLS: shared parts ------------------------------------------
 
@@ -510,6 +599,8 @@ class Engine(ABC, Generic[R]):
     def _proxy_failed(
         self, info: ConnectionInfo, exc: BaseException, reason: str = "proxy"
     ) -> bool:
+        if isinstance(info, Conn):
+            info.how = "proxy_error"
         with self.lock:
             self.counts["proxy_errors"] += 1
         self.proxy_log(
@@ -529,6 +620,8 @@ class Engine(ABC, Generic[R]):
         ``stage`` is ``handshake`` (the connection is closed unserved, a refusal for
         the hooks) or ``session`` (it failed while the handler ran).
         """
+        if isinstance(info, Conn):
+            info.how = "tls_error"
         with self.lock:
             self.counts["tls_errors"] += 1
         self.tls_log(
@@ -540,6 +633,94 @@ class Engine(ABC, Generic[R]):
         )
         if stage == "handshake":
             self.hooks.connection_refused(self.owner, info.peer_str, "tls")
+        return False
+
+    # -- live control (Server.pause_accepting, max_connections, close_connection) ------
+
+    def pause(self) -> None:
+        """Stop every acceptor task but keep its listener open: clients wait in the backlog.
+
+        ranch's suspend: the acceptor tasks end as at a stop (woken, killed or
+        cancelled by ``stop_task``), and their ``finally`` leaves the listener open
+        while ``paused``. Returns once they have ended.
+        """
+        with self.control:
+            if self.paused or self.closing or self.listeners_closed:
+                return
+            self.paused = True
+            for lt in self.listeners:
+                if lt.task_id is not None:
+                    self.manager.stop_task(lt.task_id, timeout=0)
+
+    def resume(self) -> None:
+        """Start a new acceptor task on each listener kept open by :meth:`pause`."""
+        with self.control:
+            if not self.paused or self.closing or self.listeners_closed:
+                return
+            self.paused = False
+            for lt in self.listeners:
+                if isinstance(lt.native, WakeableListener):
+                    lt.native.clear_wake()  # the wake that ended the paused acceptor
+                lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
+
+    def set_limit(self, limit: int) -> None:
+        """Change how many connections are served at once; at once, cutting none.
+
+        Raised: the extra slots are released (a waiting acceptor goes on at once),
+        after paying back what an earlier lowering still owed. Lowered: free slots
+        are taken back now and the rest as connections end (``debt``). Runs in the
+        runtime's loop, where its semaphore lives.
+        """
+        slots = self.slots
+        assert slots is not None
+
+        def adjust() -> None:
+            with self.lock:
+                assert self.limit is not None
+                delta = limit - self.limit
+                self.limit = limit
+                paid = min(self.debt, max(delta, 0))
+                self.debt -= paid
+            for _ in range(max(delta, 0) - paid):
+                slots.release()
+            owed = max(-delta, 0)
+            while owed and self._try_take():
+                owed -= 1
+            if owed:
+                with self.lock:
+                    self.debt += owed
+
+        with self.control:
+            self.runtime.run_in_loop(adjust, None)
+
+    def connections(self) -> list[ConnectionSnapshot]:
+        """A snapshot of every open connection (its metadata, age and byte counts)."""
+        now = time.monotonic()
+        return [snapshot(conn, now) for conn in self.snapshot()]
+
+    def find(self, task_id: Hashable) -> Conn | None:
+        """The open connection served by the task ``task_id``, if any."""
+        with self.lock:
+            for conn in self.conns:
+                if conn.task_id == task_id:
+                    return conn
+        return None
+
+    def close_one(self, conn: Conn, timeout: float | None) -> bool:
+        """The phases of a stop for one connection; True if it ended before phase 3."""
+        began = time.monotonic()
+        ended = threading.Event()
+        with self.lock:
+            if conn not in self.conns:
+                return True
+            self.watched[conn] = ended
+        self.request_shutdown([conn])
+        if ended.wait(timeout):
+            return True
+        assert timeout is not None
+        deadline = began + timeout + STOP_GRACE
+        self.interrupt([conn], deadline)
+        ended.wait(max(deadline - time.monotonic(), 0.0))
         return False
 
     # -- stopping ------------------------------------------------------------------------
@@ -560,8 +741,11 @@ class Engine(ABC, Generic[R]):
                     # event-loop managers interrupt the acceptor (kill, cancel) at once.
                     self.manager.stop_task(lt.task_id, timeout=0)
                 # The acceptor closes its listener on the way out; one that never ran
-                # (a manager may drop a queued task) must not leave it open.
-                lt.close()
+                # (a manager may drop a queued task) must not leave it open. A paused
+                # acceptor left it open: close it in the loop, where a runtime's socket
+                # may have to close (trio's).
+                if not self.paused or not self.runtime.run_in_loop(lt.close, LOOP_WAIT):
+                    lt.close()
 
         if not call_within(stop_them, wait, "weft stop acceptors") and wait:
             log.warning(
@@ -692,6 +876,37 @@ class Engine(ABC, Generic[R]):
 
         if started:
             call_within(sweep, None, "weft interrupt")
+
+
+def cumulative(counts: list[int]) -> dict[str, int]:
+    """Per-bucket counts as Prometheus has them: connections that lasted at most each bound."""
+    total = 0
+    out: dict[str, int] = {}
+    bounds = [f"{bound:g}" for bound in DURATION_BUCKETS] + ["+Inf"]
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        out[bound] = total
+    return out
+
+
+def snapshot(conn: Conn, now: float) -> ConnectionSnapshot:
+    """A copy of what ``conn`` is now, for ``Server.connections()``."""
+    bytes_in, bytes_out = byte_counts(conn.sock)
+    state = conn.state
+    return ConnectionSnapshot(
+        peer=conn.peer,
+        local=conn.local,
+        task_id=conn.task_id,
+        proxy_peer=conn.proxy_peer,
+        tls_version=conn.tls_version,
+        tls_cipher=conn.tls_cipher,
+        tls_peer_certificate=conn.tls_peer_certificate,
+        detached=conn.detached,
+        age=now - conn.opened if conn.how else 0.0,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        stop_requested=state is not None and state.requested,
+    )
 
 
 def _peer_error(exc: BaseException) -> bool:

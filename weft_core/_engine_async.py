@@ -48,6 +48,11 @@ class AsyncEngine(Engine[AsyncRuntime]):
         listener = lt.native
         slots = self.slots
         backlog_mode = self.cfg.on_full == "backlog"
+        # What the acceptor holds that is not yet a connection's: a slot taken before
+        # accept() (on_full="backlog"), a client accepted but not yet handed off. An
+        # acceptor killed or cancelled (a pause, a stop) gives them back on its way out.
+        held = False
+        accepted: Any = None
         try:
             while not self.closing:
                 if backlog_mode and slots is not None and not slots.acquire_nowait():
@@ -56,10 +61,12 @@ class AsyncEngine(Engine[AsyncRuntime]):
                             return
                         if self.preambles and policy.pending(listener.fileno()):
                             self._shed_preamble()  # a client waits; a stalled one goes
+                held = backlog_mode and slots is not None
                 try:
                     sock, addr = await listener.accept()
                 except OSError as exc:
-                    if backlog_mode and slots is not None:
+                    if held and slots is not None:
+                        held = False
                         slots.release()
                     pause = self._accept_failed(lt, exc, state)
                     if pause is None:
@@ -68,14 +75,22 @@ class AsyncEngine(Engine[AsyncRuntime]):
                         shed = await self._shed(lt)
                         await rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
                     continue
+                accepted = sock
                 if backoff.delay:
                     backoff.reset()
                 if not backlog_mode and slots is not None and not await self._take_slot(slots):
+                    accepted = None
                     self._refuse(sock, addr, "full")
                     continue
+                held, accepted = False, None
                 self._hand_off(lt, sock, addr)
         finally:
-            lt.close()
+            if held and slots is not None:
+                slots.release()
+            if accepted is not None:
+                close_quietly(accepted)
+            if self.closing or not self.paused:
+                lt.close()  # a paused listener stays open: clients wait in its backlog
 
     async def _take_slot(self, slots: AsyncSlots) -> bool:
         if slots.acquire_nowait():
@@ -98,6 +113,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
             finally:
                 self.spare.take()
         return shed
+
+    def _try_take(self) -> bool:
+        assert self.slots is not None
+        return self.slots.acquire_nowait()
 
     # -- serving a connection -------------------------------------------------------------
 
@@ -127,6 +146,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
             finally:
                 unpublish(conn.state, token)
         finally:
+            if conn.how:
+                self._ended(conn)
             try:
                 if info is None or not info.detached:
                     if handed is not None:

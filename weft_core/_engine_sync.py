@@ -49,6 +49,11 @@ class SyncEngine(Engine[SyncRuntime]):
         listener = lt.native
         slots = self.slots
         backlog_mode = self.cfg.on_full == "backlog"
+        # What the acceptor holds that is not yet a connection's: a slot taken before
+        # accept() (on_full="backlog"), a client accepted but not yet handed off. An
+        # acceptor killed or cancelled (a pause, a stop) gives them back on its way out.
+        held = False
+        accepted: Any = None
         try:
             while not self.closing:
                 if backlog_mode and slots is not None:
@@ -57,10 +62,12 @@ class SyncEngine(Engine[SyncRuntime]):
                             return
                         if self.preambles and policy.pending(listener.fileno()):
                             self._shed_preamble()  # a client waits; a stalled one goes
+                    held = True
                 try:
                     sock, addr = listener.accept()
                 except OSError as exc:
-                    if backlog_mode and slots is not None:
+                    if held and slots is not None:
+                        held = False
                         slots.release()
                     pause = self._accept_failed(lt, exc, state)
                     if pause is None:
@@ -69,14 +76,22 @@ class SyncEngine(Engine[SyncRuntime]):
                         shed = self._shed(lt)
                         rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
                     continue
+                accepted = sock
                 if backoff.delay:
                     backoff.reset()
                 if not backlog_mode and slots is not None and not self._take_slot(slots):
+                    accepted = None
                     self._refuse(sock, addr, "full")
                     continue
+                held, accepted = False, None
                 self._hand_off(lt, sock, addr)
         finally:
-            lt.close()
+            if held and slots is not None:
+                slots.release()
+            if accepted is not None:
+                close_quietly(accepted)
+            if self.closing or not self.paused:
+                lt.close()  # a paused listener stays open: clients wait in its backlog
 
     def _take_slot(self, slots: SyncSlots) -> bool:
         if slots.acquire(blocking=False):
@@ -99,6 +114,10 @@ class SyncEngine(Engine[SyncRuntime]):
             finally:
                 self.spare.take()
         return shed
+
+    def _try_take(self) -> bool:
+        assert self.slots is not None
+        return bool(self.slots.acquire(blocking=False))
 
     # -- serving a connection -------------------------------------------------------------
 
@@ -132,6 +151,8 @@ class SyncEngine(Engine[SyncRuntime]):
             finally:
                 unpublish(conn.state, token)
         finally:
+            if conn.how:
+                self._ended(conn)
             try:
                 if info is None or not info.detached:
                     if handed is not None and handed is not conn.sock:

@@ -26,6 +26,7 @@ __all__ = [
     "AsyncSlots",
     "Runtime",
     "Slots",
+    "SpawnsSoon",
     "SyncRuntime",
     "SyncSlots",
     "TaskManager",
@@ -277,6 +278,31 @@ class AsyncRuntime(_RuntimeBase, Protocol):
 
     def aclose(self, conn: Any) -> Awaitable[None]:
         """Close what :meth:`wrap_connection` or :meth:`wrap_tls` returned."""
+        ...
+
+
+@runtime_checkable
+class SpawnsSoon(Protocol):
+    """An optional member of a runtime: start light tasks from any thread, for ``Server.submit``.
+
+    Not required: a runtime without it still gets ``submit()``, through its
+    manager's ``add_task`` (a task of the manager per call). With it, ``submit()``
+    costs a queue append and, once per batch, a wake-up of the runtime's loop.
+    """
+
+    def spawn_soon(self, thunk: Callable[[], Any]) -> None:
+        """Start ``thunk`` soon as a task of the runtime; from any thread, never waiting.
+
+        ``thunk`` is a plain function on a sync runtime (it may block
+        cooperatively: give it a greenlet of its own) and an ``async def`` on an
+        async one (a task, e.g. in the manager's nursery). It is not one of the
+        manager's tasks: no id, no limit, not in ``all_tasks()``. It handles its
+        own exceptions (only the runtime's own interruption may escape). From a
+        foreign thread, queue it and wake the loop once per batch (the first call
+        after the loop last emptied the queue); from the loop's own thread, start
+        it at once. A runtime that has stopped may drop it: the server cancels
+        whatever never started.
+        """
         ...
 
 

@@ -539,6 +539,39 @@ class Hooks:
         """Call ``weft_handler_error`` with the handler's own exception."""
         _call_each("weft_handler_error", server=server, connection=connection, exception=exception)
 
+    def connection_opened(self, server: Server, connection: ConnectionInfo) -> None:
+        """Call ``weft_connection_opened`` as a connection's task begins."""
+        _call_each("weft_connection_opened", server=server, connection=connection)
+
+    def connection_closed(
+        self,
+        server: Server,
+        connection: ConnectionInfo,
+        duration: float,
+        bytes_in: int | None,
+        bytes_out: int | None,
+        how: str,
+    ) -> None:
+        """Call ``weft_connection_closed`` once a connection has ended."""
+        _call_each(
+            "weft_connection_closed",
+            server=server,
+            connection=connection,
+            duration=duration,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            how=how,
+        )
+
+    def implemented(self, hook: str) -> bool:
+        """True if some plugin implements ``hook`` now.
+
+        For per-connection hooks: the server asks once per run and skips the call
+        (and the work of preparing its arguments) when nobody listens.
+        """
+        caller: pluggy.HookCaller = getattr(plugin_manager().hook, hook)
+        return bool(caller.get_hookimpls())
+
 
 def _call_each(hook: str, **kwargs: Any) -> None:
     caller: pluggy.HookCaller = getattr(plugin_manager().hook, hook)

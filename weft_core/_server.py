@@ -16,9 +16,11 @@ the same on every manager:
    behind, counted in ``stats()["left_behind"]``.
 
 ``stop()`` and ``stop_accepting()`` may be called from anywhere: from inside one of
-weft's tasks (a handler, a hook called by the acceptor) they cannot wait, since the
-caller's own task is part of what stops and an event loop must not be blocked, so
-they start the work in a thread of their own and return at once.
+weft's tasks (a handler, a hook called by the acceptor), or from a coroutine on a
+running asyncio loop (which may be the very loop serving the connections), they
+cannot wait, since the caller's own task is part of what stops and an event loop
+must not be blocked, so they start the work in a thread of their own and return at
+once.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import functools
 import inspect
 import logging
 import socket
+import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeGuard
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._endpoints import listen_endpoints
-from ._engine import COUNTERS, LOOP_WAIT, Engine, StopReport
+from ._engine import COUNTERS, DURATION_BUCKETS, LOOP_WAIT, Engine, StopReport, cumulative
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
 from ._errors import ConfigError, HandlerKindError, ServerError
@@ -43,7 +46,13 @@ from ._registry import create_manager, hooks
 from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
+from ._submit import Submitter
 from ._tasks import current_task
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from ._control import ConnectionSnapshot
 
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
@@ -122,6 +131,7 @@ class Server:
         shutdown_secret: str | None = None,
         shutdown_handler: ShutdownHandler | None = None,
         shutdown_allow_no_secret: bool = False,
+        access_log: bool = False,
     ) -> None:
         self._cfg = Settings.from_keywords(
             handler,
@@ -152,6 +162,7 @@ class Server:
             shutdown_secret=shutdown_secret,
             shutdown_handler=shutdown_handler,
             shutdown_allow_no_secret=shutdown_allow_no_secret,
+            access_log=access_log,
         )
         manager = validate("manager", manager)
         manager_options = validate("manager_options", manager_options)
@@ -165,7 +176,8 @@ class Server:
         self._stopped_event = threading.Event()
         self._stopped_event.set()
         self._last_clean = True
-        self._last_counts: dict[str, int] = {}
+        self._last_counts: dict[str, Any] = {}
+        self._submitter: Submitter | None = None
         self._error: ServerError | None = None
         self._bound_port: int | None = None
         self._shutdown_port: ShutdownPort | None = None
@@ -297,16 +309,152 @@ class Server:
         """The error that made the server stop itself, if any (e.g. EBADF on accept)."""
         return self._error
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counters since ``run()``: accepted, refused, active, handler_errors, tls_errors, ...
 
-        After a stop, the last run's, with ``left_behind``: the tasks the stop had
-        to leave running (see :meth:`stop`).
+        Also ``bytes_in`` and ``bytes_out`` (summed over ended connections, as the
+        kernel counted them; Unix sockets add nothing), ``durations`` (how many
+        ended connections lasted at most each bound of ``DURATION_BUCKETS``, in
+        seconds, keyed ``"0.005"`` ... ``"3600"``, ``"+Inf"``: cumulative, as a
+        Prometheus histogram) and ``duration_sum`` (seconds). After a stop, the last
+        run's, with ``left_behind``: the tasks the stop had to leave running (see
+        :meth:`stop`).
         """
         engine = self._engine
         if engine is None:
-            return {**dict.fromkeys(COUNTERS, 0), **self._last_counts, "active": 0}
+            empty: dict[str, Any] = {**dict.fromkeys(COUNTERS, 0), "bytes_in": 0, "bytes_out": 0}
+            empty["durations"] = cumulative([0] * (len(DURATION_BUCKETS) + 1))
+            empty["duration_sum"] = 0.0
+            return {**empty, **self._last_counts, "active": 0}
         return engine.stats()
+
+    # -- live control (DESIGN section 2; ranch's suspend/resume and set_max_connections) ---
+
+    @property
+    def max_connections(self) -> int | None:
+        """The most connections served at once; settable while running, effective at once.
+
+        Raised while running, clients waiting for a slot get in at once. Lowered below
+        the number open, no connection is cut: new clients wait or are refused (per
+        ``on_full``) until enough have ended. ``None`` (no limit) can only be set or
+        left while stopped: it takes effect at the next ``run()``. From any thread;
+        from inside one of weft's tasks the change is applied a moment later, from
+        a thread of its own.
+        """
+        return self._cfg.max_connections
+
+    @max_connections.setter
+    def max_connections(self, value: int | None) -> None:
+        value = validate("max_connections", value)
+        with self._life:
+            engine = self._engine
+            if engine is not None and (value is None) != (engine.limit is None):
+                raise ServerError(
+                    f"max_connections cannot change from {engine.limit} to {value} while "
+                    "running: a limit can be raised or lowered live, but turned on or off "
+                    "only while stopped (it takes effect at the next run())"
+                )
+            self._cfg.max_connections = value
+        if engine is not None and value is not None:
+            limit = value
+            self._control(lambda engine: engine.set_limit(limit))
+
+    @property
+    def paused(self) -> bool:
+        """True between ``pause_accepting()`` and ``resume_accepting()`` (or the stop)."""
+        engine = self._engine
+        return engine is not None and engine.paused
+
+    def pause_accepting(self) -> None:
+        """Stop accepting, keeping the listeners bound: new clients wait in the backlog.
+
+        ranch's suspend: open connections go on; clients that connect meanwhile
+        are queued by the kernel (up to ``backlog``) and served after
+        :meth:`resume_accepting`. From any thread; returns once the acceptors have
+        stopped (from inside one of weft's tasks, at once: they stop in a moment).
+        ``stop()`` while paused stops as usual. Does nothing if not running.
+        """
+        self._control(lambda engine: engine.pause())
+
+    def resume_accepting(self) -> None:
+        """Accept again after :meth:`pause_accepting`; clients waiting in the backlog are served."""
+        self._control(lambda engine: engine.resume())
+
+    def _control(self, operation: Callable[[Engine[Any]], None]) -> None:
+        engine = self._engine
+        if engine is None or self._stopping:
+            return
+        if current_task() is None:
+            operation(engine)
+            return
+        # A task cannot wait for acceptor tasks of its own runtime: do it from a thread.
+        threading.Thread(
+            target=operation, args=(engine,), name="weft control", daemon=True
+        ).start()
+
+    def connections(self) -> list[ConnectionSnapshot]:
+        """A snapshot of every open connection: its ``ConnectionInfo``, task id, age, bytes.
+
+        Each item is a ``ConnectionInfo`` with ``age`` (seconds), ``bytes_in`` and
+        ``bytes_out`` (the kernel's counts so far, None for Unix sockets) and
+        ``stop_requested``. Empty while not running. From any thread.
+        """
+        engine = self._engine
+        return [] if engine is None else engine.connections()
+
+    def close_connection(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        """Stop one connection in the phases of :meth:`stop`; True if it ended before phase 3.
+
+        Its task's shutdown flag is set and its input ended (a handler waiting for
+        its client returns); once ``timeout`` runs out (None: never; 0: at once) it
+        is interrupted, and waited for at most ``STOP_GRACE`` more. Raises
+        ``LookupError`` if no open connection is served by task ``task_id`` (see
+        :meth:`connections`). From inside one of weft's tasks it cannot wait: it
+        starts the work in a thread of its own and returns False at once.
+        """
+        engine = self._engine
+        conn = None if engine is None else engine.find(task_id)
+        if engine is None or conn is None:
+            raise LookupError(
+                f"close_connection({task_id!r}): no open connection is served by that task; "
+                "server.connections() lists the open ones and their task ids"
+            )
+        if current_task() is None:
+            return engine.close_one(conn, timeout)
+        threading.Thread(
+            target=engine.close_one, args=(conn, timeout), name="weft close", daemon=True
+        ).start()
+        return False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` in the server's runtime, from any thread; a Future of its result.
+
+        ``fn`` is a plain function on sync managers (threads, gevent) and an
+        ``async def`` on async ones (trio), as the handler is; it runs with the
+        caller's contextvars. The way to reply later, from elsewhere, to a parked
+        connection: wake its handler from ``fn`` (set its event, fill its queue).
+        On gevent it runs in a greenlet of the hub, on trio in a task of the
+        manager's nursery (calls from one thread are batched: one wake-up of the
+        loop for many calls); on threads (and managers without ``spawn_soon``) as a
+        task of the manager: on ``threads``, a new thread per call.
+
+        Raises ServerError if the server is not running, HandlerKindError for a
+        function of the wrong kind. Calls that never started when the server
+        stopped are cancelled.
+        """
+        submitter = self._submitter
+        if submitter is None or self._engine is None:
+            raise ServerError("submit() needs a running server: call run() first")
+        kind = submitter.kinds.get(fn) if isinstance(fn, Hashable) else None
+        if kind is None:
+            kind = submitter.remember(fn, handler_kind(fn))
+        if kind != submitter.kind:
+            need = "an async def" if submitter.kind == "async" else "a plain function"
+            raise HandlerKindError(
+                f"submit({_describe(fn)}): manager {self._manager_name!r} runs {submitter.kind} "
+                f"code, so pass {need} (got {'an async def' if kind == 'async' else 'a plain function'})"
+            )
+        return submitter.submit(fn, args)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -348,6 +496,7 @@ class Server:
                     shutdown.close()
                 raise
             self._engine = engine
+            self._submitter = Submitter(self._manager)
             self._error = None
             self._stopping = False
             self._stopped_event.clear()
@@ -418,7 +567,7 @@ class Server:
         """Close only the listeners; open connections go on until their clients close them.
 
         Returns as soon as the listeners are closed (from inside one of weft's tasks,
-        at once: they close in a moment). The server counts as stopped once its last
+        or on a running asyncio loop, at once: they close in a moment). The server counts as stopped once its last
         connection has ended.
         """
         with self._life:
@@ -426,7 +575,7 @@ class Server:
             if engine is None or engine.listeners_closed or self._stopping:
                 return
             engine.listeners_closed = True
-        engine.stop_acceptors(None if current_task() is not None else LOOP_WAIT)
+        engine.stop_acceptors(None if _must_not_block() else LOOP_WAIT)
 
         def drain() -> None:
             engine.wait_idle(None)
@@ -448,10 +597,13 @@ class Server:
         acceptor), it cannot wait, since its own task is part of what stops: it
         starts the stop in a thread of its own and returns False at once; the
         caller's task is flagged like any other, and :meth:`wait` (from outside)
-        tells when the stop has ended. Called while another stop is under way, it
-        waits for that one and returns its result.
+        tells when the stop has ended. The same from a coroutine on a running asyncio
+        loop, which blocking would freeze (and deadlock, when that loop serves the
+        connections): ``await asyncio.to_thread(server.stop, timeout)`` there for the
+        result. Called while another stop is under way, it waits for that one and
+        returns its result.
         """
-        inside = current_task() is not None
+        inside = _must_not_block()
         with self._life:
             engine = self._engine
             if engine is None:
@@ -486,6 +638,9 @@ class Server:
     def _finish(self, engine: Engine[Any], report: StopReport) -> None:
         self._close_shutdown_port()
         engine.close()
+        submitter, self._submitter = self._submitter, None
+        if submitter is not None:
+            submitter.close()
         self._last_counts = {**engine.stats(), "active": 0}
         if self._owns_manager:
             if report.left:
@@ -527,6 +682,23 @@ class Server:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _must_not_block() -> bool:
+    """True where stop() must not wait: inside one of weft's tasks, or on a running asyncio loop.
+
+    asyncio is looked up, never imported: if nothing imported it, no loop runs.
+    """
+    if current_task() is not None:
+        return True
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:

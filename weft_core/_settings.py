@@ -383,6 +383,51 @@ def _check_tls(value: Any) -> Any:
     raise Invalid
 
 
+def _check_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise Invalid
+    return os.path.expanduser(value)
+
+
+def _check_account(value: Any, database: str) -> str | None:
+    """A user or group name that exists here, or a number; checked before anything binds."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT:
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid
+    name = value.strip()
+    if name.isascii() and name.isdigit():
+        if len(name) > 10 or int(name) > _MAX_INT:
+            raise Invalid
+        return name
+    try:
+        if database == "user":
+            import pwd
+
+            pwd.getpwnam(name)
+        else:
+            import grp
+
+            grp.getgrnam(name)
+    except ImportError:
+        raise Invalid(f"switching {database} needs a POSIX system") from None
+    except KeyError:
+        raise Invalid(f"no {database} named {name!r} on this system") from None
+    return name
+
+
+def _check_user(value: Any) -> str | None:
+    return _check_account(value, "user")
+
+
+def _check_group(value: Any) -> str | None:
+    return _check_account(value, "group")
+
+
 _SECONDS_NONE = "none"
 _FILE = Kind("str", "a file path", _check_file, _as_text, path=True)
 
@@ -513,6 +558,9 @@ _ROWS = [
     Setting("on_stop", callback("f(server)"), None, "called once stopped", "server"),
     Setting("shutdown_handler", callback("f(server, conn) -> bool"), None,
             "decides whether a shutdown-port connection stops the server", "server"),
+    # Connection metrics (issue 16): the access log.
+    Setting("access_log", boolean(), False,
+            "log one line per connection on logger weft.access (peer, duration, bytes, how)"),
     # weft serve only.
     Setting("graceful_timeout", seconds(positive=False), 30.0,
             "on SIGTERM/SIGINT, seconds connections get to finish", "config"),
@@ -520,6 +568,27 @@ _ROWS = [
     Setting("log_level", choice("debug", "info", "warning", "error", "critical", upper=True,
                               expected="one of debug, info, warning, error, critical"),
             "INFO", "logging level", "config"),
+    # weft serve's conventions for services (issue 19): logging, pid file, privileges, reload.
+    Setting("log_config", _FILE, None,
+            "logging config file: TOML or JSON (dictConfig) or INI (fileConfig)", "config"),
+    Setting("log_format", choice("text", "json"), "text",
+            "log lines as text, or one JSON object a line", "config"),
+    Setting("pid", Kind("str | None", "a file path", _check_path, _as_text, path=True), None,
+            "write the process id here once listening; removed at exit", "config"),
+    Setting("user", Kind("str | None", "a user name or number", _check_user, _as_text), None,
+            "switch to this user after binding (needs root)", "config"),
+    Setting("group", Kind("str | None", "a group name or number", _check_group, _as_text),
+            None, "switch to this group after binding (default: the user's)", "config"),
+    Setting("reload", boolean(), False,
+            "restart when a file under the handler's directory changes (development only)",
+            "config"),
+    # Zero-downtime operations (issue 18): the watchdog and worker recycling.
+    Setting("timeout", seconds(positive=True, none="off"), None,
+            "replace a worker whose runtime loop is silent this long (seconds)", "config"),
+    Setting("max_requests", integer(1, none="off"), None,
+            "replace a worker after it accepted this many connections", "config"),
+    Setting("max_requests_jitter", integer(0), 0,
+            "add 0 to N, at random per worker, to max_requests", "config"),
 ]  # fmt: skip
 
 #: Every setting by name; parts of a table are named ``table.part``.
@@ -680,6 +749,7 @@ class Settings:
     shutdown_secret: str | None
     shutdown_handler: ShutdownHandler | None
     shutdown_allow_no_secret: bool
+    access_log: bool
 
     @classmethod
     def from_keywords(cls, handler: Any, **keywords: Any) -> Settings:

@@ -93,7 +93,8 @@ class ManagerSpec:
     it are plain functions (``"sync"``) or ``async def`` (``"async"``).
     ``preemptive_stop`` and ``supports_limit`` declare capabilities, and
     ``conformance`` how the conformance suite drives the manager; ``weft
-    conformance NAME`` reads all three.
+    conformance NAME`` reads all three. ``prepare_process`` is what ``weft serve``
+    runs before importing the handler (gevent: monkey-patching).
     """
 
     name: str
@@ -109,6 +110,13 @@ class ManagerSpec:
     supports_limit: bool = True
     #: What the conformance suite needs to drive the manager (see :class:`Conformance`).
     conformance: Conformance = field(default_factory=Conformance, compare=False)
+    #: Called by ``weft serve`` in each process that serves (each worker under
+    #: ``--workers``) before it imports the handler's module, with the manager's
+    #: options as keyword arguments (it must accept the ones it does not use). For
+    #: what has to come before the application's imports, such as gevent's
+    #: monkey-patching. ``Server(...)`` never calls it: a program that makes its own
+    #: Server prepares its own process. None: nothing to do.
+    prepare_process: Callable[..., object] | None = field(default=None, compare=False)
     #: Filled in by the registry: the distribution that registered the manager.
     distribution: str | None = field(default=None, compare=False)
     version: str | None = field(default=None, compare=False)
@@ -133,6 +141,10 @@ class ManagerSpec:
             )
         if not callable(self.factory):
             raise TypeError(f"manager {name!r}: factory {self.factory!r} is not callable")
+        if self.prepare_process is not None and not callable(self.prepare_process):
+            raise TypeError(
+                f"manager {name!r}: prepare_process {self.prepare_process!r} is not callable"
+            )
 
     def create(self, **options: Any) -> TaskManager:
         """Make a manager with ``options`` passed to the factory."""

@@ -14,10 +14,11 @@ with a zero byte (no signal is numbered 0).
 
 from __future__ import annotations
 
+import math
 import select
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -36,10 +37,17 @@ class Wakeup:
     A context manager: entering installs a handler for each of ``signals`` (replacing
     their default action) and the wakeup fd; leaving restores both. With no
     ``signals`` it touches neither, so it also works outside the main thread.
+
+    ``on_signal(signum)``, if given, is called by the Python-level handler itself: it
+    runs even while the main thread is stuck in a blocking call (which returns EINTR
+    and is retried after the handler), where nothing reading the socket would run.
     """
 
-    def __init__(self, signals: Iterable[int] = ()) -> None:
+    def __init__(
+        self, signals: Iterable[int] = (), on_signal: Callable[[int], object] | None = None
+    ) -> None:
         self._signals = tuple(signals)
+        self._on_signal = on_signal
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -48,10 +56,14 @@ class Wakeup:
 
     def __enter__(self) -> Wakeup:
         if self._signals:
-            self._previous = {sig: signal.signal(sig, _ignore) for sig in self._signals}
+            handler = _ignore if self._on_signal is None else self._call_on_signal
+            self._previous = {sig: signal.signal(sig, handler) for sig in self._signals}
             self._previous_fd = signal.set_wakeup_fd(
                 self._writer.fileno(), warn_on_full_buffer=False
             )
+            # A supervisor re-executed on USR2 starts with them blocked (see
+            # _workers._reexec); with the handlers in place they may arrive.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
         return self
 
     def __exit__(
@@ -68,6 +80,10 @@ class Wakeup:
         self._reader.close()
         self._writer.close()
 
+    def _call_on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._on_signal is not None:
+            self._on_signal(signum)
+
     def wake(self) -> None:
         """Make :meth:`wait` return; safe from any thread."""
         try:
@@ -75,9 +91,16 @@ class Wakeup:
         except OSError:  # full (a wake-up is already pending) or closed
             pass
 
-    def wait(self, timeout: float | None) -> list[int]:
-        """Block until a signal, a :meth:`wake` or ``timeout``; the signals received since last time."""
-        select.select([self._reader], [], [], timeout)
+    def wait(self, timeout: float | None, also: Sequence[socket.socket] = ()) -> list[int]:
+        """Block until a signal, a :meth:`wake`, ``timeout`` or one of ``also`` is readable.
+
+        Returns the signals received since last time (reading ``also`` is the caller's).
+        """
+        # poll(), not select(): a supervisor's links may have descriptors past 1024.
+        poller = select.poll()
+        for sock in (self._reader, *also):
+            poller.register(sock, select.POLLIN)
+        poller.poll(None if timeout is None else math.ceil(timeout * 1000))
         received: list[int] = []
         while True:
             try:

@@ -13,15 +13,16 @@ each, then starts N workers. A worker is a fresh interpreter running an ordinary
   every worker;
 - a restarted worker imports the handler afresh, so it runs the code on disk now.
 
-The supervisor replaces a worker that exits, after a back-off that grows while
+The supervisor replaces a worker that exits unasked, after a back-off that grows while
 workers keep dying young (see the ``RESTART_*`` constants). SIGTERM or SIGINT stops
 it: it closes its own copies of the sockets, sends SIGTERM to every worker (each
 stops gracefully within ``graceful_timeout``), waits, and exits 0; a worker still
 running ``graceful_timeout + EXIT_MARGIN`` later is killed and the exit status is 1.
 A second signal kills the workers at once. A worker exiting with status 2 before
-it was ready (a mistake in the command, the config or the handler, which no restart
-can fix) stops everything, and the supervisor exits 2; after it was ready, status 2
-is a crash like any other and the worker is replaced.
+it was ready, when no worker has ever been (a mistake in the command, the config or
+the handler, which no restart can fix), stops everything, and the supervisor exits
+2; during a reload it abandons the reload; otherwise (the code on disk changed since)
+and after it was ready, status 2 is a crash like any other and the worker is replaced.
 
 The supervisor acts on every signal within half a second whatever it is doing: it
 starts workers one at a time, at most ``1 / START_INTERVAL`` a second, reading its
@@ -32,17 +33,26 @@ approved request stops the whole service as SIGTERM does.
 
 Each worker holds one end of a socket pair whose other end only the supervisor has:
 when the supervisor dies, even by SIGKILL, the worker reads end-of-file and stops
-gracefully instead of serving on as an orphan. Once listening, the worker writes a
-byte into it, which tells the supervisor, when the worker exits, that it was ready.
+gracefully instead of serving on as an orphan. Bytes go both ways on it (the
+worker's side and the bytes are in ``_worker_link``): ready, heartbeats and
+"max_requests reached" from the worker, "drain" from the supervisor.
+
+Zero-downtime operations (DESIGN section 9; ``_signals`` has the table): HUP starts
+a new generation and retires each old worker once a new one is ready; USR2
+re-executes the supervisor in place (same PID), which adopts its workers; TTIN/TTOU
+change the count; ``max_requests`` recycles a worker and ``timeout`` replaces one
+whose loop stopped, after dumping its stacks. The supervisor tells systemd what it
+does (``_sdnotify``). How a supervisor is started (``--workers``, a single process's
+hand-over, a re-exec) is ``_supervise``'s.
 
 What does not live here: serving (each worker is a plain ``weft serve``), config
-(``_config``), opening sockets (``_listeners``), socket activation (``_activation``).
+(``_config``), opening sockets (``_listeners``), socket activation (``_activation``),
+starting a supervisor (``_supervise``), a worker's side (``_worker_link``).
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -51,25 +61,29 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from ._config import Config, parse_option_value
+from ._config import parse_option_value
 from ._connection import format_address
-from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
-from ._listeners import close_listener, open_listeners
-from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
-from ._settings import SETTINGS
-from ._shutdown_port import ShutdownPort, check_allow_no_secret
+from ._flags import render_flag
+from ._sdnotify import Notifier, child_environment
+from ._signals import (
+    CONTROL_SIGNALS,
+    DUMP_SIGNAL,
+    STOP_SIGNALS,
+    reopen_log_files,
+)
 from ._wakeup import Wakeup
+from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE
 
 __all__ = [
+    "DUMP_GRACE",
     "EXIT_MARGIN",
     "RESTART_DELAY_MAX",
     "RESTART_DELAY_MIN",
@@ -78,11 +92,10 @@ __all__ = [
     "SUPERVISOR_ONLY_KEYS",
     "WORKER_MEMORY",
     "WORKER_TASKS",
+    "Local",
     "Supervisor",
-    "become_worker",
     "check_capacity",
     "restart_delay",
-    "supervise",
     "worker_args",
     "worker_kwargs",
 ]
@@ -118,14 +131,10 @@ START_INTERVAL = 0.02
 #: against RLIMIT_NPROC. A handler's own memory and threads come on top.
 WORKER_MEMORY = 24 * 2**20
 WORKER_TASKS = 4
-#: What a worker writes to the supervisor once it listens.
-_READY = b"R"
-
-#: The message weft serve logs once listening. In a worker it would repeat the
-#: supervisor's line (which tools and tests wait for) N times, so a worker logs it
-#: as ``worker ready on ...`` instead: the sign that this worker serves.
-LISTENING_MESSAGE = "listening on %s (manager %s)"
-WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
+#: The watchdog's pause between asking a stuck worker for its stacks (DUMP_SIGNAL,
+#: written at once by faulthandler's C handler) and killing it: time for the
+#: kernel to run it and for its stderr to be read.
+DUMP_GRACE = 1.0
 
 # Config keys given on weft serve's command line that a worker gets in another form.
 _NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
@@ -134,73 +143,6 @@ SUPERVISOR_ONLY_KEYS = frozenset({"shutdown_port", "shutdown_secret", "shutdown_
 
 
 # -- the supervisor's side -----------------------------------------------------------
-
-
-def supervise(config: Config, flags: Mapping[str, Any], config_file: str | None) -> int:
-    """Serve with ``config.workers`` supervised workers; return the exit status.
-
-    ``flags`` are the config keys weft serve's command line set (as given there, None
-    for unset) and ``config_file`` its ``--config``: the workers get them again.
-
-    Error handling: raises BindError (naming the address) if a socket cannot be
-    bound, and ConfigError off POSIX or outside the main thread, before any worker
-    starts. Resource handling: the sockets are closed (and a Unix socket file
-    removed) when the supervisor starts stopping, so new clients are refused at once.
-    """
-    if os.name != "posix":
-        raise ConfigError("worker processes need a POSIX system", key="workers")
-    if threading.current_thread() is not threading.main_thread():
-        raise ConfigError("worker processes are supervised from the main thread", key="workers")
-    shutdown_port = config.values.get("shutdown_port")
-    secret = config.values.get("shutdown_secret")
-    allow = check_allow_no_secret(
-        shutdown_port, secret, None, config.values.get("shutdown_allow_no_secret", False)
-    )
-    check_capacity(config.workers)
-    listeners = open_listeners(
-        listen_endpoints(
-            config.values.get("bind"),
-            config.values.get("address", SETTINGS["address"].default),
-            config.values.get("port", SETTINGS["port"].default),
-        ),
-        family=config.get("family", "auto"),
-        backlog=config.get("backlog", DEFAULT_BACKLOG),
-        reuse_port=config.get("reuse_port", False),
-        unix_mode=config.get("unix_mode"),
-    )
-
-    def close_listeners() -> None:
-        while listeners:
-            close_listener(listeners.pop())
-
-    shutdown: ShutdownPort | None = None
-    try:
-        manager = config.get("manager") or DEFAULT_MANAGER
-        sockets = [listener.sock for listener in listeners]
-        args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
-
-        def command(link: int) -> list[str]:
-            return [sys.executable, "-m", "weft_core", "serve", *args, f"--supervisor-fd={link}"]
-
-        supervisor = Supervisor(
-            command,
-            sockets,
-            config.workers,
-            config.graceful_timeout,
-            on_stop=close_listeners,
-        )
-        if shutdown_port is not None:
-            shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
-            shutdown.open()  # a BindError here: before anything listens or starts
-        for listener in listeners:
-            serve_log.info(LISTENING_MESSAGE, listener.address, manager)
-        if shutdown is not None:
-            shutdown.start()
-        return supervisor.run()
-    finally:
-        if shutdown is not None:
-            shutdown.close()
-        close_listeners()
 
 
 def check_capacity(workers: int) -> None:
@@ -272,8 +214,8 @@ def _mem_available() -> int | None:
 def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
     """The ``weft serve`` arguments for a worker: the same settings, ``--workers=1``, no bind.
 
-    Each flag key ``k`` is given back as ``--k-with-dashes=VALUE`` (so a value starting
-    with ``-`` stays a value); ``True`` as the bare flag; manager options as
+    Each flag key is given back as its flag (``_flags.render_flag``: ``--backlog=64``,
+    ``--certfile=PATH``, ``--no-nodelay``); manager options as
     ``--manager-option=NAME=VALUE`` with the value written so it parses back equal.
     """
     args: list[str] = []
@@ -284,8 +226,7 @@ def worker_args(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
     for key, value in flags.items():
         if value is None or key in _NOT_PASSED:
             continue
-        flag = "--" + key.replace("_", "-")
-        args.append(flag if value is True else f"{flag}={value}")
+        args.append(render_flag(key, value))
     for name, value in (flags.get("manager_options") or {}).items():
         args.append(f"--manager-option={name}={option_text(value)}")
     args.append("--workers=1")
@@ -348,19 +289,46 @@ def describe_exit(code: int) -> str:
 
 @dataclass
 class _Worker:
-    slot: int
-    proc: subprocess.Popen[bytes]
+    pid: int
     link: socket.socket  # our end of the worker's socket pair; closing it tells the worker to stop
     started: float
     delay: float | None  # the back-off that preceded this worker
+    ready: bool = False
+    #: Replaced (a reload, max_requests, the watchdog): it serves on until a newer
+    #: worker is ready, then it is retired. Not counted against the worker count.
+    old: bool = False
+    #: Sent SIGTERM (or SIGQUIT, or killed) by the supervisor: no replacement on exit.
+    retiring: bool = False
+    beat: float = 0.0  # the last heartbeat (or readiness), monotonic
+    kill_at: float | None = None  # SIGKILL it then if it still runs
+    eof: bool = False  # its end of the link is closed: it is exiting
+    stuck: bool = False  # the watchdog dumped its stacks and kills it at kill_at
+    recycled: bool = False  # it reached max_requests
+    told: str = ""  # how it was told to stop ("SIGTERM", "SIGQUIT", "a drain request")
+
+
+class Local(Protocol):
+    """The in-process server of a single ``weft serve`` that became a supervisor (HUP, USR2)."""
+
+    retired: bool
+
+    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
+        """Start draining (``stop``: stopping, as on SIGTERM) in the background; ``wake()`` once done."""
+
+    def done(self) -> bool:
+        """True once retired and drained."""
+        ...
 
 
 class Supervisor:
-    """Start ``count`` workers, replace those that exit, stop them all on a signal.
+    """Keep ``count`` workers serving; reload, resize, recycle and watch them; stop on a signal.
 
     ``command(link_fd)`` gives a worker's argv; each worker inherits ``sockets``;
-    ``on_stop`` runs as stopping starts. :meth:`run` returns the exit status;
-    :meth:`stop` (from any thread) stops gracefully, as SIGTERM does.
+    ``on_stop`` runs as stopping starts. ``timeout`` is the watchdog (None: off);
+    ``local`` an in-process server to retire once a worker is ready; ``adopted``
+    workers (pid, link, started) of the image this one re-executed, which are
+    replaced at once; ``reexec(state)`` re-executes for USR2 and does not return.
+    :meth:`run` returns the exit status; :meth:`stop` (any thread) stops gracefully.
     """
 
     def __init__(
@@ -371,38 +339,63 @@ class Supervisor:
         graceful_timeout: float,
         *,
         on_stop: Callable[[], None] | None = None,
+        timeout: float | None = None,
+        local: Local | None = None,
+        adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
+        reexec: Callable[[str], None] | None = None,
+        upgrade: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self._command = command
         self._sockets = tuple(sockets)
         self._count = count
         self._graceful_timeout = graceful_timeout
         self._on_stop = on_stop
+        self._timeout = timeout
+        self._local = local
+        self._reexec = reexec
+        self._notifier = notifier or Notifier({})
         self._workers: dict[int, _Worker] = {}  # by pid
-        self._due: dict[int, tuple[float, float | None]] = {}  # slot: (when, its back-off)
+        self._due: list[tuple[float, float | None]] = []  # starts: (when, its back-off)
         self._stopping = False
-        self._deadline: float | None = None
         self._status = 0
         self._next_start = 0.0
         self._stop_asked = threading.Event()
         self._wakeup: Wakeup | None = None
+        self._upgrade = upgrade
+        self._reloading = local is not None or bool(adopted)
+        self._announced = False  # READY=1 sent
+        self._next_alive: float | None = None
+        for pid, link, started, ready in adopted:
+            link.setblocking(False)
+            self._workers[pid] = _Worker(
+                pid, link, started, None, ready=ready, old=True, beat=time.monotonic()
+            )
 
     def stop(self) -> None:
         """Stop gracefully, as on SIGTERM (the shutdown port's request); any thread."""
         self._stop_asked.set()
+        self._wake()
+
+    def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
 
     def run(self) -> int:
         """Supervise until stopped and every worker has exited; return the exit status."""
-        with Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)) as wakeup:
+        with Wakeup((*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD)) as wakeup:
             self._wakeup = wakeup
             try:
                 now = time.monotonic()
-                self._due = dict.fromkeys(range(self._count), (now, None))
+                if self._notifier.watchdog is not None:
+                    self._next_alive = now
                 received: list[int] = []
                 while True:
                     now = time.monotonic()
+                    # Links first: a worker writes "ready" before it logs so, so a
+                    # signal sent on seeing that line finds it ready here.
+                    self._read_links(now)
                     self._handle_signals(received, now)
                     if self._stop_asked.is_set() and not self._stopping:
                         log.info(
@@ -413,63 +406,248 @@ class Supervisor:
                         )
                         self._begin_stop(now)
                     self._reap(now)
-                    if self._stopping and not self._workers:
+                    local_busy = self._local is not None and not self._local.done()
+                    if self._stopping and not self._workers and not local_busy:
                         break
-                    if self._stopping:
-                        self._kill_stragglers(now)
-                    else:
+                    self._kill_overdue(now)
+                    if not self._stopping:
+                        self._watch(now)
+                        self._balance(now)
                         self._start_due(now)
-                    received = wakeup.wait(self._timeout(now))
+                        self._progress()
+                        if self._upgrade and not local_busy and self._reexec is not None:
+                            self._upgrade = False  # reexec returns only if it failed
+                            self._reexec(self._state())
+                    self._alive(now)
+                    links = [w.link for w in self._workers.values() if not w.eof]
+                    received = wakeup.wait(self._wait_time(now), links)
                 log.info("all workers stopped")
                 return self._status
             finally:
                 self._wakeup = None
                 self._abandon()
 
+    # -- signals ------------------------------------------------------------------------
+
     def _handle_signals(self, received: list[int], now: float) -> None:
         for signum in received:
             if signum == signal.SIGCHLD:
                 continue  # it only wakes the loop, which then reaps
             name = signal.Signals(signum).name
-            if not self._stopping:
+            if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+                quick = signum == signal.SIGQUIT
+                if not self._stopping:
+                    log.info(
+                        "received %s: stopping %d worker(s) %s",
+                        name,
+                        len(self._workers),
+                        "at once"
+                        if quick
+                        else f"(graceful timeout {self._graceful_timeout:g}s;"
+                        " send it again to quit at once)",
+                    )
+                    self._begin_stop(now, quick=quick)
+                elif self._workers:
+                    log.warning("received %s again: killing the workers", name)
+                    self._kill_all()
+            elif self._stopping:
+                log.info("received %s while stopping: ignored", name)
+            elif signum == signal.SIGUSR1:
+                reopened = reopen_log_files()
                 log.info(
-                    "received %s: stopping %d worker(s) (graceful timeout %ss;"
-                    " send it again to quit at once)",
-                    name,
-                    len(self._workers),
-                    f"{self._graceful_timeout:g}",
+                    "received SIGUSR1: reopened %d log file(s); telling the workers", reopened
                 )
-                self._begin_stop(now)
-            elif self._workers:
-                log.warning("received %s again: killing the workers", name)
-                self._kill_all()
+                # Only ready ones: one still starting has no handler yet (USR1 would
+                # kill it), and opens its log files afresh anyway.
+                for worker in self._workers.values():
+                    if worker.ready:
+                        _send(worker.pid, signal.SIGUSR1)
+            elif signum == signal.SIGHUP:
+                self._reload("received SIGHUP: reloading")
+            elif signum == signal.SIGUSR2:
+                if self._reexec is None:
+                    log.warning("received SIGUSR2: cannot re-execute here; reloading instead")
+                    self._reload("received SIGUSR2: reloading")
+                else:
+                    log.info("received SIGUSR2: upgrading in place (re-executing, same pid)")
+                    self._notifier.reloading("upgrading in place")
+                    self._upgrade = True
+            elif signum == signal.SIGTTIN:
+                self._count += 1
+                log.info("received SIGTTIN: %d worker(s) now", self._count)
+            elif signum == signal.SIGTTOU:
+                if self._count > 1:
+                    self._count -= 1
+                    log.info("received SIGTTOU: %d worker(s) now", self._count)
+                else:
+                    log.warning("received SIGTTOU: one worker is the fewest; nothing to do")
 
-    def _begin_stop(self, now: float) -> None:
+    def _reload(self, why: str) -> None:
+        current = self._current()
+        log.info(
+            "%s: starting %d new worker(s); the %d old one(s) drain once the new are ready",
+            why,
+            self._count,
+            len(current) + (self._local is not None and not self._local.retired),
+        )
+        self._notifier.reloading("reloading")
+        self._count = max(self._count, 1)  # 0 after a failed hand-over (_abandon_reload)
+        self._reloading = True
+        self._due.clear()  # whatever was due is started as part of the new generation
+        for worker in current:
+            worker.old = True
+
+    def _progress(self) -> None:
+        """Log the end of a reload, and tell systemd we are READY (first time or again)."""
+        current = self._current()
+        ready = sum(w.ready for w in current)
+        if not self._announced and ready:
+            self._announced = True
+            self._notifier.ready(f"serving with {ready} worker(s)")
+        if self._reloading and ready >= self._count and not self._old():
+            self._reloading = False
+            log.info("reload done: %d new worker(s) serving", ready)
+            self._notifier.ready(f"serving with {ready} worker(s)")
+
+    # -- the workers' links: ready, heartbeats, max_requests --------------------------------
+
+    def _read_links(self, now: float) -> None:
+        for worker in self._workers.values():
+            if not worker.eof:
+                self._read_link(worker, now)
+
+    def _read_link(self, worker: _Worker, now: float) -> None:
+        while True:
+            try:
+                data = worker.link.recv(512)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                worker.eof = True
+                return
+            if READY in data and not worker.ready:
+                worker.ready = True
+            if READY in data or BEAT in data:
+                worker.beat = now
+            if RECYCLE in data and not worker.old and not worker.retiring:
+                log.info("worker %d reached max_requests: replacing it", worker.pid)
+                worker.old = worker.recycled = True
+
+    def _watch(self, now: float) -> None:
+        """The watchdog: a ready worker silent for ``timeout`` is dumped and replaced."""
+        if self._timeout is None:
+            return
+        for worker in self._workers.values():
+            if worker.ready and worker.kill_at is None and now - worker.beat > self._timeout:
+                log.error(
+                    "worker %d: no heartbeat from its runtime loop for %ss (blocked?):"
+                    " dumping its stacks to the log and replacing it",
+                    worker.pid,
+                    f"{self._timeout:g}",
+                )
+                _send(worker.pid, DUMP_SIGNAL)
+                worker.old = worker.retiring = worker.stuck = True
+                worker.kill_at = now + DUMP_GRACE
+
+    # -- keeping the count ---------------------------------------------------------------
+
+    def _current(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if not w.old and not w.retiring]
+
+    def _old(self) -> list[_Worker]:
+        return sorted(
+            (w for w in self._workers.values() if w.old and not w.retiring),
+            key=lambda w: w.started,
+        )
+
+    def _balance(self, now: float) -> None:
+        """Start or retire workers until ``count`` are current; retire old ones the new replace."""
+        current = self._current()
+        missing = self._count - len(current) - len(self._due)
+        self._due.extend((now, None) for _ in range(max(0, missing)))
+        while missing < 0 and self._due:
+            self._due.pop()
+            missing += 1
+        for worker in sorted(current, key=lambda w: w.started, reverse=True)[: max(0, -missing)]:
+            log.info("worker %d: retiring it (fewer workers wanted)", worker.pid)
+            self._retire(worker, now)
+        # Old workers go as new ones are ready, so as many serve as before throughout.
+        ready = sum(w.ready for w in current)
+        old: list[_Worker | None] = []
+        for worker in self._old():
+            if not worker.ready:  # it never served: nothing is lost when it goes at once
+                self._retire(worker, now)
+            elif worker.recycled and ready:
+                # Past max_requests, and another worker serves: go now, so the count
+                # holds; a lone worker serves on until its replacement is ready.
+                self._retire(worker, now)
+            else:
+                old.append(worker)
+        local = self._local
+        if local is not None and not local.retired:
+            old.insert(0, None)  # the in-process server: the oldest
+        while old and ready + len(old) > self._count:
+            oldest = old.pop(0)
+            if oldest is not None:
+                self._retire(oldest, now)
+            elif local is not None:
+                log.info("a worker is ready: the in-process server drains now")
+                local.retire(self._wake)
+
+    def _retire(self, worker: _Worker, now: float) -> None:
+        """Ask ``worker`` to drain (:func:`drain`): the byte DRAIN on its link."""
+        worker.retiring = True
+        worker.told = "a drain request"
+        if worker.kill_at is None:
+            worker.kill_at = now + self._graceful_timeout + EXIT_MARGIN
+        try:
+            worker.link.send(DRAIN)
+        except OSError:  # it is exiting already
+            pass
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _begin_stop(self, now: float, quick: bool = False) -> None:
         self._stopping = True
         self._due.clear()
+        self._notifier.stopping("stopping")
         if self._on_stop is not None:
             self._on_stop()
-        self._deadline = now + self._graceful_timeout + EXIT_MARGIN
-        for pid in self._workers:
-            _send(pid, signal.SIGTERM)
+        local = self._local
+        if local is not None and not local.retired:
+            local.retire(self._wake, stop=True)
+        deadline = now + EXIT_MARGIN + (0.0 if quick else self._graceful_timeout)
+        for worker in self._workers.values():
+            worker.retiring = True
+            worker.told = "SIGQUIT" if quick else "SIGTERM"
+            worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
+            _send(worker.pid, signal.SIGQUIT if quick else signal.SIGTERM)
 
-    def _kill_stragglers(self, now: float) -> None:
-        if self._deadline is None or now < self._deadline:
-            return
-        self._deadline = None
-        for pid in self._workers:
-            log.error(
-                "worker %d still running %ss after SIGTERM: killing it",
-                pid,
-                f"{self._graceful_timeout + EXIT_MARGIN:g}",
-            )
-        self._kill_all()
+    def _kill_overdue(self, now: float) -> None:
+        for worker in self._workers.values():
+            if worker.kill_at is None or now < worker.kill_at:
+                continue
+            worker.kill_at = math.inf  # killed once
+            if self._stopping:
+                self._status = self._status or EXIT_RUNTIME
+            if not worker.stuck:
+                log.error(
+                    "worker %d still running %ss after %s: killing it",
+                    worker.pid,
+                    f"{EXIT_MARGIN + (0 if worker.told == 'SIGQUIT' else self._graceful_timeout):g}",
+                    worker.told,
+                )
+            _send(worker.pid, signal.SIGKILL)
 
     def _kill_all(self) -> None:
-        self._deadline = None
         self._status = self._status or EXIT_RUNTIME
-        for pid in self._workers:
+        for pid, worker in self._workers.items():
+            worker.kill_at = math.inf
             _send(pid, signal.SIGKILL)
+
+    # -- exits -------------------------------------------------------------------------------
 
     def _reap(self, now: float) -> None:
         # waitpid(-1) rather than each Popen's poll(): as PID 1 in a container the
@@ -486,16 +664,37 @@ class Supervisor:
             if worker is None:
                 log.debug("reaped process %d (not a worker), which exited with %s", pid, code)
                 continue
-            worker.proc.returncode = code  # reaped here, so Popen must not wait for it
-            ready = _was_ready(worker.link)
+            if not worker.eof:
+                self._read_link(worker, now)  # a ready byte outlives the worker
             worker.link.close()
-            self._exited(pid, worker, code, ready, now)
+            self._exited(worker, code, now)
 
-    def _exited(self, pid: int, worker: _Worker, code: int, ready: bool, now: float) -> None:
-        what = describe_exit(code)
-        if self._stopping:
+    def _exited(self, worker: _Worker, code: int, now: float) -> None:
+        pid, what = worker.pid, describe_exit(code)
+        if self._stopping or worker.retiring:
             log.info("worker %d exited with %s", pid, what)
-        elif code == EXIT_USAGE and not ready:
+        elif code == EXIT_USAGE and not worker.ready and self._reloading:
+            log.error(
+                "worker %d exited with %s before it was ready: the new code or config is"
+                " broken (see its message above); the reload is abandoned and the old"
+                " workers serve on",
+                pid,
+                what,
+            )
+            self._abandon_reload()
+        elif code == EXIT_USAGE and not worker.ready and self._announced:
+            # Served before, so the command is right: the code or config on disk
+            # changed since. Retry with the back-off, as for a crash.
+            delay = restart_delay(worker.delay, now - worker.started)
+            self._due.append((now + delay, delay))
+            log.error(
+                "worker %d exited with %s before it was ready (see its message above);"
+                " starting another in %ss",
+                pid,
+                what,
+                f"{delay:g}",
+            )
+        elif code == EXIT_USAGE and not worker.ready:
             log.error(
                 "worker %d exited with %s before it was ready: a mistake in the command,"
                 " config or handler (see its message above), which a restart cannot fix;"
@@ -514,10 +713,12 @@ class Supervisor:
             )
             self._status = EXIT_RUNTIME
             self._begin_stop(now)
+        elif worker.old:
+            log.warning("worker %d exited with %s before its replacement was ready", pid, what)
         else:
             ran = now - worker.started
             delay = restart_delay(worker.delay, ran)
-            self._due[worker.slot] = (now + delay, delay)
+            self._due.append((now + delay, delay))
             log.warning(
                 "worker %d exited with %s after %.1fs; starting another in %ss",
                 pid,
@@ -525,6 +726,17 @@ class Supervisor:
                 ran,
                 f"{delay:g}",
             )
+
+    def _abandon_reload(self) -> None:
+        """The new generation cannot start: the old one becomes current again."""
+        self._reloading = False
+        self._due.clear()
+        for worker in self._workers.values():
+            if worker.old and not worker.retiring:
+                worker.old = False
+        if self._local is not None and not self._local.retired:
+            self._count = max(0, self._count - 1)  # the in-process server serves alone
+        self._notifier.ready("reload failed; serving on the old code")
 
     def _dead_socket(self) -> str | None:
         """The address of a shared socket that no longer listens, if there is one.
@@ -542,6 +754,8 @@ class Supervisor:
                 return format_address(sock.getsockname())
         return None
 
+    # -- starting ----------------------------------------------------------------------------
+
     def _start_due(self, now: float) -> None:
         """Start the first worker that is due, if START_INTERVAL has passed since the last.
 
@@ -549,13 +763,14 @@ class Supervisor:
         """
         if now < self._next_start or not self._due:
             return
-        slot, (when, delay) = min(self._due.items(), key=lambda item: item[1][0])
+        first = min(range(len(self._due)), key=lambda i: self._due[i][0])
+        when, delay = self._due[first]
         if when <= now:
-            del self._due[slot]
+            del self._due[first]
             self._next_start = now + START_INTERVAL
-            self._spawn(slot, delay, now)
+            self._spawn(delay, now)
 
-    def _spawn(self, slot: int, delay: float | None, now: float) -> None:
+    def _spawn(self, delay: float | None, now: float) -> None:
         # The worker holds one end; only we hold the other (socketpair() gives
         # non-inheritable descriptors, and pass_fds names just this worker's).
         ours, theirs = socket.socketpair()
@@ -565,6 +780,7 @@ class Supervisor:
                 self._command(theirs.fileno()),
                 pass_fds=(*(s.fileno() for s in self._sockets), theirs.fileno()),
                 stdin=subprocess.DEVNULL,
+                env=child_environment(os.environ),
                 # Its own session: a Ctrl-C on the terminal reaches the supervisor
                 # alone, which forwards one SIGTERM. Two signals would make a worker
                 # quit at once rather than drain.
@@ -573,19 +789,47 @@ class Supervisor:
         except OSError as exc:
             ours.close()
             retry = restart_delay(delay, 0.0)
-            self._due[slot] = (now + retry, retry)
+            self._due.append((now + retry, retry))
             log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
             return
         finally:
             theirs.close()
-        self._workers[proc.pid] = _Worker(slot, proc, ours, now, delay)
+        # We reap it ourselves (_reap); Popen must not wait for it in __del__.
+        proc.returncode = 0
+        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay)
         log.info("worker %d started", proc.pid)
 
-    def _timeout(self, now: float) -> float:
-        times = [max(when, self._next_start) for when, _ in self._due.values()]
-        if self._deadline is not None:
-            times.append(self._deadline)
+    def _wait_time(self, now: float) -> float:
+        times = [max(when, self._next_start) for when, _ in self._due]
+        times += [w.kill_at for w in self._workers.values() if w.kill_at is not None]
+        if self._timeout is not None and any(w.ready for w in self._workers.values()):
+            times.append(now + self._timeout / HEARTBEAT_SHARE)
+        if self._next_alive is not None:
+            times.append(self._next_alive)
         return max(0.0, min([now + _IDLE_WAKE, *times]) - now)
+
+    def _alive(self, now: float) -> None:
+        """WATCHDOG=1 to systemd, from this loop (it runs, so the supervisor is healthy)."""
+        interval = self._notifier.watchdog
+        if interval is None or self._next_alive is None or now < self._next_alive:
+            return
+        self._notifier.alive()
+        self._next_alive = now + interval
+
+    # -- re-executing (USR2) -------------------------------------------------------------------
+
+    def _state(self) -> str:
+        """What the re-executed supervisor needs to adopt the workers (ADOPT_ENV's value)."""
+        workers = [
+            [w.pid, w.link.fileno(), w.started, w.ready]
+            for w in self._workers.values()
+            if not w.retiring and not w.eof
+        ]
+        for w in self._workers.values():
+            os.set_inheritable(w.link.fileno(), True)
+        for sock in self._sockets:
+            os.set_inheritable(sock.fileno(), True)
+        return json.dumps({"count": self._count, "workers": workers})
 
     def _abandon(self) -> None:
         """On an unexpected error: kill and reap whatever workers are left."""
@@ -595,17 +839,8 @@ class Supervisor:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            worker.proc.returncode = -signal.SIGKILL
             worker.link.close()
         self._workers.clear()
-
-
-def _was_ready(link: socket.socket) -> bool:
-    """Whether the worker wrote its ready byte before it exited (the byte outlives it)."""
-    try:
-        return link.recv(1) == _READY
-    except OSError:  # nothing written: BlockingIOError
-        return False
 
 
 def _send(pid: int, sig: int) -> None:
@@ -616,60 +851,3 @@ def _send(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-# -- the worker's side --------------------------------------------------------------
-
-
-def become_worker(supervisor_fd: int) -> Callable[[], None]:
-    """Make this ``weft serve`` a worker of the supervisor that started it.
-
-    Stops gracefully (as on SIGTERM) when ``supervisor_fd``, a socket whose other end
-    only the supervisor holds, reaches end-of-file: the supervisor is gone. Logs
-    ``worker ready on ...`` where weft serve logs ``listening on ...``. Returns
-    ``ready()``, to call once listening: the supervisor then knows that an exit
-    status 2 is no mistake in the command, config or handler.
-
-    Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
-    not by hand).
-    """
-    try:
-        flags = fcntl.fcntl(supervisor_fd, fcntl.F_GETFD)
-        fcntl.fcntl(supervisor_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(
-            f"--supervisor-fd {supervisor_fd}: {exc.strerror}; this flag is set by"
-            " `weft serve --workers N` for its workers, not by hand",
-            source="command line",
-        ) from None
-    serve_log.addFilter(_worker_ready)
-    threading.Thread(
-        target=_watch_supervisor,
-        args=(supervisor_fd,),
-        name="weft worker: supervisor watch",
-        daemon=True,
-    ).start()
-
-    def ready() -> None:
-        try:
-            os.write(supervisor_fd, _READY)
-        except OSError:  # the supervisor is gone; the watch thread stops us
-            pass
-
-    return ready
-
-
-def _worker_ready(record: logging.LogRecord) -> bool:
-    if record.msg == LISTENING_MESSAGE:
-        record.msg = WORKER_READY_MESSAGE
-    return True
-
-
-def _watch_supervisor(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except OSError:
-        pass
-    log.warning("the supervisor is gone: stopping")
-    os.kill(os.getpid(), signal.SIGTERM)

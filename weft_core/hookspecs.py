@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 __all__ = [
     "hookimpl",
     "hookspec",
+    "weft_connection_closed",
+    "weft_connection_opened",
     "weft_connection_refused",
     "weft_handler_error",
     "weft_managers",
@@ -128,4 +130,57 @@ def weft_handler_error(
         @hookimpl
         def weft_handler_error(server, connection, exception):
             ERRORS.append((connection.peer, repr(exception)))
+    """
+
+
+# -- connections ---------------------------------------------------------------
+
+
+@hookspec
+def weft_connection_opened(server: Server, connection: ConnectionInfo) -> None:
+    """Called when a connection's task begins, before any PROXY header or TLS handshake.
+
+    ``connection`` is its ``ConnectionInfo`` (``peer``, ``local``, ``task_id``; the
+    PROXY and TLS fields are filled in later). Called in the connection's own task,
+    for every connection, so keep it quick; the server only calls it when some
+    plugin implements it. Example, a gauge of open connections::
+
+        from weft_core import hookimpl
+
+        OPEN = set()
+
+        @hookimpl
+        def weft_connection_opened(server, connection):
+            OPEN.add(connection.task_id)
+    """
+
+
+@hookspec
+def weft_connection_closed(
+    server: Server,
+    connection: ConnectionInfo,
+    duration: float,
+    bytes_in: int | None,
+    bytes_out: int | None,
+    how: str,
+) -> None:
+    """Called when a connection has ended, once for every connection that was opened.
+
+    ``duration`` is in seconds since it was opened; ``bytes_in`` and ``bytes_out``
+    are the kernel's counts (Linux ``TCP_INFO``: received, and sent and acknowledged),
+    None where it cannot tell (Unix sockets, other systems). ``how`` is one of
+    ``"closed"`` (the handler returned), ``"error"`` (it raised),
+    ``"idle_timeout"``, ``"stopped"`` (ended by ``stop()`` or
+    ``close_connection()``), ``"detached"``, ``"tls_error"``, ``"proxy_error"``.
+    Called in the connection's task just before its socket is closed. Example, bytes
+    served per peer::
+
+        import collections
+        from weft_core import hookimpl
+
+        SENT = collections.Counter()
+
+        @hookimpl
+        def weft_connection_closed(server, connection, duration, bytes_in, bytes_out, how):
+            SENT[connection.peer_str] += bytes_out or 0
     """

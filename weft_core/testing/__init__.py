@@ -27,9 +27,11 @@ pytest.register_assert_rewrite(
     "weft_core.testing._base",
     "weft_core.testing._bodies",
     "weft_core.testing._suite_addresses",
+    "weft_core.testing._suite_control",
     "weft_core.testing._suite_network",
     "weft_core.testing._suite_server",
     "weft_core.testing._suite_stop",
+    "weft_core.testing._suite_submit",
     "weft_core.testing._suite_tasks",
     "weft_core.testing._support",
 )
@@ -44,9 +46,11 @@ from ._adapters import (  # noqa: E402  (after the rewrite registration, on purp
     default_adapter,
 )
 from ._suite_addresses import AddressTests  # noqa: E402
+from ._suite_control import ControlTests  # noqa: E402
 from ._suite_network import NetworkTests  # noqa: E402
 from ._suite_server import ServerTests  # noqa: E402
 from ._suite_stop import StopTests  # noqa: E402
+from ._suite_submit import SubmitTests  # noqa: E402
 from ._suite_tasks import TaskManagerTests  # noqa: E402
 from ._support import WAIT, wait_until  # noqa: E402
 
@@ -64,7 +68,15 @@ __all__ = [
 ]
 
 
-class ManagerTests(TaskManagerTests, ServerTests, StopTests, NetworkTests, AddressTests):
+class ManagerTests(
+    TaskManagerTests,
+    ServerTests,
+    StopTests,
+    NetworkTests,
+    AddressTests,
+    ControlTests,
+    SubmitTests,
+):
     """Every conformance test; subclass it and set ``manager_name``.
 
     Capabilities and settings (class attributes, each None by default, meaning "as

@@ -44,6 +44,8 @@ import gevent
 import gevent.monkey
 from gevent.hub import Hub, Waiter
 
+from ._serve import monitoring, start_monitor
+
 __all__ = ["HubLink", "HubOwner", "real_get_ident", "real_lock", "report_blocked_hub"]
 
 log = logging.getLogger("weft.gevent")
@@ -225,6 +227,11 @@ class HubOwner:
         return f"<HubOwner hub={where} users={self._users}>"
 
     @property
+    def link(self) -> HubLink | None:
+        """The hub in use now, if any (none before the first task, or after close)."""
+        return self._link
+
+    @property
     def owns_thread(self) -> bool:
         """True while a hub thread started by this owner is running."""
         return self._thread is not None
@@ -237,6 +244,9 @@ class HubOwner:
             else:
                 self._thread = _HubThread()
                 self._link = self._thread.link
+            assert self._link is not None
+            if monitoring():  # the application's hub may have run before monitoring began
+                self._link.call_soon(start_monitor, self._link.hub)
         assert self._link is not None
         return self._link
 

@@ -30,6 +30,7 @@ from weft_core import TaskShutdown, TaskState, TaskTable, run_task
 
 from ._hub import HubLink, HubOwner
 from ._runtime import GeventRuntime
+from ._serve import watch_blocking
 
 __all__ = ["GeventManager"]
 
@@ -167,10 +168,25 @@ class GeventManager:
     (:class:`~weft_gevent.GeventSocket`); blocking gevent calls in them yield to
     the other connections. Without monkey-patching, the tasks run in a hub thread
     of the manager's own, so stdlib blocking calls in a handler stall every
-    connection: use gevent's modules there, or monkey-patch the application.
+    connection: use gevent's modules there, or monkey-patch the application
+    (``weft serve`` does, unless ``patch=False``).
+
+    ``max_blocking_time``: log the stack of a greenlet that blocks the hub longer than
+    this many seconds (None: as the process set it; weft serve sets 1 s).
     """
 
-    def __init__(self, *, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int | None = None,
+        patch: bool = True,
+        max_blocking_time: float | bool | None = None,
+    ) -> None:
+        # patch is weft serve's (prepare_process): taken here so that one set of
+        # options fits both; a manager made from Python never patches.
+        del patch
+        if max_blocking_time is not None and max_blocking_time is not False:
+            watch_blocking(float(max_blocking_time))
         self._table: TaskTable[_Task] = TaskTable(limit, "gevent manager")
         self._hubs = HubOwner()
         self._runtime = GeventRuntime(self._hubs)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from weft_core import Conformance, ManagerSpec, hookimpl
 
 from ._manager import GeventManager
+from ._serve import prepare_process
 
 
 def _task_name() -> str:
@@ -25,4 +26,5 @@ def weft_managers() -> Iterator[ManagerSpec]:
         description="a greenlet per connection",
         handler_kind="sync",
         conformance=Conformance(task_name=_task_name),
+        prepare_process=prepare_process,
     )

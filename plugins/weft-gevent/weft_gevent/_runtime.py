@@ -25,7 +25,7 @@ from greenlet import getcurrent
 
 from weft_core import HandlerKind, SyncSlots
 
-from ._hub import HubLink, HubOwner, real_get_ident, report_blocked_hub
+from ._hub import HubLink, HubOwner, real_get_ident, real_lock, report_blocked_hub
 
 __all__ = ["GeventRuntime", "GeventSocket"]
 
@@ -161,6 +161,36 @@ class GeventRuntime:
 
     def __init__(self, hubs: HubOwner) -> None:
         self._hubs = hubs
+        #: Thunks other threads gave spawn_soon, waiting for the hub to start them.
+        self._soon: list[Callable[[], object]] = []
+        self._soon_lock = real_lock()
+
+    def spawn_soon(self, thunk: Callable[[], object]) -> None:
+        """Start ``thunk`` in a greenlet of the hub (``Server.submit``); from any thread.
+
+        In the hub's thread it is spawned at once. From another thread it is
+        queued, and only the call that finds the queue empty wakes the hub (one
+        ``run_callback_threadsafe``): one wake-up spawns every thunk queued until
+        the hub drains the queue.
+        """
+        link = self._hubs.link
+        if link is None:
+            raise RuntimeError("weft-gevent: no hub runs (the server is not running)")
+        if link.is_current():
+            gevent.spawn_raw(thunk)
+            return
+        with self._soon_lock:
+            self._soon.append(thunk)
+            first = len(self._soon) == 1
+        if first:
+            link.call_soon(self._start_soon)
+
+    def _start_soon(self) -> None:
+        """Spawn every queued thunk; a callback of the hub's loop."""
+        with self._soon_lock:
+            batch, self._soon = self._soon, []
+        for thunk in batch:
+            gevent.spawn_raw(thunk)
 
     def __repr__(self) -> str:
         return f"<GeventRuntime {self._hubs!r}>"

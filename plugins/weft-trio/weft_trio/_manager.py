@@ -173,6 +173,16 @@ class _Task(TaskState):
         return True
 
 
+async def _light(thunk: Callable[[], Awaitable[object]]) -> None:
+    """Run a ``spawn_soon`` thunk; nothing but the nursery's own cancellation reaches it."""
+    try:
+        await thunk()
+    except trio.Cancelled:
+        raise
+    except BaseException:
+        log.exception("a task started by spawn_soon raised %r; ignored", thunk)
+
+
 def _only_cancellation(exc: BaseException) -> bool:
     """True for ``trio.Cancelled`` and for exception groups made only of it."""
     if isinstance(exc, trio.Cancelled):
@@ -198,7 +208,10 @@ class TrioManager:
         self._table: TaskTable[_Task] = TaskTable(limit, "trio manager")
         self._loop: _Loop | None = None
         self._loop_lock = threading.Lock()
-        self._runtime = TrioRuntime(self._close_loop, self._run_in_loop)
+        self._runtime = TrioRuntime(self._close_loop, self._run_in_loop, self._spawn_soon)
+        #: Thunks other threads gave spawn_soon, waiting for the trio thread to start them.
+        self._soon: list[Callable[[], Awaitable[object]]] = []
+        self._soon_lock = threading.Lock()
 
     @property
     def limit(self) -> int | None:
@@ -445,6 +458,41 @@ class TrioManager:
                     return ran.wait(timeout)
         fn()
         return True
+
+    def _spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Start ``thunk`` as a light task of the nursery (``Server.submit``); any thread.
+
+        In the trio thread it starts at once. From another thread it is queued, and
+        only the call that finds the queue empty wakes the loop
+        (``TrioToken.run_sync_soon``, which writes to trio's wake-up socket): one
+        wake-up starts every thunk queued until the loop drains the queue.
+        """
+        loop: _Loop | None = getattr(_thread, "loop", None)
+        if loop is not None and loop.owner is self and loop.nursery is not None:
+            loop.nursery.start_soon(_light, thunk)
+            return
+        with self._loop_lock:
+            loop = self._loop
+        if loop is None or loop.token is None:
+            raise RuntimeError("weft-trio: no trio thread runs (the server is not running)")
+        with self._soon_lock:
+            self._soon.append(thunk)
+            first = len(self._soon) == 1
+        if first:
+            try:
+                loop.token.run_sync_soon(self._start_soon, loop)
+            except trio.RunFinishedError:
+                with self._soon_lock:
+                    self._soon.clear()  # nothing runs there any more: the server cancels them
+
+    def _start_soon(self, loop: _Loop) -> None:
+        """Start every queued thunk in ``loop``'s nursery; a run_sync_soon callback."""
+        with self._soon_lock:
+            batch, self._soon = self._soon, []
+        if loop.nursery is None:
+            return
+        for thunk in batch:
+            loop.nursery.start_soon(_light, thunk)
 
     def _close_loop(self) -> None:
         """End the trio thread, if one runs: cancel every task, then join it."""

@@ -140,9 +140,19 @@ class TrioRuntime:
         self,
         close: Callable[[], None],
         run_in_loop: Callable[[Callable[[], object], float | None], bool],
+        spawn_soon: Callable[[Callable[[], Awaitable[object]]], None],
     ) -> None:
         self._close = close
         self._run_in_loop = run_in_loop
+        self._spawn_soon = spawn_soon
+
+    def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Start ``thunk`` as a task of the manager's nursery; from any thread, batched.
+
+        ``Server.submit`` uses it: from another thread, one wake-up of the trio loop
+        starts every thunk queued meanwhile.
+        """
+        self._spawn_soon(thunk)
 
     def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
         """Run ``fn()`` in the manager's trio thread; True once it has, False after ``timeout``.

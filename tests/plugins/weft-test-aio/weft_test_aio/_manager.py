@@ -307,9 +307,28 @@ class AioListener(AioSocket):
     __slots__ = ()
 
     async def accept(self) -> tuple[AioSocket, Any]:
-        """Wait in the loop for a connection; returns it and the peer's address."""
-        conn, address = await asyncio.get_running_loop().sock_accept(self.sock)
-        return AioSocket(conn), address
+        """Wait in the loop for a connection; returns it and the peer's address.
+
+        Waits for the listener to be readable, then accepts in this task: cancelled
+        (a pause, a stop), it can only be cancelled while waiting, never holding a
+        connection. ``loop.sock_accept`` accepts in a loop callback, and one that runs
+        just after the cancellation drops the connection it accepted.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = self.sock.accept()
+            except BlockingIOError:
+                pass
+            else:
+                conn.setblocking(False)
+                return AioSocket(conn), address
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.sock.fileno(), _wake, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(self.sock.fileno())
 
 
 class AioStream:

@@ -1,0 +1,396 @@
+"""Tests of what is specific to the asyncio manager.
+
+The generic behaviour is weft_core's conformance suite (test_conformance.py); these
+cover the asyncio side: serving inside an application's running loop (and stopping
+from it without blocking it), uvloop, cancellation at phase 3, a handler awaiting
+``asyncio.sleep`` while others are served, and the stream's asyncio and trio
+methods. Real sockets on loopback; waits on events with timeouts, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import weft_core
+from weft_asyncio import AsyncioManager, AsyncioRuntime, AsyncioStream
+from weft_core import ConfigError, Server, TaskManager, current_connection, shutdown_requested
+
+pytestmark = pytest.mark.timeout(30)
+
+#: Generous upper bound for anything that should happen "at once".
+WAIT = 5.0
+
+
+def connect(server: Server) -> socket.socket:
+    """A blocking client connected to ``server``, with a timeout."""
+    sock = socket.create_connection(("127.0.0.1", int(server.port)), timeout=WAIT)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def echo(stream: AsyncioStream) -> None:
+    while data := await stream.read(65536):
+        stream.write(data)
+        await stream.drain()
+
+
+@pytest.fixture
+def manager() -> Iterator[AsyncioManager]:
+    m = AsyncioManager()
+    yield m
+    m.runtime.close()
+
+
+# -- registration and options ---------------------------------------------------------
+
+
+def test_registered_as_asyncio_with_async_handlers() -> None:
+    """The plugin provides ``asyncio``, an async manager, made by name with options."""
+    spec = weft_core.available_managers()["asyncio"]
+    assert spec.handler_kind == "async"
+    assert spec.distribution == "weft-asyncio"
+    m = weft_core.create_manager("asyncio", limit=2)
+    assert isinstance(m, AsyncioManager)
+    assert isinstance(m, TaskManager)
+    assert isinstance(m.runtime, AsyncioRuntime)
+    weft_core.check_runtime(m.runtime)
+    assert m.limit == 2
+
+
+def test_unknown_loop_names_the_choices() -> None:
+    """loop= other than asyncio or uvloop fails naming both."""
+    with pytest.raises(ConfigError, match="'asyncio', 'uvloop'"):
+        weft_core.create_manager("asyncio", loop="tokio")
+
+
+def test_uvloop_missing_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """loop="uvloop" without uvloop installed names the extra that brings it."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'weft-asyncio\[uvloop\]'"):
+        weft_core.create_manager("asyncio", loop="uvloop")
+
+
+def test_no_thread_until_the_first_task() -> None:
+    """The loop thread starts lazily, at the first add_task, and close() ends it."""
+    before = threading.active_count()
+    m = AsyncioManager()
+    assert threading.active_count() == before
+    ran = threading.Event()
+
+    async def task() -> None:
+        ran.set()
+
+    m.add_task(task)
+    assert ran.wait(WAIT)
+    assert m.loop is not None
+    m.runtime.close()
+    assert threading.active_count() == before
+    assert m.loop is None
+
+
+# -- uvloop ---------------------------------------------------------------------------
+
+
+def test_uvloop_serves_on_a_uvloop_loop() -> None:
+    """With loop="uvloop", handlers run on uvloop's loop and are served like any other."""
+    pytest.importorskip("uvloop")
+    seen: list[str] = []
+
+    async def handler(stream: AsyncioStream) -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+        await echo(stream)
+
+    options = {"loop": "uvloop"}
+    with (
+        Server(handler, manager="asyncio", manager_options=options) as server,
+        connect(server) as client,
+    ):
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+    assert seen and seen[0].startswith("uvloop"), seen
+
+
+# -- the application's own loop -----------------------------------------------------
+
+
+def test_serves_inside_the_applications_running_loop() -> None:
+    """run() from a coroutine serves on that loop, beside the application's own tasks.
+
+    The handler uses an asyncio.Queue of the application's loop (a stand-in for a
+    database pool), which only works on that loop; the application's ticker keeps
+    ticking while connections are served; stop() from the loop returns at once
+    without blocking it, and the stop completes.
+    """
+
+    async def app() -> None:
+        loop = asyncio.get_running_loop()
+        pool: asyncio.Queue[str] = asyncio.Queue()
+        pool.put_nowait("connection-from-the-pool")
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        async def handler(stream: AsyncioStream) -> None:
+            assert asyncio.get_running_loop() is loop, "served on the application's loop"
+            item = await pool.get()  # would fail on any other loop
+            try:
+                line = await stream.readline()
+                stream.write(item.encode() + b" " + line)
+                await stream.drain()
+                await stream.read()  # until the client ends, or the stop ends the input
+            finally:
+                pool.put_nowait(item)
+
+        tick_task = asyncio.create_task(ticker())
+        server = Server(handler, manager="asyncio")
+        server.run()  # returns at once: the acceptor is a task of this loop
+        assert server.task_manager.loop is loop  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"hello\n")
+        assert await asyncio.wait_for(reader.readline(), WAIT) == (
+            b"connection-from-the-pool hello\n"
+        )
+        before = ticks
+        await asyncio.sleep(0.05)
+        assert ticks > before, "the application's own task must keep running"
+        began = time.monotonic()
+        assert server.stop(timeout=WAIT) is False  # started in a thread; must not block
+        assert time.monotonic() - began < 0.5, "stop() on the loop must not block it"
+        assert await asyncio.wait_for(reader.read(), WAIT) == b"", "the stop ends the connection"
+        assert await asyncio.to_thread(server.wait, WAIT), "the stop must complete"
+        assert server.stopped and server.socket is None
+        assert server.stats()["left_behind"] == 0
+        writer.close()
+        tick_task.cancel()
+
+    asyncio.run(app())
+
+
+def test_stop_accepting_on_the_applications_loop_does_not_block() -> None:
+    """stop_accepting() from the serving loop closes the listener without blocking the loop."""
+
+    async def app() -> None:
+        server = Server(echo, manager="asyncio")
+        server.run()
+        port = server.port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        began = time.monotonic()
+        server.stop_accepting()
+        assert time.monotonic() - began < 0.5
+        writer.write(b"still served")
+        assert await asyncio.wait_for(reader.readexactly(12), WAIT) == b"still served"
+        writer.close()
+        assert await asyncio.to_thread(server.wait, WAIT)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    asyncio.run(app())
+
+
+def test_stop_task_on_the_loop_says_to_await_astop_task() -> None:
+    """stop_task() on the manager's loop would deadlock: it raises; astop_task works there."""
+
+    async def app() -> None:
+        manager = AsyncioManager()
+        started = asyncio.Event()
+
+        async def waits() -> None:
+            started.set()
+            while not shutdown_requested():
+                await asyncio.sleep(0.01)
+
+        task_id = manager.add_task(waits)
+        await asyncio.wait_for(started.wait(), WAIT)
+        with pytest.raises(RuntimeError, match="astop_task"):
+            manager.stop_task(task_id)
+        assert await manager.astop_task(task_id, timeout=WAIT) is True
+        assert manager.all_tasks() == []
+        manager.runtime.close()
+
+    asyncio.run(app())
+
+
+# -- cancellation and concurrency ------------------------------------------------------
+
+
+def test_phase_3_cancels_a_handler_that_ignores_the_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler deaf to its flag and its input is cancelled once the timeout runs out.
+
+    It sees CancelledError (its finally runs), the manager swallows it as it swallows
+    TaskShutdown (nothing logged as an error), and the stop returns within the bound.
+    """
+    cancelled = threading.Event()
+    entered = threading.Event()
+
+    async def deaf(stream: AsyncioStream) -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    server = Server(deaf, manager="asyncio")
+    server.run()
+    with connect(server):
+        assert entered.wait(WAIT)
+        began = time.monotonic()
+        with caplog.at_level(logging.ERROR):
+            assert server.stop(timeout=0.2) is False
+        assert time.monotonic() - began < 0.2 + 2.0
+    assert cancelled.is_set(), "the handler must see CancelledError"
+    assert server.stats()["left_behind"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+def test_a_sleeping_handler_does_not_hold_up_others() -> None:
+    """A handler awaiting asyncio.sleep leaves the loop free: other clients are served."""
+    sleeping = threading.Event()
+
+    async def handler(stream: AsyncioStream) -> None:
+        first = await stream.readexactly(1)
+        if first == b"s":
+            sleeping.set()
+            await asyncio.sleep(3600)
+        stream.write(first)
+        await echo(stream)
+
+    with Server(handler, manager="asyncio") as server, connect(server) as sleeper:
+        sleeper.sendall(b"s")
+        assert sleeping.wait(WAIT)
+        for _ in range(3):
+            with connect(server) as other:
+                other.sendall(b"e-ok")
+                assert recv_exactly(other, 4) == b"e-ok"
+        server.stop(timeout=0.1)
+
+
+# -- the stream ------------------------------------------------------------------------
+
+
+def test_stream_reads_as_an_asyncio_stream_reader() -> None:
+    """readline, readuntil, readexactly, read(n), read() and at_eof behave as StreamReader's."""
+    results: dict[str, Any] = {}
+    done = threading.Event()
+
+    async def handler(stream: AsyncioStream) -> None:
+        try:
+            results["line"] = await stream.readline()
+            results["until"] = await stream.readuntil(b";")
+            results["exactly"] = await stream.readexactly(3)
+            results["rest"] = await stream.read()
+            results["eof"] = stream.at_eof()
+            try:
+                await stream.readexactly(1)
+            except asyncio.IncompleteReadError as exc:
+                results["incomplete"] = exc.partial
+        finally:
+            done.set()
+
+    with Server(handler, manager="asyncio") as server, connect(server) as client:
+        client.sendall(b"line one\nab;xyzthe rest")
+        client.shutdown(socket.SHUT_WR)
+        assert done.wait(WAIT)
+    assert results == {
+        "line": b"line one\n",
+        "until": b"ab;",
+        "exactly": b"xyz",
+        "rest": b"the rest",
+        "eof": True,
+        "incomplete": b"",
+    }
+
+
+def test_a_handler_written_for_trio_runs_unchanged() -> None:
+    """receive_some, send_all, send_eof and aclose as on trio's SocketStream; current_connection works."""
+    peers: list[Any] = []
+
+    async def trio_style(stream: Any) -> None:
+        peers.append(current_connection().peer)
+        data = await stream.receive_some(1024)
+        await stream.send_all(data.upper())
+        await stream.send_eof()
+        assert await stream.receive_some() == b""
+        await stream.aclose()
+
+    with Server(trio_style, manager="asyncio") as server, connect(server) as client:
+        client.sendall(b"shout")
+        assert recv_exactly(client, 5) == b"SHOUT"
+        assert client.recv(10) == b"", "send_eof must half-close"
+        client.shutdown(socket.SHUT_WR)
+    assert peers and peers[0][0] == "127.0.0.1"
+
+
+def test_writes_before_the_first_read_go_out_first() -> None:
+    """A greeting written before any await is sent, in order, ahead of later writes."""
+
+    async def greeter(stream: AsyncioStream, greeting: bytes) -> None:
+        stream.write(greeting)
+        stream.write(b"-")
+        await stream.drain()
+        await echo(stream)
+
+    with Server(greeter, args=(b"hi",), manager="asyncio") as server, connect(server) as client:
+        assert recv_exactly(client, 3) == b"hi-"
+        client.sendall(b"x")
+        assert recv_exactly(client, 1) == b"x"
+
+
+def test_a_reply_written_without_any_await_is_sent() -> None:
+    """write() then return, with no await at all: the bytes still reach the client."""
+
+    async def bye(stream: AsyncioStream) -> None:
+        stream.write(b"bye")
+        stream.close()
+
+    with Server(bye, manager="asyncio") as server, connect(server) as client:
+        assert recv_exactly(client, 3) == b"bye"
+        assert client.recv(1) == b""
+
+
+def test_nodelay_false_is_kept() -> None:
+    """The transport turns TCP_NODELAY on; nodelay=False must still leave it off."""
+    seen: list[int] = []
+
+    async def handler(stream: AsyncioStream) -> None:
+        await stream.read(1)
+        seen.append(int(stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+
+    for nodelay in (False, True):
+        server = Server(handler, manager="asyncio", nodelay=nodelay)
+        with server, connect(server) as client:
+            client.sendall(b"x")
+            client.recv(1)  # b"" once the handler returned
+    assert seen == [0, 1]
+
+
+def test_idle_timeout_ends_a_silent_connection() -> None:
+    """With idle_timeout, a read waiting that long raises TimeoutError and the connection closes."""
+    with Server(echo, manager="asyncio", idle_timeout=0.2) as server:
+        with connect(server) as client:
+            client.sendall(b"a")
+            assert recv_exactly(client, 1) == b"a"
+            assert client.recv(1) == b"", "the server must close the idle connection"
+        assert server.stats()["idle_timeouts"] == 1

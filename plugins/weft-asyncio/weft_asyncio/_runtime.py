@@ -1,0 +1,295 @@
+"""AsyncioRuntime: the asyncio-native operations weft's server needs (``AsyncRuntime``).
+
+The server's one accept loop and one connection wrapper, written once in
+``weft_core``, run on :class:`~weft_asyncio.AsyncioManager`'s loop through this
+object: it adopts the listening socket (:class:`AsyncioListener`, accepting with
+the loop's reader callbacks), counts connection slots (:class:`AsyncioSlots`), and
+wraps each accepted socket in an :class:`~weft_asyncio.AsyncioStream`, which is what
+a handler receives.
+
+What does not live here: the loop and the tasks (``_manager.py``), the stream
+(``_stream.py``). Every coroutine below runs on the manager's loop; ``release``,
+``run_in_loop`` and ``close`` may be called from anywhere.
+"""
+
+from __future__ import annotations
+
+import _socket
+import asyncio
+import math
+import socket
+import ssl
+import sys
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from weft_core import AsyncRuntime, HandlerKind
+
+from ._stream import AsyncioStream
+
+if TYPE_CHECKING:
+    from ._manager import AsyncioManager
+
+__all__ = ["AsyncioListener", "AsyncioRuntime", "AsyncioSlots", "AsyncioSocket"]
+
+T = TypeVar("T")
+
+#: How many connections the acceptor takes in a row before it lets other tasks run:
+#: ``asyncio.start_server``'s own batch (its accept callback takes up to ``backlog``,
+#: 100 by default, per wake-up). Under a flood, the handlers still get the loop.
+ACCEPT_BURST = 100
+
+
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` is readable, through the running loop's reader callbacks."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _ready, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
+
+
+def _ready(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+# socket.socket's ``family`` and ``type`` properties build an enum member on every
+# read (about a microsecond each); the server reads them several times per
+# connection. These tables give the same members for a dictionary lookup.
+_FAMILIES = {int(f): f for f in socket.AddressFamily}
+_KINDS = {int(k): k for k in socket.SocketKind}
+_raw_family = _socket.socket.family
+_raw_type = _socket.socket.type
+
+
+class AsyncioSocket(socket.socket):
+    """An accepted connection's socket, non-blocking, with an awaitable ``recv``.
+
+    A plain socket in every other way (the stream's transport uses ``recv_into`` and
+    ``send``). ``recv`` is awaited, as on a trio socket: the server reads a PROXY
+    header with it before the stream exists. No slots of its own: it costs what a
+    socket costs.
+    """
+
+    __slots__ = ()
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """The address family, as ``socket.socket.family`` gives it (from a table)."""
+        raw: int = _raw_family.__get__(self)
+        return _FAMILIES.get(raw) or socket.AddressFamily(raw)
+
+    @property
+    def type(self) -> socket.SocketKind:
+        """The socket type, as ``socket.socket.type`` gives it (from a table)."""
+        raw: int = _raw_type.__get__(self)
+        return _KINDS.get(raw) or socket.SocketKind(raw)
+
+    async def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
+        """Receive up to ``bufsize`` bytes, waiting on the loop for them."""
+        while True:
+            try:
+                return socket.socket.recv(self, bufsize, flags)
+            except (BlockingIOError, InterruptedError):
+                await _readable(self.fileno())
+
+
+class AsyncioListener(AsyncioSocket):
+    """The listening socket, non-blocking, whose ``accept`` is awaited on the loop.
+
+    ``server.socket`` is this object: a socket for ``getsockname``, ``getsockopt``
+    and ``fileno``.
+    """
+
+    __slots__ = ("_burst", "_kind")
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.setblocking(False)
+        self._burst = 0
+        #: What each accepted socket is made with, read once.
+        self._kind = (self.family, self.type, self.proto)
+
+    async def accept(self) -> tuple[AsyncioSocket, Any]:  # type: ignore[override]
+        """Wait for a connection; return its socket (non-blocking) and the peer's address.
+
+        Raises OSError as ``accept(2)`` fails (``EMFILE`` ...). Takes up to
+        ``ACCEPT_BURST`` waiting connections in a row, then lets the loop run others.
+        """
+        if self._burst >= ACCEPT_BURST:
+            self._burst = 0
+            await asyncio.sleep(0)
+        while True:
+            try:
+                fd, address = self._accept()  # type: ignore[attr-defined]
+                break
+            except (BlockingIOError, InterruptedError):
+                self._burst = 0
+                await _readable(self.fileno())
+        self._burst += 1
+        sock = AsyncioSocket(*self._kind, fileno=fd)
+        sock.setblocking(False)
+        return sock, address
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class AsyncioSlots:
+    """Connection slots: taken on the loop, released from the loop or any thread."""
+
+    __slots__ = ("_free", "_lock", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._lock = threading.Lock()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<AsyncioSlots free={self._free}>"
+
+    def acquire_nowait(self) -> bool:
+        """Take a slot if one is free; True if taken."""
+        with self._lock:
+            if self._free > 0:
+                self._free -= 1
+                return True
+            return False
+
+    async def acquire_within(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: forever) for a slot; True if taken."""
+        if self.acquire_nowait():
+            return True
+        if timeout is not None and (math.isnan(timeout) or timeout <= 0):
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._lock:
+                if self._free > 0:
+                    self._free -= 1
+                    return True
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+            timer = None if deadline is None else loop.call_at(deadline, _ready, waiter)
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                with self._lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+            if deadline is not None and loop.time() >= deadline:
+                return self.acquire_nowait()
+
+    def release(self) -> None:
+        """Free one slot and wake the longest waiter; safe from any thread."""
+        with self._lock:
+            self._free += 1
+            waiter = self._waiters.popleft() if self._waiters else None
+        if waiter is not None:
+            loop = waiter.get_loop()
+            if _in_loop(loop):
+                _ready(waiter)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_ready, waiter)
+                except RuntimeError:  # its loop is closed: nobody waits any more
+                    pass
+
+
+class AsyncioRuntime(AsyncRuntime):
+    """Non-blocking sockets on the manager's loop, :class:`AsyncioStream` connections.
+
+    Resource handling: :meth:`close` ends the manager's own loop thread (cancelling
+    any task still there) and joins it; on an application's loop it only lets go of
+    it. The next ``add_task`` picks a loop again.
+    """
+
+    kind: HandlerKind = "async"
+    #: A handler gets an AsyncioStream, already a stream: ``Server(stream=True)`` is refused.
+    conn_is_stream = True
+    #: A failed handshake raises ssl.SSLError or ConnectionError: OSErrors already.
+    tls_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, manager: AsyncioManager) -> None:
+        self._manager = manager
+
+    def __repr__(self) -> str:
+        return "<AsyncioRuntime>"
+
+    def adopt_listener(self, sock: socket.socket) -> AsyncioListener:
+        """The listening socket as an :class:`AsyncioListener` (takes ``sock``'s descriptor)."""
+        return AsyncioListener(sock)
+
+    def wake_listener(self, listener: Any) -> None:
+        """Nothing to do: the manager cancels the acceptor when it stops it."""
+
+    def run_in_loop(self, fn: Callable[[], object], timeout: float | None = None) -> bool:
+        """Run ``fn()`` on the manager's loop; True once it has, False after ``timeout``.
+
+        The stop's batch of ``shutdown`` calls: one hop instead of a GIL hand-off per
+        socket. In the loop's thread, or with no loop, ``fn()`` runs here.
+        """
+        return self._manager.run_in_loop(fn, timeout)
+
+    def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Start ``thunk()`` as a task of the loop, from any thread (``Server.submit``).
+
+        Not one of the manager's tasks: no id, no limit. Calls from other threads are
+        batched, one wake-up of the loop per batch (``weft_core.SpawnsSoon``).
+        """
+        self._manager.spawn_soon(thunk)
+
+    def slots(self, n: int) -> AsyncioSlots:
+        """``n`` connection slots."""
+        return AsyncioSlots(n)
+
+    async def sleep(self, seconds: float) -> None:
+        """``asyncio.sleep``."""
+        await asyncio.sleep(seconds)
+
+    def wrap_connection(
+        self, sock: AsyncioSocket, idle_timeout: float | None = None
+    ) -> AsyncioStream:
+        """The :class:`AsyncioStream` a handler receives (its transport is made on first use)."""
+        return AsyncioStream(sock, idle_timeout)
+
+    def wrap_tls(self, stream: AsyncioStream, context: ssl.SSLContext) -> AsyncioStream:
+        """The same stream, its transport to be made with TLS by ``do_handshake()``."""
+        stream._tls = context
+        return stream
+
+    if sys.version_info >= (3, 11):
+
+        async def within(self, seconds: float, fn: Callable[[], Awaitable[T]]) -> T:
+            """``await fn()``, raising ``TimeoutError`` after ``seconds``."""
+            async with asyncio.timeout(seconds):
+                return await fn()
+
+    else:  # pragma: no cover - Python 3.10
+
+        async def within(self, seconds: float, fn: Callable[[], Awaitable[T]]) -> T:
+            """``await fn()``, raising ``TimeoutError`` after ``seconds``."""
+            try:
+                return await asyncio.wait_for(fn(), seconds)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"timed out after {seconds}s") from None
+
+    async def aclose(self, conn: AsyncioStream) -> None:
+        """Close the stream (see :meth:`AsyncioStream.aclose`)."""
+        await conn.aclose()
+
+    def close(self) -> None:
+        """End the manager's own loop thread, or let go of the application's loop."""
+        self._manager.close_loop()

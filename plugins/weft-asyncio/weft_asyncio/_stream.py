@@ -1,0 +1,532 @@
+"""AsyncioStream: what a handler receives, one object that is protocol, reader and writer.
+
+``asyncio.start_server`` makes four objects per connection besides the transport (a
+``StreamReaderProtocol``, a ``StreamReader``, its buffer and a ``StreamWriter``). An
+:class:`AsyncioStream` is all of them at once: the transport's protocol, the
+reading side of ``asyncio.StreamReader`` (``read``, ``readline``, ``readexactly``,
+``readuntil``, ``at_eof``) and the writing side of
+``asyncio.StreamWriter`` (``write``, ``writelines``, ``drain``, ``close``,
+``wait_closed``, ``get_extra_info``), plus trio's ``SocketStream`` methods
+(``receive_some``, ``send_all``, ``send_eof``, ``aclose``, ``socket``), so that a
+handler written for either runs unchanged.
+
+Receiving goes through ``asyncio.BufferedProtocol``: the transport reads into one
+scratch buffer per loop thread, and the stream keeps only the bytes not yet read.
+An idle connection holds an empty ``bytearray`` and no other buffer.
+
+The transport is made on first use (the first read, ``drain`` or the TLS handshake):
+making it is awaited (``loop.connect_accepted_socket``), while the server hands the
+stream over synchronously. Bytes written before that wait in the stream and go out
+as soon as the transport exists, at the latest when the stream is closed.
+
+What does not live here: the loop, the tasks and the sockets (``_runtime.py``,
+``_manager.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+__all__ = ["AsyncioStream"]
+
+#: What one receive asks the kernel for, and what ``receive_some()`` returns at most
+#: without an argument: ``asyncio.StreamReader``'s default limit.
+CHUNK = 2**16
+#: ``readline``/``readuntil`` give up (``LimitOverrunError``) on a line longer than
+#: this, and reading pauses while this many bytes wait unread, twice over:
+#: ``asyncio.StreamReader``'s defaults (``limit=2**16``, paused at ``2 * limit``).
+LIMIT = 2**16
+#: How long closing waits for unsent bytes (or TLS's close_notify) to go out before
+#: it aborts the connection: a peer that stopped reading must not keep the
+#: descriptor open after its task ended.
+CLOSE_WAIT = 2.0
+
+#: See :meth:`AsyncioStream.connection_lost`.
+_CACHED_READ_CALLBACK = sys.version_info < (3, 12)
+
+_scratch = threading.local()
+
+
+def _scratch_buffer() -> memoryview:
+    """This thread's receive buffer: one per loop thread, shared by its connections."""
+    try:
+        view: memoryview = _scratch.view
+    except AttributeError:
+        view = _scratch.view = memoryview(bytearray(CHUNK))
+    return view
+
+
+def _expire(waiter: asyncio.Future[None], message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(message))
+
+
+def _wake(waiter: asyncio.Future[None] | None, exc: BaseException | None = None) -> None:
+    if waiter is not None and not waiter.done():
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+
+
+class AsyncioStream(asyncio.BufferedProtocol):
+    """A connection as asyncio streams and trio's ``SocketStream`` present one.
+
+    Reading: ``await read(n=-1)``, ``readline()``, ``readexactly(n)``,
+    ``readuntil(separator)``, ``receive_some(max_bytes=None)`` (``b""`` at end of
+    input), ``at_eof()``, ``async for chunk in stream`` (chunks, as on trio). Writing: ``write(data)``
+    then ``await drain()`` (back-pressure), or ``await send_all(data)``;
+    ``await send_eof()`` half-closes. ``close()`` / ``await aclose()``.
+    ``socket`` is the connection's socket (for ``setsockopt``, ``getpeername``).
+
+    Error handling: with ``idle_timeout``, a read that waits that long for data, or a
+    ``drain`` that waits that long for the peer to read, raises ``TimeoutError``. A
+    reset connection raises ``ConnectionResetError`` from the next read or ``drain``.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_closer",
+        "_drainer",
+        "_eof",
+        "_error",
+        "_idle",
+        "_loop",
+        "_lost",
+        "_paused",
+        "_pending",
+        "_reading_paused",
+        "_scratch",
+        "_tls",
+        "_transport",
+        "_waiter",
+        "socket",
+    )
+
+    def __init__(self, sock: socket.socket, idle_timeout: float | None = None) -> None:
+        self.socket = sock
+        self._loop = asyncio.get_running_loop()
+        self._scratch = _scratch_buffer()
+        self._buffer = bytearray()
+        self._transport: asyncio.BaseTransport | None = None
+        self._idle = idle_timeout
+        self._tls: ssl.SSLContext | None = None
+        self._eof = False
+        self._lost = False
+        self._error: BaseException | None = None
+        self._paused = False
+        self._reading_paused = False
+        self._pending: bytes | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drainer: asyncio.Future[None] | None = None
+        self._closer: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        try:
+            peer = self.socket.getpeername()
+        except OSError:
+            peer = "closed"
+        return f"<AsyncioStream {peer}>"
+
+    # -- the transport -----------------------------------------------------------------
+
+    async def _connect(self) -> asyncio.BaseTransport:
+        """Make the transport (with the TLS handshake, if ``wrap_tls`` asked for one)."""
+        if self._transport is not None:
+            return self._transport
+        sock = self.socket
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        # The transport turns TCP_NODELAY on; keep the server's nodelay=False.
+        nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else 1
+        transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock, ssl=self._tls)
+        if not nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        return transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The transport exists: send what was written before it did."""
+        self._transport = transport
+        pending, self._pending = self._pending, None
+        if pending:
+            transport.write(pending)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The loop thread's scratch buffer; ``buffer_updated`` copies out what arrived."""
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Keep what arrived and wake the reader; pause reading past ``2 * LIMIT`` unread."""
+        buffer = self._buffer
+        buffer += self._scratch[:nbytes]
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if len(buffer) > 2 * LIMIT and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        """End of input (the peer's FIN, or the server's ``shutdown(SHUT_RD)`` at a stop).
+
+        Returns True: the connection stays open for writing, so a handler can still
+        answer after its input ended.
+        """
+        self._eof = True
+        _wake(self._waiter)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The transport closed: wake every waiter; a reset is raised by the next read."""
+        if _CACHED_READ_CALLBACK:
+            # The selector transport keeps a bound method of itself, a reference cycle
+            # per connection that only the garbage collector frees (CPython issue
+            # gh-100348, fixed in 3.12). It reads no more: dropping it lets reference
+            # counting free the transport and its socket the moment they end.
+            attributes = getattr(self._transport, "__dict__", None)  # uvloop's have none
+            if attributes is not None:
+                attributes.pop("_read_ready_cb", None)
+        self._eof = True
+        self._lost = True
+        if exc is not None:
+            self._error = exc
+        _wake(self._waiter)
+        _wake(self._drainer, exc or ConnectionResetError("Connection lost"))
+        _wake(self._closer)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: ``drain()`` waits."""
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """The transport's buffer drained: wake ``drain()``."""
+        self._paused = False
+        _wake(self._drainer)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _wait_for_data(self, what: str) -> None:
+        """Wait until something was received or the input ended; ``idle_timeout`` bounds it."""
+        if self._waiter is not None:
+            raise RuntimeError(
+                f"{what}() called while another coroutine is already waiting for incoming data"
+            )
+        if self._transport is None:
+            await self._connect()
+            if self._buffer or self._eof:
+                return
+        if self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+        loop = self._loop
+        self._waiter = waiter = loop.create_future()
+        timer = None
+        if self._idle is not None:
+            timer = loop.call_later(
+                self._idle,
+                _expire,
+                waiter,
+                f"no data from the peer for {self._idle:g}s (idle_timeout)",
+            )
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _failure(self) -> BaseException | None:
+        """What broke the connection, if anything did (a reset)."""
+        return self._error
+
+    def _take(self, n: int) -> bytes:
+        buffer = self._buffer
+        if len(buffer) <= n:
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(memoryview(buffer)[:n])
+            del buffer[:n]
+        if self._reading_paused and len(buffer) <= LIMIT:
+            self._reading_paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (``b""`` at end of input); with ``n < 0``, all until end of input."""
+        if self._error is not None:
+            raise self._error
+        if n == 0:
+            return b""
+        if n < 0:
+            chunks = []
+            while chunk := await self.read(LIMIT):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        if not self._buffer and not self._eof:
+            await self._wait_for_data("read")
+            error = self._failure()  # a reset while waiting
+            if error is not None and not self._buffer:
+                raise error
+        return self._take(n)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """trio's: up to ``max_bytes`` (default 64 KiB), ``b""`` at end of input."""
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        return await self.read(max_bytes or CHUNK)
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; ``asyncio.IncompleteReadError`` if the input ends first."""
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        if self._error is not None:
+            raise self._error
+        while len(self._buffer) < n:
+            if self._eof:
+                partial = self._take(len(self._buffer))
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait_for_data("readexactly")
+        return self._take(n)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        """Bytes up to and including ``separator``, as ``StreamReader.readuntil``.
+
+        ``asyncio.IncompleteReadError`` if the input ends first (with what was read),
+        ``asyncio.LimitOverrunError`` past ``LIMIT`` bytes (the bytes stay unread).
+        """
+        seplen = len(separator)
+        if seplen == 0:
+            raise ValueError("Separator should be at least one-byte string")
+        if self._error is not None:
+            raise self._error
+        offset = 0
+        while True:
+            buffer = self._buffer
+            found = buffer.find(separator, offset)
+            if found >= 0:
+                break
+            offset = max(0, len(buffer) + 1 - seplen)
+            if offset > LIMIT:
+                raise asyncio.LimitOverrunError(
+                    "Separator is not found, and chunk exceed the limit", offset
+                )
+            if self._eof:
+                raise asyncio.IncompleteReadError(self._take(len(buffer)), None)
+            await self._wait_for_data("readuntil")
+        if found > LIMIT:
+            raise asyncio.LimitOverrunError(
+                "Separator is found, but chunk is longer than limit", found
+            )
+        return self._take(found + seplen)
+
+    async def readline(self) -> bytes:
+        """One line, with its newline (the rest at end of input; ``b""`` after it)."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        except asyncio.LimitOverrunError as exc:
+            buffer = self._buffer
+            if buffer.startswith(b"\n", exc.consumed):
+                del buffer[: exc.consumed + 1]
+            else:
+                buffer.clear()
+            raise ValueError(exc.args[0]) from None
+
+    def at_eof(self) -> bool:
+        """True once the input ended and every byte of it was read."""
+        return self._eof and not self._buffer
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """``async for chunk in stream``: chunks as they arrive, as trio's streams give them.
+
+        Not lines, as ``StreamReader``'s iteration gives: weft's async handlers are
+        written against trio's stream methods, iteration included; ``readline()``
+        reads lines.
+        """
+        chunk = await self.read(CHUNK)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` for sending (``await drain()`` for back-pressure)."""
+        transport = self._transport
+        if transport is not None:
+            transport.write(data)  # type: ignore[attr-defined]
+        else:
+            self._pending = (self._pending or b"") + bytes(data)
+
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Queue every item of ``data`` for sending."""
+        for item in data:
+            self.write(item)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark.
+
+        ``ConnectionResetError`` if the connection was lost; ``TimeoutError`` if the
+        peer read nothing for ``idle_timeout`` seconds.
+        """
+        transport = self._transport or await self._connect()
+        if transport.is_closing() and not self._lost:
+            # A write failed (the peer reset): the transport tells the protocol at
+            # the loop's next turn. Yield to it, as StreamWriter.drain does, so that
+            # this drain raises rather than the handler writing on into the void.
+            await asyncio.sleep(0)
+        if self._lost:
+            raise self._failure() or ConnectionResetError("Connection lost")
+        if not self._paused:
+            return
+        loop = self._loop
+        self._drainer = drainer = loop.create_future()
+        timer = None
+        if self._idle is not None:
+            timer = loop.call_later(
+                self._idle,
+                _expire,
+                drainer,
+                f"the peer stopped reading: nothing could be sent for {self._idle:g}s"
+                " (idle_timeout)",
+            )
+        try:
+            await drainer
+        finally:
+            self._drainer = None
+            if timer is not None:
+                timer.cancel()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """trio's: send all of ``data``, waiting while the peer is slow to read."""
+        self.write(data)
+        await self.drain()
+
+    def can_write_eof(self) -> bool:
+        """True unless the connection is TLS (TLS has no half-close)."""
+        return self._tls is None
+
+    def write_eof(self) -> None:
+        """Half-close after the queued bytes (StreamWriter's; needs the transport)."""
+        if self._transport is None:
+            raise RuntimeError("write_eof() before any I/O; use 'await send_eof()'")
+        self._transport.write_eof()  # type: ignore[attr-defined]
+
+    async def send_eof(self) -> None:
+        """trio's: half-close the connection once the queued bytes are sent."""
+        transport = await self._connect()
+        transport.write_eof()  # type: ignore[attr-defined]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """As ``StreamWriter.get_extra_info`` (``"peername"``, ``"ssl_object"`` ...)."""
+        if self._transport is None:
+            if name == "socket":
+                return self.socket
+            if name == "peername":
+                return self.socket.getpeername()
+            if name == "sockname":
+                return self.socket.getsockname()
+            return default
+        return self._transport.get_extra_info(name, default)
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        """As trio's ``SocketStream``: set an option on the connection's socket."""
+        self.socket.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        """As trio's ``SocketStream``."""
+        if buffersize:
+            return self.socket.getsockopt(level, option, buffersize)
+        return self.socket.getsockopt(level, option)
+
+    # -- TLS details (the server reads them once the handshake is done) --------------------
+
+    async def do_handshake(self) -> None:
+        """Make the transport with TLS (``wrap_tls`` set the context): the handshake."""
+        await self._connect()
+
+    def _ssl_object(self) -> ssl.SSLObject | None:
+        return self.get_extra_info("ssl_object")  # type: ignore[no-any-return]
+
+    def version(self) -> str | None:
+        """The TLS version negotiated, or None."""
+        obj = self._ssl_object()
+        return None if obj is None else obj.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """The TLS cipher negotiated, or None."""
+        obj = self._ssl_object()
+        return None if obj is None else obj.cipher()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The client's certificate, if it sent one."""
+        obj = self._ssl_object()
+        return None if obj is None else obj.getpeercert(binary_form)
+
+    # -- closing -------------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        """True once ``close()`` was called or the connection was lost."""
+        transport = self._transport
+        if transport is None:
+            return self.socket.fileno() < 0
+        return transport.is_closing()
+
+    def close(self) -> None:
+        """Close after the queued bytes are sent (StreamWriter's; ``aclose`` waits).
+
+        Bytes written before the transport exists are left for ``aclose``, which the
+        server calls as the handler ends: it makes the transport to send them.
+        """
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+        elif not self._pending:
+            self.socket.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed (at most ``CLOSE_WAIT``, then abort it)."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close, letting queued bytes (and TLS's goodbye) out for at most ``CLOSE_WAIT``.
+
+        With nothing left to send, the transport closes the descriptor in the loop's
+        next iteration and this returns at once: a stop of ten thousand connections
+        does not wait an iteration for each. Cancelled while waiting, it aborts.
+        """
+        transport = self._transport
+        if transport is None:
+            if not self._pending or self.socket.fileno() < 0:
+                self.socket.close()
+                return
+            try:  # bytes written before any await: send them, then close
+                transport = await self._connect()
+            except BaseException:
+                self.socket.close()
+                raise
+        transport.close()
+        if self._lost:
+            return
+        if self._tls is None and not transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            return
+        loop = self._loop
+        self._closer = closer = loop.create_future()
+        timer = loop.call_later(CLOSE_WAIT, _wake, closer)
+        try:
+            await closer
+        finally:
+            self._closer = None
+            timer.cancel()
+            if not self._lost:
+                transport.abort()  # type: ignore[attr-defined]

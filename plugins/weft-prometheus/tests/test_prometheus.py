@@ -1,0 +1,278 @@
+"""weft-prometheus against real servers: real clients, real scrapes, parsed.
+
+Each test runs ``weft serve`` in its own process with the plugin loaded through its
+entry point, as an installed plugin is, and checks the scraped counts against what
+the test's own clients did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from _prom_serving import BOOM
+from _prom_support import (
+    WAIT,
+    Client,
+    Served,
+    environment,
+    free_port,
+    host_port,
+    scrape,
+    scrape_until,
+    total,
+    weft_serve,
+)
+
+from weft_core import available_managers
+from weft_prometheus import ADDRESS_ENV, parse_address
+from weft_prometheus._metrics import DURATION_BUCKETS
+
+MANAGERS = ["threads", "gevent", "trio", "asyncio"]
+
+
+@pytest.fixture(params=MANAGERS)
+def manager(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name not in available_managers():
+        pytest.skip(f"weft-{name} is not installed")
+    return name
+
+
+def test_counts_equal_what_was_served(manager: str) -> None:
+    """Every count, byte and duration of what the clients did, labelled by manager and address."""
+    metrics = f"127.0.0.1:{free_port()}"
+    served, address = weft_serve(manager, metrics)
+    with served:
+        labels = {"manager": manager, "address": address}
+        # Before any connection the server's series exist, at zero.
+        assert total(scrape(metrics), "weft_connections_opened_total", **labels) == 0
+        clients = []
+        for size in (1, 10, 1000, 70_000):
+            with Client(address) as client:
+                client.echo(b"x" * size)
+            clients.append(client)
+        with Client(address) as failing:
+            failing.send(BOOM)
+            assert failing.file.read() == b""  # the handler raised: closed
+        clients.append(failing)
+        with Client(address) as held:
+            samples = scrape_until(metrics, "weft_connections_open", 1, **labels)
+        clients.append(held)
+
+        n = len(clients)
+        samples = scrape_until(metrics, "weft_connections_closed_total", n, **labels)
+        assert total(samples, "weft_connections_opened_total", **labels) == n
+        assert total(samples, "weft_connections_open", **labels) == 0
+        assert total(samples, "weft_connections_closed_total", how="closed", **labels) == n - 1
+        assert total(samples, "weft_connections_closed_total", how="error", **labels) == 1
+        assert total(samples, "weft_handler_errors_total", **labels) == 1
+        assert total(samples, "weft_received_bytes_total", **labels) == sum(
+            c.sent for c in clients
+        )
+        assert total(samples, "weft_sent_bytes_total", **labels) == sum(
+            c.received for c in clients
+        )
+        assert total(samples, "weft_connection_duration_seconds_count", **labels) == n
+        assert total(samples, "weft_connection_duration_seconds_bucket", le="+Inf", **labels) == n
+        buckets = {dict(lab)["le"] for (name, lab) in samples if name.endswith("_bucket")}
+        assert buckets == {*(str(b) for b in DURATION_BUCKETS), "+Inf"}
+        # No series is ever labelled by peer: only server-level labels and how/reason/le.
+        allowed = {"manager", "address", "how", "reason", "le"}
+        assert all(dict(lab).keys() <= allowed for (_, lab) in samples)
+        assert served.stop() == 0, served.text
+    # The one traceback is the failing handler's; no hook of the plugin raised.
+    assert served.text.count("Traceback") == 1, served.text
+    assert "weft.plugins" not in served.text, served.text
+
+
+def test_refusals_counted_by_reason() -> None:
+    """A connection refused at max_connections counts under reason="full"."""
+    metrics = f"127.0.0.1:{free_port()}"
+    served, address = weft_serve("threads", metrics, "--max-connections", "1")
+    with served, Client(address):
+        refused = socket.create_connection(host_port(address), timeout=WAIT)
+        with refused:
+            assert refused.recv(10) == b""  # closed unserved
+        samples = scrape_until(metrics, "weft_connections_refused_total", 1, reason="full")
+        assert total(samples, "weft_connections_opened_total") == 1
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_one_scrape_sums_both(tmp_path: Path) -> None:
+    """Under --workers 2, a scrape during load reports the sum over both workers."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    metrics = f"127.0.0.1:{free_port()}"
+    # The shared directory goes under XDG_RUNTIME_DIR: here, where the test can see it.
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    # A supervisor that is gone (a pid beyond Linux's largest pid_max): swept.
+    ended = runtime / f"weft-prometheus-{os.getuid()}-{2**22 + 1}-1"
+    ended.mkdir()
+    served, address = weft_serve(
+        "threads", metrics, "--workers", "2", env={"XDG_RUNTIME_DIR": str(runtime)}
+    )
+    with served:
+        served.wait_for(r"worker ready on", count=2)
+        done: list[Client] = []
+        lock = threading.Lock()
+
+        def load(count: int) -> None:
+            for i in range(count):
+                with Client(address) as client:
+                    client.echo(b"y" * (1 + i % 50))
+                with lock:
+                    done.append(client)
+
+        # Connections held open across the scrape: the gauge is summed over the workers.
+        held = [Client(address) for _ in range(6)]
+        try:
+            threads = [threading.Thread(target=load, args=(25,)) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            during = scrape(metrics)  # a scrape while the load runs
+            for thread in threads:
+                thread.join(WAIT * 2)
+            assert total(during, "weft_connections_opened_total") >= len(held)
+            samples = scrape_until(metrics, "weft_connections_closed_total", len(done))
+            assert total(samples, "weft_connections_open") == len(held)
+        finally:
+            for client in held:
+                client.close()
+        clients = done + held
+        by_worker = Counter(c.pid for c in clients)
+        assert len(by_worker) == 2, f"one worker served everything: {by_worker}"
+        scrape_until(metrics, "weft_connections_closed_total", len(clients))
+        for _ in range(8):  # each scrape is answered by one worker or the other: all sum
+            samples = scrape(metrics)
+            assert total(samples, "weft_connections_opened_total") == len(clients)
+            assert total(samples, "weft_connections_open") == 0
+            assert total(samples, "weft_received_bytes_total") == sum(c.sent for c in clients)
+            assert total(samples, "weft_sent_bytes_total") == sum(c.received for c in clients)
+        assert "cannot serve metrics" not in served.text
+        (shared,) = runtime.iterdir()  # the old one swept; one for this supervisor
+        assert shared.name.startswith(f"weft-prometheus-{os.getuid()}-{served.proc.pid}-")
+        assert {p.name for p in shared.glob("gauge_livesum_*.db")} == {
+            f"gauge_livesum_{pid}.db" for pid in by_worker
+        }
+        assert served.stop() == 0, served.text
+    assert "Traceback" not in served.text, served.text
+    # Workers that ended cleanly took their live gauges out; their counters stay.
+    assert not list(shared.glob("gauge_livesum_*.db"))
+    assert {p.name for p in shared.glob("counter_*.db")} == {
+        f"counter_{pid}.db" for pid in by_worker
+    }
+
+
+def test_bind_failure_is_one_line_and_the_server_serves_on() -> None:
+    """A metrics address in use: one clear log line, and the server goes on serving."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        served, address = weft_serve("threads", metrics)
+        with served:
+            line = served.wait_for(r".*cannot serve metrics.*")[0].group(0)
+            with Client(address) as client:
+                client.echo(b"still serving")
+            assert served.stop() == 0
+    assert f"on {metrics} ({ADDRESS_ENV}): Address already in use" in line
+    assert len(re.findall("weft-prometheus", served.text)) == 1, served.text
+    assert "Traceback" not in served.text
+
+
+#: Run in a process of its own: a server with the plugin installed, the variable
+#: unset (or wrong); reports what the plugin module holds and what got imported.
+_UNSET = """
+import json, socket, sys
+from weft_core import Server
+import _prom_serving
+server = Server(_prom_serving.handle, manager="threads")
+server.run()
+with socket.create_connection(("127.0.0.1", server.port)) as client:
+    client.recv(100)
+server.stop()
+plugin = sys.modules.get("weft_prometheus._plugin")
+print(json.dumps({
+    "loaded": plugin is not None,
+    "hooks": sorted(n for n in dir(plugin) if n.startswith("weft_")),
+    "prometheus_client": "prometheus_client" in sys.modules,
+}))
+"""
+
+
+@pytest.mark.parametrize("value", [None, "", "no-port-here"])
+def test_unset_or_wrong_registers_no_hook(value: str | None) -> None:
+    """Unset, empty or not HOST:PORT: the plugin loads, implements no hook, imports nothing."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    env = environment(value)
+    done = subprocess.run(
+        [sys.executable, "-c", _UNSET], env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report == {"loaded": True, "hooks": [], "prometheus_client": False}
+    if value == "no-port-here":
+        assert f"{ADDRESS_ENV}='no-port-here' is not HOST:PORT" in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+    else:
+        assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:9100", ("127.0.0.1", 9100)), ("[::1]:9100", ("::1", 9100)),
+     ("localhost:0", ("localhost", 0))],
+)  # fmt: skip
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9100", ":9100", "host:", "host:99999", "::1:9100", "h:x"])
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(
+        ValueError, match=re.escape("is not HOST:PORT; expected e.g. 127.0.0.1:9100")
+    ):
+        parse_address(text)
+
+
+_GEVENT_PATCHED = """
+from gevent import monkey
+monkey.patch_all()
+import select, sys
+from weft_core import Server
+import _prom_serving
+server = Server(_prom_serving.handle, manager="gevent")
+server.run()
+print(server.port, flush=True)
+select.select([sys.stdin], [], [])  # patched: yields to the hub until the test closes it
+server.stop(timeout=5)
+"""
+
+
+def test_under_gevent_monkey_patching() -> None:
+    """With gevent's monkey-patching the endpoint (a greenlet then) answers scrapes."""
+    if "gevent" not in available_managers():
+        pytest.skip("weft-gevent is not installed")
+    metrics = f"127.0.0.1:{free_port()}"
+    served = Served([sys.executable, "-c", _GEVENT_PATCHED], environment(metrics))
+    with served:
+        port = served.wait_for(r"(?m)^(\d+)\n")[0].group(1)
+        with Client(f"127.0.0.1:{port}") as client:
+            client.echo(b"patched")
+        samples = scrape_until(metrics, "weft_connections_closed_total", 1, manager="gevent")
+        assert total(samples, "weft_received_bytes_total") == client.sent
+        assert served.proc.stdin is not None
+        served.proc.stdin.close()
+        assert served.proc.wait(WAIT) == 0, served.text
+    assert "Traceback" not in served.text, served.text

@@ -1,0 +1,148 @@
+"""The scrape endpoint: a small HTTP server in a daemon thread.
+
+One request at a time, each bounded by ``SCRAPE_TIMEOUT`` from accept to the last
+byte of the reply, so a slow or stalled scraper holds the endpoint for at most that
+long and never pins a thread. Only blocking socket calls are used, so under gevent's
+monkey-patching the thread is a greenlet and the calls yield to the hub. The body
+is prometheus-client's ``generate_latest``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+__all__ = ["MAX_REQUEST", "SCRAPE_TIMEOUT", "Exporter"]
+
+log = logging.getLogger("weft_prometheus")
+
+#: The longest one scrape may take, request and reply: Prometheus' default
+#: scrape_timeout is 10 s, so a scraper waits no longer than this anyway.
+SCRAPE_TIMEOUT = 10.0
+#: A scrape's request line and headers fit in far less; more is not a scraper.
+MAX_REQUEST = 8192
+#: Backlog of the metrics socket: scrapers are few.
+_BACKLOG = 16
+#: After an accept error that is not the socket closing (EMFILE), wait this long
+#: rather than spin.
+_ACCEPT_BACKOFF = 0.1
+
+
+class Exporter:
+    """Serves ``registry`` at ``http://HOST:PORT/metrics`` (and ``/``).
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so every worker of one supervisor
+    listens on the same address and the kernel hands each scrape to one of them.
+
+    Error handling: :meth:`open` raises OSError if the address cannot be bound.
+    Resource handling: :meth:`close` closes the socket and ends the thread.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, *, reuse_port: bool
+    ) -> None:
+        self._registry = registry
+        self._where = (host, port)
+        self._reuse_port = reuse_port
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Bind and listen, then answer scrapes in a daemon thread."""
+        host, port = self._where
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock,), name="weft-prometheus", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int | None:
+        """The port bound, or None while closed."""
+        return None if self._sock is None else int(self._sock.getsockname()[1])
+
+    def close(self) -> None:
+        """Stop listening; a scrape being answered finishes within SCRAPE_TIMEOUT."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() the thread waits in
+        except OSError:
+            pass
+        sock.close()
+
+    def _serve(self, sock: socket.socket) -> None:
+        while self._sock is sock:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                if self._sock is not sock:
+                    return
+                time.sleep(_ACCEPT_BACKOFF)
+                continue
+            with conn:
+                try:
+                    self._answer(conn)
+                except OSError:  # the scraper went away or was too slow
+                    pass
+                except Exception:
+                    log.exception("weft-prometheus: cannot answer a scrape")
+
+    def _answer(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + SCRAPE_TIMEOUT
+        head = b""
+        while b"\r\n\r\n" not in head:
+            if len(head) > MAX_REQUEST:
+                return self._reply(conn, deadline, b"431 Request Header Fields Too Large")
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = conn.recv(4096)
+            if not chunk:
+                return None
+            head += chunk
+        method, _, rest = head.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return self._reply(conn, deadline, b"405 Method Not Allowed")
+        if path not in (b"/metrics", b"/"):
+            return self._reply(conn, deadline, b"404 Not Found")
+        body = generate_latest(self._registry)
+        return self._reply(
+            conn, deadline, b"200 OK", body, CONTENT_TYPE_LATEST, send_body=method == b"GET"
+        )
+
+    @staticmethod
+    def _reply(
+        conn: socket.socket,
+        deadline: float,
+        status: bytes,
+        body: bytes | None = None,
+        content_type: str = "text/plain; charset=utf-8",
+        *,
+        send_body: bool = True,
+    ) -> None:
+        if body is None:  # an error: its status line says it all
+            body = status + b"\n"
+        head = (
+            b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status, content_type.encode(), len(body))
+        )
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        conn.sendall(head + body if send_body else head)  # the timeout bounds the whole call

@@ -1,0 +1,189 @@
+"""The hook implementations, and the process-wide state they count into.
+
+Imported only when ``WEFT_PROMETHEUS_ADDRESS`` is set (see ``_plugin``). The metrics
+are made at the first event in the process; the scrape endpoint listens while at
+least one server of the process runs.
+
+One process: the metrics sit in a registry of their own. A worker of
+``weft serve --workers N``: prometheus-client's multiprocess mode, in a directory
+shared by the workers of its supervisor, and every worker binds the metrics address
+with ``SO_REUSEPORT``; whichever answers a scrape reads every worker's files, so
+each scrape reports the sum over all workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from weft_core import hookimpl
+
+from ._address import ADDRESS_ENV, configured_address
+from ._exporter import Exporter
+from ._metrics import Metrics, ServerMetrics
+from ._process import forget_dead_workers, shared_directory, supervisor_pid
+
+if TYPE_CHECKING:
+    from weft_core import ConnectionInfo, Server
+
+__all__ = [
+    "weft_connection_closed",
+    "weft_connection_opened",
+    "weft_connection_refused",
+    "weft_handler_error",
+    "weft_server_started",
+    "weft_server_stopped",
+]
+
+log = logging.getLogger("weft_prometheus")
+
+#: The variable prometheus-client's multiprocess mode reads its directory from.
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class _Process:
+    """What this process shares between its servers: the metrics and the endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.directory: Path | None = None
+        supervisor = supervisor_pid()
+        if supervisor is None:
+            self.metrics = Metrics(self.registry)
+        else:
+            self.directory = _enter_multiprocess(supervisor)
+            self.metrics = Metrics(None)  # written to the directory, read by the collector
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        self.exporter: Exporter | None = None
+        self.running = 0  # servers of this process that run
+
+
+def _enter_multiprocess(supervisor: int) -> Path:
+    """Switch prometheus-client to multiprocess mode in the workers' shared directory.
+
+    A ``PROMETHEUS_MULTIPROC_DIR`` set by the user wins (keeping it tidy is then
+    theirs). The mode must be chosen before the first metric is made; if the
+    application imported prometheus-client already, its value class is swapped.
+    """
+    from prometheus_client import multiprocess, values
+
+    directory = Path(os.environ.get(_MULTIPROC_ENV) or shared_directory(supervisor))
+    os.environ[_MULTIPROC_ENV] = str(directory)
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    for pid in forget_dead_workers(directory):
+        log.info("weft-prometheus: worker %d is gone; its open connections no longer count", pid)
+    # A worker that ends cleanly takes its live gauges out of the sum; counters stay.
+    atexit.register(multiprocess.mark_process_dead, os.getpid(), str(directory))
+    return directory
+
+
+_lock = threading.Lock()
+_process: _Process | None = None
+
+
+def _state() -> _Process:
+    global _process
+    if _process is None:
+        with _lock:
+            if _process is None:
+                _process = _Process()
+    return _process
+
+
+def _of(server: Server) -> ServerMetrics:
+    return _state().metrics.of(server)
+
+
+@hookimpl
+def weft_server_started(server: Server, addresses: list[str]) -> None:
+    """Make the metrics if need be, and listen for scrapes while a server runs."""
+    state = _state()
+    state.metrics.forget(server)
+    state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
+    with _lock:
+        state.running += 1
+        if state.exporter is not None:
+            return
+        try:
+            address = configured_address(os.environ)
+        except ValueError as exc:  # changed since the plugin loaded
+            log.error("weft-prometheus: %s; serving no metrics", exc)
+            return
+        if address is None:  # unset since the plugin loaded: count, serve nothing
+            return
+        # SO_REUSEPORT in one process too: when it hands its sockets to workers (a
+        # reload), they bind the address while it drains, rather than failing.
+        exporter = Exporter(state.registry, *address, reuse_port=True)
+        try:
+            exporter.open()
+        except OSError as exc:
+            log.error(
+                "weft-prometheus: cannot serve metrics on %s (%s): %s; serving without them",
+                os.environ.get(ADDRESS_ENV, "").strip(),
+                ADDRESS_ENV,
+                exc.strerror or exc,
+            )
+            return
+        state.exporter = exporter
+
+
+@hookimpl
+def weft_server_stopped(server: Server, stats: dict[str, Any]) -> None:
+    """Stop listening for scrapes once the process's last server has stopped."""
+    state = _state()
+    with _lock:
+        state.running = max(0, state.running - 1)
+        if state.running == 0 and state.exporter is not None:
+            state.exporter.close()
+            state.exporter = None
+
+
+@hookimpl
+def weft_connection_opened(server: Server, connection: ConnectionInfo) -> None:
+    """Count the connection as opened and open."""
+    metrics = _of(server)
+    metrics.opened.inc()
+    metrics.open.inc()
+
+
+@hookimpl
+def weft_connection_closed(
+    server: Server,
+    connection: ConnectionInfo,
+    duration: float,
+    bytes_in: int | None,
+    bytes_out: int | None,
+    how: str,
+) -> None:
+    """Count the connection as closed (by ``how``), with its duration and bytes."""
+    metrics = _of(server)
+    metrics.open.dec()
+    metrics.closed(how).inc()
+    metrics.duration.observe(duration)
+    if bytes_in:
+        metrics.received.inc(bytes_in)
+    if bytes_out:
+        metrics.sent.inc(bytes_out)
+
+
+@hookimpl
+def weft_connection_refused(server: Server, peer: str, reason: str) -> None:
+    """Count a connection closed unserved, by ``reason`` (never by peer)."""
+    _of(server).refused(reason).inc()
+
+
+@hookimpl
+def weft_handler_error(
+    server: Server, connection: ConnectionInfo, exception: BaseException
+) -> None:
+    """Count a handler that raised."""
+    _of(server).errors.inc()

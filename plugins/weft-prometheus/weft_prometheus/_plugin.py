@@ -1,0 +1,30 @@
+"""The entry point (``weft: prometheus``): the hooks, only when configured.
+
+With ``WEFT_PROMETHEUS_ADDRESS`` unset (or empty) when weft loads its plugins, this
+module holds no hook implementation: the server sees no plugin watching its
+connections, makes no per-connection call, and prometheus-client is never
+imported. A value that is not ``HOST:PORT`` is one error line, and no hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ._address import configured_address
+
+try:
+    _address = configured_address(os.environ)
+except ValueError as exc:
+    logging.getLogger("weft_prometheus").error("weft-prometheus: %s; collecting nothing", exc)
+    _address = None
+
+if _address is not None:
+    from ._hooks import (  # noqa: F401 (pluggy finds them as this module's attributes)
+        weft_connection_closed,
+        weft_connection_opened,
+        weft_connection_refused,
+        weft_handler_error,
+        weft_server_started,
+        weft_server_stopped,
+    )

@@ -1,0 +1,18 @@
+"""Guards for the whole test process."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail the test that monkey-patched this process: every later test would run patched."""
+    result = yield
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
+        pytest.exit(f"{item.nodeid} monkey-patched the test process (gevent.monkey)", 3)
+    return result

@@ -1,0 +1,419 @@
+"""``weft serve`` as gunicorn and uvicorn users type it (issue 19).
+
+Flags from the settings table with gunicorn's spellings, ``$PORT`` and
+``$WEB_CONCURRENCY``, ``--check-config``, exit statuses, logging (zoned times,
+JSON lines, ``--log-config``), ``--pid``, ``--user``/``--group`` and ``--reload``.
+In-process tests use test_cli's fake Server; the rest run ``python -m weft_core
+serve`` for real and read its stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _serving import REPO, Client, Served, environment, free_port, host_port, weft_serve
+from test_cli import _isolated, one_error_line, write_module  # noqa: F401
+from test_cli import fake_server as fake_server  # a fixture, used by name
+
+from weft_core._cli import build_parser, main
+from weft_core._flags import FLAGS, render_flag
+from weft_core._logging import JsonFormatter, TextFormatter
+from weft_core._settings import SETTINGS
+from weft_core._workers import worker_args
+from weft_core.testing._support import wait_until
+
+LISTENING = r"weft: listening on (\S+) \(manager (\S+)\)"
+#: ISO 8601 to the millisecond, with the zone's offset.
+ZONED_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
+
+
+def serve_parser() -> Any:
+    parser = build_parser()
+    return parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+
+
+# -- flags ------------------------------------------------------------------------------
+
+
+def test_every_setting_a_config_file_can_set_is_also_a_flag() -> None:
+    options = {o for action in serve_parser()._actions for o in action.option_strings}
+    for name, setting in SETTINGS.items():
+        if not setting.config or setting.kind.parse is None or name == "handler":
+            continue
+        if name.startswith("manager_options."):
+            assert "-o" in options, name  # -o limit=N
+            continue
+        assert name in FLAGS, f"setting {name!r} is settable in config but has no flag"
+        assert set(FLAGS[name].options) <= options, name
+
+
+def test_gunicorn_spellings_parse() -> None:
+    ns = serve_parser().parse_args(
+        ["app:h", "-b", "0.0.0.0:80", "-b", "fd://3", "-w", "3", "-c", "x.toml", "-k", "gevent",
+         "--backlog", "10", "--reuse-port", "--certfile", "c.pem", "--keyfile", "k.pem",
+         "--ca-certs", "ca.pem", "--trusted-proxies", "10.0.0.0/8", "-p", "app.pid",
+         "-u", "nobody", "-g", "nogroup", "--log-config", "log.toml", "--log-format", "json",
+         "--reload", "--check-config", "--no-nodelay"]
+    )  # fmt: skip
+    got = {k: getattr(ns, k) for k in ("bind", "workers", "config", "manager", "backlog",
+                                       "reuse_port", "tls.certfile", "tls.keyfile", "tls.cafile",
+                                       "trusted_proxies", "pid", "user", "group", "log_config",
+                                       "log_format", "reload", "check_config", "nodelay")}  # fmt: skip
+    assert got == {
+        "bind": ["0.0.0.0:80", "fd://3"], "workers": "3", "config": "x.toml",
+        "manager": "gevent", "backlog": "10", "reuse_port": True, "tls.certfile": "c.pem",
+        "tls.keyfile": "k.pem", "tls.cafile": "ca.pem", "trusted_proxies": "10.0.0.0/8",
+        "pid": "app.pid", "user": "nobody", "group": "nogroup", "log_config": "log.toml",
+        "log_format": "json", "reload": True, "check_config": True, "nodelay": False,
+    }  # fmt: skip
+
+
+@pytest.mark.timeout(20)
+def test_flags_reach_the_server_as_the_table_reads_them(
+    fake_server: dict[str, Any], tmp_path: Path
+) -> None:
+    fake_server["signal_on_run"] = signal.SIGTERM
+    (tmp_path / "c.pem").write_text("")
+    (tmp_path / "k.pem").write_text("")
+    argv = ["serve", "cli_fake_app:handle", "-b", "unix:///tmp/weft-x.sock", "-b", "fd://3",
+            "--backlog", "10", "--reuse-port", "--no-nodelay", "--trusted-proxies",
+            "10.0.0.0/8,unix", "--certfile", "c.pem", "--keyfile", "k.pem"]  # fmt: skip
+    assert main(argv) == 0
+    (server,) = fake_server["made"]
+    assert server.kwargs == {
+        "bind": ["unix:/tmp/weft-x.sock", "fd:3"],
+        "backlog": 10,
+        "reuse_port": True,
+        "nodelay": False,
+        "trusted_proxies": ["10.0.0.0/8", "unix"],
+        "tls": {"certfile": str(tmp_path / "c.pem"), "keyfile": str(tmp_path / "k.pem")},
+    }
+
+
+@pytest.mark.timeout(20)
+def test_without_a_bind_weft_serve_listens_on_8000_or_on_port(
+    fake_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_server["signal_on_run"] = signal.SIGTERM
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    assert main(["serve", "cli_fake_app:handle"]) == 0
+    monkeypatch.setenv("PORT", "5055")
+    assert main(["serve", "cli_fake_app:handle"]) == 0
+    # A bind from any source replaces the default.
+    monkeypatch.setenv("WEFT_BIND", "127.0.0.1:7000")
+    assert main(["serve", "cli_fake_app:handle"]) == 0
+    made = [s.kwargs for s in fake_server["made"]]
+    assert made == [
+        {"address": "127.0.0.1", "port": 8000},
+        {"address": "0.0.0.0", "port": 5055},
+        {"bind": ["127.0.0.1:7000"]},
+    ]
+
+
+def test_switches_and_tls_flags_render_back_for_workers() -> None:
+    flags = {"handler": "app:h", "reuse_port": True, "nodelay": False, "tls.certfile": "c.pem",
+             "trusted_proxies": "10.0.0.0/8", "bind": ["x"], "workers": "4"}  # fmt: skip
+    args = worker_args(flags, "weft.toml")
+    assert args == ["app:h", "--config=weft.toml", "--reuse-port", "--no-nodelay",
+                    "--certfile=c.pem", "--trusted-proxies=10.0.0.0/8", "--workers=1"]  # fmt: skip
+    ns = serve_parser().parse_args(args)
+    assert (ns.reuse_port, ns.nodelay, getattr(ns, "tls.certfile")) == (True, False, "c.pem")
+    assert render_flag("bind", ["a:1", "b:2"]) == "--bind=a:1,b:2"
+
+
+# -- --check-config ------------------------------------------------------------------------
+
+
+def test_check_config_prints_each_setting_with_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    (tmp_path / "weft.toml").write_text("backlog = 64\nidle_timeout = 5\n")
+    monkeypatch.setenv("WEFT_MAX_CONNECTIONS", "9")
+    monkeypatch.setenv("WEFT_MAX_CONECTIONS", "9")  # a typo: a warning, not a refusal
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    monkeypatch.delenv("PORT", raising=False)
+    argv = ["serve", "checked_app:handle", "--check-config", "--idle-timeout", "3",
+            "--shutdown-port", "0", "--shutdown-secret", "s3cret"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    lines = dict(line.split(" = ", 1) for line in out.splitlines())
+    assert lines["backlog"] == f"64  # file {tmp_path / 'weft.toml'}"
+    assert lines["idle_timeout"] == "3.0  # flag --idle-timeout"  # the flag beats the file
+    assert lines["max_connections"] == "9  # env WEFT_MAX_CONNECTIONS"
+    assert lines["workers"] == "3  # env WEB_CONCURRENCY"
+    assert lines["port"] == "8000  # default"
+    assert lines["address"] == '"127.0.0.1"  # default'
+    assert lines["shutdown_secret"] == '"***"  # flag --shutdown-secret'
+    assert lines["handler"] == '"checked_app:handle"  # flag HANDLER'
+    tables = ("tls", "manager_options")  # listed part by part
+    assert set(lines) >= {n for n, s in SETTINGS.items() if s.config and n not in tables}
+    assert "did you mean WEFT_MAX_CONNECTIONS?" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--backlog", "lots"], "command line --backlog, key 'backlog': expected a positive"),
+        (["-b", "127.0.0.1:http2x"], "command line --bind, key 'bind': bad endpoint"),
+        (["-u", "no-such-user-here"], "no user named 'no-such-user-here'"),
+        (["-k", "no-such-manager"], "no-such-manager"),
+    ],
+)
+def test_check_config_reports_the_error_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    assert main(["serve", "checked_app:handle", "--check-config", *argv]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_check_config_imports_the_handler(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "missing_app:handle", "--check-config"]) == 2
+    assert "cannot import handler 'missing_app:handle'" in capsys.readouterr().err
+
+
+# -- exit statuses ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_exit_statuses_tell_a_config_error_from_a_boot_failure(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, status in [(["-b", "127.0.0.1:99999"], 2), (["-b", f"127.0.0.1:{port}"], 1)]:
+            with Served(weft_serve("_serving:handle", *args), cwd=tmp_path) as served:
+                assert served.finish() == status, served.text
+
+
+# -- logging --------------------------------------------------------------------------------
+
+
+def _record(message: str, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("weft.access", logging.INFO, __file__, 1, message, (), None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_lines_carry_the_access_log_fields() -> None:
+    extra = {"peer": "203.0.113.9:5123", "duration": 0.25, "bytes_in": 10, "bytes_out": None,
+             "how": "closed"}  # fmt: skip
+    line = JsonFormatter().format(_record("conn\nfrom \x1b[31mpeer", **extra))
+    assert "\n" not in line and "\x1b" not in line  # a peer's bytes cannot forge a line
+    parsed = json.loads(line)
+    assert parsed.items() >= {**extra, "level": "INFO", "logger": "weft.access",
+                              "message": "conn\nfrom \x1b[31mpeer", "pid": os.getpid()}.items()  # fmt: skip
+    assert re.fullmatch(ZONED_TIME, parsed["time"])
+
+
+def test_text_lines_have_zoned_times() -> None:
+    line = TextFormatter().format(_record("hello"))
+    assert re.fullmatch(rf"{ZONED_TIME} \[\d+\] \[INFO\] weft\.access: hello", line)
+
+
+@pytest.mark.timeout(60)
+def test_e2e_log_format_json_every_line_parses(tmp_path: Path) -> None:
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "--log-format", "json")
+    with Served(argv, cwd=tmp_path) as served:
+        served.wait_for(r'"message": "listening on ')
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0
+        served.wait_closed()
+    records = [json.loads(line) for line in served.lines]
+    assert [r["message"] for r in records if r["logger"] == "weft"][-1] == "stopped"
+    assert all(re.fullmatch(ZONED_TIME, r["time"]) for r in records)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["toml", "json", "ini"])
+def test_e2e_log_config_file(tmp_path: Path, kind: str) -> None:
+    log_file = tmp_path / "weft.log"
+    documents = {
+        "toml": f"""
+            [formatters.plain]
+            format = "%(levelname)s|%(name)s|%(message)s"
+            [handlers.file]
+            class = "logging.FileHandler"
+            filename = "{log_file}"
+            formatter = "plain"
+            [root]
+            level = "INFO"
+            handlers = ["file"]
+        """,
+        "json": json.dumps(
+            {
+                "formatters": {"plain": {"format": "%(levelname)s|%(name)s|%(message)s"}},
+                "handlers": {
+                    "file": {
+                        "class": "logging.FileHandler",
+                        "filename": str(log_file),
+                        "formatter": "plain",
+                    }
+                },
+                "root": {"level": "INFO", "handlers": ["file"]},
+            }
+        ),
+        "ini": f"""
+            [loggers]
+            keys = root
+            [handlers]
+            keys = file
+            [formatters]
+            keys = plain
+            [logger_root]
+            level = INFO
+            handlers = file
+            [handler_file]
+            class = FileHandler
+            args = ({str(log_file)!r},)
+            formatter = plain
+            [formatter_plain]
+            format = %(levelname)s|%(name)s|%(message)s
+        """,
+    }
+    config = tmp_path / f"logging.{kind}"
+    config.write_text("\n".join(line.strip() for line in documents[kind].splitlines()))
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "--log-config", str(config))
+    with Served(argv, cwd=tmp_path) as served:
+        wait_until(
+            lambda: log_file.exists() and "|weft|listening on" in log_file.read_text(),
+            what=f"the listening line in {log_file}",
+        )
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "INFO|weft|listening on 127.0.0.1:" in log_file.read_text()
+
+
+def test_a_broken_log_config_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    (tmp_path / "log.json").write_text('{"handlers": {"h": {"class": "no.such.Handler"}}}')
+    assert main(["serve", "checked_app:handle", "--log-config", "log.json"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("weft: log config log.json, key 'log_config': cannot use it: ")
+    assert "Unable to configure handler 'h': Cannot resolve 'no.such.Handler'" in line
+
+
+# -- pid file, privileges -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_e2e_pid_file_written_once_listening_and_removed_at_exit(tmp_path: Path) -> None:
+    pid_file = tmp_path / "weft.pid"
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "-p", str(pid_file))
+    with Served(argv, cwd=tmp_path) as served:
+        served.wait_for(LISTENING)
+        wait_until(pid_file.exists, what=f"{pid_file} to be written")
+        assert pid_file.read_text() == f"{served.proc.pid}\n"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert not pid_file.exists()
+
+
+def _uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^Uid:\t(\d+)\t(\d+)", status, re.M)
+    assert match is not None
+    return int(match.group(2))  # the effective uid
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_e2e_user_dropped_after_binding(tmp_path: Path, workers: str) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    # Whoever serves the connection (the process, or a worker) runs as nobody.
+    port = free_port() if workers == "2" else 0
+    argv = weft_serve("_serving:handle", "-b", f"127.0.0.1:{port}", "-u", "nobody", "-w", workers)
+    with Served(argv, cwd=REPO) as served:
+        ((address, _),) = [m.groups() for m in served.wait_for(LISTENING)]
+        client = Client(host_port(address))  # the first line is the serving process's pid
+        try:
+            assert _uid_of(client.pid) == nobody
+            if workers == "2":
+                assert client.pid != served.proc.pid
+                assert _uid_of(served.proc.pid) == 0  # the supervisor stays root
+        finally:
+            client.sock.close()
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+# -- --reload ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_e2e_reload_restarts_on_an_edit_and_stops_on_sigterm(tmp_path: Path) -> None:
+    app = tmp_path / "reloaded_app.py"
+    app.write_text("def handle(conn):\n    conn.sendall(b'version one')\n")
+    port = free_port()
+    env = environment()
+    env["PYTHONPATH"] = str(REPO)
+    argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
+            f"127.0.0.1:{port}", "--reload"]  # fmt: skip
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        served.wait_for(LISTENING)
+        assert _ask(port) == b"version one"
+        app.write_text("def handle(conn):\n    conn.sendall(b'version two!')\n")
+        served.wait_for(r"reloading: .*reloaded_app\.py changed")
+        served.wait_for(LISTENING, count=2)
+        assert _ask(port) == b"version two!"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+        served.wait_closed()  # the child is gone too: it held stderr
+    assert served.text.count("weft: stopped") == 2
+
+
+def _ask(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        return b"".join(iter(lambda: client.recv(100), b""))
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        ("unix:///run/app.sock", "unix:/run/app.sock"),
+        ("unix://app.sock", "unix:app.sock"),
+        ("fd://3", "fd:3"),
+        ("tcp://0.0.0.0:80", "0.0.0.0:80"),
+    ],
+)
+def test_gunicorn_endpoint_urls(text: str, endpoint: str) -> None:
+    from weft_core._endpoints import parse_endpoint
+
+    assert str(parse_endpoint(text)) == endpoint
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PORT", "eighty", "environment variable PORT, key 'port': "),
+        ("WEB_CONCURRENCY", "0", "environment variable WEB_CONCURRENCY, key 'workers': "),
+    ],
+)
+def test_a_bad_platform_variable_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert main(["serve", "x:y", "--check-config"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)

@@ -1,0 +1,205 @@
+"""sd_notify: ``weft serve`` tells a ``Type=notify`` service manager what it does.
+
+The test plays systemd: it binds an AF_UNIX datagram socket, with SO_PASSCRED so
+each datagram carries its sender's pid, and passes its path in ``NOTIFY_SOCKET``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _load import APP, wait_for_version, write_app
+from _serving import READY, Served, environment, host_port, weft_serve
+
+from weft_core import _registry
+from weft_core._sdnotify import Notifier, child_environment, watchdog_interval
+
+LISTENING = r"\] weft: listening on (\S+) "
+_CREDS = struct.calcsize("3i")
+
+
+class FakeSystemd:
+    """A NOTIFY_SOCKET listener: ``next()`` gives (sender pid, {key: value})."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(address)
+        self.sock.settimeout(30)
+
+    def next(self) -> tuple[int, dict[str, str]]:
+        data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_CREDS))
+        pid = 0
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", payload[:_CREDS])[0]
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        return pid, fields
+
+    def until(self, key: str) -> tuple[int, dict[str, str]]:
+        """Read until a datagram sets ``key``; every one read must come from one pid."""
+        while True:
+            pid, fields = self.next()
+            if key in fields:
+                return pid, fields
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
+    listener = FakeSystemd(str(tmp_path / "notify.sock"))
+    yield listener
+    listener.close()
+
+
+def test_a_datagram_reaches_a_path_socket(systemd: FakeSystemd) -> None:
+    """READY=1 and STATUS in one datagram, to NOTIFY_SOCKET's path."""
+    notifier = Notifier({"NOTIFY_SOCKET": systemd.sock.getsockname()})
+    assert notifier.enabled
+    notifier.ready("serving")
+    pid, fields = systemd.next()
+    assert pid == os.getpid()
+    assert fields == {"READY": "1", "STATUS": "serving"}
+
+
+def test_an_abstract_socket_is_written_with_at() -> None:
+    """``@name`` is Linux's abstract namespace (a leading NUL byte)."""
+    name = f"weft-test-{os.getpid()}"
+    listener = FakeSystemd(b"\0" + name.encode())
+    try:
+        Notifier({"NOTIFY_SOCKET": "@" + name}).reloading("reloading")
+        _, fields = listener.next()
+        assert fields["RELOADING"] == "1"
+        assert int(fields["MONOTONIC_USEC"]) > 0
+    finally:
+        listener.close()
+
+
+def test_without_notify_socket_nothing_happens() -> None:
+    """No NOTIFY_SOCKET: disabled, and every call is a no-op."""
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert notifier.watchdog is None
+    notifier.ready("x")
+    notifier.alive()
+
+
+def test_a_vanished_listener_is_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A socket nobody listens on: one WARNING, no exception."""
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+    notifier.status("a")
+    notifier.status("b")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    """sd_watchdog_enabled(3): half of WATCHDOG_USEC, only for the pid WATCHDOG_PID names."""
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000"}, 7) == 1.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "7"}, 7) == 1.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "8"}, 7) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}, 7) is None
+    assert watchdog_interval({}, 7) is None
+
+
+def test_children_do_not_inherit_the_notify_variables() -> None:
+    """Workers never speak for the service."""
+    env = {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1", "PATH": "/bin"}
+    assert child_environment(env) == {"PATH": "/bin"}
+
+
+def serve(folder: Path, systemd: FakeSystemd, *extra: str, **env: str) -> Served:
+    write_app(folder, "v1")
+    return Served(
+        weft_serve(APP, "--bind", "127.0.0.1:0", "--graceful-timeout", "5", *extra),
+        cwd=folder,
+        env={**environment(), "NOTIFY_SOCKET": systemd.sock.getsockname(), **env},
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [(), ("--workers", "2")], ids=["one-process", "workers-2"])
+def test_ready_reloading_ready_stopping(
+    tmp_path: Path, systemd: FakeSystemd, extra: tuple[str, ...]
+) -> None:
+    """READY once serving, RELOADING then READY around a HUP, STOPPING on TERM, all from
+    the PID systemd started."""
+    with serve(tmp_path, systemd, *extra) as served:
+        main = served.proc.pid
+        pid, fields = systemd.until("READY")
+        assert pid == main
+        assert fields["STATUS"].startswith("serving")
+        (match,) = served.wait_for(LISTENING)
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGHUP)
+        pid, fields = systemd.until("RELOADING")
+        assert pid == main and "MONOTONIC_USEC" in fields
+        pid, _ = systemd.until("READY")
+        assert pid == main
+        wait_for_version(host_port(match.group(1)), "v2")
+        served.signal(signal.SIGTERM)
+        pid, _ = systemd.until("STOPPING")
+        assert pid == main
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_pings_from_the_supervisor(tmp_path: Path, systemd: FakeSystemd) -> None:
+    """WATCHDOG_USEC=0.4 s: WATCHDOG=1 about every 0.2 s, from the supervisor alone."""
+    with serve(tmp_path, systemd, "--workers", "2", WATCHDOG_USEC="400000") as served:
+        served.wait_for(READY, count=2)
+        began = time.monotonic()
+        pids = {systemd.until("WATCHDOG")[0] for _ in range(5)}
+        assert pids == {served.proc.pid}
+        assert time.monotonic() - began < 5
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+BLOCKING = """\
+import time
+
+
+async def handle(stream):
+    await stream.send_all(b"ok\\n")
+    if await stream.receive_some(100) == b"block\\n":
+        time.sleep(120)  # blocks trio's whole loop
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_loop_stops_the_watchdog_pings(tmp_path: Path, systemd: FakeSystemd) -> None:
+    """One process: the pings come from inside the runtime's loop, so a blocked trio loop
+    stops them, and systemd's WatchdogSec= would restart the service."""
+    if "trio" not in _registry.available_managers():
+        pytest.skip("weft-trio is not installed")
+    (tmp_path / "blocking.py").write_text(BLOCKING)
+    env = {**environment(), "NOTIFY_SOCKET": systemd.sock.getsockname(), "WATCHDOG_USEC": "400000"}
+    argv = weft_serve("blocking:handle", "--manager", "trio", "--bind", "127.0.0.1:0")
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        (match,) = served.wait_for(LISTENING)
+        systemd.until("WATCHDOG")
+        with socket.create_connection(host_port(match.group(1)), timeout=10) as client:
+            assert client.recv(100) == b"ok\n"
+            client.sendall(b"block\n")
+            # Healthy, 2 s bring 10 pings; one may have been in flight as the loop stopped.
+            pings = 0
+            deadline = time.monotonic() + 2.0
+            while (left := deadline - time.monotonic()) > 0:
+                systemd.sock.settimeout(left)
+                try:
+                    pings += "WATCHDOG" in systemd.next()[1]
+                except TimeoutError:
+                    break
+            assert pings <= 1, served.text
+        served.kill()

@@ -1,0 +1,146 @@
+"""The watchdog (``timeout``) and worker recycling (``max_requests``) of ``weft serve``.
+
+Real processes on loopback; settings through ``WEFT_*`` variables (the flags come
+from the settings table). A handler that blocks its runtime's loop is written
+into the test's folder: gevent's hub blocked by the unpatched ``time.sleep``, trio's
+loop by ``time.sleep`` in an ``async def``.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from _load import APP, Load, greeting, write_app
+from _serving import READY, Served, environment, host_port, weft_serve
+
+from weft_core import ConfigError, _registry
+from weft_core._settings import validate
+
+LISTENING = r"\] weft: listening on (\S+) "
+
+BLOCKING = textwrap.dedent(
+    """\
+    import os
+    import time
+
+
+    def blocking_sleep(seconds):
+        try:
+            from gevent.monkey import get_original
+        except ImportError:
+            return time.sleep(seconds)
+        return get_original("time", "sleep")(seconds)
+
+
+    def handle(conn):
+        conn.sendall(b"%d\\n" % os.getpid())
+        while data := conn.recv(65536):
+            if data == b"block\\n":
+                blocking_sleep(120)  # the whole hub stops here
+            conn.sendall(data)
+
+
+    async def handle_async(stream):
+        await stream.send_all(b"%d\\n" % os.getpid())
+        while data := await stream.receive_some(65536):
+            if data == b"block\\n":
+                time.sleep(120)  # the whole trio loop stops here
+            await stream.send_all(data)
+    """
+)
+
+
+def serve(folder: Path, handler: str, manager: str, env: dict[str, str], *extra: str) -> Served:
+    return Served(
+        weft_serve(handler, "--manager", manager, "--bind", "127.0.0.1:0",
+                   "--graceful-timeout", "5", *extra),
+        cwd=folder,
+        env={**environment(), **env},
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("manager", ["gevent", "trio"])
+def test_a_blocked_loop_is_dumped_and_replaced(tmp_path: Path, manager: str) -> None:
+    """One process with timeout: a handler blocking its loop stops the heartbeat; the
+    worker's stacks reach the log (the handler's frame among them) and a new worker serves."""
+    if manager not in _registry.available_managers():
+        pytest.skip(f"weft-{manager} is not installed")
+    (tmp_path / "blocking.py").write_text(BLOCKING)
+    handler = "blocking:handle_async" if manager == "trio" else "blocking:handle"
+    with serve(tmp_path, handler, manager, {"WEFT_TIMEOUT": "2"}) as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        (ready,) = served.wait_for(READY)
+        stuck = int(ready.group(1))
+        with socket.create_connection(address, timeout=20) as victim:
+            assert int(victim.makefile("rb").readline()) == stuck
+            victim.sendall(b"block\n")
+            served.wait_for(rf"worker {stuck}: no heartbeat from its runtime loop for 2s")
+            served.wait_for(r"in handle")  # faulthandler's dump names the frame
+            served.wait_for(rf"worker {stuck} exited with SIGKILL")
+            replacement = int(served.wait_for(READY, count=2)[1].group(1))
+            with socket.create_connection(address, timeout=20) as client:
+                assert int(client.makefile("rb").readline()) == replacement
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_a_healthy_worker_is_left_alone(tmp_path: Path) -> None:
+    """Idle connections and an idle loop keep beating: nothing is replaced in 3 timeouts."""
+    write_app(tmp_path, "v1")
+    with serve(tmp_path, APP, "threads", {"WEFT_TIMEOUT": "0.5"}, "--workers", "2") as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        served.wait_for(READY, count=2)
+        load = Load(address, clients=2)
+        try:
+            # An absence is under test: it takes a stretch of time, three timeouts.
+            time.sleep(1.5)
+        finally:
+            load.stop()
+        assert not load.failures
+        assert "no heartbeat" not in served.text, served.text
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_requests_replaces_workers_under_load(tmp_path: Path, workers: int) -> None:
+    """max_requests (with jitter): workers are replaced as they reach it, no client fails."""
+    write_app(tmp_path, "v1")
+    env = {"WEFT_MAX_REQUESTS": "200", "WEFT_MAX_REQUESTS_JITTER": "20"}
+    with serve(tmp_path, APP, "threads", env, "--workers", str(workers)) as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        first = {int(m.group(1)) for m in served.wait_for(READY, count=workers)}
+        load = Load(address)
+        try:
+            served.wait_for(r"reached max_requests: replacing it", count=workers + 1)
+            served.wait_for(READY, count=2 * workers + 1)
+        finally:
+            load.stop()
+        assert not load.failures, f"{dict(load.failures)}\n{served.text}"
+        assert load.pids - first, "no replacement served"
+        assert greeting(address)[0] == "v1"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "killing" not in served.text
+
+
+def test_the_settings_check_their_values() -> None:
+    """timeout > 0 or off; max_requests >= 1 or off; jitter >= 0."""
+    assert validate("timeout", None) is None
+    assert validate("timeout", 2) == 2.0
+    assert validate("max_requests", 1000) == 1000
+    assert validate("max_requests_jitter", 0) == 0
+    for key, bad in (("timeout", 0), ("max_requests", 0), ("max_requests_jitter", -1)):
+        with pytest.raises(ConfigError, match=key):
+            validate(key, bad)

@@ -1,0 +1,175 @@
+"""``weft serve --reload``: restart the server when its source changes (development only).
+
+A parent process that never imports the handler runs ``weft serve`` (the same
+command line, with ``--no-reload``) as a child, watches the handler's source tree
+and the config file, and on a change stops the child gracefully (SIGTERM) and starts
+a new one, which imports the code as it is now. A child that fails to start (a
+syntax error just saved) is waited for: the next change starts it again. SIGTERM or
+SIGINT to the parent stops the child gracefully and the parent exits with its status.
+
+It watches with ``watchfiles`` when installed (``pip install weft-core[reload]``),
+else by polling ``os.stat`` every :data:`POLL_INTERVAL` seconds. Never on by
+default: a service must not restart itself because a file changed.
+
+What does not live here: serving (the child is a plain ``weft serve``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ._exits import EXIT_OK
+from ._wakeup import Wakeup
+
+__all__ = ["POLL_INTERVAL", "Watcher", "reload_forever", "source_root"]
+
+log = logging.getLogger("weft.reload")
+
+#: How often the polling watcher looks: quick enough that a saved file serves before
+#: the developer has switched windows, cheap enough for a few thousand files.
+POLL_INTERVAL = 0.5
+#: What is watched: source and config, not bytecode or editors' swap files.
+WATCHED_SUFFIXES = frozenset({".py", ".toml", ".json", ".ini", ".cfg", ".pyi"})
+#: Directories never walked: caches, virtual environments, version control.
+_SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "venv", ".venv"})
+#: How long a stopping child gets beyond its graceful timeout before it is killed.
+_STOP_MARGIN = 10.0
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def source_root(handler: str, cwd: Path) -> Path:
+    """The directory holding the handler's top-level package or module; ``cwd`` if not found.
+
+    Found without importing it: a package's ``__init__`` may have side effects.
+    """
+    top = handler.partition(":")[0].split(".")[0]
+    if str(cwd) not in sys.path:
+        sys.path.insert(0, str(cwd))
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
+        return cwd
+    # A package's origin is its __init__.py, a module's its file: the parent either way.
+    return Path(spec.origin).parent
+
+
+def _files(roots: Sequence[Path]) -> Iterator[Path]:
+    for root in roots:
+        if root.is_file():
+            yield root
+            continue
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith(".")]
+            for name in names:
+                if Path(name).suffix in WATCHED_SUFFIXES:
+                    yield Path(folder, name)
+
+
+def _snapshot(roots: Sequence[Path]) -> dict[Path, tuple[int, int]]:
+    found = {}
+    for path in _files(roots):
+        try:
+            stat = path.stat()
+        except OSError:  # removed while walking
+            continue
+        found[path] = (stat.st_mtime_ns, stat.st_size)
+    return found
+
+
+class Watcher:
+    """Tells when a watched file changed: ``watchfiles`` if installed, else polling."""
+
+    def __init__(self, roots: Sequence[Path], stop: threading.Event) -> None:
+        self.roots = list(roots)
+        self._stop = stop
+
+    def changes(self) -> Iterator[set[Path]]:
+        """Yield the changed paths, once per batch of changes, until ``stop`` is set."""
+        try:
+            import watchfiles  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            yield from self._poll()
+            return
+        for batch in watchfiles.watch(
+            *self.roots, stop_event=self._stop, watch_filter=self._watched, yield_on_timeout=False
+        ):
+            yield {Path(path) for _, path in batch}
+
+    @staticmethod
+    def _watched(change: object, path: str) -> bool:
+        parts = Path(path).parts
+        return Path(path).suffix in WATCHED_SUFFIXES and not any(
+            p in _SKIPPED_DIRS or p.startswith(".") for p in parts[:-1]
+        )
+
+    def _poll(self) -> Iterator[set[Path]]:
+        before = _snapshot(self.roots)
+        while not self._stop.wait(POLL_INTERVAL):
+            now = _snapshot(self.roots)
+            changed = {p for p in before.keys() | now.keys() if before.get(p) != now.get(p)}
+            before = now
+            if changed:
+                yield changed
+
+
+def reload_forever(command: Sequence[str], roots: Sequence[Path], graceful_timeout: float) -> int:
+    """Run ``command`` (a ``weft serve`` child) and restart it on changes under ``roots``.
+
+    Returns the child's exit status once SIGTERM or SIGINT stopped it.
+    """
+    stop = threading.Event()
+    restart = threading.Event()
+
+    def watch() -> None:
+        for changed in Watcher(roots, stop).changes():
+            names = ", ".join(sorted(str(p) for p in changed)[:3])
+            log.info("reloading: %s changed", names + (" ..." if len(changed) > 3 else ""))
+            restart.set()
+            wakeup.wake()
+
+    log.info("watching %s for changes (--reload)", ", ".join(map(str, roots)))
+    with Wakeup(_SIGNALS) as wakeup:
+        threading.Thread(target=watch, name="weft reload: watch", daemon=True).start()
+        child = _start(command)
+        try:
+            while True:
+                received = wakeup.wait(POLL_INTERVAL)
+                if received:
+                    return _stop_child(child, graceful_timeout, received[0])
+                if restart.is_set():
+                    restart.clear()
+                    _stop_child(child, graceful_timeout, signal.SIGTERM)
+                    child = _start(command)
+        finally:
+            stop.set()
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _start(command: Sequence[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command)
+
+
+def _stop_child(child: subprocess.Popen[bytes], graceful_timeout: float, signum: int) -> int:
+    if child.poll() is None:
+        child.send_signal(signum)
+        try:
+            child.wait(graceful_timeout + _STOP_MARGIN)
+        except subprocess.TimeoutExpired:
+            log.warning("the server did not stop in time: killing it")
+            child.kill()
+            child.wait()
+    code = child.returncode
+    return EXIT_OK if code in (-signal.SIGTERM, -signal.SIGINT) else code

@@ -1,0 +1,110 @@
+"""systemd's notification protocol (``sd_notify``), without libsystemd.
+
+A service started with ``Type=notify`` finds a datagram socket's path in
+``NOTIFY_SOCKET`` (``@`` at the start means Linux's abstract namespace) and writes
+newline-separated ``KEY=VALUE`` assignments to it: ``READY=1``, ``RELOADING=1``,
+``STOPPING=1``, ``STATUS=...``, ``WATCHDOG=1``, ``MAINPID=...``. Without
+``NOTIFY_SOCKET`` every call here does nothing, so the rest of weft calls it freely.
+
+Workers never notify: the supervisor (the process systemd started) speaks for the
+service, and :func:`child_environment` gives the environment its children get.
+
+What does not live here: when weft says what (``_workers``, ``_cli``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+__all__ = [
+    "NOTIFY_ENV",
+    "Notifier",
+    "child_environment",
+    "watchdog_interval",
+]
+
+log = logging.getLogger("weft")
+
+#: The variables of the protocol (sd_notify(3), sd_watchdog_enabled(3)); children of
+#: the notifying process must not see them, or they would speak for the service too.
+NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between two ``WATCHDOG=1``: half of ``WATCHDOG_USEC``, as sd_watchdog_enabled(3) advises.
+
+    None when systemd set no watchdog (``WatchdogSec=``), or set it for another process.
+    """
+    usec = environ.get("WATCHDOG_USEC", "")
+    owner = environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (owner and owner != str(pid)):
+        return None
+    return int(usec) / 2e6
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the notification variables: what a worker gets."""
+    return {k: v for k, v in environ.items() if k not in NOTIFY_ENV}
+
+
+class Notifier:
+    """Writes notifications to ``NOTIFY_SOCKET``; does nothing when it is unset.
+
+    Errors are logged once at WARNING and never raised: a service manager that
+    stopped listening is no reason to stop serving.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        self._address: str | bytes | None = None
+        if path.startswith("@"):
+            self._address = b"\0" + path[1:].encode()
+        elif path.startswith("/"):
+            self._address = path
+        self.watchdog = watchdog_interval(env, os.getpid()) if self._address else None
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when ``NOTIFY_SOCKET`` names a socket."""
+        return self._address is not None
+
+    def notify(self, *assignments: str) -> None:
+        """Send ``assignments`` (``"READY=1"``, ``"STATUS=..."``) in one datagram."""
+        if self._address is None:
+            return
+        data = "\n".join(assignments).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.connect(self._address)
+                sock.sendall(data)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot notify systemd on NOTIFY_SOCKET: %s", exc)
+
+    def ready(self, status: str) -> None:
+        """``READY=1`` with a status line (also the end of a reload)."""
+        self.notify("READY=1", f"STATUS={status}")
+
+    def reloading(self, status: str) -> None:
+        """``RELOADING=1`` with ``MONOTONIC_USEC``, which systemd 253+ wants with it."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        """``STOPPING=1`` with a status line."""
+        self.notify("STOPPING=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        """A status line alone (``systemctl status`` shows it)."""
+        self.notify(f"STATUS={status}")
+
+    def alive(self) -> None:
+        """``WATCHDOG=1``: call it only from a loop that is known to be healthy."""
+        self.notify("WATCHDOG=1")

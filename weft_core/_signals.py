@@ -1,0 +1,100 @@
+"""What each signal means to ``weft serve`` (DESIGN section 9), and the small actions behind them.
+
+The meanings are gunicorn's, the same with one process and under ``--workers``:
+
+========  ================================================================
+TERM/INT  graceful stop within ``graceful_timeout``; a second one: at once
+QUIT      quick stop: connections are interrupted at once
+HUP       graceful reload: new workers (new code), old ones drain
+USR2      upgrade in place: re-exec the supervisor, keeping sockets and PID
+USR1      reopen log files (after logrotate moved them)
+TTIN      one worker more
+TTOU      one worker fewer (never below one)
+========  ================================================================
+
+The loops that act on them live in ``_cli`` (one process) and ``_workers`` (the
+supervisor); this module holds the signal sets they share, reopening log files,
+and the stack dump a stuck worker gives before the watchdog kills it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import signal
+import sys
+
+__all__ = [
+    "CONTROL_SIGNALS",
+    "DUMP_SIGNAL",
+    "STOP_SIGNALS",
+    "WORKER_IGNORED",
+    "enable_stack_dump",
+    "reopen_log_files",
+]
+
+#: Graceful stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Everything else ``weft serve`` answers (QUIT, HUP, USR1, USR2, TTIN, TTOU).
+CONTROL_SIGNALS = (
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+#: What a worker ignores (with a log line): they are the supervisor's to act on, and
+#: by default HUP and USR2 would kill the worker, TTIN/TTOU stop it.
+WORKER_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+#: The signal on which a worker writes every thread's Python stack to stderr
+#: (faulthandler, so even a loop blocked in C code answers). WINCH: used by none of
+#: the meanings above, ignored by default (a process that did not register it is
+#: unharmed), and never sent by a terminal to a worker, which runs in its own session.
+DUMP_SIGNAL = signal.SIGWINCH
+
+log = logging.getLogger("weft")
+
+
+def enable_stack_dump() -> None:
+    """Dump every thread's stack to stderr on DUMP_SIGNAL (the watchdog sends it)."""
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+
+
+def reopen_log_files() -> int:
+    """Reopen the file of every ``logging.FileHandler`` (subclasses too); return how many.
+
+    After ``logrotate`` renamed a log file, a handler still writes to the renamed
+    one; reopening by name starts the file afresh (USR1, as nginx and gunicorn do).
+    """
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    seen: set[int] = set()
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.FileHandler) or id(handler) in seen:
+                continue
+            seen.add(id(handler))
+            with _locked(handler):
+                stream = handler.stream
+                if stream is not None:
+                    stream.close()
+                handler.stream = handler._open()
+    return len(seen)
+
+
+class _locked:
+    """A handler's own lock, held while its stream is swapped (emit() takes it too)."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self._handler = handler
+
+    def __enter__(self) -> None:
+        self._handler.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handler.release()

@@ -1,0 +1,292 @@
+"""Starting a supervisor (``_workers.Supervisor``) three ways.
+
+- :func:`supervise`: ``weft serve --workers N`` (or ``timeout``/``max_requests``,
+  which need one even for one worker) binds its sockets and supervises.
+- :func:`hand_over`: a single ``weft serve`` receiving HUP, USR2 or TTIN hands
+  copies of its listening sockets to a worker and becomes its supervisor, in the
+  same process, while its own server drains.
+- A supervisor re-executed on USR2 (:func:`_reexec`) finds its workers in
+  ``ADOPT_ENV`` (:func:`take_adopted`) and adopts them.
+
+What does not live here: supervising (``_workers``), a worker's side
+(``_worker_link``), the meanings of the signals (``_signals``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from ._config import Config
+from ._endpoints import listen_endpoints
+from ._errors import ConfigError
+from ._listeners import Listener, close_listener, open_listeners
+from ._sdnotify import Notifier
+from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
+from ._settings import SETTINGS
+from ._shutdown_port import ShutdownPort, check_allow_no_secret
+from ._signals import CONTROL_SIGNALS, STOP_SIGNALS
+from ._worker_link import LISTENING_MESSAGE, drain
+from ._workers import Local, Supervisor, check_capacity, worker_args
+
+__all__ = ["ADOPT_ENV", "hand_over", "supervise", "take_adopted"]
+
+log = logging.getLogger("weft.workers")
+# The "listening on" line is weft serve's own (logger "weft"), whatever the process.
+serve_log = logging.getLogger("weft")
+
+
+def supervise(
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    on_listening: Callable[[], object] | None = None,
+) -> int:
+    """Serve with ``config.workers`` supervised workers; return the exit status.
+
+    ``flags`` are the config keys weft serve's command line set (as given there, None
+    for unset) and ``config_file`` its ``--config``: the workers get them again. A
+    supervisor re-executed on USR2 finds its workers in ADOPT_ENV and adopts them.
+    ``on_listening()`` is called once the sockets listen (weft serve writes its pid file).
+
+    Error handling: raises BindError (naming the address) if a socket cannot be
+    bound, and ConfigError off POSIX or outside the main thread, before any worker
+    starts. Resource handling: the sockets are closed (and a Unix socket file
+    removed) when the supervisor starts stopping, so new clients are refused at once.
+    """
+    if os.name != "posix":
+        raise ConfigError("worker processes need a POSIX system", key="workers")
+    if threading.current_thread() is not threading.main_thread():
+        raise ConfigError("worker processes are supervised from the main thread", key="workers")
+    inherited = take_adopted(os.environ)
+    count, adopted = inherited if inherited is not None else (config.workers, [])
+    shutdown_port = config.values.get("shutdown_port")
+    secret = config.values.get("shutdown_secret")
+    allow = check_allow_no_secret(
+        shutdown_port, secret, None, config.values.get("shutdown_allow_no_secret", False)
+    )
+    if inherited is None:
+        check_capacity(count)
+    listeners = open_listeners(
+        listen_endpoints(
+            config.values.get("bind"),
+            config.values.get("address", SETTINGS["address"].default),
+            config.values.get("port", SETTINGS["port"].default),
+        ),
+        family=config.get("family", "auto"),
+        backlog=config.get("backlog", DEFAULT_BACKLOG),
+        reuse_port=config.get("reuse_port", False),
+        unix_mode=config.get("unix_mode"),
+    )
+
+    def close_listeners() -> None:
+        while listeners:
+            close_listener(listeners.pop())
+
+    shutdown: ShutdownPort | None = None
+    try:
+        manager = config.get("manager") or DEFAULT_MANAGER
+        notifier = Notifier()
+        supervisor = _supervisor(
+            config,
+            flags,
+            config_file,
+            listeners,
+            count=count,
+            on_stop=close_listeners,
+            adopted=adopted,
+            notifier=notifier,
+        )
+        if shutdown_port is not None:
+            shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
+            shutdown.open()  # a BindError here: before anything listens or starts
+        if inherited is None:
+            for listener in listeners:
+                serve_log.info(LISTENING_MESSAGE, listener.address, manager)
+        else:
+            log.info(
+                "re-executed (pid %d): adopted %d worker(s), replacing them with %d new",
+                os.getpid(),
+                len(adopted),
+                count,
+            )
+        if on_listening is not None:
+            on_listening()
+        if shutdown is not None:
+            shutdown.start()
+        return supervisor.run()
+    finally:
+        if shutdown is not None:
+            shutdown.close()
+        close_listeners()
+
+
+class _LocalServer:
+    """The in-process Server of a single ``weft serve`` that handed its sockets over."""
+
+    def __init__(self, server: Any, graceful_timeout: float) -> None:
+        self._server = server
+        self._graceful_timeout = graceful_timeout
+        self._drained = threading.Event()
+        self.retired = False
+
+    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
+        self.retired = True
+
+        def run() -> None:
+            try:
+                if stop:
+                    self._server.stop(timeout=self._graceful_timeout)
+                else:
+                    drain(self._server, self._graceful_timeout)
+                log.info("the in-process server has drained")
+            finally:
+                self._drained.set()
+                wake()
+
+        threading.Thread(target=run, name="weft serve: drain", daemon=True).start()
+
+    def done(self) -> bool:
+        return self.retired and self._drained.is_set()
+
+
+def hand_over(
+    server: Any,
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    signum: int,
+    notifier: Notifier,
+) -> int:
+    """Make a single ``weft serve`` the supervisor of its own workers; return the exit status.
+
+    On HUP (or TTIN: two workers) the listening sockets are duplicated for a worker
+    that imports the handler afresh; once it is ready, the in-process ``server``
+    drains (:func:`~weft_core._worker_link.drain`) while the worker serves, and this process
+    stays on as its supervisor, so its PID never changes. On USR2 the same, then,
+    once drained, it re-executes itself (:func:`_reexec`).
+    """
+    listeners: list[Listener] = []
+    # The engine's ListenerTasks: Server has no public way to lend its sockets out,
+    # nor to keep a Unix socket file when its listener closes.
+    for task in server._engine.listeners:
+        # The runtime owns the socket now (the stdlib object may be detached): copy
+        # the descriptor of its own.
+        copy = socket.socket(fileno=os.dup(task.native.fileno()))
+        mine = task.listener
+        listeners.append(Listener(copy, mine.unix_path, mine.unix_file))
+        mine.unix_path = None  # the supervisor's copy removes the socket file, at its stop
+
+    def close_listeners() -> None:
+        while listeners:
+            close_listener(listeners.pop())
+
+    try:
+        name = signal.Signals(signum).name
+        log.info(
+            "received %s: becoming the supervisor of %s; the in-process server drains"
+            " once it is ready",
+            name,
+            "two workers" if signum == signal.SIGTTIN else "a worker",
+        )
+        notifier.reloading(f"{name}: starting a worker")
+        return _supervisor(
+            config,
+            flags,
+            config_file,
+            listeners,
+            count=2 if signum == signal.SIGTTIN else 1,
+            on_stop=close_listeners,
+            local=_LocalServer(server, config.graceful_timeout),
+            upgrade=signum == signal.SIGUSR2,
+            notifier=notifier,
+        ).run()
+    finally:
+        close_listeners()
+
+
+def _supervisor(
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    listeners: Sequence[Listener],
+    *,
+    count: int,
+    on_stop: Callable[[], None],
+    notifier: Notifier,
+    local: Local | None = None,
+    upgrade: bool = False,
+    adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
+) -> Supervisor:
+    sockets = [listener.sock for listener in listeners]
+    args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
+
+    def command(link: int) -> list[str]:
+        return [*_SELF, *args, f"--supervisor-fd={link}"]
+
+    return Supervisor(
+        command,
+        sockets,
+        count,
+        config.graceful_timeout,
+        on_stop=on_stop,
+        timeout=config.get("timeout"),
+        local=local,
+        adopted=adopted,
+        reexec=lambda state: _reexec([*_SELF, *args], state),
+        upgrade=upgrade,
+        notifier=notifier,
+    )
+
+
+#: How ``weft serve`` runs itself: a worker, or the supervisor re-executed.
+_SELF = (sys.executable, "-m", "weft_core", "serve")
+#: The environment variable that hands a re-executed supervisor its workers (JSON:
+#: the worker count and each worker's pid, link descriptor and start time). Not a
+#: WEFT_* name: those are settings. Read once and removed.
+ADOPT_ENV = "_WEFT_ADOPT"
+
+
+def _reexec(argv: list[str], state: str) -> None:
+    """USR2: replace this process's image with a fresh ``weft serve`` of the same PID.
+
+    The listening sockets and the workers' links are inherited (made inheritable in
+    ``Supervisor._state``); the new image adopts the workers and replaces them as
+    on HUP. Every signal weft answers is blocked across the exec (the mask is
+    inherited) and unblocked once the new image has its handlers, so a signal in
+    between is acted on rather than killing the process. Returns only if the exec
+    failed (logged).
+    """
+    env = {**os.environ, ADOPT_ENV: state}
+    handled = {*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        log.error("cannot re-execute %s: %s; serving on", argv[0], exc)
+
+
+def take_adopted(
+    environ: MutableMapping[str, str],
+) -> tuple[int, list[tuple[int, socket.socket, float, bool]]] | None:
+    """The worker count and workers a re-executed supervisor inherits (ADOPT_ENV), removing it."""
+    text = environ.pop(ADOPT_ENV, None)
+    if not text:
+        return None
+    state = json.loads(text)
+    workers = []
+    for pid, fd, started, ready in state["workers"]:
+        link = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        workers.append((int(pid), link, float(started), bool(ready)))
+    return int(state["count"]), workers

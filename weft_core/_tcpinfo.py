@@ -1,0 +1,69 @@
+"""Bytes in and out of a TCP connection, as the kernel counts them (Linux ``TCP_INFO``).
+
+weft never wraps the connection a handler gets (a plain socket, a gevent socket, a
+``trio.SocketStream`` stays native and costs nothing per call), so it cannot count
+bytes itself. Linux counts them per socket anyway: ``struct tcp_info`` (see
+``include/uapi/linux/tcp.h``) carries ``tcpi_bytes_acked`` (bytes sent and
+acknowledged by the peer, RFC 4898's ThruOctetsAcked) and ``tcpi_bytes_received``
+(RFC 4898's ThruOctetsReceived), both since Linux 4.1. They count sequence
+numbers, so a FIN adds one, taken off again here from the connection's state. One
+``getsockopt`` reads them, when a connection ends and when ``Server.connections()``
+is asked.
+
+Where the kernel cannot tell (a Unix socket, another OS, a kernel before 4.1, a
+socket already closed), the counts are None.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+__all__ = ["TCP_INFO_SIZE", "byte_counts"]
+
+#: ``TCP_INFO``'s option number (Linux); None where the platform has none.
+_TCP_INFO: int | None = (
+    getattr(socket, "TCP_INFO", None) if hasattr(socket, "IPPROTO_TCP") else None
+)
+
+#: Offsets in ``struct tcp_info``: eight u8 fields, 24 u32 fields (to
+#: tcpi_total_retrans), then u64 tcpi_pacing_rate and tcpi_max_pacing_rate, then the
+#: two counts. A shorter answer comes from a kernel without them.
+_BYTES_ACKED = 120
+_BYTES_RECEIVED = 128
+#: How much of the struct to ask for: up to the end of tcpi_bytes_received.
+TCP_INFO_SIZE = _BYTES_RECEIVED + 8
+
+_COUNTS = struct.Struct("=QQ")
+
+#: A FIN takes a sequence number, and the kernel's counts follow sequence numbers:
+#: in these states (``tcpi_state``, the struct's first byte; include/net/tcp_states.h)
+#: the peer's FIN is in ``bytes_received``: CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT ...
+_PEER_FIN_STATES = frozenset({8, 9, 11, 6})
+#: ... and our own, acknowledged, in ``bytes_acked``: FIN_WAIT2, TIME_WAIT.
+_OUR_FIN_ACKED_STATES = frozenset({5, 6})
+
+
+def byte_counts(sock: Any) -> tuple[int | None, int | None]:
+    """``(bytes_in, bytes_out)`` of a TCP socket by the kernel's count; None where unknown.
+
+    ``sock`` is anything with ``getsockopt`` (a socket, a gevent or trio socket).
+    ``bytes_out`` counts what the peer acknowledged: read as the connection ends, a
+    reply still in flight is not in it yet.
+    """
+    if _TCP_INFO is None:
+        return None, None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None, None  # a Unix socket (EOPNOTSUPP), or closed already
+    if len(info) < TCP_INFO_SIZE:
+        return None, None
+    acked, received = _COUNTS.unpack_from(info, _BYTES_ACKED)
+    state = info[0]
+    if received and state in _PEER_FIN_STATES:
+        received -= 1
+    if acked and state in _OUR_FIN_ACKED_STATES:
+        acked -= 1
+    return received, acked

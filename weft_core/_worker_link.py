@@ -1,0 +1,224 @@
+"""A worker's side of ``weft serve --workers``: its link to the supervisor.
+
+A worker is an ordinary ``weft serve`` started with ``--supervisor-fd=N``: one end of
+a socket pair whose other end only its supervisor holds (``_workers``). Bytes go both
+ways on it. The worker writes READY once listening (after that, an exit status 2
+is no mistake in the command), BEAT heartbeats from inside its runtime's loop (the
+``timeout`` watchdog) and RECYCLE once it has accepted ``max_requests``
+connections. The supervisor writes DRAIN to retire it (:func:`drain`), and its end
+closing (the supervisor died, even by SIGKILL) stops the worker as SIGTERM does.
+
+What does not live here: the supervisor (``_workers``), serving (``_cli._run``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from typing import Any
+
+from ._config import Config
+from ._errors import ConfigError
+from ._signals import enable_stack_dump
+
+__all__ = [
+    "BEAT",
+    "DRAIN",
+    "HEARTBEAT_SHARE",
+    "LISTENING_MESSAGE",
+    "READY",
+    "RECYCLE",
+    "RECYCLE_CHECK",
+    "WORKER_READY_MESSAGE",
+    "WorkerLink",
+    "become_worker",
+    "drain",
+    "max_requests_for",
+]
+
+log = logging.getLogger("weft.workers")
+# The "listening on" line is weft serve's own (logger "weft"), whatever the process.
+serve_log = logging.getLogger("weft")
+
+#: What a worker writes to the supervisor: once it listens; as a heartbeat from its
+#: runtime's loop; once it accepted max_requests connections.
+READY = b"R"
+BEAT = b"H"
+RECYCLE = b"B"
+#: What the supervisor writes to a worker it retires (reload, recycling, TTOU).
+DRAIN = b"D"
+#: A worker beats HEARTBEAT_SHARE times per ``timeout`` (at most once a second, so
+#: a long timeout costs nothing): a late beat or two never trips the watchdog.
+HEARTBEAT_SHARE = 4
+#: How often a worker with max_requests compares its accepted count with it: a
+#: counter read, cheap, and often enough that few connections come on top.
+RECYCLE_CHECK = 0.02
+#: The message weft serve logs once listening. In a worker it would repeat the
+#: supervisor's line (which tools and tests wait for) N times, so a worker logs it
+#: as ``worker ready on ...`` instead: the sign that this worker serves.
+LISTENING_MESSAGE = "listening on %s (manager %s)"
+WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
+
+
+class WorkerLink:
+    """A worker's end of its supervisor's socket pair: ready, heartbeats, recycling.
+
+    The supervisor reads three kinds of bytes: ``R`` once listening (an exit status
+    2 after it is no mistake in the command), ``H`` heartbeats from inside the
+    runtime's loop (``timeout``), and ``B`` once ``max_requests`` connections were
+    accepted (start my replacement, then stop me).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._server: Any = None
+        self._graceful_timeout = 0.0
+        self._drain_asked = threading.Event()
+        threading.Thread(
+            target=self._watch_supervisor, name="weft worker: supervisor watch", daemon=True
+        ).start()
+
+    def _watch_supervisor(self) -> None:
+        """Drain when asked; stop (as on SIGTERM) when the supervisor is gone."""
+        try:
+            while data := os.read(self._fd, 512):
+                if DRAIN in data:
+                    self._drain_asked.set()
+                    self._maybe_drain()
+        except OSError:
+            pass
+        log.warning("the supervisor is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _maybe_drain(self) -> None:
+        server = self._server
+        if server is None or not self._drain_asked.is_set():
+            return
+        self._drain_asked.clear()
+        log.info(
+            "asked to retire: draining (no new connections; open ones get %ss to end)",
+            f"{self._graceful_timeout:g}",
+        )
+        threading.Thread(
+            target=drain,
+            args=(server, self._graceful_timeout),
+            name="weft worker: drain",
+            daemon=True,
+        ).start()
+
+    def _send(self, byte: bytes) -> None:
+        try:
+            os.write(self._fd, byte)
+        except OSError:  # the supervisor is gone; the watch thread stops us
+            pass
+
+    def ready(
+        self,
+        server: Any,
+        graceful_timeout: float,
+        timeout: float | None,
+        max_requests: int | None,
+    ) -> None:
+        """Tell the supervisor this worker serves; start heartbeats and counting as configured."""
+        self._graceful_timeout = graceful_timeout
+        self._server = server
+        self._maybe_drain()  # asked before it was ready (a reload overtaken by another)
+        self._send(READY)
+        if timeout is None and max_requests is None:
+            return
+        threading.Thread(
+            target=self._watch_server,
+            args=(server, timeout, max_requests),
+            name="weft worker: heartbeat",
+            daemon=True,
+        ).start()
+
+    def _watch_server(self, server: Any, timeout: float | None, max_requests: int | None) -> None:
+        interval = (
+            RECYCLE_CHECK
+            if timeout is None
+            else min(RECYCLE_CHECK * 10, timeout / HEARTBEAT_SHARE)
+        )
+        runtime = server.task_manager.runtime
+        recycling = False
+        while True:
+            began = time.monotonic()
+            # run_in_loop needs the runtime's loop to take the call: a blocked gevent
+            # hub or trio loop never does, and the heartbeat stops with it.
+            if timeout is not None and runtime.run_in_loop(_nothing, interval):
+                self._send(BEAT)
+            if (
+                max_requests is not None
+                and not recycling
+                and server.stats().get("accepted", 0) >= max_requests
+            ):
+                recycling = True
+                log.info(
+                    "served %d connection(s) (max_requests): asking for a replacement",
+                    max_requests,
+                )
+                self._send(RECYCLE)
+            if server.wait(max(0.0, interval - (time.monotonic() - began))):
+                return
+
+
+def _nothing() -> None:
+    """What the heartbeat runs in the runtime's loop: arriving there is the point."""
+
+
+def max_requests_for(config: Config) -> int | None:
+    """This worker's ``max_requests``, with its ``max_requests_jitter`` drawn (gunicorn's)."""
+    limit: int | None = config.get("max_requests")
+    if limit is None:
+        return None
+    return limit + random.randint(0, int(config.get("max_requests_jitter") or 0))
+
+
+def become_worker(supervisor_fd: int) -> WorkerLink:
+    """Make this ``weft serve`` a worker of the supervisor that started it.
+
+    Stops gracefully (as on SIGTERM) when ``supervisor_fd``, a socket whose other end
+    only the supervisor holds, reaches end-of-file: the supervisor is gone. Logs
+    ``worker ready on ...`` where weft serve logs ``listening on ...``, and dumps
+    its stacks on DUMP_SIGNAL (the watchdog's). Returns the link, whose ``ready()``
+    is called once listening.
+
+    Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
+    not by hand).
+    """
+    try:
+        flags = fcntl.fcntl(supervisor_fd, fcntl.F_GETFD)
+        fcntl.fcntl(supervisor_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            f"--supervisor-fd {supervisor_fd}: {exc.strerror}; this flag is set by"
+            " `weft serve --workers N` for its workers, not by hand",
+            source="command line",
+        ) from None
+    serve_log.addFilter(_worker_ready)
+    enable_stack_dump()
+    return WorkerLink(supervisor_fd)
+
+
+def _worker_ready(record: logging.LogRecord) -> bool:
+    if record.msg == LISTENING_MESSAGE:
+        record.msg = WORKER_READY_MESSAGE
+    return True
+
+
+def drain(server: Any, graceful_timeout: float) -> None:
+    """Retire ``server`` softly: stop accepting, let connections end by themselves.
+
+    What a reload, recycling and TTOU do to the process they replace: unlike a stop
+    on SIGTERM, no connection's input is ended, so a client between two requests is
+    not cut. Those still open after ``graceful_timeout`` are then stopped at once
+    (``stop(timeout=0)``).
+    """
+    server.stop_accepting()
+    if not server.wait(graceful_timeout):
+        server.stop(timeout=0.0)
