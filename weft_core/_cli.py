@@ -27,7 +27,7 @@ from typing import Any
 from . import __version__, _registry
 from ._config import Config, load_config, parse_option_value
 from ._deadline import Deadline
-from ._errors import ConfigError, WeftError
+from ._errors import BindError, ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.set_defaults(command=_conformance)
     conformance.add_argument("name", metavar="NAME")
     conformance.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="PYTEST_ARGS")
+
+    from ._ctl_cli import add_parser as add_ctl_parser
+
+    add_ctl_parser(commands)
     return parser
 
 
@@ -240,13 +244,25 @@ def _serve(ns: argparse.Namespace) -> int:
         return _fail(exc, EXIT_RUNTIME)
     if worker:  # a worker: the supervisor owns the shutdown port
         kwargs = _workers.worker_kwargs(kwargs)
+    from ._ctl_commands import open_control, server_commands
+
+    drain = DrainRequest()
+    control = None
     try:
         server = Server(handler, **kwargs)
+        # Before the switch of user: the socket sits where the operator's weft ctl looks.
+        control = open_control(
+            config, server_commands(server, drain), namespace={"server": server}, worker=worker
+        )
         if switch:
             drop_privileges(*account)
     except (WeftError, OSError) as exc:
         for listener in bound:
             close_listener(listener)
+        if control is not None:
+            control.close()
+        if isinstance(exc, BindError):  # the control socket's path is taken
+            return _fail(exc, EXIT_RUNTIME)
         if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
             return _fail(exc, EXIT_USAGE)
         return _fail(
@@ -254,31 +270,51 @@ def _serve(ns: argparse.Namespace) -> int:
         )
     for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
         listener.sock.detach()
-    if link is not None:
-        worker_link = link
-        limit = _worker_link.max_requests_for(config)
-        return _run(
-            server,
-            config.graceful_timeout,
-            lambda: worker_link.ready(
-                server, config.graceful_timeout, config.get("timeout"), limit
-            ),
-        )
-
-    def hand_over(signum: int, notifier: Notifier) -> int:
-        return _supervise.hand_over(server, config, flags, ns.config, signum, notifier)
-
     pid_file = None if pid is None else PidFile(pid)
     try:
+        if link is not None:
+            worker_link = link
+            limit = _worker_link.max_requests_for(config)
+            return _run(
+                server,
+                config.graceful_timeout,
+                lambda: worker_link.ready(
+                    server, config.graceful_timeout, config.get("timeout"), limit
+                ),
+                drain=drain,
+            )
+
+        def hand_over(signum: int, notifier: Notifier) -> int:
+            return _supervise.hand_over(
+                server, config, flags, ns.config, signum, notifier, control=control
+            )
+
         return _run(
             server,
             config.graceful_timeout,
             None if pid_file is None else pid_file.write,
             hand_over=hand_over,
+            drain=drain,
         )
     finally:
+        if control is not None:
+            control.close()
         if pid_file is not None:
             pid_file.remove()
+
+
+class DrainRequest:
+    """``weft ctl drain [SECONDS]``: asked from a control thread, done by the serve loop."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.timeout: float | None = None
+        self.wake: Callable[[], None] = lambda: None
+
+    def __call__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.asked.set()
+        self.wake()
 
 
 def _prepare_process(config: Config) -> None:
@@ -333,8 +369,9 @@ def _run(
     graceful_timeout: float,
     ready: Callable[[], None] | None = None,
     hand_over: Callable[[int, Notifier], int] | None = None,
+    drain: DrainRequest | None = None,
 ) -> int:
-    """Run ``server`` until a signal or a fatal error; return the exit status.
+    """Run ``server`` until a signal, a drain request or a fatal error; the exit status.
 
     ``ready()``, if given, is called once the server listens (a worker tells its
     supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
@@ -367,7 +404,13 @@ def _run(
     with Wakeup(signals, on_signal=on_signal) as wakeup:
         try:
             return _serve_until_stopped(
-                server, graceful_timeout, wakeup, notifier, ready, hand_over
+                server,
+                graceful_timeout,
+                wakeup,
+                notifier,
+                ready,
+                hand_over,
+                drain or DrainRequest(),
             )
         finally:
             deadline.disarm()
@@ -380,8 +423,10 @@ def _serve_until_stopped(
     notifier: Notifier,
     ready: Callable[[], None] | None,
     hand_over: Callable[[int, Notifier], int] | None,
+    drain: DrainRequest,
 ) -> int:
     """The body of :func:`_run`, inside its signal handling."""
+    drain.wake = wakeup.wake
     try:
         server.run()
     except (WeftError, OSError) as exc:
@@ -403,7 +448,7 @@ def _serve_until_stopped(
     if notifier.watchdog is not None:
         _keep_alive(server, notifier, notifier.watchdog, ended)
     stop: int | None = None
-    while stop is None and not ended.is_set():
+    while stop is None and not ended.is_set() and not drain.asked.is_set():
         for signum in wakeup.wait(_WAKE_INTERVAL):
             if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
                 stop = signum
@@ -443,8 +488,25 @@ def _serve_until_stopped(
             )
             if left:
                 return EXIT_TASKS_LEFT
+    elif drain.asked.is_set() and not ended.is_set():
+        return _drain(server, graceful_timeout if drain.timeout is None else drain.timeout)
     if server.error is not None:
         return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
+    return 0
+
+
+def _drain(server: Any, timeout: float) -> int:
+    """``weft ctl drain``: stop accepting, exit once idle or after ``timeout`` (then cut)."""
+    from ._worker_link import drain
+
+    Wakeup.default(STOP_SIGNALS)  # a SIGTERM while draining quits at once
+    log.info("draining: no new connections; exiting when idle, or in %ss", f"{timeout:g}")
+    drain(server, timeout)
+    left = server.stats().get("left_behind", 0)
+    if left:
+        log.warning("drained: %d task(s) ignored the stop and are abandoned", left)
+        return EXIT_TASKS_LEFT
+    log.info("drained")
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._settings import (
+    CONTROL_SOCKET_OFF,
     SETTINGS,
     TLS_PARTS,
     Setting,
@@ -338,6 +339,23 @@ class Config:
     def workers(self) -> int:
         """The number of worker processes."""
         return int(self.get("workers"))
+
+    @property
+    def control_socket(self) -> str | None:
+        """The control socket's path for ``weft ctl`` (the default if unset); None if off."""
+        value = self.values.get("control_socket")
+        if value == CONTROL_SOCKET_OFF:
+            return None
+        if value is None:
+            from ._ctl import default_path
+
+            return default_path()
+        return str(value)
+
+    @property
+    def console(self) -> bool:
+        """True if ``weft ctl console`` may open a REPL in the server."""
+        return bool(self.get("console"))
 
     @property
     def log_level(self) -> str:

@@ -167,8 +167,11 @@ class ControlSocket:
         console: Console | None = None,
     ) -> None:
         self.path = path
+        #: The command table; may be replaced while serving (a process that becomes
+        #: a supervisor hands its socket to the supervisor's commands).
         self.commands = dict(commands)
-        self._console = console
+        #: Serves ``console`` (None: the console is off); replaceable as ``commands``.
+        self.console = console
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -296,19 +299,20 @@ class ControlSocket:
             return
         conn.settimeout(None)
         shown = escape_for_log(name)
+        console = self.console
         if name == "console":
-            if self._console is None:
+            if console is None:
                 _send(conn, {"ok": False, "error": "the console is off; set console = true in"
                              " config to allow `weft ctl console`"})  # fmt: skip
                 return
             log.warning("control: console opened by %s", peer)
             _send(conn, {"ok": True, "result": "console"})
-            self._console(conn, reader, peer)
+            console(conn, reader, peer)
             log.warning("control: console closed by %s", peer)
             return
         command = self.commands.get(name)
         if command is None:
-            known = ", ".join(sorted([*self.commands, *(["console"] if self._console else [])]))
+            known = ", ".join(sorted([*self.commands, *(["console"] if console else [])]))
             _send(conn, {"ok": False, "error": f"unknown command {name!r}; known: {known}"})
             return
         log.info("control: %s %s by %s", shown, escape_for_log(_describe(args)), peer)

@@ -1,26 +1,59 @@
-"""What ``weft ctl`` commands do in a process that serves (one process, or a worker).
+"""What ``weft ctl`` commands do: in a process that serves, and in a supervisor.
 
 Each command takes the request's args and the asking :class:`~._ctl.Peer` and returns
-something JSON can carry. Commands that change how the process runs as a whole
-(``reload``, ``workers``) are the same as the signals an operator would send, so a
-command and its signal can never disagree: ``reload`` is SIGHUP, ``workers +N`` is N
-SIGTTINs. ``drain`` is a graceful stop with its own deadline, through the serve loop.
+something JSON can carry. In one process (:func:`server_commands`) they act on the
+Server; ``reload`` and ``workers +N`` are SIGHUP and SIGTTIN, the process becoming a
+supervisor as it does on those signals; ``drain`` is a graceful stop with its own
+deadline, through the serve loop. Under ``--workers`` (:func:`supervisor_commands`)
+the supervisor acts on its own loop for ``reload``, ``workers`` and ``drain``, and fans
+the rest out to each worker's own control socket (:func:`worker_socket_path`), summing
+``status``. :func:`open_control` is how either opens its socket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import signal
-import time
+import socket
+import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ._ctl import Command, ControlError, Peer, format_stacks
+from ._ctl import (
+    Command,
+    Console,
+    ControlError,
+    ControlSocket,
+    Peer,
+    connect,
+    format_stacks,
+    request,
+)
+from ._ctl_console import serve_console
+from ._errors import BindError
 
 if TYPE_CHECKING:
+    from ._config import Config
     from ._server import Server
+    from ._workers import Supervisor
 
-__all__ = ["connection_record", "server_commands"]
+__all__ = [
+    "connection_record",
+    "open_control",
+    "server_commands",
+    "sum_stats",
+    "supervisor_commands",
+    "worker_socket_path",
+]
+
+log = logging.getLogger("weft.ctl")
+
+#: How long the supervisor waits for each worker's answer (asked all at once).
+WORKER_TIMEOUT = 5.0
 
 #: ``drain(timeout)``: stop accepting, let connections finish within ``timeout``
 #: (None: the configured graceful timeout), then exit.
@@ -101,14 +134,12 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         return "reloading (as SIGHUP)"
 
     def workers(args: Mapping[str, Any], peer: Peer) -> str:
-        delta = args.get("delta")
-        if not isinstance(delta, int) or delta == 0:
-            raise ControlError(f"workers takes +N or -N, got {delta!r}")
-        sig = signal.SIGTTIN if delta > 0 else signal.SIGTTOU
-        for _ in range(abs(delta)):
-            os.kill(os.getpid(), sig)
-            time.sleep(0.01)  # signals of one kind sent at once merge into one
-        return f"workers {delta:+d} (as {abs(delta)} SIG{sig.name[3:]})"
+        delta = _delta(args)
+        if delta < 0:
+            raise ControlError("one process is the fewest; start with --workers N to shrink")
+        # SIGTTIN makes this process the supervisor of two workers; more come after.
+        os.kill(os.getpid(), signal.SIGTTIN)
+        return f"workers +{delta}: this process becomes their supervisor (as SIGTTIN)"
 
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:
         return format_stacks()
@@ -124,3 +155,195 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         "workers": workers,
         "stacks": stacks,
     }
+
+
+def _delta(args: Mapping[str, Any]) -> int:
+    delta = args.get("delta")
+    if not isinstance(delta, int) or isinstance(delta, bool) or delta == 0:
+        raise ControlError(f"workers takes +N or -N, got {delta!r}")
+    return delta
+
+
+def worker_socket_path(path: str, pid: int) -> str:
+    """The control socket of worker ``pid`` of the supervisor listening at ``path``."""
+    return f"{path}.worker-{pid}"
+
+
+def sum_stats(each: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several processes' ``stats()`` as one: numbers added, tables (histograms) by key."""
+    total: dict[str, Any] = {}
+    for stats in each:
+        for key, value in stats.items():
+            mine = total.get(key)
+            if isinstance(value, Mapping):
+                total[key] = sum_stats([mine, value] if isinstance(mine, Mapping) else [value])
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = (mine if isinstance(mine, int | float) else 0) + value
+            elif key not in total:
+                total[key] = value
+    return total
+
+
+def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]:
+    """The command table of a supervisor of workers, whose socket is at ``path``."""
+
+    def fan_out(command: str, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        pids = supervisor.call(supervisor.worker_pids)
+        if not pids:
+            raise ControlError("no worker is serving yet; try again in a moment")
+
+        def ask(pid: int) -> dict[str, Any]:
+            try:
+                result = request(
+                    worker_socket_path(path, pid), command, args, timeout=WORKER_TIMEOUT
+                )
+            except ControlError as exc:
+                return {"pid": pid, "error": str(exc)}
+            return {"pid": pid, "result": result}
+
+        with ThreadPoolExecutor(len(pids), thread_name_prefix="weft ctl fan-out") as pool:
+            return list(pool.map(ask, pids))
+
+    def on_loop(fn: Callable[[], Any]) -> Any:
+        try:
+            return supervisor.call(fn)
+        except (RuntimeError, TimeoutError) as exc:
+            raise ControlError(str(exc)) from None
+
+    def status(args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+        answers = fan_out("status", args)
+        stats = [a["result"]["stats"] for a in answers if "result" in a]
+        return {
+            "pid": os.getpid(),
+            "workers": answers,
+            "totals": {"workers": len(answers), "answered": len(stats), **sum_stats(stats)},
+        }
+
+    def each(command: str) -> Command:
+        def run(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
+            return fan_out(command, args)
+
+        return run
+
+    def connections(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for answer in fan_out("connections", args):
+            if "error" in answer:
+                out.append(answer)
+            else:
+                out.extend({"worker": answer["pid"], **item} for item in answer["result"])
+        return out
+
+    def drain(args: Mapping[str, Any], peer: Peer) -> str:
+        timeout = args.get("timeout")
+        if timeout is not None and not isinstance(timeout, int | float):
+            raise ControlError(f"drain's timeout is a number of seconds, got {timeout!r}")
+        why = f"control: drain asked by {peer}"
+        on_loop(lambda: supervisor.drain(None if timeout is None else float(timeout), why))
+        shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
+        return f"draining: no new connections; exiting when idle or after {shown}"
+
+    def reload(args: Mapping[str, Any], peer: Peer) -> str:
+        on_loop(lambda: supervisor.reload(f"control: reload asked by {peer}"))
+        return "reloading: new workers start; the old ones drain once they are ready"
+
+    def workers(args: Mapping[str, Any], peer: Peer) -> str:
+        delta = _delta(args)
+        count = on_loop(lambda: supervisor.resize(delta, f"control: workers {delta:+d}"))
+        return f"workers {delta:+d}: {count} now"
+
+    def stacks(args: Mapping[str, Any], peer: Peer) -> str:
+        parts = [f"== supervisor {os.getpid()}\n{format_stacks()}"]
+        for answer in fan_out("stacks", args):
+            text = answer.get("result", f"(no answer: {answer.get('error')})")
+            parts.append(f"== worker {answer['pid']}\n{text}")
+        return "\n".join(parts)
+
+    return {
+        "status": status,
+        "connections": connections,
+        "pause": each("pause"),
+        "resume": each("resume"),
+        "set": each("set"),
+        "drain": drain,
+        "reload": reload,
+        "workers": workers,
+        "stacks": stacks,
+    }
+
+
+def relay_console(supervisor: Supervisor, path: str) -> Console:
+    """The supervisor's console: the same REPL, relayed to its first serving worker."""
+
+    def console(conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
+        pids = supervisor.call(supervisor.worker_pids)
+        if not pids:
+            conn.sendall(b"weft console: no worker is serving yet\n")
+            return
+        target = connect(worker_socket_path(path, pids[0]), timeout=None)
+        with target:
+            target.sendall(b'{"command": "console", "args": {}}\n')
+            answer = target.makefile("rb").readline()
+            if not json.loads(answer or b"{}").get("ok"):
+                conn.sendall(b"weft console: the worker refused the console\n")
+                return
+            conn.sendall(f"weft console: in worker {pids[0]}\n".encode())
+            _relay(reader, conn, target)
+
+    return console
+
+
+def _relay(reader: BinaryIO, conn: socket.socket, target: socket.socket) -> None:
+    """Client input (``reader``, buffered on ``conn``) to ``target``, its output back."""
+
+    def upstream() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := reader.read1(65536):  # type: ignore[attr-defined]
+                target.sendall(chunk)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)  # the console sees the end of its input
+
+    threading.Thread(target=upstream, name="weft ctl console relay", daemon=True).start()
+    with contextlib.suppress(OSError):
+        while data := target.recv(65536):
+            conn.sendall(data)
+
+
+def open_control(
+    config: Config,
+    commands: Mapping[str, Command],
+    *,
+    namespace: Mapping[str, Any] | None = None,
+    console: Console | None = None,
+    worker: bool = False,
+) -> ControlSocket | None:
+    """Open and start the control socket ``config`` asks for; None if it is off.
+
+    ``namespace``: what the console binds (``server``), if config allows it; or
+    ``console``, a console of the caller's. A worker listens at its own path beside
+    the supervisor's. If another server already answers at the *default* path, this
+    one logs a warning and goes without (two servers of one user are common); at a
+    configured path that is an error (BindError).
+    """
+    path = config.control_socket
+    if path is None:
+        return None
+    if worker:
+        path = worker_socket_path(path, os.getpid())
+    if config.console and console is None and namespace is not None:
+        names = dict(namespace)
+
+        def console(conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
+            serve_console(conn, reader, names)
+
+    control = ControlSocket(path, commands, console=console if config.console else None)
+    try:
+        control.open()
+    except BindError as exc:
+        explicit = config.values.get("control_socket") is not None
+        if worker or explicit:
+            raise
+        log.warning("%s; weft ctl cannot reach this server (set control_socket)", exc)
+        return None
+    control.start()
+    return control

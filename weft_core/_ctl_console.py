@@ -62,7 +62,7 @@ class _SocketConsole(code.InteractiveConsole):
 
     @property
     def namespace(self) -> dict[str, Any]:
-        return self.locals  # type: ignore[return-value]  # always the dict we gave
+        return self.locals  # always the dict we gave
 
 
 def serve_console(conn: socket.socket, reader: BinaryIO, namespace: Mapping[str, Any]) -> None:

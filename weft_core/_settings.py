@@ -391,6 +391,16 @@ def _check_path(value: Any) -> str | None:
     return os.path.expanduser(value)
 
 
+#: What ``control_socket`` holds when config turns the control socket off.
+CONTROL_SOCKET_OFF = "off"
+
+
+def _check_control_socket(value: Any) -> str | None:
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return CONTROL_SOCKET_OFF
+    return _check_path(value)
+
+
 def _check_account(value: Any, database: str) -> str | None:
     """A user or group name that exists here, or a number; checked before anything binds."""
     if value is None:
@@ -589,6 +599,14 @@ _ROWS = [
             "replace a worker after it accepted this many connections", "config"),
     Setting("max_requests_jitter", integer(0), 0,
             "add 0 to N, at random per worker, to max_requests", "config"),
+    # Live control (issue 16): weft ctl's socket and the console.
+    Setting("control_socket",
+            Kind("str | None", "a socket path, or off", _check_control_socket, _as_text,
+                 path=True), None,
+            "the Unix socket weft ctl talks to (default: $XDG_RUNTIME_DIR/weft/ctl.sock,"
+            " /run/weft/ctl.sock as root; off: none)", "config"),
+    Setting("console", boolean(), False,
+            "allow `weft ctl console`, a Python REPL in the server (owner only)", "config"),
 ]  # fmt: skip
 
 #: Every setting by name; parts of a table are named ``table.part``.
@@ -614,7 +632,14 @@ def validate(
     kind = SETTINGS[name].kind
     if text and isinstance(value, str) and kind.parse is not None:
         value = kind.parse(value)
-    if kind.path and base is not None and isinstance(value, str) and value and "\0" not in value:
+    if (
+        kind.path
+        and base is not None
+        and isinstance(value, str)
+        and value
+        and "\0" not in value
+        and value.strip().lower() not in ("off", "none")  # control_socket = "off"
+    ):
         value = str(base / os.path.expanduser(value))
     try:
         return kind.check(value)

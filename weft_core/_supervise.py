@@ -14,6 +14,7 @@ What does not live here: supervising (``_workers``), a worker's side
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._config import Config
+from ._ctl import ControlSocket
+from ._ctl_commands import open_control, relay_console, supervisor_commands, worker_socket_path
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._listeners import Listener, close_listener, open_listeners
@@ -91,6 +94,7 @@ def supervise(
             close_listener(listeners.pop())
 
     shutdown: ShutdownPort | None = None
+    control: ControlSocket | None = None
     try:
         manager = config.get("manager") or DEFAULT_MANAGER
         notifier = Notifier()
@@ -104,6 +108,9 @@ def supervise(
             adopted=adopted,
             notifier=notifier,
         )
+        control = open_control(config, {})  # a BindError: before any worker starts
+        if control is not None:
+            steer(control, supervisor, config)
         if shutdown_port is not None:
             shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
             shutdown.open()  # a BindError here: before anything listens or starts
@@ -123,9 +130,18 @@ def supervise(
             shutdown.start()
         return supervisor.run()
     finally:
+        if control is not None:
+            control.close()
         if shutdown is not None:
             shutdown.close()
         close_listeners()
+
+
+def steer(control: ControlSocket, supervisor: Supervisor, config: Config) -> None:
+    """Make ``control`` answer for ``supervisor``: its commands, the console in a worker."""
+    control.commands = supervisor_commands(supervisor, control.path)
+    if config.console:
+        control.console = relay_console(supervisor, control.path)
 
 
 class _LocalServer:
@@ -164,8 +180,11 @@ def hand_over(
     config_file: str | None,
     signum: int,
     notifier: Notifier,
+    control: ControlSocket | None = None,
 ) -> int:
     """Make a single ``weft serve`` the supervisor of its own workers; return the exit status.
+
+    ``control``, the process's control socket, answers for the supervisor from then on.
 
     On HUP (or TTIN: two workers) the listening sockets are duplicated for a worker
     that imports the handler afresh; once it is ready, the in-process ``server``
@@ -197,7 +216,7 @@ def hand_over(
             "two workers" if signum == signal.SIGTTIN else "a worker",
         )
         notifier.reloading(f"{name}: starting a worker")
-        return _supervisor(
+        supervisor = _supervisor(
             config,
             flags,
             config_file,
@@ -207,7 +226,10 @@ def hand_over(
             local=_LocalServer(server, config.graceful_timeout),
             upgrade=signum == signal.SIGUSR2,
             notifier=notifier,
-        ).run()
+        )
+        if control is not None:
+            steer(control, supervisor, config)
+        return supervisor.run()
     finally:
         close_listeners()
 
@@ -227,6 +249,13 @@ def _supervisor(
 ) -> Supervisor:
     sockets = [listener.sock for listener in listeners]
     args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
+    control_path = config.control_socket
+
+    def forget_socket(pid: int) -> None:
+        # A worker that switched user cannot remove its socket file; the supervisor can.
+        assert control_path is not None
+        with contextlib.suppress(OSError):
+            os.unlink(worker_socket_path(control_path, pid))
 
     def command(link: int) -> list[str]:
         return [*_SELF, *args, f"--supervisor-fd={link}"]
@@ -243,6 +272,7 @@ def _supervisor(
         reexec=lambda state: _reexec([*_SELF, *args], state),
         upgrade=upgrade,
         notifier=notifier,
+        on_worker_exit=None if control_path is None else forget_socket,
     )
 
 

@@ -57,6 +57,7 @@ import json
 import logging
 import math
 import os
+import queue
 import resource
 import signal
 import socket
@@ -64,8 +65,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ._config import parse_option_value
 from ._connection import format_address
@@ -118,6 +121,10 @@ RESTART_RESET_AFTER = 30.0
 #: leaves behind what still runs, and the interpreter exits. Only a worker still
 #: running after that is killed.
 EXIT_MARGIN = 5.0
+#: How long a ``weft ctl`` request waits for the supervisor's loop to act on it.
+CALL_TIMEOUT = 5.0
+
+T = TypeVar("T")
 #: The longest the supervisor sleeps without a signal. SIGCHLD and SIGTERM wake it at
 #: once through the wakeup pipe; this is only a backstop, so it costs nothing.
 _IDLE_WAKE = 5.0
@@ -345,8 +352,12 @@ class Supervisor:
         reexec: Callable[[str], None] | None = None,
         upgrade: bool = False,
         notifier: Notifier | None = None,
+        on_worker_exit: Callable[[int], None] | None = None,
     ) -> None:
         self._command = command
+        self._on_worker_exit = on_worker_exit
+        #: Functions other threads asked the loop to run (:meth:`call`), with their futures.
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._sockets = tuple(sockets)
         self._count = count
         self._graceful_timeout = graceful_timeout
@@ -377,6 +388,66 @@ class Supervisor:
         self._stop_asked.set()
         self._wake()
 
+    def call(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT) -> T:
+        """Run ``fn()`` in the supervisor's loop and return its result; from any thread.
+
+        ``weft ctl``'s requests act through this, so the loop's state is only ever
+        touched by the loop. Raises TimeoutError if the loop has not run it in time.
+        """
+        future: Future[T] = Future()
+        self._calls.put((fn, future))
+        self._wake()
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"the supervisor did not answer within {timeout:g}s") from None
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def worker_pids(self) -> list[int]:
+        """The workers serving now (ready, not exiting), old ones of a reload included."""
+        return [w.pid for w in self._workers.values() if w.ready and not w.eof]
+
+    def resize(self, delta: int, why: str) -> int:
+        """Add (or, below 0, remove) workers, never below one; the new count."""
+        if self._stopping:
+            raise RuntimeError("the server is stopping")
+        self._count = max(1, self._count + delta)
+        log.info("%s: %d worker(s) now", why, self._count)
+        return self._count
+
+    def reload(self, why: str) -> None:
+        """Start a graceful reload, as SIGHUP does."""
+        if self._stopping:
+            raise RuntimeError("the server is stopping")
+        self._reload(why)
+
+    def drain(self, timeout: float | None, why: str) -> None:
+        """Stop gracefully, giving connections ``timeout`` (None: graceful_timeout)."""
+        if self._stopping:
+            raise RuntimeError("the server is stopping already")
+        if timeout is not None:
+            self._graceful_timeout = timeout
+        log.info(
+            "%s: stopping %d worker(s) when idle (at most %ss)",
+            why,
+            len(self._workers),
+            f"{self._graceful_timeout:g}",
+        )
+        self._begin_stop(time.monotonic())
+
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
@@ -397,6 +468,7 @@ class Supervisor:
                     # signal sent on seeing that line finds it ready here.
                     self._read_links(now)
                     self._handle_signals(received, now)
+                    self._run_calls()
                     if self._stop_asked.is_set() and not self._stopping:
                         log.info(
                             "stop requested on the shutdown port: stopping %d worker(s)"
@@ -667,6 +739,8 @@ class Supervisor:
             if not worker.eof:
                 self._read_link(worker, now)  # a ready byte outlives the worker
             worker.link.close()
+            if self._on_worker_exit is not None:
+                self._on_worker_exit(pid)
             self._exited(worker, code, now)
 
     def _exited(self, worker: _Worker, code: int, now: float) -> None:
