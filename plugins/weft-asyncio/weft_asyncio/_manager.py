@@ -198,7 +198,9 @@ class _Loop:
         except RuntimeError:  # the loop is closed
             with self.lock:
                 self.soon = None
-            raise RuntimeError("weft-asyncio: the loop has ended (the server is not running)")
+            raise RuntimeError(
+                "weft-asyncio: the loop has ended (the server is not running)"
+            ) from None
 
     def _start_batch(self) -> None:
         with self.lock:
