@@ -315,7 +315,7 @@ class ControlSocket:
             known = ", ".join(sorted([*self.commands, *(["console"] if console else [])]))
             _send(conn, {"ok": False, "error": f"unknown command {name!r}; known: {known}"})
             return
-        log.info("control: %s %s by %s", shown, escape_for_log(_describe(args)), peer)
+        log.info("control: %s%s by %s", shown, escape_for_log(_describe(args)), peer)
         try:
             result = command(args, peer)
         except ControlError as exc:
@@ -329,7 +329,7 @@ class ControlSocket:
 
 
 def _describe(args: Mapping[str, Any]) -> str:
-    return " ".join(f"{key}={value}" for key, value in args.items())
+    return "".join(f" {key}={value}" for key, value in args.items())
 
 
 def _read_request(reader: BinaryIO) -> tuple[str, Mapping[str, Any]]:
@@ -431,12 +431,44 @@ def request(
 
 
 def format_stacks() -> str:
-    """Every thread's stack, as ``faulthandler.dump_traceback`` shows them, newest call last."""
+    """Every thread's, greenlet's and suspended coroutine's stack, newest call last.
+
+    As ``faulthandler`` shows threads, and more: on gevent, trio and asyncio a
+    connection's task is a greenlet or a coroutine, which a thread dump does not show.
+    Greenlets and coroutines are found by a walk of the garbage collector's objects
+    (gevent's ``format_run_info`` does the same): fine for an operator's command.
+    """
+    import gc
     import traceback
+    import types
 
     names = {t.ident: t.name for t in threading.enumerate()}
     parts = []
     for ident, frame in sys._current_frames().items():
         parts.append(f"Thread {ident:#x} ({names.get(ident, '?')}):\n")
         parts.extend(traceback.format_stack(frame))
+    greenlet = getattr(sys.modules.get("greenlet"), "greenlet", None)
+    coroutines: list[types.CoroutineType[Any, Any, Any]] = []
+    for obj in gc.get_objects():
+        if isinstance(obj, types.CoroutineType):
+            if obj.cr_frame is not None:
+                coroutines.append(obj)
+        elif greenlet is not None and isinstance(obj, greenlet):
+            frame = obj.gr_frame  # None while it runs (a thread's frame shows it) or ended
+            if frame is not None:
+                name = getattr(obj, "name", None) or getattr(obj, "__name__", "greenlet")
+                parts.append(f"Greenlet {id(obj):#x} ({name}):\n")
+                parts.extend(traceback.format_stack(frame))
+    awaited = {id(c.cr_await) for c in coroutines if c.cr_await is not None}
+    for root in coroutines:
+        if id(root) in awaited:
+            continue  # shown inside the coroutine that awaits it
+        frames = []
+        current: Any = root
+        while isinstance(current, types.CoroutineType) and current.cr_frame is not None:
+            frames.append(current.cr_frame)
+            current = current.cr_await
+        parts.append(f"Coroutine {root.__qualname__}:\n")
+        summary = traceback.StackSummary.extract((f, f.f_lineno) for f in frames)
+        parts.extend(summary.format())
     return "".join(parts)
