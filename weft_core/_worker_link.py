@@ -194,6 +194,10 @@ def become_worker(supervisor_fd: int) -> WorkerLink:
     try:
         flags = fcntl.fcntl(supervisor_fd, fcntl.F_GETFD)
         fcntl.fcntl(supervisor_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        # Read with blocking os.read: a supervisor monkey-patched by gevent (one process
+        # that became a supervisor on HUP) made its socket pair non-blocking, a flag the
+        # two ends share, and EAGAIN would read as "the supervisor is gone".
+        os.set_blocking(supervisor_fd, True)
     except OSError as exc:
         raise ConfigError(
             f"--supervisor-fd {supervisor_fd}: {exc.strerror}; this flag is set by"
