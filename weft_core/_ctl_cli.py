@@ -27,6 +27,8 @@ commands:
   connections                every open connection: peer, age, bytes in and out
   pause | resume             stop or start accepting; the listener stays bound
   set max-connections N      change the limit at once ('none' for no limit)
+  close [PID:]TASK_ID [SECONDS]  stop one connection (ids from 'connections'; the
+                             worker's PID too under --workers)
   drain [SECONDS]            stop accepting; exit when idle or after SECONDS
   reload                     graceful reload (as SIGHUP)
   workers +N | -N            add or remove worker processes
@@ -78,6 +80,21 @@ def _parse(name: str, args: list[str]) -> tuple[str, dict[str, Any]]:
         if len(args) != 1 or not args[0].lstrip("+-").isdigit() or args[0][0] not in "+-":
             raise ValueError("usage: weft ctl workers +N | -N")
         return name, {"delta": int(args[0])}
+    if name == "close":
+        if not 1 <= len(args) <= 2:
+            raise ValueError("usage: weft ctl close TASK_ID [SECONDS]")
+        worker, _, task_id = args[0].rpartition(":")  # PID:TASK_ID under --workers
+        request: dict[str, Any] = {"task_id": task_id}
+        if worker:
+            if not worker.isdigit():
+                raise ValueError(f"close takes TASK_ID or PID:TASK_ID, got {args[0]!r}")
+            request["worker"] = int(worker)
+        if len(args) == 2:
+            try:
+                request["timeout"] = float(args[1])
+            except ValueError:
+                raise ValueError(f"close takes a number of seconds, got {args[1]!r}") from None
+        return name, request
     if name == "drain":
         if len(args) > 1:
             raise ValueError("usage: weft ctl drain [SECONDS]")

@@ -54,6 +54,8 @@ log = logging.getLogger("weft.ctl")
 
 #: How long the supervisor waits for each worker's answer (asked all at once).
 WORKER_TIMEOUT = 5.0
+#: ``weft ctl close``'s default: the connection is interrupted after this many seconds.
+CLOSE_TIMEOUT = 10.0
 
 #: ``drain(timeout)``: stop accepting, let connections finish within ``timeout``
 #: (None: the configured graceful timeout), then exit.
@@ -141,10 +143,22 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         os.kill(os.getpid(), signal.SIGTTIN)
         return f"workers +{delta}: this process becomes their supervisor (as SIGTTIN)"
 
+    def close(args: Mapping[str, Any], peer: Peer) -> str:
+        wanted, timeout = _close_args(args)
+        for item in server.connections():
+            if str(item.task_id) == wanted:
+                try:
+                    ended = server.close_connection(item.task_id, timeout)
+                except LookupError:
+                    break  # it ended meanwhile
+                return f"closed {wanted}" + ("" if ended else " (interrupted)")
+        raise ControlError(f"no open connection has task id {wanted}; see weft ctl connections")
+
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:
         return format_stacks()
 
     return {
+        "close": close,
         "status": status,
         "connections": connections,
         "pause": pause,
@@ -155,6 +169,15 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         "workers": workers,
         "stacks": stacks,
     }
+
+
+def _close_args(args: Mapping[str, Any]) -> tuple[str, float | None]:
+    wanted, timeout = args.get("task_id"), args.get("timeout")
+    if not isinstance(wanted, str) or not wanted:
+        raise ControlError(f"close takes a task id (see weft ctl connections), got {wanted!r}")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+        raise ControlError(f"close's timeout is a number of seconds, got {timeout!r}")
+    return wanted, CLOSE_TIMEOUT if timeout is None else float(timeout)
 
 
 def _delta(args: Mapping[str, Any]) -> int:
@@ -252,6 +275,26 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
         count = on_loop(lambda: supervisor.resize(delta, f"control: workers {delta:+d}"))
         return f"workers {delta:+d}: {count} now"
 
+    def close(args: Mapping[str, Any], peer: Peer) -> Any:
+        wanted, timeout = _close_args(args)
+        worker = args.get("worker")
+        owners = [
+            c["worker"]
+            for c in connections({}, peer)
+            if c.get("task_id") == wanted and worker in (None, c.get("worker"))
+        ]
+        if not owners:
+            raise ControlError(
+                f"no worker has an open connection with task id {wanted}; see weft ctl connections"
+            )
+        if len(owners) > 1:
+            raise ControlError(
+                f"task id {wanted} is open in workers {', '.join(map(str, owners))} (ids are"
+                f" per worker): say which, as weft ctl close PID:{wanted}"
+            )
+        forwarded = {"task_id": wanted, "timeout": timeout}
+        return request(worker_socket_path(path, owners[0]), "close", forwarded)
+
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:
         parts = [f"== supervisor {os.getpid()}\n{format_stacks()}"]
         for answer in fan_out("stacks", args):
@@ -260,6 +303,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
         return "\n".join(parts)
 
     return {
+        "close": close,
         "status": status,
         "connections": connections,
         "pause": each("pause"),

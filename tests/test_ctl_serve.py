@@ -1,0 +1,341 @@
+"""`weft ctl` against a real `weft serve`: one process on every manager, and --workers.
+
+Each test starts `weft serve` with a control socket of its own (``--control-socket``)
+and drives it with the `weft ctl` command, as an operator would: the answers, what
+they change for real clients, the log line each action leaves, and the exits. The
+socket's own defences (other users, bad and stalled clients) are in test_ctl.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _serving import HANDLERS, LISTENING, READY, Client, Served, environment, host_port, weft_serve
+
+from weft_core import available_managers
+from weft_core._ctl import request
+from weft_core.testing._support import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+MANAGERS = sorted(m for m in HANDLERS if m in available_managers())
+
+
+def ctl(path: Path, *args: str, stdin: str | None = None, user: str | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """``weft ctl --socket PATH ARGS``; its output once it exits."""
+    done = subprocess.run(
+        [sys.executable, "-m", "weft_core", "ctl", "--socket", str(path), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(),
+        user=user,
+    )
+    if check:
+        assert done.returncode == 0, f"weft ctl {' '.join(args)}: {done.stderr}"
+    return done
+
+
+def as_json(done: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Path:
+    return tmp_path / "ctl.sock"
+
+
+def start(tmp_path: Path, control: Path, manager: str, *extra: str) -> Served:
+    served = Served(
+        weft_serve(HANDLERS[manager], "--manager", manager, "--bind", "127.0.0.1:0",
+                   "--control-socket", str(control), "--graceful-timeout", "20", *extra),
+        cwd=tmp_path,
+    )  # fmt: skip
+    return served
+
+
+@pytest.fixture(params=MANAGERS)
+def one(request: pytest.FixtureRequest, tmp_path: Path, control: Path) -> Iterator[
+    tuple[Served, tuple[str, int]]
+]:
+    """One `weft serve` process on each manager, its control socket at ``control``."""
+    served = start(tmp_path, control, request.param, "--console")
+    with served:
+        (match,) = served.wait_for(LISTENING)
+        yield served, host_port(match.group(1))
+
+
+def test_status_connections_and_stacks_of_one_process(
+    one: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = one
+    with Client(address) as client:
+        assert client.echo(b"ping") == b"ping"
+        status = as_json(ctl(control, "status"))
+        assert status["pid"] == served.proc.pid
+        assert status["stats"]["accepted"] == 1 and status["stats"]["active"] == 1
+        assert status["stats"]["bytes_in"] >= 4, "bytes count what the client sent"
+        (conn,) = as_json(ctl(control, "connections"))
+        assert conn["peer"] == "%s:%d" % client.sock.getsockname()
+        assert conn["bytes_out"] >= len(b"%d\n" % client.pid) + 4
+        stacks = ctl(control, "stacks").stdout
+        # The connection's own task is shown, whatever it is (a thread, a greenlet, a
+        # coroutine): its handler is on the stack.
+        assert "in handle" in stacks, stacks
+    served.wait_for(r"control: stacks by uid 0 \(pid \d+\)")
+
+
+def test_pause_holds_new_clients_in_the_backlog_until_resume(
+    one: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = one
+    assert "paused" in ctl(control, "pause").stdout
+    assert as_json(ctl(control, "status"))["paused"] is True
+    waiting = socket.create_connection(address, timeout=20)  # the kernel completes it
+    try:
+        waiting.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiting.recv(1)  # nobody accepted it: no greeting
+        ctl(control, "resume")
+        waiting.settimeout(20)
+        assert waiting.recv(64).strip().isdigit(), "accepted once resumed, nothing lost"
+    finally:
+        waiting.close()
+    served.wait_for(r"control: pause by uid 0")
+    served.wait_for(r"control: resume by uid 0")
+
+
+def test_max_connections_lowered_and_raised_live(
+    one: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = one
+    with Client(address) as first:
+        assert ctl(control, "set", "max-connections", "1").stdout.strip() == "max-connections 1"
+        with socket.create_connection(address, timeout=20) as second:
+            # Full: the default on_full answers nothing and closes (or holds it waiting);
+            # either way the first connection is still served.
+            assert first.echo(b"still") == b"still", "lowering the limit cut nobody"
+            ctl(control, "set", "max-connections", "none")
+            second.settimeout(20)
+            data = second.recv(64)
+            if data:  # held while full, then admitted: it is served now
+                assert data.strip().isdigit()
+    bad = ctl(control, "set", "max-connections", "many", check=False)
+    assert bad.returncode == 1 and "whole number" in bad.stderr
+
+
+def test_close_one_connection_by_its_task_id(
+    one: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = one
+    with Client(address) as keep, Client(address) as gone:
+        peer = "%s:%d" % gone.sock.getsockname()
+        (target,) = [c for c in as_json(ctl(control, "connections")) if c["peer"] == peer]
+        assert ctl(control, "close", target["task_id"], "5").stdout.startswith("closed")
+        assert gone.rest() == b"", "its client sees the end"
+        assert keep.echo(b"x") == b"x", "the others are still served"
+        missing = ctl(control, "close", target["task_id"], check=False)
+        assert missing.returncode == 1 and "no open connection has task id" in missing.stderr
+
+
+def test_console_runs_beside_the_handlers(
+    one: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = one
+    with Client(address) as client:
+        out = ctl(
+            control, "console",
+            stdin="server.stats()['active']\nimport os; os.getpid()\n",
+        ).stdout  # fmt: skip
+        assert ">>> 1\n" in out, out
+        assert f">>> {served.proc.pid}\n" in out, out
+        assert client.echo(b"after") == b"after"
+    served.wait_for(r"\[WARNING\] weft.ctl: control: console opened by uid 0")
+
+
+def test_drain_exits_when_idle(one: tuple[Served, tuple[str, int]], control: Path) -> None:
+    served, address = one
+    client = Client(address)
+    ctl(control, "drain", "20")
+    refused = False
+    try:
+        socket.create_connection(address, timeout=5).close()
+    except ConnectionRefusedError:
+        refused = True
+    assert refused, "a drain stops accepting at once"
+    assert client.echo(b"served") == b"served", "the open connection is not cut"
+    client.close()
+    assert served.finish(timeout=20) == 0
+    assert not control.exists(), "the socket file goes with the server"
+
+
+def test_drain_cuts_what_is_left_at_its_deadline(tmp_path: Path, control: Path) -> None:
+    with start(tmp_path, control, "threads") as served:
+        (match,) = served.wait_for(LISTENING)
+        client = Client(host_port(match.group(1)))
+        began = time.monotonic()
+        ctl(control, "drain", "1")
+        assert served.finish(timeout=20) == 0
+        assert time.monotonic() - began < 1 + 2 + 3, "by the deadline plus the stop's grace"
+        assert client.rest() == b"", "the stayer was closed"
+
+
+def test_reload_and_workers_make_one_process_a_supervisor(tmp_path: Path, control: Path) -> None:
+    with start(tmp_path, control, "threads") as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        assert "SIGTTIN" in ctl(control, "workers", "+1").stdout
+        served.wait_for(READY, count=2)
+        status = as_json(ctl(control, "status"))
+        assert status["pid"] == served.proc.pid, "the same process, now the supervisor"
+        assert len(status["workers"]) == 2
+        with Client(address) as client:
+            assert client.pid != served.proc.pid, "served by a worker now"
+
+
+@pytest.fixture
+def workers(tmp_path: Path, control: Path) -> Iterator[tuple[Served, tuple[str, int]]]:
+    served = start(tmp_path, control, "gevent", "--workers", "2", "--console")
+    with served:
+        served.wait_for(READY, count=2)
+        (match,) = served.wait_for(LISTENING)
+        yield served, host_port(match.group(1))
+
+
+def test_supervisor_sums_the_workers(
+    workers: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = workers
+    clients = [Client(address) for _ in range(6)]
+    try:
+        pids = {c.pid for c in clients}
+        status = as_json(ctl(control, "status"))
+        assert status["pid"] == served.proc.pid
+        assert {w["pid"] for w in status["workers"]} >= pids
+        totals = status["totals"]
+        assert totals["workers"] == totals["answered"] == 2
+        each = [w["result"]["stats"] for w in status["workers"]]
+        assert totals["accepted"] == sum(s["accepted"] for s in each) == 6
+        assert totals["active"] == 6
+        histogram = totals["durations"]
+        assert all(histogram[k] == sum(s["durations"][k] for s in each) for k in histogram)
+        listed = as_json(ctl(control, "connections"))
+        assert sorted(c["worker"] for c in listed) == sorted(c.pid for c in clients)
+        last = clients.pop()
+        (mine,) = [c for c in listed if c["peer"] == "%s:%d" % last.sock.getsockname()]
+        closed = ctl(control, "close", f"{mine['worker']}:{mine['task_id']}").stdout
+        assert closed.startswith("closed")
+        assert last.rest() == b""
+        last.close()
+        answers = as_json(ctl(control, "pause"))
+        assert [a.get("error") for a in answers] == [None, None]
+        ctl(control, "resume")
+        stacks = ctl(control, "stacks").stdout
+        assert stacks.count("== worker ") == 2 and "== supervisor" in stacks
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_supervisor_resizes_reloads_and_relays_the_console(
+    workers: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    served, address = workers
+    assert ctl(control, "workers", "+1").stdout.strip() == "workers +1: 3 now"
+    served.wait_for(READY, count=3)
+    wait_until(lambda: len(as_json(ctl(control, "status"))["workers"]) == 3, 20,
+               "three workers answer")  # fmt: skip
+    assert ctl(control, "workers", "-2").stdout.strip() == "workers -2: 1 now"
+    wait_until(lambda: len(as_json(ctl(control, "status"))["workers"]) == 1, 30,
+               "one worker is left")  # fmt: skip
+    (before,) = [w["pid"] for w in as_json(ctl(control, "status"))["workers"]]
+    ctl(control, "reload")
+    wait_until(lambda: [w["pid"] for w in as_json(ctl(control, "status"))["workers"]]
+               not in ([before], []), 30, "a new worker replaced the old")  # fmt: skip
+    out = ctl(control, "console", stdin="import os; os.getppid()\n").stdout
+    assert f">>> {served.proc.pid}\n" in out, "the console runs in a worker of this supervisor"
+    ctl(control, "drain")
+    assert served.finish(timeout=30) == 0
+    assert not list(control.parent.glob("ctl.sock*")), "no socket file is left behind"
+
+
+def test_console_is_off_unless_configured(tmp_path: Path, control: Path) -> None:
+    with start(tmp_path, control, "threads") as served:
+        served.wait_for(LISTENING)
+        done = ctl(control, "console", stdin="1\n", check=False)
+        assert done.returncode == 1
+        assert "the console is off; set console = true" in done.stderr
+
+
+def test_another_user_cannot_steer_it(tmp_path: Path, control: Path) -> None:
+    """Dropped to nobody, `weft ctl` gets a clear refusal; the server goes on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run weft ctl as nobody")
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(tmp_path, 0o755)  # nobody may reach the directory; the socket stays 0600
+    with start(tmp_path, control, "threads") as served:
+        (match,) = served.wait_for(LISTENING)
+        assert (control.stat().st_mode & 0o777) == 0o600
+        done = ctl(control, "pause", user=nobody.pw_name, check=False)
+        assert done.returncode == 1
+        assert "permission denied on the control socket" in done.stderr
+        assert "belongs to uid 0" in done.stderr
+        assert as_json(ctl(control, "status"))["paused"] is False
+        with Client(host_port(match.group(1))) as client:
+            assert client.echo(b"x") == b"x"
+        # With the file's mode opened up too, the kernel's SO_PEERCRED still says who.
+        os.chmod(control, 0o666)
+        done = ctl(control, "pause", user=nobody.pw_name, check=False)
+        assert done.returncode == 1
+        served.wait_for(rf"refused uid {nobody.pw_uid} \(pid \d+\): only uid 0 may steer")
+        assert as_json(ctl(control, "status"))["paused"] is False
+
+
+def test_no_server_and_an_off_socket_say_so(tmp_path: Path, control: Path) -> None:
+    done = ctl(control, "status", check=False)
+    assert done.returncode == 1
+    assert f"no weft serve is running with the control socket {control}" in done.stderr
+    (tmp_path / "weft.toml").write_text('control_socket = "off"\n')
+    off = subprocess.run(
+        [sys.executable, "-m", "weft_core", "ctl", "status"],
+        capture_output=True, text=True, cwd=tmp_path, env=environment(), timeout=60,
+    )  # fmt: skip
+    assert off.returncode == 2 and "the control socket is off" in off.stderr
+
+
+def test_a_configured_path_in_use_is_an_error(tmp_path: Path, control: Path) -> None:
+    with start(tmp_path, control, "threads") as first:
+        first.wait_for(LISTENING)
+        with start(tmp_path, control, "threads") as second:
+            assert second.finish(timeout=30) == 1
+            assert "another weft serve answers on the control socket" in second.text()
+        assert request(str(control), "status")["pid"] == first.proc.pid
+
+
+def test_the_default_path_in_use_is_a_warning(tmp_path: Path) -> None:
+    """Two servers of one user, neither configuring a path: the second goes without."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {**environment(), "XDG_RUNTIME_DIR": str(runtime)}
+    argv = weft_serve(HANDLERS["threads"], "--manager", "threads", "--bind", "127.0.0.1:0")
+    with Served(argv, cwd=tmp_path, env=env) as first:
+        first.wait_for(LISTENING)
+        with Served(argv, cwd=tmp_path, env=env) as second:
+            (match,) = second.wait_for(LISTENING)
+            second.wait_for(r"\[WARNING\] weft.ctl: another weft serve answers on the control")
+            with Client(host_port(match.group(1))) as client:
+                assert client.echo(b"x") == b"x"
+        default = runtime / "weft" / "ctl.sock"
+        assert request(str(default), "status")["pid"] == first.proc.pid
