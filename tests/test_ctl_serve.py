@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +50,11 @@ def ctl(path: Path, *args: str, stdin: str | None = None, user: str | None = Non
     return done
 
 
+def peer_of(client: Client) -> str:
+    host, port = client.sock.getsockname()
+    return f"{host}:{port}"
+
+
 def as_json(done: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(done.stdout)
 
@@ -67,9 +74,9 @@ def start(tmp_path: Path, control: Path, manager: str, *extra: str) -> Served:
 
 
 @pytest.fixture(params=MANAGERS)
-def one(request: pytest.FixtureRequest, tmp_path: Path, control: Path) -> Iterator[
-    tuple[Served, tuple[str, int]]
-]:
+def one(
+    request: pytest.FixtureRequest, tmp_path: Path, control: Path
+) -> Iterator[tuple[Served, tuple[str, int]]]:
     """One `weft serve` process on each manager, its control socket at ``control``."""
     served = start(tmp_path, control, request.param, "--console")
     with served:
@@ -86,9 +93,9 @@ def test_status_connections_and_stacks_of_one_process(
         status = as_json(ctl(control, "status"))
         assert status["pid"] == served.proc.pid
         assert status["stats"]["accepted"] == 1 and status["stats"]["active"] == 1
-        assert status["stats"]["bytes_in"] >= 4, "bytes count what the client sent"
         (conn,) = as_json(ctl(control, "connections"))
-        assert conn["peer"] == "%s:%d" % client.sock.getsockname()
+        assert conn["peer"] == peer_of(client)
+        assert conn["bytes_in"] >= 4, "bytes count what the client sent"
         assert conn["bytes_out"] >= len(b"%d\n" % client.pid) + 4
         stacks = ctl(control, "stacks").stdout
         # The connection's own task is shown, whatever it is (a thread, a greenlet, a
@@ -120,14 +127,16 @@ def test_pause_holds_new_clients_in_the_backlog_until_resume(
 def test_max_connections_lowered_and_raised_live(
     one: tuple[Served, tuple[str, int]], control: Path
 ) -> None:
-    served, address = one
+    _, address = one
     with Client(address) as first:
         assert ctl(control, "set", "max-connections", "1").stdout.strip() == "max-connections 1"
         with socket.create_connection(address, timeout=20) as second:
             # Full: the default on_full answers nothing and closes (or holds it waiting);
             # either way the first connection is still served.
             assert first.echo(b"still") == b"still", "lowering the limit cut nobody"
-            ctl(control, "set", "max-connections", "none")
+            off = ctl(control, "set", "max-connections", "none", check=False)
+            assert off.returncode == 1 and "turned on or off only while stopped" in off.stderr
+            ctl(control, "set", "max-connections", "100")
             second.settimeout(20)
             data = second.recv(64)
             if data:  # held while full, then admitted: it is served now
@@ -139,9 +148,9 @@ def test_max_connections_lowered_and_raised_live(
 def test_close_one_connection_by_its_task_id(
     one: tuple[Served, tuple[str, int]], control: Path
 ) -> None:
-    served, address = one
+    _, address = one
     with Client(address) as keep, Client(address) as gone:
-        peer = "%s:%d" % gone.sock.getsockname()
+        peer = peer_of(gone)
         (target,) = [c for c in as_json(ctl(control, "connections")) if c["peer"] == peer]
         assert ctl(control, "close", target["task_id"], "5").stdout.startswith("closed")
         assert gone.rest() == b"", "its client sees the end"
@@ -184,12 +193,12 @@ def test_drain_exits_when_idle(one: tuple[Served, tuple[str, int]], control: Pat
 def test_drain_cuts_what_is_left_at_its_deadline(tmp_path: Path, control: Path) -> None:
     with start(tmp_path, control, "threads") as served:
         (match,) = served.wait_for(LISTENING)
-        client = Client(host_port(match.group(1)))
-        began = time.monotonic()
-        ctl(control, "drain", "1")
-        assert served.finish(timeout=20) == 0
-        assert time.monotonic() - began < 1 + 2 + 3, "by the deadline plus the stop's grace"
-        assert client.rest() == b"", "the stayer was closed"
+        with Client(host_port(match.group(1))) as client:
+            began = time.monotonic()
+            ctl(control, "drain", "1")
+            assert served.finish(timeout=20) == 0
+            assert time.monotonic() - began < 1 + 2 + 3, "by the deadline plus the stop's grace"
+            assert client.rest() == b"", "the stayer was closed"
 
 
 def test_reload_and_workers_make_one_process_a_supervisor(tmp_path: Path, control: Path) -> None:
@@ -234,7 +243,7 @@ def test_supervisor_sums_the_workers(
         listed = as_json(ctl(control, "connections"))
         assert sorted(c["worker"] for c in listed) == sorted(c.pid for c in clients)
         last = clients.pop()
-        (mine,) = [c for c in listed if c["peer"] == "%s:%d" % last.sock.getsockname()]
+        (mine,) = [c for c in listed if c["peer"] == peer_of(last)]
         closed = ctl(control, "close", f"{mine['worker']}:{mine['task_id']}").stdout
         assert closed.startswith("closed")
         assert last.rest() == b""
@@ -252,7 +261,7 @@ def test_supervisor_sums_the_workers(
 def test_supervisor_resizes_reloads_and_relays_the_console(
     workers: tuple[Served, tuple[str, int]], control: Path
 ) -> None:
-    served, address = workers
+    served, _ = workers
     assert ctl(control, "workers", "+1").stdout.strip() == "workers +1: 3 now"
     served.wait_for(READY, count=3)
     wait_until(lambda: len(as_json(ctl(control, "status"))["workers"]) == 3, 20,
@@ -279,28 +288,55 @@ def test_console_is_off_unless_configured(tmp_path: Path, control: Path) -> None
         assert "the console is off; set console = true" in done.stderr
 
 
-def test_another_user_cannot_steer_it(tmp_path: Path, control: Path) -> None:
-    """Dropped to nobody, `weft ctl` gets a clear refusal; the server goes on."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run weft ctl as nobody")
+def as_nobody(path: Path, command: str) -> str:
+    """``weft ctl``'s request, as uid nobody, in a forked child: the error it gets."""
     nobody = pwd.getpwnam("nobody")
-    os.chmod(tmp_path, 0o755)  # nobody may reach the directory; the socket stays 0600
-    with start(tmp_path, control, "threads") as served:
-        (match,) = served.wait_for(LISTENING)
-        assert (control.stat().st_mode & 0o777) == 0o600
-        done = ctl(control, "pause", user=nobody.pw_name, check=False)
-        assert done.returncode == 1
-        assert "permission denied on the control socket" in done.stderr
-        assert "belongs to uid 0" in done.stderr
-        assert as_json(ctl(control, "status"))["paused"] is False
-        with Client(host_port(match.group(1))) as client:
-            assert client.echo(b"x") == b"x"
-        # With the file's mode opened up too, the kernel's SO_PEERCRED still says who.
-        os.chmod(control, 0o666)
-        done = ctl(control, "pause", user=nobody.pw_name, check=False)
-        assert done.returncode == 1
-        served.wait_for(rf"refused uid {nobody.pw_uid} \(pid \d+\): only uid 0 may steer")
-        assert as_json(ctl(control, "status"))["paused"] is False
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, ask, report, and leave at once
+        outcome = "answered"
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            request(str(path), command, timeout=10)
+        except BaseException as exc:
+            outcome = str(exc)
+        finally:
+            os.write(write, outcome.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+def test_another_user_cannot_steer_it(tmp_path: Path) -> None:
+    """As nobody, weft ctl gets a clear refusal, logged with its uid; the server goes on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    shared = Path(tempfile.mkdtemp(prefix="weft-ctl-"))  # reachable by nobody (tmp_path is not)
+    shared.chmod(0o755)
+    control = shared / "ctl.sock"
+    try:
+        with start(tmp_path, control, "threads") as served:
+            (match,) = served.wait_for(LISTENING)
+            assert (control.stat().st_mode & 0o777) == 0o600
+            refused = as_nobody(control, "pause")
+            assert "permission denied on the control socket" in refused
+            assert "belongs to uid 0" in refused
+            assert request(str(control), "status")["paused"] is False
+            with Client(host_port(match.group(1))) as client:
+                assert client.echo(b"x") == b"x"
+            # With the file's mode opened up, the kernel's SO_PEERCRED still says who.
+            os.chmod(control, 0o666)
+            refused = as_nobody(control, "pause")
+            assert "closed the connection without answering" in refused
+            nobody = pwd.getpwnam("nobody").pw_uid
+            served.wait_for(rf"refused uid {nobody} \(pid \d+\): only uid 0 may steer")
+            assert request(str(control), "status")["paused"] is False
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_no_server_and_an_off_socket_say_so(tmp_path: Path, control: Path) -> None:
@@ -320,7 +356,7 @@ def test_a_configured_path_in_use_is_an_error(tmp_path: Path, control: Path) -> 
         first.wait_for(LISTENING)
         with start(tmp_path, control, "threads") as second:
             assert second.finish(timeout=30) == 1
-            assert "another weft serve answers on the control socket" in second.text()
+            assert "another weft serve answers on the control socket" in second.text
         assert request(str(control), "status")["pid"] == first.proc.pid
 
 
@@ -334,7 +370,7 @@ def test_the_default_path_in_use_is_a_warning(tmp_path: Path) -> None:
         first.wait_for(LISTENING)
         with Served(argv, cwd=tmp_path, env=env) as second:
             (match,) = second.wait_for(LISTENING)
-            second.wait_for(r"\[WARNING\] weft.ctl: another weft serve answers on the control")
+            second.wait_for(r"\[WARNING\] weft.ctl: another weft serve answers on the default")
             with Client(host_port(match.group(1))) as client:
                 assert client.echo(b"x") == b"x"
         default = runtime / "weft" / "ctl.sock"

@@ -76,7 +76,12 @@ class Backend:
 
 @pytest.fixture(params=["threads", "gevent", "asyncio"])
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, list[Backend]]]:
-    backends = [Backend(request.param), Backend(request.param)]
+    backends = [Backend(request.param)]
+    try:
+        backends.append(Backend(request.param))
+    except BaseException:
+        backends[0].close()
+        raise
     front = free_port()
     servers = "\n".join(
         f"  server s{i} 127.0.0.1:{b.port} send-proxy-v2 check check-send-proxy "

@@ -47,6 +47,8 @@ def test_sigterm_to_pid_1_drains_and_exits_0() -> None:
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
+        while line and "listening on" not in line:  # other lines may come first (weft.ctl)
+            line = proc.stderr.readline()
         assert "listening on" in line, line
         assert "[1]" in line, f"weft serve is not PID 1 in its namespace: {line}"
         port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import __version__, _registry
 from ._config import Config, load_config, parse_option_value
+from ._ctl import ControlSocket
 from ._deadline import Deadline
 from ._errors import BindError, ConfigError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
@@ -247,14 +248,20 @@ def _serve(ns: argparse.Namespace) -> int:
     from ._ctl_commands import open_control, server_commands
 
     drain = DrainRequest()
-    control = None
-    try:
-        server = Server(handler, **kwargs)
-        # Before the switch of user: the socket sits where the operator's weft ctl looks.
+    control: ControlSocket | None = None
+
+    def open_control_socket() -> None:
+        nonlocal control
         control = open_control(
             config, server_commands(server, drain), namespace={"server": server}, worker=worker
         )
+
+    try:
+        server = Server(handler, **kwargs)
         if switch:
+            # Before the switch of user, where the operator's weft ctl looks (the
+            # sockets are bound already, by bind_first or the supervisor).
+            open_control_socket()
             drop_privileges(*account)
     except (WeftError, OSError) as exc:
         for listener in bound:
@@ -271,31 +278,29 @@ def _serve(ns: argparse.Namespace) -> int:
     for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
         listener.sock.detach()
     pid_file = None if pid is None else PidFile(pid)
+
+    def listening() -> None:
+        # Once the server listens: a port in use fails before the control socket says a word.
+        if not switch:
+            open_control_socket()
+        if control is not None:
+            control.start()
+        if pid_file is not None:
+            pid_file.write()
+        if link is not None:
+            limit = _worker_link.max_requests_for(config)
+            link.ready(server, config.graceful_timeout, config.get("timeout"), limit)
+
     try:
         if link is not None:
-            worker_link = link
-            limit = _worker_link.max_requests_for(config)
-            return _run(
-                server,
-                config.graceful_timeout,
-                lambda: worker_link.ready(
-                    server, config.graceful_timeout, config.get("timeout"), limit
-                ),
-                drain=drain,
-            )
+            return _run(server, config.graceful_timeout, listening, drain=drain)
 
         def hand_over(signum: int, notifier: Notifier) -> int:
             return _supervise.hand_over(
                 server, config, flags, ns.config, signum, notifier, control=control
             )
 
-        return _run(
-            server,
-            config.graceful_timeout,
-            None if pid_file is None else pid_file.write,
-            hand_over=hand_over,
-            drain=drain,
-        )
+        return _run(server, config.graceful_timeout, listening, hand_over=hand_over, drain=drain)
     finally:
         if control is not None:
             control.close()
@@ -432,7 +437,11 @@ def _serve_until_stopped(
     except (WeftError, OSError) as exc:
         return _fail(exc, EXIT_RUNTIME)
     if ready is not None:  # before the log line, which tests and tools wait for
-        ready()
+        try:
+            ready()
+        except (WeftError, OSError) as exc:  # the control socket's configured path is taken
+            server.stop(timeout=0.0)
+            return _fail(exc, EXIT_RUNTIME)
     for address in server.addresses:
         log.info("listening on %s (manager %s)", address, server.manager_name)
     notifier.ready("serving on " + ", ".join(server.addresses))

@@ -205,7 +205,8 @@ class ControlSocket:
         sock = self._sock
         if sock is None:
             raise RuntimeError("open() the control socket before starting it")
-        log.info("control socket listening on %s (weft ctl)", self.path)
+        # Not "listening on": tools wait for weft serve's own "listening on ADDRESS" line.
+        log.info("control socket for weft ctl at %s", self.path)
         self._thread = threading.Thread(
             target=self._serve, args=(sock,), name="weft control socket", daemon=True
         )

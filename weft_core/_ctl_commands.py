@@ -13,6 +13,7 @@ the rest out to each worker's own control socket (:func:`worker_socket_path`), s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from ._ctl import (
     request,
 )
 from ._ctl_console import serve_console
-from ._errors import BindError
+from ._errors import BindError, WeftError
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -119,7 +120,7 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
                 ) from None
         try:
             server.max_connections = value
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, WeftError) as exc:  # ServerError: None <-> N live
             raise ControlError(str(exc)) from None
         return f"max-connections {value}"
 
@@ -327,7 +328,7 @@ def relay_console(supervisor: Supervisor, path: str) -> Console:
         target = connect(worker_socket_path(path, pids[0]), timeout=None)
         with target:
             target.sendall(b'{"command": "console", "args": {}}\n')
-            answer = target.makefile("rb").readline()
+            answer = _first_line(target)
             if not json.loads(answer or b"{}").get("ok"):
                 conn.sendall(b"weft console: the worker refused the console\n")
                 return
@@ -335,6 +336,17 @@ def relay_console(supervisor: Supervisor, path: str) -> Console:
             _relay(reader, conn, target)
 
     return console
+
+
+def _first_line(sock: socket.socket, limit: int = 4096) -> bytes:
+    """The first line ``sock`` receives, and not a byte more (the rest is relayed as is)."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < limit:
+        byte = sock.recv(1)
+        if not byte:
+            break
+        line += byte
+    return line
 
 
 def _relay(reader: BinaryIO, conn: socket.socket, target: socket.socket) -> None:
@@ -387,7 +399,13 @@ def open_control(
         explicit = config.values.get("control_socket") is not None
         if worker or explicit:
             raise
-        log.warning("%s; weft ctl cannot reach this server (set control_socket)", exc)
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning(
+            "another weft serve answers on the default control socket %s: this one has"
+            " none (give it its own with control_socket)",
+            path,
+        )
         return None
     control.start()
     return control
