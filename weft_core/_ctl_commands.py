@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ._connection import format_address
 from ._ctl import (
     Command,
     Console,
@@ -39,6 +40,7 @@ from ._errors import BindError, WeftError
 
 if TYPE_CHECKING:
     from ._config import Config
+    from ._control import ConnectionSnapshot
     from ._server import Server
     from ._workers import Supervisor
 
@@ -63,20 +65,20 @@ CLOSE_TIMEOUT = 10.0
 Drain = Callable[[float | None], None]
 
 
-def connection_record(item: Any) -> dict[str, Any]:
+def connection_record(item: ConnectionSnapshot) -> dict[str, Any]:
     """One entry of ``Server.connections()`` as JSON can carry it."""
-    info = getattr(item, "info", item)
     record: dict[str, Any] = {
-        "task_id": str(getattr(item, "task_id", getattr(info, "task_id", None))),
-        "peer": info.peer_str,
+        "task_id": str(item.task_id),
+        "peer": item.peer_str,
+        "age": round(item.age, 3),
+        "bytes_in": item.bytes_in,
+        "bytes_out": item.bytes_out,
+        "stop_requested": item.stop_requested,
     }
-    for name in ("age", "bytes_in", "bytes_out", "stop_requested"):
-        if hasattr(item, name):
-            record[name] = getattr(item, name)
-    if getattr(info, "proxy_peer", None) is not None:
-        record["proxy_peer"] = str(info.proxy_peer)
-    if getattr(info, "tls_version", None):
-        record["tls_version"] = info.tls_version
+    if item.proxy_peer is not None:  # the proxy the connection came through
+        record["proxy_peer"] = format_address(item.proxy_peer)
+    if item.tls_version:
+        record["tls_version"] = item.tls_version
     return record
 
 
@@ -89,8 +91,8 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
             "manager": server.manager_name,
             "addresses": server.addresses,
             "running": server.running,
-            "paused": getattr(server, "paused", False),
-            "max_connections": getattr(server, "max_connections", None),
+            "paused": server.paused,
+            "max_connections": server.max_connections,
             "stats": server.stats(),
         }
 
@@ -212,7 +214,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
     """The command table of a supervisor of workers, whose socket is at ``path``."""
 
     def fan_out(command: str, args: Mapping[str, Any]) -> list[dict[str, Any]]:
-        pids = supervisor.call(supervisor.worker_pids)
+        pids = on_loop(supervisor.worker_pids)
         if not pids:
             raise ControlError("no worker is serving yet; try again in a moment")
 
