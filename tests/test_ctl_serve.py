@@ -82,6 +82,8 @@ def one(
     with served:
         (match,) = served.wait_for(LISTENING)
         yield served, host_port(match.group(1))
+    assert "Traceback" not in served.text, served.text
+    assert served.text.count("control socket for weft ctl at") == 1, "served once"
 
 
 def test_status_connections_and_stacks_of_one_process(

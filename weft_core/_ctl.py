@@ -201,10 +201,12 @@ class ControlSocket:
         self._inode = (info.st_dev, info.st_ino)
 
     def start(self) -> None:
-        """Serve requests in a daemon thread."""
+        """Serve requests in a daemon thread (once)."""
         sock = self._sock
         if sock is None:
             raise RuntimeError("open() the control socket before starting it")
+        if self._thread is not None:
+            raise RuntimeError("the control socket is served already")
         # Not "listening on": tools wait for weft serve's own "listening on ADDRESS" line.
         log.info("control socket for weft ctl at %s", self.path)
         self._thread = threading.Thread(
@@ -413,7 +415,10 @@ def request(
             # A server too busy to listen answers at once and closes: read why below.
             sock.sendall(json.dumps(message).encode() + b"\n")
         with sock.makefile("rb") as reader:
-            line = reader.readline(16 * 1024 * 1024)
+            try:
+                line = reader.readline(16 * 1024 * 1024)
+            except ConnectionResetError:  # closed unread (refused): as an empty answer
+                line = b""
     except TimeoutError:
         raise ControlError(f"no answer from {path} within {timeout:g}s") from None
     except OSError as exc:

@@ -375,7 +375,8 @@ def open_control(
     console: Console | None = None,
     worker: bool = False,
 ) -> ControlSocket | None:
-    """Open and start the control socket ``config`` asks for; None if it is off.
+    """Open (bind) the control socket ``config`` asks for; None if it is off. Start it
+    (:meth:`ControlSocket.start`) once the server listens.
 
     ``namespace``: what the console binds (``server``), if config allows it; or
     ``console``, a console of the caller's. A worker listens at its own path beside
@@ -409,5 +410,4 @@ def open_control(
             path,
         )
         return None
-    control.start()
     return control

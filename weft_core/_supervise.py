@@ -111,6 +111,7 @@ def supervise(
         control = open_control(config, {})  # a BindError: before any worker starts
         if control is not None:
             steer(control, supervisor, config)
+            control.start()
         if shutdown_port is not None:
             shutdown = ShutdownPort(supervisor, shutdown_port, secret, allow_no_secret=allow)
             shutdown.open()  # a BindError here: before anything listens or starts
