@@ -375,8 +375,9 @@ def open_control(
     console: Console | None = None,
     worker: bool = False,
 ) -> ControlSocket | None:
-    """Open (bind) the control socket ``config`` asks for; None if it is off. Start it
-    (:meth:`ControlSocket.start`) once the server listens.
+    """Open (bind) the control socket ``config`` asks for; None if it is off.
+
+    The caller starts it (:meth:`ControlSocket.start`) once the server listens.
 
     ``namespace``: what the console binds (``server``), if config allows it; or
     ``console``, a console of the caller's. A worker listens at its own path beside
