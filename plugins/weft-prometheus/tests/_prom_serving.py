@@ -23,7 +23,7 @@ def handle(conn: Any) -> None:
 
 
 async def handle_async(stream: Any) -> None:
-    """The trio flavour: ``stream`` is a trio.SocketStream."""
+    """The async flavour (trio, asyncio): the methods both streams share."""
     await stream.send_all(b"%d\n" % os.getpid())
     while data := await stream.receive_some(65536):
         if data == BOOM:

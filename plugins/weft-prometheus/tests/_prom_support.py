@@ -29,6 +29,7 @@ HANDLERS = {
     "threads": "_prom_serving:handle",
     "gevent": "_prom_serving:handle",
     "trio": "_prom_serving:handle_async",
+    "asyncio": "_prom_serving:handle_async",
 }
 LISTENING = r"listening on (127\.0\.0\.1:\d+) \(manager (\w+)\)"
 READY = r"\[(\d+)\] \[INFO\] weft: worker ready on"

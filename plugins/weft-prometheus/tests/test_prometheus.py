@@ -159,7 +159,8 @@ def test_two_workers_one_scrape_sums_both(tmp_path: Path) -> None:
             assert total(samples, "weft_received_bytes_total") == sum(c.sent for c in clients)
             assert total(samples, "weft_sent_bytes_total") == sum(c.received for c in clients)
         assert "cannot serve metrics" not in served.text
-        (shared,) = runtime.iterdir()  # the old one swept; one for this supervisor
+        # The old one swept; one for this supervisor (weft ctl's socket lives here too).
+        (shared,) = runtime.glob("weft-prometheus-*")
         assert shared.name.startswith(f"weft-prometheus-{os.getuid()}-{served.proc.pid}-")
         assert {p.name for p in shared.glob("gauge_livesum_*.db")} == {
             f"gauge_livesum_{pid}.db" for pid in by_worker
