@@ -516,6 +516,13 @@ def table(result: dict[str, Any]) -> str:
                 ratio(_pair_ratios(records, name, n, "median_ms")),
             ]
             lines.append(f"| {name} | {RAW_BACKENDS[name]} | {n:,} | " + " | ".join(cells) + " |")
+    lines.append(
+        "\nLoad average (1, 5, 15 min) before and after each manager's runs (a thread per "
+        "subscriber counts in it: 10,000 threads woken by a broadcast are 10,000 runnable "
+        "tasks to Linux, so the threads rows raise it themselves):\n"
+    )
+    for name, (before, after) in result.get("load_by_manager", {}).items():
+        lines.append(f"- {name}: {before} -> {after}")
     short = [
         r for r in records if r["held"] < r["n"] or r["error"] or min(r["reached"]) < r["held"]
     ]
@@ -540,12 +547,15 @@ def orchestrate(args: argparse.Namespace) -> int:
     log = RESULTS / "raw" / f"longpoll-{stamp}.log"
     info = report.machine(None)
     records: list[dict] = []
+    load: dict[str, list[Any]] = {}
     for name in names:
         print(f"== {name}: weft vs {RAW_BACKENDS[name]}", file=sys.stderr, flush=True)
+        load[name] = [report.loadavg()]
         for run in range(args.runs):
             for impl in ("weft", "raw"):
                 for record in _measure(name, impl, args.counts, args.broadcasts, log):
                     records.append({**record, "run": run})
+        load[name].append(report.loadavg())
     info["loadavg_end"] = report.loadavg()
     info["busy_end"] = report.cpu_busy()
     result = {
@@ -555,6 +565,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "counts": args.counts,
         "runs": args.runs,
         "broadcasts": args.broadcasts,
+        "load_by_manager": load,
         "records": records,
     }
     out: Path = args.out
