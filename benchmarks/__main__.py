@@ -1,7 +1,8 @@
 """``python -m benchmarks run``: every manager beside its raw backend; see docs/performance.md.
 
-Also ``python -m benchmarks profile --manager NAME``: the weft server under py-spy
-while wrk loads it, with the hottest functions of weft's own code; and
+Also ``python -m benchmarks longpoll``: parked subscribers' memory and broadcast
+time (benchmarks/longpoll.py); ``python -m benchmarks profile --manager NAME``: the
+weft server under py-spy while wrk loads it, with the hottest functions of weft's own code; and
 ``python -m benchmarks instructions --manager NAME``: instructions per request of
 weft and of the raw backend under callgrind, a figure the machine's noise leaves alone.
 """
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import instructions, report, wrk
+from . import instructions, longpoll, report, wrk
 from .procs import CLIENT_CORE, ROOT, pin, raise_nofile
 from .server import VARIANTS
 from .suites import MAX, SUITES, Options, progress, raw_flavour, run_all
@@ -137,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--seconds", type=float, default=10.0)
     prof.add_argument("--top", type=int, default=25)
     instructions.add_parser(sub)
+    longpoll.add_parser(sub)
     return top
 
 
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return command_run(args)
     if args.command == "instructions":
         return instructions.command_instructions(args)
+    if args.command == "longpoll":
+        return longpoll.orchestrate(args)
     return command_profile(args)
 
 

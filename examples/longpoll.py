@@ -1,0 +1,302 @@
+"""Long-poll publish/subscribe: replies sent later, from elsewhere (issue 20).
+
+    python examples/longpoll.py --manager trio --port 5001 --tick 1
+
+The same small server on ``gevent`` (the default), ``trio`` or ``asyncio``. Clients
+speak in lines:
+
+- ``SUB`` parks the connection: the server answers ``SUBSCRIBED`` and from then on
+  sends every message published, one line each, until the server stops (then the
+  connection ends, after everything queued for it has been sent).
+- ``PUB some text`` sends ``some text`` to every subscriber and answers ``OK N``,
+  N being how many subscribers it was queued for. A connection may publish many.
+
+A parked subscriber holds no thread: its handler waits on a queue of the runtime
+(``gevent.queue.Queue``, a trio memory channel, ``asyncio.Queue``). Publishers
+outside the runtime go through ``server.submit()``: ``--tick SECONDS`` starts a
+thread publishing the time, and ``--stdin`` one publishing each line typed on
+standard input (printing ``published to N`` once it is queued). Ctrl-C or SIGTERM
+stops the server gracefully: each subscriber's shutdown callback queues an end
+marker *after* what is already queued, so nothing published before the stop is lost.
+
+Only public ``weft_core`` names are used; see docs/managers.md, "Replying later".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import CancelledError
+from typing import Any
+
+from weft_core import Server, ServerError, current_task
+
+#: Queued after a subscriber's last message by its shutdown callback: "send what is
+#: queued, then end".
+END = None
+#: The longest request line accepted; a client sending more is told so and dropped.
+MAX_LINE = 4096
+#: A long-poll server holds a connection per subscriber, far more than weft's
+#: default of 1024; this stays below the usual fd limit of 20,000.
+MAX_CONNECTIONS = 16_000
+#: Seconds a stop waits for subscribers to flush what is queued before it interrupts.
+GRACEFUL_TIMEOUT = 30.0
+
+SUBSCRIBED = b"SUBSCRIBED\n"
+BAD_REQUEST = b"ERR expected SUB or PUB text\n"
+
+
+def parse(line: bytes) -> tuple[str, bytes]:
+    """A request line: ("SUB", b""), ("PUB", message line) or ("ERR", b"")."""
+    verb, _, text = line.rstrip(b"\r\n").partition(b" ")
+    if verb == b"SUB" and not text:
+        return "SUB", b""
+    if verb == b"PUB":
+        return "PUB", text + b"\n"
+    return "ERR", b""
+
+
+def when_stopping(callback: Callable[[], object]) -> None:
+    """Call ``callback`` when this connection is asked to stop (phase 2 of ``stop()``).
+
+    It runs in the runtime's loop, so it may fill the runtime's queues.
+    """
+    task = current_task()
+    assert task is not None, "a handler always runs as a weft task"
+    task.on_shutdown(callback)
+
+
+# -- gevent: a greenlet per connection, parked on a gevent.queue.Queue ---------------------
+
+
+def gevent_app() -> tuple[Callable[..., Any], Callable[[bytes], int]]:
+    """The gevent handler and ``broadcast`` (a plain function, run in the hub)."""
+    import gevent.queue
+
+    subscribers: set[gevent.queue.Queue[bytes | None]] = set()
+
+    def broadcast(message: bytes) -> int:
+        # No switch happens in this loop: every subscriber gets messages in one order.
+        for inbox in subscribers:
+            inbox.put(message)
+        return len(subscribers)
+
+    def subscribe(conn: Any) -> None:
+        inbox: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
+        subscribers.add(inbox)
+        when_stopping(lambda: inbox.put(END))  # stop(): phase 2
+        try:
+            conn.sendall(SUBSCRIBED)
+            while (message := inbox.get()) is not END:
+                conn.sendall(message)
+        except OSError:
+            pass  # the subscriber went away
+        finally:
+            subscribers.discard(inbox)
+
+    def handle(conn: Any) -> None:
+        with conn.makefile("rb") as requests:
+            while line := requests.readline(MAX_LINE):
+                verb, message = parse(line)
+                if verb == "SUB":
+                    return subscribe(conn)
+                if verb == "PUB":
+                    conn.sendall(b"OK %d\n" % broadcast(message))
+                else:
+                    conn.sendall(BAD_REQUEST)
+                    return None
+        return None
+
+    return handle, broadcast
+
+
+# -- trio and asyncio: a task per connection, parked on a channel or a queue ---------------
+
+
+async def lines(stream: Any) -> AsyncIterator[bytes]:
+    """Request lines from a trio.SocketStream (or weft's AsyncioStream, which has its API)."""
+    buffer = b""
+    while data := await stream.receive_some(MAX_LINE):
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line
+        if len(buffer) > MAX_LINE:
+            return
+
+
+def trio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
+    """The trio handler and ``broadcast`` (an ``async def``, as submit() asks on trio)."""
+    import trio
+
+    subscribers: set[trio.MemorySendChannel[bytes | None]] = set()
+
+    def deliver(message: bytes) -> int:
+        for inbox in subscribers:
+            inbox.send_nowait(message)  # unbounded channels: never blocks
+        return len(subscribers)
+
+    async def broadcast(message: bytes) -> int:
+        return deliver(message)
+
+    async def subscribe(stream: Any) -> None:
+        inbox, messages = trio.open_memory_channel[bytes | None](math.inf)
+        subscribers.add(inbox)
+        when_stopping(lambda: inbox.send_nowait(END))
+        try:
+            await stream.send_all(SUBSCRIBED)
+            async for message in messages:
+                if message is END:
+                    break
+                await stream.send_all(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            subscribers.discard(inbox)
+
+    async def handle(stream: Any) -> None:
+        try:
+            async for line in lines(stream):
+                verb, message = parse(line)
+                if verb == "SUB":
+                    return await subscribe(stream)
+                if verb == "PUB":
+                    await stream.send_all(b"OK %d\n" % deliver(message))
+                else:
+                    await stream.send_all(BAD_REQUEST)
+                    return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return None
+
+    return handle, broadcast
+
+
+def asyncio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
+    """The asyncio handler and ``broadcast`` (an ``async def``)."""
+    import asyncio
+
+    subscribers: set[asyncio.Queue[bytes | None]] = set()
+
+    def deliver(message: bytes) -> int:
+        for inbox in subscribers:
+            inbox.put_nowait(message)
+        return len(subscribers)
+
+    async def broadcast(message: bytes) -> int:
+        return deliver(message)
+
+    async def subscribe(stream: Any) -> None:
+        inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        subscribers.add(inbox)
+        when_stopping(lambda: inbox.put_nowait(END))
+        try:
+            await stream.send_all(SUBSCRIBED)
+            while (message := await inbox.get()) is not END:
+                await stream.send_all(message)
+        except ConnectionError:
+            pass
+        finally:
+            subscribers.discard(inbox)
+
+    async def handle(stream: Any) -> None:
+        try:
+            async for line in lines(stream):
+                verb, message = parse(line)
+                if verb == "SUB":
+                    return await subscribe(stream)
+                if verb == "PUB":
+                    await stream.send_all(b"OK %d\n" % deliver(message))
+                else:
+                    await stream.send_all(BAD_REQUEST)
+                    return None
+        except ConnectionError:
+            pass
+        return None
+
+    return handle, broadcast
+
+
+APPS = {"gevent": gevent_app, "trio": trio_app, "asyncio": asyncio_app}
+
+
+# -- publishers outside the runtime: threads that go through server.submit() ----------------
+
+
+def publish(server: Server, broadcast: Callable[[bytes], Any], message: bytes) -> int | None:
+    """From any thread: queue ``message`` for every subscriber; how many it reached.
+
+    Waiting for each call's result keeps one thread's messages in order (separate
+    submit() calls are not ordered among themselves). None once the server has
+    stopped: a call it never started is cancelled, a later one refused.
+    """
+    try:
+        count: int = server.submit(broadcast, message).result()
+    except (ServerError, CancelledError):
+        return None
+    return count
+
+
+def tick(server: Server, broadcast: Callable[[bytes], Any], seconds: float) -> None:
+    """Publish the time every ``seconds`` until the server stops."""
+    number = 0
+    while not server.wait(seconds):
+        number += 1
+        now = time.strftime("%H:%M:%S").encode()
+        if publish(server, broadcast, b"tick %d %s\n" % (number, now)) is None:
+            return
+
+
+def relay_stdin(server: Server, broadcast: Callable[[bytes], Any]) -> None:
+    """Publish each line of standard input; say on stdout once it is queued."""
+    # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader's
+    # lock makes the interpreter abort at exit.
+    pending = b""
+    while chunk := os.read(sys.stdin.fileno(), MAX_LINE):
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            count = publish(server, broadcast, line.rstrip(b"\r") + b"\n")
+            if count is None:
+                return
+            print(f"published to {count}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manager", choices=sorted(APPS), default="gevent")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001, help="0: any free port")
+    parser.add_argument("--tick", type=float, metavar="SECONDS", help="publish the time")
+    parser.add_argument("--stdin", action="store_true", help="publish each line of stdin")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
+    args = parser.parse_args(argv)
+
+    handle, broadcast = APPS[args.manager]()
+    server = Server(
+        handler=handle,
+        address=args.host,
+        port=args.port,
+        manager=args.manager,
+        max_connections=args.max_connections,
+    )
+    # SIGTERM stops gracefully, as Ctrl-C does (serve_forever stops on KeyboardInterrupt).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server.run()
+    print(f"listening on {args.host}:{server.port} (manager {args.manager})", file=sys.stderr)
+    sys.stderr.flush()
+    if args.tick:
+        threading.Thread(target=tick, args=(server, broadcast, args.tick), daemon=True).start()
+    if args.stdin:
+        threading.Thread(target=relay_stdin, args=(server, broadcast), daemon=True).start()
+    server.serve_forever(graceful_timeout=GRACEFUL_TIMEOUT)
+
+
+if __name__ == "__main__":
+    main()
