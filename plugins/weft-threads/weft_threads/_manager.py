@@ -200,8 +200,10 @@ class ThreadManager:
         if idle is not None:
             idle.wake.release()
             return task_id
+        # The job goes in a list the thread empties: Thread keeps its args until its
+        # target returns, and a thread kept idle must not keep its first connection.
         thread = threading.Thread(
-            target=self._work, args=(state, thunk, context), name=name, daemon=True
+            target=self._work, args=([(state, thunk, context)],), name=name, daemon=True
         )
         try:
             if self._stack_size is None:
@@ -218,10 +220,9 @@ class ThreadManager:
             raise
         return task_id
 
-    def _work(
-        self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context
-    ) -> None:
+    def _work(self, first: list[_Job]) -> None:
         """A thread's life: run its task, then wait for the next while one comes in time."""
+        state, thunk, context = first.pop()
         idle: _Idle | None = None
         while True:
             try:
