@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -358,3 +361,34 @@ def test_an_idle_thread_holds_nothing_of_its_last_task() -> None:
     gc.collect()
     assert ref() is None, "the idle thread let go of the thunk"
     manager.close()
+
+
+CHILD = """
+import os, threading, sys
+from weft_threads import ThreadManager
+manager = ThreadManager(idle_expiry=600)
+ran = threading.Event()
+manager.add_task(ran.set)
+assert ran.wait(10)
+while manager.idle() != 1:
+    threading.Event().wait(0.01)
+pid = os.fork()
+if pid == 0:
+    ran.clear()
+    manager.add_task(ran.set)
+    os._exit(0 if ran.wait(10) and manager.idle() <= 1 else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_hand_tasks_to_its_parents_idle_threads() -> None:
+    """After fork, the parent's idle threads are gone: the child starts its own."""
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextvars
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -70,6 +72,22 @@ CLOSE_JOIN = 1.0
 
 # A task as handed to a thread: its state, its thunk, the add_task caller's context.
 _Job = tuple[TaskState, Callable[[], Any], contextvars.Context]
+
+
+#: Every manager, so that a forked child can forget its parent's idle threads.
+_MANAGERS: weakref.WeakSet[ThreadManager] = weakref.WeakSet()
+
+
+def _forget_idle_threads_after_fork() -> None:
+    # Only the forking thread survives a fork: a parent's idle thread handed a task in
+    # the child would never run it, and the lock may have been held by another thread.
+    for manager in list(_MANAGERS):
+        manager._idle_lock = threading.Lock()
+        manager._idle = []
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_idle_threads_after_fork)
 
 
 class ThreadRuntime(BlockingRuntime):
@@ -156,6 +174,7 @@ class ThreadManager:
         self._idle: list[_Idle] = []  # a stack: the most recently idled thread last
         self._closed = False  # set by close(): threads ending tasks exit, not idle
         self.runtime: BlockingRuntime = ThreadRuntime(self)
+        _MANAGERS.add(self)
 
     @property
     def limit(self) -> int | None:
