@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import gc
 import os
 import socket
@@ -392,3 +393,29 @@ def test_a_forked_child_does_not_hand_tasks_to_its_parents_idle_threads() -> Non
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_most_recently_idled_thread_is_reused_first() -> None:
+    """LIFO: the newest idle thread (warm stack) takes the next task; older ones expire."""
+    manager = ThreadManager(idle_expiry=600)
+    gates = {"older": threading.Event(), "newer": threading.Event()}
+    started = threading.Semaphore(0)
+    threads: dict[str, threading.Thread] = {}
+
+    def hold(which: str) -> None:
+        threads[which] = threading.current_thread()
+        started.release()
+        gates[which].wait(WAIT)
+
+    for which in gates:
+        manager.add_task(functools.partial(hold, which))
+    for _ in gates:
+        assert started.acquire(timeout=WAIT)
+    gates["older"].set()
+    _parked(manager, 1)
+    gates["newer"].set()
+    _parked(manager, 2)
+    ran: list[threading.Thread] = []
+    _run(manager, lambda: ran.append(threading.current_thread()))
+    manager.close()
+    assert ran[0] is threads["newer"] is not threads["older"]

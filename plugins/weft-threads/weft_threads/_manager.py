@@ -162,7 +162,7 @@ class ThreadManager:
         ):
             raise ValueError(
                 "threads manager: idle_expiry must be a positive number of seconds, not"
-                f" {idle_expiry!r} (use idle_threads=0 to keep no idle thread)"
+                f" {idle_expiry!r}, such as idle_expiry=10 (idle_threads=0 keeps no idle thread)"
             )
         self._table: TaskTable[TaskState] = TaskTable(limit, "threads manager")
         self._stack_size = stack_size
