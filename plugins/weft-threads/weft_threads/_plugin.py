@@ -20,7 +20,7 @@ def weft_managers() -> Iterator[ManagerSpec]:
     """Provide the ``threads`` manager."""
     yield ManagerSpec(
         name="threads",
-        factory=ThreadManager,
+        factory=ThreadManager,  # ThreadManager(*, limit, stack_size, idle_threads=64, idle_expiry=10.0)
         description="a thread per connection (the default manager)",
         handler_kind="sync",
         preemptive_stop=False,  # a thread cannot be killed
