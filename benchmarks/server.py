@@ -42,13 +42,15 @@ RAW_BACKENDS = {
     "asyncio-uvloop": "asyncio.start_server on uvloop",
 }
 #: Benchmark names that run a weft manager with options: ``asyncio-uvloop`` is the
-#: asyncio manager on uvloop, measured against ``asyncio.start_server`` on uvloop.
-VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+#: asyncio manager on uvloop, measured against ``asyncio.start_server`` on uvloop;
+#: ``threads-nocache`` is weft-threads with idle-thread reuse off (a thread per connection).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "asyncio-uvloop": ("asyncio", {"loop": "uvloop"}),
+    "threads-nocache": ("threads", {"idle_threads": 0}),
 }
 
 
-def weft_manager(name: str) -> tuple[str, dict[str, str]]:
+def weft_manager(name: str) -> tuple[str, dict[str, Any]]:
     """The weft manager and its options behind a benchmark name (a manager or a variant)."""
     return VARIANTS.get(name, (name, {}))
 

@@ -219,7 +219,9 @@ def test_soak(manager: str, request: pytest.FixtureRequest) -> None:
     assert final["handler_errors"] == final["intended"] == main.kinds["error"]
     assert final["accepted"] == connections
     assert final["fds"] <= baseline["fds"], (baseline["fds"], final["fds"])
-    assert final["threads"] <= baseline["threads"]
+    # weft-threads keeps idle threads for reuse, at most one per client that ran at
+    # once: more than the warm-up's peak is allowed, never more than that.
+    assert final["threads"] <= baseline["threads"] + (WORKERS if manager == "threads" else 0)
     assert final["traced_kib"] - baseline["traced_kib"] < TRACED_TOLERANCE_KIB
     assert final["rss_trimmed_kib"] <= baseline["rss_trimmed_kib"] * (1 + RSS_TOLERANCE)
     assert stopped["clean"] is True and stopped["active"] == 0
