@@ -34,7 +34,7 @@ from _serving import (
     weft_serve,
 )
 
-from weft_core import ConfigError, _registry
+from weft_core import ConfigError, Server, _registry
 from weft_core._config import parse_option_value
 from weft_core._workers import (
     RESTART_DELAY_MAX,
@@ -108,6 +108,49 @@ def test_every_worker_serves_one_address(tmp_path: Path, manager: str) -> None:
     for pid in workers:
         assert f"worker {pid} exited with " in served.text
     assert "Traceback" not in served.text
+
+
+WAITING = 10
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop_manager", ["gevent", "trio", "asyncio"])
+def test_a_shared_listener_is_served_one_client_per_turn(loop_manager: str) -> None:
+    """On an inherited listener (a worker's), the first client is served before the rest are taken.
+
+    Workers share one listening socket; an event loop that accepted every waiting
+    client in one turn would leave none to the worker that woke second (gevent's
+    acceptor once took 97 of 100). With WAITING clients in the backlog, the first
+    handler sees fewer than WAITING accepted; so does one taken before the others
+    are, which an event loop serves only by yielding between accepts.
+    """
+    if loop_manager not in _registry.available_managers():
+        pytest.skip(f"weft-{loop_manager} is not installed")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(WAITING)]
+    seen: list[int] = []
+
+    def handle(conn: Any) -> None:
+        seen.append(server.stats()["accepted"])
+        conn.sendall(b"x")
+
+    async def handle_async(stream: Any) -> None:
+        seen.append(server.stats()["accepted"])
+        await stream.send_all(b"x")
+
+    handler = handle if loop_manager == "gevent" else handle_async
+    server = Server(handler, bind=[f"fd:{listener.detach()}"], manager=loop_manager)
+    server.run()
+    try:
+        for client in clients:
+            assert client.recv(1) == b"x"
+    finally:
+        for client in clients:
+            client.close()
+        assert server.stop(timeout=5)
+    assert len(seen) == WAITING
+    assert seen[0] < WAITING, f"every waiting client was accepted before the first ran: {seen}"
 
 
 @pytest.mark.timeout(90)

@@ -171,7 +171,7 @@ class Conn(ConnectionInfo):
 class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
-    __slots__ = ("address", "listener", "local", "native", "options", "task_id")
+    __slots__ = ("address", "listener", "local", "native", "options", "shared", "task_id")
 
     def __init__(
         self, listener: Listener, runtime: SyncRuntime | AsyncRuntime, cfg: Settings
@@ -189,6 +189,11 @@ class ListenerTask:
                 self.options += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
+        #: Other processes accept on it too (``--workers``): after each client the
+        #: acceptor yields to its loop, so the new task runs before the next accept
+        #: and a burst of clients spreads over the processes instead of going whole
+        #: to whichever woke first (gunicorn sets gevent's ``max_accept = 1`` so).
+        self.shared = listener.shared
 
     def wake_with(self, runtime: SyncRuntime | AsyncRuntime) -> Callable[[], None]:
         """The acceptor's shutdown callback: the runtime wakes a pending accept()."""

@@ -84,6 +84,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
                     continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
+                if lt.shared:
+                    await rt.sleep(0)
         finally:
             if held and slots is not None:
                 slots.release()

@@ -85,6 +85,8 @@ class SyncEngine(Engine[SyncRuntime]):
                     continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
+                if lt.shared:
+                    rt.sleep(0)
         finally:
             if held and slots is not None:
                 slots.release()

@@ -35,6 +35,9 @@ class Listener:
     #: ``(st_dev, st_ino)`` of the socket file at ``unix_path`` as bound: on close the
     #: file is removed only if the path still names it, not another server's since.
     unix_file: tuple[int, int] | None = None
+    #: Inherited (``fd:N``: a supervisor's workers, systemd): other processes may
+    #: accept on it too, so the acceptor takes one client per turn of its loop.
+    shared: bool = False
 
     @property
     def address(self) -> str:
@@ -250,7 +253,7 @@ def _adopt_fd(fd: int, backlog: int) -> Listener:
         sock.detach()
         raise BindError(errno.ENOTSOCK, f"cannot listen on fd:{fd}: not a stream socket")
     sock.listen(backlog)
-    return Listener(sock)
+    return Listener(sock, shared=True)
 
 
 def close_listener(listener: Listener) -> None:
