@@ -36,6 +36,7 @@ from _serving import (
 
 from weft_core import ConfigError, Server, _registry
 from weft_core._config import parse_option_value
+from weft_core._exits import EXIT_TASKS_LEFT
 from weft_core._workers import (
     RESTART_DELAY_MAX,
     RESTART_DELAY_MIN,
@@ -239,6 +240,25 @@ def test_worker_that_will_not_stop_is_killed(tmp_path: Path) -> None:
     assert served.text.count("after SIGTERM: killing it") == 2
     assert served.text.count("exited with SIGKILL") == 2
     assert 5.5 <= took < 20  # graceful timeout + EXIT_MARGIN, not much more
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_left_tasks_makes_the_supervisor_exit_4(tmp_path: Path) -> None:
+    """A worker's stop that abandons stuck handlers (its exit 4) is the service's exit 4."""
+    served = Served(
+        weft_serve("_stuck_handlers:stuck", "--manager", "threads", "--workers", "2",
+                   "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        ((address, _),) = (m.groups() for m in served.wait_for(LISTENING))
+        served.wait_for(READY, count=2)
+        with socket.create_connection(host_port(address), timeout=20) as stuck:
+            assert stuck.recv(1) == b"+"  # one worker's handler is stuck in os.read
+            served.signal(signal.SIGTERM)
+            assert served.finish(timeout=30) == EXIT_TASKS_LEFT, served.text
+    assert "it left tasks running" in served.text
+    assert "killing it" not in served.text  # it exited by itself, within its bound
 
 
 @pytest.mark.timeout(60)

@@ -17,7 +17,8 @@ The supervisor replaces a worker that exits unasked, after a back-off that grows
 workers keep dying young (see the ``RESTART_*`` constants). SIGTERM or SIGINT stops
 it: it closes its own copies of the sockets, sends SIGTERM to every worker (each
 stops gracefully within ``graceful_timeout``), waits, and exits 0; a worker still
-running ``graceful_timeout + EXIT_MARGIN`` later is killed and the exit status is 1.
+running ``graceful_timeout + EXIT_MARGIN`` later is killed and the exit status is 1
+(4 if a worker exited 4, having left stuck tasks running, and none was killed).
 A second signal kills the workers at once. A worker exiting with status 2 before
 it was ready, when no worker has ever been (a mistake in the command, the config or
 the handler, which no restart can fix), stops everything, and the supervisor exits
@@ -73,7 +74,7 @@ from typing import Any, Protocol, TypeVar
 from ._config import parse_option_value
 from ._connection import format_address
 from ._errors import ConfigError
-from ._exits import EXIT_RUNTIME, EXIT_USAGE
+from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import render_flag
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
@@ -703,7 +704,7 @@ class Supervisor:
                 continue
             worker.kill_at = math.inf  # killed once
             if self._stopping:
-                self._status = self._status or EXIT_RUNTIME
+                self._fail(EXIT_RUNTIME)
             if not worker.stuck:
                 log.error(
                     "worker %d still running %ss after %s: killing it",
@@ -714,7 +715,7 @@ class Supervisor:
             _send(worker.pid, signal.SIGKILL)
 
     def _kill_all(self) -> None:
-        self._status = self._status or EXIT_RUNTIME
+        self._fail(EXIT_RUNTIME)
         for pid, worker in self._workers.items():
             worker.kill_at = math.inf
             _send(pid, signal.SIGKILL)
@@ -743,9 +744,24 @@ class Supervisor:
                 self._on_worker_exit(pid)
             self._exited(worker, code, now)
 
+    def _fail(self, status: int) -> None:
+        """Record why the supervisor will not exit 0.
+
+        The first failure wins, except that tasks left behind (4) give way to a
+        worker killed or a fault (1, 2).
+        """
+        if self._status in (0, EXIT_TASKS_LEFT):
+            self._status = status
+
     def _exited(self, worker: _Worker, code: int, now: float) -> None:
         pid, what = worker.pid, describe_exit(code)
-        if self._stopping or worker.retiring:
+        if code == EXIT_TASKS_LEFT and (self._stopping or worker.retiring):
+            # Its stop had to leave tasks running (it said how many): the service's
+            # stop did too, and the supervisor's status says so as one process's would.
+            log.warning("worker %d exited with %s: it left tasks running", pid, what)
+            if self._stopping and not self._status:
+                self._status = EXIT_TASKS_LEFT
+        elif self._stopping or worker.retiring:
             log.info("worker %d exited with %s", pid, what)
         elif code == EXIT_USAGE and not worker.ready and self._reloading:
             log.error(
