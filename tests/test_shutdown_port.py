@@ -29,6 +29,8 @@ from _serving import HOLD, READY, Client, Served, environment, free_port, host_p
 
 from weft_core import BindError, ConfigError, Server, available_managers
 from weft_core import _shutdown_port as shutdown_port_module
+from weft_core._engine import STOP_GRACE
+from weft_core._exits import EXIT_TASKS_LEFT
 from weft_core._registry import get_manager_spec
 from weft_core._shutdown_port import (
     ALL_SOURCES_FREE_FAILURES,
@@ -493,3 +495,27 @@ def test_a_signal_still_stops_workers_with_a_shutdown_port(tmp_path: Path) -> No
         assert served.finish() == 0, served.text
     with pytest.raises(ConnectionRefusedError):
         request(port_line.group(1))
+
+
+@pytest.mark.timeout(60)
+def test_weft_serve_bounds_a_shutdown_port_stop_by_its_graceful_timeout(tmp_path: Path) -> None:
+    """A stuck handler does not keep weft serve alive after the shutdown port's request.
+
+    The request stops as SIGTERM does: within --graceful-timeout plus the stop's grace,
+    with exit status 4 for the tasks it had to leave (it used to wait forever).
+    """
+    env = serve_env(shutdown_port="0", shutdown_secret="s3cret")
+    argv = weft_serve("_stuck_handlers:stuck", "--manager", "threads", "--bind", "127.0.0.1:0",
+                      "--graceful-timeout", "0.5")  # fmt: skip
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        (listening,) = served.wait_for(r"\] weft: listening on (\S+) ")
+        (port_line,) = served.wait_for(r"weft\.shutdown: shutdown port listening on (\S+)")
+        with socket.create_connection(host_port(listening.group(1)), timeout=WAIT) as stuck:
+            assert stuck.recv(1) == b"+"
+            began = time.monotonic()
+            assert request(port_line.group(1), b"s3cret\n") == b"OK\n"
+            assert served.finish(timeout=30) == EXIT_TASKS_LEFT, served.text
+            took = time.monotonic() - began
+    assert "shutdown port: stopping (graceful timeout 0.5s" in served.text
+    assert "1 task(s) ignored it and are abandoned" in served.text
+    assert took < 0.5 + STOP_GRACE + 2.0, f"took {took:.1f}s"

@@ -404,6 +404,22 @@ def _run(
                 f"(exit status {EXIT_TASKS_LEFT})",
             )
 
+    # An approved shutdown-port request stops as SIGTERM does: bounded by the graceful
+    # timeout, with the same last resort and exit status (not Server.stop()'s default,
+    # which waits for every connection).
+    shutdown = DrainRequest()
+
+    def shutdown_requested() -> None:
+        deadline.arm(
+            graceful_timeout + STOP_GRACE + DEADLINE_MARGIN,
+            f"the shutdown port asked for a stop, which did not end within "
+            f"{graceful_timeout:g}s plus {STOP_GRACE + DEADLINE_MARGIN:g}s: a handler blocks "
+            f"the main thread (the stacks below name it); tasks left behind are abandoned "
+            f"(exit status {EXIT_TASKS_LEFT})",
+        )
+        shutdown(None)
+
+    server._on_shutdown_request = shutdown_requested
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
     signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
     with Wakeup(signals, on_signal=on_signal) as wakeup:
@@ -416,6 +432,7 @@ def _run(
                 ready,
                 hand_over,
                 drain or DrainRequest(),
+                shutdown,
             )
         finally:
             deadline.disarm()
@@ -429,9 +446,10 @@ def _serve_until_stopped(
     ready: Callable[[], None] | None,
     hand_over: Callable[[int, Notifier], int] | None,
     drain: DrainRequest,
+    shutdown: DrainRequest,
 ) -> int:
     """The body of :func:`_run`, inside its signal handling."""
-    drain.wake = wakeup.wake
+    drain.wake = shutdown.wake = wakeup.wake
     try:
         server.run()
     except (WeftError, OSError) as exc:
@@ -458,6 +476,9 @@ def _serve_until_stopped(
         _keep_alive(server, notifier, notifier.watchdog, ended)
     stop: int | None = None
     while stop is None and not ended.is_set() and not drain.asked.is_set():
+        if shutdown.asked.is_set():
+            stop = signal.SIGTERM  # the shutdown port's request: stop as on SIGTERM
+            break
         for signum in wakeup.wait(_WAKE_INTERVAL):
             if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
                 stop = signum
@@ -478,6 +499,11 @@ def _serve_until_stopped(
         Wakeup.default(STOP_SIGNALS)
         if quick:
             log.info("received SIGQUIT: stopping at once")
+        elif shutdown.asked.is_set():
+            log.info(
+                "shutdown port: stopping (graceful timeout %ss; SIGTERM quits at once)",
+                f"{graceful_timeout:g}",
+            )
         else:
             log.info(
                 "received %s: stopping (graceful timeout %ss; send it again to quit at once)",

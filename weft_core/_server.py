@@ -181,6 +181,9 @@ class Server:
         self._error: ServerError | None = None
         self._bound_port: int | None = None
         self._shutdown_port: ShutdownPort | None = None
+        #: What an approved shutdown-port request calls (None: ``stop()``, unbounded as
+        #: its default is); weft serve routes it into its own stop, as SIGTERM's.
+        self._on_shutdown_request: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -486,6 +489,7 @@ class Server:
                         cfg.shutdown_secret,
                         cfg.shutdown_handler,
                         allow_no_secret=cfg.shutdown_allow_no_secret,
+                        stop=self._on_shutdown_request,
                     )
                     shutdown.open()
                 engine = self._make_engine(listeners)

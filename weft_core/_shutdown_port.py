@@ -189,8 +189,8 @@ class Throttle:
 class ShutdownPort:
     """A loopback listener that stops ``owner`` on an approved request.
 
-    ``owner`` is what stops (``owner.stop()``) and what ``handler(owner, conn)`` is
-    given. Resource handling: :meth:`open` binds (raising :class:`BindError`),
+    ``owner`` is what stops (``owner.stop()``, or ``stop()`` when given) and what
+    ``handler(owner, conn)`` is given. Resource handling: :meth:`open` binds (raising :class:`BindError`),
     :meth:`start` starts the thread, :meth:`close` (idempotent, callable from any
     thread, even from a ``shutdown_handler``) closes the listener and every
     connection in progress, and waits for their threads.
@@ -204,8 +204,12 @@ class ShutdownPort:
         handler: ShutdownHandler | None = None,
         *,
         allow_no_secret: bool = False,
+        stop: Callable[[], object] | None = None,
     ) -> None:
         self.server = owner
+        #: What an approved request calls: ``owner.stop`` unless told otherwise
+        #: (weft serve stops as on SIGTERM, bounded by its graceful timeout).
+        self.stop = owner.stop if stop is None else stop
         self.port = port
         self.secret = None if secret is None else secret.encode()
         self.handler: Callable[[Any, socket.socket], object] | None = handler
@@ -376,7 +380,7 @@ class ShutdownPort:
         # A Server's stop() waits for the connections and closes this port (joining
         # this thread), so it runs in a thread of its own. Not a daemon: the program
         # must not exit in the middle of the stop (on_stop, hooks).
-        threading.Thread(target=self.server.stop, name="weft shutdown-port stop").start()
+        threading.Thread(target=self.stop, name="weft shutdown-port stop").start()
 
     def _refusal(self, conn: socket.socket) -> tuple[str | None, bool]:
         """Why the request is refused (None to stop), and whether it counts as a guess."""
