@@ -33,13 +33,13 @@ DISTRIBUTIONS = (
 #: What a full run extrapolates idle memory to (one server process cannot hold it).
 PROJECT_TO = 100_000
 #: ratio targets (issues 15 and 17): (suite, metric, setting) -> (comparison, bound)
-RATIO_TARGETS = {
+RATIO_TARGETS: dict[tuple[str, str, str | None], tuple[str, float]] = {
     ("throughput", "rps", None): (">=", 0.95),
     ("throughput", "p99_ms", None): ("<=", 1.1),
     ("churn", "rps", None): (">=", 0.95),
 }
 #: A manager's own ratio targets, before :data:`RATIO_TARGETS` (issue 17).
-MANAGER_RATIO_TARGETS = {
+MANAGER_RATIO_TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
     ("threads", "churn", "rps"): (">=", 1.5),
     ("gevent", "churn", "rps"): (">=", 1.0),
 }

@@ -136,10 +136,14 @@ def exchange(sock: socket.socket, data: bytes) -> bytes:
 
 
 def refused(sock: socket.socket, data: bytes) -> bool:
-    """Send ``data``; True if the server closes without a byte (a reset counts: data unread)."""
+    """Send ``data``; True if the server closes without a byte.
+
+    A reset counts (data unread), and so does a broken pipe: a server that refuses
+    at once may have closed before the data is even sent (on a Unix socket, EPIPE).
+    """
     try:
         return exchange(sock, data) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         return True
 
 
