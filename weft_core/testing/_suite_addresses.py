@@ -281,6 +281,30 @@ class AddressTests(ManagerTestBase):
             "stop() closes every listener and removes the Unix socket file"
         )
 
+    def test_inherited_listener_serves_the_clients_waiting_on_it(
+        self, make_server: MakeServer
+    ) -> None:
+        """bind=["fd:N"] serves a socket the process inherited, and the clients queued on it.
+
+        Such a listener may be shared with other processes (``--workers``, systemd), so
+        the acceptor yields to the runtime after each client (``runtime.sleep(0)``):
+        every waiting client must still be served, and the stop must still close it.
+        """
+        listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+        port = listener.getsockname()[1]
+        waiting = [connect(port) for _ in range(5)]  # in the backlog before run()
+        try:
+            server = make_server(echo, bind=[f"fd:{listener.detach()}"])
+            assert server.port == port, "the inherited socket's port is the server's"
+            for i, client in enumerate(waiting):
+                echo_once(client, b"queued %d" % i)
+            server.stop()
+        finally:
+            for client in waiting:
+                client.close()
+        with pytest.raises(OSError):
+            connect(port).close()  # closed by the stop: refused
+
     def test_port_as_a_service_name(self, make_server: MakeServer) -> None:
         """port="http" is resolved to 80: bound (as root) or a BindError naming port 80."""
         try:
