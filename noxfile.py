@@ -50,11 +50,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy --strict on weft_core, every plugin and the example plugin."""
+    """mypy --strict on weft_core, every plugin, the example plugin and the benchmarks."""
     install_weft(session, *PLUGINS)
-    session.install("mypy", "types-gevent")
+    session.install("mypy", "types-gevent", "uvloop")  # uvloop: the benchmarks import it
     packages = [f"plugins/{p}/{p.replace('-', '_')}" for p in PLUGINS]
-    session.run("mypy", "weft_core", *packages, "examples/weft-pool/weft_pool")
+    session.run("mypy", "weft_core", *packages, "examples/weft-pool/weft_pool", "benchmarks")
 
 
 @nox.session

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from . import instructions, longpoll, report, wrk
 from .procs import CLIENT_CORE, ROOT, pin, raise_nofile
@@ -27,7 +28,18 @@ DOCS = ROOT / "docs" / "performance.md"
 DOCS_START = "<!-- results:start -->"
 DOCS_END = "<!-- results:end -->"
 
-FULL = {
+
+class Preset(TypedDict):
+    """How much a run measures: ``--quick`` or the full run."""
+
+    runs: int
+    seconds: float
+    warmup: float
+    idle_steps: str
+    stop_connections: int
+
+
+FULL: Preset = {
     # Five weft-then-raw pairs of 6 s rather than three of 10 s: as long, and the
     # median of five paired ratios shrugs off one disturbed pair.
     "runs": 5,
@@ -36,7 +48,7 @@ FULL = {
     "idle_steps": "2000,5000,10000,19000,max",
     "stop_connections": 10_000,
 }
-QUICK = {
+QUICK: Preset = {
     "runs": 1,
     "seconds": 2.0,
     "warmup": 1.0,

@@ -35,7 +35,7 @@ BUFSIZE = 65536
 
 def answer(buf: bytes) -> tuple[bytes, bytes, bool]:
     """Answer every complete request in ``buf``: ``(reply, rest of buf, close after reply)``."""
-    replies = []
+    replies: list[bytes] = []
     while True:
         end = buf.find(END_OF_HEAD)
         if end < 0:

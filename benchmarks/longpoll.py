@@ -237,7 +237,7 @@ def _publisher(into_runtime: Callable[[bytes], object]) -> None:
     threading.Thread(target=run, name="publisher", daemon=True).start()
 
 
-def _listening(port: int) -> None:
+def _listening(port: int | str | None) -> None:
     import resource
 
     say(f"PORT {port} {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
@@ -410,7 +410,9 @@ def client(port: int) -> None:
 # -- the orchestrator ---------------------------------------------------------------------
 
 
-def _measure(name: str, impl: str, counts: list[int], broadcasts: int, log: Path) -> list[dict]:
+def _measure(
+    name: str, impl: str, counts: list[int], broadcasts: int, log: Path
+) -> list[dict[str, Any]]:
     """One server of ``impl`` (weft or raw): RSS and broadcast times at each count."""
     records = []
     args = ["serve", "--backend", impl, "--flavour", name]
@@ -462,15 +464,15 @@ def _measure(name: str, impl: str, counts: list[int], broadcasts: int, log: Path
     return records
 
 
-def _pair_ratios(records: list[dict], name: str, n: int, key: str) -> list[float]:
-    by_run = {}
+def _pair_ratios(records: list[dict[str, Any]], name: str, n: int, key: str) -> list[float]:
+    by_run: dict[int, dict[str, float]] = {}
     for r in records:
         if r["manager"] == name and r["n"] == n:
             by_run.setdefault(r["run"], {})[r["impl"]] = r[key]
     return [p["weft"] / p["raw"] for p in by_run.values() if p.get("weft") and p.get("raw")]
 
 
-def _cell(records: list[dict], name: str, impl: str, n: int, key: str) -> float | None:
+def _cell(records: list[dict[str, Any]], name: str, impl: str, n: int, key: str) -> float | None:
     values = [r[key] for r in records if (r["manager"], r["impl"], r["n"]) == (name, impl, n)]
     return statistics.median(values) if values else None
 
@@ -546,7 +548,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     log = RESULTS / "raw" / f"longpoll-{stamp}.log"
     info = report.machine(None)
-    records: list[dict] = []
+    records: list[dict[str, Any]] = []
     load: dict[str, list[Any]] = {}
     for name in names:
         print(f"== {name}: weft vs {RAW_BACKENDS[name]}", file=sys.stderr, flush=True)

@@ -71,7 +71,7 @@ def machine(wrk_version: str | None) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in DISTRIBUTIONS:
         try:
             versions[dist] = importlib.metadata.version(dist)
@@ -237,9 +237,13 @@ def _paired_ratio(records: list[dict[str, Any]], *, key: str, **where: Any) -> f
     tenants of the host, frequency changes), which a ratio of the two medians does
     not. None without a complete pair.
     """
-    weft = {r["run"]: r.get(key) for r in select(records, impl="weft", **where)}
-    raw = {r["run"]: r.get(key) for r in select(records, impl="raw", **where)}
-    ratios = [weft[i] / raw[i] for i in sorted(weft) if weft[i] and raw.get(i)]
+    weft: dict[int, float | None] = {
+        r["run"]: r.get(key) for r in select(records, impl="weft", **where)
+    }
+    raw: dict[int, float | None] = {
+        r["run"]: r.get(key) for r in select(records, impl="raw", **where)
+    }
+    ratios = [w / r for i in sorted(weft) if (w := weft[i]) and (r := raw.get(i))]
     return statistics.median(ratios) if ratios else None
 
 
@@ -296,9 +300,11 @@ def _idle_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
             row.ok = _compare(weft, "<=", IDLE_TARGET_KIB)
         rows.append(row)
         if setting == "n=max":
-            held = {impl: median(r, "held") for impl, r in runs.items()}
+            held_by = {impl: median(r, "held") for impl, r in runs.items()}
             nofile = max(r["nofile"] for rs in runs.values() for r in rs)
-            weft_held, raw_held = (held["asyncio"], None) if ref else (held["weft"], held["raw"])
+            weft_held, raw_held = (
+                (held_by["asyncio"], None) if ref else (held_by["weft"], held_by["raw"])
+            )
             rows.append(
                 Row(
                     manager,
@@ -636,7 +642,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     labels = list(dict.fromkeys(label for label, _ in picked))
     width = 0.8 / max(1, len(managers))
     for i, manager in enumerate(managers):
-        values = {label: r.ratio for label, r in picked if r.manager == manager}
+        values = {
+            label: r.ratio for label, r in picked if r.manager == manager and r.ratio is not None
+        }
         xs = [j + i * width for j, label in enumerate(labels) if label in values]
         ys = [values[label] for label in labels if label in values]
         heights = [min(max(y, RATIO_LIMITS[0]), RATIO_LIMITS[1]) - 1 for y in ys]

@@ -62,7 +62,7 @@ def handler_table(manager: str, handler_kind: str) -> dict[str, Any]:
     return handlers.TRIO if handler_kind == "async" else handlers.SYNC
 
 
-def _listening(port: int) -> None:
+def _listening(port: int | str | None) -> None:
     say(f"PORT {port} {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
 
 
