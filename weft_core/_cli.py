@@ -309,7 +309,11 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 class DrainRequest:
-    """``weft ctl drain [SECONDS]``: asked from a control thread, done by the serve loop."""
+    """A request from another thread, carried out by the serve loop.
+
+    ``weft ctl drain [SECONDS]`` (from a control thread), and an approved
+    shutdown-port request (from its thread), which stops as SIGTERM does.
+    """
 
     def __init__(self) -> None:
         self.asked = threading.Event()

@@ -190,10 +190,10 @@ class ShutdownPort:
     """A loopback listener that stops ``owner`` on an approved request.
 
     ``owner`` is what stops (``owner.stop()``, or ``stop()`` when given) and what
-    ``handler(owner, conn)`` is given. Resource handling: :meth:`open` binds (raising :class:`BindError`),
-    :meth:`start` starts the thread, :meth:`close` (idempotent, callable from any
-    thread, even from a ``shutdown_handler``) closes the listener and every
-    connection in progress, and waits for their threads.
+    ``handler(owner, conn)`` is given. Resource handling: :meth:`open` binds
+    (raising :class:`BindError`), :meth:`start` starts the thread, :meth:`close`
+    (idempotent, callable from any thread, even from a ``shutdown_handler``) closes
+    the listener and every connection in progress, and waits for their threads.
     """
 
     def __init__(
