@@ -410,12 +410,15 @@ class AsyncioManager:
         try:
             name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
             home = self._home
-            if home is None or not home.in_thread():
+            here = home is not None and home.in_thread()
+            if not here:
                 home = self._home_for_caller()
+                here = home.in_thread()
+            assert home is not None
             state = _Task(task_id, name, home)
             self._table.put(task_id, state)
             context = contextvars.copy_context()
-            if home.in_thread():
+            if here:
                 self._spawn(state, thunk, context)
             else:
                 home.loop.call_soon_threadsafe(self._spawn, state, thunk, context)
