@@ -79,6 +79,16 @@ HANDLERS = {
     "trio": "_serving:handle_async",
     "asyncio": "_serving:handle_async",
 }
+
+
+def handler_for(manager: str) -> str:
+    """The test handler for ``manager`` by its handler kind: a third party's manager too."""
+    from weft_core._registry import get_manager_spec
+
+    kind = get_manager_spec(manager).handler_kind
+    return "_serving:handle_async" if kind == "async" else "_serving:handle"
+
+
 LISTENING = r"\] weft: listening on (\S+) \(manager (\S+)\)"
 READY = r"\[(\d+)\] \[INFO\] weft: worker ready on (\S+)"
 STARTED = r"weft\.workers: worker (\d+) started"

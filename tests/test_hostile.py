@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _serving import HANDLERS, LISTENING, REPO, Served, environment, weft_serve
+from _serving import LISTENING, REPO, Served, environment, handler_for, weft_serve
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -338,7 +338,7 @@ def test_a_proxy_header_cannot_put_a_line_in_the_log(
 def test_weft_serve_stderr_shows_hostile_names_escaped(manager: str, folder: str) -> None:
     """A real ``weft serve``: silent hostile clients hit idle_timeout, logged at INFO, escaped."""
     path = os.path.join(folder, "s.sock")
-    argv = weft_serve(HANDLERS[manager], "--manager", manager, "--bind", f"unix:{path}",
+    argv = weft_serve(handler_for(manager), "--manager", manager, "--bind", f"unix:{path}",
                       "--idle-timeout", "1.5")  # fmt: skip
     with Served(argv, cwd=REPO) as served:
         served.wait_for(LISTENING)
@@ -380,7 +380,7 @@ def test_weft_serve_refuses_a_proxy_header_over_unix_and_logs_the_path_escaped(
     """``--proxy-protocol`` with trusted_proxies = ["10.0.0.5/32"]: the Unix client is refused."""
     path = os.path.join(folder, "s.sock")
     env = environment() | {"WEFT_TRUSTED_PROXIES": "10.0.0.5/32,127.0.0.1/32"}
-    argv = weft_serve(HANDLERS[manager], "--manager", manager, "--bind", f"unix:{path}",
+    argv = weft_serve(handler_for(manager), "--manager", manager, "--bind", f"unix:{path}",
                       "--bind", "127.0.0.1:0", "--proxy-protocol")  # fmt: skip
     with Served(argv, cwd=REPO, env=env) as served:
         tcp = served.wait_for(LISTENING, count=2)[1].group(1)
@@ -449,7 +449,7 @@ def test_weft_serve_prints_one_line_for_unusable_tls_files(
 ) -> None:
     env = environment() | {"WEFT_TLS_CERTFILE": pems[certfile], "WEFT_TLS_KEYFILE": pems[keyfile]}
     result = subprocess.run(
-        weft_serve(HANDLERS[manager], "--manager", manager),
+        weft_serve(handler_for(manager), "--manager", manager),
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
