@@ -58,7 +58,7 @@ from .procs import (
     say,
     stdin_lines,
 )
-from .server import HOST, RAW_BACKENDS, weft_manager
+from .server import HOST, RAW_BACKENDS, announce_port, start_weft, weft_manager
 
 NAMES = ("gevent", "trio", "asyncio", "asyncio-uvloop", "threads")
 COUNTS = (1_000, 10_000)
@@ -92,15 +92,20 @@ def _read_sub(recv: Callable[[int], bytes]) -> bool:
     return True
 
 
-def threads_app() -> tuple[Callable[..., Any], Callable[[bytes], None]]:
-    import queue
+def _blocking_app(
+    new_inbox: Callable[[], Any], copy: bool
+) -> tuple[Callable[..., Any], Callable[[bytes], None]]:
+    """The handler and ``deliver`` of a blocking-socket server: a queue per subscriber.
 
-    subscribers: set[queue.SimpleQueue[bytes]] = set()
+    ``copy``: ``deliver`` iterates over a copy of the subscribers (threads add and
+    remove them meanwhile; in a gevent hub nothing switches while it runs).
+    """
+    subscribers: set[Any] = set()
 
     def handle(conn: Any) -> None:
         if not _read_sub(conn.recv):
             return
-        inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        inbox = new_inbox()
         subscribers.add(inbox)
         try:
             conn.sendall(SUBSCRIBED)
@@ -112,36 +117,22 @@ def threads_app() -> tuple[Callable[..., Any], Callable[[bytes], None]]:
             subscribers.discard(inbox)
 
     def deliver(message: bytes) -> None:
-        for inbox in list(subscribers):  # other threads add and remove
+        for inbox in list(subscribers) if copy else subscribers:
             inbox.put(message)
 
     return handle, deliver
+
+
+def threads_app() -> tuple[Callable[..., Any], Callable[[bytes], None]]:
+    import queue
+
+    return _blocking_app(queue.SimpleQueue, copy=True)
 
 
 def gevent_app() -> tuple[Callable[..., Any], Callable[[bytes], None]]:
     import gevent.queue
 
-    subscribers: set[gevent.queue.Queue[bytes]] = set()
-
-    def handle(conn: Any) -> None:
-        if not _read_sub(conn.recv):
-            return
-        inbox: gevent.queue.Queue[bytes] = gevent.queue.Queue()
-        subscribers.add(inbox)
-        try:
-            conn.sendall(SUBSCRIBED)
-            while True:
-                conn.sendall(inbox.get())
-        except OSError:
-            pass
-        finally:
-            subscribers.discard(inbox)
-
-    def deliver(message: bytes) -> None:
-        for inbox in subscribers:
-            inbox.put(message)
-
-    return handle, deliver
+    return _blocking_app(gevent.queue.Queue, copy=False)
 
 
 def trio_app() -> tuple[Callable[..., Any], Callable[[bytes], None]]:
@@ -237,16 +228,10 @@ def _publisher(into_runtime: Callable[[bytes], object]) -> None:
     threading.Thread(target=run, name="publisher", daemon=True).start()
 
 
-def _listening(port: int | str | None) -> None:
-    import resource
-
-    say(f"PORT {port} {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
-
-
 def serve_weft(name: str) -> None:
     import weft_core
 
-    manager, options = weft_manager(name)
+    manager = weft_manager(name)[0]
     handle, deliver = APPS[name]()
     if weft_core.available_managers()[manager].handler_kind == "async":
 
@@ -256,17 +241,7 @@ def serve_weft(name: str) -> None:
         fn: Callable[[bytes], Any] = broadcast
     else:
         fn = deliver
-    server = weft_core.Server(
-        handle,
-        address=HOST,
-        port=0,
-        manager=manager,
-        manager_options=options or None,
-        max_connections=None,
-        backlog=BACKLOG,
-    )
-    server.run()
-    _listening(server.port)
+    server = start_weft(name, handle)
     _publisher(lambda message: server.submit(fn, message))
     server.wait()
 
@@ -288,7 +263,7 @@ def serve_raw(name: str) -> None:
             request_queue_size = BACKLOG
 
         threaded = Server((HOST, 0), Handler)
-        _listening(threaded.server_address[1])
+        announce_port(threaded.server_address[1])
         _publisher(deliver)  # the queues are thread-safe: no runtime to enter
         threaded.serve_forever()
     elif name == "gevent":
@@ -302,7 +277,7 @@ def serve_raw(name: str) -> None:
         streams = StreamServer((HOST, 0), on_connection, backlog=BACKLOG)
         streams.start()
         loop = gevent.get_hub().loop
-        _listening(streams.server_port)
+        announce_port(streams.server_port)
         _publisher(lambda message: loop.run_callback_threadsafe(deliver, message))
         streams.serve_forever()
     elif name == "trio":
@@ -315,7 +290,7 @@ def serve_raw(name: str) -> None:
             async with trio.open_nursery() as nursery:
                 serve = functools.partial(trio.serve_tcp, handle, 0, host=HOST, backlog=BACKLOG)
                 listeners = await nursery.start(serve)
-                _listening(listeners[0].socket.getsockname()[1])
+                announce_port(listeners[0].socket.getsockname()[1])
                 _publisher(lambda message: token.run_sync_soon(deliver, message))
 
         trio.run(main_trio)
@@ -325,7 +300,7 @@ def serve_raw(name: str) -> None:
         async def main_asyncio() -> None:
             server = await asyncio.start_server(handle, HOST, 0, backlog=BACKLOG)
             loop = asyncio.get_running_loop()
-            _listening(server.sockets[0].getsockname()[1])
+            announce_port(server.sockets[0].getsockname()[1])
             _publisher(lambda message: loop.call_soon_threadsafe(deliver, message))
             await asyncio.Event().wait()
 

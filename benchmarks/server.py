@@ -62,7 +62,8 @@ def handler_table(manager: str, handler_kind: str) -> dict[str, Any]:
     return handlers.TRIO if handler_kind == "async" else handlers.SYNC
 
 
-def _listening(port: int | str | None) -> None:
+def announce_port(port: int | str | None) -> None:
+    """Tell the parent the port listened on, and this process's fd limit."""
     say(f"PORT {port} {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
 
 
@@ -78,15 +79,17 @@ def _nodelay(sock: socket.socket) -> None:
 # -- weft --------------------------------------------------------------------------------
 
 
-def serve_weft(name: str, handler_name: str) -> None:
+def start_weft(name: str, handler: Any) -> Any:
+    """A running weft Server for ``name`` (a manager or a variant) serving ``handler``.
+
+    On loopback, on a free port it announces (``PORT``), with the backlog of every
+    benchmark server and no connection limit.
+    """
     import weft_core
 
     manager, options = weft_manager(name)
-    spec = weft_core.available_managers().get(manager)
-    if spec is None:
-        raise SystemExit(f"weft manager {manager!r} is not installed")
     server = weft_core.Server(
-        handler_table(manager, spec.handler_kind)[handler_name],
+        handler,
         address=HOST,
         port=0,
         manager=manager,
@@ -95,7 +98,18 @@ def serve_weft(name: str, handler_name: str) -> None:
         backlog=BACKLOG,
     )
     server.run()
-    _listening(server.port)
+    announce_port(server.port)
+    return server
+
+
+def serve_weft(name: str, handler_name: str) -> None:
+    import weft_core
+
+    manager = weft_manager(name)[0]
+    spec = weft_core.available_managers().get(manager)
+    if spec is None:
+        raise SystemExit(f"weft manager {manager!r} is not installed")
+    server = start_weft(name, handler_table(manager, spec.handler_kind)[handler_name])
     wait = None
     if manager == "gevent":  # read stdin cooperatively, whichever thread runs the hub
         from gevent.socket import wait_read
@@ -131,7 +145,7 @@ def serve_raw_threads(handler_name: str) -> None:
 
     server = Server((HOST, 0), Handler)
     threading.Thread(target=server.serve_forever, name="serve_forever", daemon=True).start()
-    _listening(server.server_address[1])
+    announce_port(server.server_address[1])
     for _ in stdin_lines():
         pass
     _exit()
@@ -149,7 +163,7 @@ def serve_raw_gevent(handler_name: str) -> None:
 
     server = StreamServer((HOST, 0), handle, backlog=BACKLOG)
     server.start()
-    _listening(server.server_port)
+    announce_port(server.server_port)
     for _ in stdin_lines(wait_read):
         pass
     _exit()
@@ -167,7 +181,7 @@ def serve_raw_trio(handler_name: str) -> None:
             listeners = await nursery.start(
                 functools.partial(trio.serve_tcp, handler, 0, host=HOST, backlog=BACKLOG)
             )
-            _listening(listeners[0].socket.getsockname()[1])
+            announce_port(listeners[0].socket.getsockname()[1])
             while await trio.to_thread.run_sync(sys.stdin.readline):
                 pass
             _exit()
@@ -183,7 +197,7 @@ def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
 
     async def main() -> None:
         server = await asyncio.start_server(handler, HOST, 0, backlog=BACKLOG)
-        _listening(server.sockets[0].getsockname()[1])
+        announce_port(server.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
         while await loop.run_in_executor(None, sys.stdin.readline):
             pass

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -131,6 +131,34 @@ async def lines(stream: Any) -> AsyncIterator[bytes]:
             return
 
 
+def async_handler(
+    subscribe: Callable[[Any], Awaitable[None]],
+    deliver: Callable[[bytes], int],
+    gone: tuple[type[BaseException], ...],
+) -> Callable[[Any], Awaitable[None]]:
+    """The handler trio and asyncio share: SUB parks the connection, PUB delivers a line.
+
+    ``gone`` are the runtime's exceptions for a client that went away.
+    """
+
+    async def handle(stream: Any) -> None:
+        try:
+            async for line in lines(stream):
+                verb, message = parse(line)
+                if verb == "SUB":
+                    return await subscribe(stream)
+                if verb == "PUB":
+                    await stream.send_all(b"OK %d\n" % deliver(message))
+                else:
+                    await stream.send_all(BAD_REQUEST)
+                    return None
+        except gone:
+            pass
+        return None
+
+    return handle
+
+
 def trio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
     """The trio handler and ``broadcast`` (an ``async def``, as submit() asks on trio)."""
     import trio
@@ -160,22 +188,8 @@ def trio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
         finally:
             subscribers.discard(inbox)
 
-    async def handle(stream: Any) -> None:
-        try:
-            async for line in lines(stream):
-                verb, message = parse(line)
-                if verb == "SUB":
-                    return await subscribe(stream)
-                if verb == "PUB":
-                    await stream.send_all(b"OK %d\n" % deliver(message))
-                else:
-                    await stream.send_all(BAD_REQUEST)
-                    return None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        return None
-
-    return handle, broadcast
+    gone = (trio.BrokenResourceError, trio.ClosedResourceError)
+    return async_handler(subscribe, deliver, gone), broadcast
 
 
 def asyncio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
@@ -205,22 +219,7 @@ def asyncio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
         finally:
             subscribers.discard(inbox)
 
-    async def handle(stream: Any) -> None:
-        try:
-            async for line in lines(stream):
-                verb, message = parse(line)
-                if verb == "SUB":
-                    return await subscribe(stream)
-                if verb == "PUB":
-                    await stream.send_all(b"OK %d\n" % deliver(message))
-                else:
-                    await stream.send_all(BAD_REQUEST)
-                    return None
-        except ConnectionError:
-            pass
-        return None
-
-    return handle, broadcast
+    return async_handler(subscribe, deliver, (ConnectionError,)), broadcast
 
 
 APPS = {"gevent": gevent_app, "trio": trio_app, "asyncio": asyncio_app}
