@@ -748,7 +748,7 @@ class Supervisor:
         """Record why the supervisor will not exit 0.
 
         The first failure wins, except that tasks left behind (4) give way to a
-        worker killed or a fault (1, 2).
+        worker killed or a fault (1, 2) recorded after them.
         """
         if self._status in (0, EXIT_TASKS_LEFT):
             self._status = status
@@ -759,8 +759,8 @@ class Supervisor:
             # Its stop had to leave tasks running (it said how many): the service's
             # stop did too, and the supervisor's status says so as one process's would.
             log.warning("worker %d exited with %s: it left tasks running", pid, what)
-            if self._stopping and not self._status:
-                self._status = EXIT_TASKS_LEFT
+            if self._stopping:
+                self._fail(EXIT_TASKS_LEFT)
         elif self._stopping or worker.retiring:
             log.info("worker %d exited with %s", pid, what)
         elif code == EXIT_USAGE and not worker.ready and self._reloading:
