@@ -514,8 +514,9 @@ def table(rows: list[Row], raw_names: dict[str, str]) -> str:
         name = "" if row.manager == previous else f"**{row.manager}** ({raw_names[row.manager]})"
         previous = row.manager
         ratio = "—" if row.ratio is None else f"{row.ratio:.3f}{TIMES}"
-        if row.spread is not None and row.spread[0] != row.spread[1]:
-            ratio += f" ({row.spread[0]:.2f}-{row.spread[1]:.2f})"
+        if row.spread is not None:
+            low, high = (f"{x:.2f}" for x in row.spread)
+            ratio += f" ({low}-{high})" if low != high else ""
         met = {True: "yes", False: "**no**", None: ""}[row.ok]
         lines.append(
             f"| {name} | {row.metric} | {row.setting} | {_fmt(row.weft, row.unit)} | "
