@@ -164,6 +164,8 @@ class Row:
     ratio: float | None = None
     target: str = ""
     ok: bool | None = None
+    #: [lowest, highest] of the per-pair ratios whose median is ``ratio``.
+    spread: list[float] | None = None
 
 
 def _compare(value: float | None, op: str, bound: float) -> bool | None:
@@ -210,10 +212,10 @@ def _wrk_rows(
         if ref is not None:
             weft, raw = ref, None
         numbers = isinstance(weft, float | int) and isinstance(raw, float | int)
-        ratio = (
+        ratio, spread = (
             _paired_ratio(records, suite=suite, manager=manager, setting=setting, key=key)
             if numbers and raw
-            else None
+            else (None, None)
         )
         target = (
             MANAGER_RATIO_TARGETS.get((manager, suite, key))
@@ -221,7 +223,7 @@ def _wrk_rows(
             or RATIO_TARGETS.get((suite, key, None))
         )
         label = f"{setting[2:]} conns" + (", 1 req/conn" if suite == "churn" else "")
-        row = Row(manager, metric, label, weft, raw, unit, ratio)
+        row = Row(manager, metric, label, weft, raw, unit, ratio, spread=spread)
         if target and ref is None:
             row.target = f"{target[0].replace('>=', '≥').replace('<=', '≤')}{target[1]}{TIMES} raw"
             row.ok = False if weft == "failed" else _compare(ratio, *target)
@@ -229,13 +231,16 @@ def _wrk_rows(
     return rows
 
 
-def _paired_ratio(records: list[dict[str, Any]], *, key: str, **where: Any) -> float | None:
-    """The median over runs of weft/raw, each weft run paired with the raw run after it.
+def _paired_ratio(
+    records: list[dict[str, Any]], *, key: str, **where: Any
+) -> tuple[float | None, list[float] | None]:
+    """The median over runs of weft/raw, each weft run paired with the raw run after it,
+    and [lowest, highest] of those per-pair ratios.
 
     The two sides are measured alternately, so a pair shares the machine's state of
     the moment; the ratio within a pair cancels what drifts over a long run (other
     tenants of the host, frequency changes), which a ratio of the two medians does
-    not. None without a complete pair.
+    not. (None, None) without a complete pair.
     """
     weft: dict[int, float | None] = {
         r["run"]: r.get(key) for r in select(records, impl="weft", **where)
@@ -244,7 +249,9 @@ def _paired_ratio(records: list[dict[str, Any]], *, key: str, **where: Any) -> f
         r["run"]: r.get(key) for r in select(records, impl="raw", **where)
     }
     ratios = [w / r for i in sorted(weft) if (w := weft[i]) and (r := raw.get(i))]
-    return statistics.median(ratios) if ratios else None
+    if not ratios:
+        return None, None
+    return statistics.median(ratios), [min(ratios), max(ratios)]
 
 
 def _wrk_value(runs: list[dict[str, Any]], key: str) -> float | str | None:
@@ -365,10 +372,22 @@ def _projection(
 
 
 def _stop_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
+    """weft's stop time beside the raw backend's stop by hand, and whether clients saw EOF.
+
+    The target is absolute (issue 15); the raw time and the per-pair ratio say how much
+    of it is the backend's own cost on this machine, with no target of their own.
+    """
     rows = []
     for setting in _settings(records, suite="stop", manager=manager):
-        runs = select(records, suite="stop", manager=manager, setting=setting)
-        seconds = median(runs, "seconds")
+        runs = {
+            impl: select(records, suite="stop", manager=manager, impl=impl, setting=setting)
+            for impl in ("weft", "raw")
+        }
+        seconds = median(runs["weft"], "seconds")
+        raw_seconds = median(runs["raw"], "seconds")
+        ratio, spread = _paired_ratio(
+            records, suite="stop", manager=manager, setting=setting, key="seconds"
+        )
         bound = STOP_TARGET_S.get(manager, STOP_TARGET_DEFAULT_S)
         label = f"{int(setting[2:]):,} idle conns"
         rows.append(
@@ -377,21 +396,36 @@ def _stop_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
                 "stop() time",
                 label,
                 seconds,
-                None,
+                raw_seconds,
                 "s",
-                None,
+                ratio,
                 f"≤{bound:g} s",
                 _compare(seconds, "<=", bound),
+                spread,
             )
         )
-        eof = min(r["eof"] for r in runs)
-        held = min(r["held"] for r in runs)
         rows.append(
             Row(
-                manager, "clients saw EOF", label, f"{eof:,} of {held:,}", None, "", ok=eof == held
+                manager,
+                "clients saw EOF",
+                label,
+                _eof(runs["weft"]),
+                _eof(runs["raw"]),
+                "",
+                ok=all(r["eof"] == r["held"] and r["clean"] for rs in runs.values() for r in rs),
             )
         )
     return rows
+
+
+def _eof(runs: list[dict[str, Any]]) -> str | None:
+    """The fewest connections that saw EOF over the runs, of the fewest held; stops not clean."""
+    if not runs:
+        return None
+    eof = min(r["eof"] for r in runs)
+    held = min(r["held"] for r in runs)
+    unclean = sum(not r["clean"] for r in runs)
+    return f"{eof:,} of {held:,}" + (f", {unclean} stop(s) not clean" if unclean else "")
 
 
 def _count(value: float | None) -> str | None:
@@ -480,6 +514,9 @@ def table(rows: list[Row], raw_names: dict[str, str]) -> str:
         name = "" if row.manager == previous else f"**{row.manager}** ({raw_names[row.manager]})"
         previous = row.manager
         ratio = "—" if row.ratio is None else f"{row.ratio:.3f}{TIMES}"
+        if row.spread is not None:
+            low, high = (f"{x:.2f}" for x in row.spread)
+            ratio += f" ({low}-{high})" if low != high else ""
         met = {True: "yes", False: "**no**", None: ""}[row.ok]
         lines.append(
             f"| {name} | {row.metric} | {row.setting} | {_fmt(row.weft, row.unit)} | "
@@ -555,8 +592,10 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
         f"# weft benchmarks: {kind}",
         "",
         f"{result['started']}, {result['elapsed_s']:.0f} s. Medians of {opts['runs']} run(s) per "
-        f"figure (idle memory: {min(opts['runs'], IDLE_RUNS)}), weft and raw alternated; for wrk figures weft/raw is the median of "
-        f"the ratios within each weft-then-raw pair. wrk {opts['seconds']:g} s per run, "
+        f"figure (idle memory: {min(opts['runs'], IDLE_RUNS)}), weft and raw alternated; for wrk and stop figures weft/raw is the median "
+        f"of the ratios within each weft-then-raw pair, lowest-highest of them in parentheses. "
+        f"The stop target is absolute; the raw stop (the backend's graceful stop by hand, "
+        f"the same work) shows what of it is the backend's own cost. wrk {opts['seconds']:g} s per run, "
         f"1 thread. Server on core 0, wrk and clients on core 1.",
         "",
         f"Machine: {describe(result['machine'])}.",
@@ -692,13 +731,16 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax = axes[2]
     stops = [r for r in rows if r.metric == "stop() time" and isinstance(r.weft, float)]
     for i, r in enumerate(stops):
-        ax.bar(i, r.weft, color=colours.get(r.manager, "C0"))
+        colour = colours.get(r.manager, "C0")
+        ax.bar(i - 0.2, r.weft, 0.4, color=colour)
+        if isinstance(r.raw, float):
+            ax.bar(i + 0.2, r.raw, 0.4, color=colour, alpha=0.4, hatch="//")
         bound = STOP_TARGET_S.get(r.manager, STOP_TARGET_DEFAULT_S)
         ax.hlines(bound, i - 0.4, i + 0.4, color="red", linestyle=":")
     ax.set_xticks(range(len(stops)))
     ax.set_xticklabels([f"{r.manager}\n{r.setting}" for r in stops], fontsize=8)
     ax.set_ylabel("seconds")
-    ax.set_title("server.stop() with idle connections", fontsize=10)
+    ax.set_title("stop with idle connections (solid: weft, hatched: raw)", fontsize=10)
 
     if workers:
         _workers_panel(axes[3], workers, colours)

@@ -7,8 +7,16 @@
 ``asyncio.start_server`` (on uvloop's loop for the second, against weft's asyncio
 manager with ``loop="uvloop"``); ``--backend asyncio`` runs the asyncio reference on
 ``asyncio.start_server``. The process pins itself to ``--core``, raises its fd limit,
-prints ``PORT port fd-limit`` once listening, then obeys stdin: ``stop`` (weft only) times
-``server.stop()`` and answers ``STOPPED seconds clean``; end of input exits at once.
+prints ``PORT port fd-limit`` once listening, then obeys stdin: ``stop`` times a graceful
+stop and answers ``STOPPED seconds clean``; end of input exits at once.
+
+weft's stop is ``server.stop()``. A raw server's is the one a user of that backend
+writes by hand, doing the same work: stop accepting and close the listener, end every
+open connection's input (``shutdown(SHUT_RD)``: the handler reads end of input and
+returns), and wait until every handler has returned and its socket is closed. Each raw
+server tracks its open connections for that in its handler wrapper (one add and one
+discard per connection), as weft does. Both are bounded by :data:`STOP_GRACE`; ``clean``
+says every handler returned within it.
 
 Every server gets the same settings where the backend has them: backlog 1024,
 ``TCP_NODELAY`` on each connection (weft's default, trio's and asyncio's own; set
@@ -18,12 +26,13 @@ here for ``socketserver`` and ``gevent``), no connection limit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import handlers
@@ -76,6 +85,26 @@ def _nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _end_input(sock: Any) -> None:
+    """``shutdown(SHUT_RD)``, quietly: the connection may have closed meanwhile."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
+
+
+def _obey(lines: Iterable[str], stop: Callable[[], bool]) -> None:
+    """Answer each ``stop`` line with ``STOPPED seconds clean``; exit at end of input."""
+    for line in lines:
+        if line == "stop":
+            started = time.perf_counter()
+            clean = stop()
+            _stopped(time.perf_counter() - started, clean)
+    _exit()
+
+
+def _stopped(seconds: float, clean: bool) -> None:
+    say(f"STOPPED {seconds:.6f} {int(clean)}")
+
+
 # -- weft --------------------------------------------------------------------------------
 
 
@@ -115,15 +144,18 @@ def serve_weft(name: str, handler_name: str) -> None:
         from gevent.socket import wait_read
 
         wait = wait_read
-    for line in stdin_lines(wait):
-        if line == "stop":
-            started = time.perf_counter()
-            clean = server.stop(timeout=STOP_GRACE)
-            say(f"STOPPED {time.perf_counter() - started:.6f} {int(clean)}")
-    _exit()
+    _obey(stdin_lines(wait), lambda: bool(server.stop(timeout=STOP_GRACE)))
 
 
 # -- raw backends ------------------------------------------------------------------------
+#
+# Each tracks its open connections in its handler wrapper and stops as described at the
+# top: the graceful stop a user of that backend writes by hand.
+
+#: How often socketserver's serve_forever looks at its stop flag while no connection
+#: arrives (``shutdown()`` waits for that look). Its default, 0.5 s, would weigh more in
+#: a raw stop's time than the stop's own work, where weft's acceptor wakes at once.
+POLL_INTERVAL = 0.01
 
 
 def serve_raw_threads(handler_name: str) -> None:
@@ -131,6 +163,8 @@ def serve_raw_threads(handler_name: str) -> None:
     import threading
 
     handler = handlers.SYNC[handler_name]
+    conns: set[socket.socket] = set()
+    changed = threading.Condition()  # guards conns; notified when the last one closes
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -143,50 +177,145 @@ def serve_raw_threads(handler_name: str) -> None:
         allow_reuse_address = True
         request_queue_size = BACKLOG
 
+        def process_request(self, request: Any, client_address: Any) -> None:
+            with changed:  # in the accepting thread, before the handler's thread starts
+                conns.add(request)
+            super().process_request(request, client_address)
+
+        def shutdown_request(self, request: Any) -> None:
+            super().shutdown_request(request)  # the handler returned; this closes its socket
+            with changed:
+                conns.discard(request)
+                if not conns:
+                    changed.notify_all()
+
     server = Server((HOST, 0), Handler)
-    threading.Thread(target=server.serve_forever, name="serve_forever", daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, args=(POLL_INTERVAL,), name="serve_forever", daemon=True
+    ).start()
     announce_port(server.server_address[1])
-    for _ in stdin_lines():
-        pass
-    _exit()
+
+    def stop() -> bool:
+        server.shutdown()
+        server.server_close()
+        with changed:
+            open_now = list(conns)
+        for sock in open_now:
+            _end_input(sock)
+        with changed:
+            return changed.wait_for(lambda: not conns, STOP_GRACE)
+
+    _obey(stdin_lines(), stop)
 
 
 def serve_raw_gevent(handler_name: str) -> None:
+    from gevent.event import Event
     from gevent.server import StreamServer
     from gevent.socket import wait_read
 
     handler = handlers.SYNC[handler_name]
+    conns: set[Any] = set()
+    done = Event()  # set when the last connection ends during a stop
+    stopping = False
 
     def handle(sock: Any, _addr: Any) -> None:
-        _nodelay(sock)
-        handler(sock)
+        conns.add(sock)
+        try:
+            _nodelay(sock)
+            handler(sock)
+        finally:
+            # StreamServer closes the socket right after, before any greenlet switch,
+            # so the stop (woken through the hub) sees it closed.
+            conns.discard(sock)
+            if stopping and not conns:
+                done.set()
 
     server = StreamServer((HOST, 0), handle, backlog=BACKLOG)
     server.start()
     announce_port(server.server_port)
-    for _ in stdin_lines(wait_read):
-        pass
-    _exit()
+
+    def stop() -> bool:
+        nonlocal stopping
+        stopping = True
+        server.close()
+        for sock in list(conns):
+            # The real socket's shutdown: gevent's own would raise cancel_wait_ex into
+            # the greenlet waiting in recv (a traceback) instead of its reading b"".
+            _end_input(sock._sock)
+        return not conns or done.wait(STOP_GRACE)
+
+    _obey(stdin_lines(wait_read), stop)
 
 
 def serve_raw_trio(handler_name: str) -> None:
-    import functools
-
     import trio
 
     handler = handlers.TRIO[handler_name]
 
     async def main() -> None:
+        conns: set[Any] = set()
+        done = trio.Event()  # set when the last connection ends during a stop
+        stopping = False
+
+        async def handle(stream: Any) -> None:
+            conns.add(stream)
+            try:
+                await handler(stream)
+            finally:
+                # serve_tcp closes the stream right after, before the stop can run.
+                conns.discard(stream)
+                if stopping and not conns:
+                    done.set()
+
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                functools.partial(trio.serve_tcp, handler, 0, host=HOST, backlog=BACKLOG)
-            )
+            accepting = trio.CancelScope()  # serve_tcp's listeners only, not its handlers
+
+            async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                with accepting:
+                    await trio.serve_tcp(
+                        handle,
+                        0,
+                        host=HOST,
+                        backlog=BACKLOG,
+                        handler_nursery=nursery,
+                        task_status=task_status,
+                    )
+
+            listeners = await nursery.start(accept)
             announce_port(listeners[0].socket.getsockname()[1])
-            while await trio.to_thread.run_sync(sys.stdin.readline):
-                pass
+            while line := await trio.to_thread.run_sync(sys.stdin.readline):
+                if line.strip() != "stop":
+                    continue
+                started = time.perf_counter()
+                stopping = True
+                accepting.cancel()  # its listeners close as their tasks unwind
+                for stream in list(conns):
+                    _end_input(stream.socket)
+                with trio.move_on_after(STOP_GRACE):
+                    if conns:
+                        await done.wait()
+                _stopped(time.perf_counter() - started, not conns)
             _exit()
 
     trio.run(main)
+
+
+def _end_transport_input(transport_socket: Any) -> None:
+    """``shutdown(SHUT_RD)`` on a uvloop transport's socket, which refuses ``shutdown()``.
+
+    Through a socket object on the same descriptor, detached after: the descriptor
+    stays the transport's.
+    """
+    sock = socket.socket(
+        transport_socket.family,
+        transport_socket.type,
+        transport_socket.proto,
+        fileno=transport_socket.fileno(),
+    )
+    try:
+        _end_input(sock)
+    finally:
+        sock.detach()
 
 
 def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
@@ -194,13 +323,47 @@ def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
     import asyncio
 
     handler = handlers.ASYNCIO[handler_name]
+    end_input = _end_transport_input if uvloop else _end_input
 
     async def main() -> None:
-        server = await asyncio.start_server(handler, HOST, 0, backlog=BACKLOG)
+        conns: set[asyncio.StreamWriter] = set()
+        done = asyncio.Event()  # set when the last connection ends during a stop
+        stopping = False
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conns.add(writer)
+            try:
+                await handler(reader, writer)
+            finally:
+                conns.discard(writer)
+                if stopping and not conns:
+                    done.set()
+
+        async def ended(writers: list[asyncio.StreamWriter]) -> None:
+            """Every handler returned, and every transport closed its socket."""
+            if conns:
+                await done.wait()
+            await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+        server = await asyncio.start_server(handle, HOST, 0, backlog=BACKLOG)
         announce_port(server.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
-        while await loop.run_in_executor(None, sys.stdin.readline):
-            pass
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            if line.strip() != "stop":
+                continue
+            started = time.perf_counter()
+            stopping = True
+            server.close()
+            writers = list(conns)
+            for writer in writers:
+                end_input(writer.get_extra_info("socket"))
+            try:
+                await asyncio.wait_for(ended(writers), STOP_GRACE)
+            except asyncio.TimeoutError:
+                clean = False
+            else:
+                clean = True
+            _stopped(time.perf_counter() - started, clean)
         _exit()
 
     if uvloop:

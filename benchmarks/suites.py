@@ -300,32 +300,45 @@ def _idle_once(
         rec.add("idle-echo", manager, impl, f"n={held}", run, ok=ok, failed=failed)
 
 
-def stop_suite(manager: str, opts: Options, rec: Recorder) -> None:
-    n = opts.stop_connections
+def stop_suite(manager: str, flavour: str, opts: Options, rec: Recorder) -> None:
+    """weft's ``server.stop()`` and the raw backend's stop by hand, alternated, each run.
+
+    Each stop has ``stop_connections`` idle connections that each served one echo; the
+    raw stop does the same work as weft's (see :mod:`benchmarks.server`), so the pair's
+    ratio says what weft adds, where the absolute time also says how fast the machine is.
+    """
     for run in range(opts.runs):
-        with (
-            ServerProcess("weft", manager, "echo", opts.logdir / "servers.log") as server,
-            Clients(server.port, opts.per_client, opts.logdir / "clients.log") as clients,
-        ):
-            held, errors = clients.open(n)
-            time.sleep(SETTLE)
-            clients.tell("eof 60")
-            seconds, clean = server.stop()
-            eof, reset, timeout = clients.collect("EOF", 120)
-            rec.add(
-                "stop",
-                manager,
-                "weft",
-                f"n={n}",
-                run,
-                seconds=seconds,
-                clean=clean,
-                held=held,
-                eof=eof,
-                reset=reset,
-                timeout=timeout,
-                error=";".join(errors) or None,
-            )
+        _stop_once(manager, "weft", "weft", manager, run, opts, rec)
+        _stop_once(manager, "raw", "raw", flavour, run, opts, rec)
+
+
+def _stop_once(
+    manager: str, impl: str, backend: str, flavour: str, run: int, opts: Options, rec: Recorder
+) -> None:
+    n = opts.stop_connections
+    with (
+        ServerProcess(backend, flavour, "echo", opts.logdir / "servers.log") as server,
+        Clients(server.port, opts.per_client, opts.logdir / "clients.log") as clients,
+    ):
+        held, errors = clients.open(n)
+        time.sleep(SETTLE)
+        clients.tell("eof 60")
+        seconds, clean = server.stop()
+        eof, reset, timeout = clients.collect("EOF", 120)
+        rec.add(
+            "stop",
+            manager,
+            impl,
+            f"n={n}",
+            run,
+            seconds=seconds,
+            clean=clean,
+            held=held,
+            eof=eof,
+            reset=reset,
+            timeout=timeout,
+            error=";".join(errors) or None,
+        )
 
 
 # -- workers: weft serve --workers 2 against --workers 1 ------------------------------------
@@ -361,7 +374,7 @@ def run_all(opts: Options, specs: dict[str, Any]) -> Recorder:
         if "idle" in opts.only:
             idle_suite(manager, flavour, opts, rec)
         if "stop" in opts.only:
-            stop_suite(manager, opts, rec)
+            stop_suite(manager, flavour, opts, rec)
         if opts.wrk and "workers" in opts.only:
             workers_suite(manager, specs[manager].handler_kind, opts, rec)
     if opts.reference and opts.only - {"workers"}:
