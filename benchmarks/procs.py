@@ -196,6 +196,7 @@ class ServerProcess(Child):
         log: Path,
         prefix: Sequence[str] = (),
         start_timeout: float = 60,
+        stoppable: bool = False,
     ) -> None:
         name = f"{backend}-{flavour} {handler} server"
         super().__init__(
@@ -209,6 +210,7 @@ class ServerProcess(Child):
                 handler,
                 "--core",
                 str(SERVER_CORE),
+                *(["--stoppable"] if stoppable else []),
             ],
             log,
             name,

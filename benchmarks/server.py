@@ -13,9 +13,10 @@ stop and answers ``STOPPED seconds clean``; end of input exits at once.
 weft's stop is ``server.stop()``. A raw server's is the one a user of that backend
 writes by hand, doing the same work: stop accepting and close the listener, end every
 open connection's input (``shutdown(SHUT_RD)``: the handler reads end of input and
-returns), and wait until every handler has returned and its socket is closed. Each raw
-server tracks its open connections for that in its handler wrapper (one add and one
-discard per connection), as weft does. Both are bounded by :data:`STOP_GRACE`; ``clean``
+returns), and wait until every handler has returned and its socket is closed. Started
+with ``--stoppable`` (the stop suite's servers), each raw server tracks its open
+connections for that in its handler wrapper (one add and one discard per connection),
+as weft does; without it (every other suite), it serves as it always did, untracked. Both are bounded by :data:`STOP_GRACE`; ``clean``
 says every handler returned within it.
 
 Every server gets the same settings where the backend has them: backlog 1024,
@@ -149,8 +150,8 @@ def serve_weft(name: str, handler_name: str) -> None:
 
 # -- raw backends ------------------------------------------------------------------------
 #
-# Each tracks its open connections in its handler wrapper and stops as described at the
-# top: the graceful stop a user of that backend writes by hand.
+# With ``stoppable``, each tracks its open connections in its handler wrapper and stops
+# as described at the top: the graceful stop a user of that backend writes by hand.
 
 #: How often socketserver's serve_forever looks at its stop flag while no connection
 #: arrives (``shutdown()`` waits for that look). Its default, 0.5 s, would weigh more in
@@ -158,7 +159,7 @@ def serve_weft(name: str, handler_name: str) -> None:
 POLL_INTERVAL = 0.01
 
 
-def serve_raw_threads(handler_name: str) -> None:
+def serve_raw_threads(handler_name: str, stoppable: bool = False) -> None:
     import socketserver
     import threading
 
@@ -177,6 +178,9 @@ def serve_raw_threads(handler_name: str) -> None:
         allow_reuse_address = True
         request_queue_size = BACKLOG
 
+    class Tracked(Server):
+        """The server as a user with a graceful stop writes it: each connection tracked."""
+
         def process_request(self, request: Any, client_address: Any) -> None:
             with changed:  # in the accepting thread, before the handler's thread starts
                 conns.add(request)
@@ -189,9 +193,12 @@ def serve_raw_threads(handler_name: str) -> None:
                 if not conns:
                     changed.notify_all()
 
-    server = Server((HOST, 0), Handler)
+    server = (Tracked if stoppable else Server)((HOST, 0), Handler)
     threading.Thread(
-        target=server.serve_forever, args=(POLL_INTERVAL,), name="serve_forever", daemon=True
+        target=server.serve_forever,
+        args=(POLL_INTERVAL if stoppable else 0.5,),  # 0.5: socketserver's default
+        name="serve_forever",
+        daemon=True,
     ).start()
     announce_port(server.server_address[1])
 
@@ -208,7 +215,7 @@ def serve_raw_threads(handler_name: str) -> None:
     _obey(stdin_lines(), stop)
 
 
-def serve_raw_gevent(handler_name: str) -> None:
+def serve_raw_gevent(handler_name: str, stoppable: bool = False) -> None:
     from gevent.event import Event
     from gevent.server import StreamServer
     from gevent.socket import wait_read
@@ -219,6 +226,10 @@ def serve_raw_gevent(handler_name: str) -> None:
     stopping = False
 
     def handle(sock: Any, _addr: Any) -> None:
+        _nodelay(sock)
+        handler(sock)
+
+    def tracked(sock: Any, _addr: Any) -> None:
         conns.add(sock)
         try:
             _nodelay(sock)
@@ -230,7 +241,7 @@ def serve_raw_gevent(handler_name: str) -> None:
             if stopping and not conns:
                 done.set()
 
-    server = StreamServer((HOST, 0), handle, backlog=BACKLOG)
+    server = StreamServer((HOST, 0), tracked if stoppable else handle, backlog=BACKLOG)
     server.start()
     announce_port(server.server_port)
 
@@ -247,7 +258,7 @@ def serve_raw_gevent(handler_name: str) -> None:
     _obey(stdin_lines(wait_read), stop)
 
 
-def serve_raw_trio(handler_name: str) -> None:
+def serve_raw_trio(handler_name: str, stoppable: bool = False) -> None:
     import trio
 
     handler = handlers.TRIO[handler_name]
@@ -257,7 +268,7 @@ def serve_raw_trio(handler_name: str) -> None:
         done = trio.Event()  # set when the last connection ends during a stop
         stopping = False
 
-        async def handle(stream: Any) -> None:
+        async def tracked(stream: Any) -> None:
             conns.add(stream)
             try:
                 await handler(stream)
@@ -273,7 +284,7 @@ def serve_raw_trio(handler_name: str) -> None:
             async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                 with accepting:
                     await trio.serve_tcp(
-                        handle,
+                        tracked if stoppable else handler,
                         0,
                         host=HOST,
                         backlog=BACKLOG,
@@ -318,7 +329,7 @@ def _end_transport_input(transport_socket: Any) -> None:
         sock.detach()
 
 
-def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
+def serve_asyncio(handler_name: str, uvloop: bool = False, stoppable: bool = False) -> None:
     """``asyncio.start_server`` with the asyncio handler (on uvloop's loop if asked)."""
     import asyncio
 
@@ -330,7 +341,7 @@ def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
         done = asyncio.Event()  # set when the last connection ends during a stop
         stopping = False
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             conns.add(writer)
             try:
                 await handler(reader, writer)
@@ -345,7 +356,9 @@ def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
                 await done.wait()
             await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
 
-        server = await asyncio.start_server(handle, HOST, 0, backlog=BACKLOG)
+        server = await asyncio.start_server(
+            tracked if stoppable else handler, HOST, 0, backlog=BACKLOG
+        )
         announce_port(server.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -374,12 +387,12 @@ def serve_asyncio(handler_name: str, uvloop: bool = False) -> None:
         asyncio.run(main())
 
 
-RAW: dict[str, Callable[[str], None]] = {
+RAW: dict[str, Callable[[str, bool], None]] = {
     "threads": serve_raw_threads,
     "gevent": serve_raw_gevent,
     "trio": serve_raw_trio,
-    "asyncio": serve_asyncio,
-    "asyncio-uvloop": lambda handler_name: serve_asyncio(handler_name, uvloop=True),
+    "asyncio": lambda handler_name, stoppable: serve_asyncio(handler_name, False, stoppable),
+    "asyncio-uvloop": lambda handler_name, stoppable: serve_asyncio(handler_name, True, stoppable),
 }
 
 
@@ -389,13 +402,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flavour", default="threads", help="weft manager, or raw backend")
     parser.add_argument("--handler", choices=["http", "echo"], required=True)
     parser.add_argument("--core", type=int, default=0)
+    parser.add_argument(
+        "--stoppable",
+        action="store_true",
+        help="raw backends: track connections for a graceful stop (the stop suite's servers)",
+    )
     args = parser.parse_args(argv)
     pin(args.core)
     raise_nofile()
     if args.backend == "weft":
         serve_weft(args.flavour, args.handler)
     elif args.backend == "raw":
-        RAW[args.flavour](args.handler)
+        RAW[args.flavour](args.handler, args.stoppable)
     else:
         serve_asyncio(args.handler)
 

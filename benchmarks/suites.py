@@ -317,7 +317,9 @@ def _stop_once(
 ) -> None:
     n = opts.stop_connections
     with (
-        ServerProcess(backend, flavour, "echo", opts.logdir / "servers.log") as server,
+        ServerProcess(
+            backend, flavour, "echo", opts.logdir / "servers.log", stoppable=True
+        ) as server,
         Clients(server.port, opts.per_client, opts.logdir / "clients.log") as clients,
     ):
         held, errors = clients.open(n)
