@@ -25,9 +25,11 @@ DISTRIBUTIONS = (
     "weft-threads",
     "weft-gevent",
     "weft-trio",
+    "weft-asyncio",
     "gevent",
     "greenlet",
     "trio",
+    "uvloop",
     "matplotlib",
 )
 #: What a full run extrapolates idle memory to (one server process cannot hold it).
