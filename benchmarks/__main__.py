@@ -4,7 +4,9 @@ Also ``python -m benchmarks longpoll``: parked subscribers' memory and broadcast
 time (benchmarks/longpoll.py); ``python -m benchmarks profile --manager NAME``: the
 weft server under py-spy while wrk loads it, with the hottest functions of weft's own code; and
 ``python -m benchmarks instructions --manager NAME``: instructions per request of
-weft and of the raw backend under callgrind, a figure the machine's noise leaves alone.
+weft and of the raw backend under callgrind, a figure the machine's noise leaves alone;
+``python -m benchmarks compare EARLIER.json LATER.json``: which figures of two runs
+repeat, and which to flag.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
-from . import instructions, longpoll, report, wrk
+from . import compare, instructions, longpoll, report, wrk
 from .procs import CLIENT_CORE, ROOT, pin, raise_nofile
 from .server import VARIANTS
 from .suites import MAX, SUITES, Options, progress, raw_flavour, run_all
@@ -150,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--seconds", type=float, default=10.0)
     prof.add_argument("--top", type=int, default=25)
     instructions.add_parser(sub)
+    compare.add_parser(sub)
     longpoll.add_parser(sub)
     return top
 
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "run":
         return command_run(args)
+    if args.command == "compare":
+        return compare.command_compare(args)
     if args.command == "instructions":
         return instructions.command_instructions(args)
     if args.command == "longpoll":

@@ -47,6 +47,9 @@ MANAGER_RATIO_TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
 }
 TIMES = "\u00d7"  # the multiplication sign
 IDLE_TARGET_KIB = 8.0
+#: Managers whose idle memory per connection must not exceed their raw backend's
+#: (issue 15 for asyncio and uvloop, issue 17 item 3 for trio), not just IDLE_TARGET_KIB.
+IDLE_RATIO_MANAGERS = {"trio", "asyncio", "asyncio-uvloop"}
 #: Thread-per-connection managers have no memory target: they must hold this many
 #: idle connections, with the thread stack size the report states.
 THREAD_MANAGERS = {"threads", "threads-nocache", "pool"}
@@ -304,6 +307,9 @@ def _idle_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
                 held = median(runs["weft"], "held")
                 row.target = f"{THREADS_IDLE_TARGET:,} held (stack: see machine)"
                 row.ok = held is not None and held >= THREADS_IDLE_TARGET
+        elif not ref and manager in IDLE_RATIO_MANAGERS:
+            row.target = f"≤1{TIMES} raw"
+            row.ok = _compare(row.ratio, "<=", 1.0)
         elif not ref:
             row.target = f"≤{IDLE_TARGET_KIB:g} KiB"
             row.ok = _compare(weft, "<=", IDLE_TARGET_KIB)
