@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -220,6 +221,27 @@ def test_console_evaluates_beside_live_connections(
     assert ">>> 1\n" in out
     assert "n 0\nn 1\n" in out
     assert "ZeroDivisionError" in out
+
+
+def test_console_errors_reach_the_client_when_sys_excepthook_is_replaced(
+    served: tuple[Server, ControlSocket, list[float | None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # exceptiongroup's backport replaces sys.excepthook on Python 3.10, and so may an
+    # application; code.InteractiveConsole then sends errors there (the server's
+    # stderr), and the client saw nothing.
+    hooked: list[object] = []
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: hooked.append(exc))
+    _, ctl, _ = served
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(ctl.path)
+        s.sendall(b'{"command": "console"}\n1/0\ndef (:\n')
+        s.shutdown(socket.SHUT_WR)
+        out = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+    assert "ZeroDivisionError: division by zero" in out
+    assert "SyntaxError" in out
+    assert hooked == [], "the console's errors went to sys.excepthook, not to the client"
 
 
 def test_console_is_off_unless_configured(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import code
 import socket
 import sys
 import threading
+import traceback
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
@@ -51,6 +52,24 @@ class _SocketConsole(code.InteractiveConsole):
         if value is not None:
             self.namespace["_"] = value
             self.write(repr(value) + "\n")
+
+    def showtraceback(self) -> None:
+        """Write the error's traceback to the client, whatever ``sys.excepthook`` is.
+
+        ``code.InteractiveInterpreter`` hands it to a replaced ``sys.excepthook``
+        instead (exceptiongroup's backport replaces it on Python 3.10, and so may the
+        application), which writes to the server's stderr: the client saw nothing.
+        """
+        kind, value, tb = sys.exc_info()
+        sys.last_type, sys.last_value, sys.last_traceback = kind, value, tb
+        skip = tb.tb_next if tb is not None else None  # the console's own frame
+        self.write("".join(traceback.format_exception(kind, value, skip)))
+
+    def showsyntaxerror(self, filename: str | None = None, **kwargs: Any) -> None:
+        """Write the syntax error to the client, whatever ``sys.excepthook`` is."""
+        kind, value, tb = sys.exc_info()
+        sys.last_type, sys.last_value, sys.last_traceback = kind, value, tb
+        self.write("".join(traceback.format_exception_only(kind, value)))
 
     def runcode(self, codeobj: Any) -> None:
         with _display_lock:
