@@ -183,9 +183,12 @@ class AsyncEngine(Engine[AsyncRuntime]):
             failures: tuple[type[BaseException], ...] = (OSError, ValueError, *rt.tls_errors)
             try:
                 await rt.within(cfg.tls_handshake_timeout, stream.do_handshake)
+                # Within the try: a session the peer broke right after the handshake
+                # ends here (Python 3.10's asyncio: "handshake not done yet").
+                details = tls_details(stream)
             except failures as exc:
                 self._tls_failed(info, exc)
                 await rt.aclose(stream)
                 return None
-            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(stream)
+            info.tls_version, info.tls_cipher, info.tls_peer_certificate = details
         return stream

@@ -188,7 +188,8 @@ class SyncEngine(Engine[SyncRuntime]):
                 tls.settimeout(cfg.tls_handshake_timeout)
                 tls.do_handshake()
                 tls.settimeout(cfg.idle_timeout)
+                details = tls_details(tls)  # a session already broken ends here too
             except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
                 return self._tls_failed(info, exc)
-            info.tls_version, info.tls_cipher, info.tls_peer_certificate = tls_details(tls)
+            info.tls_version, info.tls_cipher, info.tls_peer_certificate = details
         return True
