@@ -83,7 +83,7 @@ def main() -> None:
     active = server.stats()["active"]
     started = time.monotonic()
     cpu_before = time.process_time()
-    clean = server.stop(timeout=5)
+    clean = server.stop(timeout=5)  # tests/test_many_connections.py: STOP_TIMEOUT
     elapsed = time.monotonic() - started
     cpu_after = time.process_time()
     fds_after = len(os.listdir("/proc/self/fd"))
