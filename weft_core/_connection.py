@@ -27,13 +27,9 @@ def format_address(address: Any) -> str:
     is always one line of printable ASCII, whatever the peer bound to.
     """
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if not (type(host) is str and host.isascii() and host.isprintable() and "\\" not in host):
-            host = escape_for_log(host)
-        if type(port) is not int:
+        host, port = escape_for_log(address[0]), address[1]
+        if type(port) is not int:  # a port number's digits need no escaping
             port = escape_for_log(port)
-        # The common case (an IP address and a port number) needs no escaping: once
-        # per connection, for its task's name.
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(address, bytes | bytearray):
         # Linux gives an abstract name as bytes; decoded as Python decodes paths.
