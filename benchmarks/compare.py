@@ -21,18 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import TIMES, Row, summarise
+from .report import Row, ratio_text, summarise
 
 __all__ = ["Verdict", "add_parser", "command_compare", "compare", "markdown"]
 
 
 @dataclass
 class Verdict:
-    """One figure in both runs, and what the pair of runs says of it."""
+    """One figure in both runs (its name is the rows'), and what the pair says of it."""
 
-    manager: str
-    metric: str
-    setting: str
     earlier: Row
     later: Row
     #: True: each median within the other's range; False: it moved more; None: no range.
@@ -87,17 +84,12 @@ def compare(earlier: dict[str, Any], later: dict[str, Any]) -> list[Verdict]:
         if old is None:
             continue
         repeat = repeats(old, row)
-        verdicts.append(Verdict(*key, old, row, repeat, _verdict(old, row, repeat)))
+        verdicts.append(Verdict(old, row, repeat, _verdict(old, row, repeat)))
     return verdicts
 
 
 def _ratio(row: Row) -> str:
-    if row.ratio is None:
-        return "—"
-    text = f"{row.ratio:.3f}{TIMES}"
-    if row.spread is not None and row.spread[0] != row.spread[1]:
-        text += f" ({row.spread[0]:.2f}-{row.spread[1]:.2f})"
-    return text + {True: ", met", False: ", missed", None: ""}[row.ok]
+    return ratio_text(row) + {True: ", met", False: ", missed", None: ""}[row.ok]
 
 
 def markdown(verdicts: list[Verdict], earlier: str, later: str) -> str:
@@ -115,7 +107,8 @@ def markdown(verdicts: list[Verdict], earlier: str, later: str) -> str:
         repeat = {True: "yes", False: "**no**", None: "—"}[v.repeats]
         verdict = f"**{v.verdict}**" if v.verdict == "does not repeat" else v.verdict
         lines.append(
-            f"| {v.manager} | {v.metric} | {v.setting} | {v.later.target or v.earlier.target} | "
+            f"| {v.later.manager} | {v.later.metric} | {v.later.setting} | "
+            f"{v.later.target or v.earlier.target} | "
             f"{_ratio(v.earlier)} | {_ratio(v.later)} | {repeat} | {verdict} |"
         )
     return "\n".join(lines) + "\n"

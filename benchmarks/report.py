@@ -511,6 +511,17 @@ def _fmt(value: float | str | None, unit: str) -> str:
     return f"{value:.3g} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
 
+def ratio_text(row: Row) -> str:
+    """The median ratio (``1.023``, times sign), and its lowest-highest pair if they differ."""
+    if row.ratio is None:
+        return "—"
+    text = f"{row.ratio:.3f}{TIMES}"
+    if row.spread is not None:
+        low, high = (f"{x:.2f}" for x in row.spread)
+        text += f" ({low}-{high})" if low != high else ""
+    return text
+
+
 def table(rows: list[Row], raw_names: dict[str, str]) -> str:
     """weft beside its raw backend, one block of rows per manager."""
     lines = [
@@ -521,10 +532,7 @@ def table(rows: list[Row], raw_names: dict[str, str]) -> str:
     for row in rows:
         name = "" if row.manager == previous else f"**{row.manager}** ({raw_names[row.manager]})"
         previous = row.manager
-        ratio = "—" if row.ratio is None else f"{row.ratio:.3f}{TIMES}"
-        if row.spread is not None:
-            low, high = (f"{x:.2f}" for x in row.spread)
-            ratio += f" ({low}-{high})" if low != high else ""
+        ratio = ratio_text(row)
         met = {True: "yes", False: "**no**", None: ""}[row.ok]
         lines.append(
             f"| {name} | {row.metric} | {row.setting} | {_fmt(row.weft, row.unit)} | "

@@ -41,7 +41,7 @@ def _result(pairs: list[tuple[float, float]]) -> dict[str, Any]:
 
 
 def _keep_alive(earlier: dict[str, Any], later: dict[str, Any]) -> Any:
-    [verdict] = [v for v in compare(earlier, later) if v.metric == "keep-alive req/s"]
+    [verdict] = [v for v in compare(earlier, later) if v.later.metric == "keep-alive req/s"]
     return verdict
 
 
