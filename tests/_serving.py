@@ -73,12 +73,8 @@ def report_env(conn: Any) -> None:
 # -- used by the tests --------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
-HANDLERS = {
-    "threads": "_serving:handle",
-    "gevent": "_serving:handle",
-    "trio": "_serving:handle_async",
-    "asyncio": "_serving:handle_async",
-}
+#: The managers this project ships; tests that start ``weft serve`` run against each.
+OUR_MANAGERS = ("asyncio", "gevent", "threads", "trio")
 
 
 def handler_for(manager: str) -> str:

@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _serving import HANDLERS, LISTENING, READY, Client, Served, environment, host_port, weft_serve
+from _serving import (
+    LISTENING,
+    OUR_MANAGERS,
+    READY,
+    Client,
+    Served,
+    environment,
+    handler_for,
+    host_port,
+    weft_serve,
+)
 
 from weft_core import available_managers
 from weft_core._ctl import request
@@ -30,7 +40,7 @@ from weft_core.testing._support import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-MANAGERS = sorted(m for m in HANDLERS if m in available_managers())
+MANAGERS = [m for m in OUR_MANAGERS if m in available_managers()]
 
 
 def ctl(path: Path, *args: str, stdin: str | None = None, user: str | None = None,
@@ -66,7 +76,7 @@ def control(tmp_path: Path) -> Path:
 
 def start(tmp_path: Path, control: Path, manager: str, *extra: str) -> Served:
     served = Served(
-        weft_serve(HANDLERS[manager], "--manager", manager, "--bind", "127.0.0.1:0",
+        weft_serve(handler_for(manager), "--manager", manager, "--bind", "127.0.0.1:0",
                    "--control-socket", str(control), "--graceful-timeout", "20", *extra),
         cwd=tmp_path,
     )  # fmt: skip
@@ -367,7 +377,7 @@ def test_the_default_path_in_use_is_a_warning(tmp_path: Path) -> None:
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     env = {**environment(), "XDG_RUNTIME_DIR": str(runtime)}
-    argv = weft_serve(HANDLERS["threads"], "--manager", "threads", "--bind", "127.0.0.1:0")
+    argv = weft_serve(handler_for("threads"), "--manager", "threads", "--bind", "127.0.0.1:0")
     with Served(argv, cwd=tmp_path, env=env) as first:
         first.wait_for(LISTENING)
         with Served(argv, cwd=tmp_path, env=env) as second:

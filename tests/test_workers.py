@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 from _serving import (
-    HANDLERS,
     LISTENING,
+    OUR_MANAGERS,
     READY,
     STARTED,
     Client,
     Served,
     environment,
+    handler_for,
     host_port,
     weft_serve,
 )
@@ -50,7 +51,7 @@ from weft_core._workers import (
 )
 
 
-@pytest.fixture(params=sorted(HANDLERS))
+@pytest.fixture(params=OUR_MANAGERS)
 def manager(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if name not in _registry.available_managers():
@@ -61,7 +62,7 @@ def manager(request: pytest.FixtureRequest) -> str:
 def start(tmp_path: Path, manager: str, *extra: str, workers: int = 2) -> tuple[Served, str]:
     """Start a supervisor; return it and its address once every worker is ready."""
     served = Served(
-        weft_serve(HANDLERS[manager], "--manager", manager, "--workers", str(workers),
+        weft_serve(handler_for(manager), "--manager", manager, "--workers", str(workers),
                    "--bind", "127.0.0.1:0", "--graceful-timeout", "20", *extra),
         cwd=tmp_path,
     )  # fmt: skip
