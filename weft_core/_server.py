@@ -31,6 +31,7 @@ import logging
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -178,6 +179,10 @@ class Server:
         self._last_clean = True
         self._last_counts: dict[str, Any] = {}
         self._submitter: Submitter | None = None
+        #: pause/resume calls that could not wait where they were made, in call order,
+        #: and whether a thread is carrying them out.
+        self._controls: deque[Callable[[Engine[Any]], None]] = deque()
+        self._controlling = False
         self._error: ServerError | None = None
         self._bound_port: int | None = None
         self._shutdown_port: ShutdownPort | None = None
@@ -374,7 +379,8 @@ class Server:
         ranch's suspend: open connections go on; clients that connect meanwhile
         are queued by the kernel (up to ``backlog``) and served after
         :meth:`resume_accepting`. From any thread; returns once the acceptors have
-        stopped (from inside one of weft's tasks, at once: they stop in a moment).
+        stopped (from inside one of weft's tasks or on a running asyncio loop, at
+        once: they stop in a moment, and a resume called after it happens after it).
         ``stop()`` while paused stops as usual. Does nothing if not running.
         """
         self._control(lambda engine: engine.pause())
@@ -387,13 +393,32 @@ class Server:
         engine = self._engine
         if engine is None or self._stopping:
             return
-        if current_task() is None:
+        if not _must_not_block():
             operation(engine)
             return
-        # A task cannot wait for acceptor tasks of its own runtime: do it from a thread.
+        # A task cannot wait for acceptor tasks of its own runtime, nor a running asyncio
+        # loop for tasks it may be serving: a thread does it, one for all such calls, so
+        # that a pause and the resume after it happen in that order.
+        with self._life:
+            self._controls.append(operation)
+            if self._controlling:
+                return
+            self._controlling = True
         threading.Thread(
-            target=operation, args=(engine,), name="weft control", daemon=True
+            target=self._carry_out, args=(engine,), name="weft control", daemon=True
         ).start()
+
+    def _carry_out(self, engine: Engine[Any]) -> None:
+        while True:
+            with self._life:
+                if not self._controls:
+                    self._controlling = False
+                    return
+                operation = self._controls.popleft()
+            try:
+                operation(engine)
+            except Exception:
+                log.exception("pausing or resuming the listeners failed")
 
     def connections(self) -> list[ConnectionSnapshot]:
         """A snapshot of every open connection: its ``ConnectionInfo``, task id, age, bytes.
@@ -412,8 +437,9 @@ class Server:
         its client returns); once ``timeout`` runs out (None: never; 0: at once) it
         is interrupted, and waited for at most ``STOP_GRACE`` more. Raises
         ``LookupError`` if no open connection is served by task ``task_id`` (see
-        :meth:`connections`). From inside one of weft's tasks it cannot wait: it
-        starts the work in a thread of its own and returns False at once.
+        :meth:`connections`). From inside one of weft's tasks, or on a running asyncio
+        loop, it cannot wait: it starts the work in a thread of its own and returns
+        False at once.
         """
         engine = self._engine
         conn = None if engine is None else engine.find(task_id)
@@ -422,7 +448,7 @@ class Server:
                 f"close_connection({task_id!r}): no open connection is served by that task; "
                 "server.connections() lists the open ones and their task ids"
             )
-        if current_task() is None:
+        if not _must_not_block():
             return engine.close_one(conn, timeout)
         threading.Thread(
             target=engine.close_one, args=(conn, timeout), name="weft close", daemon=True
@@ -571,8 +597,8 @@ class Server:
         """Close only the listeners; open connections go on until their clients close them.
 
         Returns as soon as the listeners are closed (from inside one of weft's tasks,
-        or on a running asyncio loop, at once: they close in a moment). The server counts as stopped once its last
-        connection has ended.
+        or on a running asyncio loop, at once: they close in a moment). The server
+        counts as stopped once its last connection has ended.
         """
         with self._life:
             engine = self._engine

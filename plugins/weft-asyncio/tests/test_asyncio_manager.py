@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 import threading
@@ -230,6 +231,110 @@ def test_stop_task_on_the_loop_says_to_await_astop_task() -> None:
         manager.runtime.close()
 
     asyncio.run(app())
+
+
+async def _until(predicate: Any) -> None:
+    """Wait (on the loop, bounded by WAIT) until ``predicate()`` is true."""
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
+def _controlling() -> bool:
+    return any(t.name == "weft control" for t in threading.enumerate())
+
+
+def test_live_control_on_the_applications_loop_does_not_block() -> None:
+    """pause_accepting, resume_accepting and close_connection from the serving loop.
+
+    Each returns at once (waiting there would freeze the loop that serves the
+    connections, and stop_task raises on it); the pause takes effect, a client
+    that connects meanwhile waits in the backlog, the resume called after the
+    pause happens after it and serves that client, and close_connection ends its
+    connection.
+    """
+
+    async def app() -> None:
+        server = Server(echo, manager="asyncio")
+        server.run()
+        began = time.monotonic()
+        server.pause_accepting()
+        server.resume_accepting()
+        server.pause_accepting()
+        assert time.monotonic() - began < 0.5, "the loop must not be blocked"
+        await _until(lambda: server.paused and not _controlling())
+        await asyncio.sleep(0.05)  # the acceptor's cancellation lands
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"x")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.readexactly(1), 0.3)  # waits in the backlog
+        server.resume_accepting()
+        assert await asyncio.wait_for(reader.readexactly(1), WAIT) == b"x"
+        (snapshot,) = server.connections()
+        began = time.monotonic()
+        assert server.close_connection(snapshot.task_id, timeout=WAIT) is False
+        assert time.monotonic() - began < 0.5, "the loop must not be blocked"
+        assert await asyncio.wait_for(reader.read(), WAIT) == b"", "its input was ended"
+        writer.close()
+        server.stop(timeout=WAIT)
+        assert await asyncio.to_thread(server.wait, WAIT)
+
+    asyncio.run(app())
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_the_listener_leaves_nothing_on_the_applications_loop(loop_name: str) -> None:
+    """After churn, a pause and a stop, the loop watches nothing of the closed listener.
+
+    The listener keeps its reader callback between accepts (as start_server's does);
+    a callback left behind would break the application's next socket that gets the
+    same descriptor number (asyncio's add_reader fails on a stale registration). The
+    test puts a new socket on exactly that number and waits on it with the loop.
+    """
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        new_loop: Any = uvloop.new_event_loop
+    else:
+        new_loop = asyncio.new_event_loop
+
+    async def app() -> None:
+        loop = asyncio.get_running_loop()
+        server = Server(echo, manager="asyncio")
+        server.run()
+        listener_fd = server.socket.fileno()  # type: ignore[union-attr]
+        for _ in range(20):  # connections one after another: the acceptor waits between
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"y")
+            assert await asyncio.wait_for(reader.readexactly(1), WAIT) == b"y"
+            writer.close()
+        await asyncio.to_thread(server.pause_accepting)
+        await asyncio.to_thread(server.resume_accepting)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"z")
+        assert await asyncio.wait_for(reader.readexactly(1), WAIT) == b"z"
+        writer.close()
+        server.stop(timeout=WAIT)
+        assert await asyncio.to_thread(server.wait, WAIT)
+        await asyncio.sleep(0.01)  # the acceptor's way out has run
+        reused, b = socket.socketpair()  # the application's next socket, same number
+        if reused.fileno() != listener_fd:
+            os.dup2(reused.fileno(), listener_fd)
+            reused.close()
+            reused = socket.socket(fileno=listener_fd)
+        try:
+            reused.setblocking(False)
+            b.sendall(b"!")
+            assert await asyncio.wait_for(loop.sock_recv(reused, 1), WAIT) == b"!"
+        finally:
+            reused.close()
+            b.close()
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(app())
+    finally:
+        loop.close()
 
 
 # -- cancellation and concurrency ------------------------------------------------------

@@ -121,9 +121,16 @@ class AsyncioListener(AsyncioSocket):
 
     ``server.socket`` is this object: a socket for ``getsockname``, ``getsockopt``
     and ``fileno``.
+
+    The loop watches it the way ``asyncio.start_server`` watches its own: one reader
+    callback, registered by the first ``accept`` that has to wait and kept between
+    accepts, so a connection arriving while the acceptor waits costs no
+    ``epoll_ctl`` pair. It is dropped when nobody is accepting (an acceptor that
+    went away, a pause), at the callback's first call then, or on ``close`` in the
+    loop's thread; an ``accept`` cancelled while waiting drops it at once.
     """
 
-    __slots__ = ("_burst", "_kind")
+    __slots__ = ("_burst", "_kind", "_waiter", "_watched")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -131,6 +138,10 @@ class AsyncioListener(AsyncioSocket):
         self._burst = 0
         #: What each accepted socket is made with, read once.
         self._kind = (self.family, self.type, self.proto)
+        #: The future an ``accept`` waits on while the backlog is empty, else None.
+        self._waiter: asyncio.Future[None] | None = None
+        #: The loop and descriptor of the registered reader callback, or None.
+        self._watched: tuple[asyncio.AbstractEventLoop, int] | None = None
 
     async def accept(self) -> tuple[AsyncioSocket, Any]:  # type: ignore[override]
         """Wait for a connection; return its socket (non-blocking) and the peer's address.
@@ -147,11 +158,52 @@ class AsyncioListener(AsyncioSocket):
                 break
             except (BlockingIOError, InterruptedError):
                 self._burst = 0
-                await _readable(self.fileno())
+                await self._readable()
         self._burst += 1
         sock = AsyncioSocket(*self._kind, fileno=fd)
         sock.setblocking(False)
         return sock, address
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._watched is None or self._watched[0] is not loop:
+            self._unwatch()
+            fd = self.fileno()
+            loop.add_reader(fd, self._on_readable)
+            self._watched = (loop, fd)
+        self._waiter = waiter = loop.create_future()
+        try:
+            await waiter
+        except BaseException:
+            self._unwatch()  # cancelled: a stop, a pause; nobody may accept again
+            raise
+        finally:
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            self._unwatch()  # a client waits and nobody accepts: no wake-up per turn
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        watched, self._watched = self._watched, None
+        if watched is not None:
+            try:
+                watched[0].remove_reader(watched[1])
+            except OSError:  # closed from another thread meanwhile: the kernel dropped it
+                pass
+
+    def close(self) -> None:
+        """Close the socket; in the loop's thread, drop its reader callback first.
+
+        From another thread (a stop's fallback), the callback stays until the
+        acceptor's own way out closes it again in the loop.
+        """
+        if self._watched is not None and _in_loop(self._watched[0]):
+            self._unwatch()
+        super().close()
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
