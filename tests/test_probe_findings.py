@@ -354,3 +354,59 @@ def test_a_pause_does_not_drop_a_client_waiting_for_a_slot() -> None:
         )
     finally:
         server.stop(timeout=1)
+
+
+@pytest.mark.timeout(30)
+def test_close_connection_twice_at_once_returns_to_both_callers() -> None:
+    """Two close_connection() calls on one connection: the first caller waits past its end.
+
+    Promised: Server.close_connection docstring (weft_core/_server.py): "Stop one
+    connection in the phases of stop(); True if it ended before phase 3", from any
+    thread; `weft ctl close` is the same call, so an operator retrying while a
+    handler (or a script) closes the same connection is an ordinary case.
+
+    Instead: Engine.close_one keeps one ``threading.Event`` per connection in
+    ``Engine.watched`` (weft_core/_engine.py), and the second call replaces the
+    first's. When the connection ends only the second event is set: the first
+    caller waits out its whole timeout (forever with timeout=None), then
+    "interrupts" a connection that has already gone and returns False after
+    timeout + STOP_GRACE, though the connection ended in phase 2.
+    """
+
+    async def slow_end(stream: object) -> None:
+        reader: asyncio.StreamReader = stream  # type: ignore[assignment]
+        while await reader.read(100):
+            pass
+        await asyncio.sleep(0.3)  # finishing its reply takes a moment after end of input
+
+    server = Server(slow_end, manager="asyncio")
+    server.run()
+    results: dict[str, tuple[bool, float]] = {}
+
+    def close(name: str, task_id: object) -> None:
+        began = time.monotonic()
+        ended = server.close_connection(task_id, timeout=2.0)  # type: ignore[arg-type]
+        results[name] = (ended, time.monotonic() - began)
+
+    try:
+        with _connect(server.port):
+            deadline = time.monotonic() + WAIT
+            while not server.connections() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            [info] = server.connections()
+            first = threading.Thread(target=close, args=("first", info.task_id), daemon=True)
+            second = threading.Thread(target=close, args=("second", info.task_id), daemon=True)
+            first.start()
+            time.sleep(0.05)
+            second.start()
+            second.join(WAIT)
+            first.join(1.5)
+            answered = dict(results)
+            first.join(2.0 + STOP_GRACE + SLACK)  # let it finish either way
+    finally:
+        server.stop(timeout=1)
+    assert answered.get("second", (False,))[0] is True, f"the second call: {answered}"
+    assert answered.get("first", (False,))[0] is True, (
+        "both callers must get True once the connection ended in phase 2 (about 0.3 s); "
+        f"the first had no answer 1.5 s later: {answered}, finally {results}"
+    )
