@@ -171,7 +171,16 @@ class Conn(ConnectionInfo):
 class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
-    __slots__ = ("address", "listener", "local", "native", "options", "shared", "task_id")
+    __slots__ = (
+        "address",
+        "generation",
+        "listener",
+        "local",
+        "native",
+        "options",
+        "shared",
+        "task_id",
+    )
 
     def __init__(
         self, listener: Listener, runtime: SyncRuntime | AsyncRuntime, cfg: Settings
@@ -189,6 +198,10 @@ class ListenerTask:
                 self.options += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
+        #: Which acceptor is the listener's own: each resume starts a new one. An
+        #: acceptor a pause could not end in time (its loop busy) must not close the
+        #: listener its successor accepts on when it finally ends.
+        self.generation = 0
         #: Other processes accept on it too (``--workers``): after each client the
         #: acceptor yields to its loop, so the new task runs before the next accept
         #: and a burst of clients spreads over the processes instead of going whole
@@ -317,6 +330,10 @@ class Engine(ABC, Generic[R]):
         """The thunk of ``lt``'s acceptor task (a plain function, or an async one)."""
 
     @abstractmethod
+    def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
+        """A task's thunk: wait up to ``wait`` seconds for a slot, then serve or refuse."""
+
+    @abstractmethod
     def _serve(self, conn: Conn) -> Any:
         """Serve one connection: preamble, handler, close (what its task runs)."""
 
@@ -404,6 +421,28 @@ class Engine(ABC, Generic[R]):
             else "the task manager is full",
         )
         self.hooks.connection_refused(self.owner, peer, reason)
+
+    def _acceptor_done(self, lt: ListenerTask, generation: int) -> None:
+        """An acceptor's way out: close its listener unless paused or succeeded by another."""
+        if self.closing or (not self.paused and lt.generation == generation):
+            lt.close()  # a paused listener stays open: clients wait in its backlog
+
+    def _still_holding(self, lt: ListenerTask, sock: Any, addr: Any, since: float) -> None:
+        """The acceptor ends holding a client it accepted, which waits for a slot.
+
+        A pause interrupts the acceptor, not that client: a task of its own goes on
+        waiting for the rest of ``full_wait``, then serves or refuses it, counted.
+        At a stop, or if no task can be added, it is closed unserved as the listener
+        is.
+        """
+        if self.closing or not self.paused:
+            close_quietly(sock)
+            return
+        rest = max(self.cfg.full_wait - (time.monotonic() - since), 0.0)
+        try:
+            self.manager.add_task(self._slot_waiter_thunk(lt, sock, addr, rest))
+        except Exception:
+            self._refuse(sock, addr, "manager-full")
 
     def _hand_off(self, lt: ListenerTask, sock: Any, addr: Any) -> None:
         """Give an accepted connection (holding a slot) to the manager as a task."""
@@ -666,6 +705,7 @@ class Engine(ABC, Generic[R]):
             for lt in self.listeners:
                 if isinstance(lt.native, WakeableListener):
                     lt.native.clear_wake()  # the wake that ended the paused acceptor
+                lt.generation += 1
                 lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
 
     def set_limit(self, limit: int) -> None:
@@ -714,11 +754,13 @@ class Engine(ABC, Generic[R]):
     def close_one(self, conn: Conn, timeout: float | None) -> bool:
         """The phases of a stop for one connection; True if it ended before phase 3."""
         began = time.monotonic()
-        ended = threading.Event()
         with self.lock:
             if conn not in self.conns:
                 return True
-            self.watched[conn] = ended
+            # One event per connection, shared by every caller closing it at once.
+            ended = self.watched.get(conn)
+            if ended is None:
+                ended = self.watched[conn] = threading.Event()
         self.request_shutdown([conn])
         if ended.wait(timeout):
             return True

@@ -8,6 +8,7 @@ which awaits where :mod:`weft_core._engine_sync` calls. Policy is the shared
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 from . import _acceptpolicy as policy
@@ -31,15 +32,17 @@ class AsyncEngine(Engine[AsyncRuntime]):
         return self.runtime.slots(n)
 
     def _acceptor_thunk(self, lt: ListenerTask) -> Any:
+        generation = lt.generation
+
         async def run_async() -> None:
-            await self._accept(lt)
+            await self._accept(lt, generation)
 
         run_async.__name__ = f"weft acceptor {lt.address}"
         return run_async
 
     # -- accepting ---------------------------------------------------------------------
 
-    async def _accept(self, lt: ListenerTask) -> None:
+    async def _accept(self, lt: ListenerTask, generation: int) -> None:
         rt = self.runtime
         state = current_task()
         if state is not None:
@@ -53,6 +56,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
         # acceptor killed or cancelled (a pause, a stop) gives them back on its way out.
         held = False
         accepted: Any = None
+        addr: Any = None
+        since = 0.0
         try:
             while not self.closing:
                 if backlog_mode and slots is not None and not slots.acquire_nowait():
@@ -78,10 +83,12 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 accepted = sock
                 if backoff.delay:
                     backoff.reset()
-                if not backlog_mode and slots is not None and not await self._take_slot(slots):
-                    accepted = None
-                    self._refuse(sock, addr, "full")
-                    continue
+                if not backlog_mode and slots is not None and not slots.acquire_nowait():
+                    since = time.monotonic()  # a full_wait a pause may leave to a task
+                    if not await self._take_slot(slots):
+                        accepted = None
+                        self._refuse(sock, addr, "full")
+                        continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
                 if lt.shared:
@@ -90,16 +97,36 @@ class AsyncEngine(Engine[AsyncRuntime]):
             if held and slots is not None:
                 slots.release()
             if accepted is not None:
-                close_quietly(accepted)
-            if self.closing or not self.paused:
-                lt.close()  # a paused listener stays open: clients wait in its backlog
+                self._still_holding(lt, accepted, addr, since)
+            self._acceptor_done(lt, generation)
 
-    async def _take_slot(self, slots: AsyncSlots) -> bool:
+    async def _take_slot(self, slots: AsyncSlots, wait: float | None = None) -> bool:
+        """Take a slot, waiting up to ``wait`` seconds (None: ``full_wait``); True if taken."""
         if slots.acquire_nowait():
             return True
         if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
             return True
-        return self.cfg.full_wait > 0 and bool(await slots.acquire_within(self.cfg.full_wait))
+        wait = self.cfg.full_wait if wait is None else wait
+        return wait > 0 and bool(await slots.acquire_within(wait))
+
+    def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
+        async def wait_for_slot() -> None:
+            done = False
+            try:
+                slots = self.slots
+                if slots is not None and not self.closing:
+                    if await self._take_slot(slots, wait):
+                        done = True
+                        self._hand_off(lt, sock, addr)
+                    else:
+                        done = True
+                        self._refuse(sock, addr, "full")
+            finally:
+                if not done:
+                    close_quietly(sock)
+
+        wait_for_slot.__name__ = f"weft acceptor {lt.address}: a client waits for a slot"
+        return wait_for_slot
 
     async def _shed(self, lt: ListenerTask) -> int:
         shed = 0

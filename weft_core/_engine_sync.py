@@ -32,15 +32,17 @@ class SyncEngine(Engine[SyncRuntime]):
         return self.runtime.slots(n)
 
     def _acceptor_thunk(self, lt: ListenerTask) -> Any:
+        generation = lt.generation
+
         def run_sync() -> None:
-            self._accept(lt)
+            self._accept(lt, generation)
 
         run_sync.__name__ = f"weft acceptor {lt.address}"
         return run_sync
 
     # -- accepting ---------------------------------------------------------------------
 
-    def _accept(self, lt: ListenerTask) -> None:
+    def _accept(self, lt: ListenerTask, generation: int) -> None:
         rt = self.runtime
         state = current_task()
         if state is not None:
@@ -54,6 +56,8 @@ class SyncEngine(Engine[SyncRuntime]):
         # acceptor killed or cancelled (a pause, a stop) gives them back on its way out.
         held = False
         accepted: Any = None
+        addr: Any = None
+        since = 0.0
         try:
             while not self.closing:
                 if backlog_mode and slots is not None:
@@ -79,10 +83,12 @@ class SyncEngine(Engine[SyncRuntime]):
                 accepted = sock
                 if backoff.delay:
                     backoff.reset()
-                if not backlog_mode and slots is not None and not self._take_slot(slots):
-                    accepted = None
-                    self._refuse(sock, addr, "full")
-                    continue
+                if not backlog_mode and slots is not None and not slots.acquire(blocking=False):
+                    since = time.monotonic()  # a full_wait a pause may leave to a task
+                    if not self._take_slot(slots):
+                        accepted = None
+                        self._refuse(sock, addr, "full")
+                        continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
                 if lt.shared:
@@ -91,16 +97,36 @@ class SyncEngine(Engine[SyncRuntime]):
             if held and slots is not None:
                 slots.release()
             if accepted is not None:
-                close_quietly(accepted)
-            if self.closing or not self.paused:
-                lt.close()  # a paused listener stays open: clients wait in its backlog
+                self._still_holding(lt, accepted, addr, since)
+            self._acceptor_done(lt, generation)
 
-    def _take_slot(self, slots: SyncSlots) -> bool:
+    def _take_slot(self, slots: SyncSlots, wait: float | None = None) -> bool:
+        """Take a slot, waiting up to ``wait`` seconds (None: ``full_wait``); True if taken."""
         if slots.acquire(blocking=False):
             return True
         if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
             return True
-        return self.cfg.full_wait > 0 and bool(slots.acquire(timeout=self.cfg.full_wait))
+        wait = self.cfg.full_wait if wait is None else wait
+        return wait > 0 and bool(slots.acquire(timeout=wait))
+
+    def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
+        def wait_for_slot() -> None:
+            done = False
+            try:
+                slots = self.slots
+                if slots is not None and not self.closing:
+                    if self._take_slot(slots, wait):
+                        done = True
+                        self._hand_off(lt, sock, addr)
+                    else:
+                        done = True
+                        self._refuse(sock, addr, "full")
+            finally:
+                if not done:
+                    close_quietly(sock)
+
+        wait_for_slot.__name__ = f"weft acceptor {lt.address}: a client waits for a slot"
+        return wait_for_slot
 
     def _shed(self, lt: ListenerTask) -> int:
         shed = 0

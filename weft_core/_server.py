@@ -31,12 +31,22 @@ import logging
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._endpoints import listen_endpoints
-from ._engine import COUNTERS, DURATION_BUCKETS, LOOP_WAIT, Engine, StopReport, cumulative
+from ._engine import (
+    COUNTERS,
+    DURATION_BUCKETS,
+    LOOP_WAIT,
+    STOP_GRACE,
+    Engine,
+    StopReport,
+    call_within,
+    cumulative,
+)
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
 from ._errors import ConfigError, HandlerKindError, ServerError
@@ -58,6 +68,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
 log = logging.getLogger("weft.server")
+
+#: The least time a stop gives its runtime to close, even when the stop's own bound
+#: is already spent: closing a loop whose tasks have all ended takes milliseconds.
+CLOSE_FLOOR = 0.2
 
 #: The manager used when neither the Server nor config names one.
 DEFAULT_MANAGER = "threads"
@@ -179,9 +193,11 @@ class Server:
         self._last_clean = True
         self._last_counts: dict[str, Any] = {}
         self._submitter: Submitter | None = None
-        #: pause/resume calls that could not wait where they were made, in call order,
-        #: and whether a thread is carrying them out.
-        self._controls: deque[Callable[[Engine[Any]], None]] = deque()
+        #: pause/resume calls in call order, each with the event its caller waits on
+        #: (None: the caller could not wait), and whether a thread is carrying them out.
+        self._controls: deque[tuple[Callable[[Engine[Any]], None], threading.Event | None]] = (
+            deque()
+        )
         self._controlling = False
         self._error: ServerError | None = None
         self._bound_port: int | None = None
@@ -390,23 +406,29 @@ class Server:
         self._control(lambda engine: engine.resume())
 
     def _control(self, operation: Callable[[Engine[Any]], None]) -> None:
+        """Run a pause, resume or limit change through one control thread, in call order.
+
+        Every call is queued, so a pause and the resume called after it happen in
+        that order whoever calls them; a call from a plain thread then waits for its
+        own to be done. Inside one of weft's tasks, or on a running asyncio loop, the
+        call returns at once: a task cannot wait for acceptor tasks of its own
+        runtime, nor a loop for tasks it may be serving. A signal handler that calls
+        it while its thread is itself waiting here adds to the queue as anyone else.
+        """
         engine = self._engine
         if engine is None or self._stopping:
             return
-        if not _must_not_block():
-            operation(engine)
-            return
-        # A task cannot wait for acceptor tasks of its own runtime, nor a running asyncio
-        # loop for tasks it may be serving: a thread does it, one for all such calls, so
-        # that a pause and the resume after it happen in that order.
+        done = None if _must_not_block() else threading.Event()
         with self._life:
-            self._controls.append(operation)
-            if self._controlling:
-                return
+            self._controls.append((operation, done))
+            start = not self._controlling
             self._controlling = True
-        threading.Thread(
-            target=self._carry_out, args=(engine,), name="weft control", daemon=True
-        ).start()
+        if start:
+            threading.Thread(
+                target=self._carry_out, args=(engine,), name="weft control", daemon=True
+            ).start()
+        if done is not None:
+            done.wait()
 
     def _carry_out(self, engine: Engine[Any]) -> None:
         while True:
@@ -414,11 +436,14 @@ class Server:
                 if not self._controls:
                     self._controlling = False
                     return
-                operation = self._controls.popleft()
+                operation, done = self._controls.popleft()
             try:
                 operation(engine)
             except Exception:
-                log.exception("pausing or resuming the listeners failed")
+                log.exception("changing the listeners or the limit failed")
+            finally:
+                if done is not None:
+                    done.set()
 
     def connections(self) -> list[ConnectionSnapshot]:
         """A snapshot of every open connection: its ``ConnectionInfo``, task id, age, bytes.
@@ -631,7 +656,9 @@ class Server:
         loop, which blocking would freeze (and deadlock, when that loop serves the
         connections): ``await asyncio.to_thread(server.stop, timeout)`` there for the
         result. Called while another stop is under way, it waits for that one and
-        returns its result.
+        returns its result. An exception raised into the waiting caller (a second
+        Ctrl-C) leaves the stop going on in a thread, its graceful phase cut short,
+        so the next ``stop()`` returns by that stop's bound.
         """
         inside = _must_not_block()
         with self._life:
@@ -650,13 +677,24 @@ class Server:
                 target=self._stop, args=(engine, timeout), name="weft stop", daemon=True
             ).start()
             return False
-        return self._stop(engine, timeout)
+        try:
+            return self._stop(engine, timeout)
+        except BaseException:
+            # Raised into the waiting caller (a second Ctrl-C): the stop must not be
+            # left half done, with every later stop() waiting for it. It goes on in a
+            # thread, its graceful phase cut short: what is still open is interrupted.
+            if self._engine is engine:
+                threading.Thread(
+                    target=self._stop, args=(engine, 0), name="weft stop", daemon=True
+                ).start()
+            raise
 
     def _stop(self, engine: Engine[Any], timeout: float | None) -> bool:
+        began = time.monotonic()
         self._close_shutdown_port()
         report = engine.stop(timeout)
         self._last_clean = report.clean
-        self._finish(engine, report)
+        self._finish(engine, report, None if timeout is None else began + timeout + STOP_GRACE)
         return report.clean
 
     def _close_shutdown_port(self) -> None:
@@ -665,7 +703,10 @@ class Server:
         if shutdown is not None:
             shutdown.close()
 
-    def _finish(self, engine: Engine[Any], report: StopReport) -> None:
+    def _finish(
+        self, engine: Engine[Any], report: StopReport, deadline: float | None = None
+    ) -> None:
+        """Release what the run held; the runtime's close bounded by ``deadline`` (monotonic)."""
         self._close_shutdown_port()
         engine.close()
         submitter, self._submitter = self._submitter, None
@@ -679,10 +720,7 @@ class Server:
                     "the %s runtime is left running with its stuck tasks", self._manager_name
                 )
             else:
-                try:
-                    self._manager.runtime.close()
-                except Exception:
-                    log.exception("closing the %s runtime failed", self._manager_name)
+                self._close_runtime(deadline)
         with self._life:
             self._engine = None
             self._stopping = False
@@ -693,6 +731,30 @@ class Server:
             except Exception:
                 log.exception("on_stop callback %r raised", self._cfg.on_stop)
         hooks().server_stopped(self, self.stats())
+
+    def _close_runtime(self, deadline: float | None) -> None:
+        """Close the runtime, giving up at ``deadline`` (None: wait as long as it takes).
+
+        A task that is no connection's (a ``submit()``ted call) and ignores its
+        cancellation would hold an event-loop runtime's close, and with it a stop
+        promised to end by its timeout plus ``STOP_GRACE``: the close goes on in
+        the background, and the stop returns.
+        """
+        close = self._manager.runtime.close
+        if deadline is None:
+            try:
+                close()
+            except Exception:
+                log.exception("closing the %s runtime failed", self._manager_name)
+            return
+        wait = max(deadline - time.monotonic(), CLOSE_FLOOR)
+        if not call_within(close, wait, "weft close runtime"):
+            log.warning(
+                "the %s runtime did not close within %.1fs: one of its tasks (a call "
+                "given to submit()?) does not end when cancelled; it is left running",
+                self._manager_name,
+                wait,
+            )
 
     def _on_fatal(self) -> None:
         engine = self._engine
