@@ -285,16 +285,25 @@ def main(argv: list[str] | None = None) -> None:
         manager=args.manager,
         max_connections=args.max_connections,
     )
-    # SIGTERM stops gracefully, as Ctrl-C does (serve_forever stops on KeyboardInterrupt).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server.run()
+
+    def stop_gracefully(signum: int, frame: object) -> None:
+        # SIGTERM and Ctrl-C: a graceful stop, in a thread (a signal handler must not
+        # wait). Installed before "listening" is announced: a signal right after it
+        # stops the server rather than raising into whatever main() was doing.
+        threading.Thread(target=server.stop, args=(GRACEFUL_TIMEOUT,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop_gracefully)
+    signal.signal(signal.SIGINT, stop_gracefully)
     print(f"listening on {args.host}:{server.port} (manager {args.manager})", file=sys.stderr)
     sys.stderr.flush()
     if args.tick:
         threading.Thread(target=tick, args=(server, broadcast, args.tick), daemon=True).start()
     if args.stdin:
         threading.Thread(target=relay_stdin, args=(server, broadcast), daemon=True).start()
-    server.serve_forever(graceful_timeout=GRACEFUL_TIMEOUT)
+    server.wait()
+    if server.error is not None:
+        raise server.error
 
 
 if __name__ == "__main__":
