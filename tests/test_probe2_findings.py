@@ -114,11 +114,12 @@ def test_pid_file_in_a_missing_directory_names_the_pid_file(tmp_path: Path) -> N
                    "--control-socket", "off"),
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=25,
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # a usage error, said before listening
     last = result.stderr.strip().splitlines()[-1]
-    assert f"{pid_file}'" in last or last.endswith(str(pid_file)) or f"{pid_file}:" in last, (
-        f"the error does not name the pid file {pid_file}: {last!r}"
+    assert f"pid file {pid_file} (pid)" in last and "does not exist" in last, (
+        f"the error does not name the pid file {pid_file} and its setting: {last!r}"
     )
+    assert "listening on" not in result.stderr, "the pid file is checked before binding"
 
 
 # -- inherited descriptors (fd:N) ----------------------------------------------------

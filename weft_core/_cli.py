@@ -215,21 +215,29 @@ def _serve(ns: argparse.Namespace) -> int:
         or config.get("max_requests") is not None
         or _supervise.ADOPT_ENV in os.environ
     ):
+        supervisor_pid = None if pid is None else PidFile(pid)
         try:
+            if supervisor_pid is not None:
+                supervisor_pid.check()
             return _supervise.supervise(
-                config, flags, ns.config, on_listening=None if pid is None else PidFile(pid).write
+                config,
+                flags,
+                ns.config,
+                on_listening=None if supervisor_pid is None else supervisor_pid.write,
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
             return _fail(exc, EXIT_USAGE)
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
         finally:
-            if pid is not None:
-                PidFile(pid).remove()
+            if supervisor_pid is not None:
+                supervisor_pid.remove()  # the object that wrote it: it knows it did
     try:
+        if pid is not None:
+            PidFile(pid).check()
         _prepare_process(config)
         handler = import_handler(config.handler)
-    except WeftError as exc:  # HandlerImportError, a broken plugin
+    except WeftError as exc:  # HandlerImportError, a broken plugin, a pid file's directory
         return _fail(exc, EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light

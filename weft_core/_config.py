@@ -457,6 +457,13 @@ def load_config(
     origins: dict[str, str] = {}
     for settings, source, labels in sources:
         _merge(merged, origins, settings, source, labels)
+    if serve_defaults and "bind" not in merged:
+        # A bind replaced by only an address (or a port) took weft serve's default
+        # for the other half with it: the default comes back, as with no bind at all.
+        for key in ("address", "port"):
+            if key not in merged:
+                merged[key] = defaults[key]
+                origins[key] = default_labels[key]
     return _assemble(merged, origins, None if file is None else file[0], warnings)
 
 

@@ -252,8 +252,35 @@ def _adopt_fd(fd: int, backlog: int) -> Listener:
     if sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise BindError(errno.ENOTSOCK, f"cannot listen on fd:{fd}: not a stream socket")
-    sock.listen(backlog)
+    if not _is_bound(sock):
+        # listen() would bind it itself: every interface, a random port.
+        sock.detach()
+        raise BindError(
+            errno.EINVAL,
+            f"cannot listen on fd:{fd}: the socket is not bound to an address; bind it "
+            "before passing it, or give weft the address to bind (--bind HOST:PORT)",
+        )
+    try:
+        sock.listen(backlog)
+    except OSError as exc:  # a connected socket (EINVAL), ...
+        sock.detach()
+        raise BindError(
+            exc.errno,
+            f"cannot listen on fd:{fd}: {exc.strerror}"
+            + ("; is it a connected socket?" if exc.errno == errno.EINVAL else ""),
+        ) from exc
     return Listener(sock, shared=True)
+
+
+def _is_bound(sock: socket.socket) -> bool:
+    """Whether ``sock`` has a local address (an IP port, a Unix path or abstract name)."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return False
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return bool(name[1])
+    return bool(name)
 
 
 def close_listener(listener: Listener) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ._config import Config
 from ._endpoints import listen_endpoints
+from ._errors import ConfigError
 from ._listeners import Listener, open_listeners
 from ._settings import SETTINGS
 
@@ -40,11 +41,35 @@ class PidFile:
         self.path = Path(path)
         self._written = False
 
+    def check(self) -> None:
+        """Raise ConfigError, naming the file, if its directory cannot take it.
+
+        Before binding: a wrong ``--pid`` is a usage error said up front, not a
+        failure after the server has said it listens.
+        """
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise ConfigError(
+                f"cannot write the pid file {self.path} (pid): its directory {directory} "
+                "does not exist; create it or give another path"
+            )
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"cannot write the pid file {self.path} (pid): this user may not write to "
+                f"{directory}; give a path it may write to"
+            )
+
     def write(self) -> None:
         """Write this process's id (atomically: a reader never sees half a number)."""
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        partial.write_text(f"{os.getpid()}\n", encoding="ascii")
-        os.replace(partial, self.path)
+        try:
+            partial.write_text(f"{os.getpid()}\n", encoding="ascii")
+            os.replace(partial, self.path)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the pid file {self.path} (pid): {exc.strerror or exc}; "
+                "give a path in a directory this user may write to"
+            ) from None
         self._written = True
 
     def remove(self) -> None:
