@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -504,51 +505,85 @@ def _serve_until_stopped(
                 log.warning("received SIGTTOU: one process is the fewest; nothing to do")
             else:
                 return hand_over(signum, notifier)
+    if stop is None and drain.asked.is_set() and not ended.is_set():
+        timeout = graceful_timeout if drain.timeout is None else drain.timeout
+        stop = _drain(server, timeout, wakeup, shutdown)
+        if stop is None:
+            return _drained(server)
     if stop is not None:
-        notifier.stopping("stopping")
-        quick = stop == signal.SIGQUIT
-        # A second SIGINT/SIGTERM while stopping gracefully quits at once.
-        Wakeup.default(STOP_SIGNALS)
-        if quick:
-            log.info("received SIGQUIT: stopping at once")
-        elif shutdown.asked.is_set():
-            log.info(
-                "shutdown port: stopping (graceful timeout %ss; SIGTERM quits at once)",
-                f"{graceful_timeout:g}",
-            )
-        else:
-            log.info(
-                "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
-                signal.Signals(stop).name,
-                f"{graceful_timeout:g}",
-            )
-        if server.stop(timeout=0.0 if quick else graceful_timeout):
-            log.info("stopped")
-        else:
-            left = server.stats().get("left_behind", 0)
-            log.warning(
-                "stopped: connections still open after %ss had to be cut off%s",
-                f"{0.0 if quick else graceful_timeout:g}",
-                f"; {left} task(s) ignored it and are abandoned (exit status {EXIT_TASKS_LEFT})"
-                if left
-                else "",
-            )
-            if left:
-                return EXIT_TASKS_LEFT
-    elif drain.asked.is_set() and not ended.is_set():
-        return _drain(server, graceful_timeout if drain.timeout is None else drain.timeout)
+        status = _stop_for(server, stop, graceful_timeout, shutdown, notifier)
+        if status is not None:
+            return status
     if server.error is not None:
         return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
     return 0
 
 
-def _drain(server: Any, timeout: float) -> int:
-    """``weft ctl drain``: stop accepting, exit once idle or after ``timeout`` (then cut)."""
-    from ._worker_link import drain
+def _stop_for(
+    server: Any, stop: int, graceful_timeout: float, shutdown: DrainRequest, notifier: Notifier
+) -> int | None:
+    """Stop ``server`` for signal ``stop`` (QUIT: at once); an exit status, or None for 0."""
+    notifier.stopping("stopping")
+    quick = stop == signal.SIGQUIT
+    # A second SIGINT/SIGTERM while stopping gracefully quits at once.
+    Wakeup.default(STOP_SIGNALS)
+    if quick:
+        log.info("received SIGQUIT: stopping at once")
+    elif shutdown.asked.is_set():
+        log.info(
+            "shutdown port: stopping (graceful timeout %ss; SIGTERM quits at once)",
+            f"{graceful_timeout:g}",
+        )
+    else:
+        log.info(
+            "received %s: stopping (graceful timeout %ss; send it again to quit at once)",
+            signal.Signals(stop).name,
+            f"{graceful_timeout:g}",
+        )
+    if server.stop(timeout=0.0 if quick else graceful_timeout):
+        log.info("stopped")
+        return None
+    left = server.stats().get("left_behind", 0)
+    log.warning(
+        "stopped: connections still open after %ss had to be cut off%s",
+        f"{0.0 if quick else graceful_timeout:g}",
+        f"; {left} task(s) ignored it and are abandoned (exit status {EXIT_TASKS_LEFT})"
+        if left
+        else "",
+    )
+    return EXIT_TASKS_LEFT if left else None
 
-    Wakeup.default(STOP_SIGNALS)  # a SIGTERM while draining quits at once
+
+def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) -> int | None:
+    """``weft ctl drain``: stop accepting, wait until idle or ``timeout`` (then cut).
+
+    Stop requests still count meanwhile, as they mean the same with one process as
+    with ``--workers``: returns the signal to stop for (SIGTERM, SIGINT, SIGQUIT;
+    SIGTERM for the shutdown port's), or None once drained.
+    """
     log.info("draining: no new connections; exiting when idle, or in %ss", f"{timeout:g}")
-    drain(server, timeout)
+    server.stop_accepting()
+    until = time.monotonic() + timeout
+    while not server.wait(0):
+        if shutdown.asked.is_set():
+            return signal.SIGTERM
+        left = until - time.monotonic()
+        if left <= 0:
+            server.stop(timeout=0.0)
+            break
+        for signum in wakeup.wait(min(left, _WAKE_INTERVAL)):
+            if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
+                return signum
+            if signum == signal.SIGUSR1:
+                log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
+            else:
+                log.warning(
+                    "received %s while draining: ignored", signal.Signals(signum).name
+                )
+    return None
+
+
+def _drained(server: Any) -> int:
     left = server.stats().get("left_behind", 0)
     if left:
         log.warning("drained: %d task(s) ignored the stop and are abandoned", left)
