@@ -207,6 +207,11 @@ def _serve(ns: argparse.Namespace) -> int:
         )
     if config.get("reload") and not worker:
         return _reload(ns.argv, config)
+    if not worker:
+        from ._reload import watch_parent
+
+        # A --reload child: stop, as on SIGTERM, if the parent that ran it is gone.
+        watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     pid = None if worker else config.get("pid")
     # The watchdog and recycling replace a process, so even one worker needs a
     # supervisor; and a supervisor re-executed on USR2 stays one.
@@ -577,9 +582,7 @@ def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) 
             if signum == signal.SIGUSR1:
                 log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
             else:
-                log.warning(
-                    "received %s while draining: ignored", signal.Signals(signum).name
-                )
+                log.warning("received %s while draining: ignored", signal.Signals(signum).name)
     return None
 
 

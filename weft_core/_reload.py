@@ -23,13 +23,21 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ._exits import EXIT_OK
 from ._wakeup import Wakeup
 
-__all__ = ["POLL_INTERVAL", "Watcher", "reload_forever", "source_root"]
+__all__ = [
+    "PARENT_ENV",
+    "POLL_INTERVAL",
+    "Watcher",
+    "reload_forever",
+    "source_root",
+    "watch_parent",
+]
 
 log = logging.getLogger("weft.reload")
 
@@ -43,7 +51,15 @@ _SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "venv
 #: How long a stopping child gets beyond its graceful timeout before it is killed.
 _STOP_MARGIN = 10.0
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: What stops the parent, and the child with it (gracefully; QUIT at once).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+#: The rest of weft serve's signals: HUP restarts the child (a reload, as a change
+#: does), USR1 is passed on (reopen the log files); the others mean workers, which a
+#: --reload run does not have, and are logged.
+_OTHER_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+#: The child's environment variable naming its parent: a child whose parent is gone
+#: (killed, say) stops instead of serving on as an orphan holding the port.
+PARENT_ENV = "WEFT_RELOAD_PARENT"
 
 
 def source_root(handler: str, cwd: Path) -> Path:
@@ -139,14 +155,22 @@ def reload_forever(command: Sequence[str], roots: Sequence[Path], graceful_timeo
             wakeup.wake()
 
     log.info("watching %s for changes (--reload)", ", ".join(map(str, roots)))
-    with Wakeup(_SIGNALS) as wakeup:
+    with Wakeup((*_STOP_SIGNALS, *_OTHER_SIGNALS)) as wakeup:
         threading.Thread(target=watch, name="weft reload: watch", daemon=True).start()
         child = _start(command)
         try:
             while True:
-                received = wakeup.wait(POLL_INTERVAL)
-                if received:
-                    return _stop_child(child, graceful_timeout, received[0])
+                for signum in wakeup.wait(POLL_INTERVAL):
+                    if signum in _STOP_SIGNALS:
+                        return _stop_child(child, graceful_timeout, signum)
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading")
+                        restart.set()
+                    elif signum == signal.SIGUSR1 and child.poll() is None:
+                        child.send_signal(signum)
+                    else:
+                        log.warning("received %s: ignored under --reload (no workers)", name)
                 if restart.is_set():
                     restart.clear()
                     _stop_child(child, graceful_timeout, signal.SIGTERM)
@@ -159,7 +183,36 @@ def reload_forever(command: Sequence[str], roots: Sequence[Path], graceful_timeo
 
 
 def _start(command: Sequence[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command)
+    """Start the child in a process group of its own, knowing its parent.
+
+    Its own group: a terminal's Ctrl-C reaches only the parent, which passes one
+    SIGINT on; had the child got the terminal's too, the forwarded one would be its
+    second, "quit at once", cutting what it was serving.
+    """
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    if sys.version_info >= (3, 11):
+        return subprocess.Popen(command, env=env, process_group=0)
+    return subprocess.Popen(command, env=env, preexec_fn=os.setpgrp)  # pragma: no cover
+
+
+def watch_parent(stop: Callable[[], None]) -> None:
+    """In a ``--reload`` child: call ``stop()`` once the parent that started it is gone.
+
+    A parent killed outright (SIGKILL, a crash) cannot stop its child; the child,
+    re-parented, sees it and stops gracefully rather than serve on as an orphan.
+    """
+    raw = os.environ.pop(PARENT_ENV, "")
+    if not raw.isdigit():
+        return
+    parent = int(raw)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_INTERVAL)
+        log.warning("the --reload parent (pid %d) is gone: stopping", parent)
+        stop()
+
+    threading.Thread(target=watch, name="weft reload: parent", daemon=True).start()
 
 
 def _stop_child(child: subprocess.Popen[bytes], graceful_timeout: float, signum: int) -> int:

@@ -154,21 +154,25 @@ class _LocalServer:
         self._drained = threading.Event()
         self.retired = False
 
-    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
+    def retire(self, wake: Callable[[], None]) -> None:
         self.retired = True
 
         def run() -> None:
             try:
-                if stop:
-                    self._server.stop(timeout=self._graceful_timeout)
-                else:
-                    drain(self._server, self._graceful_timeout)
+                drain(self._server, self._graceful_timeout)
                 log.info("the in-process server has drained")
             finally:
                 self._drained.set()
                 wake()
 
         threading.Thread(target=run, name="weft serve: drain", daemon=True).start()
+
+    def stop(self, quick: bool) -> None:
+        # Its drain, if under way, ends with it: the drain waits for the server to stop.
+        timeout = 0.0 if quick else self._graceful_timeout
+        threading.Thread(
+            target=self._server.stop, args=(timeout,), name="weft serve: stop", daemon=True
+        ).start()
 
     def done(self) -> bool:
         return self.retired and self._drained.is_set()

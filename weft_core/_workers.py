@@ -320,8 +320,11 @@ class Local(Protocol):
 
     retired: bool
 
-    def retire(self, wake: Callable[[], None], stop: bool = False) -> None:
-        """Start draining (``stop``: stopping, as on SIGTERM) in the background; ``wake()`` once done."""
+    def retire(self, wake: Callable[[], None]) -> None:
+        """Start draining in the background; ``wake()`` once done."""
+
+    def stop(self, quick: bool) -> None:
+        """Stop it as a stop signal does (``quick``: at once), draining or not, in the background."""
 
     def done(self) -> bool:
         """True once retired and drained."""
@@ -520,9 +523,16 @@ class Supervisor:
                         " send it again to quit at once)",
                     )
                     self._begin_stop(now, quick=quick)
-                elif self._workers:
-                    log.warning("received %s again: killing the workers", name)
-                    self._kill_all()
+                else:
+                    local = self._local
+                    if local is not None and not local.done():
+                        log.warning(
+                            "received %s again: stopping the in-process server at once", name
+                        )
+                        local.stop(quick=True)
+                    if self._workers:
+                        log.warning("received %s again: killing the workers", name)
+                        self._kill_all()
             elif self._stopping:
                 log.info("received %s while stopping: ignored", name)
             elif signum == signal.SIGUSR1:
@@ -689,8 +699,11 @@ class Supervisor:
         if self._on_stop is not None:
             self._on_stop()
         local = self._local
-        if local is not None and not local.retired:
-            local.retire(self._wake, stop=True)
+        if local is not None and not local.done():
+            # Draining after a reload or not, its connections stop as the workers' do.
+            if not local.retired:
+                local.retire(self._wake)
+            local.stop(quick)
         deadline = now + EXIT_MARGIN + (0.0 if quick else self._graceful_timeout)
         for worker in self._workers.values():
             worker.retiring = True

@@ -1,8 +1,11 @@
-"""Failing tests from an outside check of ``weft serve``'s process life (branch probe2).
+"""weft serve's process life at its edges, as an outside check tried to break it.
 
-Each test is one problem: a promise of DESIGN.md, docs/deployment.md or
-``weft serve --help`` that real processes on loopback do not keep. The docstring
-says what was promised, where, and what happens instead. Every wait is bounded.
+Each test is one promise of DESIGN.md, docs/deployment.md or ``weft serve --help``
+that real processes on loopback failed to keep before its fix: the pid file of a
+supervisor, a pid file's directory, descriptors passed by number that are unbound
+or connected, a stop after a single process's reload, stop requests during
+``weft ctl drain``, Ctrl-C and HUP/QUIT on ``--reload`` and its parent killed, and
+an address flag over a file's bind. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -331,12 +334,12 @@ def test_ctrl_c_on_reload_stops_the_child_gracefully(tmp_path: Path, children: l
     served, client = start_reload(tmp_path)
     with served, client.sock:
         children.append(client.pid)
-        # What the terminal's Ctrl-C does: SIGINT to the child and to the parent, which
-        # forwards one more. Sent in the order where the child acts on its own first
-        # (the other order, or both pending at once, is a race the child may win).
-        os.kill(client.pid, signal.SIGINT)
-        served.wait_for(r"received SIGINT: stopping")
-        served.signal(signal.SIGINT)
+        assert os.getpgid(client.pid) != os.getpgid(served.proc.pid), (
+            "the child shares the parent's process group: a terminal's Ctrl-C reaches "
+            "it and then the parent's forwarded SIGINT is its second (quit at once)"
+        )
+        # What the terminal's Ctrl-C does: SIGINT to the foreground process group.
+        os.killpg(os.getpgid(served.proc.pid), signal.SIGINT)
         try:
             reply = client.sock.recv(100)
         except TimeoutError:
@@ -377,6 +380,26 @@ def test_a_reload_parent_never_leaves_its_child_serving(
             f"the --reload parent ended with status {status} and left its child "
             f"{client.pid} serving as an orphan"
         )
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_child_stops_when_its_parent_is_killed(
+    tmp_path: Path, children: list[int]
+) -> None:
+    """A --reload parent killed outright (SIGKILL) cannot stop its child: the child,
+    in a process group of its own, sees its parent gone and stops gracefully (the
+    exchange in flight completes) instead of serving on as an orphan holding the port.
+    """
+    served, client = start_reload(tmp_path)
+    with served, client.sock:
+        children.append(client.pid)
+        served.proc.kill()
+        try:
+            reply = client.sock.recv(100)
+        except TimeoutError:
+            reply = b"(nothing within the wait)"
+        assert wait_gone(client.pid, PROMPT), "the orphaned child went on serving"
+        assert reply == b"done\n", f"the orphaned child's stop cut the exchange: {reply!r}"
 
 
 # -- config -----------------------------------------------------------------------------
