@@ -193,11 +193,12 @@ class Server:
         self._last_clean = True
         self._last_counts: dict[str, Any] = {}
         self._submitter: Submitter | None = None
-        #: pause/resume calls in call order, each with the event its caller waits on
-        #: (None: the caller could not wait), and whether a thread is carrying them out.
-        self._controls: deque[tuple[Callable[[Engine[Any]], None], threading.Event | None]] = (
-            deque()
-        )
+        #: pause/resume/limit calls in call order, each with the run's engine it is for
+        #: and the event its caller waits on (None: the caller could not wait), and
+        #: whether a thread is carrying them out.
+        self._controls: deque[
+            tuple[Callable[[Engine[Any]], None], Engine[Any], threading.Event | None]
+        ] = deque()
         self._controlling = False
         self._error: ServerError | None = None
         self._bound_port: int | None = None
@@ -420,23 +421,21 @@ class Server:
             return
         done = None if _must_not_block() else threading.Event()
         with self._life:
-            self._controls.append((operation, done))
+            self._controls.append((operation, engine, done))
             start = not self._controlling
             self._controlling = True
         if start:
-            threading.Thread(
-                target=self._carry_out, args=(engine,), name="weft control", daemon=True
-            ).start()
+            threading.Thread(target=self._carry_out, name="weft control", daemon=True).start()
         if done is not None:
             done.wait()
 
-    def _carry_out(self, engine: Engine[Any]) -> None:
+    def _carry_out(self) -> None:
         while True:
             with self._life:
                 if not self._controls:
                     self._controlling = False
                     return
-                operation, done = self._controls.popleft()
+                operation, engine, done = self._controls.popleft()
             try:
                 operation(engine)
             except Exception:
