@@ -11,6 +11,7 @@ an address flag over a file's bind. Every wait is bounded.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -400,6 +401,36 @@ def test_a_reload_child_stops_when_its_parent_is_killed(
             reply = b"(nothing within the wait)"
         assert wait_gone(client.pid, PROMPT), "the orphaned child went on serving"
         assert reply == b"done\n", f"the orphaned child's stop cut the exchange: {reply!r}"
+
+
+@pytest.mark.timeout(90)
+def test_a_storm_of_hups_makes_two_generations_not_one_per_signal(tmp_path: Path) -> None:
+    """Twenty HUPs in a row under ``--workers 2``: one reload, then one more.
+
+    A HUP that arrives while a reload is under way is carried out once that one is
+    done, so a storm starts two generations of workers, every client is served, and
+    no worker is killed. Before, each HUP started a generation: a storm of 50 made
+    about 25 workers, and about 23 were SIGKILLed as "still running 8s after a drain
+    request".
+    """
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "-w", "2",
+                      "--control-socket", "off", "--graceful-timeout", "5")  # fmt: skip
+    with Served(argv, cwd=tmp_path) as served:
+        (ready, _) = served.wait_for(READY, count=2)
+        for _ in range(20):
+            served.signal(signal.SIGHUP)
+            time.sleep(0.01)
+        served.wait_for(r"reloading again", timeout=30)
+        served.wait_for(r"reload done", count=2, timeout=30)
+        client = Client(host_port(ready.group(2)))
+        with client.sock:
+            client.sock.sendall(b"ping\n")
+            assert client.line() == b"ping", "a client after the storm is served"
+        generations = len(re.findall(r"starting \d+ new worker\(s\)", served.text))
+        assert generations == 2, f"{generations} generations for one storm:\n{served.text}"
+        assert "killing it" not in served.text, served.text
+        served.signal(signal.SIGTERM)
+        assert served.finish(20) == 0, served.text
 
 
 # -- config -----------------------------------------------------------------------------

@@ -379,6 +379,9 @@ class Supervisor:
         self._wakeup: Wakeup | None = None
         self._upgrade = upgrade
         self._reloading = local is not None or bool(adopted)
+        #: A reload was asked while one was under way: it follows once that one is
+        #: done (a storm of HUPs makes two generations, not one per signal).
+        self._again = False
         self._announced = False  # READY=1 sent
         self._next_alive: float | None = None
         for pid, link, started, ready in adopted:
@@ -566,6 +569,11 @@ class Supervisor:
                     log.warning("received SIGTTOU: one worker is the fewest; nothing to do")
 
     def _reload(self, why: str) -> None:
+        if self._reloading:
+            if not self._again:
+                log.info("%s: after the reload under way is done", why)
+            self._again = True
+            return
         current = self._current()
         log.info(
             "%s: starting %d new worker(s); the %d old one(s) drain once the new are ready",
@@ -591,6 +599,7 @@ class Supervisor:
             self._reloading = False
             log.info("reload done: %d new worker(s) serving", ready)
             self._notifier.ready(f"serving with {ready} worker(s)")
+            self._reload_again()
 
     # -- the workers' links: ready, heartbeats, max_requests --------------------------------
 
@@ -840,6 +849,13 @@ class Supervisor:
         if self._local is not None and not self._local.retired:
             self._count = max(0, self._count - 1)  # the in-process server serves alone
         self._notifier.ready("reload failed; serving on the old code")
+        self._reload_again()
+
+    def _reload_again(self) -> None:
+        """Start the reload asked for while the last one was under way, if one was."""
+        if self._again and not self._stopping:
+            self._again = False
+            self._reload("reloading again: asked while the last reload was under way")
 
     def _dead_socket(self) -> str | None:
         """The address of a shared socket that no longer listens, if there is one.
