@@ -29,7 +29,7 @@ from . import __version__, _registry
 from ._config import Config, load_config, parse_option_value
 from ._ctl import ControlSocket
 from ._deadline import Deadline
-from ._errors import BindError, ConfigError, WeftError
+from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
@@ -690,6 +690,12 @@ def _conformance(ns: argparse.Namespace) -> int:
     except WeftError as exc:
         return _fail(exc, EXIT_RUNTIME)
     if ns.name not in installed:
+        try:  # installed but broken (an import error, a name taken): say so, not "missing"
+            _registry.get_manager_spec(ns.name)
+        except UnknownManagerError:
+            pass
+        except WeftError as exc:
+            return _fail(exc, EXIT_USAGE)
         names = ", ".join(sorted(installed)) or "none"
         return _fail(
             f"no task manager named {ns.name!r} is installed (installed: {names});"

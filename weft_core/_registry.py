@@ -229,10 +229,21 @@ def _load_one(state: _State, ep: EntryPoint, source: _Source) -> None:
 def _register_checked(state: _State, plugin: object, name: str, source: _Source) -> str:
     """Register ``plugin`` with pluggy, refusing hooks weft does not have and wrappers."""
     pm = state.pm
+    if pm.is_registered(plugin):
+        raise PluginError(
+            f"{source.describe()} cannot be registered: this object is registered already "
+            f"(as {pm.get_name(plugin)!r}); unregister it first"
+        )
+    if pm.has_plugin(name):
+        raise PluginError(
+            f"{source.describe()} cannot be registered: the name {name!r} is taken; "
+            "unregister that plugin first, or register this one under another name"
+        )
     try:
         registered = pm.register(plugin, name=name)
     except (ValueError, pluggy.PluginValidationError) as exc:
-        raise PluginError(f"{source.describe()} cannot be registered: {exc}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PluginError(f"{source.describe()} cannot be registered: {first}") from exc
     if registered is None:
         raise PluginError(f"{source.describe()} is blocked")
     problems: list[str] = []

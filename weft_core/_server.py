@@ -69,8 +69,9 @@ __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
 log = logging.getLogger("weft.server")
 
-#: The least time a stop gives its runtime to close, even when the stop's own bound
-#: is already spent: closing a loop whose tasks have all ended takes milliseconds.
+#: The least time a stop gives its runtime to close, and the plugins' server-stopped
+#: hooks to run, even when the stop's own bound is already spent: both take
+#: milliseconds when nothing is stuck.
 CLOSE_FLOOR = 0.2
 
 #: The manager used when neither the Server nor config names one.
@@ -729,7 +730,19 @@ class Server:
                 self._cfg.on_stop(self)
             except Exception:
                 log.exception("on_stop callback %r raised", self._cfg.on_stop)
-        hooks().server_stopped(self, self.stats())
+        stats = self.stats()
+        if deadline is None:
+            hooks().server_stopped(self, stats)
+            return
+        # A plugin's hook that blocks (a metrics push to a service that is down) must
+        # not hold a stop promised to end by its timeout plus STOP_GRACE.
+        wait = max(deadline - time.monotonic(), CLOSE_FLOOR)
+        if not call_within(lambda: hooks().server_stopped(self, stats), wait, "weft hooks"):
+            log.warning(
+                "a plugin's weft_server_stopped hook still runs %.1fs later; the stop "
+                "returns without it (hooks must not block: docs/hooks.md)",
+                wait,
+            )
 
     def _close_runtime(self, deadline: float | None) -> None:
         """Close the runtime, giving up at ``deadline`` (None: wait as long as it takes).

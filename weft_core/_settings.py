@@ -267,6 +267,13 @@ def _check_port(value: Any) -> int:
 def _check_address(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Invalid
+    host, colon, port = value.rpartition(":")
+    if colon and port.isdigit() and (host.startswith("[") or (host and ":" not in host)):
+        # HOST:PORT or [V6]:PORT, bind's spelling; a bare IPv6 address has several colons.
+        raise Invalid(
+            f"{value!r} has a port in it; give the host here and the port as port "
+            f"(or write both as bind={value!r})"
+        )
     return value
 
 
