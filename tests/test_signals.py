@@ -56,7 +56,10 @@ def reload_under_load(
         for n, signum in enumerate(signals, start=2):
             write_app(folder, f"v{n}")
             served.signal(signum)
-            wait_for_version(address, f"v{n}")
+            try:
+                wait_for_version(address, f"v{n}")
+            except AssertionError as exc:  # what the server said, for whoever reads CI's log
+                raise AssertionError(f"{exc}; the server's log:\n{served.text}") from None
             if signum == signal.SIGUSR2:  # the next one goes to the re-executed image
                 served.wait_for(r"re-executed \(pid \d+\)", count=n - 1)
     finally:
