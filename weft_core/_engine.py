@@ -444,6 +444,18 @@ class Engine(ABC, Generic[R]):
         except Exception:
             self._refuse(sock, addr, "manager-full")
 
+    def _slot_decided(self, lt: ListenerTask, sock: Any, addr: Any, got: bool | None) -> None:
+        """A slot waiter's end: serve (``got``), refuse (False), or close (None: no answer).
+
+        None is a wait that did not end: the stop came first, or the task was cut off.
+        """
+        if got is None:
+            close_quietly(sock)
+        elif got:
+            self._hand_off(lt, sock, addr)
+        else:
+            self._refuse(sock, addr, "full")
+
     def _hand_off(self, lt: ListenerTask, sock: Any, addr: Any) -> None:
         """Give an accepted connection (holding a slot) to the manager as a task."""
         conn = Conn(sock, addr, self._serve, lt)

@@ -111,19 +111,13 @@ class SyncEngine(Engine[SyncRuntime]):
 
     def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
         def wait_for_slot() -> None:
-            done = False
+            got = None
             try:
                 slots = self.slots
                 if slots is not None and not self.closing:
-                    if self._take_slot(slots, wait):
-                        done = True
-                        self._hand_off(lt, sock, addr)
-                    else:
-                        done = True
-                        self._refuse(sock, addr, "full")
+                    got = self._take_slot(slots, wait)
             finally:
-                if not done:
-                    close_quietly(sock)
+                self._slot_decided(lt, sock, addr, got)
 
         wait_for_slot.__name__ = f"weft acceptor {lt.address}: a client waits for a slot"
         return wait_for_slot

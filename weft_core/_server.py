@@ -731,13 +731,12 @@ class Server:
             except Exception:
                 log.exception("on_stop callback %r raised", self._cfg.on_stop)
         stats = self.stats()
-        if deadline is None:
-            hooks().server_stopped(self, stats)
-            return
         # A plugin's hook that blocks (a metrics push to a service that is down) must
         # not hold a stop promised to end by its timeout plus STOP_GRACE.
-        wait = max(deadline - time.monotonic(), CLOSE_FLOOR)
-        if not call_within(lambda: hooks().server_stopped(self, stats), wait, "weft hooks"):
+        wait = _within(
+            lambda: hooks().server_stopped(self, stats), deadline, "weft_server_stopped hooks"
+        )
+        if wait is not None:
             log.warning(
                 "a plugin's weft_server_stopped hook still runs %.1fs later; the stop "
                 "returns without it (hooks must not block: docs/hooks.md)",
@@ -752,15 +751,9 @@ class Server:
         promised to end by its timeout plus ``STOP_GRACE``: the close goes on in
         the background, and the stop returns.
         """
-        close = self._manager.runtime.close
-        if deadline is None:
-            try:
-                close()
-            except Exception:
-                log.exception("closing the %s runtime failed", self._manager_name)
-            return
-        wait = max(deadline - time.monotonic(), CLOSE_FLOOR)
-        if not call_within(close, wait, "weft close runtime"):
+        name = f"closing the {self._manager_name} runtime"
+        wait = _within(self._manager.runtime.close, deadline, name)
+        if wait is not None:
             log.warning(
                 "the %s runtime did not close within %.1fs: one of its tasks (a call "
                 "given to submit()?) does not end when cancelled; it is left running",
@@ -786,6 +779,23 @@ class Server:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _within(fn: Callable[[], object], deadline: float | None, name: str) -> float | None:
+    """Run ``fn()`` for a stop whose bound is ``deadline`` (monotonic; None: unbounded).
+
+    Unbounded, here; bounded, in a thread waited for until ``deadline`` (at least
+    :data:`CLOSE_FLOOR`). Returns the seconds waited if ``fn`` still runs then,
+    else None; an exception is logged as ``name`` failing.
+    """
+    if deadline is None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", name)
+        return None
+    wait = max(deadline - time.monotonic(), CLOSE_FLOOR)
+    return None if call_within(fn, wait, name) else wait
 
 
 def _must_not_block() -> bool:
