@@ -250,26 +250,27 @@ def _adopt_fd(fd: int, backlog: int) -> Listener:
     except OSError as exc:
         raise BindError(exc.errno, f"cannot listen on fd:{fd}: {exc.strerror}") from exc
     if sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise BindError(errno.ENOTSOCK, f"cannot listen on fd:{fd}: not a stream socket")
-    if not _is_bound(sock):
-        # listen() would bind it itself: every interface, a random port.
-        sock.detach()
-        raise BindError(
+        raise _not_adopted(sock, fd, errno.ENOTSOCK, "not a stream socket")
+    if not _is_bound(sock):  # listen() would bind it itself: every interface, a random port
+        raise _not_adopted(
+            sock,
+            fd,
             errno.EINVAL,
-            f"cannot listen on fd:{fd}: the socket is not bound to an address; bind it "
-            "before passing it, or give weft the address to bind (--bind HOST:PORT)",
+            "the socket is not bound to an address; bind it before passing it, or give "
+            "weft the address to bind (--bind HOST:PORT)",
         )
     try:
         sock.listen(backlog)
     except OSError as exc:  # a connected socket (EINVAL), ...
-        sock.detach()
-        raise BindError(
-            exc.errno,
-            f"cannot listen on fd:{fd}: {exc.strerror}"
-            + ("; is it a connected socket?" if exc.errno == errno.EINVAL else ""),
-        ) from exc
+        hint = "; is it a connected socket?" if exc.errno == errno.EINVAL else ""
+        raise _not_adopted(sock, fd, exc.errno or errno.EINVAL, f"{exc.strerror}{hint}") from exc
     return Listener(sock, shared=True)
+
+
+def _not_adopted(sock: socket.socket, fd: int, err: int, why: str) -> BindError:
+    """The error for inherited descriptor ``fd``, which stays open: it is its owner's."""
+    sock.detach()
+    return BindError(err, f"cannot listen on fd:{fd}: {why}")
 
 
 def _is_bound(sock: socket.socket) -> bool:
