@@ -157,3 +157,61 @@ def test_conformance_names_an_installed_plugin_that_failed_to_load(tmp_path: Pat
     assert done.returncode != 0, output
     assert "no_such_runtime" in output, f"the plugin's ImportError is not shown: {output!r}"
     assert "is installed (installed:" not in output, f"says it is not installed: {output!r}"
+
+
+# -- a handler or callback that cannot take the call weft will make ---------------------
+
+
+def _takes_conn_and_greeting(conn: socket.socket, greeting: bytes) -> None:
+    conn.sendall(greeting)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "words"),
+    [
+        ({}, "handler", "cannot be called as handler(conn)"),
+        ({"args": (b"hi", b"extra")}, "args", "with args=(b'hi', b'extra')"),
+        ({"args": (b"hi",), "on_start": lambda: None}, "on_start", "on_start(server)"),
+        ({"args": (b"hi",), "on_stop": lambda s, x: None}, "on_stop", "on_stop(server)"),
+        (
+            {"args": (b"hi",), "exception_handler": lambda s, c: None},
+            "exception_handler",
+            "exception_handler(server, conn, exc)",
+        ),
+    ],
+)
+def test_a_handler_or_callback_that_cannot_take_its_call_is_refused_when_made(
+    kwargs: dict[str, Any], key: str, words: str
+) -> None:
+    """Caught when the Server is made, naming the setting, not per connection.
+
+    Before, ``Server(handler, args=...)`` with a handler of the wrong arity ran, and
+    every connection failed alone with a logged ``TypeError``, the server looking
+    healthy; a callback of the wrong arity failed when first called (``on_start`` at
+    ``run()``, after binding).
+    """
+    with pytest.raises(ConfigError) as caught:
+        Server(_takes_conn_and_greeting, port=0, **kwargs)
+    assert caught.value.key == key
+    assert words in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_handlers_that_take_their_call_are_accepted() -> None:
+    """Defaults, ``*args``, a partial, a bound method and a built-in pass the check."""
+    import functools
+
+    class Greeter:
+        def __call__(self, conn: socket.socket, greeting: bytes = b"") -> None: ...
+
+        def handle(self, conn: socket.socket, *rest: object) -> None: ...
+
+    for handler, args in [
+        (Greeter(), ()),
+        (Greeter(), (b"hi",)),
+        (Greeter().handle, (1, 2, 3)),
+        (functools.partial(_takes_conn_and_greeting, greeting=b"hi"), ()),
+        (print, (1,)),  # its signature is readable; print(conn, 1) is a valid call
+        (len, ()),
+    ]:
+        Server(handler, port=0, args=args)

@@ -659,3 +659,17 @@ def test_e2e_handler_import_error_exit_2(e2e: None, tmp_path: Path) -> None:
         "weft: cannot import handler 'examples.echo:nope': AttributeError: "
         "module 'examples.echo' has no attribute 'nope'"
     )
+
+
+@pytest.mark.timeout(60)
+def test_e2e_handler_that_cannot_take_the_args_exit_2(e2e: None, tmp_path: Path) -> None:
+    """weft.toml's args given to a handler that takes none: exit 2 before anything binds."""
+    (tmp_path / "weft.toml").write_text('args = ["hello"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "weft_core", "serve", "examples.echo:handle", "--bind", "127.0.0.1:0"],
+        cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    assert "key 'args'" in line and "with args=('hello',)" in line, line
+    assert "listening" not in result.stderr

@@ -39,7 +39,8 @@ trustme = pytest.importorskip("trustme")
 serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
 
 
-def handle(conn: Any) -> None:
+def handle(conn: Any, *args: Any) -> None:
+    """Takes any ``args``: what is compared is the values, not this handler's arity."""
     conn.sendall(b"hi\n")
 
 

@@ -19,6 +19,7 @@ What does not live here: where config comes from and in what order
 from __future__ import annotations
 
 import difflib
+import inspect
 import ipaddress
 import math
 import os
@@ -806,6 +807,12 @@ class Settings:
         }
         if keywords:
             raise TypeError(f"unexpected settings: {', '.join(sorted(keywords))}")
+        args = values["args"]
+        form = f"handler(conn, *args) with args={show(args)}" if args else "handler(conn)"
+        _check_call("handler", handler, 1 + len(args), form)
+        for key, count, form in _CALLBACKS:
+            if values[key] is not None:
+                _check_call(key, values[key], count, form)
         if values["shutdown_port"] is None:
             for key in ("shutdown_secret", "shutdown_handler"):
                 if values[key] is not None:
@@ -839,6 +846,41 @@ class Settings:
             family=cast(Family, values.pop("family")),
             **values,
         )
+
+
+#: The callbacks whose calls ``from_keywords`` checks: key, positional count, call.
+_CALLBACKS = (
+    ("exception_handler", 3, "exception_handler(server, conn, exc)"),
+    ("on_start", 1, "on_start(server)"),
+    ("on_stop", 1, "on_stop(server)"),
+    ("shutdown_handler", 2, "shutdown_handler(server, conn)"),
+)
+
+
+def _check_call(key: str, fn: Callable[..., Any], count: int, form: str) -> None:
+    """ConfigError now if ``fn`` cannot take ``count`` positional arguments.
+
+    Without it, a handler written for other ``args`` fails only once a client
+    connects, as a logged TypeError per connection. A callable whose signature
+    Python cannot read (some built-ins) is taken on trust.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*range(count))
+    except TypeError as exc:
+        name = getattr(fn, "__qualname__", None) or show(fn)
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        raise ConfigError(
+            f"{name}{bare} cannot be called as {form} ({count} positional"
+            f" argument{'s' if count != 1 else ''}): {exc}",
+            key="args" if key == "handler" and count > 1 else key,
+        ) from None
 
 
 #: What ``Settings.from_keywords`` takes: every Server keyword but the manager's.
