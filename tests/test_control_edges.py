@@ -420,3 +420,74 @@ def test_close_connection_twice_at_once_returns_to_both_callers() -> None:
     assert answered.get("first", (False,))[0] is True, (
         f"both callers must get True once the connection ended in phase 2: {answered}"
     )
+
+
+def _loop_blocker(manager: str, seconds: float) -> Any:
+    """``b`` blocks the whole loop for ``seconds``, then ends; anything else is held open."""
+    if _async(manager):
+
+        async def handler(stream: Any) -> None:
+            data = await stream.receive_some(1)
+            if data == b"b":
+                time.sleep(seconds)  # a handler that blocks its loop
+                return
+            await stream.send_all(b"+")
+            while await stream.receive_some(100):
+                pass
+
+        return handler
+
+    def handler_sync(conn: Any) -> None:
+        data = conn.recv(1)
+        if data == b"b":
+            time.sleep(seconds)  # unpatched: blocks the hub
+            return
+        conn.sendall(b"+")
+        while conn.recv(100):
+            pass
+
+    return handler_sync
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("manager", LOOP_MANAGERS)
+def test_a_limit_change_while_the_loop_is_blocked_returns_and_applies_later(manager: str) -> None:
+    """``max_connections = n`` from a plain thread returns though a handler blocks the loop.
+
+    Promised: max_connections is settable "from any thread"; a caller (``weft ctl
+    limit``, an operator's script) must not hang on a stuck handler. Before, the
+    setter waited for the loop with no bound, and every pause, resume or limit
+    change queued behind it waited too. The change applies once the loop runs.
+    """
+    from weft_core._engine import LOOP_ANSWER
+
+    _need(manager)
+    block = LOOP_ANSWER + 4.0
+    server = Server(
+        _loop_blocker(manager, block), manager=manager, max_connections=10, on_full="refuse"
+    )
+    server.run()
+    try:
+        with _connect(server.port) as blocker:
+            blocker.send(b"b")
+            time.sleep(0.2)  # the handler now blocks the loop
+            began = time.monotonic()
+            server.max_connections = 1
+            took = time.monotonic() - began
+            assert took < LOOP_ANSWER + SLACK, f"the setter waited {took:.1f} s on a blocked loop"
+            blocker.settimeout(block + WAIT)
+            assert blocker.recv(1) == b"", "the blocking handler ended"
+        _until(lambda: server.stats()["active"] == 0, "the blocking connection is counted closed")
+        with _connect(server.port) as holder:
+            holder.send(b"h")
+            assert holder.recv(1) == b"+"
+            with _connect(server.port) as refused:
+                refused.send(b"h")
+                try:
+                    got = refused.recv(1)
+                except ConnectionResetError:
+                    got = b""
+                assert got == b"", "over the new limit of 1: refused"
+        assert server.stats()["refused"] >= 1
+    finally:
+        server.stop(timeout=1)

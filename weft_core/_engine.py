@@ -98,6 +98,9 @@ TRANSPARENT = {
 #: terminationGracePeriodSeconds, systemd's TimeoutStopSec) must exceed
 #: --graceful-timeout plus this (docs/deployment.md, "Stopping").
 STOP_GRACE = 2.0
+#: How long a live limit change waits for a busy loop before returning; the change is
+#: queued on the loop and applies when it runs again (a caller never hangs on it).
+LOOP_ANSWER = 2.0
 
 #: How long phases 1 and 2 wait for the runtime's loop to take their batch. A loop that
 #: does not answer within this is blocked by a task (a handler calling time.sleep on a
@@ -748,7 +751,13 @@ class Engine(ABC, Generic[R]):
                     self.debt += owed
 
         with self.control:
-            self.runtime.run_in_loop(adjust, None)
+            if not self.runtime.run_in_loop(adjust, LOOP_ANSWER):
+                log.warning(
+                    "max_connections = %d: the loop did not answer within %g s (a task"
+                    " blocks it); the new limit applies as soon as it runs again",
+                    limit,
+                    LOOP_ANSWER,
+                )
 
     def connections(self) -> list[ConnectionSnapshot]:
         """A snapshot of every open connection (its metadata, age and byte counts)."""

@@ -365,7 +365,8 @@ class Server:
         ``on_full``) until enough have ended. ``None`` (no limit) can only be set or
         left while stopped: it takes effect at the next ``run()``. From any thread;
         from inside one of weft's tasks the change is applied a moment later, from
-        a thread of its own.
+        a thread of its own. A loop kept busy by a task is waited for at most
+        ``LOOP_ANSWER`` (2 s, then a warning): the change applies when it runs again.
         """
         return self._cfg.max_connections
 
