@@ -219,6 +219,15 @@ def test_json_lines_carry_the_access_log_fields() -> None:
     assert re.fullmatch(ZONED_TIME, parsed["time"])
 
 
+def test_json_lines_escape_del_and_the_c1_controls() -> None:
+    """U+009B is a one-character terminal escape (CSI); JSON itself escapes only C0."""
+    message = "a\x9b2J b\x7f c\u2028 d\x85 e\u00e9"
+    line = JsonFormatter().format(_record(message))
+    assert not any(ch in line for ch in "\x7f\x85\x9b\u2028"), line
+    assert "\xe9" in line  # printable non-ASCII stays as it is
+    assert json.loads(line)["message"] == message
+
+
 def test_text_lines_have_zoned_times() -> None:
     line = TextFormatter().format(_record("hello"))
     assert re.fullmatch(rf"{ZONED_TIME} \[\d+\] \[INFO\] weft\.access: hello", line)

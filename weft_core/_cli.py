@@ -284,8 +284,9 @@ def _serve(ns: argparse.Namespace) -> int:
             control.close()
         if isinstance(exc, BindError):  # the control socket's path is taken
             return _fail(exc, EXIT_RUNTIME)
-        if isinstance(exc, ConfigError) and exc.source is None and exc.key in config.origins:
-            exc = ConfigError(exc.message, source=config.origins[exc.key], key=exc.key)
+        if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
+            # Server() names the key; the config knows which file, variable or flag set it.
+            exc = ConfigError(exc.message, source=config.origins.get(exc.key), key=exc.key)
         if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
             return _fail(exc, EXIT_USAGE)
         return _fail(

@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -296,6 +297,11 @@ class Engine(ABC, Generic[R]):
         self.limit = settings.max_connections
         self.slots: Slots | None = None if self.limit is None else self._slots(self.limit)
         self.debt = 0
+        #: Clients accepted at the limit, waiting for a slot (``full_wait``) in
+        #: arrival order: (listener task, socket, address, monotonic deadline). One
+        #: task serves them while ``queue_served``, so the acceptor goes on accepting.
+        self.slot_queue: deque[tuple[ListenerTask, Any, Any, float]] = deque()
+        self.queue_served = False
         #: Bytes of ended connections (where the kernel counted them), and their durations.
         self.bytes_in = 0
         self.bytes_out = 0
@@ -333,8 +339,8 @@ class Engine(ABC, Generic[R]):
         """The thunk of ``lt``'s acceptor task (a plain function, or an async one)."""
 
     @abstractmethod
-    def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
-        """A task's thunk: wait up to ``wait`` seconds for a slot, then serve or refuse."""
+    def _slot_queue_thunk(self) -> Any:
+        """A task's thunk: give freed slots to ``slot_queue`` until it is empty."""
 
     @abstractmethod
     def _serve(self, conn: Conn) -> Any:
@@ -433,24 +439,67 @@ class Engine(ABC, Generic[R]):
     def _still_holding(self, lt: ListenerTask, sock: Any, addr: Any, since: float) -> None:
         """The acceptor ends holding a client it accepted, which waits for a slot.
 
-        A pause interrupts the acceptor, not that client: a task of its own goes on
-        waiting for the rest of ``full_wait``, then serves or refuses it, counted.
-        At a stop, or if no task can be added, it is closed unserved as the listener
-        is.
+        A pause interrupts the acceptor, not that client: it joins the queue of
+        clients waiting for a slot for the rest of ``full_wait``, then is served or
+        refused, counted. At a stop it is closed unserved, as the listener is.
         """
         if self.closing or not self.paused:
             close_quietly(sock)
             return
-        rest = max(self.cfg.full_wait - (time.monotonic() - since), 0.0)
+        self._queue_for_slot(lt, sock, addr, since + self.cfg.full_wait, capped=False)
+
+    def _queue_for_slot(
+        self, lt: ListenerTask, sock: Any, addr: Any, deadline: float, *, capped: bool = True
+    ) -> bool:
+        """Queue a client for the next free slot, until ``deadline``; False if not queued.
+
+        At the limit with ``full_wait``, each client's wait starts when it is
+        accepted, and the acceptor goes on accepting: were the acceptor to wait for
+        each in turn, the k-th of k clients arriving together would wait k times
+        ``full_wait``. One task (started here when none runs) gives freed slots to
+        the queue in arrival order and refuses each client its deadline passes. At
+        most ``backlog`` clients wait so (``capped``; the kernel's queue would hold
+        no more); past that the acceptor waits itself. A manager that takes no task
+        refuses them.
+        """
+        with self.lock:
+            if capped and len(self.slot_queue) >= self.cfg.backlog:
+                return False
+            self.slot_queue.append((lt, sock, addr, deadline))
+            if self.queue_served:
+                return True
+            self.queue_served = True
         try:
-            self.manager.add_task(self._slot_waiter_thunk(lt, sock, addr, rest))
+            self.manager.add_task(self._slot_queue_thunk())
         except Exception:
-            self._refuse(sock, addr, "manager-full")
+            for _, sock, addr, _ in self._drop_queue():
+                self._refuse(sock, addr, "manager-full")
+        return True
+
+    def _next_in_queue(self) -> tuple[ListenerTask, Any, Any, float] | None:
+        """The client longest in the queue; None once it is empty (its task then ends)."""
+        with self.lock:
+            if self.slot_queue:
+                return self.slot_queue[0]
+            self.queue_served = False
+            return None
+
+    def _leave_queue(self) -> None:
+        with self.lock:
+            self.slot_queue.popleft()
+
+    def _drop_queue(self) -> list[tuple[ListenerTask, Any, Any, float]]:
+        """Empty the queue (its task was cut off, or never started); what was in it."""
+        with self.lock:
+            left = list(self.slot_queue)
+            self.slot_queue.clear()
+            self.queue_served = False
+        return left
 
     def _slot_decided(self, lt: ListenerTask, sock: Any, addr: Any, got: bool | None) -> None:
-        """A slot waiter's end: serve (``got``), refuse (False), or close (None: no answer).
+        """A queued client's end: serve (``got``), refuse (False), or close (None).
 
-        None is a wait that did not end: the stop came first, or the task was cut off.
+        None is a wait that did not end: the stop came first.
         """
         if got is None:
             close_quietly(sock)
@@ -1097,7 +1146,8 @@ def format_untrusted_exception(exc: BaseException) -> str:
     """``exc``'s traceback as logging would print it, with every message escaped.
 
     The frames (file names, source lines) are the program's own; the messages of the
-    exception and of those it was caused by are not, so each goes through
+    exception and of those it was caused by are not (nor a SyntaxError's text), so
+    each goes through
     :func:`~weft_core._logsafe.escape_for_log`: a newline in one cannot start a line.
     """
     formatted = traceback.TracebackException.from_exception(exc)
@@ -1109,6 +1159,14 @@ def format_untrusted_exception(exc: BaseException) -> str:
             continue
         seen.add(id(each))
         each._str = escape_for_log(each._str)  # type: ignore[attr-defined]
+        if issubclass(each.exc_type or type, SyntaxError):
+            # A SyntaxError prints its own parts (the offending text, its message and
+            # file name), and a handler's compile() or ast.literal_eval() of what a
+            # client sent puts the client's bytes in all three.
+            for part in ("text", "msg", "filename"):
+                value = getattr(each, part, None)
+                if isinstance(value, str):
+                    setattr(each, part, escape_for_log(value))
         notes = getattr(each, "__notes__", None)
         if notes:
             setattr(each, "__notes__", [escape_for_log(note) for note in notes])  # noqa: B010

@@ -84,6 +84,11 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 if backoff.delay:
                     backoff.reset()
                 if not backlog_mode and slots is not None and not slots.acquire_nowait():
+                    if self.cfg.full_wait > 0 and self._queue_for_slot(
+                        lt, sock, addr, time.monotonic() + self.cfg.full_wait
+                    ):
+                        accepted = None
+                        continue
                     since = time.monotonic()  # a full_wait a pause may leave to a task
                     if not await self._take_slot(slots):
                         accepted = None
@@ -109,18 +114,39 @@ class AsyncEngine(Engine[AsyncRuntime]):
         wait = self.cfg.full_wait if wait is None else wait
         return wait > 0 and bool(await slots.acquire_within(wait))
 
-    def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
-        async def wait_for_slot() -> None:
-            got = None
+    def _slot_queue_thunk(self) -> Any:
+        async def serve_queue() -> None:
+            emptied = False
             try:
-                slots = self.slots
-                if slots is not None and not self.closing:
-                    got = await self._take_slot(slots, wait)
+                while (head := self._next_in_queue()) is not None:
+                    lt, sock, addr, deadline = head
+                    got = await self._slot_by(deadline)
+                    self._leave_queue()
+                    self._slot_decided(lt, sock, addr, got)
+                emptied = True
             finally:
-                self._slot_decided(lt, sock, addr, got)
+                if not emptied:  # cancelled: nobody gives the rest a slot any more
+                    for _, sock, _, _ in self._drop_queue():
+                        close_quietly(sock)
 
-        wait_for_slot.__name__ = f"weft acceptor {lt.address}: a client waits for a slot"
-        return wait_for_slot
+        serve_queue.__name__ = "weft: clients waiting for a slot (full_wait)"
+        return serve_queue
+
+    async def _slot_by(self, deadline: float) -> bool | None:
+        """Take a slot by ``deadline``: True, False when it passed, None at a stop."""
+        slots = self.slots
+        assert slots is not None
+        if slots.acquire_nowait():
+            return True
+        if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
+            return True
+        while not self.closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if await slots.acquire_within(min(left, FULL_POLL)):
+                return True
+        return None
 
     async def _shed(self, lt: ListenerTask) -> int:
         shed = 0

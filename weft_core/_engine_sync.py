@@ -20,6 +20,10 @@ from ._proxy import ProxyHeaderError, read_proxy_header
 from ._tasks import current_task
 from ._tls import tls_details
 
+#: The shortest wait a PROXY header's read is given as its deadline nears (a socket
+#: timeout of 0 would make the read non-blocking, not expired).
+MIN_WAIT = 0.001
+
 __all__ = ["SyncEngine"]
 
 
@@ -84,6 +88,11 @@ class SyncEngine(Engine[SyncRuntime]):
                 if backoff.delay:
                     backoff.reset()
                 if not backlog_mode and slots is not None and not slots.acquire(blocking=False):
+                    if self.cfg.full_wait > 0 and self._queue_for_slot(
+                        lt, sock, addr, time.monotonic() + self.cfg.full_wait
+                    ):
+                        accepted = None
+                        continue
                     since = time.monotonic()  # a full_wait a pause may leave to a task
                     if not self._take_slot(slots):
                         accepted = None
@@ -109,18 +118,39 @@ class SyncEngine(Engine[SyncRuntime]):
         wait = self.cfg.full_wait if wait is None else wait
         return wait > 0 and bool(slots.acquire(timeout=wait))
 
-    def _slot_waiter_thunk(self, lt: ListenerTask, sock: Any, addr: Any, wait: float) -> Any:
-        def wait_for_slot() -> None:
-            got = None
+    def _slot_queue_thunk(self) -> Any:
+        def serve_queue() -> None:
+            emptied = False
             try:
-                slots = self.slots
-                if slots is not None and not self.closing:
-                    got = self._take_slot(slots, wait)
+                while (head := self._next_in_queue()) is not None:
+                    lt, sock, addr, deadline = head
+                    got = self._slot_by(deadline)
+                    self._leave_queue()
+                    self._slot_decided(lt, sock, addr, got)
+                emptied = True
             finally:
-                self._slot_decided(lt, sock, addr, got)
+                if not emptied:  # cut off: nobody gives the rest a slot any more
+                    for _, sock, _, _ in self._drop_queue():
+                        close_quietly(sock)
 
-        wait_for_slot.__name__ = f"weft acceptor {lt.address}: a client waits for a slot"
-        return wait_for_slot
+        serve_queue.__name__ = "weft: clients waiting for a slot (full_wait)"
+        return serve_queue
+
+    def _slot_by(self, deadline: float) -> bool | None:
+        """Take a slot by ``deadline``: True, False when it passed, None at a stop."""
+        slots = self.slots
+        assert slots is not None
+        if slots.acquire(blocking=False):
+            return True
+        if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
+            return True
+        while not self.closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if slots.acquire(timeout=min(left, FULL_POLL)):
+                return True
+        return None
 
     def _shed(self, lt: ListenerTask) -> int:
         shed = 0
@@ -191,10 +221,16 @@ class SyncEngine(Engine[SyncRuntime]):
             if not self._proxy_trusted(conn, info):
                 return False
             deadline = time.monotonic() + cfg.proxy.header_timeout
-            sock.settimeout(cfg.proxy.header_timeout)
+
+            def recv(n: int) -> bytes:
+                # Each read waits only what is left: a header dripped in pieces, each
+                # within the timeout, still ends by the one deadline.
+                sock.settimeout(max(deadline - time.monotonic(), MIN_WAIT))
+                return sock.recv(n)  # type: ignore[no-any-return]
+
             try:
                 header, leftover = read_proxy_header(
-                    sock.recv, deadline_exceeded=lambda: time.monotonic() > deadline
+                    recv, deadline_exceeded=lambda: time.monotonic() > deadline
                 )
             except (ProxyHeaderError, OSError) as exc:
                 return self._proxy_failed(info, exc)

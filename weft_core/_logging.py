@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,16 @@ class JsonFormatter(logging.Formatter):
             out["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        # JSON escapes the C0 controls; DEL and the C1 controls (U+009B is a
+        # one-character terminal escape) and the Unicode line breaks are escaped too.
+        return _NOT_JSON_SAFE.sub(_u_escape, json.dumps(out, default=str, ensure_ascii=False))
+
+
+_NOT_JSON_SAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _u_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def setup_logging(level: str, log_format: str = "text", config_file: str | None = None) -> None:

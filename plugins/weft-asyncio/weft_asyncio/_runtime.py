@@ -99,23 +99,6 @@ class AsyncioSocket(socket.socket):
                 await _readable(self.fileno())
 
 
-#: Python 3.10's ``SSLProtocol`` is a plain protocol, not a buffered one: the
-#: transport under it reads with the socket's ``recv``, which must return bytes.
-_LEGACY_SSL_PROTOCOL = sys.version_info < (3, 11)
-
-
-class _SyncRecvSocket(AsyncioSocket):
-    """An accepted socket whose ``recv`` is the plain, non-blocking one (Python 3.10 TLS).
-
-    What a TLS connection's socket becomes on Python 3.10 once its transport is to be
-    made: the same object (the server's references to it stay good), same slots.
-    """
-
-    __slots__ = ()
-
-    recv = socket.socket.recv  # type: ignore[assignment]
-
-
 class AsyncioListener(AsyncioSocket):
     """The listening socket, non-blocking, whose ``accept`` is awaited on the loop.
 
@@ -337,9 +320,6 @@ class AsyncioRuntime(AsyncRuntime):
     def wrap_tls(self, stream: AsyncioStream, context: ssl.SSLContext) -> AsyncioStream:
         """The same stream, its transport to be made with TLS by ``do_handshake()``."""
         stream._tls = context
-        if _LEGACY_SSL_PROTOCOL:  # pragma: no cover - Python 3.10
-            # The PROXY header, the one read awaited on the socket, is behind us.
-            stream.socket.__class__ = _SyncRecvSocket
         return stream
 
     if sys.version_info >= (3, 11):

@@ -33,6 +33,8 @@ import threading
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from ._tls_session import TLSSession
+
 __all__ = ["AsyncioStream"]
 
 #: What one receive asks the kernel for, and what ``receive_some()`` returns at most
@@ -103,6 +105,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_pending",
         "_reading_paused",
         "_scratch",
+        "_session",
+        "_shaker",
         "_tls",
         "_transport",
         "_waiter",
@@ -117,6 +121,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._transport: asyncio.BaseTransport | None = None
         self._idle = idle_timeout
         self._tls: ssl.SSLContext | None = None
+        #: The TLS session, made with the transport when ``wrap_tls`` set ``_tls``.
+        self._session: TLSSession | None = None
+        #: The future ``do_handshake`` waits on while the handshake goes on.
+        self._shaker: asyncio.Future[None] | None = None
         self._eof = False
         self._lost = False
         self._error: BaseException | None = None
@@ -137,14 +145,16 @@ class AsyncioStream(asyncio.BufferedProtocol):
     # -- the transport -----------------------------------------------------------------
 
     async def _connect(self) -> asyncio.BaseTransport:
-        """Make the transport (with the TLS handshake, if ``wrap_tls`` asked for one)."""
+        """Make the transport: a plain one; TLS, if ``wrap_tls`` asked for it, runs above it."""
         if self._transport is not None:
             return self._transport
         sock = self.socket
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         # The transport turns TCP_NODELAY on; keep the server's nodelay=False.
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else 1
-        transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock, ssl=self._tls)
+        if self._tls is not None and self._session is None:
+            self._session = TLSSession(self._tls)
+        transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock)
         if not nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         return transport
@@ -155,6 +165,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         pending, self._pending = self._pending, None
         if pending:
             transport.write(pending)  # type: ignore[attr-defined]
+        if self._session is not None:
+            self._send_tls()  # what was encrypted before the transport existed
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """The loop thread's scratch buffer; ``buffer_updated`` copies out what arrived."""
@@ -163,7 +175,13 @@ class AsyncioStream(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         """Keep what arrived and wake the reader; pause reading past ``2 * LIMIT`` unread."""
         buffer = self._buffer
-        buffer += self._scratch[:nbytes]
+        if self._session is None:
+            buffer += self._scratch[:nbytes]
+        else:
+            self._session.feed(self._scratch[:nbytes])
+            self._tls_step()
+            if not buffer and not self._eof:
+                return  # records with no data in them yet (the handshake, a key update)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -175,11 +193,40 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """End of input (the peer's FIN, or the server's ``shutdown(SHUT_RD)`` at a stop).
 
         Returns True: the connection stays open for writing, so a handler can still
-        answer after its input ended.
+        answer after its input ended. Under TLS too: the FIN alone ends the
+        stream's input, as on the other managers, and is not fed to the session:
+        OpenSSL 3 takes an end without close_notify as a fatal error, after which
+        the session would refuse to encrypt the rest of the reply.
         """
         self._eof = True
         _wake(self._waiter)
+        _wake(self._shaker, ConnectionResetError("the peer closed during the TLS handshake"))
         return True
+
+    # -- TLS, run by the stream over the plain transport (see _tls_session) ---------------
+
+    def _tls_step(self) -> None:
+        """Advance the session with what was fed; keep the plaintext, send its output."""
+        session = self._session
+        assert session is not None
+        handshaken = session.handshaken
+        try:
+            if session.step(self._buffer):
+                self._eof = True
+        except ssl.SSLError as exc:
+            self._error = exc
+            self._eof = True
+            _wake(self._shaker, exc)
+        self._send_tls()
+        if session.handshaken and not handshaken:
+            _wake(self._shaker)
+
+    def _send_tls(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            data = self._session.outgoing()  # type: ignore[union-attr]
+            if data:
+                transport.write(data)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The transport closed: wake every waiter; a reset is raised by the next read."""
@@ -196,6 +243,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if exc is not None:
             self._error = exc
         _wake(self._waiter)
+        _wake(self._shaker, exc or ConnectionResetError("Connection lost"))
         _wake(self._drainer, exc or ConnectionResetError("Connection lost"))
         _wake(self._closer)
 
@@ -363,7 +411,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data`` for sending (``await drain()`` for back-pressure)."""
         transport = self._transport
-        if transport is not None:
+        if self._session is not None:
+            self._session.write(data)
+            self._send_tls()
+        elif transport is not None:
             transport.write(data)  # type: ignore[attr-defined]
         else:
             self._pending = (self._pending or b"") + bytes(data)
@@ -418,17 +469,24 @@ class AsyncioStream(asyncio.BufferedProtocol):
 
     def write_eof(self) -> None:
         """Half-close after the queued bytes (StreamWriter's; needs the transport)."""
+        if self._tls is not None:
+            raise NotImplementedError("TLS has no half-close: close the stream instead")
         if self._transport is None:
             raise RuntimeError("write_eof() before any I/O; use 'await send_eof()'")
         self._transport.write_eof()  # type: ignore[attr-defined]
 
     async def send_eof(self) -> None:
-        """trio's: half-close the connection once the queued bytes are sent."""
+        """trio's: half-close the connection once the queued bytes are sent (not under TLS)."""
+        if self._tls is not None:
+            raise NotImplementedError("TLS has no half-close: close the stream instead")
         transport = await self._connect()
         transport.write_eof()  # type: ignore[attr-defined]
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """As ``StreamWriter.get_extra_info`` (``"peername"``, ``"ssl_object"`` ...)."""
+        session = self._session
+        if session is not None and name in _TLS_INFO:
+            return _TLS_INFO[name](self, session.obj)
         if self._transport is None:
             if name == "socket":
                 return self.socket
@@ -452,11 +510,27 @@ class AsyncioStream(asyncio.BufferedProtocol):
     # -- TLS details (the server reads them once the handshake is done) --------------------
 
     async def do_handshake(self) -> None:
-        """Make the transport with TLS (``wrap_tls`` set the context): the handshake."""
+        """The TLS handshake (``wrap_tls`` set the context): return once it is done.
+
+        Raises ``ssl.SSLError`` if it fails, ``ConnectionResetError`` if the peer
+        leaves during it; the server bounds it with ``tls_handshake_timeout``.
+        """
         await self._connect()
+        session = self._session
+        if session is None or session.handshaken:
+            return
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            raise ConnectionResetError("the peer closed during the TLS handshake")
+        self._shaker = shaker = self._loop.create_future()
+        try:
+            await shaker
+        finally:
+            self._shaker = None
 
     def _ssl_object(self) -> ssl.SSLObject | None:
-        return self.get_extra_info("ssl_object")  # type: ignore[no-any-return]
+        return None if self._session is None else self._session.obj
 
     def version(self) -> str | None:
         """The TLS version negotiated, or None."""
@@ -490,6 +564,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         transport = self._transport
         if transport is not None:
+            self._goodbye()
             transport.close()
         elif not self._pending:
             self.socket.close()
@@ -515,10 +590,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
             except BaseException:
                 self.socket.close()
                 raise
+        self._goodbye()
         transport.close()
         if self._lost:
             return
-        if self._tls is None and not transport.get_write_buffer_size():  # type: ignore[attr-defined]
+        if not transport.get_write_buffer_size():  # type: ignore[attr-defined]
             return
         loop = self._loop
         self._closer = closer = loop.create_future()
@@ -530,3 +606,20 @@ class AsyncioStream(asyncio.BufferedProtocol):
             timer.cancel()
             if not self._lost:
                 transport.abort()  # type: ignore[attr-defined]
+
+    def _goodbye(self) -> None:
+        """TLS's close_notify, sent before the transport closes (never awaits the peer's)."""
+        session = self._session
+        if session is not None and not self._lost:
+            session.goodbye()
+            self._send_tls()
+
+
+#: ``get_extra_info`` names a TLS stream answers itself, as asyncio's SSL transport does.
+_TLS_INFO: dict[str, Any] = {
+    "ssl_object": lambda stream, obj: obj,
+    "sslcontext": lambda stream, obj: stream._tls,
+    "peercert": lambda stream, obj: obj.getpeercert(),
+    "cipher": lambda stream, obj: obj.cipher(),
+    "compression": lambda stream, obj: obj.compression(),
+}

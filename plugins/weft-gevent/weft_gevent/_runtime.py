@@ -242,9 +242,7 @@ class GeventRuntime:
         ``_context``. The second item is the plain ``_socket.socket`` under it, for
         shutting the descriptor down from any thread without touching TLS state.
         """
-        import gevent.ssl
-
-        tls = gevent.ssl.SSLSocket(
+        tls = _handshake_bounded_class()(
             sock=sock, server_side=True, do_handshake_on_connect=False, _context=context
         )
         return tls, cast(Any, tls)._sock
@@ -252,3 +250,32 @@ class GeventRuntime:
     def close(self) -> None:
         """Stop the manager's own hub thread if no task is left; a later use restarts it."""
         self._hubs.close()
+
+
+_BoundedSSLSocket: type | None = None
+
+
+def _handshake_bounded_class() -> type:
+    """The SSLSocket of gevent whose ``do_handshake`` keeps its timeout as one deadline.
+
+    gevent's own gives each wait for the peer the socket's whole timeout, so a
+    ClientHello sent a byte at a time, each within the timeout, holds the handshake
+    open for ever; the stdlib's (the threads manager's) counts the timeout for the
+    whole handshake. Made on first use: gevent.ssl is imported only for TLS.
+    """
+    global _BoundedSSLSocket
+    if _BoundedSSLSocket is None:
+        import gevent.ssl
+
+        class BoundedSSLSocket(gevent.ssl.SSLSocket):
+            def do_handshake(self, block: bool = False) -> None:
+                seconds = self.gettimeout()
+                if not seconds:  # None (blocking) or 0 (non-blocking): gevent's own
+                    super().do_handshake()
+                    return
+                expired = TimeoutError(f"the TLS handshake took longer than {seconds:g}s")
+                with gevent.Timeout(seconds, expired):
+                    super().do_handshake()
+
+        _BoundedSSLSocket = BoundedSSLSocket
+    return _BoundedSSLSocket
