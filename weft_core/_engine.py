@@ -24,6 +24,7 @@ so that a stuck handler can never hold a process past its service manager's kill
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import logging
 import select
@@ -856,7 +857,18 @@ class Engine(ABC, Generic[R]):
                     # Never shutdown() a listener: it may be shared with other processes
                     # (workers, systemd). Thread runtimes wake accept() with a pipe;
                     # event-loop managers interrupt the acceptor (kill, cancel) at once.
-                    self.manager.stop_task(lt.task_id, timeout=0)
+                    try:
+                        self.manager.stop_task(lt.task_id, timeout=0)
+                    except Exception:
+                        # A broken manager must not keep this listener, or the next,
+                        # accepting: wake its accept() here and close it all the same.
+                        log.exception(
+                            "the task manager's stop_task failed for the acceptor of %s;"
+                            " closing its listener anyway",
+                            lt.address,
+                        )
+                        with contextlib.suppress(Exception):
+                            self.runtime.wake_listener(lt.native)
                 # The acceptor closes its listener on the way out; one that never ran
                 # (a manager may drop a queued task) must not leave it open. A paused
                 # acceptor left it open: close it in the loop, where a runtime's socket

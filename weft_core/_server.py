@@ -49,7 +49,7 @@ from ._engine import (
 )
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
-from ._errors import ConfigError, HandlerKindError, ServerError
+from ._errors import ConfigError, HandlerKindError, ServerError, WeftError
 from ._listeners import Family, open_listeners
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
@@ -565,8 +565,14 @@ class Server:
             self._shutdown_port = shutdown
             try:
                 engine.start()
-            except BaseException:
+            except BaseException as exc:
                 self._abandon(engine)
+                if isinstance(exc, Exception) and not isinstance(exc, WeftError):
+                    # A manager's own error, not weft's: say whose, in one line.
+                    raise ServerError(
+                        f"task manager {self._manager_name!r} could not start the acceptor "
+                        f"({type(exc).__name__}: {exc}); the listeners are closed"
+                    ) from exc
                 raise
             if shutdown is not None:
                 shutdown.start()

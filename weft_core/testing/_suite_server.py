@@ -383,6 +383,37 @@ class ServerTests(ManagerTestBase):
             what=f"every fd the server and its manager opened to be closed (fd count back to {before})",
         )
 
+    def test_stop_releases_the_runtimes_threads(self, make_server: MakeServer) -> None:
+        """Once stop() returns, the manager made by name has let go of its threads.
+
+        ``runtime.close()`` ends what the runtime started (a pool, a loop's or a hub's
+        thread); a thread left running holds memory, and a non-daemon one holds up the
+        interpreter's exit after the server stopped.
+        """
+        before = set(threading.enumerate())
+        server = make_server(echo, args=(b"+",))
+        clients = [connect(server.port) for _ in range(5)]
+        try:
+            for client in clients:
+                assert recv_exactly(client, 1) == b"+", "each client is served its greeting"
+            assert server.stop(timeout=WAIT) is True, (
+                "stop() with only idle clients must return True"
+            )
+        finally:
+            for client in clients:
+                client.close()
+
+        def left() -> list[str]:
+            return sorted(t.name for t in set(threading.enumerate()) - before if t.is_alive())
+
+        try:
+            wait_until(lambda: not left(), what="the threads the server's runtime started to end")
+        except AssertionError:
+            raise AssertionError(
+                f"runtime.close() must release the runtime's threads; still running after the "
+                f"stop: {left()}"
+            ) from None
+
     def test_stop_lets_a_reply_finish(self, make_server: MakeServer) -> None:
         """Phase 2 only ends input: a handler in the middle of a reply finishes writing it."""
         started = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from .._errors import ManagerFullError, TaskShutdown
 from .._protocol import TaskManager
-from .._tasks import shutdown_requested
+from .._tasks import INTERRUPT_GRACE, current_task, shutdown_requested
 from ._adapters import Body, Sleep, SyncAdapter
 from ._base import ManagerTestBase
 from ._support import WAIT, wait_until
@@ -25,6 +26,8 @@ _probe: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 #: Task bodies poll their gate this often (in the runtime, so they stay interruptible).
 POLL = 0.005
+#: What a loaded CI machine may add to a promised bound before it counts as broken.
+SLACK = 1.5
 
 
 def _gated(
@@ -169,6 +172,54 @@ class TaskManagerTests(ManagerTestBase):
             )
         finally:
             gate.set()
+
+    def test_stop_task_times_out_into_an_interrupt(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """Past its timeout, stop_task interrupts the task and returns False, within a grace.
+
+        Every manager, preemptive or not: the task ignores its shutdown flag and ends
+        only when interrupted (its ``on_interrupt`` callback lets it go, as a
+        connection shut down ends a handler's blocking read).
+        """
+        started, released, interrupted = threading.Event(), threading.Event(), threading.Event()
+
+        def body() -> Body:
+            state = current_task()
+            assert state is not None, "inside a task, current_task() names its TaskState"
+            state.on_interrupt(interrupted.set)
+            state.on_interrupt(released.set)
+            started.set()
+            while not released.is_set():  # deaf to shutdown_requested()
+                yield Sleep(POLL)
+
+        task_id = manager.add_task(adapter.task(body))
+        assert started.wait(WAIT), (
+            "add_task must run the thunk it was given (the task did not start)"
+        )
+        timeout = 0.2
+        result: list[Any] = []
+        stopper = threading.Thread(
+            target=lambda: result.append(manager.stop_task(task_id, timeout=timeout)), daemon=True
+        )
+        began = time.monotonic()
+        stopper.start()
+        stopper.join(timeout + INTERRUPT_GRACE + SLACK)
+        took = time.monotonic() - began
+        released.set()
+        assert not stopper.is_alive(), (
+            f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
+            f" ({INTERRUPT_GRACE:g}s) of a task that ignores its flag; it still waits after"
+            f" {took:.1f}s"
+        )
+        assert interrupted.is_set(), (
+            "once the timeout runs out, stop_task must interrupt the task"
+            " (TaskState.interrupt(): its on_interrupt callbacks did not run)"
+        )
+        assert result == [False], (
+            f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
+        )
+        self._wait_gone(manager, task_id)
 
     def test_task_shutdown_is_swallowed(
         self,
