@@ -491,3 +491,54 @@ def test_a_limit_change_while_the_loop_is_blocked_returns_and_applies_later(mana
         assert server.stats()["refused"] >= 1
     finally:
         server.stop(timeout=1)
+
+
+def _deaf_handler(manager: str, gate: threading.Event) -> Any:
+    """Says ``+``, then ignores the end of its input and the stop until ``gate`` is set."""
+    if manager == "trio":
+        import trio
+
+        async def deaf(stream: Any) -> None:
+            await stream.send_all(b"+")
+            while not gate.is_set():
+                await trio.sleep(0.02)
+
+        return deaf
+
+    def deaf_sync(conn: Any) -> None:
+        conn.sendall(b"+")
+        while not gate.is_set():
+            time.sleep(0.02)
+
+    return deaf_sync
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("manager", ["threads", "trio"])
+def test_a_bounded_stop_during_an_unbounded_one_brings_its_end_forward(manager: str) -> None:
+    """stop(0.2) while stop() (no timeout) waits: both return by 0.2 s plus STOP_GRACE.
+
+    Promised: stop(timeout) returns "within timeout plus STOP_GRACE"; a quick stop
+    asked during a graceful one (weft serve's SIGQUIT after SIGTERM) must be quick.
+    Before, the second call waited for the first, with no bound at all.
+    """
+    _need(manager)
+    gate = threading.Event()
+    server = Server(_deaf_handler(manager, gate), manager=manager)
+    server.run()
+    try:
+        with _connect(server.port) as client:
+            assert client.recv(1) == b"+"
+            first: list[bool] = []
+            waiting = threading.Thread(target=lambda: first.append(server.stop()), daemon=True)
+            waiting.start()
+            _until(lambda: server._stopping, "the unbounded stop is under way")
+            began = time.monotonic()
+            second = server.stop(timeout=0.2)
+            took = time.monotonic() - began
+            waiting.join(WAIT)
+        assert took < 0.2 + STOP_GRACE + SLACK, f"stop(0.2) took {took:.1f}s"
+        assert second is False and first == [False], (second, first)
+    finally:
+        gate.set()
+        server.stop(timeout=1)

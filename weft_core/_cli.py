@@ -416,6 +416,8 @@ def _run(
             if deadline.armed and signum in STOP_SIGNALS:  # the second: quit at once
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
+            if deadline.armed:  # QUIT during a graceful stop: cut it short, as asked
+                threading.Thread(target=server.stop, args=(0.0,), daemon=True).start()
             wait = 0.0 if signum == signal.SIGQUIT else graceful_timeout
             deadline.arm(
                 wait + STOP_GRACE + DEADLINE_MARGIN,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import socket
 import sys
 import threading
@@ -90,23 +91,26 @@ def _parse(name: str, args: list[str]) -> tuple[str, dict[str, Any]]:
                 raise ValueError(f"close takes TASK_ID or PID:TASK_ID, got {args[0]!r}")
             request["worker"] = int(worker)
         if len(args) == 2:
-            try:
-                request["timeout"] = float(args[1])
-            except ValueError:
-                raise ValueError(f"close takes a number of seconds, got {args[1]!r}") from None
+            request["timeout"] = _seconds(args[1], "close")
         return name, request
     if name == "drain":
         if len(args) > 1:
             raise ValueError("usage: weft ctl drain [SECONDS]")
-        if args:
-            try:
-                return name, {"timeout": float(args[0])}
-            except ValueError:
-                raise ValueError(f"drain takes a number of seconds, got {args[0]!r}") from None
-        return name, {}
+        return name, {"timeout": _seconds(args[0], "drain")} if args else {}
     if args:
         raise ValueError(f"{name} takes no arguments")
     return name, {}
+
+
+def _seconds(text: str, command: str) -> float:
+    """SECONDS as given on the command line: a finite number, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{command} takes a number of seconds, 0 or more, got {text!r}")
+    return seconds
 
 
 def _ctl(ns: argparse.Namespace) -> int:

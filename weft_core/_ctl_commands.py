@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -127,10 +128,8 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         return f"max-connections {value}"
 
     def drain_(args: Mapping[str, Any], peer: Peer) -> str:
-        timeout = args.get("timeout")
-        if timeout is not None and not isinstance(timeout, int | float):
-            raise ControlError(f"drain's timeout is a number of seconds, got {timeout!r}")
-        drain(None if timeout is None else float(timeout))
+        timeout = _seconds(args.get("timeout"), "drain")
+        drain(timeout)
         shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
         return f"draining: no new connections; exiting when idle or after {shown}"
 
@@ -178,9 +177,23 @@ def _close_args(args: Mapping[str, Any]) -> tuple[str, float | None]:
     wanted, timeout = args.get("task_id"), args.get("timeout")
     if not isinstance(wanted, str) or not wanted:
         raise ControlError(f"close takes a task id (see weft ctl connections), got {wanted!r}")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
-        raise ControlError(f"close's timeout is a number of seconds, got {timeout!r}")
-    return wanted, CLOSE_TIMEOUT if timeout is None else float(timeout)
+    seconds = _seconds(timeout, "close")
+    return wanted, CLOSE_TIMEOUT if seconds is None else seconds
+
+
+def _seconds(value: Any, command: str) -> float | None:
+    """A command's timeout: None (its default), or a finite number of seconds, 0 or more.
+
+    NaN and infinity are no timeouts: a drain given NaN crashed the server's wait, and
+    a negative one cut every connection at once.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ControlError(f"{command}'s timeout is a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ControlError(f"{command}'s timeout is a number of seconds, 0 or more, got {value!r}")
+    return float(value)
 
 
 def _delta(args: Mapping[str, Any]) -> int:
@@ -261,11 +274,9 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
         return out
 
     def drain(args: Mapping[str, Any], peer: Peer) -> str:
-        timeout = args.get("timeout")
-        if timeout is not None and not isinstance(timeout, int | float):
-            raise ControlError(f"drain's timeout is a number of seconds, got {timeout!r}")
+        timeout = _seconds(args.get("timeout"), "drain")
         why = f"control: drain asked by {peer}"
-        on_loop(lambda: supervisor.drain(None if timeout is None else float(timeout), why))
+        on_loop(lambda: supervisor.drain(timeout, why))
         shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
         return f"draining: no new connections; exiting when idle or after {shown}"
 

@@ -20,6 +20,7 @@ import _thread
 import faulthandler
 import os
 import sys
+import time
 from typing import Any
 
 from ._exits import EXIT_TASKS_LEFT
@@ -49,11 +50,13 @@ def _stderr_fd() -> int:
 class Deadline:
     """Exit the process ``seconds`` after :meth:`arm` unless :meth:`disarm` comes first.
 
-    Safe to call from a signal handler: arming twice keeps the first deadline.
+    Safe to call from a signal handler: arming again keeps the sooner deadline (a
+    SIGQUIT's quick stop during a SIGTERM's graceful one brings the exit forward).
     """
 
     def __init__(self) -> None:
         self._lock: Any = None
+        self._until = 0.0
 
     @property
     def armed(self) -> bool:
@@ -61,8 +64,12 @@ class Deadline:
 
     def arm(self, seconds: float, message: str) -> None:
         """From now, ``seconds`` until the exit; ``message`` is its one line on stderr."""
+        until = time.monotonic() + seconds
         if self._lock is not None:
-            return
+            if until >= self._until:
+                return
+            self.disarm()
+        self._until = until
         start, allocate = _thread_primitives()
         lock = allocate()
         lock.acquire()

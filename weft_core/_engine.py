@@ -283,6 +283,9 @@ class Engine(ABC, Generic[R]):
         self.preamble = settings.proxy is not None or settings.tls is not None
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        #: When a stop's graceful phase ends (monotonic; None: when every connection
+        #: has); :meth:`hurry` brings it forward while the stop waits.
+        self.stop_until: float | None = None
         #: How many wait_idle() calls wait on ``changed``: a connection ending
         #: notifies only then (notify_all costs a microsecond on every connection,
         #: and waking a waiter a thread switch).
@@ -888,17 +891,18 @@ class Engine(ABC, Generic[R]):
         """Phases 1 to 3 of a stop, bounded by ``timeout`` plus :data:`STOP_GRACE`."""
         began = time.monotonic()
         self.closing = True
+        self.hurry(None if timeout is None else began + timeout)
         self.stop_acceptors(LOOP_WAIT)
         self.request_shutdown(self.snapshot())
-        until = None if timeout is None else began + timeout
-        if self.wait_idle(until):
+        if self.wait_idle(None, stopping=True):
             return StopReport(clean=True)
+        until = self.stop_until
         assert until is not None
         rest = self.snapshot()
         log.warning(
             "%d connection(s) still open after the graceful timeout (%ss); interrupting them",
             len(rest),
-            f"{timeout:g}",
+            f"{until - began:.3g}",
         )
         deadline = until + STOP_GRACE
         self.interrupt(rest, deadline)
@@ -947,12 +951,31 @@ class Engine(ABC, Generic[R]):
                 state.request_shutdown()
             _shutdown_quietly(conn.end_input)
 
-    def wait_idle(self, until: float | None) -> bool:
-        """Wait until no connection is open, or the monotonic time ``until``; True if none is."""
+    def hurry(self, until: float | None) -> None:
+        """End the stop's graceful phase by ``until`` (monotonic) if that is sooner.
+
+        A second ``stop(timeout)``, or SIGQUIT during a SIGTERM's stop, shortens the
+        one under way instead of waiting out its longer (or unbounded) timeout.
+        """
+        if until is None:
+            return
+        with self.changed:
+            if self.stop_until is None or until < self.stop_until:
+                self.stop_until = until
+                self.changed.notify_all()
+
+    def wait_idle(self, until: float | None, *, stopping: bool = False) -> bool:
+        """Wait until no connection is open, or the monotonic time ``until``; True if none is.
+
+        ``stopping``: the stop's graceful phase, whose end (``stop_until``) may be
+        brought forward while it waits.
+        """
         with self.changed:
             self.idle_waiters += 1
             try:
                 while self.conns:
+                    if stopping:
+                        until = self.stop_until
                     if until is None:
                         self.changed.wait()
                         continue

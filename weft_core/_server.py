@@ -663,7 +663,8 @@ class Server:
         loop, which blocking would freeze (and deadlock, when that loop serves the
         connections): ``await asyncio.to_thread(server.stop, timeout)`` there for the
         result. Called while another stop is under way, it waits for that one and
-        returns its result. An exception raised into the waiting caller (a second
+        returns its result; a ``timeout`` that ends sooner than that stop's brings
+        its interruption forward (a quick stop after a graceful one). An exception raised into the waiting caller (a second
         Ctrl-C) leaves the stop going on in a thread, its graceful phase cut short,
         so the next ``stop()`` returns by that stop's bound.
         """
@@ -675,6 +676,8 @@ class Server:
             waiter = self._stopping
             self._stopping = True
         if waiter:
+            if timeout is not None:  # the stop under way ends its graceful phase by ours
+                engine.hurry(time.monotonic() + timeout)
             if inside:
                 return False
             self._stopped_event.wait()

@@ -104,12 +104,18 @@ class WorkerLink:
             "asked to retire: draining (no new connections; open ones get %ss to end)",
             f"{self._graceful_timeout:g}",
         )
-        threading.Thread(
-            target=drain,
-            args=(server, self._graceful_timeout),
-            name="weft worker: drain",
-            daemon=True,
-        ).start()
+        graceful = self._graceful_timeout
+
+        def start() -> None:
+            threading.Thread(
+                target=drain, args=(server, graceful), name="weft worker: drain", daemon=True
+            ).start()
+
+        # Started from the runtime's loop: under gevent's patching a thread started
+        # here, in the supervisor watch (a real thread, older than the patching),
+        # would be a greenlet of this thread's own hub, which never runs while it
+        # waits for the supervisor: the drain never began and the worker was killed.
+        server.task_manager.runtime.run_in_loop(start)
 
     def _send(self, byte: bytes) -> None:
         try:
