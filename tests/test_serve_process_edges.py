@@ -417,9 +417,11 @@ def test_a_storm_of_hups_makes_two_generations_not_one_per_signal(tmp_path: Path
                       "--control-socket", "off", "--graceful-timeout", "5")  # fmt: skip
     with Served(argv, cwd=tmp_path) as served:
         (ready, _) = served.wait_for(READY, count=2)
+        # 40 ms of HUPs: well within one reload (a worker's start alone takes longer),
+        # so that every HUP after the first arrives while that reload is under way.
         for _ in range(20):
             served.signal(signal.SIGHUP)
-            time.sleep(0.01)
+            time.sleep(0.002)
         served.wait_for(r"reloading again", timeout=30)
         served.wait_for(r"reload done", count=2, timeout=30)
         client = Client(host_port(ready.group(2)))

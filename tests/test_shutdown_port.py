@@ -155,7 +155,7 @@ def test_without_secret_connecting_is_enough_when_allowed(
 def test_without_secret_it_is_refused_unless_allowed() -> None:
     with pytest.raises(ConfigError, match="shutdown_allow_no_secret = true") as info:
         Server(handler_for(MANAGERS[0]), manager=MANAGERS[0], shutdown_port=0)
-    assert info.value.key == "shutdown_secret"
+    assert info.value.key == "shutdown_port"
     # A shutdown_handler is an authorisation of the user's own: no flag needed.
     Server(handler_for(MANAGERS[0]), manager=MANAGERS[0], shutdown_port=0,
            shutdown_handler=lambda server, conn: False)  # fmt: skip
@@ -273,7 +273,7 @@ def test_port_in_use_is_a_bind_error(make_server: Any) -> None:
         ({"shutdown_port": 0, "shutdown_secret": ""}, "shutdown_secret"),
         ({"shutdown_port": 0, "shutdown_secret": "a\nb"}, "shutdown_secret"),
         ({"shutdown_port": 0, "shutdown_handler": "yes"}, "shutdown_handler"),
-        ({"shutdown_port": 0}, "shutdown_secret"),
+        ({"shutdown_port": 0}, "shutdown_port"),  # the key set: its source is named
         ({"shutdown_port": 0, "shutdown_allow_no_secret": "yes"}, "shutdown_allow_no_secret"),
     ],
 )

@@ -36,7 +36,7 @@ from ._listeners import Listener, close_listener
 from ._logging import setup_logging
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
-from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, reopen_log_files
+from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, hold_while_starting, reopen_log_files
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
@@ -165,6 +165,7 @@ def _fail(message: object, status: int) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    starting = hold_while_starting()  # until _run's (or the supervisor's) handlers go in
     flags, names = flag_values(ns)
     flags["handler"] = ns.handler
     names.update(handler="HANDLER", manager_options="-o/--manager-option")
@@ -244,7 +245,7 @@ def _serve(ns: argparse.Namespace) -> int:
         _prepare_process(config)
         handler = import_handler(config.handler)
     except WeftError as exc:  # HandlerImportError, a broken plugin, a pid file's directory
-        return _fail(exc, EXIT_USAGE)
+        return _fail(_sourced(exc, config), EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
@@ -270,39 +271,43 @@ def _serve(ns: argparse.Namespace) -> int:
             config, server_commands(server, drain), namespace={"server": server}, worker=worker
         )
 
+    pid_file = None if pid is None else PidFile(pid)
     try:
         server = Server(handler, **kwargs)
         if switch:
             # Before the switch of user, where the operator's weft ctl looks (the
-            # sockets are bound already, by bind_first or the supervisor).
+            # sockets are bound already, by bind_first or the supervisor); and the
+            # pid file, which a root-only directory (/run) takes only from root.
             open_control_socket()
+            if pid_file is not None:
+                pid_file.write()
             drop_privileges(*account)
     except (WeftError, OSError) as exc:
         for listener in bound:
             close_listener(listener)
         if control is not None:
             control.close()
+        if pid_file is not None:
+            pid_file.remove()
         if isinstance(exc, BindError):  # the control socket's path is taken
             return _fail(exc, EXIT_RUNTIME)
-        if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
-            # Server() names the key; the config knows which file, variable or flag set it.
-            exc = ConfigError(exc.message, source=config.origins.get(exc.key), key=exc.key)
         if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
-            return _fail(exc, EXIT_USAGE)
+            return _fail(_sourced(exc, config), EXIT_USAGE)
         return _fail(
             f"cannot switch to user {account[0]}, group {account[1]}: {exc}", EXIT_RUNTIME
         )
     for listener in bound:  # its descriptor is the server's now (fd:N), not this object's
         listener.sock.detach()
-    pid_file = None if pid is None else PidFile(pid)
 
     def listening() -> None:
+        for name in starting:
+            log.info("%s arrived while starting, before anything listened: ignored", name)
         # Once the server listens: a port in use fails before the control socket says a word.
         if not switch:
             open_control_socket()
         if control is not None:
             control.start()
-        if pid_file is not None:
+        if pid_file is not None and not switch:  # with --user, written before the switch
             pid_file.write()
         if link is not None:
             limit = _worker_link.max_requests_for(config)
@@ -355,14 +360,23 @@ def _prepare_process(config: Config) -> None:
         name = DEFAULT_MANAGER
     spec = _registry.available_managers().get(name)
     if spec is not None and spec.prepare_process is not None:
-        spec.prepare_process(**config.values.get("manager_options", {}))
+        options = config.values.get("manager_options", {})
+        try:
+            spec.prepare_process(**options)
+        except (TypeError, ValueError) as exc:  # what create_manager says of its options
+            given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+            raise ConfigError(
+                f"task manager {name!r} rejected its options ({given}): {exc}",
+                key="manager_options",
+            ) from exc
 
 
 def _check_config(config: Config) -> int:
     """``weft serve --check-config``: print every setting and its origin, check the handler.
 
-    The manager is looked up and the handler imported, as ``weft serve`` would, so
-    status 0 means the same command without --check-config gets as far as binding.
+    The handler is imported and the Server made (its manager, options, TLS context
+    and the checks between settings), as ``weft serve`` does, so status 0 means the
+    same command without --check-config gets as far as binding; nothing is bound.
     """
     for line in config.describe():
         print(line)
@@ -371,13 +385,19 @@ def _check_config(config: Config) -> int:
     if config.handler is None:
         return _fail("no handler: give one as `weft serve module:attribute`", EXIT_USAGE)
     try:
-        from ._server import DEFAULT_MANAGER
+        from ._server import Server
 
-        _registry.get_manager_spec(config.get("manager") or DEFAULT_MANAGER)
-        import_handler(config.handler)
+        Server(import_handler(config.handler), **config.server_kwargs())
     except WeftError as exc:
-        return _fail(exc, EXIT_USAGE)
+        return _fail(_sourced(exc, config), EXIT_USAGE)
     return 0
+
+
+def _sourced(exc: WeftError, config: Config) -> WeftError:
+    """A ConfigError the Server raised, naming the file, variable or flag that set its key."""
+    if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
+        return ConfigError(exc.message, source=config.origins.get(exc.key), key=exc.key)
+    return exc
 
 
 def _reload(argv: Sequence[str], config: Config) -> int:
@@ -526,7 +546,8 @@ def _serve_until_stopped(
             return status
     if server.error is not None:
         return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
-    return 0
+    # Stopped by itself: a worker retired by its supervisor (a reload, a recycle).
+    return _drained(server) if server.stats().get("left_behind", 0) else 0
 
 
 def _stop_for(

@@ -290,14 +290,33 @@ def serve_default_settings(environ: Mapping[str, str]) -> tuple[_Settings, dict[
     port = environ.get("PORT", "").strip()
     if port:
         source = "environment variable PORT"
-        out.update(address=PORT_ADDRESS, port=_check_value("port", port, source, text=True))
+        out.update(address=PORT_ADDRESS, port=_platform_default("port", port, source))
         labels.update(address=source, port=source)
     workers = environ.get("WEB_CONCURRENCY", "").strip()
     if workers:
         source = "environment variable WEB_CONCURRENCY"
-        out["workers"] = _check_value("workers", workers, source, text=True)
+        out["workers"] = _platform_default("workers", workers, source)
         labels["workers"] = source
     return out, labels
+
+
+@dataclass(frozen=True)
+class _Unusable:
+    """A platform default that failed its check: an error only if nothing replaces it."""
+
+    error: ConfigError
+
+
+def _platform_default(key: str, text: str, source: str) -> Any:
+    """``$PORT`` or ``$WEB_CONCURRENCY`` checked, its error kept for later.
+
+    They are defaults: a --bind or --workers flag (or the file) wins over them, and
+    then an unusable value in the platform's environment must not stop the start.
+    """
+    try:
+        return _check_value(key, text, source, text=True)
+    except ConfigError as exc:
+        return _Unusable(exc)
 
 
 # -- putting the sources together ------------------------------------------------------
@@ -464,6 +483,9 @@ def load_config(
             if key not in merged:
                 merged[key] = defaults[key]
                 origins[key] = default_labels[key]
+    for value in merged.values():
+        if isinstance(value, _Unusable):  # a platform default nothing replaced
+            raise value.error
     return _assemble(merged, origins, None if file is None else file[0], warnings)
 
 

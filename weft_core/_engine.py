@@ -899,11 +899,14 @@ class Engine(ABC, Generic[R]):
         until = self.stop_until
         assert until is not None
         rest = self.snapshot()
-        log.warning(
-            "%d connection(s) still open after the graceful timeout (%ss); interrupting them",
-            len(rest),
-            f"{until - began:.3g}",
-        )
+        if until > began:
+            log.warning(
+                "%d connection(s) still open after the graceful timeout (%ss); interrupting them",
+                len(rest),
+                f"{until - began:.3g}",
+            )
+        else:
+            log.warning("%d connection(s) still open: interrupting them (a quick stop)", len(rest))
         deadline = until + STOP_GRACE
         self.interrupt(rest, deadline)
         if self.wait_idle(deadline):

@@ -58,6 +58,33 @@ class PidFile:
                 f"cannot write the pid file {self.path} (pid): this user may not write to "
                 f"{directory}; give a path it may write to"
             )
+        other = self._running_owner()
+        if other is not None:
+            raise ConfigError(
+                f"the pid file {self.path} (pid) names process {other}, which is running:"
+                " another server uses it; stop that one first, or give another path"
+            )
+
+    def _running_owner(self) -> int | None:
+        """The live process, other than this one, that the file names; None if none.
+
+        As gunicorn refuses to start then: taking the file over, and removing it at
+        exit, would leave the first server running with no pid file. A file naming a
+        process that has gone (a crash, a reboot) is stale and is replaced.
+        """
+        try:
+            pid = int(self.path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+        if pid <= 0 or pid == os.getpid():  # re-executed by USR2: the same process
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            return pid
+        return pid
 
     def write(self) -> None:
         """Write this process's id (atomically: a reader never sees half a number)."""

@@ -455,7 +455,10 @@ def create_manager(name: str, **options: Any) -> TaskManager:
     given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
     unexpected = _check_options(spec.factory, options)
     if unexpected:
-        raise ConfigError(f"task manager {spec.name!r}: {unexpected} (options given: {given})")
+        raise ConfigError(
+            f"task manager {spec.name!r}: {unexpected} (options given: {given})",
+            key="manager_options",
+        )
     where = (
         f"distribution {spec.distribution} {spec.version}"
         if spec.distribution
@@ -465,7 +468,8 @@ def create_manager(name: str, **options: Any) -> TaskManager:
         manager = spec.create(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
-            f"task manager {spec.name!r} rejected its options ({given}): {_one_line(exc)}"
+            f"task manager {spec.name!r} rejected its options ({given}): {_one_line(exc)}",
+            key="manager_options",
         ) from exc
     except Exception as exc:
         raise PluginError(
@@ -512,10 +516,16 @@ def _check_options(factory: Callable[..., object], options: dict[str, Any]) -> s
             for p in signature.parameters.values()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        from ._settings import SETTINGS
+
         hints = [
-            f"did you mean {close[0]!r} for {key!r}?"
+            f"{key!r} is a setting of its own, not a manager option: in weft.toml, put it"
+            " above [manager_options]"
+            if key in SETTINGS
+            else f"did you mean {close[0]!r} for {key!r}?"
             for key in options
-            if key not in takes and (close := difflib.get_close_matches(key, takes, n=1))
+            if key not in takes
+            and (key in SETTINGS or (close := difflib.get_close_matches(key, takes, n=1)))
         ]
         return "; ".join([f"{exc}; it takes: {', '.join(takes) or 'no options'}", *hints])
     return None

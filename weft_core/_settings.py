@@ -36,6 +36,7 @@ from ._endpoints import parse_endpoint
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
+from ._shutdown_port import check_allow_no_secret
 from ._tls import make_server_context
 
 if TYPE_CHECKING:
@@ -820,17 +821,12 @@ class Settings:
                         "only applies with shutdown_port; set shutdown_port (0 picks a free port)",
                         key=key,
                     )
-        if (
-            values["shutdown_port"] is not None
-            and values["shutdown_secret"] is None
-            and values["shutdown_handler"] is None
-            and not values["shutdown_allow_no_secret"]
-        ):
-            raise ConfigError(
-                "shutdown_port without a secret lets any local process stop the server;"
-                " set shutdown_secret, or shutdown_allow_no_secret = true to accept that",
-                key="shutdown_secret",
-            )
+        check_allow_no_secret(
+            values["shutdown_port"],
+            values["shutdown_secret"],
+            values["shutdown_handler"],
+            values["shutdown_allow_no_secret"],
+        )
         tls = values.pop("tls")
         if isinstance(tls, Mapping):
             tls = make_server_context(tls_table(tls))

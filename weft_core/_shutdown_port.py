@@ -118,7 +118,7 @@ def check_allow_no_secret(port: object, secret: object, handler: object, allow: 
         raise ConfigError(
             "shutdown_port without a secret lets any local process stop the server;"
             " set shutdown_secret, or shutdown_allow_no_secret = true to accept that",
-            key="shutdown_secret",
+            key="shutdown_port",  # the key that was set: its source is the one named
         )
     return allow
 

@@ -23,6 +23,7 @@ import faulthandler
 import logging
 import signal
 import sys
+import threading
 
 __all__ = [
     "CONTROL_SIGNALS",
@@ -30,6 +31,7 @@ __all__ = [
     "STOP_SIGNALS",
     "WORKER_IGNORED",
     "enable_stack_dump",
+    "hold_while_starting",
     "reopen_log_files",
 ]
 
@@ -54,6 +56,30 @@ WORKER_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 DUMP_SIGNAL = signal.SIGWINCH
 
 log = logging.getLogger("weft")
+#: What a process still starting (reading its config, importing the application)
+#: holds rather than dies of: by default HUP, USR1 and USR2 kill it and TTIN and TTOU
+#: stop it, so a logrotate USR1 or a `systemctl reload` arriving during a slow import
+#: would take the service down. TERM, INT and QUIT keep their defaults: a stop.
+STARTING_HELD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def hold_while_starting() -> list[str]:
+    """Note the control signals that arrive until the server's own handlers go in.
+
+    Returns the list their names are added to, for the caller to report once it
+    listens (a reload or a reopen asked before there was anything to act on).
+    Only in the main thread, where signal handlers live.
+    """
+    arrived: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        return arrived
+
+    def note(signum: int, frame: object) -> None:
+        arrived.append(signal.Signals(signum).name)
+
+    for signum in STARTING_HELD:
+        signal.signal(signum, note)
+    return arrived
 
 
 def enable_stack_dump() -> None:

@@ -373,6 +373,7 @@ class Supervisor:
         self._workers: dict[int, _Worker] = {}  # by pid
         self._due: list[tuple[float, float | None]] = []  # starts: (when, its back-off)
         self._stopping = False
+        self._only_draining = False
         self._status = 0
         self._next_start = 0.0
         self._stop_asked = threading.Event()
@@ -453,7 +454,7 @@ class Supervisor:
             len(self._workers),
             f"{self._graceful_timeout:g}",
         )
-        self._begin_stop(time.monotonic())
+        self._begin_stop(time.monotonic(), soft=True)
 
     def _wake(self) -> None:
         wakeup = self._wakeup
@@ -515,7 +516,7 @@ class Supervisor:
             name = signal.Signals(signum).name
             if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
                 quick = signum == signal.SIGQUIT
-                if not self._stopping:
+                if not self._stopping or self._only_draining:
                     log.info(
                         "received %s: stopping %d worker(s) %s",
                         name,
@@ -701,18 +702,35 @@ class Supervisor:
 
     # -- stopping ---------------------------------------------------------------------------
 
-    def _begin_stop(self, now: float, quick: bool = False) -> None:
+    def _begin_stop(self, now: float, quick: bool = False, soft: bool = False) -> None:
+        """Stop every worker: SIGTERM (graceful), SIGQUIT (``quick``), or a drain (``soft``).
+
+        A drain (``weft ctl drain``) retires each worker as a reload does: no new
+        connections, and open ones end by themselves within the graceful timeout; no
+        connection's input is ended, so a client between two requests goes on.
+        """
+        first = not self._stopping
         self._stopping = True
+        #: A drain (weft ctl drain) is under way, no stop signal yet: the first one
+        #: still stops the workers as it always does (TERM gracefully, QUIT at once).
+        self._only_draining = soft
         self._due.clear()
-        self._notifier.stopping("stopping")
-        if self._on_stop is not None:
-            self._on_stop()
+        if first:
+            self._notifier.stopping("stopping")
+            if self._on_stop is not None:
+                self._on_stop()
         local = self._local
         if local is not None and not local.done():
             # Draining after a reload or not, its connections stop as the workers' do.
             if not local.retired:
                 local.retire(self._wake)
-            local.stop(quick)
+            if not soft:
+                local.stop(quick)
+        if soft:
+            for worker in self._workers.values():
+                if not worker.retiring:
+                    self._retire(worker, now)
+            return
         deadline = now + EXIT_MARGIN + (0.0 if quick else self._graceful_timeout)
         for worker in self._workers.values():
             worker.retiring = True

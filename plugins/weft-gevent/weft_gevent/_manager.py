@@ -30,7 +30,7 @@ from weft_core import TaskShutdown, TaskState, TaskTable, run_task
 
 from ._hub import HubLink, HubOwner
 from ._runtime import GeventRuntime
-from ._serve import watch_blocking
+from ._serve import as_flag, watch_blocking
 
 __all__ = ["GeventManager"]
 
@@ -184,7 +184,7 @@ class GeventManager:
     ) -> None:
         # patch is weft serve's (prepare_process): taken here so that one set of
         # options fits both; a manager made from Python never patches.
-        del patch
+        as_flag(patch, "patch")
         if max_blocking_time is not None and max_blocking_time is not False:
             watch_blocking(float(max_blocking_time))
         self._table: TaskTable[_Task] = TaskTable(limit, "gevent manager")

@@ -69,11 +69,30 @@ def prepare_process(
     ``patch=False`` leaves patching to the application; ``max_blocking_time=False``
     turns the report off. ``options``: the manager's other options, not used here.
     """
-    if patch and not gevent.monkey.is_module_patched("socket"):
+    if as_flag(patch, "patch") and not gevent.monkey.is_module_patched("socket"):
         gevent.monkey.patch_all()
         log.debug("gevent monkey-patching done (turn it off with -o patch=false)")
     if max_blocking_time is not None and max_blocking_time is not False:
         watch_blocking(float(max_blocking_time))
+
+
+#: The words weft's own settings take for true and false (``-o patch=no`` as ``false``).
+_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}  # fmt: skip
+
+
+def as_flag(value: object, name: str) -> bool:
+    """A true-or-false option, given as a bool or as weft's words for one.
+
+    ``-o patch=no`` reaches the manager as the string "no": taken as true, as any
+    non-empty string is, it patched the process that asked not to be patched.
+    """
+    if isinstance(value, bool):
+        return value
+    word = _WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+    if word is None:
+        raise ValueError(f"{name} is true or false (or yes/no, on/off, 1/0), got {value!r}")
+    return word
 
 
 def watch_blocking(seconds: float) -> None:

@@ -1,9 +1,10 @@
 """The scrape endpoint: a small HTTP server in a daemon thread.
 
-One request at a time, each bounded by ``SCRAPE_TIMEOUT`` from accept to the last
-byte of the reply, so a slow or stalled scraper holds the endpoint for at most that
-long and never pins a thread. Only blocking socket calls are used, so under gevent's
-monkey-patching the thread is a greenlet and the calls yield to the hub. The body
+Each scrape is answered in a thread of its own (at most ``MAX_SCRAPES`` at once;
+more are closed at once), bounded by ``SCRAPE_TIMEOUT`` from accept to the last byte
+of the reply: an idle or stalled connection cannot delay another scraper, and never
+pins a thread for longer. Only blocking socket calls are used, so under gevent's
+monkey-patching the threads are greenlets and the calls yield to the hub. The body
 is prometheus-client's ``generate_latest``.
 """
 
@@ -13,10 +14,11 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["MAX_REQUEST", "SCRAPE_TIMEOUT", "Exporter"]
+__all__ = ["MAX_REQUEST", "MAX_SCRAPES", "SCRAPE_TIMEOUT", "Exporter"]
 
 log = logging.getLogger("weft_prometheus")
 
@@ -25,11 +27,16 @@ log = logging.getLogger("weft_prometheus")
 SCRAPE_TIMEOUT = 10.0
 #: A scrape's request line and headers fit in far less; more is not a scraper.
 MAX_REQUEST = 8192
+#: Scrapes answered at once: scrapers are few, and a connection that sends nothing
+#: (a port scan, a stalled client) holds one of these for SCRAPE_TIMEOUT at most.
+MAX_SCRAPES = 8
 #: Backlog of the metrics socket: scrapers are few.
 _BACKLOG = 16
 #: After an accept error that is not the socket closing (EMFILE), wait this long
-#: rather than spin.
+#: rather than spin; and how often a worker tries the address its predecessor holds.
 _ACCEPT_BACKOFF = 0.1
+#: How often the endpoint asks whether its servers still accept (see Exporter).
+_RETIRED_CHECK = 0.1
 
 
 class Exporter:
@@ -37,22 +44,35 @@ class Exporter:
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so every worker of one supervisor
     listens on the same address and the kernel hands each scrape to one of them.
+    One process binds it alone, so that when it hands over to workers (a reload)
+    exactly one of the two answers at a time: the workers bind once it lets go
+    (:meth:`open_when_free`), and it lets go once ``retired()`` (every server of
+    its stopped accepting), checked after each scrape and every ``_RETIRED_CHECK``.
+    A counter then steps back once, to the workers' sum, rather than jumping
+    between two processes' values for the whole drain.
 
     Error handling: :meth:`open` raises OSError if the address cannot be bound.
-    Resource handling: :meth:`close` closes the socket and ends the thread.
+    Resource handling: :meth:`close` closes the socket and ends the threads.
     """
 
     def __init__(
-        self, registry: CollectorRegistry, host: str, port: int, *, reuse_port: bool
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool,
+        retired: Callable[[], bool] = lambda: False,
     ) -> None:
         self._registry = registry
+        self._retired = retired
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
         self._where = (host, port)
         self._reuse_port = reuse_port
         self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._closed = False
 
-    def open(self) -> None:
-        """Bind and listen, then answer scrapes in a daemon thread."""
+    def _bind(self) -> socket.socket:
         host, port = self._where
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
             0
@@ -67,11 +87,36 @@ class Exporter:
         except BaseException:
             sock.close()
             raise
+        sock.settimeout(_RETIRED_CHECK)
+        return sock
+
+    def open(self) -> None:
+        """Bind and listen, then answer scrapes in a daemon thread."""
+        self._start(self._bind())
+
+    def open_when_free(self) -> None:
+        """Bind as soon as the process holding the address alone lets go of it."""
+
+        def wait() -> None:
+            while not self._closed:
+                time.sleep(_ACCEPT_BACKOFF)
+                try:
+                    sock = self._bind()
+                except OSError:
+                    continue
+                self._start(sock)
+                return
+
+        threading.Thread(target=wait, name="weft-prometheus bind", daemon=True).start()
+
+    def _start(self, sock: socket.socket) -> None:
+        if self._closed:
+            sock.close()
+            return
         self._sock = sock
-        self._thread = threading.Thread(
+        threading.Thread(
             target=self._serve, args=(sock,), name="weft-prometheus", daemon=True
-        )
-        self._thread.start()
+        ).start()
 
     @property
     def port(self) -> int | None:
@@ -80,6 +125,7 @@ class Exporter:
 
     def close(self) -> None:
         """Stop listening; a scrape being answered finishes within SCRAPE_TIMEOUT."""
+        self._closed = True
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -91,20 +137,38 @@ class Exporter:
 
     def _serve(self, sock: socket.socket) -> None:
         while self._sock is sock:
+            if self._retired():
+                self.close()
+                return
             try:
                 conn, _ = sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._sock is not sock:
                     return
                 time.sleep(_ACCEPT_BACKOFF)
                 continue
+            conn.settimeout(None)
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # MAX_SCRAPES are being answered: not a scraper's pace
+                continue
+            threading.Thread(
+                target=self._scrape, args=(conn,), name="weft-prometheus scrape", daemon=True
+            ).start()
+
+    def _scrape(self, conn: socket.socket) -> None:
+        try:
             with conn:
-                try:
-                    self._answer(conn)
-                except OSError:  # the scraper went away or was too slow
-                    pass
-                except Exception:
-                    log.exception("weft-prometheus: cannot answer a scrape")
+                self._answer(conn)
+        except OSError:  # the scraper went away or was too slow
+            pass
+        except Exception:
+            log.exception("weft-prometheus: cannot answer a scrape")
+        finally:
+            self._slots.release()
+        if self._retired():
+            self.close()
 
     def _answer(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + SCRAPE_TIMEOUT

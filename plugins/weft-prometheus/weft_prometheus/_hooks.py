@@ -14,9 +14,11 @@ each scrape reports the sum over all workers.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,13 @@ class _Process:
             multiprocess.MultiProcessCollector(self.registry, path=str(self.directory))  # type: ignore[no-untyped-call]
         self.exporter: Exporter | None = None
         self.running = 0  # servers of this process that run
+        #: Those servers, to tell when none accepts any more (see Exporter's retired).
+        self.servers: weakref.WeakSet[Server] = weakref.WeakSet()
+
+    def retired(self) -> bool:
+        """True once every running server of this process has closed its listeners."""
+        servers = list(self.servers)
+        return bool(servers) and all(not server.sockets for server in servers)
 
 
 def _enter_multiprocess(supervisor: int) -> Path:
@@ -111,6 +120,7 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
     with _lock:
         state.running += 1
+        state.servers.add(server)
         if state.exporter is not None:
             return
         try:
@@ -120,12 +130,17 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
             return
         if address is None:  # unset since the plugin loaded: count, serve nothing
             return
-        # SO_REUSEPORT in one process too: when it hands its sockets to workers (a
-        # reload), they bind the address while it drains, rather than failing.
-        exporter = Exporter(state.registry, *address, reuse_port=True)
+        # Workers share the address (SO_REUSEPORT); one process holds it alone, and
+        # workers it hands over to (a reload) bind it once it has stopped accepting.
+        workers = state.directory is not None
+        exporter = Exporter(state.registry, *address, reuse_port=workers, retired=state.retired)
         try:
             exporter.open()
         except OSError as exc:
+            if workers and exc.errno == errno.EADDRINUSE:  # the process handing over
+                exporter.open_when_free()
+                state.exporter = exporter
+                return
             log.error(
                 "weft-prometheus: cannot serve metrics on %s (%s): %s; serving without them",
                 os.environ.get(ADDRESS_ENV, "").strip(),
@@ -141,6 +156,7 @@ def weft_server_stopped(server: Server, stats: dict[str, Any]) -> None:
     """Stop listening for scrapes once the process's last server has stopped."""
     state = _state()
     with _lock:
+        state.servers.discard(server)
         state.running = max(0, state.running - 1)
         if state.running == 0 and state.exporter is not None:
             state.exporter.close()

@@ -164,6 +164,8 @@ class ThreadManager:
                 "threads manager: idle_expiry must be a positive number of seconds, not"
                 f" {idle_expiry!r}, such as idle_expiry=10 (idle_threads=0 keeps no idle thread)"
             )
+        if stack_size is not None:
+            _check_stack_size(stack_size)
         self._table: TaskTable[TaskState] = TaskTable(limit, "threads manager")
         self._stack_size = stack_size
         self._stack_lock = threading.Lock()
@@ -323,3 +325,23 @@ class ThreadManager:
     def all_tasks(self) -> list[Hashable]:
         """Ids of the tasks running (or starting) now."""
         return self._table.ids()
+
+
+def _check_stack_size(value: object) -> None:
+    """Refuse, when the manager is made, a stack size no thread could start with.
+
+    Asked of ``threading.stack_size`` itself (then set back): what this platform
+    takes (0, or at least 32 KiB, perhaps in pages), rather than a rule of ours.
+    Without it, the first connection failed with a traceback from ``run()``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"threads manager: stack_size must be a number of bytes, not {value!r}")
+    try:
+        previous = threading.stack_size(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"threads manager: stack_size={value} cannot be a thread's stack ({exc});"
+            " give 0 (the platform's) or a number of bytes, 32 KiB or more,"
+            " such as stack_size=262144"
+        ) from None
+    threading.stack_size(previous)
