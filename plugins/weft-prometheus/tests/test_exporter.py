@@ -81,3 +81,27 @@ def test_close_ends_the_thread(exporter: Exporter) -> None:
     assert exporter.port is None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+
+
+def test_a_request_ended_by_bare_line_feeds_is_answered(exporter: Exporter) -> None:
+    """``printf 'GET /metrics HTTP/1.0\\n\\n' | nc``: a request with LF line ends is answered."""
+    assert exporter.port is not None
+    with socket.create_connection(("127.0.0.1", exporter.port), timeout=WAIT) as client:
+        client.sendall(b"GET /metrics HTTP/1.0\n\n")
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"demo_things_total 3.0" in reply
+
+
+def test_idle_connections_do_not_delay_a_scrape(exporter: Exporter) -> None:
+    """Connections that send nothing (a port scan, a stalled client) hold no scrape up."""
+    assert exporter.port is not None
+    idle = [socket.create_connection(("127.0.0.1", exporter.port), timeout=WAIT) for _ in range(3)]
+    try:
+        started = time.monotonic()
+        assert get(exporter.port)[0] == 200
+        assert time.monotonic() - started < 2.0, "answered at once, not after the idle ones"
+    finally:
+        for sock in idle:
+            sock.close()

@@ -173,7 +173,7 @@ class Exporter:
     def _answer(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + SCRAPE_TIMEOUT
         head = b""
-        while b"\r\n\r\n" not in head:
+        while b"\r\n\r\n" not in head and b"\n\n" not in head:  # bare LF: HTTP/1.1 allows it
             if len(head) > MAX_REQUEST:
                 return self._reply(conn, deadline, b"431 Request Header Fields Too Large")
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
