@@ -275,3 +275,48 @@ def test_weft_serve_reports_a_manager_whose_add_task_raises_in_one_line() -> Non
     assert proc.returncode != 0, output
     assert "Traceback" not in output, f"weft serve prints a traceback:\n{output}"
     assert "stranger-add-raises" in output, f"the failing manager is not named:\n{output}"
+
+
+PAUSE_PROBE = """
+import json, os, socket, sys
+from weft_core import Server
+
+def echo(conn):
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+server = Server(echo, manager=sys.argv[1], port=0)
+server.run()
+server.pause_accepting()
+waiting = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+waiting.sendall(b"x")
+waiting.settimeout(0.5)
+try:
+    served_while_paused = waiting.recv(1) == b"x"
+except TimeoutError:
+    served_while_paused = False
+server.resume_accepting()
+waiting.settimeout(5)
+served_after = waiting.recv(1) == b"x"
+print(json.dumps({"while_paused": served_while_paused, "after": served_after}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(40)
+def test_a_pause_holds_even_when_stop_task_raises() -> None:
+    """pause_accepting() stops accepting whatever the manager's stop_task does.
+
+    docs: "clients that connect meanwhile are queued by the kernel ... and served
+    after resume_accepting()". With a stop_task that raises, the pause was only
+    logged ("changing the listeners or the limit failed"): the server counted as
+    paused while its acceptor went on serving, and a resume started a second one.
+    Now the acceptor is woken and, seeing the pause, ends by itself.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", PAUSE_PROBE, "stranger-stop-raises"],
+        capture_output=True, text=True, timeout=30, env=_env(), check=False,
+    )  # fmt: skip
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"while_paused": False, "after": True}, (report, done.stderr[-2000:])

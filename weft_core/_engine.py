@@ -390,8 +390,8 @@ class Engine(ABC, Generic[R]):
         self, lt: ListenerTask, exc: OSError, state: TaskState | None
     ) -> float | None:
         """Decide what a failed accept means. Returns a pause, 0 to go on, None to stop."""
-        if self.closing or (state is not None and state.requested):
-            return None
+        if self.closing or self.paused or (state is not None and state.requested):
+            return None  # woken to end: a stop, or a pause
         action = policy.classify_accept_error(exc)
         if action is policy.AcceptAction.SKIP:
             log.debug("accept on %s: %s (skipped)", lt.address, exc)
@@ -762,7 +762,27 @@ class Engine(ABC, Generic[R]):
             self.paused = True
             for lt in self.listeners:
                 if lt.task_id is not None:
-                    self.manager.stop_task(lt.task_id, timeout=0)
+                    self._stop_acceptor(lt)
+
+    def _stop_acceptor(self, lt: ListenerTask) -> None:
+        """End ``lt``'s acceptor task (a pause, a stop), whatever the manager does.
+
+        Never shutdown() a listener: it may be shared with other processes (workers,
+        systemd). Thread runtimes wake accept() with a pipe; event-loop managers
+        interrupt the acceptor (kill, cancel) at once. A broken manager whose
+        stop_task raises must not keep it, or the next, accepting: its accept() is
+        woken here, and the acceptor, seeing the pause or the stop, ends by itself.
+        """
+        assert lt.task_id is not None
+        try:
+            self.manager.stop_task(lt.task_id, timeout=0)
+        except Exception:
+            log.exception(
+                "the task manager's stop_task failed for the acceptor of %s; waking it instead",
+                lt.address,
+            )
+            with contextlib.suppress(Exception):
+                self.runtime.wake_listener(lt.native)
 
     def resume(self) -> None:
         """Start a new acceptor task on each listener kept open by :meth:`pause`."""
@@ -857,21 +877,7 @@ class Engine(ABC, Generic[R]):
         def stop_them() -> None:
             for lt in self.listeners:
                 if lt.task_id is not None:
-                    # Never shutdown() a listener: it may be shared with other processes
-                    # (workers, systemd). Thread runtimes wake accept() with a pipe;
-                    # event-loop managers interrupt the acceptor (kill, cancel) at once.
-                    try:
-                        self.manager.stop_task(lt.task_id, timeout=0)
-                    except Exception:
-                        # A broken manager must not keep this listener, or the next,
-                        # accepting: wake its accept() here and close it all the same.
-                        log.exception(
-                            "the task manager's stop_task failed for the acceptor of %s;"
-                            " closing its listener anyway",
-                            lt.address,
-                        )
-                        with contextlib.suppress(Exception):
-                            self.runtime.wake_listener(lt.native)
+                    self._stop_acceptor(lt)
                 # The acceptor closes its listener on the way out; one that never ran
                 # (a manager may drop a queued task) must not leave it open. A paused
                 # acceptor left it open: close it in the loop, where a runtime's socket

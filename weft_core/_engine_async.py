@@ -59,7 +59,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
         addr: Any = None
         since = 0.0
         try:
-            while not self.closing:
+            # A pause or a stop ends it (stop_task, or a wake if a manager's failed).
+            while not self.closing and not self.paused and lt.generation == generation:
                 if backlog_mode and slots is not None and not slots.acquire_nowait():
                     while not await slots.acquire_within(FULL_POLL):
                         if self.closing or (state is not None and state.requested):
