@@ -320,3 +320,22 @@ def test_a_pause_holds_even_when_stop_task_raises() -> None:
     )  # fmt: skip
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"while_paused": False, "after": True}, (report, done.stderr[-2000:])
+
+
+@pytest.mark.timeout(40)
+def test_weft_serve_refuses_a_manager_whose_add_task_returns_no_id() -> None:
+    """An acceptor without a task id could be neither paused nor stopped: said at once.
+
+    The suite catches such a manager only after many per-test timeouts; weft serve
+    ran with it, its acceptor beyond the reach of every pause and stop.
+    """
+    proc, port, lines = _serve("stranger-add-returns-none")
+    try:
+        rest, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            rest, _ = proc.communicate()
+    output = "".join(lines) + (rest or "")
+    assert port is None and proc.returncode == 1, output
+    assert "add_task returned None" in output and "Traceback" not in output, output

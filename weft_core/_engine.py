@@ -360,6 +360,12 @@ class Engine(ABC, Generic[R]):
         """Add one acceptor task per listener to the manager."""
         for lt in self.listeners:
             lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
+            if lt.task_id is None:
+                # Without an id the acceptor could be neither paused nor stopped.
+                raise ServerError(
+                    f"{type(self.manager).__name__}.add_task returned None: a task manager"
+                    " returns a hashable id for each task (docs/writing-a-manager.md)"
+                )
 
     def stats(self) -> dict[str, Any]:
         """The counters now, ``active``, bytes, and the duration histogram (cumulative)."""
