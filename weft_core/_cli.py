@@ -387,10 +387,40 @@ def _check_config(config: Config) -> int:
     try:
         from ._server import Server
 
-        Server(import_handler(config.handler), **config.server_kwargs())
+        server = Server(import_handler(config.handler), **config.server_kwargs())
     except WeftError as exc:
         return _fail(_sourced(exc, config), EXIT_USAGE)
+    for line in _manager_defaults(server, config):
+        print(line)
     return 0
+
+
+def _manager_defaults(server: Any, config: Config) -> list[str]:
+    """The manager's own options that no source set, with the defaults it takes.
+
+    What is in effect (asyncio's ``loop``, threads' ``idle_threads``) is otherwise
+    nowhere in the listing: the settings table knows only ``limit``. Read from the
+    factory's signature, or the manager's class when the factory takes ``**options``.
+    """
+    import inspect
+
+    from ._config import json_value
+
+    name = server.manager_name
+    given = set(config.values.get("manager_options", {})) | {"limit"}
+    try:
+        signature = inspect.signature(_registry.get_manager_spec(name).factory)
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            signature = inspect.signature(type(server.task_manager))
+    except (TypeError, ValueError, WeftError):
+        return []
+    return [
+        f"manager_options.{p.name} = {json_value(p.default)}  # default ({name})"
+        for p in signature.parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is not p.empty
+        and p.name not in given
+    ]
 
 
 def _sourced(exc: WeftError, config: Config) -> WeftError:

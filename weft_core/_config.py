@@ -400,7 +400,7 @@ class Config:
             if setting is not None and setting.kind.secret and value is not None:
                 value = "***"
             origin = self.sources.get(key, DEFAULT) if given else DEFAULT
-            lines.append(f"{key} = {_json(value)}  # {_origin_kind(origin, self.file)}")
+            lines.append(f"{key} = {json_value(value)}  # {_origin_kind(origin, self.file)}")
         return lines
 
     def server_kwargs(self) -> dict[str, Any]:
@@ -416,7 +416,8 @@ class Config:
         return kwargs
 
 
-def _json(value: Any) -> str:
+def json_value(value: Any) -> str:
+    """A value as --check-config shows it: JSON, tuples as lists, non-ASCII kept."""
     import json
 
     if isinstance(value, tuple):

@@ -27,13 +27,13 @@ commands:
   status                     stats of the server (per worker, and totals)
   connections                every open connection: peer, age, bytes in and out
   pause | resume             stop or start accepting; the listener stays bound
-  set max-connections N      change the limit at once ('none' for no limit)
+  set max-connections N      change the limit at once (turning it off needs a restart)
   close [PID:]TASK_ID [SECONDS]  stop one connection (ids from 'connections'; the
                              worker's PID too under --workers)
   drain [SECONDS]            stop accepting; exit when idle or after SECONDS
   reload                     graceful reload (as SIGHUP)
   workers +N | -N            add or remove worker processes
-  stacks                     every thread's stack
+  stacks                     every thread's, greenlet's and task's stack
   console                    a Python REPL in the server (if configured)
 """
 
@@ -54,7 +54,9 @@ def add_parser(commands: Any) -> None:
         help=f"the control socket (default: control_socket from config, else {default_path()})",
     )
     ctl.add_argument("-c", "--config", metavar="FILE", help="read control_socket from FILE")
-    ctl.add_argument("name", metavar="COMMAND")
+    # Both optional to argparse, which would otherwise call ARG required too: a
+    # missing command is said by _ctl, in its own words.
+    ctl.add_argument("name", nargs="?", metavar="COMMAND")
     ctl.add_argument("args", nargs="*", metavar="ARG")
 
 
@@ -71,11 +73,31 @@ def resolve_path(socket_flag: str | None, config_file: str | None) -> str | None
     return config.control_socket
 
 
-def _parse(name: str, args: list[str]) -> tuple[str, dict[str, Any]]:
+#: Every command, as USAGE lists them: a typo is a wrong command line (exit 2), said
+#: here rather than by the server (or by "no weft serve is running").
+COMMANDS = (
+    "status", "connections", "pause", "resume", "set", "close", "drain", "reload",
+    "workers", "stacks", "console",
+)  # fmt: skip
+
+
+def _parse(name: str | None, args: list[str]) -> tuple[str, dict[str, Any]]:
     """The request for ``weft ctl NAME ARGS...``; ValueError with what is wrong."""
+    if name is None:
+        raise ValueError(f"a command is required: {', '.join(COMMANDS)} (weft ctl --help)")
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
     if name == "set":
         if len(args) != 2:
             raise ValueError("usage: weft ctl set max-connections N")
+        if args[0] not in ("max-connections", "max_connections"):
+            raise ValueError(f"cannot set {args[0]!r}; settable while running: max-connections")
+        number = args[1].isascii() and args[1].isdigit() and int(args[1]) >= 1
+        if not number and args[1].strip().lower() not in ("none", "unlimited"):
+            raise ValueError(
+                f"max-connections takes a whole number, 1 or more, got {args[1]!r}"
+                " (a limit is turned on or off only by a restart)"
+            )
         return name, {"name": args[0], "value": args[1]}
     if name == "workers":
         if len(args) != 1 or not args[0].lstrip("+-").isdigit() or args[0][0] not in "+-":

@@ -113,13 +113,13 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         if name not in ("max-connections", "max_connections"):
             raise ControlError(f"cannot set {name!r}; settable while running: max-connections")
         if isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
-            value = None
+            value = None  # refused by the server while running, with its reason
         elif isinstance(value, str):
             try:
                 value = int(value)
             except ValueError:
                 raise ControlError(
-                    f"max-connections takes a whole number or 'none', got {value!r}"
+                    f"max-connections takes a whole number, 1 or more, got {value!r}"
                 ) from None
         try:
             server.max_connections = value

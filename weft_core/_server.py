@@ -53,7 +53,7 @@ from ._errors import ConfigError, HandlerKindError, ServerError, WeftError
 from ._listeners import Family, open_listeners
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
-from ._registry import create_manager, hooks
+from ._registry import available_managers, create_manager, hooks
 from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
@@ -219,13 +219,21 @@ class Server:
         have = handler_kind(self._cfg.handler)
         if have != kind:
             name = _describe(self._cfg.handler)
+            others = ", ".join(
+                sorted(n for n, spec in available_managers().items() if spec.handler_kind == have)
+            ) or "none installed: pip install " + (
+                "weft-trio or weft-asyncio" if have == "async" else "weft-threads or weft-gevent"
+            )
             if kind == "async":
                 hint = (
                     f"write it as `async def {getattr(self._cfg.handler, '__name__', 'handle')}"
-                    "(stream): ...`, or choose a manager that runs plain functions (threads, gevent)"
+                    f"(stream): ...`, or choose a manager that runs plain functions ({others})"
                 )
             else:
-                hint = "write it as a plain `def`, or choose a manager that runs async handlers (trio)"
+                hint = (
+                    "write it as a plain `def`, or choose a manager that runs async handlers"
+                    f" ({others})"
+                )
             raise HandlerKindError(
                 f"handler {name} is {'an async def' if have == 'async' else 'a plain function'}, "
                 f"but manager {self._manager_name!r} runs {kind} handlers: {hint}"
@@ -485,7 +493,7 @@ class Server:
         """Run ``fn(*args)`` in the server's runtime, from any thread; a Future of its result.
 
         ``fn`` is a plain function on sync managers (threads, gevent) and an
-        ``async def`` on async ones (trio), as the handler is; it runs with the
+        ``async def`` on async ones (trio, asyncio), as the handler is; it runs with the
         caller's contextvars. The way to reply later, from elsewhere, to a parked
         connection: wake its handler from ``fn`` (set its event, fill its queue).
         On gevent it runs in a greenlet of the hub, on trio in a task of the
