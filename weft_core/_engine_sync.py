@@ -210,6 +210,8 @@ class SyncEngine(Engine[SyncRuntime]):
                 if info is None or not info.detached:
                     if handed is not None and handed is not conn.sock:
                         close_quietly(handed)
+                    if info is not None and info.tls_version is not None:
+                        _tls_goodbye(conn.sock)
                     close_quietly(conn.sock)
             finally:
                 self._finish(conn)
@@ -250,3 +252,17 @@ class SyncEngine(Engine[SyncRuntime]):
                 return self._tls_failed(info, exc)
             info.tls_version, info.tls_cipher, info.tls_peer_certificate = details
         return True
+
+
+def _tls_goodbye(sock: Any) -> None:
+    """Send TLS's close_notify, never waiting for the peer's (RFC 8446 section 6.1).
+
+    Without it a client cannot tell a whole reply from one cut short. ``unwrap()``
+    on a non-blocking socket sends it, then raises wanting the peer's, which is not
+    awaited; a connection already broken or reset raises at once.
+    """
+    try:
+        sock.settimeout(0)
+        sock.unwrap()
+    except (OSError, ValueError):  # ssl.SSLWantReadError is an OSError
+        pass

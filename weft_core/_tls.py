@@ -23,7 +23,8 @@ def make_server_context(parts: Mapping[str, Any]) -> ssl.SSLContext:
     ``parts`` is a ``tls`` table already checked by the settings table
     (``_settings.tls_table``: certfile, keyfile, cafile, require_client_cert,
     password). Built contexts
-    use ``Purpose.CLIENT_AUTH`` (server side) and accept TLS 1.2 at the least. With
+    use ``Purpose.CLIENT_AUTH`` (server side), accept TLS 1.2 at the least, and take
+    a client's end of input without close_notify as the end of its input. With
     ``cafile``, client certificates are asked for and verified (required with
     ``require_client_cert``). An encrypted key without a password is a ConfigError,
     never a prompt on the terminal.
@@ -41,6 +42,10 @@ def make_server_context(parts: Mapping[str, Any]) -> ssl.SSLContext:
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # The end of a client's input without close_notify (a stop's phase 2 ends every
+    # connection's input; a client half-closes) is the end of its input, not a broken
+    # session: OpenSSL 3 would otherwise refuse to encrypt the reply still owed.
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         context.load_cert_chain(
             parts["certfile"], parts.get("keyfile"), no_password if password is None else password

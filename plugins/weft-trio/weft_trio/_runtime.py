@@ -200,12 +200,15 @@ class TrioRuntime:
     def wrap_tls(self, stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.SSLStream[Any]:
         """A server-side ``trio.SSLStream`` over ``stream``; the caller does the handshake.
 
-        ``https_compatible``: a client that closes its TCP connection without TLS's
-        close_notify (most do) is an end of input, as the stdlib's SSLSocket treats
-        it on the other managers (``suppress_ragged_eofs``), not a TLS error; and
-        closing sends no close_notify of its own, as SSLSocket.close() does not.
+        A client that closes its TCP connection without TLS's close_notify (most do)
+        is an end of input, not a TLS error. weft's own contexts say so to OpenSSL
+        (``OP_IGNORE_UNEXPECTED_EOF``): the stream is then spec-compliant, and closing
+        sends close_notify (never waiting for the peer's). A context of the
+        application's without that option gets ``https_compatible``, which takes such
+        an end as the end of input too, and closes without close_notify.
         """
-        return trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        ignores_eof = bool(context.options & getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0))
+        return trio.SSLStream(stream, context, server_side=True, https_compatible=not ignores_eof)
 
     #: What a failed TLS handshake raises besides OSError (trio wraps ssl errors).
     tls_errors: tuple[type[BaseException], ...] = (
