@@ -209,10 +209,10 @@ def scrape(metrics: str, timeout: float = 15) -> str:
 
 
 def opened_total(metrics: str) -> float:
-    """weft_connections_opened_total summed; a scrape refused in the instant a reload
-    hands the address from the draining process to its workers (at most a few tenths
-    of a second: plugins/weft-prometheus/README) is tried again, as Prometheus would at
-    its next interval."""
+    """weft_connections_opened_total summed; a scrape refused (or, connecting in the
+    very instant, reset) while a reload hands the address from the draining process
+    to its workers (at most a few tenths of a second: plugins/weft-prometheus/README)
+    is tried again, as Prometheus would at its next interval."""
     for _ in range(10):
         try:
             body = scrape(metrics)
@@ -220,6 +220,8 @@ def opened_total(metrics: str) -> float:
         except urllib.error.URLError as exc:
             if not isinstance(exc.reason, ConnectionRefusedError):
                 raise
+            time.sleep(0.1)
+        except ConnectionResetError:  # connected in the very instant of the hand-over
             time.sleep(0.1)
     values = [float(v) for v in OPENED.findall(body)]
     return sum(values)

@@ -685,7 +685,9 @@ class Supervisor:
             oldest = old.pop(0)
             if oldest is not None:
                 self._retire(oldest, now)
-            elif local is not None:
+            elif local is not None and ready:
+                # Only a worker that serves takes over: after a reload abandoned (its
+                # new code broken) the count is 0 and the in-process server serves on.
                 log.info("a worker is ready: the in-process server drains now")
                 local.retire(self._wake)
 

@@ -47,7 +47,8 @@ class Exporter:
     One process binds it alone, so that when it hands over to workers (a reload)
     exactly one of the two answers at a time: the workers bind once it lets go
     (:meth:`open_when_free`), and it lets go once ``retired()`` (every server of
-    its stopped accepting), checked after each scrape and every ``_RETIRED_CHECK``.
+    its stopped accepting), checked every ``_RETIRED_CHECK``; the scrapes already
+    queued are answered before it stops listening.
     A counter then steps back once, to the workers' sum, rather than jumping
     between two processes' values for the whole drain.
 
@@ -138,7 +139,7 @@ class Exporter:
     def _serve(self, sock: socket.socket) -> None:
         while self._sock is sock:
             if self._retired():
-                self.close()
+                self._let_go(sock)
                 return
             try:
                 conn, _ = sock.accept()
@@ -149,13 +150,31 @@ class Exporter:
                     return
                 time.sleep(_ACCEPT_BACKOFF)
                 continue
-            conn.settimeout(None)
-            if not self._slots.acquire(blocking=False):
-                conn.close()  # MAX_SCRAPES are being answered: not a scraper's pace
-                continue
-            threading.Thread(
-                target=self._scrape, args=(conn,), name="weft-prometheus scrape", daemon=True
-            ).start()
+            self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        conn.settimeout(None)
+        if not self._slots.acquire(blocking=False):
+            conn.close()  # MAX_SCRAPES are being answered: not a scraper's pace
+            return
+        threading.Thread(
+            target=self._scrape, args=(conn,), name="weft-prometheus scrape", daemon=True
+        ).start()
+
+    def _let_go(self, sock: socket.socket) -> None:
+        """Stop listening once retired, answering the scrapes already queued first.
+
+        Closing a listener resets the connections in its accept queue: a scraper
+        that had connected would see a reset rather than its answer.
+        """
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # BlockingIOError: none left
+                break
+            self._take(conn)
+        self.close()
 
     def _scrape(self, conn: socket.socket) -> None:
         try:
@@ -167,8 +186,6 @@ class Exporter:
             log.exception("weft-prometheus: cannot answer a scrape")
         finally:
             self._slots.release()
-        if self._retired():
-            self.close()
 
     def _answer(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + SCRAPE_TIMEOUT
