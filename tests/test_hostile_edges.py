@@ -14,46 +14,14 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _every_manager import MANAGERS, aecho, echo, tls_files
+from _every_manager import serve as serve  # the fixture
 from _serving import server_certs
 
-from weft_core import Server, available_managers
-from weft_core._registry import get_manager_spec
 from weft_core.testing import WAIT, wait_until
-
-#: (manager, manager_options) for every manager we ship, uvloop as a manager of its own.
-_ALL = [
-    ("threads", {}),
-    ("gevent", {}),
-    ("trio", {}),
-    ("asyncio", {}),
-    ("asyncio", {"loop": "uvloop"}),
-]
-
-
-def _available(name: str, options: dict[str, Any]) -> bool:
-    if name not in available_managers():
-        return False
-    if options.get("loop") == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
-MANAGERS = [
-    pytest.param(name, options, id=name + ("-uvloop" if options else ""))
-    for name, options in _ALL
-    if _available(name, options)
-]
-
-
-def _async(manager: str) -> bool:
-    return get_manager_spec(manager).handler_kind == "async"
 
 
 async def _asleep(seconds: float) -> None:
@@ -93,16 +61,6 @@ async def aslow_reply(stream: Any) -> None:
         await _asleep(0.03)
 
 
-def echo(conn: Any) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-async def aecho(stream: Any) -> None:
-    while data := await stream.receive_some(65536):
-        await stream.send_all(data)
-
-
 def literal_eval_what_was_sent(conn: Any) -> None:
     """A calculator-style handler: evaluates the client's line as a Python literal."""
     import ast
@@ -122,28 +80,6 @@ async def aliteral_eval_what_was_sent(stream: Any) -> None:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return server_certs(tmp_path_factory.mktemp("probe-hostile"))
-
-
-@pytest.fixture
-def serve(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
-    """``serve(manager, options, sync_handler, async_handler, **kw)``: a running Server."""
-    caplog.set_level(logging.INFO)
-    servers: list[Server] = []
-
-    def make(manager: str, options: dict[str, Any], sync: Any, asyn: Any, **kw: Any) -> Server:
-        handler = asyn if _async(manager) else sync
-        server = Server(handler, manager=manager, manager_options=options, **kw)
-        servers.append(server)
-        server.run()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop(timeout=1)
-
-
-def _tls(certs: dict[str, str]) -> dict[str, str]:
-    return {"certfile": certs["cert"], "keyfile": certs["key"]}
 
 
 def _tls_client(port: int, ca: str) -> ssl.SSLSocket:
@@ -207,7 +143,7 @@ def test_a_graceful_stop_lets_a_tls_reply_finish(
     2 MiB, the handler's write raises ConnectionResetError('Connection lost') (counted as
     a peer error), and stop() still returns True, within 0.05 s.
     """
-    server = serve(manager, options, slow_reply, aslow_reply, tls=_tls(certs))
+    server = serve(manager, options, slow_reply, aslow_reply, tls=tls_files(certs))
     with _tls_client(server.port, certs["ca"]) as client:
         client.sendall(b"go")
         got = b""
@@ -242,7 +178,7 @@ def test_a_tls_client_that_half_closes_mid_reply_gets_the_whole_reply(
     input: weft_asyncio._stream's eof_received returning True has no effect under
     SSL). Same cause as the graceful stop above, whose phase 2 is such an end of input.
     """
-    server = serve(manager, options, slow_reply, aslow_reply, tls=_tls(certs))
+    server = serve(manager, options, slow_reply, aslow_reply, tls=tls_files(certs))
     with _tls_client(server.port, certs["ca"]) as client:
         client.sendall(b"go")
         got = b""
@@ -278,7 +214,7 @@ def test_honest_tls_clients_that_close_log_no_warning(
     asyncio: one asyncio WARNING "returning true from eof_received() has no effect
     when using ssl" per client, 20 in all, not rate-limited.
     """
-    server = serve(manager, options, echo, aecho, tls=_tls(certs))
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs))
     for _ in range(20):
         with _tls_client(server.port, certs["ca"]) as client:
             client.sendall(b"hello")
@@ -308,7 +244,7 @@ def test_a_dripped_client_hello_is_bounded_by_the_handshake_timeout(
     socket timeout for each read, so every byte restarts the clock: a slot, a greenlet
     and a descriptor held as long as the client drips, with tls_errors 0).
     """
-    server = serve(manager, options, echo, aecho, tls=_tls(certs), tls_handshake_timeout=1.0)
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs), tls_handshake_timeout=1.0)
     hello = _client_hello()
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
         began = time.monotonic()

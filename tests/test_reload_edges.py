@@ -10,35 +10,27 @@ stop resets clients already queued in the listen backlog: left for a later round
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from _reload_load import APPS, Load, write_app
-from _serving import Served, environment, host_port, weft_serve
+from _load import APP, APP_ASYNC, Load, wait_for_version, write_app
+from _serving import Served, host_port, weft_serve
 
 from weft_core import available_managers
 
 LISTENING = r"\] weft: listening on (\S+) "
-READY = r"\[(\d+)\] \[INFO\] weft: worker ready on"
 MANAGERS = ["threads", "gevent", "asyncio", "trio"]
 
 
-def need_manager(name: str) -> None:
-    if name not in available_managers():
-        pytest.skip(f"weft-{name} is not installed")
-
-
-def serve(folder: Path, manager: str, *extra: str) -> tuple[Served, tuple[str, int]]:
-    need_manager(manager)
+def serve(folder: Path, manager: str) -> tuple[Served, tuple[str, int]]:
+    if manager not in available_managers():
+        pytest.skip(f"weft-{manager} is not installed")
     write_app(folder, "v1")
+    handler = APP_ASYNC if manager in ("trio", "asyncio") else APP
     served = Served(
-        weft_serve(APPS[manager], "-k", manager, "--bind", "127.0.0.1:0",
-                   "--graceful-timeout", "5", "--control-socket", str(folder / "ctl.sock"),
-                   *extra),
+        weft_serve(handler, "-k", manager, "--bind", "127.0.0.1:0", "--graceful-timeout", "5",
+                   "--control-socket", "off"),
         cwd=folder,
     )  # fmt: skip
     try:
@@ -47,24 +39,6 @@ def serve(folder: Path, manager: str, *extra: str) -> tuple[Served, tuple[str, i
     except BaseException:
         served.kill()
         raise
-
-
-def hello(address: tuple[str, int], timeout: float = 5) -> bytes:
-    """One connection's greeting line (b"VERSION PID\\n")."""
-    with socket.create_connection(address, timeout=timeout) as sock:
-        return sock.makefile("rb").readline()
-
-
-def wait_serving(address: tuple[str, int], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if hello(address):
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"{address} never served"
-        time.sleep(0.05)  # pacing the probe
 
 
 # -- 1. a broken HUP/USR2 on one process leaves nothing serving -----------------------
@@ -83,8 +57,8 @@ def test_a_broken_reload_of_one_process_keeps_it_serving(
     server anyway: nothing accepts any more, clients hang in the backlog for ever."""
     served, address = serve(tmp_path, manager)
     with served:
-        wait_serving(address)
-        load = Load(address, clients=3, timeout=5)
+        wait_for_version(address, "v1")
+        load = Load(address, clients=3)
         try:
             (tmp_path / "app.py").write_text("def handle(conn:\n    pass\n")
             for pyc in (tmp_path / "__pycache__").glob("app.*.pyc"):
@@ -103,14 +77,3 @@ def test_a_broken_reload_of_one_process_keeps_it_serving(
         )
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
-
-
-# -- 2. a drain resets the clients a pause queued ------------------------------------
-
-
-def ctl(folder: Path, *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "weft_core", "ctl", "--socket", str(folder / "ctl.sock"),
-         *command],
-        capture_output=True, text=True, timeout=20, env=environment(),
-    )  # fmt: skip

@@ -12,53 +12,16 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _every_manager import MANAGERS, aecho, echo, known_gap, tls_files
+from _every_manager import serve as serve  # the fixture
 from _serving import server_certs
 
-from weft_core import Server, available_managers
-from weft_core._registry import get_manager_spec
+from weft_core import Server
 from weft_core.testing import WAIT
-
-_ALL = [
-    ("threads", {}),
-    ("gevent", {}),
-    ("trio", {}),
-    ("asyncio", {}),
-    ("asyncio", {"loop": "uvloop"}),
-]
-
-
-def _available(name: str, options: dict[str, Any]) -> bool:
-    if name not in available_managers():
-        return False
-    if options.get("loop") == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
-MANAGERS = [
-    pytest.param(name, options, id=name + ("-uvloop" if options else ""))
-    for name, options in _ALL
-    if _available(name, options)
-]
-
-
-def _known_gap(managers: tuple[str, ...], reason: str) -> list[Any]:
-    """MANAGERS, the ones in ``managers`` marked as a known gap (strict: mended, it fails)."""
-    return [
-        pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=reason))
-        if p.id in managers
-        else p
-        for p in MANAGERS
-    ]
-
 
 REPLY = 200_000
 
@@ -97,22 +60,6 @@ async def asay_bye(stream: Any) -> None:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return server_certs(tmp_path_factory.mktemp("probe-tls"))
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers: list[Server] = []
-
-    def make(manager: str, options: dict[str, Any], sync: Any, async_: Any, **kw: Any) -> Server:
-        handler = async_ if get_manager_spec(manager).handler_kind == "async" else sync
-        server = Server(handler, manager=manager, manager_options=options, **kw)
-        servers.append(server)
-        server.run()
-        return server
-
-    yield make
-    for server in servers:
-        server.stop(timeout=1)
 
 
 class TLSClient:
@@ -197,10 +144,6 @@ def _context(ca: str, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
     return context
 
 
-def _tls(certs: dict[str, str]) -> dict[str, str]:
-    return {"certfile": certs["cert"], "keyfile": certs["key"]}
-
-
 def _counters(server: Server) -> dict[str, int]:
     stats = server.stats()
     return {k: stats[k] for k in ("handler_errors", "peer_errors", "tls_errors")}
@@ -225,7 +168,7 @@ def test_a_graceful_stop_lets_a_reading_tls_handler_answer(
     a traceback as a handler error). OpenSSL 3 takes the SHUT_RD's end of input, which
     has no close_notify, as fatal (ssl.OP_IGNORE_UNEXPECTED_EOF is not set).
     """
-    server = serve(manager, options, answer_at_eof, aanswer_at_eof, tls=_tls(certs))
+    server = serve(manager, options, answer_at_eof, aanswer_at_eof, tls=tls_files(certs))
     client = TLSClient(server.port, _context(certs["ca"]))
     try:
         client.send(b"x" * 10)
@@ -263,7 +206,7 @@ def test_a_tls_client_that_half_closes_then_waits_gets_the_answer(
     Fails on threads and gevent (decode_error alert, no answer, tls_errors 1) and trio
     (no answer, bare EOF, a handler error with a BrokenResourceError traceback).
     """
-    server = serve(manager, options, answer_at_eof, aanswer_at_eof, tls=_tls(certs))
+    server = serve(manager, options, answer_at_eof, aanswer_at_eof, tls=tls_files(certs))
     client = TLSClient(server.port, _context(certs["ca"]))
     try:
         client.send(b"x" * 10)
@@ -298,7 +241,7 @@ def test_a_tls_connection_ends_with_close_notify(
     send it (AsyncioStream._goodbye). Fails on threads, gevent and trio: the reply
     then a bare FIN.
     """
-    server = serve(manager, options, say_bye, asay_bye, tls=_tls(certs))
+    server = serve(manager, options, say_bye, asay_bye, tls=tls_files(certs))
     client = TLSClient(server.port, _context(certs["ca"], version))
     try:
         got, how = client.read_to_end()
@@ -311,7 +254,7 @@ def test_a_tls_connection_ends_with_close_notify(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("manager", "options"),
-    _known_gap(("trio",), "trio's SSLStream, once broken, closes without the alert queued"),
+    known_gap(("trio",), "trio's SSLStream, once broken, closes without the alert queued"),
 )
 def test_a_client_without_the_required_certificate_is_told_why(
     serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str], tmp_path: Path
@@ -352,20 +295,10 @@ def test_a_client_without_the_required_certificate_is_told_why(
     )
 
 
-def echo(conn: Any) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-async def aecho(stream: Any) -> None:
-    while data := await stream.receive_some(65536):
-        await stream.send_all(data)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("manager", "options"),
-    _known_gap(("threads", "gevent"), "the stdlib's SSLSocket reads a cut record as the end"),
+    known_gap(("threads", "gevent"), "the stdlib's SSLSocket reads a cut record as the end"),
 )
 def test_a_tls_client_that_resets_mid_record_is_a_peer_error(
     serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
@@ -378,7 +311,7 @@ def test_a_tls_client_that_resets_mid_record_is_a_peer_error(
     counted or logged, the handler's recv returns b"" as if the client had ended
     cleanly (a cut request is taken for a whole one).
     """
-    server = serve(manager, options, echo, aecho, tls=_tls(certs))
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs))
     client = TLSClient(server.port, _context(certs["ca"]))
     client.send(b"first")
     client.read_until(b"first")
