@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -45,6 +46,7 @@ __all__ = [
     "default_path",
     "peer_credentials",
     "request",
+    "timeout_seconds",
 ]
 
 log = logging.getLogger("weft.ctl")
@@ -478,3 +480,18 @@ def format_stacks() -> str:
         summary = traceback.StackSummary.extract((f, f.f_lineno) for f in frames)
         parts.extend(summary.format())
     return "".join(parts)
+
+
+def timeout_seconds(value: Any, command: str) -> float | None:
+    """A command's timeout: None (its default), or a finite number of seconds, 0 or more.
+
+    NaN and infinity are no timeouts: a drain given NaN crashed the server's wait, and
+    a negative one cut every connection at once.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ControlError(f"{command}'s timeout is a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ControlError(f"{command}'s timeout is a number of seconds, 0 or more, got {value!r}")
+    return float(value)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import socket
 import sys
 import threading
 from typing import Any
 
-from ._ctl import ControlError, connect, default_path, request
+from ._ctl import ControlError, connect, default_path, request, timeout_seconds
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
 
 __all__ = ["add_parser", "resolve_path"]
@@ -125,13 +124,13 @@ def _parse(name: str | None, args: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 def _seconds(text: str, command: str) -> float:
-    """SECONDS as given on the command line: a finite number, 0 or more."""
+    """SECONDS as given on the command line, checked as the server checks it."""
     try:
-        seconds = float(text)
+        value: object = float(text)
     except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{command} takes a number of seconds, 0 or more, got {text!r}")
+        value = text
+    seconds = timeout_seconds(value, command)  # ControlError: a wrong command line
+    assert seconds is not None
     return seconds
 
 

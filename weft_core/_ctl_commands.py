@@ -16,7 +16,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -35,6 +34,7 @@ from ._ctl import (
     connect,
     format_stacks,
     request,
+    timeout_seconds,
 )
 from ._ctl_console import serve_console
 from ._errors import BindError, WeftError
@@ -128,7 +128,7 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         return f"max-connections {value}"
 
     def drain_(args: Mapping[str, Any], peer: Peer) -> str:
-        timeout = _seconds(args.get("timeout"), "drain")
+        timeout = timeout_seconds(args.get("timeout"), "drain")
         drain(timeout)
         shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
         return f"draining: no new connections; exiting when idle or after {shown}"
@@ -177,23 +177,8 @@ def _close_args(args: Mapping[str, Any]) -> tuple[str, float | None]:
     wanted, timeout = args.get("task_id"), args.get("timeout")
     if not isinstance(wanted, str) or not wanted:
         raise ControlError(f"close takes a task id (see weft ctl connections), got {wanted!r}")
-    seconds = _seconds(timeout, "close")
+    seconds = timeout_seconds(timeout, "close")
     return wanted, CLOSE_TIMEOUT if seconds is None else seconds
-
-
-def _seconds(value: Any, command: str) -> float | None:
-    """A command's timeout: None (its default), or a finite number of seconds, 0 or more.
-
-    NaN and infinity are no timeouts: a drain given NaN crashed the server's wait, and
-    a negative one cut every connection at once.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ControlError(f"{command}'s timeout is a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ControlError(f"{command}'s timeout is a number of seconds, 0 or more, got {value!r}")
-    return float(value)
 
 
 def _delta(args: Mapping[str, Any]) -> int:
@@ -274,7 +259,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
         return out
 
     def drain(args: Mapping[str, Any], peer: Peer) -> str:
-        timeout = _seconds(args.get("timeout"), "drain")
+        timeout = timeout_seconds(args.get("timeout"), "drain")
         why = f"control: drain asked by {peer}"
         on_loop(lambda: supervisor.drain(timeout, why))
         shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
