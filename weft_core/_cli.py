@@ -363,12 +363,8 @@ def _prepare_process(config: Config) -> None:
         options = config.values.get("manager_options", {})
         try:
             spec.prepare_process(**options)
-        except (TypeError, ValueError) as exc:  # what create_manager says of its options
-            given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-            raise ConfigError(
-                f"task manager {name!r} rejected its options ({given}): {exc}",
-                key="manager_options",
-            ) from exc
+        except (TypeError, ValueError) as exc:  # as create_manager says of its options
+            raise _registry.options_rejected(name, options, exc) from exc
 
 
 def _check_config(config: Config) -> int:

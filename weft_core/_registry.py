@@ -467,16 +467,22 @@ def create_manager(name: str, **options: Any) -> TaskManager:
     try:
         manager = spec.create(**options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"task manager {spec.name!r} rejected its options ({given}): {_one_line(exc)}",
-            key="manager_options",
-        ) from exc
+        raise options_rejected(spec.name, options, exc) from exc
     except Exception as exc:
         raise PluginError(
             f"task manager {spec.name!r} ({where}) failed to start: {_one_line(exc)}"
         ) from exc
     _check_made(spec, manager, where)
     return manager
+
+
+def options_rejected(name: str, options: dict[str, Any], exc: Exception) -> ConfigError:
+    """The error for a manager (or its ``prepare_process``) refusing its options' values."""
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
+    return ConfigError(
+        f"task manager {name!r} rejected its options ({given}): {_one_line(exc)}",
+        key="manager_options",
+    )
 
 
 def _check_made(spec: ManagerSpec, manager: object, where: str) -> None:
