@@ -65,8 +65,8 @@ class _Process:
 
             multiprocess.MultiProcessCollector(self.registry, path=str(self.directory))  # type: ignore[no-untyped-call]
         self.exporter: Exporter | None = None
-        self.running = 0  # servers of this process that run
-        #: Those servers, to tell when none accepts any more (see Exporter's retired).
+        #: The servers of this process that run: the endpoint listens while there are
+        #: any, and lets go once none accepts any more (see Exporter's retired).
         self.servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
     def retired(self) -> bool:
@@ -119,7 +119,6 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     state.metrics.forget(server)
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
     with _lock:
-        state.running += 1
         state.servers.add(server)
         if state.exporter is not None:
             return
@@ -157,8 +156,7 @@ def weft_server_stopped(server: Server, stats: dict[str, Any]) -> None:
     state = _state()
     with _lock:
         state.servers.discard(server)
-        state.running = max(0, state.running - 1)
-        if state.running == 0 and state.exporter is not None:
+        if not state.servers and state.exporter is not None:
             state.exporter.close()
             state.exporter = None
 
