@@ -91,9 +91,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
                         accepted = None
                         continue
                     since = time.monotonic()  # a full_wait a pause may leave to a task
-                    if not await self._take_slot(slots):
+                    got = await self._slot_by(since + self.cfg.full_wait)
+                    if not got:  # refused once full_wait passed; closed at a stop
                         accepted = None
-                        self._refuse(sock, addr, "full")
+                        self._slot_decided(lt, sock, addr, got)
                         continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
@@ -105,15 +106,6 @@ class AsyncEngine(Engine[AsyncRuntime]):
             if accepted is not None:
                 self._still_holding(lt, accepted, addr, since)
             self._acceptor_done(lt, generation)
-
-    async def _take_slot(self, slots: AsyncSlots, wait: float | None = None) -> bool:
-        """Take a slot, waiting up to ``wait`` seconds (None: ``full_wait``); True if taken."""
-        if slots.acquire_nowait():
-            return True
-        if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
-            return True
-        wait = self.cfg.full_wait if wait is None else wait
-        return wait > 0 and bool(await slots.acquire_within(wait))
 
     def _slot_queue_thunk(self) -> Any:
         async def serve_queue() -> None:
@@ -134,7 +126,11 @@ class AsyncEngine(Engine[AsyncRuntime]):
         return serve_queue
 
     async def _slot_by(self, deadline: float) -> bool | None:
-        """Take a slot by ``deadline``: True, False when it passed, None at a stop."""
+        """Take a slot by ``deadline``: True, False when it passed, None at a stop.
+
+        A slot freed by dropping the oldest connection stalled in its preamble
+        counts first; the wait looks for a stop every ``FULL_POLL``.
+        """
         slots = self.slots
         assert slots is not None
         if slots.acquire_nowait():

@@ -95,9 +95,10 @@ class SyncEngine(Engine[SyncRuntime]):
                         accepted = None
                         continue
                     since = time.monotonic()  # a full_wait a pause may leave to a task
-                    if not self._take_slot(slots):
+                    got = self._slot_by(since + self.cfg.full_wait)
+                    if not got:  # refused once full_wait passed; closed at a stop
                         accepted = None
-                        self._refuse(sock, addr, "full")
+                        self._slot_decided(lt, sock, addr, got)
                         continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
@@ -109,15 +110,6 @@ class SyncEngine(Engine[SyncRuntime]):
             if accepted is not None:
                 self._still_holding(lt, accepted, addr, since)
             self._acceptor_done(lt, generation)
-
-    def _take_slot(self, slots: SyncSlots, wait: float | None = None) -> bool:
-        """Take a slot, waiting up to ``wait`` seconds (None: ``full_wait``); True if taken."""
-        if slots.acquire(blocking=False):
-            return True
-        if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
-            return True
-        wait = self.cfg.full_wait if wait is None else wait
-        return wait > 0 and bool(slots.acquire(timeout=wait))
 
     def _slot_queue_thunk(self) -> Any:
         def serve_queue() -> None:
@@ -138,7 +130,11 @@ class SyncEngine(Engine[SyncRuntime]):
         return serve_queue
 
     def _slot_by(self, deadline: float) -> bool | None:
-        """Take a slot by ``deadline``: True, False when it passed, None at a stop."""
+        """Take a slot by ``deadline``: True, False when it passed, None at a stop.
+
+        A slot freed by dropping the oldest connection stalled in its preamble
+        counts first; the wait looks for a stop every ``FULL_POLL``.
+        """
         slots = self.slots
         assert slots is not None
         if slots.acquire(blocking=False):
