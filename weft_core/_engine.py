@@ -100,6 +100,11 @@ TRANSPARENT = {
 #: terminationGracePeriodSeconds, systemd's TimeoutStopSec) must exceed
 #: --graceful-timeout plus this (docs/deployment.md, "Stopping").
 STOP_GRACE = 2.0
+#: Whether accepted TCP sockets take their listener's TCP_NODELAY and SO_KEEPALIVE
+#: (Linux's ``inet_csk_clone_lock`` copies the listening socket); see
+#: :func:`connection_options`.
+OPTIONS_INHERITED = sys.platform.startswith("linux")
+
 #: How long a live limit change waits for a busy loop before returning; the change is
 #: queued on the loop and applies when it runs again (a caller never hangs on it).
 LOOP_ANSWER = 2.0
@@ -193,14 +198,10 @@ class ListenerTask:
         self.listener = listener
         self.address = listener.address  # before adopting: a runtime may take the socket over
         self.local = shared_local_address(listener.sock)
-        #: The socket options each of its connections gets: decided once, not per
-        #: connection (a gevent socket's ``family`` is a Python property).
-        self.options: tuple[tuple[int, int, int], ...] = ()
-        if listener.sock.family != socket.AF_UNIX:
-            if cfg.nodelay:
-                self.options += ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
-            if cfg.keepalive:
-                self.options += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
+        #: The socket options each of its connections still needs set on it:
+        #: decided once, not per connection (a gevent socket's ``family`` is a
+        #: Python property); none where the listener passes its own on.
+        self.options = connection_options(listener.sock, cfg.nodelay, cfg.keepalive)
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
         #: Which acceptor is the listener's own: each resume starts a new one. An
@@ -221,6 +222,33 @@ class ListenerTask:
         """Close the native socket and remove a Unix socket file."""
         self.native.close()
         close_listener(self.listener)
+
+
+def connection_options(
+    sock: socket.socket, nodelay: bool, keepalive: bool
+) -> tuple[tuple[int, int, int], ...]:
+    """The socket options the connections accepted on ``sock`` must each be given.
+
+    Linux gives an accepted TCP socket its listener's ``TCP_NODELAY`` and
+    ``SO_KEEPALIVE``, so there they are set once, on the listener, and no
+    connection pays a system call for them. Elsewhere, or if the listener refuses
+    them, each connection gets them. An option turned off is left as it is.
+    """
+    if sock.family == socket.AF_UNIX:
+        return ()
+    wanted: tuple[tuple[int, int, int], ...] = ()
+    if nodelay:
+        wanted += ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+    if keepalive:
+        wanted += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
+    if OPTIONS_INHERITED:
+        try:
+            for level, option, value in wanted:
+                sock.setsockopt(level, option, value)
+        except OSError:
+            return wanted
+        return ()
+    return wanted
 
 
 def shared_local_address(sock: socket.socket) -> Any:

@@ -174,12 +174,20 @@ class AsyncEngine(Engine[AsyncRuntime]):
             info = self._begin(conn)
             if info is None:
                 return
-            handed = await self._preamble(rt, conn, info)
-            self._preamble_done(conn)
-            if handed is None:
-                return
+            if self.preamble:
+                handed = await self._preamble(rt, conn, info)
+                self._preamble_done(conn)
+                if handed is None:
+                    return
+            else:
+                handed = self._stream(rt, conn.sock)
             info.conn = handed
-            token = publish(info, conn.state)
+            state = conn.state
+            token = None
+            if state is not None:
+                state.connection = info  # publish(), inlined for a task with a state
+            else:
+                token = publish(info, None)
             try:
                 if self.args:
                     await self.handler(handed, *self.args)
@@ -190,7 +198,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
             except Exception as exc:
                 self._handler_failed(conn, handed, info, exc)
             finally:
-                unpublish(conn.state, token)
+                if state is not None:
+                    state.connection = None
+                else:
+                    unpublish(None, token)
         finally:
             if conn.how:
                 self._ended(conn)
@@ -202,6 +213,14 @@ class AsyncEngine(Engine[AsyncRuntime]):
                         close_quietly(conn.sock)
             finally:
                 self._finish(conn)
+
+    def _stream(self, rt: AsyncRuntime, sock: Any) -> Any:
+        """The runtime's stream over an accepted socket, with the server's nodelay."""
+        stream = rt.wrap_connection(sock, self.cfg.idle_timeout)
+        if not self.cfg.nodelay and sock.family != socket.AF_UNIX:
+            # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        return stream
 
     async def _preamble(self, rt: AsyncRuntime, conn: Conn, info: ConnectionInfo) -> Any:
         """PROXY header, stream, TLS handshake; the stream to hand over, or None to close."""
@@ -218,10 +237,7 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 return self._proxy_failed(info, exc) or None
             if not self._proxy_accepted(info, header, leftover):
                 return None
-        stream = rt.wrap_connection(sock, cfg.idle_timeout)
-        if not cfg.nodelay and sock.family != socket.AF_UNIX:
-            # trio.SocketStream turns TCP_NODELAY on by itself; honour nodelay=False.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        stream = self._stream(rt, sock)
         if cfg.tls is not None:
             stream = rt.wrap_tls(stream, cfg.tls)
             failures: tuple[type[BaseException], ...] = (OSError, ValueError, *rt.tls_errors)

@@ -187,7 +187,12 @@ class SyncEngine(Engine[SyncRuntime]):
             if self.cfg.stream:
                 handed = handed.makefile("rwb")
             info.conn = handed
-            token = publish(info, conn.state)
+            state = conn.state
+            token = None
+            if state is not None:
+                state.connection = info  # publish(), inlined for a task with a state
+            else:
+                token = publish(info, None)
             try:
                 if self.args:
                     self.handler(handed, *self.args)
@@ -198,7 +203,10 @@ class SyncEngine(Engine[SyncRuntime]):
             except Exception as exc:
                 self._handler_failed(conn, handed, info, exc)
             finally:
-                unpublish(conn.state, token)
+                if state is not None:
+                    state.connection = None
+                else:
+                    unpublish(None, token)
         finally:
             if conn.how:
                 self._ended(conn)
@@ -208,7 +216,10 @@ class SyncEngine(Engine[SyncRuntime]):
                         close_quietly(handed)
                     if info is not None and info.tls_version is not None:
                         _tls_goodbye(conn.sock)
-                    close_quietly(conn.sock)
+                    try:
+                        conn.sock.close()
+                    except OSError:
+                        pass
             finally:
                 self._finish(conn)
 

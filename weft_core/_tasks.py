@@ -273,13 +273,9 @@ def run_task(
     ``context``: the task's variables are then set in the current one.
     """
     if context is not None:
-        context.run(_run_here, state, thunk)
-    else:
-        _run_here(state, thunk)
-
-
-def _run_here(state: TaskState, thunk: Callable[[], object]) -> None:
-    state.make_current()
+        context.run(run_task, state, thunk)
+        return
+    _current_task.set(state)  # state.make_current(), without a call per task
     try:
         call = type(thunk).__call__
         if type(call) is FunctionType:

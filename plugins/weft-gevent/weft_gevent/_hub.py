@@ -253,7 +253,7 @@ class HubOwner:
     def acquire(self) -> HubLink:
         """The hub, found or started now; counted as in use until :meth:`release`."""
         with self._lock:
-            link = self._ensure()
+            link = self._link or self._ensure()
             self._users += 1
             return link
 

@@ -28,7 +28,7 @@ from gevent import GreenletExit
 
 from weft_core import TaskShutdown, TaskState, TaskTable, run_task
 
-from ._hub import HubLink, HubOwner
+from ._hub import HubLink, HubOwner, real_get_ident
 from ._runtime import GeventRuntime
 from ._serve import as_flag, watch_blocking
 
@@ -134,7 +134,22 @@ class _TaskGreenlet(greenlet.greenlet):
     def run(self) -> None:
         """What greenlet runs: the task (a method, so no bound method is kept per task)."""
         task = self.task
-        task.manager._body(task)
+        if task.finished:
+            return  # stopped before it ever ran
+        task.entered = True
+        try:
+            run_task(task, task.thunk)
+        except (GreenletExit, TaskShutdown):
+            # Killed with gevent's default by someone else, or a kill that landed
+            # while run_task was reporting an error (logging may yield): both end
+            # the task as asked.
+            pass
+        except BaseException:
+            # SystemExit and the like would be thrown at the hub and could end it;
+            # a task's error must end only the task.
+            log.exception("task %s (%s) raised", task.id, task.name)
+        finally:
+            task.manager._finish(task)
 
     @property
     def name(self) -> str:
@@ -153,7 +168,7 @@ def _kill(task: _Task) -> None:
         return
     if not task.entered:
         # Never switched to: ending it here is enough, and quiet; when its queued
-        # start comes, _body sees it finished and returns at once.
+        # start comes, the greenlet sees it finished and returns at once.
         task.manager._finish(task)
         return
     glet = task.greenlet
@@ -222,7 +237,7 @@ class GeventManager:
             raise
         task = _Task(task_id, thunk, link, self)
         self._table.put(task_id, task)
-        if link.is_current():
+        if real_get_ident() == link.hub.thread_ident:  # link.is_current(), inlined
             self._spawn(task)
         else:
             link.call_soon(self._spawn, task)
@@ -247,24 +262,6 @@ class GeventManager:
                 log.exception("could not spawn task %s (%s)", task.id, task.name)
                 self._finish(task)
         return task.greenlet
-
-    def _body(self, task: _Task) -> None:
-        if task.finished:
-            return  # stopped before it ever ran
-        task.entered = True
-        try:
-            run_task(task, task.thunk)
-        except (GreenletExit, TaskShutdown):
-            # Killed with gevent's default by someone else, or a kill that landed
-            # while run_task was reporting an error (logging may yield): both end
-            # the task as asked.
-            pass
-        except BaseException:
-            # SystemExit and the like would be thrown at the hub and could end it;
-            # a task's error must end only the task.
-            log.exception("task %s (%s) raised", task.id, task.name)
-        finally:
-            self._finish(task)
 
     def _finish(self, task: _Task) -> None:
         if task.finished:

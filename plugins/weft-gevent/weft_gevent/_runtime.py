@@ -65,12 +65,12 @@ class GeventSocket(gevent.socket.socket):
         this: Any = self  # gevent's private attributes; no cast() call per connection
         while True:
             try:
-                fd, address = this._accept()
+                fd, address = this._sock._accept()  # what gevent's own _accept() calls
                 break
             except BlockingIOError:
                 if this.timeout == 0.0:
                     raise
-            this._wait(this._read_event)
+            _wait_readable(this)
         # The plain socket's attributes: gevent's own family/type are Python properties.
         sock = this._sock
         return GeventSocket(sock.family, sock.type, sock.proto, fileno=fd), address
