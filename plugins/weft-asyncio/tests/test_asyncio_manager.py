@@ -463,6 +463,27 @@ def test_writes_before_the_first_read_go_out_first() -> None:
         assert recv_exactly(client, 1) == b"x"
 
 
+def test_bytes_written_around_the_transports_making_keep_their_order() -> None:
+    """Written, drained (which makes the transport), written again: the client reads them in order.
+
+    On asyncio's own loops the stream makes its transport without waiting a turn of
+    the loop for ``connection_made``; what was written before must still go out
+    ahead of what is written right after, before the loop's turn comes.
+    """
+
+    async def two_parts(stream: AsyncioStream) -> None:
+        stream.write(b"first;")
+        await stream.drain()
+        stream.write(b"second")
+        await stream.aclose()
+
+    for loop in ("asyncio", "uvloop"):
+        server = Server(two_parts, manager="asyncio", manager_options={"loop": loop})
+        with server, connect(server) as client:
+            assert recv_exactly(client, 12) == b"first;second", loop
+            assert client.recv(1) == b""
+
+
 def test_a_reply_written_without_any_await_is_sent() -> None:
     """write() then return, with no await at all: the bytes still reach the client."""
 

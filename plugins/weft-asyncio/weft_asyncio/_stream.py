@@ -14,10 +14,12 @@ Receiving goes through ``asyncio.BufferedProtocol``: the transport reads into on
 scratch buffer per loop thread, and the stream keeps only the bytes not yet read.
 An idle connection holds an empty ``bytearray`` and no other buffer.
 
-The transport is made on first use (the first read, ``drain`` or the TLS handshake):
-making it is awaited (``loop.connect_accepted_socket``), while the server hands the
-stream over synchronously. Bytes written before that wait in the stream and go out
-as soon as the transport exists, at the latest when the stream is closed.
+The transport is made on first use (the first read, ``drain`` or the TLS handshake),
+while the server hands the stream over synchronously: on asyncio's own loops at once,
+as ``loop.connect_accepted_socket`` makes it but without its wait for the loop's next
+turn; on uvloop (or another loop) through ``connect_accepted_socket``, awaited. Bytes
+written before that wait in the stream and go out as soon as the transport exists, at
+the latest when the stream is closed.
 
 What does not live here: the loop, the tasks and the sockets (``_runtime.py``,
 ``_manager.py``).
@@ -154,13 +156,25 @@ class AsyncioStream(asyncio.BufferedProtocol):
         nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else 1
         if self._tls is not None and self._session is None:
             self._session = TLSSession(self._tls)
-        transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock)
+        make = getattr(self._loop, "_make_socket_transport", None)
+        if make is not None:
+            # asyncio's own loops: the transport connect_accepted_socket would make,
+            # made here without its wait for connection_made. That wait costs the
+            # task a trip through the loop per connection (two coroutines, a future,
+            # a wake-up). The transport works from the start; what was written
+            # before it existed goes out now, ahead of anything written next, and
+            # the loop's own call of connection_made, a turn later, finds nothing
+            # left to do (reading starts with that turn, as it would have).
+            transport = make(sock, self)
+            self.connection_made(transport)
+        else:  # uvloop, or another loop: its public way
+            transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock)
         if not nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         return transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The transport exists: send what was written before it did."""
+        """The transport exists: send what was written before it did (a second call: nothing)."""
         self._transport = transport
         pending, self._pending = self._pending, None
         if pending:
