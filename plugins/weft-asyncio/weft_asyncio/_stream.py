@@ -165,7 +165,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             # before it existed goes out now, ahead of anything written next, and
             # the loop's own call of connection_made, a turn later, finds nothing
             # left to do (reading starts with that turn, as it would have).
-            transport = make(sock, self)
+            transport: asyncio.BaseTransport = make(sock, self)
             self.connection_made(transport)
         else:  # uvloop, or another loop: its public way
             transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock)
