@@ -745,16 +745,16 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.legend(fontsize=7, ncol=2)
 
     ax = axes[2]
-    stops = [r for r in rows if r.metric == "stop() time" and isinstance(r.weft, float)]
-    for i, r in enumerate(stops):
+    stops = [(r, r.weft) for r in rows if r.metric == "stop() time" and isinstance(r.weft, float)]
+    for i, (r, seconds) in enumerate(stops):
         colour = colours.get(r.manager, "C0")
-        ax.bar(i - 0.2, r.weft, 0.4, color=colour)
+        ax.bar(i - 0.2, seconds, 0.4, color=colour)
         if isinstance(r.raw, float):
             ax.bar(i + 0.2, r.raw, 0.4, color=colour, alpha=0.4, hatch="//")
         bound = STOP_TARGET_S.get(r.manager, STOP_TARGET_DEFAULT_S)
         ax.hlines(bound, i - 0.4, i + 0.4, color="red", linestyle=":")
     ax.set_xticks(range(len(stops)))
-    ax.set_xticklabels([f"{r.manager}\n{r.setting}" for r in stops], fontsize=8)
+    ax.set_xticklabels([f"{r.manager}\n{r.setting}" for r, _ in stops], fontsize=8)
     ax.set_ylabel("seconds")
     ax.set_title("stop with idle connections (solid: weft, hatched: raw)", fontsize=10)
 

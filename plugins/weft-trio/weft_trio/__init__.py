@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from ._manager import TrioManager
-from ._runtime import TrioRuntime, TrioSlots
+from ._runtime import TrioListener, TrioRuntime, TrioSlots
 
-__all__ = ["TrioManager", "TrioRuntime", "TrioSlots"]
+__all__ = ["TrioListener", "TrioManager", "TrioRuntime", "TrioSlots"]

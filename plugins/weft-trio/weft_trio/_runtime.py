@@ -2,9 +2,10 @@
 
 The server's one accept loop and one connection wrapper, written once in
 ``weft_core``, run inside :class:`~weft_trio.TrioManager`'s trio thread through
-this object: it adopts the listening socket as a trio socket, counts connection
-slots on a ``trio.Semaphore``, and wraps each accepted socket in a
-``trio.SocketStream``, which is what a handler receives.
+this object: it adopts the listening socket (:class:`TrioListener`, a trio socket
+that accepts waiting clients in bursts), counts connection slots on a
+``trio.Semaphore``, and wraps each accepted socket in a ``trio.SocketStream``, which
+is what a handler receives.
 
 What does not live here: the trio thread itself and the tasks (``_manager.py``).
 Every coroutine and every slot method below must run in that thread; only
@@ -21,9 +22,72 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-__all__ = ["IdleTimeoutStream", "TrioRuntime", "TrioSlots"]
+__all__ = ["IdleTimeoutStream", "TrioListener", "TrioRuntime", "TrioSlots"]
 
 T = TypeVar("T")
+
+#: How many waiting clients the acceptor takes in a row before it passes through
+#: trio's scheduler: ``asyncio.start_server``'s own batch (weft-asyncio's too).
+ACCEPT_BURST = 100
+
+
+class TrioListener:
+    """The listening socket: a trio socket whose ``accept`` takes waiting clients in bursts.
+
+    trio's own ``accept`` passes through the scheduler after every connection, so a
+    listener whose clients arrive together (a thousand keep-alive clients opening
+    at once) gets one of them per turn of the loop, a turn that grows with every
+    client already served: the last of a thousand waited seconds in the kernel's
+    queue before its first request was read. This one takes up to
+    ``ACCEPT_BURST`` waiting clients in a row, and waits for the socket to become
+    readable (a checkpoint) when none is waiting. It is a checkpoint for
+    cancellation on every call, as trio's is.
+
+    Everything else (``getsockname``, ``getsockopt``, ``family``, ``close`` ...) is
+    the trio socket's, :attr:`socket`.
+    """
+
+    __slots__ = ("_burst", "_kind", "_raw", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._raw = sock
+        #: The trio socket; owns ``sock``, and closing it wakes a waiting accept.
+        self.socket = trio.socket.from_stdlib_socket(sock)
+        #: What each accepted socket is made with, read once.
+        self._kind = (sock.family, sock.type, sock.proto)
+        self._burst = 0
+
+    def __repr__(self) -> str:
+        return f"<TrioListener {self.socket!r}>"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.socket, name)
+
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
+        """Wait for a client; its trio socket and address. Raises OSError as ``accept(2)`` does."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._burst >= ACCEPT_BURST:
+            self._burst = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        raw = self._raw
+        while True:
+            try:
+                fd, address = raw._accept()  # type: ignore[attr-defined]
+                break
+            except BlockingIOError:
+                self._burst = 0
+                await trio.lowlevel.wait_readable(raw)
+        self._burst += 1
+        accepted = socket.socket(*self._kind, fileno=fd)
+        return trio.socket.from_stdlib_socket(accepted), address
+
+    def fileno(self) -> int:
+        """The listening descriptor."""
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        """Close the socket (idempotent); a waiting ``accept`` raises."""
+        self.socket.close()
 
 
 class IdleTimeoutStream(trio.abc.HalfCloseableStream):
@@ -165,12 +229,12 @@ class TrioRuntime:
     def __repr__(self) -> str:
         return "<TrioRuntime>"
 
-    def adopt_listener(self, sock: socket.socket) -> trio.socket.SocketType:
-        """The listening socket as a trio socket (non-blocking); ``await accept()`` on it.
+    def adopt_listener(self, sock: socket.socket) -> TrioListener:
+        """The listening socket as a :class:`TrioListener`; ``await accept()`` on it.
 
         Takes ownership of ``sock``: closing the returned object closes it.
         """
-        return trio.socket.from_stdlib_socket(sock)
+        return TrioListener(sock)
 
     def wake_listener(self, listener: Any) -> None:
         """Nothing to do: the manager interrupts the acceptor (cancels its scope) when it stops."""
