@@ -17,7 +17,15 @@ outside the runtime go through ``server.submit()``: ``--tick SECONDS`` starts a
 thread publishing the time, and ``--stdin`` one publishing each line typed on
 standard input (printing ``published to N`` once it is queued). Ctrl-C or SIGTERM
 stops the server gracefully: each subscriber's shutdown callback queues an end
-marker *after* what is already queued, so nothing published before the stop is lost.
+marker *after* what is already queued, so nothing published before the stop is lost
+(and, taking the subscriber out of the set, leaves nothing queued behind it: a publish
+during the stop counts only those still to receive it).
+
+What it leaves out, being small: a subscriber is not read while parked, so one that
+vanishes is noticed (and its connection slot freed) when the next message is sent to
+it; and inboxes are unbounded, so one that stops reading keeps everything published
+for it in memory. A real service bounds each inbox and drops a subscriber that falls
+that far behind.
 
 Only public ``weft_core`` names are used; see docs/managers.md, "Replying later".
 """
@@ -40,7 +48,8 @@ from weft_core import Server, ServerError, current_task
 #: Queued after a subscriber's last message by its shutdown callback: "send what is
 #: queued, then end".
 END = None
-#: The longest request line accepted; a client sending more is told so and dropped.
+#: Request lines must be shorter than this (newline included, this many bytes at
+#: most); a client sending a longer one is told so and dropped.
 MAX_LINE = 4096
 #: A long-poll server holds a connection per subscriber, far more than weft's
 #: default of 1024; this stays below the usual fd limit of 20,000.
@@ -50,6 +59,7 @@ GRACEFUL_TIMEOUT = 30.0
 
 SUBSCRIBED = b"SUBSCRIBED\n"
 BAD_REQUEST = b"ERR expected SUB or PUB text\n"
+TOO_LONG = b"ERR request line longer than %d bytes\n" % MAX_LINE
 
 
 def parse(line: bytes) -> tuple[str, bytes]:
@@ -90,7 +100,12 @@ def gevent_app() -> tuple[Callable[..., Any], Callable[[bytes], int]]:
     def subscribe(conn: Any) -> None:
         inbox: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
         subscribers.add(inbox)
-        when_stopping(lambda: inbox.put(END))  # stop(): phase 2
+
+        def last() -> None:  # stop(): phase 2. Nothing is queued behind the end.
+            subscribers.discard(inbox)
+            inbox.put(END)
+
+        when_stopping(last)
         try:
             conn.sendall(SUBSCRIBED)
             while (message := inbox.get()) is not END:
@@ -102,7 +117,10 @@ def gevent_app() -> tuple[Callable[..., Any], Callable[[bytes], int]]:
 
     def handle(conn: Any) -> None:
         with conn.makefile("rb") as requests:
-            while line := requests.readline(MAX_LINE):
+            while line := requests.readline(MAX_LINE + 1):
+                if len(line) > MAX_LINE:
+                    conn.sendall(TOO_LONG)
+                    return None
                 verb, message = parse(line)
                 if verb == "SUB":
                     return subscribe(conn)
@@ -119,15 +137,22 @@ def gevent_app() -> tuple[Callable[..., Any], Callable[[bytes], int]]:
 # -- trio and asyncio: a task per connection, parked on a channel or a queue ---------------
 
 
-async def lines(stream: Any) -> AsyncIterator[bytes]:
-    """Request lines from a trio.SocketStream (or weft's AsyncioStream, which has its API)."""
+async def lines(stream: Any) -> AsyncIterator[bytes | None]:
+    """Request lines from a trio.SocketStream (or weft's AsyncioStream, which has its API).
+
+    None, then the end, for a line of ``MAX_LINE`` bytes or more before its newline.
+    """
     buffer = b""
     while data := await stream.receive_some(MAX_LINE):
         buffer += data
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
+        while (end := buffer.find(b"\n")) >= 0:
+            if end >= MAX_LINE:
+                yield None
+                return
+            line, buffer = buffer[:end], buffer[end + 1 :]
             yield line
-        if len(buffer) > MAX_LINE:
+        if len(buffer) >= MAX_LINE:
+            yield None
             return
 
 
@@ -144,6 +169,9 @@ def async_handler(
     async def handle(stream: Any) -> None:
         try:
             async for line in lines(stream):
+                if line is None:
+                    await stream.send_all(TOO_LONG)
+                    return None
                 verb, message = parse(line)
                 if verb == "SUB":
                     return await subscribe(stream)
@@ -176,7 +204,12 @@ def trio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
     async def subscribe(stream: Any) -> None:
         inbox, messages = trio.open_memory_channel[bytes | None](math.inf)
         subscribers.add(inbox)
-        when_stopping(lambda: inbox.send_nowait(END))
+
+        def last() -> None:  # stop(): phase 2. Nothing is queued behind the end.
+            subscribers.discard(inbox)
+            inbox.send_nowait(END)
+
+        when_stopping(last)
         try:
             await stream.send_all(SUBSCRIBED)
             async for message in messages:
@@ -209,7 +242,12 @@ def asyncio_app() -> tuple[Callable[..., Any], Callable[[bytes], Any]]:
     async def subscribe(stream: Any) -> None:
         inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         subscribers.add(inbox)
-        when_stopping(lambda: inbox.put_nowait(END))
+
+        def last() -> None:  # stop(): phase 2. Nothing is queued behind the end.
+            subscribers.discard(inbox)
+            inbox.put_nowait(END)
+
+        when_stopping(last)
         try:
             await stream.send_all(SUBSCRIBED)
             while (message := await inbox.get()) is not END:

@@ -659,7 +659,7 @@ class Engine(ABC, Generic[R]):
             log.exception("accounting for the end of the connection from %s failed", conn.peer_str)
 
     def _handler_failed(
-        self, conn: Conn, handed: Any, info: ConnectionInfo, exc: Exception
+        self, conn: Conn, handed: Any, info: ConnectionInfo, exc: BaseException
     ) -> None:
         state = conn.state
         if state is not None and state.interrupted:
@@ -980,11 +980,15 @@ class Engine(ABC, Generic[R]):
 
         In the runtime's loop thread (``run_in_loop``): one batch there, rather than a
         GIL hand-off with the loop for every connection. A loop that does not take the
-        batch within :data:`LOOP_WAIT` is blocked; the batch then runs here as well
-        (each step is idempotent), so the stop goes on.
+        batch within :data:`LOOP_WAIT` is busy or blocked: the batch stays queued
+        there, and only the inputs are ended from here (a socket's shutdown is safe
+        from any thread), so the stop goes on. The flags and their shutdown callbacks
+        wait for the loop: a callback touches the runtime's own objects (a queue, an
+        event), which only its loop may, so it never runs in the stopping thread.
         """
         if conns and not self.runtime.run_in_loop(lambda: self._end_input(conns), LOOP_WAIT):
-            self._end_input(conns)
+            for conn in conns:
+                _shutdown_quietly(conn.end_input)
 
     @staticmethod
     def _end_input(conns: list[Conn]) -> None:

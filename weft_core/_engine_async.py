@@ -14,7 +14,7 @@ from typing import Any
 from . import _acceptpolicy as policy
 from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
-from ._errors import TaskShutdown
+from ._errors import FAILURES, TaskShutdown
 from ._protocol import AsyncRuntime, AsyncSlots
 from ._proxy import ProxyHeaderError, aread_proxy_header
 from ._tasks import current_task
@@ -195,7 +195,7 @@ class AsyncEngine(Engine[AsyncRuntime]):
                     await self.handler(handed)
             except TaskShutdown:
                 raise
-            except Exception as exc:
+            except FAILURES as exc:
                 self._handler_failed(conn, handed, info, exc)
             finally:
                 if state is not None:

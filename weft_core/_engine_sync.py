@@ -14,7 +14,7 @@ from typing import Any
 from . import _acceptpolicy as policy
 from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
-from ._errors import TaskShutdown
+from ._errors import FAILURES, TaskShutdown
 from ._protocol import SyncRuntime, SyncSlots
 from ._proxy import ProxyHeaderError, read_proxy_header
 from ._tasks import current_task
@@ -200,7 +200,7 @@ class SyncEngine(Engine[SyncRuntime]):
                     self.handler(handed)  # a plain call: f(*args) would add a C-level frame
             except TaskShutdown:
                 raise
-            except Exception as exc:
+            except FAILURES as exc:
                 self._handler_failed(conn, handed, info, exc)
             finally:
                 if state is not None:

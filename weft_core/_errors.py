@@ -60,3 +60,11 @@ class ServerError(WeftError):
 
 class BindError(WeftError, OSError):
     """The server could not listen on the address and port it was given."""
+
+
+#: What a handler or a submitted call may raise that ends only its own task, as an
+#: error does: left to the runtime, SystemExit or KeyboardInterrupt raised in an
+#: asyncio task is raised again out of the whole loop, ending every connection.
+EXITS: tuple[type[BaseException], ...] = (SystemExit, KeyboardInterrupt)
+#: What ends a handler as its failure (logged, counted), not as the runtime's doing.
+FAILURES: tuple[type[BaseException], ...] = (Exception, *EXITS)

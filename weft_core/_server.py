@@ -502,13 +502,16 @@ class Server:
         task of the manager: on ``threads``, a new thread per call.
 
         Raises ServerError if the server is not running, HandlerKindError for a
-        function of the wrong kind. Calls that never started when the server
-        stopped are cancelled.
+        function of the wrong kind. When the server stops, a call that never started
+        is cancelled, and one still running gets a ServerError.
         """
         submitter = self._submitter
         if submitter is None or self._engine is None:
             raise ServerError("submit() needs a running server: call run() first")
-        kind = submitter.kinds.get(fn) if isinstance(fn, Hashable) else None
+        try:
+            kind = submitter.kinds.get(fn)
+        except TypeError:  # unhashable (a frozen dataclass holding a list, say)
+            kind = None
         if kind is None:
             kind = submitter.remember(fn, handler_kind(fn))
         if kind != submitter.kind:

@@ -23,8 +23,10 @@ How ``fn`` gets into the runtime:
   thread per call), with the contextvars the manager carries into every task.
 
 Resource handling: futures still waiting to start when the server has stopped are
-cancelled; one whose ``fn`` the runtime interrupts (a kill, a cancellation) gets
-a ServerError.
+cancelled, and those whose call is still running then get a ServerError; one whose
+``fn`` the runtime interrupts (a kill, a cancellation) gets a ServerError, and so
+does one whose ``fn`` raised SystemExit or KeyboardInterrupt (the call ends, the
+runtime goes on).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ServerError
+from ._errors import EXITS, ServerError
 from ._protocol import SpawnsSoon, TaskManager
 from ._tasks import TaskState, _current_task
 
@@ -49,6 +51,8 @@ __all__ = ["Submitter"]
 KINDS_KEPT = 256
 
 SUBMITTED = TaskState("weft submit", "a call started by Server.submit()")
+
+STOPPED_DURING_CALL = "the server stopped before the submitted call finished"
 
 
 class Submitter:
@@ -111,12 +115,20 @@ class Submitter:
         return future
 
     def close(self) -> None:
-        """The server has stopped: cancel what never started; later submits fail."""
+        """The server has stopped: settle every future still out; later submits fail.
+
+        One that never started is cancelled. One whose call is still running (parked
+        on an event the stop left it waiting for, or a call the stop left behind)
+        gets a ServerError now, so that nobody waits on it for ever; should the call
+        still finish, its result is dropped.
+        """
         with self.lock:
             self.closed = True
             futures = list(self.outstanding)
+            self.outstanding.clear()
         for future in futures:
-            future.cancel()  # a no-op for one already running
+            if not future.cancel():
+                _settle(future, error=ServerError(STOPPED_DURING_CALL))
 
 
 def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -129,6 +141,17 @@ def _settle(future: Future[Any], result: Any = None, error: BaseException | None
             future.set_result(result)
     except InvalidStateError:
         pass  # settled already (cancelled, or abandoned by a stop)
+
+
+def _exited(exc: BaseException) -> ServerError:
+    """The error a future gets for a call that raised SystemExit or KeyboardInterrupt.
+
+    Not the exception itself: ``result()`` would raise it in the caller's thread,
+    ending that program for a call that ran elsewhere.
+    """
+    error = ServerError(f"the submitted call raised {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 def _outside_tasks(context: contextvars.Context | None) -> None:
@@ -148,11 +171,14 @@ def _sync_thunk(
 ) -> Callable[[], None]:
     def run_submitted() -> None:
         if not future.set_running_or_notify_cancel():
+            owner.outstanding.discard(future)  # cancelled before it ran
             return
         try:
             result = fn(*args) if context is None else context.run(_call_sync, fn, args)
         except Exception as exc:
             _settle(future, error=exc)
+        except EXITS as exc:
+            _settle(future, error=_exited(exc))
         except BaseException as exc:  # the runtime ends it (a kill): tell, then let it end
             _settle(future, error=ServerError(f"the submitted call was interrupted: {exc!r}"))
             raise
@@ -178,12 +204,15 @@ def _async_thunk(
 ) -> Callable[[], Any]:
     async def run_submitted() -> None:
         if not future.set_running_or_notify_cancel():
+            owner.outstanding.discard(future)  # cancelled before it ran
             return
         _outside_tasks(context)
         try:
             result = await fn(*args)
         except Exception as exc:
             _settle(future, error=exc)
+        except EXITS as exc:
+            _settle(future, error=_exited(exc))
         except BaseException as exc:  # the runtime's cancellation: tell, then let it end
             _settle(future, error=ServerError(f"the submitted call was interrupted: {exc!r}"))
             raise

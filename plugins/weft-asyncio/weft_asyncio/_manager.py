@@ -194,7 +194,9 @@ class _Loop:
                 return
             self.soon = [thunk]
         try:
-            self.loop.call_soon_threadsafe(self._start_batch)
+            # In a context of its own: the calling thread's would be copied into
+            # every task of the batch, its variables reaching other callers' calls.
+            self.loop.call_soon_threadsafe(self._start_batch, context=contextvars.Context())
         except RuntimeError:  # the loop is closed
             with self.lock:
                 self.soon = None
