@@ -30,6 +30,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -63,10 +64,23 @@ Console = Callable[[socket.socket, BinaryIO, "Peer"], None]
 MAX_REQUEST = 64 * 1024
 # How long a client gets to send its request (a stalled client must not pin a thread).
 REQUEST_TIMEOUT = 10.0
+# The longest timeout a command takes: a year. Past the platform's time_t, a wait on
+# it raises OverflowError after the stop it bounds has begun.
+MAX_TIMEOUT = 365 * 24 * 3600.0
+# The longest answer weft ctl reads (a stack dump of many tasks is long).
+MAX_ANSWER = 16 * 1024 * 1024
 # Requests served at once; more are answered "busy" and closed.
 MAX_CLIENTS = 8
 # Connections the kernel holds while the acceptor catches up with a burst.
 BACKLOG = 64
+# accept() errors that pass: out of descriptors or memory for the moment. The control
+# socket waits this long and tries again.
+SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+SHORTAGE_PAUSE = 0.1
+# The longest path a Unix socket address holds (sun_path, less its NUL), and what a
+# worker's socket adds to the supervisor's path (".worker-" and a pid of 7 digits).
+SUN_PATH_MAX = 107
+WORKER_SUFFIX = len(".worker-") + 7
 # How long close() waits for the threads of requests in progress.
 CLOSE_WAIT = 2.0
 # struct ucred (pid_t pid; uid_t uid; gid_t gid), as SO_PEERCRED returns it on Linux.
@@ -123,6 +137,22 @@ def _private_directory(directory: Path) -> None:
             errno.EPERM,
             f"the control socket's directory {directory} belongs to uid {info.st_uid} or is"
             " writable by others; choose another path with control_socket",
+        )
+
+
+def check_path_length(path: str, extra: int = 0) -> None:
+    """Refuse a control socket path too long for a Unix socket address (BindError).
+
+    ``extra``: bytes other sockets will add to it (a worker's, beside the supervisor's).
+    """
+    length = len(os.fsencode(path)) + extra
+    if length > SUN_PATH_MAX:
+        also = f", with the {extra} its workers' sockets add (PATH.worker-PID)," if extra else ""
+        raise BindError(
+            errno.ENAMETOOLONG,
+            f"the control socket path is too long: {length} bytes{also} where a Unix"
+            f" socket's path holds at most {SUN_PATH_MAX}; choose a shorter one with"
+            f" control_socket ({path})",
         )
 
 
@@ -184,6 +214,7 @@ class ControlSocket:
 
     def open(self) -> None:
         """Bind and listen at ``path``, mode 0600."""
+        check_path_length(self.path)
         path = Path(self.path)
         if self.path == default_path():
             _private_directory(path.parent)
@@ -197,7 +228,8 @@ class ControlSocket:
         except OSError as exc:
             sock.close()
             raise BindError(
-                exc.errno, f"cannot listen on the control socket {self.path}: {exc.strerror}"
+                exc.errno,
+                f"cannot listen on the control socket {self.path}: {exc.strerror or exc}",
             ) from exc
         self._sock = sock
         self._inode = (info.st_dev, info.st_ino)
@@ -245,6 +277,7 @@ class ControlSocket:
     # -- serving ----------------------------------------------------------------------
 
     def _serve(self, sock: socket.socket) -> None:
+        shortage_logged = False
         while not self._closing.is_set():
             try:
                 conn, _ = sock.accept()
@@ -253,8 +286,18 @@ class ControlSocket:
                     return
                 if exc.errno in (errno.EINTR, errno.ECONNABORTED):
                     continue
+                if exc.errno in SHORTAGES:
+                    # Out of descriptors (or memory) for now: the TCP clients hold them.
+                    # Try again, as the TCP acceptor does; the socket must outlive it.
+                    if not shortage_logged:
+                        log.warning("control socket %s: accept failed (%s); retrying",
+                                    self.path, exc)  # fmt: skip
+                        shortage_logged = True
+                    self._closing.wait(SHORTAGE_PAUSE)
+                    continue
                 log.error("control socket %s: accept failed (%s); closed", self.path, exc)
                 return
+            shortage_logged = False
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
@@ -290,14 +333,13 @@ class ControlSocket:
             conn.close()
 
     def _answer(self, conn: socket.socket, peer: Peer) -> None:
-        conn.settimeout(REQUEST_TIMEOUT)
         # Closed with the connection: while a makefile is open, close() keeps the fd.
         with conn.makefile("rb") as reader:
             self._dispatch(conn, reader, peer)
 
     def _dispatch(self, conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
         try:
-            name, args = _read_request(reader)
+            name, args = _read_request(conn, reader)
         except ControlError as exc:
             log.warning("control socket: bad request from %s: %s", peer, exc)
             _send(conn, {"ok": False, "error": str(exc)})
@@ -337,11 +379,11 @@ def _describe(args: Mapping[str, Any]) -> str:
     return "".join(f" {key}={value}" for key, value in args.items())
 
 
-def _read_request(reader: BinaryIO) -> tuple[str, Mapping[str, Any]]:
-    line = _read_line(reader)
+def _read_request(conn: socket.socket, reader: BinaryIO) -> tuple[str, Mapping[str, Any]]:
+    line = _read_line(conn, reader, time.monotonic() + REQUEST_TIMEOUT)
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past Python's depth
         raise ControlError("a request is one JSON object on one line") from None
     if not isinstance(request, dict) or not isinstance(request.get("command"), str):
         raise ControlError('a request is {"command": NAME, "args": {...}}')
@@ -351,9 +393,26 @@ def _read_request(reader: BinaryIO) -> tuple[str, Mapping[str, Any]]:
     return request["command"], args
 
 
-def _read_line(reader: BinaryIO) -> bytes:
+def _read_line(conn: socket.socket, reader: BinaryIO, deadline: float) -> bytes:
+    """The request line, whole by ``deadline`` however its bytes drip in.
+
+    The socket's timeout counts per read: a client sending a byte a second would
+    otherwise hold its thread, and with ``MAX_CLIENTS`` of them every slot, for
+    ever. Nothing past the line is taken from ``reader`` (the console reads on).
+    """
+    line = b""
     try:
-        line = reader.readline(MAX_REQUEST + 1)
+        while len(line) <= MAX_REQUEST and not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            conn.settimeout(left)
+            buffered = reader.peek(1)  # type: ignore[attr-defined]
+            if not buffered:
+                break
+            newline = buffered.find(b"\n")
+            wanted = newline + 1 if newline >= 0 else len(buffered)
+            line += reader.read(min(wanted, MAX_REQUEST + 1 - len(line)))
     except TimeoutError:
         raise ControlError(f"no request within {REQUEST_TIMEOUT:g}s") from None
     if len(line) > MAX_REQUEST:
@@ -396,6 +455,19 @@ def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ControlError(f"cannot reach the control socket {path}: {exc}") from None
+    try:
+        server = peer_credentials(sock)
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot tell who serves the control socket {path}: {exc}") from None
+    if server.uid not in (os.geteuid(), 0):
+        sock.close()
+        # Nothing is sent to it: another local user may have put a socket of its own
+        # where weft ctl looks (a shared temporary directory), to read what we send.
+        raise ControlError(
+            f"the control socket {path} is served by {server}, neither you nor root:"
+            " refusing to talk to it; point at your server's socket with --socket PATH"
+        )
     return sock
 
 
@@ -410,32 +482,65 @@ def request(
     path: str, command: str, args: Mapping[str, Any] | None = None, *, timeout: float = 30.0
 ) -> Any:
     """Send one command to the server at ``path``; its result, or ControlError."""
+    deadline = time.monotonic() + timeout
     sock = connect(path, timeout)
     try:
         message = {"command": command, "args": dict(args or {})}
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             # A server too busy to listen answers at once and closes: read why below.
             sock.sendall(json.dumps(message).encode() + b"\n")
-        with sock.makefile("rb") as reader:
-            try:
-                line = reader.readline(16 * 1024 * 1024)
-            except ConnectionResetError:  # closed unread (refused): as an empty answer
-                line = b""
+        line, _ = read_answer(sock, deadline)
     except TimeoutError:
         raise ControlError(f"no answer from {path} within {timeout:g}s") from None
     except OSError as exc:
         raise ControlError(f"the control connection to {path} failed: {exc}") from None
     finally:
         sock.close()
+    return result_of(path, line)
+
+
+def result_of(path: str, line: bytes) -> Any:
+    """The result in the server's answer ``line``, or ControlError saying what went wrong."""
     if not line:
         raise ControlError(
             f"the server at {path} closed the connection without answering (another user's"
             " server refuses you; see its log)"
         )
-    answer = json.loads(line)
+    try:
+        answer = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or "ok" not in answer:
+        raise ControlError(
+            f"the control socket {path} answered {escape_for_log(line[:60].decode('latin-1'))}"
+            "..., not as weft serve does: is it a weft control socket?"
+        )
     if not answer.get("ok"):
         raise ControlError(str(answer.get("error")))
     return answer.get("result")
+
+
+def read_answer(sock: socket.socket, deadline: float) -> tuple[bytes, bytes]:
+    """The answer's line, read by ``deadline`` (TimeoutError past it), and what came after it.
+
+    At most MAX_ANSWER bytes. A socket's timeout counts per read: one that drips a
+    byte at a time, each within it, would otherwise hold weft ctl for ever.
+    """
+    data = bytearray()
+    while b"\n" not in data and len(data) <= MAX_ANSWER:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:  # closed unread (refused): as an empty answer
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    line, newline, rest = bytes(data).partition(b"\n")
+    return line + newline, rest
 
 
 def format_stacks() -> str:
@@ -494,4 +599,8 @@ def timeout_seconds(value: Any, command: str) -> float | None:
         raise ControlError(f"{command}'s timeout is a number of seconds, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ControlError(f"{command}'s timeout is a number of seconds, 0 or more, got {value!r}")
+    if value > MAX_TIMEOUT:
+        raise ControlError(
+            f"{command}'s timeout is at most {MAX_TIMEOUT:g} seconds (a year), got {value!r}"
+        )
     return float(value)

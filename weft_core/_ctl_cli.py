@@ -14,12 +14,24 @@ import json
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
-from ._ctl import ControlError, connect, default_path, request, timeout_seconds
+from ._ctl import (
+    ControlError,
+    connect,
+    default_path,
+    read_answer,
+    request,
+    result_of,
+    timeout_seconds,
+)
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
 
 __all__ = ["add_parser", "resolve_path"]
+
+#: How long ``weft ctl console`` waits for the server to open the console.
+CONSOLE_ANSWER = 30.0
 
 USAGE = """\
 commands:
@@ -163,13 +175,21 @@ def _ctl(ns: argparse.Namespace) -> int:
 
 def _console(path: str) -> int:
     """Relay stdin to the server's console and its output to stdout, until either ends."""
-    sock = connect(path, timeout=None)
+    sock = connect(path, timeout=CONSOLE_ANSWER)
     with sock:
-        sock.sendall(b'{"command": "console", "args": {}}\n')
+        try:
+            sock.sendall(b'{"command": "console", "args": {}}\n')
+            line, early = read_answer(sock, time.monotonic() + CONSOLE_ANSWER)
+            result_of(path, line)
+        except TimeoutError:
+            raise ControlError(f"no answer from {path} within {CONSOLE_ANSWER:g}s") from None
+        except OSError as exc:
+            raise ControlError(f"the control connection to {path} failed: {exc}") from None
+        sock.settimeout(None)  # the console itself waits as long as its user types
         reader = sock.makefile("rb")
-        answer = json.loads(reader.readline() or b"{}")
-        if not answer.get("ok"):
-            raise ControlError(str(answer.get("error", "the server closed the connection")))
+        out = sys.stdout.buffer
+        out.write(early)  # the console's first output, come with its answer
+        out.flush()
 
         def pump() -> None:
             try:
@@ -181,7 +201,6 @@ def _console(path: str) -> int:
                 sock.shutdown(socket.SHUT_WR)  # the console sees the end of its input
 
         threading.Thread(target=pump, name="weft ctl console input", daemon=True).start()
-        out = sys.stdout.buffer
         while chunk := reader.read1(65536):
             out.write(chunk)
             out.flush()

@@ -26,18 +26,20 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._connection import format_address
 from ._ctl import (
+    WORKER_SUFFIX,
     Command,
     Console,
     ControlError,
     ControlSocket,
     Peer,
+    check_path_length,
     connect,
     format_stacks,
     request,
     timeout_seconds,
 )
 from ._ctl_console import serve_console
-from ._errors import BindError, WeftError
+from ._errors import BindError, ConfigError, WeftError
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -87,6 +89,7 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
     """The command table of a process serving ``server``."""
 
     def status(args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+        stats = server.stats()
         return {
             "pid": os.getpid(),
             "manager": server.manager_name,
@@ -94,7 +97,9 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
             "running": server.running,
             "paused": server.paused,
             "max_connections": server.max_connections,
-            "stats": server.stats(),
+            "stats": stats,
+            # As a supervisor answers: one path (.totals.active) reads either.
+            "totals": {"workers": 0, "answered": 0, **stats},
         }
 
     def connections(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
@@ -141,9 +146,14 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         delta = _delta(args)
         if delta < 0:
             raise ControlError("one process is the fewest; start with --workers N to shrink")
-        # SIGTTIN makes this process the supervisor of two workers; more come after.
+        if delta > 1:
+            # SIGTTIN makes one process the supervisor of two workers, whatever N.
+            raise ControlError(
+                f"workers +{delta}: one process first becomes the supervisor of two workers"
+                " (weft ctl workers +1, as SIGTTIN); add more then"
+            )
         os.kill(os.getpid(), signal.SIGTTIN)
-        return f"workers +{delta}: this process becomes their supervisor (as SIGTTIN)"
+        return "workers +1: this process becomes the supervisor of two workers (as SIGTTIN)"
 
     def close(args: Mapping[str, Any], peer: Peer) -> str:
         wanted, timeout = _close_args(args)
@@ -245,7 +255,12 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
 
     def each(command: str) -> Command:
         def run(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
-            return fan_out(command, args)
+            answers = fan_out(command, args)
+            if all("error" in answer for answer in answers):
+                # Nothing was done: a failure (weft ctl exits 1), as on one process.
+                reasons = sorted({str(answer["error"]) for answer in answers})
+                raise ControlError(f"every worker refused {command}: " + "; ".join(reasons))
+            return answers
 
         return run
 
@@ -271,6 +286,13 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
 
     def workers(args: Mapping[str, Any], peer: Peer) -> str:
         delta = _delta(args)
+        if delta > 0:
+            from ._workers import check_capacity  # loaded already: this is its supervisor
+
+            try:
+                check_capacity(delta)  # as --workers N is: a count the machine can hold
+            except ConfigError as exc:
+                raise ControlError(f"workers {delta:+d}: {exc.message}") from None
         count = on_loop(lambda: supervisor.resize(delta, f"control: workers {delta:+d}"))
         return f"workers {delta:+d}: {count} now"
 
@@ -386,6 +408,8 @@ def open_control(
         return None
     if worker:
         path = worker_socket_path(path, os.getpid())
+    else:  # its workers' sockets, if it ever has any, must fit beside it
+        check_path_length(path, WORKER_SUFFIX)
     if config.console and console is None and namespace is not None:
         names = dict(namespace)
 

@@ -309,6 +309,8 @@ class _Worker:
     retiring: bool = False
     beat: float = 0.0  # the last heartbeat (or readiness), monotonic
     kill_at: float | None = None  # SIGKILL it then if it still runs
+    #: ``weft ctl drain SECONDS``: SIGQUIT it then (what is left is cut), if it still runs.
+    quit_at: float | None = None
     eof: bool = False  # its end of the link is closed: it is exiting
     stuck: bool = False  # the watchdog dumped its stacks and kills it at kill_at
     recycled: bool = False  # it reached max_requests
@@ -365,6 +367,9 @@ class Supervisor:
         self._sockets = tuple(sockets)
         self._count = count
         self._graceful_timeout = graceful_timeout
+        #: ``weft ctl drain SECONDS``'s seconds: each worker still running then is
+        #: sent SIGQUIT, as one process cuts what is left (None: graceful_timeout).
+        self._drain_for: float | None = None
         self._on_stop = on_stop
         self._timeout = timeout
         self._local = local
@@ -446,13 +451,12 @@ class Supervisor:
         """Stop gracefully, giving connections ``timeout`` (None: graceful_timeout)."""
         if self._stopping:
             raise RuntimeError("the server is stopping already")
-        if timeout is not None:
-            self._graceful_timeout = timeout
+        self._drain_for = timeout
         log.info(
             "%s: stopping %d worker(s) when idle (at most %ss)",
             why,
             len(self._workers),
-            f"{self._graceful_timeout:g}",
+            f"{self._graceful_timeout if timeout is None else timeout:g}",
         )
         self._begin_stop(time.monotonic(), soft=True)
 
@@ -695,7 +699,14 @@ class Supervisor:
         """Ask ``worker`` to drain (:func:`drain`): the byte DRAIN on its link."""
         worker.retiring = True
         worker.told = "a drain request"
-        if worker.kill_at is None:
+        cut = self._drain_for if self._only_draining else None
+        if cut is not None and cut < self._graceful_timeout:
+            # A worker drains within its own graceful timeout: past the drain's
+            # seconds it is told to cut what is left (SIGQUIT), and killed only
+            # if even that does not end it.
+            worker.quit_at = now + cut
+            worker.kill_at = now + cut + EXIT_MARGIN
+        elif worker.kill_at is None:
             worker.kill_at = now + self._graceful_timeout + EXIT_MARGIN
         try:
             worker.link.send(DRAIN)
@@ -742,6 +753,11 @@ class Supervisor:
 
     def _kill_overdue(self, now: float) -> None:
         for worker in self._workers.values():
+            if worker.quit_at is not None and now >= worker.quit_at:
+                worker.quit_at = None
+                worker.told = "SIGQUIT"
+                log.info("worker %d: the drain's time is up, cutting what is left", worker.pid)
+                _send(worker.pid, signal.SIGQUIT)
             if worker.kill_at is None or now < worker.kill_at:
                 continue
             worker.kill_at = math.inf  # killed once
@@ -941,6 +957,7 @@ class Supervisor:
     def _wait_time(self, now: float) -> float:
         times = [max(when, self._next_start) for when, _ in self._due]
         times += [w.kill_at for w in self._workers.values() if w.kill_at is not None]
+        times += [w.quit_at for w in self._workers.values() if w.quit_at is not None]
         if self._timeout is not None and any(w.ready for w in self._workers.values()):
             times.append(now + self._timeout / HEARTBEAT_SHARE)
         if self._next_alive is not None:
