@@ -528,9 +528,15 @@ class Server:
         """Start listening and serving in the background; return once listening.
 
         Raises :class:`~weft_core.BindError` naming the address if it cannot
-        listen, and :class:`~weft_core.ServerError` if already running.
+        listen, and :class:`~weft_core.ServerError` if already running, or still
+        stopping (a stop begun from inside the runtime returns before it ends).
         """
         with self._life:
+            if self._engine is not None and self._stopping:
+                raise ServerError(
+                    "the server's stop is still under way; wait for it (server.wait(), or"
+                    " server.stopped) before run() again"
+                )
             if self._engine is not None:
                 raise ServerError(
                     f"the server is already running on {', '.join(self.addresses)}; stop() it first"

@@ -28,9 +28,11 @@ What does not live here: the loop, the tasks and the sockets (``_runtime.py``,
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import ssl
 import sys
+import termios
 import threading
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -46,9 +48,10 @@ CHUNK = 2**16
 #: this, and reading pauses while this many bytes wait unread, twice over:
 #: ``asyncio.StreamReader``'s defaults (``limit=2**16``, paused at ``2 * limit``).
 LIMIT = 2**16
-#: How long closing waits for unsent bytes (or TLS's close_notify) to go out before
-#: it aborts the connection: a peer that stopped reading must not keep the
-#: descriptor open after its task ended.
+#: How long closing waits for the peer to take any of the unsent bytes (or TLS's
+#: close_notify) before it aborts the connection: a peer that stopped reading must
+#: not keep the descriptor open after its task ended, while one still reading gets
+#: the whole reply, however long it takes.
 CLOSE_WAIT = 2.0
 
 #: See :meth:`AsyncioStream.connection_lost`.
@@ -69,6 +72,22 @@ def _scratch_buffer() -> memoryview:
 def _expire(waiter: asyncio.Future[None], message: str) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError(message))
+
+
+def _unsent(transport: asyncio.BaseTransport, sock: socket.socket) -> int:
+    """Bytes not yet taken by the peer: the transport's buffer and the kernel's queue.
+
+    The kernel's send queue holds megabytes on its own: a peer reading slowly empties
+    it long before the transport's buffer moves. Where the queue cannot be read
+    (not Linux, a closed socket), the transport's buffer alone.
+    """
+    queued = 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        queued = int.from_bytes(raw, sys.byteorder, signed=True)
+    except (OSError, ValueError):
+        pass
+    return transport.get_write_buffer_size() + max(queued, 0)  # type: ignore[attr-defined,no-any-return]
 
 
 def _wake(waiter: asyncio.Future[None] | None, exc: BaseException | None = None) -> None:
@@ -150,27 +169,47 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """Make the transport: a plain one; TLS, if ``wrap_tls`` asked for it, runs above it."""
         if self._transport is not None:
             return self._transport
-        sock = self.socket
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        # The transport turns TCP_NODELAY on; keep the server's nodelay=False.
-        nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else 1
+        if self.socket.fileno() < 0:  # closed (close() before any I/O): as a lost connection
+            self._eof = self._lost = True
+            raise ConnectionResetError("Connection lost")
+        transport = self._make_transport_now()
+        if transport is None:  # uvloop, or another loop: its public way
+            nodelay = self._prepare()
+            transport, _ = await self._loop.connect_accepted_socket(lambda: self, self.socket)
+            self._keep_nodelay(nodelay)
+        return transport
+
+    def _prepare(self) -> int:
+        """Before the transport is made: its TLS session; the socket's TCP_NODELAY then."""
         if self._tls is not None and self._session is None:
             self._session = TLSSession(self._tls)
+        sock = self.socket
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return 1
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    def _keep_nodelay(self, before: int) -> None:
+        """The transport turns TCP_NODELAY on; keep the server's nodelay=False."""
+        if not before:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+
+    def _make_transport_now(self) -> asyncio.BaseTransport | None:
+        """On asyncio's own loops, the transport, made at once; None on other loops.
+
+        What ``connect_accepted_socket`` would make, without its wait for
+        ``connection_made``. That wait costs the task a trip through the loop per
+        connection (two coroutines, a future, a wake-up). The transport works from
+        the start; what was written before it existed goes out now, ahead of anything
+        written next, and the loop's own call of ``connection_made``, a turn later,
+        finds nothing left to do (reading starts with that turn, as it would have).
+        """
         make = getattr(self._loop, "_make_socket_transport", None)
-        if make is not None:
-            # asyncio's own loops: the transport connect_accepted_socket would make,
-            # made here without its wait for connection_made. That wait costs the
-            # task a trip through the loop per connection (two coroutines, a future,
-            # a wake-up). The transport works from the start; what was written
-            # before it existed goes out now, ahead of anything written next, and
-            # the loop's own call of connection_made, a turn later, finds nothing
-            # left to do (reading starts with that turn, as it would have).
-            transport: asyncio.BaseTransport = make(sock, self)
-            self.connection_made(transport)
-        else:  # uvloop, or another loop: its public way
-            transport, _ = await self._loop.connect_accepted_socket(lambda: self, sock)
-        if not nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        if make is None:
+            return None
+        nodelay = self._prepare()
+        transport: asyncio.BaseTransport = make(self.socket, self)
+        self.connection_made(transport)
+        self._keep_nodelay(nodelay)
         return transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -351,6 +390,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
             raise self._error
         while len(self._buffer) < n:
             if self._eof:
+                if self._error is not None:  # reset mid-message: not an end of input
+                    raise self._error
                 partial = self._take(len(self._buffer))
                 raise asyncio.IncompleteReadError(partial, n)
             await self._wait_for_data("readexactly")
@@ -379,6 +420,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
                     "Separator is not found, and chunk exceed the limit", offset
                 )
             if self._eof:
+                if self._error is not None:  # reset mid-message: not an end of input
+                    raise self._error
                 raise asyncio.IncompleteReadError(self._take(len(buffer)), None)
             await self._wait_for_data("readuntil")
         if found > LIMIT:
@@ -455,7 +498,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if not self._paused:
             return
         loop = self._loop
-        self._drainer = drainer = loop.create_future()
+        # One future for every task draining at once (StreamWriter wakes them all),
+        # each waiting through a shield: one of them cancelled cancels no other.
+        drainer = self._drainer
+        if drainer is None or drainer.done():
+            self._drainer = drainer = loop.create_future()
         timer = None
         if self._idle is not None:
             timer = loop.call_later(
@@ -466,9 +513,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 " (idle_timeout)",
             )
         try:
-            await drainer
+            await asyncio.shield(drainer)
         finally:
-            self._drainer = None
+            if self._drainer is drainer and drainer.done():
+                self._drainer = None
             if timer is not None:
                 timer.cancel()
 
@@ -485,9 +533,13 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """Half-close after the queued bytes (StreamWriter's; needs the transport)."""
         if self._tls is not None:
             raise NotImplementedError("TLS has no half-close: close the stream instead")
-        if self._transport is None:
-            raise RuntimeError("write_eof() before any I/O; use 'await send_eof()'")
-        self._transport.write_eof()  # type: ignore[attr-defined]
+        transport = self._transport or self._make_transport_now()
+        if transport is None:  # uvloop: its transport is made only by an await
+            raise RuntimeError(
+                "write_eof() before any I/O on uvloop; use 'await send_eof()' (or await"
+                " drain() first)"
+            )
+        transport.write_eof()  # type: ignore[attr-defined]
 
     async def send_eof(self) -> None:
         """trio's: half-close the connection once the queued bytes are sent (not under TLS)."""
@@ -584,12 +636,13 @@ class AsyncioStream(asyncio.BufferedProtocol):
             self.socket.close()
 
     async def wait_closed(self) -> None:
-        """Wait until the connection is closed (at most ``CLOSE_WAIT``, then abort it)."""
+        """Wait until the connection is closed (see :meth:`aclose`)."""
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close, letting queued bytes (and TLS's goodbye) out for at most ``CLOSE_WAIT``.
+        """Close once the queued bytes (and TLS's goodbye) are out, as long as the peer reads.
 
+        A peer that takes none of them for ``CLOSE_WAIT`` seconds is cut (aborted).
         With nothing left to send, the transport closes the descriptor in the loop's
         next iteration and this returns at once: a stop of ten thousand connections
         does not wait an iteration for each. Cancelled while waiting, it aborts.
@@ -612,12 +665,21 @@ class AsyncioStream(asyncio.BufferedProtocol):
             return
         loop = self._loop
         self._closer = closer = loop.create_future()
-        timer = loop.call_later(CLOSE_WAIT, _wake, closer)
+        unsent = _unsent(transport, self.socket)
         try:
-            await closer
+            while True:
+                timer = loop.call_later(CLOSE_WAIT, _wake, closer)
+                try:
+                    await asyncio.shield(closer)
+                finally:
+                    timer.cancel()
+                left = _unsent(transport, self.socket)
+                if self._lost or left >= unsent:
+                    break  # closed; or nothing taken for CLOSE_WAIT: the peer stopped reading
+                unsent = left
+                self._closer = closer = loop.create_future()
         finally:
             self._closer = None
-            timer.cancel()
             if not self._lost:
                 transport.abort()  # type: ignore[attr-defined]
 

@@ -1,0 +1,97 @@
+"""Helpers for test_asyncio_app_edges.py: an application's own loop, and blocking clients.
+
+The tests play an asyncio application (its own ``asyncio.Runner``, asyncio's loop or
+uvloop's) that adds a weft server to its loop with ``Server(...).run()`` called from
+a coroutine, as docs/managers.md ("Running in the application's loop") shows.
+Clients are plain blocking sockets run in a thread (``asyncio.to_thread``), so that
+nothing of the client shares the loop under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from weft_core import Server
+
+T = TypeVar("T")
+
+#: Upper bound for anything that should happen "at once".
+WAIT = 5.0
+
+LOOPS = [pytest.param("asyncio", id="asyncio"), pytest.param("uvloop", id="uvloop")]
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+def run_app(loop_name: str, main: Callable[[], Awaitable[T]], bound: float = 40.0) -> T:
+    """Run ``main()`` as an application does (asyncio.run's way), bounded by ``bound``."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(main(), bound)  # type: ignore[arg-type]
+
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
+        return runner.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Any, **kw: Any) -> AsyncIterator[Server]:
+    """A weft server on the running (application's) loop, stopped at the end."""
+    server = Server(handler, manager="asyncio", **kw)
+    server.run()
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop, 2.0)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a RST, as from a crashed client."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (Linux TCP_INFO's first byte; 7 is CLOSE)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+async def until(predicate: Callable[[], bool], what: str, bound: float = WAIT) -> None:
+    deadline = time.monotonic() + bound
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
