@@ -116,6 +116,20 @@ WAITING = 10
 
 
 @pytest.mark.timeout(60)
+def _counting_accepted(loop_manager: str, seen: list[int], box: list[Server]) -> Any:
+    """A handler that notes how many clients the server (``box[0]``) had accepted, then says x."""
+
+    def handle(conn: Any) -> None:
+        seen.append(box[0].stats()["accepted"])
+        conn.sendall(b"x")
+
+    async def handle_async(stream: Any) -> None:
+        seen.append(box[0].stats()["accepted"])
+        await stream.send_all(b"x")
+
+    return handle if loop_manager == "gevent" else handle_async
+
+
 @pytest.mark.parametrize("loop_manager", ["gevent", "trio", "asyncio"])
 def test_a_shared_listener_is_served_one_client_per_turn(loop_manager: str) -> None:
     """On an inherited listener (a worker's), the first client is served before the rest are taken.
@@ -133,16 +147,10 @@ def test_a_shared_listener_is_served_one_client_per_turn(loop_manager: str) -> N
     clients = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(WAITING)]
     seen: list[int] = []
 
-    def handle(conn: Any) -> None:
-        seen.append(server.stats()["accepted"])
-        conn.sendall(b"x")
-
-    async def handle_async(stream: Any) -> None:
-        seen.append(server.stats()["accepted"])
-        await stream.send_all(b"x")
-
-    handler = handle if loop_manager == "gevent" else handle_async
+    box: list[Server] = []
+    handler = _counting_accepted(loop_manager, seen, box)
     server = Server(handler, bind=[f"fd:{listener.detach()}"], manager=loop_manager)
+    box.append(server)
     server.run()
     try:
         for client in clients:
@@ -170,22 +178,17 @@ def test_a_listener_of_its_own_takes_its_waiting_clients_in_one_turn(loop_manage
         pytest.skip(f"weft-{loop_manager} is not installed")
     seen: list[int] = []
 
-    def handle(conn: Any) -> None:
-        seen.append(server.stats()["accepted"])
-        conn.sendall(b"x")
-
-    async def handle_async(stream: Any) -> None:
-        seen.append(server.stats()["accepted"])
-        await stream.send_all(b"x")
-
-    handler = handle if loop_manager == "gevent" else handle_async
-    server = Server(handler, port=0, backlog=64, manager=loop_manager)
+    box: list[Server] = []
+    server = Server(
+        _counting_accepted(loop_manager, seen, box), port=0, backlog=64, manager=loop_manager
+    )
+    box.append(server)
     server.run()
     clients: list[socket.socket] = []
     try:
         server.pause_accepting()
         clients = [
-            socket.create_connection(("127.0.0.1", server.port), timeout=20)
+            socket.create_connection(("127.0.0.1", int(server.port)), timeout=20)
             for _ in range(WAITING)
         ]
         server.resume_accepting()
