@@ -384,3 +384,37 @@ def test_two_tasks_draining_at_once_are_both_woken(loop_name: str) -> None:
 
 
 # -- 11. ``with Server(...)`` inside a coroutine ---------------------------------------------
+
+
+# -- 10. who the client was, after it reset -------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_peername_is_answered_after_the_peer_reset(loop_name: str) -> None:
+    """``get_extra_info("peername")`` gives the client's address even once it has reset.
+
+    A handler that logs who it served asked after the client had gone: the stream
+    called ``getpeername()`` on the socket (its transport not yet made), which raises
+    ENOTCONN once the peer reset, and the handler failed with an ERROR logged.
+    ``current_connection().peer`` had the address all along.
+    """
+    gone = threading.Event()
+    seen: list[Any] = []
+    errors: list[BaseException] = []
+
+    async def handler(stream: Any) -> None:
+        assert await asyncio.to_thread(gone.wait, WAIT)
+        seen.append(stream.get_extra_info("peername"))
+
+    async def main() -> None:
+        async with serving(handler, exception_handler=_collect(errors)) as server:
+            client = connect(int(server.port))
+            address = client.getsockname()
+            reset(client)
+            gone.set()
+            await until(lambda: bool(seen or errors), "the handler to ask")
+            assert not errors, errors
+            assert tuple(seen[0])[:2] == address, (seen, address)
+
+    run_app(loop_name, main)

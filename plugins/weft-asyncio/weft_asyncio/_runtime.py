@@ -72,11 +72,12 @@ class AsyncioSocket(socket.socket):
 
     A plain socket in every other way (the stream's transport uses ``recv_into`` and
     ``send``). ``recv`` is awaited, as on a trio socket: the server reads a PROXY
-    header with it before the stream exists. No slots of its own: it costs what a
-    socket costs.
+    header with it before the stream exists. One slot of its own, ``peer``: the
+    address ``accept`` returned, which ``getpeername()`` no longer gives once the
+    client has reset (the stream's ``get_extra_info("peername")`` falls back on it).
     """
 
-    __slots__ = ()
+    __slots__ = ("peer",)
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -145,6 +146,7 @@ class AsyncioListener(AsyncioSocket):
         self._burst += 1
         sock = AsyncioSocket(*self._kind, fileno=fd)
         sock.setblocking(False)
+        sock.peer = address
         return sock, address
 
     async def _readable(self) -> None:

@@ -557,11 +557,17 @@ class AsyncioStream(asyncio.BufferedProtocol):
             if name == "socket":
                 return self.socket
             if name == "peername":
-                return self.socket.getpeername()
+                try:
+                    return self.socket.getpeername()
+                except OSError:  # the client reset: the address it came from
+                    return getattr(self.socket, "peer", default)
             if name == "sockname":
                 return self.socket.getsockname()
             return default
-        return self._transport.get_extra_info(name, default)
+        value = self._transport.get_extra_info(name, default)
+        if name == "peername" and value is None:  # the transport came after a reset
+            return getattr(self.socket, "peer", default)
+        return value
 
     def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
         """As trio's ``SocketStream``: set an option on the connection's socket."""
