@@ -78,6 +78,7 @@ class AsyncioSocket(socket.socket):
     """
 
     __slots__ = ("peer",)
+    peer: Any
 
     @property
     def family(self) -> socket.AddressFamily:
