@@ -57,20 +57,6 @@ async def serving(handler: Any, **kw: Any) -> AsyncIterator[Server]:
         await asyncio.to_thread(server.stop, 2.0)
 
 
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while chunk := sock.recv(65536):

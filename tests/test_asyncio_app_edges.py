@@ -24,9 +24,7 @@ import pytest
 from _asyncio_app import (
     LOOPS,
     WAIT,
-    connect,
     recv_all,
-    recv_exactly,
     reset,
     run_app,
     serving,
@@ -34,6 +32,7 @@ from _asyncio_app import (
 )
 
 from weft_core import Server, ServerError
+from weft_core.testing._support import connect, recv_exactly
 
 TCP_CLOSE = 7
 
