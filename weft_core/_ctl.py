@@ -482,24 +482,38 @@ def request(
     path: str, command: str, args: Mapping[str, Any] | None = None, *, timeout: float = 30.0
 ) -> Any:
     """Send one command to the server at ``path``; its result, or ControlError."""
-    deadline = time.monotonic() + timeout
-    sock = connect(path, timeout)
+    began = time.monotonic()
+    with connect(path, timeout) as sock:
+        return exchange(sock, path, command, args, timeout, began)[0]
+
+
+def exchange(
+    sock: socket.socket,
+    path: str,
+    command: str,
+    args: Mapping[str, Any] | None,
+    timeout: float,
+    began: float,
+) -> tuple[Any, bytes]:
+    """Send one command on ``sock``; its result, and what came after the answer's line.
+
+    The answer must come within ``timeout`` seconds of ``began`` (monotonic);
+    ControlError says in one line what went wrong.
+    """
+    message = {"command": command, "args": dict(args or {})}
     try:
-        message = {"command": command, "args": dict(args or {})}
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             # A server too busy to listen answers at once and closes: read why below.
             sock.sendall(json.dumps(message).encode() + b"\n")
-        line, _ = read_answer(sock, deadline)
+        line, rest = _read_answer(sock, began + timeout)
     except TimeoutError:
         raise ControlError(f"no answer from {path} within {timeout:g}s") from None
     except OSError as exc:
         raise ControlError(f"the control connection to {path} failed: {exc}") from None
-    finally:
-        sock.close()
-    return result_of(path, line)
+    return _result_of(path, line), rest
 
 
-def result_of(path: str, line: bytes) -> Any:
+def _result_of(path: str, line: bytes) -> Any:
     """The result in the server's answer ``line``, or ControlError saying what went wrong."""
     if not line:
         raise ControlError(
@@ -520,7 +534,7 @@ def result_of(path: str, line: bytes) -> Any:
     return answer.get("result")
 
 
-def read_answer(sock: socket.socket, deadline: float) -> tuple[bytes, bytes]:
+def _read_answer(sock: socket.socket, deadline: float) -> tuple[bytes, bytes]:
     """The answer's line, read by ``deadline`` (TimeoutError past it), and what came after it.
 
     At most MAX_ANSWER bytes. A socket's timeout counts per read: one that drips a

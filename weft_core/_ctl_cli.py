@@ -21,9 +21,8 @@ from ._ctl import (
     ControlError,
     connect,
     default_path,
-    read_answer,
+    exchange,
     request,
-    result_of,
     timeout_seconds,
 )
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
@@ -175,16 +174,10 @@ def _ctl(ns: argparse.Namespace) -> int:
 
 def _console(path: str) -> int:
     """Relay stdin to the server's console and its output to stdout, until either ends."""
+    began = time.monotonic()
     sock = connect(path, timeout=CONSOLE_ANSWER)
     with sock:
-        try:
-            sock.sendall(b'{"command": "console", "args": {}}\n')
-            line, early = read_answer(sock, time.monotonic() + CONSOLE_ANSWER)
-            result_of(path, line)
-        except TimeoutError:
-            raise ControlError(f"no answer from {path} within {CONSOLE_ANSWER:g}s") from None
-        except OSError as exc:
-            raise ControlError(f"the control connection to {path} failed: {exc}") from None
+        _, early = exchange(sock, path, "console", None, CONSOLE_ANSWER, began)
         sock.settimeout(None)  # the console itself waits as long as its user types
         reader = sock.makefile("rb")
         out = sys.stdout.buffer
