@@ -37,6 +37,7 @@ from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._signals import CONTROL_SIGNALS, STOP_SIGNALS
 from ._worker_link import LISTENING_MESSAGE, drain
+from ._worker_sockets import WorkerSockets
 from ._workers import Local, Supervisor, check_capacity, worker_args
 
 __all__ = ["ADOPT_ENV", "hand_over", "supervise", "take_adopted"]
@@ -69,7 +70,7 @@ def supervise(
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError("worker processes are supervised from the main thread", key="workers")
     inherited = take_adopted(os.environ)
-    count, adopted = inherited if inherited is not None else (config.workers, [])
+    count, adopted, slots = inherited if inherited is not None else (config.workers, [], [])
     shutdown_port = config.values.get("shutdown_port")
     secret = config.values.get("shutdown_secret")
     allow = check_allow_no_secret(
@@ -106,6 +107,7 @@ def supervise(
             count=count,
             on_stop=close_listeners,
             adopted=adopted,
+            slots=slots,
             notifier=notifier,
         )
         control = open_control(config, {})  # a BindError: before any worker starts
@@ -250,10 +252,17 @@ def _supervisor(
     notifier: Notifier,
     local: Local | None = None,
     upgrade: bool = False,
-    adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
+    adopted: Sequence[tuple[int, socket.socket, float, bool, int]] = (),
+    slots: Sequence[Sequence[int]] = (),
 ) -> Supervisor:
-    sockets = [listener.sock for listener in listeners]
-    args = [*worker_args(flags, config_file), *(f"--bind=fd:{s.fileno()}" for s in sockets)]
+    sockets = WorkerSockets(
+        [listener.sock for listener in listeners],
+        spread=config.get("reuse_port", False),
+        backlog=config.get("backlog", DEFAULT_BACKLOG),
+        adopted=slots,
+    )
+    args = worker_args(flags, config_file)
+    base = [f"--bind=fd:{s.fileno()}" for s in sockets.base()]
     control_path = config.control_socket
 
     def forget_socket(pid: int) -> None:
@@ -262,8 +271,9 @@ def _supervisor(
         with contextlib.suppress(OSError):
             os.unlink(worker_socket_path(control_path, pid))
 
-    def command(link: int) -> list[str]:
-        return [*_SELF, *args, f"--supervisor-fd={link}"]
+    def command(link: int, inherited: Sequence[socket.socket]) -> list[str]:
+        binds = (f"--bind=fd:{s.fileno()}" for s in inherited)
+        return [*_SELF, *args, *binds, f"--supervisor-fd={link}"]
 
     return Supervisor(
         command,
@@ -274,7 +284,7 @@ def _supervisor(
         timeout=config.get("timeout"),
         local=local,
         adopted=adopted,
-        reexec=lambda state: _reexec([*_SELF, *args], state),
+        reexec=lambda state: _reexec([*_SELF, *args, *base], state),
         upgrade=upgrade,
         notifier=notifier,
         on_worker_exit=None if control_path is None else forget_socket,
@@ -284,8 +294,9 @@ def _supervisor(
 #: How ``weft serve`` runs itself: a worker, or the supervisor re-executed.
 _SELF = (sys.executable, "-m", "weft_core", "serve")
 #: The environment variable that hands a re-executed supervisor its workers (JSON:
-#: the worker count and each worker's pid, link descriptor and start time). Not a
-#: WEFT_* name: those are settings. Read once and removed.
+#: the worker count; each worker's pid, link descriptor, start time, readiness and
+#: slot; each slot's sockets, ``WorkerSockets.state``). Not a WEFT_* name: those
+#: are settings. Read once and removed.
 ADOPT_ENV = "_WEFT_ADOPT"
 
 
@@ -313,15 +324,20 @@ def _reexec(argv: list[str], state: str) -> None:
 
 def take_adopted(
     environ: MutableMapping[str, str],
-) -> tuple[int, list[tuple[int, socket.socket, float, bool]]] | None:
-    """The worker count and workers a re-executed supervisor inherits (ADOPT_ENV), removing it."""
+) -> tuple[int, list[tuple[int, socket.socket, float, bool, int]], list[list[int]]] | None:
+    """What a re-executed supervisor inherits (ADOPT_ENV), removing it.
+
+    The worker count, the workers (pid, link, start, ready, slot) and the slots'
+    socket descriptors (``WorkerSockets.state``).
+    """
     text = environ.pop(ADOPT_ENV, None)
     if not text:
         return None
     state = json.loads(text)
     workers = []
-    for pid, fd, started, ready in state["workers"]:
+    for pid, fd, started, ready, *slot in state["workers"]:
         link = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        workers.append((int(pid), link, float(started), bool(ready)))
-    return int(state["count"]), workers
+        workers.append((int(pid), link, float(started), bool(ready), int(slot[0] if slot else 0)))
+    slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]
+    return int(state["count"]), workers, slots

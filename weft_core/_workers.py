@@ -85,6 +85,7 @@ from ._signals import (
 )
 from ._wakeup import Wakeup
 from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE
+from ._worker_sockets import WorkerSockets
 
 __all__ = [
     "DUMP_GRACE",
@@ -315,6 +316,8 @@ class _Worker:
     stuck: bool = False  # the watchdog dumped its stacks and kills it at kill_at
     recycled: bool = False  # it reached max_requests
     told: str = ""  # how it was told to stop ("SIGTERM", "SIGQUIT", "a drain request")
+    #: Which sockets it inherited (``WorkerSockets``): its replacement takes the same.
+    slot: int = 0
 
 
 class Local(Protocol):
@@ -336,7 +339,8 @@ class Local(Protocol):
 class Supervisor:
     """Keep ``count`` workers serving; reload, resize, recycle and watch them; stop on a signal.
 
-    ``command(link_fd)`` gives a worker's argv; each worker inherits ``sockets``;
+    ``command(link_fd, sockets)`` gives a worker's argv; each worker inherits its
+    slot's ``sockets`` (one set shared by all, or one per slot with ``reuse_port``);
     ``on_stop`` runs as stopping starts. ``timeout`` is the watchdog (None: off);
     ``local`` an in-process server to retire once a worker is ready; ``adopted``
     workers (pid, link, started) of the image this one re-executed, which are
@@ -346,15 +350,15 @@ class Supervisor:
 
     def __init__(
         self,
-        command: Callable[[int], list[str]],
-        sockets: Sequence[socket.socket],
+        command: Callable[[int, Sequence[socket.socket]], list[str]],
+        sockets: WorkerSockets,
         count: int,
         graceful_timeout: float,
         *,
         on_stop: Callable[[], None] | None = None,
         timeout: float | None = None,
         local: Local | None = None,
-        adopted: Sequence[tuple[int, socket.socket, float, bool]] = (),
+        adopted: Sequence[tuple[int, socket.socket, float, bool, int]] = (),
         reexec: Callable[[str], None] | None = None,
         upgrade: bool = False,
         notifier: Notifier | None = None,
@@ -364,7 +368,7 @@ class Supervisor:
         self._on_worker_exit = on_worker_exit
         #: Functions other threads asked the loop to run (:meth:`call`), with their futures.
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        self._sockets = tuple(sockets)
+        self._sockets = sockets
         self._count = count
         self._graceful_timeout = graceful_timeout
         #: ``weft ctl drain SECONDS``'s seconds: each worker still running then is
@@ -390,10 +394,10 @@ class Supervisor:
         self._again = False
         self._announced = False  # READY=1 sent
         self._next_alive: float | None = None
-        for pid, link, started, ready in adopted:
+        for pid, link, started, ready, slot in adopted:
             link.setblocking(False)
             self._workers[pid] = _Worker(
-                pid, link, started, None, ready=ready, old=True, beat=time.monotonic()
+                pid, link, started, None, ready=ready, old=True, beat=time.monotonic(), slot=slot
             )
 
     def stop(self) -> None:
@@ -510,6 +514,7 @@ class Supervisor:
             finally:
                 self._wakeup = None
                 self._abandon()
+                self._sockets.close()
 
     # -- signals ------------------------------------------------------------------------
 
@@ -667,9 +672,13 @@ class Supervisor:
         while missing < 0 and self._due:
             self._due.pop()
             missing += 1
-        for worker in sorted(current, key=lambda w: w.started, reverse=True)[: max(0, -missing)]:
+        # The highest slots go (the newest first among equals), so the slots left are
+        # 0..count-1 and the sockets of the others can close.
+        leaving = sorted(current, key=lambda w: (w.slot, w.started), reverse=True)
+        for worker in leaving[: max(0, -missing)]:
             log.info("worker %d: retiring it (fewer workers wanted)", worker.pid)
             self._retire(worker, now)
+        self._sockets.trim(max(self._count, 1), {w.slot for w in self._current()})
         # Old workers go as new ones are ready, so as many serve as before throughout.
         ready = sum(w.ready for w in current)
         old: list[_Worker | None] = []
@@ -732,6 +741,7 @@ class Supervisor:
             self._notifier.stopping("stopping")
             if self._on_stop is not None:
                 self._on_stop()
+            self._sockets.close()  # new clients are refused at once, as on_stop's are
         local = self._local
         if local is not None and not local.done():
             # Draining after a reload or not, its connections stop as the workers' do.
@@ -902,7 +912,7 @@ class Supervisor:
         passes its shut read side on to every connection it accepts afterwards. So
         the supervisor stops (exit 1), for the service manager to start it afresh.
         """
-        for sock in self._sockets:
+        for sock in self._sockets.every():
             if sock.fileno() != -1 and not sock.getsockopt(
                 socket.SOL_SOCKET, socket.SO_ACCEPTCONN
             ):
@@ -928,12 +938,15 @@ class Supervisor:
     def _spawn(self, delay: float | None, now: float) -> None:
         # The worker holds one end; only we hold the other (socketpair() gives
         # non-inheritable descriptors, and pass_fds names just this worker's).
+        taken = {w.slot for w in self._current()}
+        slot = next(k for k in range(len(taken) + 1) if k not in taken)
+        sockets = self._sockets.of(slot)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         try:
             proc = subprocess.Popen(
-                self._command(theirs.fileno()),
-                pass_fds=(*(s.fileno() for s in self._sockets), theirs.fileno()),
+                self._command(theirs.fileno(), sockets),
+                pass_fds=(*(s.fileno() for s in sockets), theirs.fileno()),
                 stdin=subprocess.DEVNULL,
                 env=child_environment(os.environ),
                 # Its own session: a Ctrl-C on the terminal reaches the supervisor
@@ -951,7 +964,7 @@ class Supervisor:
             theirs.close()
         # We reap it ourselves (_reap); Popen must not wait for it in __del__.
         proc.returncode = 0
-        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay)
+        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay, slot=slot)
         log.info("worker %d started", proc.pid)
 
     def _wait_time(self, now: float) -> float:
@@ -977,15 +990,16 @@ class Supervisor:
     def _state(self) -> str:
         """What the re-executed supervisor needs to adopt the workers (ADOPT_ENV's value)."""
         workers = [
-            [w.pid, w.link.fileno(), w.started, w.ready]
+            [w.pid, w.link.fileno(), w.started, w.ready, w.slot]
             for w in self._workers.values()
             if not w.retiring and not w.eof
         ]
         for w in self._workers.values():
             os.set_inheritable(w.link.fileno(), True)
-        for sock in self._sockets:
+        for sock in self._sockets.base():
             os.set_inheritable(sock.fileno(), True)
-        return json.dumps({"count": self._count, "workers": workers})
+        slots = self._sockets.state()
+        return json.dumps({"count": self._count, "workers": workers, "slots": slots})
 
     def _abandon(self) -> None:
         """On an unexpected error: kill and reap whatever workers are left."""
