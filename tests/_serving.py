@@ -206,6 +206,22 @@ def host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def queued(port: int) -> int:
+    """Clients waiting in the accept queues of the listening sockets on ``port``.
+
+    ``/proc/net/tcp``'s receive queue of a listening socket (state 0A) is its
+    accept queue.
+    """
+    total = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            _, local, _, state, queues, *_ = line.split()
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                total += int(queues.split(":")[1], 16)
+    return total
+
+
 class Client:
     """A line-reading client of the test handlers."""
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _serving import READY, Client, Served, host_port
+from _serving import READY, Client, Served, host_port, queued
 from test_workers import manager, pids_serving, ready_pids, start
 
 from weft_core._worker_sockets import WorkerSockets
@@ -72,22 +72,6 @@ def _state(pid: int, tid: str) -> str:
             return stat.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:  # a thread that has ended
         return "T"
-
-
-def queued(port: int) -> int:
-    """Clients waiting in the accept queues of the listening sockets on ``port``.
-
-    ``/proc/net/tcp``'s receive queue of a listening socket (state 0A) is its
-    accept queue.
-    """
-    total = 0
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            _, local, _, state, queues, *_ = line.split()
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                total += int(queues.split(":")[1], 16)
-    return total
 
 
 def share_of_paused(address: str, pid: int) -> Counter[int]:

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from ._errors import ConfigError, PluginError, UnknownManagerError
+from ._errors import FAILURES, ConfigError, PluginError, UnknownManagerError
 from ._spec import ManagerSpec
 
 if TYPE_CHECKING:
@@ -299,6 +300,7 @@ def unregister(plugin: object | None = None, name: str | None = None) -> object 
         removed: object | None = state.pm.unregister(plugin, name=name)
         state.sources.pop(name, None)
         state.catalog = None
+        _hook_errors.forget(name)  # a plugin registered again under it starts afresh
         return removed
 
 
@@ -600,13 +602,55 @@ class Hooks:
         return bool(caller.get_hookimpls())
 
 
+#: A plugin's hook that keeps raising is logged with its traceback at most once per
+#: this many seconds (per plugin and hook); the repeats in between are counted in
+#: the next. Per-connection hooks run once per client: unlimited, any client could
+#: fill the log.
+HOOK_ERROR_INTERVAL = 10.0
+
+
+class _HookErrors:
+    """When each (plugin, hook) last logged its error, and how many it has not since."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def forget(self, plugin: str) -> None:
+        with self._lock:
+            for key in [key for key in self._last if key[0] == plugin]:
+                del self._last[key]
+
+    def report(self, plugin: str, hook: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, unlogged = self._last.get((plugin, hook), (-HOOK_ERROR_INTERVAL, 0))
+            if now - last < HOOK_ERROR_INTERVAL:
+                self._last[plugin, hook] = (last, unlogged + 1)
+                return
+            self._last[plugin, hook] = (now, 0)
+        more = f" ({unlogged} more time(s) in the last {now - last:.0f}s)" if unlogged else ""
+        log.error(
+            "plugin %r raised %s in %s%s; ignored (logged at most every %gs)",
+            plugin,
+            type(exc).__name__,
+            hook,
+            more,
+            HOOK_ERROR_INTERVAL,
+            exc_info=exc,
+        )
+
+
+_hook_errors = _HookErrors()
+
+
 def _call_each(hook: str, **kwargs: Any) -> None:
     caller: pluggy.HookCaller = getattr(plugin_manager().hook, hook)
     for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
         try:
             impl.function(*[kwargs[arg] for arg in impl.argnames])
-        except Exception:
-            log.exception("plugin %r raised in %s; ignored", impl.plugin_name, hook)
+        except FAILURES as exc:  # SystemExit too: a hook ends nothing but itself
+            _hook_errors.report(impl.plugin_name, hook, exc)
 
 
 def hooks() -> Hooks:

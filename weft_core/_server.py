@@ -69,6 +69,10 @@ __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
 log = logging.getLogger("weft.server")
 
+#: The server whose ``on_stop`` or ``weft_server_stopped`` hooks this thread runs:
+#: a ``stop()`` from there must not wait for the stop that is running it.
+_finisher = threading.local()
+
 #: The least time a stop gives its runtime to close, and the plugins' server-stopped
 #: hooks to run, even when the stop's own bound is already spent: both take
 #: milliseconds when nothing is stuck.
@@ -191,6 +195,10 @@ class Server:
         self._stopping = False
         self._stopped_event = threading.Event()
         self._stopped_event.set()
+        #: Set once a stop is over: on_stop and the weft_server_stopped hooks have run
+        #: too. What wait(), serve_forever() and a second stop() wait for.
+        self._finished = threading.Event()
+        self._finished.set()
         self._last_clean = True
         self._last_counts: dict[str, Any] = {}
         self._submitter: Submitter | None = None
@@ -532,7 +540,8 @@ class Server:
         stopping (a stop begun from inside the runtime returns before it ends).
         """
         with self._life:
-            if self._engine is not None and self._stopping:
+            finishing = self._engine is None and not self._finished.is_set()
+            if finishing or (self._engine is not None and self._stopping):
                 raise ServerError(
                     "the server's stop is still under way; wait for it (server.wait(), or"
                     " server.stopped) before run() again"
@@ -573,6 +582,7 @@ class Server:
             self._error = None
             self._stopping = False
             self._stopped_event.clear()
+            self._finished.clear()
             tcp = [
                 sock.getsockname()
                 for sock in engine.sockets()
@@ -631,7 +641,7 @@ class Server:
         if self._engine is None:
             self.run()
         try:
-            self._stopped_event.wait()
+            self._finished.wait()
         except KeyboardInterrupt:
             log.info("interrupted; stopping (graceful timeout %s)", graceful_timeout)
             self.stop(timeout=graceful_timeout)
@@ -639,8 +649,8 @@ class Server:
             raise self._error
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server has stopped; False if ``timeout`` ran out first."""
-        return self._stopped_event.wait(timeout)
+        """Block until the server has stopped, its stopped hooks run; False on ``timeout``."""
+        return self._finished.wait(timeout)
 
     def stop_accepting(self) -> None:
         """Close only the listeners; open connections go on until their clients close them.
@@ -688,16 +698,22 @@ class Server:
         inside = _must_not_block()
         with self._life:
             engine = self._engine
-            if engine is None:
-                return True
-            waiter = self._stopping
-            self._stopping = True
+            finishing = engine is None and not self._finished.is_set()
+            if engine is not None:
+                waiter = self._stopping
+                self._stopping = True
+        if engine is None:
+            # Its on_stop and weft_server_stopped hooks may still run: wait for them,
+            # unless called from one of them.
+            if finishing and not inside and getattr(_finisher, "server", None) is not self:
+                self._finished.wait()
+            return self._last_clean if finishing else True
         if waiter:
             if timeout is not None:  # the stop under way ends its graceful phase by ours
                 engine.hurry(time.monotonic() + timeout)
             if inside:
                 return False
-            self._stopped_event.wait()
+            self._finished.wait()
             return self._last_clean
         if inside:
             threading.Thread(
@@ -748,27 +764,46 @@ class Server:
                 )
             else:
                 self._close_runtime(deadline)
+        # Stopped, but not yet done: wait() and a second stop() return (and run()
+        # may start again) only once on_stop and the hooks have run, so that a hook
+        # never runs after the next run has begun, nor after the program went on.
         with self._life:
             self._engine = None
             self._stopping = False
             self._stopped_event.set()
+        try:
+            self._run_as_finisher(self._call_on_stop)
+            stats = self.stats()
+            # A plugin's hook that blocks (a metrics push to a service that is down)
+            # must not hold a stop promised to end by its timeout plus STOP_GRACE.
+            wait = _within(
+                lambda: self._run_as_finisher(lambda: hooks().server_stopped(self, stats)),
+                deadline,
+                "weft_server_stopped hooks",
+            )
+            if wait is not None:
+                log.warning(
+                    "a plugin's weft_server_stopped hook still runs %.1fs later; the stop "
+                    "returns without it (hooks must not block: docs/hooks.md)",
+                    wait,
+                )
+        finally:
+            self._finished.set()
+
+    def _call_on_stop(self) -> None:
         if self._cfg.on_stop is not None:
             try:
                 self._cfg.on_stop(self)
             except Exception:
                 log.exception("on_stop callback %r raised", self._cfg.on_stop)
-        stats = self.stats()
-        # A plugin's hook that blocks (a metrics push to a service that is down) must
-        # not hold a stop promised to end by its timeout plus STOP_GRACE.
-        wait = _within(
-            lambda: hooks().server_stopped(self, stats), deadline, "weft_server_stopped hooks"
-        )
-        if wait is not None:
-            log.warning(
-                "a plugin's weft_server_stopped hook still runs %.1fs later; the stop "
-                "returns without it (hooks must not block: docs/hooks.md)",
-                wait,
-            )
+
+    def _run_as_finisher(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` marked as this server's stop's last step (a stop() in it returns)."""
+        _finisher.server = self
+        try:
+            fn()
+        finally:
+            _finisher.server = None
 
     def _close_runtime(self, deadline: float | None) -> None:
         """Close the runtime, giving up at ``deadline`` (None: wait as long as it takes).

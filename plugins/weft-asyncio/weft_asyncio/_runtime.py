@@ -67,18 +67,51 @@ _raw_family = _socket.socket.family
 _raw_type = _socket.socket.type
 
 
+#: ``(IPPROTO_TCP, TCP_INFO)``: Linux's per-connection counters (None elsewhere).
+_TCP_INFO = (socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", None))
+#: Room for the struct as any kernel fills it (it grows; the kernel copies what fits).
+_TCP_INFO_SIZE = 512
+
+
 class AsyncioSocket(socket.socket):
     """An accepted connection's socket, non-blocking, with an awaitable ``recv``.
 
     A plain socket in every other way (the stream's transport uses ``recv_into`` and
     ``send``). ``recv`` is awaited, as on a trio socket: the server reads a PROXY
-    header with it before the stream exists. One slot of its own, ``peer``: the
+    header with it before the stream exists. Two slots of its own: ``peer``, the
     address ``accept`` returned, which ``getpeername()`` no longer gives once the
-    client has reset (the stream's ``get_extra_info("peername")`` falls back on it).
+    client has reset (the stream's ``get_extra_info("peername")`` falls back on it);
+    and ``last_info``, the kernel's ``TCP_INFO`` as the transport closed it after a
+    reset, which ``getsockopt`` answers once the descriptor is gone (the server
+    reads the connection's byte counts from it at the end).
     """
 
-    __slots__ = ("peer",)
+    __slots__ = ("last_info", "peer")
     peer: Any
+    last_info: bytes
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> Any:
+        """``socket.getsockopt``; ``TCP_INFO`` as it was at the end, once closed."""
+        try:
+            if buffersize:
+                return socket.socket.getsockopt(self, level, option, buffersize)
+            return socket.socket.getsockopt(self, level, option)
+        except OSError:
+            if (level, option) != _TCP_INFO or self.fileno() != -1:
+                raise
+            last = getattr(self, "last_info", None)
+            if last is None:
+                raise
+            return last[:buffersize] if buffersize else last
+
+    def keep_last_info(self) -> None:
+        """Keep the kernel's ``TCP_INFO`` for after the descriptor is closed (a reset)."""
+        level, option = _TCP_INFO
+        if option is not None and self.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self.last_info = socket.socket.getsockopt(self, level, option, _TCP_INFO_SIZE)
+            except OSError:
+                pass
 
     @property
     def family(self) -> socket.AddressFamily:

@@ -295,6 +295,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._lost = True
         if exc is not None:
             self._error = exc
+            # The transport closes the descriptor next: keep what the server's
+            # accounting of the connection reads from it (its byte counts).
+            keep = getattr(self.socket, "keep_last_info", None)
+            if keep is not None:
+                keep()
         _wake(self._waiter)
         _wake(self._shaker, exc or ConnectionResetError("Connection lost"))
         _wake(self._drainer, exc or ConnectionResetError("Connection lost"))

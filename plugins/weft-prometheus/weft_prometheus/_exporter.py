@@ -1,9 +1,11 @@
 """The scrape endpoint: a small HTTP server in a daemon thread.
 
-Each scrape is answered in a thread of its own (at most ``MAX_SCRAPES`` at once;
-more are closed at once), bounded by ``SCRAPE_TIMEOUT`` from accept to the last byte
-of the reply: an idle or stalled connection cannot delay another scraper, and never
-pins a thread for longer. Only blocking socket calls are used, so under gevent's
+Each scrape is answered in a thread of its own (at most ``MAX_SCRAPES`` at once),
+bounded by ``SCRAPE_TIMEOUT`` from accept to the last byte of the reply: an idle or
+stalled connection cannot delay another scraper, and never pins a thread for
+longer. When every slot is taken, the connection that has waited longest without
+sending a whole request gives its slot to the newcomer (a scraper sends its request
+at once): idle connections cannot shut a scraper out. Only blocking socket calls are used, so under gevent's
 monkey-patching the threads are greenlets and the calls yield to the hub. The body
 is prometheus-client's ``generate_latest``.
 """
@@ -30,6 +32,8 @@ MAX_REQUEST = 8192
 #: Scrapes answered at once: scrapers are few, and a connection that sends nothing
 #: (a port scan, a stalled client) holds one of these for SCRAPE_TIMEOUT at most.
 MAX_SCRAPES = 8
+#: How long a newcomer waits for the slot of the connection shed for it.
+_SHED_WAIT = 1.0
 #: Backlog of the metrics socket: scrapers are few.
 _BACKLOG = 16
 #: After an accept error that is not the socket closing (EMFILE), wait this long
@@ -68,6 +72,9 @@ class Exporter:
         self._registry = registry
         self._retired = retired
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        #: Connections whose request is not in yet, oldest first: the ones to shed.
+        self._reading: dict[socket.socket, None] = {}
+        self._reading_lock = threading.Lock()
         self._where = (host, port)
         self._reuse_port = reuse_port
         self._sock: socket.socket | None = None
@@ -154,12 +161,27 @@ class Exporter:
 
     def _take(self, conn: socket.socket) -> None:
         conn.settimeout(None)
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not self._shed():
             conn.close()  # MAX_SCRAPES are being answered: not a scraper's pace
             return
+        with self._reading_lock:
+            self._reading[conn] = None
         threading.Thread(
             target=self._scrape, args=(conn,), name="weft-prometheus scrape", daemon=True
         ).start()
+
+    def _shed(self) -> bool:
+        """End the oldest connection still sending its request; True once its slot is ours."""
+        with self._reading_lock:
+            oldest = next(iter(self._reading), None)
+            if oldest is None:
+                return False
+            del self._reading[oldest]
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)  # its thread's recv returns: it lets go
+        except OSError:
+            pass
+        return self._slots.acquire(timeout=_SHED_WAIT)
 
     def _let_go(self, sock: socket.socket) -> None:
         """Stop listening once retired, answering the scrapes already queued first.
@@ -185,6 +207,8 @@ class Exporter:
         except Exception:
             log.exception("weft-prometheus: cannot answer a scrape")
         finally:
+            with self._reading_lock:
+                self._reading.pop(conn, None)
             self._slots.release()
 
     def _answer(self, conn: socket.socket) -> None:
@@ -198,6 +222,8 @@ class Exporter:
             if not chunk:
                 return None
             head += chunk
+        with self._reading_lock:
+            self._reading.pop(conn, None)  # a whole request: answered, not shed
         method, _, rest = head.partition(b" ")
         path = rest.partition(b" ")[0].partition(b"?")[0]
         if method not in (b"GET", b"HEAD"):
