@@ -457,6 +457,8 @@ def workers_summary(records: list[dict[str, Any]], managers: list[str]) -> list[
         entry: dict[str, Any] = {"manager": manager, "connections": WORKERS_CONNECTIONS}
         for name, count, cores, what in LAYOUTS:
             rs = select(runs, impl=name)
+            if not rs:  # a layout this run did not measure (an older run's records)
+                continue
             per_worker = [
                 statistics.median(r["worker_cpu"][i] for r in rs) for i in range(count) if rs
             ]
@@ -488,6 +490,9 @@ def workers_summary(records: list[dict[str, Any]], managers: list[str]) -> list[
         entry["ratio_same_core"] = _to_w1(entry, "w2same", "rps")
         entry["per_core_ratio"] = _to_w1(entry, "w2", "rps_per_core")
         entry["per_core_ratio_same_core"] = _to_w1(entry, "w2same", "rps_per_core")
+        if "w2rp" in entry:
+            entry["ratio_reuse_port"] = _to_w1(entry, "w2rp", "rps")
+            entry["per_core_ratio_reuse_port"] = _to_w1(entry, "w2rp", "rps_per_core")
         out.append(entry)
     return out
 
@@ -549,6 +554,8 @@ def reference_table(rows: list[Row]) -> str:
 
 
 def _to_w1(entry: dict[str, Any], layout: str, key: str) -> float | None:
+    if layout not in entry or "w1" not in entry:
+        return None
     a, b = entry[layout][key], entry["w1"][key]
     return float(a / b) if a and b else None
 
@@ -570,12 +577,17 @@ def workers_table(entries: list[dict[str, Any]], seconds: float) -> str:
     for entry in entries:
         name = f"**{entry['manager']}**"
         for layout, *_ in LAYOUTS:
-            m = entry[layout]
+            m = entry.get(layout)
+            if m is None:  # a layout an older run did not have
+                continue
             if layout == "w1":
                 ratio, per_core = "1", ""
             elif layout == "w2":
                 ratio = f"**{_times(entry['ratio'])}**"
                 per_core = f" ({_times(entry['per_core_ratio'])})"
+            elif layout == "w2rp":
+                ratio = _times(entry["ratio_reuse_port"])
+                per_core = f" ({_times(entry['per_core_ratio_reuse_port'])})"
             else:
                 ratio = _times(entry["ratio_same_core"])
                 per_core = f" ({_times(entry['per_core_ratio_same_core'])})"

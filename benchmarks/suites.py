@@ -352,7 +352,14 @@ def workers_suite(manager: str, kind: str, opts: Options, rec: Recorder) -> None
     log = opts.logdir / "workers.log"
     with contextlib.ExitStack() as stack:
         servers = [
-            (name, stack.enter_context(workers.Serve(manager, kind, count, cores, log)))
+            (
+                name,
+                stack.enter_context(
+                    workers.Serve(
+                        manager, kind, count, cores, log, reuse_port=name in workers.REUSE_PORT
+                    )
+                ),
+            )
             for name, count, cores, _ in workers.LAYOUTS
         ]
         for _, server in servers:  # warm-up, not recorded; then pin the threads it made

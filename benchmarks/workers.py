@@ -12,6 +12,9 @@ processes accept from it. The layouts, measured in turn (A/B/C/A/B/C...) with
   half a core or more at these rates, so the ratio shows how much of core 1 the
   second worker got as much as how weft scales. Hence the CPU figures below, and
   requests per second per core the workers used, which does not depend on it.
+- ``w2rp``: as ``w2``, with ``--reuse-port``: each worker has a socket of its own
+  and the kernel spreads wrk's connections over them, where ``w2``'s share one
+  socket and the worker that wakes first takes them.
 - ``w2same``: two workers, both pinned to core 0; wrk on core 1. The same CPU as
   ``w1``: the ratio shows what splitting one core between two processes sharing a
   listener costs (or gains), with no extra CPU.
@@ -44,8 +47,11 @@ from .server import weft_manager
 LAYOUTS = (
     ("w1", 1, (SERVER_CORE,), "--workers 1 on core 0"),
     ("w2", 2, (SERVER_CORE, CLIENT_CORE), "--workers 2 on cores 0 and 1 (wrk shares core 1)"),
+    ("w2rp", 2, (SERVER_CORE, CLIENT_CORE), "--workers 2 --reuse-port on cores 0 and 1"),
     ("w2same", 2, (SERVER_CORE, SERVER_CORE), "--workers 2, both on core 0"),
 )
+#: The layouts run with ``--reuse-port`` (a socket per worker).
+REUSE_PORT = frozenset({"w2rp"})
 CONNECTIONS = 100
 HANDLERS = {"sync": "benchmarks.handlers:http_sync", "async": "benchmarks.handlers:http_trio"}
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
@@ -74,7 +80,13 @@ class Serve:
     """``weft serve ... --workers N`` in the background, every worker pinned to its core."""
 
     def __init__(
-        self, manager: str, kind: str, workers: int, cores: tuple[int, ...], log: Path
+        self,
+        manager: str,
+        kind: str,
+        workers: int,
+        cores: tuple[int, ...],
+        log: Path,
+        reuse_port: bool = False,
     ) -> None:
         self.workers = workers
         self.cores = cores
@@ -103,6 +115,7 @@ class Serve:
             "5",
             "--log-level",
             "info",
+            *(["--reuse-port"] if reuse_port else []),
         ]
         env = {
             **os.environ,
