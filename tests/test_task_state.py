@@ -12,7 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from weft_core import TaskState, current_task, run_task, shutdown_requested
+from weft_core import (
+    ManagerFullError,
+    TaskState,
+    TaskTable,
+    current_task,
+    run_task,
+    shutdown_requested,
+)
 from weft_core._tasks import _current_task
 
 
@@ -141,3 +148,32 @@ def test_run_task_calls_builtin_and_bound_method_thunks() -> None:
     run_task(TaskState(2), got.clear)
     run_task(TaskState(3), functools.partial(got.append, 3))
     assert got == [3]
+
+
+# -- TaskTable ------------------------------------------------------------------------
+
+
+def test_task_table_add_reserves_and_stores_in_one_step() -> None:
+    table: TaskTable[TaskState] = TaskTable(2, "my manager")
+    first = table.add(TaskState, "first")
+    second = table.add(TaskState, "second")
+    assert (first.name, second.name) == ("first", "second")
+    assert first.id != second.id
+    assert table.get(first.id) is first
+    assert table.records() == [first, second]
+    with pytest.raises(ManagerFullError, match="my manager is full: it already holds 2 tasks"):
+        table.add(TaskState)
+    assert table.pop(first.id)
+    assert table.add(TaskState).id not in (first.id, second.id)  # ids are never reused
+    assert len(table) == 2
+
+
+def test_task_table_add_stores_nothing_when_making_the_record_fails() -> None:
+    table: TaskTable[TaskState] = TaskTable(None, "my manager")
+
+    def broken(task_id: int) -> TaskState:
+        raise RuntimeError("cannot make it")
+
+    with pytest.raises(RuntimeError):
+        table.add(broken)
+    assert len(table) == 0

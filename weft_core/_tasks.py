@@ -324,8 +324,8 @@ class TaskTable(Generic[T]):
     """Ids, limit and the live tasks of one manager; thread-safe.
 
     ``reserve`` hands out the next id or raises :class:`ManagerFullError` at the
-    limit; the manager stores its own record for the id with ``put`` and drops it
-    with ``pop`` when the task ends or is removed.
+    limit; the manager stores its own record for the id with ``put`` (or does both
+    at once with ``add``) and drops it with ``pop`` when the task ends or is removed.
     """
 
     def __init__(self, limit: int | None, owner: str) -> None:
@@ -349,6 +349,21 @@ class TaskTable(Generic[T]):
             task_id = next(self._ids)
             self._tasks[task_id] = None
             return task_id
+
+    def add(self, make: Callable[..., T], *args: Any) -> T:
+        """:meth:`reserve` and :meth:`put` in one: store and return ``make(id, *args)``.
+
+        One lock taken rather than two, for a manager that can make its record at
+        once. ``make`` runs under the table's lock: it must not call the table.
+        """
+        with self._lock:
+            if self.limit is not None and len(self._tasks) >= self.limit:
+                raise ManagerFullError(
+                    f"{self._owner} is full: it already holds {self.limit} tasks (limit={self.limit})"
+                )
+            task_id = next(self._ids)
+            record = self._tasks[task_id] = make(task_id, *args)
+            return record
 
     def put(self, task_id: int, record: T) -> None:
         """Store the manager's record for a reserved id."""

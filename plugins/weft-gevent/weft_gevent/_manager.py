@@ -229,19 +229,17 @@ class GeventManager:
         In the hub's own thread (the acceptor adding a connection) the greenlet is
         spawned at once; from another thread it is queued to the hub.
         """
-        task_id = self._table.reserve()
+        link = self._hubs.acquire()  # counts the task until its greenlet ends
         try:
-            link = self._hubs.acquire()  # counts the task until its greenlet ends
+            task = self._table.add(_Task, thunk, link, self)
         except BaseException:
-            self._table.pop(task_id)
+            self._hubs.release()
             raise
-        task = _Task(task_id, thunk, link, self)
-        self._table.put(task_id, task)
         if real_get_ident() == link.hub.thread_ident:  # link.is_current(), inlined
             self._spawn(task)
         else:
             link.call_soon(self._spawn, task)
-        return task_id
+        return task.id
 
     def _spawn(self, task: _Task) -> _TaskGreenlet | None:
         # In the hub's thread. Idempotent: stop_task may get here before the queued
