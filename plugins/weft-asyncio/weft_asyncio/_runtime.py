@@ -90,28 +90,21 @@ class AsyncioSocket(socket.socket):
     peer: Any
     last_info: bytes
 
-    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> Any:
-        """``socket.getsockopt``; ``TCP_INFO`` as it was at the end, once closed."""
-        try:
-            if buffersize:
-                return socket.socket.getsockopt(self, level, option, buffersize)
-            return socket.socket.getsockopt(self, level, option)
-        except OSError:
-            if (level, option) != _TCP_INFO or self.fileno() != -1:
-                raise
-            last = getattr(self, "last_info", None)
-            if last is None:
-                raise
-            return last[:buffersize] if buffersize else last
-
     def keep_last_info(self) -> None:
-        """Keep the kernel's ``TCP_INFO`` for after the descriptor is closed (a reset)."""
+        """Keep the kernel's ``TCP_INFO`` for after the descriptor is closed (a reset).
+
+        The socket becomes an :class:`_EndedSocket`, whose ``getsockopt`` answers it
+        then: every other socket keeps the plain, compiled ``getsockopt``.
+        """
         level, option = _TCP_INFO
-        if option is not None and self.family in (socket.AF_INET, socket.AF_INET6):
+        if option is None or type(self) is not AsyncioSocket:
+            return
+        if _raw_family.__get__(self) in (socket.AF_INET, socket.AF_INET6):
             try:
                 self.last_info = socket.socket.getsockopt(self, level, option, _TCP_INFO_SIZE)
             except OSError:
-                pass
+                return
+            self.__class__ = _EndedSocket
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -132,6 +125,23 @@ class AsyncioSocket(socket.socket):
                 return socket.socket.recv(self, bufsize, flags)
             except (BlockingIOError, InterruptedError):
                 await _readable(self.fileno())
+
+
+class _EndedSocket(AsyncioSocket):
+    """An accepted socket its transport closed after a reset (:meth:`keep_last_info`)."""
+
+    __slots__ = ()
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> Any:
+        """``socket.getsockopt``; ``TCP_INFO`` as it was at the end, once closed."""
+        try:
+            if buffersize:
+                return socket.socket.getsockopt(self, level, option, buffersize)
+            return socket.socket.getsockopt(self, level, option)
+        except OSError:
+            if (level, option) != _TCP_INFO or self.fileno() != -1:
+                raise
+            return self.last_info[:buffersize] if buffersize else self.last_info
 
 
 class AsyncioListener(AsyncioSocket):
