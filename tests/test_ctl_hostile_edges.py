@@ -35,8 +35,8 @@ from _serving import (
     weft_serve,
 )
 
-from weft_core import available_managers
-from weft_core._ctl import MAX_CLIENTS, REQUEST_TIMEOUT, ControlError, request
+from weft_core import _ctl, available_managers
+from weft_core._ctl import MAX_CLIENTS, REQUEST_TIMEOUT, ControlError, ControlSocket, request
 from weft_core.testing._support import wait_until
 
 #: The client's own bound on one command (weft_core._ctl.request's default).
@@ -679,3 +679,41 @@ def test_status_answers_the_documented_jq_path_on_one_process(
         assert (status.get("totals") or {}).get("active") == 1, (
             f"`weft ctl status | jq .totals.active` on one process reads null: {sorted(status)}"
         )
+
+
+@pytest.mark.timeout(60)
+def test_clients_that_never_read_their_answers_give_their_slots_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that asks for a long answer (a stack dump) and never reads it held its
+    thread, and MAX_CLIENTS of them every slot, for ever: weft ctl then got "busy"
+    until the server restarted. An answer now goes out within ANSWER_TIMEOUT or is
+    dropped, and the slot with it."""
+    monkeypatch.setattr(_ctl, "ANSWER_TIMEOUT", 1.0, raising=False)
+    path = str(tmp_path / "ctl.sock")
+    long_answer = "x" * (8 * 1024 * 1024)  # far more than the socket buffers hold
+    control = ControlSocket(
+        path, {"dump": lambda args, peer: long_answer, "ping": lambda args, peer: "pong"}
+    )
+    control.open()
+    control.start()
+    stuck: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CLIENTS):
+            client = socket.socket(socket.AF_UNIX)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(path)
+            client.sendall(b'{"command": "dump"}\n')
+            stuck.append(client)  # and never read
+
+        def answered() -> bool:
+            try:
+                return request(path, "ping", timeout=5) == "pong"
+            except ControlError:  # "busy" while the slots are held
+                return False
+
+        wait_until(answered, timeout=20, what="a slot given back by a client that never read")
+    finally:
+        for client in stuck:
+            client.close()
+        control.close()

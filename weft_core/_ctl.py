@@ -64,6 +64,9 @@ Console = Callable[[socket.socket, BinaryIO, "Peer"], None]
 MAX_REQUEST = 64 * 1024
 # How long a client gets to send its request (a stalled client must not pin a thread).
 REQUEST_TIMEOUT = 10.0
+# How long an answer may take to go out: a client that stops reading (a stack dump
+# it never takes) gives up its thread and slot then, rather than hold them for ever.
+ANSWER_TIMEOUT = 10.0
 # The longest timeout a command takes: a year. Past the platform's time_t, a wait on
 # it raises OverflowError after the stop it bounds has begun.
 MAX_TIMEOUT = 365 * 24 * 3600.0
@@ -354,6 +357,7 @@ class ControlSocket:
                 return
             log.warning("control: console opened by %s", peer)
             _send(conn, {"ok": True, "result": "console"})
+            conn.settimeout(None)  # a console waits on its operator as long as it likes
             console(conn, reader, peer)
             log.warning("control: console closed by %s", peer)
             return
@@ -423,7 +427,9 @@ def _read_line(conn: socket.socket, reader: BinaryIO, deadline: float) -> bytes:
 
 
 def _send(conn: socket.socket, message: Mapping[str, Any]) -> None:
-    with contextlib.suppress(OSError):
+    """Send one answer line, within ANSWER_TIMEOUT; a client gone or not reading loses it."""
+    with contextlib.suppress(OSError):  # TimeoutError too
+        conn.settimeout(ANSWER_TIMEOUT)
         conn.sendall(json.dumps(message, default=str).encode() + b"\n")
 
 
