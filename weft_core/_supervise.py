@@ -38,7 +38,7 @@ from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._signals import CONTROL_SIGNALS, STOP_SIGNALS
 from ._worker_link import LISTENING_MESSAGE, drain
 from ._worker_sockets import WorkerSockets
-from ._workers import Local, Supervisor, check_capacity, worker_args
+from ._workers import Adopted, Local, Supervisor, check_capacity, worker_args
 
 __all__ = ["ADOPT_ENV", "hand_over", "supervise", "take_adopted"]
 
@@ -207,7 +207,7 @@ def hand_over(
         # the descriptor of its own.
         copy = socket.socket(fileno=os.dup(task.native.fileno()))
         mine = task.listener
-        listeners.append(Listener(copy, mine.unix_path, mine.unix_file))
+        listeners.append(Listener(copy, mine.unix_path, mine.unix_file, shared=mine.shared))
         mine.unix_path = None  # the supervisor's copy removes the socket file, at its stop
 
     def close_listeners() -> None:
@@ -252,13 +252,15 @@ def _supervisor(
     notifier: Notifier,
     local: Local | None = None,
     upgrade: bool = False,
-    adopted: Sequence[tuple[int, socket.socket, float, bool, int]] = (),
+    adopted: Sequence[Adopted] = (),
     slots: Sequence[Sequence[int]] = (),
 ) -> Supervisor:
     sockets = WorkerSockets(
         [listener.sock for listener in listeners],
         spread=config.get("reuse_port", False),
         backlog=config.get("backlog", DEFAULT_BACKLOG),
+        # A re-executed supervisor's own sockets come back as fd:N, and are its own.
+        foreign=[listener.shared and not adopted for listener in listeners],
         adopted=slots,
     )
     args = worker_args(flags, config_file)
@@ -324,20 +326,23 @@ def _reexec(argv: list[str], state: str) -> None:
 
 def take_adopted(
     environ: MutableMapping[str, str],
-) -> tuple[int, list[tuple[int, socket.socket, float, bool, int]], list[list[int]]] | None:
+) -> tuple[int, list[Adopted], list[list[int]]] | None:
     """What a re-executed supervisor inherits (ADOPT_ENV), removing it.
 
-    The worker count, the workers (pid, link, start, ready, slot) and the slots'
-    socket descriptors (``WorkerSockets.state``).
+    The worker count, the workers (:class:`~weft_core._workers.Adopted`) and the
+    slots' socket descriptors (``WorkerSockets.state``).
     """
     text = environ.pop(ADOPT_ENV, None)
     if not text:
         return None
     state = json.loads(text)
     workers = []
-    for pid, fd, started, ready, *slot in state["workers"]:
+    for pid, fd, started, ready, *rest in state["workers"]:
         link = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        workers.append((int(pid), link, float(started), bool(ready), int(slot[0] if slot else 0)))
+        slot, leaving = (*rest, 0, False)[:2] if rest else (0, False)
+        workers.append(
+            Adopted(int(pid), link, float(started), bool(ready), int(slot), bool(leaving))
+        )
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]
     return int(state["count"]), workers, slots

@@ -13,8 +13,9 @@ supervisor keeps every slot's sockets open, so a worker's replacement inherits
 the clients queued while it was away. A slot past the worker count (``TTOU``,
 ``workers -N``) is closed as its worker retires; the kernel resets the clients
 queued on it then (Linux moves them to a sibling instead if the sysctl
-``net.ipv4.tcp_migrate_req`` is 1). Unix sockets and sockets opened without
-``SO_REUSEPORT`` (inherited ones, say) stay shared by every slot.
+``net.ipv4.tcp_migrate_req`` is 1). Unix sockets, sockets opened without
+``SO_REUSEPORT`` and sockets weft did not open (``--bind fd:N``, systemd's) stay
+shared by every slot.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class WorkerSockets:
     """The sockets of each worker slot: slot 0 is the supervisor's own; see the module.
 
     ``spread`` is the ``reuse_port`` setting; ``backlog`` the listen queue of each
-    twin. ``adopted`` are the twins of slots 1.. that a supervisor re-executed on
-    USR2 inherits (:meth:`state`). Used by the supervisor's loop alone.
+    twin; ``foreign`` says, per base socket, that weft did not open it (it is
+    never twinned: its owner decides who listens on its port). ``adopted`` are
+    the twins of slots 1.. that a supervisor re-executed on USR2 inherits
+    (:meth:`state`). Used by the supervisor's loop alone.
     """
 
     def __init__(
@@ -43,10 +46,17 @@ class WorkerSockets:
         *,
         spread: bool,
         backlog: int,
+        foreign: Sequence[bool] = (),
         adopted: Sequence[Sequence[int]] = (),
     ) -> None:
         self._base = list(base)
-        self._spread = spread and any(_reuses_port(sock) for sock in self._base)
+        foreign = [*foreign, *[False] * (len(self._base) - len(foreign))]
+        #: The base sockets that get a twin per slot.
+        self._twinned = {
+            id(sock) for sock, theirs in zip(self._base, foreign, strict=True)
+            if spread and not theirs and _reuses_port(sock)
+        }  # fmt: skip
+        self._spread = bool(self._twinned)
         self._backlog = backlog
         #: Slot k >= 1: its sockets, each a twin of a base socket or that socket itself.
         self._slots: dict[int, list[socket.socket]] = {}
@@ -120,7 +130,7 @@ class WorkerSockets:
         return slots
 
     def _twin(self, sock: socket.socket, slot: int) -> socket.socket:
-        if not _reuses_port(sock):
+        if id(sock) not in self._twinned:
             return sock
         twin = socket.socket(sock.family, sock.type)
         try:

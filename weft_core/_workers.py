@@ -69,7 +69,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ._config import parse_option_value
 from ._connection import format_address
@@ -320,6 +320,18 @@ class _Worker:
     slot: int = 0
 
 
+class Adopted(NamedTuple):
+    """A worker of the image a supervisor re-executed from (USR2), as it hands it on."""
+
+    pid: int
+    link: socket.socket
+    started: float
+    ready: bool
+    slot: int = 0
+    #: It was retiring or exiting: it is watched to its end, never made current again.
+    leaving: bool = False
+
+
 class Local(Protocol):
     """The in-process server of a single ``weft serve`` that became a supervisor (HUP, USR2)."""
 
@@ -358,7 +370,7 @@ class Supervisor:
         on_stop: Callable[[], None] | None = None,
         timeout: float | None = None,
         local: Local | None = None,
-        adopted: Sequence[tuple[int, socket.socket, float, bool, int]] = (),
+        adopted: Sequence[Adopted] = (),
         reexec: Callable[[str], None] | None = None,
         upgrade: bool = False,
         notifier: Notifier | None = None,
@@ -394,10 +406,21 @@ class Supervisor:
         self._again = False
         self._announced = False  # READY=1 sent
         self._next_alive: float | None = None
-        for pid, link, started, ready, slot in adopted:
-            link.setblocking(False)
-            self._workers[pid] = _Worker(
-                pid, link, started, None, ready=ready, old=True, beat=time.monotonic(), slot=slot
+        now = time.monotonic()
+        for worker in adopted:
+            worker.link.setblocking(False)
+            self._workers[worker.pid] = _Worker(
+                worker.pid,
+                worker.link,
+                worker.started,
+                None,
+                ready=worker.ready,
+                old=True,
+                beat=now,
+                slot=worker.slot,
+                retiring=worker.leaving,
+                told="a drain request" if worker.leaving else "",
+                kill_at=now + graceful_timeout + EXIT_MARGIN if worker.leaving else None,
             )
 
     def stop(self) -> None:
@@ -658,6 +681,19 @@ class Supervisor:
     def _current(self) -> list[_Worker]:
         return [w for w in self._workers.values() if not w.old and not w.retiring]
 
+    def _old_in_retiring_order(self, current: list[_Worker]) -> list[_Worker]:
+        """The old workers, those to retire first first: the oldest.
+
+        With a socket per worker, those whose slot a ready new worker serves come
+        first, so every slot keeps a worker, and a reload abandoned halfway leaves
+        each old one in a slot of its own.
+        """
+        old = self._old()
+        if not self._sockets.spread:
+            return old
+        served = {w.slot for w in current if w.ready}
+        return sorted(old, key=lambda w: w.slot not in served)  # stable: oldest first
+
     def _old(self) -> list[_Worker]:
         return sorted(
             (w for w in self._workers.values() if w.old and not w.retiring),
@@ -668,6 +704,15 @@ class Supervisor:
         """Start or retire workers until ``count`` are current; retire old ones the new replace."""
         current = self._current()
         missing = self._count - len(current) - len(self._due)
+        if missing < 0 and self._sockets.spread:
+            # Workers in the slots given up go first, before a start still due: that
+            # start fills a lower slot, whose socket would otherwise have no worker.
+            placed = sorted(current, key=lambda w: (w.slot, w.started), reverse=True)
+            for worker in [w for w in placed if w.slot >= self._count][:-missing]:
+                log.info("worker %d: retiring it (fewer workers wanted)", worker.pid)
+                self._retire(worker, now)
+                missing += 1
+            current = self._current()
         self._due.extend((now, None) for _ in range(max(0, missing)))
         while missing < 0 and self._due:
             self._due.pop()
@@ -682,7 +727,7 @@ class Supervisor:
         # Old workers go as new ones are ready, so as many serve as before throughout.
         ready = sum(w.ready for w in current)
         old: list[_Worker | None] = []
-        for worker in self._old():
+        for worker in self._old_in_retiring_order(current):
             if not worker.ready:  # it never served: nothing is lost when it goes at once
                 self._retire(worker, now)
             elif worker.recycled and ready:
@@ -989,10 +1034,11 @@ class Supervisor:
 
     def _state(self) -> str:
         """What the re-executed supervisor needs to adopt the workers (ADOPT_ENV's value)."""
+        # Every worker, retiring ones too: the new image watches them to their end
+        # (their kill deadline, their exit) and closes their links.
         workers = [
-            [w.pid, w.link.fileno(), w.started, w.ready, w.slot]
+            [w.pid, w.link.fileno(), w.started, w.ready, w.slot, w.retiring or w.eof]
             for w in self._workers.values()
-            if not w.retiring and not w.eof
         ]
         for w in self._workers.values():
             os.set_inheritable(w.link.fileno(), True)
