@@ -109,18 +109,27 @@ def unserved(address: str, count: int, within: float) -> int:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("how", ["TTOU", "ctl"])
 def test_ttou_while_a_lower_slot_restarts_leaves_no_socket_unserved(
-    tmp_path: Path, manager: str, how: str
+    tmp_path: Path, manager: str
 ) -> None:
     """TTOU (or ``weft ctl workers -1``) while slot 0's worker waits for its replacement:
     the worker in the slot given up retires, the start fills slot 0, every client is
     served (it used to drop the start, leaving slot 0's socket with no worker)."""
+    resize_while_a_lower_slot_restarts(tmp_path, manager, "TTOU")
+
+
+@pytest.mark.timeout(60)
+def test_workers_minus_one_while_a_lower_slot_restarts_leaves_no_socket_unserved(
+    tmp_path: Path,
+) -> None:
+    """The same with ``weft ctl workers -1``, the same resize (on threads)."""
+    resize_while_a_lower_slot_restarts(tmp_path, "threads", "ctl")
+
+
+def resize_while_a_lower_slot_restarts(tmp_path: Path, manager: str, how: str) -> None:
     flag = tmp_path / "crash"
     env = environment()
     env["PROBE_CRASH_FLAG"] = str(flag)
-    if how == "ctl" and manager != "threads":
-        pytest.skip("weft ctl workers -1 is the same resize as TTOU: checked on threads")
     control = tmp_path / "ctl.sock"
     served, address = serve(
         tmp_path, manager, "--control-socket", str(control), workers=3, env=env
