@@ -27,23 +27,14 @@ from typing import Any
 import pytest
 from _every_manager import MANAGERS, aecho, echo, is_async
 from _serving import Served, environment, free_port, queued, weft_serve
+from test_hooks import register
 
-from weft_core import ConnectionInfo, Server, _registry, hookimpl
+from weft_core import ConnectionInfo, Server, hookimpl
+from weft_core.testing._support import connect, recv_exactly
+
+__all__ = ["register"]  # the fixture, shared with test_hooks
 
 WAIT = 10.0
-
-
-@pytest.fixture
-def register() -> Iterator[Callable[[object], str]]:
-    names: list[str] = []
-
-    def add(plugin: object) -> str:
-        names.append(_registry.register(plugin, name=f"probe-hooks-{len(names)}"))
-        return names[-1]
-
-    yield add
-    for name in names:
-        _registry.unregister(name=name)
 
 
 @pytest.fixture
@@ -52,19 +43,6 @@ def servers() -> Iterator[list[Server]]:
     yield made
     for server in made:
         server.stop(timeout=1)
-
-
-def connect(server: Server) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", int(server.port)), timeout=WAIT)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
-    return data
 
 
 # -- weft_server_stopped: "stop() returns after the hook" ---------------------------------
@@ -109,7 +87,7 @@ def test_weft_server_stopped_has_run_when_wait_or_a_second_stop_returns(
     holder.append(server)
     servers.append(server)
     server.run()
-    with connect(server) as client:
+    with connect(server.port) as client:
         client.sendall(b"stop")
         assert server.wait(WAIT), "the stop begun inside the handler ended"
         at_wait = list(plugin.reported)
@@ -270,7 +248,7 @@ def test_weft_connection_closed_counts_bytes_of_a_connection_the_peer_reset(
     )
     servers.append(server)
     server.run()
-    client = connect(server)
+    client = connect(server.port)
     client.sendall(b"hello")
     assert recv_exactly(client, 5) == b"hello"
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -310,7 +288,7 @@ def test_a_hook_raising_on_every_connection_is_not_a_traceback_per_connection(
     servers.append(server)
     server.run()
     for _ in range(40):
-        with connect(server) as client:
+        with connect(server.port) as client:
             client.sendall(b"x")
             assert recv_exactly(client, 1) == b"x", "served despite the broken plugin"
     server.stop(timeout=WAIT)
