@@ -543,8 +543,8 @@ class Server:
             finishing = self._engine is None and not self._finished.is_set()
             if finishing or (self._engine is not None and self._stopping):
                 raise ServerError(
-                    "the server's stop is still under way; wait for it (server.wait(), or"
-                    " server.stopped) before run() again"
+                    "the server's stop is still under way; wait for it (server.wait(), which"
+                    " returns once its on_stop and stopped hooks have run) before run() again"
                 )
             if self._engine is not None:
                 raise ServerError(
