@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import sys
 import threading
@@ -185,10 +186,15 @@ def _console(path: str) -> int:
         out.flush()
 
         def pump() -> None:
+            # Plain reads of the descriptor, not sys.stdin's buffer: the server may end
+            # the console while this thread waits for input, and the interpreter then
+            # exits with it still waiting, which a buffered reader's lock turns into
+            # a fatal error (SIGABRT) at shutdown.
             try:
-                for line in sys.stdin.buffer:
-                    sock.sendall(line)
-            except OSError:
+                fd = sys.stdin.fileno()
+                while data := os.read(fd, 65536):
+                    sock.sendall(data)
+            except (OSError, ValueError):  # ValueError: no descriptor (a closed stdin)
                 return
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)  # the console sees the end of its input

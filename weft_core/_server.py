@@ -49,7 +49,7 @@ from ._engine import (
 )
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
-from ._errors import ConfigError, HandlerKindError, ServerError, WeftError
+from ._errors import EXITS, ConfigError, HandlerKindError, ServerError, WeftError
 from ._listeners import Family, open_listeners
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
@@ -704,17 +704,16 @@ class Server:
                 self._stopping = True
         if engine is None:
             # Its on_stop and weft_server_stopped hooks may still run: wait for them,
-            # unless called from one of them.
+            # unless called from one of them, and no longer than our own bound.
             if finishing and not inside and getattr(_finisher, "server", None) is not self:
-                self._finished.wait()
+                self._wait_finished(timeout)
             return self._last_clean if finishing else True
         if waiter:
             if timeout is not None:  # the stop under way ends its graceful phase by ours
                 engine.hurry(time.monotonic() + timeout)
             if inside:
                 return False
-            self._finished.wait()
-            return self._last_clean
+            return self._wait_finished(timeout) and self._last_clean
         if inside:
             threading.Thread(
                 target=self._stop, args=(engine, timeout), name="weft stop", daemon=True
@@ -731,6 +730,23 @@ class Server:
                     target=self._stop, args=(engine, 0), name="weft stop", daemon=True
                 ).start()
             raise
+
+    def _wait_finished(self, timeout: float | None) -> bool:
+        """Wait for the stop under way, by ``timeout`` plus STOP_GRACE (None: no bound).
+
+        True once its connections are done, though a blocking stopped hook may still
+        run (then logged, and left running, as the stop that started it leaves it).
+        """
+        bound = None if timeout is None else max(timeout, 0.0) + STOP_GRACE
+        if self._finished.wait(bound):
+            return True
+        if self._stopped_event.is_set():
+            log.warning(
+                "stop(): the stop under way is done but for a plugin's blocking "
+                "weft_server_stopped hook; returning at this stop's bound without it"
+            )
+            return True
+        return False
 
     def _stop(self, engine: Engine[Any], timeout: float | None) -> bool:
         began = time.monotonic()
@@ -771,8 +787,12 @@ class Server:
             self._engine = None
             self._stopping = False
             self._stopped_event.set()
+        exit_: BaseException | None = None
         try:
-            self._run_as_finisher(self._call_on_stop)
+            try:
+                self._run_as_finisher(self._call_on_stop)
+            except EXITS as exc:  # raised to the caller, once the plugins have been told
+                exit_ = exc
             stats = self.stats()
             # A plugin's hook that blocks (a metrics push to a service that is down)
             # must not hold a stop promised to end by its timeout plus STOP_GRACE.
@@ -789,6 +809,8 @@ class Server:
                 )
         finally:
             self._finished.set()
+        if exit_ is not None:
+            raise exit_
 
     def _call_on_stop(self) -> None:
         if self._cfg.on_stop is not None:
