@@ -375,6 +375,31 @@ HOOK_CALLS: list[tuple[str, Callable[[Any], None], str]] = [
 
 
 @pytest.mark.timeout(10)
+def test_a_hook_that_keeps_raising_is_logged_once_per_interval_with_the_repeats_counted(
+    registry: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(registry._hook_errors, "clock", lambda: clock[0])
+    registry.register(Raiser(), name="raiser")
+    with caplog.at_level(logging.ERROR, logger="weft.plugins"):
+        for _ in range(50):  # a per-connection hook, once per client
+            registry.hooks().connection_refused("srv", "127.0.0.1:2", "full")
+            clock[0] += 0.1  # 5 s in all: within one interval
+        clock[0] += registry.HOOK_ERROR_INTERVAL
+        registry.hooks().connection_refused("srv", "127.0.0.1:2", "full")
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first == (
+        "plugin 'raiser' raised RuntimeError in weft_connection_refused; ignored"
+        " (logged at most every 10s)"
+    )
+    assert second == (
+        "plugin 'raiser' raised RuntimeError in weft_connection_refused (49 more time(s)"
+        " since the last one logged, 15s ago); ignored (logged at most every 10s)"
+    )
+    assert all(r.exc_info for r in caplog.records)  # each with its traceback
+
+
+@pytest.mark.timeout(10)
 @pytest.mark.parametrize(("hook", "call", "seen"), HOOK_CALLS, ids=[c[0] for c in HOOK_CALLS])
 def test_lifecycle_hook_error_is_logged_and_swallowed(
     registry: Any,

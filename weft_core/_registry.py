@@ -142,6 +142,7 @@ def reset() -> None:
     global _state
     with _lock:
         _state = None
+    _hook_errors.forget_all()
 
 
 def _loaded() -> _State:
@@ -615,6 +616,12 @@ class _HookErrors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        #: What tells the time (a test's fake clock can stand in).
+        self.clock: Callable[[], float] = time.monotonic
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._last.clear()
 
     def forget(self, plugin: str) -> None:
         with self._lock:
@@ -622,14 +629,18 @@ class _HookErrors:
                 del self._last[key]
 
     def report(self, plugin: str, hook: str, exc: BaseException) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             last, unlogged = self._last.get((plugin, hook), (-HOOK_ERROR_INTERVAL, 0))
             if now - last < HOOK_ERROR_INTERVAL:
                 self._last[plugin, hook] = (last, unlogged + 1)
                 return
             self._last[plugin, hook] = (now, 0)
-        more = f" ({unlogged} more time(s) in the last {now - last:.0f}s)" if unlogged else ""
+        more = (
+            f" ({unlogged} more time(s) since the last one logged, {now - last:.0f}s ago)"
+            if unlogged
+            else ""
+        )
         log.error(
             "plugin %r raised %s in %s%s; ignored (logged at most every %gs)",
             plugin,
