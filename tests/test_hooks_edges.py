@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,12 +26,12 @@ from typing import Any
 import pytest
 from _every_manager import MANAGERS, aecho, echo, is_async
 from _serving import Served, environment, free_port, queued, weft_serve
-from test_hooks import register
+from test_hooks import Recorder, recorder, register
 
 from weft_core import ConnectionInfo, Server, hookimpl
 from weft_core.testing._support import connect, recv_exactly
 
-__all__ = ["register"]  # the fixture, shared with test_hooks
+__all__ = ["recorder", "register"]  # the fixtures, shared with test_hooks
 
 WAIT = 10.0
 
@@ -215,31 +214,13 @@ def test_prometheus_endpoint_survives_a_restart_after_wait(tmp_path: Path) -> No
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("manager", "options"), MANAGERS)
 def test_weft_connection_closed_counts_bytes_of_a_connection_the_peer_reset(
-    register: Callable[[object], str],
+    recorder: Recorder,
     servers: list[Server],
     manager: str,
     options: dict[str, Any],
 ) -> None:
     """A connection the client reset still reports the kernel's byte counts (on asyncio,
     whose transport closes the socket before the server reads them)."""
-    ended: list[tuple[Any, Any, str]] = []
-    done = threading.Event()
-
-    class Watch:
-        @hookimpl
-        def weft_connection_closed(
-            self,
-            server: Server,
-            connection: ConnectionInfo,
-            duration: float,
-            bytes_in: int | None,
-            bytes_out: int | None,
-            how: str,
-        ) -> None:
-            ended.append((bytes_in, bytes_out, how))
-            done.set()
-
-    register(Watch())
     server = Server(
         aecho if is_async(manager) else echo,
         manager=manager,
@@ -253,8 +234,8 @@ def test_weft_connection_closed_counts_bytes_of_a_connection_the_peer_reset(
     assert recv_exactly(client, 5) == b"hello"
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # a reset
-    assert done.wait(WAIT), "weft_connection_closed fired"
-    [(bytes_in, bytes_out, how)] = ended
+    [closed] = recorder.wait("weft_connection_closed")
+    bytes_in, bytes_out, how = closed["bytes_in"], closed["bytes_out"], closed["how"]
     assert how == "error"
     assert (bytes_in, bytes_out) == (5, 5), (
         f"a TCP connection on Linux reported bytes_in={bytes_in}, bytes_out={bytes_out}"
