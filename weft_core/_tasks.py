@@ -342,13 +342,17 @@ class TaskTable(Generic[T]):
     def reserve(self) -> int:
         """A fresh id, counted against the limit until popped."""
         with self._lock:
-            if self.limit is not None and len(self._tasks) >= self.limit:
-                raise ManagerFullError(
-                    f"{self._owner} is full: it already holds {self.limit} tasks (limit={self.limit})"
-                )
-            task_id = next(self._ids)
+            task_id = self._next_id()
             self._tasks[task_id] = None
             return task_id
+
+    def _next_id(self) -> int:
+        """A fresh id, or ManagerFullError at the limit; under the lock."""
+        if self.limit is not None and len(self._tasks) >= self.limit:
+            raise ManagerFullError(
+                f"{self._owner} is full: it already holds {self.limit} tasks (limit={self.limit})"
+            )
+        return next(self._ids)
 
     def add(self, make: Callable[..., T], *args: Any) -> T:
         """:meth:`reserve` and :meth:`put` in one: store and return ``make(id, *args)``.
@@ -357,11 +361,7 @@ class TaskTable(Generic[T]):
         once. ``make`` runs under the table's lock: it must not call the table.
         """
         with self._lock:
-            if self.limit is not None and len(self._tasks) >= self.limit:
-                raise ManagerFullError(
-                    f"{self._owner} is full: it already holds {self.limit} tasks (limit={self.limit})"
-                )
-            task_id = next(self._ids)
+            task_id = self._next_id()
             record = self._tasks[task_id] = make(task_id, *args)
             return record
 
