@@ -206,20 +206,26 @@ def host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def queued(port: int) -> int:
-    """Clients waiting in the accept queues of the listening sockets on ``port``.
+def listening(port: int) -> dict[str, int]:
+    """The TCP sockets listening on ``port`` (IPv4 and IPv6): inode -> clients queued.
 
-    ``/proc/net/tcp``'s receive queue of a listening socket (state 0A) is its
-    accept queue.
+    In ``/proc/net/tcp{,6}`` a listening socket is in state 0A, and its receive
+    queue is its accept queue.
     """
-    total = 0
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            _, local, _, state, queues, *_ = line.split()
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                total += int(queues.split(":")[1], 16)
-    return total
+    found = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found[fields[9]] = int(fields[4].split(":")[1], 16)
+    return found
+
+
+def queued(port: int) -> int:
+    """Clients waiting in the accept queues of the listening sockets on ``port``."""
+    return sum(listening(port).values())
 
 
 class Client:

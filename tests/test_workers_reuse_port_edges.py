@@ -29,6 +29,7 @@ from _serving import (
     Served,
     environment,
     host_port,
+    listening,
     weft_serve,
 )
 from test_workers import manager
@@ -60,19 +61,6 @@ def serve(
         served.kill()
         raise
     return served, address
-
-
-def listening_inodes(port: int) -> set[str]:
-    """The inodes of the TCP sockets listening on ``port`` (IPv4 and IPv6)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(fields[9])
-    return inodes
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -156,7 +144,7 @@ def resize_while_a_lower_slot_restarts(tmp_path: Path, manager: str, how: str) -
         port = host_port(address)[1]
         lost = unserved(address, 60, within=8)
         # Every socket the supervisor keeps listening is one a live worker accepts from.
-        orphans = listening_inodes(port) & socket_inodes(served.proc.pid)
+        orphans = set(listening(port)) & socket_inodes(served.proc.pid)
         for pid in re.findall(STARTED, served.text):
             if os.path.exists(f"/proc/{pid}"):
                 orphans -= socket_inodes(int(pid))
@@ -238,9 +226,9 @@ def test_an_inherited_reuse_port_socket_is_shared_not_twinned(tmp_path: Path) ->
         )  # fmt: skip
         with served:
             served.wait_for(READY, count=3)
-            listening = listening_inodes(port)
-            assert len(listening) == 1, (
-                f"{len(listening)} sockets listen on the inherited socket's port {port};"
+            sockets = set(listening(port))
+            assert len(sockets) == 1, (
+                f"{len(sockets)} sockets listen on the inherited socket's port {port};"
                 " the doc promises the inherited one is shared by every worker"
             )
             served.signal(signal.SIGTERM)
@@ -264,7 +252,7 @@ def test_an_abandoned_reload_leaves_no_slot_without_a_worker(tmp_path: Path, man
         # slot 0's worker is replaced once (a crash), so slot 1's is the oldest.
         os.kill(slot0, signal.SIGKILL)
         served.wait_for(READY, count=3)
-        (twin,) = socket_inodes(slot1) & listening_inodes(port)
+        (twin,) = socket_inodes(slot1) & set(listening(port))
         marker.write_text(twin)  # the new code breaks in slot 1 only
         served.signal(signal.SIGHUP)
         served.wait_for(r"the reload is abandoned", timeout=40)
@@ -274,7 +262,7 @@ def test_an_abandoned_reload_leaves_no_slot_without_a_worker(tmp_path: Path, man
         for match in served.wait_for(STARTED, count=5):
             if os.path.exists(f"/proc/{match.group(1)}"):
                 held |= socket_inodes(int(match.group(1)))
-        orphans = (listening_inodes(port) & socket_inodes(served.proc.pid)) - held
+        orphans = (set(listening(port)) & socket_inodes(served.proc.pid)) - held
         lost = unserved(address, 60, within=8)
         assert lost == 0 and not orphans, (
             f"{lost} of 60 clients got no reply within 8 s after the abandoned reload;"
