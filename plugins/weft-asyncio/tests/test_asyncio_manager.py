@@ -496,20 +496,80 @@ def test_a_reply_written_without_any_await_is_sent() -> None:
         assert client.recv(1) == b""
 
 
-def test_nodelay_false_is_kept() -> None:
-    """The transport turns TCP_NODELAY on; nodelay=False must still leave it off."""
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_nodelay_false_is_kept(loop_name: str) -> None:
+    """The transport turns TCP_NODELAY on; nodelay=False must still leave it off.
+
+    The stream knows the value from the socket (``AsyncioSocket.nodelay``, set by
+    ``setsockopt`` or inherited from the listener) rather than asking the kernel per
+    connection: the server's nodelay=False, and a handler's own ``setsockopt`` before
+    its first read, both survive the transport's making, on either loop.
+    """
+    if loop_name == "uvloop":
+        pytest.importorskip("uvloop")
     seen: list[int] = []
 
     async def handler(stream: AsyncioStream) -> None:
         await stream.read(1)
         seen.append(int(stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
 
-    for nodelay in (False, True):
-        server = Server(handler, manager="asyncio", nodelay=nodelay)
+    async def turns_it_off(stream: AsyncioStream) -> None:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        await handler(stream)
+
+    options = {"loop": loop_name}
+    for serve, nodelay in ((handler, False), (handler, True), (turns_it_off, True)):
+        server = Server(serve, manager="asyncio", manager_options=options, nodelay=nodelay)
         with server, connect(server) as client:
             client.sendall(b"x")
             client.recv(1)  # b"" once the handler returned
-    assert seen == [0, 1]
+    assert seen == [0, 1, 0]
+
+
+def test_an_accepted_socket_keeps_its_family_type_and_nodelay() -> None:
+    """``AsyncioSocket`` answers ``family`` and ``type`` as enums, as a socket does.
+
+    It keeps them in slots, read once, where ``socket.socket`` builds an enum member
+    per read; and ``nodelay`` follows ``setsockopt``.
+    """
+    from weft_asyncio import AsyncioSocket
+
+    with AsyncioSocket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert (sock.family, sock.type) == (socket.AF_INET, socket.SOCK_STREAM)
+        assert isinstance(sock.family, socket.AddressFamily)
+        assert isinstance(sock.type, socket.SocketKind)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert sock.nodelay is True
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        assert sock.nodelay is False
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    left, right = socket.socketpair()
+    with right, AsyncioSocket(fileno=left.detach()) as sock:  # family and type from the kernel
+        assert (sock.family, sock.type) == (socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def test_data_received_feeds_the_stream_as_buffer_updated_does() -> None:
+    """A loop that calls ``data_received`` (no buffered protocols) is read in order.
+
+    Larger than the stream's receive buffer, too: reading pauses past its limit and
+    resumes as the handler reads.
+    """
+    from weft_asyncio import AsyncioSocket
+
+    big = bytes(range(256)) * 800  # 204,800 bytes: three times the scratch buffer
+
+    async def main() -> bytes:
+        left, right = socket.socketpair()
+        with right:
+            stream = AsyncioStream(AsyncioSocket(fileno=left.detach()))
+            await stream.drain()  # the transport is made
+            stream.data_received(b"head:")
+            stream.data_received(big)
+            got = await stream.readexactly(5 + len(big))
+            await stream.aclose()
+            return got
+
+    assert asyncio.run(main()) == b"head:" + big
 
 
 def test_idle_timeout_ends_a_silent_connection() -> None:

@@ -236,8 +236,8 @@ class _Task(TaskState):
 
     __slots__ = ("home", "task")
 
-    def __init__(self, task_id: Hashable, name: str, home: _Loop) -> None:
-        super().__init__(task_id, name)
+    def __init__(self, task_id: Hashable, thunk: object, home: _Loop) -> None:
+        super().__init__(task_id, getattr(thunk, "__name__", "") or f"weft task {task_id}")
         self.home = home
         #: Set on the loop when the task is created; None while it is queued.
         self.task: asyncio.Task[Any] | None = None
@@ -408,26 +408,23 @@ class AsyncioManager:
         From the loop's own thread the task is created at once; from any other
         thread it is handed to the loop (started first if need be).
         """
-        task_id = self._table.reserve()
+        home = self._home
+        here = home is not None and threading.get_ident() == home.ident  # in_thread()
+        if not here:
+            home = self._home_for_caller()
+            here = home.in_thread()
+        assert home is not None
+        state = self._table.add(_Task, thunk, home)
         try:
-            name = getattr(thunk, "__name__", "") or f"weft task {task_id}"
-            home = self._home
-            here = home is not None and home.in_thread()
-            if not here:
-                home = self._home_for_caller()
-                here = home.in_thread()
-            assert home is not None
-            state = _Task(task_id, name, home)
-            self._table.put(task_id, state)
             context = contextvars.copy_context()
             if here:
                 self._spawn(state, thunk, context)
             else:
                 home.loop.call_soon_threadsafe(self._spawn, state, thunk, context)
         except BaseException:
-            self._table.pop(task_id)
+            self._table.pop(state.id)
             raise
-        return task_id
+        return state.id
 
     def _spawn(
         self,

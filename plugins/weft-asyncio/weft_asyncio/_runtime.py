@@ -59,8 +59,8 @@ def _ready(waiter: asyncio.Future[None]) -> None:
 
 
 # socket.socket's ``family`` and ``type`` properties build an enum member on every
-# read (about a microsecond each); the server reads them several times per
-# connection. These tables give the same members for a dictionary lookup.
+# read (about a microsecond each); these tables give the same members for a
+# dictionary lookup, once per socket (``AsyncioSocket`` keeps them).
 _FAMILIES = {int(f): f for f in socket.AddressFamily}
 _KINDS = {int(k): k for k in socket.SocketKind}
 _raw_family = _socket.socket.family
@@ -71,24 +71,55 @@ _raw_type = _socket.socket.type
 _TCP_INFO = (socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", None))
 #: Room for the struct as any kernel fills it (it grows; the kernel copies what fits).
 _TCP_INFO_SIZE = 512
+#: ``recv`` flag: do not wait, whether or not the descriptor is non-blocking yet.
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class AsyncioSocket(socket.socket):
-    """An accepted connection's socket, non-blocking, with an awaitable ``recv``.
+    """An accepted connection's socket, with an awaitable ``recv``.
 
     A plain socket in every other way (the stream's transport uses ``recv_into`` and
     ``send``). ``recv`` is awaited, as on a trio socket: the server reads a PROXY
-    header with it before the stream exists. Two slots of its own: ``peer``, the
-    address ``accept`` returned, which ``getpeername()`` no longer gives once the
-    client has reset (the stream's ``get_extra_info("peername")`` falls back on it);
-    and ``last_info``, the kernel's ``TCP_INFO`` as the transport closed it after a
-    reset, which ``getsockopt`` answers once the descriptor is gone (the server
-    reads the connection's byte counts from it at the end).
+    header with it before the stream exists. The descriptor is made non-blocking by
+    whatever makes the stream's transport (asyncio's loop through the stream, uvloop
+    by itself), not at accept: on uvloop that would be a second ``ioctl`` per
+    connection; ``recv`` asks the kernel not to wait (``MSG_DONTWAIT``) either way.
+
+    Three slots of its own: ``peer``, the address ``accept`` returned, which
+    ``getpeername()`` no longer gives once the client has reset (the stream's
+    ``get_extra_info("peername")`` falls back on it); ``nodelay``, its
+    ``TCP_NODELAY`` as last set (through :meth:`setsockopt`) or inherited from the
+    listener, which the stream restores after a transport that turns it on (None:
+    unknown, read from the kernel); and ``last_info``, the kernel's ``TCP_INFO`` as
+    the transport closed it after a reset, which ``getsockopt`` answers once the
+    descriptor is gone (the server reads the connection's byte counts from it at
+    the end).
     """
 
-    __slots__ = ("last_info", "peer")
+    __slots__ = ("family", "last_info", "nodelay", "peer", "type")
+    family: socket.AddressFamily
+    type: socket.SocketKind
     peer: Any
+    nodelay: bool | None
     last_info: bytes
+
+    def __init__(
+        self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        # Kept in slots: socket.socket's ``family`` and ``type`` properties build an
+        # enum member on every read, and the server, the stream and uvloop read them
+        # several times per connection.
+        raw: int = _raw_family.__get__(self)
+        self.family = _FAMILIES.get(raw) or socket.AddressFamily(raw)
+        raw = _raw_type.__get__(self)
+        self.type = _KINDS.get(raw) or socket.SocketKind(raw)
+
+    def setsockopt(self, level: int, option: int, value: Any, *optlen: int) -> None:
+        """``socket.setsockopt``, keeping ``TCP_NODELAY``'s value in ``nodelay``."""
+        socket.socket.setsockopt(self, level, option, value, *optlen)
+        if option == socket.TCP_NODELAY and level == socket.IPPROTO_TCP:
+            self.nodelay = bool(value)
 
     def keep_last_info(self) -> None:
         """Keep the kernel's ``TCP_INFO`` for after the descriptor is closed (a reset).
@@ -106,20 +137,9 @@ class AsyncioSocket(socket.socket):
                 return
             self.__class__ = _EndedSocket
 
-    @property
-    def family(self) -> socket.AddressFamily:
-        """The address family, as ``socket.socket.family`` gives it (from a table)."""
-        raw: int = _raw_family.__get__(self)
-        return _FAMILIES.get(raw) or socket.AddressFamily(raw)
-
-    @property
-    def type(self) -> socket.SocketKind:
-        """The socket type, as ``socket.socket.type`` gives it (from a table)."""
-        raw: int = _raw_type.__get__(self)
-        return _KINDS.get(raw) or socket.SocketKind(raw)
-
     async def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
         """Receive up to ``bufsize`` bytes, waiting on the loop for them."""
+        flags |= _DONTWAIT
         while True:
             try:
                 return socket.socket.recv(self, bufsize, flags)
@@ -166,6 +186,10 @@ class AsyncioListener(AsyncioSocket):
         self._burst = 0
         #: What each accepted socket is made with, read once.
         self._kind = (self.family, self.type, self.proto)
+        #: The TCP_NODELAY each accepted socket inherits (Linux copies it), read once.
+        self.nodelay = None
+        if self.family in (socket.AF_INET, socket.AF_INET6) and sys.platform == "linux":
+            self.nodelay = bool(self.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         #: The future an ``accept`` waits on while the backlog is empty, else None.
         self._waiter: asyncio.Future[None] | None = None
         #: The loop and descriptor of the registered reader callback, or None.
@@ -189,8 +213,8 @@ class AsyncioListener(AsyncioSocket):
                 await self._readable()
         self._burst += 1
         sock = AsyncioSocket(*self._kind, fileno=fd)
-        sock.setblocking(False)
         sock.peer = address
+        sock.nodelay = self.nodelay
         return sock, address
 
     async def _readable(self) -> None:
@@ -361,7 +385,8 @@ class AsyncioRuntime(AsyncRuntime):
         self, sock: AsyncioSocket, idle_timeout: float | None = None
     ) -> AsyncioStream:
         """The :class:`AsyncioStream` a handler receives (its transport is made on first use)."""
-        return AsyncioStream(sock, idle_timeout)
+        home = self._manager._home  # the loop this connection's task runs on
+        return AsyncioStream(sock, idle_timeout, None if home is None else home.loop)
 
     def wrap_tls(self, stream: AsyncioStream, context: ssl.SSLContext) -> AsyncioStream:
         """The same stream, its transport to be made with TLS by ``do_handshake()``."""

@@ -134,9 +134,16 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "socket",
     )
 
-    def __init__(self, sock: socket.socket, idle_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        idle_timeout: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.socket = sock
-        self._loop = asyncio.get_running_loop()
+        # The runtime passes its loop: asyncio.get_running_loop() costs a getpid()
+        # system call per call on Python 3.11.
+        self._loop = loop or asyncio.get_running_loop()
         self._scratch = _scratch_buffer()
         self._buffer = bytearray()
         self._transport: asyncio.BaseTransport | None = None
@@ -172,10 +179,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if self.socket.fileno() < 0:  # closed (close() before any I/O): as a lost connection
             self._eof = self._lost = True
             raise ConnectionResetError("Connection lost")
-        transport = self._make_transport_now()
-        if transport is None:  # uvloop, or another loop: its public way
-            nodelay = self._prepare()
-            transport, _ = await self._loop.connect_accepted_socket(lambda: self, self.socket)
+        make = getattr(self._loop, "_make_socket_transport", None)
+        if make is not None:
+            return self._make_transport(make)
+        # uvloop, or another loop: its public way. uvloop makes the descriptor
+        # non-blocking itself, and turns TCP_NODELAY on.
+        nodelay = self._prepare()
+        transport, _ = await self._loop.connect_accepted_socket(lambda: self, self.socket)
+        if not nodelay:
             self._keep_nodelay(nodelay)
         return transport
 
@@ -186,6 +197,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
         sock = self.socket
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return 1
+        known: bool | None = getattr(sock, "nodelay", None)  # an AsyncioSocket keeps it
+        if known is not None:
+            return known
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     def _keep_nodelay(self, before: int) -> None:
@@ -204,12 +218,16 @@ class AsyncioStream(asyncio.BufferedProtocol):
         finds nothing left to do (reading starts with that turn, as it would have).
         """
         make = getattr(self._loop, "_make_socket_transport", None)
-        if make is None:
-            return None
+        return None if make is None else self._make_transport(make)
+
+    def _make_transport(self, make: Any) -> asyncio.BaseTransport:
+        """The transport by the loop's own ``_make_socket_transport`` (see above)."""
         nodelay = self._prepare()
+        self.socket.setblocking(False)  # as connect_accepted_socket does; uvloop does its own
         transport: asyncio.BaseTransport = make(self.socket, self)
         self.connection_made(transport)
-        self._keep_nodelay(nodelay)
+        if not nodelay:
+            self._keep_nodelay(nodelay)
         return transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -241,6 +259,21 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if len(buffer) > 2 * LIMIT and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        """What arrived, from a loop that does not use buffered protocols.
+
+        asyncio's loops and uvloop call :meth:`get_buffer` and :meth:`buffer_updated`
+        instead. uvloop looks this method up on every connection all the same, and
+        without it that costs a raised and caught ``AttributeError``.
+        """
+        view = memoryview(data)
+        scratch = self._scratch
+        while view:
+            n = min(len(view), len(scratch))
+            scratch[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
 
     def eof_received(self) -> bool:
         """End of input (the peer's FIN, or the server's ``shutdown(SHUT_RD)`` at a stop).
@@ -300,10 +333,16 @@ class AsyncioStream(asyncio.BufferedProtocol):
             keep = getattr(self.socket, "keep_last_info", None)
             if keep is not None:
                 keep()
-        _wake(self._waiter)
-        _wake(self._shaker, exc or ConnectionResetError("Connection lost"))
-        _wake(self._drainer, exc or ConnectionResetError("Connection lost"))
-        _wake(self._closer)
+        # Every waiter woken; most are None (a reader waits, seldom more), so each
+        # is tested here rather than in a call.
+        if self._waiter is not None:
+            _wake(self._waiter)
+        if self._shaker is not None:
+            _wake(self._shaker, exc or ConnectionResetError("Connection lost"))
+        if self._drainer is not None:
+            _wake(self._drainer, exc or ConnectionResetError("Connection lost"))
+        if self._closer is not None:
+            _wake(self._closer)
 
     def pause_writing(self) -> None:
         """The transport's buffer is full: ``drain()`` waits."""
@@ -376,7 +415,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             return b"".join(chunks)
         if not self._buffer and not self._eof:
             await self._wait_for_data("read")
-            error = self._failure()  # a reset while waiting
+            error: BaseException | None = self._error  # a reset while waiting
             if error is not None and not self._buffer:
                 raise error
         return self._take(n)
@@ -641,7 +680,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         transport = self._transport
         if transport is not None:
-            self._goodbye()
+            if self._session is not None:
+                self._goodbye()
             transport.close()
         elif not self._pending:
             self.socket.close()
@@ -668,7 +708,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
             except BaseException:
                 self.socket.close()
                 raise
-        self._goodbye()
+        if self._session is not None:
+            self._goodbye()
         transport.close()
         if self._lost:
             return
