@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -290,6 +291,36 @@ def test_supervisor_resizes_reloads_and_relays_the_console(
     ctl(control, "drain")
     assert served.finish(timeout=30) == 0
     assert not list(control.parent.glob("ctl.sock*")), "no socket file is left behind"
+
+
+@pytest.mark.timeout(90)
+def test_a_console_relayed_to_a_worker_that_does_not_answer_gives_up(
+    workers: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    """The supervisor's console waits ANSWER_TIMEOUT for its worker, then says so.
+
+    With the workers stopped (SIGSTOP: wedged, as far as anyone can tell), the relay
+    waited for ever for the worker's first line, holding one of the supervisor's
+    control slots and the operator's terminal. It must give up, say which worker did
+    not answer, and leave the supervisor able to relay the next console.
+    """
+    from weft_core._ctl import ANSWER_TIMEOUT
+
+    served, _ = workers
+    pids = [w["pid"] for w in as_json(ctl(control, "status"))["workers"]]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        done = ctl(control, "console", stdin="1\n", check=False)
+        took = time.monotonic() - began
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert "did not answer within" in done.stdout + done.stderr, (done.stdout, done.stderr)
+    assert took < ANSWER_TIMEOUT + 8, f"weft ctl console took {took:.1f}s"
+    out = ctl(control, "console", stdin="import os; os.getppid()\n").stdout
+    assert f">>> {served.proc.pid}\n" in out, "the next console is relayed as before"
 
 
 def test_console_is_off_unless_configured(tmp_path: Path, control: Path) -> None:

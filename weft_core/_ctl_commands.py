@@ -20,12 +20,14 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._connection import format_address
 from ._ctl import (
+    ANSWER_TIMEOUT,
     WORKER_SUFFIX,
     Command,
     Console,
@@ -345,10 +347,22 @@ def relay_console(supervisor: Supervisor, path: str) -> Console:
         if not pids:
             conn.sendall(b"weft console: no worker is serving yet\n")
             return
-        target = connect(worker_socket_path(path, pids[0]), timeout=None)
+        # A worker that does not answer (stopped, wedged) must not hold one of the
+        # supervisor's control slots for ever: it has ANSWER_TIMEOUT to open its
+        # console; from then on the console waits on its operator.
+        target = connect(worker_socket_path(path, pids[0]), timeout=ANSWER_TIMEOUT)
         with target:
-            target.sendall(b'{"command": "console", "args": {}}\n')
-            answer = _first_line(target)
+            try:
+                target.sendall(b'{"command": "console", "args": {}}\n')
+                answer = _first_line(target, time.monotonic() + ANSWER_TIMEOUT)
+            except TimeoutError:
+                conn.sendall(
+                    f"weft console: worker {pids[0]} did not answer within"
+                    f" {ANSWER_TIMEOUT:g}s; try again, or look at it with weft ctl"
+                    " stacks\n".encode()
+                )
+                return
+            target.settimeout(None)
             if not json.loads(answer or b"{}").get("ok"):
                 conn.sendall(b"weft console: the worker refused the console\n")
                 return
@@ -358,10 +372,18 @@ def relay_console(supervisor: Supervisor, path: str) -> Console:
     return console
 
 
-def _first_line(sock: socket.socket, limit: int = 4096) -> bytes:
-    """The first line ``sock`` receives, and not a byte more (the rest is relayed as is)."""
+def _first_line(sock: socket.socket, deadline: float, limit: int = 4096) -> bytes:
+    """The first line ``sock`` receives, and not a byte more (the rest is relayed as is).
+
+    TimeoutError if it is not whole by ``deadline`` (``time.monotonic()``): a peer
+    dripping a byte at a time cannot stretch it.
+    """
     line = b""
     while not line.endswith(b"\n") and len(line) < limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no whole line by the deadline")
+        sock.settimeout(left)
         byte = sock.recv(1)
         if not byte:
             break

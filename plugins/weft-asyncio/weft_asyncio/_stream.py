@@ -28,6 +28,7 @@ What does not live here: the loop, the tasks and the sockets (``_runtime.py``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import socket
 import ssl
@@ -53,6 +54,9 @@ LIMIT = 2**16
 #: not keep the descriptor open after its task ended, while one still reading gets
 #: the whole reply, however long it takes.
 CLOSE_WAIT = 2.0
+
+#: ``send`` flag: do not wait (before uvloop's transport, the descriptor may block).
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 #: See :meth:`AsyncioStream.connection_lost`.
 _CACHED_READ_CALLBACK = sys.version_info < (3, 12)
@@ -118,6 +122,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_closer",
         "_drainer",
         "_eof",
+        "_eof_written",
         "_error",
         "_idle",
         "_loop",
@@ -154,6 +159,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         #: The future ``do_handshake`` waits on while the handshake goes on.
         self._shaker: asyncio.Future[None] | None = None
         self._eof = False
+        #: write_eof() half-closed the socket before uvloop's transport existed.
+        self._eof_written = False
         self._lost = False
         self._error: BaseException | None = None
         self._paused = False
@@ -517,6 +524,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
             self._send_tls()
         elif transport is not None:
             transport.write(data)  # type: ignore[attr-defined]
+        elif self._eof_written:
+            raise RuntimeError("write() after write_eof()")
         else:
             self._pending = (self._pending or b"") + bytes(data)
 
@@ -579,11 +588,34 @@ class AsyncioStream(asyncio.BufferedProtocol):
             raise NotImplementedError("TLS has no half-close: close the stream instead")
         transport = self._transport or self._make_transport_now()
         if transport is None:  # uvloop: its transport is made only by an await
-            raise RuntimeError(
-                "write_eof() before any I/O on uvloop; use 'await send_eof()' (or await"
-                " drain() first)"
-            )
+            self._shut_writing_now()
+            return
         transport.write_eof()  # type: ignore[attr-defined]
+
+    def _shut_writing_now(self) -> None:
+        """``write_eof()`` before uvloop's transport exists: what waits, then the FIN.
+
+        The bytes written so far go to the kernel at once, which takes a reply of any
+        usual size whole; one larger than its buffer leaves the rest waiting, and
+        ``write_eof()`` then says to ``await send_eof()`` instead.
+        """
+        pending = self._pending
+        if pending:
+            try:
+                sent = self.socket.send(pending, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the peer is gone: the next read or drain says so
+                sent = len(pending)
+            self._pending = pending[sent:] or None
+            if self._pending is not None:
+                raise RuntimeError(
+                    "write_eof() before any I/O on uvloop, after writing more than the"
+                    " kernel takes at once; use 'await send_eof()' (or await drain() first)"
+                )
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_WR)
+        self._eof_written = True
 
     async def send_eof(self) -> None:
         """trio's: half-close the connection once the queued bytes are sent (not under TLS)."""
