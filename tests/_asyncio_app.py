@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -27,6 +28,9 @@ T = TypeVar("T")
 WAIT = 5.0
 
 LOOPS = [pytest.param("asyncio", id="asyncio"), pytest.param("uvloop", id="uvloop")]
+
+#: own-<loop>: the manager's own loop thread; app-<loop>: Server.run() from a coroutine.
+MODES = ["own-asyncio", "own-uvloop", "app-asyncio", "app-uvloop"]
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -81,3 +85,53 @@ async def until(predicate: Callable[[], bool], what: str, bound: float = WAIT) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@contextlib.contextmanager
+def served(mode: str, handler: Any, **kw: Any) -> Iterator[Server]:
+    """A running weft server in ``mode``; stopped (bounded) on leaving."""
+    where, loop_name = mode.split("-")
+    loop_factory(loop_name)  # skip early without uvloop
+    if where == "own":
+        server = Server(handler, manager="asyncio", manager_options={"loop": loop_name}, **kw)
+        server.run()
+        try:
+            yield server
+        finally:
+            server.stop(timeout=2)
+        return
+    ready = threading.Event()
+    leave: list[asyncio.Event] = []
+    box: list[Any] = []
+
+    async def main() -> None:
+        server = Server(handler, manager="asyncio", **kw)
+        server.run()
+        done = asyncio.Event()
+        leave.append(done)
+        box.append((server, asyncio.get_running_loop()))
+        ready.set()
+        try:
+            await asyncio.wait_for(done.wait(), 50)
+        finally:
+            await asyncio.to_thread(server.stop, 2.0)
+
+    def run() -> None:
+        try:
+            with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
+                runner.run(main())
+        except BaseException as exc:  # reported to the test
+            box.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True, name="test-app-loop")
+    thread.start()
+    assert ready.wait(WAIT), "the application's loop did not start the server"
+    if isinstance(box[-1], BaseException):
+        raise box[-1]
+    server, loop = box[0]
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(leave[0].set)
+        thread.join(10)

@@ -76,14 +76,14 @@ _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class AsyncioSocket(socket.socket):
-    """An accepted connection's socket, with an awaitable ``recv``.
+    """An accepted connection's socket: a ``socket.socket``, what ``stream.socket`` is.
 
-    A plain socket in every other way (the stream's transport uses ``recv_into`` and
-    ``send``). ``recv`` is awaited, as on a trio socket: the server reads a PROXY
-    header with it before the stream exists. The descriptor is made non-blocking by
+    While the server reads its preamble (a PROXY header) it is an ``_Accepted``,
+    whose ``recv`` is awaited, as on a trio socket. The descriptor is made non-blocking by
     whatever makes the stream's transport (asyncio's loop through the stream, uvloop
-    by itself), not at accept: on uvloop that would be a second ``ioctl`` per
-    connection; ``recv`` asks the kernel not to wait (``MSG_DONTWAIT``) either way.
+    by itself), or by the stream's ``socket`` if a handler takes it first; not at
+    accept: on uvloop that would be a second ``ioctl`` per connection. ``recv``
+    asks the kernel not to wait (``MSG_DONTWAIT``) either way.
 
     Three slots of its own: ``peer``, the address ``accept`` returned, which
     ``getpeername()`` no longer gives once the client has reset (the stream's
@@ -119,7 +119,8 @@ class AsyncioSocket(socket.socket):
         """``socket.setsockopt``, keeping ``TCP_NODELAY``'s value in ``nodelay``."""
         socket.socket.setsockopt(self, level, option, value, *optlen)
         if option == socket.TCP_NODELAY and level == socket.IPPROTO_TCP:
-            self.nodelay = bool(value)
+            # An int is the value; bytes (or a length) are the kernel's to read.
+            self.nodelay = bool(value) if isinstance(value, int) and not optlen else None
 
     def keep_last_info(self) -> None:
         """Keep the kernel's ``TCP_INFO`` for after the descriptor is closed (a reset).
@@ -136,6 +137,18 @@ class AsyncioSocket(socket.socket):
             except OSError:
                 return
             self.__class__ = _EndedSocket
+
+
+class _Accepted(AsyncioSocket):
+    """A socket as accepted, before its stream: ``recv`` is awaited.
+
+    The server's preamble (a PROXY header) reads it so, on any async runtime.
+    :meth:`AsyncioRuntime.wrap_connection` makes it a plain :class:`AsyncioSocket`
+    again: the handler's ``stream.socket`` is what asyncio's own APIs take
+    (``loop.sock_recv``, ``asyncio.open_connection(sock=...)`` after ``detach()``).
+    """
+
+    __slots__ = ()
 
     async def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
         """Receive up to ``bufsize`` bytes, waiting on the loop for them."""
@@ -212,7 +225,7 @@ class AsyncioListener(AsyncioSocket):
                 self._burst = 0
                 await self._readable()
         self._burst += 1
-        sock = AsyncioSocket(*self._kind, fileno=fd)
+        sock = _Accepted(*self._kind, fileno=fd)
         sock.peer = address
         sock.nodelay = self.nodelay
         return sock, address
@@ -385,6 +398,8 @@ class AsyncioRuntime(AsyncRuntime):
         self, sock: AsyncioSocket, idle_timeout: float | None = None
     ) -> AsyncioStream:
         """The :class:`AsyncioStream` a handler receives (its transport is made on first use)."""
+        if type(sock) is _Accepted:
+            sock.__class__ = AsyncioSocket  # type: ignore[assignment]  # recv as a socket's
         home = self._manager._home  # the loop this connection's task runs on
         return AsyncioStream(sock, idle_timeout, None if home is None else home.loop)
 
@@ -410,7 +425,8 @@ class AsyncioRuntime(AsyncRuntime):
                 raise TimeoutError(f"timed out after {seconds}s") from None
 
     async def aclose(self, conn: AsyncioStream) -> None:
-        """Close the stream (see :meth:`AsyncioStream.aclose`)."""
+        """Close the stream (see :meth:`AsyncioStream.aclose`), its byte counts read."""
+        conn._released = True
         await conn.aclose()
 
     def close(self) -> None:

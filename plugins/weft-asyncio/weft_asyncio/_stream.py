@@ -120,6 +120,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
     __slots__ = (
         "_buffer",
         "_closer",
+        "_connecting",
         "_drainer",
         "_eof",
         "_eof_written",
@@ -130,13 +131,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_paused",
         "_pending",
         "_reading_paused",
+        "_released",
         "_scratch",
         "_session",
         "_shaker",
+        "_sock",
         "_tls",
         "_transport",
         "_waiter",
-        "socket",
     )
 
     def __init__(
@@ -145,7 +147,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         idle_timeout: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.socket = sock
+        self._sock = sock
         # The runtime passes its loop: asyncio.get_running_loop() costs a getpid()
         # system call per call on Python 3.11.
         self._loop = loop or asyncio.get_running_loop()
@@ -169,10 +171,28 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drainer: asyncio.Future[None] | None = None
         self._closer: asyncio.Future[None] | None = None
+        #: Set by the server as it closes the stream, the handler done (its byte
+        #: counts read): nothing more to keep for it then.
+        self._released = False
+        #: While uvloop makes the transport: what a second task wanting it waits on.
+        self._connecting: asyncio.Future[None] | None = None
+
+    @property
+    def socket(self) -> socket.socket:
+        """The connection's socket, non-blocking: for ``setsockopt``, ``getpeername`` ...
+
+        The stream makes the descriptor non-blocking as its transport is made (uvloop
+        does it itself, so at accept it would be a second system call); a handler
+        that takes the socket before that gets it non-blocking all the same.
+        """
+        sock = self._sock
+        if sock.gettimeout() != 0.0 and sock.fileno() >= 0:
+            sock.setblocking(False)
+        return sock
 
     def __repr__(self) -> str:
         try:
-            peer = self.socket.getpeername()
+            peer = self._sock.getpeername()
         except OSError:
             peer = "closed"
         return f"<AsyncioStream {peer}>"
@@ -183,25 +203,37 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """Make the transport: a plain one; TLS, if ``wrap_tls`` asked for it, runs above it."""
         if self._transport is not None:
             return self._transport
-        if self.socket.fileno() < 0:  # closed (close() before any I/O): as a lost connection
+        if self._sock.fileno() < 0:  # closed (close() before any I/O): as a lost connection
             self._eof = self._lost = True
             raise ConnectionResetError("Connection lost")
         make = getattr(self._loop, "_make_socket_transport", None)
         if make is not None:
             return self._make_transport(make)
-        # uvloop, or another loop: its public way. uvloop makes the descriptor
-        # non-blocking itself, and turns TCP_NODELAY on.
-        nodelay = self._prepare()
-        transport, _ = await self._loop.connect_accepted_socket(lambda: self, self.socket)
-        if not nodelay:
-            self._keep_nodelay(nodelay)
+        # uvloop, or another loop: its public way, awaited. uvloop makes the
+        # descriptor non-blocking itself, and turns TCP_NODELAY on.
+        connecting = self._connecting
+        if connecting is not None:  # another task is making it (a reader and a writer)
+            await asyncio.shield(connecting)
+            made: asyncio.BaseTransport | None = self._transport  # by the other task
+            if made is None:
+                raise self._error or ConnectionResetError("Connection lost")
+            return made
+        self._connecting = connecting = self._loop.create_future()
+        try:
+            nodelay = self._prepare()
+            transport, _ = await self._loop.connect_accepted_socket(lambda: self, self._sock)
+            if not nodelay:
+                self._keep_nodelay(nodelay)
+        finally:
+            self._connecting = None
+            connecting.set_result(None)
         return transport
 
     def _prepare(self) -> int:
         """Before the transport is made: its TLS session; the socket's TCP_NODELAY then."""
         if self._tls is not None and self._session is None:
             self._session = TLSSession(self._tls)
-        sock = self.socket
+        sock = self._sock
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return 1
         known: bool | None = getattr(sock, "nodelay", None)  # an AsyncioSocket keeps it
@@ -212,7 +244,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
     def _keep_nodelay(self, before: int) -> None:
         """The transport turns TCP_NODELAY on; keep the server's nodelay=False."""
         if not before:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
 
     def _make_transport_now(self) -> asyncio.BaseTransport | None:
         """On asyncio's own loops, the transport, made at once; None on other loops.
@@ -230,8 +262,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
     def _make_transport(self, make: Any) -> asyncio.BaseTransport:
         """The transport by the loop's own ``_make_socket_transport`` (see above)."""
         nodelay = self._prepare()
-        self.socket.setblocking(False)  # as connect_accepted_socket does; uvloop does its own
-        transport: asyncio.BaseTransport = make(self.socket, self)
+        self._sock.setblocking(False)  # as connect_accepted_socket does; uvloop does its own
+        transport: asyncio.BaseTransport = make(self._sock, self)
         self.connection_made(transport)
         if not nodelay:
             self._keep_nodelay(nodelay)
@@ -335,11 +367,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._lost = True
         if exc is not None:
             self._error = exc
-            # The transport closes the descriptor next: keep what the server's
-            # accounting of the connection reads from it (its byte counts).
-            keep = getattr(self.socket, "keep_last_info", None)
-            if keep is not None:
-                keep()
+        if exc is not None or not self._released:
+            # The transport closes the descriptor next, before the server's accounting
+            # of the connection reads its byte counts (a reset; a handler that closed
+            # the stream and waits on): keep them.
+            self._keep_counts()
         # Every waiter woken; most are None (a reader waits, seldom more), so each
         # is tested here rather than in a call.
         if self._waiter is not None:
@@ -602,7 +634,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         pending = self._pending
         if pending:
             try:
-                sent = self.socket.send(pending, _DONTWAIT)
+                sent = self._sock.send(pending, _DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError:  # the peer is gone: the next read or drain says so
@@ -614,7 +646,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
                     " kernel takes at once; use 'await send_eof()' (or await drain() first)"
                 )
         with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(socket.SHUT_WR)
         self._eof_written = True
 
     async def send_eof(self) -> None:
@@ -634,26 +666,26 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 return self.socket
             if name == "peername":
                 try:
-                    return self.socket.getpeername()
+                    return self._sock.getpeername()
                 except OSError:  # the client reset: the address it came from
-                    return getattr(self.socket, "peer", default)
+                    return getattr(self._sock, "peer", default)
             if name == "sockname":
-                return self.socket.getsockname()
+                return self._sock.getsockname()
             return default
         value = self._transport.get_extra_info(name, default)
         if name == "peername" and value is None:  # the transport came after a reset
-            return getattr(self.socket, "peer", default)
+            return getattr(self._sock, "peer", default)
         return value
 
     def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
         """As trio's ``SocketStream``: set an option on the connection's socket."""
-        self.socket.setsockopt(level, option, value)
+        self._sock.setsockopt(level, option, value)
 
     def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
         """As trio's ``SocketStream``."""
         if buffersize:
-            return self.socket.getsockopt(level, option, buffersize)
-        return self.socket.getsockopt(level, option)
+            return self._sock.getsockopt(level, option, buffersize)
+        return self._sock.getsockopt(level, option)
 
     # -- TLS details (the server reads them once the handshake is done) --------------------
 
@@ -701,7 +733,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """True once ``close()`` was called or the connection was lost."""
         transport = self._transport
         if transport is None:
-            return self.socket.fileno() < 0
+            return self._sock.fileno() < 0
         return transport.is_closing()
 
     def close(self) -> None:
@@ -716,7 +748,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 self._goodbye()
             transport.close()
         elif not self._pending:
-            self.socket.close()
+            self._keep_counts()
+            self._sock.close()
+
+    def _keep_counts(self) -> None:
+        """Keep the kernel's byte counts for the server to read once the socket is closed."""
+        keep = getattr(self._sock, "keep_last_info", None)
+        if keep is not None:
+            keep()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed (see :meth:`aclose`)."""
@@ -732,13 +771,15 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         transport = self._transport
         if transport is None:
-            if not self._pending or self.socket.fileno() < 0:
-                self.socket.close()
+            if not self._pending or self._sock.fileno() < 0:
+                if not self._released:
+                    self._keep_counts()
+                self._sock.close()
                 return
             try:  # bytes written before any await: send them, then close
                 transport = await self._connect()
             except BaseException:
-                self.socket.close()
+                self._sock.close()
                 raise
         if self._session is not None:
             self._goodbye()
@@ -749,7 +790,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             return
         loop = self._loop
         self._closer = closer = loop.create_future()
-        unsent = _unsent(transport, self.socket)
+        unsent = _unsent(transport, self._sock)
         try:
             while True:
                 timer = loop.call_later(CLOSE_WAIT, _wake, closer)
@@ -757,7 +798,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
                     await asyncio.shield(closer)
                 finally:
                     timer.cancel()
-                left = _unsent(transport, self.socket)
+                left = _unsent(transport, self._sock)
                 if self._lost or left >= unsent:
                     break  # closed; or nothing taken for CLOSE_WAIT: the peer stopped reading
                 unsent = left
