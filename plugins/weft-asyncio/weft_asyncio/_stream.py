@@ -120,6 +120,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
     __slots__ = (
         "_buffer",
         "_closer",
+        "_connected",
         "_connecting",
         "_drainer",
         "_eof",
@@ -174,8 +175,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         #: Set by the server as it closes the stream, the handler done (its byte
         #: counts read): nothing more to keep for it then.
         self._released = False
-        #: While uvloop makes the transport: what a second task wanting it waits on.
-        self._connecting: asyncio.Future[None] | None = None
+        #: True while uvloop makes the transport; and what a second task wanting it
+        #: waits on meanwhile (made by that task: most connections have one reader).
+        self._connecting = False
+        self._connected: asyncio.Future[None] | None = None
 
     @property
     def socket(self) -> socket.socket:
@@ -211,22 +214,26 @@ class AsyncioStream(asyncio.BufferedProtocol):
             return self._make_transport(make)
         # uvloop, or another loop: its public way, awaited. uvloop makes the
         # descriptor non-blocking itself, and turns TCP_NODELAY on.
-        connecting = self._connecting
-        if connecting is not None:  # another task is making it (a reader and a writer)
-            await asyncio.shield(connecting)
+        if self._connecting:  # another task is making it (a reader and a writer)
+            waiter = self._connected
+            if waiter is None:  # the first to wait makes the future
+                self._connected = waiter = self._loop.create_future()
+            await asyncio.shield(waiter)
             made: asyncio.BaseTransport | None = self._transport  # by the other task
             if made is None:
                 raise self._error or ConnectionResetError("Connection lost")
             return made
-        self._connecting = connecting = self._loop.create_future()
+        self._connecting = True
         try:
             nodelay = self._prepare()
             transport, _ = await self._loop.connect_accepted_socket(lambda: self, self._sock)
             if not nodelay:
                 self._keep_nodelay(nodelay)
         finally:
-            self._connecting = None
-            connecting.set_result(None)
+            self._connecting = False
+            waiter, self._connected = self._connected, None
+            if waiter is not None:
+                waiter.set_result(None)
         return transport
 
     def _prepare(self) -> int:
