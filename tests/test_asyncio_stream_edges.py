@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from _asyncio_app import MODES, WAIT, loop_factory, served
+from _asyncio_app import MODES, WAIT, loop_factory, served, serving
 
 from weft_core import Server
 from weft_core.testing._support import recv_exactly
@@ -197,21 +197,16 @@ def test_a_first_read_and_write_in_two_tasks_on_the_applications_loop(loop_name:
         stream.write(b"|" + got)
         await stream.drain()
 
+    def client(server: Server) -> bytes:
+        with connect(server) as c:
+            c.sendall(b"hello")
+            got = recv_exactly(c, 8)
+            c.recv(1)
+            return got
+
     async def main() -> None:
-        server = Server(handler, manager="asyncio")
-        server.run()
-        try:
-
-            def client() -> bytes:
-                with connect(server) as c:
-                    c.sendall(b"hello")
-                    got = recv_exactly(c, 8)
-                    c.recv(1)
-                    return got
-
-            assert await asyncio.to_thread(client) == b"hi|hello"
-        finally:
-            await asyncio.to_thread(server.stop, 2.0)
+        async with serving(handler) as server:
+            assert await asyncio.to_thread(client, server) == b"hi|hello"
         ran.set()
 
     def app() -> None:
@@ -315,22 +310,17 @@ def test_loop_sock_calls_on_stream_socket_in_a_debug_loop(loop_name: str, call: 
         except Exception as exc:
             errors.append(repr(exc))
 
+    def client(server: Server) -> bytes:
+        with connect(server) as c:
+            c.sendall(b"hi")
+            try:
+                return recv_exactly(c, 2)
+            except OSError as exc:
+                return repr(exc).encode()
+
     async def main() -> bytes:
-        server = Server(handler, manager="asyncio")
-        server.run()
-        try:
-
-            def client() -> bytes:
-                with connect(server) as c:
-                    c.sendall(b"hi")
-                    try:
-                        return recv_exactly(c, 2)
-                    except OSError as exc:
-                        return repr(exc).encode()
-
-            return await asyncio.to_thread(client)
-        finally:
-            await asyncio.to_thread(server.stop, 2.0)
+        async with serving(handler) as server:
+            return await asyncio.to_thread(client, server)
 
     with asyncio.Runner(loop_factory=loop_factory(loop_name), debug=True) as runner:
         got = runner.run(main())
