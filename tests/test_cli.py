@@ -383,7 +383,7 @@ def test_server_refusing_its_settings_exits_2(
     fake_server["error"] = UnknownManagerError("no task manager named 'nope' is installed")
     assert main(["serve", "cli_fake_app:handle", "--manager", "nope"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
-        "weft: no task manager named 'nope' is installed"
+        "weft: command line --manager, key 'manager': no task manager named 'nope' is installed"
     )
 
 

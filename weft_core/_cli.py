@@ -233,7 +233,7 @@ def _serve(ns: argparse.Namespace) -> int:
                 on_listening=None if supervisor_pid is None else supervisor_pid.write,
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
-            return _fail(exc, EXIT_USAGE)
+            return _fail(_sourced(exc, config), EXIT_USAGE)
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
         finally:
@@ -384,6 +384,10 @@ def _check_config(config: Config) -> int:
         from ._server import Server
 
         server = Server(import_handler(config.handler), **config.server_kwargs())
+        if config.workers > 1:  # as the supervisor checks it, before it binds
+            from ._workers import check_capacity
+
+            check_capacity(config.workers)
     except WeftError as exc:
         return _fail(_sourced(exc, config), EXIT_USAGE)
     for line in _manager_defaults(server, config):
@@ -423,6 +427,8 @@ def _sourced(exc: WeftError, config: Config) -> WeftError:
     """A ConfigError the Server raised, naming the file, variable or flag that set its key."""
     if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
         return ConfigError(exc.message, source=config.origins.get(exc.key), key=exc.key)
+    if isinstance(exc, UnknownManagerError):  # a name from the config, flags or environment
+        return ConfigError(str(exc), source=config.origins.get("manager"), key="manager")
     return exc
 
 
@@ -748,9 +754,13 @@ def _conformance(ns: argparse.Namespace) -> int:
             pass
         except WeftError as exc:
             return _fail(exc, EXIT_USAGE)
+        import difflib
+
         names = ", ".join(sorted(installed)) or "none"
+        close = difflib.get_close_matches(ns.name, list(installed), n=1)
+        hint = f" did you mean {close[0]!r}?" if close else ""
         return _fail(
-            f"no task manager named {ns.name!r} is installed (installed: {names});"
+            f"no task manager named {ns.name!r} is installed (installed: {names});{hint}"
             " see `weft managers`",
             EXIT_USAGE,
         )

@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._errors import ConfigError
+from ._logsafe import escape_for_log
 from ._settings import (
     CONTROL_SOCKET_OFF,
     SETTINGS,
@@ -246,7 +247,8 @@ def _from_env(
             # variable is worth a warning, never a refusal to start. Files stay strict.
             close = difflib.get_close_matches(name, _ENV_NAMES, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "see weft serve --check-config"
-            warnings.append(f"ignoring {name}: no weft setting has that name; {hint}")
+            shown = escape_for_log(name)  # the environment may hold anything
+            warnings.append(f"ignoring {shown}: no weft setting has that name; {hint}")
     return out, labels
 
 
@@ -502,7 +504,14 @@ def _find_file(
                 if config_file is not None
                 else "environment variable WEFT_CONFIG"
             )
-            raise ConfigError(f"config file not found: {str(path)!r}", source=how, key="config")
+            what = (
+                "a directory, not a file"
+                if path.is_dir()
+                else "not a regular file"
+                if path.exists()
+                else "not found"
+            )
+            raise ConfigError(f"config file {what}: {str(path)!r}", source=how, key="config")
         return path, path.name == "pyproject.toml", True
     for name in ("weft.toml", "pyproject.toml"):
         if (base / name).is_file():

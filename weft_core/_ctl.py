@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ._endpoints import SUN_PATH_MAX
 from ._errors import BindError, WeftError
 from ._logsafe import escape_for_log
 
@@ -80,9 +81,8 @@ BACKLOG = 64
 # socket waits this long and tries again.
 SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 SHORTAGE_PAUSE = 0.1
-# The longest path a Unix socket address holds (sun_path, less its NUL), and what a
-# worker's socket adds to the supervisor's path (".worker-" and a pid of 7 digits).
-SUN_PATH_MAX = 107
+# What a worker's socket adds to the supervisor's path (".worker-" and a pid of 7
+# digits); the path itself holds at most SUN_PATH_MAX bytes.
 WORKER_SUFFIX = len(".worker-") + 7
 # How long close() waits for the threads of requests in progress.
 CLOSE_WAIT = 2.0

@@ -22,10 +22,13 @@ string that parses to an equal endpoint.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass
 from typing import Literal
+
+from ._logsafe import escape_for_log
 
 __all__ = [
     "Endpoint",
@@ -37,6 +40,10 @@ __all__ = [
 ]
 
 EndpointKind = Literal["tcp", "unix", "fd"]
+
+#: The most bytes a Unix socket's path (or abstract name, after its ``@``) can have on
+#: Linux: ``sun_path`` is 108 bytes, one of them the terminating or leading NUL.
+SUN_PATH_MAX = 107
 
 #: What every "bad endpoint" error ends with, so the user sees the forms that work.
 ACCEPTED_FORMS = (
@@ -137,11 +144,32 @@ def _bad(text: str, why: str) -> ValueError:
     return ValueError(f"bad endpoint {text!r}: {why}; {ACCEPTED_FORMS}")
 
 
+def _colons_hint(spec: str, host: str, port_text: str) -> str:
+    """What to write instead of a TCP endpoint with more than one colon."""
+    if "," in spec:
+        return "one endpoint per string: give a list, or --bind once for each"
+    if "://" in spec:
+        scheme = escape_for_log(spec.split("://", 1)[0])
+        return f"{scheme}:// is not an endpoint scheme (tcp://, unix:// and fd:// are)"
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return "more than one ':' and not an IPv6 address"
+    return f"put an IPv6 address in brackets, as in [{host}]:{port_text}"
+
+
 def _parse_unix(text: str, path: str) -> Endpoint:
     if not path or path == "@":
         raise _bad(text, "a unix: endpoint needs a path")
     if "\0" in path:
         raise _bad(text, "a Unix socket path cannot contain NUL (write unix:@name for abstract)")
+    length = len(os.fsencode(path))
+    if length > SUN_PATH_MAX:
+        raise _bad(
+            text,
+            f"too long: a Unix socket's path holds at most {SUN_PATH_MAX} bytes, and this one has"
+            f" {length}: choose a shorter one",
+        )
     return Endpoint("unix", path=path)
 
 
@@ -166,7 +194,7 @@ def _parse_tcp(text: str, spec: str, default_host: str) -> Endpoint:
     elif ":" in spec:
         host, _, port_text = spec.rpartition(":")
         if ":" in host:
-            raise _bad(text, f"put an IPv6 address in brackets, as in [{host}]:{port_text}")
+            raise _bad(text, _colons_hint(spec, host, port_text))
         host = host or default_host
         if not _HOSTNAME.fullmatch(host):
             raise _bad(text, f"{host!r} is not an IP address or host name")

@@ -19,6 +19,7 @@ from typing import Literal
 
 from ._endpoints import Endpoint
 from ._errors import BindError, ConfigError
+from ._logsafe import escape_for_log
 
 __all__ = ["Family", "Listener", "open_listeners"]
 
@@ -178,22 +179,23 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
 
     ``@name`` is Linux's abstract namespace (no file), as in ``unix:@name`` endpoints.
     """
+    shown = escape_for_log(path)  # a path may hold anything but NUL: never raw in a message
     if path.startswith("@"):
         path = "\0" + path[1:]
     if not path.startswith("\0"):
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)  # a link is never followed, nor replaced
             if stat.S_ISLNK(st.st_mode):
-                raise BindError(errno.EEXIST, f"cannot listen on unix:{path}: {_link(path)}")
+                raise BindError(errno.EEXIST, f"cannot listen on unix:{shown}: {_link(path)}")
             if not stat.S_ISSOCK(st.st_mode):
                 raise BindError(
                     errno.EEXIST,
-                    f"cannot listen on unix:{path}: a file that is not a socket is there",
+                    f"cannot listen on unix:{shown}: a file that is not a socket is there",
                 )
             if _unix_in_use(path):
                 raise BindError(
                     errno.EADDRINUSE,
-                    f"cannot listen on unix:{path}: another server is listening there",
+                    f"cannot listen on unix:{shown}: another server is listening there",
                 )
             os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -210,7 +212,8 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if isinstance(exc, OSError):
-            raise BindError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from exc
+            why = exc.strerror or str(exc)
+            raise BindError(exc.errno, f"cannot listen on unix:{shown}: {why}") from exc
         raise
     if path.startswith("\0"):
         return Listener(sock)
@@ -220,7 +223,7 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
 
 def _link(path: str) -> str:
     """Why a symbolic link at a socket's path is not used, dangling or not."""
-    target = os.readlink(path)
+    target = escape_for_log(os.readlink(path))
     if not os.path.exists(path):
         return (
             f"a symbolic link to {target}, which does not exist, is there: "

@@ -298,9 +298,15 @@ def _check_bind(value: Any) -> list[str] | None:
     if not all(isinstance(i, str) for i in items):
         raise Invalid
     try:
-        return [str(parse_endpoint(item)) for item in items]
+        endpoints = [parse_endpoint(item) for item in items]
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+    texts = [str(endpoint) for endpoint in endpoints]
+    for endpoint, text in zip(endpoints, texts, strict=True):
+        # Port 0 twice is two free ports; anything else twice cannot both be bound.
+        if texts.count(text) > 1 and not (endpoint.kind == "tcp" and endpoint.port == 0):
+            raise Invalid(f"{text!r} is listed twice: each place can be listened on once")
+    return texts
 
 
 def _check_manager(value: Any) -> Any:
@@ -410,11 +416,29 @@ def _check_control_socket(value: Any) -> str | None:
     return _check_path(value)
 
 
+def _check_uid(uid: int) -> None:
+    """A user id must have a passwd entry: the switch takes its group and groups from it."""
+    try:
+        import pwd
+
+        pwd.getpwuid(uid)
+    except ImportError:
+        raise Invalid("switching user needs a POSIX system") from None
+    except KeyError:
+        raise Invalid(
+            f"no user with id {uid} on this system: weft takes the group and the"
+            " supplementary groups to switch to from the user's passwd entry; add one,"
+            " or name an existing user"
+        ) from None
+
+
 def _check_account(value: Any, database: str) -> str | None:
     """A user or group name that exists here, or a number; checked before anything binds."""
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT:
+        if database == "user":
+            _check_uid(value)
         return str(value)
     if not isinstance(value, str) or not value.strip():
         raise Invalid
@@ -422,6 +446,8 @@ def _check_account(value: Any, database: str) -> str | None:
     if name.isascii() and name.isdigit():
         if len(name) > 10 or int(name) > _MAX_INT:
             raise Invalid
+        if database == "user":
+            _check_uid(int(name))
         return name
     try:
         if database == "user":

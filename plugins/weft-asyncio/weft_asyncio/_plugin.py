@@ -7,16 +7,15 @@ when a manager is made or a task's name is read.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from weft_core import Conformance, ManagerSpec, TaskManager, hookimpl
 
 
-def _create(**options: Any) -> TaskManager:
-    """``AsyncioManager(**options)``: ``limit=``, ``loop="asyncio"`` or ``"uvloop"``."""
+def _create(*, limit: int | None = None, loop: str = "asyncio") -> TaskManager:
+    """``AsyncioManager(limit=..., loop=...)``; named, so a misspelt option is named back."""
     from ._manager import AsyncioManager
 
-    return AsyncioManager(**options)
+    return AsyncioManager(limit=limit, loop=loop)
 
 
 def _task_name() -> str:

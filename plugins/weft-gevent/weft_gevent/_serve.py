@@ -26,6 +26,7 @@ in are watched.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import weakref
 from typing import Any
@@ -89,6 +90,8 @@ def as_flag(value: object, name: str) -> bool:
     """
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):  # -o patch=1: TOML reads it as a number
+        return bool(value)
     word = _WORDS.get(value.strip().lower()) if isinstance(value, str) else None
     if word is None:
         raise ValueError(f"{name} is true or false (or yes/no, on/off, 1/0), got {value!r}")
@@ -98,8 +101,8 @@ def as_flag(value: object, name: str) -> bool:
 def watch_blocking(seconds: float) -> None:
     """Report (log) a hub of weft's that does not switch for ``seconds``, from now on."""
     global _threshold
-    if seconds <= 0:
-        raise ValueError(f"max_blocking_time must be > 0 seconds, got {seconds}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"max_blocking_time must be a number of seconds > 0, got {seconds}")
     gevent.config.max_blocking_time = seconds
     gevent.config.print_blocking_reports = False
     if _threshold is None:
