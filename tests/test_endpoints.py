@@ -148,3 +148,23 @@ def test_endpoint_like_text_parses_or_raises_value_error(text: str) -> None:
     except ValueError:
         return
     assert parse_endpoint(str(endpoint)) == endpoint
+
+
+@pytest.mark.parametrize(
+    ("path", "fits"),
+    [
+        ("/" + "a" * 106, True),  # 107 bytes and the NUL: sun_path's 108
+        ("/" + "a" * 107, False),
+        ("@" + "a" * 107, True),  # the abstract name's leading NUL is the @
+        ("@" + "a" * 108, False),
+        ("/" + "é" * 53, True),  # bytes, not characters: 107
+        ("/" + "é" * 54, False),
+    ],
+)
+def test_a_unix_path_longer_than_sun_path_is_refused_as_too_long(path: str, fits: bool) -> None:
+    """A path the kernel cannot hold is refused when parsed, saying so, not when bound."""
+    if fits:
+        assert parse_endpoint(f"unix:{path}").path == path
+    else:
+        with pytest.raises(ValueError, match="too long"):
+            parse_endpoint(f"unix:{path}")

@@ -42,7 +42,8 @@ __all__ = [
 EndpointKind = Literal["tcp", "unix", "fd"]
 
 #: The most bytes a Unix socket's path (or abstract name, after its ``@``) can have on
-#: Linux: ``sun_path`` is 108 bytes, one of them the terminating or leading NUL.
+#: Linux: ``sun_path`` is 108 bytes, one of them the path's terminating NUL or the
+#: abstract name's leading one (written ``@``).
 SUN_PATH_MAX = 107
 
 #: What every "bad endpoint" error ends with, so the user sees the forms that work.
@@ -164,10 +165,11 @@ def _parse_unix(text: str, path: str) -> Endpoint:
     if "\0" in path:
         raise _bad(text, "a Unix socket path cannot contain NUL (write unix:@name for abstract)")
     length = len(os.fsencode(path))
-    if length > SUN_PATH_MAX:
+    most = SUN_PATH_MAX + 1 if path.startswith("@") else SUN_PATH_MAX  # @ is the NUL
+    if length > most:
         raise _bad(
             text,
-            f"too long: a Unix socket's path holds at most {SUN_PATH_MAX} bytes, and this one has"
+            f"too long: a Unix socket's path holds at most {most} bytes, and this one has"
             f" {length}: choose a shorter one",
         )
     return Endpoint("unix", path=path)
