@@ -419,7 +419,7 @@ def test_more_workers_than_memory_holds_is_one_line_and_exit_2(tmp_path: Path) -
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("weft: key 'workers': 100,000 workers need")
+    assert line.startswith("weft: command line --workers, key 'workers': 100,000 workers need")
     assert "use --workers" in line and ("MemAvailable" in line or "RLIMIT_NPROC" in line)
     assert "listening" not in result.stderr
 
@@ -440,7 +440,9 @@ def test_more_workers_than_the_process_limit_is_one_line_and_exit_2(tmp_path: Pa
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("weft: key 'workers': 4 workers need 16 processes/threads"), line
+    assert line.startswith(
+        "weft: command line --workers, key 'workers': 4 workers need 16 processes/threads"
+    ), line
     assert "the process limit is 8 (RLIMIT_NPROC" in line and "ulimit -u" in line, line
     assert "listening" not in result.stderr
 
