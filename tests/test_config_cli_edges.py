@@ -54,6 +54,15 @@ def port_is_free(port: int) -> bool:
     return False
 
 
+def listens(served: Served) -> bool:
+    """Whether ``served`` gets as far as listening; False if its start failed."""
+    try:
+        served.wait_for(r"listening on", timeout=20)
+    except AssertionError:
+        return False
+    return True
+
+
 def weft_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "weft" in line]
 
@@ -209,9 +218,7 @@ def test_numeric_user_without_passwd_entry_is_not_a_traceback(
         cwd=tmp_path,
         env=quiet_environment(),
     ) as served:
-        try:
-            served.wait_for(r"listening on", timeout=20)
-        except AssertionError:
+        if not listens(served):
             status = served.finish(10)
             assert "Traceback" not in served.text, served.text[-600:]
             assert status == 2, (status, served.text[-400:])
@@ -396,9 +403,7 @@ def test_gevent_max_blocking_time_nan_served_prints_no_traceback(tmp_path: Path)
         cwd=tmp_path,
         env=quiet_environment(),
     ) as served:
-        try:
-            served.wait_for(r"listening on", timeout=20)
-        except AssertionError:
+        if not listens(served):
             assert served.finish(10) == 2, served.text[-400:]
             assert "Traceback" not in served.text, served.text[-600:]
             return
