@@ -409,7 +409,7 @@ class AsyncioManager:
         thread it is handed to the loop (started first if need be).
         """
         home = self._home
-        here = home is not None and threading.get_ident() == home.ident  # in_thread()
+        here = home is not None and home.in_thread()
         if not here:
             home = self._home_for_caller()
             here = home.in_thread()

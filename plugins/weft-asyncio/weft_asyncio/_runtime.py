@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from weft_core import AsyncRuntime, HandlerKind
 
-from ._stream import AsyncioStream
+from ._stream import _DONTWAIT, AsyncioStream
 
 if TYPE_CHECKING:
     from ._manager import AsyncioManager
@@ -71,8 +71,6 @@ _raw_type = _socket.socket.type
 _TCP_INFO = (socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", None))
 #: Room for the struct as any kernel fills it (it grows; the kernel copies what fits).
 _TCP_INFO_SIZE = 512
-#: ``recv`` flag: do not wait, whether or not the descriptor is non-blocking yet.
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class AsyncioSocket(socket.socket):
@@ -82,10 +80,10 @@ class AsyncioSocket(socket.socket):
     whose ``recv`` is awaited, as on a trio socket. The descriptor is made non-blocking by
     whatever makes the stream's transport (asyncio's loop through the stream, uvloop
     by itself), or by the stream's ``socket`` if a handler takes it first; not at
-    accept: on uvloop that would be a second ``ioctl`` per connection. ``recv``
-    asks the kernel not to wait (``MSG_DONTWAIT``) either way.
+    accept: on uvloop that would be a second ``ioctl`` per connection.
 
-    Three slots of its own: ``peer``, the address ``accept`` returned, which
+    ``family`` and ``type`` are slots, set once (see :meth:`__init__`). Three more
+    of its own: ``peer``, the address ``accept`` returned, which
     ``getpeername()`` no longer gives once the client has reset (the stream's
     ``get_extra_info("peername")`` falls back on it); ``nodelay``, its
     ``TCP_NODELAY`` as last set (through :meth:`setsockopt`) or inherited from the
@@ -142,7 +140,9 @@ class AsyncioSocket(socket.socket):
 class _Accepted(AsyncioSocket):
     """A socket as accepted, before its stream: ``recv`` is awaited.
 
-    The server's preamble (a PROXY header) reads it so, on any async runtime.
+    The server's preamble (a PROXY header) reads it so, on any async runtime; it
+    asks the kernel not to wait (``MSG_DONTWAIT``), the descriptor being non-blocking
+    only once the stream's transport is made.
     :meth:`AsyncioRuntime.wrap_connection` makes it a plain :class:`AsyncioSocket`
     again: the handler's ``stream.socket`` is what asyncio's own APIs take
     (``loop.sock_recv``, ``asyncio.open_connection(sock=...)`` after ``detach()``).

@@ -55,7 +55,8 @@ LIMIT = 2**16
 #: the whole reply, however long it takes.
 CLOSE_WAIT = 2.0
 
-#: ``send`` flag: do not wait (before uvloop's transport, the descriptor may block).
+#: ``recv``/``send`` flag: do not wait, whether or not the descriptor is non-blocking
+#: yet (before uvloop's transport it may still block).
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 #: See :meth:`AsyncioStream.connection_lost`.
@@ -209,9 +210,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if self._sock.fileno() < 0:  # closed (close() before any I/O): as a lost connection
             self._eof = self._lost = True
             raise ConnectionResetError("Connection lost")
-        make = getattr(self._loop, "_make_socket_transport", None)
-        if make is not None:
-            return self._make_transport(make)
+        transport = self._make_transport_now()
+        if transport is not None:
+            return transport
         # uvloop, or another loop: its public way, awaited. uvloop makes the
         # descriptor non-blocking itself, and turns TCP_NODELAY on.
         if self._connecting:  # another task is making it (a reader and a writer)
@@ -228,7 +229,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             nodelay = self._prepare()
             transport, _ = await self._loop.connect_accepted_socket(lambda: self, self._sock)
             if not nodelay:
-                self._keep_nodelay(nodelay)
+                self._nodelay_off()
         finally:
             self._connecting = False
             waiter, self._connected = self._connected, None
@@ -248,10 +249,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
             return known
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
-    def _keep_nodelay(self, before: int) -> None:
-        """The transport turns TCP_NODELAY on; keep the server's nodelay=False."""
-        if not before:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    def _nodelay_off(self) -> None:
+        """The transport turned TCP_NODELAY on: off again, as the socket had it."""
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
 
     def _make_transport_now(self) -> asyncio.BaseTransport | None:
         """On asyncio's own loops, the transport, made at once; None on other loops.
@@ -264,16 +264,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         finds nothing left to do (reading starts with that turn, as it would have).
         """
         make = getattr(self._loop, "_make_socket_transport", None)
-        return None if make is None else self._make_transport(make)
-
-    def _make_transport(self, make: Any) -> asyncio.BaseTransport:
-        """The transport by the loop's own ``_make_socket_transport`` (see above)."""
+        if make is None:
+            return None
         nodelay = self._prepare()
         self._sock.setblocking(False)  # as connect_accepted_socket does; uvloop does its own
         transport: asyncio.BaseTransport = make(self._sock, self)
         self.connection_made(transport)
         if not nodelay:
-            self._keep_nodelay(nodelay)
+            self._nodelay_off()
         return transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -374,11 +372,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._lost = True
         if exc is not None:
             self._error = exc
-        if exc is not None or not self._released:
-            # The transport closes the descriptor next, before the server's accounting
-            # of the connection reads its byte counts (a reset; a handler that closed
-            # the stream and waits on): keep them.
-            self._keep_counts()
+        # The transport closes the descriptor next, maybe before the server's
+        # accounting of the connection reads its byte counts (a reset; a handler that
+        # closed the stream and waits on): keep them.
+        self._keep_counts()
         # Every waiter woken; most are None (a reader waits, seldom more), so each
         # is tested here rather than in a call.
         if self._waiter is not None:
@@ -759,7 +756,12 @@ class AsyncioStream(asyncio.BufferedProtocol):
             self._sock.close()
 
     def _keep_counts(self) -> None:
-        """Keep the kernel's byte counts for the server to read once the socket is closed."""
+        """Keep the kernel's byte counts for the server to read once the socket is closed.
+
+        Nothing to keep once the server has released the stream: it read them first.
+        """
+        if self._released:
+            return
         keep = getattr(self._sock, "keep_last_info", None)
         if keep is not None:
             keep()
@@ -779,8 +781,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None:
             if not self._pending or self._sock.fileno() < 0:
-                if not self._released:
-                    self._keep_counts()
+                self._keep_counts()
                 self._sock.close()
                 return
             try:  # bytes written before any await: send them, then close
