@@ -102,9 +102,9 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--churn-connections",
-        type=int,
-        default=50,
-        help="concurrent wrk connections in the churn test (default 50)",
+        type=_ints,
+        default=[50],
+        help="concurrent wrk connection counts in the churn test (default 50)",
     )
     run.add_argument(
         "--idle-steps",

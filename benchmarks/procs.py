@@ -182,6 +182,16 @@ class Child:
         self.close()
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a whole process (every thread), from ``/proc/PID/stat``."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 class ServerProcess(Child):
     """One server (``benchmarks.server``) on :data:`SERVER_CORE`; ``port`` once it listens.
 

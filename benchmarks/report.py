@@ -186,6 +186,13 @@ def summarise(records: list[dict[str, Any]], managers: list[str]) -> list[Row]:
         rows += _wrk_rows(records, manager, "throughput", "p50 latency", "p50_ms", "ms")
         rows += _wrk_rows(records, manager, "throughput", "p99 latency", "p99_ms", "ms")
         rows += _wrk_rows(records, manager, "churn", "churn conn/s", "rps", "conn/s")
+        for suite, per in (("throughput", "request"), ("churn", "conn")):
+            rows += _wrk_rows(
+                records, manager, suite, f"server CPU per {per}", "server_cpu_us", "µs"
+            )
+            rows += _wrk_rows(
+                records, manager, suite, f"server cores busy ({suite})", "server_cores", "cores"
+            )
         rows += _idle_rows(records, manager)
         rows += _stop_rows(records, manager)
     return rows
@@ -227,6 +234,8 @@ def _wrk_rows(
             or RATIO_TARGETS.get((suite, key, setting))
             or RATIO_TARGETS.get((suite, key, None))
         )
+        if weft is None and raw is None:
+            continue  # a figure this run did not record (server CPU before 12-05)
         label = f"{setting[2:]} conns" + (", 1 req/conn" if suite == "churn" else "")
         row = Row(manager, metric, label, weft, raw, unit, ratio, spread=spread)
         if target and ref is None:

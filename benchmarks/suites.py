@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workers, wrk
-from .procs import Child, ServerProcess
+from .procs import Child, ServerProcess, cpu_seconds
 from .server import RAW_BACKENDS, weft_manager
 
 SUITES = ("throughput", "churn", "idle", "stop", "workers")
@@ -37,7 +37,7 @@ class Options:
     seconds: float
     warmup: float
     connections: list[int]
-    churn_connections: int
+    churn_connections: list[int]
     idle_steps: list[int]
     idle_threads_max: int
     stop_connections: int
@@ -124,7 +124,7 @@ def http_suites(manager: str, flavour: str, opts: Options, rec: Recorder) -> Non
         if "throughput" in opts.only:
             settings += [("throughput", c, False) for c in opts.connections]
         if "churn" in opts.only:
-            settings.append(("churn", opts.churn_connections, True))
+            settings += [("churn", c, True) for c in opts.churn_connections]
         for suite, conns, close in settings:
             _wrk_rounds(suite, manager, pairs, conns, close, opts, rec)
 
@@ -139,7 +139,8 @@ def reference_suites(opts: Options, rec: Recorder) -> None:
                 for conns in opts.connections:
                     _wrk_rounds("throughput", "asyncio", pairs, conns, False, opts, rec)
             if "churn" in opts.only:
-                _wrk_rounds("churn", "asyncio", pairs, opts.churn_connections, True, opts, rec)
+                for conns in opts.churn_connections:
+                    _wrk_rounds("churn", "asyncio", pairs, conns, True, opts, rec)
     if "idle" in opts.only:
         for run in range(opts.runs):
             _idle_once("asyncio", "asyncio", "asyncio", "asyncio", opts.idle_steps, run, opts, rec)
@@ -159,8 +160,15 @@ def _wrk_rounds(
         wrk.run(opts.wrk, server.port, conns, opts.warmup, close=close)
     for run in range(opts.runs):
         for impl, server in pairs:
+            cpu = cpu_seconds(server.pid)
             result = wrk.run(opts.wrk, server.port, conns, opts.seconds, close=close)
+            cpu = cpu_seconds(server.pid) - cpu
             server.check_alive()
+            if result.get("requests") and result.get("seconds"):
+                # The server's own CPU, beside the rate: a rate the load generator
+                # bounds (a server core not busy) says little of what weft costs.
+                result["server_cpu_us"] = cpu / result["requests"] * 1e6
+                result["server_cores"] = cpu / result["seconds"]
             rec.add(suite, manager, impl, f"c={conns}", run, **result)
 
 

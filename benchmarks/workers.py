@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import wrk
-from .procs import CLIENT_CORE, ROOT, SERVER_CORE, ChildError, raise_nofile
+from .procs import CLIENT_CORE, ROOT, SERVER_CORE, ChildError, cpu_seconds, raise_nofile
 from .server import weft_manager
 
 #: (name, workers, cores of each worker, what it is) for every layout, in the order run.
@@ -57,14 +57,6 @@ HANDLERS = {"sync": "benchmarks.handlers:http_sync", "async": "benchmarks.handle
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 _STARTED = re.compile(r"worker (\d+) started")
 _READY = "worker ready on"
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a whole process (every thread), from ``/proc/PID/stat``."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def pin_process(pid: int, cores: set[int]) -> None:
