@@ -68,9 +68,47 @@ def test_pyproject_without_tool_weft_is_no_config(tmp_path: Path) -> None:
     assert load(tmp_path, '[project]\nname = "x"\n', name="pyproject.toml").values == {}
 
 
-def test_weft_toml_wins_over_pyproject(tmp_path: Path) -> None:
+def test_weft_toml_wins_over_pyproject_and_says_the_other_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[tool.weft]\nmanager = "trio"\n')
-    assert load(tmp_path, 'manager = "gevent"\n').get("manager") == "gevent"
+    config = load(tmp_path, 'manager = "gevent"\n')
+    assert config.get("manager") == "gevent"
+    # Settings in [tool.weft] are not read: said once, naming both files.
+    assert config.warnings == (
+        f"ignoring [tool.weft] in {tmp_path / 'pyproject.toml'}: {tmp_path / 'weft.toml'}"
+        " is read instead (only one config file is read); move the settings into one of them",
+    )
+
+
+@pytest.mark.parametrize(
+    "pyproject",
+    [
+        '[project]\nname = "weft-app"\n',  # the word, and no table
+        "[tool.weft\n",  # not TOML: it would not have been read either
+        "\udcff",  # not UTF-8
+    ],
+)
+def test_a_pyproject_without_tool_weft_beside_weft_toml_is_no_warning(
+    tmp_path: Path, pyproject: str
+) -> None:
+    (tmp_path / "pyproject.toml").write_bytes(pyproject.encode(errors="surrogateescape"))
+    config = load(tmp_path, 'manager = "gevent"\n')
+    assert (config.get("manager"), config.warnings) == ("gevent", ())
+
+
+def test_an_explicit_weft_toml_says_nothing_of_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.weft]\nmanager = "trio"\n')
+    (tmp_path / "other.toml").write_text('manager = "gevent"\n')
+    config = load_config(config_file="other.toml", environ={}, cwd=tmp_path)
+    assert (config.get("manager"), config.warnings) == ("gevent", ())
+
+
+@pytest.mark.parametrize("name", ["weft.toml", "pyproject.toml"])
+def test_a_byte_order_mark_is_read_past(tmp_path: Path, name: str) -> None:
+    # Some Windows editors start UTF-8 files with one; tomllib alone says
+    # "Invalid statement (at line 1, column 1)".
+    text = 'manager = "trio"\n' if name == "weft.toml" else '[tool.weft]\nmanager = "trio"\n'
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load(tmp_path).get("manager") == "trio"
 
 
 def test_explicit_config_file_and_weft_config(tmp_path: Path) -> None:

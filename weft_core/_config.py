@@ -169,7 +169,9 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
 def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Settings, str]:
     source = f"{path} [tool.weft]" if pyproject else str(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        # utf-8-sig: a byte order mark, as some Windows editors write, is not TOML's,
+        # but it is no reason to refuse the file ("Invalid statement" at line 1).
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file: {exc.strerror or exc}", source=str(path)
@@ -471,6 +473,8 @@ def load_config(
         path, pyproject, explicit = file
         sources.append((*_from_file(path, pyproject=pyproject, explicit=explicit), {}))
     warnings: list[str] = []
+    if file is not None and not file[2] and not file[1]:
+        _unread_pyproject(base, warnings)
     env_settings, env_labels = _from_env(environ, base, warnings)
     sources.append((env_settings, "environment", env_labels))
     sources.extend((*each, {}) for each in _from_cli(flags or {}, flag_names or {}, base))
@@ -490,6 +494,28 @@ def load_config(
         if isinstance(value, _Unusable):  # a platform default nothing replaced
             raise value.error
     return _assemble(merged, origins, None if file is None else file[0], warnings)
+
+
+def _unread_pyproject(base: Path, warnings: list[str]) -> None:
+    """Warn of a ``[tool.weft]`` table that a ``weft.toml`` beside it keeps from being read.
+
+    Only one file is read, ``weft.toml`` first; settings a user put in both would
+    otherwise be ignored without a word.
+    """
+    path = base / "pyproject.toml"
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        if "weft" not in text:
+            return
+        tool = toml_loads(text).get("tool")
+    except Exception:  # unreadable or not TOML: it would not have been read either way
+        return
+    if isinstance(tool, dict) and "weft" in tool:
+        warnings.append(
+            f"ignoring [tool.weft] in {escape_for_log(path)}: {escape_for_log(base / 'weft.toml')}"
+            " is read instead (only one config file is read); move the settings into"
+            " one of them"
+        )
 
 
 def _find_file(
