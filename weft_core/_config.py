@@ -468,13 +468,13 @@ def load_config(
     if serve_defaults:
         defaults, default_labels = serve_default_settings(environ)
         sources.append((defaults, DEFAULT, default_labels))
+    warnings: list[str] = []
     file = _find_file(config_file, environ, base)
     if file is not None:
         path, pyproject, explicit = file
         sources.append((*_from_file(path, pyproject=pyproject, explicit=explicit), {}))
-    warnings: list[str] = []
-    if file is not None and not file[2] and not file[1]:
-        _unread_pyproject(base, warnings)
+        if not pyproject and not explicit:
+            _unread_pyproject(base, warnings)
     env_settings, env_labels = _from_env(environ, base, warnings)
     sources.append((env_settings, "environment", env_labels))
     sources.extend((*each, {}) for each in _from_cli(flags or {}, flag_names or {}, base))
@@ -508,8 +508,8 @@ def _unread_pyproject(base: Path, warnings: list[str]) -> None:
         if "weft" not in text:
             return
         tool = toml_loads(text).get("tool")
-    except Exception:  # unreadable or not TOML: it would not have been read either way
-        return
+    except (OSError, ValueError, ConfigError):  # unreadable, not UTF-8 or TOML, no reader:
+        return  # it would not have been read either way
     if isinstance(tool, dict) and "weft" in tool:
         warnings.append(
             f"ignoring [tool.weft] in {escape_for_log(path)}: {escape_for_log(base / 'weft.toml')}"
