@@ -1,9 +1,8 @@
 """TLS at its edges on every manager, asyncio's own TLS among them (session 11's check).
 
 Each test failed when written on the managers its docstring names and passes since
-its fix, but for two gaps marked xfail (strict: mending one makes it fail, to be
-unmarked): trio sends no alert to a client refused for its missing certificate,
-and threads and gevent read a record cut by a reset as the end of input.
+its fix, but for a gap marked xfail (strict: mending it makes it fail, to be
+unmarked): threads and gevent read a record cut by a reset as the end of input.
 """
 
 from __future__ import annotations
@@ -252,10 +251,7 @@ def test_a_tls_connection_ends_with_close_notify(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    ("manager", "options"),
-    known_gap(("trio",), "trio's SSLStream, once broken, closes without the alert queued"),
-)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
 def test_a_client_without_the_required_certificate_is_told_why(
     serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str], tmp_path: Path
 ) -> None:
@@ -263,8 +259,9 @@ def test_a_client_without_the_required_certificate_is_told_why(
 
     docs/networking.md: "require_client_cert: True refuses clients without one"; a TLS
     server refusing a handshake sends the alert (certificate_required, RFC 8446 4.4.2.4)
-    so that the client can say why. threads, gevent, asyncio and uvloop send it. Fails
-    on trio: the client sees a bare EOF, its error says nothing of a certificate.
+    so that the client can say why. Failed on trio until weft-trio sent the alert its
+    broken SSLStream leaves queued: the client saw a bare EOF, its error said nothing
+    of a certificate.
     """
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import socket
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
@@ -186,6 +187,34 @@ class TrioSlots:
         self._semaphore.release()
 
 
+#: How long a TLS stream whose handshake failed may take to send the alert OpenSSL queued.
+ALERT_GRACE = 1.0
+
+
+class _KeepsOutgoing:
+    """The server's ``SSLContext`` as one ``trio.SSLStream`` uses it, keeping its outgoing BIO.
+
+    trio's ``SSLStream``, once a handshake fails, is broken and closes without
+    sending what OpenSSL queued in that BIO: the alert that tells the client why
+    (``certificate_required`` for a client without the certificate
+    ``require_client_cert`` asks for). The stream calls only ``wrap_bio`` on its
+    context; this passes it on and keeps the BIO, so that :meth:`TrioRuntime.aclose`
+    can send what is left.
+    """
+
+    __slots__ = ("context", "outgoing")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.outgoing: ssl.MemoryBIO | None = None
+
+    def wrap_bio(
+        self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, **kw: Any
+    ) -> ssl.SSLObject:
+        self.outgoing = outgoing
+        return self.context.wrap_bio(incoming, outgoing, **kw)
+
+
 class TrioRuntime:
     """trio sockets, ``trio.SocketStream`` connections, ``trio.Semaphore`` slots.
 
@@ -209,6 +238,10 @@ class TrioRuntime:
         self._close = close
         self._run_in_loop = run_in_loop
         self._spawn_soon = spawn_soon
+        #: Each TLS stream's outgoing BIO, for its alert after a failed handshake.
+        self._outgoing: weakref.WeakKeyDictionary[trio.SSLStream[Any], ssl.MemoryBIO] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
         """Start ``thunk`` as a task of the manager's nursery; from any thread, batched.
@@ -272,7 +305,16 @@ class TrioRuntime:
         an end as the end of input too, and closes without close_notify.
         """
         ignores_eof = bool(context.options & getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0))
-        return trio.SSLStream(stream, context, server_side=True, https_compatible=not ignores_eof)
+        keeper = _KeepsOutgoing(context)
+        tls = trio.SSLStream(
+            stream,
+            keeper,  # type: ignore[arg-type]  # the stream calls only wrap_bio (see the class)
+            server_side=True,
+            https_compatible=not ignores_eof,
+        )
+        if keeper.outgoing is not None:
+            self._outgoing[tls] = keeper.outgoing
+        return tls
 
     #: What a failed TLS handshake raises besides OSError (trio wraps ssl errors).
     tls_errors: tuple[type[BaseException], ...] = (
@@ -300,8 +342,17 @@ class TrioRuntime:
             conn = conn.stream
         if isinstance(conn, trio.SocketStream):
             conn.socket.close()
-        else:
-            await conn.aclose()
+            return
+        outgoing = self._outgoing.pop(conn, None)
+        if outgoing is not None and outgoing.pending:
+            # A broken stream (a failed handshake) left its alert unsent; trio drains
+            # the BIO after every call that succeeds, so anything here is that.
+            with trio.move_on_after(ALERT_GRACE):
+                try:
+                    await conn.transport_stream.send_all(outgoing.read())
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await conn.aclose()
 
     def close(self) -> None:
         """End the manager's trio thread, if it runs, and wait for it; restartable."""
