@@ -96,3 +96,56 @@ def test_the_command_prints_the_table_and_refuses_an_unreadable_file(tmp_path: P
     assert missing.returncode == 2
     assert missing.stderr.startswith(f"cannot read {tmp_path / 'nope.json'}")
     assert missing.stderr.count("\n") == 1
+
+
+def _churn(rows: list[tuple[str, int, float, float | None]]) -> list[dict[str, Any]]:
+    """Churn records on uvloop: (impl, connections, conn/s, server CPU µs per connection)."""
+    records = []
+    for run, (impl, conns, rps, cpu_us) in enumerate(rows):
+        record: dict[str, Any] = {
+            "suite": "churn",
+            "manager": "asyncio-uvloop",
+            "impl": impl,
+            "setting": f"c={conns}",
+            "run": run // 2,
+            "rps": rps,
+            "requests": int(rps * 6),
+        }
+        if cpu_us is not None:
+            record["server_cpu_us"] = cpu_us
+        records.append(record)
+    return records
+
+
+def test_churn_at_each_count_gets_its_own_row_with_the_servers_cpu_beside_it() -> None:
+    from benchmarks.report import summarise
+
+    rows = summarise(
+        _churn([("weft", 10, 18_000, 45.0), ("raw", 10, 26_000, 30.0)])
+        + _churn([("weft", 1000, 20_000, 44.0), ("raw", 1000, 24_000, 35.2)]),
+        ["asyncio-uvloop"],
+    )
+    rates = {r.setting: r for r in rows if r.metric == "churn conn/s"}
+    cpu = {r.setting: r for r in rows if r.metric == "server CPU per conn"}
+    assert set(rates) == set(cpu) == {"10 conns, 1 req/conn", "1000 conns, 1 req/conn"}
+    assert rates["10 conns, 1 req/conn"].ok is False  # 0.69x against >= 0.95x
+    assert cpu["10 conns, 1 req/conn"].ratio == pytest.approx(1.5)
+    assert cpu["1000 conns, 1 req/conn"].ratio == pytest.approx(1.25)
+    assert not cpu["10 conns, 1 req/conn"].target  # a diagnostic, not a target
+
+
+def test_a_run_recorded_before_the_servers_cpu_was_gets_no_empty_cpu_row() -> None:
+    from benchmarks.report import summarise
+
+    rows = summarise(
+        _churn([("weft", 50, 24_000, None), ("raw", 50, 25_000, None)]), ["asyncio-uvloop"]
+    )
+    assert [r.metric for r in rows] == ["churn conn/s"]
+
+
+def test_churn_connections_takes_a_list() -> None:
+    from benchmarks.__main__ import parser
+
+    args = parser().parse_args(["run", "--churn-connections", "10,100,1000"])
+    assert args.churn_connections == [10, 100, 1000]
+    assert parser().parse_args(["run"]).churn_connections == [50]
