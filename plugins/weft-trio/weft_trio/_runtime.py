@@ -344,15 +344,17 @@ class TrioRuntime:
             conn.socket.close()
             return
         outgoing = self._outgoing.pop(conn, None)
-        if outgoing is not None and outgoing.pending:
-            # A broken stream (a failed handshake) left its alert unsent; trio drains
-            # the BIO after every call that succeeds, so anything here is that.
-            with trio.move_on_after(ALERT_GRACE):
-                try:
-                    await conn.transport_stream.send_all(outgoing.read())
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-        await conn.aclose()
+        try:
+            if outgoing is not None and outgoing.pending:
+                # A broken stream (a failed handshake) left its alert unsent; trio
+                # drains the BIO after every call that succeeds, so anything here is that.
+                with trio.move_on_after(ALERT_GRACE):
+                    try:
+                        await conn.transport_stream.send_all(outgoing.read())
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        finally:
+            await conn.aclose()  # closes the transport even when cancelled
 
     def close(self) -> None:
         """End the manager's trio thread, if it runs, and wait for it; restartable."""
