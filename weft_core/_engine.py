@@ -547,13 +547,25 @@ class Engine(ABC, Generic[R]):
             self._refuse(sock, addr, "full")
 
     def _hand_off(self, lt: ListenerTask, sock: Any, addr: Any) -> None:
-        """Give an accepted connection (holding a slot) to the manager as a task."""
+        """Give an accepted connection (holding a slot) to the manager as a task.
+
+        Not once the server is stopping: a client waiting for a slot (``full_wait``)
+        may be given one the stop itself freed, and a task added then may be dropped
+        unstarted by a manager closing down, its socket never closed. It is closed
+        here, unserved, as the stop closes the rest of the queue.
+        """
         conn = Conn(sock, addr, self._serve, lt)
         with self.lock:
             self.conns.add(conn)
-            self.counts["accepted"] += 1
-            if self.preamble:
-                self.preambles[conn] = None
+            stopping = self.closing
+            if not stopping:
+                self.counts["accepted"] += 1
+                if self.preamble:
+                    self.preambles[conn] = None
+        if stopping:
+            self._finish(conn)  # gives its slot back
+            close_quietly(sock)
+            return
         try:
             conn.task_id = self.manager.add_task(conn)
         except ManagerFullError:
