@@ -11,6 +11,7 @@ serving from :class:`weft_core.Server`.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import difflib
 import importlib
@@ -469,7 +470,11 @@ def _run(
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             if deadline.armed:  # QUIT during a graceful stop: cut it short, as asked
-                threading.Thread(target=server.stop, args=(0.0,), daemon=True).start()
+                # Not threading.Thread(...).start(), which waits for the thread to begin:
+                # monkey-patched by gevent, that is a wait on the hub, and this handler
+                # may run in the hub itself (BlockingSwitchOutError, the QUIT lost).
+                # start_new_thread returns at once: an OS thread, or gevent's greenlet.
+                _thread.start_new_thread(server.stop, (0.0,))
             wait = 0.0 if signum == signal.SIGQUIT else graceful_timeout
             deadline.arm(
                 wait + STOP_GRACE + DEADLINE_MARGIN,
