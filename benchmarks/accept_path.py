@@ -18,12 +18,13 @@ import asyncio
 import os
 import socket
 import statistics
-import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from . import handlers, wrk
-from .procs import CLIENT_CORE, SERVER_CORE, cpu_seconds
+from .procs import CLIENT_CORE, SERVER_CORE, Child, cpu_seconds, pin, say
 from .report import TIMES
 
 
@@ -66,35 +67,26 @@ async def _serve(mode: str) -> None:
                 task.add_done_callback(tasks.discard)
 
         tasks.add(loop.create_task(accept()))
-    print("PORT", port, flush=True)
-    await loop.run_in_executor(None, sys.stdin.readline)  # until the orchestrator is done
+    say(f"PORT {port}")
+    await loop.run_in_executor(None, sys.stdin.read)  # until the orchestrator closes stdin
 
 
 def _server(mode: str) -> None:
     import uvloop
 
-    os.sched_setaffinity(0, {SERVER_CORE})
+    pin(SERVER_CORE)
     uvloop.run(_serve(mode))
 
 
-def _measure(wrk_path: str, mode: str, connections: int, seconds: float) -> dict[str, Any]:
-    child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.accept_path", "--serve", mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        port = int(child.stdout.readline().split()[1])
+def _measure(
+    wrk_path: str, mode: str, connections: int, seconds: float, log: Path
+) -> dict[str, Any]:
+    with Child("benchmarks.accept_path", ["--serve", mode], log, f"accept_path {mode}") as child:
+        port = int(child.expect("PORT", 60)[0])
         wrk.run(wrk_path, port, connections, 1, close=True)  # warm-up
         before = cpu_seconds(child.pid)
         result = wrk.run(wrk_path, port, connections, seconds, close=True)
         cpu = cpu_seconds(child.pid) - before
-        child.stdin.write("\n")
-        child.stdin.flush()
-    finally:
-        child.wait(10)
     return {**result, "cpu_us": cpu / max(result["requests"], 1) * 1e6}
 
 
@@ -111,11 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     wrk_path = wrk.find()
     if wrk_path is None:
         sys.exit("needs wrk (apt-get install wrk)")
-    os.sched_setaffinity(0, {CLIENT_CORE})
+    pin(CLIENT_CORE)
+    log = Path(tempfile.mkdtemp(prefix="weft-accept-path-")) / "servers.log"
     runs: dict[str, list[dict[str, Any]]] = {"c": [], "py": []}
     for _ in range(args.runs):
         for mode in runs:  # alternated, so that a pair shares the machine's moment
-            runs[mode].append(_measure(wrk_path, mode, args.connections, args.seconds))
+            runs[mode].append(_measure(wrk_path, mode, args.connections, args.seconds, log))
     ratios = [p["cpu_us"] / c["cpu_us"] for c, p in zip(runs["c"], runs["py"], strict=True)]
     for mode, label in (("c", "start_server (C accept)"), ("py", "Python accept")):
         rs = runs[mode]
