@@ -166,12 +166,16 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
     return out
 
 
+#: How config files are read: UTF-8, past a byte order mark. Some Windows editors
+#: write one; it is not TOML's, but no reason to refuse the file ("Invalid
+#: statement" at line 1, tomllib says).
+_ENCODING = "utf-8-sig"
+
+
 def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Settings, str]:
     source = f"{path} [tool.weft]" if pyproject else str(path)
     try:
-        # utf-8-sig: a byte order mark, as some Windows editors write, is not TOML's,
-        # but it is no reason to refuse the file ("Invalid statement" at line 1).
-        text = path.read_bytes().decode("utf-8-sig")
+        text = path.read_bytes().decode(_ENCODING)
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file: {exc.strerror or exc}", source=str(path)
@@ -504,7 +508,7 @@ def _unread_pyproject(base: Path, warnings: list[str]) -> None:
     """
     path = base / "pyproject.toml"
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = path.read_bytes().decode(_ENCODING)
         if "weft" not in text:
             return
         tool = toml_loads(text).get("tool")
