@@ -1,7 +1,6 @@
 """Every manager weft ships, uvloop as one of its own, for tests that run on each.
 
-``MANAGERS`` parametrizes ``("manager", "options")``; ``known_gap`` marks some of
-them as an expected failure; the ``serve`` fixture (import it into the test module)
+``MANAGERS`` parametrizes ``("manager", "options")``; the ``serve`` fixture (import it into the test module)
 runs a Server with the handler of the manager's kind, stopped after the test.
 ``tls_files`` is a ``tls`` table for the test certificates of ``_serving.server_certs``;
 ``echo`` and ``aecho`` the echo handler of each kind.
@@ -44,16 +43,6 @@ MANAGERS = [
     for name, options in _ALL
     if _available(name, options)
 ]
-
-
-def known_gap(managers: tuple[str, ...], reason: str) -> list[Any]:
-    """MANAGERS, the ones in ``managers`` marked as a known gap (strict: mended, it fails)."""
-    return [
-        pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=reason))
-        if p.id in managers
-        else p
-        for p in MANAGERS
-    ]
 
 
 def echo(conn: Any) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _every_manager import MANAGERS, aecho, echo, known_gap, tls_files
+from _every_manager import MANAGERS, aecho, echo, tls_files
 from _every_manager import serve as serve  # the fixture
 from _serving import server_certs
 
 from weft_core import Server
-from weft_core.testing import WAIT
+from weft_core.testing import WAIT, wait_until
 
 REPLY = 200_000
 
@@ -299,35 +299,70 @@ def test_a_client_without_the_required_certificate_is_told_why(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    ("manager", "options"),
-    known_gap(("threads", "gevent"), "the stdlib's SSLSocket reads a cut record as the end"),
-)
-def test_a_tls_client_that_resets_mid_record_is_a_peer_error(
-    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+@pytest.mark.parametrize("where", ["mid-record", "between-records"])
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_tls_client_that_resets_is_a_peer_error_not_an_end(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str], where: str
 ) -> None:
-    """A TLS client resets (SO_LINGER 0) with half a record sent while the handler reads.
+    """A TLS client resets (SO_LINGER 0) while the handler reads: a peer error, never an end.
 
     reliability case 7: clients that reset "while the handler reads ... count as
-    peer_errors" (so on a plain connection, on every manager). trio, asyncio and uvloop
-    count it and log "ended by the peer". Fails on threads and gevent: nothing is
-    counted or logged, the handler's recv returns b"" as if the client had ended
-    cleanly (a cut request is taken for a whole one).
+    peer_errors", as on a plain connection. ``mid-record``: half of a record is in
+    when the reset comes, so the request the handler was reading is cut. The
+    handler must see an error, not an end of input (which would make a cut request
+    look whole): the stdlib's ``ssl`` reports such a reset as an end (its
+    ``ECONNRESET`` lost inside OpenSSL's read), and on threads and gevent it was
+    taken for one until 2026-12-05. ``between-records``: nothing is pending.
     """
     server = serve(manager, options, echo, aecho, tls=tls_files(certs))
     client = TLSClient(server.port, _context(certs["ca"]))
     client.send(b"first")
     client.read_until(b"first")
-    client.obj.write(b"z" * 5000)
-    record = client.outgoing.read()
-    client.sock.sendall(record[:2000])
-    time.sleep(0.2)  # the half record is in
+
+    def bytes_in() -> int:
+        (conn,) = server.connections()
+        return conn.bytes_in or 0
+
+    if where == "mid-record":
+        before = bytes_in()
+        client.obj.write(b"z" * 5000)
+        record = client.outgoing.read()
+        client.sock.sendall(record[:2000])
+        wait_until(lambda: bytes_in() >= before + 2000, what="the half record to reach the server")
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" + b"\x00" * 4)
     client.close()
-    deadline = time.monotonic() + 5
-    while server.stats()["active"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)
+    wait_until(lambda: server.stats()["active"] == 0, what="the handler to end")
     assert server.stats()["peer_errors"] == 1, (
-        f"{manager}: a TLS client's reset mid-record was counted as {_counters(server)}"
+        f"{manager}: a TLS client's reset ({where}) was counted as {_counters(server)}"
     )
+
+
+@pytest.mark.timeout(60)
+def test_an_applications_own_sslsocket_class_is_kept_on_threads(
+    serve: Any, certs: dict[str, str]
+) -> None:
+    """A context whose ``sslsocket_class`` is the application's own: its handler gets that class.
+
+    The threads runtime reads TLS through a class of its own that tells a reset
+    from an end (above); it must not replace a class the application chose, nor
+    change how that class reads (``suppress_ragged_eofs`` as the stdlib's default).
+    """
+
+    class Mine(ssl.SSLSocket):
+        pass
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs["cert"], certs["key"])
+    context.sslsocket_class = Mine
+    seen: list[tuple[type, bool]] = []
+
+    def record(conn: Any) -> None:
+        seen.append((type(conn), conn.suppress_ragged_eofs))
+        echo(conn)
+
+    server = serve("threads", {}, record, aecho, tls=context)
+    client = TLSClient(server.port, _context(certs["ca"]))
+    client.send(b"hi")
+    client.read_until(b"hi")
+    client.close()
+    assert seen == [(Mine, True)]

@@ -12,10 +12,11 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._protocol import SyncRuntime, SyncSlots
 from ._spec import HandlerKind
+from ._tcpinfo import reset_by_peer
 
 if TYPE_CHECKING:
     import ssl
@@ -140,8 +141,24 @@ class BlockingRuntime(SyncRuntime):
     def wrap_tls(
         self, sock: socket.socket, context: ssl.SSLContext
     ) -> tuple[ssl.SSLSocket, RawShutdown]:
-        """A server-side SSLSocket (not yet handshaken) and what shuts its descriptor down."""
-        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        """A server-side SSLSocket (not yet handshaken) and what shuts its descriptor down.
+
+        Its reads take an end of input without close_notify as the end (as
+        ``suppress_ragged_eofs`` does) but raise ``ConnectionResetError`` for a
+        reset, which the stdlib would report as an end too: a request cut by a
+        reset must not look whole (:class:`ResetAwareSSLSocket`). A context whose
+        ``sslsocket_class`` is an application's own keeps it, and the stdlib's
+        reading.
+        """
+        import ssl
+
+        tls = context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+        )
+        if type(tls) is ssl.SSLSocket:
+            tls.__class__ = _reset_aware_class()
+        else:
+            cast(Any, tls).suppress_ragged_eofs = True  # not in typeshed
         return tls, RawShutdown(tls)
 
     def close(self) -> None:
@@ -149,6 +166,40 @@ class BlockingRuntime(SyncRuntime):
 
     def __repr__(self) -> str:
         return "BLOCKING_RUNTIME"
+
+
+_ResetAware: type | None = None
+
+
+def _reset_aware_class() -> type:
+    """:class:`ResetAwareSSLSocket`'s class, made on first use (``ssl`` only for TLS)."""
+    global _ResetAware
+    if _ResetAware is None:
+        import ssl
+
+        class ResetAwareSSLSocket(ssl.SSLSocket):
+            """The stdlib's SSLSocket, whose read tells a reset from an end of input.
+
+            Made with ``suppress_ragged_eofs=False``: an end without close_notify
+            raises ``SSLEOFError`` in the stdlib's read, and here becomes the end of
+            input (what ``suppress_ragged_eofs`` gives), unless the kernel holds the
+            connection as reset. ``recv``, ``recv_into`` and ``makefile`` read
+            through ``read``.
+            """
+
+            def read(self, len: int = 1024, buffer: Any = None) -> Any:
+                try:
+                    return super().read(len, buffer)
+                except ssl.SSLEOFError:
+                    pass  # raised past this block: no SSLError behind the reset
+                if reset_by_peer(self):
+                    raise ConnectionResetError(
+                        errno.ECONNRESET, "the peer reset the TLS connection"
+                    )
+                return b"" if buffer is None else 0
+
+        _ResetAware = ResetAwareSSLSocket
+    return _ResetAware
 
 
 #: The shared blocking runtime instance.

@@ -221,7 +221,10 @@ class SyncRuntime(_RuntimeBase, Protocol):
         The TLS socket must support ``settimeout``, ``do_handshake``, ``version``,
         ``cipher`` and ``getpeercert``; the second item shuts the descriptor down
         (``shutdown(how)``) from any thread without disturbing TLS state, and raises
-        OSError once the descriptor is closed.
+        OSError once the descriptor is closed. Its reads should give ``b""`` for an
+        end of input, with close_notify or without, but raise ``ConnectionError`` for
+        a reset: the stdlib's ``ssl`` reports both as an end (``BLOCKING_RUNTIME``'s
+        sockets ask the kernel which it was).
         """
         ...
 

@@ -20,7 +20,7 @@ import socket
 import struct
 from typing import Any
 
-__all__ = ["TCP_INFO_SIZE", "byte_counts"]
+__all__ = ["TCP_INFO_SIZE", "byte_counts", "reset_by_peer"]
 
 #: ``TCP_INFO``'s option number (Linux); None where the platform has none.
 _TCP_INFO: int | None = (
@@ -36,6 +36,9 @@ _BYTES_RECEIVED = 128
 TCP_INFO_SIZE = _BYTES_RECEIVED + 8
 
 _COUNTS = struct.Struct("=QQ")
+
+#: ``tcpi_state`` of a connection the peer reset (``TCP_CLOSE``): a RST ends it at once.
+_CLOSED = 7
 
 #: A FIN takes a sequence number, and the kernel's counts follow sequence numbers:
 #: in these states (``tcpi_state``, the struct's first byte; include/net/tcp_states.h)
@@ -67,3 +70,21 @@ def byte_counts(sock: Any) -> tuple[int | None, int | None]:
     if acked and state in _OUR_FIN_ACKED_STATES:
         acked -= 1
     return received, acked
+
+
+def reset_by_peer(sock: Any) -> bool:
+    """True if the kernel holds ``sock``'s TCP connection as reset (``TCP_CLOSE``).
+
+    For a TLS socket whose read ended: CPython's ``ssl`` reports a reset met inside
+    OpenSSL's read as an end of input (``SSLEOFError``), its ``ECONNRESET`` lost; a
+    connection that the peer only half-closed is in ``CLOSE_WAIT`` instead, and one
+    whose input a stop ended is still ``ESTABLISHED``. False where the kernel cannot
+    tell (a Unix socket, another OS, a closed socket).
+    """
+    if _TCP_INFO is None:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)
+    except (OSError, ValueError, TypeError):
+        return False
+    return bool(info) and info[0] == _CLOSED

@@ -12,6 +12,7 @@ stopping from another thread depends on; everything else is gevent's.
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 from collections.abc import Callable
@@ -243,7 +244,11 @@ class GeventRuntime:
         shutting the descriptor down from any thread without touching TLS state.
         """
         tls = _handshake_bounded_class()(
-            sock=sock, server_side=True, do_handshake_on_connect=False, _context=context
+            sock=sock,
+            server_side=True,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=False,  # the class's read tells a reset from an end
+            _context=context,
         )
         return tls, cast(Any, tls)._sock
 
@@ -256,12 +261,21 @@ _BoundedSSLSocket: type | None = None
 
 
 def _handshake_bounded_class() -> type:
-    """The SSLSocket of gevent whose ``do_handshake`` keeps its timeout as one deadline.
+    """The SSLSocket of gevent, with a handshake bounded as one deadline and reads that tell a reset.
 
-    gevent's own gives each wait for the peer the socket's whole timeout, so a
-    ClientHello sent a byte at a time, each within the timeout, holds the handshake
-    open for ever; the stdlib's (the threads manager's) counts the timeout for the
-    whole handshake. Made on first use: gevent.ssl is imported only for TLS.
+    - gevent's own ``do_handshake`` gives each wait for the peer the socket's whole
+      timeout, so a ClientHello sent a byte at a time, each within the timeout,
+      holds the handshake open for ever; the stdlib's (the threads manager's) counts
+      the timeout for the whole handshake.
+    - CPython's ``ssl`` reports a reset met inside OpenSSL's read as an end of input
+      (``SSLEOFError``, its ``ECONNRESET`` lost), which ``suppress_ragged_eofs``
+      turns into ``b""``: a request cut by a reset would look whole. Made with
+      ``suppress_ragged_eofs=False``, ``read`` (which ``recv``, ``recv_into`` and
+      ``makefile`` use) takes an end without close_notify as the end of input, as
+      before, unless the kernel holds the connection as reset: that raises
+      ``ConnectionResetError``, as on a plain socket.
+
+    Made on first use: gevent.ssl is imported only for TLS.
     """
     global _BoundedSSLSocket
     if _BoundedSSLSocket is None:
@@ -277,5 +291,35 @@ def _handshake_bounded_class() -> type:
                 with gevent.Timeout(seconds, expired):
                     super().do_handshake()
 
+            def read(self, nbytes: int = 2014, buffer: Any = None) -> Any:
+                try:
+                    return super().read(nbytes, buffer)
+                except ssl.SSLEOFError:
+                    pass  # raised past this block: no SSLError behind the reset
+                if _reset_by_peer(self):
+                    raise ConnectionResetError(
+                        errno.ECONNRESET, "the peer reset the TLS connection"
+                    )
+                return b"" if buffer is None else 0
+
         _BoundedSSLSocket = BoundedSSLSocket
     return _BoundedSSLSocket
+
+
+#: ``(IPPROTO_TCP, TCP_INFO)``, Linux's; and ``tcpi_state`` once a reset ended the
+#: connection (``TCP_CLOSE``). A half-closed one is ``CLOSE_WAIT``, one whose input
+#: a stop ended still ``ESTABLISHED``.
+_TCP_INFO = (socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", None))
+_TCP_CLOSE = 7
+
+
+def _reset_by_peer(sock: Any) -> bool:
+    """True if the kernel holds ``sock``'s TCP connection as reset; False if it cannot tell."""
+    level, option = _TCP_INFO
+    if option is None:
+        return False
+    try:
+        info = sock.getsockopt(level, option, 8)
+    except (OSError, ValueError, TypeError):
+        return False
+    return bool(info) and info[0] == _TCP_CLOSE
