@@ -483,9 +483,7 @@ def test_conformance_runs_the_suite_with_extra_pytest_args(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(
-        _registry, "available_managers", lambda: {"mine": _spec("mine", "sync", None)}
-    )
+    monkeypatch.setattr(_registry, "get_manager_spec", lambda name: _spec("mine", "sync", None))
 
     def fake_pytest_main(args: list[str]) -> int:
         calls.append(args)
@@ -497,16 +495,24 @@ def test_conformance_runs_the_suite_with_extra_pytest_args(
                       "--weft-manager", "mine", "-x", "-k", "stop"]]  # fmt: skip
 
 
-def test_conformance_unknown_manager(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_conformance_unknown_manager(capsys: pytest.CaptureFixture[str]) -> None:
+    """The registry's own message: what is installed, a near name, what to install."""
+    assert main(["conformance", "thread"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("weft: no task manager named 'thread' is installed (installed: ")
+    assert "did you mean 'threads'?" in line
+    assert "pip install weft-thread" in line
+    assert line.endswith("; see `weft managers`")
+
+
+def test_conformance_takes_a_managers_name_as_serve_does(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(
-        _registry, "available_managers", lambda: {"mine": _spec("mine", "sync", None)}
-    )
-    assert main(["conformance", "nope"]) == 2
-    assert one_error_line(capsys.readouterr().err) == (
-        "weft: no task manager named 'nope' is installed (installed: mine); see `weft managers`"
-    )
+    """``weft conformance THREADS`` runs the suite on ``threads``, as ``--manager THREADS`` serves."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(pytest, "main", lambda args: calls.append(args) or 0)
+    assert main(["conformance", "THREADS"]) == 0
+    assert calls[0][calls[0].index("--weft-manager") + 1] == "threads"
 
 
 def test_conformance_without_pytest(

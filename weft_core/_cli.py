@@ -749,26 +749,11 @@ def _conformance(ns: argparse.Namespace) -> int:
     if importlib.util.find_spec("pytest") is None:
         return _fail("the conformance suite runs on pytest: pip install pytest", EXIT_USAGE)
     try:
-        installed = _registry.available_managers()
-    except WeftError as exc:
-        return _fail(exc, EXIT_RUNTIME)
-    if ns.name not in installed:
-        try:  # installed but broken (an import error, a name taken): say so, not "missing"
-            _registry.get_manager_spec(ns.name)
-        except UnknownManagerError:
-            pass
-        except WeftError as exc:
-            return _fail(exc, EXIT_USAGE)
-        import difflib
-
-        names = ", ".join(sorted(installed)) or "none"
-        close = difflib.get_close_matches(ns.name, list(installed), n=1)
-        hint = f" did you mean {close[0]!r}?" if close else ""
-        return _fail(
-            f"no task manager named {ns.name!r} is installed (installed: {names});{hint}"
-            " see `weft managers`",
-            EXIT_USAGE,
-        )
+        spec = _registry.get_manager_spec(ns.name)
+    except UnknownManagerError as exc:  # what is installed, what to install, a near name
+        return _fail(f"{exc}; see `weft managers`", EXIT_USAGE)
+    except WeftError as exc:  # installed but broken (an import error, a name taken)
+        return _fail(exc, EXIT_USAGE)
     import pytest
 
     args = [
@@ -777,7 +762,7 @@ def _conformance(ns: argparse.Namespace) -> int:
         "--pyargs",
         "weft_core.testing.suite",
         "--weft-manager",
-        ns.name,
+        spec.name,
         *ns.pytest_args,
     ]
     return int(pytest.main(args))
