@@ -302,10 +302,12 @@ def _check_bind(value: Any) -> list[str] | None:
     except ValueError as exc:
         raise Invalid(str(exc)) from None
     texts = [str(endpoint) for endpoint in endpoints]
+    seen: set[str] = set()
     for endpoint, text in zip(endpoints, texts, strict=True):
         # Port 0 twice is two free ports; anything else twice cannot both be bound.
-        if texts.count(text) > 1 and not (endpoint.kind == "tcp" and endpoint.port == 0):
+        if text in seen and not (endpoint.kind == "tcp" and endpoint.port == 0):
             raise Invalid(f"{text!r} is listed twice: each place can be listened on once")
+        seen.add(text)
     return texts
 
 
