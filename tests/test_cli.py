@@ -158,11 +158,21 @@ def test_handler_in_wrong_form(capsys: pytest.CaptureFixture[str]) -> None:
     assert line.startswith("weft: command line HANDLER, key 'handler': expected a handler as")
 
 
-def test_bad_manager_option_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "x:y", "-o", "no-equals"])
-    assert info.value.code == 2
-    assert "expected KEY=VALUE" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-o", "no-equals"], "weft: command line -o/--manager-option: expected KEY=VALUE, such as limit=100, got 'no-equals'"),
+        (["-o", "=3"], "weft: command line -o/--manager-option: expected KEY=VALUE, such as limit=100, got '=3'"),
+        (["--fd", "x"], "weft: command line --fd: expected a file descriptor number, got 'x'"),
+        (["--fd", "3\x1b[2J"], "weft: command line --fd: expected a file descriptor number, got '3\\x1b[2J'"),
+    ],
+)  # fmt: skip
+def test_a_bad_manager_option_or_fd_is_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    """One line naming the flag, as for every other flag, not argparse's usage; exit 2."""
+    assert main(["serve", "x:y", *argv]) == 2
+    assert one_error_line(capsys.readouterr().err) == expected
 
 
 # -- handler import ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ._listeners import Listener, close_listener
 from ._logging import setup_logging
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
+from ._settings import show
 from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, hold_while_starting, reopen_log_files
 from ._wakeup import Wakeup
 
@@ -105,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print each effective setting and where it came from, check the handler and "
         "the manager, then exit: 0 if all is well, 2 and the error if not",
     )
+    # --fd and -o are read in _serve, so that a mistake in them is one line, as in any
+    # other flag, rather than argparse's usage and error.
     serve.add_argument(
         "--fd",
         action="append",
-        type=_fd_number,
         metavar="N",
         help="listen on inherited, already bound socket N (same as --bind fd:N)",
     )
@@ -116,13 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--manager-option",
         action="append",
-        type=_manager_option,
         metavar="KEY=VALUE",
         help="an option for the task manager (VALUE read as TOML, else text), such as "
         "limit=100, or patch=false for gevent",
     )
     # Set by `weft serve --workers N` for each worker it starts (see _workers).
-    serve.add_argument("--supervisor-fd", type=_fd_number, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     add_setting_flags(serve)
 
     managers = commands.add_parser("managers", help="list the installed task managers")
@@ -146,14 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fd_number(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected a file descriptor number, got {text!r}")
+        raise ConfigError(
+            f"expected a file descriptor number, got {show(text)}", source="command line --fd"
+        )
     return int(text)
 
 
 def _manager_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip().isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, such as limit=100, got {text!r}")
+        raise ConfigError(
+            f"expected KEY=VALUE, such as limit=100, got {show(text)}",
+            source="command line -o/--manager-option",
+        )
     return key.strip(), parse_option_value(value)
 
 
@@ -170,12 +176,17 @@ def _serve(ns: argparse.Namespace) -> int:
     flags, names = flag_values(ns)
     flags["handler"] = ns.handler
     names.update(handler="HANDLER", manager_options="-o/--manager-option")
-    binds = [*(ns.bind or ()), *(f"fd:{n}" for n in ns.fd or ())]
+    try:
+        fds = [_fd_number(text) for text in ns.fd or ()]
+        options = [_manager_option(text) for text in ns.manager_option or ()]
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE)
+    binds = [*(ns.bind or ()), *(f"fd:{n}" for n in fds)]
     flags["bind"] = binds or None
-    if ns.fd:
+    if fds:
         names["bind"] = "-b/--bind/--fd"
-    if ns.manager_option:
-        flags["manager_options"] = dict(ns.manager_option)
+    if options:
+        flags["manager_options"] = dict(options)
     from . import _activation, _supervise, _worker_link, _workers
 
     link: _worker_link.WorkerLink | None = None
