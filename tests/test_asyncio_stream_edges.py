@@ -12,6 +12,7 @@ transport, TCP_NODELAY tracked rather than read back); each failed then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -23,7 +24,7 @@ import pytest
 from _asyncio_app import MODES, WAIT, loop_factory, served, serving
 
 from weft_core import Server
-from weft_core.testing._support import recv_exactly
+from weft_core.testing._support import fd_count, recv_exactly, recv_until_closed, wait_until
 
 BIG = b"x" * (16 << 20)
 
@@ -366,29 +367,16 @@ def test_a_detached_socket_handed_to_asyncio_streams_works(mode: str) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("spins", [1, 2])
-@pytest.mark.parametrize(
-    "loop_name",
-    [
-        "asyncio",
-        pytest.param(
-            "uvloop",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="uvloop closes the transport connect_accepted_socket made when"
-                " that await is cancelled (docs/managers.md)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_a_first_read_cancelled_early_can_be_retried(loop_name: str, spins: int) -> None:
     """A first read cancelled within a loop turn or two (a ``wait_for`` that timed out,
     a task group cancelled) leaves a stream that a second read still serves.
 
-    On uvloop the first read is inside ``await loop.connect_accepted_socket`` then;
-    uvloop closes the new transport when that await is cancelled, after
-    ``connection_made`` has already set ``stream._transport``: the client sees the
-    connection closed at once, with no reply. A known gap on uvloop (managers.md):
-    not cancelling that await would take a task per connection.
+    On uvloop the transport is still being made then, by
+    ``loop.connect_accepted_socket``; uvloop closes the new transport if that
+    coroutine is cancelled. Until 2026-12-05 the first read awaited it, so the
+    client saw the connection closed at once, with no reply; the stream now drives
+    the making by the loop's callbacks, outside the reading task.
     """
     if loop_name == "uvloop":
         pytest.importorskip("uvloop")
@@ -420,3 +408,73 @@ def test_a_first_read_cancelled_early_can_be_retried(loop_name: str, spins: int)
             assert got == b"|hello"
     finally:
         server.stop(timeout=0.5)
+
+
+# -- the transport closed while uvloop still makes it ---------------------------------------
+
+
+def _closes_while_making(how: str, ended: threading.Event):
+    """A handler: a first read started (uvloop begins making the transport), then closed.
+
+    ``close``: ``stream.close()`` in the same turn, the read cancelled; ``aclose``:
+    ``await stream.aclose()`` cancelled at once; ``reply``: a reply written before the
+    transport exists, then ``close()``. Each must close the connection (the reply out
+    first), whatever turn uvloop's making is at, while the handler goes on: it
+    returns only once the client saw the end (``ended``), or after ``WAIT``.
+    """
+
+    async def handler(stream) -> None:
+        first = asyncio.create_task(stream.read(5))
+        await asyncio.sleep(0)
+        if how == "reply":
+            stream.write(b"bye")
+        if how == "aclose":
+            closing = asyncio.create_task(stream.aclose())
+            await asyncio.sleep(0)
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+        else:
+            stream.close()
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await first
+        deadline = time.monotonic() + WAIT
+        while not ended.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    return handler
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["close", "aclose", "reply"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stream_closed_while_its_transport_is_made_closes_and_leaves_nothing_open(
+    mode: str, how: str
+) -> None:
+    """Closing while uvloop makes the transport: the client sees the end, nothing stays open.
+
+    The descriptor is uvloop's from the moment its making begins: closing the socket
+    then would leave uvloop's new transport reading a closed (or reused) descriptor,
+    and an open connection nobody closes until the handler returns. The stream
+    closes the transport as it is made instead. Ten connections each, the client
+    reading to the end while the handler still runs; the server's descriptors come
+    back to what they were.
+    """
+    ended = threading.Event()
+    with served(mode, _closes_while_making(how, ended)) as server:
+        with connect(server) as client:  # the first one: the loop's own descriptors made
+            assert recv_until_closed(client) == (b"bye" if how == "reply" else b"")
+        ended.set()
+        wait_until(lambda: server.stats()["active"] == 0, what="the first connection to end")
+        before = fd_count()
+        for _ in range(10):
+            ended.clear()
+            with connect(server) as client:
+                client.sendall(b"hello")
+                got = recv_until_closed(client)  # within WAIT, or the test fails
+            ended.set()
+            assert got == (b"bye" if how == "reply" else b""), got
+            wait_until(lambda: server.stats()["active"] == 0, what="the connection to end")
+        wait_until(lambda: fd_count() <= before, what=f"descriptors back to {before}")
+        assert server.stats()["handler_errors"] == 0

@@ -17,7 +17,8 @@ An idle connection holds an empty ``bytearray`` and no other buffer.
 The transport is made on first use (the first read, ``drain`` or the TLS handshake),
 while the server hands the stream over synchronously: on asyncio's own loops at once,
 as ``loop.connect_accepted_socket`` makes it but without its wait for the loop's next
-turn; on uvloop (or another loop) through ``connect_accepted_socket``, awaited. Bytes
+turn; on uvloop (or another loop) by ``connect_accepted_socket``, driven by the loop's
+callbacks rather than awaited by a task (a read waits for its data only). Bytes
 written before that wait in the stream and go out as soon as the transport exists, at
 the latest when the stream is closed.
 
@@ -120,6 +121,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
 
     __slots__ = (
         "_buffer",
+        "_close_when_made",
         "_closer",
         "_connected",
         "_connecting",
@@ -176,10 +178,13 @@ class AsyncioStream(asyncio.BufferedProtocol):
         #: Set by the server as it closes the stream, the handler done (its byte
         #: counts read): nothing more to keep for it then.
         self._released = False
-        #: True while uvloop makes the transport; and what a second task wanting it
-        #: waits on meanwhile (made by that task: most connections have one reader).
+        #: True while uvloop makes the transport; and what a task wanting it waits on
+        #: meanwhile (made by the first: a read waits for the data instead).
         self._connecting = False
         self._connected: asyncio.Future[None] | None = None
+        #: close() came while uvloop made the transport, whose descriptor is uvloop's
+        #: by then: the transport is closed as it is made.
+        self._close_when_made = False
 
     @property
     def socket(self) -> socket.socket:
@@ -204,38 +209,67 @@ class AsyncioStream(asyncio.BufferedProtocol):
     # -- the transport -----------------------------------------------------------------
 
     async def _connect(self) -> asyncio.BaseTransport:
-        """Make the transport: a plain one; TLS, if ``wrap_tls`` asked for it, runs above it."""
-        if self._transport is not None:
-            return self._transport
+        """The transport: made at once on asyncio's loops; on uvloop, once uvloop has made it.
+
+        TLS, if ``wrap_tls`` asked for it, runs above it. Cancelling this wait
+        leaves the making to go on (see :meth:`_start_transport`).
+        """
+        transport = self._start_transport()
+        if transport is not None:
+            return transport
+        if self._connecting:
+            # One future for every task waiting for it (a reader and a writer), each
+            # through a shield: one of them cancelled cancels no other.
+            waiter = self._connected
+            if waiter is None:
+                self._connected = waiter = self._loop.create_future()
+            await asyncio.shield(waiter)
+        made = self._transport
+        if made is None:
+            raise self._error or ConnectionResetError("Connection lost")
+        return made
+
+    def _start_transport(self) -> asyncio.BaseTransport | None:
+        """Make the transport, or start its making; the transport, if it exists now.
+
+        On asyncio's own loops it is made at once (:meth:`_make_transport_now`). On
+        uvloop (or another loop) it is ``loop.connect_accepted_socket``'s to make,
+        which makes it, then waits for the loop's call of ``connection_made``. That
+        coroutine is driven here by the loop's callbacks (:class:`_Making`), not
+        awaited by the task that first needed the transport: a read waits only for
+        the data (which comes after ``connection_made``), not also for the making;
+        and a read cancelled meanwhile does not cancel the making, which uvloop
+        would answer by closing the new transport.
+        """
+        transport = self._transport
+        if transport is not None or self._connecting:
+            return transport
         if self._sock.fileno() < 0:  # closed (close() before any I/O): as a lost connection
             self._eof = self._lost = True
             raise ConnectionResetError("Connection lost")
         transport = self._make_transport_now()
-        if transport is not None:
-            return transport
-        # uvloop, or another loop: its public way, awaited. uvloop makes the
-        # descriptor non-blocking itself, and turns TCP_NODELAY on.
-        if self._connecting:  # another task is making it (a reader and a writer)
-            waiter = self._connected
-            if waiter is None:  # the first to wait makes the future
-                self._connected = waiter = self._loop.create_future()
-            await asyncio.shield(waiter)
-            made: asyncio.BaseTransport | None = self._transport  # by the other task
-            if made is None:
-                raise self._error or ConnectionResetError("Connection lost")
-            return made
-        self._connecting = True
-        try:
+        if transport is None:
+            # uvloop makes the descriptor non-blocking itself, and turns TCP_NODELAY on.
             nodelay = self._prepare()
-            transport, _ = await self._loop.connect_accepted_socket(lambda: self, self._sock)
-            if not nodelay:
-                self._nodelay_off()
-        finally:
-            self._connecting = False
-            waiter, self._connected = self._connected, None
-            if waiter is not None:
-                waiter.set_result(None)
-        return transport
+            self._connecting = True
+            making = self._loop.connect_accepted_socket(lambda: self, self._sock)
+            _Making(self, making, nodelay).step()
+        return self._transport
+
+    def _made(self, nodelay: int, failure: BaseException | None) -> None:
+        """The making by uvloop ended: the transport exists (``connection_made``), or it failed."""
+        self._connecting = False
+        if failure is not None and not self._lost:
+            # uvloop closed what it had made; as a lost connection for every waiter.
+            lost = ConnectionResetError(f"Connection lost: {failure!r}")
+            lost.__cause__ = failure
+            self.connection_lost(lost)
+        elif self._transport is not None and not nodelay:
+            self._nodelay_off()
+        waiter, self._connected = self._connected, None
+        _wake(waiter)
+        if self._close_when_made and self._transport is not None:
+            self.close()
 
     def _prepare(self) -> int:
         """Before the transport is made: its TLS session; the socket's TCP_NODELAY then."""
@@ -405,7 +439,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 f"{what}() called while another coroutine is already waiting for incoming data"
             )
         if self._transport is None:
-            await self._connect()
+            self._start_transport()  # on uvloop, made by the time data comes
             if self._buffer or self._eof:
                 return
         if self._reading_paused:
@@ -751,6 +785,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
             if self._session is not None:
                 self._goodbye()
             transport.close()
+        elif self._connecting:
+            self._close_when_made = True
         elif not self._pending:
             self._keep_counts()
             self._sock.close()
@@ -780,14 +816,17 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         transport = self._transport
         if transport is None:
-            if not self._pending or self._sock.fileno() < 0:
+            if not self._connecting and (not self._pending or self._sock.fileno() < 0):
                 self._keep_counts()
                 self._sock.close()
                 return
-            try:  # bytes written before any await: send them, then close
+            try:  # bytes written before any await, or uvloop making it: then close
                 transport = await self._connect()
             except BaseException:
-                self._sock.close()
+                if self._transport is None and not self._connecting:
+                    self._sock.close()  # never made (uvloop detaches it from a failed one)
+                else:
+                    self.close()  # cancelled meanwhile: as it is made, or now
                 raise
         if self._session is not None:
             self._goodbye()
@@ -822,6 +861,38 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if session is not None and not self._lost:
             session.goodbye()
             self._send_tls()
+
+
+class _Making:
+    """``loop.connect_accepted_socket(...)`` run to its end by the loop's callbacks.
+
+    What a task would do with the coroutine, without a task: each step sends into it
+    and, when it waits on a future, goes on once that future is done. uvloop's
+    coroutine makes the transport in its first step, then waits for the loop to call
+    ``connection_made``; nothing of it belongs to the task that needed the transport.
+    """
+
+    __slots__ = ("making", "nodelay", "stream")
+
+    def __init__(self, stream: AsyncioStream, making: Any, nodelay: int) -> None:
+        self.stream = stream
+        self.making = making
+        self.nodelay = nodelay
+
+    def step(self, _done: object = None) -> None:
+        try:
+            awaited = self.making.send(None)
+        except StopIteration:
+            self.stream._made(self.nodelay, None)
+            return
+        except Exception as exc:  # uvloop closed what it made: a lost connection
+            self.stream._made(self.nodelay, exc)
+            return
+        if asyncio.isfuture(awaited):
+            awaited._asyncio_future_blocking = False  # taken, as a task takes it
+            awaited.add_done_callback(self.step)
+        else:  # a bare yield: the loop's next turn
+            self.stream._loop.call_soon(self.step)
 
 
 #: ``get_extra_info`` names a TLS stream answers itself, as asyncio's SSL transport does.
