@@ -124,7 +124,6 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_close_when_made",
         "_closer",
         "_connected",
-        "_connecting",
         "_drainer",
         "_eof",
         "_eof_written",
@@ -132,6 +131,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_idle",
         "_loop",
         "_lost",
+        "_making",
+        "_nodelay_off_when_made",
         "_paused",
         "_pending",
         "_reading_paused",
@@ -178,10 +179,13 @@ class AsyncioStream(asyncio.BufferedProtocol):
         #: Set by the server as it closes the stream, the handler done (its byte
         #: counts read): nothing more to keep for it then.
         self._released = False
-        #: True while uvloop makes the transport; and what a task wanting it waits on
-        #: meanwhile (made by the first: a read waits for the data instead).
-        self._connecting = False
+        #: uvloop's ``connect_accepted_socket`` coroutine while it makes the transport
+        #: (:meth:`_step_making`); what a task wanting the transport waits on meanwhile
+        #: (made by the first: a read waits for the data instead); and whether the
+        #: socket's TCP_NODELAY, off, is to be restored once it is made.
+        self._making: Any = None
         self._connected: asyncio.Future[None] | None = None
+        self._nodelay_off_when_made = False
         #: close() came while uvloop made the transport, whose descriptor is uvloop's
         #: by then: the transport is closed as it is made.
         self._close_when_made = False
@@ -217,7 +221,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         transport = self._start_transport()
         if transport is not None:
             return transport
-        if self._connecting:
+        if self._making is not None:
             # One future for every task waiting for it (a reader and a writer), each
             # through a shield: one of them cancelled cancels no other.
             waiter = self._connected
@@ -235,14 +239,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         On asyncio's own loops it is made at once (:meth:`_make_transport_now`). On
         uvloop (or another loop) it is ``loop.connect_accepted_socket``'s to make,
         which makes it, then waits for the loop's call of ``connection_made``. That
-        coroutine is driven here by the loop's callbacks (:class:`_Making`), not
-        awaited by the task that first needed the transport: a read waits only for
-        the data (which comes after ``connection_made``), not also for the making;
-        and a read cancelled meanwhile does not cancel the making, which uvloop
-        would answer by closing the new transport.
+        coroutine is driven by the loop's callbacks (:meth:`_step_making`), not
+        awaited by the task that first needed the transport: a read cancelled
+        meanwhile must not cancel the making, which uvloop answers by closing the
+        new transport. A read waits for its data, which comes after
+        ``connection_made``.
         """
         transport = self._transport
-        if transport is not None or self._connecting:
+        if transport is not None or self._making is not None:
             return transport
         if self._sock.fileno() < 0:  # closed (close() before any I/O): as a lost connection
             self._eof = self._lost = True
@@ -250,26 +254,39 @@ class AsyncioStream(asyncio.BufferedProtocol):
         transport = self._make_transport_now()
         if transport is None:
             # uvloop makes the descriptor non-blocking itself, and turns TCP_NODELAY on.
-            nodelay = self._prepare()
-            self._connecting = True
-            making = self._loop.connect_accepted_socket(lambda: self, self._sock)
-            _Making(self, making, nodelay).step()
+            self._nodelay_off_when_made = not self._prepare()
+            self._making = self._loop.connect_accepted_socket(lambda: self, self._sock)
+            self._step_making()
         return self._transport
 
-    def _made(self, nodelay: int, failure: BaseException | None) -> None:
-        """The making by uvloop ended: the transport exists (``connection_made``), or it failed."""
-        self._connecting = False
-        if failure is not None and not self._lost:
-            # uvloop closed what it had made; as a lost connection for every waiter.
-            lost = ConnectionResetError(f"Connection lost: {failure!r}")
-            lost.__cause__ = failure
-            self.connection_lost(lost)
-        elif self._transport is not None and not nodelay:
-            self._nodelay_off()
-        waiter, self._connected = self._connected, None
-        _wake(waiter)
-        if self._close_when_made and self._transport is not None:
-            self.close()
+    def _step_making(self, _done: object = None) -> None:
+        """Run uvloop's making coroutine on, as a task would; again once the future it awaits is done.
+
+        A method of the stream, its common path calling no other Python function: it
+        runs twice for every connection on uvloop.
+        """
+        try:
+            awaited = self._making.send(None)
+        except Exception as exc:  # its end: StopIteration, or uvloop's failure
+            self._making = None
+            if not isinstance(exc, StopIteration) and not self._lost:
+                # uvloop closed what it made: a lost connection, for every waiter.
+                lost = ConnectionResetError(f"Connection lost: {exc!r}")
+                lost.__cause__ = exc
+                self.connection_lost(lost)
+            elif self._transport is not None and self._nodelay_off_when_made:
+                self._nodelay_off()
+            waiter, self._connected = self._connected, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if self._close_when_made and self._transport is not None:
+                self.close()
+            return
+        if getattr(awaited, "_asyncio_future_blocking", None) is not None:  # a future
+            awaited._asyncio_future_blocking = False  # taken, as a task takes it
+            awaited.add_done_callback(self._step_making)
+        else:  # a bare yield: the loop's next turn
+            self._loop.call_soon(self._step_making)
 
     def _prepare(self) -> int:
         """Before the transport is made: its TLS session; the socket's TCP_NODELAY then."""
@@ -785,7 +802,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             if self._session is not None:
                 self._goodbye()
             transport.close()
-        elif self._connecting:
+        elif self._making is not None:
             self._close_when_made = True
         elif not self._pending:
             self._keep_counts()
@@ -816,14 +833,14 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         transport = self._transport
         if transport is None:
-            if not self._connecting and (not self._pending or self._sock.fileno() < 0):
+            if self._making is None and (not self._pending or self._sock.fileno() < 0):
                 self._keep_counts()
                 self._sock.close()
                 return
             try:  # bytes written before any await, or uvloop making it: then close
                 transport = await self._connect()
             except BaseException:
-                if self._transport is None and not self._connecting:
+                if self._transport is None and self._making is None:
                     self._sock.close()  # never made (uvloop detaches it from a failed one)
                 else:
                     self.close()  # cancelled meanwhile: as it is made, or now
@@ -861,38 +878,6 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if session is not None and not self._lost:
             session.goodbye()
             self._send_tls()
-
-
-class _Making:
-    """``loop.connect_accepted_socket(...)`` run to its end by the loop's callbacks.
-
-    What a task would do with the coroutine, without a task: each step sends into it
-    and, when it waits on a future, goes on once that future is done. uvloop's
-    coroutine makes the transport in its first step, then waits for the loop to call
-    ``connection_made``; nothing of it belongs to the task that needed the transport.
-    """
-
-    __slots__ = ("making", "nodelay", "stream")
-
-    def __init__(self, stream: AsyncioStream, making: Any, nodelay: int) -> None:
-        self.stream = stream
-        self.making = making
-        self.nodelay = nodelay
-
-    def step(self, _done: object = None) -> None:
-        try:
-            awaited = self.making.send(None)
-        except StopIteration:
-            self.stream._made(self.nodelay, None)
-            return
-        except Exception as exc:  # uvloop closed what it made: a lost connection
-            self.stream._made(self.nodelay, exc)
-            return
-        if asyncio.isfuture(awaited):
-            awaited._asyncio_future_blocking = False  # taken, as a task takes it
-            awaited.add_done_callback(self.step)
-        else:  # a bare yield: the loop's next turn
-            self.stream._loop.call_soon(self.step)
 
 
 #: ``get_extra_info`` names a TLS stream answers itself, as asyncio's SSL transport does.
