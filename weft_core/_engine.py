@@ -50,7 +50,7 @@ from ._logsafe import escape_for_log
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
 from ._proxy import ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
-from ._tcpinfo import byte_counts
+from ._tcpinfo import accept_queue_length, byte_counts
 
 if TYPE_CHECKING:
     from ._registry import Hooks
@@ -148,7 +148,11 @@ class Conn(ConnectionInfo):
         # ``local`` is the listener's when all its connections share it, else None
         # until the connection's task reads it.
         ConnectionInfo.__init__(self, addr, lt.local)
-        self.options = lt.options
+        if lt.queued:  # completed before the listener had the options: set each one
+            lt.queued -= 1
+            self.options = lt.wanted
+        else:
+            self.options = lt.options
         self.serve = serve
         self.sock = sock
         self.shut = sock
@@ -188,8 +192,10 @@ class ListenerTask:
         "local",
         "native",
         "options",
+        "queued",
         "shared",
         "task_id",
+        "wanted",
     )
 
     def __init__(
@@ -198,10 +204,19 @@ class ListenerTask:
         self.listener = listener
         self.address = listener.address  # before adopting: a runtime may take the socket over
         self.local = shared_local_address(listener.sock)
-        #: The socket options each of its connections still needs set on it:
-        #: decided once, not per connection (a gevent socket's ``family`` is a
-        #: Python property); none where the listener passes its own on.
-        self.options = connection_options(listener.sock, cfg.nodelay, cfg.keepalive)
+        #: The socket options weft gives each connection, and those each still needs
+        #: set on it: decided once, not per connection (a gevent socket's ``family``
+        #: is a Python property); none where the listener passes its own on.
+        self.wanted = wanted_options(listener.sock, cfg.nodelay, cfg.keepalive)
+        self.options = connection_options(listener.sock, self.wanted)
+        #: Connections the kernel completed before the listener had the options
+        #: (clients queued while the application imported, or before an inherited
+        #: socket reached weft: a socket activation's first client) took none of
+        #: them: the first this many accepted get them one by one. Read after the
+        #: options were set, so every later connection has them. Other processes
+        #: accepting on the socket too may take some; any early client still comes
+        #: first in the queue, so within the count of whichever process accepts it.
+        self.queued = accept_queue_length(listener.sock) if self.wanted and not self.options else 0
         self.native = runtime.adopt_listener(listener.sock)
         self.task_id: Hashable | None = None
         #: Which acceptor is the listener's own: each resume starts a new one. An
@@ -224,15 +239,12 @@ class ListenerTask:
         close_listener(self.listener)
 
 
-def connection_options(
+def wanted_options(
     sock: socket.socket, nodelay: bool, keepalive: bool
 ) -> tuple[tuple[int, int, int], ...]:
-    """The socket options the connections accepted on ``sock`` must each be given.
+    """The socket options weft gives each TCP connection accepted on ``sock``.
 
-    Linux gives an accepted TCP socket its listener's ``TCP_NODELAY`` and
-    ``SO_KEEPALIVE``, so there they are set once, on the listener, and no
-    connection pays a system call for them. Elsewhere, or if the listener refuses
-    them, each connection gets them. An option turned off is left as it is.
+    An option turned off is left as it is (the system's default).
     """
     if sock.family == socket.AF_UNIX:
         return ()
@@ -241,6 +253,19 @@ def connection_options(
         wanted += ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
     if keepalive:
         wanted += ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
+    return wanted
+
+
+def connection_options(
+    sock: socket.socket, wanted: tuple[tuple[int, int, int], ...]
+) -> tuple[tuple[int, int, int], ...]:
+    """Which of the ``wanted`` options the connections accepted on ``sock`` must each be given.
+
+    Linux gives an accepted TCP socket its listener's ``TCP_NODELAY`` and
+    ``SO_KEEPALIVE``, so there they are set once, on the listener, and no
+    connection pays a system call for them. Elsewhere, or if the listener refuses
+    them, each connection gets them.
+    """
     if OPTIONS_INHERITED:
         try:
             for level, option, value in wanted:

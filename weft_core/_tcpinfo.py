@@ -20,7 +20,7 @@ import socket
 import struct
 from typing import Any
 
-__all__ = ["TCP_INFO_SIZE", "byte_counts", "reset_by_peer"]
+__all__ = ["TCP_INFO_SIZE", "accept_queue_length", "byte_counts", "reset_by_peer"]
 
 #: ``TCP_INFO``'s option number (Linux); None where the platform has none.
 _TCP_INFO: int | None = (
@@ -39,6 +39,11 @@ _COUNTS = struct.Struct("=QQ")
 
 #: ``tcpi_state`` of a connection the peer reset (``TCP_CLOSE``): a RST ends it at once.
 _CLOSED = 7
+#: ``tcpi_state`` of a listening socket, whose ``tcpi_unacked`` (a u32 after eight u8
+#: fields and four u32 ones) is the length of its accept queue.
+_LISTEN = 10
+_UNACKED = struct.Struct("=I")
+_UNACKED_AT = 24
 
 #: A FIN takes a sequence number, and the kernel's counts follow sequence numbers:
 #: in these states (``tcpi_state``, the struct's first byte; include/net/tcp_states.h)
@@ -88,3 +93,21 @@ def reset_by_peer(sock: Any) -> bool:
     except (OSError, ValueError, TypeError):
         return False
     return bool(info) and info[0] == _CLOSED
+
+
+def accept_queue_length(sock: Any) -> int:
+    """How many connections wait, completed, in listening TCP socket ``sock``'s accept queue.
+
+    Linux reports it as a listener's ``tcpi_unacked``. 0 where the kernel cannot
+    tell (not a TCP listener, another OS).
+    """
+    if _TCP_INFO is None:
+        return 0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _UNACKED_AT + 4)
+    except (OSError, ValueError, TypeError):
+        return 0
+    if len(info) < _UNACKED_AT + 4 or info[0] != _LISTEN:
+        return 0
+    queued: int = _UNACKED.unpack_from(info, _UNACKED_AT)[0]
+    return queued
