@@ -689,3 +689,26 @@ def test_e2e_handler_that_cannot_take_the_args_exit_2(e2e: None, tmp_path: Path)
     line = one_error_line(result.stderr)
     assert "key 'args'" in line and "with args=('hello',)" in line, line
     assert "listening" not in result.stderr
+
+
+def test_a_command_that_does_not_serve_gives_the_held_signals_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m weft_core`` holds HUP, USR1 ... before loading weft (for ``serve``'s start);
+    ``weft managers`` (any command that does not serve) gives them their defaults back,
+    so that a HUP ends it as it ends any command. A second hold keeps the first's list.
+    """
+    import signal
+
+    from weft_core._signals import STARTING_HELD, hold_while_starting
+
+    before = {signum: signal.getsignal(signum) for signum in STARTING_HELD}
+    try:
+        arrived = hold_while_starting()
+        assert hold_while_starting() is arrived
+        assert main(["managers"]) == 0
+        capsys.readouterr()
+        assert {signal.getsignal(signum) for signum in STARTING_HELD} == {signal.SIG_DFL}
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -64,6 +64,9 @@ CHECK_CASES = {
     "unknown-manager-option": (["-k", "threads", "-o", "bogus=1"], {}),
     "asyncio-loop-option": (["-k", "asyncio", "-o", "loop=nope"], {}),
     "certfile-not-pem": (["--certfile", "NOT_PEM"], {}),
+    "pid-file-directory-missing": (["--pid", "MISSING/x.pid"], {}),
+    "pid-file-of-a-running-server": (["--pid", "RUNNING.pid"], {}),
+    "control-socket-path-too-long": (["--control-socket", "LONG_PATH"], {}),
 }
 
 
@@ -81,9 +84,16 @@ def test_check_config_exits_2_for_what_serve_refuses(tmp_path: Path, case: str) 
         need_manager("asyncio")
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
-    extra = [str(not_pem) if a == "NOT_PEM" else a for a in extra]
+    running = tmp_path / "running.pid"
+    running.write_text(f"{os.getppid()}\n")  # the test runner's parent: alive throughout
+    # 95 bytes: a Unix socket path holds 107, less the 15 its workers' sockets add.
+    long_path = str(tmp_path / "c").ljust(95, "c")
+    paths = {"NOT_PEM": str(not_pem), "MISSING/x.pid": str(tmp_path / "missing" / "x.pid"),
+             "RUNNING.pid": str(running), "LONG_PATH": long_path}  # fmt: skip
+    extra = [paths.get(a, a) for a in extra]
     env = {**environment(), **extra_env}
-    base = ["_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off", *extra]
+    control = [] if "--control-socket" in extra else ["--control-socket", "off"]
+    base = ["_serving:handle", "--bind", "127.0.0.1:0", *control, *extra]
     served = run_serve(base, env, tmp_path)
     assert served.returncode == 2, served.stderr  # weft serve itself refuses it
     refusal = last_line(served.stderr)
@@ -177,6 +187,73 @@ def test_a_signal_during_a_slow_start_does_not_kill_or_suspend_it(
                 f"SIG{name} during start-up: weft serve never listened; exit status "
                 f"{served.proc.poll()}, process state {state!r}; its log:\n{served.text}"
             ) from None
+        with Client(host_port(match.group(1))) as client:
+            assert client.echo(b"ping\n") == b"ping\n"
+        served.signal(signal.SIGTERM)
+        assert served.finish(20) == 0, served.text
+
+
+#: A sitecustomize for the test below: it holds the child's import of weft_core._cli
+#: (the command line and the rest of weft) until a file appears, saying it waits.
+_PAUSE_CLI_IMPORT = """
+import importlib.abc, os, sys, time
+
+GATE = os.environ["WEFT_TEST_IMPORT_GATE"]
+
+
+class PauseCliImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "weft_core._cli":
+            sys.meta_path.remove(self)
+            with open(GATE + ".waiting", "w") as marker:
+                marker.write(str(os.getpid()))
+            deadline = time.monotonic() + 20
+            while not os.path.exists(GATE) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return None
+
+
+sys.meta_path.insert(0, PauseCliImport())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["HUP", "USR1", "USR2", "TTIN", "TTOU"])
+def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) -> None:
+    """A signal that arrives while ``python -m weft_core`` still loads weft itself.
+
+    The test above holds the application's import; this one holds the import of
+    ``weft_core._cli`` (a sitecustomize in the child pauses it), which by itself
+    takes some 50 ms: a HUP in the first tenth of a second of ``weft serve`` killed
+    it, a TTIN stopped it for good, before the hold went in ahead of that import
+    (an outside check of 2026-12-05, signals sent 50 ms after the start). It is
+    held, and logged once the server listens.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_PAUSE_CLI_IMPORT)
+    gate = tmp_path / "gate"
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env["WEFT_TEST_IMPORT_GATE"] = str(gate)
+    argv = weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off")
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        waiting = Path(str(gate) + ".waiting")
+        deadline = time.monotonic() + 30
+        while not waiting.exists():
+            assert served.proc.poll() is None, served.text
+            assert time.monotonic() < deadline, served.text
+            time.sleep(0.01)
+        served.signal(getattr(signal, "SIG" + name))
+        gate.write_text("go")
+        try:
+            (match,) = served.wait_for(LISTENING, timeout=15)
+        except AssertionError:
+            raise AssertionError(
+                f"SIG{name} while weft loaded: it never listened; exit status "
+                f"{served.proc.poll()}, process state {_proc_state(served.proc.pid)!r}"
+            ) from None
+        served.wait_for(rf"SIG{name} arrived while starting", timeout=15)
         with Client(host_port(match.group(1))) as client:
             assert client.echo(b"ping\n") == b"ping\n"
         served.signal(signal.SIGTERM)

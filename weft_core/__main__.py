@@ -1,10 +1,22 @@
-"""``python -m weft_core``: the ``weft`` command (see :mod:`weft_core._cli`)."""
+"""``python -m weft_core`` and the ``weft`` command (see :mod:`weft_core._cli`).
+
+The signals a starting ``weft serve`` holds (HUP, USR1, USR2, TTIN, TTOU: by
+default they kill or stop a process) are held here, before the command line and
+the rest of weft are even loaded; a command that does not serve gives them their
+defaults back once it knows it is one.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from ._cli import main
+from ._signals import hold_while_starting
+
+hold_while_starting()
+
+from ._cli import main  # noqa: E402  (after the hold: loading it takes tens of ms)
+
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

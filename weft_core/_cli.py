@@ -28,7 +28,7 @@ from typing import Any
 
 from . import __version__, _registry
 from ._config import Config, load_config, parse_option_value
-from ._ctl import ControlSocket
+from ._ctl import WORKER_SUFFIX, ControlSocket, check_path_length
 from ._deadline import Deadline
 from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
@@ -38,7 +38,13 @@ from ._logging import setup_logging
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
 from ._settings import show
-from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, hold_while_starting, reopen_log_files
+from ._signals import (
+    CONTROL_SIGNALS,
+    STOP_SIGNALS,
+    hold_while_starting,
+    release_starting_hold,
+    reopen_log_files,
+)
 from ._wakeup import Wakeup
 
 __all__ = ["build_parser", "import_handler", "main"]
@@ -63,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     ns.argv = list(sys.argv[1:] if argv is None else argv)  # for --reload's child
     command: Callable[[argparse.Namespace], int] | None = getattr(ns, "command", None)
+    if command is not _serve:
+        release_starting_hold()  # held by __main__ for a server's start; this is none
     if command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -226,6 +234,11 @@ def _serve(ns: argparse.Namespace) -> int:
         # A --reload child: stop, as on SIGTERM, if the parent that ran it is gone.
         watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     pid = None if worker else config.get("pid")
+    if not worker:
+        try:
+            _check_paths(config)
+        except ConfigError as exc:
+            return _fail(_sourced(exc, config), EXIT_USAGE)
     # The watchdog and recycling replace a process, so even one worker needs a
     # supervisor; and a supervisor re-executed on USR2 stays one.
     if not worker and (
@@ -236,8 +249,6 @@ def _serve(ns: argparse.Namespace) -> int:
     ):
         supervisor_pid = None if pid is None else PidFile(pid)
         try:
-            if supervisor_pid is not None:
-                supervisor_pid.check()
             return _supervise.supervise(
                 config,
                 flags,
@@ -252,11 +263,9 @@ def _serve(ns: argparse.Namespace) -> int:
             if supervisor_pid is not None:
                 supervisor_pid.remove()  # the object that wrote it: it knows it did
     try:
-        if pid is not None:
-            PidFile(pid).check()
         _prepare_process(config)
         handler = import_handler(config.handler)
-    except WeftError as exc:  # HandlerImportError, a broken plugin, a pid file's directory
+    except WeftError as exc:  # HandlerImportError, a broken plugin
         return _fail(_sourced(exc, config), EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
@@ -379,6 +388,21 @@ def _prepare_process(config: Config) -> None:
             raise _registry.options_rejected(name, options, exc) from exc
 
 
+def _check_paths(config: Config) -> None:
+    """Refuse, before anything binds, a pid file or control socket path that cannot work.
+
+    ConfigError for a pid file whose directory is missing or not writable, or that
+    names a running server, and for a control socket path too long for a Unix
+    socket (with what its workers' sockets add). ``weft serve`` and
+    ``--check-config`` both run it.
+    """
+    pid = config.get("pid")
+    if pid is not None:
+        PidFile(pid).check()
+    if config.control_socket is not None:
+        check_path_length(config.control_socket, WORKER_SUFFIX)
+
+
 def _check_config(config: Config) -> int:
     """``weft serve --check-config``: print every setting and its origin, check the handler.
 
@@ -395,6 +419,7 @@ def _check_config(config: Config) -> int:
     try:
         from ._server import Server
 
+        _check_paths(config)
         server = Server(import_handler(config.handler), **config.server_kwargs())
         if config.workers > 1:  # as the supervisor checks it, before it binds
             from ._workers import check_capacity

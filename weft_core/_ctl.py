@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._endpoints import SUN_PATH_MAX
-from ._errors import BindError, WeftError
+from ._errors import BindError, ConfigError, WeftError
 from ._logsafe import escape_for_log
 
 __all__ = [
@@ -144,18 +144,20 @@ def _private_directory(directory: Path) -> None:
 
 
 def check_path_length(path: str, extra: int = 0) -> None:
-    """Refuse a control socket path too long for a Unix socket address (BindError).
+    """Refuse a control socket path too long for a Unix socket address (ConfigError).
 
-    ``extra``: bytes other sockets will add to it (a worker's, beside the supervisor's).
+    A mistake in the config, said before anything binds (``weft serve`` exits 2, as
+    ``--check-config`` does). ``extra``: bytes other sockets will add to it (a
+    worker's, beside the supervisor's).
     """
     length = len(os.fsencode(path)) + extra
     if length > SUN_PATH_MAX:
         also = f", with the {extra} its workers' sockets add (PATH.worker-PID)," if extra else ""
-        raise BindError(
-            errno.ENAMETOOLONG,
+        raise ConfigError(
             f"the control socket path is too long: {length} bytes{also} where a Unix"
-            f" socket's path holds at most {SUN_PATH_MAX}; choose a shorter one with"
-            f" control_socket ({path})",
+            f" socket's path holds at most {SUN_PATH_MAX}; choose a shorter one"
+            f" ({escape_for_log(path)})",
+            key="control_socket",
         )
 
 

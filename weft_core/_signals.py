@@ -32,6 +32,7 @@ __all__ = [
     "WORKER_IGNORED",
     "enable_stack_dump",
     "hold_while_starting",
+    "release_starting_hold",
     "reopen_log_files",
 ]
 
@@ -68,18 +69,50 @@ def hold_while_starting() -> list[str]:
 
     Returns the list their names are added to, for the caller to report once it
     listens (a reload or a reopen asked before there was anything to act on).
-    Only in the main thread, where signal handlers live.
+    Only in the main thread, where signal handlers live. Called again while its
+    handlers are still in (``python -m weft_core`` holds them before the rest of
+    weft is imported, ``weft serve`` once more as it starts), it returns the same
+    list: nothing noted meanwhile is lost.
     """
-    arrived: list[str] = []
+    global _held
     if threading.current_thread() is not threading.main_thread():
-        return arrived
-
-    def note(signum: int, frame: object) -> None:
-        arrived.append(signal.Signals(signum).name)
-
+        return []
+    if _held is not None and signal.getsignal(STARTING_HELD[0]) == _held.note:
+        return _held.arrived
+    _held = _Held()
     for signum in STARTING_HELD:
-        signal.signal(signum, note)
-    return arrived
+        signal.signal(signum, _held.note)
+    return _held.arrived
+
+
+def release_starting_hold() -> None:
+    """Give the held signals their defaults back, where the hold's handlers are still in.
+
+    For the ``weft`` commands that do not serve (``ctl``, ``managers``,
+    ``conformance``): a HUP ends them as it ends any command.
+    """
+    held = _held
+    if held is None or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STARTING_HELD:
+        if signal.getsignal(signum) == held.note:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+class _Held:
+    """The signals noted while starting, and the handler that notes them."""
+
+    __slots__ = ("arrived",)
+
+    def __init__(self) -> None:
+        self.arrived: list[str] = []
+
+    def note(self, signum: int, frame: object) -> None:
+        self.arrived.append(signal.Signals(signum).name)
+
+
+#: The hold in force (see :func:`hold_while_starting`), if any.
+_held: _Held | None = None
 
 
 def enable_stack_dump() -> None:
