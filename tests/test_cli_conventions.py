@@ -387,6 +387,9 @@ def test_e2e_reload_restarts_on_an_edit_and_stops_on_sigterm(tmp_path: Path) -> 
         assert served.finish() == 0, served.text
         served.wait_closed()  # the child is gone too: it held stderr
     assert served.text.count("weft: stopped") == 2
+    # The parent's pid, which it hands its child in WEFT_RELOAD_PARENT, is weft's own
+    # variable: no "no weft setting has that name" for a typo the user never made.
+    assert "ignoring WEFT_" not in served.text, served.text
 
 
 def _ask(port: int) -> bytes:

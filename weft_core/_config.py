@@ -35,6 +35,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._logsafe import escape_for_log
+from ._reload import PARENT_ENV
 from ._settings import (
     CONTROL_SOCKET_OFF,
     SETTINGS,
@@ -60,8 +61,9 @@ __all__ = [
     "toml_loads",
 ]
 
-#: WEFT_* variables that are not config keys: read elsewhere, never "unknown".
-RESERVED_ENV = frozenset({"WEFT_CONFIG", "WEFT_LOAD_PLUGINS"})
+#: WEFT_* variables that are not config keys: read elsewhere, never "unknown" (the
+#: --reload parent's pid is weft's own, set for its child).
+RESERVED_ENV = frozenset({"WEFT_CONFIG", "WEFT_LOAD_PLUGINS", PARENT_ENV})
 
 _TABLES = ("tls", "manager_options")
 
