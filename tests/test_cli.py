@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _serving import Served, environment, weft_serve
 
 import weft_core
 from weft_core import BindError, PluginError, ServerError, UnknownManagerError, _registry
@@ -712,3 +713,44 @@ def test_a_command_that_does_not_serve_gives_the_held_signals_back(
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "args",
+    [["serve", "examples.echo:handle", "--check-config"], ["managers"],
+     ["ctl", "--socket", "SOCKET", "status"]],
+    ids=["check-config", "managers", "ctl-status"],
+)  # fmt: skip
+def test_a_command_whose_reader_went_away_stops_quietly(tmp_path: Path, args: list[str]) -> None:
+    """``weft ctl status | head -c 100``, ``weft managers | head -1``: the pipe's reader
+    is gone when the command prints. No BrokenPipeError traceback (there was one, and
+    exit 1 as for a refusal): one quiet exit, 1, as a tool killed by SIGPIPE fails."""
+    import signal
+
+    control = tmp_path / "ctl.sock"
+    argv = [str(control) if a == "SOCKET" else a for a in args]
+    served = None
+    if args[0] == "ctl":
+        served = Served(
+            weft_serve("examples.echo:handle", "-b", "127.0.0.1:0", "--control-socket",
+                       str(control)),
+            cwd=REPO,
+        )  # fmt: skip
+        served.wait_for(r"listening on", timeout=30)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (head) has gone
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "weft_core", *argv], cwd=REPO, env=environment(),
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+        if served is not None:
+            served.signal(signal.SIGTERM)
+            assert served.finish(30) == 0
+            served.kill()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == "", result.stderr
+    assert result.returncode == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -78,6 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(ns)
     except KeyboardInterrupt:  # Ctrl-C before the server (and its handler) was up
         return 130
+    except BrokenPipeError:
+        # Its reader went away (`weft ctl status | head -1`): stop quietly, as any
+        # Unix tool does, and let nothing flush into the closed pipe at exit.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_RUNTIME
 
 
 def build_parser() -> argparse.ArgumentParser:
