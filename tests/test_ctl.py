@@ -318,3 +318,19 @@ def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
 def test_no_server_at_the_path_says_so(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="no weft serve is running"):
         request(str(tmp_path / "nothing.sock"), "status")
+
+
+@pytest.mark.parametrize("delta", ["+0", "-0", "++1", "+-1", "+1.5", "3", "+", "+\u0661"])
+def test_workers_takes_a_sign_then_a_whole_number_of_at_least_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], delta: str
+) -> None:
+    """``weft ctl workers +0`` (or ``-0``, ``++1``) is a wrong command line: exit 2 with
+    the usage, said before any server is asked. It was sent on: with no server,
+    exit 1 and "start one"; and ``++1`` got "invalid literal for int()"."""
+    from weft_core._cli import main
+
+    status = main(["ctl", "--socket", str(tmp_path / "none.sock"), "workers", delta])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "usage: weft ctl workers +N | -N" in err, err
+    assert "start one" not in err and "invalid literal" not in err, err

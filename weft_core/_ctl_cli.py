@@ -111,8 +111,13 @@ def _parse(name: str | None, args: list[str]) -> tuple[str, dict[str, Any]]:
             )
         return name, {"name": args[0], "value": args[1]}
     if name == "workers":
-        if len(args) != 1 or not args[0].lstrip("+-").isdigit() or args[0][0] not in "+-":
-            raise ValueError("usage: weft ctl workers +N | -N")
+        sign, digits = (args[0][:1], args[0][1:]) if len(args) == 1 else ("", "")
+        if (
+            sign not in ("+", "-")
+            or not (digits.isascii() and digits.isdigit())
+            or not int(digits)
+        ):
+            raise ValueError("usage: weft ctl workers +N | -N, N at least 1")
         return name, {"delta": int(args[0])}
     if name == "close":
         if not 1 <= len(args) <= 2:
