@@ -7,8 +7,11 @@ unmarked): threads and gevent read a record cut by a reset as the end of input.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from _every_manager import serve as serve  # the fixture
 from _serving import server_certs
 
 from weft_core import Server
+from weft_core._engine import STOP_GRACE
 from weft_core.testing import WAIT, wait_until
 
 REPLY = 200_000
@@ -366,3 +370,221 @@ def test_an_applications_own_sslsocket_class_is_kept_on_threads(
     client.read_until(b"hi")
     client.close()
     assert seen == [(Mine, True)]
+
+
+# -- what reliability.md's row 32 lists beside the end of input --------------------------------
+
+
+CHUNK = 65536
+BLAST = 64 << 20
+
+
+def _blaster(written: list[int]) -> tuple[Any, Any]:
+    """Handlers that send 64 MiB once told ``blast``, counting in ``written`` what each send took."""
+    chunk = b"z" * CHUNK
+
+    def blast(conn: Any) -> None:
+        conn.recv(100)
+        for _ in range(BLAST // CHUNK):
+            conn.sendall(chunk)
+            written[0] += CHUNK
+
+    async def ablast(stream: Any) -> None:
+        await stream.receive_some(100)
+        for _ in range(BLAST // CHUNK):
+            await stream.send_all(chunk)
+            written[0] += CHUNK
+
+    return blast, ablast
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_64_mib_to_a_slow_reader_is_held_back_then_sent_whole(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+) -> None:
+    """A handler sends 64 MiB over TLS to a client that reads nothing at first.
+
+    Its sends must wait for the client (back-pressure), holding no more than what the
+    kernel's buffers and the TLS layer take, far from 64 MiB: the server's memory
+    stays bounded whatever a client leaves unread. Then the client reads, and gets
+    every byte.
+    """
+    written = [0]
+    blast, ablast = _blaster(written)
+    server = serve(manager, options, blast, ablast, tls=tls_files(certs))
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    client = _context(certs["ca"]).wrap_socket(raw)
+    with client:
+        client.sendall(b"go\n")
+        # Wait until the handler's sends stop moving (it waits for the client), or it
+        # has gone past any buffer's size.
+        last, still_since = -1, time.monotonic()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and written[0] <= 32 << 20:
+            if written[0] != last:
+                last, still_since = written[0], time.monotonic()
+            elif time.monotonic() - still_since > 0.5:
+                break
+            time.sleep(0.02)
+        held = written[0]
+        assert held <= 32 << 20, f"{manager}: {held >> 20} MiB taken with nothing read"
+        got = 0
+        while got < BLAST:
+            data = client.recv(1 << 20)
+            assert data, f"{manager}: the connection ended after {got} of {BLAST} bytes"
+            got += len(data)
+    assert got == BLAST
+
+
+def _openssl_key_update(port: int, ca: str) -> str:
+    """``openssl s_client -tls1_3``: a line, a key update (``K``: the server must answer
+    with its own), another line; what it printed."""
+    proc = subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-CAfile", ca],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, b"")))
+    reader.start()
+
+    def until(marker: bytes) -> None:
+        deadline = time.monotonic() + WAIT
+        while not any(marker in line for line in out):
+            assert time.monotonic() < deadline, b"".join(out).decode(errors="replace")
+            time.sleep(0.01)
+
+    try:
+        until(b"Verify return code")
+        proc.stdin.write(b"before the update\n")
+        proc.stdin.flush()
+        until(b"before the update")
+        proc.stdin.write(b"K\n")
+        proc.stdin.flush()
+        until(b"KEYUPDATE")
+        proc.stdin.write(b"after the update\n")
+        proc.stdin.flush()
+        until(b"after the update")
+    finally:
+        proc.stdin.close()
+        proc.wait(WAIT)
+        reader.join(WAIT)
+        proc.stdout.close()
+    return b"".join(out).decode(errors="replace")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_key_update_mid_session_is_answered_and_the_session_goes_on(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+) -> None:
+    """TLS 1.3's KeyUpdate from the client, asking for the server's (``openssl s_client``'s
+    ``K`` command): the handler's stream goes on, echoing what comes after it."""
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs))
+    output = _openssl_key_update(server.port, certs["ca"])
+    assert "after the update" in output, output  # echoed (s_client does not show what is typed)
+    assert _counters(server) == {"handler_errors": 0, "peer_errors": 0, "tls_errors": 0}
+
+
+def _stalls(written: list[int]) -> tuple[Any, Any]:
+    """Handlers: echo a line, then (told ``blast``) send until stopped."""
+    chunk = b"z" * CHUNK
+
+    def handler(conn: Any) -> None:
+        while data := conn.recv(100):
+            if data.startswith(b"blast"):
+                while True:
+                    conn.sendall(chunk)
+                    written[0] += CHUNK
+            conn.sendall(data)
+
+    async def ahandler(stream: Any) -> None:
+        while data := await stream.receive_some(100):
+            if data.startswith(b"blast"):
+                while True:
+                    await stream.send_all(chunk)
+                    written[0] += CHUNK
+            await stream.send_all(data)
+
+    return handler, ahandler
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("step", ["tcp-only", "client-hello", "reading", "writing"])
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_stop_at_each_step_of_a_tls_connection_keeps_its_bound(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str], step: str
+) -> None:
+    """``stop(timeout=1)`` with one TLS client at each step of its life: connected but
+    silent (the handshake waits), half a handshake (a ClientHello, no more), a handler
+    waiting for data, a handler blocked writing to a client that reads nothing. The stop
+    returns within its timeout plus STOP_GRACE, and the client sees its connection end.
+    """
+    written = [0]
+    handler, ahandler = _stalls(written)
+    server = serve(manager, options, handler, ahandler, tls=tls_files(certs))
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    conn: Any = raw
+    try:
+        if step == "client-hello":
+            outgoing = ssl.MemoryBIO()
+            obj = _context(certs["ca"]).wrap_bio(ssl.MemoryBIO(), outgoing)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+            raw.sendall(outgoing.read())
+        elif step in ("reading", "writing"):
+            conn = _context(certs["ca"]).wrap_socket(raw)
+            conn.sendall(b"hello\n")
+            assert conn.recv(100) == b"hello\n"
+            if step == "writing":
+                conn.sendall(b"blast\n")
+                wait_until(lambda: written[0] >= CHUNK, what="the handler to be sending")
+        wait_until(lambda: server.stats()["active"] == 1, what="the connection to be served")
+        began = time.monotonic()
+        server.stop(timeout=1)
+        took = time.monotonic() - began
+        assert took <= 1 + STOP_GRACE + 0.5, f"{manager}, {step}: stop(timeout=1) took {took:.2f}s"
+        assert server.stats()["active"] == 0
+        try:  # the client sees its connection end: EOF, close_notify, a reset, an alert
+            while conn.recv(1 << 20):
+                pass
+        except TimeoutError:
+            raise AssertionError(f"{manager}, {step}: the connection is still open") from None
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_300_tls_clients_at_once_are_all_served(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+) -> None:
+    """300 TLS clients connect at once, each sends a line and reads its echo: all served."""
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs))
+    context = _context(certs["ca"])
+    start = threading.Barrier(300, timeout=WAIT)
+
+    def one(n: int) -> bytes:
+        start.wait()
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=3 * WAIT)
+        with context.wrap_socket(raw) as client:
+            line = b"client %d\n" % n
+            client.sendall(line)
+            got = b""
+            while len(got) < len(line):
+                data = client.recv(100)
+                if not data:
+                    break
+                got += data
+            return got
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=300) as pool:
+        answers = list(pool.map(one, range(300)))
+    missing = [n for n, got in enumerate(answers) if got != b"client %d\n" % n]
+    assert not missing, f"{manager}: {len(missing)} of 300 clients not served: {missing[:10]}"
+    wait_until(lambda: server.stats()["active"] == 0, what="every connection to end")
+    stats = server.stats()
+    assert (stats["accepted"], stats["tls_errors"], stats["handler_errors"]) == (300, 0, 0)
