@@ -27,6 +27,7 @@ import pytest
 
 import weft_core
 from weft_core import ConnectionInfo, ManagerSpec, Server, _registry, hookimpl, hookspecs
+from weft_core.testing import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -571,6 +572,46 @@ def test_weft_server_started_raising_is_logged_and_ignored(
     assert any("hooks: plugin failure" in r.exc_text for r in caplog.records if r.exc_text)
     with connect(server) as client:
         assert recv_exactly(client, 1) == b"+"
+
+
+class _ReraisesWhatThePeerSent:
+    """A plugin whose hook raises with the handler's exception in its message."""
+
+    @hookimpl
+    def weft_handler_error(
+        self, server: Server, connection: Any, exception: BaseException
+    ) -> None:
+        raise RuntimeError(f"could not report {exception}")
+
+
+def test_a_hooks_exception_carrying_peer_bytes_is_logged_escaped(
+    register: Callable[[object], str], servers: list[Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler fails with what the client sent in its message; a plugin's hook, handed
+    that exception, raises with it in its own. The plugin's error is logged (and
+    ignored) with every message in its traceback escaped: a newline from the client
+    cannot start a forged log line (it could, before, through ``exc_info``)."""
+    register(_ReraisesWhatThePeerSent())
+
+    def failing(conn: socket.socket) -> None:
+        raise ValueError(conn.recv(100).decode())
+
+    server = Server(failing, manager="threads", exception_handler=lambda s, c, e: None)
+    servers.append(server)
+    server.run()
+    forged = "x\n2026-12-05 [CRITICAL] weft: forged by the client"
+    with caplog.at_level(logging.ERROR, logger="weft.plugins"):
+        with connect(server) as client:
+            client.sendall(forged.encode())
+            assert recv_until_closed(client) == b""
+        wait_until(
+            lambda: any(r.name == "weft.plugins" for r in caplog.records),
+            what="the plugin's error",
+        )
+    [record] = [r for r in caplog.records if r.name == "weft.plugins"]
+    text = logging.Formatter().format(record)
+    assert "x\\n2026-12-05 [CRITICAL]" in text, text
+    assert "\n2026-12-05 [CRITICAL]" not in text, text
 
 
 # -- datasette: every hook documented and tested -------------------------------------------

@@ -32,7 +32,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -46,7 +45,7 @@ from ._connection import ConnectionInfo, format_address
 from ._control import ConnectionSnapshot
 from ._errors import ManagerFullError, ServerError
 from ._listeners import Listener, close_listener
-from ._logsafe import escape_for_log
+from ._logsafe import escape_for_log, log_untrusted_exception
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
 from ._proxy import ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
@@ -1241,57 +1240,5 @@ def default_exception_handler(
         log.info("connection from %s ended by the peer: %s", peer, exc.__class__.__name__)
     else:
         log_untrusted_exception(
-            logging.ERROR, exc, "handler for %s raised %s", peer, exc.__class__.__name__
+            log, logging.ERROR, exc, "handler for %s raised %s", peer, exc.__class__.__name__
         )
-
-
-def log_untrusted_exception(level: int, exc: BaseException, msg: str, *args: object) -> None:
-    """Log ``msg % args`` with ``exc``'s traceback, its messages escaped.
-
-    The record keeps ``exc_info`` (a handler may inspect the exception); its
-    ``exc_text``, which formatters print instead of formatting the traceback
-    themselves, is :func:`format_untrusted_exception`'s.
-    """
-    if not log.isEnabledFor(level):
-        return
-    record = log.makeRecord(
-        log.name, level, __file__, 0, msg, args, (type(exc), exc, exc.__traceback__)
-    )
-    record.exc_text = format_untrusted_exception(exc)
-    log.handle(record)
-
-
-def format_untrusted_exception(exc: BaseException) -> str:
-    """``exc``'s traceback as logging would print it, with every message escaped.
-
-    The frames (file names, source lines) are the program's own; the messages of the
-    exception and of those it was caused by are not (nor a SyntaxError's text), so
-    each goes through
-    :func:`~weft_core._logsafe.escape_for_log`: a newline in one cannot start a line.
-    """
-    formatted = traceback.TracebackException.from_exception(exc)
-    seen: set[int] = set()
-    pending = [formatted]
-    while pending:
-        each = pending.pop()
-        if id(each) in seen:
-            continue
-        seen.add(id(each))
-        each._str = escape_for_log(each._str)  # type: ignore[attr-defined]
-        if issubclass(each.exc_type or type, SyntaxError):
-            # A SyntaxError prints its own parts (the offending text, its message and
-            # file name), and a handler's compile() or ast.literal_eval() of what a
-            # client sent puts the client's bytes in all three.
-            for part in ("text", "msg", "filename"):
-                value = getattr(each, part, None)
-                if isinstance(value, str):
-                    setattr(each, part, escape_for_log(value))
-        notes = getattr(each, "__notes__", None)
-        if notes:
-            setattr(each, "__notes__", [escape_for_log(note) for note in notes])  # noqa: B010
-        pending.extend(
-            t
-            for t in (each.__cause__, each.__context__, *(getattr(each, "exceptions", None) or ()))
-            if t is not None
-        )
-    return "".join(formatted.format()).rstrip("\n")

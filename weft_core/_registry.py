@@ -30,6 +30,7 @@ import pluggy
 
 from . import hookspecs
 from ._errors import FAILURES, ConfigError, PluginError, UnknownManagerError
+from ._logsafe import log_untrusted_exception
 from ._spec import ManagerSpec
 
 if TYPE_CHECKING:
@@ -641,14 +642,18 @@ class _HookErrors:
             if unlogged
             else ""
         )
-        log.error(
+        # A hook is given what peers sent (a handler's exception, a connection's
+        # addresses), and its exception may carry it: escaped, as the server's own.
+        log_untrusted_exception(
+            log,
+            logging.ERROR,
+            exc,
             "plugin %r raised %s in %s%s; ignored (logged at most every %gs)",
             plugin,
             type(exc).__name__,
             hook,
             more,
             HOOK_ERROR_INTERVAL,
-            exc_info=exc,
         )
 
 
