@@ -260,6 +260,30 @@ def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) 
         assert served.finish(20) == 0, served.text
 
 
+@pytest.mark.timeout(60)
+def test_a_quit_before_weft_serves_ends_it_as_term_does(tmp_path: Path) -> None:
+    """QUIT while weft still loads: deployment.md, "TERM, INT and QUIT stop it". It did,
+    by QUIT's default, which dumps core; it now ends the process as TERM does."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_PAUSE_CLI_IMPORT)
+    gate = tmp_path / "gate"
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env["WEFT_TEST_IMPORT_GATE"] = str(gate)
+    argv = weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off")
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        waiting = Path(str(gate) + ".waiting")
+        deadline = time.monotonic() + 30
+        while not waiting.exists():
+            assert served.proc.poll() is None, served.text
+            assert time.monotonic() < deadline, served.text
+            time.sleep(0.01)
+        served.signal(signal.SIGQUIT)
+        gate.write_text("go")
+        assert served.finish(15) == -signal.SIGTERM, served.text
+
+
 def _proc_state(pid: int) -> str:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,7 +61,8 @@ log = logging.getLogger("weft")
 #: What a process still starting (reading its config, importing the application)
 #: holds rather than dies of: by default HUP, USR1 and USR2 kill it and TTIN and TTOU
 #: stop it, so a logrotate USR1 or a `systemctl reload` arriving during a slow import
-#: would take the service down. TERM, INT and QUIT keep their defaults: a stop.
+#: would take the service down. TERM and INT keep their defaults: a stop. QUIT, whose
+#: default also dumps core, stops it as TERM does (:meth:`_Held.quit`).
 STARTING_HELD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
@@ -82,6 +84,7 @@ def hold_while_starting() -> list[str]:
     _held = _Held()
     for signum in STARTING_HELD:
         signal.signal(signum, _held.note)
+    signal.signal(signal.SIGQUIT, _held.quit)
     return _held.arrived
 
 
@@ -97,6 +100,8 @@ def release_starting_hold() -> None:
     for signum in STARTING_HELD:
         if signal.getsignal(signum) == held.note:
             signal.signal(signum, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGQUIT) == held.quit:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 class _Held:
@@ -109,6 +114,12 @@ class _Held:
 
     def note(self, signum: int, frame: object) -> None:
         self.arrived.append(signal.Signals(signum).name)
+
+    @staticmethod
+    def quit(signum: int, frame: object) -> None:
+        """QUIT before anything serves: nothing to cut short; end as TERM does, no core dump."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 #: The hold in force (see :func:`hold_while_starting`), if any.
