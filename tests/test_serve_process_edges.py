@@ -10,6 +10,7 @@ an address flag over a file's bind. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -464,3 +465,39 @@ def test_an_address_flag_over_a_file_bind_keeps_the_serve_default_port(tmp_path:
         f"--address over a file's bind listens on {ports}: any free port, not weft serve's "
         f"default 8000 (nor the file's 5001)"
     )
+
+
+# -- a USR2 keeps the deadlines of the workers it hands on -----------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_usr2_does_not_push_back_a_draining_workers_kill_deadline(tmp_path: Path) -> None:
+    """A worker told to drain is killed once graceful-timeout plus the exit margin has
+    passed, if it still runs (deployment.md). A USR2 meanwhile re-executes the supervisor,
+    which hands the draining worker on to its new image: the new image must keep the
+    worker's deadline, not start it again from the exec (it did: a USR2 three seconds
+    into the drain put the kill three seconds later). The worker is frozen (SIGSTOP) so
+    that only the kill can end it.
+    """
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "-w", "2",
+                      "--graceful-timeout", "1", "--control-socket", "off")  # fmt: skip
+    with Served(argv, cwd=tmp_path) as served:
+        old = served.wait_for(READY, count=2, timeout=30)[0].group(1)
+        os.kill(int(old), signal.SIGSTOP)  # it can neither drain nor exit
+        try:
+            served.signal(signal.SIGHUP)
+            served.wait_for(READY, count=4, timeout=30)  # the new ones: the old are told now
+            told = time.monotonic()
+            time.sleep(3)  # into the drain (the deadline: told + 1 + EXIT_MARGIN, 5)
+            served.signal(signal.SIGUSR2)
+            served.wait_for(rf"worker {old} still running .*: killing it", timeout=30)
+            killed = time.monotonic()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(old), signal.SIGCONT)
+        assert killed - told <= 1 + 5 + 1.5, (
+            f"the draining worker was killed {killed - told:.1f}s after it was told to drain;"
+            f" its deadline was 6s\n{served.text}"
+        )
+        served.signal(signal.SIGTERM)
+        assert served.finish(30) == 0, served.text

@@ -296,9 +296,10 @@ def _supervisor(
 #: How ``weft serve`` runs itself: a worker, or the supervisor re-executed.
 _SELF = (sys.executable, "-m", "weft_core", "serve")
 #: The environment variable that hands a re-executed supervisor its workers (JSON:
-#: the worker count; each worker's pid, link descriptor, start time, readiness and
-#: slot; each slot's sockets, ``WorkerSockets.state``). Not a WEFT_* name: those
-#: are settings. Read once and removed.
+#: the worker count; each worker's pid, link descriptor, start time, readiness,
+#: slot, whether it is leaving and its deadlines; each slot's sockets,
+#: ``WorkerSockets.state``). Not a WEFT_* name: those are settings. Read once and
+#: removed.
 ADOPT_ENV = "_WEFT_ADOPT"
 
 
@@ -340,9 +341,18 @@ def take_adopted(
     for pid, fd, started, ready, *rest in state["workers"]:
         link = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        slot, leaving = (*rest, 0, False)[:2] if rest else (0, False)
+        slot, leaving, kill_at, quit_at = (*rest, 0, False, None, None)[:4]
         workers.append(
-            Adopted(int(pid), link, float(started), bool(ready), int(slot), bool(leaving))
+            Adopted(
+                int(pid),
+                link,
+                float(started),
+                bool(ready),
+                int(slot),
+                bool(leaving),
+                None if kill_at is None else float(kill_at),
+                None if quit_at is None else float(quit_at),
+            )
         )
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]
     return int(state["count"]), workers, slots

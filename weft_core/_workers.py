@@ -330,6 +330,10 @@ class Adopted(NamedTuple):
     slot: int = 0
     #: It was retiring or exiting: it is watched to its end, never made current again.
     leaving: bool = False
+    #: Its deadlines as the image before set them (``time.monotonic()``, which is the
+    #: system's clock, the same across the exec): a re-exec must not push them back.
+    kill_at: float | None = None
+    quit_at: float | None = None
 
 
 class Local(Protocol):
@@ -409,6 +413,9 @@ class Supervisor:
         now = time.monotonic()
         for worker in adopted:
             worker.link.setblocking(False)
+            kill_at = worker.kill_at
+            if kill_at is None and worker.leaving:  # handed on without one: from now
+                kill_at = now + graceful_timeout + EXIT_MARGIN
             self._workers[worker.pid] = _Worker(
                 worker.pid,
                 worker.link,
@@ -420,7 +427,8 @@ class Supervisor:
                 slot=worker.slot,
                 retiring=worker.leaving,
                 told="a drain request" if worker.leaving else "",
-                kill_at=now + graceful_timeout + EXIT_MARGIN if worker.leaving else None,
+                kill_at=kill_at,
+                quit_at=worker.quit_at,
             )
 
     def stop(self) -> None:
@@ -1037,7 +1045,16 @@ class Supervisor:
         # Every worker, retiring ones too: the new image watches them to their end
         # (their kill deadline, their exit) and closes their links.
         workers = [
-            [w.pid, w.link.fileno(), w.started, w.ready, w.slot, w.retiring or w.eof]
+            [
+                w.pid,
+                w.link.fileno(),
+                w.started,
+                w.ready,
+                w.slot,
+                w.retiring or w.eof,
+                w.kill_at,
+                w.quit_at,
+            ]
             for w in self._workers.values()
         ]
         for w in self._workers.values():
