@@ -478,3 +478,80 @@ def test_a_stream_closed_while_its_transport_is_made_closes_and_leaves_nothing_o
             wait_until(lambda: server.stats()["active"] == 0, what="the connection to end")
         wait_until(lambda: fd_count() <= before, what=f"descriptors back to {before}")
         assert server.stats()["handler_errors"] == 0
+
+
+# -- the first read and the writes before any transport go to the socket itself ---------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_that_never_stops_sending_does_not_starve_the_others(mode: str) -> None:
+    """The stream's first read goes to the socket itself, not through the loop; a client
+    that sends without pause must not keep its handler from ever yielding: another
+    client is echoed at once while the first one floods."""
+    stop = threading.Event()
+
+    async def handler(stream) -> None:
+        first = await stream.read(5)
+        if first != b"flood":
+            stream.write(first)
+            await stream.drain()
+            return
+        while not stop.is_set() and await stream.read(1 << 16):
+            pass
+
+    def flood(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(b"flood")
+            chunk = b"x" * (1 << 16)
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    sock.sendall(chunk)
+
+    with served(mode, handler) as server:
+        flooder = threading.Thread(target=flood, args=(int(server.port),))
+        flooder.start()
+        try:
+            wait_until(lambda: server.stats()["active"] == 1, what="the flood to be served")
+            time.sleep(0.2)  # the flood under way
+            began = time.monotonic()
+            with connect(server) as client:
+                client.sendall(b"hello")
+                assert recv_exactly(client, 5) == b"hello"
+            took = time.monotonic() - began
+        finally:
+            stop.set()
+            flooder.join(WAIT)
+    assert took < 2.0, f"a client waited {took:.2f}s behind a flooding one"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_reset_before_the_first_read_is_a_connection_reset(mode: str) -> None:
+    """The first read, from the socket itself, of a client that sent a few bytes and
+    reset: ``ConnectionResetError`` (a peer error, as the transport's read gives),
+    never its bytes as a whole request."""
+    outcome: list[object] = []
+    ready = threading.Event()
+
+    async def handler(stream) -> None:
+        await asyncio.to_thread(ready.wait, WAIT)  # the reset is in before the first read
+        try:
+            outcome.append(await stream.readexactly(10))
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+
+    with served(mode, handler) as server:
+        sock = connect(server)
+        sock.sendall(b"half")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        wait_until(lambda: server.stats()["active"] == 1, what="the connection to be served")
+        time.sleep(0.1)  # the RST is in
+        ready.set()
+        wait_until(lambda: outcome, what="the handler's read to end")
+        wait_until(lambda: server.stats()["active"] == 0, what="the connection to end")
+        stats = server.stats()
+    assert isinstance(outcome[0], ConnectionResetError), outcome
+    assert (stats["peer_errors"], stats["handler_errors"]) == (1, 0), stats

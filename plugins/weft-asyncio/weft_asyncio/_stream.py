@@ -14,13 +14,19 @@ Receiving goes through ``asyncio.BufferedProtocol``: the transport reads into on
 scratch buffer per loop thread, and the stream keeps only the bytes not yet read.
 An idle connection holds an empty ``bytearray`` and no other buffer.
 
-The transport is made on first use (the first read, ``drain`` or the TLS handshake),
-while the server hands the stream over synchronously: on asyncio's own loops at once,
-as ``loop.connect_accepted_socket`` makes it but without its wait for the loop's next
-turn; on uvloop (or another loop) by ``connect_accepted_socket``, driven by the loop's
-callbacks rather than awaited by a task (a read waits for its data only). Bytes
-written before that wait in the stream and go out as soon as the transport exists, at
-the latest when the stream is closed.
+Until the stream needs to wait, it needs no transport. Its first read goes to the
+socket itself (``recv`` without waiting), as trio's streams read, and so do writes
+while no transport exists: a connection that brings its request at once, gets its
+answer and closes never has one (no ``connect_accepted_socket``, no reader
+registered with the loop, no callbacks). The first read that finds nothing, a
+``drain`` with bytes the kernel did not take, or the TLS handshake makes it: on
+asyncio's own loops at once, as ``loop.connect_accepted_socket`` makes it but
+without its wait for the loop's next turn; on uvloop (or another loop) by
+``connect_accepted_socket``, driven by the loop's callbacks rather than awaited by a
+task (a read waits for its data only). Bytes the kernel did not take wait in the
+stream and go out as soon as the transport exists, at the latest when the stream is
+closed. Only the first read goes to the socket itself: a client that never stops
+sending must not keep its handler from yielding to the loop.
 
 What does not live here: the loop, the tasks and the sockets (``_runtime.py``,
 ``_manager.py``).
@@ -124,6 +130,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_close_when_made",
         "_closer",
         "_connected",
+        "_direct",
         "_drainer",
         "_eof",
         "_eof_written",
@@ -189,6 +196,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         #: close() came while uvloop made the transport, whose descriptor is uvloop's
         #: by then: the transport is closed as it is made.
         self._close_when_made = False
+        #: The first read may still go to the socket itself (:meth:`_read_directly`).
+        self._direct = True
 
     @property
     def socket(self) -> socket.socket:
@@ -456,8 +465,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 f"{what}() called while another coroutine is already waiting for incoming data"
             )
         if self._transport is None:
+            if self._direct and self._read_directly():
+                return
             self._start_transport()  # on uvloop, made by the time data comes
-            if self._buffer or self._eof:
+            if self._eof:  # its making failed at once: nothing will come
                 return
         if self._reading_paused:
             self._reading_paused = False
@@ -478,6 +489,35 @@ class AsyncioStream(asyncio.BufferedProtocol):
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+
+    def _read_directly(self) -> bool:
+        """The first read, from the socket itself: True if it took data or the end.
+
+        A connection that gets its request at once, answers it and closes (a
+        connection per request) then never needs a transport at all: no
+        ``connect_accepted_socket``, no reader registered with the loop, no
+        callbacks. Once only: a client that never stops sending must not keep the
+        handler from yielding to the loop, which a transport's reads make it do.
+        """
+        self._direct = False
+        if self._making is not None or self._tls is not None or self._pending:
+            return False
+        sock = self._sock
+        if sock.fileno() < 0:
+            return False
+        try:
+            data = sock.recv(CHUNK, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False  # nothing yet: the transport waits for it
+        except OSError as exc:  # reset already: as the transport's read would say
+            self._error = exc
+            self._eof = self._lost = True
+            return True
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+        return True
 
     def _failure(self) -> BaseException | None:
         """What broke the connection, if anything did (a reset)."""
@@ -613,8 +653,34 @@ class AsyncioStream(asyncio.BufferedProtocol):
             transport.write(data)  # type: ignore[attr-defined]
         elif self._eof_written:
             raise RuntimeError("write() after write_eof()")
+        elif self._pending is None and self._making is None and self._tls is None:
+            self._write_directly(data)
         else:
             self._pending = (self._pending or b"") + bytes(data)
+
+    def _write_directly(self, data: bytes | bytearray | memoryview) -> None:
+        """No transport yet: to the socket itself, what the kernel takes at once.
+
+        The rest waits in the stream, for the transport that ``drain`` (or closing)
+        makes to send it. A failure (the peer reset) is raised by the next read or
+        ``drain``, as the transport would raise it.
+        """
+        if self._error is not None:
+            return
+        if self._sock.fileno() < 0:  # closed: as a write to a lost transport
+            self._error = ConnectionResetError("Connection lost")
+            self._eof = self._lost = True
+            return
+        try:
+            sent = self._sock.send(data, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._error = exc
+            self._eof = self._lost = True
+            return
+        if sent < len(data):
+            self._pending = bytes(memoryview(data)[sent:])
 
     def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
         """Queue every item of ``data`` for sending."""
@@ -627,7 +693,13 @@ class AsyncioStream(asyncio.BufferedProtocol):
         ``ConnectionResetError`` if the connection was lost; ``TimeoutError`` if the
         peer read nothing for ``idle_timeout`` seconds.
         """
-        transport = self._transport or await self._connect()
+        transport = self._transport
+        if transport is None:
+            if self._lost:  # a write or read straight to the socket failed
+                raise self._failure() or ConnectionResetError("Connection lost")
+            if not self._pending and self._making is None:
+                return  # everything written went to the socket itself
+            transport = await self._connect()
         if transport.is_closing() and not self._lost:
             # A write failed (the peer reset): the transport tells the protocol at
             # the loop's next turn. Yield to it, as StreamWriter.drain does, so that
