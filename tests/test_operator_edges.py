@@ -8,6 +8,7 @@ exits, bounded.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -217,17 +219,11 @@ sys.meta_path.insert(0, PauseCliImport())
 """
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", ["HUP", "USR1", "USR2", "TTIN", "TTOU"])
-def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) -> None:
-    """A signal that arrives while ``python -m weft_core`` still loads weft itself.
+@contextlib.contextmanager
+def _paused_in_weft_import(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
+    """``weft serve``, once its import of ``weft_core._cli`` waits (``_PAUSE_CLI_IMPORT``).
 
-    The test above holds the application's import; this one holds the import of
-    ``weft_core._cli`` (a sitecustomize in the child pauses it), which by itself
-    takes some 50 ms: a HUP in the first tenth of a second of ``weft serve`` killed
-    it, a TTIN stopped it for good, before the hold went in ahead of that import
-    (an outside check of 2026-12-05, signals sent 50 ms after the start). It is
-    held, and logged once the server listens.
+    Yields the process and the gate file that lets the import go on.
     """
     site = tmp_path / "site"
     site.mkdir()
@@ -244,6 +240,22 @@ def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) 
             assert served.proc.poll() is None, served.text
             assert time.monotonic() < deadline, served.text
             time.sleep(0.01)
+        yield served, gate
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["HUP", "USR1", "USR2", "TTIN", "TTOU"])
+def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) -> None:
+    """A signal that arrives while ``python -m weft_core`` still loads weft itself.
+
+    The test above holds the application's import; this one holds the import of
+    ``weft_core._cli`` (a sitecustomize in the child pauses it), which by itself
+    takes some 50 ms: a HUP in the first tenth of a second of ``weft serve`` killed
+    it, a TTIN stopped it for good, before the hold went in ahead of that import
+    (an outside check of 2026-12-05, signals sent 50 ms after the start). It is
+    held, and logged once the server listens.
+    """
+    with _paused_in_weft_import(tmp_path) as (served, gate):
         served.signal(getattr(signal, "SIG" + name))
         gate.write_text("go")
         try:
@@ -264,21 +276,7 @@ def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) 
 def test_a_quit_before_weft_serves_ends_it_as_term_does(tmp_path: Path) -> None:
     """QUIT while weft still loads: deployment.md, "TERM, INT and QUIT stop it". It did,
     by QUIT's default, which dumps core; it now ends the process as TERM does."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_PAUSE_CLI_IMPORT)
-    gate = tmp_path / "gate"
-    env = environment()
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    env["WEFT_TEST_IMPORT_GATE"] = str(gate)
-    argv = weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off")
-    with Served(argv, cwd=tmp_path, env=env) as served:
-        waiting = Path(str(gate) + ".waiting")
-        deadline = time.monotonic() + 30
-        while not waiting.exists():
-            assert served.proc.poll() is None, served.text
-            assert time.monotonic() < deadline, served.text
-            time.sleep(0.01)
+    with _paused_in_weft_import(tmp_path) as (served, gate):
         served.signal(signal.SIGQUIT)
         gate.write_text("go")
         assert served.finish(15) == -signal.SIGTERM, served.text
