@@ -172,12 +172,7 @@ def test_a_signal_during_a_slow_start_does_not_kill_or_suspend_it(
                    "--graceful-timeout", "5"),
         cwd=tmp_path, env=env,
     ) as served:  # fmt: skip
-        importing = Path(str(flag) + ".importing")
-        deadline = time.monotonic() + 30
-        while not importing.exists():
-            assert served.proc.poll() is None, served.text
-            assert time.monotonic() < deadline, served.text
-            time.sleep(0.02)
+        _until_written(served, Path(str(flag) + ".importing"))
         served.signal(getattr(signal, "SIG" + name))
         time.sleep(0.2)  # the signal is delivered at once; then the import ends
         flag.write_text("go")
@@ -234,13 +229,17 @@ def _paused_in_weft_import(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
     env["WEFT_TEST_IMPORT_GATE"] = str(gate)
     argv = weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off")
     with Served(argv, cwd=tmp_path, env=env) as served:
-        waiting = Path(str(gate) + ".waiting")
-        deadline = time.monotonic() + 30
-        while not waiting.exists():
-            assert served.proc.poll() is None, served.text
-            assert time.monotonic() < deadline, served.text
-            time.sleep(0.01)
+        _until_written(served, Path(str(gate) + ".waiting"))
         yield served, gate
+
+
+def _until_written(served: Served, marker: Path) -> None:
+    """Wait (30 s at most) for the child to write ``marker``, failing if it exits first."""
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert served.proc.poll() is None, served.text
+        assert time.monotonic() < deadline, served.text
+        time.sleep(0.01)
 
 
 @pytest.mark.timeout(60)

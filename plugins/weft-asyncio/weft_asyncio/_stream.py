@@ -511,8 +511,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         except (BlockingIOError, InterruptedError):
             return False  # nothing yet: the transport waits for it
         except OSError as exc:  # reset already: as the transport's read would say
-            self._error = exc
-            self._eof = self._lost = True
+            self._lost_directly(exc)
             return True
         if received:
             # Into the scratch buffer, not a new 64 KiB bytes object per connection:
@@ -672,19 +671,25 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if self._error is not None:
             return
         if self._sock.fileno() < 0:  # closed: as a write to a lost transport
-            self._error = ConnectionResetError("Connection lost")
-            self._eof = self._lost = True
+            self._lost_directly(ConnectionResetError("Connection lost"))
             return
         try:
             sent = self._sock.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._error = exc
-            self._eof = self._lost = True
+            self._lost_directly(exc)
             return
         if sent < len(data):
             self._pending = bytes(memoryview(data)[sent:])
+
+    def _lost_directly(self, exc: BaseException) -> None:
+        """A read or write to the socket itself failed: lost, as ``connection_lost`` says.
+
+        The next read or ``drain`` raises ``exc``.
+        """
+        self._error = exc
+        self._eof = self._lost = True
 
     def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
         """Queue every item of ``data`` for sending."""
