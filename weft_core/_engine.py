@@ -368,6 +368,9 @@ class Engine(ABC, Generic[R]):
         self.watch_opened = hooks.implemented("weft_connection_opened")
         self.watch_closed = hooks.implemented("weft_connection_closed")
         self.access_log = settings.access_log
+        #: ``_serve`` bound once: every Conn keeps this one object, where a bound
+        #: method made per connection would be kept by each idle one.
+        self.serve_conn: Callable[[Conn], Any] = self._serve
         #: close_connection() waits on these: a connection's end sets its event.
         self.watched: dict[Conn, threading.Event] = {}
         #: Serialises pause, resume and limit changes (never held by the hot path).
@@ -578,7 +581,7 @@ class Engine(ABC, Generic[R]):
         unstarted by a manager closing down, its socket never closed. It is closed
         here, unserved, as the stop closes the rest of the queue.
         """
-        conn = Conn(sock, addr, self._serve, lt)
+        conn = Conn(sock, addr, self.serve_conn, lt)
         with self.lock:
             self.conns.add(conn)
             stopping = self.closing
