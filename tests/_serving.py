@@ -70,6 +70,22 @@ def report_env(conn: Any) -> None:
     conn.sendall(b"%d\n%s\n" % (os.getpid(), json.dumps(env).encode()))
 
 
+#: Each manager's own backend: the modules a server on another manager has no use for.
+BACKENDS = {"asyncio": ("asyncio",), "gevent": ("gevent", "greenlet"), "trio": ("trio",)}
+
+
+def report_backends(conn: Any) -> None:
+    """Send which managers' backends this process has imported, as a JSON list."""
+    loaded = sorted(m for mods in BACKENDS.values() for m in mods if m in sys.modules)
+    conn.sendall(json.dumps(loaded).encode() + b"\n")
+
+
+async def report_backends_async(stream: Any) -> None:
+    """:func:`report_backends` for an async manager (a trio or asyncio stream)."""
+    loaded = sorted(m for mods in BACKENDS.values() for m in mods if m in sys.modules)
+    await stream.send_all(json.dumps(loaded).encode() + b"\n")
+
+
 # -- used by the tests --------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,13 +1,35 @@
-"""Registers the ``gevent`` manager with weft (entry point ``weft: gevent``)."""
+"""Registers the ``gevent`` manager with weft (entry point ``weft: gevent``).
+
+weft imports this module whenever it looks for managers (a trio server, ``weft
+ctl``): it imports gevent only when a manager is made, a process is prepared for
+it, or a task's name is read.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from weft_core import Conformance, ManagerSpec, hookimpl
+from weft_core import Conformance, ManagerSpec, TaskManager, hookimpl
 
-from ._manager import GeventManager
-from ._serve import prepare_process
+
+def _create(
+    *,
+    limit: int | None = None,
+    patch: bool = True,
+    max_blocking_time: float | bool | None = None,
+) -> TaskManager:
+    """``GeventManager(...)``; its options named, so a misspelt one is named back."""
+    from ._manager import GeventManager
+
+    return GeventManager(limit=limit, patch=patch, max_blocking_time=max_blocking_time)
+
+
+def _prepare_process(**options: Any) -> None:
+    """:func:`weft_gevent._serve.prepare_process`: monkey-patching, before the handler's import."""
+    from ._serve import prepare_process
+
+    prepare_process(**options)
 
 
 def _task_name() -> str:
@@ -22,9 +44,9 @@ def weft_managers() -> Iterator[ManagerSpec]:
     """Provide the ``gevent`` manager."""
     yield ManagerSpec(
         name="gevent",
-        factory=GeventManager,
+        factory=_create,
         description="a greenlet per connection",
         handler_kind="sync",
         conformance=Conformance(task_name=_task_name),
-        prepare_process=prepare_process,
+        prepare_process=_prepare_process,
     )
