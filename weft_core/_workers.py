@@ -136,9 +136,10 @@ _IDLE_WAKE = 5.0
 #: 50 interpreters a second is already more than two cores boot.
 START_INTERVAL = 0.02
 #: What one idle worker holds, measured (``threads`` manager, Python 3.11, 64-bit
-#: Linux): about 23 MiB of private memory (36 MB RSS) and 4 threads, which count
-#: against RLIMIT_NPROC. A handler's own memory and threads come on top.
-WORKER_MEMORY = 24 * 2**20
+#: Linux, every plugin installed): 14 MiB of private memory (21 MiB RSS) and 4
+#: threads, which count against RLIMIT_NPROC; a gevent, trio or asyncio worker
+#: 18-19 MiB, its backend loaded. A handler's own memory and threads come on top.
+WORKER_MEMORY = 14 * 2**20
 WORKER_TASKS = 4
 #: The watchdog's pause between asking a stuck worker for its stacks (DUMP_SIGNAL,
 #: written at once by faulthandler's C handler) and killing it: time for the
