@@ -37,6 +37,18 @@ def _others(manager: str) -> set[str]:
     return {mod for name, mods in BACKENDS.items() if name != manager for mod in mods}
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, as a program importing weft would."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("manager", INSTALLED)
 def test_weft_serve_imports_no_other_managers_backend(manager: str) -> None:
@@ -66,14 +78,7 @@ def test_listing_the_managers_imports_no_backend() -> None:
         print(json.dumps(sorted(m for m in {backends!r} if m in sys.modules)))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
 
@@ -95,13 +100,6 @@ def test_the_plugins_names_are_there_on_first_use() -> None:
             print(exc)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "module 'weft_trio' has no attribute 'Nothing'"
