@@ -179,7 +179,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._paused = False
         self._reading_paused = False
-        self._pending: bytes | None = None
+        #: What was written while no transport existed and the kernel did not take:
+        #: a bytearray, so that many small writes append in linear time.
+        self._pending: bytearray | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drainer: asyncio.Future[None] | None = None
         self._closer: asyncio.Future[None] | None = None
@@ -647,19 +649,31 @@ class AsyncioStream(asyncio.BufferedProtocol):
     # -- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data`` for sending (``await drain()`` for back-pressure)."""
+        """Queue ``data`` for sending (``await drain()`` for back-pressure).
+
+        Once the connection is lost (or closed), what is written is dropped, as
+        asyncio's transport drops it: ``drain()`` says whether it was lost.
+        """
         transport = self._transport
         if self._session is not None:
             self._session.write(data)
             self._send_tls()
         elif transport is not None:
-            transport.write(data)  # type: ignore[attr-defined]
+            try:
+                transport.write(data)  # type: ignore[attr-defined]
+            except RuntimeError:
+                # uvloop refuses a write to a closed transport (a reset it saw, a
+                # close()) where asyncio's drops it: dropped here on both.
+                if not transport.is_closing():
+                    raise
         elif self._eof_written:
             raise RuntimeError("write() after write_eof()")
         elif self._pending is None and self._making is None and self._tls is None:
             self._write_directly(data)
+        elif self._pending is None:
+            self._pending = bytearray(data)
         else:
-            self._pending = (self._pending or b"") + bytes(data)
+            self._pending += data
 
     def _write_directly(self, data: bytes | bytearray | memoryview) -> None:
         """No transport yet: to the socket itself, what the kernel takes at once.
@@ -681,7 +695,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
             self._lost_directly(exc)
             return
         if sent < len(data):
-            self._pending = bytes(memoryview(data)[sent:])
+            # The kernel's buffer is full: the rest waits for a transport, made (or
+            # its making started) now, so that it goes out as the peer reads, as it
+            # would from a transport, without waiting for drain() or the handler's end.
+            self._pending = bytearray(memoryview(data)[sent:])
+            self._start_transport()
 
     def _lost_directly(self, exc: BaseException) -> None:
         """A read or write to the socket itself failed: lost, as ``connection_lost`` says.
@@ -754,11 +772,19 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """Half-close after the queued bytes (StreamWriter's; needs the transport)."""
         if self._tls is not None:
             raise NotImplementedError("TLS has no half-close: close the stream instead")
+        if self._transport is None and self._lost:
+            return  # a direct read or write found it reset: the next read or drain says so
         transport = self._transport or self._make_transport_now()
         if transport is None:  # uvloop: its transport is made only by an await
             self._shut_writing_now()
             return
-        transport.write_eof()  # type: ignore[attr-defined]
+        try:
+            transport.write_eof()  # type: ignore[attr-defined]
+        except OSError:
+            # shutdown() on a connection the peer reset before the transport (just
+            # made) read it: quiet, as a transport that saw the reset is; the next
+            # read or drain raises ConnectionResetError.
+            pass
 
     def _shut_writing_now(self) -> None:
         """``write_eof()`` before uvloop's transport exists: what waits, then the FIN.
@@ -869,23 +895,26 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """True once ``close()`` was called or the connection was lost."""
         transport = self._transport
         if transport is None:
-            return self._sock.fileno() < 0
+            return self._close_when_made or self._sock.fileno() < 0
         return transport.is_closing()
 
     def close(self) -> None:
         """Close after the queued bytes are sent (StreamWriter's; ``aclose`` waits).
 
-        Bytes written before the transport exists are left for ``aclose``, which the
-        server calls as the handler ends: it makes the transport to send them.
+        Bytes written before the transport existed make it now, to send them as the
+        peer reads them; the connection closes after them.
         """
         transport = self._transport
+        if transport is None and self._pending and self._making is None and not self._lost:
+            with contextlib.suppress(ConnectionResetError):  # closed already: nothing to send
+                transport = self._start_transport()
         if transport is not None:
             if self._session is not None:
                 self._goodbye()
             transport.close()
         elif self._making is not None:
             self._close_when_made = True
-        elif not self._pending:
+        else:
             self._keep_counts()
             self._sock.close()
 
