@@ -35,7 +35,7 @@ from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
-from ._logging import setup_logging
+from ._logging import logs_json, setup_logging, stderr_line
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
 from ._settings import show
@@ -43,6 +43,7 @@ from ._signals import (
     CONTROL_SIGNALS,
     STOP_SIGNALS,
     hold_while_starting,
+    relay_stack_dumps_as_json,
     release_starting_hold,
     reopen_log_files,
 )
@@ -180,7 +181,8 @@ def _manager_option(text: str) -> tuple[str, Any]:
 
 
 def _fail(message: object, status: int) -> int:
-    print(f"weft: {message}", file=sys.stderr)
+    """Say why in one line (a JSON one once ``--log-format json`` is set up); ``status``."""
+    print(stderr_line(str(message)), file=sys.stderr)
     return status
 
 
@@ -224,6 +226,8 @@ def _serve(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     worker = link is not None
+    if worker and logs_json():
+        relay_stack_dumps_as_json()  # the watchdog's dump, one JSON line like the rest
     if not worker:  # the supervisor said it once for all
         for warning in config.warnings:
             log.warning("%s", warning)
@@ -427,6 +431,10 @@ def _check_config(config: Config) -> int:
     try:
         from ._server import Server
 
+        if config.get("log_config") is not None:
+            # Applied as serve applies it (its handlers' files opened): a file that
+            # serve would refuse is refused here.
+            setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
         _check_paths(config)
         server = Server(import_handler(config.handler), **config.server_kwargs())
         if config.workers > 1:  # as the supervisor checks it, before it binds

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import _thread
 import faulthandler
+import logging
 import os
+import select
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -29,9 +32,13 @@ __all__ = ["Deadline"]
 
 #: How long after the deadline faulthandler's timer exits, if the thread could not.
 BACKSTOP = 1.0
+#: How long the report may wait for stderr to take it before the exit goes on without it.
+REPORT_WAIT = 0.5
+#: A pipe takes a write this long (PIPE_BUF) whole once it says it is writable.
+_PIPE_CHUNK = 4096
 
 
-def _thread_primitives() -> tuple[Any, Any]:
+def thread_primitives() -> tuple[Any, Any]:
     """``start_new_thread`` and ``allocate_lock`` as the OS provides them, never patched."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None:
@@ -70,7 +77,7 @@ class Deadline:
                 return
             self.disarm()
         self._until = until
-        start, allocate = _thread_primitives()
+        start, allocate = thread_primitives()
         lock = allocate()
         lock.acquire()
         self._lock = lock
@@ -88,7 +95,50 @@ class Deadline:
 def _expire(lock: Any, seconds: float, message: str) -> None:
     if lock.acquire(True, seconds):
         return
+    try:
+        _report(message)
+    finally:
+        os._exit(EXIT_TASKS_LEFT)
+
+
+def _report(message: str) -> None:
+    """The line and every thread's stack, as far as stderr takes them within REPORT_WAIT.
+
+    A stderr nobody reads (a full pipe) must not keep the process from exiting.
+    Under ``--log-format json`` the stacks go inside the line, as ``stacks``.
+    """
+    from ._logging import flush_own_log, logs_json, stderr_line
+
     fd = _stderr_fd()
-    os.write(fd, f"weft: {message}\n".encode("utf-8", "backslashreplace"))
-    faulthandler.dump_traceback(file=fd, all_threads=True)
-    os._exit(EXIT_TASKS_LEFT)
+    flush_own_log(REPORT_WAIT)  # what was logged before (the signal, the stop): first
+    until = time.monotonic() + REPORT_WAIT
+    if logs_json():
+        with tempfile.TemporaryFile() as dump:
+            faulthandler.dump_traceback(file=dump, all_threads=True)
+            dump.seek(0)
+            stacks = dump.read().decode("utf-8", "backslashreplace")
+        write_within(fd, stderr_line(message, logging.CRITICAL, stacks=stacks) + "\n", until)
+    elif write_within(fd, stderr_line(message) + "\n", until) and _writable(fd, until):
+        faulthandler.dump_traceback(file=fd, all_threads=True)
+
+
+def _writable(fd: int, until: float) -> bool:
+    """Whether ``fd`` takes a write without waiting, asked until ``until`` (monotonic)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    left = max(until - time.monotonic(), 0.0)
+    return any(event & select.POLLOUT for _fd, event in poller.poll(left * 1000))
+
+
+def write_within(fd: int, text: str, until: float) -> bool:
+    """Write ``text`` to ``fd`` a pipe's atomic chunk at a time while it takes them; True if all."""
+    data = text.encode("utf-8", "backslashreplace")
+    while data:
+        if not _writable(fd, until):
+            return False
+        try:
+            written = os.write(fd, data[:_PIPE_CHUNK])
+        except OSError:
+            return False
+        data = data[written:]
+    return True

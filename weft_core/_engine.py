@@ -739,8 +739,12 @@ class Engine(ABC, Generic[R]):
                 default_exception_handler(self.owner, handed, exc, info)
             else:
                 handler(self.owner, handed, exc)
-        except Exception:
-            log.exception("exception_handler %r raised", handler)
+        except Exception as failed:
+            # Its traceback chains the handler's exception, whose message may carry
+            # what the peer sent: escaped, as that one's own report is.
+            log_untrusted_exception(
+                log, logging.ERROR, failed, "exception_handler %r raised", handler
+            )
 
     def _finish(self, conn: Conn) -> None:
         """Forget the connection and free its slot, once."""

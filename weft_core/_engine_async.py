@@ -248,6 +248,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 details = tls_details(stream)
             except failures as exc:
                 self._tls_failed(info, exc)
+                # Accounted for now, its byte counts read before the close takes the
+                # socket (trio's closes the descriptor); not again as the task ends.
+                self._ended(conn)
+                conn.how = ""
                 await rt.aclose(stream)
                 return None
             info.tls_version, info.tls_cipher, info.tls_peer_certificate = details

@@ -12,24 +12,47 @@
   ``logging.config.dictConfig`` for ``.toml`` and ``.json``, ``fileConfig`` for INI
   (``.ini``, ``.conf``, ``.cfg``). It replaces the two above and ``--log-level``.
 
+The stderr handler of the first two never makes the code that logs wait for
+stderr: lines go to a thread of their own that writes them, so a log reader that
+stalls (a full pipe, a stopped collector) stops neither the serving nor the stop.
+Past ``BACKLOG_LINES`` waiting, lines are dropped and counted, and the count is
+logged once stderr takes lines again; at exit, what waits gets ``EXIT_FLUSH``
+seconds.
+
 What does not live here: what is logged (each module's own logger), escaping of
 peer data in text lines (``_logsafe``).
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import datetime
 import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._config import toml_loads
 from ._errors import ConfigError
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "StderrHandler",
+    "TextFormatter",
+    "flush_own_log",
+    "logs_json",
+    "setup_logging",
+    "stderr_line",
+]
+
+#: Lines waiting for stderr beyond which more are dropped (and counted).
+BACKLOG_LINES = 10_000
+#: At exit, how long the lines still waiting may take to reach stderr.
+EXIT_FLUSH = 2.0
 
 _TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
@@ -99,16 +122,139 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
     unless the root logger already has handlers (an embedding program's, pytest's):
     then only the ``weft`` logger's level is set.
     """
+    global _own_formatter
     if config_file is not None:
         _apply_file(Path(config_file))
         return
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+        handler = StderrHandler(sys.stderr)
+        handler.setFormatter(formatter)
         root.addHandler(handler)
         root.setLevel(level)
+        _own_formatter = formatter
     logging.getLogger("weft").setLevel(level)
+
+
+#: The formatter of the stderr handler :func:`setup_logging` made, if it made one.
+_own_formatter: logging.Formatter | None = None
+
+
+def logs_json() -> bool:
+    """True once :func:`setup_logging` made weft's stderr log JSON lines."""
+    return isinstance(_own_formatter, JsonFormatter)
+
+
+def stderr_line(message: str, level: int = logging.ERROR, **fields: Any) -> str:
+    """``message`` as a line of weft's own stderr log, for what is written outside logging.
+
+    A JSON object under ``--log-format json`` (with ``fields``), so that every line
+    a log pipeline reads parses; ``weft: message`` otherwise, fields left out.
+    """
+    if isinstance(_own_formatter, JsonFormatter):
+        record = logging.LogRecord("weft", level, __file__, 0, "%s", (message,), None)
+        record.__dict__.update(fields)
+        return _own_formatter.format(record)
+    return f"weft: {message}"
+
+
+class StderrHandler(logging.Handler):
+    """Log lines to a stream from a thread of their own: whoever logs never waits for it.
+
+    A stream nobody reads (a pipe to a stalled collector) blocks only that thread.
+    The thread is an OS thread even in a gevent-patched process, and the handoff
+    uses the unpatched lock, so a greenlet logging never switches.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self._lines: collections.deque[str] = collections.deque()
+        self._dropped = 0
+        from ._deadline import thread_primitives
+
+        start, allocate = thread_primitives()
+        #: Released when lines wait: the writer's wake-up (a binary semaphore).
+        self._wake = allocate()
+        self._wake.acquire()
+        #: Held by the writer while it writes, so that a flush knows when it is done.
+        self._writing = allocate()
+        #: Never released: a timed wait on it is a sleep, unpatched, in any thread of
+        #: a gevent-patched process (where time.sleep would need a hub).
+        self._nap = allocate()
+        self._nap.acquire()
+        start(self._write_forever, ())
+        atexit.register(self.flush_within, EXIT_FLUSH)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Format here, in the logging thread (the record's arguments may change later)."""
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        if len(self._lines) >= BACKLOG_LINES:
+            self._dropped += 1
+            return
+        self._lines.append(line)
+        try:
+            self._wake.release()
+        except RuntimeError:  # released already: the writer will see this line too
+            pass
+
+    def _write_forever(self) -> None:
+        lines = self._lines
+        while True:
+            self._wake.acquire()
+            with self._writing:
+                while lines:
+                    try:
+                        self.stream.write(lines.popleft())
+                        if not lines:
+                            self.stream.flush()
+                    except Exception:  # closed, or gone: nothing to write to
+                        lines.clear()
+                    if self._dropped and not lines:
+                        self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        dropped, self._dropped = self._dropped, 0
+        record = logging.LogRecord(
+            "weft",
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log line(s) dropped: stderr took none while %d waited",
+            (dropped, BACKLOG_LINES),
+            None,
+        )
+        self._lines.append(self.format(record) + "\n")
+
+    def flush(self) -> None:
+        """Wait (a little) for the lines logged so far to be written."""
+        self.flush_within(EXIT_FLUSH)
+
+    def flush_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for every waiting line to be written; True if they were."""
+        deadline = time.monotonic() + seconds
+        while self._lines or self._writing.locked():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._nap.acquire(True, min(left, 0.005))
+        return True
+
+
+def flush_own_log(seconds: float) -> bool:
+    """Let the lines weft's stderr handler holds reach stderr, for up to ``seconds``.
+
+    For a way out that skips ``atexit`` (the stop deadline's ``os._exit``).
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, StderrHandler):
+            return handler.flush_within(seconds)
+    return True
 
 
 def _apply_file(path: Path) -> None:

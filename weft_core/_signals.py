@@ -19,12 +19,16 @@ and the stack dump a stuck worker gives before the watchdog kills it.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import fcntl
 import logging
 import os
+import select
 import signal
 import sys
 import threading
+import time
 
 __all__ = [
     "CONTROL_SIGNALS",
@@ -33,6 +37,7 @@ __all__ = [
     "WORKER_IGNORED",
     "enable_stack_dump",
     "hold_while_starting",
+    "relay_stack_dumps_as_json",
     "release_starting_hold",
     "reopen_log_files",
 ]
@@ -129,6 +134,45 @@ _held: _Held | None = None
 def enable_stack_dump() -> None:
     """Dump every thread's stack to stderr on DUMP_SIGNAL (the watchdog sends it)."""
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+
+
+#: How long a stack dump's pipe stays quiet before what came is one JSON line.
+DUMP_QUIET = 0.05
+#: The dump's pipe: room for every thread's stack (faulthandler writes from the
+#: signal handler and must not wait on a full pipe).
+_DUMP_PIPE_SIZE = 1 << 20
+
+
+def relay_stack_dumps_as_json() -> None:
+    """Under ``--log-format json``: the DUMP_SIGNAL dump becomes one JSON line, ``stacks``.
+
+    faulthandler writes raw text, from the signal handler, wherever it is told; here
+    into a pipe that an OS thread of its own reads, which writes what came as one
+    log line once the pipe is quiet. That thread needs the GIL for a moment: a
+    thread holding it in C for good (rare: a stuck loop waits in a system call, or
+    runs Python that lets it go) leaves the dump in the pipe.
+    """
+    from ._deadline import thread_primitives
+
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _DUMP_PIPE_SIZE)
+    faulthandler.register(DUMP_SIGNAL, file=write_end, all_threads=True)
+    start, _allocate = thread_primitives()
+    start(_relay_dumps, (read_end,))
+
+
+def _relay_dumps(read_end: int) -> None:
+    from ._deadline import write_within
+    from ._logging import stderr_line
+
+    while True:
+        chunks = [os.read(read_end, 65536)]
+        while select.select([read_end], [], [], DUMP_QUIET)[0]:
+            chunks.append(os.read(read_end, 65536))
+        stacks = b"".join(chunks).decode("utf-8", "backslashreplace")
+        line = stderr_line("every thread's stack (DUMP_SIGNAL)", logging.ERROR, stacks=stacks)
+        write_within(sys.stderr.fileno(), line + "\n", time.monotonic() + 1.0)
 
 
 def reopen_log_files() -> int:

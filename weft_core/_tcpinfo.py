@@ -6,7 +6,9 @@ bytes itself. Linux counts them per socket anyway: ``struct tcp_info`` (see
 ``include/uapi/linux/tcp.h``) carries ``tcpi_bytes_acked`` (bytes sent and
 acknowledged by the peer, RFC 4898's ThruOctetsAcked) and ``tcpi_bytes_received``
 (RFC 4898's ThruOctetsReceived), both since Linux 4.1. They count sequence
-numbers, so a FIN adds one, taken off again here from the connection's state. One
+numbers, so a FIN adds one, taken off again here from the connection's state (or,
+for a connection reset after its peer's FIN, from there having been no data: a
+reset one whose peer sent data, then a FIN, may count one byte more). One
 ``getsockopt`` reads them, when a connection ends and when ``Server.connections()``
 is asked.
 
@@ -32,8 +34,13 @@ _TCP_INFO: int | None = (
 #: two counts. A shorter answer comes from a kernel without them.
 _BYTES_ACKED = 120
 _BYTES_RECEIVED = 128
-#: How much of the struct to ask for: up to the end of tcpi_bytes_received.
-TCP_INFO_SIZE = _BYTES_RECEIVED + 8
+#: The counts' end: a shorter answer comes from a kernel without them (before 4.1).
+_COUNTS_END = _BYTES_RECEIVED + 8
+#: ``tcpi_data_segs_in`` (Linux 4.6), after u32 segs_out, segs_in, notsent_bytes, min_rtt.
+_DATA_SEGS_IN = _COUNTS_END + 16
+_DATA_SEGS = struct.Struct("=I")
+#: How much of the struct to ask for: up to the end of tcpi_data_segs_in.
+TCP_INFO_SIZE = _DATA_SEGS_IN + 4
 
 _COUNTS = struct.Struct("=QQ")
 
@@ -66,12 +73,22 @@ def byte_counts(sock: Any) -> tuple[int | None, int | None]:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
     except (OSError, ValueError, AttributeError, TypeError):
         return None, None  # a Unix socket (EOPNOTSUPP), or closed already
-    if len(info) < TCP_INFO_SIZE:
+    if len(info) < _COUNTS_END:
         return None, None
     acked, received = _COUNTS.unpack_from(info, _BYTES_ACKED)
     state = info[0]
     if received and state in _PEER_FIN_STATES:
         received -= 1
+    elif (
+        received
+        and state == _CLOSED
+        and len(info) >= TCP_INFO_SIZE
+        and not _DATA_SEGS.unpack_from(info, _DATA_SEGS_IN)[0]
+    ):
+        # Reset: whether a FIN came first the state no longer says. One that came
+        # with no data before it (a client that connected and closed, then reset
+        # what we sent it) is all there is in the count: no data segment came.
+        received = 0
     if acked and state in _OUR_FIN_ACKED_STATES:
         acked -= 1
     return received, acked

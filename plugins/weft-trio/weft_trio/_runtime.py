@@ -14,6 +14,7 @@ Every coroutine and every slot method below must run in that thread; only
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import ssl
@@ -87,8 +88,17 @@ class TrioListener:
         return self.socket.fileno()
 
     def close(self) -> None:
-        """Close the socket (idempotent); a waiting ``accept`` raises."""
-        self.socket.close()
+        """Close the socket (idempotent); a waiting ``accept`` raises.
+
+        From another thread (a stop whose trio loop a task blocks), where trio cannot
+        tell its waiters: the socket stops listening at once (new clients are
+        refused, not queued), and the acceptor closes it as the loop runs again.
+        """
+        try:
+            self.socket.close()
+        except RuntimeError:  # "must be called from async context"
+            with contextlib.suppress(OSError):
+                self._raw.shutdown(socket.SHUT_RDWR)
 
 
 class IdleTimeoutStream(trio.abc.HalfCloseableStream):
