@@ -204,18 +204,24 @@ def _serve(manager: str, *extra: str) -> tuple[subprocess.Popen[str], int | None
     )
     assert proc.stdout is not None
     lines: list[str] = []
+    # Read the descriptor itself: select() does not see what a file object's
+    # readline() has buffered, so two lines that came in one read stalled the wait.
+    fd = proc.stdout.fileno()
+    partial = ""
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
         if not ready:
             continue
-        line = proc.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 65536).decode("utf-8", "replace")
+        if not chunk:
             break
-        lines.append(line)
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if found:
-            return proc, int(found.group(1)), lines
+        *complete, partial = (partial + chunk).split("\n")
+        lines += [line + "\n" for line in complete]
+        for line in complete:
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if found:
+                return proc, int(found.group(1)), lines
     return proc, None, lines
 
 

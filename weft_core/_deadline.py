@@ -16,7 +16,6 @@ backs it up a second later for a handler that holds the GIL in C (exit status 1)
 
 from __future__ import annotations
 
-import _thread
 import faulthandler
 import logging
 import os
@@ -27,6 +26,7 @@ import time
 from typing import Any
 
 from ._exits import EXIT_TASKS_LEFT
+from ._osthreads import thread_primitives
 
 __all__ = ["Deadline"]
 
@@ -36,15 +36,6 @@ BACKSTOP = 1.0
 REPORT_WAIT = 0.5
 #: A pipe takes a write this long (PIPE_BUF) whole once it says it is writable.
 _PIPE_CHUNK = 4096
-
-
-def thread_primitives() -> tuple[Any, Any]:
-    """``start_new_thread`` and ``allocate_lock`` as the OS provides them, never patched."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        start, allocate = monkey.get_original("_thread", ["start_new_thread", "allocate_lock"])
-        return start, allocate
-    return _thread.start_new_thread, _thread.allocate_lock
 
 
 def _stderr_fd() -> int:

@@ -172,7 +172,7 @@ class StderrHandler(logging.Handler):
         self.stream = stream
         self._lines: collections.deque[str] = collections.deque()
         self._dropped = 0
-        from ._deadline import thread_primitives
+        from ._osthreads import thread_primitives
 
         start, allocate = thread_primitives()
         #: Released when lines wait: the writer's wake-up (a binary semaphore).

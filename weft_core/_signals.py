@@ -152,7 +152,7 @@ def relay_stack_dumps_as_json() -> None:
     thread holding it in C for good (rare: a stuck loop waits in a system call, or
     runs Python that lets it go) leaves the dump in the pipe.
     """
-    from ._deadline import thread_primitives
+    from ._osthreads import thread_primitives
 
     read_end, write_end = os.pipe()
     with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux

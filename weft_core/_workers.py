@@ -53,6 +53,7 @@ starting a supervisor (``_supervise``), a worker's side (``_worker_link``).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import logging
@@ -727,8 +728,13 @@ class Supervisor:
             self._due.pop()
             missing += 1
         # The highest slots go (the newest first among equals), so the slots left are
-        # 0..count-1 and the sockets of the others can close.
+        # 0..count-1 and the sockets of the others can close. But first a worker whose
+        # slot another serves: after a reload abandoned (its new code broken in one
+        # slot), a new worker still starting in a slot its old one serves goes, not
+        # the only worker of another slot, whose socket would be left with none.
         leaving = sorted(current, key=lambda w: (w.slot, w.started), reverse=True)
+        in_slot = collections.Counter(w.slot for w in current)
+        leaving.sort(key=lambda w: in_slot[w.slot] == 1)  # stable: the order above within
         for worker in leaving[: max(0, -missing)]:
             log.info("worker %d: retiring it (fewer workers wanted)", worker.pid)
             self._retire(worker, now)

@@ -91,14 +91,13 @@ class TrioListener:
         """Close the socket (idempotent); a waiting ``accept`` raises.
 
         From another thread (a stop whose trio loop a task blocks), where trio cannot
-        tell its waiters: the socket stops listening at once (new clients are
-        refused, not queued), and the acceptor closes it as the loop runs again.
+        tell its waiters, nothing is done: the acceptor closes the socket on its way
+        out, as the loop runs again. Not ``shutdown()``, which would end the listening
+        of every process sharing the socket (``--workers``), nor a bare close, whose
+        descriptor number trio would still watch.
         """
-        try:
+        with contextlib.suppress(RuntimeError):  # "must be called from async context"
             self.socket.close()
-        except RuntimeError:  # "must be called from async context"
-            with contextlib.suppress(OSError):
-                self._raw.shutdown(socket.SHUT_RDWR)
 
 
 class IdleTimeoutStream(trio.abc.HalfCloseableStream):
