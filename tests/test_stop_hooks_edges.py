@@ -162,10 +162,12 @@ def test_weft_ctl_console_ended_by_the_server_exits_cleanly(tmp_path: Any) -> No
     from _serving import LISTENING, Served, environment, weft_serve
 
     ctl = str(tmp_path / "ctl.sock")
+    flag = tmp_path / "workers-may-start"  # until it exists, no worker gets to serve
+    env = {**environment(), "SLOW_START_FLAG": str(flag)}
     with Served(
-        weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", ctl,
-                   "--console", "--workers", "2"),
-        cwd=tmp_path,
+        weft_serve("_operator_slow:handle", "--bind", "127.0.0.1:0", "--control-socket",
+                   ctl, "--console", "--workers", "2"),
+        cwd=tmp_path, env=env,
     ) as served:  # fmt: skip
         served.wait_for(LISTENING)  # the supervisor answers; no worker serves yet
         client = subprocess.Popen(
@@ -179,8 +181,8 @@ def test_weft_ctl_console_ended_by_the_server_exits_cleanly(tmp_path: Any) -> No
             if client.poll() is None:
                 client.kill()
             out, err = client.communicate()  # closes the pipes
-        if b"no worker is serving yet" not in out:
-            pytest.skip(f"a worker was serving already: {out!r}")
+            flag.write_text("")
+        assert b"no worker is serving yet" in out, out
         assert status in (0, 1) and b"Fatal Python error" not in err, (
             f"weft ctl console exited {status}; stdout {out!r}; stderr {err[-300:]!r}"
         )

@@ -35,7 +35,7 @@ from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
-from ._logging import logs_json, setup_logging, stderr_line
+from ._logging import logs_json, print_line, setup_logging, stderr_line
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
 from ._settings import show
@@ -182,7 +182,7 @@ def _manager_option(text: str) -> tuple[str, Any]:
 
 def _fail(message: object, status: int) -> int:
     """Say why in one line (a JSON one once ``--log-format json`` is set up); ``status``."""
-    print(stderr_line(str(message)), file=sys.stderr)
+    print_line(stderr_line(str(message)))
     return status
 
 

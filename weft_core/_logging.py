@@ -45,6 +45,7 @@ __all__ = [
     "TextFormatter",
     "flush_own_log",
     "logs_json",
+    "print_line",
     "setup_logging",
     "stderr_line",
 ]
@@ -203,6 +204,14 @@ class StderrHandler(logging.Handler):
         except RuntimeError:  # released already: the writer will see this line too
             pass
 
+    def write_line(self, text: str) -> None:
+        """Queue ``text`` (a line written outside logging) after the lines waiting, never dropped."""
+        self._lines.append(text + "\n")
+        try:
+            self._wake.release()
+        except RuntimeError:  # released already
+            pass
+
     def _write_forever(self) -> None:
         lines = self._lines
         while True:
@@ -244,6 +253,19 @@ class StderrHandler(logging.Handler):
                 return False
             self._nap.acquire(True, min(left, 0.005))
         return True
+
+
+def print_line(text: str) -> None:
+    """Write ``text`` as a line of stderr in order with weft's own log lines.
+
+    Through the log's writer once :func:`setup_logging` made it (a print would come
+    before the lines still waiting for it), else printed.
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, StderrHandler):
+            handler.write_line(text)
+            return
+    print(text, file=sys.stderr)
 
 
 def flush_own_log(seconds: float) -> bool:
