@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from ._config import toml_loads
 from ._errors import ConfigError
+from ._osthreads import thread_primitives
 
 __all__ = [
     "JsonFormatter",
@@ -173,8 +174,6 @@ class StderrHandler(logging.Handler):
         self.stream = stream
         self._lines: collections.deque[str] = collections.deque()
         self._dropped = 0
-        from ._osthreads import thread_primitives
-
         start, allocate = thread_primitives()
         #: Released when lines wait: the writer's wake-up (a binary semaphore).
         self._wake = allocate()
@@ -185,6 +184,9 @@ class StderrHandler(logging.Handler):
         #: a gevent-patched process (where time.sleep would need a hub).
         self._nap = allocate()
         self._nap.acquire()
+        #: Lines written so far, and that count when a flush last gave up waiting.
+        self._written = 0
+        self._stuck_at = -1
         start(self._write_forever, ())
         atexit.register(self.flush_within, EXIT_FLUSH)
 
@@ -224,6 +226,7 @@ class StderrHandler(logging.Handler):
                             self.stream.flush()
                     except Exception:  # closed, or gone: nothing to write to
                         lines.clear()
+                    self._written += 1
                     if self._dropped and not lines:
                         self._report_dropped()
 
@@ -245,11 +248,19 @@ class StderrHandler(logging.Handler):
         self.flush_within(EXIT_FLUSH)
 
     def flush_within(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for every waiting line to be written; True if they were."""
+        """Wait up to ``seconds`` for every waiting line to be written; True if they were.
+
+        Once a wait ran out, the next returns at once unless a line was written
+        since: at exit, atexit's flush and logging's own do not wait twice on a
+        stderr nobody reads.
+        """
+        if self._stuck_at == self._written and (self._lines or self._writing.locked()):
+            return False
         deadline = time.monotonic() + seconds
         while self._lines or self._writing.locked():
             left = deadline - time.monotonic()
             if left <= 0:
+                self._stuck_at = self._written
                 return False
             self._nap.acquire(True, min(left, 0.005))
         return True

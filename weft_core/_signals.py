@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from ._osthreads import thread_primitives
+
 __all__ = [
     "CONTROL_SIGNALS",
     "DUMP_SIGNAL",
@@ -152,8 +154,6 @@ def relay_stack_dumps_as_json() -> None:
     thread holding it in C for good (rare: a stuck loop waits in a system call, or
     runs Python that lets it go) leaves the dump in the pipe.
     """
-    from ._osthreads import thread_primitives
-
     read_end, write_end = os.pipe()
     with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _DUMP_PIPE_SIZE)
