@@ -19,7 +19,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import select
 import sys
 import tempfile
 import time
@@ -34,8 +33,6 @@ __all__ = ["Deadline"]
 BACKSTOP = 1.0
 #: How long the report may wait for stderr to take it before the exit goes on without it.
 REPORT_WAIT = 0.5
-#: A pipe takes a write this long (PIPE_BUF) whole once it says it is writable.
-_PIPE_CHUNK = 4096
 
 
 def _stderr_fd() -> int:
@@ -98,7 +95,7 @@ def _report(message: str) -> None:
     A stderr nobody reads (a full pipe) must not keep the process from exiting.
     Under ``--log-format json`` the stacks go inside the line, as ``stacks``.
     """
-    from ._logging import flush_own_log, logs_json, stderr_line
+    from ._logging import flush_own_log, logs_json, stderr_line, writable, write_within
 
     fd = _stderr_fd()
     flush_own_log(REPORT_WAIT)  # what was logged before (the signal, the stop): first
@@ -109,27 +106,5 @@ def _report(message: str) -> None:
             dump.seek(0)
             stacks = dump.read().decode("utf-8", "backslashreplace")
         write_within(fd, stderr_line(message, logging.CRITICAL, stacks=stacks) + "\n", until)
-    elif write_within(fd, stderr_line(message) + "\n", until) and _writable(fd, until):
+    elif write_within(fd, stderr_line(message) + "\n", until) and writable(fd, until):
         faulthandler.dump_traceback(file=fd, all_threads=True)
-
-
-def _writable(fd: int, until: float) -> bool:
-    """Whether ``fd`` takes a write without waiting, asked until ``until`` (monotonic)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    left = max(until - time.monotonic(), 0.0)
-    return any(event & select.POLLOUT for _fd, event in poller.poll(left * 1000))
-
-
-def write_within(fd: int, text: str, until: float) -> bool:
-    """Write ``text`` to ``fd`` a pipe's atomic chunk at a time while it takes them; True if all."""
-    data = text.encode("utf-8", "backslashreplace")
-    while data:
-        if not _writable(fd, until):
-            return False
-        try:
-            written = os.write(fd, data[:_PIPE_CHUNK])
-        except OSError:
-            return False
-        data = data[written:]
-    return True

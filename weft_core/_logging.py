@@ -27,10 +27,14 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
+import os
 import re
+import select
 import sys
 import time
 from pathlib import Path
@@ -48,7 +52,10 @@ __all__ = [
     "logs_json",
     "print_line",
     "setup_logging",
+    "share_line_lock",
     "stderr_line",
+    "writable",
+    "write_within",
 ]
 
 #: Lines waiting for stderr beyond which more are dropped (and counted).
@@ -136,7 +143,59 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
         root.addHandler(handler)
         root.setLevel(level)
         _own_formatter = formatter
+        _route_stray_output(handler)
     logging.getLogger("weft").setLevel(level)
+
+
+def _route_stray_output(handler: StderrHandler) -> None:
+    """What Python itself writes to stderr goes through ``handler`` as log lines too.
+
+    A warning, an exception that ends a thread, an exception nothing could raise
+    (``sys.unraisablehook``), a record no handler took (``logging.lastResort``):
+    each a line in the log's format (JSON stays JSON), in order with the others,
+    the messages of exceptions escaped as weft's own are.
+    """
+    import threading
+
+    from ._logsafe import log_untrusted_exception
+
+    logging.captureWarnings(True)
+    last_resort = _Forward(handler)
+    last_resort.setLevel(logging.WARNING)  # as the standard library's own
+    logging.lastResort = last_resort
+    log = logging.getLogger("weft")
+
+    def thread_ended(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return  # as threading's own hook
+        name = args.thread.name if args.thread is not None else "?"
+        log_untrusted_exception(log, logging.ERROR, args.exc_value, "exception in thread %s", name)
+
+    def unraisable(args: Any) -> None:
+        if args.exc_value is None:
+            return
+        log_untrusted_exception(
+            log,
+            logging.ERROR,
+            args.exc_value,
+            "%s: %r",
+            args.err_msg or "exception ignored in",
+            args.object,
+        )
+
+    threading.excepthook = thread_ended
+    sys.unraisablehook = unraisable
+
+
+class _Forward(logging.Handler):
+    """``logging.lastResort``: what reaches no handler goes to weft's own."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self._target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._target.handle(record)
 
 
 #: The formatter of the stderr handler :func:`setup_logging` made, if it made one.
@@ -172,6 +231,12 @@ class StderrHandler(logging.Handler):
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self.stream = stream
+        try:
+            stream.flush()  # what was printed before goes first
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # no descriptor: the stream's own write
+            self._fd = None
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._lines: collections.deque[str] = collections.deque()
         self._dropped = 0
         start, allocate = thread_primitives()
@@ -220,15 +285,48 @@ class StderrHandler(logging.Handler):
             self._wake.acquire()
             with self._writing:
                 while lines:
-                    try:
-                        self.stream.write(lines.popleft())
-                        if not lines:
-                            self.stream.flush()
-                    except Exception:  # closed, or gone: nothing to write to
-                        lines.clear()
+                    if not self._put(lines.popleft()):
+                        self._dropped += 1  # stderr is gone (closed): counted all the same
                     self._written += 1
                     if self._dropped and not lines:
                         self._report_dropped()
+
+    def _put(self, line: str) -> bool:
+        """Write one line whole, waiting as long as the stream makes it; False if it is gone.
+
+        To the descriptor itself: a stderr left non-blocking (a parent's, shared)
+        answers a full pipe with EAGAIN, which is waited out here, not taken for a
+        closed stream; and a partial write goes on where it stopped. Where processes
+        share stderr (``--workers``), each line is written under the lock they share:
+        a pipe takes a write longer than PIPE_BUF in pieces, and another's line could
+        land inside it.
+        """
+        fd = self._fd
+        if fd is None:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except Exception:
+                return False
+            return True
+        data = line.encode(self._encoding, "backslashreplace")
+        lock = _line_lock_fd()
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            while data:
+                try:
+                    data = data[os.write(fd, data) :]
+                except (BlockingIOError, InterruptedError):
+                    select.select([], [fd], [])
+                except OSError:
+                    return False
+        finally:
+            if lock is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        return True
 
     def _report_dropped(self) -> None:
         dropped, self._dropped = self._dropped, 0
@@ -266,6 +364,71 @@ class StderrHandler(logging.Handler):
         return True
 
 
+#: The variable naming the descriptor, inherited from the supervisor, of the file
+#: whose lock the processes sharing stderr take to write a long line whole.
+LINE_LOCK_ENV = "_WEFT_LOG_LOCK_FD"
+_line_lock: int | None = None
+
+
+def _line_lock_fd() -> int | None:
+    """This process's own descriptor of the shared lock file; None if there is none.
+
+    Opened anew (its own open file), so that ``flock`` excludes the other processes;
+    on first use.
+    """
+    global _line_lock
+    if _line_lock is None:
+        inherited = os.environ.get(LINE_LOCK_ENV, "")
+        if not inherited.isdigit():
+            return None
+        try:
+            _line_lock = os.open(f"/proc/self/fd/{inherited}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+    return _line_lock
+
+
+def share_line_lock() -> int | None:
+    """Make the lock file of the processes about to share this stderr; its descriptor.
+
+    An unlinked temporary file; its number goes to the children in
+    :data:`LINE_LOCK_ENV` (and to this process, which takes the lock too), and the
+    caller passes the descriptor on to them. None if it cannot be made.
+    """
+    import tempfile
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="weft-log-lock-")
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.environ[LINE_LOCK_ENV] = str(fd)
+    return fd
+
+
+def writable(fd: int, until: float) -> bool:
+    """Whether ``fd`` takes a write without waiting, asked until ``until`` (monotonic)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    left = max(until - time.monotonic(), 0.0)
+    return any(event & select.POLLOUT for _fd, event in poller.poll(left * 1000))
+
+
+def write_within(fd: int, text: str, until: float) -> bool:
+    """Write ``text`` to ``fd`` a pipe's atomic chunk at a time while it takes them; True if all."""
+    data = text.encode("utf-8", "backslashreplace")
+    while data:
+        if not writable(fd, until):
+            return False
+        try:
+            written = os.write(fd, data[: select.PIPE_BUF])
+        except OSError:
+            return False
+        data = data[written:]
+    return True
+
+
 def print_line(text: str) -> None:
     """Write ``text`` as a line of stderr in order with weft's own log lines.
 
@@ -276,7 +439,17 @@ def print_line(text: str) -> None:
         if isinstance(handler, StderrHandler):
             handler.write_line(text)
             return
-    print(text, file=sys.stderr)
+    # Before logging is set up (a mistake on the command line): straight to stderr,
+    # as far as it takes the line within EXIT_FLUSH, so that a stalled stderr cannot
+    # keep the process from exiting.
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object: its own write
+        print(text, file=sys.stderr)
+        return
+    write_within(fd, text + "\n", time.monotonic() + EXIT_FLUSH)
 
 
 def flush_own_log(seconds: float) -> bool:

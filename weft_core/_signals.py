@@ -28,7 +28,6 @@ import select
 import signal
 import sys
 import threading
-import time
 
 from ._osthreads import thread_primitives
 
@@ -163,16 +162,15 @@ def relay_stack_dumps_as_json() -> None:
 
 
 def _relay_dumps(read_end: int) -> None:
-    from ._deadline import write_within
-    from ._logging import stderr_line
+    from ._logging import print_line, stderr_line
 
     while True:
         chunks = [os.read(read_end, 65536)]
         while select.select([read_end], [], [], DUMP_QUIET)[0]:
             chunks.append(os.read(read_end, 65536))
         stacks = b"".join(chunks).decode("utf-8", "backslashreplace")
-        line = stderr_line("every thread's stack (DUMP_SIGNAL)", logging.ERROR, stacks=stacks)
-        write_within(sys.stderr.fileno(), line + "\n", time.monotonic() + 1.0)
+        # Through the log's writer, after the lines logged before the dump.
+        print_line(stderr_line("every thread's stack (DUMP_SIGNAL)", logging.ERROR, stacks=stacks))
 
 
 def reopen_log_files() -> int:

@@ -77,6 +77,7 @@ from ._connection import format_address
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import render_flag
+from ._logging import share_line_lock
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
@@ -384,6 +385,9 @@ class Supervisor:
     ) -> None:
         self._command = command
         self._on_worker_exit = on_worker_exit
+        #: The file whose lock the workers and this process take to write a long log
+        #: line whole to the stderr they share (None: none could be made).
+        self._line_lock = share_line_lock()
         #: Functions other threads asked the loop to run (:meth:`call`), with their futures.
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._sockets = sockets
@@ -1006,7 +1010,11 @@ class Supervisor:
         try:
             proc = subprocess.Popen(
                 self._command(theirs.fileno(), sockets),
-                pass_fds=(*(s.fileno() for s in sockets), theirs.fileno()),
+                pass_fds=(
+                    *(s.fileno() for s in sockets),
+                    theirs.fileno(),
+                    *(() if self._line_lock is None else (self._line_lock,)),
+                ),
                 stdin=subprocess.DEVNULL,
                 env=child_environment(os.environ),
                 # Its own session: a Ctrl-C on the terminal reaches the supervisor
