@@ -238,7 +238,9 @@ class StderrHandler(logging.Handler):
             self._fd = None
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._lines: collections.deque[str] = collections.deque()
-        self._dropped = 0
+        #: One item per line dropped: appended and taken whole from any thread, where
+        #: an int's ``+= 1`` could lose a count.
+        self._dropped: collections.deque[None] = collections.deque()
         start, allocate = thread_primitives()
         #: Released when lines wait: the writer's wake-up (a binary semaphore).
         self._wake = allocate()
@@ -263,7 +265,7 @@ class StderrHandler(logging.Handler):
             self.handleError(record)
             return
         if len(self._lines) >= BACKLOG_LINES:
-            self._dropped += 1
+            self._dropped.append(None)
             return
         self._lines.append(line)
         try:
@@ -286,7 +288,7 @@ class StderrHandler(logging.Handler):
             with self._writing:
                 while lines:
                     if not self._put(lines.popleft()):
-                        self._dropped += 1  # stderr is gone (closed): counted all the same
+                        self._dropped.append(None)  # stderr is gone (closed): counted all the same
                     self._written += 1
                     if self._dropped and not lines:
                         self._report_dropped()
@@ -329,7 +331,9 @@ class StderrHandler(logging.Handler):
         return True
 
     def _report_dropped(self) -> None:
-        dropped, self._dropped = self._dropped, 0
+        dropped = len(self._dropped)
+        for _ in range(dropped):
+            self._dropped.popleft()
         record = logging.LogRecord(
             "weft",
             logging.WARNING,
@@ -433,7 +437,8 @@ def print_line(text: str) -> None:
     """Write ``text`` as a line of stderr in order with weft's own log lines.
 
     Through the log's writer once :func:`setup_logging` made it (a print would come
-    before the lines still waiting for it), else printed.
+    before the lines still waiting for it); before, to stderr itself, as far as it
+    takes the line within ``EXIT_FLUSH``.
     """
     for handler in logging.getLogger().handlers:
         if isinstance(handler, StderrHandler):
