@@ -131,7 +131,7 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
     unless the root logger already has handlers (an embedding program's, pytest's):
     then only the ``weft`` logger's level is set.
     """
-    global _own_formatter
+    global _own_handler
     if config_file is not None:
         _apply_file(Path(config_file))
         return
@@ -142,7 +142,7 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
         handler.setFormatter(formatter)
         root.addHandler(handler)
         root.setLevel(level)
-        _own_formatter = formatter
+        _own_handler = handler
         _route_stray_output(handler)
     logging.getLogger("weft").setLevel(level)
 
@@ -198,13 +198,14 @@ class _Forward(logging.Handler):
         self._target.handle(record)
 
 
-#: The formatter of the stderr handler :func:`setup_logging` made, if it made one.
-_own_formatter: logging.Formatter | None = None
+#: The stderr handler :func:`setup_logging` made, if it made one: what weft writes
+#: outside logging goes through it, in its format.
+_own_handler: StderrHandler | None = None
 
 
 def logs_json() -> bool:
     """True once :func:`setup_logging` made weft's stderr log JSON lines."""
-    return isinstance(_own_formatter, JsonFormatter)
+    return _own_handler is not None and isinstance(_own_handler.formatter, JsonFormatter)
 
 
 def stderr_line(message: str, level: int = logging.ERROR, **fields: Any) -> str:
@@ -213,10 +214,10 @@ def stderr_line(message: str, level: int = logging.ERROR, **fields: Any) -> str:
     A JSON object under ``--log-format json`` (with ``fields``), so that every line
     a log pipeline reads parses; ``weft: message`` otherwise, fields left out.
     """
-    if isinstance(_own_formatter, JsonFormatter):
+    if _own_handler is not None and logs_json():
         record = logging.LogRecord("weft", level, __file__, 0, "%s", (message,), None)
         record.__dict__.update(fields)
-        return _own_formatter.format(record)
+        return _own_handler.format(record)
     return f"weft: {message}"
 
 
@@ -267,18 +268,17 @@ class StderrHandler(logging.Handler):
         if len(self._lines) >= BACKLOG_LINES:
             self._dropped.append(None)
             return
+        self._queue(line)
+
+    def write_line(self, text: str) -> None:
+        """Queue ``text`` (a line written outside logging) after the lines waiting, never dropped."""
+        self._queue(text + "\n")
+
+    def _queue(self, line: str) -> None:
         self._lines.append(line)
         try:
             self._wake.release()
         except RuntimeError:  # released already: the writer will see this line too
-            pass
-
-    def write_line(self, text: str) -> None:
-        """Queue ``text`` (a line written outside logging) after the lines waiting, never dropped."""
-        self._lines.append(text + "\n")
-        try:
-            self._wake.release()
-        except RuntimeError:  # released already
             pass
 
     def _write_forever(self) -> None:
@@ -440,10 +440,9 @@ def print_line(text: str) -> None:
     before the lines still waiting for it); before, to stderr itself, as far as it
     takes the line within ``EXIT_FLUSH``.
     """
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, StderrHandler):
-            handler.write_line(text)
-            return
+    if _own_handler is not None:
+        _own_handler.write_line(text)
+        return
     # Before logging is set up (a mistake on the command line): straight to stderr,
     # as far as it takes the line within EXIT_FLUSH, so that a stalled stderr cannot
     # keep the process from exiting.
@@ -462,10 +461,7 @@ def flush_own_log(seconds: float) -> bool:
 
     For a way out that skips ``atexit`` (the stop deadline's ``os._exit``).
     """
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, StderrHandler):
-            return handler.flush_within(seconds)
-    return True
+    return _own_handler is None or _own_handler.flush_within(seconds)
 
 
 def _apply_file(path: Path) -> None:
