@@ -175,10 +175,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
             if info is None:
                 return
             if self.preamble:
-                handed = await self._preamble(rt, conn, info)
+                handed, serve = await self._preamble(rt, conn, info)
                 self._preamble_done(conn)
-                if handed is None:
-                    return
+                if not serve:
+                    return  # accounted for, then closed (handed, if any), below
             else:
                 handed = self._stream(rt, conn.sock)
             info.conn = handed
@@ -222,21 +222,28 @@ class AsyncEngine(Engine[AsyncRuntime]):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         return stream
 
-    async def _preamble(self, rt: AsyncRuntime, conn: Conn, info: ConnectionInfo) -> Any:
-        """PROXY header, stream, TLS handshake; the stream to hand over, or None to close."""
+    async def _preamble(
+        self, rt: AsyncRuntime, conn: Conn, info: ConnectionInfo
+    ) -> tuple[Any, bool]:
+        """PROXY header, stream, TLS handshake: ``(stream, serve)``.
+
+        The stream is None if none was made; ``serve`` False if the connection is to
+        be closed unserved (the stream, if any, closed once its bytes are counted).
+        """
         cfg = self.cfg
         sock = conn.sock
         if cfg.proxy is not None:
             if not self._proxy_trusted(conn, info):
-                return None
+                return None, False
             try:
                 header, leftover = await rt.within(
                     cfg.proxy.header_timeout, lambda: aread_proxy_header(sock.recv)
                 )
             except (ProxyHeaderError, OSError) as exc:
-                return self._proxy_failed(info, exc) or None
+                self._proxy_failed(info, exc)
+                return None, False
             if not self._proxy_accepted(info, header, leftover):
-                return None
+                return None, False
         stream = self._stream(rt, sock)
         if cfg.tls is not None:
             stream = rt.wrap_tls(stream, cfg.tls)
@@ -248,11 +255,6 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 details = tls_details(stream)
             except failures as exc:
                 self._tls_failed(info, exc)
-                # Accounted for now, its byte counts read before the close takes the
-                # socket (trio's closes the descriptor); not again as the task ends.
-                self._ended(conn)
-                conn.how = ""
-                await rt.aclose(stream)
-                return None
+                return stream, False
             info.tls_version, info.tls_cipher, info.tls_peer_certificate = details
-        return stream
+        return stream, True
