@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import threading
@@ -72,6 +73,19 @@ def reset(sock: socket.socket) -> None:
     """Close with SO_LINGER 0: the peer gets a RST, as from a crashed client."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+class Records(logging.Handler):
+    """Keeps every record it is given; ``seen`` is set by the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.seen.set()
 
 
 def tcp_state(sock: socket.socket) -> int:

@@ -15,12 +15,11 @@ import contextlib
 import hashlib
 import logging
 import socket
-import struct
 import threading
 import time
 
 import pytest
-from _asyncio_app import MODES, WAIT, served
+from _asyncio_app import MODES, WAIT, Records, reset, served, until
 
 from weft_core.testing._support import fd_count, recv_exactly, recv_until_closed, wait_until
 
@@ -36,35 +35,10 @@ def connect(server, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
-def reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def pattern(n: int) -> bytes:
     """``n`` bytes whose order shows: a counter, 4 bytes at a time."""
     words = (n + 3) // 4
     return b"".join(i.to_bytes(4, "big") for i in range(words))[:n]
-
-
-async def until(predicate, bound: float = WAIT) -> bool:
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.005)
-    return True
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.seen = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.seen.set()
 
 
 # -- order and loss of bytes ------------------------------------------------------------
@@ -98,7 +72,7 @@ def test_more_than_the_scratch_buffer_before_the_first_read(mode: str) -> None:
     data = pattern(300 * 1024 + 7)
 
     async def handler(stream) -> None:
-        await until(sent.is_set)
+        await until(sent.is_set, "sent")
         await asyncio.sleep(0.1)
         got = await stream.read()
         stream.write(b"%d %s" % (len(got), hashlib.sha256(got).hexdigest().encode()))
@@ -152,6 +126,17 @@ def test_one_message_across_the_boundary(mode: str, how: str) -> None:
         client.sendall(rest)
         reply = recv_until_closed(client)
     assert reply == hashlib.sha256(first + rest).hexdigest().encode()
+
+
+def _read_all_then_answer(client: socket.socket, size: int) -> tuple[bytes, bytes]:
+    """Read ``size`` bytes, then what follows (b"" at the server's EOF); answer "thanks"
+    and half-close, then read until the server closes. What was read, and what followed."""
+    got = _slow_read(client, size + 1, 0.0)
+    tail = client.recv(10)
+    client.sendall(b"thanks")
+    client.shutdown(socket.SHUT_WR)
+    recv_until_closed(client)
+    return got, tail
 
 
 def _slow_read(client: socket.socket, total: int, pause: float = 0.002) -> bytes:
@@ -223,11 +208,7 @@ def test_write_eof_after_a_direct_write_with_bytes_pending(mode: str) -> None:
         result.append(await stream.read())
 
     with served(mode, handler) as server, connect(server, rcvbuf=65536) as client:
-        got = _slow_read(client, len(data) + 1, 0.0)
-        tail = client.recv(10)
-        client.sendall(b"thanks")
-        client.shutdown(socket.SHUT_WR)
-        recv_until_closed(client)
+        got, tail = _read_all_then_answer(client, len(data))
     assert (len(got), tail) == (len(data), b"")
     assert got == data
     assert result == [b"thanks"]
@@ -242,7 +223,7 @@ def test_half_close_before_the_first_read_still_gets_the_reply(mode: str) -> Non
     sent = threading.Event()
 
     async def handler(stream) -> None:
-        await until(sent.is_set)
+        await until(sent.is_set, "sent")
         await asyncio.sleep(0.05)
         got = await stream.read()
         again = await stream.read(10)
@@ -267,7 +248,7 @@ def test_a_reset_while_bytes_are_pending_raises_from_drain(mode: str) -> None:
     async def handler(stream) -> None:
         stream.write(pattern(8 * MIB))
         wrote.set()
-        await until(gone.is_set)
+        await until(gone.is_set, "gone")
         await asyncio.sleep(0.1)
         try:
             await asyncio.wait_for(stream.drain(), 3)
@@ -277,7 +258,7 @@ def test_a_reset_while_bytes_are_pending_raises_from_drain(mode: str) -> None:
         except BaseException as exc:
             seen.append(exc)
 
-    records = _Records()
+    records = Records()
     weft_log = logging.getLogger("weft")
     weft_log.addHandler(records)
     try:
@@ -522,7 +503,7 @@ def test_no_descriptor_left_after_short_connections_ending_every_way(mode: str) 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", MODES)
 def test_stats_and_access_log_count_a_connection_that_never_had_a_transport(mode: str) -> None:
-    records = _Records()
+    records = Records()
     access = logging.getLogger("weft.access")
     access.addHandler(records)
     level = access.level
@@ -530,7 +511,7 @@ def test_stats_and_access_log_count_a_connection_that_never_had_a_transport(mode
     sent = threading.Event()
 
     async def handler(stream) -> None:
-        await until(sent.is_set)
+        await until(sent.is_set, "sent")
         await asyncio.sleep(0.1)
         got = await stream.read(100)
         stream.write(got * 10)
@@ -572,11 +553,11 @@ def test_write_eof_after_the_client_reset_is_not_a_raw_oserror(
     seen: list[object] = []
 
     async def handler(stream) -> None:
-        await until(sent.is_set)
+        await until(sent.is_set, "sent")
         await asyncio.sleep(0.05)  # the request is in the socket: the first read takes it directly
         assert await stream.read(10) == b"req"
         got.set()
-        await until(gone.is_set)
+        await until(gone.is_set, "gone")
         await asyncio.sleep(0.1)
         try:
             if write_first:
@@ -652,7 +633,7 @@ def test_close_sends_what_is_pending_without_waiting_for_the_handler_to_return(m
         stream.write(data)
         stream.close()
         closing.append(stream.is_closing())
-        await until(done.is_set, 10)  # the handler's own bookkeeping, after its reply
+        await until(done.is_set, "done", 10)  # the handler's own bookkeeping, after its reply
 
     with served(mode, handler) as server, connect(server, rcvbuf=65536) as client:
         client.settimeout(3.0)
@@ -703,11 +684,7 @@ def test_send_eof_after_a_direct_write_with_bytes_pending(mode: str) -> None:
         result.append(await stream.read())
 
     with served(mode, handler) as server, connect(server, rcvbuf=65536) as client:
-        got = _slow_read(client, len(data) + 1, 0.0)
-        tail = client.recv(10)
-        client.sendall(b"thanks")
-        client.shutdown(socket.SHUT_WR)
-        recv_until_closed(client)
+        got, tail = _read_all_then_answer(client, len(data))
     assert (len(got), tail) == (len(data), b"")
     assert got == data
     assert result == [b"thanks"]
@@ -787,7 +764,7 @@ def test_a_reset_right_after_the_first_read_is_a_connection_reset(mode: str, how
     async def handler(stream) -> None:
         assert await stream.read(3) == b"par"
         got.set()
-        await until(gone.is_set)
+        await until(gone.is_set, "gone")
         await asyncio.sleep(0.1)
         try:
             if how == "read":
@@ -799,7 +776,7 @@ def test_a_reset_right_after_the_first_read_is_a_connection_reset(mode: str, how
         except BaseException as exc:
             seen.append(exc)
 
-    records = _Records()
+    records = Records()
     log = logging.getLogger("weft")
     log.addHandler(records)
     try:
@@ -836,7 +813,7 @@ def test_write_after_a_reset_once_the_transport_exists_is_a_connection_reset(mod
         ready.set()
         assert await stream.read(3) == b"par"  # waits: the transport is made
         got.set()
-        await until(gone.is_set)
+        await until(gone.is_set, "gone")
         await asyncio.sleep(0.2)
         try:
             stream.write(b"x" * 100)
@@ -914,11 +891,7 @@ def test_write_eof_refused_on_uvloop_then_the_advised_way_delivers_all(
         seen.append(await stream.read())
 
     with served(mode, handler) as server, connect(server, rcvbuf=65536) as client:
-        got = _slow_read(client, len(data) + 1, 0.0)
-        tail = client.recv(10)
-        client.sendall(b"thanks")
-        client.shutdown(socket.SHUT_WR)
-        recv_until_closed(client)
+        got, tail = _read_all_then_answer(client, len(data))
     assert (len(got), tail, seen) == (len(data), b"", ["refused", b"thanks"])
     assert got == data
 
@@ -929,7 +902,7 @@ def test_a_handler_returning_with_bytes_pending_after_a_reset_ends_quietly(mode:
     """8 MiB pending, the client resets, the handler returns: no error logged, nothing left open."""
     wrote = threading.Event()
     gone = threading.Event()
-    records = _Records()
+    records = Records()
     log = logging.getLogger("weft")
     log.addHandler(records)
     level = log.level
@@ -938,7 +911,7 @@ def test_a_handler_returning_with_bytes_pending_after_a_reset_ends_quietly(mode:
     async def handler(stream) -> None:
         stream.write(pattern(8 * MIB))
         wrote.set()
-        await until(gone.is_set)
+        await until(gone.is_set, "gone")
         await asyncio.sleep(0.1)
 
     try:

@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from _asyncio_app import MODES, WAIT, loop_factory, served, serving
+from _asyncio_app import MODES, WAIT, Records, loop_factory, served, serving
 
 from weft_core import Server
 from weft_core.testing._support import fd_count, recv_exactly, recv_until_closed, wait_until
@@ -228,17 +228,6 @@ def test_a_first_read_and_write_in_two_tasks_on_the_applications_loop(loop_name:
     assert finished, f"the application's loop had not ended {time.monotonic() - t0:.1f}s on"
 
 
-class _Access(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.seen = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.seen.set()
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("when", ["before_io", "after_io"])
 @pytest.mark.parametrize("mode", MODES)
@@ -251,7 +240,7 @@ def test_a_handler_that_closes_its_stream_still_gets_byte_counts(mode: str, when
     already closed when the server read ``TCP_INFO``, and the access log said
     ``in=- out=-``: the stream now keeps the counts as its socket closes.
     """
-    access = _Access()
+    access = Records()
     logger = logging.getLogger("weft.access")
     logger.addHandler(access)
     level = logger.level

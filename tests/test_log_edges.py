@@ -20,42 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from _serving import environment, free_port, weft_serve
-
-MANAGERS = [
-    ("threads", ()),
-    ("gevent", ()),
-    ("trio", ()),
-    ("asyncio", ()),
-    ("asyncio", ("-o", "loop=uvloop")),
-]
-IDS = ["threads", "gevent", "trio", "asyncio", "uvloop"]
-F_SETPIPE_SZ = 1031
-
-
-def _env() -> dict[str, str]:
-    return {**environment(), "WEFT_CONTROL_SOCKET": "off"}
+from _log_pipes import F_SETPIPE_SZ, IDS, MANAGERS, env, non_json, read_until
+from _serving import free_port, weft_serve
 
 
 def _handler(manager: str) -> str:
     return "_serving:handle_async" if manager in ("trio", "asyncio") else "_serving:handle"
-
-
-def _read_until(fd: int, proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
-    buf = b""
-    os.set_blocking(fd, False)
-    while marker not in buf:
-        assert time.monotonic() < deadline, f"no {marker!r} within {timeout}s: {buf!r}"
-        assert proc.poll() is None, f"exited {proc.returncode}: {buf!r}"
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            time.sleep(0.02)
-            continue
-        buf += chunk
-    os.set_blocking(fd, True)
-    return buf
 
 
 # -- 1. a logging call that blocks (stderr a full pipe nobody reads) -----------------
@@ -76,11 +46,11 @@ def test_a_full_stderr_pipe_neither_stops_the_service_nor_its_bounded_stop(
     fcntl.fcntl(write_end, F_SETPIPE_SZ, 4096)
     argv = weft_serve(_handler(manager), "-b", f"127.0.0.1:{port}", "-k", manager,
                       "--access-log", "--graceful-timeout", "2", *extra)  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=_env(),
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=env(),
                             stdin=subprocess.DEVNULL)  # fmt: skip
     os.close(write_end)
     try:
-        _read_until(read_end, proc, b"listening on", 30)
+        read_until(read_end, b"listening on")
         # From here on, nobody reads the pipe.
         served = 0
         for _ in range(100):
@@ -140,10 +110,10 @@ def test_check_config_exits_2_for_a_log_config_that_serve_refuses(
     path = tmp_path / name
     path.write_text(BAD_LOG_CONFIGS[name])
     base = ["_serving:handle", "-b", "127.0.0.1:0", "--log-config", str(path)]
-    serve = subprocess.run(weft_serve(*base), env=_env(), cwd=tmp_path, capture_output=True,
+    serve = subprocess.run(weft_serve(*base), env=env(), cwd=tmp_path, capture_output=True,
                            text=True, timeout=30)  # fmt: skip
     assert serve.returncode == 2, serve.stderr  # weft serve refuses it
-    check = subprocess.run(weft_serve(*base, "--check-config"), env=_env(), cwd=tmp_path,
+    check = subprocess.run(weft_serve(*base, "--check-config"), env=env(), cwd=tmp_path,
                            capture_output=True, text=True, timeout=30)  # fmt: skip
     assert check.returncode == 2, (
         f"--check-config exited {check.returncode} for a log config `weft serve` refuses "
@@ -154,28 +124,17 @@ def test_check_config_exits_2_for_a_log_config_that_serve_refuses(
 # -- 3. JSON lines: every line of stderr is a JSON object ------------------------------
 
 
-def _non_json(text: str) -> list[str]:
-    bad = []
-    for line in text.splitlines():
-        try:
-            if not isinstance(json.loads(line), dict):
-                bad.append(line)
-        except ValueError:
-            bad.append(line)
-    return bad
-
-
 @pytest.mark.timeout(60)
 def test_json_log_format_keeps_a_handler_import_error_a_json_line(tmp_path: Path) -> None:
     """--log-format json: 'one JSON object a line'. Logging is set up before the handler
     is imported, so the import error (exit 2) is a JSON line too (it was plain text)."""
     run = subprocess.run(weft_serve("nosuchmodule:handle", "-b", "127.0.0.1:0",
                                     "--log-format", "json"),
-                         env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                         env=env(), cwd=tmp_path, capture_output=True, text=True,
                          timeout=30)  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip(), "nothing said"
-    assert _non_json(run.stderr) == [], f"non-JSON lines: {_non_json(run.stderr)}"
+    assert non_json(run.stderr) == [], f"non-JSON lines: {non_json(run.stderr)}"
 
 
 @pytest.mark.timeout(60)
@@ -195,7 +154,7 @@ def test_json_log_format_keeps_the_watchdogs_stack_dump_json(
     argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager, "-w", "1",
                       "--timeout", "2", "--graceful-timeout", "1", "--log-format", "json",
                       *extra)  # fmt: skip
-    with Served(argv, cwd=tmp_path, env=_env()) as served:
+    with Served(argv, cwd=tmp_path, env=env()) as served:
         served.wait_for("worker ready", 1)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             assert client.recv(1) == b"+"
@@ -204,7 +163,7 @@ def test_json_log_format_keeps_the_watchdogs_stack_dump_json(
         served.signal(signal.SIGTERM)
         served.finish(20)
         served.wait_closed(10)
-        bad = _non_json(served.text)
+        bad = non_json(served.text)
     assert bad == [], f"{len(bad)} non-JSON line(s) on stderr, e.g. {bad[:3]}"
     records = [json.loads(line) for line in served.text.splitlines() if line.strip()]
     dumps = [r["stacks"] for r in records if "stacks" in r]
@@ -228,7 +187,7 @@ def test_access_log_counts_no_byte_in_for_a_client_that_sent_none(
     port = free_port()
     argv = weft_serve(_handler(manager), "-b", f"127.0.0.1:{port}", "-k", manager,
                       "--access-log", "--log-format", "json", *extra)  # fmt: skip
-    with Served(argv, cwd=tmp_path, env=_env()) as served:
+    with Served(argv, cwd=tmp_path, env=env()) as served:
         served.wait_for("listening on", 1)
         for _ in range(10):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -306,7 +265,7 @@ def _stuck_stop(tmp_path: Path, manager: str) -> tuple[int, list[str]]:
     port = free_port()
     argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager, "--log-format",
                       "json", "--graceful-timeout", "1")  # fmt: skip
-    with Served(argv, cwd=tmp_path, env=_env()) as served:
+    with Served(argv, cwd=tmp_path, env=env()) as served:
         served.wait_for("listening on", 1)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             assert client.recv(1) == b"+"
@@ -326,7 +285,7 @@ def test_json_log_format_keeps_the_stop_deadlines_report_json(tmp_path: Path) ->
     --log-format json (it was a plain line and a raw faulthandler dump)."""
     status, lines = _stuck_stop(tmp_path, "gevent")
     assert status == 4
-    bad = _non_json("".join(lines))
+    bad = non_json("".join(lines))
     assert bad == [], f"{len(bad)} non-JSON line(s), e.g. {bad[:3]}"
 
 
@@ -357,7 +316,7 @@ def test_access_log_counts_the_bytes_of_a_tls_refused_client_on_trio(tmp_path: P
     argv = weft_serve("_serving:handle_async", "-b", f"127.0.0.1:{port}", "-k", "trio",
                       "--log-format", "json", "--access-log", "--certfile", certs["cert"],
                       "--keyfile", certs["key"], "--tls-handshake-timeout", "1")  # fmt: skip
-    with Served(argv, cwd=tmp_path, env=_env()) as served:
+    with Served(argv, cwd=tmp_path, env=env()) as served:
         served.wait_for("listening on", 1)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.sendall(b"GET / HTTP/1.0\r\n\r\n")

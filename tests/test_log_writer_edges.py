@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import select
 import signal
@@ -19,40 +18,14 @@ import threading
 import time
 
 import pytest
-from _serving import environment, free_port, weft_serve
+from _log_pipes import F_SETPIPE_SZ, IDS, MANAGERS, env, non_json, read_until
+from _serving import free_port, weft_serve
 
-MANAGERS = [
-    ("threads", ()),
-    ("gevent", ()),
-    ("trio", ()),
-    ("asyncio", ()),
-    ("asyncio", ("-o", "loop=uvloop")),
-]
-IDS = ["threads", "gevent", "trio", "asyncio", "uvloop"]
 H = "_log_writer_handlers"
-F_SETPIPE_SZ = 1031
-
-
-def _env() -> dict[str, str]:
-    return {**environment(), "WEFT_CONTROL_SOCKET": "off"}
 
 
 def _handler(manager: str, name: str) -> str:
     return f"{H}:{name}_async" if manager in ("trio", "asyncio") else f"{H}:{name}"
-
-
-def _read_until(fd: int, marker: bytes, count: int, timeout: float) -> bytes:
-    """Read fd until ``marker`` came ``count`` times (select with a deadline)."""
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while buf.count(marker) < count:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {count}x {marker!r} within {timeout}s: {buf[-2000:]!r}"
-        if select.select([fd], [], [], left)[0]:
-            chunk = os.read(fd, 65536)
-            assert chunk, f"EOF before {count}x {marker!r}: {buf[-2000:]!r}"
-            buf += chunk
-    return buf
 
 
 def _read_to_eof(fd: int, timeout: float) -> bytes:
@@ -106,11 +79,11 @@ def test_a_non_blocking_stderr_pipe_loses_no_line_uncounted(
     os.set_blocking(write_end, False)
     argv = weft_serve(_handler(manager, "burst"), "-b", f"127.0.0.1:{port}", "-k", manager,
                       *extra)  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=_env(),
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=env(),
                             stdin=subprocess.DEVNULL)  # fmt: skip
     os.close(write_end)
     try:
-        head = _read_until(read_end, b"listening on", 1, 30)
+        head = read_until(read_end, b"listening on", 1, 30)
         # Nobody reads while the burst is logged; then everything is read.
         assert _ask(port, b"3000\n") == b"done\n"
         # The writer thread has time to meet a full pipe (waits on the result, not
@@ -150,12 +123,12 @@ def test_long_lines_of_two_workers_never_interleave_mid_line(
     argv = weft_serve(_handler(manager, "long_lines"), "-b", f"127.0.0.1:{port}", "-k",
                       manager, "--workers", "2", *extra)  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+                            env=env(), stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.stderr is not None
     fd = proc.stderr.fileno()
     chunks: list[bytes] = []
     try:
-        chunks.append(_read_until(fd, b"worker ready", 2, 30))
+        chunks.append(read_until(fd, b"worker ready", 2, 30))
         done = threading.Event()
 
         def reader() -> None:
@@ -201,23 +174,17 @@ def _json_serve(handler: str, manager: str, extra: tuple[str, ...]) -> list[str]
     argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager, "--log-format",
                       "json", *extra)  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+                            env=env(), stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.stderr is not None
     try:
-        head = _read_until(proc.stderr.fileno(), b"listening on", 1, 30)
+        head = read_until(proc.stderr.fileno(), b"listening on", 1, 30)
         assert _ask(port, b"go\n", 10) == b"done\n"
         proc.send_signal(signal.SIGTERM)
         rest = _read_to_eof(proc.stderr.fileno(), 30)
         proc.wait(20)
     finally:
         _stop(proc)
-    not_json = []
-    for line in (head + rest).decode("utf-8", "replace").splitlines():
-        try:
-            json.loads(line)
-        except ValueError:
-            not_json.append(line)
-    return not_json
+    return non_json((head + rest).decode("utf-8", "replace"))
 
 
 @pytest.mark.timeout(60)
@@ -227,7 +194,7 @@ def test_json_log_format_keeps_a_handlers_warning_a_json_line(
 ) -> None:
     """A handler calls warnings.warn (as libraries do for deprecations). Under
     --log-format json ("every line weft writes is one JSON object") the warning is
-    is one JSON line (warnings captured by logging). It was written by
+    one JSON line (warnings captured by logging). It was written by
     warnings.showwarning straight to sys.stderr as two raw text lines, past the
     log's own writer thread too."""
     not_json = _json_serve(_handler(manager, "warns"), manager, extra)
@@ -275,7 +242,7 @@ def test_a_failure_to_start_with_a_stalled_stderr_still_exits(log_format: str) -
     os.set_blocking(write_end, True)
     argv = weft_serve("nosuchmod_probe_logs2:handler", "-b", f"127.0.0.1:{free_port()}",
                       "--log-format", log_format)  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=_env(),
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=env(),
                             stdin=subprocess.DEVNULL)  # fmt: skip
     os.close(write_end)
     try:
