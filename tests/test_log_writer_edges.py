@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import select
 import signal
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from _log_pipes import F_SETPIPE_SZ, IDS, MANAGERS, env, non_json, read_until
@@ -164,6 +166,67 @@ def test_long_lines_of_two_workers_never_interleave_mid_line(
         f"--workers 2, stderr one pipe: {len(long)} long lines (60 logged), {len(broken)} of "
         f"them not one worker's whole line, e.g. {[b[:60] + '...' for b in broken[:2]]}"
     )
+
+
+def _read_long_line(fd: int, longer_than: int, timeout: float) -> str:
+    """Read ``fd`` until a whole line longer than ``longer_than`` came; that line."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        for line in buf.split(b"\n")[:-1]:
+            if len(line) > longer_than:
+                return line.decode("utf-8", "replace")
+        left = deadline - time.monotonic()
+        assert left > 0, f"no line longer than {longer_than} bytes within {timeout}s"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 1 << 20)
+            assert chunk, "EOF before the long line"
+            buf += chunk
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "extra"), MANAGERS, ids=IDS)
+def test_a_process_stopped_holding_the_line_lock_stops_no_other_processs_log(
+    manager: str, extra: tuple[str, ...]
+) -> None:
+    """--workers 2. The lock the processes write long lines under is taken and kept,
+    here by this test: it stands in for a worker stopped (SIGSTOP, a debugger) in the
+    middle of a line, which cannot be timed to happen. Promise: everyone else's log
+    goes on: the supervisor logs a worker's SIGKILL, and a worker's 200,000-byte
+    line comes out, each within the lock's 1 s patience plus a grace. Seen before, in CI: a worker stopped
+    right after its "worker ready" line, while it still held the lock, and the
+    supervisor's "exited with SIGKILL" line for the other never came (30 s): every
+    line of every process waited for the lock forever."""
+    port = free_port()
+    argv = weft_serve(_handler(manager, "long_lines"), "-b", f"127.0.0.1:{port}", "-k",
+                      manager, "--workers", "2", *extra)  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    try:
+        head = read_until(fd, b"worker ready", 2, 30).decode()
+        pids = [int(m) for m in re.findall(r"worker (\d+) started", head)]
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        number = next(v.split(b"=", 1)[1] for v in environ if v.startswith(b"_WEFT_LOG_LOCK_FD="))
+        holder = os.open(f"/proc/{proc.pid}/fd/{int(number)}", os.O_RDONLY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            killed = time.monotonic()
+            os.kill(pids[0], signal.SIGKILL)
+            read_until(fd, f"worker {pids[0]} exited with SIGKILL".encode(), 1, 10)
+            exit_logged = time.monotonic() - killed
+            asked = time.monotonic()
+            assert _ask(port, b"1\n", 10) == b"done\n"
+            line = _read_long_line(fd, 200_000, 10)
+            long_logged = time.monotonic() - asked
+        finally:
+            os.close(holder)
+    finally:
+        _stop(proc)
+    assert line.endswith(line[-1] * 200_000)
+    for what, took in (("the exit line", exit_logged), ("a long line", long_logged)):
+        assert took < 1.0 + 4.0, f"{what} took {took:.1f}s past a stopped lock holder"
 
 
 # -- 3. JSON stays JSON: warnings, logging.lastResort --------------------------------

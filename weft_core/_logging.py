@@ -62,6 +62,11 @@ __all__ = [
 BACKLOG_LINES = 10_000
 #: At exit, how long the lines still waiting may take to reach stderr.
 EXIT_FLUSH = 2.0
+#: How long a line waits for the lock of the processes sharing stderr while stderr
+#: has room, before it is written without (its holder is stopped), and how often the
+#: lock is tried meanwhile.
+LOCK_PATIENCE = 1.0
+LOCK_NAP = 0.01
 
 _TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
@@ -255,6 +260,9 @@ class StderrHandler(logging.Handler):
         #: Lines written so far, and that count when a flush last gave up waiting.
         self._written = 0
         self._stuck_at = -1
+        #: True once another process kept the line lock past LOCK_PATIENCE (and until
+        #: this one takes it again): lines go without it meanwhile.
+        self._lock_held_elsewhere = False
         start(self._write_forever, ())
         atexit.register(self.flush_within, EXIT_FLUSH)
 
@@ -312,10 +320,10 @@ class StderrHandler(logging.Handler):
                 return False
             return True
         data = line.encode(self._encoding, "backslashreplace")
+        # Every line: a pipe takes a short one whole, but it could land between the
+        # pieces of another process's long one.
         lock = _line_lock_fd()
-        if lock is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        locked = lock is not None and self._lock_line(lock, fd)
         try:
             while data:
                 try:
@@ -325,10 +333,38 @@ class StderrHandler(logging.Handler):
                 except OSError:
                     return False
         finally:
-            if lock is not None:
+            if locked and lock is not None:
                 with contextlib.suppress(OSError):
                     fcntl.flock(lock, fcntl.LOCK_UN)
         return True
+
+    def _lock_line(self, lock: int, fd: int) -> bool:
+        """Take the lock the processes sharing stderr write their lines under; False: go without.
+
+        Waits while another holds it to write: for as long as stderr is full (that
+        holder waits for the reader, as this line would), and up to LOCK_PATIENCE
+        while stderr has room. A holder that keeps it longer with room to write is
+        stopped (SIGSTOP, a debugger) or stuck, and must not stop every other
+        process's log: this line is written without the lock, as are the next ones
+        while that holder still has it (they may be cut into, none is lost).
+        """
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False
+            else:
+                self._lock_held_elsewhere = False
+                return True
+            if self._lock_held_elsewhere or waited >= LOCK_PATIENCE:
+                self._lock_held_elsewhere = True
+                return False
+            if writable(fd, time.monotonic()):  # room to write, yet the holder does not
+                waited += LOCK_NAP
+            self._nap.acquire(True, LOCK_NAP)
 
     def _report_dropped(self) -> None:
         dropped = len(self._dropped)
