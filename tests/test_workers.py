@@ -59,12 +59,19 @@ def manager(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def start(tmp_path: Path, manager: str, *extra: str, workers: int = 2) -> tuple[Served, str]:
+def start(
+    tmp_path: Path,
+    manager: str,
+    *extra: str,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+) -> tuple[Served, str]:
     """Start a supervisor; return it and its address once every worker is ready."""
     served = Served(
         weft_serve(handler_for(manager), "--manager", manager, "--workers", str(workers),
                    "--bind", "127.0.0.1:0", "--graceful-timeout", "20", *extra),
         cwd=tmp_path,
+        env=env,
     )  # fmt: skip
     try:
         ((address, named),) = (m.groups() for m in served.wait_for(LISTENING))

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _acceptpolicy as policy
 from ._accesslog import log_access
+from ._balance import AcceptBalance, worker_balance
 from ._blocking import WakeableListener
 from ._connection import ConnectionInfo, format_address
 from ._control import ConnectionSnapshot
@@ -386,6 +387,11 @@ class Engine(ABC, Generic[R]):
         self.shed_log = policy.RateLimitedLog(log)
         self.listeners = [ListenerTask(lst, runtime, settings) for lst in listeners]
         self.listeners_closed = False
+        #: A worker's share of the clients of the listener it shares with its
+        #: siblings (``--workers``): see :mod:`weft_core._balance`. None elsewhere.
+        self.balance: AcceptBalance | None = (
+            worker_balance() if any(lt.shared for lt in self.listeners) else None
+        )
 
     # -- what each flavour provides ----------------------------------------------------
 
@@ -413,6 +419,7 @@ class Engine(ABC, Generic[R]):
 
     def start(self) -> None:
         """Add one acceptor task per listener to the manager."""
+        self._accepting(True)
         for lt in self.listeners:
             lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
             if lt.task_id is None:
@@ -589,6 +596,8 @@ class Engine(ABC, Generic[R]):
                 self.counts["accepted"] += 1
                 if self.preamble:
                     self.preambles[conn] = None
+            if self.balance is not None:
+                self.balance.took(len(self.conns))
         if stopping:
             self._finish(conn)  # gives its slot back
             close_quietly(sock)
@@ -752,6 +761,8 @@ class Engine(ABC, Generic[R]):
         with self.lock:
             present = conn in self.conns
             self.conns.discard(conn)
+            if self.balance is not None:
+                self.balance.publish(len(self.conns))
             if self.preamble:
                 self.preambles.pop(conn, None)
             if self.idle_waiters and not self.conns:
@@ -824,6 +835,34 @@ class Engine(ABC, Generic[R]):
             self.hooks.connection_refused(self.owner, info.peer_str, "tls")
         return False
 
+    # -- taking turns with the workers sharing a listener -----------------------------
+
+    def _accepting(self, accepting: bool) -> None:
+        """Tell the sibling workers whether this one takes clients now (and what it holds)."""
+        if self.balance is not None:
+            with self.lock:
+                self.balance.accepting(len(self.conns) if accepting else None)
+
+    def _turn(self) -> dict[int, int] | None:
+        """After a client was taken from a shared listener: the siblings to leave the next to.
+
+        None, or empty, when this worker is not ahead of any: the acceptor only
+        yields, once. Else their ``taken``: the acceptor naps until one of them
+        takes a client (:meth:`_turn_taken`), for at most ``TURN_NAPS`` naps.
+        """
+        balance = self.balance
+        return None if balance is None else balance.behind(len(self.conns))
+
+    def _turn_taken(self, lt: ListenerTask, behind: dict[int, int]) -> bool:
+        """After a nap: True once a sibling behind took a client, or none is waiting."""
+        assert self.balance is not None
+        return self.balance.took_since(behind) or not policy.pending(lt.native.fileno())
+
+    def _turn_missed(self, behind: dict[int, int]) -> None:
+        """Every nap passed and clients still wait: those siblings are not counted a while."""
+        assert self.balance is not None
+        self.balance.pass_over(behind)
+
     # -- live control (Server.pause_accepting, max_connections, close_connection) ------
 
     def pause(self) -> None:
@@ -837,6 +876,7 @@ class Engine(ABC, Generic[R]):
             if self.paused or self.closing or self.listeners_closed:
                 return
             self.paused = True
+            self._accepting(False)
             for lt in self.listeners:
                 if lt.task_id is not None:
                     self._stop_acceptor(lt)
@@ -867,6 +907,7 @@ class Engine(ABC, Generic[R]):
             if not self.paused or self.closing or self.listeners_closed:
                 return
             self.paused = False
+            self._accepting(True)
             for lt in self.listeners:
                 if isinstance(lt.native, WakeableListener):
                     lt.native.clear_wake()  # the wake that ended the paused acceptor
@@ -974,6 +1015,7 @@ class Engine(ABC, Generic[R]):
         """Phases 1 to 3 of a stop, bounded by ``timeout`` plus :data:`STOP_GRACE`."""
         began = time.monotonic()
         self.closing = True
+        self._accepting(False)
         self.hurry(None if timeout is None else began + timeout)
         self.stop_acceptors(LOOP_WAIT)
         self.request_shutdown(self.snapshot())

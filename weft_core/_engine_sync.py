@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from . import _acceptpolicy as policy
+from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
 from ._errors import FAILURES, TaskShutdown
@@ -102,8 +103,17 @@ class SyncEngine(Engine[SyncRuntime]):
                         continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
-                if lt.shared:
-                    rt.sleep(0)
+                if lt.shared:  # one client per turn; a sibling behind gets the next
+                    behind = self._turn()
+                    if behind:
+                        for _ in range(TURN_NAPS):
+                            rt.sleep(NAP)
+                            if self._turn_taken(lt, behind):
+                                break
+                        else:
+                            self._turn_missed(behind)
+                    else:
+                        rt.sleep(0)
         finally:
             if held and slots is not None:
                 slots.release()

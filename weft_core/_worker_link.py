@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from ._balance import worker_balance
 from ._config import Config
 from ._errors import ConfigError
 from ._signals import enable_stack_dump
@@ -210,6 +211,9 @@ def become_worker(supervisor_fd: int) -> WorkerLink:
             " `weft serve --workers N` for its workers, not by hand",
             source="command line",
         ) from None
+    # Its cell of the accept balance, taken now, before the application is imported:
+    # a process it starts then must inherit neither the map nor the variable.
+    worker_balance()
     serve_log.addFilter(_worker_ready)
     enable_stack_dump()
     return WorkerLink(supervisor_fd)

@@ -72,6 +72,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from ._balance import ENV as BALANCE_ENV
+from ._balance import BalanceMap
 from ._config import parse_option_value
 from ._connection import format_address
 from ._errors import ConfigError
@@ -321,6 +323,8 @@ class _Worker:
     told: str = ""  # how it was told to stop ("SIGTERM", "SIGQUIT", "a drain request")
     #: Which sockets it inherited (``WorkerSockets``): its replacement takes the same.
     slot: int = 0
+    #: Its cell of the accept balance map (None: it has none, adopted or beyond the map).
+    cell: int | None = None
 
 
 class Adopted(NamedTuple):
@@ -388,6 +392,9 @@ class Supervisor:
         #: The file whose lock the workers and this process take to write a long log
         #: line whole to the stderr they share (None: none could be made).
         self._line_lock = share_line_lock()
+        #: Where the workers say how many connections each holds, to take turns at a
+        #: shared listener (None: it cannot be made; they go unbalanced).
+        self._turns = BalanceMap.make()
         #: Functions other threads asked the loop to run (:meth:`call`), with their futures.
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._sockets = sockets
@@ -872,6 +879,8 @@ class Supervisor:
             if not worker.eof:
                 self._read_link(worker, now)  # a ready byte outlives the worker
             worker.link.close()
+            if worker.cell is not None and self._turns is not None:
+                self._turns.release(worker.cell)  # it may have died holding connections
             if self._on_worker_exit is not None:
                 self._on_worker_exit(pid)
             self._exited(worker, code, now)
@@ -1007,6 +1016,12 @@ class Supervisor:
         sockets = self._sockets.of(slot)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
+        env = child_environment(os.environ)
+        balance, cell = self._turns, None
+        if balance is not None:
+            cell = balance.claim({w.cell for w in self._workers.values() if w.cell is not None})
+            if cell is not None:
+                env[BALANCE_ENV] = balance.environment(cell)
         try:
             proc = subprocess.Popen(
                 self._command(theirs.fileno(), sockets),
@@ -1014,9 +1029,10 @@ class Supervisor:
                     *(s.fileno() for s in sockets),
                     theirs.fileno(),
                     *(() if self._line_lock is None else (self._line_lock,)),
+                    *(() if cell is None or balance is None else (balance.fd,)),
                 ),
                 stdin=subprocess.DEVNULL,
-                env=child_environment(os.environ),
+                env=env,
                 # Its own session: a Ctrl-C on the terminal reaches the supervisor
                 # alone, which forwards one SIGTERM. Two signals would make a worker
                 # quit at once rather than drain.
@@ -1032,7 +1048,7 @@ class Supervisor:
             theirs.close()
         # We reap it ourselves (_reap); Popen must not wait for it in __del__.
         proc.returncode = 0
-        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay, slot=slot)
+        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay, slot=slot, cell=cell)
         log.info("worker %d started", proc.pid)
 
     def _wait_time(self, now: float) -> float:
