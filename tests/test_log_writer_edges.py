@@ -111,6 +111,19 @@ def test_a_non_blocking_stderr_pipe_loses_no_line_uncounted(
 # -- 2. two workers' long lines on one stderr pipe -----------------------------------
 
 
+def _two_workers_logging_long_lines(
+    manager: str, extra: tuple[str, ...]
+) -> tuple[int, subprocess.Popen[bytes], int]:
+    """``weft serve --workers 2`` whose handler logs long lines: its port, process, stderr."""
+    port = free_port()
+    argv = weft_serve(_handler(manager, "long_lines"), "-b", f"127.0.0.1:{port}", "-k",
+                      manager, "--workers", "2", *extra)  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.stderr is not None
+    return port, proc, proc.stderr.fileno()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("manager", "extra"), MANAGERS, ids=IDS)
 def test_long_lines_of_two_workers_never_interleave_mid_line(
@@ -121,13 +134,7 @@ def test_long_lines_of_two_workers_never_interleave_mid_line(
     pipe write larger than PIPE_BUF is not atomic, so the kernel interleaved the two
     workers' bytes (and the supervisor's short lines) until each line was written
     under a lock the processes share: each line whole, of one process."""
-    port = free_port()
-    argv = weft_serve(_handler(manager, "long_lines"), "-b", f"127.0.0.1:{port}", "-k",
-                      manager, "--workers", "2", *extra)  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env(), stdin=subprocess.DEVNULL)  # fmt: skip
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
+    port, proc, fd = _two_workers_logging_long_lines(manager, extra)
     chunks: list[bytes] = []
     try:
         chunks.append(read_until(fd, b"worker ready", 2, 30))
@@ -189,21 +196,16 @@ def _read_long_line(fd: int, longer_than: int, timeout: float) -> str:
 def test_a_process_stopped_holding_the_line_lock_stops_no_other_processs_log(
     manager: str, extra: tuple[str, ...]
 ) -> None:
-    """--workers 2. The lock the processes write long lines under is taken and kept,
-    here by this test: it stands in for a worker stopped (SIGSTOP, a debugger) in the
-    middle of a line, which cannot be timed to happen. Promise: everyone else's log
-    goes on: the supervisor logs a worker's SIGKILL, and a worker's 200,000-byte
-    line comes out, each within the lock's 1 s patience plus a grace. Seen before, in CI: a worker stopped
-    right after its "worker ready" line, while it still held the lock, and the
-    supervisor's "exited with SIGKILL" line for the other never came (30 s): every
-    line of every process waited for the lock forever."""
-    port = free_port()
-    argv = weft_serve(_handler(manager, "long_lines"), "-b", f"127.0.0.1:{port}", "-k",
-                      manager, "--workers", "2", *extra)  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env(), stdin=subprocess.DEVNULL)  # fmt: skip
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
+    """--workers 2. The lock the processes write their log lines under is taken and
+    kept, here by this test: it stands in for a worker stopped (SIGSTOP, a debugger)
+    in the middle of a line, which cannot be timed to happen. Promise: everyone
+    else's log goes on: the supervisor logs a worker's SIGKILL, and a worker's
+    200,000-byte line comes out, each within the lock's 1 s patience plus a grace.
+    Seen before, in CI: a worker stopped right after its "worker ready" line, while
+    it still held the lock, and the supervisor's "exited with SIGKILL" line for the
+    other never came (30 s): every line of every process waited for the lock
+    forever."""
+    port, proc, fd = _two_workers_logging_long_lines(manager, extra)
     try:
         head = read_until(fd, b"worker ready", 2, 30).decode()
         pids = [int(m) for m in re.findall(r"worker (\d+) started", head)]
