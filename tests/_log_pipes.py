@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from _serving import environment
 
@@ -51,3 +57,57 @@ def non_json(text: str) -> list[str]:
         except ValueError:
             bad.append(line)
     return bad
+
+
+#: A process that takes the service's log line lock as weft does (its pid written at
+#: the start of the lock file), says so, and stops itself; once continued, lets go.
+_HOLDER = """
+import fcntl, os, signal, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, struct.pack("<q", os.getpid()), 0)
+sys.stdout.write("held\\n")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGSTOP)
+fcntl.flock(fd, fcntl.LOCK_UN)
+"""
+
+
+def lock_file(supervisor: int, worker: int) -> str:
+    """The path (through /proc) of the lock the service's processes write log lines under."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    number = next(v.split(b"=", 1)[1] for v in environ if v.startswith(b"_WEFT_LOG_LOCK_FD="))
+    return f"/proc/{supervisor}/fd/{int(number)}"
+
+
+@contextlib.contextmanager
+def stopped_lock_holder(supervisor: int, worker: int) -> Iterator[Callable[[], None]]:
+    """A process holding the service's log line lock, stopped (SIGSTOP): a worker a
+    debugger stopped in the middle of a line. Yields ``resume``, which continues it
+    (it lets go and exits); it is killed on the way out in any case."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, lock_file(supervisor, worker)],
+                              stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"held\n"
+        deadline = time.monotonic() + 10
+        while _state(holder.pid) not in ("T", "t"):
+            assert time.monotonic() < deadline, "the lock holder did not stop"
+            time.sleep(0.001)
+
+        def resume() -> None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.wait(10)
+
+        yield resume
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]

@@ -15,8 +15,12 @@ least-loaded sibling naps before its next ``accept()`` until one of the siblings
 behind takes a client (the same clients woke them), for at most
 ``TURN_NAPS * NAP`` (20 ms). A sibling that lets that whole turn pass while clients
 wait (stopped, stuck, or without CPU) is not counted for :data:`PASS_OVER` (1 s) or
-until it takes one: a worker that does not accept costs one that does a turn a
-second, not a turn a client.
+until it takes one; and whatever the siblings do (one starved of CPU takes a
+client in each turn, but late), an acceptor naps at most :data:`TURN_BUDGET` (0.1
+s) a second. A worker that does not keep up costs one that does a tenth of its
+time at most, never a turn a client. Only listeners every sibling accepts from take
+turns: with ``--reuse-port`` a TCP socket is the worker's own, and no sibling can
+take its clients.
 
 A cell is ``(held, taken)``: the connections its worker holds, ``ABSENT`` while it
 does not accept (starting, paused, stopping, gone), and how many it accepted so
@@ -28,9 +32,12 @@ were ever handed out.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import time
+from collections.abc import Collection
+from typing import Any
 
 __all__ = [
     "ABSENT",
@@ -38,6 +45,7 @@ __all__ = [
     "NAP",
     "PASS_OVER",
     "SLACK",
+    "TURN_BUDGET",
     "TURN_NAPS",
     "AcceptBalance",
     "BalanceMap",
@@ -54,8 +62,11 @@ SLACK = 2
 #: naps of NAP seconds, looking after each whether the sibling took one.
 NAP = 0.001
 TURN_NAPS = 20
-#: How long a sibling that let a whole turn pass with clients waiting is not counted.
+#: How long a sibling that let a whole turn pass with clients waiting is not counted;
+#: and the window in which an acceptor naps TURN_BUDGET at most, whatever its
+#: siblings do (one that takes a client in each turn, but slowly, included).
 PASS_OVER = 1.0
+TURN_BUDGET = 0.1  # a burst on a shared core takes a few turns; three in a second fit
 #: ``held`` of a worker that does not accept now.
 ABSENT = -1
 _SIZE = (2 + 2 * CELLS) * 8
@@ -65,9 +76,16 @@ class BalanceMap:
     """The supervisor's side: makes the map, hands out cells, marks them absent."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("weft-accept-balance")
+        self.fd = os.memfd_create("weft-accept-balance", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, _SIZE)
+            # Its size fixed for good: a process that truncated it (any of this user's,
+            # through /proc/PID/fd) would kill every mapper with SIGBUS.
+            fcntl.fcntl(
+                self.fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            )
             self._map = mmap.mmap(self.fd, _SIZE)
         except BaseException:
             os.close(self.fd)
@@ -96,20 +114,29 @@ class BalanceMap:
         """Mark ``cell`` absent: its worker is gone, or not accepting yet."""
         self._cells[2 + 2 * cell] = ABSENT
 
-    def environment(self, cell: int) -> str:
-        """The value of :data:`ENV` for the worker given ``cell``."""
-        return f"{self.fd}:{cell}"
+    def environment(self, cell: int, shared: Collection[int]) -> str:
+        """The value of :data:`ENV` for the worker given ``cell``.
+
+        ``shared``: the descriptors of its listeners that every sibling accepts from
+        too (with ``--reuse-port``, a TCP socket is the worker's own: not shared).
+        """
+        return f"{self.fd}:{cell}:{','.join(map(str, sorted(shared)))}"
 
 
 class AcceptBalance:
     """A worker's side: publishes what it holds, and says when to leave a client to others."""
 
-    __slots__ = ("_cells", "_map", "_me", "_passed", "present")
+    __slots__ = ("_cells", "_map", "_me", "_passed", "_spent", "_window", "fds", "present")
 
-    def __init__(self, fd: int, cell: int) -> None:
+    def __init__(self, fd: int, cell: int, fds: Collection[int] = ()) -> None:
         self._map = mmap.mmap(fd, _SIZE)
         self._cells = memoryview(self._map).cast("q")
         self._me = 2 + 2 * cell
+        #: The descriptors of the listeners this worker shares with its siblings.
+        self.fds = frozenset(fds)
+        #: Nap time spent in the window that began at ``_window`` (monotonic).
+        self._spent = 0.0
+        self._window = 0.0
         #: Siblings that took no client in a whole turn while clients waited: until
         #: when they are not counted, and the ``taken`` they had (once it changes,
         #: they count again).
@@ -121,16 +148,25 @@ class AcceptBalance:
     def from_environment(cls) -> AcceptBalance | None:
         """This worker's balance, from :data:`ENV` (taken out of the environment); or None."""
         value = os.environ.pop(ENV, "")
-        fd, _, cell = value.partition(":")
+        fd, _, rest = value.partition(":")
+        cell, _, shared = rest.partition(":")
+        fds = [int(n) for n in shared.split(",") if n.isdigit()]
         if not (fd.isdigit() and cell.isdigit()) or int(cell) >= CELLS:
             return None
         try:
-            return cls(int(fd), int(cell))
+            return cls(int(fd), int(cell), fds)
         except (OSError, ValueError):
             return None
         finally:
             with contextlib.suppress(OSError):
                 os.close(int(fd))  # the mapping holds the memory; the descriptor is not needed
+
+    def shares(self, listener: Any) -> bool:
+        """True if the siblings accept from ``listener`` too (a socket of the runtime's)."""
+        try:
+            return int(listener.fileno()) in self.fds
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def publish(self, held: int) -> None:
         """Say how many connections this worker holds (while it accepts)."""
@@ -156,8 +192,13 @@ class AcceptBalance:
         """
         if held <= SLACK:  # ahead of nobody (the common case under churn): no reads
             return {}
+        now = time.monotonic()
+        if now - self._window >= PASS_OVER:
+            self._window, self._spent = now, 0.0
+        elif self._spent >= TURN_BUDGET:
+            return {}  # this window's naps are spent: accept freely until the next
         cells = self._cells
-        count = min(cells[0], CELLS)
+        count = max(0, min(cells[0], CELLS))
         helds = cells[2 : 2 + 2 * count : 2].tolist()
         passed = self._passed
         behind: dict[int, int] = {}
@@ -173,6 +214,11 @@ class AcceptBalance:
                 del passed[index]
             behind[index] = taken
         return behind
+
+    def napped(self) -> bool:
+        """Count a nap of :data:`NAP`; False once this window's TURN_BUDGET is spent."""
+        self._spent += NAP
+        return self._spent < TURN_BUDGET
 
     def took_since(self, behind: dict[int, int]) -> bool:
         """True if one of the siblings ``behind`` (as :meth:`behind` gave them) took a client."""

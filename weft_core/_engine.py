@@ -187,6 +187,7 @@ class ListenerTask:
 
     __slots__ = (
         "address",
+        "balanced",
         "generation",
         "listener",
         "local",
@@ -228,6 +229,10 @@ class ListenerTask:
         #: and a burst of clients spreads over the processes instead of going whole
         #: to whichever woke first (gunicorn sets gevent's ``max_accept = 1`` so).
         self.shared = listener.shared
+        #: Its sibling workers share it too, so they take its clients in turns
+        #: (:mod:`weft_core._balance`): not a socket of this worker's own
+        #: (``--reuse-port``), which no sibling can take a client from.
+        self.balanced = False
 
     def wake_with(self, runtime: SyncRuntime | AsyncRuntime) -> Callable[[], None]:
         """The acceptor's shutdown callback: the runtime wakes a pending accept()."""
@@ -387,11 +392,13 @@ class Engine(ABC, Generic[R]):
         self.shed_log = policy.RateLimitedLog(log)
         self.listeners = [ListenerTask(lst, runtime, settings) for lst in listeners]
         self.listeners_closed = False
-        #: A worker's share of the clients of the listener it shares with its
+        #: A worker's share of the clients of the listeners it shares with its
         #: siblings (``--workers``): see :mod:`weft_core._balance`. None elsewhere.
-        self.balance: AcceptBalance | None = (
-            worker_balance() if any(lt.shared for lt in self.listeners) else None
-        )
+        self.balance: AcceptBalance | None
+        balance = worker_balance() if any(lt.shared for lt in self.listeners) else None
+        for lt in self.listeners:
+            lt.balanced = balance is not None and lt.shared and balance.shares(lt.native)
+        self.balance = balance if any(lt.balanced for lt in self.listeners) else None
 
     # -- what each flavour provides ----------------------------------------------------
 
@@ -843,20 +850,31 @@ class Engine(ABC, Generic[R]):
             with self.lock:
                 self.balance.accepting(len(self.conns) if accepting else None)
 
-    def _turn(self) -> dict[int, int] | None:
+    def _turn(self, lt: ListenerTask) -> dict[int, int] | None:
         """After a client was taken from a shared listener: the siblings to leave the next to.
 
-        None, or empty, when this worker is not ahead of any: the acceptor only
-        yields, once. Else their ``taken``: the acceptor naps until one of them
-        takes a client (:meth:`_turn_taken`), for at most ``TURN_NAPS`` naps.
+        None, or empty, when this worker is not ahead of any (or its turns used
+        their share of this second): the acceptor only yields, once. Else their
+        ``taken``: the acceptor naps until one of them takes a client
+        (:meth:`_turn_taken`), for at most ``TURN_NAPS`` naps.
         """
         balance = self.balance
-        return None if balance is None else balance.behind(len(self.conns))
+        if balance is None or not lt.balanced:
+            return None
+        return balance.behind(len(self.conns))
 
     def _turn_taken(self, lt: ListenerTask, behind: dict[int, int]) -> bool:
-        """After a nap: True once a sibling behind took a client, or none is waiting."""
-        assert self.balance is not None
-        return self.balance.took_since(behind) or not policy.pending(lt.native.fileno())
+        """After a nap: True once a sibling behind took a client, or none waits.
+
+        True too once this window's naps are spent (``TURN_BUDGET``).
+        """
+        balance = self.balance
+        assert balance is not None
+        return (
+            not balance.napped()
+            or balance.took_since(behind)
+            or not policy.pending(lt.native.fileno())
+        )
 
     def _turn_missed(self, behind: dict[int, int]) -> None:
         """Every nap passed and clients still wait: those siblings are not counted a while."""
@@ -991,6 +1009,7 @@ class Engine(ABC, Generic[R]):
         inside the runtime, which must not block it).
         """
         self.listeners_closed = True
+        self._accepting(False)  # draining (a retire, a reload): siblings do not wait for it
 
         def stop_them() -> None:
             for lt in self.listeners:

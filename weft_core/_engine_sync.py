@@ -104,7 +104,7 @@ class SyncEngine(Engine[SyncRuntime]):
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
                 if lt.shared:  # one client per turn; a sibling behind gets the next
-                    behind = self._turn()
+                    behind = self._turn(lt)
                     if behind:
                         for _ in range(TURN_NAPS):
                             rt.sleep(NAP)

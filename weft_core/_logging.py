@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import select
+import struct
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "setup_logging",
     "share_line_lock",
     "stderr_line",
+    "take_line_lock",
     "writable",
     "write_within",
 ]
@@ -62,10 +64,7 @@ __all__ = [
 BACKLOG_LINES = 10_000
 #: At exit, how long the lines still waiting may take to reach stderr.
 EXIT_FLUSH = 2.0
-#: How long a line waits for the lock of the processes sharing stderr while stderr
-#: has room, before it is written without (its holder is stopped), and how often the
-#: lock is tried meanwhile.
-LOCK_PATIENCE = 1.0
+#: How often a line waiting for the lock of the processes sharing stderr tries it.
 LOCK_NAP = 0.01
 
 _TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -260,9 +259,6 @@ class StderrHandler(logging.Handler):
         #: Lines written so far, and that count when a flush last gave up waiting.
         self._written = 0
         self._stuck_at = -1
-        #: True once another process kept the line lock past LOCK_PATIENCE (and until
-        #: this one takes it again): lines go without it meanwhile.
-        self._lock_held_elsewhere = False
         start(self._write_forever, ())
         atexit.register(self.flush_within, EXIT_FLUSH)
 
@@ -323,7 +319,7 @@ class StderrHandler(logging.Handler):
         # Every line: a pipe takes a short one whole, but it could land between the
         # pieces of another process's long one.
         lock = _line_lock_fd()
-        locked = lock is not None and self._lock_line(lock, fd)
+        locked = lock is not None and self._lock_line(lock)
         try:
             while data:
                 try:
@@ -338,17 +334,16 @@ class StderrHandler(logging.Handler):
                     fcntl.flock(lock, fcntl.LOCK_UN)
         return True
 
-    def _lock_line(self, lock: int, fd: int) -> bool:
+    def _lock_line(self, lock: int) -> bool:
         """Take the lock the processes sharing stderr write their lines under; False: go without.
 
-        Waits while another holds it to write: for as long as stderr is full (that
-        holder waits for the reader, as this line would), and up to LOCK_PATIENCE
-        while stderr has room. A holder that keeps it longer with room to write is
-        stopped (SIGSTOP, a debugger) or stuck, and must not stop every other
-        process's log: this line is written without the lock, as are the next ones
-        while that holder still has it (they may be cut into, none is lost).
+        Waits for as long as its holder runs: it writes, or waits for the reader
+        as this line would. A holder that is stopped (SIGSTOP, a debugger's
+        breakpoint) must not stop every other process's log: while it is, lines
+        are written without the lock (one may then land inside the stopped
+        holder's unfinished line; none is lost). Each holder writes its pid into
+        the lock file as it takes the lock, for the others to look it up.
         """
-        waited = 0.0
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -357,13 +352,11 @@ class StderrHandler(logging.Handler):
             except OSError:
                 return False
             else:
-                self._lock_held_elsewhere = False
+                with contextlib.suppress(OSError):
+                    os.pwrite(lock, _PID.pack(os.getpid()), 0)
                 return True
-            if self._lock_held_elsewhere or waited >= LOCK_PATIENCE:
-                self._lock_held_elsewhere = True
+            if _holder_stopped(lock):
                 return False
-            if writable(fd, time.monotonic()):  # room to write, yet the holder does not
-                waited += LOCK_NAP
             self._nap.acquire(True, LOCK_NAP)
 
     def _report_dropped(self) -> None:
@@ -405,46 +398,94 @@ class StderrHandler(logging.Handler):
 
 
 #: The variable naming the descriptor, inherited from the supervisor, of the file
-#: whose lock the processes sharing stderr take to write a long line whole.
+#: whose lock the processes sharing stderr take to write a line whole. Given to
+#: each worker in its own environment, never put in the supervisor's.
 LINE_LOCK_ENV = "_WEFT_LOG_LOCK_FD"
+#: This process's own open file of the lock (see :func:`_line_lock_fd`).
 _line_lock: int | None = None
+#: The lock file as a supervisor holds it to pass on to its workers (made, or
+#: adopted from the image it re-executed from); None elsewhere.
+_shared_fd: int | None = None
 
 
 def _line_lock_fd() -> int | None:
     """This process's own descriptor of the shared lock file; None if there is none.
 
-    Opened anew (its own open file), so that ``flock`` excludes the other processes;
-    on first use.
+    Opened anew (its own open file), so that ``flock`` excludes the other processes,
+    from the supervisor's descriptor: its own, or, in a worker, the one it inherited,
+    which is then closed and its variable taken out of the environment (a process
+    the worker starts inherits neither). On first use; a worker calls
+    :func:`take_line_lock` before importing the application.
     """
     global _line_lock
     if _line_lock is None:
-        inherited = os.environ.get(LINE_LOCK_ENV, "")
-        if not inherited.isdigit():
-            return None
+        source = _shared_fd
+        inherited: int | None = None
+        if source is None:
+            text = os.environ.pop(LINE_LOCK_ENV, "")
+            if not text.isdigit():
+                return None
+            source = inherited = int(text)
         try:
-            _line_lock = os.open(f"/proc/self/fd/{inherited}", os.O_RDONLY | os.O_CLOEXEC)
+            _line_lock = os.open(f"/proc/self/fd/{source}", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             return None
+        finally:
+            if inherited is not None:
+                with contextlib.suppress(OSError):
+                    os.close(inherited)
     return _line_lock
 
 
-def share_line_lock() -> int | None:
-    """Make the lock file of the processes about to share this stderr; its descriptor.
+#: The holder's pid, as it writes it at the start of the lock file.
+_PID = struct.Struct("<q")
 
-    An unlinked temporary file; its number goes to the children in
-    :data:`LINE_LOCK_ENV` (and to this process, which takes the lock too), and the
-    caller passes the descriptor on to them. None if it cannot be made.
-    """
-    import tempfile
 
+def _holder_stopped(lock: int) -> bool:
+    """True if the process that holds the line lock is stopped (``T``, ``t``)."""
     try:
-        fd, path = tempfile.mkstemp(prefix="weft-log-lock-")
-    except OSError:
-        return None
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    os.environ[LINE_LOCK_ENV] = str(fd)
-    return fd
+        (pid,) = _PID.unpack(os.pread(lock, _PID.size, 0))
+    except (OSError, struct.error):
+        return False  # no holder written yet: it is about to, wait for it
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False  # gone: its lock went with it; the next holder writes its own pid
+    return state in (b"T", b"t")
+
+
+def take_line_lock() -> None:
+    """A worker's first step: open its own description of the lock, let go of the inherited one."""
+    _line_lock_fd()
+
+
+def share_line_lock(adopted: int | None = None) -> int | None:
+    """The lock file of the processes about to share this stderr; its descriptor.
+
+    An unlinked temporary file, made once per supervisor; ``adopted`` is the one a
+    supervisor re-executed on USR2 inherits from its image before, so that the
+    workers of both generations take one lock. The caller passes the descriptor to
+    each worker, and its number in :data:`LINE_LOCK_ENV`. None if it cannot be made.
+    """
+    global _shared_fd
+    if adopted is not None:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(adopted, False)
+            _shared_fd = adopted
+    if _shared_fd is None:
+        import tempfile
+
+        try:
+            fd, path = tempfile.mkstemp(prefix="weft-log-lock-")
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        _shared_fd = fd
+    return _shared_fd
 
 
 def writable(fd: int, until: float) -> bool:

@@ -31,6 +31,7 @@ from ._ctl_commands import open_control, relay_console, supervisor_commands, wor
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._listeners import Listener, close_listener, open_listeners
+from ._logging import share_line_lock
 from ._sdnotify import Notifier
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
@@ -355,4 +356,6 @@ def take_adopted(
             )
         )
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]
+    if isinstance(state.get("log_lock"), int):
+        share_line_lock(state["log_lock"])  # the Supervisor made next shares it on
     return int(state["count"]), workers, slots

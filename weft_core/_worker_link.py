@@ -25,6 +25,7 @@ from typing import Any
 from ._balance import worker_balance
 from ._config import Config
 from ._errors import ConfigError
+from ._logging import take_line_lock
 from ._signals import enable_stack_dump
 
 __all__ = [
@@ -211,9 +212,11 @@ def become_worker(supervisor_fd: int) -> WorkerLink:
             " `weft serve --workers N` for its workers, not by hand",
             source="command line",
         ) from None
-    # Its cell of the accept balance, taken now, before the application is imported:
-    # a process it starts then must inherit neither the map nor the variable.
+    # Its cell of the accept balance and its own open file of the log's line lock,
+    # taken now, before the application is imported: a process it starts then must
+    # inherit neither the descriptors nor their variables.
     worker_balance()
+    take_line_lock()
     serve_log.addFilter(_worker_ready)
     enable_stack_dump()
     return WorkerLink(supervisor_fd)

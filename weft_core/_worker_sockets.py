@@ -73,6 +73,11 @@ class WorkerSockets:
         """True if slots other than 0 get sockets of their own."""
         return self._spread
 
+    def shared(self, sockets: Sequence[socket.socket]) -> list[int]:
+        """The descriptors among ``sockets`` (a slot's) that every slot accepts from."""
+        every = {id(base) for base in self._base if id(base) not in self._twinned}
+        return [sock.fileno() for sock in sockets if id(sock) in every]
+
     def base(self) -> list[socket.socket]:
         """Slot 0's sockets: the supervisor's, named on the command line of a re-exec."""
         return list(self._base)

@@ -79,7 +79,7 @@ from ._connection import format_address
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import render_flag
-from ._logging import share_line_lock
+from ._logging import LINE_LOCK_ENV, share_line_lock
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
@@ -1017,11 +1017,14 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         env = child_environment(os.environ)
+        env.pop(LINE_LOCK_ENV, None)
+        if self._line_lock is not None:
+            env[LINE_LOCK_ENV] = str(self._line_lock)
         balance, cell = self._turns, None
         if balance is not None:
             cell = balance.claim({w.cell for w in self._workers.values() if w.cell is not None})
             if cell is not None:
-                env[BALANCE_ENV] = balance.environment(cell)
+                env[BALANCE_ENV] = balance.environment(cell, self._sockets.shared(sockets))
         try:
             proc = subprocess.Popen(
                 self._command(theirs.fileno(), sockets),
@@ -1093,7 +1096,11 @@ class Supervisor:
         for sock in self._sockets.base():
             os.set_inheritable(sock.fileno(), True)
         slots = self._sockets.state()
-        return json.dumps({"count": self._count, "workers": workers, "slots": slots})
+        state: dict[str, Any] = {"count": self._count, "workers": workers, "slots": slots}
+        if self._line_lock is not None:  # one log lock for the workers of both images
+            os.set_inheritable(self._line_lock, True)
+            state["log_lock"] = self._line_lock
+        return json.dumps(state)
 
     def _abandon(self) -> None:
         """On an unexpected error: kill and reap whatever workers are left."""
