@@ -749,7 +749,7 @@ def test_churn_on_a_shared_socket_is_not_slowed_by_the_turns(tmp_path: Path, man
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("manager", ["threads", "gevent", "asyncio"])
+@pytest.mark.parametrize("manager", ["gevent"])
 def test_with_reuse_port_churn_on_a_loaded_worker_is_not_slowed(
     tmp_path: Path, manager: str
 ) -> None:
@@ -851,7 +851,7 @@ def test_REPORT_shared_socket_bursts_with_and_without_turns(tmp_path: Path, mana
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("manager", ["threads", "gevent", "trio"])
+@pytest.mark.parametrize("manager", ["trio"])
 def test_with_reuse_port_a_worker_ahead_does_not_nap_for_a_sibling(
     tmp_path: Path, manager: str
 ) -> None:
@@ -1166,7 +1166,7 @@ def test_a_holder_that_lets_go_after_1_5_s_loses_and_doubles_no_line(manager: st
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("manager", ["threads", "gevent"])
+@pytest.mark.parametrize("manager", ["threads"])
 def test_after_a_holder_was_passed_a_later_live_holder_is_waited_for(
     manager: str,
 ) -> None:
@@ -1210,7 +1210,7 @@ def test_after_a_holder_was_passed_a_later_live_holder_is_waited_for(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("manager", ["threads", "gevent"])
+@pytest.mark.parametrize("manager", ["gevent"])
 def test_a_process_once_passed_does_not_cut_into_a_live_workers_long_line(manager: str) -> None:
     """The consequence of the flag above, with real processes only after the set-up:
     worker A passes a stopped holder once (which then resumes and lets go). Later
@@ -1321,7 +1321,7 @@ def test_json_lines_stay_json_past_a_stopped_holder(manager: str) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("manager", ["threads", "gevent", "trio"])
+@pytest.mark.parametrize("manager", ["trio"])
 def test_sigterm_with_a_stopped_holder_is_bounded(manager: str) -> None:
     """The lock is held for good (a stopped holder) when the service gets SIGTERM.
     Promise: the stop is bounded (exit 0 within the graceful timeout, 5 s, and a
