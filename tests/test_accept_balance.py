@@ -62,7 +62,8 @@ def first_lines(clients: list[socket.socket], timeout: float = 30) -> Counter[in
     """Once every client was sent its first line (the worker's pid): how many each got.
 
     Waits for all of them before reading one: a client closed early would lower
-    what its worker holds while the others are still being taken.
+    what its worker holds while the others are still being taken. A client reset
+    or closed unserved fails the test.
     """
     deadline = time.monotonic() + timeout
     waiting = list(clients)
@@ -74,7 +75,9 @@ def first_lines(clients: list[socket.socket], timeout: float = 30) -> Counter[in
     served: Counter[int] = Counter()
     for sock in clients:
         with sock.makefile("rb") as lines:
-            served[int(lines.readline())] += 1
+            line = lines.readline()
+        assert line.strip().isdigit(), f"a client got {line!r} for its pid line"
+        served[int(line)] += 1
     return served
 
 

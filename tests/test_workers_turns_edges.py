@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 from _log_pipes import lock_file, read_until, stopped_lock_holder
 from _serving import LISTENING, READY, Client, Served, environment, host_port, weft_serve
+from test_accept_balance import first_lines
 from test_workers_reuse_port import paused
 
 from weft_core import _registry
@@ -169,27 +170,6 @@ def burst(address: str, count: int) -> list[socket.socket]:
         client.setblocking(True)
         client.settimeout(30)
     return clients
-
-
-def first_lines(clients: list[socket.socket], timeout: float = 30) -> Counter[int]:
-    """Once every client got its first line (its worker's pid): how many each worker got.
-
-    A client reset or closed unserved fails the test.
-    """
-    deadline = time.monotonic() + timeout
-    waiting = list(clients)
-    while waiting:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{len(waiting)} of {len(clients)} clients were never served"
-        ready, _, _ = select.select(waiting, [], [], left)
-        waiting = [sock for sock in waiting if sock not in ready]
-    served: Counter[int] = Counter()
-    for sock in clients:
-        with sock.makefile("rb") as lines:
-            line = lines.readline()
-        assert line.strip().isdigit(), f"a client got {line!r} for its pid line"
-        served[int(line)] += 1
-    return served
 
 
 def close_all(clients: list[Client] | list[socket.socket]) -> None:
