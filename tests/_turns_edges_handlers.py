@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 if os.environ.get("PROBE_NO_TURNS") == "1":
@@ -74,6 +75,26 @@ def _lognum(words: list[bytes]) -> None:
         log.info("%s %06d", tag, i)
 
 
+def _answers(line: bytes) -> Iterator[bytes]:
+    """The replies to one command line, its work done between them: a generator, so
+    that the sync and async handlers each send them their own way, in order."""
+    words = line.split()
+    if words[:1] == [b"spin"]:
+        yield b"spinning\n"
+        _spin(float(words[1]))
+        yield b"spun\n"
+    elif line == b"child":
+        yield _child()
+    elif words[:1] == [b"log"]:
+        _log(words)
+        yield b"logged\n"
+    elif words[:1] == [b"lognum"]:
+        _lognum(words)
+        yield b"logged\n"
+    else:
+        yield line + b"\n"
+
+
 def handle(conn: Any) -> None:
     conn.sendall(b"%d\n" % os.getpid())
     buf = b""
@@ -84,26 +105,13 @@ def handle(conn: Any) -> None:
         buf += data
         while b"\n" in buf:
             line, _, buf = buf.partition(b"\n")
-            words = line.split()
             if line == b"hold":
                 conn.sendall(b"holding\n")
                 while conn.recv(65536):
                     pass
                 return
-            if words[:1] == [b"spin"]:
-                conn.sendall(b"spinning\n")
-                _spin(float(words[1]))
-                conn.sendall(b"spun\n")
-            elif line == b"child":
-                conn.sendall(_child())
-            elif words[:1] == [b"log"]:
-                _log(words)
-                conn.sendall(b"logged\n")
-            elif words[:1] == [b"lognum"]:
-                _lognum(words)
-                conn.sendall(b"logged\n")
-            else:
-                conn.sendall(line + b"\n")
+            for reply in _answers(line):
+                conn.sendall(reply)
 
 
 async def handle_async(stream: Any) -> None:
@@ -116,23 +124,10 @@ async def handle_async(stream: Any) -> None:
         buf += data
         while b"\n" in buf:
             line, _, buf = buf.partition(b"\n")
-            words = line.split()
             if line == b"hold":
                 await stream.send_all(b"holding\n")
                 while await stream.receive_some(65536):
                     pass
                 return
-            if words[:1] == [b"spin"]:
-                await stream.send_all(b"spinning\n")
-                _spin(float(words[1]))
-                await stream.send_all(b"spun\n")
-            elif line == b"child":
-                await stream.send_all(_child())  # blocks the loop a moment: a test handler
-            elif words[:1] == [b"log"]:
-                _log(words)
-                await stream.send_all(b"logged\n")
-            elif words[:1] == [b"lognum"]:
-                _lognum(words)
-                await stream.send_all(b"logged\n")
-            else:
-                await stream.send_all(line + b"\n")
+            for reply in _answers(line):  # child and spin block the loop: test commands
+                await stream.send_all(reply)

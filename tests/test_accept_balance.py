@@ -44,10 +44,10 @@ def on_one_core() -> Iterator[int]:
         os.sched_setaffinity(0, before)
 
 
-def burst(address: str) -> list[socket.socket]:
-    """BURST clients that connect at once: each connect is sent before any is done."""
+def burst(address: str, count: int = BURST) -> list[socket.socket]:
+    """``count`` clients that connect at once: each connect is sent before any is done."""
     clients = []
-    for _ in range(BURST):
+    for _ in range(count):
         client = socket.socket()
         client.setblocking(False)
         client.connect_ex(host_port(address))
@@ -55,6 +55,7 @@ def burst(address: str) -> list[socket.socket]:
     for client in clients:
         select.select([], [client], [], 30)
         client.setblocking(True)
+        client.settimeout(30)
     return clients
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 from _log_pipes import lock_file, read_until, stopped_lock_holder
 from _serving import LISTENING, READY, Client, Served, environment, host_port, weft_serve
-from test_accept_balance import first_lines
+from test_accept_balance import burst, first_lines
 from test_workers_reuse_port import paused
 
 from weft_core import _registry
@@ -155,21 +155,6 @@ def hold_on_each(address: str, pids: set[int], each: int = 1) -> list[Client]:
         clients.append(client)
         counts[client.pid] += 1
     raise AssertionError(f"after 400 clients, held: {dict(counts)}; want {each} on each of {pids}")
-
-
-def burst(address: str, count: int) -> list[socket.socket]:
-    """``count`` clients that connect at once (each connect sent before any is done)."""
-    clients = []
-    for _ in range(count):
-        client = socket.socket()
-        client.setblocking(False)
-        client.connect_ex(host_port(address))
-        clients.append(client)
-    for client in clients:
-        select.select([], [client], [], 30)
-        client.setblocking(True)
-        client.settimeout(30)
-    return clients
 
 
 def close_all(clients: list[Client] | list[socket.socket]) -> None:
