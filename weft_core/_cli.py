@@ -42,6 +42,8 @@ from ._settings import show
 from ._signals import (
     CONTROL_SIGNALS,
     STOP_SIGNALS,
+    WORKER_FLAG,
+    WORKER_IGNORED,
     hold_while_starting,
     relay_stack_dumps_as_json,
     release_starting_hold,
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "limit=100, or patch=false for gevent",
     )
     # Set by `weft serve --workers N` for each worker it starts (see _workers).
-    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument(WORKER_FLAG, type=int, help=argparse.SUPPRESS)
     add_setting_flags(serve)
 
     managers = commands.add_parser("managers", help="list the installed task managers")
@@ -553,7 +555,9 @@ def _run(
 
     server._on_shutdown_request = shutdown_requested
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
-    signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
+    signals: tuple[int, ...] = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
+    if hand_over is None:  # a worker: TTIN and TTOU stay ignored (_signals.WORKER_IGNORED)
+        signals = tuple(signum for signum in signals if signum not in WORKER_IGNORED)
     with Wakeup(signals, on_signal=on_signal) as wakeup:
         try:
             return _serve_until_stopped(

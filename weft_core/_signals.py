@@ -35,9 +35,11 @@ __all__ = [
     "CONTROL_SIGNALS",
     "DUMP_SIGNAL",
     "STOP_SIGNALS",
+    "WORKER_FLAG",
     "WORKER_IGNORED",
     "enable_stack_dump",
     "hold_while_starting",
+    "is_worker",
     "relay_stack_dumps_as_json",
     "release_starting_hold",
     "reopen_log_files",
@@ -54,14 +56,22 @@ CONTROL_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
-#: What a worker ignores (with a log line): they are the supervisor's to act on, and
-#: by default HUP and USR2 would kill the worker, TTIN/TTOU stop it.
-WORKER_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+#: What a worker ignores outright (SIG_IGN, from its first line of Python on): TTIN
+#: and TTOU are the supervisor's to act on. A worker runs in a process group of its
+#: own inside the supervisor's session, so it shares the supervisor's terminal from
+#: the background; with ``stty tostop`` the kernel sends a background process TTOU
+#: for each write to that terminal, and unless TTOU is ignored the write is refused:
+#: with a handler in, every log line would be retried for ever. (HUP and USR2, also
+#: the supervisor's, a worker notes with a log line: ``_cli``.)
+WORKER_IGNORED = (signal.SIGTTIN, signal.SIGTTOU)
 #: The signal on which a worker writes every thread's Python stack to stderr
 #: (faulthandler, so even a loop blocked in C code answers). WINCH: used by none of
 #: the meanings above, ignored by default (a process that did not register it is
-#: unharmed), and never sent by a terminal to a worker, which runs in its own session.
+#: unharmed), and never sent by a terminal to a worker: a terminal sends it to its
+#: foreground process group, and a worker's process group is its own.
 DUMP_SIGNAL = signal.SIGWINCH
+#: The option the supervisor starts each worker with (``weft serve --supervisor-fd N``).
+WORKER_FLAG = "--supervisor-fd"
 
 log = logging.getLogger("weft")
 #: What a process still starting (reading its config, importing the application)
@@ -72,6 +82,11 @@ log = logging.getLogger("weft")
 STARTING_HELD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
+def is_worker(argv: list[str]) -> bool:
+    """True if ``argv`` (``sys.argv``) is a worker's: the supervisor gave it WORKER_FLAG."""
+    return any(arg == WORKER_FLAG or arg.startswith(WORKER_FLAG + "=") for arg in argv[1:])
+
+
 def hold_while_starting() -> list[str]:
     """Note the control signals that arrive until the server's own handlers go in.
 
@@ -80,7 +95,8 @@ def hold_while_starting() -> list[str]:
     Only in the main thread, where signal handlers live. Called again while its
     handlers are still in (``python -m weft_core`` holds them before the rest of
     weft is imported, ``weft serve`` once more as it starts), it returns the same
-    list: nothing noted meanwhile is lost.
+    list: nothing noted meanwhile is lost. A worker ignores WORKER_IGNORED instead,
+    from here on.
     """
     global _held
     if threading.current_thread() is not threading.main_thread():
@@ -88,8 +104,11 @@ def hold_while_starting() -> list[str]:
     if _held is not None and signal.getsignal(STARTING_HELD[0]) == _held.note:
         return _held.arrived
     _held = _Held()
+    worker = is_worker(sys.argv)
     for signum in STARTING_HELD:
-        signal.signal(signum, _held.note)
+        signal.signal(
+            signum, signal.SIG_IGN if worker and signum in WORKER_IGNORED else _held.note
+        )
     signal.signal(signal.SIGQUIT, _held.quit)
     return _held.arrived
 

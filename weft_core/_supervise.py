@@ -36,7 +36,7 @@ from ._sdnotify import Notifier
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
-from ._signals import CONTROL_SIGNALS, STOP_SIGNALS
+from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, WORKER_FLAG
 from ._worker_link import LISTENING_MESSAGE, drain
 from ._worker_sockets import WorkerSockets
 from ._workers import Adopted, Local, Supervisor, check_capacity, worker_args
@@ -276,7 +276,7 @@ def _supervisor(
 
     def command(link: int, inherited: Sequence[socket.socket]) -> list[str]:
         binds = (f"--bind=fd:{s.fileno()}" for s in inherited)
-        return [*_SELF, *args, *binds, f"--supervisor-fd={link}"]
+        return [*_SELF, *args, *binds, f"{WORKER_FLAG}={link}"]
 
     return Supervisor(
         command,

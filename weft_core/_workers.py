@@ -64,6 +64,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -139,6 +140,19 @@ _IDLE_WAKE = 5.0
 #: (issue 14: with every start in one go, 668 workers started after a SIGINT); and
 #: 50 interpreters a second is already more than two cores boot.
 START_INTERVAL = 0.02
+#: Where a worker runs: a process group of its own, so that a Ctrl-C on the terminal
+#: (SIGINT to the foreground process group) reaches the supervisor alone, which
+#: forwards one SIGTERM (a second signal would make a worker quit at once rather than
+#: drain); in the supervisor's session, not one of its own. The kernel makes each
+#: session a CPU autogroup (``/proc/sys/kernel/sched_autogroup_enabled``): workers in
+#: sessions of their own sharing a core preempted each other mid-request, and each
+#: preempted thread held its worker's GIL for the rest to queue on; two threads
+#: workers on one core served 0.5-0.65 of one worker's requests (docs/performance.md,
+#: "workers in the supervisor's session"). ``process_group`` is Python 3.11's; 3.10
+#: calls ``setpgrp`` in the child, as ``_reload`` does.
+WORKER_GROUP: dict[str, Any] = (
+    {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+)
 #: What one idle worker holds, measured (``threads`` manager, Python 3.11, 64-bit
 #: Linux, every plugin installed): 14 MiB of private memory (21 MiB RSS) and 4
 #: threads, which count against RLIMIT_NPROC; a gevent, trio or asyncio worker
@@ -1036,10 +1050,7 @@ class Supervisor:
                 ),
                 stdin=subprocess.DEVNULL,
                 env=env,
-                # Its own session: a Ctrl-C on the terminal reaches the supervisor
-                # alone, which forwards one SIGTERM. Two signals would make a worker
-                # quit at once rather than drain.
-                start_new_session=True,
+                **WORKER_GROUP,
             )
         except OSError as exc:
             ours.close()
