@@ -3,10 +3,11 @@
 Each worker runs in a process group of its own inside the supervisor's session
 (``_workers.WORKER_GROUP``): in the supervisor's CPU autogroup, where the kernel
 groups by session, and out of the terminal's foreground group, so a Ctrl-C reaches
-the supervisor alone. Sharing the terminal from the background, a worker must
-ignore TTOU (``_signals.WORKER_IGNORED``), or with ``stty tostop`` every line it
-logs is refused. Here the terminal is a real pseudo-terminal, the supervisor its
-session's leader and foreground group, as a shell's job would be.
+the supervisor alone. It leaves the terminal at its first line, started with TTIN
+and TTOU blocked until then (``_signals.leave_terminal``, ``JOB_STOPS``), so the
+terminal's job control reaches neither it nor its handler's children. Here the
+terminal is a real pseudo-terminal, the supervisor its session's leader and
+foreground group, as a shell's job would be, or a job of a real interactive bash.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import fcntl
 import os
 import pty
 import re
+import shlex
+import shutil
 import subprocess
 import termios
 import threading
@@ -34,7 +37,14 @@ CTRL_C = b"\x03"
 class OnTerminal:
     """``weft serve`` on a pseudo-terminal of its own: its controlling terminal."""
 
-    def __init__(self, argv: list[str], cwd: Path, *, tostop: bool = False) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        cwd: Path,
+        *,
+        tostop: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         master, slave = pty.openpty()
         if tostop:
             attrs = termios.tcgetattr(slave)
@@ -46,20 +56,22 @@ class OnTerminal:
         self._changed = threading.Condition()
         try:
             self.proc = subprocess.Popen(
-                argv, cwd=cwd, env=environment(), stdin=slave, stdout=slave, stderr=slave,
+                argv, cwd=cwd, env={**environment(), **(env or {})},
+                stdin=slave, stdout=slave, stderr=slave,
                 start_new_session=True,  # a session leader, then the terminal is its own
                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
             )  # fmt: skip
         finally:
             os.close(slave)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         while True:
             try:
                 data = os.read(self.master, 65536)
             except OSError as exc:  # EIO: every process holding the terminal is gone
-                if exc.errno != errno.EIO:
+                if exc.errno not in (errno.EIO, errno.EBADF):
                     raise
                 data = b""
             with self._changed:
@@ -93,12 +105,15 @@ class OnTerminal:
     def type(self, keys: bytes) -> None:
         os.write(self.master, keys)
 
-    def close(self) -> None:
+    def close(self, *others: int) -> None:
+        """Kill what is left (``others`` too), then close the terminal once nobody holds it."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 9)
             self.proc.wait()
-        for pid in self._workers_left():
-            os.kill(pid, 9)
+        for pid in [*others, *self._workers_left()]:
+            if _alive(pid):
+                os.kill(pid, 9)
+        self._reader.join(10)  # EIO once every holder is gone; the descriptor is its till then
         os.close(self.master)
 
     def _workers_left(self) -> list[int]:
@@ -189,3 +204,111 @@ def test_ctrl_c_on_the_terminal_drains_each_worker_once(tmp_path: Path, tostop: 
         assert not re.search(r"received SIG\w+ again", text), text
     finally:
         term.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_writing_before_its_first_line_is_not_stopped_by_tostop(tmp_path: Path) -> None:
+    """Until its first line of Python a worker is still on the terminal: with `stty
+    tostop` a write there (here the interpreter's own import timings; a warning would
+    do) stopped it for good, never ready, the supervisor waiting on it for ever."""
+    (tmp_path / "slow_goodbye.py").write_text(SLOW_GOODBYE)
+    argv = weft_serve("slow_goodbye:handle", "-b", "127.0.0.1:0", "--workers", "2",
+                      "--control-socket", "off")  # fmt: skip
+    term = OnTerminal(argv, tmp_path, tostop=True, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        address = host_port(term.wait_for(LISTENING)[0][1])
+        pids = {int(m[1]) for m in term.wait_for(READY, count=2)}
+        with Client(address) as client:
+            assert client.pid in pids
+        term.type(CTRL_C)
+        assert term.proc.wait(GRACEFUL + PROMPT) == 0, term.text
+    finally:
+        term.close()
+
+
+#: A handler that runs a child as a handler might (a tool it shells out to): the child
+#: sets TTOU back to its default (node does at start), writes to its stderr (the
+#: terminal), and looks for a terminal to prompt on (ssh and git do for a passphrase).
+AT_THE_TERMINAL = """\
+import os, subprocess, sys
+
+CHILD = '''
+import os, signal, sys
+signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+sys.stderr.write("the child writes to the terminal\\\\n")
+sys.stderr.flush()
+try:
+    os.close(os.open("/dev/tty", os.O_RDWR))
+except OSError:
+    print("no terminal to prompt on")
+else:
+    print("the operator's terminal")
+'''
+
+def handle(conn):
+    conn.sendall(b"%d\\n" % os.getpid())
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD], stdout=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=8)
+        conn.sendall(done.stdout.strip() + b" (exit %d)\\n" % done.returncode)
+    except subprocess.TimeoutExpired:
+        conn.sendall(b"the child still ran after 8 s\\n")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_handlers_child_is_under_no_terminals_job_control(tmp_path: Path) -> None:
+    """A worker on the terminal from the background put its handler's children there
+    too: under `stty tostop` a child with TTOU at its default stopped at its first
+    write (the request hung), and a child prompting on /dev/tty took the operator's
+    terminal (ssh-keygen spun on SIGTTIN with echo off). Expected: the child finishes
+    and finds no terminal, as when each worker led a session of its own."""
+    (tmp_path / "at_the_terminal.py").write_text(AT_THE_TERMINAL)
+    argv = weft_serve("at_the_terminal:handle", "-b", "127.0.0.1:0", "--workers", "2",
+                      "--control-socket", "off")  # fmt: skip
+    term = OnTerminal(argv, tmp_path, tostop=True)
+    try:
+        address = host_port(term.wait_for(LISTENING)[0][1])
+        term.wait_for(READY, count=2)
+        with Client(address) as client:
+            assert client.line() == b"no terminal to prompt on (exit 0)", term.text
+        term.wait_for("the child writes to the terminal")
+        term.type(CTRL_C)
+        assert term.proc.wait(GRACEFUL + PROMPT) == 0, term.text
+    finally:
+        term.close()
+
+
+@pytest.mark.timeout(60)
+def test_weft_serve_in_the_background_of_a_tostop_terminal_keeps_its_workers(
+    tmp_path: Path,
+) -> None:
+    """`weft serve --workers 3 &` from an interactive bash whose terminal has `stty
+    tostop`: each line the supervisor wrote drew a TTOU from the kernel, refused the
+    write, and was taken as "one worker fewer"; it fell to one worker, spinning, and
+    wrote not one line. Expected: its lines written, its three workers kept, and a
+    SIGTERM ends it with 0."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    (tmp_path / "slow_goodbye.py").write_text(SLOW_GOODBYE)
+    argv = weft_serve("slow_goodbye:handle", "-b", "127.0.0.1:0", "--workers", "3",
+                      "--control-socket", "off")  # fmt: skip
+    shell = [bash, "--norc", "--noprofile", "--noediting", "-i"]
+    term = OnTerminal(shell, tmp_path, env={"PS1": "$ ", "PROMPT_COMMAND": "", "TERM": "dumb"})
+    supervisor = 0
+    try:
+        term.wait_for(r"\$ ")
+        term.type(f"stty tostop; {shlex.join(argv)} & echo SUPERVISOR=$!\n".encode())
+        supervisor = int(term.wait_for(r"SUPERVISOR=(\d+)")[0][1])
+        assert os.tcgetpgrp(term.master) != os.getpgid(supervisor)  # a background job
+        address = host_port(term.wait_for(LISTENING)[0][1])
+        pids = {int(m[1]) for m in term.wait_for(READY, count=3)}
+        with Client(address) as client:
+            assert client.pid in pids
+        assert "received SIGTTOU" not in term.text, term.text
+        term.type(f"kill -TERM {supervisor}; wait {supervisor}; echo STATUS=$?\n".encode())
+        assert term.wait_for(r"STATUS=(\d+)", timeout=GRACEFUL + PROMPT)[0][1] == "0", term.text
+        assert "received SIGTTOU" not in term.text, term.text
+    finally:
+        term.close(*([supervisor] if supervisor else []))

@@ -43,7 +43,6 @@ from ._signals import (
     CONTROL_SIGNALS,
     STOP_SIGNALS,
     WORKER_FLAG,
-    WORKER_IGNORED,
     hold_while_starting,
     relay_stack_dumps_as_json,
     release_starting_hold,
@@ -555,9 +554,7 @@ def _run(
 
     server._on_shutdown_request = shutdown_requested
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
-    signals: tuple[int, ...] = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
-    if hand_over is None:  # a worker: TTIN and TTOU stay ignored (_signals.WORKER_IGNORED)
-        signals = tuple(signum for signum in signals if signum not in WORKER_IGNORED)
+    signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
     with Wakeup(signals, on_signal=on_signal) as wakeup:
         try:
             return _serve_until_stopped(

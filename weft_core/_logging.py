@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import select
+import signal
 import struct
 import sys
 import time
@@ -286,6 +287,13 @@ class StderrHandler(logging.Handler):
             pass
 
     def _write_forever(self) -> None:
+        # The job-control stops blocked in this thread alone (_signals.JOB_STOPS): a
+        # process writing to its terminal from the background under `stty tostop`
+        # draws TTOU for each write unless the writing thread blocks or ignores it, and
+        # with weft's handler in, the write was refused and retried for ever, each TTOU
+        # taken as "one worker fewer". Sent by hand, they still reach the main thread.
+        with contextlib.suppress(OSError, ValueError):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTIN, signal.SIGTTOU})
         lines = self._lines
         while True:
             self._wake.acquire()

@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import sys
+import termios
 import threading
 
 from ._osthreads import thread_primitives
@@ -34,12 +35,14 @@ from ._osthreads import thread_primitives
 __all__ = [
     "CONTROL_SIGNALS",
     "DUMP_SIGNAL",
+    "JOB_STOPS",
     "STOP_SIGNALS",
     "WORKER_FLAG",
     "WORKER_IGNORED",
     "enable_stack_dump",
     "hold_while_starting",
     "is_worker",
+    "leave_terminal",
     "relay_stack_dumps_as_json",
     "release_starting_hold",
     "reopen_log_files",
@@ -56,14 +59,16 @@ CONTROL_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
-#: What a worker ignores outright (SIG_IGN, from its first line of Python on): TTIN
-#: and TTOU are the supervisor's to act on. A worker runs in a process group of its
-#: own inside the supervisor's session, so it shares the supervisor's terminal from
-#: the background; with ``stty tostop`` the kernel sends a background process TTOU
-#: for each write to that terminal, and unless TTOU is ignored the write is refused:
-#: with a handler in, every log line would be retried for ever. (HUP and USR2, also
-#: the supervisor's, a worker notes with a log line: ``_cli``.)
-WORKER_IGNORED = (signal.SIGTTIN, signal.SIGTTOU)
+#: What a worker ignores (with a log line): they are the supervisor's to act on, and
+#: by default HUP and USR2 would kill the worker, TTIN/TTOU stop it.
+WORKER_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+#: What the kernel sends a process in a background process group that reads from
+#: (TTIN) or, under ``stty tostop``, writes to (TTOU) its controlling terminal. A
+#: write is let through only where TTOU is ignored or blocked; with a handler in, it
+#: is refused and retried for ever. A worker is started with both blocked and leaves
+#: the terminal at its first line (:func:`hold_while_starting`); the log writer
+#: blocks them in its own thread (``_logging``).
+JOB_STOPS = frozenset({signal.SIGTTIN, signal.SIGTTOU})
 #: The signal on which a worker writes every thread's Python stack to stderr
 #: (faulthandler, so even a loop blocked in C code answers). WINCH: used by none of
 #: the meanings above, ignored by default (a process that did not register it is
@@ -95,8 +100,8 @@ def hold_while_starting() -> list[str]:
     Only in the main thread, where signal handlers live. Called again while its
     handlers are still in (``python -m weft_core`` holds them before the rest of
     weft is imported, ``weft serve`` once more as it starts), it returns the same
-    list: nothing noted meanwhile is lost. A worker ignores WORKER_IGNORED instead,
-    from here on.
+    list: nothing noted meanwhile is lost. A worker leaves its terminal here, then
+    takes JOB_STOPS, blocked since its start, as the rest.
     """
     global _held
     if threading.current_thread() is not threading.main_thread():
@@ -104,13 +109,37 @@ def hold_while_starting() -> list[str]:
     if _held is not None and signal.getsignal(STARTING_HELD[0]) == _held.note:
         return _held.arrived
     _held = _Held()
-    worker = is_worker(sys.argv)
     for signum in STARTING_HELD:
-        signal.signal(
-            signum, signal.SIG_IGN if worker and signum in WORKER_IGNORED else _held.note
-        )
+        signal.signal(signum, _held.note)
     signal.signal(signal.SIGQUIT, _held.quit)
+    if is_worker(sys.argv):
+        leave_terminal()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_STOPS)
     return _held.arrived
+
+
+def leave_terminal() -> None:
+    """Give up the controlling terminal, staying in its session (a worker's first act).
+
+    A worker runs in the supervisor's session (its CPU group) in a process group of
+    its own, so it shares the supervisor's terminal from the background. There the
+    kernel's job control would apply to it and to whatever its handler starts: a
+    child that sets TTOU back to its default stops on its first write under ``stty
+    tostop``, and one asking for a passphrase on ``/dev/tty`` gets SIGTTIN for ever,
+    with the operator's echo off. ``TIOCNOTTY`` from a process that does not lead its
+    session detaches that process alone: none of that applies any more, as when each
+    worker led a session of its own. Nothing to do without a terminal.
+    """
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # ENXIO: no controlling terminal
+        return
+    try:
+        fcntl.ioctl(tty, termios.TIOCNOTTY)
+    except OSError:
+        pass
+    finally:
+        os.close(tty)
 
 
 def release_starting_hold() -> None:

@@ -85,6 +85,7 @@ from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
     DUMP_SIGNAL,
+    JOB_STOPS,
     STOP_SIGNALS,
     reopen_log_files,
 )
@@ -148,8 +149,10 @@ START_INTERVAL = 0.02
 #: sessions of their own sharing a core preempted each other mid-request, and each
 #: preempted thread held its worker's GIL for the rest to queue on; two threads
 #: workers on one core served 0.5-0.65 of one worker's requests (docs/performance.md,
-#: "workers in the supervisor's session"). ``process_group`` is Python 3.11's; 3.10
-#: calls ``setpgrp`` in the child, as ``_reload`` does.
+#: "workers in the supervisor's session"). A worker leaves the session's terminal at
+#: its first line (``_signals.leave_terminal``), so job control reaches neither it nor
+#: its handler's children. ``process_group`` is Python 3.11's; 3.10 calls ``setpgrp``
+#: in the child, as ``_reload`` does.
 WORKER_GROUP: dict[str, Any] = (
     {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 )
@@ -1039,6 +1042,11 @@ class Supervisor:
             cell = balance.claim({w.cell for w in self._workers.values() if w.cell is not None})
             if cell is not None:
                 env[BALANCE_ENV] = balance.environment(cell, self._sockets.shared(sockets))
+        # The job-control stops blocked while the worker starts, and so in it through
+        # exec until its first line of Python leaves the terminal and unblocks them:
+        # what the interpreter writes before that (a warning, -X importtime) is not
+        # stopped by `stty tostop`. Signals for the supervisor go to its other threads.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_STOPS)
         try:
             proc = subprocess.Popen(
                 self._command(theirs.fileno(), sockets),
@@ -1059,6 +1067,7 @@ class Supervisor:
             log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
             return
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             theirs.close()
         # We reap it ourselves (_reap); Popen must not wait for it in __del__.
         proc.returncode = 0
