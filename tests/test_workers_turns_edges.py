@@ -98,6 +98,18 @@ def stop(served: Served, timeout: float = 40) -> None:
     assert "Traceback" not in served.text, served.text
 
 
+def with_and_without_turns(
+    tmp_path: Path, manager: str, *extra: str
+) -> Iterator[tuple[str, Served, str, set[int]]]:
+    """Serve with the turns, then with them off (PROBE_NO_TURNS=1), stopping each in turn:
+    yields ``(label, served, address, pids)`` for the caller's measure of each."""
+    for label, env in (("turns", quiet_env()), ("no-turns", quiet_env(PROBE_NO_TURNS="1"))):
+        served, address, pids = serve(tmp_path, manager, *extra, env=env)
+        with served:
+            yield label, served, address, pids
+            stop(served)
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
     """Poll ``check`` (a state, not a sleep's hope) until it holds, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -613,25 +625,24 @@ def test_REPORT_on_full_refuse_with_a_burst_that_fits(tmp_path: Path, manager: s
     refuses what it accepts; its turns follow a hand-off only."""
     _have(manager)
     report = {}
-    for label, env in (("turns", quiet_env()), ("no-turns", quiet_env(PROBE_NO_TURNS="1"))):
-        served, address, pids = serve(tmp_path, manager, "--max-connections", "5", env=env)
-        with served:
-            refused = []
-            path = map_path(served.proc.pid)
-            for _ in range(5):
-                wait_until("the last round's clients gone",
-                           lambda p=path, w=pids: all(held(p, pid) == 0 for pid in w))  # fmt: skip
-                with closing(burst(address, 10)) as clients:
-                    lost = 0
-                    for sock in clients:
-                        try:
-                            line = sock.recv(100)
-                        except OSError:
-                            line = b""
-                        lost += not line.strip().isdigit()
-                    refused.append(lost)
-            report[label] = refused
-            stop(served)
+    for label, served, address, pids in with_and_without_turns(
+        tmp_path, manager, "--max-connections", "5"
+    ):
+        refused = []
+        path = map_path(served.proc.pid)
+        for _ in range(5):
+            wait_until("the last round's clients gone",
+                       lambda p=path, w=pids: all(held(p, pid) == 0 for pid in w))  # fmt: skip
+            with closing(burst(address, 10)) as clients:
+                lost = 0
+                for sock in clients:
+                    try:
+                        line = sock.recv(100)
+                    except OSError:
+                        line = b""
+                    lost += not line.strip().isdigit()
+                refused.append(lost)
+        report[label] = refused
     print(f"\nREPORT on_full=refuse {manager}: refused of 10 per round: {report}")
 
 
@@ -687,15 +698,12 @@ def _churn_both(tmp_path: Path, manager: str, *extra: str) -> dict[str, tuple[fl
     """One worker holding 40 idle clients; 1,600 short connections (8 at a time), with
     the turns and without (PROBE_NO_TURNS=1): how long, and who served how many."""
     results = {}
-    for label, env in (("turns", quiet_env()), ("no-turns", quiet_env(PROBE_NO_TURNS="1"))):
-        served, address, pids = serve(tmp_path, manager, *extra, env=env)
-        with served:
-            loaded = min(pids)
-            with closing(load_one(address, loaded, 40)):
-                took, spread = churn(address)
-                results[label] = (round(took, 2), {("loaded" if p == loaded else "other"): n
-                                                   for p, n in spread.items()})  # fmt: skip
-            stop(served)
+    for label, _, address, pids in with_and_without_turns(tmp_path, manager, *extra):
+        loaded = min(pids)
+        with closing(load_one(address, loaded, 40)):
+            took, spread = churn(address)
+            results[label] = (round(took, 2), {("loaded" if p == loaded else "other"): n
+                                               for p, n in spread.items()})  # fmt: skip
     return results
 
 
@@ -769,16 +777,13 @@ def test_a_starved_sibling_does_not_pace_the_loaded_worker(tmp_path: Path, manag
     starved one next runs."""
     _have(manager)
     results = {}
-    for label, env in (("turns", quiet_env()), ("no-turns", quiet_env(PROBE_NO_TURNS="1"))):
-        served, address, pids = serve(tmp_path, manager, env=env)
-        with served:
-            loaded, other = min(pids), max(pids)
-            with closing(load_one(address, loaded, 40)):
-                with starved(other):
-                    took, spread = churn(address, 8, 100)
-                results[label] = (round(took, 2), {("loaded" if p == loaded else "starved"): n
-                                                   for p, n in spread.items()})  # fmt: skip
-            stop(served)
+    for label, _, address, pids in with_and_without_turns(tmp_path, manager):
+        loaded, other = min(pids), max(pids)
+        with closing(load_one(address, loaded, 40)):
+            with starved(other):
+                took, spread = churn(address, 8, 100)
+            results[label] = (round(took, 2), {("loaded" if p == loaded else "starved"): n
+                                               for p, n in spread.items()})  # fmt: skip
     print(f"\nREPORT churn with a starved sibling {manager}: {results}")
     assert results["turns"][0] < 2 * results["no-turns"][0] + 0.15, (
         f"800 short connections with a starved sibling: {results['turns'][0]} s with the "
@@ -790,19 +795,16 @@ def _loaded_bursts(tmp_path: Path, manager: str, *extra: str) -> dict[str, float
     """One worker holding 40, the other none: how long a burst of 200 that stays
     takes to be served (median of 5), with the turns and without (PROBE_NO_TURNS=1)."""
     times = {}
-    for label, env in (("turns", quiet_env()), ("no-turns", quiet_env(PROBE_NO_TURNS="1"))):
-        served, address, pids = serve(tmp_path, manager, *extra, env=env)
-        with served:
-            with closing(load_one(address, min(pids), 40)):
-                rounds = []
-                for _ in range(5):
-                    began = time.monotonic()
-                    with closing(burst(address, 200)) as clients:
-                        counts = first_lines(clients)
-                        rounds.append(time.monotonic() - began)
-                    assert sum(counts.values()) == 200
-                times[label] = sorted(rounds)[2]
-            stop(served)
+    for label, _, address, pids in with_and_without_turns(tmp_path, manager, *extra):
+        with closing(load_one(address, min(pids), 40)):
+            rounds = []
+            for _ in range(5):
+                began = time.monotonic()
+                with closing(burst(address, 200)) as clients:
+                    counts = first_lines(clients)
+                    rounds.append(time.monotonic() - began)
+                assert sum(counts.values()) == 200
+            times[label] = sorted(rounds)[2]
     return times
 
 
