@@ -131,12 +131,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def workers_argv(tmp_path: Path, workers: int, module: str = "slow_goodbye",
+                 source: str = SLOW_GOODBYE) -> list[str]:  # fmt: skip
+    """``weft serve MODULE:handle --workers N`` on a port of its own, ``source`` written out."""
+    (tmp_path / f"{module}.py").write_text(source)
+    return weft_serve(f"{module}:handle", "-b", "127.0.0.1:0", "--workers", str(workers),
+                      "--control-socket", "off", "--graceful-timeout", str(GRACEFUL))  # fmt: skip
+
+
 def serve_on_terminal(tmp_path: Path, *, tostop: bool = False) -> tuple[OnTerminal, list[int]]:
     """Two threads workers serving SLOW_GOODBYE from a terminal; the workers' pids."""
-    (tmp_path / "slow_goodbye.py").write_text(SLOW_GOODBYE)
-    argv = weft_serve("slow_goodbye:handle", "-b", "127.0.0.1:0", "--workers", "2",
-                      "--control-socket", "off", "--graceful-timeout", str(GRACEFUL))  # fmt: skip
-    term = OnTerminal(argv, tmp_path, tostop=tostop)
+    term = OnTerminal(workers_argv(tmp_path, 2), tmp_path, tostop=tostop)
     try:
         term.wait_for(LISTENING)
         pids = [int(m[1]) for m in term.wait_for(READY, count=2)]
@@ -211,9 +216,7 @@ def test_a_worker_writing_before_its_first_line_is_not_stopped_by_tostop(tmp_pat
     """Until its first line of Python a worker is still on the terminal: with `stty
     tostop` a write there (here the interpreter's own import timings; a warning would
     do) stopped it for good, never ready, the supervisor waiting on it for ever."""
-    (tmp_path / "slow_goodbye.py").write_text(SLOW_GOODBYE)
-    argv = weft_serve("slow_goodbye:handle", "-b", "127.0.0.1:0", "--workers", "2",
-                      "--control-socket", "off")  # fmt: skip
+    argv = workers_argv(tmp_path, 2)
     term = OnTerminal(argv, tmp_path, tostop=True, env={"PYTHONPROFILEIMPORTTIME": "1"})
     try:
         address = host_port(term.wait_for(LISTENING)[0][1])
@@ -263,9 +266,7 @@ def test_a_handlers_child_is_under_no_terminals_job_control(tmp_path: Path) -> N
     write (the request hung), and a child prompting on /dev/tty took the operator's
     terminal (ssh-keygen spun on SIGTTIN with echo off). Expected: the child finishes
     and finds no terminal, as when each worker led a session of its own."""
-    (tmp_path / "at_the_terminal.py").write_text(AT_THE_TERMINAL)
-    argv = weft_serve("at_the_terminal:handle", "-b", "127.0.0.1:0", "--workers", "2",
-                      "--control-socket", "off")  # fmt: skip
+    argv = workers_argv(tmp_path, 2, "at_the_terminal", AT_THE_TERMINAL)
     term = OnTerminal(argv, tmp_path, tostop=True)
     try:
         address = host_port(term.wait_for(LISTENING)[0][1])
@@ -291,9 +292,7 @@ def test_weft_serve_in_the_background_of_a_tostop_terminal_keeps_its_workers(
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash is not installed")
-    (tmp_path / "slow_goodbye.py").write_text(SLOW_GOODBYE)
-    argv = weft_serve("slow_goodbye:handle", "-b", "127.0.0.1:0", "--workers", "3",
-                      "--control-socket", "off")  # fmt: skip
+    argv = workers_argv(tmp_path, 3)
     shell = [bash, "--norc", "--noprofile", "--noediting", "-i"]
     term = OnTerminal(shell, tmp_path, env={"PS1": "$ ", "PROMPT_COMMAND": "", "TERM": "dumb"})
     supervisor = 0
