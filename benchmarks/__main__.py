@@ -184,7 +184,12 @@ def command_run(args: argparse.Namespace) -> int:
         return 2
     for manager in list(managers):
         flavour = raw_flavour(manager, specs[manager].handler_kind)
-        module = {"gevent": "gevent", "trio": "trio", "asyncio-uvloop": "uvloop"}.get(flavour)
+        module = {
+            "gevent": "gevent",
+            "gevent-patched": "gevent",
+            "trio": "trio",
+            "asyncio-uvloop": "uvloop",
+        }.get(flavour)
         if module and importlib.util.find_spec(module) is None:
             skipped.append(f"{manager} (its raw backend needs {module})")
             managers.remove(manager)

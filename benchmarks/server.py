@@ -50,14 +50,20 @@ RAW_BACKENDS = {
     "trio": "trio.serve_tcp",
     "asyncio": "asyncio.start_server",
     "asyncio-uvloop": "asyncio.start_server on uvloop",
+    "gevent-patched": "gevent.server.StreamServer, monkey-patched",
 }
 #: Benchmark names that run a weft manager with options: ``asyncio-uvloop`` is the
 #: asyncio manager on uvloop, measured against ``asyncio.start_server`` on uvloop;
-#: ``threads-nocache`` is weft-threads with idle-thread reuse off (a thread per connection).
+#: ``threads-nocache`` is weft-threads with idle-thread reuse off (a thread per connection);
+#: ``gevent-patched`` is the gevent manager in a monkey-patched process, as ``weft serve``
+#: runs it by default (and gunicorn's gevent worker), against a patched StreamServer.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "asyncio-uvloop": ("asyncio", {"loop": "uvloop"}),
     "threads-nocache": ("threads", {"idle_threads": 0}),
+    "gevent-patched": ("gevent", {}),
 }
+#: Flavours whose server process (weft's and raw's alike) calls ``patch_all()`` first.
+PATCHED = {"gevent-patched"}
 
 
 def weft_manager(name: str) -> tuple[str, dict[str, Any]]:
@@ -393,6 +399,7 @@ RAW: dict[str, Callable[[str, bool], None]] = {
     "trio": serve_raw_trio,
     "asyncio": lambda handler_name, stoppable: serve_asyncio(handler_name, False, stoppable),
     "asyncio-uvloop": lambda handler_name, stoppable: serve_asyncio(handler_name, True, stoppable),
+    "gevent-patched": serve_raw_gevent,
 }
 
 
@@ -408,6 +415,10 @@ def main(argv: list[str] | None = None) -> None:
         help="raw backends: track connections for a graceful stop (the stop suite's servers)",
     )
     args = parser.parse_args(argv)
+    if args.flavour in PATCHED:
+        import gevent.monkey
+
+        gevent.monkey.patch_all()
     pin(args.core)
     raise_nofile()
     if args.backend == "weft":

@@ -462,7 +462,7 @@ def test_a_limit_change_while_the_loop_is_blocked_returns_and_applies_later(mana
     from weft_core._engine import LOOP_ANSWER
 
     _need(manager)
-    block = LOOP_ANSWER + 4.0
+    block = LOOP_ANSWER + SLACK + 1.0  # outlasts the setter's bound with room to tell
     server = Server(
         _loop_blocker(manager, block), manager=manager, max_connections=10, on_full="refuse"
     )

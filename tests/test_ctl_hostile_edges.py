@@ -39,8 +39,14 @@ from weft_core import _ctl, available_managers
 from weft_core._ctl import MAX_CLIENTS, REQUEST_TIMEOUT, ControlError, ControlSocket, request
 from weft_core.testing._support import wait_until
 
-#: The client's own bound on one command (weft_core._ctl.request's default).
-CTL_TIMEOUT = 30.0
+#: The client's own bound on one command, shortened for the test: `weft ctl` run with
+#: ``_ctl_cli.ANSWER_WAIT`` (30 s) set to this, by WEFT_CTL_SHORT_WAIT.
+CTL_TIMEOUT = 4.0
+#: `python -c` that runs `weft ctl ARGS` with its answer wait set to CTL_TIMEOUT.
+WEFT_CTL_SHORT_WAIT = (
+    "import sys; import weft_core._ctl_cli as c; from weft_core._cli import main; "
+    f"c.ANSWER_WAIT = {CTL_TIMEOUT}; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def need_manager(name: str) -> None:
@@ -484,15 +490,15 @@ UNBOUNDED = (("status", "drip"), ("console", "silent"))
 @pytest.mark.timeout(60)
 def test_weft_ctl_is_bounded_by_its_timeout(tmp_path: Path) -> None:
     """A `weft ctl` command that gets no answer gives up after its timeout (30 s:
-    'no answer from PATH within 30s', exit 1). Two ways it never does: the timeout is
-    per recv, so a socket that sends a byte every half second without a newline (not
-    weft's; anything at a wrong --socket path) holds `weft ctl status` until 16 MiB have
-    come (_ctl.request: readline(16 MiB) under settimeout); and `weft ctl console`
-    connects with no timeout at all (_ctl_cli._console: connect(path, timeout=None),
-    then waits for the first answer line), so a server that never answers, a gevent
-    server whose hub a handler blocks among them, hangs it for ever. Expected: both
-    end within the client's timeout with exit 1 and one line. The two run side by
-    side, each against its own peer: one wait of the timeout, not two."""
+    'no answer from PATH within 30s', exit 1; shortened here to CTL_TIMEOUT, the same
+    code). Two ways it once did not: the timeout counted per recv, so a socket that
+    sends a byte every half second without a newline (not weft's; anything at a wrong
+    --socket path) held `weft ctl status` until 16 MiB had come; and `weft ctl console`
+    connected with no timeout at all, then waited for the first answer line, so a
+    server that never answers (a gevent server whose hub a handler blocks) hung it
+    for ever. Expected: both end within the client's timeout with exit 1 and one line
+    naming it. The two run side by side, each against its own peer: one wait of the
+    timeout, not two."""
     peers: list[subprocess.Popen[str]] = []
     commands: list[tuple[str, str, subprocess.Popen[str]]] = []
     try:
@@ -503,7 +509,15 @@ def test_weft_ctl_is_bounded_by_its_timeout(tmp_path: Path) -> None:
                 stdout=subprocess.PIPE, text=True, env=environment(),
             ))  # fmt: skip
             wait_until(path.exists, 10, f"the {how} socket")
-            argv = [sys.executable, "-m", "weft_core", "ctl", "--socket", str(path), command]
+            argv = [
+                sys.executable,
+                "-c",
+                WEFT_CTL_SHORT_WAIT,
+                "ctl",
+                "--socket",
+                str(path),
+                command,
+            ]
             commands.append((command, how, subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 stdin=subprocess.DEVNULL, env=environment(),
@@ -520,6 +534,7 @@ def test_weft_ctl_is_bounded_by_its_timeout(tmp_path: Path) -> None:
                     f" still waited after {time.monotonic() - began:.0f}s (its timeout: {CTL_TIMEOUT:g}s)"
                 )
             assert proc.returncode == 1 and "Traceback" not in stderr, (command, stderr)
+            assert f"within {CTL_TIMEOUT:g}s" in stderr, (command, stderr)
     finally:
         for _, _, proc in commands:
             proc.kill()

@@ -30,8 +30,9 @@ from ._exits import EXIT_RUNTIME, EXIT_USAGE
 
 __all__ = ["add_parser", "resolve_path"]
 
-#: How long ``weft ctl console`` waits for the server to open the console.
-CONSOLE_ANSWER = 30.0
+#: How long ``weft ctl`` waits for the server's answer, all reads together (for
+#: ``console``: for the server to open it); then it gives up with exit 1.
+ANSWER_WAIT = 30.0
 
 USAGE = """\
 commands:
@@ -167,7 +168,7 @@ def _ctl(ns: argparse.Namespace) -> int:
     try:
         if name == "console":
             return _console(path)
-        result = request(path, name, args)
+        result = request(path, name, args, timeout=ANSWER_WAIT)
     except ControlError as exc:
         print(f"weft ctl: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -181,9 +182,9 @@ def _ctl(ns: argparse.Namespace) -> int:
 def _console(path: str) -> int:
     """Relay stdin to the server's console and its output to stdout, until either ends."""
     began = time.monotonic()
-    sock = connect(path, timeout=CONSOLE_ANSWER)
+    sock = connect(path, timeout=ANSWER_WAIT)
     with sock:
-        _, early = exchange(sock, path, "console", None, CONSOLE_ANSWER, began)
+        _, early = exchange(sock, path, "console", None, ANSWER_WAIT, began)
         sock.settimeout(None)  # the console itself waits as long as its user types
         reader = sock.makefile("rb")
         out = sys.stdout.buffer

@@ -47,6 +47,7 @@ from ._control import ConnectionSnapshot
 from ._errors import ManagerFullError, ServerError
 from ._listeners import Listener, close_listener
 from ._logsafe import escape_for_log, log_untrusted_exception
+from ._osthreads import thread_primitives
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
 from ._proxy import ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
@@ -339,7 +340,11 @@ class Engine(ABC, Generic[R]):
         self.args = settings.args
         #: Whether connections have a PROXY header or a TLS handshake before the handler.
         self.preamble = settings.proxy is not None or settings.tls is not None
-        self.lock = threading.Lock()
+        # The bookkeeping's lock, taken twice or more per connection: an OS lock even
+        # in a gevent-patched process (gevent's costs a Python call per take), which
+        # is safe because nothing under it can switch greenlets (no I/O, no logging,
+        # no hook, no wait but the condition's, which releases it).
+        self.lock = thread_primitives()[1]()
         self.changed = threading.Condition(self.lock)
         #: When a stop's graceful phase ends (monotonic; None: when every connection
         #: has); :meth:`hurry` brings it forward while the stop waits.

@@ -25,6 +25,7 @@ from types import FunctionType
 from typing import Any, Generic, TypeVar
 
 from ._errors import ManagerFullError, TaskShutdown
+from ._osthreads import thread_primitives
 
 __all__ = [
     "Done",
@@ -336,7 +337,9 @@ class TaskTable(Generic[T]):
         self.limit = limit
         self._owner = owner
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        # An OS lock even in a gevent-patched process: nothing switches greenlets
+        # while it is held, and gevent's own lock costs a Python call per take.
+        self._lock = thread_primitives()[1]()
         self._tasks: dict[int, T | None] = {}
 
     def reserve(self) -> int:
@@ -358,7 +361,8 @@ class TaskTable(Generic[T]):
         """:meth:`reserve` and :meth:`put` in one: store and return ``make(id, *args)``.
 
         One lock taken rather than two, for a manager that can make its record at
-        once. ``make`` runs under the table's lock: it must not call the table.
+        once. ``make`` runs under the table's lock, an OS lock even under gevent: it
+        must not call the table, wait, or switch greenlets.
         """
         with self._lock:
             task_id = self._next_id()
