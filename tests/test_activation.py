@@ -7,6 +7,7 @@ handed a socket the test bound, with ``pass_fds``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -222,3 +223,63 @@ def test_a_descriptor_that_is_not_open_is_a_bind_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert "cannot listen on fd:987" in result.stderr
+
+
+#: A handler that starts a child the way ``os.system`` or a shell's ``&`` does, keeping
+#: every inheritable descriptor (``close_fds=False``), and answers with its pid.
+SPAWNING_APP = """
+import subprocess
+
+def handle(conn):
+    child = subprocess.Popen(
+        ["sleep", "60"], close_fds=False, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    conn.sendall(b"%d\\n" % child.pid)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "how",
+    [["--fd", "{fd}"], ["--fd", "{fd}", "--workers", "2"], ["--bind", "{addr}", "--workers", "2"]],
+    ids=["fd", "fd-workers", "bind-workers"],
+)
+def test_a_handlers_child_does_not_inherit_the_listening_socket(
+    tmp_path: Path, bound: socket.socket, how: list[str]
+) -> None:
+    """A listener weft adopts (``fd:N``, systemd's sockets, a worker's) is not inherited
+    by what a handler starts: a child that outlives weft would keep the port
+    listening, clients queued on it for ever and the next ``weft serve`` refused with
+    "address in use". After weft exits the port must refuse connections."""
+    (tmp_path / "spawning_app.py").write_text(SPAWNING_APP)
+    fd = bound.fileno()
+    port = bound.getsockname()[1]
+    if "{addr}" in how[1]:
+        bound.close()
+        port = free_port()
+    args = [a.format(fd=fd, addr=f"127.0.0.1:{port}") for a in how]
+    pass_fds = [fd] if "{fd}" in how[1] else []
+    children: list[int] = []
+    try:
+        with Served(
+            weft_serve("spawning_app:handle", *args), cwd=tmp_path, pass_fds=pass_fds
+        ) as served:
+            served.wait_for(LISTENING)
+            for _ in range(4):  # with workers, most likely from both
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                    answer = b""
+                    while not answer.endswith(b"\n") and (part := client.recv(64)):
+                        answer += part
+                    children.append(int(answer))
+            if pass_fds:
+                bound.close()  # ours: only weft's copy, and its children's, remain
+            served.signal(signal.SIGTERM)
+            assert served.finish() == 0, served.text
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        bound.close()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

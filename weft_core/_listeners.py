@@ -267,6 +267,11 @@ def _adopt_fd(fd: int, backlog: int) -> Listener:
     except OSError as exc:  # a connected socket (EINVAL), ...
         hint = "; is it a connected socket?" if exc.errno == errno.EINVAL else ""
         raise _not_adopted(sock, fd, exc.errno or errno.EINVAL, f"{exc.strerror}{hint}") from exc
+    # Inherited, it came inheritable; weft's own hand-overs (pass_fds to a worker, the
+    # re-executed supervisor) mark what they pass. Anything else a handler starts
+    # with close_fds=False (os.system, a shell's &) would keep the port listening
+    # after weft exits, its clients queued for ever and the next bind refused.
+    os.set_inheritable(fd, False)
     return Listener(sock, shared=True)
 
 
