@@ -41,6 +41,10 @@ _BACKLOG = 16
 _ACCEPT_BACKOFF = 0.1
 #: How often the endpoint asks whether its servers still accept (see Exporter).
 _RETIRED_CHECK = 0.1
+#: How long a worker waits for the address before it says, once, that something else
+#: holds it: a process handing over lets go within a tenth of a second of its
+#: servers ceasing to accept; this leaves room for a slow one.
+HANDOVER_WAIT = 5.0
 
 
 class Exporter:
@@ -102,16 +106,41 @@ class Exporter:
         """Bind and listen, then answer scrapes in a daemon thread."""
         self._start(self._bind())
 
-    def open_when_free(self) -> None:
-        """Bind as soon as the process holding the address alone lets go of it."""
+    @property
+    def closed(self) -> bool:
+        """True once closed, by :meth:`close` or by letting go of the address."""
+        return self._closed
+
+    def open_when_free(self, label: str) -> None:
+        """Bind as soon as the process holding the address alone lets go of it.
+
+        Tried every ``_ACCEPT_BACKOFF``. If the address is still taken after
+        ``HANDOVER_WAIT``, no process handing over holds it: that is said once, at
+        ERROR (``label`` names the address), and the tries go on quietly; a later
+        success is said at INFO.
+        """
 
         def wait() -> None:
+            said = False
+            until = time.monotonic() + HANDOVER_WAIT
             while not self._closed:
                 time.sleep(_ACCEPT_BACKOFF)
                 try:
                     sock = self._bind()
-                except OSError:
+                except OSError as exc:
+                    if not said and time.monotonic() >= until:
+                        said = True
+                        log.error(
+                            "weft-prometheus: cannot serve metrics on %s: %s for %gs, and not "
+                            "by a process of this service handing over; serving without them "
+                            "until it is free",
+                            label,
+                            exc.strerror or exc,
+                            HANDOVER_WAIT,
+                        )
                     continue
+                if said:
+                    log.info("weft-prometheus: %s is free now: serving metrics there", label)
                 self._start(sock)
                 return
 

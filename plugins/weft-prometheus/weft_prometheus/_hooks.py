@@ -120,14 +120,30 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
     with _lock:
         state.servers.add(server)
-        if state.exporter is not None:
+        if state.exporter is not None and not state.exporter.closed:
             return
+        # None yet, or one that let go of the address once every server of the
+        # process stopped accepting (a drain): a server starting now is served anew.
+        state.exporter = None
         try:
             address = configured_address(os.environ)
         except ValueError as exc:  # changed since the plugin loaded
             log.error("weft-prometheus: %s; serving no metrics", exc)
             return
         if address is None:  # unset since the plugin loaded: count, serve nothing
+            return
+        label = f"{os.environ.get(ADDRESS_ENV, '').strip()} ({ADDRESS_ENV})"
+        taken = _served_port(address[1], [*addresses, *_addresses(state.servers)])
+        if taken:
+            # Bound beside the server's own listener (SO_REUSEPORT under --workers, a
+            # more specific host than its wildcard), the endpoint would take the
+            # server's clients and answer them with HTTP.
+            log.error(
+                "weft-prometheus: cannot serve metrics on %s: the server itself listens "
+                "on %s; give the metrics another port; serving without them",
+                label,
+                taken,
+            )
             return
         # Workers share the address (SO_REUSEPORT); one process holds it alone, and
         # workers it hands over to (a reload) bind it once it has stopped accepting.
@@ -136,18 +152,39 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
         try:
             exporter.open()
         except OSError as exc:
-            if workers and exc.errno == errno.EADDRINUSE:  # the process handing over
-                exporter.open_when_free()
+            if workers and exc.errno == errno.EADDRINUSE:  # the process handing over?
+                exporter.open_when_free(label)
                 state.exporter = exporter
                 return
             log.error(
-                "weft-prometheus: cannot serve metrics on %s (%s): %s; serving without them",
-                os.environ.get(ADDRESS_ENV, "").strip(),
-                ADDRESS_ENV,
+                "weft-prometheus: cannot serve metrics on %s: %s; serving without them",
+                label,
                 exc.strerror or exc,
             )
             return
         state.exporter = exporter
+
+
+def _addresses(servers: weakref.WeakSet[Server]) -> list[str]:
+    """The addresses the running servers of this process listen on."""
+    found: list[str] = []
+    for server in list(servers):
+        try:
+            found.extend(server.addresses)
+        except Exception:
+            continue
+    return found
+
+
+def _served_port(port: int, addresses: list[str]) -> str | None:
+    """The first of ``addresses`` (``HOST:PORT``; paths skipped) on TCP ``port``, if any."""
+    if port == 0:
+        return None
+    for address in addresses:
+        host, sep, text = str(address).rpartition(":")
+        if sep and host and text.isdigit() and int(text) == port:
+            return str(address)
+    return None
 
 
 @hookimpl
