@@ -70,8 +70,19 @@ class _Process:
         self.servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
     def retired(self) -> bool:
-        """True once every running server of this process has closed its listeners."""
-        servers = list(self.servers)
+        """True once every running server of this process has closed its listeners.
+
+        Asked from the endpoint's thread, without the hooks' lock: under gevent's
+        patching that thread is a greenlet, and the lock may be an OS lock the hub's
+        greenlet holds. A copy racing a hook's add raises "changed size during
+        iteration"; it is made again rather than end the endpoint's thread.
+        """
+        while True:
+            try:
+                servers = list(self.servers)
+                break
+            except RuntimeError:
+                continue
         return bool(servers) and all(not server.sockets for server in servers)
 
 
