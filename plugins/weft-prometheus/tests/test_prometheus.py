@@ -239,7 +239,9 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["9100", ":9100", "host:", "host:99999", "::1:9100", "h:x"])
+@pytest.mark.parametrize(
+    "text", ["9100", ":9100", "host:", "host:99999", "::1:9100", "h:x", "h:\u00b2", "h:\u0669"]
+)
 def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(
         ValueError, match=re.escape("is not HOST:PORT; expected e.g. 127.0.0.1:9100")

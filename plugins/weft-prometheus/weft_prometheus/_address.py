@@ -21,7 +21,9 @@ def parse_address(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         sep = ""  # a bare IPv6 address: ambiguous without brackets
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+    # isascii(): str.isdigit() is also true of '²' and other digits int() refuses.
+    digits = port_text.isascii() and port_text.isdigit()
+    if not sep or not host or not digits or int(port_text) > 65535:
         raise ValueError(
             f"{ADDRESS_ENV}={text!r} is not HOST:PORT; expected e.g. 127.0.0.1:9100 or [::1]:9100"
         )
