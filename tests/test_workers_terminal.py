@@ -1,10 +1,10 @@
 """``weft serve --workers N`` run from a terminal, as an operator runs it.
 
 Each worker runs in a process group of its own inside the supervisor's session
-(``_workers.WORKER_GROUP``): in the supervisor's CPU autogroup, where the kernel
+(``_jobcontrol.OWN_PROCESS_GROUP``): in the supervisor's CPU autogroup, where the kernel
 groups by session, and out of the terminal's foreground group, so a Ctrl-C reaches
 the supervisor alone. It leaves the terminal at its first line, started with TTIN
-and TTOU blocked until then (``_signals.leave_terminal``, ``JOB_STOPS``), so the
+and TTOU blocked until then (``_jobcontrol.leave_terminal``, ``JOB_STOPS``), so the
 terminal's job control reaches neither it nor its handler's children. Here the
 terminal is a real pseudo-terminal, the supervisor its session's leader and
 foreground group, as a shell's job would be, or a job of a real interactive bash.

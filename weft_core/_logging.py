@@ -44,6 +44,7 @@ from typing import Any, TextIO
 
 from ._config import toml_loads
 from ._errors import ConfigError
+from ._jobcontrol import JOB_STOPS
 from ._osthreads import thread_primitives
 
 __all__ = [
@@ -287,13 +288,13 @@ class StderrHandler(logging.Handler):
             pass
 
     def _write_forever(self) -> None:
-        # The job-control stops blocked in this thread alone (_signals.JOB_STOPS): a
+        # The job-control stops blocked in this thread alone (JOB_STOPS): a
         # process writing to its terminal from the background under `stty tostop`
         # draws TTOU for each write unless the writing thread blocks or ignores it, and
         # with weft's handler in, the write was refused and retried for ever, each TTOU
         # taken as "one worker fewer". Sent by hand, they still reach the main thread.
         with contextlib.suppress(OSError, ValueError):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTIN, signal.SIGTTOU})
+            signal.pthread_sigmask(signal.SIG_BLOCK, JOB_STOPS)
         lines = self._lines
         while True:
             self._wake.acquire()

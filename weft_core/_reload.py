@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ._exits import EXIT_OK
+from ._jobcontrol import OWN_PROCESS_GROUP
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -190,9 +191,7 @@ def _start(command: Sequence[str]) -> subprocess.Popen[bytes]:
     second, "quit at once", cutting what it was serving.
     """
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
-    if sys.version_info >= (3, 11):
-        return subprocess.Popen(command, env=env, process_group=0)
-    return subprocess.Popen(command, env=env, preexec_fn=os.setpgrp)  # pragma: no cover
+    return subprocess.Popen(command, env=env, **OWN_PROCESS_GROUP)
 
 
 def watch_parent(stop: Callable[[], None]) -> None:

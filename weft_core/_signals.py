@@ -27,22 +27,20 @@ import os
 import select
 import signal
 import sys
-import termios
 import threading
 
+from ._jobcontrol import JOB_STOPS, leave_terminal
 from ._osthreads import thread_primitives
 
 __all__ = [
     "CONTROL_SIGNALS",
     "DUMP_SIGNAL",
-    "JOB_STOPS",
     "STOP_SIGNALS",
     "WORKER_FLAG",
     "WORKER_IGNORED",
     "enable_stack_dump",
     "hold_while_starting",
     "is_worker",
-    "leave_terminal",
     "relay_stack_dumps_as_json",
     "release_starting_hold",
     "reopen_log_files",
@@ -62,13 +60,6 @@ CONTROL_SIGNALS = (
 #: What a worker ignores (with a log line): they are the supervisor's to act on, and
 #: by default HUP and USR2 would kill the worker, TTIN/TTOU stop it.
 WORKER_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
-#: What the kernel sends a process in a background process group that reads from
-#: (TTIN) or, under ``stty tostop``, writes to (TTOU) its controlling terminal. A
-#: write is let through only where TTOU is ignored or blocked; with a handler in, it
-#: is refused and retried for ever. A worker is started with both blocked and leaves
-#: the terminal at its first line (:func:`hold_while_starting`); the log writer
-#: blocks them in its own thread (``_logging``).
-JOB_STOPS = frozenset({signal.SIGTTIN, signal.SIGTTOU})
 #: The signal on which a worker writes every thread's Python stack to stderr
 #: (faulthandler, so even a loop blocked in C code answers). WINCH: used by none of
 #: the meanings above, ignored by default (a process that did not register it is
@@ -116,30 +107,6 @@ def hold_while_starting() -> list[str]:
         leave_terminal()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_STOPS)
     return _held.arrived
-
-
-def leave_terminal() -> None:
-    """Give up the controlling terminal, staying in its session (a worker's first act).
-
-    A worker runs in the supervisor's session (its CPU group) in a process group of
-    its own, so it shares the supervisor's terminal from the background. There the
-    kernel's job control would apply to it and to whatever its handler starts: a
-    child that sets TTOU back to its default stops on its first write under ``stty
-    tostop``, and one asking for a passphrase on ``/dev/tty`` gets SIGTTIN for ever,
-    with the operator's echo off. ``TIOCNOTTY`` from a process that does not lead its
-    session detaches that process alone: none of that applies any more, as when each
-    worker led a session of its own. Nothing to do without a terminal.
-    """
-    try:
-        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # ENXIO: no controlling terminal
-        return
-    try:
-        fcntl.ioctl(tty, termios.TIOCNOTTY)
-    except OSError:
-        pass
-    finally:
-        os.close(tty)
 
 
 def release_starting_hold() -> None:

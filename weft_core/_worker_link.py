@@ -26,7 +26,7 @@ from ._balance import worker_balance
 from ._config import Config
 from ._errors import ConfigError
 from ._logging import take_line_lock
-from ._signals import enable_stack_dump
+from ._signals import WORKER_FLAG, enable_stack_dump
 
 __all__ = [
     "BEAT",
@@ -208,7 +208,7 @@ def become_worker(supervisor_fd: int) -> WorkerLink:
         os.set_blocking(supervisor_fd, True)
     except OSError as exc:
         raise ConfigError(
-            f"--supervisor-fd {supervisor_fd}: {exc.strerror}; this flag is set by"
+            f"{WORKER_FLAG} {supervisor_fd}: {exc.strerror}; this flag is set by"
             " `weft serve --workers N` for its workers, not by hand",
             source="command line",
         ) from None

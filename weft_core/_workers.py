@@ -64,7 +64,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,12 +79,12 @@ from ._connection import format_address
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import render_flag
+from ._jobcontrol import JOB_STOPS, OWN_PROCESS_GROUP
 from ._logging import LINE_LOCK_ENV, share_line_lock
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
     DUMP_SIGNAL,
-    JOB_STOPS,
     STOP_SIGNALS,
     reopen_log_files,
 )
@@ -141,21 +140,6 @@ _IDLE_WAKE = 5.0
 #: (issue 14: with every start in one go, 668 workers started after a SIGINT); and
 #: 50 interpreters a second is already more than two cores boot.
 START_INTERVAL = 0.02
-#: Where a worker runs: a process group of its own, so that a Ctrl-C on the terminal
-#: (SIGINT to the foreground process group) reaches the supervisor alone, which
-#: forwards one SIGTERM (a second signal would make a worker quit at once rather than
-#: drain); in the supervisor's session, not one of its own. The kernel makes each
-#: session a CPU autogroup (``/proc/sys/kernel/sched_autogroup_enabled``): workers in
-#: sessions of their own sharing a core preempted each other mid-request, and each
-#: preempted thread held its worker's GIL for the rest to queue on; two threads
-#: workers on one core served 0.5-0.65 of one worker's requests (docs/performance.md,
-#: "workers in the supervisor's session"). A worker leaves the session's terminal at
-#: its first line (``_signals.leave_terminal``), so job control reaches neither it nor
-#: its handler's children. ``process_group`` is Python 3.11's; 3.10 calls ``setpgrp``
-#: in the child, as ``_reload`` does.
-WORKER_GROUP: dict[str, Any] = (
-    {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-)
 #: What one idle worker holds, measured (``threads`` manager, Python 3.11, 64-bit
 #: Linux, every plugin installed): 14 MiB of private memory (21 MiB RSS) and 4
 #: threads, which count against RLIMIT_NPROC; a gevent, trio or asyncio worker
@@ -1042,6 +1026,17 @@ class Supervisor:
             cell = balance.claim({w.cell for w in self._workers.values() if w.cell is not None})
             if cell is not None:
                 env[BALANCE_ENV] = balance.environment(cell, self._sockets.shared(sockets))
+        # A process group of its own (a Ctrl-C on the terminal reaches the supervisor
+        # alone, which forwards one SIGTERM: a second signal would make a worker quit
+        # at once rather than drain), in the supervisor's session, not one of its own.
+        # The kernel makes each session a CPU autogroup
+        # (/proc/sys/kernel/sched_autogroup_enabled): workers in sessions of their own
+        # sharing a core preempted each other mid-request, and each preempted thread
+        # held its worker's GIL for the rest to queue on; two threads workers on one
+        # core served 0.5-0.65 of one worker's requests (docs/performance.md, "workers
+        # in the supervisor's session"). A worker leaves the session's terminal at its
+        # first line (_jobcontrol.leave_terminal), so job control reaches neither it nor
+        # its handler's children.
         # The job-control stops blocked while the worker starts, and so in it through
         # exec until its first line of Python leaves the terminal and unblocks them:
         # what the interpreter writes before that (a warning, -X importtime) is not
@@ -1058,7 +1053,7 @@ class Supervisor:
                 ),
                 stdin=subprocess.DEVNULL,
                 env=env,
-                **WORKER_GROUP,
+                **OWN_PROCESS_GROUP,
             )
         except OSError as exc:
             ours.close()
