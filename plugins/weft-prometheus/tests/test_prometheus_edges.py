@@ -122,3 +122,48 @@ def test_metrics_on_the_servers_own_port_never_take_its_clients() -> None:
             pid = first.split(b"\n", 1)[0]  # the server's handler answers with its pid
             assert pid.isdigit(), f"answered by something else: {first!r}"
         assert served.stop() == 0, served.text
+
+
+#: Two servers started at once by two greenlets of one patched hub, in weft serve's
+#: order: the plugins load (their lock an OS lock) before gevent patches.
+TWO_STARTS_IN_ONE_HUB = r"""
+import sys
+from weft_core import available_managers
+available_managers()  # as weft serve: the plugins load, then the manager patches
+from gevent import monkey
+monkey.patch_all()
+import gevent, urllib.request
+from weft_core import Server
+
+metrics = sys.argv[1]
+
+def handle(conn):
+    conn.recv(1)
+
+servers = [Server(handle, manager="gevent") for _ in range(2)]
+starts = [gevent.spawn(server.run) for server in servers]
+gevent.joinall(starts, timeout=10)
+print("started", sum(start.successful() for start in starts), flush=True)
+with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
+    print("scraped", reply.status, flush=True)
+stops = [gevent.spawn(server.stop, 5) for server in servers]
+gevent.joinall(stops, timeout=15)
+print("stopped", sum(stop.successful() for stop in stops), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_two_servers_starting_at_once_in_one_patched_hub() -> None:
+    """The hooks' lock is an OS lock under weft serve's patching (made before it).
+    The first server's start held it while binding the endpoint and starting its
+    thread, both of which switch greenlets: the second server's start then waited
+    on the lock, the whole hub with it, and the process hung."""
+    if "gevent" not in available_managers():
+        pytest.skip("weft-gevent is not installed")
+    metrics = f"127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_STARTS_IN_ONE_HUB, metrics],
+        env=environment(metrics), capture_output=True, text=True, timeout=45,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["started 2", "scraped 200", "stopped 2"], done.stdout

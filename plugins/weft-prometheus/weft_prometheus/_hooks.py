@@ -125,7 +125,14 @@ def _of(server: Server) -> ServerMetrics:
 
 @hookimpl
 def weft_server_started(server: Server, addresses: list[str]) -> None:
-    """Make the metrics if need be, and listen for scrapes while a server runs."""
+    """Make the metrics if need be, and listen for scrapes while a server runs.
+
+    The hooks' lock only guards the choice of which server's start opens the
+    endpoint. Binding (``getaddrinfo``), starting its thread and logging happen
+    after it is released: under gevent's patching each may switch greenlets, and
+    the lock, made before the patching, is an OS lock that a second server
+    starting in the same hub would then wait on for ever, the hub with it.
+    """
     state = _state()
     state.metrics.forget(server)
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
@@ -136,44 +143,52 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
         # None yet, or one that let go of the address once every server of the
         # process stopped accepting (a drain): a server starting now is served anew.
         state.exporter = None
-        try:
-            address = configured_address(os.environ)
-        except ValueError as exc:  # changed since the plugin loaded
-            log.error("weft-prometheus: %s; serving no metrics", exc)
-            return
-        if address is None:  # unset since the plugin loaded: count, serve nothing
-            return
-        label = f"{os.environ.get(ADDRESS_ENV, '').strip()} ({ADDRESS_ENV})"
-        taken = _served_port(address[1], [*addresses, *_addresses(state.servers)])
-        if taken:
-            # Bound beside the server's own listener (SO_REUSEPORT under --workers, a
-            # more specific host than its wildcard), the endpoint would take the
-            # server's clients and answer them with HTTP.
-            log.error(
-                "weft-prometheus: cannot serve metrics on %s: the server itself listens "
-                "on %s; give the metrics another port; serving without them",
-                label,
-                taken,
-            )
-            return
-        # Workers share the address (SO_REUSEPORT); one process holds it alone, and
-        # workers it hands over to (a reload) bind it once it has stopped accepting.
-        workers = state.directory is not None
-        exporter = Exporter(state.registry, *address, reuse_port=workers, retired=state.retired)
-        try:
-            exporter.open()
-        except OSError as exc:
-            if workers and exc.errno == errno.EADDRINUSE:  # the process handing over?
-                exporter.open_when_free(label)
-                state.exporter = exporter
-                return
-            log.error(
-                "weft-prometheus: cannot serve metrics on %s: %s; serving without them",
-                label,
-                exc.strerror or exc,
-            )
-            return
+        others = _addresses(state.servers)
+    try:
+        address = configured_address(os.environ)
+    except ValueError as exc:  # changed since the plugin loaded
+        log.error("weft-prometheus: %s; serving no metrics", exc)
+        return
+    if address is None:  # unset since the plugin loaded: count, serve nothing
+        return
+    label = f"{os.environ.get(ADDRESS_ENV, '').strip()} ({ADDRESS_ENV})"
+    taken = _served_port(address[1], [*addresses, *others])
+    if taken:
+        # Bound beside the server's own listener (SO_REUSEPORT under --workers, a
+        # more specific host than its wildcard), the endpoint would take the
+        # server's clients and answer them with HTTP.
+        log.error(
+            "weft-prometheus: cannot serve metrics on %s: the server itself listens "
+            "on %s; give the metrics another port; serving without them",
+            label,
+            taken,
+        )
+        return
+    # Workers share the address (SO_REUSEPORT); one process holds it alone, and
+    # workers it hands over to (a reload) bind it once it has stopped accepting.
+    workers = state.directory is not None
+    exporter = Exporter(state.registry, *address, reuse_port=workers, retired=state.retired)
+    with _lock:
+        if state.exporter is not None and not state.exporter.closed:
+            return  # a server that started meanwhile opened it
+        # Claimed: a server starting while this one binds leaves the endpoint to it.
+        # A stop in between closes it, and an exporter closed before it opens lets
+        # go of the socket it binds.
         state.exporter = exporter
+    try:
+        exporter.open()
+    except OSError as exc:
+        if workers and exc.errno == errno.EADDRINUSE:  # the process handing over?
+            exporter.open_when_free(label)
+            return
+        with _lock:
+            if state.exporter is exporter:
+                state.exporter = None  # the next server to start tries again
+        log.error(
+            "weft-prometheus: cannot serve metrics on %s: %s; serving without them",
+            label,
+            exc.strerror or exc,
+        )
 
 
 def _addresses(servers: weakref.WeakSet[Server]) -> list[str]:
@@ -202,11 +217,12 @@ def _served_port(port: int, addresses: list[str]) -> str | None:
 def weft_server_stopped(server: Server, stats: dict[str, Any]) -> None:
     """Stop listening for scrapes once the process's last server has stopped."""
     state = _state()
-    with _lock:
+    with _lock:  # nothing that may switch greenlets under it (see weft_server_started)
         state.servers.discard(server)
-        if not state.servers and state.exporter is not None:
-            state.exporter.close()
-            state.exporter = None
+        if state.servers or state.exporter is None:
+            return
+        exporter, state.exporter = state.exporter, None
+    exporter.close()
 
 
 @hookimpl
