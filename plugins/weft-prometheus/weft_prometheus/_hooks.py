@@ -69,6 +69,10 @@ class _Process:
         #: any, and lets go once none accepts any more (see Exporter's retired).
         self.servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
+    def serving(self) -> bool:
+        """True while an endpoint is open, or claimed by a server's start and opening."""
+        return self.exporter is not None and not self.exporter.closed
+
     def retired(self) -> bool:
         """True once every running server of this process has closed its listeners.
 
@@ -138,7 +142,7 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
     with _lock:
         state.servers.add(server)
-        if state.exporter is not None and not state.exporter.closed:
+        if state.serving():
             return
         # None yet, or one that let go of the address once every server of the
         # process stopped accepting (a drain): a server starting now is served anew.
@@ -169,7 +173,7 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     workers = state.directory is not None
     exporter = Exporter(state.registry, *address, reuse_port=workers, retired=state.retired)
     with _lock:
-        if state.exporter is not None and not state.exporter.closed:
+        if state.serving():
             return  # a server that started meanwhile opened it
         # Claimed: a server starting while this one binds leaves the endpoint to it.
         # A stop in between closes it, and an exporter closed before it opens lets
