@@ -21,6 +21,7 @@ WATCHERS = {"weft-prometheus"}
 TEST_DEPS = [
     "pytest>=8",
     "pytest-timeout",
+    "pytest-xdist",  # the core tests run on every core: most of their time is waiting
     "hypothesis",
     "trustme",
     "pip",
@@ -63,7 +64,10 @@ def tests(session: nox.Session) -> None:
     install_weft(session, *PLUGINS)
     for plugin in PLUGINS:  # smoke-import each plugin after install
         session.run("python", "-c", f"import {plugin.replace('-', '_')}")
-    session.run("pytest", "tests", *session.posargs)
+    # One pytest worker per core (pytest-xdist), the idle workers taking tests from the
+    # busy ones' queues: most tests wait on real processes, clients and timeouts, so
+    # two cores halve the wall time. ``nox -s tests -- -n 0`` runs them in one process.
+    session.run("pytest", "tests", "-n", "auto", "--dist", "worksteal", *session.posargs)
 
 
 @nox.session

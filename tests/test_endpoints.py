@@ -109,12 +109,20 @@ _tcp = st.builds(
     st.one_of(_hostnames, _ipv4, _ipv6),
     _ports,
 )
+
+
+def _kernel_path(path: str) -> bool:
+    """A path the kernel can hold: encodable (a lone surrogate outside
+    surrogateescape's range is not), and within sun_path's 107 bytes."""
+    try:
+        return path != "@" and path.strip() == path and len(os.fsencode(path)) <= 107
+    except UnicodeEncodeError:
+        return False
+
+
 _unix = st.builds(
     lambda path: Endpoint("unix", path=path),
-    st.text(st.characters(blacklist_characters="\0"), min_size=1).filter(
-        # a path the kernel can hold: sun_path's 107 bytes
-        lambda p: p != "@" and p.strip() == p and len(os.fsencode(p)) <= 107
-    ),
+    st.text(st.characters(blacklist_characters="\0"), min_size=1).filter(_kernel_path),
 )
 _fd = st.builds(lambda fd: Endpoint("fd", fd=fd), st.integers(0, 2**31 - 1))
 
