@@ -10,6 +10,7 @@ trio) it blocks the whole loop, the worst a handler can do to a stop.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 _never, _kept_open = os.pipe()  # the write end stays open: the read never returns
@@ -23,3 +24,23 @@ def stuck(conn: Any) -> None:
 async def stuck_async(stream: Any) -> None:
     await stream.send_all(b"+")
     os.read(_never, 1)
+
+
+#: The GIL's switch interval a spinning handler sets: the little CPU a loaded host
+#: leaves the worker's other threads (the stack dump's relay waits this long per turn).
+SPIN_SWITCH_INTERVAL = 0.4
+
+
+def spinning(conn: Any) -> None:
+    """Say ``+``, then spin in Python for ever, letting other threads run seldom."""
+    conn.sendall(b"+")
+    sys.setswitchinterval(SPIN_SWITCH_INTERVAL)
+    while True:
+        pass
+
+
+async def spinning_async(stream: Any) -> None:
+    await stream.send_all(b"+")
+    sys.setswitchinterval(SPIN_SWITCH_INTERVAL)
+    while True:
+        pass

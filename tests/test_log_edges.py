@@ -170,6 +170,39 @@ def test_json_log_format_keeps_the_watchdogs_stack_dump_json(
     assert dumps and "most recent call first" in dumps[0], "the stacks are not in the log"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", ["gevent", "asyncio"])
+def test_a_stuck_worker_is_killed_after_its_json_dump_is_written_not_before(
+    tmp_path: Path, manager: str
+) -> None:
+    """Under --log-format json a thread of the stuck worker writes the dump, and needs
+    the GIL to. The supervisor killed the worker DUMP_GRACE (1 s) after asking, written
+    or not: on a loaded host (here: a handler spinning in Python that lets other
+    threads run every 0.4 s) the dump was lost (CI's xdist run saw it once). Now the
+    worker says when the line is written and is killed then, within DUMP_WAIT."""
+    from _serving import Served
+
+    from weft_core._workers import DUMP_WAIT
+
+    handler = "_stuck_handlers:spinning" + ("_async" if manager == "asyncio" else "")
+    port = free_port()
+    argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager, "-w", "1",
+                      "--timeout", "2", "--graceful-timeout", "1", "--log-format", "json")  # fmt: skip
+    with Served(argv, cwd=tmp_path, env=env()) as served:
+        served.wait_for("worker ready", 1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            assert client.recv(1) == b"+"
+            served.wait_for("replacing it", 1, timeout=20)
+            served.wait_for('"stacks": "', 1, timeout=DUMP_WAIT + 5)
+            # Killed once the dump is in, not DUMP_WAIT after it was asked for.
+            served.wait_for("exited with SIGKILL", 1, timeout=DUMP_WAIT - 3)
+        served.signal(signal.SIGTERM)
+        assert served.finish(20) == 0, served.text
+    records = [json.loads(line) for line in served.text.splitlines() if line.strip()]
+    dumps = [r["stacks"] for r in records if "stacks" in r]
+    assert dumps and "in spinning" in dumps[0], dumps
+
+
 # -- 4. the access log's byte counts ----------------------------------------------------
 
 

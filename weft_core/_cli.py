@@ -227,8 +227,10 @@ def _serve(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     worker = link is not None
-    if worker and logs_json():
-        relay_stack_dumps_as_json()  # the watchdog's dump, one JSON line like the rest
+    if link is not None and logs_json():
+        # The watchdog's dump, one JSON line like the rest; the supervisor kills the
+        # stuck worker once it is told the line is written.
+        relay_stack_dumps_as_json(link.dumped)
     if not worker:  # the supervisor said it once for all
         for warning in config.warnings:
             log.warning("%s", warning)

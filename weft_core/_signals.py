@@ -28,6 +28,7 @@ import select
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from ._jobcontrol import JOB_STOPS, leave_terminal
 from ._osthreads import thread_primitives
@@ -154,30 +155,34 @@ def enable_stack_dump() -> None:
 
 #: How long a stack dump's pipe stays quiet before what came is one JSON line.
 DUMP_QUIET = 0.05
+#: How long the relay waits for its line to leave the log's writer before saying it did.
+DUMP_FLUSH = 2.0
 #: The dump's pipe: room for every thread's stack (faulthandler writes from the
 #: signal handler and must not wait on a full pipe).
 _DUMP_PIPE_SIZE = 1 << 20
 
 
-def relay_stack_dumps_as_json() -> None:
+def relay_stack_dumps_as_json(written: Callable[[], None] = lambda: None) -> None:
     """Under ``--log-format json``: the DUMP_SIGNAL dump becomes one JSON line, ``stacks``.
 
     faulthandler writes raw text, from the signal handler, wherever it is told; here
     into a pipe that an OS thread of its own reads, which writes what came as one
-    log line once the pipe is quiet. That thread needs the GIL for a moment: a
-    thread holding it in C for good (rare: a stuck loop waits in a system call, or
-    runs Python that lets it go) leaves the dump in the pipe.
+    log line once the pipe is quiet, then calls ``written`` once the line has left
+    the log's writer (a worker tells its supervisor, which kills it then). That
+    thread needs the GIL for a moment: a thread holding it in C for good (rare: a
+    stuck loop waits in a system call, or runs Python that lets it go) leaves the
+    dump in the pipe.
     """
     read_end, write_end = os.pipe()
     with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _DUMP_PIPE_SIZE)
     faulthandler.register(DUMP_SIGNAL, file=write_end, all_threads=True)
     start, _allocate = thread_primitives()
-    start(_relay_dumps, (read_end,))
+    start(_relay_dumps, (read_end, written))
 
 
-def _relay_dumps(read_end: int) -> None:
-    from ._logging import print_line, stderr_line
+def _relay_dumps(read_end: int, written: Callable[[], None]) -> None:
+    from ._logging import flush_own_log, print_line, stderr_line
 
     while True:
         chunks = [os.read(read_end, 65536)]
@@ -186,6 +191,8 @@ def _relay_dumps(read_end: int) -> None:
         stacks = b"".join(chunks).decode("utf-8", "backslashreplace")
         # Through the log's writer, after the lines logged before the dump.
         print_line(stderr_line("every thread's stack (DUMP_SIGNAL)", logging.ERROR, stacks=stacks))
+        flush_own_log(DUMP_FLUSH)
+        written()
 
 
 def reopen_log_files() -> int:

@@ -31,6 +31,7 @@ from ._signals import WORKER_FLAG, enable_stack_dump
 __all__ = [
     "BEAT",
     "DRAIN",
+    "DUMPED",
     "HEARTBEAT_SHARE",
     "LISTENING_MESSAGE",
     "READY",
@@ -52,6 +53,9 @@ serve_log = logging.getLogger("weft")
 READY = b"R"
 BEAT = b"H"
 RECYCLE = b"B"
+#: Under ``--log-format json``, once the watchdog's stack dump is in the log: the
+#: supervisor kills the stuck worker now rather than at its later DUMP_WAIT.
+DUMPED = b"S"
 #: What the supervisor writes to a worker it retires (reload, recycling, TTOU).
 DRAIN = b"D"
 #: A worker beats HEARTBEAT_SHARE times per ``timeout`` (at most once a second, so
@@ -70,10 +74,11 @@ WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
 class WorkerLink:
     """A worker's end of its supervisor's socket pair: ready, heartbeats, recycling.
 
-    The supervisor reads three kinds of bytes: ``R`` once listening (an exit status
+    The supervisor reads four kinds of bytes: ``R`` once listening (an exit status
     2 after it is no mistake in the command), ``H`` heartbeats from inside the
-    runtime's loop (``timeout``), and ``B`` once ``max_requests`` connections were
-    accepted (start my replacement, then stop me).
+    runtime's loop (``timeout``), ``B`` once ``max_requests`` connections were
+    accepted (start my replacement, then stop me), and ``S`` once a stack dump
+    relayed as a JSON line is in the log (kill me now).
     """
 
     def __init__(self, fd: int) -> None:
@@ -124,6 +129,10 @@ class WorkerLink:
             os.write(self._fd, byte)
         except OSError:  # the supervisor is gone; the watch thread stops us
             pass
+
+    def dumped(self) -> None:
+        """Tell the supervisor the watchdog's stack dump is in the log (any thread)."""
+        self._send(DUMPED)
 
     def ready(
         self,

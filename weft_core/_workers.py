@@ -80,7 +80,7 @@ from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import render_flag
 from ._jobcontrol import JOB_STOPS, OWN_PROCESS_GROUP
-from ._logging import LINE_LOCK_ENV, share_line_lock
+from ._logging import LINE_LOCK_ENV, logs_json, share_line_lock
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
@@ -89,11 +89,12 @@ from ._signals import (
     reopen_log_files,
 )
 from ._wakeup import Wakeup
-from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE
+from ._worker_link import BEAT, DRAIN, DUMPED, HEARTBEAT_SHARE, READY, RECYCLE
 from ._worker_sockets import WorkerSockets
 
 __all__ = [
     "DUMP_GRACE",
+    "DUMP_WAIT",
     "EXIT_MARGIN",
     "RESTART_DELAY_MAX",
     "RESTART_DELAY_MIN",
@@ -150,6 +151,10 @@ WORKER_TASKS = 4
 #: written at once by faulthandler's C handler) and killing it: time for the
 #: kernel to run it and for its stderr to be read.
 DUMP_GRACE = 1.0
+#: The same under ``--log-format json``, where a thread of the worker writes the dump
+#: as a JSON line and says when it has (DUMPED): a worker slow to get the CPU (a loaded
+#: host) is given this long before it is killed with its dump unwritten.
+DUMP_WAIT = 10.0
 
 # Config keys given on weft serve's command line that a worker gets in another form.
 _NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
@@ -678,6 +683,8 @@ class Supervisor:
                 worker.ready = True
             if READY in data or BEAT in data:
                 worker.beat = now
+            if DUMPED in data and worker.stuck and worker.kill_at is not None:
+                worker.kill_at = min(worker.kill_at, now)  # its stacks are in the log
             if RECYCLE in data and not worker.old and not worker.retiring:
                 log.info("worker %d reached max_requests: replacing it", worker.pid)
                 worker.old = worker.recycled = True
@@ -696,7 +703,7 @@ class Supervisor:
                 )
                 _send(worker.pid, DUMP_SIGNAL)
                 worker.old = worker.retiring = worker.stuck = True
-                worker.kill_at = now + DUMP_GRACE
+                worker.kill_at = now + (DUMP_WAIT if logs_json() else DUMP_GRACE)
 
     # -- keeping the count ---------------------------------------------------------------
 
