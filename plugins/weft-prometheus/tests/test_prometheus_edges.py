@@ -167,3 +167,25 @@ def test_two_servers_starting_at_once_in_one_patched_hub() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["started 2", "scraped 200", "stopped 2"], done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_the_endpoint_says_where_it_serves_a_port_of_zero_included() -> None:
+    """An outside check (probe-prom F9): WEFT_PROMETHEUS_ADDRESS=127.0.0.1:0 served
+    the metrics on a port the kernel chose and said nowhere which; no address was
+    logged at all. Each process that serves them now says where."""
+    import urllib.request
+
+    with Served(
+        [*WEFT, "serve", HANDLERS["threads"], "--bind", "127.0.0.1:0"], environment("127.0.0.1:0")
+    ) as served:
+        (said,) = served.wait_for(
+            r"\[INFO\] weft_prometheus: weft-prometheus: serving metrics on "
+            r"http://127\.0\.0\.1:(\d+)/metrics"
+        )
+        port = int(said.group(1))
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+            assert b"weft_connections_opened_total" in reply.read()
+        assert served.stop() == 0, served.text

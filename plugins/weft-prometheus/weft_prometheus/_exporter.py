@@ -154,6 +154,10 @@ class Exporter:
         threading.Thread(
             target=self._serve, args=(sock,), name="weft-prometheus", daemon=True
         ).start()
+        # The port bound, which a configured port 0 leaves to the kernel.
+        host, port = sock.getsockname()[:2]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("weft-prometheus: serving metrics on http://%s/metrics", where)
 
     @property
     def port(self) -> int | None:
