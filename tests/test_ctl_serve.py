@@ -187,6 +187,49 @@ def test_console_runs_beside_the_handlers(
     served.wait_for(r"\[WARNING\] weft.ctl: control: console opened by uid 0")
 
 
+def test_two_consoles_never_wait_for_each_other(
+    one: tuple[Served, tuple[str, int]], control: Path, tmp_path: Path
+) -> None:
+    """A console ran its code holding a process-wide lock (for sys.displayhook): a
+    second console waited for the first's slowest statement, and under gevent's
+    patching (the lock an OS lock, each console a greenlet of the hub's thread) that
+    wait blocked the hub: the whole server hung, the first console with it. Here the
+    first waits, in one statement, for a file the second creates."""
+    _, address = one
+    started, go = tmp_path / "started", tmp_path / "go"
+    with subprocess.Popen(
+        [sys.executable, "-m", "weft_core", "ctl", "--socket", str(control), "console"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=environment(),
+    ) as first:  # fmt: skip
+        try:
+            first.stdin.write(  # type: ignore[union-attr]
+                "import os, time\n"
+                "for _ in [0]:\n"
+                f"    open({str(started)!r}, 'w').close()\n"
+                "    t = time.monotonic()\n"
+                f"    while not os.path.exists({str(go)!r}) and time.monotonic() - t < 20:\n"
+                "        time.sleep(0.02)\n"
+                f"    seen = os.path.exists({str(go)!r})\n"
+                "\n"
+                "seen\n"
+            )
+            first.stdin.close()  # type: ignore[union-attr]
+            wait_until(started.exists, 20, "the first console running its statement")
+            with Client(address) as client:
+                second = ctl(control, "console", stdin=f"open({str(go)!r}, 'w').close()\n2 + 2\n")
+                assert ">>> 4\n" in second.stdout, second.stdout
+                assert client.echo(b"beside") == b"beside", "the handlers are served meanwhile"
+            out = first.stdout.read()  # type: ignore[union-attr]
+            err = first.stderr.read()  # type: ignore[union-attr]
+            first.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert first.returncode == 0, err
+    assert ">>> True\n" in out, f"the first console never saw the second's file: {out!r}"
+
+
 def test_drain_exits_when_idle(one: tuple[Served, tuple[str, int]], control: Path) -> None:
     served, address = one
     client = Client(address)

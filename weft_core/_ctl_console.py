@@ -18,7 +18,8 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, BinaryIO
 
 __all__ = ["serve_console"]
@@ -26,8 +27,44 @@ __all__ = ["serve_console"]
 BANNER = "weft console: `server` is the running Server; end with Ctrl-D.\n"
 # A console line longer than this is not typed by a person.
 MAX_LINE = 1024 * 1024
-# sys.displayhook is process-wide: consoles take turns showing a value.
-_display_lock = threading.Lock()
+
+# sys.displayhook is process-wide, so while any console runs code it is _display,
+# which shows a value to the console running in this thread or greenlet (a context
+# variable: each has its own) and hands anything else to the hook it replaced.
+# Consoles never wait for each other: one that held a lock across its code (a slow
+# expression, a patched sleep) stalled the next, and under gevent's patching, where
+# that lock (made before the patching) is an OS lock and each console a greenlet
+# of the hub's thread, the next console's wait blocked the hub, and the server hung.
+_current: ContextVar[_SocketConsole | None] = ContextVar("weft console", default=None)
+_running = 0
+_replaced: Callable[[object], object] = sys.__displayhook__
+# Held only to count consoles and swap the hook: nothing under it switches greenlets.
+_count_lock = threading.Lock()
+
+
+def _display(value: object) -> None:
+    console = _current.get()
+    if console is None:
+        _replaced(value)  # code of the application's, outside any console
+    else:
+        console._show(value)
+
+
+def _enter() -> None:
+    global _running, _replaced
+    with _count_lock:
+        if _running == 0 and sys.displayhook is not _display:
+            _replaced = sys.displayhook
+            sys.displayhook = _display
+        _running += 1
+
+
+def _leave() -> None:
+    global _running
+    with _count_lock:
+        _running -= 1
+        if _running == 0 and sys.displayhook is _display:
+            sys.displayhook = _replaced
 
 
 class _SocketConsole(code.InteractiveConsole):
@@ -72,12 +109,13 @@ class _SocketConsole(code.InteractiveConsole):
         self.write("".join(traceback.format_exception_only(kind, value)))
 
     def runcode(self, codeobj: Any) -> None:
-        with _display_lock:
-            saved, sys.displayhook = sys.displayhook, self._show
-            try:
-                super().runcode(codeobj)
-            finally:
-                sys.displayhook = saved
+        token = _current.set(self)
+        _enter()
+        try:
+            super().runcode(codeobj)
+        finally:
+            _leave()
+            _current.reset(token)
 
     @property
     def namespace(self) -> dict[str, Any]:
