@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _a_runtime_directory_of_its_own() -> Iterator[None]:
+    """This test process's own ``$XDG_RUNTIME_DIR``, which its servers inherit.
+
+    A server not given a control socket takes the default path under it (as root
+    without one: ``/run/weft/ctl.sock``), and a second server of the user finds it
+    taken and goes without. Test processes run side by side (pytest-xdist) would
+    then share it, and whether a server has a control socket would depend on what
+    another process's test ran at that moment. Short (``/tmp/weft-rt-...``): the
+    socket's path must fit in 107 bytes.
+    """
+    path = tempfile.mkdtemp(prefix="weft-rt-")
+    saved = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = path
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = saved
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)
