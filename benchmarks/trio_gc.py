@@ -1,8 +1,8 @@
 """Generation-0 collections per 1,000 keep-alive requests on trio: raw, raw with a
-``CancelScope`` per connection, and weft; a check by hand of ``performance.md``'s
-trio lead, not one of the suites.
+``CancelScope`` per connection, raw run in a thread of its own (as weft runs trio),
+and weft; a check by hand of ``performance.md``'s trio lead, not one of the suites.
 
-``python -m benchmarks.trio_gc {raw,raw-scope,weft} PORT SECONDS`` serves a minimal
+``python -m benchmarks.trio_gc {raw,raw-scope,raw-thread,weft} PORT SECONDS`` serves a minimal
 keep-alive HTTP reply on ``PORT``, prints ``ready``, lets 2 s of load pass, then
 counts for ``SECONDS`` and prints the figure. Load it with, for example,
 ``taskset -c 1 wrk -t1 -c1000 -d9s http://127.0.0.1:PORT/`` (the server on core 0).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
 from typing import Any
 
@@ -78,6 +79,11 @@ def main(argv: list[str]) -> int:
     if kind in ("raw", "raw-scope"):
         handler = answer if kind == "raw" else answer_in_a_scope
         trio.run(serve_raw, handler, port, seconds, kind)
+        return 0
+    if kind == "raw-thread":
+        loop = threading.Thread(target=trio.run, args=(serve_raw, answer, port, seconds, kind))
+        loop.start()
+        loop.join()
         return 0
     from weft_core import Server
 
