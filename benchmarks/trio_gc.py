@@ -18,7 +18,8 @@ from typing import Any
 
 import trio
 
-REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+from .handlers import BUFSIZE, END_OF_HEAD, RESPONSE, TRIO_PEER_ERRORS
+
 WARMUP_S = 2.0
 
 
@@ -44,11 +45,11 @@ counts = Counts()
 async def answer(stream: trio.SocketStream) -> None:
     """Reply to every request received, until the client goes."""
     try:
-        while data := await stream.receive_some(65536):
-            n = data.count(b"\r\n\r\n")
+        while data := await stream.receive_some(BUFSIZE):
+            n = data.count(END_OF_HEAD)
             counts.requests += n
-            await stream.send_all(REPLY * n)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(RESPONSE * n)
+    except TRIO_PEER_ERRORS:
         pass
 
 

@@ -162,7 +162,7 @@ DUMP_FLUSH = 2.0
 _DUMP_PIPE_SIZE = 1 << 20
 
 
-def relay_stack_dumps_as_json(written: Callable[[], None] = lambda: None) -> None:
+def relay_stack_dumps_as_json(written: Callable[[], None]) -> None:
     """Under ``--log-format json``: the DUMP_SIGNAL dump becomes one JSON line, ``stacks``.
 
     faulthandler writes raw text, from the signal handler, wherever it is told; here

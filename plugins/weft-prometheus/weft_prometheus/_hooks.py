@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from weft_core import hookimpl
 
-from ._address import ADDRESS_ENV, configured_address
+from ._address import ADDRESS_ENV, configured_address, parse_address
 from ._exporter import Exporter
 from ._metrics import Metrics, ServerMetrics
 from ._process import forget_dead_workers, shared_directory, supervisor_pid
@@ -142,11 +142,10 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
     with _lock:
         state.servers.add(server)
-        if state.serving():
-            return
         # None yet, or one that let go of the address once every server of the
         # process stopped accepting (a drain): a server starting now is served anew.
-        state.exporter = None
+        if state.serving():
+            return
         others = _addresses(state.servers)
     try:
         address = configured_address(os.environ)
@@ -211,9 +210,11 @@ def _served_port(port: int, addresses: list[str]) -> str | None:
     if port == 0:
         return None
     for address in addresses:
-        host, sep, text = str(address).rpartition(":")
-        if sep and host and text.isdigit() and int(text) == port:
-            return str(address)
+        try:
+            if parse_address(str(address))[1] == port:
+                return str(address)
+        except ValueError:  # unix:PATH
+            continue
     return None
 
 
