@@ -29,8 +29,8 @@ __all__ = ["manager"]  # the fixture, shared with test_workers
 #: Clients that connect at once, as a pool warming up or ``wrk -c100`` does; and
 #: how many such bursts a test sends (the skew came in about every other one).
 #: Each test pins workers to one core and measures their shares of it: another test
-#: process on that core would falsify them, so these run alone (nox runs them after
-#: the parallel part).
+#: process on that core would falsify them, so these run alone (nox runs them first,
+#: before the parallel part).
 pytestmark = pytest.mark.serial
 
 BURST = 100
