@@ -50,6 +50,19 @@ def test_leaving_puts_back_the_handlers_and_the_wakeup_fd() -> None:
         signal.signal(signal.SIGUSR1, before)
 
 
+def test_leaving_gives_a_signal_in_on_exit_the_handler_named_there() -> None:
+    """weft serve leaves QUIT ignored once its stop has ended: a late one cuts nothing."""
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        with Wakeup([signal.SIGUSR2, signal.SIGUSR1], on_exit={signal.SIGUSR2: signal.SIG_IGN}):
+            pass
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the others as they were
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_with_no_signals_it_works_outside_the_main_thread() -> None:
     got: list[list[int]] = []
 

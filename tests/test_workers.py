@@ -7,6 +7,7 @@ reply, bounded by a timeout; nothing sleeps and then asserts. The handlers are i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -272,6 +273,69 @@ def test_second_signal_kills_workers_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_quit_during_a_graceful_stop_cuts_it_short(tmp_path: Path) -> None:
+    """QUIT after TERM interrupts the workers' connections and exits 0, as one process does.
+
+    It killed the workers (exit 1) before, as a second TERM does.
+    """
+    (tmp_path / "lingering.py").write_text(textwrap.dedent("""
+        import time
+
+        def handle(conn):
+            conn.sendall(b"ready\\n")
+            while conn.recv(65536):
+                pass
+            while True:  # input ended by the graceful stop: write on until cut off
+                conn.sendall(b".")
+                time.sleep(0.05)
+    """))  # fmt: skip
+    served = Served(
+        weft_serve("lingering:handle", "--workers", "2", "--bind", "127.0.0.1:0",
+                   "--graceful-timeout", "30"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        ((address, _),) = (m.groups() for m in served.wait_for(LISTENING))
+        served.wait_for(READY, count=2)
+        with (
+            socket.create_connection(host_port(address), timeout=20) as client,
+            client.makefile("rb") as reader,
+        ):
+            assert reader.readline() == b"ready\n"
+            served.signal(signal.SIGTERM)
+            served.wait_for("received SIGTERM: stopping 2 worker")
+            assert reader.read(1) == b"."  # the graceful stop is under way
+            began = time.monotonic()
+            served.signal(signal.SIGQUIT)
+            assert served.finish(timeout=20) == 0, served.text
+            assert time.monotonic() - began < 10, served.text  # not the 30 s graceful timeout
+            with contextlib.suppress(ConnectionError):
+                while reader.read(4096):  # the connection was cut
+                    pass
+    assert "received SIGQUIT during the graceful stop: cutting it short" in served.text
+    assert "killing" not in served.text
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_ended_by_another_during_the_stop_makes_the_exit_1(tmp_path: Path) -> None:
+    """A worker signalled directly as well (``pkill``, systemd's ``KillMode=control-group``)
+    quits at once and cuts its connections: said at WARNING, and the exit is not 0.
+    """
+    served, address = start(tmp_path, "threads")
+    with served, Client(host_port(address)) as client:
+        client.sock.sendall(b"stall\n")  # the handler outlives the graceful timeout
+        assert client.line() == b"stalling"
+        served.signal(signal.SIGTERM)
+        served.wait_for(rf"\[{client.pid}\] \[INFO\] weft: received SIGTERM: stopping")
+        os.kill(client.pid, signal.SIGTERM)  # its second: it quits at once
+        assert served.finish(timeout=15) == 1, served.text  # well before --graceful-timeout 20
+    assert (
+        f"worker {client.pid} exited with SIGTERM during the stop, not by the stop it was told"
+        in served.text
+    )
+
+
+@pytest.mark.timeout(60)
 def test_worker_that_will_not_stop_is_killed(tmp_path: Path) -> None:
     # A worker that ignores SIGTERM, and keeps weft serve from handling it.
     (tmp_path / "stubborn.py").write_text(textwrap.dedent("""
@@ -380,6 +444,29 @@ def test_handler_mistake_in_workers_stops_with_2(tmp_path: Path) -> None:
     assert "cannot import handler 'no_such_module:handle'" in served.text
     assert "before it was ready" in served.text
     assert "which a restart cannot fix; stopping" in served.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", ["2", "1 --timeout 30"], ids=["workers", "watchdog"])
+def test_an_unknown_manager_is_exit_2_before_anything_binds(tmp_path: Path, workers: str) -> None:
+    """As without a supervisor: the name is looked up first, so nothing binds or starts.
+
+    The supervisor bound the port and started its workers before (``listening on``,
+    a worker's error, then exit 2).
+    """
+    with socket.socket() as held:  # a bind would fail with exit 1: it must not be tried
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        served = Served(
+            weft_serve("_serving:handle", "--manager", "thread", "--workers", *workers.split(),
+                       "--bind", f"127.0.0.1:{port}"),
+            cwd=tmp_path,
+        )  # fmt: skip
+        with served:
+            assert served.finish() == 2, served.text
+    assert "no task manager named 'thread' is installed" in served.text
+    assert "started" not in served.text and "listening" not in served.text
 
 
 @pytest.mark.timeout(90)

@@ -262,6 +262,10 @@ def _serve(ns: argparse.Namespace) -> int:
         or config.get("max_requests") is not None
         or _supervise.ADOPT_ENV in os.environ
     ):
+        try:
+            _check_manager(config)
+        except WeftError as exc:
+            return _fail(_sourced(exc, config), EXIT_USAGE)
         supervisor_pid = None if pid is None else PidFile(pid)
         try:
             return _supervise.supervise(
@@ -351,7 +355,9 @@ def _serve(ns: argparse.Namespace) -> int:
 
     try:
         if link is not None:
-            return _run(server, config.graceful_timeout, listening, drain=drain)
+            return _run(
+                server, config.graceful_timeout, listening, drain=drain, stopped=link.stopped
+            )
 
         def hand_over(signum: int, notifier: Notifier) -> int:
             return _supervise.hand_over(
@@ -382,6 +388,18 @@ class DrainRequest:
         self.timeout = timeout
         self.asked.set()
         self.wake()
+
+
+def _check_manager(config: Config) -> None:
+    """Look the manager's name up, as a supervisor must before it binds.
+
+    Its workers make the manager, after the supervisor has bound and started them;
+    an unknown or broken one is found here instead: exit 2 with nothing bound, as
+    without a supervisor. Its options are still the workers' to check.
+    """
+    name = config.get("manager")
+    if isinstance(name, str):
+        _registry.get_manager_spec(name)
 
 
 def _prepare_process(config: Config) -> None:
@@ -504,13 +522,16 @@ def _run(
     ready: Callable[[], None] | None = None,
     hand_over: Callable[[int, Notifier], int] | None = None,
     drain: DrainRequest | None = None,
+    stopped: Callable[[], None] | None = None,
 ) -> int:
     """Run ``server`` until a signal, a drain request or a fatal error; the exit status.
 
     ``ready()``, if given, is called once the server listens (a worker tells its
     supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
     TTIN do: this process becomes a supervisor (``_supervise.hand_over``) and its
-    status is returned. Signals: see ``_signals``.
+    status is returned. ``stopped()``, if given, is called once the server has
+    stopped, while this function's signal handlers are still in (a worker tells its
+    supervisor). Signals: see ``_signals``.
     """
     from ._engine import STOP_GRACE  # here, so `weft managers` and `--help` stay light
 
@@ -557,7 +578,11 @@ def _run(
     server._on_shutdown_request = shutdown_requested
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
     signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
-    with Wakeup(signals, on_signal=on_signal) as wakeup:
+    # Once the stop has ended, a QUIT has nothing left to cut short (a supervisor's
+    # QUIT cutting its workers' stops short reaches some as they exit): ignored, it
+    # neither dumps core nor turns a clean exit into a death by signal.
+    after: dict[int, Any] = {signal.SIGQUIT: signal.SIG_IGN}
+    with Wakeup(signals, on_signal=on_signal, on_exit=after) as wakeup:
         try:
             return _serve_until_stopped(
                 server,
@@ -571,6 +596,8 @@ def _run(
             )
         finally:
             deadline.disarm()
+            if stopped is not None:
+                stopped()
 
 
 def _serve_until_stopped(

@@ -18,7 +18,7 @@ import math
 import select
 import signal
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -35,7 +35,8 @@ class Wakeup:
     """A socket pair that ``signals`` (and :meth:`wake`) make readable.
 
     A context manager: entering installs a handler for each of ``signals`` (replacing
-    their default action) and the wakeup fd; leaving restores both. With no
+    their default action) and the wakeup fd; leaving restores both, except that a
+    signal in ``on_exit`` is given the handler named there. With no
     ``signals`` it touches neither, so it also works outside the main thread.
 
     ``on_signal(signum)``, if given, is called by the Python-level handler itself: it
@@ -44,10 +45,15 @@ class Wakeup:
     """
 
     def __init__(
-        self, signals: Iterable[int] = (), on_signal: Callable[[int], object] | None = None
+        self,
+        signals: Iterable[int] = (),
+        on_signal: Callable[[int], object] | None = None,
+        on_exit: Mapping[int, _Handler] | None = None,
     ) -> None:
         self._signals = tuple(signals)
         self._on_signal = on_signal
+        #: What leaving gives these signals instead of what they had before.
+        self._on_exit = dict(on_exit or {})
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -75,6 +81,7 @@ class Wakeup:
         if self._signals:
             signal.set_wakeup_fd(self._previous_fd)
             for sig, handler in self._previous.items():
+                handler = self._on_exit.get(sig, handler)
                 # None: a handler not set from Python, which cannot be put back as such.
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._reader.close()

@@ -5,7 +5,8 @@ a socket pair whose other end only its supervisor holds (``_workers``). Bytes go
 ways on it. The worker writes READY once listening (after that, an exit status 2
 is no mistake in the command), BEAT heartbeats from inside its runtime's loop (the
 ``timeout`` watchdog) and RECYCLE once it has accepted ``max_requests``
-connections. The supervisor writes DRAIN to retire it (:func:`drain`), and its end
+connections, and STOPPED once its server has stopped (a signal that kills it
+after that cut nothing). The supervisor writes DRAIN to retire it (:func:`drain`), and its end
 closing (the supervisor died, even by SIGKILL) stops the worker as SIGTERM does.
 
 What does not live here: the supervisor (``_workers``), serving (``_cli._run``).
@@ -37,6 +38,7 @@ __all__ = [
     "READY",
     "RECYCLE",
     "RECYCLE_CHECK",
+    "STOPPED",
     "WORKER_READY_MESSAGE",
     "WorkerLink",
     "become_worker",
@@ -56,6 +58,9 @@ RECYCLE = b"B"
 #: Under ``--log-format json``, once the watchdog's stack dump is in the log: the
 #: supervisor kills the stuck worker now rather than at its later DUMP_WAIT.
 DUMPED = b"S"
+#: Once the worker's server has stopped, before its signal handlers go: what kills it
+#: after that (a stop signal arriving as it exits) cut no connection.
+STOPPED = b"E"
 #: What the supervisor writes to a worker it retires (reload, recycling, TTOU).
 DRAIN = b"D"
 #: A worker beats HEARTBEAT_SHARE times per ``timeout`` (at most once a second, so
@@ -129,6 +134,10 @@ class WorkerLink:
             os.write(self._fd, byte)
         except OSError:  # the supervisor is gone; the watch thread stops us
             pass
+
+    def stopped(self) -> None:
+        """Tell the supervisor this worker's server has stopped: nothing is left to cut."""
+        self._send(STOPPED)
 
     def dumped(self) -> None:
         """Tell the supervisor the watchdog's stack dump is in the log (any thread)."""

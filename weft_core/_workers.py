@@ -89,7 +89,7 @@ from ._signals import (
     reopen_log_files,
 )
 from ._wakeup import Wakeup
-from ._worker_link import BEAT, DRAIN, DUMPED, HEARTBEAT_SHARE, READY, RECYCLE
+from ._worker_link import BEAT, DRAIN, DUMPED, HEARTBEAT_SHARE, READY, RECYCLE, STOPPED
 from ._worker_sockets import WorkerSockets
 
 __all__ = [
@@ -314,6 +314,8 @@ class _Worker:
     started: float
     delay: float | None  # the back-off that preceded this worker
     ready: bool = False
+    #: Its server has stopped (STOPPED): a signal that kills it now cuts nothing.
+    stopped: bool = False
     #: Replaced (a reload, max_requests, the watchdog): it serves on until a newer
     #: worker is ready, then it is retired. Not counted against the worker count.
     old: bool = False
@@ -418,6 +420,8 @@ class Supervisor:
         self._due: list[tuple[float, float | None]] = []  # starts: (when, its back-off)
         self._stopping = False
         self._only_draining = False
+        #: The stop under way is a quick one (SIGQUIT): a QUIT now is a second one.
+        self._quick = False
         self._status = 0
         self._next_start = 0.0
         self._stop_asked = threading.Event()
@@ -586,6 +590,14 @@ class Supervisor:
                         " send it again to quit at once)",
                     )
                     self._begin_stop(now, quick=quick)
+                elif quick and not self._quick:
+                    # As one process does: QUIT cuts a graceful stop short (exit 0),
+                    # where a second TERM or INT kills (exit 1).
+                    log.warning(
+                        "received SIGQUIT during the graceful stop: cutting it short,"
+                        " the workers' connections are interrupted now"
+                    )
+                    self._begin_stop(now, quick=True)
                 else:
                     local = self._local
                     if local is not None and not local.done():
@@ -683,6 +695,8 @@ class Supervisor:
                 worker.ready = True
             if READY in data or BEAT in data:
                 worker.beat = now
+            if STOPPED in data:
+                worker.stopped = True
             if DUMPED in data and worker.stuck and worker.kill_at is not None:
                 worker.kill_at = min(worker.kill_at, now)  # its stacks are in the log
             if RECYCLE in data and not worker.old and not worker.retiring:
@@ -812,6 +826,7 @@ class Supervisor:
         """
         first = not self._stopping
         self._stopping = True
+        self._quick = self._quick or (quick and not soft)
         #: A drain (weft ctl drain) is under way, no stop signal yet: the first one
         #: still stops the workers as it always does (TERM gracefully, QUIT at once).
         self._only_draining = soft
@@ -910,6 +925,24 @@ class Supervisor:
             log.warning("worker %d exited with %s: it left tasks running", pid, what)
             if self._stopping:
                 self._fail(EXIT_TASKS_LEFT)
+        elif (
+            self._stopping
+            and code != 0
+            and worker.ready
+            and worker.kill_at != math.inf
+            and not worker.stopped
+        ):
+            # Not its own stop's end (STOPPED: a signal that came as it exited cut
+            # nothing), nor our SIGKILL: something else ended it, its connections cut:
+            # a second TERM sent to it directly (pkill, a control-group kill), the OOM
+            # killer. weft's own handler never lets one TERM kill a serving worker.
+            log.warning(
+                "worker %d exited with %s during the stop, not by the stop it was told:"
+                " its connections were cut (signal the supervisor, not the workers)",
+                pid,
+                what,
+            )
+            self._fail(EXIT_RUNTIME)
         elif self._stopping or worker.retiring:
             log.info("worker %d exited with %s", pid, what)
         elif code == EXIT_USAGE and not worker.ready and self._reloading:
