@@ -36,7 +36,7 @@ from _serving import (
 )
 
 from weft_core import available_managers
-from weft_core._ctl import request
+from weft_core._ctl import ControlError, request
 from weft_core.testing._support import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -268,6 +268,37 @@ def test_reload_and_workers_make_one_process_a_supervisor(tmp_path: Path, contro
         assert len(status["workers"]) == 2
         with Client(address) as client:
             assert client.pid != served.proc.pid, "served by a worker now"
+
+
+def test_weft_ctl_is_answered_across_a_usr2_re_exec(tmp_path: Path, control: Path) -> None:
+    """The control socket is kept open across the exec, as the listening sockets are.
+
+    It was closed by the exec and bound afresh by the new image: for that tenth of a
+    second ``weft ctl`` said "no weft serve is running" (outside check ops F5). A
+    request the old image was answering as it exec'd may still be cut (the message
+    says to ask again); none is refused.
+    """
+    with start(tmp_path, control, "threads", "--workers", "2") as served:
+        served.wait_for(READY, count=2)
+        answered, cut = 0, 0
+        served.signal(signal.SIGUSR2)
+        until = time.monotonic() + 20
+        while "re-executed (pid" not in served.text or answered < 20:
+            assert time.monotonic() < until, served.text
+            try:
+                status = request(str(control), "status", timeout=10)
+            except ControlError as exc:
+                assert "closed the connection without answering" in str(exc), str(exc)
+                assert "re-executing on USR2" in str(exc)
+                cut += 1
+                continue
+            assert status["pid"] == served.proc.pid
+            answered += 1
+        assert cut <= 2, f"{cut} requests cut; only one in flight at the exec could be"
+        assert as_json(ctl(control, "status"))["pid"] == served.proc.pid
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert not control.exists(), "the file is removed at the stop, by the image that kept it"
 
 
 @pytest.fixture

@@ -46,6 +46,7 @@ __all__ = [
     "ControlSocket",
     "Peer",
     "default_path",
+    "inherit_listening",
     "peer_credentials",
     "request",
     "timeout_seconds",
@@ -161,6 +162,44 @@ def check_path_length(path: str, extra: int = 0) -> None:
         )
 
 
+#: The listening control socket a supervisor re-executed on USR2 inherited from the
+#: image before (its descriptor), until :meth:`ControlSocket.open` takes it.
+_inherited_fd: int | None = None
+
+
+def inherit_listening(fd: int) -> None:
+    """Keep ``fd``, the control socket of the image before a USR2 re-exec, for ``open``.
+
+    Kept open across the exec, its file never leaves the disk and clients that connect
+    meanwhile wait in its backlog: ``weft ctl`` is answered throughout, where a
+    socket bound afresh refused it for the exec's tenth of a second.
+    """
+    global _inherited_fd
+    os.set_inheritable(fd, False)
+    _inherited_fd = fd
+
+
+def _take_inherited(path: str) -> tuple[socket.socket, os.stat_result] | None:
+    """The inherited listening socket if it is the one at ``path`` (and its file's stat)."""
+    global _inherited_fd
+    fd, _inherited_fd = _inherited_fd, None
+    if fd is None:
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if sock.family == socket.AF_UNIX and sock.getsockname() == path:
+            info = os.stat(path)
+            if stat.S_ISSOCK(info.st_mode):
+                return sock, info
+    except OSError:
+        pass
+    sock.close()  # the config names another path now: that one is bound afresh
+    return None
+
+
 def _clear_stale(path: Path) -> None:
     """Remove a socket file nobody listens on; refuse a live one, or anything not a socket."""
     try:
@@ -218,7 +257,12 @@ class ControlSocket:
         self._uid = os.geteuid()
 
     def open(self) -> None:
-        """Bind and listen at ``path``, mode 0600."""
+        """Bind and listen at ``path``, mode 0600 (or take the socket kept across a USR2)."""
+        kept = _take_inherited(self.path)
+        if kept is not None:
+            self._sock, info = kept
+            self._inode = (info.st_dev, info.st_ino)
+            return
         check_path_length(self.path)
         path = Path(self.path)
         if self.path == default_path():
@@ -238,6 +282,11 @@ class ControlSocket:
             ) from exc
         self._sock = sock
         self._inode = (info.st_dev, info.st_ino)
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor; -1 before :meth:`open` or after :meth:`close`."""
+        sock = self._sock
+        return -1 if sock is None else sock.fileno()
 
     def start(self) -> None:
         """Serve requests in a daemon thread (once)."""
@@ -525,8 +574,9 @@ def _result_of(path: str, line: bytes) -> Any:
     """The result in the server's answer ``line``, or ControlError saying what went wrong."""
     if not line:
         raise ControlError(
-            f"the server at {path} closed the connection without answering (another user's"
-            " server refuses you; see its log)"
+            f"the server at {path} closed the connection without answering (it was"
+            " re-executing on USR2, or stopping: ask again; or another user's server"
+            " refuses you: see its log)"
         )
     try:
         answer = json.loads(line)

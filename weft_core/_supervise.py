@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._config import Config
-from ._ctl import ControlSocket
+from ._ctl import ControlSocket, inherit_listening
 from ._ctl_commands import open_control, relay_console, supervisor_commands, worker_socket_path
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
@@ -144,6 +144,7 @@ def supervise(
 def steer(control: ControlSocket, supervisor: Supervisor, config: Config) -> None:
     """Make ``control`` answer for ``supervisor``: its commands, the console in a worker."""
     control.commands = supervisor_commands(supervisor, control.path)
+    supervisor.control_fd = control.fileno()  # kept open across a USR2 re-exec
     if config.console:
         control.console = relay_console(supervisor, control.path)
 
@@ -358,4 +359,6 @@ def take_adopted(
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]
     if isinstance(state.get("log_lock"), int):
         share_line_lock(state["log_lock"])  # the Supervisor made next shares it on
+    if isinstance(state.get("control"), int):
+        inherit_listening(state["control"])  # open_control takes it rather than bind
     return int(state["count"]), workers, slots

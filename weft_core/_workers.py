@@ -418,6 +418,8 @@ class Supervisor:
         self._notifier = notifier or Notifier({})
         self._workers: dict[int, _Worker] = {}  # by pid
         self._due: list[tuple[float, float | None]] = []  # starts: (when, its back-off)
+        #: The control socket's listening descriptor (-1: none), kept across a USR2.
+        self.control_fd = -1
         self._stopping = False
         self._only_draining = False
         #: The stop under way is a quick one (SIGQUIT): a QUIT now is a second one.
@@ -1155,6 +1157,9 @@ class Supervisor:
         if self._line_lock is not None:  # one log lock for the workers of both images
             os.set_inheritable(self._line_lock, True)
             state["log_lock"] = self._line_lock
+        if self.control_fd >= 0:  # weft ctl waits in its backlog across the exec
+            os.set_inheritable(self.control_fd, True)
+            state["control"] = self.control_fd
         return json.dumps(state)
 
     def _abandon(self) -> None:
