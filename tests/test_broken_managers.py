@@ -40,6 +40,18 @@ CASES = {
         ["the task must see the add_task caller's contextvars"],
     ),
     "leaks-fd": ("test_stop_with_idle_clients_is_prompt", ["fd count back to"]),
+    "runs-in-caller": (
+        "test_add_task_returns_while_the_task_runs",
+        ["add_task must start the task and return at once"],
+    ),
+    "waits-out-its-task": (
+        "test_stop_task_is_bounded_when_the_task_outlives_its_interrupt",
+        ["must return within timeout + INTERRUPT_GRACE", "even if the task goes on"],
+    ),
+    "sleepless": (
+        "test_runtime_sleep_waits_as_long_as_asked",
+        ["runtime.sleep(0.2) returned after", "must pause the task as long as asked"],
+    ),
 }
 
 #: broken manager -> what pytest's rewritten assert adds to the rule: the values compared

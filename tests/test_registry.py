@@ -311,6 +311,23 @@ def test_unknown_hook_and_wrappers_are_refused(registry: Any) -> None:
     assert registry.plugin_manager().get_plugins() == set()
 
 
+@pytest.mark.timeout(10)
+def test_a_hook_with_an_argument_its_spec_lacks_is_refused_saying_which(registry: Any) -> None:
+    """pluggy's reason is on its last line; only the first ("Plugin ... for hook ...") was kept."""
+
+    class Misnamed:
+        @hookimpl
+        def weft_managers(self, limit: int) -> list[ManagerSpec]:
+            return []
+
+    with pytest.raises(PluginError) as info:
+        registry.register(Misnamed(), name="misnamed")
+    message = str(info.value)
+    assert "for hook 'weft_managers'" in message
+    assert "{'limit'} are declared in the hookimpl but can not be found in the hookspec" in message
+    assert "\n" not in message, "one line"
+
+
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[str] = []

@@ -845,6 +845,13 @@ def _conformance(ns: argparse.Namespace) -> int:
         "weft_core.testing.suite",
         "--weft-manager",
         spec.name,
-        *ns.pytest_args,
+        # A socket or descriptor the manager leaks is a failure, not a warning nobody
+        # reads; and why a test skipped (no trustme: the TLS tests) is said at the end.
+        "-W",
+        "error::ResourceWarning",
+        "-W",
+        "error::pytest.PytestUnraisableExceptionWarning",
+        "-rs",
+        *ns.pytest_args,  # after ours: the caller's -W filters win
     ]
     return int(pytest.main(args))

@@ -245,8 +245,12 @@ def _register_checked(state: _State, plugin: object, name: str, source: _Source)
     try:
         registered = pm.register(plugin, name=name)
     except (ValueError, pluggy.PluginValidationError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PluginError(f"{source.describe()} cannot be registered: {first}") from exc
+        # pluggy says which hook on the first line and why on the last (an argument
+        # the hookspec lacks): one line, all of it.
+        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PluginError(
+            f"{source.describe()} cannot be registered: {why or type(exc).__name__}"
+        ) from exc
     if registered is None:
         raise PluginError(f"{source.describe()} is blocked")
     problems: list[str] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -156,6 +157,41 @@ class LeaksFdManager(SoundManager):
         return task_id
 
 
+class RunsInCallerManager(SoundManager):
+    """Runs each task in the thread that calls add_task, returning only once it ended."""
+
+    def _start(self, state: TaskState, thunk: Callable[[], Any]) -> None:
+        self._run(state, thunk, self._context())
+
+
+class WaitsOutItsTaskManager(SoundManager):
+    """After the interrupt, waits for the task to end however long it takes."""
+
+    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
+        state = self._table.get(task_id)
+        if state is None:
+            return True
+        state.request_shutdown()
+        if state.done.wait(timeout):
+            return True
+        state.interrupt()
+        state.done.wait()  # the bug: a task deaf to its interrupt holds stop_task for ever
+        return False
+
+
+class SleeplessRuntime(BlockingRuntime):
+    """The blocking runtime, but ``sleep`` returns at once whatever it is asked."""
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(0)
+
+
+class SleeplessManager(SoundManager):
+    """Keeps every task rule; its runtime's sleep does not wait (a back-off that spins)."""
+
+    runtime: Any = SleeplessRuntime()
+
+
 class NoRunInLoopRuntime:
     """The blocking runtime without ``run_in_loop``: written from an old, partial contract."""
 
@@ -184,6 +220,9 @@ MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "drops-context": (DropsContextManager, "runs tasks without the caller's contextvars"),
     "leaks-fd": (LeaksFdManager, "leaks a descriptor per task"),
     "partial-runtime": (PartialRuntimeManager, "its runtime lacks run_in_loop"),
+    "runs-in-caller": (RunsInCallerManager, "add_task runs the task in the caller's thread"),
+    "waits-out-its-task": (WaitsOutItsTaskManager, "stop_task waits for ever after the interrupt"),
+    "sleepless": (SleeplessManager, "its runtime's sleep returns at once"),
 }
 
 

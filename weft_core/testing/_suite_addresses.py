@@ -1,4 +1,4 @@
-"""Conformance tests of where a server listens and what it tells about it (DESIGN 2, 4, 5).
+"""Conformance tests of where a server listens and what it tells about it (docs/networking.md).
 
 Address families, Unix sockets, several binds, socket options read back from the
 kernel, task names, the lifecycle callbacks and hooks, and the TLS fields of

@@ -1,4 +1,4 @@
-"""Conformance tests of live control (DESIGN section 2, ranch's suspend/resume).
+"""Conformance tests of live control (ranch's suspend/resume; docs/deployment.md, weft ctl).
 
 ``pause_accepting()`` / ``resume_accepting()`` keep the listener bound while new
 clients wait in the kernel's backlog; ``max_connections`` changes while running,

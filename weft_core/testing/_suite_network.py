@@ -1,4 +1,4 @@
-"""Conformance tests of how a server talks: TLS, idle timeout, PROXY headers (DESIGN 2, 7)."""
+"""Conformance tests of how a server talks: TLS, idle timeout, PROXY headers (docs/networking.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Conformance tests of the Server on a manager (DESIGN section 2)."""
+"""Conformance tests of the Server on a manager (README, docs/managers.md)."""
 
 from __future__ import annotations
 

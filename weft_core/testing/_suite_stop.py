@@ -1,4 +1,4 @@
-"""Conformance tests of the stop's promises at their edges (DESIGN section 2).
+"""Conformance tests of the stop's promises at their edges (docs/writing-a-manager.md, the stop's phases).
 
 ``stop(timeout)`` returns within the timeout plus one short, documented grace
 (``weft_core._engine.STOP_GRACE``) however many tasks are stuck, and says what it

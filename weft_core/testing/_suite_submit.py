@@ -1,4 +1,4 @@
-"""Conformance tests of ``Server.submit`` and parked connections (DESIGN section 2).
+"""Conformance tests of ``Server.submit`` and parked connections (docs/managers.md, Server.submit).
 
 A parked handler waits for something other than its client, here a semaphore of
 its own runtime (``runtime.slots(0)``: a ``threading.Semaphore``, a gevent one, a

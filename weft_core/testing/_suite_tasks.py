@@ -1,4 +1,4 @@
-"""Conformance tests of the TaskManager protocol (DESIGN section 3)."""
+"""Conformance tests of the TaskManager protocol (docs/writing-a-manager.md)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ _probe: contextvars.ContextVar[str] = contextvars.ContextVar(
 POLL = 0.005
 #: What a loaded CI machine may add to a promised bound before it counts as broken.
 SLACK = 1.5
+#: The longest a gated task waits for its gate: a manager that runs a task in the
+#: caller's thread (add_task never returning) fails each test then, not at its timeout.
+GATE_LIMIT = 3 * WAIT
 
 
 def _gated(
@@ -41,7 +44,8 @@ def _gated(
     def gated() -> Body:
         if started is not None:
             started.set()
-        while not gate.is_set():
+        until = time.monotonic() + GATE_LIMIT
+        while not gate.is_set() and time.monotonic() < until:
             if honour_shutdown and shutdown_requested():
                 if seen is not None:
                     seen.append("shutdown")
@@ -52,7 +56,7 @@ def _gated(
 
 
 class TaskManagerTests(ManagerTestBase):
-    """The TaskManager protocol, in the words of DESIGN section 3."""
+    """The TaskManager protocol, in the words of docs/writing-a-manager.md."""
 
     def _wait_gone(self, manager: TaskManager, task_id: Hashable) -> None:
         wait_until(lambda: task_id not in manager.all_tasks(), what=f"task {task_id} to end")
@@ -67,6 +71,48 @@ class TaskManagerTests(ManagerTestBase):
 
         manager.add_task(adapter.task(body))
         assert ran.wait(WAIT), "add_task must run the thunk it was given"
+
+    def test_add_task_returns_while_the_task_runs(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """add_task starts the task and returns: it never runs the thunk in the caller's thread."""
+        started, gate = threading.Event(), threading.Event()
+        returned: list[Hashable] = []
+        caller = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(lambda: returned.append(manager.add_task(adapter.task(_gated(gate, started)))),),
+            daemon=True,
+        )
+        caller.start()
+        caller.join(SLACK)
+        try:
+            assert not caller.is_alive(), (
+                f"add_task must start the task and return at once, not run the thunk in the"
+                f" caller's thread: it has not returned after {SLACK:g}s, while the task waits"
+            )
+            assert started.wait(WAIT), "add_task must run the thunk it was given"
+        finally:
+            gate.set()
+        self._wait_gone(manager, returned[0])
+
+    def test_runtime_sleep_waits_as_long_as_asked(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """runtime.sleep(seconds), in a task, pauses it that long: the engine's back-off uses it."""
+        took: list[float] = []
+
+        def body() -> Body:
+            began = time.monotonic()
+            yield Sleep(0.2)
+            took.append(time.monotonic() - began)
+
+        task_id = manager.add_task(adapter.task(body))
+        self._wait_gone(manager, task_id)
+        assert took, "add_task must run the thunk it was given"
+        assert took[0] >= 0.19, (
+            f"runtime.sleep(0.2) returned after {took[0]:.3f}s: it must pause the task as long"
+            " as asked (the acceptor's back-off when descriptors run out would spin the CPU)"
+        )
 
     def test_ids_are_unique(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """Ids returned by add_task are hashable and unique for the manager's life."""
@@ -219,6 +265,43 @@ class TaskManagerTests(ManagerTestBase):
         assert result == [False], (
             f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
         )
+        self._wait_gone(manager, task_id)
+
+    def test_stop_task_is_bounded_when_the_task_outlives_its_interrupt(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """Past timeout + INTERRUPT_GRACE stop_task returns False, even with the task still running.
+
+        Every manager: one that cannot preempt (threads) interrupts by callbacks
+        alone, and a task deaf to them and to its flag (stuck in a computation) goes
+        on; stop_task must not wait for it for ever, but return and leave it running.
+        """
+        started, gate = threading.Event(), threading.Event()
+        task_id = manager.add_task(adapter.task(_gated(gate, started, honour_shutdown=False)))
+        assert started.wait(WAIT), (
+            "add_task must run the thunk it was given (the task did not start)"
+        )
+        timeout = 0.2
+        result: list[Any] = []
+        stopper = threading.Thread(
+            target=lambda: result.append(manager.stop_task(task_id, timeout=timeout)), daemon=True
+        )
+        began = time.monotonic()
+        stopper.start()
+        stopper.join(timeout + INTERRUPT_GRACE + SLACK)
+        took = time.monotonic() - began
+        try:
+            assert not stopper.is_alive(), (
+                f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
+                f" ({INTERRUPT_GRACE:g}s) even if the task goes on after its interrupt (a manager"
+                f" that cannot preempt leaves it running); it still waits after {took:.1f}s"
+            )
+            assert result == [False], (
+                f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
+            )
+        finally:
+            gate.set()
+        stopper.join(WAIT)
         self._wait_gone(manager, task_id)
 
     def test_task_shutdown_is_swallowed(
