@@ -840,7 +840,8 @@ class Server:
         if wait is not None:
             log.warning(
                 "the %s runtime did not close within %.1fs: one of its tasks (a call "
-                "given to submit()?) does not end when cancelled; it is left running",
+                "given to submit()?) does not end when cancelled, or the manager's "
+                "runtime.close() itself blocks; it is left running",
                 self._manager_name,
                 wait,
             )
