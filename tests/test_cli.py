@@ -502,8 +502,13 @@ def test_conformance_runs_the_suite_with_extra_pytest_args(
 
     monkeypatch.setattr(pytest, "main", fake_pytest_main)
     assert main(["conformance", "mine", "-x", "-k", "stop"]) == 3
+    # A leaked socket fails; skip reasons are listed; the caller's arguments come last,
+    # so that a -W of theirs wins over ours.
     assert calls == [["-p", "weft_core.testing.plugin", "--pyargs", "weft_core.testing.suite",
-                      "--weft-manager", "mine", "-x", "-k", "stop"]]  # fmt: skip
+                      "--weft-manager", "mine",
+                      "-W", "error::ResourceWarning",
+                      "-W", "error::pytest.PytestUnraisableExceptionWarning",
+                      "-rs", "-x", "-k", "stop"]]  # fmt: skip
 
 
 def test_conformance_unknown_manager(capsys: pytest.CaptureFixture[str]) -> None:

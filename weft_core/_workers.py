@@ -316,6 +316,8 @@ class _Worker:
     ready: bool = False
     #: Its server has stopped (STOPPED): a signal that kills it now cuts nothing.
     stopped: bool = False
+    #: We sent it SIGKILL (a deadline passed, or a second stop signal).
+    killed: bool = False
     #: Replaced (a reload, max_requests, the watchdog): it serves on until a newer
     #: worker is ready, then it is retired. Not counted against the worker count.
     old: bool = False
@@ -867,6 +869,7 @@ class Supervisor:
             if worker.kill_at is None or now < worker.kill_at:
                 continue
             worker.kill_at = math.inf  # killed once
+            worker.killed = True
             if self._stopping:
                 self._fail(EXIT_RUNTIME)
             if not worker.stuck:
@@ -882,6 +885,7 @@ class Supervisor:
         self._fail(EXIT_RUNTIME)
         for pid, worker in self._workers.items():
             worker.kill_at = math.inf
+            worker.killed = True
             _send(pid, signal.SIGKILL)
 
     # -- exits -------------------------------------------------------------------------------
@@ -931,7 +935,7 @@ class Supervisor:
             self._stopping
             and code != 0
             and worker.ready
-            and worker.kill_at != math.inf
+            and not worker.killed
             and not worker.stopped
         ):
             # Not its own stop's end (STOPPED: a signal that came as it exited cut
