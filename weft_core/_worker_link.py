@@ -4,9 +4,9 @@ A worker is an ordinary ``weft serve`` started with ``--supervisor-fd=N``: one e
 a socket pair whose other end only its supervisor holds (``_workers``). Bytes go both
 ways on it. The worker writes READY once listening (after that, an exit status 2
 is no mistake in the command), BEAT heartbeats from inside its runtime's loop (the
-``timeout`` watchdog) and RECYCLE once it has accepted ``max_requests``
-connections, and STOPPED once its server has stopped (a signal that kills it
-after that cut nothing). The supervisor writes DRAIN to retire it (:func:`drain`), and its end
+``timeout`` watchdog), RECYCLE once it has accepted ``max_requests`` connections,
+and STOPPED once its server has stopped (a signal that kills it after that cuts
+nothing). The supervisor writes DRAIN to retire it (:func:`drain`), and its end
 closing (the supervisor died, even by SIGKILL) stops the worker as SIGTERM does.
 
 What does not live here: the supervisor (``_workers``), serving (``_cli._run``).

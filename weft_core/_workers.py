@@ -942,11 +942,17 @@ class Supervisor:
             # nothing), nor our SIGKILL: something else ended it, its connections cut:
             # a second TERM sent to it directly (pkill, a control-group kill), the OOM
             # killer. weft's own handler never lets one TERM kill a serving worker.
+            hint = (
+                " (a second stop signal sent to it directly: signal the supervisor only)"
+                if code in (-signal.SIGTERM, -signal.SIGINT)
+                else ""
+            )
             log.warning(
                 "worker %d exited with %s during the stop, not by the stop it was told:"
-                " its connections were cut (signal the supervisor, not the workers)",
+                " its connections were cut%s",
                 pid,
                 what,
+                hint,
             )
             self._fail(EXIT_RUNTIME)
         elif self._stopping or worker.retiring:
