@@ -155,8 +155,11 @@ def enable_stack_dump() -> None:
 
 #: How long a stack dump's pipe stays quiet before what came is one JSON line.
 DUMP_QUIET = 0.05
-#: How long the relay waits for its line to leave the log's writer before saying it did.
-DUMP_FLUSH = 2.0
+#: How long the relay waits for its line to leave the log's writer; it says it did
+#: (DUMPED) only if the line has. Under the supervisor's DUMP_WAIT (10 s), which kills
+#: the worker anyway: a spinning handler that lets the writer's thread run seldom
+#: needed more than the 2 s this was, and the worker was killed with its line unwritten.
+DUMP_FLUSH = 8.0
 #: The dump's pipe: room for every thread's stack (faulthandler writes from the
 #: signal handler and must not wait on a full pipe).
 _DUMP_PIPE_SIZE = 1 << 20
@@ -191,8 +194,8 @@ def _relay_dumps(read_end: int, written: Callable[[], None]) -> None:
         stacks = b"".join(chunks).decode("utf-8", "backslashreplace")
         # Through the log's writer, after the lines logged before the dump.
         print_line(stderr_line("every thread's stack (DUMP_SIGNAL)", logging.ERROR, stacks=stacks))
-        flush_own_log(DUMP_FLUSH)
-        written()
+        if flush_own_log(DUMP_FLUSH):
+            written()
 
 
 def reopen_log_files() -> int:
