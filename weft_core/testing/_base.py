@@ -11,7 +11,10 @@ sets the class attribute of the same name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -21,7 +24,10 @@ from .._protocol import TaskManager
 from .._registry import create_manager, get_manager_spec
 from .._server import Server
 from .._spec import ManagerSpec
-from ._adapters import Body, SyncAdapter, default_adapter
+from ._adapters import Body, Sleep, SyncAdapter, default_adapter
+
+#: How long the first test gives ``add_task`` to return while its task waits.
+PROBE_WAIT = 1.5
 
 __all__ = ["ManagerTestBase"]
 
@@ -97,6 +103,52 @@ class ManagerTestBase:
     def new_manager(self, **options: Any) -> TaskManager:
         """A fresh manager of the kind under test."""
         return create_manager(self._name(), **{**self.options(), **options})
+
+    #: Why every test fails at once, if the first one found ``add_task`` running its
+    #: task in the caller's thread ("" once it returned as it should).
+    _runs_in_caller: ClassVar[str | None] = None
+
+    @pytest.fixture(autouse=True)
+    def _add_task_must_return(self) -> None:
+        """Fail every test at once if ``add_task`` runs its task in the caller's thread.
+
+        Probed before the first test: such a manager would hang test after test,
+        each until its timeout.
+        """
+        cls = type(self)
+        if cls._runs_in_caller is None:
+            cls._runs_in_caller = self._probe_add_task()
+        if cls._runs_in_caller:
+            pytest.fail(cls._runs_in_caller, pytrace=False)
+
+    def _probe_add_task(self) -> str:
+        manager = self.new_manager()
+        adapter = self.make_adapter(manager.runtime)
+        gate = threading.Event()
+        until = time.monotonic() + 3 * PROBE_WAIT
+
+        def waiting() -> Body:
+            while not gate.is_set() and time.monotonic() < until:
+                yield Sleep(0.005)
+
+        caller = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(manager.add_task, adapter.task(waiting)),
+            daemon=True,
+        )
+        caller.start()
+        caller.join(PROBE_WAIT)
+        stuck = caller.is_alive()
+        gate.set()
+        caller.join(PROBE_WAIT)
+        manager.runtime.close()
+        if not stuck:
+            return ""
+        return (
+            f"{self._name()}: add_task did not return within {PROBE_WAIT:g}s while the task it"
+            " was given waited: it must start the task and return, not run the thunk in the"
+            " caller's thread (every test would hang until its timeout; fix that first)"
+        )
 
     @pytest.fixture
     def manager(self) -> Iterator[TaskManager]:
