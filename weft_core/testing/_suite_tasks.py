@@ -28,8 +28,8 @@ _probe: contextvars.ContextVar[str] = contextvars.ContextVar(
 POLL = 0.005
 #: What a loaded CI machine may add to a promised bound before it counts as broken.
 SLACK = 1.5
-#: The longest a gated task waits for its gate: a manager that runs a task in the
-#: caller's thread (add_task never returning) fails each test then, not at its timeout.
+#: The longest a gated task waits for its gate: a test that failed before opening it
+#: leaves no task (and no thread of a manager's) running on for the rest of the run.
 GATE_LIMIT = 3 * WAIT
 
 
