@@ -69,8 +69,12 @@ class SoundManager:
         if state.done.wait(timeout):
             return True
         state.interrupt()
-        state.done.wait(2.0)
+        self._grace(state)
         return False
+
+    def _grace(self, state: TaskState) -> None:
+        """After the interrupt: wait INTERRUPT_GRACE (2 s) at most for the task to end."""
+        state.done.wait(2.0)
 
     def all_tasks(self) -> list[Hashable]:
         return self._table.ids()
@@ -167,16 +171,8 @@ class RunsInCallerManager(SoundManager):
 class WaitsOutItsTaskManager(SoundManager):
     """After the interrupt, waits for the task to end however long it takes."""
 
-    def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
-        state = self._table.get(task_id)
-        if state is None:
-            return True
-        state.request_shutdown()
-        if state.done.wait(timeout):
-            return True
-        state.interrupt()
+    def _grace(self, state: TaskState) -> None:
         state.done.wait()  # the bug: a task deaf to its interrupt holds stop_task for ever
-        return False
 
 
 class SleeplessRuntime(BlockingRuntime):

@@ -55,6 +55,24 @@ def _gated(
     return gated
 
 
+def _stop_within_its_bound(
+    manager: TaskManager, task_id: Hashable, timeout: float
+) -> tuple[threading.Thread, list[Any], float]:
+    """``stop_task(task_id, timeout)`` in a thread, waited for up to its promised bound.
+
+    The thread (alive if stop_task has not returned), what it returned, and how long
+    was waited: timeout + INTERRUPT_GRACE + SLACK at most.
+    """
+    result: list[Any] = []
+    stopper = threading.Thread(
+        target=lambda: result.append(manager.stop_task(task_id, timeout=timeout)), daemon=True
+    )
+    began = time.monotonic()
+    stopper.start()
+    stopper.join(timeout + INTERRUPT_GRACE + SLACK)
+    return stopper, result, time.monotonic() - began
+
+
 class TaskManagerTests(ManagerTestBase):
     """The TaskManager protocol, in the words of docs/writing-a-manager.md."""
 
@@ -244,14 +262,7 @@ class TaskManagerTests(ManagerTestBase):
             "add_task must run the thunk it was given (the task did not start)"
         )
         timeout = 0.2
-        result: list[Any] = []
-        stopper = threading.Thread(
-            target=lambda: result.append(manager.stop_task(task_id, timeout=timeout)), daemon=True
-        )
-        began = time.monotonic()
-        stopper.start()
-        stopper.join(timeout + INTERRUPT_GRACE + SLACK)
-        took = time.monotonic() - began
+        stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
         released.set()
         assert not stopper.is_alive(), (
             f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
@@ -282,14 +293,7 @@ class TaskManagerTests(ManagerTestBase):
             "add_task must run the thunk it was given (the task did not start)"
         )
         timeout = 0.2
-        result: list[Any] = []
-        stopper = threading.Thread(
-            target=lambda: result.append(manager.stop_task(task_id, timeout=timeout)), daemon=True
-        )
-        began = time.monotonic()
-        stopper.start()
-        stopper.join(timeout + INTERRUPT_GRACE + SLACK)
-        took = time.monotonic() - began
+        stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
         try:
             assert not stopper.is_alive(), (
                 f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
