@@ -77,7 +77,11 @@ class TaskManagerTests(ManagerTestBase):
     """The TaskManager protocol, in the words of docs/writing-a-manager.md."""
 
     def _wait_gone(self, manager: TaskManager, task_id: Hashable) -> None:
-        wait_until(lambda: task_id not in manager.all_tasks(), what=f"task {task_id} to end")
+        wait_until(
+            lambda: task_id not in manager.all_tasks(),
+            what=f"task {task_id} to end and leave all_tasks (all_tasks must drop a task"
+            " once it has ended; or the task never ended)",
+        )
 
     def test_add_task_runs_the_thunk(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """add_task runs (or at least queues and later runs) the thunk."""
