@@ -66,10 +66,16 @@ def start(
     *extra: str,
     workers: int = 2,
     env: dict[str, str] | None = None,
+    handler: str | None = None,
 ) -> tuple[Served, str]:
-    """Start a supervisor; return it and its address once every worker is ready."""
+    """Start a supervisor; return it and its address once every worker is ready.
+
+    ``handler``: a ``module:attribute`` of the test's own (written to ``tmp_path``);
+    by default the manager's from ``_serving``.
+    """
     served = Served(
-        weft_serve(handler_for(manager), "--manager", manager, "--workers", str(workers),
+        weft_serve(handler or handler_for(manager), "--manager", manager,
+                   "--workers", str(workers),
                    "--bind", "127.0.0.1:0", "--graceful-timeout", "20", *extra),
         cwd=tmp_path,
         env=env,
@@ -289,29 +295,23 @@ def test_quit_during_a_graceful_stop_cuts_it_short(tmp_path: Path) -> None:
                 conn.sendall(b".")
                 time.sleep(0.05)
     """))  # fmt: skip
-    served = Served(
-        weft_serve("lingering:handle", "--workers", "2", "--bind", "127.0.0.1:0",
-                   "--graceful-timeout", "30"),
-        cwd=tmp_path,
-    )  # fmt: skip
-    with served:
-        ((address, _),) = (m.groups() for m in served.wait_for(LISTENING))
-        served.wait_for(READY, count=2)
-        with (
-            socket.create_connection(host_port(address), timeout=20) as client,
-            client.makefile("rb") as reader,
-        ):
-            assert reader.readline() == b"ready\n"
-            served.signal(signal.SIGTERM)
-            served.wait_for("received SIGTERM: stopping 2 worker")
-            assert reader.read(1) == b"."  # the graceful stop is under way
-            began = time.monotonic()
-            served.signal(signal.SIGQUIT)
-            assert served.finish(timeout=20) == 0, served.text
-            assert time.monotonic() - began < 10, served.text  # not the 30 s graceful timeout
-            with contextlib.suppress(ConnectionError):
-                while reader.read(4096):  # the connection was cut
-                    pass
+    served, address = start(tmp_path, "threads", handler="lingering:handle")
+    with (
+        served,
+        socket.create_connection(host_port(address), timeout=20) as client,
+        client.makefile("rb") as reader,
+    ):
+        assert reader.readline() == b"ready\n"
+        served.signal(signal.SIGTERM)
+        served.wait_for("received SIGTERM: stopping 2 worker")
+        assert reader.read(1) == b"."  # the graceful stop is under way
+        began = time.monotonic()
+        served.signal(signal.SIGQUIT)
+        assert served.finish(timeout=20) == 0, served.text
+        assert time.monotonic() - began < 10, served.text  # not the 20 s graceful timeout
+        with contextlib.suppress(ConnectionError):
+            while reader.read(4096):  # the connection was cut
+                pass
     assert "received SIGQUIT during the graceful stop: cutting it short" in served.text
     assert "killing" not in served.text
 
