@@ -11,10 +11,8 @@ sets the class attribute of the same name.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -24,7 +22,9 @@ from .._protocol import TaskManager
 from .._registry import create_manager, get_manager_spec
 from .._server import Server
 from .._spec import ManagerSpec
-from ._adapters import Body, Sleep, SyncAdapter, default_adapter
+from ._adapters import Body, SyncAdapter, default_adapter
+from ._bodies import gated
+from ._support import add_task_from_a_thread
 
 #: How long the first test gives ``add_task`` to return while its task waits.
 PROBE_WAIT = 1.5
@@ -125,19 +125,7 @@ class ManagerTestBase:
         manager = self.new_manager()
         adapter = self.make_adapter(manager.runtime)
         gate = threading.Event()
-        until = time.monotonic() + 3 * PROBE_WAIT
-
-        def waiting() -> Body:
-            while not gate.is_set() and time.monotonic() < until:
-                yield Sleep(0.005)
-
-        caller = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(manager.add_task, adapter.task(waiting)),
-            daemon=True,
-        )
-        caller.start()
-        caller.join(PROBE_WAIT)
+        caller, _ = add_task_from_a_thread(manager, adapter.task(gated(gate)), PROBE_WAIT)
         stuck = caller.is_alive()
         gate.set()
         caller.join(PROBE_WAIT)

@@ -7,7 +7,20 @@ turns each into a handler of the manager's kind.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._tasks import shutdown_requested
 from ._adapters import Body, Recv, Send, Sleep
+from ._support import WAIT
+
+#: Task bodies poll their gate this often (in the runtime, so they stay interruptible).
+POLL = 0.005
+#: The longest a gated task waits for its gate: a test that failed before opening it
+#: leaves no task (and no thread of a manager's) running on for the rest of the run.
+GATE_LIMIT = 3 * WAIT
 
 
 def echo(greeting: bytes = b"") -> Body:
@@ -27,3 +40,25 @@ def stubborn() -> Body:
     while True:
         yield Sleep(0.02)
         yield Send(b".")
+
+
+def gated(
+    gate: threading.Event,
+    started: threading.Event | None = None,
+    honour_shutdown: bool = True,
+    seen: list[Any] | None = None,
+) -> Callable[[], Body]:
+    """A task body that runs until ``gate`` is set (or, if it honours it, shutdown)."""
+
+    def gated() -> Body:
+        if started is not None:
+            started.set()
+        until = time.monotonic() + GATE_LIMIT
+        while not gate.is_set() and time.monotonic() < until:
+            if honour_shutdown and shutdown_requested():
+                if seen is not None:
+                    seen.append("shutdown")
+                return
+            yield Sleep(POLL)
+
+    return gated

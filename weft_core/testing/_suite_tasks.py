@@ -13,10 +13,11 @@ import pytest
 
 from .._errors import ManagerFullError, TaskShutdown
 from .._protocol import TaskManager
-from .._tasks import INTERRUPT_GRACE, current_task, shutdown_requested
+from .._tasks import INTERRUPT_GRACE, current_task
 from ._adapters import Body, Sleep, SyncAdapter
 from ._base import ManagerTestBase
-from ._support import WAIT, wait_until
+from ._bodies import POLL, gated
+from ._support import WAIT, add_task_from_a_thread, wait_until
 
 __all__ = ["TaskManagerTests"]
 
@@ -24,35 +25,8 @@ _probe: contextvars.ContextVar[str] = contextvars.ContextVar(
     "weft_conformance_probe", default="unset"
 )
 
-#: Task bodies poll their gate this often (in the runtime, so they stay interruptible).
-POLL = 0.005
 #: What a loaded CI machine may add to a promised bound before it counts as broken.
 SLACK = 1.5
-#: The longest a gated task waits for its gate: a test that failed before opening it
-#: leaves no task (and no thread of a manager's) running on for the rest of the run.
-GATE_LIMIT = 3 * WAIT
-
-
-def _gated(
-    gate: threading.Event,
-    started: threading.Event | None = None,
-    honour_shutdown: bool = True,
-    seen: list[Any] | None = None,
-) -> Callable[[], Body]:
-    """A task body that runs until ``gate`` is set (or, if it honours it, shutdown)."""
-
-    def gated() -> Body:
-        if started is not None:
-            started.set()
-        until = time.monotonic() + GATE_LIMIT
-        while not gate.is_set() and time.monotonic() < until:
-            if honour_shutdown and shutdown_requested():
-                if seen is not None:
-                    seen.append("shutdown")
-                return
-            yield Sleep(POLL)
-
-    return gated
 
 
 def _stop_within_its_bound(
@@ -99,14 +73,9 @@ class TaskManagerTests(ManagerTestBase):
     ) -> None:
         """add_task starts the task and returns: it never runs the thunk in the caller's thread."""
         started, gate = threading.Event(), threading.Event()
-        returned: list[Hashable] = []
-        caller = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(lambda: returned.append(manager.add_task(adapter.task(_gated(gate, started)))),),
-            daemon=True,
+        caller, returned = add_task_from_a_thread(
+            manager, adapter.task(gated(gate, started)), SLACK
         )
-        caller.start()
-        caller.join(SLACK)
         try:
             assert not caller.is_alive(), (
                 f"add_task must start the task and return at once, not run the thunk in the"
@@ -139,17 +108,17 @@ class TaskManagerTests(ManagerTestBase):
     def test_ids_are_unique(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """Ids returned by add_task are hashable and unique for the manager's life."""
         done = threading.Event()
-        ids = [manager.add_task(adapter.task(_gated(done))) for _ in range(20)]
+        ids = [manager.add_task(adapter.task(gated(done))) for _ in range(20)]
         done.set()
         for task_id in ids:
             self._wait_gone(manager, task_id)
-        ids += [manager.add_task(adapter.task(_gated(done))) for _ in range(20)]
+        ids += [manager.add_task(adapter.task(gated(done))) for _ in range(20)]
         assert len(set(ids)) == len(ids), f"add_task must return unique ids, got {ids}"
 
     def test_all_tasks_lists_held_tasks(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """all_tasks lists the ids of tasks the manager holds now, and drops ended ones."""
         gate = threading.Event()
-        ids = {manager.add_task(adapter.task(_gated(gate))) for _ in range(3)}
+        ids = {manager.add_task(adapter.task(gated(gate))) for _ in range(3)}
         assert ids <= set(manager.all_tasks()), "all_tasks must list every running task"
         gate.set()
         for task_id in ids:
@@ -159,9 +128,9 @@ class TaskManagerTests(ManagerTestBase):
         """At its limit add_task raises ManagerFullError; a freed slot can be used again."""
         adapter = self.make_adapter(limited_manager.runtime)
         gate = threading.Event()
-        first = [limited_manager.add_task(adapter.task(_gated(gate))) for _ in range(2)]
+        first = [limited_manager.add_task(adapter.task(gated(gate))) for _ in range(2)]
         try:
-            limited_manager.add_task(adapter.task(_gated(gate)))
+            limited_manager.add_task(adapter.task(gated(gate)))
         except ManagerFullError:
             pass
         else:
@@ -173,13 +142,13 @@ class TaskManagerTests(ManagerTestBase):
         for task_id in first:
             self._wait_gone(limited_manager, task_id)
         again = threading.Event()
-        limited_manager.add_task(adapter.task(_gated(again)))
+        limited_manager.add_task(adapter.task(gated(again)))
         again.set()
 
     def test_remove_task_forgets(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """remove_task returns True if the task was there, False if it was not."""
         gate = threading.Event()
-        task_id = manager.add_task(adapter.task(_gated(gate)))
+        task_id = manager.add_task(adapter.task(gated(gate)))
         assert manager.remove_task(task_id) is True, (
             "remove_task must return True for a task the manager holds"
         )
@@ -197,7 +166,7 @@ class TaskManagerTests(ManagerTestBase):
         """stop_task makes shutdown_requested() true inside the task and returns once it ended."""
         started, gate = threading.Event(), threading.Event()
         seen: list[Any] = []
-        task_id = manager.add_task(adapter.task(_gated(gate, started, seen=seen)))
+        task_id = manager.add_task(adapter.task(gated(gate, started, seen=seen)))
         assert started.wait(WAIT), (
             "add_task must run the thunk it was given (the task did not start)"
         )
@@ -219,7 +188,7 @@ class TaskManagerTests(ManagerTestBase):
                 f"{self._name()} declares preemptive_stop=False: it cannot interrupt a task"
             )
         started, gate, cleaned = threading.Event(), threading.Event(), threading.Event()
-        stubborn = _gated(gate, started, honour_shutdown=False)
+        stubborn = gated(gate, started, honour_shutdown=False)
 
         def body() -> Body:
             try:
@@ -292,7 +261,7 @@ class TaskManagerTests(ManagerTestBase):
         on; stop_task must not wait for it for ever, but return and leave it running.
         """
         started, gate = threading.Event(), threading.Event()
-        task_id = manager.add_task(adapter.task(_gated(gate, started, honour_shutdown=False)))
+        task_id = manager.add_task(adapter.task(gated(gate, started, honour_shutdown=False)))
         assert started.wait(WAIT), (
             "add_task must run the thunk it was given (the task did not start)"
         )

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
-__all__ = ["WAIT", "connect", "fd_count", "recv_exactly", "recv_until_closed", "wait_until"]
+__all__ = [
+    "WAIT",
+    "add_task_from_a_thread",
+    "connect",
+    "fd_count",
+    "recv_exactly",
+    "recv_until_closed",
+    "wait_until",
+]
 
 #: The longest any single wait in the suite lasts before it fails the test; generous
 #: so that a loaded CI machine does not fail a correct manager.
@@ -23,6 +34,26 @@ def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def add_task_from_a_thread(
+    manager: Any, thunk: Callable[[], Any], wait: float
+) -> tuple[threading.Thread, list[Hashable]]:
+    """``manager.add_task(thunk)`` in a thread of its own, waited for up to ``wait``.
+
+    The caller's contextvars go with it. Returns the thread (alive if add_task has
+    not returned: it runs the task in the calling thread) and, once it returned,
+    the task's id in the list.
+    """
+    returned: list[Hashable] = []
+    caller = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(lambda: returned.append(manager.add_task(thunk)),),
+        daemon=True,
+    )
+    caller.start()
+    caller.join(wait)
+    return caller, returned
 
 
 def connect(port: int | str, host: str = "127.0.0.1") -> socket.socket:
