@@ -34,22 +34,22 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from _log_pipes import lock_file, read_until, stopped_lock_holder
 from _serving import LISTENING, READY, Client, Served, environment, host_port, weft_serve
-from test_accept_balance import burst, first_lines
+from test_accept_balance import burst, cell_of, cells, first_lines, held, map_path, wait_until
 from test_workers_reuse_port import paused
 
 from weft_core import _registry
 from weft_core._balance import ABSENT
+from weft_core._balance import ENV as BALANCE_ENV
 from weft_core._ctl import request
 from weft_core._registry import get_manager_spec
 
 H = "_turns_edges_handlers"
-BALANCE_ENV = "_WEFT_ACCEPT_BALANCE"
 LOOP_MANAGERS = ("gevent", "trio", "asyncio")
 
 
@@ -108,41 +108,6 @@ def with_and_without_turns(
         with served:
             yield label, served, address, pids
             stop(served)
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
-    """Poll ``check`` (a state, not a sleep's hope) until it holds, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.005)
-
-
-# -- the accept balance's map, read from outside ---------------------------------------------
-
-
-def map_path(supervisor: int) -> str:
-    for fd in os.listdir(f"/proc/{supervisor}/fd"):
-        with contextlib.suppress(OSError):
-            if "weft-accept-balance" in os.readlink(f"/proc/{supervisor}/fd/{fd}"):
-                return f"/proc/{supervisor}/fd/{fd}"
-    raise AssertionError(f"supervisor {supervisor} holds no accept balance map")
-
-
-def cells(path: str) -> tuple[int, ...]:
-    data = Path(path).read_bytes()
-    return struct.unpack(f"{len(data) // 8}q", data)
-
-
-def cell_of(pid: int) -> int:
-    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-        if item.startswith(BALANCE_ENV.encode() + b"="):
-            return int(item.split(b":")[1])
-    raise AssertionError(f"worker {pid} was given no cell")
-
-
-def held(path: str, pid: int) -> int:
-    return cells(path)[2 + 2 * cell_of(pid)]
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -581,7 +546,11 @@ def test_four_workers_on_one_core_share_a_burst(tmp_path: Path, manager: str) ->
     with on_one_core():
         served, address, pids = serve(tmp_path, manager, workers=4)
         with served:
+            path = map_path(served.proc.pid)
             for _ in range(2):
+                wait_until(
+                    "every worker holds nothing", lambda: {held(path, p) for p in pids} == {0}
+                )
                 with closing(burst(address, 100)) as clients:
                     counts = first_lines(clients)
                 assert set(counts) <= pids and sum(counts.values()) == 100

@@ -17,8 +17,12 @@ behind takes a client (the same clients woke them), for at most
 wait (stopped, stuck, or without CPU) is not counted for :data:`PASS_OVER` (1 s) or
 until it takes one; and whatever the siblings do (one starved of CPU takes a
 client in each turn, but late), an acceptor naps at most :data:`TURN_BUDGET` (0.1
-s) a second. A worker that does not keep up costs one that does a tenth of its
-time at most, never a turn a client. Only listeners every sibling accepts from take
+s) a second in turns that outlast :data:`PROMPT_NAPS` naps. A worker that does not
+keep up costs one that does a tenth of its time at most, never a turn a client. A
+turn that a sibling ends within those first naps is not counted: that sibling
+keeps up, and the pair takes clients as fast as one alone would. (Counted, they
+spent the budget on healthy siblings: a burst of 100 takes some 50 turns, and
+bursts coming several a second went 100:0 once it was spent.) Only listeners every sibling accepts from take
 turns: with ``--reuse-port`` a TCP socket is the worker's own, and no sibling can
 take its clients.
 
@@ -44,6 +48,7 @@ __all__ = [
     "ENV",
     "NAP",
     "PASS_OVER",
+    "PROMPT_NAPS",
     "SLACK",
     "TURN_BUDGET",
     "TURN_NAPS",
@@ -62,6 +67,8 @@ SLACK = 2
 #: naps of NAP seconds, looking after each whether the sibling took one.
 NAP = 0.001
 TURN_NAPS = 20
+#: A turn that a sibling ends within this many naps costs nothing of TURN_BUDGET.
+PROMPT_NAPS = 2
 #: How long a sibling that let a whole turn pass with clients waiting is not counted;
 #: and the window in which an acceptor naps TURN_BUDGET at most, whatever its
 #: siblings do (one that takes a client in each turn, but slowly, included).
@@ -126,7 +133,17 @@ class BalanceMap:
 class AcceptBalance:
     """A worker's side: publishes what it holds, and says when to leave a client to others."""
 
-    __slots__ = ("_cells", "_map", "_me", "_passed", "_spent", "_window", "fds", "present")
+    __slots__ = (
+        "_cells",
+        "_map",
+        "_me",
+        "_naps",
+        "_passed",
+        "_spent",
+        "_window",
+        "fds",
+        "present",
+    )
 
     def __init__(self, fd: int, cell: int, fds: Collection[int] = ()) -> None:
         self._map = mmap.mmap(fd, _SIZE)
@@ -134,8 +151,10 @@ class AcceptBalance:
         self._me = 2 + 2 * cell
         #: The descriptors of the listeners this worker shares with its siblings.
         self.fds = frozenset(fds)
-        #: Nap time spent in the window that began at ``_window`` (monotonic).
+        #: Nap time spent in the window that began at ``_window`` (monotonic), and
+        #: the naps of the turn under way.
         self._spent = 0.0
+        self._naps = 0
         self._window = 0.0
         #: Siblings that took no client in a whole turn while clients waited: until
         #: when they are not counted, and the ``taken`` they had (once it changes,
@@ -197,6 +216,7 @@ class AcceptBalance:
             self._window, self._spent = now, 0.0
         elif self._spent >= TURN_BUDGET:
             return {}  # this window's naps are spent: accept freely until the next
+        self._naps = 0
         cells = self._cells
         count = max(0, min(cells[0], CELLS))
         helds = cells[2 : 2 + 2 * count : 2].tolist()
@@ -216,8 +236,13 @@ class AcceptBalance:
         return behind
 
     def napped(self) -> bool:
-        """Count a nap of :data:`NAP`; False once this window's TURN_BUDGET is spent."""
-        self._spent += NAP
+        """Count a nap of :data:`NAP`; False once this window's TURN_BUDGET is spent.
+
+        A turn's first PROMPT_NAPS naps are charged only once it outlasts them.
+        """
+        self._naps += 1
+        if self._naps > PROMPT_NAPS:
+            self._spent += NAP * (PROMPT_NAPS + 1 if self._naps == PROMPT_NAPS + 1 else 1)
         return self._spent < TURN_BUDGET
 
     def took_since(self, behind: dict[int, int]) -> bool:
