@@ -44,3 +44,24 @@ async def spinning_async(stream: Any) -> None:
     sys.setswitchinterval(SPIN_SWITCH_INTERVAL)
     while True:
         pass
+
+
+async def swallowing_async(stream: Any) -> None:
+    """Say ``+``, then sleep in a loop that swallows every cancellation (trio, asyncio):
+    once cancelled, each sleep raises at once, and the loop spins through its runtime's
+    scheduler, which polls for I/O with a zero timeout on every turn."""
+    import asyncio
+
+    await stream.send_all(b"+")
+    try:
+        asyncio.get_running_loop()
+        sleep = asyncio.sleep
+    except RuntimeError:  # not asyncio's loop: trio's
+        import trio
+
+        sleep = trio.sleep
+    while True:
+        try:
+            await sleep(1000)
+        except BaseException:  # the point: a handler that will not stop
+            pass

@@ -22,6 +22,7 @@ import pytest
 from _fault_support import WeftServe
 
 from weft_core import available_managers
+from weft_core._cli import DEADLINE_MARGIN
 from weft_core._engine import STOP_GRACE
 from weft_core._exits import EXIT_TASKS_LEFT
 from weft_core._registry import get_manager_spec
@@ -85,6 +86,42 @@ def test_weft_serve_exits_by_its_bound_with_ten_stuck_handlers(
         # and dumps every thread's stack, the culprit's with it.
         assert "a handler blocks the main thread" in proc.stderr
         assert "in stuck" in proc.stderr, "the culprit's stack names the handler"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", [m for m in ("trio", "asyncio") if m in MANAGERS])
+def test_a_handler_swallowing_its_cancellation_does_not_starve_the_stop(
+    manager: str, tmp_path: Path, clients: list[socket.socket]
+) -> None:
+    """SIGTERM with 3 handlers that swallow their cancellation in a loop. Promise: the
+    stop's own exit, status 4, before its last resort (the bound plus
+    DEADLINE_MARGIN) would act. Seen on trio: the loop, spinning through its
+    zero-timeout polls, took the GIL back from every waiter on the other CPU; the
+    stop's thread waited 0.1-1.5 s for each take of it, exits came 4.5-5.5 s after
+    the signal (bound 4), one in three by the last resort, some by faulthandler's
+    backstop (status 1)."""
+    proc = WeftServe(
+        "_stuck_handlers:swallowing_async", "--manager", manager, "--bind", "127.0.0.1:0",
+        "--graceful-timeout", f"{GRACEFUL:g}", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        port = proc.port()
+        for _ in range(3):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+            assert clients[-1].recv(1) == b"+", "a swallowing handler is running"
+        began = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
+        took = time.monotonic() - began
+    finally:
+        proc.close()
+    assert code == EXIT_TASKS_LEFT, f"exit status {code}; stderr:\n{proc.stderr}"
+    assert "did not end within" not in proc.stderr, "the last resort had to act"
+    assert "3 task(s) ignored it and are abandoned (exit status 4)" in proc.stderr
+    assert took < GRACEFUL + STOP_GRACE + DEADLINE_MARGIN, (
+        f"weft serve took {took:.2f}s to exit; its last resort acts at "
+        f"{GRACEFUL + STOP_GRACE + DEADLINE_MARGIN:g}s"
+    )
 
 
 @pytest.mark.timeout(60)

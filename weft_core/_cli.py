@@ -36,6 +36,7 @@ from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
 from ._logging import logs_json, print_line, setup_logging, stderr_line
+from ._osthreads import onto_one_cpu
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
 from ._settings import show
@@ -576,6 +577,10 @@ def _run(
         shutdown(None)
 
     server._on_shutdown_request = shutdown_requested
+    # This process ends with the stop: once tasks must be interrupted, one CPU for all
+    # its threads, so that a loop spinning through a swallowed cancellation cannot
+    # starve the stop, or its last resort, of the GIL (see onto_one_cpu).
+    server._on_interrupt = onto_one_cpu
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
     signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
     # Once the stop has ended, a QUIT has nothing left to cut short (a supervisor's

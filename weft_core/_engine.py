@@ -404,6 +404,9 @@ class Engine(ABC, Generic[R]):
         for lt in self.listeners:
             lt.balanced = balance is not None and lt.shared and balance.shares(lt.native)
         self.balance = balance if any(lt.balanced for lt in self.listeners) else None
+        #: Called once a stop has to interrupt tasks, just before it does (weft serve's
+        #: ``onto_one_cpu``: see :mod:`weft_core._osthreads`).
+        self.on_interrupt: Callable[[], object] | None = None
 
     # -- what each flavour provides ----------------------------------------------------
 
@@ -1057,6 +1060,11 @@ class Engine(ABC, Generic[R]):
         else:
             log.warning("%d connection(s) still open: interrupting them (a quick stop)", len(rest))
         deadline = until + STOP_GRACE
+        if self.on_interrupt is not None:
+            try:
+                self.on_interrupt()
+            except Exception:
+                log.exception("preparing the interruption failed; interrupting anyway")
         self.interrupt(rest, deadline)
         if self.wait_idle(deadline):
             return StopReport(clean=False)

@@ -215,6 +215,9 @@ class Server:
         #: What an approved shutdown-port request calls (None: ``stop()``, unbounded as
         #: its default is); weft serve routes it into its own stop, as SIGTERM's.
         self._on_shutdown_request: Callable[[], object] | None = None
+        #: What a stop calls just before it interrupts tasks (weft serve's, which owns
+        #: the process, moves it onto one CPU; nothing for an embedder).
+        self._on_interrupt: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -577,6 +580,7 @@ class Server:
                 if shutdown is not None:
                     shutdown.close()
                 raise
+            engine.on_interrupt = self._on_interrupt
             self._engine = engine
             self._submitter = Submitter(self._manager)
             self._error = None
