@@ -36,7 +36,7 @@ from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
 from ._logging import logs_json, print_line, setup_logging, stderr_line
-from ._osthreads import onto_one_cpu
+from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
 from ._settings import show
@@ -577,10 +577,6 @@ def _run(
         shutdown(None)
 
     server._on_shutdown_request = shutdown_requested
-    # This process ends with the stop: once tasks must be interrupted, one CPU for all
-    # its threads, so that a loop spinning through a swallowed cancellation cannot
-    # starve the stop, or its last resort, of the GIL (see onto_one_cpu).
-    server._on_interrupt = onto_one_cpu
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
     signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
     # Once the stop has ended, a QUIT has nothing left to cut short (a supervisor's
@@ -695,6 +691,7 @@ def _stop_for(
             signal.Signals(stop).name,
             f"{graceful_timeout:g}",
         )
+    _ends_with_the_stop()
     if server.stop(timeout=0.0 if quick else graceful_timeout):
         log.info("stopped")
         return None
@@ -724,6 +721,7 @@ def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) 
             return signal.SIGTERM
         left = until - time.monotonic()
         if left <= 0:
+            _ends_with_the_stop()
             server.stop(timeout=0.0)
             break
         for signum in wakeup.wait(min(left, _WAKE_INTERVAL)):
@@ -734,6 +732,18 @@ def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) 
             else:
                 log.warning("received %s while draining: ignored", signal.Signals(signum).name)
     return None
+
+
+def _ends_with_the_stop() -> None:
+    """This process exits once the stop that follows ends.
+
+    If the stop must interrupt, it moves every thread onto one CPU
+    (``_osthreads.OneCpu``); they stay there, so a task spinning through its
+    interruption cannot hold the exit, or its last resort, in a GIL convoy. Only
+    for a final stop: a process that goes on (a hand-over's drain, which re-executes
+    into a supervisor) would pass the one CPU on to every worker it forks.
+    """
+    one_cpu.stay = True
 
 
 def _drained(server: Any) -> int:

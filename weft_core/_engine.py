@@ -404,9 +404,6 @@ class Engine(ABC, Generic[R]):
         for lt in self.listeners:
             lt.balanced = balance is not None and lt.shared and balance.shares(lt.native)
         self.balance = balance if any(lt.balanced for lt in self.listeners) else None
-        #: Called once a stop has to interrupt tasks, just before it does (weft serve's
-        #: ``onto_one_cpu``: see :mod:`weft_core._osthreads`).
-        self.on_interrupt: Callable[[], object] | None = None
 
     # -- what each flavour provides ----------------------------------------------------
 
@@ -1038,8 +1035,13 @@ class Engine(ABC, Generic[R]):
                 type(self.manager).__name__,
             )
 
-    def stop(self, timeout: float | None) -> StopReport:
-        """Phases 1 to 3 of a stop, bounded by ``timeout`` plus :data:`STOP_GRACE`."""
+    def stop(
+        self, timeout: float | None, interrupting: Callable[[], object] | None = None
+    ) -> StopReport:
+        """Phases 1 to 3 of a stop, bounded by ``timeout`` plus :data:`STOP_GRACE`.
+
+        ``interrupting()`` is called once tasks must be interrupted, before they are.
+        """
         began = time.monotonic()
         self.closing = True
         self._accepting(False)
@@ -1060,11 +1062,8 @@ class Engine(ABC, Generic[R]):
         else:
             log.warning("%d connection(s) still open: interrupting them (a quick stop)", len(rest))
         deadline = until + STOP_GRACE
-        if self.on_interrupt is not None:
-            try:
-                self.on_interrupt()
-            except Exception:
-                log.exception("preparing the interruption failed; interrupting anyway")
+        if interrupting is not None:
+            interrupting()
         self.interrupt(rest, deadline)
         if self.wait_idle(deadline):
             return StopReport(clean=False)

@@ -2,7 +2,7 @@
 
 What must run whatever the application's loop does (the stop deadline, the log's
 writer) cannot be a greenlet of a hub that a handler may block. And what must run
-whatever another thread does with the GIL: :func:`onto_one_cpu`.
+whatever another thread does with the GIL: :class:`OneCpu`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import _thread
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["onto_one_cpu", "thread_primitives"]
+__all__ = ["OneCpu", "one_cpu", "thread_primitives"]
 
 
 def thread_primitives() -> tuple[Any, Any]:
@@ -25,26 +26,78 @@ def thread_primitives() -> tuple[Any, Any]:
     return _thread.start_new_thread, _thread.allocate_lock
 
 
-def onto_one_cpu() -> None:
-    """Every thread of this process onto one of its CPUs (Linux; elsewhere nothing).
+class OneCpu:
+    """Every thread of this process on one of its CPUs while held (Linux; elsewhere nothing).
 
-    Against a GIL convoy. A thread that gives up the GIL for a system call that
-    returns at once and takes it back (a trio loop with a task ready to run polls
-    with a zero timeout on every turn: a handler that swallows its cancellation in
-    a loop) wins it back before a waiter woken on another CPU can take it, and
-    every such release restarts the waiter's wait for its turn: the stop's thread
-    and its last resort waited 0.1-1.5 s for each take of the GIL on two CPUs, 0.1
-    ms on one, where the waiter runs as soon as it is woken. Only for a process
-    that is ending: it gives up running on several CPUs.
+    Against a GIL convoy while a stop interrupts. A thread that gives up the GIL
+    for a system call that returns at once and takes it back (a trio loop with a
+    task ready to run polls with a zero timeout on every turn: a handler that
+    swallows its cancellation in a loop) wins it back before a waiter woken on
+    another CPU can take it, and each such release restarts the waiter's wait for
+    its turn: the stopping thread waited 0.1-1.5 s for each take of the GIL on two
+    CPUs, and stops bounded at 3 s took 3.2-11 s; on one CPU the woken waiter runs
+    at once (0.1 ms). Holds nest (two servers stopping at once); when the last
+    ends, each thread goes back to the CPUs it had (a thread begun meanwhile, to
+    those of the thread that held first), unless :attr:`stay` is set (``weft
+    serve``, whose process ends with its stop: its exit must not wait in the
+    convoy).
     """
-    try:
-        cpus = os.sched_getaffinity(0)
-        tids = os.listdir("/proc/self/task")
-    except (AttributeError, OSError):
-        return
-    if len(cpus) < 2:
-        return
-    one = {min(cpus)}
-    for tid in tids:
-        with contextlib.suppress(OSError, ValueError):  # a thread that has just ended
-            os.sched_setaffinity(int(tid), one)
+
+    def __init__(self) -> None:
+        _, allocate = thread_primitives()
+        self._lock = allocate()
+        self._holders = 0
+        self._masks: dict[int, set[int]] = {}
+        self._default: set[int] = set()
+        self._kept = False
+        #: Once held, stay on one CPU for good (a process that ends with its stop).
+        self.stay = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """One CPU for the block (a stop's interrupting and what follows it)."""
+        self._hold()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+            self._kept = self._kept or self.stay
+            if self._holders > 1:
+                return
+            try:
+                cpus = os.sched_getaffinity(0)
+                tids = _threads()
+            except (AttributeError, OSError):
+                return
+            if len(cpus) < 2:
+                return
+            self._default = cpus
+            one = {min(cpus)}
+            for tid in tids:
+                with contextlib.suppress(OSError):  # a thread that has just ended
+                    self._masks[tid] = os.sched_getaffinity(tid)
+                    os.sched_setaffinity(tid, one)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders or self._kept or not self._default:
+                return
+            masks, self._masks = self._masks, {}
+            default, self._default = self._default, set()
+            with contextlib.suppress(OSError):
+                for tid in _threads():
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(tid, masks.get(tid, default))
+
+
+def _threads() -> list[int]:
+    return [int(tid) for tid in os.listdir("/proc/self/task")]
+
+
+#: The process's one :class:`OneCpu`: every server's stop holds it while it interrupts.
+one_cpu = OneCpu()

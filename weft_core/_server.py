@@ -25,6 +25,7 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -51,6 +52,7 @@ from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
 from ._errors import EXITS, ConfigError, HandlerKindError, ServerError, WeftError
 from ._listeners import Family, open_listeners
+from ._osthreads import one_cpu
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
 from ._registry import available_managers, create_manager, hooks
@@ -215,9 +217,6 @@ class Server:
         #: What an approved shutdown-port request calls (None: ``stop()``, unbounded as
         #: its default is); weft serve routes it into its own stop, as SIGTERM's.
         self._on_shutdown_request: Callable[[], object] | None = None
-        #: What a stop calls just before it interrupts tasks (weft serve's, which owns
-        #: the process, moves it onto one CPU; nothing for an embedder).
-        self._on_interrupt: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -580,7 +579,6 @@ class Server:
                 if shutdown is not None:
                     shutdown.close()
                 raise
-            engine.on_interrupt = self._on_interrupt
             self._engine = engine
             self._submitter = Submitter(self._manager)
             self._error = None
@@ -755,9 +753,12 @@ class Server:
     def _stop(self, engine: Engine[Any], timeout: float | None) -> bool:
         began = time.monotonic()
         self._close_shutdown_port()
-        report = engine.stop(timeout)
-        self._last_clean = report.clean
-        self._finish(engine, report, None if timeout is None else began + timeout + STOP_GRACE)
+        with contextlib.ExitStack() as interrupting:
+            # Once tasks must be interrupted, to the stop's end: every thread on one CPU,
+            # so a task spinning through its interruption keeps no GIL from the stop.
+            report = engine.stop(timeout, lambda: interrupting.enter_context(one_cpu.held()))
+            self._last_clean = report.clean
+            self._finish(engine, report, None if timeout is None else began + timeout + STOP_GRACE)
         return report.clean
 
     def _close_shutdown_port(self) -> None:
