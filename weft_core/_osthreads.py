@@ -76,7 +76,7 @@ class OneCpu:
             if len(cpus) < 2:
                 return
             self._default = cpus
-            one = {min(cpus)}
+            one = {_this_cpu(cpus)}
             for tid in tids:
                 with contextlib.suppress(OSError):  # a thread that has just ended
                     self._masks[tid] = os.sched_getaffinity(tid)
@@ -93,6 +93,16 @@ class OneCpu:
                 for tid in _threads():
                     with contextlib.suppress(OSError):
                         os.sched_setaffinity(tid, masks.get(tid, default))
+
+
+def _this_cpu(cpus: set[int]) -> int:
+    """The CPU this thread last ran on (so processes stopping at once stay apart)."""
+    try:
+        with open("/proc/thread-self/stat", "rb") as stat:
+            cpu = int(stat.read().rsplit(b")", 1)[1].split()[36])  # field 39, "processor"
+    except (OSError, ValueError, IndexError):
+        return min(cpus)
+    return cpu if cpu in cpus else min(cpus)
 
 
 def _threads() -> list[int]:
