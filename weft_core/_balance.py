@@ -22,9 +22,9 @@ keep up costs one that does a tenth of its time at most, never a turn a client. 
 turn that a sibling ends within those first naps is not counted: that sibling
 keeps up, and the pair takes clients as fast as one alone would. (Counted, they
 spent the budget on healthy siblings: a burst of 100 takes some 50 turns, and
-bursts coming several a second went 100:0 once it was spent.) Only listeners every sibling accepts from take
-turns: with ``--reuse-port`` a TCP socket is the worker's own, and no sibling can
-take its clients.
+bursts coming several a second went 100:0 once it was spent.) Only listeners
+every sibling accepts from take turns: with ``--reuse-port`` a TCP socket is the
+worker's own, and no sibling can take its clients.
 
 A cell is ``(held, taken)``: the connections its worker holds, ``ABSENT`` while it
 does not accept (starting, paused, stopping, gone), and how many it accepted so

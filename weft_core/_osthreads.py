@@ -35,12 +35,12 @@ class OneCpu:
     swallows its cancellation in a loop) wins it back before a waiter woken on
     another CPU can take it, and each such release restarts the waiter's wait for
     its turn: the stopping thread waited 0.1-1.5 s for each take of the GIL on two
-    CPUs, and stops bounded at 3 s took 3.2-11 s; on one CPU the woken waiter runs
-    at once (0.1 ms). Holds nest (two servers stopping at once); when the last
-    ends, each thread goes back to the CPUs it had (a thread begun meanwhile, to
-    those of the thread that held first), unless :attr:`stay` is set (``weft
-    serve``, whose process ends with its stop: its exit must not wait in the
-    convoy).
+    CPUs (an embedded stop bounded at 2.5 s took 2.9-3.3 s; ``weft serve`` exited
+    4.5-5.5 s after SIGTERM, bound 4); on one CPU the woken waiter runs at once
+    (0.1 ms). Holds nest (two servers stopping at once); when the last ends, each
+    thread goes back to the CPUs it had (a thread begun meanwhile, to those of the
+    thread that held first), unless :attr:`stay` was set (by ``weft serve`` for the
+    stop it exits by: its exit must not wait in the convoy).
     """
 
     def __init__(self) -> None:
