@@ -46,20 +46,25 @@ async def spinning_async(stream: Any) -> None:
         pass
 
 
+def runtime_sleep() -> Any:
+    """The running loop's sleep: asyncio's inside asyncio's loop, else trio's."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio's loop: trio's
+        import trio
+
+        return trio.sleep
+    return asyncio.sleep
+
+
 async def swallowing_async(stream: Any) -> None:
     """Say ``+``, then sleep in a loop that swallows every cancellation (trio, asyncio):
     once cancelled, each sleep raises at once, and the loop spins through its runtime's
     scheduler, which polls for I/O with a zero timeout on every turn."""
-    import asyncio
-
     await stream.send_all(b"+")
-    try:
-        asyncio.get_running_loop()
-        sleep = asyncio.sleep
-    except RuntimeError:  # not asyncio's loop: trio's
-        import trio
-
-        sleep = trio.sleep
+    sleep = runtime_sleep()
     while True:
         try:
             await sleep(1000)
