@@ -25,7 +25,7 @@ import pytest
 from _fault_support import WeftServe
 from _stuck_handlers import runtime_sleep
 
-from weft_core import Server, available_managers
+from weft_core import Server, available_managers, current_task
 from weft_core._cli import DEADLINE_MARGIN
 from weft_core._engine import STOP_GRACE
 from weft_core._exits import EXIT_TASKS_LEFT
@@ -182,6 +182,72 @@ def test_server_stop_keeps_its_bound_with_tasks_spinning_through_their_cancellat
             f"(bound {0.5 + STOP_GRACE:g}s)"
         )
         assert os.sched_getaffinity(0) == CPUS, "an embedder's threads get their CPUs back"
+
+
+def _registers_a_blocking_callback(
+    manager: str, kind: str, gate: threading.Event, started: threading.Semaphore
+) -> Any:
+    """A handler that registers a ``kind`` callback blocking until ``gate``, then idles."""
+
+    def register() -> None:
+        task = current_task()
+        assert task is not None
+        (task.on_shutdown if kind == "shutdown" else task.on_interrupt)(lambda: gate.wait(WAIT))
+        started.release()
+
+    if get_manager_spec(manager).handler_kind == "async":
+
+        async def handler_async(stream: Any) -> None:
+            register()
+            sleep = runtime_sleep()
+            while not gate.is_set():
+                await sleep(0.05)
+
+        return handler_async
+
+    def handler(conn: Any) -> None:
+        register()
+        while not gate.is_set() and conn.recv(1):  # ends once the stop shuts the socket
+            pass
+
+    return handler
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["shutdown", "interrupt"])
+def test_server_stop_keeps_its_bound_when_task_callbacks_block(manager: str, kind: str) -> None:
+    """An embedded Server; 4 handlers each register an on_shutdown or on_interrupt
+    callback that blocks (a put() on a full queue); stop(0.5). Promise: stop returns
+    within 0.5 s plus STOP_GRACE (and a quarter of a second), and every client sees
+    its connection end. Seen: the callbacks ran one after another in the stopping
+    thread: 4 blocking 3 s made stop(1) take 12-13 s, and on threads a subscriber's
+    put() on a full queue in its on_shutdown callback held stop(1) for ever."""
+    gate, started = threading.Event(), threading.Semaphore(0)
+    server = Server(
+        _registers_a_blocking_callback(manager, kind, gate, started),
+        manager=manager,
+        bind="127.0.0.1:0",
+    )
+    server.run()
+    clients = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+               for _ in range(4)]  # fmt: skip
+    try:
+        for _ in clients:
+            assert started.acquire(timeout=WAIT), "a handler registered its callback"
+        began = time.monotonic()
+        server.stop(0.5)
+        took = time.monotonic() - began
+        ended = all(client.recv(1) == b"" for client in clients)
+    finally:
+        gate.set()
+        for client in clients:
+            client.close()
+        server.wait(WAIT)
+    assert took < 0.5 + STOP_GRACE + 0.25, (
+        f"stop(0.5) took {took:.2f}s with 4 blocking {kind} callbacks (bound "
+        f"{0.5 + STOP_GRACE:g}s): the callbacks must not hold the stop"
+    )
+    assert ended, "every client sees its connection end"
 
 
 @pytest.mark.timeout(60)

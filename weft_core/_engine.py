@@ -1102,7 +1102,19 @@ class Engine(ABC, Generic[R]):
         wait for the loop: a callback touches the runtime's own objects (a queue, an
         event), which only its loop may, so it never runs in the stopping thread.
         """
-        if conns and not self.runtime.run_in_loop(lambda: self._end_input(conns), LOOP_WAIT):
+        if not conns:
+            return
+        ran: list[bool] = []
+
+        def batch() -> None:
+            ran.append(self.runtime.run_in_loop(lambda: self._end_input(conns), LOOP_WAIT))
+
+        # From a thread of its own: a runtime without a loop thread (threads) runs the
+        # batch where it is called, and a shutdown callback that blocks (a put() on a
+        # full queue) would hold the stop, unbounded.
+        if not call_within(batch, LOOP_WAIT, "weft stop: shutdown flags") or not ran[0]:
+            if ran:
+                _callbacks_block("shutdown")
             for conn in conns:
                 _shutdown_quietly(conn.end_input)
 
@@ -1160,14 +1172,23 @@ class Engine(ABC, Generic[R]):
         called on each task still running, for managers that interrupt only there,
         until ``deadline``.
         """
-        started: list[Conn] = []
-        unstarted: list[Conn] = []
-        for conn in conns:
-            state = conn.state
-            if state is not None:
-                state.interrupt()  # marks whatever the handler raises next as our doing
-            _shutdown_quietly(conn.abort)
-            (started if conn.started else unstarted).append(conn)
+
+        def interrupt_all() -> None:
+            for conn in conns:
+                state = conn.state
+                if state is not None:
+                    state.interrupt()  # marks whatever the handler raises next as our doing
+                _shutdown_quietly(conn.abort)
+
+        # From a thread of its own, as phase 2's batch: an interrupt callback that
+        # blocks must not hold the stop, nor keep the sockets after it from shutting.
+        wait = min(LOOP_WAIT, max(deadline - time.monotonic(), 0.0))
+        if not call_within(interrupt_all, wait, "weft stop: interrupt"):
+            _callbacks_block("interrupt")
+            for conn in conns:
+                _shutdown_quietly(conn.abort)
+        started = [conn for conn in conns if conn.started]
+        unstarted = [conn for conn in conns if not conn.started]
         for conn in unstarted:
             self._finish(conn)  # if its task ever runs, it closes the socket itself
 
@@ -1283,6 +1304,15 @@ def _shutdown_quietly(fn: Callable[[], None]) -> None:
         fn()
     except OSError:
         pass
+
+
+def _callbacks_block(kind: str) -> None:
+    log.warning(
+        "the tasks' %s callbacks still run after %ss: one of them blocks (callbacks "
+        "must not: docs/managers.md); the stop goes on without them",
+        kind,
+        f"{LOOP_WAIT:g}",
+    )
 
 
 def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool:
