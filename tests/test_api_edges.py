@@ -215,3 +215,60 @@ def test_handlers_that_take_their_call_are_accepted() -> None:
         (len, ()),
     ]:
         Server(handler, port=0, args=args)
+
+
+def _slow_reply(started: threading.Event) -> Any:
+    """A handler half-way through a 1 s reply when the test stops the server."""
+
+    def handler(conn: socket.socket) -> None:
+        conn.recv(1)
+        started.set()
+        time.sleep(1.0)
+        conn.sendall(b"reply")
+
+    return handler
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300, 1e10])
+def test_stop_with_an_endless_timeout_waits_as_none_does(timeout: float) -> None:
+    """stop(inf), stop(1e300), stop(1e10): each means "wait for every connection", as
+    None does. Seen: OverflowError (a timestamp past time_t) raised after the stop
+    had begun, which went on as a quick stop and cut the reply in flight."""
+    started = threading.Event()
+    server = Server(_slow_reply(started), manager="threads", bind="127.0.0.1:0")
+    server.run()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(b"x")
+        assert started.wait(10)
+        assert server.stop(timeout) is True
+        assert client.recv(16) == b"reply", "the reply in flight is delivered"
+    assert server.wait(timeout), "wait() takes the same endless timeouts"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("bad", [float("nan"), "1", True])
+def test_a_timeout_that_is_no_number_is_refused_before_anything_stops(bad: Any) -> None:
+    """stop(nan), close_connection(id, nan), and timeouts that are no number: refused
+    at once, the server and the connection untouched. Seen: ValueError from inside a
+    stop already begun (every connection cut), and close_connection(id, nan) cut its
+    connection at once."""
+    started = threading.Event()
+    server = Server(_slow_reply(started), manager="threads", bind="127.0.0.1:0")
+    server.run()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"x")
+            assert started.wait(10)
+            (info,) = server.connections()
+            for call in (
+                lambda: server.stop(bad),
+                lambda: server.close_connection(info.task_id, bad),
+                lambda: server.wait(bad),
+            ):
+                with pytest.raises((ValueError, TypeError), match="timeout must be a number"):
+                    call()
+            assert server.running and len(server.connections()) == 1
+            assert client.recv(16) == b"reply", "the connection was not cut"
+    finally:
+        server.stop(5)

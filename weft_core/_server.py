@@ -29,6 +29,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import socket
 import sys
 import threading
@@ -485,6 +486,7 @@ class Server:
         loop, it cannot wait: it starts the work in a thread of its own and returns
         False at once.
         """
+        timeout = _seconds(timeout, "close_connection()")
         engine = self._engine
         conn = None if engine is None else engine.find(task_id)
         if engine is None or conn is None:
@@ -640,6 +642,7 @@ class Server:
 
         Raises the :class:`~weft_core.ServerError` that made the server stop itself, if any.
         """
+        graceful_timeout = _seconds(graceful_timeout, "serve_forever()")
         if self._engine is None:
             self.run()
         try:
@@ -652,7 +655,7 @@ class Server:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server has stopped, its stopped hooks run; False on ``timeout``."""
-        return self._finished.wait(timeout)
+        return self._finished.wait(_seconds(timeout, "wait()"))
 
     def stop_accepting(self) -> None:
         """Close only the listeners; open connections go on until their clients close them.
@@ -678,8 +681,9 @@ class Server:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop gracefully in three phases (see the module docstring).
 
-        ``timeout`` bounds phase 2 (None: wait for every connection; 0: interrupt
-        at once). Returns True if every task ended before it had to be interrupted,
+        ``timeout`` bounds phase 2 (None, or infinity: wait for every connection; 0:
+        interrupt at once; NaN, or what is no number, is refused before anything
+        stops). Returns True if every task ended before it had to be interrupted,
         False otherwise, once no listener and no connection is left open; with a
         ``timeout``, within ``timeout`` plus ``STOP_GRACE`` seconds however many tasks
         are stuck (those still running then are left behind: ``stats()["left_behind"]``).
@@ -697,6 +701,7 @@ class Server:
         Ctrl-C) leaves the stop going on in a thread, its graceful phase cut short,
         so the next ``stop()`` returns by that stop's bound.
         """
+        timeout = _seconds(timeout, "stop()")
         inside = _must_not_block()
         with self._life:
             engine = self._engine
@@ -886,6 +891,24 @@ def _within(fn: Callable[[], object], deadline: float | None, name: str) -> floa
         return None
     wait = max(deadline - time.monotonic(), CLOSE_FLOOR)
     return None if call_within(fn, wait, name) else wait
+
+
+def _seconds(timeout: float | None, what: str) -> float | None:
+    """``timeout`` checked before anything starts: None for ever, else seconds (at least 0).
+
+    An infinite one, or one past what the OS waits (``threading.TIMEOUT_MAX``), means
+    for ever, as None does; NaN or a value that is no number is refused at once,
+    where it had raised inside a stop already begun and cut every connection.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"{what}: timeout must be a number of seconds or None, not {timeout!r}")
+    if math.isnan(timeout):
+        raise ValueError(f"{what}: timeout must be a number of seconds or None, not NaN")
+    if timeout >= threading.TIMEOUT_MAX:
+        return None
+    return max(float(timeout), 0.0)
 
 
 def _must_not_block() -> bool:
