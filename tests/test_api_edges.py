@@ -9,6 +9,7 @@ broken plugin shows its error instead of "not installed".
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -272,3 +273,42 @@ def test_a_timeout_that_is_no_number_is_refused_before_anything_stops(bad: Any) 
             assert client.recv(16) == b"reply", "the connection was not cut"
     finally:
         server.stop(5)
+
+
+def _plain_wrapper(fn: Any) -> Any:
+    """A decorator as an application writes one: plain, over whatever it wraps."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        return fn(*args)
+
+    return wrapper
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("manager", ["threads", "gevent"])
+def test_a_plain_handler_that_returns_a_coroutine_is_a_handler_error(
+    manager: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An async def behind a plain decorator on a sync manager: Server() cannot see it.
+    Promise: each connection counts a handler error whose message says what it is.
+    Seen: every client closed at once, handler_errors 0, and only "coroutine was never
+    awaited" once per process on stderr: a server serving nobody that looked healthy."""
+
+    @_plain_wrapper
+    async def handler(conn: Any) -> None:
+        conn.sendall(b"never")
+
+    server = Server(handler, manager=manager, bind="127.0.0.1:0")
+    server.run()
+    try:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+                assert client.recv(16) == b""
+        deadline = time.monotonic() + 10
+        while server.stats()["handler_errors"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats()["handler_errors"] == 2
+    finally:
+        server.stop(5)
+    assert "async def behind a plain function" in caplog.text

@@ -8,6 +8,7 @@ back-off, shedding, logging, bookkeeping, the stop) is the shared
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -204,10 +205,10 @@ class SyncEngine(Engine[SyncRuntime]):
             else:
                 token = publish(info, None)
             try:
-                if self.args:
-                    self.handler(handed, *self.args)
-                else:
-                    self.handler(handed)  # a plain call: f(*args) would add a C-level frame
+                # Without args a plain call: f(*args) would add a C-level frame.
+                returned = self.handler(handed, *self.args) if self.args else self.handler(handed)
+                if returned is not None:
+                    _no_awaitable(self.handler, returned)
             except TaskShutdown:
                 raise
             except FAILURES as exc:
@@ -283,3 +284,23 @@ def _tls_goodbye(sock: Any) -> None:
         sock.unwrap()
     except (OSError, ValueError):  # ssl.SSLWantReadError is an OSError
         pass
+
+
+def _no_awaitable(handler: Any, returned: Any) -> None:
+    """Raise if a sync handler returned a coroutine: an ``async def`` behind a plain wrapper.
+
+    ``Server`` refuses an ``async def`` on a sync manager when it is made, but a
+    plain decorator (``functools.wraps`` over an ``async def``) hides it; its
+    coroutine, never awaited, served nobody while the server looked healthy.
+    """
+    if inspect.isawaitable(returned):
+        close = getattr(returned, "close", None)
+        if close is not None:
+            close()  # no "never awaited" warning: the error below says it
+        raise TypeError(
+            f"handler {getattr(handler, '__qualname__', handler)!r} returned "
+            f"{type(returned).__name__} {getattr(returned, '__qualname__', '')!r}: it is an "
+            "async def behind a plain function (a decorator?); this manager calls plain "
+            "functions: make the wrapper async and use an async manager (trio, asyncio), "
+            "or make the handler a plain def"
+        )
