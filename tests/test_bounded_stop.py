@@ -273,3 +273,57 @@ def test_a_second_sigterm_quits_at_once_with_the_main_thread_stuck(
     finally:
         proc.close()
     assert code == -signal.SIGTERM, f"exit status {code}; stderr:\n{proc.stderr}"
+
+
+def _server_sides(peers: set[Any]) -> list[int]:
+    """This process's descriptors of sockets connected to one of ``peers``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as sock:
+                if sock.getpeername() in peers:
+                    found.append(int(name))
+        except OSError:  # closed meanwhile, or not connected
+            continue
+    return found
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", [m for m in ("trio", "asyncio") if m in MANAGERS])
+def test_a_stop_closes_connections_whose_task_never_started_behind_a_blocked_loop(
+    manager: str,
+) -> None:
+    """The first handler blocks the loop (a plain wait); five more clients were
+    accepted with it and their tasks never start. Promise: once stop() returns, no
+    descriptor of those five is open, the blocked one's aside. Seen on trio: all six
+    stayed open until the loop was free, and "weft close failed" (RuntimeError: must
+    be called from async context) was logged."""
+    gate, first = threading.Event(), threading.Event()
+
+    async def handler(stream: Any) -> None:
+        if not first.is_set():
+            first.set()
+            gate.wait(WAIT)  # blocks the loop
+        await stream.send_all(b"served")
+
+    server = Server(handler, manager=manager, bind="127.0.0.1:0")
+    server.run()
+    clients = [socket.socket() for _ in range(6)]
+    try:
+        for client in clients:  # all at once: accepted in one batch, before any task runs
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", server.port))
+        assert first.wait(WAIT), "the first handler runs"
+        time.sleep(0.3)  # the rest of the batch is taken in that turn, or never
+        assert server.stop(0.5) is False
+        open_ = _server_sides({client.getsockname() for client in clients})
+        assert len(open_) <= 1, (
+            f"{len(open_)} of 6 connections' descriptors are still open after stop(), "
+            "where only the blocked task's may be"
+        )
+    finally:
+        gate.set()
+        for client in clients:
+            client.close()

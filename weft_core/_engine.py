@@ -27,6 +27,7 @@ import bisect
 import contextlib
 import ipaddress
 import logging
+import os
 import select
 import socket
 import sys
@@ -1113,8 +1114,8 @@ class Engine(ABC, Generic[R]):
         # batch where it is called, and a shutdown callback that blocks (a put() on a
         # full queue) would hold the stop, unbounded.
         if not call_within(batch, LOOP_WAIT, "weft stop: shutdown flags") or not ran[0]:
-            if ran:
-                _callbacks_block("shutdown")
+            if not ran:  # still under way: a callback blocks, or the loop is blocked
+                _batch_late("shutdown")
             for conn in conns:
                 _shutdown_quietly(conn.end_input)
 
@@ -1184,7 +1185,7 @@ class Engine(ABC, Generic[R]):
         # blocks must not hold the stop, nor keep the sockets after it from shutting.
         wait = min(LOOP_WAIT, max(deadline - time.monotonic(), 0.0))
         if not call_within(interrupt_all, wait, "weft stop: interrupt"):
-            _callbacks_block("interrupt")
+            _batch_late("interrupt")
             for conn in conns:
                 _shutdown_quietly(conn.abort)
         started = [conn for conn in conns if conn.started]
@@ -1196,7 +1197,7 @@ class Engine(ABC, Generic[R]):
             # A runtime's socket may close only in its loop (gevent's hands the close
             # to the hub): bounded, so a blocked loop cannot hold the stop.
             for conn in unstarted:
-                close_quietly(conn.sock)
+                _close_outside_the_loop(conn.sock)
 
         if unstarted:
             call_within(close_unstarted, max(deadline - time.monotonic(), 0.0), "weft close")
@@ -1299,6 +1300,26 @@ def close_quietly(obj: Any) -> None:
         pass
 
 
+def _close_outside_the_loop(sock: Any) -> None:
+    """Close a socket no task uses yet, from a thread outside its runtime's loop.
+
+    trio's socket closes only inside trio (``RuntimeError: must be called from async
+    context``): its descriptor is detached and closed instead, so the socket object
+    is closed too, and a task that runs it later finds it so, rather than a reused
+    descriptor number.
+    """
+    try:
+        sock.close()
+    except OSError:
+        pass
+    except RuntimeError:
+        detach = getattr(sock, "detach", None)
+        if detach is None:
+            raise
+        with contextlib.suppress(OSError):
+            os.close(detach())
+
+
 def _shutdown_quietly(fn: Callable[[], None]) -> None:
     try:
         fn()
@@ -1306,10 +1327,10 @@ def _shutdown_quietly(fn: Callable[[], None]) -> None:
         pass
 
 
-def _callbacks_block(kind: str) -> None:
+def _batch_late(kind: str) -> None:
     log.warning(
-        "the tasks' %s callbacks still run after %ss: one of them blocks (callbacks "
-        "must not: docs/managers.md); the stop goes on without them",
+        "the tasks' %s callbacks still run after %ss: one blocks (callbacks must not: "
+        "docs/managers.md), or a task blocks the runtime's loop; the stop goes on",
         kind,
         f"{LOOP_WAIT:g}",
     )
