@@ -115,3 +115,19 @@ def test_hookspec_is_documented_with_its_signature(hook: str) -> None:
         f"docs/hooks.md shows {hook}({', '.join(documented)}), "
         f"but weft_core/hookspecs.py declares {hook}({', '.join(expected)})"
     )
+
+
+def _server_names() -> list[str]:
+    from weft_core import Server
+
+    keywords = [p for p in inspect.signature(Server.__init__).parameters if p != "self"]
+    members = [name for name in vars(Server) if not name.startswith("_")]
+    return sorted({*keywords, *members} - {"handler"})
+
+
+@pytest.mark.parametrize("name", _server_names())
+def test_every_server_keyword_and_call_is_in_the_api_page(name: str) -> None:
+    """docs/api.md names every keyword of ``Server(...)`` and every public attribute:
+    an embedder had only the signature in ``help()`` to go by."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    assert f"`{name}" in text, f"docs/api.md does not name Server's {name!r}"

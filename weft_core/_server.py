@@ -114,7 +114,7 @@ class Server:
 
     ``handler(conn, *args)`` is called for each connection, with ``conn`` native to
     the manager: a socket for ``threads``, a gevent socket for ``gevent``, a
-    ``trio.SocketStream`` for ``trio``. See DESIGN.md section 2 for every keyword.
+    ``trio.SocketStream`` for ``trio``. docs/api.md has every keyword and call.
 
     Error handling: a handler's exception goes to ``exception_handler`` (default: log
     it with the peer and traceback) and never reaches the acceptor or another
@@ -679,7 +679,7 @@ class Server:
         threading.Thread(target=drain, name="weft drain", daemon=True).start()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Stop gracefully in three phases (see the module docstring).
+        """Stop gracefully in three phases (docs/api.md; docs/architecture.md, the stop).
 
         ``timeout`` bounds phase 2 (None, or infinity: wait for every connection; 0:
         interrupt at once; NaN, or what is no number, is refused before anything
@@ -873,6 +873,11 @@ class Server:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """``stop()``, with no timeout: waits for every connection (docs/api.md).
+
+        As ``concurrent.futures`` executors and ``socketserver`` do at a ``with``
+        block's end; end the block with ``stop(timeout)`` for a bound.
+        """
         self.stop()
 
 
