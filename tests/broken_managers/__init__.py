@@ -143,6 +143,18 @@ class DropsContextManager(SoundManager):
         return contextvars.Context()
 
 
+class FrozenContextManager(SoundManager):
+    """Runs every task in (a copy of) the context of the first add_task call, as a loop
+    or worker that call started would: the first caller's contextvars for everyone."""
+
+    _frozen: contextvars.Context | None = None
+
+    def _context(self) -> contextvars.Context:
+        if self._frozen is None:
+            self._frozen = contextvars.copy_context()
+        return self._frozen.copy()
+
+
 class LeaksFdManager(SoundManager):
     """Opens a wake-up pipe for each task (the self-pipe trick) and never closes it.
 
@@ -214,6 +226,7 @@ MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "reused-ids": (ReusedIdsManager, "reuses the ids of ended tasks"),
     "ignores-stop": (IgnoresStopManager, "stop_task returns at once without stopping"),
     "drops-context": (DropsContextManager, "runs tasks without the caller's contextvars"),
+    "frozen-context": (FrozenContextManager, "runs tasks in the first caller's contextvars"),
     "leaks-fd": (LeaksFdManager, "leaks a descriptor per task"),
     "partial-runtime": (PartialRuntimeManager, "its runtime lacks run_in_loop"),
     "runs-in-caller": (RunsInCallerManager, "add_task runs the task in the caller's thread"),

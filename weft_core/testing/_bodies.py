@@ -62,3 +62,36 @@ def gated(
             yield Sleep(POLL)
 
     return gated
+
+
+def swallowing(adapter: Any, gate: threading.Event, started: threading.Event) -> Callable[[], Any]:
+    """A thunk (not a body) that swallows whatever interrupts it, until ``gate``.
+
+    A runtime's kill or cancel raises a BaseException that a body cannot catch (the
+    adapter lets it through), so this is written against the runtime's ``sleep``
+    itself. A cancelled sleep raises at once: a plain ``time.sleep`` paces the loop.
+    """
+    sleep = adapter.runtime.sleep
+    if adapter.kind == "async":
+
+        async def swallowing_async() -> None:
+            started.set()
+            until = time.monotonic() + GATE_LIMIT
+            while not gate.is_set() and time.monotonic() < until:
+                try:
+                    await sleep(POLL)
+                except BaseException:  # the point: a task that will not stop
+                    time.sleep(POLL)
+
+        return swallowing_async
+
+    def swallowing() -> None:
+        started.set()
+        until = time.monotonic() + GATE_LIMIT
+        while not gate.is_set() and time.monotonic() < until:
+            try:
+                sleep(POLL)
+            except BaseException:  # the point: a task that will not stop
+                time.sleep(POLL)
+
+    return swallowing

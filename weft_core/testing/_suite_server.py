@@ -46,6 +46,32 @@ class ServerTests(ManagerTestBase):
             client.sendall(b"ping")
             assert recv_exactly(client, 4) == b"ping", "the handler must echo what the client sent"
 
+    def test_a_large_reply_arrives_whole(self, make_server: MakeServer) -> None:
+        """A reply far larger than the socket's buffers arrives whole, byte for byte.
+
+        The client's receive buffer is small, so the kernel takes the reply a little
+        at a time: a send must wait until it has taken every byte, not drop the rest.
+        """
+        payload = bytes(range(256)) * (4 * 1024 * 1024 // 256)
+
+        def bulk() -> Body:
+            yield Send(payload)
+
+        server = make_server(bulk)
+        client = socket.socket()
+        try:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(WAIT)
+            client.connect(("127.0.0.1", server.port))
+            got = recv_until_closed(client)
+        finally:
+            client.close()
+        assert got == payload, (
+            f"a {len(payload)}-byte reply arrived as {len(got)} bytes"
+            f"{'' if len(got) != len(payload) else ', changed'}: send (send_all) must wait"
+            " until the kernel took every byte"
+        )
+
     def test_accessors(self, make_server: MakeServer) -> None:
         """task_manager, socket, address, port, connection_handler and handler_args, as in Weft."""
         server = make_server(echo, args=(b"x",), start=False)

@@ -16,7 +16,7 @@ from .._protocol import TaskManager
 from .._tasks import INTERRUPT_GRACE, current_task
 from ._adapters import Body, Sleep, SyncAdapter
 from ._base import ManagerTestBase
-from ._bodies import POLL, gated
+from ._bodies import POLL, gated, swallowing
 from ._support import WAIT, add_task_from_a_thread, wait_until
 
 __all__ = ["TaskManagerTests"]
@@ -281,6 +281,76 @@ class TaskManagerTests(ManagerTestBase):
         stopper.join(WAIT)
         self._wait_gone(manager, task_id)
 
+    def test_stop_task_is_bounded_when_the_task_swallows_its_interrupt(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """Past timeout + INTERRUPT_GRACE stop_task returns False, the interrupt swallowed.
+
+        A task that catches what interrupts it (TaskShutdown, trio's Cancelled,
+        CancelledError) and goes on: on every manager, preemptive or not, stop_task
+        returns by its bound and leaves it running, rather than wait for its end.
+        """
+        started, gate = threading.Event(), threading.Event()
+        task_id = manager.add_task(swallowing(adapter, gate, started))
+        assert started.wait(WAIT), "add_task must run the thunk it was given"
+        timeout = 0.2
+        stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
+        try:
+            assert not stopper.is_alive(), (
+                f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
+                f" ({INTERRUPT_GRACE:g}s) even if the task swallows its interrupt and goes on"
+                f" (wait for the task's end at most that long): it still waits after {took:.1f}s"
+            )
+            assert result == [False], (
+                f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
+            )
+        finally:
+            gate.set()
+        stopper.join(WAIT)
+        self._wait_gone(manager, task_id)
+
+    def test_run_in_loop_runs_in_the_thread_of_the_tasks(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """runtime.run_in_loop(fn), called from another thread, runs fn in the loop's thread.
+
+        Where the manager's tasks share one thread (a loop: a hub, trio, asyncio), fn
+        must run there: a stop's batch sets flags and wakes tasks parked on the
+        loop's own objects (an asyncio.Event), which only that thread may touch.
+        Where each task has a thread of its own (threads), there is no loop and fn
+        may run in the caller's.
+        """
+        gate = threading.Event()
+        idents: list[int] = []
+        started = [threading.Event(), threading.Event()]
+
+        def recording(index: int) -> Callable[[], Body]:
+            def body() -> Body:
+                idents.append(threading.get_ident())
+                started[index].set()
+                until = time.monotonic() + WAIT
+                while not gate.is_set() and time.monotonic() < until:
+                    yield Sleep(POLL)
+
+            return body
+
+        ids = [manager.add_task(adapter.task(recording(i))) for i in range(2)]
+        try:
+            assert all(event.wait(WAIT) for event in started), "add_task must run its thunk"
+            if idents[0] != idents[1]:
+                pytest.skip("the tasks run in threads of their own: no loop thread")
+            ran: list[int] = []
+            took_it = manager.runtime.run_in_loop(lambda: ran.append(threading.get_ident()), WAIT)
+            assert took_it and ran, f"run_in_loop must run fn within its timeout ({WAIT:g}s)"
+            assert ran == [idents[0]], (
+                "run_in_loop(fn) must run fn in the loop's thread, where the tasks run, not in"
+                " the caller's: the stop's batch touches objects only the loop may"
+            )
+        finally:
+            gate.set()
+        for task_id in ids:
+            self._wait_gone(manager, task_id)
+
     def test_task_shutdown_is_swallowed(
         self,
         manager: TaskManager,
@@ -339,19 +409,29 @@ class TaskManagerTests(ManagerTestBase):
     def test_contextvars_are_carried_into_tasks(
         self, manager: TaskManager, adapter: SyncAdapter
     ) -> None:
-        """The contextvars of the code that called add_task are visible inside the task."""
+        """Each task sees the contextvars of its own add_task call, as they were at that call.
+
+        Two calls with two values: a manager that gives every task the context its
+        loop or worker started with (the first call's) sees the first twice.
+        """
         seen: list[str] = []
-        done = threading.Event()
+        done = threading.Semaphore(0)
 
         def body() -> Body:
             seen.append(_probe.get())
-            done.set()
+            done.release()
             yield from ()
 
-        token = _probe.set("from-the-caller")
-        try:
-            manager.add_task(adapter.task(body))
-        finally:
-            _probe.reset(token)
-        assert done.wait(WAIT), "add_task must run the thunk it was given (the task did not start)"
-        assert seen == ["from-the-caller"], "the task must see the add_task caller's contextvars"
+        for value in ("from-the-first-caller", "from-the-second-caller"):
+            token = _probe.set(value)
+            try:
+                manager.add_task(adapter.task(body))
+            finally:
+                _probe.reset(token)
+        assert done.acquire(timeout=WAIT) and done.acquire(timeout=WAIT), (
+            "add_task must run the thunk it was given (a task did not start)"
+        )
+        assert sorted(seen) == ["from-the-first-caller", "from-the-second-caller"], (
+            f"each task must see the contextvars of its own add_task call (a copy made at that"
+            f" call), not those of a loop or worker started earlier: saw {seen}"
+        )
