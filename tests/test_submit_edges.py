@@ -728,3 +728,30 @@ def test_example_an_overlong_request_line_is_refused_not_published(
         assert reply.startswith(b"ERR"), f"the over-long line was answered {reply[:80]!r}"
     finally:
         sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_submitted_call_still_running_at_the_stop_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """threads: a submit()ted call that outlasts the stop. Promise: its future gets
+    ServerError and a WARNING says a call still ran (it goes on: a thread cannot be
+    killed). Seen: stop() returned True, nothing was logged, and the call went on."""
+    gate, started = threading.Event(), threading.Event()
+
+    def long_call() -> str:
+        started.set()
+        gate.wait(10)
+        return "done"
+
+    server = Server(lambda conn: None, manager="threads", bind="127.0.0.1:0")
+    server.run()
+    try:
+        future = server.submit(long_call)
+        assert started.wait(10)
+        server.stop(1)
+        with pytest.raises(ServerError, match="stopped before the submitted call finished"):
+            future.result(1)
+        assert "1 submit()ted call(s) still ran as the server stopped" in caplog.text
+    finally:
+        gate.set()

@@ -588,3 +588,33 @@ def test_300_tls_clients_at_once_are_all_served(
     wait_until(lambda: server.stats()["active"] == 0, what="every connection to end")
     stats = server.stats()
     assert (stats["accepted"], stats["tls_errors"], stats["handler_errors"]) == (300, 0, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_handshakes_the_stop_ends_are_not_the_peers_failures(
+    serve: Any,
+    manager: str,
+    options: dict[str, Any],
+    certs: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two clients mid-handshake (one silent, one halfway through its ClientHello) when
+    stop() comes. Promise: their connections close, and nothing counts or logs it as a
+    TLS failure of theirs. Seen: tls_errors 2, and a WARNING per client blaming it
+    (asyncio: "the peer closed during the TLS handshake")."""
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs))
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    partial = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    try:
+        partial.sendall(b"\x16\x03\x01\x02\x00\x01")
+        wait_until(lambda: len(server.connections()) == 2, what="both handshakes under way")
+        assert server.stop(timeout=5) is True
+        for client in (silent, partial):
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(16) == b""
+    finally:
+        silent.close()
+        partial.close()
+    assert server.stats()["tls_errors"] == 0, _counters(server)
+    assert "TLS handshake with" not in caplog.text

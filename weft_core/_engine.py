@@ -833,6 +833,12 @@ class Engine(ABC, Generic[R]):
         ``stage`` is ``handshake`` (the connection is closed unserved, a refusal for
         the hooks) or ``session`` (it failed while the handler ran).
         """
+        if stage == "handshake" and self.closing:
+            # The stop ended the handshake (it shuts every connection's input): no
+            # failure of the peer's, and nothing to count or blame it for.
+            if isinstance(info, Conn):
+                info.how = "stopped"
+            return False
         if isinstance(info, Conn):
             info.how = "tls_error"
         with self.lock:

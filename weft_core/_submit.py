@@ -32,6 +32,7 @@ runtime goes on).
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
 __all__ = ["Submitter"]
+
+log = logging.getLogger("weft.server")
 
 #: What ``current_task()`` is inside a call that ``submit()`` started with
 #: ``spawn_soon`` (one shared state: nothing ever requests its shutdown).
@@ -126,9 +129,20 @@ class Submitter:
             self.closed = True
             futures = list(self.outstanding)
             self.outstanding.clear()
+        running = 0
         for future in futures:
             if not future.cancel():
+                running += not future.done()
                 _settle(future, error=ServerError(STOPPED_DURING_CALL))
+        if running:
+            # Not silent: on threads nothing can end such a call, and on a loop the
+            # runtime's close (bounded, and warned of by itself) is its last chance.
+            log.warning(
+                "%d submit()ted call(s) still ran as the server stopped; their futures got "
+                "ServerError. Closing the runtime cancels what it can; on threads such a "
+                "call goes on in the background",
+                running,
+            )
 
 
 def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
