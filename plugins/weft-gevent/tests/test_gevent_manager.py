@@ -32,7 +32,7 @@ from weft_core import (
 )
 from weft_gevent import GeventManager, GeventSocket
 from weft_gevent import _manager as manager_module
-from weft_gevent._hub import real_get_ident
+from weft_gevent._hub import HUB_THREAD_NAME, real_get_ident
 
 WAIT = 5.0  # generous bound for anything that should happen "at once"
 
@@ -527,6 +527,31 @@ def test_runtime_close_keeps_the_hub_while_tasks_remain(manager: GeventManager) 
     manager.runtime.close()
     assert manager._hubs.owns_thread
     assert manager.stop_task(task_id, timeout=WAIT) is True
+
+
+@pytest.mark.timeout(30)
+def test_a_close_that_found_tasks_stops_the_hub_once_the_last_ends(
+    manager: GeventManager,
+) -> None:
+    """runtime.close() while a task runs (a submitted call that outlived its server, a
+    task on its way out): the hub thread ends once that task has. Seen: it ran on
+    for good, with its two descriptors, one more per server stopped that way."""
+    fds = fd_count()
+    gate, started = threading.Event(), threading.Event()
+
+    def task() -> None:
+        started.set()
+        while not gate.is_set():
+            gevent.sleep(0.005)
+
+    manager.add_task(task)
+    assert started.wait(WAIT)
+    manager.runtime.close()
+    assert manager._hubs.owns_thread, "a close does not stop the hub under a running task"
+    gate.set()
+    assert wait_until(lambda: not owns_thread(manager)), "the hub thread ends with its last task"
+    assert wait_until(lambda: HUB_THREAD_NAME not in os_thread_names()), os_thread_names()
+    assert wait_until(lambda: fd_count() <= fds), "the hub's descriptors are closed"
 
 
 @pytest.mark.timeout(30)

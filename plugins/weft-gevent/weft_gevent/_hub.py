@@ -221,6 +221,8 @@ class HubOwner:
         self._link: HubLink | None = None
         self._thread: _HubThread | None = None
         self._users = 0
+        #: A close that found users: the last release stops the hub thread then.
+        self._close_pending = False
 
     def __repr__(self) -> str:
         where = "none" if self._link is None else ("own thread" if self._thread else "caller's")
@@ -255,6 +257,7 @@ class HubOwner:
         with self._lock:
             link = self._link or self._ensure()
             self._users += 1
+            self._close_pending = False  # in use again: a close waits for the next one
             return link
 
     def hold(self, link: HubLink) -> bool:
@@ -266,9 +269,21 @@ class HubOwner:
             return True
 
     def release(self) -> None:
-        """Undo one :meth:`acquire` or successful :meth:`hold`."""
+        """Undo one :meth:`acquire` or successful :meth:`hold`.
+
+        The last one after a :meth:`close` that found users stops the hub thread,
+        from a thread of its own (this may be the hub's, which cannot wait for
+        itself to end): a task still on its way out at the close, or a submitted
+        call that outlived the server, no longer leaves the thread running for good.
+        """
         with self._lock:
             self._users -= 1
+            if self._users or not self._close_pending:
+                return
+            self._close_pending = False
+            thread, self._thread, self._link = self._thread, None, None
+        if thread is not None:
+            _start_new_thread(thread.stop, ())
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the hub's thread (starting the hub if needed)."""
@@ -306,7 +321,12 @@ class HubOwner:
         """
         with self._lock:
             if self._users:
-                log.debug("weft-gevent hub left running: %d tasks or calls use it", self._users)
+                log.debug(
+                    "weft-gevent hub left running: %d tasks or calls use it; the last to "
+                    "end stops it",
+                    self._users,
+                )
+                self._close_pending = self._thread is not None
                 return False
             if self._link is not None and self._thread is not None and self._link.is_current():
                 return False  # the hub's own thread cannot wait for itself to end
