@@ -36,7 +36,11 @@ pytest.register_assert_rewrite(
     "weft_core.testing._support",
 )
 
-from ._adapters import (  # noqa: E402  (after the rewrite registration, on purpose)
+# The bounds the suite holds a manager to: stop_task returns at most INTERRUPT_GRACE
+# after its timeout, and Server.stop(timeout) at most STOP_GRACE after its own.
+from .._engine import STOP_GRACE  # noqa: E402  (after the rewrite registration, on purpose)
+from .._tasks import INTERRUPT_GRACE  # noqa: E402
+from ._adapters import (  # noqa: E402
     AsyncAdapter,
     Body,
     Recv,
@@ -55,6 +59,8 @@ from ._suite_tasks import TaskManagerTests  # noqa: E402
 from ._support import WAIT, wait_until  # noqa: E402
 
 __all__ = [
+    "INTERRUPT_GRACE",
+    "STOP_GRACE",
     "WAIT",
     "AsyncAdapter",
     "Body",
