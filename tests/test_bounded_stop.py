@@ -33,6 +33,8 @@ from weft_core._registry import get_manager_spec
 from weft_core.testing import WAIT
 
 MANAGERS = sorted(available_managers())
+#: The managers whose loop a handler can spin through its cancellation.
+ASYNC_LOOPS = [m for m in ("trio", "asyncio") if m in MANAGERS]
 #: The CPUs this test process may run on, as it started.
 CPUS = os.sched_getaffinity(0)
 
@@ -95,7 +97,7 @@ def test_weft_serve_exits_by_its_bound_with_ten_stuck_handlers(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("manager", [m for m in ("trio", "asyncio") if m in MANAGERS])
+@pytest.mark.parametrize("manager", ASYNC_LOOPS)
 def test_a_handler_swallowing_its_cancellation_does_not_starve_the_stop(
     manager: str, tmp_path: Path, clients: list[socket.socket]
 ) -> None:
@@ -146,7 +148,7 @@ def _swallowing(gate: threading.Event, started: threading.Semaphore) -> Any:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("manager", [m for m in ("trio", "asyncio") if m in MANAGERS])
+@pytest.mark.parametrize("manager", ASYNC_LOOPS)
 def test_server_stop_keeps_its_bound_with_tasks_spinning_through_their_cancellation(
     manager: str,
 ) -> None:
@@ -291,7 +293,7 @@ def _server_sides(peers: set[Any]) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("manager", [m for m in ("trio", "asyncio") if m in MANAGERS])
+@pytest.mark.parametrize("manager", ASYNC_LOOPS)
 def test_a_stop_closes_connections_whose_task_never_started_behind_a_blocked_loop(
     manager: str,
 ) -> None:

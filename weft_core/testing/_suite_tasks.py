@@ -57,6 +57,28 @@ class TaskManagerTests(ManagerTestBase):
             " once it has ended; or the task never ended)",
         )
 
+    def _bounded_past_its_interrupt(
+        self, manager: TaskManager, task_id: Hashable, gate: threading.Event, why: str
+    ) -> None:
+        """stop_task(id, 0.2) on a task that outlives its interrupt: False, by its bound.
+
+        Then ``gate`` lets the task end, and it must leave ``all_tasks``.
+        """
+        timeout = 0.2
+        stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
+        try:
+            assert not stopper.is_alive(), (
+                f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
+                f" ({INTERRUPT_GRACE:g}s) {why}: it still waits after {took:.1f}s"
+            )
+            assert result == [False], (
+                f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
+            )
+        finally:
+            gate.set()
+        stopper.join(WAIT)
+        self._wait_gone(manager, task_id)
+
     def test_add_task_runs_the_thunk(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """add_task runs (or at least queues and later runs) the thunk."""
         ran = threading.Event()
@@ -265,21 +287,13 @@ class TaskManagerTests(ManagerTestBase):
         assert started.wait(WAIT), (
             "add_task must run the thunk it was given (the task did not start)"
         )
-        timeout = 0.2
-        stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
-        try:
-            assert not stopper.is_alive(), (
-                f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
-                f" ({INTERRUPT_GRACE:g}s) even if the task goes on after its interrupt (a manager"
-                f" that cannot preempt leaves it running); it still waits after {took:.1f}s"
-            )
-            assert result == [False], (
-                f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
-            )
-        finally:
-            gate.set()
-        stopper.join(WAIT)
-        self._wait_gone(manager, task_id)
+        self._bounded_past_its_interrupt(
+            manager,
+            task_id,
+            gate,
+            "even if the task goes on after its interrupt (a manager that cannot preempt"
+            " leaves it running)",
+        )
 
     def test_stop_task_is_bounded_when_the_task_swallows_its_interrupt(
         self, manager: TaskManager, adapter: SyncAdapter
@@ -293,21 +307,13 @@ class TaskManagerTests(ManagerTestBase):
         started, gate = threading.Event(), threading.Event()
         task_id = manager.add_task(swallowing(adapter, gate, started))
         assert started.wait(WAIT), "add_task must run the thunk it was given"
-        timeout = 0.2
-        stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
-        try:
-            assert not stopper.is_alive(), (
-                f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
-                f" ({INTERRUPT_GRACE:g}s) even if the task swallows its interrupt and goes on"
-                f" (wait for the task's end at most that long): it still waits after {took:.1f}s"
-            )
-            assert result == [False], (
-                f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
-            )
-        finally:
-            gate.set()
-        stopper.join(WAIT)
-        self._wait_gone(manager, task_id)
+        self._bounded_past_its_interrupt(
+            manager,
+            task_id,
+            gate,
+            "even if the task swallows its interrupt and goes on (wait for the task's end at"
+            " most that long)",
+        )
 
     def test_run_in_loop_runs_in_the_thread_of_the_tasks(
         self, manager: TaskManager, adapter: SyncAdapter
