@@ -77,6 +77,7 @@ def test_reload_under_load_refuses_and_cuts_nothing(
     served, address = start(tmp_path, *SHAPES[shape])
     with served:
         load = reload_under_load(tmp_path, served, address, [signum] * 3)
+        cmdline = Path(f"/proc/{served.proc.pid}/cmdline").read_bytes().decode().split("\0")
         assert not load.failures, f"{dict(load.failures)}\n{served.text}"
         assert set(load.versions) >= {"v1", "v4"}, load.versions
         assert served.proc.poll() is None, served.text  # the same process serves on
@@ -85,6 +86,10 @@ def test_reload_under_load_refuses_and_cuts_nothing(
     assert "Traceback" not in served.text
     if signum == signal.SIGUSR2:
         assert served.text.count(f"re-executed (pid {served.proc.pid})") == 3
+        # The operator's command line still, so ps and pgrep -f find the process: it
+        # had read like a worker's (--workers=1 --bind=fd:N) after the first USR2.
+        given = ["--bind", "127.0.0.1:0", "--graceful-timeout", "10", *SHAPES[shape]]
+        assert cmdline[-1 - len(given) : -1] == given, cmdline
 
 
 @pytest.mark.slow

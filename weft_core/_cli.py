@@ -274,6 +274,7 @@ def _serve(ns: argparse.Namespace) -> int:
                 flags,
                 ns.config,
                 on_listening=None if supervisor_pid is None else supervisor_pid.write,
+                argv=getattr(ns, "argv", None),
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
             return _fail(_sourced(exc, config), EXIT_USAGE)
@@ -362,7 +363,14 @@ def _serve(ns: argparse.Namespace) -> int:
 
         def hand_over(signum: int, notifier: Notifier) -> int:
             return _supervise.hand_over(
-                server, config, flags, ns.config, signum, notifier, control=control
+                server,
+                config,
+                flags,
+                ns.config,
+                signum,
+                notifier,
+                control=control,
+                argv=getattr(ns, "argv", None),
             )
 
         return _run(server, config.graceful_timeout, listening, hand_over=hand_over, drain=drain)

@@ -53,6 +53,7 @@ def supervise(
     flags: Mapping[str, Any],
     config_file: str | None,
     on_listening: Callable[[], object] | None = None,
+    argv: Sequence[str] | None = None,
 ) -> int:
     """Serve with ``config.workers`` supervised workers; return the exit status.
 
@@ -60,6 +61,7 @@ def supervise(
     for unset) and ``config_file`` its ``--config``: the workers get them again. A
     supervisor re-executed on USR2 finds its workers in ADOPT_ENV and adopts them.
     ``on_listening()`` is called once the sockets listen (weft serve writes its pid file).
+    ``argv``, weft's own command line (``serve ...``), is what a USR2 re-executes.
 
     Error handling: raises BindError (naming the address) if a socket cannot be
     bound, and ConfigError off POSIX or outside the main thread, before any worker
@@ -71,7 +73,9 @@ def supervise(
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError("worker processes are supervised from the main thread", key="workers")
     inherited = take_adopted(os.environ)
-    count, adopted, slots = inherited if inherited is not None else (config.workers, [], [])
+    count, adopted, slots, base = (
+        inherited if inherited is not None else (config.workers, [], [], [])
+    )
     shutdown_port = config.values.get("shutdown_port")
     secret = config.values.get("shutdown_secret")
     allow = check_allow_no_secret(
@@ -81,7 +85,8 @@ def supervise(
         check_capacity(count)
     listeners = open_listeners(
         listen_endpoints(
-            config.values.get("bind"),
+            # Re-executed on USR2: the sockets it inherited, whatever its command says.
+            [f"fd:{fd}" for fd in base] or config.values.get("bind"),
             config.values.get("address", SETTINGS["address"].default),
             config.values.get("port", SETTINGS["port"].default),
         ),
@@ -110,6 +115,7 @@ def supervise(
             adopted=adopted,
             slots=slots,
             notifier=notifier,
+            argv=argv,
         )
         control = open_control(config, {})  # a BindError: before any worker starts
         if control is not None:
@@ -190,6 +196,7 @@ def hand_over(
     signum: int,
     notifier: Notifier,
     control: ControlSocket | None = None,
+    argv: Sequence[str] | None = None,
 ) -> int:
     """Make a single ``weft serve`` the supervisor of its own workers; return the exit status.
 
@@ -235,6 +242,7 @@ def hand_over(
             local=_LocalServer(server, config.graceful_timeout),
             upgrade=signum == signal.SIGUSR2,
             notifier=notifier,
+            argv=argv,
         )
         if control is not None:
             steer(control, supervisor, config)
@@ -256,6 +264,7 @@ def _supervisor(
     upgrade: bool = False,
     adopted: Sequence[Adopted] = (),
     slots: Sequence[Sequence[int]] = (),
+    argv: Sequence[str] | None = None,
 ) -> Supervisor:
     sockets = WorkerSockets(
         [listener.sock for listener in listeners],
@@ -288,7 +297,12 @@ def _supervisor(
         timeout=config.get("timeout"),
         local=local,
         adopted=adopted,
-        reexec=lambda state: _reexec([*_SELF, *args, *base], state),
+        # The operator's own command line when known, so that ps and pgrep -f see the
+        # same process after an upgrade; else the workers' with the sockets' fd:N.
+        reexec=lambda state: _reexec(
+            [sys.executable, "-m", "weft_core", *argv] if argv else [*_SELF, *args, *base],
+            state,
+        ),
         upgrade=upgrade,
         notifier=notifier,
         on_worker_exit=None if control_path is None else forget_socket,
@@ -329,11 +343,11 @@ def _reexec(argv: list[str], state: str) -> None:
 
 def take_adopted(
     environ: MutableMapping[str, str],
-) -> tuple[int, list[Adopted], list[list[int]]] | None:
+) -> tuple[int, list[Adopted], list[list[int]], list[int]] | None:
     """What a re-executed supervisor inherits (ADOPT_ENV), removing it.
 
-    The worker count, the workers (:class:`~weft_core._workers.Adopted`) and the
-    slots' socket descriptors (``WorkerSockets.state``).
+    The worker count, the workers (:class:`~weft_core._workers.Adopted`), the
+    slots' socket descriptors (``WorkerSockets.state``) and the listening sockets'.
     """
     text = environ.pop(ADOPT_ENV, None)
     if not text:
@@ -361,4 +375,5 @@ def take_adopted(
         share_line_lock(state["log_lock"])  # the Supervisor made next shares it on
     if isinstance(state.get("control"), int):
         inherit_listening(state["control"])  # open_control takes it rather than bind
-    return int(state["count"]), workers, slots
+    base = [int(fd) for fd in state.get("base", [])]
+    return int(state["count"]), workers, slots, base

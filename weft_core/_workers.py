@@ -1163,7 +1163,13 @@ class Supervisor:
         for sock in self._sockets.base():
             os.set_inheritable(sock.fileno(), True)
         slots = self._sockets.state()
-        state: dict[str, Any] = {"count": self._count, "workers": workers, "slots": slots}
+        state: dict[str, Any] = {
+            "count": self._count,
+            "workers": workers,
+            "slots": slots,
+            # The new image runs the operator's own command line, whose binds these are.
+            "base": [sock.fileno() for sock in self._sockets.base()],
+        }
         if self._line_lock is not None:  # one log lock for the workers of both images
             os.set_inheritable(self._line_lock, True)
             state["log_lock"] = self._line_lock
