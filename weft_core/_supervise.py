@@ -300,8 +300,7 @@ def _supervisor(
         # The operator's own command line when known, so that ps and pgrep -f see the
         # same process after an upgrade; else the workers' with the sockets' fd:N.
         reexec=lambda state: _reexec(
-            [sys.executable, "-m", "weft_core", *argv] if argv else [*_SELF, *args, *base],
-            state,
+            _own_command(argv) if argv else [*_SELF, *args, *base], state
         ),
         upgrade=upgrade,
         notifier=notifier,
@@ -317,6 +316,19 @@ _SELF = (sys.executable, "-m", "weft_core", "serve")
 #: ``WorkerSockets.state``). Not a WEFT_* name: those are settings. Read once and
 #: removed.
 ADOPT_ENV = "_WEFT_ADOPT"
+
+
+def _own_command(argv: Sequence[str]) -> list[str]:
+    """The command line this process was started with, if it ran weft with ``argv``.
+
+    Exactly as started (the ``weft`` script, or ``python -m weft_core``) when the
+    interpreter's own arguments end with ``argv``; else (``main()`` called by a
+    program of its own) ``python -m weft_core`` with ``argv``.
+    """
+    started = list(getattr(sys, "orig_argv", []))
+    if len(started) > len(argv) and started[len(started) - len(argv) :] == list(argv):
+        return [sys.executable, *started[1:]]
+    return [sys.executable, "-m", "weft_core", *argv]
 
 
 def _reexec(argv: list[str], state: str) -> None:
