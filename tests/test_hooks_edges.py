@@ -391,3 +391,58 @@ def test_a_hook_raising_systemexit_does_not_stop_everyone_elses_service(
         f"after one plugin's SystemExit, later clients got {served}; "
         f"stderr: {result.stderr[-400:]}"
     )
+
+
+class _SlowRefusal:
+    """A weft_connection_refused hook that blocks until the test lets it go."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    @hookimpl
+    def weft_connection_refused(self, server: Server, peer: str, reason: str) -> None:
+        self.entered.set()
+        self.gate.wait(WAIT)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_slow_refused_hook_keeps_no_refused_peer_connected(
+    register: Callable[[object], str],
+    servers: list[Server],
+    manager: str,
+    options: dict[str, Any],
+) -> None:
+    """A PROXY header that is garbage: the peer is refused, and the refused hook blocks.
+    Promise (hooks.md: the hook runs just after the connection is closed): the peer
+    sees its connection closed while the hook still runs. Seen: the hook ran first,
+    so a slow one kept the refused, maybe hostile, peer connected and its slot held."""
+    hook = _SlowRefusal()
+    register(hook)
+    server = Server(
+        aecho if is_async(manager) else echo,
+        manager=manager,
+        manager_options=options,
+        proxy_protocol=True,
+    )
+    servers.append(server)
+    server.run()
+    try:
+        with connect(server.port) as client:
+            client.settimeout(3)  # the hook waits up to WAIT (10 s)
+            client.sendall(b"PROXY garbage\r\n")
+            assert hook.entered.wait(WAIT), "the refusal reaches the hook"
+            got: bytes | None
+            try:
+                got = client.recv(16)
+            except ConnectionResetError:
+                got = b""
+            except TimeoutError:
+                got = None
+            assert got == b"", "the refused peer sees its connection closed while the hook runs"
+    finally:
+        hook.gate.set()
+    server.stop(timeout=WAIT)

@@ -142,7 +142,21 @@ class Conn(ConnectionInfo):
     collections run sooner.
     """
 
-    __slots__ = ("addr", "how", "opened", "options", "serve", "shut", "sock", "started", "state")
+    __slots__ = (
+        "addr",
+        "how",
+        "opened",
+        "options",
+        "refused",
+        "serve",
+        "shut",
+        "sock",
+        "started",
+        "state",
+    )
+    #: Why its preamble refused it (a ``weft_connection_refused`` reason), reported
+    #: once its socket is closed; unset (no store per connection) until then.
+    refused: str | None
 
     def __init__(
         self, sock: Any, addr: Any, serve: Callable[[Conn], Any], lt: ListenerTask
@@ -769,7 +783,16 @@ class Engine(ABC, Generic[R]):
             )
 
     def _finish(self, conn: Conn) -> None:
-        """Forget the connection and free its slot, once."""
+        """Forget the connection and free its slot, once.
+
+        A connection its preamble refused (PROXY, TLS) is reported to the
+        ``weft_connection_refused`` hooks here, after its socket was closed and
+        before it is forgotten: a slow hook keeps no refused peer connected.
+        """
+        reason = getattr(conn, "refused", None)  # a slot set only on a refusal
+        if reason is not None:
+            conn.refused = None
+            self.hooks.connection_refused(self.owner, conn.peer_str, reason)
         conn.state = None  # let go of the task state as the task ends
         with self.lock:
             present = conn in self.conns
@@ -822,8 +845,15 @@ class Engine(ABC, Generic[R]):
             info.peer_str,
             escape_for_log(getattr(exc, "reason", None) or exc or exc.__class__.__name__),
         )
-        self.hooks.connection_refused(self.owner, info.peer_str, reason)
+        self._refused(info, reason)
         return False
+
+    def _refused(self, info: ConnectionInfo, reason: str) -> None:
+        """Report a refusal to the hooks once the socket is closed (:meth:`_finish`)."""
+        if isinstance(info, Conn):
+            info.refused = reason
+        else:
+            self.hooks.connection_refused(self.owner, info.peer_str, reason)
 
     def _tls_failed(
         self, info: ConnectionInfo, exc: BaseException, stage: str = "handshake"
@@ -851,7 +881,7 @@ class Engine(ABC, Generic[R]):
             _tls_reason(_tls_error(exc) or exc),
         )
         if stage == "handshake":
-            self.hooks.connection_refused(self.owner, info.peer_str, "tls")
+            self._refused(info, "tls")
         return False
 
     # -- taking turns with the workers sharing a listener -----------------------------

@@ -151,7 +151,7 @@ def weft_connection_opened(server: Server, connection: ConnectionInfo) -> None:
 
         @hookimpl
         def weft_connection_opened(server, connection):
-            OPEN.add(connection.task_id)
+            OPEN.add(connection)  # task ids repeat across servers
     """
 
 
