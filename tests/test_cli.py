@@ -460,6 +460,22 @@ def test_managers_prints_a_table_then_broken_plugins(
     ]
 
 
+def test_managers_escapes_a_broken_plugins_own_text(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken plugin's import error is its author's text: an ESC sequence or a line
+    break in it must not reach the terminal raw (seen: a raw ESC byte)."""
+    hostile = "ImportError: \x1b[2J\nalpha  -  -  sync  a fake row"
+    monkeypatch.setattr(_registry, "available_managers", dict)
+    monkeypatch.setattr(
+        _registry, "broken_plugins", lambda: [FakeBroken("bad", None, None, hostile)]
+    )
+    assert main(["managers"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\nalpha" not in out, out
+    assert "bad: ImportError: \\x1b[2J\\nalpha" in out, out
+
+
 def test_managers_with_nothing_installed(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -36,6 +36,7 @@ from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
 from ._logging import logs_json, print_line, setup_logging, stderr_line
+from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier
@@ -843,7 +844,10 @@ def _managers(ns: argparse.Namespace) -> int:
         print("\nbroken plugins (not loaded):")
         for b in broken:
             dist = " ".join(p for p in (b.distribution, b.version) if p)
-            print(f"  {b.name}" + (f" ({dist})" if dist else "") + f": {b.error}")
+            # A plugin's own text (its import error): escaped, so it cannot drive the
+            # terminal (an ESC sequence) or fake a line of the listing.
+            line = f"{b.name}" + (f" ({dist})" if dist else "") + f": {b.error}"
+            print("  " + escape_for_log(line))
     return 0
 
 
