@@ -1149,8 +1149,9 @@ class Engine(ABC, Generic[R]):
         # From a thread of its own: a runtime without a loop thread (threads) runs the
         # batch where it is called, and a shutdown callback that blocks (a put() on a
         # full queue) would hold the stop, unbounded.
-        if not call_within(batch, LOOP_WAIT, "weft stop: shutdown flags") or not ran[0]:
-            if not ran:  # still under way: a callback blocks, or the loop is blocked
+        finished = call_within(batch, LOOP_WAIT, "weft stop: shutdown flags")
+        if not (finished and ran and ran[0]):  # late, refused by a blocked loop, or raised
+            if not finished:  # still under way: a callback blocks, or the loop is blocked
                 _batch_late("shutdown")
             for conn in conns:
                 _shutdown_quietly(conn.end_input)
