@@ -11,6 +11,7 @@ promise, on every manager, is in the conformance suite (``StopTests``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,7 +31,7 @@ from weft_core._cli import DEADLINE_MARGIN
 from weft_core._engine import STOP_GRACE
 from weft_core._exits import EXIT_TASKS_LEFT
 from weft_core._registry import get_manager_spec
-from weft_core.testing import WAIT
+from weft_core.testing import WAIT, wait_until
 
 MANAGERS = sorted(available_managers())
 #: The managers whose loop a handler can spin through its cancellation.
@@ -132,6 +133,27 @@ def test_a_handler_swallowing_its_cancellation_does_not_starve_the_stop(
     )
 
 
+@contextlib.contextmanager
+def _embedded(
+    handler: Any, manager: str, clients: int, started: threading.Semaphore
+) -> Iterator[tuple[Server, list[socket.socket]]]:
+    """A running Server, and ``clients`` clients whose handlers each released ``started``.
+
+    The clients are closed when the block ends (after its own cleanup: a gate set).
+    """
+    server = Server(handler, manager=manager, bind="127.0.0.1:0")
+    server.run()
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+            for _ in range(clients)]  # fmt: skip
+    try:
+        for _ in held:
+            assert started.acquire(timeout=WAIT), "every client's handler started"
+        yield server, held
+    finally:
+        for client in held:
+            client.close()
+
+
 def _swallowing(gate: threading.Event, started: threading.Semaphore) -> Any:
     """An async handler that swallows every cancellation in a loop until ``gate``."""
 
@@ -159,24 +181,15 @@ def test_server_stop_keeps_its_bound_with_tasks_spinning_through_their_cancellat
     bound was 2.5, the stopping thread waiting 0.1-1.5 s for each take of the GIL."""
     for _ in range(3):
         gate, started = threading.Event(), threading.Semaphore(0)
-        server = Server(_swallowing(gate, started), manager=manager, bind="127.0.0.1:0")
-        server.run()
-        clients = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
-                   for _ in range(3)]  # fmt: skip
-        try:
-            for _ in clients:
-                assert started.acquire(timeout=WAIT), "a swallowing handler started"
-            began = time.monotonic()
-            clean = server.stop(0.5)
-            took = time.monotonic() - began
-        finally:
-            gate.set()  # the loops end, and the runtime can close
-            for client in clients:
-                client.close()
+        with _embedded(_swallowing(gate, started), manager, 3, started) as (server, _):
+            try:
+                began = time.monotonic()
+                clean = server.stop(0.5)
+                took = time.monotonic() - began
+            finally:
+                gate.set()  # the loops end, and the runtime can close
         manager_ = server.task_manager
-        deadline = time.monotonic() + WAIT
-        while manager_.all_tasks() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda m=manager_: not m.all_tasks(), what="the swallowing tasks to end")
         manager_.runtime.close()
         assert clean is False and server.stats()["left_behind"] == 3
         assert took < 0.5 + STOP_GRACE + 0.25, (
@@ -225,26 +238,16 @@ def test_server_stop_keeps_its_bound_when_task_callbacks_block(manager: str, kin
     thread: 4 blocking 3 s made stop(1) take 12-13 s, and on threads a subscriber's
     put() on a full queue in its on_shutdown callback held stop(1) for ever."""
     gate, started = threading.Event(), threading.Semaphore(0)
-    server = Server(
-        _registers_a_blocking_callback(manager, kind, gate, started),
-        manager=manager,
-        bind="127.0.0.1:0",
-    )
-    server.run()
-    clients = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
-               for _ in range(4)]  # fmt: skip
-    try:
-        for _ in clients:
-            assert started.acquire(timeout=WAIT), "a handler registered its callback"
-        began = time.monotonic()
-        server.stop(0.5)
-        took = time.monotonic() - began
-        ended = all(client.recv(1) == b"" for client in clients)
-    finally:
-        gate.set()
-        for client in clients:
-            client.close()
-        server.wait(WAIT)
+    handler = _registers_a_blocking_callback(manager, kind, gate, started)
+    with _embedded(handler, manager, 4, started) as (server, clients):
+        try:
+            began = time.monotonic()
+            server.stop(0.5)
+            took = time.monotonic() - began
+            ended = all(client.recv(1) == b"" for client in clients)
+        finally:
+            gate.set()
+    server.wait(WAIT)
     assert took < 0.5 + STOP_GRACE + 0.25, (
         f"stop(0.5) took {took:.2f}s with 4 blocking {kind} callbacks (bound "
         f"{0.5 + STOP_GRACE:g}s): the callbacks must not hold the stop"

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -397,8 +398,6 @@ class _SlowRefusal:
     """A weft_connection_refused hook that blocks until the test lets it go."""
 
     def __init__(self) -> None:
-        import threading
-
         self.entered = threading.Event()
         self.gate = threading.Event()
 

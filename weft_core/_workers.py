@@ -1160,15 +1160,17 @@ class Supervisor:
         ]
         for w in self._workers.values():
             os.set_inheritable(w.link.fileno(), True)
-        for sock in self._sockets.base():
-            os.set_inheritable(sock.fileno(), True)
+        # The listening sockets: the new image runs the operator's own command line,
+        # whose binds these are.
+        base = [sock.fileno() for sock in self._sockets.base()]
+        for fd in base:
+            os.set_inheritable(fd, True)
         slots = self._sockets.state()
         state: dict[str, Any] = {
             "count": self._count,
             "workers": workers,
             "slots": slots,
-            # The new image runs the operator's own command line, whose binds these are.
-            "base": [sock.fileno() for sock in self._sockets.base()],
+            "base": base,
         }
         if self._line_lock is not None:  # one log lock for the workers of both images
             os.set_inheritable(self._line_lock, True)
