@@ -789,10 +789,13 @@ class Engine(ABC, Generic[R]):
         ``weft_connection_refused`` hooks here, after its socket was closed and
         before it is forgotten: a slow hook keeps no refused peer connected.
         """
-        reason = getattr(conn, "refused", None)  # a slot set only on a refusal
-        if reason is not None:
-            conn.refused = None
-            self.hooks.connection_refused(self.owner, conn.peer_str, reason)
+        # Only a preamble's failure can leave a refusal to report; reading the unset
+        # slot of every other connection would raise (and catch) an AttributeError.
+        if conn.how in _PREAMBLE_FAILED:
+            reason = getattr(conn, "refused", None)
+            if reason is not None:
+                conn.refused = None
+                self.hooks.connection_refused(self.owner, conn.peer_str, reason)
         conn.state = None  # let go of the task state as the task ends
         with self.lock:
             present = conn in self.conns
@@ -1327,6 +1330,10 @@ def _idle_way(conn: Conn, exc: BaseException) -> str:
     except (OSError, ValueError):
         writable = True
     return "nothing received" if writable else "the peer stopped reading"
+
+
+#: How a connection its preamble failed ended (``Conn.how``): a refusal may wait.
+_PREAMBLE_FAILED = ("proxy_error", "tls_error")
 
 
 def close_quietly(obj: Any) -> None:
