@@ -3,7 +3,7 @@
 Each manager in ``broken_managers`` breaks one rule of DESIGN section 3. For each,
 a pytest run of its own (a subprocess, so that the stuck threads and descriptors a
 broken manager leaves behind die with it) registers the module in-process with
-``weft_core._registry.register`` and runs the suite's test for that rule against
+``weft_core.register_plugin`` and runs the suite's test for that rule against
 it, in the one-line subclass a manager author writes. The run must fail, in that
 test, with the rule in the failure message. The same tests run against the
 ``sound`` manager must pass, so a failure below is the suite's doing, not the
@@ -13,6 +13,8 @@ harness's.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,14 +75,14 @@ CONFTEST = """
 import pytest
 
 import broken_managers
-from weft_core import _registry
+from weft_core import register_plugin, unregister_plugin
 
 
 @pytest.fixture(autouse=True, scope="session")
 def register_broken_managers():
-    name = _registry.register(broken_managers, name="broken-managers")
+    name = register_plugin(broken_managers, name="broken-managers")
     yield
-    _registry.unregister(name=name)
+    unregister_plugin(name=name)
 """
 
 SUBCLASS = """
@@ -147,3 +149,50 @@ def test_a_runtime_missing_a_member_fails_when_the_manager_is_made(run_suite: Ru
     result.assert_outcomes(errors=1)
     output = result.stdout.str()
     assert "its runtime lacks run_in_loop (see weft_core.SyncRuntime)" in output, output
+
+
+#: ``weft conformance`` on a manager registered in-process, as a plugin author runs it.
+CONFORMANCE = """
+import sys
+
+import broken_managers
+from weft_core import register_plugin
+from weft_core._cli import main
+
+register_plugin(broken_managers, name="broken-managers")
+sys.exit(main(["conformance", sys.argv[1], "-p", "no:cacheprovider", "--timeout=60", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_weft_conformance_ends_with_the_command_that_reruns_what_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite's ids (``::TestConformance::test_x``) name no file: the run says how to rerun."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("WEFT_LOAD_PLUGINS", "")
+    script = tmp_path / "conformance.py"
+    script.write_text(CONFORMANCE)
+    tests = "test_ids_are_unique or test_runtime_sleep_waits_as_long_as_asked"
+    result = subprocess.run(
+        [sys.executable, str(script), "test-reused-ids", "-k", tests],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        "to rerun what failed: weft conformance test-reused-ids -k 'test_ids_are_unique'" in lines
+    ), result.stdout
+    rerun = subprocess.run(
+        [sys.executable, str(script), "test-reused-ids", "-k", "test_ids_are_unique"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=tmp_path,
+    )
+    assert "1 failed" in rerun.stdout and "passed" not in rerun.stdout, rerun.stdout

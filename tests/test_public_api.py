@@ -41,6 +41,8 @@ MANAGER_AUTHOR_NAMES = {
     "run_task",
     "run_async_task",
 }
+#: A program's or a test's own hooks, registered without an entry point (hooks.md).
+PLUGIN_NAMES = {"register_plugin", "unregister_plugin"}
 ERRORS = {
     "WeftError",
     "ConfigError",
@@ -54,7 +56,7 @@ ERRORS = {
 
 def test_public_names_are_exported() -> None:
     assert set(weft_core.__all__) >= DESIGN_NAMES
-    assert set(weft_core.__all__) == DESIGN_NAMES | MANAGER_AUTHOR_NAMES | ERRORS | {
+    assert set(weft_core.__all__) == DESIGN_NAMES | MANAGER_AUTHOR_NAMES | PLUGIN_NAMES | ERRORS | {
         "ConnectionInfo"
     }
     for name in weft_core.__all__:
@@ -120,3 +122,36 @@ def test_runtime_protocols_declare_every_member_with_a_docstring() -> None:
             member = getattr(protocol, name, None)
             if callable(member):
                 assert member.__doc__, f"{protocol.__name__}.{name} has no docstring"
+
+
+def test_register_plugin_adds_hooks_until_unregistered() -> None:
+    """A program's own hooks, without an entry point: called by every Server until removed."""
+    started: list[object] = []
+
+    class Watcher:
+        @weft_core.hookimpl
+        def weft_server_started(self, server: object, addresses: object) -> None:
+            started.append(server)
+
+    class Misspelt:
+        @weft_core.hookimpl
+        def weft_server_begun(self, server: object) -> None:  # no such hook
+            pass
+
+    watcher = Watcher()
+    name = weft_core.register_plugin(watcher, name="test-watcher")
+    try:
+        assert name == "test-watcher"
+        with pytest.raises(weft_core.PluginError, match="test-watcher"):
+            weft_core.register_plugin(Watcher(), name="test-watcher")  # the name is taken
+        with pytest.raises(weft_core.PluginError, match="weft_server_begun"):
+            weft_core.register_plugin(Misspelt(), name="test-misspelt")
+        with weft_core.Server(lambda conn: None) as server:
+            pass
+        assert started == [server]
+    finally:
+        assert weft_core.unregister_plugin(watcher) is watcher
+    with weft_core.Server(lambda conn: None):
+        pass
+    assert len(started) == 1
+    assert weft_core.unregister_plugin(watcher) is None

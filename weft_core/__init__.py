@@ -31,6 +31,8 @@ from ._protocol import (
     check_runtime,
 )
 from ._registry import available_managers, create_manager
+from ._registry import register as register_plugin
+from ._registry import unregister as unregister_plugin
 from ._server import Server
 from ._spec import Conformance, HandlerKind, ManagerSpec
 from ._tasks import (
@@ -76,9 +78,11 @@ __all__ = [
     "current_task",
     "detach",
     "hookimpl",
+    "register_plugin",
     "run_async_task",
     "run_task",
     "shutdown_requested",
+    "unregister_plugin",
 ]
 
 __version__ = "0.1.0"

@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the conformance suite against an installed manager",
         description="Run weft's conformance suite (pytest) against manager NAME; "
         "any further arguments go to pytest.",
+        epilog="Useful pytest arguments: -k EXPR runs the tests whose names match "
+        "(a failed run ends by printing the -k that reruns what failed); -x stops at the "
+        "first failure; --maxfail N after N; -v lists each test; --timeout SECONDS "
+        "fails a test that runs longer (default 120 s, with pytest-timeout); "
+        "-p no:randomly if pytest-randomly is installed. Exit status: pytest's "
+        "(0 all passed, 1 some failed, 5 none selected); 2 for an unknown or broken manager.",
     )
     conformance.set_defaults(command=_conformance)
     conformance.add_argument("name", metavar="NAME")

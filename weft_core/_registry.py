@@ -284,7 +284,10 @@ def _unknown_hook(name: str) -> str:
 def register(plugin: object, name: str | None = None) -> str:
     """Register an in-process plugin (a module, class or object of hook implementations).
 
-    Returns the name it was registered under. Raises :class:`~weft_core.PluginError`
+    Public as ``weft_core.register_plugin``: for a program or a test that has its
+    hooks in hand; a published plugin uses its entry point. Every ``Server`` of the
+    process calls the plugin's hooks from then on, as an installed one's. Returns
+    the name it was registered under. Raises :class:`~weft_core.PluginError`
     if the name is taken or the plugin implements a hook weft does not have.
     """
     with _lock:

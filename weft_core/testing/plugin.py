@@ -42,3 +42,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how to rerun what failed: the suite's test ids hold no file to paste back.
+
+    The suite runs from the installed package (``--pyargs``), outside the directory
+    pytest reports against, so a failure shows as ``::TestConformance::test_x``.
+    """
+    name = terminalreporter.config.getoption("weft_manager")
+    failed = [
+        report.nodeid.rsplit("::", 1)[-1].split("[", 1)[0]
+        for key in ("failed", "error")
+        for report in terminalreporter.stats.get(key, [])
+        if getattr(report, "nodeid", "")
+    ]
+    if not name or not failed:
+        return
+    tests = " or ".join(dict.fromkeys(failed))  # each once, in the order they failed
+    terminalreporter.write_line(f"to rerun what failed: weft conformance {name} -k '{tests}'")
