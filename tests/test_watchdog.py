@@ -8,6 +8,7 @@ loop by ``time.sleep`` in an ``async def``.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import textwrap
@@ -88,6 +89,7 @@ def test_a_blocked_loop_is_dumped_and_replaced(tmp_path: Path, manager: str) -> 
             assert int(victim.makefile("rb").readline()) == stuck
             victim.sendall(b"block\n")
             served.wait_for(rf"worker {stuck}: no heartbeat from its runtime loop for 2s")
+            served.wait_for(rf"worker {stuck}: every thread's stack")
             served.wait_for(r"in handle")  # faulthandler's dump names the frame
             served.wait_for(rf"worker {stuck} exited with SIGKILL")
             replacement = int(served.wait_for(READY, count=2)[1].group(1))
@@ -95,6 +97,75 @@ def test_a_blocked_loop_is_dumped_and_replaced(tmp_path: Path, manager: str) -> 
                 assert int(client.makefile("rb").readline()) == replacement
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+#: A log line of weft's text format begins with its time.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT")
+#: What faulthandler writes: a thread's heading, or one of its frames.
+DUMP_LINE = re.compile(r"^(Thread 0x|Current thread 0x|  File |  <no Python frame>)")
+DUMP_HEADING = r"worker (\d+): every thread's stack \(DUMP_SIGNAL\):$"
+
+
+@pytest.mark.timeout(90)
+def test_two_stuck_workers_dump_whole_blocks_no_line_cuts_into(tmp_path: Path) -> None:
+    """Two workers stuck at once: each dump is one block of the log, under a line that
+    names its worker; no other line lands inside one, and no frame lands outside.
+
+    faulthandler wrote each dump straight to the shared stderr, a line at a time, so
+    the two dumps and the supervisor's lines cut into each other (the hookplugin
+    check saw a log line start inside a frame's line). The supervisor now reads each
+    worker's dump from a pipe of its own and logs it as one record."""
+    if "gevent" not in _registry.available_managers():
+        pytest.skip("weft-gevent is not installed")
+    (tmp_path / "blocking.py").write_text(BLOCKING)
+    # A socket per worker (--reuse-port): the kernel spreads clients by their port,
+    # where one shared socket may give every lone client to the same worker.
+    extra = ("-o", "max_blocking_time=false", "--workers", "2", "--reuse-port")
+    with serve(tmp_path, "blocking:handle", "gevent", {"WEFT_TIMEOUT": "2"}, *extra) as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        first = {int(m.group(1)) for m in served.wait_for(READY, count=2)}
+        clients: dict[int, socket.socket] = {}
+        try:
+            for _ in range(40):  # until each worker serves one
+                client = socket.create_connection(address, timeout=20)
+                pid = int(client.makefile("rb").readline())
+                if pid in clients:
+                    client.close()
+                else:
+                    clients[pid] = client
+                if set(clients) == first:
+                    break
+            assert set(clients) == first, f"reached only {set(clients)} of {first}"
+            for client in clients.values():
+                client.sendall(b"block\n")
+            dumped = {int(m.group(1)) for m in served.wait_for(DUMP_HEADING, count=2)}
+            assert dumped == first
+            for pid in first:
+                served.wait_for(rf"worker {pid} exited with SIGKILL")
+            served.wait_for(READY, count=4)
+        finally:
+            for client in clients.values():
+                client.close()
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    lines = served.text.splitlines()
+    blocks: list[list[str]] = []
+    inside = False
+    for line in lines:
+        if re.search(DUMP_HEADING, line):
+            blocks.append([])
+            inside = True
+        elif LOG_LINE.match(line):
+            inside = False
+        elif inside:
+            blocks[-1].append(line)
+        else:
+            assert not DUMP_LINE.match(line), f"a line of a dump outside its block: {line!r}"
+    assert len(blocks) == 2, served.text
+    for block in blocks:
+        assert block and all(DUMP_LINE.match(x) or not x.strip() for x in block), block
+        assert any("in handle" in x for x in block), block
 
 
 @pytest.mark.timeout(60)

@@ -35,7 +35,7 @@ from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
-from ._logging import logs_json, print_line, setup_logging, stderr_line
+from ._logging import print_line, setup_logging, stderr_line
 from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
@@ -46,7 +46,6 @@ from ._signals import (
     STOP_SIGNALS,
     WORKER_FLAG,
     hold_while_starting,
-    relay_stack_dumps_as_json,
     release_starting_hold,
     reopen_log_files,
 )
@@ -235,10 +234,6 @@ def _serve(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     worker = link is not None
-    if link is not None and logs_json():
-        # The watchdog's dump, one JSON line like the rest; the supervisor kills the
-        # stuck worker once it is told the line is written.
-        relay_stack_dumps_as_json(link.dumped)
     if not worker:  # the supervisor said it once for all
         for warning in config.warnings:
             log.warning("%s", warning)

@@ -19,22 +19,19 @@ and the stack dump a stuck worker gives before the watchdog kills it.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
-import fcntl
 import logging
 import os
-import select
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import MutableMapping
 
 from ._jobcontrol import JOB_STOPS, leave_terminal
-from ._osthreads import thread_primitives
 
 __all__ = [
     "CONTROL_SIGNALS",
+    "DUMP_FD_ENV",
     "DUMP_SIGNAL",
     "STOP_SIGNALS",
     "WORKER_FLAG",
@@ -42,7 +39,6 @@ __all__ = [
     "enable_stack_dump",
     "hold_while_starting",
     "is_worker",
-    "relay_stack_dumps_as_json",
     "release_starting_hold",
     "reopen_log_files",
 ]
@@ -148,54 +144,31 @@ class _Held:
 _held: _Held | None = None
 
 
-def enable_stack_dump() -> None:
-    """Dump every thread's stack to stderr on DUMP_SIGNAL (the watchdog sends it)."""
-    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+#: The environment variable through which the supervisor gives each worker the
+#: write end of its stack-dump pipe (see :func:`enable_stack_dump`).
+DUMP_FD_ENV = "_WEFT_DUMP_FD"
 
 
-#: How long a stack dump's pipe stays quiet before what came is one JSON line.
-DUMP_QUIET = 0.05
-#: How long the relay waits for its line to leave the log's writer; it says it did
-#: (DUMPED) only if the line has. Under the supervisor's DUMP_WAIT (10 s), which kills
-#: the worker anyway: a spinning handler that lets the writer's thread run seldom
-#: needed more than the 2 s this was, and the worker was killed with its line unwritten.
-DUMP_FLUSH = 8.0
-#: The dump's pipe: room for every thread's stack (faulthandler writes from the
-#: signal handler and must not wait on a full pipe).
-_DUMP_PIPE_SIZE = 1 << 20
+def enable_stack_dump(environ: MutableMapping[str, str]) -> None:
+    """Write every thread's stack on DUMP_SIGNAL (the watchdog sends it); a worker calls it.
 
-
-def relay_stack_dumps_as_json(written: Callable[[], None]) -> None:
-    """Under ``--log-format json``: the DUMP_SIGNAL dump becomes one JSON line, ``stacks``.
-
-    faulthandler writes raw text, from the signal handler, wherever it is told; here
-    into a pipe that an OS thread of its own reads, which writes what came as one
-    log line once the pipe is quiet, then calls ``written`` once the line has left
-    the log's writer (a worker tells its supervisor, which kills it then). That
-    thread needs the GIL for a moment: a thread holding it in C for good (rare: a
-    stuck loop waits in a system call, or runs Python that lets it go) leaves the
-    dump in the pipe.
+    Into the pipe whose number the supervisor put in ``DUMP_FD_ENV`` (removed here,
+    the descriptor made non-inheritable): the supervisor reads it and logs it as
+    one record, text or JSON, so neither a stuck worker's GIL nor another process's
+    lines can cut it up. faulthandler writes from its C signal handler, without
+    the GIL, so even a loop blocked in C code answers. Without the variable (a
+    worker of an older image), to stderr as before.
     """
-    read_end, write_end = os.pipe()
-    with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _DUMP_PIPE_SIZE)
-    faulthandler.register(DUMP_SIGNAL, file=write_end, all_threads=True)
-    start, _allocate = thread_primitives()
-    start(_relay_dumps, (read_end, written))
-
-
-def _relay_dumps(read_end: int, written: Callable[[], None]) -> None:
-    from ._logging import flush_own_log, print_line, stderr_line
-
-    while True:
-        chunks = [os.read(read_end, 65536)]
-        while select.select([read_end], [], [], DUMP_QUIET)[0]:
-            chunks.append(os.read(read_end, 65536))
-        stacks = b"".join(chunks).decode("utf-8", "backslashreplace")
-        # Through the log's writer, after the lines logged before the dump.
-        print_line(stderr_line("every thread's stack (DUMP_SIGNAL)", logging.ERROR, stacks=stacks))
-        if flush_own_log(DUMP_FLUSH):
-            written()
+    text = environ.pop(DUMP_FD_ENV, "")
+    if text.isascii() and text.isdigit():
+        fd = int(text)
+        try:
+            os.set_inheritable(fd, False)  # the application's children must not hold it
+            faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True)
+            return
+        except (OSError, ValueError):
+            pass
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
 
 
 def reopen_log_files() -> int:

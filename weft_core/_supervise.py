@@ -369,7 +369,9 @@ def take_adopted(
     for pid, fd, started, ready, *rest in state["workers"]:
         link = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        slot, leaving, kill_at, quit_at = (*rest, 0, False, None, None)[:4]
+        slot, leaving, kill_at, quit_at, dump = (*rest, 0, False, None, None, None)[:5]
+        if dump is not None:
+            os.set_inheritable(dump, False)
         workers.append(
             Adopted(
                 int(pid),
@@ -380,6 +382,7 @@ def take_adopted(
                 bool(leaving),
                 None if kill_at is None else float(kill_at),
                 None if quit_at is None else float(quit_at),
+                None if dump is None else int(dump),
             )
         )
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]

@@ -98,8 +98,8 @@ class Wakeup:
         except OSError:  # full (a wake-up is already pending) or closed
             pass
 
-    def wait(self, timeout: float | None, also: Sequence[socket.socket] = ()) -> list[int]:
-        """Block until a signal, a :meth:`wake`, ``timeout`` or one of ``also`` is readable.
+    def wait(self, timeout: float | None, also: Sequence[socket.socket | int] = ()) -> list[int]:
+        """Block until a signal, a :meth:`wake`, ``timeout`` or one of ``also`` (sockets, descriptors) is readable.
 
         Returns the signals received since last time (reading ``also`` is the caller's).
         """

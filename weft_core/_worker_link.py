@@ -32,7 +32,6 @@ from ._signals import WORKER_FLAG, enable_stack_dump
 __all__ = [
     "BEAT",
     "DRAIN",
-    "DUMPED",
     "HEARTBEAT_SHARE",
     "LISTENING_MESSAGE",
     "READY",
@@ -55,9 +54,6 @@ serve_log = logging.getLogger("weft")
 READY = b"R"
 BEAT = b"H"
 RECYCLE = b"B"
-#: Under ``--log-format json``, once the watchdog's stack dump is in the log: the
-#: supervisor kills the stuck worker now rather than at its later DUMP_WAIT.
-DUMPED = b"S"
 #: Once the worker's server has stopped, before its signal handlers go: what kills it
 #: after that (a stop signal arriving as it exits) cut no connection.
 STOPPED = b"E"
@@ -139,10 +135,6 @@ class WorkerLink:
         """Tell the supervisor this worker's server has stopped: nothing is left to cut."""
         self._send(STOPPED)
 
-    def dumped(self) -> None:
-        """Tell the supervisor the watchdog's stack dump is in the log (any thread)."""
-        self._send(DUMPED)
-
     def ready(
         self,
         server: Any,
@@ -211,7 +203,8 @@ def become_worker(supervisor_fd: int) -> WorkerLink:
     Stops gracefully (as on SIGTERM) when ``supervisor_fd``, a socket whose other end
     only the supervisor holds, reaches end-of-file: the supervisor is gone. Logs
     ``worker ready on ...`` where weft serve logs ``listening on ...``, and dumps
-    its stacks on DUMP_SIGNAL (the watchdog's). Returns the link, whose ``ready()``
+    its stacks on DUMP_SIGNAL (the watchdog's) into the pipe the supervisor reads
+    them from. Returns the link, whose ``ready()``
     is called once listening.
 
     Raises ConfigError if ``supervisor_fd`` is not open (it is set by the supervisor,
@@ -236,7 +229,7 @@ def become_worker(supervisor_fd: int) -> WorkerLink:
     worker_balance()
     take_line_lock()
     serve_log.addFilter(_worker_ready)
-    enable_stack_dump()
+    enable_stack_dump(os.environ)
     return WorkerLink(supervisor_fd)
 
 

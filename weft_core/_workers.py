@@ -54,7 +54,9 @@ starting a supervisor (``_supervise``), a worker's side (``_worker_link``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -69,7 +71,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ._balance import ENV as BALANCE_ENV
@@ -84,17 +86,18 @@ from ._logging import LINE_LOCK_ENV, logs_json, share_line_lock
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
+    DUMP_FD_ENV,
     DUMP_SIGNAL,
     STOP_SIGNALS,
     reopen_log_files,
 )
 from ._wakeup import Wakeup
-from ._worker_link import BEAT, DRAIN, DUMPED, HEARTBEAT_SHARE, READY, RECYCLE, STOPPED
+from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE, STOPPED
 from ._worker_sockets import WorkerSockets
 
 __all__ = [
     "DUMP_GRACE",
-    "DUMP_WAIT",
+    "DUMP_QUIET",
     "EXIT_MARGIN",
     "RESTART_DELAY_MAX",
     "RESTART_DELAY_MIN",
@@ -147,14 +150,16 @@ START_INTERVAL = 0.02
 #: 18-19 MiB, its backend loaded. A handler's own memory and threads come on top.
 WORKER_MEMORY = 14 * 2**20
 WORKER_TASKS = 4
-#: The watchdog's pause between asking a stuck worker for its stacks (DUMP_SIGNAL,
-#: written at once by faulthandler's C handler) and killing it: time for the
-#: kernel to run it and for its stderr to be read.
+#: The most the watchdog waits between asking a stuck worker for its stacks
+#: (DUMP_SIGNAL, written at once by faulthandler's C signal handler into the
+#: worker's dump pipe) and killing it; it kills it as soon as the dump is read.
 DUMP_GRACE = 1.0
-#: The same under ``--log-format json``, where a thread of the worker writes the dump
-#: as a JSON line and says when it has (DUMPED): a worker slow to get the CPU (a loaded
-#: host) is given this long before it is killed with its dump unwritten.
-DUMP_WAIT = 10.0
+#: A dump is whole once its pipe has been quiet this long (faulthandler writes it
+#: in one go, a few milliseconds for a hundred threads).
+DUMP_QUIET = 0.05
+#: Room in a dump pipe for every thread's stack: faulthandler writes from its
+#: signal handler and would wait there on a full pipe.
+DUMP_PIPE_SIZE = 1 << 20
 
 # Config keys given on weft serve's command line that a worker gets in another form.
 _NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
@@ -307,6 +312,24 @@ def describe_exit(code: int) -> str:
         return f"signal {-code}"
 
 
+def _dump_pipe() -> tuple[int, int]:
+    """A worker's stack-dump pipe: the read end (ours, non-blocking) and the write end."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux only
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, DUMP_PIPE_SIZE)
+    return read_end, write_end
+
+
+def _log_stacks(pid: int, stacks: str) -> None:
+    """A worker's dump as one ERROR record: a ``stacks`` field in JSON, the text after the line."""
+    what = "worker %d: every thread's stack (DUMP_SIGNAL)"
+    if logs_json():
+        log.error(what, pid, extra={"stacks": stacks})
+    else:
+        log.error(what + ":\n%s", pid, stacks)
+
+
 @dataclass
 class _Worker:
     pid: int
@@ -335,6 +358,11 @@ class _Worker:
     slot: int = 0
     #: Its cell of the accept balance map (None: it has none, adopted or beyond the map).
     cell: int | None = None
+    #: The read end of its stack-dump pipe (None: closed, or a worker of an older
+    #: image), what came through it not yet logged, and when the last of that came.
+    dump: int | None = None
+    dumped: bytearray = field(default_factory=bytearray)
+    dump_at: float = 0.0
 
 
 class Adopted(NamedTuple):
@@ -351,6 +379,8 @@ class Adopted(NamedTuple):
     #: system's clock, the same across the exec): a re-exec must not push them back.
     kill_at: float | None = None
     quit_at: float | None = None
+    #: The read end of its stack-dump pipe, if the image before had one.
+    dump: int | None = None
 
 
 class Local(Protocol):
@@ -456,6 +486,7 @@ class Supervisor:
                 told="a drain request" if worker.leaving else "",
                 kill_at=kill_at,
                 quit_at=worker.quit_at,
+                dump=worker.dump,
             )
 
     def stop(self) -> None:
@@ -541,6 +572,7 @@ class Supervisor:
                     # Links first: a worker writes "ready" before it logs so, so a
                     # signal sent on seeing that line finds it ready here.
                     self._read_links(now)
+                    self._read_dumps(now)
                     self._handle_signals(received, now)
                     self._run_calls()
                     if self._stop_asked.is_set() and not self._stopping:
@@ -565,7 +597,10 @@ class Supervisor:
                             self._upgrade = False  # reexec returns only if it failed
                             self._reexec(self._state())
                     self._alive(now)
-                    links = [w.link for w in self._workers.values() if not w.eof]
+                    links: list[socket.socket | int] = [
+                        w.link for w in self._workers.values() if not w.eof
+                    ]
+                    links += [w.dump for w in self._workers.values() if w.dump is not None]
                     received = wakeup.wait(self._wait_time(now), links)
                 log.info("all workers stopped")
                 return self._status
@@ -701,11 +736,46 @@ class Supervisor:
                 worker.beat = now
             if STOPPED in data:
                 worker.stopped = True
-            if DUMPED in data and worker.stuck and worker.kill_at is not None:
-                worker.kill_at = min(worker.kill_at, now)  # its stacks are in the log
             if RECYCLE in data and not worker.old and not worker.retiring:
                 log.info("worker %d reached max_requests: replacing it", worker.pid)
                 worker.old = worker.recycled = True
+
+    def _read_dumps(self, now: float) -> None:
+        for worker in self._workers.values():
+            if worker.dump is not None or worker.dumped:
+                self._read_dump(worker, now)
+
+    def _read_dump(self, worker: _Worker, now: float, final: bool = False) -> None:
+        """Read a worker's stack dump; log it as one record once whole; kill it if stuck.
+
+        Whole: its pipe quiet for DUMP_QUIET, or the worker gone (``final``). One
+        record, written by this process's log writer: no other process's line lands
+        inside it, and the worker's GIL plays no part.
+        """
+        fd = worker.dump
+        while fd is not None:
+            try:
+                data = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:  # every write end is closed: the worker is gone
+                os.close(fd)
+                worker.dump = fd = None
+                break
+            worker.dumped += data
+            worker.dump_at = now
+        if not worker.dumped or (not final and now - worker.dump_at < DUMP_QUIET):
+            return
+        stacks = worker.dumped.decode("utf-8", "backslashreplace").rstrip("\n")
+        worker.dumped.clear()
+        if final and worker.dump is not None:
+            os.close(worker.dump)
+            worker.dump = None
+        _log_stacks(worker.pid, stacks)
+        if worker.stuck and worker.kill_at is not None:
+            worker.kill_at = min(worker.kill_at, now)  # its stacks are in the log
 
     def _watch(self, now: float) -> None:
         """The watchdog: a ready worker silent for ``timeout`` is dumped and replaced."""
@@ -721,7 +791,7 @@ class Supervisor:
                 )
                 _send(worker.pid, DUMP_SIGNAL)
                 worker.old = worker.retiring = worker.stuck = True
-                worker.kill_at = now + (DUMP_WAIT if logs_json() else DUMP_GRACE)
+                worker.kill_at = now + DUMP_GRACE  # sooner once its dump is read
 
     # -- keeping the count ---------------------------------------------------------------
 
@@ -908,6 +978,7 @@ class Supervisor:
             if not worker.eof:
                 self._read_link(worker, now)  # a ready byte outlives the worker
             worker.link.close()
+            self._read_dump(worker, now, final=True)
             if worker.cell is not None and self._turns is not None:
                 self._turns.release(worker.cell)  # it may have died holding connections
             if self._on_worker_exit is not None:
@@ -1069,7 +1140,9 @@ class Supervisor:
         sockets = self._sockets.of(slot)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
+        dump, dump_end = _dump_pipe()
         env = child_environment(os.environ)
+        env[DUMP_FD_ENV] = str(dump_end)
         env.pop(LINE_LOCK_ENV, None)
         if self._line_lock is not None:
             env[LINE_LOCK_ENV] = str(self._line_lock)
@@ -1100,6 +1173,7 @@ class Supervisor:
                 pass_fds=(
                     *(s.fileno() for s in sockets),
                     theirs.fileno(),
+                    dump_end,
                     *(() if self._line_lock is None else (self._line_lock,)),
                     *(() if cell is None or balance is None else (balance.fd,)),
                 ),
@@ -1109,6 +1183,7 @@ class Supervisor:
             )
         except OSError as exc:
             ours.close()
+            os.close(dump)
             retry = restart_delay(delay, 0.0)
             self._due.append((now + retry, retry))
             log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
@@ -1116,15 +1191,19 @@ class Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             theirs.close()
+            os.close(dump_end)
         # We reap it ourselves (_reap); Popen must not wait for it in __del__.
         proc.returncode = 0
-        self._workers[proc.pid] = _Worker(proc.pid, ours, now, delay, slot=slot, cell=cell)
+        self._workers[proc.pid] = _Worker(
+            proc.pid, ours, now, delay, slot=slot, cell=cell, dump=dump
+        )
         log.info("worker %d started", proc.pid)
 
     def _wait_time(self, now: float) -> float:
         times = [max(when, self._next_start) for when, _ in self._due]
         times += [w.kill_at for w in self._workers.values() if w.kill_at is not None]
         times += [w.quit_at for w in self._workers.values() if w.quit_at is not None]
+        times += [w.dump_at + DUMP_QUIET for w in self._workers.values() if w.dumped]
         if self._timeout is not None and any(w.ready for w in self._workers.values()):
             times.append(now + self._timeout / HEARTBEAT_SHARE)
         if self._next_alive is not None:
@@ -1155,11 +1234,14 @@ class Supervisor:
                 w.retiring or w.eof,
                 w.kill_at,
                 w.quit_at,
+                w.dump,
             ]
             for w in self._workers.values()
         ]
         for w in self._workers.values():
             os.set_inheritable(w.link.fileno(), True)
+            if w.dump is not None:
+                os.set_inheritable(w.dump, True)
         # The listening sockets: the new image runs the operator's own command line,
         # whose binds these are.
         base = [sock.fileno() for sock in self._sockets.base()]
@@ -1189,6 +1271,8 @@ class Supervisor:
             except ChildProcessError:
                 pass
             worker.link.close()
+            if worker.dump is not None:
+                os.close(worker.dump)
         self._workers.clear()
 
 
