@@ -56,9 +56,8 @@ ERRORS = {
 
 def test_public_names_are_exported() -> None:
     assert set(weft_core.__all__) >= DESIGN_NAMES
-    assert set(weft_core.__all__) == DESIGN_NAMES | MANAGER_AUTHOR_NAMES | PLUGIN_NAMES | ERRORS | {
-        "ConnectionInfo"
-    }
+    promised = DESIGN_NAMES | MANAGER_AUTHOR_NAMES | PLUGIN_NAMES | ERRORS | {"ConnectionInfo"}
+    assert set(weft_core.__all__) == promised
     for name in weft_core.__all__:
         assert getattr(weft_core, name) is not None
 
