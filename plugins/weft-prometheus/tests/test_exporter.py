@@ -1,4 +1,4 @@
-"""The scrape endpoint on its own: real sockets, a stalled scraper, wrong requests."""
+"""The scrape endpoint on its own: real sockets, a stalled scraper, wrong requests, reuse."""
 
 from __future__ import annotations
 
@@ -105,3 +105,38 @@ def test_idle_connections_do_not_delay_a_scrape(exporter: Exporter) -> None:
     finally:
         for sock in idle:
             sock.close()
+
+
+def _things(port: int) -> float:
+    """The value of demo_things_total in one scrape."""
+    body = get(port)[1].decode()
+    samples = [s for f in text_string_to_metric_families(body) for s in f.samples]
+    (value,) = [s.value for s in samples if s.name == "demo_things_total"]
+    return value
+
+
+def test_a_rendering_answers_the_scrapes_of_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outside check (probe-prom F5): every scrape rendered the registry afresh, so
+    a flood of scrapes cost a rendering each. A rendering now answers the scrapes of
+    the next RENDER_INTERVAL: a count changed in between shows from the first scrape
+    after it, and not before."""
+    monkeypatch.setattr(_exporter, "RENDER_INTERVAL", 2.0)
+    registry = CollectorRegistry()
+    things = Counter("demo_things", "Things.", registry=registry)
+    things.inc(3)
+    served = Exporter(registry, "127.0.0.1", 0, reuse_port=False)
+    served.open()
+    try:
+        assert served.port is not None
+        began = time.monotonic()  # the first rendering begins after this
+        assert _things(served.port) == 3
+        things.inc()
+        assert _things(served.port) == 3, "rendered again within the interval"
+        assert time.monotonic() - began < 2.0, "too slow to tell: two scrapes took 2 s"
+        while (now := _things(served.port)) == 3:
+            assert time.monotonic() - began < WAIT
+            time.sleep(0.05)  # polling: the interval's end is the event waited for
+        assert now == 4
+        assert time.monotonic() - began >= 2.0, "rendered again before the interval ended"
+    finally:
+        served.close()

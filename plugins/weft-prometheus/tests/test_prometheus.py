@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from _prom_support import (
 
 from weft_core import available_managers
 from weft_prometheus import ADDRESS_ENV, parse_address
+from weft_prometheus._exporter import RENDER_INTERVAL
 from weft_prometheus._metrics import DURATION_BUCKETS
 
 MANAGERS = ["threads", "gevent", "trio", "asyncio"]
@@ -152,6 +154,9 @@ def test_two_workers_one_scrape_sums_both(tmp_path: Path) -> None:
         by_worker = Counter(c.pid for c in clients)
         assert len(by_worker) == 2, f"one worker served everything: {by_worker}"
         scrape_until(metrics, "weft_connections_closed_total", len(clients))
+        # Each worker renders for itself, and a rendering answers the scrapes of the
+        # next RENDER_INTERVAL: once it has passed, any rendering is newer than the counts.
+        time.sleep(RENDER_INTERVAL)
         for _ in range(8):  # each scrape is answered by one worker or the other: all sum
             samples = scrape(metrics)
             assert total(samples, "weft_connections_opened_total") == len(clients)

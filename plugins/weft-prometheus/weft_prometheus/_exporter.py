@@ -7,20 +7,26 @@ longer. When every slot is taken, the connection that has waited longest without
 sending a whole request gives its slot to the newcomer (a scraper sends its request
 at once): idle connections cannot shut a scraper out. Only blocking socket calls are used, so under gevent's
 monkey-patching the threads are greenlets and the calls yield to the hub. The body
-is prometheus-client's ``generate_latest``.
+is prometheus-client's ``generate_latest``, rendered at most once per
+``RENDER_INTERVAL`` (scrapes in between share it), and never in the hub's thread.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["MAX_REQUEST", "MAX_SCRAPES", "SCRAPE_TIMEOUT", "Exporter"]
+if TYPE_CHECKING:
+    from gevent.threadpool import ThreadPool
+
+__all__ = ["MAX_REQUEST", "MAX_SCRAPES", "RENDER_INTERVAL", "SCRAPE_TIMEOUT", "Exporter"]
 
 log = logging.getLogger("weft_prometheus")
 
@@ -29,6 +35,10 @@ log = logging.getLogger("weft_prometheus")
 SCRAPE_TIMEOUT = 10.0
 #: A scrape's request line and headers fit in far less; more is not a scraper.
 MAX_REQUEST = 8192
+#: How long one rendering of the metrics answers scrapes, in seconds: a scrape
+#: reports counts at most this old, and a flood of scrapes costs one rendering per
+#: interval. Prometheus scrapes every 15 to 60 s.
+RENDER_INTERVAL = 1.0
 #: Scrapes answered at once: scrapers are few, and a connection that sends nothing
 #: (a port scan, a stalled client) holds one of these for SCRAPE_TIMEOUT at most.
 MAX_SCRAPES = 8
@@ -73,7 +83,7 @@ class Exporter:
         reuse_port: bool,
         retired: Callable[[], bool] = lambda: False,
     ) -> None:
-        self._registry = registry
+        self._body = _Body(registry)
         self._retired = retired
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
         #: Connections whose request is not in yet, oldest first: the ones to shed.
@@ -263,7 +273,7 @@ class Exporter:
             return self._reply(conn, deadline, b"405 Method Not Allowed")
         if path not in (b"/metrics", b"/"):
             return self._reply(conn, deadline, b"404 Not Found")
-        body = generate_latest(self._registry)
+        body = self._body.latest()
         return self._reply(
             conn, deadline, b"200 OK", body, CONTENT_TYPE_LATEST, send_body=method == b"GET"
         )
@@ -286,3 +296,51 @@ class Exporter:
         )
         conn.settimeout(max(deadline - time.monotonic(), 0.001))
         conn.sendall(head + body if send_body else head)  # the timeout bounds the whole call
+
+
+class _Body:
+    """The registry's exposition, rendered at most once per ``RENDER_INTERVAL``.
+
+    Scrapes that arrive while it renders wait for that rendering and share it. The
+    lock is made as the endpoint's threads are (a greenlet's lock under gevent's
+    patching), since they hold it while the rendering runs.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._text = b""
+        self._since: float | None = None  # when the rendering of _text began
+
+    def latest(self) -> bytes:
+        """The exposition text, rendered anew if the last rendering began an interval ago."""
+        with self._lock:
+            now = time.monotonic()
+            if self._since is None or now - self._since >= RENDER_INTERVAL:
+                self._text = _render(self._registry)
+                self._since = now
+            return self._text
+
+
+def _render(registry: CollectorRegistry) -> bytes:
+    """``generate_latest(registry)``, in an OS thread of gevent's pool under its patching.
+
+    Patched, the endpoint's threads are greenlets of the hub that serves every
+    connection: rendering there would hold them all up. The greenlet waits for the
+    pool's thread without holding the hub.
+    """
+    pool = _os_thread_pool()
+    if pool is None:
+        return generate_latest(registry)
+    body: bytes = pool.apply(generate_latest, (registry,))
+    return body
+
+
+def _os_thread_pool() -> ThreadPool | None:
+    """The current hub's pool of OS threads if gevent has patched ``threading``, else None."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    import gevent
+
+    return gevent.get_hub().threadpool

@@ -76,17 +76,18 @@ class _Process:
     def retired(self) -> bool:
         """True once every running server of this process has closed its listeners.
 
-        Asked from the endpoint's thread, without the hooks' lock: under gevent's
-        patching that thread is a greenlet, and the lock may be an OS lock the hub's
-        greenlet holds. A copy racing a hook's add raises "changed size during
-        iteration"; it is made again rather than end the endpoint's thread.
+        Asked from the endpoint's thread, which copies the set under the hooks' lock
+        (iterating it while a hook adds or discards raises "changed size during
+        iteration") but never waits for it: under gevent's patching that thread is
+        a greenlet of the hub, and the lock an OS lock. Taken, a server is starting
+        or stopping: not retired yet, asked again at the next check.
         """
-        while True:
-            try:
-                servers = list(self.servers)
-                break
-            except RuntimeError:
-                continue
+        if not _lock.acquire(blocking=False):
+            return False
+        try:
+            servers = list(self.servers)
+        finally:
+            _lock.release()
         return bool(servers) and all(not server.sockets for server in servers)
 
 
@@ -131,14 +132,14 @@ def _of(server: Server) -> ServerMetrics:
 def weft_server_started(server: Server, addresses: list[str]) -> None:
     """Make the metrics if need be, and listen for scrapes while a server runs.
 
-    The hooks' lock only guards the choice of which server's start opens the
-    endpoint. Binding (``getaddrinfo``), starting its thread and logging happen
-    after it is released: under gevent's patching each may switch greenlets, and
-    the lock, made before the patching, is an OS lock that a second server
-    starting in the same hub would then wait on for ever, the hub with it.
+    The hooks' lock only guards the set of running servers and the choice of which
+    server's start opens the endpoint. Binding (``getaddrinfo``), starting its
+    thread and logging happen after it is released: under gevent's patching each
+    may switch greenlets, and the lock, made before the patching, is an OS lock that
+    a second server starting in the same hub would then wait on for ever, the hub
+    with it.
     """
     state = _state()
-    state.metrics.forget(server)
     state.metrics.of(server)  # its series exist from now on, at 0, for rate() and alerts
     with _lock:
         state.servers.add(server)
@@ -220,8 +221,15 @@ def _served_port(port: int, addresses: list[str]) -> str | None:
 
 @hookimpl
 def weft_server_stopped(server: Server, stats: dict[str, Any]) -> None:
-    """Stop listening for scrapes once the process's last server has stopped."""
+    """Remove the server's series; stop listening once the process's last server has stopped.
+
+    The series stay while a running server shares their labels (``manager`` and
+    ``address``).
+    """
+    if server.running:  # late, behind a plugin's hook that blocked: a new run has begun
+        return
     state = _state()
+    state.metrics.release(server)
     with _lock:  # nothing that may switch greenlets under it (see weft_server_started)
         state.servers.discard(server)
         if state.servers or state.exporter is None:

@@ -1,15 +1,17 @@
 """The metrics: what is counted, under which names and labels.
 
 Every metric carries the labels ``manager`` (the server's manager) and ``address``
-(the addresses it listens on, comma-separated): one set per server, so the
-cardinality is bounded by the servers a process runs. Never the peer. ``how`` and
-``reason`` take the few words weft's hooks define.
+(the addresses it listens on, comma-separated): one set per server, removed when
+it stops, so the cardinality is bounded by the servers a process runs at once.
+Never the peer. ``how`` and ``reason`` take the few words weft's hooks define.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
+from collections import Counter as Tally
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -36,6 +38,8 @@ class ServerMetrics:
     def __init__(self, metrics: Metrics, manager: str, address: str) -> None:
         self._metrics = metrics
         self._labels = (manager, address)
+        #: True from the server's start (Metrics.of) to its stop (Metrics.release).
+        self.running = False
         self.opened = metrics.opened.labels(manager, address)
         self.open = metrics.open.labels(manager, address)
         self.received = metrics.received.labels(manager, address)
@@ -44,6 +48,11 @@ class ServerMetrics:
         self.errors = metrics.errors.labels(manager, address)
         self._closed: dict[str, Counter] = {}
         self._refused: dict[str, Counter] = {}
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """``(manager, address)``: the labels every series of this server carries."""
+        return self._labels
 
     def closed(self, how: str) -> Counter:
         """The closed-connections counter for ``how``."""
@@ -65,6 +74,8 @@ class Metrics:
 
     In multiprocess mode they are registered nowhere: prometheus-client writes them
     to the shared directory, and a ``MultiProcessCollector`` reads every worker's.
+    There a stopped server's series cannot be removed (prometheus-client's
+    multiprocess mode does not implement it); a worker's server keeps its address.
     """
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
@@ -123,20 +134,65 @@ class Metrics:
         self._servers: weakref.WeakKeyDictionary[Server, ServerMetrics] = (
             weakref.WeakKeyDictionary()
         )
+        #: How many running servers carry each (manager, address): at 0, removed.
+        self._running: Tally[tuple[str, str]] = Tally()
+        self._removable = registry is not None and not _multiprocess_environment()
 
     def of(self, server: Server) -> ServerMetrics:
-        """``server``'s labelled metrics (labels read at its first event after a start)."""
+        """``server``'s labelled metrics, counting it as running from its first call in a run.
+
+        Labels are read then (its start, or an event before the started hook), afresh
+        at each run: it may listen elsewhere than at its last. After its stop it gets
+        the stopped run's, whose children count unseen (a task left behind ending)
+        rather than make its series anew.
+        """
         found = self._servers.get(server)
-        if found is None:
-            with self._lock:
-                found = self._servers.get(server)
-                if found is None:
-                    address = ",".join(server.addresses)
-                    found = ServerMetrics(self, server.manager_name, address)
-                    self._servers[server] = found
+        if found is not None and (found.running or not server.running):
+            return found
+        with self._lock:
+            found = self._servers.get(server)
+            if found is None or (not found.running and server.running):
+                found = ServerMetrics(self, server.manager_name, ",".join(server.addresses))
+                found.running = True
+                self._servers[server] = found
+                self._running[found.labels] += 1
         return found
 
-    def forget(self, server: Server) -> None:
-        """Read ``server``'s labels afresh at its next event (it may listen elsewhere now)."""
+    def release(self, server: Server) -> None:
+        """Count ``server`` as stopped; remove its series if no running server shares them."""
         with self._lock:
-            self._servers.pop(server, None)
+            found = self._servers.get(server)
+            if found is None or not found.running:
+                return
+            found.running = False
+            self._running[found.labels] -= 1
+            if self._running[found.labels] > 0:
+                return
+            del self._running[found.labels]
+            if self._removable:
+                self._remove(*found.labels)
+
+    def _remove(self, manager: str, address: str) -> None:
+        """Remove every series labelled ``manager`` and ``address``, whatever its how or reason."""
+        for metric in (self.opened, self.open, self.received, self.sent, self.errors):
+            metric.remove(manager, address)
+        self.duration.remove(manager, address)
+        for metric in (self.closed, self.refused):
+            for word in _words(metric, manager, address):
+                metric.remove(manager, address, word)
+
+
+def _words(metric: Counter, manager: str, address: str) -> set[str]:
+    """The third label's values of ``metric``'s series labelled ``manager`` and ``address``."""
+    found: set[str] = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("manager") == manager and labels.get("address") == address:
+                found.update(v for k, v in labels.items() if k not in _LABELS)
+    return found
+
+
+def _multiprocess_environment() -> bool:
+    """True if prometheus-client writes to files (it then cannot remove series)."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
