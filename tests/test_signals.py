@@ -8,6 +8,7 @@ being harmless by the load's failure count: zero.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -180,6 +181,50 @@ def test_usr1_reopens_logs_and_serves_on(tmp_path: Path, shape: str) -> None:
         assert greeting(address)[0] == "v1"
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_usr1_with_a_log_file_that_cannot_be_reopened_serves_on(
+    tmp_path: Path, shape: str
+) -> None:
+    """USR1 after the log file's directory was renamed: one ERROR line naming the file,
+    and the service serves on, still logging to the file it had. Reopening raised
+    FileNotFoundError out of the signal's handling: the one process exited 1, the
+    supervisor too, taking its workers with it (the config probe's F1)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}
+        },
+        "handlers": {
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": str(logs / "app.log"),
+                "formatter": "plain",
+            },
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
+        },
+        "root": {"level": "INFO", "handlers": ["file", "stderr"]},
+    }
+    (tmp_path / "logging.json").write_text(json.dumps(config))
+    served, address = start(tmp_path, "--log-config", "logging.json", *SHAPES[shape])
+    with served:
+        if shape == "workers-3":
+            served.wait_for(READY, count=3)
+        logs.rename(tmp_path / "logs.rotated")
+        served.signal(signal.SIGUSR1)
+        served.wait_for(r"\[ERROR\] weft: cannot reopen log file .*app\.log: No such file")
+        if shape == "workers-3":  # each worker tried its own, and serves on
+            served.wait_for(r"cannot reopen log file", count=4)
+        assert greeting(address)[0] == "v1"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "all workers stopped" in served.text or shape == "one-process"
+    assert "received SIGUSR1" in (tmp_path / "logs.rotated" / "app.log").read_text()
 
 
 def test_reopen_log_files_follows_a_rotation(tmp_path: Path) -> None:

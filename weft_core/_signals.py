@@ -28,6 +28,7 @@ import threading
 from collections.abc import MutableMapping
 
 from ._jobcontrol import JOB_STOPS, leave_terminal
+from ._logsafe import escape_for_log
 
 __all__ = [
     "CONTROL_SIGNALS",
@@ -176,6 +177,9 @@ def reopen_log_files() -> int:
 
     After ``logrotate`` renamed a log file, a handler still writes to the renamed
     one; reopening by name starts the file afresh (USR1, as nginx and gunicorn do).
+    The new file is opened before the old one is closed: one that cannot be opened
+    (its directory renamed or gone, no permission) is one ERROR line naming it, and
+    its handler goes on writing to the file it had; the process serves on.
     """
     loggers: list[logging.Logger] = [logging.getLogger()]
     loggers += [
@@ -184,17 +188,29 @@ def reopen_log_files() -> int:
         if isinstance(logger, logging.Logger)
     ]
     seen: set[int] = set()
+    failed: list[tuple[str, OSError]] = []
     for logger in loggers:
         for handler in logger.handlers:
             if not isinstance(handler, logging.FileHandler) or id(handler) in seen:
                 continue
             seen.add(id(handler))
             with _locked(handler):
-                stream = handler.stream
+                try:
+                    fresh = handler._open()
+                except OSError as exc:
+                    failed.append((handler.baseFilename, exc))
+                    continue
+                stream, handler.stream = handler.stream, fresh
                 if stream is not None:
                     stream.close()
-                handler.stream = handler._open()
-    return len(seen)
+    for path, error in failed:  # logged once no handler's lock is held
+        log.error(
+            "cannot reopen log file %s: %s; still writing to the file it had open"
+            " (make its directory writable, then send USR1 again)",
+            escape_for_log(path),
+            error.strerror or error,
+        )
+    return len(seen) - len(failed)
 
 
 class _locked:
