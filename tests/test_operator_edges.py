@@ -69,6 +69,13 @@ CHECK_CASES = {
     "pid-file-directory-missing": (["--pid", "MISSING/x.pid"], {}),
     "pid-file-of-a-running-server": (["--pid", "RUNNING.pid"], {}),
     "control-socket-path-too-long": (["--control-socket", "LONG_PATH"], {}),
+    # The config probe (session 24): each passed --check-config, then serve failed
+    # after binding (exit 1), the stack size in a crash loop under --workers.
+    "pid-file-is-a-directory": (["--pid", "DIRECTORY"], {}),
+    "control-socket-directory-missing": (["--control-socket", "MISSING/c.sock"], {}),
+    "control-socket-is-a-regular-file": (["--control-socket", "NOT_PEM"], {}),
+    "stack-size-no-thread-can-map": (["-k", "threads", "-o", "stack_size=68719476736"], {}),
+    "handler-module-calls-sys-exit": (["HANDLER", "_exits_on_import:handle"], {}),
 }
 
 
@@ -91,11 +98,17 @@ def test_check_config_exits_2_for_what_serve_refuses(tmp_path: Path, case: str) 
     # 95 bytes: a Unix socket path holds 107, less the 15 its workers' sockets add.
     long_path = str(tmp_path / "c").ljust(95, "c")
     paths = {"NOT_PEM": str(not_pem), "MISSING/x.pid": str(tmp_path / "missing" / "x.pid"),
-             "RUNNING.pid": str(running), "LONG_PATH": long_path}  # fmt: skip
+             "RUNNING.pid": str(running), "LONG_PATH": long_path, "DIRECTORY": str(tmp_path),
+             "MISSING/c.sock": str(tmp_path / "missing" / "c.sock")}  # fmt: skip
     extra = [paths.get(a, a) for a in extra]
+    handler = "_serving:handle"
+    if "HANDLER" in extra:
+        at = extra.index("HANDLER")
+        handler = extra[at + 1]
+        del extra[at : at + 2]
     env = {**environment(), **extra_env}
     control = [] if "--control-socket" in extra else ["--control-socket", "off"]
-    base = ["_serving:handle", "--bind", "127.0.0.1:0", *control, *extra]
+    base = [handler, "--bind", "127.0.0.1:0", *control, *extra]
     served = run_serve(base, env, tmp_path)
     assert served.returncode == 2, served.stderr  # weft serve itself refuses it
     refusal = last_line(served.stderr)
@@ -105,6 +118,41 @@ def test_check_config_exits_2_for_what_serve_refuses(tmp_path: Path, case: str) 
         f"exit 2 ({refusal!r}); its stderr: {checked.stderr!r}"
     )
     assert last_line(checked.stderr) == refusal
+    assert "Traceback" not in served.stderr + checked.stderr
+    assert not list(tmp_path.glob(".*.tmp")), "a half-written file was left behind"
+
+
+def test_check_config_keeps_what_the_handler_prints_at_import_off_stdout(tmp_path: Path) -> None:
+    """--check-config prints the settings on stdout for a reader to parse; a module that
+    prints as it is imported put its line among them (the config probe's F11)."""
+    done = run_serve(
+        ["_prints_on_import:handle", "--bind", "127.0.0.1:0", "--control-socket", "off",
+         "--check-config"], environment(), tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "HELLO FROM IMPORT" in done.stderr
+    assert "HELLO FROM IMPORT" not in done.stdout
+    assert all(" = " in line for line in done.stdout.splitlines() if line.strip()), done.stdout
+
+
+def test_a_handler_module_calling_sys_exit_is_named(tmp_path: Path) -> None:
+    """A module that calls sys.exit(3) as it is imported (a script's code without its
+    `if __name__ == '__main__':` guard) made weft serve exit 3, saying nothing."""
+    done = run_serve(["_exits_on_import:handle", "--bind", "127.0.0.1:0", "--control-socket",
+                      "off"], environment(), tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "the module called sys.exit(3) as it was imported" in last_line(done.stderr)
+
+
+def test_no_handler_is_the_same_line_from_serve_and_check_config(tmp_path: Path) -> None:
+    """The two said different things (the config probe's F9)."""
+    served = run_serve(["--bind", "127.0.0.1:0", "--control-socket", "off"], environment(),
+                       tmp_path)  # fmt: skip
+    checked = run_serve(["--bind", "127.0.0.1:0", "--control-socket", "off", "--check-config"],
+                        environment(), tmp_path)  # fmt: skip
+    assert (served.returncode, checked.returncode) == (2, 2)
+    assert last_line(served.stderr) == last_line(checked.stderr)
+    assert "no handler" in last_line(served.stderr)
 
 
 # -- every wrong value names its source ----------------------------------------------------

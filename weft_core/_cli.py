@@ -29,7 +29,7 @@ from typing import Any
 
 from . import __version__, _registry
 from ._config import Config, load_config, parse_option_value
-from ._ctl import WORKER_SUFFIX, ControlSocket, check_path_length
+from ._ctl import ControlSocket, check_control_path
 from ._deadline import Deadline
 from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
@@ -240,10 +240,7 @@ def _serve(ns: argparse.Namespace) -> int:
     if inherited:
         _activation.log_inherited(inherited, used=not binds)
     if config.handler is None:
-        return _fail(
-            "no handler: give one as `weft serve module:attribute`, or set handler in weft.toml",
-            EXIT_USAGE,
-        )
+        return _fail(NO_HANDLER, EXIT_USAGE)
     if config.get("reload") and not worker:
         return _reload(ns.argv, config)
     if not worker:
@@ -435,16 +432,17 @@ def _prepare_process(config: Config) -> None:
 def _check_paths(config: Config) -> None:
     """Refuse, before anything binds, a pid file or control socket path that cannot work.
 
-    ConfigError for a pid file whose directory is missing or not writable, or that
-    names a running server, and for a control socket path too long for a Unix
-    socket (with what its workers' sockets add). ``weft serve`` and
-    ``--check-config`` both run it.
+    ConfigError for a pid file whose directory is missing or not writable, that is
+    not a regular file, or that names a running server, and for a control socket
+    path too long for a Unix socket (with what its workers' sockets add), in a
+    directory that is missing or not writable, or naming something not a socket.
+    ``weft serve`` and ``--check-config`` both run it.
     """
     pid = config.get("pid")
     if pid is not None:
         PidFile(pid).check()
     if config.control_socket is not None:
-        check_path_length(config.control_socket, WORKER_SUFFIX)
+        check_control_path(config.control_socket)
 
 
 def _check_config(config: Config) -> int:
@@ -459,7 +457,7 @@ def _check_config(config: Config) -> int:
     for warning in config.warnings:
         print(f"weft: warning: {warning}", file=sys.stderr)
     if config.handler is None:
-        return _fail("no handler: give one as `weft serve module:attribute`", EXIT_USAGE)
+        return _fail(NO_HANDLER, EXIT_USAGE)
     try:
         from ._server import Server
 
@@ -468,7 +466,11 @@ def _check_config(config: Config) -> int:
             # serve would refuse is refused here.
             setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
         _check_paths(config)
-        server = Server(import_handler(config.handler), **config.server_kwargs())
+        # What the module prints as it is imported goes to stderr: stdout is the
+        # settings, for a reader to parse.
+        with contextlib.redirect_stdout(sys.stderr):
+            handler = import_handler(config.handler)
+        server = Server(handler, **config.server_kwargs())
         if config.workers > 1:  # as the supervisor checks it, before it binds
             from ._workers import check_capacity
 
@@ -785,6 +787,10 @@ def _nothing() -> None:
     """Run in the runtime's loop by the watchdog: getting there is the test."""
 
 
+#: What ``weft serve`` and ``--check-config`` say when no handler is given.
+NO_HANDLER = "no handler: give one as `weft serve module:attribute`, or set handler in weft.toml"
+
+
 def import_handler(spec: str) -> Callable[..., Any]:
     """Import ``module:attribute`` (attribute may be dotted), as gunicorn does.
 
@@ -803,6 +809,12 @@ def import_handler(spec: str) -> Callable[..., Any]:
         raise HandlerImportError(
             f"cannot import handler {spec!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    except SystemExit as exc:  # its status passed through as weft's, unexplained
+        raise HandlerImportError(
+            f"cannot import handler {spec!r}: the module called sys.exit({exc.code!r}) as it"
+            " was imported (code meant to run only as a script needs an"
+            " `if __name__ == '__main__':` guard)"
+        ) from None
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)

@@ -162,6 +162,40 @@ def check_path_length(path: str, extra: int = 0) -> None:
         )
 
 
+def check_control_path(path: str) -> None:
+    """Refuse, before anything binds, a control socket path that cannot be bound (ConfigError).
+
+    Its length (with what its workers' sockets add), its directory (there, and
+    writable by this user), and what is there already (a socket, or nothing). A
+    live server answering on it is found when binding.
+    """
+    check_path_length(path, WORKER_SUFFIX)
+    where = Path(path)
+    directory = where.parent
+    if not directory.is_dir():
+        raise ConfigError(
+            f"the control socket's directory {escape_for_log(str(directory))} does not exist;"
+            " create it, or choose another control_socket",
+            key="control_socket",
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"this user may not make the control socket in {escape_for_log(str(directory))};"
+            " choose another control_socket",
+            key="control_socket",
+        )
+    try:
+        info = where.lstat()
+    except OSError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ConfigError(
+            f"{escape_for_log(path)} exists and is not a socket; remove it or choose another"
+            " control_socket",
+            key="control_socket",
+        )
+
+
 #: The listening control socket a supervisor re-executed on USR2 inherited from the
 #: image before (its descriptor), until :meth:`ControlSocket.open` takes it.
 _inherited_fd: int | None = None

@@ -58,6 +58,11 @@ class PidFile:
                 f"cannot write the pid file {self.path} (pid): this user may not write to "
                 f"{directory}; give a path it may write to"
             )
+        if self.path.exists() and not self.path.is_file():
+            raise ConfigError(
+                f"cannot write the pid file {self.path} (pid): it is a directory or another"
+                " kind of file, not a regular one; give a file's path"
+            )
         other = self._running_owner()
         if other is not None:
             raise ConfigError(
@@ -93,6 +98,7 @@ class PidFile:
             partial.write_text(f"{os.getpid()}\n", encoding="ascii")
             os.replace(partial, self.path)
         except OSError as exc:
+            partial.unlink(missing_ok=True)
             raise ConfigError(
                 f"cannot write the pid file {self.path} (pid): {exc.strerror or exc}; "
                 "give a path in a directory this user may write to"

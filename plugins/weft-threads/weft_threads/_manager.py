@@ -332,16 +332,31 @@ def _check_stack_size(value: object) -> None:
 
     Asked of ``threading.stack_size`` itself (then set back): what this platform
     takes (0, or at least 32 KiB, perhaps in pages), rather than a rule of ours.
+    Then one thread is started with it and joined: a size the platform takes but
+    cannot map (64 GiB) passed, and the server bound, said it listened, and failed
+    to start its acceptor (exit 1; under ``--workers`` a worker crash loop).
     Without it, the first connection failed with a traceback from ``run()``.
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"threads manager: stack_size must be a number of bytes, not {value!r}")
+    advice = " give 0 (the platform's) or a number of bytes, 32 KiB or more, such as 262144"
     try:
         previous = threading.stack_size(value)
     except ValueError as exc:
         raise ValueError(
-            f"threads manager: stack_size={value} cannot be a thread's stack ({exc});"
-            " give 0 (the platform's) or a number of bytes, 32 KiB or more,"
-            " such as stack_size=262144"
+            f"threads manager: stack_size={value} cannot be a thread's stack ({exc});{advice}"
         ) from None
-    threading.stack_size(previous)
+    try:
+        probe = threading.Thread(target=_nothing, name="weft threads: stack_size check")
+        probe.start()
+        probe.join()
+    except RuntimeError as exc:  # "can't start new thread": the stack cannot be mapped
+        raise ValueError(
+            f"threads manager: no thread starts with stack_size={value} ({exc});{advice}"
+        ) from None
+    finally:
+        threading.stack_size(previous)
+
+
+def _nothing() -> None:
+    """What the stack size's trial thread runs."""
