@@ -490,3 +490,27 @@ def test_validate_is_the_one_entry_point() -> None:
     assert (python.value.source, text.value.source) == (None, "environment variable WEFT_BACKLOG")
     assert validate("unix_mode", "660", text=True) == 0o660
     assert validate("unix_mode", "0o660", text=True) == 0o660
+
+
+@pytest.mark.parametrize(
+    ("written", "refused"),
+    [("440", True), ("600", True), ("4_40", True), ("0o440", False), ("0o660", False),
+     ("0", False), ("0x1a0", False)],
+)  # fmt: skip
+def test_a_decimal_unix_mode_in_weft_toml_is_refused(
+    tmp_path: Path, written: str, refused: bool
+) -> None:
+    """TOML reads ``unix_mode = 440`` as 440, the mode 0o670: a looser mode than the 0440
+    the same digits give in WEFT_UNIX_MODE or --unix-mode, taken without a word (the
+    config probe's F3). A mode written in decimal is refused, naming the octal it means."""
+    path = tmp_path / "weft.toml"
+    path.write_text(f"unix_mode = {written}  # the socket's mode\n")
+    if refused:
+        with pytest.raises(ConfigError, match=r"decimal number in TOML, the mode 0o\d+") as info:
+            load_config({}, config_file=str(path))
+        assert f"unix_mode = 0o{written}" in str(info.value)
+    else:
+        config = load_config({}, config_file=str(path))
+        assert config.get("unix_mode") == int(written, 0)
+        (line,) = [x for x in config.describe() if x.startswith("unix_mode")]
+        assert line.endswith(f"({oct(int(written, 0))})")

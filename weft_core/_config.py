@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -202,7 +203,34 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
                 f"expected a table, got {table!r}", source=str(path), key="tool.weft"
             )
         document = table
+    _refuse_a_decimal_mode(document, text, source)
     return _from_table(document, source, path.parent), source
+
+
+#: ``unix_mode = 440``: a decimal integer literal, as TOML reads it.
+_DECIMAL_MODE = re.compile(r"^[ \t]*unix_mode[ \t]*=[ \t]*([1-9][0-9_]*)[ \t]*(?:#.*)?$", re.M)
+
+
+def _refuse_a_decimal_mode(table: Mapping[str, Any], text: str, source: str) -> None:
+    """Refuse ``unix_mode`` written as a decimal number: ``440`` is the mode 0o670.
+
+    TOML reads ``unix_mode = 440`` as four hundred and forty, a looser mode than
+    the 0440 the same digits mean in ``WEFT_UNIX_MODE`` or ``--unix-mode``, and a
+    valid one, so nothing else would say so. tomllib keeps no trace of how a number
+    was written, so the file's text is read for it.
+    """
+    value = table.get("unix_mode")
+    if isinstance(value, bool) or not isinstance(value, int):
+        return
+    for match in _DECIMAL_MODE.finditer(text):
+        if int(match.group(1).replace("_", "")) == value:
+            raise ConfigError(
+                f"unix_mode = {match.group(1)} is a decimal number in TOML, the mode"
+                f" {oct(value)}; write a mode in octal: unix_mode = 0o{match.group(1)}"
+                " (or 0o660, 0o600, ...)",
+                source=source,
+                key="unix_mode",
+            )
 
 
 def _plugin_prefixes() -> tuple[str, ...]:
@@ -410,7 +438,10 @@ class Config:
             if setting is not None and setting.kind.secret and value is not None:
                 value = "***"
             origin = self.sources.get(key, DEFAULT) if given else DEFAULT
-            lines.append(f"{key} = {json_value(value)}  # {_origin_kind(origin, self.file)}")
+            where = _origin_kind(origin, self.file)
+            if key == "unix_mode" and isinstance(value, int):
+                where += f" ({oct(value)})"  # JSON has no octal; modes are read in it
+            lines.append(f"{key} = {json_value(value)}  # {where}")
         return lines
 
     def server_kwargs(self) -> dict[str, Any]:
