@@ -137,6 +137,31 @@ def test_json_log_format_keeps_a_handler_import_error_a_json_line(tmp_path: Path
     assert non_json(run.stderr) == [], f"non-JSON lines: {non_json(run.stderr)}"
 
 
+@pytest.mark.parametrize(
+    ("args", "variables"),
+    [
+        (["--backlog", "0", "--log-format", "json"], {}),
+        (["--bind", "nonsense:::", "--log-format", "JSON"], {}),
+        (["--backlog", "0"], {"WEFT_LOG_FORMAT": "json"}),
+        (["--check-config"], {"WEFT_LOG_FORMAT": "json", "WEFT_NO_SUCH_SETTING": "1"}),
+    ],
+    ids=["flag", "bind", "variable", "check-config-warning"],
+)
+def test_json_log_format_keeps_the_configs_own_errors_json(
+    tmp_path: Path, args: list[str], variables: dict[str, str]
+) -> None:
+    """deployment.md: with --log-format json 'every line weft writes is one JSON object:
+    a failure to start ...'. A mistake in the config itself was found before the log
+    format was known and said as plain text (the config probe's F5); the flag, or
+    WEFT_LOG_FORMAT, now decides the format of those lines too."""
+    run = subprocess.run(weft_serve("nosuchmodule:handle", "--control-socket", "off", *args),
+                         env={**env(), **variables}, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert run.stderr.strip(), "nothing said"
+    assert non_json(run.stderr) == [], f"non-JSON lines: {non_json(run.stderr)}"
+    assert run.returncode == 2
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("manager", "extra"), MANAGERS[1:], ids=IDS[1:])
 def test_json_log_format_keeps_the_watchdogs_stack_dump_json(

@@ -35,7 +35,7 @@ from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
-from ._logging import print_line, setup_logging, stderr_line
+from ._logging import json_asked_for, print_line, setup_logging, stderr_line
 from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
@@ -200,6 +200,7 @@ def _fail(message: object, status: int) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     starting = hold_while_starting()  # until _run's (or the supervisor's) handlers go in
     flags, names = flag_values(ns)
+    json_asked_for(flags.get("log_format"), os.environ)  # the config's own errors too
     flags["handler"] = ns.handler
     names.update(handler="HANDLER", manager_options="-o/--manager-option")
     try:
@@ -455,7 +456,7 @@ def _check_config(config: Config) -> int:
     for line in config.describe():
         print(line)
     for warning in config.warnings:
-        print(f"weft: warning: {warning}", file=sys.stderr)
+        print_line(stderr_line(f"warning: {warning}", logging.WARNING))
     if config.handler is None:
         return _fail(NO_HANDLER, EXIT_USAGE)
     try:

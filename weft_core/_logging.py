@@ -39,6 +39,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -52,6 +53,7 @@ __all__ = [
     "StderrHandler",
     "TextFormatter",
     "flush_own_log",
+    "json_asked_for",
     "logs_json",
     "print_line",
     "setup_logging",
@@ -220,11 +222,35 @@ def stderr_line(message: str, level: int = logging.ERROR, **fields: Any) -> str:
     A JSON object under ``--log-format json`` (with ``fields``), so that every line
     a log pipeline reads parses; ``weft: message`` otherwise, fields left out.
     """
+    formatter: logging.Formatter | None = None
     if _own_handler is not None and logs_json():
+        formatter = _own_handler.formatter
+    elif _own_handler is None and _json_asked:
+        formatter = JsonFormatter()
+    if formatter is not None:
         record = logging.LogRecord("weft", level, __file__, 0, "%s", (message,), None)
         record.__dict__.update(fields)
-        return _own_handler.format(record)
+        return formatter.format(record)
     return f"weft: {message}"
+
+
+#: ``--log-format json`` or ``WEFT_LOG_FORMAT=json`` was given, seen before the
+#: config is read (see :func:`json_asked_for`).
+_json_asked = False
+
+
+def json_asked_for(flag: str | None, environ: Mapping[str, str]) -> None:
+    """Before the config is read: say its errors as JSON if the flag or variable asks.
+
+    The log format is a setting like any other, so the config's own mistakes (a bad
+    ``--backlog``, a bad ``--bind``) were found before it was known, and said as
+    plain text to a pipeline that reads JSON. The flag, else ``WEFT_LOG_FORMAT``,
+    decides them now; a ``log_format`` in a config file is known only once the
+    file is read.
+    """
+    global _json_asked
+    value = flag if flag is not None else environ.get("WEFT_LOG_FORMAT", "")
+    _json_asked = value.strip().lower() == "json"
 
 
 class StderrHandler(logging.Handler):
