@@ -175,7 +175,10 @@ def test_server_and_weft_toml_agree(key: str, value: Any) -> None:
     companions = "".join(f"{k} = {toml_value(v)}\n" for k, v in COMPANIONS.get(key, {}).items())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "weft.toml"
-        path.write_text(f"{key} = {toml_value(value)}\n{companions}", encoding="utf-8")
+        written = toml_value(value)
+        if key == "unix_mode" and type(value) is int and value > 0:
+            written = f"0o{value:o}"  # a mode in decimal is refused in weft.toml alone
+        path.write_text(f"{key} = {written}\n{companions}", encoding="utf-8")
         from_file = verdict(lambda: load_config(environ={}, cwd=tmp))
     assert from_file == server_verdict(key, value)
 
@@ -514,3 +517,25 @@ def test_a_decimal_unix_mode_in_weft_toml_is_refused(
         assert config.get("unix_mode") == int(written, 0)
         (line,) = [x for x in config.describe() if x.startswith("unix_mode")]
         assert line.endswith(f"({oct(int(written, 0))})")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "most"),
+    [("backlog", 2**31, "(2147483647)"), ("max_connections", 10**20, "(2147483647)"),
+     ("idle_timeout", 1e10, "(1e+09 seconds, 31 years)"), ("full_wait", 2e9, "(1e+09 seconds")],
+)  # fmt: skip
+def test_a_value_past_the_most_a_setting_takes_names_that_most(
+    key: str, value: Any, most: str
+) -> None:
+    """'expected a positive integer, got 2147483648' left the reader guessing what was
+    wrong with a positive integer (the config probe's F7): the bound is named."""
+    with pytest.raises(ConfigError, match="more than the most it can be") as info:
+        Server(handle, **{key: value})
+    assert most in str(info.value)
+
+
+def test_an_unusable_user_name_is_a_config_error() -> None:
+    """A user name that cannot be looked up at all (a lone surrogate, as a non-UTF-8
+    WEFT_USER decodes to) raised UnicodeEncodeError from pwd, not a ConfigError."""
+    with pytest.raises(ConfigError, match="no user named"):
+        load_config(environ={"WEFT_USER": "\ud800"})

@@ -166,24 +166,14 @@ def check_control_path(path: str) -> None:
     """Refuse, before anything binds, a control socket path that cannot be bound (ConfigError).
 
     Its length (with what its workers' sockets add), its directory (there, and
-    writable by this user), and what is there already (a socket, or nothing). A
-    live server answering on it is found when binding.
+    writable by this user; the default path's is made when it opens), and what is
+    there already (a socket, or nothing). A live server answering on it is found
+    when binding.
     """
     check_path_length(path, WORKER_SUFFIX)
     where = Path(path)
-    directory = where.parent
-    if not directory.is_dir():
-        raise ConfigError(
-            f"the control socket's directory {escape_for_log(str(directory))} does not exist;"
-            " create it, or choose another control_socket",
-            key="control_socket",
-        )
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"this user may not make the control socket in {escape_for_log(str(directory))};"
-            " choose another control_socket",
-            key="control_socket",
-        )
+    if path != default_path():
+        _check_directory(where.parent)
     try:
         info = where.lstat()
     except OSError:
@@ -192,6 +182,22 @@ def check_control_path(path: str) -> None:
         raise ConfigError(
             f"{escape_for_log(path)} exists and is not a socket; remove it or choose another"
             " control_socket",
+            key="control_socket",
+        )
+
+
+def _check_directory(directory: Path) -> None:
+    """Refuse a control socket directory that is missing or that this user cannot write."""
+    shown = escape_for_log(str(directory))
+    if not directory.is_dir():
+        raise ConfigError(
+            f"the control socket's directory {shown} does not exist; create it, or choose"
+            " another control_socket",
+            key="control_socket",
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"this user may not make the control socket in {shown}; choose another control_socket",
             key="control_socket",
         )
 

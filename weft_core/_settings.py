@@ -160,6 +160,11 @@ def integer(lo: int, hi: int = _MAX_INT, *, none: str | None = None, expected: s
         if _is_none(value, none):
             return None
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            if isinstance(value, int) and not isinstance(value, bool) and value > hi:
+                # "a positive integer, got 2147483648" would leave the reader guessing.
+                raise Invalid(
+                    f"expected {expected}, got {show(value)}, more than the most it can be ({hi})"
+                )
             raise Invalid
         return value
 
@@ -183,7 +188,12 @@ def seconds(*, positive: bool, none: str | None = None) -> Kind:
             raise Invalid
         if isinstance(value, float) and not math.isfinite(value):
             raise Invalid
-        if value > _MAX_SECONDS or value < 0 or (positive and value == 0):
+        if value > _MAX_SECONDS:
+            raise Invalid(
+                f"expected {expected}, got {value:g}, more than the most it can be"
+                f" ({_MAX_SECONDS:g} seconds, 31 years)"
+            )
+        if value < 0 or (positive and value == 0):
             raise Invalid
         return float(value)
 
@@ -462,8 +472,8 @@ def _check_account(value: Any, database: str) -> str | None:
             grp.getgrnam(name)
     except ImportError:
         raise Invalid(f"switching {database} needs a POSIX system") from None
-    except KeyError:
-        raise Invalid(f"no {database} named {name!r} on this system") from None
+    except (KeyError, UnicodeEncodeError, ValueError):  # a lone surrogate, a NUL: no name
+        raise Invalid(f"no {database} named {show(name)} on this system") from None
     return name
 
 
