@@ -603,3 +603,32 @@ def test_any_environment_loads_or_raises_config_error_naming_a_key(env: dict[str
             assert exc.key, exc
             assert exc.source is not None
             assert exc.source.startswith("environment variable WEFT_")
+
+
+# -- the config probe (session 24) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("other", ["address", "port"])
+def test_bind_and_address_on_one_command_line_are_refused(other: str) -> None:
+    """`--bind 127.0.0.1:1 --address 127.0.0.3`: the address was dropped without a word
+    and --check-config listed it as the default (the config probe's F12). One command
+    line, as one file, gives either."""
+    flags = {"bind": ["127.0.0.1:1"], other: "127.0.0.3" if other == "address" else "9"}
+    with pytest.raises(ConfigError, match=f"give either --bind or --{other}, not both"):
+        load_config(flags, environ={})
+
+
+def test_check_config_says_address_and_port_are_not_used_beside_bind() -> None:
+    config = load_config({"bind": ["127.0.0.1:1"]}, environ={})
+    listed = [line for line in config.describe() if line.startswith(("address =", "port ="))]
+    assert len(listed) == 2
+    assert all(line.endswith("not used: bind says where to listen") for line in listed)
+
+
+def test_a_weft_toml_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    """A folder named weft.toml in the current directory was skipped as if there were no
+    config (and a pyproject.toml beside it read instead); -c with it is refused (F13)."""
+    (tmp_path / "weft.toml").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[tool.weft]\nbacklog = 7\n")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(environ={}, cwd=tmp_path)

@@ -293,6 +293,17 @@ def _from_cli(
 ) -> list[tuple[_Settings, str]]:
     # Each flag is its own source, so an error names the flag that was wrong.
     out: list[tuple[_Settings, str]] = []
+    given = [k for k in ("address", "port") if flags.get(k) is not None]
+    if flags.get("bind") is not None and given and names.get("bind") != "LISTEN_FDS":
+        # One command line, as one file, says where to listen one way: a later flag
+        # replacing an earlier one's place would drop one without a word.
+        flag = names.get(given[0], "--" + given[0])
+        raise ConfigError(
+            f"give either {names.get('bind', '--bind')} or {flag}, not both"
+            " (bind takes 'HOST:PORT' strings)",
+            source=f"command line {flag}",
+            key=given[0],
+        )
     for key, value in flags.items():
         if value is None:
             continue
@@ -439,6 +450,8 @@ class Config:
                 value = "***"
             origin = self.sources.get(key, DEFAULT) if given else DEFAULT
             where = _origin_kind(origin, self.file)
+            if key in ("address", "port") and self.values.get("bind"):
+                where += "; not used: bind says where to listen"
             if key == "unix_mode" and isinstance(value, int):
                 where += f" ({oct(value)})"  # JSON has no octal; modes are read in it
             lines.append(f"{key} = {json_value(value)}  # {where}")
@@ -577,8 +590,16 @@ def _find_file(
             raise ConfigError(f"config file {what}: {str(path)!r}", source=how, key="config")
         return path, path.name == "pyproject.toml", True
     for name in ("weft.toml", "pyproject.toml"):
-        if (base / name).is_file():
-            return base / name, name == "pyproject.toml", False
+        path = base / name
+        if path.is_file():
+            return path, name == "pyproject.toml", False
+        if name == "weft.toml" and path.exists():  # skipped, it would look like an empty config
+            raise ConfigError(
+                f"{str(path)!r} is not a regular file (a directory?); a config file must be"
+                " one: move it, or give the config with --config",
+                source="the current directory",
+                key="config",
+            )
     return None
 
 
