@@ -76,6 +76,7 @@ CHECK_CASES = {
     "control-socket-is-a-regular-file": (["--control-socket", "NOT_PEM"], {}),
     "stack-size-no-thread-can-map": (["-k", "threads", "-o", "stack_size=68719476736"], {}),
     "handler-module-calls-sys-exit": (["HANDLER", "_exits_on_import:handle"], {}),
+    "family-dual-with-an-ipv4-address": (["--family", "dual"], {}),
 }
 
 

@@ -539,3 +539,13 @@ def test_an_unusable_user_name_is_a_config_error() -> None:
     WEFT_USER decodes to) raised UnicodeEncodeError from pwd, not a ConfigError."""
     with pytest.raises(ConfigError, match="no user named"):
         load_config(environ={"WEFT_USER": "\ud800"})
+
+
+def test_family_dual_with_an_ipv4_address_is_refused_when_the_server_is_made() -> None:
+    """It passed --check-config and failed only at run(), after the config looked clean
+    (the config probe's F16); 0.0.0.0 stands for :: there and is taken."""
+    for kwargs in ({}, {"address": "10.1.2.3"}, {"bind": ["[::1]:0", "127.0.0.1:0"]}):
+        with pytest.raises(ConfigError, match=r"family='dual' .* needs an IPv6 address"):
+            Server(handle, family="dual", **kwargs)
+    Server(handle, family="dual", address="0.0.0.0")
+    Server(handle, family="dual", bind=["[::]:0", "unix:/tmp/x.sock"])

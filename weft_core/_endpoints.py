@@ -28,6 +28,7 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from ._errors import ConfigError
 from ._logsafe import escape_for_log
 
 __all__ = [
@@ -110,6 +111,30 @@ def listen_endpoints(bind: list[str] | None, address: str, port: int) -> list[En
     if bind:
         return [parse_endpoint(text) for text in bind]
     return [address_endpoint(address, port)]
+
+
+def check_dual(hosts: list[str | None]) -> None:
+    """ConfigError for an IPv4 address among ``hosts`` of a ``family='dual'`` server.
+
+    A dual socket is an IPv6 one that also takes IPv4 clients: it needs an IPv6
+    address. Checked when the Server is made (``--check-config`` too) and again
+    when it binds. ``0.0.0.0`` stands for ``::`` there.
+    """
+    for host in hosts:
+        if host and host != "0.0.0.0" and _is_ipv4_literal(host):
+            raise ConfigError(
+                f"family='dual' listens on an IPv6 socket that also accepts IPv4 clients, so it "
+                f"needs an IPv6 address such as '::' or '::1', not {host!r}",
+                key="family",
+            )
+
+
+def _is_ipv4_literal(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def format_endpoint_host_port(host: str, port: int | str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
 import socket
 import stat
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ._endpoints import Endpoint
+from ._endpoints import Endpoint, check_dual
 from ._errors import BindError, ConfigError
 from ._logsafe import escape_for_log
 
@@ -82,14 +81,10 @@ def open_listeners(
 
 def _resolve(host: str | None, port: int | str | None, family: Family) -> list[tuple[int, tuple]]:  # type: ignore[type-arg]
     af = {"auto": socket.AF_UNSPEC, "ipv4": socket.AF_INET}.get(family, socket.AF_INET6)
-    if family == "dual" and host in (None, "", "0.0.0.0"):
-        host = "::"
-    elif family == "dual" and host and _is_ipv4_literal(host):
-        raise ConfigError(
-            f"family='dual' listens on an IPv6 socket that also accepts IPv4 clients, so it "
-            f"needs an IPv6 address such as '::' or '::1', not {host!r}",
-            key="family",
-        )
+    if family == "dual":
+        check_dual([host])
+        if host in (None, "", "0.0.0.0"):
+            host = "::"
     try:
         infos = socket.getaddrinfo(
             host or None,
@@ -108,14 +103,6 @@ def _resolve(host: str | None, port: int | str | None, family: Family) -> list[t
         if (af_, sockaddr) not in seen:
             seen.append((af_, sockaddr))
     return seen
-
-
-def _is_ipv4_literal(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _where(host: str | None, port: int | str | None) -> str:

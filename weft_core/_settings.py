@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ._endpoints import parse_endpoint
+from ._endpoints import check_dual, listen_endpoints, parse_endpoint
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
@@ -865,6 +865,9 @@ class Settings:
             values["shutdown_handler"],
             values["shutdown_allow_no_secret"],
         )
+        if values["family"] == "dual":  # found when binding otherwise, after a clean check
+            endpoints = listen_endpoints(values["bind"], values["address"], values["port"])
+            check_dual([e.host for e in endpoints if e.kind == "tcp"])
         tls = values.pop("tls")
         if isinstance(tls, Mapping):
             tls = make_server_context(tls_table(tls))
