@@ -25,7 +25,8 @@ from test_cli import _isolated, one_error_line, write_module  # noqa: F401
 from test_cli import fake_server as fake_server  # a fixture, used by name
 
 from weft_core._cli import build_parser, main
-from weft_core._flags import FLAGS, render_flag
+from weft_core._config import load_config
+from weft_core._flags import FLAGS, flag_values, render_flag
 from weft_core._logging import JsonFormatter, TextFormatter
 from weft_core._settings import SETTINGS
 from weft_core._workers import worker_args
@@ -71,10 +72,24 @@ def test_gunicorn_spellings_parse() -> None:
     assert got == {
         "bind": ["0.0.0.0:80", "fd://3"], "workers": "3", "config": "x.toml",
         "manager": "gevent", "backlog": "10", "reuse_port": True, "tls.certfile": "c.pem",
-        "tls.keyfile": "k.pem", "tls.cafile": "ca.pem", "trusted_proxies": "10.0.0.0/8",
+        "tls.keyfile": "k.pem", "tls.cafile": "ca.pem", "trusted_proxies": ["10.0.0.0/8"],
         "pid": "app.pid", "user": "nobody", "group": "nogroup", "log_config": "log.toml",
         "log_format": "json", "reload": True, "check_config": True, "nodelay": False,
     }  # fmt: skip
+
+
+def test_a_list_flag_given_twice_adds_to_the_list() -> None:
+    """`--args 1 --args 2` gave ["2"], the first dropped without a word, as argparse keeps
+    the last of a flag given twice (the config probe's F15); each one counts, as -b's do."""
+    ns = serve_parser().parse_args(
+        ["app:h", "--args", "1", "--args", "2,3", "--trusted-proxies", "10.0.0.0/8",
+         "--trusted-proxies", "unix"]
+    )  # fmt: skip
+    values, _ = flag_values(ns)
+    assert (values["args"], values["trusted_proxies"]) == ("1,2,3", "10.0.0.0/8,unix")
+    config = load_config(values, environ={})
+    assert config.get("args") == ("1", "2", "3")
+    assert config.get("trusted_proxies") == ["10.0.0.0/8", "unix"]
 
 
 @pytest.mark.timeout(20)

@@ -102,6 +102,7 @@ BOTH_WAYS = sorted(
 COMPANIONS: dict[str, dict[str, Any]] = {
     "shutdown_secret": {"shutdown_port": 0},
     "shutdown_port": {"shutdown_allow_no_secret": True},
+    "family": {"address": "::"},  # 'dual' needs an IPv6 host: the Server says so when made
 }
 
 
@@ -549,3 +550,11 @@ def test_family_dual_with_an_ipv4_address_is_refused_when_the_server_is_made() -
             Server(handle, family="dual", **kwargs)
     Server(handle, family="dual", address="0.0.0.0")
     Server(handle, family="dual", bind=["[::]:0", "unix:/tmp/x.sock"])
+
+
+def test_proxy_protocol_with_no_trusted_proxy_is_refused() -> None:
+    """`--proxy-protocol --trusted-proxies ""` started a server that refused every client
+    (only a trusted proxy's header is taken) without a word (the config probe's F15)."""
+    with pytest.raises(ConfigError, match=r"trusted_proxies.*every client would be refused"):
+        Server(handle, proxy_protocol=True, trusted_proxies=[])
+    Server(handle, trusted_proxies=[])  # nothing is refused without proxy_protocol

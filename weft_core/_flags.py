@@ -134,7 +134,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             options += ["--no-" + o[2:] for o in flag.options if o.startswith("--")]
             kwargs.update(action=_Switch, nargs=0)
         else:
-            if name == "bind":  # several listening places: -b A -b B
+            if name in _LISTS:  # -b A -b B; --args X --args Y: each one counts
                 kwargs["action"] = "append"
             upper = name.rpartition(".")[2].upper()
             metavar = "FILE" if flag.setting.kind.path else _METAVARS.get(flag.setting.type)
@@ -145,7 +145,15 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def flag_values(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings the command line gave, as typed (None: not given), and each one's flag."""
     values = {name: getattr(ns, name, None) for name in FLAGS}
+    for name in _LISTS - {"bind"}:  # text, as a variable gives it: items joined by commas
+        given: list[str] | None = values.get(name)
+        if given is not None:
+            values[name] = ",".join(given)
     return values, {name: flag.name for name, flag in FLAGS.items()}
+
+
+#: The settings that hold lists: a flag given twice adds to it (bind keeps its list).
+_LISTS = frozenset({"bind", "args", "trusted_proxies"})
 
 
 def render_flag(name: str, value: Any) -> str:

@@ -874,6 +874,13 @@ class Settings:
         enabled = values.pop("proxy_protocol")
         trusted = values.pop("trusted_proxies")
         header_timeout = values.pop("proxy_header_timeout")
+        if enabled and not trusted:
+            raise ConfigError(
+                "is empty, and with proxy_protocol every client would be refused (only a"
+                " trusted proxy's header is taken); list the balancer's networks, such as"
+                " 10.0.0.0/8, or 'unix' for the clients of Unix listeners",
+                key="trusted_proxies",
+            )
         proxy = ProxyPolicy.from_settings(trusted, header_timeout) if enabled else None
         return cls(
             handler=handler,
