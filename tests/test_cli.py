@@ -7,6 +7,7 @@ bottom (``test_e2e_*``) run ``python -m weft_core serve`` against the real Serve
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -776,3 +777,51 @@ def test_a_command_whose_reader_went_away_stops_quietly(tmp_path: Path, args: li
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr == "", result.stderr
     assert result.returncode == 1
+
+
+# -- a migrating user's first mistakes (the config probe, session 24) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "meant"),
+    [(["--access-logfile", "-"], "did you mean --access-log"),
+     (["--max-conections", "5"], "did you mean --max-connections?"),
+     (["--worker-connections=100"], "did you mean --max-connections?")],
+)  # fmt: skip
+def test_an_unknown_serve_flag_names_the_flag_meant(
+    capsys: pytest.CaptureFixture[str], args: list[str], meant: str
+) -> None:
+    """argparse printed weft's top-level usage and 'unrecognized arguments', no more."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "app:handle", *args])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("weft serve: error: unrecognized arguments:"), last
+    assert meant in last
+
+
+def test_gunicorns_sync_worker_points_at_threads() -> None:
+    """`-k sync` (gunicorn's default) suggested 'asyncio', by its letters."""
+    from weft_core import create_manager
+
+    with pytest.raises(UnknownManagerError, match="gunicorn's 'sync' worker is weft's 'threads'"):
+        create_manager("sync")
+
+
+def test_a_bind_given_twice_is_not_blamed_on_another_process() -> None:
+    """`-b 127.0.0.1:P -b localhost:P` said another process listened there: it was the
+    server's own first bind. And the line began with '[Errno 98]' where the docs show
+    'cannot listen on ...'."""
+    from weft_core import BindError, Server
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    server = Server(lambda conn: None, bind=[f"127.0.0.1:{port}", f"localhost:{port}"])
+    with pytest.raises(BindError) as info:
+        server.run()
+    text = str(info.value)
+    assert text.startswith(f"cannot listen on 127.0.0.1:{port}: Address already in use"), text
+    assert "another of this server's binds already listens there" in text
+    assert info.value.errno == errno.EADDRINUSE

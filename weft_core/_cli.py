@@ -70,7 +70,10 @@ class HandlerImportError(WeftError):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``weft`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extras = parser.parse_known_args(argv)
+    if extras:  # said by the command's own parser, with the flag meant, if one is near
+        command_parser: argparse.ArgumentParser = getattr(ns, "command_parser", parser)
+        command_parser.error(_unrecognized(extras, command_parser))
     ns.argv = list(sys.argv[1:] if argv is None else argv)  # for --reload's child
     command: Callable[[argparse.Namespace], int] | None = getattr(ns, "command", None)
     if command is not _serve:
@@ -89,6 +92,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_RUNTIME
+
+
+#: gunicorn's flags that weft spells otherwise, or covers another way.
+GUNICORN_FLAGS = {
+    "--access-logfile": "--access-log (to stderr; --log-config for a file)",
+    "--error-logfile": "--log-config (weft logs to stderr unless told)",
+    "--log-file": "--log-config (weft logs to stderr unless told)",
+    "--worker-connections": "--max-connections",
+    "--threads": "-k threads (a thread per connection)",
+    "--keep-alive": "--idle-timeout",
+    "--forwarded-allow-ips": "--trusted-proxies",
+}
+
+
+def _unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """The 'unrecognized arguments' line, with the flag meant when one is near."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    flags = [arg.partition("=")[0] for arg in extras if arg.startswith("--")]
+    if not flags:
+        return message
+    known = [o for action in parser._actions for o in action.option_strings]
+    meant = GUNICORN_FLAGS.get(flags[0])
+    if meant is None:
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        meant = close[0] if close else None
+    return f"{message}; did you mean {meant}?" if meant else message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status: 0 stopped, 1 failed to boot or died, 2 a mistake in the command, "
         "config or handler, 4 stopped leaving tasks behind.",
     )
-    serve.set_defaults(command=_serve)
+    serve.set_defaults(command=_serve, command_parser=serve)
     serve.add_argument(
         "handler",
         nargs="?",

@@ -59,7 +59,14 @@ class ServerError(WeftError):
 
 
 class BindError(WeftError, OSError):
-    """The server could not listen on the address and port it was given."""
+    """The server could not listen on the address and port it was given.
+
+    Its text is its message alone (``cannot listen on fd:9: Bad file descriptor``):
+    the message says what the kernel did; ``errno`` keeps the number.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 #: What a handler or a submitted call may raise that ends only its own task, as an

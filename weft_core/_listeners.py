@@ -71,7 +71,10 @@ def open_listeners(
                 assert target.fd is not None
                 opened.append(_adopt_fd(target.fd, backlog))
             else:
-                opened.extend(_open_tcp(target.host, target.port, family, backlog, reuse_port))
+                bound = [listener.sock.getsockname() for listener in opened]
+                opened.extend(
+                    _open_tcp(target.host, target.port, family, backlog, reuse_port, bound)
+                )
     except BaseException:
         for listener in opened:
             close_listener(listener)
@@ -111,13 +114,20 @@ def _where(host: str | None, port: int | str | None) -> str:
 
 
 def _open_tcp(
-    host: str | None, port: int | str | None, family: Family, backlog: int, reuse_port: bool
+    host: str | None,
+    port: int | str | None,
+    family: Family,
+    backlog: int,
+    reuse_port: bool,
+    bound: Sequence[object] = (),
 ) -> list[Listener]:
     """Bind every address ``host`` resolves to, all on one port.
 
     A name that resolves to several addresses (``localhost`` to 127.0.0.1 and ::1)
     gets a socket for each, as trio's ``open_tcp_listeners`` does; with port 0 the
     first socket's port is reused for the rest so the server has one port.
+    ``bound``: the addresses this server's earlier binds took, so that one taken
+    twice is not blamed on another process.
     """
     addresses = _resolve(host, port, family)
     chosen_port: int | None = None
@@ -142,11 +152,14 @@ def _open_tcp(
                 sock.listen(backlog)
             except OSError as exc:
                 sock.close()
-                hint = (
-                    "; another process is listening there: stop it or pick another port"
-                    if exc.errno == errno.EADDRINUSE
-                    else ""
-                )
+                hint = ""
+                if exc.errno == errno.EADDRINUSE:
+                    hint = (
+                        "; another of this server's binds already listens there (a name"
+                        " such as localhost resolves to an address given too): give it once"
+                        if sockaddr in bound
+                        else "; another process is listening there: stop it or pick another port"
+                    )
                 raise BindError(
                     exc.errno,
                     f"cannot listen on {_where(str(sockaddr[0]), sockaddr[1])}: "

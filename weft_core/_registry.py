@@ -423,6 +423,16 @@ def get_manager_spec(name: str) -> ManagerSpec:
     raise UnknownManagerError(_unknown_message(key, state, catalog))
 
 
+#: gunicorn's worker classes (``-k``), as a migrating user types them: weft's manager
+#: for each.
+GUNICORN_WORKERS = {
+    "sync": "threads",
+    "gthread": "threads",
+    "eventlet": "gevent",
+    "tornado": "asyncio",
+}
+
+
 def _unknown_message(name: str, state: _State, catalog: _Catalog) -> str:
     installed = ", ".join(catalog.managers) or "none"
     message = f"no task manager named {name!r} is installed (installed: {installed})"
@@ -441,6 +451,8 @@ def _unknown_message(name: str, state: _State, catalog: _Catalog) -> str:
 
     close = difflib.get_close_matches(name, [*catalog.managers, *KNOWN_MANAGERS], n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
+    if name in GUNICORN_WORKERS:  # -k sync came up 'asyncio' by its letters
+        hint = f"; gunicorn's {name!r} worker is weft's {GUNICORN_WORKERS[name]!r}"
     # Only a convention for third-party plugins, so said as one: never tell a user to
     # pip install a name we made up without saying so.
     return (
