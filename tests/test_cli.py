@@ -825,3 +825,24 @@ def test_a_bind_given_twice_is_not_blamed_on_another_process() -> None:
     assert text.startswith(f"cannot listen on 127.0.0.1:{port}: Address already in use"), text
     assert "another of this server's binds already listens there" in text
     assert info.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize(
+    ("flag", "made", "said"),
+    [("--certfile", "directory", "a directory, not a file"),
+     ("--log-config", "lc.yaml", "YAML is not read"),
+     ("--log-config", "lc.ini", "File contains no section headers. file:")],
+)  # fmt: skip
+def test_a_wrong_file_is_one_line_saying_what_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, made: str, said: str
+) -> None:
+    """A certfile that was a directory said 'no such file'; a YAML log config was read as
+    INI, its error three lines long (the config probe's F14)."""
+    path = tmp_path / made
+    if made == "directory":
+        path.mkdir()
+    else:
+        path.write_text("version: 1\nroot:\n  level: INFO\n")
+    extra = ["--keyfile", str(path)] if flag == "--certfile" else []
+    assert main(["serve", "app:handle", flag, str(path), *extra, "--control-socket", "off"]) == 2
+    assert said in one_error_line(capsys.readouterr().err)

@@ -580,6 +580,13 @@ def _apply_file(path: Path) -> None:
     import logging.config  # imports socketserver and more: only when a file is given
 
     source = f"log config {path}"
+    if path.suffix.lower() in (".yaml", ".yml"):  # read as INI, it failed as a puzzle
+        raise ConfigError(
+            "YAML is not read (weft needs nothing beyond the standard library): write the"
+            " same dictConfig as a .toml or .json file, or an INI file for fileConfig",
+            source=source,
+            key="log_config",
+        )
     try:
         if path.suffix.lower() in _DICT_SUFFIXES:
             text = path.read_text(encoding="utf-8")
@@ -597,6 +604,7 @@ def _apply_file(path: Path) -> None:
     except Exception as exc:  # json, TOML, configparser and dictConfig errors alike
         # dictConfig says which part failed, and chains the reason.
         why = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+        why = " ".join(why.split())  # configparser's reasons run over lines: one line
         raise ConfigError(
             f"cannot use it: {type(exc).__name__}: {why}; see the logging.config docs"
             " (dictConfig for .toml and .json, fileConfig for INI)",

@@ -387,7 +387,8 @@ def _check_file(value: Any) -> str:
     except (OSError, ValueError):
         found = False
     if not found:
-        raise Invalid(f"no such file: {path!r}")
+        what = "a directory, not a file" if os.path.isdir(path) else "no such file"
+        raise Invalid(f"{what}: {path!r}")
     return path
 
 
