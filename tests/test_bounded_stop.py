@@ -26,7 +26,7 @@ import pytest
 from _fault_support import WeftServe
 from _stuck_handlers import runtime_sleep
 
-from weft_core import Server, available_managers, current_task
+from weft_core import Server, available_managers, current_task, shutdown_requested
 from weft_core._cli import DEADLINE_MARGIN
 from weft_core._engine import STOP_GRACE
 from weft_core._exits import EXIT_TASKS_LEFT
@@ -336,3 +336,54 @@ def test_a_stop_closes_connections_whose_task_never_started_behind_a_blocked_loo
         gate.set()
         for client in clients:
             client.close()
+
+
+def _parked_or_computing(conn: Any) -> None:
+    """Parked until the stop (the documented wake-up), or, sent ``compute``, busy in
+    Python until its shutdown is asked for: a CPU-bound handler that honours it."""
+    state = current_task()
+    assert state is not None
+    if conn.recv(16) == b"compute":
+        while not shutdown_requested():
+            sum(range(1000))
+        return
+    woken = threading.Event()
+    state.on_shutdown(woken.set)
+    conn.sendall(b"parked\n")
+    woken.wait()
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(120)
+def test_a_stop_keeps_its_bound_beside_cpu_bound_handler_threads() -> None:
+    """2,000 connections parked on threads and eight handlers computing in Python, then
+    stop(2). The stopping thread makes a system call per connection (its input ended,
+    its socket shut down) and, after each, waited for the GIL behind the computing
+    threads, up to the 5 ms switch interval each time (the convoy; the long-poll
+    probe saw stop(3) take 9-20 s beside thousands of busy threads); and
+    ``threading.Thread.start()`` in the stop waited, unbounded, for a new thread's
+    first turn at the GIL."""
+    parked, computing = 2000, 8
+    server = Server(_parked_or_computing, manager="threads", max_connections=4000, backlog=4096)
+    server.run()
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(parked):
+            client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+            client.sendall(b"park")
+            clients.append(client)
+        for client in clients:
+            assert client.recv(16) == b"parked\n"
+        for _ in range(computing):
+            client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+            client.sendall(b"compute")
+            clients.append(client)
+        wait_until(lambda: server.stats()["active"] == parked + computing, what="every handler")
+        began = time.monotonic()
+        server.stop(2)
+        took = time.monotonic() - began
+    finally:
+        server.stop(0)
+        for client in clients:
+            client.close()
+    assert took <= 2 + STOP_GRACE, f"stop(2) took {took:.2f}s"

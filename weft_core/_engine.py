@@ -23,6 +23,7 @@ so that a stuck handler can never hold a process past its service manager's kill
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import contextlib
 import ipaddress
@@ -1145,9 +1146,10 @@ class Engine(ABC, Generic[R]):
         if not conns:
             return
         ran: list[bool] = []
+        done = [0]  # how many of conns the batch has been through
 
         def batch() -> None:
-            ran.append(self.runtime.run_in_loop(lambda: self._end_input(conns), LOOP_WAIT))
+            ran.append(self.runtime.run_in_loop(lambda: self._end_input(conns, done), LOOP_WAIT))
 
         # From a thread of its own: a runtime without a loop thread (threads) runs the
         # batch where it is called, and a shutdown callback that blocks (a put() on a
@@ -1156,16 +1158,19 @@ class Engine(ABC, Generic[R]):
         if not (finished and ran and ran[0]):  # late, refused by a blocked loop, or raised
             if not finished:  # still under way: a callback blocks, or the loop is blocked
                 _batch_late("shutdown")
-            for conn in conns:
+            # Those the batch has not reached (each takes the GIL back after its system
+            # call, and thousands of busy threads make every take slow: not twice).
+            for conn in conns[done[0] :]:
                 _shutdown_quietly(conn.end_input)
 
     @staticmethod
-    def _end_input(conns: list[Conn]) -> None:
+    def _end_input(conns: list[Conn], done: list[int]) -> None:
         for conn in conns:
             state = conn.state  # read once: the task may finish and clear it meanwhile
             if state is not None:
                 state.request_shutdown()
             _shutdown_quietly(conn.end_input)
+            done[0] += 1
 
     def hurry(self, until: float | None) -> None:
         """End the stop's graceful phase by ``until`` (monotonic) if that is sooner.
@@ -1213,20 +1218,23 @@ class Engine(ABC, Generic[R]):
         called on each task still running, for managers that interrupt only there,
         until ``deadline``.
         """
+        done = 0  # how many of conns interrupt_all has been through
 
         def interrupt_all() -> None:
+            nonlocal done
             for conn in conns:
                 state = conn.state
                 if state is not None:
                     state.interrupt()  # marks whatever the handler raises next as our doing
                 _shutdown_quietly(conn.abort)
+                done += 1
 
         # From a thread of its own, as phase 2's batch: an interrupt callback that
         # blocks must not hold the stop, nor keep the sockets after it from shutting.
         wait = min(LOOP_WAIT, max(deadline - time.monotonic(), 0.0))
         if not call_within(interrupt_all, wait, "weft stop: interrupt"):
             _batch_late("interrupt")
-            for conn in conns:
+            for conn in conns[done:]:  # those it has not reached (as request_shutdown)
                 _shutdown_quietly(conn.abort)
         started = [conn for conn in conns if conn.started]
         unstarted = [conn for conn in conns if not conn.started]
@@ -1374,7 +1382,8 @@ def _shutdown_quietly(fn: Callable[[], None]) -> None:
 def _batch_late(kind: str) -> None:
     log.warning(
         "the tasks' %s callbacks still run after %ss: one blocks (callbacks must not: "
-        "docs/managers.md), or a task blocks the runtime's loop; the stop goes on",
+        "docs/managers.md), a task blocks the runtime's loop, or the process's other "
+        "threads keep the GIL from them; the stop goes on",
         kind,
         f"{LOOP_WAIT:g}",
     )
@@ -1385,21 +1394,27 @@ def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool
 
     For the steps of a stop that need the runtime's loop to answer: a loop blocked
     by a task must not block the stop, which goes on once ``wait`` runs out (None:
-    does not wait at all).
+    does not wait at all). Not ``threading.Thread``: its ``start()`` waits, with no
+    bound, for the new thread to run, and with thousands of handler threads taking
+    the GIL in turn (a broadcast to every parked subscriber) that took 15 s of a
+    stop bounded at 5. ``_thread``'s own start returns at once, and the wait is a
+    lock's, timed (both gevent's when it has patched ``_thread``, as a Thread's are).
     """
+    done = _thread.allocate_lock()
+    done.acquire()
 
     def run() -> None:
         try:
             fn()
         except Exception:
             log.exception("%s failed", name)
+        finally:
+            done.release()
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
+    _thread.start_new_thread(run, ())
     if wait is None:
         return False
-    thread.join(wait)
-    return not thread.is_alive()
+    return bool(done.acquire(True, max(wait, 0.0)))
 
 
 def default_exception_handler(

@@ -53,7 +53,7 @@ from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
 from ._errors import EXITS, ConfigError, HandlerKindError, ServerError, WeftError
 from ._listeners import Family, open_listeners
-from ._osthreads import one_cpu
+from ._osthreads import one_cpu, short_switches
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
 from ._registry import available_managers, create_manager, hooks
@@ -758,7 +758,7 @@ class Server:
     def _stop(self, engine: Engine[Any], timeout: float | None) -> bool:
         began = time.monotonic()
         self._close_shutdown_port()
-        with contextlib.ExitStack() as interrupting:
+        with short_switches.held(), contextlib.ExitStack() as interrupting:
             # Once tasks must be interrupted, to the stop's end: every thread on one CPU,
             # so a task spinning through its interruption keeps no GIL from the stop.
             report = engine.stop(timeout, lambda: interrupting.enter_context(one_cpu.held()))
