@@ -10,6 +10,7 @@ methods. Real sockets on loopback; waits on events with timeouts, never on sleep
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -580,3 +581,53 @@ def test_idle_timeout_ends_a_silent_connection() -> None:
             assert recv_exactly(client, 1) == b"a"
             assert client.recv(1) == b"", "the server must close the idle connection"
         assert server.stats()["idle_timeouts"] == 1
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("how", ["stop", "close_connection"])
+def test_interrupting_a_blocked_send_logs_nothing(
+    caplog: pytest.LogCaptureFixture, loop: str, how: str
+) -> None:
+    """A handler blocked in send_all() to a client that stopped reading, interrupted
+    by the stop or close_connection: its drain's future was later failed by the lost
+    connection with nobody left to read it, and asyncio logged 'Future exception was
+    never retrieved' at ERROR, with a traceback, once per connection (long-poll
+    probe F2)."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    streams: list[AsyncioStream] = []
+    big = b"x" * 65536
+
+    async def flood(stream: AsyncioStream) -> None:
+        streams.append(stream)
+        while True:
+            await stream.send_all(big)
+
+    server = Server(flood, manager="asyncio", manager_options={"loop": loop})
+    server.run()
+    clients = []
+    try:
+        with caplog.at_level(logging.ERROR):
+            for _ in range(3):
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.connect(("127.0.0.1", server.port))  # never read
+                clients.append(client)
+            deadline = time.monotonic() + WAIT
+            # Each handler waits in drain(): its transport's buffer is full (paused).
+            while not (len(streams) == 3 and all(s._paused for s in streams)):
+                assert time.monotonic() < deadline, "the handlers never blocked in send_all"
+                time.sleep(0.01)
+            if how == "stop":
+                server.stop(0.2)
+            else:
+                for info in server.connections():
+                    server.close_connection(info.task_id, 0.2)
+                server.stop(1)
+            streams.clear()
+            gc.collect()  # asyncio says "never retrieved" as the future is freed
+    finally:
+        for client in clients:
+            client.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors

@@ -82,8 +82,7 @@ def _scratch_buffer() -> memoryview:
 
 
 def _expire(waiter: asyncio.Future[None], message: str) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError(message))
+    _wake(waiter, TimeoutError(message))
 
 
 def _unsent(transport: asyncio.BaseTransport, sock: socket.socket) -> int:
@@ -103,11 +102,19 @@ def _unsent(transport: asyncio.BaseTransport, sock: socket.socket) -> int:
 
 
 def _wake(waiter: asyncio.Future[None] | None, exc: BaseException | None = None) -> None:
+    """Wake the tasks waiting on ``waiter`` (through shields), with ``exc`` if given.
+
+    An exception is marked as read here: every waiter gets it through its shield,
+    and one whose task was cancelled first (the stop's phase 3 interrupting a
+    ``drain()``) leaves nobody to read it, which asyncio logged at ERROR, with a
+    traceback, as "Future exception was never retrieved", once per connection.
+    """
     if waiter is not None and not waiter.done():
         if exc is None:
             waiter.set_result(None)
         else:
             waiter.set_exception(exc)
+            waiter.exception()
 
 
 class AsyncioStream(asyncio.BufferedProtocol):
