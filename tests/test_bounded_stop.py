@@ -256,6 +256,54 @@ def test_server_stop_keeps_its_bound_when_task_callbacks_block(manager: str, kin
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", [m for m in ("threads", "gevent") if m in MANAGERS])
+def test_a_shutdown_callback_that_blocks_costs_only_its_own_connection(manager: str) -> None:
+    """Ten subscribers parked on the runtime's own primitive, woken by their shutdown
+    callback, and three whose callback blocks (its subscriber stalled, a put() on its
+    full inbox: managers.md's example). stop(6): the ten end within a second a blocked
+    callback, not at the graceful timeout. On gevent, phase 2 ran every callback as
+    one batch in the hub, and the ten behind a blocked one waited the whole 6 s (the
+    long-poll probe)."""
+    runtime: list[Any] = []
+
+    def handler(conn: Any) -> None:
+        task = current_task()
+        assert task is not None
+        parked = runtime[0].slots(1)
+        parked.acquire()
+        if conn.recv(1) == b"S":  # stalled: its callback waits on what never frees
+            task.on_shutdown(lambda: parked.acquire(timeout=WAIT))
+            conn.sendall(b"+")
+            conn.recv(1)  # until the stop ends its input
+            return
+        task.on_shutdown(parked.release)
+        conn.sendall(b"+")
+        parked.acquire()  # parked until its callback frees it
+
+    server = Server(handler, manager=manager, bind="127.0.0.1:0")
+    runtime.append(server.task_manager.runtime)
+    server.run()
+    kinds = [b"S"] * 3 + [b"H"] * 10
+    clients = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in kinds]
+    try:
+        for client, kind in zip(clients, kinds, strict=True):
+            client.sendall(kind)
+            assert client.recv(1) == b"+"
+        stopping = threading.Thread(target=server.stop, args=(6,))
+        began = time.monotonic()
+        stopping.start()
+        ended = []
+        for client in clients[3:]:
+            assert client.recv(1) == b""
+            ended.append(time.monotonic() - began)
+        stopping.join(WAIT + 6)
+    finally:
+        for client in clients:
+            client.close()
+    assert max(ended) < 3 * 1.0 + 1.0, f"the ten ended after {max(ended):.2f}s (stop(6))"
+
+
+@pytest.mark.timeout(60)
 def test_a_second_sigterm_quits_at_once_with_the_main_thread_stuck(
     tmp_path: Path, clients: list[socket.socket]
 ) -> None:

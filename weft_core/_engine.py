@@ -116,6 +116,9 @@ LOOP_ANSWER = 2.0
 #: does not answer within this is blocked by a task (a handler calling time.sleep on a
 #: gevent hub, say); the stop then goes on without it, from its own thread.
 LOOP_WAIT = 1.0
+#: How many shutdown callbacks that block phase 2 steps past (each after LOOP_WAIT),
+#: within the graceful phase, before it ends the other inputs from its own thread.
+MOST_STUCK = 8
 
 #: How long the acceptor waits for the slot of a connection it dropped in its preamble
 #: (see Engine._shed_preamble): that connection's task only has to notice its socket
@@ -1136,36 +1139,60 @@ class Engine(ABC, Generic[R]):
         """Phase 2: flag every connection's task and end its input.
 
         In the runtime's loop thread (``run_in_loop``): one batch there, rather than a
-        GIL hand-off with the loop for every connection. A loop that does not take the
-        batch within :data:`LOOP_WAIT` is busy or blocked: the batch stays queued
-        there, and only the inputs are ended from here (a socket's shutdown is safe
-        from any thread), so the stop goes on. The flags and their shutdown callbacks
-        wait for the loop: a callback touches the runtime's own objects (a queue, an
-        event), which only its loop may, so it never runs in the stopping thread.
+        GIL hand-off with the loop for every connection. A batch not done within
+        :data:`LOOP_WAIT` is held by a shutdown callback that blocks (a ``put()`` on a
+        full queue), or by a loop that a task blocks. A callback that blocks costs its
+        own connection its end marker, no other: the batch is begun again past it,
+        while the graceful phase lasts (at most :data:`MOST_STUCK` times). A loop
+        that never took the batch is blocked: then only the inputs are ended from
+        here (a socket's shutdown is safe from any thread), so the stop goes on. The
+        flags and their shutdown callbacks wait for the loop: a callback touches the
+        runtime's own objects (a queue, an event), which only its loop may, so it
+        never runs in the stopping thread.
         """
-        if not conns:
-            return
-        ran: list[bool] = []
-        done = [0]  # how many of conns the batch has been through
+        start, stuck = 0, 0
+        while start < len(conns):
+            ran: list[bool] = []
+            done = [start, -1]  # where the batch is, and where it began (-1: not yet)
+            # From a thread of its own: a runtime without a loop thread (threads) runs
+            # the batch where it is called, and a callback that blocks would hold the
+            # stop, unbounded.
+            batch = self._shutdown_batch(conns, done, ran)
+            if call_within(batch, LOOP_WAIT, "weft stop: shutdown flags") and ran and ran[0]:
+                return
+            if stuck == 0:
+                _batch_late("shutdown")
+            stuck += 1
+            began, at = done[1], done[0]
+            until = self.stop_until
+            if (
+                began < 0
+                or stuck > MOST_STUCK
+                or (until is not None and time.monotonic() >= until)
+            ):
+                break  # the loop never took it, or the graceful phase is over
+            _shutdown_quietly(conns[at].end_input)  # its task misses only its end marker
+            start = at + 1  # the batch again, past the callback that blocks
+        # Those no batch has reached (each takes the GIL back after its system call, and
+        # thousands of busy threads make every take slow: not twice).
+        for conn in conns[start:]:
+            _shutdown_quietly(conn.end_input)
+
+    def _shutdown_batch(
+        self, conns: list[Conn], done: list[int], ran: list[bool]
+    ) -> Callable[[], None]:
+        """Phase 2's batch from ``done[0]`` on, run in the loop; ``ran`` gets whether it was."""
 
         def batch() -> None:
             ran.append(self.runtime.run_in_loop(lambda: self._end_input(conns, done), LOOP_WAIT))
 
-        # From a thread of its own: a runtime without a loop thread (threads) runs the
-        # batch where it is called, and a shutdown callback that blocks (a put() on a
-        # full queue) would hold the stop, unbounded.
-        finished = call_within(batch, LOOP_WAIT, "weft stop: shutdown flags")
-        if not (finished and ran and ran[0]):  # late, refused by a blocked loop, or raised
-            if not finished:  # still under way: a callback blocks, or the loop is blocked
-                _batch_late("shutdown")
-            # Those the batch has not reached (each takes the GIL back after its system
-            # call, and thousands of busy threads make every take slow: not twice).
-            for conn in conns[done[0] :]:
-                _shutdown_quietly(conn.end_input)
+        return batch
 
     @staticmethod
     def _end_input(conns: list[Conn], done: list[int]) -> None:
-        for conn in conns:
+        done[1] = done[0]
+        while done[0] < len(conns):
+            conn = conns[done[0]]
             state = conn.state  # read once: the task may finish and clear it meanwhile
             if state is not None:
                 state.request_shutdown()

@@ -218,9 +218,17 @@ class GeventRuntime:
         A hub that does not answer within ``timeout`` is blocked by a greenlet that
         never yields (a blocking call that is not gevent's): that greenlet's stack is
         logged, since it is what the hub's thread is running now, and False returned.
+        An ``fn`` that began and waits cooperatively (a ``put()`` on a full queue)
+        is False too, and not blamed on the hub.
         """
-        ran, link = self._hubs.run_within(fn, timeout)
-        if not ran and link is not None:
+        began: list[bool] = []
+
+        def call() -> None:
+            began.append(True)
+            fn()
+
+        ran, link = self._hubs.run_within(call, timeout)
+        if not ran and link is not None and not began:  # begun, it waits in the hub
             report_blocked_hub(link, timeout)
         return ran
 
