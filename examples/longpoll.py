@@ -22,8 +22,9 @@ marker *after* what is already queued, so nothing published before the stop is l
 during the stop counts only those still to receive it).
 
 What it leaves out, being small: a subscriber is not read while parked, so one that
-vanishes is noticed (and its connection slot freed) when the next message is sent to
-it; and inboxes are unbounded, so one that stops reading keeps everything published
+vanishes is noticed (and its connection slot freed) only when a message sent to it
+fails: for one reset, the next message; for one that closed, the second (the kernel
+takes the first, and the client's reset comes back); and inboxes are unbounded, so one that stops reading keeps everything published
 for it in memory. A real service bounds each inbox and drops a subscriber that falls
 that far behind.
 
@@ -110,6 +111,8 @@ def gevent_app() -> tuple[Callable[..., Any], Callable[[bytes], int]]:
             conn.sendall(SUBSCRIBED)
             while (message := inbox.get()) is not END:
                 conn.sendall(message)
+        except TimeoutError:
+            raise  # it stopped reading (idle_timeout): weft counts and logs that
         except OSError:
             pass  # the subscriber went away
         finally:

@@ -578,7 +578,7 @@ _ROWS = [
     Setting("on_full", choice("refuse", "backlog"), "refuse",
             "at the limit: refuse new clients, or leave them in the backlog"),
     Setting("idle_timeout", seconds(positive=True, none=_SECONDS_NONE), None,
-            "close a connection that received nothing for this long"),
+            "a read or write on a connection that waits this long raises TimeoutError"),
     # TLS.
     Setting("tls", Kind("SSLContext | dict | None", "an ssl.SSLContext or a table with"
                         " certfile and keyfile", _check_tls),
