@@ -1150,54 +1150,60 @@ class Engine(ABC, Generic[R]):
         runtime's own objects (a queue, an event), which only its loop may, so it
         never runs in the stopping thread.
         """
-        start, stuck = 0, 0
-        while start < len(conns):
+        taken = [0]  # the next connection no batch has taken: every batch goes on from it
+        stuck = 0
+        while True:
             ran: list[bool] = []
-            done = [start, -1]  # where the batch is, and where it began (-1: not yet)
+            at = [-1]  # the connection its batch is on (-1: the batch has not begun)
             # From a thread of its own: a runtime without a loop thread (threads) runs
             # the batch where it is called, and a callback that blocks would hold the
             # stop, unbounded.
-            batch = self._shutdown_batch(conns, done, ran)
+            batch = self._shutdown_batch(conns, taken, at, ran)
             if call_within(batch, LOOP_WAIT, "weft stop: shutdown flags") and ran and ran[0]:
                 return
             if stuck == 0:
                 _batch_late("shutdown")
             stuck += 1
-            began, at = done[1], done[0]
             until = self.stop_until
             if (
-                began < 0
+                at[0] < 0
                 or stuck > MOST_STUCK
                 or (until is not None and time.monotonic() >= until)
             ):
                 break  # the loop never took it, or the graceful phase is over
-            _shutdown_quietly(conns[at].end_input)  # its task misses only its end marker
-            start = at + 1  # the batch again, past the callback that blocks
-        # Those no batch has reached (each takes the GIL back after its system call, and
-        # thousands of busy threads make every take slow: not twice).
-        for conn in conns[start:]:
+            _shutdown_quietly(conns[at[0]].end_input)  # its task misses only its end marker
+        # The inputs of those no batch has taken yet, ended from here (each takes the GIL
+        # back after its system call, and thousands of busy threads make every take
+        # slow: not those done already). A batch the loop takes late still flags them.
+        for conn in conns[taken[0] :]:
             _shutdown_quietly(conn.end_input)
 
     def _shutdown_batch(
-        self, conns: list[Conn], done: list[int], ran: list[bool]
+        self, conns: list[Conn], taken: list[int], at: list[int], ran: list[bool]
     ) -> Callable[[], None]:
-        """Phase 2's batch from ``done[0]`` on, run in the loop; ``ran`` gets whether it was."""
+        """Phase 2's batch from ``taken[0]`` on, run in the loop.
+
+        ``at`` says which connection it is on; ``ran`` gets whether the loop ran it.
+        """
 
         def batch() -> None:
-            ran.append(self.runtime.run_in_loop(lambda: self._end_input(conns, done), LOOP_WAIT))
+            ran.append(
+                self.runtime.run_in_loop(lambda: self._end_input(conns, taken, at), LOOP_WAIT)
+            )
 
         return batch
 
     @staticmethod
-    def _end_input(conns: list[Conn], done: list[int]) -> None:
-        done[1] = done[0]
-        while done[0] < len(conns):
-            conn = conns[done[0]]
+    def _end_input(conns: list[Conn], taken: list[int], at: list[int]) -> None:
+        # Two batches may take one connection (they run side by side once one waits
+        # on a callback): flagging is done once, and ending an input twice is harmless.
+        while (index := taken[0]) < len(conns):
+            at[0], taken[0] = index, index + 1
+            conn = conns[index]
             state = conn.state  # read once: the task may finish and clear it meanwhile
             if state is not None:
                 state.request_shutdown()
             _shutdown_quietly(conn.end_input)
-            done[0] += 1
 
     def hurry(self, until: float | None) -> None:
         """End the stop's graceful phase by ``until`` (monotonic) if that is sooner.
@@ -1421,11 +1427,13 @@ def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool
 
     For the steps of a stop that need the runtime's loop to answer: a loop blocked
     by a task must not block the stop, which goes on once ``wait`` runs out (None:
-    does not wait at all). Not ``threading.Thread``: its ``start()`` waits, with no
-    bound, for the new thread to run, and with thousands of handler threads taking
-    the GIL in turn (a broadcast to every parked subscriber) that took 15 s of a
-    stop bounded at 5. ``_thread``'s own start returns at once, and the wait is a
-    lock's, timed (both gevent's when it has patched ``_thread``, as a Thread's are).
+    does not wait at all). ``threading.Thread.start()`` waits, with no bound, for
+    the new thread's first turn at the GIL, and with thousands of handler threads
+    taking it in turn (a broadcast to every parked subscriber) that took 15 s of a
+    stop bounded at 5: the Thread is started from a ``_thread`` thread of its own,
+    whose start returns at once, and the stop's wait is a lock's, timed (gevent's
+    when it has patched ``_thread``, as a Thread's are then). A Thread, not a bare
+    ``_thread`` one: that one, once it logs, stays listed as a dummy thread for good.
     """
     done = _thread.allocate_lock()
     done.acquire()
@@ -1438,7 +1446,8 @@ def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool
         finally:
             done.release()
 
-    _thread.start_new_thread(run, ())
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    _thread.start_new_thread(thread.start, ())
     if wait is None:
         return False
     return bool(done.acquire(True, max(wait, 0.0)))

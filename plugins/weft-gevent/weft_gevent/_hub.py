@@ -283,7 +283,10 @@ class HubOwner:
             self._close_pending = False
             thread, self._thread, self._link = self._thread, None, None
         if thread is not None:
-            _start_new_thread(thread.stop, ())
+            # A Thread, not a bare _thread one: join() asks for the current thread,
+            # which lists a bare one as a dummy thread for good. Never patched here:
+            # a hub thread of the owner's own exists only in an unpatched process.
+            threading.Thread(target=thread.stop, name="weft-gevent hub stop", daemon=True).start()
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the hub's thread (starting the hub if needed)."""
