@@ -205,6 +205,72 @@ def test_stalled_handshakes_do_not_lock_out_a_real_client(
             sock.close()
 
 
+def _stall(port: int, count: int) -> list[socket.socket]:
+    """``count`` clients that send 3 bytes of a ClientHello, then nothing."""
+    stalled = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        sock.sendall(b"\x16\x03\x01")
+        stalled.append(sock)
+    return stalled
+
+
+def test_stalled_handshakes_queued_in_the_backlog_are_shed_at_once(
+    serve: Any, certs: dict[str, str], manager: str
+) -> None:
+    """on_full="backlog", max_connections=20, 60 stalled handshakes (40 of them waiting
+    in the listen backlog), then a real client. The acceptor dropped one stalled
+    preamble a tenth of a second (FULL_POLL), so each stalled client queued ahead
+    cost the real one 0.1 s: 4 s here, and a trickle of 20 a second held real
+    clients back for good (the hostile-peer probe, every manager)."""
+    _fixed_pool(manager)
+    server = serve(
+        tls={"certfile": certs["cert"], "keyfile": certs["key"]},
+        max_connections=20,
+        on_full="backlog",
+    )
+    stalled = _stall(server.port, 60)
+    try:
+        wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
+        began = time.monotonic()
+        assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
+        took = time.monotonic() - began
+        assert took < 2.0, f"the real client waited {took:.2f}s behind 40 queued stalled clients"
+        assert server.stats()["refused"] == 0
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_client_waiting_for_a_slot_is_not_refused_while_preambles_hold_them(
+    serve: Any, certs: dict[str, str], manager: str
+) -> None:
+    """full_wait=3, max_connections=20, bursts of 80 stalled handshakes, each followed by
+    a real client: it is served, never refused. The wait for a slot dropped one stalled
+    preamble, and a newer client could take the slot it freed; the rest of the wait
+    only polled, so the real client sat out its full_wait and was refused (threads
+    half the time, gevent one time in six: the hostile-peer probe)."""
+    _fixed_pool(manager)
+    server = serve(
+        tls={"certfile": certs["cert"], "keyfile": certs["key"]},
+        max_connections=20,
+        full_wait=3.0,
+    )
+    for _ in range(4):
+        stalled = _stall(server.port, 80)
+        try:
+            wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
+            began = time.monotonic()
+            assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
+            took = time.monotonic() - began
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert server.stats()["refused"] == 0
+        assert took < 2.0, f"the real client waited {took:.2f}s for a slot"
+        wait_until(lambda: server.stats()["active"] == 0, what="the stalled clients gone")
+
+
 def test_stalled_proxy_headers_do_not_lock_out_a_real_client(serve: Any, manager: str) -> None:
     """20 connections that never send their PROXY header, max_connections=20: a real one is served."""
     _fixed_pool(manager)

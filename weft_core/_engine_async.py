@@ -62,12 +62,18 @@ class AsyncEngine(Engine[AsyncRuntime]):
         try:
             # A pause or a stop ends it (stop_task, or a wake if a manager's failed).
             while not self.closing and not self.paused and lt.generation == generation:
-                if backlog_mode and slots is not None and not slots.acquire_nowait():
-                    while not await slots.acquire_within(FULL_POLL):
+                if backlog_mode and slots is not None:
+                    while not slots.acquire_nowait():
                         if self.closing or (state is not None and state.requested):
                             return
+                        # A client waits and a stalled preamble holds a slot: it goes
+                        # now, not once a poll has passed (see the sync engine's).
                         if self.preambles and policy.pending(listener.fileno()):
-                            self._shed_preamble()  # a client waits; a stalled one goes
+                            if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
+                                break
+                            continue
+                        if await slots.acquire_within(FULL_POLL):
+                            break
                 held = backlog_mode and slots is not None
                 try:
                     sock, addr = await listener.accept()
@@ -145,9 +151,11 @@ class AsyncEngine(Engine[AsyncRuntime]):
         assert slots is not None
         if slots.acquire_nowait():
             return True
-        if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
-            return True
         while not self.closing:
+            # Each stalled preamble goes in turn while the client waits (see the sync
+            # engine's): a slot freed by one may be taken first by a newer client.
+            if self._shed_preamble() and await slots.acquire_within(SHED_WAIT):
+                return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False

@@ -68,11 +68,18 @@ class SyncEngine(Engine[SyncRuntime]):
             # A pause or a stop ends it (stop_task, or a wake if a manager's failed).
             while not self.closing and not self.paused and lt.generation == generation:
                 if backlog_mode and slots is not None:
-                    while not slots.acquire(timeout=FULL_POLL):
+                    while not slots.acquire(blocking=False):
                         if self.closing or (state is not None and state.requested):
                             return
+                        # A client waits and a stalled preamble holds a slot: it goes
+                        # now, not once a poll has passed (one a tenth of a second let
+                        # a trickle of silent clients hold real ones back for good).
                         if self.preambles and policy.pending(listener.fileno()):
-                            self._shed_preamble()  # a client waits; a stalled one goes
+                            if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
+                                break
+                            continue
+                        if slots.acquire(timeout=FULL_POLL):
+                            break
                     held = True
                 try:
                     sock, addr = listener.accept()
@@ -150,9 +157,11 @@ class SyncEngine(Engine[SyncRuntime]):
         assert slots is not None
         if slots.acquire(blocking=False):
             return True
-        if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
-            return True
         while not self.closing:
+            # Each stalled preamble goes in turn while the client waits: a slot freed
+            # by one may be taken first by the acceptor, for a client it just accepted.
+            if self._shed_preamble() and slots.acquire(timeout=SHED_WAIT):
+                return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
