@@ -374,3 +374,27 @@ def test_a_handler_exception_carrying_client_bytes_is_escaped(
     assert "\x1b" not in text, "no raw ESC reaches the log"
     assert not any(line.startswith("2026-12-03") for line in text.splitlines()), text
     assert "\\n2026-12-03 00:00:00,000 [1] [INFO] weft: stopped" in text, text
+
+
+@pytest.mark.serial
+def test_a_tls_clients_first_request_is_not_held_by_a_delayed_ack(
+    serve: Any, certs: dict[str, str], manager: str
+) -> None:
+    """A TLS 1.3 client with Nagle's algorithm on (a client socket's default) sends its
+    request right after its Finished, and the kernel holds it until the server ACKs
+    that. trio's SSLStream sends nothing then (its session tickets go with its first
+    write), so the ACK came only when the delayed-ACK timer fired: every first reply
+    took 42 ms on trio, raw trio's as weft's (the hostile-peer probe), 0.2-0.7 ms on
+    the other managers. Linux's delayed ACK is 40 ms at least: the median of seven
+    first replies is under 20 ms."""
+    server = serve(tls={"certfile": certs["cert"], "keyfile": certs["key"]})
+    took = []
+    for _ in range(7):
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        with raw, client_context(certs["ca"]).wrap_socket(raw) as tls:
+            began = time.monotonic()
+            tls.sendall(b"ping")
+            assert tls.recv(16) == b"ping"
+            took.append(time.monotonic() - began)
+    median = sorted(took)[3]
+    assert median < 0.020, f"first replies took {[round(t * 1000, 1) for t in took]} ms"
