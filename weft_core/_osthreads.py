@@ -33,7 +33,41 @@ def thread_primitives() -> tuple[Any, Any]:
     return _thread.start_new_thread, _thread.allocate_lock
 
 
-class OneCpu:
+class _Nested:
+    """A process-wide change made by the first of nested holds, undone by the last.
+
+    Holds nest: two servers of one process may stop at once.
+    """
+
+    def __init__(self) -> None:
+        _, allocate = thread_primitives()
+        self._lock = allocate()
+        self._holders = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The change for the block (a stop, or the part of it that interrupts)."""
+        with self._lock:
+            self._holders += 1
+            self._hold(first=self._holders == 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if not self._holders:
+                    self._undo()
+
+    def _hold(self, first: bool) -> None:
+        """Under the lock, at each hold: make the change if ``first``."""
+        raise NotImplementedError
+
+    def _undo(self) -> None:
+        """Under the lock, as the last hold ends: undo the change."""
+        raise NotImplementedError
+
+
+class OneCpu(_Nested):
     """Every thread of this process on one of its CPUs while held (Linux; elsewhere nothing).
 
     Against a GIL convoy while a stop interrupts. A thread that gives up the GIL
@@ -44,62 +78,47 @@ class OneCpu:
     its turn: the stopping thread waited 0.1-1.5 s for each take of the GIL on two
     CPUs (an embedded stop bounded at 2.5 s took 2.9-3.3 s; ``weft serve`` exited
     4.5-5.5 s after SIGTERM, bound 4); on one CPU the woken waiter runs at once
-    (0.1 ms). Holds nest (two servers stopping at once); when the last ends, each
-    thread goes back to the CPUs it had (a thread begun meanwhile, to those of the
-    thread that held first), unless :attr:`stay` was set (by ``weft serve`` for the
-    stop it exits by: its exit must not wait in the convoy).
+    (0.1 ms). When the last hold ends, each thread goes back to the CPUs it had (a
+    thread begun meanwhile, to those of the thread that held first), unless
+    :attr:`stay` was set (by ``weft serve`` for the stop it exits by: its exit must
+    not wait in the convoy).
     """
 
     def __init__(self) -> None:
-        _, allocate = thread_primitives()
-        self._lock = allocate()
-        self._holders = 0
+        super().__init__()
         self._masks: dict[int, set[int]] = {}
         self._default: set[int] = set()
         self._kept = False
         #: Once held, stay on one CPU for good (a process that ends with its stop).
         self.stay = False
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """One CPU for the block (a stop's interrupting and what follows it)."""
-        self._hold()
+    def _hold(self, first: bool) -> None:
+        self._kept = self._kept or self.stay
+        if not first:
+            return
         try:
-            yield
-        finally:
-            self._release()
+            cpus = os.sched_getaffinity(0)
+            tids = _threads()
+        except (AttributeError, OSError):
+            return
+        if len(cpus) < 2 or len(tids) > MOST_PINNED:
+            return
+        self._default = cpus
+        one = {_this_cpu(cpus)}
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                self._masks[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, one)
 
-    def _hold(self) -> None:
-        with self._lock:
-            self._holders += 1
-            self._kept = self._kept or self.stay
-            if self._holders > 1:
-                return
-            try:
-                cpus = os.sched_getaffinity(0)
-                tids = _threads()
-            except (AttributeError, OSError):
-                return
-            if len(cpus) < 2 or len(tids) > MOST_PINNED:
-                return
-            self._default = cpus
-            one = {_this_cpu(cpus)}
-            for tid in tids:
-                with contextlib.suppress(OSError):  # a thread that has just ended
-                    self._masks[tid] = os.sched_getaffinity(tid)
-                    os.sched_setaffinity(tid, one)
-
-    def _release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders or self._kept or not self._default:
-                return
-            masks, self._masks = self._masks, {}
-            default, self._default = self._default, set()
-            with contextlib.suppress(OSError):
-                for tid in _threads():
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(tid, masks.get(tid, default))
+    def _undo(self) -> None:
+        if self._kept or not self._default:
+            return
+        masks, self._masks = self._masks, {}
+        default, self._default = self._default, set()
+        with contextlib.suppress(OSError):
+            for tid in _threads():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, masks.get(tid, default))
 
 
 #: The most threads :class:`OneCpu` pins. The convoy it is for is a few threads
@@ -127,7 +146,7 @@ def _threads() -> list[int]:
 one_cpu = OneCpu()
 
 
-class ShortSwitches:
+class ShortSwitches(_Nested):
     """The GIL's switch interval shortened while held (``sys.setswitchinterval``).
 
     Against the convoy a stop meets among many busy threads. The stopping thread
@@ -136,33 +155,24 @@ class ShortSwitches:
     them sending (a broadcast to every parked subscriber), each wait took up to the
     5 ms interval, and ``stop(3)`` returned after 9-20 s (bound 5). At
     :data:`STOP_SWITCH_INTERVAL` it returned in 3.9-4.2 s, nothing left behind.
-    Holds nest; the last to end puts the interval back, unless something else
-    changed it meanwhile.
+    The last hold to end puts the interval back, unless something else changed it
+    meanwhile.
     """
 
     def __init__(self) -> None:
-        _, allocate = thread_primitives()
-        self._lock = allocate()
-        self._holders = 0
+        super().__init__()
         self._saved: float | None = None
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """The short interval for the block (a stop)."""
-        with self._lock:
-            self._holders += 1
-            if self._holders == 1:
-                self._saved = sys.getswitchinterval()
-                if self._saved > STOP_SWITCH_INTERVAL:
-                    sys.setswitchinterval(STOP_SWITCH_INTERVAL)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._holders -= 1
-                saved, ours = self._saved, sys.getswitchinterval()
-                if not self._holders and saved is not None and ours == STOP_SWITCH_INTERVAL:
-                    sys.setswitchinterval(saved)
+    def _hold(self, first: bool) -> None:
+        if first:
+            self._saved = sys.getswitchinterval()
+            if self._saved > STOP_SWITCH_INTERVAL:
+                sys.setswitchinterval(STOP_SWITCH_INTERVAL)
+
+    def _undo(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None and sys.getswitchinterval() == STOP_SWITCH_INTERVAL:
+            sys.setswitchinterval(saved)
 
 
 #: The GIL's switch interval while a stop runs: short enough that the stopping
