@@ -181,38 +181,37 @@ def _fixed_pool(manager: str) -> None:
         )
 
 
+def _honest_behind_stalled(server: Server, ca: str, count: int) -> float:
+    """Seconds a real TLS client takes to be served behind ``count`` stalled handshakes.
+
+    Each stalled client sends 3 bytes of a ClientHello, then nothing; they hold the
+    server's 20 slots (the rest wait in its backlog) and are closed afterwards.
+    """
+    stalled = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+            stalled.append(sock)
+            sock.sendall(b"\x16\x03\x01")
+        wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
+        began = time.monotonic()
+        assert honest_tls_echo(server.port, ca) == b"honest"
+        return time.monotonic() - began
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
 def test_stalled_handshakes_do_not_lock_out_a_real_client(
     serve: Any, certs: dict[str, str], manager: str
 ) -> None:
     """20 stalled handshakes against max_connections=20: a real client is served within 1 s."""
     _fixed_pool(manager)
     server = serve(tls={"certfile": certs["cert"], "keyfile": certs["key"]}, max_connections=20)
-    stalled = [
-        socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(20)
-    ]
-    try:
-        for sock in stalled:
-            sock.sendall(b"\x16\x03\x01")  # 3 bytes of a ClientHello, then nothing
-        wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
-        began = time.monotonic()
-        assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
-        took = time.monotonic() - began
-        assert took < 1.0, f"the real client waited {took:.2f}s behind stalled handshakes"
-        assert server.stats()["preambles_dropped"] >= 1
-        assert server.stats()["refused"] == 0
-    finally:
-        for sock in stalled:
-            sock.close()
-
-
-def _stall(port: int, count: int) -> list[socket.socket]:
-    """``count`` clients that send 3 bytes of a ClientHello, then nothing."""
-    stalled = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        sock.sendall(b"\x16\x03\x01")
-        stalled.append(sock)
-    return stalled
+    took = _honest_behind_stalled(server, certs["ca"], 20)
+    assert took < 1.0, f"the real client waited {took:.2f}s behind stalled handshakes"
+    assert server.stats()["preambles_dropped"] >= 1
+    assert server.stats()["refused"] == 0
 
 
 def test_stalled_handshakes_queued_in_the_backlog_are_shed_at_once(
@@ -229,17 +228,9 @@ def test_stalled_handshakes_queued_in_the_backlog_are_shed_at_once(
         max_connections=20,
         on_full="backlog",
     )
-    stalled = _stall(server.port, 60)
-    try:
-        wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
-        began = time.monotonic()
-        assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
-        took = time.monotonic() - began
-        assert took < 2.0, f"the real client waited {took:.2f}s behind 40 queued stalled clients"
-        assert server.stats()["refused"] == 0
-    finally:
-        for sock in stalled:
-            sock.close()
+    took = _honest_behind_stalled(server, certs["ca"], 60)
+    assert took < 2.0, f"the real client waited {took:.2f}s behind 40 queued stalled clients"
+    assert server.stats()["refused"] == 0
 
 
 def test_a_client_waiting_for_a_slot_is_not_refused_while_preambles_hold_them(
@@ -257,15 +248,7 @@ def test_a_client_waiting_for_a_slot_is_not_refused_while_preambles_hold_them(
         full_wait=3.0,
     )
     for _ in range(4):
-        stalled = _stall(server.port, 80)
-        try:
-            wait_until(lambda: server.stats()["active"] == 20, what="20 stalled connections held")
-            began = time.monotonic()
-            assert honest_tls_echo(server.port, certs["ca"]) == b"honest"
-            took = time.monotonic() - began
-        finally:
-            for sock in stalled:
-                sock.close()
+        took = _honest_behind_stalled(server, certs["ca"], 80)
         assert server.stats()["refused"] == 0
         assert took < 2.0, f"the real client waited {took:.2f}s for a slot"
         wait_until(lambda: server.stats()["active"] == 0, what="the stalled clients gone")
