@@ -217,14 +217,26 @@ class AcceptBalance:
         elif self._spent >= TURN_BUDGET:
             return {}  # this window's naps are spent: accept freely until the next
         self._naps = 0
+        return self._holding_under(held - SLACK)
+
+    def with_room(self, limit: int) -> dict[int, int]:
+        """The accepting siblings holding fewer than ``limit`` connections: their ``taken``.
+
+        For a worker at its ``max_connections`` (the siblings read the same config):
+        those that can still serve the next client it would have to refuse.
+        """
+        return self._holding_under(limit)
+
+    def _holding_under(self, below: int) -> dict[int, int]:
+        """Accepting siblings, not passed over, that hold fewer than ``below``: their ``taken``."""
         cells = self._cells
         count = max(0, min(cells[0], CELLS))
         helds = cells[2 : 2 + 2 * count : 2].tolist()
         passed = self._passed
-        behind: dict[int, int] = {}
+        under: dict[int, int] = {}
         for index, other in enumerate(helds):
             at = 2 + 2 * index
-            if at == self._me or other < 0 or other + SLACK >= held:
+            if at == self._me or other < 0 or other >= below:
                 continue
             taken = cells[at + 1]
             if index in passed:
@@ -232,8 +244,8 @@ class AcceptBalance:
                 if then == taken and time.monotonic() < until:
                     continue
                 del passed[index]
-            behind[index] = taken
-        return behind
+            under[index] = taken
+        return under
 
     def napped(self) -> bool:
         """Count a nap of :data:`NAP`; False once this window's TURN_BUDGET is spent.

@@ -129,6 +129,13 @@ SHED_WAIT = 1.0
 #: often; it is woken sooner by a slot coming free.
 FULL_POLL = 0.1
 
+#: A worker at its limit with on_full="refuse" leaves a waiting client this long to
+#: siblings with room (``--workers``, one shared socket) before it takes the client
+#: and refuses it, the siblings passed over: longer than a balancing turn, since the
+#: client is refused otherwise. A sibling that is stopped or stuck costs one client
+#: this wait once a ``PASS_OVER``, not every client.
+FULL_TURN = 0.25
+
 
 class Conn(ConnectionInfo):
     """One accepted connection as the engine tracks it, its ConnectionInfo, and its thunk.
@@ -924,6 +931,33 @@ class Engine(ABC, Generic[R]):
             or balance.took_since(behind)
             or not policy.pending(lt.native.fileno())
         )
+
+    def _room_elsewhere(self, lt: ListenerTask) -> dict[int, int] | None:
+        """At ``max_connections`` on a listener siblings share: those with room (maybe none).
+
+        None when this worker is not full, or shares the listener with nobody. A
+        full worker with ``on_full="refuse"`` that accepted the next client would
+        have to refuse it, though a sibling could serve it: it leaves the waiting
+        clients to those siblings instead (the engines' ``_while_full``).
+        """
+        balance, limit = self.balance, self.limit
+        if balance is None or limit is None or not lt.balanced or len(self.conns) < limit:
+            return None
+        return balance.with_room(limit)
+
+    def _acceptor_ends(self, lt: ListenerTask, generation: int, state: TaskState | None) -> bool:
+        """True once the acceptor must end: a stop, a pause, a newer acceptor, its flag."""
+        return (
+            self.closing
+            or self.paused
+            or lt.generation != generation
+            or (state is not None and state.requested)
+        )
+
+    def _untaken(self, lt: ListenerTask, room: dict[int, int]) -> bool:
+        """True if a client waits and none of the siblings with ``room`` took one since."""
+        assert self.balance is not None
+        return policy.pending(lt.native.fileno()) and not self.balance.took_since(room)
 
     def _turn_missed(self, behind: dict[int, int]) -> None:
         """Every nap passed and clients still wait: those siblings are not counted a while."""

@@ -15,7 +15,7 @@ from typing import Any
 from . import _acceptpolicy as policy
 from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
-from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
+from ._engine import FULL_POLL, FULL_TURN, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
 from ._errors import FAILURES, TaskShutdown
 from ._protocol import AsyncRuntime, AsyncSlots
 from ._proxy import ProxyHeaderError, aread_proxy_header
@@ -75,6 +75,12 @@ class AsyncEngine(Engine[AsyncRuntime]):
                             continue
                         if await slots.acquire_within(FULL_POLL):
                             break
+                elif (
+                    slots is not None
+                    and (room := self._room_elsewhere(lt)) is not None
+                    and not await self._while_full(lt, generation, room, state)
+                ):
+                    continue  # the acceptor ends
                 held = backlog_mode and slots is not None
                 try:
                     sock, addr = await listener.accept()
@@ -123,6 +129,40 @@ class AsyncEngine(Engine[AsyncRuntime]):
             if accepted is not None:
                 self._still_holding(lt, accepted, addr, since)
             self._acceptor_done(lt, generation)
+
+    async def _while_full(
+        self, lt: ListenerTask, generation: int, room: dict[int, int] | None, state: Any
+    ) -> bool:
+        """Full, with ``on_full="refuse"``: accept no client a sibling could serve.
+
+        False if the acceptor must end instead. See the sync engine's.
+        """
+        slots = self.slots
+        assert slots is not None
+        fd = lt.native.fileno()
+        untaken_since = 0.0  # when a client began to wait untaken by the siblings
+        while room is not None:
+            if self._acceptor_ends(lt, generation, state):
+                return False
+            waiting = policy.pending(fd)
+            if waiting and not room:
+                return True
+            if not waiting:
+                untaken_since = 0.0
+                if await slots.acquire_within(FULL_POLL):
+                    slots.release()
+                    return True
+            else:
+                await self.runtime.sleep(NAP)
+            if not self._untaken(lt, room):
+                untaken_since = 0.0
+            elif not untaken_since:
+                untaken_since = time.monotonic()
+            elif time.monotonic() - untaken_since >= FULL_TURN:
+                self._turn_missed(room)
+                return True
+            room = self._room_elsewhere(lt)
+        return True
 
     def _slot_queue_thunk(self) -> Any:
         async def serve_queue() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from . import _acceptpolicy as policy
 from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
-from ._engine import FULL_POLL, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
+from ._engine import FULL_POLL, FULL_TURN, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
 from ._errors import FAILURES, TaskShutdown
 from ._protocol import SyncRuntime, SyncSlots
 from ._proxy import ProxyHeaderError, read_proxy_header
@@ -81,6 +81,12 @@ class SyncEngine(Engine[SyncRuntime]):
                         if slots.acquire(timeout=FULL_POLL):
                             break
                     held = True
+                elif (
+                    slots is not None
+                    and (room := self._room_elsewhere(lt)) is not None
+                    and not self._while_full(lt, generation, room, state)
+                ):
+                    continue  # the acceptor ends
                 try:
                     sock, addr = listener.accept()
                 except OSError as exc:
@@ -128,6 +134,49 @@ class SyncEngine(Engine[SyncRuntime]):
             if accepted is not None:
                 self._still_holding(lt, accepted, addr, since)
             self._acceptor_done(lt, generation)
+
+    def _while_full(
+        self, lt: ListenerTask, generation: int, room: dict[int, int] | None, state: Any
+    ) -> bool:
+        """Full, with ``on_full="refuse"``: accept no client a sibling could serve.
+
+        For a worker at ``max_connections`` on a listener its siblings share. Taking
+        the next client it could only refuse it, while a sibling with room could
+        serve it; and waiting in ``accept()`` it would take the next client whatever
+        the siblings held by then. So it waits here, and returns True to accept
+        when a slot frees, when a client waits and no sibling has room (it is
+        refused as before), or when a client has waited ``FULL_TURN`` untaken by the
+        siblings with room (they are passed over: stopped, stuck or starved of CPU);
+        False when the acceptor must end. It looks for
+        waiting clients every ``FULL_POLL``: a refusal comes up to that much later
+        than from a worker alone.
+        """
+        slots = self.slots
+        assert slots is not None
+        fd = lt.native.fileno()
+        untaken_since = 0.0  # when a client began to wait untaken by the siblings
+        while room is not None:
+            if self._acceptor_ends(lt, generation, state):
+                return False
+            waiting = policy.pending(fd)
+            if waiting and not room:
+                return True
+            if not waiting:
+                untaken_since = 0.0
+                if slots.acquire(timeout=FULL_POLL):
+                    slots.release()
+                    return True
+            else:
+                self.runtime.sleep(NAP)
+            if not self._untaken(lt, room):
+                untaken_since = 0.0
+            elif not untaken_since:
+                untaken_since = time.monotonic()
+            elif time.monotonic() - untaken_since >= FULL_TURN:
+                self._turn_missed(room)
+                return True
+            room = self._room_elsewhere(lt)
+        return True
 
     def _slot_queue_thunk(self) -> Any:
         def serve_queue() -> None:
