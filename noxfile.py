@@ -52,11 +52,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy --strict on weft_core, every plugin, the example plugin and the benchmarks."""
+    """mypy --strict on weft_core, every plugin, the example plugin, the benchmarks, and
+    tests/typing: a user's script typed against the public API."""
     install_weft(session, *PLUGINS)
     session.install("mypy", "types-gevent", "uvloop")  # uvloop: the benchmarks import it
     packages = [f"plugins/{p}/{p.replace('-', '_')}" for p in PLUGINS]
-    session.run("mypy", "weft_core", *packages, "examples/weft-pool/weft_pool", "benchmarks")
+    session.run(
+        "mypy",
+        "weft_core",
+        *packages,
+        "examples/weft-pool/weft_pool",
+        "benchmarks",
+        "tests/typing",
+    )
 
 
 @nox.session

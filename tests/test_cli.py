@@ -483,7 +483,8 @@ def test_managers_with_nothing_installed(
     monkeypatch.setattr(_registry, "available_managers", dict)
     monkeypatch.setattr(_registry, "broken_plugins", list)
     assert main(["managers"]) == 0
-    assert "pip install weft-threads" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pip install weft-threads (or weft-gevent, weft-trio, weft-asyncio)" in out
 
 
 def test_managers_registry_error_is_one_line(
@@ -519,22 +520,58 @@ def test_conformance_runs_the_suite_with_extra_pytest_args(
 
     monkeypatch.setattr(pytest, "main", fake_pytest_main)
     assert main(["conformance", "mine", "-x", "-k", "stop"]) == 3
+    ((config, home, cut, suite),) = [(a[1], a[3], a[5], a[10]) for a in calls]
+    suite_dir = Path(weft_core.__file__).parent / "testing"
+    # The run's own empty config, in a directory of its own: none of the caller's.
+    assert Path(config).name == "pytest.ini" and Path(config).parent == Path(home)
+    assert cut == str(suite_dir) and suite == str(suite_dir / "suite.py")
     # A leaked socket fails; skip reasons are listed; the caller's arguments come last,
     # so that a -W of theirs wins over ours.
-    assert calls == [["-p", "weft_core.testing.plugin", "--pyargs", "weft_core.testing.suite",
+    assert calls == [["-c", config, "--rootdir", home, "--confcutdir", cut,
+                      "-p", "no:cacheprovider", "-p", "weft_core.testing.plugin", suite,
                       "--weft-manager", "mine",
                       "-W", "error::ResourceWarning",
                       "-W", "error::pytest.PytestUnraisableExceptionWarning",
                       "-rs", "-x", "-k", "stop"]]  # fmt: skip
 
 
+def test_conformance_runs_alike_in_a_project_with_its_own_pytest_config(tmp_path: Path) -> None:
+    """Seen (packaging probe F7): typed inside a project whose pytest config adds
+    options the run lacks (``addopts = "-n auto"``), or inside weft's own checkout,
+    ``weft conformance threads`` ran no test (exit 4); elsewhere it passed. Neither
+    that config nor the project's conftest.py reaches the run now, and it caches
+    nothing there."""
+    if "threads" not in _registry.available_managers():
+        pytest.skip("weft-threads is not installed")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\naddopts = "-n auto --no-such-flag"\n'
+    )
+    (tmp_path / "conftest.py").write_text('raise RuntimeError("the project conftest ran")\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "weft_core", "conformance", "threads", "-q",
+         "-p", "no:randomly", "-k", "test_ids_are_unique"],
+        cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conftest.py", "pyproject.toml"]
+
+
+def test_conformance_without_a_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """Seen (F9): "the following arguments are required: NAME, PYTEST_ARGS", the
+    pytest arguments being optional."""
+    assert main(["conformance"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "name the installed manager to test" in line and "PYTEST_ARGS" not in line
+
+
 def test_conformance_unknown_manager(capsys: pytest.CaptureFixture[str]) -> None:
-    """The registry's own message: what is installed, a near name, what to install."""
+    """The registry's own message: what is installed, a near name (not the typo to install)."""
     assert main(["conformance", "thread"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("weft: no task manager named 'thread' is installed (installed: ")
     assert "did you mean 'threads'?" in line
-    assert "pip install weft-thread" in line
+    assert "pip install" not in line
     assert line.endswith("; see `weft managers`")
 
 
@@ -558,7 +595,25 @@ def test_conformance_without_pytest(
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert main(["conformance", "threads"]) == 2
-    assert "pip install pytest" in one_error_line(capsys.readouterr().err)
+    assert "pip install 'weft-core[testing]'" in one_error_line(capsys.readouterr().err)
+
+
+def test_conformance_without_pytest_timeout_warns_that_a_hang_hangs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seen (F6): without pytest-timeout the run had no per-test timeout, silently."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name == "pytest_timeout" else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(_registry, "get_manager_spec", lambda name: _spec("mine", "sync", None))
+    monkeypatch.setattr(pytest, "main", lambda args: 0)
+    assert main(["conformance", "mine"]) == 0
+    err = capsys.readouterr().err
+    assert "pytest-timeout is not installed" in err
+    assert "pip install 'weft-core[testing]'" in err
 
 
 # -- end to end: `python -m weft_core serve` against the real Server ------------------------------

@@ -154,3 +154,25 @@ def test_register_plugin_adds_hooks_until_unregistered() -> None:
         pass
     assert len(started) == 1
     assert weft_core.unregister_plugin(watcher) is None
+
+
+def test_importing_weft_elsewhere_than_linux_says_so_in_one_line() -> None:
+    """Seen (packaging probe F4): on Windows ``import weft_core`` failed on ``fcntl``,
+    and on macOS the threads manager's ``run()`` on a missing ``os.pipe2``: weft is
+    Linux's, and says so when imported elsewhere."""
+    import subprocess
+    import sys
+
+    for platform in ("darwin", "win32", "freebsd14"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import sys; sys.platform = {platform!r}; import weft_core"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        last = done.stderr.strip().splitlines()[-1]
+        assert last == (
+            "ImportError: weft runs on Linux only (it uses pipe2, memfd, TCP_INFO, "
+            f"SO_REUSEPORT as Linux has them); this is {platform!r}"
+        ), done.stderr

@@ -105,15 +105,33 @@ def test_unknown_name_lists_installed_and_suggests_closest(plugin_dists: PluginD
     assert dumy["error"] == zzz["error"] == "UnknownManagerError"
     assert "installed: dummy, threads" in dumy["message"]
     assert "did you mean 'dummy'?" in dumy["message"]
-    assert "pip install weft-dumy" in dumy["message"]
+    # A typo is never also told to install its misspelt name, which anyone could publish.
+    assert "pip install" not in dumy["message"]
     assert "did you mean" not in zzz["message"]
     assert "pip install weft-zzz" in zzz["message"]
 
 
 @installed
+def test_a_typo_of_a_manager_we_publish_is_not_told_to_install_the_typo(
+    plugin_dists: PluginDists,
+) -> None:
+    """Seen (packaging probe F8): ``-k gevnet`` said "did you mean 'gevent'?" and then
+    "pip install weft-gevnet", a name nobody publishes (an open door to typosquatting)."""
+    report = plugin_dists.probe([GOOD], get=["gevnet", "thread", "uvloop"])
+    for name, meant in (("gevnet", "gevent"), ("thread", "threads")):
+        message = report["get"][name]["message"]
+        assert message.endswith(f"did you mean {meant!r}?"), message
+        assert "pip install" not in message
+    uvloop = report["get"]["uvloop"]["message"]
+    assert "--manager asyncio -o loop=uvloop" in uvloop
+    assert "pip install 'weft-asyncio[uvloop]'" in uvloop
+    assert "weft-uvloop" not in uvloop
+
+
+@installed
 def test_known_manager_not_installed_says_what_to_install(plugin_dists: PluginDists) -> None:
-    report = plugin_dists.probe([GOOD], get=["threads", "gevent", "trio"])
-    for name in ("threads", "gevent", "trio"):
+    report = plugin_dists.probe([GOOD], get=["threads", "gevent", "trio", "asyncio"])
+    for name in ("threads", "gevent", "trio", "asyncio"):
         error = report["get"][name]
         assert error["error"] == "UnknownManagerError"
         assert "(installed: dummy)" in error["message"]

@@ -7,6 +7,14 @@ This module re-exports the public names and nothing else.
 
 from __future__ import annotations
 
+import sys
+
+if not sys.platform.startswith("linux"):  # said here, not by a failed import of fcntl
+    raise ImportError(
+        f"weft runs on Linux only (it uses pipe2, memfd, TCP_INFO, SO_REUSEPORT as Linux "
+        f"has them); this is {sys.platform!r}"
+    )
+
 from ._blocking import BLOCKING_RUNTIME, BlockingRuntime
 from ._connection import ConnectionInfo, current_connection, detach
 from ._errors import (

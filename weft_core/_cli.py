@@ -186,12 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(a failed run ends by printing the -k that reruns what failed); -x stops at the "
         "first failure; --maxfail N after N; -v lists each test; --timeout SECONDS "
         "fails a test that runs longer (default 120 s, with pytest-timeout); "
-        "-p no:randomly if pytest-randomly is installed. Exit status: pytest's "
-        "(0 all passed, 1 some failed, 5 none selected); 2 for an unknown or broken manager.",
+        "-p no:randomly if pytest-randomly is installed. The run takes no pytest "
+        "configuration (pytest.ini, pyproject.toml, conftest.py) from the directory it "
+        "is started in, so it runs the same anywhere. Exit status: pytest's (0 all "
+        "passed, 1 some failed, 2 interrupted, 4 a pytest usage error, 5 none "
+        "selected); 2 too, before pytest runs, for a missing, unknown or broken manager.",
     )
     conformance.set_defaults(command=_conformance)
-    conformance.add_argument("name", metavar="NAME")
-    conformance.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="PYTEST_ARGS")
+    # Optional to argparse, so that its absence gets a message of its own: argparse
+    # calls a REMAINDER required too, and named both.
+    conformance.add_argument(
+        "name", metavar="NAME", nargs="?", help="the installed manager to test (weft managers)"
+    )
+    conformance.add_argument(
+        "pytest_args",
+        nargs=argparse.REMAINDER,
+        metavar="PYTEST_ARGS",
+        help="optional: arguments for pytest, such as -x or -k EXPR",
+    )
 
     from ._ctl_cli import add_parser as add_ctl_parser
 
@@ -882,7 +894,7 @@ def _managers(ns: argparse.Namespace) -> int:
             cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
             print("  ".join([*cells, row[4]]).rstrip())
     else:
-        print("no task managers installed: pip install weft-threads (or weft-gevent, weft-trio)")
+        print(f"no task managers installed: {_registry.install_hint()}")
     if broken:
         print("\nbroken plugins (not loaded):")
         for b in broken:
@@ -897,31 +909,71 @@ def _managers(ns: argparse.Namespace) -> int:
 # -- weft conformance ---------------------------------------------------------------------
 
 
+#: What the conformance suite needs beyond weft-core: pytest, pytest-timeout, trustme.
+TESTING_EXTRA = "pip install 'weft-core[testing]'"
+
+
 def _conformance(ns: argparse.Namespace) -> int:
+    if not ns.name:
+        return _fail(
+            "name the installed manager to test: weft conformance NAME [PYTEST_ARGS ...] (see `weft managers`)",
+            EXIT_USAGE,
+        )
     if importlib.util.find_spec("pytest") is None:
-        return _fail("the conformance suite runs on pytest: pip install pytest", EXIT_USAGE)
+        return _fail(f"the conformance suite runs on pytest: {TESTING_EXTRA}", EXIT_USAGE)
     try:
         spec = _registry.get_manager_spec(ns.name)
     except UnknownManagerError as exc:  # what is installed, what to install, a near name
         return _fail(f"{exc}; see `weft managers`", EXIT_USAGE)
     except WeftError as exc:  # installed but broken (an import error, a name taken)
         return _fail(exc, EXIT_USAGE)
+    if importlib.util.find_spec("pytest_timeout") is None:
+        print_line(
+            stderr_line(
+                "warning: pytest-timeout is not installed, so a test that hangs hangs "
+                f"this run instead of failing: {TESTING_EXTRA}",
+                logging.WARNING,
+            )
+        )
+    import tempfile
+
     import pytest
 
-    args = [
-        "-p",
-        "weft_core.testing.plugin",
-        "--pyargs",
-        "weft_core.testing.suite",
-        "--weft-manager",
-        spec.name,
-        # A socket or descriptor the manager leaks is a failure, not a warning nobody
-        # reads; and why a test skipped (no trustme: the TLS tests) is said at the end.
-        "-W",
-        "error::ResourceWarning",
-        "-W",
-        "error::pytest.PytestUnraisableExceptionWarning",
-        "-rs",
-        *ns.pytest_args,  # after ours: the caller's -W filters win
-    ]
-    return int(pytest.main(args))
+    # pytest's configuration and conftest.py files come from the directory it starts
+    # in; typed inside a manager author's project (its addopts "-n auto", its
+    # conftest), the suite failed to start there and passed elsewhere. An empty
+    # config in a directory of its own is the run's whole configuration, no
+    # conftest.py above the suite's own directory is read, and nothing is cached. The working directory stays: relative paths in the caller's
+    # arguments (--junitxml=out.xml) mean what they say.
+    # Found, not imported: the suite's modules must first be imported inside pytest,
+    # which rewrites their asserts.
+    suite = Path(__file__).with_name("testing") / "suite.py"
+    with tempfile.TemporaryDirectory(prefix="weft-conformance-") as home:
+        config = Path(home, "pytest.ini")
+        config.write_text("[pytest]\n")
+        args = [
+            "-c",
+            str(config),
+            "--rootdir",
+            home,
+            "--confcutdir",
+            str(suite.parent),
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "weft_core.testing.plugin",
+            # The suite's file, not --pyargs and a module name: given no path that
+            # exists, pytest loads the conftest.py of the directory it started in.
+            str(suite),
+            "--weft-manager",
+            spec.name,
+            # A socket or descriptor the manager leaks is a failure, not a warning nobody
+            # reads; and why a test skipped (no trustme: the TLS tests) is said at the end.
+            "-W",
+            "error::ResourceWarning",
+            "-W",
+            "error::pytest.PytestUnraisableExceptionWarning",
+            "-rs",
+            *ns.pytest_args,  # after ours: the caller's -W filters win
+        ]
+        return int(pytest.main(args))

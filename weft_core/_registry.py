@@ -65,7 +65,20 @@ ENTRY_POINT_GROUP = "weft"
 LOAD_PLUGINS_ENV = "WEFT_LOAD_PLUGINS"
 
 #: Managers we publish ourselves, so "not installed" can say exactly what to install.
-KNOWN_MANAGERS = {"threads": "weft-threads", "gevent": "weft-gevent", "trio": "weft-trio"}
+KNOWN_MANAGERS = {
+    "threads": "weft-threads",
+    "gevent": "weft-gevent",
+    "trio": "weft-trio",
+    "asyncio": "weft-asyncio",
+}
+
+#: Names people try that are an option of one of our managers, not a manager.
+MANAGER_OPTIONS_NAMED = {
+    "uvloop": (
+        "uvloop is the asyncio manager's loop: --manager asyncio -o loop=uvloop"
+        " (pip install 'weft-asyncio[uvloop]')"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -447,18 +460,29 @@ def _unknown_message(name: str, state: _State, catalog: _Catalog) -> str:
             )
     if name in KNOWN_MANAGERS:
         return f"{message}; install it with: pip install {KNOWN_MANAGERS[name]}"
+    if name in MANAGER_OPTIONS_NAMED:
+        return f"{message}; {MANAGER_OPTIONS_NAMED[name]}"
+    if name in GUNICORN_WORKERS:  # -k sync came up 'asyncio' by its letters
+        return f"{message}; gunicorn's {name!r} worker is weft's {GUNICORN_WORKERS[name]!r}"
     import difflib
 
     close = difflib.get_close_matches(name, [*catalog.managers, *KNOWN_MANAGERS], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    if name in GUNICORN_WORKERS:  # -k sync came up 'asyncio' by its letters
-        hint = f"; gunicorn's {name!r} worker is weft's {GUNICORN_WORKERS[name]!r}"
+    if close:
+        # A typo: never also suggest installing the misspelt name, which anyone
+        # could publish.
+        return f"{message}; did you mean {close[0]!r}?"
     # Only a convention for third-party plugins, so said as one: never tell a user to
     # pip install a name we made up without saying so.
     return (
-        f"{message}{hint}; if {name!r} is a third-party manager, install its plugin "
+        f"{message}; if {name!r} is a third-party manager, install its plugin "
         f"(conventionally: pip install weft-{name})"
     )
+
+
+def install_hint() -> str:
+    """What to install for a first manager: our managers' distributions, the default first."""
+    first, *rest = KNOWN_MANAGERS.values()
+    return f"pip install {first} (or {', '.join(rest)})"
 
 
 def create_manager(name: str, **options: Any) -> TaskManager:

@@ -306,8 +306,11 @@ class Server:
         self._cfg.address = validate("address", value)
 
     @property
-    def port(self) -> int | str:
-        """The port: after ``run()`` the one actually bound; settable for the next run."""
+    def port(self) -> int:
+        """The port: after ``run()`` the one actually bound; settable for the next run.
+
+        A number always: a service name given (``"http"``) is looked up when set.
+        """
         if self._bound_port is not None:
             return self._bound_port
         return self._cfg.port

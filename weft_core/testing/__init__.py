@@ -17,7 +17,13 @@ of ManagerTests use them. It needs pytest (``pip install weft-core[testing]``).
 
 from __future__ import annotations
 
-import pytest
+try:
+    import pytest
+except ImportError as exc:  # said in one line, with what to install
+    raise ImportError(
+        "weft_core.testing (the conformance suite) runs on pytest: "
+        "pip install 'weft-core[testing]'"
+    ) from exc
 
 # Before the suite's modules are imported: pytest rewrites their asserts, so that a
 # failure shows the values compared as well as the rule its message names. (Inside
