@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -584,6 +584,27 @@ def test_on_full_backlog_serves_a_burst_that_fits_the_workers(
         stop(served)
 
 
+@contextlib.contextmanager
+def one_full_one_empty(
+    tmp_path: Path, manager: str, limit: int
+) -> Iterator[tuple[str, int, Callable[[], None]]]:
+    """Two workers of ``limit`` connections each on one socket, the first holding its
+    ``limit``: yields the address, the other worker's pid, and a wait until that one
+    holds none. Stops them after."""
+    _have(manager)
+    served, address, pids = serve(tmp_path, manager, "--max-connections", str(limit))
+    with served:
+        full, other = sorted(pids)
+        path = map_path(served.proc.pid)
+        with closing(load_one(address, full, limit)):
+            yield (
+                address,
+                other,
+                lambda: wait_until("the other worker holds none", lambda: held(path, other) == 0),
+            )
+        stop(served)
+
+
 def refused_within(address: str, seconds: float) -> bool:
     """A new client is closed unserved (the refusal of a full server) within ``seconds``."""
     began = time.monotonic()
@@ -605,23 +626,17 @@ def test_a_full_worker_leaves_new_clients_to_a_sibling_with_room(
     of the next clients and refused them, ten slots free beside it. Now the ten are
     all served by the other; an eleventh, with both full, is refused at once (three
     rounds)."""
-    _have(manager)
-    served, address, pids = serve(tmp_path, manager, "--max-connections", "10")
-    with served:
-        full, other = sorted(pids)
-        path = map_path(served.proc.pid)
-        with closing(load_one(address, full, 10)):
-            for _ in range(3):
-                wait_until("the other worker holds none", lambda: held(path, other) == 0)
-                with closing([]) as newcomers:
-                    for _ in range(10):
-                        try:
-                            newcomers.append(holding(address))
-                        except AssertionError:
-                            pytest.fail(f"refused after {len(newcomers)} served, with room")
-                    assert [c.pid for c in newcomers] == [other] * 10
-                    assert refused_within(address, 2)
-        stop(served)
+    with one_full_one_empty(tmp_path, manager, 10) as (address, other, emptied):
+        for _ in range(3):
+            emptied()
+            with closing([]) as newcomers:
+                for _ in range(10):
+                    try:
+                        newcomers.append(holding(address))
+                    except AssertionError:
+                        pytest.fail(f"refused after {len(newcomers)} served, with room")
+                assert [c.pid for c in newcomers] == [other] * 10
+                assert refused_within(address, 2)
 
 
 @pytest.mark.timeout(120)
@@ -632,17 +647,11 @@ def test_a_full_worker_beside_a_stopped_sibling_still_refuses_promptly(
     """As above, with the worker that has room stopped (SIGSTOP: stuck, or starved of
     CPU): the full worker leaves a client to it for one turn only, then refuses it as
     before, and the next at once; nothing hangs on the stopped sibling."""
-    _have(manager)
-    served, address, pids = serve(tmp_path, manager, "--max-connections", "5")
-    with served:
-        full, other = sorted(pids)
-        path = map_path(served.proc.pid)
-        with closing(load_one(address, full, 5)):
-            wait_until("the other worker holds none", lambda: held(path, other) == 0)
-            with paused(other):
-                assert refused_within(address, 2)
-                assert refused_within(address, 2)
-        stop(served)
+    with one_full_one_empty(tmp_path, manager, 5) as (address, other, emptied):
+        emptied()
+        with paused(other):
+            assert refused_within(address, 2)
+            assert refused_within(address, 2)
 
 
 @pytest.mark.timeout(120)
