@@ -70,3 +70,24 @@ async def swallowing_async(stream: Any) -> None:
             await sleep(1000)
         except BaseException:  # the point: a handler that will not stop
             pass
+
+
+def starts_a_thread(conn: Any) -> None:
+    """Start a thread that is not a daemon (said so: a handler thread's own threads are
+    daemons by default) and never ends, say ``+``, then serve until
+    the client goes (or the stop ends the input): the handler ends, its thread does not."""
+    import threading
+
+    threading.Thread(target=os.read, args=(_never, 1), name="its own", daemon=False).start()
+    conn.sendall(b"+")
+    while conn.recv(1024):
+        pass
+
+
+async def awaits_to_thread(stream: Any) -> None:
+    """asyncio: say ``+``, then await a call in the loop's executor that never returns
+    (``asyncio.to_thread``, the way asyncio's docs give for a blocking call)."""
+    import asyncio
+
+    await stream.send_all(b"+")
+    await asyncio.to_thread(os.read, _never, 1)

@@ -133,6 +133,53 @@ def test_a_handler_swallowing_its_cancellation_does_not_starve_the_stop(
     )
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("manager", "handler", "loop"),
+    [
+        ("threads", "starts_a_thread", None),
+        ("asyncio", "awaits_to_thread", "asyncio"),
+        ("asyncio", "awaits_to_thread", "uvloop"),
+    ],
+)
+def test_a_thread_left_running_does_not_hold_the_exit_past_its_bound(
+    manager: str, handler: str, loop: str | None, tmp_path: Path, clients: list[socket.socket]
+) -> None:
+    """A handler's thread that is not a daemon and never ends: one it started itself, or
+    a call in asyncio's executor (``asyncio.to_thread``). Seen (the asyncio-app outside
+    check): the stop ended within its bound, then Python's exit waited for the thread
+    (``concurrent.futures`` joins its executors' threads at exit): ``weft serve`` exited
+    11.75 s after SIGTERM (bound 4), with status 0, and a thread that never ends kept it
+    for good. Now it exits by the bound, status 4, saying why."""
+    if manager not in MANAGERS:
+        pytest.skip(f"weft-{manager} is not installed")
+    options = ("-o", f"loop={loop}") if loop else ()
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    proc = WeftServe(
+        f"_stuck_handlers:{handler}", "--manager", manager, *options,
+        "--bind", "127.0.0.1:0", "--graceful-timeout", f"{GRACEFUL:g}", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        port = proc.port()
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+        assert clients[0].recv(1) == b"+", "the handler is running"
+        began = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
+        took = time.monotonic() - began
+    finally:
+        proc.close()
+    assert code == EXIT_TASKS_LEFT, f"exit status {code}; stderr:\n{proc.stderr}"
+    assert took < GRACEFUL + STOP_GRACE + DEADLINE_MARGIN + SLACK, (
+        f"weft serve took {took:.2f}s to exit (bound {GRACEFUL + STOP_GRACE:g}s plus slack)"
+    )
+    assert "the stop ended, but the process did not exit within its bound" in proc.stderr
+    if manager == "asyncio":
+        assert "1 call(s) still run in the asyncio loop's executor" in proc.stderr
+        assert "did not close within" not in proc.stderr, "the runtime's close waited"
+
+
 @contextlib.contextmanager
 def _embedded(
     handler: Any, manager: str, clients: int, started: threading.Semaphore

@@ -14,9 +14,16 @@ from ._signals import hold_while_starting
 
 hold_while_starting()
 
-from ._cli import main  # noqa: E402  (after the hold: loading it takes tens of ms)
+from . import _cli  # noqa: E402  (after the hold: loading it takes tens of ms)
 
 __all__ = ["main"]
+
+
+def main() -> int:
+    """The ``weft`` command, as a process that exits when it returns (``_cli.EXITS_AFTER``)."""
+    _cli.EXITS_AFTER = True
+    return _cli.main()
+
 
 if __name__ == "__main__":
     sys.exit(main())

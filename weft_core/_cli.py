@@ -61,6 +61,13 @@ log = logging.getLogger("weft")
 _WAKE_INTERVAL = 1.0
 #: What the last-resort exit (_deadline) adds to graceful_timeout + STOP_GRACE.
 DEADLINE_MARGIN = 0.5
+#: The least time a process whose stop has ended is given to exit (see _bound_the_exit).
+EXIT_GRACE = 1.0
+
+#: True in ``python -m weft_core`` and the ``weft`` command (``__main__.main``): the
+#: process exits once :func:`main` returns, so ``weft serve`` bounds that exit too.
+#: False where main() is called by a process that goes on (a test).
+EXITS_AFTER = False
 
 
 class HandlerImportError(WeftError):
@@ -650,9 +657,34 @@ def _run(
                 shutdown,
             )
         finally:
-            deadline.disarm()
+            if EXITS_AFTER:
+                _bound_the_exit(deadline, STOP_GRACE)
+            else:
+                deadline.disarm()
             if stopped is not None:
                 stopped()
+
+
+def _bound_the_exit(deadline: Deadline, grace: float) -> None:
+    """The stop has ended and the process exits next: keep the stop's bound through it.
+
+    Python's exit waits for every thread that is not a daemon: a call still running
+    in an executor (``asyncio.to_thread``'s: ``concurrent.futures`` joins its threads
+    at exit), a thread a handler started. One that does not end held ``weft serve``
+    past its bound, for good, and exiting 0. The deadline a stop signal armed stays,
+    with what it has left (at least ``EXIT_GRACE``); with none armed, one of
+    ``grace`` plus the margin is. Past it the process exits with status 4, the
+    threads' stacks written, as a stop that left tasks behind does.
+    """
+    left = deadline.remaining()
+    deadline.disarm()
+    deadline.arm(
+        grace + DEADLINE_MARGIN if left is None else max(left, EXIT_GRACE),
+        "the stop ended, but the process did not exit within its bound: a thread that "
+        "is not a daemon still runs (a call in an executor, such as asyncio.to_thread's, "
+        "or a thread a handler started: the stacks below name it); it is abandoned "
+        f"(exit status {EXIT_TASKS_LEFT})",
+    )
 
 
 def _serve_until_stopped(

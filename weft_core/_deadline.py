@@ -72,6 +72,12 @@ class Deadline:
         faulthandler.dump_traceback_later(seconds + BACKSTOP, exit=True, file=_stderr_fd())
         start(_expire, (lock, seconds, message))
 
+    def remaining(self) -> float | None:
+        """Seconds left until the exit, or None when not armed."""
+        if self._lock is None:
+            return None
+        return max(0.0, self._until - time.monotonic())
+
     def disarm(self) -> None:
         """The stop ended: no exit."""
         lock, self._lock = self._lock, None

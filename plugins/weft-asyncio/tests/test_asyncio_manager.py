@@ -631,3 +631,37 @@ def test_interrupting_a_blocked_send_logs_nothing(
             client.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_call_left_in_the_executor_does_not_hold_the_stop(
+    caplog: pytest.LogCaptureFixture, loop: str
+) -> None:
+    """A handler awaiting ``asyncio.to_thread`` when the stop cancels it: the call goes
+    on in its thread. Seen (the asyncio-app outside check): the loop's end waited for
+    asyncio's default executor with no bound, so the runtime's close timed out (2 s,
+    "a call given to submit()?", which the app never made) and the stop ran that much
+    past its own. Now the executor is let go at once, the close says what still runs
+    in it, and the stop keeps its time."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    release = threading.Event()
+
+    async def handler(stream: AsyncioStream) -> None:
+        await stream.send_all(b"+")
+        await asyncio.to_thread(release.wait, 30)
+
+    server = Server(handler, manager="asyncio", manager_options={"loop": loop})
+    server.run()
+    try:
+        with caplog.at_level(logging.WARNING), connect(server) as client:
+            assert recv_exactly(client, 1) == b"+"
+            began = time.monotonic()
+            assert server.stop(0.2) is False  # interrupted: it was awaiting the call
+            took = time.monotonic() - began
+    finally:
+        release.set()
+    assert took < 0.2 + 1.0, f"stop(0.2) took {took:.2f}s"
+    assert "1 call(s) still run in the asyncio loop's executor" in caplog.text
+    assert "did not close within" not in caplog.text

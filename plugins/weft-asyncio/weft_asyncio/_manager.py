@@ -39,6 +39,7 @@ Interruption:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import importlib
 import logging
@@ -83,12 +84,46 @@ def _uvloop_missing() -> ValueError:
     )
 
 
+class _Executor(concurrent.futures.ThreadPoolExecutor):
+    """The own loop's default executor (``asyncio.to_thread``, ``run_in_executor(None, f)``).
+
+    asyncio's own default executor is shut down, when the loop ends, by waiting for
+    every call still running in it, with no bound: a handler's ``to_thread`` call
+    that outlived its handler's cancellation held ``runtime.close()`` (and a stop's
+    end) until it returned. This one is shut down without waiting, and counts what
+    still runs, so that the close can say so.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="weft-asyncio-executor")
+        self.running = 0
+        self.running_lock = threading.Lock()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """``ThreadPoolExecutor.submit``, counted until the call ends (or is cancelled)."""
+        future = super().submit(fn, *args, **kwargs)
+        with self.running_lock:
+            self.running += 1
+        future.add_done_callback(self._ended)
+        return future
+
+    def _ended(self, _future: concurrent.futures.Future[Any]) -> None:
+        with self.running_lock:
+            self.running -= 1
+
+    def abandon(self) -> int:
+        """Shut down without waiting: queued calls are cancelled; how many still run."""
+        self.shutdown(wait=False, cancel_futures=True)
+        with self.running_lock:
+            return self.running
+
+
 class _Loop:
     """The loop tasks run on: the manager's own, in a daemon thread, or the application's."""
 
     __slots__ = (
-        "cancels", "error", "ident", "lock", "loop", "owner", "ready", "soon", "soon_tasks",
-        "thread",
+        "cancels", "error", "executor", "ident", "lock", "loop", "owner", "ready", "soon",
+        "soon_tasks", "thread",
     )  # fmt: skip
 
     def __init__(self, owner: AsyncioManager, loop: asyncio.AbstractEventLoop, own: bool) -> None:
@@ -107,8 +142,11 @@ class _Loop:
         self.ready = threading.Event()
         self.thread: threading.Thread | None = None
         self.ident = threading.get_ident()
+        self.executor: _Executor | None = None
         if own:
             self.thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
+            self.executor = _Executor()
+            loop.set_default_executor(self.executor)
 
     @property
     def own(self) -> bool:
@@ -140,7 +178,7 @@ class _Loop:
             if left:
                 loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
+            self._abandon_executor()
         except BaseException as exc:  # a daemon thread has nobody to raise to
             self.error = exc
             if self.ready.is_set():
@@ -149,6 +187,18 @@ class _Loop:
             self.ready.set()
             asyncio.set_event_loop(None)
             loop.close()
+
+    def _abandon_executor(self) -> None:
+        """Let the executor's calls that still run go on alone, and say so."""
+        assert self.executor is not None
+        running = self.executor.abandon()
+        if running:
+            log.warning(
+                "%d call(s) still run in the asyncio loop's executor (asyncio.to_thread, "
+                "run_in_executor) as its loop ends: not waited for; a call that blocks for "
+                "good keeps its thread (weft serve exits within its bound regardless)",
+                running,
+            )
 
     def in_thread(self) -> bool:
         """True if the caller runs in this loop's thread."""
