@@ -544,3 +544,109 @@ def test_a_client_reset_before_the_first_read_is_a_connection_reset(mode: str) -
         stats = server.stats()
     assert isinstance(outcome[0], ConnectionResetError), outcome
     assert (stats["peer_errors"], stats["handler_errors"]) == (1, 0), stats
+
+
+# -- what a handler written for start_server relies on, on the path with no transport -------
+# (the asyncio-app outside check: a connection whose request came with it, answered by
+# writes straight to the socket, never makes a transport)
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+@pytest.mark.parametrize("mode", MODES)
+def test_is_closing_turns_true_once_the_peer_is_gone(mode: str, how: str) -> None:
+    """A broadcast that drops its dead clients by ``is_closing()``, as written for
+    start_server. Seen: with the request sent with the connection, is_closing() stayed
+    False after the client's FIN or reset, even once drain() had raised: the loop
+    wrote on into the void until the server stopped (start_server ends it in 0.06 s)."""
+    ended = threading.Event()
+    writes: list[int] = []
+
+    async def handler(stream) -> None:
+        await stream.readline()
+        n = 0
+        deadline = time.monotonic() + WAIT
+        while not stream.is_closing() and time.monotonic() < deadline:
+            stream.write(b"tick\n")
+            n += 1
+            with contextlib.suppress(ConnectionError):
+                await stream.drain()
+            await asyncio.sleep(0.02)
+        writes.append(n)
+        ended.set()
+
+    with served(mode, handler) as server:
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        client.sendall(b"subscribe\n")
+        assert client.recv(5) == b"tick\n"
+        began = time.monotonic()
+        if how == "rst":
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        assert ended.wait(WAIT), "is_closing() never turned True"
+        assert time.monotonic() - began < 2.0, f"it took {time.monotonic() - began:.2f}s"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failed_drain_raises_connection_reset_error(mode: str) -> None:
+    """As StreamWriter.drain and the docs say, whatever the system call said. Seen:
+    the first failing drain() to a client that had closed raised BrokenPipeError on
+    that path, which ``except ConnectionResetError`` around a drain misses."""
+    raised: list[BaseException] = []
+    done = threading.Event()
+
+    async def handler(stream) -> None:
+        await stream.readline()
+        try:
+            for _ in range(200):
+                stream.write(b"x" * 1024)
+                await stream.drain()
+                await asyncio.sleep(0.01)
+        except Exception as exc:
+            raised.append(exc)
+        done.set()
+
+    with served(mode, handler) as server:
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        client.sendall(b"go\n")
+        assert client.recv(1)
+        client.close()
+        assert done.wait(WAIT)
+    assert len(raised) == 1 and type(raised[0]) is ConnectionResetError, raised
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_after_write_eof_raises_and_a_read_after_close_is_the_end(mode: str) -> None:
+    """StreamWriter raises on a write after write_eof(): so does the stream, on uvloop
+    too, where it was dropped unsaid (and is_closing() said True after the half-close).
+    A read after the handler's own close() and wait_closed() returns b"", as
+    StreamReader's, where it raised ConnectionResetError."""
+    seen: dict[str, object] = {}
+    done = threading.Event()
+
+    async def handler(stream) -> None:
+        try:
+            await stream.readline()
+            stream.write(b"reply\n")
+            stream.write_eof()
+            seen["closing after eof"] = stream.is_closing()
+            try:
+                stream.write(b"more")
+            except RuntimeError as exc:
+                seen["write after eof"] = str(exc)
+            stream.close()
+            await stream.wait_closed()
+            seen["read after close"] = await stream.read(10)
+        finally:
+            done.set()
+
+    with served(mode, handler) as server:
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        with client:
+            client.sendall(b"q\n")
+            assert recv_until_closed(client) == b"reply\n"
+            assert done.wait(WAIT)
+    assert seen == {
+        "closing after eof": False,
+        "write after eof": "Cannot call write() after write_eof()",
+        "read after close": b"",
+    }

@@ -136,6 +136,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_buffer",
         "_close_when_made",
         "_closer",
+        "_closing",
         "_connected",
         "_direct",
         "_drainer",
@@ -180,8 +181,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         #: The future ``do_handshake`` waits on while the handshake goes on.
         self._shaker: asyncio.Future[None] | None = None
         self._eof = False
-        #: write_eof() half-closed the socket before uvloop's transport existed.
+        #: write_eof() was called: nothing may be written after it.
         self._eof_written = False
+        #: close() or aclose() was called.
+        self._closing = False
         self._lost = False
         self._error: BaseException | None = None
         self._paused = False
@@ -535,6 +538,20 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """What broke the connection, if anything did (a reset)."""
         return self._error
 
+    def _lost_error(self) -> BaseException:
+        """What ``drain()`` raises for a lost connection: ``ConnectionResetError``.
+
+        As ``StreamWriter.drain`` does, whatever the system call said (a write to a
+        peer that closed fails with ``BrokenPipeError``): ``except
+        ConnectionResetError`` around a drain is the usual idiom. The cause is chained.
+        """
+        failure = self._failure()
+        if isinstance(failure, ConnectionResetError):
+            return failure
+        lost = ConnectionResetError("Connection lost")
+        lost.__cause__ = failure
+        return lost
+
     def _take(self, n: int) -> bytes:
         buffer = self._buffer
         if len(buffer) <= n:
@@ -662,6 +679,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         asyncio's transport drops it: ``drain()`` says whether it was lost.
         """
         transport = self._transport
+        if self._eof_written:  # said here: uvloop's transport dropped it unsaid
+            raise RuntimeError("Cannot call write() after write_eof()")
         if self._session is not None:
             self._session.write(data)
             self._send_tls()
@@ -673,8 +692,6 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 # close()) where asyncio's drops it: dropped here on both.
                 if not transport.is_closing():
                     raise
-        elif self._eof_written:
-            raise RuntimeError("write() after write_eof()")
         elif self._pending is None and self._making is None and self._tls is None:
             self._write_directly(data)
         elif self._pending is None:
@@ -692,7 +709,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
         if self._error is not None:
             return
         if self._sock.fileno() < 0:  # closed: as a write to a lost transport
-            self._lost_directly(ConnectionResetError("Connection lost"))
+            if not self._closing:  # by the handler's close(): dropped, as asyncio drops it
+                self._lost_directly(ConnectionResetError("Connection lost"))
             return
         try:
             sent = self._sock.send(data, _DONTWAIT)
@@ -730,7 +748,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None:
             if self._lost:  # a write or read straight to the socket failed
-                raise self._failure() or ConnectionResetError("Connection lost")
+                raise self._lost_error()
+            if self._closing and self._sock.fileno() < 0:  # closed by the handler
+                raise ConnectionResetError("Connection lost")
             if not self._pending and self._making is None:
                 return  # everything written went to the socket itself
             transport = await self._connect()
@@ -740,7 +760,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             # this drain raises rather than the handler writing on into the void.
             await asyncio.sleep(0)
         if self._lost:
-            raise self._failure() or ConnectionResetError("Connection lost")
+            raise self._lost_error()
         if not self._paused:
             return
         loop = self._loop
@@ -792,6 +812,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
             # made) read it: quiet, as a transport that saw the reset is; the next
             # read or drain raises ConnectionResetError.
             pass
+        self._eof_written = True
 
     def _shut_writing_now(self) -> None:
         """``write_eof()`` before uvloop's transport exists: what waits, then the FIN.
@@ -899,10 +920,18 @@ class AsyncioStream(asyncio.BufferedProtocol):
     # -- closing -------------------------------------------------------------------------
 
     def is_closing(self) -> bool:
-        """True once ``close()`` was called or the connection was lost."""
+        """True once ``close()`` was called or the connection was lost.
+
+        Lost as a write or read straight to the socket found it (before any
+        transport), too: a broadcast that drops its dead clients by this ran on.
+        """
+        if self._closing or self._lost:
+            return True
         transport = self._transport
         if transport is None:
-            return self._close_when_made or self._sock.fileno() < 0
+            return self._sock.fileno() < 0
+        if self._eof_written:  # uvloop's transport says closing once half-closed
+            return False
         return transport.is_closing()
 
     def close(self) -> None:
@@ -911,6 +940,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         Bytes written before the transport existed make it now, to send them as the
         peer reads them; the connection closes after them.
         """
+        self._closing = self._eof = True  # a read after it: b"", as StreamReader's
         transport = self._transport
         if transport is None and self._pending and self._making is None and not self._lost:
             with contextlib.suppress(ConnectionResetError):  # closed already: nothing to send
@@ -948,6 +978,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         next iteration and this returns at once: a stop of ten thousand connections
         does not wait an iteration for each. Cancelled while waiting, it aborts.
         """
+        self._closing = self._eof = True
         transport = self._transport
         if transport is None:
             if self._making is None and (not self._pending or self._sock.fileno() < 0):
