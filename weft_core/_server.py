@@ -93,14 +93,32 @@ FATAL_STOP_TIMEOUT = 10.0
 
 def handler_kind(handler: Callable[..., Any]) -> HandlerKind:
     """``"async"`` for an ``async def`` (or a partial or object wrapping one), else ``"sync"``."""
-    target: Any = handler
-    while isinstance(target, functools.partial):
-        target = target.func
+    target = _unpartial(handler)
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
         getattr(target, "__call__", None)  # noqa: B004 - instances with async __call__
     ):
         return "async"
     return "sync"
+
+
+def _unpartial(handler: Callable[..., Any]) -> Any:
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    return target
+
+
+def _wraps_async(handler: Callable[..., Any]) -> bool:
+    """True for a plain function that decorates an ``async def`` (``functools.wraps``).
+
+    Such a wrapper returns the coroutine of the function it wraps, as a plain
+    decorator does; ``asyncio.start_server`` takes it, and so do the async managers.
+    """
+    try:
+        inner = inspect.unwrap(_unpartial(handler))
+    except ValueError:  # a __wrapped__ cycle
+        return False
+    return inner is not handler and inspect.iscoroutinefunction(inner)
 
 
 def _describe(handler: Callable[..., Any]) -> str:
@@ -227,18 +245,31 @@ class Server:
 
     def _check_kind(self, manager: TaskManager) -> None:
         kind = manager.runtime.kind
-        have = handler_kind(self._cfg.handler)
-        if have != kind:
-            name = _describe(self._cfg.handler)
+        handler = self._cfg.handler
+        have = handler_kind(handler)
+        if inspect.isasyncgenfunction(_unpartial(handler)):
+            raise HandlerKindError(
+                f"handler {_describe(handler)} is an async generator function (an `async def`"
+                " with `yield`), which no manager runs: drop the `yield`"
+            )
+        if have != kind and not (kind == "async" and _wraps_async(handler)):
+            name = _describe(handler)
             others = ", ".join(
                 sorted(n for n, spec in available_managers().items() if spec.handler_kind == have)
             ) or "none installed: pip install " + (
                 "weft-trio or weft-asyncio" if have == "async" else "weft-threads or weft-gevent"
             )
             if kind == "async":
+                called = getattr(handler, "__name__", "handle")
+                shape = (
+                    "an `async def` (a lambda cannot be one)"
+                    if called == "<lambda>"
+                    else f"`async def {called}(stream): ...`"
+                )
                 hint = (
-                    f"write it as `async def {getattr(self._cfg.handler, '__name__', 'handle')}"
-                    f"(stream): ...`, or choose a manager that runs plain functions ({others})"
+                    f"write it as {shape} (a decorator around an async def: make its wrapper"
+                    " an async def too, or mark it with functools.wraps), or choose a"
+                    f" manager that runs plain functions ({others})"
                 )
             else:
                 hint = (

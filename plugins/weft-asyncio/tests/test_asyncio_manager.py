@@ -665,3 +665,77 @@ def test_a_call_left_in_the_executor_does_not_hold_the_stop(
     assert took < 0.2 + 1.0, f"stop(0.2) took {took:.2f}s"
     assert "1 call(s) still run in the asyncio loop's executor" in caplog.text
     assert "did not close within" not in caplog.text
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_reads_nothing_is_cut_with_a_reset(loop: str) -> None:
+    """The handler writes more than the kernels hold and returns; the client reads
+    nothing. The close sends for as long as the client takes bytes, then cuts it.
+    Seen (the asyncio-app outside check): the cut reached the client as the bytes
+    its kernel held and an ordinary end (FIN), so it could not tell the reply was cut
+    short. Now it is a reset."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+
+    async def handler(stream: AsyncioStream) -> None:
+        stream.write(b"x" * 20_000_000)
+
+    server = Server(handler, manager="asyncio", manager_options={"loop": loop})
+    server.run()
+    try:
+        with connect(server) as client:
+            deadline = time.monotonic() + 15
+            while server.stats()["accepted"] == 0 or server.stats()["active"]:
+                assert time.monotonic() < deadline, "the connection was never cut"
+                time.sleep(0.05)
+            client.settimeout(WAIT)
+            with pytest.raises(ConnectionResetError):
+                while client.recv(1 << 20):
+                    pass
+    finally:
+        server.stop(1)
+
+
+def _logged(handler: Any) -> Any:
+    """A plain decorator, as a logging or metrics one is written: not itself async."""
+    import functools
+
+    @functools.wraps(handler)
+    def wrapper(*args: Any) -> Any:
+        return handler(*args)
+
+    return wrapper
+
+
+@_logged
+async def _decorated_echo(stream: AsyncioStream) -> None:
+    stream.write(await stream.readline())
+    await stream.drain()
+
+
+async def _async_generator(stream: AsyncioStream) -> Any:
+    yield b""
+
+
+def test_an_async_def_behind_a_plain_decorator_is_served() -> None:
+    """Seen (the asyncio-app outside check): refused as "a plain function ... write it
+    as `async def _decorated_echo(stream)`", which it was. asyncio.start_server takes
+    it; so does the manager now (the decorator marked with functools.wraps)."""
+    server = Server(_decorated_echo, manager="asyncio")
+    server.run()
+    try:
+        with connect(server) as client:
+            client.sendall(b"hi\n")
+            assert recv_exactly(client, 3) == b"hi\n"
+    finally:
+        server.stop(1)
+
+
+def test_handlers_no_manager_runs_are_refused_saying_what_they_are() -> None:
+    """An async generator function was called "a plain function"; a lambda was told to
+    be written as `async def <lambda>(stream)`."""
+    with pytest.raises(weft_core.HandlerKindError, match="is an async generator function"):
+        Server(_async_generator, manager="asyncio")
+    with pytest.raises(weft_core.HandlerKindError, match=r"a lambda cannot be one"):
+        Server(lambda stream: _decorated_echo(stream), manager="asyncio")

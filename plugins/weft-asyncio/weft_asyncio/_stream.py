@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import socket
 import ssl
+import struct
 import sys
 import termios
 import threading
@@ -99,6 +100,20 @@ def _unsent(transport: asyncio.BaseTransport, sock: socket.socket) -> int:
     except (OSError, ValueError):
         pass
     return transport.get_write_buffer_size() + max(queued, 0)  # type: ignore[attr-defined,no-any-return]
+
+
+def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make the close of a cut connection a reset (``SO_LINGER`` 0), not a FIN.
+
+    Closed with a FIN, a cut reply reached the client as the bytes its kernel
+    held and then an ordinary end: it could not tell the reply was cut. A reset
+    says so, and the kernel drops what it still queued for a client that reads
+    nothing.
+    """
+    sock = transport.get_extra_info("socket")  # uvloop's too (the stream's is detached)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def _wake(waiter: asyncio.Future[None] | None, exc: BaseException | None = None) -> None:
@@ -973,7 +988,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
     async def aclose(self) -> None:
         """Close once the queued bytes (and TLS's goodbye) are out, as long as the peer reads.
 
-        A peer that takes none of them for ``CLOSE_WAIT`` seconds is cut (aborted).
+        A peer whose kernel takes none of them for ``CLOSE_WAIT`` seconds is cut: the
+        connection is reset (the client can tell the reply was cut), the rest dropped.
         With nothing left to send, the transport closes the descriptor in the loop's
         next iteration and this returns at once: a stop of ten thousand connections
         does not wait an iteration for each. Cancelled while waiting, it aborts.
@@ -1018,6 +1034,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         finally:
             self._closer = None
             if not self._lost:
+                _reset_on_close(transport)
                 transport.abort()  # type: ignore[attr-defined]
 
     def _goodbye(self) -> None:
