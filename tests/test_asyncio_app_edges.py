@@ -418,3 +418,54 @@ def test_peername_is_answered_after_the_peer_reset(loop_name: str) -> None:
             assert tuple(seen[0])[:2] == address, (seen, address)
 
     run_app(loop_name, main)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_wait_with_no_end_on_the_loop_is_refused_not_a_freeze(loop_name: str) -> None:
+    """Seen (the asyncio-app outside check): ``serve_forever()`` called on the
+    application's loop froze it for good (the docs said not to; stop() there already
+    returned at once). It and ``wait()`` with no timeout now raise, saying what to do;
+    ``wait(0)`` still answers."""
+
+    async def main() -> list[str]:
+        server = Server(aecho, manager="asyncio")
+        server.run()
+        said = []
+        for call in (server.serve_forever, server.wait):
+            try:
+                call()
+            except RuntimeError as exc:
+                said.append(str(exc))
+        assert server.wait(0) is False
+        server.stop(1)
+        assert await asyncio.to_thread(server.wait, WAIT)
+        return said
+
+    said = run_app(loop_name, main)
+    assert len(said) == 2, said
+    assert all("on a running asyncio loop" in s and "asyncio.to_thread" in s for s in said)
+
+
+def test_serve_forever_inside_a_handler_is_refused() -> None:
+    """Inside one of weft's tasks the wait would never end either: its own task is part
+    of what must stop."""
+    said: list[str] = []
+
+    def handler(conn: Any, holder: list[Server]) -> None:
+        try:
+            holder[0].serve_forever()
+        except RuntimeError as exc:
+            said.append(str(exc))
+        conn.sendall(b"+")
+
+    holder: list[Server] = []
+    server = Server(handler, args=(holder,), manager="threads")
+    holder.append(server)
+    server.run()
+    try:
+        with connect(server.port) as client:
+            assert recv_exactly(client, 1) == b"+"
+    finally:
+        server.stop(1)
+    assert said and "inside one of weft's tasks" in said[0], said

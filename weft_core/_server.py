@@ -674,9 +674,12 @@ class Server:
     def serve_forever(self, graceful_timeout: float | None = None) -> None:
         """``run()`` if needed, then block until stopped; Ctrl-C stops gracefully.
 
-        Raises the :class:`~weft_core.ServerError` that made the server stop itself, if any.
+        Raises the :class:`~weft_core.ServerError` that made the server stop itself, if
+        any. ``RuntimeError`` on a running asyncio loop or inside one of weft's tasks,
+        where it would block for good: there, ``run()``, then wait as the loop does.
         """
         graceful_timeout = _seconds(graceful_timeout, "serve_forever()")
+        _refuse_to_block("serve_forever()")
         if self._engine is None:
             self.run()
         try:
@@ -688,7 +691,13 @@ class Server:
             raise self._error
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server has stopped, its stopped hooks run; False on ``timeout``."""
+        """Block until the server has stopped, its stopped hooks run; False on ``timeout``.
+
+        ``RuntimeError`` for ``wait()`` with no timeout where it would never return
+        (see :meth:`serve_forever`).
+        """
+        if timeout is None:
+            _refuse_to_block("wait()")
         return self._finished.wait(_seconds(timeout, "wait()"))
 
     def stop_accepting(self) -> None:
@@ -965,6 +974,22 @@ def _must_not_block() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _refuse_to_block(call: str) -> None:
+    """``RuntimeError`` for a wait with no end where it would never end.
+
+    On a running asyncio loop the wait freezes the loop, which the server's own
+    tasks may need to stop (they do on it, with the application's loop); inside one
+    of weft's tasks, that task is part of what must stop. The application hung for
+    good, where stop() there already returns at once.
+    """
+    if _must_not_block():
+        where = "inside one of weft's tasks" if current_task() else "on a running asyncio loop"
+        raise RuntimeError(
+            f"{call} blocks until the server has stopped, and was called {where}, which it "
+            "would block for good; from a coroutine, 'await asyncio.to_thread(server.wait)'"
+        )
 
 
 def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:
