@@ -872,9 +872,14 @@ def test_write_eof_refused_on_uvloop_then_the_advised_way_delivers_all(
     mode: str, then: str
 ) -> None:
     """uvloop, 8 MiB pending: write_eof() raises RuntimeError as documented; what it advises
-    (``await send_eof()`` or ``await drain()`` first) then delivers every byte, then EOF."""
+    (``await send_eof()`` or ``await drain()`` first) then delivers every byte, then EOF.
+
+    The client reads only once write_eof() was tried: reading meanwhile (on a loaded
+    host, with the handler slow to get there) it could empty the kernel's buffers,
+    which then took the whole rest at once, and nothing was left to refuse for."""
     data = pattern(8 * MIB)
     seen: list[object] = []
+    tried = threading.Event()
 
     async def handler(stream) -> None:
         stream.write(data)
@@ -883,6 +888,7 @@ def test_write_eof_refused_on_uvloop_then_the_advised_way_delivers_all(
             seen.append("no error")
         except RuntimeError:
             seen.append("refused")
+        tried.set()
         if then == "send_eof":
             await stream.send_eof()
         else:
@@ -891,6 +897,7 @@ def test_write_eof_refused_on_uvloop_then_the_advised_way_delivers_all(
         seen.append(await stream.read())
 
     with served(mode, handler) as server, connect(server, rcvbuf=65536) as client:
+        assert tried.wait(WAIT)
         got, tail = _read_all_then_answer(client, len(data))
     assert (len(got), tail, seen) == (len(data), b"", ["refused", b"thanks"])
     assert got == data
