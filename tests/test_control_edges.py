@@ -542,3 +542,57 @@ def test_a_bounded_stop_during_an_unbounded_one_brings_its_end_forward(manager: 
     finally:
         gate.set()
         server.stop(timeout=1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", ALL_MANAGERS)
+def test_a_resume_racing_a_drain_drains(manager: str) -> None:
+    """``resume_accepting()`` while ``stop_accepting()`` (a worker's retire, ``weft ctl
+    drain``) closes the listeners: the resume's new acceptor meets a closed listener.
+    Seen (the soak check, 1-5 % of rounds, and twice in 580 retirements under weft
+    serve): its EBADF was taken for a broken listener, the server stopped itself, the
+    idle client was cut and the worker exited 1. Made certain here: the drain runs
+    between the resume's checks and its new acceptor. Now the server drains."""
+    _need(manager)
+    from weft_core import create_manager
+
+    instance = create_manager(manager)
+    add_task = instance.add_task
+    armed: list[bool] = []
+    drained: list[bool] = []
+
+    def add_task_after_a_drain(thunk: Any) -> Any:
+        if armed and not drained and getattr(thunk, "__name__", "").startswith("weft acceptor"):
+            drained.append(True)
+            drain = threading.Thread(target=server.stop_accepting)
+            drain.start()
+            drain.join(10)
+        return add_task(thunk)
+
+    async def echo_async(stream: Any) -> None:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    instance.add_task = add_task_after_a_drain  # type: ignore[method-assign]
+    handler = echo_async if _async(manager) else echo
+    server = Server(handler, manager=instance, bind="127.0.0.1:0")
+    server.run()
+    try:
+        with _connect(server.port) as client:
+            client.sendall(b"a")
+            assert client.recv(1) == b"a"
+            server.pause_accepting()
+            armed.append(True)
+            server.resume_accepting()
+            assert drained, "the resume started no acceptor"
+            _until(lambda: len(instance.all_tasks()) == 1, "the late acceptor ended")
+            assert server.error is None, server.error
+            client.sendall(b"b")
+            assert client.recv(1) == b"b", "the idle client was cut"
+    finally:
+        server.stop(2)
+        instance.runtime.close()

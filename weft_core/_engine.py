@@ -496,8 +496,17 @@ class Engine(ABC, Generic[R]):
         self, lt: ListenerTask, exc: OSError, state: TaskState | None
     ) -> float | None:
         """Decide what a failed accept means. Returns a pause, 0 to go on, None to stop."""
-        if self.closing or self.paused or (state is not None and state.requested):
-            return None  # woken to end: a stop, or a pause
+        if (
+            self.closing
+            or self.paused
+            or self.listeners_closed
+            or (state is not None and state.requested)
+        ):
+            # Woken to end: a stop, a pause, or a drain. A resume racing a drain can
+            # start an acceptor on the listener the drain has just closed (EBADF): it
+            # ends here, where it was taken for a broken listener and stopped the
+            # server, cutting what the drain would have let finish.
+            return None
         action = policy.classify_accept_error(exc)
         if action is policy.AcceptAction.SKIP:
             log.debug("accept on %s: %s (skipped)", lt.address, exc)
@@ -1014,6 +1023,8 @@ class Engine(ABC, Generic[R]):
                     lt.native.clear_wake()  # the wake that ended the paused acceptor
                 lt.generation += 1
                 lt.task_id = self.manager.add_task(self._acceptor_thunk(lt))
+            if self.listeners_closed:  # a drain came meanwhile: its acceptors end at once
+                self._accepting(False)
 
     def set_limit(self, limit: int) -> None:
         """Change how many connections are served at once; at once, cutting none.
