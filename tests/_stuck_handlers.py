@@ -91,3 +91,7 @@ async def awaits_to_thread(stream: Any) -> None:
 
     await stream.send_all(b"+")
     await asyncio.to_thread(os.read, _never, 1)
+
+
+def starts_nothing(conn: Any) -> None:
+    """Serve nothing: close at once (a server whose stop has nothing to wait for)."""

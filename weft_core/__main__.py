@@ -14,14 +14,14 @@ from ._signals import hold_while_starting
 
 hold_while_starting()
 
-from . import _cli  # noqa: E402  (after the hold: loading it takes tens of ms)
+from . import _cli, _exits  # noqa: E402  (after the hold: loading it takes tens of ms)
 
 __all__ = ["main"]
 
 
 def main() -> int:
-    """The ``weft`` command, as a process that exits when it returns (``_cli.EXITS_AFTER``)."""
-    _cli.EXITS_AFTER = True
+    """The ``weft`` command, as a process that exits when it returns (``_exits.EXITS_AFTER``)."""
+    _exits.EXITS_AFTER = True
     return _cli.main()
 
 

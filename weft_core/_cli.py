@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, _registry
+from . import __version__, _exits, _registry
 from ._config import Config, load_config, parse_option_value
 from ._ctl import ControlSocket, check_control_path
 from ._deadline import Deadline
@@ -63,11 +63,6 @@ _WAKE_INTERVAL = 1.0
 DEADLINE_MARGIN = 0.5
 #: The least time a process whose stop has ended is given to exit (see _bound_the_exit).
 EXIT_GRACE = 1.0
-
-#: True in ``python -m weft_core`` and the ``weft`` command (``__main__.main``): the
-#: process exits once :func:`main` returns, so ``weft serve`` bounds that exit too.
-#: False where main() is called by a process that goes on (a test).
-EXITS_AFTER = False
 
 
 class HandlerImportError(WeftError):
@@ -641,9 +636,10 @@ def _run(
     # Handlers go in before run(), so a signal arriving as the server starts still stops it.
     signals = (*STOP_SIGNALS, *CONTROL_SIGNALS) if in_main else ()
     # Once the stop has ended, a QUIT has nothing left to cut short (a supervisor's
-    # QUIT cutting its workers' stops short reaches some as they exit): ignored, it
-    # neither dumps core nor turns a clean exit into a death by signal.
-    after: dict[int, Any] = {signal.SIGQUIT: signal.SIG_IGN}
+    # QUIT cutting its workers' stops short reaches some as they exit), and a HUP,
+    # USR1 or USR2 nothing left to act on: ignored, they neither dump core nor turn a
+    # clean exit into a death by signal.
+    after: dict[int, Any] = _exits.late_signals_ignored(signals or (signal.SIGQUIT,))
     with Wakeup(signals, on_signal=on_signal, on_exit=after) as wakeup:
         try:
             return _serve_until_stopped(
@@ -657,7 +653,7 @@ def _run(
                 shutdown,
             )
         finally:
-            if EXITS_AFTER:
+            if _exits.EXITS_AFTER:
                 _bound_the_exit(deadline, STOP_GRACE)
             else:
                 deadline.disarm()

@@ -1,12 +1,22 @@
 """The exit statuses of ``weft serve`` (and of the supervisor under ``--workers``).
 
 In one place, so that the CLI and the supervisor, which both exit with them, need
-not import each other. Documented in docs/deployment.md.
+not import each other. Documented in docs/deployment.md. And whether this process
+exits once weft's command returns (:data:`EXITS_AFTER`).
 """
 
 from __future__ import annotations
 
-__all__ = ["EXIT_OK", "EXIT_RUNTIME", "EXIT_TASKS_LEFT", "EXIT_USAGE"]
+import signal
+
+__all__ = [
+    "EXITS_AFTER",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "EXIT_TASKS_LEFT",
+    "EXIT_USAGE",
+    "late_signals_ignored",
+]
 
 EXIT_OK = 0
 #: A failure while running: the address is in use, the server died.
@@ -19,3 +29,23 @@ EXIT_USAGE = 2
 #: exits anyway, and says so to its service manager. 3 is left for gunicorn's
 #: "worker failed to boot".
 EXIT_TASKS_LEFT = 4
+
+#: True in ``python -m weft_core`` and the ``weft`` command (set by ``__main__.main``):
+#: the process exits once the command returns, so ``weft serve`` bounds that exit and
+#: ignores late control signals. False where the command's ``main()`` is called by a
+#: process that goes on (a test), whose state it leaves as it found it.
+EXITS_AFTER = False
+
+
+def late_signals_ignored(signals: tuple[int, ...]) -> dict[int, signal.Handlers]:
+    """For ``Wakeup(on_exit=...)``: what a process about to exit ignores, not dies of.
+
+    Once its handlers are gone a HUP, USR1 or USR2 would kill it by default: a
+    logrotate's USR1 in the last milliseconds turned a clean stop into a death by
+    signal (systemd: failed), and cut the last log lines. QUIT, too: there is no stop
+    left to cut short. Only in a process that exits (:data:`EXITS_AFTER`).
+    """
+    late = set(signals) - {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+    if not EXITS_AFTER:
+        late &= {signal.SIGQUIT}
+    return dict.fromkeys(late, signal.SIG_IGN)

@@ -79,7 +79,7 @@ from ._balance import BalanceMap
 from ._config import parse_option_value
 from ._connection import format_address
 from ._errors import ConfigError
-from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
+from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE, late_signals_ignored
 from ._flags import render_flag
 from ._jobcontrol import JOB_STOPS, OWN_PROCESS_GROUP
 from ._logging import LINE_LOCK_ENV, logs_json, share_line_lock
@@ -560,7 +560,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until stopped and every worker has exited; return the exit status."""
-        with Wakeup((*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD)) as wakeup:
+        signals = (*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD)
+        with Wakeup(signals, on_exit=late_signals_ignored(signals)) as wakeup:
             self._wakeup = wakeup
             try:
                 now = time.monotonic()
