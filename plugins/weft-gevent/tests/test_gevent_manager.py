@@ -659,3 +659,38 @@ def test_monkey_patched_application_runs_tasks_in_its_own_hub() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert proc.stderr == ""
+
+
+@pytest.mark.timeout(60)
+def test_servers_run_and_stopped_in_turn_leave_no_hub_behind() -> None:
+    """An application that runs and stops servers in one process (a test suite, an
+    embedder's restarts). Seen (the soak check): each cycle left its hub, the hub
+    thread's Thread and their frames alive, out of the garbage collector's reach
+    (gevent issue 1601): 7 KiB a cycle, RSS 31 to 48 MB over 1,500 cycles. Now a
+    destroyed hub is let go."""
+    import gc
+
+    import gevent.hub
+
+    from weft_core import Server
+
+    def hubs() -> int:
+        gc.collect()
+        return sum(isinstance(o, gevent.hub.Hub) for o in gc.get_objects())
+
+    def echo(conn: Any) -> None:
+        conn.sendall(conn.recv(16))
+
+    def cycle() -> None:
+        server = Server(echo, manager="gevent")
+        server.run()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+        server.stop(2)
+
+    cycle()
+    before = hubs()
+    for _ in range(20):
+        cycle()
+    assert hubs() - before <= 1, f"{hubs() - before} hubs left behind by 20 cycles"

@@ -197,6 +197,7 @@ class _HubThread:
             # Kills the hub's threadpool and resolver, and closes the loop's own
             # descriptors (epoll, eventfd): nothing of the hub outlives close().
             hub.destroy(destroy_loop=True)
+            _let_go(hub)
             self._exited.release()
 
     def stop(self) -> None:
@@ -356,3 +357,19 @@ def report_blocked_hub(link: HubLink, waited: float | None) -> None:
         waited,
         stack.rstrip("\n"),
     )
+
+
+def _let_go(hub: Any) -> None:
+    """Let a destroyed hub's greenlet finish, so that the garbage collector can free it.
+
+    ``Hub.destroy()`` leaves the hub greenlet parked mid-way through throwing its
+    ``LoopExit`` at this thread; its frames keep the hub, its loop's objects and this
+    thread's ``Thread`` alive in greenlet's own state, out of the collector's reach
+    (gevent issue 1601): about 7 KiB leaked at every embedded ``run()`` and ``stop()``
+    (the soak check: 30 hubs alive after 30 cycles). Switched to once more, the
+    greenlet ends, and all of it goes.
+    """
+    try:
+        hub.switch()
+    except BaseException:  # whatever it ends with is nobody's to hear: it is gone
+        pass
