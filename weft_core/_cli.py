@@ -724,10 +724,13 @@ def _serve_until_stopped(
         if shutdown.asked.is_set():
             stop = signal.SIGTERM  # the shutdown port's request: stop as on SIGTERM
             break
-        for signum in wakeup.wait(_WAKE_INTERVAL):
-            if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
-                stop = signum
-                break
+        received = wakeup.wait(_WAKE_INTERVAL)
+        # A stop wins over what came with it: Python runs pending handlers in signal
+        # number order, so a HUP (1) sent just after a TERM (15) was acted on first,
+        # and the hand-over it began made the TERM's batch the old loop's, unread:
+        # the process served on as a supervisor.
+        stop = next((s for s in received if s in STOP_SIGNALS or s == signal.SIGQUIT), None)
+        for signum in () if stop is not None else received:
             name = signal.Signals(signum).name
             if signum == signal.SIGUSR1:
                 log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
