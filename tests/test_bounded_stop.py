@@ -60,6 +60,29 @@ def clients() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
+def _terminated(
+    proc: WeftServe, clients: list[socket.socket], count: int, all_said: bool = True
+) -> tuple[int, float]:
+    """Connect ``count`` clients to ``proc``, each handler saying ``+`` (only the first,
+    with ``all_said`` False: on a loop the first blocks the rest), then SIGTERM: the
+    exit status and the seconds from the signal to the exit. The process is killed
+    at the end, whatever happened."""
+    try:
+        port = proc.port()
+        for _ in range(count):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+            if all_said:
+                assert clients[-1].recv(1) == b"+", "the handler is running"
+        if not all_said:
+            assert clients[0].recv(1) == b"+", "the handler is running"
+        began = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
+        return code, time.monotonic() - began
+    finally:
+        proc.close()
+
+
 @pytest.mark.timeout(60)
 def test_weft_serve_exits_by_its_bound_with_ten_stuck_handlers(
     manager: str, tmp_path: Path, clients: list[socket.socket]
@@ -72,18 +95,8 @@ def test_weft_serve_exits_by_its_bound_with_ten_stuck_handlers(
         target, "--manager", manager, "--bind", "127.0.0.1:0",
         "--graceful-timeout", f"{GRACEFUL:g}", cwd=tmp_path,
     )  # fmt: skip
-    try:
-        port = proc.port()
-        for _ in range(10):
-            clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
-        # Every handler runs on threads; on a loop the first blocks it, and the rest wait.
-        assert clients[0].recv(1) == b"+", "a stuck handler is running"
-        began = time.monotonic()
-        proc.signal(signal.SIGTERM)
-        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
-        took = time.monotonic() - began
-    finally:
-        proc.close()
+    # Every handler runs on threads; on a loop the first blocks it, and the rest wait.
+    code, took = _terminated(proc, clients, 10, all_said=False)
     assert code == EXIT_TASKS_LEFT, f"exit status {code}; stderr:\n{proc.stderr}"
     assert took < GRACEFUL + STOP_GRACE + SLACK, (
         f"weft serve took {took:.2f}s to exit (bound {GRACEFUL + STOP_GRACE:g}s plus slack)"
@@ -114,17 +127,7 @@ def test_a_handler_swallowing_its_cancellation_does_not_starve_the_stop(
         "_stuck_handlers:swallowing_async", "--manager", manager, "--bind", "127.0.0.1:0",
         "--graceful-timeout", f"{GRACEFUL:g}", cwd=tmp_path,
     )  # fmt: skip
-    try:
-        port = proc.port()
-        for _ in range(3):
-            clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
-            assert clients[-1].recv(1) == b"+", "a swallowing handler is running"
-        began = time.monotonic()
-        proc.signal(signal.SIGTERM)
-        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
-        took = time.monotonic() - began
-    finally:
-        proc.close()
+    code, took = _terminated(proc, clients, 3)
     assert code == EXIT_TASKS_LEFT, f"exit status {code}; stderr:\n{proc.stderr}"
     assert "did not end within" not in proc.stderr, "the last resort had to act"
     assert "3 task(s) ignored it and are abandoned (exit status 4)" in proc.stderr
@@ -161,16 +164,7 @@ def test_a_thread_left_running_does_not_hold_the_exit_past_its_bound(
         f"_stuck_handlers:{handler}", "--manager", manager, *options,
         "--bind", "127.0.0.1:0", "--graceful-timeout", f"{GRACEFUL:g}", cwd=tmp_path,
     )  # fmt: skip
-    try:
-        port = proc.port()
-        clients.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
-        assert clients[0].recv(1) == b"+", "the handler is running"
-        began = time.monotonic()
-        proc.signal(signal.SIGTERM)
-        code = proc.exit_code(timeout=GRACEFUL + STOP_GRACE + SLACK + WAIT)
-        took = time.monotonic() - began
-    finally:
-        proc.close()
+    code, took = _terminated(proc, clients, 1)
     assert code == EXIT_TASKS_LEFT, f"exit status {code}; stderr:\n{proc.stderr}"
     assert took < GRACEFUL + STOP_GRACE + DEADLINE_MARGIN + SLACK, (
         f"weft serve took {took:.2f}s to exit (bound {GRACEFUL + STOP_GRACE:g}s plus slack)"
