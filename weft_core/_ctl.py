@@ -406,7 +406,11 @@ class ControlSocket:
             conn.close()
             return
         with self._lock:
-            if self._closing.is_set() or len(self._clients) >= MAX_CLIENTS:
+            if self._closing.is_set():
+                _send(conn, {"ok": False, "error": "closing: this server is stopping"})
+                conn.close()
+                return
+            if len(self._clients) >= MAX_CLIENTS:
                 _send(conn, {"ok": False, "error": "busy: too many control requests at once"})
                 conn.close()
                 return

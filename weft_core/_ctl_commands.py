@@ -227,6 +227,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
         pids = on_loop(supervisor.worker_pids)
         if not pids:
             raise ControlError("no worker is serving yet; try again in a moment")
+        leaving = on_loop(supervisor.leaving_pids)
 
         def ask(pid: int) -> dict[str, Any]:
             try:
@@ -234,6 +235,11 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
                     worker_socket_path(path, pid), command, args, timeout=WORKER_TIMEOUT
                 )
             except ControlError as exc:
+                if pid in leaving or pid in on_loop(supervisor.leaving_pids):
+                    # A reload's old worker, or one retired, that closed its socket
+                    # as its drain ended: it is going, not failing ("no weft serve is
+                    # running with the control socket ..." said otherwise).
+                    return {"pid": pid, "leaving": True}
                 return {"pid": pid, "error": str(exc)}
             return {"pid": pid, "result": result}
 
@@ -258,9 +264,11 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
     def each(command: str) -> Command:
         def run(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
             answers = fan_out(command, args)
-            if all("error" in answer for answer in answers):
+            if all("result" not in answer for answer in answers) and any(
+                "error" in answer for answer in answers
+            ):
                 # Nothing was done: a failure (weft ctl exits 1), as on one process.
-                reasons = sorted({str(answer["error"]) for answer in answers})
+                reasons = sorted({str(a["error"]) for a in answers if "error" in a})
                 raise ControlError(f"every worker refused {command}: " + "; ".join(reasons))
             return answers
 
@@ -269,7 +277,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
     def connections(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for answer in fan_out("connections", args):
-            if "error" in answer:
+            if "result" not in answer:  # an error, or a worker leaving
                 out.append(answer)
             else:
                 out.extend({"worker": answer["pid"], **item} for item in answer["result"])
@@ -321,7 +329,10 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:
         parts = [f"== supervisor {os.getpid()}\n{format_stacks()}"]
         for answer in fan_out("stacks", args):
-            text = answer.get("result", f"(no answer: {answer.get('error')})")
+            text = answer.get(
+                "result",
+                "(leaving)" if answer.get("leaving") else f"(no answer: {answer.get('error')})",
+            )
             parts.append(f"== worker {answer['pid']}\n{text}")
         return "\n".join(parts)
 

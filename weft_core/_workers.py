@@ -526,6 +526,13 @@ class Supervisor:
         """The workers serving now (ready, not exiting), old ones of a reload included."""
         return [w.pid for w in self._workers.values() if w.ready and not w.eof]
 
+    def leaving_pids(self) -> set[int]:
+        """The workers told to go (retiring, or replaced by a reload).
+
+        They may close their control socket at any moment, their drain done.
+        """
+        return {w.pid for w in self._workers.values() if w.retiring or w.old}
+
     def resize(self, delta: int, why: str) -> int:
         """Add (or, below 0, remove) workers, never below one; the new count."""
         if self._stopping:
