@@ -639,7 +639,7 @@ def _run(
     # QUIT cutting its workers' stops short reaches some as they exit), and a HUP,
     # USR1 or USR2 nothing left to act on: ignored, they neither dump core nor turn a
     # clean exit into a death by signal.
-    after: dict[int, Any] = _exits.late_signals_ignored(signals or (signal.SIGQUIT,))
+    after: dict[int, Any] = _exits.late_signals_ignored(signals)
     with Wakeup(signals, on_signal=on_signal, on_exit=after) as wakeup:
         try:
             return _serve_until_stopped(
@@ -947,7 +947,8 @@ TESTING_EXTRA = "pip install 'weft-core[testing]'"
 def _conformance(ns: argparse.Namespace) -> int:
     if not ns.name:
         return _fail(
-            "name the installed manager to test: weft conformance NAME [PYTEST_ARGS ...] (see `weft managers`)",
+            "name the installed manager to test: weft conformance NAME [PYTEST_ARGS ...]"
+            " (see `weft managers`)",
             EXIT_USAGE,
         )
     if importlib.util.find_spec("pytest") is None:
@@ -974,8 +975,9 @@ def _conformance(ns: argparse.Namespace) -> int:
     # in; typed inside a manager author's project (its addopts "-n auto", its
     # conftest), the suite failed to start there and passed elsewhere. An empty
     # config in a directory of its own is the run's whole configuration, no
-    # conftest.py above the suite's own directory is read, and nothing is cached. The working directory stays: relative paths in the caller's
-    # arguments (--junitxml=out.xml) mean what they say.
+    # conftest.py above the suite's own directory is read, and nothing is cached.
+    # The working directory stays: relative paths in the caller's arguments
+    # (--junitxml=out.xml) mean what they say.
     # Found, not imported: the suite's modules must first be imported inside pytest,
     # which rewrites their asserts.
     suite = Path(__file__).with_name("testing") / "suite.py"

@@ -235,6 +235,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
                     worker_socket_path(path, pid), command, args, timeout=WORKER_TIMEOUT
                 )
             except ControlError as exc:
+                # Leaving when the fan-out began (it may be reaped by now), or since.
                 if pid in leaving or pid in on_loop(supervisor.leaving_pids):
                     # A reload's old worker, or one retired, that closed its socket
                     # as its drain ended: it is going, not failing ("no weft serve is

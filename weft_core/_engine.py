@@ -963,10 +963,10 @@ class Engine(ABC, Generic[R]):
             or (state is not None and state.requested)
         )
 
-    def _untaken(self, lt: ListenerTask, room: dict[int, int]) -> bool:
-        """True if a client waits and none of the siblings with ``room`` took one since."""
+    def _untaken(self, waiting: bool, room: dict[int, int]) -> bool:
+        """True if a client is ``waiting`` and none of the siblings with ``room`` took one since."""
         assert self.balance is not None
-        return policy.pending(lt.native.fileno()) and not self.balance.took_since(room)
+        return waiting and not self.balance.took_since(room)
 
     def _turn_missed(self, behind: dict[int, int]) -> None:
         """Every nap passed and clients still wait: those siblings are not counted a while."""

@@ -140,21 +140,21 @@ class AsyncEngine(Engine[AsyncRuntime]):
         slots = self.slots
         assert slots is not None
         fd = lt.native.fileno()
+        waiting = policy.pending(fd)
         untaken_since = 0.0  # when a client began to wait untaken by the siblings
         while room is not None:
             if self._acceptor_ends(lt, generation, state):
                 return False
-            waiting = policy.pending(fd)
             if waiting and not room:
                 return True
             if not waiting:
-                untaken_since = 0.0
                 if await slots.acquire_within(FULL_POLL):
                     slots.release()
                     return True
             else:
                 await self.runtime.sleep(NAP)
-            if not self._untaken(lt, room):
+            waiting = policy.pending(fd)  # after the wait, for this turn and the next
+            if not self._untaken(waiting, room):
                 untaken_since = 0.0
             elif not untaken_since:
                 untaken_since = time.monotonic()

@@ -147,28 +147,27 @@ class SyncEngine(Engine[SyncRuntime]):
         when a slot frees, when a client waits and no sibling has room (it is
         refused as before), or when a client has waited ``FULL_TURN`` untaken by the
         siblings with room (they are passed over: stopped, stuck or starved of CPU);
-        False when the acceptor must end. It looks for
-        waiting clients every ``FULL_POLL``: a refusal comes up to that much later
-        than from a worker alone.
+        False when the acceptor must end. It looks for waiting clients every
+        ``FULL_POLL``: a refusal comes up to that much later than from a worker alone.
         """
         slots = self.slots
         assert slots is not None
         fd = lt.native.fileno()
+        waiting = policy.pending(fd)
         untaken_since = 0.0  # when a client began to wait untaken by the siblings
         while room is not None:
             if self._acceptor_ends(lt, generation, state):
                 return False
-            waiting = policy.pending(fd)
             if waiting and not room:
                 return True
             if not waiting:
-                untaken_since = 0.0
                 if slots.acquire(timeout=FULL_POLL):
                     slots.release()
                     return True
             else:
                 self.runtime.sleep(NAP)
-            if not self._untaken(lt, room):
+            waiting = policy.pending(fd)  # after the wait, for this turn and the next
+            if not self._untaken(waiting, room):
                 untaken_since = 0.0
             elif not untaken_since:
                 untaken_since = time.monotonic()
