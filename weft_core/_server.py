@@ -615,18 +615,20 @@ class Server:
                 if shutdown is not None:
                     shutdown.close()
                 raise
-            self._engine = engine
-            self._submitter = Submitter(self._manager)
-            self._error = None
-            self._stopping = False
-            self._stopped_event.clear()
-            self._finished.clear()
+            # The bound port first: another thread that sees the server running (its
+            # engine set) reads the port at once, and got the configured 0 meanwhile.
             tcp = [
                 sock.getsockname()
                 for sock in engine.sockets()
                 if sock.family in (socket.AF_INET, socket.AF_INET6)
             ]
             self._bound_port = tcp[0][1] if tcp else None
+            self._engine = engine
+            self._submitter = Submitter(self._manager)
+            self._error = None
+            self._stopping = False
+            self._stopped_event.clear()
+            self._finished.clear()
             self._shutdown_port = shutdown
             try:
                 engine.start()
