@@ -13,12 +13,13 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from _load import APP, APP_ASYNC, Load, greeting, wait_for_version, write_app
-from _serving import READY, Served, host_port, weft_serve
+from _serving import READY, Served, environment, host_port, weft_serve
 
 from weft_core import _registry
 from weft_core._signals import reopen_log_files
@@ -335,3 +336,57 @@ def test_hup_keeps_a_unix_socket_file(tmp_path: Path) -> None:
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
     assert not path.exists()
+
+
+def _in_a_window(folder: Path, window: str, *args: str) -> tuple[Served, Path]:
+    """``weft serve app:handle ARGS`` held in ``window`` (``_signal_windows``); and its gate."""
+    write_app(folder, "v1")
+    gate = folder / "gate"
+    served = Served(
+        [sys.executable, str(Path(__file__).parent / "_signal_windows.py"), window, "serve",
+         APP, "--manager", "threads", "--bind", "127.0.0.1:0", "--graceful-timeout", "30",
+         *args],
+        cwd=folder,
+        env={**environment(), "WEFT_TEST_GATE": str(gate)},
+    )  # fmt: skip
+    return served, gate
+
+
+@pytest.mark.timeout(60)
+def test_a_term_just_after_a_supervisor_says_listening_stops_it_cleanly(tmp_path: Path) -> None:
+    """A supervisor says "listening on" and writes its pid file before its signal
+    handlers go in; a TERM there (a service manager stopping a unit as it starts) was
+    a death by SIGTERM, exit -15, no line said why. Held there (a slow pid file
+    write), the TERM now waits for the handlers and stops the supervisor cleanly."""
+    served, gate = _in_a_window(tmp_path, "listening", "--workers", "2",
+                                "--pid", str(tmp_path / "weft.pid"))  # fmt: skip
+    with served:
+        served.wait_for(LISTENING)
+        served.wait_for("IN WINDOW")
+        served.signal(signal.SIGTERM)
+        gate.touch()
+        code = served.finish()
+        served.wait_closed()
+    assert code == 0, served.text
+    assert "received SIGTERM" in served.text
+    assert not (tmp_path / "weft.pid").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_term_as_one_process_becomes_a_supervisor_is_not_lost(tmp_path: Path) -> None:
+    """HUP makes one process the supervisor of a worker; a TERM landing after the HUP
+    was read and before the supervisor's handlers went in was caught by the old
+    handlers and never read: the supervisor served on with its new worker (until the
+    TERM's deadline ended it, 30 s later, with exit status 4). Held there, the TERM
+    is now the supervisor's first signal, and it stops."""
+    served, gate = _in_a_window(tmp_path, "hand-over")
+    with served:
+        served.wait_for(LISTENING)
+        served.signal(signal.SIGHUP)
+        served.wait_for("IN WINDOW")
+        served.signal(signal.SIGTERM)
+        gate.touch()
+        code = served.finish(15)
+        served.wait_closed()
+    assert code == 0, served.text
+    assert "received SIGTERM" in served.text

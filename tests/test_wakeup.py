@@ -75,3 +75,18 @@ def test_with_no_signals_it_works_outside_the_main_thread() -> None:
     thread.start()
     thread.join()
     assert got == [[]]
+
+
+def test_one_entered_inside_another_takes_the_signals_it_caught_unread() -> None:
+    """A process changing roles (one weft serve becoming a supervisor) enters a new
+    Wakeup while the old one holds a TERM nobody read: the new one reports it, not
+    what it does not handle, nor the old one's wake-ups."""
+    with Wakeup([signal.SIGUSR1, signal.SIGUSR2]) as outer:
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR2)
+        outer.wake()
+        with Wakeup([signal.SIGUSR1]) as inner:
+            assert inner.wait(0) == [signal.SIGUSR1]
+            signal.raise_signal(signal.SIGUSR1)
+            assert inner.wait(0) == [signal.SIGUSR1]
+        assert outer.wait(0) == []

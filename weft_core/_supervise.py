@@ -37,6 +37,7 @@ from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, WORKER_FLAG
+from ._wakeup import Wakeup
 from ._worker_link import LISTENING_MESSAGE, drain
 from ._worker_sockets import WorkerSockets
 from ._workers import Adopted, Local, Supervisor, check_capacity, worker_args
@@ -72,6 +73,25 @@ def supervise(
         raise ConfigError("worker processes need a POSIX system", key="workers")
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError("worker processes are supervised from the main thread", key="workers")
+    # From before anything listens until the supervisor's own handlers are in, a
+    # stop signal is caught here and handed to them (a Wakeup entered inside another
+    # takes what it caught): a TERM just after "listening on" (a service manager
+    # stopping a unit as it starts) was a death by SIGTERM by default, which systemd
+    # counts as clean. Not a blocked mask: threads started earlier in the process
+    # would take the signal, and its default action, in the main thread's place.
+    # The control signals are the start's hold's (``_signals.hold_while_starting``).
+    with Wakeup(STOP_SIGNALS):
+        return _supervise(config, flags, config_file, on_listening, argv)
+
+
+def _supervise(
+    config: Config,
+    flags: Mapping[str, Any],
+    config_file: str | None,
+    on_listening: Callable[[], object] | None,
+    argv: Sequence[str] | None,
+) -> int:
+    """:func:`supervise`'s body, a stop signal caught from its start."""
     inherited = take_adopted(os.environ)
     count, adopted, slots, base = (
         inherited if inherited is not None else (config.workers, [], [], [])

@@ -14,13 +14,14 @@ with a zero byte (no signal is numbered 0).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
 import signal
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["Wakeup"]
 
@@ -42,7 +43,15 @@ class Wakeup:
     ``on_signal(signum)``, if given, is called by the Python-level handler itself: it
     runs even while the main thread is stuck in a blocking call (which returns EINTR
     and is retried after the handler), where nothing reading the socket would run.
+
+    Entered inside another (a single ``weft serve`` becoming a supervisor on HUP),
+    it takes over the signals the outer one caught but nobody read yet: the outer
+    loop is not coming back to them, and a TERM that landed in between was lost.
     """
+
+    #: The Wakeups entered with signals, innermost last: one stack per process, as
+    #: signal handlers and the wakeup fd are.
+    _active: ClassVar[list[Wakeup]] = []
 
     def __init__(
         self,
@@ -67,10 +76,24 @@ class Wakeup:
             self._previous_fd = signal.set_wakeup_fd(
                 self._writer.fileno(), warn_on_full_buffer=False
             )
-            # A supervisor re-executed on USR2 starts with them blocked (see
-            # _workers._reexec); with the handlers in place they may arrive.
+            if Wakeup._active:
+                self._take_unread(Wakeup._active[-1])
+            Wakeup._active.append(self)
+            # Blocked until now in a supervisor re-executed on USR2 (see
+            # _supervise._reexec) or starting (_supervise.supervise); with the
+            # handlers in place they may arrive.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
         return self
+
+    def _take_unread(self, outer: Wakeup) -> None:
+        """Move the signals ``outer`` caught and nobody read to this Wakeup's socket.
+
+        Called once this one's fd is the wakeup fd: nothing reaches ``outer`` after.
+        """
+        unread = bytes(signum for signum in outer._drain() if signum in self._signals)
+        if unread:
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                self._writer.send(unread)
 
     def __exit__(
         self,
@@ -79,6 +102,8 @@ class Wakeup:
         tb: TracebackType | None,
     ) -> None:
         if self._signals:
+            with contextlib.suppress(ValueError):
+                Wakeup._active.remove(self)
             signal.set_wakeup_fd(self._previous_fd)
             for sig, handler in self._previous.items():
                 handler = self._on_exit.get(sig, handler)
@@ -108,7 +133,11 @@ class Wakeup:
         for sock in (self._reader, *also):
             poller.register(sock, select.POLLIN)
         poller.poll(None if timeout is None else math.ceil(timeout * 1000))
-        received: list[int] = []
+        return [signum for signum in self._drain() if signum]
+
+    def _drain(self) -> bytes:
+        """Everything written to the socket so far (signal numbers, and zeros from wake())."""
+        chunks: list[bytes] = []
         while True:
             try:
                 data = self._reader.recv(512)
@@ -116,8 +145,8 @@ class Wakeup:
                 break
             if not data:
                 break
-            received.extend(signum for signum in data if signum)
-        return received
+            chunks.append(data)
+        return b"".join(chunks)
 
     @staticmethod
     def default(signals: Iterable[int]) -> None:
