@@ -500,8 +500,8 @@ def test_a_control_signal_in_the_last_moments_does_not_kill_a_clean_exit(
     try:
         proc.port()
         if workers != "1":
-            # A supervisor says "listening" before its workers are up, and its signal
-            # handlers go in after: a TERM then ends it as by default.
+            # The workers' stops are the last moments this test is about; a supervisor
+            # says "listening" before its workers are up.
             proc.served.wait_for(READY, count=int(workers))
         proc.signal(signal.SIGTERM)
         while proc.proc.poll() is None:
