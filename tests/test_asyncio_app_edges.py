@@ -469,3 +469,43 @@ def test_serve_forever_inside_a_handler_is_refused() -> None:
     finally:
         server.stop(1)
     assert said and "inside one of weft's tasks" in said[0], said
+
+
+# -- 12. the application's loop ends while the server runs ---------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_loop_that_ends_first_leaves_a_server_that_says_it_stopped(
+    loop_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that ends while weft serves on it cancels its tasks, connections and the
+    acceptor included (documented). The server then counted as running, with no error,
+    though it listened no more: new clients were refused while ``running`` said True,
+    and nothing in the log said why. Now the server stops on that error and says so."""
+    started = threading.Event()
+
+    async def handler(stream: Any) -> None:
+        started.set()
+        await stream.read()
+
+    async def main() -> tuple[Server, socket.socket]:
+        server = Server(handler, manager="asyncio")
+        server.run()
+        client = await asyncio.to_thread(connect, server.port)
+        assert await asyncio.to_thread(started.wait, WAIT)
+        return server, client  # the loop ends with the server running
+
+    server, client = run_app(loop_name, main)
+    try:
+        assert server.wait(WAIT), "the server did not stop once its loop had ended"
+        assert not server.running
+        assert server.error is not None
+        assert "ended without weft asking it to" in str(server.error)
+        assert "event loop" in str(server.error)
+        assert any("ended without weft asking it to" in r.getMessage() for r in caplog.records)
+        with pytest.raises(OSError):
+            connect(server.port).close()
+        assert server.stop(1) is True  # nothing of it is left to stop
+    finally:
+        client.close()

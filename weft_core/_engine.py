@@ -550,6 +550,37 @@ class Engine(ABC, Generic[R]):
         )
         self.hooks.connection_refused(self.owner, peer, reason)
 
+    def _acceptor_lost(
+        self, lt: ListenerTask, generation: int, state: TaskState | None, exc: BaseException
+    ) -> None:
+        """An acceptor is ending on ``exc``: unless weft asked it to end, the server stops.
+
+        A stop, a pause, a drain and a resume each end acceptors and say so first. An
+        acceptor cancelled or killed from outside (the application's asyncio loop
+        ending while the server runs, which cancels every task on it; a greenlet
+        killed; a bug) left a server that counted as running, listened no more and
+        said nothing, and whose later ``stop()`` reported that nothing had to be
+        interrupted. Now it is the server's error, as a broken listener is.
+        """
+        if (
+            self.error is not None
+            or self.closing
+            or self.paused
+            or self.listeners_closed
+            or lt.generation != generation
+            or (state is not None and state.requested)
+        ):
+            return
+        self.error = ServerError(
+            f"accepting on {lt.address} ended without weft asking it to "
+            f"({type(exc).__name__}{': ' if str(exc) else ''}{exc}): its task was "
+            "cancelled or killed from outside (an application's event loop that ends "
+            "while the server runs cancels every task on it; stop the server first), "
+            "so the server stops"
+        )
+        log.error("%s", self.error)
+        self.on_fatal()
+
     def _acceptor_done(self, lt: ListenerTask, generation: int) -> None:
         """An acceptor's way out: close its listener unless paused or succeeded by another."""
         if self.closing or (not self.paused and lt.generation == generation):

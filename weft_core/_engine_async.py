@@ -123,6 +123,9 @@ class AsyncEngine(Engine[AsyncRuntime]):
                             self._turn_missed(behind)
                     else:
                         await rt.sleep(0)
+        except BaseException as exc:
+            self._acceptor_lost(lt, generation, state, exc)
+            raise
         finally:
             if held and slots is not None:
                 slots.release()

@@ -128,6 +128,9 @@ class SyncEngine(Engine[SyncRuntime]):
                             self._turn_missed(behind)
                     else:
                         rt.sleep(0)
+        except BaseException as exc:
+            self._acceptor_lost(lt, generation, state, exc)
+            raise
         finally:
             if held and slots is not None:
                 slots.release()
