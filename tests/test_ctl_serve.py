@@ -265,9 +265,44 @@ def test_reload_and_workers_make_one_process_a_supervisor(tmp_path: Path, contro
         served.wait_for(READY, count=2)
         status = as_json(ctl(control, "status"))
         assert status["pid"] == served.proc.pid, "the same process, now the supervisor"
-        assert len(status["workers"]) == 2
+        # The in-process server may still be listed, draining (leaving).
+        assert len([w for w in status["workers"] if not w.get("leaving")]) == 2
         with Client(address) as client:
             assert client.pid != served.proc.pid, "served by a worker now"
+
+
+@pytest.mark.parametrize("manager", MANAGERS)
+def test_one_process_turned_supervisor_lists_and_closes_what_it_still_drains(
+    tmp_path: Path, control: Path, manager: str
+) -> None:
+    """After a HUP, one process's own server drains its connections (up to the
+    graceful timeout) while a worker serves new ones. Those connections were invisible
+    to weft ctl (the supervisor asked only its workers): not listed, not closable,
+    and ``status`` said nothing of them (the soak check's F6)."""
+    with start(tmp_path, control, manager) as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        with Client(address) as held:
+            assert held.pid == served.proc.pid
+            served.signal(signal.SIGHUP)
+            served.wait_for("a worker is ready: the in-process server drains now")
+            assert held.echo(b"still") == b"still", "served on while it drains"
+            status = as_json(ctl(control, "status"))
+            (mine,) = [w for w in status["workers"] if w["pid"] == served.proc.pid]
+            assert mine["leaving"] is True and mine["result"]["stats"]["active"] == 1
+            assert status["totals"]["active"] >= 1
+            (conn,) = [c for c in as_json(ctl(control, "connections"))
+                       if c["peer"] == peer_of(held)]  # fmt: skip
+            assert conn["worker"] == served.proc.pid
+            assert ctl(control, "close", conn["task_id"], "5").stdout.startswith("closed")
+            assert held.rest() == b"", "its client sees the end"
+        served.wait_for("the in-process server has drained")
+        wait_until(lambda: all(w["pid"] != served.proc.pid
+                               for w in as_json(ctl(control, "status"))["workers"]))  # fmt: skip
+        with Client(address) as fresh:
+            assert fresh.pid != served.proc.pid, "served by the worker"
+        served.signal(signal.SIGTERM)
+        assert served.finish(timeout=30) == 0, served.text
 
 
 def test_weft_ctl_is_answered_across_a_usr2_re_exec(tmp_path: Path, control: Path) -> None:

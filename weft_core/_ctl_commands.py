@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._connection import format_address
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from ._workers import Supervisor
 
 __all__ = [
+    "InProcess",
     "connection_record",
     "open_control",
     "server_commands",
@@ -68,6 +70,28 @@ CLOSE_TIMEOUT = 10.0
 #: ``drain(timeout)``: stop accepting, let connections finish within ``timeout``
 #: (None: the configured graceful timeout), then exit.
 Drain = Callable[[float | None], None]
+
+#: What a supervisor asks its in-process server too, while it lasts: reading, and
+#: ``close`` (routed to it). Not pause, resume, set or drain: it is draining already,
+#: or about to.
+IN_PROCESS_COMMANDS = ("status", "connections", "close")
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """A single ``weft serve`` turned supervisor (HUP, USR2, TTIN): its own server.
+
+    That server serves until the first worker is ready, then drains its connections
+    for up to the graceful timeout; meanwhile they are listed and closable with the
+    workers', where they were invisible to ``weft ctl``.
+    """
+
+    #: The process's own command table (:func:`server_commands`).
+    commands: Mapping[str, Command]
+    #: True while it serves or drains.
+    serving: Callable[[], bool]
+    #: True once it drains (its answers say ``"leaving": true``).
+    leaving: Callable[[], bool]
 
 
 def connection_record(item: ConnectionSnapshot) -> dict[str, Any]:
@@ -136,6 +160,10 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
 
     def drain_(args: Mapping[str, Any], peer: Peer) -> str:
         timeout = timeout_seconds(args.get("timeout"), "drain")
+        # The listeners close before the answer says so: the serve loop's own
+        # stop_accepting() came a moment after it, and a client connecting on seeing
+        # the answer was still accepted (then served: nothing was lost).
+        server.stop_accepting()
         drain(timeout)
         shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
         return f"draining: no new connections; exiting when idle or after {shown}"
@@ -220,12 +248,35 @@ def sum_stats(each: list[Mapping[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]:
-    """The command table of a supervisor of workers, whose socket is at ``path``."""
+def supervisor_commands(
+    supervisor: Supervisor, path: str, here: InProcess | None = None
+) -> dict[str, Command]:
+    """The command table of a supervisor of workers, whose socket is at ``path``.
 
-    def fan_out(command: str, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+    ``here``: the supervisor's own in-process server, asked as a worker of its own
+    PID while it lasts (``IN_PROCESS_COMMANDS``).
+    """
+
+    def ask_here(command: str, args: Mapping[str, Any], peer: Peer) -> dict[str, Any] | None:
+        if here is None or command not in IN_PROCESS_COMMANDS or not here.serving():
+            return None
+        answer: dict[str, Any] = {"pid": os.getpid()}
+        try:
+            answer["result"] = here.commands[command](args, peer)
+        except ControlError as exc:
+            answer["error"] = str(exc)
+        if here.leaving():
+            answer["leaving"] = True
+        return answer
+
+    def fan_out(
+        command: str, args: Mapping[str, Any], peer: Peer | None = None
+    ) -> list[dict[str, Any]]:
+        mine = None if peer is None else ask_here(command, args, peer)
         pids = on_loop(supervisor.worker_pids)
         if not pids:
+            if mine is not None:
+                return [mine]
             raise ControlError("no worker is serving yet; try again in a moment")
         leaving = on_loop(supervisor.leaving_pids)
 
@@ -245,7 +296,8 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
             return {"pid": pid, "result": result}
 
         with ThreadPoolExecutor(len(pids), thread_name_prefix="weft ctl fan-out") as pool:
-            return list(pool.map(ask, pids))
+            answers = list(pool.map(ask, pids))
+        return answers if mine is None else [mine, *answers]
 
     def on_loop(fn: Callable[[], Any]) -> Any:
         try:
@@ -254,7 +306,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
             raise ControlError(str(exc)) from None
 
     def status(args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
-        answers = fan_out("status", args)
+        answers = fan_out("status", args, peer)
         stats = [a["result"]["stats"] for a in answers if "result" in a]
         return {
             "pid": os.getpid(),
@@ -277,7 +329,7 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
 
     def connections(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for answer in fan_out("connections", args):
+        for answer in fan_out("connections", args, peer):
             if "result" not in answer:  # an error, or a worker leaving
                 out.append(answer)
             else:
@@ -325,6 +377,8 @@ def supervisor_commands(supervisor: Supervisor, path: str) -> dict[str, Command]
                 f" per worker): say which, as weft ctl close PID:{wanted}"
             )
         forwarded = {"task_id": wanted, "timeout": timeout}
+        if here is not None and owners[0] == os.getpid():
+            return here.commands["close"](forwarded, peer)
         return request(worker_socket_path(path, owners[0]), "close", forwarded)
 
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:

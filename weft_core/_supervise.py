@@ -27,7 +27,13 @@ from typing import Any
 
 from ._config import Config
 from ._ctl import ControlSocket, inherit_listening
-from ._ctl_commands import open_control, relay_console, supervisor_commands, worker_socket_path
+from ._ctl_commands import (
+    InProcess,
+    open_control,
+    relay_console,
+    supervisor_commands,
+    worker_socket_path,
+)
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._listeners import Listener, close_listener, open_listeners
@@ -167,9 +173,17 @@ def _supervise(
         close_listeners()
 
 
-def steer(control: ControlSocket, supervisor: Supervisor, config: Config) -> None:
-    """Make ``control`` answer for ``supervisor``: its commands, the console in a worker."""
-    control.commands = supervisor_commands(supervisor, control.path)
+def steer(
+    control: ControlSocket,
+    supervisor: Supervisor,
+    config: Config,
+    here: InProcess | None = None,
+) -> None:
+    """Make ``control`` answer for ``supervisor``: its commands, the console in a worker.
+
+    ``here``: the process's own server, when one ``weft serve`` became the supervisor.
+    """
+    control.commands = supervisor_commands(supervisor, control.path, here)
     supervisor.control_fd = control.fileno()  # kept open across a USR2 re-exec
     if config.console:
         control.console = relay_console(supervisor, control.path)
@@ -252,6 +266,7 @@ def hand_over(
             "two workers" if signum == signal.SIGTTIN else "a worker",
         )
         notifier.reloading(f"{name}: starting a worker")
+        local = _LocalServer(server, config.graceful_timeout)
         supervisor = _supervisor(
             config,
             flags,
@@ -259,13 +274,15 @@ def hand_over(
             listeners,
             count=2 if signum == signal.SIGTTIN else 1,
             on_stop=close_listeners,
-            local=_LocalServer(server, config.graceful_timeout),
+            local=local,
             upgrade=signum == signal.SIGUSR2,
             notifier=notifier,
             argv=argv,
         )
         if control is not None:
-            steer(control, supervisor, config)
+            # Its connections stay in weft ctl's answers while they drain.
+            here = InProcess(control.commands, lambda: not local.done(), lambda: local.retired)
+            steer(control, supervisor, config, here)
         return supervisor.run()
     finally:
         close_listeners()
