@@ -19,7 +19,7 @@ from _load import APP, wait_for_version, write_app
 from _serving import READY, Served, environment, host_port, weft_serve
 
 from weft_core import _registry
-from weft_core._sdnotify import Notifier, child_environment, watchdog_interval
+from weft_core._sdnotify import NOTIFY_WAIT, Notifier, child_environment, watchdog_interval
 
 LISTENING = r"\] weft: listening on (\S+) "
 _CREDS = struct.calcsize("3i")
@@ -203,3 +203,72 @@ def test_a_blocked_loop_stops_the_watchdog_pings(tmp_path: Path, systemd: FakeSy
                     break
             assert pings <= 1, served.text
         served.kill()
+
+
+def _fill(systemd: FakeSystemd) -> int:
+    """Fill the listener's queue (nobody reads it, as a wedged service manager); how many."""
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(systemd.sock.getsockname())
+        sock.setblocking(False)
+        while True:
+            try:
+                sock.send(b"STATUS=filler")
+            except BlockingIOError:
+                return sent
+            sent += 1
+
+
+def test_a_listener_that_does_not_read_costs_a_bounded_wait_then_none(
+    systemd: FakeSystemd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full queue: the first notification waits NOTIFY_WAIT and is dropped, with one
+    WARNING; the next ones do not wait. Before, the send blocked with no bound (the
+    supervisor's loop, and with it every signal, held until systemd read again)."""
+    assert _fill(systemd) > 0
+    notifier = Notifier({"NOTIFY_SOCKET": systemd.sock.getsockname()})
+    began = time.monotonic()
+    notifier.ready("serving")
+    assert time.monotonic() - began < NOTIFY_WAIT + 1.0
+    began = time.monotonic()
+    for _ in range(20):
+        notifier.alive()
+    assert time.monotonic() - began < NOTIFY_WAIT, "no wait once one was dropped"
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "READY=1 was dropped" in record.getMessage()
+    systemd.sock.settimeout(0)
+    while True:  # read again: notifications get through at once
+        try:
+            systemd.sock.recv(4096)
+        except BlockingIOError:
+            break
+    systemd.sock.settimeout(10)
+    notifier.stopping("stopping")
+    assert systemd.next()[1]["STOPPING"] == "1"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [(), ("--workers", "2")], ids=["one-process", "workers-2"])
+def test_a_service_manager_that_stops_reading_does_not_hold_the_stop(
+    tmp_path: Path, systemd: FakeSystemd, extra: tuple[str, ...]
+) -> None:
+    """A service manager that stopped reading (its queue full, here of our own
+    datagrams; watchdog pings fill it as well); SIGTERM then still stops weft serve at
+    once, exit 0. Before: the supervisor ignored TERM for good, blocked in STOPPING's
+    send (its workers served on); one process blocked there before closing its
+    listeners, then was ended by its deadline, exit 4, blaming a handler (the systemd
+    check's F1)."""
+    with serve(tmp_path, systemd, *extra) as served:
+        (match,) = served.wait_for(LISTENING)
+        systemd.until("READY")
+        if extra:
+            served.wait_for(READY, count=2)
+        assert _fill(systemd) > 0
+        address = host_port(match.group(1))
+        began = time.monotonic()
+        served.signal(signal.SIGTERM)
+        assert served.finish(timeout=15) == 0, served.text
+        assert time.monotonic() - began < 2.0, "no handler holds it: at once"
+        with pytest.raises(OSError):
+            socket.create_connection(address, timeout=2).close()
+    assert "cannot notify systemd on NOTIFY_SOCKET: its queue stayed full" in served.text

@@ -390,3 +390,31 @@ def test_a_term_as_one_process_becomes_a_supervisor_is_not_lost(tmp_path: Path) 
         served.wait_closed()
     assert code == 0, served.text
     assert "received SIGTERM" in served.text
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_hup_ends_a_reload_whose_new_workers_hang_as_they_start(
+    tmp_path: Path, shape: str
+) -> None:
+    """New code that hangs at import: the reload waited for its workers for good, and
+    the HUP sent once the code was fixed was put off "after the reload under way is
+    done", which never came (no READY=1 for systemd either; the systemd check's F2).
+    Now that HUP stops the workers still starting and the reload starts over."""
+    served, address = start(tmp_path, *SHAPES[shape])
+    workers = 3 if SHAPES[shape] else 0  # one process: its own server, then 1 worker
+    with served:
+        if workers:
+            served.wait_for(READY, count=workers)
+        (tmp_path / "app.py").write_text("import time\n\ntime.sleep(3600)\n")
+        served.signal(signal.SIGHUP)
+        started = workers * 2 or 1
+        served.wait_for(r"worker \d+ started", count=started)  # those that hang
+        assert greeting(address)[0] == "v1", "the old code serves on meanwhile"
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGHUP)
+        served.wait_for("stopping them and reloading again")
+        wait_for_version(address, "v2")
+        served.wait_for(f"reload done: {workers or 1} new worker")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text

@@ -29,6 +29,12 @@ __all__ = [
 
 log = logging.getLogger("weft")
 
+#: How long a notification may wait for room in the service manager's queue. The
+#: socket is a datagram socket with a short queue (``net.unix.max_dgram_qlen``, 10
+#: here): a service manager that stops reading it fills it with a few watchdog pings,
+#: and a send with no bound then held the supervisor's loop, and a stop, for good.
+NOTIFY_WAIT = 0.1
+
 #: The variables of the protocol (sd_notify(3), sd_watchdog_enabled(3)); children of
 #: the notifying process must not see them, or they would speak for the service too.
 NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -55,7 +61,10 @@ class Notifier:
     """Writes notifications to ``NOTIFY_SOCKET``; does nothing when it is unset.
 
     Errors are logged once at WARNING and never raised: a service manager that
-    stopped listening is no reason to stop serving.
+    stopped listening is no reason to stop serving. Nor one that stopped reading:
+    a notification waits at most ``NOTIFY_WAIT`` for room in its queue and is
+    dropped past that; once one was, the next are tried without waiting until one
+    gets through.
     """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -68,6 +77,8 @@ class Notifier:
             self._address = path
         self.watchdog = watchdog_interval(env, os.getpid()) if self._address else None
         self._warned = False
+        #: The last notification was dropped, its queue full: the next do not wait.
+        self._full = False
 
     @property
     def enabled(self) -> bool:
@@ -82,11 +93,26 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.connect(self._address)
-                sock.sendall(data)
+                # Connected, a datagram socket is writable only while the receiver's
+                # queue has room: the timeout bounds the wait for it.
+                sock.settimeout(0.0 if self._full else NOTIFY_WAIT)
+                sock.send(data)
+        except (TimeoutError, BlockingIOError):
+            self._full = True
+            self._warn(
+                f"its queue stayed full for {NOTIFY_WAIT:g}s (the service manager is not"
+                f" reading it): {assignments[0]} was dropped, as are later ones while it"
+                " stays full"
+            )
         except OSError as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning("cannot notify systemd on NOTIFY_SOCKET: %s", exc)
+            self._warn(str(exc))
+        else:
+            self._full = False
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("cannot notify systemd on NOTIFY_SOCKET: %s; weft serves on", why)
 
     def ready(self, status: str) -> None:
         """``READY=1`` with a status line (also the end of a reload)."""

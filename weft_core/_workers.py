@@ -689,10 +689,26 @@ class Supervisor:
 
     def _reload(self, why: str) -> None:
         if self._reloading:
-            if not self._again:
-                log.info("%s: after the reload under way is done", why)
-            self._again = True
-            return
+            starting = [w for w in self._current() if not w.ready]
+            if not starting and not self._due:  # the new serve: the old are draining
+                if not self._again:
+                    log.info("%s: after the reload under way is done", why)
+                self._again = True
+                return
+            # A new worker not ready yet may never be (an import that hangs): waiting
+            # for it swallowed this HUP, the operator's way out once the code is
+            # fixed, and the reload never ended. It goes (it never served), and the
+            # reload starts over with the code on disk now.
+            log.warning(
+                "%s: the reload under way still waits for %d worker(s) to start or be"
+                " ready%s; stopping them and reloading again",
+                why,
+                len(starting) + len(self._due),
+                f" ({', '.join(str(w.pid) for w in starting)})" if starting else "",
+            )
+            for worker in starting:
+                worker.old = True
+            self._reloading = self._again = False
         current = self._current()
         log.info(
             "%s: starting %d new worker(s); the %d old one(s) drain once the new are ready",
@@ -880,7 +896,11 @@ class Supervisor:
                 local.retire(self._wake)
 
     def _retire(self, worker: _Worker, now: float) -> None:
-        """Ask ``worker`` to drain (:func:`drain`): the byte DRAIN on its link."""
+        """Ask ``worker`` to drain (:func:`drain`): the byte DRAIN on its link.
+
+        One not ready yet is sent SIGTERM too: it may be stuck in its start (an
+        import that hangs), where nothing reads the link, and it has served nothing.
+        """
         worker.retiring = True
         worker.told = "a drain request"
         cut = self._drain_for if self._only_draining else None
@@ -896,6 +916,9 @@ class Supervisor:
             worker.link.send(DRAIN)
         except OSError:  # it is exiting already
             pass
+        if not worker.ready:
+            worker.told = "SIGTERM (it was not ready)"
+            _send(worker.pid, signal.SIGTERM)
 
     # -- stopping ---------------------------------------------------------------------------
 
