@@ -461,6 +461,32 @@ def test_managers_prints_a_table_then_broken_plugins(
     ]
 
 
+@pytest.mark.parametrize("selection", ["", "threads"])
+def test_managers_says_what_weft_load_plugins_leaves_out(selection: str) -> None:
+    """``WEFT_LOAD_PLUGINS=`` (empty) loads no plugin: ``weft managers`` said "no task
+    managers installed: pip install weft-threads ...", with all four installed (the docs
+    check's D13). It now names the variable and what it leaves out."""
+    if "threads" not in weft_core.available_managers():
+        pytest.skip("weft-threads is not installed")
+    done = subprocess.run(
+        [sys.executable, "-m", "weft_core", "managers"],
+        env={**environment(), "WEFT_LOAD_PLUGINS": selection},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "installed" not in done.stdout
+    assert f"WEFT_LOAD_PLUGINS={selection!r} leaves out " in done.stdout
+    left = done.stdout.split("leaves out", 1)[1]
+    assert ("plugin 'threads'" in left) is (selection == ""), done.stdout
+    if selection:
+        assert done.stdout.startswith("NAME ")
+        assert "\nthreads " in done.stdout
+    else:
+        assert done.stdout.startswith("no task managers loaded: ")
+
+
 def test_managers_escapes_a_broken_plugins_own_text(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from _serving import OUR_MANAGERS, Served, environment, free_port, handler_for, weft_serve
 
+from weft_core import available_managers
+
 #: Longest path a Unix socket address holds on Linux (sun_path is 108 bytes, NUL included).
 SUN_PATH = 108
 
@@ -413,3 +415,24 @@ def test_gevent_max_blocking_time_nan_served_prints_no_traceback(tmp_path: Path)
         assert served.finish(40) == 0
         served.wait_closed(10)
         assert "Traceback" not in served.text, served.text[-800:]
+
+
+@pytest.mark.timeout(60)
+def test_check_config_imports_the_handler_in_the_process_serve_prepares(tmp_path: Path) -> None:
+    """A module that cannot be imported monkey-patched: serve refuses it (gevent patches
+    before the import), so --check-config must too. It imported the handler unpatched,
+    and passed what then failed to start (the docs check's D6)."""
+    if "gevent" not in available_managers():
+        pytest.skip("weft-gevent is not installed")
+    (tmp_path / "needs_plain.py").write_text(
+        "import gevent.monkey\n\n"
+        "if gevent.monkey.is_module_patched('socket'):\n"
+        "    raise ImportError('this module cannot run monkey-patched')\n\n\n"
+        "def handle(conn):\n    pass\n"
+    )
+    args = ["needs_plain:handle", "-k", "gevent", "-b", "127.0.0.1:0"]
+    checked = run(*args, "--check-config", cwd=tmp_path)
+    assert checked.returncode == 2, checked.stdout
+    assert "this module cannot run monkey-patched" in checked.stderr
+    unpatched = run(*args, "-o", "patch=false", "--check-config", cwd=tmp_path)
+    assert unpatched.returncode == 0, unpatched.stderr

@@ -410,7 +410,7 @@ def test_an_encrypted_key_without_a_password_is_a_config_error(
     with pytest.raises(ConfigError) as info:
         Server(handle, tls=tls)
     assert info.value.key == "tls.password"
-    assert "the private key is encrypted" in str(info.value)
+    assert f"the private key in {where / 'key.pem'} is encrypted" in str(info.value)
     with pytest.raises(ConfigError) as wrong:
         Server(handle, tls={**tls, "password": "nope"})
     assert wrong.value.key == "tls.password"
@@ -481,7 +481,7 @@ def test_weft_serve_refuses_an_encrypted_key_without_a_password(
         start_new_session=True,
     )
     assert result.returncode == 2, result.stderr
-    assert "key 'tls.password': the private key is encrypted" in result.stderr
+    assert f"key 'tls.password': the private key in {where}/key.pem is encrypted" in result.stderr
 
 
 def test_validate_is_the_one_entry_point() -> None:

@@ -492,9 +492,10 @@ def _check_paths(config: Config) -> None:
 def _check_config(config: Config) -> int:
     """``weft serve --check-config``: print every setting and its origin, check the handler.
 
-    The handler is imported and the Server made (its manager, options, TLS context
-    and the checks between settings), as ``weft serve`` does, so status 0 means the
-    same command without --check-config gets as far as binding; nothing is bound.
+    The process is prepared (the manager's ``prepare_process``), the handler
+    imported and the Server made (its manager, options, TLS context and the checks
+    between settings), as ``weft serve`` does, so status 0 means the same command
+    without --check-config gets as far as binding; nothing is bound.
     """
     for line in config.describe():
         print(line)
@@ -511,8 +512,11 @@ def _check_config(config: Config) -> int:
             setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
         _check_paths(config)
         # What the module prints as it is imported goes to stderr: stdout is the
-        # settings, for a reader to parse.
+        # settings, for a reader to parse. The process is prepared first, as serve
+        # prepares it (gevent: monkey-patched): a module that imports differently so
+        # passed the check and failed to start.
         with contextlib.redirect_stdout(sys.stderr):
+            _prepare_process(config)
             handler = import_handler(config.handler)
         server = Server(handler, **config.server_kwargs())
         if config.workers > 1:  # as the supervisor checks it, before it binds
@@ -924,7 +928,17 @@ def _managers(ns: argparse.Namespace) -> int:
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
             print("  ".join([*cells, row[4]]).rstrip())
-    else:
+    skipped = _registry.left_out()
+    if skipped:
+        # WEFT_LOAD_PLUGINS= (empty) loads none: "none installed" misled.
+        env = _registry.LOAD_PLUGINS_ENV
+        note = (
+            f"{env}={os.environ.get(env, '')!r} leaves out "
+            + ", ".join(escape_for_log(s) for s in skipped)
+            + f"; name them in {env}, or unset it to load every plugin"
+        )
+        print(f"no task managers loaded: {note}" if not specs else f"\n{note}")
+    elif not specs:
         print(f"no task managers installed: {_registry.install_hint()}")
     if broken:
         print("\nbroken plugins (not loaded):")

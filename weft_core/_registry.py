@@ -48,6 +48,7 @@ __all__ = [
     "create_manager",
     "get_manager_spec",
     "hooks",
+    "left_out",
     "plugin_manager",
     "register",
     "reset",
@@ -413,6 +414,12 @@ def broken_plugins() -> list[BrokenPlugin]:
     """Plugins that failed to load, whose ``weft_managers`` failed, or that claim a taken name."""
     state, catalog = _catalog()
     return [*state.broken, *catalog.failed, *catalog.clashes]
+
+
+def left_out() -> list[str]:
+    """The installed plugins ``WEFT_LOAD_PLUGINS`` leaves out, described; [] when unset."""
+    state, _ = _catalog()
+    return [source.describe() for source in state.skipped]
 
 
 def get_manager_spec(name: str) -> ManagerSpec:

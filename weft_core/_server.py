@@ -545,7 +545,8 @@ class Server:
         On gevent it runs in a greenlet of the hub, on trio in a task of the
         manager's nursery (calls from one thread are batched: one wake-up of the
         loop for many calls); on threads (and managers without ``spawn_soon``) as a
-        task of the manager: on ``threads``, a new thread per call.
+        task of the manager: on ``threads``, an idle thread reused, else a new one
+        (so ``threading.local`` state one call leaves may be seen by a later one).
 
         Raises ServerError if the server is not running, HandlerKindError for a
         function of the wrong kind. When the server stops, a call that never started

@@ -32,11 +32,13 @@ def make_server_context(parts: Mapping[str, Any]) -> ssl.SSLContext:
     import ssl
 
     password = parts.get("password")
+    keyfile = parts.get("keyfile") or parts["certfile"]
 
     def no_password() -> str:
         # OpenSSL's default is to prompt on the terminal, which hangs a service.
         raise ConfigError(
-            "the private key is encrypted: set tls.password or tls.password_file",
+            f"the private key in {keyfile} is encrypted and no password was given: "
+            "set tls.password or tls.password_file",
             key="tls.password",
         )
 
@@ -116,7 +118,7 @@ def _chain_error(
         if password is None:
             return ConfigError(
                 f"the private key in {keyfile} is encrypted and no password was given: "
-                "set tls.password",
+                "set tls.password or tls.password_file",
                 key="tls.password",
             )
         return ConfigError(

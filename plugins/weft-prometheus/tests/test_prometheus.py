@@ -36,7 +36,7 @@ from _prom_support import (
 from weft_core import available_managers
 from weft_prometheus import ADDRESS_ENV, parse_address
 from weft_prometheus._exporter import RENDER_INTERVAL
-from weft_prometheus._metrics import DURATION_BUCKETS
+from weft_prometheus._metrics import DURATION_BUCKETS, HOWS, REASONS
 
 MANAGERS = ["threads", "gevent", "trio", "asyncio"]
 
@@ -106,6 +106,45 @@ def test_refusals_counted_by_reason() -> None:
             assert refused.recv(10) == b""  # closed unserved
         samples = scrape_until(metrics, "weft_connections_refused_total", 1, reason="full")
         assert total(samples, "weft_connections_opened_total") == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_every_how_and_reason_is_scraped_as_0_before_it_first_counts(
+    tmp_path: Path, workers: str
+) -> None:
+    """docs/hooks.md: a server's labelled series exist from its start, at 0. The closed
+    and refused counters, labelled by ``how`` and ``reason``, appeared only at their
+    first close or refusal (a bare ``# TYPE`` line, or nothing under --workers): an
+    alert on the rate of refusals had no series to read until then (the docs check's
+    D10)."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    metrics = f"127.0.0.1:{free_port()}"
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    served, address = weft_serve(
+        "threads", metrics, "--workers", workers, env={"XDG_RUNTIME_DIR": str(runtime)}
+    )
+    with served:
+        if workers != "1":
+            served.wait_for(r"worker ready on", count=int(workers))
+        labels = {("manager", "threads"), ("address", address)}
+        deadline = time.monotonic() + WAIT
+        while True:  # a worker binds its series as its server starts
+            samples = scrape(metrics)
+            found = {
+                (name, dict(lab).get("how") or dict(lab).get("reason"))
+                for (name, lab), value in samples.items()
+                if labels <= lab and value == 0
+            }
+            wanted = {("weft_connections_closed_total", how) for how in HOWS}
+            wanted |= {("weft_connections_refused_total", why) for why in REASONS}
+            if wanted <= found or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert wanted <= found, f"missing at 0: {sorted(wanted - found)}"
+        assert served.stop() == 0, served.text
 
 
 @pytest.mark.timeout(120)

@@ -31,6 +31,13 @@ DURATION_BUCKETS = (
 
 _LABELS = ("manager", "address")
 
+#: The ``how`` of ``weft_connection_closed`` and the ``reason`` of
+#: ``weft_connection_refused``, as weft_core.hookspecs lists them: each series is
+#: bound when the server starts, so it is scraped as 0 before it first counts (an
+#: alert on ``rate(weft_connections_refused_total[5m])`` has a series to read).
+HOWS = ("closed", "error", "idle_timeout", "stopped", "detached", "tls_error", "proxy_error")
+REASONS = ("full", "manager-full", "proxy", "untrusted", "tls")
+
 
 class ServerMetrics:
     """One server's labelled metrics, bound once so a connection's hook only counts."""
@@ -46,8 +53,8 @@ class ServerMetrics:
         self.sent = metrics.sent.labels(manager, address)
         self.duration = metrics.duration.labels(manager, address)
         self.errors = metrics.errors.labels(manager, address)
-        self._closed: dict[str, Counter] = {}
-        self._refused: dict[str, Counter] = {}
+        self._closed = {how: metrics.closed.labels(manager, address, how) for how in HOWS}
+        self._refused = {why: metrics.refused.labels(manager, address, why) for why in REASONS}
 
     @property
     def labels(self) -> tuple[str, str]:
