@@ -228,6 +228,43 @@ def test_usr1_with_a_log_file_that_cannot_be_reopened_serves_on(
     assert "received SIGUSR1" in (tmp_path / "logs.rotated" / "app.log").read_text()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_usr1_with_a_log_file_on_a_full_disk_serves_on(tmp_path: Path, shape: str) -> None:
+    """USR1 while the log file's disk is full (/dev/full plays it: every write fails
+    with ENOSPC), the moment logrotate's postrotate often meets. Closing the old file
+    could not flush its last lines, and that OSError ended the process (exit 1, every
+    open connection cut), the supervisor too when it had logged since (the log sinks
+    check's F3). Now one ERROR line says the lines were lost, and it serves on."""
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}},
+        "handlers": {
+            "full": {"class": "logging.FileHandler", "filename": "/dev/full", "formatter": "plain"},
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
+        },
+        "root": {"level": "INFO", "handlers": ["full", "stderr"]},
+    }  # fmt: skip
+    (tmp_path / "logging.json").write_text(json.dumps(config))
+    served, address = start(tmp_path, "--log-config", "logging.json", *SHAPES[shape])
+    with served:
+        if SHAPES[shape]:
+            served.wait_for(READY, count=3)
+        with (
+            socket.create_connection(address, timeout=10) as held,
+            held.makefile("rb") as reader,
+        ):
+            assert reader.readline().startswith(b"v1 ")
+            served.signal(signal.SIGUSR1)
+            served.wait_for(r"\[ERROR\] weft: reopened log file /dev/full, but the lines")
+            held.sendall(b"still\n")
+            assert reader.readline() == b"still\n", "the held client is served on"
+        assert greeting(address)[0] == "v1"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
 def test_reopen_log_files_follows_a_rotation(tmp_path: Path) -> None:
     """After the file is renamed (logrotate), the next record goes to a new file by the name."""
     path = tmp_path / "weft.log"

@@ -179,7 +179,9 @@ def reopen_log_files() -> int:
     one; reopening by name starts the file afresh (USR1, as nginx and gunicorn do).
     The new file is opened before the old one is closed: one that cannot be opened
     (its directory renamed or gone, no permission) is one ERROR line naming it, and
-    its handler goes on writing to the file it had; the process serves on.
+    its handler goes on writing to the file it had; the process serves on. An old
+    file that cannot take its last lines (a full disk) is closed all the same, and
+    the loss is one ERROR line.
     """
     loggers: list[logging.Logger] = [logging.getLogger()]
     loggers += [
@@ -189,6 +191,7 @@ def reopen_log_files() -> int:
     ]
     seen: set[int] = set()
     failed: list[tuple[str, OSError]] = []
+    lost: list[tuple[str, OSError]] = []
     for logger in loggers:
         for handler in logger.handlers:
             if not isinstance(handler, logging.FileHandler) or id(handler) in seen:
@@ -202,11 +205,23 @@ def reopen_log_files() -> int:
                     continue
                 stream, handler.stream = handler.stream, fresh
                 if stream is not None:
-                    stream.close()
+                    try:
+                        stream.close()
+                    except OSError as exc:
+                        # Its last lines could not be flushed (a full disk: the very
+                        # moment logrotate runs); the descriptor is closed all the
+                        # same. This escaped and ended the process, cutting its clients.
+                        lost.append((handler.baseFilename, exc))
     for path, error in failed:  # logged once no handler's lock is held
         log.error(
             "cannot reopen log file %s: %s; still writing to the file it had open"
             " (make its directory writable, then send USR1 again)",
+            escape_for_log(path),
+            error.strerror or error,
+        )
+    for path, error in lost:
+        log.error(
+            "reopened log file %s, but the lines the old file still held were lost: %s",
             escape_for_log(path),
             error.strerror or error,
         )
