@@ -30,6 +30,9 @@ from _log_pipes import (
 )
 from _serving import free_port, weft_serve
 
+from weft_core import available_managers
+from weft_core.testing._support import wait_until
+
 H = "_log_writer_handlers"
 
 
@@ -326,3 +329,60 @@ def test_a_failure_to_start_with_a_stalled_stderr_still_exits(log_format: str) -
             proc.kill()
             proc.wait()
         os.close(read_end)
+
+
+# -- 6. stderr that refuses every line: full, or its reader gone -----------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the whole process (every thread), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", ["threads", "gevent"])
+@pytest.mark.parametrize("sink", ["full", "reader-gone"])
+def test_a_stderr_that_refuses_every_line_costs_no_cpu(manager: str, sink: str) -> None:
+    """stderr on a full disk (/dev/full: ENOSPC) or a pipe whose reader has gone
+    (EPIPE): every line is refused. The writer counted each as dropped, reported the
+    count as a line as soon as none waited, which was refused and counted in turn,
+    for ever: a core spinning as long as the process ran, idle or not, and every
+    handler slowed by the GIL (the log sinks check's F1). Now the lines are lost
+    without a spin, and the server serves and stops as ever."""
+    if manager not in available_managers():
+        pytest.skip(f"weft-{manager} is not installed")
+    port = free_port()
+    argv = weft_serve(_handler(manager, "burst"), "-b", f"127.0.0.1:{port}", "-k", manager)
+    if sink == "full":
+        stderr = os.open("/dev/full", os.O_WRONLY)
+    else:
+        read_end, stderr = os.pipe()
+        os.close(read_end)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env(),
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    os.close(stderr)
+    try:
+        wait_until(lambda: _connects(port), timeout=30)
+        assert _ask(port, b"200\n") == b"done\n"  # 200 lines logged, each refused
+        began, cpu = time.monotonic(), _cpu_seconds(proc.pid)
+        assert _ask(port, b"1\n") == b"done\n"  # served on
+        finished = threading.Event()
+        finished.wait(1.5)  # a window of idle time, measured: no event ends it sooner
+        used = _cpu_seconds(proc.pid) - cpu
+        assert used < 0.4, (
+            f"{used:.2f}s of CPU in {time.monotonic() - began:.2f}s idle: the log writer spins"
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        _stop(proc)
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -274,6 +274,9 @@ class StderrHandler(logging.Handler):
         #: One item per line dropped: appended and taken whole from any thread, where
         #: an int's ``+= 1`` could lose a count.
         self._dropped: collections.deque[None] = collections.deque()
+        #: Lines the stream refused (full disk, closed pipe, no stderr at all), counted
+        #: in the writer alone, and said once a line gets through again.
+        self._lost = 0
         start, allocate = thread_primitives()
         #: Released when lines wait: the writer's wake-up (a binary semaphore).
         self._wake = allocate()
@@ -326,10 +329,14 @@ class StderrHandler(logging.Handler):
             self._wake.acquire()
             with self._writing:
                 while lines:
-                    if not self._put(lines.popleft()):
-                        self._dropped.append(None)  # stderr is gone (closed): counted all the same
-                    self._written += 1
-                    if self._dropped and not lines:
+                    written = self._put(lines.popleft())
+                    self._written += 1  # written or lost: not waited for by a flush
+                    if not written:
+                        # Refused (ENOSPC, EPIPE, closed): lost. Said only once a line
+                        # gets through: said to the stream refusing it, the report was
+                        # itself lost, reported again, for ever, a core spinning.
+                        self._lost += 1
+                    elif (self._dropped or self._lost) and not lines:
                         self._report_dropped()
 
     def _put(self, line: str) -> bool:
@@ -398,16 +405,20 @@ class StderrHandler(logging.Handler):
         dropped = len(self._dropped)
         for _ in range(dropped):
             self._dropped.popleft()
-        record = logging.LogRecord(
-            "weft",
-            logging.WARNING,
-            __file__,
-            0,
-            "%d log line(s) dropped: stderr took none while %d waited",
-            (dropped, BACKLOG_LINES),
-            None,
-        )
-        self._lines.append(self.format(record) + "\n")
+        lost, self._lost = self._lost, 0
+        reports: list[tuple[str, tuple[int, ...]]] = []
+        if dropped:
+            reports.append(
+                (
+                    "%d log line(s) dropped: stderr took none while %d waited",
+                    (dropped, BACKLOG_LINES),
+                )
+            )
+        if lost:
+            reports.append(("%d log line(s) lost: writing them to stderr failed", (lost,)))
+        for message, args in reports:
+            record = logging.LogRecord("weft", logging.WARNING, __file__, 0, message, args, None)
+            self._lines.append(self.format(record) + "\n")
 
     def flush(self) -> None:
         """Wait (a little) for the lines logged so far to be written."""
