@@ -23,6 +23,7 @@ from _serving import READY, Served, environment, host_port, weft_serve
 
 from weft_core import _registry
 from weft_core._signals import reopen_log_files
+from weft_core.testing._support import wait_until
 
 LISTENING = r"\] weft: listening on (\S+) "
 HANDLERS = {"threads": APP, "gevent": APP, "trio": APP_ASYNC}
@@ -437,16 +438,22 @@ def test_a_hup_ends_a_reload_whose_new_workers_hang_as_they_start(
     """New code that hangs at import: the reload waited for its workers for good, and
     the HUP sent once the code was fixed was put off "after the reload under way is
     done", which never came (no READY=1 for systemd either; the systemd check's F2).
-    Now that HUP stops the workers still starting and the reload starts over."""
+    Now that HUP, once the workers have been starting for RELOAD_PATIENCE (5 s), stops
+    those still starting and the reload starts over."""
     served, address = start(tmp_path, *SHAPES[shape])
     workers = 3 if SHAPES[shape] else 0  # one process: its own server, then 1 worker
     with served:
         if workers:
             served.wait_for(READY, count=workers)
-        (tmp_path / "app.py").write_text("import time\n\ntime.sleep(3600)\n")
+        (tmp_path / "app.py").write_text(
+            "import os\nimport time\n\n"
+            "open(f'hung-{os.getpid()}', 'w').close()\n"
+            "time.sleep(3600)\n"
+        )
         served.signal(signal.SIGHUP)
-        started = workers * 2 or 1
-        served.wait_for(r"worker \d+ started", count=started)  # those that hang
+        # Each new worker is in the import that hangs (not yet starting, to import
+        # the fixed code written next).
+        wait_until(lambda: len(list(tmp_path.glob("hung-*"))) == (workers or 1))
         assert greeting(address)[0] == "v1", "the old code serves on meanwhile"
         write_app(tmp_path, "v2")
         served.signal(signal.SIGHUP)

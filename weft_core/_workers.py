@@ -139,6 +139,9 @@ T = TypeVar("T")
 #: The longest the supervisor sleeps without a signal. SIGCHLD and SIGTERM wake it at
 #: once through the wakeup pipe; this is only a backstop, so it costs nothing.
 _IDLE_WAKE = 5.0
+#: How long a reload's new workers may take to start before a reload asked meanwhile
+#: replaces them (see Supervisor._replace_hung_start).
+RELOAD_PATIENCE = 5.0
 #: The shortest pause between two worker starts. Between starts the supervisor reads
 #: its signal pipe, so a SIGINT during the start of many workers is acted on at once
 #: (issue 14: with every start in one go, 668 workers started after a SIGINT); and
@@ -601,6 +604,7 @@ class Supervisor:
                         self._balance(now)
                         self._start_due(now)
                         self._progress()
+                        self._replace_hung_start(now)
                         if self._upgrade and not local_busy and self._reexec is not None:
                             self._upgrade = False  # reexec returns only if it failed
                             self._reexec(self._state())
@@ -689,32 +693,18 @@ class Supervisor:
 
     def _reload(self, why: str) -> None:
         if self._reloading:
-            starting = [w for w in self._current() if not w.ready]
-            if not starting and not self._due:  # the new serve: the old are draining
-                if not self._again:
-                    log.info("%s: after the reload under way is done", why)
-                self._again = True
-                return
-            # A new worker not ready yet may never be (an import that hangs): waiting
-            # for it swallowed this HUP, the operator's way out once the code is
-            # fixed, and the reload never ended. It goes (it never served), and the
-            # reload starts over with the code on disk now.
-            log.warning(
-                "%s: the reload under way still waits for %d worker(s) to start or be"
-                " ready%s; stopping them and reloading again",
-                why,
-                len(starting) + len(self._due),
-                f" ({', '.join(str(w.pid) for w in starting)})" if starting else "",
-            )
-            for worker in starting:
-                worker.old = True
-            self._reloading = self._again = False
+            if not self._again:
+                log.info("%s: after the reload under way is done", why)
+            self._again = True
+            self._replace_hung_start(time.monotonic())
+            return
         current = self._current()
+        serving = [w for w in self._old() if w.ready]  # a reload replaced, still serving
         log.info(
             "%s: starting %d new worker(s); the %d old one(s) drain once the new are ready",
             why,
             self._count,
-            len(current) + (self._local is not None and not self._local.retired),
+            len(current) + len(serving) + (self._local is not None and not self._local.retired),
         )
         self._notifier.reloading("reloading")
         self._count = max(self._count, 1)  # 0 after a failed hand-over (_abandon_reload)
@@ -722,6 +712,41 @@ class Supervisor:
         self._due.clear()  # whatever was due is started as part of the new generation
         for worker in current:
             worker.old = True
+
+    def _hung_start(self) -> list[_Worker]:
+        """The reload's new workers not ready yet, if the oldest has been starting too long."""
+        starting = [w for w in self._current() if not w.ready]
+        if not starting or time.monotonic() - min(w.started for w in starting) < RELOAD_PATIENCE:
+            return []
+        return starting
+
+    def _replace_hung_start(self, now: float) -> None:
+        """A reload asked for again while the one under way waits on a start that hangs.
+
+        A new worker may never be ready (an import that never returns): waiting for
+        it put the next HUP, the operator's way out once the code is fixed, off for
+        good, and the reload never ended (nor told systemd READY=1). Once the oldest
+        has been starting for RELOAD_PATIENCE, they go (they never served) and the
+        reload starts over with the code on disk now. Sooner, the HUP waits its turn,
+        so that a storm of HUPs makes one more reload, not one each.
+        """
+        if not self._reloading or not self._again or self._stopping:
+            return
+        starting = self._hung_start()
+        if not starting:
+            return
+        log.warning(
+            "the reload under way still waits for %d worker(s) started %.0fs ago (%s), and"
+            " another was asked for: stopping them and reloading again",
+            len(starting),
+            now - min(w.started for w in starting),
+            ", ".join(str(w.pid) for w in starting),
+        )
+        for worker in starting:
+            worker.old = True  # never ready: retired (SIGTERM) at once by _balance
+        self._reloading = self._again = False
+        self._reload("reloading again: asked while the last reload hung in its start")
+        self._wake()  # the loop goes round at once: retire them, start the new
 
     def _progress(self) -> None:
         """Log the end of a reload, and tell systemd we are READY (first time or again)."""
@@ -1239,6 +1264,10 @@ class Supervisor:
             times.append(now + self._timeout / HEARTBEAT_SHARE)
         if self._next_alive is not None:
             times.append(self._next_alive)
+        if self._reloading and self._again:
+            starting = [w.started for w in self._current() if not w.ready]
+            if starting:
+                times.append(min(starting) + RELOAD_PATIENCE)
         return max(0.0, min([now + _IDLE_WAKE, *times]) - now)
 
     def _alive(self, now: float) -> None:
