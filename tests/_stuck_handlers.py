@@ -95,3 +95,22 @@ async def awaits_to_thread(stream: Any) -> None:
 
 def starts_nothing(conn: Any) -> None:
     """Serve nothing: close at once (a server whose stop has nothing to wait for)."""
+
+
+def stuck_on_go(conn: Any) -> None:
+    """Echo one line, or, for ``go``, say ``+`` and wait for ever as :func:`stuck` does."""
+    data = conn.recv(100)
+    if data.strip() != b"go":
+        conn.sendall(data)
+        return
+    conn.sendall(b"+")
+    os.read(_never, 1)
+
+
+async def stuck_on_go_async(stream: Any) -> None:
+    data = bytes(await stream.receive_some(100))
+    if data.strip() != b"go":
+        await stream.send_all(data)
+        return
+    await stream.send_all(b"+")
+    os.read(_never, 1)

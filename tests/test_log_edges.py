@@ -396,3 +396,53 @@ def test_access_log_counts_the_bytes_of_a_tls_refused_client_on_trio(tmp_path: P
     access = sorted((r["bytes_in"] or -1, r["how"], r["message"])
                     for r in records if r["logger"] == "weft.access")  # fmt: skip
     assert [(n, how) for n, how, _ in access] == [(3, "tls_error"), (18, "tls_error")], access
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "extra"), MANAGERS, ids=IDS)
+def test_a_stuck_handler_and_a_full_stderr_pipe_still_exit_by_the_bound(
+    manager: str, extra: tuple[str, ...]
+) -> None:
+    """The same unread pipe, and a handler that ignores the stop: SIGTERM must end the
+    process by its bound, exit 4. Seen (the log sinks check's F2): it never exited on
+    threads, trio, asyncio and uvloop. Its exit flush waited for the pipe while the
+    deadline's thread fired, which then could not run once the interpreter was
+    finalizing; faulthandler's backstop blocked writing to the full pipe, and the
+    finalizing main thread waited for it: a process refusing clients, for good."""
+    port = free_port()
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 4096)
+    handler = "_stuck_handlers:stuck_on_go" + ("_async" if manager in ("trio", "asyncio") else "")
+    argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager, "--access-log",
+                      "--graceful-timeout", "1", *extra)  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=env(),
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    os.close(write_end)
+    try:
+        read_until(read_end, b"listening on")
+        for n in range(100):  # access lines, far more than the pipe holds
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                client.sendall(b"%d\n" % n)
+                assert client.recv(100) == b"%d\n" % n
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as stuck:
+            stuck.sendall(b"go\n")
+            assert stuck.recv(1) == b"+"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code: int | None = proc.wait(10)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - started
+        # The bound: --graceful-timeout, STOP_GRACE (2 s), then at most a second more
+        # for the exit with a stderr that takes nothing.
+        assert code == 4 and took < 1 + 2 + 1 + 0.5, (
+            f"exit {code} after {took:.1f}s (bound 4 s, exit 4)"
+            if code is not None
+            else "still running 10 s after SIGTERM"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)

@@ -35,7 +35,7 @@ from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
-from ._logging import json_asked_for, print_line, setup_logging, stderr_line
+from ._logging import flush_at_exit_by, json_asked_for, print_line, setup_logging, stderr_line
 from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
@@ -61,8 +61,11 @@ log = logging.getLogger("weft")
 _WAKE_INTERVAL = 1.0
 #: What the last-resort exit (_deadline) adds to graceful_timeout + STOP_GRACE.
 DEADLINE_MARGIN = 0.5
-#: The least time a process whose stop has ended is given to exit (see _bound_the_exit).
-EXIT_GRACE = 1.0
+#: The least time a process whose stop has ended is given to exit (see _bound_the_exit):
+#: what the bound leaves when the stop took all of its own.
+EXIT_GRACE = DEADLINE_MARGIN
+#: How long before that bound the exit stops waiting for stderr to take the log.
+EXIT_FLUSH_MARGIN = 0.2
 
 
 class HandlerImportError(WeftError):
@@ -678,8 +681,13 @@ def _bound_the_exit(deadline: Deadline, grace: float) -> None:
     """
     left = deadline.remaining()
     deadline.disarm()
+    seconds = grace + DEADLINE_MARGIN if left is None else max(left, EXIT_GRACE)
+    # The exit's flush of a stalled stderr ends first: racing the deadline's thread
+    # into the interpreter's finalization, where that thread can no longer run, it
+    # left the process exiting by faulthandler's backstop, or not at all.
+    flush_at_exit_by(time.monotonic() + seconds - EXIT_FLUSH_MARGIN)
     deadline.arm(
-        grace + DEADLINE_MARGIN if left is None else max(left, EXIT_GRACE),
+        seconds,
         "the stop ended, but the process did not exit within its bound: a thread that "
         "is not a daemon still runs (a call in an executor, such as asyncio.to_thread's, "
         "or a thread a handler started: the stacks below name it); it is abandoned "

@@ -32,7 +32,7 @@ __all__ = ["Deadline"]
 #: How long after the deadline faulthandler's timer exits, if the thread could not.
 BACKSTOP = 1.0
 #: How long the report may wait for stderr to take it before the exit goes on without it.
-REPORT_WAIT = 0.5
+REPORT_WAIT = 0.4
 
 
 def _stderr_fd() -> int:
@@ -40,6 +40,31 @@ def _stderr_fd() -> int:
         return sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # replaced by an object with no descriptor
         return 2
+
+
+#: The backstop's own descriptor of stderr (see :func:`_backstop_fd`), opened once.
+_backstop: int | None = None
+
+
+def _backstop_fd() -> int:
+    """Where faulthandler's timer writes: stderr's file opened anew, non-blocking.
+
+    Its C thread writes without a bound: to a pipe nobody reads it blocked in
+    ``write()`` before its exit, and the main thread, finalizing, waited for it for
+    good (a process that never exited after SIGTERM). A file of its own (a pipe or a
+    FIFO, a regular file, appended to, a terminal) makes a full pipe's write fail at
+    once instead; where stderr cannot be opened anew (a socket: journald's), the
+    stacks go nowhere, and the Python-level report has written them as far as
+    stderr took them.
+    """
+    global _backstop
+    if _backstop is None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            _backstop = os.open(f"/proc/self/fd/{_stderr_fd()}", flags)
+        except OSError:
+            _backstop = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return _backstop
 
 
 class Deadline:
@@ -69,7 +94,7 @@ class Deadline:
         lock = allocate()
         lock.acquire()
         self._lock = lock
-        faulthandler.dump_traceback_later(seconds + BACKSTOP, exit=True, file=_stderr_fd())
+        faulthandler.dump_traceback_later(seconds + BACKSTOP, exit=True, file=_backstop_fd())
         start(_expire, (lock, seconds, message))
 
     def remaining(self) -> float | None:
@@ -104,8 +129,10 @@ def _report(message: str) -> None:
     from ._logging import flush_own_log, logs_json, stderr_line, writable, write_within
 
     fd = _stderr_fd()
-    flush_own_log(REPORT_WAIT)  # what was logged before (the signal, the stop): first
+    # One budget for all of it, well inside BACKSTOP: a report still writing when the
+    # backstop's timer fires lost the exit status to it (1 for 4).
     until = time.monotonic() + REPORT_WAIT
+    flush_own_log(REPORT_WAIT)  # what was logged before (the signal, the stop): first
     if logs_json():
         with tempfile.TemporaryFile() as dump:
             faulthandler.dump_traceback(file=dump, all_threads=True)

@@ -52,6 +52,7 @@ __all__ = [
     "JsonFormatter",
     "StderrHandler",
     "TextFormatter",
+    "flush_at_exit_by",
     "flush_own_log",
     "json_asked_for",
     "logs_json",
@@ -68,6 +69,9 @@ __all__ = [
 BACKLOG_LINES = 10_000
 #: At exit, how long the lines still waiting may take to reach stderr.
 EXIT_FLUSH = 2.0
+#: When (``time.monotonic()``) the exit's flush must give up at the latest, if a
+#: bound on the process's exit was set (:func:`flush_at_exit_by`).
+_exit_by: float | None = None
 #: How often a line waiting for the lock of the processes sharing stderr tries it.
 LOCK_NAP = 0.01
 
@@ -291,7 +295,7 @@ class StderrHandler(logging.Handler):
         self._written = 0
         self._stuck_at = -1
         start(self._write_forever, ())
-        atexit.register(self.flush_within, EXIT_FLUSH)
+        atexit.register(self._flush_at_exit)
 
     def emit(self, record: logging.LogRecord) -> None:
         """Format here, in the logging thread (the record's arguments may change later)."""
@@ -423,6 +427,13 @@ class StderrHandler(logging.Handler):
     def flush(self) -> None:
         """Wait (a little) for the lines logged so far to be written."""
         self.flush_within(EXIT_FLUSH)
+
+    def _flush_at_exit(self) -> None:
+        """The flush at exit: ``EXIT_FLUSH``, or less where the exit has a bound."""
+        seconds = EXIT_FLUSH
+        if _exit_by is not None:
+            seconds = min(seconds, _exit_by - time.monotonic())
+        self.flush_within(max(seconds, 0.0))
 
     def flush_within(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for every waiting line to be written; True if they were.
@@ -577,6 +588,17 @@ def print_line(text: str) -> None:
         print(text, file=sys.stderr)
         return
     write_within(fd, text + "\n", time.monotonic() + EXIT_FLUSH)
+
+
+def flush_at_exit_by(when: float) -> None:
+    """Make the exit's flush give up by ``when`` (``time.monotonic()``), however stalled stderr is.
+
+    For a process whose exit has a deadline (``_deadline``) that exits it from a
+    thread of its own: that thread cannot run once the main thread is finalizing
+    the interpreter, so the main thread's own waits must end before it, not race it.
+    """
+    global _exit_by
+    _exit_by = when
 
 
 def flush_own_log(seconds: float) -> bool:
