@@ -352,7 +352,12 @@ class ControlSocket:
                 return
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            threads = [t for t in (self._thread, *self._clients.values()) if t not in (None, me)]
+            # Started ones only: joining one whose start() failed raises.
+            threads = [
+                t
+                for t in (self._thread, *self._clients.values())
+                if t is not None and t is not me and t.ident is not None
+            ]
         self._remove_file()
         for thread in threads:
             thread.join(CLOSE_WAIT)
@@ -418,7 +423,16 @@ class ControlSocket:
                 target=self._serve_one, args=(conn, peer), name=f"weft ctl {peer}", daemon=True
             )
             self._clients[conn] = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            # No thread to spare (a pids cap, RLIMIT_NPROC): this request is refused,
+            # the socket serves on. It ended the accept loop, and weft ctl with it, for
+            # the rest of the process's life.
+            with self._lock:
+                self._clients.pop(conn, None)
+            _send(conn, {"ok": False, "error": f"busy: no thread to answer with ({exc})"})
+            conn.close()
 
     def _serve_one(self, conn: socket.socket, peer: Peer) -> None:
         try:

@@ -29,6 +29,8 @@ from ._osthreads import thread_primitives
 
 __all__ = ["Deadline"]
 
+log = logging.getLogger("weft")
+
 #: How long after the deadline faulthandler's timer exits, if the thread could not.
 BACKSTOP = 1.0
 #: How long the report may wait for stderr to take it before the exit goes on without it.
@@ -94,8 +96,22 @@ class Deadline:
         lock = allocate()
         lock.acquire()
         self._lock = lock
-        faulthandler.dump_traceback_later(seconds + BACKSTOP, exit=True, file=_backstop_fd())
-        start(_expire, (lock, seconds, message))
+        # Each needs a thread of its own. With none to spare (a pids cgroup or
+        # TasksMax at its cap, RLIMIT_NPROC) the stop goes on without its last
+        # resort: the RuntimeError escaped the signal's handling and ended the process
+        # at once, exit 1, cutting the replies the stop would have let finish.
+        try:
+            faulthandler.dump_traceback_later(seconds + BACKSTOP, exit=True, file=_backstop_fd())
+        except (RuntimeError, OSError):
+            pass
+        try:
+            start(_expire, (lock, seconds, message))
+        except RuntimeError as exc:
+            log.warning(
+                "cannot start the stop's last resort (%s): the stop goes on, but nothing"
+                " ends the process if a handler keeps it from ending",
+                exc,
+            )
 
     def remaining(self) -> float | None:
         """Seconds left until the exit, or None when not armed."""

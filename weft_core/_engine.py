@@ -535,7 +535,7 @@ class Engine(ABC, Generic[R]):
         )
         return delay
 
-    def _refuse(self, sock: Any, addr: Any, reason: str) -> None:
+    def _refuse(self, sock: Any, addr: Any, reason: str, why: str = "") -> None:
         with self.lock:
             self.counts["refused"] += 1
         close_quietly(sock)
@@ -546,7 +546,7 @@ class Engine(ABC, Generic[R]):
             peer,
             f"max_connections={self.limit} reached"
             if reason == "full"
-            else "the task manager is full",
+            else why or "the task manager is full",
         )
         self.hooks.connection_refused(self.owner, peer, reason)
 
@@ -687,6 +687,16 @@ class Engine(ABC, Generic[R]):
             with self.lock:
                 self.counts["accepted"] -= 1
             self._refuse(sock, addr, "manager-full")
+        except (RuntimeError, MemoryError) as exc:
+            # No thread (a pids cgroup, TasksMax, RLIMIT_NPROC) or memory to start its
+            # task: a refusal for want of capacity, counted and logged at a bounded
+            # rate, where every such client logged a full traceback.
+            self._finish(conn)
+            with self.lock:
+                self.counts["accepted"] -= 1
+            self._refuse(
+                sock, addr, "manager-full", f"the task manager could not start a task ({exc})"
+            )
         except Exception:
             log.exception(
                 "the task manager could not take the connection from %s", format_address(addr)
@@ -1523,10 +1533,25 @@ def call_within(fn: Callable[[], object], wait: float | None, name: str) -> bool
             done.release()
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    _thread.start_new_thread(thread.start, ())
+    try:
+        _thread.start_new_thread(_start_or_run, (thread, run))
+    except RuntimeError:
+        # No thread to spare (a pids cgroup or TasksMax at its cap): the step runs
+        # here, unbounded, where the stop failed and the process ended, cutting what
+        # the stop would have let finish.
+        run()
+        return True
     if wait is None:
         return False
     return bool(done.acquire(True, max(wait, 0.0)))
+
+
+def _start_or_run(thread: threading.Thread, run: Callable[[], None]) -> None:
+    """Start ``thread``; if no other thread can be started, run its target in this one."""
+    try:
+        thread.start()
+    except RuntimeError:
+        run()
 
 
 def default_exception_handler(

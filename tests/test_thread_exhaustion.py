@@ -1,0 +1,168 @@
+"""``weft serve`` in a process that can start no more threads, as a container's
+``pids.max`` or systemd's ``TasksMax=`` leaves it: the stop is still graceful.
+
+The cap is real: a pids cgroup (v1's ``pids`` hierarchy, or v2's root where the pids
+controller is on) capped at the server's own task count. Skipped where this process
+cannot make one (not root, no pids controller): RLIMIT_NPROC does not bind root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _fault_support import closed_without_data
+from _serving import OUR_MANAGERS, environment, free_port, weft_serve
+
+from weft_core import available_managers
+from weft_core.testing._support import wait_until
+
+MANAGERS = [m for m in OUR_MANAGERS if m in available_managers()]
+
+
+def _pids_root() -> Path | None:
+    """A cgroup directory whose children get a pids.max, if this process may make one."""
+    v1 = Path("/sys/fs/cgroup/pids")
+    if (v1 / "cgroup.procs").exists() and os.access(v1, os.W_OK):
+        return v1
+    v2 = Path("/sys/fs/cgroup")
+    controllers = v2 / "cgroup.controllers"
+    if (
+        controllers.exists()
+        and "pids" in controllers.read_text().split()
+        and os.access(v2, os.W_OK)
+    ):
+        return v2
+    return None
+
+
+@pytest.fixture
+def capped() -> Iterator[Path]:
+    """A fresh pids cgroup, removed afterwards."""
+    root = _pids_root()
+    if root is None:
+        pytest.skip("no pids cgroup this process may make (needs root and the pids controller)")
+    group = root / f"weft-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a pids cgroup: {exc}")
+    try:
+        yield group
+    finally:
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), timeout=10)
+        group.rmdir()
+
+
+def _tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("manager", MANAGERS)
+def test_sigterm_with_no_thread_to_spare_stops_gracefully(capped: Path, manager: str) -> None:
+    """Three clients midway through a 2-second reply, then the cap, then SIGTERM: every
+    reply finishes, exit 0. Before (the log sinks check's F6): exit 1 within 0.04 s,
+    each client cut after 2 of its 10 chunks. The stop's last resort, then its
+    bounded steps, each start a thread, and the RuntimeError of the one that could
+    not start ended the process."""
+    handler = "_chunked_handlers:chunks" + ("_async" if manager in ("trio", "asyncio") else "")
+    port = free_port()
+    argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager,
+                      "--graceful-timeout", "5", "--control-socket", "off")  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=environment(), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        wait_until(lambda: _connects(port), timeout=30)
+        (capped / "cgroup.procs").write_text(str(proc.pid))
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"go\n")
+            clients.append(client)
+        # Each reply under way (its handler's thread, on threads, started) before the cap.
+        for client in clients:
+            assert client.recv(8) == b"chunk-0\n"
+        (capped / "pids.max").write_text(str(_tasks(proc.pid)))
+        proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            got = b"chunk-0\n"
+            while data := client.recv(1000):
+                got += data
+            assert got.count(b"chunk-") == 10, f"cut after {got.count(b'chunk-')} chunks"
+        assert proc.wait(20) == 0
+    finally:
+        for client in clients:
+            client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        with proc.stderr:
+            stderr = proc.stderr.read()
+    assert "Traceback" not in stderr, stderr
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
+    capped: Path, tmp_path: Path
+) -> None:
+    """threads at the cap: a new client's thread cannot start. Each was refused (that
+    held) with a full traceback in the log, unbounded; and weft ctl's request thread
+    could not start either, which ended the control socket's accept loop: weft ctl
+    timed out for the rest of the process's life, the cap lifted or not (the log
+    sinks check's F7). Now: refusals counted and logged at a bounded rate, weft ctl
+    told "busy" at the cap and answered again once a thread can start."""
+    control = tmp_path / "ctl.sock"
+    port = free_port()
+    # No idle thread kept (idle_threads=0): each client needs a thread started for it.
+    argv = weft_serve("_chunked_handlers:chunks", "-b", f"127.0.0.1:{port}", "-k", "threads",
+                      "-o", "idle_threads=0", "--control-socket", str(control))  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=environment(), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: _connects(port), timeout=30)
+        (capped / "cgroup.procs").write_text(str(proc.pid))
+        (capped / "pids.max").write_text(str(_tasks(proc.pid)))
+        for _ in range(20):  # each one's thread cannot start: closed unserved
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                assert closed_without_data(client)
+        at_cap = _ctl(control, "status")
+        assert at_cap.returncode != 0 and "busy" in at_cap.stderr, at_cap
+        (capped / "pids.max").write_text("max")
+        status = _ctl(control, "status")
+        assert status.returncode == 0, status.stderr
+        assert '"refused": 20' in status.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        with proc.stderr:
+            stderr = proc.stderr.read()
+    assert "Traceback" not in stderr, stderr
+    assert stderr.count("refused connection from") < 5, stderr  # at a bounded rate
+
+
+def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "weft_core", "ctl", "--socket", str(control), *args],
+        capture_output=True, text=True, timeout=30, env=environment(),
+    )  # fmt: skip
