@@ -141,12 +141,12 @@ class Served:
     """A process whose stderr is read line by line in the background."""
 
     def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str] | None = None,
-                 **popen: Any) -> None:  # fmt: skip
+                 stdin_socket: socket.socket | None = None, **popen: Any) -> None:  # fmt: skip
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,
             env=environment() if env is None else env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin_socket is None else stdin_socket.fileno(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

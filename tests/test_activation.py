@@ -216,6 +216,29 @@ def test_serving_a_socket_passed_by_number(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_socket_passed_as_stdin_is_served_by_workers_too(
+    tmp_path: Path, bound: socket.socket, workers: str
+) -> None:
+    """``--fd 0``: the listening socket as stdin (inetd's way, systemd's
+    ``StandardInput=socket``). One process served it; under --workers every worker
+    failed, "cannot listen on fd:0: Socket operation on non-socket" (its stdin is its
+    own), and was restarted for ever, nothing served (the systemd check's F3)."""
+    with bound:
+        port = bound.getsockname()[1]
+        argv = weft_serve("_serving:handle", "--fd", "0", "--workers", workers)
+        with Served(argv, cwd=tmp_path, stdin_socket=bound) as served:
+            served.wait_for(LISTENING)
+            if workers != "1":
+                served.wait_for(READY, count=int(workers))
+            with Client(("127.0.0.1", port)) as client:
+                assert client.echo(b"on stdin") == b"on stdin"
+            served.signal(signal.SIGTERM)
+            assert served.finish() == 0, served.text
+    assert "Socket operation on non-socket" not in served.text
+
+
+@pytest.mark.timeout(60)
 def test_a_descriptor_that_is_not_open_is_a_bind_error(tmp_path: Path) -> None:
     result = subprocess.run(
         weft_serve("_serving:handle", "--bind", "fd:987"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -247,11 +248,37 @@ def _unix_in_use(path: str) -> bool:
 
 
 def _adopt_fd(fd: int, backlog: int) -> Listener:
-    """Take over an inherited listening socket (``fd:N``, systemd's LISTEN_FDS)."""
+    """Take over an inherited listening socket (``fd:N``, systemd's LISTEN_FDS).
+
+    One passed as a standard stream (``--fd 0``: inetd's and ``StandardInput=socket``'s
+    way) is moved above them, and /dev/null put in its place: a worker is started
+    with its own stdin, which replaced the socket passed to it by that number, and
+    every worker failed ("Socket operation on non-socket"), restarted for ever.
+    """
+    number = fd
     try:
+        if fd <= 2:  # a copy above the standard streams; fd itself is let go below
+            fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise BindError(exc.errno, f"cannot listen on fd:{fd}: {exc.strerror}") from exc
+        if fd != number:
+            os.close(fd)
+        raise BindError(exc.errno, f"cannot listen on fd:{number}: {exc.strerror}") from exc
+    try:
+        return _adopt_socket(sock, number, backlog)
+    except BindError:
+        if fd != number:
+            os.close(fd)  # the copy (detached by _not_adopted); the original stays
+        raise
+    finally:
+        if fd != number and sock.fileno() != -1:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, number)  # stdin stays a descriptor, /dev/null
+            os.close(null)
+
+
+def _adopt_socket(sock: socket.socket, fd: int, backlog: int) -> Listener:
+    """:func:`_adopt_fd` once ``sock`` is made: check it, listen, take it over."""
     if sock.type != socket.SOCK_STREAM:
         raise _not_adopted(sock, fd, errno.ENOTSOCK, "not a stream socket")
     if not _is_bound(sock):  # listen() would bind it itself: every interface, a random port
@@ -271,7 +298,7 @@ def _adopt_fd(fd: int, backlog: int) -> Listener:
     # re-executed supervisor) mark what they pass. Anything else a handler starts
     # with close_fds=False (os.system, a shell's &) would keep the port listening
     # after weft exits, its clients queued for ever and the next bind refused.
-    os.set_inheritable(fd, False)
+    os.set_inheritable(sock.fileno(), False)
     return Listener(sock, shared=True)
 
 
