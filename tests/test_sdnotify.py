@@ -19,7 +19,14 @@ from _load import APP, wait_for_version, write_app
 from _serving import READY, Served, environment, host_port, weft_serve
 
 from weft_core import _registry
-from weft_core._sdnotify import NOTIFY_WAIT, Notifier, child_environment, watchdog_interval
+from weft_core._sdnotify import (
+    NOTIFY_WAIT,
+    PING_MAX,
+    PING_MIN,
+    Notifier,
+    child_environment,
+    watchdog_interval,
+)
 
 LISTENING = r"\] weft: listening on (\S+) "
 _CREDS = struct.calcsize("3i")
@@ -110,6 +117,17 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "8"}, 7) is None
     assert watchdog_interval({"WATCHDOG_USEC": "0"}, 7) is None
     assert watchdog_interval({}, 7) is None
+
+
+def test_watchdog_usec_that_is_not_a_decimal_number_is_no_watchdog() -> None:
+    """``²`` passed ``str.isdigit`` and then crashed weft serve in ``int()``; other
+    Unicode digits were read as a number; 2e16 µs overflowed the wait, killing the
+    pings; 1 µs pinged in a busy loop (the systemd check's F6)."""
+    assert watchdog_interval({"WATCHDOG_USEC": "²"}, 7) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "١٢٣٤٥٦٧"}, 7) is None
+    assert watchdog_interval({"WATCHDOG_USEC": " 1000000"}, 7) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "1"}, 7) == PING_MIN
+    assert watchdog_interval({"WATCHDOG_USEC": "18446744073709551615"}, 7) == PING_MAX
 
 
 def test_children_do_not_inherit_the_notify_variables() -> None:
@@ -272,3 +290,45 @@ def test_a_service_manager_that_stops_reading_does_not_hold_the_stop(
         with pytest.raises(OSError):
             socket.create_connection(address, timeout=2).close()
     assert "cannot notify systemd on NOTIFY_SOCKET: its queue stayed full" in served.text
+
+
+ENV_APP = """\
+import os
+
+
+def handle(conn):
+    names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    conn.sendall(repr([os.environ.get(name) for name in names]).encode() + b"\\n")
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [(), ("--workers", "2")], ids=["one-process", "workers-2"])
+def test_a_handler_does_not_see_the_notify_variables(
+    tmp_path: Path, systemd: FakeSystemd, extra: tuple[str, ...]
+) -> None:
+    """Only weft speaks for the service. One process left NOTIFY_SOCKET and WATCHDOG_*
+    in its environment, so ``systemd-notify STOPPING=1`` run by a handler reached
+    systemd with weft's own PID, which NotifyAccess=main accepts (the systemd check's
+    F7); workers never had them. And weft still notifies: READY, then a USR2 re-exec's
+    READY, which needs them back in the new image."""
+    (tmp_path / "envapp.py").write_text(ENV_APP)
+    env = {
+        **environment(),
+        "NOTIFY_SOCKET": systemd.sock.getsockname(),
+        "WATCHDOG_USEC": "4000000",
+    }
+    argv = weft_serve("envapp:handle", "--bind", "127.0.0.1:0", *extra)
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        systemd.until("READY")
+        (match,) = served.wait_for(LISTENING)
+        with socket.create_connection(host_port(match.group(1)), timeout=10) as client:
+            assert client.makefile("rb").readline() == b"[None, None, None]\n"
+        served.signal(signal.SIGUSR2)
+        systemd.until("RELOADING")
+        pid, _ = systemd.until("READY")
+        assert pid == served.proc.pid
+        served.wait_for("reload done")
+        served.signal(signal.SIGTERM)
+        systemd.until("STOPPING")
+        assert served.finish() == 0, served.text

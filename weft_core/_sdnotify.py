@@ -24,6 +24,7 @@ __all__ = [
     "NOTIFY_ENV",
     "Notifier",
     "child_environment",
+    "taken_environment",
     "watchdog_interval",
 ]
 
@@ -40,16 +41,37 @@ NOTIFY_WAIT = 0.1
 NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+#: The shortest and longest time between two pings: a ``WATCHDOG_USEC`` of 1 sent a
+#: datagram in a busy loop, one of 2e16 overflowed the wait and killed the pinging thread.
+PING_MIN = 0.01
+PING_MAX = 86_400.0
+
+
 def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     """Seconds between two ``WATCHDOG=1``: half of ``WATCHDOG_USEC``, as sd_watchdog_enabled(3) advises.
 
-    None when systemd set no watchdog (``WatchdogSec=``), or set it for another process.
+    None when systemd set no watchdog (``WatchdogSec=``), set it for another process,
+    or set something that is not a decimal number of microseconds (``str.isdigit``
+    alone takes ``²``, which ``int()`` then refused with a traceback). Bounded to
+    ``PING_MIN``..``PING_MAX``.
     """
     usec = environ.get("WATCHDOG_USEC", "")
     owner = environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (owner and owner != str(pid)):
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
         return None
-    return int(usec) / 2e6
+    if owner and owner != str(pid):
+        return None
+    return min(max(int(usec) / 2e6, PING_MIN), PING_MAX)
+
+
+#: The protocol's variables this process took out of its environment (sd_notify(3)'s
+#: ``unset_environment``), kept for :class:`Notifier` and for a re-exec of itself.
+_taken: dict[str, str] = {}
+
+
+def taken_environment() -> dict[str, str]:
+    """The notification variables taken out of ``os.environ``: a USR2 re-exec puts them back."""
+    return dict(_taken)
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -68,7 +90,16 @@ class Notifier:
     """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
+        if environ is None:
+            # Taken out of this process's environment, as sd_notify's unset_environment
+            # does: a program a handler starts (systemd-notify, a shell) must not speak
+            # for the service, and systemd took it for this process, whose PID it sends.
+            for key in NOTIFY_ENV:
+                if key in os.environ:
+                    _taken[key] = os.environ.pop(key)
+            env: Mapping[str, str] = _taken
+        else:
+            env = environ
         path = env.get("NOTIFY_SOCKET", "")
         self._address: str | bytes | None = None
         if path.startswith("@"):

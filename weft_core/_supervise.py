@@ -38,7 +38,7 @@ from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._listeners import Listener, close_listener, open_listeners
 from ._logging import share_line_lock
-from ._sdnotify import Notifier
+from ._sdnotify import Notifier, taken_environment
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
@@ -378,7 +378,9 @@ def _reexec(argv: list[str], state: str) -> None:
     between is acted on rather than killing the process. Returns only if the exec
     failed (logged).
     """
-    env = {**os.environ, ADOPT_ENV: state}
+    # The notification variables this process took for itself: the new image is
+    # the same service, the same PID.
+    env = {**os.environ, **taken_environment(), ADOPT_ENV: state}
     handled = {*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     for handler in logging.getLogger().handlers:
