@@ -205,6 +205,11 @@ def test_import_handler_finds_modules_in_the_cwd(tmp_path: Path) -> None:
         ("import cli_missing_dependency\n", "cli_app_dep:handle",
          "weft: cannot import handler 'cli_app_dep:handle': ModuleNotFoundError: "
          "No module named 'cli_missing_dependency'"),
+        # A line break in the module's own message split the one line in two (the
+        # systemd check's F9: under journald, two entries).
+        ("raise RuntimeError('broken\\nsecond line [ERROR] injected')\n", "cli_app_lines:handle",
+         "weft: cannot import handler 'cli_app_lines:handle': RuntimeError: "
+         "broken\\nsecond line [ERROR] injected"),
     ],
 )  # fmt: skip
 def test_handler_import_errors_are_one_line_exit_2(

@@ -891,8 +891,9 @@ def import_handler(spec: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # the module's own errors too: one line, no traceback
+        # The module's own text, escaped: a line break in it split the one line in two.
         raise HandlerImportError(
-            f"cannot import handler {spec!r}: {type(exc).__name__}: {exc}"
+            f"cannot import handler {spec!r}: {type(exc).__name__}: {escape_for_log(exc)}"
         ) from exc
     except SystemExit as exc:  # its status passed through as weft's, unexplained
         raise HandlerImportError(
@@ -907,7 +908,7 @@ def import_handler(spec: str) -> Callable[..., Any]:
             close = difflib.get_close_matches(part, [n for n in dir(obj) if n[:1] != "_"], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise HandlerImportError(
-                f"cannot import handler {spec!r}: AttributeError: {exc}{hint}"
+                f"cannot import handler {spec!r}: AttributeError: {escape_for_log(exc)}{hint}"
             ) from exc
     if not callable(obj):
         raise HandlerImportError(
