@@ -10,6 +10,7 @@ serve refuses. From an outside check (each failed before its fix).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -446,3 +447,54 @@ def test_a_stuck_handler_and_a_full_stderr_pipe_still_exit_by_the_bound(
             proc.kill()
             proc.wait()
         os.close(read_end)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "extra"), MANAGERS, ids=IDS)
+def test_a_failing_log_config_handler_neither_floods_nor_stalls(
+    tmp_path: Path, manager: str, extra: tuple[str, ...]
+) -> None:
+    """--log-config with a file handler on a full disk (/dev/full: ENOSPC for every
+    record), stderr a pipe nobody reads after "listening on". logging's own
+    handleError wrote each failure, tracebacks and all, to stderr as it came: a flood
+    (6 MB for 600 connections) and, stderr full, a blocked caller for every record:
+    gevent, trio, asyncio and uvloop served 34-48 clients, then none (the log sinks
+    check's F4). Now one line, counting what was lost, and every client served."""
+    config = {
+        "version": 1,
+        "handlers": {"full": {"class": "logging.FileHandler", "filename": "/dev/full"}},
+        "root": {"level": "INFO", "handlers": ["full"]},
+    }
+    (tmp_path / "logging.json").write_text(json.dumps(config))
+    port = free_port()
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 4096)
+    argv = weft_serve(_handler(manager), "-b", f"127.0.0.1:{port}", "-k", manager,
+                      "--access-log", "--log-config", str(tmp_path / "logging.json"),
+                      *extra)  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=write_end, env=env(),
+                            stdin=subprocess.DEVNULL, cwd=tmp_path)  # fmt: skip
+    os.close(write_end)
+    try:
+        head = read_until(read_end, b"log handler <FileHandler /dev/full (NOTSET)> failed")
+        served = 0
+        for _ in range(100):  # nobody reads stderr from here on
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                client.settimeout(5)
+                client.recv(100)  # the pid line
+                client.sendall(b"ping\n")
+                served += client.recv(100) == b"ping\n"
+        assert served == 100
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        os.set_blocking(read_end, False)
+        with contextlib.suppress(BlockingIOError):
+            head += os.read(read_end, 1 << 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+    text = head.decode("utf-8", "replace")
+    assert "--- Logging error ---" not in text
+    assert text.count("log handler <FileHandler /dev/full (NOTSET)> failed") == 1, text

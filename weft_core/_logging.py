@@ -46,6 +46,7 @@ from typing import Any, TextIO
 from ._config import toml_loads
 from ._errors import ConfigError
 from ._jobcontrol import JOB_STOPS
+from ._logsafe import escape_for_log
 from ._osthreads import thread_primitives
 
 __all__ = [
@@ -146,6 +147,7 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
     global _own_handler
     if config_file is not None:
         _apply_file(Path(config_file))
+        _report_failures_quietly()
         return
     root = logging.getLogger()
     if not root.handlers:
@@ -157,6 +159,57 @@ def setup_logging(level: str, log_format: str = "text", config_file: str | None 
         _own_handler = handler
         _route_stray_output(handler)
     logging.getLogger("weft").setLevel(level)
+
+
+#: How often a handler of the log config that keeps failing is said to (see below).
+FAILURE_REPORT_EVERY = 60.0
+
+
+def _report_failures_quietly() -> None:
+    """Give every handler the log config made a ``handleError`` that says so once a minute.
+
+    The standard library's writes every failure (its traceback, twice over) to
+    stderr as it happens: a file handler on a full disk wrote a block per record
+    (6 MB for 600 connections), and, with stderr a pipe nobody read, blocked every
+    caller that logged, which stopped the serving. Now one line a minute, counting the
+    records lost, written only as far as stderr takes it at once.
+    """
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    seen: set[int] = set()
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if id(handler) not in seen:
+                seen.add(id(handler))
+                handler.handleError = _FailureReport(handler)
+
+
+class _FailureReport:
+    """A handler's ``handleError``: lost records counted, said at most once a minute."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self._name = escape_for_log(handler)
+        self._lost = 0
+        self._said_at = -FAILURE_REPORT_EVERY
+
+    def __call__(self, record: logging.LogRecord) -> None:
+        self._lost += 1
+        now = time.monotonic()
+        if now - self._said_at < FAILURE_REPORT_EVERY:
+            return
+        self._said_at = now
+        error = sys.exc_info()[1]
+        line = stderr_line(
+            f"log handler {self._name} failed: {type(error).__name__}: "
+            f"{escape_for_log(error)}; {self._lost} record(s) lost (said at most once a"
+            f" minute)",
+            logging.ERROR,
+        )
+        self._lost = 0
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        write_within(fd, line + "\n", now)  # as far as stderr takes it at once
 
 
 def _route_stray_output(handler: StderrHandler) -> None:
