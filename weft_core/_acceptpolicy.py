@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import posix
 import select
 import time
 from enum import Enum
@@ -152,10 +153,16 @@ class SpareDescriptor:
                 self._fd = None
 
     def release(self) -> bool:
-        """Give the descriptor back to the process; False if none was held."""
+        """Give the descriptor back to the process, at once; False if none was held.
+
+        ``posix.close``, never ``os.close``: gevent's monkey-patching makes the latter
+        close only once its hub runs, and the accept that the freed descriptor was for
+        came first, failed again (EMFILE), and the spare was lost for good: waiting
+        clients were left hanging, none shed.
+        """
         if self._fd is None:
             return False
-        os.close(self._fd)
+        posix.close(self._fd)
         self._fd = None
         return True
 

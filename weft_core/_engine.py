@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import posix
 import select
 import socket
 import sys
@@ -1469,6 +1470,23 @@ def close_quietly(obj: Any) -> None:
         obj.close()
     except OSError:
         pass
+
+
+def close_now(sock: Any) -> None:
+    """Close ``sock``'s descriptor at once, ignoring OSError.
+
+    gevent's ``close()`` (its socket's, and ``os.close`` once monkey-patched) frees
+    the descriptor only once its hub runs: a client shed to free a descriptor
+    (EMFILE) freed none in time for the spare to be taken back.
+    """
+    try:
+        fd = sock.detach()
+    except (AttributeError, OSError):
+        close_quietly(sock)
+        return
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            posix.close(fd)
 
 
 def _close_outside_the_loop(sock: Any) -> None:

@@ -96,8 +96,9 @@ class AsyncEngine(Engine[AsyncRuntime]):
                         await rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
                     continue
                 accepted = sock
-                if backoff.delay:
+                if backoff.delay:  # descriptors came back: so does the spare, if it was lost
                     backoff.reset()
+                    self.spare.take()
                 if not backlog_mode and slots is not None and not slots.acquire_nowait():
                     if self.cfg.full_wait > 0 and self._queue_for_slot(
                         lt, sock, addr, time.monotonic() + self.cfg.full_wait

@@ -15,7 +15,16 @@ from typing import Any
 from . import _acceptpolicy as policy
 from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
-from ._engine import FULL_POLL, FULL_TURN, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
+from ._engine import (
+    FULL_POLL,
+    FULL_TURN,
+    SHED_WAIT,
+    Conn,
+    Engine,
+    ListenerTask,
+    close_now,
+    close_quietly,
+)
 from ._errors import FAILURES, TaskShutdown
 from ._protocol import SyncRuntime, SyncSlots
 from ._proxy import ProxyHeaderError, read_proxy_header
@@ -101,8 +110,9 @@ class SyncEngine(Engine[SyncRuntime]):
                         rt.sleep(self._capacity_pause(lt, exc, backoff, shed))
                     continue
                 accepted = sock
-                if backoff.delay:
+                if backoff.delay:  # descriptors came back: so does the spare, if it was lost
                     backoff.reset()
+                    self.spare.take()
                 if not backlog_mode and slots is not None and not slots.acquire(blocking=False):
                     if self.cfg.full_wait > 0 and self._queue_for_slot(
                         lt, sock, addr, time.monotonic() + self.cfg.full_wait
@@ -227,7 +237,7 @@ class SyncEngine(Engine[SyncRuntime]):
                 break
             try:
                 sock, _ = lt.native.accept()
-                sock.close()
+                close_now(sock)
                 shed += 1
             except OSError:
                 break
