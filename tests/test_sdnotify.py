@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,4 +333,55 @@ def test_a_handler_does_not_see_the_notify_variables(
         served.wait_for("reload done")
         served.signal(signal.SIGTERM)
         systemd.until("STOPPING")
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("extra", "signum", "workers"),
+    [
+        (("--workers", "2"), signal.SIGUSR2, 2),
+        ((), signal.SIGUSR2, 1),
+        ((), signal.SIGTTIN, 2),
+    ],
+    ids=["workers-2-USR2", "one-process-USR2", "one-process-TTIN"],
+)
+def test_after_reloading_the_next_ready_is_the_reloads_end(
+    tmp_path: Path, systemd: FakeSystemd, extra: tuple[str, ...], signum: int, workers: int
+) -> None:
+    """Type=notify-reload ends `systemctl reload` at the first READY=1 after RELOADING=1.
+    A supervisor one process became, or a re-executed one, sent it as its first worker
+    was ready ("serving with 1 worker(s)" of 2), and a one-process USR2 sent it before
+    re-executing, then again (the systemd check's F4). It now comes once, with every
+    new worker serving."""
+    with serve(tmp_path, systemd, *extra) as served:
+        systemd.until("READY")
+        served.signal(signum)
+        systemd.until("RELOADING")
+        pid, fields = systemd.until("READY")
+        assert pid == served.proc.pid
+        assert fields["STATUS"] == f"serving with {workers} worker(s)", fields
+        served.wait_for("reload done")
+        served.signal(signal.SIGTERM)
+        while "STOPPING" not in fields:
+            _, fields = systemd.next()
+            assert "READY" not in fields, f"a READY=1 after the reload's end: {fields}"
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_weft_ctl_drain_of_one_process_says_stopping(tmp_path: Path, systemd: FakeSystemd) -> None:
+    """A drain ends the process: systemd is told STOPPING=1, as on TERM and as a
+    supervisor's drain tells it; one process said nothing and exited (the systemd
+    check's F5)."""
+    control = tmp_path / "ctl.sock"
+    with serve(tmp_path, systemd, "--control-socket", str(control)) as served:
+        systemd.until("READY")
+        done = subprocess.run(
+            [sys.executable, "-m", "weft_core", "ctl", "--socket", str(control), "drain"],
+            capture_output=True, text=True, timeout=30, env=environment(),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        pid, _ = systemd.until("STOPPING")
+        assert pid == served.proc.pid
         assert served.finish() == 0, served.text

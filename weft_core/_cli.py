@@ -754,6 +754,9 @@ def _serve_until_stopped(
                 return hand_over(signum, notifier)
     if stop is None and drain.asked.is_set() and not ended.is_set():
         timeout = graceful_timeout if drain.timeout is None else drain.timeout
+        # The process ends once drained: systemd is told, as on TERM (and as a
+        # supervisor's drain tells it), where one process said nothing.
+        notifier.stopping("draining")
         stop = _drain(server, timeout, wakeup, shutdown)
         if stop is None:
             return _drained(server)

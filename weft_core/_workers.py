@@ -468,7 +468,11 @@ class Supervisor:
         #: A reload was asked while one was under way: it follows once that one is
         #: done (a storm of HUPs makes two generations, not one per signal).
         self._again = False
-        self._announced = False  # READY=1 sent
+        #: READY=1 sent. A supervisor one weft serve became (HUP, USR2, TTIN), or a
+        #: re-executed one (USR2), starts mid-reload of a service systemd was told of:
+        #: its first READY=1 is the reload's end, not its first worker's start (which
+        #: ended `systemctl reload` before the new workers were ready).
+        self._announced = self._reloading
         self._next_alive: float | None = None
         now = time.monotonic()
         for worker in adopted:
@@ -608,6 +612,7 @@ class Supervisor:
                         if self._upgrade and not local_busy and self._reexec is not None:
                             self._upgrade = False  # reexec returns only if it failed
                             self._reexec(self._state())
+                            self._notifier.ready("upgrade failed: serving on the old code")
                     self._alive(now)
                     links: list[socket.socket | int] = [
                         w.link for w in self._workers.values() if not w.eof
@@ -758,7 +763,8 @@ class Supervisor:
         if self._reloading and ready >= self._count and not self._old():
             self._reloading = False
             log.info("reload done: %d new worker(s) serving", ready)
-            self._notifier.ready(f"serving with {ready} worker(s)")
+            if not self._upgrade:  # else the re-executed image says READY=1, at its end
+                self._notifier.ready(f"serving with {ready} worker(s)")
             self._reload_again()
 
     # -- the workers' links: ready, heartbeats, max_requests --------------------------------
