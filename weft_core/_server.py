@@ -999,6 +999,23 @@ def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:
     return runtime.kind == "async"
 
 
+def _configured_manager() -> tuple[str, dict[str, Any] | None]:
+    """The manager weft's config names, and its options; else ``DEFAULT_MANAGER``.
+
+    ``Server(handler)`` with no manager: "config, else threads" (DESIGN section 2),
+    where config is what ``weft serve`` reads, ``WEFT_MANAGER`` (and
+    ``WEFT_MANAGER_OPTIONS_*``) over ``weft.toml`` or ``[tool.weft]`` in the
+    current directory. A mistake there is a ConfigError naming its source.
+    """
+    from ._config import load_config  # here: only a Server with no manager reads it
+
+    config = load_config()
+    name = config.values.get("manager")
+    if not isinstance(name, str):
+        return DEFAULT_MANAGER, None
+    return name, config.values.get("manager_options")
+
+
 def _is_sync(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[SyncRuntime]:
     return runtime.kind == "sync"
 
@@ -1009,9 +1026,12 @@ def _is_sync(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[SyncRuntime]:
 def _resolve_manager(
     manager: Any, options: dict[str, Any] | None
 ) -> tuple[TaskManager, bool, str]:
-    if manager is None or isinstance(manager, str):
-        name = manager or DEFAULT_MANAGER
-        return create_manager(name, **(options or {})), True, name
+    if manager is None:
+        manager, configured = _configured_manager()
+        if options is None:
+            options = configured
+    if isinstance(manager, str):
+        return create_manager(manager, **(options or {})), True, manager
     if options:
         raise ConfigError(
             "manager_options only apply when the manager is given by name; "
