@@ -385,3 +385,20 @@ def test_weft_ctl_drain_of_one_process_says_stopping(tmp_path: Path, systemd: Fa
         pid, _ = systemd.until("STOPPING")
         assert pid == served.proc.pid
         assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_status_follows_the_workers_serving(tmp_path: Path, systemd: FakeSystemd) -> None:
+    """STATUS= said "serving with 2 worker(s)" whatever happened after: TTIN and TTOU
+    changed nothing, nor workers that could not start (the systemd check's F8)."""
+    with serve(tmp_path, systemd, "--workers", "2") as served:
+        served.wait_for(READY, count=2)
+        systemd.until("READY")
+        served.signal(signal.SIGTTIN)
+        while systemd.until("STATUS")[1]["STATUS"] != "serving with 3 worker(s)":
+            pass
+        served.signal(signal.SIGTTOU)
+        while systemd.until("STATUS")[1]["STATUS"] != "serving with 2 worker(s)":
+            pass
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text

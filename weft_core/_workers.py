@@ -473,6 +473,8 @@ class Supervisor:
         #: its first READY=1 is the reload's end, not its first worker's start (which
         #: ended `systemctl reload` before the new workers were ready).
         self._announced = self._reloading
+        #: The STATUS= systemd was last told (see _progress).
+        self._said = ""
         self._next_alive: float | None = None
         now = time.monotonic()
         for worker in adopted:
@@ -754,18 +756,30 @@ class Supervisor:
         self._wake()  # the loop goes round at once: retire them, start the new
 
     def _progress(self) -> None:
-        """Log the end of a reload, and tell systemd we are READY (first time or again)."""
+        """Log the end of a reload, and tell systemd we are READY (first time or again).
+
+        Between those, STATUS= follows how many workers serve: it said "serving with
+        2 worker(s)" while none could start, and after TTIN and TTOU.
+        """
         current = self._current()
         ready = sum(w.ready for w in current)
+        status = f"serving with {ready} worker(s)"
+        if ready < self._count:
+            status += f" of {self._count}" if ready else f": none yet of {self._count}"
         if not self._announced and ready:
             self._announced = True
-            self._notifier.ready(f"serving with {ready} worker(s)")
+            self._notifier.ready(status)
+            self._said = status
         if self._reloading and ready >= self._count and not self._old():
             self._reloading = False
             log.info("reload done: %d new worker(s) serving", ready)
             if not self._upgrade:  # else the re-executed image says READY=1, at its end
-                self._notifier.ready(f"serving with {ready} worker(s)")
+                self._notifier.ready(status)
+                self._said = status
             self._reload_again()
+        if self._announced and not self._reloading and status != self._said:
+            self._notifier.status(status)
+            self._said = status
 
     # -- the workers' links: ready, heartbeats, max_requests --------------------------------
 
