@@ -118,6 +118,15 @@ def weft_serve(*args: str) -> list[str]:
     return [sys.executable, "-m", "weft_core", "serve", *args]
 
 
+def connects(port: int) -> bool:
+    """True if something on 127.0.0.1 accepts a connection on ``port`` now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A port nobody listens on now (for tools that cannot take port 0)."""
     with socket.socket() as probe:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from _fault_support import ScriptServer
-from _serving import environment, free_port, weft_serve
+from _serving import connects, environment, free_port, weft_serve
 
 from weft_core import available_managers
 from weft_core.testing._support import wait_until
@@ -102,7 +102,7 @@ def test_weft_serve_out_of_descriptors_sheds_what_it_cannot_take(manager: str) -
                             stdin=subprocess.DEVNULL, env=environment(),
                             preexec_fn=limit)  # fmt: skip
     try:
-        wait_until(lambda: _connects(port), timeout=30)
+        wait_until(lambda: connects(port), timeout=30)
         for _ in range(2):  # the spare must come back for the next shortage
             clients = [socket.create_connection(("127.0.0.1", port), timeout=15)
                        for _ in range(NOFILE + 40)]  # fmt: skip
@@ -130,11 +130,3 @@ def _pid_line_or_shed(sock: socket.socket) -> str:
     except TimeoutError:
         raise AssertionError("a client was left hanging: neither served nor shed") from None
     return "served" if data else "shed"
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True

@@ -28,7 +28,7 @@ from _log_pipes import (
     read_until,
     stopped_lock_holder,
 )
-from _serving import free_port, weft_serve
+from _serving import connects, free_port, weft_serve
 
 from weft_core import available_managers
 from weft_core.testing._support import wait_until
@@ -364,7 +364,7 @@ def test_a_stderr_that_refuses_every_line_costs_no_cpu(manager: str, sink: str) 
                             stdin=subprocess.DEVNULL)  # fmt: skip
     os.close(stderr)
     try:
-        wait_until(lambda: _connects(port), timeout=30)
+        wait_until(lambda: connects(port), timeout=30)
         assert _ask(port, b"200\n") == b"done\n"  # 200 lines logged, each refused
         began, cpu = time.monotonic(), _cpu_seconds(proc.pid)
         assert _ask(port, b"1\n") == b"done\n"  # served on
@@ -378,11 +378,3 @@ def test_a_stderr_that_refuses_every_line_costs_no_cpu(manager: str, sink: str) 
         assert proc.wait(20) == 0
     finally:
         _stop(proc)
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from _fault_support import closed_without_data
-from _serving import OUR_MANAGERS, environment, free_port, weft_serve
+from _serving import OUR_MANAGERS, connects, environment, free_port, weft_serve
 
 from weft_core import available_managers
 from weft_core.testing._support import wait_until
@@ -81,7 +81,7 @@ def test_sigterm_with_no_thread_to_spare_stops_gracefully(capped: Path, manager:
                             env=environment(), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     clients: list[socket.socket] = []
     try:
-        wait_until(lambda: _connects(port), timeout=30)
+        wait_until(lambda: connects(port), timeout=30)
         (capped / "cgroup.procs").write_text(str(proc.pid))
         for _ in range(3):
             client = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -110,14 +110,6 @@ def test_sigterm_with_no_thread_to_spare_stops_gracefully(capped: Path, manager:
     assert "Traceback" not in stderr, stderr
 
 
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.timeout(60)
 def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
     capped: Path, tmp_path: Path
@@ -136,7 +128,7 @@ def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=environment(), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
-        wait_until(lambda: _connects(port), timeout=30)
+        wait_until(lambda: connects(port), timeout=30)
         (capped / "cgroup.procs").write_text(str(proc.pid))
         (capped / "pids.max").write_text(str(_tasks(proc.pid)))
         for _ in range(20):  # each one's thread cannot start: closed unserved
