@@ -342,6 +342,8 @@ def test_a_server_with_no_manager_takes_the_configured_one(
     monkeypatch.setenv("WEFT_MANAGER", "trio")
     assert Server(_async).manager_name == "trio"
     assert Server(_sync, manager="threads").manager_name == "threads"
-    monkeypatch.setenv("WEFT_BACKLOG", "lots")
-    with pytest.raises(ConfigError, match="WEFT_BACKLOG"):
-        Server(_sync)
+    monkeypatch.setenv("WEFT_BACKLOG", "lots")  # weft serve's to refuse, not a Server's
+    assert Server(_async).manager_name == "trio"
+    monkeypatch.setenv("WEFT_MANAGER_OPTIONS_LIMIT", "lots")
+    with pytest.raises(ConfigError, match="WEFT_MANAGER_OPTIONS_LIMIT"):
+        Server(_async)

@@ -105,6 +105,7 @@ def test_flags_reach_the_server_as_the_table_reads_them(
     assert main(argv) == 0
     (server,) = fake_server["made"]
     assert server.kwargs == {
+        "manager": "threads",  # named: a Server with none would read config of its own
         "bind": ["unix:/tmp/weft-x.sock", "fd:3"],
         "backlog": 10,
         "reuse_port": True,
@@ -129,9 +130,9 @@ def test_without_a_bind_weft_serve_listens_on_8000_or_on_port(
     assert main(["serve", "cli_fake_app:handle"]) == 0
     made = [s.kwargs for s in fake_server["made"]]
     assert made == [
-        {"address": "127.0.0.1", "port": 8000},
-        {"address": "0.0.0.0", "port": 5055},
-        {"bind": ["127.0.0.1:7000"]},
+        {"manager": "threads", "address": "127.0.0.1", "port": 8000},
+        {"manager": "threads", "address": "0.0.0.0", "port": 5055},
+        {"manager": "threads", "bind": ["127.0.0.1:7000"]},
     ]
 
 

@@ -361,7 +361,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
     pid_file = None if pid is None else PidFile(pid)
     try:
-        server = Server(handler, **kwargs)
+        server = Server(handler, **_named_manager(kwargs))
         if switch:
             # Before the switch of user, where the operator's weft ctl looks (the
             # sockets are bound already, by bind_first or the supervisor); and the
@@ -445,6 +445,17 @@ class DrainRequest:
         self.wake()
 
 
+def _named_manager(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for ``Server(...)`` naming the manager, the default one if unset.
+
+    The config read is this command's (``--config``, its sources): ``Server`` with no
+    manager would read one of its own, the current directory's.
+    """
+    from ._server import DEFAULT_MANAGER
+
+    return {"manager": DEFAULT_MANAGER, **kwargs}
+
+
 def _check_manager(config: Config) -> None:
     """Look the manager's name up, as a supervisor must before it binds.
 
@@ -521,7 +532,7 @@ def _check_config(config: Config) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             _prepare_process(config)
             handler = import_handler(config.handler)
-        server = Server(handler, **config.server_kwargs())
+        server = Server(handler, **_named_manager(config.server_kwargs()))
         if config.workers > 1:  # as the supervisor checks it, before it binds
             from ._workers import check_capacity
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._server import Server
 
 __all__ = [
+    "DEFAULT_MANAGER",
     "BrokenPlugin",
     "Hooks",
     "available_managers",
@@ -66,6 +67,9 @@ ENTRY_POINT_GROUP = "weft"
 LOAD_PLUGINS_ENV = "WEFT_LOAD_PLUGINS"
 
 #: Managers we publish ourselves, so "not installed" can say exactly what to install.
+#: The manager used when neither the Server nor config names one.
+DEFAULT_MANAGER = "threads"
+
 KNOWN_MANAGERS = {
     "threads": "weft-threads",
     "gevent": "weft-gevent",

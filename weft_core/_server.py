@@ -30,6 +30,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import socket
 import sys
 import threading
@@ -56,7 +57,7 @@ from ._listeners import Family, open_listeners
 from ._osthreads import one_cpu, short_switches
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
-from ._registry import available_managers, create_manager, hooks
+from ._registry import DEFAULT_MANAGER, available_managers, create_manager, hooks
 from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
@@ -81,8 +82,6 @@ _finisher = threading.local()
 #: milliseconds when nothing is stuck.
 CLOSE_FLOOR = 0.2
 
-#: The manager used when neither the Server nor config names one.
-DEFAULT_MANAGER = "threads"
 #: ranch's default: a flood of clients must not create unbounded threads.
 DEFAULT_MAX_CONNECTIONS = 1024
 #: LispWorks' and gunicorn's default listen backlog (the kernel caps it at somaxconn).
@@ -1009,7 +1008,15 @@ def _configured_manager() -> tuple[str, dict[str, Any] | None]:
     """
     from ._config import load_config  # here: only a Server with no manager reads it
 
-    config = load_config()
+    # The manager's own variables only: a WEFT_BACKLOG that weft serve would refuse
+    # is no business of a Server made in Python (the file is read whole, as the
+    # config it is; ``$WEFT_CONFIG`` names another).
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("WEFT_MANAGER", "WEFT_CONFIG") or k.startswith("WEFT_MANAGER_OPTIONS_")
+    }
+    config = load_config(environ=environ)
     name = config.values.get("manager")
     if not isinstance(name, str):
         return DEFAULT_MANAGER, None
