@@ -297,10 +297,13 @@ def test_a_service_manager_that_stops_reading_does_not_hold_the_stop(
 ENV_APP = """\
 import os
 
+AT_IMPORT = os.environ.get("NOTIFY_SOCKET")
+
 
 def handle(conn):
     names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    conn.sendall(repr([os.environ.get(name) for name in names]).encode() + b"\\n")
+    seen = [AT_IMPORT, *(os.environ.get(name) for name in names)]
+    conn.sendall(repr(seen).encode() + b"\\n")
 """
 
 
@@ -325,7 +328,7 @@ def test_a_handler_does_not_see_the_notify_variables(
         systemd.until("READY")
         (match,) = served.wait_for(LISTENING)
         with socket.create_connection(host_port(match.group(1)), timeout=10) as client:
-            assert client.makefile("rb").readline() == b"[None, None, None]\n"
+            assert client.makefile("rb").readline() == b"[None, None, None, None]\n"
         served.signal(signal.SIGUSR2)
         systemd.until("RELOADING")
         pid, _ = systemd.until("READY")
@@ -402,3 +405,24 @@ def test_status_follows_the_workers_serving(tmp_path: Path, systemd: FakeSystemd
             pass
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+def test_a_state_dropped_for_a_full_queue_is_sent_again_once_one_gets_through(
+    systemd: FakeSystemd,
+) -> None:
+    """READY=1 dropped while the queue was full was never sent again: a
+    Type=notify-reload unit waited on it for good (the review's finding). It goes
+    with the next notification that gets through, a watchdog ping here."""
+    assert _fill(systemd) > 0
+    notifier = Notifier({"NOTIFY_SOCKET": systemd.sock.getsockname()})
+    notifier.ready("serving")  # dropped
+    systemd.sock.settimeout(0)
+    while True:
+        try:
+            systemd.sock.recv(4096)
+        except BlockingIOError:
+            break
+    systemd.sock.settimeout(10)
+    notifier.alive()
+    assert systemd.next()[1] == {"READY": "1", "STATUS": "serving"}
+    assert systemd.next()[1] == {"WATCHDOG": "1"}

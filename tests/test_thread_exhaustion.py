@@ -54,6 +54,9 @@ def capped() -> Iterator[Path]:
         group.mkdir()
     except OSError as exc:
         pytest.skip(f"cannot make a pids cgroup: {exc}")
+    if not (group / "pids.max").exists():  # v2 without pids enabled for child groups
+        group.rmdir()
+        pytest.skip("the pids controller is not enabled for child cgroups here")
     try:
         yield group
     finally:
@@ -130,7 +133,8 @@ def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
     try:
         wait_until(lambda: connects(port), timeout=30)
         (capped / "cgroup.procs").write_text(str(proc.pid))
-        (capped / "pids.max").write_text(str(_tasks(proc.pid)))
+        # One below: the thread that served the probe connection may end only now.
+        (capped / "pids.max").write_text(str(_tasks(proc.pid) - 1))
         for _ in range(20):  # each one's thread cannot start: closed unserved
             with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
                 assert closed_without_data(client)

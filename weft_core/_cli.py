@@ -39,7 +39,7 @@ from ._logging import flush_at_exit_by, json_asked_for, print_line, setup_loggin
 from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
-from ._sdnotify import Notifier
+from ._sdnotify import Notifier, take_environment
 from ._settings import show
 from ._signals import (
     CONTROL_SIGNALS,
@@ -329,6 +329,7 @@ def _serve(ns: argparse.Namespace) -> int:
         finally:
             if supervisor_pid is not None:
                 supervisor_pid.remove()  # the object that wrote it: it knows it did
+    take_environment()  # NOTIFY_SOCKET is weft's, not the handler's import's
     try:
         _prepare_process(config)
         handler = import_handler(config.handler)

@@ -61,7 +61,7 @@ def _backstop_fd() -> int:
     """
     global _backstop
     if _backstop is None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
         try:
             _backstop = os.open(f"/proc/self/fd/{_stderr_fd()}", flags)
         except OSError:

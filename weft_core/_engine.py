@@ -688,21 +688,24 @@ class Engine(ABC, Generic[R]):
             with self.lock:
                 self.counts["accepted"] -= 1
             self._refuse(sock, addr, "manager-full")
-        except (RuntimeError, MemoryError) as exc:
-            # No thread (a pids cgroup, TasksMax, RLIMIT_NPROC) or memory to start its
-            # task: a refusal for want of capacity, counted and logged at a bounded
-            # rate, where every such client logged a full traceback.
+        except Exception as exc:
             self._finish(conn)
-            with self.lock:
-                self.counts["accepted"] -= 1
-            self._refuse(
-                sock, addr, "manager-full", f"the task manager could not start a task ({exc})"
-            )
-        except Exception:
+            if isinstance(exc, MemoryError) or (
+                isinstance(exc, RuntimeError) and "thread" in str(exc)
+            ):
+                # No thread (a pids cgroup, TasksMax, RLIMIT_NPROC: "can't start new
+                # thread") or memory to start its task: a refusal for want of
+                # capacity, counted and logged at a bounded rate, where each logged a
+                # traceback. Anything else is the manager's bug, logged as such.
+                with self.lock:
+                    self.counts["accepted"] -= 1
+                self._refuse(
+                    sock, addr, "manager-full", f"the task manager could not start a task ({exc})"
+                )
+                return
             log.exception(
                 "the task manager could not take the connection from %s", format_address(addr)
             )
-            self._finish(conn)
             close_quietly(sock)
 
     def _shed_preamble(self) -> bool:

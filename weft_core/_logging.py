@@ -176,11 +176,25 @@ def _report_failures_quietly() -> None:
     """
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     seen: set[int] = set()
+    reports: list[_FailureReport] = []
     for logger in loggers:
         for handler in getattr(logger, "handlers", ()):
-            if id(handler) not in seen:
-                seen.add(id(handler))
-                handler.handleError = _FailureReport(handler)
+            if id(handler) in seen:
+                continue
+            seen.add(id(handler))
+            # A handler class with a handleError of its own keeps it: its author chose.
+            if type(handler).handleError is logging.Handler.handleError:
+                report = _FailureReport(handler)
+                handler.handleError = report
+                reports.append(report)
+    if reports:
+        atexit.register(_said_at_exit, reports)
+
+
+def _said_at_exit(reports: list[_FailureReport]) -> None:
+    """The records lost since each handler's last line, said as the process exits."""
+    for report in reports:
+        report.say(time.monotonic())
 
 
 class _FailureReport:
@@ -189,19 +203,26 @@ class _FailureReport:
     def __init__(self, handler: logging.Handler) -> None:
         self._name = escape_for_log(handler)
         self._lost = 0
+        self._error: BaseException | None = None
         self._said_at = -FAILURE_REPORT_EVERY
 
     def __call__(self, record: logging.LogRecord) -> None:
         self._lost += 1
+        self._error = sys.exc_info()[1]
         now = time.monotonic()
-        if now - self._said_at < FAILURE_REPORT_EVERY:
+        if now - self._said_at >= FAILURE_REPORT_EVERY:
+            self.say(now)
+
+    def say(self, now: float) -> None:
+        """One line for the records lost since the last, if any (as far as stderr takes it)."""
+        if not self._lost:
             return
         self._said_at = now
-        error = sys.exc_info()[1]
+        error = self._error
         line = stderr_line(
             f"log handler {self._name} failed: {type(error).__name__}: "
             f"{escape_for_log(error)}; {self._lost} record(s) lost (said at most once a"
-            f" minute)",
+            f" minute, and at exit)",
             logging.ERROR,
         )
         self._lost = 0

@@ -24,6 +24,7 @@ __all__ = [
     "NOTIFY_ENV",
     "Notifier",
     "child_environment",
+    "take_environment",
     "taken_environment",
     "watchdog_interval",
 ]
@@ -35,6 +36,9 @@ log = logging.getLogger("weft")
 #: here): a service manager that stops reading it fills it with a few watchdog pings,
 #: and a send with no bound then held the supervisor's loop, and a stop, for good.
 NOTIFY_WAIT = 0.1
+
+#: The notifications that change the service's state in systemd's eyes.
+_STATES = frozenset({"READY", "RELOADING", "STOPPING"})
 
 #: The variables of the protocol (sd_notify(3), sd_watchdog_enabled(3)); children of
 #: the notifying process must not see them, or they would speak for the service too.
@@ -69,6 +73,20 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
 _taken: dict[str, str] = {}
 
 
+def take_environment() -> Mapping[str, str]:
+    """Take the notification variables out of ``os.environ`` (kept here); what was taken.
+
+    As sd_notify's ``unset_environment`` does: a program a handler starts
+    (systemd-notify, a shell) must not speak for the service, and systemd took it
+    for this process, whose PID it sends. Before the handler is imported, so that
+    its import-time code does not see them either.
+    """
+    for key in NOTIFY_ENV:
+        if key in os.environ:
+            _taken[key] = os.environ.pop(key)
+    return _taken
+
+
 def taken_environment() -> dict[str, str]:
     """The notification variables taken out of ``os.environ``: a USR2 re-exec puts them back."""
     return dict(_taken)
@@ -90,16 +108,7 @@ class Notifier:
     """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        if environ is None:
-            # Taken out of this process's environment, as sd_notify's unset_environment
-            # does: a program a handler starts (systemd-notify, a shell) must not speak
-            # for the service, and systemd took it for this process, whose PID it sends.
-            for key in NOTIFY_ENV:
-                if key in os.environ:
-                    _taken[key] = os.environ.pop(key)
-            env: Mapping[str, str] = _taken
-        else:
-            env = environ
+        env = take_environment() if environ is None else environ
         path = env.get("NOTIFY_SOCKET", "")
         self._address: str | bytes | None = None
         if path.startswith("@"):
@@ -110,6 +119,8 @@ class Notifier:
         self._warned = False
         #: The last notification was dropped, its queue full: the next do not wait.
         self._full = False
+        #: A change of state dropped for a full queue, to send again (see notify).
+        self._pending: bytes | None = None
 
     @property
     def enabled(self) -> bool:
@@ -117,10 +128,33 @@ class Notifier:
         return self._address is not None
 
     def notify(self, *assignments: str) -> None:
-        """Send ``assignments`` (``"READY=1"``, ``"STATUS=..."``) in one datagram."""
+        """Send ``assignments`` (``"READY=1"``, ``"STATUS=..."``) in one datagram.
+
+        A change of state (READY, RELOADING, STOPPING) dropped for a full queue is
+        sent again with the next notification that gets through (a watchdog ping, a
+        status): systemd acts on them, where a lost STATUS or ping costs nothing.
+        """
         if self._address is None:
             return
         data = "\n".join(assignments).encode()
+        state = assignments[0].split("=", 1)[0] in _STATES
+        if state:
+            self._pending = None  # this one says the state now
+        if self._pending is not None and self._send(self._pending):
+            self._pending = None
+        if not self._send(data):
+            if state:
+                self._pending = data
+            self._warn(
+                f"its queue stayed full for {NOTIFY_WAIT:g}s (the service manager is not"
+                f" reading it): {assignments[0]} was dropped, as are later ones while it"
+                " stays full (a READY, RELOADING or STOPPING is sent again once one gets"
+                " through)"
+            )
+
+    def _send(self, data: bytes) -> bool:
+        """One datagram; False if the queue stayed full (other errors are warned of)."""
+        assert self._address is not None
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.connect(self._address)
@@ -130,15 +164,12 @@ class Notifier:
                 sock.send(data)
         except (TimeoutError, BlockingIOError):
             self._full = True
-            self._warn(
-                f"its queue stayed full for {NOTIFY_WAIT:g}s (the service manager is not"
-                f" reading it): {assignments[0]} was dropped, as are later ones while it"
-                " stays full"
-            )
+            return False
         except OSError as exc:
             self._warn(str(exc))
-        else:
-            self._full = False
+            return True  # not the queue: sending it again would not help
+        self._full = False
+        return True
 
     def _warn(self, why: str) -> None:
         if not self._warned:

@@ -473,8 +473,10 @@ class Supervisor:
         #: its first READY=1 is the reload's end, not its first worker's start (which
         #: ended `systemctl reload` before the new workers were ready).
         self._announced = self._reloading
-        #: The STATUS= systemd was last told (see _progress).
+        #: The STATUS= systemd was last told (see _progress), and what it says first
+        #: until the next reload ("the last reload failed; ").
         self._said = ""
+        self._note = ""
         self._next_alive: float | None = None
         now = time.monotonic()
         for worker in adopted:
@@ -614,7 +616,9 @@ class Supervisor:
                         if self._upgrade and not local_busy and self._reexec is not None:
                             self._upgrade = False  # reexec returns only if it failed
                             self._reexec(self._state())
+                            self._note = "the last upgrade failed; "
                             self._notifier.ready("upgrade failed: serving on the old code")
+                            self._said = "upgrade failed: serving on the old code"
                     self._alive(now)
                     links: list[socket.socket | int] = [
                         w.link for w in self._workers.values() if not w.eof
@@ -714,6 +718,7 @@ class Supervisor:
             len(current) + len(serving) + (self._local is not None and not self._local.retired),
         )
         self._notifier.reloading("reloading")
+        self._note = ""
         self._count = max(self._count, 1)  # 0 after a failed hand-over (_abandon_reload)
         self._reloading = True
         self._due.clear()  # whatever was due is started as part of the new generation
@@ -764,8 +769,11 @@ class Supervisor:
         current = self._current()
         ready = sum(w.ready for w in current)
         status = f"serving with {ready} worker(s)"
-        if ready < self._count:
+        if self._local is not None and not self._local.retired:
+            status = "serving in the first process" + (f" and {ready} worker(s)" if ready else "")
+        elif ready < self._count:
             status += f" of {self._count}" if ready else f": none yet of {self._count}"
+        status = self._note + status
         if not self._announced and ready:
             self._announced = True
             self._notifier.ready(status)
@@ -1167,7 +1175,9 @@ class Supervisor:
                 worker.old = False
         if self._local is not None and not self._local.retired:
             self._count = max(0, self._count - 1)  # the in-process server serves alone
+        self._note = "the last reload failed; "
         self._notifier.ready("reload failed; serving on the old code")
+        self._said = "reload failed; serving on the old code"
         self._reload_again()
 
     def _reload_again(self) -> None:
