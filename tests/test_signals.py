@@ -462,3 +462,54 @@ def test_a_hup_ends_a_reload_whose_new_workers_hang_as_they_start(
         served.wait_for(f"reload done: {workers or 1} new worker")
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTTIN, signal.SIGHUP])
+def test_a_supervisor_out_of_descriptors_keeps_its_workers(tmp_path: Path, signum: int) -> None:
+    """A supervisor with no descriptor free (its limit lowered to what it holds) asked
+    for a new worker: the worker's socket pair could not be made, the OSError ended
+    the supervisor, exit 1, and its workers were killed, the service gone (the
+    supervisor check's F1). Now it says it cannot start a worker, serves on with the
+    workers it has, and starts the new one once descriptors are back."""
+    import resource
+
+    served, address = start(tmp_path, "--workers", "2")
+    with served:
+        served.wait_for(READY, count=2)
+        pid = served.proc.pid
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        held = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (held, limits[1]))
+        try:
+            served.signal(signum)
+            served.wait_for("cannot start a worker: .*Too many open files; trying again")
+            assert greeting(address)[0] == "v1", "the workers it has serve on"
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        served.wait_for(READY, count=3)
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_usr2_survives_a_pid_file_that_cannot_be_rewritten(tmp_path: Path) -> None:
+    """USR2 re-executes the supervisor, the same PID, which wrote its pid file again
+    and, that failing (a full disk), exited 2, its workers with it: the service gone,
+    a stale pid file left (the supervisor check's F6). The file already names that
+    PID: it is kept. Here its rewrite cannot happen (a directory sits where the new
+    file would be made)."""
+    pid_file = tmp_path / "weft.pid"
+    served, address = start(tmp_path, "--workers", "2", "--pid", str(pid_file))
+    with served:
+        served.wait_for(READY, count=2)
+        assert pid_file.read_text().strip() == str(served.proc.pid)
+        (tmp_path / f".weft.pid.{served.proc.pid}.tmp").mkdir()  # where it would write
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGUSR2)
+        served.wait_for("re-executed")
+        wait_for_version(address, "v2")
+        assert pid_file.read_text().strip() == str(served.proc.pid)
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert not pid_file.exists()

@@ -314,12 +314,17 @@ def _serve(ns: argparse.Namespace) -> int:
         except WeftError as exc:
             return _fail(_sourced(exc, config), EXIT_USAGE)
         supervisor_pid = None if pid is None else PidFile(pid)
+        upgraded = _supervise.ADOPT_ENV in os.environ  # re-executed on USR2: the same PID
         try:
             return _supervise.supervise(
                 config,
                 flags,
                 ns.config,
-                on_listening=None if supervisor_pid is None else supervisor_pid.write,
+                on_listening=None
+                if supervisor_pid is None
+                else supervisor_pid.keep
+                if upgraded
+                else supervisor_pid.write,
                 argv=getattr(ns, "argv", None),
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret

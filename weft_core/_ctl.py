@@ -547,7 +547,10 @@ def _send(conn: socket.socket, message: Mapping[str, Any]) -> None:
 
 def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
     """A connection to the control socket at ``path``, or ControlError saying why not."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:  # out of descriptors: a supervisor fanning out says so per worker
+        raise ControlError(f"cannot reach the control socket {path}: {exc}") from None
     sock.settimeout(timeout)
     try:
         sock.connect(path)

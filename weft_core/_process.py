@@ -105,6 +105,24 @@ class PidFile:
             ) from None
         self._written = True
 
+    def keep(self) -> None:
+        """After a USR2 re-exec: the PID is the same, so the file is left as it is.
+
+        Rewritten only if it no longer names this process, and a failure to is a
+        warning: the upgraded supervisor exited 2 on a full disk rewriting its own,
+        unchanged PID, and its workers with it, the service gone.
+        """
+        try:
+            if self.path.read_text(encoding="ascii").strip() == str(os.getpid()):
+                self._written = True
+                return
+        except OSError:
+            pass
+        try:
+            self.write()
+        except ConfigError as exc:
+            log.warning("%s; serving on", exc)
+
     def remove(self) -> None:
         """Remove the file if this process wrote it and it still names this process."""
         if not self._written:

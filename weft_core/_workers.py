@@ -1224,9 +1224,22 @@ class Supervisor:
         taken = {w.slot for w in self._current()}
         slot = next(k for k in range(len(taken) + 1) if k not in taken)
         sockets = self._sockets.of(slot)
-        ours, theirs = socket.socketpair()
+        # Out of descriptors (EMFILE, ENFILE) as for the fork: a start to try again,
+        # where the OSError escaped the loop and the supervisor ended, killing every
+        # worker, its service gone.
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            self._cannot_start(exc, delay, now)
+            return
+        try:
+            dump, dump_end = _dump_pipe()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self._cannot_start(exc, delay, now)
+            return
         ours.setblocking(False)
-        dump, dump_end = _dump_pipe()
         env = child_environment(os.environ)
         env[DUMP_FD_ENV] = str(dump_end)
         env.pop(LINE_LOCK_ENV, None)
@@ -1270,9 +1283,7 @@ class Supervisor:
         except OSError as exc:
             ours.close()
             os.close(dump)
-            retry = restart_delay(delay, 0.0)
-            self._due.append((now + retry, retry))
-            log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
+            self._cannot_start(exc, delay, now)
             return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
@@ -1284,6 +1295,12 @@ class Supervisor:
             proc.pid, ours, now, delay, slot=slot, cell=cell, dump=dump
         )
         log.info("worker %d started", proc.pid)
+
+    def _cannot_start(self, exc: OSError, delay: float | None, now: float) -> None:
+        """A worker could not be started: try again after the back-off, say so once each."""
+        retry = restart_delay(delay, 0.0)
+        self._due.append((now + retry, retry))
+        log.error("cannot start a worker: %s; trying again in %ss", exc, f"{retry:g}")
 
     def _wait_time(self, now: float) -> float:
         times = [max(when, self._next_start) for when, _ in self._due]
