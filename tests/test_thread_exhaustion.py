@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 from _fault_support import closed_without_data
-from _serving import OUR_MANAGERS, connects, environment, free_port, weft_serve
+from _serving import (
+    OUR_MANAGERS,
+    READY,
+    Served,
+    connects,
+    environment,
+    free_port,
+    host_port,
+    weft_serve,
+)
 
 from weft_core import available_managers
 from weft_core.testing._support import wait_until
@@ -162,3 +171,36 @@ def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "weft_core", "ctl", "--socket", str(control), *args],
         capture_output=True, text=True, timeout=30, env=environment(),
     )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_start_threads_leaves_clients_to_its_sibling(
+    capped: Path, tmp_path: Path
+) -> None:
+    """--workers 2 on threads, one worker at a pids cap: it took every client it
+    could not serve and reset it, 37-50 % of all clients while its sibling had room
+    (the supervisor check's F2). It now pauses its accepts (backing off) after each
+    one it cannot start a thread for, so its sibling takes the waiting clients."""
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "-k", "threads", "-w", "2",
+                      "-o", "idle_threads=0", "--control-socket", "off")  # fmt: skip
+    with Served(argv, cwd=tmp_path) as served:
+        (first, _) = served.wait_for(READY, count=2)
+        worker, address = int(first.group(1)), host_port(first.group(2))
+        (capped / "cgroup.procs").write_text(str(worker))
+        (capped / "pids.max").write_text(str(_tasks(worker) - 1))
+        failed = sum(not _exchange(address, n) for n in range(60))
+        assert failed <= 3, f"{failed} of 60 clients were reset or cut"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+def _exchange(address: tuple[str, int], n: int) -> bool:
+    """One client of ``_serving:handle``: its pid line, then an echo; False if cut."""
+    with socket.create_connection(address, timeout=10) as sock, sock.makefile("rb") as reader:
+        try:
+            if not reader.readline():
+                return False
+            sock.sendall(b"%d\n" % n)
+            return reader.readline() == b"%d\n" % n
+        except OSError:
+            return False

@@ -419,6 +419,11 @@ class Engine(ABC, Generic[R]):
         self.error: ServerError | None = None
         self.refuse_log = policy.RateLimitedLog(log)
         self.capacity_log = policy.RateLimitedLog(log)
+        #: No task could be started for the last client (no thread to spare): the
+        #: acceptor pauses this long before it accepts again, leaving waiting clients
+        #: in the backlog, where a sibling worker takes them (or this one, later).
+        self.shortage_pause = 0.0
+        self.short_of_tasks = policy.Backoff()
         self.proxy_log = policy.RateLimitedLog(log)
         self.tls_log = policy.RateLimitedLog(log)
         self.shed_log = policy.RateLimitedLog(log)
@@ -683,6 +688,8 @@ class Engine(ABC, Generic[R]):
             return
         try:
             conn.task_id = self.manager.add_task(conn)
+            if self.short_of_tasks.delay:  # a task could be started again
+                self.short_of_tasks.reset()
         except ManagerFullError:
             self._finish(conn)
             with self.lock:
@@ -702,6 +709,10 @@ class Engine(ABC, Generic[R]):
                 self._refuse(
                     sock, addr, "manager-full", f"the task manager could not start a task ({exc})"
                 )
+                # The acceptor pauses before the next (see shortage_pause): it took
+                # every client it could not serve, about half of them beside a
+                # sibling worker with room, each reset.
+                self.shortage_pause = self.short_of_tasks.next()
                 return
             log.exception(
                 "the task manager could not take the connection from %s", format_address(addr)

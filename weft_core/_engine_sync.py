@@ -127,6 +127,9 @@ class SyncEngine(Engine[SyncRuntime]):
                         continue
                 held, accepted = False, None
                 self._hand_off(lt, sock, addr)
+                if self.shortage_pause:  # no task could be started: leave the next a while
+                    pause, self.shortage_pause = self.shortage_pause, 0.0
+                    rt.sleep(pause)
                 if lt.shared:  # one client per turn; a sibling behind gets the next
                     behind = self._turn(lt)
                     if behind:
