@@ -436,9 +436,10 @@ def test_a_stuck_handler_and_a_full_stderr_pipe_still_exit_by_the_bound(
             except subprocess.TimeoutExpired:
                 code = None
             took = time.monotonic() - started
-        # The bound: --graceful-timeout, STOP_GRACE (2 s), then at most a second more
-        # for the exit with a stderr that takes nothing.
-        assert code == 4 and took < 1 + 2 + 1 + 0.5, (
+        # The bound: --graceful-timeout, STOP_GRACE (2 s), then a second more for the
+        # exit with a stderr that takes nothing; a second of slack on a loaded host.
+        # Exit 4, not 1: faulthandler's backstop did not have to end it.
+        assert code == 4 and took < 1 + 2 + 1 + 1, (
             f"exit {code} after {took:.1f}s (bound 4 s, exit 4)"
             if code is not None
             else "still running 10 s after SIGTERM"
