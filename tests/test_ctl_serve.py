@@ -527,3 +527,26 @@ def test_the_default_path_in_use_is_a_warning(tmp_path: Path) -> None:
                 assert client.echo(b"x") == b"x"
         default = runtime / "weft" / "ctl.sock"
         assert request(str(default), "status")["pid"] == first.proc.pid
+
+
+def test_a_worker_that_cannot_open_its_control_socket_serves_without_one(
+    tmp_path: Path,
+) -> None:
+    """The control socket's directory removed under a running supervisor (a cleaner
+    of /run, a full disk does the same): each new worker failed to make its own
+    socket beside it, exited 1 and was restarted for ever, so a reload never ended
+    (the supervisor check's F7). A worker now serves without one, saying so."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    control = folder / "ctl.sock"
+    with start(tmp_path, control, "threads", "--workers", "2") as served:
+        served.wait_for(READY, count=2)
+        shutil.rmtree(folder)
+        served.signal(signal.SIGHUP)
+        served.wait_for("this worker serves without a control socket", count=2)
+        served.wait_for("reload done: 2 new worker")
+        (match,) = served.wait_for(LISTENING)
+        with Client(host_port(match.group(1))) as client:
+            assert client.echo(b"served") == b"served"
+        served.signal(signal.SIGTERM)
+        assert served.finish(timeout=30) == 0, served.text

@@ -508,8 +508,14 @@ def open_control(
     try:
         control.open()
     except BindError as exc:
+        if worker:
+            # A worker serves without one (the supervisor's fan-out lists it with the
+            # error), where it exited 1 and was restarted for ever: a directory full
+            # or removed by a cleaner meant no new worker, and a reload never ended.
+            log.warning("this worker serves without a control socket: %s", exc)
+            return None
         explicit = config.values.get("control_socket") is not None
-        if worker or explicit:
+        if explicit:
             raise
         if exc.errno != errno.EADDRINUSE:
             raise
