@@ -415,7 +415,8 @@ def test_a_socket_shut_down_under_the_workers_stops_the_supervisor(tmp_path: Pat
 def test_a_crash_loop_backs_off(tmp_path: Path) -> None:
     # os._exit at import: not a handler import error (exit 2) but a crash (exit 3).
     (tmp_path / "crasher.py").write_text("import os\nos._exit(3)\n")
-    served = Served(weft_serve("crasher:handle", "--workers", "2"), cwd=tmp_path)
+    served = Served(weft_serve("crasher:handle", "--workers", "2", "-b", "127.0.0.1:0"),
+                    cwd=tmp_path)  # fmt: skip
     with served:
         exits = served.wait_for(r"exited with 3 after [\d.]+s; starting another in (\S+)s", 8)
         served.signal(signal.SIGTERM)
@@ -438,7 +439,10 @@ def test_restart_delay_doubles_to_a_cap_and_resets_after_a_healthy_run() -> None
 
 @pytest.mark.timeout(60)
 def test_handler_mistake_in_workers_stops_with_2(tmp_path: Path) -> None:
-    served = Served(weft_serve("no_such_module:handle", "--workers", "2"), cwd=tmp_path)
+    # Port 0: serve's default, 8000, is another test's too (xdist runs them side by side),
+    # and "address in use" is exit 1, a boot failure, not the mistake this is about.
+    served = Served(weft_serve("no_such_module:handle", "--workers", "2", "-b", "127.0.0.1:0"),
+                    cwd=tmp_path)  # fmt: skip
     with served:
         assert served.finish() == 2, served.text
     assert "cannot import handler 'no_such_module:handle'" in served.text
