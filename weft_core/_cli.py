@@ -457,9 +457,7 @@ def _named_manager(kwargs: dict[str, Any]) -> dict[str, Any]:
     The config read is this command's (``--config``, its sources): ``Server`` with no
     manager would read one of its own, the current directory's.
     """
-    from ._server import DEFAULT_MANAGER
-
-    return {"manager": DEFAULT_MANAGER, **kwargs}
+    return {"manager": _registry.DEFAULT_MANAGER, **kwargs}
 
 
 def _check_manager(config: Config) -> None:
@@ -481,9 +479,7 @@ def _prepare_process(config: Config) -> None:
     """
     name = config.get("manager")
     if not isinstance(name, str):
-        from ._server import DEFAULT_MANAGER
-
-        name = DEFAULT_MANAGER
+        name = _registry.DEFAULT_MANAGER
     spec = _registry.available_managers().get(name)
     if spec is not None and spec.prepare_process is not None:
         options = config.values.get("manager_options", {})

@@ -725,12 +725,9 @@ class Supervisor:
         for worker in current:
             worker.old = True
 
-    def _hung_start(self) -> list[_Worker]:
-        """The reload's new workers not ready yet, if the oldest has been starting too long."""
-        starting = [w for w in self._current() if not w.ready]
-        if not starting or time.monotonic() - min(w.started for w in starting) < RELOAD_PATIENCE:
-            return []
-        return starting
+    def _starting(self) -> list[_Worker]:
+        """The current workers not ready yet (during a reload: the new generation's)."""
+        return [w for w in self._current() if not w.ready]
 
     def _replace_hung_start(self, now: float) -> None:
         """A reload asked for again while the one under way waits on a start that hangs.
@@ -744,14 +741,15 @@ class Supervisor:
         """
         if not self._reloading or not self._again or self._stopping:
             return
-        starting = self._hung_start()
-        if not starting:
+        starting = self._starting()
+        waited = now - min((w.started for w in starting), default=now)
+        if waited < RELOAD_PATIENCE:
             return
         log.warning(
             "the reload under way still waits for %d worker(s) started %.0fs ago (%s), and"
             " another was asked for: stopping them and reloading again",
             len(starting),
-            now - min(w.started for w in starting),
+            waited,
             ", ".join(str(w.pid) for w in starting),
         )
         for worker in starting:
@@ -1312,9 +1310,9 @@ class Supervisor:
         if self._next_alive is not None:
             times.append(self._next_alive)
         if self._reloading and self._again:
-            starting = [w.started for w in self._current() if not w.ready]
+            starting = self._starting()
             if starting:
-                times.append(min(starting) + RELOAD_PATIENCE)
+                times.append(min(w.started for w in starting) + RELOAD_PATIENCE)
         return max(0.0, min([now + _IDLE_WAKE, *times]) - now)
 
     def _alive(self, now: float) -> None:
