@@ -27,12 +27,15 @@ CPU_BOUND = 0.5
 
 
 def served_or_shed(sock: socket.socket) -> str:
-    """'served' if the greeting arrives, 'shed' on EOF or reset; a hang fails the test."""
+    """'served' if the server's first byte (a greeting) arrives, 'shed' on EOF or reset.
+
+    A hang fails the test: the socket's timeout raises.
+    """
     try:
         data = sock.recv(1)
     except ConnectionResetError:
         return "shed"
-    return "served" if data == b"+" else "shed"
+    return "served" if data else "shed"
 
 
 @pytest.mark.timeout(120)
@@ -104,10 +107,10 @@ def test_weft_serve_out_of_descriptors_sheds_what_it_cannot_take(manager: str) -
     try:
         wait_until(lambda: connects(port), timeout=30)
         for _ in range(2):  # the spare must come back for the next shortage
-            clients = [socket.create_connection(("127.0.0.1", port), timeout=15)
+            clients = [socket.create_connection(("127.0.0.1", port), timeout=5)
                        for _ in range(NOFILE + 40)]  # fmt: skip
             try:
-                outcome = [_pid_line_or_shed(c) for c in clients]
+                outcome = [served_or_shed(c) for c in clients]  # each answered: none hangs
             finally:
                 for client in clients:
                     client.close()
@@ -118,15 +121,3 @@ def test_weft_serve_out_of_descriptors_sheds_what_it_cannot_take(manager: str) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _pid_line_or_shed(sock: socket.socket) -> str:
-    """'served' for the handler's first line, 'shed' on EOF or reset; a hang fails."""
-    sock.settimeout(5)
-    try:
-        data = sock.recv(100)
-    except ConnectionResetError:
-        return "shed"
-    except TimeoutError:
-        raise AssertionError("a client was left hanging: neither served nor shed") from None
-    return "served" if data else "shed"

@@ -79,7 +79,9 @@ def _tasks(pid: int) -> int:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("manager", MANAGERS)
-def test_sigterm_with_no_thread_to_spare_stops_gracefully(capped: Path, manager: str) -> None:
+def test_sigterm_with_no_thread_to_spare_stops_gracefully(
+    capped: Path, tmp_path: Path, manager: str
+) -> None:
     """Three clients midway through a 2-second reply, then the cap, then SIGTERM: every
     reply finishes, exit 0. Before (the log sinks check's F6): exit 1 within 0.04 s,
     each client cut after 2 of its 10 chunks. The stop's last resort, then its
@@ -89,37 +91,31 @@ def test_sigterm_with_no_thread_to_spare_stops_gracefully(capped: Path, manager:
     port = free_port()
     argv = weft_serve(handler, "-b", f"127.0.0.1:{port}", "-k", manager,
                       "--graceful-timeout", "5", "--control-socket", "off")  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=environment(), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     clients: list[socket.socket] = []
-    try:
-        wait_until(lambda: connects(port), timeout=30)
-        (capped / "cgroup.procs").write_text(str(proc.pid))
-        for _ in range(3):
-            client = socket.create_connection(("127.0.0.1", port), timeout=10)
-            client.sendall(b"go\n")
-            clients.append(client)
-        # Each reply under way (its handler's thread, on threads, started) before the cap.
-        for client in clients:
-            assert client.recv(8) == b"chunk-0\n"
-        (capped / "pids.max").write_text(str(_tasks(proc.pid)))
-        proc.send_signal(signal.SIGTERM)
-        for client in clients:
-            got = b"chunk-0\n"
-            while data := client.recv(1000):
-                got += data
-            assert got.count(b"chunk-") == 10, f"cut after {got.count(b'chunk-')} chunks"
-        assert proc.wait(20) == 0
-    finally:
-        for client in clients:
-            client.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        with proc.stderr:
-            stderr = proc.stderr.read()
-    assert "Traceback" not in stderr, stderr
+    with Served(argv, cwd=tmp_path) as served:
+        try:
+            wait_until(lambda: connects(port), timeout=30)
+            (capped / "cgroup.procs").write_text(str(served.proc.pid))
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                client.sendall(b"go\n")
+                clients.append(client)
+            # Each reply under way (its handler's thread, on threads, started) before the cap.
+            for client in clients:
+                assert client.recv(8) == b"chunk-0\n"
+            (capped / "pids.max").write_text(str(_tasks(served.proc.pid)))
+            served.signal(signal.SIGTERM)
+            for client in clients:
+                got = b"chunk-0\n"
+                while data := client.recv(1000):
+                    got += data
+                assert got.count(b"chunk-") == 10, f"cut after {got.count(b'chunk-')} chunks"
+            assert served.finish(20) == 0
+            served.wait_closed()
+        finally:
+            for client in clients:
+                client.close()
+    assert "Traceback" not in served.text, served.text
 
 
 @pytest.mark.timeout(60)
@@ -137,13 +133,11 @@ def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
     # No idle thread kept (idle_threads=0): each client needs a thread started for it.
     argv = weft_serve("_chunked_handlers:chunks", "-b", f"127.0.0.1:{port}", "-k", "threads",
                       "-o", "idle_threads=0", "--control-socket", str(control))  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=environment(), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-    try:
+    with Served(argv, cwd=tmp_path) as served:
         wait_until(lambda: connects(port), timeout=30)
-        (capped / "cgroup.procs").write_text(str(proc.pid))
+        (capped / "cgroup.procs").write_text(str(served.proc.pid))
         # One below: the thread that served the probe connection may end only now.
-        (capped / "pids.max").write_text(str(_tasks(proc.pid) - 1))
+        (capped / "pids.max").write_text(str(_tasks(served.proc.pid) - 1))
         for _ in range(20):  # each one's thread cannot start: closed unserved
             with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
                 assert closed_without_data(client)
@@ -153,17 +147,11 @@ def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
         status = _ctl(control, "status")
         assert status.returncode == 0, status.stderr
         assert '"refused": 20' in status.stdout
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        with proc.stderr:
-            stderr = proc.stderr.read()
-    assert "Traceback" not in stderr, stderr
-    assert stderr.count("refused connection from") < 5, stderr  # at a bounded rate
+        served.signal(signal.SIGTERM)
+        assert served.finish(20) == 0
+        served.wait_closed()
+    assert "Traceback" not in served.text, served.text
+    assert served.text.count("refused connection from") < 5, served.text  # a bounded rate
 
 
 def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
