@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 from ._endpoints import SUN_PATH_MAX
 from ._errors import BindError, ConfigError, WeftError
+from ._files import IN_USE, set_socket_mode, socket_there
 from ._logsafe import escape_for_log
 
 __all__ = [
@@ -129,17 +130,24 @@ def default_path() -> str:
 
 def _private_directory(directory: Path) -> None:
     """Make ``directory`` (mode 0700) if missing; refuse one another user owns or can write."""
+    shown = escape_for_log(str(directory))
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
+        info = directory.lstat()  # a link another user made here is not followed
     except OSError as exc:
         raise BindError(
-            exc.errno, f"cannot make the control socket's directory {directory}: {exc.strerror}"
+            exc.errno, f"cannot make the control socket's directory {shown}: {exc.strerror}"
         ) from exc
+    if stat.S_ISLNK(info.st_mode):
+        raise BindError(
+            errno.EPERM,
+            f"the control socket's directory {shown} is a symbolic link (another user may"
+            " have made it); remove it, or choose another path with control_socket",
+        )
     if info.st_uid not in (os.geteuid(), 0) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise BindError(
             errno.EPERM,
-            f"the control socket's directory {directory} belongs to uid {info.st_uid} or is"
+            f"the control socket's directory {shown} belongs to uid {info.st_uid} or is"
             " writable by others; choose another path with control_socket",
         )
 
@@ -231,7 +239,7 @@ def _take_inherited(path: str) -> tuple[socket.socket, os.stat_result] | None:
         return None
     try:
         if sock.family == socket.AF_UNIX and sock.getsockname() == path:
-            info = os.stat(path)
+            info = os.lstat(path)
             if stat.S_ISSOCK(info.st_mode):
                 return sock, info
     except OSError:
@@ -251,19 +259,27 @@ def _clear_stale(path: Path) -> None:
             errno.EEXIST,
             f"{path} exists and is not a socket; remove it or choose another control_socket",
         )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)  # stale: left by a server that did not remove it
+    there = socket_there(str(path))
+    if there is None:
+        try:
+            path.unlink(missing_ok=True)  # stale: left by a server that did not remove it
+        except OSError as exc:
+            raise BindError(
+                exc.errno,
+                f"cannot listen on the control socket {escape_for_log(str(path))}: a stale"
+                f" socket file of uid {info.st_uid} is there and cannot be removed"
+                f" ({exc.strerror}); remove it, or choose another control_socket",
+            ) from exc
         return
-    finally:
-        probe.close()
+    if there == IN_USE:
+        raise BindError(
+            errno.EADDRINUSE,
+            f"another weft serve answers on the control socket {escape_for_log(str(path))};"
+            " stop it, or give this one its own control_socket",
+        )
     raise BindError(
         errno.EADDRINUSE,
-        f"another weft serve answers on the control socket {path}; stop it, or give this"
-        " one its own control_socket",
+        f"cannot listen on the control socket {escape_for_log(str(path))}: {there}",
     )
 
 
@@ -311,14 +327,14 @@ class ControlSocket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)
-            os.chmod(self.path, 0o600)
+            info = set_socket_mode(self.path, 0o600)
             sock.listen(BACKLOG)
-            info = os.stat(self.path)
         except OSError as exc:
             sock.close()
             raise BindError(
                 exc.errno,
-                f"cannot listen on the control socket {self.path}: {exc.strerror or exc}",
+                f"cannot listen on the control socket {escape_for_log(self.path)}:"
+                f" {exc.strerror or exc}",
             ) from exc
         self._sock = sock
         self._inode = (info.st_dev, info.st_ino)
@@ -336,7 +352,7 @@ class ControlSocket:
         if self._thread is not None:
             raise RuntimeError("the control socket is served already")
         # Not "listening on": tools wait for weft serve's own "listening on ADDRESS" line.
-        log.info("control socket for weft ctl at %s", self.path)
+        log.info("control socket for weft ctl at %s", escape_for_log(self.path))
         self._thread = threading.Thread(
             target=self._serve, args=(sock,), name="weft control socket", daemon=True
         )
@@ -366,7 +382,7 @@ class ControlSocket:
     def _remove_file(self) -> None:
         # Only the file we bound: after a reload the path may already be another process's.
         try:
-            info = os.stat(self.path)
+            info = os.lstat(self.path)
         except OSError:
             return
         if (info.st_dev, info.st_ino) == self._inode:
@@ -390,11 +406,15 @@ class ControlSocket:
                     # Try again, as the TCP acceptor does; the socket must outlive it.
                     if not shortage_logged:
                         log.warning("control socket %s: accept failed (%s); retrying",
-                                    self.path, exc)  # fmt: skip
+                                    escape_for_log(self.path), exc)  # fmt: skip
                         shortage_logged = True
                     self._closing.wait(SHORTAGE_PAUSE)
                     continue
-                log.error("control socket %s: accept failed (%s); closed", self.path, exc)
+                log.error(
+                    "control socket %s: accept failed (%s); closed",
+                    escape_for_log(self.path),
+                    exc,
+                )
                 return
             shortage_logged = False
             self._admit(conn)
@@ -550,40 +570,48 @@ def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:  # out of descriptors: a supervisor fanning out says so per worker
-        raise ControlError(f"cannot reach the control socket {path}: {exc}") from None
+        raise ControlError(
+            f"cannot reach the control socket {escape_for_log(path)}: {exc}"
+        ) from None
     sock.settimeout(timeout)
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         raise ControlError(
-            f"no weft serve is running with the control socket {path}; start one, or point"
+            f"no weft serve is running with the control socket {escape_for_log(path)}; start one, or point"
             " at its socket with --socket PATH (or control_socket in config)"
         ) from None
     except PermissionError:
         sock.close()
         owner = _owner(path)
         raise ControlError(
-            f"permission denied on the control socket {path}{owner}: only the user running"
+            f"permission denied on the control socket {escape_for_log(path)}{owner}: only the user running"
             " that server (or root) may steer it"
         ) from None
     except BlockingIOError:  # a Unix socket's full backlog
         sock.close()
-        raise ControlError(f"the control socket {path} is busy; try again") from None
+        raise ControlError(
+            f"the control socket {escape_for_log(path)} is busy; try again"
+        ) from None
     except OSError as exc:
         sock.close()
-        raise ControlError(f"cannot reach the control socket {path}: {exc}") from None
+        raise ControlError(
+            f"cannot reach the control socket {escape_for_log(path)}: {exc}"
+        ) from None
     try:
         server = peer_credentials(sock)
     except OSError as exc:
         sock.close()
-        raise ControlError(f"cannot tell who serves the control socket {path}: {exc}") from None
+        raise ControlError(
+            f"cannot tell who serves the control socket {escape_for_log(path)}: {exc}"
+        ) from None
     if server.uid not in (os.geteuid(), 0):
         sock.close()
         # Nothing is sent to it: another local user may have put a socket of its own
         # where weft ctl looks (a shared temporary directory), to read what we send.
         raise ControlError(
-            f"the control socket {path} is served by {server}, neither you nor root:"
+            f"the control socket {escape_for_log(path)} is served by {server}, neither you nor root:"
             " refusing to talk to it; point at your server's socket with --socket PATH"
         )
     return sock
@@ -625,9 +653,11 @@ def exchange(
             sock.sendall(json.dumps(message).encode() + b"\n")
         line, rest = _read_answer(sock, began + timeout)
     except TimeoutError:
-        raise ControlError(f"no answer from {path} within {timeout:g}s") from None
+        raise ControlError(f"no answer from {escape_for_log(path)} within {timeout:g}s") from None
     except OSError as exc:
-        raise ControlError(f"the control connection to {path} failed: {exc}") from None
+        raise ControlError(
+            f"the control connection to {escape_for_log(path)} failed: {exc}"
+        ) from None
     return _result_of(path, line), rest
 
 
@@ -635,7 +665,7 @@ def _result_of(path: str, line: bytes) -> Any:
     """The result in the server's answer ``line``, or ControlError saying what went wrong."""
     if not line:
         raise ControlError(
-            f"the server at {path} closed the connection without answering (it was"
+            f"the server at {escape_for_log(path)} closed the connection without answering (it was"
             " re-executing on USR2, or stopping: ask again; or another user's server"
             " refuses you: see its log)"
         )
@@ -645,7 +675,7 @@ def _result_of(path: str, line: bytes) -> Any:
         answer = None
     if not isinstance(answer, dict) or "ok" not in answer:
         raise ControlError(
-            f"the control socket {path} answered {escape_for_log(line[:60].decode('latin-1'))}"
+            f"the control socket {escape_for_log(path)} answered {escape_for_log(line[:60].decode('latin-1'))}"
             "..., not as weft serve does: is it a weft control socket?"
         )
     if not answer.get("ok"):

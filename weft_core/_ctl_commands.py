@@ -43,6 +43,7 @@ from ._ctl import (
 )
 from ._ctl_console import serve_console
 from ._errors import BindError, ConfigError, WeftError
+from ._logsafe import escape_for_log
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -517,12 +518,16 @@ def open_control(
         explicit = config.values.get("control_socket") is not None
         if explicit:
             raise
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        log.warning(
-            "another weft serve answers on the default control socket %s: this one has"
-            " none (give it its own with control_socket)",
-            path,
-        )
+        # The default path is in a shared place (/tmp without XDG_RUNTIME_DIR) that
+        # another user can squat, or another server of this user's holds: the server
+        # starts without the socket it did not ask for, where it exited 1.
+        if exc.errno == errno.EADDRINUSE:
+            log.warning(
+                "another weft serve answers on the default control socket %s: this one"
+                " has none (give it its own with control_socket)",
+                escape_for_log(path),
+            )
+        else:
+            log.warning("this server has no control socket: %s (weft ctl cannot reach it)", exc)
         return None
     return control

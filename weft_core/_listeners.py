@@ -19,6 +19,7 @@ from typing import Literal
 
 from ._endpoints import Endpoint, check_dual
 from ._errors import BindError, ConfigError
+from ._files import set_socket_mode, socket_there
 from ._logsafe import escape_for_log
 
 __all__ = ["Family", "Listener", "open_listeners"]
@@ -193,19 +194,26 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
                     errno.EEXIST,
                     f"cannot listen on unix:{shown}: a file that is not a socket is there",
                 )
-            if _unix_in_use(path):
+            there = socket_there(path)
+            if there is not None:
+                raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{shown}: {there}")
+            try:
+                os.unlink(path)  # stale: left by a server that did not remove it
+            except OSError as exc:  # another user's, in a sticky directory such as /tmp
                 raise BindError(
-                    errno.EADDRINUSE,
-                    f"cannot listen on unix:{shown}: another server is listening there",
-                )
-            os.unlink(path)
+                    exc.errno,
+                    f"cannot listen on unix:{shown}: a stale socket file of uid {st.st_uid}"
+                    f" is there and cannot be removed ({exc.strerror}); remove it as that"
+                    " user, or give another path",
+                ) from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
+    made: os.stat_result | None = None
     try:
         sock.bind(path)
         bound = not path.startswith("\0")
-        if mode is not None and bound:
-            os.chmod(path, mode)
+        if bound:
+            made = set_socket_mode(path, mode)
         sock.listen(backlog)
     except BaseException as exc:
         sock.close()
@@ -216,10 +224,9 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
             why = exc.strerror or str(exc)
             raise BindError(exc.errno, f"cannot listen on unix:{shown}: {why}") from exc
         raise
-    if path.startswith("\0"):
+    if made is None:
         return Listener(sock)
-    st = os.lstat(path)
-    return Listener(sock, unix_path=path, unix_file=(st.st_dev, st.st_ino))
+    return Listener(sock, unix_path=path, unix_file=(made.st_dev, made.st_ino))
 
 
 def _link(path: str) -> str:
@@ -234,17 +241,6 @@ def _link(path: str) -> str:
         f"a symbolic link to {target} is there, and weft does not replace links: "
         "remove it, or listen on the path it names"
     )
-
-
-def _unix_in_use(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def _adopt_fd(fd: int, backlog: int) -> Listener:

@@ -26,6 +26,7 @@ from typing import Any
 from ._config import Config
 from ._endpoints import listen_endpoints
 from ._errors import ConfigError
+from ._files import replace_file
 from ._listeners import Listener, open_listeners
 from ._settings import SETTINGS
 
@@ -92,13 +93,13 @@ class PidFile:
         return pid
 
     def write(self) -> None:
-        """Write this process's id (atomically: a reader never sees half a number)."""
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        """Write this process's id atomically (a reader never sees half a number).
+
+        Mode 0644 whatever the umask, and through no link another user planted.
+        """
         try:
-            partial.write_text(f"{os.getpid()}\n", encoding="ascii")
-            os.replace(partial, self.path)
+            replace_file(self.path, f"{os.getpid()}\n")
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise ConfigError(
                 f"cannot write the pid file {self.path} (pid): {exc.strerror or exc}; "
                 "give a path in a directory this user may write to"

@@ -27,6 +27,7 @@ import sys
 import threading
 from collections.abc import MutableMapping
 
+from ._files import open_log_file
 from ._jobcontrol import JOB_STOPS, leave_terminal
 from ._logsafe import escape_for_log
 
@@ -199,7 +200,7 @@ def reopen_log_files() -> int:
             seen.add(id(handler))
             with _locked(handler):
                 try:
-                    fresh = handler._open()
+                    fresh = open_log_file(handler)
                 except OSError as exc:
                     failed.append((handler.baseFilename, exc))
                     continue
