@@ -47,7 +47,7 @@ from ._balance import AcceptBalance, worker_balance
 from ._blocking import WakeableListener
 from ._connection import ConnectionInfo, format_address
 from ._control import ConnectionSnapshot
-from ._errors import ManagerFullError, ServerError
+from ._errors import FAILURES, ManagerFullError, ServerError
 from ._listeners import Listener, close_listener
 from ._logsafe import escape_for_log, log_untrusted_exception
 from ._osthreads import thread_primitives
@@ -851,7 +851,7 @@ class Engine(ABC, Generic[R]):
                 default_exception_handler(self.owner, handed, exc, info)
             else:
                 handler(self.owner, handed, exc)
-        except Exception as failed:
+        except FAILURES as failed:  # sys.exit() too: on asyncio it ended the whole loop
             # Its traceback chains the handler's exception, whose message may carry
             # what the peer sent: escaped, as that one's own report is.
             log_untrusted_exception(

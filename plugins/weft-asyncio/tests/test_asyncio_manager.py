@@ -739,3 +739,145 @@ def test_handlers_no_manager_runs_are_refused_saying_what_they_are() -> None:
         Server(_async_generator, manager="asyncio")
     with pytest.raises(weft_core.HandlerKindError, match=r"a lambda cannot be one"):
         Server(lambda stream: _decorated_echo(stream), manager="asyncio")
+
+
+# -- the edges a reviewer found ------------------------------------------------------------
+
+
+def test_a_task_raising_system_exit_ends_only_itself(manager: AsyncioManager) -> None:
+    """asyncio raises a task's SystemExit out of run_forever(): the loop thread ended,
+    and every other task was destroyed pending, its id held for good."""
+    started = threading.Event()
+
+    async def sleeper() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def exiter() -> None:
+        raise SystemExit(3)
+
+    sleeper_id = manager.add_task(sleeper)
+    assert started.wait(WAIT)
+    exiter_id = manager.add_task(exiter)
+    deadline = time.monotonic() + WAIT
+    while exiter_id in manager.all_tasks() and time.monotonic() < deadline:
+        time.sleep(0.01)  # polls the table, bounded: no event says the task has gone
+    assert exiter_id not in manager.all_tasks()
+    began = time.monotonic()
+    assert manager.stop_task(sleeper_id, 0.1) is False  # cancelled: the loop still runs
+    assert time.monotonic() - began < 1.0 + WAIT / 5
+    assert manager.all_tasks() == []
+
+
+def test_an_exception_handler_calling_sys_exit_leaves_the_others_served() -> None:
+    """The engine caught only Exception around exception_handler: on asyncio a
+    sys.exit() there ended the loop, every other client and new ones unserved."""
+
+    async def handler(stream: AsyncioStream) -> None:
+        data = await stream.read(100)
+        if data == b"fail\n":
+            raise ValueError("asked to")
+        stream.write(data)
+        await stream.drain()
+        while data := await stream.read(100):
+            stream.write(data)
+            await stream.drain()
+
+    def exits(server: Server, conn: object, exc: BaseException) -> None:
+        sys.exit(2)
+
+    server = Server(handler, manager="asyncio", exception_handler=exits)
+    server.run()
+    try:
+        with connect(server) as bystander:
+            bystander.sendall(b"hi")
+            assert recv_exactly(bystander, 2) == b"hi"
+            with connect(server) as failing:
+                failing.sendall(b"fail\n")
+                assert failing.recv(10) == b""
+            bystander.sendall(b"again")
+            assert recv_exactly(bystander, 5) == b"again"
+            with connect(server) as newcomer:
+                newcomer.sendall(b"x")
+                assert recv_exactly(newcomer, 1) == b"x"
+        assert server.stats()["handler_errors"] == 1
+    finally:
+        assert server.stop(timeout=WAIT)
+
+
+def test_slots_pass_on_a_wake_up_whose_waiter_was_cancelled() -> None:
+    """release() chose a waiter that was then cancelled: the free slot stayed
+    unclaimed while the next waiter slept to its deadline (for ever, with None)."""
+    from weft_asyncio._runtime import AsyncioSlots
+
+    async def main() -> tuple[bool, float]:
+        slots = AsyncioSlots(1)
+        assert slots.acquire_nowait()
+        first = asyncio.create_task(slots.acquire_within(None))
+        second = asyncio.create_task(slots.acquire_within(None))
+        await asyncio.sleep(0)  # both wait now
+        slots.release()  # chooses the first ...
+        first.cancel()  # ... which leaves before it runs
+        began = asyncio.get_running_loop().time()
+        got = await asyncio.wait_for(second, WAIT)
+        return got, asyncio.get_running_loop().time() - began
+
+    got, took = asyncio.run(main())
+    assert got is True
+    assert took < WAIT / 5
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_listener_closed_from_another_thread_keeps_its_number_until_its_loop_lets_go(
+    loop_name: str,
+) -> None:
+    """A stop's fallback closes the listener from its own thread while the loop is
+    blocked: the loop still watches the descriptor, so its number must not go to the
+    next socket opened (the stale watch would take that one's events). No client is
+    accepted from the close on; the number is let go on the loop."""
+    from weft_asyncio._runtime import AsyncioListener
+
+    if loop_name == "uvloop":
+        loop: asyncio.AbstractEventLoop = pytest.importorskip("uvloop").new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    plain = socket.create_server(("127.0.0.1", 0))
+    port = plain.getsockname()[1]
+    listener = AsyncioListener(plain)
+    number = listener.fileno()
+    blocked, unblock = threading.Event(), threading.Event()
+
+    def block() -> None:
+        blocked.set()
+        unblock.wait(WAIT)
+
+    try:
+        accepting = asyncio.run_coroutine_threadsafe(listener.accept(), loop)
+        watching = asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop)
+        watching.result(WAIT)  # the accept waits, its reader registered, by now
+        loop.call_soon_threadsafe(block)
+        assert blocked.wait(WAIT)
+        listener.close()  # this thread, the loop blocked
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        os.fstat(number)  # still held: by a stand-in, not by the next socket opened
+        with socket.socket() as newcomer:
+            assert newcomer.fileno() != number
+        unblock.set()
+        loop.call_soon_threadsafe(accepting.cancel)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                os.fstat(number)
+            except OSError:
+                break
+            time.sleep(0.01)  # polls, bounded: the loop lets go at its next turns
+        else:
+            pytest.fail("the stand-in was never closed on the loop")
+    finally:
+        unblock.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()

@@ -64,6 +64,12 @@ LOOPS = ("asyncio", "uvloop")
 #: loop (a synchronous call), and a stop must not hang on it. As the other managers'.
 INTERRUPT_GRACE = 2.0
 
+#: How long ``runtime.close()`` waits for the loop thread once every task was
+#: cancelled: one that ignores its cancellation would hold it for ever. The thread
+#: is then left behind, said in a warning (a Server never gets there: it does not
+#: close a runtime after a stop that left tasks behind).
+CLOSE_WAIT = 5.0
+
 #: Name of the daemon thread that runs the manager's own loop (thread dumps, py-spy).
 LOOP_THREAD_NAME = "weft-asyncio"
 
@@ -170,7 +176,7 @@ class _Loop:
         asyncio.set_event_loop(loop)
         try:
             loop.call_soon(self.ready.set)
-            loop.run_forever()
+            self._run_forever()
             # Stopped by close(): cancel what is left and let it end, then release it.
             left = asyncio.all_tasks(loop)
             for task in left:
@@ -187,6 +193,26 @@ class _Loop:
             self.ready.set()
             asyncio.set_event_loop(None)
             loop.close()
+
+    def _run_forever(self) -> None:
+        """Run the loop until close() stops it, whatever a task or a callback raises.
+
+        asyncio raises a task's SystemExit or KeyboardInterrupt again out of
+        ``run_forever()`` (after marking that task done): left there, it ended this
+        thread and closed the loop under every other connection, destroyed pending.
+        The task's own error is reported by its done callback; the loop goes on.
+        """
+        while True:
+            try:
+                self.loop.run_forever()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                log.error(
+                    "%s was raised on the asyncio loop (by a task or a callback); only"
+                    " that one ended, the loop goes on",
+                    type(exc).__name__,
+                )
+                continue
+            return
 
     def _abandon_executor(self) -> None:
         """Let the executor's calls that still run go on alone, and say so."""
@@ -275,7 +301,14 @@ class _Loop:
             return
         if not self.in_thread():
             assert self.thread is not None
-            self.thread.join()
+            self.thread.join(CLOSE_WAIT)
+            if self.thread.is_alive():
+                log.warning(
+                    "the asyncio loop thread still runs %.0fs after its tasks were"
+                    " cancelled: a task ignores its cancellation (or the loop is"
+                    " blocked); it is left behind",
+                    CLOSE_WAIT,
+                )
 
 
 class _Task(TaskState):

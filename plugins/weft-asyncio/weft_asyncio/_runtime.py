@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import math
+import os
 import socket
 import ssl
 import sys
@@ -264,12 +266,31 @@ class AsyncioListener(AsyncioSocket):
     def close(self) -> None:
         """Close the socket; in the loop's thread, drop its reader callback first.
 
-        From another thread (a stop's fallback), the callback stays until the
-        acceptor's own way out closes it again in the loop.
+        From another thread (a stop's fallback while the loop is blocked) the loop
+        still watches the descriptor, and the loop may be the application's:
+        closed, its number would go to the next socket the application opens, and
+        the stale watch would take that one's events. So the listening socket is
+        closed by putting a stand-in on its number (no client is accepted from
+        then on), and the stand-in is closed on the loop, once the watch is dropped.
         """
-        if self._watched is not None and _in_loop(self._watched[0]):
+        watched = self._watched
+        if watched is not None and _in_loop(watched[0]):
             self._unwatch()
+        elif watched is not None and self.fileno() != -1 and self._stand_in(watched[0]):
+            return
         super().close()
+
+    def _stand_in(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Close the listening socket under a stand-in, closed in turn on ``loop``."""
+        try:
+            with socket.socket() as stand_in:
+                os.dup2(stand_in.fileno(), self.fileno())
+            loop.call_soon_threadsafe(self.close)
+        except OSError:  # no descriptor to spare: closed as it is
+            return False
+        except RuntimeError:  # the loop is closed: nothing watches any more
+            return False
+        return True
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -318,6 +339,16 @@ class AsyncioSlots:
             timer = None if deadline is None else loop.call_at(deadline, _ready, waiter)
             try:
                 await waiter
+            except BaseException:
+                # Cancelled: if a release chose this waiter (it is out of the queue),
+                # its wake-up goes to the next one, or the free slot waited unclaimed
+                # while that one slept to its deadline (for ever, with None).
+                with self._lock:
+                    chosen = waiter not in self._waiters
+                    passed_on = self._waiters.popleft() if chosen and self._waiters else None
+                if passed_on is not None:
+                    _wake(passed_on)
+                raise
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -333,14 +364,17 @@ class AsyncioSlots:
             self._free += 1
             waiter = self._waiters.popleft() if self._waiters else None
         if waiter is not None:
-            loop = waiter.get_loop()
-            if _in_loop(loop):
-                _ready(waiter)
-            else:
-                try:
-                    loop.call_soon_threadsafe(_ready, waiter)
-                except RuntimeError:  # its loop is closed: nobody waits any more
-                    pass
+            _wake(waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """Resolve ``waiter`` on its own loop, from that loop's thread or any other."""
+    loop = waiter.get_loop()
+    if _in_loop(loop):
+        _ready(waiter)
+        return
+    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_ready, waiter)
 
 
 class AsyncioRuntime(AsyncRuntime):

@@ -50,6 +50,9 @@ from ._tls_session import TLSSession
 
 __all__ = ["AsyncioStream"]
 
+#: asyncio's own loops, whose private ``_make_socket_transport`` the stream calls.
+_SELECTOR_LOOP = asyncio.selector_events.BaseSelectorEventLoop
+
 #: What one receive asks the kernel for, and what ``receive_some()`` returns at most
 #: without an argument: ``asyncio.StreamReader``'s default limit.
 CHUNK = 2**16
@@ -303,7 +306,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         """
         try:
             awaited = self._making.send(None)
-        except Exception as exc:  # its end: StopIteration, or uvloop's failure
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # its end: StopIteration, or uvloop's failure
+            # (a CancelledError too: left out, _making stayed set and the stream hung)
             self._making = None
             if not isinstance(exc, StopIteration) and not self._lost:
                 # uvloop closed what it made: a lost connection, for every waiter.
@@ -350,9 +356,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
         written next, and the loop's own call of ``connection_made``, a turn later,
         finds nothing left to do (reading starts with that turn, as it would have).
         """
-        make = getattr(self._loop, "_make_socket_transport", None)
-        if make is None:
+        # Only asyncio's own selector loops: another loop may have a private method
+        # of that name that takes other arguments.
+        if not isinstance(self._loop, _SELECTOR_LOOP):
             return None
+        make = self._loop._make_socket_transport  # type: ignore[attr-defined]
         nodelay = self._prepare()
         self._sock.setblocking(False)  # as connect_accepted_socket does; uvloop does its own
         transport: asyncio.BaseTransport = make(self._sock, self)

@@ -8,12 +8,14 @@ Tests wait on events with timeouts, never on sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import inspect
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -522,6 +524,136 @@ def test_slots(manager: TrioManager) -> None:
         return results
 
     assert run_in(manager, exercise) == [True, False, False, False, True, True]
+
+
+def test_slots_released_from_another_thread_wake_a_parked_waiter(manager: TrioManager) -> None:
+    """The runtime contract lets release() come from the stopping thread.
+
+    On a bare trio.Semaphore that raised in the releasing thread, lost the parked
+    waiter, and its deadline then crashed trio (TrioInternalError) under every task.
+    """
+    slots = manager.runtime.slots(1)
+    parked = threading.Event()
+    got: dict[str, Any] = {}
+
+    async def holder_and_waiter() -> None:
+        assert slots.acquire_nowait()
+
+        async def waiter() -> None:
+            began = trio.current_time()
+            got["taken"] = await slots.acquire_within(WAIT)
+            got["waited"] = trio.current_time() - began
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            parked.set()
+
+    done = threading.Event()
+
+    async def task() -> None:
+        try:
+            await holder_and_waiter()
+        finally:
+            done.set()
+
+    manager.add_task(task)
+    assert parked.wait(WAIT)
+    slots.release()  # this thread: the stopping thread's way
+    assert done.wait(WAIT), "the waiter was never woken"
+    assert got["taken"] is True
+    assert got["waited"] < WAIT / 2
+
+
+def test_astop_task_is_bounded_for_a_task_that_ignores_its_cancellation(
+    manager: TrioManager,
+) -> None:
+    """After its interrupt, astop_task waited for ever; stop_task waits INTERRUPT_GRACE."""
+    from weft_trio._manager import INTERRUPT_GRACE
+
+    async def parent() -> tuple[bool, float]:
+        async def deaf() -> None:
+            while True:
+                try:
+                    await trio.sleep_forever()
+                except trio.Cancelled:
+                    continue  # a handler that swallows its cancellation
+
+        task_id = manager.add_task(deaf)
+        await trio.testing.wait_all_tasks_blocked()
+        began = trio.current_time()
+        stopped = await manager.astop_task(task_id, 0.05)
+        return stopped, trio.current_time() - began
+
+    stopped, took = run_in(manager, parent)  # run_in waits WAIT for it at most
+    assert stopped is False
+    assert took < 0.05 + INTERRUPT_GRACE + 1.0
+
+
+def test_close_is_bounded_for_a_task_that_ignores_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """runtime.close() joined the trio thread for ever behind such a task."""
+    from weft_trio._manager import CLOSE_WAIT
+
+    manager = TrioManager()
+    started = threading.Event()
+
+    async def deaf() -> None:
+        started.set()
+        while True:
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                continue
+
+    manager.add_task(deaf)
+    assert started.wait(WAIT)
+    began = time.monotonic()
+    manager.runtime.close()
+    assert time.monotonic() - began < CLOSE_WAIT + 2.0
+    assert "a task ignores its cancellation" in caplog.text
+
+
+def _hammer(manager: TrioManager, stop: threading.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(RuntimeError):  # no trio thread runs: fine
+            manager.runtime.spawn_soon(trio.lowlevel.checkpoint)
+
+
+@pytest.mark.timeout(60)
+def test_submit_racing_close_never_crashes_trio(caplog: pytest.LogCaptureFixture) -> None:
+    """A spawn_soon batch that reached the loop after its nursery closed crashed the run.
+
+    (TrioInternalError, "Nursery is closed to new arrivals", logged CRITICAL.) The
+    race was hit within 13 to 170 rounds without the fix (here). After them, a new
+    loop's spawn_soon still runs: nothing is left queued that would keep it asleep.
+    """
+    manager = TrioManager()
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)  # the threads take turns often: a round costs 20 ms
+    try:
+        for _ in range(300):
+            manager.add_task(trio.lowlevel.checkpoint)  # starts a trio thread
+            stop = threading.Event()
+            submitter = threading.Thread(target=_hammer, args=(manager, stop))
+            submitter.start()
+            time.sleep(0.002)  # lets the hammer queue some: not a wait for an outcome
+            manager.runtime.close()
+            stop.set()
+            submitter.join(WAIT)
+            assert "crashed" not in caplog.text, caplog.text
+    finally:
+        sys.setswitchinterval(switching)
+    ran = threading.Event()
+
+    async def mark() -> None:
+        ran.set()
+
+    manager.add_task(trio.lowlevel.checkpoint)
+    manager.runtime.spawn_soon(mark)
+    assert ran.wait(WAIT)
+    manager.runtime.close()
 
 
 def test_adopted_listener_and_stream_connection(manager: TrioManager) -> None:

@@ -66,6 +66,12 @@ log = logging.getLogger("weft.trio")
 #: (a synchronous call), and a stop must not hang on it. As threads' and gevent's.
 INTERRUPT_GRACE = 2.0
 
+#: How long ``runtime.close()`` waits for the trio thread once every task was
+#: cancelled: one that ignores its cancellation would hold it for ever. The thread
+#: is then left behind, said in a warning (a Server never gets there: it does not
+#: close a runtime after a stop that left tasks behind).
+CLOSE_WAIT = 5.0
+
 #: Name of the daemon thread that runs ``trio.run`` (seen in thread dumps, py-spy).
 LOOP_THREAD_NAME = "weft-trio"
 
@@ -138,9 +144,17 @@ class _Loop:
         if self.in_thread():
             self.cancel()  # the thread ends once the calling task returns
             return
-        with contextlib.suppress(trio.RunFinishedError):  # it has ended already
+        # RunFinishedError: it has ended already; OSError: it crashed, its wake-up
+        # socket closed with it.
+        with contextlib.suppress(trio.RunFinishedError, OSError):
             self.token.run_sync_soon(self.cancel)
-        self.thread.join()
+        self.thread.join(CLOSE_WAIT)
+        if self.thread.is_alive():
+            log.warning(
+                "the trio thread still runs %.0fs after its tasks were cancelled: a task"
+                " ignores its cancellation (or the loop is blocked); it is left behind",
+                CLOSE_WAIT,
+            )
 
 
 class _Task(TaskState):
@@ -423,7 +437,16 @@ class TrioManager:
             await record.ended.wait()
             return True
         record.interrupt()  # runs its interrupt callbacks and cancels its scope
-        await record.ended.wait()
+        with trio.move_on_after(INTERRUPT_GRACE):  # as stop_task: bounded, not for ever
+            await record.ended.wait()
+            return False
+        log.debug(
+            "task %s (%s) is still running %.1fs after it was cancelled: it shields"
+            " itself or ignores its cancellation; it is left to finish on its own",
+            task_id,
+            state.name,
+            INTERRUPT_GRACE,
+        )
         return False
 
     def all_tasks(self) -> list[Hashable]:
@@ -489,10 +512,13 @@ class TrioManager:
         """Start every queued thunk in ``loop``'s nursery; a run_sync_soon callback."""
         with self._soon_lock:
             batch, self._soon = self._soon, []
-        if loop.nursery is None:
-            return
+        if loop.nursery is None or loop.closing:
+            return  # the thunks' futures are failed by the stop closing the runtime
         for thunk in batch:
-            loop.nursery.start_soon(_light, thunk)
+            try:
+                loop.nursery.start_soon(_light, thunk)
+            except RuntimeError:  # the nursery closed: raised here, it crashed trio
+                return
 
     def _close_loop(self) -> None:
         """End the trio thread, if one runs: cancel every task, then join it."""

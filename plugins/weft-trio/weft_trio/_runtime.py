@@ -156,18 +156,31 @@ class IdleTimeoutStream(trio.abc.HalfCloseableStream):
 
 
 class TrioSlots:
-    """Connection slots on a ``trio.Semaphore``; use them from the manager's trio thread."""
+    """Connection slots on a ``trio.Semaphore``: taken in the trio thread, freed from any.
 
-    __slots__ = ("_semaphore",)
+    The runtime contract lets ``release()`` come from the stopping thread (a
+    connection whose task never started). A ``trio.Semaphore`` may be touched only
+    in its run: released from another thread, it took a parked waiter out of its lot
+    and failed to reschedule it, and that waiter's deadline then crashed trio
+    (``TrioInternalError``) under every connection. So a release from elsewhere is
+    handed to the run that took a slot.
+    """
+
+    __slots__ = ("_semaphore", "_token")
 
     def __init__(self, n: int) -> None:
         self._semaphore = trio.Semaphore(n)
+        #: The trio run that takes these slots, known from the first take in it.
+        self._token: trio.lowlevel.TrioToken | None = None
 
     def __repr__(self) -> str:
         return f"<TrioSlots free={self._semaphore.value}>"
 
     def acquire_nowait(self) -> bool:
         """Take a slot if one is free; True if taken. Not a checkpoint."""
+        if self._token is None:
+            with contextlib.suppress(RuntimeError):  # outside any run: not known yet
+                self._token = trio.lowlevel.current_trio_token()
         try:
             self._semaphore.acquire_nowait()
         except trio.WouldBlock:
@@ -192,8 +205,21 @@ class TrioSlots:
         return False
 
     def release(self) -> None:
-        """Free one slot, waking the longest waiter."""
-        self._semaphore.release()
+        """Free one slot, waking the longest waiter; from any thread."""
+        token = self._token
+        if token is None or _in_run(token):
+            self._semaphore.release()
+            return
+        with contextlib.suppress(trio.RunFinishedError):  # ended: nobody waits any more
+            token.run_sync_soon(self._semaphore.release)
+
+
+def _in_run(token: trio.lowlevel.TrioToken) -> bool:
+    """True if the caller runs inside the trio run ``token`` belongs to."""
+    try:
+        return trio.lowlevel.current_trio_token() is token
+    except RuntimeError:  # not in any trio run: another thread
+        return False
 
 
 #: How long a TLS stream whose handshake failed may take to send the alert OpenSSL queued.
