@@ -618,3 +618,109 @@ def test_handshakes_the_stop_ends_are_not_the_peers_failures(
         partial.close()
     assert server.stats()["tls_errors"] == 0, _counters(server)
     assert "TLS handshake with" not in caplog.text
+
+
+# -- a peer that makes the session write by itself -------------------------------------------
+
+
+def _key_updater(obj: ssl.SSLObject) -> Any:
+    """A call that queues a KeyUpdate asking for the server's, on ``obj``; or skip.
+
+    Python has no API for it: OpenSSL's ``SSL_key_update`` through ctypes, on the
+    ``SSL*`` held after the object header and its socket pointer (checked to be a
+    TLS 1.3 session before use).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("ssl")
+    if name is None:
+        pytest.skip("libssl is not found for ctypes")
+    libssl = ctypes.CDLL(name)
+    if not hasattr(libssl, "SSL_key_update"):
+        pytest.skip("this libssl has no SSL_key_update (OpenSSL 1.1.1 or later has)")
+    libssl.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    libssl.SSL_version.argtypes = [ctypes.c_void_p]
+    libssl.SSL_do_handshake.argtypes = [ctypes.c_void_p]
+    pointer = ctypes.c_void_p.from_address(id(obj._sslobj) + 24).value  # type: ignore[attr-defined]
+    if not pointer or libssl.SSL_version(pointer) != 0x0304:
+        pytest.skip("cannot find the SSL* of an SSLObject on this Python")
+
+    def update(also_data: bool) -> None:
+        assert libssl.SSL_key_update(pointer, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+        if also_data:
+            obj.write(b"x")  # some data now and then: OpenSSL refuses 32 updates in a row
+        else:
+            libssl.SSL_do_handshake(pointer)  # writes the update out
+
+    return update
+
+
+def sink(conn: Any) -> None:
+    while conn.recv(65536):
+        pass
+
+
+async def asink(stream: Any) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_key_updates_from_a_peer_that_never_reads_are_held_back(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+) -> None:
+    """Each KeyUpdate asking for the server's makes its session write one by itself.
+
+    asyncio's stream decrypted every record as it came and wrote each answer out
+    whatever its buffer held: from a peer that sends them and never reads, the
+    server's memory grew byte for byte with what it sent, for as long as it sent
+    (20 MB in 20 s, never slowed), a reading handler and idle_timeout
+    notwithstanding. Now the peer's sending stalls, as on the other managers.
+    """
+    listening = socket.socket()
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # small: a stall comes early
+        listening.setsockopt(socket.SOL_SOCKET, option, 32768)
+    listening.bind(("127.0.0.1", 0))
+    fd = listening.detach()  # the server's now: it closes it as it stops
+    server = serve(manager, options, sink, asink, bind=f"fd:{fd}", tls=tls_files(certs))
+    context = _context(certs["ca"], ssl.TLSVersion.TLSv1_3)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing anyway
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", server.port))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with sock:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        update = _key_updater(obj)
+        sock.settimeout(1.0)
+        sent, limit = 0, 4_000_000
+        stalled = False
+        count = 0
+        while sent < limit:
+            update(also_data=count % 16 == 0)
+            count += 1
+            if count % 64:
+                continue
+            data = outgoing.read()
+            try:
+                sock.sendall(data)
+            except TimeoutError:
+                stalled = True
+                break
+            except OSError:  # the server ended it: as good as a stall
+                stalled = True
+                break
+            sent += len(data)
+    assert stalled, f"the peer sent {sent:,} bytes of key updates, never held back"
+    assert sent < limit / 2

@@ -175,6 +175,7 @@ class AsyncioStream(asyncio.BufferedProtocol):
         "_shaker",
         "_sock",
         "_tls",
+        "_tls_held",
         "_transport",
         "_waiter",
     )
@@ -207,6 +208,10 @@ class AsyncioStream(asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._paused = False
         self._reading_paused = False
+        #: Reading paused while the transport's write buffer is full, under TLS: the
+        #: session answers what the peer sends (a key update) by itself, and a peer
+        #: that sends and never reads grew the buffer without bound.
+        self._tls_held = False
         #: What was written while no transport existed and the kernel did not take:
         #: a bytearray, so that many small writes append in linear time.
         self._pending: bytearray | None = None
@@ -397,7 +402,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
             waiter.set_result(None)
         if len(buffer) > 2 * LIMIT and not self._reading_paused:
             self._reading_paused = True
-            self._transport.pause_reading()  # type: ignore[union-attr]
+            if not self._tls_held:
+                self._transport.pause_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         """What arrived, from a loop that does not use buffered protocols.
@@ -483,12 +489,27 @@ class AsyncioStream(asyncio.BufferedProtocol):
             _wake(self._closer)
 
     def pause_writing(self) -> None:
-        """The transport's buffer is full: ``drain()`` waits."""
+        """The transport's buffer is full: ``drain()`` waits; under TLS, reading pauses.
+
+        A TLS session writes by itself what the peer asks (a key update answered,
+        an alert): from a peer that sends and never reads, that grew the write
+        buffer, and the server's memory, byte for byte with what it sent. Paused
+        reading stalls the peer's sending instead, as a blocking send does on the
+        other managers, and ``idle_timeout`` then ends a reader that waits.
+        """
         self._paused = True
+        if self._session is not None and not self._tls_held:
+            self._tls_held = True
+            if not self._reading_paused:
+                self._transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
-        """The transport's buffer drained: wake ``drain()``."""
+        """The transport's buffer drained: wake ``drain()``; under TLS, read again."""
         self._paused = False
+        if self._tls_held:
+            self._tls_held = False
+            if not self._reading_paused:
+                self._transport.resume_reading()  # type: ignore[union-attr]
         _wake(self._drainer)
 
     # -- reading -------------------------------------------------------------------------
@@ -507,7 +528,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 return
         if self._reading_paused:
             self._reading_paused = False
-            self._transport.resume_reading()  # type: ignore[union-attr]
+            if not self._tls_held:
+                self._transport.resume_reading()  # type: ignore[union-attr]
         loop = self._loop
         self._waiter = waiter = loop.create_future()
         timer = None
@@ -585,7 +607,8 @@ class AsyncioStream(asyncio.BufferedProtocol):
             del buffer[:n]
         if self._reading_paused and len(buffer) <= LIMIT:
             self._reading_paused = False
-            self._transport.resume_reading()  # type: ignore[union-attr]
+            if not self._tls_held:
+                self._transport.resume_reading()  # type: ignore[union-attr]
         return data
 
     async def read(self, n: int = -1) -> bytes:
