@@ -16,7 +16,7 @@ from . import _acceptpolicy as policy
 from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import FULL_POLL, FULL_TURN, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
-from ._errors import FAILURES, TaskShutdown
+from ._errors import FAILURES, TaskShutdown, is_cancellation
 from ._protocol import AsyncRuntime, AsyncSlots
 from ._proxy import ProxyHeaderError, aread_proxy_header
 from ._tasks import current_task
@@ -262,6 +262,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
             except TaskShutdown:
                 raise
             except FAILURES as exc:
+                self._handler_failed(conn, handed, info, exc)
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
                 self._handler_failed(conn, handed, info, exc)
             finally:
                 if state is not None:

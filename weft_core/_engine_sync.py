@@ -25,7 +25,7 @@ from ._engine import (
     close_now,
     close_quietly,
 )
-from ._errors import FAILURES, TaskShutdown
+from ._errors import FAILURES, TaskShutdown, is_cancellation
 from ._protocol import SyncRuntime, SyncSlots
 from ._proxy import ProxyHeaderError, read_proxy_header
 from ._tasks import current_task
@@ -286,6 +286,10 @@ class SyncEngine(Engine[SyncRuntime]):
                 raise
             except FAILURES as exc:
                 self._handler_failed(conn, handed, info, exc)
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
+                self._handler_failed(conn, handed, info, exc)
             finally:
                 if state is not None:
                     state.connection = None
@@ -360,12 +364,19 @@ def _tls_goodbye(sock: Any) -> None:
 
 
 def _no_awaitable(handler: Any, returned: Any) -> None:
-    """Raise if a sync handler returned a coroutine: an ``async def`` behind a plain wrapper.
+    """Raise if a sync handler returned a coroutine or a generator, which nobody runs.
 
     ``Server`` refuses an ``async def`` on a sync manager when it is made, but a
     plain decorator (``functools.wraps`` over an ``async def``) hides it; its
     coroutine, never awaited, served nobody while the server looked healthy.
     """
+    if inspect.isgenerator(returned):  # a `def` with `yield` behind a plain wrapper
+        returned.close()
+        raise TypeError(
+            f"handler {getattr(handler, '__qualname__', handler)!r} returned a generator:"
+            " it is a generator function (a def with yield, maybe behind a decorator),"
+            " whose body never ran; drop the yield"
+        )
     if inspect.isawaitable(returned):
         close = getattr(returned, "close", None)
         if close is not None:

@@ -75,3 +75,24 @@ class BindError(WeftError, OSError):
 EXITS: tuple[type[BaseException], ...] = (SystemExit, KeyboardInterrupt)
 #: What ends a handler as its failure (logged, counted), not as the runtime's doing.
 FAILURES: tuple[type[BaseException], ...] = (Exception, *EXITS)
+
+#: The classes runtimes cancel a task with, known by name (the core imports none of
+#: those libraries): trio's ``Cancelled``, asyncio's and concurrent.futures'
+#: ``CancelledError``, greenlet's ``GreenletExit``.
+_CANCELLATIONS = frozenset({"Cancelled", "CancelledError", "GreenletExit"})
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True if ``exc`` is a runtime's cancellation, or a group made only of them.
+
+    Any other exception a handler raises is its failure, whatever its base: a
+    custom ``BaseException``, ``GeneratorExit`` or a ``BaseExceptionGroup`` went past
+    the handler's error path (uncounted, no hook, no ``exception_handler``) to the
+    manager's last resort, which logged its message unescaped.
+    """
+    if isinstance(exc, TaskShutdown):
+        return True
+    inner = getattr(exc, "exceptions", None)  # an exception group (duck-typed for 3.10)
+    if isinstance(inner, tuple) and inner:
+        return all(isinstance(e, BaseException) and is_cancellation(e) for e in inner)
+    return any(cls.__name__ in _CANCELLATIONS for cls in type(exc).__mro__)

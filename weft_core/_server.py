@@ -251,6 +251,14 @@ class Server:
                 f"handler {_describe(handler)} is an async generator function (an `async def`"
                 " with `yield`), which no manager runs: drop the `yield`"
             )
+        if inspect.isgeneratorfunction(_unpartial(handler)):
+            # Called, it returns a generator that nobody runs: every connection was
+            # closed unserved, uncounted and unlogged, while the server looked healthy.
+            raise HandlerKindError(
+                f"handler {_describe(handler)} is a generator function (a `def` with"
+                " `yield`): calling it runs none of its body, so it would serve nobody;"
+                " drop the `yield`"
+            )
         if have != kind and not (kind == "async" and _wraps_async(handler)):
             name = _describe(handler)
             others = ", ".join(

@@ -124,6 +124,13 @@ class _Executor(concurrent.futures.ThreadPoolExecutor):
             return self.running
 
 
+#: ``id()`` of every loop a manager runs in a thread of its own. A Server run from a
+#: handler on one of them (a second server made inside the first's connection) is not
+#: "on the application's loop": it gets a loop of its own, where it had lived on the
+#: first server's, and died when that one stopped, blamed on "an application's loop".
+_OWN_LOOPS: set[int] = set()
+
+
 class _Loop:
     """The loop tasks run on: the manager's own, in a daemon thread, or the application's."""
 
@@ -150,6 +157,7 @@ class _Loop:
         self.ident = threading.get_ident()
         self.executor: _Executor | None = None
         if own:
+            _OWN_LOOPS.add(id(loop))
             self.thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
             self.executor = _Executor()
             loop.set_default_executor(self.executor)
@@ -193,6 +201,7 @@ class _Loop:
             self.ready.set()
             asyncio.set_event_loop(None)
             loop.close()
+            _OWN_LOOPS.discard(id(loop))
 
     def _run_forever(self) -> None:
         """Run the loop until close() stops it, whatever a task or a callback raises.
@@ -437,7 +446,7 @@ class AsyncioManager:
                 running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:
                 running = None
-            if running is not None:
+            if running is not None and id(running) not in _OWN_LOOPS:
                 home = _Loop(self, running, own=False)
             else:
                 home = _Loop(self, self._new_loop(), own=True)

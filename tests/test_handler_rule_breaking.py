@@ -1,0 +1,161 @@
+"""Handlers that break the rules, on every manager (an outside check's findings).
+
+Each test failed before its fix on the managers its docstring names:
+
+- a handler raising a ``BaseException`` that is not ``SystemExit`` or
+  ``KeyboardInterrupt`` (a custom one, ``GeneratorExit``, a ``BaseExceptionGroup``)
+  went past the handler's error path: not counted, no ``exception_handler``, and the
+  manager's last resort logged its message unescaped (a forged line, raw ESC);
+- a generator function as a handler was accepted and served nobody, silently;
+- on asyncio, a second Server run from inside a handler lived on the first's own
+  loop and died when the first stopped.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from _every_manager import MANAGERS, is_async
+from _every_manager import serve as serve  # the fixture
+
+from weft_core import HandlerKindError, Server
+from weft_core.testing import WAIT, wait_until
+
+FORGED = "evil\n2026-12-03 12:00:00 INFO weft: forged line\x1b[2J"
+
+
+class Custom(BaseException):
+    """Not an Exception, not SystemExit or KeyboardInterrupt: a library's own."""
+
+
+RAISES: dict[str, Callable[[], BaseException]] = {
+    "custom": lambda: Custom(FORGED),
+    "GeneratorExit": lambda: GeneratorExit(FORGED),
+}
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11 and later
+if _GROUP is not None:
+    RAISES["group"] = lambda: _GROUP("several", [Custom(FORGED), ValueError("x")])
+
+
+def _handlers(make: Callable[[], BaseException]) -> tuple[Any, Any]:
+    def handler(conn: Any) -> None:
+        conn.recv(10)
+        raise make()
+
+    async def ahandler(stream: Any) -> None:
+        await stream.receive_some(10)
+        raise make()
+
+    return handler, ahandler
+
+
+def _poke(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+        client.sendall(b"go")
+        try:
+            assert client.recv(10) == b""  # closed once the handler has raised
+        except ConnectionResetError:  # closed with "go" unread
+            pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raised", sorted(RAISES))
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_any_base_exception_a_handler_raises_is_its_failure_counted_and_escaped(
+    serve: Any,
+    manager: str,
+    options: dict[str, Any],
+    raised: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[BaseException] = []
+    sync, async_ = _handlers(RAISES[raised])
+    server = serve(
+        manager,
+        options,
+        sync,
+        async_,
+        exception_handler=lambda server, conn, exc: seen.append(exc),
+    )
+    _poke(server.port)
+    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
+    assert len(seen) == 1 and not isinstance(seen[0], Exception | SystemExit)
+    # The same with the default exception handler: its one ERROR record, escaped.
+    server.stop(timeout=WAIT)
+    caplog.clear()
+    server = serve(manager, options, sync, async_)
+    _poke(server.port)
+    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
+    text = caplog.text
+    assert "raised" in text
+    assert "\x1b" not in text
+    assert "\n2026-12-03 12:00:00 INFO weft: forged line" not in text
+    assert server.stop(timeout=WAIT)
+
+
+@pytest.mark.parametrize("manager", ["threads", "gevent"])
+def test_a_generator_function_is_refused_as_a_handler(manager: str) -> None:
+    """Called, it runs none of its body: every client was closed unserved, unlogged."""
+
+    def handler(conn: Any) -> Any:
+        conn.sendall(b"never sent")
+        yield
+
+    with pytest.raises(HandlerKindError, match=r"is a generator function .* drop the `yield`"):
+        Server(handler, manager=manager).run()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("manager", "options"), [m for m in MANAGERS if not is_async(m.values[0])]
+)
+def test_a_generator_behind_a_decorator_is_a_handler_error_saying_so(
+    serve: Any, manager: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    def generator(conn: Any) -> Any:
+        conn.sendall(b"never sent")
+        yield
+
+    @functools.wraps(generator, assigned=("__name__",))
+    def hidden(conn: Any) -> Any:
+        return generator(conn)
+
+    server = serve(manager, options, hidden, None)
+    _poke(server.port)
+    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
+    assert "returned a generator" in caplog.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), [m for m in MANAGERS if m.values[0] == "asyncio"])
+def test_a_server_run_from_a_handler_outlives_the_servers_stop(
+    serve: Any, manager: str, options: dict[str, Any]
+) -> None:
+    """It lived on the first server's own loop, and its stop killed it (asyncio)."""
+    inner: list[Server] = []
+
+    async def second(stream: Any) -> None:
+        await stream.send_all(b"second\n")
+
+    async def first(stream: Any) -> None:
+        nested = Server(second, manager=manager, manager_options=options)
+        nested.run()
+        inner.append(nested)
+        await stream.send_all(b"first\n")
+
+    server = serve(manager, options, None, first)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+        assert client.recv(10) == b"first\n"
+    assert server.stop(timeout=WAIT)
+    (nested,) = inner
+    try:
+        assert nested.running, nested.error
+        with socket.create_connection(("127.0.0.1", nested.port), timeout=WAIT) as client:
+            assert client.recv(10) == b"second\n"
+    finally:
+        assert nested.stop(timeout=WAIT)
