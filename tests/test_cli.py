@@ -917,6 +917,7 @@ def test_a_bind_given_twice_is_not_blamed_on_another_process() -> None:
 @pytest.mark.parametrize(
     ("flag", "made", "said"),
     [("--certfile", "directory", "a directory, not a file"),
+     ("--certfile", "fifo", "not a regular file (a pipe or a device?)"),
      ("--log-config", "lc.yaml", "YAML is not read"),
      ("--log-config", "lc.ini", "File contains no section headers. file:")],
 )  # fmt: skip
@@ -928,6 +929,8 @@ def test_a_wrong_file_is_one_line_saying_what_it_is(
     path = tmp_path / made
     if made == "directory":
         path.mkdir()
+    elif made == "fifo":  # it was "no such file" (a FIFO, /dev/zero: the TLS probe's F5)
+        os.mkfifo(path)
     else:
         path.write_text("version: 1\nroot:\n  level: INFO\n")
     extra = ["--keyfile", str(path)] if flag == "--certfile" else []

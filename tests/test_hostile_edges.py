@@ -267,6 +267,25 @@ def test_a_dripped_client_hello_is_bounded_by_the_handshake_timeout(
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_handshake_that_times_out_is_logged_as_a_timeout(
+    serve: Any,
+    manager: str,
+    options: dict[str, Any],
+    certs: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio and uvloop logged "failed: TimeoutError" alone (the TLS probe's F6)."""
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs), tls_handshake_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+        client.sendall(_client_hello()[:3])
+        assert _closed_within(client, WAIT) is not None
+    wait_until(lambda: server.stats()["tls_errors"] == 1, what="the timeout counted")
+    (line,) = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert "timed out" in line or "took longer than" in line, line
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
 def test_a_proxy_header_that_stalls_late_is_bounded_by_its_timeout(
     serve: Any, manager: str, options: dict[str, Any]
 ) -> None:

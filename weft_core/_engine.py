@@ -742,6 +742,10 @@ class Engine(ABC, Generic[R]):
             conn.peer_str,
             "TLS handshake" if self.cfg.tls is not None else "PROXY header",
         )
+        # Ended by the server, as a stop ends it: its task's failed handshake or
+        # header is then no failure of the peer's (it was counted in tls_errors, logged
+        # a second time blaming the peer's EOF, and reported to the hooks as "tls").
+        conn.how = "stopped"
         _shutdown_quietly(conn.abort)
         return True
 
@@ -915,6 +919,8 @@ class Engine(ABC, Generic[R]):
         self, info: ConnectionInfo, exc: BaseException, reason: str = "proxy"
     ) -> bool:
         if isinstance(info, Conn):
+            if info.how == "stopped":  # dropped at the limit (_shed_preamble)
+                return False
             info.how = "proxy_error"
         with self.lock:
             self.counts["proxy_errors"] += 1
@@ -942,9 +948,12 @@ class Engine(ABC, Generic[R]):
         ``stage`` is ``handshake`` (the connection is closed unserved, a refusal for
         the hooks) or ``session`` (it failed while the handler ran).
         """
-        if stage == "handshake" and self.closing:
-            # The stop ended the handshake (it shuts every connection's input): no
-            # failure of the peer's, and nothing to count or blame it for.
+        if stage == "handshake" and (
+            self.closing or (isinstance(info, Conn) and info.how == "stopped")
+        ):
+            # The stop ended the handshake (it shuts every connection's input), or the
+            # limit dropped it (_shed_preamble): no failure of the peer's, and nothing
+            # to count or blame it for.
             if isinstance(info, Conn):
                 info.how = "stopped"
             return False

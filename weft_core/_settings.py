@@ -387,7 +387,12 @@ def _check_file(value: Any) -> str:
     except (OSError, ValueError):
         found = False
     if not found:
-        what = "a directory, not a file" if os.path.isdir(path) else "no such file"
+        if os.path.isdir(path):
+            what = "a directory, not a file"
+        elif os.path.exists(path):  # a FIFO, a device: it would block, or never end
+            what = "not a regular file (a pipe or a device?)"
+        else:
+            what = "no such file"
         raise Invalid(f"{what}: {path!r}")
     return path
 

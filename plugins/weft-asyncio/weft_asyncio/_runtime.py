@@ -445,9 +445,18 @@ class AsyncioRuntime(AsyncRuntime):
     if sys.version_info >= (3, 11):
 
         async def within(self, seconds: float, fn: Callable[[], Awaitable[T]]) -> T:
-            """``await fn()``, raising ``TimeoutError`` after ``seconds``."""
-            async with asyncio.timeout(seconds):
-                return await fn()
+            """``await fn()``, raising ``TimeoutError`` after ``seconds``.
+
+            Its message says how long (logged as "TLS handshake ... failed: timed out
+            after 10s"): ``asyncio.timeout``'s own has none.
+            """
+            try:
+                async with asyncio.timeout(seconds):
+                    return await fn()
+            except TimeoutError as exc:
+                if isinstance(exc.__cause__, asyncio.CancelledError):  # the deadline's
+                    raise TimeoutError(f"timed out after {seconds:g}s") from None
+                raise
 
     else:  # pragma: no cover - Python 3.10
 
