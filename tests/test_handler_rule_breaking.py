@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import builtins
 import functools
+import os
+import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -159,3 +162,46 @@ def test_a_server_run_from_a_handler_outlives_the_servers_stop(
             assert client.recv(10) == b"second\n"
     finally:
         assert nested.stop(timeout=WAIT)
+
+
+def _fork_and_hold(children: list[int]) -> None:
+    """Fork a child that holds on (a multiprocessing worker would) until killed."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    children.append(pid)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_child_a_handler_forks_does_not_keep_the_port_listening(
+    serve: Any, manager: str, options: dict[str, Any]
+) -> None:
+    """The child's copy of the listening socket kept the port open after the server
+    stopped: new clients connected and hung, nobody accepting (all managers)."""
+    children: list[int] = []
+
+    def handler(conn: Any) -> None:
+        _fork_and_hold(children)
+        conn.sendall(b"forked\n")
+
+    async def ahandler(stream: Any) -> None:
+        _fork_and_hold(children)
+        await stream.send_all(b"forked\n")
+
+    server = serve(manager, options, handler, ahandler)
+    port = server.port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+            assert client.recv(10) == b"forked\n"
+        assert server.stop(timeout=WAIT)
+        assert len(children) == 1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -13,6 +13,7 @@ import fcntl
 import os
 import socket
 import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,12 +42,67 @@ class Listener:
     #: accept on it too, so the acceptor takes one client per turn of its loop.
     shared: bool = False
 
+    def __post_init__(self) -> None:
+        _held_by_this_process(self.sock.fileno())
+
     @property
     def address(self) -> str:
         """``HOST:PORT`` (IPv6 in brackets) or ``unix:/path``."""
         from ._connection import format_address
 
         return format_address(self.sock.getsockname())
+
+
+#: The listening sockets this process holds: descriptor number and socket inode.
+_LISTENING: dict[int, int] = {}
+
+
+def _held_by_this_process(fd: int) -> None:
+    try:
+        _LISTENING[fd] = os.fstat(fd).st_ino
+    except OSError:
+        pass
+    for old in [n for n, ino in _LISTENING.items() if not _still(n, ino)]:
+        del _LISTENING[old]  # closed since (by a runtime, or a stop)
+
+
+def _still(fd: int, ino: int) -> bool:
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(info.st_mode) and info.st_ino == ino
+
+
+def _let_go_in_a_forked_child() -> None:
+    """Put /dev/null on each listening socket's number in a child a handler forked.
+
+    (``os.fork``, multiprocessing's "fork".) The child's copies kept the port listening after the server stopped: clients
+    connected and hung, with nobody to accept them. /dev/null, not a close, so
+    the number is not handed to the child's next file while weft's objects there
+    still name it. weft's own children are exec'd (``subprocess``, which runs no
+    fork hook from Python 3.11 on) and keep what they are passed.
+    """
+    for fd, ino in list(_LISTENING.items()):
+        if not _still(fd, ino):
+            continue
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            pass
+        finally:
+            os.close(null)
+    _LISTENING.clear()
+
+
+# Python 3.10's subprocess runs the fork hooks in a child it starts with a
+# ``preexec_fn`` (weft's workers, there): the sockets passed to a worker would go.
+if sys.version_info >= (3, 11) and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_a_forked_child)
 
 
 def open_listeners(
