@@ -18,6 +18,7 @@ import functools
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -175,6 +176,9 @@ def _fork_and_hold(children: list[int]) -> None:
     children.append(pid)
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="the fork hook is Python 3.11's (3.10 runs it in workers)"
+)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("manager", "options"), MANAGERS)
 def test_a_child_a_handler_forks_does_not_keep_the_port_listening(
@@ -205,3 +209,35 @@ def test_a_child_a_handler_forks_does_not_keep_the_port_listening(
         for pid in children:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_listeners_made_in_several_threads_at_once() -> None:
+    """Two servers starting in two threads: the table of listening sockets changed
+    size under the scan of the other (RuntimeError), a reviewer's finding."""
+    import threading
+
+    from weft_core._listeners import Listener
+
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        held: list[socket.socket] = []
+        try:
+            for _ in range(200):
+                sock = socket.socket()
+                held.append(sock)
+                Listener(sock)
+                if len(held) > 20:
+                    held.pop(0).close()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            for sock in held:
+                sock.close()
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert errors == []

@@ -488,9 +488,10 @@ def open_control(
 
     ``namespace``: what the console binds (``server``), if config allows it; or
     ``console``, a console of the caller's. A worker listens at its own path beside
-    the supervisor's. If another server already answers at the *default* path, this
-    one logs a warning and goes without (two servers of one user are common); at a
-    configured path that is an error (BindError).
+    the supervisor's. If the socket cannot be made at the *default* path (another
+    server answers there, which two servers of one user commonly do; another user
+    squatted its directory in /tmp; the disk is full), this one logs a warning and
+    goes without; at a configured path that is an error (BindError).
     """
     path = config.control_socket
     if path is None:

@@ -264,7 +264,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
             except FAILURES as exc:
                 self._handler_failed(conn, handed, info, exc)
             except BaseException as exc:
-                if is_cancellation(exc):
+                # A bare GeneratorExit too: the interpreter throws one into a coroutine
+                # it closes (a task destroyed pending), which must let it through. One
+                # with a message was raised by the handler: its failure, as any.
+                if is_cancellation(exc) or (isinstance(exc, GeneratorExit) and not exc.args):
                     raise
                 self._handler_failed(conn, handed, info, exc)
             finally:

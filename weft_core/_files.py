@@ -76,7 +76,8 @@ def set_socket_mode(path: str, mode: int | None) -> os.stat_result:
 
 
 def _check_own_socket(info: os.stat_result) -> None:
-    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+    # One name: a hard link to another socket of this user's is not the one bound.
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
         raise OSError(
             errno.EEXIST,
             "the socket file was replaced as it was made (another user may write to its"
@@ -130,12 +131,14 @@ def open_log_file(handler: logging.FileHandler) -> io.TextIOWrapper:
     service user's log file by name would append to, or create, whatever that user
     pointed the name at. As root, a link at the last step (ELOOP) or a file with a
     second name (a hard link to a file of root's) is refused with OSError; a device
-    such as /dev/null is taken as it is.
+    such as /dev/null is taken as it is. A link at a directory above is followed:
+    the directories on the way must be root's (said in docs/deployment.md).
     """
     if os.geteuid() != 0:
         return handler._open()
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_APPEND if "a" in handler.mode else os.O_TRUNC
+    if "a" in handler.mode:
+        flags |= os.O_APPEND  # else truncated below, once the file is checked
     try:
         fd = os.open(handler.baseFilename, flags, 0o644)
     except OSError as exc:
@@ -155,6 +158,8 @@ def open_log_file(handler: logging.FileHandler) -> io.TextIOWrapper:
                 "it is a file with more than one name (a hard link could be to any file"
                 " of root's), which weft running as root does not write to",
             )
+        if "a" not in handler.mode and stat.S_ISREG(info.st_mode):
+            os.ftruncate(fd, 0)
         # The handler keeps the stream (no with); typed as handler._open's is.
         stream = open(fd, handler.mode, encoding=handler.encoding, errors=handler.errors)  # noqa: SIM115
         return cast(io.TextIOWrapper, stream)

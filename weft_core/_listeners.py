@@ -62,8 +62,11 @@ def _held_by_this_process(fd: int) -> None:
         _LISTENING[fd] = os.fstat(fd).st_ino
     except OSError:
         pass
-    for old in [n for n, ino in _LISTENING.items() if not _still(n, ino)]:
-        del _LISTENING[old]  # closed since (by a runtime, or a stop)
+    # A copy taken at once (no fstat, which lets other threads run, while iterating:
+    # two servers starting in two threads changed the dict under the loop).
+    for old, ino in list(_LISTENING.items()):
+        if not _still(old, ino):
+            _LISTENING.pop(old, None)  # closed since (by a runtime, or a stop)
 
 
 def _still(fd: int, ino: int) -> bool:
@@ -80,8 +83,10 @@ def _let_go_in_a_forked_child() -> None:
     (``os.fork``, multiprocessing's "fork".) The child's copies kept the port listening after the server stopped: clients
     connected and hung, with nobody to accept them. /dev/null, not a close, so
     the number is not handed to the child's next file while weft's objects there
-    still name it. weft's own children are exec'd (``subprocess``, which runs no
-    fork hook from Python 3.11 on) and keep what they are passed.
+    still name it. weft starts its own children (workers, ``--reload``) with no
+    ``preexec_fn``, so ``subprocess`` runs no fork hook in them and they keep what
+    they are passed; a listener handed to a child started with a ``preexec_fn``
+    arrives as /dev/null.
     """
     for fd, ino in list(_LISTENING.items()):
         if not _still(fd, ino):
@@ -99,8 +104,9 @@ def _let_go_in_a_forked_child() -> None:
     _LISTENING.clear()
 
 
-# Python 3.10's subprocess runs the fork hooks in a child it starts with a
-# ``preexec_fn`` (weft's workers, there): the sockets passed to a worker would go.
+# subprocess runs the fork hooks in a child it starts with a ``preexec_fn``, which
+# weft's own workers need on Python 3.10 (no ``process_group`` there): the sockets
+# passed to a worker would go. So from 3.11 on only.
 if sys.version_info >= (3, 11) and hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_let_go_in_a_forked_child)
 

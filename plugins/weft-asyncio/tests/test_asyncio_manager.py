@@ -881,3 +881,28 @@ def test_a_listener_closed_from_another_thread_keeps_its_number_until_its_loop_l
         loop.call_soon_threadsafe(loop.stop)
         thread.join(WAIT)
         loop.close()
+
+
+def test_a_system_exit_in_the_turn_that_close_stops_the_loop_loses_no_stop() -> None:
+    """The loop runs on after a SystemExit: one in the very turn close()'s stop ran
+    undid that stop (run_forever resets it), and close() waited CLOSE_WAIT, blamed
+    a task, and left the loop thread running for good."""
+    manager = AsyncioManager()
+    manager.add_task(lambda: asyncio.sleep(0))  # starts the loop thread
+    loop = manager.loop
+    assert loop is not None
+    gate = threading.Event()
+    loop.call_soon_threadsafe(gate.wait, WAIT)  # holds the loop: what follows is one turn
+    closer = threading.Thread(target=manager.runtime.close)
+    closer.start()
+    time.sleep(0.1)  # lets close() queue its stop first (the order is what is tested)
+
+    def boom() -> None:
+        raise SystemExit(3)
+
+    loop.call_soon_threadsafe(boom)
+    began = time.monotonic()
+    gate.set()
+    closer.join(WAIT + 6)
+    assert time.monotonic() - began < WAIT / 2
+    assert not loop.is_running()

@@ -136,7 +136,7 @@ class _Loop:
 
     __slots__ = (
         "cancels", "error", "executor", "ident", "lock", "loop", "owner", "ready", "soon",
-        "soon_tasks", "thread",
+        "soon_tasks", "stopping", "thread",
     )  # fmt: skip
 
     def __init__(self, owner: AsyncioManager, loop: asyncio.AbstractEventLoop, own: bool) -> None:
@@ -152,6 +152,8 @@ class _Loop:
         self.soon: list[Callable[[], Awaitable[object]]] | None = None
         self.soon_tasks: set[asyncio.Task[object]] = set()
         self.error: BaseException | None = None
+        #: close() has stopped the loop (a SystemExit in the same turn must not undo it).
+        self.stopping = False
         self.ready = threading.Event()
         self.thread: threading.Thread | None = None
         self.ident = threading.get_ident()
@@ -215,6 +217,8 @@ class _Loop:
             try:
                 self.loop.run_forever()
             except (SystemExit, KeyboardInterrupt) as exc:
+                if self.stopping:  # close()'s stop came in the same turn: not lost
+                    return
                 log.error(
                     "%s was raised on the asyncio loop (by a task or a callback); only"
                     " that one ended, the loop goes on",
@@ -304,6 +308,7 @@ class _Loop:
         """Stop the own loop (cancelling what is left) and join its thread; or let go."""
         if not self.own:
             return
+        self.stopping = True
         try:
             self.loop.call_soon_threadsafe(self.loop.stop)
         except RuntimeError:  # already closed

@@ -465,7 +465,7 @@ class AsyncioRuntime(AsyncRuntime):
             try:
                 return await asyncio.wait_for(fn(), seconds)
             except asyncio.TimeoutError:
-                raise TimeoutError(f"timed out after {seconds}s") from None
+                raise TimeoutError(f"timed out after {seconds:g}s") from None
 
     async def aclose(self, conn: AsyncioStream) -> None:
         """Close the stream (see :meth:`AsyncioStream.aclose`), its byte counts read."""
