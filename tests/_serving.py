@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,34 @@ class Served:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+def as_user(uid: int, move: Callable[[], str], gid: int | None = None) -> str:
+    """Run ``move`` in a forked child switched to ``uid`` (and ``gid``, else ``uid``).
+
+    What it returned, or its error as ``Type: message``. A fork needs no path to a
+    Python the other user may run (a venv under /root is not one). Needs root.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(uid if gid is None else gid)
+            os.setuid(uid)
+            result = move()
+        except BaseException as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        try:
+            os.write(write, result.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        said = reader.read().decode()
+    os.waitpid(pid, 0)
+    return said
 
 
 def host_port(address: str) -> tuple[str, int]:

@@ -29,6 +29,7 @@ from _serving import (
     READY,
     Client,
     Served,
+    as_user,
     environment,
     handler_for,
     host_port,
@@ -443,24 +444,12 @@ def test_console_is_off_unless_configured(tmp_path: Path, control: Path) -> None
 def as_nobody(path: Path, command: str) -> str:
     """``weft ctl``'s request, as uid nobody, in a forked child: the error it gets."""
     nobody = pwd.getpwnam("nobody")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, ask, report, and leave at once
-        outcome = "answered"
-        try:
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            request(str(path), command, timeout=10)
-        except BaseException as exc:
-            outcome = str(exc)
-        finally:
-            os.write(write, outcome.encode())
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        outcome = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return outcome
+
+    def ask() -> str:
+        request(str(path), command, timeout=10)
+        return "answered"
+
+    return as_user(nobody.pw_uid, ask, nobody.pw_gid)
 
 
 def test_another_user_cannot_steer_it(tmp_path: Path) -> None:

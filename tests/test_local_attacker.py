@@ -9,8 +9,7 @@ and checks that root writes, chmods and removes nothing it should not, and that
 the server either starts anyway or says in one line what is in its way.
 
 Moves that need a second user are played in a forked child that switches to
-``nobody`` (65534) or to an unnamed uid: a Python for another user cannot always be
-run from the venv's path, but a fork needs no path. Those tests need root.
+``nobody`` (65534) or to an unnamed uid (``_serving.as_user``). Those tests need root.
 """
 
 from __future__ import annotations
@@ -22,11 +21,11 @@ import signal
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _serving import LISTENING, Served, environment, weft_serve
+from _serving import LISTENING, Served, as_user, environment, weft_serve
 
 from weft_core import BindError
 from weft_core._ctl import ControlSocket
@@ -38,30 +37,6 @@ NOBODY = 65534
 OTHER = 65533  # no account needed: a uid unlike the server's and nobody's
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="plays two users: needs root")
-
-
-def as_user(uid: int, move: Callable[[], str]) -> str:
-    """Run ``move`` in a forked child switched to ``uid``; what it returned, or its error."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        try:
-            os.close(read)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            result = move()
-        except BaseException as exc:
-            result = f"{type(exc).__name__}: {exc}"
-        try:
-            os.write(write, result.encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as reader:
-        said = reader.read().decode()
-    os.waitpid(pid, 0)
-    return said
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +23,7 @@ from ._errors import BindError, ConfigError
 from ._files import set_socket_mode, socket_there
 from ._logsafe import escape_for_log
 
-__all__ = ["Family", "Listener", "open_listeners"]
+__all__ = ["Family", "Listener", "handing_over", "open_listeners"]
 
 Family = Literal["auto", "ipv4", "ipv6", "dual"]
 FAMILIES: tuple[Family, ...] = ("auto", "ipv4", "ipv6", "dual")
@@ -77,17 +77,36 @@ def _still(fd: int, ino: int) -> bool:
     return stat.S_ISSOCK(info.st_mode) and info.st_ino == ino
 
 
+#: Above 0 while weft starts a child it hands its listening sockets to (a worker):
+#: gevent's ``subprocess`` forks in Python, so the fork hook runs in that child too,
+#: and the worker was given /dev/null where its sockets should be. The child reads
+#: its copy of this count.
+_handing_over = 0
+
+
+@contextlib.contextmanager
+def handing_over() -> Iterator[None]:
+    """Around starting a child that is passed the listening sockets (``pass_fds``)."""
+    global _handing_over
+    _handing_over += 1
+    try:
+        yield
+    finally:
+        _handing_over -= 1
+
+
 def _let_go_in_a_forked_child() -> None:
     """Put /dev/null on each listening socket's number in a child a handler forked.
 
     (``os.fork``, multiprocessing's "fork".) The child's copies kept the port listening after the server stopped: clients
     connected and hung, with nobody to accept them. /dev/null, not a close, so
     the number is not handed to the child's next file while weft's objects there
-    still name it. weft starts its own children (workers, ``--reload``) with no
-    ``preexec_fn``, so ``subprocess`` runs no fork hook in them and they keep what
-    they are passed; a listener handed to a child started with a ``preexec_fn``
-    arrives as /dev/null.
+    still name it. weft's own workers keep what they are passed (:func:`handing_over`);
+    a listener an application hands to a child started with a ``preexec_fn``, or
+    under gevent's ``subprocess``, arrives as /dev/null.
     """
+    if _handing_over:  # a worker weft starts, to be exec'd with its sockets
+        return
     for fd, ino in list(_LISTENING.items()):
         if not _still(fd, ino):
             continue

@@ -82,6 +82,7 @@ from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE, late_signals_ignored
 from ._flags import render_flag
 from ._jobcontrol import JOB_STOPS, OWN_PROCESS_GROUP
+from ._listeners import handing_over
 from ._logging import LINE_LOCK_ENV, logs_json, share_line_lock
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
@@ -1265,19 +1266,20 @@ class Supervisor:
         # stopped by `stty tostop`. Signals for the supervisor go to its other threads.
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_STOPS)
         try:
-            proc = subprocess.Popen(
-                self._command(theirs.fileno(), sockets),
-                pass_fds=(
-                    *(s.fileno() for s in sockets),
-                    theirs.fileno(),
-                    dump_end,
-                    *(() if self._line_lock is None else (self._line_lock,)),
-                    *(() if cell is None or balance is None else (balance.fd,)),
-                ),
-                stdin=subprocess.DEVNULL,
-                env=env,
-                **OWN_PROCESS_GROUP,
-            )
+            with handing_over():  # its listening sockets are passed, not let go
+                proc = subprocess.Popen(
+                    self._command(theirs.fileno(), sockets),
+                    pass_fds=(
+                        *(s.fileno() for s in sockets),
+                        theirs.fileno(),
+                        dump_end,
+                        *(() if self._line_lock is None else (self._line_lock,)),
+                        *(() if cell is None or balance is None else (balance.fd,)),
+                    ),
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    **OWN_PROCESS_GROUP,
+                )
         except OSError as exc:
             ours.close()
             os.close(dump)
