@@ -169,6 +169,22 @@ def test_quit_stops_at_once(tmp_path: Path, shape: str) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_term_and_a_quit_pending_together_stop_quickly_not_by_death(tmp_path: Path) -> None:
+    """A supervisor cutting a stop short sends its workers TERM, then QUIT. Pending
+    together (the process held up, here stopped), Python ran their handlers in
+    signal-number order: QUIT armed the stop's deadline, and TERM, taken for a second
+    stop signal, killed the process (a worker exiting by SIGTERM, its clients cut;
+    seen in a fresh-clone run of test_quit_during_a_graceful_stop_cuts_it_short)."""
+    served, address = start(tmp_path)
+    with served, socket.create_connection(address, timeout=20):
+        served.signal(signal.SIGSTOP)
+        served.signal(signal.SIGTERM)
+        served.signal(signal.SIGQUIT)
+        served.signal(signal.SIGCONT)
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_usr1_reopens_logs_and_serves_on(tmp_path: Path, shape: str) -> None:
     """USR1 no longer kills weft serve (exit 138 before): it reopens log files."""

@@ -616,12 +616,21 @@ def _run(
     notifier = Notifier()
     deadline = Deadline()
 
+    #: The TERM and INT received so far: the second of them quits at once.
+    stop_signals: list[int] = []
+
     def on_signal(signum: int) -> None:
         # In the handler itself: the stop's bound holds even if the main thread is stuck.
         if signum in STOP_SIGNALS or signum == signal.SIGQUIT:
-            if deadline.armed and signum in STOP_SIGNALS:  # the second: quit at once
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+            if signum in STOP_SIGNALS:
+                # Counted, not read off the armed deadline: a QUIT arms it too, and
+                # Python runs pending handlers in signal-number order, so a TERM and
+                # a QUIT pending together (a supervisor's TERM, then its QUIT cutting
+                # the stop short) ran QUIT first, and the TERM killed the worker.
+                if stop_signals:  # the second: quit at once
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+                stop_signals.append(signum)
             if deadline.armed:  # QUIT during a graceful stop: cut it short, as asked
                 # Not threading.Thread(...).start(), which waits for the thread to begin:
                 # monkey-patched by gevent, that is a wait on the hub, and this handler
@@ -765,14 +774,17 @@ def _serve_until_stopped(
                 log.warning("received SIGTTOU: one process is the fewest; nothing to do")
             else:
                 return hand_over(signum, notifier)
-    if stop is None and drain.asked.is_set() and not ended.is_set():
-        timeout = graceful_timeout if drain.timeout is None else drain.timeout
+    if stop is None and drain.asked.is_set():
         # The process ends once drained: systemd is told, as on TERM (and as a
-        # supervisor's drain tells it), where one process said nothing.
+        # supervisor's drain tells it), where one process said nothing. Told even
+        # if the server has ended already (nothing was open, and this thread came
+        # late, under load): it was not told then, a fresh-clone run found.
         notifier.stopping("draining")
-        stop = _drain(server, timeout, wakeup, shutdown)
-        if stop is None:
-            return _drained(server)
+        if not ended.is_set():
+            timeout = graceful_timeout if drain.timeout is None else drain.timeout
+            stop = _drain(server, timeout, wakeup, shutdown)
+            if stop is None:
+                return _drained(server)
     if stop is not None:
         status = _stop_for(server, stop, graceful_timeout, shutdown, notifier)
         if status is not None:
