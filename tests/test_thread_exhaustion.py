@@ -176,8 +176,13 @@ def test_a_worker_that_cannot_start_threads_leaves_clients_to_its_sibling(
         worker, address = int(first.group(1)), host_port(first.group(2))
         (capped / "cgroup.procs").write_text(str(worker))
         (capped / "pids.max").write_text(str(_tasks(worker) - 1))
+        began = time.monotonic()
         failed = sum(not _exchange(address, n) for n in range(60))
-        assert failed <= 3, f"{failed} of 60 clients were reset or cut"
+        took = time.monotonic() - began
+        # One refused per pause: three in its ramp (0.1, 0.2, 0.4 s), then one per 0.5 s
+        # at most; on a loaded machine the 60 clients take longer, and so get more.
+        allowed = 3 + int(took / 0.5)
+        assert failed <= allowed, f"{failed} of 60 clients were reset or cut in {took:.1f}s"
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
 

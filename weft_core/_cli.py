@@ -839,7 +839,8 @@ def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) 
     SIGTERM for the shutdown port's), or None once drained.
     """
     log.info("draining: no new connections; exiting when idle, or in %ss", f"{timeout:g}")
-    server.stop_accepting()
+    # The listeners were closed by the request itself (weft ctl's thread, before it
+    # answers); closing them here too, racing it, could let its answer go first.
     until = time.monotonic() + timeout
     while not server.wait(0):
         if shutdown.asked.is_set():

@@ -163,9 +163,12 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         timeout = timeout_seconds(args.get("timeout"), "drain")
         # The listeners close before the answer says so: the serve loop's own
         # stop_accepting() came a moment after it, and a client connecting on seeing
-        # the answer was still accepted (then served: nothing was lost).
-        server.stop_accepting()
+        # the answer was still accepted (then served: nothing was lost). The request
+        # is made first: with nothing open the server ends as its listeners close,
+        # and a serve loop woken by that before the request was made took the end
+        # for a worker's retirement, and told systemd no STOPPING.
         drain(timeout)
+        server.stop_accepting()
         shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
         return f"draining: no new connections; exiting when idle or after {shown}"
 
