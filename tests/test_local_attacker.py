@@ -315,15 +315,3 @@ def test_root_reopening_a_log_file_writes_through_nothing_another_user_planted(
     assert "cannot reopen log file" in caplog.text
     why = "more than one name" if planted == "a hard link" else "is a symbolic link"
     assert why in caplog.text
-
-
-def test_reopening_a_log_file_as_root_still_follows_a_rotation(
-    file_logger: tuple[logging.Logger, Path], tmp_path: Path
-) -> None:
-    logger, path = file_logger
-    logger.warning("before")
-    path.rename(tmp_path / "app.log.1")
-    assert reopen_log_files() >= 1
-    logger.warning("after")
-    assert path.read_text() == "after\n"
-    assert stat.S_IMODE(path.stat().st_mode) & 0o022 == 0

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -299,6 +300,8 @@ def test_reopen_log_files_follows_a_rotation(tmp_path: Path) -> None:
         handler.close()
     assert (tmp_path / "weft.log.1").read_text() == "before\n"
     assert path.read_text() == "after\n"
+    # As root, the file is made afresh through no link (_files.open_log_file), 0644.
+    assert stat.S_IMODE(path.stat().st_mode) & 0o022 == 0
 
 
 @pytest.mark.timeout(90)

@@ -314,17 +314,16 @@ def _serve(ns: argparse.Namespace) -> int:
         except WeftError as exc:
             return _fail(_sourced(exc, config), EXIT_USAGE)
         supervisor_pid = None if pid is None else PidFile(pid)
-        upgraded = _supervise.ADOPT_ENV in os.environ  # re-executed on USR2: the same PID
+        on_listening = None
+        if supervisor_pid is not None:  # re-executed on USR2: the same PID, kept
+            upgraded = _supervise.ADOPT_ENV in os.environ
+            on_listening = supervisor_pid.keep if upgraded else supervisor_pid.write
         try:
             return _supervise.supervise(
                 config,
                 flags,
                 ns.config,
-                on_listening=None
-                if supervisor_pid is None
-                else supervisor_pid.keep
-                if upgraded
-                else supervisor_pid.write,
+                on_listening=on_listening,
                 argv=getattr(ns, "argv", None),
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret

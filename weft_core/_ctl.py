@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from ._endpoints import SUN_PATH_MAX
 from ._errors import BindError, ConfigError, WeftError
-from ._files import IN_USE, set_socket_mode, socket_there
+from ._files import IN_USE, clear_stale_socket, set_socket_mode
 from ._logsafe import escape_for_log
 
 __all__ = [
@@ -254,33 +254,23 @@ def _clear_stale(path: Path) -> None:
         info = path.lstat()
     except FileNotFoundError:
         return
+    shown = escape_for_log(str(path))
     if not stat.S_ISSOCK(info.st_mode):
         raise BindError(
             errno.EEXIST,
-            f"{path} exists and is not a socket; remove it or choose another control_socket",
+            f"{shown} exists and is not a socket; remove it or choose another control_socket",
         )
-    there = socket_there(str(path))
-    if there is None:
-        try:
-            path.unlink(missing_ok=True)  # stale: left by a server that did not remove it
-        except OSError as exc:
-            raise BindError(
-                exc.errno,
-                f"cannot listen on the control socket {escape_for_log(str(path))}: a stale"
-                f" socket file of uid {info.st_uid} is there and cannot be removed"
-                f" ({exc.strerror}); remove it, or choose another control_socket",
-            ) from exc
+    refused = clear_stale_socket(str(path), info.st_uid)
+    if refused is None:
         return
-    if there == IN_USE:
+    err, why = refused
+    if why == IN_USE:
         raise BindError(
-            errno.EADDRINUSE,
-            f"another weft serve answers on the control socket {escape_for_log(str(path))};"
-            " stop it, or give this one its own control_socket",
+            err,
+            f"another weft serve answers on the control socket {shown}; stop it, or give"
+            " this one its own control_socket",
         )
-    raise BindError(
-        errno.EADDRINUSE,
-        f"cannot listen on the control socket {escape_for_log(str(path))}: {there}",
-    )
+    raise BindError(err, f"cannot listen on the control socket {shown}: {why}")
 
 
 class ControlSocket:
@@ -567,51 +557,44 @@ def _send(conn: socket.socket, message: Mapping[str, Any]) -> None:
 
 def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
     """A connection to the control socket at ``path``, or ControlError saying why not."""
+    shown = escape_for_log(path)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:  # out of descriptors: a supervisor fanning out says so per worker
-        raise ControlError(
-            f"cannot reach the control socket {escape_for_log(path)}: {exc}"
-        ) from None
+        raise ControlError(f"cannot reach the control socket {shown}: {exc}") from None
     sock.settimeout(timeout)
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         raise ControlError(
-            f"no weft serve is running with the control socket {escape_for_log(path)}; start one, or point"
+            f"no weft serve is running with the control socket {shown}; start one, or point"
             " at its socket with --socket PATH (or control_socket in config)"
         ) from None
     except PermissionError:
         sock.close()
         owner = _owner(path)
         raise ControlError(
-            f"permission denied on the control socket {escape_for_log(path)}{owner}: only the user running"
+            f"permission denied on the control socket {shown}{owner}: only the user running"
             " that server (or root) may steer it"
         ) from None
     except BlockingIOError:  # a Unix socket's full backlog
         sock.close()
-        raise ControlError(
-            f"the control socket {escape_for_log(path)} is busy; try again"
-        ) from None
+        raise ControlError(f"the control socket {shown} is busy; try again") from None
     except OSError as exc:
         sock.close()
-        raise ControlError(
-            f"cannot reach the control socket {escape_for_log(path)}: {exc}"
-        ) from None
+        raise ControlError(f"cannot reach the control socket {shown}: {exc}") from None
     try:
         server = peer_credentials(sock)
     except OSError as exc:
         sock.close()
-        raise ControlError(
-            f"cannot tell who serves the control socket {escape_for_log(path)}: {exc}"
-        ) from None
+        raise ControlError(f"cannot tell who serves the control socket {shown}: {exc}") from None
     if server.uid not in (os.geteuid(), 0):
         sock.close()
         # Nothing is sent to it: another local user may have put a socket of its own
         # where weft ctl looks (a shared temporary directory), to read what we send.
         raise ControlError(
-            f"the control socket {escape_for_log(path)} is served by {server}, neither you nor root:"
+            f"the control socket {shown} is served by {server}, neither you nor root:"
             " refusing to talk to it; point at your server's socket with --socket PATH"
         )
     return sock
@@ -663,9 +646,10 @@ def exchange(
 
 def _result_of(path: str, line: bytes) -> Any:
     """The result in the server's answer ``line``, or ControlError saying what went wrong."""
+    shown = escape_for_log(path)
     if not line:
         raise ControlError(
-            f"the server at {escape_for_log(path)} closed the connection without answering (it was"
+            f"the server at {shown} closed the connection without answering (it was"
             " re-executing on USR2, or stopping: ask again; or another user's server"
             " refuses you: see its log)"
         )
@@ -675,7 +659,7 @@ def _result_of(path: str, line: bytes) -> Any:
         answer = None
     if not isinstance(answer, dict) or "ok" not in answer:
         raise ControlError(
-            f"the control socket {escape_for_log(path)} answered {escape_for_log(line[:60].decode('latin-1'))}"
+            f"the control socket {shown} answered {escape_for_log(line[:60].decode('latin-1'))}"
             "..., not as weft serve does: is it a weft control socket?"
         )
     if not answer.get("ok"):

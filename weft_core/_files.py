@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import cast
 
-__all__ = ["IN_USE", "open_log_file", "replace_file", "set_socket_mode", "socket_there"]
+__all__ = ["IN_USE", "clear_stale_socket", "open_log_file", "replace_file", "set_socket_mode"]
 
 
 def replace_file(path: Path, text: str, mode: int = 0o644) -> None:
@@ -85,11 +85,11 @@ def _check_own_socket(info: os.stat_result) -> None:
         )
 
 
-#: :func:`socket_there`'s answer when a server accepted the probe.
+#: :func:`clear_stale_socket`'s reason when a server accepted its probe.
 IN_USE = "another server is listening there"
 
 
-def socket_there(path: str, timeout: float = 1.0) -> str | None:
+def _socket_there(path: str, timeout: float = 1.0) -> str | None:
     """Why the socket file at ``path`` is not stale (a phrase), or None if it is.
 
     Only a refused connection (or a file gone) means stale: one the probe may not
@@ -115,6 +115,29 @@ def socket_there(path: str, timeout: float = 1.0) -> str | None:
     finally:
         probe.close()
     return IN_USE
+
+
+def clear_stale_socket(path: str, owner: int) -> tuple[int, str] | None:
+    """Remove the socket file at ``path`` (of uid ``owner``) if nobody listens on it.
+
+    None once it is gone; else an errno and why it stays, a phrase to follow
+    "cannot listen on ...: ": a live server's, one this user may not probe, or a
+    stale one it may not remove (another user's, in a sticky directory such as /tmp:
+    a bare ``PermissionError`` named neither the address nor the owner).
+    """
+    there = _socket_there(path)
+    if there is not None:
+        return errno.EADDRINUSE, there
+    try:
+        os.unlink(path)  # stale: left by a server that did not remove it
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return exc.errno or errno.EPERM, (
+            f"a stale socket file of uid {owner} is there and cannot be removed"
+            f" ({exc.strerror}); remove it as that user, or give another path"
+        )
+    return None
 
 
 def _owner(path: str) -> str:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from ._endpoints import Endpoint, check_dual
 from ._errors import BindError, ConfigError
-from ._files import set_socket_mode, socket_there
+from ._files import clear_stale_socket, set_socket_mode
 from ._logsafe import escape_for_log
 
 __all__ = ["Family", "Listener", "handing_over", "open_listeners"]
@@ -98,8 +98,9 @@ def handing_over() -> Iterator[None]:
 def _let_go_in_a_forked_child() -> None:
     """Put /dev/null on each listening socket's number in a child a handler forked.
 
-    (``os.fork``, multiprocessing's "fork".) The child's copies kept the port listening after the server stopped: clients
-    connected and hung, with nobody to accept them. /dev/null, not a close, so
+    (``os.fork``, multiprocessing's "fork".) The child's copies kept the port
+    listening after the server stopped: clients connected and hung, with nobody to
+    accept them. /dev/null, not a close, so
     the number is not handed to the child's next file while weft's objects there
     still name it. weft's own workers keep what they are passed (:func:`handing_over`);
     a listener an application hands to a child started with a ``preexec_fn``, or
@@ -275,18 +276,9 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
                     errno.EEXIST,
                     f"cannot listen on unix:{shown}: a file that is not a socket is there",
                 )
-            there = socket_there(path)
-            if there is not None:
-                raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{shown}: {there}")
-            try:
-                os.unlink(path)  # stale: left by a server that did not remove it
-            except OSError as exc:  # another user's, in a sticky directory such as /tmp
-                raise BindError(
-                    exc.errno,
-                    f"cannot listen on unix:{shown}: a stale socket file of uid {st.st_uid}"
-                    f" is there and cannot be removed ({exc.strerror}); remove it as that"
-                    " user, or give another path",
-                ) from exc
+            refused = clear_stale_socket(path, st.st_uid)
+            if refused is not None:
+                raise BindError(refused[0], f"cannot listen on unix:{shown}: {refused[1]}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     made: os.stat_result | None = None

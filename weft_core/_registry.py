@@ -66,10 +66,10 @@ ENTRY_POINT_GROUP = "weft"
 #: bisecting a broken environment, and running with exactly the plugins a test wants.
 LOAD_PLUGINS_ENV = "WEFT_LOAD_PLUGINS"
 
-#: Managers we publish ourselves, so "not installed" can say exactly what to install.
 #: The manager used when neither the Server nor config names one.
 DEFAULT_MANAGER = "threads"
 
+#: Managers we publish ourselves, so "not installed" can say exactly what to install.
 KNOWN_MANAGERS = {
     "threads": "weft-threads",
     "gevent": "weft-gevent",

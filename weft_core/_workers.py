@@ -618,8 +618,7 @@ class Supervisor:
                             self._upgrade = False  # reexec returns only if it failed
                             self._reexec(self._state())
                             self._note = "the last upgrade failed; "
-                            self._notifier.ready("upgrade failed: serving on the old code")
-                            self._said = "upgrade failed: serving on the old code"
+                            self._tell_ready("upgrade failed: serving on the old code")
                     self._alive(now)
                     links: list[socket.socket | int] = [
                         w.link for w in self._workers.values() if not w.eof
@@ -775,18 +774,21 @@ class Supervisor:
         status = self._note + status
         if not self._announced and ready:
             self._announced = True
-            self._notifier.ready(status)
-            self._said = status
+            self._tell_ready(status)
         if self._reloading and ready >= self._count and not self._old():
             self._reloading = False
             log.info("reload done: %d new worker(s) serving", ready)
             if not self._upgrade:  # else the re-executed image says READY=1, at its end
-                self._notifier.ready(status)
-                self._said = status
+                self._tell_ready(status)
             self._reload_again()
         if self._announced and not self._reloading and status != self._said:
             self._notifier.status(status)
             self._said = status
+
+    def _tell_ready(self, status: str) -> None:
+        """READY=1 with ``status``, which STATUS= then says until it changes (_progress)."""
+        self._notifier.ready(status)
+        self._said = status
 
     # -- the workers' links: ready, heartbeats, max_requests --------------------------------
 
@@ -1175,8 +1177,7 @@ class Supervisor:
         if self._local is not None and not self._local.retired:
             self._count = max(0, self._count - 1)  # the in-process server serves alone
         self._note = "the last reload failed; "
-        self._notifier.ready("reload failed; serving on the old code")
-        self._said = "reload failed; serving on the old code"
+        self._tell_ready("reload failed; serving on the old code")
         self._reload_again()
 
     def _reload_again(self) -> None:
