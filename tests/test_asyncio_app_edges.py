@@ -333,11 +333,16 @@ def test_two_tasks_draining_at_once_are_both_woken(loop_name: str) -> None:
 
     async def handler(stream: Any) -> None:
         await stream.readexactly(2)  # the transport exists before the producers start
+        # A small send buffer, and producers taking turns: the socket fills while both
+        # still have chunks to write (with the kernel's buffers grown to megabytes, one
+        # producer could otherwise write all of its chunks before the other began).
+        stream.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         waiting = 0
 
         async def producer(tag: bytes) -> None:
             nonlocal waiting
             for _ in range(chunks):
+                await asyncio.sleep(0)
                 stream.write(tag * 65536)
                 waiting += 1
                 if waiting == 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from _load import APP, APP_ASYNC, Load, greeting, wait_for_version, write_app
-from _serving import READY, Served, environment, host_port, weft_serve
+from _serving import READY, Served, connects, environment, free_port, host_port, weft_serve
 
 from weft_core import _registry
 from weft_core._signals import reopen_log_files
@@ -154,6 +155,64 @@ def test_hup_lets_a_connection_in_flight_finish_on_the_old_code(tmp_path: Path) 
         served.wait_for("the in-process server has drained")
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+SLOW_START = """
+import pathlib
+import time
+
+from weft_core import _registry, hookimpl
+
+
+class SlowStart:
+    # A server_started hook that takes its time (a service registration, say): the
+    # worker accepts meanwhile, and tells its supervisor it is ready only after.
+    @hookimpl
+    def weft_server_started(self, server, addresses):
+        deadline = time.monotonic() + 30
+        while not pathlib.Path("gate").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+_registry.register(SlowStart(), name="slow-start")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_hup_drains_a_worker_that_serves_before_its_supervisor_knows(tmp_path: Path) -> None:
+    """A worker accepts before its READY reaches the supervisor (a slow server_started
+    hook here; a busy supervisor in a load test). A HUP then retired it as one that
+    never served: SIGTERM, whose stop ended the input of the clients it had taken,
+    cut mid-exchange (a reload's load test lost two). Now it drains, as any old worker."""
+    write_app(tmp_path, "v1")
+    with (tmp_path / "app.py").open("a") as app:
+        app.write(SLOW_START)
+    port = free_port()  # the supervisor says where it listens once a worker is ready
+    address = ("127.0.0.1", port)
+    served = Served(
+        weft_serve(APP, "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "10",
+                   "--workers", "2"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        wait_until(lambda: connects(port), what="the worker to accept")
+        with socket.create_connection(address, timeout=20) as old:
+            reader = old.makefile("rb")
+            assert reader.readline().startswith(b"v1 "), "the worker serves before it is ready"
+            assert not re.search(READY, served.text)
+            write_app(tmp_path, "v2")  # without the slow hook
+            served.signal(signal.SIGHUP)
+            served.wait_for("received SIGHUP: reloading")
+            (tmp_path / "gate").touch()
+            wait_for_version(address, "v2")
+            old.sendall(b"still here\n")
+            assert reader.readline() == b"still here\n", served.text
+            old.shutdown(socket.SHUT_WR)
+            assert reader.read() == b""
+        served.wait_for(r"worker \d+ exited with 0")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "SIGTERM (it was not ready)" not in served.text
 
 
 @pytest.mark.timeout(60)

@@ -408,6 +408,8 @@ def _serve(ns: argparse.Namespace) -> int:
 
     try:
         if link is not None:
+            if not link.begin_serving():  # retired as it started: it ends, unserved
+                return 0
             return _run(
                 server, config.graceful_timeout, listening, drain=drain, stopped=link.stopped
             )

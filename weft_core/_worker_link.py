@@ -87,21 +87,55 @@ class WorkerLink:
         self._server: Any = None
         self._graceful_timeout = 0.0
         self._drain_asked = threading.Event()
+        # Whether the server may accept (begin_serving) or was retired before it
+        # could: one decision, under the lock, whichever of the two threads comes first.
+        self._lock = threading.Lock()
+        self._serving = False
+        self._retired = False
         threading.Thread(
             target=self._watch_supervisor, name="weft worker: supervisor watch", daemon=True
         ).start()
+
+    def begin_serving(self) -> bool:
+        """Called just before the server starts accepting: False if it must not.
+
+        False once the supervisor has asked this worker to drain (a reload overtook
+        its start): it never served, and ends without ever accepting a client.
+        """
+        with self._lock:
+            if self._retired:
+                return False
+            self._serving = True
+            return True
 
     def _watch_supervisor(self) -> None:
         """Drain when asked; stop (as on SIGTERM) when the supervisor is gone."""
         try:
             while data := os.read(self._fd, 512):
                 if DRAIN in data:
-                    self._drain_asked.set()
-                    self._maybe_drain()
+                    self._retire()
         except OSError:
             pass
         log.warning("the supervisor is gone: stopping")
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _retire(self) -> None:
+        """The supervisor asked this worker to go: drain, or end now if it does not serve yet.
+
+        A worker still starting (importing the application, perhaps in an import that
+        never returns) ends at once, by the default action of SIGTERM, which nothing
+        catches before the server's own handlers go in: it has accepted nobody. Once
+        it may accept, it drains instead, however early: the supervisor cannot tell a
+        worker that has begun to accept from one still starting, and a stop would
+        have cut the clients it took (a reload's load test lost two of them so).
+        """
+        with self._lock:
+            self._retired = not self._serving
+        if self._retired:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self._drain_asked.set()
+        self._maybe_drain()
 
     def _maybe_drain(self) -> None:
         server = self._server

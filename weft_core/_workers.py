@@ -753,7 +753,7 @@ class Supervisor:
             ", ".join(str(w.pid) for w in starting),
         )
         for worker in starting:
-            worker.old = True  # never ready: retired (SIGTERM) at once by _balance
+            worker.old = True  # never ready: retired at once by _balance (see _retire)
         self._reloading = self._again = False
         self._reload("reloading again: asked while the last reload hung in its start")
         self._wake()  # the loop goes round at once: retire them, start the new
@@ -928,7 +928,7 @@ class Supervisor:
         ready = sum(w.ready for w in current)
         old: list[_Worker | None] = []
         for worker in self._old_in_retiring_order(current):
-            if not worker.ready:  # it never served: nothing is lost when it goes at once
+            if not worker.ready:  # not serving yet: it ends, or drains what it took
                 self._retire(worker, now)
             elif worker.recycled and ready:
                 # Past max_requests, and another worker serves: go now, so the count
@@ -952,8 +952,10 @@ class Supervisor:
     def _retire(self, worker: _Worker, now: float) -> None:
         """Ask ``worker`` to drain (:func:`drain`): the byte DRAIN on its link.
 
-        One not ready yet is sent SIGTERM too: it may be stuck in its start (an
-        import that hangs), where nothing reads the link, and it has served nothing.
+        One not ready yet is asked the same: if it has not begun to accept, its link
+        ends it at once, even in an import that never returns (``WorkerLink``); if it
+        has, it drains. It was sent SIGTERM, and a worker that had begun to accept
+        before its READY arrived cut the clients it had taken.
         """
         worker.retiring = True
         worker.told = "a drain request"
@@ -970,9 +972,6 @@ class Supervisor:
             worker.link.send(DRAIN)
         except OSError:  # it is exiting already
             pass
-        if not worker.ready:
-            worker.told = "SIGTERM (it was not ready)"
-            _send(worker.pid, signal.SIGTERM)
 
     # -- stopping ---------------------------------------------------------------------------
 
