@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -55,18 +56,27 @@ class Listener:
 
 #: The listening sockets this process holds: descriptor number and socket inode.
 _LISTENING: dict[int, int] = {}
+#: Taken to change _LISTENING or copy it: two servers starting in two threads changed
+#: it under the other's scan (RuntimeError), and even ``list(d.items())`` can let
+#: another thread run (a garbage collection it triggers runs finalizers). A forked
+#: child, one thread, reads it without: the lock may have been held at the fork.
+_LISTENING_LOCK = threading.Lock()
 
 
 def _held_by_this_process(fd: int) -> None:
     try:
-        _LISTENING[fd] = os.fstat(fd).st_ino
+        ino = os.fstat(fd).st_ino
     except OSError:
-        pass
-    # A copy taken at once (no fstat, which lets other threads run, while iterating:
-    # two servers starting in two threads changed the dict under the loop).
-    for old, ino in list(_LISTENING.items()):
-        if not _still(old, ino):
-            _LISTENING.pop(old, None)  # closed since (by a runtime, or a stop)
+        return
+    with _LISTENING_LOCK:
+        _LISTENING[fd] = ino
+        held = dict(_LISTENING)
+    gone = {old: was for old, was in held.items() if not _still(old, was)}  # closed since
+    if gone:
+        with _LISTENING_LOCK:
+            for old, was in gone.items():
+                if _LISTENING.get(old) == was:  # not a socket made since on that number
+                    del _LISTENING[old]
 
 
 def _still(fd: int, ino: int) -> bool:
