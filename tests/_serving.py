@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -107,9 +108,14 @@ READY = r"\[(\d+)\] \[INFO\] weft: worker ready on (\S+)"
 STARTED = r"weft\.workers: worker (\d+) started"
 
 
+#: What weft serve reads from its environment, where a CI runner may have set it (a
+#: platform's PORT, a systemd unit's NOTIFY_SOCKET): the tests set these themselves.
+OURS = ("WEFT_", "LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "PORT")
+
+
 def environment() -> dict[str, str]:
-    """This environment without WEFT_*/LISTEN_*, with the repo and tests/ importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEFT_", "LISTEN_"))}
+    """This environment without what weft serve reads, with the repo and tests/ importable."""
+    env = {k: v for k, v in os.environ.items() if not (k.startswith(OURS[:3]) or k in OURS[3:])}
     paths = [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
@@ -129,11 +135,25 @@ def connects(port: int) -> bool:
 
 
 def free_port() -> int:
-    """A port nobody listens on now (for tools that cannot take port 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A port nobody listens on now, for a process that binds it a moment later.
+
+    Drawn from outside the kernel's ephemeral range, which every bind to port 0
+    uses: a port found there, closed and bound again by a process starting up,
+    could be taken in between by another test's server (the other xdist worker
+    binds port 0 all the time).
+    """
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    below = range(max(1024, low - 10000), low)
+    choices = below if len(below) >= 1000 else range(high + 1, 65536)
+    for _ in range(200):
+        port = random.choice(choices)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise AssertionError(f"no free port in {choices}")
 
 
 def need(tool: str) -> str:

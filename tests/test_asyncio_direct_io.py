@@ -339,7 +339,7 @@ def test_stop_is_bounded_by_its_timeout(mode: str, state: str) -> None:
             took = time.monotonic() - t0
         finally:
             client.close()
-    assert took < 1.8, f"stop(timeout=1.0) took {took:.2f}s"
+    assert took < 1.0 + 1.5, f"stop(timeout=1.0) took {took:.2f}s"
 
 
 @pytest.mark.timeout(60)
@@ -715,7 +715,7 @@ def test_close_connection_is_bounded_without_a_transport(mode: str, state: str) 
             wait_until(lambda: not server.connections(), what="the connection gone")
         finally:
             client.close()
-    assert took < 0.5 + 2.0 + 0.3, took
+    assert took < 0.5 + 2.0 + 1.0, took
 
 
 @pytest.mark.timeout(60)
@@ -749,7 +749,7 @@ def test_stop_bounded_while_closing_sends_pending_bytes_to_a_slow_reader(mode: s
             stop_reading.set()
             reader.join(5)
             client.close()
-    assert took < 1.0 + 2.0 + 0.3, f"stop(timeout=1.0) took {took:.2f}s"
+    assert took < 1.0 + 2.0 + 1.0, f"stop(timeout=1.0) took {took:.2f}s"
 
 
 @pytest.mark.timeout(60)

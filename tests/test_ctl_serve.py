@@ -115,7 +115,7 @@ def test_status_connections_and_stacks_of_one_process(
         # The connection's own task is shown, whatever it is (a thread, a greenlet, a
         # coroutine): its handler is on the stack.
         assert "in handle" in stacks, stacks
-    served.wait_for(r"control: stacks by uid 0 \(pid \d+\)")
+    served.wait_for(rf"control: stacks by uid {os.geteuid()} \(pid \d+\)")
 
 
 def test_pause_holds_new_clients_in_the_backlog_until_resume(
@@ -134,8 +134,8 @@ def test_pause_holds_new_clients_in_the_backlog_until_resume(
         assert waiting.recv(64).strip().isdigit(), "accepted once resumed, nothing lost"
     finally:
         waiting.close()
-    served.wait_for(r"control: pause by uid 0")
-    served.wait_for(r"control: resume by uid 0")
+    served.wait_for(rf"control: pause by uid {os.geteuid()}")
+    served.wait_for(rf"control: resume by uid {os.geteuid()}")
 
 
 def test_max_connections_lowered_and_raised_live(
@@ -185,7 +185,7 @@ def test_console_runs_beside_the_handlers(
         assert ">>> 1\n" in out, out
         assert f">>> {served.proc.pid}\n" in out, out
         assert client.echo(b"after") == b"after"
-    served.wait_for(r"\[WARNING\] weft.ctl: control: console opened by uid 0")
+    served.wait_for(rf"\[WARNING\] weft.ctl: control: console opened by uid {os.geteuid()}")
 
 
 def test_two_consoles_never_wait_for_each_other(

@@ -7,7 +7,6 @@ moves traffic to the other.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _serving import environment
 
 HERE = Path(__file__).parent
 WAIT = 20.0
@@ -28,17 +28,11 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Backend:
     """`weft serve tests._proxy_echo:handle --proxy-protocol` on a free port."""
 
     def __init__(self, manager: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        env = environment()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -82,7 +76,10 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[in
     except BaseException:
         backends[0].close()
         raise
-    front = free_port()
+    # HAProxy takes its listening socket from us (fd@N), bound to port 0: a port
+    # found free, closed, then bound by HAProxy could be taken by another test between.
+    listener = socket.create_server(("127.0.0.1", 0))
+    front = listener.getsockname()[1]
     servers = "\n".join(
         f"  server s{i} 127.0.0.1:{b.port} send-proxy-v2 check check-send-proxy "
         "inter 100ms fall 1 rise 1"
@@ -93,19 +90,23 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[in
         "global\n  maxconn 200\n"
         "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n"
         "  timeout server 30s\n  retries 3\n  option redispatch\n"
-        f"frontend fe\n  bind 127.0.0.1:{front}\n  default_backend be\n"
+        f"frontend fe\n  bind fd@{listener.fileno()}\n  default_backend be\n"
         f"backend be\n  balance roundrobin\n{servers}\n"
     )
-    haproxy = subprocess.Popen(
-        ["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        yield front, backends
-    finally:
-        haproxy.terminate()
-        haproxy.communicate(timeout=WAIT)
-        for backend in backends:
-            backend.close()
+    with listener:
+        haproxy = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=[listener.fileno()],
+        )
+        try:
+            yield front, backends
+        finally:
+            haproxy.terminate()
+            haproxy.communicate(timeout=WAIT)
+            for backend in backends:
+                backend.close()
 
 
 def hello(front: int) -> tuple[socket.socket, int, str]:

@@ -225,18 +225,35 @@ def test_a_blocked_loop_stops_the_watchdog_pings(tmp_path: Path, systemd: FakeSy
         served.kill()
 
 
+#: The sockets that filled a listener's queue, kept open for the rest of the run.
+_FILLERS: list[socket.socket] = []
+
+
 def _fill(systemd: FakeSystemd) -> int:
-    """Fill the listener's queue (nobody reads it, as a wedged service manager); how many."""
+    """Fill the listener's queue (nobody reads it, as a wedged service manager); how many.
+
+    A sender's datagrams not yet read count against its own send buffer too: where
+    net.unix.max_dgram_qlen is large (512 under systemd's defaults) one sender runs
+    out of buffer first, its EAGAIN saying nothing of the queue. So senders are added
+    until a fresh one cannot send.
+    """
     sent = 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    for _ in range(200):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        _FILLERS.append(sock)
         sock.connect(systemd.sock.getsockname())
         sock.setblocking(False)
+        fresh = True
         while True:
             try:
                 sock.send(b"STATUS=filler")
             except BlockingIOError:
-                return sent
+                break
             sent += 1
+            fresh = False
+        if fresh:  # the queue itself is full
+            return sent
+    raise AssertionError(f"the listener's queue took {sent} datagrams and was not full")
 
 
 def test_a_listener_that_does_not_read_costs_a_bounded_wait_then_none(

@@ -567,7 +567,7 @@ def test_sigint_during_the_start_of_many_workers(tmp_path: Path) -> None:
         served.signal(signal.SIGINT)
         (stopping,) = served.wait_for(r"^(\S+) .*received SIGINT: stopping (\d+) worker")
         acted = datetime.fromisoformat(stopping.group(1)).timestamp()  # zoned ISO 8601
-        assert acted - sent < 0.5 + 0.25, f"acted on SIGINT {acted - sent:.3f}s after it"
+        assert acted - sent < 0.5 + 1.0, f"acted on SIGINT {acted - sent:.3f}s after it"
         assert served.finish(timeout=60) == 0, served.text
     started = int(stopping.group(2))
     assert started < count

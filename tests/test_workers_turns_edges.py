@@ -616,6 +616,7 @@ def refused_within(address: str, seconds: float) -> bool:
     return got == b"" and time.monotonic() - began < seconds
 
 
+@pytest.mark.serial  # timed, or needs a sibling run within 0.25 s: not beside other load
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("manager", ["threads", "gevent", "trio", "asyncio"])
 def test_a_full_worker_leaves_new_clients_to_a_sibling_with_room(
@@ -654,6 +655,7 @@ def test_a_full_worker_beside_a_stopped_sibling_still_refuses_promptly(
             assert refused_within(address, 2)
 
 
+@pytest.mark.serial  # timed, or needs a sibling run within 0.25 s: not beside other load
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("manager", ["threads", "gevent", "trio", "asyncio"])
 def test_on_full_refuse_serves_a_burst_that_fits_the_workers(tmp_path: Path, manager: str) -> None:
@@ -748,6 +750,7 @@ def test_churn_on_a_shared_socket_is_not_slowed_by_the_turns(tmp_path: Path, man
     assert results["turns"][0] < 2 * results["no-turns"][0] + 0.5, results
 
 
+@pytest.mark.serial  # timed, or needs a sibling run within 0.25 s: not beside other load
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("manager", ["gevent"])
 def test_with_reuse_port_churn_on_a_loaded_worker_is_not_slowed(
@@ -791,6 +794,7 @@ def starved(pid: int, off: float = 0.010, on: float = 0.002) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.serial  # timed, or needs a sibling run within 0.25 s: not beside other load
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("manager", ["threads", "gevent"])
 def test_a_starved_sibling_does_not_pace_the_loaded_worker(tmp_path: Path, manager: str) -> None:
@@ -844,6 +848,7 @@ def test_REPORT_shared_socket_bursts_with_and_without_turns(tmp_path: Path, mana
     print(f"\nREPORT shared bursts {manager}: {_loaded_bursts(tmp_path, manager)}")
 
 
+@pytest.mark.serial  # timed, or needs a sibling run within 0.25 s: not beside other load
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("manager", ["trio"])
 def test_with_reuse_port_a_worker_ahead_does_not_nap_for_a_sibling(
