@@ -9,6 +9,12 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Examples are timed by the wall clock, which a loaded machine (the other xdist
+# worker, a test's subprocesses) stretches: a property test is about its inputs.
+settings.register_profile("weft", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("weft")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _serving import environment
 
 ROOT = Path(__file__).parent.parent
 
@@ -43,6 +44,7 @@ def test_sigterm_to_pid_1_drains_and_exits_0() -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env=environment(),
     )
     try:
         assert proc.stderr is not None

@@ -154,9 +154,11 @@ class NetworkTests(ManagerTestBase):
         """idle_timeout closes a connection that sent nothing for that long, freeing its slot."""
         server = make_server(echo, idle_timeout=0.3, max_connections=1)
         with connect(server.port) as client:
+            # Before the send: the server's wait for more begins after it, however late
+            # this thread is woken by the echo on a loaded machine.
+            started = time.monotonic()
             client.sendall(b"a")
             assert recv_exactly(client, 1) == b"a", "the handler must echo what the client sent"
-            started = time.monotonic()
             assert recv_until_closed(client) == b"", "idle_timeout closes a silent connection"
             elapsed = time.monotonic() - started
         assert 0.25 < elapsed < WAIT, (

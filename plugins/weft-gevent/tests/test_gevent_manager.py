@@ -505,7 +505,9 @@ def test_runtime_close_leaves_no_fd_and_no_thread_and_restarts_lazily() -> None:
         assert wait_until(lambda: manager.all_tasks() == [])
         manager.runtime.close()
         assert not owns_thread(manager)
-        assert fd_count() == fds
+        # At most as many as before: an earlier test's hub may still be closing (its
+        # stop runs in a thread of its own), its descriptors going meanwhile.
+        assert wait_until(lambda: fd_count() <= fds), f"{fd_count()} descriptors, {fds} before"
         # At most as many as before: a thread of an earlier test may still be exiting.
         assert wait_until(lambda: os_thread_count() <= threads), (
             f"{os_thread_count()} OS threads, {threads} before: {os_thread_names()}"

@@ -7,6 +7,7 @@ a deadline; nothing sleeps and then asserts.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -39,10 +40,24 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def free_port() -> int:
-    """A port free now on 127.0.0.1 (for the metrics address, which must be fixed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now on 127.0.0.1 (for the metrics address, which must be fixed).
+
+    Drawn from below the kernel's ephemeral range, which every bind to port 0 uses
+    (the served process's own listener among them): a port found there, closed and
+    bound again by a process starting up, could be taken in between.
+    """
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    below = range(max(1024, low - 10000), low)
+    choices = below if len(below) >= 1000 else range(high + 1, 65536)
+    for _ in range(200):
+        port = random.choice(choices)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port in {choices}")
 
 
 def environment(metrics: str | None) -> dict[str, str]:

@@ -257,13 +257,14 @@ def weft_connection_closed(
 ) -> None:
     """Count the connection as closed (by ``how``), with its duration and bytes."""
     metrics = _of(server)
-    metrics.open.dec()
-    metrics.closed(how).inc()
     metrics.duration.observe(duration)
     if bytes_in:
         metrics.received.inc(bytes_in)
     if bytes_out:
         metrics.sent.inc(bytes_out)
+    # Last: a scrape that sees the connection closed sees its bytes and duration too.
+    metrics.open.dec()
+    metrics.closed(how).inc()
 
 
 @hookimpl

@@ -571,9 +571,14 @@ def test_astop_task_is_bounded_for_a_task_that_ignores_its_cancellation(
     """After its interrupt, astop_task waited for ever; stop_task waits INTERRUPT_GRACE."""
     from weft_trio._manager import INTERRUPT_GRACE
 
+    # Let go once the test is done: swallowing its cancellation, it spun (each
+    # checkpoint raising at once) for the rest of the session, taking the GIL from
+    # the tests after it.
+    done = threading.Event()
+
     async def parent() -> tuple[bool, float]:
         async def deaf() -> None:
-            while True:
+            while not done.is_set():
                 try:
                     await trio.sleep_forever()
                 except trio.Cancelled:
@@ -585,7 +590,10 @@ def test_astop_task_is_bounded_for_a_task_that_ignores_its_cancellation(
         stopped = await manager.astop_task(task_id, 0.05)
         return stopped, trio.current_time() - began
 
-    stopped, took = run_in(manager, parent)  # run_in waits WAIT for it at most
+    try:
+        stopped, took = run_in(manager, parent)  # run_in waits WAIT for it at most
+    finally:
+        done.set()
     assert stopped is False
     assert took < 0.05 + INTERRUPT_GRACE + 1.0
 
@@ -597,11 +605,11 @@ def test_close_is_bounded_for_a_task_that_ignores_its_cancellation(
     from weft_trio._manager import CLOSE_WAIT
 
     manager = TrioManager()
-    started = threading.Event()
+    started, done = threading.Event(), threading.Event()
 
     async def deaf() -> None:
         started.set()
-        while True:
+        while not done.is_set():  # let go once the test is done (see above)
             try:
                 await trio.sleep_forever()
             except trio.Cancelled:
@@ -610,7 +618,10 @@ def test_close_is_bounded_for_a_task_that_ignores_its_cancellation(
     manager.add_task(deaf)
     assert started.wait(WAIT)
     began = time.monotonic()
-    manager.runtime.close()
+    try:
+        manager.runtime.close()
+    finally:
+        done.set()
     assert time.monotonic() - began < CLOSE_WAIT + 2.0
     assert "a task ignores its cancellation" in caplog.text
 
