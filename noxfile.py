@@ -108,3 +108,4 @@ def example_plugin(session: nox.Session) -> None:
     session.install(str(wheel))
     session.run("weft", "managers")
     session.run("weft", "conformance", "pool")
+    session.run("pytest", "examples/weft-pool/tests/test_pool.py")  # the example's own
