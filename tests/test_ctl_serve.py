@@ -433,6 +433,31 @@ def test_a_console_relayed_to_a_worker_that_does_not_answer_gives_up(
     assert f">>> {served.proc.pid}\n" in out, "the next console is relayed as before"
 
 
+@pytest.mark.timeout(90)
+def test_a_console_relayed_to_a_worker_without_a_control_socket_says_so(
+    workers: tuple[Served, tuple[str, int]], control: Path
+) -> None:
+    """A worker with no control socket (it could not open one, or another user took
+    its name): the relay's connect raised, a traceback went to the supervisor's log
+    and weft ctl console died with one of its own (local-attacker check 2, F7). Now
+    the operator is told in one line, and the next console is relayed as before."""
+    served, _ = workers
+    pids = sorted(w["pid"] for w in as_json(ctl(control, "status"))["workers"])
+    sockets = [Path(f"{control}.worker-{pid}") for pid in pids]
+    for path in sockets:
+        path.rename(path.with_name(path.name + ".away"))
+    try:
+        done = ctl(control, "console", stdin="1\n", check=False)
+    finally:
+        for path in sockets:
+            path.with_name(path.name + ".away").rename(path)
+    said = done.stdout + done.stderr
+    assert said.startswith("weft console: worker ") and ".worker-" in said, said
+    assert "Traceback" not in said + served.text, said + served.text
+    out = ctl(control, "console", stdin="import os; os.getppid()\n").stdout
+    assert f">>> {served.proc.pid}\n" in out, "the next console is relayed as before"
+
+
 def test_console_is_off_unless_configured(tmp_path: Path, control: Path) -> None:
     with start(tmp_path, control, "threads") as served:
         served.wait_for(LISTENING)

@@ -315,3 +315,59 @@ def test_root_reopening_a_log_file_writes_through_nothing_another_user_planted(
     assert "cannot reopen log file" in caplog.text
     why = "more than one name" if planted == "a hard link" else "is a symbolic link"
     assert why in caplog.text
+
+
+DUMP_WRITER = """
+import fcntl, os, stat
+
+
+def _dump_pipes():
+    # The write end of the stack-dump pipe the supervisor reads: write-only, 1 MiB.
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if (stat.S_ISFIFO(os.fstat(fd).st_mode)
+                    and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+                    and fcntl.fcntl(fd, 1032) == 1 << 20):  # F_GETPIPE_SZ
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def handle(conn):
+    (fd,) = _dump_pipes()
+    os.set_blocking(fd, True)
+    os.write(fd, b"\\n2026-01-01T00:00:00.000+00:00 [1] [CRITICAL] weft: FORGED\\x1b[2J\\n")
+    for _ in range(6 * 16):  # 6 MiB
+        os.write(fd, b"A" * 65536)
+    conn.sendall(b"written\\n")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_writing_into_its_dump_pipe_forges_nothing_and_is_kept_to_a_bound(
+    tmp_path: Path,
+) -> None:
+    """The worker's stack-dump pipe is writable by its handler (the service user, after
+    the switch): the root supervisor kept every byte until the pipe went quiet (300 MB
+    took its memory to 336 MB) and logged it raw, a forged line and a terminal escape
+    with it (local-attacker check 2, F2). Now one dump is kept to DUMP_MAX, the rest
+    read and dropped, and it is escaped and indented: no line of it reads as a record."""
+    (tmp_path / "dumper.py").write_text(DUMP_WRITER)
+    with Served(
+        weft_serve("dumper:handle", "--workers", "2", "--bind", "127.0.0.1:0"), cwd=tmp_path
+    ) as served:
+        (match,) = served.wait_for(LISTENING)
+        host, port = match.group(1).rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=20) as client:
+            assert client.makefile("rb").readline() == b"written\n"
+        served.wait_for(r"more bytes dropped: a dump is kept to \d+ bytes")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    text = served.text
+    assert "\x1b" not in text
+    assert not any(line.startswith("2026-01-01T00") for line in text.splitlines())
+    assert "  2026-01-01T00:00:00.000+00:00 [1] [CRITICAL] weft: FORGED\\x1b[2J" in text
+    assert len(text) < 3 << 20, "one dump of at most 1 MiB, two records at most"

@@ -571,6 +571,29 @@ def test_a_supervisor_out_of_descriptors_keeps_its_workers(tmp_path: Path, signu
 
 
 @pytest.mark.timeout(60)
+def test_usr2_survives_a_pid_file_another_process_rewrote(tmp_path: Path) -> None:
+    """The re-executed supervisor ran weft serve's start-up checks again: a pid file
+    naming another running process (rewritten by a user who may write its directory,
+    or left by a careless script) made it exit 2, its workers with it (the local-
+    attacker check's F3; its F4, a one-process server under --user that may no longer
+    write to root's /run, failed the same check). The upgrade keeps its own file."""
+    pid_file = tmp_path / "weft.pid"
+    served, address = start(tmp_path, "--workers", "2", "--pid", str(pid_file))
+    with served:
+        served.wait_for(READY, count=2)
+        pid_file.write_text("1\n")  # init: always running
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGUSR2)
+        served.wait_for("re-executed")
+        wait_for_version(address, "v2")
+        assert served.proc.poll() is None, served.text
+        assert pid_file.read_text().strip() == str(served.proc.pid)
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert not pid_file.exists()
+
+
+@pytest.mark.timeout(60)
 def test_usr2_survives_a_pid_file_that_cannot_be_rewritten(tmp_path: Path) -> None:
     """USR2 re-executes the supervisor, the same PID, which wrote its pid file again
     and, that failing (a full disk), exited 2, its workers with it: the service gone,

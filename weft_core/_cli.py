@@ -296,7 +296,12 @@ def _serve(ns: argparse.Namespace) -> int:
         # A --reload child: stop, as on SIGTERM, if the parent that ran it is gone.
         watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     pid = None if worker else config.get("pid")
-    if not worker:
+    # A supervisor re-executed on USR2 keeps what the image before it checked and
+    # made: its pid file names it already (PidFile.keep), its control socket is
+    # inherited. Checked again, a pid file another user had rewritten, or one in
+    # root's /run that a one-process server switched to --user may no longer
+    # write, ended the upgrade with exit 2, and the service with it.
+    if not worker and _supervise.ADOPT_ENV not in os.environ:
         try:
             _check_paths(config)
         except ConfigError as exc:

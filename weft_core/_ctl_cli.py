@@ -206,7 +206,10 @@ def _console(path: str) -> int:
                 sock.shutdown(socket.SHUT_WR)  # the console sees the end of its input
 
         threading.Thread(target=pump, name="weft ctl console input", daemon=True).start()
-        while chunk := reader.read1(65536):
-            out.write(chunk)
-            out.flush()
+        # The server may end the console with input of ours unread (a relay that
+        # could not reach its worker says why, and closes): a reset, after its words.
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := reader.read1(65536):
+                out.write(chunk)
+                out.flush()
     return 0

@@ -420,7 +420,11 @@ def relay_console(supervisor: Supervisor, path: str) -> Console:
         # A worker that does not answer (stopped, wedged) must not hold one of the
         # supervisor's control slots for ever: it has ANSWER_TIMEOUT to open its
         # console; from then on the console waits on its operator.
-        target = connect(worker_socket_path(path, pids[0]), timeout=ANSWER_TIMEOUT)
+        try:
+            target = connect(worker_socket_path(path, pids[0]), timeout=ANSWER_TIMEOUT)
+        except ControlError as exc:  # no socket (it could not open one), or not its own
+            conn.sendall(f"weft console: worker {pids[0]}: {exc}\n".encode())
+            return
         with target:
             try:
                 target.sendall(b'{"command": "console", "args": {}}\n')

@@ -84,6 +84,7 @@ from ._flags import render_flag
 from ._jobcontrol import JOB_STOPS, OWN_PROCESS_GROUP
 from ._listeners import handing_over
 from ._logging import LINE_LOCK_ENV, logs_json, share_line_lock
+from ._logsafe import escape_for_log
 from ._sdnotify import Notifier, child_environment
 from ._signals import (
     CONTROL_SIGNALS,
@@ -164,6 +165,10 @@ DUMP_QUIET = 0.05
 #: Room in a dump pipe for every thread's stack: faulthandler writes from its
 #: signal handler and would wait there on a full pipe.
 DUMP_PIPE_SIZE = 1 << 20
+#: The most of one dump kept, and read in one turn of the loop: the worker (its
+#: handler, after the switch of user) may write to the pipe what it likes, and
+#: kept whole, 300 MB of it took the root supervisor's memory with it.
+DUMP_MAX = DUMP_PIPE_SIZE
 
 # Config keys given on weft serve's command line that a worker gets in another form.
 _NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
@@ -325,6 +330,25 @@ def _dump_pipe() -> tuple[int, int]:
     return read_end, write_end
 
 
+def _dump_text(dumped: bytes | bytearray, dropped: int) -> str:
+    """A worker's dump as log text that can forge no line.
+
+    faulthandler's lines begin ``Thread 0x``, ``Current thread 0x`` or with spaces;
+    anything else in the pipe (the worker writes there as the service user) is
+    indented, so no line of it reads as a record of the log's, and every line is
+    escaped (a terminal's escape sequences, other control characters).
+    """
+    lines = []
+    for raw in dumped.decode("utf-8", "backslashreplace").rstrip("\n").split("\n"):
+        line = escape_for_log(raw)
+        if line and not line.startswith(("Thread 0x", "Current thread 0x", " ")):
+            line = "  " + line
+        lines.append(line)
+    if dropped:
+        lines.append(f"  ({dropped} more bytes dropped: a dump is kept to {DUMP_MAX} bytes)")
+    return "\n".join(lines)
+
+
 def _log_stacks(pid: int, stacks: str) -> None:
     """A worker's dump as one ERROR record: a ``stacks`` field in JSON, the text after the line."""
     what = "worker %d: every thread's stack (DUMP_SIGNAL)"
@@ -367,6 +391,7 @@ class _Worker:
     dump: int | None = None
     dumped: bytearray = field(default_factory=bytearray)
     dump_at: float = 0.0
+    dump_dropped: int = 0  # bytes of the dump past DUMP_MAX, read and not kept
 
 
 class Adopted(NamedTuple):
@@ -831,7 +856,8 @@ class Supervisor:
         inside it, and the worker's GIL plays no part.
         """
         fd = worker.dump
-        while fd is not None:
+        left = DUMP_MAX  # read in this turn: a worker writing without end holds no loop
+        while fd is not None and left > 0:
             try:
                 data = os.read(fd, 65536)
             except (BlockingIOError, InterruptedError):
@@ -842,12 +868,16 @@ class Supervisor:
                 os.close(fd)
                 worker.dump = fd = None
                 break
-            worker.dumped += data
+            left -= len(data)
+            room = DUMP_MAX - len(worker.dumped)
+            worker.dumped += data[: max(0, room)]
+            worker.dump_dropped += max(0, len(data) - max(0, room))
             worker.dump_at = now
         if not worker.dumped or (not final and now - worker.dump_at < DUMP_QUIET):
             return
-        stacks = worker.dumped.decode("utf-8", "backslashreplace").rstrip("\n")
+        stacks = _dump_text(worker.dumped, worker.dump_dropped)
         worker.dumped.clear()
+        worker.dump_dropped = 0
         if final and worker.dump is not None:
             os.close(worker.dump)
             worker.dump = None
