@@ -20,12 +20,13 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _serving import LISTENING, Served, as_user, environment, weft_serve
+from _serving import LISTENING, READY, Served, as_user, environment, weft_serve
 
 from weft_core import BindError
 from weft_core._ctl import ControlSocket
@@ -371,3 +372,58 @@ def test_a_worker_writing_into_its_dump_pipe_forges_nothing_and_is_kept_to_a_bou
     assert not any(line.startswith("2026-01-01T00") for line in text.splitlines())
     assert "  2026-01-01T00:00:00.000+00:00 [1] [CRITICAL] weft: FORGED\\x1b[2J" in text
     assert len(text) < 3 << 20, "one dump of at most 1 MiB, two records at most"
+
+
+APP_AS_WHOM = """
+import os
+
+open(f"imported-as-{os.geteuid()}", "w").close()
+
+
+def handle(conn):
+    conn.sendall(b"%d\\n" % os.geteuid())
+"""
+PLANTED = """
+import os
+
+open(f"planted-ran-as-{os.geteuid()}", "w").close()
+raise ImportError("planted by another user")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to switch to nobody")
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the operator's own -P is 3.11's")
+@pytest.mark.timeout(90)
+def test_workers_under_user_run_no_code_or_config_of_the_users_as_root(
+    shared_dir: Path,
+) -> None:
+    """Under --user with --workers, each worker started as root and, before its switch,
+    imported the handler, took the working directory first on sys.path (python -m)
+    and looked for a config file there: the service user, who may write there and may
+    kill its own worker (the supervisor then starts another), got root (local-attacker
+    check 2, F1: an edited app.py, a planted module, a planted weft.toml). Now a worker
+    imports the handler as the user, starts without the directory on its path, and
+    reads only the config file its supervisor read (none here)."""
+    (shared_dir / "app.py").write_text(APP_AS_WHOM)
+    (shared_dir / "json.py").write_text(PLANTED)  # a module every worker imports early
+    argv = [sys.executable, "-P", "-m", "weft_core", "serve", "app:handle",  # the operator's
+            "--bind", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
+            "--control-socket", "off"]  # fmt: skip
+    with Served(argv, cwd=shared_dir) as served:
+        (match,) = served.wait_for(LISTENING)
+        served.wait_for(READY, count=2)
+        host, port = match.group(1).rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=20) as client:
+            assert client.makefile("rb").readline() == b"%d\n" % NOBODY
+        # The user plants a config (one a worker must not read: it would fail to start)
+        # and has the supervisor start a worker anew by killing one of its own.
+        (shared_dir / "weft.toml").write_text('backlog = "planted"\n')
+        worker = int(served.wait_for(READY)[0].group(1))
+        assert as_user(NOBODY, lambda: os.kill(worker, signal.SIGKILL) or "killed") == "killed"
+        served.wait_for(READY, count=3)
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    made = sorted(p.name for p in shared_dir.iterdir())
+    assert f"imported-as-{NOBODY}" in made and "imported-as-0" not in made, made
+    assert not [name for name in made if name.startswith("planted-ran")], made
+    assert "exited with 2" not in served.text, served.text

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from ._sdnotify import Notifier, take_environment
 from ._settings import show
 from ._signals import (
     CONTROL_SIGNALS,
+    NO_CONFIG_FLAG,
     STOP_SIGNALS,
     WORKER_FLAG,
     hold_while_starting,
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Set by `weft serve --workers N` for each worker it starts (see _workers).
     serve.add_argument(WORKER_FLAG, type=int, help=argparse.SUPPRESS)
+    # A worker of a supervisor that read no config file looks for none either: it
+    # starts as root under --user, and would have read one another user put in the
+    # working directory since (its log_config's factories run as root).
+    serve.add_argument(NO_CONFIG_FLAG, action="store_true", help=argparse.SUPPRESS)
     add_setting_flags(serve)
 
     managers = commands.add_parser("managers", help="list the installed task managers")
@@ -271,7 +276,13 @@ def _serve(ns: argparse.Namespace) -> int:
         if inherited and not binds:
             flags["bind"] = [s.endpoint for s in inherited]
             names["bind"] = "LISTEN_FDS"
-        config = load_config(flags, config_file=ns.config, flag_names=names, serve_defaults=True)
+        config = load_config(
+            flags,
+            config_file=ns.config,
+            flag_names=names,
+            serve_defaults=True,
+            discover=not (link is not None and ns.no_config_file),
+        )
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     if ns.check_config:
@@ -341,8 +352,7 @@ def _serve(ns: argparse.Namespace) -> int:
     take_environment()  # NOTIFY_SOCKET is weft's, not the handler's import's
     try:
         _prepare_process(config)
-        handler = import_handler(config.handler)
-    except WeftError as exc:  # HandlerImportError, a broken plugin
+    except WeftError as exc:  # a broken plugin
         return _fail(_sourced(exc, config), EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
@@ -362,24 +372,36 @@ def _serve(ns: argparse.Namespace) -> int:
 
     drain = DrainRequest()
     control: ControlSocket | None = None
+    # The control socket's commands and the console's names, filled in once the
+    # server is made: with --user the socket is opened before, as root.
+    commands: dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
 
     def open_control_socket() -> None:
         nonlocal control
-        control = open_control(
-            config, server_commands(server, drain), namespace={"server": server}, worker=worker
-        )
+        control = open_control(config, commands, namespace=namespace, worker=worker)
 
     pid_file = None if pid is None else PidFile(pid)
     try:
-        server = Server(handler, **_named_manager(kwargs))
         if switch:
-            # Before the switch of user, where the operator's weft ctl looks (the
-            # sockets are bound already, by bind_first or the supervisor); and the
-            # pid file, which a root-only directory (/run) takes only from root.
+            # What needs root comes first: the sockets (bound already, by bind_first or
+            # the supervisor), the TLS key, the control socket where the operator's
+            # weft ctl looks, the pid file in a root-only directory (/run). Then the
+            # switch, and only then the application's code is imported, as the user
+            # (gunicorn's order): imported as root, code the user may write (or a
+            # config it planted) ran as root in every worker, which the user can have
+            # started again at will by killing its own.
+            kwargs = _tls_read(kwargs)
             open_control_socket()
             if pid_file is not None:
                 pid_file.write()
             drop_privileges(*account)
+        handler = import_handler(config.handler)
+        server = Server(handler, **_named_manager(kwargs))
+        commands.update(server_commands(server, drain))
+        namespace["server"] = server
+        if control is not None:  # opened before the switch: it copied no command yet
+            control.commands.update(commands)
     except (WeftError, OSError) as exc:
         for listener in bound:
             close_listener(listener)
@@ -476,6 +498,17 @@ def _check_manager(config: Config) -> None:
     name = config.get("manager")
     if isinstance(name, str):
         _registry.get_manager_spec(name)
+
+
+def _tls_read(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with a ``[tls]`` table made into its context: its files read now."""
+    tls = kwargs.get("tls")
+    if not isinstance(tls, Mapping):
+        return kwargs
+    from ._settings import tls_table
+    from ._tls import make_server_context
+
+    return {**kwargs, "tls": make_server_context(tls_table(tls))}
 
 
 def _prepare_process(config: Config) -> None:
@@ -590,12 +623,13 @@ def _sourced(exc: WeftError, config: Config) -> WeftError:
 
 
 def _reload(argv: Sequence[str], config: Config) -> int:
+    from . import _supervise
     from ._reload import reload_forever, source_root
 
     roots = [source_root(str(config.handler), Path.cwd())]
     if config.file is not None:
         roots.append(config.file)
-    command = [sys.executable, "-m", "weft_core", *argv, "--no-reload"]
+    command = [*_supervise.PYTHON_M_WEFT, *argv, "--no-reload"]
     return reload_forever(command, roots, config.graceful_timeout)
 
 

@@ -498,6 +498,7 @@ def load_config(
     cwd: str | os.PathLike[str] | None = None,
     flag_names: Mapping[str, str] | None = None,
     serve_defaults: bool = False,
+    discover: bool = True,
 ) -> Config:
     """Read, check and merge the config file, ``WEFT_*`` variables and ``flags``.
 
@@ -509,6 +510,7 @@ def load_config(
 
     ``serve_defaults``: start from ``weft serve``'s own defaults (:func:`serve_defaults`:
     where to listen, ``$PORT`` and ``$WEB_CONCURRENCY``), under every other source.
+    ``discover=False``: no file unless one is named (a worker whose supervisor read none).
 
     Raises ConfigError for anything that cannot be used.
     """
@@ -519,7 +521,7 @@ def load_config(
         defaults, default_labels = serve_default_settings(environ)
         sources.append((defaults, DEFAULT, default_labels))
     warnings: list[str] = []
-    file = _find_file(config_file, environ, base)
+    file = _find_file(config_file, environ, base, discover)
     if file is not None:
         path, pyproject, explicit = file
         sources.append((*_from_file(path, pyproject=pyproject, explicit=explicit), {}))
@@ -569,7 +571,10 @@ def _unread_pyproject(base: Path, warnings: list[str]) -> None:
 
 
 def _find_file(
-    config_file: str | os.PathLike[str] | None, environ: Mapping[str, str], base: Path
+    config_file: str | os.PathLike[str] | None,
+    environ: Mapping[str, str],
+    base: Path,
+    discover: bool = True,
 ) -> tuple[Path, bool, bool] | None:
     named = config_file if config_file is not None else environ.get("WEFT_CONFIG") or None
     if named is not None:
@@ -589,7 +594,7 @@ def _find_file(
             )
             raise ConfigError(f"config file {what}: {str(path)!r}", source=how, key="config")
         return path, path.name == "pyproject.toml", True
-    for name in ("weft.toml", "pyproject.toml"):
+    for name in ("weft.toml", "pyproject.toml") if discover else ():
         path = base / name
         if path.is_file():
             return path, name == "pyproject.toml", False

@@ -508,7 +508,9 @@ def open_control(
     else:  # its workers' sockets, if it ever has any, must fit beside it
         check_path_length(path, WORKER_SUFFIX)
     if config.console and console is None and namespace is not None:
-        names = dict(namespace)
+        # Read as each console opens (a copy each): the caller may fill it in after
+        # this opens the socket (the server is made once the user has switched).
+        names = namespace
 
         def console(conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
             serve_console(conn, reader, names)

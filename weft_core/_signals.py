@@ -67,6 +67,8 @@ WORKER_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 DUMP_SIGNAL = signal.SIGWINCH
 #: The option the supervisor starts each worker with (``weft serve --supervisor-fd N``).
 WORKER_FLAG = "--supervisor-fd"
+#: What a supervisor that read no config file gives its workers (see ``_cli``).
+NO_CONFIG_FLAG = "--no-config-file"
 
 log = logging.getLogger("weft")
 #: What a process still starting (reading its config, importing the application)

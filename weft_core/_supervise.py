@@ -42,7 +42,7 @@ from ._sdnotify import Notifier, taken_environment
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
-from ._signals import CONTROL_SIGNALS, STOP_SIGNALS, WORKER_FLAG
+from ._signals import CONTROL_SIGNALS, NO_CONFIG_FLAG, STOP_SIGNALS, WORKER_FLAG
 from ._wakeup import Wakeup
 from ._worker_link import LISTENING_MESSAGE, drain
 from ._worker_sockets import WorkerSockets
@@ -311,7 +311,15 @@ def _supervisor(
         foreign=[listener.shared and not adopted for listener in listeners],
         adopted=slots,
     )
-    args = worker_args(flags, config_file)
+    # The file this supervisor read settings from, found or named, or none: never one
+    # a worker finds in the working directory by itself (another user may have put
+    # one there since). A file that gave none (a pyproject.toml without [tool.weft])
+    # counts as none: named, it would be an error.
+    file = config.file
+    read = file is not None and any(str(file) in origin for origin in config.origins.values())
+    args = worker_args(flags, str(file) if read else None)
+    if not read:
+        args.append(NO_CONFIG_FLAG)
     base = [f"--bind=fd:{s.fileno()}" for s in sockets.base()]
     control_path = config.control_socket
 
@@ -345,8 +353,19 @@ def _supervisor(
     )
 
 
-#: How ``weft serve`` runs itself: a worker, or the supervisor re-executed.
-_SELF = (sys.executable, "-m", "weft_core", "serve")
+#: How weft starts itself (a worker; a supervisor re-executed whose command line is
+#: not known; a --reload child): ``python -m weft_core``, but without the current
+#: directory first on ``sys.path``, where ``-m`` puts it. Under --user a worker starts
+#: as root, and a module the service user left in the working directory (a
+#: ``weft_core/``, a ``json.py``) ran as root before the switch. The handler's own
+#: directory is put on the path by ``import_handler``, after the switch.
+PYTHON_M_WEFT = (
+    sys.executable,
+    "-c",
+    "import sys; sys.path[:1] == [''] and sys.path.pop(0); import runpy;"
+    " runpy.run_module('weft_core', run_name='__main__', alter_sys=True)",
+)
+_SELF = (*PYTHON_M_WEFT, "serve")
 #: The environment variable that hands a re-executed supervisor its workers (JSON:
 #: the worker count; each worker's pid, link descriptor, start time, readiness,
 #: slot, whether it is leaving and its deadlines; each slot's sockets,
