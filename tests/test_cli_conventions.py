@@ -413,6 +413,65 @@ def _ask(port: int) -> bytes:
         return b"".join(iter(lambda: client.recv(100), b""))
 
 
+@pytest.mark.timeout(60)
+def test_reload_names_a_changed_file_escaped(tmp_path: Path) -> None:
+    """A file name is anyone's who may write to the watched tree: one holding a line
+    break forged a line in the --reload parent's log (local-attacker check 2, F6)."""
+    (tmp_path / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'one')\n")
+    env = environment()
+    env["PYTHONPATH"] = str(REPO)
+    argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
+            "127.0.0.1:0", "--reload"]  # fmt: skip
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        served.wait_for(LISTENING)
+        (tmp_path / "z\nFORGED [CRITICAL] weft: all is well.py").write_text("")
+        served.wait_for(r"reloading: .*changed")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert r"z\nFORGED [CRITICAL]" in served.text, served.text
+    assert not any(line.startswith("FORGED") for line in served.text.splitlines())
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="os.walk stopped recursing in 3.12")
+@pytest.mark.timeout(60)
+def test_reload_says_when_it_can_no_longer_watch(tmp_path: Path) -> None:
+    """A tree too deep for os.walk (RecursionError, 1,100 directories down, which anyone
+    who may write to it can make): the watching thread died with a traceback and the
+    parent served on as if it still watched (local-attacker check 2, F6)."""
+    (tmp_path / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'one')\n")
+    deepest = tmp_path
+    for _ in range(1100):  # one by one: os.makedirs recurses too
+        deepest = deepest / "d"
+        deepest.mkdir()
+    env = environment()
+    env["PYTHONPATH"] = str(REPO)
+    argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
+            "127.0.0.1:0", "--reload"]  # fmt: skip
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        served.wait_for(LISTENING)
+        served.wait_for(r"--reload: watching for changes failed \(RecursionError")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "Traceback" not in served.text
+    while deepest != tmp_path:  # shutil.rmtree recurses as well
+        deepest.rmdir()
+        deepest = deepest.parent
+
+
+def test_reload_finds_the_handlers_directory_without_changing_its_own_path(
+    tmp_path: Path,
+) -> None:
+    """The --reload parent put the working directory first on its own sys.path to find
+    the handler's directory, and a watchfiles.py another user left there was then
+    imported by it, as root under --user (local-attacker check 2, F5)."""
+    from weft_core._reload import source_root
+
+    (tmp_path / "planted_app.py").write_text("")
+    before = list(sys.path)
+    assert source_root("planted_app:handle", tmp_path) == tmp_path
+    assert sys.path == before
+
+
 @pytest.mark.parametrize(
     ("text", "endpoint"),
     [

@@ -16,7 +16,7 @@ What does not live here: serving (the child is a plain ``weft serve``).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import logging
 import os
 import signal
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ._exits import EXIT_OK
 from ._jobcontrol import OWN_PROCESS_GROUP
+from ._logsafe import escape_for_log
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -66,13 +67,14 @@ PARENT_ENV = "WEFT_RELOAD_PARENT"
 def source_root(handler: str, cwd: Path) -> Path:
     """The directory holding the handler's top-level package or module; ``cwd`` if not found.
 
-    Found without importing it: a package's ``__init__`` may have side effects.
+    Found without importing it: a package's ``__init__`` may have side effects. And
+    without putting ``cwd`` on this process's own path, which then found the modules
+    it imports next there first: a ``watchfiles.py`` another user left in the
+    directory ran in the parent, root's under ``--user``.
     """
     top = handler.partition(":")[0].split(".")[0]
-    if str(cwd) not in sys.path:
-        sys.path.insert(0, str(cwd))
     try:
-        spec = importlib.util.find_spec(top)
+        spec = importlib.machinery.PathFinder.find_spec(top, [str(cwd), *sys.path])
     except (ImportError, ValueError):
         spec = None
     if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
@@ -149,13 +151,24 @@ def reload_forever(command: Sequence[str], roots: Sequence[Path], graceful_timeo
     restart = threading.Event()
 
     def watch() -> None:
-        for changed in Watcher(roots, stop).changes():
-            names = ", ".join(sorted(str(p) for p in changed)[:3])
-            log.info("reloading: %s changed", names + (" ..." if len(changed) > 3 else ""))
-            restart.set()
-            wakeup.wake()
+        try:
+            for changed in Watcher(roots, stop).changes():
+                # Escaped: a file's name is anyone's who may write to the tree.
+                names = ", ".join(sorted(escape_for_log(p) for p in changed)[:3])
+                log.info("reloading: %s changed", names + (" ..." if len(changed) > 3 else ""))
+                restart.set()
+                wakeup.wake()
+        except Exception as exc:  # a tree too deep to walk (RecursionError), say
+            # Said, where the thread died with a traceback and the parent served on
+            # as if it still watched.
+            log.error(
+                "--reload: watching for changes failed (%s: %s); changes are no longer"
+                " seen: restart weft serve",
+                type(exc).__name__,
+                escape_for_log(exc),
+            )
 
-    log.info("watching %s for changes (--reload)", ", ".join(map(str, roots)))
+    log.info("watching %s for changes (--reload)", ", ".join(map(escape_for_log, roots)))
     with Wakeup((*_STOP_SIGNALS, *_OTHER_SIGNALS)) as wakeup:
         threading.Thread(target=watch, name="weft reload: watch", daemon=True).start()
         child = _start(command)
