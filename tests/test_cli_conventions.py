@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -434,28 +436,34 @@ def test_reload_names_a_changed_file_escaped(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="os.walk stopped recursing in 3.12")
 @pytest.mark.timeout(60)
-def test_reload_says_when_it_can_no_longer_watch(tmp_path: Path) -> None:
+def test_reload_says_when_it_can_no_longer_watch() -> None:
     """A tree too deep for os.walk (RecursionError, 1,100 directories down, which anyone
     who may write to it can make): the watching thread died with a traceback and the
     parent served on as if it still watched (local-attacker check 2, F6)."""
-    (tmp_path / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'one')\n")
-    deepest = tmp_path
-    for _ in range(1100):  # one by one: os.makedirs recurses too
-        deepest = deepest / "d"
-        deepest.mkdir()
-    env = environment()
-    env["PYTHONPATH"] = str(REPO)
-    argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
-            "127.0.0.1:0", "--reload"]  # fmt: skip
-    with Served(argv, cwd=tmp_path, env=env) as served:
-        served.wait_for(LISTENING)
-        served.wait_for(r"--reload: watching for changes failed \(RecursionError")
-        served.signal(signal.SIGTERM)
-        assert served.finish() == 0, served.text
-    assert "Traceback" not in served.text
-    while deepest != tmp_path:  # shutil.rmtree recurses as well
-        deepest.rmdir()
-        deepest = deepest.parent
+    # Not under pytest's own temporary directory, whose later clean-up (shutil.rmtree,
+    # recursive too) a tree this deep would crash, in this run or a later one.
+    folder = Path(tempfile.mkdtemp(prefix="weft-deep-"))
+    deepest = folder
+    try:
+        (folder / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'1')\n")
+        for _ in range(1100):  # one by one: os.makedirs recurses too
+            deepest = deepest / "d"
+            deepest.mkdir()
+        env = environment()
+        env["PYTHONPATH"] = str(REPO)
+        argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
+                "127.0.0.1:0", "--reload"]  # fmt: skip
+        with Served(argv, cwd=folder, env=env) as served:
+            served.wait_for(LISTENING)
+            served.wait_for(r"--reload: watching for changes failed \(RecursionError")
+            served.signal(signal.SIGTERM)
+            assert served.finish() == 0, served.text
+        assert "Traceback" not in served.text
+    finally:
+        while deepest != folder:
+            deepest.rmdir()
+            deepest = deepest.parent
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_reload_finds_the_handlers_directory_without_changing_its_own_path(
