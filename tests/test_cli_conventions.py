@@ -9,6 +9,7 @@ serve`` for real and read its stderr.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -435,6 +436,9 @@ def test_reload_names_a_changed_file_escaped(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="os.walk stopped recursing in 3.12")
+@pytest.mark.skipif(
+    importlib.util.find_spec("watchfiles") is not None, reason="the polling watcher's case"
+)
 @pytest.mark.timeout(60)
 def test_reload_says_when_it_can_no_longer_watch() -> None:
     """A tree too deep for os.walk (RecursionError, 1,100 directories down, which anyone
