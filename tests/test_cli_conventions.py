@@ -416,16 +416,21 @@ def _ask(port: int) -> bytes:
         return b"".join(iter(lambda: client.recv(100), b""))
 
 
-@pytest.mark.timeout(60)
-def test_reload_names_a_changed_file_escaped(tmp_path: Path) -> None:
-    """A file name is anyone's who may write to the watched tree: one holding a line
-    break forged a line in the --reload parent's log (local-attacker check 2, F6)."""
-    (tmp_path / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'one')\n")
+def _reloading(folder: Path) -> Served:
+    """``weft serve reloaded_app:handle --reload`` in ``folder``, which gets the handler."""
+    (folder / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'one')\n")
     env = environment()
     env["PYTHONPATH"] = str(REPO)
     argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
             "127.0.0.1:0", "--reload"]  # fmt: skip
-    with Served(argv, cwd=tmp_path, env=env) as served:
+    return Served(argv, cwd=folder, env=env)
+
+
+@pytest.mark.timeout(60)
+def test_reload_names_a_changed_file_escaped(tmp_path: Path) -> None:
+    """A file name is anyone's who may write to the watched tree: one holding a line
+    break forged a line in the --reload parent's log (local-attacker check 2, F6)."""
+    with _reloading(tmp_path) as served:
         served.wait_for(LISTENING)
         (tmp_path / "z\nFORGED [CRITICAL] weft: all is well.py").write_text("")
         served.wait_for(r"reloading: .*changed")
@@ -449,15 +454,10 @@ def test_reload_says_when_it_can_no_longer_watch() -> None:
     folder = Path(tempfile.mkdtemp(prefix="weft-deep-"))
     deepest = folder
     try:
-        (folder / "reloaded_app.py").write_text("def handle(conn):\n    conn.sendall(b'1')\n")
         for _ in range(1100):  # one by one: os.makedirs recurses too
             deepest = deepest / "d"
             deepest.mkdir()
-        env = environment()
-        env["PYTHONPATH"] = str(REPO)
-        argv = [sys.executable, "-m", "weft_core", "serve", "reloaded_app:handle", "-b",
-                "127.0.0.1:0", "--reload"]  # fmt: skip
-        with Served(argv, cwd=folder, env=env) as served:
+        with _reloading(folder) as served:
             served.wait_for(LISTENING)
             served.wait_for(r"--reload: watching for changes failed \(RecursionError")
             served.signal(signal.SIGTERM)
