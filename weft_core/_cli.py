@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
 from ._sdnotify import Notifier, take_environment
-from ._settings import show
+from ._settings import show, tls_context
 from ._signals import (
     CONTROL_SIGNALS,
     NO_CONFIG_FLAG,
@@ -307,12 +307,13 @@ def _serve(ns: argparse.Namespace) -> int:
         # A --reload child: stop, as on SIGTERM, if the parent that ran it is gone.
         watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     pid = None if worker else config.get("pid")
+    upgraded = _supervise.ADOPT_ENV in os.environ  # a supervisor re-executed on USR2
     # A supervisor re-executed on USR2 keeps what the image before it checked and
     # made: its pid file names it already (PidFile.keep), its control socket is
     # inherited. Checked again, a pid file another user had rewritten, or one in
     # root's /run that a one-process server switched to --user may no longer
     # write, ended the upgrade with exit 2, and the service with it.
-    if not worker and _supervise.ADOPT_ENV not in os.environ:
+    if not worker and not upgraded:
         try:
             _check_paths(config)
         except ConfigError as exc:
@@ -323,7 +324,7 @@ def _serve(ns: argparse.Namespace) -> int:
         config.workers > 1
         or config.get("timeout") is not None
         or config.get("max_requests") is not None
-        or _supervise.ADOPT_ENV in os.environ
+        or upgraded
     ):
         try:
             _check_manager(config)
@@ -332,13 +333,11 @@ def _serve(ns: argparse.Namespace) -> int:
         supervisor_pid = None if pid is None else PidFile(pid)
         on_listening = None
         if supervisor_pid is not None:  # re-executed on USR2: the same PID, kept
-            upgraded = _supervise.ADOPT_ENV in os.environ
             on_listening = supervisor_pid.keep if upgraded else supervisor_pid.write
         try:
             return _supervise.supervise(
                 config,
                 flags,
-                ns.config,
                 on_listening=on_listening,
                 argv=getattr(ns, "argv", None),
             )
@@ -391,7 +390,7 @@ def _serve(ns: argparse.Namespace) -> int:
             # (gunicorn's order): imported as root, code the user may write (or a
             # config it planted) ran as root in every worker, which the user can have
             # started again at will by killing its own.
-            kwargs = _tls_read(kwargs)
+            kwargs = {**kwargs, "tls": tls_context(kwargs.get("tls"))}  # the key read
             open_control_socket()
             if pid_file is not None:
                 pid_file.write()
@@ -446,7 +445,6 @@ def _serve(ns: argparse.Namespace) -> int:
                 server,
                 config,
                 flags,
-                ns.config,
                 signum,
                 notifier,
                 control=control,
@@ -498,17 +496,6 @@ def _check_manager(config: Config) -> None:
     name = config.get("manager")
     if isinstance(name, str):
         _registry.get_manager_spec(name)
-
-
-def _tls_read(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with a ``[tls]`` table made into its context: its files read now."""
-    tls = kwargs.get("tls")
-    if not isinstance(tls, Mapping):
-        return kwargs
-    from ._settings import tls_table
-    from ._tls import make_server_context
-
-    return {**kwargs, "tls": make_server_context(tls_table(tls))}
 
 
 def _prepare_process(config: Config) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "Settings",
     "check_manager_options",
     "check_tls_parts",
+    "tls_context",
     "tls_table",
     "unknown_tls_key",
     "validate",
@@ -745,6 +746,14 @@ def check_tls_parts(parts: Mapping[str, Any], source: Callable[[str], str | None
         )
 
 
+def tls_context(tls: Any) -> Any:
+    """``tls`` as the Server takes it: a ``[tls]`` table made into its context.
+
+    The table's files are read now; anything else (a context, None) is kept as it is.
+    """
+    return make_server_context(tls_table(tls)) if isinstance(tls, Mapping) else tls
+
+
 def tls_table(table: Mapping[str, Any]) -> dict[str, Any]:
     """``Server(tls={...})``'s table checked part by part, with password_file read.
 
@@ -874,9 +883,7 @@ class Settings:
         if values["family"] == "dual":  # found when binding otherwise, after a clean check
             endpoints = listen_endpoints(values["bind"], values["address"], values["port"])
             check_dual([e.host for e in endpoints if e.kind == "tcp"])
-        tls = values.pop("tls")
-        if isinstance(tls, Mapping):
-            tls = make_server_context(tls_table(tls))
+        tls = tls_context(values.pop("tls"))
         enabled = values.pop("proxy_protocol")
         trusted = values.pop("trusted_proxies")
         header_timeout = values.pop("proxy_header_timeout")

@@ -58,14 +58,13 @@ serve_log = logging.getLogger("weft")
 def supervise(
     config: Config,
     flags: Mapping[str, Any],
-    config_file: str | None,
     on_listening: Callable[[], object] | None = None,
     argv: Sequence[str] | None = None,
 ) -> int:
     """Serve with ``config.workers`` supervised workers; return the exit status.
 
     ``flags`` are the config keys weft serve's command line set (as given there, None
-    for unset) and ``config_file`` its ``--config``: the workers get them again. A
+    for unset): the workers get them again, with the config file read, if any. A
     supervisor re-executed on USR2 finds its workers in ADOPT_ENV and adopts them.
     ``on_listening()`` is called once the sockets listen (weft serve writes its pid file).
     ``argv``, weft's own command line (``serve ...``), is what a USR2 re-executes.
@@ -87,13 +86,12 @@ def supervise(
     # would take the signal, and its default action, in the main thread's place.
     # The control signals are the start's hold's (``_signals.hold_while_starting``).
     with Wakeup(STOP_SIGNALS):
-        return _supervise(config, flags, config_file, on_listening, argv)
+        return _supervise(config, flags, on_listening, argv)
 
 
 def _supervise(
     config: Config,
     flags: Mapping[str, Any],
-    config_file: str | None,
     on_listening: Callable[[], object] | None,
     argv: Sequence[str] | None,
 ) -> int:
@@ -134,7 +132,6 @@ def _supervise(
         supervisor = _supervisor(
             config,
             flags,
-            config_file,
             listeners,
             count=count,
             on_stop=close_listeners,
@@ -226,7 +223,6 @@ def hand_over(
     server: Any,
     config: Config,
     flags: Mapping[str, Any],
-    config_file: str | None,
     signum: int,
     notifier: Notifier,
     control: ControlSocket | None = None,
@@ -270,7 +266,6 @@ def hand_over(
         supervisor = _supervisor(
             config,
             flags,
-            config_file,
             listeners,
             count=2 if signum == signal.SIGTTIN else 1,
             on_stop=close_listeners,
@@ -291,7 +286,6 @@ def hand_over(
 def _supervisor(
     config: Config,
     flags: Mapping[str, Any],
-    config_file: str | None,
     listeners: Sequence[Listener],
     *,
     count: int,

@@ -869,9 +869,9 @@ class Supervisor:
                 worker.dump = fd = None
                 break
             left -= len(data)
-            room = DUMP_MAX - len(worker.dumped)
-            worker.dumped += data[: max(0, room)]
-            worker.dump_dropped += max(0, len(data) - max(0, room))
+            kept = data[: max(0, DUMP_MAX - len(worker.dumped))]
+            worker.dumped += kept
+            worker.dump_dropped += len(data) - len(kept)
             worker.dump_at = now
         if not worker.dumped or (not final and now - worker.dump_at < DUMP_QUIET):
             return
