@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from weft_core import ConfigError, PluginError, Server, hookimpl
+from weft_core import ConfigError, PluginError, Server, UnknownManagerError, hookimpl
 from weft_core._engine import STOP_GRACE
 from weft_core._registry import register, unregister
 
@@ -347,3 +347,28 @@ def test_a_server_with_no_manager_takes_the_configured_one(
     monkeypatch.setenv("WEFT_MANAGER_OPTIONS_LIMIT", "lots")
     with pytest.raises(ConfigError, match="WEFT_MANAGER_OPTIONS_LIMIT"):
         Server(_async)
+
+
+def test_a_configured_manager_nobody_installed_is_a_config_error_naming_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Server(h)`` with a misspelt manager in weft.toml or WEFT_MANAGER: the program
+    never wrote the name, so the error must say where it came from, as a ConfigError
+    (api.md; weft serve says the same). It was an UnknownManagerError naming neither,
+    which ``except ConfigError`` missed (the docs audit's third finding). A name the
+    program gives itself stays an UnknownManagerError."""
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("WEFT_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "weft.toml").write_text('manager = "thraeds"\n')
+    with pytest.raises(ConfigError) as caught:
+        Server(_sync)
+    assert caught.value.key == "manager"
+    assert caught.value.source is not None and "weft.toml" in caught.value.source
+    assert "no task manager named 'thraeds' is installed" in str(caught.value)
+    assert "did you mean 'threads'?" in str(caught.value)
+    monkeypatch.setenv("WEFT_MANAGER", "thraeds")
+    with pytest.raises(ConfigError, match=r"WEFT_MANAGER.*'thraeds'"):
+        Server(_sync)
+    with pytest.raises(UnknownManagerError):
+        Server(_sync, manager="thraeds")

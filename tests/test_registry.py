@@ -18,6 +18,8 @@ from weft_core import (
     ManagerSpec,
     PluginError,
     Server,
+    SyncRuntime,
+    TaskManager,
     _registry,
     check_runtime,
     hookimpl,
@@ -507,6 +509,63 @@ def test_subclassing_the_protocol_gives_the_default_run_in_loop() -> None:
     ran: list[str] = []
     Complete().run_in_loop(lambda: ran.append("here"))
     assert ran == ["here"]
+
+
+@pytest.mark.timeout(10)
+def test_a_method_only_inherited_from_the_protocol_counts_as_missing() -> None:
+    """A runtime that subclasses the protocol, as the docs say to, inherits each
+    method's ``...``: ``hasattr`` found it, and check_runtime passed a runtime with no
+    ``slots``, whose None then meant no connection limit at all (a stranger's plugin,
+    the docs audit's first finding). Only ``run_in_loop`` has a body to inherit."""
+
+    class Bare(SyncRuntime):
+        kind = "sync"
+        conn_is_stream = False
+
+    with pytest.raises(
+        TypeError,
+        match=r"lacks adopt_listener, close, sleep, slots, wake_listener, wrap_connection, "
+        r"wrap_tls \(see weft_core.SyncRuntime\)",
+    ):
+        check_runtime(Bare())
+
+    class AllButSlots(Bare):
+        def adopt_listener(self, sock: Any) -> Any: ...
+        def wake_listener(self, listener: Any) -> None: ...
+        def close(self) -> None: ...
+        def sleep(self, seconds: float) -> None: ...
+        def wrap_connection(self, sock: Any) -> Any: ...
+        def wrap_tls(self, sock: Any, context: Any) -> Any: ...
+
+    with pytest.raises(TypeError, match=r"lacks slots \(see weft_core.SyncRuntime\)"):
+        check_runtime(AllButSlots())
+
+    class Whole(AllButSlots):
+        def slots(self, n: int) -> Any: ...
+
+    check_runtime(Whole())  # run_in_loop is inherited, and that is enough
+
+    class SlotsOnTheInstance(AllButSlots):
+        def __init__(self) -> None:
+            self.slots = lambda n: None  # an attribute of its own counts
+
+    check_runtime(SlotsOnTheInstance())
+    check_runtime(BLOCKING_RUNTIME)  # weft's own subclass, which defines them all
+
+    class StubManager(TaskManager):
+        def __init__(self) -> None:
+            self.limit = None
+
+        @property
+        def runtime(self) -> Any:
+            return Whole()
+
+        def add_task(self, thunk: Any) -> Any: ...
+
+    with pytest.raises(
+        ConfigError, match=r"lacks all_tasks, remove_task, stop_task \(see weft_core.TaskManager\)"
+    ):
+        Server(lambda conn: None, manager=StubManager())
 
 
 @pytest.mark.timeout(10)

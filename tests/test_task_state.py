@@ -177,3 +177,58 @@ def test_task_table_add_stores_nothing_when_making_the_record_fails() -> None:
     with pytest.raises(RuntimeError):
         table.add(broken)
     assert len(table) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("limit", [None, 10_000_000])
+def test_task_table_from_many_threads_at_once(limit: int | None) -> None:
+    """Adds, reserves, puts and pops in four threads while a fifth reads the table:
+    every id is unique, no reader sees the table change midway (a read that walked
+    the dictionary while another thread popped raised "dictionary changed size
+    during iteration"), and the table ends empty. Without a limit nothing takes the
+    lock per task, so this is the case the lock no longer covers."""
+    table: TaskTable[TaskState] = TaskTable(limit, "my manager")
+    rounds = 20_000
+    ids: list[list[int]] = [[] for _ in range(4)]
+    failures: list[BaseException] = []
+    writing = threading.Event()
+
+    def write(mine: list[int], reserving: bool) -> None:
+        try:
+            for _ in range(rounds):
+                if reserving:
+                    task_id = table.reserve()
+                    table.put(task_id, TaskState(task_id))
+                else:
+                    task_id = table.add(TaskState).id
+                mine.append(task_id)
+                assert table.get(task_id) is not None
+                assert table.pop(task_id)
+                assert not table.pop(task_id)
+        except BaseException as exc:
+            failures.append(exc)
+
+    def read() -> None:
+        try:
+            while writing.is_set():
+                for record in table.records():
+                    assert isinstance(record, TaskState)
+                table.ids()
+                len(table)
+        except BaseException as exc:
+            failures.append(exc)
+
+    writers = [threading.Thread(target=write, args=(ids[n], n % 2 == 0)) for n in range(4)]
+    writing.set()
+    reader = threading.Thread(target=read)
+    reader.start()
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    writing.clear()
+    reader.join()
+    assert failures == []
+    every = [task_id for mine in ids for task_id in mine]
+    assert len(set(every)) == len(every) == 4 * rounds
+    assert len(table) == 0 and table.ids() == [] and table.records() == []

@@ -10,6 +10,7 @@ inside any manager's runtime.
 
 from __future__ import annotations
 
+import inspect
 import socket
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -326,6 +327,37 @@ def protocol_members(protocol: type) -> list[str]:
     return sorted(n for n in names if not n.startswith("_"))
 
 
+#: Protocol methods with a body that works as it is: a class that subclasses the
+#: protocol may inherit them. Every other protocol method is a declaration (``...``).
+_DEFAULTS = frozenset({"run_in_loop"})
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks, or only inherits as declarations.
+
+    A class that subclasses a protocol explicitly (as the docs suggest for runtimes)
+    inherits each method's ``...`` body: ``hasattr`` finds it, and it returns None
+    when called, so a forgotten ``slots`` would silently mean no connection limit.
+    Such a member counts as missing.
+    """
+    stubs: dict[str, object] = {}
+    for cls in reversed(protocol.__mro__):
+        if cls in (object, Protocol) or cls.__module__ == "typing":
+            continue
+        stubs.update(
+            (n, v) for n, v in vars(cls).items() if callable(v) or isinstance(v, property)
+        )
+    missing = []
+    for name in protocol_members(protocol):
+        if not hasattr(obj, name):
+            missing.append(name)
+        elif name in stubs and name not in _DEFAULTS:
+            found = inspect.getattr_static(obj, name, None)
+            if found is stubs[name]:
+                missing.append(name)
+    return missing
+
+
 def _runtime_problem(runtime: object) -> str | None:
     """Why ``runtime`` is not a runtime, as "lacks a, b (see weft_core.X)", or None."""
     kind = getattr(runtime, "kind", None)
@@ -335,7 +367,7 @@ def _runtime_problem(runtime: object) -> str | None:
             "(see weft_core.SyncRuntime and weft_core.AsyncRuntime)"
         )
     protocol = _PROTOCOLS[kind]
-    missing = [name for name in protocol_members(protocol) if not hasattr(runtime, name)]
+    missing = missing_members(runtime, protocol)
     if missing:
         return f"lacks {', '.join(missing)} (see weft_core.{protocol.__name__})"
     return None
@@ -349,7 +381,8 @@ def check_runtime(runtime: object) -> None:
     ``create_manager`` and ``Server`` call it when the manager is made, so that a
     runtime missing a member fails there and not deep inside the accept loop. A
     runtime that subclasses :class:`SyncRuntime` or :class:`AsyncRuntime` gets the
-    default :meth:`~SyncRuntime.run_in_loop`.
+    default :meth:`~SyncRuntime.run_in_loop`; every other method it must define
+    itself (the protocol's own is only a declaration, and counts as missing).
     """
     problem = _runtime_problem(runtime)
     if problem is not None:
@@ -358,7 +391,7 @@ def check_runtime(runtime: object) -> None:
 
 def manager_problem(manager: object) -> str | None:
     """Why ``manager`` cannot serve, in a phrase ("lacks add_task", "its runtime lacks ..."), or None."""
-    missing = [name for name in protocol_members(TaskManager) if not hasattr(manager, name)]
+    missing = missing_members(manager, TaskManager)
     if missing:
         return f"lacks {', '.join(missing)} (see weft_core.TaskManager)"
     problem = _runtime_problem(manager.runtime)  # type: ignore[attr-defined]

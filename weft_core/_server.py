@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._endpoints import listen_endpoints
@@ -52,7 +52,14 @@ from ._engine import (
 )
 from ._engine_async import AsyncEngine
 from ._engine_sync import SyncEngine
-from ._errors import EXITS, ConfigError, HandlerKindError, ServerError, WeftError
+from ._errors import (
+    EXITS,
+    ConfigError,
+    HandlerKindError,
+    ServerError,
+    UnknownManagerError,
+    WeftError,
+)
 from ._listeners import Family, open_listeners
 from ._osthreads import one_cpu, short_switches
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
@@ -1006,8 +1013,10 @@ def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:
     return runtime.kind == "async"
 
 
-def _configured_manager() -> tuple[str, dict[str, Any] | None]:
-    """The manager weft's config names, and its options; else ``DEFAULT_MANAGER``.
+def _configured_manager() -> tuple[str, dict[str, Any] | None, Mapping[str, str]]:
+    """The manager weft's config names, its options, and where each was set.
+
+    Else ``DEFAULT_MANAGER``, no options and no sources.
 
     ``Server(handler)`` with no manager: "config, else threads" (DESIGN section 2),
     where config is what ``weft serve`` reads, ``WEFT_MANAGER`` (and
@@ -1027,8 +1036,8 @@ def _configured_manager() -> tuple[str, dict[str, Any] | None]:
     config = load_config(environ=environ)
     name = config.values.get("manager")
     if not isinstance(name, str):
-        return DEFAULT_MANAGER, None
-    return name, config.values.get("manager_options")
+        return DEFAULT_MANAGER, None, {}
+    return name, config.values.get("manager_options"), config.origins
 
 
 def _is_sync(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[SyncRuntime]:
@@ -1041,12 +1050,25 @@ def _is_sync(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[SyncRuntime]:
 def _resolve_manager(
     manager: Any, options: dict[str, Any] | None
 ) -> tuple[TaskManager, bool, str]:
+    origins: Mapping[str, str] = {}
     if manager is None:
-        manager, configured = _configured_manager()
+        manager, configured, origins = _configured_manager()
         if options is None:
             options = configured
+        else:
+            origins = {"manager": origins["manager"]} if "manager" in origins else {}
     if isinstance(manager, str):
-        return create_manager(manager, **(options or {})), True, manager
+        try:
+            return create_manager(manager, **(options or {})), True, manager
+        except (UnknownManagerError, ConfigError) as exc:
+            # A name or options the program never wrote, from a file or a variable:
+            # the error names which, as weft serve's does.
+            key = exc.key if isinstance(exc, ConfigError) else "manager"
+            source = origins.get(key or "")
+            if source is None or (isinstance(exc, ConfigError) and exc.source is not None):
+                raise
+            message = exc.message if isinstance(exc, ConfigError) else str(exc)
+            raise ConfigError(message, source=source, key=key) from exc
     if options:
         raise ConfigError(
             "manager_options only apply when the manager is given by name; "

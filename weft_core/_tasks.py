@@ -327,6 +327,13 @@ class TaskTable(Generic[T]):
     ``reserve`` hands out the next id or raises :class:`ManagerFullError` at the
     limit; the manager stores its own record for the id with ``put`` (or does both
     at once with ``add``) and drops it with ``pop`` when the task ends or is removed.
+
+    Only what must happen together takes the table's lock: the limit's check with
+    the id it hands out, and ``put``'s "still reserved?" with its store. Without a
+    limit, ``add`` and ``reserve`` take none (the id counter and each store are one
+    step each), nor do ``pop`` and ``get``, so a connection's task costs no lock here.
+    Readers copy the table in one step (``list(dict)`` runs no Python code, so no
+    other thread changes it midway) and never see it half-changed.
     """
 
     def __init__(self, limit: int | None, owner: str) -> None:
@@ -344,6 +351,10 @@ class TaskTable(Generic[T]):
 
     def reserve(self) -> int:
         """A fresh id, counted against the limit until popped."""
+        if self.limit is None:
+            task_id = next(self._ids)
+            self._tasks[task_id] = None
+            return task_id
         with self._lock:
             task_id = self._next_id()
             self._tasks[task_id] = None
@@ -360,10 +371,15 @@ class TaskTable(Generic[T]):
     def add(self, make: Callable[..., T], *args: Any) -> T:
         """:meth:`reserve` and :meth:`put` in one: store and return ``make(id, *args)``.
 
-        One lock taken rather than two, for a manager that can make its record at
-        once. ``make`` runs under the table's lock, an OS lock even under gevent: it
-        must not call the table, wait, or switch greenlets.
+        For a manager that can make its record at once. With a limit, ``make`` runs
+        under the table's lock, an OS lock even under gevent: it must not call the
+        table, wait, or switch greenlets. A limit set while tasks are being added
+        holds for the adds that begin after it.
         """
+        if self.limit is None:
+            task_id = next(self._ids)
+            record = self._tasks[task_id] = make(task_id, *args)
+            return record
         with self._lock:
             task_id = self._next_id()
             record = self._tasks[task_id] = make(task_id, *args)
@@ -377,27 +393,27 @@ class TaskTable(Generic[T]):
 
     def get(self, task_id: Hashable) -> T | None:
         """The record for ``task_id``, or None."""
-        with self._lock:
-            return self._tasks.get(task_id)  # type: ignore[call-overload,no-any-return]
+        return self._tasks.get(task_id)  # type: ignore[call-overload,no-any-return]
 
     def pop(self, task_id: Hashable) -> bool:
-        """Forget ``task_id``; True if it was there."""
-        with self._lock:
-            return self._tasks.pop(task_id, _MISSING) is not _MISSING  # type: ignore[call-overload]
+        """Forget ``task_id``; True if it was there.
+
+        A ``pop`` of an id ``put`` has not filled yet (only an id guessed before
+        ``add_task`` returned it) may be undone by that ``put``; the task's own end
+        pops it again.
+        """
+        return self._tasks.pop(task_id, _MISSING) is not _MISSING  # type: ignore[call-overload]
 
     def ids(self) -> list[Hashable]:
         """The ids held now."""
-        with self._lock:
-            return list(self._tasks)
+        return list(self._tasks)
 
     def records(self) -> list[T]:
         """The records held now."""
-        with self._lock:
-            return [r for r in self._tasks.values() if r is not None]
+        return [r for r in list(self._tasks.values()) if r is not None]
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._tasks)
+        return len(self._tasks)
 
 
 _MISSING: Any = object()

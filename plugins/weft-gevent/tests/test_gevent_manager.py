@@ -557,6 +557,48 @@ def test_a_close_that_found_tasks_stops_the_hub_once_the_last_ends(
 
 
 @pytest.mark.timeout(30)
+def test_tasks_added_in_the_hub_keep_it_until_the_last_of_them_ends(
+    manager: GeventManager,
+) -> None:
+    """Tasks added in the hub's thread (an acceptor's connections) hold the hub
+    together, not each by a lock of its own: the hub outlives the task that added
+    them and a close, goes once the last ends, and a close after they have all
+    ended stops it at once (nothing is left counted)."""
+    gate, started = threading.Event(), threading.Event()
+    children = 5
+
+    def child() -> None:
+        started.set()
+        while not gate.is_set():
+            gevent.sleep(0.005)
+
+    def quick() -> None:
+        pass
+
+    def parent() -> None:
+        for _ in range(children):
+            manager.add_task(child)
+        for _ in range(50):
+            manager.add_task(quick)
+
+    manager.add_task(parent)
+    assert started.wait(WAIT)
+    assert wait_until(lambda: len(manager.all_tasks()) == children), "parent and quick ones end"
+    manager.runtime.close()
+    assert manager._hubs.owns_thread, "the children still hold the hub"
+    gate.set()
+    assert wait_until(lambda: not owns_thread(manager)), "the last child's end stops it"
+
+    gate.clear()
+    manager.add_task(parent)  # a new hub, and the same again without a close meanwhile
+    assert wait_until(lambda: len(manager.all_tasks()) == children)
+    gate.set()
+    assert wait_until(lambda: not manager.all_tasks())
+    assert manager._hubs.close() is True, "no count left behind: the hub stops at once"
+    assert not manager._hubs.owns_thread
+
+
+@pytest.mark.timeout(30)
 def test_slots_and_sleep_work_inside_the_hub(manager: GeventManager) -> None:
     """The runtime's slots and sleep work in a task."""
     slots = manager.runtime.slots(1)

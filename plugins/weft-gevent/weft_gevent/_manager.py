@@ -55,6 +55,7 @@ class _Task(TaskState):
         "entered",
         "finished",
         "greenlet",
+        "held",
         "link",
         "manager",
         "thunk",
@@ -66,6 +67,7 @@ class _Task(TaskState):
         thunk: Callable[[], Any],
         link: HubLink,
         manager: GeventManager,
+        held: bool,
     ) -> None:
         super().__init__(task_id)
         self.thunk = thunk
@@ -78,6 +80,10 @@ class _Task(TaskState):
         self.finished = False
         #: Made only when a stop waits for the task to end, in the hub's thread.
         self.ended: gevent.event.Event | None = None
+        #: True while the task holds the hub by a count of its own: added from
+        #: another thread, until its greenlet is made; then it is one of ``_here``.
+        #: Set before the table lists it: a stop may find it at once.
+        self.held = held
 
     def interrupt(self) -> bool:
         """Interrupt as TaskState does, and kill the greenlet with TaskShutdown; any thread.
@@ -204,6 +210,10 @@ class GeventManager:
             watch_blocking(float(max_blocking_time))
         self._table: TaskTable[_Task] = TaskTable(limit, "gevent manager")
         self._hubs = HubOwner()
+        #: Tasks added in the hub's own thread and not yet ended: together they hold
+        #: the hub once (while this is not zero), so that a connection's task takes
+        #: no lock to keep its hub. Read and written only in the hub's thread.
+        self._here = 0
         self._runtime = GeventRuntime(self._hubs)
 
     @property
@@ -229,13 +239,25 @@ class GeventManager:
         In the hub's own thread (the acceptor adding a connection) the greenlet is
         spawned at once; from another thread it is queued to the hub.
         """
-        link = self._hubs.acquire()  # counts the task until its greenlet ends
+        hubs = self._hubs
+        link = hubs.link
+        if link is not None and real_get_ident() == link.hub.thread_ident:
+            # In the hub's thread (the acceptor): whoever calls is a task or call the
+            # hub already counts, so the hub cannot go meanwhile. The new task joins
+            # the count of tasks here, which holds the hub once for all of them.
+            task = self._table.add(_Task, thunk, link, self, False)
+            if self._here or hubs.hold(link):
+                self._here += 1
+                self._spawn(task)
+                return task.id
+            self._table.pop(task.id)  # an application's hub that close() forgot
+        link = hubs.acquire()  # counts the task until its greenlet ends
         try:
-            task = self._table.add(_Task, thunk, link, self)
+            task = self._table.add(_Task, thunk, link, self, True)
         except BaseException:
-            self._hubs.release()
+            hubs.release()
             raise
-        if real_get_ident() == link.hub.thread_ident:  # link.is_current(), inlined
+        if link.is_current():
             self._spawn(task)
         else:
             link.call_soon(self._spawn, task)
@@ -256,6 +278,14 @@ class GeventManager:
                 task.context = None
                 task.greenlet = glet
                 hub.loop.run_callback(glet.switch)
+                if task.held:
+                    # Added from another thread, it held the hub by itself: it joins
+                    # the tasks here, whose count keeps the hub (its own hold becomes
+                    # theirs if it is the first).
+                    task.held = False
+                    if self._here:
+                        self._hubs.release()
+                    self._here += 1
             except Exception:
                 log.exception("could not spawn task %s (%s)", task.id, task.name)
                 self._finish(task)
@@ -273,7 +303,12 @@ class GeventManager:
         task.set_done()
         if task.ended is not None:
             task.ended.set()
-        self._hubs.release()
+        if task.held:
+            self._hubs.release()
+        else:
+            self._here -= 1
+            if not self._here:
+                self._hubs.release()
 
     def _wait_ended(self, task: _Task, timeout: float | None) -> bool:
         """Wait cooperatively, in the hub's thread, for the task to end; True if it did."""
