@@ -228,6 +228,51 @@ def test_quit_stops_at_once(tmp_path: Path, shape: str) -> None:
     assert "received SIGQUIT: stopping" in served.text
 
 
+SLOW_INTERPRETER = """
+import os, sys, time
+# Every worker but the first spends a while in the interpreter's own start, before
+# any of weft's code runs: the window a quick stop's QUIT used to land in.
+if any(a.startswith("--supervisor-fd") for a in sys.argv):
+    try:
+        os.close(os.open({marker!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        time.sleep(3)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_quit_reaches_a_worker_still_in_its_interpreters_start_without_killing_it(
+    tmp_path: Path,
+) -> None:
+    """A quick stop (QUIT) sends QUIT to every worker, ready or not. A worker still
+    in the interpreter's start, before weft's first line, took QUIT's default: it
+    died dumping core ("worker N exited with SIGQUIT"; under systemd-coredump, a
+    crash report per such worker). Started with QUIT blocked, it gets it once its
+    start's handlers are in, and ends as a stop ends it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        SLOW_INTERPRETER.format(marker=str(tmp_path / "first-worker"))
+    )
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    write_app(tmp_path, "v1")
+    served = Served(
+        weft_serve(HANDLERS["threads"], "--bind", "127.0.0.1:0", "--workers", "3"),
+        cwd=tmp_path,
+        env=env,
+    )
+    with served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        wait_for_version(address, "v1")  # the first worker serves; two are starting
+        served.wait_for(READY)
+        served.signal(signal.SIGQUIT)
+        assert served.finish() == 0, served.text
+    assert "exited with SIGQUIT" not in served.text, served.text
+    assert served.text.count("exited with SIGTERM") == 2, served.text
+
+
 @pytest.mark.timeout(60)
 def test_a_term_and_a_quit_pending_together_stop_quickly_not_by_death(tmp_path: Path) -> None:
     """A supervisor cutting a stop short sends its workers TERM, then QUIT. Pending

@@ -38,6 +38,7 @@ __all__ = [
     "STOP_SIGNALS",
     "WORKER_FLAG",
     "WORKER_IGNORED",
+    "WORKER_START_BLOCKED",
     "enable_stack_dump",
     "hold_while_starting",
     "is_worker",
@@ -79,6 +80,16 @@ log = logging.getLogger("weft")
 STARTING_HELD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
+#: What a worker is started with blocked (its supervisor blocks them across the
+#: spawn, and the mask goes through exec): the held signals, QUIT, and the job-control
+#: stops. Between exec and :func:`hold_while_starting` (the interpreter's start and
+#: weft_core's import, a tenth of a second or more) each would act by its default: a
+#: QUIT sent to every worker by a quick stop dumped the core of one still starting,
+#: and an operator's ``pkill -HUP`` killed it. Pending instead, each reaches the
+#: hold's handlers once they are in. TERM and INT stay deliverable: a stop.
+WORKER_START_BLOCKED = frozenset({*STARTING_HELD, signal.SIGQUIT, *JOB_STOPS})
+
+
 def is_worker(argv: list[str]) -> bool:
     """True if ``argv`` (``sys.argv``) is a worker's: the supervisor gave it WORKER_FLAG."""
     return any(arg == WORKER_FLAG or arg.startswith(WORKER_FLAG + "=") for arg in argv[1:])
@@ -93,7 +104,8 @@ def hold_while_starting() -> list[str]:
     handlers are still in (``python -m weft_core`` holds them before the rest of
     weft is imported, ``weft serve`` once more as it starts), it returns the same
     list: nothing noted meanwhile is lost. A worker leaves its terminal here, then
-    takes JOB_STOPS, blocked since its start, as the rest.
+    takes the signals blocked since its start (``WORKER_START_BLOCKED``): any that
+    came meanwhile is delivered now, to these handlers.
     """
     global _held
     if threading.current_thread() is not threading.main_thread():
@@ -106,7 +118,7 @@ def hold_while_starting() -> list[str]:
     signal.signal(signal.SIGQUIT, _held.quit)
     if is_worker(sys.argv):
         leave_terminal()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_STOPS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_START_BLOCKED)
     return _held.arrived
 
 

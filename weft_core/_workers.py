@@ -81,7 +81,7 @@ from ._connection import format_address
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE, late_signals_ignored
 from ._flags import render_flag
-from ._jobcontrol import JOB_STOPS, OWN_PROCESS_GROUP
+from ._jobcontrol import OWN_PROCESS_GROUP
 from ._listeners import handing_over
 from ._logging import LINE_LOCK_ENV, logs_json, share_line_lock
 from ._logsafe import escape_for_log
@@ -91,6 +91,7 @@ from ._signals import (
     DUMP_FD_ENV,
     DUMP_SIGNAL,
     STOP_SIGNALS,
+    WORKER_START_BLOCKED,
     reopen_log_files,
 )
 from ._wakeup import Wakeup
@@ -1290,11 +1291,13 @@ class Supervisor:
         # in the supervisor's session"). A worker leaves the session's terminal at its
         # first line (_jobcontrol.leave_terminal), so job control reaches neither it nor
         # its handler's children.
-        # The job-control stops blocked while the worker starts, and so in it through
-        # exec until its first line of Python leaves the terminal and unblocks them:
-        # what the interpreter writes before that (a warning, -X importtime) is not
-        # stopped by `stty tostop`. Signals for the supervisor go to its other threads.
-        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_STOPS)
+        # Blocked while the worker starts, and so in it through exec until its first
+        # line of Python takes them (WORKER_START_BLOCKED): the job-control stops, so
+        # that what the interpreter writes before that (a warning, -X importtime) is
+        # not stopped by `stty tostop`, and the signals that would end or dump it
+        # before its handlers are in (a quick stop's QUIT, an operator's HUP).
+        # Signals for the supervisor go to its other threads meanwhile.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_START_BLOCKED)
         try:
             with handing_over():  # its listening sockets are passed, not let go
                 proc = subprocess.Popen(
