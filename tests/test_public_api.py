@@ -40,6 +40,7 @@ MANAGER_AUTHOR_NAMES = {
     "current_task",
     "run_task",
     "run_async_task",
+    "INTERRUPT_GRACE",
 }
 #: A program's or a test's own hooks, registered without an entry point (hooks.md).
 PLUGIN_NAMES = {"register_plugin", "unregister_plugin"}

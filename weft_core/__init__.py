@@ -44,6 +44,7 @@ from ._registry import unregister as unregister_plugin
 from ._server import Server
 from ._spec import Conformance, HandlerKind, ManagerSpec
 from ._tasks import (
+    INTERRUPT_GRACE,
     TaskState,
     TaskTable,
     current_task,
@@ -55,6 +56,7 @@ from .hookspecs import hookimpl
 
 __all__ = [
     "BLOCKING_RUNTIME",
+    "INTERRUPT_GRACE",
     "AsyncRuntime",
     "AsyncSlots",
     "BindError",

@@ -300,6 +300,16 @@ class Server:
                 "already hands handlers a stream; drop stream=True",
                 key="stream",
             )
+        if self._cfg.stream and kind == "async":
+            # The async engine hands the runtime's own connection over as it is: the
+            # file stream= makes (socket.makefile) is a plain handler's. Ignored, a
+            # runtime declaring conn_is_stream=False let it pass without a word.
+            raise ConfigError(
+                f"stream=True makes a file of a plain handler's socket, but manager "
+                f"{self._manager_name!r} runs async handlers, which get its own "
+                "connection; drop stream=True",
+                key="stream",
+            )
 
     # -- accessors (Weft's) ---------------------------------------------------------------
 

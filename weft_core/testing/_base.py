@@ -11,6 +11,7 @@ sets the class attribute of the same name.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from .._protocol import TaskManager
 from .._registry import create_manager, get_manager_spec
 from .._server import Server
 from .._spec import ManagerSpec
-from ._adapters import Body, SyncAdapter, default_adapter
+from ._adapters import Body, Sleep, SyncAdapter, default_adapter
 from ._bodies import gated
 from ._support import add_task_from_a_thread
 
@@ -109,17 +110,21 @@ class ManagerTestBase:
     _runs_in_caller: ClassVar[str | None] = None
 
     @pytest.fixture(autouse=True)
-    def _add_task_must_return(self) -> None:
+    def _add_task_must_return(self) -> Iterator[None]:
         """Fail every test at once if ``add_task`` runs its task in the caller's thread.
 
         Probed before the first test: such a manager would hang test after test,
-        each until its timeout.
+        each until its timeout. After each test, a collection: a socket the test
+        leaked in a cycle warns (``ResourceWarning``) in this test's teardown, not in
+        whichever later test the collector happens to run in.
         """
         cls = type(self)
         if cls._runs_in_caller is None:
             cls._runs_in_caller = self._probe_add_task()
         if cls._runs_in_caller:
             pytest.fail(cls._runs_in_caller, pytrace=False)
+        yield
+        gc.collect()
 
     def _probe_add_task(self) -> str:
         manager = self.new_manager()
@@ -129,14 +134,37 @@ class ManagerTestBase:
         stuck = caller.is_alive()
         gate.set()
         caller.join(PROBE_WAIT)
+        if stuck:
+            manager.runtime.close()
+            return (
+                f"{self._name()}: add_task did not return within {PROBE_WAIT:g}s while the"
+                " task it was given waited: it must start the task and return, not run the"
+                " thunk in the caller's thread (every test would hang until its timeout; fix"
+                " that first)"
+            )
+        # From inside one of its own tasks, as the acceptor adds every connection: an
+        # add_task that waits on its own loop there (a blocking portal, a future the
+        # loop should fill) never returns, and the loop with it.
+        added, inner = threading.Event(), threading.Event()
+
+        def adder() -> Body:
+            manager.add_task(adapter.task(gated(inner)))
+            added.set()
+            yield Sleep(0)
+
+        manager.add_task(adapter.task(adder))
+        if not added.wait(PROBE_WAIT):
+            # Its loop is stuck for good: close it in a thread nobody waits for.
+            threading.Thread(target=manager.runtime.close, daemon=True).start()
+            return (
+                f"{self._name()}: add_task called from inside one of its own tasks (as the"
+                " acceptor calls it for every connection) did not return within"
+                f" {PROBE_WAIT:g}s: there it must start the task without waiting on its own"
+                " loop (no blocking portal, no future the loop would have to fill)"
+            )
+        inner.set()
         manager.runtime.close()
-        if not stuck:
-            return ""
-        return (
-            f"{self._name()}: add_task did not return within {PROBE_WAIT:g}s while the task it"
-            " was given waited: it must start the task and return, not run the thunk in the"
-            " caller's thread (every test would hang until its timeout; fix that first)"
-        )
+        return ""
 
     @pytest.fixture
     def manager(self) -> Iterator[TaskManager]:

@@ -22,7 +22,14 @@ from .._server import Server
 from ._adapters import Body, Recv, Send
 from ._base import ManagerTestBase
 from ._bodies import echo, stubborn
-from ._support import WAIT, connect, recv_exactly, recv_until_closed, wait_until
+from ._support import (
+    ACCEPTOR_STILL_ACCEPTS,
+    WAIT,
+    connect,
+    recv_exactly,
+    recv_until_closed,
+    wait_until,
+)
 
 __all__ = ["ControlTests"]
 
@@ -140,6 +147,7 @@ class ControlTests(ManagerTestBase):
         )
         assert not _served(waiting[0], QUIET), (
             "rule 'while paused new clients wait in the backlog': a client was served"
+            + ACCEPTOR_STILL_ACCEPTS
         )
         server.resume_accepting()
         assert not server.paused, "rule 'paused is False after resume_accepting()'"
@@ -164,7 +172,9 @@ class ControlTests(ManagerTestBase):
         wait_until(lambda: server.paused, what="a pause called from a handler")
         late = connect(server.port)
         clients.append(late)
-        assert not _served(late, QUIET), "rule 'paused from a handler: no client is served'"
+        assert not _served(late, QUIET), (
+            "rule 'paused from a handler: no client is served'" + ACCEPTOR_STILL_ACCEPTS
+        )
         assert _round_trip(remote, b"r") == b"r", "the handler called resume_accepting()"
         assert _round_trip(late, b"x") == b"x", (
             "rule 'resume_accepting() from a handler serves the client that waited'"
@@ -176,7 +186,9 @@ class ControlTests(ManagerTestBase):
             server.pause_accepting()  # twice: no effect
             late = connect(server.port)
             clients.append(late)
-            assert not _served(late, QUIET), "rule 'paused: no client is served'"
+            assert not _served(late, QUIET), (
+                "rule 'paused: no client is served'" + ACCEPTOR_STILL_ACCEPTS
+            )
             server.resume_accepting()
             assert recv_exactly(late, 1) == b"+", "rule 'resume serves the client that waited'"
         caller = threading.Thread(target=server.pause_accepting)

@@ -227,7 +227,11 @@ class TaskManagerTests(ManagerTestBase):
                 "stop_task returns False when the task had to be interrupted"
             )
             assert cleaned.is_set(), (
-                "stop_task must return only once the task (and its cleanup) ended"
+                "the task, deaf to its flag, was still running when stop_task(timeout=0.1) "
+                "returned: with preemptive_stop=True, interrupting must kill or cancel it "
+                "(a TaskState subclass whose interrupt() schedules that, as the gevent and "
+                "trio managers do), and stop_task must then wait, up to INTERRUPT_GRACE, "
+                "for it and its cleanup to end"
             )
         finally:
             gate.set()

@@ -25,6 +25,16 @@ __all__ = [
 WAIT = 10.0
 
 
+#: What a message adds when a client was served (or could connect) where the acceptor
+#: should have ended: the cause is the manager's, far from where the test sees it.
+ACCEPTOR_STILL_ACCEPTS = (
+    "; the acceptor task still accepts: pause_accepting() and stop_accepting() end it "
+    "with stop_task(acceptor, timeout=0), so your stop_task must interrupt (kill or "
+    "cancel) a task once its timeout is out, or your runtime's wake_listener must make "
+    "a listener.accept() that waits return"
+)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "") -> None:
     """Poll ``predicate`` until it is true; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
