@@ -361,6 +361,58 @@ class TaskManagerTests(ManagerTestBase):
         for task_id in ids:
             self._wait_gone(manager, task_id)
 
+    def test_slots_released_from_another_thread_wake_a_waiter(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """slots(n): n are free, the next waits, a release from another thread wakes it.
+
+        The server releases slots from other threads (a stop's helper, a lowered
+        limit, ``submit``). A waiter woken only by its own loop's next event (an
+        asyncio future resolved outside the loop's thread, without
+        ``call_soon_threadsafe``) misses it: a client queued for a slot
+        (``full_wait``) is then refused when a slot was free.
+        """
+        slots: Any = manager.runtime.slots(1)
+        waiting, got = threading.Event(), threading.Event()
+        outcome: list[bool] = []
+        thunk: Callable[[], Any]
+        if adapter.kind == "async":
+
+            async def waiter_async() -> None:
+                outcome.append(slots.acquire_nowait())
+                outcome.append(slots.acquire_nowait())
+                waiting.set()
+                outcome.append(await slots.acquire_within(3 * WAIT))
+                got.set()
+
+            thunk = waiter_async
+        else:
+
+            def waiter() -> None:
+                outcome.append(slots.acquire(blocking=False))
+                outcome.append(slots.acquire(blocking=False))
+                waiting.set()
+                outcome.append(slots.acquire(timeout=3 * WAIT))
+                got.set()
+
+            thunk = waiter
+        task_id = manager.add_task(thunk)
+        assert waiting.wait(WAIT), "add_task must run its thunk"
+        assert outcome == [True, False], (
+            "slots(1): the first acquire takes the one slot, the second finds none"
+        )
+        # Let the task reach its wait: the case a release must wake (released first,
+        # the wait would find the slot free, and the test would pass regardless).
+        time.sleep(POLL * 5)
+        slots.release()
+        assert got.wait(WAIT), (
+            f"a slot released from another thread did not wake the task waiting for it "
+            f"within {WAIT:g}s (its own wait is {3 * WAIT:g}s): release() may come from any "
+            "thread, so it must reach your loop the way a call from another thread does"
+        )
+        assert outcome[2] is True, "the woken waiter has the slot: acquire returns True"
+        self._wait_gone(manager, task_id)
+
     def test_task_shutdown_is_swallowed(
         self,
         manager: TaskManager,
