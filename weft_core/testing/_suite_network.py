@@ -84,6 +84,50 @@ class NetworkTests(ManagerTestBase):
                 "tls: the handshake happens in the connection's task and the handler sees the TLS version"
             )
 
+    def test_tls_end_without_close_notify_is_an_end(
+        self, make_server: MakeServer, certs: dict[str, str]
+    ) -> None:
+        """A TLS client that closes without close_notify ends the handler's input.
+
+        Many clients do (Python's own ``SSLSocket.close()`` sends none): the
+        handler's read gives ``b""`` once it has had everything sent, as over plain
+        TCP, and nothing is counted as an error (the sync runtimes' rule, and the
+        async ones': a runtime whose stream raised ``SSLEOFError`` passed every other
+        test).
+        """
+        seen: list[bytes] = []
+
+        def body() -> Body:
+            data = b""
+            while True:
+                chunk = yield Recv()
+                if not chunk:
+                    seen.append(data)
+                    return
+                data += chunk
+
+        # The application's own context: weft's (from a [tls] table) lets OpenSSL
+        # itself take such an end for one (OP_IGNORE_UNEXPECTED_EOF), this one does not.
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs["cert"], certs["key"])
+        server = make_server(body, tls=context)
+        with self.tls_client(server.port, certs) as client:
+            client.sendall(b"abc")
+            # A FIN with no close_notify (SSLSocket.shutdown drops the TLS state first).
+            # Not close(): with the server's session tickets still unread, the kernel
+            # would send a reset, which is no end but an error.
+            client.shutdown(socket.SHUT_WR)
+            wait_until(
+                lambda: server.stats()["accepted"] == 1 and server.stats()["active"] == 0,
+                what="the connection to end",
+            )
+        stats = server.stats()
+        errors = {k: stats[k] for k in ("tls_errors", "peer_errors", "handler_errors")}
+        assert seen == [b"abc"] and not any(errors.values()), (
+            f"a TLS peer's end without close_notify must read as the end of input (b''): the "
+            f"handler saw {seen} (nothing: its read raised), and {errors}"
+        )
+
     def test_tls_accepts_an_ssl_context(
         self, make_server: MakeServer, certs: dict[str, str]
     ) -> None:
