@@ -31,6 +31,7 @@ from _serving import (
     Client,
     Served,
     environment,
+    free_port,
     handler_for,
     host_port,
     weft_serve,
@@ -124,6 +125,34 @@ def test_every_worker_serves_one_address(tmp_path: Path, manager: str) -> None:
     for pid in workers:
         assert f"worker {pid} exited with " in served.text
     assert "Traceback" not in served.text
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "flags", [("--port", "{port}"), ("--address", "127.0.0.1", "--port", "{port}")]
+)
+def test_workers_serve_an_address_given_by_port_flags(
+    tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """``--port N --workers 2``: the supervisor listens there and each worker serves it.
+
+    Each worker was given the supervisor's ``--port`` beside the ``--bind=fd:N`` of the
+    socket it inherits, refused the pair ("give either --bind or --port") and exited
+    2, and the service stopped; only ``--bind`` worked.
+    """
+    port = free_port()
+    served = Served(
+        weft_serve(handler_for("threads"), "--workers", "2", "--graceful-timeout", "5",
+                   *(f.format(port=port) for f in flags)),
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        ((address, _),) = (m.groups() for m in served.wait_for(LISTENING))
+        assert address == f"127.0.0.1:{port}"
+        workers = ready_pids(served, 2)
+        assert pids_serving(address, workers) == workers
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
 
 
 WAITING = 10

@@ -172,7 +172,10 @@ DUMP_PIPE_SIZE = 1 << 20
 DUMP_MAX = DUMP_PIPE_SIZE
 
 # Config keys given on weft serve's command line that a worker gets in another form.
-_NOT_PASSED = frozenset({"handler", "bind", "workers", "manager_options"})
+#: A worker listens on the sockets it inherits (``--bind=fd:N``): the supervisor's own
+#: address flags would contradict them (``--port N --workers 2`` made every worker
+#: exit 2, "give either --bind or --port").
+_NOT_PASSED = frozenset({"handler", "bind", "address", "port", "workers", "manager_options"})
 #: Settings the supervisor acts on and its workers ignore (they read the same config).
 SUPERVISOR_ONLY_KEYS = frozenset({"shutdown_port", "shutdown_secret", "shutdown_allow_no_secret"})
 
