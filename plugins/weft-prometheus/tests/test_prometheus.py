@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -218,6 +219,43 @@ def test_two_workers_one_scrape_sums_both(tmp_path: Path) -> None:
     }
 
 
+def test_a_draining_worker_killed_after_a_reload_stops_counting_as_open(tmp_path: Path) -> None:
+    """--workers 2, connections held on the old workers, HUP, then the old workers are
+    killed outright as they drain (the OOM killer, a control-group kill): no worker
+    starts after them to sweep their live gauges, and ``weft_connections_open``
+    counted their connections for good. A rendering sweeps them first now."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    metrics = f"127.0.0.1:{free_port()}"
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    served, address = weft_serve(
+        "threads", metrics, "--workers", "2", "--graceful-timeout", "60",
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+    )  # fmt: skip
+    with served:
+        served.wait_for(r"worker ready on", count=2)
+        held = [Client(address) for _ in range(4)]
+        try:
+            old = {client.pid for client in held}
+            scrape_until(metrics, "weft_connections_open", len(held))
+            served.proc.send_signal(signal.SIGHUP)
+            served.wait_for(r"reload done")
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            served.wait_for(r"exited with SIGKILL", count=len(old))
+        finally:
+            for client in held:
+                client.close()
+        # No worker starts now: a scrape alone must let go of the dead workers' gauges
+        # (a rendering less than RENDER_INTERVAL old may answer first).
+        deadline = time.monotonic() + WAIT
+        while (now := total(scrape(metrics), "weft_connections_open")) != 0:
+            assert time.monotonic() < deadline, f"weft_connections_open stays at {now}"
+            time.sleep(0.1)  # polling a scrape: the gauge is the event waited for
+    assert "Traceback" not in served.text, served.text
+
+
 def test_bind_failure_is_one_line_and_the_server_serves_on() -> None:
     """A metrics address in use: one clear log line, and the server goes on serving."""
     with socket.socket() as taken:
@@ -272,6 +310,38 @@ def test_unset_or_wrong_registers_no_hook(value: str | None) -> None:
         assert done.stderr.count("\n") == 1, done.stderr
     else:
         assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [
+        "raise ModuleNotFoundError(\"No module named 'prometheus_client'\")",
+        "# too old: none of what the hooks import",
+    ],
+)
+def test_a_prometheus_client_that_cannot_be_imported_is_one_line(
+    tmp_path: Path, fake: str
+) -> None:
+    """The address set, prometheus-client missing or too old: one error line that says
+    so and what to install, and the server serves on with no hook. Nothing was said
+    at all (only ``weft managers`` listed the plugin as broken): the operator asked
+    for metrics and got silence."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    shadow = tmp_path / "prometheus_client"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(fake + "\n")
+    env = environment("127.0.0.1:0")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    done = subprocess.run(
+        [sys.executable, "-c", _UNSET], env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["loaded"] is True and report["hooks"] == [], report
+    assert f"{ADDRESS_ENV} is set, but prometheus-client cannot be imported" in done.stderr
+    assert "pip install 'prometheus-client>=0.20'" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
 
 
 @pytest.mark.parametrize(

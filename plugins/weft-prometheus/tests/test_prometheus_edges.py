@@ -24,6 +24,8 @@ from _prom_support import (
     environment,
     free_port,
     host_port,
+    scrape,
+    total,
 )
 
 from weft_core import available_managers
@@ -135,6 +137,23 @@ def test_metrics_on_the_servers_own_port_never_take_its_clients() -> None:
                 first = client.recv(100)
             pid = first.split(b"\n", 1)[0]  # the server's handler answers with its pid
             assert pid.isdigit(), f"answered by something else: {first!r}"
+        assert served.stop() == 0, served.text
+
+
+def test_metrics_on_the_servers_port_of_another_host_are_served() -> None:
+    """The server on 127.0.0.1:P, the metrics on 127.0.0.2:P: two addresses that do
+    not overlap, so the metrics are served, and the server's clients still reach its
+    handler. The check compared the ports alone and refused it ("the server itself
+    listens on 127.0.0.1:P"), serving no metrics."""
+    port = free_port()
+    with serve_workers(f"127.0.0.2:{port}", f"127.0.0.1:{port}") as served:
+        served.wait_for(READY, count=2)
+        served.wait_for(r"serving metrics on http://127\.0\.0\.2:\d+/", count=2)
+        assert total(scrape(f"127.0.0.2:{port}"), "weft_connections_opened_total") == 0
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                assert client.recv(100).split(b"\n", 1)[0].isdigit(), "the server's handler"
+        assert "cannot serve metrics" not in served.text, served.text
         assert served.stop() == 0, served.text
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import atexit
 import errno
+import ipaddress
 import logging
 import os
+import socket
 import threading
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +64,7 @@ class _Process:
         else:
             self.directory = _enter_multiprocess(supervisor)
             self.metrics = Metrics(None)  # written to the directory, read by the collector
-            from prometheus_client import multiprocess
-
-            multiprocess.MultiProcessCollector(self.registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+            _LiveCollector(self.registry, self.directory)
         self.exporter: Exporter | None = None
         #: The servers of this process that run: the endpoint listens while there are
         #: any, and lets go once none accepts any more (see Exporter's retired).
@@ -111,6 +112,31 @@ def _enter_multiprocess(supervisor: int) -> Path:
     return directory
 
 
+class _LiveCollector:
+    """prometheus-client's multiprocess collector, after sweeping the workers that are gone.
+
+    A worker killed outright cannot take its live gauges out of the sum, and a new
+    worker's start sweeps them (``_enter_multiprocess``); but one killed while it
+    drained after a reload has no successor, and its open connections counted for
+    good. Each rendering (at most once a second) sweeps first.
+    """
+
+    def __init__(self, registry: CollectorRegistry, directory: Path) -> None:
+        from prometheus_client import multiprocess
+
+        self._directory = directory
+        self._inner = multiprocess.MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
+        registry.register(self)
+
+    def collect(self) -> Iterable[Any]:
+        """Sweep the live gauges of workers that are gone, then collect every file."""
+        for pid in forget_dead_workers(self._directory):
+            log.info(
+                "weft-prometheus: worker %d is gone; its open connections no longer count", pid
+            )
+        return self._inner.collect()  # type: ignore[no-untyped-call,no-any-return]
+
+
 _lock = threading.Lock()
 _process: _Process | None = None
 
@@ -156,7 +182,7 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     if address is None:  # unset since the plugin loaded: count, serve nothing
         return
     label = f"{os.environ.get(ADDRESS_ENV, '').strip()} ({ADDRESS_ENV})"
-    taken = _served_port(address[1], [*addresses, *others])
+    taken = _served_port(address[0], address[1], [*addresses, *others])
     if taken:
         # Bound beside the server's own listener (SO_REUSEPORT under --workers, a
         # more specific host than its wildcard), the endpoint would take the
@@ -206,17 +232,58 @@ def _addresses(servers: weakref.WeakSet[Server]) -> list[str]:
     return found
 
 
-def _served_port(port: int, addresses: list[str]) -> str | None:
-    """The first of ``addresses`` (``HOST:PORT``; paths skipped) on TCP ``port``, if any."""
+def _served_port(host: str, port: int, addresses: list[str]) -> str | None:
+    """The first of ``addresses`` (``HOST:PORT``; paths skipped) that ``host:port`` overlaps.
+
+    The same port on a host that could be the same: the same address, a wildcard on
+    either side, or a name that resolves to one of the other's. ``127.0.0.2:P`` beside
+    a server on ``127.0.0.1:P`` is no overlap (it was refused, the port alone compared).
+    """
     if port == 0:
         return None
     for address in addresses:
         try:
-            if parse_address(str(address))[1] == port:
-                return str(address)
+            other, other_port = parse_address(str(address))
         except ValueError:  # unix:PATH
             continue
+        if other_port == port and _same_host(host, other):
+            return str(address)
     return None
+
+
+#: Hosts that listen on every address of their family (and a dual socket's on both).
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def _same_host(one: str, other: str) -> bool:
+    """True unless ``one`` and ``other`` are surely different addresses (resolved)."""
+    if one in _WILDCARDS or other in _WILDCARDS:
+        return True
+    try:
+        return bool(_addresses_of(one) & _addresses_of(other))
+    except OSError:  # cannot tell: the careful answer
+        return True
+
+
+def _addresses_of(host: str) -> set[str]:
+    """The IP addresses ``host`` names, IPv4-mapped IPv6 ones written as IPv4.
+
+    An address is read as it is; only a name is looked up (``localhost``: the hosts
+    file), once, as a server starts.
+    """
+    try:
+        texts = [host]
+        ipaddress.ip_address(host)
+    except ValueError:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        texts = [str(sockaddr[0]) for *_, sockaddr in infos]
+    found = set()
+    for text in texts:
+        ip = ipaddress.ip_address(text.partition("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        found.add(str(ip))
+    return found
 
 
 @hookimpl
