@@ -140,6 +140,35 @@ def test_metrics_on_the_servers_own_port_never_take_its_clients() -> None:
         assert served.stop() == 0, served.text
 
 
+def test_workers_never_join_another_services_reuse_port_group() -> None:
+    """Two --workers services given one metrics address, and the first service's own
+    --reuse-port listener given as a third's metrics address: SO_REUSEPORT let each
+    join the other's group (same user), so scrapes split between two services and
+    19 of 40 clients of the server were answered with HTTP. A worker joins only a
+    group its siblings claim: the others say so in one line each and serve on."""
+    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
+    first = serve_workers(metrics, f"127.0.0.1:{port}", "--reuse-port")
+    with first:
+        first.wait_for(READY, count=2)
+        first.wait_for(r"serving metrics on http://", count=2)
+        second = serve_workers(metrics, "127.0.0.1:0")
+        third = serve_workers(f"127.0.0.1:{port}", "127.0.0.1:0")
+        with second, third:
+            for other in (second, third):
+                other.wait_for(READY, count=2)
+                other.wait_for(r"cannot serve metrics on .*: Address already in use", count=2)
+            for _ in range(40):  # the first service's clients reach its handler
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    client.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                    first_line = client.recv(100).split(b"\n", 1)[0]
+                assert first_line.isdigit(), f"answered by something else: {first_line!r}"
+            for _ in range(8):  # every scrape is the first service's
+                assert f"127.0.0.1:{port}" in str(scrape(metrics)), "another service answered"
+            assert "serving metrics on" not in second.text + third.text
+            assert second.stop() == 0 and third.stop() == 0
+        assert first.stop() == 0, first.text
+
+
 def test_metrics_on_the_servers_port_of_another_host_are_served() -> None:
     """The server on 127.0.0.1:P, the metrics on 127.0.0.2:P: two addresses that do
     not overlap, so the metrics are served, and the server's clients still reach its

@@ -13,13 +13,17 @@ is prometheus-client's ``generate_latest``, rendered at most once per
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -70,6 +74,13 @@ class Exporter:
     A counter then steps back once, to the workers' sum, rather than jumping
     between two processes' values for the whole drain.
 
+    ``claims``: the workers' shared directory. ``SO_REUSEPORT`` lets any process of
+    the same user join a group, so a worker joins one only when the address is free
+    or a live worker of the same supervisor claims it there (a file
+    ``endpoint-PORT-PID``): another service's metrics, or another service's own
+    ``--reuse-port`` listener, given the same address by mistake, are not joined
+    (scrapes split between two services; its clients answered with HTTP).
+
     Error handling: :meth:`open` raises OSError if the address cannot be bound.
     Resource handling: :meth:`close` closes the socket and ends the threads.
     """
@@ -82,6 +93,7 @@ class Exporter:
         *,
         reuse_port: bool,
         retired: Callable[[], bool] = lambda: False,
+        claims: Path | None = None,
     ) -> None:
         self._body = _Body(registry)
         self._retired = retired
@@ -91,6 +103,8 @@ class Exporter:
         self._reading_lock = threading.Lock()
         self._where = (host, port)
         self._reuse_port = reuse_port
+        self._claims = claims if reuse_port and port else None
+        self._claim: Path | None = None
         self._sock: socket.socket | None = None
         self._closed = False
 
@@ -99,6 +113,8 @@ class Exporter:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
             0
         ]
+        if self._claims is not None:
+            self._claim_or_refuse(family, kind, proto, address)
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -111,6 +127,20 @@ class Exporter:
             raise
         sock.settimeout(_RETIRED_CHECK)
         return sock
+
+    def _claim_or_refuse(self, family: int, kind: int, proto: int, address: Any) -> None:
+        """Claim the address for this service's workers, or raise EADDRINUSE if another holds it.
+
+        Free (a bind without ``SO_REUSEPORT`` succeeds), or claimed by a live sibling:
+        this worker claims it too. Else someone else's group holds it.
+        """
+        assert self._claims is not None
+        port = self._where[1]
+        mine = self._claims / f"endpoint-{port}-{os.getpid()}"
+        if not _free(family, kind, proto, address) and not _claimed(self._claims, port):
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        mine.touch()
+        self._claim = mine
 
     def open(self) -> None:
         """Bind and listen, then answer scrapes in a daemon thread."""
@@ -177,6 +207,10 @@ class Exporter:
     def close(self) -> None:
         """Stop listening; a scrape being answered finishes within SCRAPE_TIMEOUT."""
         self._closed = True
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            with contextlib.suppress(OSError):
+                claim.unlink()
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -320,6 +354,38 @@ class _Body:
                 self._text = _render(self._registry)
                 self._since = now
             return self._text
+
+
+def _free(family: int, kind: int, proto: int, address: Any) -> bool:
+    """True if nobody listens on ``address`` now: a bind without SO_REUSEPORT succeeds."""
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+def _claimed(claims: Path, port: int) -> bool:
+    """True if a live process other than this one claims ``port`` in ``claims``."""
+    for path in claims.glob(f"endpoint-{port}-*"):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:  # gone, or another user's process has the number now
+        return False
+    return True
 
 
 def _render(registry: CollectorRegistry) -> bytes:

@@ -197,7 +197,9 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     # Workers share the address (SO_REUSEPORT); one process holds it alone, and
     # workers it hands over to (a reload) bind it once it has stopped accepting.
     workers = state.directory is not None
-    exporter = Exporter(state.registry, *address, reuse_port=workers, retired=state.retired)
+    exporter = Exporter(
+        state.registry, *address, reuse_port=workers, retired=state.retired, claims=state.directory
+    )
     with _lock:
         if state.serving():
             return  # a server that started meanwhile opened it
