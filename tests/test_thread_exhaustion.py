@@ -180,8 +180,11 @@ def test_a_worker_that_cannot_start_threads_leaves_clients_to_its_sibling(
         failed = sum(not _exchange(address, n) for n in range(60))
         took = time.monotonic() - began
         # One refused per pause: three in its ramp (0.1, 0.2, 0.4 s), then one per 0.5 s
-        # at most; on a loaded machine the 60 clients take longer, and so get more.
-        allowed = 3 + int(took / 0.5)
+        # at most; on a loaded machine the 60 clients take longer, and so get more. The
+        # ramp starts again once a thread could start (the cap is one below the count,
+        # so a thread of the worker's own that ends makes room for one): a fresh-clone
+        # run had 4 cut in 0.1 s. Allowed twice the ramp: the fault cut 22-30 of the 60.
+        allowed = 6 + int(took / 0.5)
         assert failed <= allowed, f"{failed} of 60 clients were reset or cut in {took:.1f}s"
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
