@@ -8,6 +8,7 @@ anything else is echoed back until the client closes.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 BOOM = b"boom\n"
@@ -29,3 +30,13 @@ async def handle_async(stream: Any) -> None:
         if data == BOOM:
             raise ValueError("asked to fail")
         await stream.send_all(data)
+
+
+#: How long ``linger`` stays after its client's end of input: a drain to scrape.
+LINGER = 3.0
+
+
+def linger(conn: Any) -> None:
+    """``handle``, then LINGER seconds more: a stop's drain that lasts (threads)."""
+    handle(conn)
+    time.sleep(LINGER)

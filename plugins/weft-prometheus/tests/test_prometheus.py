@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from _prom_serving import BOOM
 from _prom_support import (
+    LISTENING,
     WAIT,
+    WEFT,
     Client,
     Served,
     environment,
@@ -254,6 +256,40 @@ def test_a_draining_worker_killed_after_a_reload_stops_counting_as_open(tmp_path
             assert time.monotonic() < deadline, f"weft_connections_open stays at {now}"
             time.sleep(0.1)  # polling a scrape: the gauge is the event waited for
     assert "Traceback" not in served.text, served.text
+
+
+def test_workers_are_scraped_while_they_drain(tmp_path: Path) -> None:
+    """--workers 2, a client held by a handler that lingers after its end of input,
+    SIGTERM: while its worker drains, scrapes are answered and show the connection
+    open. Each worker let go of the address as soon as its server stopped accepting,
+    so a stop's drain (a rolling deploy's) was never scraped: every scrape was
+    refused for up to the graceful timeout."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    metrics = f"127.0.0.1:{free_port()}"
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    served = Served(
+        [*WEFT, "serve", "_prom_serving:linger", "--workers", "2", "--bind", "127.0.0.1:0",
+         "--graceful-timeout", "30"],
+        {**environment(metrics), "XDG_RUNTIME_DIR": str(runtime)},
+    )  # fmt: skip
+    with served:
+        ((address, _),) = (m.groups() for m in served.wait_for(LISTENING))
+        served.wait_for(r"worker ready on", count=2)
+        with Client(address):
+            scrape_until(metrics, "weft_connections_open", 1)
+            served.proc.send_signal(signal.SIGTERM)
+            # The idle worker ends at once; a scrape in the instant its listener closes
+            # may be refused, as any listener's closing refuses what is queued at it.
+            served.wait_for(r"worker \d+ exited with 0")
+            for _ in range(4):  # within LINGER: the other worker drains
+                try:
+                    samples = scrape(metrics)
+                except OSError as exc:
+                    raise AssertionError(f"{exc}; the log:\n{served.text}") from None
+                assert total(samples, "weft_connections_open") == 1
+        assert served.proc.wait(WAIT) == 0, served.text  # the stop under way ends it
 
 
 def test_bind_failure_is_one_line_and_the_server_serves_on() -> None:

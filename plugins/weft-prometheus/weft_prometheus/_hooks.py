@@ -198,7 +198,14 @@ def weft_server_started(server: Server, addresses: list[str]) -> None:
     # workers it hands over to (a reload) bind it once it has stopped accepting.
     workers = state.directory is not None
     exporter = Exporter(
-        state.registry, *address, reuse_port=workers, retired=state.retired, claims=state.directory
+        state.registry,
+        *address,
+        reuse_port=workers,
+        # A worker's siblings share the address and the sums: a draining worker (a
+        # reload, a stop) answers as they do, until its server has stopped. One process
+        # lets go once it stops accepting, for the workers it may hand over to.
+        retired=(lambda: False) if workers else state.retired,
+        claims=state.directory,
     )
     with _lock:
         if state.serving():
