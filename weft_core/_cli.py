@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, _exits, _registry
-from ._config import Config, load_config, parse_option_value
+from ._config import Config, load_config, parse_option_value, with_source
 from ._ctl import ControlSocket, check_control_path
 from ._deadline import Deadline
 from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
@@ -317,7 +317,7 @@ def _serve(ns: argparse.Namespace) -> int:
         try:
             _check_paths(config)
         except ConfigError as exc:
-            return _fail(_sourced(exc, config), EXIT_USAGE)
+            return _fail(with_source(exc, config.origins), EXIT_USAGE)
     # The watchdog and recycling replace a process, so even one worker needs a
     # supervisor; and a supervisor re-executed on USR2 stays one.
     if not worker and (
@@ -329,7 +329,7 @@ def _serve(ns: argparse.Namespace) -> int:
         try:
             _check_manager(config)
         except WeftError as exc:
-            return _fail(_sourced(exc, config), EXIT_USAGE)
+            return _fail(with_source(exc, config.origins), EXIT_USAGE)
         supervisor_pid = None if pid is None else PidFile(pid)
         on_listening = None
         if supervisor_pid is not None:  # re-executed on USR2: the same PID, kept
@@ -342,7 +342,7 @@ def _serve(ns: argparse.Namespace) -> int:
                 argv=getattr(ns, "argv", None),
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
-            return _fail(_sourced(exc, config), EXIT_USAGE)
+            return _fail(with_source(exc, config.origins), EXIT_USAGE)
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
         finally:
@@ -352,7 +352,7 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         _prepare_process(config)
     except WeftError as exc:  # a broken plugin
-        return _fail(_sourced(exc, config), EXIT_USAGE)
+        return _fail(with_source(exc, config.origins), EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
@@ -411,7 +411,7 @@ def _serve(ns: argparse.Namespace) -> int:
         if isinstance(exc, BindError):  # the control socket's path is taken
             return _fail(exc, EXIT_RUNTIME)
         if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
-            return _fail(_sourced(exc, config), EXIT_USAGE)
+            return _fail(with_source(exc, config.origins), EXIT_USAGE)
         return _fail(
             f"cannot switch to user {account[0]}, group {account[1]}: {exc}", EXIT_RUNTIME
         )
@@ -566,7 +566,7 @@ def _check_config(config: Config) -> int:
 
             check_capacity(config.workers)
     except WeftError as exc:
-        return _fail(_sourced(exc, config), EXIT_USAGE)
+        return _fail(with_source(exc, config.origins), EXIT_USAGE)
     for line in _manager_defaults(server, config):
         print(line)
     return 0
@@ -598,15 +598,6 @@ def _manager_defaults(server: Any, config: Config) -> list[str]:
         and p.default is not p.empty
         and p.name not in given
     ]
-
-
-def _sourced(exc: WeftError, config: Config) -> WeftError:
-    """A ConfigError the Server raised, naming the file, variable or flag that set its key."""
-    if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
-        return ConfigError(exc.message, source=config.origins.get(exc.key), key=exc.key)
-    if isinstance(exc, UnknownManagerError):  # a name from the config, flags or environment
-        return ConfigError(str(exc), source=config.origins.get("manager"), key="manager")
-    return exc
 
 
 def _reload(argv: Sequence[str], config: Config) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ._errors import ConfigError
+from ._errors import ConfigError, UnknownManagerError, WeftError
 from ._logsafe import escape_for_log
 from ._reload import PARENT_ENV
 from ._settings import (
@@ -60,6 +60,7 @@ __all__ = [
     "parse_option_value",
     "serve_default_settings",
     "toml_loads",
+    "with_source",
 ]
 
 #: WEFT_* variables that are not config keys: read elsewhere, never "unknown" (the
@@ -670,3 +671,17 @@ def _assemble(
         MappingProxyType(dict(origins)),
         tuple(warnings),
     )
+
+
+def with_source(exc: WeftError, origins: Mapping[str, str]) -> WeftError:
+    """``exc``, raised by a Server made from config, naming the source that set its key.
+
+    A ConfigError without a source gets its key's origin (a file, a variable, a
+    flag); an UnknownManagerError, a manager name that came from one of them,
+    becomes a ConfigError of key ``manager``. Anything else is ``exc`` itself.
+    """
+    if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
+        return ConfigError(exc.message, source=origins.get(exc.key), key=exc.key)
+    if isinstance(exc, UnknownManagerError):
+        return ConfigError(str(exc), source=origins.get("manager"), key="manager")
+    return exc

@@ -1073,12 +1073,12 @@ def _resolve_manager(
         except (UnknownManagerError, ConfigError) as exc:
             # A name or options the program never wrote, from a file or a variable:
             # the error names which, as weft serve's does.
-            key = exc.key if isinstance(exc, ConfigError) else "manager"
-            source = origins.get(key or "")
-            if source is None or (isinstance(exc, ConfigError) and exc.source is not None):
+            from ._config import with_source
+
+            sourced = with_source(exc, origins) if origins else exc
+            if sourced is exc:
                 raise
-            message = exc.message if isinstance(exc, ConfigError) else str(exc)
-            raise ConfigError(message, source=source, key=key) from exc
+            raise sourced from exc
     if options:
         raise ConfigError(
             "manager_options only apply when the manager is given by name; "
