@@ -316,14 +316,30 @@ Runtime = SyncRuntime | AsyncRuntime
 _PROTOCOLS: dict[str, type] = {"sync": SyncRuntime, "async": AsyncRuntime}
 
 
+def _protocol_classes(protocol: type) -> list[type]:
+    """``protocol`` and the protocol classes it extends, the most basic first."""
+    return [
+        cls
+        for cls in reversed(protocol.__mro__)
+        if cls not in (object, Protocol) and cls.__module__ != "typing"
+    ]
+
+
+def _declared_methods(protocol: type) -> dict[str, object]:
+    """The methods and properties ``protocol`` declares, by name, as its classes define them."""
+    methods: dict[str, object] = {}
+    for cls in _protocol_classes(protocol):
+        methods.update(
+            (n, v) for n, v in vars(cls).items() if callable(v) or isinstance(v, property)
+        )
+    return methods
+
+
 def protocol_members(protocol: type) -> list[str]:
     """The members a protocol class declares (its own and its bases'), sorted."""
-    names: set[str] = set()
-    for cls in protocol.__mro__:
-        if cls in (object, Protocol) or cls.__module__ == "typing":
-            continue
+    names = set(_declared_methods(protocol))
+    for cls in _protocol_classes(protocol):
         names.update(getattr(cls, "__annotations__", {}))
-        names.update(n for n, v in vars(cls).items() if callable(v) or isinstance(v, property))
     return sorted(n for n in names if not n.startswith("_"))
 
 
@@ -340,13 +356,7 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     when called, so a forgotten ``slots`` would silently mean no connection limit.
     Such a member counts as missing.
     """
-    stubs: dict[str, object] = {}
-    for cls in reversed(protocol.__mro__):
-        if cls in (object, Protocol) or cls.__module__ == "typing":
-            continue
-        stubs.update(
-            (n, v) for n, v in vars(cls).items() if callable(v) or isinstance(v, property)
-        )
+    stubs = _declared_methods(protocol)
     missing = []
     for name in protocol_members(protocol):
         if not hasattr(obj, name):
