@@ -111,6 +111,16 @@ def test_refusals_counted_by_reason() -> None:
         assert total(samples, "weft_connections_opened_total") == 1
 
 
+def _for_workers(tmp_path: Path) -> tuple[str, Path]:
+    """A metrics address, and an XDG_RUNTIME_DIR of the test's own: the workers' shared
+    directory goes there, where the test can see it. Skips without weft-threads."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    return f"127.0.0.1:{free_port()}", runtime
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_every_how_and_reason_is_scraped_as_0_before_it_first_counts(
@@ -121,11 +131,7 @@ def test_every_how_and_reason_is_scraped_as_0_before_it_first_counts(
     first close or refusal (a bare ``# TYPE`` line, or nothing under --workers): an
     alert on the rate of refusals had no series to read until then (the docs check's
     D10)."""
-    if "threads" not in available_managers():
-        pytest.skip("weft-threads is not installed")
-    metrics = f"127.0.0.1:{free_port()}"
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
+    metrics, runtime = _for_workers(tmp_path)
     served, address = weft_serve(
         "threads", metrics, "--workers", workers, env={"XDG_RUNTIME_DIR": str(runtime)}
     )
@@ -153,12 +159,7 @@ def test_every_how_and_reason_is_scraped_as_0_before_it_first_counts(
 @pytest.mark.timeout(120)
 def test_two_workers_one_scrape_sums_both(tmp_path: Path) -> None:
     """Under --workers 2, a scrape during load reports the sum over both workers."""
-    if "threads" not in available_managers():
-        pytest.skip("weft-threads is not installed")
-    metrics = f"127.0.0.1:{free_port()}"
-    # The shared directory goes under XDG_RUNTIME_DIR: here, where the test can see it.
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
+    metrics, runtime = _for_workers(tmp_path)
     # A supervisor that is gone (a pid beyond Linux's largest pid_max): swept.
     ended = runtime / f"weft-prometheus-{os.getuid()}-{2**22 + 1}-1"
     ended.mkdir()
@@ -226,11 +227,7 @@ def test_a_draining_worker_killed_after_a_reload_stops_counting_as_open(tmp_path
     killed outright as they drain (the OOM killer, a control-group kill): no worker
     starts after them to sweep their live gauges, and ``weft_connections_open``
     counted their connections for good. A rendering sweeps them first now."""
-    if "threads" not in available_managers():
-        pytest.skip("weft-threads is not installed")
-    metrics = f"127.0.0.1:{free_port()}"
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
+    metrics, runtime = _for_workers(tmp_path)
     served, address = weft_serve(
         "threads", metrics, "--workers", "2", "--graceful-timeout", "60",
         env={"XDG_RUNTIME_DIR": str(runtime)},
@@ -264,11 +261,7 @@ def test_workers_are_scraped_while_they_drain(tmp_path: Path) -> None:
     open. Each worker let go of the address as soon as its server stopped accepting,
     so a stop's drain (a rolling deploy's) was never scraped: every scrape was
     refused for up to the graceful timeout."""
-    if "threads" not in available_managers():
-        pytest.skip("weft-threads is not installed")
-    metrics = f"127.0.0.1:{free_port()}"
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
+    metrics, runtime = _for_workers(tmp_path)
     served = Served(
         [*WEFT, "serve", "_prom_serving:linger", "--workers", "2", "--bind", "127.0.0.1:0",
          "--graceful-timeout", "30"],

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ._process import claim_endpoint, claimed_by_sibling
+
 if TYPE_CHECKING:
     from gevent.threadpool import ThreadPool
 
@@ -136,11 +138,9 @@ class Exporter:
         """
         assert self._claims is not None
         port = self._where[1]
-        mine = self._claims / f"endpoint-{port}-{os.getpid()}"
-        if not _free(family, kind, proto, address) and not _claimed(self._claims, port):
+        if not _free(family, kind, proto, address) and not claimed_by_sibling(self._claims, port):
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
-        mine.touch()
-        self._claim = mine
+        self._claim = claim_endpoint(self._claims, port)
 
     def open(self) -> None:
         """Bind and listen, then answer scrapes in a daemon thread."""
@@ -368,23 +368,6 @@ def _free(family: int, kind: int, proto: int, address: Any) -> bool:
         raise
     finally:
         probe.close()
-    return True
-
-
-def _claimed(claims: Path, port: int) -> bool:
-    """True if a live process other than this one claims ``port`` in ``claims``."""
-    for path in claims.glob(f"endpoint-{port}-*"):
-        pid = path.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:  # gone, or another user's process has the number now
-        return False
     return True
 
 

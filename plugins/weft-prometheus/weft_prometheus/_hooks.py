@@ -105,11 +105,16 @@ def _enter_multiprocess(supervisor: int) -> Path:
     os.environ[_MULTIPROC_ENV] = str(directory)
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-    for pid in forget_dead_workers(directory):
-        log.info("weft-prometheus: worker %d is gone; its open connections no longer count", pid)
+    _forget_dead_workers(directory)
     # A worker that ends cleanly takes its live gauges out of the sum; counters stay.
     atexit.register(multiprocess.mark_process_dead, os.getpid(), str(directory))
     return directory
+
+
+def _forget_dead_workers(directory: Path) -> None:
+    """:func:`forget_dead_workers`, saying which are gone."""
+    for pid in forget_dead_workers(directory):
+        log.info("weft-prometheus: worker %d is gone; its open connections no longer count", pid)
 
 
 class _LiveCollector:
@@ -130,10 +135,7 @@ class _LiveCollector:
 
     def collect(self) -> Iterable[Any]:
         """Sweep the live gauges of workers that are gone, then collect every file."""
-        for pid in forget_dead_workers(self._directory):
-            log.info(
-                "weft-prometheus: worker %d is gone; its open connections no longer count", pid
-            )
+        _forget_dead_workers(self._directory)
         return self._inner.collect()  # type: ignore[no-untyped-call,no-any-return]
 
 

@@ -16,7 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["forget_dead_workers", "shared_directory", "supervisor_pid"]
+__all__ = [
+    "claim_endpoint",
+    "claimed_by_sibling",
+    "forget_dead_workers",
+    "shared_directory",
+    "supervisor_pid",
+]
 
 #: The flag ``weft serve --workers N`` gives each worker it starts (a hidden flag of
 #: weft serve's command line): its presence marks this process as a worker, whose
@@ -99,6 +105,27 @@ def forget_dead_workers(directory: Path) -> list[int]:
     for pid in dead:
         multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     return sorted(dead)
+
+
+def claim_endpoint(directory: Path, port: int) -> Path:
+    """Say in ``directory`` that this worker listens for scrapes on ``port``; the claim's file.
+
+    Its siblings join the address's SO_REUSEPORT group only on such a claim
+    (:func:`claimed_by_sibling`); the claimant removes the file as it stops
+    listening, and a claim whose process is gone counts for nothing.
+    """
+    path = directory / f"endpoint-{port}-{os.getpid()}"
+    path.touch()
+    return path
+
+
+def claimed_by_sibling(directory: Path, port: int) -> bool:
+    """True if a live process other than this one claims ``port`` in ``directory``."""
+    for path in directory.glob(f"endpoint-{port}-*"):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            return True
+    return False
 
 
 def _alive(pid: int) -> bool:
