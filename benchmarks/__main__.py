@@ -22,8 +22,8 @@ from typing import TypedDict
 
 from . import compare, instructions, longpoll, report, wrk
 from .procs import CLIENT_CORE, ROOT, pin, raise_nofile
-from .server import VARIANTS
-from .suites import MAX, SUITES, Options, progress, raw_flavour, run_all
+from .server import VARIANTS, raw_flavour
+from .suites import MAX, SUITES, Options, progress, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = ROOT / "docs" / "performance.md"
@@ -194,9 +194,13 @@ def command_run(args: argparse.Namespace) -> int:
             skipped.append(f"{manager} (its raw backend needs {module})")
             managers.remove(manager)
     wrk_path = wrk.find()
-    if only & {"throughput", "churn", "workers"} and wrk_path is None:
+    if only & {"throughput", "churn", "instructions", "workers"} and wrk_path is None:
         print(wrk.MISSING, file=sys.stderr)
         return 2
+    if "instructions" in only and not instructions.available():
+        skipped.append(f"instructions ({instructions.MISSING})")
+        print(f"skipping instructions: {instructions.MISSING}", file=sys.stderr)
+        only.discard("instructions")
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or (RESULTS / "raw" if args.quick else RESULTS)

@@ -23,14 +23,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import wrk
 from .procs import ServerProcess
-from .server import RAW_BACKENDS
-from .suites import installed_flavour
+from .server import RAW_BACKENDS, installed_flavour
 
 WARMUP_S = 3.0
+#: How long a dump may take to appear once asked for.
+DUMP_WAIT = 30.0
+MISSING = "needs valgrind (apt-get install valgrind)"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,30 +56,63 @@ def _control(flag: str, pid: int) -> None:
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True)
 
 
+#: One load under callgrind: (wrk connections, one request per connection?).
+Load = tuple[int, bool]
+
+
+def available() -> bool:
+    """True when valgrind's callgrind and its control tool are installed."""
+    return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
+
+
 def measure(
-    backend: str, flavour: str, args: argparse.Namespace, wrk_path: str, work: Path
-) -> tuple[int, int]:
-    """(instructions, requests) of one server under callgrind for one measured wrk run."""
+    backend: str,
+    flavour: str,
+    loads: list[Load],
+    seconds: float,
+    wrk_path: str,
+    work: Path,
+    log: Path | None = None,
+) -> list[tuple[int, int]]:
+    """(instructions, requests) of one server under callgrind, for each load in turn.
+
+    The server is started once; before each load a warm-up, then callgrind's counters
+    are zeroed, the measured wrk run, and a dump of what it executed.
+    """
     out = work / f"{backend}.%p.out"
     prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    figures = []
     with ServerProcess(
-        backend, flavour, "http", work / "servers.log", prefix=prefix, start_timeout=300
+        backend, flavour, "http", log or work / "servers.log", prefix=prefix, start_timeout=300
     ) as server:
-        wrk.run(wrk_path, server.port, args.connections, WARMUP_S, close=args.churn, timeout_s=30)
-        _control("-z", server.pid)  # zero the counters: the warm-up is not measured
-        result = wrk.run(
-            wrk_path, server.port, args.connections, args.seconds, close=args.churn, timeout_s=30
-        )
-        _control("-d", server.pid)  # dump what the measured run executed
-    dumps = sorted(work.glob(f"{backend}.{server.pid}.out.*"))
-    if not dumps:
-        raise RuntimeError(f"callgrind wrote no dump for {backend} (see {work})")
-    return total_instructions(dumps[-1]), int(result["requests"])
+        for connections, close in loads:
+            wrk.run(wrk_path, server.port, connections, WARMUP_S, close=close, timeout_s=30)
+            before = set(work.glob(f"{backend}.{server.pid}.out.*"))
+            _control("-z", server.pid)  # zero the counters: the warm-up is not measured
+            result = wrk.run(
+                wrk_path, server.port, connections, seconds, close=close, timeout_s=30
+            )
+            _control("-d", server.pid)  # dump what the measured run executed
+            dump = _new_dump(work, f"{backend}.{server.pid}.out.*", before)
+            figures.append((total_instructions(dump), int(result["requests"])))
+    return figures
+
+
+def _new_dump(work: Path, pattern: str, before: set[Path]) -> Path:
+    """The dump callgrind wrote since ``before``, once it is there (``DUMP_WAIT`` at most)."""
+    deadline = time.monotonic() + DUMP_WAIT
+    while True:
+        dumps = set(work.glob(pattern)) - before
+        if dumps:
+            return max(dumps, key=lambda p: p.stat().st_mtime_ns)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"callgrind wrote no dump in {DUMP_WAIT:g} s (see {work})")
+        time.sleep(0.1)
 
 
 def command_instructions(args: argparse.Namespace) -> int:
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
+    if not available():
+        print(MISSING, file=sys.stderr)
         return 2
     wrk_path = wrk.find()
     if wrk_path is None:
@@ -85,15 +121,18 @@ def command_instructions(args: argparse.Namespace) -> int:
     flavour = installed_flavour(args.manager)
     if flavour is None:
         return 2
-    load = "one request per connection" if args.churn else "keep-alive"
+    kind = "one request per connection" if args.churn else "keep-alive"
     print(
-        f"{args.manager} against {RAW_BACKENDS[flavour]}: wrk -c{args.connections}, {load}, "
+        f"{args.manager} against {RAW_BACKENDS[flavour]}: wrk -c{args.connections}, {kind}, "
         f"{args.seconds:g} s measured, under callgrind"
     )
     per_request = {}
     with tempfile.TemporaryDirectory(prefix="weft-callgrind-") as tmp:
         for backend, name in (("weft", args.manager), ("raw", flavour)):
-            instructions, requests = measure(backend, name, args, wrk_path, Path(tmp))
+            load: Load = (args.connections, args.churn)
+            [(instructions, requests)] = measure(
+                backend, name, [load], args.seconds, wrk_path, Path(tmp)
+            )
             per_request[backend] = instructions / max(requests, 1)
             print(
                 f"  {backend:4s} {requests:7d} requests, {instructions:,} instructions: "

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from . import wrk
 from .procs import ServerProcess, client_preexec
-from .server import RAW_BACKENDS
-from .suites import installed_flavour
+from .server import RAW_BACKENDS, installed_flavour
 
 FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]+):(?P<line>\d+)\)$")
 #: Event-loop frames: what runs below them belongs to the loop, not to the weft code

@@ -193,6 +193,7 @@ def summarise(records: list[dict[str, Any]], managers: list[str]) -> list[Row]:
             rows += _wrk_rows(
                 records, manager, suite, f"server cores busy ({suite})", "server_cores", "cores"
             )
+        rows += _instruction_rows(records, manager)
         rows += _idle_rows(records, manager)
         rows += _stop_rows(records, manager)
     return rows
@@ -266,6 +267,32 @@ def _paired_ratio(
     if not ratios:
         return None, None
     return statistics.median(ratios), [min(ratios), max(ratios)]
+
+
+#: The instruction rows: the HTTP load each stands beside, its name and its setting.
+INSTRUCTION_ROWS = (
+    ("throughput", "instructions per request", "1 conn, keep-alive (callgrind)"),
+    ("churn", "instructions per conn", "1 conn, 1 req/conn (callgrind)"),
+)
+
+
+def _instruction_rows(records: list[dict[str, Any]], manager: str) -> list[Row]:
+    """What a keep-alive request and a connection cost in instructions, weft beside raw.
+
+    No target: these say where the clock's ratios come from, and unlike them they
+    hardly move with the machine's load, so two runs of them should agree closely.
+    """
+    rows = []
+    for load, metric, setting in INSTRUCTION_ROWS:
+        where = {"suite": "instructions", "manager": manager, "load": load}
+        weft, raw = (
+            median(select(records, impl=impl, **where), "per_request") for impl in ("weft", "raw")
+        )
+        if weft is None and raw is None:
+            continue
+        ratio, spread = _paired_ratio(records, key="per_request", **where)
+        rows.append(Row(manager, metric, setting, weft, raw, "instr", ratio, spread=spread))
+    return rows
 
 
 def _wrk_value(runs: list[dict[str, Any]], key: str) -> float | str | None:
@@ -656,7 +683,13 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
             f"**The machine was busy:** with no benchmark process running, "
             f"{busy:.0%} of its CPU time went to other processes (sampled for "
             f"{BUSY_SAMPLE:g} s before and after the run). They share the server's core, so "
-            "these figures are noisy; rerun on an idle machine before drawing conclusions.",
+            "these figures are noisy; rerun on an idle machine before drawing conclusions."
+            + (
+                " The instruction counts excepted: callgrind counts what the server "
+                "executes, whatever else runs."
+                if any(r.unit == "instr" for r in rows)
+                else ""
+            ),
         ]
     notes = error_notes(result["records"])
     if notes:

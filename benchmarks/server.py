@@ -71,6 +71,25 @@ def weft_manager(name: str) -> tuple[str, dict[str, Any]]:
     return VARIANTS.get(name, (name, {}))
 
 
+def raw_flavour(manager: str, handler_kind: str) -> str:
+    """The raw backend compared with ``manager``: its own, or the closest for its handler kind."""
+    if manager in RAW_BACKENDS:
+        return manager
+    return "trio" if handler_kind == "async" else "threads"
+
+
+def installed_flavour(manager: str) -> str | None:
+    """``raw_flavour`` of an installed manager; None, with a message, if it is not installed."""
+    import weft_core
+
+    specs = weft_core.available_managers()
+    base = weft_manager(manager)[0]
+    if base not in specs:
+        print(f"manager {base!r} is not installed ({', '.join(specs)})", file=sys.stderr)
+        return None
+    return raw_flavour(manager, specs[base].handler_kind)
+
+
 def handler_table(manager: str, handler_kind: str) -> dict[str, Any]:
     """The handlers a weft manager runs: asyncio's own for asyncio, else by kind."""
     if manager == "asyncio":

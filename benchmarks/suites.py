@@ -11,16 +11,17 @@ import contextlib
 import math
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import workers, wrk
+from . import instructions, workers, wrk
 from .procs import Child, ServerProcess, cpu_seconds
-from .server import RAW_BACKENDS, weft_manager
+from .server import RAW_BACKENDS, raw_flavour
 
-SUITES = ("throughput", "churn", "idle", "stop", "workers")
+SUITES = ("throughput", "churn", "instructions", "idle", "stop", "workers")
 #: Pause before reading RSS, so the server has finished reacting to the last batch.
 SETTLE = 0.5
 #: An idle step of MAX asks for as many connections as the server's fd limit, which
@@ -90,25 +91,6 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def raw_flavour(manager: str, handler_kind: str) -> str:
-    """The raw backend compared with ``manager``: its own, or the closest for its handler kind."""
-    if manager in RAW_BACKENDS:
-        return manager
-    return "trio" if handler_kind == "async" else "threads"
-
-
-def installed_flavour(manager: str) -> str | None:
-    """``raw_flavour`` of an installed manager; None, with a message, if it is not installed."""
-    import weft_core
-
-    specs = weft_core.available_managers()
-    base = weft_manager(manager)[0]
-    if base not in specs:
-        print(f"manager {base!r} is not installed ({', '.join(specs)})", file=sys.stderr)
-        return None
-    return raw_flavour(manager, specs[base].handler_kind)
-
-
 # -- keep-alive throughput and churn (wrk, HTTP) ------------------------------------------
 
 
@@ -170,6 +152,55 @@ def _wrk_rounds(
                 result["server_cpu_us"] = cpu / result["requests"] * 1e6
                 result["server_cores"] = cpu / result["seconds"]
             rec.add(suite, manager, impl, f"c={conns}", run, **result)
+
+
+# -- instructions (callgrind) -------------------------------------------------------------
+
+#: What each wall-clock figure of the HTTP suites costs in instructions, measured under
+#: callgrind from one wrk connection: keep-alive requests (per request), then one
+#: request per connection (per connection). One connection, so that each wake-up of
+#: the server serves one request and the figure is the path's own cost, which the
+#: machine's load leaves alone (with more, how many requests a wake-up finds moves
+#: it by up to 10 %).
+INSTRUCTION_LOADS: tuple[tuple[str, instructions.Load], ...] = (
+    ("throughput", (1, False)),
+    ("churn", (1, True)),
+)
+#: Measured seconds per load, and weft-then-raw pairs: two, to show the figure repeats.
+INSTRUCTION_SECONDS = {False: 5.0, True: 2.0}
+INSTRUCTION_RUNS = {False: 2, True: 1}
+
+
+def instructions_suite(manager: str, flavour: str, opts: Options, rec: Recorder) -> None:
+    """Instructions per request (keep-alive) and per connection (churn), weft and raw."""
+    assert opts.wrk is not None
+    loads = [load for _, load in INSTRUCTION_LOADS]
+    with tempfile.TemporaryDirectory(prefix="weft-callgrind-") as tmp:
+        for run in range(INSTRUCTION_RUNS[opts.quick]):
+            for impl, name in (("weft", manager), ("raw", flavour)):
+                figures = instructions.measure(
+                    impl,
+                    name,
+                    loads,
+                    INSTRUCTION_SECONDS[opts.quick],
+                    opts.wrk,
+                    Path(tmp),
+                    opts.logdir / "servers.log",
+                )
+                for (load, (connections, _)), (count, requests) in zip(
+                    INSTRUCTION_LOADS, figures, strict=True
+                ):
+                    rec.add(
+                        "instructions",
+                        manager,
+                        impl,
+                        f"c={connections}",
+                        run,
+                        load=load,
+                        requests=requests,
+                        instructions=count,
+                        per_request=count / max(requests, 1),
+                    )
 
 
 # -- idle capacity and stop latency (Python clients, echo) ----------------------------------
@@ -388,6 +419,8 @@ def run_all(opts: Options, specs: dict[str, Any]) -> Recorder:
         progress(f"== {manager}: weft vs {RAW_BACKENDS[flavour]}")
         if opts.wrk and opts.only & {"throughput", "churn"}:
             http_suites(manager, flavour, opts, rec)
+        if opts.wrk and "instructions" in opts.only and instructions.available():
+            instructions_suite(manager, flavour, opts, rec)
         if "idle" in opts.only:
             idle_suite(manager, flavour, opts, rec)
         if "stop" in opts.only:

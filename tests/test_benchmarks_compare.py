@@ -149,3 +149,54 @@ def test_churn_connections_takes_a_list() -> None:
     args = parser().parse_args(["run", "--churn-connections", "10,100,1000"])
     assert args.churn_connections == [10, 100, 1000]
     assert parser().parse_args(["run"]).churn_connections == [50]
+
+
+def _instructions(pairs: list[tuple[float, float, float, float]]) -> list[dict[str, Any]]:
+    """Records of the instructions suite on gevent, one pair per entry:
+    (weft per request, raw per request, weft per connection, raw per connection)."""
+    records = []
+    for run, (weft_req, raw_req, weft_conn, raw_conn) in enumerate(pairs):
+        for impl, per_req, per_conn in (("weft", weft_req, weft_conn), ("raw", raw_req, raw_conn)):
+            for load, per in (("throughput", per_req), ("churn", per_conn)):
+                records.append(
+                    {
+                        "suite": "instructions",
+                        "manager": "gevent",
+                        "impl": impl,
+                        "setting": "c=1",
+                        "run": run,
+                        "load": load,
+                        "requests": 1000,
+                        "instructions": int(per * 1000),
+                        "per_request": per,
+                    }
+                )
+    return records
+
+
+def test_instructions_per_request_and_per_connection_stand_beside_the_clocks_figures() -> None:
+    """Issue 17: instructions per request and per connection beside every wall-clock
+    figure, each paired with raw's of the same round, its spread shown."""
+    from benchmarks.report import summarise, table
+
+    records = _result([(90_000.0, 92_000.0)])["records"] + _instructions(
+        [(12_000, 12_100, 155_000, 113_000), (12_060, 12_000, 157_000, 114_000)]
+    )
+    rows = summarise(records, ["gevent"])
+    metrics = [r.metric for r in rows]
+    assert metrics[0] == "keep-alive req/s"
+    assert metrics[-2:] == ["instructions per request", "instructions per conn"]
+    per_req, per_conn = rows[-2:]
+    assert per_req.ratio == pytest.approx((12_000 / 12_100 + 12_060 / 12_000) / 2)
+    assert per_conn.spread == pytest.approx([155 / 113, 157 / 114])
+    assert per_conn.weft == pytest.approx(156_000) and per_conn.raw == pytest.approx(113_500)
+    assert not per_conn.target  # where the clock's ratios come from, not a target
+    text = table(rows, {"gevent": "gevent.server.StreamServer"})
+    assert "| instructions per conn | 1 conn, 1 req/conn (callgrind) | 156,000 instr |" in text
+
+
+def test_only_takes_the_instructions_suite() -> None:
+    from benchmarks.__main__ import parser
+
+    assert "instructions" in parser().parse_args(["run"]).only
+    assert parser().parse_args(["run", "--only", "instructions"]).only == ["instructions"]
