@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -871,20 +872,58 @@ def test_a_command_whose_reader_went_away_stops_quietly(tmp_path: Path, args: li
 
 @pytest.mark.parametrize(
     ("args", "meant"),
-    [(["--access-logfile", "-"], "did you mean --access-log"),
+    [(["--access-logfile", "-"], "weft's is --access-log"),
      (["--max-conections", "5"], "did you mean --max-connections?"),
-     (["--worker-connections=100"], "did you mean --max-connections?")],
+     (["--worker-connections=100"], "weft's is --max-connections"),
+     # gunicorn's and uvicorn's own flags, which their spelling put near another of
+     # weft's: --preload was offered --reload (a development auto-restart), --host
+     # was offered --port, --loop --help, --umask --user.
+     (["--preload"], "weft has no such flag: each worker imports the handler itself"),
+     (["--host", "0.0.0.0"], "weft's is --address HOST (or --bind HOST:PORT)"),
+     (["--loop", "uvloop"], "weft's is -k asyncio -o loop=uvloop"),
+     (["--umask", "022"], "weft's is --unix-mode"),
+     (["--limit-concurrency", "10"], "weft's is --max-connections"),
+     (["-D"], "weft has no such flag: run it under a supervisor")],
 )  # fmt: skip
 def test_an_unknown_serve_flag_names_the_flag_meant(
-    capsys: pytest.CaptureFixture[str], args: list[str], meant: str
+    capfd: pytest.CaptureFixture[str], args: list[str], meant: str
 ) -> None:
-    """argparse printed weft's top-level usage and 'unrecognized arguments', no more."""
+    """argparse printed weft's top-level usage and 'unrecognized arguments'; now one line."""
     with pytest.raises(SystemExit) as exited:
         main(["serve", "app:handle", *args])
     assert exited.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("weft serve: error: unrecognized arguments:"), last
-    assert meant in last
+    [line] = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith("weft: weft serve: unrecognized arguments:"), line
+    assert meant in line
+    assert "did you mean --reload" not in line and "did you mean --port" not in line
+
+
+@pytest.mark.parametrize("flag", ["--no-config", "--no-conf", "--supervisor"])
+def test_a_prefix_of_a_workers_own_flag_is_refused(
+    capfd: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """argparse took any prefix of a flag: `--no-config` was the hidden worker flag
+    `--no-config-file`, accepted without a word, and ./weft.toml still read."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "app:handle", flag, "--check-config"])
+    assert exited.value.code == 2
+    [line] = capfd.readouterr().err.strip().splitlines()
+    assert "unrecognized arguments" in line and "config-file" not in line, line
+    assert "supervisor-fd" not in line, line
+
+
+def test_a_command_line_mistake_is_one_json_line_under_log_format_json(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """deployment.md: under --log-format json every line weft writes is one JSON
+    object. A mistake on the command line was argparse's usage block, in text."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "app:handle", "--log-format", "json", "--keepalive=yes"])
+    assert exited.value.code == 2
+    [line] = capfd.readouterr().err.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR"
+    assert "--keepalive" in record["message"], record
 
 
 def test_gunicorns_sync_worker_points_at_threads() -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, _exits, _registry
 from ._config import Config, load_config, parse_option_value, with_source
@@ -75,12 +75,16 @@ class HandlerImportError(WeftError):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``weft`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # A mistake on the command line is said before the config is read: as JSON if
+    # the flag (or WEFT_LOG_FORMAT) asks, as every other mistake is.
+    json_asked_for(_flag_in(args, "--log-format"), os.environ)
     parser = build_parser()
-    ns, extras = parser.parse_known_args(argv)
+    ns, extras = parser.parse_known_args(args)
     if extras:  # said by the command's own parser, with the flag meant, if one is near
         command_parser: argparse.ArgumentParser = getattr(ns, "command_parser", parser)
         command_parser.error(_unrecognized(extras, command_parser))
-    ns.argv = list(sys.argv[1:] if argv is None else argv)  # for --reload's child
+    ns.argv = args  # for --reload's child
     command: Callable[[argparse.Namespace], int] | None = getattr(ns, "command", None)
     if command is not _serve:
         release_starting_hold()  # held by __main__ for a server's start; this is none
@@ -100,35 +104,100 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_RUNTIME
 
 
-#: gunicorn's flags that weft spells otherwise, or covers another way.
-GUNICORN_FLAGS = {
-    "--access-logfile": "--access-log (to stderr; --log-config for a file)",
-    "--error-logfile": "--log-config (weft logs to stderr unless told)",
-    "--log-file": "--log-config (weft logs to stderr unless told)",
-    "--worker-connections": "--max-connections",
-    "--threads": "-k threads (a thread per connection)",
-    "--keep-alive": "--idle-timeout",
-    "--forwarded-allow-ips": "--trusted-proxies",
+#: gunicorn's and uvicorn's flags that weft spells otherwise, covers another way, or
+#: has no use for: what to write instead.
+_USE = "weft's is "
+_NONE = "weft has no such flag: "
+OTHER_SERVERS_FLAGS = {
+    "--access-logfile": _USE + "--access-log (to stderr; --log-config for a file)",
+    "--error-logfile": _USE + "--log-config (weft logs to stderr unless told)",
+    "--log-file": _USE + "--log-config (weft logs to stderr unless told)",
+    "--worker-connections": _USE + "--max-connections",
+    "--limit-concurrency": _USE + "--max-connections",
+    "--threads": _USE + "-k threads (a thread per connection)",
+    "--keep-alive": _USE + "--idle-timeout",
+    "--timeout-keep-alive": _USE + "--idle-timeout",
+    "--timeout-graceful-shutdown": _USE + "--graceful-timeout",
+    "--forwarded-allow-ips": _USE + "--trusted-proxies",
+    "--proxy-headers": _USE + "--proxy-protocol with --trusted-proxies (no HTTP headers)",
+    "--host": _USE + "--address HOST (or --bind HOST:PORT)",
+    "--uds": _USE + "--bind unix:PATH",
+    "--loop": _USE + "-k asyncio -o loop=uvloop",
+    "--umask": _USE + "--unix-mode for a Unix socket's mode; weft sets no umask",
+    "--preload": _NONE + "each worker imports the handler itself",
+    "--daemon": _NONE + "run it under a supervisor (systemd, a container)",
+    "-D": _NONE + "run it under a supervisor (systemd, a container)",
+    "--chdir": _NONE + "cd DIR first (systemd: WorkingDirectory=)",
+    "--app-dir": _NONE + "PYTHONPATH=DIR weft serve ...",
+    "--env": _NONE + "NAME=VALUE weft serve ... sets the environment",
+    "-e": _NONE + "NAME=VALUE weft serve ... sets the environment",
+    "--capture-output": _NONE + "weft's log goes to stderr, and print() to stdout, as given",
+    "--factory": _NONE + "make the handler when its module is imported",
+    "--root-path": _NONE + "weft serves TCP, not HTTP",
+    "--no-sendfile": _NONE + "weft serves TCP, not files",
+    "--proc-name": _NONE + "weft does not rename its processes",
+    "--name": _NONE + "weft does not rename its processes",
+    "--no-config": _NONE + "a config file is read from -c FILE, $WEFT_CONFIG, or ./weft.toml"
+    " (else ./pyproject.toml's [tool.weft])",
 }
+#: How near a flag must be spelt to one weft has, to be offered as the one meant.
+CLOSE_FLAG = 0.75
 
 
 def _unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
     """The 'unrecognized arguments' line, with the flag meant when one is near."""
     message = f"unrecognized arguments: {' '.join(extras)}"
-    flags = [arg.partition("=")[0] for arg in extras if arg.startswith("--")]
+    flags = [arg.partition("=")[0] for arg in extras if arg.startswith("-")]
     if not flags:
         return message
-    known = [o for action in parser._actions for o in action.option_strings]
-    meant = GUNICORN_FLAGS.get(flags[0])
-    if meant is None:
-        close = difflib.get_close_matches(flags[0], known, n=1)
-        meant = close[0] if close else None
-    return f"{message}; did you mean {meant}?" if meant else message
+    # Flags for weft's own use (a worker's) are never offered.
+    known = [
+        o
+        for action in parser._actions
+        if action.help != argparse.SUPPRESS
+        for o in action.option_strings
+    ]
+    hint = OTHER_SERVERS_FLAGS.get(flags[0])
+    if hint is not None:
+        return f"{message}; {hint}"
+    close = difflib.get_close_matches(flags[0], known, n=1, cutoff=CLOSE_FLAG)
+    return f"{message}; did you mean {close[0]}?" if close else message
+
+
+def _flag_in(args: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in ``args`` (the last one), before they are parsed."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.partition("=")[2]
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with weft's manners: whole flags only, a mistake in one line.
+
+    An abbreviation would take ``--no-config`` for a worker's own hidden flag, and
+    silently do something else; a mistake is said in one line (JSON under
+    ``--log-format json``), as a mistake in the config is, not in argparse's usage
+    block of twenty.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print_line(stderr_line(f"{self.prog}: {message} ({self.prog} --help lists the flags)"))
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``weft`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="weft",
         description="A TCP server framework with pluggable concurrency.",
     )
