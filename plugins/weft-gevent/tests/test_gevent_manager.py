@@ -738,3 +738,41 @@ def test_servers_run_and_stopped_in_turn_leave_no_hub_behind() -> None:
     for _ in range(20):
         cycle()
     assert hubs() - before <= 1, f"{hubs() - before} hubs left behind by 20 cycles"
+
+
+def test_a_wake_up_lost_with_its_hub_does_not_hold_back_the_next_hubs_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``spawn_soon`` (``Server.submit``) queues a call from another thread and wakes
+    the hub for the first of a queue only. A wake-up sent as a stop ended the hub
+    never ran, and the queue it left was never empty again: no later call woke the
+    next hub, and a Server run again ran no submitted call (an outside check, 3 to 5
+    run/stop cycles under load). The hub's end cannot be timed from outside, so its
+    wake-up is dropped here: what a hub that ended first does to it."""
+    from weft_gevent._hub import HubLink
+
+    manager = GeventManager()
+    runtime = manager.runtime
+    hubs = runtime._hubs
+    ended = hubs.acquire()
+    deliver = HubLink.call_soon
+
+    def lost_if_ended(link: HubLink, fn: Callable[..., object], *args: Any) -> None:
+        if link is not ended:
+            deliver(link, fn, *args)
+
+    monkeypatch.setattr(HubLink, "call_soon", lost_if_ended)
+    ran: list[str] = []
+    runtime.spawn_soon(lambda: ran.append("for the hub that ended"))
+    hubs.release()
+    runtime.close()
+    assert hubs.link is None
+    hubs.acquire()
+    try:
+        again = threading.Event()
+        runtime.spawn_soon(again.set)
+        assert again.wait(WAIT), "a call given to the next hub never ran"
+        assert ran == []  # the ended hub's call went with it
+    finally:
+        hubs.release()
+        runtime.close()

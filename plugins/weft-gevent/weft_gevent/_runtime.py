@@ -162,8 +162,10 @@ class GeventRuntime:
 
     def __init__(self, hubs: HubOwner) -> None:
         self._hubs = hubs
-        #: Thunks other threads gave spawn_soon, waiting for the hub to start them.
+        #: Thunks other threads gave spawn_soon, waiting for the hub to start them,
+        #: and the hub they wait for.
         self._soon: list[Callable[[], object]] = []
+        self._soon_link: HubLink | None = None
         self._soon_lock = real_lock()
 
     def spawn_soon(self, thunk: Callable[[], object]) -> None:
@@ -173,6 +175,12 @@ class GeventRuntime:
         queued, and only the call that finds the queue empty wakes the hub (one
         ``run_callback_threadsafe``): one wake-up spawns every thunk queued until
         the hub drains the queue.
+
+        The queue is the hub's: a wake-up sent to a hub that a stop ended never
+        runs, and a queue that outlived it was never empty again, so no later call
+        woke the next hub (a Server run again after a stop ran no submitted call,
+        silently). A new hub starts a new queue; what waited for the old one was
+        the stopped server's, whose futures its stop cancelled.
         """
         link = self._hubs.link
         if link is None:
@@ -181,14 +189,18 @@ class GeventRuntime:
             gevent.spawn_raw(thunk)
             return
         with self._soon_lock:
+            if self._soon_link is not link:
+                self._soon, self._soon_link = [], link
             self._soon.append(thunk)
             first = len(self._soon) == 1
         if first:
-            link.call_soon(self._start_soon)
+            link.call_soon(self._start_soon, link)
 
-    def _start_soon(self) -> None:
-        """Spawn every queued thunk; a callback of the hub's loop."""
+    def _start_soon(self, link: HubLink) -> None:
+        """Spawn every thunk queued for ``link``'s hub; a callback of that hub's loop."""
         with self._soon_lock:
+            if self._soon_link is not link:
+                return  # a late wake-up of a hub the queue no longer waits for
             batch, self._soon = self._soon, []
         for thunk in batch:
             gevent.spawn_raw(thunk)
