@@ -139,6 +139,75 @@ def test_without_a_bind_weft_serve_listens_on_8000_or_on_port(
     ]
 
 
+@pytest.mark.timeout(20)
+def test_a_bind_naming_no_host_listens_where_weft_serve_does_when_nothing_says(
+    fake_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn's `--bind :$PORT` (Cloud Run's own command) listened on 127.0.0.1
+    only, while weft itself listens on 0.0.0.0 when $PORT is set and nothing says
+    where: the platform's router could not reach it, and nothing said why (the
+    conventions check). A bind with no host takes weft serve's default host: 0.0.0.0
+    under $PORT, 127.0.0.1 without it."""
+    fake_server["signal_on_run"] = signal.SIGTERM
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.delenv("PORT", raising=False)
+    assert main(["serve", "cli_fake_app:handle", "-b", ":7001", "-b", "[::1]:7002"]) == 0
+    monkeypatch.setenv("PORT", "7003")
+    assert main(["serve", "cli_fake_app:handle", "-b", ":7003"]) == 0
+    monkeypatch.setenv("WEFT_BIND", "7004,unix:/tmp/weft-x.sock")
+    assert main(["serve", "cli_fake_app:handle"]) == 0
+    binds = [s.kwargs["bind"] for s in fake_server["made"]]
+    assert binds == [
+        ["127.0.0.1:7001", "[::1]:7002"],
+        ["0.0.0.0:7003"],
+        ["0.0.0.0:7004", "unix:/tmp/weft-x.sock"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "said"),
+    [("flag", "exa mple", "'exa mple' is not an IP address or host name"),
+     ("env", "exa mple", "'exa mple' is not an IP address or host name"),
+     ("flag", "*", "for every interface write 0.0.0.0"),
+     ("flag", "[::1]", "without brackets"),
+     ("file", "host_name!", "'host_name!' is not an IP address or host name")],
+)  # fmt: skip
+def test_address_is_checked_as_a_host_in_bind_is(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    where: str,
+    value: str,
+    said: str,
+) -> None:
+    """`--address 'exa mple'` passed --check-config, then weft serve failed to boot
+    (exit 1), where the same host in --bind is refused (exit 2) with its reason."""
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["serve", "checked_app:handle", "--check-config"]
+    if where == "flag":
+        argv += ["--address", value]
+    elif where == "env":
+        monkeypatch.setenv("WEFT_ADDRESS", value)
+    else:
+        (tmp_path / "weft.toml").write_text(f"address = {value!r}\n".replace("'", '"'))
+    assert main(argv) == 2
+    assert said in capfd.readouterr().err
+
+
+def test_spaces_around_an_address_are_dropped_as_around_a_bind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`WEFT_ADDRESS='0.0.0.0 '` (a templated variable's trailing space) was kept, and
+    weft serve exited 1 at the bind; in WEFT_BIND the space was dropped."""
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.setenv("WEFT_ADDRESS", "0.0.0.0 ")
+    assert main(["serve", "checked_app:handle", "--check-config"]) == 0
+    assert 'address = "0.0.0.0"  # env WEFT_ADDRESS' in capsys.readouterr().out
+
+
 def test_switches_and_tls_flags_render_back_for_workers() -> None:
     flags = {"handler": "app:h", "reuse_port": True, "nodelay": False, "tls.certfile": "c.pem",
              "trusted_proxies": "10.0.0.0/8", "bind": ["x"], "workers": "4"}  # fmt: skip

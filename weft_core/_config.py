@@ -34,6 +34,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ._endpoints import with_default_host
 from ._errors import ConfigError, UnknownManagerError, WeftError
 from ._logsafe import escape_for_log
 from ._reload import PARENT_ENV
@@ -543,6 +544,12 @@ def load_config(
             if key not in merged:
                 merged[key] = defaults[key]
                 origins[key] = default_labels[key]
+    elif serve_defaults and isinstance(merged["bind"], list):
+        # A bind that names no host (":$PORT", gunicorn's spelling for every
+        # interface) listens where weft serve does when nothing says: 0.0.0.0 under
+        # $PORT, where the platform's router connects from outside, else 127.0.0.1.
+        host = defaults["address"]
+        merged["bind"] = [with_default_host(text, host) for text in merged["bind"]]
     for value in merged.values():
         if isinstance(value, _Unusable):  # a platform default nothing replaced
             raise value.error

@@ -5,7 +5,9 @@ Modelled on Twisted's endpoint strings, cut down to what weft listens on::
     127.0.0.1:5000       host and port (IPv4 address or host name)
     [::1]:5000           an IPv6 host goes in brackets
     localhost:http       a service name instead of a port number (resolved here)
-    :5000   or  5000     the default host (127.0.0.1: never all interfaces unless asked)
+    :5000   or  5000     the default host: 127.0.0.1 (never all interfaces unless asked);
+                         under ``weft serve`` with ``$PORT`` set, 0.0.0.0, as when
+                         nothing says where
     tcp:0.0.0.0:5000     an explicit ``tcp:`` prefix is allowed and dropped
     unix:/run/app.sock   a Unix socket path (``unix:@name``: Linux abstract namespace)
     fd:3                 an inherited, already listening socket (systemd, ``--fd``)
@@ -223,8 +225,11 @@ def _parse_tcp(text: str, spec: str, default_host: str) -> Endpoint:
         if ":" in host:
             raise _bad(text, _colons_hint(spec, host, port_text))
         host = host or default_host
-        if not _HOSTNAME.fullmatch(host):
-            raise _bad(text, f"{host!r} is not an IP address or host name")
+        if host:  # empty only when the caller asked to keep it so (see check_bind)
+            try:
+                check_host(host)
+            except ValueError as exc:
+                raise _bad(text, str(exc)) from None
     else:
         try:
             return Endpoint("tcp", host=default_host, port=_parse_port(text, spec))
@@ -238,6 +243,36 @@ def _parse_tcp(text: str, spec: str, default_host: str) -> Endpoint:
                 f"write {spec}:PORT)",
             ) from None
     return Endpoint("tcp", host=host, port=_parse_port(text, port_text))
+
+
+def check_host(host: str) -> None:
+    """ValueError unless ``host`` is an IP address or a host name (no port, no brackets).
+
+    The one check of a host to listen on, for ``bind``'s endpoints and ``address``.
+    """
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+        return
+    if not _HOSTNAME.fullmatch(host):
+        hint = (
+            " (for every interface write 0.0.0.0, or :: for IPv6)"
+            if host.strip() in ("*", "")
+            else ""
+        )
+        raise ValueError(f"{host!r} is not an IP address or host name{hint}")
+
+
+def with_default_host(text: str, host: str) -> str:
+    """Endpoint ``text`` with ``host`` where it names none (``:5000``); else as it is.
+
+    ``text`` is one :func:`parse_endpoint` gave back with ``default_host=""``.
+    """
+    if text.startswith(":"):
+        return format_endpoint_host_port(host, text[1:])
+    return text
 
 
 def _check_ipv6(text: str, host: str) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ._endpoints import check_dual, listen_endpoints, parse_endpoint
+from ._endpoints import check_dual, check_host, listen_endpoints, parse_endpoint
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
@@ -278,16 +278,30 @@ def _check_port(value: Any) -> int:
 
 
 def _check_address(value: Any) -> str:
+    """A host, or ``unix:PATH``: checked as a host in ``bind`` is, spaces around it dropped."""
     if not isinstance(value, str) or not value.strip():
         raise Invalid
-    host, colon, port = value.rpartition(":")
+    text = value.strip()
+    if text.startswith("unix:"):
+        try:
+            parse_endpoint(text)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return text
+    host, colon, port = text.rpartition(":")
     if colon and port.isdigit() and (host.startswith("[") or (host and ":" not in host)):
         # HOST:PORT or [V6]:PORT, bind's spelling; a bare IPv6 address has several colons.
         raise Invalid(
-            f"{value!r} has a port in it; give the host here and the port as port "
-            f"(or write both as bind={value!r})"
+            f"{text!r} has a port in it; give the host here and the port as port "
+            f"(or write both as bind={text!r})"
         )
-    return value
+    if text.startswith("[") and text.endswith("]"):
+        raise Invalid(f"{text!r}: write an IPv6 address here without brackets ({text[1:-1]})")
+    try:
+        check_host(text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    return text
 
 
 def _check_args(value: Any) -> tuple[Any, ...]:
@@ -309,7 +323,9 @@ def _check_bind(value: Any) -> list[str] | None:
     if not all(isinstance(i, str) for i in items):
         raise Invalid
     try:
-        endpoints = [parse_endpoint(item) for item in items]
+        # A TCP endpoint's missing host stays missing (":5000"): whose default it
+        # takes is decided where the setting is used (see _config.load).
+        endpoints = [parse_endpoint(item, default_host="") for item in items]
     except ValueError as exc:
         raise Invalid(str(exc)) from None
     texts = [str(endpoint) for endpoint in endpoints]
