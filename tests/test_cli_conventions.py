@@ -585,3 +585,55 @@ def test_a_bad_platform_variable_is_a_config_error(
     monkeypatch.setenv(name, value)
     assert main(["serve", "x:y", "--check-config"]) == 2
     assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_a_port_that_replaces_a_bind_from_a_lower_source_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """weft.toml's bind = ["0.0.0.0:P"] and `--port Q`: the port alone replaced the
+    bind, host and all, and weft listened on 127.0.0.1:Q without a word."""
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PORT", raising=False)
+    (tmp_path / "weft.toml").write_text('bind = ["0.0.0.0:47240"]\n')
+    assert main(["serve", "checked_app:handle", "--port", "47241", "--check-config"]) == 0
+    err = capfd.readouterr().err
+    assert 'command line --port replaces bind = ["0.0.0.0:47240"] from ' in err, err
+    assert "to keep the bind's host, change the bind instead" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("WEFT_WORKER_CLASS", "ignoring WEFT_WORKER_CLASS: no weft setting has that name; did"
+      " you mean WEFT_MANAGER?"),
+     ("WEFT_HOST", "did you mean WEFT_ADDRESS (or WEFT_BIND)?"),
+     ("WEFT_CMD_ARGS", "weft takes no command line from the environment"),
+     ("GUNICORN_CMD_ARGS", "ignoring GUNICORN_CMD_ARGS: weft reads no other server's variables"),
+     ("UVICORN_PORT", "ignoring UVICORN_PORT: weft reads no other server's variables")],
+)  # fmt: skip
+def test_another_servers_variables_are_named_for_what_they_mean(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    name: str,
+    said: str,
+) -> None:
+    """WEFT_WORKER_CLASS was offered WEFT_WORKERS, WEFT_HOST WEFT_PORT, and
+    WEFT_CMD_ARGS WEFT_ARGS (which passes the text to the handler): by spelling, not
+    meaning; GUNICORN_CMD_ARGS and UVICORN_* were ignored without a word."""
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(name, "--workers 3")
+    assert main(["serve", "checked_app:handle", "--check-config"]) == 0
+    assert said in capfd.readouterr().err
+
+
+def test_a_python_config_file_is_refused_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`-c gunicorn.conf.py` whose lines happened to parse as TOML was used silently."""
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gunicorn.conf.py").write_text('bind = "0.0.0.0:8000"\nworkers = 2\n')
+    assert main(["serve", "checked_app:handle", "-c", "gunicorn.conf.py", "--check-config"]) == 2
+    assert "weft's config file is TOML (weft.toml), not Python" in capfd.readouterr().err

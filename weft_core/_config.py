@@ -187,12 +187,22 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
         ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text: {exc}", source=str(path)) from None
+    if path.suffix == ".py":
+        # gunicorn's config is Python, and one of bind = "..." lines parses as TOML:
+        # it would be used without a word, and the next such file refused as TOML.
+        raise ConfigError(
+            "weft's config file is TOML (weft.toml), not Python: write the settings as"
+            ' TOML (bind = "0.0.0.0:8000", workers = 2)',
+            source=str(path),
+        )
     try:
         document = toml_loads(text)
     except ConfigError:
         raise
     except Exception as exc:  # tomllib.TOMLDecodeError; its message has line and column
-        raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
+        raise ConfigError(
+            f"invalid TOML: {exc} (weft's config file is TOML)", source=str(path)
+        ) from None
     if pyproject:
         tool = document.get("tool")
         table = tool.get("weft") if isinstance(tool, dict) else None
@@ -283,11 +293,47 @@ def _from_env(
         else:
             # Environments are shared (CI, containers, other tools' WEFT_ names): an unknown
             # variable is worth a warning, never a refusal to start. Files stay strict.
-            close = difflib.get_close_matches(name, _ENV_NAMES, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "see weft serve --check-config"
             shown = escape_for_log(name)  # the environment may hold anything
-            warnings.append(f"ignoring {shown}: no weft setting has that name; {hint}")
+            warnings.append(f"ignoring {shown}: no weft setting has that name; {_env_hint(name)}")
+    _other_servers_variables(environ, warnings)
     return out, labels
+
+
+#: Variables named after another server's settings, and weft's own for each.
+_ENV_MEANT = {
+    "WEFT_WORKER_CLASS": "did you mean WEFT_MANAGER?",
+    "WEFT_K": "did you mean WEFT_MANAGER?",
+    "WEFT_HOST": "did you mean WEFT_ADDRESS (or WEFT_BIND)?",
+    "WEFT_CMD_ARGS": "weft takes no command line from the environment: set each setting"
+    " as its own WEFT_ variable (WEFT_WORKERS=3)",
+    "WEFT_LIMIT_CONCURRENCY": "did you mean WEFT_MAX_CONNECTIONS?",
+    "WEFT_WORKER_CONNECTIONS": "did you mean WEFT_MAX_CONNECTIONS?",
+    "WEFT_KEEP_ALIVE": "did you mean WEFT_IDLE_TIMEOUT?",
+}
+
+
+def _env_hint(name: str) -> str:
+    """What an unknown ``WEFT_*`` variable was most likely meant to be: by meaning, then spelling."""
+    meant = _ENV_MEANT.get(name)
+    if meant is not None:
+        return meant
+    close = difflib.get_close_matches(name, _ENV_NAMES, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else "see weft serve --check-config"
+
+
+def _other_servers_variables(environ: Mapping[str, str], warnings: list[str]) -> None:
+    """A warning for gunicorn's or uvicorn's variables, which a migrated service keeps."""
+    names = sorted(
+        name
+        for name in environ
+        if (name == "GUNICORN_CMD_ARGS" or name.startswith("UVICORN_")) and environ[name].strip()
+    )
+    if names:
+        shown = ", ".join(escape_for_log(name) for name in names)
+        warnings.append(
+            f"ignoring {shown}: weft reads no other server's variables; set each setting as"
+            " its own WEFT_ variable (weft serve --check-config lists them)"
+        )
 
 
 def _from_cli(
@@ -536,7 +582,7 @@ def load_config(
     merged: _Settings = {}
     origins: dict[str, str] = {}
     for settings, source, labels in sources:
-        _merge(merged, origins, settings, source, labels)
+        _merge(merged, origins, settings, source, labels, warnings)
     if serve_defaults and "bind" not in merged:
         # A bind replaced by only an address (or a port) took weft serve's default
         # for the other half with it: the default comes back, as with no bind at all.
@@ -622,6 +668,7 @@ def _merge(
     new: _Settings,
     source: str,
     labels: Mapping[str, str],
+    warnings: list[str],
 ) -> None:
     """Lay ``new`` (from ``source``; ``labels`` names each key's own origin) over ``merged``."""
     # bind and address/port are two ways to say where to listen, and tls.password and
@@ -637,6 +684,14 @@ def _merge(
                 key=one,
             )
         replaced = others if one in new else (one,) if given else ()
+        if one == "bind" and given and one not in new and one in merged:
+            # A port alone (a flag over a file's bind, say) takes the bind's host too.
+            warnings.append(
+                f"{labels.get(given[0], source)} replaces bind ="
+                f" {json_value(merged[one])} from {origins[one]}: weft listens on address"
+                " and port now, the one not given at its default (to keep the bind's host,"
+                " change the bind instead)"
+            )
         for key in replaced:
             merged.pop(key, None)
             origins.pop(key, None)
