@@ -44,6 +44,7 @@ from ._settings import show, tls_context
 from ._signals import (
     CONTROL_SIGNALS,
     NO_CONFIG_FLAG,
+    STOP_REPEAT_WINDOW,
     STOP_SIGNALS,
     WORKER_FLAG,
     hold_while_starting,
@@ -703,8 +704,8 @@ def _run(
     notifier = Notifier()
     deadline = Deadline()
 
-    #: The TERM and INT received so far: the second of them quits at once.
-    stop_signals: list[int] = []
+    #: When the TERM or INT that began the stop came: the next one quits at once.
+    stop_began: list[float] = []
 
     def on_signal(signum: int) -> None:
         # In the handler itself: the stop's bound holds even if the main thread is stuck.
@@ -714,10 +715,13 @@ def _run(
                 # Python runs pending handlers in signal-number order, so a TERM and
                 # a QUIT pending together (a supervisor's TERM, then its QUIT cutting
                 # the stop short) ran QUIT first, and the TERM killed the worker.
-                if stop_signals:  # the second: quit at once
-                    signal.signal(signum, signal.SIG_DFL)
+                now = time.monotonic()
+                if stop_began:
+                    if now - stop_began[0] < STOP_REPEAT_WINDOW:
+                        return  # the same request, sent twice (timeout(1) does)
+                    signal.signal(signum, signal.SIG_DFL)  # the second: quit at once
                     os.kill(os.getpid(), signum)
-                stop_signals.append(signum)
+                stop_began.append(now)
             if deadline.armed:  # QUIT during a graceful stop: cut it short, as asked
                 # Not threading.Thread(...).start(), which waits for the thread to begin:
                 # monkey-patched by gevent, that is a wait on the hub, and this handler
@@ -767,6 +771,7 @@ def _run(
                 hand_over,
                 drain or DrainRequest(),
                 shutdown,
+                stop_began,
             )
         finally:
             if _exits.EXITS_AFTER:
@@ -813,6 +818,7 @@ def _serve_until_stopped(
     hand_over: Callable[[int, Notifier], int] | None,
     drain: DrainRequest,
     shutdown: DrainRequest,
+    stop_began: list[float],
 ) -> int:
     """The body of :func:`_run`, inside its signal handling."""
     drain.wake = shutdown.wake = wakeup.wake
@@ -873,7 +879,7 @@ def _serve_until_stopped(
             if stop is None:
                 return _drained(server)
     if stop is not None:
-        status = _stop_for(server, stop, graceful_timeout, shutdown, notifier)
+        status = _stop_for(server, stop, graceful_timeout, shutdown, notifier, stop_began)
         if status is not None:
             return status
     if server.error is not None:
@@ -883,12 +889,25 @@ def _serve_until_stopped(
 
 
 def _stop_for(
-    server: Any, stop: int, graceful_timeout: float, shutdown: DrainRequest, notifier: Notifier
+    server: Any,
+    stop: int,
+    graceful_timeout: float,
+    shutdown: DrainRequest,
+    notifier: Notifier,
+    stop_began: list[float],
 ) -> int | None:
-    """Stop ``server`` for signal ``stop`` (QUIT: at once); an exit status, or None for 0."""
+    """Stop ``server`` for signal ``stop`` (QUIT: at once); an exit status, or None for 0.
+
+    ``stop_began`` holds when the TERM or INT that began the stop came, if one did.
+    """
     notifier.stopping("stopping")
     quick = stop == signal.SIGQUIT
-    # A second SIGINT/SIGTERM while stopping gracefully quits at once.
+    if stop_began:
+        # A repeat of the request sent within its window is ignored (on_signal); after
+        # it the signals get their default action back, below.
+        time.sleep(max(0.0, stop_began[0] + STOP_REPEAT_WINDOW - time.monotonic()))
+    # A second SIGINT/SIGTERM while stopping gracefully quits at once, by the signal's
+    # default action: it works even with a handler blocking the main thread.
     Wakeup.default(STOP_SIGNALS)
     if quick:
         log.info("received SIGQUIT: stopping at once")

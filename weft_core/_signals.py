@@ -35,6 +35,7 @@ __all__ = [
     "CONTROL_SIGNALS",
     "DUMP_FD_ENV",
     "DUMP_SIGNAL",
+    "STOP_REPEAT_WINDOW",
     "STOP_SIGNALS",
     "WORKER_FLAG",
     "WORKER_IGNORED",
@@ -48,6 +49,11 @@ __all__ = [
 
 #: Graceful stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: A stop signal this soon after the one that began the stop is the same request sent
+#: twice, not a second one (which quits at once): coreutils' ``timeout`` sends TERM to
+#: its child and then to its process group, the child included, within a millisecond.
+#: A person pressing Ctrl-C twice takes longer.
+STOP_REPEAT_WINDOW = 0.1
 #: Everything else ``weft serve`` answers (QUIT, HUP, USR1, USR2, TTIN, TTOU).
 CONTROL_SIGNALS = (
     signal.SIGQUIT,
