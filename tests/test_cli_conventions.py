@@ -637,3 +637,57 @@ def test_a_python_config_file_is_refused_as_such(
     (tmp_path / "gunicorn.conf.py").write_text('bind = "0.0.0.0:8000"\nworkers = 2\n')
     assert main(["serve", "checked_app:handle", "-c", "gunicorn.conf.py", "--check-config"]) == 2
     assert "weft's config file is TOML (weft.toml), not Python" in capfd.readouterr().err
+
+
+def test_check_config_shows_what_weft_serve_uses_where_the_table_has_no_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """--check-config printed `manager = null`, `control_socket = null` and gevent's
+    `max_blocking_time = null` where weft serve uses threads, a control socket path
+    and 1 s; and log flags beside --log-config as in effect, though the file replaces
+    them (the conventions check)."""
+    from weft_core._ctl import default_path
+
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "log.toml").write_text("version = 1\n[root]\nlevel = 'INFO'\nhandlers = []\n")
+    argv = ["serve", "checked_app:handle", "--check-config", "--log-config", "log.toml",
+            "--log-level", "warning"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    lines = dict(line.split(" = ", 1) for line in out.splitlines())
+    assert lines["manager"] == '"threads"  # default'
+    assert lines["control_socket"] == f'"{default_path()}"  # default'
+    assert lines["log_level"].endswith("; not used: log_config says how to log")
+    assert lines["log_format"].endswith("; not used: log_config says how to log")
+    assert "log_level from command line --log-level is not used" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("weft_gevent") is None, reason="needs weft-gevent")
+def test_check_config_lists_gevents_serve_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """weft serve reports a hub blocked for 1 s and patches (the plugin's README);
+    --check-config said max_blocking_time = null."""
+    write_module(tmp_path, "checked_app", "def handle(conn): pass\n")
+    monkeypatch.chdir(tmp_path)
+    code = subprocess_check_config(tmp_path, "--manager", "gevent")
+    assert "manager_options.max_blocking_time = 1.0  # default (gevent, weft serve)" in code
+    assert "manager_options.patch = true  # default (gevent, weft serve)" in code
+
+
+def subprocess_check_config(folder: Path, *args: str) -> str:
+    """``weft serve checked_app:handle --check-config ARGS`` in a process of its own
+    (gevent's preparation patches the process); its standard output."""
+    import subprocess
+
+    result = subprocess.run(
+        weft_serve("checked_app:handle", "--check-config", *args),
+        cwd=folder,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

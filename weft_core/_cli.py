@@ -609,7 +609,12 @@ def _check_config(config: Config) -> int:
     between settings), as ``weft serve`` does, so status 0 means the same command
     without --check-config gets as far as binding; nothing is bound.
     """
-    for line in config.describe():
+    from ._ctl import default_path
+
+    # What weft serve uses where the table has no default: its manager and the
+    # control socket's path (the manager's own options are listed at the end).
+    serve_defaults = {"manager": _registry.DEFAULT_MANAGER, "control_socket": default_path()}
+    for line in config.describe(serve_defaults):
         print(line)
     for warning in config.warnings:
         print_line(stderr_line(f"warning: {warning}", logging.WARNING))
@@ -656,18 +661,38 @@ def _manager_defaults(server: Any, config: Config) -> list[str]:
     name = server.manager_name
     given = set(config.values.get("manager_options", {})) | {"limit"}
     try:
-        signature = inspect.signature(_registry.get_manager_spec(name).factory)
+        spec = _registry.get_manager_spec(name)
+        signature = inspect.signature(spec.factory)
         if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             signature = inspect.signature(type(server.task_manager))
+        # weft serve's own defaults, where its prepare_process has them (gevent's
+        # patch, and its max_blocking_time of 1 s where the manager's is none).
+        prepared = {} if spec.prepare_process is None else _defaults(spec.prepare_process)
     except (TypeError, ValueError, WeftError):
         return []
+    found = {**_defaults(signature), **prepared}
     return [
-        f"manager_options.{p.name} = {json_value(p.default)}  # default ({name})"
-        for p in signature.parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        and p.default is not p.empty
-        and p.name not in given
+        f"manager_options.{key} = {json_value(value)}  # default ({name}"
+        + (", weft serve)" if key in prepared else ")")
+        for key, value in found.items()
+        if key not in given
     ]
+
+
+def _defaults(callable_or_signature: Any) -> dict[str, Any]:
+    """The keyword parameters that have a default, and their defaults."""
+    import inspect
+
+    signature = (
+        callable_or_signature
+        if isinstance(callable_or_signature, inspect.Signature)
+        else inspect.signature(callable_or_signature)
+    )
+    return {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+    }
 
 
 def _reload(argv: Sequence[str], config: Config) -> int:

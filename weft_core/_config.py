@@ -478,12 +478,15 @@ class Config:
         """The logging level name, upper case."""
         return str(self.get("log_level"))
 
-    def describe(self) -> list[str]:
+    def describe(self, defaults: Mapping[str, Any] | None = None) -> list[str]:
         """Each effective setting as ``key = VALUE  # where it came from``, for --check-config.
 
         Every config key is listed, set or not; a secret's value is shown as ``"***"``.
-        Values are JSON (TOML but for ``null``, which means none).
+        Values are JSON (TOML but for ``null``, which means none). ``defaults``: what
+        the caller uses for a key no source set where the table says none (``weft
+        serve``'s manager and control socket), so that the listing shows what is used.
         """
+        defaults = defaults or {}
         lines = []
         keys = [k for k in SETTINGS if SETTINGS[k].config and k not in _TABLES]
         keys += [f"manager_options.{k}" for k in self.values.get("manager_options", {})]
@@ -493,6 +496,8 @@ class Config:
             given = (part if dot else key) in holder
             # A manager's own options are never in the table, and always given.
             value = holder[part if dot else key] if given else SETTINGS[key].default
+            if not given and value is None:
+                value = defaults.get(key)
             setting = SETTINGS.get(key)
             if setting is not None and setting.kind.secret and value is not None:
                 value = "***"
@@ -500,6 +505,8 @@ class Config:
             where = _origin_kind(origin, self.file)
             if key in ("address", "port") and self.values.get("bind"):
                 where += "; not used: bind says where to listen"
+            if key in _REPLACED_BY_LOG_CONFIG and self.values.get("log_config"):
+                where += "; not used: log_config says how to log"
             if key == "unix_mode" and isinstance(value, int):
                 where += f" ({oct(value)})"  # JSON has no octal; modes are read in it
             lines.append(f"{key} = {json_value(value)}  # {where}")
@@ -599,6 +606,13 @@ def load_config(
     for value in merged.values():
         if isinstance(value, _Unusable):  # a platform default nothing replaced
             raise value.error
+    if "log_config" in merged:
+        for key in _REPLACED_BY_LOG_CONFIG:
+            if key in merged:
+                warnings.append(
+                    f"{key} from {origins[key]} is not used: log_config"
+                    f" ({origins['log_config']}) says how to log"
+                )
     return _assemble(merged, origins, None if file is None else file[0], warnings)
 
 
@@ -699,6 +713,9 @@ def _merge(
         merged[key] = value
         origins[key] = labels.get(key, source)
 
+
+#: What a log_config replaces: its handlers and formatters say how, and where, to log.
+_REPLACED_BY_LOG_CONFIG = ("log_level", "log_format")
 
 #: Pairs of ways to say one thing: (key, the keys it replaces and that replace it).
 _ALTERNATIVES = (

@@ -25,11 +25,25 @@ def _create(
     return GeventManager(limit=limit, patch=patch, max_blocking_time=max_blocking_time)
 
 
-def _prepare_process(**options: Any) -> None:
-    """:func:`weft_gevent._serve.prepare_process`: monkey-patching, before the handler's import."""
+#: Under ``weft serve``, a hub that has not switched for this long is reported. A
+#: second: well above a slow DNS lookup or a GC pause on a loaded two-core host (gevent's
+#: own default, 0.1 s, reports those), well below what a client notices as a hang.
+SERVE_MAX_BLOCKING_TIME = 1.0
+
+
+def _prepare_process(
+    *,
+    patch: bool = True,
+    max_blocking_time: float | bool | None = SERVE_MAX_BLOCKING_TIME,
+    **options: Any,
+) -> None:
+    """:func:`weft_gevent._serve.prepare_process`: monkey-patching, before the handler's import.
+
+    Its options named with weft serve's defaults, which ``--check-config`` lists.
+    """
     from ._serve import prepare_process
 
-    prepare_process(**options)
+    prepare_process(patch=patch, max_blocking_time=max_blocking_time, **options)
 
 
 def _task_name() -> str:

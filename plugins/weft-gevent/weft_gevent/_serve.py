@@ -35,6 +35,8 @@ import gevent
 import gevent.events
 import gevent.monkey
 
+from ._plugin import SERVE_MAX_BLOCKING_TIME
+
 __all__ = [
     "DEFAULT_MAX_BLOCKING_TIME",
     "monitoring",
@@ -45,10 +47,8 @@ __all__ = [
 
 log = logging.getLogger("weft.gevent")
 
-#: Under ``weft serve``, a hub that has not switched for this long is reported. A
-#: second: well above a slow DNS lookup or a GC pause on a loaded two-core host (gevent's
-#: own default, 0.1 s, reports those), well below what a client notices as a hang.
-DEFAULT_MAX_BLOCKING_TIME = 1.0
+#: Under ``weft serve``, a hub that has not switched for this long is reported.
+DEFAULT_MAX_BLOCKING_TIME = SERVE_MAX_BLOCKING_TIME
 
 #: gevent's report lists every greenlet and thread after this line; the stack of the
 #: blocking one comes before it, and is what a reader needs.
