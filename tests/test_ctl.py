@@ -272,9 +272,15 @@ def test_console_is_off_unless_configured(tmp_path: Path) -> None:
 def test_drain_goes_to_the_owner(
     served: tuple[Server, ControlSocket, list[float | None]],
 ) -> None:
-    _, ctl, drains = served
-    assert "draining" in request(ctl.path, "drain")
-    assert "after 2.5s" in request(ctl.path, "drain", {"timeout": 2.5})
+    server, ctl, drains = served
+    # A client keeps the drain going (an idle server ends as its listeners close).
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        assert "draining" in request(ctl.path, "drain")
+        # A second drain during the first is asked of the serve loop too, which
+        # brings its cut forward to the earlier deadline (DrainRequest.until).
+        assert "in at most 2.5s" in request(ctl.path, "drain", {"timeout": 2.5})
     assert drains == [None, 2.5]
 
 
@@ -357,7 +363,7 @@ def test_a_worker_leaving_as_it_is_asked_is_said_to_be_leaving_not_failing(
     control socket ...", and a pause reported success beside that error. Now it is
     listed as leaving; a worker that is not leaving and does not answer is still an
     error. A fake supervisor: the real window is a few milliseconds wide."""
-    from weft_core._ctl_commands import supervisor_commands
+    from weft_core._ctl_commands import sum_stats, supervisor_commands
 
     class Supervisor:
         def call(self, fn: object) -> object:
@@ -368,6 +374,11 @@ def test_a_worker_leaving_as_it_is_asked_is_said_to_be_leaving_not_failing(
 
         def leaving_pids(self) -> set[int]:
             return {101}
+
+        stopping = False
+
+        def service_stats(self, reported: dict[int, dict[str, int]]) -> dict[str, int]:
+            return sum_stats(list(reported.values()))
 
     commands = supervisor_commands(Supervisor(), str(tmp_path / "ctl.sock"))  # type: ignore[arg-type]
     peer = None

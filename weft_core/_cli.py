@@ -539,10 +539,18 @@ class DrainRequest:
     def __init__(self) -> None:
         self.asked = threading.Event()
         self.timeout: float | None = None
+        #: The deadline a later request set that is earlier than the first's (monotonic).
+        self.until: float | None = None
         self.wake: Callable[[], None] = lambda: None
 
     def __call__(self, timeout: float | None) -> None:
-        self.timeout = timeout
+        """Ask for it, given ``timeout``; asked again, an earlier deadline brings it forward."""
+        if self.asked.is_set():
+            until = None if timeout is None else time.monotonic() + timeout
+            if until is not None and (self.until is None or until < self.until):
+                self.until = until
+        else:
+            self.timeout = timeout
         self.asked.set()
         self.wake()
 
@@ -900,7 +908,7 @@ def _serve_until_stopped(
         notifier.stopping("draining")
         if not ended.is_set():
             timeout = graceful_timeout if drain.timeout is None else drain.timeout
-            stop = _drain(server, timeout, wakeup, shutdown)
+            stop = _drain(server, timeout, wakeup, shutdown, drain)
             if stop is None:
                 return _drained(server)
     if stop is not None:
@@ -962,12 +970,15 @@ def _stop_for(
     return EXIT_TASKS_LEFT if left else None
 
 
-def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) -> int | None:
+def _drain(
+    server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest, drain: DrainRequest
+) -> int | None:
     """``weft ctl drain``: stop accepting, wait until idle or ``timeout`` (then cut).
 
     Stop requests still count meanwhile, as they mean the same with one process as
     with ``--workers``: returns the signal to stop for (SIGTERM, SIGINT, SIGQUIT;
-    SIGTERM for the shutdown port's), or None once drained.
+    SIGTERM for the shutdown port's), or None once drained. A later drain with an
+    earlier deadline (``drain.until``) brings the cut forward.
     """
     log.info("draining: no new connections; exiting when idle, or in %ss", f"{timeout:g}")
     # The listeners were closed by the request itself (weft ctl's thread, before it
@@ -976,6 +987,8 @@ def _drain(server: Any, timeout: float, wakeup: Wakeup, shutdown: DrainRequest) 
     while not server.wait(0):
         if shutdown.asked.is_set():
             return signal.SIGTERM
+        if drain.until is not None:
+            until = min(until, drain.until)
         left = until - time.monotonic()
         if left <= 0:
             _ends_with_the_stop()

@@ -60,8 +60,9 @@ log = logging.getLogger("weft.ctl")
 #: and answered with its one-line summary.
 Command = Callable[[Mapping[str, Any], "Peer"], Any]
 #: ``console(conn, reader, peer)``: serve a REPL on the connection; ``reader`` holds
-#: what the client sent after its request line.
-Console = Callable[[socket.socket, BinaryIO, "Peer"], None]
+#: what the client sent after its request line. It may return how it ended (a
+#: string, for the log line of its end).
+Console = Callable[[socket.socket, BinaryIO, "Peer"], object]
 
 # A request is one short JSON line; a client sending more is not a weft ctl client.
 MAX_REQUEST = 64 * 1024
@@ -477,8 +478,7 @@ class ControlSocket:
             log.warning("control: console opened by %s", peer)
             _send(conn, {"ok": True, "result": "console"})
             conn.settimeout(None)  # a console waits on its operator as long as it likes
-            console(conn, reader, peer)
-            log.warning("control: console closed by %s", peer)
+            self._console(console, conn, reader, peer)
             return
         command = self.commands.get(name)
         if command is None:
@@ -496,6 +496,25 @@ class ControlSocket:
             _send(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return
         _send(conn, {"ok": True, "result": result})
+
+    @staticmethod
+    def _console(console: Console, conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
+        """Serve the console, and log its end however it ends.
+
+        Its end went unlogged when the client vanished mid-statement (an OSError
+        on its socket) or its code raised SystemExit.
+        """
+        how = "the client went away"
+        try:
+            ended = console(conn, reader, peer)
+            how = ended if isinstance(ended, str) else "end of input"
+        except OSError:
+            raise
+        except BaseException as exc:
+            how = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            log.warning("control: console closed by %s (%s)", peer, escape_for_log(how))
 
 
 def _describe(args: Mapping[str, Any]) -> str:

@@ -20,19 +20,27 @@ from typing import Any
 
 from ._ctl import (
     ControlError,
+    check_path_length,
     connect,
     default_path,
     exchange,
     request,
     timeout_seconds,
 )
+from ._ctl_commands import CLOSE_MAX, CLOSE_TIMEOUT, close_wait
+from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_USAGE
 
 __all__ = ["add_parser", "resolve_path"]
 
 #: How long ``weft ctl`` waits for the server's answer, all reads together (for
-#: ``console``: for the server to open it); then it gives up with exit 1.
+#: ``console``: for the server to open it); then it gives up with exit 1. ``close``
+#: waits longer when its SECONDS ask for it (:func:`answer_wait`).
 ANSWER_WAIT = 30.0
+#: What ``weft ctl close`` waits beyond the supervisor's own wait for the worker
+#: (:func:`~._ctl_commands.close_wait`): the supervisor's look for the connection
+#: (each worker asked, WORKER_TIMEOUT) and the answer's way back.
+CLOSE_WAIT_MARGIN = 10.0
 
 USAGE = """\
 commands:
@@ -75,14 +83,25 @@ def add_parser(commands: Any) -> None:
 def resolve_path(socket_flag: str | None, config_file: str | None) -> str | None:
     """The control socket's path: the flag, else config and WEFT_CONTROL_SOCKET, else default.
 
-    None when config turned the control socket off.
+    None when config turned the control socket off. ValueError for a path no Unix
+    socket can have (empty, or too long): a wrong command line, as ``weft serve``
+    says of the same path.
     """
-    if socket_flag:
-        return socket_flag
-    from ._config import load_config
+    if socket_flag is not None:
+        if not socket_flag:
+            raise ValueError("--socket takes the control socket's path, got an empty one")
+        path: str | None = socket_flag
+    else:
+        from ._config import load_config
 
-    config = load_config({}, config_file=config_file, flag_names={})
-    return config.control_socket
+        config = load_config({}, config_file=config_file, flag_names={})
+        path = config.control_socket
+    if path is not None:
+        try:
+            check_path_length(path)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+    return path
 
 
 #: Every command, as USAGE lists them: a typo is a wrong command line (exit 2), said
@@ -122,15 +141,19 @@ def _parse(name: str | None, args: list[str]) -> tuple[str, dict[str, Any]]:
         return name, {"delta": int(args[0])}
     if name == "close":
         if not 1 <= len(args) <= 2:
-            raise ValueError("usage: weft ctl close TASK_ID [SECONDS]")
-        worker, _, task_id = args[0].rpartition(":")  # PID:TASK_ID under --workers
+            raise ValueError("usage: weft ctl close [PID:]TASK_ID [SECONDS]")
+        worker, colon, task_id = args[0].rpartition(":")  # PID:TASK_ID under --workers
         request: dict[str, Any] = {"task_id": task_id}
+        if not task_id or (colon and not (worker.isascii() and worker.isdigit())):
+            raise ValueError(f"close takes TASK_ID or PID:TASK_ID, got {args[0]!r}")
         if worker:
-            if not worker.isdigit():
-                raise ValueError(f"close takes TASK_ID or PID:TASK_ID, got {args[0]!r}")
             request["worker"] = int(worker)
         if len(args) == 2:
             request["timeout"] = _seconds(args[1], "close")
+            if request["timeout"] > CLOSE_MAX:
+                raise ValueError(
+                    f"close's SECONDS are at most {CLOSE_MAX:g} (an hour), got {args[1]!r}"
+                )
         return name, request
     if name == "drain":
         if len(args) > 1:
@@ -152,6 +175,20 @@ def _seconds(text: str, command: str) -> float:
     return seconds
 
 
+def answer_wait(name: str, args: dict[str, Any]) -> float:
+    """How long ``weft ctl NAME`` waits for its answer.
+
+    ``close ID SECONDS`` is answered once the connection has ended, which may take
+    SECONDS and the interruption's grace: weft ctl gave up at 30 s, exit 1 and "no
+    answer", while the close it asked for went on and was done.
+    """
+    if name != "close":
+        return ANSWER_WAIT
+    seconds = args.get("timeout")
+    wait = close_wait(CLOSE_TIMEOUT if seconds is None else seconds) + CLOSE_WAIT_MARGIN
+    return max(ANSWER_WAIT, wait)
+
+
 def _ctl(ns: argparse.Namespace) -> int:
     try:
         name, args = _parse(ns.name, ns.args)
@@ -168,14 +205,34 @@ def _ctl(ns: argparse.Namespace) -> int:
     try:
         if name == "console":
             return _console(path)
-        result = request(path, name, args, timeout=ANSWER_WAIT)
+        result = request(path, name, args, timeout=answer_wait(name, args))
     except ControlError as exc:
         print(f"weft ctl: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    if isinstance(result, str):
-        print(result.rstrip("\n"))
-    else:
-        print(json.dumps(result, indent=2, default=str))
+    text = (
+        result.rstrip("\n")
+        if isinstance(result, str)
+        else json.dumps(result, indent=2, default=str)
+    )
+    return _print_answer(text)
+
+
+def _print_answer(text: str) -> int:
+    """Print the answer; a stdout that cannot take it (a full disk) is one line and exit 1."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # its reader went away (| head -1): quietly, as any Unix tool (_cli.main)
+    except OSError as exc:
+        # What is left in the buffer goes nowhere: the exit's own flush would fail
+        # again, with a traceback of its own.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        print(f"weft ctl: cannot write the answer: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     return 0
 
 

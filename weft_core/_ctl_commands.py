@@ -42,6 +42,7 @@ from ._ctl import (
     timeout_seconds,
 )
 from ._ctl_console import serve_console
+from ._engine import STOP_GRACE
 from ._errors import BindError, ConfigError, WeftError
 from ._logsafe import escape_for_log
 
@@ -67,6 +68,11 @@ log = logging.getLogger("weft.ctl")
 WORKER_TIMEOUT = 5.0
 #: ``weft ctl close``'s default: the connection is interrupted after this many seconds.
 CLOSE_TIMEOUT = 10.0
+#: The most seconds ``weft ctl close`` takes: its answer comes once the connection has
+#: ended, and a client is not kept waiting longer than an hour for it.
+CLOSE_MAX = 3600.0
+#: What the supervisor waits for a worker's close beyond its SECONDS and STOP_GRACE.
+CLOSE_MARGIN = 5.0
 
 #: ``drain(timeout)``: stop accepting, let connections finish within ``timeout``
 #: (None: the configured graceful timeout), then exit.
@@ -93,6 +99,32 @@ class InProcess:
     serving: Callable[[], bool]
     #: True once it drains (its answers say ``"leaving": true``).
     leaving: Callable[[], bool]
+
+
+def close_wait(seconds: float) -> float:
+    """How long a ``close`` given ``seconds`` may take to answer: they, the grace, a margin.
+
+    The connection is interrupted after ``seconds`` and waited for ``STOP_GRACE``
+    more; a supervisor forwarding it waited 30 s whatever the seconds, and gave up on
+    a close still under way.
+    """
+    return seconds + STOP_GRACE + CLOSE_MARGIN
+
+
+def _drain_answer(timeout: float | None, *, again: bool) -> str:
+    """What ``drain`` answers: the first one, or one during a drain (``again``)."""
+    if not again:
+        shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
+        return f"draining: no new connections; exiting when idle or after {shown}"
+    if timeout is None:
+        return "draining already: exiting when idle or at the deadline of the drain under way"
+    return f"draining already: exiting when idle, or cutting what is left in at most {timeout:g}s"
+
+
+def _stopping(command: str) -> ControlError:
+    return ControlError(
+        f"{command}: the server is stopping (a drain or a stop is under way); nothing changed"
+    )
 
 
 def connection_record(item: ConnectionSnapshot) -> dict[str, Any]:
@@ -132,15 +164,27 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
     def connections(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
         return [connection_record(item) for item in server.connections()]
 
+    def accepting(command: str) -> None:
+        """Refuse ``command`` once a drain or a stop has closed the listeners.
+
+        Its answer said "paused", "accepting" or "max-connections N" while the
+        server, stopping, did nothing of the kind (a resume cannot reopen them).
+        """
+        if not server.running or not server.sockets:
+            raise _stopping(command)
+
     def pause(args: Mapping[str, Any], peer: Peer) -> str:
+        accepting("pause")
         server.pause_accepting()
         return "paused: the listener stays bound; new clients wait in its backlog"
 
     def resume(args: Mapping[str, Any], peer: Peer) -> str:
+        accepting("resume")
         server.resume_accepting()
         return "accepting"
 
     def set_(args: Mapping[str, Any], peer: Peer) -> str:
+        accepting("set")
         name, value = args.get("name"), args.get("value")
         if name not in ("max-connections", "max_connections"):
             raise ControlError(f"cannot set {name!r}; settable while running: max-connections")
@@ -161,6 +205,14 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
 
     def drain_(args: Mapping[str, Any], peer: Peer) -> str:
         timeout = timeout_seconds(args.get("timeout"), "drain")
+        if not server.running:  # a stop (a signal, the shutdown port): as a supervisor says
+            raise ControlError("the server is stopping already")
+        if not server.sockets:
+            # A drain is under way: one with an earlier deadline brings the cut
+            # forward (the serve loop's); it answered "after 1s" and kept the first
+            # drain's 30.
+            drain(timeout)
+            return _drain_answer(timeout, again=True)
         # The listeners close before the answer says so: the serve loop's own
         # stop_accepting() came a moment after it, and a client connecting on seeing
         # the answer was still accepted (then served: nothing was lost). The request
@@ -169,8 +221,7 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
         # for a worker's retirement, and told systemd no STOPPING.
         drain(timeout)
         server.stop_accepting()
-        shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
-        return f"draining: no new connections; exiting when idle or after {shown}"
+        return _drain_answer(timeout, again=False)
 
     def reload(args: Mapping[str, Any], peer: Peer) -> str:
         os.kill(os.getpid(), signal.SIGHUP)
@@ -191,13 +242,31 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
 
     def close(args: Mapping[str, Any], peer: Peer) -> str:
         wanted, timeout = _close_args(args)
+        worker = args.get("worker")
+        if worker is not None and worker != os.getpid():
+            # A PID:ID from another service's listing, or from before a restart:
+            # the id alone closed whichever connection has it here now.
+            raise ControlError(
+                f"no worker {worker} here: this is one process, pid {os.getpid()}; see"
+                " weft ctl connections"
+            )
         for item in server.connections():
             if str(item.task_id) == wanted:
                 try:
                     ended = server.close_connection(item.task_id, timeout)
                 except LookupError:
                     break  # it ended meanwhile
-                return f"closed {wanted}" + ("" if ended else " (interrupted)")
+                if ended:
+                    return f"closed {wanted}"
+                if not any(str(i.task_id) == wanted for i in server.connections()):
+                    return f"closed {wanted} (interrupted after {timeout:g}s)"
+                # Its task ignored the request and the interruption (a thread cannot
+                # be killed): "closed (interrupted)" said so of a connection still listed.
+                raise ControlError(
+                    f"task {wanted} was asked to stop, then interrupted after {timeout:g}s,"
+                    f" and still runs: its handler ignores both; its socket is shut down,"
+                    " and it stays listed in weft ctl connections until it returns"
+                )
         raise ControlError(f"no open connection has task id {wanted}; see weft ctl connections")
 
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:
@@ -217,11 +286,13 @@ def server_commands(server: Server, drain: Drain) -> dict[str, Command]:
     }
 
 
-def _close_args(args: Mapping[str, Any]) -> tuple[str, float | None]:
+def _close_args(args: Mapping[str, Any]) -> tuple[str, float]:
     wanted, timeout = args.get("task_id"), args.get("timeout")
     if not isinstance(wanted, str) or not wanted:
         raise ControlError(f"close takes a task id (see weft ctl connections), got {wanted!r}")
     seconds = timeout_seconds(timeout, "close")
+    if seconds is not None and seconds > CLOSE_MAX:
+        raise ControlError(f"close's timeout is at most {CLOSE_MAX:g} seconds, got {timeout!r}")
     return wanted, CLOSE_TIMEOUT if seconds is None else seconds
 
 
@@ -311,15 +382,28 @@ def supervisor_commands(
 
     def status(args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
         answers = fan_out("status", args, peer)
-        stats = [a["result"]["stats"] for a in answers if "result" in a]
+        reported = {a["pid"]: a["result"]["stats"] for a in answers if "result" in a}
+        answered = len(reported)
+        # The in-process server's (a process turned supervisor), served or drained:
+        # a stopped Server's stats() are its last run's.
+        own = reported.pop(os.getpid(), None)
+        if own is None and here is not None:
+            own = here.commands["status"]({}, peer)["stats"]
+        # What ended workers counted stays in the totals: they summed only the
+        # workers answering now, and every recycle, reload or kill took its counts away.
+        service = on_loop(lambda: supervisor.service_stats(reported))
+        totals = sum_stats([service] if own is None else [service, own])
         return {
             "pid": os.getpid(),
             "workers": answers,
-            "totals": {"workers": len(answers), "answered": len(stats), **sum_stats(stats)},
+            "totals": {"workers": len(answers), "answered": answered, **totals},
         }
 
     def each(command: str) -> Command:
         def run(args: Mapping[str, Any], peer: Peer) -> list[dict[str, Any]]:
+            if on_loop(lambda: supervisor.stopping):
+                # Its workers drain or stop: each said "leaving", and weft ctl exit 0.
+                raise _stopping(command)
             answers = fan_out(command, args)
             if all("result" not in answer for answer in answers) and any(
                 "error" in answer for answer in answers
@@ -343,9 +427,8 @@ def supervisor_commands(
     def drain(args: Mapping[str, Any], peer: Peer) -> str:
         timeout = timeout_seconds(args.get("timeout"), "drain")
         why = f"control: drain asked by {peer}"
-        on_loop(lambda: supervisor.drain(timeout, why))
-        shown = "the graceful timeout" if timeout is None else f"{timeout:g}s"
-        return f"draining: no new connections; exiting when idle or after {shown}"
+        again = on_loop(lambda: supervisor.drain(timeout, why))
+        return _drain_answer(timeout, again=again)
 
     def reload(args: Mapping[str, Any], peer: Peer) -> str:
         on_loop(lambda: supervisor.reload(f"control: reload asked by {peer}"))
@@ -383,7 +466,9 @@ def supervisor_commands(
         forwarded = {"task_id": wanted, "timeout": timeout}
         if here is not None and owners[0] == os.getpid():
             return here.commands["close"](forwarded, peer)
-        return request(worker_socket_path(path, owners[0]), "close", forwarded)
+        return request(
+            worker_socket_path(path, owners[0]), "close", forwarded, timeout=close_wait(timeout)
+        )
 
     def stacks(args: Mapping[str, Any], peer: Peer) -> str:
         parts = [f"== supervisor {os.getpid()}\n{format_stacks()}"]
@@ -512,8 +597,8 @@ def open_control(
         # this opens the socket (the server is made once the user has switched).
         names = namespace
 
-        def console(conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
-            serve_console(conn, reader, names)
+        def console(conn: socket.socket, reader: BinaryIO, peer: Peer) -> str:
+            return serve_console(conn, reader, names)
 
     control = ControlSocket(path, commands, console=console if config.console else None)
     try:

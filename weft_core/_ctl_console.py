@@ -8,6 +8,11 @@ client; what code writes to ``sys.stdout`` itself still goes to the server's std
 
 It is off unless config sets ``console = true``, and it is reachable only through the
 owner-only control socket: it is the server's own power, handed to its own user.
+
+``exit()``, ``quit()`` and ``raise SystemExit`` end the console, never the server:
+the console says so and the control socket logs its end. (``site``'s ``exit()``
+closed the server's own ``sys.stdin`` first, and a ``SystemExit`` ended the request's
+thread silently, the rest of the input dropped.)
 """
 
 from __future__ import annotations
@@ -67,12 +72,32 @@ def _leave() -> None:
             sys.displayhook = _replaced
 
 
+class _Quit:
+    """``exit`` and ``quit`` in the console: end the console only.
+
+    ``site``'s own close ``sys.stdin`` before they raise SystemExit: the server's.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Use {self.name}() or Ctrl-D (i.e. EOF) to end the console"
+
+    def __call__(self, code: object = None) -> None:
+        raise SystemExit(code)
+
+
 class _SocketConsole(code.InteractiveConsole):
     """An InteractiveConsole whose output (errors, print, shown values) goes to a socket."""
 
     def __init__(self, conn: socket.socket, namespace: dict[str, Any]) -> None:
         self.conn = conn
+        #: The SystemExit that ended the console (``exit()``, ``quit()``, raised).
+        self.exited: SystemExit | None = None
         namespace.setdefault("print", self._print)
+        namespace.setdefault("exit", _Quit("exit"))
+        namespace.setdefault("quit", _Quit("quit"))
         super().__init__(namespace, filename="<weft console>")
 
     def write(self, data: str) -> None:
@@ -113,6 +138,8 @@ class _SocketConsole(code.InteractiveConsole):
         _enter()
         try:
             super().runcode(codeobj)
+        except SystemExit as exc:  # InteractiveInterpreter lets it through
+            self.exited = exc
         finally:
             _leave()
             _current.reset(token)
@@ -122,8 +149,12 @@ class _SocketConsole(code.InteractiveConsole):
         return self.locals  # always the dict we gave
 
 
-def serve_console(conn: socket.socket, reader: BinaryIO, namespace: Mapping[str, Any]) -> None:
-    """Run a REPL over ``conn`` (input from ``reader``) until the client's input ends."""
+def serve_console(conn: socket.socket, reader: BinaryIO, namespace: Mapping[str, Any]) -> str:
+    """Run a REPL over ``conn`` (input from ``reader``) until the client's input ends.
+
+    Or until its code raises SystemExit (``exit()``): the rest of the input is not
+    run, and the client is told. Returns how it ended, for the log.
+    """
     console = _SocketConsole(conn, {"__name__": "__console__", **namespace})
     console.write(BANNER)
     more = False
@@ -132,5 +163,13 @@ def serve_console(conn: socket.socket, reader: BinaryIO, namespace: Mapping[str,
         line = reader.readline(MAX_LINE)
         if not line:
             console.write("\n")
-            return
+            return "end of input"
         more = console.push(line.decode("utf-8", "replace").rstrip("\r\n"))
+        if console.exited is not None:
+            how = f"ended by SystemExit({_exit_code(console.exited)})"
+            console.write(f"weft console: {how}; the server serves on\n")
+            return how
+
+
+def _exit_code(exc: SystemExit) -> str:
+    return "" if exc.code is None else repr(exc.code)

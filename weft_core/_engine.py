@@ -749,6 +749,19 @@ class Engine(ABC, Generic[R]):
         _shutdown_quietly(conn.abort)
         return True
 
+    def _pay_debt(self) -> bool:
+        """Give a slot an acceptor holds to a lowered limit's debt; True if one was owed.
+
+        With ``on_full="backlog"`` the acceptor takes its slot before ``accept()``,
+        so a limit lowered meanwhile cannot take that slot back: the next client was
+        served on it, one past the new limit (one per listener).
+        """
+        with self.lock:
+            if not self.debt:
+                return False
+            self.debt -= 1
+            return True
+
     def _preamble_done(self, conn: Conn) -> None:
         with self.lock:
             self.preambles.pop(conn, None)
@@ -767,7 +780,9 @@ class Engine(ABC, Generic[R]):
         if self.closing:
             return None
         conn.opened = time.monotonic()
-        conn.how = "closed"
+        # A close or the limit's shedding may have ended it before its task began:
+        # "stopped" stays, so its preamble's failure is not the peer's.
+        conn.how = conn.how or "closed"
         sock = conn.sock
         for level, option, value in conn.options:
             sock.setsockopt(level, option, value)
@@ -1150,6 +1165,13 @@ class Engine(ABC, Generic[R]):
             ended = self.watched.get(conn)
             if ended is None:
                 ended = self.watched[conn] = threading.Event()
+            if conn in self.preambles:
+                # Ended by the server, as the stop and the limit's shedding end one
+                # (_shed_preamble): its handshake or header failing is then no failure
+                # of the peer's. It was counted in tls_errors (proxy_errors), logged as
+                # the peer's and reported to the hooks as a refusal.
+                del self.preambles[conn]
+                conn.how = "stopped"
         self.request_shutdown([conn])
         if ended.wait(timeout):
             return True

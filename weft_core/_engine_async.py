@@ -8,6 +8,7 @@ which awaits where :mod:`weft_core._engine_sync` calls. Policy is the shared
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import time
 from typing import Any
@@ -99,7 +100,16 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 if backoff.delay:  # descriptors came back: so does the spare, if it was lost
                     backoff.reset()
                     self.spare.take()
-                if not backlog_mode and slots is not None and not slots.acquire_nowait():
+                if held and self._pay_debt():
+                    # The limit was lowered while this acceptor held its slot: see the
+                    # sync engine's.
+                    held, since = False, math.inf
+                    got = await self._slot_by(math.inf)
+                    if not got:  # the stop came first
+                        accepted = None
+                        self._slot_decided(lt, sock, addr, got)
+                        continue
+                elif not backlog_mode and slots is not None and not slots.acquire_nowait():
                     if self.cfg.full_wait > 0 and self._queue_for_slot(
                         lt, sock, addr, time.monotonic() + self.cfg.full_wait
                     ):

@@ -9,6 +9,7 @@ back-off, shedding, logging, bookkeeping, the stop) is the shared
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from typing import Any
 
@@ -113,7 +114,17 @@ class SyncEngine(Engine[SyncRuntime]):
                 if backoff.delay:  # descriptors came back: so does the spare, if it was lost
                     backoff.reset()
                     self.spare.take()
-                if not backlog_mode and slots is not None and not slots.acquire(blocking=False):
+                if held and self._pay_debt():
+                    # The limit was lowered while this acceptor held its slot: the slot
+                    # is the limit's, and this client waits for a free one, as it would
+                    # have in the backlog (however long: since is never past).
+                    held, since = False, math.inf
+                    got = self._slot_by(math.inf)
+                    if not got:  # the stop came first
+                        accepted = None
+                        self._slot_decided(lt, sock, addr, got)
+                        continue
+                elif not backlog_mode and slots is not None and not slots.acquire(blocking=False):
                     if self.cfg.full_wait > 0 and self._queue_for_slot(
                         lt, sock, addr, time.monotonic() + self.cfg.full_wait
                     ):

@@ -6,7 +6,8 @@ ways on it. The worker writes READY once listening (after that, an exit status 2
 is no mistake in the command), BEAT heartbeats from inside its runtime's loop (the
 ``timeout`` watchdog), RECYCLE once it has accepted ``max_requests`` connections,
 and STOPPED once its server has stopped (a signal that kills it after that cuts
-nothing). The supervisor writes DRAIN to retire it (:func:`drain`), and its end
+nothing), after TOTALS, its final ``stats()``, which the supervisor keeps for
+``weft ctl status``. The supervisor writes DRAIN to retire it (:func:`drain`), and its end
 closing (the supervisor died, even by SIGKILL) stops the worker as SIGTERM does.
 
 What does not live here: the supervisor (``_workers``), serving (``_cli._run``).
@@ -15,12 +16,15 @@ What does not live here: the supervisor (``_workers``), serving (``_cli._run``).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import random
+import re
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ._balance import worker_balance
@@ -38,11 +42,14 @@ __all__ = [
     "RECYCLE",
     "RECYCLE_CHECK",
     "STOPPED",
+    "TOTALS",
     "WORKER_READY_MESSAGE",
     "WorkerLink",
     "become_worker",
     "drain",
     "max_requests_for",
+    "take_totals",
+    "totals_report",
 ]
 
 log = logging.getLogger("weft.workers")
@@ -57,6 +64,14 @@ RECYCLE = b"B"
 #: Once the worker's server has stopped, before its signal handlers go: what kills it
 #: after that (a stop signal arriving as it exits) cut no connection.
 STOPPED = b"E"
+#: Sent just before STOPPED: the worker's final ``stats()`` as ``T``, its JSON in
+#: lowercase hex, and a newline. No byte of a report is one of the single-byte
+#: messages, which the supervisor looks for anywhere in what it reads.
+TOTALS = b"T"
+#: The longest report the supervisor reads; a longer one is not weft's, and dropped.
+TOTALS_MAX = 1024 * 1024
+_REPORT = re.compile(rb"T([0-9a-f]*)\n")
+_REPORT_START = re.compile(rb"T[0-9a-f]*\Z")
 #: What the supervisor writes to a worker it retires (reload, recycling, TTOU).
 DRAIN = b"D"
 #: A worker beats HEARTBEAT_SHARE times per ``timeout`` (at most once a second, so
@@ -78,8 +93,9 @@ class WorkerLink:
     The supervisor reads four kinds of bytes: ``R`` once listening (an exit status
     2 after it is no mistake in the command), ``H`` heartbeats from inside the
     runtime's loop (``timeout``), ``B`` once ``max_requests`` connections were
-    accepted (start my replacement, then stop me), and ``S`` once a stack dump
-    relayed as a JSON line is in the log (kill me now).
+    accepted (start my replacement, then stop me), ``S`` once a stack dump
+    relayed as a JSON line is in the log (kill me now), and ``T...`` (TOTALS) then
+    ``E`` (STOPPED) once its server has stopped: what it counted, then its end.
     """
 
     def __init__(self, fd: int) -> None:
@@ -166,8 +182,15 @@ class WorkerLink:
             pass
 
     def stopped(self) -> None:
-        """Tell the supervisor this worker's server has stopped: nothing is left to cut."""
-        self._send(STOPPED)
+        """Tell the supervisor this worker's server has stopped, and what it counted.
+
+        Its final ``stats()`` first, so the service's totals keep what this worker
+        counted once it has gone (``weft ctl status``); then STOPPED: nothing is
+        left to cut.
+        """
+        server = self._server
+        report = b"" if server is None else totals_report(server.stats())
+        self._send(report + STOPPED)
 
     def ready(
         self,
@@ -217,6 +240,30 @@ class WorkerLink:
                 self._send(RECYCLE)
             if server.wait(max(0.0, interval - (time.monotonic() - began))):
                 return
+
+
+def totals_report(stats: Mapping[str, Any]) -> bytes:
+    """A TOTALS report of ``stats``, as a worker sends it on its link."""
+    return TOTALS + json.dumps(stats, default=str).encode().hex().encode() + b"\n"
+
+
+def take_totals(pending: bytes, data: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """The TOTALS reports whole in ``pending + data``, and the start of the next.
+
+    ``pending``: what the last read left of a report; the link is read in pieces.
+    """
+    text = pending + data
+    reports = []
+    for match in _REPORT.finditer(text):
+        try:
+            stats = json.loads(bytes.fromhex(match.group(1).decode()))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+            continue
+        if isinstance(stats, dict):
+            reports.append(stats)
+    rest = _REPORT_START.search(text)
+    left = b"" if rest is None or len(rest.group(0)) > TOTALS_MAX else rest.group(0)
+    return reports, left
 
 
 def _nothing() -> None:

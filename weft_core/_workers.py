@@ -78,6 +78,7 @@ from ._balance import ENV as BALANCE_ENV
 from ._balance import BalanceMap
 from ._config import parse_option_value
 from ._connection import format_address
+from ._ctl_commands import sum_stats
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE, late_signals_ignored
 from ._flags import render_flag
@@ -90,12 +91,13 @@ from ._signals import (
     CONTROL_SIGNALS,
     DUMP_FD_ENV,
     DUMP_SIGNAL,
+    STOP_REPEAT_WINDOW,
     STOP_SIGNALS,
     WORKER_START_BLOCKED,
     reopen_log_files,
 )
 from ._wakeup import Wakeup
-from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE, STOPPED
+from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE, STOPPED, take_totals
 from ._worker_sockets import WorkerSockets
 
 __all__ = [
@@ -396,6 +398,11 @@ class _Worker:
     dumped: bytearray = field(default_factory=bytearray)
     dump_at: float = 0.0
     dump_dropped: int = 0  # bytes of the dump past DUMP_MAX, read and not kept
+    #: Its ``stats()`` as last learned: its own report as its server stopped (TOTALS
+    #: on the link), else its last answer to ``weft ctl status``; None: none yet.
+    stats: dict[str, Any] | None = None
+    #: The start of a TOTALS report on its link not yet read whole.
+    report: bytes = b""
 
 
 class Adopted(NamedTuple):
@@ -487,8 +494,14 @@ class Supervisor:
         self.control_fd = -1
         self._stopping = False
         self._only_draining = False
+        #: What the workers that have ended counted (``stats()`` summed, none open):
+        #: ``weft ctl status`` adds it to its totals, which so never go back.
+        self._ended_stats: dict[str, Any] = {}
         #: The stop under way is a quick one (SIGQUIT): a QUIT now is a second one.
         self._quick = False
+        #: When the signal that began the stop came (the loop's clock): a TERM or INT
+        #: within STOP_REPEAT_WINDOW of it is the same one sent twice.
+        self._stop_signal_at = -math.inf
         self._status = 0
         self._next_start = 0.0
         self._stop_asked = threading.Event()
@@ -563,6 +576,25 @@ class Supervisor:
             except BaseException as exc:
                 future.set_exception(exc)
 
+    @property
+    def stopping(self) -> bool:
+        """True once a stop or a drain is under way."""
+        return self._stopping
+
+    def service_stats(self, reported: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+        """The service's counters: what ended workers counted, and each one's latest.
+
+        ``reported``: the workers' ``stats()`` as they answered just now, by pid; a
+        worker that did not answer counts with what it said last. So the totals
+        never go back when a worker ends (recycled, reloaded, retired, killed).
+        """
+        for pid, stats in reported.items():
+            worker = self._workers.get(pid)
+            if worker is not None:
+                worker.stats = dict(stats)
+        latest = [w.stats for w in self._workers.values() if w.stats is not None]
+        return sum_stats([self._ended_stats, *latest])
+
     def worker_pids(self) -> list[int]:
         """The workers serving now (ready, not exiting), old ones of a reload included."""
         return [w.pid for w in self._workers.values() if w.ready and not w.eof]
@@ -588,8 +620,16 @@ class Supervisor:
             raise RuntimeError("the server is stopping")
         self._reload(why)
 
-    def drain(self, timeout: float | None, why: str) -> None:
-        """Stop gracefully, giving connections ``timeout`` (None: graceful_timeout)."""
+    def drain(self, timeout: float | None, why: str) -> bool:
+        """Stop gracefully, giving connections ``timeout`` (None: graceful_timeout).
+
+        True if a drain was under way already: an earlier deadline than its own
+        brings its cut forward (:meth:`_hurry_drain`), a later one changes nothing.
+        """
+        if self._stopping and self._only_draining:
+            if timeout is not None:
+                self._hurry_drain(time.monotonic() + timeout)
+            return True
         if self._stopping:
             raise RuntimeError("the server is stopping already")
         self._drain_for = timeout
@@ -600,6 +640,26 @@ class Supervisor:
             f"{self._graceful_timeout if timeout is None else timeout:g}",
         )
         self._begin_stop(time.monotonic(), soft=True)
+        return False
+
+    def _hurry_drain(self, cut: float) -> None:
+        """A later ``weft ctl drain`` with an earlier deadline: cut what is left at ``cut``.
+
+        Each draining worker still running then is sent SIGQUIT, as at the first
+        drain's own deadline (and killed EXIT_MARGIN later if that does not end it).
+        It answered with the later deadline and kept the first.
+        """
+        for worker in self._workers.values():
+            if worker.stopped or worker.killed:
+                continue
+            if worker.quit_at is not None and worker.quit_at <= cut:
+                continue
+            if worker.kill_at is not None and worker.kill_at - EXIT_MARGIN <= cut:
+                continue  # its own graceful timeout ends it first
+            worker.quit_at = cut
+            kill_at = cut + EXIT_MARGIN
+            worker.kill_at = kill_at if worker.kill_at is None else min(worker.kill_at, kill_at)
+        self._wake()
 
     def _wake(self) -> None:
         wakeup = self._wakeup
@@ -681,6 +741,12 @@ class Supervisor:
                         " send it again to quit at once)",
                     )
                     self._begin_stop(now, quick=quick)
+                    if not quick:
+                        self._stop_signal_at = now
+                elif not quick and now - self._stop_signal_at < STOP_REPEAT_WINDOW:
+                    # The same request sent twice (timeout(1) signals its child, then
+                    # its process group): not a second one, which kills the workers.
+                    log.debug("received %s again at once: the same request", name)
                 elif quick and not self._quick:
                     # As one process does: QUIT cuts a graceful stop short (exit 0),
                     # where a second TERM or INT kills (exit 1).
@@ -837,6 +903,9 @@ class Supervisor:
             if not data:
                 worker.eof = True
                 return
+            reports, worker.report = take_totals(worker.report, data)
+            if reports:
+                worker.stats = reports[-1]
             if READY in data and not worker.ready:
                 worker.ready = True
             if READY in data or BEAT in data:
@@ -1096,12 +1165,24 @@ class Supervisor:
             if not worker.eof:
                 self._read_link(worker, now)  # a ready byte outlives the worker
             worker.link.close()
+            self._keep_stats(worker)
             self._read_dump(worker, now, final=True)
             if worker.cell is not None and self._turns is not None:
                 self._turns.release(worker.cell)  # it may have died holding connections
             if self._on_worker_exit is not None:
                 self._on_worker_exit(pid)
             self._exited(worker, code, now)
+
+    def _keep_stats(self, worker: _Worker) -> None:
+        """Add what an ended worker counted to the service's (its last known stats).
+
+        Its own report as its server stopped; one killed (SIGKILL: the watchdog, a
+        deadline, the OOM killer) could not send one, and leaves what it said last,
+        so what it counted since the last ``weft ctl status`` is lost. Nothing of it
+        is open any more.
+        """
+        if worker.stats is not None:
+            self._ended_stats = sum_stats([self._ended_stats, {**worker.stats, "active": 0}])
 
     def _fail(self, status: int) -> None:
         """Record why the supervisor will not exit 0.
