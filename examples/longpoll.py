@@ -9,7 +9,9 @@ speak in lines:
   sends every message published, one line each, until the server stops (then the
   connection ends, after everything queued for it has been sent).
 - ``PUB some text`` sends ``some text`` to every subscriber and answers ``OK N``,
-  N being how many subscribers it was queued for. A connection may publish many.
+  N being how many subscribers it was queued for. A connection may publish many;
+  its last line may end with the end of its input instead of a newline (on every
+  manager).
 
 A parked subscriber holds no thread: its handler waits on a queue of the runtime
 (``gevent.queue.Queue``, a trio memory channel, ``asyncio.Queue``). Publishers
@@ -44,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
-from weft_core import Server, ServerError, current_task
+from weft_core import Server, ServerError, WeftError, current_task
 
 #: Queued after a subscriber's last message by its shutdown callback: "send what is
 #: queued, then end".
@@ -144,6 +146,8 @@ async def lines(stream: Any) -> AsyncIterator[bytes | None]:
     """Request lines from a trio.SocketStream (or weft's AsyncioStream, which has its API).
 
     None, then the end, for a line of ``MAX_LINE`` bytes or more before its newline.
+    A last line ended by the end of input rather than a newline is a line too, as
+    gevent's ``readline`` gives it.
     """
     buffer = b""
     while data := await stream.receive_some(MAX_LINE):
@@ -157,6 +161,8 @@ async def lines(stream: Any) -> AsyncIterator[bytes | None]:
         if len(buffer) >= MAX_LINE:
             yield None
             return
+    if buffer:
+        yield buffer
 
 
 def async_handler(
@@ -317,16 +323,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stdin", action="store_true", help="publish each line of stdin")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
     args = parser.parse_args(argv)
+    if args.tick is not None and not args.tick > 0:  # NaN too
+        print(
+            f"longpoll.py: --tick must be a number of seconds above 0, such as --tick 1"
+            f" (not {args.tick:g})",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
     handle, broadcast = APPS[args.manager]()
-    server = Server(
-        handler=handle,
-        address=args.host,
-        port=args.port,
-        manager=args.manager,
-        max_connections=args.max_connections,
-    )
-    server.run()
+    try:
+        server = Server(
+            handler=handle,
+            address=args.host,
+            port=args.port,
+            manager=args.manager,
+            max_connections=args.max_connections,
+        )
+        server.run()
+    except WeftError as exc:  # "address in use" and the like: one line, no traceback
+        print(f"longpoll.py: {exc}", file=sys.stderr)
+        sys.exit(1)
 
     def stop_gracefully(signum: int, frame: object) -> None:
         # SIGTERM and Ctrl-C: a graceful stop, in a thread (a signal handler must not

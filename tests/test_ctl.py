@@ -363,7 +363,8 @@ def test_a_worker_leaving_as_it_is_asked_is_said_to_be_leaving_not_failing(
     control socket ...", and a pause reported success beside that error. Now it is
     listed as leaving; a worker that is not leaving and does not answer is still an
     error. A fake supervisor: the real window is a few milliseconds wide."""
-    from weft_core._ctl_commands import sum_stats, supervisor_commands
+    from weft_core._ctl_commands import supervisor_commands
+    from weft_core._worker_link import sum_stats
 
     class Supervisor:
         def call(self, fn: object) -> object:

@@ -45,6 +45,7 @@ from ._ctl_console import serve_console
 from ._engine import STOP_GRACE
 from ._errors import BindError, ConfigError, WeftError
 from ._logsafe import escape_for_log
+from ._worker_link import sum_stats
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -57,7 +58,6 @@ __all__ = [
     "connection_record",
     "open_control",
     "server_commands",
-    "sum_stats",
     "supervisor_commands",
     "worker_socket_path",
 ]
@@ -306,21 +306,6 @@ def _delta(args: Mapping[str, Any]) -> int:
 def worker_socket_path(path: str, pid: int) -> str:
     """The control socket of worker ``pid`` of the supervisor listening at ``path``."""
     return f"{path}.worker-{pid}"
-
-
-def sum_stats(each: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Several processes' ``stats()`` as one: numbers added, tables (histograms) by key."""
-    total: dict[str, Any] = {}
-    for stats in each:
-        for key, value in stats.items():
-            mine = total.get(key)
-            if isinstance(value, Mapping):
-                total[key] = sum_stats([mine, value] if isinstance(mine, Mapping) else [value])
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                total[key] = (mine if isinstance(mine, int | float) else 0) + value
-            elif key not in total:
-                total[key] = value
-    return total
 
 
 def supervisor_commands(

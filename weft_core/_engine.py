@@ -1205,8 +1205,9 @@ class Engine(ABC, Generic[R]):
 
         if not call_within(stop_them, wait, "weft stop acceptors") and wait:
             log.warning(
-                "the acceptor did not stop within %ss: the %s runtime's loop is blocked "
-                "by a task; the listener closes when it unblocks",
+                "the acceptor did not stop within %ss: the %s runtime's loop did not "
+                "answer (a task blocks it, or a long burst of work keeps it busy); the "
+                "listener closes once it does",
                 wait,
                 type(self.manager).__name__,
             )

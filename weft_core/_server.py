@@ -567,31 +567,65 @@ class Server:
         caller's contextvars. The way to reply later, from elsewhere, to a parked
         connection: wake its handler from ``fn`` (set its event, fill its queue).
         On gevent it runs in a greenlet of the hub, on trio in a task of the
-        manager's nursery (calls from one thread are batched: one wake-up of the
-        loop for many calls); on threads (and managers without ``spawn_soon``) as a
-        task of the manager: on ``threads``, an idle thread reused, else a new one
-        (so ``threading.local`` state one call leaves may be seen by a later one).
+        manager's nursery, on asyncio in a task of the loop (calls from one thread
+        are batched: one wake-up of the loop for many calls); on ``threads`` in an
+        idle thread reused, else a new one (so ``threading.local`` state one call
+        leaves may be seen by a later one), never counted against ``limit``; on
+        managers without ``spawn_soon``, as a task of the manager.
 
         Raises ServerError if the server is not running, HandlerKindError for a
-        function of the wrong kind. When the server stops, a call that never started
-        is cancelled, and one still running gets a ServerError.
+        function of the wrong kind (by the handler's rules: docs/api.md), for a
+        generator or async generator function, and for what is not callable. When
+        the server stops, a call that never started is cancelled, and one still
+        running gets a ServerError (and, still running past the stop's bound, counts
+        in ``stats()["left_behind"]``). ``fn`` runs in the runtime's loop on the evented
+        managers: it must not block. Its Future's ``result()`` called in that loop's
+        own thread waits cooperatively on gevent and raises RuntimeError on trio and
+        asyncio, where ``await fn(*args)`` is the way.
         """
         submitter = self._submitter
         if submitter is None or self._engine is None:
             raise ServerError("submit() needs a running server: call run() first")
-        try:
-            kind = submitter.kinds.get(fn)
-        except TypeError:  # unhashable (a frozen dataclass holding a list, say)
-            kind = None
-        if kind is None:
-            kind = submitter.remember(fn, handler_kind(fn))
-        if kind != submitter.kind:
-            need = "an async def" if submitter.kind == "async" else "a plain function"
+        if not callable(fn):
             raise HandlerKindError(
-                f"submit({_describe(fn)}): manager {self._manager_name!r} runs {submitter.kind} "
-                f"code, so pass {need} (got {'an async def' if kind == 'async' else 'a plain function'})"
+                f"submit({fn!r:.80}): that is not callable (a {type(fn).__name__}); pass the"
+                " function to run, then its arguments: submit(fn, *args)"
             )
+        try:
+            problem = submitter.kinds.get(fn)
+        except TypeError:  # unhashable (a frozen dataclass holding a list, say)
+            problem = None
+        if problem is None:
+            problem = submitter.remember(fn, self._submit_problem(fn, submitter.kind))
+        if problem:
+            raise HandlerKindError(problem)
         return submitter.submit(fn, args)
+
+    def _submit_problem(self, fn: Callable[..., Any], kind: str) -> str:
+        """Why ``submit(fn)`` cannot run ``fn`` on a runtime of ``kind``; "" if it can.
+
+        The handler's rules (:meth:`_check_kind`), in submit's words.
+        """
+        target = _unpartial(fn)
+        name = f"submit({_describe(fn)})"
+        if inspect.isasyncgenfunction(target):
+            return (
+                f"{name}: it is an async generator function (an `async def` with `yield`),"
+                " whose body a call never runs, on any manager: drop the `yield`"
+            )
+        if inspect.isgeneratorfunction(target):
+            return (
+                f"{name}: it is a generator function (a `def` with `yield`), whose body a"
+                " call never runs: drop the `yield`"
+            )
+        have = handler_kind(fn)
+        if have == kind or (kind == "async" and _wraps_async(fn)):
+            return ""
+        need = "an async def" if kind == "async" else "a plain function"
+        return (
+            f"{name}: manager {self._manager_name!r} runs {kind} code, so pass {need} "
+            f"(got {'an async def' if have == 'async' else 'a plain function'})"
+        )
 
     # -- operations ------------------------------------------------------------------------
 
@@ -666,6 +700,7 @@ class Server:
                         f"({type(exc).__name__}: {exc}); the listeners are closed"
                     ) from exc
                 raise
+            self._submitter.note_loop_thread()
             if shutdown is not None:
                 shutdown.start()
         if cfg.on_start is not None:
@@ -833,8 +868,9 @@ class Server:
             # so a task spinning through its interruption keeps no GIL from the stop.
             report = engine.stop(timeout, lambda: interrupting.enter_context(one_cpu.held()))
             self._last_clean = report.clean
-            self._finish(engine, report, None if timeout is None else began + timeout + STOP_GRACE)
-        return report.clean
+            deadline = None if timeout is None else began + timeout + STOP_GRACE
+            calls_left = self._finish(engine, report, deadline)
+        return report.clean and not calls_left
 
     def _close_shutdown_port(self) -> None:
         with self._life:
@@ -844,14 +880,17 @@ class Server:
 
     def _finish(
         self, engine: Engine[Any], report: StopReport, deadline: float | None = None
-    ) -> None:
-        """Release what the run held; the runtime's close bounded by ``deadline`` (monotonic)."""
+    ) -> int:
+        """Release what the run held; the runtime's close bounded by ``deadline`` (monotonic).
+
+        Returns how many ``submit()``ted calls still ran at the stop's bound: left
+        behind as stuck tasks are (counted in ``left_behind``, the stop not clean).
+        """
         self._close_shutdown_port()
         engine.close()
         submitter, self._submitter = self._submitter, None
         if submitter is not None:
             submitter.close()
-        self._last_counts = {**engine.stats(), "active": 0}
         if self._owns_manager:
             if report.left:
                 # Closing would wait for the stuck tasks (trio joins its loop thread).
@@ -860,6 +899,16 @@ class Server:
                 )
             else:
                 self._close_runtime(deadline)
+        calls_left = 0 if submitter is None else submitter.left_running(deadline)
+        self._last_counts = {**engine.stats(), "active": 0}
+        if calls_left:
+            self._last_counts["left_behind"] = self._last_counts.get("left_behind", 0) + calls_left
+            self._last_clean = False
+            log.warning(
+                "%d submit()ted call(s) still run past the stop's bound (a call that "
+                "blocks, or ignores its cancellation); left behind",
+                calls_left,
+            )
         # Stopped, but not yet done: wait() and a second stop() return (and run()
         # may start again) only once on_stop and the hooks have run, so that a hook
         # never runs after the next run has begun, nor after the program went on.
@@ -891,6 +940,7 @@ class Server:
             self._finished.set()
         if exit_ is not None:
             raise exit_
+        return calls_left
 
     def _call_on_stop(self) -> None:
         if self._cfg.on_stop is not None:

@@ -48,6 +48,7 @@ __all__ = [
     "become_worker",
     "drain",
     "max_requests_for",
+    "sum_stats",
     "take_totals",
     "totals_report",
 ]
@@ -240,6 +241,21 @@ class WorkerLink:
                 self._send(RECYCLE)
             if server.wait(max(0.0, interval - (time.monotonic() - began))):
                 return
+
+
+def sum_stats(each: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several processes' ``stats()`` as one: numbers added, tables (histograms) by key."""
+    total: dict[str, Any] = {}
+    for stats in each:
+        for key, value in stats.items():
+            mine = total.get(key)
+            if isinstance(value, Mapping):
+                total[key] = sum_stats([mine, value] if isinstance(mine, Mapping) else [value])
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = (mine if isinstance(mine, int | float) else 0) + value
+            elif key not in total:
+                total[key] = value
+    return total
 
 
 def totals_report(stats: Mapping[str, Any]) -> bytes:

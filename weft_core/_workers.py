@@ -78,7 +78,6 @@ from ._balance import ENV as BALANCE_ENV
 from ._balance import BalanceMap
 from ._config import parse_option_value
 from ._connection import format_address
-from ._ctl_commands import sum_stats
 from ._errors import ConfigError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE, late_signals_ignored
 from ._flags import render_flag
@@ -97,7 +96,16 @@ from ._signals import (
     reopen_log_files,
 )
 from ._wakeup import Wakeup
-from ._worker_link import BEAT, DRAIN, HEARTBEAT_SHARE, READY, RECYCLE, STOPPED, take_totals
+from ._worker_link import (
+    BEAT,
+    DRAIN,
+    HEARTBEAT_SHARE,
+    READY,
+    RECYCLE,
+    STOPPED,
+    sum_stats,
+    take_totals,
+)
 from ._worker_sockets import WorkerSockets
 
 __all__ = [

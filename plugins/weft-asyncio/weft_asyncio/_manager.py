@@ -39,6 +39,7 @@ Interruption:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextvars
 import importlib
@@ -136,7 +137,7 @@ class _Loop:
 
     __slots__ = (
         "cancels", "error", "executor", "ident", "lock", "loop", "owner", "ready", "soon",
-        "soon_tasks", "stopping", "thread",
+        "soon_tasks", "stopping", "thread", "waking",
     )  # fmt: skip
 
     def __init__(self, owner: AsyncioManager, loop: asyncio.AbstractEventLoop, own: bool) -> None:
@@ -147,9 +148,10 @@ class _Loop:
         #: when no such turn is scheduled.
         self.cancels: list[_Task] | None = None
         #: Thunks to start at the loop's next turn (``spawn_soon`` from other threads),
-        #: or None when no such turn is scheduled; and the tasks started so (the loop
-        #: keeps only weak references to its tasks).
-        self.soon: list[Callable[[], Awaitable[object]]] | None = None
+        #: and whether that turn is scheduled (no lock: see spawn_soon); and the tasks
+        #: started so (the loop keeps only weak references to its tasks).
+        self.soon: collections.deque[Callable[[], Awaitable[object]]] = collections.deque()
+        self.waking = False
         self.soon_tasks: set[asyncio.Task[object]] = set()
         self.error: BaseException | None = None
         #: close() has stopped the loop (a SystemExit in the same turn must not undo it).
@@ -271,33 +273,36 @@ class _Loop:
     def spawn_soon(self, thunk: Callable[[], Awaitable[object]]) -> None:
         """Start ``thunk()`` as a task of the loop; from another thread, batched.
 
-        Only the call that finds the queue empty wakes the loop (one
-        ``call_soon_threadsafe``); the rest join that turn's batch.
+        Only a call that finds no wake-up on its way wakes the loop (one
+        ``call_soon_threadsafe``); the rest join that turn's batch. No lock, so that
+        a signal handler calling ``submit()`` while its own thread was in here does
+        not deadlock: ``deque.append`` and ``popleft`` are atomic, and a caller
+        appends before it reads ``waking`` while the loop clears it before it
+        drains, so a caller that sees a wake-up on its way is sure it takes its thunk.
         """
         if self.in_thread():
             self._start(thunk)
             return
-        with self.lock:
-            if self.soon is not None:
-                self.soon.append(thunk)
-                return
-            self.soon = [thunk]
+        self.soon.append(thunk)
+        if self.waking:
+            return
+        self.waking = True
         try:
             # In a context of its own: the calling thread's would be copied into
             # every task of the batch, its variables reaching other callers' calls.
             self.loop.call_soon_threadsafe(self._start_batch, context=contextvars.Context())
         except RuntimeError:  # the loop is closed
-            with self.lock:
-                self.soon = None
+            self.soon.clear()
+            self.waking = False
             raise RuntimeError(
                 "weft-asyncio: the loop has ended (the server is not running)"
             ) from None
 
     def _start_batch(self) -> None:
-        with self.lock:
-            batch, self.soon = self.soon or [], None
-        for thunk in batch:
-            self._start(thunk)
+        """Start what was queued before this turn (what comes meanwhile has a turn of its own)."""
+        self.waking = False
+        for _ in range(len(self.soon)):
+            self._start(self.soon.popleft())
 
     def _start(self, thunk: Callable[[], Awaitable[object]]) -> None:
         task: asyncio.Task[object] = self.loop.create_task(thunk())  # type: ignore[arg-type]

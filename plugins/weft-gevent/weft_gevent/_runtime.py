@@ -12,6 +12,7 @@ stopping from another thread depends on; everything else is gevent's.
 
 from __future__ import annotations
 
+import collections
 import errno
 import socket
 import ssl
@@ -24,11 +25,16 @@ import gevent.socket
 from gevent.exceptions import ConcurrentObjectUseError
 from greenlet import getcurrent
 
-from weft_core import HandlerKind, SyncSlots
+from weft_core import HandlerKind, SyncSlots, TaskShutdown
 
-from ._hub import HubLink, HubOwner, real_get_ident, real_lock, report_blocked_hub
+from ._hub import HubLink, HubOwner, real_get_ident, report_blocked_hub
 
 __all__ = ["GeventRuntime", "GeventSocket"]
+
+#: How long ``close()`` gives the hub to end the calls ``spawn_soon`` started (it kills
+#: them, as trio's and asyncio's closes cancel theirs): a turn of the loop, unless
+#: a call blocks the hub, which the stop's own bound then reports.
+END_CALLS_WAIT = 1.0
 
 
 class GeventSocket(gevent.socket.socket):
@@ -146,6 +152,43 @@ def _close_in_hub(sock: GeventSocket) -> None:
     gevent.sleep(0)
 
 
+class _Soon:
+    """One hub's queue of thunks from other threads, and whether a wake-up is on its way.
+
+    Lock-free, so that a signal handler that interrupted ``add`` in its own thread
+    can add too: ``deque.append`` and ``popleft`` are atomic, and a caller appends
+    before it reads the flag while the hub clears the flag before it drains, so a
+    caller that sees a wake-up on its way is sure that wake-up takes its thunk. Two
+    callers may both wake the hub; the second wake-up finds less, or nothing, to do.
+    """
+
+    __slots__ = ("link", "queued", "run", "waking")
+
+    def __init__(self, link: HubLink, run: Callable[[Callable[[], object]], None]) -> None:
+        self.link = link
+        self.run = run
+        self.queued: collections.deque[Callable[[], object]] = collections.deque()
+        self.waking = False
+
+    def add(self, thunk: Callable[[], object]) -> None:
+        """Queue ``thunk``; wake the hub unless a wake-up is on its way; any thread."""
+        self.queued.append(thunk)
+        if self.waking:
+            return
+        self.waking = True
+        self.link.call_soon(self.start)
+
+    def start(self) -> None:
+        """Spawn what was queued before this wake-up; a callback of the hub's loop.
+
+        Only that much: what callers add meanwhile comes with a wake-up of its own,
+        so a flood of submits cannot keep the hub in here.
+        """
+        self.waking = False
+        for _ in range(len(self.queued)):
+            gevent.spawn_raw(self.run, self.queued.popleft())
+
+
 def _make_socket(family: int, type_: int, proto: int, fd: int) -> GeventSocket:
     return GeventSocket(family, type_, proto, fileno=fd)
 
@@ -162,17 +205,16 @@ class GeventRuntime:
 
     def __init__(self, hubs: HubOwner) -> None:
         self._hubs = hubs
-        #: Thunks other threads gave spawn_soon, waiting for the hub to start them,
-        #: and the hub they wait for.
-        self._soon: list[Callable[[], object]] = []
-        self._soon_link: HubLink | None = None
-        self._soon_lock = real_lock()
+        #: Thunks other threads gave spawn_soon, waiting for one hub to start them.
+        self._soon: _Soon | None = None
+        #: The greenlets of spawn_soon's calls still running; touched in the hub only.
+        self._calls: set[Any] = set()
 
     def spawn_soon(self, thunk: Callable[[], object]) -> None:
         """Start ``thunk`` in a greenlet of the hub (``Server.submit``); from any thread.
 
         In the hub's thread it is spawned at once. From another thread it is
-        queued, and only the call that finds the queue empty wakes the hub (one
+        queued, and only a call that finds no wake-up on its way wakes the hub (one
         ``run_callback_threadsafe``): one wake-up spawns every thunk queued until
         the hub drains the queue.
 
@@ -181,29 +223,42 @@ class GeventRuntime:
         woke the next hub (a Server run again after a stop ran no submitted call,
         silently). A new hub starts a new queue; what waited for the old one was
         the stopped server's, whose futures its stop cancelled.
+
+        No lock: a signal handler calling ``submit()`` while its thread is in here
+        deadlocked on one (:class:`_Soon`).
         """
         link = self._hubs.link
         if link is None:
             raise RuntimeError("weft-gevent: no hub runs (the server is not running)")
         if link.is_current():
-            gevent.spawn_raw(thunk)
+            gevent.spawn_raw(self._run_call, thunk)
             return
-        with self._soon_lock:
-            if self._soon_link is not link:
-                self._soon, self._soon_link = [], link
-            self._soon.append(thunk)
-            first = len(self._soon) == 1
-        if first:
-            link.call_soon(self._start_soon, link)
+        soon = self._soon
+        if soon is None or soon.link is not link:
+            soon = self._soon = _Soon(link, self._run_call)
+        soon.add(thunk)
 
-    def _start_soon(self, link: HubLink) -> None:
-        """Spawn every thunk queued for ``link``'s hub; a callback of that hub's loop."""
-        with self._soon_lock:
-            if self._soon_link is not link:
-                return  # a late wake-up of a hub the queue no longer waits for
-            batch, self._soon = self._soon, []
-        for thunk in batch:
-            gevent.spawn_raw(thunk)
+    def _run_call(self, thunk: Callable[[], object]) -> None:
+        """Run a ``spawn_soon`` thunk in its greenlet, known to :meth:`close` while it runs."""
+        me = getcurrent()
+        self._calls.add(me)
+        try:
+            thunk()
+        except TaskShutdown:
+            pass  # close() ended it; the thunk has told its caller
+        finally:
+            self._calls.discard(me)
+
+    def _end_calls(self) -> None:
+        """Kill every call ``spawn_soon`` started that still runs; in the hub.
+
+        A submitted call parked on something of the hub (an event nobody sets) was
+        left in a destroyed hub, its ``finally`` never run, where trio and asyncio
+        cancel theirs as their runtime closes.
+        """
+        for greenlet in list(self._calls):
+            gevent.kill(greenlet, TaskShutdown)
+        gevent.sleep(0)  # one turn of the loop: the kills are thrown, the calls unwind
 
     def __repr__(self) -> str:
         return f"<GeventRuntime {self._hubs!r}>"
@@ -273,7 +328,12 @@ class GeventRuntime:
         return tls, cast(Any, tls)._sock
 
     def close(self) -> None:
-        """Stop the manager's own hub thread if no task is left; a later use restarts it."""
+        """End the calls spawn_soon started, then stop the manager's own hub thread if no task is left.
+
+        A later use restarts it.
+        """
+        if self._calls:
+            self._hubs.run_within(self._end_calls, END_CALLS_WAIT)
         self._hubs.close()
 
 

@@ -19,6 +19,10 @@ of its own ``add_task`` caller's context (contextvars), and the thread takes the
 task's name. ``threading.local`` data set by a task does outlive it on a reused
 thread, as in any thread pool; ``idle_threads=0`` turns reuse off.
 
+``Server.submit`` calls take the same threads through the runtime's ``spawn_soon``,
+but are no tasks of the manager: no id, not counted against ``limit`` (parked
+subscribers filling the limit had locked out the very calls that wake them).
+
 ``stop_task`` follows DESIGN's phases for one task: flag (phase 2), then, once
 ``timeout`` runs out, interrupt (phase 3). A thread cannot be killed, so
 interrupting runs the task's interrupt callbacks and waits at most
@@ -30,6 +34,7 @@ server has already shut the socket down, which wakes the thread from
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 import os
 import threading
@@ -65,14 +70,20 @@ DEFAULT_IDLE_EXPIRY = 10.0
 #: What an idle thread is called, so that ``weft ctl stacks`` tells it from a task.
 IDLE_THREAD_NAME = "weft threads: idle"
 
+#: What a thread running a ``spawn_soon`` call (``Server.submit``) is called.
+SUBMIT_THREAD_NAME = "weft submit"
+
 #: How long ``close()`` waits, in all, for the idle threads it ended to exit. They
 #: exit as soon as they wake; the wait only makes "closed" mean "gone" in practice,
 #: and must never hold up a server's stop for long.
 CLOSE_JOIN = 1.0
 
-# A task as handed to a thread: its state, its thunk, the add_task caller's context.
-_Job = tuple[TaskState, Callable[[], Any], contextvars.Context]
+# A task as handed to a thread: its state, its thunk, the add_task caller's context;
+# or, for a spawn_soon call, no state and no context (the thunk brings its own).
+_Job = tuple[TaskState | None, Callable[[], Any], contextvars.Context | None]
 
+
+log = logging.getLogger("weft.threads")
 
 #: Every manager, so that a forked child can forget its parent's idle threads.
 _MANAGERS: weakref.WeakSet[ThreadManager] = weakref.WeakSet()
@@ -82,7 +93,7 @@ def _forget_idle_threads_after_fork() -> None:
     # Only the forking thread survives a fork: a parent's idle thread handed a task in
     # the child would never run it, and the lock may have been held by another thread.
     for manager in list(_MANAGERS):
-        manager._idle_lock = threading.Lock()
+        manager._idle_lock = threading.RLock()
         manager._idle = []
 
 
@@ -102,6 +113,10 @@ class ThreadRuntime(BlockingRuntime):
     def close(self) -> None:
         """End the manager's idle threads (``ThreadManager.close``)."""
         self._manager.close()
+
+    def spawn_soon(self, thunk: Callable[[], Any]) -> None:
+        """Run ``thunk`` in an idle thread, or a new one (``Server.submit``): no task, no limit."""
+        self._manager.spawn_soon(thunk)
 
     def __repr__(self) -> str:
         return f"<ThreadRuntime of {self._manager!r}>"
@@ -168,11 +183,13 @@ class ThreadManager:
             _check_stack_size(stack_size)
         self._table: TaskTable[TaskState] = TaskTable(limit, "threads manager")
         self._stack_size = stack_size
-        self._stack_lock = threading.Lock()
+        self._stack_lock = threading.RLock()
         self._idle_threads = idle_threads
         self._idle_expiry = float(idle_expiry)
         # Guards _idle and _closed; every hand-off and every expiry is decided under it.
-        self._idle_lock = threading.Lock()
+        # Re-entrant, as the stack's: a signal handler calling Server.submit() in a
+        # thread that is itself handing a call over takes them again (a deadlock).
+        self._idle_lock = threading.RLock()
         self._idle: list[_Idle] = []  # a stack: the most recently idled thread last
         self._closed = False  # set by close(): threads ending tasks exit, not idle
         self.runtime: BlockingRuntime = ThreadRuntime(self)
@@ -214,43 +231,56 @@ class ThreadManager:
         # Captured here, so the task sees the add_task caller's contextvars, and each
         # task has a context of its own even on a reused thread.
         context = contextvars.copy_context()
-        with self._idle_lock:
-            self._closed = False
-            idle = self._idle.pop() if self._idle else None
-            if idle is not None:
-                idle.job = (state, thunk, context)
-        if idle is not None:
-            idle.wake.release()
-            return task_id
-        # The job goes in a list the thread empties: Thread keeps its args until its
-        # target returns, and a thread kept idle must not keep its first connection.
-        thread = threading.Thread(
-            target=self._work, args=([(state, thunk, context)],), name=name, daemon=True
-        )
         try:
-            if self._stack_size is None:
-                thread.start()
-            else:
-                with self._stack_lock:
-                    previous = threading.stack_size(self._stack_size)
-                    try:
-                        thread.start()
-                    finally:
-                        threading.stack_size(previous)
+            self._hand_over((state, thunk, context), name)
         except BaseException:
             self._table.pop(task_id)
             raise
         return task_id
+
+    def spawn_soon(self, thunk: Callable[[], Any]) -> None:
+        """Run ``thunk`` as add_task would, but as no task: no id, not counted in ``limit``.
+
+        The runtime's ``spawn_soon`` (``Server.submit``): ``thunk`` settles its own
+        outcome and runs in the context it brings.
+        """
+        self._hand_over((None, thunk, None), SUBMIT_THREAD_NAME)
+
+    def _hand_over(self, job: _Job, name: str) -> None:
+        """Give ``job`` to the newest idle thread, or to a new daemon thread named ``name``."""
+        with self._idle_lock:
+            self._closed = False
+            idle = self._idle.pop() if self._idle else None
+            if idle is not None:
+                idle.job = job
+        if idle is not None:
+            idle.wake.release()
+            return
+        # The job goes in a list the thread empties: Thread keeps its args until its
+        # target returns, and a thread kept idle must not keep its first connection.
+        thread = threading.Thread(target=self._work, args=([job],), name=name, daemon=True)
+        if self._stack_size is None:
+            thread.start()
+            return
+        with self._stack_lock:
+            previous = threading.stack_size(self._stack_size)
+            try:
+                thread.start()
+            finally:
+                threading.stack_size(previous)
 
     def _work(self, first: list[_Job]) -> None:
         """A thread's life: run its task, then wait for the next while one comes in time."""
         state, thunk, context = first.pop()
         idle: _Idle | None = None
         while True:
-            try:
-                run_task(state, thunk, context)
-            finally:
-                self._table.pop(state.id)
+            if state is None:
+                _run_call(thunk)
+            else:
+                try:
+                    run_task(state, thunk, context)
+                finally:
+                    self._table.pop(state.id)
             # An idle thread must not keep the last task's connection or values alive.
             del state, thunk, context
             if self._idle_threads == 0:
@@ -262,7 +292,7 @@ class ThreadManager:
                 return
             state, thunk, context = job
             del job
-            idle.thread.name = state.name
+            idle.thread.name = SUBMIT_THREAD_NAME if state is None else state.name
 
     def _wait_for_job(self, idle: _Idle) -> _Job | None:
         """Wait up to ``idle_expiry`` for ``add_task`` to hand over a job; None: exit."""
@@ -325,6 +355,14 @@ class ThreadManager:
     def all_tasks(self) -> list[Hashable]:
         """Ids of the tasks running (or starting) now."""
         return self._table.ids()
+
+
+def _run_call(thunk: Callable[[], Any]) -> None:
+    """Run a ``spawn_soon`` thunk, which settles its own outcome; what escapes is logged."""
+    try:
+        thunk()
+    except BaseException:
+        log.exception("a call started by spawn_soon raised; ignored")
 
 
 def _check_stack_size(value: object) -> None:

@@ -45,6 +45,7 @@ Interruption:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import logging
@@ -91,10 +92,12 @@ _thread = threading.local()
 class _Loop:
     """One ``trio.run`` in a daemon thread, holding the nursery tasks are spawned into."""
 
-    __slots__ = ("closing", "error", "nursery", "owner", "ready", "thread", "token")
+    __slots__ = ("closing", "error", "nursery", "owner", "ready", "soon", "thread", "token")
 
     def __init__(self, owner: TrioManager) -> None:
         self.owner = owner
+        #: Thunks other threads gave spawn_soon, waiting for this loop to start them.
+        self.soon = _Soon(self)
         self.ready = threading.Event()
         self.closing = False
         self.error: BaseException | None = None
@@ -155,6 +158,54 @@ class _Loop:
                 " ignores its cancellation (or the loop is blocked); it is left behind",
                 CLOSE_WAIT,
             )
+
+
+class _Soon:
+    """One loop's queue of ``spawn_soon`` thunks from other threads, and whether a wake-up is on its way.
+
+    Lock-free, so that a signal handler that interrupted ``add`` in its own thread
+    can add too (trio's own ``run_sync_soon`` takes a re-entrant lock for the same
+    reason): ``deque.append`` and ``popleft`` are atomic, and a caller appends
+    before it reads the flag while the loop clears the flag before it drains, so a
+    caller that sees a wake-up on its way is sure that wake-up takes its thunk.
+    """
+
+    __slots__ = ("loop", "queued", "waking")
+
+    def __init__(self, loop: _Loop) -> None:
+        self.loop = loop
+        self.queued: collections.deque[Callable[[], Awaitable[object]]] = collections.deque()
+        self.waking = False
+
+    def add(self, thunk: Callable[[], Awaitable[object]]) -> None:
+        """Queue ``thunk``; wake the loop unless a wake-up is on its way; any thread."""
+        token = self.loop.token
+        assert token is not None
+        self.queued.append(thunk)
+        if self.waking:
+            return
+        self.waking = True
+        try:
+            token.run_sync_soon(self.start)
+        except trio.RunFinishedError:
+            self.queued.clear()  # nothing runs there any more: the server cancels them
+
+    def start(self) -> None:
+        """Start what was queued before this wake-up; a run_sync_soon callback.
+
+        Only that much: what callers add meanwhile comes with a wake-up of its own,
+        so a flood of submits cannot keep the loop in here.
+        """
+        self.waking = False
+        loop = self.loop
+        batch = [self.queued.popleft() for _ in range(len(self.queued))]
+        if loop.nursery is None or loop.closing:
+            return  # the thunks' futures are failed by the stop closing the runtime
+        for thunk in batch:
+            try:
+                loop.nursery.start_soon(_light, thunk)
+            except RuntimeError:  # the nursery closed: raised here, it crashed trio
+                return
 
 
 class _Task(TaskState):
@@ -223,9 +274,6 @@ class TrioManager:
         self._loop: _Loop | None = None
         self._loop_lock = threading.Lock()
         self._runtime = TrioRuntime(self._close_loop, self._run_in_loop, self._spawn_soon)
-        #: Thunks other threads gave spawn_soon, waiting for the trio thread to start them.
-        self._soon: list[Callable[[], Awaitable[object]]] = []
-        self._soon_lock = threading.Lock()
 
     @property
     def limit(self) -> int | None:
@@ -486,39 +534,20 @@ class TrioManager:
         """Start ``thunk`` as a light task of the nursery (``Server.submit``); any thread.
 
         In the trio thread it starts at once. From another thread it is queued, and
-        only the call that finds the queue empty wakes the loop
+        only a call that finds no wake-up on its way wakes the loop
         (``TrioToken.run_sync_soon``, which writes to trio's wake-up socket): one
-        wake-up starts every thunk queued until the loop drains the queue.
+        wake-up starts every thunk queued until the loop drains the queue. The
+        queue is the loop's (:class:`_Soon`), and takes no lock: a signal handler
+        calling ``submit()`` while its own thread was in here deadlocked on one.
         """
         loop: _Loop | None = getattr(_thread, "loop", None)
         if loop is not None and loop.owner is self and loop.nursery is not None:
             loop.nursery.start_soon(_light, thunk)
             return
-        with self._loop_lock:
-            loop = self._loop
+        loop = self._loop  # one read, no lock (see above)
         if loop is None or loop.token is None:
             raise RuntimeError("weft-trio: no trio thread runs (the server is not running)")
-        with self._soon_lock:
-            self._soon.append(thunk)
-            first = len(self._soon) == 1
-        if first:
-            try:
-                loop.token.run_sync_soon(self._start_soon, loop)
-            except trio.RunFinishedError:
-                with self._soon_lock:
-                    self._soon.clear()  # nothing runs there any more: the server cancels them
-
-    def _start_soon(self, loop: _Loop) -> None:
-        """Start every queued thunk in ``loop``'s nursery; a run_sync_soon callback."""
-        with self._soon_lock:
-            batch, self._soon = self._soon, []
-        if loop.nursery is None or loop.closing:
-            return  # the thunks' futures are failed by the stop closing the runtime
-        for thunk in batch:
-            try:
-                loop.nursery.start_soon(_light, thunk)
-            except RuntimeError:  # the nursery closed: raised here, it crashed trio
-                return
+        loop.soon.add(thunk)
 
     def _close_loop(self) -> None:
         """End the trio thread, if one runs: cancel every task, then join it."""
