@@ -9,7 +9,7 @@ runs a Server with the handler of the manager's kind, stopped after the test.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -59,6 +59,25 @@ async def aecho(stream: Any) -> None:
 
 def is_async(manager: str) -> bool:
     return get_manager_spec(manager).handler_kind == "async"
+
+
+def greeter(manager: str) -> Callable[..., Any]:
+    """A handler for ``manager`` that says ``+``, then reads until the client ends."""
+    if is_async(manager):
+
+        async def greet(stream: Any) -> None:
+            await stream.send_all(b"+")
+            while await stream.receive_some(100):
+                pass
+
+        return greet
+
+    def greet_sync(conn: Any) -> None:
+        conn.sendall(b"+")
+        while conn.recv(100):
+            pass
+
+    return greet_sync
 
 
 def tls_files(certs: dict[str, str]) -> dict[str, str]:

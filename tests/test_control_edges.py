@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _every_manager import greeter
 
 from weft_core import Server, available_managers
 from weft_core._engine import STOP_GRACE
@@ -328,25 +329,6 @@ def test_a_resume_after_a_handlers_pause_is_not_overtaken(manager: str) -> None:
         server.stop(timeout=1)
 
 
-def _greeting_handler(manager: str) -> Any:
-    """Says ``+`` and reads until the client ends."""
-    if _async(manager):
-
-        async def greet(stream: Any) -> None:
-            await stream.send_all(b"+")
-            while await stream.receive_some(100):
-                pass
-
-        return greet
-
-    def greet_sync(conn: Any) -> None:
-        conn.sendall(b"+")
-        while conn.recv(100):
-            pass
-
-    return greet_sync
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("manager", ALL_MANAGERS)
 def test_a_pause_does_not_drop_a_client_waiting_for_a_slot(manager: str) -> None:
@@ -358,7 +340,7 @@ def test_a_pause_does_not_drop_a_client_waiting_for_a_slot(manager: str) -> None
     and uncounted, though a slot came free within full_wait.
     """
     _need(manager)
-    server = Server(_greeting_handler(manager), manager=manager, max_connections=1, full_wait=3.0)
+    server = Server(greeter(manager), manager=manager, max_connections=1, full_wait=3.0)
     server.run()
     try:
         first = _connect(server.port)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _every_manager import greeter
 from _serving import LISTENING, Client, Served, environment, handler_for, host_port, weft_serve
 
 from weft_core import Server, _registry, available_managers, hookimpl
@@ -44,10 +45,6 @@ ALL_MANAGERS = ("asyncio", "gevent", "threads", "trio")
 def need(manager: str) -> None:
     if manager not in available_managers():
         pytest.skip(f"the {manager} manager is not installed")
-
-
-def is_async(manager: str) -> bool:
-    return manager in ("asyncio", "trio")
 
 
 def ctl(path: Path | str, *args: str, **run: Any) -> subprocess.CompletedProcess[str]:
@@ -82,25 +79,6 @@ def holding(address: tuple[str, int]) -> Client:
     client.sock.sendall(b"hold\n")
     assert client.line() == b"holding"
     return client
-
-
-def greeter(manager: str) -> Callable[..., Any]:
-    """Says ``+``, then reads until the client ends."""
-    if is_async(manager):
-
-        async def greet(stream: Any) -> None:
-            await stream.send_all(b"+")
-            while await stream.receive_some(100):
-                pass
-
-        return greet
-
-    def greet_sync(conn: Any) -> None:
-        conn.sendall(b"+")
-        while conn.recv(100):
-            pass
-
-    return greet_sync
 
 
 def until(predicate: Callable[[], object], what: str, wait: float = WAIT) -> None:

@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 from _every_manager import MANAGERS, is_async
-from test_submit_edges import EXAMPLE, EXAMPLE_MANAGERS, Example, _read_to_eof, _subscribe
+from test_submit_edges import (
+    EXAMPLE,
+    EXAMPLE_MANAGERS,
+    Example,
+    _of_kind,
+    _read_to_eof,
+    _subscribe,
+)
+from test_submit_edges import run_example as run_example  # a fixture, used by name
 
 from weft_core import HandlerKindError, Server, ServerError
 
@@ -46,17 +54,6 @@ def _quiet(manager: str) -> Callable[..., Any]:
         return None
 
     return nothing
-
-
-def _of_kind(manager: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as a function of the manager's kind (an ``async def`` on trio and asyncio)."""
-    if not is_async(manager):
-        return fn
-
-    async def as_async(*args: Any) -> Any:
-        return fn(*args)
-
-    return as_async
 
 
 @pytest.fixture
@@ -378,24 +375,10 @@ def test_a_plain_function_returning_a_coroutine_fails_its_future_saying_so(
 # -- finding 9: examples/longpoll.py -------------------------------------------------------
 
 
-@pytest.fixture
-def example() -> Iterator[Callable[..., Example]]:
-    started: list[Example] = []
-
-    def start(manager: str, *extra: str) -> Example:
-        ex = Example(manager, *extra)
-        started.append(ex)
-        return ex
-
-    yield start
-    for ex in started:
-        ex.close()
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("manager", EXAMPLE_MANAGERS)
 def test_example_a_last_pub_line_without_a_newline_is_published_on_every_manager(
-    manager: str, example: Callable[..., Example]
+    manager: str, run_example: Callable[..., Example]
 ) -> None:
     """``PUB text`` then the end of input, no newline: published, ``OK 1``, on every manager.
 
@@ -403,7 +386,7 @@ def test_example_a_last_pub_line_without_a_newline_is_published_on_every_manager
     published such a line (its ``readline`` returns it); trio and asyncio dropped it
     without a word.
     """
-    ex = example(manager)
+    ex = run_example(manager)
     sub = _subscribe(ex.port)
     try:
         with socket.create_connection(("127.0.0.1", ex.port), timeout=WAIT) as pub:

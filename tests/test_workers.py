@@ -40,6 +40,7 @@ from _serving import (
 from weft_core import ConfigError, Server, _registry
 from weft_core._config import parse_option_value
 from weft_core._exits import EXIT_TASKS_LEFT
+from weft_core._signals import STOP_REPEAT_WINDOW
 from weft_core._workers import (
     RESTART_DELAY_MAX,
     RESTART_DELAY_MIN,
@@ -302,6 +303,9 @@ def test_second_signal_kills_workers_at_once(tmp_path: Path) -> None:
         assert client.line() == b"stalling"
         served.signal(signal.SIGTERM)
         served.wait_for("received SIGTERM: stopping")
+        # Sent within STOP_REPEAT_WINDOW of the first it would be the same request
+        # (test_signals.py::test_a_stop_signal_sent_twice_at_once_is_one_request).
+        time.sleep(2 * STOP_REPEAT_WINDOW)
         served.signal(signal.SIGTERM)
         assert served.finish(timeout=15) == 1, served.text  # well before --graceful-timeout 20
     assert "received SIGTERM again: killing the workers" in served.text
@@ -362,6 +366,35 @@ def test_a_worker_ended_by_another_during_the_stop_makes_the_exit_1(tmp_path: Pa
         f"worker {client.pid} exited with SIGTERM during the stop, not by the stop it was told"
         in served.text
     )
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_to_the_workers_and_the_supervisor_at_once_drains(tmp_path: Path) -> None:
+    """systemd's default KillMode=control-group (and `pkill`) signal the supervisor and
+    every worker at the same moment; the supervisor's own SIGTERM to each worker
+    follows within milliseconds. That was a second SIGTERM for the worker, which
+    quit at once, cutting the reply in progress (exit 1). Within STOP_REPEAT_WINDOW
+    the two are one request: the worker drains, the reply comes, exit 0."""
+    (tmp_path / "slow_reply.py").write_text(textwrap.dedent("""
+        import os
+        import time
+
+        def handle(conn):
+            conn.recv(64)
+            conn.sendall(b"%d\\n" % os.getpid())
+            time.sleep(1.5)
+            conn.sendall(b"the whole reply\\n")
+    """))  # fmt: skip
+    served, address = start(tmp_path, "threads", handler="slow_reply:handle")
+    with served, socket.create_connection(host_port(address), timeout=20) as client:
+        client.sendall(b"ask\n")
+        reader = client.makefile("rb")
+        worker = int(reader.readline())
+        os.kill(worker, signal.SIGTERM)  # as systemd: the worker and its supervisor
+        served.signal(signal.SIGTERM)
+        assert reader.readline() == b"the whole reply\n", served.text
+        assert served.finish(timeout=30) == 0, served.text
+    assert "during the stop, not by the stop it was told" not in served.text
 
 
 @pytest.mark.timeout(60)
