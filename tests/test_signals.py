@@ -196,8 +196,7 @@ def test_hup_drains_a_worker_that_serves_before_its_supervisor_knows(tmp_path: P
     )  # fmt: skip
     with served:
         wait_until(lambda: connects(port), what="the worker to accept")
-        with socket.create_connection(address, timeout=20) as old:
-            reader = old.makefile("rb")
+        with socket.create_connection(address, timeout=20) as old, old.makefile("rb") as reader:
             assert reader.readline().startswith(b"v1 "), "the worker serves before it is ready"
             assert not re.search(READY, served.text)
             write_app(tmp_path, "v2")  # without the slow hook
@@ -692,9 +691,11 @@ def test_a_stop_signal_sent_twice_at_once_is_one_request(tmp_path: Path, shape: 
     )  # fmt: skip
     with served:
         wait_until(lambda: connects(port), what="the server to accept")
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=20) as client,
+            client.makefile("rb") as reader,
+        ):
             client.sendall(b"ask\n")
-            reader = client.makefile("rb")
             assert reader.read(1) == b"+", "the handler holds the connection"
             served.signal(signal.SIGTERM)
             time.sleep(0.02)  # two sent together are one pending signal: apart, but close

@@ -386,9 +386,12 @@ def test_a_sigterm_to_the_workers_and_the_supervisor_at_once_drains(tmp_path: Pa
             conn.sendall(b"the whole reply\\n")
     """))  # fmt: skip
     served, address = start(tmp_path, "threads", handler="slow_reply:handle")
-    with served, socket.create_connection(host_port(address), timeout=20) as client:
+    with (
+        served,
+        socket.create_connection(host_port(address), timeout=20) as client,
+        client.makefile("rb") as reader,
+    ):
         client.sendall(b"ask\n")
-        reader = client.makefile("rb")
         worker = int(reader.readline())
         os.kill(worker, signal.SIGTERM)  # as systemd: the worker and its supervisor
         served.signal(signal.SIGTERM)

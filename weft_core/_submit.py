@@ -206,7 +206,9 @@ class Submitter:
         semaphore (cooperative on gevent) and 0 is returned; on an async one,
         RuntimeError. Anywhere else, ``timeout`` unchanged.
         """
-        if future.done() or threading.get_ident() != self.loop_ident:
+        if future.done():
+            return timeout
+        if threading.get_ident() != self.loop_ident and not self._in_own_task():
             return timeout
         if self.kind == "async":
             raise RuntimeError(WAIT_IN_LOOP.format(what=what, name=type(self.manager).__name__))
@@ -214,6 +216,19 @@ class Submitter:
         future.add_done_callback(lambda _: woken.release())
         woken.acquire(timeout=timeout)
         return 0
+
+    def _in_own_task(self) -> bool:
+        """True in a task of this server's manager on an evented runtime: its loop's thread.
+
+        What tells the loop's thread before ``note_loop_thread``'s probe has run: a
+        client accepted as the server started may wait on a Future first (a trio
+        handler then blocked its loop for the whole wait, where it should have been
+        told at once).
+        """
+        if self.loop_ident is not None or isinstance(self.manager.runtime, BlockingRuntime):
+            return False
+        state = _current_task.get()
+        return state is not None and state.id in set(self.manager.all_tasks())
 
     def left_running(self, deadline: float | None) -> int:
         """After the stop: wait until ``deadline`` (monotonic) for calls still running; how many are left.

@@ -72,10 +72,16 @@ class Wakeup:
     def __enter__(self) -> Wakeup:
         if self._signals:
             handler = _ignore if self._on_signal is None else self._call_on_signal
-            self._previous = {sig: signal.signal(sig, handler) for sig in self._signals}
+            # The socket first, then the handlers: a signal caught by a handler of
+            # ours before its number could reach the socket was lost (a worker given
+            # SIGTERM as it started ran on_signal, armed its deadline, and served on
+            # until the deadline killed it, exit 4). One that comes before the
+            # handlers meets what was there (SIGTERM's default action, for a worker
+            # that has accepted nobody yet).
             self._previous_fd = signal.set_wakeup_fd(
                 self._writer.fileno(), warn_on_full_buffer=False
             )
+            self._previous = {sig: signal.signal(sig, handler) for sig in self._signals}
             if Wakeup._active:
                 self._take_unread(Wakeup._active[-1])
             Wakeup._active.append(self)
