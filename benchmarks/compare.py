@@ -34,7 +34,8 @@ class Verdict:
     later: Row
     #: True: each median within the other's range; False: it moved more; None: no range.
     repeats: bool | None
-    #: "met", "missed", "at the bound" (met in one run only), "does not repeat", "no target".
+    #: "met", "met, repeat not shown (no range)", "missed", "at the bound" (met in one
+    #: run only), "does not repeat", "no target".
     verdict: str
 
 
@@ -64,7 +65,9 @@ def _verdict(earlier: Row, later: Row, repeat: bool | None) -> str:
     if repeat is False:
         return "does not repeat"
     if earlier.ok and later.ok:
-        return "met"
+        # One pair (a --quick run), or a figure with no pairs (idle memory): nothing
+        # shows it repeats, so it is not "met" without saying so.
+        return "met, repeat not shown (no range)" if repeat is None else "met"
     if earlier.ok is False and later.ok is False:
         return "missed"
     return "at the bound"

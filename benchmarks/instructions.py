@@ -9,10 +9,11 @@ instructions of the whole server process (interpreter, backend, weft, handler;
 not the kernel's) divided by the requests wrk completed in the measured run.
 
 With one connection (the default), each wake-up of the server serves one request,
-so the figure is the cost of the request path itself: two runs of the same pair
-agree on the ratio to 0.1-0.3 %. With more connections, how many requests one
-wake-up finds waiting changes between runs and moves the per-request figure of
-either server by up to 10 %. Under callgrind a server runs some 50 times slower,
+so the figure is the cost of the request path itself: two 8-20 s runs of the
+same pair agree on the ratio to 0.1-0.3 % (short runs move more: see
+docs/performance.md). With more connections, how many requests one wake-up finds
+waiting changes between runs and moves the per-request figure of either server by
+up to 10 %. Under callgrind a server runs some 50 times slower,
 so a churn load keeps its accept queue full, which the clock's runs do not.
 """
 
