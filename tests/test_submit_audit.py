@@ -25,9 +25,11 @@ from test_submit_edges import (
     EXAMPLE_MANAGERS,
     Example,
     _of_kind,
+    _parked_call,
     _read_to_eof,
     _subscribe,
 )
+from test_submit_edges import gate as gate  # a fixture, used by name
 from test_submit_edges import run_example as run_example  # a fixture, used by name
 
 from weft_core import HandlerKindError, Server, ServerError
@@ -54,14 +56,6 @@ def _quiet(manager: str) -> Callable[..., Any]:
         return None
 
     return nothing
-
-
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    """Set after the test, so whatever blocks on it ends."""
-    event = threading.Event()
-    yield event
-    event.set()
 
 
 # -- finding 2: waiting on a submit Future in the loop's own thread ---------------------
@@ -217,37 +211,10 @@ def test_a_submitted_call_left_running_makes_the_stop_unclean(
     assert took < STOP_BOUND, f"stop(0.5) took {took:.1f}s"
 
 
-def _parked_forever(manager: str, started: threading.Event) -> Callable[[], Any]:
-    """A submitted call waiting the runtime's own way for something that never comes."""
-    if manager == "gevent":
-        import gevent.event
-
-        def park_gevent() -> None:
-            started.set()
-            gevent.event.Event().wait()
-
-        return park_gevent
-    if manager == "trio":
-        import trio
-
-        async def park_trio() -> None:
-            started.set()
-            await trio.sleep_forever()
-
-        return park_trio
-    import asyncio
-
-    async def park_asyncio() -> None:
-        started.set()
-        await asyncio.Event().wait()
-
-    return park_asyncio
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("manager", "options"), EVENTED)
 def test_a_parked_submitted_call_is_ended_by_the_stop_not_left_behind(
-    manager: str, options: dict[str, Any]
+    manager: str, options: dict[str, Any], gate: threading.Event
 ) -> None:
     """A submitted call parked cooperatively is ended by the runtime's close: stop() is clean.
 
@@ -259,7 +226,7 @@ def test_a_parked_submitted_call_is_ended_by_the_stop_not_left_behind(
     server = Server(_quiet(manager), manager=manager, manager_options=options, port=0)
     server.run()
     started = threading.Event()
-    future = server.submit(_parked_forever(manager, started))
+    future = server.submit(_parked_call(manager, started, gate))
     assert started.wait(WAIT), "the submitted call did not start"
     began = time.monotonic()
     assert server.stop(timeout=1) is True
