@@ -99,9 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Its reader went away (`weft ctl status | head -1`): stop quietly, as any
         # Unix tool does, and let nothing flush into the closed pipe at exit.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        _exits.stdout_gone()
         return EXIT_RUNTIME
 
 

@@ -29,7 +29,7 @@ from ._ctl import (
 )
 from ._ctl_commands import CLOSE_MAX, CLOSE_TIMEOUT, close_wait
 from ._errors import ConfigError
-from ._exits import EXIT_RUNTIME, EXIT_USAGE
+from ._exits import EXIT_RUNTIME, EXIT_USAGE, stdout_gone
 
 __all__ = ["add_parser", "resolve_path"]
 
@@ -225,12 +225,7 @@ def _print_answer(text: str) -> int:
     except BrokenPipeError:
         raise  # its reader went away (| head -1): quietly, as any Unix tool (_cli.main)
     except OSError as exc:
-        # What is left in the buffer goes nowhere: the exit's own flush would fail
-        # again, with a traceback of its own.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        stdout_gone()
         print(f"weft ctl: cannot write the answer: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return 0

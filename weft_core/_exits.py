@@ -7,7 +7,10 @@ exits once weft's command returns (:data:`EXITS_AFTER`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 
 __all__ = [
     "EXITS_AFTER",
@@ -16,6 +19,7 @@ __all__ = [
     "EXIT_TASKS_LEFT",
     "EXIT_USAGE",
     "late_signals_ignored",
+    "stdout_gone",
 ]
 
 EXIT_OK = 0
@@ -49,3 +53,15 @@ def late_signals_ignored(signals: tuple[int, ...]) -> dict[int, signal.Handlers]
     if not EXITS_AFTER:
         late &= {signal.SIGQUIT}
     return dict.fromkeys(late, signal.SIG_IGN)
+
+
+def stdout_gone() -> None:
+    """Point standard output at /dev/null: what is left in its buffer goes nowhere.
+
+    For a command whose output cannot be written (its reader went away, a full
+    disk): the exit's own flush would fail again, with a traceback of its own.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
