@@ -16,6 +16,7 @@ import resource
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -237,3 +238,53 @@ class ServerProcess(Child):
         """Ask the server to ``stop()``; (seconds it took, whether it ended cleanly)."""
         seconds, clean = self.ask("stop", "STOPPED", timeout)
         return float(seconds), clean == "1"
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core has spent busy since boot (``/proc/stat``; steal counts as busy).
+
+    Busy is all but idle and iowait: on a virtual machine the time the host gave to
+    other guests (steal) is time the server did not get either.
+    """
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / _TICK
+
+
+class OthersCPU:
+    """The CPU other processes used while a figure was measured, in cores.
+
+    The machine's busy time over the measurement, less what the measured processes
+    (``pids``), the load generator (this process's children that ended meanwhile:
+    wrk) and this process itself used. What is left ran beside the figure on the same
+    two cores: another tenant, a helper, the tail of a previous run. Per figure, not
+    once per run, since the machine's load moves within a run. Read ``done`` once,
+    after the load generator was reaped and before the measured processes end.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(dict.fromkeys(pids))  # a process named twice counts once
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (
+            time.monotonic(),
+            machine_busy_seconds(),
+            sum(cpu_seconds(pid) for pid in self.pids),
+            children.ru_utime + children.ru_stime,
+            time.process_time(),
+        )
+
+    def done(self) -> float | None:
+        """Cores' worth of CPU others used since this was made (≥ 0); None if unreadable."""
+        try:
+            end = self._sample()
+        except (OSError, ValueError, IndexError):
+            return None
+        elapsed, busy, measured, generator, own = (
+            b - a for a, b in zip(self._start, end, strict=True)
+        )
+        if elapsed <= 0:
+            return None
+        return max(0.0, busy - measured - generator - own) / elapsed

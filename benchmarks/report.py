@@ -68,6 +68,10 @@ RATIO_LIMITS = (0.25, 4.0)
 #: says the machine was busy; and how long that is sampled.
 BUSY_FRACTION = 0.10
 BUSY_SAMPLE = 1.0
+#: Cores' worth of CPU that other processes may use during a figure's runs before
+#: the report marks its verdict as measured beside others' load (a fifth of the
+#: server's core).
+BUSY_CORES = 0.20
 RATIO_TICKS = (0.25, 0.5, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4)
 
 
@@ -178,6 +182,9 @@ class Row:
     ok: bool | None = None
     #: [lowest, highest] of the per-pair ratios whose median is ``ratio``.
     spread: list[float] | None = None
+    #: The most CPU, in cores, that other processes used during any of the figure's
+    #: runs (weft's or raw's); None where not measured (older runs, no wall clock).
+    others: float | None = None
 
 
 def _compare(value: float | None, op: str, bound: float) -> bool | None:
@@ -247,11 +254,18 @@ def _wrk_rows(
             continue  # a figure this run did not record (server CPU before 12-05)
         label = f"{setting[2:]} conns" + (", 1 req/conn" if suite == "churn" else "")
         row = Row(manager, metric, label, weft, raw, unit, ratio, spread=spread)
+        row.others = most_others(select(records, suite=suite, manager=manager, setting=setting))
         if target and ref is None:
             row.target = f"{target[0].replace('>=', '≥').replace('<=', '≤')}{target[1]}{TIMES} raw"
             row.ok = False if weft == "failed" else _compare(ratio, *target)
         rows.append(row)
     return rows
+
+
+def most_others(records: Iterable[dict[str, Any]]) -> float | None:
+    """The most CPU (cores) other processes used during any of ``records``' runs."""
+    seen = [r["others_cores"] for r in records if r.get("others_cores") is not None]
+    return max(seen) if seen else None
 
 
 def _paired_ratio(
@@ -530,6 +544,11 @@ def workers_summary(records: list[dict[str, Any]], managers: list[str]) -> list[
                 else None,
                 "rps_runs": [r["rps"] for r in rs],
             }
+        for name in ("w2", "w2rp", "w2same"):
+            if name in entry:
+                entry[name].update(_per_round(runs, name))
+        if "w1" in entry:
+            entry["w1"]["others"] = most_others(select(runs, impl="w1"))
         entry["ratio"] = _to_w1(entry, "w2", "rps")
         entry["ratio_same_core"] = _to_w1(entry, "w2same", "rps")
         entry["per_core_ratio"] = _to_w1(entry, "w2", "rps_per_core")
@@ -574,8 +593,9 @@ def ratio_text(row: Row) -> str:
 def table(rows: list[Row], raw_names: dict[str, str]) -> str:
     """weft beside its raw backend, one block of rows per manager."""
     lines = [
-        "| manager (raw backend) | measure | setting | weft | raw | weft/raw | target | met |",
-        "|---|---|---|---:|---:|---:|---|---|",
+        "| manager (raw backend) | measure | setting | weft | raw | weft/raw | others' cores "
+        "| target | met |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     previous = None
     for row in rows:
@@ -583,11 +603,37 @@ def table(rows: list[Row], raw_names: dict[str, str]) -> str:
         previous = row.manager
         ratio = ratio_text(row)
         met = {True: "yes", False: "**no**", None: ""}[row.ok]
+        if row.ok is not None and busy_beside(row.others):
+            met += BUSY_MARK
         lines.append(
             f"| {name} | {row.metric} | {row.setting} | {_fmt(row.weft, row.unit)} | "
-            f"{_fmt(row.raw, row.unit)} | {ratio} | {row.target} | {met} |"
+            f"{_fmt(row.raw, row.unit)} | {ratio} | {others_text(row.others)} | {row.target} "
+            f"| {met} |"
         )
     return "\n".join(lines)
+
+
+def others_text(others: float | None) -> str:
+    """Others' cores as the table shows them: two decimals, or a dash where not measured."""
+    return "—" if others is None else f"{others:.2f}"
+
+
+def busy_beside(others: float | None) -> bool:
+    """Whether other processes used enough CPU during a figure's runs to doubt it."""
+    return others is not None and others >= BUSY_CORES
+
+
+#: What the table's "met" column adds to a figure measured beside others' load.
+BUSY_MARK = " (others busy)"
+
+#: The table's note on its "others' cores" column.
+OTHERS_NOTE = (
+    "**others' cores**: the most CPU, in cores, that processes other than the servers, "
+    "wrk and the harness used during any of the figure's runs (the machine's busy time "
+    'from `/proc/stat`, steal included, less theirs). A verdict marked "(others busy)" '
+    "was measured while others used {busy:g} cores or more: rerun it on a quiet machine "
+    "before trusting it."
+)
 
 
 def reference_table(rows: list[Row]) -> str:
@@ -595,6 +641,53 @@ def reference_table(rows: list[Row]) -> str:
     lines = ["| measure | setting | asyncio.start_server |", "|---|---|---:|"]
     lines += [f"| {r.metric} | {r.setting} | {_fmt(r.weft, r.unit)} |" for r in rows]
     return "\n".join(lines)
+
+
+#: Item 7 of issue 17: two workers turn a core's CPU into requests within 1.05x of
+#: one worker's CPU per request (so at least 1/1.05 of its requests per core), and
+#: spread the connections evenly (no worker holds more than this share of them).
+WORKERS_PER_CORE_TARGET = 1 / 1.05
+WORKERS_BUSIEST_TARGET = 0.60
+
+
+def _rps_per_core(record: dict[str, Any]) -> float | None:
+    cpu = sum(record.get("worker_cpu") or [])
+    return record["rps"] / cpu if cpu and record.get("rps") else None
+
+
+def _busiest(record: dict[str, Any]) -> float | None:
+    conns = record.get("worker_conns") or []
+    return max(conns) / sum(conns) if conns and sum(conns) > 0 else None
+
+
+def _per_round(runs: list[dict[str, Any]], layout: str) -> dict[str, Any]:
+    """A layout against ``w1`` round by round: the layouts of a round run back to back,
+    so each round is a pair, as weft and raw are in the other suites.
+
+    ``per_core_pairs`` is the median of the rounds' requests per core over ``w1``'s
+    and [lowest, highest] of them; ``busiest`` the busiest worker's share of the
+    connections, median and [lowest, highest]; ``others`` the most CPU (cores) other
+    processes used during any of the layout's or ``w1``'s runs; ``met`` the two
+    targets checked on the medians (None where not measured).
+    """
+    one = {r["run"]: _rps_per_core(r) for r in select(runs, impl="w1")}
+    mine = select(runs, impl=layout)
+    ratios = [v / w for r in mine if (v := _rps_per_core(r)) and (w := one.get(r["run"]))]
+    shares = [b for r in mine if (b := _busiest(r)) is not None]
+    out: dict[str, Any] = {
+        "per_core_pairs": statistics.median(ratios) if ratios else None,
+        "per_core_range": [min(ratios), max(ratios)] if ratios else None,
+        "busiest": statistics.median(shares) if shares else None,
+        "busiest_range": [min(shares), max(shares)] if shares else None,
+        "others": most_others([*mine, *select(runs, impl="w1")]),
+    }
+    out["per_core_met"] = (
+        None if out["per_core_pairs"] is None else out["per_core_pairs"] >= WORKERS_PER_CORE_TARGET
+    )
+    out["spread_met"] = (
+        None if out["busiest"] is None else out["busiest"] <= WORKERS_BUSIEST_TARGET
+    )
+    return out
 
 
 def _to_w1(entry: dict[str, Any], layout: str, key: str) -> float | None:
@@ -612,11 +705,17 @@ def workers_table(entries: list[dict[str, Any]], seconds: float) -> str:
         "Cores used are CPU seconds per second of the run. This machine has 2 cores, so "
         "with 2 workers on cores 0 and 1 wrk shares core 1 with the second worker: the "
         "req/s ratio is bounded by what wrk leaves of core 1, while req/s per core used "
-        "is not.",
+        "is not. Each round runs every layout once, back to back, so a round pairs a "
+        f"layout with `--workers 1`: the per-core ratio is the median of the rounds' "
+        f"ratios, lowest-highest in parentheses. Targets (issue 17, item 7): requests per "
+        f"core at least {WORKERS_PER_CORE_TARGET:.3f}{TIMES} one worker's (CPU per request "
+        f"within 1.05{TIMES}), and no worker holding more than "
+        f"{WORKERS_BUSIEST_TARGET:.0%} of the connections. {OTHERS_NOTE.format(busy=BUSY_CORES)}",
         "",
         f"| manager | layout | req/s | {TIMES} 1 worker | p99 | cores used by each worker "
-        f"| req/s per core used ({TIMES} 1 worker) | wrk's cores | conns per worker |",
-        "|---|---|---:|---:|---:|---|---:|---:|---|",
+        f"| req/s per core used ({TIMES} 1 worker) | wrk's cores | conns per worker "
+        "| busiest worker's share | others' cores | met (per core; spread) |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---|",
     ]
     for entry in entries:
         name = f"**{entry['manager']}**"
@@ -635,16 +734,43 @@ def workers_table(entries: list[dict[str, Any]], seconds: float) -> str:
             else:
                 ratio = _times(entry["ratio_same_core"])
                 per_core = f" ({_times(entry['per_core_ratio_same_core'])})"
+            if m.get("per_core_pairs") is not None:  # rounds paired (since 2026-12-07)
+                per_core = f" ({_ranged(m['per_core_pairs'], m['per_core_range'])})"
             cpu = " + ".join(f"{c:.2f}" for c in m["worker_cpu"]) or "—"
             wrk_cpu = "—" if m["wrk_cpu"] is None else f"{m['wrk_cpu']:.2f}"
             conns = " + ".join(f"{c:.0f}" for c in m["worker_conns"] or []) or "—"
+            busiest = (
+                "—"
+                if m.get("busiest") is None
+                else f"{m['busiest']:.0%}" + _share_range(m["busiest_range"])
+            )
             lines.append(
                 f"| {name} | {m['layout']} | {_fmt(m['rps'], 'req/s')} | {ratio} | "
                 f"{_fmt(m['p99_ms'], 'ms')} | {cpu} | {_fmt(m['rps_per_core'], 'req/s')}"
-                f"{per_core} | {wrk_cpu} | {conns} |"
+                f"{per_core} | {wrk_cpu} | {conns} | {busiest} | {others_text(m.get('others'))} "
+                f"| {_workers_met(m)} |"
             )
             name = ""
     return "\n".join(lines)
+
+
+def _ranged(value: float, spread: list[float]) -> str:
+    low, high = (f"{x:.2f}" for x in spread)
+    return f"{value:.3f}{TIMES}" + (f" ({low}-{high})" if low != high else "")
+
+
+def _share_range(spread: list[float]) -> str:
+    low, high = (f"{x:.0%}" for x in spread)
+    return f" ({low}-{high})" if low != high else ""
+
+
+def _workers_met(layout: dict[str, Any]) -> str:
+    """A layout's verdicts on the two targets; empty for ``w1`` and older records."""
+    verdicts = [layout.get("per_core_met"), layout.get("spread_met")]
+    if verdicts == [None, None]:
+        return ""
+    text = "; ".join({True: "yes", False: "**no**", None: "—"}[v] for v in verdicts)
+    return text + (BUSY_MARK if busy_beside(layout.get("others")) else "")
 
 
 def _times(value: float | None) -> str:
@@ -673,6 +799,8 @@ def markdown(result: dict[str, Any], plot_name: str | None) -> str:
         f"Machine: {describe(result['machine'])}.",
         "",
         table([r for r in rows if r.manager != reference_name], raw_names),
+        "",
+        OTHERS_NOTE.format(busy=BUSY_CORES),
     ]
     if result.get("workers"):
         parts += ["", workers_table(result["workers"], opts["seconds"])]

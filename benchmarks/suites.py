@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import instructions, workers, wrk
-from .procs import Child, ServerProcess, cpu_seconds
+from .procs import Child, OthersCPU, ServerProcess, cpu_seconds
 from .server import RAW_BACKENDS, raw_flavour
 
 SUITES = ("throughput", "churn", "instructions", "idle", "stop", "workers")
@@ -142,9 +142,11 @@ def _wrk_rounds(
         wrk.run(opts.wrk, server.port, conns, opts.warmup, close=close)
     for run in range(opts.runs):
         for impl, server in pairs:
+            others = OthersCPU([s.pid for _, s in pairs])
             cpu = cpu_seconds(server.pid)
             result = wrk.run(opts.wrk, server.port, conns, opts.seconds, close=close)
             cpu = cpu_seconds(server.pid) - cpu
+            result["others_cores"] = others.done()
             server.check_alive()
             if result.get("requests") and result.get("seconds"):
                 # The server's own CPU, beside the rate: a rate the load generator

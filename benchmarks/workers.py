@@ -40,7 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from . import wrk
-from .procs import CLIENT_CORE, ROOT, SERVER_CORE, ChildError, cpu_seconds, raise_nofile
+from .procs import (
+    CLIENT_CORE,
+    ROOT,
+    SERVER_CORE,
+    ChildError,
+    OthersCPU,
+    cpu_seconds,
+    raise_nofile,
+)
 from .server import weft_manager
 
 #: (name, workers, cores of each worker, what it is) for every layout, in the order run.
@@ -245,10 +253,12 @@ def measure(server: Serve, wrk_path: str, seconds: float) -> dict[str, Any]:
             held.extend(sockets(pid) - n for pid, n in zip(server.worker_pids, idle, strict=True))
 
     counter = threading.Thread(target=count, daemon=True)
+    others = OthersCPU([server.proc.pid, *server.worker_pids])
     before, wrk_before = server.cpu(), _children_cpu()
     counter.start()
     result = wrk.run(wrk_path, server.port, CONNECTIONS, seconds)
     after, wrk_after = server.cpu(), _children_cpu()
+    result["others_cores"] = others.done()
     counter.join()
     server.check_alive()
     elapsed = result.get("seconds") or seconds
