@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import Row, ratio_text, summarise
+from .report import Row, busy_beside, ratio_text, summarise
 
 __all__ = ["Verdict", "add_parser", "command_compare", "compare", "markdown"]
 
@@ -34,8 +34,9 @@ class Verdict:
     later: Row
     #: True: each median within the other's range; False: it moved more; None: no range.
     repeats: bool | None
-    #: "met", "met, repeat not shown (no range)", "missed", "at the bound" (met in one
-    #: run only), "does not repeat", "no target".
+    #: "met", "met, repeat not shown (no range)", "met beside others' load: rerun on a
+    #: quiet machine", "missed", "at the bound" (met in one run only), "does not
+    #: repeat", "no target".
     verdict: str
 
 
@@ -65,6 +66,10 @@ def _verdict(earlier: Row, later: Row, repeat: bool | None) -> str:
     if repeat is False:
         return "does not repeat"
     if earlier.ok and later.ok:
+        if busy_beside(earlier.others) or busy_beside(later.others):
+            # Met twice, but with others' load on the machine during a run: what
+            # repeated may be that load as much as weft.
+            return "met beside others' load: rerun on a quiet machine"
         # One pair (a --quick run), or a figure with no pairs (idle memory): nothing
         # shows it repeats, so it is not "met" without saying so.
         return "met, repeat not shown (no range)" if repeat is None else "met"

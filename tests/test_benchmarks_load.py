@@ -20,9 +20,11 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.procs import OthersCPU, cpu_seconds  # noqa: E402
+from benchmarks.procs import OthersCPU, cpu_seconds, machine_busy_seconds  # noqa: E402
 
 SPIN = "import time\nend = time.monotonic() + {0}\nwhile time.monotonic() < end: pass\n"
+#: Spins until it has used this much CPU, however busy the machine is.
+SPIN_CPU = "import time\nwhile time.process_time() < {0}: pass\n"
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux's /proc")
@@ -32,33 +34,35 @@ def test_a_process_spinning_beside_the_window_counts_as_others_unless_it_is_meas
         time.sleep(0.2)  # started, spinning
         unlisted = OthersCPU([])
         listed = OthersCPU([spinner.pid])
-        start = cpu_seconds(spinner.pid)
+        start, began = cpu_seconds(spinner.pid), time.monotonic()
         time.sleep(1.0)
-        spun = cpu_seconds(spinner.pid) - start
+        spun = (cpu_seconds(spinner.pid) - start) / (time.monotonic() - began)
         as_other, as_measured = unlisted.done(), listed.done()
     finally:
         spinner.wait(10)
     assert as_other is not None and as_measured is not None
-    # The spinner had most of a core; all of it is others' unless listed, and the
-    # two windows differ by exactly what it used (the clock read a moment apart).
-    assert spun >= 0.5
-    assert as_other >= 0.8 * spun
-    assert as_other - as_measured == pytest.approx(spun, abs=0.1)
+    # However busy the machine, the spinner got some of a core; all of it is
+    # others' unless listed, and the two windows differ by what it used (a tick
+    # of /proc's clock either way).
+    assert spun > 0.1
+    assert as_other >= spun - 0.05
+    assert as_other - as_measured == pytest.approx(spun, abs=0.05)
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux's /proc")
 def test_the_load_generator_reaped_in_the_window_is_not_counted_as_others() -> None:
     # A child that spins and is waited for inside the window is the load generator
     # (wrk): its CPU comes out of the figure's "others" through RUSAGE_CHILDREN.
-    with_child = OthersCPU([])
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-c", SPIN.format(0.8)], check=True)
-    elapsed = time.monotonic() - started
-    others = with_child.done()
+    busy_before = machine_busy_seconds()
+    window = OthersCPU([])
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-c", SPIN_CPU.format(0.5)], check=True)
+    others = window.done()
+    elapsed = time.monotonic() - began
+    busy = machine_busy_seconds() - busy_before
     assert others is not None
-    # Whatever else runs on this machine, the child's ~0.8 s are not in it: at most
-    # what two cores' other work could add beside it.
-    assert others <= 2.0 - 0.6 * 0.8 / elapsed
+    # Of the machine's busy time, at least the child's half second is not others'.
+    assert busy - others * elapsed >= 0.45
 
 
 def _http(manager: str, others: list[float | None]) -> list[dict[str, Any]]:
@@ -110,7 +114,9 @@ def test_a_run_recorded_before_the_load_was_shows_a_dash() -> None:
         if r.metric == "keep-alive req/s"
     ]
     assert row.others is None
-    assert "| — | ≥0.95\N{MULTIPLICATION SIGN} raw | yes |" in report.table([row], {"gevent": "StreamServer"})
+    assert "| — | ≥0.95\N{MULTIPLICATION SIGN} raw | yes |" in report.table(
+        [row], {"gevent": "StreamServer"}
+    )
 
 
 def _workers(rounds: list[dict[str, tuple[float, float, list[int]]]]) -> list[dict[str, Any]]:
@@ -169,3 +175,16 @@ def test_a_worker_that_takes_most_connections_or_more_cpu_per_request_misses() -
     assert w2["busiest"] == pytest.approx(0.675)
     assert w2["spread_met"] is False
     assert "| **no**; **no** |" in report.workers_table([entry], 6)
+
+
+def test_compare_does_not_call_a_figure_met_that_a_busy_machine_measured() -> None:
+    from benchmarks.compare import compare
+
+    quiet = {"records": _http("gevent", [0.01, 0.02, 0.01]), "options": {"managers": ["gevent"]}}
+    busy = {"records": _http("gevent", [0.01, 0.6, 0.01]), "options": {"managers": ["gevent"]}}
+    for earlier, later, verdict in (
+        (quiet, quiet, "met, repeat not shown (no range)"),
+        (quiet, busy, "met beside others' load: rerun on a quiet machine"),
+    ):
+        [keep_alive] = [v for v in compare(earlier, later) if v.later.metric == "keep-alive req/s"]
+        assert keep_alive.verdict == verdict
