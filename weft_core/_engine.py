@@ -130,6 +130,10 @@ SHED_WAIT = 1.0
 #: often; it is woken sooner by a slot coming free.
 FULL_POLL = 0.1
 
+#: How often an acceptor started by a resume looks whether the one a pause could not
+#: end in time (its loop blocked) has ended, before it accepts on the same listener.
+PREDECESSOR_POLL = 0.05
+
 #: A worker at its limit with on_full="refuse" leaves a waiting client this long to
 #: siblings with room (``--workers``, one shared socket) before it takes the client
 #: and refuses it, the siblings passed over: longer than a balancing turn, since the
@@ -214,6 +218,7 @@ class ListenerTask:
     """A listening socket and the acceptor task serving it."""
 
     __slots__ = (
+        "acceptors",
         "address",
         "balanced",
         "generation",
@@ -252,6 +257,9 @@ class ListenerTask:
         #: acceptor a pause could not end in time (its loop busy) must not close the
         #: listener its successor accepts on when it finally ends.
         self.generation = 0
+        #: Acceptor tasks inside their accept loop now (under the engine's lock): two
+        #: while one a pause could not end runs beside its successor.
+        self.acceptors = 0
         #: Other processes accept on it too (``--workers``): after each client the
         #: acceptor yields to its loop, so the new task runs before the next accept
         #: and a burst of clients spreads over the processes instead of going whole
@@ -587,8 +595,31 @@ class Engine(ABC, Generic[R]):
         log.error("%s", self.error)
         self.on_fatal()
 
+    def _acceptor_begins(self, lt: ListenerTask) -> bool:
+        """Count an acceptor in; True if one before it still runs on the same listener.
+
+        A pause that could not end its acceptor in time (a handler blocking the
+        loop) leaves it running when a resume starts the next. The two must not wait
+        on the listener together: a runtime may allow one waiter per socket (gevent
+        raises ``ConcurrentObjectUseError``, trio ``BusyResourceError``), and the
+        successor's error would stop the server. So the successor waits for its
+        predecessor to end (the pause's stop reaches it once the loop is free)
+        before its first accept: :meth:`_predecessor_runs`.
+        """
+        with self.lock:
+            lt.acceptors += 1
+            return lt.acceptors > 1
+
+    def _predecessor_runs(
+        self, lt: ListenerTask, generation: int, state: TaskState | None
+    ) -> bool:
+        """True while an earlier acceptor runs and this one has no reason to end."""
+        return lt.acceptors > 1 and not self._acceptor_ends(lt, generation, state)
+
     def _acceptor_done(self, lt: ListenerTask, generation: int) -> None:
         """An acceptor's way out: close its listener unless paused or succeeded by another."""
+        with self.lock:
+            lt.acceptors -= 1
         if self.closing or (not self.paused and lt.generation == generation):
             lt.close()  # a paused listener stays open: clients wait in its backlog
 

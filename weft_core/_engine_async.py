@@ -16,7 +16,16 @@ from typing import Any
 from . import _acceptpolicy as policy
 from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
-from ._engine import FULL_POLL, FULL_TURN, SHED_WAIT, Conn, Engine, ListenerTask, close_quietly
+from ._engine import (
+    FULL_POLL,
+    FULL_TURN,
+    PREDECESSOR_POLL,
+    SHED_WAIT,
+    Conn,
+    Engine,
+    ListenerTask,
+    close_quietly,
+)
 from ._errors import FAILURES, TaskShutdown, is_cancellation
 from ._protocol import AsyncRuntime, AsyncSlots
 from ._proxy import ProxyHeaderError, aread_proxy_header
@@ -61,7 +70,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
         accepted: Any = None
         addr: Any = None
         since = 0.0
+        predecessor = self._acceptor_begins(lt)
         try:
+            while predecessor and self._predecessor_runs(lt, generation, state):
+                await rt.sleep(PREDECESSOR_POLL)
             # A pause or a stop ends it (stop_task, or a wake if a manager's failed).
             while not self.closing and not self.paused and lt.generation == generation:
                 if backlog_mode and slots is not None:

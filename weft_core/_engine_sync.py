@@ -19,6 +19,7 @@ from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import (
     FULL_POLL,
     FULL_TURN,
+    PREDECESSOR_POLL,
     SHED_WAIT,
     Conn,
     Engine,
@@ -74,7 +75,10 @@ class SyncEngine(Engine[SyncRuntime]):
         accepted: Any = None
         addr: Any = None
         since = 0.0
+        predecessor = self._acceptor_begins(lt)
         try:
+            while predecessor and self._predecessor_runs(lt, generation, state):
+                rt.sleep(PREDECESSOR_POLL)
             # A pause or a stop ends it (stop_task, or a wake if a manager's failed).
             while not self.closing and not self.paused and lt.generation == generation:
                 if backlog_mode and slots is not None:

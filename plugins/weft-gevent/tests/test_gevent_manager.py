@@ -776,3 +776,41 @@ def test_a_wake_up_lost_with_its_hub_does_not_hold_back_the_next_hubs_calls(
     finally:
         hubs.release()
         runtime.close()
+
+
+def test_a_resume_while_a_handler_blocks_the_hub_past_the_pause_keeps_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler blocks the (unpatched) hub longer than the pause can wait for its
+    acceptor; a resume starts the next acceptor meanwhile. Once the hub is free, the
+    old acceptor's wait still held the listener, and the new one's raised
+    ``ConcurrentObjectUseError``: the server stopped, refusing every new client (an
+    outside check; ``weft serve -o patch=false`` exited 1). The new acceptor now
+    waits for the old one to end."""
+    from weft_core import Server
+
+    monkeypatch.setattr(manager_module, "INTERRUPT_GRACE", 0.1)  # pause gives up in 0.2 s
+    entered = threading.Event()
+
+    def handle(conn: Any) -> None:
+        data = conn.recv(16)
+        if data == b"block":
+            entered.set()
+            time.sleep(1.0)  # unpatched: the whole hub waits
+        conn.sendall(b"ok:" + data)
+
+    server = Server(handle, manager="gevent")
+    server.run()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as blocker:
+            blocker.sendall(b"block")
+            assert entered.wait(WAIT)
+            server.pause_accepting()  # its acceptor is not ended: the hub is blocked
+            server.resume_accepting()
+            assert blocker.recv(16) == b"ok:block"  # the hub is free again
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as late:
+                late.sendall(b"late")
+                assert late.recv(16) == b"ok:late"
+        assert server.running and server.error is None
+    finally:
+        assert server.stop(timeout=WAIT)
