@@ -48,7 +48,7 @@ from ._blocking import WakeableListener
 from ._connection import ConnectionInfo, format_address
 from ._control import ConnectionSnapshot
 from ._errors import FAILURES, ManagerFullError, ServerError
-from ._listeners import Listener, close_listener
+from ._listeners import Listener, close_listener, remove_socket_file
 from ._logsafe import escape_for_log, log_untrusted_exception
 from ._osthreads import thread_primitives
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
@@ -1222,6 +1222,12 @@ class Engine(ABC, Generic[R]):
         """
         self.listeners_closed = True
         self._accepting(False)  # draining (a retire, a reload): siblings do not wait for it
+        # Unix clients are refused from now on even if the loop cannot close the
+        # socket yet (a handler blocks it): the path is gone. A TCP listener stays
+        # open until the loop answers; never shutdown() here: another process may
+        # accept on it (workers, a reload's or an upgrade's successor, systemd).
+        for lt in self.listeners:
+            remove_socket_file(lt.listener)
 
         def stop_them() -> None:
             for lt in self.listeners:

@@ -407,6 +407,15 @@ def close_listener(listener: Listener) -> None:
     window of microseconds, against one as long as the server ran.
     """
     listener.sock.close()
+    remove_socket_file(listener)
+
+
+def remove_socket_file(listener: Listener) -> None:
+    """Remove the listener's Unix socket file, if the path still names that file.
+
+    New clients then get ``ENOENT`` at once, whatever the socket itself does: a
+    stop removes it first, before it waits for a runtime's loop to close the socket.
+    """
     if listener.unix_path:
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(listener.unix_path)

@@ -766,7 +766,9 @@ class Server:
         """Close only the listeners; open connections go on until their clients close them.
 
         Returns as soon as the listeners are closed (from inside one of weft's tasks,
-        or on a running asyncio loop, at once: they close in a moment). The server
+        or on a running asyncio loop, at once: they close in a moment), or after
+        ``LOOP_WAIT`` if a handler blocks the runtime's loop: a Unix socket's file is
+        removed by then, a TCP listener closes once the loop answers. The server
         counts as stopped once its last connection has ended.
         """
         with self._life:
