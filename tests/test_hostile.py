@@ -481,6 +481,21 @@ def test_stop_leaves_another_servers_socket_file_alone(serve: Any, folder: str) 
     assert not os.path.exists(path), "a server still removes its own file"
 
 
+def test_a_relative_socket_path_is_removed_after_a_chdir(
+    serve: Any, folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``unix:rel.sock``, then the application changes directory: the stop still
+    removes the file it made (it looked for ``rel.sock`` in the new directory, and
+    left the real one behind, stale: an outside check)."""
+    monkeypatch.chdir(folder)
+    server = serve(address="unix:rel.sock")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel.sock").write_text("another file of the same name, not ours")
+    server.stop(timeout=1)
+    assert not os.path.exists(os.path.join(folder, "rel.sock"))
+    assert (tmp_path / "rel.sock").read_text() == "another file of the same name, not ours"
+
+
 def test_a_dangling_symlink_at_the_path_is_named(serve: Any, folder: str) -> None:
     """Not "Address already in use": the link and where it points; the link is left alone."""
     path = os.path.join(folder, "s.sock")

@@ -309,7 +309,8 @@ def _open_unix(path: str, backlog: int, mode: int | None) -> Listener:
         raise
     if made is None:
         return Listener(sock)
-    return Listener(sock, unix_path=path, unix_file=(made.st_dev, made.st_ino))
+    # Absolute: a chdir() before the stop must not make it remove (or miss) another path.
+    return Listener(sock, unix_path=os.path.abspath(path), unix_file=(made.st_dev, made.st_ino))
 
 
 def _link(path: str) -> str:
