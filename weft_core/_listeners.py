@@ -193,13 +193,33 @@ def _resolve(host: str | None, port: int | str | None, family: Family) -> list[t
         )
     except socket.gaierror as exc:
         raise BindError(
-            exc.errno, f"cannot listen on {_where(host, port)}: {exc.strerror} ({family=})"
+            exc.errno,
+            f"cannot listen on {_where(host, port)}: {exc.strerror} ({family=})"
+            f"{_other_family(host, family)}",
         ) from exc
     seen: list[tuple[int, tuple]] = []  # type: ignore[type-arg]
     for af_, _type, _proto, _canon, sockaddr in infos:
         if (af_, sockaddr) not in seen:
             seen.append((af_, sockaddr))
     return seen
+
+
+def _other_family(host: str | None, family: Family) -> str:
+    """Where a name has no address of the family asked for, what it does resolve to."""
+    if not host or family == "auto":
+        return ""
+    try:
+        found = sorted(
+            {str(info[4][0]) for info in socket.getaddrinfo(host, None, socket.AF_UNSPEC)}
+        )
+    except (OSError, UnicodeError):
+        return ""
+    if not found:
+        return ""
+    return (
+        f"; {host} has no {'IPv4' if family == 'ipv4' else 'IPv6'} address (it resolves to "
+        f"{', '.join(found)}): give one of those, or family='auto'"
+    )
 
 
 def _where(host: str | None, port: int | str | None) -> str:
@@ -252,7 +272,14 @@ def _open_tcp(
                         "; another of this server's binds already listens there (a name"
                         " such as localhost resolves to an address given too): give it once"
                         if sockaddr in bound
-                        else "; another process is listening there: stop it or pick another port"
+                        else "; another socket is listening there (another process's, or one"
+                        " this program opened itself): stop it or pick another port"
+                    )
+                elif exc.errno == errno.EINVAL and str(sockaddr[0]).lower().startswith("::ffff:"):
+                    hint = (
+                        f"; {sockaddr[0]} is an IPv4 address written as IPv6, which an IPv6"
+                        f" socket listens on only with family='dual' and host '::': give"
+                        f" {str(sockaddr[0])[7:]} instead"
                     )
                 raise BindError(
                     exc.errno,

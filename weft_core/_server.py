@@ -855,9 +855,13 @@ class Server:
         if self._finished.wait(bound):
             return True
         if self._stopped_event.is_set():
+            # Every connection is done; the stop under way is still in its last
+            # steps (on_stop, the weft_server_stopped hooks), maybe only just begun:
+            # a stop that started it left stuck tasks at its own bound a moment ago.
             log.warning(
-                "stop(): the stop under way is done but for a plugin's blocking "
-                "weft_server_stopped hook; returning at this stop's bound without it"
+                "stop(): the stop under way has ended its connections but not yet its "
+                "on_stop and weft_server_stopped hooks; returning at this stop's bound "
+                "without waiting for them"
             )
             return True
         return False
