@@ -912,3 +912,23 @@ def test_a_system_exit_in_the_turn_that_close_stops_the_loop_loses_no_stop() -> 
     closer.join(WAIT + 6)
     assert time.monotonic() - began < WAIT / 2
     assert not loop.is_running()
+
+
+def test_uvloop_asked_for_on_an_applications_plain_asyncio_loop_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The application's running loop serves, whatever ``loop`` says: asked for uvloop
+    on a plain asyncio loop, the user was not told they did not get it."""
+    pytest.importorskip("uvloop")
+
+    async def app() -> None:
+        server = Server(echo, manager="asyncio", manager_options={"loop": "uvloop"})
+        server.run()
+        server.stop_accepting()
+        assert await asyncio.to_thread(server.wait, WAIT)
+
+    with caplog.at_level(logging.WARNING, logger="weft.asyncio"):
+        asyncio.run(app())
+    [warning] = [r.getMessage() for r in caplog.records if "uvloop" in r.getMessage()]
+    assert "the application's running loop" in warning
+    assert "uvloop.run(main())" in warning

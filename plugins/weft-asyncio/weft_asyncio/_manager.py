@@ -458,11 +458,28 @@ class AsyncioManager:
                 running = None
             if running is not None and id(running) not in _OWN_LOOPS:
                 home = _Loop(self, running, own=False)
+                self._check_loop_kind(running)
             else:
                 home = _Loop(self, self._new_loop(), own=True)
                 home.start()
             self._home = home
             return home
+
+    def _check_loop_kind(self, running: asyncio.AbstractEventLoop) -> None:
+        """Say so when ``loop="uvloop"`` was asked for and the application's loop is not.
+
+        On an application's running loop, that loop serves, whatever ``loop`` says:
+        a user who asked for uvloop would otherwise not know they did not get it.
+        """
+        kind = type(running).__module__
+        if self._loop_name == "uvloop" and not kind.startswith("uvloop"):
+            log.warning(
+                "asyncio manager: loop='uvloop' was asked for, but the server runs on the "
+                "application's running loop (%s.%s), which serves its connections: run the "
+                "application under uvloop (uvloop.run(main())) to serve on uvloop",
+                kind,
+                type(running).__qualname__,
+            )
 
     def close_loop(self) -> None:
         """End the own loop thread (cancelling what is left), or let go of the application's."""
