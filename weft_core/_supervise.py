@@ -43,7 +43,7 @@ from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
 from ._signals import CONTROL_SIGNALS, NO_CONFIG_FLAG, STOP_SIGNALS, WORKER_FLAG
-from ._wakeup import Wakeup
+from ._wakeup import Wakeup, carry_signals_across_exec, raise_carried_signals
 from ._worker_link import LISTENING_MESSAGE, drain
 from ._worker_sockets import WorkerSockets
 from ._workers import Adopted, Local, Supervisor, check_capacity, worker_args
@@ -97,6 +97,12 @@ def _supervise(
 ) -> int:
     """:func:`supervise`'s body, a stop signal caught from its start."""
     inherited = take_adopted(os.environ)
+    carried = raise_carried_signals(os.environ)
+    if carried:
+        log.info(
+            "re-executed: %s, caught during the exec, acted on now",
+            ", ".join(signal.Signals(s).name for s in carried),
+        )
     count, adopted, slots, base = (
         inherited if inherited is not None else (config.workers, [], [], [])
     )
@@ -396,11 +402,14 @@ def _reexec(argv: list[str], state: str) -> None:
     env = {**os.environ, **taken_environment(), ADOPT_ENV: state}
     handled = {*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    carried, undo = carry_signals_across_exec()
+    env.update(carried)
     for handler in logging.getLogger().handlers:
         handler.flush()
     try:
         os.execve(argv[0], argv, env)
     except OSError as exc:
+        undo()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
         log.error("cannot re-execute %s: %s; serving on", argv[0], exc)
 

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import select
 import signal
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, ClassVar
 
-__all__ = ["Wakeup"]
+__all__ = ["EXEC_SIGNALS_ENV", "Wakeup", "carry_signals_across_exec", "raise_carried_signals"]
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -159,3 +161,81 @@ class Wakeup:
         """Give ``signals`` their default action again, so the next one quits at once."""
         for sig in signals:
             signal.signal(sig, signal.SIG_DFL)
+
+
+#: Set in the environment of an image re-executed on USR2: the descriptor of a pipe
+#: holding the numbers of the signals the old image caught and did not act on.
+EXEC_SIGNALS_ENV = "_WEFT_EXEC_SIGNALS"
+
+
+def carry_signals_across_exec() -> tuple[dict[str, str], Callable[[], None]]:
+    """Before an ``execve``: keep every signal caught from now on for the new image.
+
+    The caller has blocked the signals in its own thread, and the mask survives the
+    exec, but a process-directed signal may still go to another thread, whose
+    handler writes its number to the wakeup fd and which the exec then throws away
+    with the socket (a SIGTERM during an upgrade, lost: the process served on). So
+    the wakeup fd becomes an inheritable pipe, and what the active :class:`Wakeup`
+    caught and nobody read moves there. The new image raises it all again
+    (:func:`raise_carried_signals`). Returns the environment entry naming the pipe,
+    and what undoes it all if the exec fails. Main thread only.
+    """
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    previous = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+    active = Wakeup._active[-1] if Wakeup._active else None
+    unread = b"" if active is None else bytes(s for s in active._drain() if s)
+    if unread:
+        with contextlib.suppress(OSError):
+            os.write(writer, unread)
+    os.set_inheritable(reader, True)
+
+    def undo() -> None:
+        signal.set_wakeup_fd(previous, warn_on_full_buffer=False)
+        os.set_blocking(reader, False)
+        caught = _read_all(reader)
+        os.close(reader)
+        os.close(writer)
+        if active is not None and caught:  # back where the serving loop reads them
+            with contextlib.suppress(OSError):
+                active._writer.send(caught)
+
+    return {EXEC_SIGNALS_ENV: str(reader)}, undo
+
+
+def raise_carried_signals(environ: MutableMapping[str, str]) -> list[int]:
+    """In an image re-executed on USR2: raise again what the old one caught and left.
+
+    Sent to this thread, where those still blocked since the exec stay pending until
+    their handlers are in. Returns their numbers; removes the entry from ``environ``.
+    """
+    text = environ.pop(EXEC_SIGNALS_ENV, None)
+    if not text:
+        return []
+    try:
+        fd = int(text)
+        os.set_blocking(fd, False)
+    except (ValueError, OSError):
+        return []
+    try:
+        caught = _read_all(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    signums = sorted(set(caught) - {0})
+    for signum in signums:
+        signal.pthread_kill(threading.get_ident(), signum)
+    return signums
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(fd, 512)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
