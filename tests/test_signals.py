@@ -477,6 +477,71 @@ def test_a_broken_reload_keeps_the_old_workers(tmp_path: Path) -> None:
         assert served.finish() == 0, served.text
 
 
+@pytest.mark.timeout(90)
+def test_a_broken_reload_keeps_every_old_worker_and_restarts_no_broken_one(
+    tmp_path: Path,
+) -> None:
+    """Three workers, a reload whose code does not import: all three old workers serve
+    on. The failed generation's other starts had stayed current: the count retired an
+    old, serving worker in their place (2 of 3 left) and restarted the broken code
+    for ever, an ERROR each time (an outside check)."""
+    served, address = start(tmp_path, "--workers", "3")
+    with served:
+        ready = [int(m.group(1)) for m in served.wait_for(READY, count=3)]
+        (tmp_path / "app.py").write_text("raise RuntimeError('broken on purpose')\n")
+        served.signal(signal.SIGHUP)
+        served.wait_for("the reload is abandoned and the old workers serve on")
+        # What the broken starts left behind has settled once a marker goes through
+        # the supervisor's loop: the next signal's line comes after them.
+        served.signal(signal.SIGUSR1)
+        served.wait_for("received SIGUSR1")
+        pids: set[int] = set()
+        for _ in range(300):  # the workers take clients in turns: all three soon
+            pids.add(greeting(address)[1])
+            if len(pids) == 3:
+                break
+        assert pids == set(ready), (pids, ready, served.text)
+        assert "retiring it (fewer workers wanted)" not in served.text, served.text
+        assert served.text.count("exited with 2") == 1, served.text
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(90)
+def test_usr2_after_an_abandoned_hand_over_upgrades(tmp_path: Path) -> None:
+    """One process: a HUP whose code does not import is abandoned, the in-process
+    server serving alone; then the code is fixed and USR2 sent. It upgrades (a worker
+    takes over, the process re-executes). It waited for good: "upgrading in place",
+    RELOADING=1, then nothing until a later HUP (an outside check)."""
+    served, address = start(tmp_path)
+    with served:
+        (tmp_path / "app.py").write_text("raise RuntimeError('broken on purpose')\n")
+        served.signal(signal.SIGHUP)
+        served.wait_for("the reload is abandoned")
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGUSR2)
+        served.wait_for(r"re-executed \(pid \d+\)")
+        wait_for_version(address, "v2")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(90)
+def test_usr2_after_an_abandoned_hand_over_with_the_code_still_broken_says_so(
+    tmp_path: Path,
+) -> None:
+    served, address = start(tmp_path)
+    with served:
+        (tmp_path / "app.py").write_text("raise RuntimeError('broken on purpose')\n")
+        served.signal(signal.SIGHUP)
+        served.wait_for("the reload is abandoned")
+        served.signal(signal.SIGUSR2)
+        served.wait_for("the upgrade is abandoned too: serving on the old code")
+        assert greeting(address)[0] == "v1"
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
 @pytest.mark.timeout(60)
 def test_hup_keeps_a_unix_socket_file(tmp_path: Path) -> None:
     """One process on a Unix socket: the file outlives the in-process server's drain,

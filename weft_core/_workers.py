@@ -795,6 +795,14 @@ class Supervisor:
                     log.info("received SIGUSR2: upgrading in place (re-executing, same pid)")
                     self._notifier.reloading("upgrading in place")
                     self._upgrade = True
+                    if self._local_alone():
+                        # A hand-over was abandoned: the in-process server serves with
+                        # no worker, and the exec waits for it to drain, which it does
+                        # only once a worker serves. So a worker first, as on the first
+                        # USR2 (the upgrade had waited for good, RELOADING never ended).
+                        self._reload(
+                            "upgrading: first a worker to take the in-process server's place"
+                        )
             elif signum == signal.SIGTTIN:
                 self._count += 1
                 log.info("received SIGTTIN: %d worker(s) now", self._count)
@@ -814,6 +822,7 @@ class Supervisor:
             return
         current = self._current()
         serving = [w for w in self._old() if w.ready]  # a reload replaced, still serving
+        self._count = max(self._count, 1)  # 0 after a failed hand-over (_abandon_reload)
         log.info(
             "%s: starting %d new worker(s); the %d old one(s) drain once the new are ready",
             why,
@@ -822,7 +831,6 @@ class Supervisor:
         )
         self._notifier.reloading("reloading")
         self._note = ""
-        self._count = max(self._count, 1)  # 0 after a failed hand-over (_abandon_reload)
         self._reloading = True
         self._due.clear()  # whatever was due is started as part of the new generation
         for worker in current:
@@ -1234,7 +1242,9 @@ class Supervisor:
             )
             self._fail(EXIT_RUNTIME)
         elif self._stopping or worker.retiring:
-            log.info("worker %d exited with %s", pid, what)
+            # One retired before it was ready ends as its link tells it to: expected.
+            early = " (retired before it was ready, as asked)" if not worker.ready else ""
+            log.info("worker %d exited with %s%s", pid, what, early)
         elif code == EXIT_USAGE and not worker.ready and self._reloading:
             log.error(
                 "worker %d exited with %s before it was ready: the new code or config is"
@@ -1293,14 +1303,30 @@ class Supervisor:
         """The new generation cannot start: the old one becomes current again."""
         self._reloading = False
         self._due.clear()
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            if not worker.old and not worker.ready and not worker.retiring:
+                # The failed generation's other starts run the same broken code: had
+                # they stayed current, the count would have retired an old, serving
+                # worker in their place and restarted them for ever, with back-off.
+                self._retire(worker, now)
         for worker in self._workers.values():
             if worker.old and not worker.retiring:
                 worker.old = False
         if self._local is not None and not self._local.retired:
             self._count = max(0, self._count - 1)  # the in-process server serves alone
+            if self._upgrade:
+                # Its exec waits for the in-process server to drain, for which no
+                # worker is coming: the upgrade is abandoned with the reload.
+                self._upgrade = False
+                log.error("the upgrade is abandoned too: serving on the old code")
         self._note = "the last reload failed; "
         self._tell_ready("reload failed; serving on the old code")
         self._reload_again()
+
+    def _local_alone(self) -> bool:
+        """True while the in-process server serves and no worker is asked for."""
+        return self._local is not None and not self._local.retired and self._count == 0
 
     def _reload_again(self) -> None:
         """Start the reload asked for while the last one was under way, if one was."""
