@@ -99,6 +99,38 @@ def test_a_blocked_loop_is_dumped_and_replaced(tmp_path: Path, manager: str) -> 
         assert served.finish() == 0, served.text
 
 
+@pytest.mark.timeout(90)
+def test_a_draining_worker_whose_loop_blocks_is_dumped_and_killed_at_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """A HUP retires the worker whose handler blocks its loop: draining, it was no
+    longer watched, so its stacks never reached the log and it lingered until the
+    drain's deadline (graceful timeout plus a margin) with its clients (an outside
+    check). It is dumped and killed at ``timeout``, as a serving one is."""
+    if "trio" not in _registry.available_managers():
+        pytest.skip("weft-trio is not installed")
+    (tmp_path / "blocking.py").write_text(BLOCKING)
+    env = {"WEFT_TIMEOUT": "2"}
+    with serve(tmp_path, "blocking:handle_async", "trio", env, "--graceful-timeout", "60",
+               "--workers", "2") as served:  # fmt: skip
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        ready = {int(m.group(1)) for m in served.wait_for(READY, count=2)}
+        with socket.create_connection(address, timeout=20) as victim:
+            stuck = int(victim.makefile("rb").readline())
+            assert stuck in ready
+            victim.sendall(b"block\n")
+            served.signal(signal.SIGHUP)  # its replacement starts; it is asked to drain
+            served.wait_for(rf"\[{stuck}\] \[INFO\] weft.workers: asked to retire")
+            served.wait_for(
+                rf"worker {stuck} \(draining\): no heartbeat from its runtime loop for 2s"
+            )
+            served.wait_for(rf"worker {stuck}: every thread's stack")
+            served.wait_for(rf"worker {stuck} exited with SIGKILL")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
 #: A log line of weft's text format begins with its time.
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT")
 #: What faulthandler writes: a thread's heading, or one of its frames.

@@ -975,20 +975,34 @@ class Supervisor:
             worker.kill_at = min(worker.kill_at, now)  # its stacks are in the log
 
     def _watch(self, now: float) -> None:
-        """The watchdog: a ready worker silent for ``timeout`` is dumped and replaced."""
+        """The watchdog: a ready worker silent for ``timeout`` is dumped and replaced.
+
+        A draining one too (retired by a reload, TTOU, ``max_requests``): its loop
+        beats until its server has stopped, so silence there is a blocked loop as
+        well, which had lingered, undumped, until the drain's deadline.
+        """
         if self._timeout is None:
             return
         for worker in self._workers.values():
-            if worker.ready and worker.kill_at is None and now - worker.beat > self._timeout:
+            if (
+                worker.ready
+                and not worker.stuck
+                and not worker.stopped  # its server has stopped: no more beats, it exits
+                and (worker.kill_at is None or worker.retiring)
+                and now - worker.beat > self._timeout
+            ):
                 log.error(
-                    "worker %d: no heartbeat from its runtime loop for %ss (blocked?):"
-                    " dumping its stacks to the log and replacing it",
+                    "worker %d%s: no heartbeat from its runtime loop for %ss (blocked?):"
+                    " dumping its stacks to the log and %s it",
                     worker.pid,
+                    " (draining)" if worker.retiring else "",
                     f"{self._timeout:g}",
+                    "killing" if worker.retiring else "replacing",
                 )
                 _send(worker.pid, DUMP_SIGNAL)
                 worker.old = worker.retiring = worker.stuck = True
-                worker.kill_at = now + DUMP_GRACE  # sooner once its dump is read
+                soon = now + DUMP_GRACE  # sooner once its dump is read
+                worker.kill_at = soon if worker.kill_at is None else min(worker.kill_at, soon)
 
     # -- keeping the count ---------------------------------------------------------------
 
