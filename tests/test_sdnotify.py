@@ -225,6 +225,37 @@ def test_a_blocked_loop_stops_the_watchdog_pings(tmp_path: Path, systemd: FakeSy
         served.kill()
 
 
+@pytest.mark.timeout(60)
+def test_after_a_hup_a_blocked_worker_loop_is_still_caught(
+    tmp_path: Path, systemd: FakeSystemd
+) -> None:
+    """One process under WatchdogSec without --timeout: after a HUP the pings come from
+    the supervisor's loop, which a worker's blocked loop does not stop, so the service
+    had no protection left (an outside check). The workers are now watched at
+    WatchdogSec: the blocked one is dumped and replaced."""
+    if "trio" not in _registry.available_managers():
+        pytest.skip("weft-trio is not installed")
+    (tmp_path / "blocking.py").write_text(BLOCKING)
+    env = {
+        **environment(),
+        "NOTIFY_SOCKET": systemd.sock.getsockname(),
+        "WATCHDOG_USEC": "1000000",
+    }
+    argv = weft_serve("blocking:handle", "--manager", "trio", "--bind", "127.0.0.1:0")
+    with Served(argv, cwd=tmp_path, env=env) as served:
+        (match,) = served.wait_for(LISTENING)
+        served.signal(signal.SIGHUP)
+        served.wait_for("the workers' loops are watched with timeout=1s")
+        (ready,) = served.wait_for(READY)
+        with socket.create_connection(host_port(match.group(1)), timeout=10) as client:
+            assert client.recv(100) == b"ok\n"
+            client.sendall(b"block\n")
+            served.wait_for(rf"worker {ready.group(1)}: no heartbeat from its runtime loop")
+            served.wait_for(rf"worker {ready.group(1)} exited with SIGKILL")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
 #: The sockets that filled a listener's queue, kept open for the rest of the run.
 _FILLERS: list[socket.socket] = []
 

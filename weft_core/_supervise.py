@@ -320,6 +320,18 @@ def _supervisor(
     args = worker_args(flags, str(file) if read else None)
     if not read:
         args.append(NO_CONFIG_FLAG)
+    timeout = config.get("timeout")
+    if timeout is None and notifier.watchdog is not None:
+        # systemd's watchdog sees only this process's loop from now on: the workers'
+        # are watched by the supervisor, at WatchdogSec. One process whose loop
+        # systemd watched kept no protection once a HUP made it a supervisor.
+        timeout = 2 * notifier.watchdog
+        args.append(f"--timeout={timeout:g}")
+        log.info(
+            "WatchdogSec is set and --timeout is not: the workers' loops are watched"
+            " with timeout=%ss",
+            f"{timeout:g}",
+        )
     base = [f"--bind=fd:{s.fileno()}" for s in sockets.base()]
     control_path = config.control_socket
 
@@ -339,7 +351,7 @@ def _supervisor(
         count,
         config.graceful_timeout,
         on_stop=on_stop,
-        timeout=config.get("timeout"),
+        timeout=timeout,
         local=local,
         adopted=adopted,
         # The operator's own command line when known, so that ps and pgrep -f see the
