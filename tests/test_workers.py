@@ -52,6 +52,7 @@ from weft_core._workers import (
     restart_delay,
     worker_args,
 )
+from weft_core.testing._support import wait_until
 
 
 @pytest.fixture(params=OUR_MANAGERS)
@@ -445,16 +446,38 @@ def test_a_worker_that_left_tasks_makes_the_supervisor_exit_4(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(60)
-def test_workers_stop_when_the_supervisor_dies(tmp_path: Path) -> None:
-    served, _ = start(tmp_path, "threads")
+def test_workers_drain_and_exit_when_the_supervisor_dies(tmp_path: Path) -> None:
+    """Killed, or a USR2 whose new image fails to start: the workers drain, as on a
+    reload, and exit. They stopped as on SIGTERM, which cut every keep-alive client
+    between two requests at once (an outside check: a total outage, its clients cut)."""
+    served, address = start(tmp_path, "threads")
     with served:
         workers = ready_pids(served, 2)
-        served.proc.kill()
-        served.proc.wait()
-        served.wait_for(r"the supervisor is gone: stopping", count=2)
+        with socket.create_connection(host_port(address), timeout=20) as idle:
+            reader = idle.makefile("rb")
+            pid = int(reader.readline())
+            served.proc.kill()
+            served.proc.wait()
+            served.wait_for(r"the supervisor is gone: draining", count=2)
+            # The other worker, holding no client, has ended; this one still serves
+            # its client's next request.
+            (other,) = workers - {pid}
+            wait_until(lambda: _gone(other), timeout=30)
+            assert not _gone(pid)
+            idle.sendall(b"next request\n")
+            assert reader.readline() == b"next request\n"
+            reader.close()
         served.wait_closed()  # every worker has exited: no writer of stderr is left
-    for pid in workers:
-        assert f"[{pid}] [INFO] weft: stopped" in served.text
+    assert "stopping" not in served.text, served.text
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie no init has reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @pytest.mark.timeout(60)

@@ -104,6 +104,8 @@ class WorkerLink:
         self._server: Any = None
         self._graceful_timeout = 0.0
         self._drain_asked = threading.Event()
+        #: What the drain's log line gives as its reason.
+        self._why = "asked to retire"
         # Whether the server may accept (begin_serving) or was retired before it
         # could: one decision, under the lock, whichever of the two threads comes first.
         self._lock = threading.Lock()
@@ -126,15 +128,20 @@ class WorkerLink:
             return True
 
     def _watch_supervisor(self) -> None:
-        """Drain when asked; stop (as on SIGTERM) when the supervisor is gone."""
+        """Drain when asked, and when the supervisor is gone.
+
+        Gone: killed, or a USR2 whose new image could not start. The worker drains
+        as on a reload, then exits: its clients between two requests are not cut, as
+        a stop (what it did, by SIGTERM) cuts them, and nobody replaces it.
+        """
         try:
             while data := os.read(self._fd, 512):
                 if DRAIN in data:
                     self._retire()
         except OSError:
             pass
-        log.warning("the supervisor is gone: stopping")
-        os.kill(os.getpid(), signal.SIGTERM)
+        self._why = "the supervisor is gone"
+        self._retire()
 
     def _retire(self) -> None:
         """The supervisor asked this worker to go: drain, or end now if it does not serve yet.
@@ -159,8 +166,10 @@ class WorkerLink:
         if server is None or not self._drain_asked.is_set():
             return
         self._drain_asked.clear()
-        log.info(
-            "asked to retire: draining (no new connections; open ones get %ss to end)",
+        log.log(
+            logging.INFO if self._why == "asked to retire" else logging.WARNING,
+            "%s: draining (no new connections; open ones get %ss to end)",
+            self._why,
             f"{self._graceful_timeout:g}",
         )
         graceful = self._graceful_timeout
