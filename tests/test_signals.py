@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 from _load import APP, APP_ASYNC, Load, greeting, wait_for_version, write_app
-from _serving import READY, Served, connects, environment, free_port, host_port, weft_serve
+from _serving import (
+    HOLD,
+    READY,
+    Served,
+    connects,
+    environment,
+    free_port,
+    host_port,
+    weft_serve,
+)
 
 from weft_core import _registry
 from weft_core._signals import reopen_log_files
@@ -540,6 +549,37 @@ def test_usr2_after_an_abandoned_hand_over_with_the_code_still_broken_says_so(
         assert greeting(address)[0] == "v1"
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
+
+
+@pytest.mark.timeout(60)
+def test_one_process_says_which_signals_its_stop_left_unanswered(tmp_path: Path) -> None:
+    """HUP, USR2 and TTIN during a TERM's drain: ignored, as under --workers, where the
+    supervisor says so; one process said nothing at all (an outside check)."""
+    write_app(tmp_path, "v1")
+    served = Served(
+        weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--graceful-timeout", "20"),
+        cwd=tmp_path,
+    )
+    with served:
+        (match,) = served.wait_for(LISTENING)
+        with socket.create_connection(host_port(match.group(1)), timeout=20) as held:
+            reader = held.makefile("rb")
+            reader.readline()  # its pid
+            held.sendall(HOLD)
+            assert reader.readline() == b"holding\n"
+            served.signal(signal.SIGTERM)
+            served.wait_for("received SIGTERM: stopping")
+            for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN):
+                served.signal(signum)
+            # Pending at once; each is caught (its number in the wakeup socket) as
+            # soon as any thread of the server runs, long before the stop can end.
+            held.shutdown(socket.SHUT_WR)  # the handler's loop ends: the stop can end
+            assert reader.readline() == b"done\n"
+            reader.close()
+        assert served.finish() == 0, served.text
+    for name in ("SIGHUP", "SIGUSR2", "SIGTTIN"):
+        assert f"received {name} while stopping: ignored" in served.text, served.text
+    assert "supervisor" not in served.text
 
 
 @pytest.mark.timeout(60)

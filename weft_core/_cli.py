@@ -911,12 +911,26 @@ def _serve_until_stopped(
                 return _drained(server)
     if stop is not None:
         status = _stop_for(server, stop, graceful_timeout, shutdown, notifier, stop_began)
+        _ignored_while_stopping(wakeup)
         if status is not None:
             return status
     if server.error is not None:
         return _fail(f"server stopped: {server.error}", EXIT_RUNTIME)
     # Stopped by itself: a worker retired by its supervisor (a reload, a recycle).
     return _drained(server) if server.stats().get("left_behind", 0) else 0
+
+
+def _ignored_while_stopping(wakeup: Wakeup) -> None:
+    """Say which signals the stop that has just ended left unanswered, as a supervisor does.
+
+    A HUP, USR2, TTIN or TTOU during a stop has nothing left to act on; it went
+    without a line on one process. USR1 still reopens the log files.
+    """
+    for signum in dict.fromkeys(wakeup.wait(0)):
+        if signum == signal.SIGUSR1:
+            log.info("received SIGUSR1: reopened %d log file(s)", reopen_log_files())
+        elif signum in CONTROL_SIGNALS:
+            log.info("received %s while stopping: ignored", signal.Signals(signum).name)
 
 
 def _stop_for(

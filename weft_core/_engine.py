@@ -1242,9 +1242,10 @@ class Engine(ABC, Generic[R]):
 
         if not call_within(stop_them, wait, "weft stop acceptors") and wait:
             log.warning(
-                "the acceptor did not stop within %ss: the %s runtime's loop did not "
-                "answer (a task blocks it, or a long burst of work keeps it busy); the "
-                "listener closes once it does",
+                "the acceptor did not stop within %ss: %s did not end its task in "
+                "time (an event loop that a task blocks or a long burst of work keeps "
+                "busy; on threads, the acceptor's thread waiting for the GIL behind "
+                "many busy ones); the listener closes once it does",
                 wait,
                 type(self.manager).__name__,
             )
