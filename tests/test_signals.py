@@ -478,6 +478,13 @@ def test_a_broken_reload_keeps_the_old_workers(tmp_path: Path) -> None:
         (tmp_path / "app.py").write_text("raise RuntimeError('broken on purpose')\n")
         served.signal(signal.SIGHUP)
         served.wait_for("the reload is abandoned and the old workers serve on")
+        # The worker's own line, which the supervisor's points to, is a whole log
+        # line (time, pid, level) among the others, not a bare "weft: ..." one.
+        assert re.search(
+            r"^\d{4}-\S+ \[\d+\] \[ERROR\] weft: cannot import handler 'app:handle'",
+            served.text,
+            re.M,
+        ), served.text
         assert greeting(address)[0] == "v1"
         write_app(tmp_path, "v2")
         served.signal(signal.SIGHUP)

@@ -35,7 +35,14 @@ from ._errors import BindError, ConfigError, UnknownManagerError, WeftError
 from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
-from ._logging import flush_at_exit_by, json_asked_for, print_line, setup_logging, stderr_line
+from ._logging import (
+    flush_at_exit_by,
+    json_asked_for,
+    print_line,
+    setup_logging,
+    stderr_line,
+    whole_lines,
+)
 from ._logsafe import escape_for_log
 from ._osthreads import one_cpu
 from ._process import PidFile, bind_first, drop_privileges
@@ -338,6 +345,7 @@ def _serve(ns: argparse.Namespace) -> int:
     link: _worker_link.WorkerLink | None = None
     try:
         if ns.supervisor_fd is not None:
+            whole_lines()
             link = _worker_link.become_worker(ns.supervisor_fd)
         # Read (and unset) always, as sd_listen_fds(1) does; used when nothing is bound.
         inherited = _activation.listen_fds()

@@ -301,7 +301,7 @@ def stderr_line(message: str, level: int = logging.ERROR, **fields: Any) -> str:
     a log pipeline reads parses; ``weft: message`` otherwise, fields left out.
     """
     formatter: logging.Formatter | None = None
-    if _own_handler is not None and logs_json():
+    if _own_handler is not None and (logs_json() or _whole_lines):
         formatter = _own_handler.formatter
     elif _own_handler is None and _json_asked:
         formatter = JsonFormatter()
@@ -310,6 +310,18 @@ def stderr_line(message: str, level: int = logging.ERROR, **fields: Any) -> str:
         record.__dict__.update(fields)
         return formatter.format(record)
     return f"weft: {message}"
+
+
+#: A worker's: its one-line failures are whole log lines (time, pid, level) in the
+#: text format too, since they land among its siblings' and its supervisor's, which
+#: points to them ("see its message above"). Set by :func:`whole_lines`.
+_whole_lines = False
+
+
+def whole_lines() -> None:
+    """Make :func:`stderr_line` write whole log lines once logging is set up (a worker)."""
+    global _whole_lines
+    _whole_lines = True
 
 
 #: ``--log-format json`` or ``WEFT_LOG_FORMAT=json`` was given, seen before the
