@@ -145,16 +145,7 @@ class Wakeup:
 
     def _drain(self) -> bytes:
         """Everything written to the socket so far (signal numbers, and zeros from wake())."""
-        chunks: list[bytes] = []
-        while True:
-            try:
-                data = self._reader.recv(512)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not data:
-                break
-            chunks.append(data)
-        return b"".join(chunks)
+        return _read_all(self._reader.fileno())
 
     @staticmethod
     def default(signals: Iterable[int]) -> None:
@@ -229,6 +220,7 @@ def raise_carried_signals(environ: MutableMapping[str, str]) -> list[int]:
 
 
 def _read_all(fd: int) -> bytes:
+    """What a non-blocking descriptor holds now, up to its end."""
     chunks: list[bytes] = []
     while True:
         try:
