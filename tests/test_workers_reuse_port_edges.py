@@ -203,7 +203,11 @@ def test_usr2_while_a_retired_worker_drains_leaks_no_descriptor(
             while os.path.exists(f"/proc/{pid}"):
                 assert time.monotonic() < deadline, f"worker {pid} still there"
                 time.sleep(0.05)
-        after = fds_of(sup)
+        # The pid leaves /proc as the supervisor reaps it, a moment before it closes
+        # that worker's link and dump pipe (its loop's next lines): wait that out.
+        deadline = time.monotonic() + 10
+        while len(after := fds_of(sup)) != len(before) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(after) == len(before), (
             f"the supervisor held {len(before)} descriptors before two USR2s and"
             f" {len(after)} after, every worker of before gone: {sorted(after.values())}"
