@@ -67,21 +67,25 @@ def types(session: nox.Session) -> None:
     )
 
 
+def _pytest_workers() -> int:
+    """One pytest worker per core (pytest-xdist), the idle workers taking tests from the
+    busy ones' queues: most tests wait on real processes, clients and timeouts, so two
+    cores halve the wall time. At most 4: a container may see more cores than it may
+    use, and the tests' bounds hold with 4 workers on 2 cores, not with 64."""
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The core tests and the conformance suite, against every installed manager."""
     install_weft(session, *PLUGINS)
     for plugin in PLUGINS:  # smoke-import each plugin after install
         session.run("python", "-c", f"import {plugin.replace('-', '_')}")
-    # One pytest worker per core (pytest-xdist), the idle workers taking tests from the
-    # busy ones' queues: most tests wait on real processes, clients and timeouts, so
-    # two cores halve the wall time. At most 4: a container may see more cores than
-    # it may use, and the tests' bounds hold with 4 workers on 2 cores, not with 64.
     # ``nox -s tests -- -n 0`` runs them in one process. Tests marked ``serial`` pin
     # workers to a core and measure their shares of it: they run first, alone, on a
     # quiet machine, where a serial run always had them (right after the parallel
     # part a gevent burst came out 68:32 once, the cause not known).
-    workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    workers = _pytest_workers()
     selected = [0, 5]  # 5: none selected (a -k that picks only the other part)
     session.run("pytest", "tests", "-m", "serial", *session.posargs, success_codes=selected)
     session.run("pytest", "tests", "-n", str(workers), "--dist", "worksteal",
@@ -94,7 +98,8 @@ def plugin(session: nox.Session, plugin: str) -> None:
     """One plugin's own tests, with only that plugin installed (a watcher: and every manager)."""
     managers = [p for p in PLUGINS if p not in WATCHERS] if plugin in WATCHERS else []
     install_weft(session, plugin, *managers)
-    session.run("pytest", f"plugins/{plugin}/tests", *session.posargs)
+    session.run("pytest", f"plugins/{plugin}/tests", "-n", str(_pytest_workers()),
+                "--dist", "worksteal", *session.posargs)  # fmt: skip
 
 
 @nox.session
