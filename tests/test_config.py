@@ -430,6 +430,20 @@ def test_unknown_env_var_is_a_warning_suggesting_the_closest(tmp_path: Path) -> 
     assert "tls is a table: set its parts one by one, as WEFT_TLS_CERTFILE" in str(exc)
 
 
+def test_unix_mode_with_no_unix_socket_to_make_is_a_warning(tmp_path: Path) -> None:
+    """An option that can have no effect was taken silently (an outside check)."""
+    config = load(tmp_path, env={"WEFT_UNIX_MODE": "600"})
+    assert config.warnings == (
+        "unix_mode from environment variable WEFT_UNIX_MODE is not used: neither bind nor"
+        " address names a Unix socket (unix:PATH) this server makes",
+    )
+    for env in (
+        {"WEFT_UNIX_MODE": "600", "WEFT_ADDRESS": "unix:/tmp/s.sock"},
+        {"WEFT_UNIX_MODE": "600", "WEFT_BIND": "127.0.0.1:0,unix:/tmp/s.sock"},
+    ):
+        assert load(tmp_path, env=env).warnings == (), env
+
+
 def test_a_plugins_own_env_vars_are_left_to_it(tmp_path: Path) -> None:
     """WEFT_<PLUGIN>_* belongs to an installed plugin (entry point PLUGIN): never unknown."""
     if "threads" not in available_managers():

@@ -606,6 +606,11 @@ def load_config(
     for value in merged.values():
         if isinstance(value, _Unusable):  # a platform default nothing replaced
             raise value.error
+    if "unix_mode" in merged and not _names_a_unix_socket(merged):
+        warnings.append(
+            f"unix_mode from {origins['unix_mode']} is not used: neither bind nor address"
+            " names a Unix socket (unix:PATH) this server makes"
+        )
     if "log_config" in merged:
         for key in _REPLACED_BY_LOG_CONFIG:
             if key in merged:
@@ -614,6 +619,13 @@ def load_config(
                     f" ({origins['log_config']}) says how to log"
                 )
     return _assemble(merged, origins, None if file is None else file[0], warnings)
+
+
+def _names_a_unix_socket(merged: _Settings) -> bool:
+    """Whether the endpoints ``merged`` sets include a Unix socket weft makes (``unix:``)."""
+    bind = merged.get("bind")
+    endpoints = bind if isinstance(bind, list) else [merged.get("address")]
+    return any(isinstance(text, str) and text.startswith("unix:") for text in endpoints)
 
 
 def _unread_pyproject(base: Path, warnings: list[str]) -> None:
