@@ -58,7 +58,7 @@ from ._signals import (
     release_starting_hold,
     reopen_log_files,
 )
-from ._wakeup import Wakeup
+from ._wakeup import Wakeup, die_by
 
 __all__ = ["build_parser", "import_handler", "main"]
 
@@ -758,8 +758,7 @@ def _run(
                 if stop_began:
                     if now - stop_began[0] < STOP_REPEAT_WINDOW:
                         return  # the same request, sent twice (timeout(1) does)
-                    signal.signal(signum, signal.SIG_DFL)  # the second: quit at once
-                    os.kill(os.getpid(), signum)
+                    die_by(signum)  # the second: quit at once (as PID 1 too)
                 stop_began.append(now)
             if deadline.armed:  # QUIT during a graceful stop: cut it short, as asked
                 # Not threading.Thread(...).start(), which waits for the thread to begin:

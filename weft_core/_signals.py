@@ -30,6 +30,7 @@ from collections.abc import MutableMapping
 from ._files import open_log_file
 from ._jobcontrol import JOB_STOPS, leave_terminal
 from ._logsafe import escape_for_log
+from ._wakeup import die_by
 
 __all__ = [
     "CONTROL_SIGNALS",
@@ -122,6 +123,10 @@ def hold_while_starting() -> list[str]:
     for signum in STARTING_HELD:
         signal.signal(signum, _held.note)
     signal.signal(signal.SIGQUIT, _held.quit)
+    if os.getpid() == 1:
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(signum, _held.stop)
     if is_worker(sys.argv):
         leave_terminal()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_START_BLOCKED)
@@ -142,6 +147,12 @@ def release_starting_hold() -> None:
             signal.signal(signum, signal.SIG_DFL)
     if signal.getsignal(signal.SIGQUIT) == held.quit:
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) == held.stop:
+            signal.signal(
+                signum,
+                signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL,
+            )
 
 
 class _Held:
@@ -158,8 +169,17 @@ class _Held:
     @staticmethod
     def quit(signum: int, frame: object) -> None:
         """QUIT before anything serves: nothing to cut short; end as TERM does, no core dump."""
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        die_by(signal.SIGTERM)
+
+    @staticmethod
+    def stop(signum: int, frame: object) -> None:
+        """TERM or INT before anything serves, as PID 1: what the default action would do.
+
+        The kernel spares PID 1 of a PID namespace every default action, so a TERM
+        during a slow import (``docker stop`` as the container boots) was lost, and
+        the container served on until its SIGKILL.
+        """
+        die_by(signum)
 
 
 #: The hold in force (see :func:`hold_while_starting`), if any.

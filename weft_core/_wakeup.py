@@ -25,7 +25,13 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from types import FrameType, TracebackType
 from typing import Any, ClassVar
 
-__all__ = ["EXEC_SIGNALS_ENV", "Wakeup", "carry_signals_across_exec", "raise_carried_signals"]
+__all__ = [
+    "EXEC_SIGNALS_ENV",
+    "Wakeup",
+    "carry_signals_across_exec",
+    "die_by",
+    "raise_carried_signals",
+]
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -149,9 +155,29 @@ class Wakeup:
 
     @staticmethod
     def default(signals: Iterable[int]) -> None:
-        """Give ``signals`` their default action again, so the next one quits at once."""
+        """Give ``signals`` their default action again, so the next one quits at once.
+
+        As PID 1 (a container's), whose default actions the kernel ignores, a
+        handler that exits as the default action would (:func:`die_by`) instead.
+        """
         for sig in signals:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, _die_by_handler if os.getpid() == 1 else signal.SIG_DFL)
+
+
+def die_by(signum: int) -> None:
+    """End this process as ``signum``'s default action would, at once.
+
+    By the signal itself, sent to this thread (so delivered before this returns);
+    as PID 1 of a PID namespace, where the kernel applies no default action, with
+    status 128 + ``signum`` (what a shell reports for a death by that signal).
+    """
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_kill(threading.get_ident(), signum)
+    os._exit(128 + signum)  # still here: PID 1, which its default action spares
+
+
+def _die_by_handler(signum: int, frame: FrameType | None) -> None:
+    die_by(signum)
 
 
 #: Set in the environment of an image re-executed on USR2: the descriptor of a pipe
