@@ -231,6 +231,16 @@ def test_a_unix_peer_is_trusted_only_when_listed() -> None:
         ProxyPolicy.from_settings(["unix:/path"], 5)
 
 
+def test_a_trusted_network_written_ipv4_mapped_matches_its_clients() -> None:
+    """``::ffff:127.0.0.0/104`` was taken by the config and never matched: a mapped peer
+    is compared as its IPv4 address, and the balancer was refused as untrusted."""
+    mapped = ProxyPolicy.from_settings(["::ffff:127.0.0.0/104"], 5)
+    assert mapped.trusts(("::ffff:127.0.0.1", 1, 0, 0))
+    assert mapped.trusts(("127.0.0.1", 1))
+    assert not mapped.trusts(("::ffff:10.0.0.1", 1, 0, 0))
+    assert not mapped.trusts(("::1", 1, 0, 0))
+
+
 def test_config_accepts_unix_in_trusted_proxies(tmp_path: Path) -> None:
     (tmp_path / "weft.toml").write_text('trusted_proxies = ["unix", "10.0.0.5"]\n')
     config = load_config(config_file=tmp_path / "weft.toml", environ={}, cwd=tmp_path)

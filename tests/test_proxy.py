@@ -54,7 +54,23 @@ def valid_headers(draw: st.DrawFn) -> bytes:
 
 
 def canon(addr: tuple[str, int]) -> tuple[str, int]:
-    return str(ipaddress.ip_address(addr[0])), addr[1]
+    """The address as the parser writes it: an IPv4-mapped one as ``::ffff:a.b.c.d``,
+    as the socket module writes a peer's (Python 3.11's ``str()`` writes hex)."""
+    ip = ipaddress.ip_address(addr[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (str(ip) if mapped is None else f"::ffff:{mapped}"), addr[1]
+
+
+def test_an_ipv4_mapped_client_reads_as_the_socket_module_writes_it() -> None:
+    """A dual-stack balancer's IPv4 client was ``::ffff:7f00:1`` in the handler and the
+    logs, where the same client straight to a dual socket is ``::ffff:127.0.0.1``."""
+    for raw in (
+        b"PROXY TCP6 ::ffff:127.0.0.1 ::1 5000 80\r\n",
+        build_v2(("::ffff:127.0.0.1", 5000), ("::1", 80)),
+    ):
+        h = parse_proxy_header(raw)
+        assert h is not None
+        assert h.source == ("::ffff:127.0.0.1", 5000)
 
 
 def expect_error(data: bytes) -> None:

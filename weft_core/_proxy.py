@@ -242,9 +242,35 @@ def _v1_address(proto: bytes, value: bytes) -> str:
     if not value or not _IPV6_CHARS.issuperset(value):
         raise ProxyHeaderError("v1: invalid IPv6 address")
     try:
-        return str(ipaddress.IPv6Address(value.decode("ascii")))
+        return _ipv6_text(ipaddress.IPv6Address(value.decode("ascii")))
     except ValueError:
         raise ProxyHeaderError("v1: invalid IPv6 address") from None
+
+
+def _ipv6_text(address: ipaddress.IPv6Address) -> str:
+    """An IPv6 address as the socket module writes a peer's (``::ffff:127.0.0.1``).
+
+    For an IPv4-mapped one Python 3.11's ``str()`` gives ``::ffff:7f00:1``. A client a dual-stack balancer announces then reads as the same client would
+    connecting straight to a ``dual`` socket, with the IPv4 address an operator
+    greps the logs for.
+    """
+    mapped = address.ipv4_mapped
+    return str(address) if mapped is None else f"::ffff:{mapped}"
+
+
+def _plain(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:10.0.0.0/104``) as the IPv4 one it means.
+
+    A mapped peer is compared as its IPv4 address, so the network it was written
+    in never matched: the balancer was refused as untrusted.
+    """
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _v1_port(value: bytes) -> int:
@@ -299,8 +325,11 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         src = (str(ipaddress.IPv4Address(block[0:4])), int.from_bytes(block[8:10], "big"))
         dst = (str(ipaddress.IPv4Address(block[4:8])), int.from_bytes(block[10:12], "big"))
     elif addr_size == 36:
-        src = (str(ipaddress.IPv6Address(block[0:16])), int.from_bytes(block[32:34], "big"))
-        dst = (str(ipaddress.IPv6Address(block[16:32])), int.from_bytes(block[34:36], "big"))
+        src = (_ipv6_text(ipaddress.IPv6Address(block[0:16])), int.from_bytes(block[32:34], "big"))
+        dst = (
+            _ipv6_text(ipaddress.IPv6Address(block[16:32])),
+            int.from_bytes(block[34:36], "big"),
+        )
     elif addr_size == 216:
         src = _unix_path(block[:_UNIX_PATH])
         dst = _unix_path(block[_UNIX_PATH:])
@@ -519,7 +548,7 @@ class ProxyPolicy:
                 unix = True
                 continue
             try:
-                networks.append(ipaddress.ip_network(text, strict=False))
+                networks.append(_plain(ipaddress.ip_network(text, strict=False)))
             except ValueError as exc:
                 raise ValueError(
                     f"not a network: {text!r} ({exc}); expected a network such as "
