@@ -341,6 +341,39 @@ def test_a_tls_client_that_resets_is_a_peer_error_not_an_end(
     )
 
 
+def write_after_the_end(conn: Any) -> None:
+    """Wait for the end of input, then write on: what meets a client gone without a word."""
+    conn.recv(1)
+    for _ in range(20):
+        conn.sendall(b"x" * 65536)
+
+
+async def awrite_after_the_end(stream: Any) -> None:
+    await stream.receive_some(1)
+    for _ in range(20):
+        await stream.send_all(b"x" * 65536)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_tls_client_gone_without_close_notify_is_the_peers_end_not_a_tls_failure(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+) -> None:
+    """A balancer's TLS health check (haproxy's ``check-ssl``): handshake, then close
+    with no ``close_notify``. On threads and gevent the handler's next write raised
+    ``SSLEOFError`` or ``SSLZeroReturnError``, counted in ``tls_errors`` and logged at
+    WARNING, every check, all day (an outside check). It is the peer's going away."""
+    server = serve(manager, options, write_after_the_end, awrite_after_the_end,
+                   tls=tls_files(certs))  # fmt: skip
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    tls = _context(certs["ca"]).wrap_socket(raw)
+    raw_fd = tls.detach()  # the TLS object is dropped unclosed: no close_notify
+    socket.socket(fileno=raw_fd).close()
+    wait_until(lambda: server.stats()["active"] == 0, what="the handler to end")
+    counters = _counters(server)
+    assert counters["tls_errors"] == 0 and counters["handler_errors"] == 0, (manager, counters)
+
+
 @pytest.mark.timeout(60)
 def test_an_applications_own_sslsocket_class_is_kept_on_threads(
     serve: Any, certs: dict[str, str]

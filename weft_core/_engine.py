@@ -871,7 +871,7 @@ class Engine(ABC, Generic[R]):
             log.debug("handler for %s cut off by the stop: %r", info.peer_str, exc)
             return
         tls_error = _tls_error(exc)
-        if tls_error is not None:
+        if tls_error is not None and not _tls_peer_gone(tls_error):
             # The peer broke the TLS session (a renegotiation, a forged record, an
             # alert): its doing, not the handler's, and it must not flood the log.
             self._tls_failed(info, tls_error, stage="session")
@@ -1504,7 +1504,24 @@ def _peer_error(exc: BaseException) -> bool:
     trio reports a reset as ``trio.BrokenResourceError`` caused by the
     ConnectionResetError; that is the peer's doing too, not the handler's.
     """
-    return isinstance(exc, ConnectionError) or isinstance(exc.__cause__, ConnectionError)
+    return (
+        isinstance(exc, ConnectionError)
+        or isinstance(exc.__cause__, ConnectionError)
+        or _tls_peer_gone(_tls_error(exc))
+    )
+
+
+def _tls_peer_gone(exc: BaseException | None) -> bool:
+    """A TLS peer that has closed its connection, met by a write after it.
+
+    What a balancer's TLS health check does (haproxy's ``check-ssl``): handshake,
+    then close, without ``close_notify``. It is the peer's going away, as a reset is,
+    not a broken TLS session to warn of: asyncio and trio take it as the end of
+    input; on threads and gevent the handler's next write raised ``SSLEOFError`` or
+    ``SSLZeroReturnError``, which was counted in ``tls_errors`` and logged at WARNING.
+    """
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
 
 
 def _tls_error(exc: BaseException | None) -> BaseException | None:
