@@ -54,3 +54,22 @@ def test_a_port_this_program_holds_is_not_blamed_on_another_process() -> None:
         message = _bind_error(address="127.0.0.1", port=port)
     assert "Address already in use" in message
     assert "one this program opened itself" in message, message
+    # A port the kernel picked (port 0) is in its range for outgoing connections,
+    # whose own ends can hold a port with nothing listening: said too.
+    assert "ip_local_port_range" in message, message
+
+
+def test_a_port_outside_the_ephemeral_range_names_no_outgoing_connection() -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for port in range(5990, 6010):
+            try:
+                holder.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        else:
+            pytest.skip("no free port in 5990-6009")
+        holder.listen()
+        message = _bind_error(address="127.0.0.1", port=port)
+    assert "ip_local_port_range" not in message, message

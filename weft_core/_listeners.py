@@ -222,6 +222,25 @@ def _other_family(host: str | None, family: Family) -> str:
     )
 
 
+def _ephemeral_hint(port: object) -> str:
+    """Where ``port`` is one the kernel hands out to outgoing connections, say so.
+
+    There a connection's own end can hold it, with nothing listening (ss -tan shows
+    it): a port chosen from that range is taken now and then, on a busy machine.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as text:
+            low, high = (int(x) for x in text.read().split())
+    except (OSError, ValueError):
+        return ""
+    if isinstance(port, int) and low <= port <= high:
+        return (
+            f", or an outgoing connection's own end: {port} is in the range the kernel"
+            f" gives outgoing connections ({low}-{high}, ip_local_port_range)"
+        )
+    return ""
+
+
 def _where(host: str | None, port: int | str | None) -> str:
     host = host or "*"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -273,7 +292,9 @@ def _open_tcp(
                         " such as localhost resolves to an address given too): give it once"
                         if sockaddr in bound
                         else "; another socket is listening there (another process's, or one"
-                        " this program opened itself): stop it or pick another port"
+                        " this program opened itself)"
+                        + _ephemeral_hint(sockaddr[1])
+                        + ": stop it or pick another port"
                     )
                 elif exc.errno == errno.EINVAL and str(sockaddr[0]).lower().startswith("::ffff:"):
                     hint = (
