@@ -90,7 +90,7 @@ def test_a_failed_reexec_gives_the_caught_signal_back_to_the_serving_loop() -> N
         other = threading.Thread(target=threading.Event().wait, daemon=True)
         other.start()
         with Wakeup((*STOP_SIGNALS, *CONTROL_SIGNALS)) as wakeup:
-            _supervise._reexec(["/nonexistent"], "{}")
+            _supervise._reexec([sys.executable, "-c", "pass"], "{}")
             print("read", sorted(signal.Signals(s).name for s in wakeup.wait(5)), flush=True)
         """
     )

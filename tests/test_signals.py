@@ -589,6 +589,63 @@ def test_one_process_says_which_signals_its_stop_left_unanswered(tmp_path: Path)
     assert "supervisor" not in served.text
 
 
+#: A weft_core that fails to import while a file named FAIL is beside it, and is the
+#: real one otherwise: an upgrade of weft that broke it, as the new image would find.
+SHADOW = """\
+import os as _os
+import weft_core_real_path as _real
+
+if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "..", "FAIL")):
+    raise ImportError("the upgraded weft is broken")
+__path__[:] = [_real.PATH]
+__file__ = _os.path.join(_real.PATH, "__init__.py")
+with open(__file__) as _source:
+    exec(compile(_source.read(), __file__, "exec"))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_usr2_to_an_image_that_cannot_import_weft_keeps_the_old_one_serving(
+    tmp_path: Path,
+) -> None:
+    """USR2 when the new weft cannot start: the exec left no supervisor, and every
+    worker drained and exited, a whole outage (an outside check). The supervisor now
+    tries the new image's import first and, if it fails, serves on."""
+    import weft_core
+
+    shadow = tmp_path / "shadow"
+    (shadow / "weft_core").mkdir(parents=True)
+    (shadow / "weft_core" / "__init__.py").write_text(SHADOW)
+    real = Path(weft_core.__file__).parent
+    (shadow / "weft_core_real_path.py").write_text(f"PATH = {str(real)!r}\n")
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env["PYTHONPATH"]])
+    write_app(tmp_path, "v1")
+    served = Served(
+        weft_serve(APP, "--bind", "127.0.0.1:0", "--workers", "2", "--graceful-timeout", "10"),
+        cwd=tmp_path,
+        env=env,
+    )
+    with served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        served.wait_for(READY, count=2)
+        (shadow / "FAIL").write_text("")
+        served.signal(signal.SIGUSR2)
+        served.wait_for(
+            r"cannot upgrade: the new image would not start \(ImportError: the upgraded"
+            r" weft is broken\); serving on the old code"
+        )
+        assert greeting(address)[0] == "v1"
+        (shadow / "FAIL").unlink()
+        write_app(tmp_path, "v2")
+        served.signal(signal.SIGUSR2)
+        served.wait_for(r"re-executed \(pid \d+\)")
+        wait_for_version(address, "v2")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
 @pytest.mark.timeout(60)
 def test_hup_keeps_a_unix_socket_file(tmp_path: Path) -> None:
     """One process on a Unix socket: the file outlives the in-process server's drain,

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -38,6 +39,7 @@ from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._listeners import Listener, close_listener, open_listeners
 from ._logging import share_line_lock
+from ._logsafe import escape_for_log
 from ._sdnotify import Notifier, taken_environment
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
@@ -399,6 +401,38 @@ def _own_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "weft_core", *argv]
 
 
+#: How long the check that the new image imports weft may take (a cold disk, a slow
+#: machine); past it the upgrade is refused as if the import had failed.
+PRECHECK_TIMEOUT = 30.0
+
+
+def _new_image_fails(executable: str) -> str | None:
+    """Why a fresh ``executable`` cannot import weft's command line, or None if it can.
+
+    Run before the exec: an image that cannot start (a broken upgrade of weft or of
+    what it needs) would leave no supervisor, and every worker drains and exits for
+    want of one. Checked so, the old image serves on. Only the import: the new
+    image's config and the application are the new workers' to load, and a reload
+    whose code is broken is abandoned, the adopted workers serving on.
+    """
+    try:
+        done = subprocess.run(
+            [executable, "-c", "import weft_core._cli"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PRECHECK_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"importing weft took more than {PRECHECK_TIMEOUT:g}s"
+    except OSError as exc:
+        return f"{executable}: {exc.strerror or exc}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return escape_for_log(lines[-1] if lines else f"exit status {done.returncode}")
+
+
 def _reexec(argv: list[str], state: str) -> None:
     """USR2: replace this process's image with a fresh ``weft serve`` of the same PID.
 
@@ -409,6 +443,13 @@ def _reexec(argv: list[str], state: str) -> None:
     between is acted on rather than killing the process. Returns only if the exec
     failed (logged).
     """
+    problem = _new_image_fails(argv[0])
+    if problem is not None:
+        log.error(
+            "cannot upgrade: the new image would not start (%s); serving on the old code",
+            problem,
+        )
+        return
     # The notification variables this process took for itself: the new image is
     # the same service, the same PID.
     env = {**os.environ, **taken_environment(), ADOPT_ENV: state}
