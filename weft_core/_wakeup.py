@@ -20,7 +20,6 @@ import os
 import select
 import signal
 import socket
-import threading
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, ClassVar
@@ -167,12 +166,14 @@ class Wakeup:
 def die_by(signum: int) -> None:
     """End this process as ``signum``'s default action would, at once.
 
-    By the signal itself, sent to this thread (so delivered before this returns);
-    as PID 1 of a PID namespace, where the kernel applies no default action, with
-    status 128 + ``signum`` (what a shell reports for a death by that signal).
+    By the signal itself, raised in this OS thread (``raise()``: delivered before
+    it returns); as PID 1 of a PID namespace, where the kernel applies no default
+    action, with status 128 + ``signum`` (what a shell reports for a death by that
+    signal). Not ``pthread_kill(threading.get_ident())``: under gevent's patching
+    that ident names a greenlet, and the call failed with ESRCH.
     """
     signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_kill(threading.get_ident(), signum)
+    signal.raise_signal(signum)
     os._exit(128 + signum)  # still here: PID 1, which its default action spares
 
 
@@ -241,7 +242,9 @@ def raise_carried_signals(environ: MutableMapping[str, str]) -> list[int]:
             os.close(fd)
     signums = sorted(set(caught) - {0})
     for signum in signums:
-        signal.pthread_kill(threading.get_ident(), signum)
+        # raise() goes to this OS thread whatever gevent's patching makes of
+        # threading.get_ident(); one still blocked stays pending here.
+        signal.raise_signal(signum)
     return signums
 
 
