@@ -247,6 +247,9 @@ def test_after_a_hup_a_blocked_worker_loop_is_still_caught(
         served.signal(signal.SIGHUP)
         served.wait_for("the workers' loops are watched with timeout=1s")
         (ready,) = served.wait_for(READY)
+        # Until then the in-process server may take the client (and be the one it
+        # blocks): the worker alone accepts once it has drained.
+        served.wait_for("the in-process server has drained")
         with socket.create_connection(host_port(match.group(1)), timeout=10) as client:
             assert client.recv(100) == b"ok\n"
             client.sendall(b"block\n")
