@@ -240,15 +240,21 @@ class ServerProcess(Child):
         return float(seconds), clean == "1"
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every core has spent busy since boot (``/proc/stat``; steal counts as busy).
+def cpu_ticks() -> tuple[int, int]:
+    """Clock ticks every core has spent busy, and in all, since boot (``/proc/stat``).
 
-    Busy is all but idle and iowait: on a virtual machine the time the host gave to
-    other guests (steal) is time the server did not get either.
+    Busy is all but idle and iowait, steal included: on a virtual machine the time
+    the host gave to other guests is time the server did not get either.
     """
     with open("/proc/stat") as stat:
         fields = [int(x) for x in stat.readline().split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / _TICK
+    total = sum(fields)
+    return total - fields[3] - fields[4], total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core has spent busy since boot (:func:`cpu_ticks`)."""
+    return cpu_ticks()[0] / _TICK
 
 
 class OthersCPU:

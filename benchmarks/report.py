@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .procs import cpu_ticks
 from .server import RAW_BACKENDS
 from .suites import IDLE_RUNS
 from .workers import CONNECTIONS as WORKERS_CONNECTIONS
@@ -112,17 +113,10 @@ def machine(wrk_version: str | None) -> dict[str, Any]:
 
 def cpu_busy(seconds: float = BUSY_SAMPLE) -> float | None:
     """Share of all cores' time spent busy over ``seconds`` (from ``/proc/stat``)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            fields = [int(x) for x in stat.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
-
     try:
-        busy0, total0 = sample()
+        busy0, total0 = cpu_ticks()
         time.sleep(seconds)
-        busy1, total1 = sample()
+        busy1, total1 = cpu_ticks()
     except (OSError, ValueError, IndexError):
         return None
     return (busy1 - busy0) / max(1, total1 - total0)
@@ -525,9 +519,7 @@ def workers_summary(records: list[dict[str, Any]], managers: list[str]) -> list[
             server_cpu = median(
                 [{"cpu": sum(r["worker_cpu"])} for r in rs if r.get("worker_cpu")], "cpu"
             )
-            rates = [
-                {"v": r["rps"] / sum(r["worker_cpu"])} for r in rs if sum(r["worker_cpu"] or [0])
-            ]
+            rates = [{"v": v} for r in rs if (v := _rps_per_core(r)) is not None]
             entry[name] = {
                 "layout": what,
                 "workers": count,
@@ -581,11 +573,14 @@ def _fmt(value: float | str | None, unit: str) -> str:
 
 def ratio_text(row: Row) -> str:
     """The median ratio (``1.023``, times sign), and its lowest-highest pair if they differ."""
-    if row.ratio is None:
-        return "—"
-    text = f"{row.ratio:.3f}{TIMES}"
-    if row.spread is not None:
-        low, high = (f"{x:.2f}" for x in row.spread)
+    return "—" if row.ratio is None else _ranged(row.ratio, row.spread)
+
+
+def _ranged(value: float, spread: list[float] | None) -> str:
+    """``value`` as a ratio, and ``spread``'s lowest-highest if they differ."""
+    text = f"{value:.3f}{TIMES}"
+    if spread is not None:
+        low, high = (f"{x:.2f}" for x in spread)
         text += f" ({low}-{high})" if low != high else ""
     return text
 
@@ -651,8 +646,9 @@ WORKERS_BUSIEST_TARGET = 0.60
 
 
 def _rps_per_core(record: dict[str, Any]) -> float | None:
+    """Requests per second per core the workers used, in one run (None without CPU)."""
     cpu = sum(record.get("worker_cpu") or [])
-    return record["rps"] / cpu if cpu and record.get("rps") else None
+    return record["rps"] / cpu if cpu and record.get("rps") is not None else None
 
 
 def _busiest(record: dict[str, Any]) -> float | None:
@@ -752,11 +748,6 @@ def workers_table(entries: list[dict[str, Any]], seconds: float) -> str:
             )
             name = ""
     return "\n".join(lines)
-
-
-def _ranged(value: float, spread: list[float]) -> str:
-    low, high = (f"{x:.2f}" for x in spread)
-    return f"{value:.3f}{TIMES}" + (f" ({low}-{high})" if low != high else "")
 
 
 def _share_range(spread: list[float]) -> str:
