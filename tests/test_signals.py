@@ -61,6 +61,16 @@ def start(folder: Path, *extra: str, manager: str = "threads") -> tuple[Served, 
 SHAPES = {"one-process": (), "workers-3": ("--workers", "3")}
 
 
+def upgrades_to(folder: Path, served: Served, address: tuple[str, int], version: str) -> None:
+    """A USR2 with ``version`` of the handler on disk re-executes, serves it, and stops clean."""
+    write_app(folder, version)
+    served.signal(signal.SIGUSR2)
+    served.wait_for(r"re-executed \(pid \d+\)")
+    wait_for_version(address, version)
+    served.signal(signal.SIGTERM)
+    assert served.finish() == 0, served.text
+
+
 def reload_under_load(
     folder: Path, served: Served, address: tuple[str, int], signals: list[int]
 ) -> Load:
@@ -537,12 +547,7 @@ def test_usr2_after_an_abandoned_hand_over_upgrades(tmp_path: Path) -> None:
         (tmp_path / "app.py").write_text("raise RuntimeError('broken on purpose')\n")
         served.signal(signal.SIGHUP)
         served.wait_for("the reload is abandoned")
-        write_app(tmp_path, "v2")
-        served.signal(signal.SIGUSR2)
-        served.wait_for(r"re-executed \(pid \d+\)")
-        wait_for_version(address, "v2")
-        served.signal(signal.SIGTERM)
-        assert served.finish() == 0, served.text
+        upgrades_to(tmp_path, served, address, "v2")
 
 
 @pytest.mark.timeout(90)
@@ -641,12 +646,7 @@ def test_usr2_to_an_image_that_cannot_import_weft_keeps_the_old_one_serving(
         )
         assert greeting(address)[0] == "v1"
         (shadow / "FAIL").unlink()
-        write_app(tmp_path, "v2")
-        served.signal(signal.SIGUSR2)
-        served.wait_for(r"re-executed \(pid \d+\)")
-        wait_for_version(address, "v2")
-        served.signal(signal.SIGTERM)
-        assert served.finish() == 0, served.text
+        upgrades_to(tmp_path, served, address, "v2")
 
 
 @pytest.mark.timeout(60)
