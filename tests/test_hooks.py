@@ -500,6 +500,11 @@ def test_access_log_writes_one_escaped_line_per_connection(
         client.bind(str(tmp_path / "evil\nFORGED"))
         client.connect(str(path))
         assert recv_exactly(client, 1) == b"+"
+    # Its end logged before the stop: a stop that met it first would say "stopped".
+    wait_until(
+        lambda: any(r.name == "weft.access" for r in caplog.records),
+        what="the access log's line",
+    )
     server.stop(timeout=WAIT)
     [record] = [r for r in caplog.records if r.name == "weft.access"]
     assert "\n" not in record.getMessage() and "evil\\nFORGED" in record.getMessage()

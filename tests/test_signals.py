@@ -649,6 +649,53 @@ def test_usr2_to_an_image_that_cannot_import_weft_keeps_the_old_one_serving(
         upgrades_to(tmp_path, served, address, "v2")
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("broken", "said"),
+    [
+        ('max_connections = "many"\n', r"weft\.toml, key 'max_connections': expected"),
+        ('manager = "threds"\n', r"no task manager named 'threds'"),
+        ('log_config = "missing.ini"\n', r"missing\.ini"),
+    ],
+    ids=["wrong-type", "unknown-manager", "missing-log-config"],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_usr2_with_a_config_the_new_image_refuses_keeps_the_old_one_serving(
+    tmp_path: Path, workers: str, broken: str, said: str
+) -> None:
+    """A config file edited into a mistake, then USR2: the re-executed image exited 2
+    on it, and with no supervisor left every worker drained and exited, a whole
+    outage. The supervisor now runs the new command line up to its config, logging
+    and manager first and, if that fails, says why and serves on."""
+    write_app(tmp_path, "v1")
+    config = tmp_path / "weft.toml"
+    config.write_text('manager = "threads"\n')
+    served = Served(
+        weft_serve(APP, "--bind", "127.0.0.1:0", "--workers", workers),
+        cwd=tmp_path,
+    )
+    with served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        if workers == "2":
+            served.wait_for(READY, count=2)
+        config.write_text(broken)
+        served.signal(signal.SIGUSR2)
+        if workers == "1":  # the worker it hands over to loads the config first
+            served.wait_for(said)
+            served.wait_for("the upgrade is abandoned too: serving on the old code")
+        else:
+            (refused,) = served.wait_for(
+                r"cannot upgrade: the new image would not start \((.*)\); serving on the"
+                r" old code"
+            )
+            assert re.search(said, refused.group(1)), refused.group(1)
+        assert greeting(address)[0] == "v1"
+        config.write_text('manager = "threads"\n')
+        upgrades_to(tmp_path, served, address, "v2")
+    assert "Traceback" not in served.text, served.text
+
+
 @pytest.mark.timeout(60)
 def test_hup_keeps_a_unix_socket_file(tmp_path: Path) -> None:
     """One process on a Unix socket: the file outlives the in-process server's drain,

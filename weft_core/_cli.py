@@ -361,6 +361,8 @@ def _serve(ns: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
+    if _supervise.UPGRADE_CHECK_ENV in os.environ:
+        return _upgrade_check(config)
     if ns.check_config:
         return _check_config(config)
     try:
@@ -580,6 +582,26 @@ def _check_manager(config: Config) -> None:
     name = config.get("manager")
     if isinstance(name, str):
         _registry.get_manager_spec(name)
+
+
+def _upgrade_check(config: Config) -> int:
+    """Status 0 if a USR2's new image would start; else say why in one line (status 2).
+
+    The old supervisor runs it before its exec, in a fresh interpreter with the new
+    image's command line, environment and directory: the config loads (its file,
+    ``WEFT_*``, the flags), the logging it names is set up, a handler is named and
+    the manager is installed. Nothing is bound and the application is not imported:
+    that is the new workers' to do, and a reload whose code is broken is abandoned,
+    the old workers serving on.
+    """
+    if config.handler is None:
+        return _fail(NO_HANDLER, EXIT_USAGE)
+    try:
+        setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
+        _check_manager(config)
+    except WeftError as exc:
+        return _fail(with_source(exc, config.origins), EXIT_USAGE)
+    return 0
 
 
 def _prepare_process(config: Config) -> None:

@@ -401,36 +401,55 @@ def _own_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "weft_core", *argv]
 
 
-#: How long the check that the new image imports weft may take (a cold disk, a slow
-#: machine); past it the upgrade is refused as if the import had failed.
+#: How long the check that the new image would start may take (a cold disk, a slow
+#: machine); past it the upgrade is refused as if the check had failed.
 PRECHECK_TIMEOUT = 30.0
 
+#: Set for the check that a USR2's new image would start: ``weft serve`` loads its
+#: config and manager, then exits (``_cli._upgrade_check``), binding nothing.
+UPGRADE_CHECK_ENV = "_WEFT_UPGRADE_CHECK"
 
-def _new_image_fails(executable: str) -> str | None:
-    """Why a fresh ``executable`` cannot import weft's command line, or None if it can.
+
+def _new_image_fails(argv: list[str]) -> str | None:
+    """Why the new image, ``argv`` run now, would not start, or None if it would.
 
     Run before the exec: an image that cannot start (a broken upgrade of weft or of
-    what it needs) would leave no supervisor, and every worker drains and exits for
-    want of one. Checked so, the old image serves on. Only the import: the new
-    image's config and the application are the new workers' to load, and a reload
-    whose code is broken is abandoned, the adopted workers serving on.
+    what it needs, a config file edited into a mistake, a manager uninstalled) would
+    leave no supervisor, and every worker drains and exits for want of one. Checked
+    so, the old image serves on. The same command line runs in a fresh interpreter,
+    up to its config, logging and manager (:data:`UPGRADE_CHECK_ENV`); the
+    application is the new workers' to load, and a reload whose code is broken is
+    abandoned, the adopted workers serving on.
     """
     try:
         done = subprocess.run(
-            [executable, "-c", "import weft_core._cli"],
+            argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,
+            env={**os.environ, UPGRADE_CHECK_ENV: "1"},
             timeout=PRECHECK_TIMEOUT,
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return f"importing weft took more than {PRECHECK_TIMEOUT:g}s"
+        return f"its check took more than {PRECHECK_TIMEOUT:g}s"
     except OSError as exc:
-        return f"{executable}: {exc.strerror or exc}"
+        return f"{argv[0]}: {exc.strerror or exc}"
     if done.returncode == 0:
         return None
     lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-    return escape_for_log(lines[-1] if lines else f"exit status {done.returncode}")
+    return escape_for_log(_said(lines[-1]) if lines else f"exit status {done.returncode}")
+
+
+def _said(line: str) -> str:
+    """What a ``weft serve`` line of stderr says: its message without ``weft:``, or JSON's."""
+    if line.startswith("weft: "):
+        return line[len("weft: ") :]
+    with contextlib.suppress(ValueError):
+        record = json.loads(line)
+        message = record.get("message") if isinstance(record, dict) else None
+        if isinstance(message, str):
+            return message
+    return line
 
 
 def _reexec(argv: list[str], state: str) -> None:
@@ -443,7 +462,7 @@ def _reexec(argv: list[str], state: str) -> None:
     between is acted on rather than killing the process. Returns only if the exec
     failed (logged).
     """
-    problem = _new_image_fails(argv[0])
+    problem = _new_image_fails(argv)
     if problem is not None:
         log.error(
             "cannot upgrade: the new image would not start (%s); serving on the old code",
