@@ -146,6 +146,35 @@ def test_totals_under_workers_keep_what_ended_workers_counted(tmp_path: Path) ->
         assert after["active"] == 0, after
 
 
+def test_totals_are_kept_across_a_usr2_re_exec(tmp_path: Path) -> None:
+    """The re-executed supervisor starts from what the image before it counted.
+
+    They started again at 0: the ended workers' counts were the old image's alone.
+    The image before now hands them on with its workers, each with its last stats.
+    """
+    control = tmp_path / "ctl.sock"
+    with serve(tmp_path, control, "threads", "--workers", "1", "--max-requests", "1") as served:
+        (match,) = served.wait_for(LISTENING)
+        address = host_port(match.group(1))
+        pids = set()
+        for _ in range(2):
+            with Client(address) as client:
+                assert client.echo(b"x") == b"x"
+                pids.add(client.pid)
+        for pid in pids:
+            served.wait_for(rf"worker {pid} exited")
+        before = totals(control)
+        assert before["accepted"] == 2, before
+        served.signal(signal.SIGUSR2)
+        served.wait_for(r"re-executed \(pid \d+\)")
+        after = totals(control)
+        assert after["accepted"] == 2, (before, after)
+        assert after["bytes_in"] == before["bytes_in"], (before, after)
+        with Client(address) as client:
+            assert client.echo(b"x") == b"x"
+        until(lambda: totals(control)["accepted"] == 3, "the new client counted")
+
+
 # -- F2: a close during the preamble is the server's doing ----------------------------------
 
 

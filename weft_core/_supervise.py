@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._config import Config
 from ._ctl import ControlSocket, inherit_listening
@@ -105,8 +105,8 @@ def _supervise(
             "re-executed: %s, caught during the exec, acted on now",
             ", ".join(signal.Signals(s).name for s in carried),
         )
-    count, adopted, slots, base = (
-        inherited if inherited is not None else (config.workers, [], [], [])
+    count, adopted, slots, base, ended = (
+        inherited if inherited is not None else Inherited(config.workers, [], [], [], {})
     )
     shutdown_port = config.values.get("shutdown_port")
     secret = config.values.get("shutdown_secret")
@@ -147,6 +147,7 @@ def _supervise(
             slots=slots,
             notifier=notifier,
             argv=argv,
+            ended_stats=ended,
         )
         control = open_control(config, {})  # a BindError: before any worker starts
         if control is not None:
@@ -304,6 +305,7 @@ def _supervisor(
     adopted: Sequence[Adopted] = (),
     slots: Sequence[Sequence[int]] = (),
     argv: Sequence[str] | None = None,
+    ended_stats: Mapping[str, Any] | None = None,
 ) -> Supervisor:
     sockets = WorkerSockets(
         [listener.sock for listener in listeners],
@@ -364,6 +366,7 @@ def _supervisor(
         upgrade=upgrade,
         notifier=notifier,
         on_worker_exit=None if control_path is None else forget_socket,
+        ended_stats=ended_stats,
     )
 
 
@@ -382,9 +385,9 @@ PYTHON_M_WEFT = (
 _SELF = (*PYTHON_M_WEFT, "serve")
 #: The environment variable that hands a re-executed supervisor its workers (JSON:
 #: the worker count; each worker's pid, link descriptor, start time, readiness,
-#: slot, whether it is leaving and its deadlines; each slot's sockets,
-#: ``WorkerSockets.state``). Not a WEFT_* name: those are settings. Read once and
-#: removed.
+#: slot, whether it is leaving, its deadlines, its dump pipe and its last stats;
+#: each slot's sockets, ``WorkerSockets.state``; the ended workers' stats summed).
+#: Not a WEFT_* name: those are settings. Read once and removed.
 ADOPT_ENV = "_WEFT_ADOPT"
 
 
@@ -486,14 +489,21 @@ def _reexec(argv: list[str], state: str) -> None:
         log.error("cannot re-execute %s: %s; serving on", argv[0], exc)
 
 
-def take_adopted(
-    environ: MutableMapping[str, str],
-) -> tuple[int, list[Adopted], list[list[int]], list[int]] | None:
-    """What a re-executed supervisor inherits (ADOPT_ENV), removing it.
+class Inherited(NamedTuple):
+    """What a supervisor re-executed on USR2 inherits from the image before it."""
 
-    The worker count, the workers (:class:`~weft_core._workers.Adopted`), the
-    slots' socket descriptors (``WorkerSockets.state``) and the listening sockets'.
-    """
+    worker_count: int
+    workers: list[Adopted]
+    #: Each slot's socket descriptors (``WorkerSockets.state``).
+    slots: list[list[int]]
+    #: The listening sockets' descriptors.
+    base: list[int]
+    #: What the workers that ended before counted (``Supervisor``'s ``ended_stats``).
+    ended: dict[str, Any]
+
+
+def take_adopted(environ: MutableMapping[str, str]) -> Inherited | None:
+    """What a re-executed supervisor inherits (ADOPT_ENV), removing it."""
     text = environ.pop(ADOPT_ENV, None)
     if not text:
         return None
@@ -502,7 +512,9 @@ def take_adopted(
     for pid, fd, started, ready, *rest in state["workers"]:
         link = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        slot, leaving, kill_at, quit_at, dump = (*rest, 0, False, None, None, None)[:5]
+        slot, leaving, kill_at, quit_at, dump, stats = (*rest, 0, False, None, None, None, None)[
+            :6
+        ]
         if dump is not None:
             os.set_inheritable(dump, False)
         workers.append(
@@ -516,6 +528,7 @@ def take_adopted(
                 None if kill_at is None else float(kill_at),
                 None if quit_at is None else float(quit_at),
                 None if dump is None else int(dump),
+                stats if isinstance(stats, dict) else None,
             )
         )
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]
@@ -524,4 +537,7 @@ def take_adopted(
     if isinstance(state.get("control"), int):
         inherit_listening(state["control"])  # open_control takes it rather than bind
     base = [int(fd) for fd in state.get("base", [])]
-    return int(state["count"]), workers, slots, base
+    ended = state.get("ended")
+    return Inherited(
+        int(state["count"]), workers, slots, base, ended if isinstance(ended, dict) else {}
+    )

@@ -429,6 +429,8 @@ class Adopted(NamedTuple):
     quit_at: float | None = None
     #: The read end of its stack-dump pipe, if the image before had one.
     dump: int | None = None
+    #: Its ``stats()`` as the image before last learned them (None: not yet).
+    stats: dict[str, Any] | None = None
 
 
 class Local(Protocol):
@@ -474,6 +476,7 @@ class Supervisor:
         upgrade: bool = False,
         notifier: Notifier | None = None,
         on_worker_exit: Callable[[int], None] | None = None,
+        ended_stats: Mapping[str, Any] | None = None,
     ) -> None:
         self._command = command
         self._on_worker_exit = on_worker_exit
@@ -503,8 +506,9 @@ class Supervisor:
         self._stopping = False
         self._only_draining = False
         #: What the workers that have ended counted (``stats()`` summed, none open):
-        #: ``weft ctl status`` adds it to its totals, which so never go back.
-        self._ended_stats: dict[str, Any] = {}
+        #: ``weft ctl status`` adds it to its totals, which so never go back, not
+        #: even across a USR2 (the image before hands it on, as ``ended_stats``).
+        self._ended_stats: dict[str, Any] = dict(ended_stats or {})
         #: The stop under way is a quick one (SIGQUIT): a QUIT now is a second one.
         self._quick = False
         #: When the signal that began the stop came (the loop's clock): a TERM or INT
@@ -549,6 +553,7 @@ class Supervisor:
                 kill_at=kill_at,
                 quit_at=worker.quit_at,
                 dump=worker.dump,
+                stats=worker.stats,
             )
 
     def stop(self) -> None:
@@ -1507,6 +1512,7 @@ class Supervisor:
                 w.kill_at,
                 w.quit_at,
                 w.dump,
+                w.stats,
             ]
             for w in self._workers.values()
         ]
@@ -1525,6 +1531,7 @@ class Supervisor:
             "workers": workers,
             "slots": slots,
             "base": base,
+            "ended": self._ended_stats,
         }
         if self._line_lock is not None:  # one log lock for the workers of both images
             os.set_inheritable(self._line_lock, True)
