@@ -52,7 +52,7 @@ from ._listeners import Listener, close_listener, remove_socket_file
 from ._logsafe import escape_for_log, log_untrusted_exception
 from ._osthreads import thread_primitives
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
-from ._proxy import ProxyHeader, ProxyHeaderError
+from ._proxy import HEADER_TIMED_OUT, ProxyHeader, ProxyHeaderError
 from ._tasks import TaskState, current_task
 from ._tcpinfo import accept_queue_length, byte_counts
 
@@ -970,11 +970,17 @@ class Engine(ABC, Generic[R]):
             info.how = "proxy_error"
         with self.lock:
             self.counts["proxy_errors"] += 1
+        proxy = self.cfg.proxy
+        if proxy is not None and (isinstance(exc, TimeoutError) or str(exc) == HEADER_TIMED_OUT):
+            # One wording on every manager (a socket's timeout, the deadline's, a runtime's).
+            why = f"timed out after {proxy.header_timeout:g}s (proxy_header_timeout)"
+        else:
+            why = escape_for_log(getattr(exc, "reason", None) or exc or exc.__class__.__name__)
         self.proxy_log(
             logging.WARNING,
             "closed connection from %s unserved: PROXY header: %s",
             info.peer_str,
-            escape_for_log(getattr(exc, "reason", None) or exc or exc.__class__.__name__),
+            why,
         )
         self._refused(info, reason)
         return False
@@ -1007,13 +1013,13 @@ class Engine(ABC, Generic[R]):
             info.how = "tls_error"
         with self.lock:
             self.counts["tls_errors"] += 1
-        self.tls_log(
-            logging.WARNING,
-            "TLS %s with %s failed: %s",
-            stage,
-            info.peer_str,
-            _tls_reason(_tls_error(exc) or exc),
-        )
+        if stage == "handshake" and isinstance(exc, TimeoutError):
+            # One wording on every manager: each runtime words its timeout its own way
+            # (OpenSSL's "The handshake operation timed out", gevent's, asyncio's).
+            reason = f"timed out after {self.cfg.tls_handshake_timeout:g}s (tls_handshake_timeout)"
+        else:
+            reason = _tls_reason(_tls_error(exc) or exc)
+        self.tls_log(logging.WARNING, "TLS %s with %s failed: %s", stage, info.peer_str, reason)
         if stage == "handshake":
             self._refused(info, "tls")
         return False

@@ -495,7 +495,7 @@ def read_proxy_header(
     reader = _HeaderReader()
     while True:
         if deadline_exceeded is not None and deadline_exceeded():
-            raise ProxyHeaderError("timed out waiting for PROXY header")
+            raise ProxyHeaderError(HEADER_TIMED_OUT)
         result = reader.feed(recv(reader.wanted()))
         if result is not None:
             return result
@@ -510,11 +510,14 @@ async def aread_proxy_header(
     reader = _HeaderReader()
     while True:
         if deadline_exceeded is not None and deadline_exceeded():
-            raise ProxyHeaderError("timed out waiting for PROXY header")
+            raise ProxyHeaderError(HEADER_TIMED_OUT)
         result = reader.feed(await receive(reader.wanted()))
         if result is not None:
             return result
 
+
+#: What :func:`read_proxy_header` raises once ``deadline_exceeded()``.
+HEADER_TIMED_OUT = "timed out waiting for PROXY header"
 
 #: Loopback only: a balancer elsewhere must be listed on purpose. Never ``"unix"``.
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
