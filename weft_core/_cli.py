@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -363,6 +364,8 @@ def _serve(ns: argparse.Namespace) -> int:
         return _fail(exc, EXIT_USAGE)
     if _supervise.UPGRADE_CHECK_ENV in os.environ:
         return _upgrade_check(config)
+    if _supervise.START_CHECK_ENV in os.environ:
+        return _check_config(config, quiet=True)
     if ns.check_config:
         return _check_config(config)
     try:
@@ -408,6 +411,10 @@ def _serve(ns: argparse.Namespace) -> int:
             _check_manager(config)
         except WeftError as exc:
             return _fail(with_source(exc, config.origins), EXIT_USAGE)
+        if not upgraded:
+            refused = _start_check(ns.argv)
+            if refused:
+                return refused
         supervisor_pid = None if pid is None else PidFile(pid)
         on_listening = None
         if supervisor_pid is not None:  # re-executed on USR2: the same PID, kept
@@ -637,23 +644,73 @@ def _check_paths(config: Config) -> None:
         check_control_path(config.control_socket)
 
 
-def _check_config(config: Config) -> int:
+#: How long a supervisor's start check may take: an application slower to import is
+#: started unchecked, as before the check, rather than kept from binding for longer.
+START_CHECK_TIMEOUT = 5.0
+
+
+def _start_check(argv: Sequence[str]) -> int:
+    """A supervisor's check, before it binds, that its command would start: 0 if so.
+
+    The same command runs as ``--check-config`` does, quietly, in a fresh interpreter
+    (:data:`~weft_core._supervise.START_CHECK_ENV`): the handler imported (as the
+    service's user, under ``--user``), the Server made. A supervisor makes neither
+    itself (its workers load the code on disk, and a reload loads it again); without
+    this a mistake only a Server finds (an option the manager refuses, a TLS file
+    that is no PEM, a sync handler on trio, a shutdown secret without its port) was
+    found by the first worker, after the supervisor had bound and said it listened,
+    or was dropped unsaid. Only a mistake (status 2) is refused, with the check's
+    own line: a crash or a failure a restart may cure is left to the workers and
+    their back-off, and an import slower than :data:`START_CHECK_TIMEOUT` starts
+    unchecked.
+    """
+    from . import _supervise
+
+    try:
+        done = subprocess.run(
+            [*_supervise.PYTHON_M_WEFT, *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env={**os.environ, _supervise.START_CHECK_ENV: "1"},
+            timeout=START_CHECK_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        log.info(
+            "the start check took more than %gs (a slow import): starting unchecked",
+            START_CHECK_TIMEOUT,
+        )
+        return 0
+    if done.returncode != EXIT_USAGE:
+        return 0
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    # Its last line is the one-line error (a JSON line under --log-format json);
+    # what the application printed as it was imported comes before.
+    print_line(lines[-1] if lines else stderr_line("the start check found a mistake"))
+    return EXIT_USAGE
+
+
+def _check_config(config: Config, *, quiet: bool = False) -> int:
     """``weft serve --check-config``: print every setting and its origin, check the handler.
 
     The process is prepared (the manager's ``prepare_process``), the handler
     imported and the Server made (its manager, options, TLS context and the checks
     between settings), as ``weft serve`` does, so status 0 means the same command
-    without --check-config gets as far as binding; nothing is bound.
+    without --check-config gets as far as binding; nothing is bound. With ``user``
+    or ``group`` set, run as root, it switches to them after reading the TLS key
+    and before the import, as serve does. ``quiet``: print only a failure (a
+    supervisor's :func:`_start_check`).
     """
     from ._ctl import default_path
 
-    # What weft serve uses where the table has no default: its manager and the
-    # control socket's path (the manager's own options are listed at the end).
-    serve_defaults = {"manager": _registry.DEFAULT_MANAGER, "control_socket": default_path()}
-    for line in config.describe(serve_defaults):
-        print(line)
-    for warning in config.warnings:
-        print_line(stderr_line(f"warning: {warning}", logging.WARNING))
+    if not quiet:
+        # What weft serve uses where the table has no default: its manager and the
+        # control socket's path (the manager's own options are listed at the end).
+        serve_defaults = {"manager": _registry.DEFAULT_MANAGER, "control_socket": default_path()}
+        for line in config.describe(serve_defaults):
+            print(line)
+        for warning in config.warnings:
+            print_line(stderr_line(f"warning: {warning}", logging.WARNING))
     if config.handler is None:
         return _fail(NO_HANDLER, EXIT_USAGE)
     try:
@@ -668,18 +725,31 @@ def _check_config(config: Config) -> int:
         # settings, for a reader to parse. The process is prepared first, as serve
         # prepares it (gevent: monkey-patched): a module that imports differently so
         # passed the check and failed to start.
-        with contextlib.redirect_stdout(sys.stderr):
-            _prepare_process(config)
-            handler = import_handler(config.handler)
-        server = Server(handler, **_named_manager(config.server_kwargs()))
         if config.workers > 1:  # as the supervisor checks it, before it binds
             from ._workers import check_capacity
 
             check_capacity(config.workers)
+        kwargs = config.server_kwargs()
+        account = (config.get("user"), config.get("group"))
+        with contextlib.redirect_stdout(sys.stderr):
+            _prepare_process(config)
+            if account != (None, None) and os.geteuid() == 0:
+                # As serve: the key read as root, the application imported as the user.
+                kwargs = {**kwargs, "tls": tls_context(kwargs.get("tls"))}
+                try:
+                    drop_privileges(*account)
+                except OSError as exc:
+                    return _fail(
+                        f"cannot switch to user {account[0]}, group {account[1]}: {exc}",
+                        EXIT_RUNTIME,
+                    )
+            handler = import_handler(config.handler)
+        server = Server(handler, **_named_manager(kwargs))
     except WeftError as exc:
         return _fail(with_source(exc, config.origins), EXIT_USAGE)
-    for line in _manager_defaults(server, config):
-        print(line)
+    if not quiet:
+        for line in _manager_defaults(server, config):
+            print(line)
     return 0
 
 

@@ -408,6 +408,10 @@ def _own_command(argv: Sequence[str]) -> list[str]:
 #: machine); past it the upgrade is refused as if the check had failed.
 PRECHECK_TIMEOUT = 30.0
 
+#: Set for a supervisor's check, before it binds, that its command would start:
+#: ``weft serve`` runs as ``--check-config`` does, quietly (``_cli._start_check``).
+START_CHECK_ENV = "_WEFT_START_CHECK"
+
 #: Set for the check that a USR2's new image would start: ``weft serve`` loads its
 #: config and manager, then exits (``_cli._upgrade_check``), binding nothing.
 UPGRADE_CHECK_ENV = "_WEFT_UPGRADE_CHECK"
