@@ -140,6 +140,22 @@ def test_without_a_bind_weft_serve_listens_on_8000_or_on_port(
 
 
 @pytest.mark.timeout(20)
+def test_an_unusable_port_replaced_by_a_flag_does_not_widen_the_address(
+    fake_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PORT=abc`` and ``--port``: the port is the flag's, and the address stays
+    weft serve's own 127.0.0.1; it became 0.0.0.0, every interface, unsaid (the
+    config check's M7), for a $PORT weft itself found unusable."""
+    fake_server["signal_on_run"] = signal.SIGTERM
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.setenv("PORT", "abc")
+    assert main(["serve", "cli_fake_app:handle", "--port", "7005"]) == 0
+    assert [s.kwargs for s in fake_server["made"]] == [
+        {"manager": "threads", "address": "127.0.0.1", "port": 7005}
+    ]
+
+
+@pytest.mark.timeout(20)
 def test_a_bind_naming_no_host_listens_where_weft_serve_does_when_nothing_says(
     fake_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

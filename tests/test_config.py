@@ -102,6 +102,25 @@ def test_an_explicit_weft_toml_says_nothing_of_pyproject(tmp_path: Path) -> None
     assert (config.get("manager"), config.warnings) == ("gevent", ())
 
 
+def test_a_relative_path_in_a_file_is_the_file_s_as_tls_parts_are(tmp_path: Path) -> None:
+    """pid, log_config and control_socket were taken from the working directory while
+    tls's parts were taken from the file's (the config check's M2): the same file
+    named from elsewhere found its logging.ini missing, and wrote its pid file
+    wherever it was started. A flag's or a variable's stays the working directory's."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "logging.ini").write_text("[loggers]\nkeys=root\n")
+    (conf / "weft.toml").write_text(
+        'pid = "app.pid"\nlog_config = "logging.ini"\ncontrol_socket = "ctl.sock"\n'
+    )
+    config = load_config(config_file="conf/weft.toml", environ={}, cwd=tmp_path)
+    assert config.get("pid") == str(conf / "app.pid")
+    assert config.get("log_config") == str(conf / "logging.ini")
+    assert config.get("control_socket") == str(conf / "ctl.sock")
+    flagged = load_config({"pid": "app.pid"}, environ={}, cwd=tmp_path)
+    assert flagged.get("pid") == "app.pid"
+
+
 @pytest.mark.parametrize("name", ["weft.toml", "pyproject.toml"])
 def test_a_byte_order_mark_is_read_past(tmp_path: Path, name: str) -> None:
     # Some Windows editors start UTF-8 files with one; tomllib alone says

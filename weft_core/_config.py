@@ -160,7 +160,9 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
             for sub, subvalue in check_manager_options(value, source).items():
                 out[f"manager_options.{sub}"] = subvalue
         elif key in KEYS:
-            out[key] = _check_value(key, value, source)
+            # A path (pid, log_config, control_socket) is the file's, as tls's parts
+            # are: relative to the directory of the file that names it.
+            out[key] = validate(key, value, source=source, base=base)
         else:
             hint = (
                 "the keys go at the top level of weft.toml; [tool.weft] is for pyproject.toml"
@@ -387,8 +389,13 @@ def serve_default_settings(environ: Mapping[str, str]) -> tuple[_Settings, dict[
     port = environ.get("PORT", "").strip()
     if port:
         source = "environment variable PORT"
-        out.update(address=PORT_ADDRESS, port=_platform_default("port", port, source))
-        labels.update(address=source, port=source)
+        out["port"] = _platform_default("port", port, source)
+        labels["port"] = source
+        if not isinstance(out["port"], _Unusable):
+            # Every interface only for a port the platform really gave: an unusable
+            # $PORT that a --port replaces must not widen where the server listens.
+            out["address"] = PORT_ADDRESS
+            labels["address"] = source
     workers = environ.get("WEB_CONCURRENCY", "").strip()
     if workers:
         source = "environment variable WEB_CONCURRENCY"
