@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
@@ -311,6 +312,35 @@ def test_a_proxy_header_that_stalls_late_is_bounded_by_its_timeout(
         "with proxy_header_timeout=1"
     )
     assert server.stats()["proxy_errors"] == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_tls_client_reset_before_a_byte_is_a_tls_error_not_a_traceback(
+    serve: Any,
+    manager: str,
+    options: dict[str, Any],
+    certs: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connect, then reset at once (SO_LINGER 0): on threads and gevent wrapping the
+    reset socket raised outside the handshake's try (CPython's and gevent's check at
+    wrap time), and each connection logged an ERROR traceback, unbounded and counted
+    nowhere (the peer check's HIGH-1). It is a failed handshake, as on the others."""
+    server = serve(manager, options, echo, aecho, tls=tls_files(certs))
+    clients = 10
+    for _ in range(clients):
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+    wait_until(
+        lambda: server.stats()["tls_errors"] + server.stats()["peer_errors"] == clients
+        and server.stats()["active"] == 0,
+        what=f"{clients} resets counted, {server.stats()}",
+    )
+    assert server.stats()["handler_errors"] == 0, server.stats()
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
 
 
 @pytest.mark.timeout(60)

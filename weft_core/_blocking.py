@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -152,9 +153,13 @@ class BlockingRuntime(SyncRuntime):
         """
         import ssl
 
-        tls = context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
-        )
+        try:
+            tls = context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+            )
+        except OSError as exc:
+            _close_half_made(exc)
+            raise
         if type(tls) is ssl.SSLSocket:
             tls.__class__ = _reset_aware_class()
         else:
@@ -204,3 +209,23 @@ def _reset_aware_class() -> type:
 
 #: The shared blocking runtime instance.
 BLOCKING_RUNTIME = BlockingRuntime()
+
+
+def _close_half_made(exc: BaseException) -> None:
+    """Close the SSLSocket a failed ``wrap_socket`` left half made, holding the descriptor.
+
+    ``SSLSocket._create`` takes the socket's descriptor (the socket is detached), then
+    checks that it is connected; on a socket the peer reset it raises without closing
+    what it made, so the descriptor stayed open until a collection found it (with a
+    ResourceWarning). The half-made socket is the ``self`` of a frame of the traceback.
+    """
+    import ssl
+
+    tb = exc.__traceback__
+    while tb is not None:
+        made = tb.tb_frame.f_locals.get("self")
+        if isinstance(made, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                made.close()
+            return
+        tb = tb.tb_next

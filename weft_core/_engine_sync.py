@@ -351,9 +351,12 @@ class SyncEngine(Engine[SyncRuntime]):
                 return False
             sock.settimeout(cfg.idle_timeout)
         if cfg.tls is not None:
-            tls, conn.shut = rt.wrap_tls(sock, cfg.tls)
-            conn.sock = tls
             try:
+                # Within the try: wrapping a socket already reset (by the peer, or by
+                # the limit's shedding) raises, CPython and gevent checking at wrap time
+                # whether it is connected (getpeername, then a recv).
+                tls, conn.shut = rt.wrap_tls(sock, cfg.tls)
+                conn.sock = tls
                 tls.settimeout(cfg.tls_handshake_timeout)
                 tls.do_handshake()
                 tls.settimeout(cfg.idle_timeout)

@@ -13,6 +13,7 @@ stopping from another thread depends on; everything else is gevent's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import socket
 import ssl
@@ -318,13 +319,17 @@ class GeventRuntime:
         ``_context``. The second item is the plain ``_socket.socket`` under it, for
         shutting the descriptor down from any thread without touching TLS state.
         """
-        tls = _handshake_bounded_class()(
-            sock=sock,
-            server_side=True,
-            do_handshake_on_connect=False,
-            suppress_ragged_eofs=False,  # the class's read tells a reset from an end
-            _context=context,
-        )
+        try:
+            tls = _handshake_bounded_class()(
+                sock=sock,
+                server_side=True,
+                do_handshake_on_connect=False,
+                suppress_ragged_eofs=False,  # the class's read tells a reset from an end
+                _context=context,
+            )
+        except OSError as exc:
+            _close_half_made(exc)
+            raise
         return tls, cast(Any, tls)._sock
 
     def close(self) -> None:
@@ -403,3 +408,26 @@ def _reset_by_peer(sock: Any) -> bool:
     except (OSError, ValueError, TypeError):
         return False
     return bool(info) and info[0] == _TCP_CLOSE
+
+
+def _close_half_made(exc: BaseException) -> None:
+    """Close the descriptor a gevent SSLSocket that failed to be made holds.
+
+    Its ``__init__`` takes the socket's descriptor (the socket is detached), then
+    checks that it is connected; on a socket the peer reset it raises without
+    closing the plain socket under it, so the descriptor stayed open until a
+    collection found it (with a ResourceWarning). The half-made SSLSocket is the
+    ``self`` of a frame of the traceback.
+    """
+    import gevent.ssl
+
+    tb = exc.__traceback__
+    while tb is not None:
+        made = tb.tb_frame.f_locals.get("self")
+        if isinstance(made, gevent.ssl.SSLSocket):
+            raw = getattr(made, "_sock", None)
+            if raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.close()
+            return
+        tb = tb.tb_next
