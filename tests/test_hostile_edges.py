@@ -334,13 +334,68 @@ def test_a_tls_client_reset_before_a_byte_is_a_tls_error_not_a_traceback(
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
     wait_until(
-        lambda: server.stats()["tls_errors"] + server.stats()["peer_errors"] == clients
-        and server.stats()["active"] == 0,
+        lambda: (
+            server.stats()["tls_errors"] + server.stats()["peer_errors"] == clients
+            and server.stats()["active"] == 0
+        ),
         what=f"{clients} resets counted, {server.stats()}",
     )
     assert server.stats()["handler_errors"] == 0, server.stats()
     tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_strangers_under_proxy_protocol_take_no_slot_from_the_balancer(
+    serve: Any, manager: str, options: dict[str, Any]
+) -> None:
+    """At the limit, each stranger's connection dropped the balancer's connection
+    still in its header to make room, then was closed as untrusted (the peer check's
+    MED-1). Strangers are closed by the acceptor now, on their address alone."""
+    server = serve(
+        manager, options, echo, aecho,
+        proxy_protocol=True, trusted_proxies=["127.0.0.2/32"], max_connections=1,
+    )  # fmt: skip
+    balancer = socket.socket()
+    balancer.settimeout(WAIT)
+    balancer.bind(("127.0.0.2", 0))
+    balancer.connect(("127.0.0.1", server.port))
+    with balancer:
+        balancer.sendall(b"PROXY TCP4 192.0.2.1 ")  # its header half sent: in its preamble
+        wait_until(lambda: server.stats()["active"] == 1, what="the balancer's slot")
+        strangers = 20
+        for _ in range(strangers):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as stranger:
+                assert _closed_within(stranger, WAIT) is not None
+        wait_until(lambda: server.stats()["proxy_errors"] == strangers, what="the strangers")
+        balancer.sendall(b"192.0.2.2 1000 2000\r\nping")
+        assert balancer.recv(4) == b"ping", "the balancer's connection was dropped"
+    assert server.stats()["preambles_dropped"] == 0, server.stats()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_stop_ending_proxy_headers_blames_no_peer(
+    serve: Any, manager: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients mid-header when the stop comes: the stop ended them, as it ends TLS
+    handshakes; each was counted in proxy_errors, logged at WARNING as the peer's
+    failure and reported to the hooks as a refusal (the peer check's LOW-1)."""
+    server = serve(manager, options, echo, aecho, proxy_protocol=True)
+    clients = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(5)
+    ]
+    try:
+        for client in clients:
+            client.sendall(b"PROXY TCP4 ")
+        wait_until(lambda: server.stats()["active"] == 5, what="five in their header")
+        server.stop(timeout=2)
+    finally:
+        for client in clients:
+            client.close()
+    assert server.stats()["proxy_errors"] == 0, server.stats()
+    assert not [r for r in caplog.records if "PROXY header" in r.getMessage()]
 
 
 @pytest.mark.timeout(60)

@@ -64,6 +64,9 @@ R = TypeVar("R", SyncRuntime, AsyncRuntime)
 
 log = logging.getLogger("weft.server")
 
+#: What ``_preamble_done`` finds of a connection ``_shed_preamble`` took out first.
+_SHED = object()
+
 #: What ``Server.stats()`` counts, besides ``active``: connections handed to a handler,
 #: closed unserved, and the ways a connection can end badly.
 COUNTERS = (
@@ -433,6 +436,9 @@ class Engine(ABC, Generic[R]):
         self.shortage_pause = 0.0
         self.short_of_tasks = policy.Backoff()
         self.proxy_log = policy.RateLimitedLog(log)
+        #: Strangers' connections under proxy_protocol, limited apart: a flood of them
+        #: must not keep a trusted balancer's failures out of the log.
+        self.untrusted_log = policy.RateLimitedLog(log)
         self.tls_log = policy.RateLimitedLog(log)
         self.shed_log = policy.RateLimitedLog(log)
         self.listeners = [ListenerTask(lst, runtime, settings) for lst in listeners]
@@ -793,9 +799,15 @@ class Engine(ABC, Generic[R]):
             self.debt -= 1
             return True
 
-    def _preamble_done(self, conn: Conn) -> None:
+    def _preamble_done(self, conn: Conn) -> bool:
+        """Its preamble over: False if the limit shed it meanwhile (it ends, unserved).
+
+        A connection shed as its handshake or header completed went on to its
+        handler on a socket shut down, a handler failure logged with its traceback,
+        and a client that had done nothing wrong cut (the peer check's MED-3).
+        """
         with self.lock:
-            self.preambles.pop(conn, None)
+            return self.preambles.pop(conn, _SHED) is not _SHED
 
     # -- serving a connection: shared parts -----------------------------------------
 
@@ -943,6 +955,30 @@ class Engine(ABC, Generic[R]):
 
     # -- PROXY protocol and TLS: shared parts ------------------------------------------
 
+    def _untrusted(self, sock: Any, addr: Any) -> bool:
+        """Close at once a client that is no trusted proxy, before it takes a slot; True if so.
+
+        Under ``proxy_protocol`` only a listed balancer may connect, and a stranger is
+        told by its address alone: the acceptor closes it, unserved and counted,
+        rather than its task once it held a slot. A flood of strangers took the
+        slots, and at the limit had trusted connections still in their header
+        dropped for them (the peer check's MED-1).
+        """
+        proxy = self.cfg.proxy
+        if proxy is None or proxy.trusts(addr):
+            return False
+        with self.lock:
+            self.counts["proxy_errors"] += 1
+        close_quietly(sock)
+        peer = format_address(addr)
+        self.untrusted_log(
+            logging.WARNING,
+            "closed connection from %s unserved: PROXY header: not a trusted proxy",
+            peer,
+        )
+        self.hooks.connection_refused(self.owner, peer, "untrusted")
+        return True
+
     def _proxy_trusted(self, conn: Conn, info: ConnectionInfo) -> bool:
         proxy = self.cfg.proxy
         assert proxy is not None
@@ -964,9 +1000,13 @@ class Engine(ABC, Generic[R]):
     def _proxy_failed(
         self, info: ConnectionInfo, exc: BaseException, reason: str = "proxy"
     ) -> bool:
+        if self.closing or (isinstance(info, Conn) and info.how == "stopped"):
+            # The stop ended the header (it shuts every connection's input), or the
+            # limit dropped it (_shed_preamble): no failure of the peer's, as for TLS.
+            if isinstance(info, Conn):
+                info.how = "stopped"
+            return False
         if isinstance(info, Conn):
-            if info.how == "stopped":  # dropped at the limit (_shed_preamble)
-                return False
             info.how = "proxy_error"
         with self.lock:
             self.counts["proxy_errors"] += 1

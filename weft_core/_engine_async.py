@@ -112,6 +112,12 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 if backoff.delay:  # descriptors came back: so does the spare, if it was lost
                     backoff.reset()
                     self.spare.take()
+                if self._untrusted(sock, addr):
+                    accepted = None
+                    if held and slots is not None:
+                        held = False
+                        slots.release()
+                    continue
                 if held and self._pay_debt():
                     # The limit was lowered while this acceptor held its slot: see the
                     # sync engine's.
@@ -264,8 +270,7 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 return
             if self.preamble:
                 handed, serve = await self._preamble(rt, conn, info)
-                self._preamble_done(conn)
-                if not serve:
+                if not self._preamble_done(conn) or not serve:
                     return  # accounted for, then closed (handed, if any), below
             else:
                 handed = self._stream(rt, conn.sock)

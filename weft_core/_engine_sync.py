@@ -118,6 +118,12 @@ class SyncEngine(Engine[SyncRuntime]):
                 if backoff.delay:  # descriptors came back: so does the spare, if it was lost
                     backoff.reset()
                     self.spare.take()
+                if self._untrusted(sock, addr):
+                    accepted = None
+                    if held and slots is not None:
+                        held = False
+                        slots.release()
+                    continue
                 if held and self._pay_debt():
                     # The limit was lowered while this acceptor held its slot: the slot
                     # is the limit's, and this client waits for a free one, as it would
@@ -279,8 +285,7 @@ class SyncEngine(Engine[SyncRuntime]):
                 return
             if self.preamble:
                 ready = self._preamble(rt, conn, info)
-                self._preamble_done(conn)
-                if not ready:
+                if not self._preamble_done(conn) or not ready:
                     return
             handed = rt.wrap_connection(conn.sock)
             if self.cfg.stream:

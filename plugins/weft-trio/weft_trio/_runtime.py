@@ -389,7 +389,10 @@ class TrioRuntime:
                     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
         finally:
-            await conn.aclose()  # closes the transport even when cancelled
+            try:
+                await conn.aclose()  # closes the transport even when cancelled
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # its socket shut down (the limit shed it, a stop): closed all the same
 
     def close(self) -> None:
         """End the manager's trio thread, if it runs, and wait for it; restartable."""
