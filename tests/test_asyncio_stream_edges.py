@@ -650,3 +650,32 @@ def test_write_after_write_eof_raises_and_a_read_after_close_is_the_end(mode: st
         "write after eof": "Cannot call write() after write_eof()",
         "read after close": b"",
     }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_send_all_to_a_peer_that_does_not_read_holds_a_chunk_not_the_write(mode: str) -> None:
+    """``send_all(16 MiB)`` to a client that reads nothing: the transport held all of it
+    (twice under TLS), per stalled client, where threads and gevent hold nothing beyond
+    the handler's bytes (the peer check's MED-2). It takes SEND_CHUNK at a time now."""
+    from weft_asyncio._stream import SEND_CHUNK
+
+    seen: list[tuple[object, asyncio.AbstractEventLoop]] = []
+
+    async def handler(stream) -> None:
+        seen.append((stream, asyncio.get_running_loop()))
+        await stream.send_all(BIG)
+
+    def unsent() -> int:
+        stream, loop = seen[0]
+
+        async def probe() -> int:
+            transport = stream._transport  # type: ignore[attr-defined]
+            return 0 if transport is None else transport.get_write_buffer_size()
+
+        return asyncio.run_coroutine_threadsafe(probe(), loop).result(WAIT)
+
+    with served(mode, handler) as server, connect(server, rcvbuf=4096):
+        wait_until(lambda: seen and unsent() > 0, what="the write waiting in the transport")
+        held = unsent()
+        assert held <= 2 * SEND_CHUNK, f"{held} bytes of 16 MiB held for a peer that reads none"

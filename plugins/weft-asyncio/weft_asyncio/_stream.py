@@ -60,6 +60,10 @@ CHUNK = 2**16
 #: this, and reading pauses while this many bytes wait unread, twice over:
 #: ``asyncio.StreamReader``'s defaults (``limit=2**16``, paused at ``2 * limit``).
 LIMIT = 2**16
+#: The most of one ``send_all`` handed to the transport before it drains: what a
+#: peer that does not read can make the server hold per connection, beyond the
+#: handler's own bytes and the transport's high-water mark.
+SEND_CHUNK = 2**18
 #: How long closing waits for the peer to take any of the unsent bytes (or TLS's
 #: close_notify) before it aborts the connection: a peer that stopped reading must
 #: not keep the descriptor open after its task ended, while one still reading gets
@@ -833,9 +837,22 @@ class AsyncioStream(asyncio.BufferedProtocol):
                 timer.cancel()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """trio's: send all of ``data``, waiting while the peer is slow to read."""
-        self.write(data)
-        await self.drain()
+        """trio's: send all of ``data``, waiting while the peer is slow to read.
+
+        A large ``data`` goes to the transport :data:`SEND_CHUNK` bytes at a time,
+        each drained before the next: written whole, the transport (and, under TLS,
+        the session's encrypted copy) held all of it for a peer that does not read,
+        twice the write per stalled client (the peer check's MED-2), where threads
+        and gevent hold nothing beyond the handler's own bytes.
+        """
+        if len(data) <= SEND_CHUNK:
+            self.write(data)
+            await self.drain()
+            return
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), SEND_CHUNK):
+            self.write(view[start : start + SEND_CHUNK])
+            await self.drain()
 
     def can_write_eof(self) -> bool:
         """True unless the connection is TLS (TLS has no half-close)."""
