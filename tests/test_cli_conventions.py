@@ -332,6 +332,27 @@ def test_json_lines_escape_del_and_the_c1_controls() -> None:
     assert json.loads(line)["message"] == message
 
 
+def test_json_lines_escape_invisible_and_direction_marks_and_untrusted_exceptions() -> None:
+    """A bidi override or a zero-width mark a peer sent reorders or hides what a reader
+    of the JSON log sees; and a handler's exception there was formatted afresh, its
+    peer-made message unescaped, where the text format printed it escaped (the peer
+    check's LOW-2)."""
+    from weft_core._logsafe import format_untrusted_exception
+
+    message = "user \u202egnp.exe\u202c \u200bx \u2066y\u2069 \ufeffz"
+    line = JsonFormatter().format(_record(message))
+    assert not any(ch in line for ch in "\u202e\u202c\u200b\u2066\u2069\ufeff"), line
+    assert json.loads(line)["message"] == message
+    try:
+        raise ValueError("bad \u202eevil\nline")
+    except ValueError as exc:
+        record = _record("handler raised")
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+        record.exc_text = format_untrusted_exception(exc)
+    text = json.loads(JsonFormatter().format(record))["exc_info"]
+    assert "\\u202e" in text and "\n" not in text.split("ValueError: ")[-1], text
+
+
 def test_text_lines_have_zoned_times() -> None:
     line = TextFormatter().format(_record("hello"))
     assert re.fullmatch(rf"{ZONED_TIME} \[\d+\] \[INFO\] weft\.access: hello", line)

@@ -122,15 +122,19 @@ class JsonFormatter(logging.Formatter):
             if key not in _RECORD_ATTRS and key not in out:
                 out[key] = value
         if record.exc_info:
-            out["exc_info"] = self.formatException(record.exc_info)
+            # exc_text first: an untrusted exception's, its messages escaped
+            # (log_untrusted_exception), as the text format prints it.
+            out["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
         # JSON escapes the C0 controls; DEL and the C1 controls (U+009B is a
-        # one-character terminal escape) and the Unicode line breaks are escaped too.
+        # one-character terminal escape), the Unicode line breaks, and the
+        # invisible and direction-changing marks (bidi overrides, zero widths,
+        # which reorder or hide what a reader sees) are escaped too.
         return _NOT_JSON_SAFE.sub(_u_escape, json.dumps(out, default=str, ensure_ascii=False))
 
 
-_NOT_JSON_SAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+_NOT_JSON_SAFE = re.compile("[\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def _u_escape(match: re.Match[str]) -> str:
