@@ -198,3 +198,35 @@ def test_a_dropped_acceptor_leaves_no_listener_open(
         assert listener.fileno() == -1, "stop() closes every listener"
     finally:
         listener.close()  # idempotent; here so that the failure leaks nothing
+
+
+@pytest.mark.timeout(30)
+def test_a_pool_whose_workers_all_accept_says_why_nobody_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two workers, two listeners: both workers are acceptors and no client is served.
+    It was silent (the config check's H1); the pool now says why, once."""
+    import logging
+
+    from weft_core.testing import WAIT, wait_until
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(b"hi\n")
+
+    caplog.set_level(logging.WARNING, logger="weft.pool")
+    server = Server(
+        handle, manager="pool", manager_options={"workers": 2},
+        bind=["127.0.0.1:0", "127.0.0.1:0"],
+    )  # fmt: skip
+    server.run()
+    try:
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT):
+            wait_until(
+                lambda: any("workers have been busy" in r.getMessage() for r in caplog.records),
+                what="the pool's warning",
+            )
+    finally:
+        server.stop(timeout=2)
+    (record,) = [r for r in caplog.records if r.name == "weft.pool"]
+    assert "the listeners plus one" in record.getMessage()

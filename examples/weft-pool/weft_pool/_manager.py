@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -34,6 +36,10 @@ __all__ = ["DEFAULT_WORKERS", "MIN_WORKERS", "PoolManager", "PoolRuntime"]
 DEFAULT_WORKERS = 16
 #: One worker for the acceptor of a single listener, at least one for connections.
 MIN_WORKERS = 2
+#: How long a task may wait with every worker busy before the pool says so.
+STARVED_AFTER = 2.0
+
+log = logging.getLogger("weft.pool")
 
 
 class PoolRuntime(BlockingRuntime):
@@ -53,7 +59,7 @@ class PoolRuntime(BlockingRuntime):
 class _Job:
     """A task as the pool holds it: queued until a worker takes it (``started``)."""
 
-    __slots__ = ("context", "started", "state", "thunk")
+    __slots__ = ("context", "queued_at", "started", "state", "thunk")
 
     def __init__(
         self, state: TaskState, thunk: Callable[[], Any], context: contextvars.Context
@@ -62,6 +68,7 @@ class _Job:
         self.thunk = thunk
         self.context = context
         self.started = False
+        self.queued_at = time.monotonic()
 
 
 class PoolManager:
@@ -95,6 +102,10 @@ class PoolManager:
         self._idle = 0  # workers waiting for a job
         self._closing = False
         self._serial = 0  # numbers worker threads' names
+        #: The timer watching a task queued with every worker busy (None: none).
+        self._watch: threading.Timer | None = None
+        #: Said that every worker is busy; said again only once the queue has emptied.
+        self._warned = False
         self.runtime = PoolRuntime(self)
 
     @property
@@ -143,7 +154,43 @@ class PoolManager:
                 self._table.pop(task_id)
                 raise
             self._cond.notify()
+            if self._threads >= self._workers and not self._idle:
+                self._watch_queue(STARVED_AFTER)
         return task_id
+
+    def _watch_queue(self, delay: float) -> None:
+        """Look at the queue in ``delay`` seconds (:meth:`_starved`). Holds ``_cond``."""
+        if self._watch is None and not self._warned:
+            self._watch = threading.Timer(delay, self._starved)
+            self._watch.daemon = True
+            self._watch.start()
+
+    def _starved(self) -> None:
+        """Say so once the oldest queued task has waited ``STARVED_AFTER`` with every worker busy.
+
+        A server on as many listeners as the pool has workers gives each worker to an
+        acceptor for good, and then serves no one: the pool cannot tell an acceptor
+        from a long connection, so it names the likely cause rather than refuse.
+        """
+        with self._cond:
+            self._watch = None
+            if not self._queue or self._idle or self._closing:
+                return
+            waited = time.monotonic() - self._queue[0].queued_at
+            if waited < STARVED_AFTER:
+                self._watch_queue(STARVED_AFTER - waited)
+                return
+            self._warned = True
+            waiting = len(self._queue)
+        log.warning(
+            "pool manager: all %d workers have been busy for %gs with %d task(s) waiting:"
+            " each of the server's listeners holds a worker for its acceptor as long as it"
+            " listens, so give workers at least the listeners plus one, and more for"
+            " connections served at once",
+            self._workers,
+            STARVED_AFTER,
+            waiting,
+        )
 
     def remove_task(self, task_id: Hashable) -> bool:
         """Forget the task (a queued one still runs later); True if it was there."""
@@ -215,6 +262,8 @@ class PoolManager:
                     self._idle -= 1
             job = self._queue.popleft()
             job.started = True
+            if not self._queue:
+                self._warned = False
             return job
 
     def _work(self) -> None:
