@@ -27,6 +27,11 @@ _probe: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 #: What a loaded CI machine may add to a promised bound before it counts as broken.
 SLACK = 1.5
+#: How many threads call add_task at once in the concurrency tests.
+THREADS = 16
+#: How long runtime.close() may take to end the threads its manager started, once no
+#: task is left (an idle thread's expiry is no bound: the threads manager's is 10 s).
+CLOSE_BOUND = 2.0 + SLACK
 
 
 def _stop_within_its_bound(
@@ -58,11 +63,18 @@ class TaskManagerTests(ManagerTestBase):
         )
 
     def _bounded_past_its_interrupt(
-        self, manager: TaskManager, task_id: Hashable, gate: threading.Event, why: str
+        self,
+        manager: TaskManager,
+        task_id: Hashable,
+        gate: threading.Event,
+        why: str,
+        still_runs: bool = False,
     ) -> None:
         """stop_task(id, 0.2) on a task that outlives its interrupt: False, by its bound.
 
-        Then ``gate`` lets the task end, and it must leave ``all_tasks``.
+        Then ``gate`` lets the task end, and it must leave ``all_tasks``. With
+        ``still_runs`` (the task runs on until ``gate``, whatever the manager), it
+        must still be listed when stop_task has given up on it.
         """
         timeout = 0.2
         stopper, result, took = _stop_within_its_bound(manager, task_id, timeout)
@@ -73,6 +85,10 @@ class TaskManagerTests(ManagerTestBase):
             )
             assert result == [False], (
                 f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
+            )
+            assert not still_runs or task_id in manager.all_tasks(), (
+                "stop_task gave up on a task that still runs: all_tasks lists what the"
+                " manager holds now, that task included, until it has ended"
             )
         finally:
             gate.set()
@@ -111,20 +127,48 @@ class TaskManagerTests(ManagerTestBase):
     def test_runtime_sleep_waits_as_long_as_asked(
         self, manager: TaskManager, adapter: SyncAdapter
     ) -> None:
-        """runtime.sleep(seconds), in a task, pauses it that long: the engine's back-off uses it."""
+        """runtime.sleep(seconds), in a task, pauses it that long, and it alone.
+
+        The engine's back-off uses it (the acceptor's, when descriptors run out): a
+        sleep that spins would burn the CPU, and one that blocks the loop would stall
+        every connection on it.
+        """
         took: list[float] = []
+        ticks: list[float] = []
+        ticking, stop_ticking = threading.Event(), threading.Event()
+
+        def ticker() -> Body:
+            ticking.set()
+            until = time.monotonic() + WAIT
+            while not stop_ticking.is_set() and time.monotonic() < until:
+                ticks.append(time.monotonic())
+                yield Sleep(POLL)
 
         def body() -> Body:
             began = time.monotonic()
             yield Sleep(0.2)
             took.append(time.monotonic() - began)
+            took.append(began)
 
+        ticker_id = manager.add_task(adapter.task(ticker))
+        assert ticking.wait(WAIT), "add_task must run the thunk it was given"
         task_id = manager.add_task(adapter.task(body))
         self._wait_gone(manager, task_id)
+        stop_ticking.set()
+        self._wait_gone(manager, ticker_id)
         assert took, "add_task must run the thunk it was given"
         assert took[0] >= 0.19, (
             f"runtime.sleep(0.2) returned after {took[0]:.3f}s: it must pause the task as long"
             " as asked (the acceptor's back-off when descriptors run out would spin the CPU)"
+        )
+        # Within the sleep, well before its end: a sleep that blocks the loop lets the
+        # others run only once it is over, before the sleeper resumes.
+        began = took[1]
+        during = [t for t in ticks if began < t < began + 0.15]
+        assert len(during) >= 2, (
+            f"another task ran {len(during)} time(s) while one was in runtime.sleep(0.2)"
+            f" (it sleeps {POLL:g}s a turn): runtime.sleep must suspend only the task that"
+            " calls it, not block the loop all the tasks share"
         )
 
     def test_ids_are_unique(self, manager: TaskManager, adapter: SyncAdapter) -> None:
@@ -136,6 +180,97 @@ class TaskManagerTests(ManagerTestBase):
             self._wait_gone(manager, task_id)
         ids += [manager.add_task(adapter.task(gated(done))) for _ in range(20)]
         assert len(set(ids)) == len(ids), f"add_task must return unique ids, got {ids}"
+
+    def _from_many_threads(self, call: Callable[[], None]) -> list[BaseException]:
+        """``call()`` in THREADS threads released together; what they raised."""
+        barrier = threading.Barrier(THREADS)
+        raised: list[BaseException] = []
+
+        def each() -> None:
+            try:
+                barrier.wait(WAIT)
+                call()
+            except BaseException as exc:  # reported by the test
+                raised.append(exc)
+
+        callers = [threading.Thread(target=each, daemon=True) for _ in range(THREADS)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(WAIT)
+        assert not any(caller.is_alive() for caller in callers), (
+            f"add_task called from {THREADS} threads at once has not returned in all of them"
+            f" after {WAIT:g}s: it must not wait on another caller"
+        )
+        return raised
+
+    def test_add_task_from_many_threads_at_once(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """add_task from many threads at once, the first calls racing the runtime's start.
+
+        The server calls it from the run() caller, the loop's thread and others
+        (``submit``): ids stay unique, and once the tasks have ended, closing the
+        runtime leaves none of the threads it started (one loop, not one per racing
+        first call).
+        """
+        before = set(threading.enumerate())
+        gate = threading.Event()
+        ids: list[Hashable] = []
+
+        def call() -> None:
+            for _ in range(10):
+                ids.append(manager.add_task(adapter.task(gated(gate))))
+
+        try:
+            raised = self._from_many_threads(call)
+        finally:
+            gate.set()
+        assert not raised, f"add_task raised from concurrent callers: {raised[0]!r}"
+        assert len(ids) == 10 * THREADS and len(set(ids)) == len(ids), (
+            f"add_task called from {THREADS} threads at once must return unique ids:"
+            f" {len(set(ids))} distinct of {len(ids)}"
+        )
+        for task_id in ids:
+            self._wait_gone(manager, task_id)
+        manager.runtime.close()
+
+        def started_here() -> list[str]:
+            return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+        wait_until(
+            lambda: not started_here(),
+            timeout=CLOSE_BOUND,
+            what=f"runtime.close() to end the threads the manager started (still alive after"
+            f" {CLOSE_BOUND:g}s: {started_here()}): with no task left, close() releases"
+            " its loop and idle workers now, not when they expire",
+        )
+
+    def test_the_limit_holds_against_many_threads_at_once(
+        self, limited_manager: TaskManager
+    ) -> None:
+        """limit=2, and 16 threads add a task at once: exactly 2 are taken."""
+        adapter = self.make_adapter(limited_manager.runtime)
+        gate = threading.Event()
+        taken: list[Hashable] = []
+
+        def call() -> None:
+            try:
+                taken.append(limited_manager.add_task(adapter.task(gated(gate))))
+            except ManagerFullError:
+                pass
+
+        try:
+            raised = self._from_many_threads(call)
+            assert not raised, f"add_task raised other than ManagerFullError: {raised[0]!r}"
+            assert len(taken) == 2, (
+                f"limit=2, and {THREADS} threads called add_task at once: {len(taken)} tasks"
+                " were taken; the limit must hold against concurrent callers"
+            )
+        finally:
+            gate.set()
+        for task_id in taken:
+            self._wait_gone(limited_manager, task_id)
 
     def test_all_tasks_lists_held_tasks(self, manager: TaskManager, adapter: SyncAdapter) -> None:
         """all_tasks lists the ids of tasks the manager holds now, and drops ended ones."""
@@ -168,9 +303,26 @@ class TaskManagerTests(ManagerTestBase):
         again.set()
 
     def test_remove_task_forgets(self, manager: TaskManager, adapter: SyncAdapter) -> None:
-        """remove_task returns True if the task was there, False if it was not."""
-        gate = threading.Event()
-        task_id = manager.add_task(adapter.task(gated(gate)))
+        """remove_task returns True if the task was there, False if it was not; the task runs on."""
+        gate, started = threading.Event(), threading.Event()
+        seen: list[Any] = []
+        outcome: list[str] = []
+        waiting = gated(gate, started, seen=seen)
+
+        def body() -> Body:
+            state = current_task()
+            if state is not None:
+                state.on_shutdown(lambda: seen.append("its shutdown callbacks"))
+                state.on_interrupt(lambda: seen.append("its interrupt callbacks"))
+            try:
+                yield from waiting()
+                outcome.append("finished")
+            finally:
+                if not outcome:
+                    outcome.append("ended early")
+
+        task_id = manager.add_task(adapter.task(body))
+        assert started.wait(WAIT), "add_task must run the thunk it was given"
         assert manager.remove_task(task_id) is True, (
             "remove_task must return True for a task the manager holds"
         )
@@ -181,6 +333,11 @@ class TaskManagerTests(ManagerTestBase):
             "remove_task must return False for a task it no longer holds"
         )
         gate.set()
+        wait_until(lambda: outcome, what="the removed task to end once let go")
+        assert outcome == ["finished"] and seen == [], (
+            f"remove_task only forgets the task; it must go on to its own end, neither flagged,"
+            f" interrupted nor cancelled: it saw {seen or outcome}"
+        )
 
     def test_stop_task_sets_shutdown_flag(
         self, manager: TaskManager, adapter: SyncAdapter
@@ -246,10 +403,13 @@ class TaskManagerTests(ManagerTestBase):
         connection shut down ends a handler's blocking read).
         """
         started, released, interrupted = threading.Event(), threading.Event(), threading.Event()
+        calls: list[str] = []
 
         def body() -> Body:
             state = current_task()
             assert state is not None, "inside a task, current_task() names its TaskState"
+            state.on_shutdown(lambda: calls.append("shutdown"))
+            state.on_interrupt(lambda: calls.append("interrupt"))
             state.on_interrupt(interrupted.set)
             state.on_interrupt(released.set)
             started.set()
@@ -276,6 +436,10 @@ class TaskManagerTests(ManagerTestBase):
             f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
         )
         self._wait_gone(manager, task_id)
+        assert sorted(calls) == ["interrupt", "shutdown"], (
+            f"each callback runs once (TaskState's on_shutdown and on_interrupt), got {calls}:"
+            " a callback need not be idempotent"
+        )
 
     def test_stop_task_is_bounded_when_the_task_outlives_its_interrupt(
         self, manager: TaskManager, adapter: SyncAdapter
@@ -317,6 +481,7 @@ class TaskManagerTests(ManagerTestBase):
             gate,
             "even if the task swallows its interrupt and goes on (wait for the task's end at"
             " most that long)",
+            still_runs=True,
         )
 
     def test_run_in_loop_runs_in_the_thread_of_the_tasks(
@@ -355,6 +520,28 @@ class TaskManagerTests(ManagerTestBase):
             assert ran == [idents[0]], (
                 "run_in_loop(fn) must run fn in the loop's thread, where the tasks run, not in"
                 " the caller's: the stop's batch touches objects only the loop may"
+            )
+            # A task that blocks the loop (time.sleep, a lock): run_in_loop gives up
+            # at its timeout, False, rather than wait for the loop for ever.
+            blocking, unblock = threading.Event(), threading.Event()
+
+            def blocks() -> Body:
+                blocking.set()
+                unblock.wait(WAIT)  # not a yield: the loop's thread is held
+                yield from ()
+
+            ids.append(manager.add_task(adapter.task(blocks)))
+            try:
+                assert blocking.wait(WAIT), "add_task must run its thunk"
+                began = time.monotonic()
+                answered = manager.runtime.run_in_loop(lambda: None, 0.2)
+                took = time.monotonic() - began
+            finally:
+                unblock.set()
+            assert answered is False and took < 0.2 + SLACK, (
+                f"run_in_loop(fn, timeout=0.2) on a loop a task blocks returned {answered!r}"
+                f" after {took:.2f}s: it must return False once the timeout has passed"
+                " (the stop's bound depends on it)"
             )
         finally:
             gate.set()
@@ -445,15 +632,41 @@ class TaskManagerTests(ManagerTestBase):
         adapter: SyncAdapter,
         errors_logged: Callable[[], list[logging.LogRecord]],
     ) -> None:
-        """A task that raises is reported, removed, and the manager goes on."""
+        """A task that raises is reported, removed, and the manager goes on: the others with it."""
+        gate, started = threading.Event(), threading.Event()
+        outcome: list[str] = []
+        waiting = gated(gate, started)
+
+        def bystander() -> Body:
+            try:
+                yield from waiting()
+                outcome.append("finished")
+            finally:
+                if not outcome:
+                    outcome.append("ended early")
 
         def body() -> Body:
             yield Sleep(0)
             raise ValueError("conformance: deliberate failure")
 
+        bystander_id = manager.add_task(adapter.task(bystander))
+        assert started.wait(WAIT), "add_task must run the thunk it was given"
         task_id = manager.add_task(adapter.task(body))
         self._wait_gone(manager, task_id)
-        wait_until(lambda: errors_logged(), what="the failing task to be reported")
+        wait_until(
+            lambda: errors_logged(),
+            what="the failing task to be reported (logged at ERROR, with its exception, on"
+            " any logger; run_task does it)",
+        )
+        try:
+            assert not outcome and bystander_id in manager.all_tasks(), (
+                f"a task's exception must not end the manager's other tasks: a task running"
+                f" beside it {outcome[0] if outcome else 'left all_tasks'}"
+            )
+        finally:
+            gate.set()
+        wait_until(lambda: outcome, what="the task beside the failing one to end")
+        assert outcome == ["finished"], "the task beside the failing one must run to its end"
         assert any(
             "deliberate failure" in (r.exc_text or "")
             or (r.exc_info and "deliberate failure" in str(r.exc_info[1]))
