@@ -374,11 +374,18 @@ class AddressTests(ManagerTestBase):
             yield Send(b"!")
 
         server = make_server(record)
-        with connect(server.port) as client:
-            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
-            expected = f"weft conn {format_address(client.getsockname())}"
-        assert names == [expected], (
-            "each connection's task is named `weft conn HOST:PORT` (the thunk's __name__); check the ManagerSpec's Conformance(task_name=...) reads your runtime's task name"
+        expected: list[str] = []
+        # One after another, each ended first: a worker (a thread, a greenlet) reused
+        # for the next connection must carry the next one's name, not its last.
+        for _ in range(3):
+            with connect(server.port) as client:
+                assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
+                expected.append(f"weft conn {format_address(client.getsockname())}")
+            wait_until(lambda: server.stats()["active"] == 0, what="the connection to end")
+        assert names == expected, (
+            "each connection's task is named `weft conn HOST:PORT` (the thunk's __name__),"
+            " a worker reused for the next connection included; check the ManagerSpec's"
+            f" Conformance(task_name=...) reads your runtime's task name: saw {names}"
         )
 
     def test_lifecycle_callbacks_and_hooks(

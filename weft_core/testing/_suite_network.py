@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -126,6 +127,43 @@ class NetworkTests(ManagerTestBase):
         assert seen == [b"abc"] and not any(errors.values()), (
             f"a TLS peer's end without close_notify must read as the end of input (b''): the "
             f"handler saw {seen} (nothing: its read raised), and {errors}"
+        )
+
+    def test_tls_reset_is_no_end(self, make_server: MakeServer, certs: dict[str, str]) -> None:
+        """A TLS client that resets mid-conversation: the handler's next read raises.
+
+        A reset is no end of input: read as one (``b""``, as the stdlib's
+        ``suppress_ragged_eofs`` does), a request cut by a reset looks whole to the
+        handler. It raises a ``ConnectionError`` and counts as the peer's
+        (``peer_errors``), as over plain TCP (docs/writing-a-manager.md, section 4).
+        """
+        seen: list[bytes] = []
+
+        def body() -> Body:
+            data = b""
+            while True:
+                chunk = yield Recv()
+                if not chunk:
+                    seen.append(data)
+                    return
+                if not data:
+                    yield Send(b"!")
+                data += chunk
+
+        server = make_server(body, tls={"certfile": certs["cert"], "keyfile": certs["key"]})
+        with self.tls_client(server.port, certs) as client:
+            client.sendall(b"abc")
+            assert recv_exactly(client, 1) == b"!", "the handler must run and reply"
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_until(
+            lambda: server.stats()["accepted"] == 1 and server.stats()["active"] == 0,
+            what="the connection to end",
+        )
+        stats = server.stats()
+        assert seen == [] and stats["peer_errors"] == 1, (
+            f"a TLS peer's reset must make the handler's read raise a ConnectionError (counted"
+            f" in peer_errors), not read as an end: the handler saw {seen} and the server"
+            f" counted peer_errors={stats['peer_errors']}"
         )
 
     def test_tls_accepts_an_ssl_context(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -180,6 +181,47 @@ class SubmitTests(ManagerTestBase):
         assert sorted(results) == [(42, "t0"), (42, "t1"), (42, "t2")], (
             "rule 'submit() returns fn's result, run with the calling thread's contextvars'"
         )
+
+    def test_submit_from_a_foreign_thread_never_waits_for_fn(
+        self, make_server: MakeServer, handler_kind: str
+    ) -> None:
+        """Rule: submit() returns its Future at once; fn runs in the runtime, later.
+
+        A runtime whose ``spawn_soon`` ran the thunk in the calling thread made every
+        caller wait for fn (docs/writing-a-manager.md: from a foreign thread, never wait).
+        """
+        server, _ = self._parked_server(make_server, handler_kind)
+        release = threading.Event()
+        sleep: Any = server.task_manager.runtime.sleep
+        fn: Callable[[], Any]
+        if handler_kind == "async":
+
+            async def waits_async() -> str:
+                until = time.monotonic() + WAIT
+                while not release.is_set() and time.monotonic() < until:
+                    await sleep(0.005)
+                return "done"
+
+            fn = waits_async
+        else:
+
+            def waits() -> str:
+                release.wait(WAIT)
+                return "done"
+
+            fn = waits
+        began = time.monotonic()
+        try:
+            future = server.submit(fn)
+            took = time.monotonic() - began
+        finally:
+            release.set()
+        assert took < 1.0, (
+            f"submit() waited {took:.2f}s for fn to finish: it must return its Future at once"
+            " and run fn in the runtime (a spawn_soon or add_task that runs the thunk in the"
+            " caller's thread never does)"
+        )
+        assert future.result(WAIT) == "done", "submit()'s Future has fn's result"
 
     def test_submit_hands_fns_exception_to_the_future(
         self, make_server: MakeServer, handler_kind: str
