@@ -102,6 +102,28 @@ def test_an_explicit_weft_toml_says_nothing_of_pyproject(tmp_path: Path) -> None
     assert (config.get("manager"), config.warnings) == ("gevent", ())
 
 
+@pytest.mark.parametrize(
+    ("written", "hint"),
+    [("440", "unix_mode = 0o440 (or"), ("888", "unix_mode = 0o660, 0o600"), ("1023", "0o660")],
+)
+def test_a_decimal_unix_mode_is_refused_with_a_mode_to_write(
+    tmp_path: Path, written: str, hint: str
+) -> None:
+    """The same digits in octal are offered only where they make a mode: 888 and 1023
+    offered 0o888 (no octal number) and 0o1023 (no mode) (the config check's L4)."""
+    (tmp_path / "weft.toml").write_text(f"unix_mode = {written}\n")
+    with pytest.raises(ConfigError, match="is a decimal number in TOML") as info:
+        load(tmp_path)
+    assert hint in str(info.value), str(info.value)
+    assert "0o888" not in str(info.value) and "0o1023" not in str(info.value)
+
+
+def test_an_empty_config_file_name_says_so(tmp_path: Path) -> None:
+    """``-c ""`` was "a directory, not a file", naming the working directory (L12)."""
+    with pytest.raises(ConfigError, match="the config file's name is empty"):
+        load_config(config_file="", environ={}, cwd=tmp_path)
+
+
 def test_a_relative_path_in_a_file_is_the_file_s_as_tls_parts_are(tmp_path: Path) -> None:
     """pid, log_config and control_socket were taken from the working directory while
     tls's parts were taken from the file's (the config check's M2): the same file

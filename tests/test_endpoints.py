@@ -54,6 +54,8 @@ def test_default_host_is_used_for_a_bare_port() -> None:
         ("", "empty endpoint"),
         ("   ", "empty endpoint"),
         ("::1:5000", "put an IPv6 address in brackets, as in [::1]:5000"),
+        ("::1", "an IPv6 address needs brackets and a port, as in [::1]:5000"),
+        ("fe80::1", "an IPv6 address needs brackets and a port, as in [fe80::1]:5000"),
         ("[::1]", "must be followed by :PORT"),
         ("[::1:5000", "without a closing ']'"),
         ("[nothost]:5000", "'nothost' in brackets is not an IPv6 address"),

@@ -237,11 +237,14 @@ def _refuse_a_decimal_mode(table: Mapping[str, Any], text: str, source: str) -> 
     if isinstance(value, bool) or not isinstance(value, int):
         return
     for match in _DECIMAL_MODE.finditer(text):
-        if int(match.group(1).replace("_", "")) == value:
+        digits = match.group(1).replace("_", "")
+        if int(digits) == value:
+            # The same digits in octal only where they are a mode (0o000-0o777).
+            octal = set(digits) <= set("01234567") and int(digits, 8) <= 0o777
+            hint = f"0o{match.group(1)} (or 0o660, 0o600, ...)" if octal else "0o660, 0o600, ..."
             raise ConfigError(
                 f"unix_mode = {match.group(1)} is a decimal number in TOML, the mode"
-                f" {oct(value)}; write a mode in octal: unix_mode = 0o{match.group(1)}"
-                " (or 0o660, 0o600, ...)",
+                f" {oct(value)}; write a mode in octal: unix_mode = {hint}",
                 source=source,
                 key="unix_mode",
             )
@@ -672,6 +675,12 @@ def _find_file(
                 if config_file is not None
                 else "environment variable WEFT_CONFIG"
             )
+            if not str(named).strip():
+                raise ConfigError(
+                    "the config file's name is empty: give the path of a TOML file",
+                    source=how,
+                    key="config",
+                )
             what = (
                 "a directory, not a file"
                 if path.is_dir()

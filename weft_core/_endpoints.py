@@ -182,7 +182,11 @@ def _colons_hint(spec: str, host: str, port_text: str) -> str:
     try:
         ipaddress.IPv6Address(host)
     except ValueError:
-        return "more than one ':' and not an IPv6 address"
+        try:  # the whole of it an IPv6 address with no port (::1)
+            ipaddress.IPv6Address(spec)
+        except ValueError:
+            return "more than one ':' and not an IPv6 address"
+        return f"an IPv6 address needs brackets and a port, as in [{spec}]:5000"
     return f"put an IPv6 address in brackets, as in [{host}]:{port_text}"
 
 
