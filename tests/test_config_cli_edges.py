@@ -436,3 +436,50 @@ def test_check_config_imports_the_handler_in_the_process_serve_prepares(tmp_path
     assert "this module cannot run monkey-patched" in checked.stderr
     unpatched = run(*args, "-o", "patch=false", "--check-config", cwd=tmp_path)
     assert unpatched.returncode == 0, unpatched.stderr
+
+
+def _check(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """``weft serve _serving:handle --check-config ARGS``: its last line of stderr."""
+    done = subprocess.run(
+        weft_serve("_serving:handle", "--check-config", *args),
+        cwd=tmp_path, env={**environment(), **(env or {})}, capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_tls_file_s_error_names_the_source_of_that_part(tmp_path: Path) -> None:
+    """A certfile that is no PEM named no source, or the source of the table's last
+    part (the config check's M1): it names the variable that gave the certfile."""
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    line = _check(tmp_path, env={"WEFT_TLS_CERTFILE": "bad.pem", "WEFT_TLS_KEYFILE": "key.pem"})
+    assert (
+        line.startswith("weft: environment variable WEFT_TLS_CERTFILE, key 'tls.certfile':")
+        and "bad.pem is not a PEM certificate" in line
+    ), line
+
+
+def test_options_from_two_sources_say_which_came_from_where(tmp_path: Path) -> None:
+    """A file's [manager_options] and -o: the manager's refusal was blamed on -o alone,
+    the bad option being the file's (M1). Each option's source is listed."""
+    (tmp_path / "weft.toml").write_text("[manager_options]\nidle_threads = -1\n")
+    line = _check(tmp_path, "-o", "idle_expiry=5", "--manager", "threads")
+    assert "idle_threads must be 0 or more" in line, line
+    assert f"idle_threads from {tmp_path / 'weft.toml'}" in line, line
+    assert "idle_expiry from command line -o/--manager-option" in line, line
+
+
+def test_paths_and_arguments_with_escapes_are_not_echoed_raw(tmp_path: Path) -> None:
+    """A config file's path, a TLS file's and an unknown argument reached the terminal
+    with their escape bytes (L5): each is escaped as values are."""
+    config = tmp_path / "e\x1b[31mred.toml"
+    config.write_text("bogus = 1\n")
+    assert "e\\x1b[31mred.toml, key 'bogus'" in _check(tmp_path, "-c", str(config))
+    pem = tmp_path / "c\x1b[31mred.pem"
+    pem.write_text("not a certificate\n")
+    line = _check(tmp_path, "--certfile", str(pem), "--keyfile", str(pem))
+    assert "c\\x1b[31mred.pem is not a PEM certificate" in line and "\x1b" not in line, line
+    line = _check(tmp_path, "x\x1b[31mRED")
+    assert "x\\x1b[31mRED" in line and "\x1b" not in line, line

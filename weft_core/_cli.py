@@ -153,7 +153,7 @@ CLOSE_FLAG = 0.75
 
 def _unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
     """The 'unrecognized arguments' line, with the flag meant when one is near."""
-    message = f"unrecognized arguments: {' '.join(extras)}"
+    message = f"unrecognized arguments: {' '.join(escape_for_log(arg) for arg in extras)}"
     flags = [arg.partition("=")[0] for arg in extras if arg.startswith("-")]
     if not flags:
         return message
@@ -398,7 +398,7 @@ def _serve(ns: argparse.Namespace) -> int:
         try:
             _check_paths(config)
         except ConfigError as exc:
-            return _fail(with_source(exc, config.origins), EXIT_USAGE)
+            return _fail(with_source(exc, config.where), EXIT_USAGE)
     # The watchdog and recycling replace a process, so even one worker needs a
     # supervisor; and a supervisor re-executed on USR2 stays one.
     if not worker and (
@@ -410,7 +410,7 @@ def _serve(ns: argparse.Namespace) -> int:
         try:
             _check_manager(config)
         except WeftError as exc:
-            return _fail(with_source(exc, config.origins), EXIT_USAGE)
+            return _fail(with_source(exc, config.where), EXIT_USAGE)
         if not upgraded:
             refused = _start_check(ns.argv)
             if refused:
@@ -427,7 +427,7 @@ def _serve(ns: argparse.Namespace) -> int:
                 argv=getattr(ns, "argv", None),
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
-            return _fail(with_source(exc, config.origins), EXIT_USAGE)
+            return _fail(with_source(exc, config.where), EXIT_USAGE)
         except (WeftError, OSError) as exc:
             return _fail(exc, EXIT_RUNTIME)
         finally:
@@ -437,7 +437,7 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         _prepare_process(config)
     except WeftError as exc:  # a broken plugin
-        return _fail(with_source(exc, config.origins), EXIT_USAGE)
+        return _fail(with_source(exc, config.where), EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
 
@@ -496,7 +496,7 @@ def _serve(ns: argparse.Namespace) -> int:
         if isinstance(exc, BindError):  # the control socket's path is taken
             return _fail(exc, EXIT_RUNTIME)
         if isinstance(exc, WeftError):  # unknown manager, wrong handler kind, bad value
-            return _fail(with_source(exc, config.origins), EXIT_USAGE)
+            return _fail(with_source(exc, config.where), EXIT_USAGE)
         return _fail(
             f"cannot switch to user {account[0]}, group {account[1]}: {exc}", EXIT_RUNTIME
         )
@@ -607,7 +607,7 @@ def _upgrade_check(config: Config) -> int:
         setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
         _check_manager(config)
     except WeftError as exc:
-        return _fail(with_source(exc, config.origins), EXIT_USAGE)
+        return _fail(with_source(exc, config.where), EXIT_USAGE)
     return 0
 
 
@@ -746,7 +746,7 @@ def _check_config(config: Config, *, quiet: bool = False) -> int:
             handler = import_handler(config.handler)
         server = Server(handler, **_named_manager(kwargs))
     except WeftError as exc:
-        return _fail(with_source(exc, config.origins), EXIT_USAGE)
+        return _fail(with_source(exc, config.where), EXIT_USAGE)
     if not quiet:
         for line in _manager_defaults(server, config):
             print(line)

@@ -447,6 +447,11 @@ class Config:
     #: What the user should hear about but that does not stop weft (unknown WEFT_* names).
     warnings: tuple[str, ...] = ()
 
+    @property
+    def where(self) -> Mapping[str, str]:
+        """Where each setting came from: by flat key (``tls.certfile``) where it has one."""
+        return {**self.origins, **self.sources}
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, else the CLI default for it, else ``default``."""
         return self.values.get(key, DEFAULTS.get(key, default))
@@ -788,7 +793,16 @@ def with_source(exc: WeftError, origins: Mapping[str, str]) -> WeftError:
     becomes a ConfigError of key ``manager``. Anything else is ``exc`` itself.
     """
     if isinstance(exc, ConfigError) and exc.source is None and exc.key is not None:
-        return ConfigError(exc.message, source=origins.get(exc.key), key=exc.key)
+        # A table's part (tls.certfile) by its table's origin when not its own.
+        source = origins.get(exc.key) or origins.get(exc.key.partition(".")[0])
+        message = exc.message
+        parts = {k: v for k, v in origins.items() if k.startswith(f"{exc.key}.")}
+        if len(set(parts.values())) > 1:
+            # A table given by several sources (a file's [manager_options] and -o):
+            # which part came from where, since the error may be another's than the last.
+            said = "; ".join(f"{k.partition('.')[2]} from {v}" for k, v in sorted(parts.items()))
+            message = f"{message} ({said})"
+        return ConfigError(message, source=source, key=exc.key)
     if isinstance(exc, UnknownManagerError):
         return ConfigError(str(exc), source=origins.get("manager"), key="manager")
     return exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._logsafe import escape_for_log
+
 __all__ = [
     "BindError",
     "ConfigError",
@@ -38,7 +40,9 @@ class ConfigError(WeftError, ValueError):
         self.source = source
         self.key = key
         self.message = message
-        where = ", ".join(p for p in (source, f"key {key!r}" if key else None) if p)
+        # A source may be a path (a config file's): shown escaped, as the values are.
+        shown = None if source is None else escape_for_log(source)
+        where = ", ".join(p for p in (shown, f"key {key!r}" if key else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
 
 

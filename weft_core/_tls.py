@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigError
+from ._logsafe import escape_for_log
 
 if TYPE_CHECKING:
     import ssl
@@ -152,11 +153,12 @@ def _not_pem(path: str, text: bytes, key: str, what: str) -> ConfigError:
         kind = "x509" if "certificate" in what else "pkey"
         why = (
             "it looks like DER: convert it with "
-            f"`openssl {kind} -inform der -in {path} -out {path}.pem`"
+            f"`openssl {kind} -inform der -in {escape_for_log(path)} -out"
+            f" {escape_for_log(path)}.pem`"
         )
     else:
         why = "it has no -----BEGIN ...----- line"
-    return ConfigError(f"{path} is not {what} ({why})", key=key)
+    return ConfigError(f"{escape_for_log(path)} is not {what} ({why})", key=key)
 
 
 def _read(path: str) -> bytes | OSError:
