@@ -341,6 +341,23 @@ def test_unset_or_wrong_registers_no_hook(value: str | None) -> None:
         assert done.stderr == ""
 
 
+def test_a_misspelt_variable_is_said(tmp_path: Path) -> None:
+    """``WEFT_PROMETHEUS_ADRESS``: no metrics and no word (the config check's M3); a
+    WEFT_PROMETHEUS_* variable the plugin does not read is now a warning naming its one."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+    env = environment(None)
+    env["WEFT_PROMETHEUS_ADRESS"] = "127.0.0.1:0"
+    done = subprocess.run(
+        [sys.executable, "-c", _UNSET], env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"'WEFT_PROMETHEUS_ADRESS' is not read: the one setting is {ADDRESS_ENV}" in (
+        done.stderr
+    ), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
 @pytest.mark.parametrize(
     "fake",
     [

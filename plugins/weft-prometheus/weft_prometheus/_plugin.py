@@ -12,10 +12,30 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from ._address import ADDRESS_ENV, configured_address
 
 log = logging.getLogger("weft_prometheus")
+
+
+def _warn_unread(environ: Mapping[str, str]) -> None:
+    """Warn of each WEFT_PROMETHEUS_* variable but the one this plugin reads.
+
+    Its namespace, with one setting in it: a misspelt one (``..._ADRESS``) silently
+    left the metrics off, weft's own warning for unknown WEFT_* names leaving a
+    plugin's be.
+    """
+    for name in sorted(environ):
+        if name.startswith("WEFT_PROMETHEUS_") and name != ADDRESS_ENV:
+            log.warning(
+                "weft-prometheus: %r is not read: the one setting is %s=HOST:PORT",
+                name,
+                ADDRESS_ENV,
+            )
+
+
+_warn_unread(os.environ)
 
 try:
     _address = configured_address(os.environ)
