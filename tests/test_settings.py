@@ -239,6 +239,8 @@ def test_server_and_weft_env_and_flags_agree(key: str, value: Any) -> None:
         ({"args": "x"}, "args", "a list of handler arguments, got 'x'"),
         ({"bind": "nope:nope:1"}, "bind", "more than one ':' and not an IPv6 address"),
         ({"bind": "::1:80"}, "bind", "put an IPv6 address in brackets"),
+        ({"family": "ipv6", "address": "127.0.0.1"}, "family", "'127.0.0.1' is an IPv4 address"),
+        ({"family": "ipv4", "bind": "[::1]:0"}, "family", "'::1' is an IPv6 address"),
         ({"on_full": "drop"}, "on_full", "'refuse' or 'backlog', got 'drop'"),
         ({"shutdown_secret": "x"}, "shutdown_secret", "only applies with shutdown_port"),
         ({"shutdown_port": 0, "shutdown_secret": "a\nb"}, "shutdown_secret", "one line"),

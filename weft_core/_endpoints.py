@@ -131,6 +131,41 @@ def check_dual(hosts: list[str | None]) -> None:
             )
 
 
+def check_family(family: str, hosts: list[str | None]) -> None:
+    """ConfigError for an address of the other family among ``hosts`` (``check_dual`` too).
+
+    ``family='ipv4'`` with ``::1``, or ``'ipv6'`` with ``127.0.0.1``, cannot be bound:
+    said when the Server is made (``--check-config`` too), as a mistake, not found
+    as a bind failure once the application has been imported. Host names are left
+    to the resolver; ``0.0.0.0`` stands for ``::`` as under ``'dual'``.
+    """
+    if family == "dual":
+        check_dual(hosts)
+        return
+    for host in hosts:
+        if not host or host == "0.0.0.0":
+            continue
+        if family == "ipv4" and _is_ipv6_literal(host):
+            other, example = "an IPv6", "'127.0.0.1' or '0.0.0.0'"
+        elif family == "ipv6" and _is_ipv4_literal(host):
+            other, example = "an IPv4", "'::1' or '::'"
+        else:
+            continue
+        raise ConfigError(
+            f"family={family!r} listens on {family[:2].upper()}{family[2:]} sockets only, and"
+            f" {host!r} is {other} address: give one such as {example}, or drop family",
+            key="family",
+        )
+
+
+def _is_ipv6_literal(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_ipv4_literal(host: str) -> bool:
     try:
         ipaddress.IPv4Address(host)

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ._endpoints import check_dual, check_host, listen_endpoints, parse_endpoint
+from ._endpoints import check_family, check_host, listen_endpoints, parse_endpoint
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
@@ -896,9 +896,9 @@ class Settings:
             values["shutdown_handler"],
             values["shutdown_allow_no_secret"],
         )
-        if values["family"] == "dual":  # found when binding otherwise, after a clean check
+        if values["family"] != "auto":  # found when binding otherwise, after a clean check
             endpoints = listen_endpoints(values["bind"], values["address"], values["port"])
-            check_dual([e.host for e in endpoints if e.kind == "tcp"])
+            check_family(values["family"], [e.host for e in endpoints if e.kind == "tcp"])
         tls = tls_context(values.pop("tls"))
         enabled = values.pop("proxy_protocol")
         trusted = values.pop("trusted_proxies")
