@@ -896,8 +896,26 @@ class Settings:
             values["shutdown_handler"],
             values["shutdown_allow_no_secret"],
         )
+        if values["bind"] and any(
+            values[key] != SETTINGS[key].default for key in ("address", "port")
+        ):
+            # As weft serve and weft.toml refuse both: the port was dropped unsaid.
+            raise ConfigError(
+                "give either bind or address and port, not both: bind lists every place"
+                " to listen, each with its port",
+                key="bind",
+            )
+        endpoints = listen_endpoints(values["bind"], values["address"], values["port"])
+        seen: set[str] = set()
+        for endpoint in endpoints:
+            # ":5000" and "127.0.0.1:5000" are one place once the default host is in.
+            text = str(endpoint)
+            if text in seen and not (endpoint.kind == "tcp" and endpoint.port == 0):
+                raise ConfigError(
+                    f"{text!r} is listed twice: each place can be listened on once", key="bind"
+                )
+            seen.add(text)
         if values["family"] != "auto":  # found when binding otherwise, after a clean check
-            endpoints = listen_endpoints(values["bind"], values["address"], values["port"])
             check_family(values["family"], [e.host for e in endpoints if e.kind == "tcp"])
         tls = tls_context(values.pop("tls"))
         enabled = values.pop("proxy_protocol")
