@@ -106,6 +106,32 @@ class TaskManagerTests(ManagerTestBase):
         manager.add_task(adapter.task(body))
         assert ran.wait(WAIT), "add_task must run the thunk it was given"
 
+    def test_current_task_is_not_set_in_the_caller(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """current_task() names a task only inside it: add_task's caller keeps None.
+
+        A manager that made the task current in the calling thread (a context set
+        before the copy, not inside the task) made the server take that thread for
+        one of its tasks: ``stop()`` and ``submit()`` then took their in-task paths.
+        """
+        assert current_task() is None, (
+            "current_task() names a task in the test's own thread, which runs none: an"
+            " earlier add_task made its task current in its caller; it must be None outside"
+            " a task (set it inside the task, in the context the task runs in)"
+        )
+        gate, started = threading.Event(), threading.Event()
+        task_id = manager.add_task(adapter.task(gated(gate, started)))
+        try:
+            assert started.wait(WAIT), "add_task must run the thunk it was given"
+            assert current_task() is None, (
+                "current_task() must be None in add_task's caller, before and after: only"
+                " inside the task does it name the task's TaskState"
+            )
+        finally:
+            gate.set()
+        self._wait_gone(manager, task_id)
+
     def test_add_task_returns_while_the_task_runs(
         self, manager: TaskManager, adapter: SyncAdapter
     ) -> None:
