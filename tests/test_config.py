@@ -687,3 +687,17 @@ def test_a_weft_toml_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.weft]\nbacklog = 7\n")
     with pytest.raises(ConfigError, match="not a regular file"):
         load_config(environ={}, cwd=tmp_path)
+
+
+def test_spaces_around_a_choice_from_the_environment_go_as_around_a_number(
+    tmp_path: Path,
+) -> None:
+    """``WEFT_ON_FULL=" refuse"`` was refused where ``WEFT_BACKLOG=" 64"`` was taken (the
+    config check's L6): text from a variable or a flag is stripped for every kind."""
+    env = {"WEFT_ON_FULL": " refuse", "WEFT_LOG_LEVEL": "debug ", "WEFT_BACKLOG": " 64"}
+    config = load_config(environ=env, cwd=tmp_path)
+    assert (config.get("on_full"), config.get("log_level"), config.get("backlog")) == (
+        "refuse",
+        "DEBUG",
+        64,
+    )

@@ -219,7 +219,8 @@ def choice(*choices: str, upper: bool = False, expected: str = "") -> Kind:
             raise Invalid
         return value.upper() if upper else value.lower()
 
-    return Kind("str", expected, check, _as_text)
+    # From text (a variable, a flag) the spaces around go, as around a number.
+    return Kind("str", expected, check, str.strip)
 
 
 def string(expected: str = "a non-empty string", *, secret: bool = False) -> Kind:
