@@ -121,7 +121,10 @@ def test_pid_file_in_a_missing_directory_names_the_pid_file(tmp_path: Path) -> N
     )  # fmt: skip
     assert result.returncode == 2, result.stderr  # a usage error, said before listening
     last = result.stderr.strip().splitlines()[-1]
-    assert f"pid file {pid_file} (pid)" in last and "does not exist" in last, (
+    assert last.startswith("weft: command line -p/--pid, key 'pid': ") or last.startswith(
+        "weft: command line --pid, key 'pid': "
+    ), last  # its source and key, as every config error's (the config check's L9)
+    assert f"pid file {pid_file}:" in last and "does not exist" in last, (
         f"the error does not name the pid file {pid_file} and its setting: {last!r}"
     )
     assert "listening on" not in result.stderr, "the pid file is checked before binding"

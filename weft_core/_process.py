@@ -28,6 +28,7 @@ from ._endpoints import listen_endpoints
 from ._errors import ConfigError
 from ._files import replace_file
 from ._listeners import Listener, open_listeners
+from ._logsafe import escape_for_log
 from ._settings import SETTINGS
 
 __all__ = ["PidFile", "bind_first", "drop_privileges"]
@@ -51,24 +52,28 @@ class PidFile:
         directory = self.path.parent
         if not directory.is_dir():
             raise ConfigError(
-                f"cannot write the pid file {self.path} (pid): its directory {directory} "
-                "does not exist; create it or give another path"
+                f"cannot write the pid file {escape_for_log(self.path)}: its directory"
+                f" {escape_for_log(directory)} does not exist; create it or give another path",
+                key="pid",
             )
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(
-                f"cannot write the pid file {self.path} (pid): this user may not write to "
-                f"{directory}; give a path it may write to"
+                f"cannot write the pid file {escape_for_log(self.path)}: this user may not"
+                f" write to {escape_for_log(directory)}; give a path it may write to",
+                key="pid",
             )
         if self.path.exists() and not self.path.is_file():
             raise ConfigError(
-                f"cannot write the pid file {self.path} (pid): it is a directory or another"
-                " kind of file, not a regular one; give a file's path"
+                f"cannot write the pid file {escape_for_log(self.path)}: it is a directory or"
+                " another kind of file, not a regular one; give a file's path",
+                key="pid",
             )
         other = self._running_owner()
         if other is not None:
             raise ConfigError(
-                f"the pid file {self.path} (pid) names process {other}, which is running:"
-                " another server uses it; stop that one first, or give another path"
+                f"the pid file {escape_for_log(self.path)} names process {other}, which is"
+                " running: another server uses it; stop that one first, or give another path",
+                key="pid",
             )
 
     def _running_owner(self) -> int | None:
@@ -101,8 +106,9 @@ class PidFile:
             replace_file(self.path, f"{os.getpid()}\n")
         except OSError as exc:
             raise ConfigError(
-                f"cannot write the pid file {self.path} (pid): {exc.strerror or exc}; "
-                "give a path in a directory this user may write to"
+                f"cannot write the pid file {escape_for_log(self.path)}:"
+                f" {exc.strerror or exc}; give a path in a directory this user may write to",
+                key="pid",
             ) from None
         self._written = True
 
