@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import pytest
 from _plugin_dists import PluginDists
 from _plugin_dists import plugin_dists as plugin_dists  # the session fixture
+from _serving import environment
 
 from weft_core import (
     BLOCKING_RUNTIME,
@@ -602,3 +605,19 @@ def test_server_refuses_a_manager_instance_whose_runtime_misses_members() -> Non
         ConfigError, match=r"lacks run_in_loop, wrap_tls \(see weft_core.AsyncRuntime\)"
     ):
         Server(handle, manager=HalfAsyncManager())
+
+
+def test_weft_load_plugins_naming_nothing_installed_says_what_is() -> None:
+    """A typo in WEFT_LOAD_PLUGINS was a bare line, without ``weft:`` or the name meant
+    (the config check's L13)."""
+    if "threads" not in _registry.available_managers():
+        pytest.skip("weft-threads is not installed")
+    done = subprocess.run(
+        [sys.executable, "-c", "import weft_core; weft_core.available_managers()"],
+        env={**environment(), "WEFT_LOAD_PLUGINS": "threadz"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (
+        "weft: WEFT_LOAD_PLUGINS names 'threadz', which matches no installed plugin;"
+        " did you mean 'threads'?"
+    ) in done.stderr, done.stderr

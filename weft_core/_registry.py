@@ -17,6 +17,7 @@ after changing ``WEFT_LOAD_PLUGINS``). Building the server is not done here.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -200,9 +201,11 @@ def _load_entry_points(state: _State) -> None:
     selected = _selection()
     matched: set[str] = set()
     seen: set[tuple[str, str, str]] = set()
+    names: set[str] = set()  # what WEFT_LOAD_PLUGINS could have named
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
+        names.update({_normalize(ep.name), _normalize(dist or "")} - {""})
         # The same distribution found twice on sys.path yields the same entry point
         # twice; load it once (the first one, the one imports would find).
         key = (_normalize(dist or ""), ep.name, ep.value)
@@ -211,14 +214,21 @@ def _load_entry_points(state: _State) -> None:
         seen.add(key)
         source = _Source(ep.name, dist, version)
         if selected is not None:
-            names = {_normalize(ep.name), _normalize(dist or "")} & selected
-            if not names:
+            chosen = {_normalize(ep.name), _normalize(dist or "")} & selected
+            if not chosen:
                 state.skipped.append(source)
                 continue
-            matched |= names
+            matched |= chosen
         _load_one(state, ep, source)
     for name in sorted((selected or set()) - matched):
-        log.warning("%s names %r, which matches no installed plugin", LOAD_PLUGINS_ENV, name)
+        installed = sorted(names)
+        close = difflib.get_close_matches(name, installed, n=1)
+        log.warning(
+            "weft: %s names %r, which matches no installed plugin%s",
+            LOAD_PLUGINS_ENV,
+            name,
+            f"; did you mean {close[0]!r}?" if close else f" (installed: {', '.join(installed)})",
+        )
 
 
 def _load_one(state: _State, ep: EntryPoint, source: _Source) -> None:
