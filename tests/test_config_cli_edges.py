@@ -483,3 +483,23 @@ def test_paths_and_arguments_with_escapes_are_not_echoed_raw(tmp_path: Path) -> 
     assert "c\\x1b[31mred.pem is not a PEM certificate" in line and "\x1b" not in line, line
     line = _check(tmp_path, "x\x1b[31mRED")
     assert "x\\x1b[31mRED" in line and "\x1b" not in line, line
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "serve"])
+def test_an_unknown_manager_is_said_before_the_application_is_imported(
+    tmp_path: Path, check: bool
+) -> None:
+    """The manager's name is looked up first, as a supervisor does: the application's
+    import (its side effects, gevent's patching first) ran before the one line (L10)."""
+    (tmp_path / "marked.py").write_text(
+        "import pathlib\npathlib.Path('imported').write_text('')\ndef handle(conn): pass\n"
+    )
+    args = ["--check-config"] if check else ["-b", "127.0.0.1:0"]
+    done = subprocess.run(
+        weft_serve("marked:handle", "-k", "nope", *args),
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "no task manager named 'nope' is installed" in done.stderr, done.stderr
+    assert not (tmp_path / "imported").exists(), "the application was imported first"

@@ -435,8 +435,9 @@ def _serve(ns: argparse.Namespace) -> int:
                 supervisor_pid.remove()  # the object that wrote it: it knows it did
     take_environment()  # NOTIFY_SOCKET is weft's, not the handler's import's
     try:
+        _check_manager(config)  # an unknown name before the application's import
         _prepare_process(config)
-    except WeftError as exc:  # a broken plugin
+    except WeftError as exc:  # an unknown manager, a broken plugin
         return _fail(with_source(exc, config.where), EXIT_USAGE)
 
     from ._server import Server  # here, so `weft managers` and `--help` stay light
@@ -721,6 +722,7 @@ def _check_config(config: Config, *, quiet: bool = False) -> int:
             # serve would refuse is refused here.
             setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
         _check_paths(config)
+        _check_manager(config)  # an unknown name before the application's import
         # What the module prints as it is imported goes to stderr: stdout is the
         # settings, for a reader to parse. The process is prepared first, as serve
         # prepares it (gevent: monkey-patched): a module that imports differently so

@@ -1576,7 +1576,11 @@ def _tls_error(exc: BaseException | None) -> BaseException | None:
     for _ in range(4):
         if ssl is None or exc is None:
             return None
-        if isinstance(exc, ssl.SSLError):
+        # SSLWantReadError and SSLWantWriteError are a memory BIO's "not yet", not a
+        # failure: a reset met while refilling after one is the peer's reset.
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+            exc, ssl.SSLWantReadError | ssl.SSLWantWriteError
+        ):
             found: BaseException = exc
             return found
         exc = exc.__cause__ or exc.__context__

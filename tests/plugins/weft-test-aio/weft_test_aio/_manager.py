@@ -192,8 +192,9 @@ class AioManager:
         with self._lock:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._cancel, record)
-        state.done.wait(CANCEL_GRACE)
-        self._table.pop(task_id)
+        if state.done.wait(CANCEL_GRACE):
+            self._table.pop(task_id)
+        # Else it runs on, past its cancel: listed until it ends (_run forgets it then).
         return False
 
     @staticmethod
