@@ -64,6 +64,28 @@ def gated(
     return gated
 
 
+def to_its_end(
+    inner: Callable[[], Body], outcome: list[str], setup: Callable[[], object] | None = None
+) -> Callable[[], Body]:
+    """``inner`` as a body that records how it ended in ``outcome``.
+
+    ``"finished"`` if it ran to its own end, ``"ended early"`` if something ended it
+    (a cancel, a kill, the manager's crash). ``setup`` runs first, inside the task.
+    """
+
+    def body() -> Body:
+        if setup is not None:
+            setup()
+        try:
+            yield from inner()
+            outcome.append("finished")
+        finally:
+            if not outcome:
+                outcome.append("ended early")
+
+    return body
+
+
 def swallowing(adapter: Any, gate: threading.Event, started: threading.Event) -> Callable[[], Any]:
     """A thunk (not a body) that swallows whatever interrupts it, until ``gate``.
 

@@ -16,7 +16,7 @@ from .._protocol import TaskManager
 from .._tasks import INTERRUPT_GRACE, current_task
 from ._adapters import Body, Sleep, SyncAdapter
 from ._base import ManagerTestBase
-from ._bodies import POLL, gated, swallowing
+from ._bodies import POLL, gated, swallowing, to_its_end
 from ._support import WAIT, add_task_from_a_thread, wait_until
 
 __all__ = ["TaskManagerTests"]
@@ -333,20 +333,14 @@ class TaskManagerTests(ManagerTestBase):
         gate, started = threading.Event(), threading.Event()
         seen: list[Any] = []
         outcome: list[str] = []
-        waiting = gated(gate, started, seen=seen)
 
-        def body() -> Body:
+        def watch() -> None:
             state = current_task()
             if state is not None:
                 state.on_shutdown(lambda: seen.append("its shutdown callbacks"))
                 state.on_interrupt(lambda: seen.append("its interrupt callbacks"))
-            try:
-                yield from waiting()
-                outcome.append("finished")
-            finally:
-                if not outcome:
-                    outcome.append("ended early")
 
+        body = to_its_end(gated(gate, started, seen=seen), outcome, watch)
         task_id = manager.add_task(adapter.task(body))
         assert started.wait(WAIT), "add_task must run the thunk it was given"
         assert manager.remove_task(task_id) is True, (
@@ -661,15 +655,7 @@ class TaskManagerTests(ManagerTestBase):
         """A task that raises is reported, removed, and the manager goes on: the others with it."""
         gate, started = threading.Event(), threading.Event()
         outcome: list[str] = []
-        waiting = gated(gate, started)
-
-        def bystander() -> Body:
-            try:
-                yield from waiting()
-                outcome.append("finished")
-            finally:
-                if not outcome:
-                    outcome.append("ended early")
+        bystander = to_its_end(gated(gate, started), outcome)
 
         def body() -> Body:
             yield Sleep(0)
