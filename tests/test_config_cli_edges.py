@@ -503,3 +503,18 @@ def test_an_unknown_manager_is_said_before_the_application_is_imported(
     assert done.returncode == 2, done.stderr
     assert "no task manager named 'nope' is installed" in done.stderr, done.stderr
     assert not (tmp_path / "imported").exists(), "the application was imported first"
+
+
+def test_a_manager_chosen_over_the_file_s_says_whose_options_it_got(tmp_path: Path) -> None:
+    """``-k gevent`` over a file's asyncio and its [manager_options]: the refusal
+    blamed the file alone, with no word of the override (the config check's L11)."""
+    (tmp_path / "weft.toml").write_text(
+        'manager = "asyncio"\n[manager_options]\nloop = "asyncio"\n'
+    )
+    if not {"gevent", "asyncio"} <= set(available_managers()):
+        pytest.skip("needs weft-gevent and weft-asyncio")
+    line = _check(tmp_path, "-k", "gevent")
+    assert "unexpected keyword argument 'loop'" in line, line
+    assert line.endswith(
+        f"the manager was chosen by command line --manager, the options by {tmp_path / 'weft.toml'}"
+    ), line

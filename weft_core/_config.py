@@ -802,6 +802,10 @@ def with_source(exc: WeftError, origins: Mapping[str, str]) -> WeftError:
             # which part came from where, since the error may be another's than the last.
             said = "; ".join(f"{k.partition('.')[2]} from {v}" for k, v in sorted(parts.items()))
             message = f"{message} ({said})"
+        manager = origins.get("manager")
+        if exc.key == "manager_options" and manager and source and manager != source:
+            # -k over a file's manager keeps the file's options, meant for that one.
+            message = f"{message}; the manager was chosen by {manager}, the options by {source}"
         return ConfigError(message, source=source, key=exc.key)
     if isinstance(exc, UnknownManagerError):
         return ConfigError(str(exc), source=origins.get("manager"), key="manager")
