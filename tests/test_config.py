@@ -701,3 +701,15 @@ def test_spaces_around_a_choice_from_the_environment_go_as_around_a_number(
         "DEBUG",
         64,
     )
+
+
+def test_gunicorn_s_zero_for_off_is_off(tmp_path: Path) -> None:
+    """``--max-requests 0`` and ``--timeout 0`` are gunicorn's "off"; weft refused them
+    (the config check's L14). They are off here too, from any source."""
+    flagged = load_config({"max_requests": "0", "timeout": "0"}, environ={}, cwd=tmp_path)
+    assert (flagged.get("max_requests"), flagged.get("timeout")) == (None, None)
+    (tmp_path / "weft.toml").write_text("max_requests = 0\ntimeout = 0.0\n")
+    filed = load(tmp_path)
+    assert (filed.get("max_requests"), filed.get("timeout")) == (None, None)
+    with pytest.raises(ConfigError, match="a positive integer, or 0 or false for off, got -1"):
+        load_config({"max_requests": "-1"}, environ={}, cwd=tmp_path)

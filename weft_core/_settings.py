@@ -152,13 +152,23 @@ def boolean() -> Kind:
     return Kind("bool", "true or false", check, parse)
 
 
-def integer(lo: int, hi: int = _MAX_INT, *, none: str | None = None, expected: str = "") -> Kind:
-    """An int in ``lo..hi`` (never a bool); with ``none``, also None/false meaning that."""
+def integer(
+    lo: int,
+    hi: int = _MAX_INT,
+    *,
+    none: str | None = None,
+    expected: str = "",
+    zero_is_none: bool = False,
+) -> Kind:
+    """An int in ``lo..hi`` (never a bool); with ``none``, also None/false meaning that.
+
+    ``zero_is_none``: 0 means ``none`` too (gunicorn's spelling of "off").
+    """
     if not expected:
         expected = "a positive integer" if lo == 1 and hi == _MAX_INT else f"an integer {lo}-{hi}"
 
     def check(value: Any) -> int | None:
-        if _is_none(value, none):
+        if _is_none(value, none) or (zero_is_none and _is_zero(value)):
             return None
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             if isinstance(value, int) and not isinstance(value, bool) and value > hi:
@@ -175,15 +185,27 @@ def integer(lo: int, hi: int = _MAX_INT, *, none: str | None = None, expected: s
             return False
         return int(low) if _INT_TEXT.fullmatch(low) else text
 
-    return Kind("int" if none is None else "int | None", _or_none(expected, none), check, parse)
+    shown = _or_none(expected, none)
+    if zero_is_none:
+        shown = shown.replace(", or false for", ", or 0 or false for")
+    return Kind("int" if none is None else "int | None", shown, check, parse)
 
 
-def seconds(*, positive: bool, none: str | None = None) -> Kind:
-    """A finite number of seconds, > 0 or >= 0; with ``none``, also None/false."""
+def _is_zero(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value == 0
+
+
+def seconds(*, positive: bool, none: str | None = None, zero_is_none: bool = False) -> Kind:
+    """A finite number of seconds, > 0 or >= 0; with ``none``, also None/false.
+
+    ``zero_is_none``: 0 means ``none`` too (gunicorn's spelling of "off").
+    """
     expected = _or_none("a number of seconds " + ("> 0" if positive else ">= 0"), none)
+    if zero_is_none:
+        expected = expected.replace(", or false for", ", or 0 or false for")
 
     def check(value: Any) -> float | None:
-        if _is_none(value, none):
+        if _is_none(value, none) or (zero_is_none and _is_zero(value)):
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise Invalid
@@ -664,9 +686,9 @@ _ROWS = [
             "restart when a file under the handler's directory changes (development only)",
             "config"),
     # Zero-downtime operations (issue 18): the watchdog and worker recycling.
-    Setting("timeout", seconds(positive=True, none="off"), None,
+    Setting("timeout", seconds(positive=True, none="off", zero_is_none=True), None,
             "replace a worker whose runtime loop is silent this long (seconds)", "config"),
-    Setting("max_requests", integer(1, none="off"), None,
+    Setting("max_requests", integer(1, none="off", zero_is_none=True), None,
             "replace a worker after it accepted this many connections", "config"),
     Setting("max_requests_jitter", integer(0), 0,
             "add 0 to N, at random per worker, to max_requests", "config"),
