@@ -469,7 +469,10 @@ def test_weft_serve_prints_one_line_for_unusable_tls_files(
         check=False,
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"weft: key {key!r}: {message.format(**pems)}"), result.stderr
+    # Named by the variable that gave that part (the config check's M1: no source).
+    source = f"environment variable WEFT_{key.upper().replace('.', '_')}"
+    expected = f"weft: {source}, key {key!r}: {message.format(**pems)}"
+    assert result.stderr.startswith(expected), result.stderr
     assert result.stderr.count("\n") == 1, "one line, no traceback"
 
 

@@ -23,6 +23,7 @@ from _every_manager import serve as serve  # the fixture
 from _serving import server_certs
 
 from weft_core.testing import WAIT, wait_until
+from weft_core.testing._support import recv_exactly
 
 
 async def _asleep(seconds: float) -> None:
@@ -372,6 +373,27 @@ def test_strangers_under_proxy_protocol_take_no_slot_from_the_balancer(
         balancer.sendall(b"192.0.2.2 1000 2000\r\nping")
         assert balancer.recv(4) == b"ping", "the balancer's connection was dropped"
     assert server.stats()["preambles_dropped"] == 0, server.stats()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_flood_of_peer_resets_is_logged_at_a_bounded_rate(
+    serve: Any, manager: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each reset was an INFO line of its own: a peer resetting as fast as it connects
+    wrote as fast (the peer check's LOW-4). Counted each, logged as PROXY and TLS
+    failures are, at a bounded rate."""
+    caplog.set_level(logging.INFO, logger="weft")
+    server = serve(manager, options, echo, aecho)
+    resets = 20
+    for _ in range(resets):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(lambda: server.stats()["peer_errors"] == resets, what=f"{resets} resets counted")
+    lines = [r for r in caplog.records if "ended by the peer" in r.getMessage()]
+    assert len(lines) <= 2, f"{len(lines)} lines for {resets} resets in a row"
 
 
 @pytest.mark.timeout(60)

@@ -1723,6 +1723,11 @@ def _start_or_run(thread: threading.Thread, run: Callable[[], None]) -> None:
         run()
 
 
+#: The peers' resets, logged at a bounded rate as their PROXY and TLS failures are: a
+#: peer resetting connections as fast as it can open them wrote a line for each.
+_peer_ends = policy.RateLimitedLog(log)
+
+
 def default_exception_handler(
     server: Any, conn: Any, exc: BaseException, info: ConnectionInfo | None = None
 ) -> None:
@@ -1733,7 +1738,9 @@ def default_exception_handler(
     """
     peer = info.peer_str if info is not None else "?"
     if _peer_error(exc):
-        log.info("connection from %s ended by the peer: %s", peer, exc.__class__.__name__)
+        _peer_ends(
+            logging.INFO, "connection from %s ended by the peer: %s", peer, type(exc).__name__
+        )
     else:
         log_untrusted_exception(
             log, logging.ERROR, exc, "handler for %s raised %s", peer, exc.__class__.__name__
