@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,41 @@ def test_socket_activation_with_workers(tmp_path: Path) -> None:
             assert json.loads(client.line()) == {}
         served.wait_for(READY, count=2)
         served.wait_for(rf"listening on 127\.0\.0\.1:{port} ")
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+
+
+#: systemd's part, for an IPv6 socket: listen on [::1] as fd 3, say so in LISTEN_*,
+#: exec weft serve with the arguments given (the pid stays).
+_ACTIVATE_IPV6 = """
+import os, socket, sys
+sock = socket.socket(socket.AF_INET6)
+sock.bind(("::1", 0))
+sock.listen()
+os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+print("activated on port", sock.getsockname()[1], file=sys.stderr, flush=True)
+os.execv(sys.executable, [sys.executable, "-m", "weft_core", "serve", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("family", ["ipv6", "dual"])
+def test_socket_activation_with_workers_and_an_ipv6_family(tmp_path: Path, family: str) -> None:
+    """A supervisor's start check had no LISTEN_FDS: it checked the default 127.0.0.1
+    against family='ipv6' and refused to start (an outside review). The sockets systemd
+    passes are the binds, and the check is skipped for them."""
+    served = Served(
+        [sys.executable, "-c", _ACTIVATE_IPV6, "_serving:handle", "--family", family,
+         "--workers", "2", "--control-socket", "off"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    with served:
+        (match,) = served.wait_for(r"activated on port (\d+)")
+        served.wait_for(READY, count=2)
+        with Client(("::1", int(match.group(1)))) as client:
+            assert client.echo(b"six") == b"six"
         served.signal(signal.SIGTERM)
         assert served.finish() == 0, served.text
 

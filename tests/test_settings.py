@@ -244,6 +244,7 @@ def test_server_and_weft_env_and_flags_agree(key: str, value: Any) -> None:
         ({"bind": "127.0.0.1:1", "address": "::1"}, "bind", "give either bind or address"),
         ({"bind": [":5000", "127.0.0.1:5000"]}, "bind", "'127.0.0.1:5000' is listed twice"),
         ({"family": "ipv4", "bind": "[::1]:0"}, "family", "'::1' is an IPv6 address"),
+        ({"family": "ipv6", "address": "0.0.0.0"}, "family", "'0.0.0.0' is an IPv4 address"),
         ({"on_full": "drop"}, "on_full", "'refuse' or 'backlog', got 'drop'"),
         ({"shutdown_secret": "x"}, "shutdown_secret", "only applies with shutdown_port"),
         ({"shutdown_port": 0, "shutdown_secret": "a\nb"}, "shutdown_secret", "one line"),
@@ -563,3 +564,8 @@ def test_proxy_protocol_with_no_trusted_proxy_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"trusted_proxies.*every client would be refused"):
         Server(handle, proxy_protocol=True, trusted_proxies=[])
     Server(handle, trusted_proxies=[])  # nothing is refused without proxy_protocol
+
+
+def test_an_ipv4_mapped_address_is_taken_under_family_ipv4() -> None:
+    """``::ffff:127.0.0.1`` binds as IPv4 under family='ipv4': not refused as IPv6."""
+    Server(handle, family="ipv4", bind="[::ffff:127.0.0.1]:0")

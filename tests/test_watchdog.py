@@ -247,11 +247,13 @@ def test_max_requests_replaces_workers_under_load(tmp_path: Path, workers: int) 
 
 
 def test_the_settings_check_their_values() -> None:
-    """timeout > 0 or off; max_requests >= 1 or off; jitter >= 0."""
+    """timeout > 0 or off; max_requests >= 1 or off (0 is off, as in gunicorn); jitter >= 0."""
     assert validate("timeout", None) is None
     assert validate("timeout", 2) == 2.0
+    assert validate("timeout", 0) is None
     assert validate("max_requests", 1000) == 1000
+    assert validate("max_requests", 0) is None
     assert validate("max_requests_jitter", 0) == 0
-    for key, bad in (("timeout", 0), ("max_requests", 0), ("max_requests_jitter", -1)):
+    for key, bad in (("timeout", -1), ("max_requests", -1), ("max_requests_jitter", -1)):
         with pytest.raises(ConfigError, match=key):
             validate(key, bad)

@@ -8,6 +8,7 @@ reply, bounded by a timeout; nothing sleeps and then asserts. The handlers are i
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -790,3 +791,43 @@ def test_supervisor_fd_must_be_open(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--supervisor-fd 987" in result.stderr
     assert "set by `weft serve --workers N`" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_check_ends_with_its_process_whatever_it_left_behind(tmp_path: Path) -> None:
+    """A check whose process left a child holding its stderr (an application that
+    forks at import) kept the supervisor waiting for the pipe's end, 5 s on every start
+    (an outside review). The check's stderr is a file: its own exit ends it."""
+    from weft_core._supervise import run_check
+
+    pid_file = tmp_path / "left.pid"
+    leaves = (
+        "import pathlib, subprocess, sys; child = subprocess.Popen(['sleep', '30']);"
+        f" pathlib.Path({str(pid_file)!r}).write_text(str(child.pid));"
+        " print('weft: a mistake', file=sys.stderr); sys.exit(2)"
+    )
+    began = time.monotonic()
+    try:
+        result = run_check([sys.executable, "-c", leaves], "_WEFT_TEST_CHECK", 20)
+        took = time.monotonic() - began
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert result == (2, "weft: a mistake"), result
+    assert took < 10, f"the check was waited for {took:.1f}s, past its own end"
+
+
+def test_the_usr2_check_asks_for_a_check_that_binds_nothing(tmp_path: Path) -> None:
+    """A USR2 to a weft older than the check: its marker unknown there, the check was
+    that release's whole ``weft serve`` (it bound, or ran a supervisor on a shared
+    port). ``--check-config`` is added, which any release checks without binding."""
+    from weft_core._supervise import _new_image_fails
+
+    seen = tmp_path / "argv.json"
+    image = tmp_path / "image.py"
+    image.write_text(
+        f"import json, sys\nopen({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    assert _new_image_fails([sys.executable, str(image), "serve", "app:handle"]) is None
+    assert json.loads(seen.read_text()) == ["serve", "app:handle", "--check-config"]

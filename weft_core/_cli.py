@@ -20,7 +20,6 @@ import importlib.util
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +36,9 @@ from ._exits import EXIT_RUNTIME, EXIT_TASKS_LEFT, EXIT_USAGE
 from ._flags import add_setting_flags, flag_values
 from ._listeners import Listener, close_listener
 from ._logging import (
+    EXIT_FLUSH,
     flush_at_exit_by,
+    flush_own_log,
     json_asked_for,
     print_line,
     setup_logging,
@@ -363,9 +364,9 @@ def _serve(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     if _supervise.UPGRADE_CHECK_ENV in os.environ:
-        return _upgrade_check(config)
+        _as_a_check(lambda: _upgrade_check(config))
     if _supervise.START_CHECK_ENV in os.environ:
-        return _check_config(config, quiet=True)
+        _as_a_check(lambda: _check_config(config, quiet=True))
     if ns.check_config:
         return _check_config(config)
     try:
@@ -411,7 +412,9 @@ def _serve(ns: argparse.Namespace) -> int:
             _check_manager(config)
         except WeftError as exc:
             return _fail(with_source(exc, config.where), EXIT_USAGE)
-        if not upgraded:
+        # Not for a USR2's new image (its adopted workers serve), nor with the
+        # sockets systemd passed as the binds: the check would not have them.
+        if not upgraded and not (inherited and not binds):
             refused = _start_check(ns.argv)
             if refused:
                 return refused
@@ -667,28 +670,44 @@ def _start_check(argv: Sequence[str]) -> int:
     """
     from . import _supervise
 
-    try:
-        done = subprocess.run(
-            [*_supervise.PYTHON_M_WEFT, *argv],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env={**os.environ, _supervise.START_CHECK_ENV: "1"},
-            timeout=START_CHECK_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
+    result = _supervise.run_check(
+        [*_supervise.PYTHON_M_WEFT, *argv], _supervise.START_CHECK_ENV, START_CHECK_TIMEOUT
+    )
+    if result is None:
         log.info(
             "the start check took more than %gs (a slow import): starting unchecked",
             START_CHECK_TIMEOUT,
         )
         return 0
-    if done.returncode != EXIT_USAGE:
+    status, line = result
+    if status != EXIT_USAGE:
         return 0
-    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-    # Its last line is the one-line error (a JSON line under --log-format json);
-    # what the application printed as it was imported comes before.
-    print_line(lines[-1] if lines else stderr_line("the start check found a mistake"))
+    # Its one-line error (a JSON line under --log-format json), said again.
+    print_line(line or stderr_line("the start check found a mistake"))
     return EXIT_USAGE
+
+
+def _as_a_check(check: Callable[[], int]) -> NoReturn:
+    """Run one of weft's checks in this process and end it with the check's status.
+
+    At once (``os._exit``), with no wait for a thread or an ``atexit`` the
+    application's import left, whose output would also have replaced the check's
+    one line; and at once if the process that runs the check ends meanwhile.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(EXIT_RUNTIME)
+
+    threading.Thread(target=watch, name="weft check: parent", daemon=True).start()
+    status = check()
+    flush_own_log(EXIT_FLUSH)  # its one line, if logging was set up (the log's writer)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
 
 
 def _check_config(config: Config, *, quiet: bool = False) -> int:
@@ -723,16 +742,16 @@ def _check_config(config: Config, *, quiet: bool = False) -> int:
             setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
         _check_paths(config)
         _check_manager(config)  # an unknown name before the application's import
-        # What the module prints as it is imported goes to stderr: stdout is the
-        # settings, for a reader to parse. The process is prepared first, as serve
-        # prepares it (gevent: monkey-patched): a module that imports differently so
-        # passed the check and failed to start.
         if config.workers > 1:  # as the supervisor checks it, before it binds
             from ._workers import check_capacity
 
             check_capacity(config.workers)
         kwargs = config.server_kwargs()
         account = (config.get("user"), config.get("group"))
+        # What the module prints as it is imported goes to stderr: stdout is the
+        # settings, for a reader to parse. The process is prepared first, as serve
+        # prepares it (gevent: monkey-patched): a module that imports differently so
+        # passed the check and failed to start.
         with contextlib.redirect_stdout(sys.stderr):
             _prepare_process(config)
             if account != (None, None) and os.geteuid() == 0:

@@ -803,7 +803,13 @@ def with_source(exc: WeftError, origins: Mapping[str, str]) -> WeftError:
             said = "; ".join(f"{k.partition('.')[2]} from {v}" for k, v in sorted(parts.items()))
             message = f"{message} ({said})"
         manager = origins.get("manager")
-        if exc.key == "manager_options" and manager and source and manager != source:
+        if (
+            exc.key == "manager_options"
+            and manager
+            and source
+            and manager != source
+            and not (manager.startswith("command line") and source.startswith("command line"))
+        ):
             # -k over a file's manager keeps the file's options, meant for that one.
             message = f"{message}; the manager was chosen by {manager}, the options by {source}"
         return ConfigError(message, source=source, key=exc.key)

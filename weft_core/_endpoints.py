@@ -137,15 +137,16 @@ def check_family(family: str, hosts: list[str | None]) -> None:
     ``family='ipv4'`` with ``::1``, or ``'ipv6'`` with ``127.0.0.1``, cannot be bound:
     said when the Server is made (``--check-config`` too), as a mistake, not found
     as a bind failure once the application has been imported. Host names are left
-    to the resolver; ``0.0.0.0`` stands for ``::`` as under ``'dual'``.
+    to the resolver. Under ``'ipv6'`` ``0.0.0.0`` is refused too (only ``'dual'``
+    takes it for ``::``); under ``'ipv4'`` an IPv4-mapped address binds as IPv4.
     """
     if family == "dual":
         check_dual(hosts)
         return
     for host in hosts:
-        if not host or host == "0.0.0.0":
+        if not host:
             continue
-        if family == "ipv4" and _is_ipv6_literal(host):
+        if family == "ipv4" and _is_ipv6_literal(host) and not _is_ipv4_mapped(host):
             other, example = "an IPv6", "'127.0.0.1' or '0.0.0.0'"
         elif family == "ipv6" and _is_ipv4_literal(host):
             other, example = "an IPv4", "'::1' or '::'"
@@ -156,6 +157,14 @@ def check_family(family: str, hosts: list[str | None]) -> None:
             f" {host!r} is {other} address: give one such as {example}, or drop family",
             key="family",
         )
+
+
+def _is_ipv4_mapped(host: str) -> bool:
+    """``::ffff:127.0.0.1``: an IPv4 address written as IPv6, which ``ipv4`` binds."""
+    try:
+        return ipaddress.IPv6Address(host).ipv4_mapped is not None
+    except ValueError:
+        return False
 
 
 def _is_ipv6_literal(host: str) -> bool:

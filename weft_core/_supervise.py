@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, NamedTuple
@@ -40,7 +41,7 @@ from ._errors import ConfigError
 from ._listeners import Listener, close_listener, open_listeners
 from ._logging import share_line_lock
 from ._logsafe import escape_for_log
-from ._sdnotify import Notifier, taken_environment
+from ._sdnotify import NOTIFY_ENV, Notifier, taken_environment
 from ._server import DEFAULT_BACKLOG, DEFAULT_MANAGER
 from ._settings import SETTINGS
 from ._shutdown_port import ShutdownPort, check_allow_no_secret
@@ -417,6 +418,38 @@ START_CHECK_ENV = "_WEFT_START_CHECK"
 UPGRADE_CHECK_ENV = "_WEFT_UPGRADE_CHECK"
 
 
+def run_check(argv: list[str], marker: str, timeout: float) -> tuple[int, str] | None:
+    """Run ``argv`` as one of weft's checks (``marker`` set in its environment).
+
+    Its status and the last line of its stderr (its one-line error), or None if it
+    took more than ``timeout`` (it is killed). Its stdout is dropped and its stderr
+    goes to a file, not a pipe: what the application it imports leaves behind (a
+    child process holding stderr) cannot keep the check from ending; the check ends
+    its own process at once (``_cli``), non-daemon threads and all, and ends with
+    its parent.
+    """
+    with tempfile.TemporaryFile() as errors:
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                # As a worker's: systemd's notification variables are the supervisor's.
+                env={
+                    **{k: v for k, v in os.environ.items() if k not in NOTIFY_ENV},
+                    marker: "1",
+                },
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        errors.seek(0)
+        lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+    return done.returncode, lines[-1] if lines else ""
+
+
 def _new_image_fails(argv: list[str]) -> str | None:
     """Why the new image, ``argv`` run now, would not start, or None if it would.
 
@@ -426,25 +459,21 @@ def _new_image_fails(argv: list[str]) -> str | None:
     so, the old image serves on. The same command line runs in a fresh interpreter,
     up to its config, logging and manager (:data:`UPGRADE_CHECK_ENV`); the
     application is the new workers' to load, and a reload whose code is broken is
-    abandoned, the adopted workers serving on.
+    abandoned, the adopted workers serving on. ``--check-config`` is added: an image
+    of a weft older than the check does not know its marker, and would otherwise
+    serve (and bind) as the check; it checks its whole config instead, binding
+    nothing.
     """
     try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env={**os.environ, UPGRADE_CHECK_ENV: "1"},
-            timeout=PRECHECK_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"its check took more than {PRECHECK_TIMEOUT:g}s"
+        result = run_check([*argv, "--check-config"], UPGRADE_CHECK_ENV, PRECHECK_TIMEOUT)
     except OSError as exc:
         return f"{argv[0]}: {exc.strerror or exc}"
-    if done.returncode == 0:
+    if result is None:
+        return f"its check took more than {PRECHECK_TIMEOUT:g}s"
+    status, line = result
+    if status == 0:
         return None
-    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-    return escape_for_log(_said(lines[-1]) if lines else f"exit status {done.returncode}")
+    return escape_for_log(_said(line) if line else f"exit status {status}")
 
 
 def _said(line: str) -> str:

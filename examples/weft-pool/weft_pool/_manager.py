@@ -289,3 +289,6 @@ class PoolManager:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            if self._watch is not None:  # nothing to say of a pool closing
+                self._watch.cancel()
+                self._watch = None
