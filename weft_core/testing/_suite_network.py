@@ -42,6 +42,27 @@ def _client_hello(certs: dict[str, str]) -> bytes:
     return outgoing.read()
 
 
+def _until_the_end(seen: list[bytes], ack: bytes = b"") -> Callable[[], Body]:
+    """A body that reads to the end of input, then puts all it read in ``seen``.
+
+    With ``ack``, it answers that once its first bytes came (the client then knows
+    the handler runs). A read that raises leaves ``seen`` empty.
+    """
+
+    def body() -> Body:
+        data = b""
+        while True:
+            chunk = yield Recv()
+            if not chunk:
+                seen.append(data)
+                return
+            if ack and not data:
+                yield Send(ack)
+            data += chunk
+
+    return body
+
+
 class NetworkTests(ManagerTestBase):
     """TLS, idle timeouts and PROXY headers, the same on every manager."""
 
@@ -97,16 +118,7 @@ class NetworkTests(ManagerTestBase):
         test).
         """
         seen: list[bytes] = []
-
-        def body() -> Body:
-            data = b""
-            while True:
-                chunk = yield Recv()
-                if not chunk:
-                    seen.append(data)
-                    return
-                data += chunk
-
+        body = _until_the_end(seen)
         # The application's own context: weft's (from a [tls] table) lets OpenSSL
         # itself take such an end for one (OP_IGNORE_UNEXPECTED_EOF), this one does not.
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -138,17 +150,7 @@ class NetworkTests(ManagerTestBase):
         (``peer_errors``), as over plain TCP (docs/writing-a-manager.md, section 4).
         """
         seen: list[bytes] = []
-
-        def body() -> Body:
-            data = b""
-            while True:
-                chunk = yield Recv()
-                if not chunk:
-                    seen.append(data)
-                    return
-                if not data:
-                    yield Send(b"!")
-                data += chunk
+        body = _until_the_end(seen, ack=b"!")
 
         server = make_server(body, tls={"certfile": certs["cert"], "keyfile": certs["key"]})
         with self.tls_client(server.port, certs) as client:
