@@ -196,3 +196,22 @@ def test_patch_false_and_a_self_patching_app_still_get_the_blocked_hub_report(
     assert re.search(
         r'self_patching_app\.py", line \d+, in handle\n +gevent\.monkey\.get_original', err
     )
+
+
+def test_a_weft_gevent_variable_is_said_not_to_be_read(app_dir: Path) -> None:
+    """``WEFT_GEVENT_PATCH=false`` reads as an option, and the process was patched all
+    the same, unsaid (an outside check of the config surfaces): it is a warning that
+    names the manager option to set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
+    env.update(WEFT_GEVENT_PATCH="false", PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "weft_core", "serve", "blocking_app:handle", "-k", "gevent",
+         "--check-config"],
+        cwd=app_dir, env=env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        "'WEFT_GEVENT_PATCH' is not read: its options are manager options"
+        " (WEFT_MANAGER_OPTIONS_PATCH, or -o patch=...)"
+    ) in done.stderr, done.stderr

@@ -7,10 +7,14 @@ it, or a task's name is read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from weft_core import Conformance, ManagerSpec, TaskManager, hookimpl
+
+log = logging.getLogger("weft.gevent")
 
 
 def _create(
@@ -43,7 +47,26 @@ def _prepare_process(
     """
     from ._serve import prepare_process
 
+    _warn_unread(os.environ)
     prepare_process(patch=patch, max_blocking_time=max_blocking_time, **options)
+
+
+def _warn_unread(environ: Mapping[str, str]) -> None:
+    """Warn of each WEFT_GEVENT_* variable: this plugin reads none.
+
+    ``WEFT_GEVENT_PATCH=false`` reads as an option and is none: the process was
+    monkey-patched all the same, unsaid. Its options are manager options.
+    """
+    for name in sorted(environ):
+        if name.startswith("WEFT_GEVENT_"):
+            option = name[len("WEFT_GEVENT_") :]
+            log.warning(
+                "weft-gevent: %r is not read: its options are manager options"
+                " (WEFT_MANAGER_OPTIONS_%s, or -o %s=...)",
+                name,
+                option,
+                option.lower(),
+            )
 
 
 def _task_name() -> str:
