@@ -146,7 +146,7 @@ def check_family(family: str, hosts: list[str | None]) -> None:
     for host in hosts:
         if not host:
             continue
-        if family == "ipv4" and _is_ipv6_literal(host) and not _is_ipv4_mapped(host):
+        if family == "ipv4" and _is_ipv6_only(host):
             other, example = "an IPv6", "'127.0.0.1' or '0.0.0.0'"
         elif family == "ipv6" and _is_ipv4_literal(host):
             other, example = "an IPv4", "'::1' or '::'"
@@ -159,20 +159,12 @@ def check_family(family: str, hosts: list[str | None]) -> None:
         )
 
 
-def _is_ipv4_mapped(host: str) -> bool:
-    """``::ffff:127.0.0.1``: an IPv4 address written as IPv6, which ``ipv4`` binds."""
+def _is_ipv6_only(host: str) -> bool:
+    """An IPv6 address, not an IPv4 one written as IPv6 (``::ffff:127.0.0.1``, which ``ipv4`` binds)."""
     try:
-        return ipaddress.IPv6Address(host).ipv4_mapped is not None
+        return ipaddress.IPv6Address(host).ipv4_mapped is None
     except ValueError:
         return False
-
-
-def _is_ipv6_literal(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_ipv4_literal(host: str) -> bool:

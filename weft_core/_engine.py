@@ -979,15 +979,6 @@ class Engine(ABC, Generic[R]):
         self.hooks.connection_refused(self.owner, peer, "untrusted")
         return True
 
-    def _proxy_trusted(self, conn: Conn, info: ConnectionInfo) -> bool:
-        proxy = self.cfg.proxy
-        assert proxy is not None
-        if proxy.trusts(conn.addr):
-            return True
-        return self._proxy_failed(
-            info, ProxyHeaderError("not a trusted proxy"), reason="untrusted"
-        )
-
     def _proxy_accepted(self, info: ConnectionInfo, header: ProxyHeader, leftover: bytes) -> bool:
         if leftover:  # read_proxy_header never reads past the header; be sure of it
             return self._proxy_failed(info, ProxyHeaderError("bytes past the header were read"))
@@ -997,9 +988,7 @@ class Engine(ABC, Generic[R]):
             info.local = header.destination
         return True
 
-    def _proxy_failed(
-        self, info: ConnectionInfo, exc: BaseException, reason: str = "proxy"
-    ) -> bool:
+    def _proxy_failed(self, info: ConnectionInfo, exc: BaseException) -> bool:
         if self.closing or (isinstance(info, Conn) and info.how == "stopped"):
             # The stop ended the header (it shuts every connection's input), or the
             # limit dropped it (_shed_preamble): no failure of the peer's, as for TLS.
@@ -1022,7 +1011,7 @@ class Engine(ABC, Generic[R]):
             info.peer_str,
             why,
         )
-        self._refused(info, reason)
+        self._refused(info, "proxy")
         return False
 
     def _refused(self, info: ConnectionInfo, reason: str) -> None:

@@ -332,9 +332,7 @@ class AsyncEngine(Engine[AsyncRuntime]):
         """
         cfg = self.cfg
         sock = conn.sock
-        if cfg.proxy is not None:
-            if not self._proxy_trusted(conn, info):
-                return None, False
+        if cfg.proxy is not None:  # a stranger was closed by the acceptor (_untrusted)
             try:
                 header, leftover = await rt.within(
                     cfg.proxy.header_timeout, lambda: aread_proxy_header(sock.recv)

@@ -335,9 +335,7 @@ class SyncEngine(Engine[SyncRuntime]):
         """PROXY header, then TLS handshake; False if the connection is to be closed unserved."""
         cfg = self.cfg
         sock = conn.sock
-        if cfg.proxy is not None:
-            if not self._proxy_trusted(conn, info):
-                return False
+        if cfg.proxy is not None:  # a stranger was closed by the acceptor (_untrusted)
             deadline = time.monotonic() + cfg.proxy.header_timeout
 
             def recv(n: int) -> bytes:
