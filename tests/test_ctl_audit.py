@@ -116,6 +116,22 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, str]]:
 # -- F1: the totals of a service never go back ----------------------------------------------
 
 
+def served_by_recycled_workers(served: Served, clients: int) -> tuple[str, int]:
+    """``clients`` echoes, one at a time, under ``--max-requests 1``; once each one's
+    worker has exited (recycled), the address served. A few clients may come on top of
+    max_requests, so a worker is waited for once, whatever it served."""
+    (match,) = served.wait_for(LISTENING)
+    address = host_port(match.group(1))
+    pids = set()
+    for _ in range(clients):
+        with Client(address) as client:
+            assert client.echo(b"x") == b"x"
+            pids.add(client.pid)
+    for pid in pids:
+        served.wait_for(rf"worker {pid} exited")
+    return address
+
+
 def test_totals_under_workers_keep_what_ended_workers_counted(tmp_path: Path) -> None:
     """`weft ctl status`'s totals keep what recycled and killed workers counted.
 
@@ -126,15 +142,7 @@ def test_totals_under_workers_keep_what_ended_workers_counted(tmp_path: Path) ->
     """
     control = tmp_path / "ctl.sock"
     with serve(tmp_path, control, "threads", "--workers", "1", "--max-requests", "1") as served:
-        (match,) = served.wait_for(LISTENING)
-        address = host_port(match.group(1))
-        pids = set()
-        for _ in range(3):
-            with Client(address) as client:
-                assert client.echo(b"x") == b"x"
-                pids.add(client.pid)
-        for pid in pids:  # each recycled (a few clients may come on top of max_requests)
-            served.wait_for(rf"worker {pid} exited")
+        address = served_by_recycled_workers(served, 3)
         assert totals(control)["accepted"] == 3, "what the recycled workers counted"
         with holding(address) as held:
             before = totals(control)
@@ -154,15 +162,7 @@ def test_totals_are_kept_across_a_usr2_re_exec(tmp_path: Path) -> None:
     """
     control = tmp_path / "ctl.sock"
     with serve(tmp_path, control, "threads", "--workers", "1", "--max-requests", "1") as served:
-        (match,) = served.wait_for(LISTENING)
-        address = host_port(match.group(1))
-        pids = set()
-        for _ in range(2):
-            with Client(address) as client:
-                assert client.echo(b"x") == b"x"
-                pids.add(client.pid)
-        for pid in pids:
-            served.wait_for(rf"worker {pid} exited")
+        address = served_by_recycled_workers(served, 2)
         before = totals(control)
         assert before["accepted"] == 2, before
         served.signal(signal.SIGUSR2)
