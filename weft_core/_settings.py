@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ._endpoints import check_family, check_host, listen_endpoints, parse_endpoint
+from ._endpoints import Endpoint, check_family, check_host, listen_endpoints, parse_endpoint
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
@@ -133,8 +133,10 @@ def _is_none(value: Any, none: str | None) -> bool:
     return none is not None and (value is None or value is False)
 
 
-def _or_none(expected: str, none: str | None) -> str:
-    return expected if none is None else f"{expected}, or false for {none}"
+def _or_none(expected: str, none: str | None, zero_is_none: bool = False) -> str:
+    if none is None:
+        return expected
+    return f"{expected}, or {'0 or ' if zero_is_none else ''}false for {none}"
 
 
 def boolean() -> Kind:
@@ -185,9 +187,7 @@ def integer(
             return False
         return int(low) if _INT_TEXT.fullmatch(low) else text
 
-    shown = _or_none(expected, none)
-    if zero_is_none:
-        shown = shown.replace(", or false for", ", or 0 or false for")
+    shown = _or_none(expected, none, zero_is_none)
     return Kind("int" if none is None else "int | None", shown, check, parse)
 
 
@@ -200,9 +200,9 @@ def seconds(*, positive: bool, none: str | None = None, zero_is_none: bool = Fal
 
     ``zero_is_none``: 0 means ``none`` too (gunicorn's spelling of "off").
     """
-    expected = _or_none("a number of seconds " + ("> 0" if positive else ">= 0"), none)
-    if zero_is_none:
-        expected = expected.replace(", or false for", ", or 0 or false for")
+    expected = _or_none(
+        "a number of seconds " + ("> 0" if positive else ">= 0"), none, zero_is_none
+    )
 
     def check(value: Any) -> float | None:
         if _is_none(value, none) or (zero_is_none and _is_zero(value)):
@@ -351,14 +351,24 @@ def _check_bind(value: Any) -> list[str] | None:
         endpoints = [parse_endpoint(item, default_host="") for item in items]
     except ValueError as exc:
         raise Invalid(str(exc)) from None
-    texts = [str(endpoint) for endpoint in endpoints]
+    twice = _listed_twice(endpoints)
+    if twice is not None:
+        raise Invalid(f"{twice!r} is listed twice: each place can be listened on once")
+    return [str(endpoint) for endpoint in endpoints]
+
+
+def _listed_twice(endpoints: list[Endpoint]) -> str | None:
+    """The first place ``endpoints`` name twice, or None.
+
+    Port 0 twice is two free ports; anything else twice cannot both be bound.
+    """
     seen: set[str] = set()
-    for endpoint, text in zip(endpoints, texts, strict=True):
-        # Port 0 twice is two free ports; anything else twice cannot both be bound.
+    for endpoint in endpoints:
+        text = str(endpoint)
         if text in seen and not (endpoint.kind == "tcp" and endpoint.port == 0):
-            raise Invalid(f"{text!r} is listed twice: each place can be listened on once")
+            return text
         seen.add(text)
-    return texts
+    return None
 
 
 def _check_manager(value: Any) -> Any:
@@ -929,15 +939,12 @@ class Settings:
                 key="bind",
             )
         endpoints = listen_endpoints(values["bind"], values["address"], values["port"])
-        seen: set[str] = set()
-        for endpoint in endpoints:
-            # ":5000" and "127.0.0.1:5000" are one place once the default host is in.
-            text = str(endpoint)
-            if text in seen and not (endpoint.kind == "tcp" and endpoint.port == 0):
-                raise ConfigError(
-                    f"{text!r} is listed twice: each place can be listened on once", key="bind"
-                )
-            seen.add(text)
+        # Again with the default host in: ":5000" and "127.0.0.1:5000" are one place.
+        twice = _listed_twice(endpoints)
+        if twice is not None:
+            raise ConfigError(
+                f"{twice!r} is listed twice: each place can be listened on once", key="bind"
+            )
         if values["family"] != "auto":  # found when binding otherwise, after a clean check
             check_family(values["family"], [e.host for e in endpoints if e.kind == "tcp"])
         tls = tls_context(values.pop("tls"))
