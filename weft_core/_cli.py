@@ -694,14 +694,9 @@ def _as_a_check(check: Callable[[], int]) -> NoReturn:
     application's import left, whose output would also have replaced the check's
     one line; and at once if the process that runs the check ends meanwhile.
     """
-    parent = os.getppid()
+    from ._reload import when_parent_gone
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.1)
-        os._exit(EXIT_RUNTIME)
-
-    threading.Thread(target=watch, name="weft check: parent", daemon=True).start()
+    when_parent_gone(os.getppid(), lambda: os._exit(EXIT_RUNTIME), "weft check: parent")
     status = check()
     flush_own_log(EXIT_FLUSH)  # its one line, if logging was set up (the log's writer)
     with contextlib.suppress(OSError, ValueError):

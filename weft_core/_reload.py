@@ -218,13 +218,22 @@ def watch_parent(stop: Callable[[], None]) -> None:
         return
     parent = int(raw)
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(POLL_INTERVAL)
+    def gone() -> None:
         log.warning("the --reload parent (pid %d) is gone: stopping", parent)
         stop()
 
-    threading.Thread(target=watch, name="weft reload: parent", daemon=True).start()
+    when_parent_gone(parent, gone, "weft reload: parent")
+
+
+def when_parent_gone(parent: int, call: Callable[[], object], name: str) -> None:
+    """Call ``call()`` from a daemon thread (``name``) once ``parent`` is no longer ours."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_INTERVAL)
+        call()
+
+    threading.Thread(target=watch, name=name, daemon=True).start()
 
 
 def _stop_child(child: subprocess.Popen[bytes], graceful_timeout: float, signum: int) -> int:
