@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -883,35 +883,96 @@ def test_a_listener_closed_from_another_thread_keeps_its_number_until_its_loop_l
         loop.close()
 
 
+def _held_with_close_queued(
+    manager: AsyncioManager,
+) -> tuple[asyncio.AbstractEventLoop, threading.Event, threading.Thread]:
+    """Hold the manager's loop in one callback while close() queues its stop.
+
+    Returns the loop, the gate that lets it go, and close()'s thread. What the
+    test queues next comes after the stop in the loop's queue: the loop is known
+    to be inside the holding callback, so the first thing queued is close()'s.
+    """
+    manager.add_task(lambda: asyncio.sleep(0))  # starts the loop thread
+    loop = manager.loop
+    assert loop is not None
+    holding, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait(WAIT)
+
+    loop.call_soon_threadsafe(hold)
+    assert holding.wait(WAIT)
+    closer = threading.Thread(target=manager.runtime.close)
+    closer.start()
+    deadline = time.monotonic() + WAIT
+    while not loop._ready and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)  # polls the queue, bounded: no event says close() queued
+    assert loop._ready, "close() queued nothing"  # type: ignore[attr-defined]
+    return loop, gate, closer
+
+
+def _boom() -> None:
+    raise SystemExit(3)
+
+
 def test_a_system_exit_in_the_turn_that_close_stops_the_loop_loses_no_stop() -> None:
     """The loop runs on after a SystemExit: one in the very turn close()'s stop ran
     undid that stop (run_forever resets it), and close() waited CLOSE_WAIT, blamed
     a task, and left the loop thread running for good."""
     manager = AsyncioManager()
-    manager.add_task(lambda: asyncio.sleep(0))  # starts the loop thread
-    loop = manager.loop
-    assert loop is not None
-    gate = threading.Event()
-    loop.call_soon_threadsafe(gate.wait, WAIT)  # holds the loop: what follows is one turn
-    closer = threading.Thread(target=manager.runtime.close)
-    closer.start()
-    # close() queues its stop first (the order is what is tested): waited for in the
-    # loop's queue of callbacks, where a fixed pause could let boom go first and the
-    # test pass without testing anything.
-    deadline = time.monotonic() + WAIT
-    while not loop._ready and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.01)
-    assert loop._ready, "close() queued nothing"  # type: ignore[attr-defined]
-
-    def boom() -> None:
-        raise SystemExit(3)
-
-    loop.call_soon_threadsafe(boom)
+    loop, gate, closer = _held_with_close_queued(manager)
+    loop.call_soon_threadsafe(_boom)
     began = time.monotonic()
     gate.set()
     closer.join(WAIT + 6)
     assert time.monotonic() - began < WAIT / 2
     assert not loop.is_running()
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["nothing_left", "a_task_left"])
+def test_a_system_exit_in_the_turn_after_close_stops_still_ends_everything(
+    pending: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SystemExit queued in the turn of close()'s stop came out of the close's own
+    run_until_complete: the thread took it for a crash (CRITICAL), left what was
+    left pending, never awaited shutdown_asyncgens() (an unraisable warning when
+    collected, which failed a CI run) and closed the loop under them."""
+    manager = AsyncioManager()
+    closed = threading.Event()
+    kept: list[AsyncIterator[int]] = []  # so only shutdown_asyncgens() closes it
+
+    async def generator() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.sleep(3600)
+            yield 2
+        finally:
+            closed.set()
+
+    async def holds_a_generator() -> None:
+        stream = generator()
+        kept.append(stream)
+        await stream.__anext__()
+        if pending:
+            await stream.__anext__()  # cancelled here at close: its finally runs then
+
+    manager.add_task(holds_a_generator)
+    loop, gate, closer = _held_with_close_queued(manager)
+    # A callback of the stop's turn that queues the SystemExit: it runs in the next
+    # turn, the first of close()'s own.
+    loop.call_soon_threadsafe(loop.call_soon, _boom)
+    with caplog.at_level(logging.ERROR, logger="weft.asyncio"):
+        gate.set()
+        closer.join(WAIT + 6)
+        assert not closer.is_alive()  # close() joined the loop thread, which closed it
+        gc.collect()  # an unstarted shutdown_asyncgens() is reported when collected
+    assert loop.is_closed()
+    assert closed.is_set(), "the async generator was not closed"
+    levels = [r.levelno for r in caplog.records if r.name == "weft.asyncio"]
+    assert logging.CRITICAL not in levels, caplog.text
+    [said] = [r.getMessage() for r in caplog.records if "SystemExit" in r.getMessage()]
+    assert "its close goes on" in said
 
 
 def test_uvloop_asked_for_on_an_applications_plain_asyncio_loop_is_warned_of(

@@ -194,8 +194,8 @@ class _Loop:
             for task in left:
                 task.cancel()
             if left:
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
+                self._run_until_done(asyncio.gather(*left, return_exceptions=True))
+            self._run_until_done(loop.shutdown_asyncgens())
             self._abandon_executor()
         except BaseException as exc:  # a daemon thread has nobody to raise to
             self.error = exc
@@ -221,12 +221,27 @@ class _Loop:
             except (SystemExit, KeyboardInterrupt) as exc:
                 if self.stopping:  # close()'s stop came in the same turn: not lost
                     return
-                log.error(
-                    "%s was raised on the asyncio loop (by a task or a callback); only"
-                    " that one ended, the loop goes on",
-                    type(exc).__name__,
-                )
+                _said_exit(exc, "the loop goes on")
                 continue
+            return
+
+    def _run_until_done(self, work: Awaitable[object]) -> None:
+        """Run the loop until ``work`` is done, whatever a task or a callback raises.
+
+        A SystemExit from a callback queued in the turn of close()'s stop, or from a
+        task as it is cancelled, came out of ``run_until_complete`` here as it did out
+        of ``run_forever``: the thread took it for a crash, left the other tasks
+        pending and the async generators unclosed (``shutdown_asyncgens()`` never
+        awaited), and released the loop under them.
+        """
+        future = asyncio.ensure_future(work, loop=self.loop)  # started even if cut short
+        while True:
+            try:
+                self.loop.run_until_complete(future)
+            except (SystemExit, KeyboardInterrupt) as exc:
+                _said_exit(exc, "its close goes on")
+                if not future.done():
+                    continue
             return
 
     def _abandon_executor(self) -> None:
@@ -328,6 +343,14 @@ class _Loop:
                     " blocked); it is left behind",
                     CLOSE_WAIT,
                 )
+
+
+def _said_exit(exc: BaseException, then: str) -> None:
+    log.error(
+        "%s was raised on the asyncio loop (by a task or a callback); only that one ended, %s",
+        type(exc).__name__,
+        then,
+    )
 
 
 class _Task(TaskState):
