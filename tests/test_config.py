@@ -531,6 +531,30 @@ def test_parse_option_value() -> None:
     assert parse_option_value("1\nx = 2") == "1\nx = 2"
 
 
+@pytest.mark.parametrize("text", ["none", "off", "false", " unlimited "])
+def test_the_limit_option_reads_none_from_text_as_its_flag_does(tmp_path: Path, text: str) -> None:
+    """``--max-connections none`` was no limit while ``-o limit=none`` and
+    ``WEFT_MANAGER_OPTIONS_LIMIT=none`` were refused: the table's own parser of the
+    ``limit`` option was never used for text, TOML's was."""
+    from weft_core._cli import _manager_option
+
+    assert _manager_option(f"limit={text}") == ("limit", False)
+    env = {"WEFT_MANAGER_OPTIONS_LIMIT": text}
+    assert load(tmp_path, env=env).server_kwargs()["manager_options"] == {"limit": None}
+    assert _manager_option("limit=12") == ("limit", 12)
+    with pytest.raises(ConfigError, match="or false for no limit, got 'lots'"):
+        load(tmp_path, env={"WEFT_MANAGER_OPTIONS_LIMIT": "lots"})
+
+
+def test_tls_false_in_a_file_is_no_tls_as_the_keyword_is(tmp_path: Path) -> None:
+    """``Server(tls=False)`` is no TLS; ``tls = false`` in a file was refused with a
+    message of its own (an unbounded repr), not the table's."""
+    assert "tls" not in load(tmp_path, "tls = false\n").server_kwargs()
+    exc = error(tmp_path, "tls = 5\n")
+    assert exc.key == "tls"
+    assert "a table with certfile and keyfile, got 5" in str(exc)
+
+
 # -- against the Server -------------------------------------------------------------------
 
 

@@ -313,7 +313,8 @@ def _manager_option(text: str) -> tuple[str, Any]:
             f"expected KEY=VALUE, such as limit=100, got {show(text)}",
             source="command line -o/--manager-option",
         )
-    return key.strip(), parse_option_value(value)
+    name = key.strip()
+    return name, parse_option_value(value, name)
 
 
 def _fail(message: object, status: int) -> int:

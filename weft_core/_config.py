@@ -45,6 +45,7 @@ from ._settings import (
     Setting,
     check_manager_options,
     check_tls_parts,
+    show,
     suggest,
     unknown_tls_key,
     validate,
@@ -96,11 +97,16 @@ _ENV_NAMES = sorted(
 )
 
 
-def parse_option_value(text: str) -> Any:
+def parse_option_value(text: str, name: str = "") -> Any:
     """A manager option's value from text: a TOML value if it is one, else the string.
 
     ``5`` is 5, ``true`` is True, ``[1, 2]`` a list, ``gevent`` the string 'gevent'.
+    An option the settings table knows (``limit``) is read by its own parser, as its
+    flag would be: ``-o limit=none`` means no limit, as ``--max-connections none`` does.
     """
+    known = SETTINGS.get(f"manager_options.{name}") if name else None
+    if known is not None and known.kind.parse is not None:
+        return known.kind.parse(text)
     if "\n" in text or "\r" in text:
         return text
     try:
@@ -146,9 +152,12 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
     for key, value in table.items():
         if key == "tls":
             if not isinstance(value, Mapping):
-                validate("tls", value, source=source)  # not a table: the table's message
+                # Not a table: the table's message. ``tls = false`` is no TLS from this
+                # source, as ``Server(tls=False)`` is.
+                if validate("tls", value, source=source) is None:
+                    continue
                 raise ConfigError(
-                    f"expected a table with certfile and keyfile, got {value!r}",
+                    f"expected a table with certfile and keyfile, got {show(value)}",
                     source=source,
                     key=key,
                 )
@@ -283,7 +292,7 @@ def _from_env(
             labels[f"tls.{key[4:]}"] = source
         elif key.startswith("manager_options_") and key[16:]:
             option = key[16:]
-            options = check_manager_options({option: parse_option_value(value)}, source)
+            options = check_manager_options({option: parse_option_value(value, option)}, source)
             out[f"manager_options.{option}"] = options[option]
             labels[f"manager_options.{option}"] = source
         elif key in ("tls", "manager_options"):
