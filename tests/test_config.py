@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import re
 import socket
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from weft_core import ConfigError, available_managers
+from weft_core import ConfigError, Server, available_managers
 from weft_core._config import CLI_ONLY_KEYS, KEYS, Config, load_config, parse_option_value
 
 
@@ -483,6 +484,29 @@ def test_unix_mode_with_no_unix_socket_to_make_is_a_warning(tmp_path: Path) -> N
         {"WEFT_UNIX_MODE": "600", "WEFT_BIND": "127.0.0.1:0,unix:/tmp/s.sock"},
     ):
         assert load(tmp_path, env=env).warnings == (), env
+    # Said once: the Server made from it is not given the unused mode to say it again.
+    assert "unix_mode" not in load(tmp_path, env={"WEFT_UNIX_MODE": "600"}).server_kwargs()
+
+
+def test_unix_mode_with_no_unix_socket_is_said_from_python_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``Server(unix_mode=0o600)`` with no Unix endpoint was taken silently, where the
+    same setting from a config was warned of."""
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
+
+    def _handler(conn: object) -> None:
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="weft.server"):
+        Server(_handler, manager="threads", unix_mode=0o600)
+    [said] = [r.getMessage() for r in caplog.records if "unix_mode" in r.getMessage()]
+    assert said.startswith("unix_mode=0o600 is not used: neither bind nor address")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="weft.server"):
+        Server(_handler, manager="threads", unix_mode=0o600, bind=["unix:/tmp/never.sock"])
+    assert not [r for r in caplog.records if "unix_mode" in r.getMessage()]
 
 
 def test_a_plugins_own_env_vars_are_left_to_it(tmp_path: Path) -> None:
@@ -563,7 +587,6 @@ def test_server_kwargs_are_server_keywords() -> None:
 
     Fails while the Server lacks tls/proxy/shutdown keywords that config already takes.
     """
-    from weft_core import Server
 
     accepted = set(inspect.signature(Server).parameters)
     produced = (set(KEYS) - CLI_ONLY_KEYS) | {"tls", "manager_options"}

@@ -544,6 +544,8 @@ class Config:
         ``manager_options`` dicts.
         """
         kwargs = {k: v for k, v in self.values.items() if k not in CLI_ONLY_KEYS}
+        if "unix_mode" in kwargs and not _names_a_unix_socket(self.values):
+            del kwargs["unix_mode"]  # warned of when read; the Server would say it again
         if "args" in kwargs:
             kwargs["args"] = tuple(kwargs["args"])
         return kwargs
@@ -645,7 +647,7 @@ def load_config(
     return _assemble(merged, origins, None if file is None else file[0], warnings)
 
 
-def _names_a_unix_socket(merged: _Settings) -> bool:
+def _names_a_unix_socket(merged: Mapping[str, Any]) -> bool:
     """Whether the endpoints ``merged`` sets include a Unix socket weft makes (``unix:``)."""
     bind = merged.get("bind")
     endpoints = bind if isinstance(bind, list) else [merged.get("address")]

@@ -188,6 +188,7 @@ def bind_first(config: Config) -> tuple[list[Listener], dict[str, Any]]:
         reuse_port=values.get("reuse_port", False),
         unix_mode=values.get("unix_mode"),
     )
-    kwargs = {k: v for k, v in config.server_kwargs().items() if k not in ("address", "port")}
+    made_here = ("address", "port", "unix_mode")  # unix_mode: applied by open_listeners
+    kwargs = {k: v for k, v in config.server_kwargs().items() if k not in made_here}
     kwargs["bind"] = [f"fd:{listener.sock.fileno()}" for listener in listeners]
     return listeners, kwargs

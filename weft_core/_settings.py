@@ -887,6 +887,11 @@ class Settings:
     shutdown_allow_no_secret: bool
     access_log: bool
 
+    def makes_a_unix_socket(self) -> bool:
+        """Whether an endpoint is a Unix socket this server makes (``unix:PATH``)."""
+        endpoints = listen_endpoints(self.bind, self.address, self.port)
+        return any(e.kind == "unix" for e in endpoints)
+
     @classmethod
     def from_keywords(cls, handler: Any, **keywords: Any) -> Settings:
         """Check ``Server(handler, **keywords)``'s settings; ConfigError for the first bad one.
