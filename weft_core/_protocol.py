@@ -70,7 +70,8 @@ class TaskManager(Protocol):
     def stop_task(self, task_id: Hashable, timeout: float | None = None) -> bool:
         """Ask the task to stop, interrupt it after ``timeout``; return once it stopped.
 
-        Returns True if it ended before it had to be interrupted.
+        Returns True if it ended before it had to be interrupted, and at once for
+        an id the manager does not hold (ended already, or never its own).
         """
         ...
 

@@ -378,6 +378,38 @@ class TaskManagerTests(ManagerTestBase):
         )
         gate.set()
 
+    def test_stop_task_of_a_task_it_does_not_hold_is_true_at_once(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """stop_task of an id that ended, or was never the manager's, returns True at once.
+
+        The server stops each acceptor and connection by id, and one may have ended
+        on its own in the meantime: that one has stopped. Raising, waiting out the
+        timeout, or False (an interrupt that never happened) are each wrong.
+        """
+        outcome: list[str] = []
+
+        def brief() -> Body:
+            yield Sleep(0)
+
+        task_id = manager.add_task(adapter.task(to_its_end(brief, outcome)))
+        wait_until(lambda: outcome, what="a task that returns at once to end")
+        wait_until(lambda: task_id not in manager.all_tasks(), what="the ended task to be dropped")
+        for gone, what in ((task_id, "a task that has ended"), (object(), "an id it never gave")):
+            began = time.monotonic()
+            try:
+                stopped = manager.stop_task(gone, timeout=WAIT)
+            except Exception as exc:
+                raise AssertionError(
+                    f"stop_task of {what} must return True, not raise {exc!r}"
+                ) from exc
+            took = time.monotonic() - began
+            assert stopped is True, f"stop_task of {what} must return True (it has stopped)"
+            assert took < WAIT / 4, (
+                f"stop_task of {what} must return at once, not wait for its timeout"
+                f" (it took {took:.1f}s)"
+            )
+
     def test_stop_task_interrupts_after_timeout(
         self, manager: TaskManager, adapter: SyncAdapter
     ) -> None:
