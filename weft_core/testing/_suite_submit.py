@@ -17,6 +17,7 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -271,21 +272,31 @@ class SubmitTests(ManagerTestBase):
             for client in clients:
                 assert recv_exactly(client, 1) == b"+", "each handler is parked"
             deliver = _deliver(handler_kind)
-            futures = []
+            futures: list[Future[Any]] = []
+            failed: list[BaseException] = []
 
             def publish() -> None:
                 _caller.set("publisher")
-                for n in range(3):
-                    # Calls are not ordered among themselves (trio shuffles new tasks,
-                    # threads run side by side): a round waits for the one before.
-                    batch = [server.submit(deliver, box, MESSAGE % n) for box in boxes]
-                    for future in batch:
-                        future.result(WAIT)
-                    futures.extend(batch)
+                try:
+                    for n in range(3):
+                        # Calls are not ordered among themselves (trio shuffles new
+                        # tasks, threads run side by side): a round waits for the last.
+                        batch = [server.submit(deliver, box, MESSAGE % n) for box in boxes]
+                        futures.extend(batch)
+                        for future in batch:
+                            future.result(WAIT)
+                except BaseException as exc:  # reported below, by what it means
+                    failed.append(exc)
 
             publisher = threading.Thread(target=publish)
             publisher.start()
-            publisher.join(WAIT)
+            publisher.join(2 * WAIT)
+            never = [f for f in futures if not f.done()]
+            assert not never, (
+                f"{len(never)} of {len(futures)} calls submitted from a thread never ran"
+                f" within {WAIT:g}s: the runtime's spawn_soon (or its wake-up) lost them"
+            )
+            assert not failed, f"submit() from a thread raised: {failed[0]!r}"
             assert {f.result(WAIT) for f in futures} == {"publisher"}, (
                 "rule 'submit carries the publisher's contextvars into the runtime'"
             )

@@ -81,7 +81,9 @@ class TaskManagerTests(ManagerTestBase):
         try:
             assert not stopper.is_alive(), (
                 f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
-                f" ({INTERRUPT_GRACE:g}s) {why}: it still waits after {took:.1f}s"
+                f" ({INTERRUPT_GRACE:g}s) {why}: it still waits after {took:.1f}s (the"
+                " interrupt must not block either: TaskState.interrupt() and the task's"
+                " on_interrupt callbacks run, then stop_task waits at most the grace)"
             )
             assert result == [False], (
                 f"stop_task returns False when the task had to be interrupted (got {result[0]!r})"
@@ -369,10 +371,19 @@ class TaskManagerTests(ManagerTestBase):
         assert started.wait(WAIT), (
             "add_task must run the thunk it was given (the task did not start)"
         )
-        assert manager.stop_task(task_id, timeout=WAIT) is True, (
-            "a task that honours shutdown_requested() ends before the timeout: stop_task returns True"
+        stopped = manager.stop_task(task_id, timeout=WAIT)
+        assert "shutdown" in seen or not stopped, (
+            "stop_task must return only once the task has stopped"
         )
-        assert seen == ["shutdown"], "stop_task must return only once the task has stopped"
+        assert seen == ["shutdown"], (
+            "stop_task must set the task's shutdown flag first (TaskState.request_shutdown()):"
+            " the task ends as soon as shutdown_requested() is true, and it never saw it"
+        )
+        assert stopped is True, (
+            "a task that honours shutdown_requested() ends before the timeout: stop_task"
+            " returns True. It returned False, having to interrupt it: stop_task must set"
+            " the task's shutdown flag (TaskState.request_shutdown()) before it waits"
+        )
         assert task_id not in manager.all_tasks(), (
             "once stop_task has returned, the task has stopped: all_tasks must no longer list it (drop it from all_tasks before setting its done)"
         )
@@ -485,7 +496,8 @@ class TaskManagerTests(ManagerTestBase):
         assert not stopper.is_alive(), (
             f"stop_task(id, timeout={timeout}) must return within timeout + INTERRUPT_GRACE"
             f" ({INTERRUPT_GRACE:g}s) of a task that ignores its flag; it still waits after"
-            f" {took:.1f}s"
+            f" {took:.1f}s (the interrupt must not block either: TaskState.interrupt() and"
+            " the task's on_interrupt callbacks run, then stop_task waits at most the grace)"
         )
         assert interrupted.is_set(), (
             "once the timeout runs out, stop_task must interrupt the task"
