@@ -291,6 +291,10 @@ class SubmitTests(ManagerTestBase):
             publisher = threading.Thread(target=publish)
             publisher.start()
             publisher.join(2 * WAIT)
+            assert not publisher.is_alive(), (
+                f"the publisher's submit() calls still run after {2 * WAIT:g}s: submit()"
+                " from a thread must not wait for the runtime"
+            )
             never = [f for f in futures if not f.done()]
             assert not never, (
                 f"{len(never)} of {len(futures)} calls submitted from a thread never ran"
