@@ -895,6 +895,8 @@ def _held_with_close_queued(
     manager.add_task(lambda: asyncio.sleep(0))  # starts the loop thread
     loop = manager.loop
     assert loop is not None
+    for _ in range(3):  # the tasks' first steps run: the loop's queue is empty after
+        assert manager.runtime.run_in_loop(lambda: None, WAIT)
     holding, gate = threading.Event(), threading.Event()
 
     def hold() -> None:
