@@ -308,12 +308,22 @@ class Client:
     def __init__(self, address: tuple[str, int] | str, timeout: float = 20) -> None:
         if isinstance(address, str):
             self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(timeout)
-            self.sock.connect(address)
+            try:
+                self.sock.settimeout(timeout)
+                self.sock.connect(address)
+            except BaseException:
+                self.sock.close()
+                raise
         else:
             self.sock = socket.create_connection(address, timeout=timeout)
         self.buffer = b""
-        self.pid = int(self.line())
+        try:
+            self.pid = int(self.line())
+        except BaseException:
+            # A refused client is the test's failure to report, not a socket left to
+            # the collector (an unraisable warning, an error under -W error, later on).
+            self.sock.close()
+            raise
 
     def line(self) -> bytes:
         while b"\n" not in self.buffer:

@@ -138,8 +138,14 @@ def test_a_stop_cut_short_by_keyboardinterrupt_does_not_hang_the_next_stop() -> 
     forever. Now the stop carries on in a thread with its graceful phase cut short.
     """
     script = """
-        import asyncio, os, signal, socket, threading, time
+        import asyncio, faulthandler, os, signal, socket, threading, time
         from weft_core import Server
+
+        faulthandler.dump_traceback_later(15, exit=True)  # a hang says where it is
+        # Ctrl-C raises here whatever the parent (a pytest worker) left to inherit: an
+        # ignored or blocked SIGINT crosses exec, and Python then installs no handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
         async def deaf(stream):
             await stream.read(1)
