@@ -587,7 +587,6 @@ def test_server_kwargs_are_server_keywords() -> None:
 
     Fails while the Server lacks tls/proxy/shutdown keywords that config already takes.
     """
-
     accepted = set(inspect.signature(Server).parameters)
     produced = (set(KEYS) - CLI_ONLY_KEYS) | {"tls", "manager_options"}
     assert sorted(produced - accepted) == []

@@ -45,6 +45,7 @@ from ._settings import (
     Setting,
     check_manager_options,
     check_tls_parts,
+    names_a_unix_socket,
     show,
     suggest,
     unknown_tls_key,
@@ -544,7 +545,9 @@ class Config:
         ``manager_options`` dicts.
         """
         kwargs = {k: v for k, v in self.values.items() if k not in CLI_ONLY_KEYS}
-        if "unix_mode" in kwargs and not _names_a_unix_socket(self.values):
+        if "unix_mode" in kwargs and not names_a_unix_socket(
+            self.values.get("bind"), self.values.get("address")
+        ):
             del kwargs["unix_mode"]  # warned of when read; the Server would say it again
         if "args" in kwargs:
             kwargs["args"] = tuple(kwargs["args"])
@@ -632,7 +635,9 @@ def load_config(
     for value in merged.values():
         if isinstance(value, _Unusable):  # a platform default nothing replaced
             raise value.error
-    if "unix_mode" in merged and not _names_a_unix_socket(merged):
+    if "unix_mode" in merged and not names_a_unix_socket(
+        merged.get("bind"), merged.get("address")
+    ):
         warnings.append(
             f"unix_mode from {origins['unix_mode']} is not used: neither bind nor address"
             " names a Unix socket (unix:PATH) this server makes"
@@ -645,13 +650,6 @@ def load_config(
                     f" ({origins['log_config']}) says how to log"
                 )
     return _assemble(merged, origins, None if file is None else file[0], warnings)
-
-
-def _names_a_unix_socket(merged: Mapping[str, Any]) -> bool:
-    """Whether the endpoints ``merged`` sets include a Unix socket weft makes (``unix:``)."""
-    bind = merged.get("bind")
-    endpoints = bind if isinstance(bind, list) else [merged.get("address")]
-    return any(isinstance(text, str) and text.startswith("unix:") for text in endpoints)
 
 
 def _unread_pyproject(base: Path, warnings: list[str]) -> None:

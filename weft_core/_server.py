@@ -65,7 +65,14 @@ from ._osthreads import one_cpu, short_switches
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
 from ._registry import DEFAULT_MANAGER, available_managers, create_manager, hooks
-from ._settings import Callback, ExceptionHandler, OnFull, Settings, validate
+from ._settings import (
+    Callback,
+    ExceptionHandler,
+    OnFull,
+    Settings,
+    names_a_unix_socket,
+    validate,
+)
 from ._shutdown_port import ShutdownHandler, ShutdownPort
 from ._spec import HandlerKind
 from ._submit import Submitter
@@ -211,7 +218,7 @@ class Server:
             shutdown_allow_no_secret=shutdown_allow_no_secret,
             access_log=access_log,
         )
-        if unix_mode is not None and not self._cfg.makes_a_unix_socket():
+        if unix_mode is not None and not names_a_unix_socket(self._cfg.bind, self._cfg.address):
             # weft serve says so from its config (and passes no unused unix_mode on).
             log.warning(
                 "unix_mode=%s is not used: neither bind nor address names a Unix socket"

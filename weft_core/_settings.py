@@ -357,6 +357,17 @@ def _check_bind(value: Any) -> list[str] | None:
     return [str(endpoint) for endpoint in endpoints]
 
 
+def names_a_unix_socket(bind: Any, address: Any) -> bool:
+    """Whether ``bind`` (or, without one, ``address``) names a Unix socket weft makes.
+
+    The one test of whether ``unix_mode`` is used, for a config's values and for a
+    Server's settings alike: ``unix:PATH`` (a ``bind`` list holds each place in that
+    form once checked).
+    """
+    endpoints = bind if isinstance(bind, list) else [address]
+    return any(isinstance(text, str) and text.startswith("unix:") for text in endpoints)
+
+
 def _listed_twice(endpoints: list[Endpoint]) -> str | None:
     """The first place ``endpoints`` name twice, or None.
 
@@ -886,11 +897,6 @@ class Settings:
     shutdown_handler: ShutdownHandler | None
     shutdown_allow_no_secret: bool
     access_log: bool
-
-    def makes_a_unix_socket(self) -> bool:
-        """Whether an endpoint is a Unix socket this server makes (``unix:PATH``)."""
-        endpoints = listen_endpoints(self.bind, self.address, self.port)
-        return any(e.kind == "unix" for e in endpoints)
 
     @classmethod
     def from_keywords(cls, handler: Any, **keywords: Any) -> Settings:
