@@ -520,6 +520,37 @@ def test_a_plugins_own_env_vars_are_left_to_it(tmp_path: Path) -> None:
     assert [w for w in other.warnings if w.startswith("ignoring WEFT_NOPLUGIN_ANYTHING")]
 
 
+def test_a_managers_option_named_as_its_plugins_variable_is_a_warning(tmp_path: Path) -> None:
+    """``WEFT_ASYNCIO_LOOP=uvloop`` and ``WEFT_THREADS_IDLE_THREADS=0`` are the names a
+    user guesses for manager options; they lie in the plugin's own namespace, which
+    no manager reads, and were ignored unsaid (an outside check of the config
+    surfaces). Each is a warning naming the variable to set; a name that is no
+    option of the manager stays the plugin's."""
+    installed = available_managers()
+    cases = {
+        "threads": ("WEFT_THREADS_IDLE_THREADS", "idle_threads"),
+        "asyncio": ("WEFT_ASYNCIO_LOOP", "loop"),
+        "gevent": ("WEFT_GEVENT_PATCH", "patch"),
+        "trio": ("WEFT_TRIO_LIMIT", "limit"),
+    }
+    checked = 0
+    for manager, (name, option) in cases.items():
+        if manager not in installed:
+            continue
+        config = load_config(environ={name: "0"}, cwd=tmp_path)
+        assert f"manager_options.{option}" not in config.values
+        assert config.warnings == (
+            f"ignoring {name}: the {manager} manager reads no variable of that name; its option"
+            f" {option!r} is set as WEFT_MANAGER_OPTIONS_{option.upper()} (or -o {option}=...)",
+        )
+        checked += 1
+    if not checked:
+        pytest.skip("no manager plugin is installed")
+    for manager in installed:
+        name = f"WEFT_{manager.upper()}_NO_SUCH_OPTION"
+        assert load_config(environ={name: "1"}, cwd=tmp_path).warnings == (), name
+
+
 # -- command-line flags -----------------------------------------------------------------
 
 

@@ -303,6 +303,8 @@ def _from_env(
                 source=source,
                 key=key,
             )
+        elif (meant := _manager_option_meant(name)) is not None:
+            warnings.append(f"ignoring {escape_for_log(name)}: {meant}")
         elif name.startswith(_plugin_prefixes()):
             continue  # WEFT_<PLUGIN>_*: a plugin's own setting, read by the plugin
         else:
@@ -325,6 +327,51 @@ _ENV_MEANT = {
     "WEFT_WORKER_CONNECTIONS": "did you mean WEFT_MAX_CONNECTIONS?",
     "WEFT_KEEP_ALIVE": "did you mean WEFT_IDLE_TIMEOUT?",
 }
+
+
+def _manager_option_meant(name: str) -> str | None:
+    """How to set what ``WEFT_<MANAGER>_<OPTION>`` names, if OPTION is that manager's option.
+
+    The name a user guesses for a manager option (``WEFT_ASYNCIO_LOOP=uvloop``,
+    ``WEFT_THREADS_IDLE_THREADS=0``) lies in that manager's plugin's own namespace,
+    which weft leaves to the plugin, and no manager reads its options from there:
+    it was ignored unsaid. A name that is no option of the manager stays the
+    plugin's.
+    """
+    from . import _registry
+
+    rest = name[len("WEFT_") :]
+    try:
+        managers = _registry.available_managers()
+    except WeftError:
+        return None
+    for manager, spec in managers.items():
+        prefix = manager.upper().replace("-", "_") + "_"
+        option = rest[len(prefix) :].lower()
+        if rest.startswith(prefix) and option in _option_names(spec.factory, spec.prepare_process):
+            return (
+                f"the {manager} manager reads no variable of that name; its option {option!r} is"
+                f" set as WEFT_MANAGER_OPTIONS_{option.upper()} (or -o {option}=...)"
+            )
+    return None
+
+
+def _option_names(*callables: object) -> set[str]:
+    """The keyword parameters of ``callables`` (a manager's factory and ``prepare_process``)."""
+    import inspect
+
+    names = {"limit"}  # every manager's, taken by weft itself where its factory has none
+    for fn in callables:
+        if not callable(fn):
+            continue
+        try:
+            parameters = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names.update(
+            p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+    return names
 
 
 def _env_hint(name: str) -> str:

@@ -201,9 +201,10 @@ def test_patch_false_and_a_self_patching_app_still_get_the_blocked_hub_report(
 def test_a_weft_gevent_variable_is_said_not_to_be_read(app_dir: Path) -> None:
     """``WEFT_GEVENT_PATCH=false`` reads as an option, and the process was patched all
     the same, unsaid (an outside check of the config surfaces): it is a warning that
-    names the manager option to set."""
+    names the manager option to set, said once (weft's config says it; the plugin
+    says only what names no option, as ``WEFT_GEVENT_FOO``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
-    env.update(WEFT_GEVENT_PATCH="false", PYTHONPATH=str(REPO))
+    env.update(WEFT_GEVENT_PATCH="false", WEFT_GEVENT_FOO="1", PYTHONPATH=str(REPO))
     done = subprocess.run(
         [sys.executable, "-m", "weft_core", "serve", "blocking_app:handle", "-k", "gevent",
          "--check-config"],
@@ -211,7 +212,10 @@ def test_a_weft_gevent_variable_is_said_not_to_be_read(app_dir: Path) -> None:
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert (
-        "'WEFT_GEVENT_PATCH' is not read: its options are manager options"
-        " (WEFT_MANAGER_OPTIONS_PATCH, or -o patch=...)"
-    ) in done.stderr, done.stderr
+    patch = [line for line in done.stderr.splitlines() if "WEFT_GEVENT_PATCH" in line]
+    assert patch == [
+        "weft: warning: ignoring WEFT_GEVENT_PATCH: the gevent manager reads no variable of"
+        " that name; its option 'patch' is set as WEFT_MANAGER_OPTIONS_PATCH (or -o patch=...)"
+    ], done.stderr
+    foo = [line for line in done.stderr.splitlines() if "WEFT_GEVENT_FOO" in line]
+    assert len(foo) == 1 and "this plugin reads no variable of its own" in foo[0], done.stderr

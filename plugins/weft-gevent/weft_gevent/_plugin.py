@@ -7,6 +7,7 @@ it, or a task's name is read.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -52,20 +53,23 @@ def _prepare_process(
 
 
 def _warn_unread(environ: Mapping[str, str]) -> None:
-    """Warn of each WEFT_GEVENT_* variable: this plugin reads none.
+    """Warn of each WEFT_GEVENT_* variable that names no option: this plugin reads none.
 
-    ``WEFT_GEVENT_PATCH=false`` reads as an option and is none: the process was
-    monkey-patched all the same, unsaid. Its options are manager options.
+    One that names an option (``WEFT_GEVENT_PATCH=false``, which left the process
+    monkey-patched, unsaid) weft's config warns of itself, with the variable to set.
     """
+    options = {
+        parameter.name
+        for fn in (_create, _prepare_process)
+        for parameter in inspect.signature(fn).parameters.values()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    }
     for name in sorted(environ):
-        if name.startswith("WEFT_GEVENT_"):
-            option = name[len("WEFT_GEVENT_") :]
+        if name.startswith("WEFT_GEVENT_") and name[len("WEFT_GEVENT_") :].lower() not in options:
             log.warning(
-                "weft-gevent: %r is not read: its options are manager options"
-                " (WEFT_MANAGER_OPTIONS_%s, or -o %s=...)",
+                "weft-gevent: %r is not read: this plugin reads no variable of its own; its"
+                " options are manager options (WEFT_MANAGER_OPTIONS_<NAME>, or -o name=...)",
                 name,
-                option,
-                option.lower(),
             )
 
 
