@@ -413,7 +413,7 @@ def test_flags_reach_the_server(fake_server: dict[str, Any], tmp_path: Path) -> 
     (tmp_path / "weft.toml").write_text('manager = "threads"\nbacklog = 64\n')
     argv = ["serve", "cli_fake_app:handle", "--manager", "gevent", "--bind", "[::1]:0",
             "--fd", "3", "--max-connections", "none", "--proxy-protocol", "-o", "limit=5",
-            "-o", "mode=fast", "--idle-timeout", "9", "--on-full", "backlog"]  # fmt: skip
+            "-o", "patch=false", "--idle-timeout", "9", "--on-full", "backlog"]  # fmt: skip
     assert main(argv) == 0
     (server,) = fake_server["made"]
     assert server.handler.__name__ == "handle"
@@ -423,7 +423,7 @@ def test_flags_reach_the_server(fake_server: dict[str, Any], tmp_path: Path) -> 
         "bind": ["[::1]:0", "fd:3"],
         "max_connections": None,
         "proxy_protocol": True,
-        "manager_options": {"limit": 5, "mode": "fast"},
+        "manager_options": {"limit": 5, "patch": False},
         "idle_timeout": 9.0,
         "on_full": "backlog",
     }

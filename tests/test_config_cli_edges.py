@@ -486,23 +486,40 @@ def test_paths_and_arguments_with_escapes_are_not_echoed_raw(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["check-config", "serve"])
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (["-k", "nope"], "no task manager named 'nope' is installed"),
+        (["-o", "limt=5"], "got an unexpected keyword argument 'limt'"),
+        (["-k", "threads", "-o", "limt=5"], "did you mean 'limit' for 'limt'?"),
+    ],
+    ids=["unknown-manager", "default-managers-option", "named-managers-option"],
+)
 def test_an_unknown_manager_is_said_before_the_application_is_imported(
-    tmp_path: Path, check: bool
+    tmp_path: Path, check: bool, given: list[str], said: str
 ) -> None:
     """The manager's name is looked up first, as a supervisor does: the application's
-    import (its side effects, gevent's patching first) ran before the one line (L10)."""
+    import (its side effects, gevent's patching first) ran before the one line (L10).
+    The same for an option its factory does not take (a misspelt ``-o limt=5``)."""
+    if given[0] == "-o" or "threads" in given:
+        _need_threads()
     (tmp_path / "marked.py").write_text(
         "import pathlib\npathlib.Path('imported').write_text('')\ndef handle(conn): pass\n"
     )
     args = ["--check-config"] if check else ["-b", "127.0.0.1:0"]
     done = subprocess.run(
-        weft_serve("marked:handle", "-k", "nope", *args),
+        weft_serve("marked:handle", *given, *args),
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert "no task manager named 'nope' is installed" in done.stderr, done.stderr
+    assert said in done.stderr, done.stderr
     assert not (tmp_path / "imported").exists(), "the application was imported first"
+
+
+def _need_threads() -> None:
+    if "threads" not in available_managers():
+        pytest.skip("weft-threads is not installed")
 
 
 def test_a_manager_chosen_over_the_file_s_says_whose_options_it_got(tmp_path: Path) -> None:

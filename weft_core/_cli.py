@@ -585,15 +585,20 @@ def _named_manager(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_manager(config: Config) -> None:
-    """Look the manager's name up, as a supervisor must before it binds.
+    """Look the manager's name up, and its options' names, as a supervisor must before it binds.
 
     Its workers make the manager, after the supervisor has bound and started them;
-    an unknown or broken one is found here instead: exit 2 with nothing bound, as
-    without a supervisor. Its options are still the workers' to check.
+    an unknown or broken one, or an option its factory does not take (``-o limt=5``),
+    is found here instead: exit 2 with nothing bound, as without a supervisor, and
+    before the application's import (whose side effects, gevent's patching among
+    them, ran first). The options' values are still the manager's to refuse.
     """
     name = config.get("manager")
+    options = dict(config.get("manager_options") or {})
+    if name is None and options and _registry.DEFAULT_MANAGER in _registry.available_managers():
+        name = _registry.DEFAULT_MANAGER  # none installed: the Server says so, as before
     if isinstance(name, str):
-        _registry.get_manager_spec(name)
+        _registry.check_options_fit(name, options)
 
 
 def _upgrade_check(config: Config) -> int:

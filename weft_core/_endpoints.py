@@ -326,9 +326,10 @@ def _parse_port(text: str, port_text: str) -> int:
     if not port_text:
         raise _bad(text, "the port is missing")
     if port_text.isascii() and port_text.isdigit():
-        port = int(port_text) if len(port_text) <= 10 else 65536
+        port = int(port_text) if len(port_text) <= 10 else 65536  # no huge int() of text
         if port > 65535:
-            raise _bad(text, f"port {port} is out of range (0-65535; 0 picks a free port)")
+            shown = port_text if len(port_text) <= 20 else f"{port_text[:20]}..."
+            raise _bad(text, f"port {shown} is out of range (0-65535; 0 picks a free port)")
         return port
     if not _SERVICE.fullmatch(port_text):
         raise _bad(text, f"{port_text!r} is neither a port number nor a service name")

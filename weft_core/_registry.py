@@ -506,6 +506,26 @@ def install_hint() -> str:
     return f"pip install {first} (or {', '.join(rest)})"
 
 
+def check_options_fit(name: str, options: dict[str, Any]) -> tuple[ManagerSpec, dict[str, Any]]:
+    """Manager ``name``'s spec and ``options`` checked, if they fit its factory; nothing is made.
+
+    The errors of :func:`create_manager` but those its factory raises: for ``weft
+    serve``, which says a misspelt option before it imports the application.
+    """
+    spec = get_manager_spec(name)
+    from ._settings import check_manager_options
+
+    options = check_manager_options(options, source=f"task manager {spec.name!r}")
+    unexpected = _check_options(spec.factory, options)
+    if unexpected:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
+        raise ConfigError(
+            f"task manager {spec.name!r}: {unexpected} (options given: {given})",
+            key="manager_options",
+        )
+    return spec, options
+
+
 def create_manager(name: str, **options: Any) -> TaskManager:
     """Make the manager called ``name`` with ``options`` (``create_manager("threads", limit=2)``).
 
@@ -516,17 +536,7 @@ def create_manager(name: str, **options: Any) -> TaskManager:
     member of :class:`~weft_core.TaskManager`, or whose runtime lacks one of its
     protocol's (:func:`~weft_core.check_runtime`), is a PluginError naming them.
     """
-    spec = get_manager_spec(name)
-    from ._settings import check_manager_options
-
-    options = check_manager_options(options, source=f"task manager {spec.name!r}")
-    given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
-    unexpected = _check_options(spec.factory, options)
-    if unexpected:
-        raise ConfigError(
-            f"task manager {spec.name!r}: {unexpected} (options given: {given})",
-            key="manager_options",
-        )
+    spec, options = check_options_fit(name, options)
     where = (
         f"distribution {spec.distribution} {spec.version}"
         if spec.distribution
