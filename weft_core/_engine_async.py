@@ -177,6 +177,10 @@ class AsyncEngine(Engine[AsyncRuntime]):
         fd = lt.native.fileno()
         waiting = policy.pending(fd)
         untaken_since = 0.0  # when a client began to wait untaken by the siblings
+        # What the siblings had taken when that wait began: a take is looked for since
+        # then, not since the last poll's read, which a take landing between the
+        # check and the read would hide, the clock running on across clients.
+        since = room or {}
         while room is not None:
             if self._acceptor_ends(lt, generation, state):
                 return False
@@ -189,7 +193,7 @@ class AsyncEngine(Engine[AsyncRuntime]):
             else:
                 await self.runtime.sleep(NAP)
             waiting = policy.pending(fd)  # after the wait, for this turn and the next
-            if not self._untaken(waiting, room):
+            if not self._untaken(waiting, since):
                 untaken_since = 0.0
             elif not untaken_since:
                 untaken_since = time.monotonic()
@@ -197,6 +201,8 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 self._turn_missed(room)
                 return True
             room = self._room_elsewhere(lt)
+            if not untaken_since and room is not None:
+                since = room
         return True
 
     def _slot_queue_thunk(self) -> Any:
