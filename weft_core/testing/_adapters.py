@@ -13,6 +13,7 @@ override ``recv`` and ``send``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +99,9 @@ class SyncAdapter:
                 value = self._do(conn, op)
             except Exception as exc:
                 error = exc
+            except BaseException:
+                _end(body)
+                raise
 
     def handler(self, make_body: Callable[..., Body]) -> Callable[..., Any]:
         """A handler ``f(conn, *args)`` running ``make_body(*args)`` on ``conn``."""
@@ -150,6 +154,9 @@ class AsyncAdapter(SyncAdapter):
                 value = await self._do(conn, op)
             except Exception as exc:
                 error = exc
+            except BaseException:
+                _end(body)
+                raise
 
     def handler(self, make_body: Callable[..., Body]) -> Callable[..., Any]:
         """An ``async def`` handler running ``make_body(*args)`` on ``conn``."""
@@ -171,6 +178,19 @@ class AsyncAdapter(SyncAdapter):
 
 
 Adapter = SyncAdapter
+
+
+def _end(body: Body) -> None:
+    """End ``body`` where a kill or cancel (a BaseException) goes through its driver.
+
+    The body is not fed it (it could not catch it), but its ``finally`` blocks run
+    now, as the runtime unwinds the task, before the manager counts the task ended:
+    left to the generator's collection, they ran once the exception that referenced
+    the driver's frame was freed, after the manager's own ``finally``, and a sound
+    manager's ``stop_task`` was seen returning before the task's cleanup.
+    """
+    with contextlib.suppress(Exception):
+        body.close()
 
 
 def default_adapter(runtime: Runtime) -> SyncAdapter:
