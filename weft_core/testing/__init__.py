@@ -80,14 +80,18 @@ __all__ = [
 ]
 
 
+# pytest collects a class's inherited tests base by base in reverse MRO order: the last
+# base listed here runs first. So the protocol's own rules (add_task, stop_task, the
+# runtime) come first, and a failure of theirs is the first a manager's author reads
+# (and the one ``-x`` stops at), before the serving rules that rest on them.
 class ManagerTests(
-    TaskManagerTests,
-    ServerTests,
-    StopTests,
-    NetworkTests,
-    AddressTests,
-    ControlTests,
     SubmitTests,
+    ControlTests,
+    StopTests,
+    AddressTests,
+    NetworkTests,
+    ServerTests,
+    TaskManagerTests,
 ):
     """Every conformance test; subclass it and set ``manager_name``.
 
