@@ -829,7 +829,8 @@ def test_a_starved_sibling_does_not_pace_the_loaded_worker(tmp_path: Path, manag
             results[label] = (round(took, 2), {("loaded" if p == loaded else "starved"): n
                                                for p, n in spread.items()})  # fmt: skip
     print(f"\nREPORT churn with a starved sibling {manager}: {results}")
-    assert results["turns"][0] < 2 * results["no-turns"][0] + 0.15, (
+    # Loose (CI's noise doubles a figure this short): the turns' fault was 6x.
+    assert results["turns"][0] < 2.5 * results["no-turns"][0] + 0.25, (
         f"800 short connections with a starved sibling: {results['turns'][0]} s with the "
         f"turns, {results['no-turns'][0]} s without: {results}"
     )
