@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from weft_core import ConfigError, Server, create_manager
 from weft_core._config import KEYS, load_config
-from weft_core._endpoints import Endpoint
+from weft_core._endpoints import Endpoint, parse_endpoint
 from weft_core._listeners import open_listeners
 from weft_core._settings import SETTINGS, Settings, validate
 from weft_core._tasks import TaskTable
@@ -291,6 +291,24 @@ def test_a_service_name_is_resolved_when_the_server_is_made() -> None:
     with pytest.raises(ConfigError) as info:
         server.address = ""
     assert info.value.key == "address"
+
+
+@pytest.mark.parametrize(
+    "text", ["0000080", "080", "99999", "1" + "0" * 30, "no such", "nosuchservice", "http"]
+)
+def test_port_text_reads_the_same_in_bind_and_in_the_port_setting(text: str) -> None:
+    """One reading of a port as text: ``--port 0000080`` was refused where ``--bind
+    127.0.0.1:0000080`` was port 80 (an outside check's L2). Each text gives the same
+    port, or the same reason, from both."""
+    try:
+        bound = parse_endpoint(f"127.0.0.1:{text}")
+    except ValueError as exc:
+        why = str(exc).split(": ", 1)[1].rsplit("; expected ", 1)[0]
+        with pytest.raises(ConfigError) as info:
+            validate("port", text)
+        assert why in str(info.value), (why, str(info.value))
+    else:
+        assert validate("port", text) == bound.port
 
 
 def test_create_manager_refuses_a_bool_limit() -> None:

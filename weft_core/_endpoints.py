@@ -325,17 +325,32 @@ def _check_ipv6(text: str, host: str) -> None:
 def _parse_port(text: str, port_text: str) -> int:
     if not port_text:
         raise _bad(text, "the port is missing")
-    if port_text.isascii() and port_text.isdigit():
-        port = int(port_text) if len(port_text) <= 10 else 65536  # no huge int() of text
-        if port > 65535:
-            shown = port_text if len(port_text) <= 20 else f"{port_text[:20]}..."
-            raise _bad(text, f"port {shown} is out of range (0-65535; 0 picks a free port)")
-        return port
-    if not _SERVICE.fullmatch(port_text):
-        raise _bad(text, f"{port_text!r} is neither a port number nor a service name")
     try:
-        return socket.getservbyname(port_text, "tcp")
+        return port_from_text(port_text)
+    except ValueError as exc:
+        raise _bad(text, str(exc)) from None
+
+
+def port_from_text(text: str) -> int:
+    """A port number or a TCP service name, as text, to its number.
+
+    One reading for ``bind``'s endpoints and the ``port`` setting (``--port``,
+    ``WEFT_PORT``, ``port = "http"``), which had two that disagreed (``0000080``
+    was port 80 in one, refused by the other). ValueError with the reason: a number
+    past 65535, text that is neither, a service name the services database lacks.
+    """
+    shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
+    if text.isascii() and text.isdigit():
+        digits = text.lstrip("0") or "0"
+        port = int(digits) if len(digits) <= 5 else 65536  # no huge int() of text
+        if port > 65535:
+            raise ValueError(f"port {shown} is out of range (0-65535; 0 picks a free port)")
+        return port
+    if not _SERVICE.fullmatch(text):
+        raise ValueError(f"{shown} is neither a port number nor a service name")
+    try:
+        return socket.getservbyname(text, "tcp")
     except OSError:
-        raise _bad(
-            text, f"unknown service name {port_text!r} (not in the services database)"
+        raise ValueError(
+            f"unknown service name {shown} (not in the services database); give a port number"
         ) from None

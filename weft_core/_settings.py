@@ -24,7 +24,6 @@ import ipaddress
 import math
 import os
 import re
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ._endpoints import Endpoint, check_family, check_host, listen_endpoints, parse_endpoint
+from ._endpoints import (
+    Endpoint,
+    check_family,
+    check_host,
+    listen_endpoints,
+    parse_endpoint,
+    port_from_text,
+)
 from ._errors import ConfigError
 from ._listeners import FAMILIES, Family
 from ._proxy import DEFAULT_TRUSTED_PROXIES, ProxyPolicy
@@ -82,8 +88,6 @@ _NUMBER_TEXT = re.compile(
     r"[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?"
 )
 _OCTAL_TEXT = re.compile(r"(0[oO]?)?([0-7]{1,4})")
-# Service names in /etc/services: a letter, then letters, digits, '-' (RFC 6335 5.1).
-_SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 _MANAGER_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 
@@ -283,18 +287,10 @@ def _check_handler(value: Any) -> str:
 
 def _check_port(value: Any) -> int:
     if isinstance(value, str):
-        if value.isascii() and value.isdigit():
-            value = int(value) if len(value) <= 5 else 65536
-        elif not _SERVICE.fullmatch(value):
-            raise Invalid
-        else:
-            try:
-                return socket.getservbyname(value, "tcp")
-            except OSError:
-                raise Invalid(
-                    f"unknown service name {value!r} (not in the services database);"
-                    " give a port number"
-                ) from None
+        try:
+            return port_from_text(value)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise Invalid
     return value
