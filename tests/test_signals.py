@@ -656,8 +656,12 @@ def test_usr2_to_an_image_that_cannot_import_weft_keeps_the_old_one_serving(
         ('max_connections = "many"\n', r"weft\.toml, key 'max_connections': expected"),
         ('manager = "threds"\n', r"no task manager named 'threds'"),
         ('log_config = "missing.ini"\n', r"missing\.ini"),
+        (
+            'manager = "threads"\n[manager_options]\nlimt = 5\n',
+            r"unexpected keyword argument 'limt'",
+        ),
     ],
-    ids=["wrong-type", "unknown-manager", "missing-log-config"],
+    ids=["wrong-type", "unknown-manager", "missing-log-config", "manager-option-typo"],
 )
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_usr2_with_a_config_the_new_image_refuses_keeps_the_old_one_serving(

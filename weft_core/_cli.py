@@ -607,7 +607,7 @@ def _upgrade_check(config: Config) -> int:
     The old supervisor runs it before its exec, in a fresh interpreter with the new
     image's command line, environment and directory: the config loads (its file,
     ``WEFT_*``, the flags), the logging it names is set up, a handler is named and
-    the manager is installed. Nothing is bound and the application is not imported:
+    the manager is installed, its options ones it takes. Nothing is bound and the application is not imported:
     that is the new workers' to do, and a reload whose code is broken is abandoned,
     the old workers serving on.
     """
