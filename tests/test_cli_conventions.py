@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -369,6 +370,67 @@ def test_e2e_log_format_json_every_line_parses(tmp_path: Path) -> None:
     records = [json.loads(line) for line in served.lines]
     assert [r["message"] for r in records if r["logger"] == "weft"][-1] == "stopped"
     assert all(re.fullmatch(ZONED_TIME, r["time"]) for r in records)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["toml", "ini"])
+def test_a_check_never_empties_a_log_the_config_opens_afresh(tmp_path: Path, kind: str) -> None:
+    """A log config whose file handler writes afresh (``mode = "w"``): ``--check-config``,
+    a supervisor's start check and a USR2's check open its files as serve does, to
+    refuse one serve could not open, and each emptied the log the running server
+    writes (a refused USR2 lost it). A check appends; serve itself still starts the
+    file afresh, as the config says."""
+    log_file = tmp_path / "weft.log"
+    documents = {
+        "toml": f"""
+            [handlers.file]
+            class = "logging.FileHandler"
+            filename = "{log_file}"
+            mode = "w"
+            [root]
+            level = "INFO"
+            handlers = ["file"]
+        """,
+        "ini": f"""
+            [loggers]
+            keys = root
+            [handlers]
+            keys = file
+            [formatters]
+            keys =
+            [logger_root]
+            level = INFO
+            handlers = file
+            [handler_file]
+            class = FileHandler
+            args = ({str(log_file)!r}, "w")
+        """,
+    }
+    config = tmp_path / f"logging.{kind}"
+    config.write_text("\n".join(line.strip() for line in documents[kind].splitlines()))
+    log_file.write_text("the live server's lines\n")
+    for check in (
+        ["--check-config"],
+        ["--check-config", "--workers", "2"],
+        ["--check-config", "-o", "limt=5"],  # a check that refuses, after the logging
+    ):
+        subprocess.run(
+            weft_serve("_serving:handle", "--log-config", str(config), *check),
+            cwd=tmp_path, env=environment(), capture_output=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert log_file.read_text() == "the live server's lines\n", check
+    # A supervisor's own start check, then its serving: the file is started afresh once.
+    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "--workers", "2",
+                      "--log-config", str(config))  # fmt: skip
+    with Served(argv, cwd=tmp_path) as served:
+        wait_until(
+            lambda: "listening on" in log_file.read_text(),
+            what=f"the listening line in {log_file}",
+        )
+        served.signal(signal.SIGTERM)
+        assert served.finish() == 0, served.text
+    assert "the live server's lines" not in log_file.read_text()
 
 
 @pytest.mark.timeout(60)

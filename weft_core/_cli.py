@@ -614,7 +614,9 @@ def _upgrade_check(config: Config) -> int:
     if config.handler is None:
         return _fail(NO_HANDLER, EXIT_USAGE)
     try:
-        setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
+        setup_logging(
+            config.log_level, config.get("log_format"), config.get("log_config"), check=True
+        )
         _check_manager(config)
     except WeftError as exc:
         return _fail(with_source(exc, config.where), EXIT_USAGE)
@@ -739,8 +741,10 @@ def _check_config(config: Config, *, quiet: bool = False) -> int:
 
         if config.get("log_config") is not None:
             # Applied as serve applies it (its handlers' files opened): a file that
-            # serve would refuse is refused here.
-            setup_logging(config.log_level, config.get("log_format"), config.get("log_config"))
+            # serve would refuse is refused here; none is emptied (a live server's).
+            setup_logging(
+                config.log_level, config.get("log_format"), config.get("log_config"), check=True
+            )
         _check_paths(config)
         _check_manager(config)  # an unknown name before the application's import
         if config.workers > 1:  # as the supervisor checks it, before it binds

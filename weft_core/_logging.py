@@ -39,7 +39,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -141,16 +141,22 @@ def _u_escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-def setup_logging(level: str, log_format: str = "text", config_file: str | None = None) -> None:
+def setup_logging(
+    level: str, log_format: str = "text", config_file: str | None = None, *, check: bool = False
+) -> None:
     """Configure logging for ``weft serve``; ConfigError if ``config_file`` is unusable.
 
     Without ``config_file``, one stderr handler on the root logger at ``level``,
     unless the root logger already has handlers (an embedding program's, pytest's):
-    then only the ``weft`` logger's level is set.
+    then only the ``weft`` logger's level is set. ``check``: for one of weft's
+    checks (``--check-config``, a supervisor's start check, a USR2's), which open
+    the config's log files as serve does, but never empty one (see
+    :func:`_appending_only`).
     """
     global _own_handler
     if config_file is not None:
-        _apply_file(Path(config_file))
+        with _appending_only() if check else contextlib.nullcontext():
+            _apply_file(Path(config_file))
         _report_failures_quietly()
         return
     root = logging.getLogger()
@@ -697,6 +703,27 @@ def flush_own_log(seconds: float) -> bool:
     For a way out that skips ``atexit`` (the stop deadline's ``os._exit``).
     """
     return _own_handler is None or _own_handler.flush_within(seconds)
+
+
+@contextlib.contextmanager
+def _appending_only() -> Iterator[None]:
+    """While in force, a log file a handler opens to write afresh (mode ``w``) is appended to.
+
+    A check opens the log config's files to find one that serve could not open;
+    with ``mode = "w"`` it emptied the log the running server writes: a USR2 that
+    the check then refused, or an operator's ``--check-config``, lost that log.
+    """
+    original = logging.FileHandler._open
+
+    def _open(self: logging.FileHandler) -> Any:
+        self.mode = self.mode.replace("w", "a")
+        return original(self)
+
+    logging.FileHandler._open = _open  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        logging.FileHandler._open = original  # type: ignore[method-assign]
 
 
 def _apply_file(path: Path) -> None:
