@@ -25,8 +25,10 @@ from weft_core._engine import FULL_TURN, Engine
 from weft_core._engine_async import AsyncEngine
 from weft_core._engine_sync import SyncEngine
 
-#: How long the wait is watched: well past FULL_TURN.
+#: How long the wait is watched: well past FULL_TURN (and, for a sibling that takes
+#: nothing, long enough that a stall of this process cannot end the watch first).
 WATCH = 3 * FULL_TURN
+LONG_WATCH = 40 * FULL_TURN
 
 
 class Sibling:
@@ -59,9 +61,9 @@ def waiting_listener() -> Iterator[socket.socket]:
         yield listener
 
 
-def fake_engine(sibling: Sibling, listener: socket.socket, sleep: Any) -> SimpleNamespace:
-    """What ``_while_full`` uses of its engine; the acceptor ends after WATCH."""
-    ends = time.monotonic() + WATCH
+def fake_engine(sibling: Sibling, sleep: Any, watch: float) -> SimpleNamespace:
+    """What ``_while_full`` uses of its engine; the acceptor ends after ``watch`` seconds."""
+    ends = time.monotonic() + watch
     fake = SimpleNamespace(
         slots=object(),  # a client always waits: no slot is waited for
         runtime=SimpleNamespace(sleep=sleep),
@@ -74,16 +76,16 @@ def fake_engine(sibling: Sibling, listener: socket.socket, sleep: Any) -> Simple
     return fake
 
 
-def run_sync(sibling: Sibling, listener: socket.socket) -> tuple[bool, float]:
-    fake = fake_engine(sibling, listener, time.sleep)
+def run_sync(sibling: Sibling, listener: socket.socket, watch: float) -> tuple[bool, float]:
+    fake = fake_engine(sibling, time.sleep, watch)
     lt = SimpleNamespace(native=listener)
     began = time.monotonic()
     took = SyncEngine._while_full(fake, lt, 0, sibling.room(lt), None)
     return took, time.monotonic() - began
 
 
-def run_async(sibling: Sibling, listener: socket.socket) -> tuple[bool, float]:
-    fake = fake_engine(sibling, listener, asyncio.sleep)
+def run_async(sibling: Sibling, listener: socket.socket, watch: float) -> tuple[bool, float]:
+    fake = fake_engine(sibling, asyncio.sleep, watch)
     lt = SimpleNamespace(native=listener)
 
     async def main() -> bool:
@@ -108,7 +110,7 @@ def test_a_sibling_that_keeps_taking_clients_is_never_passed_over(
     clock ran on from the client before: a sibling taking a client every
     millisecond was passed over after 0.25 s, and the next client refused."""
     sibling = Sibling(takes=True)
-    took, _ = ENGINES[engine](sibling, waiting_listener)
+    took, _ = ENGINES[engine](sibling, waiting_listener, WATCH)
     assert (took, sibling.passed_over) == (False, False), (
         f"a sibling that took {sibling.taken} clients was passed over"
     )
@@ -122,6 +124,6 @@ def test_a_sibling_that_takes_nothing_is_passed_over_after_a_full_turn(
     """The other side of the same promise: a sibling that takes none (stopped,
     stuck) costs the waiting client ``FULL_TURN``, then the full worker takes it."""
     sibling = Sibling(takes=False)
-    took, waited = ENGINES[engine](sibling, waiting_listener)
+    took, waited = ENGINES[engine](sibling, waiting_listener, LONG_WATCH)
     assert (took, sibling.passed_over) == (True, True)
-    assert FULL_TURN <= waited < WATCH, waited
+    assert FULL_TURN <= waited < LONG_WATCH, waited
