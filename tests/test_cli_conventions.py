@@ -373,20 +373,36 @@ def test_e2e_log_format_json_every_line_parses(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("kind", ["toml", "ini"])
+@pytest.mark.parametrize("kind", ["toml", "toml-delayed", "ini"])
 def test_a_check_never_empties_a_log_the_config_opens_afresh(tmp_path: Path, kind: str) -> None:
     """A log config whose file handler writes afresh (``mode = "w"``): ``--check-config``,
     a supervisor's start check and a USR2's check open its files as serve does, to
     refuse one serve could not open, and each emptied the log the running server
     writes (a refused USR2 lost it). A check appends; serve itself still starts the
-    file afresh, as the config says."""
+    file afresh, as the config says. A handler made with ``delay = true`` opens its
+    file at its first record: the application's, as the check imports it."""
     log_file = tmp_path / "weft.log"
+    (tmp_path / "logs_on_import.py").write_text(
+        "import logging\nlogging.getLogger('app').warning('imported')\n"
+        "def handle(conn):\n    conn.sendall(b'hi')\n"
+    )
+    handler = "logs_on_import:handle" if kind == "toml-delayed" else "_serving:handle"
     documents = {
         "toml": f"""
             [handlers.file]
             class = "logging.FileHandler"
             filename = "{log_file}"
             mode = "w"
+            [root]
+            level = "INFO"
+            handlers = ["file"]
+        """,
+        "toml-delayed": f"""
+            [handlers.file]
+            class = "logging.FileHandler"
+            filename = "{log_file}"
+            mode = "w"
+            delay = true
             [root]
             level = "INFO"
             handlers = ["file"]
@@ -406,7 +422,7 @@ def test_a_check_never_empties_a_log_the_config_opens_afresh(tmp_path: Path, kin
             args = ({str(log_file)!r}, "w")
         """,
     }
-    config = tmp_path / f"logging.{kind}"
+    config = tmp_path / f"logging.{kind.partition('-')[0]}"
     config.write_text("\n".join(line.strip() for line in documents[kind].splitlines()))
     log_file.write_text("the live server's lines\n")
     for check in (
@@ -415,13 +431,13 @@ def test_a_check_never_empties_a_log_the_config_opens_afresh(tmp_path: Path, kin
         ["--check-config", "-o", "limt=5"],  # a check that refuses, after the logging
     ):
         subprocess.run(
-            weft_serve("_serving:handle", "--log-config", str(config), *check),
+            weft_serve(handler, "--log-config", str(config), *check),
             cwd=tmp_path, env=environment(), capture_output=True, timeout=60,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        assert log_file.read_text() == "the live server's lines\n", check
+        assert log_file.read_text().startswith("the live server's lines\n"), check
     # A supervisor's own start check, then its serving: the file is started afresh once.
-    argv = weft_serve("_serving:handle", "-b", "127.0.0.1:0", "--workers", "2",
+    argv = weft_serve(handler, "-b", "127.0.0.1:0", "--workers", "2",
                       "--log-config", str(config))  # fmt: skip
     with Served(argv, cwd=tmp_path) as served:
         wait_until(

@@ -724,6 +724,11 @@ def _appending_only() -> Iterator[None]:
         yield
     finally:
         logging.FileHandler._open = original  # type: ignore[method-assign]
+        # A handler made with delay=True opens its file at its first record, later.
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", ()):
+                if isinstance(handler, logging.FileHandler):
+                    handler.mode = handler.mode.replace("w", "a")
 
 
 def _apply_file(path: Path) -> None:
