@@ -348,30 +348,12 @@ def _manager_option_meant(name: str) -> str | None:
     for manager, spec in managers.items():
         prefix = manager.upper().replace("-", "_") + "_"
         option = rest[len(prefix) :].lower()
-        if rest.startswith(prefix) and option in _option_names(spec.factory, spec.prepare_process):
+        if rest.startswith(prefix) and option in _registry.option_names(spec):
             return (
                 f"the {manager} manager reads no variable of that name; its option {option!r} is"
                 f" set as WEFT_MANAGER_OPTIONS_{option.upper()} (or -o {option}=...)"
             )
     return None
-
-
-def _option_names(*callables: object) -> set[str]:
-    """The keyword parameters of ``callables`` (a manager's factory and ``prepare_process``)."""
-    import inspect
-
-    names = {"limit"}  # every manager's, taken by weft itself where its factory has none
-    for fn in callables:
-        if not callable(fn):
-            continue
-        try:
-            parameters = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        names.update(
-            p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        )
-    return names
 
 
 def _env_hint(name: str) -> str:

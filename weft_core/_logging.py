@@ -184,21 +184,25 @@ def _report_failures_quietly() -> None:
     caller that logged, which stopped the serving. Now one line a minute, counting the
     records lost, written only as far as stderr takes it at once.
     """
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    seen: set[int] = set()
     reports: list[_FailureReport] = []
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", ()):
-            if id(handler) in seen:
-                continue
-            seen.add(id(handler))
-            # A handler class with a handleError of its own keeps it: its author chose.
-            if type(handler).handleError is logging.Handler.handleError:
-                report = _FailureReport(handler)
-                handler.handleError = report
-                reports.append(report)
+    for handler in _logger_handlers():
+        # A handler class with a handleError of its own keeps it: its author chose.
+        if type(handler).handleError is logging.Handler.handleError:
+            report = _FailureReport(handler)
+            handler.handleError = report  # type: ignore[method-assign]
+            reports.append(report)
     if reports:
         atexit.register(_said_at_exit, reports)
+
+
+def _logger_handlers() -> Iterator[logging.Handler]:
+    """Each handler on a logger (the root, or one made so far), once."""
+    seen: set[int] = set()
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):  # a PlaceHolder has none
+            if id(handler) not in seen:
+                seen.add(id(handler))
+                yield handler
 
 
 def _said_at_exit(reports: list[_FailureReport]) -> None:
@@ -725,10 +729,9 @@ def _appending_only() -> Iterator[None]:
     finally:
         logging.FileHandler._open = original  # type: ignore[method-assign]
         # A handler made with delay=True opens its file at its first record, later.
-        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-            for handler in getattr(logger, "handlers", ()):
-                if isinstance(handler, logging.FileHandler):
-                    handler.mode = handler.mode.replace("w", "a")
+        for handler in _logger_handlers():
+            if isinstance(handler, logging.FileHandler):
+                handler.mode = handler.mode.replace("w", "a")
 
 
 def _apply_file(path: Path) -> None:

@@ -595,11 +595,7 @@ def _check_options(factory: Callable[..., object], options: dict[str, Any]) -> s
     except TypeError as exc:
         import difflib
 
-        takes = [
-            p.name
-            for p in signature.parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
+        takes = _keyword_names(signature)
         from ._settings import SETTINGS
 
         hints = [
@@ -613,6 +609,34 @@ def _check_options(factory: Callable[..., object], options: dict[str, Any]) -> s
         ]
         return "; ".join([f"{exc}; it takes: {', '.join(takes) or 'no options'}", *hints])
     return None
+
+
+def option_names(spec: ManagerSpec) -> set[str]:
+    """The options manager ``spec`` takes by name, read from its signatures.
+
+    Its factory's and its ``prepare_process``'s keyword parameters, and ``limit``
+    (weft's own, for every manager).
+    """
+    import inspect
+
+    names = {"limit"}
+    for fn in (spec.factory, spec.prepare_process):
+        if fn is None:
+            continue
+        try:
+            names.update(_keyword_names(inspect.signature(fn)))
+        except (TypeError, ValueError):
+            continue  # no signature to read
+    return names
+
+
+def _keyword_names(signature: Any) -> list[str]:
+    """The parameters of ``signature`` (an ``inspect.Signature``) a keyword can give."""
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 # -- lifecycle hooks -----------------------------------------------------------
