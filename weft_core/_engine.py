@@ -342,6 +342,85 @@ def shared_local_address(sock: socket.socket) -> Any:
     return local
 
 
+class FullWait:
+    """A full worker's wait for a sibling with room: the policy, the same in both engines.
+
+    For a worker at ``max_connections`` with ``on_full="refuse"`` on a listener its
+    siblings share. Taking the next client it could only refuse it, while a sibling
+    with room could serve it; and waiting in ``accept()`` it would take the next
+    client whatever the siblings held by then. So the engine's ``_while_full`` loops
+    on :meth:`next`: True to accept (a slot freed, a client waits and no sibling has
+    room, so it is refused as before, or a client waited ``FULL_TURN`` untaken by
+    the siblings with room, who are passed over: stopped, stuck or starved of CPU),
+    False when the acceptor must end, None to wait and ask again: a nap while a
+    client waits (``waiting``), else a wait of ``FULL_POLL`` for a slot, which ends
+    the loop if it gets one. A refusal comes up to ``FULL_POLL`` later than from a
+    worker alone. Each flavour does only the waits, in its own runtime.
+    """
+
+    __slots__ = (
+        "engine",
+        "fd",
+        "generation",
+        "lt",
+        "room",
+        "since",
+        "state",
+        "untaken_since",
+        "waited",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        engine: Engine[Any],
+        lt: ListenerTask,
+        generation: int,
+        room: dict[int, int] | None,
+        state: TaskState | None,
+    ) -> None:
+        self.engine = engine
+        self.lt = lt
+        self.generation = generation
+        self.state = state
+        self.fd = lt.native.fileno()
+        #: A client waits in the listener's queue (read after each wait).
+        self.waiting = policy.pending(self.fd)
+        #: The siblings with room, and what they had taken (None: accept).
+        self.room = room
+        # What the siblings had taken when the current client's wait began: a take is
+        # looked for since then, not since the last read, which a take landing
+        # between the check and the read would hide, the clock running on across
+        # clients.
+        self.since = room or {}
+        self.untaken_since = 0.0  # when a client began to wait untaken by the siblings
+        self.waited = False
+
+    def next(self) -> bool | None:
+        """After each wait: accept (True), end the acceptor (False), or wait again (None)."""
+        engine, room = self.engine, self.room
+        if room is not None and self.waited:
+            self.waiting = waiting = policy.pending(self.fd)
+            if not engine._untaken(waiting, self.since):
+                self.untaken_since = 0.0
+            elif not self.untaken_since:
+                self.untaken_since = time.monotonic()
+            elif time.monotonic() - self.untaken_since >= FULL_TURN:
+                engine._turn_missed(room)
+                return True
+            self.room = room = engine._room_elsewhere(self.lt)
+            if not self.untaken_since and room is not None:
+                self.since = room
+        self.waited = True
+        if room is None:
+            return True
+        if engine._acceptor_ends(self.lt, self.generation, self.state):
+            return False
+        if self.waiting and not room:
+            return True
+        return None
+
+
 @dataclass(frozen=True)
 class StopReport:
     """How a stop ended: ``clean`` if no task had to be interrupted; ``left`` still running."""

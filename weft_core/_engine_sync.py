@@ -18,11 +18,11 @@ from ._balance import NAP, TURN_NAPS
 from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import (
     FULL_POLL,
-    FULL_TURN,
     PREDECESSOR_POLL,
     SHED_WAIT,
     Conn,
     Engine,
+    FullWait,
     ListenerTask,
     close_now,
     close_quietly,
@@ -177,48 +177,18 @@ class SyncEngine(Engine[SyncRuntime]):
     ) -> bool:
         """Full, with ``on_full="refuse"``: accept no client a sibling could serve.
 
-        For a worker at ``max_connections`` on a listener its siblings share. Taking
-        the next client it could only refuse it, while a sibling with room could
-        serve it; and waiting in ``accept()`` it would take the next client whatever
-        the siblings held by then. So it waits here, and returns True to accept
-        when a slot frees, when a client waits and no sibling has room (it is
-        refused as before), or when a client has waited ``FULL_TURN`` untaken by the
-        siblings with room (they are passed over: stopped, stuck or starved of CPU);
-        False when the acceptor must end. It looks for waiting clients every
-        ``FULL_POLL``: a refusal comes up to that much later than from a worker alone.
+        The policy is :class:`~weft_core._engine.FullWait`'s; this does its waits.
         """
         slots = self.slots
         assert slots is not None
-        fd = lt.native.fileno()
-        waiting = policy.pending(fd)
-        untaken_since = 0.0  # when a client began to wait untaken by the siblings
-        # What the siblings had taken when that wait began: a take is looked for since
-        # then, not since the last poll's read, which a take landing between the
-        # check and the read would hide, the clock running on across clients.
-        since = room or {}
-        while room is not None:
-            if self._acceptor_ends(lt, generation, state):
-                return False
-            if waiting and not room:
-                return True
-            if not waiting:
-                if slots.acquire(timeout=FULL_POLL):
-                    slots.release()
-                    return True
-            else:
+        full = FullWait(self, lt, generation, room, state)
+        while (accept := full.next()) is None:
+            if full.waiting:
                 self.runtime.sleep(NAP)
-            waiting = policy.pending(fd)  # after the wait, for this turn and the next
-            if not self._untaken(waiting, since):
-                untaken_since = 0.0
-            elif not untaken_since:
-                untaken_since = time.monotonic()
-            elif time.monotonic() - untaken_since >= FULL_TURN:
-                self._turn_missed(room)
+            elif slots.acquire(timeout=FULL_POLL):
+                slots.release()
                 return True
-            room = self._room_elsewhere(lt)
-            if not untaken_since and room is not None:
-                since = room
-        return True
+        return accept
 
     def _slot_queue_thunk(self) -> Any:
         def serve_queue() -> None:
