@@ -37,13 +37,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _acceptpolicy as policy
 from ._accesslog import log_access
-from ._balance import AcceptBalance, worker_balance
+from ._balance import NAP, TURN_NAPS, AcceptBalance, worker_balance
 from ._blocking import WakeableListener
 from ._connection import ConnectionInfo, format_address
 from ._control import ConnectionSnapshot
@@ -1140,31 +1140,29 @@ class Engine(ABC, Generic[R]):
             with self.lock:
                 self.balance.accepting(len(self.conns) if accepting else None)
 
-    def _turn(self, lt: ListenerTask) -> dict[int, int] | None:
-        """After a client was taken from a shared listener: the siblings to leave the next to.
+    def _turn_pauses(self, lt: ListenerTask) -> Iterator[float]:
+        """After a client was taken from a shared listener: the pauses before the next.
 
-        None, or empty, when this worker is not ahead of any (or its turns used
-        their share of this second): the acceptor only yields, once. Else their
-        ``taken``: the acceptor naps until one of them takes a client
-        (:meth:`_turn_taken`), for at most ``TURN_NAPS`` naps.
+        The policy of the workers' turns, the same in both engines, which only sleep
+        for each pause. When this worker is not ahead of any sibling (or its turns
+        used their share of this second), one pause of 0: the acceptor yields,
+        once. Else a ``NAP`` at a time until a sibling behind takes a client, none
+        waits any more, or this window's naps are spent (``TURN_BUDGET``); after
+        ``TURN_NAPS`` naps with clients still waiting, those siblings are passed
+        over a while (:meth:`_turn_missed`).
         """
         balance = self.balance
-        if balance is None or not lt.balanced:
-            return None
-        return balance.behind(len(self.conns))
-
-    def _turn_taken(self, lt: ListenerTask, behind: dict[int, int]) -> bool:
-        """After a nap: True once a sibling behind took a client, or none waits.
-
-        True too once this window's naps are spent (``TURN_BUDGET``).
-        """
-        balance = self.balance
+        behind = balance.behind(len(self.conns)) if balance is not None and lt.balanced else None
+        if not behind:
+            yield 0.0
+            return
         assert balance is not None
-        return (
-            not balance.napped()
-            or balance.took_since(behind)
-            or not policy.pending(lt.native.fileno())
-        )
+        fd = lt.native.fileno()
+        for _ in range(TURN_NAPS):
+            yield NAP
+            if not balance.napped() or balance.took_since(behind) or not policy.pending(fd):
+                return
+        self._turn_missed(behind)
 
     def _room_elsewhere(self, lt: ListenerTask) -> dict[int, int] | None:
         """At ``max_connections`` on a listener siblings share: those with room (maybe none).

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from . import _acceptpolicy as policy
-from ._balance import NAP, TURN_NAPS
+from ._balance import NAP
 from ._connection import ConnectionInfo, publish, unpublish
 from ._engine import (
     FULL_POLL,
@@ -152,16 +152,8 @@ class SyncEngine(Engine[SyncRuntime]):
                     pause, self.shortage_pause = self.shortage_pause, 0.0
                     rt.sleep(pause)
                 if lt.shared:  # one client per turn; a sibling behind gets the next
-                    behind = self._turn(lt)
-                    if behind:
-                        for _ in range(TURN_NAPS):
-                            rt.sleep(NAP)
-                            if self._turn_taken(lt, behind):
-                                break
-                        else:
-                            self._turn_missed(behind)
-                    else:
-                        rt.sleep(0)
+                    for pause in self._turn_pauses(lt):
+                        rt.sleep(pause)
         except BaseException as exc:
             self._acceptor_lost(lt, generation, state, exc)
             raise
