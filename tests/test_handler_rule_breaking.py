@@ -6,6 +6,11 @@ Each test failed before its fix on the managers its docstring names:
   ``KeyboardInterrupt`` (a custom one, ``GeneratorExit``, a ``BaseExceptionGroup``)
   went past the handler's error path: not counted, no ``exception_handler``, and the
   manager's last resort logged its message unescaped (a forged line, raw ESC);
+- so did another runtime's cancellation (asyncio's ``CancelledError`` on threads,
+  gevent's ``GreenletExit`` on trio, a class of the handler's own named
+  ``Cancelled``), taken by its name for the runtime's own, on every manager: on
+  threads its traceback reached stderr raw and the worker thread died; and a group
+  of ``TaskShutdown`` alone, which ends the task quietly as one does, was logged;
 - a generator function as a handler was accepted and served nobody, silently;
 - on asyncio, a second Server run from inside a handler lived on the first's own
   loop and died when the first stopped.
@@ -13,8 +18,10 @@ Each test failed before its fix on the managers its docstring names:
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import functools
+import logging
 import os
 import signal
 import socket
@@ -23,11 +30,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import greenlet
 import pytest
 from _every_manager import MANAGERS, is_async
 from _every_manager import serve as serve  # the fixture
 
-from weft_core import HandlerKindError, Server
+from weft_core import HandlerKindError, Server, TaskShutdown
 from weft_core.testing import WAIT, wait_until
 
 FORGED = "evil\n2026-12-03 12:00:00 INFO weft: forged line\x1b[2J"
@@ -77,8 +85,80 @@ def test_any_base_exception_a_handler_raises_is_its_failure_counted_and_escaped(
     raised: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    _failure_counted_and_escaped(serve, manager, options, RAISES[raised], caplog)
+
+
+class Cancelled(BaseException):
+    """A library's own, named as trio's is: not the runtime's cancellation."""
+
+
+#: Cancellations of runtimes other than the manager's (the manager whose own it is).
+FOREIGN: dict[str, tuple[Callable[[], BaseException], str | None]] = {
+    "asyncio-CancelledError": (lambda: asyncio.CancelledError(FORGED), "asyncio"),
+    "GreenletExit": (lambda: greenlet.GreenletExit(FORGED), "gevent"),
+    "a-Cancelled-of-its-own": (lambda: Cancelled(FORGED), None),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raised", sorted(FOREIGN))
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_another_runtimes_cancellation_is_the_handlers_failure(
+    serve: Any,
+    manager: str,
+    options: dict[str, Any],
+    raised: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """docs/api.md (exception_handler): any BaseException but the runtime's own
+    cancellation is the handler's failure. A class named as a cancellation is not the
+    runtime's when another runtime (or the handler) made it."""
+    make, owner = FOREIGN[raised]
+    if manager == owner:
+        pytest.skip(f"{raised} is {manager}'s own cancellation")
+    _failure_counted_and_escaped(serve, manager, options, make, caplog)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_group_of_task_shutdown_ends_the_task_quietly(
+    serve: Any, manager: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A group made only of TaskShutdown (a handler's own task group whose tasks each
+    raised it) ends the task as one TaskShutdown does: not counted, no
+    ``exception_handler``, nothing logged; the server serves on."""
+    if _GROUP is None:
+        pytest.skip("BaseExceptionGroup is Python 3.11's")
     seen: list[BaseException] = []
-    sync, async_ = _handlers(RAISES[raised])
+    sync, async_ = _handlers(lambda: _GROUP("grp " + FORGED, [TaskShutdown(), TaskShutdown()]))
+    server = serve(
+        manager,
+        options,
+        sync,
+        async_,
+        exception_handler=lambda server, conn, exc: seen.append(exc),
+    )
+    for _ in range(2):
+        _poke(server.port)
+    wait_until(lambda: server.stats()["active"] == 0, what="both connections to end")
+    assert server.stats()["handler_errors"] == 0 and seen == []
+    assert caplog.records == [r for r in caplog.records if r.levelno < logging.WARNING], (
+        caplog.text
+    )
+    assert server.stop(timeout=WAIT)
+
+
+def _failure_counted_and_escaped(
+    serve: Any,
+    manager: str,
+    options: dict[str, Any],
+    make: Callable[[], BaseException],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``make()``, raised by a handler: counted, given to ``exception_handler``, and
+    logged escaped by the default one."""
+    seen: list[BaseException] = []
+    sync, async_ = _handlers(make)
     server = serve(
         manager,
         options,

@@ -504,6 +504,30 @@ def test_check_runtime_names_what_is_missing_and_the_protocol() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_runtimes_cancellations_are_optional_and_checked() -> None:
+    """``cancellations`` may be left out (a runtime written before it: by name), or
+    must be a tuple of exception classes: one thing else failed only as a handler
+    raised, deep in the connection's task."""
+
+    class NoneSaid(HalfAsyncRuntime):  # no cancellations: as a runtime written before them
+        def run_in_loop(self, fn: Any, timeout: float | None = None) -> bool:
+            return True
+
+        def wrap_tls(self, stream: Any, context: Any) -> Any: ...
+
+    check_runtime(NoneSaid())
+    for wrong in (ValueError, [ValueError], ("CancelledError",)):
+
+        class Odd(type(BLOCKING_RUNTIME)):  # type: ignore[misc]
+            cancellations = wrong
+
+        with pytest.raises(
+            TypeError, match=r"has cancellations=.*expected a tuple of exception classes"
+        ):
+            check_runtime(Odd())
+
+
+@pytest.mark.timeout(10)
 def test_subclassing_the_protocol_gives_the_default_run_in_loop() -> None:
     class Complete(HalfAsyncRuntime, AsyncRuntime):  # type: ignore[misc]
         def wrap_tls(self, stream: Any, context: Any) -> Any: ...

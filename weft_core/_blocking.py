@@ -118,6 +118,8 @@ class BlockingRuntime(SyncRuntime):
 
     kind: HandlerKind = "sync"
     conn_is_stream = False
+    #: Nothing cancels a thread: only TaskShutdown ends a handler as the runtime's doing.
+    cancellations: tuple[type[BaseException], ...] | None = ()
 
     def adopt_listener(self, sock: socket.socket) -> WakeableListener:
         """A :class:`WakeableListener` owning ``sock``'s descriptor (``sock`` is detached)."""

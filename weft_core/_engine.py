@@ -455,6 +455,11 @@ class Engine(ABC, Generic[R]):
         self.on_fatal = on_fatal
         self.handler = settings.handler
         self.args = settings.args
+        #: What the runtime cancels a task with: leaving a handler, passed on to the
+        #: manager; another runtime's cancellation is the handler's failure.
+        self.cancellations: tuple[type[BaseException], ...] | None = getattr(
+            runtime, "cancellations", None
+        )
         #: Whether connections have a PROXY header or a TLS handshake before the handler.
         self.preamble = settings.proxy is not None or settings.tls is not None
         # The bookkeeping's lock, taken twice or more per connection: an OS lock even

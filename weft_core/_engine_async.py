@@ -26,7 +26,7 @@ from ._engine import (
     ListenerTask,
     close_quietly,
 )
-from ._errors import FAILURES, TaskShutdown, is_cancellation
+from ._errors import FAILURES, TaskShutdown, is_cancellation, only_task_shutdown
 from ._protocol import AsyncRuntime, AsyncSlots
 from ._proxy import ProxyHeaderError, aread_proxy_header
 from ._tasks import current_task
@@ -270,7 +270,11 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 # A bare GeneratorExit too: the interpreter throws one into a coroutine
                 # it closes (a task destroyed pending), which must let it through. One
                 # with a message was raised by the handler: its failure, as any.
-                if is_cancellation(exc) or (isinstance(exc, GeneratorExit) and not exc.args):
+                if isinstance(exc, GeneratorExit) and not exc.args:
+                    raise
+                if is_cancellation(exc, self.cancellations):
+                    if only_task_shutdown(exc):  # a group of them: as one
+                        raise TaskShutdown from exc
                     raise
                 self._handler_failed(conn, handed, info, exc)
             finally:

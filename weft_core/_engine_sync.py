@@ -27,7 +27,7 @@ from ._engine import (
     close_now,
     close_quietly,
 )
-from ._errors import FAILURES, TaskShutdown, is_cancellation
+from ._errors import FAILURES, TaskShutdown, is_cancellation, only_task_shutdown
 from ._protocol import SyncRuntime, SyncSlots
 from ._proxy import ProxyHeaderError, read_proxy_header
 from ._tasks import current_task
@@ -275,7 +275,9 @@ class SyncEngine(Engine[SyncRuntime]):
             except FAILURES as exc:
                 self._handler_failed(conn, handed, info, exc)
             except BaseException as exc:
-                if is_cancellation(exc):
+                if is_cancellation(exc, self.cancellations):
+                    if only_task_shutdown(exc):  # a group of them: as one
+                        raise TaskShutdown from exc
                     raise
                 self._handler_failed(conn, handed, info, exc)
             finally:

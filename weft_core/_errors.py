@@ -86,17 +86,37 @@ FAILURES: tuple[type[BaseException], ...] = (Exception, *EXITS)
 _CANCELLATIONS = frozenset({"Cancelled", "CancelledError", "GreenletExit"})
 
 
-def is_cancellation(exc: BaseException) -> bool:
-    """True if ``exc`` is a runtime's cancellation, or a group made only of them.
+def is_cancellation(
+    exc: BaseException, own: tuple[type[BaseException], ...] | None = None
+) -> bool:
+    """True if ``exc`` is ``TaskShutdown``, a runtime's cancellation, or a group of only those.
 
-    Any other exception a handler raises is its failure, whatever its base: a
-    custom ``BaseException``, ``GeneratorExit`` or a ``BaseExceptionGroup`` went past
-    the handler's error path (uncounted, no hook, no ``exception_handler``) to the
-    manager's last resort, which logged its message unescaped.
+    ``own`` is the runtime's ``cancellations``: only those count, so that a handler
+    raising another runtime's (asyncio's ``CancelledError`` on threads) fails as
+    any other exception would. None (a runtime that names none) counts every class
+    named as trio's, asyncio's and greenlet's are. Any other exception a handler
+    raises is its failure, whatever its base: a custom ``BaseException``,
+    ``GeneratorExit`` or a ``BaseExceptionGroup`` went past the handler's error path
+    (uncounted, no hook, no ``exception_handler``) to the manager's last resort,
+    which logged its message unescaped.
     """
     if isinstance(exc, TaskShutdown):
         return True
     inner = getattr(exc, "exceptions", None)  # an exception group (duck-typed for 3.10)
     if isinstance(inner, tuple) and inner:
-        return all(isinstance(e, BaseException) and is_cancellation(e) for e in inner)
+        return all(isinstance(e, BaseException) and is_cancellation(e, own) for e in inner)
+    if own is not None:
+        return isinstance(exc, own)
     return any(cls.__name__ in _CANCELLATIONS for cls in type(exc).__mro__)
+
+
+def only_task_shutdown(exc: BaseException) -> bool:
+    """True for ``TaskShutdown`` and for exception groups made only of it."""
+    if isinstance(exc, TaskShutdown):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return (
+        isinstance(inner, tuple)
+        and bool(inner)
+        and all(isinstance(e, BaseException) and only_task_shutdown(e) for e in inner)
+    )

@@ -123,6 +123,15 @@ class _RuntimeBase(Protocol):
     #: True if the connection handed to handlers is already a stream, so that
     #: ``Server(stream=True)`` makes no sense and is refused.
     conn_is_stream: bool
+    #: The exception types the runtime cancels a task with (trio's ``Cancelled``,
+    #: asyncio's ``CancelledError``, gevent's ``GreenletExit``; ``()`` where nothing
+    #: cancels a task, as on threads). One of them (or a group of only them and
+    #: ``TaskShutdown``) leaving a handler ends its task as the runtime's doing,
+    #: passed on to the manager; any other exception, a cancellation of another
+    #: runtime's included, is the handler's failure (counted, its messages escaped in
+    #: the log). Optional: a runtime without it (None) has every class named
+    #: ``Cancelled``, ``CancelledError`` or ``GreenletExit`` counted as its own.
+    cancellations: tuple[type[BaseException], ...] | None = None
 
     def adopt_listener(self, sock: socket.socket) -> Any:
         """Return the runtime's own listening socket for a bound, listening ``sock``.
@@ -347,6 +356,8 @@ def protocol_members(protocol: type) -> list[str]:
 #: Protocol methods with a body that works as it is: a class that subclasses the
 #: protocol may inherit them. Every other protocol method is a declaration (``...``).
 _DEFAULTS = frozenset({"run_in_loop"})
+#: Protocol members a runtime may leave out (its getattr default is the protocol's).
+_OPTIONAL = frozenset({"cancellations"})
 
 
 def missing_members(obj: object, protocol: type) -> list[str]:
@@ -360,6 +371,8 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     stubs = _declared_methods(protocol)
     missing = []
     for name in protocol_members(protocol):
+        if name in _OPTIONAL:
+            continue
         if not hasattr(obj, name):
             missing.append(name)
         elif name in stubs and name not in _DEFAULTS:
@@ -381,6 +394,15 @@ def _runtime_problem(runtime: object) -> str | None:
     missing = missing_members(runtime, protocol)
     if missing:
         return f"lacks {', '.join(missing)} (see weft_core.{protocol.__name__})"
+    own = getattr(runtime, "cancellations", None)
+    if own is not None and not (
+        isinstance(own, tuple)
+        and all(isinstance(c, type) and issubclass(c, BaseException) for c in own)
+    ):
+        return (
+            f"has cancellations={own!r}, expected a tuple of exception classes, or None "
+            f"(see weft_core.{protocol.__name__})"
+        )
     return None
 
 

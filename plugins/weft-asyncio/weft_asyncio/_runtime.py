@@ -390,6 +390,8 @@ class AsyncioRuntime(AsyncRuntime):
     conn_is_stream = True
     #: A failed handshake raises ssl.SSLError or ConnectionError: OSErrors already.
     tls_errors: tuple[type[BaseException], ...] = ()
+    #: ``Task.cancel()``'s: the manager's stop_task, or the loop's end.
+    cancellations: tuple[type[BaseException], ...] | None = (asyncio.CancelledError,)
 
     def __init__(self, manager: AsyncioManager) -> None:
         self._manager = manager

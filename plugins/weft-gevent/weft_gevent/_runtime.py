@@ -24,7 +24,7 @@ import gevent
 import gevent.lock
 import gevent.socket
 from gevent.exceptions import ConcurrentObjectUseError
-from greenlet import getcurrent
+from greenlet import GreenletExit, getcurrent
 
 from weft_core import HandlerKind, SyncSlots, TaskShutdown
 
@@ -203,6 +203,8 @@ class GeventRuntime:
 
     kind: HandlerKind = "sync"
     conn_is_stream = False
+    #: A kill with gevent's default (the manager's own kill is TaskShutdown).
+    cancellations: tuple[type[BaseException], ...] | None = (GreenletExit,)
 
     def __init__(self, hubs: HubOwner) -> None:
         self._hubs = hubs

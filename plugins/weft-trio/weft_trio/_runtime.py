@@ -263,6 +263,8 @@ class TrioRuntime:
     #: A handler gets a ``trio.SocketStream``, already a stream: ``Server(stream=True)``
     #: is refused.
     conn_is_stream = True
+    #: A cancelled scope's: the task's own (stop_task) or the manager's nursery.
+    cancellations: tuple[type[BaseException], ...] | None = (trio.Cancelled,)
 
     def __init__(
         self,
