@@ -298,6 +298,12 @@ class SyncEngine(Engine[SyncRuntime]):
                         conn.sock.close()
                     except OSError:
                         pass
+                elif handed is not None and handed is not conn.sock:
+                    # A detached stream (stream=True): the file is the caller's, and
+                    # closing it must close the connection. The file holds the socket
+                    # open while it is, so this closes it once the file is closed
+                    # (now, if the handler closed it already); never before.
+                    conn.sock.close()
             finally:
                 self._finish(conn)
 
