@@ -17,6 +17,8 @@ import threading
 from typing import Any
 
 import pytest
+from _every_manager import MANAGERS
+from _every_manager import serve as serve  # the fixture
 
 from weft_core import Server, detach
 from weft_core.testing import WAIT, wait_until
@@ -85,3 +87,35 @@ def test_a_detached_stream_stays_open_until_its_owner_closes_it(manager: str) ->
         threading.Thread(target=later).start()
         assert done.wait(WAIT)
         assert _read_to_eof(client) == b"later\n"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_write_after_the_handlers_own_close_is_its_error(
+    serve: Any, manager: str, options: dict[str, Any]
+) -> None:
+    """docs/hooks.md: ``weft_handler_error`` is "not for the peer going away"; a peer
+    still connected did not go away. The handler's own bug is counted as its error
+    (``handler_errors``, ``exception_handler``), never in ``peer_errors``."""
+    seen: list[BaseException] = []
+
+    def sync(conn: Any) -> None:
+        conn.recv(10)
+        conn.close()
+        conn.sendall(b"after close")
+
+    async def async_(stream: Any) -> None:
+        await stream.receive_some(10)
+        await stream.aclose()
+        await stream.send_all(b"after close")
+
+    server = serve(
+        manager, options, sync, async_, exception_handler=lambda s, c, exc: seen.append(exc)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+        client.sendall(b"x")
+        assert _read_to_eof(client) == b""
+    wait_until(lambda: server.stats()["active"] == 0, what="the handler to end")
+    stats = server.stats()
+    assert (stats["handler_errors"], stats["peer_errors"]) == (1, 0), (stats, seen)
+    assert len(seen) == 1 and not isinstance(seen[0], ConnectionError), seen

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import socket
 import ssl
@@ -792,8 +793,9 @@ class AsyncioStream(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its high-water mark.
 
-        ``ConnectionResetError`` if the connection was lost; ``TimeoutError`` if the
-        peer read nothing for ``idle_timeout`` seconds.
+        ``ConnectionResetError`` if the connection was lost, or closed (as
+        ``StreamWriter.drain``'s); ``TimeoutError`` if the peer read nothing for
+        ``idle_timeout`` seconds.
         """
         transport = self._transport
         if transport is None:
@@ -845,6 +847,11 @@ class AsyncioStream(asyncio.BufferedProtocol):
         twice the write per stalled client (the peer check's MED-2), where threads
         and gevent hold nothing beyond the handler's own bytes.
         """
+        if self._closing:
+            # trio's send_all raises ClosedResourceError here, the handler's own error
+            # (as a closed socket's EBADF is on threads), not the peer's: drain()
+            # would say ConnectionResetError, as StreamWriter's does.
+            raise OSError(errno.EBADF, "send_all() on a stream already closed (close or aclose)")
         if len(data) <= SEND_CHUNK:
             self.write(data)
             await self.drain()
