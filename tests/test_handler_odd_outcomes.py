@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 import pytest
-from _every_manager import MANAGERS
+from _every_manager import MANAGERS, is_async
 from _every_manager import serve as serve  # the fixture
 
 from weft_core import Server, detach
@@ -119,3 +119,28 @@ def test_a_write_after_the_handlers_own_close_is_its_error(
     stats = server.stats()
     assert (stats["handler_errors"], stats["peer_errors"]) == (1, 0), (stats, seen)
     assert len(seen) == 1 and not isinstance(seen[0], ConnectionError), seen
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # "never awaited" fails the test
+@pytest.mark.parametrize(("manager", "options"), [m for m in MANAGERS if is_async(m.values[0])])
+def test_an_async_handler_returning_an_unawaited_coroutine_is_its_error(
+    serve: Any, manager: str, options: dict[str, Any]
+) -> None:
+    """The mistake is said (a TypeError naming the handler and the missing await),
+    counted in ``handler_errors``, and the coroutine closed: no warning."""
+    seen: list[BaseException] = []
+
+    async def forgot_await(stream: Any) -> Any:
+        await stream.receive_some(10)
+        return stream.send_all(b"never sent")
+
+    server = serve(
+        manager, options, None, forgot_await, exception_handler=lambda s, c, e: seen.append(e)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+        client.sendall(b"x")
+        assert _read_to_eof(client) == b""
+    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the mistake counted")
+    assert isinstance(seen[0], TypeError) and "forgot_await" in str(seen[0]), seen
+    assert "missing await" in str(seen[0])

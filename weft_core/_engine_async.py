@@ -8,6 +8,7 @@ which awaits where :mod:`weft_core._engine_sync` calls. Policy is the shared
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import socket
 import time
@@ -259,9 +260,11 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 token = publish(info, None)
             try:
                 if self.args:
-                    await self.handler(handed, *self.args)
+                    returned = await self.handler(handed, *self.args)
                 else:
-                    await self.handler(handed)
+                    returned = await self.handler(handed)
+                if returned is not None and inspect.isawaitable(returned):
+                    _unawaited(self.handler, returned)
             except TaskShutdown:
                 raise
             except FAILURES as exc:
@@ -354,3 +357,20 @@ def _ack_now(sock: Any) -> None:
     if option is not None:
         with contextlib.suppress(OSError, AttributeError, TypeError):
             sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+
+
+def _unawaited(handler: Any, returned: Any) -> None:
+    """Raise for a coroutine an async handler returned instead of awaiting it.
+
+    ``return stream.send_all(reply)``: the reply is never sent, and the coroutine's
+    "never awaited" warning was all that said so (sync managers count the same
+    mistake as the handler's error).
+    """
+    close = getattr(returned, "close", None)
+    if close is not None:
+        close()  # no "never awaited" warning: the error below says it
+    raise TypeError(
+        f"handler {getattr(handler, '__qualname__', handler)!r} returned "
+        f"{type(returned).__name__} {getattr(returned, '__qualname__', '')!r} without "
+        "awaiting it, so it never ran: a missing await?"
+    )
