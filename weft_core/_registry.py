@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from ._errors import FAILURES, ConfigError, PluginError, UnknownManagerError
+from ._errors import ConfigError, PluginError, UnknownManagerError
 from ._logsafe import log_untrusted_exception
 from ._spec import ManagerSpec
+from ._tasks import is_interruption
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -763,7 +764,9 @@ def _call_each(hook: str, **kwargs: Any) -> None:
     for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
         try:
             impl.function(*[kwargs[arg] for arg in impl.argnames])
-        except FAILURES as exc:  # SystemExit too: a hook ends nothing but itself
+        except BaseException as exc:  # any: a hook ends nothing but itself
+            if is_interruption(exc):  # its task's own kill, landing in the hook
+                raise
             _hook_errors.report(impl.plugin_name, hook, exc)
 
 

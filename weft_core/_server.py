@@ -61,6 +61,7 @@ from ._errors import (
     WeftError,
 )
 from ._listeners import Family, open_listeners
+from ._logsafe import log_untrusted_exception
 from ._osthreads import one_cpu, short_switches
 from ._protocol import AsyncRuntime, SyncRuntime, TaskManager, manager_problem
 from ._proxy import DEFAULT_TRUSTED_PROXIES
@@ -387,7 +388,8 @@ class Server:
     @port.setter
     def port(self, value: int | str) -> None:
         self._cfg.port = validate("port", value)
-        self._bound_port = None
+        if not self.running:  # while running, ``port`` is the one bound until the next run()
+            self._bound_port = None
 
     @property
     def addresses(self) -> list[str]:
@@ -723,7 +725,8 @@ class Server:
             except BaseException:
                 self.stop(timeout=0)
                 raise
-        hooks().server_started(self, self.addresses)
+        if self.running:  # not if on_start (or another thread) stopped it already
+            hooks().server_started(self, self.addresses)
 
     def _make_engine(self, listeners: list[Any]) -> Engine[Any]:
         """The engine of the flavour the manager's runtime asks for."""
@@ -966,8 +969,12 @@ class Server:
         if self._cfg.on_stop is not None:
             try:
                 self._cfg.on_stop(self)
-            except Exception:
-                log.exception("on_stop callback %r raised", self._cfg.on_stop)
+            except EXITS:
+                raise  # to the caller of stop(), once the plugins have been told
+            except BaseException as exc:  # any other: a custom one, a group, a cancellation
+                log_untrusted_exception(
+                    log, logging.ERROR, exc, "on_stop callback %r raised", self._cfg.on_stop
+                )
 
     def _run_as_finisher(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` marked as this server's stop's last step (a stop() in it returns)."""

@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from types import FunctionType
 from typing import Any, Generic, TypeVar
 
-from ._errors import ManagerFullError, TaskShutdown
+from ._errors import ManagerFullError, TaskShutdown, is_cancellation
+from ._logsafe import log_untrusted_exception
 from ._osthreads import thread_primitives
 
 __all__ = [
@@ -241,8 +242,25 @@ def _call_quietly(callback: Callable[[], object]) -> None:
         callback()
     except OSError:
         pass
-    except Exception:
-        log.exception("shutdown callback %r failed", callback)
+    except BaseException as exc:
+        # Whatever it raises (a custom BaseException, another runtime's cancellation)
+        # must not cut the stop's step short for the callbacks after it; only the
+        # calling task's own interruption goes on.
+        if is_interruption(exc):
+            raise
+        log_untrusted_exception(log, logging.ERROR, exc, "shutdown callback %r failed", callback)
+
+
+def is_interruption(exc: BaseException) -> bool:
+    """True if ``exc`` is the running task's interruption, to be let through.
+
+    ``TaskShutdown`` or a runtime's cancellation, once the task was interrupted
+    (phase 3 of its stop: gevent's kill lands at whatever switch the task is in,
+    a hook's or a callback's included). Raised by code the task runs without
+    that, it is that code's failure: a hook or a callback ends nothing but itself.
+    """
+    state = _current_task.get()
+    return state is not None and state.interrupted and is_cancellation(exc)
 
 
 def shutdown_requested() -> bool:
