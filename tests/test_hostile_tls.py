@@ -293,6 +293,42 @@ def test_stalled_proxy_headers_do_not_lock_out_a_real_client(serve: Any, manager
             sock.close()
 
 
+@pytest.mark.parametrize("stalled_in", ["PROXY header", "TLS handshake"])
+def test_a_dropped_preamble_is_logged_where_it_stalled(
+    serve: Any,
+    manager: str,
+    certs: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    stalled_in: str,
+) -> None:
+    """With a PROXY header and TLS, the WARNING names the part the dropped connection
+    was stalled in: every drop said "TLS handshake", the header's included (the leak
+    check's finding). One server per case: the WARNING is rate-limited."""
+    server = serve(
+        proxy_protocol=True,
+        max_connections=1,
+        tls={"certfile": certs["cert"], "keyfile": certs["key"]},
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as stalled:
+        if stalled_in == "PROXY header":
+            stalled.sendall(b"PROXY TCP4 ")  # the start of a header, then nothing
+            wait_until(lambda: server.stats()["active"] == 1, what="the stalled header held")
+        else:  # the whole header, then no handshake
+            stalled.sendall(build_v1(("192.0.2.7", 4242), ("127.0.0.1", server.port)))
+            wait_until(
+                lambda: [c.peer for c in server.connections()] == [("192.0.2.7", 4242)],
+                what="the header read, the handshake awaited",
+            )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT):
+            wait_until(lambda: server.stats()["preambles_dropped"] == 1, what="the drop")
+    said = [
+        r.getMessage()
+        for r in weft_records(caplog, logging.WARNING)
+        if "dropped" in r.getMessage()
+    ]
+    assert len(said) == 1 and f"still in its {stalled_in}," in said[0], said
+
+
 # -- item 5: a client that stops reading -------------------------------------------------
 
 

@@ -861,7 +861,10 @@ class Engine(ABC, Generic[R]):
             "at max_connections=%s: dropped %s, still in its %s, to serve a new client",
             self.limit,
             conn.peer_str,
-            "TLS handshake" if self.cfg.tls is not None else "PROXY header",
+            # Where it is stalled: a PROXY header comes before the handshake.
+            "PROXY header"
+            if self.cfg.proxy is not None and conn.proxy_peer is None
+            else "TLS handshake",
         )
         # Ended by the server, as a stop ends it: its task's failed handshake or
         # header is then no failure of the peer's (it was counted in tls_errors, logged
