@@ -104,6 +104,14 @@ DEFAULT_BACKLOG = 1024
 #: Grace given to open connections when the server stops itself on a fatal accept error.
 FATAL_STOP_TIMEOUT = 10.0
 
+#: After a stop that left stuck tasks behind, how often a thread looks whether they
+#: have ended, to close the runtime they held open: at first, then doubling to at most
+#: the second figure (a task stuck for good costs a wake-up a second).
+RUNTIME_IDLE_POLL = 0.05
+RUNTIME_IDLE_POLL_MOST = 1.0
+#: How long that close may take (the stuck tasks have ended: it is quick).
+RUNTIME_IDLE_CLOSE = 5.0
+
 
 def handler_kind(handler: Callable[..., Any]) -> HandlerKind:
     """``"async"`` for an ``async def`` (or a partial or object wrapping one), else ``"sync"``."""
@@ -916,10 +924,17 @@ class Server:
             submitter.close()
         if self._owns_manager:
             if report.left:
-                # Closing would wait for the stuck tasks (trio joins its loop thread).
+                # Closing would wait for the stuck tasks (trio joins its loop thread):
+                # it is closed once they have ended, unless a new run uses it again.
                 log.debug(
                     "the %s runtime is left running with its stuck tasks", self._manager_name
                 )
+                threading.Thread(
+                    target=self._close_runtime_when_idle,
+                    args=(self._manager, engine),
+                    name=f"weft {self._manager_name} runtime, closed once idle",
+                    daemon=True,
+                ).start()
             else:
                 self._close_runtime(deadline)
         calls_left = 0 if submitter is None else submitter.left_running(deadline)
@@ -1002,6 +1017,28 @@ class Server:
                 self._manager_name,
                 wait,
             )
+
+    def _close_runtime_when_idle(self, manager: TaskManager, engine: Engine[Any]) -> None:
+        """Close a runtime a stop left running with stuck tasks, once they have ended.
+
+        Its loop thread and descriptors stayed for the life of the process otherwise,
+        one set per server made afresh after such a stop. A new ``run()`` of this
+        server uses the same manager again: then its own stop closes it.
+        """
+        pause = RUNTIME_IDLE_POLL
+        while True:
+            current = self._engine  # ``engine`` until the stop has finished
+            if (current is not None and current is not engine) or self._manager is not manager:
+                return  # running again (or given another manager): not ours to close
+            if current is None and not manager.all_tasks():
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, RUNTIME_IDLE_POLL_MOST)
+        with self._life:
+            if self._engine is not None or self._manager is not manager:
+                return
+            self._close_runtime(time.monotonic() + RUNTIME_IDLE_CLOSE)
+        log.debug("the %s runtime closed: its stuck tasks have ended", self._manager_name)
 
     def _on_fatal(self) -> None:
         engine = self._engine
