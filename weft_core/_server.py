@@ -1101,12 +1101,25 @@ def _seconds(timeout: float | None, what: str) -> float | None:
 
 
 def _must_not_block() -> bool:
-    """True where stop() must not wait: inside one of weft's tasks, or on a running asyncio loop.
+    """True where stop() must not wait: inside one of weft's tasks, or on a running asyncio loop."""
+    return _inside_a_task() or _on_a_loop()
+
+
+def _inside_a_task() -> bool:
+    """True in the thread that runs one of weft's tasks, as that task.
+
+    Not in another thread given a copy of its context (``asyncio.to_thread``, a
+    ``copy_context().run`` thread): blocking there holds up no task.
+    """
+    state = current_task()
+    return state is not None and state.thread in (None, threading.get_ident())
+
+
+def _on_a_loop() -> bool:
+    """True on a running asyncio loop.
 
     asyncio is looked up, never imported: if nothing imported it, no loop runs.
     """
-    if current_task() is not None:
-        return True
     asyncio = sys.modules.get("asyncio")
     if asyncio is None:
         return False
@@ -1126,10 +1139,11 @@ def _refuse_to_block(call: str) -> None:
     good, where stop() there already returns at once.
     """
     if _must_not_block():
-        where = "inside one of weft's tasks" if current_task() else "on a running asyncio loop"
+        where = "on a running asyncio loop" if _on_a_loop() else "inside one of weft's tasks"
         raise RuntimeError(
             f"{call} blocks until the server has stopped, and was called {where}, which it "
-            "would block for good; from a coroutine, 'await asyncio.to_thread(server.wait)'"
+            "would block for good; from a coroutine, 'await asyncio.to_thread(server.wait)' "
+            "(trio: 'await trio.to_thread.run_sync(server.wait)')"
         )
 
 

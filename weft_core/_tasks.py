@@ -21,6 +21,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Hashable
+from threading import get_ident as _get_ident
 from types import FunctionType
 from typing import Any, Generic, TypeVar
 
@@ -112,6 +113,7 @@ class TaskState:
         "interrupted",
         "name",
         "requested",
+        "thread",
     )
 
     def __init__(self, task_id: Hashable, name: str = "") -> None:
@@ -127,6 +129,9 @@ class TaskState:
         #: The ``ConnectionInfo`` of the connection this task serves, while its
         #: handler runs (set by the server; ``current_connection()`` reads it).
         self.connection: Any = None
+        #: The thread it runs in, once made current: code in another thread with a
+        #: copy of its context (``asyncio.to_thread``) is not inside it, and may block.
+        self.thread: int | None = None
 
     def __repr__(self) -> str:
         return f"<TaskState {self.id!r} {self.name!r} requested={self.requested}>"
@@ -168,6 +173,7 @@ class TaskState:
         the task. ``run_task`` and ``run_async_task`` do; a manager that runs thunks
         its own way calls it itself.
         """
+        self.thread = _get_ident()
         _current_task.set(self)
 
     def on_shutdown(self, callback: Callable[[], object]) -> None:
@@ -294,7 +300,8 @@ def run_task(
     if context is not None:
         context.run(run_task, state, thunk)
         return
-    _current_task.set(state)  # state.make_current(), without a call per task
+    state.thread = _get_ident()  # state.make_current(), without a call per task
+    _current_task.set(state)
     try:
         call = type(thunk).__call__
         if type(call) is FunctionType:
