@@ -763,3 +763,55 @@ def test_foreign_shut_rd_wakes_a_pending_receive(manager: TrioManager) -> None:
     assert ended.wait(WAIT)
     assert got == [b""]
     right.close()
+
+
+async def _echo(stream: Any) -> None:
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
+
+
+def _echoes(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"hello")
+        return client.recv(10)
+
+
+@pytest.mark.timeout(30)
+def test_a_server_runs_from_inside_an_applications_trio_run() -> None:
+    """DESIGN.md: run() returns once listening, for every manager we ship. From a
+    thread that runs a trio loop of its own (an application's ``trio.run``, another
+    weft server's trio handler) it failed: trio.from_thread refuses such a thread,
+    though the manager's tasks run in its own loop thread."""
+
+    async def main() -> bytes:
+        server = weft_core.Server(_echo, manager="trio")
+        server.run()
+        try:
+            return await trio.to_thread.run_sync(_echoes, server.port)
+        finally:
+            await trio.to_thread.run_sync(server.stop, 5)
+
+    assert trio.run(main) == b"hello"
+
+
+@pytest.mark.timeout(30)
+def test_a_trio_handler_starts_another_trio_server() -> None:
+    started: list[weft_core.Server] = []
+
+    async def starts_one(stream: Any) -> None:
+        await stream.receive_some(10)
+        inner = weft_core.Server(_echo, manager="trio")
+        inner.run()
+        started.append(inner)
+        await stream.send_all(b"%d" % inner.port)
+
+    with weft_core.Server(starts_one, manager="trio") as outer:
+        with socket.create_connection(("127.0.0.1", outer.port), timeout=10) as client:
+            client.sendall(b"go")
+            port = int(client.recv(10))
+        try:
+            assert _echoes(port) == b"hello"
+        finally:
+            for inner in started:
+                inner.stop(timeout=5)
+        outer.stop(timeout=5)

@@ -15,8 +15,10 @@ which other threads reach it.
 Two kinds of caller reach ``add_task``:
 
 - A foreign thread (``Server.run()`` adding the acceptor, a test): it hops into the
-  trio thread with ``trio.from_thread.run_sync`` and waits for the task to be
-  spawned, so errors (a closed loop) reach it.
+  trio thread with ``TrioToken.run_sync_soon`` and waits for the task to be
+  spawned, so errors (a closed loop) reach it. Not with ``trio.from_thread``, which
+  refuses a thread that runs a trio loop of its own (an application's ``trio.run``,
+  another server's handler).
 - A task of this manager (the acceptor, adding one task per connection: the hot
   path): it calls ``nursery.start_soon`` directly, with no thread hop.
 
@@ -48,9 +50,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 import trio
 
@@ -75,6 +79,9 @@ CLOSE_WAIT = 5.0
 
 #: Name of the daemon thread that runs ``trio.run`` (seen in thread dumps, py-spy).
 LOOP_THREAD_NAME = "weft-trio"
+#: While a foreign thread waits for the trio thread to take its call, how often it
+#: looks whether that thread has ended without taking it.
+LOOP_CHECK = 0.1
 
 _IN_LOOP_MESSAGE = (
     "TrioManager.stop_task() blocks until the task has ended, and was called from inside "
@@ -326,18 +333,12 @@ class TrioManager:
     ) -> None:
         while True:
             loop = self._running_loop()
-            try:
-                spawned = trio.from_thread.run_sync(
-                    self._spawn_unless_closing,
-                    loop,
-                    task_id,
-                    state,
-                    thunk,
-                    context,
-                    trio_token=loop.token,
-                )
-            except trio.RunFinishedError:
-                spawned = False
+            spawned = _call_in(
+                loop,
+                functools.partial(
+                    self._spawn_unless_closing, loop, task_id, state, thunk, context
+                ),
+            )
             if spawned:
                 return
             # close() ended this loop between our choosing it and the hop, or it
@@ -555,3 +556,35 @@ class TrioManager:
             loop, self._loop = self._loop, None
         if loop is not None:
             loop.close()
+
+
+def _call_in(loop: _Loop, fn: Callable[[], bool]) -> bool:
+    """``fn()`` in ``loop``'s trio thread, from any other thread; False if the loop ended.
+
+    ``fn``'s exception is raised here. The caller's thread waits, whatever it runs
+    (a trio loop of its own included), as ``add_task`` from another thread does.
+    """
+    token = loop.token
+    assert token is not None
+    done = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:  # a run_sync_soon callback: it must not raise
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    try:
+        token.run_sync_soon(call)
+    except trio.RunFinishedError:
+        return False
+    while not done.wait(LOOP_CHECK):
+        if not loop.thread.is_alive():  # ended before it took the call
+            return False
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return bool(value)
