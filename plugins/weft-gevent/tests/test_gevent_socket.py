@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -193,3 +194,27 @@ def test_a_killed_reader_stops_its_watcher_and_the_socket_reads_again(
     in_hub(manager, lambda: got.append(pair.sock.recv(10)))
     assert got == [b"again"]
     pair.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_call_into_a_hub_that_ends_first_does_not_wait_for_good() -> None:
+    """A socket closed from another thread asks the hub to close it. A hub ended
+    first (its runtime closed by a stop, behind a flood of calls) never runs the
+    call: the thread waited for good, a 'weft stop acceptors' thread stuck with the
+    old hub's epoll and eventfd (an outside check). It is told instead, and closes
+    the socket itself."""
+    from weft_gevent._hub import _HubThread
+
+    hub_thread = _HubThread()
+    link = hub_thread.link
+    assert link is not None
+    link.call_soon(time.sleep, 0.3)  # the hub, busy, takes nothing for a while
+    hub_thread._stopping = True  # stop() as it begins: the loop ends at its next turn
+    hub_thread._wakeup.send()
+    ended = threading.Thread(target=hub_thread._exited.acquire)
+    ended.start()
+    began = time.monotonic()
+    ran: list[bool] = []
+    assert link.run_while_alive(ran.append, True) is False
+    assert ran == [] and time.monotonic() - began < 5
+    ended.join(5)

@@ -63,6 +63,8 @@ _start_new_thread: Callable[..., int] = gevent.monkey.get_original("_thread", "s
 
 #: Name of the OS thread that runs an owned hub (seen in py-spy, faulthandler, ps -L).
 HUB_THREAD_NAME = "weft-gevent-hub"
+#: How often a thread waiting for a hub to run its call looks whether the hub has ended.
+ALIVE_CHECK = 0.1
 
 
 class _Reply(Generic[T]):
@@ -139,6 +141,27 @@ class HubLink:
         reply: _Reply[T] = _Reply()
         self.call_soon(_spawn_filler, reply, fn, args)
         return reply.wait(timeout)  # type: ignore[return-value]
+
+    def run_while_alive(self, fn: Callable[..., object], *args: Any) -> bool:
+        """Run ``fn(*args)`` in the hub's thread, waiting as long as the hub lives.
+
+        False if the hub ended before it ran ``fn`` (a runtime closed meanwhile):
+        nothing will run it then, and a wait with no end kept the caller's thread,
+        and the hub's loop with it, for good.
+        """
+        if self.is_current():
+            fn(*args)
+            return True
+        reply: _Reply[object] = _Reply()
+        try:
+            self.call_soon(_spawn_filler, reply, fn, args)
+        except (AttributeError, ValueError):  # its loop is gone already
+            return False
+        while not reply.wait(ALIVE_CHECK)[0]:
+            hub = self.hub
+            if hub.loop is None or hub.dead:
+                return False
+        return True
 
 
 class _HubThread:

@@ -114,11 +114,14 @@ class GeventSocket(gevent.socket.socket):
         """Close the socket; from another OS thread, the close runs in the hub's."""
         this: Any = self
         hub = this.hub
-        if hub is None or hub.loop is None or real_get_ident() == hub.thread_ident:
+        if (
+            hub is None
+            or hub.loop is None
+            or real_get_ident() == hub.thread_ident
+            or not HubLink(hub).run_while_alive(_close_in_hub, self)
+        ):
             # In the hub's thread, or after the hub is gone (nothing to wake then).
             super().close()
-        else:
-            HubLink(hub).run(_close_in_hub, self)
 
 
 def _wait_readable(sock: Any) -> None:
