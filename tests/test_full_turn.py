@@ -71,6 +71,7 @@ def fake_engine(sibling: Sibling, sleep: Any, watch: float) -> SimpleNamespace:
         _acceptor_ends=lambda *_: time.monotonic() >= ends,
         _room_elsewhere=sibling.room,
     )
+    fake._full_waits = Engine._full_waits.__get__(fake)
     fake._untaken = Engine._untaken.__get__(fake)
     fake._turn_missed = Engine._turn_missed.__get__(fake)
     return fake

@@ -342,85 +342,6 @@ def shared_local_address(sock: socket.socket) -> Any:
     return local
 
 
-class FullWait:
-    """A full worker's wait for a sibling with room: the policy, the same in both engines.
-
-    For a worker at ``max_connections`` with ``on_full="refuse"`` on a listener its
-    siblings share. Taking the next client it could only refuse it, while a sibling
-    with room could serve it; and waiting in ``accept()`` it would take the next
-    client whatever the siblings held by then. So the engine's ``_while_full`` loops
-    on :meth:`next`: True to accept (a slot freed, a client waits and no sibling has
-    room, so it is refused as before, or a client waited ``FULL_TURN`` untaken by
-    the siblings with room, who are passed over: stopped, stuck or starved of CPU),
-    False when the acceptor must end, None to wait and ask again: a nap while a
-    client waits (``waiting``), else a wait of ``FULL_POLL`` for a slot, which ends
-    the loop if it gets one. A refusal comes up to ``FULL_POLL`` later than from a
-    worker alone. Each flavour does only the waits, in its own runtime.
-    """
-
-    __slots__ = (
-        "engine",
-        "fd",
-        "generation",
-        "lt",
-        "room",
-        "since",
-        "state",
-        "untaken_since",
-        "waited",
-        "waiting",
-    )
-
-    def __init__(
-        self,
-        engine: Engine[Any],
-        lt: ListenerTask,
-        generation: int,
-        room: dict[int, int] | None,
-        state: TaskState | None,
-    ) -> None:
-        self.engine = engine
-        self.lt = lt
-        self.generation = generation
-        self.state = state
-        self.fd = lt.native.fileno()
-        #: A client waits in the listener's queue (read after each wait).
-        self.waiting = policy.pending(self.fd)
-        #: The siblings with room, and what they had taken (None: accept).
-        self.room = room
-        # What the siblings had taken when the current client's wait began: a take is
-        # looked for since then, not since the last read, which a take landing
-        # between the check and the read would hide, the clock running on across
-        # clients.
-        self.since = room or {}
-        self.untaken_since = 0.0  # when a client began to wait untaken by the siblings
-        self.waited = False
-
-    def next(self) -> bool | None:
-        """After each wait: accept (True), end the acceptor (False), or wait again (None)."""
-        engine, room = self.engine, self.room
-        if room is not None and self.waited:
-            self.waiting = waiting = policy.pending(self.fd)
-            if not engine._untaken(waiting, self.since):
-                self.untaken_since = 0.0
-            elif not self.untaken_since:
-                self.untaken_since = time.monotonic()
-            elif time.monotonic() - self.untaken_since >= FULL_TURN:
-                engine._turn_missed(room)
-                return True
-            self.room = room = engine._room_elsewhere(self.lt)
-            if not self.untaken_since and room is not None:
-                self.since = room
-        self.waited = True
-        if room is None:
-            return True
-        if engine._acceptor_ends(self.lt, self.generation, self.state):
-            return False
-        if self.waiting and not room:
-            return True
-        return None
-
-
 @dataclass(frozen=True)
 class StopReport:
     """How a stop ended: ``clean`` if no task had to be interrupted; ``left`` still running."""
@@ -1171,6 +1092,50 @@ class Engine(ABC, Generic[R]):
             if not balance.napped() or balance.took_since(behind) or not policy.pending(fd):
                 return
         self._turn_missed(behind)
+
+    def _full_waits(
+        self, lt: ListenerTask, generation: int, room: dict[int, int] | None, state: Any
+    ) -> Iterator[bool | str]:
+        """A full worker's wait for a sibling with room: the policy, the same in both engines.
+
+        For a worker at ``max_connections`` with ``on_full="refuse"`` on a listener
+        its siblings share. Taking the next client it could only refuse it, while a
+        sibling with room could serve it; and waiting in ``accept()`` it would take
+        the next client whatever the siblings held by then. So each engine's
+        ``_while_full`` does the waits this yields, in its own runtime: ``"nap"``
+        while a client waits, ``"slot"`` for a wait of ``FULL_POLL`` for a slot
+        (which ends the wait if it gets one), then the decision: True to accept (a
+        client waits and no sibling has room, so it is refused as before, or it
+        waited ``FULL_TURN`` untaken by the siblings with room, who are passed
+        over: stopped, stuck or starved of CPU), False when the acceptor must end.
+        A refusal comes up to ``FULL_POLL`` later than from a worker alone.
+        """
+        fd = lt.native.fileno()
+        waiting = policy.pending(fd)
+        untaken_since = 0.0  # when a client began to wait untaken by the siblings
+        # What the siblings had taken when that wait began: a take is looked for since
+        # then, not since the last poll's read, which a take landing between the
+        # check and the read would hide, the clock running on across clients.
+        since = room or {}
+        while room is not None:
+            if self._acceptor_ends(lt, generation, state):
+                yield False
+                return
+            if waiting and not room:
+                break
+            yield "nap" if waiting else "slot"
+            waiting = policy.pending(fd)  # after the wait, for this turn and the next
+            if not self._untaken(waiting, since):
+                untaken_since = 0.0
+            elif not untaken_since:
+                untaken_since = time.monotonic()
+            elif time.monotonic() - untaken_since >= FULL_TURN:
+                self._turn_missed(room)
+                break
+            room = self._room_elsewhere(lt)
+            if not untaken_since and room is not None:
+                since = room
+        yield True
 
     def _room_elsewhere(self, lt: ListenerTask) -> dict[int, int] | None:
         """At ``max_connections`` on a listener siblings share: those with room (maybe none).

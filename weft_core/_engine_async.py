@@ -23,7 +23,6 @@ from ._engine import (
     SHED_WAIT,
     Conn,
     Engine,
-    FullWait,
     ListenerTask,
     close_quietly,
 )
@@ -163,18 +162,19 @@ class AsyncEngine(Engine[AsyncRuntime]):
     ) -> bool:
         """Full, with ``on_full="refuse"``: accept no client a sibling could serve.
 
-        The policy is :class:`~weft_core._engine.FullWait`'s; this does its waits.
+        The policy is :meth:`~weft_core._engine.Engine._full_waits`; this does the waits it yields.
         """
         slots = self.slots
         assert slots is not None
-        full = FullWait(self, lt, generation, room, state)
-        while (accept := full.next()) is None:
-            if full.waiting:
+        for step in self._full_waits(lt, generation, room, state):
+            if step == "nap":
                 await self.runtime.sleep(NAP)
+            elif step != "slot":
+                return bool(step)
             elif await slots.acquire_within(FULL_POLL):
                 slots.release()
                 return True
-        return accept
+        return True
 
     def _slot_queue_thunk(self) -> Any:
         async def serve_queue() -> None:

@@ -22,7 +22,6 @@ from ._engine import (
     SHED_WAIT,
     Conn,
     Engine,
-    FullWait,
     ListenerTask,
     close_now,
     close_quietly,
@@ -169,18 +168,19 @@ class SyncEngine(Engine[SyncRuntime]):
     ) -> bool:
         """Full, with ``on_full="refuse"``: accept no client a sibling could serve.
 
-        The policy is :class:`~weft_core._engine.FullWait`'s; this does its waits.
+        The policy is :meth:`~weft_core._engine.Engine._full_waits`; this does the waits it yields.
         """
         slots = self.slots
         assert slots is not None
-        full = FullWait(self, lt, generation, room, state)
-        while (accept := full.next()) is None:
-            if full.waiting:
+        for step in self._full_waits(lt, generation, room, state):
+            if step == "nap":
                 self.runtime.sleep(NAP)
+            elif step != "slot":
+                return bool(step)
             elif slots.acquire(timeout=FULL_POLL):
                 slots.release()
                 return True
-        return accept
+        return True
 
     def _slot_queue_thunk(self) -> Any:
         def serve_queue() -> None:
