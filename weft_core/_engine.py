@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from . import _acceptpolicy as policy
 from ._accesslog import log_access
@@ -1652,6 +1652,21 @@ def _idle_way(conn: Conn, exc: BaseException) -> str:
 
 #: How a connection its preamble failed ended (``Conn.how``): a refusal may wait.
 _PREAMBLE_FAILED = ("proxy_error", "tls_error")
+
+
+def refuse_unrun(handler: Any, returned: Any, why: str) -> NoReturn:
+    """Close an awaitable a handler returned that nobody will run; raise TypeError saying why.
+
+    Closed, it gives no "never awaited" warning: the error names the handler, what it
+    returned, and ``why`` nothing ran it.
+    """
+    close = getattr(returned, "close", None)
+    if close is not None:
+        close()
+    raise TypeError(
+        f"handler {getattr(handler, '__qualname__', handler)!r} returned "
+        f"{type(returned).__name__} {getattr(returned, '__qualname__', '')!r}{why}"
+    )
 
 
 def close_quietly(obj: Any) -> None:

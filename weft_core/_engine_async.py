@@ -25,6 +25,7 @@ from ._engine import (
     Engine,
     ListenerTask,
     close_quietly,
+    refuse_unrun,
 )
 from ._errors import FAILURES, TaskShutdown, is_cancellation, only_task_shutdown
 from ._protocol import AsyncRuntime, AsyncSlots
@@ -264,7 +265,9 @@ class AsyncEngine(Engine[AsyncRuntime]):
                 else:
                     returned = await self.handler(handed)
                 if returned is not None and inspect.isawaitable(returned):
-                    _unawaited(self.handler, returned)
+                    # ``return stream.send_all(reply)``: the reply never sent, and a
+                    # "never awaited" warning all that said so.
+                    refuse_unrun(self.handler, returned, " without awaiting it: a missing await?")
             except TaskShutdown:
                 raise
             except FAILURES as exc:
@@ -357,20 +360,3 @@ def _ack_now(sock: Any) -> None:
     if option is not None:
         with contextlib.suppress(OSError, AttributeError, TypeError):
             sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-
-
-def _unawaited(handler: Any, returned: Any) -> None:
-    """Raise for a coroutine an async handler returned instead of awaiting it.
-
-    ``return stream.send_all(reply)``: the reply is never sent, and the coroutine's
-    "never awaited" warning was all that said so (sync managers count the same
-    mistake as the handler's error).
-    """
-    close = getattr(returned, "close", None)
-    if close is not None:
-        close()  # no "never awaited" warning: the error below says it
-    raise TypeError(
-        f"handler {getattr(handler, '__qualname__', handler)!r} returned "
-        f"{type(returned).__name__} {getattr(returned, '__qualname__', '')!r} without "
-        "awaiting it, so it never ran: a missing await?"
-    )

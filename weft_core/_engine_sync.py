@@ -25,6 +25,7 @@ from ._engine import (
     ListenerTask,
     close_now,
     close_quietly,
+    refuse_unrun,
 )
 from ._errors import FAILURES, TaskShutdown, is_cancellation, only_task_shutdown
 from ._protocol import SyncRuntime, SyncSlots
@@ -375,13 +376,10 @@ def _no_awaitable(handler: Any, returned: Any) -> None:
             " whose body never ran; drop the yield"
         )
     if inspect.isawaitable(returned):
-        close = getattr(returned, "close", None)
-        if close is not None:
-            close()  # no "never awaited" warning: the error below says it
-        raise TypeError(
-            f"handler {getattr(handler, '__qualname__', handler)!r} returned "
-            f"{type(returned).__name__} {getattr(returned, '__qualname__', '')!r}: it is an "
-            "async def behind a plain function (a decorator?); this manager calls plain "
-            "functions: make the wrapper async and use an async manager (trio, asyncio), "
-            "or make the handler a plain def"
+        refuse_unrun(
+            handler,
+            returned,
+            ": it is an async def behind a plain function (a decorator?); this manager "
+            "calls plain functions: make the wrapper async and use an async manager "
+            "(trio, asyncio), or make the handler a plain def",
         )
