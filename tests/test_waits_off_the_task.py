@@ -6,7 +6,9 @@ current task, which ``asyncio.to_thread``, ``trio.to_thread.run_sync`` and a
 ``copy_context().run`` thread copy: the very call the refusal advises
 (``await asyncio.to_thread(server.wait)``) raised the same ``RuntimeError``, and
 ``close_connection()`` from such a thread returned False at once instead of its
-answer (an outside check of the API under misuse).
+answer (an outside check of the API under misuse). The same check found ``run()``
+from a coroutine raising what ``on_start`` raised while its port still listened:
+the stop it began there went on in a thread.
 """
 
 from __future__ import annotations
@@ -113,3 +115,46 @@ def test_the_advised_wait_from_a_coroutine_waits(manager: str, options: dict[str
         server.stop(timeout=0.5)
     wait_until(lambda: bool(results), what="the wait to return")
     assert results in ([True], [False]), results
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("manager", "options"), [m for m in MANAGERS if m.values[0] in ("threads", "gevent", "trio")]
+)
+def test_on_start_raising_under_a_coroutine_leaves_nothing_listening(
+    manager: str, options: dict[str, Any]
+) -> None:
+    """docs/api.md: what ``on_start`` raises, ``run()`` raises, with nothing left
+    listening. From a coroutine, where ``stop()`` returns at once, the stop went on
+    in a thread and ``run()`` raised while the port still took clients: a server
+    bound again to it at once failed (asyncio, uvloop, and a few ms on the rest).
+    Its runtime's loop is not the coroutine's here, so the stop is waited for."""
+
+    def on_start(server: Server) -> None:
+        raise ValueError("on_start failed")
+
+    handler = _async_echo if is_async(manager) else _echo
+
+    async def main() -> int:
+        server = Server(handler, manager=manager, manager_options=options, on_start=on_start)
+        with pytest.raises(ValueError, match="on_start failed"):
+            server.run()
+        port = server.port
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        again = Server(handler, manager=manager, manager_options=options, port=port)
+        again.run()  # the port is free: no BindError
+        await asyncio.to_thread(again.stop, WAIT)
+        return port
+
+    asyncio.run(main())
+
+
+def _echo(conn: Any) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+async def _async_echo(stream: Any) -> None:
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)

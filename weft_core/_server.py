@@ -731,10 +731,28 @@ class Server:
             try:
                 cfg.on_start(self)
             except BaseException:
-                self.stop(timeout=0)
+                self._stop_after_failed_start()
                 raise
         if self.running:  # not if on_start (or another thread) stopped it already
             hooks().server_started(self, self.addresses)
+
+    def _stop_after_failed_start(self) -> None:
+        """``stop(0)``, waited for where ``stop()`` itself returns at once.
+
+        ``run()`` raises what ``on_start`` raised "with nothing left listening"; from
+        a coroutine (or a task) the stop went on in a thread, and ``run()`` raised
+        while the port still took clients, or another server could not bind it. A
+        stop of a server that served nobody takes milliseconds: waited for here, in
+        a thread of its own, up to ``LOOP_WAIT``. Not where the runtime's loop is the
+        caller's (weft-asyncio on the application's loop, a gevent handler's hub):
+        that loop closes the listener, once the caller lets it run.
+        """
+        if not _must_not_block() or _loop_runs_here(self._manager.runtime):
+            self.stop(timeout=0)  # (on the runtime's own loop: once the caller lets it run)
+            return
+        stopper = threading.Thread(target=self.stop, args=(0,), name="weft stop", daemon=True)
+        stopper.start()
+        stopper.join(LOOP_WAIT)
 
     def _make_engine(self, listeners: list[Any]) -> Engine[Any]:
         """The engine of the flavour the manager's runtime asks for."""
@@ -1103,6 +1121,24 @@ def _seconds(timeout: float | None, what: str) -> float | None:
 def _must_not_block() -> bool:
     """True where stop() must not wait: inside one of weft's tasks, or on a running asyncio loop."""
     return _inside_a_task() or _on_a_loop()
+
+
+def _loop_runs_here(runtime: SyncRuntime | AsyncRuntime) -> bool:
+    """True if ``runtime``'s loop may run in this thread: a wait here could block it.
+
+    Inside one of weft's tasks it may (a gevent handler's hub, a trio or asyncio
+    loop). Else only an async runtime's loop may be this thread's running loop
+    (weft-asyncio on the application's loop), which its ``run_in_loop`` tells: it
+    runs the probe here, at once.
+    """
+    if _inside_a_task():
+        return True
+    if runtime.kind != "async":
+        return False
+    here = threading.get_ident()
+    ran_in: list[int] = []
+    runtime.run_in_loop(lambda: ran_in.append(threading.get_ident()), 0)
+    return ran_in[:1] == [here]
 
 
 def _inside_a_task() -> bool:
