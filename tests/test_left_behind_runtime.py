@@ -45,7 +45,7 @@ def _stubborn(manager: str, gate: threading.Event) -> Any:
             while not gate.is_set():
                 try:
                     gevent.sleep(0.02)
-                except BaseException:  # noqa: S110 (deaf to its kill, on purpose)
+                except BaseException:  # deaf to its kill, on purpose
                     pass
 
         return swallows_kills
