@@ -29,12 +29,17 @@ from weft_core.testing import WAIT, wait_until
 STUCK = 0.5
 
 
-def _stubborn(manager: str, gate: threading.Event) -> Any:
-    """A handler that outlives its interruption until ``gate`` is set."""
+def _stubborn(manager: str, gate: threading.Event, stuck: list[bool]) -> Any:
+    """A handler that outlives its interruption until ``gate`` is set.
+
+    Each says so in ``stuck`` once it has its client's bytes: one still reading as
+    the stop comes ends with its socket (threads), and is not left behind.
+    """
     if manager == "threads":
 
         def blocks(conn: Any) -> None:
             conn.recv(10)
+            stuck.append(True)
             gate.wait(WAIT)
 
         return blocks
@@ -42,6 +47,7 @@ def _stubborn(manager: str, gate: threading.Event) -> Any:
 
         def swallows_kills(conn: Any) -> None:
             conn.recv(10)
+            stuck.append(True)
             while not gate.is_set():
                 try:
                     gevent.sleep(0.02)
@@ -53,6 +59,7 @@ def _stubborn(manager: str, gate: threading.Event) -> Any:
 
         async def shields(stream: Any) -> None:
             await stream.receive_some(10)
+            stuck.append(True)
             with trio.CancelScope(shield=True):
                 while not gate.is_set():
                     await trio.sleep(0.02)
@@ -61,6 +68,7 @@ def _stubborn(manager: str, gate: threading.Event) -> Any:
 
     async def swallows_cancels(stream: Any) -> None:
         await stream.receive_some(10)
+        stuck.append(True)
         while not gate.is_set():
             try:
                 await asyncio.sleep(0.02)
@@ -74,17 +82,15 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _leave_behind(server: Server) -> list[socket.socket]:
-    """Two clients whose handlers the stop leaves behind; the stop returns False."""
-    clients = [
-        socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(2)
-    ]
-    for client in clients:
-        client.sendall(b"go")
-    wait_until(lambda: server.stats()["active"] == 2, what="both handlers to run")
+def _leave_behind(server: Server, stuck: list[bool], clients: list[socket.socket]) -> None:
+    """Two clients (added to ``clients``, the caller's to close) whose handlers the
+    stop leaves behind; the stop returns False."""
+    for _ in range(2):
+        clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=WAIT))
+        clients[-1].sendall(b"go")
+    wait_until(lambda: len(stuck) == 2, what="both handlers to be stuck")
     assert server.stop(timeout=0) is False
     assert server.stats()["left_behind"] == 2
-    return clients
 
 
 @pytest.mark.timeout(60)
@@ -93,17 +99,18 @@ def test_the_runtime_is_closed_once_the_tasks_left_behind_end(
     manager: str, options: dict[str, Any]
 ) -> None:
     gate = threading.Event()
-    with Server(_stubborn(manager, gate), manager=manager, manager_options=options):
+    with Server(_stubborn(manager, gate, []), manager=manager, manager_options=options):
         pass  # what a loop library keeps for the process once used (uvloop: two)
     threads_before = set(threading.enumerate())
-    server = Server(_stubborn(manager, gate), manager=manager, manager_options=options)
+    stuck: list[bool] = []
+    server = Server(_stubborn(manager, gate, stuck), manager=manager, manager_options=options)
     fds_before = _open_fds()
     server.run()
-    clients = _leave_behind(server)
+    clients: list[socket.socket] = []
     try:
+        _leave_behind(server, stuck, clients)
         time.sleep(STUCK)  # what the check is about: after the stop, while they run
         assert server.task_manager.all_tasks(), "the stuck tasks were to outlive the stop"
-        gate.set()
     finally:
         gate.set()
         for client in clients:
@@ -123,12 +130,13 @@ def test_a_server_run_again_keeps_its_runtime_when_the_old_tasks_end(
     """The same server run again uses the same manager: the old tasks ending must not
     close the runtime it serves on."""
     gate = threading.Event()
-    stubborn = _stubborn(manager, gate)
-    server = Server(stubborn, manager=manager, manager_options=options)
+    stuck: list[bool] = []
+    server = Server(_stubborn(manager, gate, stuck), manager=manager, manager_options=options)
     server.run()
-    clients = _leave_behind(server)
-    server.run()
+    clients: list[socket.socket] = []
     try:
+        _leave_behind(server, stuck, clients)
+        server.run()
         gate.set()
         wait_until(lambda: server.stats()["active"] == 0, what="nothing to run")
         time.sleep(2.0)  # past the slowest look at the old tasks (a second apart)
