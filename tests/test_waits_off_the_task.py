@@ -23,7 +23,7 @@ from typing import Any
 import gevent
 import pytest
 import trio
-from _every_manager import MANAGERS, is_async
+from _every_manager import MANAGERS, aecho, echo, is_async
 
 from weft_core import Server, current_connection
 from weft_core.testing import WAIT, wait_until
@@ -133,7 +133,7 @@ def test_on_start_raising_under_a_coroutine_leaves_nothing_listening(
     def on_start(server: Server) -> None:
         raise ValueError("on_start failed")
 
-    handler = _async_echo if is_async(manager) else _echo
+    handler = aecho if is_async(manager) else echo
 
     async def main() -> int:
         server = Server(handler, manager=manager, manager_options=options, on_start=on_start)
@@ -148,13 +148,3 @@ def test_on_start_raising_under_a_coroutine_leaves_nothing_listening(
         return port
 
     asyncio.run(main())
-
-
-def _echo(conn: Any) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-async def _async_echo(stream: Any) -> None:
-    while data := await stream.receive_some(65536):
-        await stream.send_all(data)
