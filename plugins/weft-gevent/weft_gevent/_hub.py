@@ -63,7 +63,8 @@ _start_new_thread: Callable[..., int] = gevent.monkey.get_original("_thread", "s
 
 #: Name of the OS thread that runs an owned hub (seen in py-spy, faulthandler, ps -L).
 HUB_THREAD_NAME = "weft-gevent-hub"
-#: How often a thread waiting for a hub to run its call looks whether the hub has ended.
+#: How often a thread waiting with no timeout for a hub to run its call looks whether
+#: the hub has ended.
 ALIVE_CHECK = 0.1
 
 
@@ -132,36 +133,25 @@ class HubLink:
 
         In the hub's thread it is a plain call; from another thread it runs in a new
         greenlet of the hub while this thread waits up to ``timeout`` seconds on a
-        real lock. Returns ``(finished, result)``: ``finished`` is False only when
-        the wait timed out (``result`` is then None). ``fn``'s exceptions are raised
-        in the caller.
+        real lock, or with no timeout for as long as the hub lives: a hub ended
+        before it ran ``fn`` (a runtime closed meanwhile) never will, and a wait
+        with no end kept the caller's thread, and that hub's loop, for good.
+        Returns ``(finished, result)``: ``finished`` is False only when the wait
+        timed out or the hub ended first (``result`` is then None). ``fn``'s
+        exceptions are raised in the caller.
         """
         if self.is_current():
             return True, fn(*args)
         reply: _Reply[T] = _Reply()
         self.call_soon(_spawn_filler, reply, fn, args)
-        return reply.wait(timeout)  # type: ignore[return-value]
-
-    def run_while_alive(self, fn: Callable[..., object], *args: Any) -> bool:
-        """Run ``fn(*args)`` in the hub's thread, waiting as long as the hub lives.
-
-        False if the hub ended before it ran ``fn`` (a runtime closed meanwhile):
-        nothing will run it then, and a wait with no end kept the caller's thread,
-        and the hub's loop with it, for good.
-        """
-        if self.is_current():
-            fn(*args)
-            return True
-        reply: _Reply[object] = _Reply()
-        try:
-            self.call_soon(_spawn_filler, reply, fn, args)
-        except (AttributeError, ValueError):  # its loop is gone already
-            return False
-        while not reply.wait(ALIVE_CHECK)[0]:
-            hub = self.hub
-            if hub.loop is None or hub.dead:
-                return False
-        return True
+        if timeout is not None:
+            return reply.wait(timeout)  # type: ignore[return-value]
+        while True:
+            finished, value = reply.wait(ALIVE_CHECK)
+            if finished:
+                return True, value  # type: ignore[return-value]
+            if self.hub.loop is None or self.hub.dead:
+                return False, None  # type: ignore[return-value]
 
 
 class _HubThread:

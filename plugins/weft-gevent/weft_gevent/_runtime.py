@@ -118,7 +118,7 @@ class GeventSocket(gevent.socket.socket):
             hub is None
             or hub.loop is None
             or real_get_ident() == hub.thread_ident
-            or not HubLink(hub).run_while_alive(_close_in_hub, self)
+            or not HubLink(hub).run(_close_in_hub, self)[0]
         ):
             # In the hub's thread, or after the hub is gone (nothing to wake then).
             super().close()
