@@ -349,6 +349,31 @@ def test_a_server_with_no_manager_takes_the_configured_one(
         Server(_async)
 
 
+def test_manager_options_with_no_manager_named_apply_to_the_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config with ``[manager_options]`` (or ``WEFT_MANAGER_OPTIONS_*``) and no
+    ``manager``: ``weft serve`` applies them to threads, and ``Server(h)`` threw them
+    away, a misspelt one unreported (the docs check's first finding, session 36).
+    The same config must make the same server, and the same mistake the same error."""
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("WEFT_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "weft.toml").write_text("[manager_options]\nlimit = 7\n")
+    server = Server(_sync)
+    assert server.manager_name == "threads"
+    assert server.task_manager.limit == 7
+    monkeypatch.setenv("WEFT_MANAGER_OPTIONS_LIMIT", "3")  # the environment over the file
+    assert Server(_sync).task_manager.limit == 3
+    assert Server(_sync, manager_options={"limit": 5}).task_manager.limit == 5
+    monkeypatch.delenv("WEFT_MANAGER_OPTIONS_LIMIT")
+    (tmp_path / "weft.toml").write_text("[manager_options]\nlimt = 7\n")
+    with pytest.raises(ConfigError) as caught:
+        Server(_sync)
+    assert caught.value.source is not None and "weft.toml" in caught.value.source
+    assert "did you mean 'limit' for 'limt'?" in str(caught.value)
+
+
 def test_a_configured_manager_nobody_installed_is_a_config_error_naming_where(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

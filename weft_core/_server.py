@@ -1190,7 +1190,9 @@ def _is_async(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[AsyncRuntime]:
 def _configured_manager() -> tuple[str, dict[str, Any] | None, Mapping[str, str]]:
     """The manager weft's config names, its options, and where each was set.
 
-    Else ``DEFAULT_MANAGER``, no options and no sources.
+    A config naming no manager gives ``DEFAULT_MANAGER`` with the config's
+    ``manager_options``, as ``weft serve`` applies them: the same config is the
+    same server, and a mistake in them is an error either way.
 
     ``Server(handler)`` with no manager: "config, else threads" (DESIGN section 2),
     where config is what ``weft serve`` reads, ``WEFT_MANAGER`` (and
@@ -1209,9 +1211,8 @@ def _configured_manager() -> tuple[str, dict[str, Any] | None, Mapping[str, str]
     }
     config = load_config(environ=environ)
     name = config.values.get("manager")
-    if not isinstance(name, str):
-        return DEFAULT_MANAGER, None, {}
-    return name, config.values.get("manager_options"), config.origins
+    options = config.values.get("manager_options")
+    return name if isinstance(name, str) else DEFAULT_MANAGER, options, config.origins
 
 
 def _is_sync(runtime: SyncRuntime | AsyncRuntime) -> TypeGuard[SyncRuntime]:
