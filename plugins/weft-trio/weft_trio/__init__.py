@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._manager import TrioManager
-    from ._runtime import TrioListener, TrioRuntime, TrioSlots
+    from ._runtime import IdleTimeoutStream, TrioListener, TrioRuntime, TrioSlots
 
-__all__ = ["TrioListener", "TrioManager", "TrioRuntime", "TrioSlots"]
+__all__ = ["IdleTimeoutStream", "TrioListener", "TrioManager", "TrioRuntime", "TrioSlots"]
 
 _MODULE_OF = {
+    "IdleTimeoutStream": "._runtime",
     "TrioListener": "._runtime",
     "TrioManager": "._manager",
     "TrioRuntime": "._runtime",
