@@ -8,6 +8,7 @@ cannot make one (not root, no pids controller): RLIMIT_NPROC does not bind root.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _fault_support import closed_without_data
@@ -135,6 +137,9 @@ def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
                       "-o", "idle_threads=0", "--control-socket", str(control))  # fmt: skip
     with Served(argv, cwd=tmp_path) as served:
         wait_until(lambda: connects(port), timeout=30)
+        # The probes served and ended (on a loaded machine a probe's thread could
+        # still be unstarted at the cap, and its refusal made 21).
+        wait_until(lambda: _stats(control)["active"] == 0, timeout=30)
         (capped / "cgroup.procs").write_text(str(served.proc.pid))
         # One below: the thread that served the probe connection may end only now.
         (capped / "pids.max").write_text(str(_tasks(served.proc.pid) - 1))
@@ -144,14 +149,20 @@ def test_at_the_cap_clients_are_refused_quietly_and_weft_ctl_survives(
         at_cap = _ctl(control, "status")
         assert at_cap.returncode != 0 and "busy" in at_cap.stderr, at_cap
         (capped / "pids.max").write_text("max")
-        status = _ctl(control, "status")
-        assert status.returncode == 0, status.stderr
-        assert '"refused": 20' in status.stdout
+        stats = _stats(control)
+        assert stats["refused"] == 20, stats
         served.signal(signal.SIGTERM)
         assert served.finish(20) == 0
         served.wait_closed()
     assert "Traceback" not in served.text, served.text
     assert served.text.count("refused connection from") < 5, served.text  # a bounded rate
+
+
+def _stats(control: Path) -> dict[str, Any]:
+    status = _ctl(control, "status")
+    assert status.returncode == 0, status.stderr
+    stats: dict[str, Any] = json.loads(status.stdout)["stats"]
+    return stats
 
 
 def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
