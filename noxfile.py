@@ -9,9 +9,12 @@ Nothing is installed when this file is imported.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nox
+import nox.project
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).parent
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists())
@@ -33,13 +36,13 @@ TEST_DEPS = [
 ]
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["lint", "types", "tests", "plugin", "example_plugin"]
+nox.options.sessions = ["lint", "types", "tests", "plugin", "lowest", "example_plugin"]
 nox.options.reuse_existing_virtualenvs = True
 
 
-def install_weft(session: nox.Session, *plugins: str) -> None:
-    """Core and the given plugins from this checkout, plus test tools."""
-    session.install("-e", ".", *[f"-e./plugins/{p}" for p in plugins], *TEST_DEPS)
+def install_weft(session: nox.Session, *plugins: str, pins: Sequence[str] = ()) -> None:
+    """Core and the given plugins from this checkout, plus test tools (and ``pins``)."""
+    session.install("-e", ".", *[f"-e./plugins/{p}" for p in plugins], *TEST_DEPS, *pins)
 
 
 @nox.session
@@ -68,11 +71,13 @@ def types(session: nox.Session) -> None:
 
 
 def _pytest_workers() -> int:
-    """One pytest worker per core (pytest-xdist), the idle workers taking tests from the
-    busy ones' queues: most tests wait on real processes, clients and timeouts, so two
-    cores halve the wall time. At most 4: a container may see more cores than it may
-    use, and the tests' bounds hold with 4 workers on 2 cores, not with 64."""
-    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    """Two pytest workers per core (pytest-xdist), the idle workers taking tests from
+    the busy ones' queues: most tests wait on real processes, clients and timeouts
+    (with one worker per core, two cores stood 60-90 % idle, and the core tests took
+    12 min against 8 with two per core). At most 4: a container may see more cores
+    than it may use, and the tests' bounds hold with 4 workers on 2 cores, not with 64."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+    return min(4, 2 * cores)
 
 
 @nox.session
@@ -100,6 +105,40 @@ def plugin(session: nox.Session, plugin: str) -> None:
     install_weft(session, plugin, *managers)
     session.run("pytest", f"plugins/{plugin}/tests", "-n", str(_pytest_workers()),
                 "--dist", "worksteal", *session.posargs)  # fmt: skip
+
+
+def _declared_floors() -> list[str]:
+    """``name==V`` for each ``name>=V`` the distributions need at run time or by an
+    extra: weft's own distributions come from this checkout, and the ``testing``
+    extra's pytest from the tests' own needs (xdist, pytest 8)."""
+    floors = []
+    for pyproject in [ROOT / "pyproject.toml", *sorted(ROOT.glob("plugins/*/pyproject.toml"))]:
+        project = nox.project.load_toml(pyproject)["project"]
+        extras = [r for name, r in project.get("optional-dependencies", {}).items()
+                  if name != "testing"]  # fmt: skip
+        for text in [*project.get("dependencies", []), *(r for extra in extras for r in extra)]:
+            requirement = Requirement(text)
+            if requirement.name.startswith("weft-") or not (
+                requirement.marker is None or requirement.marker.evaluate()
+            ):
+                continue
+            lowest = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            floors += [f"{requirement.name}=={v}" for v in lowest]
+    return floors
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The lowest versions the metadata admits (pluggy, gevent, trio, uvloop, ...):
+    the conformance suite on every manager and each plugin's own tests. gevent before
+    26.8 passed every session that installs the newest releases and failed the suite
+    (a slot released from another thread woke no waiter), so a floor is tested too."""
+    install_weft(session, *PLUGINS, pins=_declared_floors())
+    session.run("python", "-m", "pip", "list", silent=False)  # which versions, on record
+    workers = ["-n", str(_pytest_workers()), "--dist", "worksteal"]
+    for manager in ("threads", "gevent", "trio"):  # asyncio's: in its plugin's tests
+        session.run("weft", "conformance", manager, "-q", *workers)
+    session.run("pytest", *[f"plugins/{p}/tests" for p in PLUGINS], *workers, *session.posargs)
 
 
 @nox.session
