@@ -129,10 +129,10 @@ def _declared_floors() -> list[str]:
 
 @nox.session
 def lowest(session: nox.Session) -> None:
-    """The lowest versions the metadata admits (pluggy, gevent, trio, uvloop, ...):
-    the conformance suite on every manager and each plugin's own tests. gevent before
-    26.8 passed every session that installs the newest releases and failed the suite
-    (a slot released from another thread woke no waiter), so a floor is tested too."""
+    """The conformance suite on every manager and each plugin's own tests, on the
+    lowest versions the metadata admits (pluggy, gevent, trio, uvloop, ...). The other
+    sessions install the newest, and weft-gevent admitted a gevent (23.9 to 26.7) that
+    failed the suite: a slot released from another thread woke no waiter."""
     install_weft(session, *PLUGINS, pins=_declared_floors())
     session.run("python", "-m", "pip", "list", silent=False)  # which versions, on record
     workers = ["-n", str(_pytest_workers()), "--dist", "worksteal"]
