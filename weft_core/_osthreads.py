@@ -162,16 +162,22 @@ class ShortSwitches(_Nested):
     def __init__(self) -> None:
         super().__init__()
         self._saved: float | None = None
+        #: The interval as Python reports it once set: it keeps whole microseconds,
+        #: so 0.0002 reads back as 0.00019999999999999998, and a comparison with
+        #: STOP_SWITCH_INTERVAL never matched: every stop left the process at 0.2 ms.
+        self._set: float | None = None
 
     def _hold(self, first: bool) -> None:
         if first:
             self._saved = sys.getswitchinterval()
             if self._saved > STOP_SWITCH_INTERVAL:
                 sys.setswitchinterval(STOP_SWITCH_INTERVAL)
+                self._set = sys.getswitchinterval()
 
     def _undo(self) -> None:
         saved, self._saved = self._saved, None
-        if saved is not None and sys.getswitchinterval() == STOP_SWITCH_INTERVAL:
+        was_set, self._set = self._set, None
+        if saved is not None and was_set is not None and sys.getswitchinterval() == was_set:
             sys.setswitchinterval(saved)
 
 
