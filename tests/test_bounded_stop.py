@@ -563,3 +563,32 @@ def test_a_stop_interrupts_on_one_cpu_with_short_switches_and_undoes_both() -> N
     # undo compared with 0.0002, which Python reads back as 0.00019999999999999998).
     assert sys.getswitchinterval() == switch_before
     assert os.sched_getaffinity(0) == CPUS
+
+
+def test_a_stop_step_keeps_its_bound_while_its_thread_waits_for_a_first_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Thread.start()`` waits, with no bound, for the new thread's first turn at
+    the GIL: among thousands of busy handler threads that took 15 s of a stop bounded
+    at 5. A stop's step that needs a thread (``call_within``) must still give up on
+    time. The timed test of that scene passed with the fix reverted (an outside check
+    of the tests: its 2,000 threads did not make the wait long here), so the start is
+    held here on purpose."""
+    from weft_core._engine import call_within
+
+    release, ran = threading.Event(), threading.Event()
+    real_start = threading.Thread.start
+
+    def first_turn_never_comes(self: threading.Thread) -> None:
+        release.wait(WAIT)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", first_turn_never_comes)
+    began = time.monotonic()
+    try:
+        assert call_within(ran.set, 0.2, "weft test: a stop's step") is False
+        took = time.monotonic() - began
+    finally:
+        release.set()
+    assert took < 0.2 + 1.0, f"call_within(wait=0.2) returned after {took:.2f}s"
+    assert ran.wait(WAIT), "the step runs once its thread has started"
