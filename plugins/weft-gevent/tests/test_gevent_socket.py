@@ -220,3 +220,26 @@ def test_a_call_into_a_hub_that_ends_first_does_not_wait_for_good() -> None:
     ran: list[bool] = []
     assert HubLink(hub).run(ran.append, True) == (False, None)
     assert queued and ran == [] and time.monotonic() - began < 5
+
+
+def test_a_hub_whose_loop_is_gone_ran_nothing_and_says_so() -> None:
+    """A hub destroyed between a caller's look and its call (``loop`` None, or a
+    destroyed loop's ValueError): ``run`` says it ended first, so a socket closed
+    from another thread closes itself, as before ``run`` took the wait over from a
+    method of its own that caught this; and ``call``, for a result the caller needs,
+    raises rather than return None (``adopt_listener`` returned None as a socket)."""
+    from types import SimpleNamespace
+
+    from weft_gevent._hub import HubLink
+
+    def destroyed(*_call: object) -> None:
+        raise ValueError("operation on destroyed loop")
+
+    for loop in (None, SimpleNamespace(run_callback_threadsafe=destroyed)):
+        hub: Any = SimpleNamespace(thread_ident=-1, dead=True, loop=loop)
+        ran: list[bool] = []
+        assert HubLink(hub).run(ran.append, True) == (False, None)
+        assert HubLink(hub).run(ran.append, True, timeout=1.0) == (False, None)
+        with pytest.raises(RuntimeError, match="the hub ended before it ran"):
+            HubLink(hub).call(ran.append, True)
+        assert ran == []

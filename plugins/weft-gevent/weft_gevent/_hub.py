@@ -143,7 +143,10 @@ class HubLink:
         if self.is_current():
             return True, fn(*args)
         reply: _Reply[T] = _Reply()
-        self.call_soon(_spawn_filler, reply, fn, args)
+        try:
+            self.call_soon(_spawn_filler, reply, fn, args)
+        except (AttributeError, ValueError):  # its loop is gone already: it ended first
+            return False, None  # type: ignore[return-value]
         if timeout is not None:
             return reply.wait(timeout)  # type: ignore[return-value]
         while True:
@@ -152,6 +155,16 @@ class HubLink:
                 return True, value  # type: ignore[return-value]
             if self.hub.loop is None or self.hub.dead:
                 return False, None  # type: ignore[return-value]
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`run` with no timeout, for a result the caller needs.
+
+        A hub that ended first (it crashed: its callers hold it) is an error, not None.
+        """
+        finished, value = self.run(fn, *args)
+        if not finished:
+            raise RuntimeError(f"weft-gevent: the hub ended before it ran {fn.__name__}")
+        return value
 
 
 class _HubThread:
@@ -306,7 +319,7 @@ class HubOwner:
         """Run ``fn(*args)`` in the hub's thread (starting the hub if needed)."""
         link = self.acquire()
         try:
-            return link.run(fn, *args)[1]
+            return link.call(fn, *args)
         finally:
             self.release()
 

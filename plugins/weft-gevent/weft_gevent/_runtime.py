@@ -278,7 +278,7 @@ class GeventRuntime:
         family, type_, proto = sock.family, sock.type, sock.proto
         link = self._hubs.acquire()  # start the hub before the descriptor changes hands
         try:
-            return link.run(_make_socket, int(family), int(type_), proto, sock.detach())[1]
+            return link.call(_make_socket, int(family), int(type_), proto, sock.detach())
         finally:
             self._hubs.release()
 
