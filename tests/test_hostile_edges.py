@@ -76,6 +76,21 @@ async def aliteral_eval_what_was_sent(stream: Any) -> None:
     ast.literal_eval((await stream.receive_some(1024)).decode("latin-1"))
 
 
+def raise_what_was_sent(conn: Any) -> None:
+    """A handler quoting the client's whole request in its error, as many do."""
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    raise ValueError(f"bad request: {data.decode('latin-1')}")
+
+
+async def araise_what_was_sent(stream: Any) -> None:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    raise ValueError(f"bad request: {data.decode('latin-1')}")
+
+
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -467,6 +482,38 @@ def test_a_syntax_error_carrying_client_bytes_is_logged_escaped(
     assert "\x1b" not in text and "\x07" not in text, (
         f"the client's ESC/BEL bytes reach the log raw: {text.splitlines()[-3:]!r}"
     )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_handler_error_quoting_a_huge_request_is_logged_cut_short(
+    serve: Any, manager: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's error quoting the client's 256 KiB request: one bounded record.
+
+    docs/networking.md, "Untrusted text in logs": an exception message is escaped and
+    cut at ``MESSAGE_LIMIT`` characters, the rest counted. Fails without the cut: the
+    record carried the whole request, escaped (258,318 characters in one record, as
+    often as a client chose to send one).
+    """
+    from weft_core._logsafe import MESSAGE_LIMIT
+
+    sent = (b"\x1b[2J" + b"A" * 1000) * 256
+    server = serve(manager, options, raise_what_was_sent, araise_what_was_sent)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
+        client.sendall(sent)
+        client.shutdown(socket.SHUT_WR)
+        client.recv(1)
+    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
+    errors = [
+        r for r in caplog.records if r.name.startswith("weft") and r.levelno >= logging.ERROR
+    ]
+    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+    text = caplog.handler.format(errors[0])
+    assert "ValueError: bad request: \\x1b[2J" in text, text[-300:]
+    assert len(text) < 4 * MESSAGE_LIMIT + 4000, f"{len(text)} characters logged"
+    shown = MESSAGE_LIMIT - len("bad request: ")
+    assert f"[{len(sent) - shown} more characters not logged]" in text, text[-300:]
 
 
 # -- slow and stalled clients vs the limits ------------------------------------------------

@@ -49,7 +49,7 @@ from ._connection import ConnectionInfo, format_address
 from ._control import ConnectionSnapshot
 from ._errors import FAILURES, ManagerFullError, ServerError
 from ._listeners import Listener, close_listener, remove_socket_file
-from ._logsafe import escape_for_log, log_untrusted_exception
+from ._logsafe import escape_for_log, escape_message, log_untrusted_exception
 from ._osthreads import thread_primitives
 from ._protocol import AsyncRuntime, Slots, SyncRuntime, TaskManager
 from ._proxy import HEADER_TIMED_OUT, ProxyHeader, ProxyHeaderError
@@ -888,7 +888,12 @@ class Engine(ABC, Generic[R]):
             # We cut it off (its socket shut down, its task cancelled): whatever it
             # raised on the way out - OSError, or a runtime's wrapper such as trio's
             # ClosedResourceError - is our doing, not the handler's fault.
-            log.debug("handler for %s cut off by the stop: %r", info.peer_str, exc)
+            log.debug(
+                "handler for %s cut off by the stop: %s: %s",
+                info.peer_str,
+                type(exc).__name__,
+                escape_message(exc),
+            )
             return
         tls_error = _tls_error(exc)
         if tls_error is not None and not _tls_peer_gone(tls_error):

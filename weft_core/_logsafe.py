@@ -19,7 +19,19 @@ from __future__ import annotations
 import logging
 import traceback
 
-__all__ = ["escape_for_log", "format_untrusted_exception", "log_untrusted_exception"]
+__all__ = [
+    "MESSAGE_LIMIT",
+    "escape_for_log",
+    "escape_message",
+    "format_untrusted_exception",
+    "log_untrusted_exception",
+]
+
+#: The most characters of one exception message (or note, or a SyntaxError's part)
+#: that a log record carries; the rest is counted, not written. A handler's
+#: ``ValueError(f"bad line {line!r}")`` over a client's 1 MiB line put the whole line,
+#: escaped (up to four times its size), into one record, on every request.
+MESSAGE_LIMIT = 2000
 
 
 def _escapes() -> dict[int, str]:
@@ -93,7 +105,7 @@ def format_untrusted_exception(exc: BaseException) -> str:
         if id(each) in seen:
             continue
         seen.add(id(each))
-        each._str = escape_for_log(each._str)  # type: ignore[attr-defined]
+        each._str = escape_message(each._str)  # type: ignore[attr-defined]
         if issubclass(each.exc_type or type, SyntaxError):
             # A SyntaxError prints its own parts (the offending text, its message and
             # file name), and a handler's compile() or ast.literal_eval() of what a
@@ -101,13 +113,25 @@ def format_untrusted_exception(exc: BaseException) -> str:
             for part in ("text", "msg", "filename"):
                 value = getattr(each, part, None)
                 if isinstance(value, str):
-                    setattr(each, part, escape_for_log(value))
+                    setattr(each, part, escape_message(value))
         notes = getattr(each, "__notes__", None)
         if notes:
-            setattr(each, "__notes__", [escape_for_log(note) for note in notes])  # noqa: B010
+            setattr(each, "__notes__", [escape_message(note) for note in notes])  # noqa: B010
         pending.extend(
             t
             for t in (each.__cause__, each.__context__, *(getattr(each, "exceptions", None) or ()))
             if t is not None
         )
     return "".join(formatted.format()).rstrip("\n")
+
+
+def escape_message(value: object) -> str:
+    """:func:`escape_for_log` of an exception message, cut at ``MESSAGE_LIMIT`` characters.
+
+    What is cut is counted in the line (``[N more characters not logged]``).
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= MESSAGE_LIMIT:
+        return escape_for_log(text)
+    cut = len(text) - MESSAGE_LIMIT
+    return f"{escape_for_log(text[:MESSAGE_LIMIT])} [{cut} more characters not logged]"
