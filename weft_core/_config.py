@@ -36,7 +36,7 @@ from typing import Any
 
 from ._endpoints import with_default_host
 from ._errors import ConfigError, UnknownManagerError, WeftError
-from ._logsafe import escape_for_log
+from ._logsafe import escape_for_log, json_safe
 from ._reload import PARENT_ENV
 from ._settings import (
     CONTROL_SOCKET_OFF,
@@ -162,6 +162,15 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
                     source=source,
                     key=key,
                 )
+            if not value:
+                # [tls] with every line commented out: TLS meant, none said how. Read
+                # as nothing, it served plain TCP where Server(tls={}) refuses.
+                raise ConfigError(
+                    "an empty table: TLS needs certfile (and keyfile, unless the key is in"
+                    " the certfile); for no TLS, leave [tls] out or write tls = false",
+                    source=source,
+                    key=key,
+                )
             for sub, subvalue in value.items():
                 if sub not in TLS_PARTS:
                     raise unknown_tls_key(sub, source)
@@ -231,8 +240,14 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
     return _from_table(document, source, path.parent), source
 
 
-#: ``unix_mode = 440``: a decimal integer literal, as TOML reads it.
-_DECIMAL_MODE = re.compile(r"^[ \t]*unix_mode[ \t]*=[ \t]*([1-9][0-9_]*)[ \t]*(?:#.*)?$", re.M)
+#: ``unix_mode = 440``: a decimal integer literal, as TOML reads it, however the key
+#: is spelt: quoted, dotted (``weft.unix_mode`` in pyproject's ``[tool]``), in an
+#: inline table; the number signed or not.
+_DECIMAL_MODE = re.compile(
+    r"""(?:^|[{,])[ \t]*(?:(?:[\w-]+|"[^"\n]*"|'[^'\n]*')[ \t]*\.[ \t]*)*"""
+    r"""(?:unix_mode|"unix_mode"|'unix_mode')[ \t]*=[ \t]*\+?([1-9][0-9_]*)[ \t]*(?=$|[#,}])""",
+    re.M,
+)
 
 
 def _refuse_a_decimal_mode(table: Mapping[str, Any], text: str, source: str) -> None:
@@ -251,7 +266,7 @@ def _refuse_a_decimal_mode(table: Mapping[str, Any], text: str, source: str) -> 
         if int(digits) == value:
             # The same digits in octal only where they are a mode (0o000-0o777).
             octal = set(digits) <= set("01234567") and int(digits, 8) <= 0o777
-            hint = f"0o{match.group(1)} (or 0o660, 0o600, ...)" if octal else "0o660, 0o600, ..."
+            hint = f"0o{match.group(1)}" if octal else "0o660, 0o600, ..."
             raise ConfigError(
                 f"unix_mode = {match.group(1)} is a decimal number in TOML, the mode"
                 f" {oct(value)}; write a mode in octal: unix_mode = {hint}",
@@ -584,12 +599,18 @@ class Config:
 
 
 def json_value(value: Any) -> str:
-    """A value as --check-config shows it: JSON, tuples as lists, non-ASCII kept."""
+    r"""A value as --check-config shows it: JSON, tuples as lists, non-ASCII kept.
+
+    As the JSON log lines do, DEL, the C1 controls (U+009B is a one-character
+    terminal escape), the Unicode line breaks and the invisible and
+    direction-changing marks are ``\u`` escapes (JSON escapes only C0): a value
+    from a variable or a flag is shown as inert as its error would be.
+    """
     import json
 
     if isinstance(value, tuple):
         value = list(value)
-    return json.dumps(value, default=str, ensure_ascii=False)
+    return json_safe(json.dumps(value, default=str, ensure_ascii=False))
 
 
 def _origin_kind(origin: str, file: Path | None) -> str:

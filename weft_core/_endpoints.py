@@ -280,7 +280,7 @@ def _parse_tcp(text: str, spec: str, default_host: str) -> Endpoint:
             raise _bad(
                 text,
                 f"{spec!r} is neither a port number nor a service name (for a host, "
-                f"write {spec}:PORT)",
+                f"write {escape_for_log(spec)}:PORT)",
             ) from None
     return Endpoint("tcp", host=host, port=_parse_port(text, port_text))
 

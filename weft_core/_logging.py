@@ -33,7 +33,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import select
 import signal
 import struct
@@ -46,7 +45,7 @@ from typing import Any, TextIO
 from ._config import toml_loads
 from ._errors import ConfigError
 from ._jobcontrol import JOB_STOPS
-from ._logsafe import escape_for_log
+from ._logsafe import escape_for_log, json_safe
 from ._osthreads import thread_primitives
 
 __all__ = [
@@ -127,18 +126,8 @@ class JsonFormatter(logging.Formatter):
             out["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
-        # JSON escapes the C0 controls; DEL and the C1 controls (U+009B is a
-        # one-character terminal escape), the Unicode line breaks, and the
-        # invisible and direction-changing marks (bidi overrides, zero widths,
-        # which reorder or hide what a reader sees) are escaped too.
-        return _NOT_JSON_SAFE.sub(_u_escape, json.dumps(out, default=str, ensure_ascii=False))
-
-
-_NOT_JSON_SAFE = re.compile("[\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
-
-
-def _u_escape(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
+        # JSON escapes the C0 controls; json_safe the rest a reader must not get raw.
+        return json_safe(json.dumps(out, default=str, ensure_ascii=False))
 
 
 def setup_logging(

@@ -17,6 +17,7 @@ as it is.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "escape_for_log",
     "escape_message",
     "format_untrusted_exception",
+    "json_safe",
     "log_untrusted_exception",
 ]
 
@@ -135,3 +137,19 @@ def escape_message(value: object) -> str:
         return escape_for_log(text)
     cut = len(text) - MESSAGE_LIMIT
     return f"{escape_for_log(text[:MESSAGE_LIMIT])} [{cut} more characters not logged]"
+
+
+#: What JSON leaves as it is and a terminal or a reader must not get raw: DEL and the
+#: C1 controls (U+009B is a one-character terminal escape), the Unicode line breaks,
+#: and the invisible and direction-changing marks (bidi overrides and isolates, zero
+#: widths, U+FEFF), which reorder or hide what a reader sees.
+_NOT_JSON_SAFE = re.compile("[\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def json_safe(text: str) -> str:
+    r"""JSON text (``json.dumps``, which escapes only C0) with those characters ``\u`` escaped."""
+    return _NOT_JSON_SAFE.sub(_u_escape, text)
+
+
+def _u_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"

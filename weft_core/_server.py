@@ -227,12 +227,14 @@ class Server:
             shutdown_allow_no_secret=shutdown_allow_no_secret,
             access_log=access_log,
         )
-        if unix_mode is not None and not names_a_unix_socket(self._cfg.bind, self._cfg.address):
+        if self._cfg.unix_mode is not None and not names_a_unix_socket(
+            self._cfg.bind, self._cfg.address
+        ):
             # weft serve says so from its config (and passes no unused unix_mode on).
             log.warning(
                 "unix_mode=%s is not used: neither bind nor address names a Unix socket"
                 " (unix:PATH) this server makes",
-                oct(unix_mode),
+                oct(self._cfg.unix_mode),
             )
         manager = validate("manager", manager)
         manager_options = validate("manager_options", manager_options)

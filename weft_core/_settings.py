@@ -81,9 +81,10 @@ _SHOW_MAX = 120
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _NONE = frozenset({"none", "false", "off", "no", "unlimited"})
-# Bounded digit counts: int() refuses strings over 4300 digits (CVE-2020-10735), and
-# nothing weft configures needs more than a handful.
-_INT_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
+# Bounded digit counts: int() refuses strings over 4300 digits (CVE-2020-10735). Up
+# to 4,000 are read as the number they are, so that one too big is refused as such,
+# with the same message as from Python or TOML (31 digits were refused as text).
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,4000}")
 _NUMBER_TEXT = re.compile(
     r"[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?"
 )
@@ -217,7 +218,9 @@ def seconds(*, positive: bool, none: str | None = None, zero_is_none: bool = Fal
             raise Invalid
         if value > _MAX_SECONDS:
             raise Invalid(
-                f"expected {expected}, got {value:g}, more than the most it can be"
+                # An int past a float's range has no :g (OverflowError): shown as it is.
+                f"expected {expected}, got {show(value) if isinstance(value, int) else f'{value:g}'},"
+                " more than the most it can be"
                 f" ({_MAX_SECONDS:g} seconds, 31 years)"
             )
         if value < 0 or (positive and value == 0):
@@ -485,8 +488,20 @@ def _check_path(value: Any) -> str | None:
 CONTROL_SOCKET_OFF = "off"
 
 
+#: The words that turn the control socket off, whatever route they come by: those
+#: that mean "none" for every other setting that has one (``false`` among them,
+#: TOML's own off, which as text made a socket file named ``false``).
+_CONTROL_SOCKET_OFF_WORDS = frozenset({"off", "none", "false", "no"})
+
+
+def _control_socket_off(value: Any) -> bool:
+    return value is False or (
+        isinstance(value, str) and value.strip().lower() in _CONTROL_SOCKET_OFF_WORDS
+    )
+
+
 def _check_control_socket(value: Any) -> str | None:
-    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+    if _control_socket_off(value):
         return CONTROL_SOCKET_OFF
     return _check_path(value)
 
@@ -746,9 +761,9 @@ def validate(
         kind.path
         and base is not None
         and isinstance(value, str)
-        and value
+        and value.strip()  # a blank path is refused as it is, not joined into a name
         and "\0" not in value
-        and value.strip().lower() not in ("off", "none")  # control_socket = "off"
+        and not (name == "control_socket" and _control_socket_off(value))
     ):
         value = str(base / os.path.expanduser(value))
     try:
