@@ -194,3 +194,14 @@ def test_unix_mode_false_from_python_is_no_mode_and_warns_of_nothing(
     with caplog.at_level("WARNING", logger="weft"):
         Server(lambda conn: None, unix_mode=False)
     assert not [r for r in caplog.records if "unix_mode" in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize("value", ["true", '"cert.pem"'])
+def test_tls_given_a_scalar_in_a_file_asks_for_the_table(tmp_path: Path, value: str) -> None:
+    """``tls = true`` in weft.toml was told to give "an ssl.SSLContext", which no file can
+    hold: the message for a file asks for the ``[tls]`` table (or false for none)."""
+    (tmp_path / "weft.toml").write_text(f"tls = {value}\n")
+    line = refusal(check_config(tmp_path))
+    assert "expected a table with certfile and keyfile, got" in line, line
+    assert "write them under [tls], or tls = false for none" in line, line
+    assert "SSLContext" not in line, line

@@ -153,12 +153,14 @@ def _from_table(table: Mapping[str, Any], source: str, base: Path) -> _Settings:
     for key, value in table.items():
         if key == "tls":
             if not isinstance(value, Mapping):
-                # Not a table: the table's message. ``tls = false`` is no TLS from this
+                # Not a table: the table's message (a file cannot hold an SSLContext,
+                # which the Python message offers). ``tls = false`` is no TLS from this
                 # source, as ``Server(tls=False)`` is.
-                if validate("tls", value, source=source) is None:
+                if value is False:
                     continue
                 raise ConfigError(
-                    f"expected a table with certfile and keyfile, got {show(value)}",
+                    f"expected a table with certfile and keyfile, got {show(value)}: write"
+                    " them under [tls], or tls = false for none",
                     source=source,
                     key=key,
                 )
