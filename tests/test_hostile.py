@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from weft_core import BindError, ConfigError, Server, available_managers, current_connection
 from weft_core._config import load_config
 from weft_core._connection import format_address
-from weft_core._logsafe import escape_for_log
+from weft_core._logsafe import MESSAGE_LIMIT, escape_for_log, escape_message
 from weft_core._proxy import V2_SIGNATURE, ProxyPolicy, build_v1
 from weft_core._registry import get_manager_spec
 from weft_core.testing._support import wait_until
@@ -196,6 +196,28 @@ def test_escape_for_log_shows_bytes_and_undecodable_path_bytes_as_bytes() -> Non
     assert escape_for_log(b"a\x00\xff\\") == r"a\x00\xff\\"
     assert escape_for_log(os.fsdecode(b"/tmp/\xff")) == r"/tmp/\xff"
     assert escape_for_log(ValueError("two\nlines")) == r"two\nlines"
+
+
+@given(st.text(min_size=MESSAGE_LIMIT - 2, max_size=MESSAGE_LIMIT + 50))
+def test_escape_message_cuts_at_the_limit_and_counts_the_rest(text: str) -> None:
+    """An exception's message in a log line: escaped, and at most MESSAGE_LIMIT of it."""
+    out = escape_message(text)
+    assert out.isascii() and out.isprintable()
+    if len(text) <= MESSAGE_LIMIT:
+        assert out == escape_for_log(text)
+    else:
+        kept = escape_for_log(text[:MESSAGE_LIMIT])
+        assert out == f"{kept} [{len(text) - MESSAGE_LIMIT} more characters not logged]"
+
+
+def test_escape_message_of_an_exception_whose_str_fails_says_so() -> None:
+    """Called where logging's own lazy formatting would have caught the failure."""
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert escape_message(Unprintable()) == "<Unprintable whose str() failed>"
 
 
 @pytest.mark.parametrize(

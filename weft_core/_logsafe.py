@@ -132,7 +132,10 @@ def escape_message(value: object) -> str:
 
     What is cut is counted in the line (``[N more characters not logged]``).
     """
-    text = value if isinstance(value, str) else str(value)
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:  # an exception class of the handler's whose __str__ fails
+        return f"<{type(value).__name__} whose str() failed>"
     if len(text) <= MESSAGE_LIMIT:
         return escape_for_log(text)
     cut = len(text) - MESSAGE_LIMIT
