@@ -205,3 +205,10 @@ def test_tls_given_a_scalar_in_a_file_asks_for_the_table(tmp_path: Path, value: 
     assert "expected a table with certfile and keyfile, got" in line, line
     assert "write them under [tls], or tls = false for none" in line, line
     assert "SSLContext" not in line, line
+
+
+def test_a_value_given_to_a_switch_says_how_to_write_it(tmp_path: Path) -> None:
+    """``--keepalive=yes`` (``WEFT_KEEPALIVE=yes`` is taken) was refused with only
+    "weft serve --help lists the flags": the line now says to write the switch."""
+    line = refusal(check_config(tmp_path, "--keepalive=yes"))
+    assert "a switch takes no value: write --keepalive or --no-keepalive" in line, line

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -199,8 +200,17 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        print_line(stderr_line(f"{self.prog}: {message} ({self.prog} --help lists the flags)"))
+        hint = f"{self.prog} --help lists the flags"
+        flags = _ON_OFF.match(message)
+        if flags is not None:
+            # --keepalive=yes: a switch takes no value (WEFT_KEEPALIVE=yes does).
+            hint = f"a switch takes no value: write {flags[1]} or {flags[2]}"
+        print_line(stderr_line(f"{self.prog}: {message} ({hint})"))
         sys.exit(EXIT_USAGE)
+
+
+#: argparse's refusal of a value given to an on/off switch (``--keepalive=yes``).
+_ON_OFF = re.compile(r"argument (--[\w-]+)/(--no-[\w-]+): ignored explicit argument")
 
 
 def build_parser() -> argparse.ArgumentParser:
