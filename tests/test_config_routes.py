@@ -48,6 +48,19 @@ def refusal(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def by_route(
+    tmp_path: Path, route: str, key: str, value: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``--check-config`` given ``key`` as ``value`` by one route: the file (a TOML
+    string), the ``WEFT_*`` variable or the flag."""
+    if route == "file":
+        (tmp_path / "weft.toml").write_text(f"{key} = {json.dumps(value)}\n")
+        return check_config(tmp_path, env=env)
+    if route == "env":
+        return check_config(tmp_path, env={**(env or {}), f"WEFT_{key.upper()}": value})
+    return check_config(tmp_path, f"--{key.replace('_', '-')}={value}", env=env)
+
+
 def shown(done: subprocess.CompletedProcess[str], key: str) -> str:
     """The value ``--check-config`` lists for ``key`` (its line, less the source)."""
     assert done.returncode == 0, done.stderr
@@ -66,14 +79,7 @@ def test_a_bare_bind_word_is_refused_in_one_escaped_line(tmp_path: Path, route: 
     """A ``bind`` item with no colon was put raw into the hint ("for a host, write
     X:PORT"): ESC, C1 and bidi bytes reached the terminal, and a line break split the
     refusal into two lines, the second one the peer's (every route)."""
-    if route == "file":
-        (tmp_path / "weft.toml").write_text(f"bind = [{json.dumps(HOSTILE)}]\n")
-        done = check_config(tmp_path)
-    elif route == "env":
-        done = check_config(tmp_path, env={"WEFT_BIND": HOSTILE})
-    else:
-        done = check_config(tmp_path, f"--bind={HOSTILE}")
-    line = refusal(done)
+    line = refusal(by_route(tmp_path, route, "bind", HOSTILE))
     assert "neither a port number nor a service name" in line and inert(line), line
 
 
@@ -96,11 +102,7 @@ def test_a_seconds_value_past_a_float_s_range_is_too_big_not_a_crash(tmp_path: P
 def test_an_integer_too_big_is_said_so_from_text_too(tmp_path: Path, route: str) -> None:
     """31 digits or more were read as text, refused as "got '1000…0'" with no bound,
     where Python and TOML said "more than the most it can be (2147483647)"."""
-    big = str(10**30)
-    if route == "env":
-        done = check_config(tmp_path, env={"WEFT_BACKLOG": big})
-    else:
-        done = check_config(tmp_path, f"--backlog={big}")
+    done = by_route(tmp_path, route, "backlog", str(10**30))
     assert "more than the most it can be (2147483647)" in refusal(done)
 
 
@@ -150,13 +152,7 @@ def test_every_off_word_turns_the_control_socket_off(
 ) -> None:
     """``control_socket = false`` in TOML is off; the text ``false`` (or ``no``) from a
     variable or a flag made a socket file named ``false`` in the working directory."""
-    if route == "file":
-        (tmp_path / "weft.toml").write_text(f'control_socket = "{word}"\n')
-        done = check_config(tmp_path, env={"WEFT_CONTROL_SOCKET": ""})
-    elif route == "env":
-        done = check_config(tmp_path, env={"WEFT_CONTROL_SOCKET": word})
-    else:
-        done = check_config(tmp_path, f"--control-socket={word}")
+    done = by_route(tmp_path, route, "control_socket", word, env={"WEFT_CONTROL_SOCKET": ""})
     assert shown(done, "control_socket") == '"off"'
 
 
@@ -178,11 +174,7 @@ def test_a_config_file_s_relative_paths_are_the_file_s_whatever_their_name(
 def test_check_config_lists_c1_controls_and_bidi_marks_escaped(tmp_path: Path, route: str) -> None:
     """The listing escaped only what JSON does (C0): a C1 CSI and a bidi override from a
     variable or a flag reached the terminal, where their error line escaped them."""
-    pid = "/tmp/x\u009b31m\u202ey.pid"
-    if route == "env":
-        done = check_config(tmp_path, env={"WEFT_PID": pid})
-    else:
-        done = check_config(tmp_path, f"--pid={pid}")
+    done = by_route(tmp_path, route, "pid", "/tmp/x\u009b31m\u202ey.pid")
     assert shown(done, "pid") == '"/tmp/x\\u009b31m\\u202ey.pid"'
 
 

@@ -455,6 +455,16 @@ def test_a_proxy_header_that_times_out_is_logged_so_on_every_manager(
 HOSTILE_LINE = "1 + \x1b[2J\x1b]0;owned\x07 ("
 
 
+def the_handler_error(server: Any, caplog: pytest.LogCaptureFixture) -> str:
+    """The one ERROR record weft logs for a handler's error, as the log shows it."""
+    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
+    errors = [
+        r for r in caplog.records if r.name.startswith("weft") and r.levelno >= logging.ERROR
+    ]
+    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+    return caplog.handler.format(errors[0])
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("manager", "options"), MANAGERS)
 def test_a_syntax_error_carrying_client_bytes_is_logged_escaped(
@@ -472,12 +482,7 @@ def test_a_syntax_error_carrying_client_bytes_is_logged_escaped(
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as client:
         client.sendall(HOSTILE_LINE.encode("latin-1"))
         client.recv(1)
-    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
-    errors = [
-        r for r in caplog.records if r.name.startswith("weft") and r.levelno >= logging.ERROR
-    ]
-    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
-    text = caplog.handler.format(errors[0])
+    text = the_handler_error(server, caplog)
     assert "SyntaxError" in text, text
     assert "\x1b" not in text and "\x07" not in text, (
         f"the client's ESC/BEL bytes reach the log raw: {text.splitlines()[-3:]!r}"
@@ -504,12 +509,7 @@ def test_a_handler_error_quoting_a_huge_request_is_logged_cut_short(
         client.sendall(sent)
         client.shutdown(socket.SHUT_WR)
         client.recv(1)
-    wait_until(lambda: server.stats()["handler_errors"] == 1, what="the error counted")
-    errors = [
-        r for r in caplog.records if r.name.startswith("weft") and r.levelno >= logging.ERROR
-    ]
-    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
-    text = caplog.handler.format(errors[0])
+    text = the_handler_error(server, caplog)
     assert "ValueError: bad request: \\x1b[2J" in text, text[-300:]
     assert len(text) < 4 * MESSAGE_LIMIT + 4000, f"{len(text)} characters logged"
     shown = MESSAGE_LIMIT - len("bad request: ")
