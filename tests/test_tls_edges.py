@@ -375,6 +375,36 @@ def test_a_tls_client_gone_without_close_notify_is_the_peers_end_not_a_tls_failu
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("manager", "options"), MANAGERS)
+def test_a_fin_without_close_notify_is_an_end_under_an_applications_context(
+    serve: Any, manager: str, options: dict[str, Any], certs: dict[str, str]
+) -> None:
+    """An application's ``SSLContext`` (no ``OP_IGNORE_UNEXPECTED_EOF``), a client that
+    closes without ``close_notify``: the handler reads an end, nothing is counted.
+
+    OpenSSL answers such an end with a fatal alert, and the client's kernel answers
+    the alert with a reset: on threads and gevent the kernel then held the
+    connection as reset by the time weft asked, and the client's ordinary close was
+    a ``ConnectionResetError`` in the handler and a ``peer_errors`` count, where
+    trio and asyncio read an end (an outside check of the traffic views). A reset
+    after the peer's FIN leaves ``EPIPE`` pending, not ``ECONNRESET``.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs["cert"], certs["key"])
+    server = serve(manager, options, echo, aecho, tls=context)
+    for n in range(3):
+        client = TLSClient(server.port, _context(certs["ca"]))
+        client.send(b"hi")
+        client.read_until(b"hi")
+        client.sock.close()  # a FIN, no close_notify
+        wait_until(lambda n=n: server.stats()["accepted"] == n + 1 and server.stats()["active"] == 0,
+                   what="the handler to end")  # fmt: skip
+    counters = _counters(server)
+    assert counters["peer_errors"] == 0 and counters["tls_errors"] == 0, (manager, counters)
+    assert counters["handler_errors"] == 0, (manager, counters)
+
+
+@pytest.mark.timeout(60)
 def test_an_applications_own_sslsocket_class_is_kept_on_threads(
     serve: Any, certs: dict[str, str]
 ) -> None:

@@ -18,6 +18,7 @@ socket already closed), the counts are None.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from typing import Any
@@ -107,9 +108,16 @@ def reset_by_peer(sock: Any) -> bool:
         return False
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)
+        if not info or info[0] != _CLOSED:
+            return False
+        # A reset that came after the peer's FIN leaves EPIPE pending (Linux's
+        # tcp_reset() in CLOSE_WAIT), not ECONNRESET: the peer had ended its side,
+        # and the reset answered what we sent after (OpenSSL's alert for an end
+        # without close_notify, under an application's context without
+        # OP_IGNORE_UNEXPECTED_EOF). That is the peer's end of input, not a reset.
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.EPIPE
     except (OSError, ValueError, TypeError):
         return False
-    return bool(info) and info[0] == _CLOSED
 
 
 def accept_queue_length(sock: Any) -> int:

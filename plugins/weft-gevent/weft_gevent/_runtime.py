@@ -410,9 +410,15 @@ def _reset_by_peer(sock: Any) -> bool:
         return False
     try:
         info = sock.getsockopt(level, option, 8)
+        if not info or info[0] != _TCP_CLOSE:
+            return False
+        # A reset after the peer's FIN leaves EPIPE pending (Linux's tcp_reset() in
+        # CLOSE_WAIT), not ECONNRESET: it answered OpenSSL's alert for an end without
+        # close_notify (an application's context without OP_IGNORE_UNEXPECTED_EOF),
+        # and the peer had ended its side: an end of input, not a reset.
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.EPIPE
     except (OSError, ValueError, TypeError):
         return False
-    return bool(info) and info[0] == _TCP_CLOSE
 
 
 def _close_half_made(exc: BaseException) -> None:
