@@ -439,3 +439,13 @@ def test_under_gevent_monkey_patching() -> None:
         served.proc.stdin.close()
         assert served.proc.wait(WAIT) == 0, served.text
     assert "Traceback" not in served.text, served.text
+
+
+def test_the_histogram_has_the_bounds_of_the_servers_own_durations() -> None:
+    """``stats()["durations"]`` (and ``weft ctl status``) and the scrape bucket the same
+    bounds: the core had 15 and the plugin 17 (900 s and 1800 s), both documented as
+    "DURATION_BUCKETS, 5 ms to an hour" (an outside check of the traffic views)."""
+    from weft_core import Server
+
+    keys = list(Server(lambda conn: None).stats()["durations"])
+    assert keys == [f"{bound:g}" for bound in DURATION_BUCKETS] + ["+Inf"]
