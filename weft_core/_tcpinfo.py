@@ -115,7 +115,7 @@ def reset_by_peer(sock: Any) -> bool:
         # and the reset answered what we sent after (OpenSSL's alert for an end
         # without close_notify, under an application's context without
         # OP_IGNORE_UNEXPECTED_EOF). That is the peer's end of input, not a reset.
-        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.EPIPE
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.EPIPE)
     except (OSError, ValueError, TypeError):
         return False
 

@@ -416,7 +416,7 @@ def _reset_by_peer(sock: Any) -> bool:
         # CLOSE_WAIT), not ECONNRESET: it answered OpenSSL's alert for an end without
         # close_notify (an application's context without OP_IGNORE_UNEXPECTED_EOF),
         # and the peer had ended its side: an end of input, not a reset.
-        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.EPIPE
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.EPIPE)
     except (OSError, ValueError, TypeError):
         return False
 
