@@ -140,9 +140,15 @@ def test_a_decimal_unix_mode_is_refused_however_the_key_is_spelt(
     assert "is a decimal number in TOML" in line and "unix_mode = 0o440" in line, line
 
 
-def test_an_octal_unix_mode_and_a_commented_decimal_one_are_taken(tmp_path: Path) -> None:
-    (tmp_path / "weft.toml").write_text("# unix_mode = 440\nunix_mode = 0o440\n")
-    assert shown(check_config(tmp_path), "unix_mode") == str(0o440)
+def test_an_octal_unix_mode_beside_a_commented_decimal_one_is_taken(tmp_path: Path) -> None:
+    """``0o670`` is 440: a commented-out ``unix_mode = 440`` beside it must not be read."""
+    (tmp_path / "weft.toml").write_text("# unix_mode = 440\nunix_mode = 0o670\n")
+    assert shown(check_config(tmp_path), "unix_mode") == str(0o670)
+
+
+def test_a_decimal_unix_mode_in_a_file_with_windows_line_ends_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "weft.toml").write_bytes(b"unix_mode = 440\r\n")
+    assert "is a decimal number in TOML" in refusal(check_config(tmp_path))
 
 
 @pytest.mark.parametrize("word", ["false", "no", "off", "none"])

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from weft_core import BindError, ConfigError, Server, available_managers, current_connection
 from weft_core._config import load_config
 from weft_core._connection import format_address
-from weft_core._logsafe import MESSAGE_LIMIT, escape_for_log, escape_message
+from weft_core._logsafe import MESSAGE_LIMIT, escape_for_log, escape_message, json_safe
 from weft_core._proxy import V2_SIGNATURE, ProxyPolicy, build_v1
 from weft_core._registry import get_manager_spec
 from weft_core.testing._support import wait_until
@@ -559,3 +559,19 @@ def test_a_symlink_to_a_stale_socket_is_not_replaced(serve: Any, folder: str) ->
     # The stale file itself is still replaced, as before.
     serve(address=f"unix:{target}")
     assert exchange(unix_client(target), HONEST) == b"unix:(unnamed) " + HONEST
+
+
+def test_json_safe_escapes_every_format_character_and_line_break() -> None:
+    """JSON log lines and --check-config's listing: no character that reorders or hides
+    text (Unicode's Cf: bidi marks, zero widths, tags), no line break, no C1 control
+    reaches the reader raw. U+061C, U+E0001 and other Cf characters passed."""
+    import sys
+    import unicodedata
+
+    raw = [
+        f"U+{code:04X}"
+        for code in range(0x7F, sys.maxunicode + 1)
+        if unicodedata.category(chr(code)) in ("Cc", "Cf", "Zl", "Zp")
+        and json_safe(chr(code)) == chr(code)
+    ]
+    assert raw == [], raw

@@ -199,10 +199,13 @@ def _reset_aware_class() -> type:
                     return super().read(len, buffer)
                 except ssl.SSLEOFError:
                     pass  # raised past this block: no SSLError behind the reset
-                if reset_by_peer(self):
+                # Once an end, always an end: the kernel's answer is read once (asking
+                # clears the pending error that told the end from a reset).
+                if not self.__dict__.get("_weft_ended") and reset_by_peer(self):
                     raise ConnectionResetError(
                         errno.ECONNRESET, "the peer reset the TLS connection"
                     )
+                self.__dict__["_weft_ended"] = True
                 return b"" if buffer is None else 0
 
         _ResetAware = ResetAwareSSLSocket

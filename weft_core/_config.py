@@ -247,7 +247,7 @@ def _from_file(path: Path, *, pyproject: bool, explicit: bool) -> tuple[_Setting
 #: inline table; the number signed or not.
 _DECIMAL_MODE = re.compile(
     r"""(?:^|[{,])[ \t]*(?:(?:[\w-]+|"[^"\n]*"|'[^'\n]*')[ \t]*\.[ \t]*)*"""
-    r"""(?:unix_mode|"unix_mode"|'unix_mode')[ \t]*=[ \t]*\+?([1-9][0-9_]*)[ \t]*(?=$|[#,}])""",
+    r"""(?:unix_mode|"unix_mode"|'unix_mode')[ \t]*=[ \t]*\+?([1-9][0-9_]*)[ \t\r]*(?=$|[#,}])""",
     re.M,
 )
 

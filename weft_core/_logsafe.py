@@ -144,9 +144,13 @@ def escape_message(value: object) -> str:
 
 #: What JSON leaves as it is and a terminal or a reader must not get raw: DEL and the
 #: C1 controls (U+009B is a one-character terminal escape), the Unicode line breaks,
-#: and the invisible and direction-changing marks (bidi overrides and isolates, zero
-#: widths, U+FEFF), which reorder or hide what a reader sees.
-_NOT_JSON_SAFE = re.compile("[\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+#: and every format character (Unicode's Cf: bidi marks, overrides and isolates, zero
+#: widths, U+FEFF, tags), which reorder or hide what a reader sees.
+_NOT_JSON_SAFE = re.compile(
+    "[\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    "\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f]"
+)
 
 
 def json_safe(text: str) -> str:
