@@ -194,18 +194,20 @@ def _reset_aware_class() -> type:
             through ``read``.
             """
 
+            #: Set once a read ended as an end of input: the kernel is asked once, since
+            #: asking clears the pending error that told the end from a reset.
+            _weft_ended = False
+
             def read(self, len: int = 1024, buffer: Any = None) -> Any:
                 try:
                     return super().read(len, buffer)
                 except ssl.SSLEOFError:
                     pass  # raised past this block: no SSLError behind the reset
-                # Once an end, always an end: the kernel's answer is read once (asking
-                # clears the pending error that told the end from a reset).
-                if not self.__dict__.get("_weft_ended") and reset_by_peer(self):
+                if not self._weft_ended and reset_by_peer(self):
                     raise ConnectionResetError(
                         errno.ECONNRESET, "the peer reset the TLS connection"
                     )
-                self.__dict__["_weft_ended"] = True
+                self._weft_ended = True
                 return b"" if buffer is None else 0
 
         _ResetAware = ResetAwareSSLSocket

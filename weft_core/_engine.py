@@ -890,12 +890,13 @@ class Engine(ABC, Generic[R]):
             # We cut it off (its socket shut down, its task cancelled): whatever it
             # raised on the way out - OSError, or a runtime's wrapper such as trio's
             # ClosedResourceError - is our doing, not the handler's fault.
-            log.debug(
-                "handler for %s cut off by the stop: %s: %s",
-                info.peer_str,
-                type(exc).__name__,
-                escape_message(exc),
-            )
+            if log.isEnabledFor(logging.DEBUG):  # a stop cuts off thousands at once
+                log.debug(
+                    "handler for %s cut off by the stop: %s: %s",
+                    info.peer_str,
+                    type(exc).__name__,
+                    escape_message(exc),
+                )
             return
         tls_error = _tls_error(exc)
         if tls_error is not None and not _tls_peer_gone(tls_error):

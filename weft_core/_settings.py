@@ -490,8 +490,8 @@ CONTROL_SOCKET_OFF = "off"
 
 #: The words that turn the control socket off, whatever route they come by: those
 #: that mean "none" for every other setting that has one (``false`` among them,
-#: TOML's own off, which as text made a socket file named ``false``).
-_CONTROL_SOCKET_OFF_WORDS = frozenset({"off", "none", "false", "no"})
+#: TOML's own off, which as text made a socket file named ``false``), but "unlimited".
+_CONTROL_SOCKET_OFF_WORDS = _NONE - {"unlimited"}
 
 
 def _control_socket_off(value: Any) -> bool:

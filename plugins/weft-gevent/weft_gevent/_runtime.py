@@ -372,6 +372,10 @@ def _handshake_bounded_class() -> type:
         import gevent.ssl
 
         class BoundedSSLSocket(gevent.ssl.SSLSocket):
+            #: Set once a read ended as an end of input: the kernel is asked once, since
+            #: asking clears the pending error that told the end from a reset.
+            _weft_ended = False
+
             def do_handshake(self, block: bool = False) -> None:
                 seconds = self.gettimeout()
                 if not seconds:  # None (blocking) or 0 (non-blocking): gevent's own
@@ -386,13 +390,11 @@ def _handshake_bounded_class() -> type:
                     return super().read(nbytes, buffer)
                 except ssl.SSLEOFError:
                     pass  # raised past this block: no SSLError behind the reset
-                # Once an end, always an end: the kernel's answer is read once (asking
-                # clears the pending error that told the end from a reset).
-                if not self.__dict__.get("_weft_ended") and _reset_by_peer(self):
+                if not self._weft_ended and _reset_by_peer(self):
                     raise ConnectionResetError(
                         errno.ECONNRESET, "the peer reset the TLS connection"
                     )
-                self.__dict__["_weft_ended"] = True
+                self._weft_ended = True
                 return b"" if buffer is None else 0
 
         _BoundedSSLSocket = BoundedSSLSocket
