@@ -367,6 +367,18 @@ def test_a_proxy_header_cannot_put_a_line_in_the_log(
     assert "weft: stopped" not in caplog.text, "an announced path is not the peer"
 
 
+def test_a_balancers_local_health_check_is_served_whatever_its_block(serve: Any) -> None:
+    """A v2 LOCAL header is served with the balancer as peer, its block discarded unread
+    as the spec says (an unknown family or a TCP4 family with no addresses was refused,
+    and the balancer's health check failed)."""
+    server = serve(proxy_protocol=True)
+    for fam, block in ((0x11, b""), (0xFF, b"junk"), (0x00, b"\x01\x00\x09ab")):
+        local = V2_SIGNATURE + bytes([0x20, fam]) + len(block).to_bytes(2, "big") + block
+        reply = exchange(tcp_client(server.port), local + HONEST)
+        assert reply.startswith(b"127.0.0.1:") and reply.endswith(b" " + HONEST), reply
+    assert server.stats()["proxy_errors"] == 0
+
+
 def test_weft_serve_stderr_shows_hostile_names_escaped(manager: str, folder: str) -> None:
     """A real ``weft serve``: silent hostile clients hit idle_timeout, logged at INFO, escaped."""
     path = os.path.join(folder, "s.sock")

@@ -289,6 +289,33 @@ def test_v2_local() -> None:
     assert h is not None and (h.command, h.source) == ("LOCAL", None)
 
 
+def test_v2_local_discards_its_block_whatever_it_holds() -> None:
+    """The spec (2.2): a LOCAL header's receiver "must accept this connection as valid
+    and ... discard the protocol block including the family which is ignored". A
+    health check with a family but no addresses, an unknown family, or a block of
+    garbage, a TLV running past the end or a wrong CRC32c was refused (HAProxy takes
+    each: an outside check)."""
+    headers = [
+        _v2(0x20, 0x11, b""),  # TCP4, no addresses
+        _v2(0x20, 0x21, bytes(12)),  # TCP6, too short for it
+        _v2(0x20, 0x13, b""),  # an unknown protocol
+        _v2(0x20, 0xFF, b"junk"),  # an unknown family, stray bytes
+        _v2(0x20, 0x00, b"\x01\x00\x09ab"),  # a TLV running past the end
+        _v2(0x20, 0x11, bytes(12) + b"\x03\x00\x04" + bytes(4)),  # a wrong CRC32c
+        _v2(0x20, 0x11, bytes(12) + b"\x01\x00\x01a\x01\x00\x01b"),  # a TLV twice
+    ]
+    for raw in headers:
+        h = parse_proxy_header(raw + b"payload")
+        assert h is not None, raw
+        assert (h.command, h.source, h.destination, h.length, h.tlvs) == (
+            "LOCAL", None, None, len(raw), {}
+        ), raw  # fmt: skip
+        for i in range(len(raw)):
+            assert parse_proxy_header(raw[:i]) is None, (raw, i)
+    expect_error(_v2(0x20, 0x11, b"", length=MAX_V2_PAYLOAD + 1))  # still bounded
+    expect_error(_v2(0x22, 0xFF, b""))  # an unknown command is still refused
+
+
 def test_v2_unix() -> None:
     block = b"/run/src.sock".ljust(108, b"\x00") + b"\x00abstract".ljust(108, b"\x00")
     raw = V2_SIGNATURE + b"\x21\x31" + len(block).to_bytes(2, "big") + block

@@ -105,6 +105,8 @@ class ProxyHeader:
     ``source``/``destination`` are ``(host, port)`` for TCP/UDP, a path for
     AF_UNIX, and ``None`` for LOCAL and UNKNOWN/UNSPEC. ``length`` is the number
     of bytes the header occupied; the stream payload starts right after it.
+    ``tlvs`` holds a v2 PROXY header's TLVs (a LOCAL header's block is discarded
+    unread, as the spec says).
     """
 
     version: int
@@ -299,25 +301,29 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     if len(data) < 14:
         return None
     fam = _V2_FAMILIES.get(data[13])
-    if fam is None:
+    if fam is None and command == _CMD_PROXY:
         raise ProxyHeaderError("v2: unknown address family/protocol")
-    family, addr_size = fam
+    family, addr_size = fam or ("UNKNOWN", 0)
     if len(data) < _V2_FIXED:
         return None
     payload_len = int.from_bytes(data[14:16], "big")
     if payload_len > MAX_V2_PAYLOAD:
         raise ProxyHeaderError("v2: header length exceeds limit")
+    total = _V2_FIXED + payload_len
+    if command == _CMD_LOCAL:
+        # The spec (2.2): for LOCAL (a balancer's own health check) the receiver
+        # "must accept this connection as valid and must use the real connection
+        # endpoints and discard the protocol block including the family which is
+        # ignored": whatever family, length and TLVs it holds, unread.
+        if len(data) < total:
+            return None
+        return ProxyHeader(2, "LOCAL", family, None, None, total)
     if payload_len < addr_size:
         raise ProxyHeaderError("v2: header too short for address family")
-    total = _V2_FIXED + payload_len
     if len(data) < total:
         return None
     header = data[:total]
     tlvs = _parse_tlvs(header, _V2_FIXED + addr_size)
-
-    if command == _CMD_LOCAL:
-        # The spec: LOCAL means "use the real endpoints"; addresses are discarded.
-        return ProxyHeader(2, "LOCAL", family, None, None, total, tlvs)
     src: Address
     dst: Address
     block = header[_V2_FIXED : _V2_FIXED + addr_size]
