@@ -527,7 +527,9 @@ def test_a_configured_path_in_use_is_an_error(tmp_path: Path, control: Path) -> 
 
 
 def test_the_default_path_in_use_is_a_warning(tmp_path: Path) -> None:
-    """Two servers of one user, neither configuring a path: the second goes without."""
+    """Two servers of one user, neither configuring a path: the second goes without.
+    The first is not told of a bad request: the second's probe (connect, then close)
+    sent nothing, and was logged at WARNING as one cut short (an outside check)."""
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     env = {**environment(), "XDG_RUNTIME_DIR": str(runtime)}
@@ -541,6 +543,13 @@ def test_the_default_path_in_use_is_a_warning(tmp_path: Path) -> None:
                 assert client.echo(b"x") == b"x"
         default = runtime / "weft" / "ctl.sock"
         assert request(str(default), "status")["pid"] == first.proc.pid
+        # A bad request is still one, said once: after the probe's.
+        with socket.socket(socket.AF_UNIX) as bad:
+            bad.connect(str(default))
+            bad.sendall(b"not json\n")
+            bad.recv(1024)
+        first.wait_for("bad request from .*: a request is one JSON object on one line")
+        assert first.text.count("bad request from") == 1, first.text
 
 
 def test_a_worker_that_cannot_open_its_control_socket_serves_without_one(

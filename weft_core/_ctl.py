@@ -463,6 +463,11 @@ class ControlSocket:
     def _dispatch(self, conn: socket.socket, reader: BinaryIO, peer: Peer) -> None:
         try:
             name, args = _read_request(conn, reader)
+        except _NoRequest:
+            # A probe: another weft serve asking whether this socket is live, or a
+            # monitor's connect-and-close. Not a bad request, nor a warning's worth.
+            log.debug("control socket: %s connected and ended, sending nothing", peer)
+            return
         except ControlError as exc:
             log.warning("control socket: bad request from %s: %s", peer, exc)
             _send(conn, {"ok": False, "error": str(exc)})
@@ -521,6 +526,10 @@ def _describe(args: Mapping[str, Any]) -> str:
     return "".join(f" {key}={value}" for key, value in args.items())
 
 
+class _NoRequest(Exception):
+    """The client ended its connection without sending a byte."""
+
+
 def _read_request(conn: socket.socket, reader: BinaryIO) -> tuple[str, Mapping[str, Any]]:
     line = _read_line(conn, reader, time.monotonic() + REQUEST_TIMEOUT)
     try:
@@ -559,6 +568,8 @@ def _read_line(conn: socket.socket, reader: BinaryIO, deadline: float) -> bytes:
         raise ControlError(f"no request within {REQUEST_TIMEOUT:g}s") from None
     if len(line) > MAX_REQUEST:
         raise ControlError(f"a request is at most {MAX_REQUEST} bytes")
+    if not line:
+        raise _NoRequest
     if not line.endswith(b"\n"):
         raise ControlError("the connection ended before a whole request")
     return line
