@@ -17,6 +17,7 @@ if not sys.platform.startswith("linux"):  # said here, not by a failed import of
 
 from ._blocking import BLOCKING_RUNTIME, BlockingRuntime
 from ._connection import ConnectionInfo, current_connection, detach
+from ._control import ConnectionSnapshot
 from ._errors import (
     BindError,
     ConfigError,
@@ -64,6 +65,7 @@ __all__ = [
     "ConfigError",
     "Conformance",
     "ConnectionInfo",
+    "ConnectionSnapshot",
     "HandlerKind",
     "HandlerKindError",
     "ManagerFullError",

@@ -137,8 +137,12 @@ class BlockingRuntime(SyncRuntime):
         """``time.sleep``."""
         time.sleep(seconds)
 
-    def wrap_connection(self, sock: socket.socket) -> socket.socket:
-        """The accepted socket itself."""
+    def wrap_connection(self, sock: Any) -> Any:
+        """The accepted socket itself (a TLS socket on a TLS server).
+
+        Typed as :class:`SyncRuntime`'s: a subclass may hand the handler an object of
+        its own (writing-a-manager.md's ``Channel``).
+        """
         return sock
 
     def wrap_tls(

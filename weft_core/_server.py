@@ -36,8 +36,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar, overload
 
 from ._endpoints import listen_endpoints
 from ._engine import (
@@ -80,6 +80,7 @@ from ._submit import Submitter
 from ._tasks import current_task
 
 if TYPE_CHECKING:
+    import ssl
     from concurrent.futures import Future
 
     from ._control import ConnectionSnapshot
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MANAGER", "DEFAULT_MAX_CONNECTIONS", "Server"]
 
 log = logging.getLogger("weft.server")
+
+_T = TypeVar("_T")
 
 #: The server whose ``on_stop`` or ``weft_server_stopped`` hooks this thread runs:
 #: a ``stop()`` from there must not wait for the stop that is running it.
@@ -185,7 +188,7 @@ class Server:
         on_stop: Callback | None = None,
         bind: str | Iterable[str] | None = None,
         unix_mode: int | None = None,
-        tls: Any = None,
+        tls: ssl.SSLContext | Mapping[str, Any] | Literal[False] | None = None,
         tls_handshake_timeout: float = 10.0,
         proxy_protocol: bool = False,
         trusted_proxies: Sequence[str] = DEFAULT_TRUSTED_PROXIES,
@@ -584,6 +587,14 @@ class Server:
             target=engine.close_one, args=(conn, timeout), name="weft close", daemon=True
         ).start()
         return False
+
+    @overload
+    def submit(  # an async def's Future holds its awaited result
+        self, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any
+    ) -> Future[_T]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]: ...
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` in the server's runtime, from any thread; a Future of its result.

@@ -9,13 +9,19 @@ strict typing fails here (the packaging check found ``port: int | str``).
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterator
+from concurrent.futures import Future
+
+from typing_extensions import assert_type
 
 import weft_core
 from weft_asyncio import AsyncioStream
 from weft_core import (
+    BlockingRuntime,
     ConfigError,
     ConnectionInfo,
+    ConnectionSnapshot,
     ManagerSpec,
     Server,
     TaskShutdown,
@@ -23,6 +29,7 @@ from weft_core import (
     WeftError,
     available_managers,
     current_connection,
+    current_task,
     hookimpl,
     shutdown_requested,
 )
@@ -80,6 +87,45 @@ def weft_managers() -> Iterator[ManagerSpec]:
 
 class TestMine(ManagerTests):
     manager_name = "mine"
+
+
+class Channel:
+    """writing-a-manager.md's own object handed to handlers instead of the socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+class ChannelRuntime(BlockingRuntime):
+    def wrap_connection(self, sock: socket.socket) -> Channel:  # as the docs show it
+        return Channel(sock)
+
+
+def count(n: int) -> int:
+    return n
+
+
+async def acount(n: int) -> int:
+    return n
+
+
+def typed_views(server: Server) -> None:
+    """What a user reads back is typed: a Future of the function's result (an async
+    def's awaited result), connections() items with their age, a task's callbacks."""
+    assert_type(server.submit(count, 1), Future[int])
+    assert_type(server.submit(acount, 1), Future[int])
+    for item in server.connections():
+        assert_type(item, ConnectionSnapshot)
+        age: float = item.age
+        info: ConnectionInfo = item
+        print(age, info)
+    task = current_task()
+    if task is not None:
+        task.on_shutdown(lambda: None)
+    Server(echo, tls=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+    Server(echo, tls={"certfile": "c.pem", "keyfile": "k.pem"})
+    Server(echo, tls=False)
+    Server(echo, tls="cert.pem")  # type: ignore[arg-type]  # refused at run time too
 
 
 _ = TaskShutdown

@@ -18,7 +18,7 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import gevent
 import gevent.lock
@@ -36,6 +36,8 @@ __all__ = ["GeventRuntime", "GeventSocket"]
 #: them, as trio's and asyncio's closes cancel theirs): a turn of the loop, unless
 #: a call blocks the hub, which the stop's own bound then reports.
 END_CALLS_WAIT = 1.0
+
+_S = TypeVar("_S")  # the socket given: a GeventSocket, or gevent's SSLSocket under TLS
 
 
 class GeventSocket(gevent.socket.socket):
@@ -313,8 +315,8 @@ class GeventRuntime:
         """``gevent.sleep``: suspend the calling greenlet."""
         gevent.sleep(seconds)
 
-    def wrap_connection(self, sock: GeventSocket) -> GeventSocket:
-        """The accepted GeventSocket itself."""
+    def wrap_connection(self, sock: _S) -> _S:
+        """The accepted GeventSocket itself (gevent's SSLSocket on a TLS server)."""
         return sock
 
     def wrap_tls(self, sock: GeventSocket, context: ssl.SSLContext) -> tuple[Any, Any]:
