@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -19,12 +20,14 @@ from typing import Any
 from weft_core import (
     BLOCKING_RUNTIME,
     BlockingRuntime,
+    Conformance,
     ManagerSpec,
     TaskState,
     TaskTable,
     hookimpl,
     run_task,
 )
+from weft_core.testing import SyncAdapter
 
 
 class SoundManager:
@@ -220,6 +223,48 @@ class PartialRuntimeManager(SoundManager):
     runtime: Any = NoRunInLoopRuntime()
 
 
+class Channel:
+    """writing-a-manager.md's connection object: read/write instead of recv/sendall."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def read(self, n: int) -> bytes:
+        return self.socket.recv(n)
+
+    def write(self, data: bytes) -> None:
+        self.socket.sendall(data)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class ChannelRuntime(BlockingRuntime):
+    """The docs' runtime handing each handler a Channel over its socket."""
+
+    conn_is_stream = True  # a Channel has no makefile: Server(stream=True) is refused
+
+    def wrap_connection(self, sock: socket.socket) -> Channel:
+        return Channel(sock)
+
+
+class ChannelManager(SoundManager):
+    """Keeps every rule, its handlers given the docs' Channel (a second control case)."""
+
+    runtime: Any = ChannelRuntime()
+
+
+class ChannelAdapter(SyncAdapter):
+    """The docs' adapter: drives the suite's handlers over Channel objects."""
+
+    def recv(self, conn: Any, n: int) -> bytes:
+        data: bytes = conn.read(n)
+        return data
+
+    def send(self, conn: Any, data: bytes) -> None:
+        conn.write(data)
+
+
 MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "sound": (SoundManager, "a thread per task, keeping every rule"),
     "never-full": (NeverFullManager, "never raises ManagerFullError"),
@@ -232,10 +277,20 @@ MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "runs-in-caller": (RunsInCallerManager, "add_task runs the task in the caller's thread"),
     "waits-out-its-task": (WaitsOutItsTaskManager, "stop_task waits for ever after the interrupt"),
     "sleepless": (SleeplessManager, "its runtime's sleep returns at once"),
+    "channel": (ChannelManager, "hands handlers the docs' Channel, keeping every rule"),
 }
+
+#: How the suite drives a manager's connections, where not sockets.
+#: (The control managers start plain threads and name none of them: a rule of its own.)
+CONFORMANCE = {"channel": Conformance(adapter_class=ChannelAdapter, names_tasks=False)}
 
 
 @hookimpl
 def weft_managers() -> Iterator[ManagerSpec]:
     for name, (factory, description) in MANAGERS.items():
-        yield ManagerSpec(name=f"test-{name}", factory=factory, description=description)
+        yield ManagerSpec(
+            name=f"test-{name}",
+            factory=factory,
+            description=description,
+            conformance=CONFORMANCE.get(name, Conformance()),
+        )
