@@ -28,6 +28,14 @@ RunSuite = Callable[[str, list[str]], pytest.RunResult]
 
 #: broken manager -> (the suite test that must catch it, words its failure must contain).
 CASES = {
+    "deaf-slots": (
+        "test_full_wait_refuses_once_its_wait_runs_out",
+        ["must be refused (closed unserved) once full_wait runs out", "give up an acquire"],
+    ),
+    "one-send": (
+        "test_a_large_reply_arrives_whole_under_idle_timeout",
+        ["sendall (send_all) must send every byte"],
+    ),
     "never-full": (
         "test_limit_raises_manager_full_error",
         ["at its limit add_task must raise ManagerFullError"],

@@ -223,6 +223,54 @@ class PartialRuntimeManager(SoundManager):
     runtime: Any = NoRunInLoopRuntime()
 
 
+class DeafSlots:
+    """A semaphore whose acquire waits for a slot however long, its timeout ignored."""
+
+    def __init__(self, n: int) -> None:
+        self._semaphore = threading.Semaphore(n)
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        return self._semaphore.acquire(blocking)  # the bug: timeout dropped
+
+    def release(self) -> None:
+        self._semaphore.release()
+
+
+class DeafSlotsRuntime(BlockingRuntime):
+    def slots(self, n: int) -> Any:
+        return DeafSlots(n)
+
+
+class DeafSlotsManager(SoundManager):
+    """Keeps every task rule; its runtime's slots ignore an acquire's timeout."""
+
+    runtime: Any = DeafSlotsRuntime()
+
+
+class OneSend:
+    """A socket whose sendall is one send(): what fits in the buffer, the rest dropped."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.socket.send(data)  # the bug: a partial send ends it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.socket, name)
+
+
+class OneSendRuntime(BlockingRuntime):
+    def wrap_connection(self, sock: socket.socket) -> OneSend:
+        return OneSend(sock)
+
+
+class OneSendManager(SoundManager):
+    """Keeps every task rule; its connections' sendall stops at a partial send."""
+
+    runtime: Any = OneSendRuntime()
+
+
 class Channel:
     """writing-a-manager.md's connection object: read/write instead of recv/sendall."""
 
@@ -277,6 +325,8 @@ MANAGERS: dict[str, tuple[type[SoundManager], str]] = {
     "runs-in-caller": (RunsInCallerManager, "add_task runs the task in the caller's thread"),
     "waits-out-its-task": (WaitsOutItsTaskManager, "stop_task waits for ever after the interrupt"),
     "sleepless": (SleeplessManager, "its runtime's sleep returns at once"),
+    "deaf-slots": (DeafSlotsManager, "its runtime's slots ignore an acquire's timeout"),
+    "one-send": (OneSendManager, "its connections' sendall stops at a partial send"),
     "channel": (ChannelManager, "hands handlers the docs' Channel, keeping every rule"),
 }
 

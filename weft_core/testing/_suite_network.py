@@ -249,8 +249,11 @@ class NetworkTests(ManagerTestBase):
             "idle_timeout closes a connection that sent nothing for that long (0.3 s), not sooner"
         )
         wait_until(lambda: server.stats()["active"] == 0, what="the slot to be freed")
-        assert server.stats()["idle_timeouts"] == 1 and server.stats()["handler_errors"] == 0, (
-            "an idle timeout is counted in stats()['idle_timeouts'], not as a handler error"
+        counts = {key: server.stats()[key] for key in ("idle_timeouts", "handler_errors")}
+        assert counts == {"idle_timeouts": 1, "handler_errors": 0}, (
+            f"an idle timeout is counted in stats()['idle_timeouts'], not as a handler error"
+            f" (got {counts}): the connection's read must raise TimeoutError once"
+            " idle_timeout runs out, not return b'' as if the client had ended"
         )
         with connect(server.port) as again:
             again.sendall(b"b")

@@ -80,6 +80,33 @@ class ServerTests(ManagerTestBase):
             " until the kernel took every byte"
         )
 
+    def test_a_large_reply_arrives_whole_under_idle_timeout(self, make_server: MakeServer) -> None:
+        """The same under ``idle_timeout``.
+
+        With a timeout the socket is non-blocking underneath, where one ``send()``
+        takes what fits: a ``sendall`` (``send_all``) that stops at the first
+        partial send cuts the reply short, and the client reads a clean end.
+        """
+        payload = bytes(range(256)) * (4 * 1024 * 1024 // 256)
+
+        def bulk() -> Body:
+            yield Send(payload)
+
+        server = make_server(bulk, idle_timeout=WAIT)
+        client = socket.socket()
+        try:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(WAIT)
+            client.connect(("127.0.0.1", server.port))
+            got = recv_until_closed(client)
+        finally:
+            client.close()
+        assert got == payload, (
+            f"under idle_timeout, a {len(payload)}-byte reply arrived as {len(got)} bytes:"
+            " sendall (send_all) must send every byte, one partial send after another,"
+            " within the timeout"
+        )
+
     def test_accessors(self, make_server: MakeServer) -> None:
         """task_manager, socket, address, port, connection_handler and handler_args, as in Weft."""
         server = make_server(echo, args=(b"x",), start=False)
@@ -393,6 +420,34 @@ class ServerTests(ManagerTestBase):
             "full_wait: a client served in time is not counted as refused"
         )
 
+    def test_full_wait_refuses_once_its_wait_runs_out(self, make_server: MakeServer) -> None:
+        """full_wait: a client at the limit is refused once its wait runs out.
+
+        Not kept until a slot frees: the runtime's ``slots(n).acquire(timeout=...)``
+        (an async runtime's ``acquire_within``) must give up after its timeout.
+        """
+        wait = 0.5
+        server = make_server(echo, args=(b"+",), max_connections=1, full_wait=wait)
+        first = connect(server.port)
+        try:
+            assert recv_exactly(first, 1) == b"+", "the first client is served"
+            with connect(server.port) as second:
+                began = time.monotonic()
+                try:
+                    got = recv_until_closed(second)
+                except TimeoutError:
+                    got = None
+                took = time.monotonic() - began
+            assert got == b"", (
+                f"full_wait={wait}: a client arriving at the limit, no slot freeing, must be"
+                f" refused (closed unserved) once full_wait runs out; after {took:.1f}s it"
+                f" {'was not' if got is None else f'read {got!r}'}: the runtime's slots must"
+                " give up an acquire when its timeout runs out"
+            )
+            wait_until(lambda: server.stats()["refused"] == 1, what="the refusal to be counted")
+        finally:
+            first.close()
+
     # -- stopping ------------------------------------------------------------------------
 
     def test_stop_with_idle_clients_is_prompt(self, make_server: MakeServer) -> None:
@@ -560,4 +615,11 @@ class ServerTests(ManagerTestBase):
         server.port = 0
         server.run()
         with connect(int(server.port)) as client:
-            assert recv_exactly(client, 1) == b"+", "a stopped server runs again and serves"
+            try:
+                greeting = recv_exactly(client, 1)
+            except TimeoutError:
+                greeting = b""
+            assert greeting == b"+", (
+                "a stopped server runs again and serves: after runtime.close() (the stop's"
+                " last step) the manager and its runtime must run tasks again when asked"
+            )

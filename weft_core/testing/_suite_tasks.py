@@ -43,12 +43,24 @@ def _stop_within_its_bound(
     was waited: timeout + INTERRUPT_GRACE + SLACK at most.
     """
     result: list[Any] = []
-    stopper = threading.Thread(
-        target=lambda: result.append(manager.stop_task(task_id, timeout=timeout)), daemon=True
-    )
+    raised: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            result.append(manager.stop_task(task_id, timeout=timeout))
+        except BaseException as exc:  # said below, not lost in the thread
+            raised.append(exc)
+
+    stopper = threading.Thread(target=stop, daemon=True)
     began = time.monotonic()
     stopper.start()
     stopper.join(timeout + INTERRUPT_GRACE + SLACK)
+    if raised:
+        raise AssertionError(
+            f"stop_task({task_id!r}, timeout={timeout}) called from a thread of its own (as"
+            f" the server's stop calls it) raised {raised[0]!r}: it must be callable from any"
+            " thread (a runtime with a loop schedules its cancel there)"
+        ) from raised[0]
     return stopper, result, time.monotonic() - began
 
 
@@ -151,6 +163,46 @@ class TaskManagerTests(ManagerTestBase):
         finally:
             gate.set()
         self._wait_gone(manager, returned[0])
+
+    def test_runtime_sleep_zero_lets_the_others_run(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """runtime.sleep(0) gives the other tasks their turn, as a checkpoint does.
+
+        The acceptors of processes sharing one listener (``--workers``) take turns by
+        it: one that never yields takes every client of a burst.
+        """
+        ticks = [0]
+        seen: list[int] = []
+        ticking, stop_ticking = threading.Event(), threading.Event()
+
+        def ticker() -> Body:
+            until = time.monotonic() + WAIT
+            while not stop_ticking.is_set() and time.monotonic() < until:
+                ticks[0] += 1
+                ticking.set()
+                yield Sleep(0)
+
+        def body() -> Body:
+            before = ticks[0]
+            for _ in range(100):
+                yield Sleep(0)
+            seen.append(ticks[0] - before)
+
+        ticker_id = manager.add_task(adapter.task(ticker))
+        try:
+            assert ticking.wait(WAIT), "add_task must run the thunk it was given"
+            task_id = manager.add_task(adapter.task(body))
+            self._wait_gone(manager, task_id)
+        finally:
+            stop_ticking.set()
+        self._wait_gone(manager, ticker_id)
+        assert seen, "add_task must run the thunk it was given"
+        assert seen[0] >= 2, (
+            f"another task ran {seen[0]} time(s) while one called runtime.sleep(0) 100 times:"
+            " sleep(0) must let the other tasks run (a checkpoint: trio.sleep(0),"
+            " asyncio.sleep(0), gevent.sleep(0)), not return at once"
+        )
 
     def test_runtime_sleep_waits_as_long_as_asked(
         self, manager: TaskManager, adapter: SyncAdapter
@@ -387,6 +439,46 @@ class TaskManagerTests(ManagerTestBase):
             "once stop_task has returned, the task has stopped: all_tasks must no longer list it (drop it from all_tasks before setting its done)"
         )
         gate.set()
+
+    def test_stop_task_counts_its_timeout_from_the_call(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """stop_task(id, timeout) waits ``timeout`` from the call (None: without end).
+
+        A task that has run longer than the timeout already, then takes a moment to
+        end once asked, ends by itself: stop_task returns True, having interrupted
+        nothing.
+        """
+        for timeout in (1.0, None):
+            self._stop_one_slow_to_end(manager, adapter, timeout)
+
+    def _stop_one_slow_to_end(
+        self, manager: TaskManager, adapter: SyncAdapter, timeout: float | None
+    ) -> None:
+        started, asked = threading.Event(), threading.Event()
+        ended: list[str] = []
+
+        def slow_to_end() -> Body:
+            task = current_task()
+            assert task is not None
+            task.on_shutdown(asked.set)
+            started.set()
+            until = time.monotonic() + WAIT
+            while not asked.is_set() and time.monotonic() < until:
+                yield Sleep(POLL)
+            yield Sleep(0.3)  # its own cleanup, after the shutdown request
+            ended.append("by itself")
+
+        task_id = manager.add_task(adapter.task(slow_to_end))
+        assert started.wait(WAIT), "add_task must run the thunk it was given"
+        time.sleep(1.2)  # the task has now run longer than the timeout
+        stopped = manager.stop_task(task_id, timeout=timeout)
+        assert stopped is True and ended == ["by itself"], (
+            f"stop_task(id, timeout={timeout}) on a task that ends 0.3s after it is asked"
+            f" returned {stopped!r} (the task: {ended or 'interrupted'}): the timeout"
+            " counts from the call to stop_task, not from the task's start, and None"
+            " waits for the task however long"
+        )
 
     def test_stop_task_of_a_task_it_does_not_hold_is_true_at_once(
         self, manager: TaskManager, adapter: SyncAdapter

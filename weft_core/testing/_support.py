@@ -31,7 +31,9 @@ ACCEPTOR_STILL_ACCEPTS = (
     "; the acceptor task still accepts: pause_accepting() and stop_accepting() end it "
     "with stop_task(acceptor, timeout=0), so your stop_task must interrupt (kill or "
     "cancel) a task once its timeout is out, or your runtime's wake_listener must make "
-    "a listener.accept() that waits return"
+    "a listener.accept() that waits return (and never shutdown() the listener: other "
+    "processes may share it); a wake left pending ends the next acceptor at once unless "
+    "WakeableListener.clear_wake() (or your own) takes it back"
 )
 
 
