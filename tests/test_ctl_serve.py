@@ -337,6 +337,25 @@ def test_weft_ctl_is_answered_across_a_usr2_re_exec(tmp_path: Path, control: Pat
     assert not control.exists(), "the file is removed at the stop, by the image that kept it"
 
 
+@pytest.mark.parametrize("manager", MANAGERS)
+def test_weft_ctl_is_answered_after_a_usr2_of_one_process(
+    manager: str, tmp_path: Path, control: Path
+) -> None:
+    """One process, each manager: after the re-exec the new image answers. On gevent
+    the kept socket came back non-blocking (the old image's open file), the new
+    image's accept() failed with EAGAIN, and weft ctl waited in the backlog of a
+    socket nobody accepted on (an outside check's signal fuzzer)."""
+    with start(tmp_path, control, manager) as served:
+        served.wait_for(LISTENING)
+        served.signal(signal.SIGUSR2)  # a supervisor of one worker, then the exec
+        served.wait_for(r"re-executed \(pid")
+        served.wait_for("worker ready on", count=2)
+        assert request(str(control), "status", timeout=10)["pid"] == served.proc.pid
+        served.signal(signal.SIGTERM)
+        assert served.finish(timeout=30) == 0, served.text
+    assert "accept failed" not in served.text, served.text
+
+
 @pytest.fixture
 def workers(tmp_path: Path, control: Path) -> Iterator[tuple[Served, tuple[str, int]]]:
     served = start(tmp_path, control, "gevent", "--workers", "2", "--console")

@@ -264,7 +264,7 @@ sys.meta_path.insert(0, PauseCliImport())
 
 
 @contextlib.contextmanager
-def _paused_in_weft_import(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
+def _paused_in_weft_import(tmp_path: Path, *extra: str) -> Iterator[tuple[Served, Path]]:
     """``weft serve``, once its import of ``weft_core._cli`` waits (``_PAUSE_CLI_IMPORT``).
 
     Yields the process and the gate file that lets the import go on.
@@ -276,7 +276,9 @@ def _paused_in_weft_import(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
     env = environment()
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     env["WEFT_TEST_IMPORT_GATE"] = str(gate)
-    argv = weft_serve("_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off")
+    argv = weft_serve(
+        "_serving:handle", "--bind", "127.0.0.1:0", "--control-socket", "off", *extra
+    )
     with Served(argv, cwd=tmp_path, env=env) as served:
         _until_written(served, Path(str(gate) + ".waiting"))
         yield served, gate
@@ -314,6 +316,23 @@ def test_a_signal_before_weft_has_loaded_is_held_too(tmp_path: Path, name: str) 
                 f"{served.proc.poll()}, process state {_proc_state(served.proc.pid)!r}"
             ) from None
         served.wait_for(rf"SIG{name} arrived while starting", timeout=15)
+        with Client(host_port(match.group(1))) as client:
+            assert client.echo(b"ping\n") == b"ping\n"
+        served.signal(signal.SIGTERM)
+        assert served.finish(20) == 0, served.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["HUP", "USR2"])
+def test_a_signal_held_while_a_supervisor_starts_is_logged_too(tmp_path: Path, name: str) -> None:
+    """The same under ``--workers 2``: the held signal was neither acted on nor logged
+    (only one process's start said it; a signal fuzzer's finding)."""
+    with _paused_in_weft_import(tmp_path, "--workers", "2") as (served, gate):
+        served.signal(getattr(signal, "SIG" + name))
+        gate.write_text("go")
+        (match,) = served.wait_for(LISTENING, timeout=15)
+        served.wait_for(rf"SIG{name} arrived while starting", timeout=15)
+        served.wait_for("worker ready on", count=2, timeout=15)
         with Client(host_port(match.group(1))) as client:
             assert client.echo(b"ping\n") == b"ping\n"
         served.signal(signal.SIGTERM)

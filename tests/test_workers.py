@@ -403,6 +403,48 @@ def test_a_sigterm_to_the_workers_and_the_supervisor_at_once_drains(tmp_path: Pa
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("upgrading", [False, True], ids=["late", "during-a-usr2"])
+def test_a_supervisor_told_late_leaves_a_worker_stopping_on_its_own_to_drain(
+    tmp_path: Path, upgrading: bool
+) -> None:
+    """A worker TERMed directly, its supervisor after the repeat window: the supervisor
+    held its TERM across a USR2's exec (0.2-0.5 s; a signal fuzzer's pkill during an
+    upgrade), or was slow. Its own TERM came as the worker's second and the worker
+    quit at once, cutting the reply (exit 1). The worker says it is stopping
+    (STOPPING on its link), and the supervisor then sends it none."""
+    (tmp_path / "slow_reply.py").write_text(textwrap.dedent("""
+        import os
+        import time
+
+        def handle(conn):
+            conn.recv(64)
+            conn.sendall(b"%d\\n" % os.getpid())
+            time.sleep(2.0)
+            conn.sendall(b"the whole reply\\n")
+    """))  # fmt: skip
+    served, address = start(tmp_path, "threads", handler="slow_reply:handle")
+    with (
+        served,
+        socket.create_connection(host_port(address), timeout=20) as client,
+        client.makefile("rb") as reader,
+    ):
+        client.sendall(b"ask\n")
+        worker = int(reader.readline())
+        if upgrading:
+            served.signal(signal.SIGUSR2)
+        os.kill(worker, signal.SIGTERM)
+        served.wait_for(rf"\[{worker}\] \[INFO\] weft: received SIGTERM: stopping")
+        if not upgrading:
+            time.sleep(0.3)  # past STOP_REPEAT_WINDOW: the supervisor is late
+        served.signal(signal.SIGTERM)
+        got = reader.readline()
+        rc = served.finish(timeout=30)
+        assert got == b"the whole reply\n", served.text
+        assert rc == 0, served.text
+    assert "during the stop, not by the stop it was told" not in served.text
+
+
+@pytest.mark.timeout(60)
 def test_worker_that_will_not_stop_is_killed(tmp_path: Path) -> None:
     # A worker that ignores SIGTERM, and keeps weft serve from handling it.
     (tmp_path / "stubborn.py").write_text(textwrap.dedent("""

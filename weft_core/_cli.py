@@ -430,14 +430,22 @@ def _serve(ns: argparse.Namespace) -> int:
             if refused:
                 return refused
         supervisor_pid = None if pid is None else PidFile(pid)
-        on_listening = None
+        keep_pid: Callable[[], object] | None = None
         if supervisor_pid is not None:  # re-executed on USR2: the same PID, kept
-            on_listening = supervisor_pid.keep if upgraded else supervisor_pid.write
+            keep_pid = supervisor_pid.keep if upgraded else supervisor_pid.write
+
+        def supervisor_listening() -> None:
+            # As one process says them (listening(), below): held, never acted on.
+            for name in starting:
+                log.info("%s arrived while starting, before anything listened: ignored", name)
+            if keep_pid is not None:
+                keep_pid()
+
         try:
             return _supervise.supervise(
                 config,
                 flags,
-                on_listening=on_listening,
+                on_listening=supervisor_listening,
                 argv=getattr(ns, "argv", None),
             )
         except ConfigError as exc:  # too many workers, a shutdown port without a secret
@@ -537,7 +545,12 @@ def _serve(ns: argparse.Namespace) -> int:
             if not link.begin_serving():  # retired as it started: it ends, unserved
                 return 0
             return _run(
-                server, config.graceful_timeout, listening, drain=drain, stopped=link.stopped
+                server,
+                config.graceful_timeout,
+                listening,
+                drain=drain,
+                stopping=link.stopping,
+                stopped=link.stopped,
             )
 
         def hand_over(signum: int, notifier: Notifier) -> int:
@@ -854,6 +867,7 @@ def _run(
     ready: Callable[[], None] | None = None,
     hand_over: Callable[[int, Notifier], int] | None = None,
     drain: DrainRequest | None = None,
+    stopping: Callable[[], None] | None = None,
     stopped: Callable[[], None] | None = None,
 ) -> int:
     """Run ``server`` until a signal, a drain request or a fatal error; the exit status.
@@ -861,7 +875,8 @@ def _run(
     ``ready()``, if given, is called once the server listens (a worker tells its
     supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
     TTIN do: this process becomes a supervisor (``_supervise.hand_over``) and its
-    status is returned. ``stopped()``, if given, is called once the server has
+    status is returned. ``stopping()``, if given, is called as a TERM or INT begins a
+    graceful stop (a worker tells its supervisor). ``stopped()``, if given, is called once the server has
     stopped, while this function's signal handlers are still in (a worker tells its
     supervisor). Signals: see ``_signals``.
     """
@@ -888,6 +903,8 @@ def _run(
                         return  # the same request, sent twice (timeout(1) does)
                     die_by(signum)  # the second: quit at once (as PID 1 too)
                 stop_began.append(now)
+                if stopping is not None:
+                    stopping()
             if deadline.armed:  # QUIT during a graceful stop: cut it short, as asked
                 # Not threading.Thread(...).start(), which waits for the thread to begin:
                 # monkey-patched by gevent, that is a wait on the hub, and this handler

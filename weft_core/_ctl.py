@@ -236,6 +236,10 @@ def _take_inherited(path: str) -> tuple[socket.socket, os.stat_result] | None:
         return None
     try:
         sock = socket.socket(fileno=fd)
+        # Blocking, as this image serves it: the open file description is the old
+        # image's, which may have left it non-blocking (gevent does), and a blocking
+        # accept() on it then fails with EAGAIN at once.
+        sock.setblocking(True)
     except OSError:
         return None
     try:
@@ -406,6 +410,10 @@ class ControlSocket:
                     escape_for_log(self.path),
                     exc,
                 )
+                # Closed indeed: a socket left listening with nobody to accept would
+                # hold every weft ctl in its backlog until its own timeout, where a
+                # closed one is refused at once ("cannot be reached").
+                sock.close()
                 return
             shortage_logged = False
             self._admit(conn)

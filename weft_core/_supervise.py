@@ -101,11 +101,12 @@ def _supervise(
     """:func:`supervise`'s body, a stop signal caught from its start."""
     inherited = take_adopted(os.environ)
     carried = raise_carried_signals(os.environ)
-    if carried:
-        log.info(
-            "re-executed: %s, caught during the exec, acted on now",
-            ", ".join(signal.Signals(s).name for s in carried),
-        )
+    # A child's end (SIGCHLD) is raised again too, for the reaping, but not an
+    # operator's signal: every USR2 carried one (the drained in-process server's
+    # worker), and the line named a signal weft answers with no action of its own.
+    told = [signal.Signals(s).name for s in carried if s != signal.SIGCHLD]
+    if told:
+        log.info("re-executed: %s, caught during the exec, acted on now", ", ".join(told))
     count, adopted, slots, base, ended = (
         inherited if inherited is not None else Inherited(config.workers, [], [], [], {})
     )
@@ -545,9 +546,9 @@ def take_adopted(environ: MutableMapping[str, str]) -> Inherited | None:
     for pid, fd, started, ready, *rest in state["workers"]:
         link = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
-        slot, leaving, kill_at, quit_at, dump, stats = (*rest, 0, False, None, None, None, None)[
-            :6
-        ]
+        slot, leaving, kill_at, quit_at, dump, stats, stopping = (
+            *rest, 0, False, None, None, None, None, False
+        )[:7]  # fmt: skip
         if dump is not None:
             os.set_inheritable(dump, False)
         workers.append(
@@ -562,6 +563,7 @@ def take_adopted(environ: MutableMapping[str, str]) -> Inherited | None:
                 None if quit_at is None else float(quit_at),
                 None if dump is None else int(dump),
                 stats if isinstance(stats, dict) else None,
+                bool(stopping),
             )
         )
     slots = [[int(fd) for fd in fds] for fds in state.get("slots", [])]

@@ -42,6 +42,7 @@ __all__ = [
     "RECYCLE",
     "RECYCLE_CHECK",
     "STOPPED",
+    "STOPPING",
     "TOTALS",
     "WORKER_READY_MESSAGE",
     "WorkerLink",
@@ -65,6 +66,11 @@ RECYCLE = b"B"
 #: Once the worker's server has stopped, before its signal handlers go: what kills it
 #: after that (a stop signal arriving as it exits) cut no connection.
 STOPPED = b"E"
+#: Once the worker begins a graceful stop on a TERM or INT of its own (``pkill``,
+#: systemd's KillMode=control-group): the supervisor's own TERM, however late it
+#: comes (held across a USR2's exec, or a slow supervisor), is then not sent, which
+#: the worker would take for a second signal and quit at once, cutting its clients.
+STOPPING = b"G"
 #: Sent just before STOPPED: the worker's final ``stats()`` as ``T``, its JSON in
 #: lowercase hex, and a newline. No byte of a report is one of the single-byte
 #: messages, which the supervisor looks for anywhere in what it reads.
@@ -94,7 +100,8 @@ class WorkerLink:
     The supervisor reads four kinds of bytes: ``R`` once listening (an exit status
     2 after it is no mistake in the command), ``H`` heartbeats from inside the
     runtime's loop (``timeout``), ``B`` once ``max_requests`` connections were
-    accepted (start my replacement, then stop me), ``S`` once a stack dump
+    accepted (start my replacement, then stop me), ``G`` once it begins a graceful
+    stop on a signal sent to it (send me no TERM of yours), ``S`` once a stack dump
     relayed as a JSON line is in the log (kill me now), and ``T...`` (TOTALS) then
     ``E`` (STOPPED) once its server has stopped: what it counted, then its end.
     """
@@ -190,6 +197,10 @@ class WorkerLink:
             os.write(self._fd, byte)
         except OSError:  # the supervisor is gone; the watch thread stops us
             pass
+
+    def stopping(self) -> None:
+        """Tell the supervisor this worker has begun a graceful stop of its own."""
+        self._send(STOPPING)
 
     def stopped(self) -> None:
         """Tell the supervisor this worker's server has stopped, and what it counted.

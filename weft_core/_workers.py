@@ -103,6 +103,7 @@ from ._worker_link import (
     READY,
     RECYCLE,
     STOPPED,
+    STOPPING,
     sum_stats,
     take_totals,
 )
@@ -381,6 +382,9 @@ class _Worker:
     ready: bool = False
     #: Its server has stopped (STOPPED): a signal that kills it now cuts nothing.
     stopped: bool = False
+    #: It began a graceful stop on a TERM or INT sent to it (STOPPING): our own TERM
+    #: would be its second, which quits at once.
+    stopping: bool = False
     #: We sent it SIGKILL (a deadline passed, or a second stop signal).
     killed: bool = False
     #: Replaced (a reload, max_requests, the watchdog): it serves on until a newer
@@ -431,6 +435,8 @@ class Adopted(NamedTuple):
     dump: int | None = None
     #: Its ``stats()`` as the image before last learned them (None: not yet).
     stats: dict[str, Any] | None = None
+    #: It said STOPPING to the image before: a TERM of ours would be its second.
+    stopping: bool = False
 
 
 class Local(Protocol):
@@ -554,6 +560,7 @@ class Supervisor:
                 quit_at=worker.quit_at,
                 dump=worker.dump,
                 stats=worker.stats,
+                stopping=worker.stopping,
             )
 
     def stop(self) -> None:
@@ -933,6 +940,8 @@ class Supervisor:
                 worker.beat = now
             if STOPPED in data:
                 worker.stopped = True
+            if STOPPING in data:
+                worker.stopping = True
             if RECYCLE in data and not worker.old and not worker.retiring:
                 log.info("worker %d reached max_requests: replacing it", worker.pid)
                 worker.old = worker.recycled = True
@@ -1149,6 +1158,10 @@ class Supervisor:
             worker.retiring = True
             worker.told = "SIGQUIT" if quick else "SIGTERM"
             worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
+            if not quick:
+                self._read_link(worker, now)  # a STOPPING it wrote since the last turn
+                if worker.stopping:
+                    continue  # stopping gracefully already: ours would be its second TERM
             _send(worker.pid, signal.SIGQUIT if quick else signal.SIGTERM)
 
     def _kill_overdue(self, now: float) -> None:
@@ -1513,6 +1526,7 @@ class Supervisor:
                 w.quit_at,
                 w.dump,
                 w.stats,
+                w.stopping,
             ]
             for w in self._workers.values()
         ]
