@@ -570,7 +570,9 @@ class ServerTests(ManagerTestBase):
         assert logged == [], (
             f"a plain stop logged ERROR records: {logged}; a common cause is a listener whose "
             "close() is not idempotent (it is called twice: as the acceptor ends and by the "
-            "stop), or a runtime close() that raises"
+            "stop), a runtime close() that raises, or the manager's own end of a task"
+            " raising for one cancelled or killed by the stop (asyncio's task.exception()"
+            " raises CancelledError: ask task.cancelled() first)"
         )
 
     def test_stop_accepting_keeps_connections(self, make_server: MakeServer) -> None:

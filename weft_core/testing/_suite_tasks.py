@@ -547,6 +547,39 @@ class TaskManagerTests(ManagerTestBase):
         finally:
             gate.set()
 
+    def test_stop_task_interrupts_a_task_in_one_long_sleep(
+        self, manager: TaskManager, adapter: SyncAdapter
+    ) -> None:
+        """The interrupt reaches a task whose loop has nothing else to wake it.
+
+        A task in one long ``runtime.sleep``, the loop asleep with it: an interrupt
+        made from the stopping thread must wake the loop (``call_soon_threadsafe``,
+        ``trio.from_thread``, the hub's async watcher), not only mark the task.
+        """
+        if not self.can_preempt():
+            pytest.skip(
+                f"{self._name()} declares preemptive_stop=False: it cannot interrupt a task"
+            )
+        started, cleaned = threading.Event(), threading.Event()
+
+        def body() -> Body:
+            started.set()
+            try:
+                yield Sleep(WAIT)
+            finally:
+                cleaned.set()
+
+        task_id = manager.add_task(adapter.task(body))
+        assert started.wait(WAIT), "add_task must run the thunk it was given"
+        thread, result, waited = _stop_within_its_bound(manager, task_id, 0.1)
+        assert not thread.is_alive() and cleaned.is_set(), (
+            f"a task in one long runtime.sleep was still running {waited:.1f}s after"
+            " stop_task(id, 0.1) was called from another thread: the interrupt must be"
+            " made in the runtime's own thread, waking its loop (asyncio:"
+            " loop.call_soon_threadsafe(task.cancel)), not only marked from the caller's"
+        )
+        assert result == [False], "stop_task returns False when the task had to be interrupted"
+
     def test_stop_task_times_out_into_an_interrupt(
         self, manager: TaskManager, adapter: SyncAdapter
     ) -> None:
