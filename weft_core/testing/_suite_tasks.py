@@ -460,7 +460,7 @@ class TaskManagerTests(ManagerTestBase):
 
         def slow_to_end() -> Body:
             task = current_task()
-            assert task is not None
+            assert task is not None, "current_task() inside a task names its TaskState"
             task.on_shutdown(asked.set)
             started.set()
             until = time.monotonic() + WAIT
