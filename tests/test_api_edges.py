@@ -397,3 +397,54 @@ def test_a_configured_manager_nobody_installed_is_a_config_error_naming_where(
         Server(_sync)
     with pytest.raises(UnknownManagerError):
         Server(_sync, manager="thraeds")
+
+
+class _Forwarding:
+    """A runtime's own object over the socket, its ``makefile`` the socket's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.socket, name)
+
+
+def test_a_detached_file_over_a_runtimes_wrapper_ends_the_connection_when_closed() -> None:
+    """``stream=True`` on a runtime that hands over its own object, whose ``makefile()``
+    is the socket's: the detached file is the caller's, and closing it ends the
+    connection (a review's finding: only a bare socket's file was so, the wrapper's
+    left the client waiting until the garbage collector)."""
+    from weft_threads import ThreadManager
+    from weft_threads._manager import ThreadRuntime
+
+    class ForwardingRuntime(ThreadRuntime):
+        def wrap_connection(self, sock: Any) -> Any:
+            return _Forwarding(sock)
+
+    manager = ThreadManager()
+    manager.runtime = ForwardingRuntime(manager)
+    kept: list[Any] = []
+    detached = threading.Event()
+
+    def handler(stream: Any) -> None:
+        from weft_core import detach
+
+        detach(stream)
+        kept.append(stream)
+        detached.set()
+
+    with (
+        Server(handler, manager=manager, stream=True) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as client,
+    ):
+        assert detached.wait(10)
+        client.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            client.recv(1)  # detached: still open
+        kept[0].write(b"late")
+        kept[0].close()
+        client.settimeout(10)
+        got = b""
+        while chunk := client.recv(64):
+            got += chunk
+        assert got == b"late", "the caller's file ends the connection once closed"

@@ -430,12 +430,12 @@ def test_a_supervisor_told_late_leaves_a_worker_stopping_on_its_own_to_drain(
     ):
         client.sendall(b"ask\n")
         worker = int(reader.readline())
-        if upgrading:
-            served.signal(signal.SIGUSR2)
         os.kill(worker, signal.SIGTERM)
         served.wait_for(rf"\[{worker}\] \[INFO\] weft: received SIGTERM: stopping")
-        if not upgrading:
-            time.sleep(0.3)  # past STOP_REPEAT_WINDOW: the supervisor is late
+        time.sleep(0.3)  # past STOP_REPEAT_WINDOW: whatever the supervisor sends is late
+        if upgrading:  # its TERM caught during the exec, the worker's STOPPING carried
+            served.signal(signal.SIGUSR2)
+            served.wait_for("received SIGUSR2: upgrading in place")
         served.signal(signal.SIGTERM)
         got = reader.readline()
         rc = served.finish(timeout=30)

@@ -236,13 +236,13 @@ def _take_inherited(path: str) -> tuple[socket.socket, os.stat_result] | None:
         return None
     try:
         sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
         # Blocking, as this image serves it: the open file description is the old
         # image's, which may have left it non-blocking (gevent does), and a blocking
         # accept() on it then fails with EAGAIN at once.
         sock.setblocking(True)
-    except OSError:
-        return None
-    try:
         if sock.family == socket.AF_UNIX and sock.getsockname() == path:
             info = os.lstat(path)
             if stat.S_ISSOCK(info.st_mode):

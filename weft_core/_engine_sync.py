@@ -247,7 +247,7 @@ class SyncEngine(Engine[SyncRuntime]):
     def _serve(self, conn: Conn) -> None:
         rt = self.runtime
         handed: Any = None
-        filed = False  # handed is a file made here over conn.sock (stream=True)
+        filed = False  # handed is a file made here (stream=True), holding the socket open
         info: ConnectionInfo | None = None
         try:
             info = self._begin(conn)
@@ -259,7 +259,7 @@ class SyncEngine(Engine[SyncRuntime]):
                     return
             handed = rt.wrap_connection(conn.sock)
             if self.cfg.stream:
-                filed = handed is conn.sock
+                filed = True
                 handed = handed.makefile("rwb")
             info.conn = handed
             state = conn.state
@@ -306,9 +306,9 @@ class SyncEngine(Engine[SyncRuntime]):
                     # closing it must close the connection. The file holds the socket
                     # open while it is, so this closes it once the file is closed
                     # (now, if the handler closed it already); never before. Not for
-                    # a runtime's own wrapper (writing-a-manager.md's Channel), which
-                    # holds no such count: closing the socket under it would end the
-                    # connection the caller now owns.
+                    # a runtime's own object handed as it is (writing-a-manager.md's
+                    # Channel), which holds no such count: closing the socket under
+                    # it would end the connection the caller now owns.
                     conn.sock.close()
             finally:
                 self._finish(conn)
