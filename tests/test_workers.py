@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
 from datetime import time as dtime
 from pathlib import Path
@@ -370,48 +371,12 @@ def test_a_worker_ended_by_another_during_the_stop_makes_the_exit_1(tmp_path: Pa
     )
 
 
-@pytest.mark.timeout(60)
-def test_a_sigterm_to_the_workers_and_the_supervisor_at_once_drains(tmp_path: Path) -> None:
-    """systemd's default KillMode=control-group (and `pkill`) signal the supervisor and
-    every worker at the same moment; the supervisor's own SIGTERM to each worker
-    follows within milliseconds. That was a second SIGTERM for the worker, which
-    quit at once, cutting the reply in progress (exit 1). Within STOP_REPEAT_WINDOW
-    the two are one request: the worker drains, the reply comes, exit 0."""
-    (tmp_path / "slow_reply.py").write_text(textwrap.dedent("""
-        import os
-        import time
+@contextlib.contextmanager
+def _asked_a_slow_reply(tmp_path: Path) -> Iterator[tuple[Served, Any, int]]:
+    """Two threads workers, asked once: the server, the client's reader, the worker's pid.
 
-        def handle(conn):
-            conn.recv(64)
-            conn.sendall(b"%d\\n" % os.getpid())
-            time.sleep(1.5)
-            conn.sendall(b"the whole reply\\n")
-    """))  # fmt: skip
-    served, address = start(tmp_path, "threads", handler="slow_reply:handle")
-    with (
-        served,
-        socket.create_connection(host_port(address), timeout=20) as client,
-        client.makefile("rb") as reader,
-    ):
-        client.sendall(b"ask\n")
-        worker = int(reader.readline())
-        os.kill(worker, signal.SIGTERM)  # as systemd: the worker and its supervisor
-        served.signal(signal.SIGTERM)
-        assert reader.readline() == b"the whole reply\n", served.text
-        assert served.finish(timeout=30) == 0, served.text
-    assert "during the stop, not by the stop it was told" not in served.text
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("upgrading", [False, True], ids=["late", "during-a-usr2"])
-def test_a_supervisor_told_late_leaves_a_worker_stopping_on_its_own_to_drain(
-    tmp_path: Path, upgrading: bool
-) -> None:
-    """A worker TERMed directly, its supervisor after the repeat window: the supervisor
-    held its TERM across a USR2's exec (0.2-0.5 s; a signal fuzzer's pkill during an
-    upgrade), or was slow. Its own TERM came as the worker's second and the worker
-    quit at once, cutting the reply (exit 1). The worker says it is stopping
-    (STOPPING on its link), and the supervisor then sends it none."""
+    The handler answers with its pid, then, 2 s later, with ``the whole reply``.
+    """
     (tmp_path / "slow_reply.py").write_text(textwrap.dedent("""
         import os
         import time
@@ -429,7 +394,35 @@ def test_a_supervisor_told_late_leaves_a_worker_stopping_on_its_own_to_drain(
         client.makefile("rb") as reader,
     ):
         client.sendall(b"ask\n")
-        worker = int(reader.readline())
+        yield served, reader, int(reader.readline())
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_to_the_workers_and_the_supervisor_at_once_drains(tmp_path: Path) -> None:
+    """systemd's default KillMode=control-group (and `pkill`) signal the supervisor and
+    every worker at the same moment; the supervisor's own SIGTERM to each worker
+    follows within milliseconds. That was a second SIGTERM for the worker, which
+    quit at once, cutting the reply in progress (exit 1). Within STOP_REPEAT_WINDOW
+    the two are one request: the worker drains, the reply comes, exit 0."""
+    with _asked_a_slow_reply(tmp_path) as (served, reader, worker):
+        os.kill(worker, signal.SIGTERM)  # as systemd: the worker and its supervisor
+        served.signal(signal.SIGTERM)
+        assert reader.readline() == b"the whole reply\n", served.text
+        assert served.finish(timeout=30) == 0, served.text
+    assert "during the stop, not by the stop it was told" not in served.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("upgrading", [False, True], ids=["late", "during-a-usr2"])
+def test_a_supervisor_told_late_leaves_a_worker_stopping_on_its_own_to_drain(
+    tmp_path: Path, upgrading: bool
+) -> None:
+    """A worker TERMed directly, its supervisor after the repeat window: the supervisor
+    held its TERM across a USR2's exec (0.2-0.5 s; a signal fuzzer's pkill during an
+    upgrade), or was slow. Its own TERM came as the worker's second and the worker
+    quit at once, cutting the reply (exit 1). The worker says it is stopping
+    (STOPPING on its link), and the supervisor then sends it none."""
+    with _asked_a_slow_reply(tmp_path) as (served, reader, worker):
         os.kill(worker, signal.SIGTERM)
         served.wait_for(rf"\[{worker}\] \[INFO\] weft: received SIGTERM: stopping")
         time.sleep(0.3)  # past STOP_REPEAT_WINDOW: whatever the supervisor sends is late

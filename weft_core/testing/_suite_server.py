@@ -38,6 +38,27 @@ _caller: contextvars.ContextVar[str] = contextvars.ContextVar(
 MakeServer = Callable[..., Server]
 
 
+def _large_reply(make_server: MakeServer, **options: Any) -> tuple[bytes, bytes]:
+    """What a 4 MiB reply sent in one ``Send`` was, and what a client read of it.
+
+    The client's receive buffer is small; it reads until the server closes.
+    """
+    payload = bytes(range(256)) * (4 * 1024 * 1024 // 256)
+
+    def bulk() -> Body:
+        yield Send(payload)
+
+    server = make_server(bulk, **options)
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(WAIT)
+        client.connect(("127.0.0.1", server.port))
+        return payload, recv_until_closed(client)
+    finally:
+        client.close()
+
+
 class ServerTests(ManagerTestBase):
     """The Server's behaviour, the same on every manager."""
 
@@ -60,20 +81,7 @@ class ServerTests(ManagerTestBase):
         The client's receive buffer is small, so the kernel takes the reply a little
         at a time: a send must wait until it has taken every byte, not drop the rest.
         """
-        payload = bytes(range(256)) * (4 * 1024 * 1024 // 256)
-
-        def bulk() -> Body:
-            yield Send(payload)
-
-        server = make_server(bulk)
-        client = socket.socket()
-        try:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.settimeout(WAIT)
-            client.connect(("127.0.0.1", server.port))
-            got = recv_until_closed(client)
-        finally:
-            client.close()
+        payload, got = _large_reply(make_server)
         assert got == payload, (
             f"a {len(payload)}-byte reply arrived as {len(got)} bytes"
             f"{'' if len(got) != len(payload) else ', changed'}: send (send_all) must wait"
@@ -87,20 +95,7 @@ class ServerTests(ManagerTestBase):
         takes what fits: a ``sendall`` (``send_all``) that stops at the first
         partial send cuts the reply short, and the client reads a clean end.
         """
-        payload = bytes(range(256)) * (4 * 1024 * 1024 // 256)
-
-        def bulk() -> Body:
-            yield Send(payload)
-
-        server = make_server(bulk, idle_timeout=WAIT)
-        client = socket.socket()
-        try:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.settimeout(WAIT)
-            client.connect(("127.0.0.1", server.port))
-            got = recv_until_closed(client)
-        finally:
-            client.close()
+        payload, got = _large_reply(make_server, idle_timeout=WAIT)
         assert got == payload, (
             f"under idle_timeout, a {len(payload)}-byte reply arrived as {len(got)} bytes:"
             " sendall (send_all) must send every byte, one partial send after another,"
