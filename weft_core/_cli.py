@@ -435,9 +435,12 @@ def _serve(ns: argparse.Namespace) -> int:
             keep_pid = supervisor_pid.keep if upgraded else supervisor_pid.write
 
         def supervisor_listening() -> None:
-            # As one process says them (listening(), below): held, never acted on.
+            # As one process says them (listening(), below): held, never acted on. A
+            # USR2's new image listened all along (the sockets are inherited): what it
+            # held came while it loaded, before its handlers were in.
+            when = "while re-executing" if upgraded else "while starting, before anything listened"
             for name in starting:
-                log.info("%s arrived while starting, before anything listened: ignored", name)
+                log.info("%s arrived %s: ignored", name, when)
             if keep_pid is not None:
                 keep_pid()
 
@@ -876,9 +879,9 @@ def _run(
     supervisor). ``hand_over(signum, notifier)``, if given, is what HUP, USR2 and
     TTIN do: this process becomes a supervisor (``_supervise.hand_over``) and its
     status is returned. ``stopping()``, if given, is called as a TERM or INT begins a
-    graceful stop (a worker tells its supervisor). ``stopped()``, if given, is called once the server has
-    stopped, while this function's signal handlers are still in (a worker tells its
-    supervisor). Signals: see ``_signals``.
+    graceful stop, and ``stopped()`` once the server has stopped, while this
+    function's signal handlers are still in (a worker tells its supervisor of both).
+    Signals: see ``_signals``.
     """
     from ._engine import STOP_GRACE  # here, so `weft managers` and `--help` stay light
 

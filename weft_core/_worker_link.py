@@ -97,7 +97,7 @@ WORKER_READY_MESSAGE = "worker ready on %s (manager %s)"
 class WorkerLink:
     """A worker's end of its supervisor's socket pair: ready, heartbeats, recycling.
 
-    The supervisor reads four kinds of bytes: ``R`` once listening (an exit status
+    The supervisor reads these bytes: ``R`` once listening (an exit status
     2 after it is no mistake in the command), ``H`` heartbeats from inside the
     runtime's loop (``timeout``), ``B`` once ``max_requests`` connections were
     accepted (start my replacement, then stop me), ``G`` once it begins a graceful
