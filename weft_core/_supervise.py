@@ -69,7 +69,8 @@ def supervise(
     ``flags`` are the config keys weft serve's command line set (as given there, None
     for unset): the workers get them again, with the config file read, if any. A
     supervisor re-executed on USR2 finds its workers in ADOPT_ENV and adopts them.
-    ``on_listening()`` is called once the sockets listen (weft serve writes its pid file).
+    ``on_listening()`` is called once the sockets listen and the supervisor's signal
+    handlers are in (weft serve writes its pid file, and logs the signals it held).
     ``argv``, weft's own command line (``serve ...``), is what a USR2 re-executes.
 
     Error handling: raises BindError (naming the address) if a socket cannot be
@@ -168,11 +169,11 @@ def _supervise(
                 len(adopted),
                 count,
             )
-        if on_listening is not None:
-            on_listening()
         if shutdown is not None:
             shutdown.start()
-        return supervisor.run()
+        # Once the supervisor's own handlers are in: a HUP sent on seeing the pid
+        # file was held by the start's hold, unacted and unsaid, in between.
+        return supervisor.run(started=on_listening)
     finally:
         if control is not None:
             control.close()

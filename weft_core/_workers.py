@@ -686,12 +686,17 @@ class Supervisor:
         if wakeup is not None:
             wakeup.wake()
 
-    def run(self) -> int:
-        """Supervise until stopped and every worker has exited; return the exit status."""
+    def run(self, started: Callable[[], object] | None = None) -> int:
+        """Supervise until stopped and every worker has exited; return the exit status.
+
+        ``started()``, if given, is called once this loop's signal handlers are in.
+        """
         signals = (*STOP_SIGNALS, *CONTROL_SIGNALS, signal.SIGCHLD)
         with Wakeup(signals, on_exit=late_signals_ignored(signals)) as wakeup:
             self._wakeup = wakeup
             try:
+                if started is not None:
+                    started()
                 now = time.monotonic()
                 if self._notifier.watchdog is not None:
                     self._next_alive = now
