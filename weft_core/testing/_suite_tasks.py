@@ -164,6 +164,35 @@ class TaskManagerTests(ManagerTestBase):
             gate.set()
         self._wait_gone(manager, returned[0])
 
+    def _beside_a_ticker(
+        self,
+        manager: TaskManager,
+        adapter: SyncAdapter,
+        turn: float,
+        body: Callable[[], Body],
+        ticks: list[float],
+    ) -> None:
+        """Run ``body`` to its end as a task while another task ticks.
+
+        Each of the ticker's turns appends the time to ``ticks``, then sleeps ``turn``.
+        """
+        ticking, stop_ticking = threading.Event(), threading.Event()
+
+        def ticker() -> Body:
+            until = time.monotonic() + WAIT
+            while not stop_ticking.is_set() and time.monotonic() < until:
+                ticks.append(time.monotonic())
+                ticking.set()
+                yield Sleep(turn)
+
+        ticker_id = manager.add_task(adapter.task(ticker))
+        try:
+            assert ticking.wait(WAIT), "add_task must run the thunk it was given"
+            self._wait_gone(manager, manager.add_task(adapter.task(body)))
+        finally:
+            stop_ticking.set()
+        self._wait_gone(manager, ticker_id)
+
     def test_runtime_sleep_zero_lets_the_others_run(
         self, manager: TaskManager, adapter: SyncAdapter
     ) -> None:
@@ -172,31 +201,16 @@ class TaskManagerTests(ManagerTestBase):
         The acceptors of processes sharing one listener (``--workers``) take turns by
         it: one that never yields takes every client of a burst.
         """
-        ticks = [0]
+        ticks: list[float] = []
         seen: list[int] = []
-        ticking, stop_ticking = threading.Event(), threading.Event()
-
-        def ticker() -> Body:
-            until = time.monotonic() + WAIT
-            while not stop_ticking.is_set() and time.monotonic() < until:
-                ticks[0] += 1
-                ticking.set()
-                yield Sleep(0)
 
         def body() -> Body:
-            before = ticks[0]
+            before = len(ticks)
             for _ in range(100):
                 yield Sleep(0)
-            seen.append(ticks[0] - before)
+            seen.append(len(ticks) - before)
 
-        ticker_id = manager.add_task(adapter.task(ticker))
-        try:
-            assert ticking.wait(WAIT), "add_task must run the thunk it was given"
-            task_id = manager.add_task(adapter.task(body))
-            self._wait_gone(manager, task_id)
-        finally:
-            stop_ticking.set()
-        self._wait_gone(manager, ticker_id)
+        self._beside_a_ticker(manager, adapter, 0, body, ticks)
         assert seen, "add_task must run the thunk it was given"
         assert seen[0] >= 2, (
             f"another task ran {seen[0]} time(s) while one called runtime.sleep(0) 100 times:"
@@ -215,14 +229,6 @@ class TaskManagerTests(ManagerTestBase):
         """
         took: list[float] = []
         ticks: list[float] = []
-        ticking, stop_ticking = threading.Event(), threading.Event()
-
-        def ticker() -> Body:
-            ticking.set()
-            until = time.monotonic() + WAIT
-            while not stop_ticking.is_set() and time.monotonic() < until:
-                ticks.append(time.monotonic())
-                yield Sleep(POLL)
 
         def body() -> Body:
             began = time.monotonic()
@@ -230,12 +236,7 @@ class TaskManagerTests(ManagerTestBase):
             took.append(time.monotonic() - began)
             took.append(began)
 
-        ticker_id = manager.add_task(adapter.task(ticker))
-        assert ticking.wait(WAIT), "add_task must run the thunk it was given"
-        task_id = manager.add_task(adapter.task(body))
-        self._wait_gone(manager, task_id)
-        stop_ticking.set()
-        self._wait_gone(manager, ticker_id)
+        self._beside_a_ticker(manager, adapter, POLL, body, ticks)
         assert took, "add_task must run the thunk it was given"
         assert took[0] >= 0.19, (
             f"runtime.sleep(0.2) returned after {took[0]:.3f}s: it must pause the task as long"
